@@ -1,0 +1,1 @@
+"""fxslim.passes."""

@@ -1,0 +1,8 @@
+"""Custom ops in the ``fxslim`` namespace (``torch.ops.fxslim.*``).
+
+Each op module defines the op with ``torch.library.custom_op``, a fake kernel (shapes, dtypes and
+strides only), a pure-PyTorch reference used as the test oracle, and a FlopCounterMode formula.
+Importing this package registers all of them; ``torch.export.load`` of a rewritten model needs it.
+"""
+
+__all__: list[str] = []
