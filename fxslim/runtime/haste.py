@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
@@ -50,7 +51,7 @@ __all__ = [
     "MAX_PLANES",
 ]
 
-MAX_PLANES = 63  # codes are packed into an int64
+MAX_PLANES = 53  # codes are packed exactly into float64 integers
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Merged filters of one chunk of tiles are kept under this many elements (cache-sized; larger
 # chunks made the sparse merge several times slower per addition on the reference machine).
@@ -319,28 +320,36 @@ def _haste_conv2d_cpu(x, weight, bias, planes, stride, padding, dilation, tile, 
     nth, ntw = math.ceil(h_out / tile), math.ceil(w_out / tile)
     if n == 0:
         return x.new_zeros((0, o, h_out, w_out)).contiguous(memory_format=memory_format)
-    patches = _tile_patches(x, (kh, kw), stride, padding, dilation, tile)  # [tiles, C, th·tw]
-    bucket_count, bucket_sizes, by_code, bucket = _buckets(patches, planes, center)
+    patches = _patches(x, (kh, kw), stride, padding, dilation, tile)  # [tiles, th·tw, C]
+    codes = _hash_codes(patches, planes, center)  # [tiles, C]
+    bucket_count, sizes, by_code, rank = _buckets(codes)
     # Tiles sorted by bucket count, so that a chunk of neighbours pads to a similar B.
     order = bucket_count.argsort(stable=True)
-    merged = _bucket_means(patches, bucket, bucket_sizes)[order].view(len(order), -1, th, tw)
+    sums = _bucket_sums(patches, by_code, rank, sizes.shape[1]).index_select(0, order)
+    sums = sums.view(-1, th, tw, sizes.shape[1])
+    bucket_count, sizes, by_code, rank = (t.index_select(0, order) for t in (bucket_count, sizes, by_code, rank))
+    # 1/|b| goes into the filter merge: mean(x_b) ⋆ Σ W_b = Σ x_b ⋆ (Σ W_b / |b|).
+    inverse_size = (1.0 / sizes.clamp(min=1).to(x.dtype)).gather(1, rank)  # per channel, code order
     out_sorted = _reduced_conv(
-        merged, weight, bucket_count[order].tolist(), bucket_sizes[order], by_code[order], stride, dilation, tile
+        sums, weight, bias, bucket_count.tolist(), sizes, by_code, inverse_size, stride, dilation, tile
     )
-    y = _stitch(out_sorted, order, bias, n, nth, ntw, tile, (h_out, w_out), memory_format)
+    out_tiles = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
+    y = _stitch(out_tiles, n, nth, ntw, tile, (h_out, w_out), memory_format)
     if layer and _ACTIVE_RECORD.get() is not None:
         valid_h = (h_out - torch.arange(nth) * tile).clamp(max=tile)
         valid_w = (w_out - torch.arange(ntw) * tile).clamp(max=tile)
         stats = HasteStats(c, o, (kh, kw), (th, tw), planes.shape[0], tile)
-        _record(layer, stats, bucket_count.view(n, nth * ntw), (valid_h[:, None] * valid_w).reshape(-1))
+        per_tile = torch.empty_like(bucket_count).scatter_(0, order, bucket_count)
+        _record(layer, stats, per_tile.view(n, nth * ntw), (valid_h[:, None] * valid_w).reshape(-1))
     return y
 
 
-def _tile_patches(x, kernel_size, stride, padding, dilation, tile) -> Tensor:
-    """[N·nth·ntw, C, th·tw] patches, tiles row-major per sample.
+def _patches(x, kernel_size, stride, padding, dilation, tile) -> Tensor:
+    """[N·nth·ntw, th·tw, C] every tile's input patch, tiles row-major per sample, channels last.
 
     A zero canvas holds the padded input cropped to the rows/columns the conv reads, extended to
-    whole tiles, so every tile's patch is one th×tw window of it (edge tiles: zeros beyond).
+    whole tiles; tile (i, j) is the th×tw window at (i·T·σ_h, j·T·σ_w), so edge tiles see zeros
+    beyond the receptive field of their valid outputs. Channels last keeps the copy's runs long.
     """
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
@@ -349,59 +358,69 @@ def _tile_patches(x, kernel_size, stride, padding, dilation, tile) -> Tensor:
     nth, ntw = math.ceil(h_out / tile), math.ceil(w_out / tile)
     used_h, used_w = (h_out - 1) * sh + (kh - 1) * dh + 1, (w_out - 1) * sw + (kw - 1) * dw + 1
     rows, cols = max(0, min(h, used_h - ph)), max(0, min(w, used_w - pw))
-    canvas = x.new_zeros((n, c, (nth - 1) * tile * sh + th, (ntw - 1) * tile * sw + tw))
-    canvas[:, :, ph : ph + rows, pw : pw + cols] = x[:, :, :rows, :cols]
-    ch, cw = canvas.shape[2:]
-    windows = canvas.as_strided((n, nth, ntw, c, th, tw), (c * ch * cw, tile * sh * cw, tile * sw, ch * cw, cw, 1))
-    return windows.reshape(n * nth * ntw, c, th * tw)
+    ch, cw = (nth - 1) * tile * sh + th, (ntw - 1) * tile * sw + tw
+    canvas = x.new_zeros((n, ch, cw, c))
+    canvas[:, ph : ph + rows, pw : pw + cols] = x[:, :, :rows, :cols].permute(0, 2, 3, 1)
+    windows = canvas.as_strided(
+        (n, nth, ntw, th, tw, c), (ch * cw * c, tile * sh * cw * c, tile * sw * c, cw * c, c, 1)
+    )
+    return windows.reshape(n * nth * ntw, th * tw, c)
 
 
-def _buckets(patches: Tensor, planes: Tensor, center: bool):
-    """Hash every channel of every tile and group equal codes.
+def _hash_codes(patches: Tensor, planes: Tensor, center: bool) -> Tensor:
+    """[tiles, C] int64 codes: bit l = 1[<z, r_l> > 0], z a channel's (centred) patch.
+
+    Centring after projecting equals centring before (linearity) and touches L instead of d values.
+    """
+    proj = torch.matmul(planes, patches)  # [L, d] @ [tiles, d, C] -> [tiles, L, C]
+    if center:
+        proj -= proj.mean(dim=2, keepdim=True)
+    # Pack the bits with a matmul against 2^l: exact in float32 up to 24 bits, float64 up to 53.
+    dtype = torch.float32 if planes.shape[0] <= 24 else torch.float64
+    powers = torch.full((planes.shape[0],), 2.0, dtype=dtype).pow(torch.arange(planes.shape[0]))
+    return torch.matmul(powers, (proj > 0).to(dtype)).to(torch.int64)  # [L] @ [tiles, L, C] -> [tiles, C]
+
+
+def _buckets(codes: Tensor):
+    """Group equal codes per tile.
 
     Returns B per tile [tiles], bucket sizes [tiles, B_max], channels sorted by code [tiles, C]
-    (so each bucket's channels are contiguous, buckets in id order) and each channel's bucket id.
+    (each bucket's channels contiguous, buckets in id order) and the bucket id in that order.
     """
-    tiles = patches.shape[0]
-    z = patches - patches.mean(dim=1, keepdim=True) if center else patches
-    bits = (z @ planes.t()) > 0  # [tiles, C, d] @ [d, L] -> [tiles, C, L]
-    powers = torch.ones(planes.shape[0], dtype=torch.int64) << torch.arange(planes.shape[0])
-    codes = (bits.to(torch.int64) * powers).sum(-1)  # [tiles, C]
     sorted_codes, by_code = codes.sort(dim=1)
-    rank = torch.zeros_like(sorted_codes)  # bucket id in sorted order: +1 where the code changes
+    rank = torch.zeros_like(sorted_codes)  # +1 wherever the code changes
     rank[:, 1:] = (sorted_codes[:, 1:] != sorted_codes[:, :-1]).cumsum(1)
     bucket_count = rank[:, -1] + 1
-    bucket = torch.empty_like(rank).scatter_(1, by_code, rank)
-    sizes = torch.zeros((tiles, int(bucket_count.max())), dtype=torch.int64)
+    sizes = torch.zeros((codes.shape[0], int(bucket_count.max())), dtype=torch.int64)
     sizes.scatter_add_(1, rank, torch.ones_like(rank))
-    return bucket_count, sizes, by_code, bucket
+    return bucket_count, sizes, by_code, rank
 
 
-def _bucket_means(patches: Tensor, bucket: Tensor, sizes: Tensor) -> Tensor:
-    """[tiles, B_max, d] mean of the raw patches of each bucket (rows past B are zero)."""
-    tiles, c, d = patches.shape
-    b_max = sizes.shape[1]
-    slot = (torch.arange(tiles)[:, None] * b_max + bucket).reshape(-1)
-    sums = patches.new_zeros((tiles * b_max, d)).index_add_(0, slot, patches.reshape(tiles * c, d))
-    return sums.view(tiles, b_max, d) / sizes.clamp(min=1).unsqueeze(-1).to(patches.dtype)
+def _bucket_sums(patches: Tensor, by_code: Tensor, rank: Tensor, b_max: int) -> Tensor:
+    """[tiles, th·tw, b_max] sums of the raw patches [tiles, th·tw, C] per bucket (columns past B zero)."""
+    tiles, d, c = patches.shape
+    bucket = torch.empty_like(rank).scatter_(1, by_code, rank)  # bucket id of each channel
+    return patches.new_zeros((tiles, d, b_max)).scatter_add_(2, bucket[:, None, :].expand(tiles, d, c), patches)
 
 
-def _reduced_conv(merged, weight, counts, sizes, by_code, stride, dilation, tile) -> Tensor:
-    """[tiles, T·T, O] conv of each tile's B merged channels with its B merged filters.
+def _reduced_conv(sums, weight, bias, counts, sizes, by_code, inverse_size, stride, dilation, tile) -> Tensor:
+    """[tiles, T·T, O] conv of each tile's B merged channels with its B merged filters (+ bias).
 
-    Per tile:  y [p, O] = im2col(merged) [p, B·k²] @ W̃ [B·k², O],  W̃_b = Σ_{c in b} W_c.
-    W̃ comes from a sparse 0/1 [B, C] assignment times W (O·k²·C additions). Tiles go in chunks
-    (padded to the chunk's largest B) and output channels in blocks, so W̃ of one step stays small.
+    Per tile:  y [p, O] = bias + im2col(S) [p, B·k²] @ W̃ [B·k², O],  W̃_b = Σ_{c in b} W_c / |b|,
+    S_b the bucket sums. W̃ comes from a sparse [B, C] assignment times W (O·k²·C multiply-adds).
+    Tiles go in chunks (padded to the chunk's largest B) and output channels in blocks, so the W̃
+    of one step stays cache-sized.
     """
-    tiles, b_max, th, tw = merged.shape
+    tiles, th, tw, b_max = sums.shape
     o, c, kh, kw = weight.shape
     (sh, sw), (dh, dw), d, k2, p = stride, dilation, th * tw, kh * kw, tile * tile
     o_block = min(o, _OUT_BLOCK)
     w_blocks = [  # [C, k²·o_block] rows of W, one matrix per output block
         weight[o0 : o0 + o_block].permute(1, 2, 3, 0).reshape(c, -1) for o0 in range(0, o, o_block)
     ]
-    out = merged.new_empty((tiles, p, o))
-    buffer = merged.new_empty(max(_CHUNK_ELEMENTS, b_max * k2 * o_block))
+    bias_rows = None if bias is None else bias.view(1, 1, o)
+    out = sums.new_empty((tiles, p, o))
+    buffer = sums.new_empty(max(_CHUNK_ELEMENTS, b_max * k2 * o_block))
     start = 0
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
@@ -413,32 +432,32 @@ def _reduced_conv(merged, weight, counts, sizes, by_code, stride, dilation, tile
             crow = torch.zeros(m * b + 1, dtype=torch.int64)
             crow[1:] = sizes[start:stop, :b].reshape(-1).cumsum(0)
             assign = torch.sparse_csr_tensor(
-                crow, by_code[start:stop].reshape(-1), merged.new_ones(m * c), (m * b, c), check_invariants=False
+                crow, by_code[start:stop].reshape(-1), inverse_size[start:stop].reshape(-1), (m * b, c),
+                check_invariants=False,
             )
-            cols = merged[start:stop].as_strided(  # im2col of the first b merged channels
-                (m, b, kh, kw, tile, tile), (b_max * d, d, dh * tw, dw, sh * tw, sw)
-            ).reshape(m, b * k2, p)
+            cols = sums[start:stop].as_strided(  # im2col of the first b bucket sums: [m, p, b·k²]
+                (m, tile, tile, b, kh, kw), (d * b_max, sh * tw * b_max, sw * b_max, 1, dh * tw * b_max, dw * b_max)
+            ).reshape(m, p, b * k2)
             for block, w_rows in enumerate(w_blocks):
                 # addmm into a buffer: torch.sparse.mm zero-fills and copies its result (~30x slower).
                 merged_w = buffer[: m * b * w_rows.shape[1]].view(m * b, -1)
                 torch.addmm(merged_w, assign, w_rows, beta=0, out=merged_w)
                 merged_w = merged_w.view(m, b * k2, -1)
-                o0 = block * o_block
-                out[start:stop, :, o0 : o0 + merged_w.shape[2]] = torch.bmm(cols.transpose(1, 2), merged_w)
+                o0, o1 = block * o_block, block * o_block + merged_w.shape[2]
+                if bias_rows is None:
+                    out[start:stop, :, o0:o1] = torch.bmm(cols, merged_w)
+                else:
+                    out[start:stop, :, o0:o1] = torch.baddbmm(bias_rows[:, :, o0:o1], cols, merged_w)
             start = stop
     return out
 
 
-def _stitch(out_sorted, order, bias, n, nth, ntw, tile, size, memory_format) -> Tensor:
-    """Tiles [tiles (sorted), T·T, O] -> [N, O, H_out, W_out] in ``memory_format``, bias added once."""
-    o = out_sorted.shape[2]
-    tiles6 = out_sorted.new_empty((n, nth, ntw, tile, tile, o))
-    tiles6.view(-1, tile * tile, o)[order] = out_sorted
-    full = out_sorted.new_empty((n, o, nth * tile, ntw * tile)).contiguous(memory_format=memory_format)
-    full.unflatten(3, (ntw, tile)).unflatten(2, (nth, tile)).copy_(tiles6.permute(0, 5, 1, 3, 2, 4))
-    y = full if tuple(full.shape[2:]) == tuple(size) else full[:, :, : size[0], : size[1]].clone(
-        memory_format=memory_format
-    )
-    if bias is not None:
-        y += bias.view(1, o, 1, 1)
-    return y
+def _stitch(out_tiles, n, nth, ntw, tile, size, memory_format) -> Tensor:
+    """Tiles [N·nth·ntw, T·T, O] -> [N, O, H_out, W_out] in ``memory_format``."""
+    o = out_tiles.shape[2]
+    full = out_tiles.new_empty((n, o, nth * tile, ntw * tile)).contiguous(memory_format=memory_format)
+    grid = full.unflatten(3, (ntw, tile)).unflatten(2, (nth, tile))  # [N, O, nth, T, ntw, T] view
+    grid.copy_(out_tiles.view(n, nth, ntw, tile, tile, o).permute(0, 5, 1, 3, 2, 4))
+    if tuple(full.shape[2:]) == tuple(size):
+        return full
+    return full[:, :, : size[0], : size[1]].clone(memory_format=memory_format)

@@ -260,6 +260,7 @@ def test_haste_conv2d_counts_dense_conv_flops():
     [
         (dict(weight=torch.randn(4, 3, 3, 3)), "weight"),  # groups=2 weight layout
         (dict(planes=torch.zeros(6, 35)), "planes"),
+        (dict(planes=torch.zeros(54, 36)), "planes"),  # more bits than a code holds
         (dict(tile=0), "tile"),
         (dict(stride=[0, 1]), "stride"),
         (dict(bias=torch.zeros(5)), "bias"),
