@@ -19,8 +19,10 @@ Choices the method leaves open (the loop oracle in ``haste_reference`` implement
 - The output is channels_last when ``x`` is channels_last (and not also NCHW-contiguous), else
   contiguous, like ``F.conv2d``.
 
-The kernel computes the reduced conv for real: merged filters per tile by a sparse 0/1 matrix
-product (O·k²·C additions per tile), then one batched matmul over tiles with similar bucket counts.
+The kernel computes the reduced conv for real (never a dense conv on bucket means): codes by one
+matmul with the planes, buckets by sorting the codes of each tile, bucket sums by scatter-add,
+merged filters per tile by a sparse [B, C] × [C, k²·O] product (O·k²·C multiply-adds; the 1/|b| of
+the mean rides along), then one batched matmul per chunk of tiles with similar bucket counts.
 ``record_buckets()`` collects per-layer bucket statistics from the running kernel, for measured
 FLOPs. FlopCounterMode counts the dense conv FLOPs (an upper bound of the reduced conv alone; the
 HASTE work depends on the data, see ``record_buckets``).
@@ -36,7 +38,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
@@ -418,7 +419,6 @@ def _reduced_conv(sums, weight, bias, counts, sizes, by_code, inverse_size, stri
     w_blocks = [  # [C, k²·o_block] rows of W, one matrix per output block
         weight[o0 : o0 + o_block].permute(1, 2, 3, 0).reshape(c, -1) for o0 in range(0, o, o_block)
     ]
-    bias_rows = None if bias is None else bias.view(1, 1, o)
     out = sums.new_empty((tiles, p, o))
     buffer = sums.new_empty(max(_CHUNK_ELEMENTS, b_max * k2 * o_block))
     start = 0
@@ -435,8 +435,9 @@ def _reduced_conv(sums, weight, bias, counts, sizes, by_code, inverse_size, stri
                 crow, by_code[start:stop].reshape(-1), inverse_size[start:stop].reshape(-1), (m * b, c),
                 check_invariants=False,
             )
-            cols = sums[start:stop].as_strided(  # im2col of the first b bucket sums: [m, p, b·k²]
-                (m, tile, tile, b, kh, kw), (d * b_max, sh * tw * b_max, sw * b_max, 1, dh * tw * b_max, dw * b_max)
+            row = b_max * tw  # im2col of the first b bucket sums: [m, p, b·k²]
+            cols = sums[start:stop].as_strided(
+                (m, tile, tile, b, kh, kw), (d * b_max, sh * row, sw * b_max, 1, dh * row, dw * b_max)
             ).reshape(m, p, b * k2)
             for block, w_rows in enumerate(w_blocks):
                 # addmm into a buffer: torch.sparse.mm zero-fills and copies its result (~30x slower).
@@ -444,10 +445,13 @@ def _reduced_conv(sums, weight, bias, counts, sizes, by_code, inverse_size, stri
                 torch.addmm(merged_w, assign, w_rows, beta=0, out=merged_w)
                 merged_w = merged_w.view(m, b * k2, -1)
                 o0, o1 = block * o_block, block * o_block + merged_w.shape[2]
-                if bias_rows is None:
-                    out[start:stop, :, o0:o1] = torch.bmm(cols, merged_w)
+                target = out[start:stop] if len(w_blocks) == 1 else out.new_empty((m, p, o1 - o0))
+                if bias is None:
+                    torch.bmm(cols, merged_w, out=target)
                 else:
-                    out[start:stop, :, o0:o1] = torch.baddbmm(bias_rows[:, :, o0:o1], cols, merged_w)
+                    torch.baddbmm(bias[o0:o1].view(1, 1, -1), cols, merged_w, out=target)
+                if len(w_blocks) > 1:
+                    out[start:stop, :, o0:o1] = target
             start = stop
     return out
 
