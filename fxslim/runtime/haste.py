@@ -414,7 +414,7 @@ def _reduced_conv(sums, weight, bias, counts, sizes, by_code, inverse_size, stri
     """
     tiles, th, tw, b_max = sums.shape
     o, c, kh, kw = weight.shape
-    (sh, sw), (dh, dw), d, k2, p = stride, dilation, th * tw, kh * kw, tile * tile
+    (sh, sw), (dh, dw), k2, p = stride, dilation, kh * kw, tile * tile
     o_block = min(o, _OUT_BLOCK)
     w_blocks = [  # [C, k²·o_block] rows of W, one matrix per output block
         weight[o0 : o0 + o_block].permute(1, 2, 3, 0).reshape(c, -1) for o0 in range(0, o, o_block)
@@ -435,10 +435,15 @@ def _reduced_conv(sums, weight, bias, counts, sizes, by_code, inverse_size, stri
                 crow, by_code[start:stop].reshape(-1), inverse_size[start:stop].reshape(-1), (m * b, c),
                 check_invariants=False,
             )
-            row = b_max * tw  # im2col of the first b bucket sums: [m, p, b·k²]
-            cols = sums[start:stop].as_strided(
-                (m, tile, tile, b, kh, kw), (d * b_max, sh * row, sw * b_max, 1, dh * row, dw * b_max)
-            ).reshape(m, p, b * k2)
+            # im2col of the first b bucket sums, [m, p, b·k²]: one strided copy per kernel offset
+            # reads runs of b contiguous values (a single gather over all offsets reads 1 at a time).
+            cols = sums.new_empty((m, tile, tile, b, kh, kw))
+            for i in range(kh):
+                for j in range(kw):
+                    rows_ = slice(i * dh, i * dh + (tile - 1) * sh + 1, sh)
+                    cols_ = slice(j * dw, j * dw + (tile - 1) * sw + 1, sw)
+                    cols[..., i, j] = sums[start:stop, rows_, cols_, :b]
+            cols = cols.view(m, p, b * k2)
             for block, w_rows in enumerate(w_blocks):
                 # addmm into a buffer: torch.sparse.mm zero-fills and copies its result (~30x slower).
                 merged_w = buffer[: m * b * w_rows.shape[1]].view(m * b, -1)

@@ -46,7 +46,8 @@ LIMIT_CASES = [  # (C, O, H, W, kernel, stride, padding, dilation)
 @pytest.mark.parametrize("C,O,H,W,k,s,p,dl", LIMIT_CASES)
 def test_haste_conv2d_all_singleton_buckets_equals_conv2d(C, O, H, W, k, s, p, dl):
     g = _gen(1)
-    x, weight, bias = torch.randn(2, C, H, W, generator=g), torch.randn(O, C, k, k, generator=g), torch.randn(O, generator=g)
+    x, weight = torch.randn(2, C, H, W, generator=g), torch.randn(O, C, k, k, generator=g)
+    bias = torch.randn(O, generator=g)
     planes = _planes((k, k), (s, s), (dl, dl), 4, L=48, sparsity=0.0)
     with record_buckets() as rec:
         y = _run(x, weight, bias, planes, (s, s), (p, p), (dl, dl), layer="conv")
@@ -138,7 +139,8 @@ def test_haste_conv2d_equals_dense_conv_on_bucket_mean_patches():
     y = _run(x, weight, bias, planes, (s, s), (p, p), (dl, dl), tile=3)
     merged_any = False
     for entry in tile_buckets_reference(x, planes, (k, k), (s, s), (p, p), (dl, dl), 3, True):
-        patch = tile_patch_reference(F.pad(x[entry.sample], (p, p, p, p)), entry.rows, entry.cols, (k, k), (s, s), (dl, dl))
+        padded = F.pad(x[entry.sample], (p, p, p, p))
+        patch = tile_patch_reference(padded, entry.rows, entry.cols, (k, k), (s, s), (dl, dl))
         means = patch.clone()
         for members in entry.members:
             means[list(members)] = patch[list(members)].mean(dim=0)
@@ -221,7 +223,8 @@ def test_haste_conv2d_opcheck_passes(batch, with_bias):
     planes = _planes((3, 3), (2, 2), (1, 1), 3, L=6)
     args = (x, weight, bias, planes, [2, 2], [1, 1], [1, 1], 3, True, "")
     torch.library.opcheck(torch.ops.fxslim.haste_conv2d.default, args)
-    torch.library.opcheck(torch.ops.fxslim.haste_conv2d.default, (x.contiguous(memory_format=torch.channels_last), *args[1:]))
+    channels_last = x.contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.fxslim.haste_conv2d.default, (channels_last, *args[1:]))
 
 
 def test_haste_conv2d_channels_last_input_gives_channels_last_output():
