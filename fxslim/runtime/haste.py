@@ -18,6 +18,7 @@ Choices the method leaves open (the loop oracle in ``haste_reference`` implement
   cast back; float32 and float64 compute in their own dtype.
 - The output is channels_last when ``x`` is channels_last (and not also NCHW-contiguous), else
   contiguous, like ``F.conv2d``.
+- Real kernel for CPU only; fake/meta tensors (tracing, export) work on any device.
 
 The kernel computes the reduced conv for real (never a dense conv on bucket means): codes by one
 matmul with the planes, buckets by sorting the codes of each tile, bucket sums by scatter-add,
@@ -262,7 +263,7 @@ def _output_memory_format(x: Tensor) -> torch.memory_format:
 # The op
 
 
-@torch.library.custom_op("fxslim::haste_conv2d", mutates_args=(), schema=_SCHEMA)
+@torch.library.custom_op("fxslim::haste_conv2d", mutates_args=(), device_types="cpu", schema=_SCHEMA)
 def haste_conv2d(
     x: Tensor,
     weight: Tensor,
