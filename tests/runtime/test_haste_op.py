@@ -9,6 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
+from fxslim.models.data import mnist_5k
+from fxslim.models.resnet_cifar import pad_to_32, pretrained_mnist_resnet18_small
 from fxslim.runtime.haste import haste_conv2d, make_planes, patch_shape, record_buckets, resolve_padding
 from fxslim.runtime.haste_reference import haste_conv2d_reference, tile_buckets_reference, tile_patch_reference
 
@@ -170,6 +172,40 @@ def test_haste_conv2d_without_centering_post_relu_channels_collide():
     assert rec["centred"].buckets / rec["centred"].tiles > 0.8 * c
     error = lambda y: float((y - dense).norm() / dense.norm())
     assert error(uncentred) > 5 * error(centred)
+
+
+class _HasteConv(torch.nn.Module):
+    """A conv computed by the HASTE op (what the graph pass will emit), for model-level tests."""
+
+    def __init__(self, conv: torch.nn.Conv2d, L: int, center: bool, seed: int):
+        super().__init__()
+        self.conv, self.center = conv, center
+        self.register_buffer("planes", _planes(conv.kernel_size, conv.stride, conv.dilation, 4, L=L, seed=seed))
+
+    def forward(self, x):
+        c = self.conv
+        return _run(x, c.weight, c.bias, self.planes, c.stride, c.padding, c.dilation, center=self.center)
+
+
+def _with_haste(model: torch.nn.Module, L: int, center: bool) -> torch.nn.Module:
+    convs = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and n != "conv1"]
+    for seed, (name, conv) in enumerate(convs):  # every conv but the stem
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, _HasteConv(conv, L, center, seed))
+    return model
+
+
+@pytest.mark.slow
+def test_haste_conv2d_pretrained_resnet_without_centering_accuracy_collapses():
+    split = mnist_5k()
+    x, y = pad_to_32(split.x_test[:64]), split.y_test[:64]
+    accuracy = lambda model: float((model(x).argmax(1) == y).float().mean())
+    with torch.no_grad():
+        dense = accuracy(pretrained_mnist_resnet18_small())
+        centred = accuracy(_with_haste(pretrained_mnist_resnet18_small(), L=10, center=True))
+        uncentred = accuracy(_with_haste(pretrained_mnist_resnet18_small(), L=10, center=False))
+    assert dense > 0.95 and centred > dense - 0.1
+    assert uncentred < 0.5
 
 
 def test_record_buckets_inactive_or_empty_layer_records_nothing():
