@@ -13,6 +13,7 @@ the stage maps are 32/16/8/4 as on CIFAR, the geometry HASTE was evaluated on.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 import time
 from pathlib import Path
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / ".cache")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # per-epoch lines from fit()
     if args.threads:
         torch.set_num_threads(args.threads)
     config = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
