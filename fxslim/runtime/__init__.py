@@ -6,3 +6,4 @@ Importing this package registers all of them; ``torch.export.load`` of a rewritt
 """
 
 __all__: list[str] = []
+from fxslim.runtime import httm  # noqa: E402,F401  (registers fxslim::httm_attention)
