@@ -52,6 +52,13 @@ def _warp(source: Tensor, centers: Tensor, rotations: Tensor, zooms: Tensor, win
     return frames.clamp(0.0, 1.0)
 
 
+def _scaled_photo(full: Tensor, size: int, crop: float) -> Tensor:
+    """Resize a photo [3, H, W] so a window of ``crop`` x its shorter side is ``size`` pixels."""
+    scale = size / (crop * min(full.shape[1:]))
+    hw = (round(full.shape[1] * scale), round(full.shape[2] * scale))
+    return F.interpolate(full[None], size=hw, mode="bilinear", align_corners=False, antialias=True)[0].clamp(0.0, 1.0)
+
+
 def _check(frames: int, size: int) -> None:
     if frames < 1:
         raise ValueError(f"multiview: frames must be >= 1, got {frames}")
@@ -74,9 +81,7 @@ def camera_sequence(name: str = "astronaut", frames: int = 16, size: int = 224, 
         raise ValueError(f"camera_sequence: max_zoom must be in [0, 0.5), got {max_zoom}")
     generator = torch.Generator().manual_seed(seed)
     # resize so one window is about `size` pixels: sampling then needs no anti-aliasing
-    full = photo(name)
-    scale = size / (crop * min(full.shape[1:]))
-    source = photo(name, (round(full.shape[1] * scale), round(full.shape[2] * scale)))
+    source = _scaled_photo(photo(name), size, crop)
     height, width = source.shape[1:]
     window = crop * min(height, width)
     angle = math.radians(min(max_rotation_deg, 45.0))
@@ -116,13 +121,14 @@ def independent_frames(frames: int = 8, size: int = 224, seed: int = 0) -> Tenso
     """
     _check(frames, size)
     generator = torch.Generator().manual_seed(seed)
+    loaded: dict[str, Tensor] = {}
     out = []
     for _ in range(frames):
         name = PHOTO_NAMES[int(torch.randint(len(PHOTO_NAMES), (1,), generator=generator))]
         crop = 0.3 + 0.3 * float(torch.rand(1, generator=generator))
-        full = photo(name)
-        scale = size / (crop * min(full.shape[1:]))
-        source = photo(name, (round(full.shape[1] * scale), round(full.shape[2] * scale)))
+        if name not in loaded:
+            loaded[name] = photo(name)
+        source = _scaled_photo(loaded[name], size, crop)
         height, width = source.shape[1:]
         window = crop * min(height, width)
         reach = window / 2 * math.sqrt(2)
