@@ -53,7 +53,8 @@ DST_RULES = ("strided", "random")
 # Work is chunked (heads of a sample, score rows) so temporaries stay near this many floats: big
 # enough for efficient GEMMs, small enough that the allocator recycles them instead of mapping fresh
 # pages on every call (page faults cost more than the arithmetic here).
-_WORK_FLOATS = 1 << 21
+_WORK_FLOATS = 1 << 22
+_SCORE_FLOATS = 1 << 22
 _ARGMAX_GROUP = 32
 
 
@@ -282,14 +283,14 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
         nd = cls.dst.shape[1]
         src_idx, dst_idx = cls.src.to(x.device).reshape(-1), cls.dst.to(x.device).reshape(-1)
         dst_slot = cls.dst_slot.to(x.device)
-        rows = max(1, min(ns, _WORK_FLOATS // nd))
-        entries = max(1, _WORK_FLOATS // (rows * nd))
+        rows = max(1, min(ns, _SCORE_FLOATS // nd))
+        entries = max(1, _SCORE_FLOATS // (rows * nd))
         scores = torch.empty(entries * rows * nd, device=x.device)
         for bi, h0, h1 in _head_chunks(b, h, n * d):
             xc = x[bi, h0:h1].float()
             # argmax of cosine similarity does not depend on the source norm: normalise destinations only
-            dst = F.normalize(xc[:, dst_idx], dim=-1).view(-1, nd, d).transpose(1, 2)
-            src = xc[:, src_idx].view(-1, ns, d)
+            dst = F.normalize(xc.index_select(1, dst_idx), dim=-1).view(-1, nd, d).transpose(1, 2)
+            src = xc.index_select(1, src_idx).view(-1, ns, d)
             best = torch.empty(src.shape[0], ns, dtype=torch.long, device=x.device)
             for e0 in range(0, src.shape[0], entries):
                 e1 = min(e0 + entries, src.shape[0])
@@ -299,7 +300,7 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
                     torch.bmm(src[e0:e1, r0:r1], dst[e0:e1], out=chunk)
                     best[e0:e1, r0:r1] = _first_argmax(chunk)
             chosen = torch.gather(dst_slot.expand(h1 - h0, nb, nd), 2, best.view(h1 - h0, nb, ns))
-            slot[bi, h0:h1, src_idx] = chosen.view(h1 - h0, nb * ns)
+            slot[bi, h0:h1].index_copy_(1, src_idx, chosen.view(h1 - h0, nb * ns))
     return slot
 
 
@@ -383,7 +384,7 @@ def httm_plan(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int, special_
         means, counts = _group_means(rows, flat, (h1 - h0) * g)
         own_mean = means.index_select(0, flat).view(h1 - h0, n, d)
         deviation[bi, h0:h1] = torch.sub(rows, own_mean, out=own_mean).norm(dim=-1)
-        deviation[bi, h0:h1].masked_fill_((counts[flat] == 1).view(h1 - h0, n), 0.0)
+        deviation[bi, h0:h1].masked_fill_((counts.index_select(0, flat) == 1).view(h1 - h0, n), 0.0)
     if uniform:
         pooled = deviation.square().sum(1).sqrt()  # [B, N]
         outliers = _top_fraction_mask(pooled, round(outlier_fraction * n)).unsqueeze(1).expand(b, h, n)
