@@ -350,6 +350,11 @@ class HttmPlan:
     def q_length_max(self) -> int:
         return int(self.q_lengths.max()) if self.q_lengths.numel() else 0
 
+    @property
+    def outlier_counts(self) -> Tensor:
+        """Outliers per sample and head, [B, H]."""
+        return self.outliers.sum(dim=-1)
+
 
 def _layouts(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, anchor_first_frame, dst_rule,
              seed, mode):

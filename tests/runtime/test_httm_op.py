@@ -230,6 +230,13 @@ def test_httm_plan_outlier_count_equals_round_fraction_of_pool(fraction):
             assert len(outlier_rows) == int(plan.outliers[bi, hi].sum())  # outliers are singletons
 
 
+def test_httm_plan_outlier_counts_property_sums_the_mask():
+    q, k, _ = _qkv(1, 3, 4 * 15, 8)
+    plan = httm_plan(q, k, 4, 15, n_s=5, n_t=2)
+    assert torch.equal(plan.outlier_counts, plan.outliers.sum(dim=-1))
+    assert int(plan.outlier_counts.sum()) == round(0.1 * 3 * 60)
+
+
 def test_httm_plan_planted_far_token_is_an_outlier():
     frames, p = 4, 5 + 8
     q, k, _ = _qkv(1, 2, frames * p, 8, seed=5)
@@ -359,6 +366,28 @@ def test_httm_attention_mismatched_k_shape_raises_value_error():
     q, k, v = _qkv(1, 2, 26, 8)
     with pytest.raises(ValueError, match="k must have"):
         httm(q, k[:, :, :13], v, 2, 13)
+
+
+def test_httm_attention_bfloat16_inputs_give_bfloat16_output_close_to_float32():
+    # matching runs in float32 on the bf16 values, so the decisions equal those for the upcast inputs
+    q, k, v = (t.bfloat16() for t in _qkv(1, 2, 4 * 21, 16))
+    kw = dict(n_s=8, n_t=2, q_ratio=0.5, kv_ratio=0.5)
+    out = httm(q, k, v, 4, 21, **kw)
+    assert out.dtype == torch.bfloat16 and out.shape == q.shape
+    torch.testing.assert_close(out.float(), httm(q.float(), k.float(), v.float(), 4, 21, **kw), atol=2e-2, rtol=2e-2)
+
+
+def test_httm_attention_survives_torch_export_with_config_in_the_graph():
+    class Wrapper(torch.nn.Module):
+        def forward(self, q, k, v):
+            return httm(q, k, v, 3, 13, n_s=4, n_t=2, q_ratio=0.5, mode="uniform")
+
+    q, k, v = _qkv(1, 2, 39, 8)
+    exported = torch.export.export(Wrapper(), (q, k, v))
+    calls = [n for n in exported.graph.nodes if n.op == "call_function" and "httm_attention" in str(n.target)]
+    assert len(calls) == 1
+    assert calls[0].args[3:5] == (3, 13) and calls[0].kwargs.get("mode", calls[0].args[-1]) == "uniform"
+    torch.testing.assert_close(exported.module()(q, k, v), Wrapper()(q, k, v))
 
 
 def test_frame_layout_from_positions_reads_vggt_positions():
