@@ -151,7 +151,8 @@ def _matching_table(frame_counts: tuple[int, ...], repeats: int) -> tuple[list[s
                     httm_layout(frames, P, 5, 0.7, 128, 30, whole_sequence=whole))
             for whole in (False, True)
         }
-        cases = {whole: (lambda lq=lq, lk=lk: (httm_match(q, lq), httm_match(k, lk))) for whole, (lq, lk) in layouts.items()}
+        cases = {whole: (lambda lq=lq, lk=lk: (httm_match(q, lq), httm_match(k, lk)))
+                 for whole, (lq, lk) in layouts.items()}
         times = _time_side_by_side(cases, repeats)
         macs_blocked = httm_matching_macs(1, HEADS, DIM, frames, P)
         macs_global = httm_matching_macs(1, HEADS, DIM, frames, P, mode="global")

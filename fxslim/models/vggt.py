@@ -87,9 +87,14 @@ class VGGTConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"VGGTConfig: {name} must be >= 1, got {getattr(self, name)}")
         if self.embed_dim % self.num_heads:
-            raise ValueError(f"VGGTConfig: embed_dim must be divisible by num_heads={self.num_heads}, got {self.embed_dim}")
+            raise ValueError(
+                f"VGGTConfig: embed_dim must be divisible by num_heads={self.num_heads}, got {self.embed_dim}"
+            )
         if (self.embed_dim // self.num_heads) % 4:
-            raise ValueError(f"VGGTConfig: head dim must be a multiple of 4 for 2D RoPE, got {self.embed_dim // self.num_heads}")
+            raise ValueError(
+                f"VGGTConfig: head dim (embed_dim / num_heads) must be a multiple of 4 for 2D RoPE, "
+                f"got {self.embed_dim // self.num_heads}"
+            )
         if len(self.dpt_out_channels) != 4:
             raise ValueError(f"VGGTConfig: dpt_out_channels must have 4 entries, got {self.dpt_out_channels}")
         if self.head_layers is not None and (

@@ -132,9 +132,13 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor) -> None:
         if not t.dtype.is_floating_point:
             raise TypeError(f"httm_attention: {name} must be a floating tensor, got {t.dtype}")
     if q.shape != k.shape:
-        raise ValueError(f"httm_attention: k must have q's shape {tuple(q.shape)} (self-attention), got {tuple(k.shape)}")
+        raise ValueError(
+            f"httm_attention: k must have q's shape {tuple(q.shape)} (self-attention), got {tuple(k.shape)}"
+        )
     if v.shape[:3] != k.shape[:3]:
-        raise ValueError(f"httm_attention: v must be [B, H, N, d_v] with B, H, N of k {tuple(k.shape[:3])}, got {tuple(v.shape)}")
+        raise ValueError(
+            f"httm_attention: v must be [B, H, N, d_v] with B, H, N of k {tuple(k.shape[:3])}, got {tuple(v.shape)}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -207,7 +211,8 @@ def httm_layout(frames: int, tokens_per_frame: int, special_tokens: int, ratio: 
     for f0, f1, p0, p1 in _block_grid(frames, tokens_per_frame, special_tokens, n_s, n_t, whole_sequence):
         n_f, n_p = f1 - f0, p1 - p0
         # time innermost: local index = position * n_f + frame
-        tokens = (torch.arange(f0, f1)[None, :] * tokens_per_frame + special_tokens + torch.arange(p0, p1)[:, None]).reshape(-1)
+        positions = special_tokens + torch.arange(p0, p1)[:, None]
+        tokens = (torch.arange(f0, f1)[None, :] * tokens_per_frame + positions).reshape(-1)
         perm.append(tokens)
         anchored = anchor_first_frame and f0 == 0
         is_dst = torch.zeros(n_f * n_p, dtype=torch.bool)

@@ -133,8 +133,9 @@ def httm_plan_reference(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int
         qb, kb = q[b].float(), k[b].float()
         q_metric = qb.mean(0, keepdim=True) if mode == "uniform" else qb
         k_metric = kb.mean(0, keepdim=True) if mode == "uniform" else kb
-        q_groups, num_q_slots = _groups_one_side(q_metric, specials, blocks, q_ratio, anchor_first_frame, dst_rule, seed)
-        k_groups, kv_length = _groups_one_side(k_metric, specials, blocks, kv_ratio, anchor_first_frame, dst_rule, seed)
+        side = (specials, blocks)
+        q_groups, num_q_slots = _groups_one_side(q_metric, *side, q_ratio, anchor_first_frame, dst_rule, seed)
+        k_groups, kv_length = _groups_one_side(k_metric, *side, kv_ratio, anchor_first_frame, dst_rule, seed)
         if mode == "uniform":
             q_groups, k_groups = q_groups * heads, k_groups * heads
 

@@ -16,7 +16,7 @@ from fxslim.models.vggt import (
     vggt_1b,
     vggt_tiny,
 )
-from fxslim.models.vggt_layers import Attention, Block
+from fxslim.models.vggt_layers import Attention
 from fxslim.runtime.httm import frame_layout_from_positions
 
 
