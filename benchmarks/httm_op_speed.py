@@ -43,8 +43,8 @@ def _inputs(frames: int, seed: int = 0):
     return tuple(torch.randn(1, HEADS, n, DIM, generator=g) for _ in range(3))
 
 
-def _time_side_by_side(cases: dict, repeats: int) -> dict[str, float]:
-    """Median seconds per case; cases run interleaved (one round = every case once), after a warm-up."""
+def _time_side_by_side(cases: dict, repeats: int) -> dict[str, list[float]]:
+    """Seconds per case and round; cases run interleaved (one round = every case once), after a warm-up."""
     for fn in cases.values():
         fn()
     samples: dict[str, list[float]] = {name: [] for name in cases}
@@ -53,7 +53,16 @@ def _time_side_by_side(cases: dict, repeats: int) -> dict[str, float]:
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
+
+
+def _median(samples: list[float]) -> float:
+    return statistics.median(samples)
+
+
+def _paired_speedup(base: list[float], other: list[float]) -> float:
+    """Median over rounds of base / other (each pair measured in the same round)."""
+    return statistics.median(b / o for b, o in zip(base, other))
 
 
 def _flops(fn, frames: int) -> int:
@@ -82,8 +91,8 @@ def _layer_table(frames: int, repeats: int) -> tuple[list[str], dict]:
         "- apply: merge + attention + unmerge": lambda: httm_apply_plan(q, k, v, plan),
         "- SDPA alone at the merged lengths": lambda: F.scaled_dot_product_attention(*short),
     }
-    times = _time_side_by_side(cases, repeats)
-    dense = times["dense SDPA"]
+    samples = _time_side_by_side(cases, repeats)
+    dense = samples["dense SDPA"]
     n = frames * P
     lines = [
         f"### One global attention layer: {frames} frames x {P} tokens = N {n}, {HEADS} heads x {DIM}, batch 1, fp32",
@@ -92,11 +101,13 @@ def _layer_table(frames: int, repeats: int) -> tuple[list[str], dict]:
         f"{m_q / n:.3f} N), keys/values {m_kv} ({m_kv / n:.3f} N); outliers {int(plan.outliers.sum())} "
         f"(= round(0.1 * H * N) = {round(0.1 * HEADS * n)}).",
         "",
-        "| variant | median ms | speed-up vs dense |",
-        "| --- | ---: | ---: |",
+        "| variant | median ms | speed-up vs dense (median of per-round ratios) | min-max over rounds |",
+        "| --- | ---: | ---: | ---: |",
     ]
-    for name, t in times.items():
-        lines.append(f"| {name} | {t * 1e3:.0f} | {dense / t:.2f}x |")
+    for name, t in samples.items():
+        ratios = [b / o for b, o in zip(dense, t)]
+        lines.append(f"| {name} | {_median(t) * 1e3:.0f} | {_paired_speedup(dense, t):.2f}x | "
+                     f"{min(ratios):.2f}-{max(ratios):.2f}x |")
     dense_flops = _flops(F.scaled_dot_product_attention, frames)
     httm_flops = _flops(lambda *qkv: op(*qkv, frames, P), frames)
     kept_q, kept_kv = httm_kept_lengths(frames, P)
@@ -109,8 +120,7 @@ def _layer_table(frames: int, repeats: int) -> tuple[list[str], dict]:
         f"{dense_flops / httm_flops:.1f}x fewer; the kernel alone at Q 0.2 / KV 0.3 would be 16.7x.",
         "",
     ]
-    summary = {"speedup": dense / times["HTTM (head-wise, blocks)"], "dense": dense,
-               "httm": times["HTTM (head-wise, blocks)"]}
+    summary = {"speedup": _paired_speedup(dense, samples["HTTM (head-wise, blocks)"])}
     return lines, summary
 
 
@@ -120,16 +130,16 @@ def _threads_table(frames: int, threads: tuple[int, ...], repeats: int) -> list[
     lines = [
         f"### Thread count ({frames} frames): dense SDPA vs HTTM, each pair timed side by side",
         "",
-        "| threads | dense ms | HTTM ms | speed-up |",
+        "| threads | dense ms | HTTM ms | speed-up (median of per-round ratios) |",
         "| ---: | ---: | ---: | ---: |",
     ]
     previous = torch.get_num_threads()
     for count in threads:
         torch.set_num_threads(count)
-        times = _time_side_by_side({"dense": lambda: F.scaled_dot_product_attention(q, k, v),
-                                    "httm": lambda: op(q, k, v, frames, P)}, repeats)
-        lines.append(f"| {count} | {times['dense'] * 1e3:.0f} | {times['httm'] * 1e3:.0f} | "
-                     f"{times['dense'] / times['httm']:.2f}x |")
+        samples = _time_side_by_side({"dense": lambda: F.scaled_dot_product_attention(q, k, v),
+                                      "httm": lambda: op(q, k, v, frames, P)}, repeats)
+        lines.append(f"| {count} | {_median(samples['dense']) * 1e3:.0f} | {_median(samples['httm']) * 1e3:.0f} | "
+                     f"{_paired_speedup(samples['dense'], samples['httm']):.2f}x |")
     torch.set_num_threads(previous)
     return lines + [""]
 
@@ -140,7 +150,8 @@ def _matching_table(frame_counts: tuple[int, ...], repeats: int) -> tuple[list[s
         "",
         "Time of the source-destination similarity + argmax for Q and K (``httm_match`` on both sides).",
         "",
-        "| frames | N | blocked ms | global ms | global / blocked (time) | global / blocked (MACs) |",
+        "| frames | N | blocked ms | global ms | global / blocked (time, median of per-round ratios) | "
+        "global / blocked (MACs) |",
         "| ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     ratios = {}
@@ -153,11 +164,12 @@ def _matching_table(frame_counts: tuple[int, ...], repeats: int) -> tuple[list[s
         }
         cases = {whole: (lambda lq=lq, lk=lk: (httm_match(q, lq), httm_match(k, lk)))
                  for whole, (lq, lk) in layouts.items()}
-        times = _time_side_by_side(cases, repeats)
+        samples = _time_side_by_side(cases, repeats)
         macs_blocked = httm_matching_macs(1, HEADS, DIM, frames, P)
         macs_global = httm_matching_macs(1, HEADS, DIM, frames, P, mode="global")
-        ratios[frames] = times[True] / times[False]
-        lines.append(f"| {frames} | {frames * P} | {times[False] * 1e3:.0f} | {times[True] * 1e3:.0f} | "
+        ratios[frames] = _paired_speedup(samples[True], samples[False])
+        lines.append(f"| {frames} | {frames * P} | {_median(samples[False]) * 1e3:.0f} | "
+                     f"{_median(samples[True]) * 1e3:.0f} | "
                      f"{ratios[frames]:.2f}x | {macs_global / macs_blocked:.2f}x |")
     lines.append("")
     return lines, ratios

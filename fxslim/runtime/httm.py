@@ -97,7 +97,7 @@ def _check_config(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n
     ints = {"frames": frames, "tokens_per_frame": tokens_per_frame, "special_tokens": special_tokens,
             "n_s": n_s, "n_t": n_t}
     for name, value in ints.items():
-        if isinstance(value, bool) or not isinstance(value, int):
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
             raise TypeError(f"httm_attention: {name} must be an int, got {type(value).__name__}")
     if frames < 1:
         raise ValueError(f"httm_attention: frames must be >= 1, got {frames}")
