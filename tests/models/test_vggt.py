@@ -272,3 +272,17 @@ def test_vggt_with_default_httm_runs_and_changes_outputs_a_little(tiny):
     assert not torch.equal(merged["depth"], reference["depth"])
     relative = (merged["depth"] - reference["depth"]).norm() / reference["depth"].norm()
     assert relative < 1e-2  # LayerScale 0.01 keeps attention changes small in the residual stream
+
+
+def test_capture_traces_aggregator_with_global_sdpa_over_all_frames(tiny):
+    from fxslim.capture import capture
+
+    captured = capture(tiny, (_images(3, size=56, batch=1),))
+    graph = next(g for g in captured.graphs if g.path == "aggregator")
+    sdpa = [n for n in graph.gm.graph.nodes if n.op == "call_function" and n.target is F.scaled_dot_product_attention]
+    owners = {n.name: next(reversed(n.meta["nn_module_stack"].values()))[0] for n in sdpa}
+    global_nodes = [n for n in sdpa if owners[n.name].startswith("global_blocks.")]
+    assert len(sdpa) == 2 * tiny.config.depth and len(global_nodes) == tiny.config.depth
+    layout = tiny.aggregator.frame_layout(3, 56, 56)
+    for node in global_nodes:  # q, k, v [B, H, S*P, d]: one sequence over all frames
+        assert tuple(node.args[0].meta["val"].shape) == (1, 2, layout.frames * layout.tokens_per_frame, 64)
