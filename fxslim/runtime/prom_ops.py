@@ -59,6 +59,7 @@ __all__ = [
     "int8_global_avg_pool2d",
     "quantize_per_tensor",
     "dequantize",
+    "ternary_accumulate_reference",
     "ternary_conv2d_reference",
     "int8_conv2d_reference",
     "int8_linear_reference",
@@ -438,24 +439,33 @@ def _ternary_conv2d_flops(x_shape, x_zero_point, w_shape, *args, out_shape, **kw
     return 2 * n * out_shape[1] * c_in * out_shape[2] * out_shape[3]
 
 
+def ternary_accumulate_reference(
+    x: Tensor, x_zero_point: int, weight_packed: Tensor, bias: Tensor, stride: Sequence[int] = (1, 1)
+) -> Tensor:
+    """Oracle accumulator (int64 [N, C_out, H', W']): per output channel, the sum of the codes where
+    t = +1 minus the sum where t = −1, plus the channel constant bias_c − z_x·Σ_i t_ci.
+
+    No weight is multiplied: it reads the two bit masks of the packed weights and only gathers,
+    adds and subtracts int64 activation codes.
+    """
+    c_in = x.shape[1]
+    fields = ((weight_packed[..., None] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3).flatten(1)[:, :c_in]
+    xs = x[:, :, :: stride[0], :: stride[1]].to(torch.int64)
+    acc = torch.empty((xs.shape[0], weight_packed.shape[0], *xs.shape[2:]), dtype=torch.int64)
+    for c in range(weight_packed.shape[0]):
+        plus = (fields[c] == _PLUS).nonzero().flatten()
+        minus = (fields[c] == _MINUS).nonzero().flatten()
+        constant = int(bias[c]) - x_zero_point * (len(plus) - len(minus))
+        acc[:, c] = xs[:, plus].sum(1) - xs[:, minus].sum(1) + constant
+    return acc
+
+
 def ternary_conv2d_reference(
     x: Tensor, x_zero_point: int, weight_packed: Tensor, bias: Tensor, multiplier: Tensor, shift: int,
     out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int] = (1, 1),
 ) -> Tensor:
-    """Oracle: per output channel, the sum of the codes where t = +1 minus the sum where t = −1.
-
-    No weight is multiplied: the kernel reads the two bit masks of the packed weights and only
-    adds and subtracts int64 activation codes; the zero-point term is one constant per channel.
-    """
-    c_in = x.shape[1]
-    codes = unpack_ternary(weight_packed, c_in)
-    xs = x[:, :, :: stride[0], :: stride[1]].to(torch.int64)
-    acc = torch.empty((xs.shape[0], codes.shape[0], *xs.shape[2:]), dtype=torch.int64)
-    for c in range(codes.shape[0]):
-        plus = (codes[c] == 1).nonzero().flatten()
-        minus = (codes[c] == -1).nonzero().flatten()
-        constant = int(bias[c]) - x_zero_point * (len(plus) - len(minus))
-        acc[:, c] = xs[:, plus].sum(1) - xs[:, minus].sum(1) + constant
+    """Oracle of ``ternary_conv2d``: the add/sub-only accumulator, then the requantization oracle."""
+    acc = ternary_accumulate_reference(x, x_zero_point, weight_packed, bias, stride)
     return requantize_reference(acc, multiplier, shift, out_zero_point, out_min, out_max)
 
 
