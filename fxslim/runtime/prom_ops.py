@@ -363,8 +363,15 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view(1, -1, *([1] * (ndim - 2))) if ndim >= 2 else t
 
 
-def _requantize_into(out: Tensor, acc: Tensor, multiplier: Tensor, shift: int, zp: int, lo: int, hi: int) -> Tensor:
-    """Write the requantized codes of ``acc`` (exact integers: int32, or f32/f64) into ``out`` (uint8)."""
+def _requantize_into(
+    out: Tensor, acc: Tensor, multiplier: Tensor, shift: int, zp: int, lo: int, hi: int, *, owned: bool
+) -> Tensor:
+    """Write the requantized codes of ``acc`` (exact integers: int32, or f32/f64) into ``out`` (uint8).
+
+    ``owned``: ``acc`` is a temporary of the caller and may be overwritten. The int32 path then
+    works in place in acc's memory (f32 → int32 conversion included), because allocating fresh
+    pages costs more than the arithmetic on large activations.
+    """
     if acc.dtype == torch.float32:
         limit = _F32_EXACT
     elif acc.dtype == torch.int32:
@@ -374,8 +381,12 @@ def _requantize_into(out: Tensor, acc: Tensor, multiplier: Tensor, shift: int, z
     tables = _requant_tables(multiplier, shift, zp, lo, hi, limit) if limit is not None else None
     if tables is not None:
         acc_min, acc_max, m, offset = (_channel_view(t, acc.dim()) for t in tables)
-        a = torch.clamp(acc, acc_min.to(acc.dtype), acc_max.to(acc.dtype))
-        t = torch.addcmul(offset.to(torch.int32), a.to(torch.int32), m.to(torch.int32))
+        bounds = (acc_min.to(acc.dtype), acc_max.to(acc.dtype))
+        a = acc.clamp_(*bounds) if owned else torch.clamp(acc, *bounds)
+        t = a.view(torch.int32)
+        if a.dtype == torch.float32:
+            t.copy_(a)  # elementwise in place: each int32 overwrites the float it came from
+        torch.addcmul(offset.to(torch.int32), t, m.to(torch.int32), out=t)
         t >>= shift
         return out.copy_(t)
     t = acc.to(torch.int64) * _channel_view(multiplier.to(torch.int64), acc.dim())
@@ -423,7 +434,7 @@ def ternary_conv2d(
     codes = _ternary_codes(weight_packed, x.shape[1])
     acc = _conv_acc(x, x_zero_point, weight_packed, codes, bias, stride, (0, 0), (1, 1), 1, onednn=True)
     out = torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
-    return _requantize_into(out, acc, multiplier, shift, out_zero_point, out_min, out_max)
+    return _requantize_into(out, acc, multiplier, shift, out_zero_point, out_min, out_max, owned=True)
 
 
 @ternary_conv2d.register_fake
@@ -521,7 +532,7 @@ def int8_conv2d(
     depthwise = groups == x.shape[1] == weight.shape[0]
     acc = _conv_acc(x, x_zero_point, weight, codes, bias, stride, padding, dilation, groups, onednn=depthwise)
     out = torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
-    return _requantize_into(out, acc, multiplier, shift, out_zero_point, out_min, out_max)
+    return _requantize_into(out, acc, multiplier, shift, out_zero_point, out_min, out_max, owned=True)
 
 
 @int8_conv2d.register_fake
@@ -596,7 +607,7 @@ def int8_linear(
     dtype = torch.float32 if _f32_exact(_abs_sum(weight, codes), bias) else torch.float64
     acc = torch.addmm(bias.to(dtype), x2.to(dtype).sub_(x_zero_point), _as_float(weight, codes, dtype).t())
     out = torch.empty(shape, dtype=torch.uint8, device=x.device)
-    _requantize_into(out.view(-1, weight.shape[0]), acc, multiplier, shift, out_zero_point, out_min, out_max)
+    _requantize_into(out.view(-1, weight.shape[0]), acc, multiplier, shift, out_zero_point, out_min, out_max, owned=True)
     return out
 
 
@@ -645,7 +656,7 @@ def requantize(acc: Tensor, multiplier: Tensor, shift: int, out_zero_point: int,
     _requantize_check(acc, multiplier, shift, out_zero_point, out_min, out_max)
     _check_multiplier_values(multiplier)
     out = torch.empty_like(acc, dtype=torch.uint8)
-    return _requantize_into(out, acc, multiplier, shift, out_zero_point, out_min, out_max)
+    return _requantize_into(out, acc, multiplier, shift, out_zero_point, out_min, out_max, owned=False)
 
 
 @requantize.register_fake
@@ -763,7 +774,7 @@ def int8_global_avg_pool2d(
     acc -= x.shape[2] * x.shape[3] * x_zero_point
     out = torch.empty(shape, dtype=torch.uint8, device=x.device)
     m = torch.tensor([multiplier], dtype=torch.int32)
-    return _requantize_into(out, acc.contiguous(), m, shift, out_zero_point, out_min, out_max)
+    return _requantize_into(out, acc.contiguous(), m, shift, out_zero_point, out_min, out_max, owned=True)
 
 
 @int8_global_avg_pool2d.register_fake
