@@ -26,7 +26,8 @@ kernel, exact below 2^53, is used). Pointwise ternary and depthwise int8 convs r
 u8·s8→s32 kernels (int32 accumulation, exact: ternary pairs cannot saturate the int16 step of the
 AVX2 kernel, and the depthwise kernel widens to int32); other int8 convs would saturate there with
 8-bit weights, so they use an fp32 conv on the centred codes. ``torch._int_mm`` is not used: on the
-reference CPU it was 5-30× slower than an fp32 matmul (benchmarks/results/prom_op_speed.md).
+reference CPU (AVX2, no VNNI) it was several times slower than an fp32 matmul of the same shape
+(benchmarks/results/prom_op_speed.md).
 Requantization runs in int32 after clamping the accumulator to the range that can still change the
 output (see ``_requant_tables``); multipliers that need more than int32 fall back to int64.
 """
@@ -206,8 +207,12 @@ def _check_pair(name: str, value: Sequence[int], minimum: int) -> tuple[int, int
 
 
 def _check_multiplier_values(multiplier: Tensor) -> None:
-    if multiplier.numel() and int(multiplier.min()) < 0:
-        raise ValueError("multiplier: expected values >= 0 (fold negative scales into the weight codes)")
+    def check() -> bool:
+        if multiplier.numel() and int(multiplier.min()) < 0:
+            raise ValueError("multiplier: expected values >= 0 (fold negative scales into the weight codes)")
+        return True
+
+    _CACHE.get(multiplier, "non_negative", check)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,7 +220,8 @@ def _check_multiplier_values(multiplier: Tensor) -> None:
 
 
 class _WeightCache:
-    """Derived forms of constant weight tensors: unpacked codes, float copies, oneDNN layouts.
+    """Derived forms of constant op arguments (weights, biases, multipliers): unpacked codes, float
+    copies, oneDNN layouts, requantization tables, checks already done.
 
     Entries are keyed on the tensor object (``id`` checked through a weak reference, so a freed
     tensor's address reused by another never hits) and invalidated when its version changes
@@ -225,13 +231,13 @@ class _WeightCache:
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, int, dict[Any, Any]]] = {}
 
-    def get(self, weight: Tensor, key: Any, build: Callable[[], Any]) -> Any:
-        if torch.is_inference(weight):
+    def get(self, tensor: Tensor, key: Any, build: Callable[[], Any]) -> Any:
+        if torch.is_inference(tensor):
             return build()  # inference tensors have no version counter to validate against
-        ident, version = id(weight), weight._version
+        ident, version = id(tensor), tensor._version
         entry = self._entries.get(ident)
-        if entry is None or entry[0]() is not weight or entry[1] != version:
-            ref = weakref.ref(weight, lambda _ref, ident=ident: self._drop(ident, _ref))
+        if entry is None or entry[0]() is not tensor or entry[1] != version:
+            ref = weakref.ref(tensor, lambda _ref, ident=ident: self._drop(ident, _ref))
             entry = (ref, version, {})
             self._entries[ident] = entry
         derived = entry[2]
@@ -270,17 +276,29 @@ def _int8_weight(weight: Tensor) -> Tensor:
     return _CACHE.get(weight, "checked", build)
 
 
-def _abs_sum(weight: Tensor, codes: Tensor) -> Tensor:
-    """Σ|w| per output channel (int64 [C_out]), the exactness bound of the float kernels."""
-    return _CACHE.get(weight, ("abs_sum", codes.shape), lambda: codes.flatten(1).abs().sum(1, dtype=torch.int64))
+def _acc_bound(weight: Tensor, codes: Tensor, bias: Tensor) -> int:
+    """An upper bound of every |partial sum| of Σ w·(q − z) + bias: 255·max_c Σ|w_c| + max|bias|."""
+    abs_sum = _CACHE.get(weight, ("abs_sum", codes.shape),
+                         lambda: int(codes.flatten(1).abs().sum(1, dtype=torch.int64).max()) if codes.numel() else 0)
+    bias_max = _CACHE.get(bias, "abs_max", lambda: int(bias.to(torch.int64).abs().max()) if bias.numel() else 0)
+    return 255 * abs_sum + bias_max
 
 
 def _as_float(weight: Tensor, codes: Tensor, dtype: torch.dtype) -> Tensor:
     return _CACHE.get(weight, ("float", dtype, codes.shape), lambda: codes.to(dtype))
 
 
-def _f32_exact(abs_sum: Tensor, bias: Tensor) -> bool:
-    return abs_sum.numel() == 0 or int((255 * abs_sum + bias.to(torch.int64).abs()).max()) < _F32_EXACT
+def _f32_exact(x: Tensor, bound: int) -> bool:
+    """Whether an f32 conv/matmul of centred codes is exact: partial sums below 2^24 (``bound``),
+    on CPU with IEEE fp32 arithmetic (no TF32/bf16 "fast" modes, which round the operands)."""
+    ieee = ("none", "ieee")
+    return (
+        bound < _F32_EXACT
+        and x.device.type == "cpu"
+        and torch.get_float32_matmul_precision() == "highest"
+        and torch.backends.mkldnn.conv.fp32_precision in ieee
+        and torch.backends.mkldnn.matmul.fp32_precision in ieee
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -292,12 +310,11 @@ def _conv_acc(
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int, onednn: bool,
 ) -> Tensor:
     """acc = conv(q − z_x, codes) + bias, exact; f32 [N, C_out, H', W'] when f32 is exact, else f64."""
-    abs_sum = _abs_sum(weight, codes)
-    if not _f32_exact(abs_sum, bias):
-        _log.debug("conv accumulator may exceed 2^24: using the f64 kernel")
+    if not _f32_exact(x, _acc_bound(weight, codes, bias)):
+        _log.debug("an f32 conv would not be exact here (|acc| bound, device or fp32 mode): using f64")
         xc = x.to(torch.float64).sub_(x_zero_point)
         return F.conv2d(xc, _as_float(weight, codes, torch.float64), bias.to(torch.float64), stride, padding, dilation, groups)
-    bias_f = bias.to(torch.float32)
+    bias_f = _CACHE.get(bias, "f32", lambda: bias.to(torch.float32))
     if onednn and _onednn_available(x):
         c_out = codes.shape[0]
         key = ("onednn", x_zero_point, stride, padding, dilation, groups)
@@ -363,6 +380,15 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view(1, -1, *([1] * (ndim - 2))) if ndim >= 2 else t
 
 
+def _broadcast_tables(multiplier: Tensor, shift: int, zp: int, lo: int, hi: int, limit: int, acc: Tensor):
+    """``_requant_tables`` shaped [1, C, 1, ...] in the dtypes the kernel uses (bounds in acc's)."""
+    tables = _requant_tables(multiplier, shift, zp, lo, hi, limit)
+    if tables is None:
+        return None
+    acc_min, acc_max, m, offset = (_channel_view(t, acc.dim()) for t in tables)
+    return acc_min.to(acc.dtype), acc_max.to(acc.dtype), m.to(torch.int32), offset.to(torch.int32)
+
+
 def _requantize_into(
     out: Tensor, acc: Tensor, multiplier: Tensor, shift: int, zp: int, lo: int, hi: int, *, owned: bool
 ) -> Tensor:
@@ -378,15 +404,17 @@ def _requantize_into(
         limit = _INT32_MAX
     else:
         limit = None
-    tables = _requant_tables(multiplier, shift, zp, lo, hi, limit) if limit is not None else None
+    tables = None
+    if limit is not None:
+        key = ("requant", shift, zp, lo, hi, limit, acc.dim(), acc.dtype)
+        tables = _CACHE.get(multiplier, key, lambda: _broadcast_tables(multiplier, shift, zp, lo, hi, limit, acc))
     if tables is not None:
-        acc_min, acc_max, m, offset = (_channel_view(t, acc.dim()) for t in tables)
-        bounds = (acc_min.to(acc.dtype), acc_max.to(acc.dtype))
-        a = acc.clamp_(*bounds) if owned else torch.clamp(acc, *bounds)
+        acc_min, acc_max, m, offset = tables
+        a = acc.clamp_(acc_min, acc_max) if owned else torch.clamp(acc, acc_min, acc_max)
         t = a.view(torch.int32)
         if a.dtype == torch.float32:
             t.copy_(a)  # elementwise in place: each int32 overwrites the float it came from
-        torch.addcmul(offset.to(torch.int32), t, m.to(torch.int32), out=t)
+        torch.addcmul(offset, t, m, out=t)
         t >>= shift
         return out.copy_(t)
     t = acc.to(torch.int64) * _channel_view(multiplier.to(torch.int64), acc.dim())
@@ -604,7 +632,7 @@ def int8_linear(
     _check_multiplier_values(multiplier)
     codes = _int8_weight(weight)
     x2 = x.reshape(-1, weight.shape[1])
-    dtype = torch.float32 if _f32_exact(_abs_sum(weight, codes), bias) else torch.float64
+    dtype = torch.float32 if _f32_exact(x, _acc_bound(weight, codes, bias)) else torch.float64
     acc = torch.addmm(bias.to(dtype), x2.to(dtype).sub_(x_zero_point), _as_float(weight, codes, dtype).t())
     out = torch.empty(shape, dtype=torch.uint8, device=x.device)
     _requantize_into(out.view(-1, weight.shape[0]), acc, multiplier, shift, out_zero_point, out_min, out_max, owned=True)

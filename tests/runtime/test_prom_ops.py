@@ -521,3 +521,19 @@ def test_float_reference_agrees_with_torch_conv_when_unquantized():
     w = torch.ones(1, 2, 1, 1, dtype=torch.float64)
     out = P.conv2d_float_reference(x, 1.0, 0, w, None, 1.0, 0, 0, 255)
     assert torch.equal(out, F.conv2d(x.double(), w).clamp(0, 255).to(torch.uint8))
+
+
+def test_int8_linear_reduced_fp32_matmul_precision_still_exact():
+    """With TF32/bf16-style matmul allowed the kernels must not use f32 (they switch to f64)."""
+    gen = _gen(6)
+    x = _codes((7, 300), gen)
+    weight = torch.randint(-127, 128, (5, 300), generator=gen).to(torch.int8)
+    bias = torch.randint(-100, 100, (5,), generator=gen, dtype=torch.int32)
+    mult = P.requant_multiplier(torch.full((5,), 1e-4, dtype=torch.float64))
+    args = (x, 17, weight, bias, mult, 23, 128, 0, 255)
+    previous = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("medium")
+    try:
+        assert torch.equal(P.int8_linear(*args), P.int8_linear_reference(*args))
+    finally:
+        torch.set_float32_matmul_precision(previous)
