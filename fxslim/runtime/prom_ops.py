@@ -8,10 +8,12 @@ Numbers and layouts (TFLite uint8 convention):
   (``pack_ternary``), or int8 codes in ``[−127, 127]``.
 - Accumulator, per output channel c: ``acc = Σ w·(q − z_x) + bias_c`` in int32. The zero-point term
   ``z_x·Σw`` is a per-channel constant: the kernels fold it into the bias once per call.
-- Requantization (TFLite single rounding, round half up) to the next uint8 grid:
-  ``out = clamp(((acc·M_c + 2^(shift−1)) >> shift) + z_out, out_min, out_max)`` with an int32
-  multiplier ``M_c ≥ 0`` per channel and one right ``shift`` per op. ReLU/ReLU6 are the clamp
-  bounds. ``requant_multiplier`` turns a real multiplier into ``M_c``.
+- Requantization (TFLite single rounding) to the next uint8 grid:
+  ``out = clamp(((acc·M_c + r_c) >> shift) + z_out, out_min, out_max)`` with an int32 multiplier
+  ``M_c ≥ 0`` per channel, one right ``shift`` per op and a rounding offset ``r_c`` that defaults
+  to 2^(shift−1) (round half up). A converter may pass ``offset`` r_c = 2^(shift−1) + round(f_c·M_c)
+  to keep the sub-step part f_c of a bias that the int32 ``bias`` (in accumulator steps) cannot
+  hold. ReLU/ReLU6 are the clamp bounds. ``requant_multiplier`` turns a real multiplier into M_c.
 - Conv outputs are channels_last uint8 tensors [N, C, H, W] (the layout every kernel here reads
   fastest); the other ops keep the layout of their input.
 
@@ -77,9 +79,10 @@ __all__ = [
 _log = logging.getLogger(__name__)
 
 # Default shifts: with 23 fractional bits the conv requantization runs in int32 (see
-# _requant_tables); 13 keeps every intermediate of the residual add below 2^24 (f32-exact).
+# _requant_tables); 20 keeps the residual add in int32 for multipliers up to about 2 (its
+# rounding error stays below 255·2^−20 of a step per input, far from flipping outputs).
 CONV_SHIFT = 23
-ADD_SHIFT = 13
+ADD_SHIFT = 20
 _F32_EXACT = 1 << 24
 _INT32_MAX = (1 << 31) - 1
 _MAX_SHIFT = 62  # |acc·M| < 2^62 for int32 operands, so the int64 path never overflows
@@ -177,10 +180,17 @@ def _check_code(name: str, value: int) -> None:
         raise ValueError(f"{name}: expected an integer in [0, 255], got {value}")
 
 
-def _check_requant_args(multiplier: Tensor, shift: int, out_zero_point: int, out_min: int, out_max: int, channels: int) -> None:
+def _check_requant_args(
+    multiplier: Tensor, offset: Tensor | None, shift: int, out_zero_point: int, out_min: int, out_max: int, channels: int
+) -> None:
     if multiplier.dtype != torch.int32 or multiplier.dim() != 1 or multiplier.shape[0] not in (1, channels):
         raise ValueError(
             f"multiplier: expected an int32 tensor of shape [{channels}] or [1], got {multiplier.dtype} {tuple(multiplier.shape)}"
+        )
+    if offset is not None and (offset.dtype != torch.int32 or offset.shape != multiplier.shape):
+        raise ValueError(
+            f"offset: expected None or an int32 tensor shaped like multiplier {tuple(multiplier.shape)}, "
+            f"got {offset.dtype} {tuple(offset.shape)}"
         )
     _check_out_args(shift, out_zero_point, out_min, out_max)
 
@@ -231,8 +241,9 @@ class _WeightCache:
     def __init__(self) -> None:
         self._entries: dict[int, tuple[weakref.ref, int, dict[Any, Any]]] = {}
 
-    def get(self, tensor: Tensor, key: Any, build: Callable[[], Any]) -> Any:
-        if torch.is_inference(tensor):
+    def get(self, tensor: Tensor, key: Any, build: Callable[[], Any], also: tuple[Tensor, ...] = ()) -> Any:
+        """``build()`` cached on ``tensor`` under ``key``; ``also``: more tensors it depends on."""
+        if torch.is_inference(tensor) or any(torch.is_inference(t) for t in also):
             return build()  # inference tensors have no version counter to validate against
         ident, version = id(tensor), tensor._version
         entry = self._entries.get(ident)
@@ -241,9 +252,12 @@ class _WeightCache:
             entry = (ref, version, {})
             self._entries[ident] = entry
         derived = entry[2]
-        if key not in derived:
-            derived[key] = build()
-        return derived[key]
+        full_key = (key, tuple((id(t), t._version) for t in also))
+        hit = derived.get(full_key)
+        if hit is None or any(r() is not t for r, t in zip(hit[0], also)):
+            hit = (tuple(weakref.ref(t) for t in also), build())
+            derived[full_key] = hit
+        return hit[1]
 
     def _drop(self, ident: int, ref: weakref.ref) -> None:
         entry = self._entries.get(ident)
@@ -341,38 +355,45 @@ def _ceil_div(a: Tensor, b: Tensor) -> Tensor:
 
 
 def _requant_tables(
-    multiplier: Tensor, shift: int, zp: int, lo: int, hi: int, limit: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor] | None:
-    """Per-channel int64 (acc_min, acc_max, multiplier, offset) for the int32 requantization, or
-    None when it cannot run (shift > 23 or some M > 2^shift).
+    multiplier: Tensor, offset: Tensor | None, shift: int, zp: int, lo: int, hi: int, limit: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, bool] | None:
+    """Per-channel int64 (acc_min, acc_max, multiplier, offset) and a final-clamp flag for the
+    int32 requantization, or None when int32 cannot hold it (then the int64 kernel runs).
 
-    f(a) = floor((a·M + R) / 2^s) + z with R = 2^(s−1) is non-decreasing in a and, for
-    M ≤ 2^s, steps by at most 1. So the smallest a with f(a) ≥ lo has f(a) = lo exactly, the
-    largest a with f(a) ≤ hi has f(a) = hi, and clamping the accumulator to [acc_min, acc_max]
-    leaves every output unchanged. On that range t = a·M + (R + z·2^s) lies in
-    [lo·2^s, (hi + 1)·2^s) ⊂ [0, 2^31) for s ≤ 23, and so does every intermediate: int32 suffices
-    and out = t >> s needs no further clamp. ``limit`` bounds |acc| (2^24 for exact f32
-    accumulators); a channel whose whole [−limit, limit] maps to one code becomes a constant.
+    f(a) = floor((a·M + r) / 2^s) + z (r: the rounding offset) is non-decreasing in a. Clamping the
+    accumulator to [acc_min, acc_max] leaves every output unchanged when f(acc_min) ≤ lo and
+    f(acc_max) ≥ hi, and bounds t = a·M + (r + z·2^s) so that it fits an int32 (checked below,
+    exactly, at both ends; intermediates a·M too). If every M ≤ 2^s, f steps by at most 1, so
+    the smallest a with f(a) ≥ lo has f(a) = lo and the largest with f(a) ≤ hi has f(a) = hi:
+    out = t >> s needs no further clamp (t ∈ [lo·2^s, (hi + 1)·2^s) ⊂ [0, 2^31) for s ≤ 23).
+    Otherwise the bounds step one further out and the result is clamped to [lo, hi].
+    ``limit`` bounds |acc| (2^24 for exact f32 accumulators); a channel whose whole
+    [−limit, limit] maps to one code becomes a constant (M = 0, offset = code·2^s).
     """
     if not 0 <= shift <= 23:
         return None
     m = multiplier.to(torch.int64)
     one = 1 << shift
-    if m.numel() and int(m.max()) > one:
-        return None
-    rnd = one >> 1
+    r = torch.full_like(m, one >> 1) if offset is None else offset.to(torch.int64)
+    unit_steps = not m.numel() or int(m.max()) <= one
     safe = torch.where(m > 0, m, torch.ones_like(m))
-    acc_min = _ceil_div(torch.full_like(m, (lo - zp) * one - rnd), safe)
-    acc_max = _ceil_div(torch.full_like(m, (hi + 1 - zp) * one - rnd), safe) - 1
-    offset = torch.full_like(m, rnd + zp * one)
-    constant = torch.full_like(m, min(max(zp, lo), hi))  # value of a channel with M = 0
+    acc_min = _ceil_div((lo - zp) * one - r, safe)  # smallest a with f(a) >= lo
+    acc_max = _ceil_div((hi + 1 - zp) * one - r, safe) - 1  # largest a with f(a) <= hi
+    if not unit_steps:
+        acc_min, acc_max = acc_min - 1, acc_max + 1  # f(acc_min) < lo, f(acc_max) > hi
+    offset = r + zp * one
+    constant = (torch.div(r, one, rounding_mode="floor") + zp).clamp(lo, hi)  # value of a channel with M = 0
     constant = torch.where(acc_min > limit, lo, constant)
     constant = torch.where(acc_max < -limit, hi, constant)
     is_constant = (m == 0) | (acc_min > limit) | (acc_max < -limit)
     acc_min = torch.where(is_constant, 0, acc_min.clamp(-limit, limit))
     acc_max = torch.where(is_constant, 0, acc_max.clamp(-limit, limit))
     offset = torch.where(is_constant, constant * one, offset)
-    return acc_min, acc_max, torch.where(is_constant, 0, m), offset
+    m = torch.where(is_constant, 0, m)
+    ends = torch.stack([acc_min * m, acc_max * m, acc_min * m + offset, acc_max * m + offset])
+    if ends.numel() and (int(ends.min()) < -(1 << 31) or int(ends.max()) > _INT32_MAX):
+        return None
+    return acc_min, acc_max, m, offset, not unit_steps
 
 
 def _channel_view(t: Tensor, ndim: int) -> Tensor:
@@ -380,17 +401,18 @@ def _channel_view(t: Tensor, ndim: int) -> Tensor:
     return t.view(1, -1, *([1] * (ndim - 2))) if ndim >= 2 else t
 
 
-def _broadcast_tables(multiplier: Tensor, shift: int, zp: int, lo: int, hi: int, limit: int, acc: Tensor):
+def _broadcast_tables(multiplier: Tensor, offset: Tensor | None, shift: int, zp: int, lo: int, hi: int, limit: int, acc: Tensor):
     """``_requant_tables`` shaped [1, C, 1, ...] in the dtypes the kernel uses (bounds in acc's)."""
-    tables = _requant_tables(multiplier, shift, zp, lo, hi, limit)
+    tables = _requant_tables(multiplier, offset, shift, zp, lo, hi, limit)
     if tables is None:
         return None
-    acc_min, acc_max, m, offset = (_channel_view(t, acc.dim()) for t in tables)
-    return acc_min.to(acc.dtype), acc_max.to(acc.dtype), m.to(torch.int32), offset.to(torch.int32)
+    acc_min, acc_max, m, offset = (_channel_view(t, acc.dim()) for t in tables[:4])
+    return acc_min.to(acc.dtype), acc_max.to(acc.dtype), m.to(torch.int32), offset.to(torch.int32), tables[4]
 
 
 def _requantize_into(
-    out: Tensor, acc: Tensor, multiplier: Tensor, shift: int, zp: int, lo: int, hi: int, *, owned: bool
+    out: Tensor, acc: Tensor, multiplier: Tensor, offset: Tensor | None, shift: int, zp: int, lo: int, hi: int, *,
+    owned: bool,
 ) -> Tensor:
     """Write the requantized codes of ``acc`` (exact integers: int32, or f32/f64) into ``out`` (uint8).
 
@@ -407,20 +429,25 @@ def _requantize_into(
     tables = None
     if limit is not None:
         key = ("requant", shift, zp, lo, hi, limit, acc.dim(), acc.dtype)
-        tables = _CACHE.get(multiplier, key, lambda: _broadcast_tables(multiplier, shift, zp, lo, hi, limit, acc))
+        tables = _CACHE.get(multiplier, key, lambda: _broadcast_tables(multiplier, offset, shift, zp, lo, hi, limit, acc),
+                             also=() if offset is None else (offset,))
     if tables is not None:
-        acc_min, acc_max, m, offset = tables
+        acc_min, acc_max, m, total_offset, final_clamp = tables
         a = acc.clamp_(acc_min, acc_max) if owned else torch.clamp(acc, acc_min, acc_max)
         t = a.view(torch.int32)
         if a.dtype == torch.float32:
             t.copy_(a)  # elementwise in place: each int32 overwrites the float it came from
-        torch.addcmul(offset, t, m, out=t)
+        torch.addcmul(total_offset, t, m, out=t)
         t >>= shift
+        if final_clamp:
+            t.clamp_(lo, hi)
         return out.copy_(t)
     t = acc.to(torch.int64) * _channel_view(multiplier.to(torch.int64), acc.dim())
-    if shift:
+    if offset is not None:
+        t += _channel_view(offset.to(torch.int64), acc.dim())
+    elif shift:
         t += 1 << (shift - 1)
-        t >>= shift
+    t >>= shift
     t += zp
     return out.copy_(t.clamp_(lo, hi))
 
@@ -430,11 +457,11 @@ def _requantize_into(
 
 _TERNARY_SCHEMA = (
     "(Tensor x, int x_zero_point, Tensor weight_packed, Tensor bias, Tensor multiplier, int shift, "
-    "int out_zero_point, int out_min, int out_max, int[2] stride=1) -> Tensor"
+    "int out_zero_point, int out_min, int out_max, int[2] stride=1, Tensor? offset=None) -> Tensor"
 )
 
 
-def _ternary_check(x, x_zero_point, weight_packed, bias, multiplier, shift, out_zero_point, out_min, out_max, stride):
+def _ternary_check(x, x_zero_point, weight_packed, bias, multiplier, shift, out_zero_point, out_min, out_max, stride, offset):
     _check_uint8("x", x)
     if x.dim() != 4:
         raise ValueError(f"x: expected a 4-d tensor [N, C_in, H, W], got shape {tuple(x.shape)}")
@@ -442,7 +469,7 @@ def _ternary_check(x, x_zero_point, weight_packed, bias, multiplier, shift, out_
     _check_packed(weight_packed, x.shape[1])
     c_out = weight_packed.shape[0]
     _check_bias(bias, c_out)
-    _check_requant_args(multiplier, shift, out_zero_point, out_min, out_max, c_out)
+    _check_requant_args(multiplier, offset, shift, out_zero_point, out_min, out_max, c_out)
     sh, sw = _check_pair("stride", stride, 1)
     n, _, h, w = x.shape
     return (n, c_out, (h - 1) // sh + 1, (w - 1) // sw + 1), (sh, sw)
@@ -451,23 +478,28 @@ def _ternary_check(x, x_zero_point, weight_packed, bias, multiplier, shift, out_
 @torch.library.custom_op("fxslim::ternary_conv2d", mutates_args=(), schema=_TERNARY_SCHEMA)
 def ternary_conv2d(
     x: Tensor, x_zero_point: int, weight_packed: Tensor, bias: Tensor, multiplier: Tensor, shift: int,
-    out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int] = (1, 1),
+    out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int] = (1, 1), offset: Tensor | None = None,
 ) -> Tensor:
     """1×1 groups-1 conv with packed ternary weights: uint8 [N, C_in, H, W] → uint8 [N, C_out, H', W'].
 
     acc_c = Σ_{t=+1} q − Σ_{t=−1} q + (bias_c − z_x·Σ_i t_ci), then requantized (module docstring).
     """
-    shape, stride = _ternary_check(x, x_zero_point, weight_packed, bias, multiplier, shift, out_zero_point, out_min, out_max, stride)
+    shape, stride = _ternary_check(
+        x, x_zero_point, weight_packed, bias, multiplier, shift, out_zero_point, out_min, out_max, stride, offset
+    )
     _check_multiplier_values(multiplier)
     codes = _ternary_codes(weight_packed, x.shape[1])
     acc = _conv_acc(x, x_zero_point, weight_packed, codes, bias, stride, (0, 0), (1, 1), 1, onednn=True)
     out = torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
-    return _requantize_into(out, acc, multiplier, shift, out_zero_point, out_min, out_max, owned=True)
+    return _requantize_into(out, acc, multiplier, offset, shift, out_zero_point, out_min, out_max, owned=True)
 
 
 @ternary_conv2d.register_fake
-def _ternary_conv2d_fake(x, x_zero_point, weight_packed, bias, multiplier, shift, out_zero_point, out_min, out_max, stride=(1, 1)):
-    shape, _ = _ternary_check(x, x_zero_point, weight_packed, bias, multiplier, shift, out_zero_point, out_min, out_max, stride)
+def _ternary_conv2d_fake(x, x_zero_point, weight_packed, bias, multiplier, shift, out_zero_point, out_min, out_max,
+                         stride=(1, 1), offset=None):
+    shape, _ = _ternary_check(
+        x, x_zero_point, weight_packed, bias, multiplier, shift, out_zero_point, out_min, out_max, stride, offset
+    )
     return torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
 
 
@@ -501,11 +533,11 @@ def ternary_accumulate_reference(
 
 def ternary_conv2d_reference(
     x: Tensor, x_zero_point: int, weight_packed: Tensor, bias: Tensor, multiplier: Tensor, shift: int,
-    out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int] = (1, 1),
+    out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int] = (1, 1), offset: Tensor | None = None,
 ) -> Tensor:
     """Oracle of ``ternary_conv2d``: the add/sub-only accumulator, then the requantization oracle."""
     acc = ternary_accumulate_reference(x, x_zero_point, weight_packed, bias, stride)
-    return requantize_reference(acc, multiplier, shift, out_zero_point, out_min, out_max)
+    return requantize_reference(acc, multiplier, shift, out_zero_point, out_min, out_max, offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -514,11 +546,12 @@ def ternary_conv2d_reference(
 _INT8_CONV_SCHEMA = (
     "(Tensor x, int x_zero_point, Tensor weight, Tensor bias, Tensor multiplier, int shift, "
     "int out_zero_point, int out_min, int out_max, int[2] stride=1, int[2] padding=0, int[2] dilation=1, "
-    "int groups=1) -> Tensor"
+    "int groups=1, Tensor? offset=None) -> Tensor"
 )
 
 
-def _int8_conv_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, stride, padding, dilation, groups):
+def _int8_conv_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, stride, padding,
+                     dilation, groups, offset):
     _check_uint8("x", x)
     if x.dim() != 4:
         raise ValueError(f"x: expected a 4-d tensor [N, C_in, H, W], got shape {tuple(x.shape)}")
@@ -532,7 +565,7 @@ def _int8_conv_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_
         )
     c_out = weight.shape[0]
     _check_bias(bias, c_out)
-    _check_requant_args(multiplier, shift, out_zero_point, out_min, out_max, c_out)
+    _check_requant_args(multiplier, offset, shift, out_zero_point, out_min, out_max, c_out)
     stride = _check_pair("stride", stride, 1)
     padding = _check_pair("padding", padding, 0)
     dilation = _check_pair("dilation", dilation, 1)
@@ -546,28 +579,30 @@ def _int8_conv_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_
 def int8_conv2d(
     x: Tensor, x_zero_point: int, weight: Tensor, bias: Tensor, multiplier: Tensor, shift: int,
     out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int] = (1, 1),
-    padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1,
+    padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1, offset: Tensor | None = None,
 ) -> Tensor:
     """Conv with int8 weight codes (any kernel, stride, padding, dilation, groups incl. depthwise).
 
     uint8 [N, C_in, H, W] → uint8 channels_last [N, C_out, H', W']; padding is real zero (code z_x).
     """
     shape, stride, padding, dilation = _int8_conv_check(
-        x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, stride, padding, dilation, groups
+        x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, stride, padding, dilation,
+        groups, offset,
     )
     _check_multiplier_values(multiplier)
     codes = _int8_weight(weight)
     depthwise = groups == x.shape[1] == weight.shape[0]
     acc = _conv_acc(x, x_zero_point, weight, codes, bias, stride, padding, dilation, groups, onednn=depthwise)
     out = torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
-    return _requantize_into(out, acc, multiplier, shift, out_zero_point, out_min, out_max, owned=True)
+    return _requantize_into(out, acc, multiplier, offset, shift, out_zero_point, out_min, out_max, owned=True)
 
 
 @int8_conv2d.register_fake
 def _int8_conv2d_fake(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max,
-                      stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1):
+                      stride=(1, 1), padding=(0, 0), dilation=(1, 1), groups=1, offset=None):
     shape, *_ = _int8_conv_check(
-        x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, stride, padding, dilation, groups
+        x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, stride, padding, dilation,
+        groups, offset,
     )
     return torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
 
@@ -581,7 +616,7 @@ def _int8_conv2d_flops(x_shape, x_zero_point, w_shape, *args, out_shape, **kwarg
 def int8_conv2d_reference(
     x: Tensor, x_zero_point: int, weight: Tensor, bias: Tensor, multiplier: Tensor, shift: int,
     out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int] = (1, 1),
-    padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1,
+    padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1, offset: Tensor | None = None,
 ) -> Tensor:
     """Oracle: int64 direct convolution, one kernel tap and one group at a time, padded with z_x."""
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
@@ -598,7 +633,7 @@ def int8_conv2d_reference(
             for j in range(kw):
                 tap = xg[:, :, i * dh : i * dh + (h - 1) * sh + 1 : sh, j * dw : j * dw + (w - 1) * sw + 1 : sw]
                 acc[:, g * o_g : (g + 1) * o_g] += torch.einsum("nchw,oc->nohw", tap, w64[g * o_g : (g + 1) * o_g, :, i, j])
-    return requantize_reference(acc, multiplier, shift, out_zero_point, out_min, out_max)
+    return requantize_reference(acc, multiplier, shift, out_zero_point, out_min, out_max, offset)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -606,11 +641,11 @@ def int8_conv2d_reference(
 
 _INT8_LINEAR_SCHEMA = (
     "(Tensor x, int x_zero_point, Tensor weight, Tensor bias, Tensor multiplier, int shift, "
-    "int out_zero_point, int out_min, int out_max) -> Tensor"
+    "int out_zero_point, int out_min, int out_max, Tensor? offset=None) -> Tensor"
 )
 
 
-def _int8_linear_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max):
+def _int8_linear_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, offset):
     _check_uint8("x", x)
     if weight.dtype != torch.int8 or weight.dim() != 2:
         raise ValueError(f"weight: expected int8 codes [out_features, in_features], got {weight.dtype} {tuple(weight.shape)}")
@@ -618,30 +653,30 @@ def _int8_linear_check(x, x_zero_point, weight, bias, multiplier, shift, out_zer
         raise ValueError(f"x: expected last dimension {weight.shape[1]} (in_features), got shape {tuple(x.shape)}")
     _check_code("x_zero_point", x_zero_point)
     _check_bias(bias, weight.shape[0])
-    _check_requant_args(multiplier, shift, out_zero_point, out_min, out_max, weight.shape[0])
+    _check_requant_args(multiplier, offset, shift, out_zero_point, out_min, out_max, weight.shape[0])
     return (*x.shape[:-1], weight.shape[0])
 
 
 @torch.library.custom_op("fxslim::int8_linear", mutates_args=(), schema=_INT8_LINEAR_SCHEMA)
 def int8_linear(
     x: Tensor, x_zero_point: int, weight: Tensor, bias: Tensor, multiplier: Tensor, shift: int,
-    out_zero_point: int, out_min: int, out_max: int,
+    out_zero_point: int, out_min: int, out_max: int, offset: Tensor | None = None,
 ) -> Tensor:
     """Linear with int8 weight codes: uint8 [..., in] → uint8 [..., out] (contiguous)."""
-    shape = _int8_linear_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max)
+    shape = _int8_linear_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, offset)
     _check_multiplier_values(multiplier)
     codes = _int8_weight(weight)
     x2 = x.reshape(-1, weight.shape[1])
     dtype = torch.float32 if _f32_exact(x, _acc_bound(weight, codes, bias)) else torch.float64
     acc = torch.addmm(bias.to(dtype), x2.to(dtype).sub_(x_zero_point), _as_float(weight, codes, dtype).t())
     out = torch.empty(shape, dtype=torch.uint8, device=x.device)
-    _requantize_into(out.view(-1, weight.shape[0]), acc, multiplier, shift, out_zero_point, out_min, out_max, owned=True)
+    _requantize_into(out.view(-1, weight.shape[0]), acc, multiplier, offset, shift, out_zero_point, out_min, out_max, owned=True)
     return out
 
 
 @int8_linear.register_fake
-def _int8_linear_fake(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max):
-    shape = _int8_linear_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max)
+def _int8_linear_fake(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, offset=None):
+    shape = _int8_linear_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, offset)
     return torch.empty(shape, dtype=torch.uint8, device=x.device)
 
 
@@ -653,12 +688,12 @@ def _int8_linear_flops(x_shape, x_zero_point, w_shape, *args, out_shape, **kwarg
 
 def int8_linear_reference(
     x: Tensor, x_zero_point: int, weight: Tensor, bias: Tensor, multiplier: Tensor, shift: int,
-    out_zero_point: int, out_min: int, out_max: int,
+    out_zero_point: int, out_min: int, out_max: int, offset: Tensor | None = None,
 ) -> Tensor:
     """Oracle: int64 matrix product of the centred codes plus bias, then requantization."""
     x2 = x.reshape(-1, weight.shape[1]).to(torch.int64) - x_zero_point
     acc = x2 @ weight.to(torch.int64).t() + bias.to(torch.int64)
-    out = requantize_reference(acc, multiplier, shift, out_zero_point, out_min, out_max)
+    out = requantize_reference(acc, multiplier, shift, out_zero_point, out_min, out_max, offset)
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -666,43 +701,47 @@ def int8_linear_reference(
 # requantize
 
 
-def _requantize_check(acc, multiplier, shift, out_zero_point, out_min, out_max):
+def _requantize_check(acc, multiplier, shift, out_zero_point, out_min, out_max, offset):
     if acc.dtype != torch.int32:
         raise ValueError(f"acc: expected an int32 accumulator tensor, got {acc.dtype}")
     channels = acc.shape[1] if acc.dim() >= 2 else 1
-    _check_requant_args(multiplier, shift, out_zero_point, out_min, out_max, channels)
+    _check_requant_args(multiplier, offset, shift, out_zero_point, out_min, out_max, channels)
     if acc.dim() < 2 and multiplier.shape[0] != 1:
         raise ValueError(f"multiplier: expected shape [1] for a {acc.dim()}-d accumulator, got {tuple(multiplier.shape)}")
 
 
 @torch.library.custom_op(
     "fxslim::requantize", mutates_args=(),
-    schema="(Tensor acc, Tensor multiplier, int shift, int out_zero_point, int out_min, int out_max) -> Tensor",
+    schema="(Tensor acc, Tensor multiplier, int shift, int out_zero_point, int out_min, int out_max, Tensor? offset=None) -> Tensor",
 )
-def requantize(acc: Tensor, multiplier: Tensor, shift: int, out_zero_point: int, out_min: int, out_max: int) -> Tensor:
+def requantize(
+    acc: Tensor, multiplier: Tensor, shift: int, out_zero_point: int, out_min: int, out_max: int, offset: Tensor | None = None,
+) -> Tensor:
     """int32 accumulators [N, C, ...] → uint8 codes of the same shape and layout (channel dim 1)."""
-    _requantize_check(acc, multiplier, shift, out_zero_point, out_min, out_max)
+    _requantize_check(acc, multiplier, shift, out_zero_point, out_min, out_max, offset)
     _check_multiplier_values(multiplier)
     out = torch.empty_like(acc, dtype=torch.uint8)
-    return _requantize_into(out, acc, multiplier, shift, out_zero_point, out_min, out_max, owned=False)
+    return _requantize_into(out, acc, multiplier, offset, shift, out_zero_point, out_min, out_max, owned=False)
 
 
 @requantize.register_fake
-def _requantize_fake(acc, multiplier, shift, out_zero_point, out_min, out_max):
-    _requantize_check(acc, multiplier, shift, out_zero_point, out_min, out_max)
+def _requantize_fake(acc, multiplier, shift, out_zero_point, out_min, out_max, offset=None):
+    _requantize_check(acc, multiplier, shift, out_zero_point, out_min, out_max, offset)
     return torch.empty_like(acc, dtype=torch.uint8)
 
 
-def requantize_reference(acc: Tensor, multiplier: Tensor, shift: int, out_zero_point: int, out_min: int, out_max: int) -> Tensor:
+def requantize_reference(
+    acc: Tensor, multiplier: Tensor, shift: int, out_zero_point: int, out_min: int, out_max: int, offset: Tensor | None = None,
+) -> Tensor:
     """Oracle of the requantization, one channel at a time in int64 (channel dim 1, or per tensor)."""
     acc = acc.to(torch.int64)
     out = torch.empty(acc.shape, dtype=torch.uint8)
-    rnd = (1 << (shift - 1)) if shift else 0
+    rounding = [(1 << (shift - 1)) if shift else 0] * multiplier.shape[0] if offset is None else offset.tolist()
     if multiplier.shape[0] == 1:
-        pieces = [(slice(None), int(multiplier[0]))]
+        pieces = [(slice(None), int(multiplier[0]), rounding[0])]
     else:
-        pieces = [((slice(None), c), int(multiplier[c])) for c in range(acc.shape[1])]
-    for index, m in pieces:
+        pieces = [((slice(None), c), int(multiplier[c]), rounding[c]) for c in range(acc.shape[1])]
+    for index, m, rnd in pieces:
         value = ((acc[index] * m + rnd) >> shift) + out_zero_point
         out[index] = value.clamp(out_min, out_max).to(torch.uint8)
     return out
@@ -743,15 +782,11 @@ def int8_add(
     out = torch.empty_like(a, dtype=torch.uint8)
     rnd = (1 << (shift - 1)) if shift else 0
     constant = rnd - a_zero_point * a_multiplier - b_zero_point * b_multiplier + out_zero_point * (1 << shift)
-    bound = 255 * (a_multiplier + b_multiplier) + abs(rnd) + (a_zero_point * a_multiplier + b_zero_point * b_multiplier) + 255 * (1 << shift)
-    if bound < _F32_EXACT:
-        # Every partial result is an integer multiple of 2^-shift below 2^(24-shift): exact in f32,
-        # and the final truncation of a value clamped to [out_min, out_max] >= 0 is the floor.
-        unit = 2.0**-shift
-        t = a.to(torch.float32).mul_(a_multiplier * unit)
-        t.add_(b.to(torch.float32), alpha=b_multiplier * unit).add_(constant * unit)
-        return out.copy_(t.clamp_(out_min, out_max))
-    t = a.to(torch.int64) * a_multiplier + b.to(torch.int64) * b_multiplier + constant
+    # |a·M_a|, |a·M_a + b·M_b| and the result are all below this bound: int32 suffices under 2^31.
+    bound = 255 * (a_multiplier + b_multiplier) + abs(constant)
+    dtype = torch.int32 if bound <= _INT32_MAX else torch.int64
+    t = a.to(dtype).mul_(a_multiplier)
+    t.add_(b.to(dtype), alpha=b_multiplier).add_(constant)
     t >>= shift
     return out.copy_(t.clamp_(out_min, out_max))
 
@@ -802,7 +837,7 @@ def int8_global_avg_pool2d(
     acc -= x.shape[2] * x.shape[3] * x_zero_point
     out = torch.empty(shape, dtype=torch.uint8, device=x.device)
     m = torch.tensor([multiplier], dtype=torch.int32)
-    return _requantize_into(out, acc.contiguous(), m, shift, out_zero_point, out_min, out_max, owned=True)
+    return _requantize_into(out, acc.contiguous(), m, None, shift, out_zero_point, out_min, out_max, owned=True)
 
 
 @int8_global_avg_pool2d.register_fake

@@ -22,8 +22,9 @@ represented range can shift by up to half a step. Rounding is half to even
 Conversion (``convert_*``) returns ``IntegerOp``: the op overload plus its tensor and scalar
 arguments. Per conv/linear: BN folded into a per-channel real scale S_c = s_x·w_c·γ_c/σ_c and bias
 B_c = γ_c(b_c − μ_c)/σ_c + β_c; channels with S_c < 0 get their codes negated (so multipliers are
-non-negative); int32 bias round(B_c/S_c); multiplier S_c/s_y as fixed point; ReLU/ReLU6 as clamp
-bounds on the output codes. The converted op then matches the fake-quant model within 1 LSB.
+non-negative); int32 bias k_c = round(B_c/S_c) and the rest f_c = B_c/S_c − k_c carried in the
+rounding offset 2^(s−1) + round(f_c·M_c); multiplier M_c = round(S_c/s_y·2^s); ReLU/ReLU6 as
+clamp bounds on the output codes. The converted op then matches the fake-quant layer within 1 LSB.
 """
 
 from __future__ import annotations
@@ -337,9 +338,10 @@ def requant_shift(real: Tensor, acc_bound: Tensor | None = None) -> int:
 
     Rounding M to ``round(real·2^s)`` moves an output by at most ``|acc|·2^−(s+1)`` steps, where
     |acc| that can still reach an unsaturated output is below ``min(512/real, acc_bound)``
-    (``acc_bound``: a bound on |acc| per channel, e.g. 255·Σ|w_c| + |bias_c|). CONV_SHIFT (the
-    int32 kernel) is returned when that error stays under 1/16 step and every real ≤ 1, otherwise
-    the largest shift whose multipliers fit an int32 (int64 kernel).
+    (``acc_bound``: a bound on |acc| per channel, e.g. 255·Σ|w_c| + |bias_c|). The int32 kernel
+    takes shift 23 for reals ≤ 1 and shift 22 for reals up to 200 (one extra clamp); either is
+    returned when that error stays under 1/16 step, otherwise the largest shift whose multipliers
+    fit an int32 (int64 kernel).
     """
     real = real.to(torch.float64).flatten()
     live = real > 0
@@ -349,8 +351,9 @@ def requant_shift(real: Tensor, acc_bound: Tensor | None = None) -> int:
     if acc_bound is not None:
         reach = torch.minimum(reach, acc_bound.to(torch.float64).flatten()[live])
     largest = float(real.max())
-    if largest <= 1.0 and float(reach.max()) * 2.0 ** -(prom_ops.CONV_SHIFT + 1) <= 1 / 16:
-        return prom_ops.CONV_SHIFT
+    for shift, max_real in ((prom_ops.CONV_SHIFT, 1.0), (prom_ops.CONV_SHIFT - 1, 200.0)):
+        if largest <= max_real and float(reach.max()) * 2.0 ** -(shift + 1) <= 1 / 16:
+            return shift
     shift = min(62, math.floor(math.log2(((1 << 31) - 1) / largest)))
     while shift > 0 and round(largest * 2.0**shift) > (1 << 31) - 1:
         shift -= 1
@@ -383,8 +386,9 @@ def _input_quant(module: QConv2d | QLinear, x_quant: ActFakeQuant | None) -> Act
 
 def _fold(
     codes: Tensor, w_scale: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d | None, s_x: float, s_y: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """BN folding and sign handling: (codes, int32 bias, real multiplier float64 [C])."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """BN folding and sign handling: codes, int32 bias (accumulator steps), the rest of the bias
+    in [−0.5, 0.5] steps (float64), real multiplier (float64 [C])."""
     scale = s_x * w_scale.to(torch.float64)
     real_bias = torch.zeros_like(scale) if bias is None else bias.detach().to(torch.float64)
     if bn is not None:
@@ -403,8 +407,16 @@ def _fold(
     dead = scale == 0  # constant channel: zero codes, unit multiplier, bias in output steps
     codes = torch.where(dead.view(-1, *([1] * (codes.dim() - 1))), torch.zeros_like(codes), codes)
     scale = torch.where(dead, torch.full_like(scale, s_y), scale)
-    int_bias = torch.round(real_bias / scale).clamp(-(1 << 31), (1 << 31) - 1).to(torch.int32)
-    return codes, int_bias, scale / s_y
+    steps = real_bias / scale
+    int_bias = torch.round(steps).clamp(-(1 << 31), (1 << 31) - 1)
+    fraction = (steps - int_bias).clamp(-0.5, 0.5)
+    return codes, int_bias.to(torch.int32), fraction, scale / s_y
+
+
+def _rounding_offset(fraction: Tensor, multiplier: Tensor, shift: int) -> Tensor:
+    """Rounding offsets 2^(shift−1) + round(fraction·M): the sub-step bias in output 2^−shift units."""
+    base = (1 << (shift - 1)) if shift else 0
+    return (base + torch.round(fraction * multiplier.to(torch.float64))).to(torch.int32)
 
 
 def _acc_bound(codes: Tensor, bias: Tensor) -> Tensor:
@@ -436,12 +448,13 @@ def convert_conv(
     s_x, z_x = _input_quant(qconv, x_quant).qparams()
     s_y, z_y = out_quant.qparams()
     codes, w_scale = qconv.weight_codes()
-    codes, bias, real = _fold(codes, w_scale, qconv.conv.bias, bn, s_x, s_y)
+    codes, bias, fraction, real = _fold(codes, w_scale, qconv.conv.bias, bn, s_x, s_y)
     shift = requant_shift(real, _acc_bound(codes, bias)) if shift is None else shift
+    multiplier = prom_ops.requant_multiplier(real, shift)
     lo, hi = _clamp_bounds(activation, s_y, z_y)
     scalars = {"x_zero_point": z_x, "shift": shift, "out_zero_point": z_y, "out_min": lo, "out_max": hi,
                "stride": list(qconv.conv.stride)}
-    tensors = {"bias": bias, "multiplier": prom_ops.requant_multiplier(real, shift)}
+    tensors = {"bias": bias, "multiplier": multiplier, "offset": _rounding_offset(fraction, multiplier, shift)}
     if qconv.weight_quant == "ternary":
         tensors["weight_packed"] = prom_ops.pack_ternary(codes)
         return IntegerOp(torch.ops.fxslim.ternary_conv2d.default, ("x",), tensors, scalars)
@@ -458,10 +471,12 @@ def convert_linear(
     s_x, z_x = _input_quant(qlinear, x_quant).qparams()
     s_y, z_y = out_quant.qparams()
     codes, w_scale = qlinear.weight_codes()
-    codes, bias, real = _fold(codes, w_scale, qlinear.linear.bias, None, s_x, s_y)
+    codes, bias, fraction, real = _fold(codes, w_scale, qlinear.linear.bias, None, s_x, s_y)
     shift = requant_shift(real, _acc_bound(codes, bias)) if shift is None else shift
+    multiplier = prom_ops.requant_multiplier(real, shift)
     lo, hi = _clamp_bounds(activation, s_y, z_y)
-    tensors = {"weight": codes.contiguous(), "bias": bias, "multiplier": prom_ops.requant_multiplier(real, shift)}
+    tensors = {"weight": codes.contiguous(), "bias": bias, "multiplier": multiplier,
+               "offset": _rounding_offset(fraction, multiplier, shift)}
     scalars = {"x_zero_point": z_x, "shift": shift, "out_zero_point": z_y, "out_min": lo, "out_max": hi}
     return IntegerOp(torch.ops.fxslim.int8_linear.default, ("x",), tensors, scalars)
 

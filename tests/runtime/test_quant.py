@@ -204,7 +204,8 @@ def test_qlinear_forward_matches_fake_quant_linear():
 
 def test_requant_shift_prefers_int32_kernel_and_falls_back():
     assert Q.requant_shift(torch.tensor([0.5, 0.01])) == P.CONV_SHIFT
-    assert Q.requant_shift(torch.tensor([2.0])) == 29  # 2·2^29 < 2^31 <= 2·2^30
+    assert Q.requant_shift(torch.tensor([2.0, 0.5])) == P.CONV_SHIFT - 1  # int32 kernel with a final clamp
+    assert Q.requant_shift(torch.tensor([300.0])) == 22  # 300·2^22 < 2^31 <= 300·2^23: int64 kernel
     tiny = torch.tensor([1e-6])
     assert Q.requant_shift(tiny) > P.CONV_SHIFT
     assert Q.requant_shift(tiny, acc_bound=torch.tensor([1000])) == P.CONV_SHIFT  # |acc| too small to matter
