@@ -25,9 +25,10 @@ Fast kernels compute bit-identical integers with float arithmetic where that is 
 an f32 sum of integers is exact while every partial sum stays below 2^24, and all partial sums of
 ``Σ w·(q − z) + bias`` are bounded by ``255·Σ|w_c| + |bias_c|`` (checked per call; otherwise an f64
 kernel, exact below 2^53, is used). Pointwise ternary and depthwise int8 convs run on oneDNN's
-u8·s8→s32 kernels (int32 accumulation, exact: ternary pairs cannot saturate the int16 step of the
-AVX2 kernel, and the depthwise kernel widens to int32); other int8 convs would saturate there with
-8-bit weights, so they use an fp32 conv on the centred codes. ``torch._int_mm`` is not used: on the
+u8·s8→s32 kernels: ternary pairs cannot saturate the int16 step of the non-VNNI AVX2 kernel
+(2·255 < 2^15), and the depthwise kernel stays exact even at the extremes (codes 255 against
+weights ±127, pinned by the tests). Dense int8 convs do saturate there with 8-bit weights, so they
+use an fp32 conv on the centred codes. ``torch._int_mm`` is not used: on the
 reference CPU (AVX2, no VNNI) it was several times slower than an fp32 matmul of the same shape
 (benchmarks/results/prom_op_speed.md).
 Requantization runs in int32 after clamping the accumulator to the range that can still change the

@@ -595,3 +595,27 @@ def test_int8_linear_reduced_fp32_matmul_precision_still_exact():
         assert torch.equal(P.int8_linear(*args), P.int8_linear_reference(*args))
     finally:
         torch.set_float32_matmul_precision(previous)
+
+
+def test_ops_survive_torch_export_with_dynamic_batch():
+    gen = _gen(8)
+
+    class Converted(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.register_buffer("packed", P.pack_ternary(_ternary((6, 5), gen)))
+            self.register_buffer("bias", torch.randint(-50, 50, (6,), generator=gen, dtype=torch.int32))
+            self.register_buffer("mult", P.requant_multiplier(torch.full((6,), 0.05, dtype=torch.float64)))
+            self.register_buffer("offset", torch.full((6,), 1 << 22, dtype=torch.int32))
+
+        def forward(self, x):
+            q = torch.ops.fxslim.quantize_per_tensor(x, 0.1, 128)
+            q = torch.ops.fxslim.ternary_conv2d(q, 128, self.packed, self.bias, self.mult, 23, 10, 10, 255, [1, 1], self.offset)
+            return torch.ops.fxslim.dequantize(q, 0.2, 10)
+
+    model, x = Converted(), torch.randn(3, 5, 4, 4, generator=gen)
+    batch = torch.export.Dim("batch", min=2)
+    exported = torch.export.export(model, (x,), dynamic_shapes={"x": {0: batch}})
+    targets = {node.target for node in exported.graph.nodes if node.op == "call_function"}
+    assert torch.ops.fxslim.ternary_conv2d.default in targets
+    assert torch.equal(exported.module()(x), model(x))
