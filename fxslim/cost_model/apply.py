@@ -1,0 +1,157 @@
+"""Conventions applied to raw counts: operand formats, arithmetic by bit width, energy, storage, bytes.
+
+Each MAC-bearing row (conv, linear, matmul, attention, or any op with MACs) gets an operand format:
+the one an fxslim op declares, else the "as deployed" assignment, else its node's dtype. Other
+rows take the deployed "default" format for their activations. See ``Conventions`` for what energy
+and storage include.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import sympy
+import torch
+
+from fxslim.cost_model.conventions import KINDS, Conventions, format_bits
+from fxslim.cost_model.energy import EnergyTable, mac_arithmetic
+from fxslim.cost_model.report import CostRow
+from fxslim.cost_model.shapes import to_expr
+from fxslim.cost_model.walk import RawRow, is_zero
+
+__all__ = ["Finisher"]
+
+_QUANTIZED = ("int8", "int4", "ternary")
+
+
+def _twn_zero_fraction(weight: torch.Tensor) -> float:
+    """Fraction of zeros after TWN ternarization (Δ_c = 0.7·mean|W_c| per output channel)."""
+    w = weight.detach().float().reshape(weight.shape[0], -1).abs()
+    delta = 0.7 * w.mean(dim=1, keepdim=True)
+    return float((w <= delta).float().mean())
+
+
+class Finisher:
+    """Applies the conventions and the energy table to raw rows."""
+
+    def __init__(self, conventions: Conventions, table: EnergyTable, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> None:
+        self.c = conventions
+        self.table = table
+        self.rename = rename
+        self.missing: dict[tuple[str, str], Any] = {}
+        self.mem_pj = table.memory_energy(conventions.memory_level) if conventions.include_memory else 0.0
+
+    def e(self, value: Any) -> Any:
+        return to_expr(value, self.rename)
+
+    def rows(self, raws: list[RawRow]) -> list[CostRow]:
+        last: dict[str, RawRow] = {}
+        for raw in raws:
+            if raw.kind in KINDS and raw.declared is None:
+                last[raw.kind] = raw
+        default_act = self.c.deploy_map.get("default")
+        return [self._row(raw, last.get(raw.kind) is raw, default_act) for raw in raws]
+
+    def _row(self, raw: RawRow, is_last: bool, default_act: str | None) -> CostRow:
+        c = self.c
+        mac_row = raw.kind in KINDS or not is_zero(raw.macs)
+        deployed = None
+        if raw.declared is not None:
+            fmt = raw.declared
+        elif mac_row:
+            deployed = c.mac_format(raw.fqn, raw.kind, is_last)
+            fmt = deployed or raw.dtype or "fp32"
+        else:
+            fmt = default_act or raw.dtype or "fp32"
+        macs = self.e(raw.macs)
+        elementwise = self.e(raw.elementwise)
+        out_numel = self.e(raw.out.numel) if raw.out is not None else 0
+
+        # arithmetic by (operation, format)
+        zero_fraction = 0.0
+        if fmt == "ternary" and c.skip_zero_weights:
+            zero_fraction = self._zero_fraction(raw)
+        ops: dict[tuple[str, str], Any] = {}
+        if not is_zero(macs):
+            _merge(ops, mac_arithmetic(macs, fmt, c, zero_fraction))
+        _merge(ops, {k: self.e(v) for k, v in raw.ops.items()})
+        acc_fmt = fmt if not (fmt.startswith("int") or fmt == "ternary") else f"int{c.accumulator(fmt)}"
+        if c.include_bias and raw.has_bias:
+            _merge(ops, {("add", acc_fmt): out_numel})
+        if c.include_requant and fmt in _QUANTIZED and raw.declared is None and mac_row:
+            _merge(ops, {("mul", c.requant_format): out_numel})
+        if c.include_elementwise and not is_zero(elementwise):
+            _merge(ops, {("add", "int8" if fmt == "ternary" else fmt): elementwise})
+
+        # storage of the weights this node reads
+        params: Any = 0
+        storage: Any = 0
+        for name, tensor, real, _ in raw.params:
+            numel = tensor.numel()
+            params += numel
+            if mac_row and tensor.dim() >= 2 and deployed is not None:
+                storage += numel * format_bits(deployed, c.ternary_packing)
+                if deployed in _QUANTIZED and c.metadata_bits:
+                    storage += tensor.shape[0] * c.metadata_bits  # one scale per output channel
+            elif not (mac_row and tensor.dim() >= 2) and c.params_format is not None:
+                storage += numel * format_bits(c.params_format)
+            else:
+                storage += numel * tensor.dtype.itemsize * 8
+        if raw.cost_params is not None:
+            params = self.e(raw.cost_params)
+        if raw.storage_bits is not None:
+            storage = self.e(raw.storage_bits)
+        if isinstance(storage, float) and storage.is_integer():
+            storage = int(storage)
+
+        # activations and memory traffic
+        act_bytes = self._act_bytes(fmt if (mac_row or deployed) else (default_act or raw.dtype or "fp32"), raw)
+        written = self.e(raw.bytes_written) if raw.bytes_written is not None else out_numel * act_bytes
+        read = (self.e(raw.bytes_read) if raw.bytes_read is not None
+                else sum((self.e(s.numel) * act_bytes for s in raw.inputs), 0) + storage / 8)
+
+        energy: Any = 0.0
+        for key, count in ops.items():
+            pj = self.table.op_energy(*key)
+            if pj is None:
+                self.missing[key] = self.missing.get(key, 0) + count
+            else:
+                energy = energy + count * pj
+        if c.include_memory:
+            energy = energy + (read + written) * self.mem_pj
+        return CostRow(
+            graph=raw.graph, node=raw.node.name, op=raw.op, kind=raw.kind, fqn=raw.fqn,
+            input_shapes=tuple(tuple(self.e(d) for d in s.shape) for s in raw.inputs),
+            output_shape=tuple(self.e(d) for d in raw.out.shape) if raw.out is not None else None,
+            dtype=raw.dtype, format=fmt if (mac_row or not is_zero(elementwise)) else None,
+            macs=macs, elementwise=elementwise, ops=ops, energy_pj=energy, params=params, storage_bits=storage,
+            activation_bytes=out_numel * act_bytes, bytes_read=read, bytes_written=written,
+            measured_macs=self.e(raw.measured_macs) if raw.measured_macs is not None else None,
+            unknown=tuple(raw.unknown), info={k: self.e(v) for k, v in raw.info.items()},
+        )
+
+    def _act_bytes(self, fmt: str, raw: RawRow) -> float:
+        if fmt in _QUANTIZED:
+            return 1  # quantized layers read and write 8-bit activations
+        try:
+            return format_bits(fmt) / 8
+        except ValueError:
+            return raw.out.dtype.itemsize if raw.out is not None else 4
+
+    def _zero_fraction(self, raw: RawRow) -> float:
+        if raw.zero_fraction is not None:
+            return raw.zero_fraction
+        if self.c.zero_fraction is not None:
+            return self.c.zero_fraction
+        weights = [real for _, tensor, real, _ in raw.params if tensor.dim() >= 2 and real is not None]
+        if not weights:
+            return 0.0
+        return _twn_zero_fraction(weights[0])
+
+
+def _merge(into: dict, extra: Mapping) -> None:
+    for k, v in extra.items():
+        into[k] = into.get(k, 0) + v
+
+

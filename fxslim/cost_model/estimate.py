@@ -1,0 +1,112 @@
+"""``fxslim.estimate``: capture a model, cost every node, apply the conventions, return a CostReport.
+
+1. Capture. An ``nn.Module`` is traced as a *meta twin* (the same modules with parameters on the
+   meta device; the caller's model is untouched) and its shapes propagated on meta tensors, which is
+   fast and allocates nothing. Models that do not trace whole, GraphModules (symbolic or dynamo),
+   ExportedPrograms and ``Captured`` objects go through ``fxslim.capture`` as they are.
+2. Count. Conv, linear and attention nodes are costed from their canonical views
+   (``fxslim.cost_model.views``) in every IR; an attention chain is one row and its matmuls are not
+   counted again. A node whose target has a registered formula is costed directly. Any other node
+   (torch functions, tensor methods, leaf modules) runs once on meta tensors while the aten ops it
+   dispatches are recorded and costed through the registry; ops without a formula are reported in
+   ``CostReport.unknown_ops``.
+3. Apply conventions. Each MAC-bearing row gets an operand format (its node's dtype, the format an
+   fxslim op declares, or the "as deployed" assignment), which fixes its arithmetic by bit width,
+   energy and the storage of its weights.
+
+With ``symbolic={"frames": (0, 1)}`` (size name -> dim of input 0, or (input index, dim)), shapes are
+propagated with symbolic sizes and every count is a sympy expression in those names.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxslim.capture import Captured
+from fxslim.cost_model.apply import Finisher
+from fxslim.cost_model.conventions import Conventions
+from fxslim.cost_model.energy import EnergyTable, load_table
+from fxslim.cost_model.graph import peak_activation_bytes
+from fxslim.cost_model.report import CostReport, CostTotals
+from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, to_expr
+from fxslim.cost_model.walk import Walker
+
+__all__ = ["estimate"]
+
+
+def estimate(
+    model: nn.Module | fx.GraphModule | torch.export.ExportedProgram | Captured,
+    example_inputs: Sequence[Any] | torch.Tensor | None = None,
+    *,
+    table: str | Mapping[str, Any] | EnergyTable = "horowitz45nm",
+    conventions: Conventions | Mapping[str, Any] | None = None,
+    capture: str = "symbolic",
+    leaf_modules: Sequence[type] = (),
+    symbolic: Mapping[str, int | tuple[int, int]] | None = None,
+    **options: Any,
+) -> CostReport:
+    """Cost of every node of ``model`` at ``example_inputs`` (see the module docstring).
+
+    ``conventions``: a ``Conventions`` or a dict of its fields; keyword ``options`` (e.g.
+    ``deploy="fp16"``, ``accumulator_bits=8``) override single fields. ``table``: an energy table
+    name (``available_tables()``), a JSON path or a dict. ``symbolic``: size names -> input dims.
+    """
+    conv = _conventions(conventions, options)
+    energy_table = load_table(table)
+    if conv.include_memory:
+        energy_table.memory_energy(conv.memory_level)  # validates the level against the table
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs) if example_inputs is not None else None
+    if capture not in ("symbolic", "export"):
+        raise ValueError(f"capture: expected 'symbolic' or 'export', got {capture!r}")
+    source = capture_for_cost(model, example_inputs, capture, leaf_modules)
+    mode, rename, symbols = None, {}, {}
+    if symbolic:
+        if example_inputs is None:
+            raise ValueError("symbolic: example_inputs are needed to name input sizes")
+        if any(g.ir == "torch" for g in source.captured.graphs):
+            raise ValueError("symbolic: not available for dynamo graphs; pass the nn.Module, a symbolic-traced "
+                             "GraphModule or an ExportedProgram")
+        if isinstance(model, Captured):  # never change the caller's graphs' shapes
+            source = Source(copy.deepcopy(model))
+        mode, rename, symbols = propagate_symbolic(source, example_inputs, symbolic)
+    walker = Walker(source, conv, mode)
+    raws = walker.rows()
+    finisher = Finisher(conv, energy_table, rename)
+    rows = finisher.rows(raws)
+    peak = None
+    if not symbols:
+        peak = peak_activation_bytes(source.captured, rows)
+    return CostReport(
+        rows=rows, total=CostTotals.of(rows, peak), conventions=conv, energy_table=energy_table,
+        unknown_ops=walker.unknown, energy_missing=finisher.missing, untraced=list(source.captured.untraced),
+        symbols=symbols, model=_model_name(model),
+        inputs=[tuple(to_expr(d, rename) for d in x.shape) for x in (example_inputs or ()) if isinstance(x, torch.Tensor)],
+        captured=source.captured,
+    )
+
+
+def _conventions(conventions: Conventions | Mapping[str, Any] | None, options: Mapping[str, Any]) -> Conventions:
+    if conventions is None:
+        base: dict[str, Any] = {}
+    elif isinstance(conventions, Conventions):
+        base = {k: v for k, v in conventions.to_dict().items() if k not in ("name", "version")}
+    elif isinstance(conventions, Mapping):
+        base = dict(conventions)
+    else:
+        raise TypeError(f"conventions: expected a Conventions, a dict or None, got {type(conventions).__name__}")
+    base.update(options)
+    return Conventions(**Conventions._check_keys(base))
+
+
+def _model_name(model: Any) -> str:
+    if isinstance(model, Captured):
+        return type(model.module).__name__
+    return type(model).__name__
