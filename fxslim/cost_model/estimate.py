@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,7 +38,7 @@ from fxslim.cost_model.report import CostReport, CostTotals
 from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, to_expr
 from fxslim.cost_model.walk import Walker
 
-__all__ = ["estimate"]
+__all__ = ["estimate", "recost"]
 
 
 def estimate(
@@ -77,20 +78,48 @@ def estimate(
         if isinstance(model, Captured):  # never change the caller's graphs' shapes
             source = Source(copy.deepcopy(model))
         mode, rename, symbols = propagate_symbolic(source, example_inputs, symbolic)
-    walker = Walker(source, conv, mode)
+    inputs = [tuple(to_expr(d, rename) for d in x.shape) for x in (example_inputs or ()) if isinstance(x, torch.Tensor)]
+    state = _State(source, mode, rename, symbols, _model_name(model), inputs)
+    return _report(state, conv, energy_table)
+
+
+@dataclass(frozen=True)
+class _State:
+    """What a report keeps to be costed again under other conventions without capturing again."""
+
+    source: Source
+    mode: Any
+    rename: Mapping[Any, Any]
+    symbols: dict[str, Any]
+    model: str
+    inputs: list[tuple]
+
+
+def _report(state: _State, conv: Conventions, energy_table: EnergyTable) -> CostReport:
+    walker = Walker(state.source, conv, state.mode)
     raws = walker.rows()
-    finisher = Finisher(conv, energy_table, rename)
+    finisher = Finisher(conv, energy_table, state.rename)
     rows = finisher.rows(raws)
-    peak = None
-    if not symbols:
-        peak = peak_activation_bytes(source.captured, rows)
+    peak = None if state.symbols else peak_activation_bytes(state.source.captured, rows)
     return CostReport(
         rows=rows, total=CostTotals.of(rows, peak), conventions=conv, energy_table=energy_table,
-        unknown_ops=walker.unknown, energy_missing=finisher.missing, untraced=list(source.captured.untraced),
-        symbols=symbols, model=_model_name(model),
-        inputs=[tuple(to_expr(d, rename) for d in x.shape) for x in (example_inputs or ()) if isinstance(x, torch.Tensor)],
-        captured=source.captured,
+        unknown_ops=walker.unknown, energy_missing=finisher.missing, untraced=list(state.source.captured.untraced),
+        symbols=dict(state.symbols), model=state.model, inputs=list(state.inputs), captured=state.source.captured,
+        state=state,
     )
+
+
+def recost(report: CostReport, conventions: Conventions | Mapping[str, Any] | None = None,
+           table: str | Mapping[str, Any] | EnergyTable | None = None, **options: Any) -> CostReport:
+    """``report``'s model costed under other conventions (fields not given keep the report's values)."""
+    if report.state is None:
+        raise ValueError("with_conventions: this report was not made by estimate() (no captured state)")
+    base = conventions if conventions is not None else report.conventions
+    conv = _conventions(base, options)
+    energy_table = load_table(table) if table is not None else report.energy_table
+    if conv.include_memory:
+        energy_table.memory_energy(conv.memory_level)
+    return _report(report.state, conv, energy_table)
 
 
 def _conventions(conventions: Conventions | Mapping[str, Any] | None, options: Mapping[str, Any]) -> Conventions:

@@ -187,8 +187,7 @@ def register_cost(*targets: OpOverloadPacket | OpOverload, kind: str = "other",
 
 def op_namespace(target: OpOverloadPacket | OpOverload) -> str:
     """'aten', 'fxslim', ... of an op packet or overload."""
-    packet = target.overloadpacket if isinstance(target, OpOverload) else target
-    return packet._qualified_op_name.split("::", 1)[0]
+    return str(target).split(".", 1)[0]
 
 
 def lookup(target: Any) -> Formula | None:

@@ -146,6 +146,18 @@ class CostReport:
     model: str = ""
     inputs: list[tuple] = field(default_factory=list)
     captured: Any = field(default=None, repr=False, compare=False)
+    state: Any = field(default=None, repr=False, compare=False)
+
+    def with_conventions(self, conventions: Conventions | Mapping[str, Any] | None = None, *,
+                         table: Any = None, **options: Any) -> CostReport:
+        """The same model costed under other conventions, without capturing it again.
+
+        ``options`` change single fields of this report's conventions, e.g.
+        ``report.with_conventions(deploy="prom", accumulator_bits=8)``.
+        """
+        from fxslim.cost_model.estimate import recost
+
+        return recost(self, conventions, table, **options)
 
     # ------------------------------------------------------------------------------------------ views
 
@@ -181,7 +193,7 @@ class CostReport:
         rows = [r.substitute(subs) for r in self.rows]
         left = {k: v for k, v in self.symbols.items() if k not in sizes}
         return dataclasses.replace(
-            self, rows=rows, total=CostTotals.of(rows), symbols=left,
+            self, rows=rows, total=CostTotals.of(rows), symbols=left, state=None,
             energy_missing={k: _subs(v, subs) for k, v in self.energy_missing.items()},
             inputs=[tuple(_subs(s, subs) for s in shape) for shape in self.inputs],
         )

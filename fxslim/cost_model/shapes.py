@@ -200,6 +200,13 @@ def propagate_symbolic(source: Source, example_inputs: tuple,
     try:
         with mode, torch.no_grad():
             captured.module(*fakes)
+    except Exception as exc:  # the eager glue is user code: say why symbolic sizes are impossible
+        untraced = ", ".join(p or "<root>" for p, _ in captured.untraced)
+        raise ValueError(
+            f"symbolic: {type(captured.module).__name__} does not trace whole and the parts that stay eager "
+            f"({untraced}) cannot run with symbolic sizes ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "symbolic counts need eager code that depends on shapes only, not on tensor values"
+        ) from exc
     finally:
         for h in handles:
             h.remove()

@@ -28,5 +28,5 @@ def state_dict_bytes(obj: nn.Module | Mapping[str, Any]) -> int:
     if not isinstance(obj, Mapping):
         raise TypeError(f"state_dict_bytes: expected an nn.Module or a state dict, got {type(obj).__name__}")
     buf = io.BytesIO()
-    torch.save(dict(obj), buf)
+    torch.save(obj, buf)
     return buf.getbuffer().nbytes
