@@ -32,8 +32,6 @@ def _plain(value: Any) -> Any:
         if value.is_Number:
             return float(value)
         return str(value)
-    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
-        return value
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, dict):

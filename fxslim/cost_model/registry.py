@@ -40,6 +40,12 @@ arguments), ``measured_macs`` (data-dependent ops: counts observed in a run), ``
 (ternary ops: share of zero weights, used when ``conventions.skip_zero_weights``), ``kind`` (row
 kind, default the one given to ``register_cost``) and ``info`` (extra figures shown with the row).
 
+The conventions the cost model applies by itself (the "as deployed" format of float nodes, bias
+additions and the requantization multiply of conv/linear nodes) do not reach custom ops, which
+carry their own formats: an op that adds a bias or requantizes returns those operations in ``ops``
+when ``call.conventions.include_bias`` / ``include_requant`` is set. Give ``kind`` the kind of
+the node the op replaces (e.g. "pointwise_conv") so before/after comparisons line up.
+
 ``register_cost(*targets, kind=..., flop_counter=True)`` also registers a FlopCounterMode formula
 (FLOPs = 2·MACs under default conventions) for ops FlopCounterMode does not know yet, so
 ``torch.utils.flop_counter.FlopCounterMode`` counts custom ops with the same formula.

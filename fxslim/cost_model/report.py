@@ -80,6 +80,7 @@ class CostRow:
                    if f.name in ("macs", "elementwise", "energy_pj", "params", "storage_bits", "activation_bytes",
                                  "bytes_read", "bytes_written", "measured_macs")}
         changes["ops"] = {k: _subs(v, sizes) for k, v in self.ops.items()}
+        changes["info"] = {k: _subs(v, sizes) for k, v in self.info.items()}
         changes["output_shape"] = None if self.output_shape is None else tuple(_subs(s, sizes) for s in self.output_shape)
         changes["input_shapes"] = tuple(tuple(_subs(s, sizes) for s in shape) for shape in self.input_shapes)
         return dataclasses.replace(self, **changes)

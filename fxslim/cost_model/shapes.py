@@ -13,6 +13,7 @@ dims are symbols, so every shape, and every count computed from it, is an expres
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from collections.abc import Mapping, Sequence
@@ -54,6 +55,7 @@ def meta_twin(model: nn.Module) -> nn.Module:
 
 
 def to_meta(value: Any) -> Any:
+    """Meta tensors with the shapes, strides and dtypes of the tensors in ``value`` (nested)."""
     if isinstance(value, torch.Tensor):
         return torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device="meta")
     if isinstance(value, torch.Size):
@@ -94,10 +96,12 @@ class Source:
 
 
 def capture_for_cost(model: Any, example_inputs: tuple | None, method: str, leaf_modules: Sequence[type]) -> Source:
+    """Graphs of ``model`` with shapes on every node (see the module docstring)."""
     if isinstance(model, Captured):
         return Source(model)
     if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule) and example_inputs is not None:
-        real = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        real = {name: t for name, t in named if t.device.type != "meta"}
         meta_inputs = to_meta(tuple(example_inputs))
         try:
             twin = meta_twin(model)
@@ -275,7 +279,7 @@ class NodeRunner:
         args = fx.node.map_arg(node.args, lambda n: self._value(gm, n))
         kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(gm, n))
         recorder = Recorder()
-        context = self.mode if self.mode is not None else _NullContext()
+        context = self.mode if self.mode is not None else contextlib.nullcontext()
         with context, torch.no_grad(), recorder:
             if node.op == "call_module":
                 self._module(gm.get_submodule(str(node.target)))(*args, **kwargs)
@@ -284,14 +288,6 @@ class NodeRunner:
             else:
                 node.target(*args, **kwargs)
         return recorder.calls
-
-
-class _NullContext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: Any) -> None:
-        return None
 
 
 def attribute(gm: fx.GraphModule, path: str) -> Any:

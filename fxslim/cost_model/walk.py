@@ -25,7 +25,7 @@ from fxslim.cost_model.conventions import Conventions
 from fxslim.cost_model.registry import OpCall, OpCost, TensorSpec, format_of_dtype, lookup, op_namespace, registered_kind, spec_of
 from fxslim.cost_model.shapes import NodeRunner, Source, attribute
 from fxslim.cost_model.views import view_cost
-from fxslim.ir import AttentionView, View, detect_ir, meta_val, node_fqn, views
+from fxslim.ir import AttentionView, View, meta_val, node_fqn, views
 
 __all__ = ["RawRow", "Walker", "is_zero"]
 
@@ -34,6 +34,8 @@ _log = logging.getLogger(__name__)
 
 @dataclass
 class RawRow:
+    """A node's counts as its formulas gave them (conventions not applied yet)."""
+
     graph: str
     node: fx.Node
     op: str
@@ -46,7 +48,7 @@ class RawRow:
     dtype: str | None = None
     inputs: list[TensorSpec] = field(default_factory=list)
     out: TensorSpec | None = None
-    params: list[tuple[str, Any, torch.Tensor | None, bool]] = field(default_factory=list)
+    params: list[tuple[str, Any, torch.Tensor | None]] = field(default_factory=list)  # (name, tensor, real values)
     has_bias: bool = False
     bytes_read: Any = None
     bytes_written: Any = None
@@ -141,14 +143,13 @@ class Walker:
             found[view.node] = view
             if isinstance(view, AttentionView):
                 consumed.update(n for n in view.nodes if n is not view.node)
-        ir = detect_ir(gm)
         rows = []
         for node in gm.graph.nodes:
             if node.op not in ("call_function", "call_method", "call_module") or node in consumed:
                 continue
             raw = RawRow(graph.path, node, _op_name(node, gm), _fqn(node, gm))
             self._shapes(raw, node)
-            raw.params = self._params(graph, node, ir)
+            raw.params = self._params(graph, node)
             view = found.get(node)
             if view is not None:
                 cost = view_cost(view, gm)
@@ -191,8 +192,9 @@ class Walker:
             return tensor
         return self.source.real.get(name)
 
-    def _params(self, graph: Graph, node: fx.Node, ir: str) -> list[tuple[str, Any, torch.Tensor | None, bool]]:
-        """(name, tensor, real tensor, is_parameter) of the weights a node reads, each counted once."""
+    def _params(self, graph: Graph, node: fx.Node) -> list[tuple[str, Any, torch.Tensor | None]]:
+        """(name, tensor, real tensor) of the weights a node reads, each counted once. Parameters
+        only, except for custom ops, whose weights may be buffers (e.g. packed ternary codes)."""
         gm = graph.gm
         prefix = f"{graph.path}." if graph.path else ""
         found: list[tuple[str, Any]] = []
@@ -217,7 +219,7 @@ class Walker:
             if full in self.seen_params or not isinstance(tensor, torch.Tensor):
                 continue
             self.seen_params.add(full)
-            out.append((full, tensor, self._real(full, tensor), True))
+            out.append((full, tensor, self._real(full, tensor)))
         return out
 
     # --------------------------------------------------------------------------------- costing
