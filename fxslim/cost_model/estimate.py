@@ -35,7 +35,7 @@ from fxslim.cost_model.conventions import Conventions
 from fxslim.cost_model.energy import EnergyTable, load_table
 from fxslim.cost_model.graph import peak_activation_bytes
 from fxslim.cost_model.report import CostReport, CostTotals
-from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, to_expr
+from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, symbolic_dims, to_expr
 from fxslim.cost_model.walk import Walker
 
 __all__ = ["estimate", "recost"]
@@ -67,11 +67,13 @@ def estimate(
     example_inputs = tuple(example_inputs) if example_inputs is not None else None
     if capture not in ("symbolic", "export"):
         raise ValueError(f"capture: expected 'symbolic' or 'export', got {capture!r}")
-    source = capture_for_cost(model, example_inputs, capture, leaf_modules)
-    mode, rename, symbols = None, {}, {}
     if symbolic:
         if example_inputs is None:
             raise ValueError("symbolic: example_inputs are needed to name input sizes")
+        symbolic_dims(symbolic, example_inputs)
+    source = capture_for_cost(model, example_inputs, capture, leaf_modules, symbolic)
+    mode, rename, symbols = None, {}, {}
+    if symbolic:
         if any(g.ir == "torch" for g in source.captured.graphs):
             raise ValueError("symbolic: not available for dynamo graphs; pass the nn.Module, a symbolic-traced "
                              "GraphModule or an ExportedProgram")

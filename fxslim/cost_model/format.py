@@ -118,14 +118,17 @@ def to_json(obj: CostReport | Comparison, indent: int = 2) -> str:
 # ----------------------------------------------------------------------------------------------
 # Tables
 
-_COLUMNS = ("node", "module", "kind", "format", "output", "MACs", "FLOPs", "elementwise", "energy (pJ)", "params",
+_COLUMNS = ("module (node)", "kind", "format", "output", "MACs", "FLOPs", "elementwise", "energy (pJ)", "params",
             "storage (B)")
+_FIRST_NUMERIC = 4
 
 
 def _cells(r: CostRow) -> list[str]:
     out = "×".join(str(_plain(d)) for d in r.output_shape) if r.output_shape else ""
     node = f"{r.graph}/{r.node}" if r.graph else r.node
-    return [node, r.fqn, r.kind, r.format or "", out, _int(r.macs), _int(r.flops), _int(r.elementwise),
+    same = r.fqn.replace(".", "_").lstrip("_") == node.lstrip("_")  # fx names nodes after their module
+    name = r.fqn if r.fqn and same else (f"{r.fqn} ({node})" if r.fqn else f"({node})")
+    return [name, r.kind, r.format or "", out, _int(r.macs), _int(r.flops), _int(r.elementwise),
             _float(r.energy_pj), _int(r.params), _float(r.storage_bytes)]
 
 
@@ -137,7 +140,7 @@ def _int(v: Any) -> str:
 def _float(v: Any) -> str:
     v = _plain(v)
     if isinstance(v, (int, float)):
-        return f"{v:,.2f}" if v != int(v) else f"{int(v):,}"
+        return f"{v:,.2f}" if v != int(v) and abs(v) < 1000 else f"{round(v):,}"
     return str(v)
 
 
@@ -171,13 +174,13 @@ def rich_table(report: CostReport, nonzero: bool = True) -> Any:
     from rich.table import Table
 
     table = Table(title=f"{report.model} cost", caption="\n".join(_summary_lines(report)), caption_justify="left")
-    for col in _COLUMNS:
-        table.add_column(col, justify="right" if col[0].isupper() or col in ("elementwise", "params") or "(" in col else "left",
-                         overflow="fold")
+    for i, col in enumerate(_COLUMNS):
+        numeric = i >= _FIRST_NUMERIC
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=i >= 1, overflow="fold")
     for r in _shown(report, nonzero):
         table.add_row(*_cells(r))
     t = report.total
-    table.add_row("total", "", "", "", "", _int(t.macs), _int(t.flops), _int(t.elementwise), _float(t.energy_pj),
+    table.add_row("total", "", "", "", _int(t.macs), _int(t.flops), _int(t.elementwise), _float(t.energy_pj),
                   _int(t.params), _float(t.storage_bytes), style="bold")
     return table
 
@@ -285,9 +288,9 @@ def to_html(report: CostReport, plots: bool = True) -> str:
     kinds = [[k, _int(t.macs), _int(t.elementwise), _float(t.energy_pj), _int(t.params)] for k, t in report.by_kind().items()]
     body += ["<h2>By kind</h2>", _html_table(("kind", "MACs", "elementwise", "energy (pJ)", "params"), kinds, 1)]
     t = report.total
-    total = ["total", "", "", "", "", _int(t.macs), _int(t.flops), _int(t.elementwise), _float(t.energy_pj),
+    total = ["total", "", "", "", _int(t.macs), _int(t.flops), _int(t.elementwise), _float(t.energy_pj),
              _int(t.params), _float(t.storage_bytes)]
-    body += ["<h2>Per node</h2>", _html_table(_COLUMNS, [_cells(r) for r in _shown(report, True)], 5, total)]
+    body += ["<h2>Per node</h2>", _html_table(_COLUMNS, [_cells(r) for r in _shown(report, True)], _FIRST_NUMERIC, total)]
     return _page(f"Cost of {report.model}", body)
 
 

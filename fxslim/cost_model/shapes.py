@@ -32,8 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fxslim.capture import Captured, Graph, capture as capture_graphs, trace
 from fxslim.ir import meta_val
 
-__all__ = ["Source", "capture_for_cost", "propagate_symbolic", "to_expr", "NodeRunner", "Recorder", "meta_twin",
-           "to_meta", "attribute"]
+__all__ = ["Source", "capture_for_cost", "propagate_symbolic", "symbolic_dims", "to_expr", "NodeRunner", "Recorder",
+           "meta_twin", "to_meta", "attribute"]
 
 _log = logging.getLogger(__name__)
 
@@ -95,8 +95,10 @@ class Source:
     recorded: dict[fx.Node, list] = field(default_factory=dict)
 
 
-def capture_for_cost(model: Any, example_inputs: tuple | None, method: str, leaf_modules: Sequence[type]) -> Source:
-    """Graphs of ``model`` with shapes on every node (see the module docstring)."""
+def capture_for_cost(model: Any, example_inputs: tuple | None, method: str, leaf_modules: Sequence[type],
+                     dynamic: Mapping[str, Any] | None = None) -> Source:
+    """Graphs of ``model`` with shapes on every node (see the module docstring); ``dynamic`` names
+    the input dims an export must keep symbolic."""
     if isinstance(model, Captured):
         return Source(model)
     if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule) and example_inputs is not None:
@@ -106,7 +108,7 @@ def capture_for_cost(model: Any, example_inputs: tuple | None, method: str, leaf
         try:
             twin = meta_twin(model)
             if method == "export":
-                ep = torch.export.export(twin, meta_inputs)
+                ep = torch.export.export(twin, meta_inputs, dynamic_shapes=_dynamic_shapes(example_inputs, dynamic))
                 gm = ep.module()
                 return Source(Captured(gm, [Graph("", gm, "aten")], [], "export", _batch(example_inputs)), real, True)
             gm = trace(twin, leaf_modules)
@@ -119,6 +121,26 @@ def capture_for_cost(model: Any, example_inputs: tuple | None, method: str, leaf
             _log.info("meta capture of %s failed (%s: %s); capturing with real weights",
                       type(model).__name__, type(exc).__name__, exc)
     return Source(capture_graphs(model, example_inputs, method=method, leaf_modules=leaf_modules))
+
+
+def symbolic_dims(dims: Mapping[str, Any], example_inputs: Sequence[Any]) -> dict[int, dict[int, str]]:
+    """{input index: {dim: name}} from ``{"frames": (0, 1), "batch": 0}``, checked."""
+    wanted: dict[int, dict[int, str]] = {}
+    for name, where in dims.items():
+        index, dim = (0, where) if isinstance(where, int) else tuple(where)
+        if not (0 <= index < len(example_inputs)) or not isinstance(example_inputs[index], torch.Tensor):
+            raise ValueError(f"symbolic[{name!r}]: expected a dim of a tensor input (index < {len(example_inputs)}), got {where!r}")
+        if not (-example_inputs[index].dim() <= dim < example_inputs[index].dim()):
+            raise ValueError(f"symbolic[{name!r}]: input {index} has {example_inputs[index].dim()} dims, got dim {dim}")
+        wanted.setdefault(index, {})[dim % example_inputs[index].dim()] = name
+    return wanted
+
+
+def _dynamic_shapes(example_inputs: Sequence[Any], dynamic: Mapping[str, Any] | None) -> tuple | None:
+    if not dynamic:
+        return None
+    wanted = symbolic_dims(dynamic, example_inputs)
+    return tuple({d: torch.export.Dim.AUTO for d in wanted.get(i, {})} or None for i in range(len(example_inputs)))
 
 
 def _batch(example_inputs: Sequence[Any]) -> Any:
@@ -136,14 +158,7 @@ def _symbolic_inputs(example_inputs: tuple, dims: Mapping[str, Any], mode: FakeT
                      device: str | None) -> tuple[list[Any], dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol]]:
     from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
 
-    wanted: dict[int, dict[int, str]] = {}
-    for name, where in dims.items():
-        index, dim = (0, where) if isinstance(where, int) else tuple(where)
-        if not (0 <= index < len(example_inputs)) or not isinstance(example_inputs[index], torch.Tensor):
-            raise ValueError(f"symbolic[{name!r}]: expected a dim of a tensor input (index < {len(example_inputs)}), got {where!r}")
-        if not (-example_inputs[index].dim() <= dim < example_inputs[index].dim()):
-            raise ValueError(f"symbolic[{name!r}]: input {index} has {example_inputs[index].dim()} dims, got dim {dim}")
-        wanted.setdefault(index, {})[dim % example_inputs[index].dim()] = name
+    wanted = symbolic_dims(dims, example_inputs)
     fakes: list[Any] = []
     rename: dict[sympy.Symbol, sympy.Symbol] = {}
     symbols: dict[str, sympy.Symbol] = {}
@@ -194,6 +209,7 @@ def propagate_symbolic(source: Source, example_inputs: tuple,
     if captured.whole:
         with torch.no_grad():
             _RecordingFakeProp(captured.graphs[0].gm, mode, source.recorded).propagate_dont_convert_inputs(*fakes)
+        _check_not_specialised(env, rename)
         return mode, rename, symbols
     seen: dict[str, tuple] = {}
     handles = []
@@ -218,7 +234,20 @@ def propagate_symbolic(source: Source, example_inputs: tuple,
         if graph.path in seen:
             with torch.no_grad():
                 _RecordingFakeProp(graph.gm, mode, source.recorded).propagate_dont_convert_inputs(*seen[graph.path])
+    _check_not_specialised(env, rename)
     return mode, rename, symbols
+
+
+def _check_not_specialised(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> None:
+    """Raise when the graph pinned a named size to its example value (e.g. export's input checks)."""
+    for symbol, name in rename.items():
+        fixed = env.replacements.get(symbol)
+        if fixed is not None and fixed.is_number:
+            raise ValueError(
+                f"symbolic: the model fixes {str(name)!r} to {fixed} (e.g. a flatten feeding a Linear needs that "
+                "size, or an exported graph checks its input sizes unless exported with dynamic shapes); name only "
+                "sizes the model works with at any value"
+            )
 
 
 def to_expr(value: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> Any:

@@ -58,7 +58,7 @@ def test_json_has_totals_rows_and_conventions():
 def test_markdown_and_csv():
     report = _report(deploy="int8")
     md = report.to_markdown()
-    assert md.startswith("# Cost of Sequential") and "| node | module | kind |" in md and "## By kind" in md
+    assert md.startswith("# Cost of Sequential") and "| module (node) | kind | format |" in md and "| 4 | linear | int8 |" in md and "## By kind" in md
     rows = list(csv.DictReader(io.StringIO(report.to_csv())))
     assert len(rows) == len(report.rows)
     assert rows[0]["format"] == "int8" and rows[0]["ops"] == "add:int32=13824; mul:int8=13824"

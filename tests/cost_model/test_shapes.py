@@ -124,3 +124,13 @@ def test_partly_traced_model_counts_its_graphs_and_lists_the_eager_rest():
     assert "stayed eager (not counted): <root>" in report.to_markdown()
     with pytest.raises(ValueError, match=r"symbolic: _ValueDependent does not trace whole and the parts that stay eager \(<root>\)"):
         fxslim.estimate(_ValueDependent().eval(), torch.randn(2, 3, 8, 8), symbolic={"batch": 0})
+
+
+def test_symbolic_through_export_keeps_named_dims_dynamic():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+    report = fxslim.estimate(model, torch.randn(2, 3, 8, 8), capture="export", symbolic={"batch": 0})
+    b = report.symbols["batch"]
+    assert sympy.expand(report.total.macs - b * (8 * 27 * 64 + 8 * 64 * 4)) == 0
+    # the Linear needs 8·8 positions: height cannot vary, and saying so beats a silent constant
+    with pytest.raises(ValueError, match="symbolic: the model fixes 'height' to 8"):
+        fxslim.estimate(model, torch.randn(2, 3, 8, 8), symbolic={"height": 2})

@@ -15,12 +15,12 @@ import fxslim
 from fxslim.capture import Captured, capture_dynamo
 
 
-def _all_irs(model: nn.Module, x: torch.Tensor) -> dict:
-    graphs = capture_dynamo(model, (x,))
+def _all_irs(model: nn.Module, *inputs: torch.Tensor) -> dict:
+    graphs = capture_dynamo(model, inputs)
     return {
-        "symbolic": fxslim.estimate(model, (x,)),
-        "export": fxslim.estimate(model, (x,), capture="export"),
-        "dynamo": fxslim.estimate(Captured(model, graphs, [], "dynamo", x.shape[0]), (x,)),
+        "symbolic": fxslim.estimate(model, inputs),
+        "export": fxslim.estimate(model, inputs, capture="export"),
+        "dynamo": fxslim.estimate(Captured(model, graphs, [], "dynamo", inputs[0].shape[0]), inputs),
     }
 
 
@@ -97,14 +97,14 @@ class _MHA(nn.Module):
         return self.mha(x, memory, memory, need_weights=False)[0]
 
 
-@pytest.mark.parametrize("capture", ["symbolic", "export"])
-def test_mha_includes_in_and_out_projections(capture):
+def test_mha_includes_in_and_out_projections():
     x, memory = torch.randn(3, 10, 16), torch.randn(3, 7, 16)
-    report = fxslim.estimate(_MHA().eval(), (x, memory), capture=capture)
     # q and out projections on 3·10 rows, k and v on 3·7 rows (16×16 each), attention 3·4·10·7·(4 + 4)
     expected = 2 * 30 * 16 * 16 + 2 * 21 * 16 * 16 + 3 * 4 * 10 * 7 * 8
-    assert report.total.macs == expected
+    for ir, report in _all_irs(_MHA().eval(), x, memory).items():
+        assert report.total.macs == expected, ir
+        assert report.total.params == 4 * 16 * 16 + 4 * 16, ir
+        if ir != "export":  # export decomposes MHA into linears and SDPA
+            (row,) = [r for r in report.rows if r.macs]
+            assert (row.kind, row.info["form"]) == ("attention", "mha"), ir
     assert expected == _flop_counter_macs(_MHA().eval(), x, memory)
-    if capture == "symbolic":
-        (row,) = [r for r in report.rows if r.macs]
-        assert (row.kind, row.info["form"], row.params) == ("attention", "mha", 4 * 16 * 16 + 4 * 16)
