@@ -21,7 +21,7 @@ propagated with symbolic sizes and every count is a sympy expression in those na
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,11 +34,11 @@ from fxslim.cost_model.apply import Finisher
 from fxslim.cost_model.conventions import Conventions
 from fxslim.cost_model.energy import EnergyTable, load_table
 from fxslim.cost_model.graph import peak_activation_bytes
-from fxslim.cost_model.report import CostReport, CostTotals
+from fxslim.cost_model.report import CostReport, CostTotals, ScalingTable
 from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, symbolic_dims, to_expr
 from fxslim.cost_model.walk import Walker
 
-__all__ = ["estimate", "recost"]
+__all__ = ["estimate", "recost", "sweep"]
 
 
 def estimate(
@@ -122,6 +122,22 @@ def recost(report: CostReport, conventions: Conventions | Mapping[str, Any] | No
     if conv.include_memory:
         energy_table.memory_energy(conv.memory_level)
     return _report(report.state, conv, energy_table)
+
+
+def sweep(model: Any, make_inputs: Callable[[int], Any], size: str, values: Sequence[int],
+          **estimate_options: Any) -> ScalingTable:
+    """Numeric totals at several values of one input size: ``make_inputs(value)`` builds the example
+    inputs. For costs that are not polynomials of the size (e.g. token merging with rounding per
+    block), where ``estimate(..., symbolic=...)`` cannot apply; otherwise both agree."""
+    totals = []
+    name = ""
+    for value in values:
+        report = estimate(model, make_inputs(int(value)), **estimate_options)
+        name = report.model
+        t = report.total
+        totals.append({"macs": t.macs, "flops": t.flops, "elementwise": t.elementwise, "energy_pj": t.energy_pj,
+                       "activation_bytes": t.activation_bytes})
+    return ScalingTable(size, [int(v) for v in values], totals, name)
 
 
 def _conventions(conventions: Conventions | Mapping[str, Any] | None, options: Mapping[str, Any]) -> Conventions:

@@ -134,3 +134,11 @@ def test_symbolic_through_export_keeps_named_dims_dynamic():
     # the Linear needs 8·8 positions: height cannot vary, and saying so beats a silent constant
     with pytest.raises(ValueError, match="symbolic: the model fixes 'height' to 8"):
         fxslim.estimate(model, torch.randn(2, 3, 8, 8), symbolic={"height": 2})
+
+
+def test_numeric_sweep_agrees_with_symbolic_scaling(symbolic_report):
+    from fxslim.cost_model import sweep
+
+    table = sweep(_GlobalAttention().eval(), lambda s: torch.randn(B, s, P, C), "frames", [1, 3, 5])
+    assert table.column("macs") == symbolic_report.scaling(frames=[1, 3, 5]).column("macs")
+    assert table.values == [1, 3, 5] and table.model == "_GlobalAttention"
