@@ -1,9 +1,9 @@
 """Getting graphs out of models, in every IR fxslim reads, with shapes on every node.
 
 - ``nn.Module`` → symbolic trace of a *copy* (never the user's instance, never the same instance
-  twice: some models cache Proxies on themselves during a trace). Leaves: torch.nn modules, timm's
-  no-trace modules when timm is loaded, modules whose class sets ``fxslim_leaf = True``, and the
-  ``leaf_modules`` the caller names. A model that does not trace whole has its largest traceable
+  twice: some models cache Proxies on themselves during a trace). Leaves: torch.nn modules,
+  modules whose class sets ``fxslim_leaf = True``, and the ``leaf_modules`` the caller names;
+  timm's no-trace functions stay opaque when timm is loaded. A model that does not trace whole has its largest traceable
   submodules traced instead; ``Captured.untraced`` says which modules stayed eager and why.
 - ``nn.Module`` with ``method="export"`` or an ``ExportedProgram`` → ``ep.module()`` (aten ops,
   weights as ``get_attr``), copied so the rewrite never shares tensors with the caller's program.
@@ -76,13 +76,12 @@ class Captured:
 
 
 class _LeafTracer(fx.Tracer):
-    """A Tracer whose leaves are torch.nn modules, timm's no-trace modules, ``fxslim_leaf`` classes
-    and the caller's ``leaf_modules``."""
+    """A Tracer whose leaves are torch.nn modules, ``fxslim_leaf`` classes and the caller's
+    ``leaf_modules``."""
 
     def __init__(self, leaf_modules: Sequence[type] = ()) -> None:
-        timm_leaves, timm_functions = _timm_notrace()
-        super().__init__(autowrap_functions=tuple(timm_functions), param_shapes_constant=True)
-        self._leaf_types = tuple(leaf_modules) + tuple(timm_leaves)
+        super().__init__(autowrap_functions=_timm_notrace_functions(), param_shapes_constant=True)
+        self._leaf_types = tuple(leaf_modules)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if getattr(type(m), "fxslim_leaf", False) or (self._leaf_types and isinstance(m, self._leaf_types)):
@@ -90,13 +89,17 @@ class _LeafTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
 
-def _timm_notrace() -> tuple[list[type], list[Any]]:
-    """timm's lists of modules/functions that must not be traced through, if timm is in use."""
-    if "timm" not in sys.modules:
-        return [], []
-    from timm.layers import get_notrace_functions, get_notrace_modules
+def _timm_notrace_functions() -> tuple[Any, ...]:
+    """timm's functions that must stay opaque (data-dependent Python), if timm is in use.
 
-    return list(get_notrace_modules()), list(get_notrace_functions())
+    timm's no-trace *modules* are not made leaves: that would hide the convs and attention inside
+    them; a module that does not trace is instead split into its traceable children.
+    """
+    if "timm" not in sys.modules:
+        return ()
+    from timm.layers import get_notrace_functions
+
+    return tuple(get_notrace_functions())
 
 
 def trace(module: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:

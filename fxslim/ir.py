@@ -599,8 +599,15 @@ def _walk_back(node: Any, allowed: set, methods: set, limit: int = 8) -> tuple[f
     return None, path
 
 
-def _softmax_dim_is_last(node: fx.Node) -> bool:
-    dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
+def _is_softmax(node: fx.Node, gm: fx.GraphModule) -> bool:
+    return _is_call(node, _SOFTMAX, {"softmax"}, (nn.Softmax,), gm)
+
+
+def _softmax_dim_is_last(node: fx.Node, gm: fx.GraphModule) -> bool:
+    if node.op == "call_module":
+        dim = gm.get_submodule(str(node.target)).dim
+    else:
+        dim = node.kwargs.get("dim", node.args[1] if len(node.args) > 1 else None)
     shape = shape_of(node)
     if dim is None or shape is None:
         return False
@@ -609,7 +616,7 @@ def _softmax_dim_is_last(node: fx.Node) -> bool:
 
 def _manual_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> AttentionView | None:
     """matmul(q, k^T) -> [scale/bias/mask] -> softmax(-1) -> [dropout] -> matmul(., v), anchored at softmax."""
-    if not _is_call(node, _SOFTMAX, {"softmax"}) or not _softmax_dim_is_last(node):
+    if not _is_softmax(node, gm) or not _softmax_dim_is_last(node, gm):
         return None
     qk, pre = _walk_back(node.args[0], _PRE_SOFTMAX, _PRE_SOFTMAX_METHODS)
     if qk is None:
