@@ -75,7 +75,7 @@ class Finisher:
             energy = energy + (read + written) * self.mem_pj
         elementwise = self.e(raw.elementwise)
         return CostRow(
-            graph=raw.graph, node=raw.node.name, op=raw.op, kind=raw.kind, fqn=raw.fqn,
+            graph=raw.graph, node=raw.name, op=raw.op, kind=raw.kind, fqn=raw.fqn,
             input_shapes=tuple(tuple(self.e(d) for d in s.shape) for s in raw.inputs),
             output_shape=tuple(self.e(d) for d in raw.out.shape) if raw.out is not None else None,
             dtype=raw.dtype, format=fmt if (mac_row or not is_zero(elementwise)) else None,

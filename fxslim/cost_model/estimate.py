@@ -9,7 +9,9 @@
    counted again. A node whose target has a registered formula is costed directly. Any other node
    (torch functions, tensor methods, leaf modules) runs once on meta tensors while the aten ops it
    dispatches are recorded and costed through the registry; ops without a formula are reported in
-   ``CostReport.unknown_ops``.
+   ``CostReport.unknown_ops``. In a model that does not trace whole, the code of the modules that
+   stayed eager is run once (on meta tensors, else with the real weights) and its own aten ops are
+   costed the same way, one "(eager) <module>" row per module.
 3. Apply conventions. Each MAC-bearing row gets an operand format (its node's dtype, the format an
    fxslim op declares, or the "as deployed" assignment), which fixes its arithmetic by bit width,
    energy and the storage of its weights.
@@ -35,7 +37,7 @@ from fxslim.cost_model.conventions import Conventions
 from fxslim.cost_model.energy import EnergyTable, load_table
 from fxslim.cost_model.graph import peak_activation_bytes
 from fxslim.cost_model.report import CostReport, CostTotals, ScalingTable
-from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, symbolic_dims, to_expr
+from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, record_eager, symbolic_dims, to_expr
 from fxslim.cost_model.walk import Walker
 
 __all__ = ["estimate", "recost", "sweep"]
@@ -80,6 +82,8 @@ def estimate(
         if isinstance(model, Captured):  # never change the caller's graphs' shapes
             source = Source(copy.deepcopy(model))
         mode, rename, symbols = propagate_symbolic(source, example_inputs, symbolic)
+    else:
+        source.eager = record_eager(source.captured, example_inputs)
     inputs = [tuple(to_expr(d, rename) for d in x.shape) for x in (example_inputs or ()) if isinstance(x, torch.Tensor)]
     state = _State(source, mode, rename, symbols, _model_name(model), inputs)
     return _report(state, conv, energy_table)

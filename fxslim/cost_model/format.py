@@ -165,7 +165,8 @@ def _summary_lines(report: CostReport) -> list[str]:
     if report.energy_missing:
         lines.append("no energy in the table for: " + ", ".join(f"{op}:{fmt}" for op, fmt in report.energy_missing))
     if report.untraced:
-        lines.append("stayed eager (not counted): " + ", ".join(p or "<root>" for p, _ in report.untraced))
+        lines.append("did not trace whole (their eager code is costed from the aten ops it ran): "
+                     + ", ".join(p or "<root>" for p, _ in report.untraced))
     return [line for line in lines if line]
 
 

@@ -133,7 +133,8 @@ class CostReport:
 
     ``unknown_ops`` maps each op without a formula to the nodes where it occurred (never a silent 0);
     ``energy_missing`` lists (operation, format) pairs the table has no energy for, with counts;
-    ``untraced`` lists modules that stayed eager (their own arithmetic is not in any row).
+    ``untraced`` lists modules that did not trace whole; their own eager code is one
+    "(eager) <module>" row each.
     """
 
     rows: list[CostRow]

@@ -32,8 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fxslim.capture import Captured, Graph, capture as capture_graphs, trace
 from fxslim.ir import meta_val
 
-__all__ = ["Source", "capture_for_cost", "propagate_symbolic", "symbolic_dims", "to_expr", "NodeRunner", "Recorder",
-           "meta_twin", "to_meta", "attribute"]
+__all__ = ["Source", "capture_for_cost", "propagate_symbolic", "symbolic_dims", "record_eager", "to_expr", "NodeRunner",
+           "Recorder", "meta_twin", "to_meta", "attribute"]
 
 _log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Source:
     real: dict[str, torch.Tensor] = field(default_factory=dict)
     meta: bool = False
     recorded: dict[fx.Node, list] = field(default_factory=dict)
+    eager: dict[str, list] | None = field(default_factory=dict)  # untraced module -> its own aten ops
 
 
 def capture_for_cost(model: Any, example_inputs: tuple | None, method: str, leaf_modules: Sequence[type],
@@ -212,13 +213,14 @@ def propagate_symbolic(source: Source, example_inputs: tuple,
         _check_not_specialised(env, rename)
         return mode, rename, symbols
     seen: dict[str, tuple] = {}
-    handles = []
+    recorder = _EagerRecorder()  # the eager code's own ops, on symbolic sizes too
+    handles = recorder.hooks(captured.module, captured)
     for graph in captured.graphs:
         def hook(mod: nn.Module, args: tuple, _path: str = graph.path) -> None:
             seen.setdefault(_path, args)
         handles.append(graph.gm.register_forward_pre_hook(hook))
     try:
-        with mode, torch.no_grad():
+        with mode, torch.no_grad(), recorder:
             captured.module(*fakes)
     except Exception as exc:  # the eager glue is user code: say why symbolic sizes are impossible
         untraced = ", ".join(p or "<root>" for p, _ in captured.untraced)
@@ -230,6 +232,7 @@ def propagate_symbolic(source: Source, example_inputs: tuple,
     finally:
         for h in handles:
             h.remove()
+    source.eager = recorder.calls
     for graph in captured.graphs:
         if graph.path in seen:
             with torch.no_grad():
@@ -263,7 +266,7 @@ def to_expr(value: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> Any:
 
 
 # ----------------------------------------------------------------------------------------------
-# Recording the aten ops of a node
+# Recording the aten ops of a node, and of the code that stayed eager
 
 
 class Recorder(TorchDispatchMode):
@@ -279,6 +282,69 @@ class Recorder(TorchDispatchMode):
         if func not in _SKIP_RECORD:
             self.calls.append((func, args, kwargs, out))
         return out
+
+
+class _EagerRecorder(TorchDispatchMode):
+    """Records the aten ops run outside the traced graphs, per innermost untraced module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, list] = {}
+        self.modules: list[str] = []
+        self.in_graph = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.in_graph and self.modules and func not in _SKIP_RECORD:
+            self.calls.setdefault(self.modules[-1], []).append((func, args, kwargs, out))
+        return out
+
+    def hooks(self, root: nn.Module, captured: Captured) -> list[Any]:
+        """Forward hooks on ``root``'s graphs and untraced modules that keep track of where we are."""
+        def enter_graph(*_: Any) -> None:
+            self.in_graph += 1
+
+        def leave_graph(*_: Any) -> None:
+            self.in_graph -= 1
+
+        def leave_module(*_: Any) -> None:
+            self.modules.pop()
+
+        handles = []
+        for graph in captured.graphs:
+            gm = root.get_submodule(graph.path)
+            handles += [gm.register_forward_pre_hook(enter_graph), gm.register_forward_hook(leave_graph)]
+        for path, _ in captured.untraced:
+            mod = root.get_submodule(path) if path else root
+
+            def enter_module(*_: Any, _path: str = path) -> None:
+                self.modules.append(_path)
+
+            handles += [mod.register_forward_pre_hook(enter_module), mod.register_forward_hook(leave_module)]
+        return handles
+
+
+def record_eager(captured: Captured, example_inputs: tuple | None) -> dict[str, list] | None:
+    """The aten ops that the untraced modules of a partly traced model run themselves (outside its
+    graphs), per module path: on a meta twin, else (value-dependent code) with the real weights.
+    None when the eager code runs in neither way."""
+    if captured.whole or not captured.untraced or example_inputs is None:
+        return {}
+    attempts = [(meta_twin(captured.module), to_meta(tuple(example_inputs))), (captured.module, tuple(example_inputs))]
+    for root, inputs in attempts:
+        recorder = _EagerRecorder()
+        handles = recorder.hooks(root, captured)
+        try:
+            with torch.no_grad(), recorder:
+                root(*inputs)
+            return recorder.calls
+        except Exception as exc:  # eager user code: try the next way, else report it as unknown
+            _log.info("eager parts of %s did not run (%s: %s)", type(captured.module).__name__, type(exc).__name__, exc)
+        finally:
+            for h in handles:
+                h.remove()
+    return None
 
 
 class NodeRunner:

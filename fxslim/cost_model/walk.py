@@ -37,7 +37,7 @@ class RawRow:
     """A node's counts as its formulas gave them (conventions not applied yet)."""
 
     graph: str
-    node: fx.Node
+    name: str  # the node's name, or "(eager) <module>" for the eager code of an untraced module
     op: str
     fqn: str
     kind: str = "data"
@@ -131,7 +131,28 @@ class Walker:
         out = []
         for graph in self.source.captured.graphs:
             out.extend(self._graph_rows(graph))
+        out.extend(self._eager_rows())
         return out
+
+    def _eager_rows(self) -> list[RawRow]:
+        """One row per untraced module: the aten ops its own eager code ran (outside any graph)."""
+        captured = self.source.captured
+        rows = []
+        for path, _ in captured.untraced:
+            name = f"(eager) {path or '<root>'}"
+            mod = captured.module.get_submodule(path) if path else captured.module
+            raw = RawRow("", name, type(mod).__name__, path)
+            own = [(f"{path}.{n}" if path else n, p) for n, p in mod.named_parameters(recurse=False)]
+            raw.params = [(n, p, self._real(n, p)) for n, p in own if n not in self.seen_params]
+            self.seen_params.update(n for n, _ in own)
+            if self.source.eager is None:
+                raw.unknown.append(f"{raw.op} (eager code not runnable on meta or real tensors)")
+            else:
+                self._add_calls(raw, self.source.eager.get(path, []))
+            for op in raw.unknown:
+                self.unknown.setdefault(op, []).append(name)
+            rows.append(raw)
+        return rows
 
     # --------------------------------------------------------------------------------- per graph
 
@@ -147,7 +168,7 @@ class Walker:
         for node in gm.graph.nodes:
             if node.op not in ("call_function", "call_method", "call_module") or node in consumed:
                 continue
-            raw = RawRow(graph.path, node, _op_name(node, gm), _fqn(node, gm))
+            raw = RawRow(graph.path, node.name, _op_name(node, gm), _fqn(node, gm))
             self._shapes(raw, node)
             raw.params = self._params(graph, node)
             view = found.get(node)
@@ -258,6 +279,9 @@ class Walker:
             _log.info("could not run node %s on meta tensors: %s", node.format_node(), exc)
             raw.unknown.append(f"{raw.op} (not runnable on meta tensors: {type(exc).__name__})")
             return
+        self._add_calls(raw, calls)
+
+    def _add_calls(self, raw: RawRow, calls: list) -> None:
         for func, args, kwargs, out in calls:
             formula = lookup(func)
             if formula is None:

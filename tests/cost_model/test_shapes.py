@@ -8,6 +8,7 @@ import sympy
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim
 
@@ -109,19 +110,30 @@ class _ValueDependent(nn.Module):
         super().__init__()
         self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
         self.b = nn.Conv2d(8, 4, 1)
+        self.proj = nn.Parameter(torch.randn(64, 5))
 
     def forward(self, x):
         y = self.a(x)
         if y.sum() > -1e9:
             y = y * 2
-        return self.b(y)
+        return self.b(y).flatten(2) @ self.proj
 
 
-def test_partly_traced_model_counts_its_graphs_and_lists_the_eager_rest():
-    report = fxslim.estimate(_ValueDependent().eval(), torch.randn(2, 3, 8, 8))
-    assert [(r.graph, r.macs) for r in report.rows if r.macs] == [("a", 2 * 64 * 8 * 27), ("b", 2 * 64 * 4 * 8)]
+def test_partly_traced_model_counts_its_graphs_and_its_eager_code():
+    model, x = _ValueDependent().eval(), torch.randn(2, 3, 8, 8)
+    report = fxslim.estimate(model, x)
     assert [path for path, _ in report.untraced] == [""]
-    assert "stayed eager (not counted): <root>" in report.to_markdown()
+    (eager,) = [r for r in report.rows if r.node == "(eager) <root>"]
+    assert [(r.graph, r.macs) for r in report.rows if r.macs] == [
+        ("a", 2 * 64 * 8 * 27), ("b", 2 * 64 * 4 * 8), ("", 2 * 4 * 64 * 5)]  # the eager [2, 4, 64] @ [64, 5]
+    assert (eager.kind, eager.params) == ("matmul", 64 * 5)
+    # y.sum() (one op per input element), the comparison, and y * 2 (one per element)
+    assert eager.elementwise == 2 * 8 * 64 + 1 + 2 * 8 * 64
+    assert report.total.params == sum(p.numel() for p in model.parameters())
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert report.total.flops == counter.get_total_flops()
+    assert "did not trace whole" in report.to_markdown()
     with pytest.raises(ValueError, match=r"symbolic: _ValueDependent does not trace whole and the parts that stay eager \(<root>\)"):
         fxslim.estimate(_ValueDependent().eval(), torch.randn(2, 3, 8, 8), symbolic={"batch": 0})
 
@@ -142,3 +154,24 @@ def test_numeric_sweep_agrees_with_symbolic_scaling(symbolic_report):
     table = sweep(_GlobalAttention().eval(), lambda s: torch.randn(B, s, P, C), "frames", [1, 3, 5])
     assert table.column("macs") == symbolic_report.scaling(frames=[1, 3, 5]).column("macs")
     assert table.values == [1, 3, 5] and table.model == "_GlobalAttention"
+
+
+class _ShapeDependent(nn.Module):
+    """Does not trace whole (``if x.dim() == 4`` on a Proxy), but its eager code depends on shapes only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.dim() == 4:
+            x = x * 2
+        return self.a(x)
+
+
+def test_symbolic_partly_traced_model_eager_code_as_expressions():
+    report = fxslim.estimate(_ShapeDependent().eval(), torch.randn(2, 3, 8, 8), symbolic={"batch": 0})
+    b = report.symbols["batch"]
+    (eager,) = [r for r in report.rows if r.node == "(eager) <root>"]
+    assert sympy.expand(eager.elementwise - b * 3 * 64) == 0
+    assert sympy.expand(report.total.macs - b * 8 * 27 * 64) == 0
