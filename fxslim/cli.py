@@ -138,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--format", choices=("table", "json", "md", "csv", "html"), default="table")
     r.add_argument("--out", help="write the report to this file instead of stdout")
     r.add_argument("--plot", help="also write a plot (PNG): breakdown by kind, or per-layer before/after energy")
-    r.add_argument("--deploy", help="count the float model as deployed: fp16, int8, prom[:last_pointwise=int8,...] or kind=format,...")
+    r.add_argument("--deploy", help="count the float model as deployed: fp16, int8, "
+                                    "prom[:last_pointwise=int8,...] or kind=format,...")
     r.add_argument("--conventions", help="other conventions as key=value,... e.g. accumulator_bits=8,include_requant=true")
     r.add_argument("--table", default="horowitz45nm", help="energy table: a bundled name or a JSON file")
     r.add_argument("--ir", choices=("symbolic", "export"), default="symbolic")

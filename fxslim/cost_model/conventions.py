@@ -129,8 +129,9 @@ class Conventions(Config):
             parse_deploy(self.deploy)
         check_choice(self, "accumulator_bits", (8, 16, 32))
         check_choice(self, "ternary_accumulator_bits", (None, 8, 16, 32))
-        if self.zero_fraction is not None and not (isinstance(self.zero_fraction, (int, float)) and 0 <= self.zero_fraction <= 1):
-            raise ValueError(f"Conventions.zero_fraction: expected None or 0 <= zero_fraction <= 1, got {self.zero_fraction!r}")
+        zf = self.zero_fraction
+        if zf is not None and not (isinstance(zf, (int, float)) and 0 <= zf <= 1):
+            raise ValueError(f"Conventions.zero_fraction: expected None or 0 <= zero_fraction <= 1, got {zf!r}")
         check_choice(self, "requant_format", FORMATS)
         check_choice(self, "ternary_packing", tuple(PACKINGS))
         check_int(self, "metadata_bits", 0, 64)

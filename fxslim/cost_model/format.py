@@ -254,7 +254,8 @@ def _img(fig: Any) -> str:
     return f'<img alt="plot" src="data:image/png;base64,{data}">'
 
 
-def _html_table(header: tuple[str, ...] | list[str], rows: list[list[str]], numeric_from: int, total: list[str] | None = None) -> str:
+def _html_table(header: tuple[str, ...] | list[str], rows: list[list[str]], numeric_from: int,
+                total: list[str] | None = None) -> str:
     out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for row in rows + ([total] if total else []):
         cls = ' class="total"' if total is not None and row is total else ""

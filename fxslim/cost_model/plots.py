@@ -26,7 +26,8 @@ def _number(value: Any) -> float:
     try:
         return float(value)
     except TypeError:
-        raise ValueError(f"plots: expected numeric counts, got the expression {value}; evaluate() the report first") from None
+        raise ValueError(f"plots: expected numeric counts, got the expression {value}; "
+                         "evaluate() the report first") from None
 
 
 def _figure(width: float = 8.0, height: float = 4.0) -> Figure:

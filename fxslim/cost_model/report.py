@@ -205,7 +205,8 @@ class CostReport:
         if len(ranges) != 1:
             raise ValueError(f"scaling: expected exactly one size name with a list of values, got {sorted(ranges)}")
         ((name, values),) = ranges.items()
-        self._sizes({name: 1})
+        if name not in self.symbols:
+            raise ValueError(f"scaling: unknown size name {name!r}; this report has {sorted(self.symbols)}")
         totals = []
         for value in values:
             subs = {self.symbols[name]: int(value)}
@@ -330,8 +331,8 @@ def compare(before: CostReport, after: CostReport) -> Comparison:
     kinds_a = _main_kinds(after)
     mods_b, mods_a = before.by_module(), after.by_module()
     order = list(mods_b) + [m for m in mods_a if m not in mods_b]
-    rows = [ComparisonRow(m, kinds_b.get(m, ""), kinds_a.get(m, ""), mods_b.get(m, CostTotals()), mods_a.get(m, CostTotals()))
-            for m in order]
+    rows = [ComparisonRow(m, kinds_b.get(m, ""), kinds_a.get(m, ""), mods_b.get(m, CostTotals()),
+                          mods_a.get(m, CostTotals())) for m in order]
     return Comparison(rows, before, after)
 
 

@@ -130,7 +130,8 @@ def symbolic_dims(dims: Mapping[str, Any], example_inputs: Sequence[Any]) -> dic
     for name, where in dims.items():
         index, dim = (0, where) if isinstance(where, int) else tuple(where)
         if not (0 <= index < len(example_inputs)) or not isinstance(example_inputs[index], torch.Tensor):
-            raise ValueError(f"symbolic[{name!r}]: expected a dim of a tensor input (index < {len(example_inputs)}), got {where!r}")
+            raise ValueError(f"symbolic[{name!r}]: expected a dim of a tensor input "
+                             f"(index < {len(example_inputs)}), got {where!r}")
         if not (-example_inputs[index].dim() <= dim < example_inputs[index].dim()):
             raise ValueError(f"symbolic[{name!r}]: input {index} has {example_inputs[index].dim()} dims, got dim {dim}")
         wanted.setdefault(index, {})[dim % example_inputs[index].dim()] = name
@@ -196,8 +197,9 @@ class _RecordingFakeProp(FakeTensorProp):
         return result
 
 
-def propagate_symbolic(source: Source, example_inputs: tuple,
-                       dims: Mapping[str, Any]) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol]]:
+def propagate_symbolic(
+    source: Source, example_inputs: tuple, dims: Mapping[str, Any],
+) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol]]:
     """Re-run shape propagation with symbolic sizes: ``meta['val']`` then holds SymInt shapes and
     ``source.recorded`` the aten ops of every node on those shapes."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv

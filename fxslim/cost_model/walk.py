@@ -22,7 +22,9 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from fxslim.capture import Graph
 from fxslim.cost_model.conventions import Conventions
-from fxslim.cost_model.registry import OpCall, OpCost, TensorSpec, format_of_dtype, lookup, op_namespace, registered_kind, spec_of
+from fxslim.cost_model.registry import (
+    OpCall, OpCost, TensorSpec, format_of_dtype, lookup, op_namespace, registered_kind, spec_of,
+)
 from fxslim.cost_model.shapes import NodeRunner, Source, attribute
 from fxslim.cost_model.views import view_cost
 from fxslim.ir import AttentionView, View, meta_val, node_fqn, views
