@@ -1,0 +1,144 @@
+"""``fxslim.optimize``: capture a model, run passes on every graph, report what happened.
+
+The input may be an ``nn.Module`` (captured by symbolic trace, or ``capture="export"``), a
+``torch.fx.GraphModule`` (symbolic or dynamo) or a ``torch.export.ExportedProgram``. The caller's
+object is never modified: capture works on a copy, and ``OptimizeResult.module`` is that copy
+with its graphs rewritten.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxslim.capture import Captured, capture as capture_graphs
+from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, run_passes
+from fxslim.policy import Policy
+
+__all__ = ["OptimizeReport", "OptimizeResult", "optimize", "parse_passes"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class OptimizeReport:
+    """Per pass and graph: what was rewritten and what was skipped (with reasons); plus which
+    modules could not be traced and stayed eager."""
+
+    passes: list[PassReport] = field(default_factory=list)
+    untraced: list[tuple[str, str]] = field(default_factory=list)
+    graphs: list[str] = field(default_factory=list)
+    capture: str = "symbolic"
+
+    def rewritten(self, pass_name: str | None = None) -> int:
+        return sum(r.rewritten for r in self.passes if pass_name in (None, r.pass_name))
+
+    def skipped(self, pass_name: str | None = None) -> Counter:
+        total: Counter = Counter()
+        for r in self.passes:
+            if pass_name in (None, r.pass_name):
+                total.update(r.skipped)
+        return total
+
+    def entries(self, pass_name: str | None = None) -> list:
+        return [e for r in self.passes if pass_name in (None, r.pass_name) for e in r.entries]
+
+
+@dataclass
+class OptimizeResult:
+    """``module``: the rewritten copy; ``report``: what each pass did; ``captured``: the graphs;
+    ``cost_before``/``cost_after``: cost reports (computed on first use, default conventions)."""
+
+    module: nn.Module
+    report: OptimizeReport
+    captured: Captured
+    passes: tuple[Pass, ...]
+    example_inputs: tuple | None = None
+    source: Any = field(default=None, repr=False)  # the caller's model (never modified)
+
+    @functools.cached_property
+    def cost_before(self) -> Any:
+        return self._estimate("before")
+
+    @functools.cached_property
+    def cost_after(self) -> Any:
+        return self._estimate("after")
+
+    def compare(self, **estimate_options: Any) -> Any:
+        """Before/after ``Comparison`` per module; options go to ``fxslim.estimate`` (e.g. ``deploy="fp16"``)."""
+        from fxslim.cost_model import compare
+
+        if not estimate_options:
+            return compare(self.cost_before, self.cost_after)
+        return compare(self._estimate("before", **estimate_options), self._estimate("after", **estimate_options))
+
+    def _estimate(self, which: str, **options: Any) -> Any:
+        from fxslim.cost_model import estimate
+
+        if which == "after":  # the rewritten graphs, fxslim ops counted through the cost registry
+            return estimate(self.captured, self.example_inputs, **options)
+        if self.source is None:
+            raise ValueError("OptimizeResult: the original model is not available (source=None)")
+        method = "export" if self.report.capture == "export" else "symbolic"
+        return estimate(self.source, self.example_inputs, capture=method, **options)
+
+
+def parse_passes(passes: Sequence[Pass | str] | Pass | str) -> tuple[Pass, ...]:
+    """Pass objects from objects or strings ("haste:L=14"); raises ValueError for unknown names."""
+    if isinstance(passes, (str, Pass)):
+        passes = [passes]
+    parsed = tuple(parse_pass(p) for p in passes)
+    if not parsed:
+        from fxslim.passes.base import registered_passes
+
+        raise ValueError(f"passes: expected at least one pass, e.g. one of {sorted(registered_passes())}")
+    return parsed
+
+
+def optimize(
+    model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
+    example_inputs: Sequence[Any] | torch.Tensor | None = None,
+    passes: Sequence[Pass | str] | Pass | str = (),
+    *,
+    capture: str = "symbolic",
+    filter_fn: Callable[[fx.Node, str], bool] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+    leaf_modules: Sequence[type] = (),
+    strict: bool = False,
+) -> OptimizeResult:
+    """Rewrite ``model`` with ``passes``; returns the rewritten copy and a report.
+
+    ``filter_fn(node, fqn)`` and ``overrides`` ({module name or glob or "kind:<kind>": config or
+    None}) choose which nodes each pass touches (see ``fxslim.policy``). A pass that rewrites
+    nothing warns (``strict=True``: raises ValueError) with the skip reasons it recorded.
+    """
+    parsed = parse_passes(passes)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    policy = Policy(filter_fn=filter_fn, overrides=dict(overrides or {}))
+    captured = capture_graphs(model, example_inputs, method=capture, leaf_modules=leaf_modules)
+    report = OptimizeReport(untraced=list(captured.untraced), capture=captured.method,
+                            graphs=[g.path for g in captured.graphs])
+    for graph in captured.graphs:
+        ctx = PassContext(ir=graph.ir, batch_size=captured.batch_size,
+                          placeholder_values=graph.placeholder_values, policy=policy, path=graph.path)
+        for result in run_passes(graph.gm, parsed, ctx):
+            report.passes.append(result.report)
+    for p in parsed:
+        if report.rewritten(p.name) == 0:
+            reasons = dict(report.skipped(p.name)) or "no candidates"
+            message = f"fxslim.optimize: pass {p.name!r} rewrote nothing in {type(model).__name__} (skipped: {reasons})"
+            if strict:
+                raise ValueError(message)
+            warnings.warn(message, stacklevel=2)
+    return OptimizeResult(captured.module, report, captured, parsed,
+                          tuple(example_inputs) if example_inputs is not None else None, source=model)

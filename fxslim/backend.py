@@ -1,0 +1,113 @@
+"""The ``torch.compile`` backend: ``torch.compile(model, backend="fxslim", options={...})``.
+
+Found through the ``torch_dynamo_backends`` entry point once fxslim is installed (it is not also
+registered with ``register_backend``: the lazy entry-point load would then fail with "duplicate
+name"). For each graph dynamo hands over (one per graph break; with SymInt inputs under
+``dynamic=True``) it runs the listed passes on the torch-level graph, whose parameters arrive as
+placeholders backed by ``example_inputs``, then hands the graph to an inner compiler.
+
+Options: ``passes`` (list of pass objects or strings like ``"haste:L=14"``), ``inner``
+(``"inductor"`` default, ``"aot_eager"`` or ``"eager"``), ``filter_fn`` and ``overrides`` (as in
+``fxslim.optimize``), ``strict`` (raise when a pass rewrites nothing; default False).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxslim.capture import placeholder_fqns
+from fxslim.ir import detect_ir, meta_val
+from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, run_passes
+from fxslim.policy import Policy
+
+__all__ = ["BackendOptions", "compile_fn", "last_reports"]
+
+_log = logging.getLogger(__name__)
+_INNER = ("inductor", "aot_eager", "eager")
+_OPTION_KEYS = ("passes", "inner", "filter_fn", "overrides", "strict")
+
+# Reports of the graphs compiled most recently (one list per compile call), for tests and users
+# who want to see what the backend did: fxslim.backend.last_reports().
+_REPORTS: list[list[PassReport]] = []
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    """Validated ``options=`` of ``torch.compile(..., backend="fxslim")``."""
+
+    passes: tuple[Pass, ...] = ()
+    inner: str = "inductor"
+    policy: Policy = field(default_factory=Policy)
+    strict: bool = False
+
+    @classmethod
+    def from_options(cls, options: dict[str, Any] | None) -> "BackendOptions":
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(_OPTION_KEYS))
+        if unknown:
+            raise ValueError(f"torch.compile(backend='fxslim') options: unknown {unknown}; allowed: {list(_OPTION_KEYS)}")
+        inner = options.get("inner", "inductor")
+        if inner not in _INNER:
+            raise ValueError(f"torch.compile(backend='fxslim') options['inner']: expected one of {_INNER}, got {inner!r}")
+        passes = options.get("passes", ())
+        if isinstance(passes, (str, Pass)):
+            passes = [passes]
+        policy = Policy(filter_fn=options.get("filter_fn"), overrides=dict(options.get("overrides") or {}))
+        return cls(tuple(parse_pass(p) for p in passes), inner, policy, bool(options.get("strict", False)))
+
+
+def _input_batch(gm: fx.GraphModule, params: dict[str, str]) -> Any:
+    """Batch size of the first non-parameter tensor input (may be a SymInt)."""
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" and node.name not in params:
+            val = meta_val(node)
+            if isinstance(val, torch.Tensor) and val.dim() >= 1:
+                return val.shape[0]
+    return None
+
+
+def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], inner: str, modified: bool) -> Callable:
+    if inner == "eager":
+        return gm.forward
+    if modified:
+        # New get_attr constants are unknown to dynamo's param_name_to_source bookkeeping, which
+        # inductor asserts on; a rebuilt GraphModule (no dynamo meta) compiles cleanly.
+        gm = fx.GraphModule(gm, gm.graph)
+    return torch._dynamo.lookup_backend(inner)(gm, example_inputs)
+
+
+def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: dict[str, Any] | None = None,
+               mode: str | None = None) -> Callable:
+    """The dynamo backend entry point (see the module docstring)."""
+    opts = BackendOptions.from_options(options)
+    params = placeholder_fqns(gm)
+    gm.meta["fxslim_placeholder_fqns"] = params
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    ctx = PassContext(
+        ir=detect_ir(gm), batch_size=_input_batch(gm, params),
+        placeholder_values={n.name: v for n, v in zip(placeholders, example_inputs)}, policy=opts.policy,
+    )
+    results = run_passes(gm, opts.passes, ctx)
+    _REPORTS.append([r.report for r in results])
+    if opts.strict:
+        for p, r in zip(opts.passes, results):
+            if r.report.rewritten == 0:
+                raise ValueError(f"fxslim backend: pass {p.name!r} rewrote nothing (skipped: {dict(r.report.skipped)})")
+    modified = any(r.modified for r in results)
+    _log.info("fxslim backend: %d graph nodes, passes %s, modified=%s, inner=%s",
+              len(gm.graph.nodes), [p.name for p in opts.passes], modified, opts.inner)
+    return _inner_compile(gm, list(example_inputs), opts.inner, modified)
+
+
+def last_reports(clear: bool = False) -> list[list[PassReport]]:
+    """Pass reports of every graph compiled since the last clear (one list per dynamo graph)."""
+    out = list(_REPORTS)
+    if clear:
+        _REPORTS.clear()
+    return out

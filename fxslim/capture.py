@@ -1,0 +1,335 @@
+"""Getting graphs out of models, in every IR fxslim reads, with shapes on every node.
+
+- ``nn.Module`` → symbolic trace of a *copy* (never the user's instance, never the same instance
+  twice: some models cache Proxies on themselves during a trace). Leaves: torch.nn modules,
+  modules whose class sets ``fxslim_leaf = True``, and the ``leaf_modules`` the caller names;
+  timm's no-trace functions stay opaque when timm is loaded. A model that does not trace whole has its largest traceable
+  submodules traced instead; ``Captured.untraced`` says which modules stayed eager and why.
+- ``nn.Module`` with ``method="export"`` or an ``ExportedProgram`` → ``ep.module()`` (aten ops,
+  weights as ``get_attr``), copied so the rewrite never shares tensors with the caller's program.
+- A dynamo graph (what a ``torch.compile`` backend receives) → used as is: parameters are
+  placeholders whose real values come from ``example_inputs``; SymInt inputs are allowed.
+
+Shapes come from node meta (``example_value`` / ``val``) or from propagation under FakeTensorMode.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import logging
+import re
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from fxslim.ir import IR, detect_ir
+
+__all__ = ["Graph", "Captured", "CaptureError", "capture", "capture_dynamo", "trace", "placeholder_fqns"]
+
+_log = logging.getLogger(__name__)
+
+
+class CaptureError(RuntimeError):
+    """No part of the model could be turned into a graph."""
+
+
+@dataclass
+class Graph:
+    """One graph inside a captured model.
+
+    ``path`` is where the GraphModule sits in ``Captured.module`` ("" = it is the whole model);
+    ``placeholder_values`` maps placeholder names to real tensors (dynamo graphs: the parameters).
+    """
+
+    path: str
+    gm: fx.GraphModule
+    ir: IR
+    placeholder_values: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Captured:
+    """A copy of the user's model whose traced parts are GraphModules."""
+
+    module: nn.Module
+    graphs: list[Graph]
+    untraced: list[tuple[str, str]]
+    method: str
+    batch_size: Any = None
+
+    @property
+    def whole(self) -> bool:
+        """True when the model traced as one graph."""
+        return len(self.graphs) == 1 and self.graphs[0].path == ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Symbolic tracing with a leaf policy
+
+
+class _LeafTracer(fx.Tracer):
+    """A Tracer whose leaves are torch.nn modules, ``fxslim_leaf`` classes and the caller's
+    ``leaf_modules``."""
+
+    def __init__(self, leaf_modules: Sequence[type] = ()) -> None:
+        super().__init__(autowrap_functions=_timm_notrace_functions(), param_shapes_constant=True)
+        self._leaf_types = tuple(leaf_modules)
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if getattr(type(m), "fxslim_leaf", False) or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _timm_notrace_functions() -> tuple[Any, ...]:
+    """timm's functions that must stay opaque (data-dependent Python), if timm is in use.
+
+    timm's no-trace *modules* are not made leaves: that would hide the convs and attention inside
+    them; a module that does not trace is instead split into its traceable children.
+    """
+    if "timm" not in sys.modules:
+        return ()
+    from timm.layers import get_notrace_functions
+
+    return tuple(get_notrace_functions())
+
+
+def trace(module: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
+    """Symbolic trace of a deep copy of ``module`` (the argument is never traced itself)."""
+    root = copy.deepcopy(module)
+    tracer = _LeafTracer(leaf_modules)
+    graph = tracer.trace(root)
+    name = type(module).__name__
+    return fx.GraphModule(tracer.root, graph, name)
+
+
+def _short_reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
+
+
+def _trace_largest(
+    module: nn.Module, path: str, leaf_modules: Sequence[type],
+    traced: list[tuple[str, fx.GraphModule]], untraced: list[tuple[str, str]],
+) -> None:
+    """Trace ``module`` whole, else recurse into its children (largest traceable parts win)."""
+    try:
+        traced.append((path, trace(module, leaf_modules)))
+        return
+    except Exception as exc:  # tracing runs arbitrary user code: any failure means "not whole"
+        reason = _short_reason(exc)
+    children = list(module.named_children())
+    untraced.append((path, reason))
+    _log.info("module %r does not trace whole (%s); tracing its children", path or type(module).__name__, reason)
+    for name, child in children:
+        _trace_largest(child, f"{path}.{name}" if path else name, leaf_modules, traced, untraced)
+
+
+def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    parent._modules[name] = new
+
+
+# ----------------------------------------------------------------------------------------------
+# Shapes
+
+
+class _Propagate(FakeTensorProp):
+    """FakeTensorProp that also keeps plain Python values (``x.device``, ``x.dtype``) in
+    ``meta['val']``, so later single-node replays can rebuild every argument."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if "val" not in n.meta and isinstance(result, (torch.device, torch.dtype, str, type(None))):
+            n.meta["val"] = result
+        return result
+
+
+def _fake_propagate(gm: fx.GraphModule, args: Sequence[Any]) -> None:
+    """Write ``meta['val']`` on every node by running the graph on fake tensors."""
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+    with torch.no_grad():
+        _Propagate(gm, mode).propagate(*fake_args)
+
+
+def _positional(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
+    """The inputs of a captured submodule call, in placeholder order."""
+    bound = inspect.signature(gm.forward).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return list(bound.arguments.values())
+
+
+def _record_submodule_inputs(root: nn.Module, graphs: list[Graph], example_inputs: Sequence[Any]) -> None:
+    """Run the (partly traced) model once and propagate each subgraph's first call inputs."""
+    seen: dict[str, list[Any]] = {}
+    handles = []
+    for graph in graphs:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, _g: Graph = graph) -> None:
+            seen.setdefault(_g.path, _positional(_g.gm, args, kwargs))
+        handles.append(graph.gm.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        with torch.no_grad():
+            root(*example_inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    for graph in graphs:
+        if graph.path in seen:
+            _fake_propagate(graph.gm, seen[graph.path])
+        else:
+            _log.info("submodule %r was not called by the example inputs; it has no shapes", graph.path)
+
+
+def _needs_shapes(gm: fx.GraphModule) -> bool:
+    return any(n.op not in ("output",) and "val" not in n.meta and "example_value" not in n.meta for n in gm.graph.nodes)
+
+
+def _batch_size(example_inputs: Sequence[Any] | None) -> Any:
+    for x in example_inputs or ():
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return x.shape[0]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Dynamo graphs
+
+
+_DYNAMO_PARAM = re.compile(r"^[lL]_(?:self|fn|mod|model|m)_")
+_DYNAMO_SPLIT = re.compile(r"(?:^|_)(?:modules|parameters|buffers)_")
+
+
+def placeholder_fqns(gm: fx.GraphModule) -> dict[str, str]:
+    """Placeholder name -> original parameter/buffer name, for the parameters dynamo lifted to inputs."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.op != "placeholder" or not _DYNAMO_PARAM.match(node.name):
+            continue
+        rest = _DYNAMO_PARAM.sub("", node.name)
+        if not re.search(r"(?:^|_)(?:parameters|buffers)_", rest):
+            continue
+        parts = [p for p in _DYNAMO_SPLIT.split(rest) if p]
+        out[node.name] = ".".join(parts).rstrip("_")
+    return out
+
+
+def _dynamo_values(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> dict[str, Any]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return {n.name: v for n, v in zip(placeholders, example_inputs)}
+
+
+def capture_dynamo(model: nn.Module, example_inputs: Sequence[Any], *, dynamic: bool | None = None) -> list[Graph]:
+    """The graphs dynamo hands a backend for ``model(*example_inputs)`` (one per graph break)."""
+    graphs: list[Graph] = []
+
+    def record(gm: fx.GraphModule, inputs: list[Any]) -> Any:
+        graphs.append(_dynamo_graph(gm, inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(copy.deepcopy(model), backend=record, dynamic=dynamic)
+        with torch.no_grad():
+            compiled(*example_inputs)
+    finally:
+        torch._dynamo.reset()
+    return graphs
+
+
+def _dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Graph:
+    gm.meta["fxslim_placeholder_fqns"] = placeholder_fqns(gm)
+    return Graph(path="", gm=gm, ir=detect_ir(gm), placeholder_values=_dynamo_values(gm, example_inputs))
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point
+
+
+def capture(
+    model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
+    example_inputs: Sequence[Any] | None = None,
+    *,
+    method: str = "symbolic",
+    leaf_modules: Sequence[type] = (),
+) -> Captured:
+    """Graphs for ``model`` (a copy of it: the caller's model is never modified).
+
+    ``method``: "symbolic" (default; keeps module names and parameters) or "export" (aten IR).
+    GraphModules and ExportedPrograms are taken in the IR they are in.
+    """
+    if method not in ("symbolic", "export"):
+        raise ValueError(f"capture: method must be 'symbolic' or 'export', got {method!r}")
+    example_inputs = tuple(example_inputs) if example_inputs is not None else None
+    batch = _batch_size(example_inputs)
+
+    if isinstance(model, torch.export.ExportedProgram):
+        gm = copy.deepcopy(model.module())
+        return Captured(gm, [Graph("", gm, "aten")], [], "export", batch)
+
+    if isinstance(model, fx.GraphModule):
+        gm = copy.deepcopy(model)
+        ir = detect_ir(gm)
+        if ir == "torch" or (example_inputs is not None and _is_dynamo_graph(gm)):
+            graph = _dynamo_graph(gm, example_inputs or ())
+        else:
+            graph = Graph("", gm, ir)
+            if _needs_shapes(gm):
+                if example_inputs is None:
+                    raise ValueError("capture: example_inputs are needed to infer shapes of a GraphModule without node meta")
+                _fake_propagate(gm, example_inputs)
+        return Captured(gm, [graph], [], "graph", batch)
+
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"capture: model must be an nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
+    if example_inputs is None:
+        raise ValueError("capture: example_inputs are required for an nn.Module (shapes come from them)")
+
+    if method == "export":
+        ep = torch.export.export(copy.deepcopy(model), example_inputs)
+        gm = ep.module()
+        return Captured(gm, [Graph("", gm, "aten")], [], "export", batch)
+
+    traced: list[tuple[str, fx.GraphModule]] = []
+    untraced: list[tuple[str, str]] = []
+    _trace_largest(model, "", leaf_modules, traced, untraced)
+    if not traced:
+        raise CaptureError(_untraceable_message(model, untraced))
+    if traced[0][0] == "":
+        gm = traced[0][1]
+        _fake_propagate(gm, example_inputs)
+        return Captured(gm, [Graph("", gm, "module")], [], "symbolic", batch)
+
+    root = copy.deepcopy(model)
+    graphs = []
+    for path, gm in traced:
+        gm.meta["fxslim_prefix"] = path
+        _set_submodule(root, path, gm)
+        graphs.append(Graph(path, gm, "module"))
+    _record_submodule_inputs(root, graphs, example_inputs)
+    return Captured(root, graphs, untraced, "symbolic", batch)
+
+
+def _is_dynamo_graph(gm: fx.GraphModule) -> bool:
+    return "dynamo_compile_id" in gm.meta or any(
+        n.op == "placeholder" and "example_value" in n.meta for n in gm.graph.nodes
+    )
+
+
+def _untraceable_message(model: nn.Module, untraced: list[tuple[str, str]]) -> str:
+    worst = untraced[0][1] if untraced else "unknown"
+    return (
+        f"{type(model).__name__} could not be traced, nor any of its submodules ({worst}). "
+        "Fix: pass leaf_modules=(TheFailingModuleClass,) so fxslim treats it as opaque, set "
+        "`fxslim_leaf = True` on that class, or give fxslim a graph from torch.export "
+        "(capture='export') or use the torch.compile backend (backend='fxslim')."
+    )

@@ -1,0 +1,162 @@
+"""The ``fxslim`` command.
+
+    fxslim inspect MODEL --input 1x3x224x224 [--ir symbolic|export|dynamo] [--format table|json]
+    fxslim report MODEL --input 1x3x224x224 [--passes P ...] [--format table|json|md|csv|html]
+                  [--out PATH] [--plot out.png] [--deploy fp16|int8|prom[:...]] [--conventions k=v,...]
+
+MODEL is ``torchvision:NAME``, ``timm:NAME``, ``fxslim:NAME`` or ``path/to/file.py:factory``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
+
+from fxslim.capture import Captured, capture, capture_dynamo
+from fxslim.inspection import inspect_graphs, summarize
+from fxslim.modelspec import load_model, make_inputs
+
+__all__ = ["main", "build_parser"]
+
+_COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+def _captured(model_spec: str, inputs: list[str], ir: str) -> Captured:
+    model = load_model(model_spec)
+    example = make_inputs(inputs)
+    if ir == "dynamo":
+        graphs = capture_dynamo(model, example)
+        batch = example[0].shape[0] if example and example[0].dim() else None
+        return Captured(model, graphs, [], "dynamo", batch)
+    return capture(model, example, method=ir)
+
+
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    captured = _captured(args.model, args.input, args.ir)
+    rows = inspect_graphs(captured)
+    counts = summarize(rows)
+    if args.format == "json":
+        print(json.dumps({"model": args.model, "ir": args.ir, "summary": counts,
+                          "untraced": captured.untraced, "rows": [dataclasses.asdict(r) for r in rows]}, indent=2))
+        return 0
+    table = Table(title=f"{args.model} ({args.ir})")
+    for col in ("node", "module", "kind", "shape", "matched by", "skipped (why)"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        node = f"{r.graph}/{r.node}" if r.graph else r.node
+        table.add_row(node, r.fqn, r.kind, r.shape, ", ".join(r.matched), "; ".join(r.skipped))
+    console = Console(width=args.width)
+    console.print(table)
+    for path, reason in captured.untraced:
+        console.print(f"[yellow]not traced whole:[/] {path or '<root>'} ({reason})")
+    console.print(
+        f"{counts['convs']} convs, of which {counts['pointwise_convs']} pointwise and "
+        f"{counts['depthwise_convs']} depthwise; {counts['linears']} linear; "
+        f"{counts['attention']} attention, of which {counts['global_attention']} global"
+    )
+    return 0
+
+
+_COMMANDS["inspect"] = _cmd_inspect
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fxslim.cost_model import Conventions, compare, estimate
+    from fxslim.cost_model import format as fmt
+    from fxslim.cost_model import plots
+
+    model = load_model(args.model)
+    example = make_inputs(args.input)
+    conventions = Conventions.from_string(f"conventions:{args.conventions}") if args.conventions else Conventions()
+    options = {"deploy": args.deploy} if args.deploy else {}
+    if args.passes:
+        from fxslim.api import optimize
+
+        res = optimize(model, example, passes=args.passes, capture=args.ir)
+        before = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
+        after = estimate(res.captured, example, table=args.table, conventions=conventions, **options)
+        result: Any = compare(before, after)
+        figure = plots.plot_comparison(result, "energy_pj") if args.plot else None
+    else:
+        result = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
+        figure = plots.plot_breakdown(result, "macs") if args.plot else None
+    if figure is not None:
+        plots.save_figure(figure, args.plot)
+    is_report = not args.passes
+    if args.format == "table":
+        from rich.console import Console
+
+        table = result.table(nonzero=not args.all_rows) if is_report else result.table()
+        with _output(args.out) as stream:
+            Console(file=stream, width=args.width).print(table)
+        return 0
+    text = {
+        "json": lambda: fmt.to_json(result),
+        "md": lambda: result.to_markdown(nonzero=not args.all_rows) if is_report else result.to_markdown(),
+        "csv": result.to_csv,
+        "html": result.to_html,
+    }[args.format]()
+    with _output(args.out) as stream:
+        stream.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
+    if path is None:
+        yield sys.stdout
+        return
+    with open(path, "w", encoding="utf-8") as stream:
+        yield stream
+
+
+_COMMANDS["report"] = _cmd_report
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxslim", description="Graph passes that make vision models cheaper, and their cost.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("inspect", help="what each matcher finds in a model")
+    p.add_argument("model", help="torchvision:NAME, timm:NAME, fxslim:NAME or path/to/file.py:factory")
+    p.add_argument("--input", action="append", required=True, help="input shape such as 1x3x224x224 (repeat for more inputs)")
+    p.add_argument("--ir", choices=("symbolic", "export", "dynamo"), default="symbolic")
+    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--width", type=int, default=160, help="table width in characters")
+
+    r = sub.add_parser("report", help="cost of a model (MACs, energy, storage), or before/after passes")
+    r.add_argument("model", help="torchvision:NAME, timm:NAME, fxslim:NAME or path/to/file.py:factory")
+    r.add_argument("--input", action="append", required=True, help="input shape such as 1x3x224x224 (repeat for more inputs)")
+    r.add_argument("--passes", nargs="+", action="extend", help="passes to run first, e.g. haste:L=14 (report before/after)")
+    r.add_argument("--format", choices=("table", "json", "md", "csv", "html"), default="table")
+    r.add_argument("--out", help="write the report to this file instead of stdout")
+    r.add_argument("--plot", help="also write a plot (PNG): breakdown by kind, or per-layer before/after energy")
+    r.add_argument("--deploy", help="count the float model as deployed: fp16, int8, "
+                                    "prom[:last_pointwise=int8,...] or kind=format,...")
+    r.add_argument("--conventions", help="other conventions as key=value,... e.g. accumulator_bits=8,include_requant=true")
+    r.add_argument("--table", default="horowitz45nm", help="energy table: a bundled name or a JSON file")
+    r.add_argument("--ir", choices=("symbolic", "export"), default="symbolic")
+    r.add_argument("--all-rows", action="store_true", help="list zero-cost nodes too")
+    r.add_argument("--width", type=int, default=160, help="table width in characters")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _COMMANDS[args.command](args)
+    except (ValueError, TypeError) as exc:
+        print(f"fxslim {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

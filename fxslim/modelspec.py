@@ -1,0 +1,83 @@
+"""Model and input specs used by the CLI: ``torchvision:mobilenet_v2``, ``timm:vit_tiny_patch16_224``,
+``fxslim:vggt_small``, ``path/to/file.py:factory``; inputs like ``1x3x224x224``.
+
+Models are always built with random weights (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["load_model", "parse_input", "make_inputs", "FXSLIM_MODELS"]
+
+# fxslim's own reference models: name -> "module:factory" (imported only when asked for).
+FXSLIM_MODELS: dict[str, str] = {}
+
+
+def load_model(spec: str) -> nn.Module:
+    """An ``nn.Module`` in eval mode from a spec (see the module docstring)."""
+    source, sep, name = spec.partition(":")
+    if not sep or not name:
+        raise ValueError(
+            f"MODEL: expected 'torchvision:NAME', 'timm:NAME', 'fxslim:NAME' or 'path/to/file.py:factory', got {spec!r}"
+        )
+    if source == "torchvision":
+        import torchvision
+
+        try:
+            model = torchvision.models.get_model(name, weights=None)
+        except ValueError:
+            known = ", ".join(sorted(torchvision.models.list_models())[:8])
+            raise ValueError(f"MODEL: unknown torchvision model {name!r} (e.g. {known}, ...)") from None
+    elif source == "timm":
+        import timm
+
+        if not timm.is_model(name):
+            raise ValueError(f"MODEL: unknown timm model {name!r}; see timm.list_models()")
+        model = timm.create_model(name, pretrained=False)
+    elif source == "fxslim":
+        if name not in FXSLIM_MODELS:
+            raise ValueError(f"MODEL: unknown fxslim model {name!r}; known: {', '.join(sorted(FXSLIM_MODELS))}")
+        module, _, factory = FXSLIM_MODELS[name].partition(":")
+        model = getattr(importlib.import_module(module), factory)()
+    elif source.endswith(".py"):
+        model = _from_file(Path(source), name)
+    else:
+        raise ValueError(f"MODEL: unknown source {source!r}; expected torchvision, timm, fxslim or a .py file")
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"MODEL: {spec!r} did not build an nn.Module (got {type(model).__name__})")
+    return model.eval()
+
+
+def _from_file(path: Path, factory: str) -> nn.Module:
+    if not path.is_file():
+        raise ValueError(f"MODEL: file {str(path)!r} does not exist")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, factory):
+        raise ValueError(f"MODEL: {str(path)!r} has no attribute {factory!r}")
+    return getattr(module, factory)()
+
+
+def parse_input(text: str) -> tuple[int, ...]:
+    """``"1x3x224x224"`` -> (1, 3, 224, 224)."""
+    try:
+        shape = tuple(int(p) for p in text.lower().split("x"))
+    except ValueError:
+        raise ValueError(f"--input: expected sizes joined by 'x' such as 1x3x224x224, got {text!r}") from None
+    if not shape or any(s < 0 for s in shape):
+        raise ValueError(f"--input: expected non-negative sizes such as 1x3x224x224, got {text!r}")
+    return shape
+
+
+def make_inputs(shapes: list[str], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Random example inputs (fixed seed) of the given shapes."""
+    generator = torch.Generator().manual_seed(seed)
+    return tuple(torch.rand(parse_input(s), generator=generator) for s in shapes)

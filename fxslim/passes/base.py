@@ -1,0 +1,276 @@
+"""The pass contract: match (read-only) -> rewrite (one candidate at a time) -> report.
+
+A pass is a frozen ``Config`` dataclass (its fields are its configuration) with ``match`` and
+``rewrite``. ``Pass.__call__`` collects every candidate first, then rewrites them, then cleans the
+graph (dead code, lint, recompile) and checks the invariants in ``ensures``. Every candidate ends
+in the report: rewritten, or skipped with a short stable reason string. Passes register a name
+with ``register_pass`` so the CLI and the torch.compile backend can build them from strings.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from fxslim.config import Config
+from fxslim.ir import IR, ParamRef, meta_val
+from fxslim.policy import Policy
+
+__all__ = [
+    "Candidate", "Entry", "PassReport", "PassResult", "PassContext", "Pass", "PassError",
+    "register_pass", "registered_passes", "parse_pass", "run_passes", "set_fake_val",
+]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One place a pass will rewrite: its anchor node, canonical view and resolved config."""
+
+    anchor: fx.Node
+    view: Any
+    fqn: str
+    kind: str
+    config: "Pass"
+    nodes: tuple[fx.Node, ...] = ()
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A report line: a candidate that was rewritten, or skipped with a stable reason."""
+
+    node: str
+    fqn: str
+    kind: str
+    status: Literal["rewritten", "skipped"]
+    reason: str = ""
+    detail: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PassReport:
+    """What one pass did on one graph."""
+
+    pass_name: str
+    graph: str
+    entries: list[Entry] = field(default_factory=list)
+
+    @property
+    def rewritten(self) -> int:
+        return sum(e.status == "rewritten" for e in self.entries)
+
+    @property
+    def matched(self) -> int:
+        return self.rewritten
+
+    @property
+    def skipped(self) -> Counter:
+        return Counter(e.reason for e in self.entries if e.status == "skipped")
+
+    def skip(self, node: fx.Node | str, fqn: str, kind: str, reason: str, detail: str = "") -> None:
+        name = node.name if isinstance(node, fx.Node) else node
+        self.entries.append(Entry(name, fqn, kind, "skipped", reason, detail))
+
+
+@dataclass(frozen=True)
+class PassResult:
+    graph_module: fx.GraphModule
+    modified: bool
+    report: PassReport
+
+
+@dataclass
+class PassContext:
+    """What a pass knows besides the graph: the model's batch size, real values of placeholder
+    weights (dynamo graphs), the user's policy, and where the graph sits in the model."""
+
+    ir: IR
+    batch_size: Any = None
+    placeholder_values: dict[str, Any] = field(default_factory=dict)
+    policy: Policy = field(default_factory=Policy)
+    path: str = ""
+
+    def tensor(self, gm: fx.GraphModule, ref: ParamRef | None) -> torch.Tensor | None:
+        """The real tensor behind a weight reference (None for a missing optional weight)."""
+        if ref is None:
+            return None
+        value = ref.tensor(gm, self.placeholder_values)
+        if value is None and ref.node is not None and ref.node.op == "placeholder":
+            raise ValueError(
+                f"weight placeholder {ref.node.name!r} has no real value: pass the backend's example_inputs"
+            )
+        return value
+
+
+class PassError(RuntimeError):
+    """A pass failed; the message names it, the graph and the passes that ran before it."""
+
+
+@dataclass(frozen=True)
+class Pass(Config):
+    """Base class of all passes; subclasses are frozen dataclasses registered with ``register_pass``."""
+
+    kinds: ClassVar[tuple[str, ...]] = ()
+
+    def match(self, gm: fx.GraphModule, ctx: PassContext, report: PassReport) -> list[Candidate]:
+        """Candidates in ``gm``; skipped ones go into ``report`` with a reason. Must not mutate ``gm``."""
+        raise NotImplementedError
+
+    def rewrite(self, gm: fx.GraphModule, cand: Candidate, ctx: PassContext) -> dict[str, Any]:
+        """Rewrite exactly one candidate; returns extra info for its report entry."""
+        raise NotImplementedError
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        """Preconditions (raise ValueError when the graph cannot be handled)."""
+
+    def ensures(self, gm: fx.GraphModule, ctx: PassContext, new_nodes: Sequence[fx.Node]) -> None:
+        """Graph invariants after rewriting (docs/INVARIANTS.md)."""
+        gm.graph.lint()
+        missing = [n.name for n in new_nodes if n.graph is gm.graph and n.op != "get_attr" and meta_val(n) is None]
+        assert not missing, f"{self.name}: new nodes without meta['val']: {missing}"
+
+    def resolve(self, ctx: PassContext, node: fx.Node, fqn: str, kind: str, report: PassReport) -> "Pass | None":
+        """This pass's config for one node after the user's policy; records 'filtered_out' skips."""
+        cfg, reason = ctx.policy.resolve(self, node, fqn, kind)
+        if cfg is None:
+            report.skip(node, fqn, kind, reason)
+        return cfg  # type: ignore[return-value]
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        self.requires(gm, ctx)
+        report = PassReport(self.name, ctx.path)
+        candidates = self.match(gm, ctx, report)
+        before = set(gm.graph.nodes)
+        for cand in candidates:
+            info = self.rewrite(gm, cand, ctx) or {}
+            report.entries.append(Entry(cand.anchor.name, cand.fqn, cand.kind, "rewritten", info=info))
+        if candidates:
+            gm.graph.eliminate_dead_code()
+            gm.recompile()
+        new_nodes = [n for n in gm.graph.nodes if n not in before]
+        for node in new_nodes:
+            node.meta.setdefault("fxslim_pass", self.name)
+        self.ensures(gm, ctx, new_nodes)
+        return PassResult(gm, bool(candidates), report)
+
+
+_PASSES: dict[str, type[Pass]] = {}
+
+
+def register_pass(name: str) -> Callable[[type[Pass]], type[Pass]]:
+    """Class decorator: make a pass buildable from ``"name:key=value,..."``; duplicates raise."""
+
+    def deco(cls: type[Pass]) -> type[Pass]:
+        if name in _PASSES:
+            raise ValueError(f"register_pass: a pass named {name!r} is already registered ({_PASSES[name].__name__})")
+        cls.name = name
+        _PASSES[name] = cls
+        return cls
+
+    return deco
+
+
+def registered_passes() -> dict[str, type[Pass]]:
+    return dict(_PASSES)
+
+
+def parse_pass(spec: "str | Pass") -> Pass:
+    """A Pass from an instance (returned as is) or a string such as ``"haste:L=14"``."""
+    if isinstance(spec, Pass):
+        return spec
+    if not isinstance(spec, str):
+        raise TypeError(f"passes: expected Pass objects or strings like 'haste:L=14', got {type(spec).__name__}")
+    name = spec.partition(":")[0].strip().lower()
+    if name not in _PASSES:
+        raise ValueError(f"passes: unknown pass {name!r}; known passes: {', '.join(sorted(_PASSES)) or '(none)'}")
+    return _PASSES[name].from_string(spec)
+
+
+def run_passes(gm: fx.GraphModule, passes: Iterable[Pass], ctx: PassContext) -> list[PassResult]:
+    """Run passes in order; a failure is re-raised naming the pass, the graph and the passes before it."""
+    results: list[PassResult] = []
+    done: list[str] = []
+    for p in passes:
+        try:
+            results.append(p(gm, ctx))
+        except (ValueError, TypeError):
+            raise
+        except Exception as exc:
+            raise PassError(
+                f"pass {p.name!r} failed on graph {ctx.path or '<root>'!r} after passes {done}: {exc}"
+            ) from exc
+        done.append(p.name)
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers for rewrites
+
+
+def _fake_of(value: Any, mode: FakeTensorMode) -> Any:
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+        return mode.from_tensor(value)
+    return value
+
+
+def set_fake_val(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Compute ``node.meta['val']`` by running its target on the fake values of its inputs."""
+    def value(arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            if arg.op == "get_attr":
+                obj: Any = gm
+                for part in str(arg.target).split("."):
+                    obj = getattr(obj, part)
+                return obj
+            return meta_val(arg)
+        return arg
+
+    args = fx.node.map_aggregate(node.args, value)
+    kwargs = fx.node.map_aggregate(node.kwargs, value)
+    vals = [v for v in _flatten((args, kwargs)) if isinstance(v, torch.Tensor)]
+    mode = detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)
+    args = fx.node.map_aggregate(args, lambda a: _fake_of(a, mode))
+    kwargs = fx.node.map_aggregate(kwargs, lambda a: _fake_of(a, mode))
+    allow = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True  # modules called by call_module nodes hold real parameters
+    try:
+        out = _run_fake(gm, node, args, kwargs, mode)
+    finally:
+        mode.allow_non_fake_inputs = allow
+    if out is not None:
+        node.meta["val"] = out
+
+
+def _run_fake(gm: fx.GraphModule, node: fx.Node, args: Any, kwargs: Any, mode: FakeTensorMode) -> Any:
+    with mode, torch.no_grad():
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_module":
+            return gm.get_submodule(str(node.target))(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    return None
+
+
+def _flatten(obj: Any) -> list[Any]:
+    if isinstance(obj, (list, tuple)):
+        return [x for item in obj for x in _flatten(item)]
+    if isinstance(obj, dict):
+        return [x for item in obj.values() for x in _flatten(item)]
+    return [obj]
+
+
+def replace_fields(cfg: Pass, **changes: Any) -> Pass:
+    """A copy of a pass config with some fields changed (validated again)."""
+    return dataclasses.replace(cfg, **changes)

@@ -1,0 +1,143 @@
+"""Shared matchers: every conv, pointwise convs, linears and attention (global or local).
+
+Each matcher returns one ``Match`` per node of its family, with an empty ``reason`` when the node
+qualifies and a short stable reason string when it does not, so callers can report every skip.
+They work on any IR because they read canonical views (``fxslim.ir``), never node targets.
+
+Global attention: the attention's own batch (q's leading dims without heads) equals the model's
+batch, so one sequence spans the whole input (all patches, all frames). Windowed attention (Swin,
+MaxViT) and per-frame attention fold windows/frames into the batch and are local. Linear attention
+has no softmax over a token-by-token score matrix and is not attention to these matchers at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import sympy
+import torch
+import torch.fx as fx
+
+from fxslim.ir import AttentionView, ConvView, LinearView, View, views
+
+__all__ = [
+    "Match", "conv_kind", "attention_scope", "match_convs", "match_pointwise_convs",
+    "match_linears", "match_attention", "match_all",
+]
+
+
+@dataclass(frozen=True)
+class Match:
+    """A node of a matcher's family: ``reason`` is "" when it qualifies, else why not."""
+
+    view: View
+    kind: str
+    reason: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.reason
+
+
+def conv_kind(view: ConvView) -> str:
+    """'pointwise_conv', 'depthwise_conv', 'grouped_conv', 'transposed_conv' or 'conv'."""
+    if view.transposed:
+        return "transposed_conv"
+    if view.is_pointwise:
+        return "pointwise_conv"
+    if view.groups > 1:
+        return "depthwise_conv" if view.is_depthwise else "grouped_conv"
+    return "conv"
+
+
+def _expr(value: Any) -> Any:
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    return sympy.Integer(value) if isinstance(value, int) else value
+
+
+def _same_size(a: Any, b: Any) -> bool | None:
+    """Whether two (possibly symbolic) sizes are provably equal; None when unknown."""
+    if a is None or b is None:
+        return None
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    diff = sympy.simplify(_expr(a) - _expr(b))
+    if diff == 0:
+        return True
+    return False if diff.is_number else None
+
+
+def attention_scope(view: AttentionView, batch_size: Any) -> Literal["global", "local", "unknown"]:
+    """'global' when one attention sequence spans the model's whole input, 'local' otherwise."""
+    if view.form == "wrapped" and view.windows not in (None, 1):
+        return "local"
+    same = _same_size(view.batch, batch_size)
+    if same is None:
+        return "unknown"
+    return "global" if same else "local"
+
+
+def _convs(gm: fx.GraphModule) -> Iterator[ConvView]:
+    return (v for v in views(gm) if isinstance(v, ConvView))
+
+
+def match_convs(gm: fx.GraphModule) -> list[Match]:
+    """Every 2-D conv; qualifies when groups == 1 and not transposed (pointwise included)."""
+    out = []
+    for view in _convs(gm):
+        kind = conv_kind(view)
+        reason = {"transposed_conv": "transposed", "depthwise_conv": "grouped", "grouped_conv": "grouped"}.get(kind, "")
+        out.append(Match(view, kind, reason))
+    return out
+
+
+def match_pointwise_convs(gm: fx.GraphModule) -> list[Match]:
+    """Every 2-D conv; qualifies when 1×1 with groups == 1 (any stride)."""
+    out = []
+    for view in _convs(gm):
+        kind = conv_kind(view)
+        if kind == "pointwise_conv":
+            reason = ""
+        elif kind in ("depthwise_conv", "grouped_conv"):
+            reason = "grouped"
+        elif kind == "transposed_conv":
+            reason = "transposed"
+        else:
+            reason = "kernel_not_1x1"
+        out.append(Match(view, kind, reason))
+    return out
+
+
+def match_linears(gm: fx.GraphModule) -> list[Match]:
+    """Every linear layer (all qualify)."""
+    return [Match(v, "linear") for v in views(gm) if isinstance(v, LinearView)]
+
+
+def match_attention(gm: fx.GraphModule, batch_size: Any, scope: Literal["global", "any"] = "global") -> list[Match]:
+    """Every softmax attention; with ``scope='global'`` local ones get reason 'local_attention'."""
+    out = []
+    for view in views(gm):
+        if not isinstance(view, AttentionView):
+            continue
+        where = attention_scope(view, batch_size)
+        reason = ""
+        if scope == "global" and where != "global":
+            reason = "local_attention" if where == "local" else "unknown_batch"
+        out.append(Match(view, f"{where}_attention", reason))
+    return out
+
+
+def match_all(gm: fx.GraphModule, batch_size: Any) -> list[Match]:
+    """One Match per conv, linear and attention node, in graph order (for ``fxslim inspect``)."""
+    out = []
+    for view in views(gm):
+        if isinstance(view, ConvView):
+            out.append(Match(view, conv_kind(view)))
+        elif isinstance(view, LinearView):
+            out.append(Match(view, "linear"))
+        else:
+            out.append(Match(view, f"{attention_scope(view, batch_size)}_attention"))
+    return out

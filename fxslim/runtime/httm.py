@@ -1,0 +1,531 @@
+"""HTTM: head-wise temporal token merging around scaled-dot-product attention (``fxslim::httm_attention``).
+
+The op takes q, k, v ``[B, H, N, d]`` exactly as they would go into ``F.scaled_dot_product_attention``
+in a global (all-frames) attention layer, shortens them by merging similar tokens inside temporal
+blocks, runs attention on the short sequences and copies each merged query's output back to every
+token it holds, so the output has SDPA's shape ``[B, H, N, d_v]``. Semantics: docs/methods/HTTM.md.
+
+Choices this file fixes where the method spec leaves room:
+- Reordering pi: all special tokens first (frame-major), then the blocks, temporal chunk outer and
+  spatial chunk inner; inside a block the n_t frames of one patch position are adjacent
+  ("time innermost"), so strided destinations sample every position at regular frame intervals.
+- A block of n_b tokens removes r = round(rho * n_b) tokens (Python ``round``), capped at n_b - 1 so
+  every block keeps a destination. Destinations are the other n_b - r tokens, so every source folds
+  into its best destination (the top-r ranking by score selects all sources). With
+  ``anchor_first_frame`` frame 0's tokens are destinations as well, which can leave fewer sources.
+- Ties: argmax keeps the first destination; the outlier top-k breaks ties by the lower flat index
+  ``h * N + n`` (original token order).
+- Merged query rows are ordered: surviving groups by slot (special tokens, then destinations in
+  reordered order), then the outliers in token order. Key/value rows: groups by slot.
+- ``uniform`` mode matches on head-averaged q (for Q) and k (for K/V) and selects round(f * N)
+  outlier tokens by the norm of their deviation over all heads, so every head has the same maps.
+- ``global`` mode is the same algorithm with one block holding every patch token.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
+
+__all__ = [
+    "MODES",
+    "DST_RULES",
+    "FrameLayout",
+    "HttmLayout",
+    "HttmPlan",
+    "frame_layout_from_positions",
+    "httm_layout",
+    "httm_match",
+    "httm_plan",
+    "httm_apply_plan",
+    "httm_attention",
+    "httm_kept_lengths",
+    "httm_matching_macs",
+]
+
+MODES = ("headwise", "uniform", "global")
+DST_RULES = ("strided", "random")
+# Work is chunked (heads of a sample, score rows) so temporaries stay near this many floats: big
+# enough for efficient GEMMs, small enough that the allocator recycles them instead of mapping fresh
+# pages on every call (page faults cost more than the arithmetic here).
+_WORK_FLOATS = 1 << 22
+_SCORE_FLOATS = 1 << 22
+_ARGMAX_GROUP = 32
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Frame structure of a global-attention sequence: N = frames * tokens_per_frame, frame-major."""
+
+    frames: int
+    tokens_per_frame: int
+    special_tokens: int
+    grid_h: int
+    grid_w: int
+
+
+def frame_layout_from_positions(pos: Tensor, special_tokens: int = 5) -> FrameLayout:
+    """Read S, P and the patch grid from VGGT-style RoPE positions ``[.., N, 2]`` (y, x).
+
+    Patch tokens carry (y + 1, x + 1) and special tokens (0, 0), so the grid is (max y) x (max x),
+    P = special_tokens + h * w and S = N / P. Data-dependent: call it outside traced code.
+    """
+    if pos.dim() < 2 or pos.shape[-1] != 2:
+        raise ValueError(f"frame_layout_from_positions: pos must be [..., N, 2], got shape {tuple(pos.shape)}")
+    n = pos.shape[-2]
+    grid_h, grid_w = int(pos[..., 0].max()), int(pos[..., 1].max())
+    tokens_per_frame = special_tokens + grid_h * grid_w
+    if tokens_per_frame == 0 or n % tokens_per_frame:
+        raise ValueError(
+            f"frame_layout_from_positions: N must be a multiple of special_tokens + h*w = {tokens_per_frame}, got N={n}"
+        )
+    return FrameLayout(n // tokens_per_frame, tokens_per_frame, special_tokens, grid_h, grid_w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Argument checks (shared by the op, its fake kernel, the planner and the reference)
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_config(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, outlier_fraction,
+                  dst_rule, mode, num_tokens=None) -> None:
+    ints = {"frames": frames, "tokens_per_frame": tokens_per_frame, "special_tokens": special_tokens,
+            "n_s": n_s, "n_t": n_t}
+    for name, value in ints.items():
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)):
+            raise TypeError(f"httm_attention: {name} must be an int, got {type(value).__name__}")
+    if frames < 1:
+        raise ValueError(f"httm_attention: frames must be >= 1, got {frames}")
+    if tokens_per_frame < 1:
+        raise ValueError(f"httm_attention: tokens_per_frame must be >= 1, got {tokens_per_frame}")
+    if not 0 <= special_tokens <= tokens_per_frame:
+        raise ValueError(
+            f"httm_attention: special_tokens must be in [0, tokens_per_frame={tokens_per_frame}], got {special_tokens}"
+        )
+    if n_s < 1:
+        raise ValueError(f"httm_attention: n_s must be >= 1, got {n_s}")
+    if n_t < 1:
+        raise ValueError(f"httm_attention: n_t must be >= 1, got {n_t}")
+    for name, value in {"q_ratio": q_ratio, "kv_ratio": kv_ratio, "outlier_fraction": outlier_fraction}.items():
+        if not (isinstance(value, (int, float)) and 0.0 <= value < 1.0):
+            raise ValueError(f"httm_attention: {name} must be in [0, 1), got {value!r}")
+    if dst_rule not in DST_RULES:
+        raise ValueError(f"httm_attention: dst_rule must be one of {DST_RULES}, got {dst_rule!r}")
+    if mode not in MODES:
+        raise ValueError(f"httm_attention: mode must be one of {MODES}, got {mode!r}")
+    if num_tokens is not None and num_tokens != frames * tokens_per_frame:
+        raise ValueError(
+            f"httm_attention: N must equal frames * tokens_per_frame = {frames} * {tokens_per_frame} = "
+            f"{frames * tokens_per_frame} (check frames and tokens_per_frame), got N={num_tokens}"
+        )
+
+
+def _check_tensors(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 4:
+            raise ValueError(f"httm_attention: {name} must be [B, H, N, d], got shape {tuple(t.shape)}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"httm_attention: {name} must be a floating tensor, got {t.dtype}")
+    if q.shape != k.shape:
+        raise ValueError(
+            f"httm_attention: k must have q's shape {tuple(q.shape)} (self-attention), got {tuple(k.shape)}"
+        )
+    if v.shape[:3] != k.shape[:3]:
+        raise ValueError(
+            f"httm_attention: v must be [B, H, N, d_v] with B, H, N of k {tuple(k.shape[:3])}, got {tuple(v.shape)}"
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Layout: reordering pi, blocks, destinations (depends only on the configuration; cached)
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _BlockClass:
+    """All blocks with the same (n_src, n_dst): original token indices and destination slots."""
+
+    src: Tensor  # [n_blocks, n_src] int64
+    dst: Tensor  # [n_blocks, n_dst] int64
+    dst_slot: Tensor  # [n_blocks, n_dst] int64
+
+
+@dataclass(frozen=True)
+class HttmLayout:
+    """Static merge layout of one side (Q or K/V) for one sequence shape and ratio.
+
+    ``perm[i]`` is the original index of the token at reordered position i (pi); ``inverse`` is
+    pi^-1. ``base_slot[n]`` is the merged row of a destination or special token and -1 for a source.
+    ``num_slots`` = special tokens + destinations = merged length before outlier filtering.
+    ``blocks`` lists (n_src, n_dst) per block in order (for cost formulas).
+    """
+
+    perm: Tensor
+    inverse: Tensor
+    base_slot: Tensor
+    classes: tuple[_BlockClass, ...]
+    num_slots: int
+    blocks: tuple[tuple[int, int], ...]
+
+
+def _block_grid(frames: int, tokens_per_frame: int, special_tokens: int, n_s: int, n_t: int, whole: bool):
+    """Yield (f0, f1, p0, p1) per block: frames [f0, f1) x patch positions [p0, p1), in block order."""
+    patches = tokens_per_frame - special_tokens
+    if whole:
+        n_s, n_t = max(patches, 1), frames
+    n_t = min(n_t, frames)
+    for f0 in range(0, frames, n_t):
+        for p0 in range(0, patches, n_s):
+            yield f0, min(f0 + n_t, frames), p0, min(p0 + n_s, patches)
+
+
+def _num_destinations(n_b: int, n_anchor: int, ratio: float) -> int:
+    removed = min(round(ratio * n_b), n_b - 1)
+    return max(n_b - removed, n_anchor)
+
+
+def _strided(length: int, count: int) -> Tensor:
+    return torch.arange(count, dtype=torch.long) * length // count
+
+
+@functools.lru_cache(maxsize=64)
+def httm_layout(frames: int, tokens_per_frame: int, special_tokens: int, ratio: float, n_s: int, n_t: int,
+                anchor_first_frame: bool = False, dst_rule: str = "strided", seed: int = 0,
+                whole_sequence: bool = False) -> HttmLayout:
+    """The (cached) merge layout for one side; ``whole_sequence`` makes one block (``global`` mode)."""
+    _check_config(frames, tokens_per_frame, special_tokens, ratio, 0.0, n_s, n_t, 0.0, dst_rule, "headwise")
+    n = frames * tokens_per_frame
+    specials = (torch.arange(frames)[:, None] * tokens_per_frame + torch.arange(special_tokens)[None, :]).reshape(-1)
+    base_slot = torch.full((n,), -1, dtype=torch.long)
+    base_slot[specials] = torch.arange(specials.numel())
+    next_slot = specials.numel()
+    perm = [specials]
+    generator = torch.Generator().manual_seed(seed) if dst_rule == "random" else None
+    grouped: dict[tuple[int, int], list[tuple[Tensor, Tensor, Tensor]]] = {}
+    blocks = []
+    for f0, f1, p0, p1 in _block_grid(frames, tokens_per_frame, special_tokens, n_s, n_t, whole_sequence):
+        n_f, n_p = f1 - f0, p1 - p0
+        # time innermost: local index = position * n_f + frame
+        positions = special_tokens + torch.arange(p0, p1)[:, None]
+        tokens = (torch.arange(f0, f1)[None, :] * tokens_per_frame + positions).reshape(-1)
+        perm.append(tokens)
+        anchored = anchor_first_frame and f0 == 0
+        is_dst = torch.zeros(n_f * n_p, dtype=torch.bool)
+        n_anchor = n_p if anchored else 0
+        if anchored:
+            is_dst[torch.arange(n_p) * n_f] = True
+        n_dst = _num_destinations(n_f * n_p, n_anchor, ratio)
+        rest = torch.nonzero(~is_dst).flatten()
+        count = n_dst - n_anchor
+        if count > 0:
+            if generator is None:
+                pick = _strided(rest.numel(), count)
+            else:
+                pick = torch.randperm(rest.numel(), generator=generator)[:count]
+            is_dst[rest[pick]] = True
+        dst, src = tokens[is_dst], tokens[~is_dst]
+        slots = torch.arange(next_slot, next_slot + dst.numel())
+        base_slot[dst] = slots
+        next_slot += dst.numel()
+        blocks.append((src.numel(), dst.numel()))
+        if src.numel():
+            grouped.setdefault((src.numel(), dst.numel()), []).append((src, dst, slots))
+    perm_t = torch.cat(perm)
+    assert perm_t.numel() == n
+    classes = tuple(
+        _BlockClass(torch.stack([m[0] for m in members]), torch.stack([m[1] for m in members]),
+                    torch.stack([m[2] for m in members]))
+        for members in grouped.values()
+    )
+    return HttmLayout(perm_t, torch.argsort(perm_t), base_slot, classes, next_slot, tuple(blocks))
+
+
+# ----------------------------------------------------------------------------------------------
+# Matching, merging, outliers
+# ----------------------------------------------------------------------------------------------
+
+
+def _head_chunks(batch: int, heads: int, floats_per_head: int):
+    """Yield (b, h0, h1): heads of one sample processed together so temporaries stay small."""
+    step = max(1, _WORK_FLOATS // max(1, floats_per_head))
+    for b in range(batch):
+        for h0 in range(0, heads, step):
+            yield b, h0, min(h0 + step, heads)
+
+
+def _first_argmax(scores: Tensor) -> Tensor:
+    """argmax over the last dim (first maximum wins), via group maxima: the plain CPU argmax kernel
+    is scalar, amax is vectorised, so reduce groups of 32 with amax and argmax only the winners."""
+    nd = scores.shape[-1]
+    if nd < 4 * _ARGMAX_GROUP:
+        return scores.argmax(dim=-1)
+    g = _ARGMAX_GROUP
+    full = nd // g
+    group_max = scores.narrow(-1, 0, full * g).unflatten(-1, (full, g)).amax(dim=-1)
+    if full * g < nd:
+        group_max = torch.cat([group_max, scores.narrow(-1, full * g, nd - full * g).amax(dim=-1, keepdim=True)], -1)
+    group = group_max.argmax(dim=-1, keepdim=True)
+    columns = (group * g + torch.arange(g, device=scores.device)).clamp_(max=nd - 1)
+    return group.squeeze(-1) * g + torch.gather(scores, -1, columns).argmax(dim=-1)
+
+
+def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
+    """Group slot of every token, ``[B, H, N]`` int64, for features x ``[B, H, N, d]``.
+
+    Each source joins the destination of its block with the highest cosine similarity (per b, h).
+    Work is block-local: batched matmuls over equal-size blocks (heads folded into the batch),
+    written into one reused score buffer, each followed by an argmax.
+    """
+    b, h, n, d = x.shape
+    slot = layout.base_slot.to(x.device).expand(b, h, n).clone()
+    for cls in layout.classes:
+        nb, ns = cls.src.shape
+        nd = cls.dst.shape[1]
+        src_idx, dst_idx = cls.src.to(x.device).reshape(-1), cls.dst.to(x.device).reshape(-1)
+        dst_slot = cls.dst_slot.to(x.device)
+        rows = max(1, min(ns, _SCORE_FLOATS // nd))
+        entries = max(1, _SCORE_FLOATS // (rows * nd))
+        scores = torch.empty(entries * rows * nd, device=x.device)
+        for bi, h0, h1 in _head_chunks(b, h, n * d):
+            xc = x[bi, h0:h1].float()
+            # argmax of cosine similarity does not depend on the source norm: normalise destinations only
+            dst = F.normalize(xc.index_select(1, dst_idx), dim=-1).view(-1, nd, d).transpose(1, 2)
+            src = xc.index_select(1, src_idx).view(-1, ns, d)
+            best = torch.empty(src.shape[0], ns, dtype=torch.long, device=x.device)
+            for e0 in range(0, src.shape[0], entries):
+                e1 = min(e0 + entries, src.shape[0])
+                for r0 in range(0, ns, rows):
+                    r1 = min(r0 + rows, ns)
+                    chunk = scores[: (e1 - e0) * (r1 - r0) * nd].view(e1 - e0, r1 - r0, nd)
+                    torch.bmm(src[e0:e1, r0:r1], dst[e0:e1], out=chunk)
+                    best[e0:e1, r0:r1] = _first_argmax(chunk)
+            chosen = torch.gather(dst_slot.expand(h1 - h0, nb, nd), 2, best.view(h1 - h0, nb, ns))
+            slot[bi, h0:h1].index_copy_(1, src_idx, chosen.view(h1 - h0, nb * ns))
+    return slot
+
+
+def _flat(slot: Tensor, length: int) -> Tensor:
+    """Slots [h, N] into a table of h groups of ``length`` rows -> row indices into [h * length]."""
+    return (slot + torch.arange(slot.shape[0], device=slot.device).unsqueeze(1) * length).reshape(-1)
+
+
+def _group_means(x: Tensor, flat: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    """Plain means of the rows of x [.., d] over groups ``flat`` -> ([rows, d], sizes [rows]).
+
+    Empty groups (query padding) give zero rows.
+    """
+    d = x.shape[-1]
+    sums = torch.zeros(rows, d, dtype=x.dtype, device=x.device).index_put_((flat,), x.reshape(-1, d), accumulate=True)
+    counts = torch.bincount(flat, minlength=rows)
+    return sums.div_(counts.clamp(min=1).unsqueeze(-1).to(x.dtype)), counts
+
+
+def _top_fraction_mask(values: Tensor, count: int) -> Tensor:
+    """Boolean mask of the ``count`` largest entries per row of ``values`` [B, M]; ties -> lower index."""
+    if count == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    kth = torch.topk(values, count, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
+    above = values > kth
+    need = count - above.sum(dim=1, keepdim=True)
+    tied = values == kth
+    return above | (tied & (tied.cumsum(dim=1) <= need))
+
+
+@dataclass(frozen=True)
+class HttmPlan:
+    """Index maps of one HTTM call (per sample b and head h).
+
+    q_slot [B, H, N]: merged query row holding each token (the unmerge map); q_lengths [B, H]: merged
+    queries per head incl. outliers (the op pads to the max); kv_slot [B, H, N]: merged key/value row
+    of each token; kv_length: merged keys per head (same for all heads); outliers [B, H, N] bool.
+    """
+
+    q_slot: Tensor
+    q_lengths: Tensor
+    kv_slot: Tensor
+    kv_length: int
+    outliers: Tensor
+
+    @property
+    def q_length_max(self) -> int:
+        return int(self.q_lengths.max()) if self.q_lengths.numel() else 0
+
+    @property
+    def outlier_counts(self) -> Tensor:
+        """Outliers per sample and head, [B, H]."""
+        return self.outliers.sum(dim=-1)
+
+
+def _layouts(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, anchor_first_frame, dst_rule,
+             seed, mode):
+    whole = mode == "global"
+    args = (frames, tokens_per_frame, special_tokens)
+    tail = (n_s, n_t, anchor_first_frame, dst_rule, seed, whole)
+    return httm_layout(*args, float(q_ratio), *tail), httm_layout(*args, float(kv_ratio), *tail)
+
+
+def httm_plan(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int, special_tokens: int = 5,
+              q_ratio: float = 0.9, kv_ratio: float = 0.7, n_s: int = 128, n_t: int = 30,
+              outlier_fraction: float = 0.1, anchor_first_frame: bool = False, dst_rule: str = "strided",
+              seed: int = 0, mode: str = "headwise") -> HttmPlan:
+    """Match, merge and filter outliers for q, k ``[B, H, N, d]``; returns the index maps (steps 0-5)."""
+    _check_tensors(q, k, k)
+    _check_config(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, outlier_fraction,
+                  dst_rule, mode, num_tokens=q.shape[2])
+    q_layout, kv_layout = _layouts(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
+                                   anchor_first_frame, dst_rule, seed, mode)
+    b, h, n, _ = q.shape
+    uniform = mode == "uniform"
+    q_metric = q.float().mean(1, keepdim=True) if uniform else q
+    k_metric = k.float().mean(1, keepdim=True) if uniform else k
+    q_groups = httm_match(q_metric, q_layout).expand(b, h, n)
+    kv_slot = httm_match(k_metric, kv_layout).expand(b, h, n).contiguous()
+
+    # adaptive outlier filtering: deviation of each query from the mean of its initial group
+    g, d = q_layout.num_slots, q.shape[-1]
+    deviation = torch.empty(b, h, n, device=q.device)
+    for bi, h0, h1 in _head_chunks(b, h, n * d):
+        rows, flat = q[bi, h0:h1].float(), _flat(q_groups[bi, h0:h1], g)
+        means, counts = _group_means(rows, flat, (h1 - h0) * g)
+        own_mean = means.index_select(0, flat).view(h1 - h0, n, d)
+        deviation[bi, h0:h1] = torch.sub(rows, own_mean, out=own_mean).norm(dim=-1)
+        deviation[bi, h0:h1].masked_fill_((counts.index_select(0, flat) == 1).view(h1 - h0, n), 0.0)
+    if uniform:
+        pooled = deviation.square().sum(1).sqrt()  # [B, N]
+        outliers = _top_fraction_mask(pooled, round(outlier_fraction * n)).unsqueeze(1).expand(b, h, n)
+    else:
+        outliers = _top_fraction_mask(deviation.view(b, h * n), round(outlier_fraction * h * n)).view(b, h, n)
+
+    # outliers leave their group and become their own queries; empty groups disappear
+    token = torch.arange(n, device=q.device).expand(b, h, n)
+    key = torch.where(outliers, g + token, q_groups)
+    used = torch.zeros(b, h, g + n, dtype=torch.bool, device=q.device).scatter_(2, key, True)
+    q_slot = torch.gather(used.cumsum(dim=-1).sub_(1), 2, key)
+    return HttmPlan(q_slot, used.sum(dim=-1), kv_slot, kv_layout.num_slots, outliers.contiguous())
+
+
+def httm_apply_plan(q: Tensor, k: Tensor, v: Tensor, plan: HttmPlan, proportional_attention: bool = False,
+                    scale: float | None = None) -> Tensor:
+    """Steps 6-7: merge by the plan's maps, attend on the short sequences, copy rows back.
+
+    Heads are processed in chunks; each chunk pads its queries to its own longest head (padded rows
+    are zero queries whose outputs are never read).
+    """
+    b, h, n, d = q.shape
+    dv = v.shape[-1]
+    m_kv = plan.kv_length
+    out = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
+    for bi, h0, h1 in _head_chunks(b, h, n * (d + dv)):
+        hc, m_q = h1 - h0, int(plan.q_lengths[bi, h0:h1].max())
+        q_flat, kv_flat = _flat(plan.q_slot[bi, h0:h1], m_q), _flat(plan.kv_slot[bi, h0:h1], m_kv)
+        q_merged, _ = _group_means(q[bi, h0:h1].float(), q_flat, hc * m_q)
+        k_merged, sizes = _group_means(k[bi, h0:h1].float(), kv_flat, hc * m_kv)
+        v_merged, _ = _group_means(v[bi, h0:h1].float(), kv_flat, hc * m_kv)
+        bias = sizes.view(hc, 1, m_kv).to(q.dtype).log() if proportional_attention else None
+        merged_out = F.scaled_dot_product_attention(
+            q_merged.view(hc, m_q, d).to(q.dtype), k_merged.view(hc, m_kv, d).to(q.dtype),
+            v_merged.view(hc, m_kv, dv).to(q.dtype), attn_mask=bias, scale=scale)
+        torch.index_select(merged_out.reshape(-1, dv), 0, q_flat, out=out[bi, h0:h1].view(-1, dv))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The op
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.library.custom_op("fxslim::httm_attention", mutates_args=())
+def httm_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, tokens_per_frame: int, special_tokens: int = 5,
+                   q_ratio: float = 0.9, kv_ratio: float = 0.7, n_s: int = 128, n_t: int = 30,
+                   outlier_fraction: float = 0.1, proportional_attention: bool = False,
+                   anchor_first_frame: bool = False, dst_rule: str = "strided", seed: int = 0,
+                   mode: str = "headwise", scale: float | None = None) -> Tensor:
+    """HTTM attention: q, k [B, H, N, d], v [B, H, N, d_v] -> [B, H, N, d_v] (SDPA's output shape).
+
+    frames * tokens_per_frame must equal N (frame-major tokens, ``special_tokens`` first in each
+    frame). q_ratio / kv_ratio are the fractions REMOVED by merging; outlier_fraction of the H*N
+    queries come back unmerged. All arguments are explicit so they show up in graphs.
+    """
+    plan = httm_plan(q, k, frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
+                     outlier_fraction, anchor_first_frame, dst_rule, seed, mode)
+    _check_tensors(q, k, v)
+    return httm_apply_plan(q, k, v, plan, proportional_attention, scale)
+
+
+@httm_attention.register_fake
+def _(q, k, v, frames, tokens_per_frame, special_tokens=5, q_ratio=0.9, kv_ratio=0.7, n_s=128, n_t=30,
+      outlier_fraction=0.1, proportional_attention=False, anchor_first_frame=False, dst_rule="strided", seed=0,
+      mode="headwise", scale=None):
+    _check_tensors(q, k, v)
+    _check_config(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, outlier_fraction,
+                  dst_rule, mode, num_tokens=q.shape[2])
+    return q.new_empty((*q.shape[:3], v.shape[-1]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Predicted sizes and FLOPs (configuration only, no data)
+# ----------------------------------------------------------------------------------------------
+
+
+def httm_kept_lengths(frames: int, tokens_per_frame: int, special_tokens: int = 5, q_ratio: float = 0.9,
+                      kv_ratio: float = 0.7, n_s: int = 128, n_t: int = 30, outlier_fraction: float = 0.1,
+                      anchor_first_frame: bool = False, mode: str = "headwise") -> tuple[int, int]:
+    """Predicted (kept queries per head, kept keys/values per head) from the configuration.
+
+    kept_kv is exact. kept_q = special tokens + destinations + round(f * N), the per-head average when
+    every outlier comes out of a group that keeps another member (usual case; the op pads each
+    sample to its longest head, which this ignores).
+    """
+    _check_config(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, outlier_fraction,
+                  "strided", mode)
+    n = frames * tokens_per_frame
+    whole = mode == "global"
+
+    def groups(ratio: float) -> int:
+        total = frames * special_tokens
+        for f0, f1, p0, p1 in _block_grid(frames, tokens_per_frame, special_tokens, n_s, n_t, whole):
+            n_anchor = (p1 - p0) if anchor_first_frame and f0 == 0 else 0
+            total += _num_destinations((f1 - f0) * (p1 - p0), n_anchor, ratio)
+        return total
+
+    return min(n, groups(q_ratio) + round(outlier_fraction * n)), groups(kv_ratio)
+
+
+def httm_matching_macs(batch: int, heads: int, head_dim: int, frames: int, tokens_per_frame: int,
+                       special_tokens: int = 5, q_ratio: float = 0.9, kv_ratio: float = 0.7, n_s: int = 128,
+                       n_t: int = 30, anchor_first_frame: bool = False, mode: str = "headwise") -> int:
+    """MACs of the source x destination similarity matmuls (Q and K sides) of one call."""
+    whole = mode == "global"
+    per_head = 0
+    for ratio in (q_ratio, kv_ratio):
+        for f0, f1, p0, p1 in _block_grid(frames, tokens_per_frame, special_tokens, n_s, n_t, whole):
+            n_b = (f1 - f0) * (p1 - p0)
+            n_dst = _num_destinations(n_b, (p1 - p0) if anchor_first_frame and f0 == 0 else 0, ratio)
+            per_head += (n_b - n_dst) * n_dst * head_dim
+    return batch * (1 if mode == "uniform" else heads) * per_head
+
+
+@register_flop_formula(torch.ops.fxslim.httm_attention)
+def _httm_attention_flop(q_shape, k_shape, v_shape, frames, tokens_per_frame, special_tokens=5, q_ratio=0.9,
+                         kv_ratio=0.7, n_s=128, n_t=30, outlier_fraction=0.1, proportional_attention=False,
+                         anchor_first_frame=False, dst_rule="strided", seed=0, mode="headwise", scale=None,
+                         *args, out_shape=None, **kwargs) -> int:
+    """FLOPs (2 * MACs) of the reduced attention, [b, h, Mq, d] @ [b, h, d, Mkv] and @ [b, h, Mkv, d_v],
+    with the predicted kept lengths, plus the similarity matmuls of the matching.
+
+    Ignores: padding of query rows to the longest head, normalisation, argmax, outlier top-k, the
+    means (index_add), the unmerge gather, softmax and the proportional-attention bias add.
+    """
+    b, h, _, d = q_shape
+    dv = v_shape[-1]
+    kept_q, kept_kv = httm_kept_lengths(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
+                                        outlier_fraction, anchor_first_frame, mode)
+    attention = b * h * kept_q * kept_kv * (d + dv)
+    matching = httm_matching_macs(b, h, d, frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
+                                  anchor_first_frame, mode)
+    return 2 * (attention + matching)

@@ -1,0 +1,74 @@
+"""torch.compile(backend="fxslim"): entry point, inner compilers, graph breaks, dynamic shapes."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import fxslim.backend
+from tests.toy_pass import ToyScalePointwise  # noqa: F401  (registers "toy")
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+
+
+def test_backend_is_found_through_entry_point():
+    eps = importlib.metadata.entry_points(group="torch_dynamo_backends")
+    assert any(ep.name == "fxslim" and ep.value == "fxslim.backend:compile_fn" for ep in eps)
+    code = "import torch._dynamo as d; print('fxslim' in d.list_backends())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+@pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
+def test_backend_runs_passes_then_inner_compiler(inner):
+    model, x = _net(), torch.randn(2, 3, 8, 8)
+    fxslim.backend.last_reports(clear=True)
+    compiled = torch.compile(model, backend="fxslim", options={"passes": ["toy:scale=2"], "inner": inner})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), 2 * model(x), rtol=1e-4, atol=1e-4)
+    (reports,) = fxslim.backend.last_reports()
+    assert reports[0].rewritten == 1
+
+
+def test_backend_without_passes_matches_eager():
+    model, x = _net(), torch.randn(2, 3, 8, 8)
+    compiled = torch.compile(model, backend="fxslim", options={"inner": "aot_eager"})
+    torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_backend_graph_break_and_dynamic_shapes():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    model = Broken().eval()
+    fxslim.backend.last_reports(clear=True)
+    compiled = torch.compile(model, backend="fxslim", dynamic=True, options={"passes": ["toy:scale=2"], "inner": "eager"})
+    with torch.no_grad():
+        for n in (1, 3, 5):
+            x = torch.randn(n, 3, 6, 6)
+            torch.testing.assert_close(compiled(x), 2 * model.b(2 * model.a(x)), rtol=1e-4, atol=1e-4)
+    reports = fxslim.backend.last_reports()
+    assert len(reports) >= 2 and all(r[0].rewritten == 1 for r in reports)
+
+
+def test_backend_bad_options_raise():
+    model, x = _net(), torch.randn(1, 3, 8, 8)
+    with pytest.raises(Exception, match=r"inner'\]: expected one of"):
+        torch.compile(model, backend="fxslim", options={"inner": "tvm"})(x)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"unknown \['pases'\]"):
+        torch.compile(model, backend="fxslim", options={"pases": ["toy"]})(x)

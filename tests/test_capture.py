@@ -1,0 +1,147 @@
+"""Graph capture: copies only, leaf policy, partial tracing of models that do not trace whole."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxslim.capture import CaptureError, capture, capture_dynamo, placeholder_fqns, trace
+from fxslim.ir import meta_val
+
+
+class _DataDependent(nn.Module):
+    """Python control flow on tensor values: symbolic tracing fails here."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.conv(x)
+        return -self.conv(x)
+
+
+class _Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+        self.tricky = _DataDependent()
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.tricky(self.stem(x)))
+
+
+class _Leafy(nn.Module):
+    fxslim_leaf = True
+
+    def forward(self, x):
+        return x * 2 if x.sum() > 0 else x  # untraceable, but a leaf
+
+
+def test_capture_partial_traces_largest_submodules_and_reports_rest():
+    x = torch.randn(1, 3, 8, 8)
+    model = _Outer().eval()
+    cap = capture(model, (x,))
+    assert not cap.whole
+    assert sorted(g.path for g in cap.graphs) == ["head", "stem", "tricky.conv"]
+    assert [p for p, _ in cap.untraced] == ["", "tricky"]
+    assert "TraceError" in cap.untraced[0][1]
+    # every node of every traced part has a shape
+    for g in cap.graphs:
+        assert all(meta_val(n) is not None for n in g.gm.graph.nodes if n.op not in ("output",))
+    with torch.no_grad():
+        torch.testing.assert_close(cap.module(x), model(x))
+
+
+def test_capture_never_modifies_or_shares_the_users_model():
+    model = _Outer().eval()
+    x = torch.randn(1, 3, 8, 8)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    expected = model(x)
+    cap = capture(model, (x,))
+    for g in cap.graphs:
+        for p in g.gm.parameters():
+            p.data.add_(1.0)  # mutate the copy
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_trace_honours_fxslim_leaf_attribute():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), _Leafy())
+    gm = trace(model)
+    assert [n.op for n in gm.graph.nodes] == ["placeholder", "call_module", "call_module", "output"]
+
+
+def test_trace_accepts_leaf_modules_argument():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1), _DataDependent())
+    with pytest.raises(Exception):
+        trace(model)
+    gm = trace(model, leaf_modules=(_DataDependent,))
+    assert sum(n.op == "call_module" for n in gm.graph.nodes) == 2
+
+
+def test_trace_works_on_a_copy_each_time():
+    model = nn.Sequential(nn.Conv2d(3, 3, 1))
+    a, b = trace(model), trace(model)
+    assert a.get_submodule("0") is not model[0] and a.get_submodule("0") is not b.get_submodule("0")
+
+
+def test_capture_untraceable_leaf_model_raises_with_fix():
+    class Only(nn.Module):
+        def forward(self, x):
+            return x if x.sum() > 0 else -x
+
+    with pytest.raises(CaptureError, match="leaf_modules"):
+        capture(Only(), (torch.randn(2),))
+
+
+def test_capture_requires_example_inputs_for_modules():
+    with pytest.raises(ValueError, match="example_inputs"):
+        capture(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="method"):
+        capture(nn.Linear(2, 2), (torch.randn(1, 2),), method="jit")
+    with pytest.raises(TypeError, match="nn.Module"):
+        capture("resnet", (torch.randn(1, 2),))
+
+
+def test_capture_exported_program_and_graph_module_are_copied():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()).eval()
+    x = torch.randn(1, 3, 4, 4)
+    ep = torch.export.export(model, (x,))
+    cap = capture(ep)
+    assert cap.graphs[0].ir == "aten"
+    assert cap.module.get_parameter("0.weight") is not ep.module().get_parameter("0.weight")
+    gm = fx.symbolic_trace(model)
+    cap = capture(gm, (x,))
+    assert cap.graphs[0].ir == "module" and cap.module is not gm
+    assert meta_val(list(cap.module.graph.nodes)[1]).shape == (1, 4, 4, 4)
+
+
+def test_capture_dynamo_maps_placeholders_to_parameters():
+    model = nn.Sequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4)).eval()
+    (graph,) = capture_dynamo(model, (torch.randn(1, 3, 4, 4),))
+    names = placeholder_fqns(graph.gm)
+    assert sorted(names.values()) == sorted(
+        ["0.weight", "0.bias", "1.weight", "1.bias", "1.running_mean", "1.running_var"]
+    )
+    for pname, fqn in names.items():
+        assert torch.equal(graph.placeholder_values[pname], model.get_parameter(fqn) if "running" not in fqn else model.get_buffer(fqn))
+
+
+def test_capture_dynamo_graph_break_gives_several_graphs():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            x = self.a(x)
+            torch._dynamo.graph_break()
+            return self.b(x)
+
+    graphs = capture_dynamo(Broken(), (torch.randn(1, 3, 4, 4),))
+    assert len(graphs) == 2
