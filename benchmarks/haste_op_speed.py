@@ -6,8 +6,8 @@ test digits run through a ResNet18 (the trained checkpoint from ``train_resnet_m
 in the cache, random weights otherwise; the output says which). Dense and HASTE are timed
 alternately in one run and the table shows medians over repeats and their ratio.
 
-    python benchmarks/haste_op_speed.py [--batches 1 32] [--L 14] [--tile 4] [--repeats 7]
-    python benchmarks/haste_op_speed.py --threads 1 --clock cpu   # on a busy machine
+    python -m benchmarks.haste_op_speed [--batches 1 32] [--L 14] [--tile 4] [--repeats 7]
+    python -m benchmarks.haste_op_speed --threads 1 --clock cpu   # on a busy machine
 
 Writes the table to ``benchmarks/results/haste_op_speed.md``. ``B/C`` is the mean bucket count per
 tile over the channel count; ``conv MACs`` the reduced conv's multiply-accumulates over the dense

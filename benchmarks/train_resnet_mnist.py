@@ -1,8 +1,8 @@
 """Train the CIFAR-style ResNet18/34 on MNIST-5k (padded to 32×32) and save their state dicts.
 
-    python benchmarks/train_resnet_mnist.py                                  # resnet18 + resnet34, width 1
-    python benchmarks/train_resnet_mnist.py --models resnet18 --width 0.25 \\
-        --epochs 15 --out fxslim/models/checkpoints                          # the bundled small checkpoint
+    python -m benchmarks.train_resnet_mnist                                  # resnet18 + resnet34, width 1
+    python -m benchmarks.train_resnet_mnist --models resnet18 --width 0.25 \\
+        --epochs 10 --out fxslim/models/checkpoints                          # the bundled small checkpoint
 
 Checkpoints are ``<out>/<model>_w<width·100>_mnist.pt`` (float32 state dicts, default out
 ``benchmarks/.cache/``, not committed); a Markdown summary per model goes to
@@ -61,7 +61,7 @@ def summary_markdown(name: str, width: float, config: FitConfig, result: dict) -
     lines = [
         f"# {name}, width {width}, MNIST-5k (32×32), {config.epochs} epochs",
         "",
-        f"Command: `python benchmarks/train_resnet_mnist.py --models {name} --width {width} "
+        f"Command: `python -m benchmarks.train_resnet_mnist --models {name} --width {width} "
         f"--epochs {config.epochs} --batch-size {config.batch_size} --lr {config.lr}` "
         f"({torch.get_num_threads()} threads).",
         "",

@@ -106,7 +106,8 @@ def pad_to_32(images: Tensor) -> Tensor:
 def pretrained_mnist_resnet18_small() -> CifarResNet:
     """ResNet18 at width 0.25 (1 input channel) trained on MNIST-5k padded to 32×32, in eval mode.
 
-    Trained by ``benchmarks/train_resnet_mnist.py --width 0.25``; inputs go through ``pad_to_32``.
+    Inputs go through ``pad_to_32``. Trained by ``python -m benchmarks.train_resnet_mnist --models
+    resnet18 --width 0.25 --epochs 10 --out fxslim/models/checkpoints``.
     """
     model = resnet18(num_classes=10, in_channels=1, width=0.25)
     with (files("fxslim.models") / "checkpoints" / SMALL_MNIST_CHECKPOINT).open("rb") as handle:

@@ -14,6 +14,8 @@ from fxslim.models.resnet_cifar import pad_to_32, pretrained_mnist_resnet18_smal
 from fxslim.runtime.haste import haste_conv2d, make_planes, patch_shape, record_buckets, resolve_padding
 from fxslim.runtime.haste_reference import haste_conv2d_reference, tile_buckets_reference, tile_patch_reference
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
