@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
             )
     text = "\n".join(
         [
-            "# HASTE op wall-clock vs dense conv2d (CPU)",
+            "# HASTE op time vs dense conv2d (CPU)",
             "",
             f"Inputs: the real inputs of each conv of a ResNet18 ({weights}) on MNIST-5k test digits padded to 32×32.",
             f"HASTE: L={args.L}, sparsity={args.sparsity:.3f}, tile={args.tile}, centering on; "
