@@ -12,10 +12,11 @@ from fxslim.capture import capture
 from fxslim.config import Config
 from fxslim.cost_model import Conventions, compare, estimate
 from fxslim.passes.base import Pass, parse_pass, register_pass, registered_passes
+from fxslim.passes.haste import HASTE
 from fxslim.policy import Policy
 
 __all__ = [
     "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy",
-    "parse_pass", "register_pass", "registered_passes", "runtime", "estimate", "compare", "Conventions",
+    "parse_pass", "register_pass", "registered_passes", "runtime", "estimate", "compare", "Conventions", "HASTE",
 ]
 __version__ = "0.1.0"

@@ -1,0 +1,247 @@
+"""Cost formula of ``fxslim::haste_conv2d`` (HASTE): the reduced conv as MACs, hashing and merging as overhead.
+
+Per sample and output tile τ (p_τ valid output pixels, patch d = t_h·t_w, B_τ buckets, C -> O
+channels, k_h×k_w kernel), counted as docs/methods/HASTE.md does (a MAC is one op):
+
+    centering      2·C·d                      channel mean per pixel, then subtract
+    hashing        C·nnz(planes)              signed additions (≈ C·d·L·(1−s))
+    input merge    C·d + B_τ·d                additions into buckets, divisions by the bucket sizes
+    filter merge   O·k_h·k_w·(C − B_τ)        sums of filter slices
+    reduced conv   O·B_τ·k_h·k_w·p_τ          multiply-accumulates (dense: O·C·k_h·k_w·p_τ)
+
+The reduced conv goes to ``macs``, the rest to ``elementwise`` (as the merging work of the other
+fxslim ops does); ``info`` holds every term, the dense MACs and ``ops`` = MACs + overhead. The
+hyperplanes count in storage (as the buffer they are stored in), not in parameters.
+
+B is data-dependent, so there are two numbers:
+
+- predicted (``macs``): B_τ from ``calibration`` stats when given (the layer's mean B/C per tile and per
+  output pixel, from a ``record_buckets`` run on sample inputs), else the data-free estimate
+  E[B] = M·(1 − (1 − 1/M)^C), M = 2^L, the expected number of occupied buckets when the C channel
+  codes are independent and uniform: the most buckets C codes occupy on average, so the least saving
+  (trained channels are correlated and share codes);
+- measured (``measured_macs``): the reduced-conv MACs a ``record_buckets`` run counted (``measured``
+  stats), as the mean per sample times the batch of the costed call.
+
+Stats are given with ``bucket_counts(calibration=..., measured=...)`` around ``fxslim.estimate`` or
+``OptimizeResult.compare`` (and ``fxslim.optimize``: the HASTE report then shows calibrated
+predictions); both map the op's ``layer`` argument to ``HasteStats``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import logging
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from fxslim.cost_model.registry import OpCall, OpCost, register_cost
+from fxslim.runtime.haste import HasteStats, output_shape, patch_shape
+
+__all__ = ["HasteLayer", "HasteCounts", "expected_buckets", "bucket_counts", "active_bucket_counts",
+           "haste_conv2d_cost", "DEFAULT_SPARSITY"]
+
+_log = logging.getLogger(__name__)
+_SCHEMA = torch.ops.fxslim.haste_conv2d.default._schema
+DEFAULT_SPARSITY = 2 / 3  # assumed for the hashing count when the planes' values are not available
+
+
+@dataclass(frozen=True)
+class HasteCounts:
+    """Operation counts of a HASTE conv over some samples and tiles (terms: see the module docstring)."""
+
+    centering: float = 0
+    hashing: float = 0
+    merge_adds: float = 0
+    merge_divisions: float = 0
+    filter_merge: float = 0
+    reduced_conv: float = 0
+    dense: float = 0
+
+    @property
+    def overhead(self) -> float:
+        """Every op besides the reduced conv's MACs."""
+        return self.centering + self.hashing + self.merge_adds + self.merge_divisions + self.filter_merge
+
+    @property
+    def ops(self) -> float:
+        """Reduced-conv MACs plus overhead (a MAC counts as one op)."""
+        return self.reduced_conv + self.overhead
+
+    def __add__(self, other: HasteCounts) -> HasteCounts:
+        return HasteCounts(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def as_dict(self) -> dict[str, float]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} | {"overhead": self.overhead, "ops": self.ops}
+
+
+def expected_buckets(channels: int, planes: int) -> float:
+    """E[B] = M·(1 − (1 − 1/M)^C), M = 2^L: occupied buckets of C independent uniform L-bit codes."""
+    m = 2.0**planes
+    return -m * math.expm1(channels * math.log1p(-1.0 / m))
+
+
+@dataclass(frozen=True)
+class HasteLayer:
+    """What the counts of one HASTE conv depend on besides the data: channels C -> O, kernel,
+    L planes over d = t_h·t_w patch values with ``nnz`` non-zeros in all, centering."""
+
+    channels: int
+    out_channels: int
+    kernel: tuple[int, int]
+    planes: int
+    d: int
+    nnz: float
+    center: bool = True
+
+    @classmethod
+    def of_stats(cls, stats: HasteStats, nnz: float, center: bool = True) -> HasteLayer:
+        return cls(stats.channels, stats.out_channels, tuple(stats.kernel_size), stats.planes, stats.d, nnz, center)
+
+    def counts(self, tiles: float, pixels: float, buckets: float, bucket_pixels: float) -> HasteCounts:
+        """Counts over ``tiles`` tiles with Σ p_τ = ``pixels``, Σ B_τ = ``buckets``, Σ B_τ·p_τ = ``bucket_pixels``."""
+        c, o, d, k2 = self.channels, self.out_channels, self.d, self.kernel[0] * self.kernel[1]
+        return HasteCounts(
+            centering=2 * c * d * tiles if self.center else 0,
+            hashing=c * self.nnz * tiles,
+            merge_adds=c * d * tiles,
+            merge_divisions=d * buckets,
+            filter_merge=o * k2 * (c * tiles - buckets),
+            reduced_conv=o * k2 * bucket_pixels,
+            dense=o * c * k2 * pixels,
+        )
+
+    def predicted(self, tiles: float, pixels: float, calibration: HasteStats | None = None) -> HasteCounts:
+        """Counts with B/C from ``calibration`` (per tile and per output pixel), else ``expected_buckets``."""
+        if calibration is None:
+            per_tile = per_pixel = expected_buckets(self.channels, self.planes) / self.channels
+        else:
+            self._check(calibration, "calibration")
+            per_tile = calibration.buckets / (calibration.tiles * self.channels)
+            per_pixel = calibration.bucket_pixels / (calibration.pixels * self.channels)
+        c = self.channels
+        return self.counts(tiles, pixels, per_tile * c * tiles, per_pixel * c * pixels)
+
+    def measured(self, stats: HasteStats, samples: int | None = None) -> HasteCounts:
+        """Counts ``stats`` recorded; with ``samples``, their mean per sample times ``samples``."""
+        self._check(stats, "measured")
+        scale = 1.0 if samples is None else samples / stats.samples
+        return self.counts(stats.tiles * scale, stats.pixels * scale, stats.buckets * scale,
+                           stats.bucket_pixels * scale)
+
+    def _check(self, stats: HasteStats, what: str) -> None:
+        mine = (self.channels, self.out_channels, self.kernel, self.planes, self.d)
+        theirs = (stats.channels, stats.out_channels, tuple(stats.kernel_size), stats.planes, stats.d)
+        if mine != theirs:
+            raise ValueError(f"HASTE {what} stats: expected (C, O, kernel, L, d) = {mine}, got {theirs}")
+
+
+# ----------------------------------------------------------------------------------------------
+# Stats given to the formula
+
+
+@dataclass(frozen=True)
+class _Given:
+    calibration: Mapping[str, HasteStats]
+    measured: Mapping[str, HasteStats]
+
+
+_GIVEN: contextvars.ContextVar[_Given | None] = contextvars.ContextVar("fxslim_haste_bucket_counts", default=None)
+
+
+@contextlib.contextmanager
+def bucket_counts(calibration: Mapping[str, HasteStats] | None = None,
+                  measured: Mapping[str, HasteStats] | None = None) -> Iterator[None]:
+    """While active, HASTE costs use ``calibration`` stats for predictions and ``measured`` stats for
+    ``measured_macs`` (both: layer key -> ``HasteStats``, e.g. what ``record_buckets`` yields)."""
+    for name, value in (("calibration", calibration), ("measured", measured)):
+        if value is not None and not (isinstance(value, Mapping)
+                                      and all(isinstance(s, HasteStats) for s in value.values())):
+            raise TypeError(f"bucket_counts: {name} must map layer names to HasteStats "
+                            f"(e.g. from record_buckets()), got {type(value).__name__}")
+    token = _GIVEN.set(_Given(dict(calibration or {}), dict(measured or {})))
+    try:
+        yield
+    finally:
+        _GIVEN.reset(token)
+
+
+def active_bucket_counts() -> tuple[Mapping[str, HasteStats], Mapping[str, HasteStats]]:
+    """(calibration, measured) stats of the innermost ``bucket_counts`` (empty mappings outside one)."""
+    given = _GIVEN.get()
+    return ({}, {}) if given is None else (given.calibration, given.measured)
+
+
+# ----------------------------------------------------------------------------------------------
+# The formula
+
+
+def _arguments(call: OpCall) -> dict[str, Any]:
+    """The op's arguments by name (positional or keyword, defaults filled in)."""
+    out = {}
+    for i, arg in enumerate(_SCHEMA.arguments):
+        if i < len(call.args):
+            out[arg.name] = call.args[i]
+        elif arg.name in call.kwargs:
+            out[arg.name] = call.kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value
+    return out
+
+
+def _sym(value: Any) -> Any:
+    """ints stay ints; SymInts become their sympy expression."""
+    return value.node.expr if isinstance(value, torch.SymInt) else value
+
+
+def _int(value: Any) -> Any:
+    """Counts are whole operations: round floats, keep ints and sympy expressions."""
+    return round(value) if isinstance(value, float) else value
+
+
+@register_cost(torch.ops.fxslim.haste_conv2d, kind="conv")
+def haste_conv2d_cost(call: OpCall) -> OpCost:
+    """[n, C, h, w] * [O, C, kh, kw] -> [n, O, h', w']: O·B·kh·kw·p MACs per tile, hashing and merging elementwise.
+    Ignores: sorting codes and tiles, im2col and stitching copies (data movement)."""
+    a = _arguments(call)
+    x, w = a["x"], a["weight"]
+    n, c, h, w_in = (_sym(s) for s in x.shape)
+    o, kh, kw = w.shape[0], w.shape[2], w.shape[3]
+    stride, dilation, tile = tuple(a["stride"]), tuple(a["dilation"]), a["tile"]
+    h_out, w_out = output_shape((h, w_in), (kh, kw), stride, tuple(a["padding"]), dilation)
+    th, tw = patch_shape((kh, kw), stride, dilation, tile)
+    L, d = a["planes"].shape[0], th * tw
+    planes = call.value(3)
+    nnz = int((planes != 0).sum()) if planes is not None else L * d * (1 - DEFAULT_SPARSITY)
+    layer = HasteLayer(c, o, (kh, kw), L, d, nnz, bool(a["center"]))
+    tiles = n * -(-h_out // tile) * -(-w_out // tile)
+    calibration, measured = active_bucket_counts()
+    key = a["layer"]
+    predicted = layer.predicted(tiles, n * h_out * w_out, calibration.get(key))
+    info: dict[str, Any] = {"L": L, "d": d, "tile": tile, "dense_macs": _int(predicted.dense),
+                            "predicted_ops": _int(predicted.ops),
+                            "buckets": "calibrated" if key in calibration else "independent_codes"}
+    info.update({f"predicted_{k}": _int(v) for k, v in predicted.as_dict().items()
+                 if k not in ("dense", "ops", "reduced_conv")})
+    measured_macs = None
+    stats = measured.get(key)
+    if stats is not None:
+        if isinstance(tiles, int) and stats.tiles * n != tiles * stats.samples:
+            _log.info("HASTE layer %r: measured stats are for %s tiles per sample, the costed call has %s; not used",
+                      key, stats.tiles / stats.samples, tiles / n)
+        else:
+            got = layer.measured(stats, n)
+            measured_macs = _int(got.reduced_conv)
+            info.update({"measured_overhead": _int(got.overhead), "measured_ops": _int(got.ops),
+                         "measured_buckets_per_tile": stats.buckets / stats.tiles})
+    ops = {}
+    if call.conventions.include_bias and a["bias"] is not None:
+        ops[("add", x.format)] = n * o * h_out * w_out  # the bias, added once per output element
+    params = w.numel + (a["bias"].numel if a["bias"] is not None else 0)  # the planes are metadata, not parameters
+    return OpCost(macs=_int(predicted.reduced_conv), elementwise=_int(predicted.overhead), ops=ops, params=params,
+                  measured_macs=measured_macs, kind="pointwise_conv" if (kh, kw) == (1, 1) else "conv", info=info)

@@ -1,0 +1,248 @@
+"""HASTE pass: 2-D convs (groups 1) -> ``fxslim::haste_conv2d`` (data-free LSH channel merging per tile).
+
+Matches every 2-D conv in any IR (symbolic trace, dynamo, export) through the shared conv matcher and
+skips grouped and transposed convs, the stem (a conv that reads the model input without a conv in
+between) unless ``skip_stem=False``, 1×1 convs when ``include_pointwise=False``, padding modes other
+than zeros and asymmetric 'same' padding. Emits the op with the layer's ternary hyperplanes as a
+persistent buffer (drawn with ``seed`` + the layer's index among the graph's convs) read by a get_attr.
+Needs node shapes (``fxslim.capture`` provides them). Method and defaults: docs/methods/HASTE.md.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxslim.config import check_choice, check_int, check_range
+from fxslim.cost_model.ops_haste import HasteLayer, active_bucket_counts
+from fxslim.ir import ConvView, meta_val, node_fqn, views
+from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
+from fxslim.passes.matchers import match_convs
+from fxslim.runtime.haste import MAX_PLANES, make_planes, patch_shape
+
+__all__ = ["HASTE"]
+
+_OP = torch.ops.fxslim.haste_conv2d.default
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+@dataclass(frozen=True)
+class _HasteCandidate(Candidate):
+    layer: str = ""  # the record_buckets key
+    index: int = 0  # seed offset: the layer's position among the graph's convs
+
+
+@register_pass("haste")
+@dataclass(frozen=True)
+class HASTE(Pass):
+    """Hash every eligible conv's input channels per sample and output tile; merge equal codes.
+
+    ``L`` hyperplanes per hash (more: more buckets, more accuracy, less saving); ``sparsity``: share
+    of zero plane entries; ``tile``: output tile side T; ``seed``: planes of the i-th conv of a
+    graph come from ``seed + i``; ``center``: subtract the channel mean before hashing (without it
+    post-ReLU channels collide and accuracy collapses). With large L and ``sparsity=0`` every bucket
+    holds one channel and outputs equal the dense conv's up to float rounding.
+    """
+
+    L: int = 14
+    sparsity: float = 2 / 3
+    tile: int = 4
+    seed: int = 0
+    skip_stem: bool = True
+    include_pointwise: bool = True
+    center: bool = True
+
+    kinds = ("conv", "pointwise_conv")
+    aliases = {"l": "L", "s": "sparsity"}
+
+    def validate(self) -> None:
+        check_int(self, "L", 1, MAX_PLANES)
+        check_range(self, "sparsity", 0.0, 1.0, high_open=True)
+        check_int(self, "tile", 1)
+        check_int(self, "seed", 0)
+        for name in ("skip_stem", "include_pointwise", "center"):
+            check_choice(self, name, (False, True))
+
+    def match(self, gm: fx.GraphModule, ctx: PassContext, report: PassReport) -> list[Candidate]:
+        # 1. earlier rewrites are reported, never matched again (the op is no conv view)
+        done = [n for n in gm.graph.nodes if _is_haste(n)]
+        for node in done:
+            report.skip(node, node_fqn(node, gm), _rewritten_kind(gm, node), "already_rewritten")
+        # 2. layers in graph order, rewritten ones included: the seed offset of each conv
+        matches = match_convs(gm)
+        params = gm.meta.get("fxslim_placeholder_fqns", {})
+        convs = {m.view.node: m.view for m in matches}
+        layers: dict[str, int] = {}
+        for node in gm.graph.nodes:
+            if node in convs or _is_haste(node):
+                key = _weight_key(node.args[1], node, params) if _is_haste(node) else _view_key(convs[node], params)
+                layers.setdefault(key, len(layers))
+        weighted = {v.node for v in views(gm)} | set(done)
+        out: list[Candidate] = []
+        for m in matches:
+            view = m.view
+            # 3. structural limits of the op, 4. the user's policy, 5. this config's scope
+            reason = m.reason or _unsupported(gm, view)
+            cfg = None if reason else self.resolve(ctx, view.node, view.fqn, m.kind, report)
+            if reason:
+                report.skip(view.node, view.fqn, m.kind, reason)
+            elif cfg is not None:
+                if cfg.skip_stem and _reads_model_input(view.input, weighted, params):
+                    report.skip(view.node, view.fqn, m.kind, "stem")
+                elif not cfg.include_pointwise and view.kernel == (1, 1):
+                    report.skip(view.node, view.fqn, m.kind, "pointwise_excluded")
+                else:
+                    key = _view_key(view, params)
+                    out.append(_HasteCandidate(view.node, view, view.fqn, m.kind, cfg, (view.node,),
+                                               _layer_name(key, view, ctx), layers[key]))
+        return out
+
+    def rewrite(self, gm: fx.GraphModule, cand: Candidate, ctx: PassContext) -> dict[str, Any]:
+        # conv2d(x, W, b, σ, π, δ) -> [N, O, H', W'], per tile: Σ_c x_c ⋆ W_c
+        # haste_conv2d(x, W, b, R[L, t_h·t_w], σ, π, δ, T, center, layer) -> [N, O, H', W'], per tile: Σ_buckets mean(x_b) ⋆ Σ W_b
+        assert isinstance(cand, _HasteCandidate) and isinstance(cand.view, ConvView)
+        cfg, view, graph = cand.config, cand.view, gm.graph
+        th, tw = patch_shape(view.kernel, view.stride, view.dilation, cfg.tile)
+        seed = cfg.seed + cand.index
+        planes = make_planes(cfg.L, th * tw, cfg.sparsity, seed)
+        attr = _register_planes(gm, view, cand.layer, planes)
+        with graph.inserting_before(cand.anchor):
+            weight = view.weight.as_node(gm)
+            bias = view.bias.as_node(gm) if view.bias is not None else None
+            planes_node = graph.get_attr(attr)
+            args = (view.input, weight, bias, planes_node, list(view.stride), list(view.padding), list(view.dilation),
+                    cfg.tile, cfg.center, cand.layer)
+            new = graph.call_function(_OP, args)
+            _copy_module_meta(gm, cand.anchor, new)
+            set_fake_val(gm, new)
+        cand.anchor.replace_all_uses_with(new)
+        graph.erase_node(cand.anchor)
+        nnz = int((planes != 0).sum())
+        info: dict[str, Any] = {"layer": cand.layer, "L": cfg.L, "sparsity": cfg.sparsity, "tile": cfg.tile,
+                                "patch": (th, tw), "d": th * tw, "seed": seed, "nnz": nnz, "center": cfg.center}
+        return info | _predictions(view, cfg, cand.layer, HasteLayer(
+            view.in_channels, view.out_channels, view.kernel, cfg.L, th * tw, nnz, cfg.center))
+
+
+# ----------------------------------------------------------------------------------------------
+# Matching helpers
+
+
+def _is_haste(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in (_OP, torch.ops.fxslim.haste_conv2d)
+
+
+def _rewritten_kind(gm: fx.GraphModule, node: fx.Node) -> str:
+    weight = node.args[1]
+    value = gm.get_parameter(str(weight.target)) if weight.op == "get_attr" else meta_val(weight)
+    return "pointwise_conv" if tuple(value.shape[2:]) == (1, 1) else "conv"
+
+
+def _unsupported(gm: fx.GraphModule, view: ConvView) -> str:
+    """Why the op cannot compute this conv ("" when it can)."""
+    if view.node.op == "call_module" and gm.get_submodule(str(view.node.target)).padding_mode != "zeros":
+        return "padding_mode"
+    if view.padding_spec == "same" and any((k - 1) * d % 2 for k, d in zip(view.kernel, view.dilation)):
+        return "asymmetric_padding"
+    if view.dtype not in _DTYPES:
+        return "unsupported_dtype"
+    if view.input_shape is None or len(view.input_shape) != 4:
+        return "unbatched_input"
+    x = meta_val(view.input)
+    if isinstance(x, torch.Tensor) and x.device.type not in ("cpu", "meta"):
+        return "unsupported_device"  # the op has a CPU kernel only
+    return ""
+
+
+def _reads_model_input(node: Any, stops: set[fx.Node], params: dict[str, str]) -> bool:
+    """True when ``node`` is computed from a graph input (not a parameter) without passing through a
+    conv, linear, attention or HASTE node: the conv it feeds sees the image."""
+    seen: set[fx.Node] = set()
+    stack = [node] if isinstance(node, fx.Node) else []
+    while stack:
+        n = stack.pop()
+        if n in seen or n in stops:
+            continue
+        seen.add(n)
+        if n.op == "placeholder" and n.name not in params:
+            return True
+        stack.extend(n.all_input_nodes)
+    return False
+
+
+def _weight_key(weight: Any, node: fx.Node, params: dict[str, str]) -> str:
+    """Identity of a conv's layer: its weight's name (a conv module called twice is one layer)."""
+    if isinstance(weight, fx.Node):
+        if weight.op == "get_attr":
+            return str(weight.target)
+        if weight.op == "placeholder":
+            return params.get(weight.name, weight.name)
+    return f"<{node.name}>"  # a computed weight: the node itself
+
+
+def _view_key(view: ConvView, params: dict[str, str]) -> str:
+    return view.weight.path if view.weight.path is not None else _weight_key(view.weight.node, view.node, params)
+
+
+def _layer_name(key: str, view: ConvView, ctx: PassContext) -> str:
+    """The record_buckets key: the weight's owner module (``layer1.0.conv1``), with the graph's prefix."""
+    if key.startswith("<"):
+        return f"{view.fqn}/{view.node.name}" if view.fqn else view.node.name
+    name = key[: -len(".weight")] if key.endswith(".weight") else key
+    return f"{ctx.path}.{name}" if ctx.path else name
+
+
+def _register_planes(gm: fx.GraphModule, view: ConvView, layer: str, planes: torch.Tensor) -> str:
+    """Store ``planes`` as a persistent buffer next to the conv's weight (on the graph module when the
+    weight is a dynamo placeholder); a layer called twice keeps one buffer. Returns its path."""
+    path = view.weight.path if view.weight.node is None or view.weight.node.op == "get_attr" else None
+    owner_path, _, attr = (path or "").rpartition(".")
+    owner: nn.Module = gm
+    name = "haste_planes__" + re.sub(r"\W", "_", layer)
+    if path is not None:
+        try:
+            owner = gm.get_submodule(owner_path) if owner_path else gm
+            name = "haste_planes" if attr == "weight" else f"haste_planes_{attr}"
+        except AttributeError:
+            owner = gm
+    existing = getattr(owner, name, None)
+    if not (isinstance(existing, torch.Tensor) and torch.equal(existing, planes)):
+        base, i = name, 1
+        while hasattr(owner, name):
+            name, i = f"{base}_{i}", i + 1
+        owner.register_buffer(name, planes, persistent=True)
+    return f"{owner_path}.{name}" if owner is not gm else name
+
+
+def _copy_module_meta(gm: fx.GraphModule, anchor: fx.Node, new: fx.Node) -> None:
+    """The replaced conv's module stack and source line, so reports line up before and after."""
+    stack = dict(anchor.meta.get("nn_module_stack", {}))
+    if not stack and anchor.op == "call_module":
+        stack = {str(anchor.target): (str(anchor.target), type(gm.get_submodule(str(anchor.target))))}
+    if stack:
+        new.meta["nn_module_stack"] = stack
+    if "stack_trace" in anchor.meta:
+        new.meta["stack_trace"] = anchor.meta["stack_trace"]
+
+
+def _hint(value: Any) -> int:
+    return int(value.node.hint) if isinstance(value, torch.SymInt) else int(value)
+
+
+def _predictions(view: ConvView, cfg: HASTE, layer: str, counts: HasteLayer) -> dict[str, Any]:
+    """Predicted MACs and ops at the example input (B/C calibrated when stats are given, else data-free)."""
+    if view.output_shape is None:
+        return {}
+    n, _, h_out, w_out = (_hint(s) for s in view.output_shape)
+    tiles = n * -(-h_out // cfg.tile) * -(-w_out // cfg.tile)
+    calibration = active_bucket_counts()[0].get(layer)
+    c = counts.predicted(tiles, n * h_out * w_out, calibration)
+    return {"buckets": "calibrated" if calibration is not None else "independent_codes",
+            "dense_macs": round(c.dense), "predicted_macs": round(c.reduced_conv),
+            "predicted_overhead": round(c.overhead), "predicted_ops": round(c.ops),
+            "predicted_flops": round(2 * c.reduced_conv + c.overhead), "predicted_ops_ratio": c.ops / c.dense}
