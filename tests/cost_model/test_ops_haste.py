@@ -1,0 +1,155 @@
+"""Cost of fxslim::haste_conv2d: the terms of docs/methods/HASTE.md, data-free / calibrated / measured
+bucket counts, and predicted next to measured in a before/after comparison."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import fxslim
+from fxslim.cost_model.ops_haste import HasteLayer, bucket_counts, expected_buckets
+from fxslim.models.resnet_cifar import resnet18
+from fxslim.runtime.haste import make_planes, patch_shape, record_buckets
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _One(nn.Module):
+    """One HASTE conv C=8 -> O=6, 3×3, stride 1, padding 1, tile 4, layer key "one"."""
+
+    def __init__(self, L: int = 5, sparsity: float = 2 / 3, bias: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 6, 3, padding=1, bias=bias)
+        th, tw = patch_shape((3, 3), (1, 1), (1, 1), 4)
+        self.register_buffer("planes", make_planes(L, th * tw, sparsity, seed=0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c = self.conv
+        return torch.ops.fxslim.haste_conv2d(x, c.weight, c.bias, self.planes, [1, 1], [1, 1], [1, 1], 4, True, "one")
+
+
+def _row(report):
+    (row,) = [r for r in report.rows if r.op.startswith("fxslim.haste_conv2d")]
+    return row
+
+
+def _input(n: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 8, 8, 8, generator=torch.Generator().manual_seed(seed)).relu()
+
+
+def test_haste_cost_data_free_prediction_follows_the_method_terms():
+    model, x = _One(L=5).eval(), _input()
+    row = _row(fxslim.estimate(model, x))
+    nnz = int((model.planes != 0).sum())
+    tiles, pixels, d = 2 * 2 * 2, 2 * 8 * 8, 6 * 6  # 2 samples × 2×2 tiles of 4×4; patch 6×6
+    b = 32 * (1 - (1 - 1 / 32) ** 8)  # occupied buckets of 8 independent uniform 5-bit codes
+    assert abs(expected_buckets(8, 5) - b) < 1e-12
+    conv = 6 * 9 * b * pixels  # O·B·k²·p
+    overhead = (2 * 8 * d + 8 * nnz + 8 * d + b * d + 6 * 9 * (8 - b)) * tiles  # centre, hash, merge, ÷, filters
+    assert row.kind == "conv" and row.macs == round(conv) and row.elementwise == round(overhead)
+    assert row.info["dense_macs"] == 6 * 8 * 9 * pixels and row.info["buckets"] == "independent_codes"
+    assert row.measured_macs is None and row.params == 6 * 8 * 9  # the planes are not parameters
+
+
+def test_haste_cost_calibrated_prediction_equals_measured_on_the_calibration_run():
+    model, x = _One(L=4).eval(), _input(4)
+    with torch.no_grad(), record_buckets() as rec:
+        model(x)
+    stats = rec["one"]
+    assert stats.buckets < 8 * stats.tiles  # L=4 on post-ReLU inputs merges channels
+    with bucket_counts(calibration=rec, measured=rec):
+        row = _row(fxslim.estimate(model, x))
+    assert row.measured_macs == 6 * 9 * stats.bucket_pixels  # O·k²·Σ B_τ·p_τ
+    assert row.macs == row.measured_macs and row.info["buckets"] == "calibrated"
+    assert row.info["predicted_ops"] == row.info["measured_ops"] == row.macs + row.info["measured_overhead"]
+
+
+def test_haste_cost_measured_is_the_mean_per_sample_times_the_batch():
+    model = _One(L=4).eval()
+    with torch.no_grad(), record_buckets() as rec:
+        model(_input(4))
+    with bucket_counts(measured=rec):
+        row = _row(fxslim.estimate(model, _input(1)))
+    assert row.measured_macs == round(6 * 9 * rec["one"].bucket_pixels / 4)
+    with bucket_counts(measured=rec):  # other tiles per sample: the stats do not apply
+        assert _row(fxslim.estimate(model, torch.randn(1, 8, 12, 12))).measured_macs is None
+
+
+def test_haste_cost_all_singletons_exceed_dense_by_exactly_the_overhead():
+    model, x = _One(L=48, sparsity=0.0).eval(), torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad(), record_buckets() as rec:
+        model(x)
+    stats = rec["one"]
+    assert stats.buckets == 8 * stats.tiles
+    counts = HasteLayer.of_stats(stats, nnz=48 * 36).measured(stats)
+    assert counts.reduced_conv == counts.dense == 6 * 8 * 9 * 2 * 64 and counts.filter_merge == 0
+    # per tile: centring 2·C·d, hashing C·nnz, merging C·d additions and B·d = C·d divisions
+    assert counts.ops - counts.dense == (2 * 8 * 36 + 8 * 48 * 36 + 8 * 36 + 8 * 36) * stats.tiles
+
+
+def test_haste_cost_bias_additions_follow_the_conventions():
+    model, x = _One(bias=True).eval(), _input()
+    with_bias = _row(fxslim.estimate(model, x, include_bias=True))
+    without = _row(fxslim.estimate(model, x))
+    assert with_bias.ops[("add", "fp32")] - without.ops[("add", "fp32")] == 2 * 6 * 8 * 8  # one per output
+
+
+def test_haste_compare_report_shows_predicted_and_measured_per_module():
+    model, x = resnet18(in_channels=3, width=0.125).eval(), torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxslim.optimize(model, x, passes=["haste:L=6"])
+    with torch.no_grad(), record_buckets() as rec:
+        res.module(x)
+    with bucket_counts(measured=rec):
+        comp = res.compare()
+    rows = {r.fqn: r for r in comp.rows}
+    for layer, stats in rec.items():
+        row = rows[layer]  # the HASTE row lines up with the conv it replaced
+        assert row.kind_before == row.kind_after == ("pointwise_conv" if "downsample" in layer else "conv")
+        k2 = stats.kernel_size[0] * stats.kernel_size[1]
+        assert row.after.measured_macs == stats.out_channels * k2 * stats.bucket_pixels
+        assert row.after.macs <= row.before.macs  # data-free prediction: at most the dense MACs
+    assert len(rec) == 19
+    measured = sum(s.out_channels * s.kernel_size[0] * s.kernel_size[1] * s.bucket_pixels for s in rec.values())
+    assert comp.after.total.measured_macs == measured < comp.before.total.macs
+    data = comp.to_dict()
+    assert data["after"]["total"]["measured_macs"] == measured
+    assert data["after"]["total"]["elementwise"] > data["before"]["total"]["elementwise"]  # hashing, merging
+
+
+def test_haste_pass_report_predictions_use_calibration_when_given():
+    model, x = resnet18(in_channels=3, width=0.125).eval(), torch.randn(2, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxslim.optimize(model, x, passes=["haste:L=6"])
+        with torch.no_grad(), record_buckets() as rec:
+            res.module(x)
+        with bucket_counts(calibration=rec):
+            again = fxslim.optimize(model, x, passes=["haste:L=6"])  # same config: same planes, same buckets
+    for entry in again.report.entries("haste"):
+        if entry.status == "rewritten":
+            stats = rec[entry.info["layer"]]
+            assert entry.info["buckets"] == "calibrated"
+            k2 = stats.kernel_size[0] * stats.kernel_size[1]
+            assert entry.info["predicted_macs"] == stats.out_channels * k2 * stats.bucket_pixels
+
+
+def test_bucket_counts_bad_stats_raise():
+    with pytest.raises(TypeError, match="measured must map layer names to HasteStats"):
+        with bucket_counts(measured={"one": 3}):
+            pass
+    model, x = _One(L=4).eval(), _input()
+    with torch.no_grad(), record_buckets() as rec:
+        model(x)
+    with bucket_counts(calibration=rec), pytest.raises(ValueError, match=r"calibration stats: expected \(C, O"):
+        fxslim.estimate(_One(L=5).eval(), x)  # the key "one" now names a conv with other planes
+
+
+def test_expected_buckets_limits():
+    assert expected_buckets(1, 7) == pytest.approx(1.0)
+    assert expected_buckets(64, 53) == pytest.approx(64.0)  # more codes than channels: all apart
+    assert expected_buckets(1000, 3) == pytest.approx(8.0)  # more channels than codes: every code used
