@@ -1,0 +1,286 @@
+"""HASTE on trained CIFAR-style ResNet18/34 (MNIST-5k): accuracy and FLOPs over a sweep of L and seeds.
+
+For every model, L and seed the model is rewritten by ``fxslim.optimize(model, x, passes=[HASTE(L=L,
+seed=seed)])`` (every conv but the stem, sparsity 2/3, 4×4 tiles, centring on) and run on the 1,000
+MNIST-5k test digits (padded to 32×32) under ``record_buckets``. Reported per L, over the seeds:
+
+- top-1 (mean ± std) and agreement with the dense model's predictions;
+- FLOPs reduction with overhead (mean ± std over seeds; in brackets the std over images): the
+  operation counts of docs/methods/HASTE.md (a MAC is one op; centring, hashing, merging and filter
+  merging each count their additions and divisions) from the *measured* bucket counts, over the
+  whole model's conv and linear MACs (the dense stem and the classifier count in both), and the
+  same without the overhead (reduced convs only);
+- the mean bucket ratio B/C and the wall-clock ratio HASTE / dense (median over batches, the dense
+  model timed on every ``--time-every``-th batch right next to the HASTE one).
+
+Checkpoints come from ``python -m benchmarks.train_resnet_mnist`` (``benchmarks/.cache``); width 0.25
+ResNet18 falls back to the committed checkpoint. Writes ``benchmarks/results/haste_accuracy.{md,png,json}``
+(the JSON keeps every run; ``--resume`` skips the runs it already has, ``--render`` only redraws).
+
+    python -m benchmarks.haste_accuracy                                # the full experiment
+    python -m benchmarks.haste_accuracy --models resnet18 --width 0.25 --L 10 14 --seeds 0 --limit 200
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+import warnings
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fxslim
+from fxslim.cost_model.ops_haste import HasteCounts, HasteLayer
+from fxslim.models.data import mnist_5k
+from fxslim.models.resnet_cifar import SMALL_MNIST_CHECKPOINT, pad_to_32, resnet18, resnet34
+from fxslim.runtime.haste import record_buckets
+
+_HERE = Path(__file__).resolve().parent
+_BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
+_PAPER = {"reduction": 46.72, "drop": 1.25, "target": 40.0}  # ResNet34 / CIFAR-10 (docs/methods/HASTE.md)
+
+
+def load_model(name: str, width: float, cache: Path) -> tuple[torch.nn.Module, str]:
+    """The trained checkpoint for ``name`` at ``width`` (cache first, then the committed small one)."""
+    stem = f"{name}_w{round(width * 100):03d}_mnist.pt"
+    candidates = [cache / stem]
+    if stem == SMALL_MNIST_CHECKPOINT:
+        candidates.append(Path(fxslim.__file__).parent / "models" / "checkpoints" / stem)
+    for path in candidates:
+        if path.exists():
+            model = _BUILDERS[name](num_classes=10, in_channels=1, width=width)
+            model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            return model.eval(), path.name
+    raise FileNotFoundError(
+        f"no checkpoint {stem} in {cache}; train it with `python -m benchmarks.train_resnet_mnist "
+        f"--models {name} --width {width}`"
+    )
+
+
+def _ms(fn: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    out = fn()
+    return out, 1e3 * (time.perf_counter() - start)
+
+
+def run_one(dense: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, dense_pred: torch.Tensor,
+            dense_macs: int, L: int, seed: int, pointwise: bool, batch: int, time_every: int) -> dict[str, Any]:
+    """One (L, seed): accuracy, agreement, measured FLOPs reduction, bucket ratio, speed ratio."""
+    config = fxslim.HASTE(L=L, seed=seed, include_pointwise=pointwise)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxslim.optimize(dense, images[:1], passes=[config])
+    haste = res.module
+    layers = {e.info["layer"]: e.info for e in res.report.entries("haste") if e.status == "rewritten"}
+    preds, ratios = [], []
+    with torch.no_grad(), record_buckets() as rec:
+        for i, start in enumerate(range(0, len(images), batch)):
+            x = images[start : start + batch]
+            timed = i % time_every == 0
+            dense_first = timed and i // time_every % 2 == 0  # alternate the order on timed batches
+            if dense_first:
+                _, d_ms = _ms(lambda: dense(x))
+            logits, h_ms = _ms(lambda: haste(x))
+            if timed and not dense_first:
+                _, d_ms = _ms(lambda: dense(x))
+            if timed:
+                ratios.append(h_ms / d_ms)
+            preds.append(logits.argmax(1))
+    pred = torch.cat(preds)
+    n = len(images)
+    total, per_image = HasteCounts(), torch.zeros(n, dtype=torch.float64)
+    for name, info in layers.items():
+        stats = rec[name]
+        layer = HasteLayer.of_stats(stats, info["nnz"], info["center"])
+        total = total + layer.measured(stats)
+        tiles, pixels = stats.tiles / stats.samples, stats.pixels / stats.samples
+        for i, (b, bp) in enumerate(zip(stats.sample_buckets, stats.sample_bucket_pixels)):
+            per_image[i] += layer.counts(tiles, pixels, b, bp).ops
+    untouched = dense_macs - total.dense / n  # stem conv and classifier, per image
+    image_reduction = 1 - (untouched + per_image) / dense_macs
+    buckets = sum(rec[k].buckets for k in layers) / sum(rec[k].tiles * rec[k].channels for k in layers)
+    return {
+        "L": L, "seed": seed, "pointwise": pointwise, "top1": 100 * float((pred == labels).float().mean()),
+        "agreement": 100 * float((pred == dense_pred).float().mean()),
+        "reduction": 100 * (1 - (untouched * n + total.ops) / (dense_macs * n)),
+        "reduction_no_overhead": 100 * (1 - (untouched * n + total.reduced_conv) / (dense_macs * n)),
+        "reduction_image_std": 100 * float(image_reduction.std()),
+        "overhead_share": 100 * total.overhead / (dense_macs * n), "buckets_ratio": buckets,
+        "time_ratio": statistics.median(ratios), "layers": len(layers),
+    }
+
+
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(runs: list[dict[str, Any]], pointwise: bool = True) -> list[dict[str, Any]]:
+    """Per L: means and stds over the seeds (runs with 1×1 convs replaced, or kept dense)."""
+    by_l: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in runs:
+        if r["pointwise"] == pointwise:
+            by_l[r["L"]].append(r)
+    out = []
+    for L in sorted(by_l):
+        rs = by_l[L]
+        row = {"L": L, "seeds": len(rs)}
+        for key in ("top1", "agreement", "reduction", "reduction_no_overhead", "reduction_image_std",
+                    "overhead_share", "buckets_ratio", "time_ratio"):
+            row[key], row[key + "_std"] = _mean_std([r[key] for r in rs])
+        out.append(row)
+    return out
+
+
+def best_within_budget(rows: list[dict[str, Any]], dense_top1: float) -> dict[str, Any] | None:
+    """The L with the largest mean reduction whose mean top-1 drop is at most the paper's 1.25 pp."""
+    ok = [r for r in rows if dense_top1 - r["top1"] <= _PAPER["drop"] + 1e-9]
+    return max(ok, key=lambda r: r["reduction"]) if ok else None
+
+
+def landing_line(name: str, rows: list[dict[str, Any]], dense_top1: float) -> str:
+    best = best_within_budget(rows, dense_top1)
+    paper = f"paper (ResNet34, CIFAR-10): −{_PAPER['reduction']} % FLOPs at −{_PAPER['drop']} pp"
+    if best is None:
+        return f"**{name}**: no L keeps the mean top-1 drop within {_PAPER['drop']} pp ({paper})."
+    met = "met" if best["reduction"] >= _PAPER["target"] else "not met"
+    return (f"**{name}** at ≤ {_PAPER['drop']} pp: L = {best['L']}, −{best['reduction']:.2f} ± "
+            f"{best['reduction_std']:.2f} % FLOPs (with overhead) at {best['top1'] - dense_top1:+.2f} pp top-1 "
+            f"({paper}); target ≥ {_PAPER['target']:.0f} %: {met}.")
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    lines = ["# HASTE accuracy vs FLOPs on MNIST-5k (CIFAR-style ResNets)", "", f"Generated by `{data['command']}`.", "",
+             f"{data['setup']}", ""]
+    for name, model in data["models"].items():
+        dense = model["dense_top1"]
+        lines += [
+            f"## {name} (width {model['width']}, checkpoint `{model['checkpoint']}`)", "",
+            f"Dense: top-1 {dense:.2f} %, {model['dense_macs']:,} MACs per image (convs and classifier). "
+            "± is the std over seeds, [·] the std over images.", "",
+        ]
+        for pointwise in (True, False):
+            rows = summarize(model["runs"], pointwise)
+            if not rows:
+                continue
+            scope = "every conv but the stem" if pointwise else "1×1 convs kept dense"
+            lines += [
+                f"### {scope} ({rows[0]['seeds']} seeds per L)", "",
+                "| L | top-1 % | Δ top-1 pp | agreement % | FLOPs reduction % (with overhead) | without overhead % "
+                "| overhead % of dense | B/C | HASTE / dense time |",
+                "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for r in rows:
+                lines.append(
+                    f"| {r['L']} | {r['top1']:.2f} ± {r['top1_std']:.2f} | {r['top1'] - dense:+.2f} "
+                    f"| {r['agreement']:.2f} ± {r['agreement_std']:.2f} "
+                    f"| {r['reduction']:.2f} ± {r['reduction_std']:.2f} [{r['reduction_image_std']:.2f}] "
+                    f"| {r['reduction_no_overhead']:.2f} | {r['overhead_share']:.2f} | {r['buckets_ratio']:.3f} "
+                    f"| {r['time_ratio']:.2f}× |"
+                )
+            lines += ["", landing_line(f"{name}, {scope}", rows, dense), ""]
+    lines += ["![top-1 change vs FLOPs reduction](haste_accuracy.png)", ""]
+    return "\n".join(lines)
+
+
+def plot(data: dict[str, Any], path: Path) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.5), dpi=120)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for name, model in data["models"].items():
+        for pointwise in (True, False):
+            rows = summarize(model["runs"], pointwise)
+            if not rows:
+                continue
+            xs = [r["reduction"] for r in rows]
+            ys = [r["top1"] - model["dense_top1"] for r in rows]
+            ax.errorbar(xs, ys, xerr=[r["reduction_std"] for r in rows], yerr=[r["top1_std"] for r in rows],
+                        marker="o" if pointwise else "s", capsize=3, linestyle="-" if pointwise else "--",
+                        label=name if pointwise else f"{name}, 1×1 convs dense")
+            for r, x, y in zip(rows, xs, ys):
+                ax.annotate(f"L={r['L']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.axhline(-_PAPER["drop"], color="grey", linestyle=":", label=f"−{_PAPER['drop']} pp budget")
+    ax.plot([_PAPER["reduction"]], [-_PAPER["drop"]], marker="*", markersize=12, color="black", linestyle="none",
+            label="paper: ResNet34, CIFAR-10")
+    ax.axvline(_PAPER["target"], color="grey", linestyle="--", linewidth=0.8, label=f"target {_PAPER['target']:.0f} %")
+    ax.set_xlabel("FLOPs reduction with overhead (%, measured)")
+    ax.set_ylabel("top-1 change vs dense (pp)")
+    ax.set_title("HASTE on MNIST-5k: mean ± std over seeds per L")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(_BUILDERS), default=["resnet18", "resnet34"])
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--L", type=int, nargs="+", default=[8, 10, 12, 14, 16, 18, 20])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pointwise", choices=("include", "exclude", "both"), default="include",
+                        help="replace the 1×1 convs too (default), keep them dense, or run both")
+    parser.add_argument("--limit", type=int, default=1000, help="test digits used (all 1,000 by default)")
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--time-every", type=int, default=4, help="time the dense model on every n-th batch")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--cache", type=Path, default=_HERE / ".cache")
+    parser.add_argument("--out", type=Path, default=_HERE / "results" / "haste_accuracy.md")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON, add the rest")
+    parser.add_argument("--render", action="store_true", help="only redraw the Markdown and PNG from the JSON")
+    args = parser.parse_args(argv)
+    command = " ".join(["python -m benchmarks.haste_accuracy", *(sys.argv[1:] if argv is None else argv)])
+    json_path, png_path = args.out.with_suffix(".json"), args.out.with_suffix(".png")
+    if args.render or (args.resume and json_path.exists()):
+        data = json.loads(json_path.read_text())
+    else:
+        data = {"models": {}}
+    if not args.render:
+        data["command"] = command
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        split = mnist_5k()
+        images, labels = pad_to_32(split.x_test[: args.limit]), split.y_test[: args.limit]
+        data["setup"] = (
+            f"HASTE: sparsity 2/3, 4×4 output tiles, centring on, the stem conv kept dense. "
+            f"{len(images)} MNIST-5k test digits (32×32), batches of {args.batch}; "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}."
+        )
+        for name in args.models:
+            dense, checkpoint = load_model(name, args.width, args.cache)
+            with torch.no_grad():
+                dense_pred = torch.cat([dense(images[s : s + args.batch]).argmax(1)
+                                        for s in range(0, len(images), args.batch)])
+            model = data["models"].setdefault(name, {"runs": []})
+            model.update(width=args.width, checkpoint=checkpoint,
+                         dense_top1=100 * float((dense_pred == labels).float().mean()),
+                         dense_macs=int(fxslim.estimate(dense, images[:1]).total.macs))
+            done = {(r["L"], r["seed"], r["pointwise"]) for r in model["runs"]}
+            variants = {"include": (True,), "exclude": (False,), "both": (True, False)}[args.pointwise]
+            for pointwise, L, seed in ((p, L, s) for p in variants for L in args.L for s in args.seeds):
+                if (L, seed, pointwise) in done:
+                    continue
+                run = run_one(dense, images, labels, dense_pred, model["dense_macs"], L, seed, pointwise,
+                              args.batch, args.time_every)
+                model["runs"].append(run)
+                json_path.parent.mkdir(parents=True, exist_ok=True)
+                json_path.write_text(json.dumps(data, indent=1))
+                print(f"{name} L={L} seed={seed} pointwise={pointwise}: top-1 {run['top1']:.2f} %, "
+                      f"reduction {run['reduction']:.2f} %, time ×{run['time_ratio']:.2f}", flush=True)
+    text = to_markdown(data)
+    args.out.write_text(text)
+    plot(data, png_path)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
