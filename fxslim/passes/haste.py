@@ -6,7 +6,9 @@ between) unless ``skip_stem=False``, 1×1 convs when ``include_pointwise=False``
 than zeros and asymmetric 'same' padding. Emits the op with the layer's ternary hyperplanes as a
 persistent buffer (drawn with ``seed`` + the layer's index among the graph's convs) read by a get_attr,
 and stores the weights it owns in the memory layout the kernel reads ([C, kh, kw, O]; same values).
-Needs node shapes (``fxslim.capture`` provides them). Method and defaults: docs/methods/HASTE.md.
+Needs node shapes (``fxslim.capture`` provides them). In a graph that holds only part of a model (after
+a dynamo graph break, a submodule traced on its own) the graph's inputs count as the model input.
+Method and defaults: docs/methods/HASTE.md.
 """
 
 from __future__ import annotations
@@ -104,8 +106,8 @@ class HASTE(Pass):
         return out
 
     def rewrite(self, gm: fx.GraphModule, cand: Candidate, ctx: PassContext) -> dict[str, Any]:
-        # conv2d(x, W, b, σ, π, δ) -> [N, O, H', W'], per tile: Σ_c x_c ⋆ W_c
-        # haste_conv2d(x, W, b, R[L, t_h·t_w], σ, π, δ, T, center, layer) -> [N, O, H', W'], per tile: Σ_buckets mean(x_b) ⋆ Σ W_b
+        # conv2d(x, W, b, σ, π, δ) -> [N, O, H', W'];  per tile Σ_c x_c ⋆ W_c
+        # haste_conv2d(x, W, b, R[L, t_h·t_w], σ, π, δ, T, center, layer) -> same;  per tile Σ_b mean(x_b) ⋆ Σ W_b
         assert isinstance(cand, _HasteCandidate) and isinstance(cand.view, ConvView)
         cfg, view, graph = cand.config, cand.view, gm.graph
         th, tw = patch_shape(view.kernel, view.stride, view.dilation, cfg.tile)
@@ -140,9 +142,15 @@ def _is_haste(node: fx.Node) -> bool:
 
 
 def _rewritten_kind(gm: fx.GraphModule, node: fx.Node) -> str:
-    weight = node.args[1]
-    value = gm.get_parameter(str(weight.target)) if weight.op == "get_attr" else meta_val(weight)
-    return "pointwise_conv" if tuple(value.shape[2:]) == (1, 1) else "conv"
+    """'pointwise_conv' or 'conv' for a HASTE node, from its weight's kernel size."""
+    weight: Any = node.args[1]
+    if isinstance(weight, fx.Node) and weight.op == "get_attr":
+        weight = gm
+        for part in str(node.args[1].target).split("."):
+            weight = getattr(weight, part)
+    else:
+        weight = meta_val(weight)
+    return "pointwise_conv" if isinstance(weight, torch.Tensor) and tuple(weight.shape[2:]) == (1, 1) else "conv"
 
 
 def _unsupported(gm: fx.GraphModule, view: ConvView) -> str:
