@@ -25,7 +25,9 @@ B is data-dependent, so there are two numbers:
 
 Stats are given with ``bucket_counts(calibration=..., measured=...)`` around ``fxslim.estimate`` or
 ``OptimizeResult.compare`` (and ``fxslim.optimize``: the HASTE report then shows calibrated
-predictions); both map the op's ``layer`` argument to ``HasteStats``.
+predictions); both map the op's ``layer`` argument to ``HasteStats``. ``OptimizeResult`` caches its
+reports: the first ``compare()`` (or one with estimate options) must run inside the context.
+Only HASTE rows carry ``measured_macs``, so a report's ``total.measured_macs`` sums the HASTE convs.
 """
 
 from __future__ import annotations
