@@ -2,6 +2,8 @@
 
     res = fxslim.optimize(model, example_inputs, passes=["haste:L=14"])
     res.module, res.report
+    qat = fxslim.prepare(model, example_inputs)           # PROM QAT model; train it, then
+    int_model = fxslim.convert(qat)                        # integer GraphModule of torch.ops.fxslim ops
     torch.compile(model, backend="fxslim", options={"passes": ["haste"]})
 """
 
@@ -10,10 +12,12 @@ from fxslim.api import OptimizeReport, OptimizeResult, optimize
 from fxslim.capture import capture
 from fxslim.config import Config
 from fxslim.passes.base import Pass, parse_pass, register_pass, registered_passes
+from fxslim.passes.prom import PROM, calibrate, prepare
+from fxslim.passes.prom_convert import convert
 from fxslim.policy import Policy
 
 __all__ = [
     "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy",
-    "parse_pass", "register_pass", "registered_passes", "runtime",
+    "parse_pass", "register_pass", "registered_passes", "runtime", "PROM", "prepare", "calibrate", "convert",
 ]
 __version__ = "0.1.0"
