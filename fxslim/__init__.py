@@ -1,7 +1,8 @@
 """fxslim: torch.fx passes that make vision models cheaper to run, and a cost model that says by how much.
 
     res = fxslim.optimize(model, example_inputs, passes=["haste:L=14"])
-    res.module, res.report
+    res.module, res.report, res.compare()
+    fxslim.estimate(model, example_inputs).total.macs
     qat = fxslim.prepare(model, example_inputs)           # PROM QAT model; train it, then
     int_model = fxslim.convert(qat)                        # integer GraphModule of torch.ops.fxslim ops
     torch.compile(model, backend="fxslim", options={"passes": ["haste"]})
@@ -11,6 +12,7 @@ from fxslim import runtime  # registers the torch.ops.fxslim.* custom ops
 from fxslim.api import OptimizeReport, OptimizeResult, optimize
 from fxslim.capture import capture
 from fxslim.config import Config
+from fxslim.cost_model import Conventions, compare, estimate
 from fxslim.passes.base import Pass, parse_pass, register_pass, registered_passes
 from fxslim.passes.prom import PROM, calibrate, prepare
 from fxslim.passes.prom_convert import convert
@@ -18,6 +20,7 @@ from fxslim.policy import Policy
 
 __all__ = [
     "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy",
-    "parse_pass", "register_pass", "registered_passes", "runtime", "PROM", "prepare", "calibrate", "convert",
+    "parse_pass", "register_pass", "registered_passes", "runtime", "estimate", "compare", "Conventions",
+    "PROM", "prepare", "calibrate", "convert",
 ]
 __version__ = "0.1.0"
