@@ -14,7 +14,6 @@ pooled tensor), every conv(+BN+ReLU/ReLU6) output and every add output. BN stays
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
@@ -40,6 +39,7 @@ __all__ = ["PROM", "PerTensorQConv2d", "PerTensorQLinear", "prepare", "calibrate
 
 _log = logging.getLogger(__name__)
 _QUANT_PREFIX = "prom_quant"
+
 
 def _producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """Where a tensor is made: walk back through value-preserving ops (flatten, dropout, ...)."""
@@ -84,11 +84,11 @@ class _PerTensorMixin:
 
 
 class PerTensorQConv2d(_PerTensorMixin, QConv2d):
-    pass
+    """``QConv2d`` with one weight scale (ternary α or int8 step) for the whole tensor."""
 
 
 class PerTensorQLinear(_PerTensorMixin, QLinear):
-    pass
+    """``QLinear`` with one int8 weight step for the whole tensor."""
 
 
 @register_pass("prom")
@@ -123,28 +123,26 @@ class PROM(Pass):
             raise ValueError(f"PROM: expected a symbolic-traced graph (IR 'module', call_module convs), got IR {ctx.ir!r}")
 
     def match(self, gm: fx.GraphModule, ctx: PassContext, report: PassReport) -> list[Candidate]:
-        """1. skip layers already wrapped; 2. every conv/linear view: reject or resolve its config;
-        3. the last ternary-shaped conv gets ``last_pointwise``; 4. residual adds."""
+        """1. skip layers already wrapped; 2. find the last ternary-shaped conv (``last_pointwise``);
+        3. every conv/linear view: reject, or resolve its config; 4. residual adds."""
         calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
         for node in gm.graph.nodes:
             if isinstance(module_of(gm, node), (QConv2d, QLinear)):
                 report.skip(node, node_fqn(node, gm), "quantized_layer", "already_rewritten")
         layers: list[Candidate] = []
-        for view in views(gm):
-            if not isinstance(view, (ConvView, LinearView)):
-                continue
+        weighted = [v for v in views(gm) if isinstance(v, (ConvView, LinearView))]
+        last = next((v.node for v in reversed(weighted) if _ternary_shaped(gm, v) and not _reject(gm, v, calls)), None)
+        for view in weighted:
             kind = conv_kind(view) if isinstance(view, ConvView) else "linear"
             reason = _reject(gm, view, calls)
             if reason:
                 report.skip(view.node, view.fqn, kind, reason)
                 continue
             cfg = self.resolve(ctx, view.node, view.fqn, kind, report)
+            if cfg is not None and view.node is last and self.last_pointwise == "int8":
+                cfg = replace_fields(cfg, pointwise="int8")
             if cfg is not None:
                 layers.append(Candidate(view.node, view, view.fqn, kind, cfg))
-        ternary_shaped = [i for i, c in enumerate(layers) if _ternary_shaped(gm, c.view)]
-        if ternary_shaped and self.last_pointwise == "int8":
-            last = layers[ternary_shaped[-1]]
-            layers[ternary_shaped[-1]] = dataclasses.replace(last, config=replace_fields(last.config, pointwise="int8"))
         adds = []
         for node in gm.graph.nodes:
             if not is_residual_add(node) or any(float_tensor(a) is None for a in node.args):
@@ -244,6 +242,9 @@ def prepare(
 
     Same as ``fxslim.optimize(model, example_inputs, passes=[config]).module``; the report is
     stored in ``prepared.meta["fxslim_report"]`` (a GraphModule when the model traces whole).
+    Train it like the float model (``fxslim.models.train.fit``/``train_step`` or any loop, also
+    wrapped in DistributedDataParallel: observer state lives in buffers), or only ``calibrate`` it
+    for post-training quantization; then ``fxslim.convert`` it.
     """
     config = PROM() if config is None else config
     if not isinstance(config, PROM):

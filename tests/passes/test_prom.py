@@ -30,6 +30,15 @@ from fxslim.runtime.quant import ActFakeQuant, QConv2d
 ops = torch.ops.fxslim
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread for the whole module, module fixtures included (shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _bn_recalibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
     """Random weights with BN running statistics estimated on ``x`` (train-mode forward,
     cumulative average): without it BN is the identity and random MobileNetV2 activations shrink
@@ -300,6 +309,6 @@ def test_prom_add_relu_and_mean_pool_convert_within_one_lsb():
 
 def test_example_prom_qat_own_loop_runs():
     root = Path(__file__).resolve().parents[2]
-    out = subprocess.run([sys.executable, str(root / "examples" / "prom_qat_own_loop.py"), "--steps", "30"],
+    out = subprocess.run([sys.executable, str(root / "examples" / "prom_qat_own_loop.py"), "--steps", "10"],
                          capture_output=True, text=True, timeout=300, cwd=root, check=True)
     assert "integer model top-1" in out.stdout
