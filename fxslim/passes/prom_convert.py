@@ -152,22 +152,31 @@ class _Builder:
             args.append(values[argument.name])
         return self.graph.create_node("call_function", op.op, tuple(args), name=name)
 
-    def replay(self, node: fx.Node) -> fx.Node:
-        """A value-preserving op on the new graph (dropout/identity vanish; view becomes reshape)."""
+    def replay(self, node: fx.Node, source: fx.Node) -> fx.Node:
+        """A value-preserving op applied to ``source`` (a new-graph node): dropout and identity
+        vanish, view becomes reshape."""
         if node.op == "call_module":
             module = self.gm.get_submodule(str(node.target))
             if isinstance(module, _PASSTHROUGH):
-                return self.env[node.args[0]][0]
-            return self.graph.call_function(torch.flatten, (self.env[node.args[0]][0], module.start_dim, module.end_dim))
+                return source
+            return self.graph.call_function(torch.flatten, (source, module.start_dim, module.end_dim))
         if node.op == "call_function" and node.target is torch.nn.functional.dropout:
-            return self.env[node.args[0]][0]
-        new = self.graph.node_copy(node, lambda a: self.env[a][0])
+            return source
+        new = self.graph.node_copy(node, lambda a: source if a is node.args[0] else self.env[a][0])
         if new.op == "call_method" and new.target == "view":
             new.target = "reshape"  # integer codes are channels_last: view may not apply
         return new
 
 
 def _convert_chain(b: _Builder, chain: _Chain) -> fx.Node:
+    """The chain's integer op, then its value-preserving tail replayed on the codes."""
+    out = _convert_core(b, chain)
+    for node in chain.tail:
+        out = b.replay(node, out)
+    return out
+
+
+def _convert_core(b: _Builder, chain: _Chain) -> fx.Node:
     quant = b.gm.get_submodule(str(chain.quant.target))
     core, name = chain.core, chain.core.name
     if chain.kind == "input":
@@ -221,7 +230,7 @@ def convert(qat_model: nn.Module) -> fx.GraphModule:
         elif node.op == "output":
             b.graph.output(fx.node.map_arg(node.args[0], lambda a: _dequantized(b, a)))
         elif is_shape_op(gm, node):
-            b.env[node] = (b.replay(node), b.env[node.args[0]][1])
+            b.env[node] = (b.replay(node, b.env[node.args[0]][0]), b.env[node.args[0]][1])
         else:
             raise _error(node, "cannot convert this op (not part of a conv/linear/add/pool chain ending in an ActFakeQuant)")
     out = fx.GraphModule(b.buffers, b.graph, f"{type(gm).__name__}PROM")

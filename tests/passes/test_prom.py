@@ -18,6 +18,7 @@ import torchvision
 from torch import nn
 
 import fxslim
+from fxslim.capture import trace
 from fxslim.ir import detect_ir
 from fxslim.models.data import imagenet_normalize, mnist_5k, photos
 from fxslim.models.mobilenet_mnist import load_mobilenet_mnist
@@ -312,3 +313,22 @@ def test_example_prom_qat_own_loop_runs():
     out = subprocess.run([sys.executable, str(root / "examples" / "prom_qat_own_loop.py"), "--steps", "10"],
                          capture_output=True, text=True, timeout=300, cwd=root, check=True)
     assert "integer model top-1" in out.stdout
+
+
+def test_prom_convert_replays_value_preserving_ops_between_layer_and_quantizer():
+    class Hand(nn.Module):
+        """x → q → int8 conv → ReLU → flatten → q (a QAT graph written by hand, not by prepare)."""
+
+        def __init__(self):
+            super().__init__()
+            self.q_in, self.conv, self.q_out = ActFakeQuant(), QConv2d(nn.Conv2d(3, 4, 3), "int8"), ActFakeQuant()
+
+        def forward(self, x):
+            return self.q_out(torch.relu(self.conv(self.q_in(x))).flatten(1))
+
+    x = torch.randn(8, 3, 6, 6)
+    qat = calibrate(trace(Hand(), leaf_modules=(QConv2d, ActFakeQuant)), [x])
+    next(iter(qat.graph.nodes)).meta["val"] = x  # the input shape convert propagates from (prepare sets it)
+    int_model = convert(qat)
+    assert int_model(x).shape == (8, 64)
+    assert code_agreement(qat, int_model, x).within_one == 1.0
