@@ -10,10 +10,11 @@ from fxslim.api import OptimizeReport, OptimizeResult, optimize
 from fxslim.capture import capture
 from fxslim.config import Config
 from fxslim.passes.base import Pass, parse_pass, register_pass, registered_passes
+from fxslim.passes.httm import HTTM
 from fxslim.policy import Policy
 
 __all__ = [
-    "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy",
+    "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy", "HTTM",
     "parse_pass", "register_pass", "registered_passes", "runtime",
 ]
 __version__ = "0.1.0"
