@@ -123,6 +123,35 @@ def _matchers(run: ModelRun) -> str:
     return f"{convs} conv/{pointwise} pw/{global_attn}+{local_attn} global+local attn, {len(found)} IRs"
 
 
+def _meta_flops(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int | None:
+    """FlopCounterMode's count on a meta copy (CPU SDPA counts 0 on real tensors); None if the
+    model cannot run on meta tensors (data-dependent Python)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    try:
+        meta = copy.deepcopy(model).to("meta")
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            meta(*[x.to("meta") for x in inputs])
+    except Exception:  # a model that needs real values cannot be cross-checked this way
+        return None
+    return counter.get_total_flops()
+
+
+@step("estimate")
+def _estimate(run: ModelRun) -> str:
+    import fxslim
+
+    report = fxslim.estimate(run.model, run.inputs)
+    if report.unknown_ops:
+        raise AssertionError(f"ops without a cost formula: {sorted(report.unknown_ops)}")
+    expected = _meta_flops(run.model, run.inputs)
+    if expected is None:
+        return f"{report.total.macs / 1e6:.1f} MMACs (no meta cross-check)"
+    if report.total.flops != expected:
+        raise AssertionError(f"FLOPs {report.total.flops} != FlopCounterMode {expected}")
+    return f"{report.total.macs / 1e6:.1f} MMACs = FlopCounterMode"
+
+
 def _flatten(out: object) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]

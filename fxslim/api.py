@@ -8,6 +8,7 @@ with its graphs rewritten.
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from collections import Counter
@@ -54,13 +55,41 @@ class OptimizeReport:
 
 @dataclass
 class OptimizeResult:
-    """``module``: the rewritten copy; ``report``: what each pass did; ``captured``: the graphs."""
+    """``module``: the rewritten copy; ``report``: what each pass did; ``captured``: the graphs;
+    ``cost_before``/``cost_after``: cost reports (computed on first use, default conventions)."""
 
     module: nn.Module
     report: OptimizeReport
     captured: Captured
     passes: tuple[Pass, ...]
     example_inputs: tuple | None = None
+    source: Any = field(default=None, repr=False)  # the caller's model (never modified)
+
+    @functools.cached_property
+    def cost_before(self) -> Any:
+        return self._estimate("before")
+
+    @functools.cached_property
+    def cost_after(self) -> Any:
+        return self._estimate("after")
+
+    def compare(self, **estimate_options: Any) -> Any:
+        """Before/after ``Comparison`` per module; options go to ``fxslim.estimate`` (e.g. ``deploy="fp16"``)."""
+        from fxslim.cost_model import compare
+
+        if not estimate_options:
+            return compare(self.cost_before, self.cost_after)
+        return compare(self._estimate("before", **estimate_options), self._estimate("after", **estimate_options))
+
+    def _estimate(self, which: str, **options: Any) -> Any:
+        from fxslim.cost_model import estimate
+
+        if which == "after":  # the rewritten graphs, fxslim ops counted through the cost registry
+            return estimate(self.captured, self.example_inputs, **options)
+        if self.source is None:
+            raise ValueError("OptimizeResult: the original model is not available (source=None)")
+        method = "export" if self.report.capture == "export" else "symbolic"
+        return estimate(self.source, self.example_inputs, capture=method, **options)
 
 
 def parse_passes(passes: Sequence[Pass | str] | Pass | str) -> tuple[Pass, ...]:
@@ -112,4 +141,4 @@ def optimize(
                 raise ValueError(message)
             warnings.warn(message, stacklevel=2)
     return OptimizeResult(captured.module, report, captured, parsed,
-                          tuple(example_inputs) if example_inputs is not None else None)
+                          tuple(example_inputs) if example_inputs is not None else None, source=model)

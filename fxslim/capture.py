@@ -143,12 +143,23 @@ def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
 # Shapes
 
 
+class _Propagate(FakeTensorProp):
+    """FakeTensorProp that also keeps plain Python values (``x.device``, ``x.dtype``) in
+    ``meta['val']``, so later single-node replays can rebuild every argument."""
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if "val" not in n.meta and isinstance(result, (torch.device, torch.dtype, str, type(None))):
+            n.meta["val"] = result
+        return result
+
+
 def _fake_propagate(gm: fx.GraphModule, args: Sequence[Any]) -> None:
     """Write ``meta['val']`` on every node by running the graph on fake tensors."""
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
     with torch.no_grad():
-        FakeTensorProp(gm, mode).propagate(*fake_args)
+        _Propagate(gm, mode).propagate(*fake_args)
 
 
 def _positional(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:

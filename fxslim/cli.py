@@ -1,6 +1,8 @@
 """The ``fxslim`` command.
 
     fxslim inspect MODEL --input 1x3x224x224 [--ir symbolic|export|dynamo] [--format table|json]
+    fxslim report MODEL --input 1x3x224x224 [--passes P ...] [--format table|json|md|csv|html]
+                  [--out PATH] [--plot out.png] [--deploy fp16|int8|prom[:...]] [--conventions k=v,...]
 
 MODEL is ``torchvision:NAME``, ``timm:NAME``, ``fxslim:NAME`` or ``path/to/file.py:factory``.
 """
@@ -8,10 +10,12 @@ MODEL is ``torchvision:NAME``, ``timm:NAME``, ``fxslim:NAME`` or ``path/to/file.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TextIO
 
 from fxslim.capture import Captured, capture, capture_dynamo
 from fxslim.inspection import inspect_graphs, summarize
@@ -64,6 +68,59 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 _COMMANDS["inspect"] = _cmd_inspect
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fxslim.cost_model import Conventions, compare, estimate
+    from fxslim.cost_model import format as fmt
+    from fxslim.cost_model import plots
+
+    model = load_model(args.model)
+    example = make_inputs(args.input)
+    conventions = Conventions.from_string(f"conventions:{args.conventions}") if args.conventions else Conventions()
+    options = {"deploy": args.deploy} if args.deploy else {}
+    if args.passes:
+        from fxslim.api import optimize
+
+        res = optimize(model, example, passes=args.passes, capture=args.ir)
+        before = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
+        after = estimate(res.captured, example, table=args.table, conventions=conventions, **options)
+        result: Any = compare(before, after)
+        figure = plots.plot_comparison(result, "energy_pj") if args.plot else None
+    else:
+        result = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
+        figure = plots.plot_breakdown(result, "macs") if args.plot else None
+    if figure is not None:
+        plots.save_figure(figure, args.plot)
+    is_report = not args.passes
+    if args.format == "table":
+        from rich.console import Console
+
+        table = result.table(nonzero=not args.all_rows) if is_report else result.table()
+        with _output(args.out) as stream:
+            Console(file=stream, width=args.width).print(table)
+        return 0
+    text = {
+        "json": lambda: fmt.to_json(result),
+        "md": lambda: result.to_markdown(nonzero=not args.all_rows) if is_report else result.to_markdown(),
+        "csv": result.to_csv,
+        "html": result.to_html,
+    }[args.format]()
+    with _output(args.out) as stream:
+        stream.write(text if text.endswith("\n") else text + "\n")
+    return 0
+
+
+@contextlib.contextmanager
+def _output(path: str | None) -> Iterator[TextIO]:
+    if path is None:
+        yield sys.stdout
+        return
+    with open(path, "w", encoding="utf-8") as stream:
+        yield stream
+
+
+_COMMANDS["report"] = _cmd_report
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxslim", description="Graph passes that make vision models cheaper, and their cost.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -73,6 +130,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ir", choices=("symbolic", "export", "dynamo"), default="symbolic")
     p.add_argument("--format", choices=("table", "json"), default="table")
     p.add_argument("--width", type=int, default=160, help="table width in characters")
+
+    r = sub.add_parser("report", help="cost of a model (MACs, energy, storage), or before/after passes")
+    r.add_argument("model", help="torchvision:NAME, timm:NAME, fxslim:NAME or path/to/file.py:factory")
+    r.add_argument("--input", action="append", required=True, help="input shape such as 1x3x224x224 (repeat for more inputs)")
+    r.add_argument("--passes", nargs="+", action="extend", help="passes to run first, e.g. haste:L=14 (report before/after)")
+    r.add_argument("--format", choices=("table", "json", "md", "csv", "html"), default="table")
+    r.add_argument("--out", help="write the report to this file instead of stdout")
+    r.add_argument("--plot", help="also write a plot (PNG): breakdown by kind, or per-layer before/after energy")
+    r.add_argument("--deploy", help="count the float model as deployed: fp16, int8, "
+                                    "prom[:last_pointwise=int8,...] or kind=format,...")
+    r.add_argument("--conventions", help="other conventions as key=value,... e.g. accumulator_bits=8,include_requant=true")
+    r.add_argument("--table", default="horowitz45nm", help="energy table: a bundled name or a JSON file")
+    r.add_argument("--ir", choices=("symbolic", "export"), default="symbolic")
+    r.add_argument("--all-rows", action="store_true", help="list zero-cost nodes too")
+    r.add_argument("--width", type=int, default=160, help="table width in characters")
     return parser
 
 

@@ -126,7 +126,7 @@ def detect_ir(gm: fx.GraphModule) -> IR:
     has_module = False
     for node in gm.graph.nodes:
         if node.op == "call_function" and isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            if node.target.namespace == "aten":
+            if str(node.target).split(".", 1)[0] == "aten":  # packets have no .namespace
                 return "aten"
         if node.op == "call_module":
             has_module = True

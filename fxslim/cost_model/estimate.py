@@ -1,0 +1,163 @@
+"""``fxslim.estimate``: capture a model, cost every node, apply the conventions, return a CostReport.
+
+1. Capture. An ``nn.Module`` is traced as a *meta twin* (the same modules with parameters on the
+   meta device; the caller's model is untouched) and its shapes propagated on meta tensors, which is
+   fast and allocates nothing. Models that do not trace whole, GraphModules (symbolic or dynamo),
+   ExportedPrograms and ``Captured`` objects go through ``fxslim.capture`` as they are.
+2. Count. Conv, linear and attention nodes are costed from their canonical views
+   (``fxslim.cost_model.views``) in every IR; an attention chain is one row and its matmuls are not
+   counted again. A node whose target has a registered formula is costed directly. Any other node
+   (torch functions, tensor methods, leaf modules) runs once on meta tensors while the aten ops it
+   dispatches are recorded and costed through the registry; ops without a formula are reported in
+   ``CostReport.unknown_ops``. In a model that does not trace whole, the code of the modules that
+   stayed eager is run once (on meta tensors, else with the real weights) and its own aten ops are
+   costed the same way, one "(eager) <module>" row per module.
+3. Apply conventions. Each MAC-bearing row gets an operand format (its node's dtype, the format an
+   fxslim op declares, or the "as deployed" assignment), which fixes its arithmetic by bit width,
+   energy and the storage of its weights.
+
+With ``symbolic={"frames": (0, 1)}`` (size name -> dim of input 0, or (input index, dim)), shapes are
+propagated with symbolic sizes and every count is a sympy expression in those names.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from fxslim.capture import Captured
+from fxslim.cost_model.apply import Finisher
+from fxslim.cost_model.conventions import Conventions
+from fxslim.cost_model.energy import EnergyTable, load_table
+from fxslim.cost_model.graph import peak_activation_bytes
+from fxslim.cost_model.report import CostReport, CostTotals, ScalingTable
+from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, record_eager, symbolic_dims, to_expr
+from fxslim.cost_model.walk import Walker
+
+__all__ = ["estimate", "recost", "sweep"]
+
+
+def estimate(
+    model: nn.Module | fx.GraphModule | torch.export.ExportedProgram | Captured,
+    example_inputs: Sequence[Any] | torch.Tensor | None = None,
+    *,
+    table: str | Mapping[str, Any] | EnergyTable = "horowitz45nm",
+    conventions: Conventions | Mapping[str, Any] | None = None,
+    capture: str = "symbolic",
+    leaf_modules: Sequence[type] = (),
+    symbolic: Mapping[str, int | tuple[int, int]] | None = None,
+    **options: Any,
+) -> CostReport:
+    """Cost of every node of ``model`` at ``example_inputs`` (see the module docstring).
+
+    ``conventions``: a ``Conventions`` or a dict of its fields; keyword ``options`` (e.g.
+    ``deploy="fp16"``, ``accumulator_bits=8``) override single fields. ``table``: an energy table
+    name (``available_tables()``), a JSON path or a dict. ``symbolic``: size names -> input dims.
+    """
+    conv = _conventions(conventions, options)
+    energy_table = load_table(table)
+    if conv.include_memory:
+        energy_table.memory_energy(conv.memory_level)  # validates the level against the table
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    example_inputs = tuple(example_inputs) if example_inputs is not None else None
+    if capture not in ("symbolic", "export"):
+        raise ValueError(f"capture: expected 'symbolic' or 'export', got {capture!r}")
+    if symbolic:
+        if example_inputs is None:
+            raise ValueError("symbolic: example_inputs are needed to name input sizes")
+        symbolic_dims(symbolic, example_inputs)
+    source = capture_for_cost(model, example_inputs, capture, leaf_modules, symbolic)
+    mode, rename, symbols = None, {}, {}
+    if symbolic:
+        if any(g.ir == "torch" for g in source.captured.graphs):
+            raise ValueError("symbolic: not available for dynamo graphs; pass the nn.Module, a symbolic-traced "
+                             "GraphModule or an ExportedProgram")
+        if isinstance(model, Captured):  # never change the caller's graphs' shapes
+            source = Source(copy.deepcopy(model))
+        mode, rename, symbols = propagate_symbolic(source, example_inputs, symbolic)
+    else:
+        source.eager = record_eager(source.captured, example_inputs)
+    inputs = [tuple(to_expr(d, rename) for d in x.shape) for x in (example_inputs or ()) if isinstance(x, torch.Tensor)]
+    state = _State(source, mode, rename, symbols, _model_name(model), inputs)
+    return _report(state, conv, energy_table)
+
+
+@dataclass(frozen=True)
+class _State:
+    """What a report keeps to be costed again under other conventions without capturing again."""
+
+    source: Source
+    mode: Any
+    rename: Mapping[Any, Any]
+    symbols: dict[str, Any]
+    model: str
+    inputs: list[tuple]
+
+
+def _report(state: _State, conv: Conventions, energy_table: EnergyTable) -> CostReport:
+    walker = Walker(state.source, conv, state.mode)
+    raws = walker.rows()
+    finisher = Finisher(conv, energy_table, state.rename)
+    rows = finisher.rows(raws)
+    peak = None if state.symbols else peak_activation_bytes(state.source.captured, rows)
+    return CostReport(
+        rows=rows, total=CostTotals.of(rows, peak), conventions=conv, energy_table=energy_table,
+        unknown_ops=walker.unknown, energy_missing=finisher.missing, untraced=list(state.source.captured.untraced),
+        symbols=dict(state.symbols), model=state.model, inputs=list(state.inputs), captured=state.source.captured,
+        state=state,
+    )
+
+
+def recost(report: CostReport, conventions: Conventions | Mapping[str, Any] | None = None,
+           table: str | Mapping[str, Any] | EnergyTable | None = None, **options: Any) -> CostReport:
+    """``report``'s model costed under other conventions (fields not given keep the report's values)."""
+    if report.state is None:
+        raise ValueError("with_conventions: this report was not made by estimate() (no captured state)")
+    base = conventions if conventions is not None else report.conventions
+    conv = _conventions(base, options)
+    energy_table = load_table(table) if table is not None else report.energy_table
+    if conv.include_memory:
+        energy_table.memory_energy(conv.memory_level)
+    return _report(report.state, conv, energy_table)
+
+
+def sweep(model: Any, make_inputs: Callable[[int], Any], size: str, values: Sequence[int],
+          **estimate_options: Any) -> ScalingTable:
+    """Numeric totals at several values of one input size: ``make_inputs(value)`` builds the example
+    inputs. For costs that are not polynomials of the size (e.g. token merging with rounding per
+    block), where ``estimate(..., symbolic=...)`` cannot apply; otherwise both agree."""
+    totals = []
+    name = ""
+    for value in values:
+        report = estimate(model, make_inputs(int(value)), **estimate_options)
+        name = report.model
+        t = report.total
+        totals.append({"macs": t.macs, "flops": t.flops, "elementwise": t.elementwise, "energy_pj": t.energy_pj,
+                       "activation_bytes": t.activation_bytes})
+    return ScalingTable(size, [int(v) for v in values], totals, name)
+
+
+def _conventions(conventions: Conventions | Mapping[str, Any] | None, options: Mapping[str, Any]) -> Conventions:
+    if conventions is None:
+        base: dict[str, Any] = {}
+    elif isinstance(conventions, Conventions):
+        base = {k: v for k, v in conventions.to_dict().items() if k not in ("name", "version")}
+    elif isinstance(conventions, Mapping):
+        base = dict(conventions)
+    else:
+        raise TypeError(f"conventions: expected a Conventions, a dict or None, got {type(conventions).__name__}")
+    base.update(options)
+    return Conventions(**Conventions._check_keys(base))
+
+
+def _model_name(model: Any) -> str:
+    if isinstance(model, Captured):
+        return type(model.module).__name__
+    return type(model).__name__

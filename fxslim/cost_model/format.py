@@ -1,0 +1,372 @@
+"""Formatting of cost reports and comparisons: rich tables, JSON, Markdown, CSV, self-contained HTML.
+
+Every function takes a report (data) and returns a string or a ``rich.table.Table``; nothing
+prints. HTML reports inline their CSS and embed plots as base64 PNG data URIs, so a report is one
+file that needs no network. Symbolic counts appear as their sympy expressions.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+from typing import Any
+
+import sympy
+
+from fxslim.cost_model.report import Comparison, CostReport, CostRow, CostTotals
+
+__all__ = [
+    "report_dict", "comparison_dict", "to_json", "to_markdown", "to_csv", "to_html", "rich_table",
+    "comparison_markdown", "comparison_csv", "comparison_html", "comparison_rich_table", "human",
+]
+
+
+def _plain(value: Any) -> Any:
+    """JSON-friendly: ints/floats as numbers, sympy expressions as strings."""
+    if isinstance(value, sympy.Basic):
+        if value.is_Integer:
+            return int(value)
+        if value.is_Number:
+            return float(value)
+        return str(value)
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def human(value: Any, digits: int = 3) -> str:
+    """12,345,678 -> '12.3M'; expressions as text."""
+    if value is None:
+        return ""
+    if isinstance(value, sympy.Basic) and not value.is_Number:
+        return str(value)
+    value = float(value)
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(value) >= scale:
+            return f"{value / scale:.{digits}g}{unit}"
+    return f"{value:.{digits}g}"
+
+
+def _ops_text(ops: dict) -> str:
+    return "; ".join(f"{op}:{fmt}={_plain(v)}" for (op, fmt), v in sorted(ops.items()))
+
+
+def _totals_dict(t: CostTotals) -> dict[str, Any]:
+    return _plain({
+        "macs": t.macs, "flops": t.flops, "elementwise": t.elementwise, "energy_pj": t.energy_pj,
+        "energy_uj": t.energy_uj, "params": t.params, "storage_bits": t.storage_bits,
+        "storage_bytes": t.storage_bytes, "activation_bytes": t.activation_bytes,
+        "peak_activation_bytes": t.peak_activation_bytes, "measured_macs": t.measured_macs,
+        "ops": {f"{op}:{fmt}": v for (op, fmt), v in t.ops.items()},
+    })
+
+
+def _row_dict(r: CostRow) -> dict[str, Any]:
+    return _plain({
+        "graph": r.graph, "node": r.node, "op": r.op, "kind": r.kind, "module": r.fqn,
+        "input_shapes": [list(s) for s in r.input_shapes], "output_shape": list(r.output_shape or ()),
+        "dtype": r.dtype, "format": r.format, "macs": r.macs, "flops": r.flops, "elementwise": r.elementwise,
+        "ops": {f"{op}:{fmt}": v for (op, fmt), v in r.ops.items()}, "energy_pj": r.energy_pj,
+        "params": r.params, "storage_bits": r.storage_bits, "activation_bytes": r.activation_bytes,
+        "bytes_read": r.bytes_read, "bytes_written": r.bytes_written, "measured_macs": r.measured_macs,
+        "unknown": list(r.unknown), "info": dict(r.info),
+    })
+
+
+def report_dict(report: CostReport) -> dict[str, Any]:
+    """The whole report as plain data."""
+    conv = report.conventions.to_dict()
+    return {
+        "model": report.model,
+        "inputs": _plain([list(s) for s in report.inputs]),
+        "conventions": _plain({k: (dict(v) if hasattr(v, "items") else v) for k, v in conv.items()}),
+        "conventions_text": report.conventions.describe(),
+        "energy_table": {"name": report.energy_table.name, "citation": report.energy_table.citation},
+        "symbols": sorted(report.symbols),
+        "total": _totals_dict(report.total),
+        "by_kind": {k: _totals_dict(v) for k, v in report.by_kind().items()},
+        "unknown_ops": report.unknown_ops,
+        "energy_missing": _plain({f"{op}:{fmt}": v for (op, fmt), v in report.energy_missing.items()}),
+        "untraced": [list(u) for u in report.untraced],
+        "rows": [_row_dict(r) for r in report.rows],
+    }
+
+
+def comparison_dict(comp: Comparison) -> dict[str, Any]:
+    """A comparison as plain data (totals, ratios before/after, per module)."""
+    return {
+        "model": comp.before.model,
+        "before": {"conventions_text": comp.before.conventions.describe(), "total": _totals_dict(comp.before.total)},
+        "after": {"conventions_text": comp.after.conventions.describe(), "total": _totals_dict(comp.after.total)},
+        "ratios": {k: comp.ratio(k) for k in ("macs", "energy_pj", "storage_bytes", "params")},
+        "rows": [{"module": r.fqn, "kind_before": r.kind_before, "kind_after": r.kind_after,
+                  "before": _totals_dict(r.before), "after": _totals_dict(r.after)} for r in comp.rows],
+        "unknown_ops": {"before": comp.before.unknown_ops, "after": comp.after.unknown_ops},
+    }
+
+
+def to_json(obj: CostReport | Comparison, indent: int = 2) -> str:
+    data = report_dict(obj) if isinstance(obj, CostReport) else comparison_dict(obj)
+    return json.dumps(data, indent=indent)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+_COLUMNS = ("module (node)", "kind", "format", "output", "MACs", "FLOPs", "elementwise", "energy (pJ)", "params",
+            "storage (B)")
+_FIRST_NUMERIC = 4
+
+
+def _cells(r: CostRow) -> list[str]:
+    out = "×".join(str(_plain(d)) for d in r.output_shape) if r.output_shape else ""
+    node = f"{r.graph}/{r.node}" if r.graph else r.node
+    same = r.fqn.replace(".", "_").lstrip("_") == node.lstrip("_")  # fx names nodes after their module
+    name = r.fqn if r.fqn and same else (f"{r.fqn} ({node})" if r.fqn else f"({node})")
+    return [name, r.kind, r.format or "", out, _int(r.macs), _int(r.flops), _int(r.elementwise),
+            _float(r.energy_pj), _int(r.params), _float(r.storage_bytes)]
+
+
+def _int(v: Any) -> str:
+    v = _plain(v)
+    return f"{v:,}" if isinstance(v, int) else (f"{v:,.0f}" if isinstance(v, float) else str(v))
+
+
+def _float(v: Any) -> str:
+    v = _plain(v)
+    if isinstance(v, (int, float)):
+        return f"{v:,.2f}" if v != int(v) and abs(v) < 1000 else f"{round(v):,}"
+    return str(v)
+
+
+def _shown(report: CostReport, nonzero: bool) -> list[CostRow]:
+    if not nonzero:
+        return list(report.rows)
+    return [r for r in report.rows if not (r.macs == 0 and r.elementwise == 0 and r.params == 0 and not r.unknown)]
+
+
+def _summary_lines(report: CostReport) -> list[str]:
+    t = report.total
+    lines = [
+        f"MACs {_int(t.macs)} (FLOPs {_int(t.flops)}), elementwise {_int(t.elementwise)}",
+        f"energy {_float(t.energy_pj)} pJ ({_float(t.energy_uj)} µJ), table {report.energy_table.name}",
+        f"parameters {_int(t.params)}, storage {_float(t.storage_bytes)} bytes",
+        f"peak activations {_int(t.peak_activation_bytes)} bytes" if t.peak_activation_bytes is not None else "",
+        f"conventions: {report.conventions.describe()}",
+    ]
+    if report.unknown_ops:
+        lines.append("ops without a cost formula (not counted): " + ", ".join(
+            f"{op} ×{len(nodes)}" for op, nodes in report.unknown_ops.items()))
+    if report.energy_missing:
+        lines.append("no energy in the table for: " + ", ".join(f"{op}:{fmt}" for op, fmt in report.energy_missing))
+    if report.untraced:
+        lines.append("did not trace whole (their eager code is costed from the aten ops it ran): "
+                     + ", ".join(p or "<root>" for p, _ in report.untraced))
+    return [line for line in lines if line]
+
+
+def rich_table(report: CostReport, nonzero: bool = True) -> Any:
+    """A ``rich.table.Table`` with one row per costed node and the totals as caption."""
+    from rich.table import Table
+
+    table = Table(title=f"{report.model} cost", caption="\n".join(_summary_lines(report)), caption_justify="left")
+    for i, col in enumerate(_COLUMNS):
+        numeric = i >= _FIRST_NUMERIC
+        table.add_column(col, justify="right" if numeric else "left", no_wrap=i >= 1, overflow="fold")
+    for r in _shown(report, nonzero):
+        table.add_row(*_cells(r))
+    t = report.total
+    table.add_row("total", "", "", "", _int(t.macs), _int(t.flops), _int(t.elementwise), _float(t.energy_pj),
+                  _int(t.params), _float(t.storage_bytes), style="bold")
+    return table
+
+
+def _md_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def to_markdown(report: CostReport, nonzero: bool = True) -> str:
+    """Summary, totals by kind and the per-node table in Markdown."""
+    kinds = report.by_kind()
+    kind_rows = [[k, _int(t.macs), _int(t.elementwise), _float(t.energy_pj), _int(t.params)] for k, t in kinds.items()]
+    parts = [
+        f"# Cost of {report.model}",
+        "",
+        "\n".join(f"- {line}" for line in _summary_lines(report)),
+        f"- energy table citation: {report.energy_table.citation}",
+        "",
+        "## By kind",
+        "",
+        _md_table(("kind", "MACs", "elementwise", "energy (pJ)", "params"), kind_rows),
+        "",
+        "## Per node",
+        "",
+        _md_table(_COLUMNS, [_cells(r) for r in _shown(report, nonzero)]),
+        "",
+    ]
+    return "\n".join(parts)
+
+
+_CSV_FIELDS = ("graph", "node", "op", "kind", "module", "dtype", "format", "input_shapes", "output_shape", "macs",
+               "flops", "elementwise", "ops", "energy_pj", "params", "storage_bits", "activation_bytes",
+               "bytes_read", "bytes_written", "measured_macs", "unknown")
+
+
+def to_csv(report: CostReport) -> str:
+    """One CSV line per node (every node, zero-cost ones included)."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(_CSV_FIELDS)
+    for r in report.rows:
+        d = _row_dict(r)
+        d["ops"] = _ops_text(r.ops)
+        d["unknown"] = ";".join(r.unknown)
+        d["input_shapes"] = " ".join("x".join(map(str, s)) for s in d["input_shapes"])
+        d["output_shape"] = "x".join(map(str, d["output_shape"]))
+        writer.writerow([d[f] for f in _CSV_FIELDS])
+    return buf.getvalue()
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML
+
+_CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em;color:#222}
+h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.5em}
+table{border-collapse:collapse;font-size:.8em}th,td{border:1px solid #ccc;padding:2px 6px}
+th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
+tr.total td{font-weight:bold;background:#fafafa}ul{line-height:1.5}img{max-width:100%}
+.note{color:#666;font-size:.85em}
+""".strip()
+
+
+def _img(fig: Any) -> str:
+    from fxslim.cost_model.plots import png_bytes
+
+    data = base64.b64encode(png_bytes(fig)).decode("ascii")
+    return f'<img alt="plot" src="data:image/png;base64,{data}">'
+
+
+def _html_table(header: tuple[str, ...] | list[str], rows: list[list[str]], numeric_from: int,
+                total: list[str] | None = None) -> str:
+    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    for row in rows + ([total] if total else []):
+        cls = ' class="total"' if total is not None and row is total else ""
+        cells = "".join(f'<td{" class=n" if i >= numeric_from else ""}>{html.escape(c)}</td>' for i, c in enumerate(row))
+        out.append(f"<tr{cls}>{cells}</tr>")
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _page(title: str, body: list[str]) -> str:
+    return "\n".join([
+        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
+        *body, "</body>", "</html>", "",
+    ])
+
+
+def _numeric(report: CostReport) -> bool:
+    return not report.is_symbolic
+
+
+def to_html(report: CostReport, plots: bool = True) -> str:
+    """A self-contained HTML page: summary, plots (embedded PNG), totals by kind, per-node table."""
+    body = [f"<h1>Cost of {html.escape(report.model)}</h1>", "<ul>"]
+    body += [f"<li>{html.escape(line)}</li>" for line in _summary_lines(report)]
+    body += [f'<li class="note">energy table: {html.escape(report.energy_table.citation)}</li>', "</ul>"]
+    if plots and _numeric(report):
+        from fxslim.cost_model.plots import plot_breakdown, plot_layers
+
+        body += ["<h2>Breakdown</h2>", _img(plot_breakdown(report, "macs")), _img(plot_breakdown(report, "energy_pj")),
+                 "<h2>Per layer</h2>", _img(plot_layers(report, "macs"))]
+    kinds = [[k, _int(t.macs), _int(t.elementwise), _float(t.energy_pj), _int(t.params)] for k, t in report.by_kind().items()]
+    body += ["<h2>By kind</h2>", _html_table(("kind", "MACs", "elementwise", "energy (pJ)", "params"), kinds, 1)]
+    t = report.total
+    total = ["total", "", "", "", _int(t.macs), _int(t.flops), _int(t.elementwise), _float(t.energy_pj),
+             _int(t.params), _float(t.storage_bytes)]
+    body += ["<h2>Per node</h2>", _html_table(_COLUMNS, [_cells(r) for r in _shown(report, True)], _FIRST_NUMERIC, total)]
+    return _page(f"Cost of {report.model}", body)
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparisons
+
+_CMP_COLUMNS = ("module", "kind before", "kind after", "MACs before", "MACs after", "energy before (pJ)",
+                "energy after (pJ)", "storage before (B)", "storage after (B)")
+
+
+def _cmp_cells(fqn: str, kb: str, ka: str, b: CostTotals, a: CostTotals) -> list[str]:
+    return [fqn or "<root>", kb, ka, _int(b.macs), _int(a.macs), _float(b.energy_pj), _float(a.energy_pj),
+            _float(b.storage_bytes), _float(a.storage_bytes)]
+
+
+def _cmp_rows(comp: Comparison) -> list[list[str]]:
+    rows = [r for r in comp.rows if not (r.before.macs == 0 and r.after.macs == 0 and r.before.energy_pj == 0
+                                         and r.after.energy_pj == 0 and r.before.params == 0 and r.after.params == 0)]
+    return [_cmp_cells(r.fqn, r.kind_before, r.kind_after, r.before, r.after) for r in rows]
+
+
+def _cmp_summary(comp: Comparison) -> list[str]:
+    lines = []
+    for name, label in (("macs", "MACs"), ("energy_pj", "energy (pJ)"), ("storage_bytes", "storage (bytes)"),
+                        ("params", "parameters")):
+        ratio = comp.ratio(name)
+        b, a = getattr(comp.before.total, name), getattr(comp.after.total, name)
+        lines.append(f"{label}: {_float(b)} -> {_float(a)}" + (f" (before/after {ratio:.2f}×)" if ratio else ""))
+    lines.append(f"conventions before: {comp.before.conventions.describe()}")
+    lines.append(f"conventions after: {comp.after.conventions.describe()}")
+    for label, rep in (("before", comp.before), ("after", comp.after)):
+        if rep.unknown_ops:
+            lines.append(f"ops without a cost formula ({label}): " + ", ".join(rep.unknown_ops))
+    return lines
+
+
+def comparison_rich_table(comp: Comparison) -> Any:
+    from rich.table import Table
+
+    table = Table(title=f"{comp.before.model}: before / after", caption="\n".join(_cmp_summary(comp)),
+                  caption_justify="left")
+    for col in _CMP_COLUMNS:
+        table.add_column(col, justify="left" if col in ("module", "kind before", "kind after") else "right", overflow="fold")
+    for row in _cmp_rows(comp):
+        table.add_row(*row)
+    table.add_row(*_cmp_cells("total", "", "", comp.before.total, comp.after.total), style="bold")
+    return table
+
+
+def comparison_markdown(comp: Comparison) -> str:
+    rows = _cmp_rows(comp) + [_cmp_cells("**total**", "", "", comp.before.total, comp.after.total)]
+    return "\n".join([f"# {comp.before.model}: before / after", "",
+                      "\n".join(f"- {line}" for line in _cmp_summary(comp)), "", _md_table(_CMP_COLUMNS, rows), ""])
+
+
+def comparison_csv(comp: Comparison) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    fields = ("macs", "elementwise", "energy_pj", "params", "storage_bits")
+    writer.writerow(["module", "kind_before", "kind_after"] + [f"{f}_{w}" for f in fields for w in ("before", "after")])
+    for r in comp.rows:
+        writer.writerow([r.fqn, r.kind_before, r.kind_after]
+                        + [_plain(getattr(x, f)) for f in fields for x in (r.before, r.after)])
+    return buf.getvalue()
+
+
+def comparison_html(comp: Comparison, plots: bool = True) -> str:
+    body = [f"<h1>{html.escape(comp.before.model)}: before / after</h1>", "<ul>"]
+    body += [f"<li>{html.escape(line)}</li>" for line in _cmp_summary(comp)]
+    body += [f'<li class="note">energy table: {html.escape(comp.before.energy_table.citation)}</li>', "</ul>"]
+    if plots and _numeric(comp.before) and _numeric(comp.after):
+        from fxslim.cost_model.plots import plot_comparison
+
+        body += ["<h2>Per layer</h2>", _img(plot_comparison(comp, "macs")), _img(plot_comparison(comp, "energy_pj"))]
+    total = _cmp_cells("total", "", "", comp.before.total, comp.after.total)
+    body += ["<h2>Per module</h2>", _html_table(_CMP_COLUMNS, _cmp_rows(comp), 3, total)]
+    return _page(f"{comp.before.model}: before / after", body)

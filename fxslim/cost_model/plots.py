@@ -1,0 +1,118 @@
+"""matplotlib figures of cost reports: per-layer bars (before/after), breakdown by kind, scaling curves.
+
+Figures are built on ``matplotlib.figure.Figure`` with the Agg canvas directly: no pyplot state,
+no display, nothing global changed. ``png_bytes(fig)`` renders one for embedding (HTML reports).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from fxslim.cost_model.report import Comparison, CostReport, ScalingTable
+
+__all__ = ["plot_breakdown", "plot_layers", "plot_comparison", "plot_scaling", "png_bytes", "save_figure"]
+
+_LABELS = {"macs": "MACs", "flops": "FLOPs", "energy_pj": "energy (pJ)", "elementwise": "elementwise ops",
+           "storage_bits": "storage (bits)", "params": "parameters", "activation_bytes": "activation bytes"}
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except TypeError:
+        raise ValueError(f"plots: expected numeric counts, got the expression {value}; "
+                         "evaluate() the report first") from None
+
+
+def _figure(width: float = 8.0, height: float = 4.0) -> Figure:
+    fig = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_breakdown(report: CostReport, metric: str = "macs") -> Figure:
+    """Bar chart of ``metric`` summed per op kind."""
+    kinds = report.by_kind()
+    items = sorted(((k, _number(getattr(t, metric))) for k, t in kinds.items()), key=lambda kv: -kv[1])
+    items = [(k, v) for k, v in items if v > 0] or items
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.bar([k for k, _ in items], [v for _, v in items], color="#4c72b0")
+    ax.set_ylabel(_LABELS.get(metric, metric))
+    ax.set_title(f"{report.model}: {_LABELS.get(metric, metric)} by kind")
+    ax.tick_params(axis="x", rotation=45)
+    fig.tight_layout()
+    return fig
+
+
+def plot_layers(report: CostReport, metric: str = "macs", top: int = 40) -> Figure:
+    """Bars of ``metric`` per module (the ``top`` largest, in execution order)."""
+    mods = [(m, _number(getattr(t, metric))) for m, t in report.by_module().items()]
+    keep = {m for m, _ in sorted(mods, key=lambda kv: -kv[1])[:top]}
+    mods = [(m or "<root>", v) for m, v in mods if m in keep and v > 0]
+    fig = _figure(max(8.0, 0.25 * len(mods)), 4.5)
+    ax = fig.add_subplot()
+    ax.bar(range(len(mods)), [v for _, v in mods], color="#4c72b0")
+    ax.set_xticks(range(len(mods)), [m for m, _ in mods], rotation=90, fontsize=6)
+    ax.set_ylabel(_LABELS.get(metric, metric))
+    ax.set_title(f"{report.model}: {_LABELS.get(metric, metric)} per layer")
+    fig.tight_layout()
+    return fig
+
+
+def plot_comparison(comparison: Comparison, metric: str = "energy_pj", top: int = 40) -> Figure:
+    """Side-by-side bars of ``metric`` per module, before and after."""
+    rows = [(r.fqn or "<root>", _number(getattr(r.before, metric)), _number(getattr(r.after, metric)))
+            for r in comparison.rows]
+    rows = [r for r in rows if r[1] > 0 or r[2] > 0]
+    keep = {r[0] for r in sorted(rows, key=lambda r: -max(r[1], r[2]))[:top]}
+    rows = [r for r in rows if r[0] in keep]
+    fig = _figure(max(8.0, 0.3 * len(rows)), 4.5)
+    ax = fig.add_subplot()
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], width=0.4, label="before", color="#4c72b0")
+    ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], width=0.4, label="after", color="#dd8452")
+    ax.set_xticks(list(xs), [r[0] for r in rows], rotation=90, fontsize=6)
+    ax.set_ylabel(_LABELS.get(metric, metric))
+    ax.set_title(f"{comparison.before.model}: {_LABELS.get(metric, metric)} per layer, before and after")
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def plot_scaling(tables: ScalingTable | Sequence[ScalingTable], metric: str = "macs",
+                 labels: Sequence[str] | None = None) -> Figure:
+    """Cost against one input size (e.g. frames); several tables (with/without a pass) overlay."""
+    tables = [tables] if isinstance(tables, ScalingTable) else list(tables)
+    labels = list(labels) if labels is not None else [t.model for t in tables]
+    fig = _figure(6.5, 4.0)
+    ax = fig.add_subplot()
+    for table, label in zip(tables, labels):
+        ax.plot(table.values, [_number(v) for v in table.column(metric)], marker="o", label=label)
+    ax.set_xlabel(tables[0].size)
+    ax.set_ylabel(_LABELS.get(metric, metric))
+    ax.set_title(f"{_LABELS.get(metric, metric)} against {tables[0].size}")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    return fig
+
+
+def png_bytes(fig: Figure) -> bytes:
+    """The figure rendered as PNG."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def save_figure(fig: Figure, path: str | Path) -> Path:
+    """Write the figure (format from the file suffix) and return the path."""
+    path = Path(path)
+    fig.savefig(path)
+    return path

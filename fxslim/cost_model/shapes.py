@@ -1,0 +1,396 @@
+"""Graphs and shapes for costing: a fast meta-device capture, symbolic sizes, and running a node
+on meta tensors to see which aten ops it dispatches.
+
+``capture_for_cost`` traces an ``nn.Module`` as a *meta twin* (its modules with parameters on the
+meta device, the caller's model untouched) and propagates shapes on meta tensors while recording
+each node's aten ops: fast, no memory, no second run. Models that do not trace whole, GraphModules,
+ExportedPrograms and ``Captured`` objects go through ``fxslim.capture`` as they are; their nodes are
+run one by one on meta tensors (``NodeRunner``) when their aten ops are needed.
+
+``propagate_symbolic`` re-propagates shapes in a FakeTensorMode with a ShapeEnv where named input
+dims are symbols, so every shape, and every count computed from it, is an expression in them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._ops import OpOverload
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fxslim.capture import Captured, Graph, capture as capture_graphs, trace
+from fxslim.ir import meta_val
+
+__all__ = ["Source", "capture_for_cost", "propagate_symbolic", "symbolic_dims", "record_eager", "to_expr", "NodeRunner",
+           "Recorder", "meta_twin", "to_meta", "attribute"]
+
+_log = logging.getLogger(__name__)
+
+_SKIP_RECORD = {
+    torch.ops.aten.size.default, torch.ops.aten.sym_size.default, torch.ops.aten.stride.default,
+    torch.ops.aten.sym_stride.default, torch.ops.aten.storage_offset.default, torch.ops.aten.numel.default,
+    torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default, torch.ops.aten.is_contiguous.default,
+    torch.ops.aten.is_contiguous.memory_format, torch.ops.prim.device.default, torch.ops.prim.layout.default,
+}
+
+
+def meta_twin(model: nn.Module) -> nn.Module:
+    """A structural copy of ``model`` whose parameters and buffers are meta tensors."""
+    memo: dict[int, Any] = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        meta = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(meta, requires_grad=t.requires_grad) if isinstance(t, nn.Parameter) else meta
+    return copy.deepcopy(model, memo)
+
+
+def to_meta(value: Any) -> Any:
+    """Meta tensors with the shapes, strides and dtypes of the tensors in ``value`` (nested)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty_strided(tuple(value.shape), tuple(value.stride()), dtype=value.dtype, device="meta")
+    if isinstance(value, torch.Size):
+        return value
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_meta(v) for v in value)
+    if isinstance(value, dict):
+        return {k: to_meta(v) for k, v in value.items()}
+    return value
+
+
+class MetaProp(fx.Interpreter):
+    """Shape propagation on meta tensors: ``meta['val']`` for every node, and the aten ops each
+    node dispatched (so costing does not run the nodes again)."""
+
+    def __init__(self, gm: fx.GraphModule, recorded: dict[fx.Node, list]) -> None:
+        super().__init__(gm)
+        self.recorded = recorded
+
+    def run_node(self, n: fx.Node) -> Any:
+        recorder = Recorder()
+        with recorder:
+            result = super().run_node(n)
+        n.meta["val"] = result
+        if n.op in ("call_function", "call_method", "call_module"):
+            self.recorded[n] = recorder.calls
+        return result
+
+
+@dataclass
+class Source:
+    """A captured model plus where the real weight values are (the twin holds meta tensors)."""
+
+    captured: Captured
+    real: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: bool = False
+    recorded: dict[fx.Node, list] = field(default_factory=dict)
+    eager: dict[str, list] | None = field(default_factory=dict)  # untraced module -> its own aten ops
+
+
+def capture_for_cost(model: Any, example_inputs: tuple | None, method: str, leaf_modules: Sequence[type],
+                     dynamic: Mapping[str, Any] | None = None) -> Source:
+    """Graphs of ``model`` with shapes on every node (see the module docstring); ``dynamic`` names
+    the input dims an export must keep symbolic."""
+    if isinstance(model, Captured):
+        return Source(model)
+    if isinstance(model, nn.Module) and not isinstance(model, fx.GraphModule) and example_inputs is not None:
+        named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        real = {name: t for name, t in named if t.device.type != "meta"}
+        meta_inputs = to_meta(tuple(example_inputs))
+        try:
+            twin = meta_twin(model)
+            if method == "export":
+                ep = torch.export.export(twin, meta_inputs, dynamic_shapes=_dynamic_shapes(example_inputs, dynamic))
+                gm = ep.module()
+                return Source(Captured(gm, [Graph("", gm, "aten")], [], "export", _batch(example_inputs)), real, True)
+            gm = trace(twin, leaf_modules)
+            recorded: dict[fx.Node, list] = {}
+            with torch.no_grad():
+                MetaProp(gm, recorded).run(*meta_inputs)
+            captured = Captured(gm, [Graph("", gm, "module")], [], "symbolic", _batch(example_inputs))
+            return Source(captured, real, True, recorded)
+        except Exception as exc:  # tracing or meta execution runs user code: fall back to full capture
+            _log.info("meta capture of %s failed (%s: %s); capturing with real weights",
+                      type(model).__name__, type(exc).__name__, exc)
+    return Source(capture_graphs(model, example_inputs, method=method, leaf_modules=leaf_modules))
+
+
+def symbolic_dims(dims: Mapping[str, Any], example_inputs: Sequence[Any]) -> dict[int, dict[int, str]]:
+    """{input index: {dim: name}} from ``{"frames": (0, 1), "batch": 0}``, checked."""
+    wanted: dict[int, dict[int, str]] = {}
+    for name, where in dims.items():
+        index, dim = (0, where) if isinstance(where, int) else tuple(where)
+        if not (0 <= index < len(example_inputs)) or not isinstance(example_inputs[index], torch.Tensor):
+            raise ValueError(f"symbolic[{name!r}]: expected a dim of a tensor input "
+                             f"(index < {len(example_inputs)}), got {where!r}")
+        if not (-example_inputs[index].dim() <= dim < example_inputs[index].dim()):
+            raise ValueError(f"symbolic[{name!r}]: input {index} has {example_inputs[index].dim()} dims, got dim {dim}")
+        wanted.setdefault(index, {})[dim % example_inputs[index].dim()] = name
+    return wanted
+
+
+def _dynamic_shapes(example_inputs: Sequence[Any], dynamic: Mapping[str, Any] | None) -> tuple | None:
+    if not dynamic:
+        return None
+    wanted = symbolic_dims(dynamic, example_inputs)
+    return tuple({d: torch.export.Dim.AUTO for d in wanted.get(i, {})} or None for i in range(len(example_inputs)))
+
+
+def _batch(example_inputs: Sequence[Any]) -> Any:
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and x.dim() >= 1:
+            return x.shape[0]
+    return None
+
+
+# ----------------------------------------------------------------------------------------------
+# Symbolic sizes
+
+
+def _symbolic_inputs(example_inputs: tuple, dims: Mapping[str, Any], mode: FakeTensorMode,
+                     device: str | None) -> tuple[list[Any], dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol]]:
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
+
+    wanted = symbolic_dims(dims, example_inputs)
+    fakes: list[Any] = []
+    rename: dict[sympy.Symbol, sympy.Symbol] = {}
+    symbols: dict[str, sympy.Symbol] = {}
+    for i, x in enumerate(example_inputs):
+        if not isinstance(x, torch.Tensor):
+            fakes.append(x)
+            continue
+        named = wanted.get(i, {})
+        dynamic = [DimDynamic.DYNAMIC if d in named else DimDynamic.STATIC for d in range(x.dim())]
+        base = x if device is None else to_meta(x)
+        fake = mode.from_tensor(base, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dynamic))
+        for d, name in named.items():
+            expr = fake.shape[d].node.expr
+            symbol = sympy.Symbol(name, integer=True, positive=True)
+            rename[expr] = symbol
+            symbols[name] = symbol
+        fakes.append(fake)
+    return fakes, rename, symbols
+
+
+class _RecordingFakeProp(FakeTensorProp):
+    """FakeTensorProp that also records the aten ops of every node."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, recorded: dict[fx.Node, list]) -> None:
+        super().__init__(gm, mode)
+        self.recorded = recorded
+
+    def run_node(self, n: fx.Node) -> Any:
+        recorder = Recorder()
+        with recorder:
+            result = super().run_node(n)
+        if n.op in ("call_function", "call_method", "call_module"):
+            self.recorded[n] = recorder.calls
+        return result
+
+
+def propagate_symbolic(
+    source: Source, example_inputs: tuple, dims: Mapping[str, Any],
+) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol]]:
+    """Re-run shape propagation with symbolic sizes: ``meta['val']`` then holds SymInt shapes and
+    ``source.recorded`` the aten ops of every node on those shapes."""
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    env = ShapeEnv(specialize_zero_one=False, duck_shape=False, assume_static_by_default=True)
+    mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
+    fakes, rename, symbols = _symbolic_inputs(example_inputs, dims, mode, "meta" if source.meta else None)
+    captured = source.captured
+    source.recorded.clear()
+    if captured.whole:
+        with torch.no_grad():
+            _RecordingFakeProp(captured.graphs[0].gm, mode, source.recorded).propagate_dont_convert_inputs(*fakes)
+        _check_not_specialised(env, rename)
+        return mode, rename, symbols
+    seen: dict[str, tuple] = {}
+    recorder = _EagerRecorder()  # the eager code's own ops, on symbolic sizes too
+    handles = recorder.hooks(captured.module, captured)
+    for graph in captured.graphs:
+        def hook(mod: nn.Module, args: tuple, _path: str = graph.path) -> None:
+            seen.setdefault(_path, args)
+        handles.append(graph.gm.register_forward_pre_hook(hook))
+    try:
+        with mode, torch.no_grad(), recorder:
+            captured.module(*fakes)
+    except Exception as exc:  # the eager glue is user code: say why symbolic sizes are impossible
+        untraced = ", ".join(p or "<root>" for p, _ in captured.untraced)
+        raise ValueError(
+            f"symbolic: {type(captured.module).__name__} does not trace whole and the parts that stay eager "
+            f"({untraced}) cannot run with symbolic sizes ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
+            "symbolic counts need eager code that depends on shapes only, not on tensor values"
+        ) from exc
+    finally:
+        for h in handles:
+            h.remove()
+    source.eager = recorder.calls
+    for graph in captured.graphs:
+        if graph.path in seen:
+            with torch.no_grad():
+                _RecordingFakeProp(graph.gm, mode, source.recorded).propagate_dont_convert_inputs(*seen[graph.path])
+    _check_not_specialised(env, rename)
+    return mode, rename, symbols
+
+
+def _check_not_specialised(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> None:
+    """Raise when the graph pinned a named size to its example value (e.g. export's input checks)."""
+    for symbol, name in rename.items():
+        fixed = env.replacements.get(symbol)
+        if fixed is not None and fixed.is_number:
+            raise ValueError(
+                f"symbolic: the model fixes {str(name)!r} to {fixed} (e.g. a flatten feeding a Linear needs that "
+                "size, or an exported graph checks its input sizes unless exported with dynamic shapes); name only "
+                "sizes the model works with at any value"
+            )
+
+
+def to_expr(value: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> Any:
+    """A count as an int, or a sympy expression in the named sizes."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        value = value.node.expr
+    if isinstance(value, sympy.Basic):
+        value = sympy.expand(value.xreplace(dict(rename))) if rename else value
+        if value.is_Integer:
+            return int(value)
+        return value
+    return value
+
+
+# ----------------------------------------------------------------------------------------------
+# Recording the aten ops of a node, and of the code that stayed eager
+
+
+class Recorder(TorchDispatchMode):
+    """Records every aten op (with its arguments and outputs) run inside it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[OpOverload, tuple, dict, Any]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func not in _SKIP_RECORD:
+            self.calls.append((func, args, kwargs, out))
+        return out
+
+
+class _EagerRecorder(TorchDispatchMode):
+    """Records the aten ops run outside the traced graphs, per innermost untraced module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: dict[str, list] = {}
+        self.modules: list[str] = []
+        self.in_graph = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.in_graph and self.modules and func not in _SKIP_RECORD:
+            self.calls.setdefault(self.modules[-1], []).append((func, args, kwargs, out))
+        return out
+
+    def hooks(self, root: nn.Module, captured: Captured) -> list[Any]:
+        """Forward hooks on ``root``'s graphs and untraced modules that keep track of where we are."""
+        def enter_graph(*_: Any) -> None:
+            self.in_graph += 1
+
+        def leave_graph(*_: Any) -> None:
+            self.in_graph -= 1
+
+        def leave_module(*_: Any) -> None:
+            self.modules.pop()
+
+        handles = []
+        for graph in captured.graphs:
+            gm = root.get_submodule(graph.path)
+            handles += [gm.register_forward_pre_hook(enter_graph), gm.register_forward_hook(leave_graph)]
+        for path, _ in captured.untraced:
+            mod = root.get_submodule(path) if path else root
+
+            def enter_module(*_: Any, _path: str = path) -> None:
+                self.modules.append(_path)
+
+            handles += [mod.register_forward_pre_hook(enter_module), mod.register_forward_hook(leave_module)]
+        return handles
+
+
+def record_eager(captured: Captured, example_inputs: tuple | None) -> dict[str, list] | None:
+    """The aten ops that the untraced modules of a partly traced model run themselves (outside its
+    graphs), per module path: on a meta twin, else (value-dependent code) with the real weights.
+    None when the eager code runs in neither way."""
+    if captured.whole or not captured.untraced or example_inputs is None:
+        return {}
+    attempts = [(meta_twin(captured.module), to_meta(tuple(example_inputs))), (captured.module, tuple(example_inputs))]
+    for root, inputs in attempts:
+        recorder = _EagerRecorder()
+        handles = recorder.hooks(root, captured)
+        try:
+            with torch.no_grad(), recorder:
+                root(*inputs)
+            return recorder.calls
+        except Exception as exc:  # eager user code: try the next way, else report it as unknown
+            _log.info("eager parts of %s did not run (%s: %s)", type(captured.module).__name__, type(exc).__name__, exc)
+        finally:
+            for h in handles:
+                h.remove()
+    return None
+
+
+class NodeRunner:
+    """Runs single nodes on meta tensors (or in the symbolic fake mode) to see their aten ops."""
+
+    def __init__(self, mode: FakeTensorMode | None) -> None:
+        self.mode = mode
+        self._modules: dict[int, nn.Module] = {}
+
+    def _module(self, mod: nn.Module) -> nn.Module:
+        if self.mode is not None:
+            return mod
+        if id(mod) not in self._modules:
+            self._modules[id(mod)] = meta_twin(mod)
+        return self._modules[id(mod)]
+
+    def _value(self, gm: fx.GraphModule, node: fx.Node) -> Any:
+        if node.op == "get_attr":
+            value = attribute(gm, str(node.target))
+        else:
+            value = meta_val(node)
+            if value is None and "val" not in node.meta and "example_value" not in node.meta:
+                raise ValueError(f"node {node.name!r} has no shape information")
+        return value if self.mode is not None else to_meta(value)
+
+    def record(self, gm: fx.GraphModule, node: fx.Node) -> list[tuple[OpOverload, tuple, dict, Any]]:
+        args = fx.node.map_arg(node.args, lambda n: self._value(gm, n))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: self._value(gm, n))
+        recorder = Recorder()
+        context = self.mode if self.mode is not None else contextlib.nullcontext()
+        with context, torch.no_grad(), recorder:
+            if node.op == "call_module":
+                self._module(gm.get_submodule(str(node.target)))(*args, **kwargs)
+            elif node.op == "call_method":
+                getattr(args[0], str(node.target))(*args[1:], **kwargs)
+            else:
+                node.target(*args, **kwargs)
+        return recorder.calls
+
+
+def attribute(gm: fx.GraphModule, path: str) -> Any:
+    obj: Any = gm
+    for part in path.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+

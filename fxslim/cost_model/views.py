@@ -1,0 +1,80 @@
+"""Cost formulas for canonical views (conv, linear, attention): the same numbers in every IR.
+
+A view stands for a whole node (or, for hand-written attention, a chain of nodes) however it was
+captured, so these formulas are written once. MACs match FlopCounterMode's (FLOPs = 2·MACs);
+multi-head attention includes its in/out projections, as FlopCounterMode sees them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch.fx as fx
+
+from fxslim.cost_model.ops_aten import SOFTMAX_OPS
+from fxslim.cost_model.registry import OpCost
+from fxslim.ir import AttentionView, ConvView, LinearView, View, shape_of
+from fxslim.passes.matchers import conv_kind
+
+__all__ = ["view_cost"]
+
+
+def _conv_cost(view: ConvView) -> OpCost:
+    """[n, c_in, h, w] * [c_out, c_in/g, kh, kw] -> [n, c_out, h', w']: n·c_out·(c_in/g)·kh·kw·h'·w' MACs.
+    Ignores: the bias addition (see Conventions.include_bias), padding."""
+    return OpCost(macs=view.macs, kind=conv_kind(view))
+
+
+def _linear_cost(view: LinearView) -> OpCost:
+    """[..., in] @ [out, in]^T -> [..., out]: rows·in·out MACs.
+    Ignores: the bias addition (see Conventions.include_bias)."""
+    return OpCost(macs=view.macs, kind="linear")
+
+
+def _projection_macs(view: AttentionView, gm: fx.GraphModule) -> Any:
+    """MACs of the projections an MHA or a wrapped attention function performs itself."""
+    if view.form == "mha":
+        embed = view.heads * view.head_dim
+        kdim = shape_of(view.k)[-1]
+        vdim = shape_of(view.v)[-1]
+        q_rows, kv_rows = view.batch * view.q_len, view.batch * view.kv_len
+        # q, k, v in-projections ([rows, e_in] @ [e_in, embed]) and the out-projection [rows, embed] @ [embed, embed]
+        return q_rows * embed * embed + kv_rows * kdim * embed + kv_rows * vdim * embed + q_rows * embed * embed
+    if view.form == "wrapped":
+        # weight matrices passed as arguments (e.g. Swin's qkv_weight [3c, c], proj_weight [c, c]) act on every token
+        rows = view.batch * view.q_len
+        total: Any = 0
+        for arg in view.node.args[1:]:
+            if isinstance(arg, fx.Node) and arg.op in ("get_attr", "placeholder"):
+                shape = shape_of(arg) or _attr_shape(gm, arg)
+                if shape is not None and len(shape) == 2:
+                    total = total + rows * math.prod(shape)
+        return total
+    return 0
+
+
+def _attr_shape(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
+    obj: Any = gm
+    for part in str(node.target).split("."):
+        obj = getattr(obj, part, None)
+    return tuple(obj.shape) if hasattr(obj, "shape") else None
+
+
+def _attention_cost(view: AttentionView, gm: fx.GraphModule) -> OpCost:
+    """[b, h, s_q, d] @ [b, h, d, s_k] -> [b, h, s_q, s_k] @ [b, h, s_k, d_v]: b·h·s_q·s_k·(d + d_v) MACs
+    (+ projections for MHA and wrapped forms); softmax, scale and mask per score are elementwise.
+    Ignores: causal masking (not discounted), relative-position bias additions, MHA's bias_k/add_zero_attn."""
+    scores = view.batch * view.heads * view.q_len * view.kv_len
+    elementwise = scores * (SOFTMAX_OPS + 1 + (1 if view.has_mask else 0))
+    return OpCost(macs=view.macs + _projection_macs(view, gm), elementwise=elementwise, kind="attention",
+                  info={"form": view.form, "heads": view.heads, "q_len": view.q_len, "kv_len": view.kv_len})
+
+
+def view_cost(view: View, gm: fx.GraphModule) -> OpCost:
+    """The cost of a conv, linear or attention view."""
+    if isinstance(view, ConvView):
+        return _conv_cost(view)
+    if isinstance(view, LinearView):
+        return _linear_cost(view)
+    return _attention_cost(view, gm)

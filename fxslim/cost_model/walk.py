@@ -1,0 +1,295 @@
+"""Raw counts per node, before conventions: views, registered formulas, recorded aten ops.
+
+Conv, linear and attention nodes are costed from their canonical views in every IR, and an
+attention chain is one row (its matmuls are not counted again). A node whose target has a
+registered formula is costed directly; any other node's aten ops (recorded while its shapes were
+propagated, or by running it on meta tensors) are costed through the registry. Ops without a
+formula are collected per op name for ``CostReport.unknown_ops``. Each weight is attributed to
+the first node that reads it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch._ops import OpOverload, OpOverloadPacket
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from fxslim.capture import Graph
+from fxslim.cost_model.conventions import Conventions
+from fxslim.cost_model.registry import (
+    OpCall, OpCost, TensorSpec, format_of_dtype, lookup, op_namespace, registered_kind, spec_of,
+)
+from fxslim.cost_model.shapes import NodeRunner, Source, attribute
+from fxslim.cost_model.views import view_cost
+from fxslim.ir import AttentionView, View, meta_val, node_fqn, views
+
+__all__ = ["RawRow", "Walker", "is_zero"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class RawRow:
+    """A node's counts as its formulas gave them (conventions not applied yet)."""
+
+    graph: str
+    name: str  # the node's name, or "(eager) <module>" for the eager code of an untraced module
+    op: str
+    fqn: str
+    kind: str = "data"
+    macs: Any = 0
+    elementwise: Any = 0
+    ops: dict = field(default_factory=dict)
+    declared: str | None = None
+    dtype: str | None = None
+    inputs: list[TensorSpec] = field(default_factory=list)
+    out: TensorSpec | None = None
+    params: list[tuple[str, Any, torch.Tensor | None]] = field(default_factory=list)  # (name, tensor, real values)
+    has_bias: bool = False
+    bytes_read: Any = None
+    bytes_written: Any = None
+    cost_params: Any = None
+    storage_bits: Any = None
+    measured_macs: Any = None
+    zero_fraction: float | None = None
+    unknown: list[str] = field(default_factory=list)
+    info: dict = field(default_factory=dict)
+
+    def add(self, cost: OpCost, kind: str) -> None:
+        """Add one op's cost; the row's kind is that of its first MAC op, else its first costed op."""
+        kind = cost.kind or kind
+        if not is_zero(cost.macs) and is_zero(self.macs):
+            self.kind = kind
+        elif is_zero(self.macs) and self.kind == "data" and kind != "data":
+            self.kind = kind
+        self.macs = self.macs + cost.macs
+        self.elementwise = self.elementwise + cost.elementwise
+        for k, v in cost.ops.items():
+            self.ops[k] = self.ops.get(k, 0) + v
+        if cost.format is not None and self.declared is None:
+            self.declared = cost.format
+        for name in ("bytes_read", "bytes_written", "storage_bits", "measured_macs", "zero_fraction"):
+            value = getattr(cost, name)
+            if value is not None:
+                setattr(self, name, value if getattr(self, name) is None else getattr(self, name) + value)
+        if cost.params is not None:
+            self.cost_params = cost.params if self.cost_params is None else self.cost_params + cost.params
+        self.info.update(cost.info)
+
+
+def is_zero(value: Any) -> bool:
+    return isinstance(value, (int, float)) and value == 0
+
+
+def _op_name(node: fx.Node, gm: fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return type(gm.get_submodule(str(node.target))).__name__
+    if node.op == "call_method":
+        return f".{node.target}"
+    target = node.target
+    if isinstance(target, (OpOverload, OpOverloadPacket)):
+        return str(target)
+    return getattr(target, "__name__", str(target))
+
+
+def _fqn(node: fx.Node, gm: fx.GraphModule) -> str:
+    """The node's module path; for nodes a pass inserted without module metadata, the module that
+    owns the first weight it reads (``"features.2.conv.0.weight"`` -> ``"features.2.conv.0"``)."""
+    fqn = node_fqn(node, gm)
+    if fqn or node.op != "call_function" or "nn_module_stack" in node.meta:
+        return fqn
+    names = gm.meta.get("fxslim_placeholder_fqns", {})
+    prefix = gm.meta.get("fxslim_prefix", "")
+    for arg in _flat_nodes((node.args, node.kwargs)):
+        path = str(arg.target) if arg.op == "get_attr" else names.get(arg.name) if arg.op == "placeholder" else None
+        if path and "." in path:
+            return ".".join(p for p in (prefix, path.rsplit(".", 1)[0]) if p)
+    return fqn
+
+
+def _flat_nodes(args: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(args, lambda n: out.append(n))
+    return out
+
+
+class Walker:
+    """Turns the captured graphs into raw rows."""
+
+    def __init__(self, source: Source, conventions: Conventions, mode: FakeTensorMode | None) -> None:
+        self.source = source
+        self.conventions = conventions
+        self.runner = NodeRunner(mode)
+        self.seen_params: set[str] = set()
+        self.unknown: dict[str, list[str]] = {}
+
+    def rows(self) -> list[RawRow]:
+        out = []
+        for graph in self.source.captured.graphs:
+            out.extend(self._graph_rows(graph))
+        out.extend(self._eager_rows())
+        return out
+
+    def _eager_rows(self) -> list[RawRow]:
+        """One row per untraced module: the aten ops its own eager code ran (outside any graph)."""
+        captured = self.source.captured
+        rows = []
+        for path, _ in captured.untraced:
+            name = f"(eager) {path or '<root>'}"
+            mod = captured.module.get_submodule(path) if path else captured.module
+            raw = RawRow("", name, type(mod).__name__, path)
+            own = [(f"{path}.{n}" if path else n, p) for n, p in mod.named_parameters(recurse=False)]
+            raw.params = [(n, p, self._real(n, p)) for n, p in own if n not in self.seen_params]
+            self.seen_params.update(n for n, _ in own)
+            if self.source.eager is None:
+                raw.unknown.append(f"{raw.op} (eager code not runnable on meta or real tensors)")
+            else:
+                self._add_calls(raw, self.source.eager.get(path, []))
+            for op in raw.unknown:
+                self.unknown.setdefault(op, []).append(name)
+            rows.append(raw)
+        return rows
+
+    # --------------------------------------------------------------------------------- per graph
+
+    def _graph_rows(self, graph: Graph) -> list[RawRow]:
+        gm = graph.gm
+        found: dict[fx.Node, View] = {}
+        consumed: set[fx.Node] = set()
+        for view in views(gm):
+            found[view.node] = view
+            if isinstance(view, AttentionView):
+                consumed.update(n for n in view.nodes if n is not view.node)
+        rows = []
+        for node in gm.graph.nodes:
+            if node.op not in ("call_function", "call_method", "call_module") or node in consumed:
+                continue
+            raw = RawRow(graph.path, node.name, _op_name(node, gm), _fqn(node, gm))
+            self._shapes(raw, node)
+            raw.params = self._params(graph, node)
+            view = found.get(node)
+            if view is not None:
+                cost = view_cost(view, gm)
+                raw.add(cost, cost.kind or "other")
+                raw.has_bias = getattr(view, "bias", None) is not None
+                raw.dtype = format_of_dtype(view.dtype) or raw.dtype
+            elif lookup(node.target) is not None:
+                self._direct(raw, graph, node)
+            else:
+                self._recorded(raw, gm, node)
+            for op in raw.unknown:
+                self.unknown.setdefault(op, []).append(f"{graph.path}/{node.name}" if graph.path else node.name)
+            rows.append(raw)
+        return rows
+
+    def _shapes(self, raw: RawRow, node: fx.Node) -> None:
+        out = meta_val(node)
+        while isinstance(out, (tuple, list)) and out:
+            out = out[0]
+        if isinstance(out, torch.Tensor):
+            raw.out = TensorSpec(tuple(out.shape), out.dtype)
+            raw.dtype = format_of_dtype(out.dtype)
+        for arg in _flat_nodes((node.args, node.kwargs)):
+            if arg.op == "get_attr" or (arg.op == "placeholder" and self._placeholder_param(arg)):
+                continue
+            val = meta_val(arg)
+            if isinstance(val, torch.Tensor):
+                raw.inputs.append(TensorSpec(tuple(val.shape), val.dtype))
+
+    # --------------------------------------------------------------------------------- parameters
+
+    def _placeholder_param(self, node: fx.Node) -> bool:
+        gm = node.graph.owning_module
+        names = gm.meta.get("fxslim_placeholder_fqns", {}) if gm is not None else {}
+        return node.name in names
+
+    def _real(self, name: str, tensor: Any) -> torch.Tensor | None:
+        """The real values of a weight (None on meta/fake tensors without a real counterpart)."""
+        if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta" and not isinstance(tensor, FakeTensor):
+            return tensor
+        return self.source.real.get(name)
+
+    def _params(self, graph: Graph, node: fx.Node) -> list[tuple[str, Any, torch.Tensor | None]]:
+        """(name, tensor, real tensor) of the weights a node reads, each counted once. Parameters
+        only, except for custom ops, whose weights may be buffers (e.g. packed ternary codes)."""
+        gm = graph.gm
+        prefix = f"{graph.path}." if graph.path else ""
+        found: list[tuple[str, Any]] = []
+        custom = isinstance(node.target, (OpOverload, OpOverloadPacket)) and op_namespace(node.target) != "aten"
+        if node.op == "call_module":
+            mod = gm.get_submodule(str(node.target))
+            found = [(f"{node.target}.{n}", p) for n, p in mod.named_parameters()]
+        else:
+            for arg in _flat_nodes((node.args, node.kwargs)):
+                if arg.op == "get_attr":
+                    value = attribute(gm, str(arg.target))
+                    if isinstance(value, nn.Parameter) or (custom and isinstance(value, torch.Tensor)):
+                        found.append((str(arg.target), value))
+                elif arg.op == "placeholder" and self._placeholder_param(arg):
+                    is_param = "_parameters_" in arg.name
+                    if is_param or custom:
+                        name = gm.meta["fxslim_placeholder_fqns"][arg.name]
+                        found.append((name, graph.placeholder_values.get(arg.name, meta_val(arg))))
+        out = []
+        for name, tensor in found:
+            full = prefix + name
+            if full in self.seen_params or not isinstance(tensor, torch.Tensor):
+                continue
+            self.seen_params.add(full)
+            out.append((full, tensor, self._real(full, tensor)))
+        return out
+
+    # --------------------------------------------------------------------------------- costing
+
+    def _call(self, target: Any, args: Any, kwargs: Any, out: Any, fqn: str, values: dict[int, torch.Tensor]) -> OpCall:
+        return OpCall(target, spec_of(tuple(args)), {k: spec_of(v) for k, v in kwargs.items()}, spec_of(out),
+                      self.conventions, fqn, values)
+
+    def _direct(self, raw: RawRow, graph: Graph, node: fx.Node) -> None:
+        gm = graph.gm
+        formula = lookup(node.target)
+        values: dict[int, torch.Tensor] = {}
+
+        def value(n: fx.Node) -> Any:
+            if n.op == "get_attr":
+                return attribute(gm, str(n.target))
+            if n.op == "placeholder" and n.name in graph.placeholder_values:
+                return graph.placeholder_values[n.name]
+            return meta_val(n)
+
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        for i, a in enumerate(node.args):
+            if isinstance(a, fx.Node) and a.op in ("get_attr", "placeholder"):
+                name = str(a.target) if a.op == "get_attr" else gm.meta.get("fxslim_placeholder_fqns", {}).get(a.name, "")
+                real = self._real((f"{graph.path}." if graph.path else "") + name, args[i])
+                if real is not None:
+                    values[i] = real
+        cost = formula(self._call(node.target, args, kwargs, meta_val(node), raw.fqn, values))
+        raw.add(cost, registered_kind(node.target))
+
+    def _recorded(self, raw: RawRow, gm: fx.GraphModule, node: fx.Node) -> None:
+        try:
+            calls = self.source.recorded[node] if node in self.source.recorded else self.runner.record(gm, node)
+        except Exception as exc:  # arbitrary user code on meta tensors: report, never guess
+            _log.info("could not run node %s on meta tensors: %s", node.format_node(), exc)
+            raw.unknown.append(f"{raw.op} (not runnable on meta tensors: {type(exc).__name__})")
+            return
+        self._add_calls(raw, calls)
+
+    def _add_calls(self, raw: RawRow, calls: list) -> None:
+        for func, args, kwargs, out in calls:
+            formula = lookup(func)
+            if formula is None:
+                raw.unknown.append(str(func))
+                continue
+            cost = formula(self._call(func, args, kwargs, out, raw.fqn, {}))
+            raw.add(cost, registered_kind(func))
+
+

@@ -1,0 +1,86 @@
+"""Cross-checks against other counters: FLOPs equal FlopCounterMode's on meta tensors (where CPU
+SDPA is not counted as 0) for torchvision and timm models, attention models among them; MACs equal
+fvcore's conv and linear counts."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxslim
+from tests.zoo import tv_small_vit
+
+
+def _timm(name: str) -> nn.Module:
+    import timm
+
+    return timm.create_model(name, depth=2, img_size=64)
+
+
+# name -> (builder, input shape, attention rows); small resolutions keep the file fast
+MODELS = {
+    "resnet18": (torchvision.models.resnet18, (1, 3, 64, 64), 0),
+    "mobilenet_v2": (torchvision.models.mobilenet_v2, (1, 3, 64, 64), 0),
+    "mobilenet_v3_small": (torchvision.models.mobilenet_v3_small, (1, 3, 64, 64), 0),
+    "efficientnet_b0": (torchvision.models.efficientnet_b0, (1, 3, 64, 64), 0),
+    "squeezenet1_0": (torchvision.models.squeezenet1_0, (1, 3, 64, 64), 0),
+    "shufflenet_v2_x0_5": (torchvision.models.shufflenet_v2_x0_5, (1, 3, 64, 64), 0),
+    "convnext_tiny": (torchvision.models.convnext_tiny, (1, 3, 32, 32), 0),
+    "mnasnet0_5": (torchvision.models.mnasnet0_5, (1, 3, 64, 64), 0),
+    "swin_t": (torchvision.models.swin_t, (1, 3, 64, 64), 12),  # windowed attention behind torch.fx.wrap
+    "tv_vit_mha": (tv_small_vit, (2, 3, 32, 32), 2),  # nn.MultiheadAttention
+    "timm_vit_tiny": (lambda: _timm("vit_tiny_patch16_224"), (1, 3, 64, 64), 2),  # SDPA
+    "timm_deit_tiny": (lambda: _timm("deit_tiny_patch16_224"), (1, 3, 64, 64), 2),
+}
+
+
+def _flop_counter(model: nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    return counter.get_total_flops()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(MODELS))
+def test_flops_equal_flop_counter_mode_on_meta(name):
+    builder, shape, attention = MODELS[name]
+    with torch.device("meta"):  # no weight initialisation: counting needs shapes only
+        model, x = builder().eval(), torch.empty(shape)
+    report = fxslim.estimate(model, x)
+    assert report.total.flops == _flop_counter(model, x)
+    assert report.total.flops > 0 and not report.unknown_ops
+    assert len([r for r in report.rows if r.kind == "attention" and r.macs > 0]) == attention
+
+
+def _fvcore_ops(model: nn.Module, x: torch.Tensor) -> dict:
+    from fvcore.nn import FlopCountAnalysis
+
+    analysis = FlopCountAnalysis(model, x)
+    analysis.unsupported_ops_warnings(False)
+    analysis.uncalled_modules_warnings(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return dict(analysis.by_operator())
+
+
+def test_macs_equal_fvcore_on_conv_linear_only_model():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2, groups=8),
+                          nn.Flatten(), nn.Linear(16 * 15 * 15, 10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    assert fxslim.estimate(model, x).total.macs == sum(_fvcore_ops(model, x).values())
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenet_v2"])
+def test_conv_and_linear_macs_equal_fvcore(name):
+    builder, shape, _ = MODELS[name]
+    model, x = builder().eval(), torch.randn(shape)
+    ops = _fvcore_ops(model, x)
+    report = fxslim.estimate(model, x)
+    convs = sum(r.macs for r in report.rows if r.kind.endswith("conv"))
+    linears = sum(r.macs for r in report.rows if r.kind == "linear")
+    assert (convs, linears) == (ops["conv"], ops["linear"])

@@ -1,0 +1,114 @@
+"""aten formulas: matmuls without a view, convs inside leaf modules, elementwise/norm/softmax/pooling
+counts, zero-cost data movement, and unknown ops reported instead of counted as 0."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxslim
+
+
+def _rows(model: nn.Module, *inputs: torch.Tensor, **kw):
+    report = fxslim.estimate(model.eval(), inputs, **kw)
+    return report, {r.node: r for r in report.rows}
+
+
+class _Matmuls(nn.Module):
+    def forward(self, a, b, c, d):
+        return (a @ b).sum() + torch.mm(c, d).sum()
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_matmul_without_attention_counted_as_matmul(capture):
+    a, b, c, d = torch.randn(2, 3, 4), torch.randn(2, 4, 5), torch.randn(6, 7), torch.randn(7, 8)
+    report = fxslim.estimate(_Matmuls().eval(), (a, b, c, d), capture=capture)
+    matmuls = [r for r in report.rows if r.kind == "matmul"]
+    # [2, 3, 4] @ [2, 4, 5]: 2·3·4·5; [6, 7] @ [7, 8]: 6·7·8
+    assert sorted(r.macs for r in matmuls) == [2 * 3 * 4 * 5, 6 * 7 * 8]
+    assert report.total.macs == 2 * 3 * 4 * 5 + 6 * 7 * 8
+
+
+class _Block(nn.Module):
+    """A module the tracer keeps opaque (leaf): its convs are only seen as aten ops."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(8, 8, 3, stride=2, padding=2, dilation=2, groups=8)
+        self.pw = nn.Conv2d(8, 16, 1)
+
+    def forward(self, x):
+        return self.pw(self.dw(x))
+
+
+def test_conv_inside_leaf_module_counted_from_aten_convolution():
+    report, rows = _rows(nn.Sequential(_Block()), torch.randn(2, 8, 9, 9), leaf_modules=(_Block,))
+    (row,) = [r for r in report.rows if r.macs]
+    assert row.op == "_Block"
+    # dw: out 5×5 (stride 2, dilation 2, pad 2): 2·8·1·9·25; pw: 2·16·8·25
+    assert row.macs == 2 * 8 * 1 * 9 * 25 + 2 * 16 * 8 * 25
+    assert row.kind == "depthwise_conv"  # the first MAC op decides the row kind
+    assert row.params == 8 * 9 + 8 + 16 * 8 + 16
+
+
+class _Elementwise(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+        self.ln = nn.LayerNorm(6)
+
+    def forward(self, x):
+        y = torch.relu(self.bn(x)) + 1
+        z = self.ln(y)
+        p = F.max_pool2d(z, 2) + F.avg_pool2d(z, 2)
+        return F.softmax(p, dim=-1), F.adaptive_avg_pool2d(z, 1)
+
+
+def test_elementwise_norm_softmax_pool_counts_follow_documented_constants():
+    x = torch.randn(2, 4, 6, 6)
+    n = x.numel()  # 288
+    report, rows = _rows(_Elementwise(), x)
+    assert rows["bn"].elementwise == 2 * n  # scale and shift
+    assert rows["relu"].elementwise == n and rows["add"].elementwise == n
+    assert rows["ln"].elementwise == 5 * n  # mean, var, normalise, affine (weight present)
+    pooled = 2 * 4 * 3 * 3
+    assert rows["max_pool2d"].elementwise == pooled * 3  # k−1 comparisons, k = 4
+    assert rows["avg_pool2d"].elementwise == pooled * 4  # k per output
+    assert rows["softmax"].elementwise == 5 * pooled
+    assert rows["adaptive_avg_pool2d"].elementwise == n  # one per input element
+    assert report.total.macs == 0 and not report.unknown_ops
+    assert {rows["bn"].kind, rows["ln"].kind, rows["softmax"].kind, rows["max_pool2d"].kind} == {"norm", "softmax", "pool"}
+
+
+class _Moves(nn.Module):
+    def forward(self, x):
+        y = x.permute(0, 2, 1).reshape(2, -1)
+        z = torch.cat([y, y[:, :3]], dim=1)
+        return z.unsqueeze(0).transpose(0, 1).contiguous().flatten(1)
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_data_movement_zero_cost_and_not_unknown(capture):
+    report = fxslim.estimate(_Moves().eval(), (torch.randn(2, 3, 4),), capture=capture)
+    assert report.total.macs == 0 and report.total.elementwise == 0
+    assert not report.unknown_ops
+    assert {r.kind for r in report.rows} == {"data"}
+
+
+class _Sorts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 5)
+
+    def forward(self, x):
+        return torch.sort(self.fc(x), dim=-1).values
+
+
+def test_op_without_formula_reported_in_unknown_ops():
+    report, rows = _rows(_Sorts(), torch.randn(3, 5))
+    assert report.unknown_ops == {"aten.sort.default": ["sort"]}
+    assert rows["sort"].unknown == ("aten.sort.default",)
+    assert report.total.macs == 3 * 5 * 5  # what is known is still counted
+    assert "aten.sort.default" in report.to_markdown()

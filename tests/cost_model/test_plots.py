@@ -1,0 +1,35 @@
+"""Plots: breakdown by kind, per-layer bars, before/after bars and scaling curves render to PNG."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from matplotlib.figure import Figure
+from torch import nn
+
+import fxslim
+from fxslim.cost_model.plots import plot_breakdown, plot_comparison, plot_layers, plot_scaling, png_bytes, save_figure
+
+
+def _model() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+
+
+def test_plots_render_png(tmp_path):
+    report = fxslim.estimate(_model(), torch.randn(1, 3, 8, 8))
+    comp = fxslim.compare(report, report.with_conventions(deploy="int8"))
+    for fig in (plot_breakdown(report), plot_layers(report, "energy_pj"), plot_comparison(comp)):
+        assert isinstance(fig, Figure)
+        assert png_bytes(fig).startswith(b"\x89PNG")
+    path = save_figure(plot_breakdown(report), tmp_path / "kinds.png")
+    assert path.read_bytes().startswith(b"\x89PNG")
+
+
+def test_scaling_plot_overlays_tables_and_rejects_expressions():
+    report = fxslim.estimate(_model(), torch.randn(2, 3, 8, 8), symbolic={"batch": 0})
+    tables = [report.scaling(batch=[1, 2, 4]), report.with_conventions(deploy="fp16").scaling(batch=[1, 2, 4])]
+    fig = plot_scaling(tables, "energy_pj", labels=["fp32", "fp16"])
+    assert [line.get_label() for line in fig.axes[0].get_lines()] == ["fp32", "fp16"]
+    assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 4]
+    with pytest.raises(ValueError, match="evaluate\\(\\) the report first"):
+        plot_breakdown(report)

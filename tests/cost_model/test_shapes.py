@@ -1,0 +1,177 @@
+"""Shapes for costing: symbolic sizes (counts as sympy expressions in named input sizes, a scaling
+table), and the meta-device capture that never touches the caller's weights."""
+
+from __future__ import annotations
+
+import pytest
+import sympy
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxslim
+
+B, P, C, HEADS, DEPTH = 2, 5, 16, 2, 2
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(C)
+        self.qkv = nn.Linear(C, 3 * C)
+        self.proj = nn.Linear(C, C)
+        self.mlp = nn.Sequential(nn.Linear(C, 4 * C), nn.GELU(), nn.Linear(4 * C, C))
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(self.norm(x)).reshape(b, n, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+        x = x + self.proj(a)
+        return x + self.mlp(x)
+
+
+class _GlobalAttention(nn.Module):
+    """ViT-style global attention over all S frames of P tokens: input [B, S, P, C]."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(_Block() for _ in range(DEPTH)))
+
+    def forward(self, x):
+        b, s, p, c = x.shape
+        return self.blocks(x.reshape(b, s * p, c)).reshape(b, s, p, c)
+
+
+@pytest.fixture(scope="module")
+def symbolic_report():
+    return fxslim.estimate(_GlobalAttention().eval(), torch.randn(B, 3, P, C), symbolic={"frames": (0, 1)})
+
+
+def test_symbolic_global_attention_macs_polynomial_with_s_squared(symbolic_report):
+    s = symbolic_report.symbols["frames"]
+    poly = sympy.Poly(symbolic_report.total.macs, s)
+    assert poly.degree() == 2
+    # per block: attention B·H·(S·P)²·(d + d_v) with d = C/H; linears B·S·P·(3C² + C² + 8C²)
+    assert poly.coeff_monomial(s**2) == DEPTH * B * HEADS * P**2 * 2 * (C // HEADS)
+    assert poly.coeff_monomial(s) == DEPTH * B * P * 12 * C * C
+
+
+@pytest.mark.parametrize("frames", [1, 2, 4, 7])
+def test_symbolic_evaluated_matches_numeric_estimate(symbolic_report, frames):
+    numeric = fxslim.estimate(_GlobalAttention().eval(), torch.randn(B, frames, P, C))
+    evaluated = symbolic_report.evaluate(frames=frames)
+    assert evaluated.total.macs == numeric.total.macs
+    assert evaluated.total.elementwise == numeric.total.elementwise
+    assert evaluated.total.energy_pj == pytest.approx(numeric.total.energy_pj)
+    assert [r.macs for r in evaluated.rows] == [r.macs for r in numeric.rows]
+
+
+def test_scaling_table_over_frames(symbolic_report):
+    table = symbolic_report.scaling(frames=[1, 2, 4, 8])
+    assert table.size == "frames" and table.values == [1, 2, 4, 8]
+    macs = table.column("macs")
+    assert macs == [symbolic_report.evaluate(frames=f).total.macs for f in (1, 2, 4, 8)]
+    # quadratic growth: second differences at equal steps are constant and positive
+    assert macs[3] - 2 * macs[2] + macs[1] > 0
+
+
+def test_symbolic_several_names_and_errors():
+    report = fxslim.estimate(_GlobalAttention().eval(), torch.randn(2, 3, P, C), symbolic={"batch": 0, "frames": (0, 1)})
+    b, s = report.symbols["batch"], report.symbols["frames"]
+    assert report.total.macs.free_symbols == {b, s}
+    assert sympy.expand(report.total.macs / b).free_symbols == {s}  # linear in batch
+    with pytest.raises(ValueError, match=r"evaluate: unknown size names \['height'\]"):
+        report.evaluate(height=4)
+    with pytest.raises(ValueError, match="scaling: expected exactly one size name"):
+        report.scaling(batch=[1], frames=[1])
+    with pytest.raises(ValueError, match=r"symbolic\['frames'\]: input 0 has 4 dims, got dim 7"):
+        fxslim.estimate(_GlobalAttention().eval(), torch.randn(2, 3, P, C), symbolic={"frames": (0, 7)})
+
+
+def test_symbolic_image_sizes_of_a_cnn():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    report = fxslim.estimate(model, torch.randn(2, 3, 6, 10), symbolic={"height": 2, "width": 3})
+    h, w = report.symbols["height"], report.symbols["width"]
+    assert sympy.expand(report.total.macs - 2 * h * w * (8 * 3 * 9 + 4 * 8)) == 0
+
+
+def test_meta_capture_allocates_no_weights_and_keeps_values_for_formulas():
+    model = nn.Sequential(nn.Conv2d(3, 8, 1)).eval()
+    report = fxslim.estimate(model, torch.randn(1, 3, 4, 4))
+    assert all(p.device.type == "meta" for p in report.captured.module.parameters())
+    assert all(p.device.type == "cpu" for p in model.parameters())
+
+
+class _ValueDependent(nn.Module):
+    """Does not trace whole: its glue branches on tensor values, so only its children are graphs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.b = nn.Conv2d(8, 4, 1)
+        self.proj = nn.Parameter(torch.randn(64, 5))
+
+    def forward(self, x):
+        y = self.a(x)
+        if y.sum() > -1e9:
+            y = y * 2
+        return self.b(y).flatten(2) @ self.proj
+
+
+def test_partly_traced_model_counts_its_graphs_and_its_eager_code():
+    model, x = _ValueDependent().eval(), torch.randn(2, 3, 8, 8)
+    report = fxslim.estimate(model, x)
+    assert [path for path, _ in report.untraced] == [""]
+    (eager,) = [r for r in report.rows if r.node == "(eager) <root>"]
+    assert [(r.graph, r.macs) for r in report.rows if r.macs] == [
+        ("a", 2 * 64 * 8 * 27), ("b", 2 * 64 * 4 * 8), ("", 2 * 4 * 64 * 5)]  # the eager [2, 4, 64] @ [64, 5]
+    assert (eager.kind, eager.params) == ("matmul", 64 * 5)
+    # y.sum() (one op per input element), the comparison, and y * 2 (one per element)
+    assert eager.elementwise == 2 * 8 * 64 + 1 + 2 * 8 * 64
+    assert report.total.params == sum(p.numel() for p in model.parameters())
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert report.total.flops == counter.get_total_flops()
+    assert "did not trace whole" in report.to_markdown()
+    with pytest.raises(ValueError, match=r"symbolic: _ValueDependent does not trace whole and the parts that stay eager \(<root>\)"):
+        fxslim.estimate(_ValueDependent().eval(), torch.randn(2, 3, 8, 8), symbolic={"batch": 0})
+
+
+def test_symbolic_through_export_keeps_named_dims_dynamic():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
+    report = fxslim.estimate(model, torch.randn(2, 3, 8, 8), capture="export", symbolic={"batch": 0})
+    b = report.symbols["batch"]
+    assert sympy.expand(report.total.macs - b * (8 * 27 * 64 + 8 * 64 * 4)) == 0
+    # the Linear needs 8·8 positions: height cannot vary, and saying so beats a silent constant
+    with pytest.raises(ValueError, match="symbolic: the model fixes 'height' to 8"):
+        fxslim.estimate(model, torch.randn(2, 3, 8, 8), symbolic={"height": 2})
+
+
+def test_numeric_sweep_agrees_with_symbolic_scaling(symbolic_report):
+    from fxslim.cost_model import sweep
+
+    table = sweep(_GlobalAttention().eval(), lambda s: torch.randn(B, s, P, C), "frames", [1, 3, 5])
+    assert table.column("macs") == symbolic_report.scaling(frames=[1, 3, 5]).column("macs")
+    assert table.values == [1, 3, 5] and table.model == "_GlobalAttention"
+
+
+class _ShapeDependent(nn.Module):
+    """Does not trace whole (``if x.dim() == 4`` on a Proxy), but its eager code depends on shapes only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x):
+        if x.dim() == 4:
+            x = x * 2
+        return self.a(x)
+
+
+def test_symbolic_partly_traced_model_eager_code_as_expressions():
+    report = fxslim.estimate(_ShapeDependent().eval(), torch.randn(2, 3, 8, 8), symbolic={"batch": 0})
+    b = report.symbols["batch"]
+    (eager,) = [r for r in report.rows if r.node == "(eager) <root>"]
+    assert sympy.expand(eager.elementwise - b * 3 * 64) == 0
+    assert sympy.expand(report.total.macs - b * 8 * 27 * 64) == 0

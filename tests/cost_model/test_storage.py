@@ -1,0 +1,43 @@
+"""Storage: bits per format and packing, and the real size of a saved state dict."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+from torch import nn
+
+import fxslim
+from fxslim.cost_model.storage import PACKINGS, format_bits, state_dict_bytes
+
+
+def test_format_bits_and_ternary_packings():
+    assert [format_bits(f) for f in ("fp32", "fp16", "bf16", "int8", "int4")] == [32, 16, 16, 8, 4]
+    assert format_bits("ternary") == 2  # four weights per byte by default
+    assert format_bits("ternary", "base3") == 1.6  # five per byte
+    assert format_bits("ternary", "log2_3") == pytest.approx(1.58496, abs=1e-5)
+    assert format_bits("ternary", "int8") == 8 and PACKINGS["nibble"] == 4
+    with pytest.raises(ValueError, match="format: expected one of"):
+        format_bits("fp8")
+
+
+def test_state_dict_bytes_is_what_torch_save_writes():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8))
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    assert state_dict_bytes(model) == len(buf.getvalue()) == state_dict_bytes(model.state_dict())
+    report = fxslim.estimate(model.eval(), torch.randn(1, 3, 8, 8))
+    # parameters only (no BN running stats), fp32: a lower bound of the file
+    assert report.total.storage_bytes == 4 * (8 * 27 + 8 + 8 + 8) < state_dict_bytes(model)
+    with pytest.raises(TypeError, match="state_dict_bytes: expected an nn.Module or a state dict"):
+        state_dict_bytes([1, 2])
+
+
+def test_storage_per_layer_deployed_int8_with_scales():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Flatten(), nn.Linear(8 * 36, 4)).eval()
+    report = fxslim.estimate(model, torch.randn(1, 3, 8, 8), deploy="int8")
+    conv, linear = [r for r in report.rows if r.macs]
+    # weights at 8 bit + one 16-bit scale per output channel; biases at the preset's fp16
+    assert conv.storage_bits == 8 * 27 * 8 + 8 * 16 + 8 * 16
+    assert linear.storage_bits == 4 * 288 * 8 + 4 * 16 + 4 * 16

@@ -1,0 +1,37 @@
+"""OptimizeResult carries the cost before and after its passes, computed on first use."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxslim
+from tests.toy_pass import ToyScalePointwise
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+
+
+def test_optimize_result_cost_before_after_and_compare():
+    model, x = _net(), torch.randn(2, 3, 8, 8)
+    res = fxslim.optimize(model, (x,), passes=[ToyScalePointwise(scale=2.0)])
+    assert "cost_before" not in res.__dict__  # lazy
+    before, after = res.cost_before, res.cost_after
+    assert before is res.cost_before  # computed once
+    assert before.total.macs == after.total.macs == 2 * 64 * (8 * 3 * 9 + 4 * 8)
+    # the rewritten conv keeps its module path, so the comparison lines up per module
+    assert [r.fqn for r in after.rows if r.macs] == ["0", "2"]
+    comp = res.compare()
+    assert comp.ratio("macs") == 1.0
+    fp16 = res.compare(deploy="fp16")
+    assert fp16.before.conventions.deploy == "fp16" and fp16.after.total.energy_pj == pytest.approx(
+        after.total.macs * 1.5)
+
+
+def test_optimize_result_without_source_raises():
+    res = fxslim.optimize(_net(), torch.randn(1, 3, 8, 8), passes="toy")
+    res.source = None
+    with pytest.raises(ValueError, match="the original model is not available"):
+        res.cost_before

@@ -1,0 +1,65 @@
+"""``fxslim report``: every output format, plots, deployed conventions, before/after with passes."""
+
+from __future__ import annotations
+
+import csv
+import html.parser
+import io
+import json
+
+import pytest
+
+from fxslim.cli import main
+from tests.toy_pass import ToyScalePointwise  # noqa: F401  (registers the "toy" pass)
+
+MODEL = ["torchvision:mobilenet_v2", "--input", "1x3x32x32"]
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "md", "csv", "html"])
+def test_cli_report_writes_every_format(tmp_path, fmt):
+    out, plot = tmp_path / f"report.{fmt}", tmp_path / "kinds.png"
+    assert main(["report", *MODEL, "--format", fmt, "--out", str(out), "--plot", str(plot)]) == 0
+    text = out.read_text()
+    assert plot.read_bytes().startswith(b"\x89PNG")
+    if fmt == "table":
+        assert "MobileNetV2 cost" in text and "total" in text
+    elif fmt == "json":
+        assert json.loads(text)["total"]["params"] == 3_504_872
+    elif fmt == "md":
+        assert text.startswith("# Cost of MobileNetV2")
+    elif fmt == "csv":
+        assert len(list(csv.DictReader(io.StringIO(text)))) > 100
+    else:
+        parser = html.parser.HTMLParser()
+        parser.feed(text)
+        assert "https://" not in text and "http://" not in text and "data:image/png;base64," in text
+
+
+def test_cli_report_deploy_and_conventions_to_stdout(capsys):
+    assert main(["report", *MODEL, "--format", "json", "--deploy", "prom:last_pointwise=int8",
+                 "--conventions", "accumulator_bits=8,include_requant=true"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["conventions"]["deploy"] == "prom:last_pointwise=int8"
+    assert data["conventions"]["accumulator_bits"] == 8 and data["conventions"]["include_requant"] is True
+    assert set(data["total"]["ops"]) == {"add:int8", "mul:int8", "mul:int32"}
+
+
+def test_cli_report_with_passes_compares_before_and_after(tmp_path, capsys):
+    plot = tmp_path / "layers.png"
+    assert main(["report", "torchvision:resnet18", "--input", "1x3x32x32", "--passes", "toy:scale=2",
+                 "--format", "json", "--plot", str(plot)]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["before"]["total"]["macs"] == data["after"]["total"]["macs"]
+    assert data["ratios"]["macs"] == 1.0
+    downsample = next(r for r in data["rows"] if r["module"] == "layer2.0.downsample.0")
+    assert downsample["kind_before"] == downsample["kind_after"] == "pointwise_conv"
+    assert plot.read_bytes().startswith(b"\x89PNG")
+
+
+def test_cli_report_bad_options_exit_2(capsys):
+    assert main(["report", *MODEL, "--deploy", "int3"]) == 2
+    assert "deploy: expected a preset" in capsys.readouterr().err
+    assert main(["report", *MODEL, "--conventions", "accumulator_bits=9"]) == 2
+    assert "Conventions.accumulator_bits: expected one of (8, 16, 32), got 9" in capsys.readouterr().err
+    assert main(["report", *MODEL, "--table", "nope"]) == 2
+    assert "table: expected one of" in capsys.readouterr().err
