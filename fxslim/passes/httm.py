@@ -96,9 +96,9 @@ class HTTM(Pass):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HTTM.{name}: expected True or False, got {getattr(self, name)!r}")
         check_int(self, "seed", 0)
-        for name in ("special_tokens", "frames", "tokens_per_frame"):
+        for name, low in (("special_tokens", 0), ("frames", 1), ("tokens_per_frame", 1)):
             if getattr(self, name) is not None:
-                check_int(self, name, 0 if name == "special_tokens" else 1)
+                check_int(self, name, low)
         if None not in (self.special_tokens, self.tokens_per_frame) and self.special_tokens > self.tokens_per_frame:
             raise ValueError(f"HTTM.special_tokens: expected <= tokens_per_frame={self.tokens_per_frame}, "
                              f"got {self.special_tokens}")
@@ -170,12 +170,9 @@ class HTTM(Pass):
         kept_q, kept_kv = httm_kept_lengths(
             lay.example_frames, lay.tokens_per_frame, lay.special_tokens, cfg.q_ratio, cfg.kv_ratio, cfg.n_s,
             cfg.n_t, cfg.outliers, cfg.anchor_first_frame, cfg.mode)
-        n = lay.example_frames * lay.tokens_per_frame
-        return {"frames": lay.frames if lay.frames is not None else f"N // {lay.tokens_per_frame}",
-                "example_frames": lay.example_frames, "tokens_per_frame": lay.tokens_per_frame,
-                "special_tokens": lay.special_tokens, "grid": lay.grid, "layout_from": lay.source,
-                "kept_q": kept_q, "kept_kv": kept_kv, "kept_q_fraction": round(kept_q / n, 4),
-                "kept_kv_fraction": round(kept_kv / n, 4), "mode": cfg.mode}
+        return {"frames": lay.frames or f"N // {lay.tokens_per_frame}", "example_frames": lay.example_frames,
+                "tokens_per_frame": lay.tokens_per_frame, "special_tokens": lay.special_tokens, "grid": lay.grid,
+                "layout_from": lay.source, "kept_q": kept_q, "kept_kv": kept_kv, "mode": cfg.mode}
 
     # ------------------------------------------------------------------------------------------
     # Frame layout
@@ -195,9 +192,13 @@ class HTTM(Pass):
                     f"N={n} does not split into frames={self.frames} x tokens_per_frame={p} "
                     f"with {sp} special tokens")
             return _Layout(p, sp, self.frames, n // p, None, "config"), "", ""
-        found, detail = _layout_from_graph_positions(gm, view, ctx, n)
+        pos_node = _positions_node(view.q, n)
+        if pos_node is None:
+            return None, "no_frame_layout", "no integer [.., N, 2] RoPE positions feed q"
+        pos, detail = _evaluate(gm, pos_node, ctx)
+        found, detail = _layout_from_positions(pos, n) if pos is not None else (None, detail)
         if found is None:
-            return None, "no_frame_layout", detail
+            return None, "no_frame_layout", f"positions {pos_node.name}: {detail}"
         if specials is not None and found.special_tokens != specials:
             return None, "frame_layout_mismatch", (
                 f"positions give {found.special_tokens} special tokens per frame, config/metadata {specials}")
@@ -220,16 +221,12 @@ def _hint(value: Any) -> int:
 
 def _module_metadata(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any]:
     """``fxslim_frame_layout`` of the module that owns ``node``, when the graph module still holds it."""
-    stack = node.meta.get("nn_module_stack")
-    if not stack:
-        return {}
-    prefix = gm.meta.get("fxslim_prefix", "")
-    path = node_fqn(node, gm)[len(prefix):].lstrip(".") if prefix else node_fqn(node, gm)
+    prefix, fqn = gm.meta.get("fxslim_prefix", ""), node_fqn(node, gm)
     try:
-        owner = gm.get_submodule(path)
+        owner = gm.get_submodule(fqn[len(prefix):].lstrip(".") if prefix else fqn)
     except AttributeError:
         return {}
-    metadata = getattr(owner, "fxslim_frame_layout", None)
+    metadata = getattr(owner, "fxslim_frame_layout", None) if node.meta.get("nn_module_stack") else None
     return dict(metadata) if isinstance(metadata, dict) else {}
 
 
@@ -240,29 +237,16 @@ def _check_sdpa(view: AttentionView) -> tuple[str, str, Any]:
     node = view.node
     args = dict(zip(_SDPA_ARGS, node.args))
     args.update(node.kwargs)
-    if args.get("attn_mask") is not None:
-        return "masked", "", None
-    if args.get("is_causal"):
-        return "causal", "", None
-    if args.get("dropout_p", 0.0) not in (0, 0.0):
-        return "dropout", f"dropout_p={args['dropout_p']}", None
+    for reason, found in (("masked", args.get("attn_mask") is not None), ("causal", bool(args.get("is_causal"))),
+                          ("dropout", args.get("dropout_p", 0.0) != 0)):
+        if found:
+            return reason, "", None
     qs, ks = meta_val(view.q).shape, meta_val(view.k).shape
     if len(qs) != 4 or len(ks) != 4 or args.get("enable_gqa"):
         return "unsupported_shape", f"q {tuple(qs)}, k {tuple(ks)}: expected [B, H, N, d]", None
     if tuple(qs) != tuple(ks):
         return "cross_attention", f"q {tuple(qs)}, k {tuple(ks)}", None
     return "", "", args.get("scale")
-
-
-def _layout_from_graph_positions(gm: fx.GraphModule, view: AttentionView, ctx: PassContext,
-                                 n: int) -> tuple[FrameLayout | None, str]:
-    pos_node = _positions_node(view.q, n)
-    if pos_node is None:
-        return None, "no integer [.., N, 2] RoPE positions feed q"
-    pos, detail = _evaluate(gm, pos_node, ctx)
-    if pos is None:
-        return None, f"positions {pos_node.name} could not be evaluated: {detail}"
-    return _layout_from_positions(pos, n)
 
 
 def _positions_node(q: Any, n: int) -> fx.Node | None:
@@ -310,55 +294,32 @@ def _evaluate(gm: fx.GraphModule, target: fx.Node, ctx: PassContext) -> tuple[to
             data.update(node.all_input_nodes)
     if len(data) > _MAX_EVAL_NODES:
         return None, f"they depend on {len(data)} nodes"
-    env: dict[fx.Node, Any] = {}
-    for node in gm.graph.nodes:
-        if node not in needed:
-            continue
+    interpreter = fx.Interpreter(gm)
+    env = interpreter.env
+    for node in (n for n in gm.graph.nodes if n in needed):
         val = meta_val(node)
         if node not in data and isinstance(val, torch.Tensor):
             env[node] = torch.empty_strided([_hint(s) for s in val.shape], [0] * val.dim(), dtype=val.dtype)
-            continue
-        if node.op == "placeholder":
+        elif node.op == "placeholder":
             if node.name not in ctx.placeholder_values:
                 return None, f"input {node.name!r} has no real value"
             value = ctx.placeholder_values[node.name]
             env[node] = _hint(value) if isinstance(value, torch.SymInt) else value
-            continue
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        try:
-            env[node] = _run(gm, node, args, kwargs)
-        except _EVAL_ERRORS as exc:
-            return None, f"{type(exc).__name__} at {node.format_node()}: {str(exc)[:120]}"
+        else:
+            try:
+                with torch.no_grad():
+                    env[node] = interpreter.run_node(node)
+            except _EVAL_ERRORS as exc:
+                return None, f"{type(exc).__name__} at {node.format_node()}: {str(exc)[:120]}"
     value = env[target]
-    if not isinstance(value, torch.Tensor) or value.device.type == "meta" or isinstance(
-            value, torch._subclasses.FakeTensor):
+    if not isinstance(value, torch.Tensor) or value.device.type == "meta" or value.__class__ is not torch.Tensor:
         return None, "no concrete values (meta or fake tensors)"
     return value, ""
 
 
-def _run(gm: fx.GraphModule, node: fx.Node, args: Any, kwargs: Any) -> Any:
-    with torch.no_grad():
-        if node.op == "get_attr":
-            obj: Any = gm
-            for part in str(node.target).split("."):
-                obj = getattr(obj, part)
-            return obj
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-        if node.op == "call_module":
-            return gm.get_submodule(str(node.target))(*args, **kwargs)
-    raise ValueError(f"cannot evaluate {node.format_node()}")
-
-
 def _layout_from_positions(pos: torch.Tensor, n: int) -> tuple[FrameLayout | None, str]:
-    """Frames, tokens per frame, special tokens and grid from VGGT-style positions [..., N, 2].
-
-    Special tokens sit at (0, 0) first in each frame, patches at (y + 1, x + 1); the positions
-    must repeat frame after frame (frame-major global sequence) and agree across the batch.
-    """
+    """Layout from VGGT-style positions [..., N, 2]: special tokens (0, 0) first in each frame, patches
+    (y + 1, x + 1); they must repeat every frame (frame-major sequence) and agree across the batch."""
     pos = pos.reshape(-1, pos.shape[-2], 2)
     if pos.shape[1] != n or not torch.equal(pos, pos[:1].expand_as(pos)):
         return None, "positions differ across the batch"
