@@ -3,6 +3,8 @@
     res = fxslim.optimize(model, example_inputs, passes=["haste:L=14"])
     res.module, res.report, res.compare()
     fxslim.estimate(model, example_inputs).total.macs
+    qat = fxslim.prepare(model, example_inputs)           # PROM QAT model; train it, then
+    int_model = fxslim.convert(qat)                        # integer GraphModule of torch.ops.fxslim ops
     torch.compile(model, backend="fxslim", options={"passes": ["haste"]})
 """
 
@@ -13,10 +15,13 @@ from fxslim.config import Config
 from fxslim.cost_model import Conventions, compare, estimate
 from fxslim.passes.base import Pass, parse_pass, register_pass, registered_passes
 from fxslim.passes.httm import HTTM
+from fxslim.passes.prom import PROM, calibrate, prepare
+from fxslim.passes.prom_convert import convert
 from fxslim.policy import Policy
 
 __all__ = [
     "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy", "HTTM",
     "parse_pass", "register_pass", "registered_passes", "runtime", "estimate", "compare", "Conventions",
+    "PROM", "prepare", "calibrate", "convert",
 ]
 __version__ = "0.1.0"

@@ -14,3 +14,12 @@ def _seed_and_reset_dynamo():
     torch.manual_seed(0)
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: on a shared 2-core machine OpenMP barriers dominate small ops."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -5,6 +5,7 @@ strides only), a pure-PyTorch reference used as the test oracle, and a FlopCount
 Importing this package registers all of them; ``torch.export.load`` of a rewritten model needs it.
 """
 
+from fxslim.runtime import haste  # noqa: F401  (fxslim::haste_conv2d)
 from fxslim.runtime import httm  # noqa: F401  (fxslim::httm_attention)
 from fxslim.runtime import prom_ops  # noqa: F401  (fxslim::ternary_conv2d, int8_conv2d, ...)
 

@@ -69,6 +69,7 @@ ACTIVATIONS = ("none", "relu", "relu6")
 _TWN_THRESHOLD = 0.7
 _QMIN, _QMAX = 0, 255
 _SCALE_EPS = torch.finfo(torch.float32).eps
+_MAX_OFFSET_SHIFT = 30
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +342,8 @@ def requant_shift(real: Tensor, acc_bound: Tensor | None = None) -> int:
     (``acc_bound``: a bound on |acc| per channel, e.g. 255·Σ|w_c| + |bias_c|). The int32 kernel
     takes shift 23 for reals ≤ 1 and shift 22 for reals up to 200 (one extra clamp); either is
     returned when that error stays under 1/16 step, otherwise the largest shift whose multipliers
-    fit an int32 (int64 kernel).
+    fit an int32 (int64 kernel), at most 30 so that the int32 rounding offsets
+    2^(shift−1) + round(f·M) (|f| ≤ 1/2, M < 2^31) cannot overflow.
     """
     real = real.to(torch.float64).flatten()
     live = real > 0
@@ -354,7 +356,7 @@ def requant_shift(real: Tensor, acc_bound: Tensor | None = None) -> int:
     for shift, max_real in ((prom_ops.CONV_SHIFT, 1.0), (prom_ops.CONV_SHIFT - 1, 200.0)):
         if largest <= max_real and float(reach.max()) * 2.0 ** -(shift + 1) <= 1 / 16:
             return shift
-    shift = min(62, math.floor(math.log2(((1 << 31) - 1) / largest)))
+    shift = min(_MAX_OFFSET_SHIFT, math.floor(math.log2(((1 << 31) - 1) / largest)))
     while shift > 0 and round(largest * 2.0**shift) > (1 << 31) - 1:
         shift -= 1
     return max(0, shift)

@@ -11,13 +11,7 @@ from fxslim.models.data import photo
 from fxslim.models.multiview import _warp, camera_sequence, identical_frames, independent_frames
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On a shared 2-core machine OpenMP barriers dominate these small ops; one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _mean_abs(a: torch.Tensor, b: torch.Tensor) -> float:

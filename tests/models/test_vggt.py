@@ -20,13 +20,7 @@ from fxslim.models.vggt_layers import Attention
 from fxslim.runtime.httm import frame_layout_from_positions
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """On a shared 2-core machine OpenMP barriers dominate these small ops; one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -25,13 +25,7 @@ from fxslim.runtime.httm_reference import httm_attention_reference, reference_bl
 httm = torch.ops.fxslim.httm_attention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small ops: on a shared 2-core machine OpenMP barriers dominate, one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(b, h, n, d, dv=None, seed=0):

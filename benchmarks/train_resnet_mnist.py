@@ -1,0 +1,106 @@
+"""Train the CIFAR-style ResNet18/34 on MNIST-5k (padded to 32×32) and save their state dicts.
+
+    python -m benchmarks.train_resnet_mnist                                  # resnet18 + resnet34, width 1
+    python -m benchmarks.train_resnet_mnist --models resnet18 --width 0.25 \\
+        --epochs 10 --out fxslim/models/checkpoints                          # the bundled small checkpoint
+
+Checkpoints are ``<out>/<model>_w<width·100>_mnist.pt`` (float32 state dicts, default out
+``benchmarks/.cache/``, not committed); a Markdown summary per model goes to
+``benchmarks/results/train_<model>_w<width·100>_mnist.md``. Digits are padded from 28×28 to 32×32 so
+the stage maps are 32/16/8/4 as on CIFAR, the geometry HASTE was evaluated on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from fxslim.models.data import Split, mnist_5k
+from fxslim.models.resnet_cifar import pad_to_32, resnet18, resnet34
+from fxslim.models.train import FitConfig, evaluate, fit
+
+_BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
+_RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def checkpoint_name(model: str, width: float) -> str:
+    return f"{model}_w{round(width * 100):03d}_mnist"
+
+
+def padded_mnist() -> Split:
+    split = mnist_5k()
+    return Split(pad_to_32(split.x_train), split.y_train, pad_to_32(split.x_test), split.y_test)
+
+
+def train_one(name: str, width: float, config: FitConfig, split: Split, out: Path) -> dict:
+    torch.manual_seed(config.seed)
+    model = _BUILDERS[name](num_classes=10, in_channels=1, width=width)
+    start = time.perf_counter()
+    history = fit(model, split, config, progress=sys.stdout.isatty(), description=f"{name} w{width}")
+    seconds = time.perf_counter() - start
+    model.eval()
+    stem = checkpoint_name(name, width)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), out / f"{stem}.pt")
+    return {
+        "stem": stem,
+        "params": sum(p.numel() for p in model.parameters()),
+        "test_acc": evaluate(model, split.x_test, split.y_test),
+        "seconds": seconds,
+        "history": history,
+        "path": out / f"{stem}.pt",
+    }
+
+
+def summary_markdown(name: str, width: float, config: FitConfig, result: dict) -> str:
+    lines = [
+        f"# {name}, width {width}, MNIST-5k (32×32), {config.epochs} epochs",
+        "",
+        f"Command: `python -m benchmarks.train_resnet_mnist --models {name} --width {width} "
+        f"--epochs {config.epochs} --batch-size {config.batch_size} --lr {config.lr}` "
+        f"({torch.get_num_threads()} threads).",
+        "",
+        f"Parameters: {result['params']:,}. Final float test accuracy: {result['test_acc']:.2f} % "
+        f"(1,000 test digits). Training time: {result['seconds']:.0f} s "
+        f"({result['seconds'] / config.epochs:.0f} s/epoch, shared CPU).",
+        "",
+        "| epoch | loss | train acc % | test acc % | seconds |",
+        "| ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for e in result["history"]:
+        lines.append(f"| {e.epoch} | {e.loss:.4f} | {e.train_acc:.2f} | {e.test_acc:.2f} | {e.seconds:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=sorted(_BUILDERS), default=["resnet18", "resnet34"])
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / ".cache")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # per-epoch lines from fit()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    split = padded_mnist()
+    _RESULTS.mkdir(parents=True, exist_ok=True)
+    for name in args.models:
+        result = train_one(name, args.width, config, split, args.out)
+        text = summary_markdown(name, args.width, config, result)
+        (_RESULTS / f"train_{result['stem']}.md").write_text(text)
+        print(text)
+        print(f"saved {result['path']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,120 @@
+"""Cost formulas for PROM's integer ops (``fxslim.runtime.prom_ops``), as a converted model runs them.
+
+- ``ternary_conv2d``: MACs in format "ternary", which the cost model expands to one addition per MAC
+  at the ternary accumulator width and no multiplication (the op adds and subtracts activation
+  codes); the zero-point correction is a per-channel constant folded into the bias.
+- ``int8_conv2d`` / ``int8_linear``: MACs in format "int8" (an int8 multiply and an add at the
+  accumulator width).
+- Requantization (one multiply per output element, ``Conventions.requant_format``) is charged only
+  when ``Conventions.include_requant`` is set; the residual add charges its two input rescales and
+  the pool its output rescale under the same option. Bias additions follow ``include_bias``.
+- Storage of the conv/linear ops is what they store: weight codes at the format's bits (ternary per
+  ``Conventions.ternary_packing``: 2-bit as stored, 1.6-bit base-3 or int8 containers), plus the
+  int32 bias, multiplier and rounding offset of every output channel.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fxslim.cost_model.conventions import format_bits
+from fxslim.cost_model.registry import OpCall, OpCost, register_cost
+
+__all__: list[str] = []
+
+ops = torch.ops.fxslim
+_PER_CHANNEL_BITS = 3 * 32  # int32 bias, multiplier and rounding offset per output channel
+
+
+def _arg(call: OpCall, name: str, default: Any = None) -> Any:
+    """An argument by schema name (positional or keyword), else ``default``."""
+    target = call.target if hasattr(call.target, "_schema") else call.target.default
+    for i, argument in enumerate(target._schema.arguments):
+        if argument.name == name:
+            if i < len(call.args):
+                return call.args[i]
+            return call.kwargs.get(name, default)
+    return default
+
+
+def _extras(call: OpCall, outputs: Any, integer_bias: bool) -> dict[tuple[str, str], Any]:
+    """Optional per-output operations: the requantization multiply and the bias addition."""
+    c = call.conventions
+    extra: dict[tuple[str, str], Any] = {}
+    if c.include_requant:
+        extra[("mul", c.requant_format)] = outputs
+    if c.include_bias and integer_bias:
+        extra[("add", "int32")] = outputs
+    return extra
+
+
+def _layer(call: OpCall, macs: Any, fmt: str, weights: Any, c_out: Any, kind: str) -> OpCost:
+    outputs = call.out.numel
+    storage = weights * format_bits(fmt, call.conventions.ternary_packing) + c_out * _PER_CHANNEL_BITS
+    return OpCost(macs=macs, format=fmt, ops=_extras(call, outputs, True), params=weights + 3 * c_out,
+                  storage_bits=storage, kind=kind)
+
+
+@register_cost(ops.ternary_conv2d, kind="pointwise_conv")
+def _ternary_conv2d(call: OpCall) -> OpCost:
+    """[n, c_in, h, w] * ternary [c_out, c_in] -> [n, c_out, h', w']: n·c_out·c_in·h'·w' MACs, additions only.
+    Ignores: the zero-point correction (a per-channel constant in the bias)."""
+    x, out = call.args[0], call.out
+    c_in, c_out = x.shape[1], out.shape[1]
+    return _layer(call, out.numel * c_in, "ternary", c_out * c_in, c_out, "pointwise_conv")
+
+
+@register_cost(ops.int8_conv2d, kind="conv")
+def _int8_conv2d(call: OpCall) -> OpCost:
+    """[n, c_in, h, w] * [c_out, c_in/g, kh, kw] -> [n, c_out, h', w']: n·c_out·(c_in/g)·kh·kw·h'·w' int8 MACs.
+    Ignores: padding (counted as MACs, as for float convs), the zero-point correction."""
+    w, out = call.args[2], call.out
+    groups = _arg(call, "groups", 1)
+    c_out, per_out = w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
+    if groups > 1:
+        kind = "depthwise_conv" if groups == call.args[0].shape[1] == c_out else "grouped_conv"
+    else:
+        kind = "pointwise_conv" if tuple(w.shape[2:]) == (1, 1) else "conv"
+    return _layer(call, out.numel * per_out, "int8", c_out * per_out, c_out, kind)
+
+
+@register_cost(ops.int8_linear, kind="linear")
+def _int8_linear(call: OpCall) -> OpCost:
+    """[..., in] @ int8 [out, in]^T -> [..., out]: rows·in·out int8 MACs.
+    Ignores: the zero-point correction."""
+    w, out = call.args[2], call.out
+    return _layer(call, out.numel * w.shape[1], "int8", w.shape[0] * w.shape[1], w.shape[0], "linear")
+
+
+@register_cost(ops.requantize, kind="elementwise")
+def _requantize(call: OpCall) -> OpCost:
+    """int32 [n, c, ...] -> uint8 [n, c, ...]: one rescale per element (priced with include_requant).
+    Ignores: the shift, rounding offset and clamp."""
+    n = call.out.numel
+    return OpCost(elementwise=n, format="int8", ops=_extras(call, n, False))
+
+
+@register_cost(ops.int8_add, kind="elementwise")
+def _int8_add(call: OpCall) -> OpCost:
+    """uint8 a + uint8 b -> uint8 (same shape): one addition per element; with include_requant also
+    the two input rescales. Ignores: zero-point subtraction, shift and clamp."""
+    n = call.out.numel
+    extra = {("mul", call.conventions.requant_format): 2 * n} if call.conventions.include_requant else {}
+    return OpCost(elementwise=n, format="int8", ops=extra)
+
+
+@register_cost(ops.int8_global_avg_pool2d, kind="pool")
+def _int8_global_avg_pool2d(call: OpCall) -> OpCost:
+    """uint8 [n, c, h, w] -> [n, c, 1, 1]: n·c·h·w additions; one rescale per output with include_requant.
+    Ignores: the zero-point correction (one constant per output)."""
+    extra = _extras(call, call.out.numel, False)
+    return OpCost(elementwise=call.args[0].numel, format="int8", ops=extra)
+
+
+@register_cost(ops.quantize_per_tensor, ops.dequantize, kind="elementwise")
+def _boundary(call: OpCall) -> OpCost:
+    """float <-> uint8 codes at the model's input and output: one scale per element.
+    Ignores: rounding and clamping."""
+    return OpCost(elementwise=call.out.numel, format="fp32")

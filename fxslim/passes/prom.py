@@ -1,0 +1,273 @@
+"""PROM prepare: fake quantization for quantization-aware training (docs/methods/PROM.md).
+
+Matches every ``call_module`` conv and linear and every residual add (two float tensors of one
+shape) in a symbolic-traced graph (module IR). Emits: a ``QConv2d``/``QLinear`` at the layer's own
+name wrapping the original module, with ternary weights (TWN or absmean) for 1×1 groups-1 unpadded
+convs and 8-bit symmetric weights for every other conv and every linear; one ``ActFakeQuant``
+(uint8, EMA observer) per tensor producer: whatever feeds a conv/linear (the model input, the
+pooled tensor), every conv(+BN+ReLU/ReLU6) output and every add output. BN stays a float module.
+
+``fxslim.optimize(model, x, passes=["prom"])`` returns this prepared QAT model (as does
+``prepare``); turning it into integer ops is the separate, explicit ``convert`` step
+(``fxslim.passes.prom_convert``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from fxslim.api import optimize
+from fxslim.config import check_choice, check_range
+from fxslim.ir import ConvView, LinearView, meta_val, node_fqn, views
+from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
+from fxslim.passes.matchers import conv_kind
+from fxslim.passes.prom_graph import float_tensor, is_activation, is_quant, is_residual_add, is_shape_op, module_of
+from fxslim.runtime.quant import (
+    TERNARY_METHODS, WEIGHT_QUANTS, ActFakeQuant, QConv2d, QLinear, int8_weight_codes, int8_weight_fake_quant,
+    ternary_codes, ternary_fake_quant,
+)
+
+__all__ = ["PROM", "PerTensorQConv2d", "PerTensorQLinear", "prepare", "calibrate"]
+
+_log = logging.getLogger(__name__)
+_QUANT_PREFIX = "prom_quant"
+
+
+def _producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """Where a tensor is made: walk back through value-preserving ops (flatten, dropout, ...)."""
+    while is_shape_op(gm, node):
+        node = node.args[0]
+    return node
+
+
+def _chain_end(gm: fx.GraphModule, node: fx.Node, with_bn: bool) -> fx.Node:
+    """The last node of ``node → [BN] → [ReLU|ReLU6]`` when each step is the only user."""
+    if with_bn and len(node.users) == 1 and isinstance(module_of(gm, next(iter(node.users))), nn.BatchNorm2d):
+        node = next(iter(node.users))
+    if len(node.users) == 1 and is_activation(gm, next(iter(node.users))):
+        node = next(iter(node.users))
+    return node
+
+
+def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
+    parent, _, name = path.rpartition(".")
+    gm.get_submodule(parent)._modules[name] = module
+
+
+class _PerTensorMixin:
+    """One weight scale per tensor instead of per output channel (``PROM.per_channel=False``)."""
+
+    def _weight(self) -> Tensor:
+        return self.conv.weight if isinstance(self, QConv2d) else self.linear.weight
+
+    def quantized_weight(self) -> Tensor:
+        w = self._weight()
+        if getattr(self, "weight_quant", "int8") == "ternary":
+            return ternary_fake_quant(w.reshape(1, -1), self.ternary_method).reshape(w.shape)
+        return int8_weight_fake_quant(w.reshape(1, -1)).reshape(w.shape)
+
+    def weight_codes(self) -> tuple[Tensor, Tensor]:
+        w = self._weight()
+        if getattr(self, "weight_quant", "int8") == "ternary":
+            codes, scale = ternary_codes(w.reshape(1, -1), self.ternary_method)
+        else:
+            codes, scale = int8_weight_codes(w.reshape(1, -1))
+        return codes.reshape(w.shape), scale.expand(w.shape[0]).clone()
+
+
+class PerTensorQConv2d(_PerTensorMixin, QConv2d):
+    """``QConv2d`` with one weight scale (ternary α or int8 step) for the whole tensor."""
+
+
+class PerTensorQLinear(_PerTensorMixin, QLinear):
+    """``QLinear`` with one int8 weight step for the whole tensor."""
+
+
+@register_pass("prom")
+@dataclass(frozen=True)
+class PROM(Pass):
+    """Fake-quantize a CNN for PROM QAT.
+
+    ``ternary``: the ternary rule, "twn" (Δ = 0.7·mean|W_c|) or "absmean". ``pointwise``: weights
+    of the matched 1×1 groups-1 convs ("ternary"; "int8" keeps one at 8 bit via an override).
+    ``last_pointwise``: the last such conv in graph order (MobileNetV2's 320→1280) "ternary" or
+    "int8". ``per_channel``: weight scales per output channel (False: one per tensor).
+    ``momentum``: EMA momentum of the activation observers.
+    """
+
+    ternary: Literal["twn", "absmean"] = "twn"
+    pointwise: Literal["ternary", "int8"] = "ternary"
+    last_pointwise: Literal["ternary", "int8"] = "ternary"
+    per_channel: bool = True
+    momentum: float = 0.9
+
+    kinds: ClassVar[tuple[str, ...]] = ("pointwise_conv", "depthwise_conv", "grouped_conv", "conv", "linear", "residual_add")
+
+    def validate(self) -> None:
+        check_choice(self, "ternary", TERNARY_METHODS)
+        check_choice(self, "pointwise", WEIGHT_QUANTS)
+        check_choice(self, "last_pointwise", WEIGHT_QUANTS)
+        check_choice(self, "per_channel", (True, False))
+        check_range(self, "momentum", 0.0, 1.0, high_open=True)
+
+    def requires(self, gm: fx.GraphModule, ctx: PassContext) -> None:
+        if ctx.ir != "module":
+            raise ValueError(f"PROM: expected a symbolic-traced graph (IR 'module', call_module convs), got IR {ctx.ir!r}")
+
+    def match(self, gm: fx.GraphModule, ctx: PassContext, report: PassReport) -> list[Candidate]:
+        """1. skip layers already wrapped; 2. find the last ternary-shaped conv (``last_pointwise``);
+        3. every conv/linear view: reject, or resolve its config; 4. residual adds."""
+        calls = Counter(str(n.target) for n in gm.graph.nodes if n.op == "call_module")
+        for node in gm.graph.nodes:
+            if isinstance(module_of(gm, node), (QConv2d, QLinear)):
+                report.skip(node, node_fqn(node, gm), "quantized_layer", "already_rewritten")
+        layers: list[Candidate] = []
+        weighted = [v for v in views(gm) if isinstance(v, (ConvView, LinearView))]
+        last = next((v.node for v in reversed(weighted) if _ternary_shaped(gm, v) and not _reject(gm, v, calls)), None)
+        for view in weighted:
+            kind = conv_kind(view) if isinstance(view, ConvView) else "linear"
+            reason = _reject(gm, view, calls)
+            if reason:
+                report.skip(view.node, view.fqn, kind, reason)
+                continue
+            cfg = self.resolve(ctx, view.node, view.fqn, kind, report)
+            if cfg is not None and view.node is last and self.last_pointwise == "int8":
+                cfg = replace_fields(cfg, pointwise="int8")
+            if cfg is not None:
+                layers.append(Candidate(view.node, view, view.fqn, kind, cfg))
+        adds = []
+        for node in gm.graph.nodes:
+            if not is_residual_add(node) or any(float_tensor(a) is None for a in node.args):
+                continue
+            fqn = node_fqn(node, gm)
+            end = _chain_end(gm, node, with_bn=False)
+            if len(end.users) == 1 and is_quant(gm, next(iter(end.users))):
+                report.skip(node, fqn, "residual_add", "already_rewritten")
+            elif float_tensor(node.args[0]).shape != float_tensor(node.args[1]).shape:
+                report.skip(node, fqn, "residual_add", "broadcast")
+            else:
+                cfg = self.resolve(ctx, node, fqn, "residual_add", report)
+                if cfg is not None:
+                    adds.append(Candidate(node, None, fqn, "residual_add", cfg))
+        return layers + adds
+
+    def rewrite(self, gm: fx.GraphModule, cand: Candidate, ctx: PassContext) -> dict[str, Any]:
+        cfg: PROM = cand.config  # type: ignore[assignment]
+        node = cand.anchor
+        if cand.kind == "residual_add":
+            # a + b  →  q(q(a) + q(b)): both operands and the sum on uint8 grids
+            for arg in node.args:
+                _maybe_quantize(gm, _producer(gm, arg), cfg.momentum)
+            _maybe_quantize(gm, _chain_end(gm, node, with_bn=False), cfg.momentum)
+            return {"activations": "uint8"}
+        # conv(x) → BN → act  →  q(act(BN(Qconv(q(x))))): fake-quantized weights, input and output
+        module = gm.get_submodule(str(node.target))
+        weights = "ternary" if _ternary_shaped(gm, cand.view) and cfg.pointwise == "ternary" else "int8"
+        if isinstance(module, nn.Conv2d):
+            cls = QConv2d if cfg.per_channel else PerTensorQConv2d
+            wrapped: nn.Module = cls(module, weights, ternary_method=cfg.ternary)
+        else:
+            wrapped = (QLinear if cfg.per_channel else PerTensorQLinear)(module)
+        _set_submodule(gm, str(node.target), wrapped)
+        node.meta["fxslim_pass"] = self.name
+        _maybe_quantize(gm, _producer(gm, cand.view.input), cfg.momentum)
+        _maybe_quantize(gm, _chain_end(gm, node, with_bn=isinstance(module, nn.Conv2d)), cfg.momentum)
+        return {"weights": weights}
+
+
+def _ternary_shaped(gm: fx.GraphModule, view: ConvView | LinearView) -> bool:
+    """1×1, groups 1, no padding: what ``fxslim::ternary_conv2d`` computes."""
+    return isinstance(view, ConvView) and view.is_pointwise and view.padding == (0, 0)
+
+
+def _reject(gm: fx.GraphModule, view: ConvView | LinearView, calls: Counter) -> str:
+    """Why a conv/linear cannot be wrapped ("" when it can)."""
+    if view.node.op != "call_module":
+        return "not_a_module"
+    if calls[str(view.node.target)] > 1:
+        return "shared_module"
+    if isinstance(view, LinearView):
+        return ""
+    if view.transposed:
+        return "transposed"
+    module = gm.get_submodule(str(view.node.target))
+    if module.padding_mode != "zeros":
+        return "padding_mode"
+    if view.padding_spec == "same" and any(d * (k - 1) % 2 for k, d in zip(view.kernel, view.dilation)):
+        return "asymmetric_padding"
+    return ""
+
+
+def _has_submodule(gm: fx.GraphModule, path: str) -> bool:
+    try:
+        gm.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _maybe_quantize(gm: fx.GraphModule, node: fx.Node, momentum: float) -> fx.Node:
+    """The ActFakeQuant of ``node``'s tensor: the existing one, or a new one all users then read."""
+    if is_quant(gm, node):
+        return node
+    users = list(node.users)
+    if len(users) == 1 and is_quant(gm, users[0]):
+        return users[0]
+    base = f"{_QUANT_PREFIX}.{node.name}"
+    name, i = base, 1
+    while _has_submodule(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.add_submodule(name, ActFakeQuant(momentum))
+    with gm.graph.inserting_after(node):
+        quant = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(quant, delete_user_cb=lambda user: user is not quant)
+    quant.meta["val"] = meta_val(node)
+    return quant
+
+
+def prepare(
+    model: nn.Module, example_inputs: Any, config: PROM | None = None, *,
+    filter_fn: Callable[[fx.Node, str], bool] | None = None, overrides: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """The QAT model: a fake-quantized copy of ``model`` (an nn.Module or a symbolic GraphModule).
+
+    Same as ``fxslim.optimize(model, example_inputs, passes=[config]).module``; the report is
+    stored in ``prepared.meta["fxslim_report"]`` (a GraphModule when the model traces whole).
+    Train it like the float model (``fxslim.models.train.fit``/``train_step`` or any loop, also
+    wrapped in DistributedDataParallel: observer state lives in buffers), or only ``calibrate`` it
+    for post-training quantization; then ``fxslim.convert`` it.
+    """
+    config = PROM() if config is None else config
+    if not isinstance(config, PROM):
+        raise TypeError(f"prepare: config must be a PROM config, got {type(config).__name__}")
+    result = optimize(model, example_inputs, [config], filter_fn=filter_fn, overrides=overrides,
+                      leaf_modules=(QConv2d, QLinear, ActFakeQuant))
+    for graph in result.captured.graphs:
+        graph.gm.meta["fxslim_report"] = result.report
+    weights = Counter(e.info.get("weights", e.kind) for e in result.report.entries("prom") if e.status == "rewritten")
+    _log.info("PROM prepare: rewrote %s; skipped %s", dict(weights), dict(result.report.skipped("prom")))
+    return result.module
+
+
+@torch.no_grad()
+def calibrate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
+    """Observe activation ranges on ``batches`` (tensors or argument tuples) with everything else
+    in eval mode (BN running statistics, no dropout), so the ranges fit the model convert folds."""
+    was_training = model.training
+    model.eval()
+    for module in model.modules():
+        if isinstance(module, ActFakeQuant):
+            module.train()
+    for batch in batches:
+        model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    model.train(was_training)
+    return model

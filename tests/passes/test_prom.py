@@ -1,0 +1,334 @@
+"""PROM prepare (fake quantization) and convert (integer ops) on torchvision MobileNetV2 and small
+inline models: counts, conversion agreement, skip reasons, idempotence, export and compile."""
+
+from __future__ import annotations
+
+import copy
+import io
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxslim
+from fxslim.capture import trace
+from fxslim.ir import detect_ir
+from fxslim.models.data import imagenet_normalize, mnist_5k, photos
+from fxslim.models.mobilenet_mnist import load_mobilenet_mnist
+from fxslim.models.train import predict, train_step
+from fxslim.passes.base import PassContext
+from fxslim.passes.prom import PROM, PerTensorQConv2d, calibrate, prepare
+from fxslim.passes.prom_convert import code_agreement, convert
+from fxslim.runtime.quant import ActFakeQuant, QConv2d
+
+ops = torch.ops.fxslim
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """One torch thread for the whole module, module fixtures included (shared 2-core machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _bn_recalibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
+    """Random weights with BN running statistics estimated on ``x`` (train-mode forward,
+    cumulative average): without it BN is the identity and random MobileNetV2 activations shrink
+    below the float32 resolution of any uint8 grid by the last blocks."""
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.reset_running_stats()
+            m.momentum = None
+    with torch.no_grad():
+        model.train()(x)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    """(float model, photos, prepared + calibrated QAT model, converted integer model)."""
+    torch.manual_seed(0)
+    x = imagenet_normalize(photos(224))
+    model = _bn_recalibrated(torchvision.models.mobilenet_v2(), x)
+    qat = calibrate(prepare(model, (x,)), [x])
+    return model, x, qat, convert(qat)
+
+
+def _entries(qat):
+    return qat.meta["fxslim_report"].entries("prom")
+
+
+# ----------------------------------------------------------------------------------------------
+# torchvision MobileNetV2
+
+
+def test_prom_mobilenet_v2_finds_34_ternary_18_int8_convs_1_int8_linear(mobilenet):
+    _, _, qat, _ = mobilenet
+    counts = Counter((e.kind, e.info.get("weights")) for e in _entries(qat) if e.status == "rewritten")
+    assert sum(v for (k, w), v in counts.items() if w == "ternary") == 34
+    assert counts[("pointwise_conv", "ternary")] == 34
+    assert counts[("depthwise_conv", "int8")] + counts[("conv", "int8")] == 18
+    assert counts[("linear", "int8")] == 1
+    assert counts[("residual_add", None)] == 10
+    assert not [e for e in _entries(qat) if e.status == "skipped"]
+    # one quantizer per tensor producer: input, 52 conv outputs, 10 adds, pooled tensor, logits
+    assert sum(isinstance(m, ActFakeQuant) for m in qat.modules()) == 65
+    assert sum(type(m) is QConv2d and m.weight_quant == "ternary" for m in qat.modules()) == 34
+
+
+def test_prom_converted_uses_ternary_op_for_exactly_the_pointwise_convs(mobilenet):
+    model, _, _, int_model = mobilenet
+    pointwise = {name for name, m in model.named_modules()
+                 if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.groups == 1}
+    ternary = {n for n in int_model.graph.nodes if n.target is ops.ternary_conv2d.default}
+    assert len(pointwise) == len(ternary) == 34
+    # the op reads the packed weights registered under the conv's own name
+    assert {str(n.args[2].target).rpartition(".")[0] for n in ternary} == pointwise
+    targets = Counter(n.target for n in int_model.graph.nodes if n.op == "call_function")
+    assert targets[ops.int8_conv2d.default] == 18 and targets[ops.int8_linear.default] == 1
+    assert targets[ops.int8_add.default] == 10 and targets[ops.int8_global_avg_pool2d.default] == 1
+    assert not any(isinstance(m, (nn.Conv2d, nn.BatchNorm2d, nn.Linear)) for m in int_model.modules())
+    packed = int_model.get_submodule("features.18.0").weight_packed  # 320 → 1280, 2 bits per weight
+    assert packed.dtype == torch.uint8 and tuple(packed.shape) == (1280, 80)
+
+
+def test_prom_converted_codes_within_one_lsb_layer_by_layer(mobilenet):
+    _, x, qat, int_model = mobilenet
+    local = code_agreement(qat, int_model, x, mode="local")
+    assert len(local.layers) == 65
+    assert local.within_one >= 0.999
+    elements, _, exact = local.layers["prom_quant.classifier_1"]
+    assert exact >= 0.99 * elements  # logits round to nearest (a wrapped int32 offset floored half of them)
+
+
+def test_prom_converted_argmax_agrees_on_photos(mobilenet):
+    _, x, qat, int_model = mobilenet
+    with torch.no_grad():
+        fake_logits, int_logits = qat.eval()(x), int_model(x)
+    assert int_logits.dtype == torch.float32 and int_logits.shape == (6, 1000)
+    assert torch.equal(fake_logits.argmax(1), int_logits.argmax(1))
+
+
+def test_prom_never_modifies_users_model(mobilenet):
+    model, x, qat, _ = mobilenet
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    qat_state = {k: v.clone() for k, v in qat.state_dict().items()}
+    again = prepare(model, (x,))
+    for p in again.parameters():
+        p.data.zero_()
+    convert(qat)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert all(torch.equal(v, qat.state_dict()[k]) for k, v in qat_state.items())
+    assert type(model.features[1].conv[1]) is nn.Conv2d
+
+
+def test_prom_second_run_is_not_modified(mobilenet):
+    _, x, qat, _ = mobilenet
+    gm = copy.deepcopy(qat)
+    result = PROM()(gm, PassContext(ir=detect_ir(gm)))
+    assert not result.modified
+    assert Counter(e.reason for e in result.report.entries) == Counter({"already_rewritten": 53 + 10})
+
+
+def test_prom_export_save_load_round_trip_identical(mobilenet):
+    _, x, _, int_model = mobilenet
+    ep = torch.export.export(int_model, (x[:2],))
+    assert {n.target for n in ep.graph.nodes if n.op == "call_function"} >= {ops.ternary_conv2d.default, ops.int8_add.default}
+    buffer = io.BytesIO()
+    torch.export.save(ep, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer)
+    with torch.no_grad():
+        assert torch.equal(loaded.module()(x[:2]), int_model(x[:2]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The MNIST MobileNetV2 (trained float checkpoint): config options, QAT, end to end
+
+
+@pytest.fixture(scope="module")
+def mnist():
+    split = mnist_5k()
+    return load_mobilenet_mnist(), split
+
+
+def test_prom_last_pointwise_int8_keeps_last_1x1_at_8_bit(mnist):
+    model, split = mnist
+    qat = prepare(model, (split.x_test[:2],), PROM(last_pointwise="int8"))
+    weights = {e.fqn: e.info["weights"] for e in _entries(qat) if e.kind == "pointwise_conv"}
+    assert Counter(weights.values()) == Counter({"ternary": 13, "int8": 1})
+    assert weights["features.8.0"] == "int8"
+
+
+def test_prom_optimize_returns_the_prepared_qat_model(mnist):
+    model, split = mnist
+    res = fxslim.optimize(model, split.x_test[:2], passes=["prom:ternary=absmean"])
+    assert res.report.rewritten("prom") == 14 + 7 + 1 + 1 + 4  # pointwise, depthwise, stem, linear, adds
+    assert all(m.ternary_method == "absmean" for m in res.module.modules() if isinstance(m, QConv2d) and m.weight_quant == "ternary")
+
+
+def test_prom_mnist_post_training_integer_matches_fake_quant_top1(mnist):
+    model, split = mnist
+    qat = calibrate(prepare(model, (split.x_test[:2],)), [split.x_train[i : i + 250] for i in range(0, 1000, 250)])
+    int_model = convert(qat)
+    fake, ours = predict(qat, split.x_test).argmax(1), predict(int_model, split.x_test).argmax(1)
+    assert (fake == ours).float().mean() >= 0.99
+    assert code_agreement(qat, int_model, split.x_test[:100]).within_one >= 0.999
+
+
+def test_prom_qat_step_trains_latent_weights_and_observers(mnist):
+    model, split = mnist
+    qat = prepare(model, (split.x_test[:2],))
+    conv = qat.get_submodule("features.2.conv.0.0")
+    before = conv.conv.weight.detach().clone()
+    optimizer = torch.optim.SGD(qat.parameters(), lr=0.01)
+    loss, _ = train_step(qat, optimizer, split.x_train[:32], split.y_train[:32])
+    assert torch.isfinite(torch.tensor(loss)) and not torch.equal(before, conv.conv.weight)
+    assert all(bool(m.initialized) for m in qat.modules() if isinstance(m, ActFakeQuant))
+
+
+def test_prom_per_tensor_weights_convert_within_one_lsb(mnist):
+    model, split = mnist
+    qat = calibrate(prepare(model, (split.x_test[:2],), PROM(per_channel=False)), [split.x_train[:500]])
+    assert sum(isinstance(m, PerTensorQConv2d) for m in qat.modules()) == 22
+    codes, scale = qat.get_submodule("features.1.conv.1").weight_codes()
+    assert scale.unique().numel() == 1
+    assert code_agreement(qat, convert(qat), split.x_test[:100]).within_one >= 0.999
+
+
+def test_prom_converted_runs_under_fxslim_compile_backend(mnist):
+    model, split = mnist
+    int_model = convert(calibrate(prepare(model, (split.x_test[:2],)), [split.x_train[:500]]))
+    compiled = torch.compile(int_model, backend="fxslim", options={"inner": "inductor"})
+    with torch.no_grad():
+        assert torch.equal(compiled(split.x_test[:8]), int_model(split.x_test[:8]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Small inline models: skip reasons, config validation, conversion errors
+
+
+class _Skips(nn.Module):
+    """x → conv(functional) → shared conv twice → transposed → reflect-padded → 'same' 2×2 → + bias map."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3, 1, 1))
+        self.shared = nn.Conv2d(4, 4, 1)
+        self.up = nn.ConvTranspose2d(4, 4, 1)
+        self.reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect")
+        self.even = nn.Conv2d(4, 4, 2, padding="same")
+        self.bias_map = nn.Parameter(torch.zeros(1, 4, 1, 1))
+
+    def forward(self, x):
+        x = F.conv2d(x, self.w)
+        x = self.shared(self.shared(x))
+        x = self.even(self.reflect(self.up(x)))
+        return x + self.bias_map
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel lengths")
+def test_prom_skip_reasons_are_reported():
+    x = torch.randn(1, 3, 6, 6)
+    with pytest.warns(UserWarning, match="rewrote nothing"):
+        res = fxslim.optimize(_Skips(), x, passes=["prom"])
+    reasons = Counter(e.reason for e in res.report.entries("prom"))
+    assert reasons == Counter({"not_a_module": 1, "shared_module": 2, "transposed": 1, "padding_mode": 1,
+                               "asymmetric_padding": 1, "broadcast": 1})
+
+
+def test_prom_filter_fn_and_override_skip_with_filtered_out():
+    net = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 4, 1)).eval()
+    res = fxslim.optimize(net, torch.randn(1, 3, 6, 6), passes=["prom"], overrides={"2": None})
+    assert sorted((e.fqn, e.status, e.reason) for e in res.report.entries("prom")) == [("0", "rewritten", ""), ("2", "skipped", "filtered_out")]
+    res = fxslim.optimize(net, torch.randn(1, 3, 6, 6), passes=["prom"], overrides={"2": PROM(pointwise="int8")})
+    assert [e.info["weights"] for e in res.report.entries("prom")] == ["int8", "int8"]
+
+
+def test_prom_config_validation_and_string_round_trip():
+    with pytest.raises(ValueError, match=r"PROM.ternary: expected one of \('twn', 'absmean'\), got 'ttq'"):
+        PROM(ternary="ttq")
+    with pytest.raises(ValueError, match="PROM.last_pointwise"):
+        PROM(last_pointwise="fp16")
+    with pytest.raises(ValueError, match="PROM.momentum"):
+        PROM(momentum=1.0)
+    cfg = fxslim.parse_pass("prom:ternary=absmean,last_pointwise=int8,per_channel=false")
+    assert cfg == PROM(ternary="absmean", last_pointwise="int8", per_channel=False)
+    assert PROM.from_dict(cfg.to_dict()) == cfg and fxslim.parse_pass(cfg.to_string()) == cfg
+
+
+def test_prom_needs_module_ir():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1)).eval()
+    with pytest.raises(ValueError, match="PROM: expected a symbolic-traced graph"):
+        fxslim.optimize(net, torch.randn(1, 3, 4, 4), passes=["prom"], capture="export")
+
+
+def test_prom_convert_unsupported_op_error_names_the_node():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 1)).eval()
+    qat = calibrate(prepare(net, torch.randn(1, 3, 6, 6)), [torch.randn(4, 3, 6, 6)])
+    with pytest.raises(ValueError, match=r"cannot convert this op.*%_1 : \[num_users=1\] = call_module\[target=1\]"):
+        convert(qat)
+
+
+def test_prom_convert_rejects_unprepared_or_uncalibrated_models():
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()).eval()
+    with pytest.raises(TypeError, match="expected the GraphModule returned by"):
+        convert(fx.symbolic_trace(net))
+    with pytest.raises(ValueError, match="has seen no data; run calibrate"):
+        convert(prepare(net, torch.randn(1, 3, 4, 4)))
+
+
+def test_prom_add_relu_and_mean_pool_convert_within_one_lsb():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+
+        def forward(self, x):
+            y = torch.relu(self.a(x))
+            z = F.relu(y + self.b(y))
+            return self.fc(z.mean((2, 3)))
+
+    x = torch.randn(8, 3, 6, 6)
+    qat = calibrate(prepare(Net().eval(), x), [x])
+    int_model = convert(qat)
+    targets = [n.target for n in int_model.graph.nodes if n.op == "call_function"]
+    assert ops.int8_add.default in targets and ops.int8_global_avg_pool2d.default in targets
+    add = next(n for n in int_model.graph.nodes if n.target is ops.int8_add.default)
+    assert add.args[8] == add.args[7]  # ReLU: out_min is the output zero point
+    assert code_agreement(qat, int_model, x).within_one == 1.0
+
+
+def test_example_prom_qat_own_loop_runs():
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, str(root / "examples" / "prom_qat_own_loop.py"), "--steps", "10"],
+                         capture_output=True, text=True, timeout=300, cwd=root, check=True)
+    assert "integer model top-1" in out.stdout
+
+
+def test_prom_convert_replays_value_preserving_ops_between_layer_and_quantizer():
+    class Hand(nn.Module):
+        """x → q → int8 conv → ReLU → flatten → q (a QAT graph written by hand, not by prepare)."""
+
+        def __init__(self):
+            super().__init__()
+            self.q_in, self.conv, self.q_out = ActFakeQuant(), QConv2d(nn.Conv2d(3, 4, 3), "int8"), ActFakeQuant()
+
+        def forward(self, x):
+            return self.q_out(torch.relu(self.conv(self.q_in(x))).flatten(1))
+
+    x = torch.randn(8, 3, 6, 6)
+    qat = calibrate(trace(Hand(), leaf_modules=(QConv2d, ActFakeQuant)), [x])
+    next(iter(qat.graph.nodes)).meta["val"] = x  # the input shape convert propagates from (prepare sets it)
+    int_model = convert(qat)
+    assert int_model(x).shape == (8, 64)
+    assert code_agreement(qat, int_model, x).within_one == 1.0
