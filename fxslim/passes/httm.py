@@ -2,9 +2,10 @@
 
 Matches softmax attention whose batch is the model's batch (one sequence spans every frame), in
 SDPA form, in any IR (symbolic trace, dynamo, export); frame attention, other attention forms and
-everything else stay untouched. Emits the op with the frame layout, taken from the pass config,
-else the owning module's ``fxslim_frame_layout``, else the RoPE positions feeding q (the integer
-``[..., N, 2]`` tensor, evaluated from the graph). Unless ``frames`` is configured, the graph computes
+everything else stay untouched. Emits the op with the frame layout from the pass config, else
+from the RoPE positions feeding q (the integer ``[..., N, 2]`` tensor, evaluated from the graph);
+an owning module's ``fxslim_frame_layout``, when the graph module still holds it, marks frame
+attention and fixes the special tokens. Unless ``frames`` is configured, the graph computes
 frames = N // tokens_per_frame, so the result runs at any frame count. Needs node shapes
 (``fxslim.capture`` provides them). Semantics and defaults: docs/methods/HTTM.md.
 """
@@ -179,7 +180,8 @@ class HTTM(Pass):
 
     def _layout(self, gm: fx.GraphModule, view: AttentionView, ctx: PassContext,
                 metadata: dict[str, Any]) -> tuple[_Layout | None, str, str]:
-        """(layout, "", "") or (None, reason, detail): config > module metadata > RoPE positions."""
+        """(layout, "", "") or (None, reason, detail): config, else RoPE positions (checked against
+        the special tokens of the config or the module metadata)."""
         n = _hint(view.q_len)
         specials = self.special_tokens if self.special_tokens is not None else metadata.get("special_tokens")
         if self.frames is not None or self.tokens_per_frame is not None:

@@ -124,14 +124,17 @@ def test_httm_ratio_zero_rewritten_model_runs_at_other_frame_counts(tiny):
         _assert_outputs_close(tiny(images), res.module(images))
 
 
-def test_httm_ratio_zero_through_torch_compile_equals_original(tiny):
-    images = _images()
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_httm_ratio_zero_through_torch_compile_equals_original(tiny, dynamic):
     fxslim.backend.last_reports(clear=True)
-    compiled = torch.compile(tiny, backend="fxslim", options={"passes": [_ZERO], "inner": "aot_eager"})
-    with torch.no_grad():
-        _assert_outputs_close(tiny(images), compiled(images))
-    (reports,) = fxslim.backend.last_reports()
-    assert reports[0].rewritten == tiny.config.depth
+    compiled = torch.compile(tiny, backend="fxslim", dynamic=dynamic,
+                             options={"passes": [_ZERO], "inner": "aot_eager"})
+    for frames in (3, 5) if dynamic else (3,):  # dynamic: frames is a SymInt in the graph
+        images = _images(frames=frames)
+        with torch.no_grad():
+            _assert_outputs_close(tiny(images), compiled(images))
+    reports = fxslim.backend.last_reports()
+    assert reports and all(r[0].rewritten == tiny.config.depth for r in reports)
 
 
 def test_httm_second_run_is_a_no_op(tiny):
