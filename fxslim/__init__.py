@@ -15,6 +15,7 @@ from fxslim.config import Config
 from fxslim.cost_model import Conventions, compare, estimate
 from fxslim.passes.base import Pass, parse_pass, register_pass, registered_passes
 from fxslim.passes.haste import HASTE
+from fxslim.passes.httm import HTTM
 from fxslim.passes.prom import PROM, calibrate, prepare
 from fxslim.passes.prom_convert import convert
 from fxslim.policy import Policy
@@ -22,6 +23,6 @@ from fxslim.policy import Policy
 __all__ = [
     "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy",
     "parse_pass", "register_pass", "registered_passes", "runtime", "estimate", "compare", "Conventions",
-    "PROM", "prepare", "calibrate", "convert", "HASTE",
+    "PROM", "prepare", "calibrate", "convert", "HASTE", "HTTM",
 ]
 __version__ = "0.1.0"

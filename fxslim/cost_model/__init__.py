@@ -13,6 +13,7 @@ Importing this package registers every formula (``registry.register_cost``): the
 
 from fxslim.cost_model import ops_aten  # noqa: F401  (registers the aten formulas)
 from fxslim.cost_model import ops_haste  # noqa: F401  (fxslim::haste_conv2d)
+from fxslim.cost_model import ops_httm  # noqa: F401  (registers fxslim::httm_attention)
 from fxslim.cost_model import ops_prom  # noqa: F401  (PROM integer ops)
 from fxslim.cost_model.conventions import FORMATS, KINDS, PACKINGS, Conventions, deploy_preset, parse_deploy
 from fxslim.cost_model.energy import EnergyTable, available_tables, load_table, mac_arithmetic

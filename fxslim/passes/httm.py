@@ -1,0 +1,344 @@
+"""HTTM pass: global (all-frames) SDPA -> ``fxslim::httm_attention`` (head-wise temporal token merging).
+
+Matches softmax attention whose batch is the model's batch (one sequence spans every frame), in
+SDPA form, in any IR (symbolic trace, dynamo, export); frame attention, other attention forms and
+everything else stay untouched. Emits the op with the frame layout from the pass config, else
+from the RoPE positions feeding q (the integer ``[..., N, 2]`` tensor, evaluated from the graph);
+an owning module's ``fxslim_frame_layout``, when the graph module still holds it, marks frame
+attention and fixes the special tokens. Unless ``frames`` is configured, the graph computes
+frames = N // tokens_per_frame, so the result runs at any frame count. Needs node shapes
+(``fxslim.capture`` provides them). Semantics and defaults: docs/methods/HTTM.md.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+from fxslim.config import check_choice, check_int, check_range
+from fxslim.ir import AttentionView, meta_val, node_fqn
+from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
+from fxslim.passes.matchers import match_attention
+from fxslim.runtime.httm import DST_RULES, MODES, FrameLayout, httm_kept_lengths
+
+__all__ = ["HTTM"]
+
+_OP = torch.ops.fxslim.httm_attention.default
+_SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
+_METADATA_ATTRS = ("shape", "device", "dtype", "ndim")
+_METADATA_METHODS = ("size", "dim", "numel")
+_METADATA_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default)
+_POSITION_HOPS = 16  # how far above q to look for the RoPE positions
+_MAX_EVAL_NODES = 256  # positions come from a few shape-driven ops; more means they depend on activations
+_EVAL_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """Frame layout of one global attention; ``frames`` None = N // tokens_per_frame at run time."""
+
+    tokens_per_frame: int
+    special_tokens: int
+    frames: int | None
+    example_frames: int
+    grid: tuple[int, int] | None
+    source: str
+
+
+@dataclass(frozen=True)
+class _HttmCandidate(Candidate):
+    layout: _Layout | None = None
+    scale: Any = None
+
+
+@register_pass("httm")
+@dataclass(frozen=True)
+class HTTM(Pass):
+    """Head-wise temporal token merging in every global attention (the paper's kept ratios).
+
+    ``q``/``kv``: fraction of queries / keys and values KEPT (paper: Q 0.2, KV 0.3); ``outliers``:
+    fraction of the H*N queries returned unmerged, included in ``q`` (so merging removes
+    1 - q + outliers of the queries). ``q=1, kv=1, outliers=0`` keeps everything: outputs equal
+    SDPA's. ``special_tokens``, ``frames``, ``tokens_per_frame``: layout overrides (None = inferred).
+    """
+
+    q: float = 0.2
+    kv: float = 0.3
+    outliers: float = 0.1
+    n_s: int = 128
+    n_t: int = 30
+    mode: Literal["headwise", "uniform", "global"] = "headwise"
+    proportional_attention: bool = False
+    anchor_first_frame: bool = False
+    dst_rule: Literal["strided", "random"] = "strided"
+    seed: int = 0
+    special_tokens: int | None = None
+    frames: int | None = None
+    tokens_per_frame: int | None = None
+
+    kinds = ("global_attention",)
+
+    def validate(self) -> None:
+        check_range(self, "q", 0.0, 1.0, low_open=True)
+        check_range(self, "kv", 0.0, 1.0, low_open=True)
+        check_range(self, "outliers", 0.0, self.q, high_open=True)
+        check_int(self, "n_s", 1)
+        check_int(self, "n_t", 1)
+        check_choice(self, "mode", MODES)
+        check_choice(self, "dst_rule", DST_RULES)
+        for name in ("proportional_attention", "anchor_first_frame"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"HTTM.{name}: expected True or False, got {getattr(self, name)!r}")
+        check_int(self, "seed", 0)
+        for name, low in (("special_tokens", 0), ("frames", 1), ("tokens_per_frame", 1)):
+            if getattr(self, name) is not None:
+                check_int(self, name, low)
+        if None not in (self.special_tokens, self.tokens_per_frame) and self.special_tokens > self.tokens_per_frame:
+            raise ValueError(f"HTTM.special_tokens: expected <= tokens_per_frame={self.tokens_per_frame}, "
+                             f"got {self.special_tokens}")
+
+    @property
+    def q_ratio(self) -> float:
+        """Fraction of queries removed by merging (before outliers come back): 1 - q + outliers."""
+        return round(1.0 - self.q + self.outliers, 12)
+
+    @property
+    def kv_ratio(self) -> float:
+        """Fraction of keys/values removed by merging: 1 - kv."""
+        return round(1.0 - self.kv, 12)
+
+    def match(self, gm: fx.GraphModule, ctx: PassContext, report: PassReport) -> list[Candidate]:
+        # 1. earlier rewrites are reported, never matched again (the op is no attention view)
+        for node in gm.graph.nodes:
+            if node.op == "call_function" and node.target in (_OP, torch.ops.fxslim.httm_attention):
+                report.skip(node, node_fqn(node, gm), "global_attention", "already_rewritten")
+        out: list[Candidate] = []
+        # 2. global attention from the shared matcher; 3. module metadata may say "frame"
+        for m in match_attention(gm, ctx.batch_size):
+            view, metadata = m.view, _module_metadata(gm, m.view.node)
+            reason = m.reason or ("local_attention" if metadata.get("scope") == "frame" else "")
+            if reason:
+                report.skip(view.node, view.fqn, m.kind, reason)
+                continue
+            cfg = self.resolve(ctx, view.node, view.fqn, m.kind, report)
+            if cfg is None:
+                continue
+            # 4. SDPA without mask/causal/dropout on q, k of one shape; 5. the frame layout
+            reason, detail, scale = _check_sdpa(view)
+            layout = None
+            if not reason:
+                layout, reason, detail = cfg._layout(gm, view, ctx, metadata)
+            if reason:
+                report.skip(view.node, view.fqn, m.kind, reason, detail)
+            else:
+                out.append(_HttmCandidate(view.node, view, view.fqn, m.kind, cfg, (view.node,), layout, scale))
+        return out
+
+    def rewrite(self, gm: fx.GraphModule, cand: Candidate, ctx: PassContext) -> dict[str, Any]:
+        # sdpa(q, k, v, scale=s) -> [B, H, N, d_v]
+        # httm_attention(q, k, v, frames=N // P, P, specials, ratios..., scale=s) -> [B, H, N, d_v]
+        assert isinstance(cand, _HttmCandidate) and cand.layout is not None
+        cfg, lay, view, graph = cand.config, cand.layout, cand.view, gm.graph
+        with graph.inserting_before(cand.anchor):
+            frames: Any = lay.frames
+            if frames is None:
+                if ctx.ir == "aten":
+                    length = graph.call_function(torch.ops.aten.sym_size.int, (view.q, 2))
+                else:
+                    length = graph.call_method("size", (view.q, 2))
+                set_fake_val(gm, length)
+                frames = graph.call_function(operator.floordiv, (length, lay.tokens_per_frame))
+                set_fake_val(gm, frames)
+            kwargs = dict(
+                frames=frames, tokens_per_frame=lay.tokens_per_frame, special_tokens=lay.special_tokens,
+                q_ratio=cfg.q_ratio, kv_ratio=cfg.kv_ratio, n_s=cfg.n_s, n_t=cfg.n_t,
+                outlier_fraction=cfg.outliers, proportional_attention=cfg.proportional_attention,
+                anchor_first_frame=cfg.anchor_first_frame, dst_rule=cfg.dst_rule, seed=cfg.seed,
+                mode=cfg.mode, scale=cand.scale,
+            )
+            new = graph.call_function(_OP, (view.q, view.k, view.v), kwargs)
+            new.meta["nn_module_stack"] = dict(cand.anchor.meta.get("nn_module_stack", {}))
+            set_fake_val(gm, new)
+        cand.anchor.replace_all_uses_with(new)
+        graph.erase_node(cand.anchor)
+        kept_q, kept_kv = httm_kept_lengths(
+            lay.example_frames, lay.tokens_per_frame, lay.special_tokens, cfg.q_ratio, cfg.kv_ratio, cfg.n_s,
+            cfg.n_t, cfg.outliers, cfg.anchor_first_frame, cfg.mode)
+        return {"frames": lay.frames or f"N // {lay.tokens_per_frame}", "example_frames": lay.example_frames,
+                "tokens_per_frame": lay.tokens_per_frame, "special_tokens": lay.special_tokens, "grid": lay.grid,
+                "layout_from": lay.source, "kept_q": kept_q, "kept_kv": kept_kv, "mode": cfg.mode}
+
+    # ------------------------------------------------------------------------------------------
+    # Frame layout
+
+    def _layout(self, gm: fx.GraphModule, view: AttentionView, ctx: PassContext,
+                metadata: dict[str, Any]) -> tuple[_Layout | None, str, str]:
+        """(layout, "", "") or (None, reason, detail): config, else RoPE positions (checked against
+        the special tokens of the config or the module metadata)."""
+        n = _hint(view.q_len)
+        specials = self.special_tokens if self.special_tokens is not None else metadata.get("special_tokens")
+        if self.frames is not None or self.tokens_per_frame is not None:
+            if self.tokens_per_frame is None and n % self.frames:
+                return None, "frame_layout_mismatch", f"N={n} is not a multiple of frames={self.frames}"
+            p = self.tokens_per_frame if self.tokens_per_frame is not None else n // self.frames
+            sp = 5 if specials is None else specials
+            if n % p or sp > p or (self.frames is not None and self.frames * p != n):
+                return None, "frame_layout_mismatch", (
+                    f"N={n} does not split into frames={self.frames} x tokens_per_frame={p} "
+                    f"with {sp} special tokens")
+            return _Layout(p, sp, self.frames, n // p, None, "config"), "", ""
+        pos_node = _positions_node(view.q, n)
+        if pos_node is None:
+            return None, "no_frame_layout", "no integer [.., N, 2] RoPE positions feed q"
+        pos, detail = _evaluate(gm, pos_node, ctx)
+        found, detail = _layout_from_positions(pos, n) if pos is not None else (None, detail)
+        if found is None:
+            return None, "no_frame_layout", f"positions {pos_node.name}: {detail}"
+        if specials is not None and found.special_tokens != specials:
+            return None, "frame_layout_mismatch", (
+                f"positions give {found.special_tokens} special tokens per frame, config/metadata {specials}")
+        if found.frames < 2:
+            return None, "single_frame", "one frame: nothing to merge across, and not told apart from frame attention"
+        grid = (found.grid_h, found.grid_w)
+        return _Layout(found.tokens_per_frame, found.special_tokens, None, found.frames, grid, "positions"), "", ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _hint(value: Any) -> int:
+    """A concrete int for a size that may be a SymInt (its example value)."""
+    if isinstance(value, torch.SymInt):
+        return int(value.node.hint)
+    return int(value)
+
+
+def _module_metadata(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any]:
+    """``fxslim_frame_layout`` of the module that owns ``node``, when the graph module still holds it."""
+    prefix, fqn = gm.meta.get("fxslim_prefix", ""), node_fqn(node, gm)
+    try:
+        owner = gm.get_submodule(fqn[len(prefix):].lstrip(".") if prefix else fqn)
+    except AttributeError:
+        return {}
+    metadata = getattr(owner, "fxslim_frame_layout", None) if node.meta.get("nn_module_stack") else None
+    return dict(metadata) if isinstance(metadata, dict) else {}
+
+
+def _check_sdpa(view: AttentionView) -> tuple[str, str, Any]:
+    """(reason, detail, scale): "" when the attention is a plain self-attention SDPA call."""
+    if view.form != "sdpa" or view.node.target not in _SDPA:
+        return "not_sdpa", f"{view.form} attention ({view.node.target})", None
+    node = view.node
+    args = dict(zip(_SDPA_ARGS, node.args))
+    args.update(node.kwargs)
+    for reason, found in (("masked", args.get("attn_mask") is not None), ("causal", bool(args.get("is_causal"))),
+                          ("dropout", args.get("dropout_p", 0.0) != 0)):
+        if found:
+            return reason, "", None
+    qs, ks = meta_val(view.q).shape, meta_val(view.k).shape
+    if len(qs) != 4 or len(ks) != 4 or args.get("enable_gqa"):
+        return "unsupported_shape", f"q {tuple(qs)}, k {tuple(ks)}: expected [B, H, N, d]", None
+    if tuple(qs) != tuple(ks):
+        return "cross_attention", f"q {tuple(qs)}, k {tuple(ks)}", None
+    return "", "", args.get("scale")
+
+
+def _positions_node(q: Any, n: int) -> fx.Node | None:
+    """Nearest ancestor of q holding integer positions [..., N, 2] (breadth first, a few hops)."""
+    frontier, seen = [q], {q}
+    for _ in range(_POSITION_HOPS):
+        nxt = []
+        for node in frontier:
+            val = meta_val(node)
+            if (node is not q and isinstance(val, torch.Tensor) and not val.dtype.is_floating_point
+                    and val.dim() >= 2 and val.shape[-1] == 2 and _hint(val.shape[-2]) == n):
+                return node
+            for arg in node.all_input_nodes:
+                if arg not in seen:
+                    seen.add(arg)
+                    nxt.append(arg)
+        frontier = nxt
+    return None
+
+
+def _is_metadata_op(node: fx.Node) -> bool:
+    """Ops that read only an input's metadata (shape, device, dtype), never its values."""
+    if node.op == "call_function" and node.target is builtins.getattr:
+        return node.args[1] in _METADATA_ATTRS
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return node.op == "call_function" and node.target in _METADATA_OPS
+
+
+def _evaluate(gm: fx.GraphModule, target: fx.Node, ctx: PassContext) -> tuple[torch.Tensor | None, str]:
+    """The real value of a node computed from shapes (e.g. RoPE positions built with arange).
+
+    Runs the node's ancestors; a tensor whose values nothing needs (only its shape or device is
+    read) is stood in for by a zero-stride CPU tensor, so the activations are never computed.
+    """
+    needed, stack = {target}, [target]
+    while stack:
+        for arg in stack.pop().all_input_nodes:
+            if arg not in needed:
+                needed.add(arg)
+                stack.append(arg)
+    data = {target}
+    for node in reversed(gm.graph.nodes):  # consumers before producers
+        if node in data and not _is_metadata_op(node):
+            data.update(node.all_input_nodes)
+    if len(data) > _MAX_EVAL_NODES:
+        return None, f"they depend on {len(data)} nodes"
+    interpreter = fx.Interpreter(gm)
+    env = interpreter.env
+    for node in (n for n in gm.graph.nodes if n in needed):
+        val = meta_val(node)
+        if node not in data and isinstance(val, torch.Tensor):
+            env[node] = torch.empty_strided([_hint(s) for s in val.shape], [0] * val.dim(), dtype=val.dtype)
+        elif node.op == "placeholder":
+            if node.name not in ctx.placeholder_values:
+                return None, f"input {node.name!r} has no real value"
+            value = ctx.placeholder_values[node.name]
+            env[node] = _hint(value) if isinstance(value, torch.SymInt) else value
+        else:
+            try:
+                with torch.no_grad():
+                    env[node] = interpreter.run_node(node)
+            except _EVAL_ERRORS as exc:
+                return None, f"{type(exc).__name__} at {node.format_node()}: {str(exc)[:120]}"
+    value = env[target]
+    if not isinstance(value, torch.Tensor) or value.device.type == "meta" or value.__class__ is not torch.Tensor:
+        return None, "no concrete values (meta or fake tensors)"
+    return value, ""
+
+
+def _layout_from_positions(pos: torch.Tensor, n: int) -> tuple[FrameLayout | None, str]:
+    """Layout from VGGT-style positions [..., N, 2]: special tokens (0, 0) first in each frame, patches
+    (y + 1, x + 1); they must repeat every frame (frame-major sequence) and agree across the batch."""
+    pos = pos.reshape(-1, pos.shape[-2], 2)
+    if pos.shape[1] != n or not torch.equal(pos, pos[:1].expand_as(pos)):
+        return None, "positions differ across the batch"
+    first = pos[0]
+    zero = (first == 0).all(dim=-1)
+    grid_h, grid_w, specials_total = int(first[:, 0].max()), int(first[:, 1].max()), int(zero.sum())
+    patches = grid_h * grid_w
+    if patches == 0 or (n - specials_total) % patches:
+        return None, f"N={n} with {specials_total} (0, 0) tokens is not a whole number of {grid_h}x{grid_w} grids"
+    frames = (n - specials_total) // patches
+    if specials_total % frames:
+        return None, f"{specials_total} special tokens do not split over {frames} frames"
+    specials = specials_total // frames
+    p = specials + patches
+    per_frame = first.view(frames, p, 2)
+    if not torch.equal(per_frame, per_frame[:1].expand_as(per_frame)):
+        return None, "positions do not repeat every frame (not a frame-major sequence)"
+    if not bool(zero[:specials].all()) or bool(zero[specials:p].any()):
+        return None, "special tokens are not first in each frame"
+    return FrameLayout(frames, p, specials, grid_h, grid_w), ""
