@@ -3,6 +3,7 @@
     fxslim inspect MODEL --input 1x3x224x224 [--ir symbolic|export|dynamo] [--format table|json]
     fxslim report MODEL --input 1x3x224x224 [--passes P ...] [--format table|json|md|csv|html]
                   [--out PATH] [--plot out.png] [--deploy fp16|int8|prom[:...]] [--conventions k=v,...]
+    fxslim demo [--out DIR] [--quick] [--threads N] [--parts prom haste httm] [--results-md PATH]
 
 MODEL is ``torchvision:NAME``, ``timm:NAME``, ``fxslim:NAME`` or ``path/to/file.py:factory``.
 """
@@ -121,6 +122,15 @@ def _output(path: str | None) -> Iterator[TextIO]:
 _COMMANDS["report"] = _cmd_report
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fxslim.demo import demo_command
+
+    return demo_command(args.out, args.parts, args.quick, args.threads, args.results_md)
+
+
+_COMMANDS["demo"] = _cmd_demo
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxslim", description="Graph passes that make vision models cheaper, and their cost.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +155,13 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ir", choices=("symbolic", "export"), default="symbolic")
     r.add_argument("--all-rows", action="store_true", help="list zero-cost nodes too")
     r.add_argument("--width", type=int, default=160, help="table width in characters")
+
+    d = sub.add_parser("demo", help="each pass on its reference model: quality, cost and latency before/after")
+    d.add_argument("--out", default="fxslim-demo", help="folder for index.html, the plots and summary.json")
+    d.add_argument("--quick", action="store_true", help="tiny sizes (for tests): fewer digits, frames, QAT steps")
+    d.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    d.add_argument("--parts", nargs="+", default=["prom", "haste", "httm"], help="subset of: prom haste httm")
+    d.add_argument("--results-md", help="also write the summary table as Markdown to this file")
     return parser
 
 
