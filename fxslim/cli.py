@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="each pass on its reference model: quality, cost and latency before/after")
     d.add_argument("--out", default="fxslim-demo", help="folder for index.html, the plots and summary.json")
     d.add_argument("--quick", action="store_true", help="tiny sizes (for tests): fewer digits, frames, QAT steps")
-    d.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
+    d.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1: steadiest on a busy machine)")
     d.add_argument("--parts", nargs="+", default=["prom", "haste", "httm"], help="subset of: prom haste httm")
     d.add_argument("--results-md", help="also write the summary table as Markdown to this file")
     return parser
