@@ -61,3 +61,22 @@ def test_run_all_bad_arguments_exit_2_with_message(argv, message, capsys):
 def test_run_all_step_command_uses_this_interpreter_and_module():
     step = run_all.Step("prom_speed")
     assert step.command[1:] == ["-m", "benchmarks.prom_speed"]
+
+
+def test_run_all_failing_step_stops_and_names_it(capsys, monkeypatch):
+    ran = []
+
+    class _Done:
+        def __init__(self, rc: int) -> None:
+            self.returncode = rc
+
+    def fake_run(cmd, cwd):  # no benchmark runs: record the command, fail the second step
+        ran.append(cmd[2])
+        return _Done(1 if len(ran) == 2 else 0)
+
+    monkeypatch.setattr(run_all, "steps", lambda: [run_all.Step("a"), run_all.Step("b"), run_all.Step("c")])
+    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    assert run_all.main([]) == 1
+    assert ran == ["benchmarks.a", "benchmarks.b"]
+    err = capsys.readouterr().err
+    assert "b failed (exit code 1)" in err and "--skip b" in err
