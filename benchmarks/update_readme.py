@@ -6,6 +6,11 @@ README.md marks each quoted result with a pair of comments::
     ... (replaced by the file's content, minus its title line) ...
     <!-- /results -->
 
+Headings inside a results file move two levels down (``## x`` becomes ``#### x``) so they nest
+under the README subsection that quotes the file. A quoted file that does not exist yet (its
+benchmark has not run) gets a one-line "not produced yet" note instead, and is listed on stderr;
+``--strict`` makes that an error.
+
 Run ``python -m benchmarks.update_readme`` after the benchmarks; ``--check`` exits 1 when README
 is out of date (a test runs it).
 """
@@ -20,38 +25,62 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 _BLOCK = re.compile(r"(<!-- results: (?P<name>[\w./-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
+_HEADING = re.compile(r"^(#{1,6}) ", re.M)
+_SHIFT = 2  # README quotes results under a ### subsection
 
-__all__ = ["render", "main"]
+__all__ = ["render", "quoted", "missing", "not_produced_note", "main"]
+
+
+def not_produced_note(name: str) -> str:
+    """What a block holds while its results file does not exist."""
+    return f"*Not produced yet: `benchmarks/results/{name}` does not exist.*\n"
 
 
 def _body(name: str) -> str:
     path = RESULTS / name
     if not path.is_file():
-        raise FileNotFoundError(f"README quotes benchmarks/results/{name}, which does not exist")
-    lines = path.read_text().splitlines()
+        return not_produced_note(name)
+    lines = path.read_text(encoding="utf-8").splitlines()
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
-    return "\n".join(lines).strip() + "\n"
+    text = "\n".join(lines).strip() + "\n"
+    return _HEADING.sub(lambda m: "#" * min(6, len(m.group(1)) + _SHIFT) + " ", text)
+
+
+def quoted(readme: str) -> list[str]:
+    """Names of the results files README quotes, in order."""
+    return [m.group("name") for m in _BLOCK.finditer(readme)]
+
+
+def missing(readme: str) -> list[str]:
+    """Quoted results files that do not exist yet."""
+    return [name for name in quoted(readme) if not (RESULTS / name).is_file()]
 
 
 def render(readme: str) -> str:
-    """README text with every marked block replaced by its results file."""
+    """README text with every marked block replaced by its results file (or the not-produced note)."""
     return _BLOCK.sub(lambda m: m.group(1) + _body(m.group("name")) + m.group(4), readme)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    parser.add_argument("--strict", action="store_true", help="exit 1 if a quoted results file does not exist")
     args = parser.parse_args(argv)
     path = ROOT / "README.md"
-    current = path.read_text()
+    current = path.read_text(encoding="utf-8")
     updated = render(current)
+    absent = missing(current)
+    if absent:
+        print(f"README.md quotes results not produced yet: {', '.join(absent)}", file=sys.stderr)
+        if args.strict:
+            return 1
     if args.check:
         if updated != current:
             print("README.md is out of date: run python -m benchmarks.update_readme", file=sys.stderr)
             return 1
         return 0
-    path.write_text(updated)
+    path.write_text(updated, encoding="utf-8")
     return 0
 
 

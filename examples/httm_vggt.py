@@ -6,9 +6,11 @@ attention layers (the frame layout comes from the RoPE positions), replaces thei
 ``fxslim::httm_attention`` at the paper's setting (20 % of queries, 30 % of keys/values kept),
 and the script prints what was rewritten, how close the outputs stay and how much faster it runs.
 
-Run: ``python examples/httm_vggt.py`` (about half a minute on a laptop CPU).
+Run: ``python examples/httm_vggt.py [--frames 16]`` (about half a minute on a laptop CPU; fewer
+frames run faster, with less to merge).
 """
 
+import argparse
 import time
 
 import torch
@@ -27,9 +29,12 @@ def timed(fn):
 
 
 def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--frames", type=int, default=16, help="views in the camera sequence")
+    args = parser.parse_args()
     torch.manual_seed(0)
     model = vggt_small(init_values=1.0).eval()  # LayerScale 1: attention changes reach the outputs
-    images = camera_sequence("astronaut", frames=16, size=224).images[None]  # [1, 16, 3, 224, 224]
+    images = camera_sequence("astronaut", frames=args.frames, size=224).images[None]  # [1, frames, 3, 224, 224]
 
     result = fxslim.optimize(model, images, passes=["httm:q=0.2,kv=0.3"])
     fast = result.module

@@ -1,0 +1,150 @@
+"""Run every benchmark in order, then refresh README.md from their results (what ``make bench`` runs).
+
+    python -m benchmarks.run_all                       # everything (hours on a laptop CPU)
+    python -m benchmarks.run_all --list                # the steps, in order, and which would run
+    python -m benchmarks.run_all --only prom_speed prom_accuracy
+    python -m benchmarks.run_all --skip zoo_sweep haste_accuracy
+
+Order: the trainings whose checkpoints are missing (MobileNetMNIST, shipped in
+``fxslim/models/checkpoints``; full-width ResNet18/34 in ``benchmarks/.cache``, which the HASTE
+benchmarks read), the cost model's own speed, then the PROM, HASTE and HTTM benchmarks, any other
+benchmark script found in benchmarks/ (one with a ``__main__`` block), the zoo sweep, and last
+``update_readme``. Every step runs as ``python -m benchmarks.<name>`` with its own defaults, in a
+subprocess of this interpreter. The first step that fails stops the run with a message naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["Step", "steps", "main"]
+
+_HERE = Path(__file__).resolve().parent
+ROOT = _HERE.parent
+CACHE = _HERE / ".cache"
+_MOBILENET_CHECKPOINT = ROOT / "fxslim" / "models" / "checkpoints" / "mobilenet_mnist.pt"
+_RESNETS = ("resnet18", "resnet34")  # full width, what haste_accuracy / haste_speed / haste_op_speed read
+
+# The known benchmarks in the order they run; scripts not listed run after them, before the sweep.
+_ORDER = (
+    "estimate_speed",
+    "prom_op_speed", "prom_speed", "prom_energy_storage", "prom_accuracy",
+    "haste_op_speed", "haste_speed", "haste_accuracy",
+    "httm_op_speed", "httm_vggt1b_cost",
+)
+_LAST = ("zoo_sweep", "update_readme")
+_NOT_BENCHMARKS = {"run_all", "update_readme"}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One ``python -m benchmarks.<name> <args>``; ``skip_reason`` set when it has nothing to do."""
+
+    name: str
+    args: tuple[str, ...] = ()
+    skip_reason: str = ""
+
+    @property
+    def command(self) -> list[str]:
+        return [sys.executable, "-m", f"benchmarks.{self.name}", *self.args]
+
+
+def _benchmark_scripts() -> list[str]:
+    """Names of the runnable scripts in benchmarks/ (those with a ``__main__`` block)."""
+    names = []
+    for path in sorted(_HERE.glob("*.py")):
+        if path.stem in _NOT_BENCHMARKS or path.stem.startswith("train_"):
+            continue
+        if 'if __name__ == "__main__"' in path.read_text(encoding="utf-8"):
+            names.append(path.stem)
+    return names
+
+
+def _shown(path: Path) -> str:
+    return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
+
+
+def _train_steps() -> list[Step]:
+    mobilenet = Step("train_mobilenet_mnist", skip_reason="" if not _MOBILENET_CHECKPOINT.exists()
+                     else f"checkpoint {_shown(_MOBILENET_CHECKPOINT)} present")
+    missing = [m for m in _RESNETS if not (CACHE / f"{m}_w100_mnist.pt").exists()]
+    resnets = Step("train_resnet_mnist", ("--models", *missing) if missing else (),
+                   "" if missing else f"checkpoints {', '.join(f'{m}_w100_mnist.pt' for m in _RESNETS)} "
+                                      f"present in {_shown(CACHE)}")
+    return [mobilenet, resnets]
+
+
+def steps() -> list[Step]:
+    """Every step, in the order ``make bench`` runs them."""
+    found = _benchmark_scripts()
+    known = [n for n in _ORDER if n in found]
+    others = [n for n in found if n not in _ORDER and n not in _LAST]
+    last = [n for n in _LAST if n in found or n == "update_readme"]
+    return _train_steps() + [Step(n) for n in known + others + last]
+
+
+def _duration(seconds: float) -> str:
+    minutes, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(minutes, 60)
+    return f"{h}:{m:02d}:{s:02d}"
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    filled = width * done // total if total else width
+    return "[" + "#" * filled + "-" * (width - filled) + f"] {done}/{total}"
+
+
+def _select(all_steps: list[Step], only: list[str] | None, skip: list[str] | None,
+            parser: argparse.ArgumentParser) -> list[Step]:
+    names = [s.name for s in all_steps]
+    for option, given in (("--only", only), ("--skip", skip)):
+        unknown = [n for n in given or [] if n not in names]
+        if unknown:
+            parser.error(f"{option}: unknown step(s) {unknown}; expected names from {names}")
+    chosen = [s for s in all_steps if (not only or s.name in only) and s.name not in (skip or [])]
+    if not chosen:
+        parser.error("--only/--skip leave no step to run")
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="+", metavar="NAME", help="run only these steps (in the usual order)")
+    parser.add_argument("--skip", nargs="+", metavar="NAME", help="run every step but these")
+    parser.add_argument("--list", action="store_true", help="print the steps in order and exit")
+    args = parser.parse_args(argv)
+    chosen = _select(steps(), args.only, args.skip, parser)
+
+    if args.list:
+        for step in chosen:
+            note = f"  (skipped: {step.skip_reason})" if step.skip_reason else ""
+            print(f"{step.name}{' ' + ' '.join(step.args) if step.args else ''}{note}")
+        return 0
+
+    start = time.perf_counter()
+    for i, step in enumerate(chosen):
+        print(f"\n{_bar(i, len(chosen))} {_duration(time.perf_counter() - start)} elapsed -- {step.name}", flush=True)
+        if step.skip_reason:
+            print(f"skipping {step.name}: {step.skip_reason}", flush=True)
+            continue
+        print("$ " + " ".join(["python", *step.command[1:]]), flush=True)
+        step_start = time.perf_counter()
+        rc = subprocess.run(step.command, cwd=ROOT).returncode
+        if rc != 0:
+            print(f"\nbenchmarks.run_all: {step.name} failed (exit code {rc}) after "
+                  f"{_duration(time.perf_counter() - step_start)}; stopped there. Rerun it alone with "
+                  f"`python -m benchmarks.{step.name}`, or go on without it with `--skip {step.name}`.",
+                  file=sys.stderr)
+            return 1
+        print(f"{step.name} done in {_duration(time.perf_counter() - step_start)}", flush=True)
+    print(f"\n{_bar(len(chosen), len(chosen))} all {len(chosen)} steps done in {_duration(time.perf_counter() - start)}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,82 @@
+"""benchmarks.run_all: the step list and its argument errors (no benchmark is run here)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import run_all
+
+BENCHMARKS = Path(run_all.__file__).resolve().parent
+
+
+def _names(capsys) -> list[str]:
+    return [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.strip()]
+
+
+def test_run_all_list_every_benchmark_in_order(capsys):
+    assert run_all.main(["--list"]) == 0
+    names = _names(capsys)
+    scripts = {p.stem for p in BENCHMARKS.glob("*.py")
+               if 'if __name__ == "__main__"' in p.read_text(encoding="utf-8") and p.stem != "run_all"}
+    assert set(names) == scripts  # every runnable script, trainings included, and nothing else
+    assert names[:2] == ["train_mobilenet_mnist", "train_resnet_mnist"]
+    assert names[-2:] == ["zoo_sweep", "update_readme"]
+    assert names.index("prom_op_speed") < names.index("haste_op_speed") < names.index("httm_op_speed")
+
+
+def test_run_all_list_training_skipped_when_checkpoint_present(capsys, tmp_path, monkeypatch):
+    monkeypatch.setattr(run_all, "CACHE", tmp_path)
+    (tmp_path / "resnet18_w100_mnist.pt").write_bytes(b"")
+    assert run_all.main(["--list", "--only", "train_resnet_mnist"]) == 0
+    assert capsys.readouterr().out.split() == ["train_resnet_mnist", "--models", "resnet34"]
+    (tmp_path / "resnet34_w100_mnist.pt").write_bytes(b"")
+    assert run_all.main(["--list", "--only", "train_resnet_mnist"]) == 0
+    assert "(skipped: checkpoints" in capsys.readouterr().out
+
+
+def test_run_all_only_and_skip_select_steps(capsys):
+    assert run_all.main(["--list", "--only", "zoo_sweep", "prom_speed"]) == 0
+    assert _names(capsys) == ["prom_speed", "zoo_sweep"]  # the usual order, not the given one
+    assert run_all.main(["--list", "--skip", "zoo_sweep", "update_readme"]) == 0
+    names = _names(capsys)
+    assert "zoo_sweep" not in names and "update_readme" not in names and "prom_speed" in names
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--only", "no_such_benchmark"], r"--only: unknown step\(s\) \['no_such_benchmark'\]"),
+    (["--skip", "prom_speedd"], r"--skip: unknown step\(s\) \['prom_speedd'\]"),
+    (["--only", "prom_speed", "--skip", "prom_speed"], r"leave no step to run"),
+    (["--only"], r"expected at least one argument"),
+])
+def test_run_all_bad_arguments_exit_2_with_message(argv, message, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_all.main(argv)
+    assert exc.value.code == 2
+    assert re.search(message, capsys.readouterr().err)
+
+
+def test_run_all_step_command_uses_this_interpreter_and_module():
+    step = run_all.Step("prom_speed")
+    assert step.command[1:] == ["-m", "benchmarks.prom_speed"]
+
+
+def test_run_all_failing_step_stops_and_names_it(capsys, monkeypatch):
+    ran = []
+
+    class _Done:
+        def __init__(self, rc: int) -> None:
+            self.returncode = rc
+
+    def fake_run(cmd, cwd):  # no benchmark runs: record the command, fail the second step
+        ran.append(cmd[2])
+        return _Done(1 if len(ran) == 2 else 0)
+
+    monkeypatch.setattr(run_all, "steps", lambda: [run_all.Step("a"), run_all.Step("b"), run_all.Step("c")])
+    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+    assert run_all.main([]) == 1
+    assert ran == ["benchmarks.a", "benchmarks.b"]
+    err = capsys.readouterr().err
+    assert "b failed (exit code 1)" in err and "--skip b" in err
