@@ -271,4 +271,4 @@ def _predictions(view: ConvView, cfg: HASTE, layer: str, counts: HasteLayer) -> 
     return {"buckets": "calibrated" if calibration is not None else "independent_codes",
             "dense_macs": round(c.dense), "predicted_macs": round(c.reduced_conv),
             "predicted_overhead": round(c.overhead), "predicted_ops": round(c.ops),
-            "predicted_flops": round(2 * c.reduced_conv + c.overhead), "predicted_ops_ratio": c.ops / c.dense}
+            "predicted_flops": round(2 * c.reduced_conv + c.overhead), "predicted_ops_ratio": c.ops / c.dense if c.dense else None}
