@@ -271,9 +271,8 @@ def _prom_prepare(run: ModelRun) -> str:
 
     qat = fxslim.prepare(run.model, run.inputs)
     _assert_unchanged(run, "prom prepare")
-    reports = [m.meta["fxslim_report"] for m in qat.modules() if isinstance(m, torch.fx.GraphModule)
-               and "fxslim_report" in m.meta]
-    report = reports[0]
+    report = next(m.meta["fxslim_report"] for m in qat.modules()
+                  if isinstance(m, torch.fx.GraphModule) and "fxslim_report" in m.meta)
     if report.rewritten("prom") == 0:
         raise Skip(f"nothing to rewrite ({_reasons(report.skipped('prom'))})")
     fxslim.calibrate(qat, [run.inputs])
@@ -292,7 +291,7 @@ def _prom_convert(run: ModelRun) -> str:
 
     qat = run.state.get("prom")
     if qat is None:
-        raise Skip("no prepared model")
+        raise Skip("no prepared model (prom_prepare did not succeed)")
     if not isinstance(qat, torch.fx.GraphModule):
         raise Skip("convert needs the whole model as one graph; it traces in parts")
     try:
