@@ -22,6 +22,7 @@ import argparse
 import copy
 import re
 import signal
+import threading
 import time
 import traceback
 import warnings
@@ -417,7 +418,7 @@ def sweep_model(zoo: ZooModel, steps: list[str], *, step_seconds: int = STEP_SEC
         return run
     snapshot = {k: v.clone() for k, v in model.state_dict().items()}
     run = ModelRun(zoo, model, inputs, copy.deepcopy(reference), snapshot)
-    timed = hasattr(signal, "SIGALRM") and step_seconds > 0
+    timed = hasattr(signal, "SIGALRM") and step_seconds > 0 and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGALRM, _alarm) if timed else None
     try:
         for name in steps:
