@@ -169,7 +169,7 @@ def test_round_trip_compile_fullgraph_identical(name):
     _assert_identical(_eager(compiled, inputs), _eager(module, inputs), exact=False)
 
 
-@pytest.mark.parametrize("name", ["haste", "prom"])  # HTTM at two frame counts: tests/passes/test_httm.py
+@pytest.mark.parametrize("name", ["haste", "prom", pytest.param("httm", marks=pytest.mark.slow)])  # httm: ~1 min
 def test_round_trip_compile_dynamic_two_sizes_identical(name):
     case = _BUILDERS[name]
     module = _optimized(name)
