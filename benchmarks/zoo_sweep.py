@@ -3,6 +3,15 @@ each applicable pass, at its exact limit (outputs equal to the original) and at 
 (finite outputs, same shapes). Writes a model × step table (ok / skipped: reason / failed: reason)
 to benchmarks/results/zoo_sweep.md.
 
+Models have random weights (seed 0) with BN statistics estimated on their input. Steps:
+symbolic/export/dynamo capture; matchers (same counts in every IR); estimate (= FlopCounterMode);
+haste_exact (L=48 dense planes: every call whose buckets are all singletons equals the dense conv,
+and the output equals the original's when no call merged) and haste_default (finite, same shapes);
+prom_prepare (calibrated fake-quant model finite, same shapes) and prom_convert (integer model
+finite, same shapes, uint8 codes within 1 LSB of the fake-quant model's); httm_exact (q=kv=1:
+output equals the original's) and httm_default (finite, same shapes). Every pass step also checks
+that the caller's model was not modified. A step over ``STEP_SECONDS`` fails as a timeout.
+
     python -m benchmarks.zoo_sweep            # the whole zoo
     python -m benchmarks.zoo_sweep --subset   # the ~6 models make test runs
 """
@@ -11,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import math
+import re
+import signal
+import threading
 import time
 import traceback
 import warnings
@@ -22,6 +33,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.zoo import SUBSET, ZOO, ZooModel, by_name
 
@@ -51,6 +63,7 @@ class ModelRun:
     model: nn.Module
     inputs: tuple[torch.Tensor, ...]
     reference: object
+    snapshot: dict[str, torch.Tensor] = field(default_factory=dict)  # the model's state before any step
     outcomes: dict[str, Outcome] = field(default_factory=dict)
     state: dict[str, object] = field(default_factory=dict)
     seconds: float = 0.0
@@ -152,6 +165,176 @@ def _estimate(run: ModelRun) -> str:
     return f"{report.total.macs / 1e6:.1f} MMACs = FlopCounterMode"
 
 
+# ----------------------------------------------------------------------------------------------
+# Passes: each at its exact limit (outputs equal the original model's within tolerance) and at its
+# default (finite outputs, shapes unchanged). A pass that finds nothing to rewrite is a skip that
+# names the reasons the pass reported.
+
+HASTE_EXACT = "haste:L=48,sparsity=0"  # 48 dense planes: every bucket a singleton (docs/methods/HASTE.md)
+HTTM_EXACT = "httm:q=1,kv=1,outliers=0"  # keeps every query and key: outputs equal SDPA's
+
+
+def _optimized(run: ModelRun, spec: str) -> nn.Module:
+    """``fxslim.optimize(model, inputs, [spec]).module``; a Skip naming the pass's reasons when it
+    rewrote nothing; an AssertionError when it modified the caller's model."""
+    import fxslim
+
+    res = fxslim.optimize(run.model, run.inputs, passes=[spec])
+    _assert_unchanged(run, spec)
+    name = res.passes[0].name
+    if res.report.rewritten(name) == 0:
+        raise Skip(f"nothing to rewrite ({_reasons(res.report.skipped(name))})")
+    return res.module
+
+
+def _same_candidates_as(run: ModelRun, exact_step: str) -> None:
+    """A pass's default finds the candidates its exact setting found (matching does not read the
+    ratios): when the exact step had nothing to rewrite, skip with its reason instead of capturing again."""
+    outcome = run.outcomes.get(exact_step)
+    if outcome is not None and outcome.status == "skipped" and outcome.detail.startswith("nothing to rewrite"):
+        raise Skip(outcome.detail)
+
+
+def _reasons(skipped: Counter) -> str:
+    if not skipped:
+        return "no candidates"
+    return ", ".join(f"{reason} ×{count}" for reason, count in skipped.most_common())
+
+
+def _assert_unchanged(run: ModelRun, what: str) -> None:
+    state = run.model.state_dict()
+    if state.keys() != run.snapshot.keys() or any(not torch.equal(state[k], v) for k, v in run.snapshot.items()):
+        raise AssertionError(f"{what}: the caller's model was modified")
+
+
+class _HasteVersusDense(TorchDispatchMode):
+    """Runs every ``fxslim::haste_conv2d`` call next to the dense conv on the same input and keeps,
+    per call, (buckets merged, max error relative to the dense output's scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[str, int, float]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001
+        from fxslim.runtime.haste import record_buckets
+
+        kwargs = kwargs or {}
+        if func is not torch.ops.fxslim.haste_conv2d.default:
+            return func(*args, **kwargs)
+        with record_buckets() as rec:
+            out = func(*args, **kwargs)
+        x, weight, bias, _, stride, padding, dilation = args[:7]
+        dense = torch.nn.functional.conv2d(x, weight, bias, stride, padding, dilation)
+        merged = sum(st.channels * st.tiles - st.buckets for st in rec.values())
+        scale = max(1.0, dense.abs().max().item()) if dense.numel() else 1.0
+        error = (out - dense).abs().max().item() / scale if dense.numel() else 0.0
+        self.calls.append((args[9] if len(args) > 9 else kwargs.get("layer", ""), merged, error))
+        return out
+
+
+@step("haste_exact")
+def _haste_exact(run: ModelRun) -> str:
+    """At L=48 dense planes every bucket is a singleton unless channel patches are (near) parallel,
+    as sparse post-ReLU patches of tiny maps can be: every call whose buckets are all singletons
+    must equal the dense conv, and the model's output must equal the original's when no call merged."""
+    module = _optimized(run, HASTE_EXACT)
+    with torch.no_grad(), _HasteVersusDense() as check:
+        out = module(*run.inputs)
+    singleton = [(layer, err) for layer, merged, err in check.calls if merged == 0]
+    wrong = [(layer, err) for layer, err in singleton if err > 1e-4]
+    if wrong:
+        raise AssertionError(f"all-singleton calls differ from the dense conv: {wrong[:3]}")
+    collided = sorted({layer for layer, merged, _ in check.calls if merged})
+    if not collided:
+        _assert_close_scaled(out, run.reference, HASTE_EXACT)
+        return f"{len(check.calls)} calls all-singleton, output = original"
+    return (f"{len(singleton)}/{len(check.calls)} calls all-singleton = dense conv; "
+            f"collisions in {len(collided)} layers ({collided[0]}, ...)")
+
+
+@step("haste_default")
+def _haste_default(run: ModelRun) -> str:
+    from fxslim.runtime.haste import record_buckets
+
+    _same_candidates_as(run, "haste_exact")
+    module = _optimized(run, "haste")
+    with torch.no_grad(), record_buckets() as rec:
+        out = module(*run.inputs)
+    _assert_finite_same_shape(out, run.reference, "haste")
+    kept = sum(s.buckets for s in rec.values()) / max(1, sum(s.channels * s.tiles for s in rec.values()))
+    return f"{len(rec)} convs, {kept:.0%} channels kept"
+
+
+@step("prom_prepare")
+def _prom_prepare(run: ModelRun) -> str:
+    import fxslim
+    from fxslim.runtime.quant import ActFakeQuant
+
+    qat = fxslim.prepare(run.model, run.inputs)
+    _assert_unchanged(run, "prom prepare")
+    report = next(m.meta["fxslim_report"] for m in qat.modules()
+                  if isinstance(m, torch.fx.GraphModule) and "fxslim_report" in m.meta)
+    if report.rewritten("prom") == 0:
+        raise Skip(f"nothing to rewrite ({_reasons(report.skipped('prom'))})")
+    fxslim.calibrate(qat, [run.inputs])
+    with torch.no_grad():
+        out = qat.eval()(*run.inputs)
+    _assert_finite_same_shape(out, run.reference, "prom fake-quant model")
+    run.state["prom"] = qat
+    quantizers = sum(isinstance(m, ActFakeQuant) for m in qat.modules())
+    return f"{report.rewritten('prom')} layers/adds, {quantizers} quantizers"
+
+
+@step("prom_convert")
+def _prom_convert(run: ModelRun) -> str:
+    import fxslim
+    from fxslim.passes.prom_convert import code_agreement
+
+    qat = run.state.get("prom")
+    if qat is None:
+        raise Skip("no prepared model (prom_prepare did not succeed)")
+    if not isinstance(qat, torch.fx.GraphModule):
+        raise Skip("convert needs the whole model as one graph; it traces in parts")
+    try:
+        int_model = fxslim.convert(qat)
+    except ValueError as exc:  # convert raises ValueError naming the first op without an integer form
+        raise Skip(_first_line(str(exc))) from None
+    with torch.no_grad():
+        out = int_model(*run.inputs)
+    _assert_finite_same_shape(out, run.reference, "prom integer model")
+    local = code_agreement(qat, int_model, *run.inputs, mode="local")
+    if local.within_one < 0.999:  # the method's guarantee: codes within 1 LSB of the fake-quant model's
+        raise AssertionError(f"only {local.within_one:.4%} of uint8 codes within 1 LSB of the fake-quant model")
+    return f"{len(local.layers)} integer ops, {local.within_one:.2%} codes within 1 LSB"
+
+
+def _first_line(text: str) -> str:
+    """A skip reason from a convert error: what it says, then the node it names (``name = op[target]``)."""
+    text = text.splitlines()[0]
+    node = re.search(r"%?(\w+) : \[num_users=\d+\] = (\w+)\[target=([^\]]+)\]", text)
+    head = re.split(r"; expected|: %", text)[0]
+    return f"{head}: {node.group(1)} = {node.group(2)}[{node.group(3)}]" if node else text[:200]
+
+
+@step("httm_exact")
+def _httm_exact(run: ModelRun) -> str:
+    module = _optimized(run, HTTM_EXACT)
+    with torch.no_grad():
+        out = module(*run.inputs)
+    _assert_close_scaled(out, run.reference, HTTM_EXACT)
+    return ""
+
+
+@step("httm_default")
+def _httm_default(run: ModelRun) -> str:
+    _same_candidates_as(run, "httm_exact")
+    module = _optimized(run, "httm")
+    with torch.no_grad():
+        out = module(*run.inputs)
+    _assert_finite_same_shape(out, run.reference, "httm")
+    return ""
+
+
 def _flatten(out: object) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -174,6 +357,16 @@ def _assert_close(out: object, ref: object, what: str, rtol: float = 1e-4, atol:
             raise AssertionError(f"{what}: max abs error {err:.3g}")
 
 
+def _assert_close_scaled(out: object, ref: object, what: str, rel: float = 1e-4) -> None:
+    """Equal within float rounding of a reordered sum: max error <= rel * max(1, max |reference|)."""
+    got, want = _flatten(out), _flatten(ref)
+    if [t.shape for t in got] != [t.shape for t in want]:
+        raise AssertionError(f"{what}: output shapes changed")
+    for g, w in zip(got, want):
+        scale = max(1.0, w.float().abs().max().item()) if w.numel() else 1.0
+        _assert_close(g, w, what, rtol=0.0, atol=rel * scale)
+
+
 def _assert_finite_same_shape(out: object, ref: object, what: str) -> None:
     got, want = _flatten(out), _flatten(ref)
     if [t.shape for t in got] != [t.shape for t in want]:
@@ -182,32 +375,79 @@ def _assert_finite_same_shape(out: object, ref: object, what: str) -> None:
         raise AssertionError(f"{what}: non-finite outputs")
 
 
-def sweep_model(zoo: ZooModel, steps: list[str]) -> ModelRun:
+STEP_SECONDS = 600  # a step running longer than this is recorded as failed (timeout)
+
+
+class _Timeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise _Timeout()
+
+
+def _bn_statistics_from(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+    """BN running statistics estimated on ``inputs`` (one train-mode forward, cumulative average):
+    with the default statistics of random weights BN is the identity, activations shrink layer by
+    layer and quantization grids and hashes see only rounding noise."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    with torch.no_grad():
+        model.train()(*inputs)
+    model.eval()
+
+
+def sweep_model(zoo: ZooModel, steps: list[str], *, step_seconds: int = STEP_SECONDS) -> ModelRun:
+    """Build ``zoo`` (seed 0, BN statistics from its input) and run ``steps`` on it in order; a
+    step that raises ``Skip`` is skipped with that reason, any other exception is a failure."""
     start = time.perf_counter()
     torch.manual_seed(0)
     try:
         model = zoo.build().eval()
         inputs = zoo.inputs()
+        _bn_statistics_from(model, inputs)
         with torch.no_grad():
             reference = model(*inputs)
     except Exception as exc:  # the model itself cannot be built or run: every step fails
         run = ModelRun(zoo, nn.Identity(), (), None)
         run.outcomes = {name: Outcome("failed", f"build: {type(exc).__name__}: {str(exc)[:120]}") for name in steps}
         return run
-    run = ModelRun(zoo, model, inputs, copy.deepcopy(reference))
-    for name in steps:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                detail = STEPS[name](run)
-            run.outcomes[name] = Outcome("ok", detail)
-        except Skip as reason:
-            run.outcomes[name] = Outcome("skipped", str(reason))
-        except Exception as exc:  # a sweep records failures instead of stopping
-            last = traceback.extract_tb(exc.__traceback__)[-1]
-            run.outcomes[name] = Outcome("failed", f"{type(exc).__name__}: {str(exc)[:160]} ({Path(last.filename).name}:{last.lineno})")
+    snapshot = {k: v.clone() for k, v in model.state_dict().items()}
+    run = ModelRun(zoo, model, inputs, copy.deepcopy(reference), snapshot)
+    timed = hasattr(signal, "SIGALRM") and step_seconds > 0 and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, _alarm) if timed else None
+    try:
+        for name in steps:
+            run.outcomes[name] = _run_step(run, name, step_seconds if timed else 0)
+    finally:
+        if timed:
+            signal.signal(signal.SIGALRM, previous)
     run.seconds = time.perf_counter() - start
     return run
+
+
+def _run_step(run: ModelRun, name: str, seconds: int) -> Outcome:
+    try:
+        if seconds:
+            signal.alarm(seconds)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            detail = STEPS[name](run)
+        return Outcome("ok", detail)
+    except Skip as reason:
+        return Outcome("skipped", str(reason))
+    except _Timeout:
+        return Outcome("failed", f"timeout: longer than {seconds} s")
+    except Exception as exc:  # a sweep records failures instead of stopping
+        last = traceback.extract_tb(exc.__traceback__)[-1]
+        return Outcome("failed", f"{type(exc).__name__}: {str(exc)[:160]} ({Path(last.filename).name}:{last.lineno})")
+    finally:
+        if seconds:
+            signal.alarm(0)
 
 
 def to_markdown(runs: list[ModelRun], steps: list[str]) -> str:
@@ -231,17 +471,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     models = [by_name(n) for n in args.models] if args.models else [m for m in ZOO if not args.subset or m.name in SUBSET]
     steps = list(STEPS)
+    legend = __doc__.split("\n\n")[1]
+    header = f"# Zoo sweep\n\nRegenerate with `python -m benchmarks.zoo_sweep` (`make bench`).\n\n{legend}\n\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
     with Progress() as bar:
         task = bar.add_task("zoo sweep", total=len(models))
         for zoo in models:
             bar.update(task, description=f"zoo sweep: {zoo.name}")
             runs.append(sweep_model(zoo, steps))
+            args.out.write_text(header + to_markdown(runs, steps))  # after every model: a partial table survives
             bar.advance(task)
-    table = to_markdown(runs, steps)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("# Zoo sweep\n\nRegenerate with `python -m benchmarks.zoo_sweep`.\n\n" + table)
-    print(table)
+    print(to_markdown(runs, steps))
     return 0 if all(o.status != "failed" for r in runs for o in r.outcomes.values()) else 1
 
 

@@ -156,6 +156,9 @@ class _Propagate(FakeTensorProp):
 
 def _fake_propagate(gm: fx.GraphModule, args: Sequence[Any]) -> None:
     """Write ``meta['val']`` on every node by running the graph on fake tensors."""
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(args) > len(names) and not any(str(t).startswith("*") for t in names):  # else silently dropped
+        raise ValueError(f"example_inputs: the model takes {len(names)} input(s) {names}, got {len(args)}")
     mode = FakeTensorMode(allow_non_fake_inputs=True)
     fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
     with torch.no_grad():

@@ -23,7 +23,7 @@ from torch import nn
 
 from fxslim.config import check_choice, check_int, check_range
 from fxslim.cost_model.ops_haste import HasteLayer, active_bucket_counts
-from fxslim.ir import ConvView, meta_val, node_fqn, views
+from fxslim.ir import ConvView, meta_val, node_fqn, view_of, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
 from fxslim.passes.matchers import match_convs
 from fxslim.runtime.haste import MAX_PLANES, make_planes, patch_shape
@@ -109,7 +109,10 @@ class HASTE(Pass):
         # conv2d(x, W, b, σ, π, δ) -> [N, O, H', W'];  per tile Σ_c x_c ⋆ W_c
         # haste_conv2d(x, W, b, R[L, t_h·t_w], σ, π, δ, T, center, layer) -> same;  per tile Σ_b mean(x_b) ⋆ Σ W_b
         assert isinstance(cand, _HasteCandidate) and isinstance(cand.view, ConvView)
-        cfg, view, graph = cand.config, cand.view, gm.graph
+        # the view as the graph is now: an earlier rewrite may have replaced the conv feeding this one
+        view = view_of(cand.anchor, gm, cand.view.ir)
+        assert isinstance(view, ConvView)
+        cfg, graph = cand.config, gm.graph
         th, tw = patch_shape(view.kernel, view.stride, view.dilation, cfg.tile)
         seed = cfg.seed + cand.index
         planes = make_planes(cfg.L, th * tw, cfg.sparsity, seed)
@@ -268,4 +271,4 @@ def _predictions(view: ConvView, cfg: HASTE, layer: str, counts: HasteLayer) -> 
     return {"buckets": "calibrated" if calibration is not None else "independent_codes",
             "dense_macs": round(c.dense), "predicted_macs": round(c.reduced_conv),
             "predicted_overhead": round(c.overhead), "predicted_ops": round(c.ops),
-            "predicted_flops": round(2 * c.reduced_conv + c.overhead), "predicted_ops_ratio": c.ops / c.dense}
+            "predicted_flops": round(2 * c.reduced_conv + c.overhead), "predicted_ops_ratio": c.ops / c.dense if c.dense else None}

@@ -177,10 +177,20 @@ class PROM(Pass):
         else:
             wrapped = (QLinear if cfg.per_channel else PerTensorQLinear)(module)
         _set_submodule(gm, str(node.target), wrapped)
+        _redirect_attributes(gm, str(node.target), "conv" if isinstance(module, nn.Conv2d) else "linear")
         node.meta["fxslim_pass"] = self.name
         _maybe_quantize(gm, _producer(gm, cand.view.input), cfg.momentum)
         _maybe_quantize(gm, _chain_end(gm, node, with_bn=isinstance(module, nn.Conv2d)), cfg.momentum)
         return {"weights": weights}
+
+
+def _redirect_attributes(gm: fx.GraphModule, path: str, inner: str) -> None:
+    """get_attr nodes reading the wrapped layer's parameters (``conv.weight.device`` in timm's
+    EdgeNeXt) read them inside the wrapper (``path.inner.weight``): the same float tensors."""
+    prefix = path + "."
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" and str(node.target).startswith(prefix):
+            node.target = f"{path}.{inner}.{str(node.target)[len(prefix):]}"
 
 
 def _ternary_shaped(gm: fx.GraphModule, view: ConvView | LinearView) -> bool:
@@ -223,7 +233,7 @@ def _maybe_quantize(gm: fx.GraphModule, node: fx.Node, momentum: float) -> fx.No
         return users[0]
     base = f"{_QUANT_PREFIX}.{node.name}"
     name, i = base, 1
-    while _has_submodule(gm, name):
+    while _has_submodule(gm, name) or hasattr(nn.Module, name.rpartition(".")[2]):  # e.g. a node named "to"
         i += 1
         name = f"{base}_{i}"
     gm.add_submodule(name, ActFakeQuant(momentum))

@@ -169,6 +169,8 @@ class ActFakeQuant(nn.Module):
         self.register_buffer("observer_enabled", torch.ones((), dtype=torch.uint8))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.numel() == 0:  # an empty batch has no range to observe
+            return x.clone()
         initialized = bool(self.initialized)
         if bool(self.observer_enabled) and (self.training or not initialized):
             self._observe(x)
@@ -179,6 +181,9 @@ class ActFakeQuant(nn.Module):
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
         low, high = torch.aminmax(x.detach().to(torch.float32))
+        if not bool(torch.isfinite(low) & torch.isfinite(high)):
+            raise ValueError(f"ActFakeQuant: expected finite activations to observe, got a batch with range "
+                             f"[{float(low)}, {float(high)}] (NaN or inf in the input or an earlier layer)")
         if bool(self.initialized):
             self.min_val.mul_(self.momentum).add_((1.0 - self.momentum) * low)
             self.max_val.mul_(self.momentum).add_((1.0 - self.momentum) * high)

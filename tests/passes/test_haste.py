@@ -245,6 +245,20 @@ def test_haste_all_singleton_buckets_equal_dense_model(capture_method):
     torch.testing.assert_close(y, model(x).detach(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("capture_method", ["symbolic", "export"])
+def test_haste_conv_feeding_conv_directly_reads_the_rewritten_input(capture_method):
+    # conv -> conv with nothing between: the second conv's input is the first conv's node, which the
+    # first rewrite replaces (DPT heads do this); the second rewrite must read the replacement
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(8, 12, 3, padding=1),
+                          nn.Conv2d(12, 6, 3, stride=2, padding=1)).eval()
+    x = torch.randn(2, 3, 13, 13)
+    res = _optimize(model, x, ["haste:L=48,sparsity=0"], capture=capture_method)
+    assert res.report.rewritten("haste") == 2
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.slow
 def test_haste_torch_compile_backend_all_singletons_equal_dense_model():
     model, x = _net_and_input()

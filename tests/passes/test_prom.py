@@ -332,3 +332,22 @@ def test_prom_convert_replays_value_preserving_ops_between_layer_and_quantizer()
     int_model = convert(qat)
     assert int_model(x).shape == (8, 64)
     assert code_agreement(qat, int_model, x).within_one == 1.0
+
+
+def test_prom_layer_whose_weight_is_also_read_directly_is_wrapped_and_the_read_redirected():
+    # timm's EdgeNeXt reads token_projection.weight.device/.dtype besides calling the conv; the
+    # quantizer of the node named "to" must not collide with nn.Module.to
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Conv2d(3, 4, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.proj(x.to(self.proj.weight.dtype))
+
+    net, x = Net().eval(), torch.randn(2, 3, 5, 5)
+    qat = calibrate(prepare(net, (x,)), [x])
+    reads = [str(n.target) for n in qat.graph.nodes if n.op == "get_attr"]
+    assert reads == ["proj.conv.weight"] and isinstance(qat.get_submodule("proj"), QConv2d)
+    with torch.no_grad():
+        assert qat.eval()(x).shape == (2, 4, 5, 5)

@@ -1,0 +1,329 @@
+"""Bad input everywhere a user can reach fxslim: config values, example inputs, models with nothing
+to match or that do not trace, NaN/inf, empty batches, unknown names in strings and on the command
+line. Each gives a clear error (naming what, expected, got) or the behaviour docs/INVARIANTS.md
+documents, and the user's model is never modified.
+
+Complements test_api.py, test_config.py, test_backend.py, test_cli*.py and the per-pass tests,
+which check the basic cases of each (unknown pass name, empty pass list, bad backend options).
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+import fxslim
+from fxslim.capture import CaptureError
+from fxslim.cli import main
+from fxslim.runtime.quant import ActFakeQuant
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class _Net(nn.Module):
+    """stem conv -> ReLU -> conv -> ReLU -> pool -> linear: something for every pass but HTTM."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.conv(torch.relu(self.stem(x))))
+        return self.fc(x.mean((2, 3)))
+
+
+class _Branchy(nn.Module):
+    """Python control flow on a tensor value: symbolic tracing cannot follow it (and there is no
+    submodule to trace instead)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(3, 3, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(x, self.weight) if x.sum() > 0 else -x
+
+
+def _net() -> nn.Module:
+    torch.manual_seed(0)
+    return _Net().eval()
+
+
+def _x(n: int = 2) -> torch.Tensor:
+    return torch.randn(n, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+
+
+def _state(model: nn.Module) -> tuple:
+    """What must not change: weights and buffers, train/eval mode, the module tree."""
+    return ({k: v.clone() for k, v in model.state_dict().items()}, model.training,
+            [(name, type(m)) for name, m in model.named_modules()])
+
+
+def _assert_unchanged(model: nn.Module, state: tuple) -> None:
+    tensors, training, tree = state
+    now = model.state_dict()
+    assert now.keys() == tensors.keys() and all(torch.equal(now[k], v) for k, v in tensors.items())
+    assert model.training is training
+    assert [(name, type(m)) for name, m in model.named_modules()] == tree
+
+
+def _quiet(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fn(*args, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# Config values out of range, through every entry point
+
+
+_BAD_SPECS = [
+    ("haste:L=0", r"HASTE.L: expected 1 <= L <= 53, got 0"),
+    ("haste:L=54", r"HASTE.L: expected 1 <= L <= 53, got 54"),
+    ("haste:sparsity=1", r"HASTE.sparsity: expected 0.0 <= sparsity < 1.0, got 1.0"),
+    ("haste:tile=0", r"HASTE.tile: expected 1 <= tile, got 0"),
+    ("haste:L=1.5", r"HASTE.L: expected an integer, got '1.5'"),
+    ("httm:q=0", r"HTTM.q: expected 0.0 < q <= 1.0, got 0.0"),
+    ("httm:kv=1.5", r"HTTM.kv: expected 0.0 < kv <= 1.0, got 1.5"),
+    ("httm:q=0.2,outliers=0.3", r"HTTM.outliers: expected 0.0 <= outliers < 0.2, got 0.3"),
+    ("httm:mode=sideways", r"HTTM.mode: expected one of \('headwise', 'uniform', 'global'\), got 'sideways'"),
+    ("prom:momentum=1", r"PROM.momentum: expected 0.0 <= momentum < 1.0, got 1.0"),
+    ("prom:ternary=bwn", r"PROM.ternary: expected one of \('twn', 'absmean'\), got 'bwn'"),
+    ("haste:Q=3", r"HASTE: unknown option 'Q'; allowed: L, center"),
+    ("haste:L", r"HASTE.from_string: expected key=value, got 'L'"),
+    ("hasty:L=3", r"passes: unknown pass 'hasty'; known passes: haste, httm, prom"),
+]
+
+
+@pytest.mark.parametrize("spec,message", _BAD_SPECS)
+def test_optimize_bad_pass_string_raises_value_error_and_leaves_model(spec, message):
+    model = _net()
+    state = _state(model)
+    with pytest.raises(ValueError, match=message):
+        fxslim.optimize(model, _x(), passes=[spec])
+    _assert_unchanged(model, state)
+
+
+@pytest.mark.parametrize("spec,message", _BAD_SPECS[:4] + _BAD_SPECS[-2:])
+def test_backend_bad_pass_string_raises_value_error_naming_field(spec, message):
+    compiled = torch.compile(_net(), backend="fxslim", options={"passes": [spec], "inner": "eager"})
+    with pytest.raises(Exception, match=f"ValueError: {message}"):  # dynamo wraps it in BackendCompilerFailed
+        compiled(_x())
+
+
+@pytest.mark.parametrize("spec,message", [_BAD_SPECS[0], _BAD_SPECS[5], _BAD_SPECS[11], _BAD_SPECS[13]])
+def test_cli_bad_pass_string_exits_2_with_the_message(spec, message, capsys):
+    assert main(["report", "torchvision:resnet18", "--input", "1x3x32x32", "--passes", spec]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxslim report: error:") and __import__("re").search(message, err)
+
+
+def test_pass_objects_validate_on_construction_too():
+    with pytest.raises(ValueError, match="HASTE.L: expected 1 <= L <= 53, got 99"):
+        fxslim.HASTE(L=99)
+    with pytest.raises(ValueError, match=r"HTTM.special_tokens: expected <= tokens_per_frame=2, got 3"):
+        fxslim.HTTM(special_tokens=3, tokens_per_frame=2)
+    with pytest.raises(TypeError, match="prepare: config must be a PROM config, got HASTE"):
+        fxslim.prepare(_net(), _x(), fxslim.HASTE())
+
+
+# ----------------------------------------------------------------------------------------------
+# Wrong example inputs
+
+
+def test_optimize_example_inputs_of_wrong_shape_raise_pytorchs_error_naming_the_layer():
+    # documented: capture runs the model on fake tensors; PyTorch's error names the failing layer
+    model = _net()
+    state = _state(model)
+    with pytest.raises(RuntimeError, match=r"expected input\[2, 4, 8, 8\] to have 3 channels, but got 4"):
+        fxslim.optimize(model, torch.randn(2, 4, 8, 8), passes=["haste"])
+    with pytest.raises(RuntimeError, match=r"expected input\[2, 4, 8, 8\] to have 3 channels"):
+        fxslim.estimate(model, torch.randn(2, 4, 8, 8))
+    _assert_unchanged(model, state)
+
+
+def test_optimize_too_many_example_inputs_raise_value_error():
+    with pytest.raises(ValueError, match=r"example_inputs: the model takes 1 input\(s\) \['x'\], got 2"):
+        fxslim.optimize(_net(), (_x(), _x()), passes=["haste"])
+
+
+def test_optimize_example_inputs_missing_or_not_tensors_raise():
+    with pytest.raises(ValueError, match="example_inputs are required for an nn.Module"):
+        fxslim.optimize(_net(), None, passes=["haste"])
+    with pytest.raises(TypeError, match="conv2d"):
+        fxslim.optimize(_net(), ("not a tensor",), passes=["haste"])
+    with pytest.raises(TypeError, match="capture: model must be an nn.Module, GraphModule or ExportedProgram, got function"):
+        fxslim.optimize(lambda x: x, _x(), passes=["haste"])
+    with pytest.raises(ValueError, match="capture: method must be 'symbolic' or 'export', got 'jit'"):
+        fxslim.optimize(_net(), _x(), passes=["haste"], capture="jit")
+
+
+def test_optimized_model_called_with_other_shape_raises_like_the_original():
+    res = fxslim.optimize(_net(), _x(), passes=["haste:L=4"])
+    with pytest.raises(RuntimeError, match="channels"):
+        _net()(torch.randn(2, 5, 8, 8))
+    with pytest.raises((RuntimeError, ValueError), match="channels|C=3"):
+        res.module(torch.randn(2, 5, 8, 8))
+
+
+# ----------------------------------------------------------------------------------------------
+# Nothing to match, untraceable models
+
+
+@pytest.mark.parametrize("spec,reason", [("haste", "stem"), ("httm", "no candidates")])
+def test_model_with_nothing_to_match_warns_with_reasons_and_returns_equal_copy(spec, reason):
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 6 * 6, 2)).eval()
+    state, x = _state(model), _x()
+    with pytest.warns(UserWarning, match=rf"pass '{spec}' rewrote nothing in Sequential \(skipped: .*{reason}"):
+        res = fxslim.optimize(model, x, passes=[spec])
+    assert res.report.rewritten(spec) == 0
+    if reason != "no candidates":
+        assert res.report.skipped(spec) == {reason: 1}  # the report says why, per candidate
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x), rtol=0, atol=0)
+    assert res.module is not model
+    _assert_unchanged(model, state)
+    with pytest.raises(ValueError, match="rewrote nothing"):
+        fxslim.optimize(model, x, passes=[spec], strict=True)
+
+
+def test_prom_on_a_model_without_convs_or_linears_warns_and_convert_refuses():
+    model = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1)).eval()
+    with pytest.warns(UserWarning, match="pass 'prom' rewrote nothing"):
+        qat = fxslim.prepare(model, _x())
+    with pytest.raises(TypeError, match="convert: expected the GraphModule returned by fxslim.passes.prom.prepare"):
+        fxslim.convert(qat)
+
+
+def test_untraceable_model_raises_capture_error_with_fixes_but_compiles_through_backend():
+    model = _Branchy().eval()
+    state = _state(model)
+    with pytest.raises(CaptureError, match="could not be traced.*leaf_modules=.*capture='export'.*backend='fxslim'"):
+        fxslim.optimize(model, _x(), passes=["haste"])
+    with pytest.raises(CaptureError, match="could not be traced"):
+        fxslim.estimate(model, _x())
+    _assert_unchanged(model, state)
+    # the backend sees the graphs around the graph break: eager results
+    compiled = torch.compile(model, backend="fxslim", options={"passes": ["haste"], "inner": "eager"})
+    x = _x()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x))
+
+
+def test_untraceable_submodule_stays_eager_and_is_reported():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(3, 3, 3, padding=1))
+    model = nn.Sequential(body, _Branchy()).eval()
+    res = _quiet(fxslim.optimize, model, _x(), passes=["haste:L=48,sparsity=0"])
+    assert [path for path, _ in res.report.untraced] == ["", "1"]  # the root and the branchy block
+    assert res.report.graphs == ["0"]
+    assert res.report.rewritten("haste") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(_x()), model(_x()), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# NaN / inf inputs and empty batches (documented in docs/INVARIANTS.md)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("spec", ["haste:L=4", "prom"])
+def test_non_finite_input_stays_in_its_sample(spec, bad):
+    # like the dense model, a NaN/inf pixel makes its own sample non-finite and never another one
+    model, x = _net(), _x(3)
+    res = _quiet(fxslim.optimize, model, x, passes=[spec])
+    if spec == "prom":
+        fxslim.calibrate(res.module, [x])
+        res.module.eval()
+    y_ok = res.module(x).detach()
+    x_bad = x.clone()
+    x_bad[1, 0, 4, 4] = bad
+    with torch.no_grad():
+        y = res.module(x_bad)
+        dense = model(x_bad)
+    assert not torch.isfinite(dense[1]).all() and torch.isfinite(dense[[0, 2]]).all()
+    if spec != "prom":  # fake quantization clamps inf to the grid; NaN still propagates
+        assert not torch.isfinite(y[1]).all()
+    torch.testing.assert_close(y[[0, 2]], y_ok[[0, 2]], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_prom_observer_seeing_non_finite_values_raises_value_error(bad):
+    qat = _quiet(fxslim.prepare, _net(), _x())
+    x = _x()
+    x[0, 0, 0, 0] = bad
+    with pytest.raises(ValueError, match=r"ActFakeQuant: expected finite activations to observe"):
+        fxslim.calibrate(qat, [x])
+
+
+def test_non_finite_example_inputs_do_not_matter_for_capture():
+    # capture reads shapes only: NaN example values give the same rewrite
+    x = _x()
+    x[0] = float("nan")
+    res = _quiet(fxslim.optimize, _net(), x, passes=["haste:L=4"])
+    ref = _quiet(fxslim.optimize, _net(), _x(), passes=["haste:L=4"])
+    assert res.module.code == ref.module.code
+
+
+@pytest.mark.parametrize("spec", ["haste:L=4", "prom"])
+def test_empty_batch_as_example_or_at_run_time_gives_empty_output(spec):
+    model = _net()
+    state = _state(model)
+    empty = torch.randn(0, 3, 8, 8)
+    for example in (empty, _x()):
+        res = _quiet(fxslim.optimize, model, example, passes=[spec])
+        with torch.no_grad():
+            y = res.module(empty)
+        assert y.shape == (0, 4)
+    assert fxslim.estimate(model, empty).total.macs == 0
+    _assert_unchanged(model, state)
+
+
+def test_prom_empty_batch_is_not_observed_and_converts_after_calibration():
+    qat = _quiet(fxslim.prepare, _net(), _x())
+    fxslim.calibrate(qat, [torch.randn(0, 3, 8, 8)])
+    assert not any(bool(m.initialized) for m in qat.modules() if isinstance(m, ActFakeQuant))
+    fxslim.calibrate(qat, [_x()])
+    int_model = fxslim.convert(qat)
+    assert int_model(torch.randn(0, 3, 8, 8)).shape == (0, 4)
+
+
+# ----------------------------------------------------------------------------------------------
+# Unknown names on the command line
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["inspect", "torchvision:no_such_net", "--input", "1x3x8x8"], "unknown torchvision model 'no_such_net'"),
+    (["inspect", "timm:no_such_net", "--input", "1x3x8x8"], "unknown timm model 'no_such_net'"),
+    (["inspect", "fxslim:no_such_net", "--input", "1x3x8x8"], "unknown fxslim model 'no_such_net'"),
+    (["inspect", "keras:resnet", "--input", "1x3x8x8"], "unknown source 'keras'"),
+    (["inspect", "torchvision:resnet18", "--input", "1x3x-2x32"], "--input: expected non-negative sizes"),
+    (["report", "torchvision:resnet18", "--input", "1x3x32x32", "--deploy", "int3"], "deploy: expected a preset"),
+])
+def test_cli_unknown_names_exit_2_naming_them(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["nonsense"], ["inspect", "torchvision:resnet18", "--input", "1x3x8x8", "--ir", "jit"]])
+def test_cli_unknown_command_or_choice_is_an_argparse_usage_error(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2 and "invalid choice" in capsys.readouterr().err
+
+
+def test_graph_module_and_exported_program_inputs_are_never_modified():
+    model = _net()
+    gm = fx.symbolic_trace(model)
+    ep = torch.export.export(copy.deepcopy(model), (_x(),))
+    code, ep_code = gm.code, ep.graph_module.code
+    _quiet(fxslim.optimize, gm, _x(), passes=["haste:L=4"])
+    _quiet(fxslim.optimize, ep, _x(), passes=["haste:L=4"])
+    assert gm.code == code and ep.graph_module.code == ep_code
