@@ -1,7 +1,8 @@
 """Model and input specs used by the CLI: ``torchvision:mobilenet_v2``, ``timm:vit_tiny_patch16_224``,
 ``fxslim:vggt_small``, ``path/to/file.py:factory``; inputs like ``1x3x224x224``.
 
-Models are always built with random weights (nothing is downloaded).
+Nothing is downloaded: torchvision and timm models get random weights; fxslim's own models are
+built here, the MNIST ones with the small checkpoints shipped in ``fxslim/models/checkpoints``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,15 @@ from torch import nn
 __all__ = ["load_model", "parse_input", "make_inputs", "FXSLIM_MODELS"]
 
 # fxslim's own reference models: name -> "module:factory" (imported only when asked for).
-FXSLIM_MODELS: dict[str, str] = {}
+FXSLIM_MODELS: dict[str, str] = {
+    "vggt_1b": "fxslim.models.vggt:vggt_1b",  # input 1xSx3xHxW (S frames)
+    "vggt_small": "fxslim.models.vggt:vggt_small",
+    "vggt_tiny": "fxslim.models.vggt:vggt_tiny",
+    "mobilenet_mnist": "fxslim.models.mobilenet_mnist:load_mobilenet_mnist",  # trained, input Nx1x28x28
+    "resnet18_mnist_small": "fxslim.models.resnet_cifar:pretrained_mnist_resnet18_small",  # trained, Nx1x32x32
+    "resnet18_cifar": "fxslim.models.resnet_cifar:resnet18",  # random weights, Nx3x32x32
+    "resnet34_cifar": "fxslim.models.resnet_cifar:resnet34",
+}
 
 
 def load_model(spec: str) -> nn.Module:

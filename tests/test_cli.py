@@ -46,3 +46,11 @@ def test_cli_bad_model_and_input_exit_2(capsys):
     assert "expected 'torchvision:NAME'" in capsys.readouterr().err
     assert main(["inspect", "torchvision:resnet18", "--input", "1by3"]) == 2
     assert "--input: expected sizes joined by 'x'" in capsys.readouterr().err
+
+
+def test_cli_fxslim_models_load_by_name(capsys):
+    assert main(["inspect", "fxslim:mobilenet_mnist", "--input", "1x1x28x28"]) == 0
+    out = capsys.readouterr().out
+    assert "pointwise" in out
+    assert main(["inspect", "fxslim:no_such_net", "--input", "1x3x8x8"]) != 0
+    assert "known: mobilenet_mnist, resnet18_cifar" in capsys.readouterr().err
