@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from rich.progress import track
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxslim
@@ -151,7 +152,7 @@ def main() -> None:
     per_layer: dict[tuple[str, int], dict[str, list[float]]] = {key: {} for key in sequences}
     # the rewritten graph computes frames = N // P, so a short example sequence serves every length
     example = camera_sequence(args.photos[0], 2, args.size, seed=args.seed).images[None]
-    for label, spec in variants.items():
+    for label, spec in track(list(variants.items()), description="HTTM variants", transient=True):
         optimized = fxslim.optimize(model, (example,), passes=[spec], strict=True).module
         for key, images in sequences.items():
             probe = _LocalFidelity(args.sample, args.seed)
