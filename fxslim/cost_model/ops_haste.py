@@ -49,7 +49,6 @@ __all__ = ["HasteLayer", "HasteCounts", "expected_buckets", "bucket_counts", "ac
            "haste_conv2d_cost", "DEFAULT_SPARSITY"]
 
 _log = logging.getLogger(__name__)
-_SCHEMA = torch.ops.fxslim.haste_conv2d.default._schema
 DEFAULT_SPARSITY = 2 / 3  # assumed for the hashing count when the planes' values are not available
 
 
@@ -183,19 +182,6 @@ def active_bucket_counts() -> tuple[Mapping[str, HasteStats], Mapping[str, Haste
 # The formula
 
 
-def _arguments(call: OpCall) -> dict[str, Any]:
-    """The op's arguments by name (positional or keyword, defaults filled in)."""
-    out = {}
-    for i, arg in enumerate(_SCHEMA.arguments):
-        if i < len(call.args):
-            out[arg.name] = call.args[i]
-        elif arg.name in call.kwargs:
-            out[arg.name] = call.kwargs[arg.name]
-        else:
-            out[arg.name] = arg.default_value
-    return out
-
-
 def _sym(value: Any) -> Any:
     """ints stay ints; SymInts become their sympy expression."""
     return value.node.expr if isinstance(value, torch.SymInt) else value
@@ -210,7 +196,7 @@ def _int(value: Any) -> Any:
 def haste_conv2d_cost(call: OpCall) -> OpCost:
     """[n, C, h, w] * [O, C, kh, kw] -> [n, O, h', w']: O·B·kh·kw·p MACs per tile, hashing and merging elementwise.
     Ignores: sorting codes and tiles, im2col and stitching copies (data movement)."""
-    a = _arguments(call)
+    a = call.arguments
     x, w = a["x"], a["weight"]
     n, c, h, w_in = (_sym(s) for s in x.shape)
     o, kh, kw = w.shape[0], w.shape[2], w.shape[3]

@@ -25,8 +25,6 @@ from fxslim.cost_model.registry import OpCall, OpCost, register_cost
 
 __all__ = ["httm_attention_cost", "httm_counts"]
 
-_SCHEMA = torch.ops.fxslim.httm_attention.default._schema
-
 
 def _sym(value: Any) -> Any:
     """ints stay ints; SymInts become their sympy expression."""
@@ -119,24 +117,11 @@ def httm_counts(frames: Any, tokens_per_frame: Any, special_tokens: int = 5, q_r
             "dst_kv": dst_kv, "pairs_q": pairs_q, "pairs_kv": pairs_kv, "groups_q": specials + dst_q}
 
 
-def _arguments(call: OpCall) -> dict[str, Any]:
-    """The op's arguments by name (positional or keyword, defaults filled in)."""
-    out = {}
-    for i, arg in enumerate(_SCHEMA.arguments):
-        if i < len(call.args):
-            out[arg.name] = call.args[i]
-        elif arg.name in call.kwargs:
-            out[arg.name] = call.kwargs[arg.name]
-        else:
-            out[arg.name] = arg.default_value
-    return out
-
-
 @register_cost(torch.ops.fxslim.httm_attention, kind="attention")
 def httm_attention_cost(call: OpCall) -> OpCost:
     """[b, h, M_q, d] @ [b, h, d, M_kv] -> @ [b, h, M_kv, d_v], plus [n_src, d] @ [d, n_dst] per block, head, side.
     Ignores: query padding to the longest head, and outliers whose group is left empty (counts are predicted)."""
-    a = _arguments(call)
+    a = call.arguments
     b, h, n, d = (_sym(s) for s in a["q"].shape)
     dv = _sym(a["v"].shape[-1])
     c = httm_counts(a["frames"], a["tokens_per_frame"], a["special_tokens"], a["q_ratio"], a["kv_ratio"],

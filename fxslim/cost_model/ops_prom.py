@@ -28,17 +28,6 @@ ops = torch.ops.fxslim
 _PER_CHANNEL_BITS = 3 * 32  # int32 bias, multiplier and rounding offset per output channel
 
 
-def _arg(call: OpCall, name: str, default: Any = None) -> Any:
-    """An argument by schema name (positional or keyword), else ``default``."""
-    target = call.target if hasattr(call.target, "_schema") else call.target.default
-    for i, argument in enumerate(target._schema.arguments):
-        if argument.name == name:
-            if i < len(call.args):
-                return call.args[i]
-            return call.kwargs.get(name, default)
-    return default
-
-
 def _extras(call: OpCall, outputs: Any, integer_bias: bool) -> dict[tuple[str, str], Any]:
     """Optional per-output operations: the requantization multiply and the bias addition."""
     c = call.conventions
@@ -71,7 +60,7 @@ def _int8_conv2d(call: OpCall) -> OpCost:
     """[n, c_in, h, w] * [c_out, c_in/g, kh, kw] -> [n, c_out, h', w']: n·c_out·(c_in/g)·kh·kw·h'·w' int8 MACs.
     Ignores: padding (counted as MACs, as for float convs), the zero-point correction."""
     w, out = call.args[2], call.out
-    groups = _arg(call, "groups", 1)
+    groups = call.arguments["groups"]
     c_out, per_out = w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
     if groups > 1:
         kind = "depthwise_conv" if groups == call.args[0].shape[1] == c_out else "grouped_conv"

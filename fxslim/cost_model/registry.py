@@ -135,6 +135,21 @@ class OpCall:
     def tensor_args(self) -> list[TensorSpec]:
         return [a for a in self.args if isinstance(a, TensorSpec)]
 
+    @property
+    def arguments(self) -> dict[str, Any]:
+        """The arguments by schema name (positional or keyword, schema defaults filled in); for ops
+        with a schema (``torch.ops.*``), which is what custom-op formulas receive."""
+        target = self.target if hasattr(self.target, "_schema") else self.target.default
+        out = {}
+        for i, arg in enumerate(target._schema.arguments):
+            if i < len(self.args):
+                out[arg.name] = self.args[i]
+            elif arg.name in self.kwargs:
+                out[arg.name] = self.kwargs[arg.name]
+            else:
+                out[arg.name] = arg.default_value
+        return out
+
 
 @dataclass(frozen=True)
 class OpCost:
