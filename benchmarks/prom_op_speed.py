@@ -21,8 +21,6 @@ from __future__ import annotations
 import argparse
 import collections
 import platform
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -30,6 +28,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
+from benchmarks.timing import interleaved_medians
 from fxslim.runtime import prom_ops as P
 
 _OUT = Path(__file__).resolve().parent / "results" / "prom_op_speed.md"
@@ -55,17 +54,8 @@ def _layer_shapes() -> tuple[collections.Counter, collections.Counter]:
     return pointwise, depthwise
 
 
-def _interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median wall time (ms) per function; every round runs each function once, in turn."""
-    for fn in fns.values():
-        fn()  # warm-up (also fills the weight caches)
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: 1e3 * statistics.median(t) for name, t in times.items()}
+def _medians_ms(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    return {name: 1e3 * seconds for name, seconds in interleaved_medians(fns, rounds).items()}
 
 
 def _pointwise_variants(batch: int, c_in: int, c_out: int, size: int, gen: torch.Generator) -> dict[str, Callable]:
@@ -166,12 +156,12 @@ def main() -> None:
         lines.append("")
         rows = []
         for (c_in, c_out, size, stride), count in sorted(pointwise.items(), key=lambda kv: -kv[0][2]):
-            medians = _interleaved_medians(_pointwise_variants(batch, c_in, c_out, size, gen), args.rounds)
+            medians = _medians_ms(_pointwise_variants(batch, c_in, c_out, size, gen), args.rounds)
             rows.append((f"{c_in}→{c_out} @{size}", count, medians))
         lines += _render(f"pointwise 1×1 convs (batch {batch})", rows, pw_columns, ["ternary_conv2d", "int8_conv2d"])
         rows = []
         for (c_in, _c_out, size, stride), count in sorted(depthwise.items(), key=lambda kv: -kv[0][2]):
-            medians = _interleaved_medians(_depthwise_variants(batch, c_in, size, stride, gen), args.rounds)
+            medians = _medians_ms(_depthwise_variants(batch, c_in, size, stride, gen), args.rounds)
             rows.append((f"{c_in} dw @{size}, s{stride}", count, medians))
         lines += _render(f"depthwise 3×3 convs (batch {batch})", rows, dw_columns, ["int8_conv2d"])
     args.out.parent.mkdir(parents=True, exist_ok=True)

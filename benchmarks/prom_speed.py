@@ -20,28 +20,15 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from benchmarks.prom_common import converted_mobilenet_v2, photo_batch, random_mobilenet_v2
+from benchmarks.timing import interleaved_medians
 
 _OUT = Path(__file__).resolve().parent / "results" / "prom_speed.md"
 TARGET = 1.5  # PROM integer vs fp32 eager at batch 32
-
-
-def _medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median seconds per call; every round runs each function once, in turn."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -80,9 +67,7 @@ def main() -> None:
                    "PROM integer": lambda: int_model(x), "PROM integer compiled": lambda: int_compiled(x)}
             for threads in args.threads:
                 torch.set_num_threads(threads)
-                for fn in fns.values():
-                    fn()  # warm-up: compilation, weight caches
-                med = _medians(fns, args.rounds)
+                med = interleaved_medians(fns, args.rounds)
                 ms = " | ".join(f"{1e3 * med[k]:.1f}" for k in fns)
                 eager, comp = med["fp32 eager"], med["fp32 compiled"]
                 lines.append(f"| {threads} | {batch} | {ms} | **{eager / med['PROM integer']:.2f}×** "

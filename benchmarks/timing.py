@@ -1,0 +1,23 @@
+"""Side-by-side timing for the benchmarks: on a shared machine only interleaved runs compare."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+__all__ = ["interleaved_medians"]
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median wall time (seconds) per function after one warm-up call each (compilation, weight
+    caches); every round runs each function once, in turn, so load changes hit all of them alike."""
+    for fn in fns.values():
+        fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
