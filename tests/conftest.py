@@ -16,10 +16,20 @@ def _seed_and_reset_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.fixture
-def one_thread():
-    """Run a test on one torch thread: on a shared 2-core machine OpenMP barriers dominate small ops."""
+def _on_one_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def one_thread():
+    """Run a test on one torch thread: on a shared 2-core machine OpenMP barriers dominate small ops."""
+    yield from _on_one_thread()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """``one_thread`` for a whole module, its module-scoped fixtures (models built once) included."""
+    yield from _on_one_thread()

@@ -24,12 +24,7 @@ from fxslim.models.vggt import vggt_tiny
 _CASES = ("haste", "prom", "httm")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 class _PromNet(nn.Module):

@@ -17,13 +17,7 @@ from fxslim.runtime.httm import httm_kept_lengths, httm_matching_macs
 _OP = torch.ops.fxslim.httm_attention.default
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small ops on a shared 2-core machine: one thread avoids OpenMP barrier overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _cost(b, h, n, d, dv=None, **kwargs):

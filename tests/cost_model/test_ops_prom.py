@@ -18,13 +18,7 @@ PW, OTHER, LAST_PW = 267_939_840, 32_834_432, 20_070_400  # MobileNetV2 MACs at 
 ops = torch.ops.fxslim
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread for the whole module, module fixtures included (shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _converted(model: nn.Module, x: torch.Tensor, config: PROM | None = None):

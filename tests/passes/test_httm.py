@@ -26,13 +26,7 @@ _OP = torch.ops.fxslim.httm_attention.default
 _ZERO = "httm:q=1,kv=1,outliers=0"  # keeps every token: outputs equal the original model's
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Many small ops on a shared 2-core machine: one thread avoids OpenMP barrier overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

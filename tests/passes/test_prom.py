@@ -31,13 +31,7 @@ from fxslim.runtime.quant import ActFakeQuant, QConv2d
 ops = torch.ops.fxslim
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One torch thread for the whole module, module fixtures included (shared 2-core machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread_module")
 
 
 def _bn_recalibrated(model: nn.Module, x: torch.Tensor) -> nn.Module:
