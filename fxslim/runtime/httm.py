@@ -14,7 +14,8 @@ Choices this file fixes where the method spec leaves room:
   into its best destination (the top-r ranking by score selects all sources). With
   ``anchor_first_frame`` frame 0's tokens are destinations as well, which can leave fewer sources.
 - Ties: argmax keeps the first destination; the outlier top-k breaks ties by the lower flat index
-  ``h * N + n`` (original token order).
+  ``h * N + n`` (original token order). The two members of a two-token group deviate equally from
+  its mean; both get the larger of their two rounded values, so that tie is exact.
 - Merged query rows are ordered: surviving groups by slot (special tokens, then destinations in
   reordered order), then the outliers in token order. Key/value rows: groups by slot.
 - ``uniform`` mode matches on head-averaged q (for Q) and k (for K/V) and selects round(f * N)
@@ -393,8 +394,12 @@ def httm_plan(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int, special_
         rows, flat = q[bi, h0:h1].float(), _flat(q_groups[bi, h0:h1], g)
         means, counts = _group_means(rows, flat, (h1 - h0) * g)
         own_mean = means.index_select(0, flat).view(h1 - h0, n, d)
-        deviation[bi, h0:h1] = torch.sub(rows, own_mean, out=own_mean).norm(dim=-1)
-        deviation[bi, h0:h1].masked_fill_((counts.index_select(0, flat) == 1).view(h1 - h0, n), 0.0)
+        dev = torch.sub(rows, own_mean, out=own_mean).norm(dim=-1).view(-1)
+        size = counts.index_select(0, flat)
+        # the two members of a pair deviate equally; one shared value lets the tie rule decide
+        pair = torch.zeros_like(means[:, 0]).scatter_reduce_(0, flat, dev, "amax")
+        dev = torch.where(size == 2, pair.index_select(0, flat), dev).masked_fill_(size == 1, 0.0)
+        deviation[bi, h0:h1] = dev.view(h1 - h0, n)
     if uniform:
         pooled = deviation.square().sum(1).sqrt()  # [B, N]
         outliers = _top_fraction_mask(pooled, round(outlier_fraction * n)).unsqueeze(1).expand(b, h, n)

@@ -150,6 +150,10 @@ def httm_plan_reference(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int
                     mean = torch.stack([qb[h, u] for u in group]).mean(0)
                     for u in group:
                         deviation[h][u] = float((qb[h, u] - mean).norm())
+                if len(group) == 2:  # a pair deviates equally: one shared value, the tie rule decides
+                    shared = max(deviation[h][u] for u in group)
+                    for u in group:
+                        deviation[h][u] = shared
         flagged = [[False] * n for _ in range(heads)]
         if mode == "uniform":
             pooled = [sum(deviation[h][u] ** 2 for h in range(heads)) ** 0.5 for u in range(n)]

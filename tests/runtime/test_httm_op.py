@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
@@ -255,6 +255,8 @@ def test_httm_plan_planted_far_token_is_an_outlier():
     fraction=st.sampled_from([0.0, 0.1, 0.25]), mode=st.sampled_from(MODES), anchor=st.booleans(),
     rule=st.sampled_from(["strided", "random"]), proportional=st.booleans(), seed=st.integers(0, 2**16),
 )
+@example(batch=1, heads=2, frames=4, patches=7, special=1, n_s=1, n_t=3, q_ratio=0.3, kv_ratio=0.0, fraction=0.1,
+         mode="uniform", anchor=False, rule="strided", proportional=False, seed=222)  # a two-token group at the cut
 def test_httm_attention_matches_loop_reference(batch, heads, frames, patches, special, n_s, n_t, q_ratio, kv_ratio,
                                                fraction, mode, anchor, rule, proportional, seed):
     p = special + patches
