@@ -1,8 +1,9 @@
 """HASTE on trained CIFAR-style ResNet18/34 (MNIST-5k): accuracy and FLOPs over a sweep of L and seeds.
 
 For every model, L and seed the model is rewritten by ``fxslim.optimize(model, x, passes=[HASTE(L=L,
-seed=seed)])`` (every conv but the stem, sparsity 2/3, 4×4 tiles, centring on) and run on the 1,000
-MNIST-5k test digits (padded to 32×32) under ``record_buckets``. Reported per L, over the seeds:
+seed=seed)])`` (every conv but the stem, sparsity 2/3, 4×4 tiles, centring on; ``--sparsity``,
+``--tile`` and ``--pointwise`` run the ablations) and run on the 1,000 MNIST-5k test digits (padded to
+32×32) under ``record_buckets``. Reported per setting and L, over the seeds:
 
 - top-1 (mean ± std) and agreement with the dense model's predictions;
 - FLOPs reduction with overhead (mean ± std over seeds; in brackets the std over images): the
@@ -19,6 +20,7 @@ ResNet18 falls back to the committed checkpoint. Writes ``benchmarks/results/has
 
     python -m benchmarks.haste_accuracy                                # the full experiment
     python -m benchmarks.haste_accuracy --models resnet18 --width 0.25 --L 10 14 --seeds 0 --limit 200
+    python -m benchmarks.haste_accuracy --models resnet18 --L 13 --sparsity 0 --resume   # dense planes
 """
 
 from __future__ import annotations
@@ -45,6 +47,32 @@ from fxslim.runtime.haste import record_buckets
 _HERE = Path(__file__).resolve().parent
 _BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
 _PAPER = {"reduction": 46.72, "drop": 1.25, "target": 40.0}  # ResNet34 / CIFAR-10 (docs/methods/HASTE.md)
+_DEFAULT = {"pointwise": True, "sparsity": 2 / 3, "tile": 4}  # the pass's defaults
+
+
+def setting(run: dict[str, Any]) -> tuple[bool, float, int]:
+    """(pointwise, sparsity to 4 places, tile) of a run; runs recorded before the ablation options had the defaults."""
+    pointwise, sparsity, tile = (run.get(key, value) for key, value in _DEFAULT.items())
+    return pointwise, round(sparsity, 4), tile
+
+
+_DEFAULT_KEY = setting(_DEFAULT)
+
+
+def setting_label(key: tuple[bool, float, int]) -> str:
+    """Section title of a setting: the scope, then whatever differs from the defaults."""
+    pointwise, sparsity, tile = key
+    parts = ["every conv but the stem" if pointwise else "1×1 convs kept dense"]
+    if sparsity != _DEFAULT_KEY[1]:
+        parts.append(f"plane sparsity {sparsity:g}")
+    if tile != _DEFAULT_KEY[2]:
+        parts.append(f"{tile}×{tile} tiles")
+    return ", ".join(parts)
+
+
+def settings(runs: list[dict[str, Any]]) -> list[tuple[bool, float, int]]:
+    """The settings present in ``runs``, the pass's defaults first."""
+    return sorted({setting(r) for r in runs}, key=lambda k: (k != _DEFAULT_KEY, not k[0], k[1], k[2]))
 
 
 def load_model(name: str, width: float, cache: Path) -> tuple[torch.nn.Module, str]:
@@ -71,12 +99,17 @@ def _ms(fn: Any) -> tuple[Any, float]:
 
 
 def run_one(dense: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, dense_pred: torch.Tensor,
-            dense_macs: int, L: int, seed: int, pointwise: bool, batch: int, time_every: int) -> dict[str, Any]:
-    """One (L, seed): accuracy, agreement, measured FLOPs reduction, bucket ratio, speed ratio."""
-    config = fxslim.HASTE(L=L, seed=seed, include_pointwise=pointwise)
+            dense_macs: int, L: int, seed: int, config: tuple[bool, float, int], batch: int,
+            time_every: int) -> dict[str, Any]:
+    """One (L, seed) at ``config`` = (pointwise, sparsity, tile).
+
+    Returns accuracy, agreement, measured FLOPs reduction, bucket ratio and speed ratio.
+    """
+    pointwise, sparsity, tile = config
+    haste_config = fxslim.HASTE(L=L, seed=seed, include_pointwise=pointwise, sparsity=sparsity, tile=tile)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        res = fxslim.optimize(dense, images[:1], passes=[config])
+        res = fxslim.optimize(dense, images[:1], passes=[haste_config])
     haste = res.module
     layers = {e.info["layer"]: e.info for e in res.report.entries("haste") if e.status == "rewritten"}
     preds, ratios = [], []
@@ -107,7 +140,7 @@ def run_one(dense: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     image_reduction = 1 - (untouched + per_image) / dense_macs
     buckets = sum(rec[k].buckets for k in layers) / sum(rec[k].tiles * rec[k].channels for k in layers)
     return {
-        "L": L, "seed": seed, "pointwise": pointwise, "top1": 100 * float((pred == labels).float().mean()),
+        "L": L, "seed": seed, "pointwise": pointwise, "sparsity": sparsity, "tile": tile, "top1": 100 * float((pred == labels).float().mean()),
         "agreement": 100 * float((pred == dense_pred).float().mean()),
         "reduction": 100 * (1 - (untouched * n + total.ops) / (dense_macs * n)),
         "reduction_no_overhead": 100 * (1 - (untouched * n + total.reduced_conv) / (dense_macs * n)),
@@ -121,11 +154,11 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
-def summarize(runs: list[dict[str, Any]], pointwise: bool = True) -> list[dict[str, Any]]:
-    """Per L: means and stds over the seeds (runs with 1×1 convs replaced, or kept dense)."""
+def summarize(runs: list[dict[str, Any]], key: tuple[bool, float, int] = _DEFAULT_KEY) -> list[dict[str, Any]]:
+    """Per L: means and stds over the seeds of the runs at setting ``key`` (see ``setting``)."""
     by_l: dict[int, list[dict[str, Any]]] = defaultdict(list)
     for r in runs:
-        if r["pointwise"] == pointwise:
+        if setting(r) == key:
             by_l[r["L"]].append(r)
     out = []
     for L in sorted(by_l):
@@ -166,11 +199,9 @@ def to_markdown(data: dict[str, Any]) -> str:
             f"Dense: top-1 {dense:.2f} %, {model['dense_macs']:,} MACs per image (convs and classifier). "
             "± is the std over seeds, [·] the std over images.", "",
         ]
-        for pointwise in (True, False):
-            rows = summarize(model["runs"], pointwise)
-            if not rows:
-                continue
-            scope = "every conv but the stem" if pointwise else "1×1 convs kept dense"
+        for key in settings(model["runs"]):
+            rows = summarize(model["runs"], key)
+            scope = setting_label(key)
             lines += [
                 f"### {scope} ({rows[0]['seeds']} seeds per L)", "",
                 "| L | top-1 % | Δ top-1 pp | agreement % | FLOPs reduction % (with overhead) | without overhead % "
@@ -198,15 +229,14 @@ def plot(data: dict[str, Any], path: Path) -> None:
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for name, model in data["models"].items():
-        for pointwise in (True, False):
-            rows = summarize(model["runs"], pointwise)
-            if not rows:
-                continue
+        for key in settings(model["runs"]):
+            rows = summarize(model["runs"], key)
+            default = key == _DEFAULT_KEY
             xs = [r["reduction"] for r in rows]
             ys = [r["top1"] - model["dense_top1"] for r in rows]
             ax.errorbar(xs, ys, xerr=[r["reduction_std"] for r in rows], yerr=[r["top1_std"] for r in rows],
-                        marker="o" if pointwise else "s", capsize=3, linestyle="-" if pointwise else "--",
-                        label=name if pointwise else f"{name}, 1×1 convs dense")
+                        marker="o" if default else "s", capsize=3, linestyle="-" if default else "--",
+                        label=name if default else f"{name}, {setting_label(key).split(', ', 1)[-1]}")
             for r, x, y in zip(rows, xs, ys):
                 ax.annotate(f"L={r['L']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(-_PAPER["drop"], color="grey", linestyle=":", label=f"−{_PAPER['drop']} pp budget")
@@ -230,6 +260,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--pointwise", choices=("include", "exclude", "both"), default="include",
                         help="replace the 1×1 convs too (default), keep them dense, or run both")
+    parser.add_argument("--sparsity", type=float, default=2 / 3, help="share of zero plane entries (default 2/3)")
+    parser.add_argument("--tile", type=int, default=4, help="output tile side (default 4)")
     parser.add_argument("--limit", type=int, default=1000, help="test digits used (all 1,000 by default)")
     parser.add_argument("--batch", type=int, default=50)
     parser.add_argument("--time-every", type=int, default=4, help="time the dense model on every n-th batch")
@@ -252,7 +284,8 @@ def main(argv: list[str] | None = None) -> None:
         split = mnist_5k()
         images, labels = pad_to_32(split.x_test[: args.limit]), split.y_test[: args.limit]
         data["setup"] = (
-            f"HASTE: sparsity 2/3, 4×4 output tiles, centring on, the stem conv kept dense. "
+            f"HASTE: sparsity 2/3, 4×4 output tiles, centring on, the stem conv kept dense, unless a section "
+            f"names another setting. "
             f"{len(images)} MNIST-5k test digits (32×32), batches of {args.batch}; "
             f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}."
         )
@@ -265,17 +298,19 @@ def main(argv: list[str] | None = None) -> None:
             model.update(width=args.width, checkpoint=checkpoint,
                          dense_top1=100 * float((dense_pred == labels).float().mean()),
                          dense_macs=int(fxslim.estimate(dense, images[:1]).total.macs))
-            done = {(r["L"], r["seed"], r["pointwise"]) for r in model["runs"]}
+            done = {(r["L"], r["seed"], setting(r)) for r in model["runs"]}
             variants = {"include": (True,), "exclude": (False,), "both": (True, False)}[args.pointwise]
             for pointwise, L, seed in ((p, L, s) for p in variants for L in args.L for s in args.seeds):
-                if (L, seed, pointwise) in done:
+                config = (pointwise, args.sparsity, args.tile)
+                key = setting(dict(zip(_DEFAULT, config)))
+                if (L, seed, key) in done:
                     continue
-                run = run_one(dense, images, labels, dense_pred, model["dense_macs"], L, seed, pointwise,
+                run = run_one(dense, images, labels, dense_pred, model["dense_macs"], L, seed, config,
                               args.batch, args.time_every)
                 model["runs"].append(run)
                 json_path.parent.mkdir(parents=True, exist_ok=True)
                 json_path.write_text(json.dumps(data, indent=1))
-                print(f"{name} L={L} seed={seed} pointwise={pointwise}: top-1 {run['top1']:.2f} %, "
+                print(f"{name} L={L} seed={seed} ({setting_label(key)}): top-1 {run['top1']:.2f} %, "
                       f"reduction {run['reduction']:.2f} %, time ×{run['time_ratio']:.2f}", flush=True)
     text = to_markdown(data)
     args.out.write_text(text)

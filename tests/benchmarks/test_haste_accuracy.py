@@ -1,0 +1,51 @@
+"""benchmarks.haste_accuracy: ablation settings are kept apart, and a tiny run writes every file."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks import haste_accuracy
+
+
+def _run(L: int, seed: int, top1: float, reduction: float, **setting) -> dict:
+    values = {"top1": top1, "agreement": 99.0, "reduction": reduction, "reduction_no_overhead": reduction + 4,
+              "reduction_image_std": 1.0, "overhead_share": 4.0, "buckets_ratio": 0.6, "time_ratio": 2.5}
+    return {"L": L, "seed": seed, "pointwise": True, **setting, **values}
+
+
+def test_settings_default_first_and_old_runs_count_as_default():
+    runs = [
+        _run(14, 0, 97.0, 30.0, sparsity=0.0, tile=4),
+        _run(14, 0, 98.0, 28.0),  # recorded before the ablation options: the pass's defaults
+        _run(14, 1, 96.0, 29.0, sparsity=2 / 3, tile=4),
+        _run(14, 0, 95.0, 31.0, pointwise=False, sparsity=2 / 3, tile=2),
+    ]
+    keys = haste_accuracy.settings(runs)
+    assert keys[0] == haste_accuracy.setting({})  # defaults first
+    assert len(keys) == 3
+    rows = haste_accuracy.summarize(runs)
+    assert [(r["L"], r["seeds"], r["top1"], r["reduction"]) for r in rows] == [(14, 2, 97.0, 28.5)]
+    dense_planes = haste_accuracy.summarize(runs, (True, 0.0, 4))
+    assert [(r["seeds"], r["top1"]) for r in dense_planes] == [(1, 97.0)]
+    labels = [haste_accuracy.setting_label(k) for k in keys]
+    assert labels[0] == "every conv but the stem"
+    assert "every conv but the stem, plane sparsity 0" in labels
+    assert "1×1 convs kept dense, 2×2 tiles" in labels
+
+
+def test_tiny_ablation_run_writes_markdown_json_and_plot(tmp_path, one_thread):
+    out = tmp_path / "haste_accuracy.md"
+    common = ["--models", "resnet18", "--width", "0.25", "--L", "12", "--seeds", "0", "--limit", "10",
+              "--batch", "5", "--cache", str(tmp_path), "--out", str(out)]
+    haste_accuracy.main(common)
+    haste_accuracy.main([*common, "--sparsity", "0", "--resume"])
+    data = json.loads(out.with_suffix(".json").read_text())
+    runs = data["models"]["resnet18"]["runs"]
+    assert sorted(round(r["sparsity"], 4) for r in runs) == [0.0, 0.6667]
+    assert all(0 <= r["top1"] <= 100 and r["buckets_ratio"] <= 1 for r in runs)
+    text = out.read_text()
+    assert "### every conv but the stem (1 seeds per L)" in text
+    assert "### every conv but the stem, plane sparsity 0 (1 seeds per L)" in text
+    assert out.with_suffix(".png").stat().st_size > 0
+    haste_accuracy.main([*common, "--sparsity", "0", "--resume"])  # nothing left to run: same runs
+    assert len(json.loads(out.with_suffix(".json").read_text())["models"]["resnet18"]["runs"]) == 2
