@@ -7,7 +7,7 @@ interleaved, and reported as medians, so ratios are comparable even on a shared 
 Also: the matching time of the blocked (head-wise) matcher vs ``global`` mode over several frame
 counts, and the analytic FLOPs. Writes benchmarks/results/httm_op_speed.md.
 
-Run: ``python benchmarks/httm_op_speed.py [--repeats 5] [--threads 1]``.
+Run: ``python -m benchmarks.httm_op_speed [--repeats 5] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import argparse
 import os
 import platform
 import statistics
-import time
 from pathlib import Path
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim  # noqa: F401  (registers torch.ops.fxslim.*)
+from benchmarks.timing import interleaved_samples
 from fxslim.runtime.httm import (
     httm_apply_plan,
     httm_kept_lengths,
@@ -41,19 +41,6 @@ def _inputs(frames: int, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     n = frames * P
     return tuple(torch.randn(1, HEADS, n, DIM, generator=g) for _ in range(3))
-
-
-def _time_side_by_side(cases: dict, repeats: int) -> dict[str, list[float]]:
-    """Seconds per case and round; cases run interleaved (one round = every case once), after a warm-up."""
-    for fn in cases.values():
-        fn()
-    samples: dict[str, list[float]] = {name: [] for name in cases}
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            start = time.perf_counter()
-            fn()
-            samples[name].append(time.perf_counter() - start)
-    return samples
 
 
 def _median(samples: list[float]) -> float:
@@ -91,7 +78,7 @@ def _layer_table(frames: int, repeats: int) -> tuple[list[str], dict]:
         "- apply: merge + attention + unmerge": lambda: httm_apply_plan(q, k, v, plan),
         "- SDPA alone at the merged lengths": lambda: F.scaled_dot_product_attention(*short),
     }
-    samples = _time_side_by_side(cases, repeats)
+    samples = interleaved_samples(cases, repeats)
     dense = samples["dense SDPA"]
     n = frames * P
     lines = [
@@ -136,8 +123,8 @@ def _threads_table(frames: int, threads: tuple[int, ...], repeats: int) -> list[
     previous = torch.get_num_threads()
     for count in threads:
         torch.set_num_threads(count)
-        samples = _time_side_by_side({"dense": lambda: F.scaled_dot_product_attention(q, k, v),
-                                      "httm": lambda: op(q, k, v, frames, P)}, repeats)
+        samples = interleaved_samples({"dense": lambda: F.scaled_dot_product_attention(q, k, v),
+                                       "httm": lambda: op(q, k, v, frames, P)}, repeats)
         lines.append(f"| {count} | {_median(samples['dense']) * 1e3:.0f} | {_median(samples['httm']) * 1e3:.0f} | "
                      f"{_paired_speedup(samples['dense'], samples['httm']):.2f}x |")
     torch.set_num_threads(previous)
@@ -164,7 +151,7 @@ def _matching_table(frame_counts: tuple[int, ...], repeats: int) -> tuple[list[s
         }
         cases = {whole: (lambda lq=lq, lk=lk: (httm_match(q, lq), httm_match(k, lk)))
                  for whole, (lq, lk) in layouts.items()}
-        samples = _time_side_by_side(cases, repeats)
+        samples = interleaved_samples(cases, repeats)
         macs_blocked = httm_matching_macs(1, HEADS, DIM, frames, P)
         macs_global = httm_matching_macs(1, HEADS, DIM, frames, P, mode="global")
         ratios[frames] = _paired_speedup(samples[True], samples[False])

@@ -13,7 +13,7 @@ medians of per-round ratios), so ratios stay meaningful on a shared machine.
    photo sequence: eager dense vs ``fxslim.optimize(model, images, passes=["httm"])``.
 
 Writes benchmarks/results/httm_speed.md and .png. Run:
-``python benchmarks/httm_speed.py [--frames 32] [--repeats 5] [--model-frames 32] [--threads 1]``.
+``python -m benchmarks.httm_speed [--frames 32] [--repeats 5] [--model-frames 32] [--threads 1]``.
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import fxslim
-from benchmarks.httm_op_speed import _median, _paired_speedup, _time_side_by_side
+from benchmarks.httm_op_speed import _median, _paired_speedup
+from benchmarks.timing import interleaved_samples
 from fxslim.cost_model.ops_httm import httm_counts
 from fxslim.models.multiview import camera_sequence
 from fxslim.models.vggt import vggt_small
@@ -64,7 +65,7 @@ def _layer(frames: int, repeats: int) -> tuple[list[str], dict[str, list[float]]
         "HTTM global (matching over the whole sequence)": lambda: _OP(q, k, v, frames, P, mode="global"),
         "HTTM head-wise + proportional attention": lambda: _OP(q, k, v, frames, P, proportional_attention=True),
     }
-    samples = _time_side_by_side(cases, repeats)
+    samples = interleaved_samples(cases, repeats)
     dense = samples["dense SDPA"]
     plan = httm_plan(q, k, frames, P)
     n = frames * P
@@ -107,7 +108,7 @@ def _matching(frame_counts: list[int], repeats: int) -> tuple[list[str], dict[in
         for whole, (lq, lk) in layouts.items():
             cases[("match", whole)] = lambda lq=lq, lk=lk: (httm_match(q, lq), httm_match(k, lk))
             cases[("plan", whole)] = lambda whole=whole: httm_plan(q, k, frames, P, mode="global" if whole else "headwise")
-        s = _time_side_by_side(cases, repeats)
+        s = interleaved_samples(cases, repeats)
         blocked, whole = httm_counts(frames, P), httm_counts(frames, P, mode="global")
         macs = (whole["pairs_q"] + whole["pairs_kv"]) / (blocked["pairs_q"] + blocked["pairs_kv"])
         ratios[frames] = _paired_speedup(s[("match", True)], s[("match", False)])
@@ -130,8 +131,8 @@ def _sweep(frame_counts: list[int], repeats: int, known: dict[int, dict[str, lis
             dense, httm = known[frames]["dense SDPA"], known[frames]["HTTM head-wise (paper defaults)"]
         else:
             q, k, v = _qkv(frames)
-            s = _time_side_by_side({"dense": lambda: F.scaled_dot_product_attention(q, k, v),
-                                    "httm": lambda: _OP(q, k, v, frames, P)}, repeats)
+            s = interleaved_samples({"dense": lambda: F.scaled_dot_product_attention(q, k, v),
+                                     "httm": lambda: _OP(q, k, v, frames, P)}, repeats)
             dense, httm = s["dense"], s["httm"]
         curve[frames] = (_paired_speedup(dense, httm), _flop_ratio(frames))
         lines.append(f"| {frames} | {frames * P} | {_median(dense) * 1e3:.0f} | {_median(httm) * 1e3:.0f} | "
@@ -146,7 +147,7 @@ def _model(frames: int, repeats: int) -> list[str]:
     res = fxslim.optimize(model, (images,), passes=["httm"], strict=True)
     optimized = res.module
     with torch.no_grad():
-        samples = _time_side_by_side({"dense": lambda: model(images), "httm": lambda: optimized(images)}, repeats)
+        samples = interleaved_samples({"dense": lambda: model(images), "httm": lambda: optimized(images)}, repeats)
         depth, depth_httm = model(images)["depth"], optimized(images)["depth"]
     error = float((depth_httm - depth).norm() / depth.norm())
     return [

@@ -6,12 +6,13 @@ import statistics
 import time
 from collections.abc import Callable
 
-__all__ = ["interleaved_medians"]
+__all__ = ["interleaved_medians", "interleaved_samples"]
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median wall time (seconds) per function after one warm-up call each (compilation, weight
-    caches); every round runs each function once, in turn, so load changes hit all of them alike."""
+def interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Wall time (seconds) of each function in each round, after one warm-up call each (compilation,
+    weight caches); every round runs each function once, in turn, so load changes hit all of them
+    alike and round i of two functions can be paired."""
     for fn in fns.values():
         fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
@@ -20,4 +21,9 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> di
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Median of ``interleaved_samples`` per function."""
+    return {name: statistics.median(t) for name, t in interleaved_samples(fns, rounds).items()}
