@@ -5,12 +5,14 @@ medians of per-round ratios), so ratios stay meaningful on a shared machine.
 
 1. One global attention layer at N = frames x 261 tokens (224x224 frames), 16 heads of dim 64:
    dense SDPA vs fxslim::httm_attention at the paper's defaults (Q 0.2 / KV 0.3 kept) in head-wise,
-   uniform and global modes (target >= 5x; the kernel-FLOP limit is 1 / (0.2 * 0.3) = 16.7x).
+   uniform and global modes (target >= 5x; the kernel-FLOP limit is 1 / (0.2 * 0.3) = 16.7x), the
+   head-wise op's stages timed on their own, and FlopCounterMode's count of both.
 2. Matching: head-wise blocks (n_s 128, n_t 30) vs ``global`` mode (one block) at the same ratios,
    Q and K sides, over several frame counts (paper: 4.58x less merging cost at 1000 frames).
 3. Layer speed-up against frames, beside the cost model's FLOP ratio (plot).
 4. The whole ``vggt_small`` model (256 wide, 8 deep, 4 heads of dim 64) at 32 frames of a real
    photo sequence: eager dense vs ``fxslim.optimize(model, images, passes=["httm"])``.
+5. The single-layer comparison again at other thread counts (``--also-threads``).
 
 Writes benchmarks/results/httm_speed.md and .png. Run:
 ``python -m benchmarks.httm_speed [--frames 32] [--repeats 5] [--model-frames 32] [--threads 1]``.
@@ -21,6 +23,8 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -28,14 +32,14 @@ import torch
 import torch.nn.functional as F
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim
-from benchmarks.httm_op_speed import _median, _paired_speedup
-from benchmarks.timing import interleaved_samples
+from benchmarks.timing import interleaved_samples, paired_ratio
 from fxslim.cost_model.ops_httm import httm_counts
 from fxslim.models.multiview import camera_sequence
 from fxslim.models.vggt import vggt_small
-from fxslim.runtime.httm import httm_layout, httm_match, httm_plan
+from fxslim.runtime.httm import httm_apply_plan, httm_layout, httm_match, httm_plan
 
 RESULTS = Path(__file__).resolve().parent / "results"
 P, HEADS, DIM = 261, 16, 64
@@ -56,36 +60,71 @@ def _flop_ratio(frames: int, mode: str = "headwise") -> float:
     return HEADS * n * n * 2 * DIM / httm
 
 
+def _counted_flops(fn, frames: int) -> int:
+    """FlopCounterMode's count for ``fn(q, k, v)`` on meta tensors (it skips CPU SDPA on real ones)."""
+    q = torch.empty(1, HEADS, frames * P, DIM, device="meta")
+    with FlopCounterMode(display=False) as counter:
+        fn(q, q, q)
+    return counter.get_total_flops()
+
+
 def _layer(frames: int, repeats: int) -> tuple[list[str], dict[str, list[float]]]:
     q, k, v = _qkv(frames)
-    cases = {
-        "dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
-        "HTTM head-wise (paper defaults)": lambda: _OP(q, k, v, frames, P),
-        "HTTM uniform (one merge for all heads)": lambda: _OP(q, k, v, frames, P, mode="uniform"),
-        "HTTM global (matching over the whole sequence)": lambda: _OP(q, k, v, frames, P, mode="global"),
-        "HTTM head-wise + proportional attention": lambda: _OP(q, k, v, frames, P, proportional_attention=True),
-    }
-    samples = interleaved_samples(cases, repeats)
-    dense = samples["dense SDPA"]
     plan = httm_plan(q, k, frames, P)
+    short = tuple(t[:, :, :m].contiguous() for t, m in ((q, plan.q_length_max), (k, plan.kv_length),
+                                                          (v, plan.kv_length)))
+    q_layout, kv_layout = httm_layout(frames, P, 5, 0.9, 128, 30), httm_layout(frames, P, 5, 0.7, 128, 30)
+    modes = {  # variant -> the cost model's mode (stages of the head-wise op have none)
+        "dense SDPA": None,
+        "HTTM head-wise (paper defaults)": "headwise",
+        "HTTM uniform (one merge for all heads)": "uniform",
+        "HTTM global (matching over the whole sequence)": "global",
+        "HTTM head-wise + proportional attention": "headwise",
+        "- plan: matching + outlier filtering": None,
+        "- matching Q and K only": None,
+        "- apply: merge + attention + unmerge": None,
+        "- SDPA alone at the merged lengths": None,
+    }
+    fns = [
+        lambda: F.scaled_dot_product_attention(q, k, v),
+        lambda: _OP(q, k, v, frames, P),
+        lambda: _OP(q, k, v, frames, P, mode="uniform"),
+        lambda: _OP(q, k, v, frames, P, mode="global"),
+        lambda: _OP(q, k, v, frames, P, proportional_attention=True),
+        lambda: httm_plan(q, k, frames, P),
+        lambda: (httm_match(q, q_layout), httm_match(k, kv_layout)),
+        lambda: httm_apply_plan(q, k, v, plan),
+        lambda: F.scaled_dot_product_attention(*short),
+    ]
+    samples = interleaved_samples(dict(zip(modes, fns, strict=True)), repeats)
+    dense = samples["dense SDPA"]
     n = frames * P
+    dense_flops, httm_flops = (_counted_flops(fn, frames) for fn in (F.scaled_dot_product_attention,
+                                                                       lambda *qkv: _OP(*qkv, frames, P)))
     lines = [
         f"### 1. One global attention layer: {frames} frames x {P} tokens = N {n}, {HEADS} heads x {DIM}, fp32",
         "",
         f"Measured merged lengths (head-wise): queries {plan.q_lengths.min().item()}-{plan.q_length_max} per head "
         f"({plan.q_length_max / n:.3f} N, the kernel runs at the longest head), keys/values {plan.kv_length} "
-        f"({plan.kv_length / n:.3f} N).",
+        f"({plan.kv_length / n:.3f} N); outliers {int(plan.outliers.sum())} (= round(0.1 * H * N) = "
+        f"{round(0.1 * HEADS * n)}). Rows starting with - time one stage of the head-wise op on its own.",
         "",
-        "| variant | median ms | speed-up vs dense | cost-model FLOP ratio |",
-        "| --- | ---: | ---: | ---: |",
+        "| variant | median ms | speed-up vs dense | min-max over rounds | cost-model FLOP ratio |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
-    modes = {"HTTM head-wise (paper defaults)": "headwise", "HTTM uniform (one merge for all heads)": "uniform",
-             "HTTM global (matching over the whole sequence)": "global",
-             "HTTM head-wise + proportional attention": "headwise"}
     for name, t in samples.items():
-        ratio = f"{_flop_ratio(frames, modes[name]):.1f}x" if name in modes else "1.0x"
-        lines.append(f"| {name} | {_median(t) * 1e3:.0f} | {_paired_speedup(dense, t):.2f}x | {ratio} |")
-    return lines + [""], samples
+        ratios = [b / o for b, o in zip(dense, t)]
+        mode = modes[name]
+        flop_ratio = "1.0x" if name == "dense SDPA" else f"{_flop_ratio(frames, mode):.1f}x" if mode else "-"
+        lines.append(f"| {name} | {statistics.median(t) * 1e3:.0f} | {paired_ratio(dense, t):.2f}x | "
+                     f"{min(ratios):.2f}-{max(ratios):.2f}x | {flop_ratio} |")
+    lines += [
+        "",
+        f"FlopCounterMode (the op's registered formula): dense {dense_flops / 1e9:.1f} GFLOP, HTTM head-wise "
+        f"{httm_flops / 1e9:.1f} GFLOP ({dense_flops / httm_flops:.1f}x fewer).",
+        "",
+    ]
+    return lines, samples
 
 
 def _matching(frame_counts: list[int], repeats: int) -> tuple[list[str], dict[int, float]]:
@@ -111,10 +150,10 @@ def _matching(frame_counts: list[int], repeats: int) -> tuple[list[str], dict[in
         s = interleaved_samples(cases, repeats)
         blocked, whole = httm_counts(frames, P), httm_counts(frames, P, mode="global")
         macs = (whole["pairs_q"] + whole["pairs_kv"]) / (blocked["pairs_q"] + blocked["pairs_kv"])
-        ratios[frames] = _paired_speedup(s[("match", True)], s[("match", False)])
-        lines.append(f"| {frames} | {frames * P} | {_median(s[('match', False)]) * 1e3:.0f} | "
-                     f"{_median(s[('match', True)]) * 1e3:.0f} | {ratios[frames]:.2f}x | {macs:.2f}x | "
-                     f"{_paired_speedup(s[('plan', True)], s[('plan', False)]):.2f}x |")
+        ratios[frames] = paired_ratio(s[("match", True)], s[("match", False)])
+        lines.append(f"| {frames} | {frames * P} | {statistics.median(s[('match', False)]) * 1e3:.0f} | "
+                     f"{statistics.median(s[('match', True)]) * 1e3:.0f} | {ratios[frames]:.2f}x | {macs:.2f}x | "
+                     f"{paired_ratio(s[('plan', True)], s[('plan', False)]):.2f}x |")
     return lines + [""], ratios
 
 
@@ -134,8 +173,8 @@ def _sweep(frame_counts: list[int], repeats: int, known: dict[int, dict[str, lis
             s = interleaved_samples({"dense": lambda: F.scaled_dot_product_attention(q, k, v),
                                      "httm": lambda: _OP(q, k, v, frames, P)}, repeats)
             dense, httm = s["dense"], s["httm"]
-        curve[frames] = (_paired_speedup(dense, httm), _flop_ratio(frames))
-        lines.append(f"| {frames} | {frames * P} | {_median(dense) * 1e3:.0f} | {_median(httm) * 1e3:.0f} | "
+        curve[frames] = (paired_ratio(dense, httm), _flop_ratio(frames))
+        lines.append(f"| {frames} | {frames * P} | {statistics.median(dense) * 1e3:.0f} | {statistics.median(httm) * 1e3:.0f} | "
                      f"{curve[frames][0]:.2f}x | {curve[frames][1]:.1f}x |")
     return lines + [""], curve
 
@@ -158,13 +197,32 @@ def _model(frames: int, repeats: int) -> list[str]:
         "",
         "| model | median s | speed-up |",
         "| --- | ---: | ---: |",
-        f"| dense | {_median(samples['dense']):.2f} | 1.00x |",
-        f"| HTTM (fxslim.optimize, passes=['httm']) | {_median(samples['httm']):.2f} | "
-        f"{_paired_speedup(samples['dense'], samples['httm']):.2f}x |",
+        f"| dense | {statistics.median(samples['dense']):.2f} | 1.00x |",
+        f"| HTTM (fxslim.optimize, passes=['httm']) | {statistics.median(samples['httm']):.2f} | "
+        f"{paired_ratio(samples['dense'], samples['httm']):.2f}x |",
         "",
         f"Depth output relative error (random weights, LayerScale 0.01): {error:.2e}.",
         "",
     ]
+
+
+def _threads(frames: int, counts: list[int], repeats: int) -> list[str]:
+    q, k, v = _qkv(frames)
+    lines = [
+        f"### 5. Thread count ({frames} frames): dense SDPA vs HTTM head-wise, each pair timed side by side",
+        "",
+        "| threads | dense ms | HTTM ms | speed-up |",
+        "| ---: | ---: | ---: | ---: |",
+    ]
+    previous = torch.get_num_threads()
+    for count in counts:
+        torch.set_num_threads(count)
+        s = interleaved_samples({"dense": lambda: F.scaled_dot_product_attention(q, k, v),
+                                 "httm": lambda: _OP(q, k, v, frames, P)}, repeats)
+        lines.append(f"| {count} | {statistics.median(s['dense']) * 1e3:.0f} | {statistics.median(s['httm']) * 1e3:.0f} | "
+                     f"{paired_ratio(s['dense'], s['httm']):.2f}x |")
+    torch.set_num_threads(previous)
+    return lines + [""]
 
 
 def _plot(curve: dict[int, tuple[float, float]], matching: dict[int, float], path: Path) -> None:
@@ -193,7 +251,7 @@ def _plot(curve: dict[int, tuple[float, float]], matching: dict[int, float], pat
     fig.savefig(path)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=32, help="frames of the single-layer comparison")
     parser.add_argument("--repeats", type=int, default=5)
@@ -203,20 +261,26 @@ def main() -> None:
     parser.add_argument("--model-repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (default 1: on a shared machine OpenMP barriers dominate small ops)")
+    parser.add_argument("--also-threads", type=int, nargs="*", default=[2],
+                        help="other thread counts for the single-layer comparison (section 5)")
     parser.add_argument("--output", type=Path, default=RESULTS / "httm_speed.md")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    command = " ".join(["python -m benchmarks.httm_speed", *(sys.argv[1:] if argv is None else argv)])
     torch.set_num_threads(args.threads)
     start, load = time.perf_counter(), os.getloadavg()[0]
     layer_lines, layer_samples = _layer(args.frames, args.repeats)
     matching_lines, matching = _matching(args.matching_frames, args.repeats)
     sweep_lines, curve = _sweep(args.sweep_frames, args.repeats, {args.frames: layer_samples})
     model_lines = _model(args.model_frames, args.model_repeats) if args.model_frames else []
-    speedup = _paired_speedup(layer_samples["dense SDPA"], layer_samples["HTTM head-wise (paper defaults)"])
+    thread_lines = _threads(args.frames, [args.threads, *args.also_threads], args.repeats) if args.also_threads else []
+    speedup = paired_ratio(layer_samples["dense SDPA"], layer_samples["HTTM head-wise (paper defaults)"])
     header = [
-        "# HTTM speed on CPU (generated by benchmarks/httm_speed.py)",
+        "# HTTM speed on CPU",
+        "",
+        f"Generated by `{command}`.",
         "",
         f"torch {torch.__version__}, {platform.machine()}, {args.threads} thread(s), {args.repeats} interleaved "
-        f"repeats ({args.model_repeats} for the whole model), medians; load average {load:.1f} at start, "
+        f"repeats{f' ({args.model_repeats} for the whole model)' if args.model_frames else ''}, medians; load average {load:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at the end (shared machine: compare ratios, not absolute times).",
         "",
         f"**One global layer at {args.frames} frames: HTTM {speedup:.2f}x faster than dense SDPA** (target >= 5x). "
@@ -224,7 +288,7 @@ def main() -> None:
         + ", ".join(f"{matching[f]:.2f}x at {f} frames" for f in sorted(matching)) + " (target >= 4x).",
         "",
     ]
-    text = "\n".join(header + layer_lines + matching_lines + sweep_lines + model_lines
+    text = "\n".join(header + layer_lines + matching_lines + sweep_lines + model_lines + thread_lines
                      + [f"Run time {time.perf_counter() - start:.0f} s.", ""])
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(text)

@@ -35,7 +35,7 @@ _ORDER = (
     "estimate_speed",
     "prom_op_speed", "prom_speed", "prom_energy_storage", "prom_accuracy",
     "haste_op_speed", "haste_speed", "haste_accuracy",
-    "httm_op_speed", "httm_speed", "httm_fidelity", "httm_vggt1b_cost",
+    "httm_speed", "httm_fidelity", "httm_vggt1b_cost",
     "demo_results",
 )
 _LAST = ("zoo_sweep", "update_readme")

@@ -6,7 +6,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-__all__ = ["interleaved_medians", "interleaved_samples"]
+__all__ = ["interleaved_medians", "interleaved_samples", "paired_ratio"]
 
 
 def interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
@@ -27,3 +27,9 @@ def interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int) -> di
 def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
     """Median of ``interleaved_samples`` per function."""
     return {name: statistics.median(t) for name, t in interleaved_samples(fns, rounds).items()}
+
+
+def paired_ratio(base: list[float], other: list[float]) -> float:
+    """Median over rounds of base / other, each pair from the same round of ``interleaved_samples``
+    (a load change between rounds cancels out of the ratio; a ratio of medians would keep it)."""
+    return statistics.median(b / o for b, o in zip(base, other, strict=True))

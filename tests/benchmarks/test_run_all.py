@@ -24,7 +24,7 @@ def test_run_all_list_every_benchmark_in_order(capsys):
     assert set(names) == scripts  # every runnable script, trainings included, and nothing else
     assert names[:2] == ["train_mobilenet_mnist", "train_resnet_mnist"]
     assert names[-2:] == ["zoo_sweep", "update_readme"]
-    assert names.index("prom_op_speed") < names.index("haste_op_speed") < names.index("httm_op_speed")
+    assert names.index("prom_op_speed") < names.index("haste_op_speed") < names.index("httm_speed")
 
 
 def test_run_all_list_training_skipped_when_checkpoint_present(capsys, tmp_path, monkeypatch):
