@@ -287,7 +287,8 @@ def main(argv: list[str] | None = None) -> None:
             f"HASTE: sparsity 2/3, 4×4 output tiles, centring on, the stem conv kept dense, unless a section "
             f"names another setting. "
             f"{len(images)} MNIST-5k test digits (32×32), batches of {args.batch}; "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}."
+            f"torch {torch.__version__}, {platform.machine()}, threads as each command's --threads sets them "
+            f"(the time ratios of runs with different thread counts do not compare)."
         )
         for name in args.models:
             dense, checkpoint = load_model(name, args.width, args.cache)
