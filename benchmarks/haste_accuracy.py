@@ -29,7 +29,6 @@ import argparse
 import json
 import platform
 import statistics
-import sys
 import time
 import warnings
 from collections import defaultdict
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 import fxslim
+from benchmarks.command import command_line
 from fxslim.cost_model.ops_haste import HasteCounts, HasteLayer
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import SMALL_MNIST_CHECKPOINT, pad_to_32, resnet18, resnet34
@@ -271,7 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON, add the rest")
     parser.add_argument("--render", action="store_true", help="only redraw the Markdown and PNG from the JSON")
     args = parser.parse_args(argv)
-    command = " ".join(["python -m benchmarks.haste_accuracy", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks.haste_accuracy", argv)
     json_path, png_path = args.out.with_suffix(".json"), args.out.with_suffix(".png")
     if args.render or (args.resume and json_path.exists()):
         data = json.loads(json_path.read_text())
