@@ -24,7 +24,6 @@ import argparse
 import os
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from matplotlib.figure import Figure
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim
+from benchmarks.command import command_line
 from benchmarks.timing import interleaved_samples, paired_ratio
 from fxslim.cost_model.ops_httm import httm_counts
 from fxslim.models.multiview import camera_sequence
@@ -74,29 +74,19 @@ def _layer(frames: int, repeats: int) -> tuple[list[str], dict[str, list[float]]
     short = tuple(t[:, :, :m].contiguous() for t, m in ((q, plan.q_length_max), (k, plan.kv_length),
                                                           (v, plan.kv_length)))
     q_layout, kv_layout = httm_layout(frames, P, 5, 0.9, 128, 30), httm_layout(frames, P, 5, 0.7, 128, 30)
-    modes = {  # variant -> the cost model's mode (stages of the head-wise op have none)
-        "dense SDPA": None,
-        "HTTM head-wise (paper defaults)": "headwise",
-        "HTTM uniform (one merge for all heads)": "uniform",
-        "HTTM global (matching over the whole sequence)": "global",
-        "HTTM head-wise + proportional attention": "headwise",
-        "- plan: matching + outlier filtering": None,
-        "- matching Q and K only": None,
-        "- apply: merge + attention + unmerge": None,
-        "- SDPA alone at the merged lengths": None,
+    variants = {  # name -> (the cost model's mode, or None for dense and the op's stages; the call)
+        "dense SDPA": (None, lambda: F.scaled_dot_product_attention(q, k, v)),
+        "HTTM head-wise (paper defaults)": ("headwise", lambda: _OP(q, k, v, frames, P)),
+        "HTTM uniform (one merge for all heads)": ("uniform", lambda: _OP(q, k, v, frames, P, mode="uniform")),
+        "HTTM global (matching over the whole sequence)": ("global", lambda: _OP(q, k, v, frames, P, mode="global")),
+        "HTTM head-wise + proportional attention": (
+            "headwise", lambda: _OP(q, k, v, frames, P, proportional_attention=True)),
+        "- plan: matching + outlier filtering": (None, lambda: httm_plan(q, k, frames, P)),
+        "- matching Q and K only": (None, lambda: (httm_match(q, q_layout), httm_match(k, kv_layout))),
+        "- apply: merge + attention + unmerge": (None, lambda: httm_apply_plan(q, k, v, plan)),
+        "- SDPA alone at the merged lengths": (None, lambda: F.scaled_dot_product_attention(*short)),
     }
-    fns = [
-        lambda: F.scaled_dot_product_attention(q, k, v),
-        lambda: _OP(q, k, v, frames, P),
-        lambda: _OP(q, k, v, frames, P, mode="uniform"),
-        lambda: _OP(q, k, v, frames, P, mode="global"),
-        lambda: _OP(q, k, v, frames, P, proportional_attention=True),
-        lambda: httm_plan(q, k, frames, P),
-        lambda: (httm_match(q, q_layout), httm_match(k, kv_layout)),
-        lambda: httm_apply_plan(q, k, v, plan),
-        lambda: F.scaled_dot_product_attention(*short),
-    ]
-    samples = interleaved_samples(dict(zip(modes, fns, strict=True)), repeats)
+    samples = interleaved_samples({name: fn for name, (_, fn) in variants.items()}, repeats)
     dense = samples["dense SDPA"]
     n = frames * P
     dense_flops, httm_flops = (_counted_flops(fn, frames) for fn in (F.scaled_dot_product_attention,
@@ -114,7 +104,7 @@ def _layer(frames: int, repeats: int) -> tuple[list[str], dict[str, list[float]]
     ]
     for name, t in samples.items():
         ratios = [b / o for b, o in zip(dense, t)]
-        mode = modes[name]
+        mode = variants[name][0]
         flop_ratio = "1.0x" if name == "dense SDPA" else f"{_flop_ratio(frames, mode):.1f}x" if mode else "-"
         lines.append(f"| {name} | {statistics.median(t) * 1e3:.0f} | {paired_ratio(dense, t):.2f}x | "
                      f"{min(ratios):.2f}-{max(ratios):.2f}x | {flop_ratio} |")
@@ -157,6 +147,13 @@ def _matching(frame_counts: list[int], repeats: int) -> tuple[list[str], dict[in
     return lines + [""], ratios
 
 
+def _dense_and_httm(frames: int, repeats: int) -> dict[str, list[float]]:
+    """Per-round times of dense SDPA ("dense") and the head-wise op ("httm") on one layer, side by side."""
+    q, k, v = _qkv(frames)
+    return interleaved_samples({"dense": lambda: F.scaled_dot_product_attention(q, k, v),
+                                "httm": lambda: _OP(q, k, v, frames, P)}, repeats)
+
+
 def _sweep(frame_counts: list[int], repeats: int, known: dict[int, dict[str, list[float]]]) -> tuple[list[str], dict]:
     lines = [
         "### 3. Layer speed-up against the number of frames (head-wise, paper defaults)",
@@ -169,9 +166,7 @@ def _sweep(frame_counts: list[int], repeats: int, known: dict[int, dict[str, lis
         if frames in known:
             dense, httm = known[frames]["dense SDPA"], known[frames]["HTTM head-wise (paper defaults)"]
         else:
-            q, k, v = _qkv(frames)
-            s = interleaved_samples({"dense": lambda: F.scaled_dot_product_attention(q, k, v),
-                                     "httm": lambda: _OP(q, k, v, frames, P)}, repeats)
+            s = _dense_and_httm(frames, repeats)
             dense, httm = s["dense"], s["httm"]
         curve[frames] = (paired_ratio(dense, httm), _flop_ratio(frames))
         lines.append(f"| {frames} | {frames * P} | {statistics.median(dense) * 1e3:.0f} | {statistics.median(httm) * 1e3:.0f} | "
@@ -207,7 +202,6 @@ def _model(frames: int, repeats: int) -> list[str]:
 
 
 def _threads(frames: int, counts: list[int], repeats: int) -> list[str]:
-    q, k, v = _qkv(frames)
     lines = [
         f"### 5. Thread count ({frames} frames): dense SDPA vs HTTM head-wise, each pair timed side by side",
         "",
@@ -217,8 +211,7 @@ def _threads(frames: int, counts: list[int], repeats: int) -> list[str]:
     previous = torch.get_num_threads()
     for count in counts:
         torch.set_num_threads(count)
-        s = interleaved_samples({"dense": lambda: F.scaled_dot_product_attention(q, k, v),
-                                 "httm": lambda: _OP(q, k, v, frames, P)}, repeats)
+        s = _dense_and_httm(frames, repeats)
         lines.append(f"| {count} | {statistics.median(s['dense']) * 1e3:.0f} | {statistics.median(s['httm']) * 1e3:.0f} | "
                      f"{paired_ratio(s['dense'], s['httm']):.2f}x |")
     torch.set_num_threads(previous)
@@ -265,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="other thread counts for the single-layer comparison (section 5)")
     parser.add_argument("--output", type=Path, default=RESULTS / "httm_speed.md")
     args = parser.parse_args(argv)
-    command = " ".join(["python -m benchmarks.httm_speed", *(sys.argv[1:] if argv is None else argv)])
+    command = command_line("benchmarks.httm_speed", argv)
     torch.set_num_threads(args.threads)
     start, load = time.perf_counter(), os.getloadavg()[0]
     layer_lines, layer_samples = _layer(args.frames, args.repeats)
