@@ -7,10 +7,12 @@
 
 Order: the trainings whose checkpoints are missing (MobileNetMNIST, shipped in
 ``fxslim/models/checkpoints``; full-width ResNet18/34 in ``benchmarks/.cache``, which the HASTE
-benchmarks read), the cost model's own speed, then the PROM, HASTE and HTTM benchmarks, any other
+benchmarks read, once with the default weight decay and once with the paper's model zoo's 0.01),
+the cost model's own speed, then the PROM, HASTE and HTTM benchmarks, any other
 benchmark script found in benchmarks/ (one with a ``__main__`` block), the zoo sweep, and last
 ``update_readme``. Every step runs as ``python -m benchmarks.<name>`` with its own defaults, in a
-subprocess of this interpreter. The first step that fails stops the run with a message naming it.
+subprocess of this interpreter; ``haste_accuracy`` runs a second time on the weight-decay-0.01
+checkpoints, adding their sections to its results. The first step that fails stops the run with a message naming it.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from benchmarks.train_resnet_mnist import DEFAULT_WEIGHT_DECAY, checkpoint_name, weight_decay_flag
+
 __all__ = ["Step", "steps", "main"]
 
 _HERE = Path(__file__).resolve().parent
@@ -29,6 +33,9 @@ ROOT = _HERE.parent
 CACHE = _HERE / ".cache"
 _MOBILENET_CHECKPOINT = ROOT / "fxslim" / "models" / "checkpoints" / "mobilenet_mnist.pt"
 _RESNETS = ("resnet18", "resnet34")  # full width, what haste_accuracy / haste_speed / haste_op_speed read
+_ZOO_WEIGHT_DECAY = 0.01  # the second ResNet training recipe, see train_resnet_mnist
+# Steps that run a second time, after their plain run, with these arguments.
+_EXTRA_RUNS = {"haste_accuracy": [(*weight_decay_flag(_ZOO_WEIGHT_DECAY).split(), "--resume")]}
 
 # The known benchmarks in the order they run; scripts not listed run after them, before the sweep.
 _ORDER = (
@@ -70,14 +77,20 @@ def _shown(path: Path) -> str:
     return str(path.relative_to(ROOT)) if path.is_relative_to(ROOT) else str(path)
 
 
+def _resnet_training(weight_decay: float = DEFAULT_WEIGHT_DECAY) -> Step:
+    """Train the full-width ResNets of one weight decay that are missing from the cache."""
+    decay = tuple(weight_decay_flag(weight_decay).split())
+    names = {m: f"{checkpoint_name(m, 1.0, weight_decay)}.pt" for m in _RESNETS}
+    missing = [m for m, name in names.items() if not (CACHE / name).exists()]
+    if not missing:
+        return Step("train_resnet_mnist", decay, f"checkpoints {', '.join(names.values())} present in {_shown(CACHE)}")
+    return Step("train_resnet_mnist", ("--models", *missing, *decay))
+
+
 def _train_steps() -> list[Step]:
     mobilenet = Step("train_mobilenet_mnist", skip_reason="" if not _MOBILENET_CHECKPOINT.exists()
                      else f"checkpoint {_shown(_MOBILENET_CHECKPOINT)} present")
-    missing = [m for m in _RESNETS if not (CACHE / f"{m}_w100_mnist.pt").exists()]
-    resnets = Step("train_resnet_mnist", ("--models", *missing) if missing else (),
-                   "" if missing else f"checkpoints {', '.join(f'{m}_w100_mnist.pt' for m in _RESNETS)} "
-                                      f"present in {_shown(CACHE)}")
-    return [mobilenet, resnets]
+    return [mobilenet, _resnet_training(), _resnet_training(_ZOO_WEIGHT_DECAY)]
 
 
 def steps() -> list[Step]:
@@ -86,7 +99,8 @@ def steps() -> list[Step]:
     known = [n for n in _ORDER if n in found]
     others = [n for n in found if n not in _ORDER and n not in _LAST]
     last = [n for n in _LAST if n in found or n == "update_readme"]
-    return _train_steps() + [Step(n) for n in known + others + last]
+    runs = [Step(n, args) for n in known + others + last for args in [(), *_EXTRA_RUNS.get(n, [])]]
+    return _train_steps() + runs
 
 
 def _duration(seconds: float) -> str:

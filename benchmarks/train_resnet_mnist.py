@@ -6,8 +6,13 @@
 
 Checkpoints are ``<out>/<model>_w<width·100>_mnist.pt`` (float32 state dicts, default out
 ``benchmarks/.cache/``, not committed); a Markdown summary per model goes to
-``benchmarks/results/train_<model>_w<width·100>_mnist.md``. Digits are padded from 28×28 to 32×32 so
-the stage maps are 32/16/8/4 as on CIFAR, the geometry HASTE was evaluated on.
+``benchmarks/results/train_<model>_w<width·100>_mnist.md``. ``--weight-decay`` other than the
+default 5e-4 adds ``_wd<value>`` to both names. 0.01 is the decay the public CIFAR-10 model zoo
+huyvnphan/PyTorch_CIFAR10 logged for its ResNets (``logs/resnet34/version_0/hparams.yaml``), and its
+VGG19-BN accuracy, 93.95 %, is the baseline in the HASTE paper's CIFAR-10 table. HASTE merges more
+channels in models trained with it (``benchmarks/results/haste_accuracy.md``). Digits are padded
+from 28×28 to 32×32 so the stage maps are 32/16/8/4 as on CIFAR, the geometry HASTE was evaluated
+on.
 """
 
 from __future__ import annotations
@@ -26,10 +31,18 @@ from fxslim.models.train import FitConfig, evaluate, fit
 
 _BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
 _RESULTS = Path(__file__).resolve().parent / "results"
+DEFAULT_WEIGHT_DECAY = FitConfig.weight_decay
 
 
-def checkpoint_name(model: str, width: float) -> str:
-    return f"{model}_w{round(width * 100):03d}_mnist"
+def weight_decay_flag(weight_decay: float) -> str:
+    """`` --weight-decay <value>`` for a command line, or nothing for the default decay."""
+    return "" if weight_decay == DEFAULT_WEIGHT_DECAY else f" --weight-decay {weight_decay:g}"
+
+
+def checkpoint_name(model: str, width: float, weight_decay: float = DEFAULT_WEIGHT_DECAY) -> str:
+    """``<model>_w<width·100>[_wd<decay>]_mnist``; the decay is named only when it is not the default."""
+    decay = "" if weight_decay == DEFAULT_WEIGHT_DECAY else f"_wd{weight_decay:g}"
+    return f"{model}_w{round(width * 100):03d}{decay}_mnist"
 
 
 def padded_mnist() -> Split:
@@ -44,7 +57,7 @@ def train_one(name: str, width: float, config: FitConfig, split: Split, out: Pat
     history = fit(model, split, config, progress=sys.stdout.isatty(), description=f"{name} w{width}")
     seconds = time.perf_counter() - start
     model.eval()
-    stem = checkpoint_name(name, width)
+    stem = checkpoint_name(name, width, config.weight_decay)
     out.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out / f"{stem}.pt")
     return {
@@ -59,10 +72,11 @@ def train_one(name: str, width: float, config: FitConfig, split: Split, out: Pat
 
 def summary_markdown(name: str, width: float, config: FitConfig, result: dict) -> str:
     lines = [
-        f"# {name}, width {width}, MNIST-5k (32×32), {config.epochs} epochs",
+        f"# {name}, width {width}, MNIST-5k (32×32), {config.epochs} epochs, weight decay {config.weight_decay:g}",
         "",
         f"Command: `python -m benchmarks.train_resnet_mnist --models {name} --width {width} "
-        f"--epochs {config.epochs} --batch-size {config.batch_size} --lr {config.lr}` "
+        f"--epochs {config.epochs} --batch-size {config.batch_size} --lr {config.lr}"
+        f"{weight_decay_flag(config.weight_decay)}` "
         f"({torch.get_num_threads()} threads).",
         "",
         f"Parameters: {result['params']:,}. Final float test accuracy: {result['test_acc']:.2f} % "
@@ -84,6 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
+    parser.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                        help=f"SGD weight decay (default {DEFAULT_WEIGHT_DECAY:g}; the paper's model zoo used 0.01)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / ".cache")
@@ -91,7 +107,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")  # per-epoch lines from fit()
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed)
+    config = FitConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       weight_decay=args.weight_decay, seed=args.seed)
     split = padded_mnist()
     _RESULTS.mkdir(parents=True, exist_ok=True)
     for name in args.models:

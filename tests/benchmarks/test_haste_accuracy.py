@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from benchmarks import haste_accuracy
+from benchmarks.train_resnet_mnist import DEFAULT_WEIGHT_DECAY, checkpoint_name
 
 
 def _run(L: int, seed: int, top1: float, reduction: float, **setting) -> dict:
@@ -49,3 +52,12 @@ def test_tiny_ablation_run_writes_markdown_json_and_plot(tmp_path, one_thread):
     assert out.with_suffix(".png").stat().st_size > 0
     haste_accuracy.main([*common, "--sparsity", "0", "--resume"])  # nothing left to run: same runs
     assert len(json.loads(out.with_suffix(".json").read_text())["models"]["resnet18"]["runs"]) == 2
+
+
+def test_weight_decay_names_the_checkpoint_and_the_results_section(tmp_path):
+    assert checkpoint_name("resnet18", 1.0) == "resnet18_w100_mnist"
+    assert checkpoint_name("resnet34", 1.0, 0.01) == "resnet34_w100_wd0.01_mnist"
+    assert haste_accuracy.model_key("resnet18", DEFAULT_WEIGHT_DECAY) == "resnet18"
+    assert haste_accuracy.model_key("resnet18", 0.01) == "resnet18, weight decay 0.01"
+    with pytest.raises(FileNotFoundError, match=r"resnet18_w100_wd0.01_mnist.pt .*--weight-decay 0.01`"):
+        haste_accuracy.load_model("resnet18", 1.0, tmp_path, 0.01)

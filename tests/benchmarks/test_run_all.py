@@ -29,12 +29,22 @@ def test_run_all_list_every_benchmark_in_order(capsys):
 
 def test_run_all_list_training_skipped_when_checkpoint_present(capsys, tmp_path, monkeypatch):
     monkeypatch.setattr(run_all, "CACHE", tmp_path)
-    (tmp_path / "resnet18_w100_mnist.pt").write_bytes(b"")
+    for name in ("resnet18_w100_mnist.pt", "resnet34_w100_wd0.01_mnist.pt"):
+        (tmp_path / name).write_bytes(b"")
     assert run_all.main(["--list", "--only", "train_resnet_mnist"]) == 0
-    assert capsys.readouterr().out.split() == ["train_resnet_mnist", "--models", "resnet34"]
-    (tmp_path / "resnet34_w100_mnist.pt").write_bytes(b"")
+    assert capsys.readouterr().out.splitlines() == [  # one training per weight decay, each for what is missing
+        "train_resnet_mnist --models resnet34",
+        "train_resnet_mnist --models resnet18 --weight-decay 0.01",
+    ]
+    for name in ("resnet34_w100_mnist.pt", "resnet18_w100_wd0.01_mnist.pt"):
+        (tmp_path / name).write_bytes(b"")
     assert run_all.main(["--list", "--only", "train_resnet_mnist"]) == 0
-    assert "(skipped: checkpoints" in capsys.readouterr().out
+    assert capsys.readouterr().out.count("(skipped: checkpoints") == 2
+
+
+def test_run_all_haste_accuracy_runs_again_on_the_weight_decay_checkpoints(capsys):
+    assert run_all.main(["--list", "--only", "haste_accuracy"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["haste_accuracy", "haste_accuracy --weight-decay 0.01 --resume"]
 
 
 def test_run_all_only_and_skip_select_steps(capsys):
