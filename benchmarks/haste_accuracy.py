@@ -26,6 +26,7 @@ ResNet18 falls back to the committed checkpoint. Writes ``benchmarks/results/has
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import platform
 import statistics
@@ -230,23 +231,26 @@ def to_markdown(data: dict[str, Any]) -> str:
 
 
 def plot(data: dict[str, Any], path: Path) -> None:
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7.5, 4.5), dpi=120)
+    fig = Figure(figsize=(10, 5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    for name, model in sorted(data["models"].items()):  # each model beside its other recipe
-        for key in settings(model["runs"]):
-            rows = summarize(model["runs"], key)
-            default = key == _DEFAULT_KEY
-            xs = [r["reduction"] for r in rows]
-            ys = [r["top1"] - model["dense_top1"] for r in rows]
-            ax.errorbar(xs, ys, xerr=[r["reduction_std"] for r in rows], yerr=[r["top1_std"] for r in rows],
-                        marker="o" if default else "s", capsize=3, linestyle="-" if default else "--",
-                        label=name if default else f"{name}, {setting_label(key).split(', ', 1)[-1]}")
-            for r, x, y in zip(rows, xs, ys):
-                ax.annotate(f"L={r['L']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    series = [(name, model, key) for name, model in sorted(data["models"].items())  # a model beside its other recipe
+              for key in settings(model["runs"])]
+    colors = matplotlib.colormaps["tab20"].colors  # more series than the default cycle's 10 colours
+    for (name, model, key), color in zip(series, itertools.cycle(colors)):
+        rows = summarize(model["runs"], key)
+        default = key == _DEFAULT_KEY
+        xs = [r["reduction"] for r in rows]
+        ys = [r["top1"] - model["dense_top1"] for r in rows]
+        ax.errorbar(xs, ys, xerr=[r["reduction_std"] for r in rows], yerr=[r["top1_std"] for r in rows],
+                    marker="o" if default else "s", capsize=3, linestyle="-" if default else "--", color=color,
+                    label=name if default else f"{name}, {setting_label(key).split(', ', 1)[-1]}")
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(f"L={r['L']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.axhline(-_PAPER["drop"], color="grey", linestyle=":", label=f"−{_PAPER['drop']} pp budget")
     ax.plot([_PAPER["reduction"]], [-_PAPER["drop"]], marker="*", markersize=12, color="black", linestyle="none",
             label="paper: ResNet34, CIFAR-10")
@@ -255,7 +259,7 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax.set_ylabel("top-1 change vs dense (pp)")
     ax.set_title("HASTE on MNIST-5k: mean ± std over seeds per L")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     fig.savefig(path)
 
