@@ -40,7 +40,7 @@ import torch
 
 import fxslim
 from benchmarks.command import command_line
-from benchmarks.train_resnet_mnist import DEFAULT_WEIGHT_DECAY, checkpoint_name, weight_decay_flag
+from benchmarks.resnet_checkpoints import DEFAULT_WEIGHT_DECAY, checkpoint_name, weight_decay_flag
 from fxslim.cost_model.ops_haste import HasteCounts, HasteLayer
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import SMALL_MNIST_CHECKPOINT, pad_to_32, resnet18, resnet34

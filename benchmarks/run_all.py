@@ -8,11 +8,12 @@
 Order: the trainings whose checkpoints are missing (MobileNetMNIST, shipped in
 ``fxslim/models/checkpoints``; full-width ResNet18/34 in ``benchmarks/.cache``, which the HASTE
 benchmarks read, once with the default weight decay and once with the paper's model zoo's 0.01),
-the cost model's own speed, then the PROM, HASTE and HTTM benchmarks, any other
-benchmark script found in benchmarks/ (one with a ``__main__`` block), the zoo sweep, and last
+the cost model's own speed, then the PROM, HASTE and HTTM benchmarks, any other benchmark script
+found in benchmarks/ (one with a ``__main__`` block), the zoo sweep, and last
 ``update_readme``. Every step runs as ``python -m benchmarks.<name>`` with its own defaults, in a
 subprocess of this interpreter; ``haste_accuracy`` runs a second time on the weight-decay-0.01
-checkpoints, adding their sections to its results. The first step that fails stops the run with a message naming it.
+checkpoints, adding their sections to its results. The first step that fails stops the run with a
+message naming it.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.train_resnet_mnist import DEFAULT_WEIGHT_DECAY, checkpoint_name, weight_decay_flag
+from benchmarks.resnet_checkpoints import DEFAULT_WEIGHT_DECAY, ZOO_WEIGHT_DECAY, checkpoint_name, weight_decay_flag
 
 __all__ = ["Step", "steps", "main"]
 
@@ -33,9 +34,8 @@ ROOT = _HERE.parent
 CACHE = _HERE / ".cache"
 _MOBILENET_CHECKPOINT = ROOT / "fxslim" / "models" / "checkpoints" / "mobilenet_mnist.pt"
 _RESNETS = ("resnet18", "resnet34")  # full width, what haste_accuracy / haste_speed / haste_op_speed read
-_ZOO_WEIGHT_DECAY = 0.01  # the second ResNet training recipe, see train_resnet_mnist
 # Steps that run a second time, after their plain run, with these arguments.
-_EXTRA_RUNS = {"haste_accuracy": [(*weight_decay_flag(_ZOO_WEIGHT_DECAY).split(), "--resume")]}
+_EXTRA_RUNS = {"haste_accuracy": [(*weight_decay_flag(ZOO_WEIGHT_DECAY).split(), "--resume")]}
 
 # The known benchmarks in the order they run; scripts not listed run after them, before the sweep.
 _ORDER = (
@@ -90,7 +90,7 @@ def _resnet_training(weight_decay: float = DEFAULT_WEIGHT_DECAY) -> Step:
 def _train_steps() -> list[Step]:
     mobilenet = Step("train_mobilenet_mnist", skip_reason="" if not _MOBILENET_CHECKPOINT.exists()
                      else f"checkpoint {_shown(_MOBILENET_CHECKPOINT)} present")
-    return [mobilenet, _resnet_training(), _resnet_training(_ZOO_WEIGHT_DECAY)]
+    return [mobilenet, _resnet_training(), _resnet_training(ZOO_WEIGHT_DECAY)]
 
 
 def steps() -> list[Step]:

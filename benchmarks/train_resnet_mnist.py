@@ -25,24 +25,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.resnet_checkpoints import DEFAULT_WEIGHT_DECAY, ZOO_WEIGHT_DECAY, checkpoint_name, weight_decay_flag
 from fxslim.models.data import Split, mnist_5k
 from fxslim.models.resnet_cifar import pad_to_32, resnet18, resnet34
 from fxslim.models.train import FitConfig, evaluate, fit
 
 _BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
 _RESULTS = Path(__file__).resolve().parent / "results"
-DEFAULT_WEIGHT_DECAY = FitConfig.weight_decay
-
-
-def weight_decay_flag(weight_decay: float) -> str:
-    """`` --weight-decay <value>`` for a command line, or nothing for the default decay."""
-    return "" if weight_decay == DEFAULT_WEIGHT_DECAY else f" --weight-decay {weight_decay:g}"
-
-
-def checkpoint_name(model: str, width: float, weight_decay: float = DEFAULT_WEIGHT_DECAY) -> str:
-    """``<model>_w<width·100>[_wd<decay>]_mnist``; the decay is named only when it is not the default."""
-    decay = "" if weight_decay == DEFAULT_WEIGHT_DECAY else f"_wd{weight_decay:g}"
-    return f"{model}_w{round(width * 100):03d}{decay}_mnist"
 
 
 def padded_mnist() -> Split:
@@ -99,7 +88,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=0.05)
     parser.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
-                        help=f"SGD weight decay (default {DEFAULT_WEIGHT_DECAY:g}; the paper's model zoo used 0.01)")
+                        help=f"SGD weight decay (default {DEFAULT_WEIGHT_DECAY:g}; the paper's model zoo used "
+                             f"{ZOO_WEIGHT_DECAY:g})")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / ".cache")

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from benchmarks import haste_accuracy
-from benchmarks.train_resnet_mnist import DEFAULT_WEIGHT_DECAY, checkpoint_name
+from benchmarks.resnet_checkpoints import DEFAULT_WEIGHT_DECAY, checkpoint_name
 
 
 def _run(L: int, seed: int, top1: float, reduction: float, **setting) -> dict:
