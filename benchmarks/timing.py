@@ -6,7 +6,7 @@ import statistics
 import time
 from collections.abc import Callable
 
-__all__ = ["interleaved_medians", "interleaved_samples", "paired_ratio"]
+__all__ = ["interleaved_medians", "interleaved_samples", "paired_ratio", "round_ratios"]
 
 
 def interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
@@ -29,7 +29,12 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> di
     return {name: statistics.median(t) for name, t in interleaved_samples(fns, rounds).items()}
 
 
+def round_ratios(base: list[float], other: list[float]) -> list[float]:
+    """base / other per round, each pair from the same round of ``interleaved_samples``."""
+    return [b / o for b, o in zip(base, other, strict=True)]
+
+
 def paired_ratio(base: list[float], other: list[float]) -> float:
-    """Median over rounds of base / other, each pair from the same round of ``interleaved_samples``
-    (a load change between rounds cancels out of the ratio; a ratio of medians would keep it)."""
-    return statistics.median(b / o for b, o in zip(base, other, strict=True))
+    """Median of ``round_ratios`` (a load change between rounds cancels out of the ratio; a ratio of
+    medians would keep it)."""
+    return statistics.median(round_ratios(base, other))
