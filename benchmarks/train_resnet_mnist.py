@@ -9,10 +9,10 @@ Checkpoints are ``<out>/<model>_w<width·100>_mnist.pt`` (float32 state dicts, d
 ``benchmarks/results/train_<model>_w<width·100>_mnist.md``. ``--weight-decay`` other than the
 default 5e-4 adds ``_wd<value>`` to both names. 0.01 is the decay the public CIFAR-10 model zoo
 huyvnphan/PyTorch_CIFAR10 logged for its ResNets (``logs/resnet34/version_0/hparams.yaml``), and its
-VGG19-BN accuracy, 93.95 %, is the baseline in the HASTE paper's CIFAR-10 table. HASTE merges more
-channels in models trained with it (``benchmarks/results/haste_accuracy.md``). Digits are padded
-from 28×28 to 32×32 so the stage maps are 32/16/8/4 as on CIFAR, the geometry HASTE was evaluated
-on.
+VGG19-BN accuracy, 93.95 %, is the baseline in the HASTE paper's CIFAR-10 table. HASTE loses far
+less accuracy at a given L on the networks trained with it
+(``benchmarks/results/haste_accuracy.md``). Digits are padded from 28×28 to 32×32 so the stage maps
+are 32/16/8/4 as on CIFAR, the geometry HASTE was evaluated on.
 """
 
 from __future__ import annotations
