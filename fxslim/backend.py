@@ -62,8 +62,28 @@ class BackendOptions:
         return cls(tuple(parse_pass(p) for p in passes), inner, policy, bool(options.get("strict", False)))
 
 
+_RESUME_PREFIX = "torch_dynamo_resume_in_"  # dynamo's name for the code after a graph break
+
+
+def _compiled_code_name() -> str | None:
+    """Name of the Python function dynamo is compiling the graph of (None when unknown)."""
+    try:
+        from torch._dynamo.symbolic_convert import InstructionTranslator
+
+        tx = InstructionTranslator.current_tx()
+    except Exception:  # a private API: without it, the batch is unknown rather than guessed
+        return None
+    return getattr(getattr(tx, "f_code", None), "co_name", None)
+
+
 def _input_batch(gm: fx.GraphModule, params: dict[str, str]) -> Any:
-    """Batch size of the first non-parameter tensor input (may be a SymInt)."""
+    """Batch size of the model's input: the first non-parameter tensor input of a graph that starts
+    at the model's forward (may be a SymInt). None in a graph that resumes after a graph break,
+    whose first input is an intermediate (e.g. frames folded into the batch), and when dynamo does
+    not say which function it compiles."""
+    name = _compiled_code_name()
+    if name is None or name.startswith(_RESUME_PREFIX):
+        return None
     for node in gm.graph.nodes:
         if node.op == "placeholder" and node.name not in params:
             val = meta_val(node)

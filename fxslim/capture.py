@@ -32,7 +32,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.ir import IR, detect_ir
 
-__all__ = ["Graph", "Captured", "CaptureError", "capture", "capture_dynamo", "trace", "placeholder_fqns"]
+__all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns"]
 
 _log = logging.getLogger(__name__)
 
@@ -103,12 +103,62 @@ def _timm_notrace_functions() -> tuple[Any, ...]:
 
 
 def trace(module: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
-    """Symbolic trace of a deep copy of ``module`` (the argument is never traced itself)."""
+    """Symbolic trace of a deep copy of ``module`` (the argument is never traced itself).
+
+    Raises ``UnfaithfulTrace`` when forward writes into a parameter or buffer outside any leaf
+    (``self.calls.add_(1)``): the write runs once on the real tensor while tracing and is not in
+    the graph, so the traced module would silently stop doing it. The module then stays eager.
+    The GraphModule keeps every parameter and buffer of ``module``, used or not, so its
+    state_dict has the same keys.
+    """
     root = copy.deepcopy(module)
+    versions = _tensor_versions(root)
     tracer = _LeafTracer(leaf_modules)
     graph = tracer.trace(root)
-    name = type(module).__name__
-    return fx.GraphModule(tracer.root, graph, name)
+    written = [name for name, version in _tensor_versions(root).items() if versions.get(name) != version]
+    if written:
+        raise UnfaithfulTrace(
+            f"forward updates {', '.join(repr(w) for w in written)} in place, which a symbolic trace cannot "
+            "record (use capture='export' or the torch.compile backend to rewrite this module)"
+        )
+    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    _keep_unused_state(root, gm)
+    return gm
+
+
+class UnfaithfulTrace(RuntimeError):
+    """A symbolic trace that would not do what the module's forward does."""
+
+
+def _tensor_versions(module: nn.Module) -> dict[str, int]:
+    """In-place write counters of every parameter and buffer (a write bumps ``_version``)."""
+    state = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
+    return {name: tensor._version for name, tensor in state}
+
+
+def _keep_unused_state(root: nn.Module, gm: fx.GraphModule) -> None:
+    """Copy onto ``gm`` the parameters and buffers the graph never reads, at their own paths."""
+    present = set(gm.state_dict(keep_vars=True))
+    for name, tensor in list(root.named_parameters()) + list(root.named_buffers()):
+        if name in present:
+            continue
+        path, _, leaf = name.rpartition(".")
+        owner = _ensure_path(gm, path)
+        if isinstance(tensor, nn.Parameter):
+            owner.register_parameter(leaf, tensor)
+        else:
+            persistent = leaf not in root.get_submodule(path)._non_persistent_buffers_set
+            owner.register_buffer(leaf, tensor, persistent=persistent)
+
+
+def _ensure_path(root: nn.Module, path: str) -> nn.Module:
+    """The submodule at ``path``, creating empty containers for missing parts."""
+    module = root
+    for part in path.split(".") if path else ():
+        if not hasattr(module, part):
+            module.add_module(part, nn.Module())
+        module = getattr(module, part)
+    return module
 
 
 def _short_reason(exc: BaseException) -> str:
@@ -180,17 +230,27 @@ def _record_submodule_inputs(root: nn.Module, graphs: list[Graph], example_input
         def hook(mod: nn.Module, args: tuple, kwargs: dict, _g: Graph = graph) -> None:
             seen.setdefault(_g.path, _positional(_g.gm, args, kwargs))
         handles.append(graph.gm.register_forward_pre_hook(hook, with_kwargs=True))
+    buffers = {name: b.clone() for name, b in root.named_buffers()}
     try:
         with torch.no_grad():
             root(*example_inputs)
     finally:
         for h in handles:
             h.remove()
+        _restore_buffers(root, buffers)
     for graph in graphs:
         if graph.path in seen:
             _fake_propagate(graph.gm, seen[graph.path])
         else:
             _log.info("submodule %r was not called by the example inputs; it has no shapes", graph.path)
+
+
+def _restore_buffers(root: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Undo what running the example did to buffers (a call counter, BN statistics in train mode)."""
+    with torch.no_grad():
+        for name, buffer in root.named_buffers():
+            if name in saved and not torch.equal(buffer, saved[name]):
+                buffer.copy_(saved[name])
 
 
 def _needs_shapes(gm: fx.GraphModule) -> bool:

@@ -23,6 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fxslim.config import Config
 from fxslim.ir import IR, ParamRef, meta_val
+from fxslim.passes.dead_code import remove_dead_code
 from fxslim.policy import Policy
 
 __all__ = [
@@ -156,7 +157,7 @@ class Pass(Config):
             info = self.rewrite(gm, cand, ctx) or {}
             report.entries.append(Entry(cand.anchor.name, cand.fqn, cand.kind, "rewritten", info=info))
         if candidates:
-            gm.graph.eliminate_dead_code()
+            remove_dead_code(gm)
             gm.recompile()
         new_nodes = [n for n in gm.graph.nodes if n not in before]
         for node in new_nodes:

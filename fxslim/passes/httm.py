@@ -42,7 +42,11 @@ _EVAL_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedE
 
 @dataclass(frozen=True)
 class _Layout:
-    """Frame layout of one global attention; ``frames`` None = N // tokens_per_frame at run time."""
+    """Frame layout of one global attention at the example; ``frames``: configured frame count
+    (None = read at run time). ``per_frame``: a node whose ``size(-2)`` is tokens_per_frame at run
+    time (the per-frame positions the global ones are built from); ``frames_of``: (node, dim)
+    whose size is the frame count at run time (the model's [B, S, C, H, W] input). With neither,
+    tokens_per_frame stays the example's (configured, or nothing in the graph tracks it)."""
 
     tokens_per_frame: int
     special_tokens: int
@@ -50,6 +54,19 @@ class _Layout:
     example_frames: int
     grid: tuple[int, int] | None
     source: str
+    per_frame: fx.Node | None = None
+    frames_of: tuple[fx.Node, int] | None = None
+
+    @property
+    def runtime(self) -> str:
+        """How the rewritten graph finds the layout at run time (for the report)."""
+        if self.frames is not None:
+            return f"frames={self.frames}, tokens_per_frame = N // {self.frames}"
+        if self.per_frame is not None:
+            return f"tokens_per_frame = {self.per_frame.name}.size(-2), frames = N // tokens_per_frame"
+        if self.frames_of is not None:
+            return f"frames = {self.frames_of[0].name}.size({self.frames_of[1]}), tokens_per_frame = N // frames"
+        return f"tokens_per_frame = {self.tokens_per_frame} (fixed), frames = N // {self.tokens_per_frame}"
 
 
 @dataclass(frozen=True)
@@ -147,17 +164,9 @@ class HTTM(Pass):
         assert isinstance(cand, _HttmCandidate) and cand.layout is not None
         cfg, lay, view, graph = cand.config, cand.layout, cand.view, gm.graph
         with graph.inserting_before(cand.anchor):
-            frames: Any = lay.frames
-            if frames is None:
-                if ctx.ir == "aten":
-                    length = graph.call_function(torch.ops.aten.sym_size.int, (view.q, 2))
-                else:
-                    length = graph.call_method("size", (view.q, 2))
-                set_fake_val(gm, length)
-                frames = graph.call_function(operator.floordiv, (length, lay.tokens_per_frame))
-                set_fake_val(gm, frames)
+            frames, per_frame = _runtime_layout(gm, ctx, view, lay)
             kwargs = dict(
-                frames=frames, tokens_per_frame=lay.tokens_per_frame, special_tokens=lay.special_tokens,
+                frames=frames, tokens_per_frame=per_frame, special_tokens=lay.special_tokens,
                 q_ratio=cfg.q_ratio, kv_ratio=cfg.kv_ratio, n_s=cfg.n_s, n_t=cfg.n_t,
                 outlier_fraction=cfg.outliers, proportional_attention=cfg.proportional_attention,
                 anchor_first_frame=cfg.anchor_first_frame, dst_rule=cfg.dst_rule, seed=cfg.seed,
@@ -171,7 +180,8 @@ class HTTM(Pass):
         kept_q, kept_kv = httm_kept_lengths(
             lay.example_frames, lay.tokens_per_frame, lay.special_tokens, cfg.q_ratio, cfg.kv_ratio, cfg.n_s,
             cfg.n_t, cfg.outliers, cfg.anchor_first_frame, cfg.mode)
-        return {"frames": lay.frames or f"N // {lay.tokens_per_frame}", "example_frames": lay.example_frames,
+        return {"frames": lay.frames or f"N // {lay.tokens_per_frame}", "runtime_layout": lay.runtime,
+                "example_frames": lay.example_frames,
                 "tokens_per_frame": lay.tokens_per_frame, "special_tokens": lay.special_tokens, "grid": lay.grid,
                 "layout_from": lay.source, "kept_q": kept_q, "kept_kv": kept_kv, "mode": cfg.mode}
 
@@ -193,6 +203,9 @@ class HTTM(Pass):
                 return None, "frame_layout_mismatch", (
                     f"N={n} does not split into frames={self.frames} x tokens_per_frame={p} "
                     f"with {sp} special tokens")
+            if n == p and self.frames is None:
+                return None, "single_frame", (
+                    f"N={n} is one frame of tokens_per_frame={p}: frame attention, not global")
             return _Layout(p, sp, self.frames, n // p, None, "config"), "", ""
         pos_node = _positions_node(view.q, n)
         if pos_node is None:
@@ -207,11 +220,75 @@ class HTTM(Pass):
         if found.frames < 2:
             return None, "single_frame", "one frame: nothing to merge across, and not told apart from frame attention"
         grid = (found.grid_h, found.grid_w)
-        return _Layout(found.tokens_per_frame, found.special_tokens, None, found.frames, grid, "positions"), "", ""
+        per_frame = _per_frame_positions(pos_node, found.tokens_per_frame)
+        frames_of = None if per_frame is not None else _frames_input(gm, found.frames)
+        return _Layout(found.tokens_per_frame, found.special_tokens, None, found.frames, grid, "positions",
+                       per_frame, frames_of), "", ""
 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _runtime_layout(gm: fx.GraphModule, ctx: PassContext, view: AttentionView, lay: _Layout) -> tuple[Any, Any]:
+    """(frames, tokens_per_frame) as ints or graph nodes, so the layout follows the run-time frame
+    count and image size (inserted before the attention)."""
+    length = _size(gm, ctx, view.q, 2)
+    if lay.frames is not None:
+        return lay.frames, _floordiv(gm, length, lay.frames)
+    if lay.frames_of is not None:
+        frames = _size(gm, ctx, *lay.frames_of)
+        return frames, _floordiv(gm, length, frames)
+    per_frame = lay.tokens_per_frame if lay.per_frame is None else _size(gm, ctx, lay.per_frame, -2)
+    return _floordiv(gm, length, per_frame), per_frame
+
+
+def _size(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, dim: int) -> fx.Node:
+    """A node for ``node.size(dim)`` in the graph's own IR."""
+    if ctx.ir == "aten":
+        dim = dim % meta_val(node).dim()
+        new = gm.graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
+    else:
+        new = gm.graph.call_method("size", (node, dim))
+    set_fake_val(gm, new)
+    return new
+
+
+def _floordiv(gm: fx.GraphModule, a: Any, b: Any) -> fx.Node:
+    new = gm.graph.call_function(operator.floordiv, (a, b))
+    set_fake_val(gm, new)
+    return new
+
+
+def _per_frame_positions(pos: fx.Node, tokens_per_frame: int) -> fx.Node | None:
+    """The ancestor of the global positions holding one frame's positions ([..., P, 2], integer):
+    its size(-2) is tokens_per_frame whatever the image size."""
+    frontier, seen = [pos], {pos}
+    for _ in range(_POSITION_HOPS):
+        nxt = []
+        for node in frontier:
+            val = meta_val(node)
+            if (isinstance(val, torch.Tensor) and not val.dtype.is_floating_point and val.dim() >= 2
+                    and val.shape[-1] == 2 and _hint(val.shape[-2]) == tokens_per_frame):
+                return node
+            for arg in node.all_input_nodes:
+                if arg not in seen:
+                    seen.add(arg)
+                    nxt.append(arg)
+        frontier = nxt
+    return None
+
+
+def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int] | None:
+    """The graph input shaped like multi-view images [B, S, C, H, W] with S == frames, if exactly one."""
+    params = gm.meta.get("fxslim_placeholder_fqns", {})
+    found = []
+    for node in gm.graph.nodes:
+        val = meta_val(node)
+        if (node.op == "placeholder" and node.name not in params and isinstance(val, torch.Tensor)
+                and val.dim() == 5 and _hint(val.shape[1]) == frames):
+            found.append((node, 1))
+    return found[0] if len(found) == 1 else None
 
 
 def _hint(value: Any) -> int:

@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.ir import meta_val
+from fxslim.passes.dead_code import remove_dead_code
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op
 from fxslim.runtime.quant import (
     ActFakeQuant, IntegerOp, QConv2d, QLinear, convert_add, convert_conv, convert_global_avg_pool, convert_input,
@@ -234,7 +235,7 @@ def convert(qat_model: nn.Module) -> fx.GraphModule:
         else:
             raise _error(node, "cannot convert this op (not part of a conv/linear/add/pool chain ending in an ActFakeQuant)")
     out = fx.GraphModule(b.buffers, b.graph, f"{type(gm).__name__}PROM")
-    out.graph.eliminate_dead_code()
+    remove_dead_code(out)
     out.graph.lint()
     out.recompile()
     _propagate_shapes(out, gm)

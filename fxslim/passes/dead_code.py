@@ -1,0 +1,74 @@
+"""Dead-code elimination that keeps writes: a node that mutates one of its inputs is never dead.
+
+``torch.fx.Graph.eliminate_dead_code`` only knows side effects of aten ops with a mutable schema
+and a fixed list of functions. A symbolic or dynamo graph of ordinary model code says "in place"
+in other ways — ``y.relu_()`` (call_method), ``torch.relu_(y)``, ``F.relu(y, inplace=True)``,
+``nn.ReLU(inplace=True)`` (call_module), ``operator.iadd`` (dynamo's ``y += 1``), a buffer's
+``add_`` — and its result is often unused, so plain dead-code elimination deletes it and changes
+what the model computes. Every pass cleans its graph with ``remove_dead_code`` instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import operator
+from typing import Any
+
+import torch.fx as fx
+
+__all__ = ["mutates_input", "remove_dead_code"]
+
+_INPLACE_OPERATORS = frozenset({
+    operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
+    operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor, operator.ilshift,
+    operator.irshift,
+})
+
+
+def _inplace_name(name: str) -> bool:
+    """PyTorch's naming rule: ``relu_``, ``add_`` write into their first argument; ``__dunder__`` do not."""
+    return name.endswith("_") and not name.endswith("__")
+
+
+@functools.lru_cache(maxsize=None)
+def _signature(target: Any) -> inspect.Signature | None:
+    try:
+        return inspect.signature(target)
+    except (TypeError, ValueError):
+        return None
+
+
+def _inplace_argument(target: Any, args: tuple, kwargs: dict) -> bool:
+    """True when a call passes ``inplace=True``, by keyword or by position (``F.relu(y, True)``)."""
+    if kwargs.get("inplace") is True:
+        return True
+    signature = _signature(target)
+    if signature is None or "inplace" not in signature.parameters:
+        return False
+    try:
+        bound = signature.bind_partial(*args, **kwargs)
+    except TypeError:
+        return False
+    return bound.arguments.get("inplace") is True
+
+
+def mutates_input(node: fx.Node) -> bool:
+    """True when running ``node`` writes into one of its inputs (or any state the graph reads)."""
+    if node.op == "call_method":
+        return _inplace_name(str(node.target))
+    if node.op == "call_function":
+        target = node.target
+        if target in _INPLACE_OPERATORS or _inplace_name(getattr(target, "__name__", "")):
+            return True
+        return _inplace_argument(target, node.args, node.kwargs)
+    if node.op == "call_module":
+        owner = node.graph.owning_module
+        module = owner.get_submodule(str(node.target)) if owner is not None else None
+        return getattr(module, "inplace", False) is True
+    return False
+
+
+def remove_dead_code(gm: fx.GraphModule) -> bool:
+    """Erase nodes whose results are unused and that neither mutate nor have other side effects."""
+    return gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates_input(n))
