@@ -4,8 +4,9 @@ Matches every 2-D conv in any IR (symbolic trace, dynamo, export) through the sh
 skips grouped and transposed convs, the stem (a conv that reads the model input without a conv in
 between) unless ``skip_stem=False``, 1×1 convs when ``include_pointwise=False``, padding modes other
 than zeros and asymmetric 'same' padding. Emits the op with the layer's ternary hyperplanes as a
-persistent buffer (drawn with ``seed`` + the layer's index among the graph's convs) read by a get_attr,
-and stores the weights it owns in the memory layout the kernel reads ([C, kh, kw, O]; same values).
+persistent buffer (drawn with ``seed`` + the layer's index among the graph's convs) read by a get_attr.
+Weights keep their shape, values and memory layout, so user code that views them (``w.view(-1)``)
+and serialisers that need contiguous tensors (safetensors) work on the rewritten model as before.
 Needs node shapes (``fxslim.capture`` provides them). In a graph that holds only part of a model (after
 a dynamo graph break, a submodule traced on its own) the graph's inputs count as the model input.
 Method and defaults: docs/methods/HASTE.md.
@@ -117,7 +118,6 @@ class HASTE(Pass):
         seed = cfg.seed + cand.index
         planes = make_planes(cfg.L, th * tw, cfg.sparsity, seed)
         attr = _register_planes(gm, view, cand.layer, planes)
-        _maybe_relayout_weight(gm, view)
         with graph.inserting_before(cand.anchor):
             weight = view.weight.as_node(gm)
             bias = view.bias.as_node(gm) if view.bias is not None else None
@@ -230,19 +230,6 @@ def _register_planes(gm: fx.GraphModule, view: ConvView, layer: str, planes: tor
             name, i = f"{base}_{i}", i + 1
         owner.register_buffer(name, planes, persistent=True)
     return f"{owner_path}.{name}" if owner is not gm else name
-
-
-def _maybe_relayout_weight(gm: fx.GraphModule, view: ConvView) -> None:
-    """Keep the weight's shape [O, C, kh, kw] but store it as [C, kh, kw, O]: the kernel reads it as a
-    [C, kh·kw·O] matrix, which is then a view instead of a transposed copy on every call. Only for
-    weights the graph module owns (a dynamo graph's weights are the caller's tensors)."""
-    if view.weight.node is not None and view.weight.node.op != "get_attr":
-        return
-    weight = view.weight.tensor(gm)
-    if isinstance(weight, nn.Parameter) and weight.dim() == 4:
-        packed = weight.detach().permute(1, 2, 3, 0)
-        if not packed.is_contiguous():
-            weight.data = packed.contiguous().permute(3, 0, 1, 2)
 
 
 def _copy_module_meta(gm: fx.GraphModule, anchor: fx.Node, new: fx.Node) -> None:
