@@ -23,7 +23,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fxslim.config import Config
 from fxslim.ir import IR, ParamRef, meta_val
-from fxslim.passes.dead_code import remove_dead_code
+from fxslim.passes.inplace import make_inplace_explicit, remove_dead_code
 from fxslim.policy import Policy
 
 __all__ = [
@@ -150,6 +150,8 @@ class Pass(Config):
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         self.requires(gm, ctx)
+        if make_inplace_explicit(gm):
+            gm.recompile()
         report = PassReport(self.name, ctx.path)
         candidates = self.match(gm, ctx, report)
         before = set(gm.graph.nodes)

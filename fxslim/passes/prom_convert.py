@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.ir import meta_val
-from fxslim.passes.dead_code import remove_dead_code
+from fxslim.passes.inplace import remove_dead_code
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op
 from fxslim.runtime.quant import (
     ActFakeQuant, IntegerOp, QConv2d, QLinear, convert_add, convert_conv, convert_global_avg_pool, convert_input,

@@ -20,7 +20,7 @@ __all__ = ["is_quant", "is_shape_op", "is_activation", "is_residual_add", "float
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout}
 _SHAPE_METHODS = {"flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous"}
 _SHAPE_MODULES = (nn.Flatten, nn.Identity, nn.Dropout)
-_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", F.relu6: "relu6"}
+_ACT_FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu_: "relu", F.relu6: "relu6"}
 _ACT_MODULES = ((nn.ReLU6, "relu6"), (nn.ReLU, "relu"))
 _ADD_FUNCTIONS = {operator.add, torch.add}
 

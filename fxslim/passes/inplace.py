@@ -1,4 +1,4 @@
-"""Dead-code elimination that keeps writes: a node that mutates one of its inputs is never dead.
+"""In-place ops in graphs: never dead, and their results stand for the tensor they wrote.
 
 ``torch.fx.Graph.eliminate_dead_code`` only knows side effects of aten ops with a mutable schema
 and a fixed list of functions. A symbolic or dynamo graph of ordinary model code says "in place"
@@ -6,6 +6,11 @@ in other ways — ``y.relu_()`` (call_method), ``torch.relu_(y)``, ``F.relu(y, i
 ``nn.ReLU(inplace=True)`` (call_module), ``operator.iadd`` (dynamo's ``y += 1``), a buffer's
 ``add_`` — and its result is often unused, so plain dead-code elimination deletes it and changes
 what the model computes. Every pass cleans its graph with ``remove_dead_code`` instead.
+
+Matchers follow data flow, so ``y = conv(x); y.relu_(); out = other(y)`` looks like a conv
+feeding ``other`` with a dangling ReLU. ``make_inplace_explicit`` makes every later reader of ``y``
+read the in-place op's result instead: that result *is* ``y`` (PyTorch's in-place ops return the
+tensor they wrote), so nothing changes at run time, and the graph now says conv -> ReLU -> other.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from typing import Any
 
 import torch.fx as fx
 
-__all__ = ["mutates_input", "remove_dead_code"]
+__all__ = ["mutates_input", "make_inplace_explicit", "remove_dead_code"]
 
 _INPLACE_OPERATORS = frozenset({
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
@@ -67,6 +72,33 @@ def mutates_input(node: fx.Node) -> bool:
         module = owner.get_submodule(str(node.target)) if owner is not None else None
         return getattr(module, "inplace", False) is True
     return False
+
+
+def _returns_what_it_wrote(node: fx.Node) -> bool:
+    """In-place methods and functions return their first argument; so do torch.nn's modules with
+    ``inplace=True`` (activations, dropout). Other modules' outputs are not assumed to alias."""
+    if node.op == "call_module":
+        module = node.graph.owning_module.get_submodule(str(node.target))
+        return type(module).__module__.startswith("torch.nn.")
+    return True
+
+
+def make_inplace_explicit(gm: fx.GraphModule) -> bool:
+    """Redirect readers of a tensor that come after an in-place write to it to the write's result.
+    Returns True when the graph changed."""
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    changed = False
+    for node in list(gm.graph.nodes):
+        if not node.args or not isinstance(node.args[0], fx.Node) or not mutates_input(node):
+            continue
+        if not _returns_what_it_wrote(node):
+            continue
+        written = node.args[0]
+        for user in list(written.users):
+            if user is not node and order[user] > order[node]:
+                user.replace_input_with(written, node)
+                changed = True
+    return changed
 
 
 def remove_dead_code(gm: fx.GraphModule) -> bool:

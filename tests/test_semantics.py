@@ -1,0 +1,293 @@
+"""Rewrites keep the model's meaning on inputs other than the example (docs/INVARIANTS.md).
+
+One regression test per way main once changed what a model computes without a word: in-place ops
+deleted, a buffer's update lost, HTTM reading another image size as another frame count, HASTE
+re-striding weights, a frame attention after a graph break taken for global; and the differential
+harness (tests/differential.py) at each pass's exact limit on small models.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxslim
+from fxslim.models.vggt import vggt_tiny
+from tests.differential import differential, input_variants, summary
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+HASTE_EXACT = "haste:L=48,sparsity=0,skip_stem=False"  # every bucket a singleton: the dense conv
+HTTM_EXACT = "httm:q=1,kv=1,outliers=0"  # every token kept: SDPA
+INPLACE_STYLES = ("method", "functional", "functional_positional", "module", "clamp", "torch_function")
+
+
+class _InPlaceNet(nn.Module):
+    """conv -> ReLU written as an in-place op whose result is unused -> conv; style "none" is the
+    same net written out of place."""
+
+    def __init__(self, style: str) -> None:
+        super().__init__()
+        self.style = style
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        if self.style == "none":
+            y = torch.relu(y)
+        elif self.style == "method":
+            y.relu_()
+        elif self.style == "functional":
+            F.relu(y, inplace=True)
+        elif self.style == "functional_positional":
+            F.relu(y, True)
+        elif self.style == "module":
+            self.act(y)
+        elif self.style == "clamp":
+            y.clamp_(min=0)
+        elif self.style == "torch_function":
+            torch.relu_(y)
+        return self.b(y)
+
+
+def _net(style: str) -> nn.Module:
+    torch.manual_seed(0)
+    return _InPlaceNet(style).eval()
+
+
+def _x(batch: int = 2, size: int = 12, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def _optimize(model, x, passes, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxslim.optimize(model, (x,), passes=passes, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------
+# In-place ops and buffer writes
+
+
+@pytest.mark.parametrize("style", INPLACE_STYLES)
+def test_in_place_op_survives_haste(style):
+    model, x = _net(style), _x()
+    res = _optimize(model, x, [HASTE_EXACT])
+    assert res.report.rewritten("haste") == 2
+    torch.testing.assert_close(res.module(x), model(x.clone()), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("style", ("method", "functional", "module", "torch_function"))
+def test_in_place_op_survives_prom_prepare_and_convert(style):
+    x, calib = _x(), [(_x(seed=s),) for s in range(3)]
+    quantized = {}
+    for variant in (style, "none"):
+        qat = fxslim.calibrate(fxslim.prepare(_net(variant), (x,)), calib).eval()
+        quantized[variant] = (qat, fxslim.convert(qat))
+    with torch.no_grad():
+        torch.testing.assert_close(quantized[style][0](x), quantized["none"][0](x), rtol=0, atol=0)
+        torch.testing.assert_close(quantized[style][1](x), quantized["none"][1](x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("style", ("method", "functional", "clamp"))
+def test_in_place_op_survives_the_compile_backend(style):
+    model, x = _net(style), _x()
+    compiled = torch.compile(model, backend="fxslim", options={"inner": "aot_eager", "passes": [HASTE_EXACT]})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x.clone()), model(x.clone()), rtol=1e-4, atol=1e-4)
+
+
+class _Counter(nn.Module):
+    """A buffer updated in forward (a call counter) next to two convs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.register_buffer("calls", torch.zeros(()))
+        self.register_buffer("unused", torch.ones(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls.add_(1)
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_buffer_updated_in_forward_keeps_updating_and_stays_in_state_dict():
+    torch.manual_seed(0)
+    model, x = _Counter().eval(), _x()
+    res = _optimize(model, x, [HASTE_EXACT])
+    assert res.report.rewritten("haste") == 2  # the convs are still rewritten, the root stays eager
+    assert any("add_" in reason or "in place" in reason for _, reason in res.report.untraced)
+    assert set(model.state_dict()) <= set(res.module.state_dict())  # plus HASTE's hyperplanes
+    assert res.module.calls.item() == 0  # optimizing ran the example, but undid what it did to buffers
+    res.module(x)
+    res.module(x)
+    assert res.module.calls.item() == 2 and model.calls.item() == 0
+
+
+def test_traced_module_keeps_buffers_its_forward_never_reads():
+    torch.manual_seed(0)
+    model, x = _net("none"), _x()
+    model.register_buffer("running_thing", torch.arange(3.0))
+    res = _optimize(model, x, [HASTE_EXACT])
+    assert set(model.state_dict()) <= set(res.module.state_dict())  # plus HASTE's hyperplanes
+    missing, unexpected = res.module.load_state_dict(model.state_dict(), strict=False)  # a checkpoint of the original
+    assert not unexpected and all(key.endswith("haste_planes") for key in missing)
+
+
+# ----------------------------------------------------------------------------------------------
+# HASTE weights
+
+
+def test_haste_leaves_weights_viewable_and_saveable():
+    safetensors = pytest.importorskip("safetensors.torch")
+
+    class ViewsItsWeight(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Conv2d(3, 8, 3, padding=1)
+            self.b = nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            return self.b(self.a(x)) + self.b.weight.view(-1).sum()
+
+    torch.manual_seed(0)
+    model, x = ViewsItsWeight().eval(), _x()
+    res = _optimize(model, x, [HASTE_EXACT])
+    assert res.report.rewritten("haste") == 2
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-4)
+    state = {k: v for k, v in res.module.state_dict().items()}
+    assert all(v.is_contiguous() for v in state.values())
+    safetensors.save(state)  # raises on non-contiguous tensors
+
+
+# ----------------------------------------------------------------------------------------------
+# HTTM: other image sizes, frame attention after a graph break
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return vggt_tiny().eval()
+
+
+def _images(frames: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.rand(1, frames, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def test_httm_follows_the_image_size_at_run_time(tiny):
+    res = _optimize(tiny, _images(3, 28), [HTTM_EXACT])
+    assert res.report.rewritten("httm") == tiny.config.depth
+    for frames, size in ((3, 14), (2, 42), (4, 28)):  # 14 px: 18 tokens, once misread as 2 frames x 9
+        images = _images(frames, size, seed=1)
+        with torch.no_grad():
+            want, got = tiny(images), res.module(images)
+        for key in want:
+            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-4)
+
+
+def test_httm_report_says_how_the_layout_is_found_at_run_time(tiny):
+    res = _optimize(tiny, _images(3, 28), [HTTM_EXACT])
+    runtime = {e.info["runtime_layout"] for e in res.report.entries("httm") if e.status == "rewritten"}
+    assert len(runtime) == 1 and "size(-2)" in next(iter(runtime))
+
+
+class _FrameThenGlobal(nn.Module):
+    """Frame attention over [B*S, P, C] then, after a graph break, the same attention module over
+    [B*S, P, C] again: both are frame attention, whatever the first input of the second graph is."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.heads = heads
+
+    def attend(self, t: torch.Tensor) -> torch.Tensor:
+        b, n, c = t.shape
+        q, k, v = self.qkv(t).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, S, P, C]
+        b, s, p, c = x.shape
+        frames = self.attend(x.reshape(b * s, p, c))
+        torch._dynamo.graph_break()
+        return self.attend(frames).reshape(b, s, p, c)
+
+
+def test_frame_attention_after_graph_break_is_not_rewritten_as_global():
+    torch.manual_seed(0)
+    model, x = _FrameThenGlobal().eval(), torch.randn(2, 3, 7, 16)
+    fxslim.backend.last_reports(clear=True)
+    compiled = torch.compile(model, backend="fxslim",
+                             options={"inner": "eager", "passes": ["httm:tokens_per_frame=7,special_tokens=1"]})
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
+    entries = [e for graph in fxslim.backend.last_reports() for r in graph for e in r.entries]
+    assert len(entries) == 2 and all(e.status == "skipped" for e in entries), entries
+
+
+# ----------------------------------------------------------------------------------------------
+# The differential harness
+
+
+def test_input_variants_cover_batch_size_and_nan():
+    names = [v.name for v in input_variants((_x(),))]
+    assert names == ["example", "batch", "size 6x6", "size 24x24", "nan"]
+    nan = input_variants((_x(),))[-1].inputs[0]
+    assert nan.isnan().sum() == 1 and nan[1].isnan().any()
+
+
+def test_differential_flags_a_silent_difference():
+    """The harness itself: a model that differs from its reference off the example is 'differs'."""
+
+    class OffByBatch(nn.Module):
+        def forward(self, x):
+            return x * (2.0 if x.shape[0] == 2 else 3.0)
+
+    class Double(nn.Module):
+        def forward(self, x):
+            return x * 2.0
+
+    verdicts = {v.variant: v.status for v in differential(OffByBatch(), Double(), (_x(),))}
+    assert verdicts["example"] == "same" and verdicts["batch"] == "differs" and verdicts["nan"] == "same"
+
+
+@pytest.mark.parametrize("style", ("none", "method"))
+def test_differential_haste_exact_on_every_variant(style):
+    model, x = _net(style), _x()
+    res = _optimize(model, x, [HASTE_EXACT])
+    verdicts = differential(res.module, model, (x,))
+    assert {v.status for v in verdicts} == {"same"}, summary(verdicts)
+
+
+def test_differential_httm_exact_on_vggt(tiny):
+    images = _images(3, 28)
+    res = _optimize(tiny, images, [HTTM_EXACT])
+    verdicts = differential(res.module, tiny, (images,))
+    assert len(verdicts) == 5 and {v.status for v in verdicts} == {"same"}, summary(verdicts)
+
+
+def test_safetensors_round_trip_of_a_rewritten_model():
+    safetensors = pytest.importorskip("safetensors.torch")
+    model, x = _net("none"), _x()
+    res = _optimize(model, x, [HASTE_EXACT])
+    blob = safetensors.save(dict(res.module.state_dict()))
+    loaded = safetensors.load(blob)
+    assert all(torch.equal(loaded[k], v) for k, v in res.module.state_dict().items())
+    buffer = io.BytesIO()
+    torch.save(res.module.state_dict(), buffer)
+    assert buffer.tell() > 0
+
+
+def test_differential_counts_an_exported_models_shape_guard_as_a_refusal(tiny):
+    images = _images(3, 28)
+    res = _optimize(tiny, images, [HTTM_EXACT], capture="export")
+    verdicts = {v.variant: v for v in differential(res.module, tiny, (images,))}
+    assert verdicts["example"].status == "same"
+    assert verdicts["size 14x14"].status == "refused" and "Guard failed" in verdicts["size 14x14"].detail
