@@ -9,7 +9,11 @@ haste_exact (L=48 dense planes: every call whose buckets are all singletons equa
 and the output equals the original's when no call merged) and haste_default (finite, same shapes);
 prom_prepare (calibrated fake-quant model finite, same shapes) and prom_convert (integer model
 finite, same shapes, uint8 codes within 1 LSB of the fake-quant model's); httm_exact (q=kv=1:
-output equals the original's) and httm_default (finite, same shapes). Every pass step also checks
+output equals the original's) and httm_default (finite, same shapes); haste_diff, prom_diff and
+httm_diff (the exact-limit model against its reference on another batch, half and double the
+spatial size and a NaN in one sample, tests/differential.py: "same", "refused" with the error
+that names what differs, "n/a" where the original model does not take the input; a silent
+difference fails). Every pass step also checks
 that the caller's model was not modified. A step over ``STEP_SECONDS`` fails as a timeout.
 
     python -m benchmarks.zoo_sweep            # the whole zoo
@@ -238,6 +242,7 @@ def _haste_exact(run: ModelRun) -> str:
     as sparse post-ReLU patches of tiny maps can be: every call whose buckets are all singletons
     must equal the dense conv, and the model's output must equal the original's when no call merged."""
     module = _optimized(run, HASTE_EXACT)
+    run.state["haste_exact"] = module
     with torch.no_grad(), _HasteVersusDense() as check:
         out = module(*run.inputs)
     singleton = [(layer, err) for layer, merged, err in check.calls if merged == 0]
@@ -299,6 +304,7 @@ def _prom_convert(run: ModelRun) -> str:
         int_model = fxslim.convert(qat)
     except ValueError as exc:  # convert raises ValueError naming the first op without an integer form
         raise Skip(_first_line(str(exc))) from None
+    run.state["prom_integer"] = int_model
     with torch.no_grad():
         out = int_model(*run.inputs)
     _assert_finite_same_shape(out, run.reference, "prom integer model")
@@ -319,6 +325,7 @@ def _first_line(text: str) -> str:
 @step("httm_exact")
 def _httm_exact(run: ModelRun) -> str:
     module = _optimized(run, HTTM_EXACT)
+    run.state["httm_exact"] = module
     with torch.no_grad():
         out = module(*run.inputs)
     _assert_close_scaled(out, run.reference, HTTM_EXACT)
@@ -333,6 +340,63 @@ def _httm_default(run: ModelRun) -> str:
         out = module(*run.inputs)
     _assert_finite_same_shape(out, run.reference, "httm")
     return ""
+
+
+# ----------------------------------------------------------------------------------------------
+# Differential steps: each exact-limit model of the steps above against its reference on another
+# batch, other spatial sizes and a NaN in one sample (tests/differential.py). A silent difference
+# fails the step; clear refusals are named in the cell.
+
+
+def _differential(run: ModelRun, source: str, key: str, reference: nn.Module, compare: Callable | None = None) -> str:
+    """The model step ``source`` left in ``run.state[key]`` against ``reference``."""
+    from tests.differential import differential, summary
+
+    module = run.state.get(key)
+    if module is None:
+        outcome = run.outcomes.get(source)
+        raise Skip(f"no model from {source}" + (f" ({outcome.cell()})" if outcome else " (step not run)"))
+    verdicts = differential(module, reference, run.inputs, **({"compare": compare} if compare else {}))
+    text = summary(verdicts)
+    if any(v.status == "differs" for v in verdicts):
+        raise AssertionError(text)
+    return text
+
+
+def _haste_per_call(got: object, want: object, module: nn.Module, reference: nn.Module, inputs: tuple) -> None:
+    """HASTE at L=48: every all-singleton call equals the dense conv; the output equals the
+    reference's when no call merged (as in haste_exact)."""
+    with torch.no_grad(), _HasteVersusDense() as check:
+        module(*inputs)
+    wrong = [(layer, err) for layer, merged, err in check.calls if merged == 0 and err > 1e-4]
+    if wrong:
+        raise AssertionError(f"all-singleton calls differ from the dense conv: {wrong[:3]}")
+    if not any(merged for _, merged, _ in check.calls):
+        _assert_close_scaled(got, want, HASTE_EXACT)
+
+
+def _prom_codes(got: object, want: object, int_model: nn.Module, qat: nn.Module, inputs: tuple) -> None:
+    """PROM integer model: uint8 codes within 1 LSB of the fake-quant model's, layer by layer."""
+    from fxslim.passes.prom_convert import code_agreement
+
+    local = code_agreement(qat, int_model, *inputs, mode="local")
+    if local.within_one < 0.999:
+        raise AssertionError(f"only {local.within_one:.4%} of uint8 codes within 1 LSB of the fake-quant model")
+
+
+@step("haste_diff")
+def _haste_diff(run: ModelRun) -> str:
+    return _differential(run, "haste_exact", "haste_exact", run.model, _haste_per_call)
+
+
+@step("prom_diff")
+def _prom_diff(run: ModelRun) -> str:
+    return _differential(run, "prom_convert", "prom_integer", run.state.get("prom"), _prom_codes)
+
+
+@step("httm_diff")
+def _httm_diff(run: ModelRun) -> str:
+    return _differential(run, "httm_exact", "httm_exact", run.model)
 
 
 def _flatten(out: object) -> list[torch.Tensor]:
