@@ -1,10 +1,11 @@
 """``torch.compile(model, backend="fxslim")``: the passes run inside torch.compile.
 
 A torchvision ResNet18 (``weights=None``: random weights, nothing downloaded) is compiled with
-``backend="fxslim"`` and ``options={"passes": [...], "inner": ...}``. Dynamo hands each graph to
-fxslim, which runs the passes on it and passes the result on to the inner compiler (``aot_eager``
-here, which compiles fast; ``inductor`` is the default). The script prints what the backend
-rewrote (``fxslim.backend.last_reports()``) and compares the compiled model's outputs with eager.
+``backend="fxslim"`` and ``options={"passes": [...], "inner": ..., "on_report": graphs.append}``.
+Dynamo hands each graph to fxslim, which runs the passes on it and passes the result on to the
+inner compiler (``aot_eager`` here, which compiles fast; ``inductor`` is the default). The script
+prints what the backend rewrote (``on_report`` gets each graph's pass reports) and compares the
+compiled model's outputs with eager.
 
 Run: ``python examples/compile_backend.py [--inner inductor] [--passes haste:L=14]`` (well under
 a minute with aot_eager; inductor takes longer to compile).
@@ -31,14 +32,14 @@ def main() -> None:
     model = torchvision.models.resnet18(weights=None).eval()
     x = torch.randn(2, 3, args.size, args.size)
 
-    fxslim.backend.last_reports(clear=True)
-    compiled = torch.compile(model, backend="fxslim", options={"passes": args.passes, "inner": args.inner})
+    graphs: list = []  # one list of PassReports per graph dynamo hands the backend
+    compiled = torch.compile(model, backend="fxslim",
+                             options={"passes": args.passes, "inner": args.inner, "on_report": graphs.append})
     start = time.perf_counter()
     with torch.no_grad():
         out = compiled(x)  # the first call captures, rewrites and compiles
     print(f"compiled with passes {args.passes}, inner {args.inner!r}: first call {time.perf_counter() - start:.1f} s")
 
-    graphs = fxslim.backend.last_reports()
     for i, reports in enumerate(graphs):
         for report in reports:
             print(f"graph {i}, pass {report.pass_name}: {report.rewritten} rewritten, skipped {dict(report.skipped)}")

@@ -8,7 +8,9 @@ placeholders backed by ``example_inputs``, then hands the graph to an inner comp
 
 Options: ``passes`` (list of pass objects or strings like ``"haste:L=14"``), ``inner``
 (``"inductor"`` default, ``"aot_eager"`` or ``"eager"``), ``filter_fn`` and ``overrides`` (as in
-``fxslim.optimize``), ``strict`` (raise when a pass rewrites nothing; default False).
+``fxslim.optimize``), ``strict`` (raise when a pass rewrites nothing; default False),
+``on_report`` (called with the list of ``PassReport``s of each graph this compile rewrites, e.g.
+``reports.append``: what the passes did, tied to this compiled model and nothing else).
 """
 
 from __future__ import annotations
@@ -26,15 +28,11 @@ from fxslim.ir import detect_ir, meta_val
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, run_passes
 from fxslim.policy import Policy
 
-__all__ = ["BackendOptions", "compile_fn", "last_reports"]
+__all__ = ["BackendOptions", "compile_fn"]
 
 _log = logging.getLogger(__name__)
 _INNER = ("inductor", "aot_eager", "eager")
-_OPTION_KEYS = ("passes", "inner", "filter_fn", "overrides", "strict")
-
-# Reports of the graphs compiled most recently (one list per compile call), for tests and users
-# who want to see what the backend did: fxslim.backend.last_reports().
-_REPORTS: list[list[PassReport]] = []
+_OPTION_KEYS = ("passes", "inner", "filter_fn", "overrides", "strict", "on_report")
 
 
 @dataclass(frozen=True)
@@ -45,6 +43,7 @@ class BackendOptions:
     inner: str = "inductor"
     policy: Policy = field(default_factory=Policy)
     strict: bool = False
+    on_report: Callable[[list[PassReport]], Any] | None = None
 
     @classmethod
     def from_options(cls, options: dict[str, Any] | None) -> "BackendOptions":
@@ -59,7 +58,11 @@ class BackendOptions:
         if isinstance(passes, (str, Pass)):
             passes = [passes]
         policy = Policy(filter_fn=options.get("filter_fn"), overrides=dict(options.get("overrides") or {}))
-        return cls(tuple(parse_pass(p) for p in passes), inner, policy, bool(options.get("strict", False)))
+        on_report = options.get("on_report")
+        if on_report is not None and not callable(on_report):
+            raise ValueError(f"torch.compile(backend='fxslim') options['on_report']: expected a callable taking "
+                             f"a list of PassReport (e.g. reports.append), got {on_report!r}")
+        return cls(tuple(parse_pass(p) for p in passes), inner, policy, bool(options.get("strict", False)), on_report)
 
 
 _RESUME_PREFIX = "torch_dynamo_resume_in_"  # dynamo's name for the code after a graph break
@@ -114,7 +117,8 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
         placeholder_values={n.name: v for n, v in zip(placeholders, example_inputs)}, policy=opts.policy,
     )
     results = run_passes(gm, opts.passes, ctx)
-    _REPORTS.append([r.report for r in results])
+    if opts.on_report is not None:
+        opts.on_report([r.report for r in results])
     if opts.strict:
         for p, r in zip(opts.passes, results):
             if r.report.rewritten == 0:
@@ -123,11 +127,3 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
     _log.info("fxslim backend: %d graph nodes, passes %s, modified=%s, inner=%s",
               len(gm.graph.nodes), [p.name for p in opts.passes], modified, opts.inner)
     return _inner_compile(gm, list(example_inputs), opts.inner, modified)
-
-
-def last_reports(clear: bool = False) -> list[list[PassReport]]:
-    """Pass reports of every graph compiled since the last clear (one list per dynamo graph)."""
-    out = list(_REPORTS)
-    if clear:
-        _REPORTS.clear()
-    return out

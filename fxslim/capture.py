@@ -28,6 +28,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.node import has_side_effect
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.ir import IR, detect_ir
@@ -102,19 +103,20 @@ def _timm_notrace_functions() -> tuple[Any, ...]:
     return tuple(get_notrace_functions())
 
 
-def trace(module: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModule:
+def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
     """Symbolic trace of a deep copy of ``module`` (the argument is never traced itself).
 
     Raises ``UnfaithfulTrace`` when forward writes into a parameter or buffer outside any leaf
     (``self.calls.add_(1)``): the write runs once on the real tensor while tracing and is not in
     the graph, so the traced module would silently stop doing it. The module then stays eager.
     The GraphModule keeps every parameter and buffer of ``module``, used or not, so its
-    state_dict has the same keys.
+    state_dict has the same keys. ``concrete_args``: forward arguments traced at a fixed value
+    (the defaults the example does not give, so ``if mask is not None`` takes the example's branch).
     """
     root = copy.deepcopy(module)
     versions = _tensor_versions(root)
     tracer = _LeafTracer(leaf_modules)
-    graph = tracer.trace(root)
+    graph = tracer.trace(root, concrete_args=concrete_args or None)
     written = [name for name, version in _tensor_versions(root).items() if versions.get(name) != version]
     if written:
         raise UnfaithfulTrace(
@@ -123,7 +125,37 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = ()) -> fx.GraphModul
         )
     gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
     _keep_unused_state(root, gm)
+    if concrete_args:
+        _guard_concrete_args(gm, module, concrete_args)
     return gm
+
+
+@has_side_effect  # a guard: dead-code elimination must keep it
+def check_traced_default(value: Any, name: str, default: Any) -> None:
+    """Raise when an argument the graph was traced without (at its default) is given another value."""
+    tensors = isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor)
+    if value is not default and (tensors or value != default):
+        raise ValueError(
+            f"{name}: the model was captured with {name}={default!r} (its default; example_inputs did not "
+            f"give it), so the rewritten graph has no code for other values, got {type(value).__name__}. "
+            f"Pass {name} in example_inputs to optimize for it."
+        )
+
+
+torch.fx.wrap("check_traced_default")
+
+
+def _guard_concrete_args(gm: fx.GraphModule, module: nn.Module, concrete_args: dict[str, Any]) -> None:
+    """After the placeholders, a ``check_traced_default`` call per argument traced at its default."""
+    names = list(inspect.signature(module.forward).parameters)
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(names) != len(placeholders):
+        return
+    with gm.graph.inserting_after(placeholders[-1]):
+        for name, node in zip(names, placeholders):
+            if name in concrete_args and not isinstance(concrete_args[name], torch.Tensor):
+                gm.graph.call_function(check_traced_default, (node, name, concrete_args[name]))
+    gm.recompile()
 
 
 class UnfaithfulTrace(RuntimeError):
@@ -166,13 +198,26 @@ def _short_reason(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
 
 
+def _defaults_not_given(module: nn.Module, example_inputs: Sequence[Any]) -> dict[str, Any]:
+    """Forward parameters after the example's positional inputs that have a default value."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    if any(p.kind is p.VAR_POSITIONAL for p in params[: len(example_inputs)]):
+        return {}
+    return {p.name: p.default for p in params[len(example_inputs):]
+            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
 def _trace_largest(
     module: nn.Module, path: str, leaf_modules: Sequence[type],
     traced: list[tuple[str, fx.GraphModule]], untraced: list[tuple[str, str]],
+    concrete_args: dict[str, Any] | None = None,
 ) -> None:
     """Trace ``module`` whole, else recurse into its children (largest traceable parts win)."""
     try:
-        traced.append((path, trace(module, leaf_modules)))
+        traced.append((path, trace(module, leaf_modules, concrete_args)))
         return
     except Exception as exc:  # tracing runs arbitrary user code: any failure means "not whole"
         reason = _short_reason(exc)
@@ -364,7 +409,7 @@ def capture(
 
     traced: list[tuple[str, fx.GraphModule]] = []
     untraced: list[tuple[str, str]] = []
-    _trace_largest(model, "", leaf_modules, traced, untraced)
+    _trace_largest(model, "", leaf_modules, traced, untraced, _defaults_not_given(model, example_inputs))
     if not traced:
         raise CaptureError(_untraceable_message(model, untraced))
     if traced[0][0] == "":

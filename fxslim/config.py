@@ -31,12 +31,16 @@ def check_range(cfg: Any, name: str, low: float | None = None, high: float | Non
         raise ValueError(f"{type(cfg).__name__}.{name}: expected {lo}{name}{hi}, got {value!r}")
 
 
-def check_int(cfg: Any, name: str, low: int | None = None, high: int | None = None) -> None:
-    """Raise ValueError unless ``cfg.name`` is an int in [low, high]."""
+INT64_MAX = 2**63 - 1  # ints reach custom ops as int64: larger ones would fail there, unnamed
+
+
+def check_int(cfg: Any, name: str, low: int | None = None, high: int | None = INT64_MAX) -> None:
+    """Raise ValueError unless ``cfg.name`` is an int in [low, high] (high defaults to int64's max)."""
     value = getattr(cfg, name)
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValueError(f"{type(cfg).__name__}.{name}: expected an integer, got {value!r}")
-    check_range(cfg, name, low, high)
+    shown = high if high != INT64_MAX or value > INT64_MAX else None  # int64's bound only when crossed
+    check_range(cfg, name, low, shown)
 
 
 def check_choice(cfg: Any, name: str, choices: tuple) -> None:

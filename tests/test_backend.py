@@ -29,11 +29,12 @@ def test_backend_is_found_through_entry_point():
 @pytest.mark.parametrize("inner", ["eager", "aot_eager", "inductor"])
 def test_backend_runs_passes_then_inner_compiler(inner):
     model, x = _net(), torch.randn(2, 3, 8, 8)
-    fxslim.backend.last_reports(clear=True)
-    compiled = torch.compile(model, backend="fxslim", options={"passes": ["toy:scale=2"], "inner": inner})
+    seen: list = []
+    compiled = torch.compile(model, backend="fxslim",
+                             options={"on_report": seen.append, "passes": ["toy:scale=2"], "inner": inner})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), 2 * model(x), rtol=1e-4, atol=1e-4)
-    (reports,) = fxslim.backend.last_reports()
+    (reports,) = seen
     assert reports[0].rewritten == 1
 
 
@@ -55,13 +56,14 @@ def test_backend_graph_break_and_dynamic_shapes():
             return self.b(x)
 
     model = Broken().eval()
-    fxslim.backend.last_reports(clear=True)
-    compiled = torch.compile(model, backend="fxslim", dynamic=True, options={"passes": ["toy:scale=2"], "inner": "eager"})
+    seen: list = []
+    compiled = torch.compile(model, backend="fxslim", dynamic=True,
+                             options={"on_report": seen.append, "passes": ["toy:scale=2"], "inner": "eager"})
     with torch.no_grad():
         for n in (1, 3, 5):
             x = torch.randn(n, 3, 6, 6)
             torch.testing.assert_close(compiled(x), 2 * model.b(2 * model.a(x)), rtol=1e-4, atol=1e-4)
-    reports = fxslim.backend.last_reports()
+    reports = seen
     assert len(reports) >= 2 and all(r[0].rewritten == 1 for r in reports)
 
 

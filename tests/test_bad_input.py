@@ -88,7 +88,7 @@ _BAD_SPECS = [
     ("haste:L=0", r"HASTE.L: expected 1 <= L <= 53, got 0"),
     ("haste:L=54", r"HASTE.L: expected 1 <= L <= 53, got 54"),
     ("haste:sparsity=1", r"HASTE.sparsity: expected 0.0 <= sparsity < 1.0, got 1.0"),
-    ("haste:tile=0", r"HASTE.tile: expected 1 <= tile, got 0"),
+    ("haste:tile=0", r"HASTE.tile: expected 1 <= tile <= 64, got 0"),
     ("haste:L=1.5", r"HASTE.L: expected an integer, got '1.5'"),
     ("httm:q=0", r"HTTM.q: expected 0.0 < q <= 1.0, got 0.0"),
     ("httm:kv=1.5", r"HTTM.kv: expected 0.0 < kv <= 1.0, got 1.5"),

@@ -223,12 +223,13 @@ class _FrameThenGlobal(nn.Module):
 def test_frame_attention_after_graph_break_is_not_rewritten_as_global():
     torch.manual_seed(0)
     model, x = _FrameThenGlobal().eval(), torch.randn(2, 3, 7, 16)
-    fxslim.backend.last_reports(clear=True)
+    seen: list = []
     compiled = torch.compile(model, backend="fxslim",
-                             options={"inner": "eager", "passes": ["httm:tokens_per_frame=7,special_tokens=1"]})
+                             options={"on_report": seen.append, "inner": "eager",
+                                      "passes": ["httm:tokens_per_frame=7,special_tokens=1"]})
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)
-    entries = [e for graph in fxslim.backend.last_reports() for r in graph for e in r.entries]
+    entries = [e for graph in seen for r in graph for e in r.entries]
     assert len(entries) == 2 and all(e.status == "skipped" for e in entries), entries
 
 
@@ -291,3 +292,72 @@ def test_differential_counts_an_exported_models_shape_guard_as_a_refusal(tiny):
     verdicts = {v.variant: v for v in differential(res.module, tiny, (images,))}
     assert verdicts["example"].status == "same"
     assert verdicts["size 14x14"].status == "refused" and "Guard failed" in verdicts["size 14x14"].detail
+
+
+# ----------------------------------------------------------------------------------------------
+# Clear errors met on the way
+
+
+class _Masked(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Conv2d(3, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3)
+
+    def forward(self, x, mask=None):
+        y = self.a(x)
+        if mask is not None:
+            y = y * mask
+        return self.b(y)
+
+
+def test_default_argument_the_example_leaves_out_is_traced_at_its_default_and_guarded():
+    torch.manual_seed(0)
+    model, x = _Masked().eval(), _x()
+    res = _optimize(model, x, [HASTE_EXACT])
+    assert res.report.rewritten("haste") == 2 and not res.report.untraced
+    torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"mask: the model was captured with mask=None .* Pass mask in example_inputs"):
+        res.module(x, torch.ones(1, 8, 1, 1))
+
+
+def test_conv_the_example_never_reaches_is_skipped_as_not_reached():
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            y = self.a(x)
+            if y.sum() > 1e9:  # data-dependent: the root stays eager, a and b are traced alone
+                return self.b(y)
+            return y
+
+    res = _optimize(Branchy().eval(), _x(), ["haste:skip_stem=False"])
+    entries = {e.fqn: e for e in res.report.entries("haste")}
+    assert entries["b"].reason == "not_reached" and "not reached by the example" in entries["b"].detail
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("haste:seed=18446744073709551615", r"HASTE\.seed: expected 0 <= seed <= 4294967295"),
+    ("haste:tile=100000", r"HASTE\.tile: expected 1 <= tile <= 64"),
+    ("httm:n_s=9223372036854775808", r"HTTM\.n_s: expected 1 <= n_s <= 9223372036854775807"),
+    ("httm:n_t=9223372036854775808", r"HTTM\.n_t: expected 1 <= n_t <= 9223372036854775807"),
+])
+def test_config_ints_beyond_what_the_ops_take_are_refused_by_name(spec, match):
+    with pytest.raises(ValueError, match=match):
+        fxslim.parse_pass(spec)
+
+
+def test_compile_reports_go_to_the_callback_of_that_compile_only():
+    first, second = [], []
+    model, x = _net("none"), _x()
+    for sink in (first, second):
+        compiled = torch.compile(model, backend="fxslim",
+                                 options={"inner": "eager", "passes": [HASTE_EXACT], "on_report": sink.append})
+        with torch.no_grad():
+            compiled(x)
+        torch._dynamo.reset()
+    assert len(first) == len(second) == 1 and first[0][0].rewritten == 2
+    with pytest.raises(Exception, match=r"on_report'\]: expected a callable"):
+        torch.compile(model, backend="fxslim", options={"on_report": 3})(x)

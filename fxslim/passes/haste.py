@@ -33,6 +33,9 @@ __all__ = ["HASTE"]
 
 _OP = torch.ops.fxslim.haste_conv2d.default
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+MAX_TILE = 64  # output tiles beyond 64x64 only cost memory: the planes have one entry per patch pixel
+MAX_SEED = 2**32 - 1  # plane seeds are seed + layer index, drawn by torch.Generator
+_DETAILS = {"not_reached": "not reached by the example inputs (no shapes): call the model with inputs that reach it"}
 
 
 @dataclass(frozen=True)
@@ -67,8 +70,8 @@ class HASTE(Pass):
     def validate(self) -> None:
         check_int(self, "L", 1, MAX_PLANES)
         check_range(self, "sparsity", 0.0, 1.0, high_open=True)
-        check_int(self, "tile", 1)
-        check_int(self, "seed", 0)
+        check_int(self, "tile", 1, MAX_TILE)
+        check_int(self, "seed", 0, MAX_SEED)
         for name in ("skip_stem", "include_pointwise", "center"):
             check_choice(self, name, (False, True))
 
@@ -94,7 +97,7 @@ class HASTE(Pass):
             reason = m.reason or _unsupported(gm, view)
             cfg = None if reason else self.resolve(ctx, view.node, view.fqn, m.kind, report)
             if reason:
-                report.skip(view.node, view.fqn, m.kind, reason)
+                report.skip(view.node, view.fqn, m.kind, reason, _DETAILS.get(reason, ""))
             elif cfg is not None:
                 if cfg.skip_stem and _reads_model_input(view.input, weighted, params):
                     report.skip(view.node, view.fqn, m.kind, "stem")
@@ -162,6 +165,8 @@ def _unsupported(gm: fx.GraphModule, view: ConvView) -> str:
         return "padding_mode"
     if view.padding_spec == "same" and any((k - 1) * d % 2 for k, d in zip(view.kernel, view.dilation)):
         return "asymmetric_padding"
+    if meta_val(view.input) is None:
+        return "not_reached"  # the example inputs never call this conv: its shapes are unknown
     if view.dtype not in _DTYPES:
         return "unsupported_dtype"
     if view.input_shape is None or len(view.input_shape) != 4:

@@ -113,7 +113,7 @@ class HTTM(Pass):
         for name in ("proportional_attention", "anchor_first_frame"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"HTTM.{name}: expected True or False, got {getattr(self, name)!r}")
-        check_int(self, "seed", 0)
+        check_int(self, "seed", 0, 2**32 - 1)
         for name, low in (("special_tokens", 0), ("frames", 1), ("tokens_per_frame", 1)):
             if getattr(self, name) is not None:
                 check_int(self, name, low)

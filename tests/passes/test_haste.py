@@ -262,12 +262,13 @@ def test_haste_conv_feeding_conv_directly_reads_the_rewritten_input(capture_meth
 @pytest.mark.slow
 def test_haste_torch_compile_backend_all_singletons_equal_dense_model():
     model, x = _net_and_input()
-    fxslim.backend.last_reports(clear=True)
-    compiled = torch.compile(model, backend="fxslim", options={"passes": ["haste:L=48,sparsity=0"]})
+    seen: list = []
+    compiled = torch.compile(model, backend="fxslim",
+                             options={"on_report": seen.append, "passes": ["haste:L=48,sparsity=0"]})
     with torch.no_grad(), record_buckets() as rec:
         y = compiled(x)
         expected = model(x)
-    (reports,) = fxslim.backend.last_reports()
+    (reports,) = seen
     assert reports[0].rewritten == 4 and reports[0].skipped == {"stem": 1}
     assert _all_singletons(rec) and sorted(rec) == ["a", "b", "c", "short"]
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
