@@ -210,22 +210,63 @@ def _defaults_not_given(module: nn.Module, example_inputs: Sequence[Any]) -> dic
             if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
+def _is_leaf(module: nn.Module, leaf_modules: Sequence[type]) -> bool:
+    return _LeafTracer(leaf_modules).is_leaf_module(module, "")
+
+
+def _blockers(module: nn.Module, leaf_modules: tuple[type, ...], found: dict[type, str]) -> None:
+    """Add to ``found`` the classes under ``module`` whose own code does not trace (bottom up: a
+    class fails only if it fails with the failing classes below it as leaves), with the reason."""
+    for child in module.children():
+        if type(child) in found or _is_leaf(child, leaf_modules + tuple(found)):
+            continue
+        _blockers(child, leaf_modules, found)
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
+            continue  # containers are never called; their items are
+        try:
+            trace(child, leaf_modules + tuple(found))
+        except Exception as exc:  # tracing runs arbitrary user code: any failure means "not traceable"
+            found[type(child)] = _short_reason(exc)
+
+
 def _trace_largest(
     module: nn.Module, path: str, leaf_modules: Sequence[type],
     traced: list[tuple[str, fx.GraphModule]], untraced: list[tuple[str, str]],
     concrete_args: dict[str, Any] | None = None,
 ) -> None:
-    """Trace ``module`` whole, else recurse into its children (largest traceable parts win)."""
+    """Trace ``module`` whole; else whole with the classes that do not trace (a RoPE with a
+    data-dependent table, a patch embedding with an assert) as leaves, whose insides are then
+    traced apart; else recurse into its children (largest traceable parts win)."""
+    leaf_modules = tuple(leaf_modules)
     try:
         traced.append((path, trace(module, leaf_modules, concrete_args)))
         return
     except Exception as exc:  # tracing runs arbitrary user code: any failure means "not whole"
         reason = _short_reason(exc)
-    children = list(module.named_children())
+    blockers: dict[type, str] = {}
+    _blockers(module, leaf_modules, blockers)
+    if blockers and type(module) not in blockers:
+        try:
+            gm = trace(module, leaf_modules + tuple(blockers), concrete_args)
+        except Exception:  # the module's own code does not trace either
+            gm = None
+        if gm is not None:
+            traced.append((path, gm))
+            for name, leaf in module.named_modules():
+                if name and type(leaf) in blockers and _called_in(gm, name):
+                    full = f"{path}.{name}" if path else name
+                    untraced.append((full, f"traced as a leaf: {blockers[type(leaf)]}"))
+                    for child_name, child in leaf.named_children():
+                        _trace_largest(child, f"{full}.{child_name}", leaf_modules, traced, untraced)
+            return
     untraced.append((path, reason))
     _log.info("module %r does not trace whole (%s); tracing its children", path or type(module).__name__, reason)
-    for name, child in children:
+    for name, child in module.named_children():
         _trace_largest(child, f"{path}.{name}" if path else name, leaf_modules, traced, untraced)
+
+
+def _called_in(gm: fx.GraphModule, name: str) -> bool:
+    return any(n.op == "call_module" and n.target == name for n in gm.graph.nodes)
 
 
 def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
@@ -260,6 +301,46 @@ def _fake_propagate(gm: fx.GraphModule, args: Sequence[Any]) -> None:
         _Propagate(gm, mode).propagate(*fake_args)
 
 
+class _RealPropagate(fx.Interpreter):
+    """Runs the graph on the real example values and keeps a fake copy of each result in
+    ``meta['val']``: for graphs a fake run cannot go through (a leaf whose output shape depends on
+    input values, such as a RoPE table of ``int(positions.max()) + 1`` rows)."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode) -> None:
+        super().__init__(gm)
+        self.mode = mode
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        if n.op != "output":
+            n.meta["val"] = fx.node.map_aggregate(
+                result, lambda v: self.mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
+        return result
+
+
+def _propagate(gm: fx.GraphModule, args: Sequence[Any]) -> None:
+    """``meta['val']`` on every node: from fake tensors, else (data-dependent shapes) from one run
+    on the real values."""
+    try:
+        _fake_propagate(gm, args)
+    except ValueError:
+        raise
+    except Exception as fake_error:  # e.g. DataDependentOutputException inside a leaf
+        _log.info("fake shape propagation failed (%s); propagating real values", _short_reason(fake_error))
+        try:
+            with torch.no_grad():
+                _RealPropagate(gm, FakeTensorMode(allow_non_fake_inputs=True)).run(*args)
+        except Exception:
+            raise fake_error from None
+
+
+def _placeholder_values(gm: fx.GraphModule, args: Sequence[Any]) -> dict[str, Any]:
+    """Placeholder name -> the real value the example gives it (passes read shape-built values,
+    such as positions, from them)."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    return dict(zip(names, args))
+
+
 def _positional(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     """The inputs of a captured submodule call, in placeholder order."""
     bound = inspect.signature(gm.forward).bind(*args, **kwargs)
@@ -285,7 +366,8 @@ def _record_submodule_inputs(root: nn.Module, graphs: list[Graph], example_input
         _restore_buffers(root, buffers)
     for graph in graphs:
         if graph.path in seen:
-            _fake_propagate(graph.gm, seen[graph.path])
+            graph.placeholder_values = _placeholder_values(graph.gm, seen[graph.path])
+            _propagate(graph.gm, seen[graph.path])
         else:
             _log.info("submodule %r was not called by the example inputs; it has no shapes", graph.path)
 
@@ -394,7 +476,7 @@ def capture(
             if _needs_shapes(gm):
                 if example_inputs is None:
                     raise ValueError("capture: example_inputs are needed to infer shapes of a GraphModule without node meta")
-                _fake_propagate(gm, example_inputs)
+                _propagate(gm, example_inputs)
         return Captured(gm, [graph], [], "graph", batch)
 
     if not isinstance(model, nn.Module):
@@ -412,16 +494,19 @@ def capture(
     _trace_largest(model, "", leaf_modules, traced, untraced, _defaults_not_given(model, example_inputs))
     if not traced:
         raise CaptureError(_untraceable_message(model, untraced))
-    if traced[0][0] == "":
+    if len(traced) == 1 and traced[0][0] == "":
         gm = traced[0][1]
-        _fake_propagate(gm, example_inputs)
-        return Captured(gm, [Graph("", gm, "module")], [], "symbolic", batch)
+        graph = Graph("", gm, "module", _placeholder_values(gm, example_inputs))
+        _propagate(gm, example_inputs)
+        return Captured(gm, [graph], untraced, "symbolic", batch)
 
-    root = copy.deepcopy(model)
+    traced.sort(key=lambda item: item[0].count(".") + bool(item[0]))  # parents before what nests in them
+    root = traced[0][1] if traced[0][0] == "" else copy.deepcopy(model)
     graphs = []
     for path, gm in traced:
         gm.meta["fxslim_prefix"] = path
-        _set_submodule(root, path, gm)
+        if path:
+            _set_submodule(root, path, gm)
         graphs.append(Graph(path, gm, "module"))
     _record_submodule_inputs(root, graphs, example_inputs)
     return Captured(root, graphs, untraced, "symbolic", batch)

@@ -25,7 +25,7 @@ from fxslim.config import check_choice, check_int, check_range
 from fxslim.ir import AttentionView, meta_val, node_fqn
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
 from fxslim.passes.matchers import match_attention
-from fxslim.runtime.httm import DST_RULES, MODES, FrameLayout, httm_kept_lengths
+from fxslim.runtime.httm import DST_RULES, MODES, FrameLayout, frame_layout_from_positions, httm_kept_lengths
 
 __all__ = ["HTTM"]
 
@@ -45,8 +45,9 @@ class _Layout:
     """Frame layout of one global attention at the example; ``frames``: configured frame count
     (None = read at run time). ``per_frame``: a node whose ``size(-2)`` is tokens_per_frame at run
     time (the per-frame positions the global ones are built from); ``frames_of``: (node, dim)
-    whose size is the frame count at run time (the model's [B, S, C, H, W] input). With neither,
-    tokens_per_frame stays the example's (configured, or nothing in the graph tracks it)."""
+    whose size is the frame count at run time (the model's [B, S, C, H, W] input); ``positions``:
+    positions that arrive as a graph input of an eager graph, read on every call. With none of
+    them, tokens_per_frame stays the example's (configured, or nothing in the graph tracks it)."""
 
     tokens_per_frame: int
     special_tokens: int
@@ -56,6 +57,7 @@ class _Layout:
     source: str
     per_frame: fx.Node | None = None
     frames_of: tuple[fx.Node, int] | None = None
+    positions: fx.Node | None = None
 
     @property
     def runtime(self) -> str:
@@ -66,6 +68,8 @@ class _Layout:
             return f"tokens_per_frame = {self.per_frame.name}.size(-2), frames = N // tokens_per_frame"
         if self.frames_of is not None:
             return f"frames = {self.frames_of[0].name}.size({self.frames_of[1]}), tokens_per_frame = N // frames"
+        if self.positions is not None:
+            return f"frames, tokens_per_frame = frame_layout_from_positions({self.positions.name}) on every call"
         return f"tokens_per_frame = {self.tokens_per_frame} (fixed), frames = N // {self.tokens_per_frame}"
 
 
@@ -141,10 +145,11 @@ class HTTM(Pass):
         for m in match_attention(gm, ctx.batch_size):
             view, metadata = m.view, _module_metadata(gm, m.view.node)
             reason = m.reason or ("local_attention" if metadata.get("scope") == "frame" else "")
-            if reason:
+            if reason and not (m.reason and self._spans_frames(gm, view, ctx)):
                 report.skip(view.node, view.fqn, m.kind, reason)
                 continue
-            cfg = self.resolve(ctx, view.node, view.fqn, m.kind, report)
+            kind = "global_attention"  # by batch, or by positions that span several frames
+            cfg = self.resolve(ctx, view.node, view.fqn, kind, report)
             if cfg is None:
                 continue
             # 4. SDPA without mask/causal/dropout on q, k of one shape; 5. the frame layout
@@ -153,10 +158,19 @@ class HTTM(Pass):
             if not reason:
                 layout, reason, detail = cfg._layout(gm, view, ctx, metadata)
             if reason:
-                report.skip(view.node, view.fqn, m.kind, reason, detail)
+                report.skip(view.node, view.fqn, kind, reason, detail)
             else:
-                out.append(_HttmCandidate(view.node, view, view.fqn, m.kind, cfg, (view.node,), layout, scale))
+                out.append(_HttmCandidate(view.node, view, view.fqn, kind, cfg, (view.node,), layout, scale))
         return out
+
+    def _spans_frames(self, gm: fx.GraphModule, view: AttentionView, ctx: PassContext) -> bool:
+        """Whether RoPE positions show this attention's sequence spanning two frames or more: then it
+        is global whatever its batch says (a model that adds the batch dim to [S, 3, H, W] images
+        has a batch the example's first dim does not give; a graph after a break has no batch)."""
+        if self.frames is not None or self.tokens_per_frame is not None or meta_val(view.q) is None:
+            return False
+        layout, reason, _ = self._layout(gm, view, ctx, {})
+        return layout is not None and layout.example_frames >= 2
 
     def rewrite(self, gm: fx.GraphModule, cand: Candidate, ctx: PassContext) -> dict[str, Any]:
         # sdpa(q, k, v, scale=s) -> [B, H, N, d_v]
@@ -222,8 +236,10 @@ class HTTM(Pass):
         grid = (found.grid_h, found.grid_w)
         per_frame = _per_frame_positions(pos_node, found.tokens_per_frame)
         frames_of = None if per_frame is not None else _frames_input(gm, found.frames)
+        # an eager graph may read the layout from the positions' values on each call (one small max)
+        read = pos_node if per_frame is None and frames_of is None and ctx.ir == "module" else None
         return _Layout(found.tokens_per_frame, found.special_tokens, None, found.frames, grid, "positions",
-                       per_frame, frames_of), "", ""
+                       per_frame, frames_of, read), "", ""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -233,6 +249,15 @@ class HTTM(Pass):
 def _runtime_layout(gm: fx.GraphModule, ctx: PassContext, view: AttentionView, lay: _Layout) -> tuple[Any, Any]:
     """(frames, tokens_per_frame) as ints or graph nodes, so the layout follows the run-time frame
     count and image size (inserted before the attention)."""
+    if lay.positions is not None:
+        layout = gm.graph.call_function(frame_layout_from_positions, (lay.positions, lay.special_tokens))
+        layout.meta["val"] = FrameLayout(lay.example_frames, lay.tokens_per_frame, lay.special_tokens, *lay.grid)
+        fields = []
+        for name, example in (("frames", lay.example_frames), ("tokens_per_frame", lay.tokens_per_frame)):
+            field_node = gm.graph.call_function(builtins.getattr, (layout, name))
+            field_node.meta["val"] = example
+            fields.append(field_node)
+        return fields[0], fields[1]
     length = _size(gm, ctx, view.q, 2)
     if lay.frames is not None:
         return lay.frames, _floordiv(gm, length, lay.frames)
