@@ -1,11 +1,12 @@
 """The ``fxslim`` command.
 
-    fxslim inspect MODEL --input 1x3x224x224 [--ir symbolic|export|dynamo] [--format table|json]
+    fxslim [--version] [--debug] inspect MODEL --input 1x3x224x224 [--ir symbolic|export|dynamo] [--format table|json]
     fxslim report MODEL --input 1x3x224x224 [--passes P ...] [--format table|json|md|csv|html]
                   [--out PATH] [--plot out.png] [--deploy fp16|int8|prom[:...]] [--conventions k=v,...]
     fxslim demo [--out DIR] [--quick] [--threads N] [--parts prom haste httm] [--results-md PATH]
 
-MODEL is ``torchvision:NAME``, ``timm:NAME``, ``fxslim:NAME`` or ``path/to/file.py:factory``.
+MODEL is ``torchvision:NAME``, ``timm:NAME``, ``fxslim:NAME`` or ``path/to/file.py:factory``, before
+or after the options. Every mistake ends as one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,16 +16,32 @@ import contextlib
 import dataclasses
 import json
 import sys
+import threading
+import warnings
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from fxslim.capture import Captured, capture, capture_dynamo
 from fxslim.inspection import inspect_graphs, summarize
-from fxslim.modelspec import load_model, make_inputs
+from fxslim.modelspec import load_model, make_inputs, parse_input
 
 __all__ = ["main", "build_parser"]
 
 _COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+
+@contextlib.contextmanager
+def _status(message: str, after: float = 5.0) -> Iterator[None]:
+    """Say on stderr what is running when a step takes longer than ``after`` seconds (also when
+    the output is piped), so a long capture or benchmark never looks like a hang."""
+    timer = threading.Timer(after, lambda: print(f"fxslim: {message} ...", file=sys.stderr, flush=True))
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def _captured(model_spec: str, inputs: list[str], ir: str) -> Captured:
@@ -41,7 +58,8 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    captured = _captured(args.model, args.input, args.ir)
+    with _status(f"capturing {args.model} ({args.ir})"):
+        captured = _captured(args.model, args.input, args.ir)
     rows = inspect_graphs(captured)
     counts = summarize(rows)
     if args.format == "json":
@@ -81,13 +99,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if args.passes:
         from fxslim.api import optimize
 
-        res = optimize(model, example, passes=args.passes, capture=args.ir)
-        before = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
-        after = estimate(res.captured, example, table=args.table, conventions=conventions, **options)
+        with _status(f"running {' '.join(args.passes)} on {args.model}"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "rewrote nothing" is in the report, not a Python warning
+            res = optimize(model, example, passes=args.passes, capture=args.ir)
+        with _status("costing the model before and after"):
+            before = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
+            after = estimate(res.captured, example, table=args.table, conventions=conventions, **options)
         result: Any = compare(before, after)
         figure = plots.plot_comparison(result, "energy_pj") if args.plot else None
     else:
-        result = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
+        with _status(f"costing {args.model}"):
+            result = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
         figure = plots.plot_breakdown(result, "macs") if args.plot else None
     if figure is not None:
         plots.save_figure(figure, args.plot)
@@ -97,7 +119,8 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
         table = result.table(nonzero=not args.all_rows) if is_report else result.table()
         with _output(args.out) as stream:
-            Console(file=stream, width=args.width).print(table)
+            width = args.width or (None if stream is sys.stdout else _FILE_WIDTH)  # a file has no terminal
+            Console(file=stream, width=width).print(table)
         return 0
     text = {
         "json": lambda: fmt.to_json(result),
@@ -131,18 +154,31 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 _COMMANDS["demo"] = _cmd_demo
 
 
+_FILE_WIDTH = 160  # table width in characters when written to --out
+_MODEL_HELP = "torchvision:NAME, timm:NAME, fxslim:NAME or path/to/file.py:factory"
+_MODEL_SOURCES = ("torchvision:", "timm:", "fxslim:")
+
+
+def _is_model_spec(text: str) -> bool:
+    return text.startswith(_MODEL_SOURCES) or ".py:" in text
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from fxslim import __version__
+
     parser = argparse.ArgumentParser(prog="fxslim", description="Graph passes that make vision models cheaper, and their cost.")
+    parser.add_argument("--version", action="version", version=f"fxslim {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="what each matcher finds in a model")
-    p.add_argument("model", help="torchvision:NAME, timm:NAME, fxslim:NAME or path/to/file.py:factory")
+    p.add_argument("model", nargs="?", help=_MODEL_HELP)
     p.add_argument("--input", action="append", required=True, help="input shape such as 1x3x224x224 (repeat for more inputs)")
     p.add_argument("--ir", choices=("symbolic", "export", "dynamo"), default="symbolic")
     p.add_argument("--format", choices=("table", "json"), default="table")
-    p.add_argument("--width", type=int, default=160, help="table width in characters")
+    p.add_argument("--width", type=int, help="table width in characters (default: the terminal's)")
 
     r = sub.add_parser("report", help="cost of a model (MACs, energy, storage), or before/after passes")
-    r.add_argument("model", help="torchvision:NAME, timm:NAME, fxslim:NAME or path/to/file.py:factory")
+    r.add_argument("model", nargs="?", help=_MODEL_HELP)
     r.add_argument("--input", action="append", required=True, help="input shape such as 1x3x224x224 (repeat for more inputs)")
     r.add_argument("--passes", nargs="+", action="extend", help="passes to run first, e.g. haste:L=14 (report before/after)")
     r.add_argument("--format", choices=("table", "json", "md", "csv", "html"), default="table")
@@ -154,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--table", default="horowitz45nm", help="energy table: a bundled name or a JSON file")
     r.add_argument("--ir", choices=("symbolic", "export"), default="symbolic")
     r.add_argument("--all-rows", action="store_true", help="list zero-cost nodes too")
-    r.add_argument("--width", type=int, default=160, help="table width in characters")
+    r.add_argument("--width", type=int, help="table width in characters (default: the terminal's)")
 
     d = sub.add_parser("demo", help="each pass on its reference model: quality, cost and latency before/after")
     d.add_argument("--out", default="fxslim-demo", help="folder for index.html, the plots and summary.json")
@@ -165,13 +201,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check(args: argparse.Namespace) -> None:
+    """Mistakes found before any work: the model argument (before or after options), input
+    shapes, output folders."""
+    if args.command not in ("inspect", "report"):
+        return
+    if args.model is None:  # `--passes haste:L=14 MODEL ...`: --passes took the model
+        spec = next((p for p in args.passes or () if _is_model_spec(p)), None) if args.command == "report" else None
+        if spec is None:
+            raise ValueError(f"MODEL: missing; expected {_MODEL_HELP}")
+        args.passes.remove(spec)
+        args.model = spec
+    for text in args.input:
+        parse_input(text)
+    for option in ("out", "plot"):
+        path = getattr(args, option, None)
+        if path and not Path(path).resolve().parent.is_dir():
+            raise ValueError(f"--{option}: folder {str(Path(path).parent)!r} does not exist")
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    text = lines[0] if lines else ""
+    return text if isinstance(exc, (ValueError, TypeError)) else f"{type(exc).__name__}: {text}"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command; any error ends as one line on stderr and exit code 2 (``--debug``: the
+    traceback)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check(args)
         return _COMMANDS[args.command](args)
-    except (ValueError, TypeError) as exc:
-        print(f"fxslim {args.command}: error: {exc}", file=sys.stderr)
+    except Exception as exc:  # a command-line tool answers every mistake with one line
+        if args.debug:
+            raise
+        print(f"fxslim {args.command}: error: {_one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
         return 2
 
 

@@ -7,9 +7,11 @@ built here, the MNIST ones with the small checkpoints shipped in ``fxslim/models
 
 from __future__ import annotations
 
+import difflib
 import importlib
 import importlib.util
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,16 +40,14 @@ def load_model(spec: str) -> nn.Module:
     if source == "torchvision":
         import torchvision
 
-        try:
-            model = torchvision.models.get_model(name, weights=None)
-        except ValueError:
-            known = ", ".join(sorted(torchvision.models.list_models())[:8])
-            raise ValueError(f"MODEL: unknown torchvision model {name!r} (e.g. {known}, ...)") from None
+        known = torchvision.models.list_models()
+        if name not in known:
+            raise ValueError(f"MODEL: unknown torchvision model {name!r}{_did_you_mean(name, known)}")
+        model = torchvision.models.get_model(name, weights=None)
     elif source == "timm":
-        import timm
-
+        timm = _optional("timm", spec)
         if not timm.is_model(name):
-            raise ValueError(f"MODEL: unknown timm model {name!r}; see timm.list_models()")
+            raise ValueError(f"MODEL: unknown timm model {name!r}{_did_you_mean(name, timm.list_models())}")
         model = timm.create_model(name, pretrained=False)
     elif source == "fxslim":
         if name not in FXSLIM_MODELS:
@@ -61,6 +61,19 @@ def load_model(spec: str) -> nn.Module:
     if not isinstance(model, nn.Module):
         raise TypeError(f"MODEL: {spec!r} did not build an nn.Module (got {type(model).__name__})")
     return model.eval()
+
+
+def _did_you_mean(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.6)
+    return f"; did you mean {' or '.join(close)}?" if close else f" ({len(known)} known; none close)"
+
+
+def _optional(package: str, spec: str) -> Any:
+    """An optional dependency, or a ValueError that says how to install it."""
+    try:
+        return importlib.import_module(package)
+    except ModuleNotFoundError:
+        raise ValueError(f"MODEL: {spec!r} needs {package}, which is not installed: pip install {package}") from None
 
 
 def _from_file(path: Path, factory: str) -> nn.Module:
@@ -81,8 +94,8 @@ def parse_input(text: str) -> tuple[int, ...]:
         shape = tuple(int(p) for p in text.lower().split("x"))
     except ValueError:
         raise ValueError(f"--input: expected sizes joined by 'x' such as 1x3x224x224, got {text!r}") from None
-    if not shape or any(s < 0 for s in shape):
-        raise ValueError(f"--input: expected non-negative sizes such as 1x3x224x224, got {text!r}")
+    if not shape or any(s < 1 for s in shape):
+        raise ValueError(f"--input: expected sizes >= 1 such as 1x3x224x224, got {text!r}")
     return shape
 
 

@@ -304,7 +304,7 @@ def test_prom_empty_batch_is_not_observed_and_converts_after_calibration():
     (["inspect", "timm:no_such_net", "--input", "1x3x8x8"], "unknown timm model 'no_such_net'"),
     (["inspect", "fxslim:no_such_net", "--input", "1x3x8x8"], "unknown fxslim model 'no_such_net'"),
     (["inspect", "keras:resnet", "--input", "1x3x8x8"], "unknown source 'keras'"),
-    (["inspect", "torchvision:resnet18", "--input", "1x3x-2x32"], "--input: expected non-negative sizes"),
+    (["inspect", "torchvision:resnet18", "--input", "1x3x-2x32"], "--input: expected sizes >= 1"),
     (["report", "torchvision:resnet18", "--input", "1x3x32x32", "--deploy", "int3"], "deploy: expected a preset"),
 ])
 def test_cli_unknown_names_exit_2_naming_them(argv, message, capsys):

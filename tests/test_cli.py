@@ -36,7 +36,7 @@ def test_cli_inspect_file_factory_and_untraced_report(tmp_path, capsys):
     )
     assert main(["inspect", f"{source}:build", "--input", "1x3x16x16"]) == 0
     out = capsys.readouterr().out
-    assert "not traced whole: <root>" in out and "2 convs, of which 1 pointwise" in out
+    assert "not traced whole: 1 (traced as a leaf" in out and "2 convs, of which 1 pointwise" in out
 
 
 def test_cli_bad_model_and_input_exit_2(capsys):
@@ -54,3 +54,54 @@ def test_cli_fxslim_models_load_by_name(capsys):
     assert "pointwise" in out
     assert main(["inspect", "fxslim:no_such_net", "--input", "1x3x8x8"]) != 0
     assert "known: mobilenet_mnist, resnet18_cifar" in capsys.readouterr().err
+
+
+# Mistakes: one line on stderr, exit code 2, nothing written; found before the expensive work.
+
+def _fails_cleanly(capsys, argv, match, tmp_path=None):
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and match in err, err
+    if tmp_path is not None:
+        assert not any(tmp_path.rglob("*.*"))
+
+
+def test_cli_wrong_input_rank_is_one_line(capsys):
+    _fails_cleanly(capsys, ["report", "torchvision:resnet18", "--input", "1x3x224"], "RuntimeError:")
+
+
+def test_cli_zero_size_input_is_refused(capsys):
+    _fails_cleanly(capsys, ["report", "torchvision:resnet18", "--input", "0x3x224x224"], "--input: expected sizes >= 1")
+
+
+def test_cli_out_and_plot_into_missing_folder_fail_before_work(tmp_path, capsys):
+    missing = tmp_path / "no" / "such"
+    for option, name in (("--out", "r.json"), ("--plot", "p.png")):
+        _fails_cleanly(capsys, ["report", "torchvision:resnet18", "--input", "1x3x32x32", option, str(missing / name)],
+                       f"{option}: folder", tmp_path)
+
+
+def test_cli_passes_before_model(capsys):
+    assert main(["report", "--passes", "haste:L=14", "torchvision:resnet18", "--input", "1x3x32x32",
+                 "--format", "json"]) == 0
+    assert json.loads(capsys.readouterr().out)
+
+
+def test_cli_missing_model_and_misspelled_names(capsys):
+    _fails_cleanly(capsys, ["report", "--input", "1x3x32x32"], "MODEL: missing")
+    _fails_cleanly(capsys, ["inspect", "torchvision:mobilnet_v2", "--input", "1x3x32x32"], "did you mean mobilenet_v2")
+
+
+def test_cli_optional_dependency_missing_names_the_pip_command(capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm now raises ModuleNotFoundError
+    _fails_cleanly(capsys, ["inspect", "timm:resnet18", "--input", "1x3x32x32"], "pip install timm")
+
+
+def test_cli_version(capsys):
+    import pytest
+
+    import fxslim
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"fxslim {fxslim.__version__}"
