@@ -52,6 +52,11 @@ class OptimizeReport:
     def entries(self, pass_name: str | None = None) -> list:
         return [e for r in self.passes if pass_name in (None, r.pass_name) for e in r.entries]
 
+    def candidates(self) -> list[dict[str, str]]:
+        """Every candidate as plain data (pass, module, kind, status, reason, detail), for reports."""
+        return [{"pass": r.pass_name, "module": e.fqn or e.node, "kind": e.kind, "status": e.status,
+                 "reason": e.reason, "detail": e.detail} for r in self.passes for e in r.entries]
+
 
 @dataclass
 class OptimizeResult:
@@ -77,9 +82,11 @@ class OptimizeResult:
         """Before/after ``Comparison`` per module; options go to ``fxslim.estimate`` (e.g. ``deploy="fp16"``)."""
         from fxslim.cost_model import compare
 
+        candidates = self.report.candidates()
         if not estimate_options:
-            return compare(self.cost_before, self.cost_after)
-        return compare(self._estimate("before", **estimate_options), self._estimate("after", **estimate_options))
+            return compare(self.cost_before, self.cost_after, candidates)
+        return compare(self._estimate("before", **estimate_options), self._estimate("after", **estimate_options),
+                       candidates)
 
     def _estimate(self, which: str, **options: Any) -> Any:
         from fxslim.cost_model import estimate

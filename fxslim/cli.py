@@ -105,7 +105,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         with _status("costing the model before and after"):
             before = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
             after = estimate(res.captured, example, table=args.table, conventions=conventions, **options)
-        result: Any = compare(before, after)
+        result: Any = compare(before, after, res.report.candidates())
         figure = plots.plot_comparison(result, "energy_pj") if args.plot else None
     else:
         with _status(f"costing {args.model}"):
@@ -120,7 +120,10 @@ def _cmd_report(args: argparse.Namespace) -> int:
         table = result.table(nonzero=not args.all_rows) if is_report else result.table()
         with _output(args.out) as stream:
             width = args.width or (None if stream is sys.stdout else _FILE_WIDTH)  # a file has no terminal
-            Console(file=stream, width=width).print(table)
+            console = Console(file=stream, width=width)
+            console.print(table)
+            if not is_report and result.candidates:
+                console.print(fmt.candidates_rich_table(result))
         return 0
     text = {
         "json": lambda: fmt.to_json(result),

@@ -63,3 +63,19 @@ def test_cli_report_bad_options_exit_2(capsys):
     assert "Conventions.accumulator_bits: expected one of (8, 16, 32), got 9" in capsys.readouterr().err
     assert main(["report", *MODEL, "--table", "nope"]) == 2
     assert "table: expected one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fmt", ["table", "json", "md", "csv", "html"])
+def test_cli_report_with_passes_lists_every_candidate(tmp_path, fmt):
+    out = tmp_path / f"report.{fmt}"
+    assert main(["report", "torchvision:resnet18", "--input", "1x3x32x32", "--passes", "haste:L=14",
+                 "--format", fmt, "--out", str(out)]) == 0
+    text = out.read_text()
+    if fmt == "json":
+        candidates = json.loads(text)["candidates"]
+        statuses = {(c["module"], c["status"], c["reason"]) for c in candidates}
+        assert ("conv1", "skipped", "stem") in statuses and ("layer1.0.conv1", "rewritten", "") in statuses
+        assert len(candidates) == 20  # every conv of ResNet18
+    else:
+        assert "What the passes did" in text or "pass,module,kind,status,reason" in text
+        assert "stem" in text and "layer1.0.conv1" in text and "rewritten" in text

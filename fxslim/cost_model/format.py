@@ -107,7 +107,28 @@ def comparison_dict(comp: Comparison) -> dict[str, Any]:
         "rows": [{"module": r.fqn, "kind_before": r.kind_before, "kind_after": r.kind_after,
                   "before": _totals_dict(r.before), "after": _totals_dict(r.after)} for r in comp.rows],
         "unknown_ops": {"before": comp.before.unknown_ops, "after": comp.after.unknown_ops},
+        "candidates": comp.candidates,
     }
+
+
+_CANDIDATE_COLUMNS = ("pass", "module", "kind", "status", "reason")
+
+
+def _candidate_rows(comp: Comparison) -> list[list[str]]:
+    """One row per candidate a pass looked at: rewritten, or skipped with its reason (and detail)."""
+    return [[c["pass"], c["module"], c["kind"], c["status"],
+             c["reason"] + (f" ({c['detail']})" if c.get("detail") else "")] for c in comp.candidates]
+
+
+def candidates_rich_table(comp: Comparison) -> Any:
+    from rich.table import Table
+
+    table = Table(title="What the passes did")
+    for col in _CANDIDATE_COLUMNS:
+        table.add_column(col, overflow="fold")
+    for row in _candidate_rows(comp):
+        table.add_row(*row)
+    return table
 
 
 def to_json(obj: CostReport | Comparison, indent: int = 2) -> str:
@@ -344,8 +365,11 @@ def comparison_rich_table(comp: Comparison) -> Any:
 
 def comparison_markdown(comp: Comparison) -> str:
     rows = _cmp_rows(comp) + [_cmp_cells("**total**", "", "", comp.before.total, comp.after.total)]
-    return "\n".join([f"# {comp.before.model}: before / after", "",
-                      "\n".join(f"- {line}" for line in _cmp_summary(comp)), "", _md_table(_CMP_COLUMNS, rows), ""])
+    parts = [f"# {comp.before.model}: before / after", "",
+             "\n".join(f"- {line}" for line in _cmp_summary(comp)), "", _md_table(_CMP_COLUMNS, rows), ""]
+    if comp.candidates:
+        parts += ["## What the passes did", "", _md_table(_CANDIDATE_COLUMNS, _candidate_rows(comp)), ""]
+    return "\n".join(parts)
 
 
 def comparison_csv(comp: Comparison) -> str:
@@ -356,6 +380,10 @@ def comparison_csv(comp: Comparison) -> str:
     for r in comp.rows:
         writer.writerow([r.fqn, r.kind_before, r.kind_after]
                         + [_plain(getattr(x, f)) for f in fields for x in (r.before, r.after)])
+    if comp.candidates:  # a second table after a blank line: what the passes did
+        writer.writerow([])
+        writer.writerow(_CANDIDATE_COLUMNS)
+        writer.writerows(_candidate_rows(comp))
     return buf.getvalue()
 
 
@@ -369,4 +397,6 @@ def comparison_html(comp: Comparison, plots: bool = True) -> str:
         body += ["<h2>Per layer</h2>", _img(plot_comparison(comp, "macs")), _img(plot_comparison(comp, "energy_pj"))]
     total = _cmp_cells("total", "", "", comp.before.total, comp.after.total)
     body += ["<h2>Per module</h2>", _html_table(_CMP_COLUMNS, _cmp_rows(comp), 3, total)]
+    if comp.candidates:
+        body += ["<h2>What the passes did</h2>", _html_table(_CANDIDATE_COLUMNS, _candidate_rows(comp), 5)]
     return _page(f"{comp.before.model}: before / after", body)

@@ -287,6 +287,8 @@ class Comparison:
     rows: list[ComparisonRow]
     before: CostReport
     after: CostReport
+    # what the passes did, one dict per candidate: pass, module, kind, status, reason, detail
+    candidates: list[dict[str, str]] = field(default_factory=list)
 
     def ratio(self, field_name: str) -> float | None:
         b, a = getattr(self.before.total, field_name), getattr(self.after.total, field_name)
@@ -323,8 +325,9 @@ class Comparison:
         return fmt.comparison_rich_table(self)
 
 
-def compare(before: CostReport, after: CostReport) -> Comparison:
-    """Before/after per module path (in the before report's order, new modules last) and in total."""
+def compare(before: CostReport, after: CostReport, candidates: list[dict[str, str]] | None = None) -> Comparison:
+    """Before/after per module path (in the before report's order, new modules last) and in total;
+    ``candidates``: what the passes did (``OptimizeReport.candidates()``), listed by every format."""
     if not isinstance(before, CostReport) or not isinstance(after, CostReport):
         raise TypeError(f"compare: expected two CostReports, got {type(before).__name__} and {type(after).__name__}")
     kinds_b = _main_kinds(before)
@@ -333,7 +336,7 @@ def compare(before: CostReport, after: CostReport) -> Comparison:
     order = list(mods_b) + [m for m in mods_a if m not in mods_b]
     rows = [ComparisonRow(m, kinds_b.get(m, ""), kinds_a.get(m, ""), mods_b.get(m, CostTotals()),
                           mods_a.get(m, CostTotals())) for m in order]
-    return Comparison(rows, before, after)
+    return Comparison(rows, before, after, list(candidates or ()))
 
 
 def _main_kinds(report: CostReport) -> dict[str, str]:
