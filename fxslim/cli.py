@@ -75,11 +75,11 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     console = Console(width=args.width)
     console.print(table)
     for path, reason in captured.untraced:
-        console.print(f"[yellow]not traced whole:[/] {path or '<root>'} ({reason})")
+        console.print(f"[yellow]not traced whole:[/] {path or '<root>'} ({reason})", soft_wrap=True)
     console.print(
         f"{counts['convs']} convs, of which {counts['pointwise_convs']} pointwise and "
         f"{counts['depthwise_convs']} depthwise; {counts['linears']} linear; "
-        f"{counts['attention']} attention, of which {counts['global_attention']} global"
+        f"{counts['attention']} attention, of which {counts['global_attention']} global", soft_wrap=True,
     )
     return 0
 
@@ -121,9 +121,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
         with _output(args.out) as stream:
             width = args.width or (None if stream is sys.stdout else _FILE_WIDTH)  # a file has no terminal
             console = Console(file=stream, width=width)
-            console.print(table)
-            if not is_report and result.candidates:
+            if not is_report and result.candidates:  # what the passes did, then what it costs
                 console.print(fmt.candidates_rich_table(result))
+            console.print(table)
         return 0
     text = {
         "json": lambda: fmt.to_json(result),
