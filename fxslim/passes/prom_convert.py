@@ -11,9 +11,12 @@ chain that becomes one integer op writing uint8 codes on that quantizer's grid:
 
 BN is folded with its running statistics, ReLU/ReLU6 become clamp bounds, value-preserving ops
 (flatten, view, reshape, dropout, identity) are replayed on the codes, and quantized graph outputs
-are dequantized. Weights (ternary ones packed, 2 bits each), int32 biases, multipliers and rounding
-offsets become buffers under the layer's own name; scalars are op arguments. An op outside these
-patterns raises ValueError naming the node. The prepared model is only read, never modified.
+are dequantized. Codes cannot hold NaN: ``fxslim::nan_samples`` flags the samples whose input holds
+one, and their dequantized outputs are NaN (as the fake-quant model's are when every output sees the
+whole input, e.g. after a global pool). Weights (ternary ones packed, 2 bits each), int32 biases,
+multipliers and rounding offsets become buffers under the layer's own name; scalars are op
+arguments. An op outside these patterns raises ValueError naming the node. The prepared model is
+only read, never modified.
 """
 
 from __future__ import annotations
@@ -131,6 +134,7 @@ class _Builder:
         self.graph = fx.Graph()
         self.buffers: dict[str, torch.Tensor] = {}
         self.env: dict[fx.Node, tuple[fx.Node, ActFakeQuant | None]] = {}
+        self.nan_samples: list[fx.Node] = []  # per quantized model input: which samples hold a NaN
 
     def quantized(self, node: fx.Node, user: fx.Node) -> tuple[fx.Node, ActFakeQuant]:
         new, grid = self.env[node]
@@ -180,7 +184,9 @@ def _convert_core(b: _Builder, chain: _Chain) -> fx.Node:
     quant = b.gm.get_submodule(str(chain.quant.target))
     core, name = chain.core, chain.core.name
     if chain.kind == "input":
-        return b.emit(convert_input(quant), [b.env[core][0]], "", f"{name}_quantized")
+        source = b.env[core][0]
+        b.nan_samples.append(b.graph.call_function(torch.ops.fxslim.nan_samples.default, (source,)))
+        return b.emit(convert_input(quant), [source], "", f"{name}_quantized")
     if chain.kind in ("conv", "linear"):
         layer = b.gm.get_submodule(str(core.target))
         x, grid = b.quantized(core.args[0], core)
@@ -193,8 +199,7 @@ def _convert_core(b: _Builder, chain: _Chain) -> fx.Node:
         (a, grid_a), (c, grid_c) = (b.quantized(arg, core) for arg in core.args)
         return b.emit(convert_add(grid_a, grid_c, quant, activation=chain.activation), [a, c], "", name)
     x, grid = b.quantized(core.args[0], core)
-    shape = meta_val(core.args[0]).shape
-    pooled = b.emit(convert_global_avg_pool(grid, quant, (int(shape[2]), int(shape[3]))), [x], "", name)
+    pooled = b.emit(convert_global_avg_pool(grid, quant), [x], "", name)
     if meta_val(core).dim() == 2:  # mean without keepdim: [N, C]
         pooled = b.graph.call_function(torch.flatten, (pooled, 1))
     return pooled
@@ -246,7 +251,13 @@ def _dequantized(b: _Builder, node: fx.Node) -> fx.Node:
     new, grid = b.env[node]
     if grid is None:
         return new
-    return b.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
+    dequantized = b.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
+    if b.nan_samples:
+        flags = b.nan_samples[0]
+        for other in b.nan_samples[1:]:
+            flags = b.graph.call_function(torch.logical_or, (flags, other))
+        dequantized.args = (*dequantized.args, flags)
+    return dequantized
 
 
 def _propagate_shapes(out: fx.GraphModule, source: fx.GraphModule) -> None:

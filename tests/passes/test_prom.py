@@ -208,6 +208,39 @@ def test_prom_converted_runs_under_fxslim_compile_backend(mnist):
 
 
 # ----------------------------------------------------------------------------------------------
+# The run-time pool size, NaN
+
+@pytest.mark.parametrize("runtime", ["reference"])
+def test_prom_global_pool_divides_by_run_time_size(runtime):
+    """Converted at 16 px, run at 8 and 32 px: the pool's codes stay within 1 LSB of fake quant
+    (the old multiplier baked in 1/(16·16/4) and was off by 4× and 1/4)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    qat = calibrate(prepare(model.eval(), torch.randn(2, 3, 16, 16)),
+                    [torch.randn(8, 3, size, size) for size in (8, 16, 32)])
+    int_model = convert(qat)
+    for size in (8, 32):
+        x = torch.randn(4, 3, size, size)
+        local = code_agreement(qat, int_model, x, mode="local")
+        assert local.within_one == 1.0
+        assert code_agreement(qat, int_model, x, mode="end_to_end").within_one == 1.0
+
+
+@pytest.mark.parametrize("runtime", ["reference"])
+def test_prom_nan_in_one_sample_gives_nan_outputs_there_only(mnist, runtime):
+    model, split = mnist
+    qat = calibrate(prepare(model, (split.x_test[:2],)), [split.x_train[:500]]).eval()
+    int_model = convert(qat)
+    x = split.x_test[:3].clone()
+    x[1, 0, 5, 7] = float("nan")
+    with torch.no_grad():
+        for m in (qat, int_model):
+            clean, y = m(split.x_test[:3]), m(x)
+            assert torch.isnan(y[1]).all()
+            assert torch.equal(y[[0, 2]], clean[[0, 2]])
+
+
+# ----------------------------------------------------------------------------------------------
 # Small inline models: skip reasons, config validation, conversion errors
 
 
