@@ -129,8 +129,38 @@ def prepack(weight: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int, 
     ), also=(w_scale,))
 
 
-@torch.library.custom_op("fxslim::qconv2d", mutates_args=(), schema=f"({_CONV_ARGS}) -> Tensor")
-def qconv2d(
+def _conv_plan(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
+               stride, padding, dilation, groups) -> tuple:
+    """Everything about a conv call but ``x``, checked and prepared once per weight and arguments:
+    (packed weight, zero points, post-op name, post-op scalars, stride, padding, dilation)."""
+    key = ("plan", x_scale, x_zero_point, out_scale, out_zero_point, out_min, out_max, tuple(stride), tuple(padding),
+           tuple(dilation), groups)
+
+    def build() -> tuple:
+        _, stride_, padding_, dilation_ = _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale,
+                                                      out_zero_point, out_min, out_max, stride, padding, dilation, groups)
+        packed, zeros = prepack(weight, w_scale, x_scale, x_zero_point, stride_, padding_, dilation_, groups)
+        return (packed, zeros, *_post_op(out_scale, out_zero_point, out_min, out_max), stride_, padding_, dilation_)
+
+    plan = _CACHE.get(weight, key, build, also=(w_scale, bias))
+    # per call, only what x can change (the plan's checks covered the rest)
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
+        _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
+                    stride, padding, dilation, groups)
+    for i in range(2):
+        if conv_output_size(x.shape[2 + i], weight.shape[2 + i], plan[4][i], plan[5][i], plan[6][i]) < 1:
+            raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])}")
+    return plan
+
+
+# Registered with torch.library.define/impl rather than custom_op: the per-call overhead of a
+# custom_op (about 10 µs) is a tenth of a small conv at batch 1.
+torch.library.define("fxslim::qconv2d", f"({_CONV_ARGS}) -> Tensor")
+torch.library.define("fxslim::qconv2d_add", f"({_CONV_ARGS}, Tensor skip, float skip_scale, int skip_zero_point) -> Tensor")
+
+
+@torch.library.impl("fxslim::qconv2d", "cpu")
+def _qconv2d_cpu(
     x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor, out_scale: float,
     out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], groups: int,
@@ -139,17 +169,16 @@ def qconv2d(
 
     y_c = s_x·w_scale_c·Σ w·(q − z_x) + bias_c (real bias); out = clamp(round(y/s_out) + z_out).
     """
-    _, stride, padding, dilation = _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale,
-                                               out_zero_point, out_min, out_max, stride, padding, dilation, groups)
-    packed, zeros = prepack(weight, w_scale, x_scale, x_zero_point, stride, padding, dilation, groups)
-    attr, scalars = _post_op(out_scale, out_zero_point, out_min, out_max)
-    return torch.ops.onednn.qconv_pointwise(
+    packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
+        x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
+        dilation, groups)
+    return torch.ops.onednn.qconv_pointwise.default(
         x, x_scale, x_zero_point, packed, w_scale, zeros, bias, stride, padding, dilation, groups,
         out_scale, out_zero_point, None, attr, scalars, "",
     )
 
 
-@qconv2d.register_fake
+@torch.library.register_fake("fxslim::qconv2d")
 def _qconv2d_fake(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
                   stride, padding, dilation, groups):
     shape, *_ = _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
@@ -157,11 +186,8 @@ def _qconv2d_fake(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, ou
     return torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
 
 
-@torch.library.custom_op(
-    "fxslim::qconv2d_add", mutates_args=(),
-    schema=f"({_CONV_ARGS}, Tensor skip, float skip_scale, int skip_zero_point) -> Tensor",
-)
-def qconv2d_add(
+@torch.library.impl("fxslim::qconv2d_add", "cpu")
+def _qconv2d_add_cpu(
     x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor, out_scale: float,
     out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int], padding: Sequence[int],
     dilation: Sequence[int], groups: int, skip: Tensor, skip_scale: float, skip_zero_point: int,
@@ -170,11 +196,13 @@ def qconv2d_add(
 
     One rounding: the conv's real output is not rounded to a grid of its own first.
     """
-    shape, stride, padding, dilation = _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale,
-                                                   out_zero_point, out_min, out_max, stride, padding, dilation, groups)
-    _add_skip_check(skip, shape, skip_scale, skip_zero_point)
-    packed, zeros = prepack(weight, w_scale, x_scale, x_zero_point, stride, padding, dilation, groups)
-    attr, scalars = _post_op(out_scale, out_zero_point, out_min, out_max)
+    packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
+        x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
+        dilation, groups)
+    shape = (x.shape[0], weight.shape[0],
+             *(conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)))
+    if skip.dtype != torch.uint8 or tuple(skip.shape) != shape:
+        _add_skip_check(skip, shape, skip_scale, skip_zero_point)
     # oneDNN's sum post-op accumulates into its dst tensor: give it a channels_last copy of skip
     accum = skip.clone(memory_format=torch.channels_last)
     return torch.ops.onednn.qconv2d_pointwise.binary(
@@ -191,13 +219,17 @@ def _add_skip_check(skip: Tensor, shape: tuple[int, ...], skip_scale: float, ski
     _check_code("skip_zero_point", skip_zero_point)
 
 
-@qconv2d_add.register_fake
+@torch.library.register_fake("fxslim::qconv2d_add")
 def _qconv2d_add_fake(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
                       stride, padding, dilation, groups, skip, skip_scale, skip_zero_point):
     shape, *_ = _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
                             stride, padding, dilation, groups)
     _add_skip_check(skip, shape, skip_scale, skip_zero_point)
     return torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
+
+
+qconv2d = torch.ops.fxslim.qconv2d.default
+qconv2d_add = torch.ops.fxslim.qconv2d_add.default
 
 
 @register_flop_formula([torch.ops.fxslim.qconv2d, torch.ops.fxslim.qconv2d_add])
@@ -226,8 +258,11 @@ def _linear_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, ou
     return (*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("fxslim::qlinear", mutates_args=(), schema=_LINEAR_SCHEMA)
-def qlinear(
+torch.library.define("fxslim::qlinear", _LINEAR_SCHEMA)
+
+
+@torch.library.impl("fxslim::qlinear", "cpu")
+def _qlinear_cpu(
     x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor, out_scale: float,
     out_zero_point: int, out_min: int, out_max: int,
 ) -> Tensor:
@@ -242,10 +277,13 @@ def qlinear(
     return out.view(shape)
 
 
-@qlinear.register_fake
+@torch.library.register_fake("fxslim::qlinear")
 def _qlinear_fake(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max):
     shape = _linear_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max)
     return torch.empty(shape, dtype=torch.uint8, device=x.device)
+
+
+qlinear = torch.ops.fxslim.qlinear.default
 
 
 @register_flop_formula(torch.ops.fxslim.qlinear)
@@ -274,8 +312,11 @@ def _qadd_check(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, o
     _check_out(out_scale, out_zero_point, out_min, out_max)
 
 
-@torch.library.custom_op("fxslim::qadd", mutates_args=(), schema=_ADD_SCHEMA)
-def qadd(
+torch.library.define("fxslim::qadd", _ADD_SCHEMA)
+
+
+@torch.library.impl("fxslim::qadd", "cpu")
+def _qadd_cpu(
     a: Tensor, a_scale: float, a_zero_point: int, b: Tensor, b_scale: float, b_zero_point: int, out_scale: float,
     out_zero_point: int, out_min: int, out_max: int,
 ) -> Tensor:
@@ -289,7 +330,10 @@ def qadd(
     return torch.empty_like(a).copy_(t)
 
 
-@qadd.register_fake
+@torch.library.register_fake("fxslim::qadd")
 def _qadd_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, out_zero_point, out_min, out_max):
     _qadd_check(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, out_zero_point, out_min, out_max)
     return torch.empty_like(a)
+
+
+qadd = torch.ops.fxslim.qadd.default
