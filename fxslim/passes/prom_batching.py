@@ -4,8 +4,9 @@ A converted model treats every sample on its own (BN folded, no op mixes samples
 batch and concatenating the outputs changes no value. It changes the speed: an activation of more
 than 32 MB (glibc's largest mmap threshold) is a fresh mmap at every call and costs a page fault
 per 4 KB page on first touch — 38.5 MB of u8 codes after MobileNetV2's first expansion conv at
-batch 32, 224 px, 12 ms of faults for a 6 ms conv. Slices below ``max_activation_bytes`` reuse
-freed heap memory and stay closer to the caches.
+batch 32, 224 px, 12 ms of faults for a 6 ms conv. Slices below ``max_activation_bytes`` (30 MB:
+under that threshold, and as few slices as possible, since every slice pays each op's call
+overhead again) reuse freed heap memory.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from fxslim.ir import meta_val
 
 __all__ = ["MicroBatched", "micro_batched", "DEFAULT_MAX_ACTIVATION_BYTES"]
 
-DEFAULT_MAX_ACTIVATION_BYTES = 16 << 20
+DEFAULT_MAX_ACTIVATION_BYTES = 30 << 20
 
 
 class MicroBatched(nn.Module):

@@ -140,17 +140,17 @@ def _conv_plan(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_z
         _, stride_, padding_, dilation_ = _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale,
                                                       out_zero_point, out_min, out_max, stride, padding, dilation, groups)
         packed, zeros = prepack(weight, w_scale, x_scale, x_zero_point, stride_, padding_, dilation_, groups)
-        return (packed, zeros, *_post_op(out_scale, out_zero_point, out_min, out_max), stride_, padding_, dilation_)
+        # whether a 1-pixel input still gives an output (then no input size can be too small)
+        any_size = all(conv_output_size(1, weight.shape[2 + i], stride_[i], padding_[i], dilation_[i]) >= 1 for i in range(2))
+        return (packed, zeros, *_post_op(out_scale, out_zero_point, out_min, out_max), stride_, padding_, dilation_,
+                any_size)
 
     plan = _CACHE.get(weight, key, build, also=(w_scale, bias))
     # per call, only what x can change (the plan's checks covered the rest)
-    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != weight.shape[1] * groups:
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != weight.shape[1] * groups or not plan[7]:
         _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
                     stride, padding, dilation, groups)
-    for i in range(2):
-        if conv_output_size(x.shape[2 + i], weight.shape[2 + i], plan[4][i], plan[5][i], plan[6][i]) < 1:
-            raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])}")
-    return plan
+    return plan[:7]
 
 
 # Registered with torch.library.define/impl rather than custom_op: the per-call overhead of a
