@@ -173,9 +173,15 @@ def _qconv2d_cpu(
         x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
         dilation, groups)
     return torch.ops.onednn.qconv_pointwise.default(
-        x, x_scale, x_zero_point, packed, w_scale, zeros, bias, stride, padding, dilation, groups,
+        _channels_last(x), x_scale, x_zero_point, packed, w_scale, zeros, bias, stride, padding, dilation, groups,
         out_scale, out_zero_point, None, attr, scalars, "",
     )
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """``x`` in the layout oneDNN computes in. ATen's u8 reorder is about 3× faster than the one
+    oneDNN runs inside the conv (the stem's NCHW input: 1.2 vs 3.2 ms at batch 16, 224 px)."""
+    return x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous(memory_format=torch.channels_last)
 
 
 @torch.library.register_fake("fxslim::qconv2d")
@@ -206,7 +212,7 @@ def _qconv2d_add_cpu(
     # oneDNN's sum post-op accumulates into its dst tensor: give it a channels_last copy of skip
     accum = skip.clone(memory_format=torch.channels_last)
     return torch.ops.onednn.qconv2d_pointwise.binary(
-        x, x_scale, x_zero_point, packed, w_scale, zeros, accum, bias, stride, padding, dilation, groups,
+        _channels_last(x), x_scale, x_zero_point, packed, w_scale, zeros, accum, bias, stride, padding, dilation, groups,
         out_scale, out_zero_point, None, skip_scale, skip_zero_point, "sum", 1.0, attr, scalars, "",
     )
 

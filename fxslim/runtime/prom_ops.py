@@ -842,7 +842,8 @@ def int8_global_avg_pool2d(
     """
     shape = _pool_check(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
     hw = x.shape[2] * x.shape[3]
-    acc = x.sum((2, 3), keepdim=True, dtype=torch.int64)
+    # int32 sums (exact: 255·H·W fits, checked) are twice as fast as int64 ones; the few sums widen after
+    acc = x.sum((2, 3), keepdim=True, dtype=torch.int32).to(torch.int64)
     denominator = hw << shift
     acc.sub_(hw * x_zero_point).mul_(multiplier).add_(denominator >> 1)
     acc = torch.div(acc, denominator, rounding_mode="floor").add_(out_zero_point).clamp_(out_min, out_max)
