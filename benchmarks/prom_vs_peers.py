@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -98,6 +99,7 @@ def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
 def measure(batch: int, threads: int, rounds: int) -> dict:
     """Medians (ms), PROM's paired speed ratios and each model's relative logit error, for one configuration."""
     torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0]
     with torch.no_grad():
         fns, skipped, references = _variants(batch)
         errors = {name: _relative_error(_logits(fn()), references[name]) for name, fn in fns.items()}
@@ -105,7 +107,7 @@ def measure(batch: int, threads: int, rounds: int) -> dict:
     ratios = {prom: {name: paired_ratio(samples[name], samples[prom]) for name in fns} for prom in _PROM}
     return {"batch": batch, "threads": threads, "rounds": rounds, "skipped": skipped,
             "median_ms": {name: 1e3 * statistics.median(t) for name, t in samples.items()}, "ratio": ratios,
-            "logit_error": errors}
+            "logit_error": errors, "load": [load_before, os.getloadavg()[0]]}
 
 
 def _cpu() -> str:
@@ -147,6 +149,8 @@ def render(records: list[dict], command: str) -> str:
     for name in names:
         cells = [f"{r['median_ms'][name]:.1f}" if name in r["median_ms"] else "skipped" for r in records]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| load average (1 min) before → after | "
+                 + " | ".join(f"{r['load'][0]:.1f} → {r['load'][1]:.1f}" for r in records) + " |")
     for prom in _PROM:
         lines += ["", f"{prom}: speed relative to each variant (median of per-round peer time / {prom} time; "
                   "> 1: PROM faster)", "", "| vs | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
