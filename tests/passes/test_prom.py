@@ -251,6 +251,29 @@ def test_prom_onednn_conv_on_a_coarser_grid_than_its_add_is_not_fused(mobilenet,
     assert targets[ops.qadd.default] == 10 and ops.qconv2d_add.default not in targets
 
 
+@_ONEDNN
+def test_prom_onednn_runtime_export_save_load_round_trip_identical(mnist):
+    model, split = mnist
+    fast = convert(calibrate(prepare(model, (split.x_test[:2],)), [split.x_train[:500]]), runtime="onednn")
+    x = split.x_test[:4]
+    exported = torch.export.export(fast, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()  # fresh weight tensors: prepacked again on first call
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fast(x)) and torch.equal(loaded(split.x_test[:7]), fast(split.x_test[:7]))
+
+
+def test_prom_micro_batched_needs_one_tensor_input_and_output():
+    class TwoInputs(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    with pytest.raises(ValueError, match="one tensor input and one tensor output"):
+        micro_batched(fx.symbolic_trace(TwoInputs()))
+
+
 def test_prom_convert_unknown_runtime_raises(mobilenet):
     with pytest.raises(ValueError, match="runtime must be one of"):
         convert(mobilenet[2], runtime="tflite")
