@@ -12,7 +12,7 @@ Rows (top-1 on the 1,000 test digits; 4,000 train digits):
   checkpoint for ``--epochs`` epochs.
 
 Each quantized row gives the fake-quant model's top-1 and the top-1 of ``fxslim.convert``'s integer
-model, their argmax agreement, and the share of zero ternary codes. Writes
+model (reference and oneDNN runtimes), their argmax agreement, and the share of zero ternary codes. Writes
 benchmarks/results/prom_accuracy.md.
 """
 
@@ -32,8 +32,10 @@ from fxslim.models.train import FitConfig, evaluate, fit, predict
 from fxslim.passes.prom import PROM, calibrate, prepare
 from fxslim.passes.prom_convert import convert
 from fxslim.runtime import prom_ops
+from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 
 _OUT = Path(__file__).resolve().parent / "results" / "prom_accuracy.md"
+_ONEDNN = onednn_available() and vnni_available()  # the fast runtime's columns, where it can run
 
 
 def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:
@@ -68,8 +70,13 @@ def _row(name: str, qat: nn.Module, split: Split, float_top1: float, seconds: fl
     fake, ours = predict(qat, split.x_test), predict(int_model, split.x_test)
     fake_top1, int_top1 = _top1(fake, split.y_test), _top1(ours, split.y_test)
     agree = 100.0 * float((fake.argmax(1) == ours.argmax(1)).float().mean())
+    if _ONEDNN:
+        fast = predict(convert(qat, runtime="onednn"), split.x_test)
+        fast_cells = f"{_top1(fast, split.y_test):.2f} | {100.0 * float((fake.argmax(1) == fast.argmax(1)).float().mean()):.1f}"
+    else:
+        fast_cells = "— | —"
     time_cell = "—" if seconds is None else f"{seconds:.0f}"
-    return (f"| {name} | {fake_top1:.2f} | {int_top1:.2f} | {int_top1 - float_top1:+.2f} | {agree:.1f} "
+    return (f"| {name} | {fake_top1:.2f} | {int_top1:.2f} | {int_top1 - float_top1:+.2f} | {agree:.1f} | {fast_cells} "
             f"| {_ternary_zero_share(int_model):.2f} | {time_cell} |")
 
 
@@ -122,12 +129,13 @@ def main() -> None:
         f"(ternary 1×1 convs, 8-bit stem/depthwise/classifier, uint8 activations), `fit` for {args.epochs} epochs "
         f"(SGD Nesterov, one-cycle, peak lr {args.lr}, weight decay 4e-5, batch 64, random shifts ≤ 2 px), "
         f"seed {args.seed}, {torch.get_num_threads()} thread(s). 'integer' is `fxslim.convert`'s model "
-        "(torch.ops.fxslim ops); Δ is its top-1 minus the float top-1.",
+        "(reference runtime, torch.ops.fxslim fixed-point ops); Δ is its top-1 minus the float top-1; 'oneDNN' is "
+        "`fxslim.convert(..., runtime=\"onednn\")`'s model (fused u8 oneDNN convs).",
         "",
         "| model | top-1 fake-quant (%) | top-1 integer (%) | Δ vs float (pp) | integer/fake-quant argmax agreement (%) "
-        "| zero share of ternary codes | training (s) |",
-        "|---|---|---|---|---|---|---|",
-        f"| float | {float_top1:.2f} | — | — | — | — | {float_time} |",
+        "| top-1 integer oneDNN (%) | oneDNN/fake-quant argmax agreement (%) | zero share of ternary codes | training (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+        f"| float | {float_top1:.2f} | — | — | — | — | — | — | {float_time} |",
         *rows,
         "",
     ]

@@ -107,3 +107,10 @@ def _boundary(call: OpCall) -> OpCost:
     """float <-> uint8 codes at the model's input and output: one scale per element.
     Ignores: rounding and clamping."""
     return OpCost(elementwise=call.out.numel, format="fp32")
+
+
+@register_cost(ops.nan_samples, kind="elementwise")
+def _nan_samples(call: OpCall) -> OpCost:
+    """float [n, ...] -> bool [n]: one fp32 comparison (a max) per input element.
+    Ignores: the NaN test of the n maxima."""
+    return OpCost(elementwise=call.args[0].numel, format="fp32")

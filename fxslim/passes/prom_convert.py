@@ -9,11 +9,16 @@ chain that becomes one integer op writing uint8 codes on that quantizer's grid:
     a + b → [ReLU | ReLU6]              → quant    fxslim::int8_add
     global average pool                 → quant    fxslim::int8_global_avg_pool2d
 
-BN is folded with its running statistics, ReLU/ReLU6 become clamp bounds, value-preserving ops
-(flatten, view, reshape, dropout, identity) are replayed on the codes, and quantized graph outputs
-are dequantized. Weights (ternary ones packed, 2 bits each), int32 biases, multipliers and rounding
-offsets become buffers under the layer's own name; scalars are op arguments. An op outside these
-patterns raises ValueError naming the node. The prepared model is only read, never modified.
+With ``runtime="onednn"`` convs, linears and adds become ``fxslim::qconv2d`` / ``qlinear`` /
+``qadd`` (``fxslim.runtime.prom_onednn``) and a conv feeding a residual add fuses with it
+(``prom_fuse``). BN is folded with its running statistics, ReLU/ReLU6 become clamp bounds, value-preserving
+ops (flatten, view, reshape, dropout, identity) are replayed on the codes, and quantized graph
+outputs are dequantized. Codes cannot hold NaN: ``fxslim::nan_samples`` flags the samples
+whose input holds one, and their dequantized outputs are NaN (as the fake-quant model's are when
+every output sees the whole input, e.g. after a global pool). Weights (ternary ones packed, 2 bits
+each), int32 biases, multipliers and rounding offsets become buffers under the layer's own name;
+scalars are op arguments. An op outside these patterns raises ValueError naming the node. The
+prepared model is only read, never modified.
 """
 
 from __future__ import annotations
@@ -30,17 +35,21 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.ir import meta_val
 from fxslim.passes.inplace import remove_dead_code
+from fxslim.passes.prom_fuse import fuse_conv_add
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op
 from fxslim.runtime.quant import (
     ActFakeQuant, IntegerOp, QConv2d, QLinear, convert_add, convert_conv, convert_global_avg_pool, convert_input,
     convert_linear, convert_output,
 )
+from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+from fxslim.runtime.quant_onednn import convert_add_onednn, convert_conv_onednn, convert_linear_onednn
 
-__all__ = ["convert", "code_agreement", "Agreement", "QUANT_META"]
+__all__ = ["convert", "code_agreement", "Agreement", "QUANT_META", "RUNTIMES"]
 
 _log = logging.getLogger(__name__)
 QUANT_META = "fxslim_prom_quant"  # node meta on converted ops: the ActFakeQuant whose grid they write
 _PASSTHROUGH = (nn.Dropout, nn.Identity)
+RUNTIMES = ("reference", "onednn")
 
 
 @dataclass
@@ -127,11 +136,13 @@ def _members(quant: fx.Node, core: fx.Node) -> list[fx.Node]:
 class _Builder:
     """The new graph, its buffers, and the map from prepared nodes to (new node, grid or None)."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, runtime: str) -> None:
         self.gm = gm
+        self.runtime = runtime
         self.graph = fx.Graph()
         self.buffers: dict[str, torch.Tensor] = {}
         self.env: dict[fx.Node, tuple[fx.Node, ActFakeQuant | None]] = {}
+        self.nan_samples: list[fx.Node] = []  # per quantized model input: which samples hold a NaN
 
     def quantized(self, node: fx.Node, user: fx.Node) -> tuple[fx.Node, ActFakeQuant]:
         new, grid = self.env[node]
@@ -181,28 +192,40 @@ def _convert_core(b: _Builder, chain: _Chain) -> fx.Node:
     quant = b.gm.get_submodule(str(chain.quant.target))
     core, name = chain.core, chain.core.name
     if chain.kind == "input":
-        return b.emit(convert_input(quant), [b.env[core][0]], "", f"{name}_quantized")
+        source = b.env[core][0]
+        b.nan_samples.append(b.graph.call_function(torch.ops.fxslim.nan_samples.default, (source,)))
+        return b.emit(convert_input(quant), [source], "", f"{name}_quantized")
+    onednn = b.runtime == "onednn"
     if chain.kind in ("conv", "linear"):
         layer = b.gm.get_submodule(str(core.target))
         x, grid = b.quantized(core.args[0], core)
         if chain.kind == "conv":
-            op = convert_conv(layer, quant, bn=chain.bn, activation=chain.activation, x_quant=grid)
+            op = (convert_conv_onednn if onednn else convert_conv)(layer, quant, bn=chain.bn, activation=chain.activation,
+                                                                   x_quant=grid)
         else:
-            op = convert_linear(layer, quant, activation=chain.activation, x_quant=grid)
+            op = (convert_linear_onednn if onednn else convert_linear)(layer, quant, activation=chain.activation,
+                                                                       x_quant=grid)
         return b.emit(op, [x], str(core.target), name)
     if chain.kind == "add":
         (a, grid_a), (c, grid_c) = (b.quantized(arg, core) for arg in core.args)
-        return b.emit(convert_add(grid_a, grid_c, quant, activation=chain.activation), [a, c], "", name)
+        op = (convert_add_onednn if onednn else convert_add)(grid_a, grid_c, quant, activation=chain.activation)
+        return b.emit(op, [a, c], "", name)
     x, grid = b.quantized(core.args[0], core)
-    shape = meta_val(core.args[0]).shape
-    pooled = b.emit(convert_global_avg_pool(grid, quant, (int(shape[2]), int(shape[3]))), [x], "", name)
+    pooled = b.emit(convert_global_avg_pool(grid, quant), [x], "", name)
     if meta_val(core).dim() == 2:  # mean without keepdim: [N, C]
         pooled = b.graph.call_function(torch.flatten, (pooled, 1))
     return pooled
 
 
-def convert(qat_model: nn.Module) -> fx.GraphModule:
+def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "reference", *,
+            fuse_adds: bool = True) -> fx.GraphModule:
     """The integer model of a prepared PROM model (``prepare`` output, trained or calibrated).
+
+    ``runtime``: ``"reference"`` emits the fixed-point ops of ``fxslim.runtime.prom_ops`` (ternary
+    weights packed 2 bits each, the cost model's view); ``"onednn"`` emits the fused u8 oneDNN ops
+    of ``fxslim.runtime.prom_onednn`` (weights prepacked, a conv feeding a residual add fused with
+    it, unless ``fuse_adds`` is False: see ``prom_fuse``; needs a CPU with VNNI/AMX int8 dot
+    products).
 
     Input: the float tensors the model takes; output: float32 logits (dequantized). BN running
     statistics and the observers' grids are used as they are; dropout is the identity.
@@ -214,8 +237,13 @@ def convert(qat_model: nn.Module) -> fx.GraphModule:
     for name, module in qat_model.named_modules():
         if isinstance(module, ActFakeQuant) and not bool(module.initialized):
             raise ValueError(f"convert: observer {name!r} has seen no data; run calibrate() or train the model first")
+    if runtime not in RUNTIMES:
+        raise ValueError(f"convert: runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if runtime == "onednn" and not (onednn_available() and vnni_available()):
+        raise ValueError("convert: runtime 'onednn' needs torch's oneDNN quantized ops and a CPU with VNNI or AMX "
+                         "int8 dot products (exact u8·s8 sums); use runtime='reference'")
     gm = qat_model
-    b = _Builder(gm)
+    b = _Builder(gm, runtime)
     chains = {n: _chain(gm, n) for n in gm.graph.nodes if is_quant(gm, n)}
     inside = {m for c in chains.values() for m in c.members if m.op != "placeholder"}
     for node in gm.graph.nodes:
@@ -235,6 +263,8 @@ def convert(qat_model: nn.Module) -> fx.GraphModule:
         else:
             raise _error(node, "cannot convert this op (not part of a conv/linear/add/pool chain ending in an ActFakeQuant)")
     out = fx.GraphModule(b.buffers, b.graph, f"{type(gm).__name__}PROM")
+    if runtime == "onednn" and fuse_adds:
+        fuse_conv_add(out)
     remove_dead_code(out)
     out.graph.lint()
     out.recompile()
@@ -247,7 +277,13 @@ def _dequantized(b: _Builder, node: fx.Node) -> fx.Node:
     new, grid = b.env[node]
     if grid is None:
         return new
-    return b.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
+    dequantized = b.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
+    if b.nan_samples:
+        flags = b.nan_samples[0]
+        for other in b.nan_samples[1:]:
+            flags = b.graph.call_function(torch.logical_or, (flags, other))
+        dequantized.args = (*dequantized.args, flags)
+    return dequantized
 
 
 def _propagate_shapes(out: fx.GraphModule, source: fx.GraphModule) -> None:

@@ -63,6 +63,7 @@ __all__ = [
     "int8_global_avg_pool2d",
     "quantize_per_tensor",
     "dequantize",
+    "nan_samples",
     "ternary_accumulate_reference",
     "ternary_conv2d_reference",
     "int8_conv2d_reference",
@@ -820,6 +821,8 @@ def _pool_check(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out
         raise ValueError(f"x: expected a 4-d tensor [N, C, H, W], got shape {tuple(x.shape)}")
     if x.shape[2] * x.shape[3] * 255 > _INT32_MAX:
         raise ValueError(f"x: H·W = {x.shape[2] * x.shape[3]} is too large for an int32 sum")
+    if not 0 <= shift <= 30:
+        raise ValueError(f"shift: expected an integer in [0, 30] (acc·M + H·W·2^shift must fit int64), got {shift}")
     _check_code("x_zero_point", x_zero_point)
     if not 0 <= multiplier <= _INT32_MAX:
         raise ValueError(f"multiplier: expected an integer in [0, 2^31 - 1], got {multiplier}")
@@ -831,14 +834,20 @@ def _pool_check(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out
 def int8_global_avg_pool2d(
     x: Tensor, x_zero_point: int, multiplier: int, shift: int, out_zero_point: int, out_min: int, out_max: int,
 ) -> Tensor:
-    """Global average pool: int32 sum over H·W of (q − z_x), requantized with a multiplier that
-    includes 1/(H·W). uint8 [N, C, H, W] → uint8 [N, C, 1, 1] (contiguous)."""
+    """Global average pool: uint8 [N, C, H, W] → uint8 [N, C, 1, 1] (contiguous).
+
+    ``multiplier``·2^−shift is s_x/s_out without the 1/(H·W): the op divides by the H·W of the
+    input it gets, so one converted model serves every resolution. With acc = Σ_{H,W} (q − z_x) in
+    int64 and D = H·W·2^shift: out = clamp(floor((acc·M + D/2) / D) + z_out, out_min, out_max).
+    """
     shape = _pool_check(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
-    acc = x.sum((2, 3), keepdim=True, dtype=torch.int32)
-    acc -= x.shape[2] * x.shape[3] * x_zero_point
-    out = torch.empty(shape, dtype=torch.uint8, device=x.device)
-    m = torch.tensor([multiplier], dtype=torch.int32)
-    return _requantize_into(out, acc.contiguous(), m, None, shift, out_zero_point, out_min, out_max, owned=True)
+    hw = x.shape[2] * x.shape[3]
+    # int32 sums (exact: 255·H·W fits, checked) are twice as fast as int64 ones; the few sums widen after
+    acc = x.sum((2, 3), keepdim=True, dtype=torch.int32).to(torch.int64)
+    denominator = hw << shift
+    acc.sub_(hw * x_zero_point).mul_(multiplier).add_(denominator >> 1)
+    acc = torch.div(acc, denominator, rounding_mode="floor").add_(out_zero_point).clamp_(out_min, out_max)
+    return torch.empty(shape, dtype=torch.uint8, device=x.device).copy_(acc)
 
 
 @int8_global_avg_pool2d.register_fake
@@ -850,9 +859,12 @@ def _int8_global_avg_pool2d_fake(x, x_zero_point, multiplier, shift, out_zero_po
 def int8_global_avg_pool2d_reference(
     x: Tensor, x_zero_point: int, multiplier: int, shift: int, out_zero_point: int, out_min: int, out_max: int,
 ) -> Tensor:
-    """Oracle: int64 sum of the centred codes, then the requantization oracle."""
-    acc = (x.to(torch.int64) - x_zero_point).sum((2, 3), keepdim=True)
-    return requantize_reference(acc, torch.tensor([multiplier], dtype=torch.int32), shift, out_zero_point, out_min, out_max)
+    """Oracle: per element, Python integers: round half up of Σ(q − z_x)·M / (H·W·2^shift)."""
+    denominator = (x.shape[2] * x.shape[3]) << shift
+    sums = (x.to(torch.int64) - x_zero_point).sum((2, 3), keepdim=True)
+    values = [min(out_max, max(out_min, (int(a) * multiplier + denominator // 2) // denominator + out_zero_point))
+              for a in sums.flatten().tolist()]
+    return torch.tensor(values, dtype=torch.uint8).view(sums.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -887,9 +899,31 @@ def quantize_per_tensor(x: Tensor, scale: float, zero_point: int, out_min: int =
     the ones the fake-quant model uses. Same shape and layout as ``x``.
     """
     _quantize_check(x, scale, zero_point, out_min, out_max)
-    t = torch.round(x.to(torch.float32) * _inverse_scale(scale))
-    t.clamp_(out_min - zero_point, out_max - zero_point).add_(zero_point)
-    return torch.empty_like(x, dtype=torch.uint8).copy_(t)
+    out = torch.empty_like(x, dtype=torch.uint8)
+    inverse = _inverse_scale(scale)
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()
+        out = torch.empty_like(x, dtype=torch.uint8)
+    # Flat views in memory order, worked on in cache-sized chunks: four passes over a chunk that
+    # stays in L2 instead of four over a whole-batch float temporary.
+    flat_x, flat_out = _memory_order_flat(x), _memory_order_flat(out)
+    buffer = torch.empty(min(_QUANT_CHUNK, flat_x.numel()), dtype=torch.float32, device=x.device)
+    for start in range(0, flat_x.numel(), _QUANT_CHUNK):
+        chunk = flat_x[start : start + _QUANT_CHUNK].to(torch.float32)  # the fake quantizer's arithmetic
+        t = torch.mul(chunk, inverse, out=buffer[: chunk.numel()])
+        t.round_().clamp_(out_min - zero_point, out_max - zero_point).add_(zero_point)
+        flat_out[start : start + _QUANT_CHUNK].copy_(t)
+    return out
+
+
+_QUANT_CHUNK = 1 << 16  # 256 KB of float32
+
+
+def _memory_order_flat(t: Tensor) -> Tensor:
+    """A 1-d view of a contiguous or channels_last tensor, elements in memory order."""
+    if t.is_contiguous():
+        return t.view(-1)
+    return t.permute(0, 2, 3, 1).reshape(-1)  # channels_last: NHWC is contiguous, so this is a view
 
 
 @quantize_per_tensor.register_fake
@@ -898,19 +932,54 @@ def _quantize_per_tensor_fake(x, scale, zero_point, out_min=0, out_max=255):
     return torch.empty_like(x, dtype=torch.uint8)
 
 
-@torch.library.custom_op("fxslim::dequantize", mutates_args=(), schema="(Tensor q, float scale, int zero_point) -> Tensor")
-def dequantize(q: Tensor, scale: float, zero_point: int) -> Tensor:
-    """uint8 codes → float32 ``(q − z)·scale`` (same shape and layout as ``q``)."""
+@torch.library.custom_op(
+    "fxslim::dequantize", mutates_args=(), schema="(Tensor q, float scale, int zero_point, Tensor? nan_samples=None) -> Tensor",
+)
+def dequantize(q: Tensor, scale: float, zero_point: int, nan_samples: Tensor | None = None) -> Tensor:
+    """uint8 codes → float32 ``(q − z)·scale`` (same shape and layout as ``q``).
+
+    ``nan_samples`` (bool [N], from ``nan_samples``): those samples (dim 0) come out NaN, since codes
+    cannot carry the NaN their input had. When dim 0 of ``q`` is not the batch, any NaN sample
+    makes the whole output NaN.
+    """
+    _dequantize_check(q, zero_point, nan_samples)
+    out = q.to(torch.float32).sub_(zero_point).mul_(torch.tensor(scale, dtype=torch.float32))
+    if nan_samples is not None and bool(nan_samples.any()):
+        if q.dim() >= 1 and q.shape[0] == nan_samples.shape[0]:
+            out[nan_samples] = float("nan")
+        else:
+            out.fill_(float("nan"))
+    return out
+
+
+def _dequantize_check(q: Tensor, zero_point: int, nan_samples: Tensor | None) -> None:
     _check_uint8("q", q)
     _check_code("zero_point", zero_point)
-    return q.to(torch.float32).sub_(zero_point).mul_(torch.tensor(scale, dtype=torch.float32))
+    if nan_samples is not None and (nan_samples.dtype != torch.bool or nan_samples.dim() != 1):
+        raise ValueError(f"nan_samples: expected None or a bool tensor [N], got {nan_samples.dtype} {tuple(nan_samples.shape)}")
 
 
 @dequantize.register_fake
-def _dequantize_fake(q, scale, zero_point):
-    _check_uint8("q", q)
-    _check_code("zero_point", zero_point)
+def _dequantize_fake(q, scale, zero_point, nan_samples=None):
+    _dequantize_check(q, zero_point, nan_samples)
     return torch.empty_like(q, dtype=torch.float32)
+
+
+@torch.library.custom_op("fxslim::nan_samples", mutates_args=(), schema="(Tensor x) -> Tensor")
+def nan_samples(x: Tensor) -> Tensor:
+    """Which samples (dim 0) of a float tensor hold a NaN: bool [N] (one reduction; max propagates NaN)."""
+    if not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"x: expected a floating-point tensor with a batch dimension, got {x.dtype} {tuple(x.shape)}")
+    if x.numel() == 0:
+        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
+    return x.reshape(x.shape[0], -1).amax(1).isnan()
+
+
+@nan_samples.register_fake
+def _nan_samples_fake(x):
+    if not x.is_floating_point() or x.dim() < 1:
+        raise ValueError(f"x: expected a floating-point tensor with a batch dimension, got {x.dtype} {tuple(x.shape)}")
+    return x.new_empty((x.shape[0],), dtype=torch.bool)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,7 +30,6 @@ clamp bounds on the output codes. The converted op then matches the fake-quant l
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -150,7 +149,9 @@ class ActFakeQuant(nn.Module):
     The observer updates in training mode while enabled, and on the first batch the module ever
     sees (whatever the mode), which sets min/max directly so the EMA is defined from the start:
     ``min ← momentum·min + (1 − momentum)·batch_min`` afterwards (likewise max). Scale and zero
-    point are recomputed after each update (module docstring). All state lives in buffers
+    point are recomputed after each update (module docstring). An observer that sees NaN or inf
+    raises ValueError; otherwise NaN passes through unchanged (as in the float model) and inf is
+    clamped to the grid. All state lives in buffers
     (``min_val``, ``max_val``, ``scale``, ``zero_point``, ``initialized``, ``observer_enabled``), so
     it is saved in the state dict and, under DistributedDataParallel, broadcast from rank 0 with
     the other buffers at every forward (each rank observes its own batch in between).
@@ -176,7 +177,8 @@ class ActFakeQuant(nn.Module):
             self._observe(x)
         elif not initialized:
             raise RuntimeError("ActFakeQuant: the observer is frozen before it saw any batch; unfreeze it and run data through")
-        return torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, _QMIN, _QMAX)
+        out = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, _QMIN, _QMAX)
+        return torch.where(torch.isnan(x), x, out)  # NaN stays NaN (the grid has no code for it)
 
     @torch.no_grad()
     def _observe(self, x: Tensor) -> None:
@@ -503,15 +505,12 @@ def convert_add(
     return IntegerOp(torch.ops.fxslim.int8_add.default, ("a", "b"), scalars=scalars)
 
 
-def convert_global_avg_pool(
-    x_quant: ActFakeQuant, out_quant: ActFakeQuant, spatial_size: int | Iterable[int], *, shift: int | None = None,
-) -> IntegerOp:
-    """``out_quant(mean over H, W)`` for a fixed input size (H·W enters the multiplier)."""
-    hw = spatial_size if isinstance(spatial_size, int) else math.prod(spatial_size)
+def convert_global_avg_pool(x_quant: ActFakeQuant, out_quant: ActFakeQuant) -> IntegerOp:
+    """``out_quant(mean over H, W)``: the multiplier is s_x/s_out; the op divides by the run-time H·W."""
     s_x, z_x = x_quant.qparams()
     s_y, z_y = out_quant.qparams()
-    real = torch.tensor([s_x / (hw * s_y)], dtype=torch.float64)
-    shift = requant_shift(real, torch.tensor([255 * hw])) if shift is None else shift
-    scalars = {"x_zero_point": z_x, "multiplier": int(prom_ops.requant_multiplier(real, shift)[0]), "shift": shift,
+    real = s_x / s_y
+    shift = min(_MAX_OFFSET_SHIFT, math.floor(math.log2(((1 << 31) - 1) / real)))  # the most bits an int32 M holds
+    scalars = {"x_zero_point": z_x, "multiplier": int(prom_ops.requant_multiplier(real, shift)), "shift": shift,
                "out_zero_point": z_y, "out_min": _QMIN, "out_max": _QMAX}
     return IntegerOp(torch.ops.fxslim.int8_global_avg_pool2d.default, ("x",), scalars=scalars)

@@ -25,7 +25,10 @@ from fxslim.models.mobilenet_mnist import load_mobilenet_mnist
 from fxslim.models.train import predict, train_step
 from fxslim.passes.base import PassContext
 from fxslim.passes.prom import PROM, PerTensorQConv2d, calibrate, prepare
+from fxslim.passes import prom_fuse
+from fxslim.passes.prom_batching import micro_batched
 from fxslim.passes.prom_convert import code_agreement, convert
+from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 from fxslim.runtime.quant import ActFakeQuant, QConv2d
 
 ops = torch.ops.fxslim
@@ -205,6 +208,115 @@ def test_prom_converted_runs_under_fxslim_compile_backend(mnist):
     compiled = torch.compile(int_model, backend="fxslim", options={"inner": "inductor"})
     with torch.no_grad():
         assert torch.equal(compiled(split.x_test[:8]), int_model(split.x_test[:8]))
+
+
+# ----------------------------------------------------------------------------------------------
+# The oneDNN runtime (convert(runtime="onednn")), the run-time pool size, NaN
+
+_ONEDNN = pytest.mark.skipif(not (onednn_available() and vnni_available()),
+                             reason="needs oneDNN quantized ops and VNNI/AMX int8 dot products")
+
+
+@_ONEDNN
+def test_prom_onednn_runtime_fuses_residual_adds_and_stays_within_one_lsb(mobilenet):
+    _, x, qat, _ = mobilenet
+    fast = convert(qat, runtime="onednn")
+    targets = Counter(n.target for n in fast.graph.nodes if n.op == "call_function")
+    # 52 convs: the 10 projection convs that feed a residual add are fused with it
+    assert targets[ops.qconv2d.default] == 42 and targets[ops.qconv2d_add.default] == 10
+    assert targets[ops.qlinear.default] == 1 and not any(t in targets for t in (ops.ternary_conv2d.default, ops.int8_add.default))
+    local = code_agreement(qat, fast, x, mode="local")
+    assert len(local.layers) == 65 - 10 and local.within_one == 1.0 and local.exact >= 0.99
+    with torch.no_grad():
+        assert torch.equal(fast(x).argmax(1), qat.eval()(x).argmax(1))
+
+
+@_ONEDNN
+def test_prom_onednn_runtime_unfused_adds_are_bit_exact_against_fake_quant(mobilenet):
+    _, x, qat, _ = mobilenet
+    fast = convert(qat, runtime="onednn", fuse_adds=False)
+    targets = Counter(n.target for n in fast.graph.nodes if n.op == "call_function")
+    assert targets[ops.qconv2d.default] == 52 and targets[ops.qadd.default] == 10
+    local = code_agreement(qat, fast, x, mode="local")
+    assert len(local.layers) == 65 and local.within_one == 1.0
+    adds = [name for name in local.layers if name.startswith("prom_quant.add")]
+    assert len(adds) == 10 and all(local.layers[a][2] == local.layers[a][0] for a in adds)
+
+
+@_ONEDNN
+def test_prom_onednn_conv_on_a_coarser_grid_than_its_add_is_not_fused(mobilenet, monkeypatch):
+    _, _, qat, _ = mobilenet
+    monkeypatch.setattr(prom_fuse, "FUSE_MAX_SCALE_RATIO", 0.0)  # every conv grid now "too coarse"
+    targets = Counter(n.target for n in convert(qat, runtime="onednn").graph.nodes if n.op == "call_function")
+    assert targets[ops.qadd.default] == 10 and ops.qconv2d_add.default not in targets
+
+
+@_ONEDNN
+def test_prom_onednn_runtime_export_save_load_round_trip_identical(mnist):
+    model, split = mnist
+    fast = convert(calibrate(prepare(model, (split.x_test[:2],)), [split.x_train[:500]]), runtime="onednn")
+    x = split.x_test[:4]
+    exported = torch.export.export(fast, (x,), dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1)}})
+    buffer = io.BytesIO()
+    torch.export.save(exported, buffer)
+    buffer.seek(0)
+    loaded = torch.export.load(buffer).module()  # fresh weight tensors: prepacked again on first call
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fast(x)) and torch.equal(loaded(split.x_test[:7]), fast(split.x_test[:7]))
+
+
+def test_prom_micro_batched_needs_one_tensor_input_and_output():
+    class TwoInputs(nn.Module):
+        def forward(self, a, b):
+            return a + b
+
+    with pytest.raises(ValueError, match="one tensor input and one tensor output"):
+        micro_batched(fx.symbolic_trace(TwoInputs()))
+
+
+def test_prom_convert_unknown_runtime_raises(mobilenet):
+    with pytest.raises(ValueError, match="runtime must be one of"):
+        convert(mobilenet[2], runtime="tflite")
+
+
+@_ONEDNN
+def test_prom_onednn_runtime_micro_batched_equals_whole_batch(mobilenet):
+    _, x, qat, _ = mobilenet
+    fast = convert(qat, runtime="onednn")
+    sliced = micro_batched(fast, max_activation_bytes=3 << 20)  # 1.2 MB per sample at 224 px: 2 per slice
+    assert sliced.rows_per_slice(x) == 2
+    with torch.no_grad():
+        assert torch.equal(sliced(x), fast(x))
+
+
+@pytest.mark.parametrize("runtime", ["reference", pytest.param("onednn", marks=_ONEDNN)])
+def test_prom_global_pool_divides_by_run_time_size(runtime):
+    """Converted at 16 px, run at 8 and 32 px: the pool's codes stay within 1 LSB of fake quant
+    (the old multiplier baked in 1/(16·16/4) and was off by 4× and 1/4)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+    qat = calibrate(prepare(model.eval(), torch.randn(2, 3, 16, 16)),
+                    [torch.randn(8, 3, size, size) for size in (8, 16, 32)])
+    int_model = convert(qat, runtime=runtime)
+    for size in (8, 32):
+        x = torch.randn(4, 3, size, size)
+        local = code_agreement(qat, int_model, x, mode="local")
+        assert local.within_one == 1.0
+        assert code_agreement(qat, int_model, x, mode="end_to_end").within_one == 1.0
+
+
+@pytest.mark.parametrize("runtime", ["reference", pytest.param("onednn", marks=_ONEDNN)])
+def test_prom_nan_in_one_sample_gives_nan_outputs_there_only(mnist, runtime):
+    model, split = mnist
+    qat = calibrate(prepare(model, (split.x_test[:2],)), [split.x_train[:500]]).eval()
+    int_model = convert(qat, runtime=runtime)
+    x = split.x_test[:3].clone()
+    x[1, 0, 5, 7] = float("nan")
+    with torch.no_grad():
+        for m in (qat, int_model):
+            clean, y = m(split.x_test[:3]), m(x)
+            assert torch.isnan(y[1]).all()
+            assert torch.equal(y[[0, 2]], clean[[0, 2]])
 
 
 # ----------------------------------------------------------------------------------------------

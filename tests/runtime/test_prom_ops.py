@@ -298,7 +298,7 @@ def test_int8_global_avg_pool2d_equals_oracle(n, c, h, w, real, seed):
     gen = _gen(seed)
     x = _codes((n, c, h, w), gen)
     shift = 23 if real <= 1 else 28
-    args = (x, int(torch.randint(0, 256, (1,), generator=gen)), int(P.requant_multiplier(real / (h * w), shift)), shift,
+    args = (x, int(torch.randint(0, 256, (1,), generator=gen)), int(P.requant_multiplier(real, shift)), shift,
             *_out_range(gen))
     out = P.int8_global_avg_pool2d(*args)
     assert out.shape == (n, c, 1, 1)
@@ -426,10 +426,21 @@ def test_int8_global_avg_pool2d_within_one_lsb_of_float_model(h, sx, seed):
     gen = _gen(seed)
     x = _codes((2, 5, h, h), gen)
     so = sx * 0.8
-    m = int(P.requant_multiplier(sx / (h * h * so)))
-    out = P.int8_global_avg_pool2d(x, 60, m, 23, 40, 0, 255)
+    m = int(P.requant_multiplier(sx / so, 28))
+    out = P.int8_global_avg_pool2d(x, 60, m, 28, 40, 0, 255)
     ref = P.global_avg_pool2d_float_reference(x, sx, 60, so, 40, 0, 255)
     assert (out.int() - ref.int()).abs().max() <= 1
+
+
+def test_int8_global_avg_pool2d_divides_by_run_time_size():
+    """One multiplier (s_x/s_out, no 1/(H·W)) serves every input size: the mean of a constant map
+    is that constant at 2×2, 5×5 and 16×16 alike."""
+    m = int(P.requant_multiplier(1.0, 28))
+    for size in (2, 5, 16):
+        x = torch.full((1, 3, size, size), 200, dtype=torch.uint8)
+        x[0, 1] = 17
+        out = P.int8_global_avg_pool2d(x, 10, m, 28, 10, 0, 255)
+        assert out.flatten().tolist() == [200, 17, 200]
 
 
 def test_integer_ops_rarely_differ_from_float_model():

@@ -312,7 +312,7 @@ def test_converted_inverted_residual_with_add_pool_linear_within_one_lsb():
         "dw": Q.convert_conv(L["dw"], A["d"], bn=B["dw"], activation="relu6", x_quant=A["e"]),
         "project": Q.convert_conv(L["project"], A["p"], bn=B["project"], x_quant=A["d"]),
         "add": Q.convert_add(A["a"], A["p"], A["sum"]),
-        "pool": Q.convert_global_avg_pool(A["sum"], A["pool"], (10, 10)),
+        "pool": Q.convert_global_avg_pool(A["sum"], A["pool"]),
         "fc": Q.convert_linear(L["fc"], A["logits"], x_quant=A["pool"]),
     }
     assert ops["expand"].op is torch.ops.fxslim.ternary_conv2d.default

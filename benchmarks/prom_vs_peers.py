@@ -1,0 +1,213 @@
+"""PROM's integer MobileNetV2 against the int8 CPU stacks a user would pick instead, timed side by side.
+
+    python -m benchmarks.prom_vs_peers [--batches 1 32] [--threads 1] [--rounds 30 8]
+
+torchvision mobilenet_v2 (weights=None, BN statistics estimated on the six scikit-image photos,
+``prom_common``), 224×224, under ``torch.no_grad``. Variants, all calibrated on the same photos:
+
+- fp32 eager; fp32 ``torch.compile`` with freezing;
+- PT2E int8: torchao's X86InductorQuantizer, ``convert_pt2e``, ``torch.compile`` with freezing;
+- ONNX Runtime int8: static QDQ, u8 activations, s8 per-channel weights;
+- OpenVINO int8: NNCF post-training quantization, f32 inference precision, latency mode;
+- PROM integer: ``convert(qat, runtime="onednn")`` (fused u8 oneDNN convs), ``micro_batched``,
+  eager and under ``torch.compile(backend="fxslim")``. PROM's model is post-training calibrated
+  here, not QAT-trained: speed does not depend on the weights.
+
+Each (batch, threads) runs in its own process (inductor bakes the thread count in; ORT and
+OpenVINO set theirs at session creation); within it every round runs each variant once, in turn
+(``benchmarks.timing``), and the table gives medians in ms and PROM's speed relative to each peer
+(median over rounds of peer time / PROM time, > 1: PROM faster). A peer that cannot be installed
+is skipped with its reason. Writes benchmarks/results/prom_vs_peers.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from collections.abc import Callable
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from benchmarks import prom_peers
+from benchmarks.timing import interleaved_samples, paired_ratio
+
+_OUT = Path(__file__).resolve().parent / "results" / "prom_vs_peers.md"
+PEERS = ("PT2E int8 + compile", "ONNX Runtime int8")  # the target: PROM >= 1.0x these at 1 thread
+_PROM = ("PROM integer", "PROM integer compiled")
+_PACKAGES = ("torch", "torchao", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf")
+
+
+def _prom_models(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, nn.Module, nn.Module]:
+    """(fake-quant model, integer model eager, integer model compiled)."""
+    from fxslim.passes.prom import calibrate, prepare
+    from fxslim.passes.prom_batching import micro_batched
+    from fxslim.passes.prom_convert import convert
+
+    qat = calibrate(prepare(model, (images[:1],)), [images])
+    eager = micro_batched(convert(qat, runtime="onednn"))
+    wrapper = type("PromCompiled", (nn.Module,), {"forward": lambda self, x: self.inner(x)})()
+    wrapper.inner = eager
+    return qat.eval(), eager, torch.compile(wrapper, backend="fxslim")
+
+
+def _variants(batch: int) -> tuple[dict[str, Callable[[], object]], dict[str, str], dict[str, torch.Tensor]]:
+    """(name → one inference, name → reason skipped, name → the logits it should reproduce: fp32
+    eager's, for PROM its fake-quant model's) for a batch of ``batch`` photos."""
+    from benchmarks.prom_common import photo_batch, random_mobilenet_v2
+
+    images = photo_batch()
+    model = random_mobilenet_v2(images)
+    x = images.repeat((batch + len(images) - 1) // len(images), 1, 1, 1)[:batch].contiguous()
+    # calibration batches shaped like x (the ONNX/OpenVINO models have a static batch)
+    calibration = list(images.split(1)) if batch == 1 else [x]
+    fns: dict[str, Callable[[], object]] = {"fp32 eager": lambda: model(x)}
+    skipped: dict[str, str] = {}
+    builders = {"fp32 compile + freezing": prom_peers.fp32_compiled, "PT2E int8 + compile": prom_peers.pt2e_int8,
+                "ONNX Runtime int8": prom_peers.ort_int8, "OpenVINO + NNCF int8": prom_peers.openvino_int8}
+    for name, build in builders.items():
+        try:
+            fns[name] = build(model, x, calibration)
+        except prom_peers.PeerUnavailable as error:
+            skipped[name] = str(error)
+    qat, eager, compiled = _prom_models(model, images)
+    fns[_PROM[0]], fns[_PROM[1]] = (lambda: eager(x)), (lambda: compiled(x))
+    fp32, fake_quant = model(x), qat(x)
+    return fns, skipped, {name: fake_quant if name in _PROM else fp32 for name in fns}
+
+
+def _logits(out: object) -> torch.Tensor:
+    """The logits tensor of any variant's output (ORT: list of arrays, OpenVINO: result dict)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    first = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))
+    return torch.as_tensor(first)
+
+
+def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    """‖logits − reference‖ / ‖reference‖ over the batch."""
+    return float((logits.float() - reference).norm() / reference.norm())
+
+
+def measure(batch: int, threads: int, rounds: int) -> dict:
+    """Medians (ms), PROM's paired speed ratios and each model's relative logit error, for one configuration."""
+    torch.set_num_threads(threads)
+    load_before = os.getloadavg()[0]
+    with torch.no_grad():
+        fns, skipped, references = _variants(batch)
+        errors = {name: _relative_error(_logits(fn()), references[name]) for name, fn in fns.items()}
+        samples = interleaved_samples(fns, rounds)
+    ratios = {prom: {name: paired_ratio(samples[name], samples[prom]) for name in fns} for prom in _PROM}
+    return {"batch": batch, "threads": threads, "rounds": rounds, "skipped": skipped,
+            "median_ms": {name: 1e3 * statistics.median(t) for name, t in samples.items()}, "ratio": ratios,
+            "logit_error": errors, "load": [load_before, os.getloadavg()[0]]}
+
+
+def _cpu() -> str:
+    from fxslim.runtime.prom_onednn import _cpu_flags
+
+    flags = sorted(_cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16"})
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text(errors="replace").splitlines() if cpuinfo.exists() else []
+    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
+                platform.processor() or platform.machine())
+    return f"{name}; torch CPU capability {torch.backends.cpu.get_cpu_capability()}; flags {', '.join(flags)}"
+
+
+def _versions() -> str:
+    found = []
+    for package in _PACKAGES:
+        try:
+            found.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{package} not installed")
+    return ", ".join(found)
+
+
+def render(records: list[dict], command: str) -> str:
+    """The Markdown results file."""
+    configs = [f"batch {r['batch']}, {r['threads']} thr" for r in records]
+    names = list(dict.fromkeys(n for r in records for n in (*r["median_ms"], *r["skipped"])))
+    lines = [
+        "# PROM integer MobileNetV2 vs int8 CPU peers, 224×224",
+        "",
+        f"Generated by `{command}`. {_cpu()}. {_versions()}. One process per (batch, threads); "
+        "variants interleaved round by round; medians in ms per batch "
+        f"({', '.join(str(r['rounds']) for r in records)} rounds). PROM's model is calibrated, not trained "
+        "(speed does not depend on the weights). The machine is shared: compare within a column.",
+        "",
+        "| variant | " + " | ".join(configs) + " |",
+        "|---|" + "---|" * len(configs),
+    ]
+    for name in names:
+        cells = [f"{r['median_ms'][name]:.1f}" if name in r["median_ms"] else "skipped" for r in records]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines.append("| load average (1 min) before → after | "
+                 + " | ".join(f"{r['load'][0]:.1f} → {r['load'][1]:.1f}" for r in records) + " |")
+    for prom in _PROM:
+        lines += ["", f"{prom}: speed relative to each variant (median of per-round peer time / {prom} time; "
+                  "> 1: PROM faster)", "", "| vs | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
+        for name in names:
+            if name == prom:
+                continue
+            cells = [f"{r['ratio'][prom][name]:.2f}×" if name in r["median_ms"] else "—" for r in records]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Relative logit error ‖y − y_ref‖/‖y_ref‖ on the timed batch, a sanity check of each model: y_ref is "
+              "fp32 eager's logits, for PROM its own fake-quant model's (PROM's ternary weights are a different model, "
+              "made for QAT; its accuracy is in prom_accuracy.md):", "",
+              "| variant | " + " | ".join(configs) + " |", "|---|" + "---|" * len(configs)]
+    for name in names:
+        cells = [f"{r['logit_error'][name]:.4f}" if name in r["logit_error"] else "—" for r in records]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "Target (issue 16): PROM integer ≥ 1.0× PT2E int8 + compile and ONNX Runtime int8 at batch 1 and 32, "
+              "1 thread."]
+    for r in records:
+        if r["threads"] != 1:
+            continue
+        for peer in PEERS:
+            if peer in r["skipped"]:
+                lines.append(f"- batch {r['batch']}: {peer} skipped ({r['skipped'][peer]})")
+                continue
+            best = max(r["ratio"][p][peer] for p in _PROM)
+            lines.append(f"- batch {r['batch']} vs {peer}: best PROM variant {best:.2f}× — "
+                         f"{'met' if best >= 1.0 else 'NOT met'}")
+    for r in records:
+        lines += [f"- skipped at batch {r['batch']}, {r['threads']} thr: {name}: {why}" for name, why in r["skipped"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--rounds", type=int, nargs="+", default=[30, 8], help="per batch size, in order (last repeats)")
+    parser.add_argument("--out", type=Path, default=_OUT)
+    parser.add_argument("--one", type=int, nargs=3, metavar=("BATCH", "THREADS", "ROUNDS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.one:  # child process: one configuration, JSON on the last line of stdout
+        print(json.dumps(measure(*args.one)))
+        return
+    records = []
+    for i, batch in enumerate(args.batches):
+        rounds = args.rounds[min(i, len(args.rounds) - 1)]
+        for threads in args.threads:
+            child = [sys.executable, "-m", "benchmarks.prom_vs_peers", "--one", str(batch), str(threads), str(rounds)]
+            done = subprocess.run(child, check=True, capture_output=True, text=True)
+            records.append(json.loads(done.stdout.strip().splitlines()[-1]))
+            print(f"batch {batch}, {threads} thr: " + ", ".join(f"{k} {v:.1f} ms" for k, v in records[-1]["median_ms"].items()),
+                  flush=True)
+    command = "python -m benchmarks.prom_vs_peers " + " ".join(sys.argv[1:])
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(render(records, command.strip()))
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,345 @@
+"""Fast integer runtime of PROM: oneDNN's fused u8 quantized convs behind ``torch.ops.fxslim`` ops.
+
+Same numbers as ``prom_ops`` (uint8 activation codes, real value ``s·(q − z)``, per-channel
+symmetric int8 weight codes; ternary codes {−1, 0, 1} are exact int8 codes), but the
+requantization is oneDNN's: ``acc_s32 · s_x·w_c + bias_c`` in f32, then the clamp of the activation
+(``out_min``/``out_max`` codes, applied as a ``relu``/``hardtanh`` post-op on the real value) and
+``round_half_even(y / s_y) + z_y`` saturated to u8, all inside the conv kernel. ``prom_ops`` keeps
+the fixed-point integer requantization; the two agree within 1 LSB (tests/runtime/test_prom_onednn.py).
+
+- ``qconv2d``: any conv (pointwise ternary, depthwise, the stem), u8 [N, C, H, W] → u8
+  channels_last. Weights are prepacked once per (weight tensor, input grid, geometry) and cached
+  (``prepack``; the converter calls it so a converted model is packed before its first call).
+- ``qconv2d_add``: ``qconv2d`` whose real output is added to a u8 ``skip`` tensor on its own grid
+  before the one rounding (oneDNN sum post-op): a conv feeding a residual add in one kernel.
+- ``qlinear``: linear layer, u8 [..., in] → u8 [..., out].
+- ``qadd``: residual add of two u8 tensors in float32, the same arithmetic as the fake-quant model
+  (dequantize, add, quantize), so it is bit-exact against it; used where ``qconv2d_add`` cannot be.
+
+Exactness of the oneDNN kernels needs VNNI/AMX-class int8 instructions (``vnni_available``): the
+plain AVX2 path sums u8·s8 pairs in saturating int16, which 8-bit weights can overflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+from fxslim.runtime.prom_ops import _CACHE, _check_code, _check_pair, _check_uint8, _inverse_scale, conv_output_size
+
+__all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "vnni_available", "onednn_available"]
+
+_ATTRS = ("none", "relu", "hardtanh")
+
+
+def onednn_available() -> bool:
+    """Whether this torch build has the oneDNN quantized conv/linear ops."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qconv_pointwise")
+
+
+def vnni_available() -> bool:
+    """Whether the CPU has exact u8·s8 dot products (AVX512-VNNI, AVX-VNNI or AMX-INT8)."""
+    flags = _cpu_flags()
+    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def _check_scale(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"{name}: expected a finite float > 0, got {value}")
+
+
+def _check_out(out_scale: float, out_zero_point: int, out_min: int, out_max: int) -> None:
+    _check_scale("out_scale", out_scale)
+    _check_code("out_zero_point", out_zero_point)
+    _check_code("out_min", out_min)
+    _check_code("out_max", out_max)
+    if out_min > out_max:
+        raise ValueError(f"out_min/out_max: expected out_min <= out_max, got {out_min} > {out_max}")
+
+
+def _check_weight(weight: Tensor, w_scale: Tensor, bias: Tensor, dim: int) -> None:
+    if weight.dtype != torch.int8 or weight.dim() != dim:
+        raise ValueError(f"weight: expected {dim}-d int8 codes, got {weight.dtype} {tuple(weight.shape)}")
+    c_out = weight.shape[0]
+    for name, t in (("w_scale", w_scale), ("bias", bias)):
+        if t.dtype != torch.float32 or tuple(t.shape) != (c_out,):
+            raise ValueError(f"{name}: expected a float32 tensor of shape [{c_out}], got {t.dtype} {tuple(t.shape)}")
+
+
+def _post_op(out_scale: float, out_zero_point: int, out_min: int, out_max: int) -> tuple[str, list[float]]:
+    """The oneDNN unary post-op that clamps codes to [out_min, out_max]: quantization is monotone,
+    so clamping the real value to the reals of those codes clamps the codes to them."""
+    if (out_min, out_max) == (0, 255):
+        return "none", []
+    if (out_min, out_max) == (out_zero_point, 255):
+        return "relu", []
+    return "hardtanh", [(out_min - out_zero_point) * out_scale, (out_max - out_zero_point) * out_scale]
+
+
+# ----------------------------------------------------------------------------------------------
+# qconv2d / qconv2d_add
+
+_CONV_ARGS = (
+    "Tensor x, float x_scale, int x_zero_point, Tensor weight, Tensor w_scale, Tensor bias, float out_scale, "
+    "int out_zero_point, int out_min, int out_max, int[2] stride, int[2] padding, int[2] dilation, int groups"
+)
+
+
+def _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
+                stride, padding, dilation, groups):
+    _check_uint8("x", x)
+    if x.dim() != 4:
+        raise ValueError(f"x: expected a 4-d tensor [N, C_in, H, W], got shape {tuple(x.shape)}")
+    _check_scale("x_scale", x_scale)
+    _check_code("x_zero_point", x_zero_point)
+    _check_weight(weight, w_scale, bias, 4)
+    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"groups: expected weight.shape[1]·groups == C_in={x.shape[1]} dividing C_out, got groups={groups}, "
+                         f"weight {tuple(weight.shape)}")
+    _check_out(out_scale, out_zero_point, out_min, out_max)
+    stride = _check_pair("stride", stride, 1)
+    padding = _check_pair("padding", padding, 0)
+    dilation = _check_pair("dilation", dilation, 1)
+    h, w = (conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2))
+    if h < 1 or w < 1:
+        raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])}")
+    return (x.shape[0], weight.shape[0], h, w), list(stride), list(padding), list(dilation)
+
+
+def prepack(weight: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int, stride: Sequence[int],
+            padding: Sequence[int], dilation: Sequence[int], groups: int) -> tuple[Tensor, Tensor]:
+    """oneDNN's packed form of ``weight`` (cached on the tensor) and its int64 zero points."""
+    key = ("qconv", float(x_scale), int(x_zero_point), tuple(stride), tuple(padding), tuple(dilation), int(groups))
+    return _CACHE.get(weight, key, lambda: (
+        torch.ops.onednn.qconv_prepack(weight, w_scale, x_scale, x_zero_point, list(stride), list(padding),
+                                       list(dilation), groups, None),
+        torch.zeros(weight.shape[0], dtype=torch.int64),
+    ), also=(w_scale,))
+
+
+def _conv_plan(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
+               stride, padding, dilation, groups) -> tuple:
+    """Everything about a conv call but ``x``, checked and prepared once per weight and arguments:
+    (packed weight, zero points, post-op name, post-op scalars, stride, padding, dilation)."""
+    key = ("plan", x_scale, x_zero_point, out_scale, out_zero_point, out_min, out_max, tuple(stride), tuple(padding),
+           tuple(dilation), groups)
+
+    def build() -> tuple:
+        _, stride_, padding_, dilation_ = _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale,
+                                                      out_zero_point, out_min, out_max, stride, padding, dilation, groups)
+        packed, zeros = prepack(weight, w_scale, x_scale, x_zero_point, stride_, padding_, dilation_, groups)
+        # whether a 1-pixel input still gives an output (then no input size can be too small)
+        any_size = all(conv_output_size(1, weight.shape[2 + i], stride_[i], padding_[i], dilation_[i]) >= 1 for i in range(2))
+        return (packed, zeros, *_post_op(out_scale, out_zero_point, out_min, out_max), stride_, padding_, dilation_,
+                any_size)
+
+    plan = _CACHE.get(weight, key, build, also=(w_scale, bias))
+    # per call, only what x can change (the plan's checks covered the rest)
+    if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != weight.shape[1] * groups or not plan[7]:
+        _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
+                    stride, padding, dilation, groups)
+    return plan[:7]
+
+
+# Registered with torch.library.define/impl rather than custom_op: the per-call overhead of a
+# custom_op (about 10 µs) is a tenth of a small conv at batch 1.
+torch.library.define("fxslim::qconv2d", f"({_CONV_ARGS}) -> Tensor")
+torch.library.define("fxslim::qconv2d_add", f"({_CONV_ARGS}, Tensor skip, float skip_scale, int skip_zero_point) -> Tensor")
+
+
+@torch.library.impl("fxslim::qconv2d", "cpu")
+def _qconv2d_cpu(
+    x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor, out_scale: float,
+    out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int], groups: int,
+) -> Tensor:
+    """Conv with int8 weight codes, requantized to u8 in the kernel (module docstring).
+
+    y_c = s_x·w_scale_c·Σ w·(q − z_x) + bias_c (real bias); out = clamp(round(y/s_out) + z_out).
+    """
+    packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
+        x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
+        dilation, groups)
+    return torch.ops.onednn.qconv_pointwise.default(
+        _channels_last(x), x_scale, x_zero_point, packed, w_scale, zeros, bias, stride, padding, dilation, groups,
+        out_scale, out_zero_point, None, attr, scalars, "",
+    )
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """``x`` in the layout oneDNN computes in. ATen's u8 reorder is about 3× faster than the one
+    oneDNN runs inside the conv (the stem's NCHW input: 1.2 vs 3.2 ms at batch 16, 224 px)."""
+    return x if x.is_contiguous(memory_format=torch.channels_last) else x.contiguous(memory_format=torch.channels_last)
+
+
+@torch.library.register_fake("fxslim::qconv2d")
+def _qconv2d_fake(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
+                  stride, padding, dilation, groups):
+    shape, *_ = _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
+                            stride, padding, dilation, groups)
+    return torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
+
+
+@torch.library.impl("fxslim::qconv2d_add", "cpu")
+def _qconv2d_add_cpu(
+    x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor, out_scale: float,
+    out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int], padding: Sequence[int],
+    dilation: Sequence[int], groups: int, skip: Tensor, skip_scale: float, skip_zero_point: int,
+) -> Tensor:
+    """``qconv2d`` plus a residual: out = clamp(round((y + s_skip·(skip − z_skip))/s_out) + z_out).
+
+    One rounding: the conv's real output is not rounded to a grid of its own first.
+    """
+    packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
+        x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
+        dilation, groups)
+    shape = (x.shape[0], weight.shape[0],
+             *(conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)))
+    if skip.dtype != torch.uint8 or tuple(skip.shape) != shape:
+        _add_skip_check(skip, shape, skip_scale, skip_zero_point)
+    # oneDNN's sum post-op accumulates into its dst tensor: give it a channels_last copy of skip
+    accum = skip.clone(memory_format=torch.channels_last)
+    return torch.ops.onednn.qconv2d_pointwise.binary(
+        _channels_last(x), x_scale, x_zero_point, packed, w_scale, zeros, accum, bias, stride, padding, dilation, groups,
+        out_scale, out_zero_point, None, skip_scale, skip_zero_point, "sum", 1.0, attr, scalars, "",
+    )
+
+
+def _add_skip_check(skip: Tensor, shape: tuple[int, ...], skip_scale: float, skip_zero_point: int) -> None:
+    _check_uint8("skip", skip)
+    if tuple(skip.shape) != tuple(shape):
+        raise ValueError(f"skip: expected the conv's output shape {tuple(shape)}, got {tuple(skip.shape)}")
+    _check_scale("skip_scale", skip_scale)
+    _check_code("skip_zero_point", skip_zero_point)
+
+
+@torch.library.register_fake("fxslim::qconv2d_add")
+def _qconv2d_add_fake(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
+                      stride, padding, dilation, groups, skip, skip_scale, skip_zero_point):
+    shape, *_ = _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
+                            stride, padding, dilation, groups)
+    _add_skip_check(skip, shape, skip_scale, skip_zero_point)
+    return torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
+
+
+qconv2d = torch.ops.fxslim.qconv2d.default
+qconv2d_add = torch.ops.fxslim.qconv2d_add.default
+
+
+@register_flop_formula([torch.ops.fxslim.qconv2d, torch.ops.fxslim.qconv2d_add])
+def _qconv2d_flops(x_shape, x_scale, x_zero_point, w_shape, *args, out_shape, **kwargs) -> int:
+    """2·MACs: N·C_out·(C_in/groups)·kh·kw·H'·W' (bias, requantization and the residual ignored)."""
+    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# qlinear
+
+_LINEAR_SCHEMA = (
+    "(Tensor x, float x_scale, int x_zero_point, Tensor weight, Tensor w_scale, Tensor bias, float out_scale, "
+    "int out_zero_point, int out_min, int out_max) -> Tensor"
+)
+
+
+def _linear_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max):
+    _check_uint8("x", x)
+    _check_weight(weight, w_scale, bias, 2)
+    if x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x: expected last dimension {weight.shape[1]} (in_features), got shape {tuple(x.shape)}")
+    _check_scale("x_scale", x_scale)
+    _check_code("x_zero_point", x_zero_point)
+    _check_out(out_scale, out_zero_point, out_min, out_max)
+    return (*x.shape[:-1], weight.shape[0])
+
+
+torch.library.define("fxslim::qlinear", _LINEAR_SCHEMA)
+
+
+@torch.library.impl("fxslim::qlinear", "cpu")
+def _qlinear_cpu(
+    x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor, out_scale: float,
+    out_zero_point: int, out_min: int, out_max: int,
+) -> Tensor:
+    """Linear with int8 weight codes [out, in], requantized to u8 in the kernel: u8 [..., in] → u8 [..., out]."""
+    shape = _linear_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max)
+    packed, zeros = _CACHE.get(weight, "qlinear", lambda: (torch.ops.onednn.qlinear_prepack(weight, None),
+                                                           torch.zeros(weight.shape[0], dtype=torch.int64)))
+    attr, scalars = _post_op(out_scale, out_zero_point, out_min, out_max)
+    x2 = x.reshape(-1, weight.shape[1]).contiguous()
+    out = torch.ops.onednn.qlinear_pointwise(x2, x_scale, x_zero_point, packed, w_scale, zeros, bias, out_scale,
+                                             out_zero_point, None, attr, scalars, "")
+    return out.view(shape)
+
+
+@torch.library.register_fake("fxslim::qlinear")
+def _qlinear_fake(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max):
+    shape = _linear_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max)
+    return torch.empty(shape, dtype=torch.uint8, device=x.device)
+
+
+qlinear = torch.ops.fxslim.qlinear.default
+
+
+@register_flop_formula(torch.ops.fxslim.qlinear)
+def _qlinear_flops(x_shape, x_scale, x_zero_point, w_shape, *args, out_shape, **kwargs) -> int:
+    """2·MACs: rows·in·out for [..., in] @ [in, out] (bias and requantization ignored)."""
+    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# qadd
+
+_ADD_SCHEMA = (
+    "(Tensor a, float a_scale, int a_zero_point, Tensor b, float b_scale, int b_zero_point, float out_scale, "
+    "int out_zero_point, int out_min, int out_max) -> Tensor"
+)
+
+
+def _qadd_check(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, out_zero_point, out_min, out_max):
+    _check_uint8("a", a)
+    _check_uint8("b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+    for name, scale, zp in (("a", a_scale, a_zero_point), ("b", b_scale, b_zero_point)):
+        _check_scale(f"{name}_scale", scale)
+        _check_code(f"{name}_zero_point", zp)
+    _check_out(out_scale, out_zero_point, out_min, out_max)
+
+
+torch.library.define("fxslim::qadd", _ADD_SCHEMA)
+
+
+@torch.library.impl("fxslim::qadd", "cpu")
+def _qadd_cpu(
+    a: Tensor, a_scale: float, a_zero_point: int, b: Tensor, b_scale: float, b_zero_point: int, out_scale: float,
+    out_zero_point: int, out_min: int, out_max: int,
+) -> Tensor:
+    """Residual add in float32 exactly as the fake-quant model computes it: (a − z_a)·s_a + (b − z_b)·s_b,
+    then round_half_even(· × fl32(1/s_out)) + z_out clamped to [out_min, out_max]. Layout of a."""
+    _qadd_check(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, out_zero_point, out_min, out_max)
+    f32 = torch.float32
+    t = a.to(f32).sub_(a_zero_point).mul_(torch.tensor(a_scale, dtype=f32))
+    t.add_(b.to(f32).sub_(b_zero_point).mul_(torch.tensor(b_scale, dtype=f32)))
+    t.mul_(_inverse_scale(out_scale)).round_().add_(out_zero_point).clamp_(out_min, out_max)
+    return torch.empty_like(a).copy_(t)
+
+
+@torch.library.register_fake("fxslim::qadd")
+def _qadd_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, out_zero_point, out_min, out_max):
+    _qadd_check(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, out_zero_point, out_min, out_max)
+    return torch.empty_like(a)
+
+
+qadd = torch.ops.fxslim.qadd.default

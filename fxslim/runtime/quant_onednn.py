@@ -1,0 +1,85 @@
+"""Per-layer conversion of PROM's fake-quant layers to the fast ops of ``fxslim.runtime.prom_onednn``.
+
+The counterpart of ``quant.convert_conv``/``convert_linear``/``convert_add`` for the oneDNN
+runtime. The real numbers stay real: BN is folded into a per-channel weight scale
+w_c = |α_c·γ_c/σ_c| (a negative factor flips the channel's codes) and a real bias
+B_c = γ_c(b_c − μ_c)/σ_c + β_c, so the kernel computes y_c = s_x·w_c·Σ t·(q − z_x) + B_c and rounds
+once to the output grid. Weights are prepacked here, at conversion.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from fxslim.runtime import prom_onednn
+from fxslim.runtime.quant import (
+    ActFakeQuant, IntegerOp, QConv2d, QLinear, _clamp_bounds, _conv_padding, _input_quant,
+)
+
+__all__ = ["convert_conv_onednn", "convert_linear_onednn", "convert_add_onednn"]
+
+
+def _fold_real(codes: Tensor, w_scale: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(codes with signs folded in, non-negative weight scales, real bias), float32 [C_out] each."""
+    c_out = codes.shape[0]
+    scale = w_scale.to(torch.float64).expand(c_out)
+    real_bias = torch.zeros(c_out, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
+    if bn is not None:
+        if bn.running_mean is None or bn.running_var is None:
+            raise ValueError("bn: expected a BatchNorm with running statistics (track_running_stats=True)")
+        gain = torch.rsqrt(bn.running_var.to(torch.float64) + bn.eps)
+        if bn.weight is not None:
+            gain = gain * bn.weight.detach().to(torch.float64)
+        real_bias = gain * (real_bias - bn.running_mean.to(torch.float64))
+        if bn.bias is not None:
+            real_bias = real_bias + bn.bias.detach().to(torch.float64)
+        scale = scale * gain
+    shape = (-1, *([1] * (codes.dim() - 1)))
+    codes = codes * torch.where(scale < 0, -1, 1).to(torch.int8).view(shape)
+    dead = scale == 0  # constant channel: zero codes, the bias alone
+    codes = torch.where(dead.view(shape), torch.zeros_like(codes), codes)
+    scale = torch.where(dead, torch.ones_like(scale), scale.abs())
+    return codes.contiguous(), scale.to(torch.float32), real_bias.to(torch.float32)
+
+
+def convert_conv_onednn(
+    qconv: QConv2d, out_quant: ActFakeQuant, *, bn: nn.BatchNorm2d | None = None, activation: str = "none",
+    x_quant: ActFakeQuant | None = None,
+) -> IntegerOp:
+    """``out_quant(activation(bn(qconv(x))))`` as ``fxslim::qconv2d`` (ternary and int8 weights alike)."""
+    s_x, z_x = _input_quant(qconv, x_quant).qparams()
+    s_y, z_y = out_quant.qparams()
+    codes, w_scale = qconv.weight_codes()
+    codes, w_scale, bias = _fold_real(codes, w_scale, qconv.conv.bias, bn)
+    lo, hi = _clamp_bounds(activation, s_y, z_y)
+    conv = qconv.conv
+    scalars = {"x_scale": s_x, "x_zero_point": z_x, "out_scale": s_y, "out_zero_point": z_y, "out_min": lo, "out_max": hi,
+               "stride": list(conv.stride), "padding": list(_conv_padding(conv)), "dilation": list(conv.dilation),
+               "groups": conv.groups}
+    prom_onednn.prepack(codes, w_scale, s_x, z_x, scalars["stride"], scalars["padding"], scalars["dilation"], conv.groups)
+    return IntegerOp(torch.ops.fxslim.qconv2d.default, ("x",), {"weight": codes, "w_scale": w_scale, "bias": bias}, scalars)
+
+
+def convert_linear_onednn(
+    qlinear: QLinear, out_quant: ActFakeQuant, *, activation: str = "none", x_quant: ActFakeQuant | None = None,
+) -> IntegerOp:
+    """``out_quant(activation(qlinear(x)))`` as ``fxslim::qlinear``."""
+    s_x, z_x = _input_quant(qlinear, x_quant).qparams()
+    s_y, z_y = out_quant.qparams()
+    codes, w_scale = qlinear.weight_codes()
+    codes, w_scale, bias = _fold_real(codes, w_scale, qlinear.linear.bias, None)
+    lo, hi = _clamp_bounds(activation, s_y, z_y)
+    scalars = {"x_scale": s_x, "x_zero_point": z_x, "out_scale": s_y, "out_zero_point": z_y, "out_min": lo, "out_max": hi}
+    return IntegerOp(torch.ops.fxslim.qlinear.default, ("x",), {"weight": codes, "w_scale": w_scale, "bias": bias}, scalars)
+
+
+def convert_add_onednn(
+    a_quant: ActFakeQuant, b_quant: ActFakeQuant, out_quant: ActFakeQuant, *, activation: str = "none",
+) -> IntegerOp:
+    """``out_quant(activation(a + b))`` as ``fxslim::qadd`` (float32, bit-exact against fake quant)."""
+    (s_a, z_a), (s_b, z_b), (s_y, z_y) = a_quant.qparams(), b_quant.qparams(), out_quant.qparams()
+    lo, hi = _clamp_bounds(activation, s_y, z_y)
+    scalars = {"a_scale": s_a, "a_zero_point": z_a, "b_scale": s_b, "b_zero_point": z_b, "out_scale": s_y,
+               "out_zero_point": z_y, "out_min": lo, "out_max": hi}
+    return IntegerOp(torch.ops.fxslim.qadd.default, ("a", "b"), scalars=scalars)

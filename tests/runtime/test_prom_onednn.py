@@ -1,0 +1,160 @@
+"""Tests of PROM's fast oneDNN ops: within 1 LSB of the float model and of the fixed-point
+reference ops (and mostly equal to them), the residual add bit-exact against fake quantization,
+registration (opcheck) and argument errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.library import opcheck
+
+from fxslim.runtime import prom_onednn as O
+from fxslim.runtime import prom_ops as P
+
+pytestmark = pytest.mark.skipif(not (O.onednn_available() and O.vnni_available()),
+                                reason="needs oneDNN quantized ops and VNNI/AMX int8 dot products")
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _codes(shape, gen) -> torch.Tensor:
+    return torch.randint(0, 256, shape, generator=gen, dtype=torch.int32).to(torch.uint8)
+
+
+def _layer(c_out, c_in_g, k, gen, ternary):
+    """int8 codes, positive per-channel weight scales, real bias."""
+    low, high = (-1, 2) if ternary else (-127, 128)
+    weight = torch.randint(low, high, (c_out, c_in_g, k, k), generator=gen).to(torch.int8)
+    w_scale = (0.2 + torch.rand(c_out, generator=gen)) * (0.3 if ternary else 0.01)
+    bias = torch.randn(c_out, generator=gen)
+    return weight, w_scale, bias
+
+
+# (name, c_in, c_out, kernel, stride, padding, groups, ternary): MobileNetV2's three conv kinds
+_CONVS = [
+    ("pointwise_ternary", 24, 40, 1, 1, 0, 1, True),
+    ("depthwise", 16, 16, 3, 2, 1, 16, False),
+    ("stem", 3, 8, 3, 2, 1, 1, False),
+]
+
+
+def _fixed_point(x, sx, zx, weight, w_scale, bias, so, zo, lo, hi, stride, padding, groups):
+    """The same layer through the reference op's fixed-point requantization (convert_conv's folding)."""
+    real = sx * w_scale.double() / so
+    steps = bias.double() / (sx * w_scale.double())
+    int_bias = torch.round(steps)
+    multiplier = P.requant_multiplier(real, 23)
+    offset = ((1 << 22) + torch.round((steps - int_bias) * multiplier.double())).to(torch.int32)
+    return P.int8_conv2d_reference(x, zx, weight, int_bias.to(torch.int32), multiplier, 23, zo, lo, hi,
+                                   [stride] * 2, [padding] * 2, [1, 1], groups, offset)
+
+
+@pytest.mark.parametrize("activation", ["none", "relu", "relu6"])
+@pytest.mark.parametrize(("name", "c_in", "c_out", "k", "stride", "padding", "groups", "ternary"), _CONVS)
+def test_qconv2d_within_one_lsb_of_float_model_and_fixed_point_reference(name, c_in, c_out, k, stride, padding, groups,
+                                                                          ternary, activation):
+    gen = _gen(len(name) + len(activation))
+    x = _codes((2, c_in, 9, 9), gen).contiguous(memory_format=torch.channels_last)
+    weight, w_scale, bias = _layer(c_out, c_in // groups, k, gen, ternary)
+    sx, zx, so, zo = 0.05, 110, 0.03, 60  # relu6: codes 60..255 (6/0.03 = 200 steps: the clamp bites)
+    lo, hi = {"none": (0, 255), "relu": (zo, 255), "relu6": (zo, min(255, zo + round(6 / so)))}[activation]
+    out = O.qconv2d(x, sx, zx, weight, w_scale, bias, so, zo, lo, hi, [stride] * 2, [padding] * 2, [1, 1], groups)
+    real_w = weight.double() * w_scale.double().view(-1, 1, 1, 1)
+    floating = P.conv2d_float_reference(x, sx, zx, real_w, bias, so, zo, lo, hi, [stride] * 2, [padding] * 2, [1, 1], groups)
+    fixed = _fixed_point(x, sx, zx, weight, w_scale, bias, so, zo, lo, hi, stride, padding, groups)
+    assert out.shape == floating.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.int() - floating.int()).abs().max() <= 1
+    assert (out.int() - fixed.int()).abs().max() <= 1
+    assert (out == fixed).float().mean() >= 0.99  # 1-LSB differences only at near-ties
+    assert int(out.min()) >= lo and int(out.max()) <= hi
+
+
+def test_qconv2d_add_rounds_once_and_stays_within_one_lsb_of_two_roundings():
+    gen = _gen(3)
+    x = _codes((2, 32, 6, 6), gen).contiguous(memory_format=torch.channels_last)
+    skip = _codes((2, 16, 6, 6), gen)
+    weight, w_scale, bias = _layer(16, 32, 1, gen, True)
+    sx, zx, ss, zs = 0.02, 100, 0.04, 120
+    real = torch.nn.functional.conv2d((x.double() - zx) * sx, weight.double() * w_scale.double().view(-1, 1, 1, 1),
+                                      bias.double())
+    # the conv's own grid covers its outputs (no saturation there, which the fused op would skip)
+    sc = float(real.max() - real.min()) / 255
+    zc = round(-float(real.min()) / sc)
+    so, zo = sc * 1.4, 128  # s_c <= 1.5·s_out: the condition prom_fuse checks
+    out = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, zo, 0, 255, [1, 1], [0, 0], [1, 1], 1, skip, ss, zs)
+    once = P.quantize_float_reference(real + (skip.double() - zs) * ss, so, zo)
+    twice = P.add_float_reference(P.quantize_float_reference(real, sc, zc), sc, zc, skip, ss, zs, so, zo, 0, 255)
+    assert torch.equal(out, once)
+    assert (out.int() - twice.int()).abs().max() <= 1
+    assert torch.equal(skip, skip.clone())  # unchanged input (opcheck checks it too)
+
+
+def test_qlinear_within_one_lsb_of_float_model():
+    gen = _gen(4)
+    x = _codes((5, 64), gen)
+    weight = torch.randint(-127, 128, (10, 64), generator=gen).to(torch.int8)
+    w_scale = 0.001 + 0.01 * torch.rand(10, generator=gen)
+    bias = torch.randn(10, generator=gen)
+    out = O.qlinear(x, 0.03, 7, weight, w_scale, bias, 0.1, 130, 0, 255)
+    ref = P.linear_float_reference(x, 0.03, 7, weight.double() * w_scale.double()[:, None], bias, 0.1, 130, 0, 255)
+    assert out.shape == (5, 10) and (out.int() - ref.int()).abs().max() <= 1
+
+
+def test_qadd_bit_exact_against_fake_quantized_float_add():
+    gen = _gen(5)
+    a, b = _codes((3, 8, 5, 5), gen), _codes((3, 8, 5, 5), gen)
+    sa, za, sb, zb, so, zo = 0.031, 120, 0.017, 90, 0.043, 101
+    out = O.qadd(a, sa, za, b, sb, zb, so, zo, 0, 255)
+    real = (a.float() - za) * torch.tensor(sa) + (b.float() - zb) * torch.tensor(sb)
+    fake = torch.fake_quantize_per_tensor_affine(real, so, zo, 0, 255)
+    assert torch.equal(out, (torch.round(fake / so) + zo).to(torch.uint8))
+
+
+def _cases():
+    gen = _gen(6)
+    x = _codes((2, 6, 5, 5), gen)
+    pw, pw_s, pw_b = _layer(4, 6, 1, gen, True)
+    dw, dw_s, dw_b = _layer(6, 1, 3, gen, False)
+    lin, lin_s, lin_b = _layer(4, 6, 1, gen, False)
+    skip = _codes((2, 4, 5, 5), gen)
+    return {
+        "qconv2d": (torch.ops.fxslim.qconv2d.default, (x, 0.05, 3, pw, pw_s, pw_b, 0.1, 100, 100, 255, [1, 1], [0, 0], [1, 1], 1)),
+        "qconv2d_depthwise": (torch.ops.fxslim.qconv2d.default,
+                              (x, 0.05, 3, dw, dw_s, dw_b, 0.1, 100, 100, 160, [2, 2], [1, 1], [1, 1], 6)),
+        "qconv2d_add": (torch.ops.fxslim.qconv2d_add.default,
+                        (x, 0.05, 3, pw, pw_s, pw_b, 0.1, 100, 0, 255, [1, 1], [0, 0], [1, 1], 1, skip, 0.07, 50)),
+        "qlinear": (torch.ops.fxslim.qlinear.default,
+                    (x[:, :, 0, 0].contiguous(), 0.05, 3, lin.flatten(1).contiguous(), lin_s, lin_b, 0.1, 5, 0, 255)),
+        "qadd": (torch.ops.fxslim.qadd.default, (x, 0.05, 3, x.flip(0), 0.02, 200, 0.06, 7, 0, 255)),
+    }
+
+
+@pytest.mark.parametrize("name", list(_cases()))
+def test_opcheck_passes(name):
+    op, args = _cases()[name]
+    opcheck(op, args)
+
+
+@pytest.mark.parametrize(
+    ("name", "index", "value", "match"),
+    [
+        ("qconv2d", 0, torch.zeros(2, 6, 5, 5), "x:"),
+        ("qconv2d", 1, 0.0, "x_scale"),
+        ("qconv2d", 3, torch.zeros(4, 6, 1, 1, dtype=torch.int32), "weight"),
+        ("qconv2d", 4, torch.ones(3), "w_scale"),
+        ("qconv2d", 8, 300, "out_min"),
+        ("qconv2d", 13, 4, "groups"),
+        ("qconv2d_add", 14, torch.zeros(2, 4, 4, 4, dtype=torch.uint8), "skip"),
+        ("qlinear", 0, torch.zeros(2, 5, dtype=torch.uint8), "x:"),
+        ("qadd", 3, torch.zeros(1, 6, 5, 5, dtype=torch.uint8), "b:"),
+        ("qadd", 6, float("nan"), "out_scale"),
+    ],
+)
+def test_bad_argument_raises_value_error_naming_it(name, index, value, match):
+    op, args = _cases()[name]
+    args = list(args)
+    args[index] = value
+    with pytest.raises(ValueError, match=match):
+        op(*args)
