@@ -1,7 +1,7 @@
 """The end-to-end demo's summary table as a results file (``make bench`` runs this).
 
 Runs ``fxslim demo`` at its full size and writes ``benchmarks/results/demo.md`` and ``demo.png``
-(the demo's own HTML report goes to ``benchmarks/.cache/demo``), so README can quote the table.
+(the demo's own HTML report goes to ``benchmarks/.cache/demo``), so docs/results/demo.md can quote the table.
 
     python -m benchmarks.demo_results [--threads N]
 """

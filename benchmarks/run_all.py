@@ -1,4 +1,4 @@
-"""Run every benchmark in order, then refresh README.md from their results (what ``make bench`` runs).
+"""Run every benchmark in order, then refresh the results pages (docs/results/, README.md) from their results (what ``make bench`` runs).
 
     python -m benchmarks.run_all                       # everything (hours on a laptop CPU)
     python -m benchmarks.run_all --list                # the steps, in order, and which would run

@@ -1,6 +1,7 @@
-"""Copy benchmark results into README.md, so every number there comes from a results file.
+"""Copy benchmark results into the results pages (docs/results/*.md) and README.md, so every number
+there comes from a results file.
 
-README.md marks each quoted result with a pair of comments::
+A page marks each quoted result with a pair of comments::
 
     <!-- results: prom_accuracy.md -->
     ... (replaced by the file's content, minus its title line) ...
@@ -11,7 +12,7 @@ under the README subsection that quotes the file. A quoted file that does not ex
 benchmark has not run) gets a one-line "not produced yet" note instead, and is listed on stderr;
 ``--strict`` makes that an error.
 
-Run ``python -m benchmarks.update_readme`` after the benchmarks; ``--check`` exits 1 when README
+Run ``python -m benchmarks.update_readme`` after the benchmarks; ``--check`` exits 1 when a page
 is out of date (a test runs it).
 """
 
@@ -28,7 +29,12 @@ _BLOCK = re.compile(r"(<!-- results: (?P<name>[\w./-]+) -->\n)(?P<body>.*?)(<!--
 _HEADING = re.compile(r"^(#{1,6}) ", re.M)
 _SHIFT = 2  # README quotes results under a ### subsection
 
-__all__ = ["render", "quoted", "missing", "not_produced_note", "main"]
+__all__ = ["pages", "render", "quoted", "missing", "not_produced_note", "main"]
+
+
+def pages() -> list[Path]:
+    """The pages that quote results: README.md and docs/results/*.md."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs" / "results").glob("*.md"))]
 
 
 def not_produced_note(name: str) -> str:
@@ -64,24 +70,25 @@ def render(readme: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if README.md is out of date")
+    parser.add_argument("--check", action="store_true", help="exit 1 if a page is out of date")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a quoted results file does not exist")
     args = parser.parse_args(argv)
-    path = ROOT / "README.md"
-    current = path.read_text(encoding="utf-8")
-    updated = render(current)
-    absent = missing(current)
-    if absent:
-        print(f"README.md quotes results not produced yet: {', '.join(absent)}", file=sys.stderr)
-        if args.strict:
-            return 1
-    if args.check:
-        if updated != current:
-            print("README.md is out of date: run python -m benchmarks.update_readme", file=sys.stderr)
-            return 1
-        return 0
-    path.write_text(updated, encoding="utf-8")
-    return 0
+    status = 0
+    for path in pages():
+        current = path.read_text(encoding="utf-8")
+        updated = render(current)
+        absent = missing(current)
+        name = path.relative_to(ROOT)
+        if absent:
+            print(f"{name} quotes results not produced yet: {', '.join(absent)}", file=sys.stderr)
+            status = 1 if args.strict else status
+        if args.check:
+            if updated != current:
+                print(f"{name} is out of date: run python -m benchmarks.update_readme", file=sys.stderr)
+                status = 1
+        else:
+            path.write_text(updated, encoding="utf-8")
+    return status
 
 
 if __name__ == "__main__":

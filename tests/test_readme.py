@@ -45,8 +45,12 @@ def test_readme_up_to_date_with_results():
     assert update_readme.main(["--check"]) == 0, "run python -m benchmarks.update_readme"
 
 
-def test_readme_quotes_every_results_file():
-    quoted = set(update_readme.quoted(README))
+def test_readme_is_a_landing_page():
+    assert len(README.encode("utf-8")) <= 15_000, "README.md over 15 KB: results belong in docs/results/"
+
+
+def test_results_pages_quote_every_results_file():
+    quoted = {name for page in update_readme.pages() for name in update_readme.quoted(page.read_text(encoding="utf-8"))}
     produced = {p.name for p in (ROOT / "benchmarks" / "results").glob("*.md")}
     assert produced <= quoted, f"results files without a README section: {sorted(produced - quoted)}"
 
