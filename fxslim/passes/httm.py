@@ -37,6 +37,9 @@ _METADATA_METHODS = ("size", "dim", "numel")
 _METADATA_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default)
 _POSITION_HOPS = 16  # how far above q to look for the RoPE positions
 _MAX_EVAL_NODES = 256  # positions come from a few shape-driven ops; more means they depend on activations
+_BREAK_HINT = (" in this graph (if a graph break such as int(positions.max()) in a RoPE cuts them off, set "
+               "torch._dynamo.config.capture_scalar_outputs = True; or pass HTTM(tokens_per_frame=..., "
+               "special_tokens=...))")
 _EVAL_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError)
 
 
@@ -223,7 +226,10 @@ class HTTM(Pass):
             return _Layout(p, sp, self.frames, n // p, None, "config"), "", ""
         pos_node = _positions_node(view.q, n)
         if pos_node is None:
-            return None, "no_frame_layout", "no integer [.., N, 2] RoPE positions feed q"
+            detail = "no integer [.., N, 2] RoPE positions feed q"
+            if ctx.ir == "torch":  # a dynamo graph: positions may sit before a graph break
+                detail += _BREAK_HINT
+            return None, "no_frame_layout", detail
         pos, detail = _evaluate(gm, pos_node, ctx)
         found, detail = _layout_from_positions(pos, n) if pos is not None else (None, detail)
         if found is None:

@@ -91,3 +91,38 @@ def test_optimized_model_compiles_and_stays_exact():
             want, got = model(other), compiled(other)
             for key in want:
                 torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_torch_compile_backend_with_scalar_capture_rewrites_global_attention_only(style):
+    """With capture_scalar_outputs, the RoPE's int(positions.max()) stays in the graph, so the
+    backend reads the layout there; the head's .item() branch still breaks the graph."""
+    model, images = _model(style), _images()
+    seen: list = []
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled = torch.compile(model, backend="fxslim",
+                                 options={"passes": [EXACT], "inner": "aot_eager", "on_report": seen.append})
+        with torch.no_grad():
+            got, want = compiled(images), model(images)
+    torch._dynamo.reset()
+    entries = [e for graph in seen for report in graph for e in report.entries]
+    assert len(seen) >= 2  # a graph break happened
+    assert sorted(e.fqn for e in entries if e.status == "rewritten") == [
+        "aggregator.global_blocks.0.attn", "aggregator.global_blocks.1.attn"]
+    assert {e.reason for e in entries if e.status == "skipped"} == {"local_attention", "no_frame_layout"}
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5)
+
+
+def test_torch_compile_backend_without_scalar_capture_says_what_to_set():
+    model, images = _model("vggt"), _images()
+    seen: list = []
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="fxslim", options={"passes": ["httm"], "inner": "eager", "on_report": seen.append})
+    with torch.no_grad():
+        compiled(images)
+    torch._dynamo.reset()
+    entries = [e for graph in seen for report in graph for e in report.entries]
+    assert not any(e.status == "rewritten" for e in entries)
+    assert any("capture_scalar_outputs = True" in e.detail for e in entries), entries
