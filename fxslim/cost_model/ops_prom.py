@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -114,3 +115,65 @@ def _nan_samples(call: OpCall) -> OpCost:
     """float [n, ...] -> bool [n]: one fp32 comparison (a max) per input element.
     Ignores: the NaN test of the n maxima."""
     return OpCost(elementwise=call.args[0].numel, format="fp32")
+
+
+# ----------------------------------------------------------------------------------------------
+# The oneDNN runtime (``fxslim.runtime.prom_onednn``): the same arithmetic; weights in int8
+# containers (ternary codes too) with a float32 scale and bias per output channel.
+
+_ONEDNN_PER_CHANNEL_BITS = 2 * 32  # float32 weight scale and bias
+
+
+def _onednn_conv(call: OpCall) -> OpCost:
+    w, out = call.args[3], call.out
+    groups = call.arguments["groups"]
+    c_out, per_out = w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
+    if groups > 1:
+        kind = "depthwise_conv" if groups == call.args[0].shape[1] == c_out else "grouped_conv"
+    else:
+        kind = "pointwise_conv" if tuple(w.shape[2:]) == (1, 1) else "conv"
+    codes = call.value(3)
+    ternary = kind == "pointwise_conv" and codes is not None and bool(((codes >= -1) & (codes <= 1)).all())
+    weights = c_out * per_out
+    return OpCost(macs=out.numel * per_out, format="ternary" if ternary else "int8", ops=_extras(call, out.numel, False),
+                  params=weights + 2 * c_out, storage_bits=weights * 8 + c_out * _ONEDNN_PER_CHANNEL_BITS, kind=kind)
+
+
+@register_cost(ops.qconv2d, kind="conv")
+def _qconv2d(call: OpCall) -> OpCost:
+    """[n, c_in, h, w] * int8 [c_out, c_in/g, kh, kw] -> [n, c_out, h', w']: n·c_out·(c_in/g)·kh·kw·h'·w' MACs,
+    format "ternary" when the weight codes (if known) are all in {-1, 0, 1} on a 1×1 conv, else "int8".
+    Ignores: padding (counted as MACs), the zero-point correction; the bias is a float add inside the kernel."""
+    return _onednn_conv(call)
+
+
+@register_cost(ops.qconv2d_add, kind="conv")
+def _qconv2d_add(call: OpCall) -> OpCost:
+    """``qconv2d`` plus the fused residual: one more addition per output element (and its rescale with
+    include_requant). Ignores: what ``qconv2d`` ignores."""
+    cost = _onednn_conv(call)
+    extra = dict(cost.ops)
+    n = call.out.numel
+    extra[("add", "int32")] = extra.get(("add", "int32"), 0) + n
+    if call.conventions.include_requant:
+        extra[("mul", call.conventions.requant_format)] = extra.get(("mul", call.conventions.requant_format), 0) + n
+    return replace(cost, ops=extra)
+
+
+@register_cost(ops.qlinear, kind="linear")
+def _qlinear(call: OpCall) -> OpCost:
+    """[..., in] @ int8 [out, in]^T -> [..., out]: rows·in·out int8 MACs.
+    Ignores: the zero-point correction; the bias is a float add inside the kernel."""
+    w, out = call.args[3], call.out
+    weights = w.shape[0] * w.shape[1]
+    return OpCost(macs=out.numel * w.shape[1], format="int8", ops=_extras(call, out.numel, False), params=weights + 2 * w.shape[0],
+                  storage_bits=weights * 8 + w.shape[0] * _ONEDNN_PER_CHANNEL_BITS, kind="linear")
+
+
+@register_cost(ops.qadd, kind="elementwise")
+def _qadd(call: OpCall) -> OpCost:
+    """uint8 a + uint8 b -> uint8 (same shape): one addition per element, computed in float32; with
+    include_requant also the two input rescales. Ignores: zero points, rounding and clamp."""
+    n = call.out.numel
+    extra = {("mul", call.conventions.requant_format): 2 * n} if call.conventions.include_requant else {}
+    return OpCost(elementwise=n, format="int8", ops=extra)

@@ -5,7 +5,9 @@ symmetric int8 weight codes; ternary codes {−1, 0, 1} are exact int8 codes), b
 requantization is oneDNN's: ``acc_s32 · s_x·w_c + bias_c`` in f32, then the clamp of the activation
 (``out_min``/``out_max`` codes, applied as a ``relu``/``hardtanh`` post-op on the real value) and
 ``round_half_even(y / s_y) + z_y`` saturated to u8, all inside the conv kernel. ``prom_ops`` keeps
-the fixed-point integer requantization; the two agree within 1 LSB (tests/runtime/test_prom_onednn.py).
+the fixed-point integer requantization; the two agree within 1 LSB, and prom_ops' float models
+(``conv2d_float_reference``, ``add_float_reference``, ...) are these ops' oracles
+(tests/runtime/test_prom_onednn.py).
 
 - ``qconv2d``: any conv (pointwise ternary, depthwise, the stem), u8 [N, C, H, W] → u8
   channels_last. Weights are prepacked once per (weight tensor, input grid, geometry) and cached
@@ -32,9 +34,6 @@ from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 from fxslim.runtime.prom_ops import _CACHE, _check_code, _check_pair, _check_uint8, _inverse_scale, conv_output_size
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "vnni_available", "onednn_available"]
-
-_ATTRS = ("none", "relu", "hardtanh")
-
 
 def onednn_available() -> bool:
     """Whether this torch build has the oneDNN quantized conv/linear ops."""

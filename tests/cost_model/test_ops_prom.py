@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxslim
 from fxslim.passes.prom import PROM, calibrate, prepare
 from fxslim.passes.prom_convert import convert
+from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 
 PW, OTHER, LAST_PW = 267_939_840, 32_834_432, 20_070_400  # MobileNetV2 MACs at 224×224 (prom.md §3.2)
 ops = torch.ops.fxslim
@@ -132,3 +133,19 @@ def test_flop_counter_counts_the_converted_model_like_the_cost_model(mobilenet_v
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         int_model(x[:1])
     assert counter.get_total_flops() == converted.total.flops == 2 * (PW + OTHER)
+
+
+@pytest.mark.skipif(not (onednn_available() and vnni_available()), reason="needs oneDNN quantized ops and VNNI/AMX")
+def test_onednn_runtime_costs_the_same_macs_and_formats_with_int8_container_storage():
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    qat = calibrate(prepare(_Block().eval(), x[:1]), [x])
+    reference, fast = (fxslim.estimate(convert(qat, runtime=r), x[:1]) for r in ("reference", "onednn"))
+    assert not fast.unknown_ops and not fast.energy_missing
+    ref_rows, fast_rows = ({r.fqn: r for r in rep.rows if r.fqn} for rep in (reference, fast))
+    for fqn in ("stem", "expand", "project", "fc"):
+        assert (fast_rows[fqn].macs, fast_rows[fqn].format) == (ref_rows[fqn].macs, ref_rows[fqn].format)
+    # the projection conv carries the fused residual add: one more int32 add per output element [1, 16, 8, 8]
+    assert fast_rows["project"].ops[("add", "int32")] == ref_rows["project"].ops[("add", "int32")] + 16 * 64
+    # expand 16→32 ternary in int8 containers: 8 bits a weight + float32 scale and bias per channel
+    assert fast_rows["expand"].storage_bits == 32 * 16 * 8 + 32 * 64

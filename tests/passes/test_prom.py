@@ -200,6 +200,8 @@ def test_prom_per_tensor_weights_convert_within_one_lsb(mnist):
     codes, scale = qat.get_submodule("features.1.conv.1").weight_codes()
     assert scale.unique().numel() == 1
     assert code_agreement(qat, convert(qat), split.x_test[:100]).within_one >= 0.999
+    if onednn_available() and vnni_available():  # one scale per tensor, expanded to oneDNN's per-channel scales
+        assert code_agreement(qat, convert(qat, runtime="onednn"), split.x_test[:100]).within_one == 1.0
 
 
 def test_prom_converted_runs_under_fxslim_compile_backend(mnist):
