@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from benchmarks.zoo import SUBSET, ZOO, ZooModel, by_name
+from tests.differential import outputs
 
 __all__ = ["Outcome", "ModelRun", "STEPS", "sweep_model", "to_markdown", "main"]
 
@@ -399,18 +400,8 @@ def _httm_diff(run: ModelRun) -> str:
     return _differential(run, "httm_exact", "httm_exact", run.model)
 
 
-def _flatten(out: object) -> list[torch.Tensor]:
-    if isinstance(out, torch.Tensor):
-        return [out]
-    if isinstance(out, (list, tuple)):
-        return [t for o in out for t in _flatten(o)]
-    if isinstance(out, dict):
-        return [t for o in out.values() for t in _flatten(o)]
-    return []
-
-
 def _assert_close(out: object, ref: object, what: str, rtol: float = 1e-4, atol: float = 1e-4) -> None:
-    got, want = _flatten(out), _flatten(ref)
+    got, want = outputs(out), outputs(ref)
     if len(got) != len(want):
         raise AssertionError(f"{what}: {len(got)} outputs, expected {len(want)}")
     for g, w in zip(got, want):
@@ -423,7 +414,7 @@ def _assert_close(out: object, ref: object, what: str, rtol: float = 1e-4, atol:
 
 def _assert_close_scaled(out: object, ref: object, what: str, rel: float = 1e-4) -> None:
     """Equal within float rounding of a reordered sum: max error <= rel * max(1, max |reference|)."""
-    got, want = _flatten(out), _flatten(ref)
+    got, want = outputs(out), outputs(ref)
     if [t.shape for t in got] != [t.shape for t in want]:
         raise AssertionError(f"{what}: output shapes changed")
     for g, w in zip(got, want):
@@ -432,7 +423,7 @@ def _assert_close_scaled(out: object, ref: object, what: str, rel: float = 1e-4)
 
 
 def _assert_finite_same_shape(out: object, ref: object, what: str) -> None:
-    got, want = _flatten(out), _flatten(ref)
+    got, want = outputs(out), outputs(ref)
     if [t.shape for t in got] != [t.shape for t in want]:
         raise AssertionError(f"{what}: output shapes changed")
     if not all(torch.isfinite(t).all() for t in got):

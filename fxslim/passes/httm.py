@@ -294,20 +294,7 @@ def _floordiv(gm: fx.GraphModule, a: Any, b: Any) -> fx.Node:
 def _per_frame_positions(pos: fx.Node, tokens_per_frame: int) -> fx.Node | None:
     """The ancestor of the global positions holding one frame's positions ([..., P, 2], integer):
     its size(-2) is tokens_per_frame whatever the image size."""
-    frontier, seen = [pos], {pos}
-    for _ in range(_POSITION_HOPS):
-        nxt = []
-        for node in frontier:
-            val = meta_val(node)
-            if (isinstance(val, torch.Tensor) and not val.dtype.is_floating_point and val.dim() >= 2
-                    and val.shape[-1] == 2 and _hint(val.shape[-2]) == tokens_per_frame):
-                return node
-            for arg in node.all_input_nodes:
-                if arg not in seen:
-                    seen.add(arg)
-                    nxt.append(arg)
-        frontier = nxt
-    return None
+    return _nearest_positions(pos, tokens_per_frame, include_start=True)
 
 
 def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int] | None:
@@ -360,14 +347,21 @@ def _check_sdpa(view: AttentionView) -> tuple[str, str, Any]:
 
 
 def _positions_node(q: Any, n: int) -> fx.Node | None:
-    """Nearest ancestor of q holding integer positions [..., N, 2] (breadth first, a few hops)."""
-    frontier, seen = [q], {q}
+    """Nearest ancestor of q holding integer positions [..., N, 2]."""
+    return _nearest_positions(q, n, include_start=False)
+
+
+def _nearest_positions(start: fx.Node, length: int, include_start: bool) -> fx.Node | None:
+    """Nearest node at or above ``start`` (breadth first, a few hops) holding integer positions
+    [..., length, 2]."""
+    frontier, seen = [start], {start}
     for _ in range(_POSITION_HOPS):
         nxt = []
         for node in frontier:
             val = meta_val(node)
-            if (node is not q and isinstance(val, torch.Tensor) and not val.dtype.is_floating_point
-                    and val.dim() >= 2 and val.shape[-1] == 2 and _hint(val.shape[-2]) == n):
+            if ((include_start or node is not start) and isinstance(val, torch.Tensor)
+                    and not val.dtype.is_floating_point and val.dim() >= 2 and val.shape[-1] == 2
+                    and _hint(val.shape[-2]) == length):
                 return node
             for arg in node.all_input_nodes:
                 if arg not in seen:
