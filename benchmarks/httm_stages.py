@@ -7,7 +7,7 @@ dense SDPA, the whole op, the plan (``httm_plan``: matching + outlier filtering)
 alone at the merged lengths. Outlier filtering = plan - matching and merge + unmerge = apply - SDPA
 are differences of medians. Shares are of the op's median time.
 
-Each run writes its records to ``benchmarks/results/httm_stages_<label>.json``; with ``--baseline``
+Each run writes its records to ``httm_stages_<label>.json`` beside its Markdown; with ``--baseline``
 (the JSON of an earlier run, e.g. before a kernel change) the Markdown puts both runs side by side.
 The two runs are not interleaved with each other, so compare shares and speed-ups against the dense
 SDPA timed in the same run, not absolute times. Run:
@@ -31,7 +31,7 @@ from benchmarks.command import command_line
 from benchmarks.timing import interleaved_samples, paired_ratio
 from fxslim.runtime.httm import httm_apply_plan, httm_layout, httm_match, httm_plan
 
-__all__ = ["run", "main"]
+__all__ = ["BEFORE", "run", "table", "markdown", "main"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 P, HEADS, DIM = 261, 16, 64
@@ -73,7 +73,8 @@ def _breakdown(ms: dict) -> dict[str, float]:
             "merge + unmerge": ms["apply"] - ms["merged SDPA"], "merged SDPA": ms["merged SDPA"]}
 
 
-def _table(records: list[dict], title: str) -> list[str]:
+def table(records: list[dict], title: str) -> list[str]:
+    """Markdown table of ``run``'s records under a heading: ms and share of each stage."""
     lines = [f"#### {title}", "",
              "| frames | N | rounds | dense ms | op ms | speed-up | matching | outlier filtering | merge + unmerge "
              "| merged SDPA |",
@@ -96,8 +97,8 @@ def markdown(result: dict, baseline: dict | None, command: str) -> str:
     lines += ["", "Per stage: median ms and share of the op's median (outlier filtering and merge + unmerge are "
               "differences of medians). Speed-up = median of per-round dense / op ratios.", ""]
     if baseline:
-        lines += _table(baseline["records"], f"{baseline['label']}")
-    lines += _table(result["records"], f"{result['label']}")
+        lines += table(baseline["records"], f"{baseline['label']}")
+    lines += table(result["records"], f"{result['label']}")
     return "\n".join(lines)
 
 
@@ -125,10 +126,10 @@ def main(argv: list[str] | None = None) -> None:
     result = {"label": args.label, "commit": _commit(), "torch": torch.__version__, "machine": platform.machine(),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": args.threads,
               "load": [load_start, os.getloadavg()[0]], "records": records}
-    own = RESULTS / f"httm_stages_{args.label}.json"
+    own = args.output.with_name(f"httm_stages_{args.label}.json")
     use_baseline = args.baseline and args.baseline.exists() and args.baseline.resolve() != own
     baseline = json.loads(args.baseline.read_text()) if use_baseline else None
-    RESULTS.mkdir(parents=True, exist_ok=True)
+    own.parent.mkdir(parents=True, exist_ok=True)
     own.write_text(json.dumps(result, indent=1) + "\n")
     text = markdown(result, baseline, command_line("benchmarks.httm_stages", argv))
     args.output.write_text(text + "\n")
