@@ -55,7 +55,7 @@ DST_RULES = ("strided", "random")
 # finds it still in cache (one [sources x destinations] tensor per block is 10-100x bigger and
 # costs a trip to memory), while each chunk still holds enough rows for the GEMM to run at speed.
 _SCORE_FLOATS = 1 << 20
-_MIN_ROWS = 32
+_MIN_ROWS = 32  # fewer source rows per GEMM than this and its fixed costs dominate
 
 
 @dataclass(frozen=True)
@@ -293,7 +293,8 @@ def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor) -> None:
         for r0 in range(0, ns, rows):
             r1 = min(r0 + rows, ns)
             size = (p1 - p0) * (r1 - r0)
-            src = torch.index_select(flat_x, 0, src_rows[p0:p1, r0:r1].reshape(-1), out=sources[: size * d].view(size, d))
+            idx = src_rows[p0:p1, r0:r1].reshape(-1)
+            src = torch.index_select(flat_x, 0, idx, out=sources[: size * d].view(size, d))
             chunk = scores[: size * nd].view(p1 - p0, r1 - r0, nd)
             torch.bmm(src.view(p1 - p0, r1 - r0, d), dst[p0:p1], out=chunk)
             # torch.max returns the first maximal index (documented), the reference's tie rule
