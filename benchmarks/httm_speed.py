@@ -257,6 +257,14 @@ def _stages(frame_counts: list[int], repeats: int, repeats_64: int) -> list[str]
     return lines + httm_stages.table(records, "this run")
 
 
+def _before_speedup(frames: int) -> str:
+    """', before issue 22's kernel work: Nx' from the recorded before run, if it has these frames."""
+    if not httm_stages.BEFORE.exists():
+        return ""
+    before = {r["frames"]: r["speedup"] for r in json.loads(httm_stages.BEFORE.read_text())["records"]}
+    return f"; before issue 22's kernel work, same CPU: {before[frames]:.2f}x, section 6" if frames in before else ""
+
+
 def _plot(curve: dict[int, tuple[float, float]], matching: dict[int, float], path: Path) -> None:
     fig = Figure(figsize=(11, 4), dpi=100)
     FigureCanvasAgg(fig)
@@ -322,7 +330,8 @@ def main(argv: list[str] | None = None) -> None:
         f"load average {load:.1f} at start, "
         f"{os.getloadavg()[0]:.1f} at the end (shared machine: compare ratios, not absolute times).",
         "",
-        f"**One global layer at {args.frames} frames: HTTM {speedup:.2f}x faster than dense SDPA** (target >= 7x). "
+        f"**One global layer at {args.frames} frames: HTTM {speedup:.2f}x faster than dense SDPA** (target >= 7x"
+        f"{_before_speedup(args.frames)}). "
         f"Matching, global mode / blocks: "
         + ", ".join(f"{matching[f]:.2f}x at {f} frames" for f in sorted(matching)) + " (target >= 4x).",
         "",
