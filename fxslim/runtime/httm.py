@@ -51,12 +51,11 @@ __all__ = [
 
 MODES = ("headwise", "uniform", "global")
 DST_RULES = ("strided", "random")
-# Work is chunked (heads of a sample, score rows) so temporaries stay near this many floats: big
-# enough for efficient GEMMs, small enough that the allocator recycles them instead of mapping fresh
-# pages on every call (page faults cost more than the arithmetic here).
-_WORK_FLOATS = 1 << 22
-_SCORE_FLOATS = 1 << 22
-_ARGMAX_GROUP = 32
+# Similarity scores are made in chunks of about this many floats (4 MB): the max that reads a chunk
+# finds it still in cache (one [sources x destinations] tensor per block is 10-100x bigger and
+# costs a trip to memory), while each chunk still holds enough rows for the GEMM to run at speed.
+_SCORE_FLOATS = 1 << 20
+_MIN_ROWS = 32  # fewer source rows per GEMM than this and its fixed costs dominate
 
 
 @dataclass(frozen=True)
@@ -251,63 +250,57 @@ def httm_layout(frames: int, tokens_per_frame: int, special_tokens: int, ratio: 
 # ----------------------------------------------------------------------------------------------
 
 
-def _head_chunks(batch: int, heads: int, floats_per_head: int):
-    """Yield (b, h0, h1): heads of one sample processed together so temporaries stay small."""
-    step = max(1, _WORK_FLOATS // max(1, floats_per_head))
-    for b in range(batch):
-        for h0 in range(0, heads, step):
-            yield b, h0, min(h0 + step, heads)
-
-
-def _first_argmax(scores: Tensor) -> Tensor:
-    """argmax over the last dim (first maximum wins), via group maxima: the plain CPU argmax kernel
-    is scalar, amax is vectorised, so reduce groups of 32 with amax and argmax only the winners."""
-    nd = scores.shape[-1]
-    if nd < 4 * _ARGMAX_GROUP:
-        return scores.argmax(dim=-1)
-    g = _ARGMAX_GROUP
-    full = nd // g
-    group_max = scores.narrow(-1, 0, full * g).unflatten(-1, (full, g)).amax(dim=-1)
-    if full * g < nd:
-        group_max = torch.cat([group_max, scores.narrow(-1, full * g, nd - full * g).amax(dim=-1, keepdim=True)], -1)
-    group = group_max.argmax(dim=-1, keepdim=True)
-    columns = (group * g + torch.arange(g, device=scores.device)).clamp_(max=nd - 1)
-    return group.squeeze(-1) * g + torch.gather(scores, -1, columns).argmax(dim=-1)
-
-
 def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     """Group slot of every token, ``[B, H, N]`` int64, for features x ``[B, H, N, d]``.
 
-    Each source joins the destination of its block with the highest cosine similarity (per b, h).
-    Work is block-local: batched matmuls over equal-size blocks (heads folded into the batch),
-    written into one reused score buffer, each followed by an argmax.
+    Each source joins the destination of its block with the highest cosine similarity (per b, h;
+    the first destination on ties). All samples, heads and equal-size blocks share one batched GEMM
+    per chunk of source rows, and each chunk of scores is reduced (max) while it is in cache, so no
+    full score tensor is ever made. Only destinations are normalised: the argmax over destinations
+    does not depend on the source's norm.
     """
     b, h, n, d = x.shape
-    slot = layout.base_slot.to(x.device).expand(b, h, n).clone()
-    for cls in layout.classes:
-        nb, ns = cls.src.shape
-        nd = cls.dst.shape[1]
-        src_idx, dst_idx = cls.src.to(x.device).reshape(-1), cls.dst.to(x.device).reshape(-1)
-        dst_slot = cls.dst_slot.to(x.device)
-        rows = max(1, min(ns, _SCORE_FLOATS // nd))
-        entries = max(1, _SCORE_FLOATS // (rows * nd))
-        scores = torch.empty(entries * rows * nd, device=x.device)
-        for bi, h0, h1 in _head_chunks(b, h, n * d):
-            xc = x[bi, h0:h1].float()
-            # argmax of cosine similarity does not depend on the source norm: normalise destinations only
-            dst = F.normalize(xc.index_select(1, dst_idx), dim=-1).view(-1, nd, d).transpose(1, 2)
-            src = xc.index_select(1, src_idx).view(-1, ns, d)
-            best = torch.empty(src.shape[0], ns, dtype=torch.long, device=x.device)
-            for e0 in range(0, src.shape[0], entries):
-                e1 = min(e0 + entries, src.shape[0])
-                for r0 in range(0, ns, rows):
-                    r1 = min(r0 + rows, ns)
-                    chunk = scores[: (e1 - e0) * (r1 - r0) * nd].view(e1 - e0, r1 - r0, nd)
-                    torch.bmm(src[e0:e1, r0:r1], dst[e0:e1], out=chunk)
-                    best[e0:e1, r0:r1] = _first_argmax(chunk)
-            chosen = torch.gather(dst_slot.expand(h1 - h0, nb, nd), 2, best.view(h1 - h0, nb, ns))
-            slot[bi, h0:h1].index_copy_(1, src_idx, chosen.view(h1 - h0, nb * ns))
-    return slot
+    rows_x = x.float().reshape(b * h, n, d).contiguous()
+    slot = layout.base_slot.to(x.device).expand(b * h, n).clone()
+    for cls in layout.classes if b * h else ():
+        _match_class(rows_x, cls, slot)
+    return slot.view(b, h, n)
+
+
+def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor) -> None:
+    """Write the best destination slot of every source of the blocks ``cls`` into ``slot`` [E, N].
+
+    The batch of the GEMMs is (head, block) pairs; a chunk is up to ``_SCORE_FLOATS`` scores: as
+    many source rows as fit (tall GEMMs run fastest), then as many pairs as fit.
+    """
+    e, n, d = x.shape
+    nb, ns = cls.src.shape
+    nd = cls.dst.shape[1]
+    pairs = e * nb
+    # token indices into x viewed [E * N, d], per (head, block) pair
+    head_offset = torch.arange(e, device=x.device).view(e, 1, 1) * n
+    src_rows = (cls.src.to(x.device) + head_offset).view(pairs, ns)
+    dst_rows = (cls.dst.to(x.device) + head_offset).view(-1)
+    flat_x = x.view(e * n, d)
+    dst = F.normalize(flat_x.index_select(0, dst_rows), dim=-1).view(pairs, nd, d).transpose(1, 2)
+    rows = min(ns, max(_MIN_ROWS, _SCORE_FLOATS // nd))
+    per_chunk = min(pairs, max(1, _SCORE_FLOATS // (rows * nd)))
+    scores = torch.empty(per_chunk * rows * nd, device=x.device)
+    sources = torch.empty(per_chunk * rows * d, device=x.device)
+    best = torch.empty(pairs, ns, dtype=torch.long, device=x.device)
+    for p0 in range(0, pairs, per_chunk):
+        p1 = min(p0 + per_chunk, pairs)
+        for r0 in range(0, ns, rows):
+            r1 = min(r0 + rows, ns)
+            size = (p1 - p0) * (r1 - r0)
+            idx = src_rows[p0:p1, r0:r1].reshape(-1)
+            src = torch.index_select(flat_x, 0, idx, out=sources[: size * d].view(size, d))
+            chunk = scores[: size * nd].view(p1 - p0, r1 - r0, nd)
+            torch.bmm(src.view(p1 - p0, r1 - r0, d), dst[p0:p1], out=chunk)
+            # torch.max returns the first maximal index (documented), the reference's tie rule
+            best[p0:p1, r0:r1] = chunk.max(dim=-1).indices
+    chosen = torch.gather(cls.dst_slot.to(x.device).expand(e, nb, nd), 2, best.view(e, nb, ns))
+    slot.index_copy_(1, cls.src.to(x.device).reshape(-1), chosen.view(e, nb * ns))
 
 
 def _flat(slot: Tensor, length: int) -> Tensor:
@@ -315,15 +308,40 @@ def _flat(slot: Tensor, length: int) -> Tensor:
     return (slot + torch.arange(slot.shape[0], device=slot.device).unsqueeze(1) * length).reshape(-1)
 
 
-def _group_means(x: Tensor, flat: Tensor, rows: int) -> tuple[Tensor, Tensor]:
-    """Plain means of the rows of x [.., d] over groups ``flat`` -> ([rows, d], sizes [rows]).
-
-    Empty groups (query padding) give zero rows.
-    """
+def _group_sums(x: Tensor, flat: Tensor, rows: int) -> Tensor:
+    """Float32 sums of the rows of x [.., d] over groups ``flat`` (one index_add) -> [rows, d]."""
     d = x.shape[-1]
-    sums = torch.zeros(rows, d, dtype=x.dtype, device=x.device).index_put_((flat,), x.reshape(-1, d), accumulate=True)
-    counts = torch.bincount(flat, minlength=rows)
-    return sums.div_(counts.clamp(min=1).unsqueeze(-1).to(x.dtype)), counts
+    return torch.zeros(rows, d, device=x.device).index_add_(0, flat, x.reshape(-1, d).float())
+
+
+def _means(sums: Tensor, counts: Tensor) -> Tensor:
+    """Group sums [rows, d] divided in place by their sizes; empty groups (query padding) stay 0."""
+    return sums.div_(counts.clamp(min=1).unsqueeze(-1).to(sums.dtype))
+
+
+def _deviations(x: Tensor, groups: Tensor, num_slots: int) -> Tensor:
+    """Step 5's deviation of every token from the mean of its group, [E, N], for x [E, N, d] float32.
+
+    0 for a token alone in its group. The two members of a pair deviate equally: both get the
+    larger of their two rounded values, so the outlier tie rule decides between them.
+    """
+    e, n, d = x.shape
+    flat = _flat(groups, num_slots)
+    counts = torch.bincount(flat, minlength=e * num_slots)
+    means = _means(_group_sums(x, flat, e * num_slots), counts)
+    # row chunks through one small buffer: a fresh [E * N, d] tensor costs more in page faults
+    # than the subtraction it holds
+    rows = x.view(-1, d)
+    dev = torch.empty(e * n, device=x.device)
+    step = max(1, _SCORE_FLOATS // d)
+    own_mean = torch.empty(min(step, e * n), d, device=x.device)
+    for r0 in range(0, e * n, step):
+        r1 = min(r0 + step, e * n)
+        chunk = torch.index_select(means, 0, flat[r0:r1], out=own_mean[: r1 - r0])
+        torch.linalg.vector_norm(chunk.sub_(rows[r0:r1]), dim=-1, out=dev[r0:r1])
+    size = counts.index_select(0, flat)
+    pair = torch.zeros(e * num_slots, device=x.device).scatter_reduce_(0, flat, dev, "amax")
+    return torch.where(size == 2, pair.index_select(0, flat), dev).masked_fill_(size == 1, 0.0).view(e, n)
 
 
 def _top_fraction_mask(values: Tensor, count: int) -> Tensor:
@@ -380,26 +398,17 @@ def httm_plan(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int, special_
                   dst_rule, mode, num_tokens=q.shape[2])
     q_layout, kv_layout = _layouts(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
                                    anchor_first_frame, dst_rule, seed, mode)
-    b, h, n, _ = q.shape
+    b, h, n, d = q.shape
     uniform = mode == "uniform"
-    q_metric = q.float().mean(1, keepdim=True) if uniform else q
+    q_rows = q.float().contiguous()
+    q_metric = q_rows.mean(1, keepdim=True) if uniform else q_rows
     k_metric = k.float().mean(1, keepdim=True) if uniform else k
     q_groups = httm_match(q_metric, q_layout).expand(b, h, n)
     kv_slot = httm_match(k_metric, kv_layout).expand(b, h, n).contiguous()
 
     # adaptive outlier filtering: deviation of each query from the mean of its initial group
-    g, d = q_layout.num_slots, q.shape[-1]
-    deviation = torch.empty(b, h, n, device=q.device)
-    for bi, h0, h1 in _head_chunks(b, h, n * d):
-        rows, flat = q[bi, h0:h1].float(), _flat(q_groups[bi, h0:h1], g)
-        means, counts = _group_means(rows, flat, (h1 - h0) * g)
-        own_mean = means.index_select(0, flat).view(h1 - h0, n, d)
-        dev = torch.sub(rows, own_mean, out=own_mean).norm(dim=-1).view(-1)
-        size = counts.index_select(0, flat)
-        # the two members of a pair deviate equally; one shared value lets the tie rule decide
-        pair = torch.zeros_like(means[:, 0]).scatter_reduce_(0, flat, dev, "amax")
-        dev = torch.where(size == 2, pair.index_select(0, flat), dev).masked_fill_(size == 1, 0.0)
-        deviation[bi, h0:h1] = dev.view(h1 - h0, n)
+    g = q_layout.num_slots
+    deviation = _deviations(q_rows.view(b * h, n, d), q_groups.reshape(b * h, n), g).view(b, h, n)
     if uniform:
         pooled = deviation.square().sum(1).sqrt()  # [B, N]
         outliers = _top_fraction_mask(pooled, round(outlier_fraction * n)).unsqueeze(1).expand(b, h, n)
@@ -418,25 +427,25 @@ def httm_apply_plan(q: Tensor, k: Tensor, v: Tensor, plan: HttmPlan, proportiona
                     scale: float | None = None) -> Tensor:
     """Steps 6-7: merge by the plan's maps, attend on the short sequences, copy rows back.
 
-    Heads are processed in chunks; each chunk pads its queries to its own longest head (padded rows
-    are zero queries whose outputs are never read).
+    Merging is one index_add per tensor over all samples and heads, into ``[B, H, M, d]`` tables
+    SDPA reads as they are; queries are padded to the longest head (padded rows are zero queries
+    whose outputs are never read); the unmerge is one gather.
     """
     b, h, n, d = q.shape
     dv = v.shape[-1]
-    m_kv = plan.kv_length
-    out = torch.empty(b, h, n, dv, dtype=q.dtype, device=q.device)
-    for bi, h0, h1 in _head_chunks(b, h, n * (d + dv)):
-        hc, m_q = h1 - h0, int(plan.q_lengths[bi, h0:h1].max())
-        q_flat, kv_flat = _flat(plan.q_slot[bi, h0:h1], m_q), _flat(plan.kv_slot[bi, h0:h1], m_kv)
-        q_merged, _ = _group_means(q[bi, h0:h1].float(), q_flat, hc * m_q)
-        k_merged, sizes = _group_means(k[bi, h0:h1].float(), kv_flat, hc * m_kv)
-        v_merged, _ = _group_means(v[bi, h0:h1].float(), kv_flat, hc * m_kv)
-        bias = sizes.view(hc, 1, m_kv).to(q.dtype).log() if proportional_attention else None
-        merged_out = F.scaled_dot_product_attention(
-            q_merged.view(hc, m_q, d).to(q.dtype), k_merged.view(hc, m_kv, d).to(q.dtype),
-            v_merged.view(hc, m_kv, dv).to(q.dtype), attn_mask=bias, scale=scale)
-        torch.index_select(merged_out.reshape(-1, dv), 0, q_flat, out=out[bi, h0:h1].view(-1, dv))
-    return out
+    m_q, m_kv = plan.q_length_max, plan.kv_length
+    if b * h == 0:
+        return q.new_empty(b, h, n, dv)
+    q_flat, kv_flat = _flat(plan.q_slot.reshape(b * h, n), m_q), _flat(plan.kv_slot.reshape(b * h, n), m_kv)
+    q_merged = _means(_group_sums(q, q_flat, b * h * m_q), torch.bincount(q_flat, minlength=b * h * m_q))
+    sizes = torch.bincount(kv_flat, minlength=b * h * m_kv)
+    k_merged = _means(_group_sums(k, kv_flat, b * h * m_kv), sizes)
+    v_merged = _means(_group_sums(v, kv_flat, b * h * m_kv), sizes)
+    bias = sizes.view(b, h, 1, m_kv).to(q.dtype).log() if proportional_attention else None
+    merged_out = F.scaled_dot_product_attention(
+        q_merged.view(b, h, m_q, d).to(q.dtype), k_merged.view(b, h, m_kv, d).to(q.dtype),
+        v_merged.view(b, h, m_kv, dv).to(q.dtype), attn_mask=bias, scale=scale)
+    return merged_out.reshape(-1, dv).index_select(0, q_flat).view(b, h, n, dv)
 
 
 # ----------------------------------------------------------------------------------------------

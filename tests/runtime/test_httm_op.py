@@ -11,9 +11,9 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim  # noqa: F401  (registers the ops)
+import fxslim.runtime.httm as httm_module
 from fxslim.runtime.httm import (
     MODES,
-    _first_argmax,
     frame_layout_from_positions,
     httm_kept_lengths,
     httm_layout,
@@ -274,11 +274,32 @@ def test_httm_attention_matches_loop_reference(batch, heads, frames, patches, sp
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
 
 
-def test_first_argmax_matches_argmax_with_ties():
-    g = torch.Generator().manual_seed(0)
-    for nd in (127, 128, 300, 1152):
-        scores = torch.randint(0, 5, (3, 50, nd), generator=g).float()  # many exact ties
-        assert torch.equal(_first_argmax(scores), scores.argmax(dim=-1))
+@pytest.mark.parametrize("mode", MODES)
+def test_httm_plan_exact_similarity_ties_resolved_like_the_reference(mode):
+    # every token of a head is one of two vectors: each source ties exactly with many destinations
+    # and must join the first of them. (No outliers: group means of equal mathematical value but
+    # different members round differently in the two implementations, so deviations of different
+    # groups are not bitwise ties; the pair rule that makes them exact is pinned by the
+    # reference-equivalence example above.)
+    frames, p = 6, 5 + 40
+    g = torch.Generator().manual_seed(4)
+    pair = torch.randn(2, 2, 8, generator=g)
+    q = pair[:, torch.randint(0, 2, (frames * p,), generator=g)][None]
+    kw = dict(q_ratio=0.9, kv_ratio=0.7, n_s=16, n_t=4, outlier_fraction=0.0, mode=mode)
+    _, ref_plan = httm_attention_reference(q, q, q, frames, p, **kw)
+    plan = httm_plan(q, q, frames, p, **kw)
+    for name in ("q_slot", "kv_slot", "q_lengths", "outliers"):
+        assert torch.equal(getattr(plan, name), getattr(ref_plan, name)), name
+
+
+def test_httm_match_chunked_scores_equal_one_chunk(monkeypatch):
+    # the score chunking (rows x heads) must not change any decision
+    q, k, _ = _qkv(2, 3, 5 * 69, 16, seed=6)
+    whole = httm_plan(q, k, 5, 69, n_s=16, n_t=4)
+    monkeypatch.setattr(httm_module, "_SCORE_FLOATS", 64)
+    monkeypatch.setattr(httm_module, "_MIN_ROWS", 3)
+    chunked = httm_plan(q, k, 5, 69, n_s=16, n_t=4)
+    assert torch.equal(whole.q_slot, chunked.q_slot) and torch.equal(whole.kv_slot, chunked.kv_slot)
 
 
 # ----------------------------------------------------------------------------------------------
