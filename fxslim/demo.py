@@ -22,6 +22,7 @@ import html
 import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -92,6 +93,8 @@ class _Steps:
 
     @contextlib.contextmanager
     def step(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        if not self._progress.console.is_terminal:  # rich draws no bars into a pipe: say it plainly
+            print(f"fxslim demo: {description} ...", file=sys.stderr, flush=True)
         task = self._progress.add_task(description, total=total)
         start = time.perf_counter()
         yield lambda n=1: self._progress.advance(task, n)
