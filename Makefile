@@ -4,7 +4,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.fxslim-installed
 
-.PHONY: test demo bench venv clean
+.PHONY: test demo bench venv clean browser screenshot
 
 venv: $(STAMP)
 
@@ -23,6 +23,20 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.run_all
+
+# Debian's chromium for tests/test_html_render.py (skipped without it) and the screenshot below.
+browser:
+	apt-get update -qq && apt-get install -y -qq chromium
+
+CHROMIUM := chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
+	--disable-background-networking --disable-component-update --disable-sync
+
+# docs/report.png, the HTML report README shows, rendered at 1000 px.
+screenshot: $(STAMP)
+	$(VENV)/bin/fxslim report torchvision:mobilenet_v2 --input 1x3x224x224 --passes haste:L=14 \
+		--format html --out build/report.html
+	$(CHROMIUM) --user-data-dir=build/chromium --window-size=1000,1400 --hide-scrollbars \
+		--screenshot=docs/report.png file://$(CURDIR)/build/report.html
 
 clean:
 	rm -rf $(VENV) build *.egg-info

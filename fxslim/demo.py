@@ -378,21 +378,23 @@ def _figure(width: float, height: float) -> Any:
 
 def _summary_figure(results: Sequence[PartResult]) -> Any:
     """Before/after bars per part for each metric (log scale: the parts differ by orders of magnitude)."""
-    fig = _figure(4.0 * len(_METRICS), 4.2)
+    columns = 2  # two panels a row: at the page's width each keeps 10 px+ labels
+    rows = math.ceil(len(_METRICS) / columns)
+    fig = _figure(9.0, 3.6 * rows)
     xs = range(len(results))
     for i, (metric, label) in enumerate(_METRICS):
-        ax = fig.add_subplot(1, len(_METRICS), i + 1)
+        ax = fig.add_subplot(rows, columns, i + 1)
         before = [r.before[metric] for r in results]
         after = [r.after[metric] for r in results]
         ax.bar([x - 0.2 for x in xs], before, width=0.4, label="before", color="#4c72b0")
         ax.bar([x + 0.2 for x in xs], after, width=0.4, label="after", color="#dd8452")
         for x, b, a in zip(xs, before, after):
-            ax.annotate(_ratio(b, a), (x, max(b, a)), ha="center", va="bottom", fontsize=8)
+            ax.annotate(_ratio(b, a), (x, max(b, a)), ha="center", va="bottom", fontsize=10)
         ax.set_yscale("log")
         ax.set_xticks(list(xs), [r.part for r in results])
         ax.set_title(label)
         ax.margins(y=0.15)
-    fig.axes[0].legend(fontsize=8)
+    fig.axes[0].legend(fontsize=9, loc="lower left", bbox_to_anchor=(0.0, 1.08), ncol=2, frameon=False)
     fig.suptitle("before and after, log scale (label: before ÷ after)")
     fig.tight_layout()
     return fig

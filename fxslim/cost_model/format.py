@@ -263,8 +263,9 @@ body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;mar
 h1{font-size:1.5em}h2{font-size:1.2em;margin-top:1.5em}
 table{border-collapse:collapse;font-size:.8em}th,td{border:1px solid #ccc;padding:2px 6px}
 th{background:#f0f0f0}td.n{text-align:right;font-variant-numeric:tabular-nums}
-tr.total td{font-weight:bold;background:#fafafa}ul{line-height:1.5}img{max-width:100%}
-.note{color:#666;font-size:.85em}
+tr.total td{font-weight:bold;background:#fafafa}ul{line-height:1.5}img{max-width:100%;height:auto}
+.note{color:#666;font-size:.85em}.scroll{overflow-x:auto;max-width:100%}
+@media (max-width:700px){body{margin:.8em}}
 """.strip()
 
 
@@ -277,18 +278,19 @@ def _img(fig: Any) -> str:
 
 def _html_table(header: tuple[str, ...] | list[str], rows: list[list[str]], numeric_from: int,
                 total: list[str] | None = None) -> str:
-    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
+    out = ['<div class="scroll"><table>', "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for row in rows + ([total] if total else []):
         cls = ' class="total"' if total is not None and row is total else ""
         cells = "".join(f'<td{" class=n" if i >= numeric_from else ""}>{html.escape(c)}</td>' for i, c in enumerate(row))
         out.append(f"<tr{cls}>{cells}</tr>")
-    out.append("</table>")
+    out.append("</table></div>")  # wide tables scroll inside the page, never the page itself
     return "\n".join(out)
 
 
 def _page(title: str, body: list[str]) -> str:
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{html.escape(title)}</title>", f"<style>{_CSS}</style>", "</head>", "<body>",
         *body, "</body>", "</html>", "",
     ])
@@ -347,6 +349,10 @@ def _cmp_summary(comp: Comparison) -> list[str]:
     for label, rep in (("before", comp.before), ("after", comp.after)):
         if rep.unknown_ops:
             lines.append(f"ops without a cost formula ({label}): " + ", ".join(rep.unknown_ops))
+    if any(c["pass"] == "haste" and c["status"] == "rewritten" for c in comp.candidates):
+        lines.append("HASTE's saving depends on the input: the 'after' MACs are a data-free prediction "
+                     "(channels hashed as independent random vectors, the worst case for merging); real "
+                     "activations merge more: measure them with fxslim.runtime.haste.record_buckets")
     return lines
 
 

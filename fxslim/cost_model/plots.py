@@ -13,11 +13,15 @@ from typing import Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import EngFormatter
 
 from fxslim.cost_model.report import Comparison, CostReport, ScalingTable
 
 __all__ = ["plot_breakdown", "plot_layers", "plot_comparison", "plot_scaling", "png_bytes", "save_figure"]
 
+_TICK_PT = 9  # tick labels: 9 pt at 100 dpi is 12.5 px, readable when the page shows the PNG at full width
+_UNITS = {"macs": "MAC", "flops": "FLOP", "energy_pj": "pJ", "elementwise": "op", "storage_bits": "bit",
+          "params": "", "activation_bytes": "B"}
 _LABELS = {"macs": "MACs", "flops": "FLOPs", "energy_pj": "energy (pJ)", "elementwise": "elementwise ops",
            "storage_bits": "storage (bits)", "params": "parameters", "activation_bytes": "activation bytes"}
 
@@ -45,43 +49,59 @@ def plot_breakdown(report: CostReport, metric: str = "macs") -> Figure:
     ax = fig.add_subplot()
     ax.bar([k for k, _ in items], [v for _, v in items], color="#4c72b0")
     ax.set_ylabel(_LABELS.get(metric, metric))
+    _value_axis(ax.yaxis, metric)
     ax.set_title(f"{report.model}: {_LABELS.get(metric, metric)} by kind")
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     return fig
 
 
+def _value_axis(axis: Any, metric: str) -> None:
+    """Engineering prefixes with the unit on the tick labels (10 M, 1.5 G), never a bare "1e7"."""
+    axis.set_major_formatter(EngFormatter(unit=_UNITS.get(metric, "")))
+
+
+def _layer_figure(names: list[str], per_row: float) -> tuple[Figure, Any]:
+    """A figure with one horizontal band per layer, names on the y axis at a readable size."""
+    fig = _figure(8.0, max(3.0, 1.2 + per_row * len(names)))
+    ax = fig.add_subplot()
+    ax.set_yticks(range(len(names)), names, fontsize=_TICK_PT)
+    ax.invert_yaxis()  # execution order, top to bottom
+    ax.tick_params(axis="x", labelsize=_TICK_PT)
+    ax.grid(True, axis="x", alpha=0.3)
+    return fig, ax
+
+
 def plot_layers(report: CostReport, metric: str = "macs", top: int = 40) -> Figure:
-    """Bars of ``metric`` per module (the ``top`` largest, in execution order)."""
+    """Horizontal bars of ``metric`` per module (the ``top`` largest, in execution order)."""
     mods = [(m, _number(getattr(t, metric))) for m, t in report.by_module().items()]
     keep = {m for m, _ in sorted(mods, key=lambda kv: -kv[1])[:top]}
     mods = [(m or "<root>", v) for m, v in mods if m in keep and v > 0]
-    fig = _figure(max(8.0, 0.25 * len(mods)), 4.5)
-    ax = fig.add_subplot()
-    ax.bar(range(len(mods)), [v for _, v in mods], color="#4c72b0")
-    ax.set_xticks(range(len(mods)), [m for m, _ in mods], rotation=90, fontsize=6)
-    ax.set_ylabel(_LABELS.get(metric, metric))
+    fig, ax = _layer_figure([m for m, _ in mods], 0.22)
+    ax.barh(range(len(mods)), [v for _, v in mods], color="#4c72b0")
+    ax.set_xlabel(_LABELS.get(metric, metric))
+    _value_axis(ax.xaxis, metric)
     ax.set_title(f"{report.model}: {_LABELS.get(metric, metric)} per layer")
     fig.tight_layout()
     return fig
 
 
 def plot_comparison(comparison: Comparison, metric: str = "energy_pj", top: int = 40) -> Figure:
-    """Side-by-side bars of ``metric`` per module, before and after."""
+    """Horizontal bars of ``metric`` per module, before and after side by side."""
     rows = [(r.fqn or "<root>", _number(getattr(r.before, metric)), _number(getattr(r.after, metric)))
             for r in comparison.rows]
     rows = [r for r in rows if r[1] > 0 or r[2] > 0]
     keep = {r[0] for r in sorted(rows, key=lambda r: -max(r[1], r[2]))[:top]}
     rows = [r for r in rows if r[0] in keep]
-    fig = _figure(max(8.0, 0.3 * len(rows)), 4.5)
-    ax = fig.add_subplot()
-    xs = range(len(rows))
-    ax.bar([x - 0.2 for x in xs], [r[1] for r in rows], width=0.4, label="before", color="#4c72b0")
-    ax.bar([x + 0.2 for x in xs], [r[2] for r in rows], width=0.4, label="after", color="#dd8452")
-    ax.set_xticks(list(xs), [r[0] for r in rows], rotation=90, fontsize=6)
-    ax.set_ylabel(_LABELS.get(metric, metric))
-    ax.set_title(f"{comparison.before.model}: {_LABELS.get(metric, metric)} per layer, before and after")
-    ax.legend()
+    fig, ax = _layer_figure([r[0] for r in rows], 0.3)
+    ys = range(len(rows))
+    ax.barh([y - 0.2 for y in ys], [r[1] for r in rows], height=0.4, label="before", color="#4c72b0")
+    ax.barh([y + 0.2 for y in ys], [r[2] for r in rows], height=0.4, label="after", color="#dd8452")
+    ax.set_xlabel(_LABELS.get(metric, metric))
+    _value_axis(ax.xaxis, metric)
+    ax.set_title(f"{comparison.before.model}: {_LABELS.get(metric, metric)} per layer, before and after",
+                 fontsize=_TICK_PT + 1, pad=24)
+    ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False, fontsize=_TICK_PT)  # above the bars
     fig.tight_layout()
     return fig
 
@@ -97,6 +117,7 @@ def plot_scaling(tables: ScalingTable | Sequence[ScalingTable], metric: str = "m
         ax.plot(table.values, [_number(v) for v in table.column(metric)], marker="o", label=label)
     ax.set_xlabel(tables[0].size)
     ax.set_ylabel(_LABELS.get(metric, metric))
+    _value_axis(ax.yaxis, metric)
     ax.set_title(f"{_LABELS.get(metric, metric)} against {tables[0].size}")
     ax.grid(True, alpha=0.3)
     ax.legend()
