@@ -88,3 +88,18 @@ def test_readme_command_names_existing_target(line: str):
         assert args[0] in _makefile_targets(), f"{line!r}: no Makefile target {args[0]}"
     else:
         pytest.fail(f"README shows a command this test does not know how to check: {line!r}")
+
+
+_QUOTED = re.compile(r"<!-- results: .*? -->.*?<!-- /results -->", re.S)
+_FIGURE = re.compile(r"(?<![\w.×])\d+(?:\.\d+)?\s?(?:%|×(?!\d)|ms\b|pp\b|s\b)")  # 4.3×, 12 %, 25 ms; not 1×1
+_PAPER_FIGURES = {"1.25 pp"}  # HASTE's accuracy budget, quoted from the paper where the page says so
+
+
+def test_no_measured_figure_is_typed_by_hand():
+    """Outside the blocks copied from results files (and code), no page states a measured figure."""
+    for page in update_readme.pages():
+        text = page.read_text(encoding="utf-8")
+        text = _FENCE.sub("", _QUOTED.sub("", text))
+        text = re.sub(r"`[^`]*`", "", text)
+        typed = set(_FIGURE.findall(text)) - _PAPER_FIGURES
+        assert not typed, f"{page.name}: figures outside results blocks: {sorted(typed)}"
