@@ -292,14 +292,14 @@ class _EagerRecorder(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
         self.calls: dict[str, list] = {}
-        self.modules: list[str] = []
+        self.modules: list[tuple[str, int]] = []  # (path, graph depth outside it): a leaf inside a graph
         self.in_graph = 0
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if not self.in_graph and self.modules and func not in _SKIP_RECORD:
-            self.calls.setdefault(self.modules[-1], []).append((func, args, kwargs, out))
+            self.calls.setdefault(self.modules[-1][0], []).append((func, args, kwargs, out))
         return out
 
     def hooks(self, root: nn.Module, captured: Captured) -> list[Any]:
@@ -311,7 +311,7 @@ class _EagerRecorder(TorchDispatchMode):
             self.in_graph -= 1
 
         def leave_module(*_: Any) -> None:
-            self.modules.pop()
+            self.in_graph = self.modules.pop()[1]
 
         handles = []
         for graph in captured.graphs:
@@ -321,7 +321,8 @@ class _EagerRecorder(TorchDispatchMode):
             mod = root.get_submodule(path) if path else root
 
             def enter_module(*_: Any, _path: str = path) -> None:
-                self.modules.append(_path)
+                self.modules.append((_path, self.in_graph))  # an untraced leaf called by a graph
+                self.in_graph = 0  # runs its own code eagerly: record it
 
             handles += [mod.register_forward_pre_hook(enter_module), mod.register_forward_hook(leave_module)]
         return handles
@@ -331,7 +332,7 @@ def record_eager(captured: Captured, example_inputs: tuple | None) -> dict[str, 
     """The aten ops that the untraced modules of a partly traced model run themselves (outside its
     graphs), per module path: on a meta twin, else (value-dependent code) with the real weights.
     None when the eager code runs in neither way."""
-    if captured.whole or not captured.untraced or example_inputs is None:
+    if not captured.untraced or example_inputs is None:
         return {}
     attempts = [(meta_twin(captured.module), to_meta(tuple(example_inputs))), (captured.module, tuple(example_inputs))]
     for root, inputs in attempts:

@@ -167,9 +167,13 @@ class Walker:
             if isinstance(view, AttentionView):
                 consumed.update(n for n in view.nodes if n is not view.node)
         rows = []
+        eager = {path for path, _ in self.source.captured.untraced}
+        prefix = f"{graph.path}." if graph.path else ""
         for node in gm.graph.nodes:
             if node.op not in ("call_function", "call_method", "call_module") or node in consumed:
                 continue
+            if node.op == "call_module" and prefix + str(node.target) in eager:
+                continue  # a leaf left eager: its own code has an eager row, its insides their graphs
             raw = RawRow(graph.path, node.name, _op_name(node, gm), _fqn(node, gm))
             self._shapes(raw, node)
             raw.params = self._params(graph, node)

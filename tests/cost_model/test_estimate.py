@@ -104,3 +104,30 @@ def test_estimate_bad_arguments_raise_value_errors_naming_them():
         fxslim.estimate(model, x, capture="jit")
     with pytest.raises(TypeError, match="conventions: expected a Conventions, a dict or None"):
         fxslim.estimate(model, x, conventions="fp16")
+
+
+class _LeafWithInsides(torch.nn.Module):
+    """Its own code does not trace (a value branch) and it runs a conv of its own plus a child."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = torch.nn.Conv2d(4, 4, 3, padding=1)
+        self.weight = torch.nn.Parameter(torch.randn(4, 4, 1, 1))
+
+    def forward(self, x):
+        x = self.inner(x)
+        return torch.nn.functional.conv2d(x, self.weight) if x.sum() > -1e9 else x
+
+
+def test_leaf_kept_eager_inside_a_graph_is_counted_once():
+    """The root graph calls the untraceable module as a leaf; its own ops come from the eager run and
+    its child's from the child's graph: together exactly what FlopCounterMode counts."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), _LeafWithInsides()).eval()
+    x = torch.randn(2, 3, 8, 8)
+    report = fxslim.estimate(model, (x,))
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
+    assert report.total.flops == counter.get_total_flops()
