@@ -28,7 +28,6 @@ from fxslim.api import optimize
 from fxslim.config import check_choice, check_range
 from fxslim.ir import ConvView, LinearView, meta_val, node_fqn, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
-from fxslim.passes.matchers import conv_kind
 from fxslim.passes.prom_graph import float_tensor, is_activation, is_quant, is_residual_add, is_shape_op, module_of
 from fxslim.runtime.quant import (
     TERNARY_METHODS, WEIGHT_QUANTS, ActFakeQuant, QConv2d, QLinear, int8_weight_codes, int8_weight_fake_quant,
@@ -133,7 +132,7 @@ class PROM(Pass):
         weighted = [v for v in views(gm) if isinstance(v, (ConvView, LinearView))]
         last = next((v.node for v in reversed(weighted) if _ternary_shaped(gm, v) and not _reject(gm, v, calls)), None)
         for view in weighted:
-            kind = conv_kind(view) if isinstance(view, ConvView) else "linear"
+            kind = view.conv_kind if isinstance(view, ConvView) else "linear"
             reason = _reject(gm, view, calls)
             if reason:
                 report.skip(view.node, view.fqn, kind, reason)
