@@ -8,15 +8,14 @@ convs and 8-bit symmetric weights for every other conv and every linear; one ``A
 pooled tensor), every conv(+BN+ReLU/ReLU6) output and every add output. BN stays a float module.
 
 ``fxslim.optimize(model, x, passes=["prom"])`` returns this prepared QAT model (as does
-``prepare``); turning it into integer ops is the separate, explicit ``convert`` step
+``fxslim.prepare``, in ``fxslim.api``: a pass never calls back into the API); turning it into integer ops is the separate, explicit ``convert`` step
 (``fxslim.passes.prom_convert``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -24,7 +23,6 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from fxslim.api import optimize
 from fxslim.config import check_choice, check_range
 from fxslim.ir import ConvView, LinearView, meta_val, node_fqn, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
@@ -34,9 +32,8 @@ from fxslim.runtime.quant import (
     ternary_codes, ternary_fake_quant,
 )
 
-__all__ = ["PROM", "PerTensorQConv2d", "PerTensorQLinear", "prepare", "calibrate"]
+__all__ = ["PROM", "PerTensorQConv2d", "PerTensorQLinear", "calibrate"]
 
-_log = logging.getLogger(__name__)
 _QUANT_PREFIX = "prom_quant"
 
 
@@ -241,30 +238,6 @@ def _maybe_quantize(gm: fx.GraphModule, node: fx.Node, momentum: float) -> fx.No
     node.replace_all_uses_with(quant, delete_user_cb=lambda user: user is not quant)
     quant.meta["val"] = meta_val(node)
     return quant
-
-
-def prepare(
-    model: nn.Module, example_inputs: Any, config: PROM | None = None, *,
-    filter_fn: Callable[[fx.Node, str], bool] | None = None, overrides: Mapping[str, Any] | None = None,
-) -> nn.Module:
-    """The QAT model: a fake-quantized copy of ``model`` (an nn.Module or a symbolic GraphModule).
-
-    Same as ``fxslim.optimize(model, example_inputs, passes=[config]).module``; the report is
-    stored in ``prepared.meta["fxslim_report"]`` (a GraphModule when the model traces whole).
-    Train it like the float model (``fxslim.models.train.fit``/``train_step`` or any loop, also
-    wrapped in DistributedDataParallel: observer state lives in buffers), or only ``calibrate`` it
-    for post-training quantization; then ``fxslim.convert`` it.
-    """
-    config = PROM() if config is None else config
-    if not isinstance(config, PROM):
-        raise TypeError(f"prepare: config must be a PROM config, got {type(config).__name__}")
-    result = optimize(model, example_inputs, [config], filter_fn=filter_fn, overrides=overrides,
-                      leaf_modules=(QConv2d, QLinear, ActFakeQuant))
-    for graph in result.captured.graphs:
-        graph.gm.meta["fxslim_report"] = result.report
-    weights = Counter(e.info.get("weights", e.kind) for e in result.report.entries("prom") if e.status == "rewritten")
-    _log.info("PROM prepare: rewrote %s; skipped %s", dict(weights), dict(result.report.skipped("prom")))
-    return result.module
 
 
 @torch.no_grad()
