@@ -24,7 +24,7 @@ __all__ = ["HasteCounts", "HasteLayer", "expected_buckets", "bucket_counts", "ac
 
 @dataclass(frozen=True)
 class HasteCounts:
-    """Operation counts of a HASTE conv over some samples and tiles (terms: see the module docstring)."""
+    """Operation counts of a HASTE conv over some samples and tiles (terms: ``fxslim.cost_model.ops_haste``)."""
 
     centering: float = 0
     hashing: float = 0
