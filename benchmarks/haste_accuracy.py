@@ -41,10 +41,10 @@ import torch
 import fxslim
 from benchmarks.command import command_line
 from benchmarks.resnet_checkpoints import DEFAULT_WEIGHT_DECAY, checkpoint_name, weight_decay_flag
-from fxslim.cost_model.ops_haste import HasteCounts, HasteLayer
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import SMALL_MNIST_CHECKPOINT, pad_to_32, resnet18, resnet34
 from fxslim.runtime.haste import record_buckets
+from fxslim.runtime.haste_counts import HasteCounts, HasteLayer
 
 _HERE = Path(__file__).resolve().parent
 _BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}

@@ -26,10 +26,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from fxslim.api import prepare
 from fxslim.models.data import Split, mnist_5k
 from fxslim.models.mobilenet_mnist import MobileNetMNIST, load_mobilenet_mnist
 from fxslim.models.train import FitConfig, evaluate, fit, predict
-from fxslim.passes.prom import PROM, calibrate, prepare
+from fxslim.passes.prom import PROM, calibrate
 from fxslim.passes.prom_convert import convert
 from fxslim.runtime import prom_ops
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available

@@ -14,8 +14,9 @@ import torch
 import torchvision
 from torch import nn
 
+from fxslim.api import prepare
 from fxslim.models.data import imagenet_normalize, photos
-from fxslim.passes.prom import PROM, calibrate, prepare
+from fxslim.passes.prom import PROM, calibrate
 from fxslim.passes.prom_convert import convert
 
 __all__ = ["photo_batch", "random_mobilenet_v2", "converted_mobilenet_v2"]

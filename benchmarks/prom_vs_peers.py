@@ -47,7 +47,8 @@ _PACKAGES = ("torch", "torchao", "onnx", "onnxscript", "onnxruntime", "openvino"
 
 def _prom_models(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, nn.Module, nn.Module]:
     """(fake-quant model, integer model eager, integer model compiled)."""
-    from fxslim.passes.prom import calibrate, prepare
+    from fxslim.api import prepare
+    from fxslim.passes.prom import calibrate
     from fxslim.passes.prom_batching import micro_batched
     from fxslim.passes.prom_convert import convert
 

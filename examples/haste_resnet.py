@@ -11,10 +11,10 @@ import warnings
 import torch
 
 import fxslim
-from fxslim.cost_model.ops_haste import bucket_counts
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import pad_to_32, pretrained_mnist_resnet18_small
 from fxslim.runtime.haste import record_buckets
+from fxslim.runtime.haste_counts import bucket_counts
 
 
 def main() -> None:

@@ -9,14 +9,14 @@
 """
 
 from fxslim import runtime  # registers the torch.ops.fxslim.* custom ops
-from fxslim.api import OptimizeReport, OptimizeResult, optimize
+from fxslim.api import OptimizeReport, OptimizeResult, optimize, prepare
 from fxslim.capture import capture
 from fxslim.config import Config
 from fxslim.cost_model import Conventions, compare, estimate
 from fxslim.passes.base import Pass, parse_pass, register_pass, registered_passes
 from fxslim.passes.haste import HASTE
 from fxslim.passes.httm import HTTM
-from fxslim.passes.prom import PROM, calibrate, prepare
+from fxslim.passes.prom import PROM, calibrate
 from fxslim.passes.prom_convert import convert
 from fxslim.policy import Policy
 

@@ -1,5 +1,8 @@
 """``fxslim.optimize``: capture a model, run passes on every graph, report what happened.
 
+``fxslim.prepare`` (PROM's QAT model) is ``optimize`` with one PROM config; it lives here, not in
+the pass, because a pass never calls back into the API layer.
+
 The input may be an ``nn.Module`` (captured by symbolic trace, or ``capture="export"``), a
 ``torch.fx.GraphModule`` (symbolic or dynamo) or a ``torch.export.ExportedProgram``. The caller's
 object is never modified: capture works on a copy, and ``OptimizeResult.module`` is that copy
@@ -22,9 +25,11 @@ from torch import nn
 
 from fxslim.capture import Captured, capture as capture_graphs
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, run_passes
+from fxslim.passes.prom import PROM
 from fxslim.policy import Policy
+from fxslim.runtime.quant import ActFakeQuant, QConv2d, QLinear
 
-__all__ = ["OptimizeReport", "OptimizeResult", "optimize", "parse_passes"]
+__all__ = ["OptimizeReport", "OptimizeResult", "optimize", "parse_passes", "prepare"]
 
 _log = logging.getLogger(__name__)
 
@@ -149,3 +154,27 @@ def optimize(
             warnings.warn(message, stacklevel=2)
     return OptimizeResult(captured.module, report, captured, parsed,
                           tuple(example_inputs) if example_inputs is not None else None, source=model)
+
+
+def prepare(
+    model: nn.Module, example_inputs: Any, config: PROM | None = None, *,
+    filter_fn: Callable[[fx.Node, str], bool] | None = None, overrides: Mapping[str, Any] | None = None,
+) -> nn.Module:
+    """The PROM QAT model: a fake-quantized copy of ``model`` (an nn.Module or a symbolic GraphModule).
+
+    Same as ``fxslim.optimize(model, example_inputs, passes=[config]).module``; the report is
+    stored in ``prepared.meta["fxslim_report"]`` (a GraphModule when the model traces whole).
+    Train it like the float model (``fxslim.models.train.fit``/``train_step`` or any loop, also
+    wrapped in DistributedDataParallel: observer state lives in buffers), or only ``fxslim.calibrate``
+    it for post-training quantization; then ``fxslim.convert`` it.
+    """
+    config = PROM() if config is None else config
+    if not isinstance(config, PROM):
+        raise TypeError(f"prepare: config must be a PROM config, got {type(config).__name__}")
+    result = optimize(model, example_inputs, [config], filter_fn=filter_fn, overrides=overrides,
+                      leaf_modules=(QConv2d, QLinear, ActFakeQuant))
+    for graph in result.captured.graphs:
+        graph.gm.meta["fxslim_report"] = result.report
+    weights = Counter(e.info.get("weights", e.kind) for e in result.report.entries("prom") if e.status == "rewritten")
+    _log.info("PROM prepare: rewrote %s; skipped %s", dict(weights), dict(result.report.skipped("prom")))
+    return result.module

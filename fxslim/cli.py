@@ -126,7 +126,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             console.print(table)
         return 0
     text = {
-        "json": lambda: fmt.to_json(result),
+        "json": result.to_json,
         "md": lambda: result.to_markdown(nonzero=not args.all_rows) if is_report else result.to_markdown(),
         "csv": result.to_csv,
         "html": result.to_html,

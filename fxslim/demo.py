@@ -214,9 +214,9 @@ def _fastest_integer_model(qat: Any, reference: Any) -> tuple[Any, str]:
 
 def _haste(sizes: DemoSizes, steps: _Steps) -> PartResult:
     import fxslim
-    from fxslim.cost_model.ops_haste import bucket_counts
     from fxslim.models.resnet_cifar import pad_to_32, pretrained_mnist_resnet18_small
     from fxslim.runtime.haste import record_buckets
+    from fxslim.runtime.haste_counts import bucket_counts
 
     with steps.step("HASTE: loading MNIST-5k"):
         split = _mnist()

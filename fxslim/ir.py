@@ -42,6 +42,7 @@ __all__ = [
     "meta_val",
     "shape_of",
     "resolve_padding",
+    "conv_kind",
 ]
 
 IR = Literal["module", "torch", "aten"]
@@ -193,6 +194,19 @@ def _param_ref(gm: fx.GraphModule, arg: Any) -> ParamRef | None:
 # Views
 
 
+def conv_kind(kernel: tuple, groups: int, in_channels: Any, transposed: bool) -> str:
+    """'pointwise_conv', 'depthwise_conv', 'grouped_conv', 'transposed_conv' or 'conv'.
+
+    Here, beside the views, because passes (which convs to rewrite) and the cost model (which kind
+    a row is) must agree on it and both read ir.
+    """
+    if transposed:
+        return "transposed_conv"
+    if groups > 1:
+        return "depthwise_conv" if groups == in_channels else "grouped_conv"
+    return "pointwise_conv" if tuple(kernel) == (1, 1) else "conv"
+
+
 @dataclass(frozen=True)
 class ConvView:
     """A 2-D convolution: ``[n, c_in, h, w] * [c_out, c_in/groups, kh, kw] -> [n, c_out, h', w']``."""
@@ -225,6 +239,11 @@ class ConvView:
     @property
     def is_depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.in_channels
+
+    @property
+    def conv_kind(self) -> str:
+        """The kind of this conv (see ``conv_kind``)."""
+        return conv_kind(self.kernel, self.groups, self.in_channels, self.transposed)
 
     @property
     def macs(self) -> Any:

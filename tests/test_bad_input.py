@@ -198,7 +198,7 @@ def test_prom_on_a_model_without_convs_or_linears_warns_and_convert_refuses():
     model = nn.Sequential(nn.ReLU(), nn.AdaptiveAvgPool2d(1)).eval()
     with pytest.warns(UserWarning, match="pass 'prom' rewrote nothing"):
         qat = fxslim.prepare(model, _x())
-    with pytest.raises(TypeError, match="convert: expected the GraphModule returned by fxslim.passes.prom.prepare"):
+    with pytest.raises(TypeError, match="convert: expected the GraphModule returned by fxslim.prepare"):
         fxslim.convert(qat)
 
 

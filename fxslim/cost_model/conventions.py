@@ -31,7 +31,7 @@ from typing import Any
 
 from fxslim.config import Config, check_choice, check_int
 
-__all__ = ["Conventions", "FORMATS", "KINDS", "PACKINGS", "format_bits", "deploy_preset", "parse_deploy"]
+__all__ = ["Conventions", "FORMATS", "KINDS", "PACKINGS", "format_bits", "deploy_preset", "parse_deploy", "merge_conventions"]
 
 FORMATS = ("fp64", "fp32", "fp16", "bf16", "int32", "int16", "int8", "int4", "ternary")
 KINDS = ("conv", "pointwise_conv", "depthwise_conv", "grouped_conv", "transposed_conv", "linear", "attention", "matmul")
@@ -189,3 +189,18 @@ class Conventions(Config):
             f"ternary packing {self.ternary_packing}", f"scales {self.metadata_bits} bit",
         ]
         return "; ".join(parts)
+
+
+def merge_conventions(conventions: Conventions | Mapping[str, Any] | None, options: Mapping[str, Any]) -> Conventions:
+    """``conventions`` (a Conventions, a dict of its fields or None for the defaults) with single
+    fields replaced by ``options``, e.g. ``{"deploy": "fp16"}``."""
+    if conventions is None:
+        base: dict[str, Any] = {}
+    elif isinstance(conventions, Conventions):
+        base = {k: v for k, v in conventions.to_dict().items() if k not in ("name", "version")}
+    elif isinstance(conventions, Mapping):
+        base = dict(conventions)
+    else:
+        raise TypeError(f"conventions: expected a Conventions, a dict or None, got {type(conventions).__name__}")
+    base.update(options)
+    return Conventions(**Conventions._check_keys(base))

@@ -21,7 +21,7 @@ from typing import Any
 
 from fxslim.cost_model.conventions import Conventions
 
-__all__ = ["EnergyTable", "load_table", "available_tables", "mac_arithmetic", "TABLE_DIR"]
+__all__ = ["EnergyTable", "load_table", "table_for", "available_tables", "mac_arithmetic", "TABLE_DIR"]
 
 TABLE_DIR = Path(__file__).parent / "tables"
 
@@ -67,6 +67,14 @@ def load_table(table: str | Path | Mapping[str, Any] | EnergyTable) -> EnergyTab
             return _from_dict(json.loads((TABLE_DIR / f"{table}.json").read_text()), str(table))
         raise ValueError(f"table: expected one of {available_tables()}, a .json path or a dict, got {str(table)!r}")
     raise TypeError(f"table: expected a name, a path or a dict, got {type(table).__name__}")
+
+
+def table_for(conventions: Conventions, table: str | Path | Mapping[str, Any] | EnergyTable) -> EnergyTable:
+    """``load_table(table)``, checked to have an energy for the memory level ``conventions`` charge."""
+    energy_table = load_table(table)
+    if conventions.include_memory:
+        energy_table.memory_energy(conventions.memory_level)  # raises naming the level and the table
+    return energy_table
 
 
 def _from_dict(data: Mapping[str, Any], where: str) -> EnergyTable:

@@ -33,14 +33,14 @@ from torch import nn
 
 from fxslim.capture import Captured
 from fxslim.cost_model.apply import Finisher
-from fxslim.cost_model.conventions import Conventions
-from fxslim.cost_model.energy import EnergyTable, load_table
+from fxslim.cost_model.conventions import Conventions, merge_conventions
+from fxslim.cost_model.energy import EnergyTable, table_for
 from fxslim.cost_model.graph import peak_activation_bytes
 from fxslim.cost_model.report import CostReport, CostTotals, ScalingTable
 from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, record_eager, symbolic_dims, to_expr
 from fxslim.cost_model.walk import Walker
 
-__all__ = ["estimate", "recost", "sweep"]
+__all__ = ["estimate", "sweep"]
 
 
 def estimate(
@@ -60,10 +60,8 @@ def estimate(
     ``deploy="fp16"``, ``accumulator_bits=8``) override single fields. ``table``: an energy table
     name (``available_tables()``), a JSON path or a dict. ``symbolic``: size names -> input dims.
     """
-    conv = _conventions(conventions, options)
-    energy_table = load_table(table)
-    if conv.include_memory:
-        energy_table.memory_energy(conv.memory_level)  # validates the level against the table
+    conv = merge_conventions(conventions, options)
+    energy_table = table_for(conv, table)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     example_inputs = tuple(example_inputs) if example_inputs is not None else None
@@ -86,12 +84,16 @@ def estimate(
         source.eager = record_eager(source.captured, example_inputs)
     inputs = [tuple(to_expr(d, rename) for d in x.shape) for x in (example_inputs or ()) if isinstance(x, torch.Tensor)]
     state = _State(source, mode, rename, symbols, _model_name(model), inputs)
-    return _report(state, conv, energy_table)
+    return state.cost(conv, energy_table)
 
 
 @dataclass(frozen=True)
 class _State:
-    """What a report keeps to be costed again under other conventions without capturing again."""
+    """What a report keeps to be costed again under other conventions without capturing again.
+
+    ``CostReport.with_conventions`` calls ``cost`` on it, so the report needs no import of this
+    module (which imports the report): the dependency stays one-way.
+    """
 
     source: Source
     mode: Any
@@ -100,32 +102,19 @@ class _State:
     model: str
     inputs: list[tuple]
 
-
-def _report(state: _State, conv: Conventions, energy_table: EnergyTable) -> CostReport:
-    walker = Walker(state.source, conv, state.mode)
-    raws = walker.rows()
-    finisher = Finisher(conv, energy_table, state.rename)
-    rows = finisher.rows(raws)
-    peak = None if state.symbols else peak_activation_bytes(state.source.captured, rows)
-    return CostReport(
-        rows=rows, total=CostTotals.of(rows, peak), conventions=conv, energy_table=energy_table,
-        unknown_ops=walker.unknown, energy_missing=finisher.missing, untraced=list(state.source.captured.untraced),
-        symbols=dict(state.symbols), model=state.model, inputs=list(state.inputs), captured=state.source.captured,
-        state=state,
-    )
-
-
-def recost(report: CostReport, conventions: Conventions | Mapping[str, Any] | None = None,
-           table: str | Mapping[str, Any] | EnergyTable | None = None, **options: Any) -> CostReport:
-    """``report``'s model costed under other conventions (fields not given keep the report's values)."""
-    if report.state is None:
-        raise ValueError("with_conventions: this report was not made by estimate() (no captured state)")
-    base = conventions if conventions is not None else report.conventions
-    conv = _conventions(base, options)
-    energy_table = load_table(table) if table is not None else report.energy_table
-    if conv.include_memory:
-        energy_table.memory_energy(conv.memory_level)
-    return _report(report.state, conv, energy_table)
+    def cost(self, conv: Conventions, energy_table: EnergyTable) -> CostReport:
+        """The captured model costed under ``conv`` and ``energy_table``."""
+        walker = Walker(self.source, conv, self.mode)
+        raws = walker.rows()
+        finisher = Finisher(conv, energy_table, self.rename)
+        rows = finisher.rows(raws)
+        peak = None if self.symbols else peak_activation_bytes(self.source.captured, rows)
+        return CostReport(
+            rows=rows, total=CostTotals.of(rows, peak), conventions=conv, energy_table=energy_table,
+            unknown_ops=walker.unknown, energy_missing=finisher.missing, untraced=list(self.source.captured.untraced),
+            symbols=dict(self.symbols), model=self.model, inputs=list(self.inputs), captured=self.source.captured,
+            state=self,
+        )
 
 
 def sweep(model: Any, make_inputs: Callable[[int], Any], size: str, values: Sequence[int],
@@ -142,19 +131,6 @@ def sweep(model: Any, make_inputs: Callable[[int], Any], size: str, values: Sequ
         totals.append({"macs": t.macs, "flops": t.flops, "elementwise": t.elementwise, "energy_pj": t.energy_pj,
                        "activation_bytes": t.activation_bytes})
     return ScalingTable(size, [int(v) for v in values], totals, name)
-
-
-def _conventions(conventions: Conventions | Mapping[str, Any] | None, options: Mapping[str, Any]) -> Conventions:
-    if conventions is None:
-        base: dict[str, Any] = {}
-    elif isinstance(conventions, Conventions):
-        base = {k: v for k, v in conventions.to_dict().items() if k not in ("name", "version")}
-    elif isinstance(conventions, Mapping):
-        base = dict(conventions)
-    else:
-        raise TypeError(f"conventions: expected a Conventions, a dict or None, got {type(conventions).__name__}")
-    base.update(options)
-    return Conventions(**Conventions._check_keys(base))
 
 
 def _model_name(model: Any) -> str:

@@ -11,15 +11,15 @@ import base64
 import csv
 import html
 import io
-import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sympy
 
-from fxslim.cost_model.report import Comparison, CostReport, CostRow, CostTotals
+if TYPE_CHECKING:  # the report module imports this one: types only, so the imports stay one-way
+    from fxslim.cost_model.report import Comparison, CostReport, CostRow, CostTotals
 
 __all__ = [
-    "report_dict", "comparison_dict", "to_json", "to_markdown", "to_csv", "to_html", "rich_table",
+    "report_dict", "comparison_dict", "to_markdown", "to_csv", "to_html", "rich_table",
     "comparison_markdown", "comparison_csv", "comparison_html", "comparison_rich_table", "human",
 ]
 
@@ -129,11 +129,6 @@ def candidates_rich_table(comp: Comparison) -> Any:
     for row in _candidate_rows(comp):
         table.add_row(*row)
     return table
-
-
-def to_json(obj: CostReport | Comparison, indent: int = 2) -> str:
-    data = report_dict(obj) if isinstance(obj, CostReport) else comparison_dict(obj)
-    return json.dumps(data, indent=indent)
 
 
 # ----------------------------------------------------------------------------------------------

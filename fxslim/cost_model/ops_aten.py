@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from fxslim.cost_model.registry import OpCall, OpCost, TensorSpec, register_cost
+from fxslim.ir import conv_kind
 
 __all__ = ["DATA_MOVEMENT", "UNARY", "BINARY", "conv_kind_of"]
 
@@ -109,14 +110,10 @@ def matmul_cost(call: OpCall) -> OpCost:
 
 
 def conv_kind_of(x: TensorSpec, w: TensorSpec, groups: int, transposed: bool) -> str:
-    """The kind of a conv from its shapes (as ``fxslim.passes.matchers.conv_kind``)."""
-    if transposed:
-        return "transposed_conv"
-    if len(w.shape) != 4:
+    """The kind of a conv from its shapes (``fxslim.ir.conv_kind``; a non-2-D conv is 'conv')."""
+    if len(w.shape) != 4 and not transposed:
         return "conv"
-    if groups == 1:
-        return "pointwise_conv" if tuple(w.shape[2:]) == (1, 1) else "conv"
-    return "depthwise_conv" if groups == x.shape[1] else "grouped_conv"
+    return conv_kind(tuple(w.shape[2:]), groups, x.shape[1], transposed)
 
 
 def _conv(call: OpCall, transposed: bool, groups: int) -> OpCost:

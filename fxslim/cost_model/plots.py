@@ -9,13 +9,14 @@ from __future__ import annotations
 import io
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter
 
-from fxslim.cost_model.report import Comparison, CostReport, ScalingTable
+if TYPE_CHECKING:  # format (imported by the report module) imports this one: types only
+    from fxslim.cost_model.report import Comparison, CostReport, ScalingTable
 
 __all__ = ["plot_breakdown", "plot_layers", "plot_comparison", "plot_scaling", "png_bytes", "save_figure"]
 
@@ -109,7 +110,7 @@ def plot_comparison(comparison: Comparison, metric: str = "energy_pj", top: int 
 def plot_scaling(tables: ScalingTable | Sequence[ScalingTable], metric: str = "macs",
                  labels: Sequence[str] | None = None) -> Figure:
     """Cost against one input size (e.g. frames); several tables (with/without a pass) overlay."""
-    tables = [tables] if isinstance(tables, ScalingTable) else list(tables)
+    tables = list(tables) if isinstance(tables, Sequence) else [tables]
     labels = list(labels) if labels is not None else [t.model for t in tables]
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot()

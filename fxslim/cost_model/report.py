@@ -4,11 +4,16 @@ Nothing here prints or formats; ``fxslim.cost_model.format`` turns reports into 
 Markdown, CSV and HTML, and the ``to_*`` methods below only delegate to it. Counts are ints, or
 sympy expressions when the estimate was symbolic (``CostReport.symbols`` names the sizes);
 ``evaluate(frames=8)`` substitutes sizes and ``scaling(frames=[...])`` tabulates a range.
+
+Imports go one way: this module imports format and graph, which name the report types for type
+checking only, and ``with_conventions`` asks the report's captured state (made by ``estimate``,
+which imports this module) to cost the model again.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -16,8 +21,10 @@ from typing import Any
 
 import sympy
 
-from fxslim.cost_model.conventions import Conventions
-from fxslim.cost_model.energy import EnergyTable
+from fxslim.cost_model import format as fmt
+from fxslim.cost_model.conventions import Conventions, merge_conventions
+from fxslim.cost_model.energy import EnergyTable, table_for
+from fxslim.cost_model.graph import to_networkx
 
 __all__ = ["CostRow", "CostTotals", "CostReport", "Comparison", "ComparisonRow", "ScalingTable", "compare"]
 
@@ -157,9 +164,10 @@ class CostReport:
         ``options`` change single fields of this report's conventions, e.g.
         ``report.with_conventions(deploy="prom", accumulator_bits=8)``.
         """
-        from fxslim.cost_model.estimate import recost
-
-        return recost(self, conventions, table, **options)
+        if self.state is None:
+            raise ValueError("with_conventions: this report was not made by estimate() (no captured state)")
+        conv = merge_conventions(conventions if conventions is not None else self.conventions, options)
+        return self.state.cost(conv, table_for(conv, table if table is not None else self.energy_table))
 
     # ------------------------------------------------------------------------------------------ views
 
@@ -219,40 +227,26 @@ class CostReport:
     # ------------------------------------------------------------------------------------------ output
 
     def to_dict(self) -> dict[str, Any]:
-        from fxslim.cost_model import format as fmt
-
         return fmt.report_dict(self)
 
     def to_json(self, indent: int = 2) -> str:
-        from fxslim.cost_model import format as fmt
-
-        return fmt.to_json(self, indent=indent)
+        return json.dumps(self.to_dict(), indent=indent)
 
     def to_markdown(self, nonzero: bool = True) -> str:
-        from fxslim.cost_model import format as fmt
-
         return fmt.to_markdown(self, nonzero=nonzero)
 
     def to_csv(self) -> str:
-        from fxslim.cost_model import format as fmt
-
         return fmt.to_csv(self)
 
     def to_html(self, plots: bool = True) -> str:
-        from fxslim.cost_model import format as fmt
-
         return fmt.to_html(self, plots=plots)
 
     def table(self, nonzero: bool = True) -> Any:
         """A ``rich.table.Table`` (print it with a rich Console)."""
-        from fxslim.cost_model import format as fmt
-
         return fmt.rich_table(self, nonzero=nonzero)
 
     def graph(self) -> Any:
         """A networkx DiGraph of the captured graph(s) with per-node costs (see ``graph.to_networkx``)."""
-        from fxslim.cost_model.graph import to_networkx
-
         return to_networkx(self)
 
 
@@ -295,33 +289,21 @@ class Comparison:
         return float(b / a) if a else None
 
     def to_dict(self) -> dict[str, Any]:
-        from fxslim.cost_model import format as fmt
-
         return fmt.comparison_dict(self)
 
     def to_json(self, indent: int = 2) -> str:
-        from fxslim.cost_model import format as fmt
-
-        return fmt.to_json(self, indent=indent)
+        return json.dumps(self.to_dict(), indent=indent)
 
     def to_markdown(self) -> str:
-        from fxslim.cost_model import format as fmt
-
         return fmt.comparison_markdown(self)
 
     def to_csv(self) -> str:
-        from fxslim.cost_model import format as fmt
-
         return fmt.comparison_csv(self)
 
     def to_html(self, plots: bool = True) -> str:
-        from fxslim.cost_model import format as fmt
-
         return fmt.comparison_html(self, plots=plots)
 
     def table(self) -> Any:
-        from fxslim.cost_model import format as fmt
-
         return fmt.comparison_rich_table(self)
 
 

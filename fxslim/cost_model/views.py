@@ -15,7 +15,6 @@ import torch.fx as fx
 from fxslim.cost_model.ops_aten import SOFTMAX_OPS
 from fxslim.cost_model.registry import OpCost
 from fxslim.ir import AttentionView, ConvView, LinearView, View, shape_of
-from fxslim.passes.matchers import conv_kind
 
 __all__ = ["view_cost"]
 
@@ -23,7 +22,7 @@ __all__ = ["view_cost"]
 def _conv_cost(view: ConvView) -> OpCost:
     """[n, c_in, h, w] * [c_out, c_in/g, kh, kw] -> [n, c_out, h', w']: n·c_out·(c_in/g)·kh·kw·h'·w' MACs.
     Ignores: the bias addition (see Conventions.include_bias), padding."""
-    return OpCost(macs=view.macs, kind=conv_kind(view))
+    return OpCost(macs=view.macs, kind=view.conv_kind)
 
 
 def _linear_cost(view: LinearView) -> OpCost:

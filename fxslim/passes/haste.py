@@ -23,11 +23,11 @@ import torch.fx as fx
 from torch import nn
 
 from fxslim.config import check_choice, check_int, check_range
-from fxslim.cost_model.ops_haste import HasteLayer, active_bucket_counts
 from fxslim.ir import ConvView, meta_val, node_fqn, view_of, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
 from fxslim.passes.matchers import match_convs
 from fxslim.runtime.haste import MAX_PLANES, make_planes, patch_shape
+from fxslim.runtime.haste_counts import HasteLayer, active_bucket_counts
 
 __all__ = ["HASTE"]
 

@@ -23,7 +23,7 @@ import torch.fx as fx
 from fxslim.ir import AttentionView, ConvView, LinearView, View, views
 
 __all__ = [
-    "Match", "conv_kind", "attention_scope", "match_convs", "match_pointwise_convs",
+    "Match", "attention_scope", "match_convs", "match_pointwise_convs",
     "match_linears", "match_attention", "match_all",
 ]
 
@@ -39,17 +39,6 @@ class Match:
     @property
     def ok(self) -> bool:
         return not self.reason
-
-
-def conv_kind(view: ConvView) -> str:
-    """'pointwise_conv', 'depthwise_conv', 'grouped_conv', 'transposed_conv' or 'conv'."""
-    if view.transposed:
-        return "transposed_conv"
-    if view.is_pointwise:
-        return "pointwise_conv"
-    if view.groups > 1:
-        return "depthwise_conv" if view.is_depthwise else "grouped_conv"
-    return "conv"
 
 
 def _expr(value: Any) -> Any:
@@ -88,7 +77,7 @@ def match_convs(gm: fx.GraphModule) -> list[Match]:
     """Every 2-D conv; qualifies when groups == 1 and not transposed (pointwise included)."""
     out = []
     for view in _convs(gm):
-        kind = conv_kind(view)
+        kind = view.conv_kind
         reason = {"transposed_conv": "transposed", "depthwise_conv": "grouped", "grouped_conv": "grouped"}.get(kind, "")
         out.append(Match(view, kind, reason))
     return out
@@ -98,7 +87,7 @@ def match_pointwise_convs(gm: fx.GraphModule) -> list[Match]:
     """Every 2-D conv; qualifies when 1×1 with groups == 1 (any stride)."""
     out = []
     for view in _convs(gm):
-        kind = conv_kind(view)
+        kind = view.conv_kind
         if kind == "pointwise_conv":
             reason = ""
         elif kind in ("depthwise_conv", "grouped_conv"):
@@ -135,7 +124,7 @@ def match_all(gm: fx.GraphModule, batch_size: Any) -> list[Match]:
     out = []
     for view in views(gm):
         if isinstance(view, ConvView):
-            out.append(Match(view, conv_kind(view)))
+            out.append(Match(view, view.conv_kind))
         elif isinstance(view, LinearView):
             out.append(Match(view, "linear"))
         else:

@@ -8,15 +8,14 @@ convs and 8-bit symmetric weights for every other conv and every linear; one ``A
 pooled tensor), every conv(+BN+ReLU/ReLU6) output and every add output. BN stays a float module.
 
 ``fxslim.optimize(model, x, passes=["prom"])`` returns this prepared QAT model (as does
-``prepare``); turning it into integer ops is the separate, explicit ``convert`` step
+``fxslim.prepare``, in ``fxslim.api``: a pass never calls back into the API); turning it into integer ops is the separate, explicit ``convert`` step
 (``fxslim.passes.prom_convert``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -24,20 +23,17 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from fxslim.api import optimize
 from fxslim.config import check_choice, check_range
 from fxslim.ir import ConvView, LinearView, meta_val, node_fqn, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
-from fxslim.passes.matchers import conv_kind
 from fxslim.passes.prom_graph import float_tensor, is_activation, is_quant, is_residual_add, is_shape_op, module_of
 from fxslim.runtime.quant import (
     TERNARY_METHODS, WEIGHT_QUANTS, ActFakeQuant, QConv2d, QLinear, int8_weight_codes, int8_weight_fake_quant,
     ternary_codes, ternary_fake_quant,
 )
 
-__all__ = ["PROM", "PerTensorQConv2d", "PerTensorQLinear", "prepare", "calibrate"]
+__all__ = ["PROM", "PerTensorQConv2d", "PerTensorQLinear", "calibrate"]
 
-_log = logging.getLogger(__name__)
 _QUANT_PREFIX = "prom_quant"
 
 
@@ -133,7 +129,7 @@ class PROM(Pass):
         weighted = [v for v in views(gm) if isinstance(v, (ConvView, LinearView))]
         last = next((v.node for v in reversed(weighted) if _ternary_shaped(gm, v) and not _reject(gm, v, calls)), None)
         for view in weighted:
-            kind = conv_kind(view) if isinstance(view, ConvView) else "linear"
+            kind = view.conv_kind if isinstance(view, ConvView) else "linear"
             reason = _reject(gm, view, calls)
             if reason:
                 report.skip(view.node, view.fqn, kind, reason)
@@ -242,30 +238,6 @@ def _maybe_quantize(gm: fx.GraphModule, node: fx.Node, momentum: float) -> fx.No
     node.replace_all_uses_with(quant, delete_user_cb=lambda user: user is not quant)
     quant.meta["val"] = meta_val(node)
     return quant
-
-
-def prepare(
-    model: nn.Module, example_inputs: Any, config: PROM | None = None, *,
-    filter_fn: Callable[[fx.Node, str], bool] | None = None, overrides: Mapping[str, Any] | None = None,
-) -> nn.Module:
-    """The QAT model: a fake-quantized copy of ``model`` (an nn.Module or a symbolic GraphModule).
-
-    Same as ``fxslim.optimize(model, example_inputs, passes=[config]).module``; the report is
-    stored in ``prepared.meta["fxslim_report"]`` (a GraphModule when the model traces whole).
-    Train it like the float model (``fxslim.models.train.fit``/``train_step`` or any loop, also
-    wrapped in DistributedDataParallel: observer state lives in buffers), or only ``calibrate`` it
-    for post-training quantization; then ``fxslim.convert`` it.
-    """
-    config = PROM() if config is None else config
-    if not isinstance(config, PROM):
-        raise TypeError(f"prepare: config must be a PROM config, got {type(config).__name__}")
-    result = optimize(model, example_inputs, [config], filter_fn=filter_fn, overrides=overrides,
-                      leaf_modules=(QConv2d, QLinear, ActFakeQuant))
-    for graph in result.captured.graphs:
-        graph.gm.meta["fxslim_report"] = result.report
-    weights = Counter(e.info.get("weights", e.kind) for e in result.report.entries("prom") if e.status == "rewritten")
-    _log.info("PROM prepare: rewrote %s; skipped %s", dict(weights), dict(result.report.skipped("prom")))
-    return result.module
 
 
 @torch.no_grad()

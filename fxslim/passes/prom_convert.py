@@ -1,6 +1,6 @@
 """PROM convert: a prepared (fake-quant) PROM model → an integer GraphModule of ``torch.ops.fxslim`` ops.
 
-Reads the graph ``fxslim.passes.prom.prepare`` made, in order. Every ActFakeQuant node closes a
+Reads the graph ``fxslim.prepare`` made, in order. Every ActFakeQuant node closes a
 chain that becomes one integer op writing uint8 codes on that quantizer's grid:
 
     model input                         → quant    fxslim::quantize_per_tensor
@@ -233,7 +233,7 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     if isinstance(qat_model, nn.parallel.DistributedDataParallel):
         qat_model = qat_model.module
     if not isinstance(qat_model, fx.GraphModule) or not any(is_quant(qat_model, n) for n in qat_model.graph.nodes):
-        raise TypeError(f"convert: expected the GraphModule returned by fxslim.passes.prom.prepare, got {type(qat_model).__name__}")
+        raise TypeError(f"convert: expected the GraphModule returned by fxslim.prepare, got {type(qat_model).__name__}")
     for name, module in qat_model.named_modules():
         if isinstance(module, ActFakeQuant) and not bool(module.initialized):
             raise ValueError(f"convert: observer {name!r} has seen no data; run calibrate() or train the model first")

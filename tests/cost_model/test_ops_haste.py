@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 import fxslim
-from fxslim.cost_model.ops_haste import HasteLayer, bucket_counts, expected_buckets
 from fxslim.models.resnet_cifar import resnet18
 from fxslim.runtime.haste import make_planes, patch_shape, record_buckets
+from fxslim.runtime.haste_counts import HasteLayer, bucket_counts, expected_buckets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,7 +11,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim
-from fxslim.passes.prom import PROM, calibrate, prepare
+from fxslim.api import prepare
+from fxslim.passes.prom import PROM, calibrate
 from fxslim.passes.prom_convert import convert
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 

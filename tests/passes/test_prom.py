@@ -18,13 +18,14 @@ import torchvision
 from torch import nn
 
 import fxslim
+from fxslim.api import prepare
 from fxslim.capture import trace
 from fxslim.ir import detect_ir
 from fxslim.models.data import imagenet_normalize, mnist_5k, photos
 from fxslim.models.mobilenet_mnist import load_mobilenet_mnist
 from fxslim.models.train import predict, train_step
 from fxslim.passes.base import PassContext
-from fxslim.passes.prom import PROM, PerTensorQConv2d, calibrate, prepare
+from fxslim.passes.prom import PROM, PerTensorQConv2d, calibrate
 from fxslim.passes import prom_fuse
 from fxslim.passes.prom_batching import micro_batched
 from fxslim.passes.prom_convert import code_agreement, convert

@@ -8,10 +8,10 @@ import tempfile
 import pytest
 import torch
 
+from fxslim.api import prepare
 from fxslim.models.data import Split, mnist_5k
 from fxslim.models.mobilenet_mnist import load_mobilenet_mnist
 from fxslim.models.train import FitConfig, fit
-from fxslim.passes.prom import prepare
 from fxslim.passes.prom_convert import convert
 
 
