@@ -79,3 +79,12 @@ def test_cli_report_with_passes_lists_every_candidate(tmp_path, fmt):
     else:
         assert "What the passes did" in text or "pass,module,kind,status,reason" in text
         assert "stem" in text and "layer1.0.conv1" in text and "rewritten" in text
+
+
+def test_cli_report_passes_prom_costs_the_integer_model(capsys):
+    """--passes prom shows what PROM exists for: the deployed integer model's energy and storage."""
+    assert main(["report", "torchvision:mobilenet_v2", "--input", "1x3x32x32", "--passes", "prom",
+                 "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["ratios"]["energy_pj"] > 10 and data["ratios"]["storage_bytes"] > 4
+    assert not data["unknown_ops"]["after"]
