@@ -45,7 +45,7 @@ _ORDER = (
     "httm_speed", "httm_fidelity", "httm_vggt1b_cost",
     "demo_results",
 )
-_LAST = ("zoo_sweep", "update_readme")
+_LAST = ("zoo_sweep", "headlines", "update_readme")  # headlines reads the others' results files
 _NOT_BENCHMARKS = {"run_all", "update_readme"}
 
 

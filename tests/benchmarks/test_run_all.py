@@ -23,7 +23,7 @@ def test_run_all_list_every_benchmark_in_order(capsys):
                if 'if __name__ == "__main__"' in p.read_text(encoding="utf-8") and p.stem != "run_all"}
     assert set(names) == scripts  # every runnable script, trainings included, and nothing else
     assert names[:2] == ["train_mobilenet_mnist", "train_resnet_mnist"]
-    assert names[-2:] == ["zoo_sweep", "update_readme"]
+    assert names[-3:] == ["zoo_sweep", "headlines", "update_readme"]
     assert names.index("prom_op_speed") < names.index("haste_op_speed") < names.index("httm_speed")
 
 
