@@ -22,6 +22,7 @@ import torch
 
 from fxslim.cost_model.conventions import format_bits
 from fxslim.cost_model.registry import OpCall, OpCost, register_cost
+from fxslim.ir import conv_kind
 
 __all__: list[str] = []
 
@@ -56,17 +57,18 @@ def _ternary_conv2d(call: OpCall) -> OpCost:
     return _layer(call, out.numel * c_in, "ternary", c_out * c_in, c_out, "pointwise_conv")
 
 
+def _conv_kind(call: OpCall, w: Any) -> str:
+    """The kind of an integer conv, by the rule the views use (``fxslim.ir.conv_kind``)."""
+    return conv_kind(tuple(w.shape[2:]), call.arguments["groups"], call.args[0].shape[1], transposed=False)
+
+
 @register_cost(ops.int8_conv2d, kind="conv")
 def _int8_conv2d(call: OpCall) -> OpCost:
     """[n, c_in, h, w] * [c_out, c_in/g, kh, kw] -> [n, c_out, h', w']: n·c_out·(c_in/g)·kh·kw·h'·w' int8 MACs.
     Ignores: padding (counted as MACs, as for float convs), the zero-point correction."""
     w, out = call.args[2], call.out
-    groups = call.arguments["groups"]
     c_out, per_out = w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
-    if groups > 1:
-        kind = "depthwise_conv" if groups == call.args[0].shape[1] == c_out else "grouped_conv"
-    else:
-        kind = "pointwise_conv" if tuple(w.shape[2:]) == (1, 1) else "conv"
+    kind = _conv_kind(call, w)
     return _layer(call, out.numel * per_out, "int8", c_out * per_out, c_out, kind)
 
 
@@ -126,12 +128,8 @@ _ONEDNN_PER_CHANNEL_BITS = 2 * 32  # float32 weight scale and bias
 
 def _onednn_conv(call: OpCall) -> OpCost:
     w, out = call.args[3], call.out
-    groups = call.arguments["groups"]
     c_out, per_out = w.shape[0], w.shape[1] * w.shape[2] * w.shape[3]
-    if groups > 1:
-        kind = "depthwise_conv" if groups == call.args[0].shape[1] == c_out else "grouped_conv"
-    else:
-        kind = "pointwise_conv" if tuple(w.shape[2:]) == (1, 1) else "conv"
+    kind = _conv_kind(call, w)
     codes = call.value(3)
     ternary = kind == "pointwise_conv" and codes is not None and bool(((codes >= -1) & (codes <= 1)).all())
     weights = c_out * per_out

@@ -393,23 +393,29 @@ def _input_quant(module: QConv2d | QLinear, x_quant: ActFakeQuant | None) -> Act
     return quant
 
 
+def fold_bn(scale: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor]:
+    """A BatchNorm folded into the per-channel weight ``scale`` and the conv's ``bias``:
+    (scale · gain, gain · (bias − mean) + beta), float64 [C]; unchanged without ``bn``."""
+    real_bias = torch.zeros_like(scale) if bias is None else bias.detach().to(torch.float64)
+    if bn is None:
+        return scale, real_bias
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("bn: expected a BatchNorm with running statistics (track_running_stats=True)")
+    gain = torch.rsqrt(bn.running_var.to(torch.float64) + bn.eps)
+    if bn.weight is not None:
+        gain = gain * bn.weight.detach().to(torch.float64)
+    real_bias = gain * (real_bias - bn.running_mean.to(torch.float64))
+    if bn.bias is not None:
+        real_bias = real_bias + bn.bias.detach().to(torch.float64)
+    return scale * gain, real_bias
+
+
 def _fold(
     codes: Tensor, w_scale: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d | None, s_x: float, s_y: float,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """BN folding and sign handling: codes, int32 bias (accumulator steps), the rest of the bias
     in [−0.5, 0.5] steps (float64), real multiplier (float64 [C])."""
-    scale = s_x * w_scale.to(torch.float64)
-    real_bias = torch.zeros_like(scale) if bias is None else bias.detach().to(torch.float64)
-    if bn is not None:
-        if bn.running_mean is None or bn.running_var is None:
-            raise ValueError("bn: expected a BatchNorm with running statistics (track_running_stats=True)")
-        gain = torch.rsqrt(bn.running_var.to(torch.float64) + bn.eps)
-        if bn.weight is not None:
-            gain = gain * bn.weight.detach().to(torch.float64)
-        real_bias = gain * (real_bias - bn.running_mean.to(torch.float64))
-        if bn.bias is not None:
-            real_bias = real_bias + bn.bias.detach().to(torch.float64)
-        scale = scale * gain
+    scale, real_bias = fold_bn(s_x * w_scale.to(torch.float64), bias, bn)
     sign = torch.where(scale < 0, -1, 1).to(torch.int8)
     codes = codes * sign.view(-1, *([1] * (codes.dim() - 1)))
     scale = scale.abs()

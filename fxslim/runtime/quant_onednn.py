@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from fxslim.runtime import prom_onednn
 from fxslim.runtime.quant import (
-    ActFakeQuant, IntegerOp, QConv2d, QLinear, _clamp_bounds, _conv_padding, _input_quant,
+    ActFakeQuant, IntegerOp, QConv2d, QLinear, _clamp_bounds, _conv_padding, _input_quant, fold_bn,
 )
 
 __all__ = ["convert_conv_onednn", "convert_linear_onednn", "convert_add_onednn"]
@@ -22,19 +22,7 @@ __all__ = ["convert_conv_onednn", "convert_linear_onednn", "convert_add_onednn"]
 
 def _fold_real(codes: Tensor, w_scale: Tensor, bias: Tensor | None, bn: nn.BatchNorm2d | None) -> tuple[Tensor, Tensor, Tensor]:
     """(codes with signs folded in, non-negative weight scales, real bias), float32 [C_out] each."""
-    c_out = codes.shape[0]
-    scale = w_scale.to(torch.float64).expand(c_out)
-    real_bias = torch.zeros(c_out, dtype=torch.float64) if bias is None else bias.detach().to(torch.float64)
-    if bn is not None:
-        if bn.running_mean is None or bn.running_var is None:
-            raise ValueError("bn: expected a BatchNorm with running statistics (track_running_stats=True)")
-        gain = torch.rsqrt(bn.running_var.to(torch.float64) + bn.eps)
-        if bn.weight is not None:
-            gain = gain * bn.weight.detach().to(torch.float64)
-        real_bias = gain * (real_bias - bn.running_mean.to(torch.float64))
-        if bn.bias is not None:
-            real_bias = real_bias + bn.bias.detach().to(torch.float64)
-        scale = scale * gain
+    scale, real_bias = fold_bn(w_scale.to(torch.float64).expand(codes.shape[0]), bias, bn)
     shape = (-1, *([1] * (codes.dim() - 1)))
     codes = codes * torch.where(scale < 0, -1, 1).to(torch.int8).view(shape)
     dead = scale == 0  # constant channel: zero codes, the bias alone
