@@ -214,37 +214,49 @@ def _is_leaf(module: nn.Module, leaf_modules: Sequence[type]) -> bool:
     return _LeafTracer(leaf_modules).is_leaf_module(module, "")
 
 
-def _blockers(module: nn.Module, leaf_modules: tuple[type, ...], found: dict[type, str]) -> None:
-    """Add to ``found`` the classes under ``module`` whose own code does not trace (bottom up: a
-    class fails only if it fails with the failing classes below it as leaves), with the reason."""
+@dataclass
+class _Blockers:
+    """What one capture learns about tracing, shared by every level of the recursion so no module
+    is traced twice to learn it: ``found``, the classes whose own code does not trace even with the
+    failing classes below them as leaves (with why); ``traced``, the ids of modules that did trace
+    (more leaves never make a traceable module untraceable)."""
+
+    found: dict[type, str] = field(default_factory=dict)
+    traced: set[int] = field(default_factory=set)
+
+
+def _find_blockers(module: nn.Module, leaf_modules: tuple[type, ...], state: _Blockers) -> None:
+    """Add to ``state`` what the modules under ``module`` show (bottom up)."""
     for child in module.children():
-        if type(child) in found or _is_leaf(child, leaf_modules + tuple(found)):
+        if type(child) in state.found or id(child) in state.traced or _is_leaf(child, leaf_modules + tuple(state.found)):
             continue
-        _blockers(child, leaf_modules, found)
+        _find_blockers(child, leaf_modules, state)
         if isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
             continue  # containers are never called; their items are
         try:
-            trace(child, leaf_modules + tuple(found))
+            trace(child, leaf_modules + tuple(state.found))
+            state.traced.add(id(child))
         except Exception as exc:  # tracing runs arbitrary user code: any failure means "not traceable"
-            found[type(child)] = _short_reason(exc)
+            state.found[type(child)] = _short_reason(exc)
 
 
 def _trace_largest(
     module: nn.Module, path: str, leaf_modules: Sequence[type],
     traced: list[tuple[str, fx.GraphModule]], untraced: list[tuple[str, str]],
-    concrete_args: dict[str, Any] | None = None,
+    concrete_args: dict[str, Any] | None = None, state: _Blockers | None = None,
 ) -> None:
     """Trace ``module`` whole; else whole with the classes that do not trace (a RoPE with a
     data-dependent table, a patch embedding with an assert) as leaves, whose insides are then
     traced apart; else recurse into its children (largest traceable parts win)."""
     leaf_modules = tuple(leaf_modules)
+    state = state if state is not None else _Blockers()
     try:
         traced.append((path, trace(module, leaf_modules, concrete_args)))
         return
     except Exception as exc:  # tracing runs arbitrary user code: any failure means "not whole"
         reason = _short_reason(exc)
-    blockers: dict[type, str] = {}
-    _blockers(module, leaf_modules, blockers)
+    _find_blockers(module, leaf_modules, state)
+    blockers = state.found
     if blockers and type(module) not in blockers:
         try:
             gm = trace(module, leaf_modules + tuple(blockers), concrete_args)
@@ -257,12 +269,12 @@ def _trace_largest(
                     full = f"{path}.{name}" if path else name
                     untraced.append((full, f"traced as a leaf: {blockers[type(leaf)]}"))
                     for child_name, child in leaf.named_children():
-                        _trace_largest(child, f"{full}.{child_name}", leaf_modules, traced, untraced)
+                        _trace_largest(child, f"{full}.{child_name}", leaf_modules, traced, untraced, state=state)
             return
     untraced.append((path, reason))
     _log.info("module %r does not trace whole (%s); tracing its children", path or type(module).__name__, reason)
     for name, child in module.named_children():
-        _trace_largest(child, f"{path}.{name}" if path else name, leaf_modules, traced, untraced)
+        _trace_largest(child, f"{path}.{name}" if path else name, leaf_modules, traced, untraced, state=state)
 
 
 def _called_in(gm: fx.GraphModule, name: str) -> bool:
