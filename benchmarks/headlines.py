@@ -13,6 +13,8 @@ import argparse
 import re
 from pathlib import Path
 
+from benchmarks.prom_vs_peers import INT8_PEERS
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 # The papers' own figures (docs/methods/*.md and docs/papers.md quote their sources).
@@ -21,7 +23,6 @@ PAPER = {
     "haste": "−46.72 % FLOPs at −1.25 pp top-1 (ResNet34, CIFAR-10, no training)",
     "httm": "7.0× faster end to end at 1000 frames (VGGT-1B, A100, bf16)",
 }
-_PEERS = ("PT2E int8 + compile", "ONNX Runtime int8", "OpenVINO + NNCF int8")
 
 __all__ = ["render", "main"]
 
@@ -58,13 +59,13 @@ def _prom() -> list[str]:
     ms = {r["variant"]: r for r in speed}
     cells = []
     for column, label in ((c, c.split(",")[0]) for c in list(speed[0])[1:]):
-        best = min(_PEERS, key=lambda p: float(ms[p][column]))
+        best = min(INT8_PEERS, key=lambda p: float(ms[p][column]))
         cells.append(f"{label}: PROM {ms['PROM integer compiled'][column]} ms, {best} {ms[best][column]} ms")
     return [
         f"| PROM | energy vs float16 | {PAPER['prom_energy']} | {low}–{high} over the accounting conventions "
         "(MobileNetV2, converted integer model) | — (the int8 peers do not report it) | prom_energy_storage.md |",
         f"| PROM | CPU latency, MobileNetV2 224 px, 1 thread | — | {'; '.join(cells)} | fastest of "
-        f"{', '.join(_PEERS)} (beside ours) | prom_vs_peers.md |",
+        f"{', '.join(INT8_PEERS)} (beside ours) | prom_vs_peers.md |",
     ]
 
 

@@ -41,6 +41,7 @@ from benchmarks.timing import interleaved_samples, paired_ratio
 
 _OUT = Path(__file__).resolve().parent / "results" / "prom_vs_peers.md"
 PEERS = ("PT2E int8 + compile", "ONNX Runtime int8")  # the target: PROM >= 1.0x these at 1 thread
+INT8_PEERS = (*PEERS, "OpenVINO + NNCF int8")  # every int8 stack timed beside PROM
 _PROM = ("PROM integer", "PROM integer compiled")
 _PACKAGES = ("torch", "torchao", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf")
 
