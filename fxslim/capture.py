@@ -5,8 +5,9 @@
   modules whose class sets ``fxslim_leaf = True``, and the ``leaf_modules`` the caller names;
   timm's no-trace functions stay opaque when timm is loaded. A model that does not trace whole has its largest traceable
   submodules traced instead; ``Captured.untraced`` says which modules stayed eager and why.
-- ``nn.Module`` with ``method="export"`` or an ``ExportedProgram`` → ``ep.module()`` (aten ops,
-  weights as ``get_attr``), copied so the rewrite never shares tensors with the caller's program.
+- ``nn.Module`` with ``method="export"`` → ``torch.export`` of a copy, else of its largest
+  exportable submodules (``fxslim.export_parts``); an ``ExportedProgram`` → ``ep.module()`` (aten
+  ops, weights as ``get_attr``), copied so the rewrite never shares tensors with the caller's program.
 - A dynamo graph (what a ``torch.compile`` backend receives) → used as is: parameters are
   placeholders whose real values come from ``example_inputs``; SymInt inputs are allowed.
 
@@ -20,7 +21,7 @@ import inspect
 import logging
 import re
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -28,9 +29,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from fxslim.export_parts import export_parts, run_example, set_submodule, short_reason
 from fxslim.ir import IR, detect_ir
 
 __all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns"]
@@ -193,11 +196,6 @@ def _ensure_path(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def _short_reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0] if text else ''}"[:200]
-
-
 def _defaults_not_given(module: nn.Module, example_inputs: Sequence[Any]) -> dict[str, Any]:
     """Forward parameters after the example's positional inputs that have a default value."""
     try:
@@ -237,7 +235,7 @@ def _find_blockers(module: nn.Module, leaf_modules: tuple[type, ...], state: _Bl
             trace(child, leaf_modules + tuple(state.found))
             state.traced.add(id(child))
         except Exception as exc:  # tracing runs arbitrary user code: any failure means "not traceable"
-            state.found[type(child)] = _short_reason(exc)
+            state.found[type(child)] = short_reason(exc)
 
 
 def _trace_largest(
@@ -254,7 +252,7 @@ def _trace_largest(
         traced.append((path, trace(module, leaf_modules, concrete_args)))
         return
     except Exception as exc:  # tracing runs arbitrary user code: any failure means "not whole"
-        reason = _short_reason(exc)
+        reason = short_reason(exc)
     _find_blockers(module, leaf_modules, state)
     blockers = state.found
     if blockers and type(module) not in blockers:
@@ -279,12 +277,6 @@ def _trace_largest(
 
 def _called_in(gm: fx.GraphModule, name: str) -> bool:
     return any(n.op == "call_module" and n.target == name for n in gm.graph.nodes)
-
-
-def _set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    parent._modules[name] = new
 
 
 # ----------------------------------------------------------------------------------------------
@@ -338,12 +330,25 @@ def _propagate(gm: fx.GraphModule, args: Sequence[Any]) -> None:
     except ValueError:
         raise
     except Exception as fake_error:  # e.g. DataDependentOutputException inside a leaf
-        _log.info("fake shape propagation failed (%s); propagating real values", _short_reason(fake_error))
+        _log.info("fake shape propagation failed (%s); propagating real values", short_reason(fake_error))
         try:
             with torch.no_grad():
                 _RealPropagate(gm, FakeTensorMode(allow_non_fake_inputs=True)).run(*args)
         except Exception:
             raise fake_error from None
+
+
+def _concretise_data_dependent(gm: fx.GraphModule, inputs: dict[str, Any]) -> None:
+    """Sizes an export left data-dependent (``u0`` rows of a table built from
+    ``int(positions.max()) + 1``) become the example's values, as shapes elsewhere are: costs and
+    passes compare sizes, which an unbacked symbol cannot answer."""
+    if not any(free_unbacked_symbols(n.meta.get("val")) for n in gm.graph.nodes):
+        return
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    if set(names) != set(inputs):
+        raise CaptureError(f"capture: the example values of the exported graph's inputs {names} are unknown")
+    with torch.no_grad():
+        _RealPropagate(gm, FakeTensorMode(allow_non_fake_inputs=True)).run(*(inputs[name] for name in names))
 
 
 def _placeholder_values(gm: fx.GraphModule, args: Sequence[Any]) -> dict[str, Any]:
@@ -363,33 +368,19 @@ def _positional(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
 def _record_submodule_inputs(root: nn.Module, graphs: list[Graph], example_inputs: Sequence[Any]) -> None:
     """Run the (partly traced) model once and propagate each subgraph's first call inputs."""
     seen: dict[str, list[Any]] = {}
-    handles = []
-    for graph in graphs:
-        def hook(mod: nn.Module, args: tuple, kwargs: dict, _g: Graph = graph) -> None:
-            seen.setdefault(_g.path, _positional(_g.gm, args, kwargs))
-        handles.append(graph.gm.register_forward_pre_hook(hook, with_kwargs=True))
-    buffers = {name: b.clone() for name, b in root.named_buffers()}
-    try:
-        with torch.no_grad():
-            root(*example_inputs)
-    finally:
-        for h in handles:
-            h.remove()
-        _restore_buffers(root, buffers)
+
+    def recorder(graph: Graph) -> Callable:
+        def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
+            seen.setdefault(graph.path, _positional(graph.gm, args, kwargs))
+        return hook
+
+    run_example(root, [(graph.gm, recorder(graph)) for graph in graphs], example_inputs)
     for graph in graphs:
         if graph.path in seen:
             graph.placeholder_values = _placeholder_values(graph.gm, seen[graph.path])
             _propagate(graph.gm, seen[graph.path])
         else:
             _log.info("submodule %r was not called by the example inputs; it has no shapes", graph.path)
-
-
-def _restore_buffers(root: nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    """Undo what running the example did to buffers (a call counter, BN statistics in train mode)."""
-    with torch.no_grad():
-        for name, buffer in root.named_buffers():
-            if name in saved and not torch.equal(buffer, saved[name]):
-                buffer.copy_(saved[name])
 
 
 def _needs_shapes(gm: fx.GraphModule) -> bool:
@@ -497,9 +488,13 @@ def capture(
         raise ValueError("capture: example_inputs are required for an nn.Module (shapes come from them)")
 
     if method == "export":
-        ep = torch.export.export(copy.deepcopy(model), example_inputs)
-        gm = ep.module()
-        return Captured(gm, [Graph("", gm, "aten")], [], "export", batch)
+        root, parts, eager = export_parts(model, example_inputs)
+        graphs = []
+        for part in parts:
+            part.gm.meta["fxslim_prefix"] = part.path
+            _concretise_data_dependent(part.gm, part.inputs)
+            graphs.append(Graph(part.path, part.gm, "aten", part.inputs))
+        return Captured(root, graphs, eager, "export", batch)
 
     traced: list[tuple[str, fx.GraphModule]] = []
     untraced: list[tuple[str, str]] = []
@@ -518,7 +513,7 @@ def capture(
     for path, gm in traced:
         gm.meta["fxslim_prefix"] = path
         if path:
-            _set_submodule(root, path, gm)
+            set_submodule(root, path, gm)
         graphs.append(Graph(path, gm, "module"))
     _record_submodule_inputs(root, graphs, example_inputs)
     return Captured(root, graphs, untraced, "symbolic", batch)

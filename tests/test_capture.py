@@ -146,3 +146,87 @@ def test_capture_dynamo_graph_break_gives_several_graphs():
 
     graphs = capture_dynamo(Broken(), (torch.randn(1, 3, 4, 4),))
     assert len(graphs) == 2
+
+
+class _ValueBranch(nn.Module):
+    """A Python branch on a tensor value: no exporter takes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max().item() > 1e4:
+            x = x / 1e4
+        return self.conv(x)
+
+
+class _TableFromValues(nn.Module):
+    """Rows of a table sized by ``int(t.max()) + 1``: non-strict export needs a concrete size,
+    strict export keeps it unbacked."""
+
+    def forward(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        table = torch.arange(int(index.max()) + 1, dtype=x.dtype)
+        return x + table[index].sum()
+
+
+class _PartlyExportable(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.table = _TableFromValues()
+        self.head = _ValueBranch()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = torch.arange(3) * 2
+        return self.head(self.table(self.stem(x), index))
+
+
+def test_capture_export_exports_the_largest_exportable_parts():
+    model, x = _PartlyExportable().eval(), torch.randn(2, 3, 8, 8)
+    captured = capture(model, (x,), method="export")
+    assert captured.method == "export"
+    assert sorted(g.path for g in captured.graphs) == ["head.conv", "stem", "table"]
+    eager = dict(captured.untraced)
+    assert "not exportable" in eager[""] and "not exportable" in eager["head"]
+    assert all(g.ir == "aten" for g in captured.graphs)
+    table = next(g for g in captured.graphs if g.path == "table")
+    assert all(not isinstance(d, torch.SymInt) for n in table.gm.graph.nodes  # the example's size, not u0
+               for d in getattr(meta_val(n), "shape", ()))
+    with torch.no_grad():
+        torch.testing.assert_close(captured.module(x), model(x))
+    assert not any(isinstance(m, fx.GraphModule) for m in model.modules())  # the caller's model is untouched
+
+
+class _SharedByTwoShapes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+        self.other = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.sum().item() > 1e9:
+            return x
+        return self.shared(self.other(x)).sum() + self.shared(x[:1]).sum()
+
+
+def test_capture_export_keeps_modules_called_with_two_shapes_eager():
+    """An exported program holds one input shape, so a module the example calls with two, and
+    everything in it, stays eager."""
+    model, x = _SharedByTwoShapes().eval(), torch.randn(3, 4)
+    captured = capture(model, (x,), method="export")
+    eager = dict(captured.untraced)
+    assert "different shapes" in eager["shared"] and "different shapes" in eager["shared.0"]
+    assert [g.path for g in captured.graphs] == ["other"]
+    with torch.no_grad():
+        torch.testing.assert_close(captured.module(x), model(x))
+
+
+def test_capture_export_raises_the_export_error_when_no_part_exports():
+    with pytest.raises(Exception, match="data-dependent"):
+        capture(nn.Sequential(_OnlyBranch()), (torch.randn(2, 4),), method="export")
+
+
+class _OnlyBranch(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * 2 if x.sum().item() > 0 else x

@@ -1,0 +1,182 @@
+"""torch.export of a model, else of its largest exportable submodules.
+
+Research code often has one construct that no exporter takes: a Python branch on a tensor value
+(``if x.abs().max().item() > 1e4``) in a head. Exporting the whole model then fails, although the
+backbone around it exports fine. Like symbolic capture does for tracing, this exports the whole
+model if it can, and otherwise each submodule the example calls, top down, keeping the first
+submodule of each branch that exports and leaving the rest eager.
+
+Each export is tried non-strict first (the default; fast), then strict: dynamo's tracing turns
+``int(positions.max())`` into an unbacked size where non-strict export needs a concrete integer.
+
+A submodule is only exported when every call the example makes to it has the same input shapes
+and values for non-tensor arguments (a RoPE shared by frame and global attention is called with
+two batch sizes; an exported program holds one). Exported parts are specialised to the example's
+shapes, as a whole exported model is; called with other shapes, they raise naming the input.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+__all__ = ["ExportedPart", "export_parts", "export_module", "run_example", "set_submodule", "short_reason"]
+
+_log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExportedPart:
+    """``gm`` (an ``ExportedProgram.module()``) sits at ``path`` in the root; ``inputs`` are the
+    real values of its placeholders on the example."""
+
+    path: str
+    gm: fx.GraphModule
+    inputs: dict[str, Any]
+
+
+def export_module(module: nn.Module, args: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
+    """``torch.export.export`` non-strict, then strict; raises the non-strict error if both fail."""
+    kwargs = kwargs or {}
+    try:
+        return torch.export.export(module, args, kwargs)
+    except Exception as non_strict:
+        _log.info("non-strict export of %s failed (%s); trying strict", type(module).__name__, short_reason(non_strict))
+        try:
+            return torch.export.export(module, args, kwargs, strict=True)
+        except Exception:
+            raise non_strict from None
+
+
+def export_parts(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[nn.Module, list[ExportedPart], list[tuple[str, str]]]:
+    """A copy of ``model`` with its largest exportable submodules replaced by their exported
+    graphs, those parts, and ``(path, reason)`` for each module that stayed eager.
+
+    Raises the whole-model export error when nothing exports.
+    """
+    root = copy.deepcopy(model)
+    try:
+        program = export_module(root, tuple(example_inputs))
+    except Exception as whole_error:
+        whole_reason = short_reason(whole_error)
+        calls = _record_calls(root, example_inputs)
+        parts: list[ExportedPart] = []
+        eager: list[tuple[str, str]] = [("", f"not exportable ({whole_reason}); its submodules were exported instead")]
+        _export_children(root, "", calls, parts, eager)
+        if not parts:
+            raise whole_error
+        for part in parts:
+            set_submodule(root, part.path, part.gm)
+        return root, parts, eager
+    gm = program.module()
+    return gm, [ExportedPart("", gm, _placeholder_inputs(gm, tuple(example_inputs), {}))], []
+
+
+@dataclass
+class _Calls:
+    """The first call's inputs of one submodule, and whether every call looked the same."""
+
+    args: tuple
+    kwargs: dict
+    signature: Any
+    consistent: bool = True
+
+
+def _signature(args: tuple, kwargs: dict) -> Any:
+    def one(value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return ("tensor", tuple(value.shape), value.dtype)
+        return value
+
+    return repr(tree_map(one, (args, kwargs)))
+
+
+def _record_calls(root: nn.Module, example_inputs: Sequence[Any]) -> dict[str, _Calls]:
+    """Run the example once and keep each submodule's call inputs (buffers restored after)."""
+    calls: dict[str, _Calls] = {}
+    hooks = []
+    for path, module in root.named_modules():
+        if not path:
+            continue
+
+        def hook(mod: nn.Module, args: tuple, kwargs: dict, _path: str = path) -> None:
+            signature = _signature(args, kwargs)
+            seen = calls.get(_path)
+            if seen is None:
+                calls[_path] = _Calls(args, dict(kwargs), signature)
+            elif seen.signature != signature:
+                seen.consistent = False
+
+        hooks.append((module, hook))
+    run_example(root, hooks, example_inputs)
+    return calls
+
+
+def run_example(root: nn.Module, pre_hooks: list[tuple[nn.Module, Callable]], example_inputs: Sequence[Any]) -> None:
+    """Run ``root`` on the example once, with forward pre-hooks (``hook(module, args, kwargs)``)
+    on the given modules, and undo what the run wrote into buffers (a call counter, BN statistics
+    in train mode)."""
+    handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in pre_hooks]
+    saved = {name: b.clone() for name, b in root.named_buffers()}
+    try:
+        with torch.no_grad():
+            root(*example_inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+        with torch.no_grad():
+            for name, buffer in root.named_buffers():
+                if not torch.equal(buffer, saved[name]):
+                    buffer.copy_(saved[name])
+
+
+def _export_children(module: nn.Module, path: str, calls: dict[str, _Calls], parts: list[ExportedPart],
+                     eager: list[tuple[str, str]]) -> None:
+    for name, child in module.named_children():
+        child_path = f"{path}.{name}" if path else name
+        record = calls.get(child_path)
+        if record is None:
+            continue  # the example never calls it: nothing to export it with
+        if not record.consistent:
+            eager.append((child_path, "called with inputs of different shapes; its submodules were exported instead"))
+            _export_children(child, child_path, calls, parts, eager)
+            continue
+        try:
+            program = export_module(child, record.args, record.kwargs)
+        except Exception as error:
+            if any(True for _ in child.children()):
+                eager.append((child_path, f"not exportable ({short_reason(error)}); its submodules were exported instead"))
+                _export_children(child, child_path, calls, parts, eager)
+            else:
+                eager.append((child_path, f"not exportable ({short_reason(error)})"))
+            continue
+        gm = program.module()
+        parts.append(ExportedPart(child_path, gm, _placeholder_inputs(gm, record.args, record.kwargs)))
+
+
+def _placeholder_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Placeholder name -> real value: an exported module's placeholders are its flattened inputs."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    leaves = tree_flatten((args, kwargs))[0]
+    return dict(zip(names, leaves)) if len(names) == len(leaves) else {}
+
+
+def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path`` ("a.b.c") in ``root``, whatever its type (``setattr`` checks it)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    parent._modules[name] = new
+
+
+def short_reason(error: BaseException) -> str:
+    """An exception's type and first line, short enough for a report row."""
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:200]
