@@ -19,7 +19,7 @@ from torch import nn
 
 import fxslim
 from fxslim.capture import CaptureError
-from fxslim.cli import main
+from fxslim.app.cli import main
 from fxslim.runtime.quant import ActFakeQuant
 
 pytestmark = pytest.mark.usefixtures("one_thread")

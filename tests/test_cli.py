@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from fxslim.cli import main
+from fxslim.app.cli import main
 
 
 def test_cli_inspect_mobilenet_v2_reports_52_convs_34_pointwise():

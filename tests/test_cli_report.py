@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from fxslim.cli import main
+from fxslim.app.cli import main
 from tests.toy_pass import ToyScalePointwise  # noqa: F401  (registers the "toy" pass)
 
 MODEL = ["torchvision:mobilenet_v2", "--input", "1x3x32x32"]

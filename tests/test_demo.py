@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from fxslim.cli import main
+from fxslim.app.cli import main
 
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fxslim.cli import main
+from fxslim.app.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="needs chromium (make browser)")
@@ -66,7 +66,7 @@ def test_report_page_renders_at_1000_px(tmp_path, passes):
 
 @pytest.mark.slow
 def test_demo_page_renders_at_1000_px(tmp_path):
-    from fxslim.demo import demo_command
+    from fxslim.app.demo import demo_command
 
     assert demo_command(tmp_path / "demo", parts=["haste"], quick=True) == 0
     _assert_readable(render(tmp_path / "demo" / "index.html", tmp_path), images=3)

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("passes",),
     ("cost_model",),
     ("api", "backend"),
-    ("cli", "demo", "inspection", "modelspec", ""),
+    ("app", ""),
 ]
 # reference models: for benchmarks, tests and the app layer only; they build on ir and runtime
 MODELS = "models"

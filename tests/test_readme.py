@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import update_readme
-from fxslim.cli import build_parser
+from fxslim.app.cli import build_parser
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text(encoding="utf-8")

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from fxslim.capture import Captured, capture, capture_dynamo
-from fxslim.inspection import inspect_graphs, summarize
-from fxslim.modelspec import load_model, make_inputs, parse_input
+from fxslim.app.inspection import inspect_graphs, summarize
+from fxslim.app.modelspec import load_model, make_inputs, parse_input
 
 __all__ = ["main", "build_parser"]
 
@@ -165,7 +165,7 @@ _COMMANDS["report"] = _cmd_report
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from fxslim.demo import demo_command
+    from fxslim.app.demo import demo_command
 
     return demo_command(args.out, args.parts, args.quick, args.threads, args.results_md)
 
