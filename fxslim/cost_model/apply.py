@@ -20,7 +20,7 @@ from fxslim.cost_model.report import CostRow
 from fxslim.cost_model.shapes import to_expr
 from fxslim.cost_model.walk import RawRow, is_zero
 
-__all__ = ["Finisher"]
+__all__ = ["RowPricer"]
 
 _QUANTIZED = ("int8", "int4", "ternary")
 
@@ -32,17 +32,19 @@ def _twn_zero_fraction(weight: torch.Tensor) -> float:
     return float((w <= delta).float().mean())
 
 
-class Finisher:
-    """Applies the conventions and the energy table to raw rows."""
+class RowPricer:
+    """Prices raw rows: operand formats, arithmetic by bit width, energy and storage, by the
+    conventions and the energy table."""
 
     def __init__(self, conventions: Conventions, table: EnergyTable, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> None:
-        self.c = conventions
+        self.conventions = conventions
         self.table = table
         self.rename = rename
         self.missing: dict[tuple[str, str], Any] = {}
         self.mem_pj = table.memory_energy(conventions.memory_level) if conventions.include_memory else 0.0
 
-    def e(self, value: Any) -> Any:
+    def expr(self, value: Any) -> Any:
+        """``value`` (an int, SymInt or expression) as a sympy expression in the report's symbols."""
         return to_expr(value, self.rename)
 
     def rows(self, raws: list[RawRow]) -> list[CostRow]:
@@ -50,7 +52,7 @@ class Finisher:
         for raw in raws:
             if raw.kind in KINDS and raw.declared is None:
                 last[raw.kind] = raw
-        default_act = self.c.deploy_map.get("default")
+        default_act = self.conventions.deploy_map.get("default")
         return [self._row(raw, last.get(raw.kind) is raw, default_act) for raw in raws]
 
     def _row(self, raw: RawRow, is_last: bool, default_act: str | None) -> CostRow:
@@ -59,54 +61,54 @@ class Finisher:
         if raw.declared is not None:
             fmt = raw.declared
         elif mac_row:
-            deployed = self.c.mac_format(raw.fqn, raw.kind, is_last)
+            deployed = self.conventions.mac_format(raw.fqn, raw.kind, is_last)
             fmt = deployed or raw.dtype or "fp32"
         else:
             fmt = default_act or raw.dtype or "fp32"
-        out_numel = self.e(raw.out.numel) if raw.out is not None else 0
+        out_numel = self.expr(raw.out.numel) if raw.out is not None else 0
         ops = self._arithmetic(raw, fmt, mac_row, out_numel)
         params, storage = self._storage(raw, mac_row, deployed)
         act_bytes = self._act_bytes(fmt, raw)
-        written = self.e(raw.bytes_written) if raw.bytes_written is not None else out_numel * act_bytes
-        read = (self.e(raw.bytes_read) if raw.bytes_read is not None
-                else sum((self.e(s.numel) * act_bytes for s in raw.inputs), 0) + storage / 8)
+        written = self.expr(raw.bytes_written) if raw.bytes_written is not None else out_numel * act_bytes
+        read = (self.expr(raw.bytes_read) if raw.bytes_read is not None
+                else sum((self.expr(s.numel) * act_bytes for s in raw.inputs), 0) + storage / 8)
         energy = self._energy(ops)
-        if self.c.include_memory:
+        if self.conventions.include_memory:
             energy = energy + (read + written) * self.mem_pj
-        elementwise = self.e(raw.elementwise)
+        elementwise = self.expr(raw.elementwise)
         return CostRow(
             graph=raw.graph, node=raw.name, op=raw.op, kind=raw.kind, fqn=raw.fqn,
-            input_shapes=tuple(tuple(self.e(d) for d in s.shape) for s in raw.inputs),
-            output_shape=tuple(self.e(d) for d in raw.out.shape) if raw.out is not None else None,
+            input_shapes=tuple(tuple(self.expr(d) for d in s.shape) for s in raw.inputs),
+            output_shape=tuple(self.expr(d) for d in raw.out.shape) if raw.out is not None else None,
             dtype=raw.dtype, format=fmt if (mac_row or not is_zero(elementwise)) else None,
-            macs=self.e(raw.macs), elementwise=elementwise, ops=ops, energy_pj=energy, params=params,
+            macs=self.expr(raw.macs), elementwise=elementwise, ops=ops, energy_pj=energy, params=params,
             storage_bits=storage, activation_bytes=out_numel * act_bytes, bytes_read=read, bytes_written=written,
-            measured_macs=self.e(raw.measured_macs) if raw.measured_macs is not None else None,
-            unknown=tuple(raw.unknown), info={k: self.e(v) for k, v in raw.info.items()},
+            measured_macs=self.expr(raw.measured_macs) if raw.measured_macs is not None else None,
+            unknown=tuple(raw.unknown), info={k: self.expr(v) for k, v in raw.info.items()},
         )
 
     def _arithmetic(self, raw: RawRow, fmt: str, mac_row: bool, out_numel: Any) -> dict[tuple[str, str], Any]:
         """Operations by (operation, format): the MACs, the formula's extras and the optional terms."""
-        c = self.c
+        rules = self.conventions
         ops: dict[tuple[str, str], Any] = {}
-        macs = self.e(raw.macs)
+        macs = self.expr(raw.macs)
         if not is_zero(macs):
-            zero_fraction = self._zero_fraction(raw) if fmt == "ternary" and c.skip_zero_weights else 0.0
-            _merge(ops, mac_arithmetic(macs, fmt, c, zero_fraction))
-        _merge(ops, {k: self.e(v) for k, v in raw.ops.items()})
+            zero_fraction = self._zero_fraction(raw) if fmt == "ternary" and rules.skip_zero_weights else 0.0
+            _merge(ops, mac_arithmetic(macs, fmt, rules, zero_fraction))
+        _merge(ops, {k: self.expr(v) for k, v in raw.ops.items()})
         integer = fmt.startswith("int") or fmt == "ternary"
-        if c.include_bias and raw.has_bias:
-            _merge(ops, {("add", f"int{c.accumulator(fmt)}" if integer else fmt): out_numel})
-        if c.include_requant and fmt in _QUANTIZED and raw.declared is None and mac_row:
-            _merge(ops, {("mul", c.requant_format): out_numel})  # one rescale per output element
-        elementwise = self.e(raw.elementwise)
-        if c.include_elementwise and not is_zero(elementwise):
+        if rules.include_bias and raw.has_bias:
+            _merge(ops, {("add", f"int{rules.accumulator(fmt)}" if integer else fmt): out_numel})
+        if rules.include_requant and fmt in _QUANTIZED and raw.declared is None and mac_row:
+            _merge(ops, {("mul", rules.requant_format): out_numel})  # one rescale per output element
+        elementwise = self.expr(raw.elementwise)
+        if rules.include_elementwise and not is_zero(elementwise):
             _merge(ops, {("add", "int8" if fmt == "ternary" else fmt): elementwise})
         return ops
 
     def _storage(self, raw: RawRow, mac_row: bool, deployed: str | None) -> tuple[Any, Any]:
         """(parameters, storage bits) of the weights this node reads."""
-        c = self.c
+        rules = self.conventions
         params: Any = 0
         storage: Any = 0
         for _, tensor, _ in raw.params:
@@ -114,17 +116,17 @@ class Finisher:
             params += numel
             weight = mac_row and tensor.dim() >= 2
             if weight and deployed is not None:
-                storage += numel * format_bits(deployed, c.ternary_packing)
-                if deployed in _QUANTIZED and c.metadata_bits:
-                    storage += tensor.shape[0] * c.metadata_bits  # one scale per output channel
-            elif not weight and c.params_format is not None:
-                storage += numel * format_bits(c.params_format)
+                storage += numel * format_bits(deployed, rules.ternary_packing)
+                if deployed in _QUANTIZED and rules.metadata_bits:
+                    storage += tensor.shape[0] * rules.metadata_bits  # one scale per output channel
+            elif not weight and rules.params_format is not None:
+                storage += numel * format_bits(rules.params_format)
             else:
                 storage += numel * tensor.dtype.itemsize * 8
         if raw.cost_params is not None:
-            params = self.e(raw.cost_params)
+            params = self.expr(raw.cost_params)
         if raw.storage_bits is not None:
-            storage = self.e(raw.storage_bits)
+            storage = self.expr(raw.storage_bits)
         if isinstance(storage, float) and storage.is_integer():
             storage = int(storage)
         return params, storage
@@ -151,8 +153,8 @@ class Finisher:
     def _zero_fraction(self, raw: RawRow) -> float:
         if raw.zero_fraction is not None:
             return raw.zero_fraction
-        if self.c.zero_fraction is not None:
-            return self.c.zero_fraction
+        if self.conventions.zero_fraction is not None:
+            return self.conventions.zero_fraction
         weights = [real for _, tensor, real in raw.params if tensor.dim() >= 2 and real is not None]
         if not weights:
             return 0.0

@@ -32,13 +32,13 @@ import torch.fx as fx
 from torch import nn
 
 from fxslim.capture import Captured
-from fxslim.cost_model.apply import Finisher
+from fxslim.cost_model.apply import RowPricer
 from fxslim.cost_model.conventions import Conventions, merge_conventions
 from fxslim.cost_model.energy import EnergyTable, table_for
 from fxslim.cost_model.graph import peak_activation_bytes
 from fxslim.cost_model.report import CostReport, CostTotals, ScalingTable
 from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, record_eager, symbolic_dims, to_expr
-from fxslim.cost_model.walk import Walker
+from fxslim.cost_model.walk import RawRowCounter
 
 __all__ = ["estimate", "sweep"]
 
@@ -104,14 +104,14 @@ class _State:
 
     def cost(self, conv: Conventions, energy_table: EnergyTable) -> CostReport:
         """The captured model costed under ``conv`` and ``energy_table``."""
-        walker = Walker(self.source, conv, self.mode)
-        raws = walker.rows()
-        finisher = Finisher(conv, energy_table, self.rename)
-        rows = finisher.rows(raws)
+        counter = RawRowCounter(self.source, conv, self.mode)
+        raws = counter.rows()
+        pricer = RowPricer(conv, energy_table, self.rename)
+        rows = pricer.rows(raws)
         peak = None if self.symbols else peak_activation_bytes(self.source.captured, rows)
         return CostReport(
             rows=rows, total=CostTotals.of(rows, peak), conventions=conv, energy_table=energy_table,
-            unknown_ops=walker.unknown, energy_missing=finisher.missing, untraced=list(self.source.captured.untraced),
+            unknown_ops=counter.unknown, energy_missing=pricer.missing, untraced=list(self.source.captured.untraced),
             symbols=dict(self.symbols), model=self.model, inputs=list(self.inputs), captured=self.source.captured,
             state=self,
         )

@@ -29,7 +29,7 @@ from fxslim.cost_model.shapes import NodeRunner, Source, attribute
 from fxslim.cost_model.views import view_cost
 from fxslim.ir import AttentionView, View, meta_val, node_fqn, views
 
-__all__ = ["RawRow", "Walker", "is_zero"]
+__all__ = ["RawRow", "RawRowCounter", "is_zero"]
 
 _log = logging.getLogger(__name__)
 
@@ -119,8 +119,9 @@ def _flat_nodes(args: Any) -> list[fx.Node]:
     return out
 
 
-class Walker:
-    """Turns the captured graphs into raw rows."""
+class RawRowCounter:
+    """Counts the raw rows (MACs, element-wise ops, tensors touched) of every captured graph and of
+    the modules kept eager."""
 
     def __init__(self, source: Source, conventions: Conventions, mode: FakeTensorMode | None) -> None:
         self.source = source
