@@ -48,7 +48,12 @@ class Candidate:
 
 @dataclass(frozen=True)
 class Entry:
-    """A report line: a candidate that was rewritten, or skipped with a stable reason."""
+    """A report line: a candidate that was rewritten, or skipped with a stable reason.
+
+    ``reason``: the stable code a program can branch on ("local_attention"); ``detail``: one
+    sentence for a person (what stopped it, what to pass); ``info``: the values the pass chose or
+    measured (kept tokens, buckets), for tables and JSON.
+    """
 
     node: str
     fqn: str
@@ -70,10 +75,6 @@ class PassReport:
     @property
     def rewritten(self) -> int:
         return sum(e.status == "rewritten" for e in self.entries)
-
-    @property
-    def matched(self) -> int:
-        return self.rewritten
 
     @property
     def skipped(self) -> Counter:
