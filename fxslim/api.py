@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxslim.ir import META_REPORT
 from fxslim.capture import Captured, capture as capture_graphs
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, run_passes
 from fxslim.passes.prom import PROM
@@ -163,7 +164,7 @@ def prepare(
     """The PROM QAT model: a fake-quantized copy of ``model`` (an nn.Module or a symbolic GraphModule).
 
     Same as ``fxslim.optimize(model, example_inputs, passes=[config]).module``; the report is
-    stored in ``prepared.meta["fxslim_report"]`` (a GraphModule when the model traces whole).
+    stored in ``prepared.meta[META_REPORT]`` (a GraphModule when the model traces whole).
     Train it like the float model (``fxslim.models.train.fit``/``train_step`` or any loop, also
     wrapped in DistributedDataParallel: observer state lives in buffers), or only ``fxslim.calibrate``
     it for post-training quantization; then ``fxslim.convert`` it.
@@ -174,7 +175,7 @@ def prepare(
     result = optimize(model, example_inputs, [config], filter_fn=filter_fn, overrides=overrides,
                       leaf_modules=(QConv2d, QLinear, ActFakeQuant))
     for graph in result.captured.graphs:
-        graph.gm.meta["fxslim_report"] = result.report
+        graph.gm.meta[META_REPORT] = result.report
     weights = Counter(e.info.get("weights", e.kind) for e in result.report.entries("prom") if e.status == "rewritten")
     _log.info("PROM prepare: rewrote %s; skipped %s", dict(weights), dict(result.report.skipped("prom")))
     return result.module

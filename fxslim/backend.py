@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from fxslim.capture import placeholder_fqns
-from fxslim.ir import detect_ir, meta_val
+from fxslim.ir import META_PLACEHOLDER_FQNS, detect_ir, meta_val
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, run_passes
 from fxslim.policy import Policy
 
@@ -110,7 +110,7 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
     """The dynamo backend entry point (see the module docstring)."""
     opts = BackendOptions.from_options(options)
     params = placeholder_fqns(gm)
-    gm.meta["fxslim_placeholder_fqns"] = params
+    gm.meta[META_PLACEHOLDER_FQNS] = params
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ctx = PassContext(
         ir=detect_ir(gm), batch_size=_input_batch(gm, params),

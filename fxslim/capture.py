@@ -34,7 +34,7 @@ from torch.fx.node import has_side_effect
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.export_parts import export_parts, run_example, set_submodule, short_reason
-from fxslim.ir import IR, detect_ir
+from fxslim.ir import IR, META_PLACEHOLDER_FQNS, META_PREFIX, detect_ir
 
 __all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns"]
 
@@ -440,7 +440,7 @@ def capture_dynamo(model: nn.Module, example_inputs: Sequence[Any], *, dynamic: 
 
 
 def _dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Graph:
-    gm.meta["fxslim_placeholder_fqns"] = placeholder_fqns(gm)
+    gm.meta[META_PLACEHOLDER_FQNS] = placeholder_fqns(gm)
     return Graph(path="", gm=gm, ir=detect_ir(gm), placeholder_values=_dynamo_values(gm, example_inputs))
 
 
@@ -491,7 +491,7 @@ def capture(
         root, parts, eager = export_parts(model, example_inputs)
         graphs = []
         for part in parts:
-            part.gm.meta["fxslim_prefix"] = part.path
+            part.gm.meta[META_PREFIX] = part.path
             _concretise_data_dependent(part.gm, part.inputs)
             graphs.append(Graph(part.path, part.gm, "aten", part.inputs))
         return Captured(root, graphs, eager, "export", batch)
@@ -511,7 +511,7 @@ def capture(
     root = traced[0][1] if traced[0][0] == "" else copy.deepcopy(model)
     graphs = []
     for path, gm in traced:
-        gm.meta["fxslim_prefix"] = path
+        gm.meta[META_PREFIX] = path
         if path:
             set_submodule(root, path, gm)
         graphs.append(Graph(path, gm, "module"))

@@ -52,6 +52,13 @@ aten = torch.ops.aten
 # Node metadata
 
 
+# Keys fxslim writes into graph and node meta, named once.
+META_PLACEHOLDER_FQNS = "fxslim_placeholder_fqns"  # gm.meta of a dynamo graph: placeholder -> parameter name
+META_PREFIX = "fxslim_prefix"  # gm.meta of a submodule's graph: where it sits in the model ("a.b")
+META_PASS = "fxslim_pass"  # node.meta: the pass that emitted the node
+META_REPORT = "fxslim_report"  # gm.meta of a prepared model: the OptimizeReport of its rewrite
+
+
 def meta_val(node: Any) -> Any:
     """The fake/example value of a node (FakeTensor, SymInt, ...) or None when it has none."""
     if not isinstance(node, fx.Node):
@@ -110,7 +117,7 @@ def node_fqn(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
 
     ``gm.meta['fxslim_prefix']`` (set by capture for submodules traced on their own) is prepended.
     """
-    prefix = gm.meta.get("fxslim_prefix", "") if gm is not None else ""
+    prefix = gm.meta.get(META_PREFIX, "") if gm is not None else ""
     if node.op == "call_module":
         path = str(node.target)
     else:
@@ -185,7 +192,7 @@ def _param_ref(gm: fx.GraphModule, arg: Any) -> ParamRef | None:
     if arg.op == "get_attr":
         return ParamRef(path=str(arg.target), node=arg)
     if arg.op == "placeholder":
-        names = gm.meta.get("fxslim_placeholder_fqns", {})
+        names = gm.meta.get(META_PLACEHOLDER_FQNS, {})
         return ParamRef(path=names.get(arg.name), node=arg)
     return ParamRef(path=None, node=arg)
 

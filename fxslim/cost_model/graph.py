@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from fxslim.capture import Captured
-from fxslim.ir import meta_val
+from fxslim.ir import META_PLACEHOLDER_FQNS, meta_val
 
 if TYPE_CHECKING:
     import networkx as nx
@@ -45,7 +45,7 @@ def _is_weight(node: fx.Node) -> bool:
     if node.op == "get_attr":
         return True
     gm = node.graph.owning_module
-    return node.op == "placeholder" and gm is not None and node.name in gm.meta.get("fxslim_placeholder_fqns", {})
+    return node.op == "placeholder" and gm is not None and node.name in gm.meta.get(META_PLACEHOLDER_FQNS, {})
 
 
 def graph_peak_bytes(gm: fx.GraphModule, sizes: dict[str, Any] | None = None) -> Any:

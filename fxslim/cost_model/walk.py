@@ -27,7 +27,7 @@ from fxslim.cost_model.registry import (
 )
 from fxslim.cost_model.shapes import NodeRunner, Source, attribute
 from fxslim.cost_model.views import view_cost
-from fxslim.ir import AttentionView, View, meta_val, node_fqn, views
+from fxslim.ir import AttentionView, META_PLACEHOLDER_FQNS, META_PREFIX, View, meta_val, node_fqn, views
 
 __all__ = ["RawRow", "RawRowCounter", "is_zero"]
 
@@ -104,8 +104,8 @@ def _fqn(node: fx.Node, gm: fx.GraphModule) -> str:
     fqn = node_fqn(node, gm)
     if fqn or node.op != "call_function" or "nn_module_stack" in node.meta:
         return fqn
-    names = gm.meta.get("fxslim_placeholder_fqns", {})
-    prefix = gm.meta.get("fxslim_prefix", "")
+    names = gm.meta.get(META_PLACEHOLDER_FQNS, {})
+    prefix = gm.meta.get(META_PREFIX, "")
     for arg in _flat_nodes((node.args, node.kwargs)):
         path = str(arg.target) if arg.op == "get_attr" else names.get(arg.name) if arg.op == "placeholder" else None
         if path and "." in path:
@@ -211,7 +211,7 @@ class RawRowCounter:
 
     def _placeholder_param(self, node: fx.Node) -> bool:
         gm = node.graph.owning_module
-        names = gm.meta.get("fxslim_placeholder_fqns", {}) if gm is not None else {}
+        names = gm.meta.get(META_PLACEHOLDER_FQNS, {}) if gm is not None else {}
         return node.name in names
 
     def _real(self, name: str, tensor: Any) -> torch.Tensor | None:
@@ -239,7 +239,7 @@ class RawRowCounter:
                 elif arg.op == "placeholder" and self._placeholder_param(arg):
                     is_param = "_parameters_" in arg.name
                     if is_param or custom:
-                        name = gm.meta["fxslim_placeholder_fqns"][arg.name]
+                        name = gm.meta[META_PLACEHOLDER_FQNS][arg.name]
                         found.append((name, graph.placeholder_values.get(arg.name, meta_val(arg))))
         out = []
         for name, tensor in found:
@@ -272,7 +272,7 @@ class RawRowCounter:
         kwargs = fx.node.map_arg(node.kwargs, value)
         for i, a in enumerate(node.args):
             if isinstance(a, fx.Node) and a.op in ("get_attr", "placeholder"):
-                name = str(a.target) if a.op == "get_attr" else gm.meta.get("fxslim_placeholder_fqns", {}).get(a.name, "")
+                name = str(a.target) if a.op == "get_attr" else gm.meta.get(META_PLACEHOLDER_FQNS, {}).get(a.name, "")
                 real = self._real((f"{graph.path}." if graph.path else "") + name, args[i])
                 if real is not None:
                     values[i] = real

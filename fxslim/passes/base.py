@@ -22,7 +22,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fxslim.config import Config
-from fxslim.ir import IR, ParamRef, meta_val
+from fxslim.ir import IR, META_PASS, ParamRef, meta_val
 from fxslim.passes.inplace import make_inplace_explicit, remove_dead_code
 from fxslim.policy import Policy
 
@@ -164,7 +164,7 @@ class Pass(Config):
             gm.recompile()
         new_nodes = [n for n in gm.graph.nodes if n not in before]
         for node in new_nodes:
-            node.meta.setdefault("fxslim_pass", self.name)
+            node.meta.setdefault(META_PASS, self.name)
         self.ensures(gm, ctx, new_nodes)
         return PassResult(gm, bool(candidates), report)
 

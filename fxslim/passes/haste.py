@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxslim.config import check_choice, check_int, check_range
-from fxslim.ir import ConvView, meta_val, node_fqn, view_of, views
+from fxslim.ir import ConvView, META_PLACEHOLDER_FQNS, meta_val, node_fqn, view_of, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
 from fxslim.passes.matchers import match_convs
 from fxslim.runtime.haste import MAX_PLANES, make_planes, patch_shape
@@ -82,7 +82,7 @@ class HASTE(Pass):
             report.skip(node, node_fqn(node, gm), _rewritten_kind(gm, node), "already_rewritten")
         # 2. layers in graph order, rewritten ones included: the seed offset of each conv
         matches = match_convs(gm)
-        params = gm.meta.get("fxslim_placeholder_fqns", {})
+        params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
         convs = {m.view.node: m.view for m in matches}
         layers: dict[str, int] = {}
         for node in gm.graph.nodes:

@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxslim.config import check_choice, check_int, check_range
-from fxslim.ir import AttentionView, meta_val, node_fqn
+from fxslim.ir import AttentionView, META_PLACEHOLDER_FQNS, META_PREFIX, meta_val, node_fqn
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
 from fxslim.passes.matchers import match_attention
 from fxslim.runtime.httm import DST_RULES, MODES, FrameLayout, frame_layout_from_positions, httm_kept_lengths
@@ -299,7 +299,7 @@ def _per_frame_positions(pos: fx.Node, tokens_per_frame: int) -> fx.Node | None:
 
 def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int] | None:
     """The graph input shaped like multi-view images [B, S, C, H, W] with S == frames, if exactly one."""
-    params = gm.meta.get("fxslim_placeholder_fqns", {})
+    params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
     found = []
     for node in gm.graph.nodes:
         val = meta_val(node)
@@ -318,7 +318,7 @@ def _hint(value: Any) -> int:
 
 def _module_metadata(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any]:
     """``fxslim_frame_layout`` of the module that owns ``node``, when the graph module still holds it."""
-    prefix, fqn = gm.meta.get("fxslim_prefix", ""), node_fqn(node, gm)
+    prefix, fqn = gm.meta.get(META_PREFIX, ""), node_fqn(node, gm)
     try:
         owner = gm.get_submodule(fqn[len(prefix):].lstrip(".") if prefix else fqn)
     except AttributeError:

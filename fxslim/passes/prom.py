@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxslim.config import check_choice, check_range
-from fxslim.ir import ConvView, LinearView, meta_val, node_fqn, views
+from fxslim.ir import ConvView, LinearView, META_PASS, meta_val, node_fqn, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
 from fxslim.passes.prom_graph import float_tensor, is_activation, is_quant, is_residual_add, is_shape_op, module_of
 from fxslim.runtime.quant import (
@@ -174,7 +174,7 @@ class PROM(Pass):
             wrapped = (QLinear if cfg.per_channel else PerTensorQLinear)(module)
         _set_submodule(gm, str(node.target), wrapped)
         _redirect_attributes(gm, str(node.target), "conv" if isinstance(module, nn.Conv2d) else "linear")
-        node.meta["fxslim_pass"] = self.name
+        node.meta[META_PASS] = self.name
         _maybe_quantize(gm, _producer(gm, cand.view.input), cfg.momentum)
         _maybe_quantize(gm, _chain_end(gm, node, with_bn=isinstance(module, nn.Conv2d)), cfg.momentum)
         return {"weights": weights}

@@ -33,7 +33,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from fxslim.ir import meta_val
+from fxslim.ir import META_PASS, meta_val
 from fxslim.passes.inplace import remove_dead_code
 from fxslim.passes.prom_fuse import fuse_conv_add
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op
@@ -294,7 +294,7 @@ def _propagate_shapes(out: fx.GraphModule, source: fx.GraphModule) -> None:
     with torch.no_grad():
         FakeTensorProp(out, mode).propagate(*fake)
     for node in out.graph.nodes:
-        node.meta["fxslim_pass"] = "prom"
+        node.meta[META_PASS] = "prom"
 
 
 @dataclass(frozen=True)
