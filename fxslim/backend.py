@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxslim.capture import placeholder_fqns
+from fxslim.capture import batch_of, placeholder_fqns
 from fxslim.ir import META_PLACEHOLDER_FQNS, detect_ir, meta_val
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, run_passes
 from fxslim.policy import Policy
@@ -87,12 +87,7 @@ def _input_batch(gm: fx.GraphModule, params: dict[str, str]) -> Any:
     name = _compiled_code_name()
     if name is None or name.startswith(_RESUME_PREFIX):
         return None
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" and node.name not in params:
-            val = meta_val(node)
-            if isinstance(val, torch.Tensor) and val.dim() >= 1:
-                return val.shape[0]
-    return None
+    return batch_of([meta_val(n) for n in gm.graph.nodes if n.op == "placeholder" and n.name not in params])
 
 
 def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], inner: str, modified: bool) -> Callable:

@@ -36,7 +36,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from fxslim.export_parts import export_parts, run_example, set_submodule, short_reason
 from fxslim.ir import IR, META_PLACEHOLDER_FQNS, META_PREFIX, detect_ir
 
-__all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns"]
+__all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of"]
 
 _log = logging.getLogger(__name__)
 
@@ -387,7 +387,8 @@ def _needs_shapes(gm: fx.GraphModule) -> bool:
     return any(n.op not in ("output",) and "val" not in n.meta and "example_value" not in n.meta for n in gm.graph.nodes)
 
 
-def _batch_size(example_inputs: Sequence[Any] | None) -> Any:
+def batch_of(example_inputs: Sequence[Any] | None) -> Any:
+    """The batch size of a call: the first dim of its first tensor with a dim (None without one)."""
     for x in example_inputs or ():
         if isinstance(x, torch.Tensor) and x.dim() >= 1:
             return x.shape[0]
@@ -463,7 +464,7 @@ def capture(
     if method not in ("symbolic", "export"):
         raise ValueError(f"capture: method must be 'symbolic' or 'export', got {method!r}")
     example_inputs = tuple(example_inputs) if example_inputs is not None else None
-    batch = _batch_size(example_inputs)
+    batch = batch_of(example_inputs)
 
     if isinstance(model, torch.export.ExportedProgram):
         gm = copy.deepcopy(model.module())

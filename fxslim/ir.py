@@ -43,6 +43,11 @@ __all__ = [
     "shape_of",
     "resolve_padding",
     "conv_kind",
+    "attribute",
+    "META_PLACEHOLDER_FQNS",
+    "META_PREFIX",
+    "META_PASS",
+    "META_REPORT",
 ]
 
 IR = Literal["module", "torch", "aten"]
@@ -78,13 +83,20 @@ def shape_of(node: Any) -> tuple | None:
     return tuple(val.shape) if isinstance(val, torch.Tensor) else None
 
 
+def attribute(root: Any, path: str, default: Any = ...) -> Any:
+    """The object at dotted ``path`` ("layer1.0.conv.weight", a get_attr target) under ``root``;
+    ``default`` when a part is missing, if given (else AttributeError)."""
+    obj: Any = root
+    for part in str(path).split(".") if path else ():
+        obj = getattr(obj, part) if default is ... else getattr(obj, part, default)
+    return obj
+
+
 def _attr_shape(gm: fx.GraphModule, node: Any) -> tuple | None:
     """Shape of a node; for a get_attr without meta, of the attribute it reads."""
     shape = shape_of(node)
     if shape is None and isinstance(node, fx.Node) and node.op == "get_attr":
-        obj: Any = gm
-        for part in str(node.target).split("."):
-            obj = getattr(obj, part, None)
+        obj = attribute(gm, node.target, None)
         if isinstance(obj, torch.Tensor):
             return tuple(obj.shape)
     return shape
@@ -168,10 +180,7 @@ class ParamRef:
         target = self.node.target if self.node is not None else self.path
         if target is None:
             return None
-        obj: Any = gm
-        for part in str(target).split("."):
-            obj = getattr(obj, part)
-        return obj
+        return attribute(gm, target)
 
     def as_node(self, gm: fx.GraphModule) -> fx.Node:
         """A graph node producing the weight (inserts a ``get_attr`` at the current insert point if needed)."""
@@ -246,6 +255,12 @@ class ConvView:
     @property
     def is_depthwise(self) -> bool:
         return self.groups > 1 and self.groups == self.in_channels
+
+    @property
+    def pads_asymmetrically(self) -> bool:
+        """padding='same' with an even effective kernel ``(k-1)·dilation + 1``: PyTorch then pads one
+        more on the far side, which a symmetric ``padding`` pair cannot say."""
+        return self.padding_spec == "same" and any((k - 1) * d % 2 for k, d in zip(self.kernel, self.dilation))
 
     @property
     def conv_kind(self) -> str:

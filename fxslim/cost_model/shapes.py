@@ -29,11 +29,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from fxslim.capture import Captured, Graph, capture as capture_graphs, trace
-from fxslim.ir import meta_val
+from fxslim.capture import Captured, Graph, batch_of, capture as capture_graphs, trace
+from fxslim.ir import attribute, meta_val
 
 __all__ = ["Source", "capture_for_cost", "propagate_symbolic", "symbolic_dims", "record_eager", "to_expr", "NodeRunner",
-           "Recorder", "meta_twin", "to_meta", "attribute"]
+           "Recorder", "meta_twin", "to_meta"]
 
 _log = logging.getLogger(__name__)
 
@@ -111,12 +111,12 @@ def capture_for_cost(model: Any, example_inputs: tuple | None, method: str, leaf
             if method == "export":
                 ep = torch.export.export(twin, meta_inputs, dynamic_shapes=_dynamic_shapes(example_inputs, dynamic))
                 gm = ep.module()
-                return Source(Captured(gm, [Graph("", gm, "aten")], [], "export", _batch(example_inputs)), real, True)
+                return Source(Captured(gm, [Graph("", gm, "aten")], [], "export", batch_of(example_inputs)), real, True)
             gm = trace(twin, leaf_modules)
             recorded: dict[fx.Node, list] = {}
             with torch.no_grad():
                 MetaProp(gm, recorded).run(*meta_inputs)
-            captured = Captured(gm, [Graph("", gm, "module")], [], "symbolic", _batch(example_inputs))
+            captured = Captured(gm, [Graph("", gm, "module")], [], "symbolic", batch_of(example_inputs))
             return Source(captured, real, True, recorded)
         except Exception as exc:  # tracing or meta execution runs user code: fall back to full capture
             _log.info("meta capture of %s failed (%s: %s); capturing with real weights",
@@ -143,13 +143,6 @@ def _dynamic_shapes(example_inputs: Sequence[Any], dynamic: Mapping[str, Any] | 
         return None
     wanted = symbolic_dims(dynamic, example_inputs)
     return tuple({d: torch.export.Dim.AUTO for d in wanted.get(i, {})} or None for i in range(len(example_inputs)))
-
-
-def _batch(example_inputs: Sequence[Any]) -> Any:
-    for x in example_inputs:
-        if isinstance(x, torch.Tensor) and x.dim() >= 1:
-            return x.shape[0]
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -386,12 +379,5 @@ class NodeRunner:
             else:
                 node.target(*args, **kwargs)
         return recorder.calls
-
-
-def attribute(gm: fx.GraphModule, path: str) -> Any:
-    obj: Any = gm
-    for part in path.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 

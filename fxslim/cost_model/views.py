@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from fxslim.cost_model.ops_aten import SOFTMAX_OPS
 from fxslim.cost_model.registry import OpCost
-from fxslim.ir import AttentionView, ConvView, LinearView, View, shape_of
+from fxslim.ir import AttentionView, ConvView, LinearView, View, attribute, shape_of
 
 __all__ = ["view_cost"]
 
@@ -54,9 +54,7 @@ def _projection_macs(view: AttentionView, gm: fx.GraphModule) -> Any:
 
 
 def _attr_shape(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
-    obj: Any = gm
-    for part in str(node.target).split("."):
-        obj = getattr(obj, part, None)
+    obj = attribute(gm, node.target, None)
     return tuple(obj.shape) if hasattr(obj, "shape") else None
 
 

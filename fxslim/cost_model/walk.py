@@ -25,9 +25,9 @@ from fxslim.cost_model.conventions import Conventions
 from fxslim.cost_model.registry import (
     OpCall, OpCost, TensorSpec, format_of_dtype, lookup, op_namespace, registered_kind, spec_of,
 )
-from fxslim.cost_model.shapes import NodeRunner, Source, attribute
+from fxslim.cost_model.shapes import NodeRunner, Source
 from fxslim.cost_model.views import view_cost
-from fxslim.ir import AttentionView, META_PLACEHOLDER_FQNS, META_PREFIX, View, meta_val, node_fqn, views
+from fxslim.ir import AttentionView, META_PLACEHOLDER_FQNS, META_PREFIX, View, attribute, meta_val, node_fqn, views
 
 __all__ = ["RawRow", "RawRowCounter", "is_zero"]
 

@@ -22,7 +22,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fxslim.config import Config
-from fxslim.ir import IR, META_PASS, ParamRef, meta_val
+from fxslim.ir import IR, META_PASS, ParamRef, attribute, meta_val
 from fxslim.passes.inplace import make_inplace_explicit, remove_dead_code
 from fxslim.policy import Policy
 
@@ -232,12 +232,7 @@ def set_fake_val(gm: fx.GraphModule, node: fx.Node) -> None:
     """Compute ``node.meta['val']`` by running its target on the fake values of its inputs."""
     def value(arg: Any) -> Any:
         if isinstance(arg, fx.Node):
-            if arg.op == "get_attr":
-                obj: Any = gm
-                for part in str(arg.target).split("."):
-                    obj = getattr(obj, part)
-                return obj
-            return meta_val(arg)
+            return attribute(gm, arg.target) if arg.op == "get_attr" else meta_val(arg)
         return arg
 
     args = fx.node.map_aggregate(node.args, value)

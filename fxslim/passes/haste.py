@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxslim.config import check_choice, check_int, check_range
-from fxslim.ir import ConvView, META_PLACEHOLDER_FQNS, meta_val, node_fqn, view_of, views
+from fxslim.ir import ConvView, META_PLACEHOLDER_FQNS, attribute, meta_val, node_fqn, view_of, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
 from fxslim.passes.matchers import match_convs
 from fxslim.runtime.haste import MAX_PLANES, make_planes, patch_shape
@@ -151,9 +151,7 @@ def _rewritten_kind(gm: fx.GraphModule, node: fx.Node) -> str:
     """'pointwise_conv' or 'conv' for a HASTE node, from its weight's kernel size."""
     weight: Any = node.args[1]
     if isinstance(weight, fx.Node) and weight.op == "get_attr":
-        weight = gm
-        for part in str(node.args[1].target).split("."):
-            weight = getattr(weight, part)
+        weight = attribute(gm, weight.target)
     else:
         weight = meta_val(weight)
     return "pointwise_conv" if isinstance(weight, torch.Tensor) and tuple(weight.shape[2:]) == (1, 1) else "conv"
@@ -163,7 +161,7 @@ def _unsupported(gm: fx.GraphModule, view: ConvView) -> str:
     """Why the op cannot compute this conv ("" when it can)."""
     if view.node.op == "call_module" and gm.get_submodule(str(view.node.target)).padding_mode != "zeros":
         return "padding_mode"
-    if view.padding_spec == "same" and any((k - 1) * d % 2 for k, d in zip(view.kernel, view.dilation)):
+    if view.pads_asymmetrically:
         return "asymmetric_padding"
     if meta_val(view.input) is None:
         return "not_reached"  # the example inputs never call this conv: its shapes are unknown

@@ -207,7 +207,7 @@ def _reject(gm: fx.GraphModule, view: ConvView | LinearView, calls: Counter) -> 
     module = gm.get_submodule(str(view.node.target))
     if module.padding_mode != "zeros":
         return "padding_mode"
-    if view.padding_spec == "same" and any(d * (k - 1) % 2 for k, d in zip(view.kernel, view.dilation)):
+    if view.pads_asymmetrically:
         return "asymmetric_padding"
     return ""
 
