@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim
-from tests.zoo import tv_small_vit
+from benchmarks.zoo import by_name
 
 
 def _timm(name: str) -> nn.Module:
@@ -33,7 +33,7 @@ MODELS = {
     "convnext_tiny": (torchvision.models.convnext_tiny, (1, 3, 32, 32), 0),
     "mnasnet0_5": (torchvision.models.mnasnet0_5, (1, 3, 64, 64), 0),
     "swin_t": (torchvision.models.swin_t, (1, 3, 64, 64), 12),  # windowed attention behind torch.fx.wrap
-    "tv_vit_mha": (tv_small_vit, (2, 3, 32, 32), 2),  # nn.MultiheadAttention
+    "tv_vit_mha": (by_name("tv:vit_small_mha").build, (2, 3, 64, 64), 2),  # nn.MultiheadAttention
     "timm_vit_tiny": (lambda: _timm("vit_tiny_patch16_224"), (1, 3, 64, 64), 2),  # SDPA
     "timm_deit_tiny": (lambda: _timm("deit_tiny_patch16_224"), (1, 3, 64, 64), 2),
 }

@@ -8,18 +8,23 @@ import pytest
 
 from fxslim.capture import capture, capture_dynamo
 from fxslim.passes.matchers import match_all, match_attention, match_pointwise_convs
-from tests.zoo import build
+from benchmarks.zoo import by_name
 
 # (convs, pointwise convs, global attention, local attention)
 EXPECTED = {
-    "mobilenet_v2": (52, 34, 0, 0),
-    "resnet18": (20, 3, 0, 0),
-    "tv_small_vit": (1, 0, 2, 0),  # nn.MultiheadAttention form
-    "timm_vit_tiny": (1, 0, 2, 0),  # scaled_dot_product_attention form
+    "tv:mobilenet_v2": (52, 34, 0, 0),
+    "tv:resnet18": (20, 3, 0, 0),
+    "tv:vit_small_mha": (1, 0, 2, 0),  # nn.MultiheadAttention form
+    "timm:vit_tiny_patch16_224": (1, 0, 4, 0),  # scaled_dot_product_attention form
     # manual/wrapped chain; at 224x224 the last stage's 7x7 map is one 7x7 window, so its two
     # attentions span the whole image and are global; the other ten are windowed (local)
-    "swin_t": (1, 0, 2, 10),
+    "tv:swin_t": (1, 0, 2, 10),
 }
+
+
+def build(name):
+    model = by_name(name)
+    return model.build().eval(), model.inputs()
 
 
 def _counts(graphs, batch):
@@ -41,7 +46,7 @@ def test_matchers_same_counts_in_every_ir(name):
 
 
 def test_pointwise_matcher_gives_reason_for_each_other_conv():
-    model, inputs = build("mobilenet_v2")
+    model, inputs = build("tv:mobilenet_v2")
     matches = match_pointwise_convs(capture(model, inputs).graphs[0].gm)
     assert Counter(m.reason for m in matches) == Counter({"": 34, "grouped": 17, "kernel_not_1x1": 1})
 
