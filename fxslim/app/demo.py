@@ -15,7 +15,6 @@ the results; ``write_report`` writes ``index.html`` (plots inlined), the PNGs an
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import functools
 import html
@@ -32,6 +31,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from fxslim.cost_model.format import comparison_html_body, html_image, html_page, html_table
 
 __all__ = ["PARTS", "DemoSizes", "FULL", "QUICK", "PartResult", "run_demo", "summary_table", "write_report",
            "results_markdown", "demo_command"]
@@ -463,45 +464,21 @@ def _figures(results: Sequence[PartResult]) -> dict[str, Any]:
     return figures
 
 
-def _img(png: bytes, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
-
-
-def _html_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    out = ["<table>", "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
-    out += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in rows]
-    return "\n".join(out + ["</table>"])
-
-
-def _comparison_body(comparison: Any) -> str:
-    """The body of the cost model's before/after HTML page (per-module table), headings demoted."""
-    page = comparison.to_html(plots=False)
-    body = page.split("<body>", 1)[1].rsplit("</body>", 1)[0]
-    return body.replace("<h2>", "<h4>").replace("</h2>", "</h4>").replace("<h1>", "<h3>").replace("</h1>", "</h3>")
-
-
-_CSS = ("body{font-family:system-ui,Helvetica,Arial,sans-serif;margin:2em;color:#222}"
-        "table{border-collapse:collapse;font-size:.8em}th,td{border:1px solid #ccc;padding:2px 6px}"
-        "th{background:#f0f0f0}td.n{text-align:right}img{max-width:100%}.note{color:#666;font-size:.85em}")
-
-
 def _index_html(results: Sequence[PartResult], pngs: dict[str, bytes], threads: int, seconds: float) -> str:
     header, rows = _HEADER, _summary_rows(results)
     body = ["<h1>fxslim demo</h1>",
             f'<p class="note">{seconds:.0f} s, {threads} thread(s), torch {html.escape(torch.__version__)}. '
             "Every number was measured or computed in this run.</p>",
-            "<h2>Summary</h2>", _html_table(header, rows), _img(pngs["relative"], "after as % of before"),
-            _img(pngs["quality"], "quality"), _img(pngs["summary"], "before and after")]
+            "<h2>Summary</h2>", html_table(header, rows), html_image(pngs["relative"], "after as % of before"),
+            html_image(pngs["quality"], "quality"), html_image(pngs["summary"], "before and after")]
     for r in results:
         body += [f"<h2>{html.escape(r.part)}: {html.escape(r.model)}</h2>", "<ul>",
                  f"<li>{html.escape(r.change)}</li>"]
         body += [f"<li>{html.escape(n)}</li>" for n in r.notes]
-        body += ["</ul>", _img(pngs[f"{r.part.lower()}_layers"], f"{r.part} per layer"),
+        body += ["</ul>", html_image(pngs[f"{r.part.lower()}_layers"], f"{r.part} per layer"),
                  "<details><summary>cost per module, before and after</summary>",
-                 _comparison_body(r.comparison), "</details>"]
-    return "\n".join(["<!DOCTYPE html>", '<html lang="en">', '<head><meta charset="utf-8">',
-                      f"<title>fxslim demo</title><style>{_CSS}</style></head>", "<body>", *body,
-                      "</body>", "</html>", ""])
+                 *comparison_html_body(r.comparison, plots=False, level=3), "</details>"]
+    return html_page("fxslim demo", body)
 
 
 def write_report(results: Sequence[PartResult], out: Path, threads: int, seconds: float) -> Path:

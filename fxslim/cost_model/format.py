@@ -11,6 +11,8 @@ import base64
 import csv
 import html
 import io
+import re
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import sympy
@@ -20,7 +22,8 @@ if TYPE_CHECKING:  # the report module imports this one: types only, so the impo
 
 __all__ = [
     "report_dict", "comparison_dict", "to_markdown", "to_csv", "to_html", "rich_table",
-    "comparison_markdown", "comparison_csv", "comparison_html", "comparison_rich_table", "human",
+    "comparison_markdown", "comparison_csv", "comparison_html", "comparison_html_body", "comparison_rich_table",
+    "human", "html_page", "html_table", "html_image",
 ]
 
 
@@ -264,15 +267,23 @@ tr.total td{font-weight:bold;background:#fafafa}ul{line-height:1.5}img{max-width
 """.strip()
 
 
+def html_image(png: bytes, alt: str = "plot") -> str:
+    """An ``<img>`` carrying the PNG inline, so the page is one self-contained file."""
+    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
+
+
 def _img(fig: Any) -> str:
     from fxslim.cost_model.plots import png_bytes
 
-    data = base64.b64encode(png_bytes(fig)).decode("ascii")
-    return f'<img alt="plot" src="data:image/png;base64,{data}">'
+    return html_image(png_bytes(fig))
 
 
-def _html_table(header: tuple[str, ...] | list[str], rows: list[list[str]], numeric_from: int,
-                total: list[str] | None = None) -> str:
+def html_table(header: Sequence[str], rows: Sequence[Sequence[str]], numeric_from: int | None = None,
+               total: Sequence[str] | None = None) -> str:
+    """A table that scrolls inside the page when wide; columns from ``numeric_from`` on are
+    right-aligned numbers; ``total`` is a bold last row."""
+    numeric_from = len(header) if numeric_from is None else numeric_from
+    rows = list(rows)
     out = ['<div class="scroll"><table>', "<tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in header) + "</tr>"]
     for row in rows + ([total] if total else []):
         cls = ' class="total"' if total is not None and row is total else ""
@@ -282,7 +293,8 @@ def _html_table(header: tuple[str, ...] | list[str], rows: list[list[str]], nume
     return "\n".join(out)
 
 
-def _page(title: str, body: list[str]) -> str:
+def html_page(title: str, body: Sequence[str]) -> str:
+    """A complete HTML page (the style every fxslim page shares) around ``body``."""
     return "\n".join([
         "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -306,12 +318,12 @@ def to_html(report: CostReport, plots: bool = True) -> str:
         body += ["<h2>Breakdown</h2>", _img(plot_breakdown(report, "macs")), _img(plot_breakdown(report, "energy_pj")),
                  "<h2>Per layer</h2>", _img(plot_layers(report, "macs"))]
     kinds = [[k, _int(t.macs), _int(t.elementwise), _float(t.energy_pj), _int(t.params)] for k, t in report.by_kind().items()]
-    body += ["<h2>By kind</h2>", _html_table(("kind", "MACs", "elementwise", "energy (pJ)", "params"), kinds, 1)]
+    body += ["<h2>By kind</h2>", html_table(("kind", "MACs", "elementwise", "energy (pJ)", "params"), kinds, 1)]
     t = report.total
     total = ["total", "", "", "", _int(t.macs), _int(t.flops), _int(t.elementwise), _float(t.energy_pj),
              _int(t.params), _float(t.storage_bytes)]
-    body += ["<h2>Per node</h2>", _html_table(_COLUMNS, [_cells(r) for r in _shown(report, True)], _FIRST_NUMERIC, total)]
-    return _page(f"Cost of {report.model}", body)
+    body += ["<h2>Per node</h2>", html_table(_COLUMNS, [_cells(r) for r in _shown(report, True)], _FIRST_NUMERIC, total)]
+    return html_page(f"Cost of {report.model}", body)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -389,6 +401,11 @@ def comparison_csv(comp: Comparison) -> str:
 
 
 def comparison_html(comp: Comparison, plots: bool = True) -> str:
+    return html_page(f"{comp.before.model}: before / after", comparison_html_body(comp, plots))
+
+
+def comparison_html_body(comp: Comparison, plots: bool = True, level: int = 1) -> list[str]:
+    """The body of ``comparison_html``, its headings starting at ``<h{level}>`` (to nest in a page)."""
     body = [f"<h1>{html.escape(comp.before.model)}: before / after</h1>", "<ul>"]
     body += [f"<li>{html.escape(line)}</li>" for line in _cmp_summary(comp)]
     body += [f'<li class="note">energy table: {html.escape(comp.before.energy_table.citation)}</li>', "</ul>"]
@@ -397,7 +414,10 @@ def comparison_html(comp: Comparison, plots: bool = True) -> str:
 
         body += ["<h2>Per layer</h2>", _img(plot_comparison(comp, "macs")), _img(plot_comparison(comp, "energy_pj"))]
     total = _cmp_cells("total", "", "", comp.before.total, comp.after.total)
-    body += ["<h2>Per module</h2>", _html_table(_CMP_COLUMNS, _cmp_rows(comp), 3, total)]
+    body += ["<h2>Per module</h2>", html_table(_CMP_COLUMNS, _cmp_rows(comp), 3, total)]
     if comp.candidates:
-        body += ["<h2>What the passes did</h2>", _html_table(_CANDIDATE_COLUMNS, _candidate_rows(comp), 5)]
-    return _page(f"{comp.before.model}: before / after", body)
+        body += ["<h2>What the passes did</h2>", html_table(_CANDIDATE_COLUMNS, _candidate_rows(comp), 5)]
+    if level == 1:
+        return body
+    shift = {f"h{i}>": f"h{min(i + level - 1, 6)}>" for i in (1, 2)}
+    return [re.sub(r"h[12]>", lambda m: shift[m.group(0)], line) for line in body]
