@@ -28,13 +28,12 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.export_parts import export_parts, run_example, set_submodule, short_reason
 from fxslim.ir import IR, META_PLACEHOLDER_FQNS, META_PREFIX, detect_ir
+from fxslim.propagate import propagate
 
 __all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of"]
 
@@ -283,61 +282,6 @@ def _called_in(gm: fx.GraphModule, name: str) -> bool:
 # Shapes
 
 
-class _Propagate(FakeTensorProp):
-    """FakeTensorProp that also keeps plain Python values (``x.device``, ``x.dtype``) in
-    ``meta['val']``, so later single-node replays can rebuild every argument."""
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if "val" not in n.meta and isinstance(result, (torch.device, torch.dtype, str, type(None))):
-            n.meta["val"] = result
-        return result
-
-
-def _fake_propagate(gm: fx.GraphModule, args: Sequence[Any]) -> None:
-    """Write ``meta['val']`` on every node by running the graph on fake tensors."""
-    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(args) > len(names) and not any(str(t).startswith("*") for t in names):  # else silently dropped
-        raise ValueError(f"example_inputs: the model takes {len(names)} input(s) {names}, got {len(args)}")
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-    with torch.no_grad():
-        _Propagate(gm, mode).propagate(*fake_args)
-
-
-class _RealPropagate(fx.Interpreter):
-    """Runs the graph on the real example values and keeps a fake copy of each result in
-    ``meta['val']``: for graphs a fake run cannot go through (a leaf whose output shape depends on
-    input values, such as a RoPE table of ``int(positions.max()) + 1`` rows)."""
-
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode) -> None:
-        super().__init__(gm)
-        self.mode = mode
-
-    def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        if n.op != "output":
-            n.meta["val"] = fx.node.map_aggregate(
-                result, lambda v: self.mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
-        return result
-
-
-def _propagate(gm: fx.GraphModule, args: Sequence[Any]) -> None:
-    """``meta['val']`` on every node: from fake tensors, else (data-dependent shapes) from one run
-    on the real values."""
-    try:
-        _fake_propagate(gm, args)
-    except ValueError:
-        raise
-    except Exception as fake_error:  # e.g. DataDependentOutputException inside a leaf
-        _log.info("fake shape propagation failed (%s); propagating real values", short_reason(fake_error))
-        try:
-            with torch.no_grad():
-                _RealPropagate(gm, FakeTensorMode(allow_non_fake_inputs=True)).run(*args)
-        except Exception:
-            raise fake_error from None
-
-
 def _concretise_data_dependent(gm: fx.GraphModule, inputs: dict[str, Any]) -> None:
     """Sizes an export left data-dependent (``u0`` rows of a table built from
     ``int(positions.max()) + 1``) become the example's values, as shapes elsewhere are: costs and
@@ -347,8 +291,7 @@ def _concretise_data_dependent(gm: fx.GraphModule, inputs: dict[str, Any]) -> No
     names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
     if set(names) != set(inputs):
         raise CaptureError(f"capture: the example values of the exported graph's inputs {names} are unknown")
-    with torch.no_grad():
-        _RealPropagate(gm, FakeTensorMode(allow_non_fake_inputs=True)).run(*(inputs[name] for name in names))
+    propagate(gm, [inputs[name] for name in names], real=True)
 
 
 def _placeholder_values(gm: fx.GraphModule, args: Sequence[Any]) -> dict[str, Any]:
@@ -378,7 +321,7 @@ def _record_submodule_inputs(root: nn.Module, graphs: list[Graph], example_input
     for graph in graphs:
         if graph.path in seen:
             graph.placeholder_values = _placeholder_values(graph.gm, seen[graph.path])
-            _propagate(graph.gm, seen[graph.path])
+            propagate(graph.gm, seen[graph.path], real_fallback=True)
         else:
             _log.info("submodule %r was not called by the example inputs; it has no shapes", graph.path)
 
@@ -480,7 +423,7 @@ def capture(
             if _needs_shapes(gm):
                 if example_inputs is None:
                     raise ValueError("capture: example_inputs are needed to infer shapes of a GraphModule without node meta")
-                _propagate(gm, example_inputs)
+                propagate(gm, example_inputs, real_fallback=True)
         return Captured(gm, [graph], [], "graph", batch)
 
     if not isinstance(model, nn.Module):
@@ -505,7 +448,7 @@ def capture(
     if len(traced) == 1 and traced[0][0] == "":
         gm = traced[0][1]
         graph = Graph("", gm, "module", _placeholder_values(gm, example_inputs))
-        _propagate(gm, example_inputs)
+        propagate(gm, example_inputs, real_fallback=True)
         return Captured(gm, [graph], untraced, "symbolic", batch)
 
     traced.sort(key=lambda item: item[0].count(".") + bool(item[0]))  # parents before what nests in them

@@ -16,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,11 +26,11 @@ import torch.fx as fx
 from torch import nn
 from torch._ops import OpOverload
 from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxslim.capture import Captured, Graph, batch_of, capture as capture_graphs, trace
 from fxslim.ir import attribute, meta_val
+from fxslim.propagate import propagate
 
 __all__ = ["Source", "capture_for_cost", "propagate_symbolic", "symbolic_dims", "record_eager", "to_expr", "NodeRunner",
            "Recorder", "meta_twin", "to_meta"]
@@ -67,22 +67,19 @@ def to_meta(value: Any) -> Any:
     return value
 
 
-class MetaProp(fx.Interpreter):
-    """Shape propagation on meta tensors: ``meta['val']`` for every node, and the aten ops each
-    node dispatched (so costing does not run the nodes again)."""
+def recording(recorded: dict[fx.Node, list]) -> Callable[[fx.Node], contextlib.AbstractContextManager]:
+    """An ``around_node`` for ``fxslim.propagate.propagate`` that keeps the aten ops each call node
+    dispatched in ``recorded`` (so costing does not run the nodes again)."""
 
-    def __init__(self, gm: fx.GraphModule, recorded: dict[fx.Node, list]) -> None:
-        super().__init__(gm)
-        self.recorded = recorded
-
-    def run_node(self, n: fx.Node) -> Any:
+    @contextlib.contextmanager
+    def around(node: fx.Node) -> Iterator[None]:
         recorder = Recorder()
         with recorder:
-            result = super().run_node(n)
-        n.meta["val"] = result
-        if n.op in ("call_function", "call_method", "call_module"):
-            self.recorded[n] = recorder.calls
-        return result
+            yield
+        if node.op in ("call_function", "call_method", "call_module"):
+            recorded[node] = recorder.calls
+
+    return around
 
 
 @dataclass
@@ -114,8 +111,7 @@ def capture_for_cost(model: Any, example_inputs: tuple | None, method: str, leaf
                 return Source(Captured(gm, [Graph("", gm, "aten")], [], "export", batch_of(example_inputs)), real, True)
             gm = trace(twin, leaf_modules)
             recorded: dict[fx.Node, list] = {}
-            with torch.no_grad():
-                MetaProp(gm, recorded).run(*meta_inputs)
+            propagate(gm, meta_inputs, fake=False, around_node=recording(recorded))
             captured = Captured(gm, [Graph("", gm, "module")], [], "symbolic", batch_of(example_inputs))
             return Source(captured, real, True, recorded)
         except Exception as exc:  # tracing or meta execution runs user code: fall back to full capture
@@ -174,22 +170,6 @@ def _symbolic_inputs(example_inputs: tuple, dims: Mapping[str, Any], mode: FakeT
     return fakes, rename, symbols
 
 
-class _RecordingFakeProp(FakeTensorProp):
-    """FakeTensorProp that also records the aten ops of every node."""
-
-    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, recorded: dict[fx.Node, list]) -> None:
-        super().__init__(gm, mode)
-        self.recorded = recorded
-
-    def run_node(self, n: fx.Node) -> Any:
-        recorder = Recorder()
-        with recorder:
-            result = super().run_node(n)
-        if n.op in ("call_function", "call_method", "call_module"):
-            self.recorded[n] = recorder.calls
-        return result
-
-
 def propagate_symbolic(
     source: Source, example_inputs: tuple, dims: Mapping[str, Any],
 ) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol]]:
@@ -203,8 +183,7 @@ def propagate_symbolic(
     captured = source.captured
     source.recorded.clear()
     if captured.whole:
-        with torch.no_grad():
-            _RecordingFakeProp(captured.graphs[0].gm, mode, source.recorded).propagate_dont_convert_inputs(*fakes)
+        propagate(captured.graphs[0].gm, fakes, mode=mode, around_node=recording(source.recorded))
         _check_not_specialised(env, rename)
         return mode, rename, symbols
     seen: dict[str, tuple] = {}
@@ -230,8 +209,7 @@ def propagate_symbolic(
     source.eager = recorder.calls
     for graph in captured.graphs:
         if graph.path in seen:
-            with torch.no_grad():
-                _RecordingFakeProp(graph.gm, mode, source.recorded).propagate_dont_convert_inputs(*seen[graph.path])
+            propagate(graph.gm, seen[graph.path], mode=mode, around_node=recording(source.recorded))
     _check_not_specialised(env, rename)
     return mode, rename, symbols
 

@@ -30,11 +30,10 @@ from typing import Any, Literal
 import torch
 import torch.fx as fx
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.ir import META_PASS, meta_val
 from fxslim.passes.inplace import remove_dead_code
+from fxslim.propagate import propagate
 from fxslim.passes.prom_fuse import fuse_conv_add
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op
 from fxslim.runtime.quant import (
@@ -289,10 +288,7 @@ def _dequantized(b: _Builder, node: fx.Node) -> fx.Node:
 def _propagate_shapes(out: fx.GraphModule, source: fx.GraphModule) -> None:
     """meta['val'] on every new node, from the prepared graph's input shapes; fxslim_pass tags."""
     inputs = [meta_val(n) for n in source.graph.nodes if n.op == "placeholder"]
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = [mode.from_tensor(torch.zeros(v.shape, dtype=v.dtype)) if isinstance(v, torch.Tensor) else v for v in inputs]
-    with torch.no_grad():
-        FakeTensorProp(out, mode).propagate(*fake)
+    propagate(out, [torch.zeros(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v for v in inputs])
     for node in out.graph.nodes:
         node.meta[META_PASS] = "prom"
 

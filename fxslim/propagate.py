@@ -1,0 +1,126 @@
+"""Shapes on every node: ``meta['val']`` written by one propagation, whatever the values are.
+
+Every part of fxslim that needs shapes calls ``propagate``:
+
+- capture, on the real example: fake tensors first (no compute), and when a fake run cannot go
+  through (a leaf whose output size depends on input values, ``int(positions.max()) + 1`` rows)
+  one run on the real values, keeping a fake copy of each result (``real_fallback``);
+- capture of an exported graph whose sizes stayed data-dependent: the real values (``real=True``);
+- PROM convert, on the prepared graph's input shapes;
+- the cost model: under its own FakeTensorMode with symbolic sizes (``mode=``, inputs already
+  fake), or on meta tensors (``mode=None`` with ``fake=False``), recording each node's aten ops
+  through ``around_node``.
+
+Plain Python results (``x.device``, ``x.dtype``) are kept in ``meta['val']`` too, so a later
+single-node replay can rebuild every argument.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, ContextManager
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+from fxslim.export_parts import short_reason
+
+__all__ = ["propagate"]
+
+_log = logging.getLogger(__name__)
+_PLAIN = (torch.device, torch.dtype, str, type(None))
+
+AroundNode = Callable[[fx.Node], ContextManager[Any]]
+
+
+def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode | None = None, fake: bool = True,
+              real: bool = False, real_fallback: bool = False, around_node: AroundNode | None = None) -> None:
+    """Write ``meta['val']`` on every node of ``gm`` by running it on ``args``.
+
+    ``fake`` (default): under ``mode`` (a fresh one if None; real ``args`` are converted, fake ones
+    used as they are). ``fake=False``: on ``args`` as they are (meta tensors). ``real``: on the
+    real ``args``, storing fake copies. ``real_fallback``: fake first, real if the fake run fails
+    (the fake run's error is raised if both fail). ``around_node(node)``: a context entered around
+    each node's run (the cost model records aten ops in it).
+    """
+    names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(args) > len(names) and not any(str(t).startswith("*") for t in names):  # else silently dropped
+        raise ValueError(f"example_inputs: the model takes {len(names)} input(s) {names}, got {len(args)}")
+    with torch.no_grad():
+        if real:
+            _RealProp(gm, mode or FakeTensorMode(allow_non_fake_inputs=True), around_node).run(*args)
+        elif not fake:
+            _PlainProp(gm, around_node).run(*args)
+        elif not real_fallback:
+            _fake_run(gm, args, mode, around_node)
+        else:
+            try:
+                _fake_run(gm, args, mode, around_node)
+            except Exception as fake_error:  # e.g. DataDependentOutputException inside a leaf
+                _log.info("fake shape propagation failed (%s); propagating real values", short_reason(fake_error))
+                try:
+                    _RealProp(gm, FakeTensorMode(allow_non_fake_inputs=True), around_node).run(*args)
+                except Exception:
+                    raise fake_error from None
+
+
+def _fake_run(gm: fx.GraphModule, args: Sequence[Any], mode: FakeTensorMode | None, around_node: AroundNode | None) -> None:
+    mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
+    prop = _FakeProp(gm, mode, around_node)
+    if all(not isinstance(a, torch.Tensor) or mode.is_our_fake(a) for a in args):
+        prop.propagate_dont_convert_inputs(*args)
+    else:
+        prop.propagate(*args)
+
+
+def _around(around_node: AroundNode | None, n: fx.Node) -> ContextManager[Any]:
+    return around_node(n) if around_node is not None else contextlib.nullcontext()
+
+
+class _FakeProp(FakeTensorProp):
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, around_node: AroundNode | None) -> None:
+        super().__init__(gm, mode)
+        self.around_node = around_node
+
+    def run_node(self, n: fx.Node) -> Any:
+        with _around(self.around_node, n):
+            result = super().run_node(n)
+        if "val" not in n.meta and isinstance(result, _PLAIN):
+            n.meta["val"] = result
+        return result
+
+
+class _RealProp(fx.Interpreter):
+    """Runs on real values and keeps a fake copy of each result in ``meta['val']``."""
+
+    def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, around_node: AroundNode | None) -> None:
+        super().__init__(gm)
+        self.mode = mode
+        self.around_node = around_node
+
+    def run_node(self, n: fx.Node) -> Any:
+        with _around(self.around_node, n):
+            result = super().run_node(n)
+        if n.op != "output":
+            n.meta["val"] = fx.node.map_aggregate(
+                result, lambda v: self.mode.from_tensor(v) if isinstance(v, torch.Tensor) else v)
+        return result
+
+
+class _PlainProp(fx.Interpreter):
+    """Runs on the given values (meta tensors) and stores each result as it is."""
+
+    def __init__(self, gm: fx.GraphModule, around_node: AroundNode | None) -> None:
+        super().__init__(gm)
+        self.around_node = around_node
+
+    def run_node(self, n: fx.Node) -> Any:
+        with _around(self.around_node, n):
+            result = super().run_node(n)
+        n.meta["val"] = result
+        return result
+
