@@ -11,7 +11,7 @@ a stand-in for DINOv2 with the same interface. The heads (vggt_heads.py) are lig
 Frame layout for graph passes, without importing this module: every aggregator attention carries a
 plain dict ``fxslim_frame_layout`` ({"scope": "frame" | "global", "special_tokens": 5}); the RoPE
 positions (``pos``, an input of every attention) give the rest, see
-``fxslim.runtime.httm.frame_layout_from_positions``. The RoPE module sets ``fxslim_leaf = True``:
+``fxslim.runtime.frame_layout.frame_layout_from_positions``. The RoPE module sets ``fxslim_leaf = True``:
 trace each ``Attention``/``Block`` with it as a leaf; the whole model is not meant to trace.
 """
 
@@ -33,7 +33,7 @@ from fxslim.models.vggt_layers import (
     RotaryPositionEmbedding2D,
     patch_positions,
 )
-from fxslim.runtime.httm import FrameLayout
+from fxslim.runtime.frame_layout import FrameLayout
 
 __all__ = [
     "VGGTConfig",

@@ -25,7 +25,8 @@ from fxslim.config import check_choice, check_int, check_range
 from fxslim.ir import AttentionView, META_PLACEHOLDER_FQNS, META_PREFIX, meta_val, node_fqn
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
 from fxslim.passes.matchers import match_attention
-from fxslim.runtime.httm import DST_RULES, MODES, FrameLayout, frame_layout_from_positions, httm_kept_lengths
+from fxslim.runtime.frame_layout import FrameLayout, frame_layout_from_positions, read_frame_layout
+from fxslim.runtime.httm import DST_RULES, MODES, httm_kept_lengths
 
 __all__ = ["HTTM"]
 
@@ -231,7 +232,7 @@ class HTTM(Pass):
                 detail += _BREAK_HINT
             return None, "no_frame_layout", detail
         pos, detail = _evaluate(gm, pos_node, ctx)
-        found, detail = _layout_from_positions(pos, n) if pos is not None else (None, detail)
+        found, detail = read_frame_layout(pos, n) if pos is not None else (None, detail)
         if found is None:
             return None, "no_frame_layout", f"positions {pos_node.name}: {detail}"
         if specials is not None and found.special_tokens != specials:
@@ -419,28 +420,3 @@ def _evaluate(gm: fx.GraphModule, target: fx.Node, ctx: PassContext) -> tuple[to
     if not isinstance(value, torch.Tensor) or value.device.type == "meta" or value.__class__ is not torch.Tensor:
         return None, "no concrete values (meta or fake tensors)"
     return value, ""
-
-
-def _layout_from_positions(pos: torch.Tensor, n: int) -> tuple[FrameLayout | None, str]:
-    """Layout from VGGT-style positions [..., N, 2]: special tokens (0, 0) first in each frame, patches
-    (y + 1, x + 1); they must repeat every frame (frame-major sequence) and agree across the batch."""
-    pos = pos.reshape(-1, pos.shape[-2], 2)
-    if pos.shape[1] != n or not torch.equal(pos, pos[:1].expand_as(pos)):
-        return None, "positions differ across the batch"
-    first = pos[0]
-    zero = (first == 0).all(dim=-1)
-    grid_h, grid_w, specials_total = int(first[:, 0].max()), int(first[:, 1].max()), int(zero.sum())
-    patches = grid_h * grid_w
-    if patches == 0 or (n - specials_total) % patches:
-        return None, f"N={n} with {specials_total} (0, 0) tokens is not a whole number of {grid_h}x{grid_w} grids"
-    frames = (n - specials_total) // patches
-    if specials_total % frames:
-        return None, f"{specials_total} special tokens do not split over {frames} frames"
-    specials = specials_total // frames
-    p = specials + patches
-    per_frame = first.view(frames, p, 2)
-    if not torch.equal(per_frame, per_frame[:1].expand_as(per_frame)):
-        return None, "positions do not repeat every frame (not a frame-major sequence)"
-    if not bool(zero[:specials].all()) or bool(zero[specials:p].any()):
-        return None, "special tokens are not first in each frame"
-    return FrameLayout(frames, p, specials, grid_h, grid_w), ""

@@ -36,10 +36,8 @@ from torch.utils.flop_counter import register_flop_formula
 __all__ = [
     "MODES",
     "DST_RULES",
-    "FrameLayout",
     "HttmLayout",
     "HttmPlan",
-    "frame_layout_from_positions",
     "httm_layout",
     "httm_match",
     "httm_plan",
@@ -56,35 +54,6 @@ DST_RULES = ("strided", "random")
 # costs a trip to memory), while each chunk still holds enough rows for the GEMM to run at speed.
 _SCORE_FLOATS = 1 << 20
 _MIN_ROWS = 32  # fewer source rows per GEMM than this and its fixed costs dominate
-
-
-@dataclass(frozen=True)
-class FrameLayout:
-    """Frame structure of a global-attention sequence: N = frames * tokens_per_frame, frame-major."""
-
-    frames: int
-    tokens_per_frame: int
-    special_tokens: int
-    grid_h: int
-    grid_w: int
-
-
-def frame_layout_from_positions(pos: Tensor, special_tokens: int = 5) -> FrameLayout:
-    """Read S, P and the patch grid from VGGT-style RoPE positions ``[.., N, 2]`` (y, x).
-
-    Patch tokens carry (y + 1, x + 1) and special tokens (0, 0), so the grid is (max y) x (max x),
-    P = special_tokens + h * w and S = N / P. Data-dependent: call it outside traced code.
-    """
-    if pos.dim() < 2 or pos.shape[-1] != 2:
-        raise ValueError(f"frame_layout_from_positions: pos must be [..., N, 2], got shape {tuple(pos.shape)}")
-    n = pos.shape[-2]
-    grid_h, grid_w = int(pos[..., 0].max()), int(pos[..., 1].max())
-    tokens_per_frame = special_tokens + grid_h * grid_w
-    if tokens_per_frame == 0 or n % tokens_per_frame:
-        raise ValueError(
-            f"frame_layout_from_positions: N must be a multiple of special_tokens + h*w = {tokens_per_frame}, got N={n}"
-        )
-    return FrameLayout(n // tokens_per_frame, tokens_per_frame, special_tokens, grid_h, grid_w)
 
 
 # ----------------------------------------------------------------------------------------------

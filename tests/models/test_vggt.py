@@ -17,7 +17,7 @@ from fxslim.models.vggt import (
     vggt_tiny,
 )
 from fxslim.models.vggt_layers import Attention
-from fxslim.runtime.httm import frame_layout_from_positions
+from fxslim.runtime.frame_layout import frame_layout_from_positions
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")

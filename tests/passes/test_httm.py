@@ -19,8 +19,9 @@ from fxslim.ir import meta_val
 from fxslim.models.vggt import vggt_tiny
 from fxslim.models.vggt_layers import RotaryPositionEmbedding2D, patch_positions
 from fxslim.passes.base import PassContext, parse_pass
-from fxslim.passes.httm import HTTM, _layout_from_positions
-from fxslim.runtime.httm import FrameLayout, httm_kept_lengths
+from fxslim.passes.httm import HTTM
+from fxslim.runtime.frame_layout import FrameLayout, read_frame_layout
+from fxslim.runtime.httm import httm_kept_lengths
 
 _OP = torch.ops.fxslim.httm_attention.default
 _ZERO = "httm:q=1,kv=1,outliers=0"  # keeps every token: outputs equal the original model's
@@ -312,14 +313,14 @@ def test_httm_owning_module_metadata_is_read(metadata, reason):
 def test_httm_layout_from_positions_recovers_vggt_layout(frames, grid_h, grid_w, specials, batch):
     per_frame = patch_positions(1, grid_h, grid_w, specials)
     pos = per_frame.repeat(1, frames, 1).expand(batch, -1, -1)
-    layout, detail = _layout_from_positions(pos, pos.shape[1])
+    layout, detail = read_frame_layout(pos)
     assert layout == FrameLayout(frames, specials + grid_h * grid_w, specials, grid_h, grid_w), detail
 
 
 def test_httm_layout_from_positions_rejects_non_repeating_positions():
     pos = patch_positions(1, 2, 2, 1).repeat(1, 3, 1).clone()
     pos[0, 7:] = pos[0, 7:].flip(0)  # frames 1 and 2 reversed: not a frame-major sequence
-    layout, detail = _layout_from_positions(pos, pos.shape[1])
+    layout, detail = read_frame_layout(pos)
     assert layout is None and detail
 
 

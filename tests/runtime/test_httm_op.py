@@ -12,9 +12,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim  # noqa: F401  (registers the ops)
 import fxslim.runtime.httm as httm_module
+from fxslim.runtime.frame_layout import frame_layout_from_positions
 from fxslim.runtime.httm import (
     MODES,
-    frame_layout_from_positions,
     httm_kept_lengths,
     httm_layout,
     httm_matching_macs,
@@ -412,5 +412,7 @@ def test_frame_layout_from_positions_reads_vggt_positions():
     per_frame = torch.cat([torch.zeros(5, 2, dtype=torch.long), grid])
     layout = frame_layout_from_positions(per_frame.repeat(6, 1)[None])
     assert (layout.frames, layout.tokens_per_frame, layout.grid_h, layout.grid_w) == (6, 17, 3, 4)
-    with pytest.raises(ValueError, match="multiple"):
+    with pytest.raises(ValueError, match="whole number"):
         frame_layout_from_positions(per_frame.repeat(6, 1)[None, :-1])
+    with pytest.raises(ValueError, match="rewritten for 4 special tokens"):
+        frame_layout_from_positions(per_frame.repeat(6, 1)[None], special_tokens=4)

@@ -1,0 +1,70 @@
+"""The frame layout of a multi-view token sequence, read from VGGT-style RoPE positions.
+
+VGGT-family models (VGGT, π³, and fxslim's own ``fxslim.models.vggt``) lay global-attention
+tokens out frame-major: each frame is ``special_tokens`` tokens at position (0, 0) (camera,
+registers) followed by its patches at (y + 1, x + 1). The HTTM pass reads this layout once at
+rewrite time to find which attentions span frames; a rewritten eager graph reads it again on every
+call, from the positions that call gets, so other image sizes and frame counts stay exact. Both
+go through ``read_frame_layout``; data-dependent, so it runs outside traced code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["FrameLayout", "read_frame_layout", "frame_layout_from_positions"]
+
+
+@dataclass(frozen=True)
+class FrameLayout:
+    """Frame structure of a global-attention sequence: N = frames * tokens_per_frame, frame-major."""
+
+    frames: int
+    tokens_per_frame: int
+    special_tokens: int
+    grid_h: int
+    grid_w: int
+
+
+def read_frame_layout(pos: Tensor, n: int | None = None) -> tuple[FrameLayout | None, str]:
+    """(layout, "") from positions ``[..., N, 2]`` (y, x), or (None, why not) when they are not a
+    frame-major VGGT sequence of ``n`` tokens (default: N) that is the same in every batch row."""
+    if pos.dim() < 2 or pos.shape[-1] != 2:
+        return None, f"positions must be [..., N, 2], got shape {tuple(pos.shape)}"
+    n = pos.shape[-2] if n is None else n
+    pos = pos.reshape(-1, pos.shape[-2], 2)
+    if pos.shape[1] != n or not torch.equal(pos, pos[:1].expand_as(pos)):
+        return None, "positions differ across the batch"
+    first = pos[0]
+    zero = (first == 0).all(dim=-1)
+    grid_h, grid_w, specials_total = int(first[:, 0].max()), int(first[:, 1].max()), int(zero.sum())
+    patches = grid_h * grid_w
+    if patches == 0 or (n - specials_total) % patches:
+        return None, f"N={n} with {specials_total} (0, 0) tokens is not a whole number of {grid_h}x{grid_w} grids"
+    frames = (n - specials_total) // patches
+    if specials_total % frames:
+        return None, f"{specials_total} special tokens do not split over {frames} frames"
+    specials = specials_total // frames
+    p = specials + patches
+    per_frame = first.view(frames, p, 2)
+    if not torch.equal(per_frame, per_frame[:1].expand_as(per_frame)):
+        return None, "positions do not repeat every frame (not a frame-major sequence)"
+    if not bool(zero[:specials].all()) or bool(zero[specials:p].any()):
+        return None, "special tokens are not first in each frame"
+    return FrameLayout(frames, p, specials, grid_h, grid_w), ""
+
+
+def frame_layout_from_positions(pos: Tensor, special_tokens: int | None = None) -> FrameLayout:
+    """``read_frame_layout`` that raises ValueError when the positions are not a frame layout, or
+    (``special_tokens`` given: what the graph was rewritten for) when a frame now holds another
+    number of special tokens."""
+    layout, why = read_frame_layout(pos)
+    if layout is None:
+        raise ValueError(f"frame_layout_from_positions: {why}")
+    if special_tokens is not None and layout.special_tokens != special_tokens:
+        raise ValueError(f"frame_layout_from_positions: the graph was rewritten for {special_tokens} special tokens "
+                         f"per frame, these positions have {layout.special_tokens}")
+    return layout
