@@ -19,6 +19,7 @@ from typing import Any
 
 import sympy
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from fxslim.cost_model.ops_aten import SOFTMAX_OPS
 from fxslim.cost_model.registry import OpCall, OpCost, register_cost
@@ -101,7 +102,7 @@ def httm_counts(frames: Any, tokens_per_frame: Any, special_tokens: int = 5, q_r
                 anchor_first_frame: bool = False, mode: str = "headwise") -> dict[str, Any]:
     """Per head: kept queries, kept keys/values, destinations and matching pairs of each side.
 
-    Equal to ``httm_kept_lengths`` / ``httm_matching_macs`` for ints; sympy expressions when
+    Equal to ``httm_kept_lengths`` and to the blocks of ``httm_layout`` for ints; sympy expressions when
     ``frames`` is symbolic.
     """
     frames, p = _sym(frames), _sym(tokens_per_frame)
@@ -117,6 +118,26 @@ def httm_counts(frames: Any, tokens_per_frame: Any, special_tokens: int = 5, q_r
             "dst_kv": dst_kv, "pairs_q": pairs_q, "pairs_kv": pairs_kv, "groups_q": specials + dst_q}
 
 
+def _macs(b: Any, h: Any, d: Any, dv: Any, counts: dict[str, Any], mode: str) -> tuple[Any, Any]:
+    """(attention MACs at the kept lengths, matching MACs: sources x destinations x d per block,
+    side and head; one head-averaged match in uniform mode)."""
+    attention = b * h * counts["kept_q"] * counts["kept_kv"] * (d + dv)
+    matching = b * (1 if mode == "uniform" else h) * d * (counts["pairs_q"] + counts["pairs_kv"])
+    return attention, matching
+
+
+@register_flop_formula(torch.ops.fxslim.httm_attention)
+def _httm_attention_flop(q_shape, k_shape, v_shape, frames, tokens_per_frame, special_tokens=5, q_ratio=0.9,
+                         kv_ratio=0.7, n_s=128, n_t=30, outlier_fraction=0.1, proportional_attention=False,
+                         anchor_first_frame=False, dst_rule="strided", seed=0, mode="headwise", scale=None,
+                         *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode's count of the op: 2 x the MACs ``httm_attention_cost`` counts."""
+    b, h, _, d = q_shape
+    counts = httm_counts(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, outlier_fraction,
+                         anchor_first_frame, mode)
+    return int(2 * sum(_macs(b, h, d, v_shape[-1], counts, mode)))
+
+
 @register_cost(torch.ops.fxslim.httm_attention, kind="attention")
 def httm_attention_cost(call: OpCall) -> OpCost:
     """[b, h, M_q, d] @ [b, h, d, M_kv] -> @ [b, h, M_kv, d_v], plus [n_src, d] @ [d, n_dst] per block, head, side.
@@ -128,8 +149,7 @@ def httm_attention_cost(call: OpCall) -> OpCost:
                     a["n_s"], a["n_t"], a["outlier_fraction"], a["anchor_first_frame"], a["mode"])
     m_q, m_kv = c["kept_q"], c["kept_kv"]
     match_heads = 1 if a["mode"] == "uniform" else h
-    matching = b * match_heads * d * (c["pairs_q"] + c["pairs_kv"])
-    attention = b * h * m_q * m_kv * (d + dv)
+    attention, matching = _macs(b, h, d, dv, c, a["mode"])
     # per head: [S, d] @ [d, S'] scores -> softmax + scale (+ log-size bias with proportional attention)
     scores = h * m_q * m_kv * (SOFTMAX_OPS + 1 + (1 if a["proportional_attention"] else 0))
     # matching: normalise destinations (3 per element), argmax (1 per score); uniform: head means of q and k

@@ -31,7 +31,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.flop_counter import register_flop_formula
 
 __all__ = [
     "MODES",
@@ -44,7 +43,6 @@ __all__ = [
     "httm_apply_plan",
     "httm_attention",
     "httm_kept_lengths",
-    "httm_matching_macs",
 ]
 
 MODES = ("headwise", "uniform", "global")
@@ -451,14 +449,15 @@ def _(q, k, v, frames, tokens_per_frame, special_tokens=5, q_ratio=0.9, kv_ratio
 
 
 # ----------------------------------------------------------------------------------------------
-# Predicted sizes and FLOPs (configuration only, no data)
+# Predicted sizes (configuration only, no data)
 # ----------------------------------------------------------------------------------------------
 
 
 def httm_kept_lengths(frames: int, tokens_per_frame: int, special_tokens: int = 5, q_ratio: float = 0.9,
                       kv_ratio: float = 0.7, n_s: int = 128, n_t: int = 30, outlier_fraction: float = 0.1,
                       anchor_first_frame: bool = False, mode: str = "headwise") -> tuple[int, int]:
-    """Predicted (kept queries per head, kept keys/values per head) from the configuration.
+    """Predicted (kept queries per head, kept keys/values per head) from the configuration: the
+    merged lengths of the layouts the op uses.
 
     kept_kv is exact. kept_q = special tokens + destinations + round(f * N), the per-head average when
     every outlier comes out of a group that keeps another member (usual case; the op pads each
@@ -467,48 +466,6 @@ def httm_kept_lengths(frames: int, tokens_per_frame: int, special_tokens: int = 
     _check_config(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, outlier_fraction,
                   "strided", mode)
     n = frames * tokens_per_frame
-    whole = mode == "global"
-
-    def groups(ratio: float) -> int:
-        total = frames * special_tokens
-        for f0, f1, p0, p1 in _block_grid(frames, tokens_per_frame, special_tokens, n_s, n_t, whole):
-            n_anchor = (p1 - p0) if anchor_first_frame and f0 == 0 else 0
-            total += _num_destinations((f1 - f0) * (p1 - p0), n_anchor, ratio)
-        return total
-
-    return min(n, groups(q_ratio) + round(outlier_fraction * n)), groups(kv_ratio)
-
-
-def httm_matching_macs(batch: int, heads: int, head_dim: int, frames: int, tokens_per_frame: int,
-                       special_tokens: int = 5, q_ratio: float = 0.9, kv_ratio: float = 0.7, n_s: int = 128,
-                       n_t: int = 30, anchor_first_frame: bool = False, mode: str = "headwise") -> int:
-    """MACs of the source x destination similarity matmuls (Q and K sides) of one call."""
-    whole = mode == "global"
-    per_head = 0
-    for ratio in (q_ratio, kv_ratio):
-        for f0, f1, p0, p1 in _block_grid(frames, tokens_per_frame, special_tokens, n_s, n_t, whole):
-            n_b = (f1 - f0) * (p1 - p0)
-            n_dst = _num_destinations(n_b, (p1 - p0) if anchor_first_frame and f0 == 0 else 0, ratio)
-            per_head += (n_b - n_dst) * n_dst * head_dim
-    return batch * (1 if mode == "uniform" else heads) * per_head
-
-
-@register_flop_formula(torch.ops.fxslim.httm_attention)
-def _httm_attention_flop(q_shape, k_shape, v_shape, frames, tokens_per_frame, special_tokens=5, q_ratio=0.9,
-                         kv_ratio=0.7, n_s=128, n_t=30, outlier_fraction=0.1, proportional_attention=False,
-                         anchor_first_frame=False, dst_rule="strided", seed=0, mode="headwise", scale=None,
-                         *args, out_shape=None, **kwargs) -> int:
-    """FLOPs (2 * MACs) of the reduced attention, [b, h, Mq, d] @ [b, h, d, Mkv] and @ [b, h, Mkv, d_v],
-    with the predicted kept lengths, plus the similarity matmuls of the matching.
-
-    Ignores: padding of query rows to the longest head, normalisation, argmax, outlier top-k, the
-    means (index_add), the unmerge gather, softmax and the proportional-attention bias add.
-    """
-    b, h, _, d = q_shape
-    dv = v_shape[-1]
-    kept_q, kept_kv = httm_kept_lengths(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
-                                        outlier_fraction, anchor_first_frame, mode)
-    attention = b * h * kept_q * kept_kv * (d + dv)
-    matching = httm_matching_macs(b, h, d, frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
-                                  anchor_first_frame, mode)
-    return 2 * (attention + matching)
+    side = functools.partial(httm_layout, frames, tokens_per_frame, special_tokens, n_s=n_s, n_t=n_t,
+                             anchor_first_frame=anchor_first_frame, whole_sequence=mode == "global")
+    return min(n, side(q_ratio).num_slots + round(outlier_fraction * n)), side(kv_ratio).num_slots

@@ -12,7 +12,7 @@ from fxslim.cost_model import Conventions, OpCall, TensorSpec
 from fxslim.cost_model.ops_aten import sdpa_cost
 from fxslim.cost_model.ops_httm import httm_attention_cost, httm_counts
 from fxslim.models.vggt import vggt_tiny
-from fxslim.runtime.httm import httm_kept_lengths, httm_matching_macs
+from fxslim.runtime.httm import httm_kept_lengths, httm_layout
 
 _OP = torch.ops.fxslim.httm_attention.default
 
@@ -85,8 +85,25 @@ def test_httm_counts_symbolic_frames_equal_integer_counts(tokens_per_frame, mode
         value = {k: int(sympy.sympify(v).subs(s, frames)) for k, v in symbolic.items()}
         assert (value["kept_q"], value["kept_kv"]) == httm_kept_lengths(
             frames, tokens_per_frame, anchor_first_frame=anchor, mode=mode), frames
-        assert value["pairs_q"] + value["pairs_kv"] == httm_matching_macs(
-            1, 1, 1, frames, tokens_per_frame, anchor_first_frame=anchor, mode=mode), frames
+        assert value["pairs_q"] + value["pairs_kv"] == _layout_pairs(frames, tokens_per_frame, anchor, mode), frames
+
+
+def _layout_pairs(frames, tokens_per_frame, anchor, mode, q_ratio=0.9, kv_ratio=0.7):
+    """Sources x destinations summed over the blocks of the layouts the op runs (both sides)."""
+    return sum(src * dst for ratio in (q_ratio, kv_ratio)
+               for src, dst in httm_layout(frames, tokens_per_frame, 5, ratio, 128, 30, anchor,
+                                           whole_sequence=mode == "global").blocks)
+
+
+def test_httm_matching_linear_in_frames_blockwise_quadratic_global():
+    def matching(frames, mode):
+        counts = httm_counts(frames, 261, mode=mode)
+        return counts["pairs_q"] + counts["pairs_kv"]
+
+    blocked = [matching(s, "headwise") for s in (30, 60, 120)]
+    whole = [matching(s, "global") for s in (30, 60, 120)]
+    assert blocked[1] == 2 * blocked[0] and blocked[2] == 4 * blocked[0]
+    assert whole[1] > 3.9 * whole[0] and whole[2] > 3.9 * whole[1]
 
 
 def test_httm_counts_reject_symbolic_tokens_per_frame():
