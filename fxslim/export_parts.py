@@ -134,7 +134,7 @@ def run_example(root: nn.Module, pre_hooks: list[tuple[nn.Module, Callable]], ex
             handle.remove()
         with torch.no_grad():
             for name, buffer in root.named_buffers():
-                if not torch.equal(buffer, saved[name]):
+                if not buffer.is_meta and not torch.equal(buffer, saved[name]):  # meta buffers hold no values
                     buffer.copy_(saved[name])
 
 
