@@ -23,9 +23,10 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxslim.ir import META_REPORT
 from fxslim.capture import Captured, capture as capture_graphs
-from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, run_passes
+from fxslim.cost_model import compare, estimate
+from fxslim.ir import META_REPORT
+from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, registered_passes, run_passes
 from fxslim.passes.prom import PROM
 from fxslim.policy import Policy
 from fxslim.runtime.quant import ActFakeQuant, QConv2d, QLinear
@@ -86,8 +87,6 @@ class OptimizeResult:
 
     def compare(self, **estimate_options: Any) -> Any:
         """Before/after ``Comparison`` per module; options go to ``fxslim.estimate`` (e.g. ``deploy="fp16"``)."""
-        from fxslim.cost_model import compare
-
         candidates = self.report.candidates()
         if not estimate_options:
             return compare(self.cost_before, self.cost_after, candidates)
@@ -95,8 +94,6 @@ class OptimizeResult:
                        candidates)
 
     def _estimate(self, which: str, **options: Any) -> Any:
-        from fxslim.cost_model import estimate
-
         if which == "after":  # the rewritten graphs, fxslim ops counted through the cost registry
             return estimate(self.captured, self.example_inputs, **options)
         if self.source is None:
@@ -111,8 +108,6 @@ def parse_passes(passes: Sequence[Pass | str] | Pass | str) -> tuple[Pass, ...]:
         passes = [passes]
     parsed = tuple(parse_pass(p) for p in passes)
     if not parsed:
-        from fxslim.passes.base import registered_passes
-
         raise ValueError(f"passes: expected at least one pass, e.g. one of {sorted(registered_passes())}")
     return parsed
 

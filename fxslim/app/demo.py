@@ -32,7 +32,25 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fxslim.cost_model.format import comparison_html_body, html_image, html_page, html_table
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from rich.console import Console
+from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+import fxslim
+from fxslim.cost_model.format import comparison_html_body, html_image, html_page, html_table, human
+from fxslim.cost_model.plots import plot_comparison, png_bytes
+from fxslim.models.data import mnist_5k
+from fxslim.models.mobilenet_mnist import load_mobilenet_mnist
+from fxslim.models.multiview import camera_sequence
+from fxslim.models.resnet_cifar import pad_to_32, pretrained_mnist_resnet18_small
+from fxslim.models.train import train_step
+from fxslim.models.vggt import vggt_small
+from fxslim.runtime.haste import record_buckets
+from fxslim.runtime.haste_counts import bucket_counts
+from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+from fxslim.runtime.quant import freeze_observers
 
 __all__ = ["PARTS", "DemoSizes", "FULL", "QUICK", "PartResult", "run_demo", "summary_table", "write_report",
            "results_markdown", "demo_command"]
@@ -139,7 +157,6 @@ def _batches(n: int, batch: int = 100) -> int:
 @functools.lru_cache(maxsize=1)
 def _mnist() -> Any:
     """MNIST-5k, loaded once for PROM and HASTE."""
-    from fxslim.models.data import mnist_5k
 
     return mnist_5k()
 
@@ -154,10 +171,6 @@ def _cost(report: Any) -> dict[str, float]:
 
 
 def _prom(sizes: DemoSizes, steps: _Steps) -> PartResult:
-    import fxslim
-    from fxslim.models.mobilenet_mnist import load_mobilenet_mnist
-    from fxslim.models.train import train_step
-    from fxslim.runtime.quant import freeze_observers
 
     with steps.step("PROM: loading MNIST-5k"):
         split = _mnist()
@@ -205,8 +218,6 @@ def _prom(sizes: DemoSizes, steps: _Steps) -> PartResult:
 def _fastest_integer_model(qat: Any, reference: Any) -> tuple[Any, str]:
     """The integer model a user would deploy on this CPU: oneDNN's fused u8 convs where the CPU has
     exact int8 dot products, else the reference integer ops (what the costs and top-1 come from)."""
-    import fxslim
-    from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 
     if onednn_available() and vnni_available():
         return fxslim.convert(qat, runtime="onednn"), "oneDNN integer runtime"
@@ -214,10 +225,6 @@ def _fastest_integer_model(qat: Any, reference: Any) -> tuple[Any, str]:
 
 
 def _haste(sizes: DemoSizes, steps: _Steps) -> PartResult:
-    import fxslim
-    from fxslim.models.resnet_cifar import pad_to_32, pretrained_mnist_resnet18_small
-    from fxslim.runtime.haste import record_buckets
-    from fxslim.runtime.haste_counts import bucket_counts
 
     with steps.step("HASTE: loading MNIST-5k"):
         split = _mnist()
@@ -253,9 +260,6 @@ def _haste(sizes: DemoSizes, steps: _Steps) -> PartResult:
 
 
 def _httm(sizes: DemoSizes, steps: _Steps) -> PartResult:
-    import fxslim
-    from fxslim.models.multiview import camera_sequence
-    from fxslim.models.vggt import vggt_small
 
     torch.manual_seed(0)
     model = vggt_small(init_values=1.0).eval()  # LayerScale 1: attention changes reach the outputs
@@ -306,7 +310,6 @@ def run_demo(parts: Sequence[str] = PARTS, sizes: DemoSizes = FULL, threads: int
              console: Any = None) -> list[PartResult]:
     """Run the chosen parts (in the order of ``PARTS``) with ``threads`` intra-op threads; rich
     progress bars go to ``console``. Restores the caller's thread count."""
-    from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     chosen = _check_parts(parts)
     if threads < 1:
@@ -326,7 +329,6 @@ def _ratio(before: float, after: float) -> str:
 
 
 def _number(value: float, metric: str) -> str:
-    from fxslim.cost_model.format import human
 
     return f"{value:.1f}" if metric == "latency_ms" else human(value)
 
@@ -354,7 +356,6 @@ _HEADER = ("pass", "measure", "before", "after", "before/after")
 
 def summary_table(results: Sequence[PartResult], threads: int) -> Any:
     """The one summary table (rich): quality, MACs, energy, storage, latency before and after per part."""
-    from rich.table import Table
 
     table = Table(title="fxslim demo: before -> after", caption=f"latency: median of interleaved repeats, "
                   f"{threads} thread(s); before/after > 1: smaller or faster", caption_justify="left")
@@ -381,8 +382,6 @@ def results_markdown(results: Sequence[PartResult], threads: int, seconds: float
 
 def _figure(width: float, height: float) -> Any:
     """A matplotlib Figure on the Agg canvas (no pyplot state)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     fig = Figure(figsize=(width, height), dpi=100)
     FigureCanvasAgg(fig)
@@ -455,7 +454,6 @@ def _quality_figure(results: Sequence[PartResult]) -> Any:
 
 def _figures(results: Sequence[PartResult]) -> dict[str, Any]:
     """File stem -> figure: the summary bars, quality, and per part the per-layer energy before/after."""
-    from fxslim.cost_model.plots import plot_comparison
 
     figures = {"relative": _relative_figure(results), "summary": _summary_figure(results),
                "quality": _quality_figure(results)}
@@ -483,7 +481,6 @@ def _index_html(results: Sequence[PartResult], pngs: dict[str, bytes], threads: 
 
 def write_report(results: Sequence[PartResult], out: Path, threads: int, seconds: float) -> Path:
     """Write ``out/index.html`` (self-contained), one PNG per figure and ``out/summary.json``; returns index.html."""
-    from fxslim.cost_model.plots import png_bytes
 
     out.mkdir(parents=True, exist_ok=True)
     pngs = {name: png_bytes(fig) for name, fig in _figures(results).items()}
@@ -501,7 +498,6 @@ def demo_command(out: str | Path = "fxslim-demo", parts: Sequence[str] = PARTS, 
                  threads: int = 1, results_md: str | Path | None = None, console: Any = None) -> int:
     """What ``fxslim demo`` does: run, print the summary table, write the report (and the Markdown
     results when ``results_md`` is given), print where it went. Returns the exit code."""
-    from rich.console import Console
 
     console = console or Console()
     start = time.perf_counter()
