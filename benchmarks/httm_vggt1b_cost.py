@@ -138,7 +138,7 @@ def run(frame_counts: list[int], height: int = 392, width: int = 518, config: st
                          curves["model + DINOv2"][-1] if embed else None, PAPER_SPEEDUP.get(s)])
     table = Table(["frames", "N", "dense TFLOP", "HTTM TFLOP", "global attention share of dense FLOPs",
                    "FLOP ratio (our model)", "FLOP ratio (+ DINOv2 embedder)", "paper measured speed-up"],
-                  rows, ["d", "d", ".1f", ".1f", ".1%", ".2f}x", ".2f}x", "g}x"])
+                  rows, ["d", "d", ".1f", ".1f", ".1%", ".2f}x", ".2f}x", ".1f}x"])
     after = [
         "FLOP ratios assume time proportional to FLOPs. The paper's wall-clock speed-ups also pay for memory "
         "traffic, the merge/unmerge gathers and kernel efficiency at the shorter lengths, so they sit below the "
