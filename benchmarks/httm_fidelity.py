@@ -14,15 +14,14 @@ keeps the same fractions (Q 0.2, K/V 0.3 by default) and is applied with ``fxsli
 - aggregator outputs at the layers the depth head reads: mean per-token cosine to the dense model;
 - depth head output: relative error ||depth - depth_dense|| / ||depth_dense||.
 
-Writes benchmarks/results/httm_fidelity.md and .png. Run:
-``python benchmarks/httm_fidelity.py [--frames 8 32] [--photos astronaut] [--init-values 1.0]``.
+Records in benchmarks/results/httm_fidelity.json, rendered to .md, and the plot as .png. Run:
+``python -m benchmarks.httm_fidelity [--frames 8 32] [--photos astronaut] [--init-values 1.0]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -32,10 +31,12 @@ from rich.progress import track
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxslim
+from benchmarks.command import command_line
+from benchmarks.records import Results, Section, Table, write
 from fxslim.models.multiview import camera_sequence
 from fxslim.models.vggt import CONFIGS, VGGT
 
-RESULTS = Path(__file__).resolve().parent / "results"
+__all__ = ["run", "main"]
 _OP = torch.ops.fxslim.httm_attention.default
 _ARG_NAMES = [a.name for a in _OP._schema.arguments]
 
@@ -102,7 +103,7 @@ def _run(model: torch.nn.Module, images: torch.Tensor, probe: _LocalFidelity | N
     return seen["agg"], result["depth"]
 
 
-def _plot(per_layer: dict[tuple[str, int], dict[str, list[float]]], path: Path) -> None:
+def _plot(per_layer: dict[tuple[str, int], dict[str, list[float]]]) -> Figure:
     keys = list(per_layer)
     fig = Figure(figsize=(6.5 * len(keys), 4.2), dpi=100)
     FigureCanvasAgg(fig)
@@ -116,10 +117,57 @@ def _plot(per_layer: dict[tuple[str, int], dict[str, list[float]]], path: Path) 
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
 
 
-def main() -> None:
+def run(args: argparse.Namespace, command: str = "python -m benchmarks.httm_fidelity") -> tuple[Results, Figure]:
+    """Every variant against the dense model on every sequence: records and the per-layer plot."""
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    torch.manual_seed(args.seed)
+    config = CONFIGS[args.config]
+    model = VGGT(type(config)(**{**config.__dict__, "depth": args.depth, "init_values": args.init_values,
+                                 "head_layers": None})).eval()
+    layers = model.config.layers_read
+    sequences = {(photo, s): camera_sequence(photo, s, args.size, seed=args.seed).images[None]
+                 for photo in args.photos for s in args.frames}
+    dense = {key: _run(model, images) for key, images in sequences.items()}
+    variants = _variants(args.q, args.kv, args.outliers)
+    rows: dict[tuple[str, int], list[list]] = {key: [] for key in sequences}
+    per_layer: dict[tuple[str, int], dict[str, list[float]]] = {key: {} for key in sequences}
+    # the rewritten graph computes frames = N // P, so a short example sequence serves every length
+    example = camera_sequence(args.photos[0], 2, args.size, seed=args.seed).images[None]
+    for label, spec in track(list(variants.items()), description="HTTM variants", transient=True):
+        optimized = fxslim.optimize(model, (example,), passes=[spec], strict=True).module
+        for key, images in sequences.items():
+            probe = _LocalFidelity(args.sample, args.seed)
+            agg, depth = _run(optimized, images, probe)
+            dense_agg, dense_depth = dense[key]
+            agg_cos = [_token_cosine(agg[i], dense_agg[i]) for i in layers]
+            error = float((depth - dense_depth).norm() / dense_depth.norm())
+            per_layer[key][label] = probe.cosines
+            rows[key].append([label, sum(probe.cosines) / len(probe.cosines), min(probe.cosines), *agg_cos, error])
+    p = args.size // model.config.patch_size
+    sections = [Section(text=[
+        f"Model: VGGT architecture, {model.config.embed_dim} wide, {model.config.depth} deep, "
+        f"{model.config.num_heads} heads of dim {model.config.head_dim}, LayerScale init {args.init_values}, "
+        f"random weights (seed {args.seed}); {args.size}x{args.size} frames ({p}x{p} patches + 5 special = "
+        f"{p * p + 5} tokens per frame). Kept: Q {args.q} (incl. {args.outliers} outliers where filtered), "
+        f"K/V {args.kv}; n_s 128, n_t 30. Local cosine: HTTM vs dense attention on the same q, k, v "
+        f"(<= {args.sample} sampled query rows per layer), mean over the {model.config.depth} global layers and "
+        "the worst layer. Aggregator cosine: mean per-token cosine of the [frame, global] outputs the depth "
+        "head reads."])]
+    columns = ["variant", "local cos (mean)", "local cos (worst layer)",
+               *(f"aggregator cos L{i}" for i in layers), "depth rel. error"]
+    formats = ["", ".4f", ".4f", *(".5f" for _ in layers), ".2e"]
+    for (photo, frames), table in rows.items():
+        sections.append(Section(f"{photo}, {frames} frames (N = {frames * (p * p + 5)})",
+                                table=Table(columns, table, formats)))
+    sections.append(Section(text=[f"Run time {time.perf_counter() - start:.0f} s, {args.threads} threads."]))
+    return Results("httm_fidelity", "HTTM fidelity on real photos, random weights", command, sections), _plot(per_layer)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--photos", nargs="+", default=["astronaut"])
@@ -135,65 +183,11 @@ def main() -> None:
     parser.add_argument("--sample", type=int, default=2048, help="query rows compared per layer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--output", type=Path, default=RESULTS / "httm_fidelity.md")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    start = time.perf_counter()
-    torch.manual_seed(args.seed)
-    config = CONFIGS[args.config]
-    model = VGGT(type(config)(**{**config.__dict__, "depth": args.depth, "init_values": args.init_values,
-                                 "head_layers": None})).eval()
-    layers = model.config.layers_read
-    sequences = {(photo, s): camera_sequence(photo, s, args.size, seed=args.seed).images[None]
-                 for photo in args.photos for s in args.frames}
-    dense = {key: _run(model, images) for key, images in sequences.items()}
-    variants = _variants(args.q, args.kv, args.outliers)
-    rows: dict[tuple[str, int], list[str]] = {key: [] for key in sequences}
-    per_layer: dict[tuple[str, int], dict[str, list[float]]] = {key: {} for key in sequences}
-    # the rewritten graph computes frames = N // P, so a short example sequence serves every length
-    example = camera_sequence(args.photos[0], 2, args.size, seed=args.seed).images[None]
-    for label, spec in track(list(variants.items()), description="HTTM variants", transient=True):
-        optimized = fxslim.optimize(model, (example,), passes=[spec], strict=True).module
-        for key, images in sequences.items():
-            probe = _LocalFidelity(args.sample, args.seed)
-            agg, depth = _run(optimized, images, probe)
-            dense_agg, dense_depth = dense[key]
-            agg_cos = [_token_cosine(agg[i], dense_agg[i]) for i in layers]
-            error = float((depth - dense_depth).norm() / dense_depth.norm())
-            per_layer[key][label] = probe.cosines
-            rows[key].append(f"| {label} | {sum(probe.cosines) / len(probe.cosines):.4f} | {min(probe.cosines):.4f} | "
-                             + " | ".join(f"{c:.5f}" for c in agg_cos) + f" | {error:.2e} |")
-    p = args.size // model.config.patch_size
-    lines = [
-        "# HTTM fidelity on real photos, random weights (generated by benchmarks/httm_fidelity.py)",
-        "",
-        f"Model: VGGT architecture, {model.config.embed_dim} wide, {model.config.depth} deep, "
-        f"{model.config.num_heads} heads of dim {model.config.head_dim}, LayerScale init {args.init_values}, "
-        f"random weights (seed {args.seed}); {args.size}x{args.size} frames ({p}x{p} patches + 5 special = "
-        f"{p * p + 5} tokens per frame). Kept: Q {args.q} (incl. {args.outliers} outliers where filtered), "
-        f"K/V {args.kv}; n_s 128, n_t 30. Local cosine: HTTM vs dense attention on the same q, k, v "
-        f"(<= {args.sample} sampled query rows per layer), mean over the {model.config.depth} global layers and "
-        "the worst layer. Aggregator cosine: mean per-token cosine of the [frame, global] outputs the depth "
-        "head reads.",
-        "",
-    ]
-    for (photo, frames), table in rows.items():
-        lines += [
-            f"### {photo}, {frames} frames (N = {frames * (p * p + 5)})",
-            "",
-            "| variant | local cos (mean) | local cos (worst layer) | "
-            + " | ".join(f"aggregator cos L{i}" for i in layers) + " | depth rel. error |",
-            "| --- | ---: | ---: | " + " | ".join("---:" for _ in layers) + " | ---: |",
-            *table,
-            "",
-        ]
-    lines += [f"Run time {time.perf_counter() - start:.0f} s, {args.threads} threads.", ""]
-    text = "\n".join(lines)
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    _plot(per_layer, args.output.with_suffix(".png"))
-    print(text)
+    args = parser.parse_args(argv)
+    results, figure = run(args, command_line("benchmarks.httm_fidelity", argv))
+    print(write(results, {"": figure}).read_text(encoding="utf-8"))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())
