@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxslim
 from benchmarks.command import command_line
 from benchmarks.records import Results, Section, Table, write
-from benchmarks.timing import interleaved_medians
+from fxslim.app.timing import interleaved_medians
 
 __all__ = ["run", "main"]
 

@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import fxslim
 from benchmarks import httm_stages
 from benchmarks.command import command_line
-from benchmarks.timing import interleaved_samples, paired_ratio, round_ratios
+from fxslim.app.timing import interleaved_samples, paired_ratio, round_ratios
 from fxslim.cost_model.ops_httm import httm_counts
 from fxslim.models.multiview import camera_sequence
 from fxslim.models.vggt import vggt_small

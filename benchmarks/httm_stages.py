@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from benchmarks.command import command_line
-from benchmarks.timing import interleaved_samples, paired_ratio
+from fxslim.app.timing import interleaved_samples, paired_ratio
 from fxslim.runtime.httm import httm_apply_plan, httm_layout, httm_match, httm_plan
 
 __all__ = ["BEFORE", "run", "table", "markdown", "main"]

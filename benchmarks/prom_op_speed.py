@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 import torchvision
 
-from benchmarks.timing import interleaved_medians
+from fxslim.app.timing import interleaved_medians
 from fxslim.runtime import prom_ops as P
 
 _OUT = Path(__file__).resolve().parent / "results" / "prom_op_speed.md"

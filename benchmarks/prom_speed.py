@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.prom_common import converted_mobilenet_v2, photo_batch, random_mobilenet_v2
-from benchmarks.timing import interleaved_medians
+from fxslim.app.timing import interleaved_medians
 
 _OUT = Path(__file__).resolve().parent / "results" / "prom_speed.md"
 TARGET = 1.5  # PROM integer vs fp32 eager at batch 32

@@ -15,7 +15,7 @@ torchvision mobilenet_v2 (weights=None, BN statistics estimated on the six sciki
 
 Each (batch, threads) runs in its own process (inductor bakes the thread count in; ORT and
 OpenVINO set theirs at session creation); within it every round runs each variant once, in turn
-(``benchmarks.timing``), and the table gives medians in ms and PROM's speed relative to each peer
+(``fxslim.app.timing``), and the table gives medians in ms and PROM's speed relative to each peer
 (median over rounds of peer time / PROM time, > 1: PROM faster). A peer that cannot be installed
 is skipped with its reason. Writes benchmarks/results/prom_vs_peers.md.
 """
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from benchmarks import prom_peers
-from benchmarks.timing import interleaved_samples, paired_ratio
+from fxslim.app.timing import interleaved_samples, paired_ratio
 
 _OUT = Path(__file__).resolve().parent / "results" / "prom_vs_peers.md"
 PEERS = ("PT2E int8 + compile", "ONNX Runtime int8")  # the target: PROM >= 1.0x these at 1 thread

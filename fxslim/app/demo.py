@@ -20,7 +20,6 @@ import functools
 import html
 import json
 import math
-import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -40,6 +39,7 @@ from rich.table import Table
 
 import fxslim
 from fxslim.cost_model.format import comparison_html_body, html_image, html_page, html_table, human
+from fxslim.app.timing import interleaved_medians
 from fxslim.cost_model.plots import plot_comparison, png_bytes
 from fxslim.models.data import mnist_5k
 from fxslim.models.mobilenet_mnist import load_mobilenet_mnist
@@ -125,17 +125,10 @@ def _median_latency_ms(dense: Callable[[], Any], fast: Callable[[], Any], repeat
                        advance: Callable[[int], None], warm_up: bool = True) -> tuple[float, float]:
     """Median wall time (ms) of each callable, run alternately ``repeats`` times (after one warm-up
     call each unless both already ran)."""
-    times: dict[str, list[float]] = {"dense": [], "fast": []}
     with torch.no_grad():
-        if warm_up:
-            dense(), fast()
-        for _ in range(repeats):
-            for name, fn in (("dense", dense), ("fast", fast)):
-                start = time.perf_counter()
-                fn()
-                times[name].append(1e3 * (time.perf_counter() - start))
-            advance(1)
-    return statistics.median(times["dense"]), statistics.median(times["fast"])
+        medians = interleaved_medians({"dense": dense, "fast": fast}, repeats, warm_up=warm_up,
+                                      after_round=lambda: advance(1))
+    return 1e3 * medians["dense"], 1e3 * medians["fast"]
 
 
 def _top1(model: nn.Module, x: torch.Tensor, y: torch.Tensor, advance: Callable[[int], None],

@@ -1,32 +1,38 @@
-"""Side-by-side timing for the benchmarks: on a shared machine only interleaved runs compare."""
+"""Side-by-side timing for the demo and the benchmarks: on a shared machine only interleaved runs compare."""
 
 from __future__ import annotations
 
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 __all__ = ["interleaved_medians", "interleaved_samples", "paired_ratio", "round_ratios"]
 
 
-def interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+def interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int, warm_up: bool = True,
+                        after_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
     """Wall time (seconds) of each function in each round, after one warm-up call each (compilation,
-    weight caches); every round runs each function once, in turn, so load changes hit all of them
-    alike and round i of two functions can be paired."""
-    for fn in fns.values():
-        fn()
+    weight caches) unless ``warm_up`` is False; every round runs each function once, in turn, so load
+    changes hit all of them alike and round i of two functions can be paired. ``after_round``: called
+    after each round (a progress bar)."""
+    if warm_up:
+        for fn in fns.values():
+            fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
+        if after_round is not None:
+            after_round()
     return times
 
 
-def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    """Median of ``interleaved_samples`` per function."""
-    return {name: statistics.median(t) for name, t in interleaved_samples(fns, rounds).items()}
+def interleaved_medians(fns: dict[str, Callable[[], object]], rounds: int, **options: Any) -> dict[str, float]:
+    """Median of ``interleaved_samples`` per function (options as there)."""
+    return {name: statistics.median(t) for name, t in interleaved_samples(fns, rounds, **options).items()}
 
 
 def round_ratios(base: list[float], other: list[float]) -> list[float]:
