@@ -111,7 +111,7 @@ def run(frame_counts: list[int], height: int = 392, width: int = 518, config: st
     text = [
         f"Model: fxslim.models.vggt_1b (aggregator: 24 frame + 24 global blocks, 1024 wide, 16 heads), "
         f"{width}x{height} inputs, P = {p} tokens per frame; pass `{cfg.to_string()}` "
-        f"(q_ratio {cfg.q_ratio}, kv_ratio {cfg.kv_ratio}, outliers {cfg.outliers}, n_s {cfg.n_s}, n_t {cfg.n_t}); "
+        f"(removed by merging: Q {cfg.q_removed}, K/V {cfg.kv_removed}; outliers {cfg.outliers}, n_s {cfg.n_s}, n_t {cfg.n_t}); "
         f"{res.report.rewritten('httm')} global attentions rewritten, skipped {dict(res.report.skipped('httm'))}. "
         "MACs from the cost model (FLOPs = 2·MACs), frames symbolic.",
         "",

@@ -130,12 +130,12 @@ class HTTM(Pass):
                              f"got {self.special_tokens}")
 
     @property
-    def q_ratio(self) -> float:
+    def q_removed(self) -> float:
         """Fraction of queries removed by merging (before outliers come back): 1 - q + outliers."""
         return round(1.0 - self.q + self.outliers, 12)
 
     @property
-    def kv_ratio(self) -> float:
+    def kv_removed(self) -> float:
         """Fraction of keys/values removed by merging: 1 - kv."""
         return round(1.0 - self.kv, 12)
 
@@ -185,7 +185,7 @@ class HTTM(Pass):
             frames, per_frame = _runtime_layout(gm, ctx, view, lay)
             kwargs = dict(
                 frames=frames, tokens_per_frame=per_frame, special_tokens=lay.special_tokens,
-                q_ratio=cfg.q_ratio, kv_ratio=cfg.kv_ratio, n_s=cfg.n_s, n_t=cfg.n_t,
+                q_ratio=cfg.q_removed, kv_ratio=cfg.kv_removed, n_s=cfg.n_s, n_t=cfg.n_t,
                 outlier_fraction=cfg.outliers, proportional_attention=cfg.proportional_attention,
                 anchor_first_frame=cfg.anchor_first_frame, dst_rule=cfg.dst_rule, seed=cfg.seed,
                 mode=cfg.mode, scale=cand.scale,
@@ -196,7 +196,7 @@ class HTTM(Pass):
         cand.anchor.replace_all_uses_with(new)
         graph.erase_node(cand.anchor)
         kept_q, kept_kv = httm_kept_lengths(
-            lay.example_frames, lay.tokens_per_frame, lay.special_tokens, cfg.q_ratio, cfg.kv_ratio, cfg.n_s,
+            lay.example_frames, lay.tokens_per_frame, lay.special_tokens, cfg.q_removed, cfg.kv_removed, cfg.n_s,
             cfg.n_t, cfg.outliers, cfg.anchor_first_frame, cfg.mode)
         return {"frames": lay.frames or f"N // {lay.tokens_per_frame}", "runtime_layout": lay.runtime,
                 "example_frames": lay.example_frames,

@@ -164,11 +164,11 @@ def test_httm_optimize_leaves_users_model_unchanged(tiny):
 
 def test_httm_string_form_takes_kept_ratios():
     cfg = parse_pass("httm:q=0.2,kv=0.3")
-    assert cfg == HTTM() and (cfg.q_ratio, cfg.kv_ratio) == (0.9, 0.7)  # 1 - 0.2 + 0.1 outliers, 1 - 0.3
+    assert cfg == HTTM() and (cfg.q_removed, cfg.kv_removed) == (0.9, 0.7)  # 1 - 0.2 + 0.1 outliers, 1 - 0.3
     lossless = parse_pass(_ZERO)
-    assert (lossless.q_ratio, lossless.kv_ratio, lossless.outliers) == (0.0, 0.0, 0.0)
+    assert (lossless.q_removed, lossless.kv_removed, lossless.outliers) == (0.0, 0.0, 0.0)
     no_filter = parse_pass("httm:q=0.2,kv=0.3,outliers=0,mode=uniform,tokens_per_frame=261")
-    assert (no_filter.q_ratio, no_filter.mode, no_filter.tokens_per_frame) == (0.8, "uniform", 261)
+    assert (no_filter.q_removed, no_filter.mode, no_filter.tokens_per_frame) == (0.8, "uniform", 261)
     assert parse_pass(no_filter.to_string()) == no_filter
     assert HTTM.from_dict(no_filter.to_dict()) == no_filter
 
