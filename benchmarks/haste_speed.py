@@ -7,13 +7,13 @@ in the cache, random weights otherwise; the output says which) is rewritten by
 table gives the medians and the median of the per-round ratios.
 
 The profile runs the HASTE model with timers around each stage of the op's CPU kernel
-(``fxslim.runtime.haste``): gathering the patches, hashing (projection, centring, bit packing),
-bucketing (sorting codes), merging (bucket sums of the inputs), sorting tiles by bucket count and
-restoring their order, im2col of the merged inputs with the per-chunk set-up (sparse assignment
-indices, weight blocks), filter merging (the sparse assignment times the weights), the reduced
-conv (batched matmuls) and stitching the tiles into the output map.
+(``fxslim.runtime.haste_kernel``): gathering the patches, hashing (projection, centring, bit
+packing), bucketing (sorting codes, sorting tiles by bucket count), the sparse segment sums (bucket
+means of the inputs and merged filters), the reduced conv (batched matmuls), the rest of the kernel
+(segment indices, im2col of the means, restoring the tile order) and stitching the tiles into the
+output map.
 
-    python -m benchmarks.haste_speed                       # resnet18, L=14, batches 1 and 32
+    python -m benchmarks.haste_speed                       # resnet18, L=12, batches 1 and 32
     python -m benchmarks.haste_speed --models resnet18 resnet34 --threads 1
 
 Writes ``benchmarks/results/haste_speed.md``.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import statistics
 import time
@@ -35,26 +36,27 @@ import torch
 
 import fxslim
 import fxslim.runtime.haste as haste_runtime
+import fxslim.runtime.haste_kernel as haste_kernel
 from benchmarks.command import command_line
+from benchmarks.resnet_checkpoints import ZOO_WEIGHT_DECAY, checkpoint_name
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import pad_to_32, resnet18, resnet34
 
 _HERE = Path(__file__).resolve().parent
 _BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
-# kernel helper -> stage; time inside _reduced_conv is split by the torch calls it makes
-_STAGES = {
-    "_patches": "patches", "_hash_codes": "hashing", "_buckets": "bucketing",
-    "_bucket_sums": "merging (input sums)", "_stitch": "stitching",
-}
-_REDUCED = {"addmm": "filter merge", "bmm": "reduced conv (matmul)", "baddbmm": "reduced conv (matmul)"}
-_ORDER = ("patches", "hashing", "bucketing", "merging (input sums)", "tile sorting and reordering",
-          "im2col and chunk set-up", "filter merge", "reduced conv (matmul)", "stitching")
+# kernel helper -> stage; time inside _group is also split by the torch calls it makes
+_STAGES = {"patches": "patches", "hash_codes": "hashing", "tile_buckets": "bucketing"}
+_TORCH = {"addmm": "segment sums (means, filter merge)", "bmm": "reduced conv (matmul)",
+          "baddbmm": "reduced conv (matmul)"}
+_ORDER = ("patches", "hashing", "bucketing", "segment sums (means, filter merge)", "reduced conv (matmul)",
+          "indices, im2col, tile order", "stitching")
 
 
-def load_model(name: str, width: float, cache: Path) -> tuple[torch.nn.Module, str]:
-    """The trained checkpoint ``<cache>/<name>_w<width·100>_mnist.pt`` if present, else random weights."""
+def load_model(name: str, width: float, cache: Path,
+               weight_decay: float = ZOO_WEIGHT_DECAY) -> tuple[torch.nn.Module, str]:
+    """The trained checkpoint ``<cache>/<checkpoint_name>.pt`` if present, else random weights."""
     model = _BUILDERS[name](num_classes=10, in_channels=1, width=width)
-    path = cache / f"{name}_w{round(width * 100):03d}_mnist.pt"
+    path = cache / f"{checkpoint_name(name, width, weight_decay)}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), f"trained ({path.name})"
@@ -94,53 +96,45 @@ def side_by_side(dense: Callable, haste: Callable, rounds: int) -> tuple[float, 
 def stage_timers() -> Iterator[dict[str, float]]:
     """Seconds per stage of the HASTE kernel while active (wrappers on its module-level helpers)."""
     totals: dict[str, float] = defaultdict(float)
-    depth = {"reduced": 0}
-    saved = {name: getattr(haste_runtime, name) for name in (*_STAGES, "_reduced_conv", "_haste_conv2d_cpu")}
-    saved_torch = {name: getattr(torch, name) for name in _REDUCED}
+    inside = {"group": 0}
+    kernel_saved = {name: getattr(haste_kernel, name) for name in (*_STAGES, "_group")}
+    runtime_saved = {name: getattr(haste_runtime, name) for name in ("_stitch", "_haste_conv2d_cpu")}
+    torch_saved = {name: getattr(torch, name) for name in _TORCH}
 
-    def timed(name: str, fn: Callable, stage: str | None) -> Callable:
+    def timed(fn: Callable, stage: str, always: bool = True) -> Callable:
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                if name == "_reduced_conv":
-                    depth["reduced"] += 1
-                return fn(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                if name == "_reduced_conv":
-                    depth["reduced"] -= 1
-                totals[stage or name] += elapsed
-        return wrapper
-
-    def timed_torch(name: str, fn: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
-            if not depth["reduced"]:
+            if not (always or inside["group"]):
                 return fn(*args, **kwargs)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                totals[_REDUCED[name]] += time.perf_counter() - start
+                totals[stage] += time.perf_counter() - start
         return wrapper
 
-    for name, fn in saved.items():
-        setattr(haste_runtime, name, timed(name, fn, _STAGES.get(name)))
-    for name, fn in saved_torch.items():
-        setattr(torch, name, timed_torch(name, fn))
+    def group(*args, **kwargs):
+        inside["group"] += 1
+        try:
+            return timed(kernel_saved["_group"], "_group")(*args, **kwargs)
+        finally:
+            inside["group"] -= 1
+
+    for name, fn in kernel_saved.items():
+        setattr(haste_kernel, name, group if name == "_group" else timed(fn, _STAGES[name]))
+    haste_runtime._stitch = timed(runtime_saved["_stitch"], "stitching")
+    haste_runtime._haste_conv2d_cpu = timed(runtime_saved["_haste_conv2d_cpu"], "kernel")
+    for name, fn in torch_saved.items():
+        setattr(torch, name, timed(fn, _TORCH[name], always=False))
     try:
         yield totals
     finally:
-        for name, fn in saved.items():
-            setattr(haste_runtime, name, fn)
-        for name, fn in saved_torch.items():
-            setattr(torch, name, fn)
-        kernel = totals.pop("_haste_conv2d_cpu", 0.0)
-        reduced = totals.pop("_reduced_conv", 0.0)
-        inside = sum(totals[s] for s in set(_REDUCED.values()))
-        totals["im2col and chunk set-up"] = reduced - inside  # copies, assignment indices, weight blocks
-        named = sum(v for k, v in totals.items() if k in _ORDER and k != "tile sorting and reordering")
-        totals["tile sorting and reordering"] = kernel - named
-        totals["kernel"] = kernel
+        for module, saved in ((haste_kernel, kernel_saved), (haste_runtime, runtime_saved), (torch, torch_saved)):
+            for name, fn in saved.items():
+                setattr(module, name, fn)
+        group_total = totals.pop("_group", 0.0)
+        # patches, hashing and bucketing run inside _group too
+        named = sum(totals[s] for s in (*_STAGES.values(), *_TORCH.values()))
+        totals["indices, im2col, tile order"] = group_total - named
 
 
 def profile(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> tuple[dict[str, float], float]:
@@ -156,7 +150,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(_BUILDERS), default=["resnet18"])
     parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--L", type=int, default=14)
+    parser.add_argument("--weight-decay", type=float, default=ZOO_WEIGHT_DECAY,
+                        help="the checkpoint trained with this weight decay (train_resnet_mnist's flag)")
+    parser.add_argument("--L", type=int, default=12)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -166,9 +162,10 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     images = pad_to_32(mnist_5k().x_test[: max(args.batches)])
+    load_before = os.getloadavg()[0]
     speed_rows, profile_rows, sources = [], [], []
     for name in args.models:
-        dense, source = load_model(name, args.width, args.cache)
+        dense, source = load_model(name, args.width, args.cache, args.weight_decay)
         sources.append(f"{name}: {source}")
         haste = haste_model(dense, images, args.L)
         with torch.no_grad():
@@ -190,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
         f"Models at width {args.width}: {'; '.join(sources)}. Inputs: MNIST-5k test digits padded to 32×32. "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}; wall clock "
         f"(time.perf_counter), {args.rounds} alternating rounds, medians; the machine is shared, so compare "
-        "within a row.",
+        f"within a row (1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after).",
         "",
         "| model | batch | dense ms | HASTE ms | HASTE / dense |",
         "| --- | ---: | ---: | ---: | ---: |",
