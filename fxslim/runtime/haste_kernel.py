@@ -136,18 +136,19 @@ def weight_rows(weight: Tensor) -> Tensor:
     Every tile's merge reads a whole block, so a block should stay in cache. A transposing copy of the
     weight runs at a few GB/s and costs more than a dense conv at batch 1, so the copy is kept while
     ``weight`` lives and is not modified in place (same version counter); a new or changed weight gets
-    a new copy.
+    a new copy (inference tensors, which cannot tell, get a new copy every call).
     """
-    key = id(weight)
+    key, versioned = id(weight), not weight.is_inference()  # inference tensors have no version counter
     cached = _ROWS.get(key)
-    if cached is not None and cached[0]() is weight and cached[1] == weight._version:
+    if versioned and cached is not None and cached[0]() is weight and cached[1] == weight._version:
         return cached[2]
     o = weight.shape[0]
     blocks = math.ceil(weight.numel() / BLOCK_ELEMENTS)
     while o % blocks:
         blocks += 1
     rows = weight.detach().reshape(blocks, o // blocks, -1).transpose(1, 2).contiguous()
-    _ROWS[key] = (weakref.ref(weight, lambda _ref, key=key: _ROWS.pop(key, None)), weight._version, rows)
+    if versioned:
+        _ROWS[key] = (weakref.ref(weight, lambda _ref, key=key: _ROWS.pop(key, None)), weight._version, rows)
     return rows
 
 
