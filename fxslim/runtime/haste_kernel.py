@@ -183,9 +183,13 @@ def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Te
     tiles = rows.shape[0] // c
     bk = tile_buckets(hash_codes(rows, planes, c, center))
     b_max = bk.starts.shape[1]
+    # Sparse indices in int32 when they fit (MKL's own index type: int64 ones are converted every call).
+    index = torch.int32 if tiles * k2 * c < 2**31 else torch.int64
+    channels, starts = bk.channels.to(index), bk.starts.to(index)
     # Means of every (tile, bucket), all tiles padded to B_max: row (τ, b) averages rows order[τ]·C + c.
-    crow = torch.cat([(torch.arange(tiles)[:, None] * c + bk.starts).view(-1), torch.tensor([tiles * c])])
-    col = (bk.order[:, None] * c + bk.channels).view(-1)
+    crow = torch.cat([(torch.arange(tiles, dtype=index)[:, None] * c + starts).view(-1),
+                      torch.tensor([tiles * c], dtype=index)])
+    col = (bk.order.to(index)[:, None] * c + channels).view(-1)
     means = _scratch("means", (tiles * b_max, d), x)
     torch.addmm(means, _csr(crow, col, bk.inverse_size.view(-1).to(x.dtype), (tiles * b_max, tiles * c)), rows,
                 beta=0, out=means)
@@ -193,15 +197,15 @@ def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Te
     means = _scratch("means_cl", (tiles, d, b_max), x).copy_(means.view(tiles, b_max, d).transpose(1, 2))
     # Merged filters of a chunk: row (τ, ij, b), b below the chunk's B, sums rows (c, ij) of w_rows.
     count = bk.count.tolist()
-    offset = torch.arange(k2)[None, :, None]
-    first = (torch.arange(tiles)[:, None, None] * k2 + offset) * c + bk.starts[:, None, :]  # [tiles, k², B_max]
-    col = (bk.channels[:, None, :] * k2 + offset).view(-1)
+    offset = torch.arange(k2, dtype=index)[None, :, None]
+    first = (torch.arange(tiles, dtype=index)[:, None, None] * k2 + offset) * c + starts[:, None, :]  # [tiles, k², B_max]
+    col = (channels[:, None, :] * k2 + offset).view(-1)
     chunks = _chunks(count, k2 * o)
     ones = x.new_ones(max(stop - start for start, stop, _ in chunks) * k2 * c)
     by_count = _scratch("by_count", (blocks, tiles, p, o), x)
     for start, stop, b in chunks:
         m = stop - start
-        crow = torch.cat([first[start:stop, :, :b].reshape(-1) - start * k2 * c, torch.tensor([m * k2 * c])])
+        crow = torch.cat([first[start:stop, :, :b].reshape(-1) - start * k2 * c, torch.tensor([m * k2 * c], dtype=index)])
         assign = _csr(crow, col[start * k2 * c : stop * k2 * c], ones[: m * k2 * c], (m * k2 * b, c * k2))
         window = means[start:stop].as_strided(  # im2col of the means, columns (ij, b) like the merged rows
             (m, tile, tile, kh, kw, b), (d * b_max, sh * tw * b_max, sw * b_max, dh * tw * b_max, dw * b_max, 1)
