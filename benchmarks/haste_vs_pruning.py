@@ -195,7 +195,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--width", type=float, default=1.0)
     parser.add_argument("--weight-decay", type=float, default=ZOO_WEIGHT_DECAY,
                         help="the checkpoints trained with this weight decay (train_resnet_mnist's flag)")
-    parser.add_argument("--L", type=int, nargs="+", default=[10, 12, 14])
+    parser.add_argument("--L", type=int, nargs="+", default=[10, 11, 12])  # the deep cuts: L <= 12
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--calibration", type=int, default=500, help="unlabelled training digits for BN statistics")
     parser.add_argument("--tolerance", type=float, default=0.01, help="pruned MACs within this share of HASTE's")
