@@ -134,7 +134,7 @@ def stage_timers() -> Iterator[dict[str, float]]:
                 setattr(module, name, fn)
         group_total = totals.pop("_group", 0.0)
         # patches, hashing and bucketing run inside _group too
-        named = sum(totals[s] for s in (*_STAGES.values(), *_TORCH.values()))
+        named = sum(totals[s] for s in {*_STAGES.values(), *_TORCH.values()})  # bmm and baddbmm share a stage
         totals["indices, im2col, tile order"] = group_total - named
 
 
