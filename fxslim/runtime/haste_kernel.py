@@ -13,9 +13,10 @@ Samples go in groups whose patches fit ``GROUP_ELEMENTS``. For a group:
    rows [C·k², O] (a segment sum), then the reduced convs as one batched GEMM,
    y_τ [T·T, O] = im2col(means_τ) [T·T, k²·B] @ W̃_τ [k²·B, O] (+ bias).
 
-Step 5 writes Σ_τ B_τ·k²·O merged filter values per layer, O·k²·(C − B) fewer additions than it
-reads: the floor of this method's memory traffic, whatever the kernel. Intermediates live in
-per-thread scratch buffers reused across calls; the weight's rows are kept per weight tensor.
+Step 5 writes B_τ·k²·O merged filter values per tile (from O·k²·C reads and O·k²·(C − B_τ)
+additions): whatever the kernel, the method has to write them, and ``benchmarks/haste_speed.py``
+times that floor. Intermediates live in per-thread scratch buffers reused across calls; the
+weight's rows are kept per weight tensor.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ from torch import Tensor
 
 __all__ = ["TileBuckets", "hash_codes", "patches", "tile_buckets", "weight_rows", "haste_conv2d_tiles"]
 
-# Sizes in elements, from timing full-width ResNet18 on the reference machine (2 shared cores);
-# within ±5 % of each other over 2^19..2^23, so only their order of magnitude matters.
+# Sizes in elements, from timing full-width ResNet18 on the reference machine (2 shared cores):
+# from 2^19 to 2^23 the model time moved within the noise (±5 %); groups of 2^25 were 50 % slower.
 GROUP_ELEMENTS = 1 << 22  # a group's patches (at least one sample): fewer, larger groups, fewer calls
 BLOCK_ELEMENTS = 1 << 20  # a block of output channels' filter rows, read by every tile's merge
 CHUNK_ELEMENTS = 1 << 21  # a chunk's merged filters, written and read straight back by the GEMM
