@@ -83,14 +83,14 @@ class TileBuckets:
     ``count`` [tiles] B per tile; ``channels`` [tiles, C] each tile's channels sorted by code (a
     bucket's channels contiguous, buckets in code order); ``starts`` [tiles, B_max] where each bucket
     starts in that order (C for the buckets a tile does not have, so they come out empty);
-    ``inverse_size`` [tiles, C] 1/|bucket| of each channel in that order.
+    ``bucket_size`` [tiles, C] the size of each channel's bucket, in that order.
     """
 
     order: Tensor
     count: Tensor
     channels: Tensor
     starts: Tensor
-    inverse_size: Tensor
+    bucket_size: Tensor
 
 
 def tile_buckets(codes: Tensor) -> TileBuckets:
@@ -103,10 +103,10 @@ def tile_buckets(codes: Tensor) -> TileBuckets:
     count = rank[:, -1] + 1
     order = count.argsort(stable=True)
     sizes = torch.zeros((tiles, int(count.max())), dtype=torch.int64).scatter_add_(1, rank, new.new_ones(()).expand(tiles, c))
-    inverse_size = sizes.gather(1, rank).reciprocal()
-    sizes, rank = sizes.index_select(0, order), rank.index_select(0, order)
+    bucket_size = sizes.gather(1, rank).index_select(0, order)
+    sizes = sizes.index_select(0, order)
     return TileBuckets(order, count.index_select(0, order), by_code.index_select(0, order), sizes.cumsum(1) - sizes,
-                       inverse_size.index_select(0, order))
+                       bucket_size)
 
 
 _SCRATCH = threading.local()
@@ -192,7 +192,7 @@ def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Te
                       torch.tensor([tiles * c], dtype=index)])
     col = (bk.order.to(index)[:, None] * c + channels).view(-1)
     means = _scratch("means", (tiles * b_max, d), x)
-    torch.addmm(means, _csr(crow, col, bk.inverse_size.view(-1).to(x.dtype), (tiles * b_max, tiles * c)), rows,
+    torch.addmm(means, _csr(crow, col, bk.bucket_size.view(-1).to(x.dtype).reciprocal(), (tiles * b_max, tiles * c)), rows,
                 beta=0, out=means)
     # [tiles, th·tw, B_max]: the buckets of a pixel contiguous
     means = _scratch("means_cl", (tiles, d, b_max), x).copy_(means.view(tiles, b_max, d).transpose(1, 2))

@@ -18,7 +18,7 @@ def test_tile_buckets_groups_equal_codes_and_sorts_tiles_by_count():
     # tile 0 (now row 1): codes 1 | 2 | 3 3 -> channels 1 | 3 | 0 2, buckets start at 0, 1, 2
     assert bk.channels[1, :2].tolist() == [1, 3] and sorted(bk.channels[1, 2:].tolist()) == [0, 2]
     assert bk.starts.tolist() == [[0, 4, 4], [0, 1, 2]]  # a missing bucket starts at C: empty
-    assert bk.inverse_size.tolist() == [[0.25] * 4, [1.0, 1.0, 0.5, 0.5]]
+    assert bk.bucket_size.tolist() == [[4] * 4, [1, 1, 2, 2]]
 
 
 def test_chunks_cover_the_tiles_once_within_the_budget(monkeypatch):
@@ -44,3 +44,14 @@ def test_kernel_with_many_chunks_and_blocks_equals_reference(monkeypatch, chunk,
     y = haste_conv2d(x, weight.clone(), bias, planes, [2, 1], [1, 1], [1, 1], 3, True, "")
     expected = haste_conv2d_reference(x, weight, bias, planes, (2, 1), (1, 1), (1, 1), 3, True)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_kernel_float64_bucket_means_keep_float64_precision():
+    # three equal channels merge into one bucket of size 3: a float32 1/3 would be off by ~1e-8
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 1, 5, 5, generator=g, dtype=torch.float64).repeat(1, 3, 1, 1) / 7
+    weight = torch.randn(2, 3, 3, 3, generator=g, dtype=torch.float64)
+    planes = make_planes(4, 36, 0.0, seed=1).double()
+    y = haste_conv2d(x, weight, None, planes, [1, 1], [1, 1], [1, 1], 4, True, "")
+    expected = haste_conv2d_reference(x, weight, None, planes, (1, 1), (1, 1), (1, 1), 4, True)
+    torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
