@@ -108,8 +108,9 @@ def _ms(fn: Any) -> tuple[Any, float]:
 
 def run_one(dense: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, dense_pred: torch.Tensor,
             dense_macs: int, L: int, seed: int, config: tuple[bool, float, int], batch: int,
-            time_every: int) -> dict[str, Any]:
-    """One (L, seed) at ``config`` = (pointwise, sparsity, tile).
+            time_every: int, calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
+    """One (L, seed) at ``config`` = (pointwise, sparsity, tile); with ``calibration`` batches, the
+    hashed model's BN statistics are re-estimated on them first (no longer data-free).
 
     Returns accuracy, agreement, measured FLOPs reduction, bucket ratio and speed ratio.
     """
@@ -118,7 +119,7 @@ def run_one(dense: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = fxslim.optimize(dense, images[:1], passes=[haste_config])
-    haste = res.module
+    haste = res.module if calibration is None else fxslim.reestimate_bn_statistics(res.module, calibration)
     layers = {e.info["layer"]: e.info for e in res.report.entries("haste") if e.status == "rewritten"}
     preds, ratios = [], []
     with torch.no_grad(), record_buckets() as rec:

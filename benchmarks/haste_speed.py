@@ -7,13 +7,13 @@ in the cache, random weights otherwise; the output says which) is rewritten by
 table gives the medians and the median of the per-round ratios.
 
 The profile runs the HASTE model with timers around each stage of the op's CPU kernel
-(``fxslim.runtime.haste``): gathering the patches, hashing (projection, centring, bit packing),
-bucketing (sorting codes), merging (bucket sums of the inputs), sorting tiles by bucket count and
-restoring their order, im2col of the merged inputs with the per-chunk set-up (sparse assignment
-indices, weight blocks), filter merging (the sparse assignment times the weights), the reduced
-conv (batched matmuls) and stitching the tiles into the output map.
+(``fxslim.runtime.haste_kernel``): gathering the patches, hashing (projection, centring, bit
+packing), bucketing (sorting codes, sorting tiles by bucket count), the sparse segment sums (bucket
+means of the inputs and merged filters), the reduced conv (batched matmuls), the rest of the kernel
+(segment indices, im2col of the means, restoring the tile order) and stitching the tiles into the
+output map.
 
-    python -m benchmarks.haste_speed                       # resnet18, L=14, batches 1 and 32
+    python -m benchmarks.haste_speed                       # resnet18, L=12, batches 1 and 32
     python -m benchmarks.haste_speed --models resnet18 resnet34 --threads 1
 
 Writes ``benchmarks/results/haste_speed.md``.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import platform
 import statistics
 import time
@@ -35,26 +36,28 @@ import torch
 
 import fxslim
 import fxslim.runtime.haste as haste_runtime
+import fxslim.runtime.haste_kernel as haste_kernel
 from benchmarks.command import command_line
+from benchmarks.resnet_checkpoints import ZOO_WEIGHT_DECAY, checkpoint_name
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import pad_to_32, resnet18, resnet34
+from fxslim.runtime.haste import record_buckets
 
 _HERE = Path(__file__).resolve().parent
 _BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
-# kernel helper -> stage; time inside _reduced_conv is split by the torch calls it makes
-_STAGES = {
-    "_patches": "patches", "_hash_codes": "hashing", "_buckets": "bucketing",
-    "_bucket_sums": "merging (input sums)", "_stitch": "stitching",
-}
-_REDUCED = {"addmm": "filter merge", "bmm": "reduced conv (matmul)", "baddbmm": "reduced conv (matmul)"}
-_ORDER = ("patches", "hashing", "bucketing", "merging (input sums)", "tile sorting and reordering",
-          "im2col and chunk set-up", "filter merge", "reduced conv (matmul)", "stitching")
+# kernel helper -> stage; time inside _group is also split by the torch calls it makes
+_STAGES = {"patches": "patches", "hash_codes": "hashing", "tile_buckets": "bucketing"}
+_TORCH = {"addmm": "segment sums (means, filter merge)", "bmm": "reduced conv (matmul)",
+          "baddbmm": "reduced conv (matmul)"}
+_ORDER = ("patches", "hashing", "bucketing", "segment sums (means, filter merge)", "reduced conv (matmul)",
+          "indices, im2col, tile order", "stitching")
 
 
-def load_model(name: str, width: float, cache: Path) -> tuple[torch.nn.Module, str]:
-    """The trained checkpoint ``<cache>/<name>_w<width·100>_mnist.pt`` if present, else random weights."""
+def load_model(name: str, width: float, cache: Path,
+               weight_decay: float = ZOO_WEIGHT_DECAY) -> tuple[torch.nn.Module, str]:
+    """The trained checkpoint ``<cache>/<checkpoint_name>.pt`` if present, else random weights."""
     model = _BUILDERS[name](num_classes=10, in_channels=1, width=width)
-    path = cache / f"{name}_w{round(width * 100):03d}_mnist.pt"
+    path = cache / f"{checkpoint_name(name, width, weight_decay)}.pt"
     if path.exists():
         model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return model.eval(), f"trained ({path.name})"
@@ -74,18 +77,18 @@ def _ms(fn: Callable[[], object]) -> float:
     return 1e3 * (time.perf_counter() - start)
 
 
-def side_by_side(dense: Callable, haste: Callable, rounds: int) -> tuple[float, float, float]:
-    """Median ms of dense and HASTE over alternating rounds, and the median per-round ratio."""
+def side_by_side(dense: Callable, haste: Callable, rounds: int,
+                 clock: Callable[[], float] = time.perf_counter) -> tuple[float, float, float]:
+    """Median ms of dense and HASTE over alternating rounds, and the median per-round ratio, on ``clock``."""
     dense(), haste()  # warm-up
     times = []
     for i in range(rounds):
-        if i % 2 == 0:
-            d = _ms(dense)
-            h = _ms(haste)
-        else:
-            h = _ms(haste)
-            d = _ms(dense)
-        times.append((d, h))
+        pair = {}
+        for name, fn in (("dense", dense), ("haste", haste)) if i % 2 == 0 else (("haste", haste), ("dense", dense)):
+            start = clock()
+            fn()
+            pair[name] = 1e3 * (clock() - start)
+        times.append((pair["dense"], pair["haste"]))
     ratio = statistics.median(h / d for d, h in times)
     return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times), ratio
 
@@ -94,53 +97,45 @@ def side_by_side(dense: Callable, haste: Callable, rounds: int) -> tuple[float, 
 def stage_timers() -> Iterator[dict[str, float]]:
     """Seconds per stage of the HASTE kernel while active (wrappers on its module-level helpers)."""
     totals: dict[str, float] = defaultdict(float)
-    depth = {"reduced": 0}
-    saved = {name: getattr(haste_runtime, name) for name in (*_STAGES, "_reduced_conv", "_haste_conv2d_cpu")}
-    saved_torch = {name: getattr(torch, name) for name in _REDUCED}
+    inside = {"group": 0}
+    kernel_saved = {name: getattr(haste_kernel, name) for name in (*_STAGES, "_group")}
+    runtime_saved = {name: getattr(haste_runtime, name) for name in ("_stitch", "_haste_conv2d_cpu")}
+    torch_saved = {name: getattr(torch, name) for name in _TORCH}
 
-    def timed(name: str, fn: Callable, stage: str | None) -> Callable:
+    def timed(fn: Callable, stage: str, always: bool = True) -> Callable:
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            try:
-                if name == "_reduced_conv":
-                    depth["reduced"] += 1
-                return fn(*args, **kwargs)
-            finally:
-                elapsed = time.perf_counter() - start
-                if name == "_reduced_conv":
-                    depth["reduced"] -= 1
-                totals[stage or name] += elapsed
-        return wrapper
-
-    def timed_torch(name: str, fn: Callable) -> Callable:
-        def wrapper(*args, **kwargs):
-            if not depth["reduced"]:
+            if not (always or inside["group"]):
                 return fn(*args, **kwargs)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
-                totals[_REDUCED[name]] += time.perf_counter() - start
+                totals[stage] += time.perf_counter() - start
         return wrapper
 
-    for name, fn in saved.items():
-        setattr(haste_runtime, name, timed(name, fn, _STAGES.get(name)))
-    for name, fn in saved_torch.items():
-        setattr(torch, name, timed_torch(name, fn))
+    def group(*args, **kwargs):
+        inside["group"] += 1
+        try:
+            return timed(kernel_saved["_group"], "_group")(*args, **kwargs)
+        finally:
+            inside["group"] -= 1
+
+    for name, fn in kernel_saved.items():
+        setattr(haste_kernel, name, group if name == "_group" else timed(fn, _STAGES[name]))
+    haste_runtime._stitch = timed(runtime_saved["_stitch"], "stitching")
+    haste_runtime._haste_conv2d_cpu = timed(runtime_saved["_haste_conv2d_cpu"], "kernel")
+    for name, fn in torch_saved.items():
+        setattr(torch, name, timed(fn, _TORCH[name], always=False))
     try:
         yield totals
     finally:
-        for name, fn in saved.items():
-            setattr(haste_runtime, name, fn)
-        for name, fn in saved_torch.items():
-            setattr(torch, name, fn)
-        kernel = totals.pop("_haste_conv2d_cpu", 0.0)
-        reduced = totals.pop("_reduced_conv", 0.0)
-        inside = sum(totals[s] for s in set(_REDUCED.values()))
-        totals["im2col and chunk set-up"] = reduced - inside  # copies, assignment indices, weight blocks
-        named = sum(v for k, v in totals.items() if k in _ORDER and k != "tile sorting and reordering")
-        totals["tile sorting and reordering"] = kernel - named
-        totals["kernel"] = kernel
+        for module, saved in ((haste_kernel, kernel_saved), (haste_runtime, runtime_saved), (torch, torch_saved)):
+            for name, fn in saved.items():
+                setattr(module, name, fn)
+        group_total = totals.pop("_group", 0.0)
+        # patches, hashing and bucketing run inside _group too
+        named = sum(totals[s] for s in {*_STAGES.values(), *_TORCH.values()})  # bmm and baddbmm share a stage
+        totals["indices, im2col, tile order"] = group_total - named
 
 
 def profile(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> tuple[dict[str, float], float]:
@@ -152,11 +147,36 @@ def profile(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> tuple[dict[
     return {k: 1e3 * v / rounds for k, v in totals.items()}, whole / rounds
 
 
+def merge_floor(dense: torch.nn.Module, haste: torch.nn.Module, x: torch.Tensor,
+                rounds: int) -> tuple[int, float, float]:
+    """(merged filter values, ms, share of the dense forward): the floor of HASTE's filter merge.
+
+    Every tile τ of every HASTE conv writes B_τ·k²·O merged filter values; with the bucket counts this
+    input really gives (``record_buckets``), time only writing that many floats, in cache-sized chunks
+    as the kernel writes them, alternating with the dense forward (median per-round ratio).
+    """
+    with torch.no_grad(), record_buckets() as record:
+        haste(x)
+    values = sum(s.buckets * s.kernel_size[0] * s.kernel_size[1] * s.out_channels for s in record.values())
+    chunk = haste_kernel.CHUNK_ELEMENTS
+    buffer = torch.empty(chunk)
+
+    def write() -> None:
+        for start in range(0, values, chunk):
+            buffer[: min(chunk, values - start)].fill_(1.0)
+
+    with torch.no_grad():
+        _, floor_ms, ratio = side_by_side(lambda: dense(x), write, rounds)
+    return values, floor_ms, ratio
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=sorted(_BUILDERS), default=["resnet18"])
     parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--L", type=int, default=14)
+    parser.add_argument("--weight-decay", type=float, default=ZOO_WEIGHT_DECAY,
+                        help="the checkpoint trained with this weight decay (train_resnet_mnist's flag)")
+    parser.add_argument("--L", type=int, default=12)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
@@ -166,21 +186,25 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     images = pad_to_32(mnist_5k().x_test[: max(args.batches)])
-    speed_rows, profile_rows, sources = [], [], []
+    load_before = os.getloadavg()[0]
+    speed_rows, profile_rows, floor_rows, sources = [], [], [], []
     for name in args.models:
-        dense, source = load_model(name, args.width, args.cache)
+        dense, source = load_model(name, args.width, args.cache, args.weight_decay)
         sources.append(f"{name}: {source}")
         haste = haste_model(dense, images, args.L)
         with torch.no_grad():
             for batch in args.batches:
                 x = images[:batch]
                 d_ms, h_ms, ratio = side_by_side(lambda: dense(x), lambda: haste(x), args.rounds)
-                speed_rows.append(f"| {name} | {batch} | {d_ms:.1f} | {h_ms:.1f} | {ratio:.2f}× |")
+                _, _, cpu_ratio = side_by_side(lambda: dense(x), lambda: haste(x), args.rounds, time.process_time)
+                speed_rows.append(f"| {name} | {batch} | {d_ms:.1f} | {h_ms:.1f} | {ratio:.2f}× | {cpu_ratio:.2f}× |")
         for batch in args.batches:
             stages, whole = profile(haste, images[:batch], max(1, args.rounds // 2))
             kernel = stages["kernel"]
             cells = [f"{stages.get(s, 0.0):.1f} ({100 * stages.get(s, 0.0) / kernel:.0f} %)" for s in _ORDER]
             profile_rows.append(f"| {name} | {batch} | {whole:.1f} | {kernel:.1f} | " + " | ".join(cells) + " |")
+            values, floor_ms, share = merge_floor(dense, haste, images[:batch], args.rounds)
+            floor_rows.append(f"| {name} | {batch} | {values / 1e6:.1f} M | {floor_ms:.1f} | {100 * share:.0f} % |")
     text = "\n".join([
         "# HASTE ResNet wall-clock vs dense (CPU)",
         "",
@@ -190,10 +214,12 @@ def main(argv: list[str] | None = None) -> None:
         f"Models at width {args.width}: {'; '.join(sources)}. Inputs: MNIST-5k test digits padded to 32×32. "
         f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}; wall clock "
         f"(time.perf_counter), {args.rounds} alternating rounds, medians; the machine is shared, so compare "
-        "within a row.",
+        f"within a row (1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after). The "
+        "last column repeats the rounds on this process's CPU time (time.process_time): on a loaded machine a "
+        "longer call is more often descheduled, which inflates wall-clock ratios and not this one.",
         "",
-        "| model | batch | dense ms | HASTE ms | HASTE / dense |",
-        "| --- | ---: | ---: | ---: | ---: |",
+        "| model | batch | dense ms | HASTE ms | HASTE / dense | HASTE / dense, CPU time |",
+        "| --- | ---: | ---: | ---: | ---: | ---: |",
         *speed_rows,
         "",
         "## Where the HASTE time goes",
@@ -205,6 +231,16 @@ def main(argv: list[str] | None = None) -> None:
         "| model | batch | forward ms | HASTE kernels ms | " + " | ".join(_ORDER) + " |",
         "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in _ORDER) + " |",
         *profile_rows,
+        "",
+        "## The floor: writing the merged filters",
+        "",
+        "Whatever the kernel, HASTE writes B·k²·O merged filter values per tile (Σ over the tiles and HASTE "
+        "convs of this input, bucket counts as measured). Time to only write that many floats (cache-sized "
+        "chunks, as the kernel does), and its share of the dense model's forward time:",
+        "",
+        "| model | batch | merged filter values | write ms | share of dense time |",
+        "| --- | ---: | ---: | ---: | ---: |",
+        *floor_rows,
         "",
     ])
     args.out.parent.mkdir(parents=True, exist_ok=True)

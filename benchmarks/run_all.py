@@ -41,7 +41,7 @@ _EXTRA_RUNS = {"haste_accuracy": [(*weight_decay_flag(ZOO_WEIGHT_DECAY).split(),
 _ORDER = (
     "estimate_speed",
     "prom_op_speed", "prom_speed", "prom_vs_peers", "prom_energy_storage", "prom_accuracy",
-    "haste_op_speed", "haste_speed", "haste_accuracy",
+    "haste_op_speed", "haste_speed", "haste_accuracy", "haste_vs_pruning",
     "httm_speed", "httm_fidelity", "httm_vggt1b_cost",
     "demo_results",
 )

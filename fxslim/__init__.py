@@ -6,10 +6,12 @@
     qat = fxslim.prepare(model, example_inputs)           # PROM QAT model; train it, then
     int_model = fxslim.convert(qat)                        # integer GraphModule of torch.ops.fxslim ops
     torch.compile(model, backend="fxslim", options={"passes": ["haste"]})
+    fxslim.reestimate_bn_statistics(res.module, unlabelled_batches)   # optional, for HASTE: not data-free
 """
 
 from fxslim import runtime  # registers the torch.ops.fxslim.* custom ops
 from fxslim.api import OptimizeReport, OptimizeResult, optimize, prepare
+from fxslim.bn_statistics import reestimate_bn_statistics
 from fxslim.capture import capture
 from fxslim.config import Config
 from fxslim.cost_model import Conventions, compare, estimate
@@ -23,6 +25,6 @@ from fxslim.policy import Policy
 __all__ = [
     "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy",
     "parse_pass", "register_pass", "registered_passes", "runtime", "estimate", "compare", "Conventions",
-    "PROM", "prepare", "calibrate", "convert", "HASTE", "HTTM",
+    "PROM", "prepare", "calibrate", "convert", "HASTE", "HTTM", "reestimate_bn_statistics",
 ]
 __version__ = "0.1.0"

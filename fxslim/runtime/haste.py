@@ -20,11 +20,10 @@ Choices the method leaves open (the loop oracle in ``haste_reference`` implement
   contiguous, like ``F.conv2d``.
 - Real kernel for CPU only; fake/meta tensors (tracing, export) work on any device.
 
-The kernel computes the reduced conv for real (never a dense conv on bucket means): codes by one
-matmul with the planes, buckets by sorting the codes of each tile, bucket sums by scatter-add,
-merged filters per tile by a sparse [B, C] × [C, k²·O] product (O·k²·C multiply-adds; the 1/|b| of
-the mean rides along), then one batched matmul per chunk of tiles with similar bucket counts.
-``record_buckets()`` collects per-layer bucket statistics from the running kernel, for measured
+The kernel (``fxslim.runtime.haste_kernel``) computes the reduced conv for real, never a dense conv
+on bucket means: codes by one matmul with the planes, buckets by sorting the codes of each tile,
+bucket means and merged filters as sparse segment sums (O·k²·C additions per tile), then batched
+matmuls over chunks of tiles with similar bucket counts. ``record_buckets()`` collects per-layer bucket statistics from the running kernel, for measured
 FLOPs. FlopCounterMode counts the dense conv FLOPs (an upper bound of the reduced conv alone; the
 HASTE work depends on the data, see ``record_buckets``).
 """
@@ -33,14 +32,14 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import math
-import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
+
+from fxslim.runtime.haste_kernel import haste_conv2d_tiles
 
 __all__ = [
     "haste_conv2d",
@@ -55,10 +54,6 @@ __all__ = [
 
 MAX_PLANES = 53  # codes are packed exactly into float64 integers
 _SUPPORTED_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
-# Merged filters of one chunk of tiles are kept under this many elements (cache-sized; larger
-# chunks made the sparse merge several times slower per addition on the reference machine).
-_CHUNK_ELEMENTS = 1 << 20
-_OUT_BLOCK = 128  # output channels per merged-filter block (same reason)
 
 _SCHEMA = (
     "(Tensor x, Tensor weight, Tensor? bias, Tensor planes, int[2] stride, int[2] padding, "
@@ -310,164 +305,33 @@ def _haste_conv2d_flops(x_shape, w_shape, bias_shape, planes_shape, *args, out_s
 
 
 # ----------------------------------------------------------------------------------------------
-# Vectorised CPU kernel
+# CPU kernel wrapper (the kernel itself: fxslim.runtime.haste_kernel)
 
 
 def _haste_conv2d_cpu(x, weight, bias, planes, stride, padding, dilation, tile, center, layer, memory_format):
-    """[N, O, H_out, W_out] in ``memory_format``; see the module docstring for the algorithm."""
+    """[N, O, H_out, W_out] in ``memory_format``; see ``fxslim.runtime.haste_kernel`` for the algorithm."""
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     h_out, w_out = output_shape((h, w), (kh, kw), stride, padding, dilation)
-    th, tw = patch_shape((kh, kw), stride, dilation, tile)
-    nth, ntw = math.ceil(h_out / tile), math.ceil(w_out / tile)
     if n == 0:
         return x.new_zeros((0, o, h_out, w_out)).contiguous(memory_format=memory_format)
-    patches = _patches(x, (kh, kw), stride, padding, dilation, tile)  # [tiles, th·tw, C]
-    codes = _hash_codes(patches, planes, center)  # [tiles, C]
-    bucket_count, sizes, by_code, rank = _buckets(codes)
-    # Tiles sorted by bucket count, so that a chunk of neighbours pads to a similar B.
-    order = bucket_count.argsort(stable=True)
-    sums = _bucket_sums(patches, by_code, rank, sizes.shape[1]).index_select(0, order)
-    sums = sums.view(-1, th, tw, sizes.shape[1])
-    bucket_count, sizes, by_code, rank = (t.index_select(0, order) for t in (bucket_count, sizes, by_code, rank))
-    # 1/|b| goes into the filter merge: mean(x_b) ⋆ Σ W_b = Σ x_b ⋆ (Σ W_b / |b|).
-    inverse_size = (1.0 / sizes.clamp(min=1).to(x.dtype)).gather(1, rank)  # per channel, code order
-    out_sorted = _reduced_conv(
-        sums, weight, bias, bucket_count.tolist(), sizes, by_code, inverse_size, stride, dilation, tile
-    )
-    out_tiles = torch.empty_like(out_sorted).index_copy_(0, order, out_sorted)
-    y = _stitch(out_tiles, n, nth, ntw, tile, (h_out, w_out), memory_format)
+    out_tiles, buckets = haste_conv2d_tiles(x, weight, bias, planes, stride, padding, dilation, tile, center)
+    y = _stitch(out_tiles, (h_out, w_out), memory_format)
     if layer and _ACTIVE_RECORD.get() is not None:
+        nth, ntw = out_tiles.shape[1:3]
         valid_h = (h_out - torch.arange(nth) * tile).clamp(max=tile)
         valid_w = (w_out - torch.arange(ntw) * tile).clamp(max=tile)
-        stats = HasteStats(c, o, (kh, kw), (th, tw), planes.shape[0], tile)
-        per_tile = torch.empty_like(bucket_count).scatter_(0, order, bucket_count)
-        _record(layer, stats, per_tile.view(n, nth * ntw), (valid_h[:, None] * valid_w).reshape(-1))
+        stats = HasteStats(c, o, (kh, kw), patch_shape((kh, kw), stride, dilation, tile), planes.shape[0], tile)
+        _record(layer, stats, buckets, (valid_h[:, None] * valid_w).reshape(-1))
     return y
 
 
-def _patches(x, kernel_size, stride, padding, dilation, tile) -> Tensor:
-    """[N·nth·ntw, th·tw, C] every tile's input patch, tiles row-major per sample, channels last.
-
-    A zero canvas holds the padded input cropped to the rows/columns the conv reads, extended to
-    whole tiles; tile (i, j) is the th×tw window at (i·T·σ_h, j·T·σ_w), so edge tiles see zeros
-    beyond the receptive field of their valid outputs. Channels last keeps the copy's runs long.
-    """
-    n, c, h, w = x.shape
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
-    h_out, w_out = output_shape((h, w), kernel_size, stride, padding, dilation)
-    th, tw = patch_shape(kernel_size, stride, dilation, tile)
-    nth, ntw = math.ceil(h_out / tile), math.ceil(w_out / tile)
-    used_h, used_w = (h_out - 1) * sh + (kh - 1) * dh + 1, (w_out - 1) * sw + (kw - 1) * dw + 1
-    rows, cols = max(0, min(h, used_h - ph)), max(0, min(w, used_w - pw))
-    ch, cw = (nth - 1) * tile * sh + th, (ntw - 1) * tile * sw + tw
-    canvas = x.new_zeros((n, ch, cw, c))
-    canvas[:, ph : ph + rows, pw : pw + cols] = x[:, :, :rows, :cols].permute(0, 2, 3, 1)
-    windows = canvas.as_strided(
-        (n, nth, ntw, th, tw, c), (ch * cw * c, tile * sh * cw * c, tile * sw * c, cw * c, c, 1)
-    )
-    return windows.reshape(n * nth * ntw, th * tw, c)
-
-
-def _hash_codes(patches: Tensor, planes: Tensor, center: bool) -> Tensor:
-    """[tiles, C] int64 codes: bit l = 1[<z, r_l> > 0], z a channel's (centred) patch.
-
-    Centring after projecting equals centring before (linearity) and touches L instead of d values.
-    """
-    proj = torch.matmul(planes, patches)  # [L, d] @ [tiles, d, C] -> [tiles, L, C]
-    if center:
-        proj -= proj.mean(dim=2, keepdim=True)
-    # Pack the bits with a matmul against 2^l: exact in float32 up to 24 bits, float64 up to 53.
-    dtype = torch.float32 if planes.shape[0] <= 24 else torch.float64
-    powers = torch.full((planes.shape[0],), 2.0, dtype=dtype).pow(torch.arange(planes.shape[0]))
-    return torch.matmul(powers, (proj > 0).to(dtype)).to(torch.int64)  # [L] @ [tiles, L, C] -> [tiles, C]
-
-
-def _buckets(codes: Tensor):
-    """Group equal codes per tile.
-
-    Returns B per tile [tiles], bucket sizes [tiles, B_max], channels sorted by code [tiles, C]
-    (each bucket's channels contiguous, buckets in id order) and the bucket id in that order.
-    """
-    sorted_codes, by_code = codes.sort(dim=1)
-    rank = torch.zeros_like(sorted_codes)  # +1 wherever the code changes
-    rank[:, 1:] = (sorted_codes[:, 1:] != sorted_codes[:, :-1]).cumsum(1)
-    bucket_count = rank[:, -1] + 1
-    sizes = torch.zeros((codes.shape[0], int(bucket_count.max())), dtype=torch.int64)
-    sizes.scatter_add_(1, rank, torch.ones_like(rank))
-    return bucket_count, sizes, by_code, rank
-
-
-def _bucket_sums(patches: Tensor, by_code: Tensor, rank: Tensor, b_max: int) -> Tensor:
-    """[tiles, th·tw, b_max] sums of the raw patches [tiles, th·tw, C] per bucket (columns past B zero)."""
-    tiles, d, c = patches.shape
-    bucket = torch.empty_like(rank).scatter_(1, by_code, rank)  # bucket id of each channel
-    return patches.new_zeros((tiles, d, b_max)).scatter_add_(2, bucket[:, None, :].expand(tiles, d, c), patches)
-
-
-def _reduced_conv(sums, weight, bias, counts, sizes, by_code, inverse_size, stride, dilation, tile) -> Tensor:
-    """[tiles, T·T, O] conv of each tile's B merged channels with its B merged filters (+ bias).
-
-    Per tile:  y [p, O] = bias + im2col(S) [p, B·k²] @ W̃ [B·k², O],  W̃_b = Σ_{c in b} W_c / |b|,
-    S_b the bucket sums. W̃ comes from a sparse [B, C] assignment times W (O·k²·C multiply-adds).
-    Tiles go in chunks (padded to the chunk's largest B) and output channels in blocks, so the W̃
-    of one step stays cache-sized.
-    """
-    tiles, th, tw, b_max = sums.shape
-    o, c, kh, kw = weight.shape
-    (sh, sw), (dh, dw), k2, p = stride, dilation, kh * kw, tile * tile
-    o_block = min(o, _OUT_BLOCK)
-    w_blocks = [  # [C, k²·o_block] rows of W, one matrix per output block
-        weight[o0 : o0 + o_block].permute(1, 2, 3, 0).reshape(c, -1) for o0 in range(0, o, o_block)
-    ]
-    out = sums.new_empty((tiles, p, o))
-    buffer = sums.new_empty(max(_CHUNK_ELEMENTS, b_max * k2 * o_block))
-    start = 0
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        while start < tiles:
-            stop = start + 1
-            while stop < tiles and (stop + 1 - start) * counts[stop] * k2 * o_block <= _CHUNK_ELEMENTS:
-                stop += 1
-            m, b = stop - start, counts[stop - 1]
-            crow = torch.zeros(m * b + 1, dtype=torch.int64)
-            crow[1:] = sizes[start:stop, :b].reshape(-1).cumsum(0)
-            assign = torch.sparse_csr_tensor(
-                crow, by_code[start:stop].reshape(-1), inverse_size[start:stop].reshape(-1), (m * b, c),
-                check_invariants=False,
-            )
-            # im2col of the first b bucket sums, [m, p, b·k²]: one strided copy per kernel offset
-            # reads runs of b contiguous values (a single gather over all offsets reads 1 at a time).
-            cols = sums.new_empty((m, tile, tile, b, kh, kw))
-            for i in range(kh):
-                for j in range(kw):
-                    rows_ = slice(i * dh, i * dh + (tile - 1) * sh + 1, sh)
-                    cols_ = slice(j * dw, j * dw + (tile - 1) * sw + 1, sw)
-                    cols[..., i, j] = sums[start:stop, rows_, cols_, :b]
-            cols = cols.view(m, p, b * k2)
-            for block, w_rows in enumerate(w_blocks):
-                # addmm into a buffer: torch.sparse.mm zero-fills and copies its result (~30x slower).
-                merged_w = buffer[: m * b * w_rows.shape[1]].view(m * b, -1)
-                torch.addmm(merged_w, assign, w_rows, beta=0, out=merged_w)
-                merged_w = merged_w.view(m, b * k2, -1)
-                o0, o1 = block * o_block, block * o_block + merged_w.shape[2]
-                target = out[start:stop] if len(w_blocks) == 1 else out.new_empty((m, p, o1 - o0))
-                if bias is None:
-                    torch.bmm(cols, merged_w, out=target)
-                else:
-                    torch.baddbmm(bias[o0:o1].view(1, 1, -1), cols, merged_w, out=target)
-                if len(w_blocks) > 1:
-                    out[start:stop, :, o0:o1] = target
-            start = stop
-    return out
-
-
-def _stitch(out_tiles, n, nth, ntw, tile, size, memory_format) -> Tensor:
-    """Tiles [N·nth·ntw, T·T, O] -> [N, O, H_out, W_out] in ``memory_format``."""
-    o = out_tiles.shape[2]
-    full = out_tiles.new_empty((n, o, nth * tile, ntw * tile)).contiguous(memory_format=memory_format)
-    grid = full.unflatten(3, (ntw, tile)).unflatten(2, (nth, tile))  # [N, O, nth, T, ntw, T] view
-    grid.copy_(out_tiles.view(n, nth, ntw, tile, tile, o).permute(0, 5, 1, 3, 2, 4))
+def _stitch(out_tiles: Tensor, size: tuple[int, int], memory_format) -> Tensor:
+    """Tiles [N, nth, ntw, T, T, blocks, O/blocks] -> [N, O, H_out, W_out] in ``memory_format``."""
+    n, nth, ntw, tile, _, blocks, o_block = out_tiles.shape
+    full = out_tiles.new_empty((n, blocks * o_block, nth * tile, ntw * tile)).contiguous(memory_format=memory_format)
+    grid = full.unflatten(3, (ntw, tile)).unflatten(2, (nth, tile)).unflatten(1, (blocks, o_block))  # view
+    grid.copy_(out_tiles.permute(0, 5, 6, 1, 3, 2, 4))  # [N, blocks, O/blocks, nth, T, ntw, T]
     if tuple(full.shape[2:]) == tuple(size):
         return full
     return full[:, :, : size[0], : size[1]].clone(memory_format=memory_format)

@@ -288,6 +288,29 @@ def test_haste_conv2d_other_dtypes_match_float32_computation(dtype):
     _close(y.float(), expected, tol)
 
 
+def test_haste_conv2d_weight_changed_in_place_uses_the_new_values():
+    # The kernel keeps a transposed copy per weight tensor; an in-place change must not reuse it.
+    g = _gen(13)
+    x, weight = torch.randn(2, 6, 9, 9, generator=g), torch.randn(4, 6, 3, 3, generator=g)
+    planes = _planes((3, 3), (1, 1), (1, 1), 4, L=6)
+    before = _run(x, weight, None, planes, (1, 1), (1, 1))
+    weight.mul_(2.0)
+    _close(_run(x, weight, None, planes, (1, 1), (1, 1)), 2.0 * before)
+    _close(_run(x, weight.clone(), None, planes, (1, 1), (1, 1)), 2.0 * before)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_haste_conv2d_under_inference_mode_matches_grad_mode(dtype):
+    g = _gen(14)
+    x, weight = torch.randn(2, 6, 9, 9, generator=g).to(dtype), torch.randn(4, 6, 3, 3, generator=g).to(dtype)
+    planes = _planes((3, 3), (1, 1), (1, 1), 4, L=6)
+    expected = _run(x, weight, None, planes, (1, 1), (1, 1))
+    with torch.inference_mode():
+        inference_weight = weight.clone()  # an inference tensor: no version counter
+        for w in (weight, inference_weight, inference_weight):
+            torch.testing.assert_close(_run(x, w, None, planes, (1, 1), (1, 1)), expected)
+
+
 def test_haste_conv2d_counts_dense_conv_flops():
     x, weight = torch.randn(2, 6, 9, 9), torch.randn(4, 6, 3, 3)
     planes = _planes((3, 3), (2, 2), (1, 1), 4, L=6)

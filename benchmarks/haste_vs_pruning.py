@@ -1,0 +1,236 @@
+"""HASTE against data-free channel pruning (Torch-Pruning) at matched MACs, each with and without BN statistics.
+
+On the full-width CIFAR-style ResNets trained on MNIST-5k with weight decay 0.01 (checkpoints from
+``train_resnet_mnist.py --weight-decay 0.01``; a model whose checkpoint is missing is reported as such),
+for every L and seed:
+
+- HASTE (``fxslim.optimize(model, x, passes=[HASTE(L, seed)])``): no data at all;
+- HASTE + BN statistics: the hashed model's BN statistics re-estimated
+  (``fxslim.reestimate_bn_statistics``) on ``--calibration`` unlabelled training digits;
+- pruning: Torch-Pruning ``MagnitudePruner`` with L1 importance, stem conv and classifier kept,
+  its ratio bisected until the pruned model's conv and classifier MACs are within 1 % of HASTE's
+  measured ops at that L (mean over seeds, hashing and merging overhead counted, as in
+  ``haste_accuracy``); the weights as pruned, no data;
+- pruning + BN statistics: the pruned model's BN statistics re-estimated on the same digits.
+
+The calibration digits are drawn per seed from the training split (never the test digits); L1
+pruning itself is deterministic, so its no-data row has no spread. Top-1 is on ``--limit`` MNIST-5k
+test digits, wall clock is the median over batches of the variant's time over the dense model's,
+timed back to back.
+
+    python -m benchmarks.haste_vs_pruning                                   # resnet18 and resnet34
+    python -m benchmarks.haste_vs_pruning --models resnet18 --L 12 --seeds 0 --limit 200
+
+Needs ``torch-pruning`` (the ``bench`` extra). Writes ``benchmarks/results/haste_vs_pruning.{md,json}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import fxslim
+from benchmarks.command import command_line
+from benchmarks.haste_accuracy import _DEFAULT, load_model, run_one, setting
+from benchmarks.resnet_checkpoints import ZOO_WEIGHT_DECAY
+from fxslim.models.data import mnist_5k
+from fxslim.models.resnet_cifar import pad_to_32
+
+__all__ = ["prune_to_macs", "main"]
+
+_HERE = Path(__file__).resolve().parent
+_BUDGET = 1.25  # pp of top-1, the paper's
+VARIANTS = ("HASTE", "HASTE + BN statistics", "pruning", "pruning + BN statistics")
+
+
+def _macs(model: torch.nn.Module, example: torch.Tensor) -> int:
+    return int(fxslim.estimate(model, example).total.macs)
+
+
+def prune_to_macs(model: torch.nn.Module, example: torch.Tensor, target: float, tolerance: float = 0.01,
+                  steps: int = 20) -> tuple[torch.nn.Module, float, int]:
+    """(pruned copy, pruning ratio, MACs): L1 magnitude pruning of every conv group but the stem's and
+    the classifier's, its ratio bisected until the copy's MACs are within ``tolerance`` of ``target``.
+
+    Raises ValueError when no ratio gets that close (channels come off whole: a narrow network's
+    MACs move in steps)."""
+    import torch_pruning as tp
+
+    if not 0 < target < _macs(model, example):
+        raise ValueError(f"prune_to_macs: target must be between 0 and the model's MACs, got {target}")
+    low, high, best = 0.0, 0.95, None
+    for _ in range(steps):
+        ratio = (low + high) / 2
+        pruned = copy.deepcopy(model).eval()
+        tp.pruner.MagnitudePruner(
+            pruned, example, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
+            ignored_layers=[pruned.conv1, pruned.fc],
+        ).step()
+        macs = _macs(pruned, example)
+        if best is None or abs(macs - target) < abs(best[2] - target):
+            best = (pruned, ratio, macs)
+        if abs(macs - target) <= tolerance * target:
+            break
+        low, high = (ratio, high) if macs > target else (low, ratio)
+    if abs(best[2] - target) > tolerance * target:
+        raise ValueError(f"prune_to_macs: no ratio within {tolerance:.0%} of {target:,.0f} MACs "
+                         f"(closest {best[2]:,} at ratio {best[1]:.4f})")
+    return best
+
+
+def _evaluate(model: torch.nn.Module, dense: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor,
+              batch: int) -> tuple[float, float]:
+    """(top-1 %, median per-batch time over the dense model's, the two timed back to back, order alternating)."""
+    correct, ratios = 0, []
+    with torch.no_grad():
+        for i, start in enumerate(range(0, len(images), batch)):
+            x = images[start : start + batch]
+            times = {}
+            for name in (("model", "dense") if i % 2 == 0 else ("dense", "model")):
+                begin = time.perf_counter()
+                out = (model if name == "model" else dense)(x)
+                times[name] = time.perf_counter() - begin
+                if name == "model":
+                    correct += int((out.argmax(1) == labels[start : start + batch]).sum())
+            ratios.append(times["model"] / times["dense"])
+    return 100 * correct / len(images), statistics.median(ratios)
+
+
+def _calibration(train: torch.Tensor, count: int, seed: int, batch: int) -> list[torch.Tensor]:
+    """``count`` training digits drawn with ``seed``, in batches (no labels)."""
+    chosen = train[torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:count]]
+    return list(pad_to_32(chosen).split(batch))
+
+
+def run_model(name: str, args: argparse.Namespace, split) -> dict[str, Any]:
+    """Every variant at every L and seed on one model: the rows of its table."""
+    dense, checkpoint = load_model(name, args.width, args.cache, args.weight_decay)
+    images, labels = pad_to_32(split.x_test[: args.limit]), split.y_test[: args.limit]
+    example = images[:1]
+    dense_macs = _macs(dense, example)
+    with torch.no_grad():
+        dense_pred = torch.cat([dense(images[s : s + args.batch]).argmax(1) for s in range(0, len(images), args.batch)])
+    dense_top1 = 100 * float((dense_pred == labels).float().mean())
+    config = setting(_DEFAULT)
+    rows = []
+    for L in args.L:
+        runs: dict[str, list[dict[str, float]]] = {v: [] for v in VARIANTS}
+        for seed in args.seeds:
+            calibration = _calibration(split.x_train, args.calibration, seed, args.batch)
+            for variant, batches in (("HASTE", None), ("HASTE + BN statistics", calibration)):
+                run = run_one(dense, images, labels, dense_pred, dense_macs, L, seed, config, args.batch, 1, batches)
+                runs[variant].append({"top1": run["top1"], "cut": run["reduction"], "time": run["time_ratio"]})
+        target = dense_macs * (1 - statistics.mean(r["cut"] for r in runs["HASTE"]) / 100)
+        pruned, ratio, macs = prune_to_macs(dense, example, target, args.tolerance)
+        cut = 100 * (1 - macs / dense_macs)
+        top1, time_ratio = _evaluate(pruned, dense, images, labels, args.batch)
+        runs["pruning"].append({"top1": top1, "cut": cut, "time": time_ratio})
+        for seed in args.seeds:
+            calibrated = fxslim.reestimate_bn_statistics(pruned, _calibration(split.x_train, args.calibration, seed, args.batch))
+            top1, time_ratio = _evaluate(calibrated, dense, images, labels, args.batch)
+            runs["pruning + BN statistics"].append({"top1": top1, "cut": cut, "time": time_ratio})
+        rows.append({"L": L, "pruning_ratio": ratio, "runs": runs})
+        print(f"{name} L={L}: " + ", ".join(
+            f"{v} {statistics.mean(r['top1'] for r in runs[v]):.2f} %" for v in VARIANTS), flush=True)
+    return {"checkpoint": checkpoint, "dense_top1": dense_top1, "dense_macs": dense_macs, "rows": rows}
+
+
+def _cell(values: list[float], fmt: str = ".2f") -> str:
+    mean = statistics.mean(values)
+    return f"{mean:{fmt}}" if len(values) == 1 else f"{mean:{fmt}} ± {statistics.stdev(values):{fmt}}"
+
+
+def landing(name: str, model: dict[str, Any]) -> str:
+    """Which variants stay within the paper's 1.25 pp at each L, plainly."""
+    dense, lines = model["dense_top1"], []
+    for row in model["rows"]:
+        within = [v for v in VARIANTS if dense - statistics.mean(r["top1"] for r in row["runs"][v]) <= _BUDGET + 1e-9]
+        cut = statistics.mean(r["cut"] for r in row["runs"]["HASTE"])
+        lines.append(f"L = {row['L']} (−{cut:.1f} % MACs): within {_BUDGET} pp of dense: "
+                     f"{', '.join(within) if within else 'none'}")
+    return f"**{name}**: " + "; ".join(lines) + "."
+
+
+def to_markdown(data: dict[str, Any]) -> str:
+    lines = ["# HASTE vs data-free channel pruning at matched MACs (MNIST-5k, CIFAR-style ResNets)", "",
+             f"Generated by `{data['command']}`.", "", data["setup"], ""]
+    for name, model in data["models"].items():
+        if "missing" in model:
+            lines += [f"## {name}", "", model["missing"], ""]
+            continue
+        lines += [
+            f"## {name} (checkpoint `{model['checkpoint']}`)", "",
+            f"Dense: top-1 {model['dense_top1']:.2f} %, {model['dense_macs']:,} MACs per image. "
+            "Top-1 and time are mean ± std over seeds (the calibration digits and, for HASTE, the planes); "
+            "time is the variant's over the dense model's.", "",
+            "| L | MACs cut % (HASTE / pruning) | HASTE top-1 % | HASTE + BN stats | pruning (L1) | "
+            "pruning + BN stats | HASTE / dense time | HASTE + stats time | pruned / dense time |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for row in model["rows"]:
+            runs = row["runs"]
+            top1 = [_cell([r["top1"] for r in runs[v]]) for v in VARIANTS]
+            lines.append(
+                f"| {row['L']} | {_cell([r['cut'] for r in runs['HASTE']], '.1f')} / {runs['pruning'][0]['cut']:.1f} "
+                f"| {' | '.join(top1)} | {_cell([r['time'] for r in runs['HASTE']])}× "
+                f"| {_cell([r['time'] for r in runs['HASTE + BN statistics']])}× "
+                f"| {_cell([r['time'] for r in runs['pruning + BN statistics']])}× |"
+            )
+        lines += ["", landing(name, model), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=("resnet18", "resnet34"), default=["resnet18", "resnet34"])
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--weight-decay", type=float, default=ZOO_WEIGHT_DECAY,
+                        help="the checkpoints trained with this weight decay (train_resnet_mnist's flag)")
+    parser.add_argument("--L", type=int, nargs="+", default=[10, 11, 12])  # the deep cuts: L <= 12
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--calibration", type=int, default=500, help="unlabelled training digits for BN statistics")
+    parser.add_argument("--tolerance", type=float, default=0.01, help="pruned MACs within this share of HASTE's")
+    parser.add_argument("--limit", type=int, default=1000, help="test digits used (all 1,000 by default)")
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--cache", type=Path, default=_HERE / ".cache")
+    parser.add_argument("--out", type=Path, default=_HERE / "results" / "haste_vs_pruning.md")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    import torch_pruning
+
+    split = mnist_5k()
+    load = os.getloadavg()[0]
+    data: dict[str, Any] = {"command": command_line("benchmarks.haste_vs_pruning", argv), "models": {}}
+    for name in args.models:
+        try:
+            data["models"][name] = run_model(name, args, split)
+        except FileNotFoundError as missing:  # e.g. ResNet34, slow to train on 2 cores
+            data["models"][name] = {"missing": f"Not run: {missing}."}
+    data["setup"] = (
+        f"HASTE: sparsity 2/3, 4×4 tiles, centring on, stem kept dense. Pruning: Torch-Pruning "
+        f"{torch_pruning.__version__} MagnitudePruner, L1 importance, local ratio, stem and classifier kept. "
+        f"BN statistics: re-estimated on {args.calibration} unlabelled MNIST-5k training digits drawn per seed. "
+        f"{args.limit} test digits (32×32), batches of {args.batch}; torch {torch.__version__}, "
+        f"{platform.machine()}, {torch.get_num_threads()} threads; 1-minute load average {load:.1f} at the "
+        f"start, {os.getloadavg()[0]:.1f} at the end (a shared machine: compare times within a row)."
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(data, indent=1))
+    text = to_markdown(data)
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,250 @@
+"""The CPU kernel behind ``fxslim::haste_conv2d``: whole-layer tensor ops, no per-tile Python.
+
+Samples go in groups whose patches fit ``GROUP_ELEMENTS``. For a group:
+
+1. patches: each channel's t_h×t_w input window of each tile, [tiles·C, d] (one strided copy);
+2. codes: one GEMM with the planes, [tiles·C, d] @ [d, L], centring over channels, bits packed;
+3. buckets: each tile's codes sorted, a bucket = a run of equal codes (its channels contiguous);
+   tiles sorted by bucket count B;
+4. bucket means of the inputs: one sparse [tiles·B_max, tiles·C] @ [tiles·C, d] segment mean;
+5. per chunk of tiles (cut so that its merged filters fit ``CHUNK_ELEMENTS``, each tile padded to
+   the chunk's largest B with empty buckets) and per block of output channels:
+   merged filters W̃[τ, ij, b] = Σ_{c∈b} W[:, c, ij] as one sparse 0/1 matrix times the weight's
+   rows [C·k², O] (a segment sum), then the reduced convs as one batched GEMM,
+   y_τ [T·T, O] = im2col(means_τ) [T·T, k²·B] @ W̃_τ [k²·B, O] (+ bias).
+
+Step 5 writes B_τ·k²·O merged filter values per tile (from O·k²·C reads and O·k²·(C − B_τ)
+additions): whatever the kernel, the method has to write them, and ``benchmarks/haste_speed.py``
+times that floor. Intermediates live in per-thread scratch buffers reused across calls; the
+weight's rows are kept per weight tensor.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import warnings
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["TileBuckets", "hash_codes", "patches", "tile_buckets", "weight_rows", "haste_conv2d_tiles"]
+
+# Sizes in elements, from timing full-width ResNet18 on the reference machine (2 shared cores):
+# from 2^19 to 2^23 the model time moved within the noise (±5 %); groups of 2^25 were 50 % slower.
+GROUP_ELEMENTS = 1 << 22  # a group's patches (at least one sample): fewer, larger groups, fewer calls
+BLOCK_ELEMENTS = 1 << 20  # a block of output channels' filter rows, read by every tile's merge
+CHUNK_ELEMENTS = 1 << 21  # a chunk's merged filters, written and read straight back by the GEMM
+
+
+def patches(x: Tensor, kernel_size, stride, padding, dilation, tile: int, grid: tuple[int, int]) -> Tensor:
+    """[N·nth·ntw·C, t_h·t_w] every channel's input window of every tile (tiles row-major per sample).
+
+    A zero canvas holds the padded input cropped to the rows/columns the conv reads, extended to whole
+    tiles; tile (i, j) reads the t_h×t_w window at (i·T·σ_h, j·T·σ_w), so edge tiles see zeros beyond the
+    receptive field of their valid outputs.
+    """
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
+    nth, ntw = grid
+    th, tw = (tile - 1) * sh + (kh - 1) * dh + 1, (tile - 1) * sw + (kw - 1) * dw + 1
+    h_out, w_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    rows = max(0, min(h, (h_out - 1) * sh + (kh - 1) * dh + 1 - ph))  # input rows some output reads
+    cols = max(0, min(w, (w_out - 1) * sw + (kw - 1) * dw + 1 - pw))
+    ch, cw = (nth - 1) * tile * sh + th, (ntw - 1) * tile * sw + tw
+    canvas = _scratch("canvas", (n, c, ch, cw), x).zero_()
+    canvas[:, :, ph : ph + rows, pw : pw + cols] = x[:, :, :rows, :cols]
+    windows = canvas.as_strided((n, nth, ntw, c, th, tw), (c * ch * cw, tile * sh * cw, tile * sw, ch * cw, cw, 1))
+    return _scratch("patches", (n * nth * ntw * c, th * tw), x).view(windows.shape).copy_(windows).view(-1, th * tw)
+
+
+def hash_codes(rows: Tensor, planes: Tensor, channels: int, center: bool) -> Tensor:
+    """[tiles, C] codes (exact integers held in float): bit l = 1[<z, r_l> > 0], z a channel's (centred) window.
+
+    ``rows`` [tiles·C, d]. Centring after projecting equals centring before (linearity) and touches L
+    instead of d values per channel.
+    """
+    L = planes.shape[0]
+    proj = torch.matmul(rows, planes.t()).view(-1, channels, L)  # [tiles·C, d] @ [d, L]
+    if center:
+        proj -= proj.mean(dim=1, keepdim=True)
+    # Pack the bits with a matmul against 2^l: exact in float32 up to 24 bits, float64 up to 53.
+    dtype = torch.float32 if L <= 24 else torch.float64
+    powers = torch.tensor([2.0**bit for bit in range(L)], dtype=dtype)
+    return torch.matmul((proj > 0).to(dtype), powers)  # [tiles, C, L] @ [L] -> [tiles, C]
+
+
+@dataclass(frozen=True)
+class TileBuckets:
+    """Buckets of every tile, tiles sorted by bucket count (row i describes tile ``order[i]``).
+
+    ``count`` [tiles] B per tile; ``channels`` [tiles, C] each tile's channels sorted by code (a
+    bucket's channels contiguous, buckets in code order); ``starts`` [tiles, B_max] where each bucket
+    starts in that order (C for the buckets a tile does not have, so they come out empty);
+    ``bucket_size`` [tiles, C] the size of each channel's bucket, in that order.
+    """
+
+    order: Tensor
+    count: Tensor
+    channels: Tensor
+    starts: Tensor
+    bucket_size: Tensor
+
+
+def tile_buckets(codes: Tensor) -> TileBuckets:
+    """Group equal codes of each row of ``codes`` [tiles, C]; see ``TileBuckets``."""
+    tiles, c = codes.shape
+    sorted_codes, by_code = codes.sort(dim=1)
+    new = torch.ones((tiles, c), dtype=torch.int64)  # 1 where a bucket begins
+    new[:, 1:] = sorted_codes[:, 1:] != sorted_codes[:, :-1]
+    rank = new.cumsum(1) - 1  # bucket of each sorted channel
+    count = rank[:, -1] + 1
+    order = count.argsort(stable=True)
+    sizes = torch.zeros((tiles, int(count.max())), dtype=torch.int64).scatter_add_(1, rank, new.new_ones(()).expand(tiles, c))
+    bucket_size = sizes.gather(1, rank).index_select(0, order)
+    sizes = sizes.index_select(0, order)
+    return TileBuckets(order, count.index_select(0, order), by_code.index_select(0, order), sizes.cumsum(1) - sizes,
+                       bucket_size)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised [shape] tensor of ``like``'s dtype, reused by every call on this thread.
+
+    Fresh allocations of a few MB cost page faults each time (the allocator returns them to the
+    system), which made the kernel's intermediates cost more than computing them; nothing returned
+    by the kernel is scratch.
+    """
+    pool = _SCRATCH.__dict__.setdefault("pool", {})
+    numel = math.prod(shape)
+    buffer = pool.get((name, like.dtype))
+    if buffer is None or buffer.numel() < numel:
+        buffer = pool[(name, like.dtype)] = like.new_empty(max(numel, 1))
+    return buffer[:numel].view(shape)
+
+
+_ROWS: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+
+
+def weight_rows(weight: Tensor) -> Tensor:
+    """[blocks, C·k_h·k_w, O/blocks] contiguous: the filter slice of every (input channel, kernel offset)
+    as a row, output channels cut into blocks of at most about ``BLOCK_ELEMENTS`` values.
+
+    Every tile's merge reads a whole block, so a block should stay in cache. A transposing copy of the
+    weight runs at a few GB/s and costs more than a dense conv at batch 1, so the copy is kept while
+    ``weight`` lives and is not modified in place (same version counter); a new or changed weight gets
+    a new copy (inference tensors, which cannot tell, get a new copy every call).
+    """
+    key, versioned = id(weight), not weight.is_inference()  # inference tensors have no version counter
+    cached = _ROWS.get(key)
+    if versioned and cached is not None and cached[0]() is weight and cached[1] == weight._version:
+        return cached[2]
+    o = weight.shape[0]
+    blocks = math.ceil(weight.numel() / BLOCK_ELEMENTS)
+    while o % blocks:
+        blocks += 1
+    rows = weight.detach().reshape(blocks, o // blocks, -1).transpose(1, 2).contiguous()
+    if versioned:
+        _ROWS[key] = (weakref.ref(weight, lambda _ref, key=key: _ROWS.pop(key, None)), weight._version, rows)
+    return rows
+
+
+def _chunks(count: list[int], row: int) -> list[tuple[int, int, int]]:
+    """(start, stop, padded B) of runs of the sorted tiles whose merged filters (``row`` values per
+    bucket) fit ``CHUNK_ELEMENTS``; a chunk pads its tiles to its last (largest) count."""
+    out, start, tiles = [], 0, len(count)
+    while start < tiles:
+        stop = start + 1
+        while stop < tiles and (stop + 1 - start) * count[stop] * row <= CHUNK_ELEMENTS:
+            stop += 1
+        out.append((start, stop, count[stop - 1]))
+        start = stop
+    return out
+
+
+def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> Tensor:
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
+        return torch.sparse_csr_tensor(crow, col, values, shape, check_invariants=False)
+
+
+def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Tensor) -> None:
+    """Outputs [blocks, tiles, T·T, O/blocks] and bucket counts [tiles] of every tile of the samples x
+    into ``out`` and ``count_out`` (tiles row-major per sample)."""
+    kernel, stride, padding, dilation, tile, grid = geometry
+    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
+    c, (blocks, _, o), k2, p = x.shape[1], w_rows.shape, kh * kw, tile * tile
+    th, tw = (tile - 1) * sh + (kh - 1) * dh + 1, (tile - 1) * sw + (kw - 1) * dw + 1
+    d = th * tw
+    rows = patches(x, kernel, stride, padding, dilation, tile, grid)
+    tiles = rows.shape[0] // c
+    bk = tile_buckets(hash_codes(rows, planes, c, center))
+    b_max = bk.starts.shape[1]
+    # Sparse indices in int32 when they fit (MKL's own index type: int64 ones are converted every call).
+    index = torch.int32 if tiles * k2 * c < 2**31 else torch.int64
+    channels, starts = bk.channels.to(index), bk.starts.to(index)
+    # Means of every (tile, bucket), all tiles padded to B_max: row (τ, b) averages rows order[τ]·C + c.
+    crow = torch.cat([(torch.arange(tiles, dtype=index)[:, None] * c + starts).view(-1),
+                      torch.tensor([tiles * c], dtype=index)])
+    col = (bk.order.to(index)[:, None] * c + channels).view(-1)
+    means = _scratch("means", (tiles * b_max, d), x)
+    torch.addmm(means, _csr(crow, col, bk.bucket_size.view(-1).to(x.dtype).reciprocal(), (tiles * b_max, tiles * c)), rows,
+                beta=0, out=means)
+    # [tiles, th·tw, B_max]: the buckets of a pixel contiguous
+    means = _scratch("means_cl", (tiles, d, b_max), x).copy_(means.view(tiles, b_max, d).transpose(1, 2))
+    # Merged filters of a chunk: row (τ, ij, b), b below the chunk's B, sums rows (c, ij) of w_rows.
+    count = bk.count.tolist()
+    offset = torch.arange(k2, dtype=index)[None, :, None]
+    first = (torch.arange(tiles, dtype=index)[:, None, None] * k2 + offset) * c + starts[:, None, :]  # [tiles, k², B_max]
+    col = (channels[:, None, :] * k2 + offset).view(-1)
+    chunks = _chunks(count, k2 * o)
+    ones = x.new_ones(max(stop - start for start, stop, _ in chunks) * k2 * c)
+    by_count = _scratch("by_count", (blocks, tiles, p, o), x)
+    for start, stop, b in chunks:
+        m = stop - start
+        crow = torch.cat([first[start:stop, :, :b].reshape(-1) - start * k2 * c, torch.tensor([m * k2 * c], dtype=index)])
+        assign = _csr(crow, col[start * k2 * c : stop * k2 * c], ones[: m * k2 * c], (m * k2 * b, c * k2))
+        window = means[start:stop].as_strided(  # im2col of the means, columns (ij, b) like the merged rows
+            (m, tile, tile, kh, kw, b), (d * b_max, sh * tw * b_max, sw * b_max, dh * tw * b_max, dw * b_max, 1)
+        )
+        cols = _scratch("cols", window.shape, x).copy_(window).view(m, p, k2 * b)
+        merged = _scratch("merged", (m * k2 * b, o), x)
+        for block in range(blocks):
+            torch.addmm(merged, assign, w_rows[block], beta=0, out=merged)
+            if bias is None:
+                torch.bmm(cols, merged.view(m, k2 * b, o), out=by_count[block, start:stop])
+            else:
+                torch.baddbmm(bias[block * o : (block + 1) * o].view(1, 1, o), cols, merged.view(m, k2 * b, o),
+                              out=by_count[block, start:stop])
+    out.index_copy_(1, bk.order, by_count)
+    count_out.index_copy_(0, bk.order, bk.count)
+
+
+def haste_conv2d_tiles(x, weight, bias, planes, stride, padding, dilation, tile, center) -> tuple[Tensor, Tensor]:
+    """(outputs [N, nth, ntw, T, T, blocks, O/blocks], buckets [N, nth·ntw]) of every output tile of
+    x [N, C, H, W] (output channel = block·O/blocks + index in the block).
+
+    Outputs of edge-tile pixels past the conv's output size are computed on zeros; callers crop them.
+    """
+    n, c, h, w = x.shape
+    o, _, kh, kw = weight.shape
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    h_out, w_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    grid = (math.ceil(h_out / tile), math.ceil(w_out / tile))
+    tiles = grid[0] * grid[1]
+    w_rows = weight_rows(weight)
+    blocks, _, o_block = w_rows.shape
+    d = ((tile - 1) * sh + (kh - 1) * dh + 1) * ((tile - 1) * sw + (kw - 1) * dw + 1)
+    per_sample = tiles * c * d  # patches
+    step = max(1, GROUP_ELEMENTS // per_sample)
+    geometry = ((kh, kw), stride, padding, dilation, tile, grid)
+    out = x.new_empty((blocks, n * tiles, tile * tile, o_block))
+    count = torch.empty(n * tiles, dtype=torch.int64)
+    for s in range(0, n, step):
+        rows = slice(s * tiles, min(n, s + step) * tiles)
+        _group(x[s : s + step], w_rows, bias, planes, geometry, center, out[:, rows], count[rows])
+    return out.view(blocks, n, *grid, tile, tile, o_block).permute(1, 2, 3, 4, 5, 0, 6), count.view(n, tiles)
