@@ -36,6 +36,7 @@ import logging
 from typing import Any
 
 import torch
+from torch.utils.flop_counter import register_flop_formula
 
 from fxslim.cost_model.registry import OpCall, OpCost, register_cost
 from fxslim.runtime.haste import output_shape, patch_shape
@@ -61,25 +62,45 @@ def _int(value: Any) -> Any:
     return round(value) if isinstance(value, float) else value
 
 
+def _layer_and_sizes(x_shape, w_shape, planes_shape, stride, padding, dilation, tile, center, nnz=None):
+    """(HasteLayer, tiles, output pixels) of one call, from shapes; ``nnz`` of the planes when known."""
+    n, c, h, w_in = (_sym(s) for s in x_shape)
+    o, kh, kw = w_shape[0], w_shape[2], w_shape[3]
+    h_out, w_out = output_shape((h, w_in), (kh, kw), tuple(stride), tuple(padding), tuple(dilation))
+    th, tw = patch_shape((kh, kw), tuple(stride), tuple(dilation), tile)
+    L, d = planes_shape[0], th * tw
+    layer = HasteLayer(c, o, (kh, kw), L, d, L * d * (1 - DEFAULT_SPARSITY) if nnz is None else nnz, bool(center))
+    return layer, n * -(-h_out // tile) * -(-w_out // tile), n * h_out * w_out
+
+
+@register_flop_formula(torch.ops.fxslim.haste_conv2d)
+def _haste_conv2d_flops(x_shape, w_shape, bias_shape, planes_shape, stride, padding, dilation, tile=4, center=True,
+                        layer="", *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode's count of the op: 2 x the reduced-conv MACs the cost model predicts (the
+    layer's calibration when ``bucket_counts`` gives one, else the data-free expected buckets)."""
+    haste_layer, tiles, pixels = _layer_and_sizes(x_shape, w_shape, planes_shape, stride, padding, dilation, tile,
+                                                  center)
+    calibration, _ = active_bucket_counts()
+    return int(2 * _int(haste_layer.predicted(tiles, pixels, calibration.get(layer)).reduced_conv))
+
+
 @register_cost(torch.ops.fxslim.haste_conv2d, kind="conv")
 def haste_conv2d_cost(call: OpCall) -> OpCost:
     """[n, C, h, w] * [O, C, kh, kw] -> [n, O, h', w']: O·B·kh·kw·p MACs per tile, hashing and merging elementwise.
     Ignores: sorting codes and tiles, im2col and stitching copies (data movement)."""
     a = call.arguments
     x, w = a["x"], a["weight"]
-    n, c, h, w_in = (_sym(s) for s in x.shape)
-    o, kh, kw = w.shape[0], w.shape[2], w.shape[3]
-    stride, dilation, tile = tuple(a["stride"]), tuple(a["dilation"]), a["tile"]
-    h_out, w_out = output_shape((h, w_in), (kh, kw), stride, tuple(a["padding"]), dilation)
-    th, tw = patch_shape((kh, kw), stride, dilation, tile)
-    L, d = a["planes"].shape[0], th * tw
+    n, o, (kh, kw) = _sym(x.shape[0]), w.shape[0], tuple(w.shape[2:])
+    h_out, w_out = output_shape((_sym(x.shape[2]), _sym(x.shape[3])), (kh, kw), tuple(a["stride"]),
+                                tuple(a["padding"]), tuple(a["dilation"]))
     planes = call.value(3)
-    nnz = int((planes != 0).sum()) if planes is not None else L * d * (1 - DEFAULT_SPARSITY)
-    layer = HasteLayer(c, o, (kh, kw), L, d, nnz, bool(a["center"]))
-    tiles = n * -(-h_out // tile) * -(-w_out // tile)
+    layer, tiles, pixels = _layer_and_sizes(
+        x.shape, w.shape, a["planes"].shape, a["stride"], a["padding"], a["dilation"], a["tile"], a["center"],
+        int((planes != 0).sum()) if planes is not None else None)
+    L, d, tile = layer.planes, layer.d, a["tile"]
     calibration, measured = active_bucket_counts()
     key = a["layer"]
-    predicted = layer.predicted(tiles, n * h_out * w_out, calibration.get(key))
+    predicted = layer.predicted(tiles, pixels, calibration.get(key))
     info: dict[str, Any] = {"L": L, "d": d, "tile": tile, "dense_macs": _int(predicted.dense),
                             "predicted_ops": _int(predicted.ops),
                             "buckets": "calibrated" if key in calibration else "independent_codes"}

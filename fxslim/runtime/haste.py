@@ -37,7 +37,6 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fxslim.runtime.haste_kernel import haste_conv2d_tiles
 
@@ -293,15 +292,6 @@ def _haste_conv2d_fake(x, weight, bias, planes, stride, padding, dilation, tile=
     return x.new_empty((x.shape[0], weight.shape[0], h_out, w_out)).contiguous(
         memory_format=_output_memory_format(x)
     )
-
-
-@register_flop_formula(torch.ops.fxslim.haste_conv2d)
-def _haste_conv2d_flops(x_shape, w_shape, bias_shape, planes_shape, *args, out_shape, **kwargs) -> int:
-    """Dense conv2d FLOPs (2·MACs) of the replaced conv: an input-independent upper bound.
-
-    Ignores: hashing/merging overhead and the data-dependent saving (see ``record_buckets``).
-    """
-    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import pad_to_32, pretrained_mnist_resnet18_small
 from fxslim.runtime.haste import haste_conv2d, make_planes, patch_shape, record_buckets, resolve_padding
 from fxslim.runtime.haste_reference import haste_conv2d_reference, tile_buckets_reference, tile_patch_reference
+from fxslim.runtime.haste_counts import expected_buckets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -311,12 +312,16 @@ def test_haste_conv2d_under_inference_mode_matches_grad_mode(dtype):
             torch.testing.assert_close(_run(x, w, None, planes, (1, 1), (1, 1)), expected)
 
 
-def test_haste_conv2d_counts_dense_conv_flops():
+def test_haste_conv2d_flop_count_is_the_cost_models_prediction():
+    """FlopCounterMode and fxslim.estimate give the op one count: 2 x the reduced-conv MACs with the
+    data-free expected buckets, below the dense conv's FLOPs."""
     x, weight = torch.randn(2, 6, 9, 9), torch.randn(4, 6, 3, 3)
     planes = _planes((3, 3), (2, 2), (1, 1), 4, L=6)
     with FlopCounterMode(display=False) as counter:
         _run(x, weight, None, planes, (2, 2), (1, 1))
-    assert counter.get_total_flops() == 2 * (2 * 4 * 5 * 5) * 6 * 3 * 3  # 2 · (N·O·H_out·W_out) · C·k²
+    dense = 2 * (2 * 4 * 5 * 5) * 6 * 3 * 3  # 2 · (N·O·H_out·W_out) · C·k²
+    expected_b = expected_buckets(6, 6)  # M·(1 − (1 − 1/M)^C), M = 2^6
+    assert counter.get_total_flops() == round(dense * expected_b / 6)
 
 
 @pytest.mark.parametrize(
