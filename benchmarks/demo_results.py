@@ -9,9 +9,10 @@ Runs ``fxslim demo`` at its full size and writes ``benchmarks/results/demo.md`` 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
-from fxslim import cli
+from fxslim.app import cli
 
 _HERE = Path(__file__).resolve().parent
 
@@ -20,8 +21,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    return cli.main(["demo", "--out", str(_HERE / ".cache" / "demo"), "--threads", str(args.threads),
-                     "--results-md", str(_HERE / "results" / "demo.md")])
+    # paths relative to the working directory: the results file quotes the command line
+    return cli.main(["demo", "--out", os.path.relpath(_HERE / ".cache" / "demo"), "--threads", str(args.threads),
+                     "--results-md", os.path.relpath(_HERE / "results" / "demo.md")])
 
 
 if __name__ == "__main__":

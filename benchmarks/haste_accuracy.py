@@ -82,6 +82,12 @@ def model_key(name: str, weight_decay: float) -> str:
     return name if weight_decay == DEFAULT_WEIGHT_DECAY else f"{name}, weight decay {weight_decay:g}"
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when inside it (results files name no machine's paths)."""
+    root = Path(__file__).resolve().parent.parent
+    return str(path.resolve().relative_to(root)) if path.resolve().is_relative_to(root) else str(path)
+
+
 def load_model(name: str, width: float, cache: Path,
                weight_decay: float = DEFAULT_WEIGHT_DECAY) -> tuple[torch.nn.Module, str]:
     """The trained checkpoint for ``name`` at ``width`` (cache first, then the committed small one)."""
@@ -95,7 +101,7 @@ def load_model(name: str, width: float, cache: Path,
             model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
             return model.eval(), path.name
     raise FileNotFoundError(
-        f"no checkpoint {stem} in {cache}; train it with `python -m benchmarks.train_resnet_mnist "
+        f"no checkpoint {stem} in {_shown(cache)}; train it with `python -m benchmarks.train_resnet_mnist "
         f"--models {name} --width {width}{weight_decay_flag(weight_decay)}`"
     )
 
