@@ -8,17 +8,20 @@ chain that becomes one integer op writing uint8 codes on that quantizer's grid:
     QLinear → [ReLU | ReLU6]            → quant    fxslim::int8_linear
     a + b → [ReLU | ReLU6]              → quant    fxslim::int8_add
     global average pool                 → quant    fxslim::int8_global_avg_pool2d
+    codes → layout / pointwise / max pool / cat → quant    replayed on codes + fxslim::lut (prom_pointwise)
 
 With ``runtime="onednn"`` convs, linears and adds become ``fxslim::qconv2d`` / ``qlinear`` /
 ``qadd`` (``fxslim.runtime.prom_onednn``) and a conv feeding a residual add fuses with it
 (``prom_fuse``). BN is folded with its running statistics, ReLU/ReLU6 become clamp bounds, value-preserving
-ops (flatten, view, reshape, dropout, identity) are replayed on the codes, and quantized graph
-outputs are dequantized. Codes cannot hold NaN: ``fxslim::nan_samples`` flags the samples
-whose input holds one, and their dequantized outputs are NaN (as the fake-quant model's are when
+ops (flatten, view, reshape, permute, transpose, slicing, dropout, identity) are replayed on the codes, and quantized graph
+outputs are dequantized. Every other op runs as a float island (``prom_islands``): its uint8
+inputs dequantized with their observers' grids, the float op, then quantized to the grid of the
+quantizer that closes its chain; ``int_model.meta[REPORT_META]`` names each island and why. Codes
+cannot hold NaN: ``fxslim::nan_samples`` flags the samples
+whose input holds one, and their outputs are NaN (as the fake-quant model's are when
 every output sees the whole input, e.g. after a global pool). Weights (ternary ones packed, 2 bits
-each), int32 biases, multipliers and rounding offsets become buffers under the layer's own name;
-scalars are op arguments. An op outside these patterns raises ValueError naming the node. The
-prepared model is only read, never modified.
+each), int32 biases, multipliers, rounding offsets and tables become buffers under the layer's own name;
+scalars are op arguments. The prepared model is only read, never modified.
 """
 
 from __future__ import annotations
@@ -29,14 +32,21 @@ from typing import Any, Literal
 
 import torch
 import torch.fx as fx
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.ir import meta_val
 from fxslim.passes.inplace import remove_dead_code
+from fxslim.passes.prom_agreement import QUANT_META, Agreement, code_agreement
 from fxslim.passes.prom_fuse import fuse_conv_add
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op
+from fxslim.passes.prom_islands import REPORT_META, ConvertReport, float_module, group_islands
+from fxslim.passes.prom_pointwise import (
+    NoIntegerForm, PointwiseChain, is_codes_source, is_layout_op, max_pool_args, pad_code,
+    pointwise_chain,
+)
 from fxslim.runtime.quant import (
     ActFakeQuant, IntegerOp, QConv2d, QLinear, convert_add, convert_conv, convert_global_avg_pool, convert_input,
     convert_linear, convert_output,
@@ -44,11 +54,11 @@ from fxslim.runtime.quant import (
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 from fxslim.runtime.quant_onednn import convert_add_onednn, convert_conv_onednn, convert_linear_onednn
 
-__all__ = ["convert", "code_agreement", "Agreement", "QUANT_META", "RUNTIMES"]
+__all__ = ["convert", "code_agreement", "Agreement", "QUANT_META", "REPORT_META", "RUNTIMES"]
 
 _log = logging.getLogger(__name__)
-QUANT_META = "fxslim_prom_quant"  # node meta on converted ops: the ActFakeQuant whose grid they write
 _PASSTHROUGH = (nn.Dropout, nn.Identity)
+_SHAPE_QUERIES = {"size", "dim"}  # methods that read only the shape: they may read the codes
 RUNTIMES = ("reference", "onednn")
 
 
@@ -65,10 +75,6 @@ class _Chain:
     members: list[fx.Node] = field(default_factory=list)  # core and everything up to the quant
 
 
-def _error(node: fx.Node, what: str) -> ValueError:
-    return ValueError(f"PROM convert: {what}: {node.format_node()}")
-
-
 def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     """adaptive_avg_pool2d to 1×1 (module or function), or mean over the two spatial dims."""
     if node.op == "call_module":
@@ -83,13 +89,14 @@ def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _chain(gm: fx.GraphModule, quant: fx.Node) -> _Chain:
-    """Walk back from a quant node to the op that computes its tensor."""
+    """Walk back from a quant node to the op that computes its tensor (``NoIntegerForm`` when that
+    op and its tail are not one of the module docstring's patterns)."""
     chain = _Chain(quant, quant.args[0], "")
     cur = quant.args[0]
     while is_shape_op(gm, cur) or is_activation(gm, cur):
         act = is_activation(gm, cur)
         if act and chain.activation != "none":
-            raise _error(cur, "two activations in a row cannot become one clamp")
+            raise NoIntegerForm(cur, "two activations in a row")
         chain.activation = act or chain.activation
         if not act:
             chain.tail.insert(0, cur)
@@ -100,7 +107,7 @@ def _chain(gm: fx.GraphModule, quant: fx.Node) -> _Chain:
         cur = cur.args[0]
         module = gm.get_submodule(str(cur.target)) if cur.op == "call_module" else None
         if not isinstance(module, QConv2d):
-            raise _error(cur, "BatchNorm can only be folded into the conv that feeds it")
+            raise NoIntegerForm(cur, "batch norm not after a conv")
     chain.core = cur
     if isinstance(module, QConv2d):
         chain.kind = "conv"
@@ -113,10 +120,12 @@ def _chain(gm: fx.GraphModule, quant: fx.Node) -> _Chain:
     elif _is_global_pool(gm, cur):
         chain.kind = "pool"
     else:
-        raise _error(cur, f"cannot convert this op (it feeds {quant.name}); expected a conv, linear, residual add, "
-                          "global average pool or the model input")
+        raise NoIntegerForm(cur, "not a conv, linear, residual add, global average pool or model input")
     if chain.kind in ("input", "pool") and chain.activation != "none":
-        raise _error(quant, f"an activation after the {chain.kind} has no integer form here")
+        raise NoIntegerForm(quant, f"activation after the {chain.kind}")
+    inputs = [] if chain.kind == "input" else list(cur.args) if chain.kind == "add" else [cur.args[0]]
+    if not all(is_codes_source(gm, x) for x in inputs):
+        raise NoIntegerForm(cur, "float input (no quantizer at its producer)")
     chain.members = _members(quant, cur)
     return chain
 
@@ -126,11 +135,37 @@ def _members(quant: fx.Node, core: fx.Node) -> list[fx.Node]:
     node, out = quant.args[0], []
     while True:
         if len(node.users) != 1 and not (node is core and node.op == "placeholder"):
-            raise _error(node, f"its float value is used outside the chain ending in {quant.name} (intermediate escapes)")
+            raise NoIntegerForm(node, "intermediate escapes")
         out.append(node)
         if node is core:
             return out
         node = node.args[0]
+
+
+def _plan(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain | PointwiseChain], dict[fx.Node, str]]:
+    """Per quantizer, its integer chain (a layer chain, else a pointwise one) or why it has none."""
+    chains: dict[fx.Node, _Chain | PointwiseChain] = {}
+    islands: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if not is_quant(gm, node):
+            continue
+        try:
+            chains[node] = _chain(gm, node)
+        except NoIntegerForm as layer:
+            try:
+                chains[node] = pointwise_chain(gm, node)
+            except NoIntegerForm as pointwise:
+                exc = layer if pointwise.reason.startswith("no integer form") else pointwise
+                islands[node] = f"{_describe(gm, exc.node)}: {exc.reason}"
+                _log.debug("PROM convert: %s runs in float: %s / %s", node.target, layer, pointwise)
+    return chains, islands
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``name (op)`` for a report: the module class or the function/method name."""
+    op = type(gm.get_submodule(str(node.target))).__name__ if node.op == "call_module" else getattr(
+        node.target, "__name__", str(node.target))
+    return f"{node.name} ({op})"
 
 
 class _Builder:
@@ -140,15 +175,57 @@ class _Builder:
         self.gm = gm
         self.runtime = runtime
         self.graph = fx.Graph()
-        self.buffers: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, Any] = {}
         self.env: dict[fx.Node, tuple[fx.Node, ActFakeQuant | None]] = {}
-        self.nan_samples: list[fx.Node] = []  # per quantized model input: which samples hold a NaN
+        self.nan_samples: dict[fx.Node, fx.Node] = {}  # per model input read as data: which samples hold a NaN
+        self.dequantized: dict[fx.Node, fx.Node] = {}  # per quantized prepared node: its float copy
+        self.float_ops: dict[fx.Node, fx.Node] = {}  # prepared node run in float → its new node
+        self.reads: dict[fx.Node, list[fx.Node]] = {}  # float op → the quantizers it reads as codes
 
     def quantized(self, node: fx.Node, user: fx.Node) -> tuple[fx.Node, ActFakeQuant]:
         new, grid = self.env[node]
         if grid is None:
-            raise _error(user, f"its input {node.name} is a float tensor (no ActFakeQuant at its producer)")
+            raise NoIntegerForm(user, f"its input {node.name} is a float tensor")  # the plan rules this out
         return new, grid
+
+    def model_input(self, node: fx.Node) -> fx.Node:
+        """A placeholder's new node, flagging its NaN samples once (it is read as data)."""
+        new = self.env[node][0]
+        if node not in self.nan_samples and isinstance(meta_val(node), Tensor) and meta_val(node).is_floating_point():
+            self.nan_samples[node] = self.graph.call_function(torch.ops.fxslim.nan_samples.default, (new,))
+        return new
+
+    def float_value(self, node: Any, user: fx.Node) -> Any:
+        """What a float op reads for ``node``: codes dequantized with their grid (once per node)."""
+        if not isinstance(node, fx.Node):
+            return node
+        new, grid = self.env[node]
+        if grid is None:
+            return self.model_input(node) if node.op == "placeholder" else new
+        self.reads.setdefault(user, []).append(_quantizer(self.gm, node))
+        if node not in self.dequantized:
+            self.dequantized[node] = self.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
+        return self.dequantized[node]
+
+    def copy_float(self, node: fx.Node) -> fx.Node:
+        """``node`` run in float in the new graph (a float island op)."""
+        if node.op == "call_module":
+            self.attribute(str(node.target), float_module(self.gm.get_submodule(str(node.target))))
+        elif node.op == "get_attr":
+            self.attribute(str(node.target), _attribute(self.gm, str(node.target)))
+        shape_query = (node.op == "call_method" and node.target in _SHAPE_QUERIES) or (
+            node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
+        if shape_query:  # the shape of the codes is the shape of the values
+            new = self.graph.node_copy(node, lambda a: self.env[a][0])
+        else:
+            new = self.graph.node_copy(node, lambda a: self.float_value(a, node))
+            if node.op != "get_attr":
+                self.float_ops[node] = new
+        return new
+
+    def attribute(self, path: str, value: Any) -> None:
+        if self.buffers.setdefault(path, value) is not value:
+            assert path in self.buffers  # one module or tensor per path: shared leaf modules are stored once
 
     def emit(self, op: IntegerOp, inputs: list[fx.Node], prefix: str, name: str) -> fx.Node:
         """One integer op call, positional in schema order; its tensors become buffers under prefix."""
@@ -166,11 +243,15 @@ class _Builder:
 
     def replay(self, node: fx.Node, source: fx.Node) -> fx.Node:
         """A value-preserving op applied to ``source`` (a new-graph node): dropout and identity
-        vanish, view becomes reshape."""
+        vanish, view becomes reshape; a max pool pools the codes."""
+        pool = max_pool_args(self.gm, node)
+        if pool is not None:
+            return self.graph.call_function(torch.ops.fxslim.max_pool2d_codes.default, (source, *pool))
         if node.op == "call_module":
             module = self.gm.get_submodule(str(node.target))
             if isinstance(module, _PASSTHROUGH):
                 return source
+            assert isinstance(module, nn.Flatten), f"not a value-preserving module: {module}"
             return self.graph.call_function(torch.flatten, (source, module.start_dim, module.end_dim))
         if node.op == "call_function" and node.target is torch.nn.functional.dropout:
             return source
@@ -179,22 +260,62 @@ class _Builder:
             new.target = "reshape"  # integer codes are channels_last: view may not apply
         return new
 
+    def pad(self, node: fx.Node, source: fx.Node, code: int) -> fx.Node:
+        """``F.pad(source, pad, "constant", code)``: a real-valued pad on codes, ``code`` the value's code."""
+        pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
+        return self.graph.call_function(F.pad, (source, pad, "constant", code))
 
-def _convert_chain(b: _Builder, chain: _Chain) -> fx.Node:
+
+def _quantizer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The quantizer node whose codes ``node`` (a codes source) holds."""
+    while not is_quant(gm, node):
+        node = node.args[0]
+    return node
+
+
+def _attribute(gm: fx.GraphModule, path: str) -> Any:
+    """A detached copy of the tensor (or the module) at ``path``."""
+    value = gm
+    for part in path.split("."):
+        value = getattr(value, part)
+    return value.detach().clone() if isinstance(value, Tensor) else float_module(value)
+
+
+def _convert_chain(b: _Builder, chain: _Chain | PointwiseChain) -> fx.Node:
     """The chain's integer op, then its value-preserving tail replayed on the codes."""
+    if isinstance(chain, PointwiseChain):
+        return _convert_pointwise(b, chain)
     out = _convert_core(b, chain)
     for node in chain.tail:
         out = b.replay(node, out)
     return out
 
 
+def _convert_pointwise(b: _Builder, chain: PointwiseChain) -> fx.Node:
+    # one source: steps (layout, max pool, pad) on its codes, then its table;
+    # a cat: each input through its table to the output grid, cat, then the layout steps
+    prefix = str(chain.quant.target)
+    sources = [b.quantized(s, chain.quant)[0] for s in chain.sources]
+
+    def table(out: fx.Node, i: int) -> fx.Node:
+        if chain.tables[i] is None:
+            return out
+        b.buffers[f"{prefix}.table{i}"] = chain.tables[i]
+        return b.graph.call_function(torch.ops.fxslim.lut.default, (out, b.graph.get_attr(f"{prefix}.table{i}")))
+
+    if chain.cat is not None:
+        coded = {s: table(new, i) for i, (s, new) in enumerate(zip(chain.sources, sources))}
+        out = b.graph.node_copy(chain.cat, lambda a: coded[a] if a in coded else b.env[a][0])
+    else:
+        out = sources[0]
+    for node in chain.steps:
+        out = b.pad(node, out, chain.pad_codes[node]) if node in chain.pad_codes else b.replay(node, out)
+    return out if chain.cat is not None else table(out, 0)
 def _convert_core(b: _Builder, chain: _Chain) -> fx.Node:
     quant = b.gm.get_submodule(str(chain.quant.target))
     core, name = chain.core, chain.core.name
     if chain.kind == "input":
-        source = b.env[core][0]
-        b.nan_samples.append(b.graph.call_function(torch.ops.fxslim.nan_samples.default, (source,)))
-        return b.emit(convert_input(quant), [source], "", f"{name}_quantized")
+        return b.emit(convert_input(quant), [b.model_input(core)], "", f"{name}_quantized")
     onednn = b.runtime == "onednn"
     if chain.kind in ("conv", "linear"):
         layer = b.gm.get_submodule(str(core.target))
@@ -244,24 +365,29 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
                          "int8 dot products (exact u8·s8 sums); use runtime='reference'")
     gm = qat_model
     b = _Builder(gm, runtime)
-    chains = {n: _chain(gm, n) for n in gm.graph.nodes if is_quant(gm, n)}
+    chains, island_quants = _plan(gm)
     inside = {m for c in chains.values() for m in c.members if m.op != "placeholder"}
     for node in gm.graph.nodes:
         if node in chains:
-            chain = chains[node]
-            new = _convert_chain(b, chain)
+            new = _convert_chain(b, chains[node])
             new.meta[QUANT_META] = str(node.target)
             b.env[node] = (new, gm.get_submodule(str(node.target)))
+        elif node in island_quants:
+            # float island → quant  ≡  quantize_per_tensor(float value): the fake quantizer's arithmetic
+            grid = gm.get_submodule(str(node.target))
+            new = b.emit(convert_input(grid), [b.float_value(node.args[0], node)], "", f"{node.name}_quantized")
+            new.meta[QUANT_META] = str(node.target)
+            b.env[node] = (new, grid)
         elif node in inside:
             continue
         elif node.op == "placeholder":
             b.env[node] = (b.graph.placeholder(node.name, node.type), None)
         elif node.op == "output":
-            b.graph.output(fx.node.map_arg(node.args[0], lambda a: _dequantized(b, a)))
-        elif is_shape_op(gm, node):
-            b.env[node] = (b.replay(node, b.env[node.args[0]][0]), b.env[node.args[0]][1])
+            b.graph.output(fx.node.map_arg(node.args[0], lambda a: _output(b, a)))
+        elif _codes_layout(b, node):
+            b.env[node] = (_replay_codes(b, node), b.env[node.args[0]][1])
         else:
-            raise _error(node, "cannot convert this op (not part of a conv/linear/add/pool chain ending in an ActFakeQuant)")
+            b.env[node] = (b.copy_float(node), None)
     out = fx.GraphModule(b.buffers, b.graph, f"{type(gm).__name__}PROM")
     if runtime == "onednn" and fuse_adds:
         fuse_conv_add(out)
@@ -269,21 +395,51 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     out.graph.lint()
     out.recompile()
     _propagate_shapes(out, gm)
-    _log.info("PROM convert: %d integer ops, %d buffers", sum(QUANT_META in n.meta for n in out.graph.nodes), len(b.buffers))
+    out.meta[REPORT_META] = _report(b, out, chains, island_quants)
+    _log.info("PROM convert: %d integer ops, %d float islands, %d buffers", out.meta[REPORT_META].integer_ops,
+              len(out.meta[REPORT_META].islands), len(b.buffers))
     return out
 
 
-def _dequantized(b: _Builder, node: fx.Node) -> fx.Node:
+def _codes_layout(b: _Builder, node: fx.Node) -> bool:
+    """A layout op (or an exact constant pad) of a tensor convert holds as codes."""
+    if not node.args or not isinstance(node.args[0], fx.Node) or b.env[node.args[0]][1] is None:
+        return False
+    return is_layout_op(b.gm, node) or pad_code(node, *b.env[node.args[0]][1].qparams()) is not None
+
+
+def _replay_codes(b: _Builder, node: fx.Node) -> fx.Node:
+    source, grid = b.env[node.args[0]]
+    code = pad_code(node, *grid.qparams())
+    return b.pad(node, source, code) if code is not None else b.replay(node, source)
+
+
+def _output(b: _Builder, node: fx.Node) -> fx.Node:
+    """A model output: codes dequantized, float tensors as they are; NaN samples of the inputs marked."""
     new, grid = b.env[node]
-    if grid is None:
+    flags = None
+    for other in b.nan_samples.values():
+        flags = other if flags is None else b.graph.call_function(torch.logical_or, (flags, other))
+    if grid is not None:
+        dequantized = b.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
+        if flags is not None:
+            dequantized.args = (*dequantized.args, flags)
+        return dequantized
+    value = meta_val(node)
+    if flags is None or not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() < 1:
         return new
-    dequantized = b.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
-    if b.nan_samples:
-        flags = b.nan_samples[0]
-        for other in b.nan_samples[1:]:
-            flags = b.graph.call_function(torch.logical_or, (flags, other))
-        dequantized.args = (*dequantized.args, flags)
-    return dequantized
+    return b.graph.call_function(torch.ops.fxslim.mark_nan_samples.default, (new, flags))
+
+
+def _report(b: _Builder, out: fx.GraphModule, chains: dict, island_quants: dict[fx.Node, str]) -> ConvertReport:
+    """The convert report, from the nodes that survived dead-code elimination; chains by kind."""
+    alive = set(out.graph.nodes)
+    float_ops = [n for n, new in b.float_ops.items() if new in alive]
+    outputs: list[fx.Node] = []
+    fx.node.map_arg(next(n for n in b.gm.graph.nodes if n.op == "output").args[0], outputs.append)
+    integer = {str(q.target): c.kind for q, c in chains.items()}
+    islands = group_islands(float_ops, island_quants, [n for n in outputs if n in b.float_ops], b.reads)
+    return ConvertReport(integer, islands)
 
 
 def _propagate_shapes(out: fx.GraphModule, source: fx.GraphModule) -> None:
@@ -297,55 +453,3 @@ def _propagate_shapes(out: fx.GraphModule, source: fx.GraphModule) -> None:
         node.meta["fxslim_pass"] = "prom"
 
 
-@dataclass(frozen=True)
-class Agreement:
-    """Per quantizer (ActFakeQuant name): (elements, elements within 1 LSB, elements equal)."""
-
-    layers: dict[str, tuple[int, int, int]]
-
-    @property
-    def within_one(self) -> float:
-        return sum(v[1] for v in self.layers.values()) / sum(v[0] for v in self.layers.values())
-
-    @property
-    def exact(self) -> float:
-        return sum(v[2] for v in self.layers.values()) / sum(v[0] for v in self.layers.values())
-
-
-@torch.no_grad()
-def code_agreement(qat_model: fx.GraphModule, int_model: fx.GraphModule, *inputs: Any,
-                   mode: Literal["local", "end_to_end"] = "local") -> Agreement:
-    """Compare the uint8 codes of every converted op with the fake-quant model's codes (eval mode).
-
-    ``local``: each integer op reads the fake-quant model's codes of its inputs, so a difference is
-    that op's own rounding; ``end_to_end``: the integer model runs on its own, so 1-LSB differences
-    propagate and can grow from layer to layer.
-    """
-    fake: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: fake.__setitem__(n, torch.round(o / m.scale) + m.zero_point))
-             for n, m in qat_model.named_modules() if isinstance(m, ActFakeQuant)]
-    was_training = qat_model.training
-    try:
-        qat_model.eval()(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        qat_model.train(was_training)
-    ours: dict[str, torch.Tensor] = {}
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, node: fx.Node) -> Any:
-            out = super().run_node(node)
-            name = node.meta.get(QUANT_META)
-            if name is not None:
-                ours[name] = out
-                if mode == "local":
-                    out = torch.empty_like(out).copy_(fake[name].view(out.shape))
-            return out
-
-    _Recorder(int_model).run(*inputs)
-    layers = {}
-    for name, codes in ours.items():
-        diff = (codes.to(torch.float32) - fake[name].view(codes.shape)).abs()
-        layers[name] = (diff.numel(), int((diff <= 1).sum()), int((diff == 0).sum()))
-    return Agreement(layers)
