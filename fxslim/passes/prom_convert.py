@@ -219,7 +219,7 @@ class _Builder:
             new = self.graph.node_copy(node, lambda a: self.env[a][0])
         else:
             new = self.graph.node_copy(node, lambda a: self.float_value(a, node))
-            if node.op != "get_attr":
+            if node.op != "get_attr" and _float_tensors(node):
                 self.float_ops[node] = new
         return new
 
@@ -264,6 +264,15 @@ class _Builder:
         """``F.pad(source, pad, "constant", code)``: a real-valued pad on codes, ``code`` the value's code."""
         pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
         return self.graph.call_function(F.pad, (source, pad, "constant", code))
+
+
+def _float_tensors(node: fx.Node) -> bool:
+    """Whether ``node`` computes float tensors (not shapes, sizes or other Python values); a node
+    without shape metadata counts as one."""
+    if meta_val(node) is None:
+        return True
+    values = torch.utils._pytree.tree_leaves(meta_val(node))
+    return any(isinstance(v, Tensor) and v.is_floating_point() for v in values)
 
 
 def _quantizer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:

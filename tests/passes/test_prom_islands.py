@@ -1,0 +1,244 @@
+"""PROM convert on models with ops outside conv/linear/add/pool chains: float islands (named in the
+report, equal to fake quant), integer forms without islands (tables, max pool, cat, layout ops),
+both runtimes, another batch, another resolution, NaN in one sample, costs at float width."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxslim
+from fxslim.capture import trace
+from fxslim.passes.prom import calibrate
+from fxslim.passes.prom_convert import REPORT_META, code_agreement, convert
+from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+from fxslim.runtime.quant import ActFakeQuant, QConv2d
+
+ops = torch.ops.fxslim
+pytestmark = pytest.mark.usefixtures("one_thread_module")
+_ONEDNN = pytest.mark.skipif(not (onednn_available() and vnni_available()),
+                             reason="needs oneDNN quantized ops and VNNI/AMX int8 dot products")
+RUNTIMES = ["reference", pytest.param("onednn", marks=_ONEDNN)]
+
+
+class _Island(nn.Module):
+    """x → conv-BN-ReLU → maxpool → [1×1 conv, 3×3 conv] → cat → hardswish (tables per cat input) → conv → +
+    → LayerNorm over channels (permute, float) → permute back → GELU → pool → linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn, self.pool = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.MaxPool2d(3, 2, 1)
+        self.a, self.b = nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.mix, self.norm = nn.Conv2d(16, 16, 1), nn.LayerNorm(16)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(F.relu(self.bn(self.stem(x))))
+        z = torch.cat([self.a(y), self.b(y)], 1)
+        z = F.hardswish(z)
+        z = z + self.mix(z)
+        z = self.norm(z.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return self.fc(F.gelu(z).mean((2, 3)))
+
+
+def _prepared(model: nn.Module, x: torch.Tensor) -> fx.GraphModule:  # noqa: F821
+    torch.manual_seed(0)
+    model = model.eval()
+    with torch.no_grad():  # BN statistics of the data, so BN is not the identity
+        bn = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        for m in bn:
+            m.momentum = None
+        model.train()(x)
+    return calibrate(fxslim.prepare(model.eval(), x), [x])
+
+
+@pytest.fixture(scope="module")
+def island():
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16)
+    return _prepared(_Island(), x), x
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_island_model_converts_with_islands_named_in_the_report(island, runtime):
+    qat, x = island
+    int_model = convert(qat, runtime=runtime)
+    report = int_model.meta[REPORT_META]
+    kinds = sorted(report.integer.values())
+    assert kinds.count("conv") == 4 and {"input", "max_pool", "cat", "add", "linear"} <= set(kinds)
+    # the LayerNorm (its input permute runs on codes) and what follows it up to the next quantizer
+    (only,) = report.islands
+    assert only.ops == ("norm", "permute_1", "gelu", "mean")
+    assert only.inputs == ("prom_quant.add",) and only.outputs == ("prom_quant.mean",)
+    assert only.reasons == ("mean (mean): float input (no quantizer at its producer)",)
+    targets = {n.target for n in int_model.graph.nodes if n.op == "call_function"}
+    assert {ops.lut.default, ops.max_pool2d_codes.default, ops.dequantize.default} <= targets
+    assert isinstance(int_model.get_submodule("norm"), nn.LayerNorm)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("batch,size", [(8, 16), (3, 16), (5, 24), (2, 10)])
+def test_island_model_codes_within_one_lsb_of_fake_quant(island, runtime, batch, size):
+    """Every quantizer's codes (integer ops and island outputs) within 1 LSB, at the calibration
+    batch and resolution and at others. (oneDNN's fused conv + add keeps values the fake-quant conv
+    saturates, beyond the calibrated range: prom_fuse; unfused here so that 1 LSB is the rule.)"""
+    qat, _ = island
+    int_model = convert(qat, runtime=runtime, fuse_adds=False)
+    x = torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(batch * size))
+    local = code_agreement(qat, int_model, x, mode="local")
+    assert local.worst()[1] == 1.0
+    with torch.no_grad():
+        got, want = int_model(x), qat.eval()(x)
+    assert got.shape == want.shape == (batch, 5)
+    assert (got - want).abs().max() < 0.1 * want.abs().max()
+
+
+def test_island_outputs_equal_fake_quant_codes_exactly(island):
+    """An island computes what the fake-quant model computes: its quantizer's codes are equal."""
+    qat, x = island
+    int_model = convert(qat)
+    (only,) = int_model.meta[REPORT_META].islands
+    local = code_agreement(qat, int_model, x, mode="local")
+    for name in only.outputs:
+        elements, _, equal = local.layers[name]
+        assert equal == elements
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_island_model_nan_in_one_sample_gives_nan_outputs_there_only(island, runtime):
+    qat, x = island
+    int_model = convert(qat, runtime=runtime)
+    bad = x[:3].clone()
+    bad[1, 2, 4, 4] = float("nan")
+    with torch.no_grad():
+        clean, y = int_model(x[:3]), int_model(bad)
+    assert torch.isnan(y[1]).all()
+    assert torch.equal(y[[0, 2]], clean[[0, 2]])
+
+
+def test_convert_leaves_the_prepared_model_unchanged(island):
+    qat, x = island
+    before = copy.deepcopy(qat.state_dict())
+    graph = str(qat.graph)
+    convert(qat)
+    after = qat.state_dict()
+    assert graph == str(qat.graph)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_conv_then_silu_is_an_integer_conv_and_a_table():
+    """prepare quantizes the conv output before SiLU (no clamp form): convert makes that grid's
+    codes the table's input, so no island."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 1))
+    x = torch.randn(4, 3, 6, 6)
+    qat = calibrate(fxslim.prepare(net.eval(), x), [x])
+    int_model = convert(qat)
+    report = int_model.meta[REPORT_META]
+    assert report.islands == () and report.integer["prom_quant._1"] == "lut"
+    assert code_agreement(qat, int_model, torch.randn(3, 3, 9, 9)).exact == 1.0
+
+
+class _HandQAT(nn.Module):
+    """q → QConv2d → tanh → q, written by hand (no quantizer between conv and tanh): an island."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.q_in, self.conv, self.q_out = ActFakeQuant(), QConv2d(nn.Conv2d(3, 4, 3), "int8"), ActFakeQuant()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.q_out(torch.tanh(self.conv(self.q_in(x))))
+
+
+def test_conv_inside_an_island_runs_in_float_with_frozen_fake_quant_weights():
+    x = torch.randn(8, 3, 6, 6)
+    qat = calibrate(trace(_HandQAT(), leaf_modules=(QConv2d, ActFakeQuant)), [x])
+    next(iter(qat.graph.nodes)).meta["val"] = x  # the input shape convert propagates from (prepare sets it)
+    int_model = convert(qat)
+    (only,) = int_model.meta[REPORT_META].islands
+    assert only.ops == ("conv", "tanh") and only.inputs == ("q_in",) and only.outputs == ("q_out",)
+    assert only.reasons == ("tanh (tanh): not a conv, linear, residual add, global average pool or model input",)
+    conv = int_model.get_submodule("conv")
+    assert type(conv) is nn.Conv2d and torch.equal(conv.weight, qat.get_submodule("conv").quantized_weight())
+    assert code_agreement(qat, int_model, x).worst()[1] == 1.0
+    assert qat.get_submodule("conv").conv.weight is not conv.weight  # a copy: the QAT model keeps its latent weights
+
+
+class _Layout(nn.Module):
+    """conv → ReLU → permute/transpose/reshape/flatten/slice of the codes → linear: no island."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 6, 3), nn.Linear(6, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu(self.conv(x)).permute(0, 2, 3, 1)
+        y = y.transpose(1, 2).reshape(y.shape[0], -1, 6)[:, 1:]
+        return self.fc(y).flatten(1)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_layout_ops_run_on_the_integer_tensor(runtime):
+    x = torch.randn(4, 3, 7, 7)
+    qat = calibrate(fxslim.prepare(_Layout().eval(), x), [x])
+    int_model = convert(qat, runtime=runtime)
+    assert int_model.meta[REPORT_META].islands == ()
+    assert not any(n.target is ops.dequantize.default for n in int_model.graph.nodes if n.op == "call_function"
+                   and n.users and all(u.op != "output" for u in n.users))
+    for batch, size in ((4, 7), (2, 9)):
+        assert code_agreement(qat, int_model, torch.randn(batch, 3, size, size)).worst()[1] == 1.0
+
+
+class _PointwiseAfterCodes(nn.Module):
+    """conv → quant → sigmoid → maxpool → quant (max pool on codes, then a table); with GELU, which
+    decreases below about −0.75, the max does not commute with the table: an island."""
+
+    def __init__(self, decreasing: bool) -> None:
+        super().__init__()
+        self.decreasing = decreasing
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        y = F.gelu(y) if self.decreasing else torch.sigmoid(y)
+        return self.head(F.max_pool2d(y, 2))
+
+
+@pytest.mark.parametrize("decreasing,kind,islands", [(False, "max_pool", 0), (True, None, 1)])
+def test_max_pool_runs_on_codes_only_after_non_decreasing_ops(decreasing, kind, islands):
+    x = torch.randn(4, 3, 8, 8)
+    qat = calibrate(fxslim.prepare(_PointwiseAfterCodes(decreasing).eval(), x), [x])
+    int_model = convert(qat)
+    report = int_model.meta[REPORT_META]
+    assert len(report.islands) == islands
+    if kind:
+        assert kind in report.integer.values()
+    else:
+        assert "decreasing" in report.islands[0].reasons[0]
+    assert code_agreement(qat, int_model, torch.randn(3, 3, 10, 10)).worst()[1] == 1.0
+
+
+def test_converted_island_model_costs_island_ops_at_float_width(island):
+    """Energy/storage report: island ops are fp32 rows, the rest integer; the LayerNorm's affine
+    parameters are stored at 32 bit."""
+    qat, x = island
+    report = fxslim.estimate(convert(qat), x[:1])
+    assert not report.unknown_ops
+    formats = {r.format for r in report.rows if r.macs}
+    assert formats <= {"int8", "ternary"}  # every conv and the linear stay integer here
+    norm = [r for r in report.rows if r.node == "norm"]
+    assert norm and all(r.format == "fp32" for r in norm)
+    assert sum(r.storage_bits for r in norm) == 2 * 16 * 32  # weight and bias, 16 channels, fp32
+
+    x = torch.randn(8, 3, 6, 6)
+    qat = calibrate(trace(_HandQAT(), leaf_modules=(QConv2d, ActFakeQuant)), [x])
+    next(iter(qat.graph.nodes)).meta["val"] = x
+    converted = fxslim.estimate(convert(qat), x)
+    float_conv = [r for r in converted.rows if r.macs and r.format == "fp32"]
+    # the island conv: 4·3·3·3 MACs per output pixel, 4×4 pixels, 8 samples, at fp32 (1 mul + 1 add)
+    assert [r.macs for r in float_conv] == [4 * 3 * 3 * 3 * 4 * 4 * 8]
+    assert float_conv[0].ops == {("mul", "fp32"): float_conv[0].macs, ("add", "fp32"): float_conv[0].macs}
+    assert converted.total.energy_pj > 0
