@@ -58,7 +58,7 @@ __all__ = ["convert", "code_agreement", "Agreement", "QUANT_META", "REPORT_META"
 
 _log = logging.getLogger(__name__)
 _PASSTHROUGH = (nn.Dropout, nn.Identity)
-_SHAPE_QUERIES = {"size", "dim"}  # methods that read only the shape: they may read the codes
+_SHAPE_QUERIES = {"size", "dim", "numel"}  # methods that read only the shape: they may read the codes
 RUNTIMES = ("reference", "onednn")
 
 
@@ -214,14 +214,22 @@ class _Builder:
         elif node.op == "get_attr":
             self.attribute(str(node.target), _attribute(self.gm, str(node.target)))
         shape_query = (node.op == "call_method" and node.target in _SHAPE_QUERIES) or (
-            node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
+            node.op == "call_function" and node.target is getattr and node.args[1:] in (("shape",), ("ndim",)))
         if shape_query:  # the shape of the codes is the shape of the values
             new = self.graph.node_copy(node, lambda a: self.env[a][0])
         else:
             new = self.graph.node_copy(node, lambda a: self.float_value(a, node))
-            if node.op != "get_attr" and _float_tensors(node):
+            if node.op != "get_attr" and self._computes_floats(node):
                 self.float_ops[node] = new
         return new
+
+    def _computes_floats(self, node: fx.Node) -> bool:
+        """Whether ``node`` computes float tensors (not shapes, sizes, asserts or other Python
+        values); without shape metadata, whether it reads any."""
+        if meta_val(node) is None:
+            return node in self.reads or any(a in self.float_ops or a.op == "placeholder" for a in node.all_input_nodes)
+        values = torch.utils._pytree.tree_leaves(meta_val(node))
+        return any(isinstance(v, Tensor) and v.is_floating_point() for v in values)
 
     def attribute(self, path: str, value: Any) -> None:
         if self.buffers.setdefault(path, value) is not value:
@@ -266,15 +274,6 @@ class _Builder:
         return self.graph.call_function(F.pad, (source, pad, "constant", code))
 
 
-def _float_tensors(node: fx.Node) -> bool:
-    """Whether ``node`` computes float tensors (not shapes, sizes or other Python values); a node
-    without shape metadata counts as one."""
-    if meta_val(node) is None:
-        return True
-    values = torch.utils._pytree.tree_leaves(meta_val(node))
-    return any(isinstance(v, Tensor) and v.is_floating_point() for v in values)
-
-
 def _quantizer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
     """The quantizer node whose codes ``node`` (a codes source) holds."""
     while not is_quant(gm, node):
@@ -301,8 +300,9 @@ def _convert_chain(b: _Builder, chain: _Chain | PointwiseChain) -> fx.Node:
 
 
 def _convert_pointwise(b: _Builder, chain: PointwiseChain) -> fx.Node:
-    # one source: steps (layout, max pool, pad) on its codes, then its table;
-    # a cat: each input through its table to the output grid, cat, then the layout steps
+    # a cat: each input through its table to the output grid, cat, then the steps;
+    # a per-channel table: on the source's codes (it indexes their channel dim), then the layout steps;
+    # otherwise: the steps (layout, max pool, pad) on the source's codes, then its table
     prefix = str(chain.quant.target)
     sources = [b.quantized(s, chain.quant)[0] for s in chain.sources]
 
@@ -310,16 +310,21 @@ def _convert_pointwise(b: _Builder, chain: PointwiseChain) -> fx.Node:
         if chain.tables[i] is None:
             return out
         b.buffers[f"{prefix}.table{i}"] = chain.tables[i]
-        return b.graph.call_function(torch.ops.fxslim.lut.default, (out, b.graph.get_attr(f"{prefix}.table{i}")))
+        dim = () if chain.channel_dim is None else (chain.channel_dim,)
+        return b.graph.call_function(torch.ops.fxslim.lut.default, (out, b.graph.get_attr(f"{prefix}.table{i}"), *dim))
 
     if chain.cat is not None:
         coded = {s: table(new, i) for i, (s, new) in enumerate(zip(chain.sources, sources))}
         out = b.graph.node_copy(chain.cat, lambda a: coded[a] if a in coded else b.env[a][0])
+    elif chain.channel_dim is not None:
+        out = table(sources[0], 0)
     else:
         out = sources[0]
     for node in chain.steps:
         out = b.pad(node, out, chain.pad_codes[node]) if node in chain.pad_codes else b.replay(node, out)
-    return out if chain.cat is not None else table(out, 0)
+    return out if chain.cat is not None or chain.channel_dim is not None else table(out, 0)
+
+
 def _convert_core(b: _Builder, chain: _Chain) -> fx.Node:
     quant = b.gm.get_submodule(str(chain.quant.target))
     core, name = chain.core, chain.core.name

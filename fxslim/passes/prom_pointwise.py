@@ -5,11 +5,14 @@ codes (an ActFakeQuant, or layout ops of one), built from:
 
 - layout ops (view/reshape/flatten/(un)squeeze/permute/transpose/slicing/contiguous, dropout,
   identity, constant zero padding): replayed on the codes, since they only move values;
-- unary pointwise float ops (activations, a tensor with a scalar): folded into one 256-entry table
+- elementwise float ops (activations, a tensor with a scalar): folded into one 256-entry table
   ``quant_out(f(dequant_in(q)))``, computed once at conversion (``fxslim.runtime.prom_codes``);
+  with per-channel constants (an inference batch norm, a per-channel scale, before any layout op):
+  one table per channel;
 - max pooling: run on the codes when the pointwise ops before it are non-decreasing on the input
   grid (the table then commutes with the max);
-- a concatenation of code tensors: each input through its own table to the output grid, then cat.
+- a concatenation of code tensors: each input through its own table to the output grid, then cat
+  (and max pooling, when every table is non-decreasing).
 
 Each form equals the fake-quant model on every code. ``pointwise_chain`` raises ``NoIntegerForm``
 (with a short reason) when a chain is none of these; convert then makes it a float island.
@@ -17,6 +20,7 @@ Each form equals the fake-quant model on every code. ``pointwise_chain`` raises 
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -43,7 +47,8 @@ _UNARY_FUNCTIONS = {F.relu, F.relu_, torch.relu, torch.relu_, F.relu6, F.gelu, F
                     torch.clamp, torch.exp, torch.abs, operator.neg, torch.neg}
 _SCALAR_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
 _UNARY_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_", "clamp", "clamp_", "clamp_min", "clamp_max",
-                  "exp", "abs", "neg", "add", "sub", "mul", "div"}
+                  "exp", "abs", "neg"}
+_BINARY_METHODS = {"add", "sub", "mul", "div", "__add__", "__mul__"}
 _CAT_FUNCTIONS = {torch.cat, torch.concat}
 
 
@@ -94,20 +99,79 @@ def pad_code(node: fx.Node, scale: float, zero_point: int) -> int | None:
     return int(code[0]) if float(torch.ops.fxslim.dequantize(code, scale, zero_point)[0]) == value else None
 
 
-def _pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """A unary elementwise float op of ``node.args[0]`` (any other argument a constant)."""
-    if not node.args or not isinstance(node.args[0], fx.Node) or not _no_nodes(node.args[1:]) or not _no_nodes(node.kwargs):
+def constant_value(gm: fx.GraphModule, node: Any) -> Any:
+    """The value of ``node`` when it depends on no input (get_attr tensors and ops of them, e.g.
+    ``gamma.reshape(1, -1, 1, 1)``), else ``_VARIABLE``; non-Node arguments are their own value."""
+    if not isinstance(node, fx.Node):
+        return node
+    if node.op == "get_attr":
+        value: Any = gm
+        for part in str(node.target).split("."):
+            value = getattr(value, part)
+        return value.detach() if isinstance(value, Tensor) else _VARIABLE
+    if node.op not in ("call_function", "call_method") or not node.all_input_nodes:
+        return _VARIABLE
+    values = [constant_value(gm, a) for a in node.all_input_nodes]
+    if any(v is _VARIABLE for v in values):
+        return _VARIABLE
+    known = dict(zip(node.all_input_nodes, values))
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), known.__getitem__)
+    with torch.no_grad():
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs) if node.op == "call_method" else node.target(*args, **kwargs)
+
+
+_VARIABLE = object()  # constant_value of a node that depends on a graph input
+
+
+def _channel_dim(constant: Any, data: Any) -> int | None | bool:
+    """How a constant broadcasts against the data tensor: None (one value), a channel dim (sizes
+    1 except that dim, not the batch), or False (it would change the data's shape, or mix dims)."""
+    if isinstance(constant, (int, float)) and not isinstance(constant, bool):
+        return None
+    if not isinstance(constant, Tensor) or not isinstance(data, Tensor) or constant.dim() > data.dim():
         return False
-    if node.op == "call_module":
-        module = module_of(gm, node)
+    if constant.numel() == 1:
+        return None
+    shape = [1] * (data.dim() - constant.dim()) + list(constant.shape)
+    dims = [i for i, size in enumerate(shape) if size != 1]
+    return dims[0] if len(dims) == 1 and dims[0] != 0 and shape[dims[0]] == data.shape[dims[0]] else False
+
+
+def _elementwise(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int | None] | None:
+    """(data input, channel dim or None) when ``node`` maps each element of its one non-constant
+    tensor input on its own, with constants shared by all elements (None) or by a channel (an
+    inference batch norm, a per-channel scale); None otherwise."""
+    if node.op not in ("call_module", "call_function", "call_method") or not node.args:
+        return None
+    variable = [a for a in node.all_input_nodes if constant_value(gm, a) is _VARIABLE]
+    if len(variable) != 1:
+        return None
+    data = variable[0]
+    module = module_of(gm, node)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (data, 1) if module.track_running_stats and node.args[0] is data else None
+    if node.op == "call_function" and node.target is F.batch_norm:
+        training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
+        return (data, 1) if node.args[0] is data and training is False else None
+    binary = (node.op == "call_function" and node.target in _SCALAR_FUNCTIONS) or (
+        node.op == "call_method" and node.target in _BINARY_METHODS and node.args[0] is data)
+    if binary and len(node.args) == 2 and not node.kwargs:
+        other = node.args[1] if node.args[0] is data else node.args[0]
+        dim = _channel_dim(constant_value(gm, other), meta_val(data))
+        return None if dim is False else (data, dim)
+    if node.args[0] is not data or not _no_nodes(node.args[1:]) or not _no_nodes(node.kwargs):
+        return None
+    if module is not None:
         timm_act = type(module).__module__.startswith("timm.layers.activations")
         stateless = not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
-        return isinstance(module, _UNARY_MODULES) or (timm_act and stateless)
+        return (data, None) if isinstance(module, _UNARY_MODULES) or (timm_act and stateless) else None
     if node.op == "call_method":
-        return node.target in _UNARY_METHODS
-    if node.op == "call_function" and node.target in _SCALAR_FUNCTIONS:
-        return len(node.args) == 2 and isinstance(node.args[1], (int, float)) and not isinstance(node.args[1], bool)
-    return node.op == "call_function" and node.target in _UNARY_FUNCTIONS
+        return (data, None) if node.target in _UNARY_METHODS else None
+    return (data, None) if node.target in _UNARY_FUNCTIONS else None
+
+
+def _pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return _elementwise(gm, node) is not None
 
 
 def _max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -145,12 +209,14 @@ def is_codes_source(gm: fx.GraphModule, node: Any) -> bool:
 
 
 def _apply(gm: fx.GraphModule, node: fx.Node, x: Tensor) -> Tensor:
-    """``node``'s op on ``x`` in place of its first argument."""
+    """``node``'s op on ``x`` in place of its data input (constants by their values; modules in eval mode)."""
+    data = _elementwise(gm, node)[0]
+    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda a: x if a is data else constant_value(gm, a))
     if node.op == "call_module":
-        return module_of(gm, node)(x)
+        return copy.deepcopy(module_of(gm, node)).eval()(*args, **kwargs)
     if node.op == "call_method":
-        return getattr(x, str(node.target))(*node.args[1:], **node.kwargs)
-    return node.target(x, *node.args[1:], **node.kwargs)
+        return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    return node.target(*args, **kwargs)
 
 
 @dataclass
@@ -164,7 +230,8 @@ class PointwiseChain:
     steps: list[fx.Node] = field(default_factory=list)  # layout ops, max pools and pad nodes to replay, graph order
     pad_codes: dict[fx.Node, int] = field(default_factory=dict)
     members: list[fx.Node] = field(default_factory=list)
-    kind: str = "layout"  # layout | lut | max_pool | cat: what the report calls it
+    channel_dim: int | None = None  # per-channel tables along this dim of the sources
+    kind: str = "layout"  # layout | lut | channel_lut | max_pool | cat: what the report calls it
 
 
 def _compose(gm: fx.GraphModule, fns: list[fx.Node]) -> Callable[[Tensor], Tensor]:
@@ -176,10 +243,15 @@ def _compose(gm: fx.GraphModule, fns: list[fx.Node]) -> Callable[[Tensor], Tenso
     return run
 
 
-def _table(fn: Callable[[Tensor], Tensor], source: nn.Module, out: nn.Module) -> Tensor | None:
+def _table(fn: Callable[[Tensor], Tensor], source: nn.Module, out: nn.Module, dim: int | None,
+           example: Any) -> Tensor | None:
+    """The table from ``source``'s grid to ``out``'s (per channel along ``dim`` of a tensor like
+    ``example``), or None for the identity."""
     (s_x, z_x), (s_y, z_y) = source.qparams(), out.qparams()
-    table = lut_table(fn, s_x, z_x, s_y, z_y)
-    return None if torch.equal(table, torch.arange(LUT_SIZE, dtype=torch.uint8)) else table
+    if dim is None:
+        table = lut_table(fn, s_x, z_x, s_y, z_y)
+        return None if torch.equal(table, torch.arange(LUT_SIZE, dtype=torch.uint8)) else table
+    return lut_table(fn, s_x, z_x, s_y, z_y, channels=example.shape[dim], dim=dim, ndim=example.dim())
 
 
 def _grid(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
@@ -190,9 +262,9 @@ def _grid(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
 
 
 def pointwise_chain(gm: fx.GraphModule, quant: fx.Node) -> PointwiseChain:
-    """Walk back from ``quant`` (steps numbered in the module docstring): 1. collect single-user
-    layout/pointwise/max-pool/pad nodes up to a codes source or a cat of codes sources; 2. check
-    max pools see a non-decreasing prefix and pads an exact code; 3. build the tables."""
+    """Walk back from ``quant``: 1. collect single-user layout/pointwise/max-pool/pad nodes up to
+    a codes source or a cat of codes sources; 2. check that max pools see a non-decreasing prefix
+    and pads an exact code; 3. build the tables (non-decreasing ones before a pooled cat)."""
     members, cur = [], quant.args[0]
     while not is_codes_source(gm, cur):
         if not isinstance(cur, fx.Node) or len(cur.users) != 1:
@@ -200,10 +272,11 @@ def pointwise_chain(gm: fx.GraphModule, quant: fx.Node) -> PointwiseChain:
         members.insert(0, cur)
         if cur.op == "call_function" and cur.target in _CAT_FUNCTIONS:
             break
-        known = is_layout_op(gm, cur) or _pointwise(gm, cur) or _max_pool(gm, cur)
+        elementwise = _elementwise(gm, cur)
+        known = is_layout_op(gm, cur) or elementwise is not None or _max_pool(gm, cur)
         if not known and not (cur.op == "call_function" and cur.target is F.pad):
             raise NoIntegerForm(cur, f"no integer form for {cur.op} {getattr(cur.target, '__name__', cur.target)}")
-        cur = cur.args[0]
+        cur = elementwise[0] if elementwise is not None else cur.args[0]
     cat = members.pop(0) if members and members[0].op == "call_function" and members[0].target in _CAT_FUNCTIONS else None
     if cat is not None:
         tensors = cat.args[0] if cat.args else cat.kwargs.get("tensors")
@@ -218,12 +291,18 @@ def pointwise_chain(gm: fx.GraphModule, quant: fx.Node) -> PointwiseChain:
     fns: list[fx.Node] = []
     grid = _grid(gm, sources[0])
     for node in members:
-        if _pointwise(gm, node):
+        elementwise = _elementwise(gm, node)
+        if elementwise is not None:
+            if elementwise[1] is not None and (chain.steps or chain.channel_dim not in (None, elementwise[1])):
+                raise NoIntegerForm(node, "per-channel op after a layout op or along another dim")
+            chain.channel_dim = elementwise[1] if elementwise[1] is not None else chain.channel_dim
             fns.append(node)
             continue
-        if cat is not None and not is_layout_op(gm, node):
-            raise NoIntegerForm(node, "max pooling or padding after a concatenation")
-        if _max_pool(gm, node) and not is_monotone(_compose(gm, fns), *grid.qparams()):
+        if chain.channel_dim is not None and not is_layout_op(gm, node):
+            raise NoIntegerForm(node, "max pooling or padding after a per-channel op")
+        if cat is not None and not (is_layout_op(gm, node) or _max_pool(gm, node)):
+            raise NoIntegerForm(node, "padding after a concatenation")
+        if cat is None and _max_pool(gm, node) and not is_monotone(_compose(gm, fns), *grid.qparams()):
             raise NoIntegerForm(node, "max pooling after a decreasing pointwise op")
         if not is_layout_op(gm, node) and not _max_pool(gm, node):
             code = pad_code(node, *grid.qparams()) if not fns else None
@@ -231,12 +310,21 @@ def pointwise_chain(gm: fx.GraphModule, quant: fx.Node) -> PointwiseChain:
                 raise NoIntegerForm(node, "padding with a value that has no code")
             chain.pad_codes[node] = code
         chain.steps.append(node)
+    if chain.channel_dim is not None and (cat is not None or any(_max_pool(gm, n) for n in chain.steps)):
+        raise NoIntegerForm(members[0], "per-channel op with a concatenation or max pooling")
+    if chain.channel_dim is not None and not isinstance(meta_val(sources[0]), Tensor):
+        raise NoIntegerForm(members[0], "no shape metadata for a per-channel table")
     out = module_of(gm, quant)
-    chain.tables = [_table(_compose(gm, fns), _grid(gm, s), out) for s in sources]
+    chain.tables = [_table(_compose(gm, fns), _grid(gm, s), out, chain.channel_dim, meta_val(s)) for s in sources]
+    pooled = any(_max_pool(gm, n) for n in chain.steps)
+    if cat is not None and pooled and not all(t is None or bool((t[1:] >= t[:-1]).all()) for t in chain.tables):
+        raise NoIntegerForm(cat, "max pooling after a concatenation with a decreasing table")
     if cat is not None:
         chain.kind = "cat"
-    elif any(_max_pool(gm, n) for n in chain.steps):
+    elif pooled:
         chain.kind = "max_pool"
+    elif chain.channel_dim is not None:
+        chain.kind = "channel_lut"
     elif chain.tables[0] is not None:
         chain.kind = "lut"
     return chain

@@ -221,6 +221,59 @@ def test_max_pool_runs_on_codes_only_after_non_decreasing_ops(decreasing, kind, 
     assert code_agreement(qat, int_model, torch.randn(3, 3, 10, 10)).worst()[1] == 1.0
 
 
+class _FunctionalBatchNorm(nn.Module):
+    """conv → quant → F.batch_norm (timm's BatchNormAct2d) → hardswish → · γ (per channel) → quant:
+    one table per channel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1)
+        self.gamma = nn.Parameter(torch.linspace(-1.0, 2.0, 6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        y = F.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps)
+        return self.head(F.hardswish(y) * self.gamma.reshape(1, -1, 1, 1))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_functional_batch_norm_and_per_channel_scale_become_one_table_per_channel(runtime):
+    x = torch.randn(4, 3, 8, 8)
+    model = _FunctionalBatchNorm().eval()
+    model.bn.running_mean.uniform_(-0.5, 0.5)
+    model.bn.running_var.uniform_(0.5, 2.0)
+    qat = calibrate(fxslim.prepare(model, x), [x])
+    int_model = convert(qat, runtime=runtime)
+    report = int_model.meta[REPORT_META]
+    assert report.islands == () and "channel_lut" in report.integer.values()
+    (table,) = [t for name, t in int_model.named_buffers() if "table" in name]
+    assert table.shape == (6, 256)
+    for batch, size in ((4, 8), (2, 11)):
+        assert code_agreement(qat, int_model, torch.randn(batch, 3, size, size)).exact == 1.0
+
+
+class _CatPool(nn.Module):
+    """Two ReLU convs → cat → max pool (googlenet, squeezenet): tables, cat, max pool on codes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(F.max_pool2d(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1), 3, 2, ceil_mode=True))
+
+
+def test_cat_then_max_pool_runs_on_codes():
+    x = torch.randn(4, 3, 9, 9)
+    qat = calibrate(fxslim.prepare(_CatPool().eval(), x), [x])
+    int_model = convert(qat)
+    report = int_model.meta[REPORT_META]
+    assert report.islands == () and "cat" in report.integer.values()
+    targets = [n.target for n in int_model.graph.nodes if n.op == "call_function"]
+    assert ops.max_pool2d_codes.default in targets and torch.cat in targets
+    assert code_agreement(qat, int_model, torch.randn(3, 3, 12, 12)).exact == 1.0
+
+
 def test_converted_island_model_costs_island_ops_at_float_width(island):
     """Energy/storage report: island ops are fp32 rows, the rest integer; the LayerNorm's affine
     parameters are stored at 32 bit."""

@@ -73,6 +73,33 @@ def test_lut_matches_reference_and_keeps_shape(layout):
         assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("dim,shape", [(1, (2, 5, 3, 4)), (2, (3, 4, 5)), (1, (6, 5))])
+def test_per_channel_lut_batch_norm_equals_fake_quant_on_all_256_codes_of_every_channel(dim, shape):
+    """A batch norm (per-channel scale and shift, negative gains included) then ReLU6: table[c, q]
+    equals quant_out(relu6(bn(quant_in(x)))) for every code q in every channel c."""
+    channels = shape[dim]
+    gen = torch.Generator().manual_seed(dim)
+    mean, var = torch.randn(channels, generator=gen), torch.rand(channels, generator=gen) + 0.2
+    weight, bias = torch.randn(channels, generator=gen), torch.randn(channels, generator=gen)
+    view = [channels if i == dim else 1 for i in range(len(shape))]
+
+    def fn(x):
+        return F.relu6((x - mean.view(view)) / torch.sqrt(var.view(view) + 1e-5) * weight.view(view) + bias.view(view))
+
+    q_in, q_out = _grid(-3.0, 5.0), _grid(0.0, 6.0)
+    table = lut_table(fn, *q_in.qparams(), *q_out.qparams(), channels=channels, dim=dim, ndim=len(shape))
+    assert table.shape == (channels, 256)
+    codes = CODES.view([256 if i == (0 if dim else 1) else 1 for i in range(len(shape))]).expand(
+        [256 if i == (0 if dim else 1) else channels if i == dim else 1 for i in range(len(shape))]).contiguous()
+    real = (codes.to(torch.float32) - q_in.zero_point) * q_in.scale
+    with torch.no_grad():
+        fake = q_out(fn(q_in(real)))
+    expected = (torch.round(fake / q_out.scale) + q_out.zero_point).to(torch.uint8)
+    assert torch.equal(ops.lut(codes, table, dim), expected)
+    x = _codes(shape, 9)
+    assert torch.equal(ops.lut(x, table, dim), lut_reference(x, table, dim))
+
+
 def test_is_monotone_tells_increasing_from_decreasing_functions():
     assert is_monotone(F.silu, 0.01, 0)  # silu increases on [0, 2.55]
     assert not is_monotone(F.silu, 0.05, 200)  # ... but not below about −1.28
@@ -107,6 +134,7 @@ def _cases():
     return {
         "lut": (ops.lut.default, (x, _codes((256,), 4))),
         "lut_channels_last": (ops.lut.default, (x.contiguous(memory_format=torch.channels_last), _codes((256,), 5))),
+        "lut_per_channel": (ops.lut.default, (x.contiguous(memory_format=torch.channels_last), _codes((3, 256), 6), 1)),
         "max_pool2d_codes": (ops.max_pool2d_codes.default, (x, [3, 3], [2, 2], [1, 1], [1, 1], False)),
         # no flagged sample: opcheck compares outputs with NaN != NaN (the marking is tested above)
         "mark_nan_samples": (ops.mark_nan_samples.default, (torch.randn(2, 3), torch.tensor([False, False]))),
@@ -123,6 +151,7 @@ def test_opcheck_passes(name):
     ("lut", 0, torch.zeros(4, dtype=torch.int8), "x:"),
     ("lut", 1, torch.zeros(255, dtype=torch.uint8), "table:"),
     ("lut", 1, torch.zeros(256, dtype=torch.int32), "table:"),
+    ("lut", 1, torch.zeros(4, 256, dtype=torch.uint8), "table:"),  # 4 rows for 3 channels
     ("max_pool2d_codes", 0, torch.zeros(2, 3, 6, 6), "x:"),
     ("max_pool2d_codes", 0, torch.zeros(3, 6, 6, dtype=torch.uint8), "x:"),
     ("mark_nan_samples", 0, torch.zeros(2, 3, dtype=torch.uint8), "x:"),
