@@ -28,11 +28,10 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
@@ -40,15 +39,13 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from fxslim.ir import meta_val
 from fxslim.passes.inplace import remove_dead_code
 from fxslim.passes.prom_agreement import QUANT_META, Agreement, code_agreement
+from fxslim.passes.prom_build import Builder, codes_layout, replay_codes
 from fxslim.passes.prom_fuse import fuse_conv_add
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op
-from fxslim.passes.prom_islands import REPORT_META, ConvertReport, float_module, group_islands
-from fxslim.passes.prom_pointwise import (
-    NoIntegerForm, PointwiseChain, is_codes_source, is_layout_op, max_pool_args, pad_code,
-    pointwise_chain,
-)
+from fxslim.passes.prom_islands import REPORT_META, ConvertReport, group_islands
+from fxslim.passes.prom_pointwise import NoIntegerForm, PointwiseChain, is_codes_source, pointwise_chain
 from fxslim.runtime.quant import (
-    ActFakeQuant, IntegerOp, QConv2d, QLinear, convert_add, convert_conv, convert_global_avg_pool, convert_input,
+    ActFakeQuant, QConv2d, QLinear, convert_add, convert_conv, convert_global_avg_pool, convert_input,
     convert_linear, convert_output,
 )
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
@@ -57,8 +54,6 @@ from fxslim.runtime.quant_onednn import convert_add_onednn, convert_conv_onednn,
 __all__ = ["convert", "code_agreement", "Agreement", "QUANT_META", "REPORT_META", "RUNTIMES"]
 
 _log = logging.getLogger(__name__)
-_PASSTHROUGH = (nn.Dropout, nn.Identity)
-_SHAPE_QUERIES = {"size", "dim", "numel"}  # methods that read only the shape: they may read the codes
 RUNTIMES = ("reference", "onednn")
 
 
@@ -168,128 +163,7 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     return f"{node.name} ({op})"
 
 
-class _Builder:
-    """The new graph, its buffers, and the map from prepared nodes to (new node, grid or None)."""
-
-    def __init__(self, gm: fx.GraphModule, runtime: str) -> None:
-        self.gm = gm
-        self.runtime = runtime
-        self.graph = fx.Graph()
-        self.buffers: dict[str, Any] = {}
-        self.env: dict[fx.Node, tuple[fx.Node, ActFakeQuant | None]] = {}
-        self.nan_samples: dict[fx.Node, fx.Node] = {}  # per model input read as data: which samples hold a NaN
-        self.dequantized: dict[fx.Node, fx.Node] = {}  # per quantized prepared node: its float copy
-        self.float_ops: dict[fx.Node, fx.Node] = {}  # prepared node run in float → its new node
-        self.reads: dict[fx.Node, list[fx.Node]] = {}  # float op → the quantizers it reads as codes
-
-    def quantized(self, node: fx.Node, user: fx.Node) -> tuple[fx.Node, ActFakeQuant]:
-        new, grid = self.env[node]
-        if grid is None:
-            raise NoIntegerForm(user, f"its input {node.name} is a float tensor")  # the plan rules this out
-        return new, grid
-
-    def model_input(self, node: fx.Node) -> fx.Node:
-        """A placeholder's new node, flagging its NaN samples once (it is read as data)."""
-        new = self.env[node][0]
-        if node not in self.nan_samples and isinstance(meta_val(node), Tensor) and meta_val(node).is_floating_point():
-            self.nan_samples[node] = self.graph.call_function(torch.ops.fxslim.nan_samples.default, (new,))
-        return new
-
-    def float_value(self, node: Any, user: fx.Node) -> Any:
-        """What a float op reads for ``node``: codes dequantized with their grid (once per node)."""
-        if not isinstance(node, fx.Node):
-            return node
-        new, grid = self.env[node]
-        if grid is None:
-            return self.model_input(node) if node.op == "placeholder" else new
-        self.reads.setdefault(user, []).append(_quantizer(self.gm, node))
-        if node not in self.dequantized:
-            self.dequantized[node] = self.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
-        return self.dequantized[node]
-
-    def copy_float(self, node: fx.Node) -> fx.Node:
-        """``node`` run in float in the new graph (a float island op)."""
-        if node.op == "call_module":
-            self.attribute(str(node.target), float_module(self.gm.get_submodule(str(node.target))))
-        elif node.op == "get_attr":
-            self.attribute(str(node.target), _attribute(self.gm, str(node.target)))
-        shape_query = (node.op == "call_method" and node.target in _SHAPE_QUERIES) or (
-            node.op == "call_function" and node.target is getattr and node.args[1:] in (("shape",), ("ndim",)))
-        if shape_query:  # the shape of the codes is the shape of the values
-            new = self.graph.node_copy(node, lambda a: self.env[a][0])
-        else:
-            new = self.graph.node_copy(node, lambda a: self.float_value(a, node))
-            if node.op != "get_attr" and self._computes_floats(node):
-                self.float_ops[node] = new
-        return new
-
-    def _computes_floats(self, node: fx.Node) -> bool:
-        """Whether ``node`` computes float tensors (not shapes, sizes, asserts or other Python
-        values); without shape metadata, whether it reads any."""
-        if meta_val(node) is None:
-            return node in self.reads or any(a in self.float_ops or a.op == "placeholder" for a in node.all_input_nodes)
-        values = torch.utils._pytree.tree_leaves(meta_val(node))
-        return any(isinstance(v, Tensor) and v.is_floating_point() for v in values)
-
-    def attribute(self, path: str, value: Any) -> None:
-        if self.buffers.setdefault(path, value) is not value:
-            assert path in self.buffers  # one module or tensor per path: shared leaf modules are stored once
-
-    def emit(self, op: IntegerOp, inputs: list[fx.Node], prefix: str, name: str) -> fx.Node:
-        """One integer op call, positional in schema order; its tensors become buffers under prefix."""
-        values = dict(zip(op.inputs, inputs), **op.scalars)
-        for key, tensor in op.tensors.items():
-            path = f"{prefix}.{key}"
-            self.buffers[path] = tensor
-            values[key] = self.graph.get_attr(path)
-        args = []
-        for argument in op.op._schema.arguments:
-            if argument.name not in values:
-                break  # the rest keep their defaults
-            args.append(values[argument.name])
-        return self.graph.create_node("call_function", op.op, tuple(args), name=name)
-
-    def replay(self, node: fx.Node, source: fx.Node) -> fx.Node:
-        """A value-preserving op applied to ``source`` (a new-graph node): dropout and identity
-        vanish, view becomes reshape; a max pool pools the codes."""
-        pool = max_pool_args(self.gm, node)
-        if pool is not None:
-            return self.graph.call_function(torch.ops.fxslim.max_pool2d_codes.default, (source, *pool))
-        if node.op == "call_module":
-            module = self.gm.get_submodule(str(node.target))
-            if isinstance(module, _PASSTHROUGH):
-                return source
-            assert isinstance(module, nn.Flatten), f"not a value-preserving module: {module}"
-            return self.graph.call_function(torch.flatten, (source, module.start_dim, module.end_dim))
-        if node.op == "call_function" and node.target is torch.nn.functional.dropout:
-            return source
-        new = self.graph.node_copy(node, lambda a: source if a is node.args[0] else self.env[a][0])
-        if new.op == "call_method" and new.target == "view":
-            new.target = "reshape"  # integer codes are channels_last: view may not apply
-        return new
-
-    def pad(self, node: fx.Node, source: fx.Node, code: int) -> fx.Node:
-        """``F.pad(source, pad, "constant", code)``: a real-valued pad on codes, ``code`` the value's code."""
-        pad = node.args[1] if len(node.args) > 1 else node.kwargs["pad"]
-        return self.graph.call_function(F.pad, (source, pad, "constant", code))
-
-
-def _quantizer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """The quantizer node whose codes ``node`` (a codes source) holds."""
-    while not is_quant(gm, node):
-        node = node.args[0]
-    return node
-
-
-def _attribute(gm: fx.GraphModule, path: str) -> Any:
-    """A detached copy of the tensor (or the module) at ``path``."""
-    value = gm
-    for part in path.split("."):
-        value = getattr(value, part)
-    return value.detach().clone() if isinstance(value, Tensor) else float_module(value)
-
-
-def _convert_chain(b: _Builder, chain: _Chain | PointwiseChain) -> fx.Node:
+def _convert_chain(b: Builder, chain: _Chain | PointwiseChain) -> fx.Node:
     """The chain's integer op, then its value-preserving tail replayed on the codes."""
     if isinstance(chain, PointwiseChain):
         return _convert_pointwise(b, chain)
@@ -299,7 +173,7 @@ def _convert_chain(b: _Builder, chain: _Chain | PointwiseChain) -> fx.Node:
     return out
 
 
-def _convert_pointwise(b: _Builder, chain: PointwiseChain) -> fx.Node:
+def _convert_pointwise(b: Builder, chain: PointwiseChain) -> fx.Node:
     # a cat: each input through its table to the output grid, cat, then the steps;
     # a per-channel table: on the source's codes (it indexes their channel dim), then the layout steps;
     # otherwise: the steps (layout, max pool, pad) on the source's codes, then its table
@@ -325,7 +199,7 @@ def _convert_pointwise(b: _Builder, chain: PointwiseChain) -> fx.Node:
     return out if chain.cat is not None or chain.channel_dim is not None else table(out, 0)
 
 
-def _convert_core(b: _Builder, chain: _Chain) -> fx.Node:
+def _convert_core(b: Builder, chain: _Chain) -> fx.Node:
     quant = b.gm.get_submodule(str(chain.quant.target))
     core, name = chain.core, chain.core.name
     if chain.kind == "input":
@@ -378,7 +252,7 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
         raise ValueError("convert: runtime 'onednn' needs torch's oneDNN quantized ops and a CPU with VNNI or AMX "
                          "int8 dot products (exact u8·s8 sums); use runtime='reference'")
     gm = qat_model
-    b = _Builder(gm, runtime)
+    b = Builder(gm, runtime)
     chains, island_quants = _plan(gm)
     inside = {m for c in chains.values() for m in c.members if m.op != "placeholder"}
     for node in gm.graph.nodes:
@@ -398,8 +272,8 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
             b.env[node] = (b.graph.placeholder(node.name, node.type), None)
         elif node.op == "output":
             b.graph.output(fx.node.map_arg(node.args[0], lambda a: _output(b, a)))
-        elif _codes_layout(b, node):
-            b.env[node] = (_replay_codes(b, node), b.env[node.args[0]][1])
+        elif codes_layout(b, node):
+            b.env[node] = (replay_codes(b, node), b.env[node.args[0]][1])
         else:
             b.env[node] = (b.copy_float(node), None)
     out = fx.GraphModule(b.buffers, b.graph, f"{type(gm).__name__}PROM")
@@ -415,20 +289,7 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     return out
 
 
-def _codes_layout(b: _Builder, node: fx.Node) -> bool:
-    """A layout op (or an exact constant pad) of a tensor convert holds as codes."""
-    if not node.args or not isinstance(node.args[0], fx.Node) or b.env[node.args[0]][1] is None:
-        return False
-    return is_layout_op(b.gm, node) or pad_code(node, *b.env[node.args[0]][1].qparams()) is not None
-
-
-def _replay_codes(b: _Builder, node: fx.Node) -> fx.Node:
-    source, grid = b.env[node.args[0]]
-    code = pad_code(node, *grid.qparams())
-    return b.pad(node, source, code) if code is not None else b.replay(node, source)
-
-
-def _output(b: _Builder, node: fx.Node) -> fx.Node:
+def _output(b: Builder, node: fx.Node) -> fx.Node:
     """A model output: codes dequantized, float tensors as they are; NaN samples of the inputs marked."""
     new, grid = b.env[node]
     flags = None
@@ -445,7 +306,7 @@ def _output(b: _Builder, node: fx.Node) -> fx.Node:
     return b.graph.call_function(torch.ops.fxslim.mark_nan_samples.default, (new, flags))
 
 
-def _report(b: _Builder, out: fx.GraphModule, chains: dict, island_quants: dict[fx.Node, str]) -> ConvertReport:
+def _report(b: Builder, out: fx.GraphModule, chains: dict, island_quants: dict[fx.Node, str]) -> ConvertReport:
     """The convert report, from the nodes that survived dead-code elimination; chains by kind."""
     alive = set(out.graph.nodes)
     float_ops = [n for n, new in b.float_ops.items() if new in alive]

@@ -170,10 +170,6 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int | None
     return (data, None) if node.target in _UNARY_FUNCTIONS else None
 
 
-def _pointwise(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return _elementwise(gm, node) is not None
-
-
 def _max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
     module = module_of(gm, node)
     if isinstance(module, nn.MaxPool2d):
