@@ -294,24 +294,23 @@ def _prom_prepare(run: ModelRun) -> str:
 @step("prom_convert")
 def _prom_convert(run: ModelRun) -> str:
     import fxslim
-    from fxslim.passes.prom_convert import REPORT_META, code_agreement
+    from fxslim.passes.prom_convert import code_agreement, convert_report
 
     qat = run.state.get("prom")
     if qat is None:
         raise Skip("no prepared model (prom_prepare did not succeed)")
-    if not isinstance(qat, torch.fx.GraphModule):
-        raise Skip("convert needs the whole model as one graph; it traces in parts")
     int_model = fxslim.convert(qat)
     run.state["prom_integer"] = int_model
     with torch.no_grad():
         out = int_model(*run.inputs)
     _assert_finite_same_shape(out, run.reference, "prom integer model")
-    report = int_model.meta[REPORT_META]
+    report = convert_report(int_model)
     local = code_agreement(qat, int_model, *run.inputs, mode="local")
     worst, share = local.worst()
     if share < 0.999:  # the method's guarantee, per quantizer: codes within 1 LSB of the fake-quant model's
         raise AssertionError(f"only {share:.4%} of {worst}'s uint8 codes within 1 LSB of the fake-quant model")
-    return (f"{report.integer_ops} integer ops, {len(report.islands)} float islands ({report.float_ops} float ops), "
+    parts = f" in {len(report.parts)} parts" if report.parts else ""
+    return (f"{report.integer_ops} integer ops{parts}, {len(report.islands)} float islands ({report.float_ops} float ops), "
             f"{local.within_one:.2%} codes within 1 LSB, worst quantizer {share:.2%}")
 
 

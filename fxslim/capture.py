@@ -33,7 +33,8 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.ir import IR, detect_ir
 
-__all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns"]
+__all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns",
+           "propagate_shapes"]
 
 _log = logging.getLogger(__name__)
 
@@ -330,7 +331,7 @@ class _RealPropagate(fx.Interpreter):
         return result
 
 
-def _propagate(gm: fx.GraphModule, args: Sequence[Any]) -> None:
+def propagate_shapes(gm: fx.GraphModule, args: Sequence[Any]) -> None:
     """``meta['val']`` on every node: from fake tensors, else (data-dependent shapes) from one run
     on the real values."""
     try:
@@ -379,7 +380,7 @@ def _record_submodule_inputs(root: nn.Module, graphs: list[Graph], example_input
     for graph in graphs:
         if graph.path in seen:
             graph.placeholder_values = _placeholder_values(graph.gm, seen[graph.path])
-            _propagate(graph.gm, seen[graph.path])
+            propagate_shapes(graph.gm, seen[graph.path])
         else:
             _log.info("submodule %r was not called by the example inputs; it has no shapes", graph.path)
 
@@ -488,7 +489,7 @@ def capture(
             if _needs_shapes(gm):
                 if example_inputs is None:
                     raise ValueError("capture: example_inputs are needed to infer shapes of a GraphModule without node meta")
-                _propagate(gm, example_inputs)
+                propagate_shapes(gm, example_inputs)
         return Captured(gm, [graph], [], "graph", batch)
 
     if not isinstance(model, nn.Module):
@@ -509,7 +510,7 @@ def capture(
     if len(traced) == 1 and traced[0][0] == "":
         gm = traced[0][1]
         graph = Graph("", gm, "module", _placeholder_values(gm, example_inputs))
-        _propagate(gm, example_inputs)
+        propagate_shapes(gm, example_inputs)
         return Captured(gm, [graph], untraced, "symbolic", batch)
 
     traced.sort(key=lambda item: item[0].count(".") + bool(item[0]))  # parents before what nests in them

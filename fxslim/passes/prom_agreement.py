@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from fxslim.runtime.quant import ActFakeQuant
 
@@ -38,13 +39,14 @@ class Agreement:
 
 
 @torch.no_grad()
-def code_agreement(qat_model: fx.GraphModule, int_model: fx.GraphModule, *inputs: Any,
+def code_agreement(qat_model: nn.Module, int_model: nn.Module, *inputs: Any,
                    mode: Literal["local", "end_to_end"] = "local") -> Agreement:
     """Compare the uint8 codes of every converted op with the fake-quant model's codes (eval mode).
 
     ``local``: each integer op reads the fake-quant model's codes of its inputs, so a difference is
     that op's own rounding; ``end_to_end``: the integer model runs on its own, so 1-LSB differences
-    propagate and can grow from layer to layer.
+    propagate and can grow from layer to layer. Models converted in parts are compared part by
+    part (quantizer names include the part's path).
     """
     fake: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: fake.__setitem__(n, torch.round(o / m.scale) + m.zero_point))
@@ -59,16 +61,32 @@ def code_agreement(qat_model: fx.GraphModule, int_model: fx.GraphModule, *inputs
     ours: dict[str, torch.Tensor] = {}
 
     class _Recorder(fx.Interpreter):
+        def __init__(self, part: fx.GraphModule, prefix: str) -> None:
+            super().__init__(part)
+            self.prefix = prefix
+
         def run_node(self, node: fx.Node) -> Any:
             out = super().run_node(node)
             name = node.meta.get(QUANT_META)
             if name is not None:
+                name = self.prefix + name
                 ours[name] = out
                 if mode == "local":
                     out = torch.empty_like(out).copy_(fake[name].view(out.shape))
             return out
 
-    _Recorder(int_model).run(*inputs)
+    parts = {path: m for path, m in int_model.named_modules()
+             if isinstance(m, fx.GraphModule) and any(QUANT_META in n.meta for n in m.graph.nodes)}
+    if list(parts) == [""]:
+        _Recorder(int_model, "").run(*inputs)
+    else:  # a model converted in parts: each part records while the model runs
+        for path, part in parts.items():
+            part.forward = lambda *args, part=part, prefix=f"{path}.": _Recorder(part, prefix).run(*args)
+        try:
+            int_model(*inputs)
+        finally:
+            for part in parts.values():
+                del part.forward  # the instance attribute: the class's forward again
     layers = {}
     for name, codes in ours.items():
         diff = (codes.to(torch.float32) - fake[name].view(codes.shape)).abs()

@@ -26,6 +26,7 @@ scalars are op arguments. The prepared model is only read, never modified.
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -33,16 +34,15 @@ from typing import Literal
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
-from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
+from fxslim.capture import propagate_shapes
 from fxslim.ir import meta_val
 from fxslim.passes.inplace import remove_dead_code
 from fxslim.passes.prom_agreement import QUANT_META, Agreement, code_agreement
 from fxslim.passes.prom_build import Builder, codes_layout, replay_codes
 from fxslim.passes.prom_fuse import fuse_conv_add
-from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op
-from fxslim.passes.prom_islands import REPORT_META, ConvertReport, group_islands
+from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op, module_of
+from fxslim.passes.prom_islands import REPORT_META, ConvertReport, group_islands, merge_reports
 from fxslim.passes.prom_pointwise import NoIntegerForm, PointwiseChain, is_codes_source, pointwise_chain
 from fxslim.runtime.quant import (
     ActFakeQuant, QConv2d, QLinear, convert_add, convert_conv, convert_global_avg_pool, convert_input,
@@ -51,7 +51,8 @@ from fxslim.runtime.quant import (
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 from fxslim.runtime.quant_onednn import convert_add_onednn, convert_conv_onednn, convert_linear_onednn
 
-__all__ = ["convert", "code_agreement", "Agreement", "QUANT_META", "REPORT_META", "RUNTIMES"]
+__all__ = ["convert", "convert_report", "prepared_parts", "code_agreement", "Agreement", "QUANT_META", "REPORT_META",
+           "RUNTIMES"]
 
 _log = logging.getLogger(__name__)
 RUNTIMES = ("reference", "onednn")
@@ -150,10 +151,19 @@ def _plan(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain | PointwiseChain], d
             try:
                 chains[node] = pointwise_chain(gm, node)
             except NoIntegerForm as pointwise:
-                exc = layer if pointwise.reason.startswith("no integer form") else pointwise
-                islands[node] = f"{_describe(gm, exc.node)}: {exc.reason}"
+                islands[node] = _reason(gm, layer, pointwise)
                 _log.debug("PROM convert: %s runs in float: %s / %s", node.target, layer, pointwise)
     return chains, islands
+
+
+def _reason(gm: fx.GraphModule, layer: NoIntegerForm, pointwise: NoIntegerForm) -> str:
+    """Why a chain runs in float, naming the op that blocks it: the layer walk's reason when it
+    found a layer, the pointwise walk's when that stopped at an op without an integer form."""
+    if not layer.reason.startswith("not a conv"):
+        return f"{_describe(gm, layer.node)}: {layer.reason}"
+    if isinstance(module_of(gm, pointwise.node), (QConv2d, QLinear)):  # conv → op → quant, no quantizer between
+        return f"{_describe(gm, layer.node)}: after a conv/linear with no quantizer between (only ReLU/ReLU6 fold into it)"
+    return f"{_describe(gm, pointwise.node)}: {pointwise.reason}"
 
 
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
@@ -227,7 +237,7 @@ def _convert_core(b: Builder, chain: _Chain) -> fx.Node:
 
 
 def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "reference", *,
-            fuse_adds: bool = True) -> fx.GraphModule:
+            fuse_adds: bool = True) -> nn.Module:
     """The integer model of a prepared PROM model (``prepare`` output, trained or calibrated).
 
     ``runtime``: ``"reference"`` emits the fixed-point ops of ``fxslim.runtime.prom_ops`` (ternary
@@ -237,12 +247,18 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     products).
 
     Input: the float tensors the model takes; output: float32 logits (dequantized). BN running
-    statistics and the observers' grids are used as they are; dropout is the identity.
+    statistics and the observers' grids are used as they are; dropout is the identity. A model
+    that traces whole gives a GraphModule. A model prepared in parts (``prepare`` returned it with
+    its traced submodules as GraphModules) gives a copy in eval mode whose parts are integer
+    GraphModules with float inputs and outputs: the code between them stays the float model's.
+    ``convert_report`` reads what was converted either way.
     """
     if isinstance(qat_model, nn.parallel.DistributedDataParallel):
         qat_model = qat_model.module
-    if not isinstance(qat_model, fx.GraphModule) or not any(is_quant(qat_model, n) for n in qat_model.graph.nodes):
-        raise TypeError(f"convert: expected the GraphModule returned by fxslim.prepare, got {type(qat_model).__name__}")
+    parts = prepared_parts(qat_model)
+    if not parts:
+        raise TypeError(f"convert: expected the GraphModule returned by fxslim.prepare (or a model whose traced parts "
+                        f"it prepared), got {type(qat_model).__name__} without ActFakeQuant nodes")
     for name, module in qat_model.named_modules():
         if isinstance(module, ActFakeQuant) and not bool(module.initialized):
             raise ValueError(f"convert: observer {name!r} has seen no data; run calibrate() or train the model first")
@@ -251,6 +267,39 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     if runtime == "onednn" and not (onednn_available() and vnni_available()):
         raise ValueError("convert: runtime 'onednn' needs torch's oneDNN quantized ops and a CPU with VNNI or AMX "
                          "int8 dot products (exact u8·s8 sums); use runtime='reference'")
+    if list(parts) == [""]:
+        return _convert_graph(qat_model, runtime, fuse_adds)
+    converted = {path: _convert_graph(part, runtime, fuse_adds) for path, part in parts.items()}
+    out = copy.deepcopy(qat_model).eval()
+    for path, part in converted.items():
+        out.set_submodule(path, part)
+    return out
+
+
+def prepared_parts(model: nn.Module) -> dict[str, fx.GraphModule]:
+    """The outermost GraphModules of ``model`` holding ActFakeQuant nodes, by path ("" for the model itself)."""
+    parts: dict[str, fx.GraphModule] = {}
+    for path, module in model.named_modules():
+        inside = any(path.startswith(f"{p}.") or p == "" for p in parts)
+        if not inside and isinstance(module, fx.GraphModule) and any(is_quant(module, n) for n in module.graph.nodes):
+            parts[path] = module
+    return parts
+
+
+def convert_report(int_model: nn.Module) -> ConvertReport:
+    """What ``convert`` made: the report of a whole-graph model, or its parts' reports merged
+    (names prefixed with each part's path, ``parts`` listing them)."""
+    reports = {path: m.meta[REPORT_META] for path, m in int_model.named_modules()
+               if isinstance(m, fx.GraphModule) and REPORT_META in m.meta}
+    if list(reports) == [""]:
+        return reports[""]
+    if not reports:
+        raise TypeError(f"convert_report: expected a model returned by fxslim.convert, got {type(int_model).__name__}")
+    return merge_reports(reports)
+
+
+def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> fx.GraphModule:
+    """One prepared GraphModule → its integer GraphModule (module docstring)."""
     gm = qat_model
     b = Builder(gm, runtime)
     chains, island_quants = _plan(gm)
@@ -318,13 +367,9 @@ def _report(b: Builder, out: fx.GraphModule, chains: dict, island_quants: dict[f
 
 
 def _propagate_shapes(out: fx.GraphModule, source: fx.GraphModule) -> None:
-    """meta['val'] on every new node, from the prepared graph's input shapes; fxslim_pass tags."""
+    """meta['val'] on every new node, from the prepared graph's input shapes (fake tensors, or one
+    run on zeros where an island leaf is data-dependent); fxslim_pass tags."""
     inputs = [meta_val(n) for n in source.graph.nodes if n.op == "placeholder"]
-    mode = FakeTensorMode(allow_non_fake_inputs=True)
-    fake = [mode.from_tensor(torch.zeros(v.shape, dtype=v.dtype)) if isinstance(v, torch.Tensor) else v for v in inputs]
-    with torch.no_grad():
-        FakeTensorProp(out, mode).propagate(*fake)
+    propagate_shapes(out, [torch.zeros(v.shape, dtype=v.dtype) if isinstance(v, Tensor) else v for v in inputs])
     for node in out.graph.nodes:
         node.meta["fxslim_pass"] = "prom"
-
-

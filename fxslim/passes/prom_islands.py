@@ -20,7 +20,7 @@ from torch import nn
 
 from fxslim.runtime.quant import QConv2d, QLinear
 
-__all__ = ["Island", "ConvertReport", "REPORT_META", "float_module", "group_islands", "format_report"]
+__all__ = ["Island", "ConvertReport", "REPORT_META", "float_module", "group_islands", "merge_reports", "format_report"]
 
 REPORT_META = "fxslim_prom_convert"  # int_model.meta key of the ConvertReport
 
@@ -40,11 +40,12 @@ class Island:
 @dataclass(frozen=True)
 class ConvertReport:
     """What convert made: ``integer`` maps each quantizer written by an integer op to the kind of
-    its chain (input, conv, linear, add, pool, layout, lut, max_pool, cat); ``islands`` lists the
-    float islands in graph order."""
+    its chain (input, conv, linear, add, pool, layout, lut, channel_lut, max_pool, cat); ``islands``
+    lists the float islands in graph order."""
 
     integer: dict[str, str]
     islands: tuple[Island, ...]
+    parts: tuple[str, ...] = ()  # a model converted in parts: their paths (float code between them)
 
     @property
     def integer_ops(self) -> int:
@@ -55,9 +56,22 @@ class ConvertReport:
         return sum(len(i.ops) for i in self.islands)
 
 
+def merge_reports(reports: dict[str, ConvertReport]) -> ConvertReport:
+    """The reports of a model's converted parts as one, every name prefixed with its part's path."""
+    def named(path: str, names: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(n if n == "output" else f"{path}.{n}" for n in names)
+
+    integer = {f"{path}.{q}": kind for path, r in reports.items() for q, kind in r.integer.items()}
+    islands = tuple(Island(named(path, i.ops), named(path, i.inputs), named(path, i.outputs), i.reasons)
+                    for path, r in reports.items() for i in r.islands)
+    return ConvertReport(integer, islands, tuple(reports))
+
+
 def format_report(report: ConvertReport) -> str:
     """Markdown: one line of totals, then one row per island."""
-    lines = [f"{report.integer_ops} integer ops, {len(report.islands)} float islands ({report.float_ops} float ops)", ""]
+    parts = f", {len(report.parts)} parts with float code between them" if report.parts else ""
+    lines = [f"{report.integer_ops} integer ops, {len(report.islands)} float islands ({report.float_ops} float ops){parts}",
+             ""]
     if report.islands:
         lines += ["| float ops | reads | writes | why float |", "|---|---|---|---|"]
         lines += [f"| {', '.join(i.ops)} | {', '.join(i.inputs) or '—'} | {', '.join(i.outputs)} | {'; '.join(i.reasons)} |"

@@ -271,7 +271,7 @@ def pointwise_chain(gm: fx.GraphModule, quant: fx.Node) -> PointwiseChain:
         elementwise = _elementwise(gm, cur)
         known = is_layout_op(gm, cur) or elementwise is not None or _max_pool(gm, cur)
         if not known and not (cur.op == "call_function" and cur.target is F.pad):
-            raise NoIntegerForm(cur, f"no integer form for {cur.op} {getattr(cur.target, '__name__', cur.target)}")
+            raise NoIntegerForm(cur, "no integer form")
         cur = elementwise[0] if elementwise is not None else cur.args[0]
     cat = members.pop(0) if members and members[0].op == "call_function" and members[0].target in _CAT_FUNCTIONS else None
     if cat is not None:

@@ -1,6 +1,7 @@
 """PROM convert on models with ops outside conv/linear/add/pool chains: float islands (named in the
 report, equal to fake quant), integer forms without islands (tables, max pool, cat, layout ops),
-both runtimes, another batch, another resolution, NaN in one sample, costs at float width."""
+models prepared in parts, both runtimes, another batch, another resolution, NaN in one sample,
+costs at float width."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch import nn
 import fxslim
 from fxslim.capture import trace
 from fxslim.passes.prom import calibrate
-from fxslim.passes.prom_convert import REPORT_META, code_agreement, convert
+from fxslim.passes.prom_convert import REPORT_META, code_agreement, convert, convert_report, prepared_parts
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 from fxslim.runtime.quant import ActFakeQuant, QConv2d
 
@@ -160,7 +161,7 @@ def test_conv_inside_an_island_runs_in_float_with_frozen_fake_quant_weights():
     int_model = convert(qat)
     (only,) = int_model.meta[REPORT_META].islands
     assert only.ops == ("conv", "tanh") and only.inputs == ("q_in",) and only.outputs == ("q_out",)
-    assert only.reasons == ("tanh (tanh): not a conv, linear, residual add, global average pool or model input",)
+    assert only.reasons == ("tanh (tanh): after a conv/linear with no quantizer between (only ReLU/ReLU6 fold into it)",)
     conv = int_model.get_submodule("conv")
     assert type(conv) is nn.Conv2d and torch.equal(conv.weight, qat.get_submodule("conv").quantized_weight())
     assert code_agreement(qat, int_model, x).worst()[1] == 1.0
@@ -295,3 +296,48 @@ def test_converted_island_model_costs_island_ops_at_float_width(island):
     assert [r.macs for r in float_conv] == [4 * 3 * 3 * 3 * 4 * 4 * 8]
     assert float_conv[0].ops == {("mul", "fp32"): float_conv[0].macs, ("add", "fp32"): float_conv[0].macs}
     assert converted.total.energy_pj > 0
+
+
+class _Parts(nn.Module):
+    """head → a data-dependent branch (the model does not trace whole) → tail: prepared in two parts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU())
+        self.tail = nn.Sequential(nn.Conv2d(8, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.head(x)
+        if y.sum() > -1e9:  # Python control flow on a value
+            y = y * 1.0
+        return self.tail(y)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_model_prepared_in_parts_converts_part_by_part_with_float_between(runtime):
+    x = torch.randn(4, 3, 8, 8)
+    qat = calibrate(fxslim.prepare(_Parts().eval(), x), [x])
+    assert set(prepared_parts(qat)) == {"head", "tail"}
+    before = copy.deepcopy(qat.state_dict())
+    int_model = convert(qat, runtime=runtime)
+    assert all(torch.equal(before[k], v) for k, v in qat.state_dict().items())  # the prepared model is untouched
+    assert type(int_model) is _Parts and not int_model.training
+    report = convert_report(int_model)
+    assert report.parts == ("head", "tail") and report.islands == ()
+    assert report.integer["tail.prom_quant._4"] == "linear"
+    assert not any(isinstance(m, ActFakeQuant) for m in int_model.modules())
+    for batch, size in ((4, 8), (2, 12)):
+        xb = torch.randn(batch, 3, size, size)
+        assert code_agreement(qat, int_model, xb).worst()[1] == 1.0
+        with torch.no_grad():
+            assert int_model(xb).shape == (batch, 4)
+    bad = x[:3].clone()
+    bad[2, 1, 3, 3] = float("nan")
+    with torch.no_grad():
+        clean, y = int_model(x[:3]), int_model(bad)
+    assert torch.isnan(y[2]).all() and torch.equal(y[:2], clean[:2])
+
+
+def test_convert_report_of_a_model_that_was_not_converted_raises():
+    with pytest.raises(TypeError, match="convert_report: expected a model returned by fxslim.convert, got Sequential"):
+        convert_report(nn.Sequential(nn.ReLU()))
