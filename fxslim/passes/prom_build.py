@@ -151,10 +151,11 @@ def _attribute(gm: fx.GraphModule, path: str) -> Any:
 
 
 def codes_layout(b: Builder, node: fx.Node) -> bool:
-    """A layout op (or an exact constant pad) of a tensor convert holds as codes."""
+    """A layout op, max pool or exact constant pad of a tensor convert holds as codes (its grid kept)."""
     if not node.args or not isinstance(node.args[0], fx.Node) or b.env[node.args[0]][1] is None:
         return False
-    return is_layout_op(b.gm, node) or pad_code(node, *b.env[node.args[0]][1].qparams()) is not None
+    grid = b.env[node.args[0]][1]
+    return is_layout_op(b.gm, node) or max_pool_args(b.gm, node) is not None or pad_code(node, *grid.qparams()) is not None
 
 
 def replay_codes(b: Builder, node: fx.Node) -> fx.Node:

@@ -8,7 +8,7 @@ codes (an ActFakeQuant, or layout ops of one), built from:
 - elementwise float ops (activations, a tensor with a scalar): folded into one 256-entry table
   ``quant_out(f(dequant_in(q)))``, computed once at conversion (``fxslim.runtime.prom_codes``);
   with per-channel constants (an inference batch norm, a per-channel scale, before any layout op):
-  one table per channel;
+  one table per channel (after a concatenation along the channels, each input takes its rows);
 - max pooling: run on the codes when the pointwise ops before it are non-decreasing on the input
   grid (the table then commutes with the max);
 - a concatenation of code tensors: each input through its own table to the output grid, then cat
@@ -198,10 +198,16 @@ def max_pool_args(gm: fx.GraphModule, node: fx.Node) -> tuple[list[int], list[in
 
 
 def is_codes_source(gm: fx.GraphModule, node: Any) -> bool:
-    """Whether convert holds ``node`` as uint8 codes: a quantizer, or layout ops of one."""
-    while isinstance(node, fx.Node) and not is_quant(gm, node) and is_layout_op(gm, node):
+    """Whether convert holds ``node`` as uint8 codes: a quantizer, or ops that keep its grid (layout
+    ops, max pools, constant pads whose value has a code) applied to one."""
+    pads = []
+    while isinstance(node, fx.Node) and not is_quant(gm, node):
+        is_pad = node.op == "call_function" and node.target is F.pad
+        if not (is_layout_op(gm, node) or _max_pool(gm, node) or is_pad):
+            return False
+        pads += [node] if is_pad else []
         node = node.args[0]
-    return is_quant(gm, node)
+    return is_quant(gm, node) and all(pad_code(p, *module_of(gm, node).qparams()) is not None for p in pads)
 
 
 def _apply(gm: fx.GraphModule, node: fx.Node, x: Tensor) -> Tensor:
@@ -248,6 +254,21 @@ def _table(fn: Callable[[Tensor], Tensor], source: nn.Module, out: nn.Module, di
         table = lut_table(fn, s_x, z_x, s_y, z_y)
         return None if torch.equal(table, torch.arange(LUT_SIZE, dtype=torch.uint8)) else table
     return lut_table(fn, s_x, z_x, s_y, z_y, channels=example.shape[dim], dim=dim, ndim=example.dim())
+
+
+def _pools_codes(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a codes source passes through a max pool on its way from its quantizer."""
+    while not is_quant(gm, node):
+        if _max_pool(gm, node):
+            return True
+        node = node.args[0]
+    return False
+
+
+def _cat_dim(cat: fx.Node) -> int:
+    """The dim a cat node concatenates along, non-negative."""
+    dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+    return dim % meta_val(cat).dim()
 
 
 def _grid(gm: fx.GraphModule, node: fx.Node) -> nn.Module:
@@ -306,18 +327,29 @@ def pointwise_chain(gm: fx.GraphModule, quant: fx.Node) -> PointwiseChain:
                 raise NoIntegerForm(node, "padding with a value that has no code")
             chain.pad_codes[node] = code
         chain.steps.append(node)
-    if chain.channel_dim is not None and (cat is not None or any(_max_pool(gm, n) for n in chain.steps)):
-        raise NoIntegerForm(members[0], "per-channel op with a concatenation or max pooling")
-    if chain.channel_dim is not None and not isinstance(meta_val(sources[0]), Tensor):
+    if chain.channel_dim is not None and any(_max_pool(gm, n) for n in chain.steps):
+        raise NoIntegerForm(members[0], "max pooling after a per-channel op")
+    if chain.channel_dim is not None and not all(isinstance(meta_val(n), Tensor) for n in [*sources, *fns, *members]):
         raise NoIntegerForm(members[0], "no shape metadata for a per-channel table")
+    if chain.channel_dim is not None and cat is not None and _cat_dim(cat) != chain.channel_dim:
+        raise NoIntegerForm(cat, "per-channel op across a concatenation along another dim")
     out = module_of(gm, quant)
-    chain.tables = [_table(_compose(gm, fns), _grid(gm, s), out, chain.channel_dim, meta_val(s)) for s in sources]
+    fn = _compose(gm, fns)
+    if chain.channel_dim is not None and cat is not None:  # each input: its rows of the whole output's tables
+        whole = meta_val(cat)
+        bounds = [0]
+        for s in sources:
+            bounds.append(bounds[-1] + meta_val(s).shape[chain.channel_dim])
+        chain.tables = [_table(fn, _grid(gm, s), out, chain.channel_dim, whole)[lo:hi]
+                        for s, lo, hi in zip(sources, bounds, bounds[1:])]
+    else:
+        chain.tables = [_table(fn, _grid(gm, s), out, chain.channel_dim, meta_val(s)) for s in sources]
     pooled = any(_max_pool(gm, n) for n in chain.steps)
     if cat is not None and pooled and not all(t is None or bool((t[1:] >= t[:-1]).all()) for t in chain.tables):
         raise NoIntegerForm(cat, "max pooling after a concatenation with a decreasing table")
     if cat is not None:
         chain.kind = "cat"
-    elif pooled:
+    elif pooled or any(_pools_codes(gm, n) for n in sources):
         chain.kind = "max_pool"
     elif chain.channel_dim is not None:
         chain.kind = "channel_lut"

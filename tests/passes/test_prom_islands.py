@@ -275,6 +275,32 @@ def test_cat_then_max_pool_runs_on_codes():
     assert code_agreement(qat, int_model, torch.randn(3, 3, 12, 12)).exact == 1.0
 
 
+class _Dense(nn.Module):
+    """DenseNet's pattern: stem → max pool (no quantizer after it) → cat with a conv output → BN → ReLU
+    → conv: the pooled codes keep the stem's grid, the BN becomes per-channel tables for each cat input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.pool = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU()), nn.MaxPool2d(2)
+        self.grow, self.norm, self.head = nn.Conv2d(4, 3, 3, padding=1), nn.BatchNorm2d(7), nn.Conv2d(7, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pool(self.stem(x))
+        return self.head(F.relu(self.norm(torch.cat([y, self.grow(y)], 1))))
+
+
+def test_batch_norm_after_cat_of_pooled_codes_is_per_channel_tables():
+    x = torch.randn(6, 3, 8, 8)
+    qat = _prepared(_Dense(), x)
+    int_model = convert(qat)
+    report = int_model.meta[REPORT_META]
+    assert report.islands == () and report.integer["prom_quant.relu"] == "cat"
+    tables = sorted(tuple(t.shape) for name, t in int_model.named_buffers() if "table" in name)
+    assert tables == [(3, 256), (4, 256)]  # the BN's 7 channels split between the two cat inputs
+    for batch, size in ((6, 8), (3, 10)):
+        assert code_agreement(qat, int_model, torch.randn(batch, 3, size, size)).exact == 1.0
+
+
 def test_converted_island_model_costs_island_ops_at_float_width(island):
     """Energy/storage report: island ops are fp32 rows, the rest integer; the LayerNorm's affine
     parameters are stored at 32 bit."""
