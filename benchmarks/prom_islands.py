@@ -25,7 +25,7 @@ import fxslim
 from benchmarks.zoo import by_name
 from benchmarks.zoo_sweep import _bn_statistics_from
 from fxslim.cost_model import CostReport
-from fxslim.passes.prom_convert import code_agreement, convert_report
+from fxslim.passes.prom_convert import code_agreement
 
 _OUT = Path(__file__).resolve().parent / "results" / "prom_islands.md"
 MODELS = ("tv:mobilenet_v2", "tv:resnet18", "tv:googlenet", "tv:mobilenet_v3_small", "tv:efficientnet_b0",
@@ -49,7 +49,7 @@ def _row(name: str) -> str:
         int_model = fxslim.convert(qat)
         fp16 = fxslim.estimate(model, x, deploy="fp16")
         ours = fxslim.estimate(int_model, x)
-    report = convert_report(int_model)
+    report = fxslim.convert_report(int_model)
     _, share = code_agreement(qat, int_model, *x).worst()
     # reasons read "node (op): why"; the ops name the islands here, the convert report lists every op
     islands = ", ".join(sorted({r.split(" (", 1)[1].split(")", 1)[0] for i in report.islands for r in i.reasons

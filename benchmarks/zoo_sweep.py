@@ -294,7 +294,7 @@ def _prom_prepare(run: ModelRun) -> str:
 @step("prom_convert")
 def _prom_convert(run: ModelRun) -> str:
     import fxslim
-    from fxslim.passes.prom_convert import code_agreement, convert_report
+    from fxslim.passes.prom_convert import code_agreement
 
     qat = run.state.get("prom")
     if qat is None:
@@ -304,7 +304,7 @@ def _prom_convert(run: ModelRun) -> str:
     with torch.no_grad():
         out = int_model(*run.inputs)
     _assert_finite_same_shape(out, run.reference, "prom integer model")
-    report = convert_report(int_model)
+    report = fxslim.convert_report(int_model)
     local = code_agreement(qat, int_model, *run.inputs, mode="local")
     worst, share = local.worst()
     if share < 0.999:  # the method's guarantee, per quantizer: codes within 1 LSB of the fake-quant model's
