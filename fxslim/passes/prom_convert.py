@@ -185,7 +185,7 @@ def _convert_chain(b: Builder, chain: _Chain | PointwiseChain) -> fx.Node:
 
 def _convert_pointwise(b: Builder, chain: PointwiseChain) -> fx.Node:
     # a cat: each input through its table to the output grid, cat, then the steps;
-    # a per-channel table: on the source's codes (it indexes their channel dim), then the layout steps;
+    # a per-channel table: where its ops are, before or after the layout steps (it indexes that layout's channels);
     # otherwise: the steps (layout, max pool, pad) on the source's codes, then its table
     prefix = str(chain.quant.target)
     sources = [b.quantized(s, chain.quant)[0] for s in chain.sources]
@@ -200,13 +200,13 @@ def _convert_pointwise(b: Builder, chain: PointwiseChain) -> fx.Node:
     if chain.cat is not None:
         coded = {s: table(new, i) for i, (s, new) in enumerate(zip(chain.sources, sources))}
         out = b.graph.node_copy(chain.cat, lambda a: coded[a] if a in coded else b.env[a][0])
-    elif chain.channel_dim is not None:
+    elif chain.channel_dim is not None and not chain.lut_after_steps:
         out = table(sources[0], 0)
     else:
         out = sources[0]
     for node in chain.steps:
         out = b.pad(node, out, chain.pad_codes[node]) if node in chain.pad_codes else b.replay(node, out)
-    return out if chain.cat is not None or chain.channel_dim is not None else table(out, 0)
+    return out if chain.cat is not None or (chain.channel_dim is not None and not chain.lut_after_steps) else table(out, 0)
 
 
 def _convert_core(b: Builder, chain: _Chain) -> fx.Node:

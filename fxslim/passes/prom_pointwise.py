@@ -4,11 +4,13 @@ Matches, in a prepared PROM graph, a quantizer fed by a chain of single-user nod
 codes (an ActFakeQuant, or layout ops of one), built from:
 
 - layout ops (view/reshape/flatten/(un)squeeze/permute/transpose/slicing/contiguous, dropout,
-  identity, constant zero padding): replayed on the codes, since they only move values;
+  inference stochastic depth, identity, constant zero padding): replayed on the codes, since they
+  only move values;
 - elementwise float ops (activations, a tensor with a scalar): folded into one 256-entry table
   ``quant_out(f(dequant_in(q)))``, computed once at conversion (``fxslim.runtime.prom_codes``);
-  with per-channel constants (an inference batch norm, a per-channel scale, before any layout op):
-  one table per channel (after a concatenation along the channels, each input takes its rows);
+  with per-channel constants (an inference batch norm, a per-channel scale; all layout ops on one
+  side of them): one table per channel (after a concatenation along the channels, each input
+  takes its rows);
 - max pooling: run on the codes when the pointwise ops before it are non-decreasing on the input
   grid (the table then commutes with the max);
 - a concatenation of code tensors: each input through its own table to the output grid, then cat
@@ -81,8 +83,19 @@ def is_layout_op(gm: fx.GraphModule, node: Any) -> bool:
     if node.op == "call_method":
         return node.target in _LAYOUT_METHODS
     if node.op == "call_function":
-        return node.target in _LAYOUT_FUNCTIONS or (node.target is operator.getitem and _tensor(node))
+        return (node.target in _LAYOUT_FUNCTIONS or (node.target is operator.getitem and _tensor(node))
+                or _inference_stochastic_depth(node))
     return False
+
+
+def _inference_stochastic_depth(node: fx.Node) -> bool:
+    """torchvision.ops.stochastic_depth(x, p, mode, training=False): the identity (named, not
+    imported: pass code does not import model libraries)."""
+    target = node.target
+    if getattr(target, "__name__", "") != "stochastic_depth" or not getattr(target, "__module__", "").startswith("torchvision"):
+        return False
+    training = node.args[3] if len(node.args) > 3 else node.kwargs.get("training", True)
+    return training is False
 
 
 def pad_code(node: fx.Node, scale: float, zero_point: int) -> int | None:
@@ -104,20 +117,40 @@ def constant_value(gm: fx.GraphModule, node: Any) -> Any:
     ``gamma.reshape(1, -1, 1, 1)``), else ``_VARIABLE``; non-Node arguments are their own value."""
     if not isinstance(node, fx.Node):
         return node
+    if not _constant(gm, node):
+        return _VARIABLE
     if node.op == "get_attr":
-        value: Any = gm
-        for part in str(node.target).split("."):
-            value = getattr(value, part)
-        return value.detach() if isinstance(value, Tensor) else _VARIABLE
-    if node.op not in ("call_function", "call_method") or not node.all_input_nodes:
-        return _VARIABLE
-    values = [constant_value(gm, a) for a in node.all_input_nodes]
-    if any(v is _VARIABLE for v in values):
-        return _VARIABLE
-    known = dict(zip(node.all_input_nodes, values))
+        return _attribute_value(gm, str(node.target)).detach()
+    known = {a: constant_value(gm, a) for a in node.all_input_nodes}
     args, kwargs = fx.node.map_arg((node.args, node.kwargs), known.__getitem__)
     with torch.no_grad():
         return getattr(args[0], str(node.target))(*args[1:], **kwargs) if node.op == "call_method" else node.target(*args, **kwargs)
+
+
+def _constant(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` reads only get_attr tensors (and literals), through call_function/call_method
+    ops: a walk over its ancestors, each visited once."""
+    seen, stack = set(), [node]
+    while stack:
+        cur = stack.pop()
+        if cur in seen:
+            continue
+        seen.add(cur)
+        if cur.op == "get_attr":
+            if not isinstance(_attribute_value(gm, str(cur.target)), Tensor):
+                return False
+        elif cur.op not in ("call_function", "call_method") or not cur.all_input_nodes:
+            return False
+        else:
+            stack.extend(cur.all_input_nodes)
+    return True
+
+
+def _attribute_value(gm: fx.GraphModule, path: str) -> Any:
+    value: Any = gm
+    for part in path.split("."):
+        value = getattr(value, part, None)
+    return value
 
 
 _VARIABLE = object()  # constant_value of a node that depends on a graph input
@@ -232,7 +265,8 @@ class PointwiseChain:
     steps: list[fx.Node] = field(default_factory=list)  # layout ops, max pools and pad nodes to replay, graph order
     pad_codes: dict[fx.Node, int] = field(default_factory=dict)
     members: list[fx.Node] = field(default_factory=list)
-    channel_dim: int | None = None  # per-channel tables along this dim of the sources
+    channel_dim: int | None = None  # per-channel tables along this dim (of the sources, or after the steps)
+    lut_after_steps: bool = False  # per-channel ops come after the layout steps: tables index their output
     kind: str = "layout"  # layout | lut | channel_lut | max_pool | cat: what the report calls it
 
 
@@ -306,15 +340,23 @@ def pointwise_chain(gm: fx.GraphModule, quant: fx.Node) -> PointwiseChain:
         sources = [cur]
     chain = PointwiseChain(quant, sources, [], cat, members=[*members, *([cat] if cat is not None else [])])
     fns: list[fx.Node] = []
+    channel_op: fx.Node | None = None  # the first op with per-channel constants
     grid = _grid(gm, sources[0])
     for node in members:
         elementwise = _elementwise(gm, node)
         if elementwise is not None:
-            if elementwise[1] is not None and (chain.steps or chain.channel_dim not in (None, elementwise[1])):
-                raise NoIntegerForm(node, "per-channel op after a layout op or along another dim")
-            chain.channel_dim = elementwise[1] if elementwise[1] is not None else chain.channel_dim
+            if elementwise[1] is not None:
+                if channel_op is None:
+                    channel_op, chain.lut_after_steps = node, bool(chain.steps)
+                if chain.lut_after_steps != bool(chain.steps) or (chain.steps and cat is not None):
+                    raise NoIntegerForm(node, "layout op between per-channel ops")
+                if chain.channel_dim not in (None, elementwise[1]):
+                    raise NoIntegerForm(node, "per-channel ops along two dims")
+                chain.channel_dim = elementwise[1]
             fns.append(node)
             continue
+        if chain.lut_after_steps:
+            raise NoIntegerForm(node, "layout op between per-channel ops")
         if chain.channel_dim is not None and not is_layout_op(gm, node):
             raise NoIntegerForm(node, "max pooling or padding after a per-channel op")
         if cat is not None and not (is_layout_op(gm, node) or _max_pool(gm, node)):
@@ -343,7 +385,8 @@ def pointwise_chain(gm: fx.GraphModule, quant: fx.Node) -> PointwiseChain:
         chain.tables = [_table(fn, _grid(gm, s), out, chain.channel_dim, whole)[lo:hi]
                         for s, lo, hi in zip(sources, bounds, bounds[1:])]
     else:
-        chain.tables = [_table(fn, _grid(gm, s), out, chain.channel_dim, meta_val(s)) for s in sources]
+        example = meta_val(_elementwise(gm, channel_op)[0]) if channel_op is not None else None
+        chain.tables = [_table(fn, _grid(gm, s), out, chain.channel_dim, example) for s in sources]
     pooled = any(_max_pool(gm, n) for n in chain.steps)
     if cat is not None and pooled and not all(t is None or bool((t[1:] >= t[:-1]).all()) for t in chain.tables):
         raise NoIntegerForm(cat, "max pooling after a concatenation with a decreasing table")

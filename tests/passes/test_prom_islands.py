@@ -301,6 +301,30 @@ def test_batch_norm_after_cat_of_pooled_codes_is_per_channel_tables():
         assert code_agreement(qat, int_model, torch.randn(batch, 3, size, size)).exact == 1.0
 
 
+class _LayerScale(nn.Module):
+    """ConvNeXt's pattern: conv → permute → linear → permute back → · γ[C, 1, 1] → + x: the
+    per-channel scale comes after the layout ops, so its tables index the permuted-back channels."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(4, 4, 3, padding=1), nn.Linear(4, 4)
+        self.gamma = nn.Parameter(torch.tensor([0.5, -1.0, 2.0, 0.1]).view(4, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.fc(self.conv(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x + self.gamma * y
+
+
+def test_per_channel_scale_after_layout_ops_is_tables_on_the_permuted_codes():
+    x = torch.randn(4, 4, 6, 6)
+    qat = calibrate(fxslim.prepare(_LayerScale().eval(), x), [x])
+    int_model = convert(qat)
+    report = int_model.meta[REPORT_META]
+    assert report.islands == () and "channel_lut" in report.integer.values()
+    for batch, size in ((4, 6), (2, 9)):
+        assert code_agreement(qat, int_model, torch.randn(batch, 4, size, size)).worst()[1] == 1.0
+
+
 def test_converted_island_model_costs_island_ops_at_float_width(island):
     """Energy/storage report: island ops are fp32 rows, the rest integer; the LayerNorm's affine
     parameters are stored at 32 bit."""
