@@ -7,6 +7,7 @@ chain that becomes one integer op writing uint8 codes on that quantizer's grid:
     QConv2d → [BN] → [ReLU | ReLU6]     → quant    fxslim::ternary_conv2d / fxslim::int8_conv2d
     QLinear → [ReLU | ReLU6]            → quant    fxslim::int8_linear
     a + b → [ReLU | ReLU6]              → quant    fxslim::int8_add
+    codes → BN → [ReLU | ReLU6]         → quant    fxslim::int8_conv2d (depthwise 1×1, weight 1, BN folded)
     global average pool                 → quant    fxslim::int8_global_avg_pool2d
     codes → layout / pointwise / max pool / cat → quant    replayed on codes + fxslim::lut (prom_pointwise)
 
@@ -43,7 +44,9 @@ from fxslim.passes.prom_build import Builder, codes_layout, replay_codes
 from fxslim.passes.prom_fuse import fuse_conv_add
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op, module_of
 from fxslim.passes.prom_islands import REPORT_META, ConvertReport, group_islands, merge_reports
-from fxslim.passes.prom_pointwise import NoIntegerForm, PointwiseChain, is_codes_source, pointwise_chain
+from fxslim.passes.prom_pointwise import (
+    NoIntegerForm, PointwiseChain, batch_norm_of, is_codes_source, pointwise_chain, unit_depthwise_conv,
+)
 from fxslim.runtime.quant import (
     ActFakeQuant, QConv2d, QLinear, convert_add, convert_conv, convert_global_avg_pool, convert_input,
     convert_linear, convert_output,
@@ -64,7 +67,7 @@ class _Chain:
 
     quant: fx.Node
     core: fx.Node
-    kind: str  # input | conv | linear | add | pool
+    kind: str  # input | conv | linear | add | pool | bn
     bn: nn.BatchNorm2d | None = None
     activation: str = "none"
     tail: list[fx.Node] = field(default_factory=list)  # value-preserving ops, graph order
@@ -97,15 +100,19 @@ def _chain(gm: fx.GraphModule, quant: fx.Node) -> _Chain:
         if not act:
             chain.tail.insert(0, cur)
         cur = cur.args[0]
-    module = gm.get_submodule(str(cur.target)) if cur.op == "call_module" else None
-    if isinstance(module, nn.BatchNorm2d):
-        chain.bn = module
-        cur = cur.args[0]
-        module = gm.get_submodule(str(cur.target)) if cur.op == "call_module" else None
-        if not isinstance(module, QConv2d):
-            raise NoIntegerForm(cur, "batch norm not after a conv")
+    bn = batch_norm_of(gm, cur)
+    if bn is not None and isinstance(module_of(gm, cur.args[0]), QConv2d):
+        chain.bn, cur = bn, cur.args[0]
+    elif bn is not None:
+        value = meta_val(cur)
+        if not (is_codes_source(gm, cur.args[0]) and isinstance(value, Tensor) and value.dim() == 4):
+            raise NoIntegerForm(cur, "batch norm not after a conv or on a quantized [N, C, H, W] tensor")
+        chain.bn, chain.kind = bn, "bn"
+    module = module_of(gm, cur)
     chain.core = cur
-    if isinstance(module, QConv2d):
+    if chain.kind == "bn":
+        pass  # a unit depthwise 1×1 conv with the batch norm folded into it (_convert_core)
+    elif isinstance(module, QConv2d):
         chain.kind = "conv"
     elif isinstance(module, QLinear):
         chain.kind = "linear"
@@ -215,6 +222,13 @@ def _convert_core(b: Builder, chain: _Chain) -> fx.Node:
     if chain.kind == "input":
         return b.emit(convert_input(quant), [b.model_input(core)], "", f"{name}_quantized")
     onednn = b.runtime == "onednn"
+    if chain.kind == "bn":
+        # bn(x) ≡ depthwise 1×1 conv with weight 1 then bn: the conv's folding and requantization
+        x, grid = b.quantized(core.args[0], core)
+        layer = unit_depthwise_conv(meta_val(core).shape[1])
+        op = (convert_conv_onednn if onednn else convert_conv)(layer, quant, bn=chain.bn, activation=chain.activation,
+                                                               x_quant=grid)
+        return b.emit(op, [x], str(core.target) if core.op == "call_module" else core.name, name)
     if chain.kind in ("conv", "linear"):
         layer = b.gm.get_submodule(str(core.target))
         x, grid = b.quantized(core.args[0], core)

@@ -36,9 +36,10 @@ from torch import Tensor, nn
 from fxslim.ir import meta_val
 from fxslim.passes.prom_graph import is_quant, is_shape_op, module_of
 from fxslim.runtime.prom_codes import LUT_SIZE, is_monotone, lut_table
+from fxslim.runtime.quant import QConv2d
 
 __all__ = ["NoIntegerForm", "PointwiseChain", "pointwise_chain", "is_layout_op", "is_codes_source", "pad_code",
-           "max_pool_args"]
+           "max_pool_args", "batch_norm_of", "unit_depthwise_conv", "constant_value"]
 
 _LAYOUT_METHODS = {"permute", "transpose", "flatten", "view", "reshape", "squeeze", "unsqueeze", "contiguous"}
 _LAYOUT_FUNCTIONS = {torch.permute, torch.transpose, torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
@@ -168,6 +169,39 @@ def _channel_dim(constant: Any, data: Any) -> int | None | bool:
     shape = [1] * (data.dim() - constant.dim()) + list(constant.shape)
     dims = [i for i, size in enumerate(shape) if size != 1]
     return dims[0] if len(dims) == 1 and dims[0] != 0 and shape[dims[0]] == data.shape[dims[0]] else False
+
+
+def batch_norm_of(gm: fx.GraphModule, node: fx.Node) -> nn.BatchNorm2d | None:
+    """The inference batch norm a node computes: its BatchNorm2d module, or one built from an
+    ``F.batch_norm(x, mean, var, weight, bias, training=False, momentum, eps)`` call on constants
+    (timm's BatchNormAct2d); None otherwise."""
+    module = module_of(gm, node)
+    if isinstance(module, nn.BatchNorm2d):
+        return module if module.running_mean is not None and module.running_var is not None else None
+    if node.op != "call_function" or node.target is not F.batch_norm or _elementwise(gm, node) is None:
+        return None
+    names = ("input", "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps")
+    given = dict(zip(names, node.args), **node.kwargs)
+    mean, var = constant_value(gm, given["running_mean"]), constant_value(gm, given["running_var"])
+    weight, bias = constant_value(gm, given.get("weight")), constant_value(gm, given.get("bias"))
+    if not (isinstance(mean, Tensor) and isinstance(var, Tensor)):
+        return None
+    bn = nn.BatchNorm2d(mean.numel(), eps=float(given.get("eps", 1e-5)))
+    with torch.no_grad():
+        bn.running_mean.copy_(mean)
+        bn.running_var.copy_(var)
+        bn.weight.copy_(weight if isinstance(weight, Tensor) else torch.ones_like(mean))
+        bn.bias.copy_(bias if isinstance(bias, Tensor) else torch.zeros_like(mean))
+    return bn.eval()
+
+
+def unit_depthwise_conv(channels: int) -> QConv2d:
+    """A depthwise 1×1 conv with weight 1 and no bias, as an int8 QConv2d: a batch norm on codes
+    folds into it like into any conv (codes 127, scale 1/127: the real weight is exactly 1)."""
+    conv = nn.Conv2d(channels, channels, 1, groups=channels, bias=False)
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+    return QConv2d(conv, "int8")
 
 
 def _elementwise(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int | None] | None:

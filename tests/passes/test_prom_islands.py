@@ -253,6 +253,40 @@ def test_functional_batch_norm_and_per_channel_scale_become_one_table_per_channe
         assert code_agreement(qat, int_model, torch.randn(batch, 3, size, size)).exact == 1.0
 
 
+class _BatchNormAct(nn.Module):
+    """timm's BatchNormAct2d: conv → quant → F.batch_norm → ReLU6 → quant (no SiLU: a clamp)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bn = self.bn
+        y = F.batch_norm(self.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.1, bn.eps)
+        return self.head(F.relu6(y))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_batch_norm_with_clamp_on_codes_is_a_unit_depthwise_conv(runtime):
+    """Per-channel affine + clamp: the conv machinery (within 1 LSB, 13 bytes per channel) instead
+    of a table per channel (256 bytes per channel)."""
+    x = torch.randn(4, 3, 8, 8)
+    model = _BatchNormAct().eval()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.5, 0.5)
+        model.bn.running_var.uniform_(0.5, 2.0)
+        model.bn.weight.copy_(torch.tensor([1.0, -0.5, 2.0, 0.3, -1.5, 0.8]))  # negative gains flip codes
+    qat = calibrate(fxslim.prepare(model, x), [x])
+    int_model = convert(qat, runtime=runtime)
+    report = int_model.meta[REPORT_META]
+    assert report.islands == () and report.integer["prom_quant.relu6"] == "bn"
+    depthwise = [n for n in int_model.graph.nodes if n.op == "call_function" and n.args
+                 and n.target in (ops.int8_conv2d.default, ops.qconv2d.default) and 6 in n.args]
+    assert depthwise  # groups = 6: the batch norm's conv
+    for batch, size in ((4, 8), (2, 11)):
+        assert code_agreement(qat, int_model, torch.randn(batch, 3, size, size)).worst()[1] == 1.0
+
+
 class _CatPool(nn.Module):
     """Two ReLU convs → cat → max pool (googlenet, squeezenet): tables, cat, max pool on codes."""
 
