@@ -13,8 +13,8 @@ from typing import Any
 
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 import torch.nn.functional as F
+import torch.utils._pytree as pytree
 from torch import Tensor, nn
 
 from fxslim.ir import meta_val
@@ -70,10 +70,9 @@ class Builder:
 
     def copy_float(self, node: fx.Node) -> fx.Node:
         """``node`` run in float in the new graph (a float island op)."""
-        if node.op == "call_module":
-            self.attribute(str(node.target), float_module(self.gm.get_submodule(str(node.target))))
-        elif node.op == "get_attr":
-            self.attribute(str(node.target), _attribute(self.gm, str(node.target)))
+        if node.op in ("call_module", "get_attr") and str(node.target) not in self.buffers:
+            # a copy per path: a leaf module called twice is copied once
+            self.buffers[str(node.target)] = _attribute(self.gm, str(node.target))
         shape_query = (node.op == "call_method" and node.target in _SHAPE_QUERIES) or (
             node.op == "call_function" and node.target is getattr and node.args[1:] in (("shape",), ("ndim",)))
         if shape_query:  # the shape of the codes is the shape of the values
@@ -91,10 +90,6 @@ class Builder:
             return node in self.reads or any(a in self.float_ops or a.op == "placeholder" for a in node.all_input_nodes)
         values = pytree.tree_leaves(meta_val(node))
         return any(isinstance(v, Tensor) and v.is_floating_point() for v in values)
-
-    def attribute(self, path: str, value: Any) -> None:
-        if self.buffers.setdefault(path, value) is not value:
-            assert path in self.buffers  # one module or tensor per path: shared leaf modules are stored once
 
     def emit(self, op: IntegerOp, inputs: list[fx.Node], prefix: str, name: str) -> fx.Node:
         """One integer op call, positional in schema order; its tensors become buffers under prefix."""
@@ -143,7 +138,7 @@ def _quantizer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
 
 
 def _attribute(gm: fx.GraphModule, path: str) -> Any:
-    """A detached copy of the tensor (or the module) at ``path``."""
+    """A detached copy of the tensor at ``path``, or the float copy of the module there (``float_module``)."""
     value = gm
     for part in path.split("."):
         value = getattr(value, part)
