@@ -9,6 +9,7 @@ read as data get ``fxslim::nan_samples`` flags, which convert applies to the out
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -50,10 +51,28 @@ class Builder:
         return new, grid
 
     def model_input(self, node: fx.Node) -> fx.Node:
-        """A placeholder's new node, flagging its NaN samples once (it is read as data)."""
+        """A placeholder's new node, flagging its NaN samples once (it is read as data): a float
+        tensor's, or those of the float tensors in a list, tuple or dict input (any NaN in a tensor
+        whose dim 0 differs from the first one's flags every sample)."""
         new = self.env[node][0]
-        if node not in self.nan_samples and isinstance(meta_val(node), Tensor) and meta_val(node).is_floating_point():
-            self.nan_samples[node] = self.graph.call_function(torch.ops.fxslim.nan_samples.default, (new,))
+        if node in self.nan_samples:
+            return new
+        flags, length = None, None
+        for path, v in pytree.tree_flatten_with_path(meta_val(node))[0]:
+            if not (isinstance(v, Tensor) and v.is_floating_point() and v.dim() >= 1):
+                continue
+            tensor = new
+            for key in path:  # list/tuple index or dict key
+                tensor = self.graph.call_function(operator.getitem, (tensor, getattr(key, "idx", getattr(key, "key", None))))
+            these = self.graph.call_function(torch.ops.fxslim.nan_samples.default, (tensor,))
+            if flags is None:
+                flags, length = these, v.shape[0]
+                continue
+            if v.shape[0] != length:
+                these = self.graph.call_method("any", (these,))
+            flags = self.graph.call_function(torch.logical_or, (flags, these))
+        if flags is not None:
+            self.nan_samples[node] = flags
         return new
 
     def float_value(self, node: Any, user: fx.Node) -> Any:

@@ -425,3 +425,38 @@ def test_model_prepared_in_parts_converts_part_by_part_with_float_between(runtim
 def test_convert_report_of_a_model_that_was_not_converted_raises():
     with pytest.raises(TypeError, match="convert_report: expected a model returned by fxslim.convert, got Sequential"):
         convert_report(nn.Sequential(nn.ReLU()))
+
+
+class _Tail(nn.Module):
+    """Takes a dict of tensors, as VGGT's heads take the aggregator's token lists."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.fc(F.relu(self.conv(features["y"])).mean((2, 3)))
+
+
+class _DictParts(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head, self.tail = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()), _Tail()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.head(x)
+        if y.sum() > -1e9:  # Python control flow on a value: traced in parts
+            y = y * 1.0
+        return self.tail({"y": y})
+
+
+def test_part_taking_a_dict_of_tensors_keeps_nan_per_sample():
+    x = torch.randn(4, 3, 8, 8)
+    qat = calibrate(fxslim.prepare(_DictParts().eval(), x), [x])
+    int_model = convert(qat)
+    assert set(convert_report(int_model).parts) == {"head", "tail"}
+    bad = x[:3].clone()
+    bad[1, 0, 2, 2] = float("nan")
+    with torch.no_grad():
+        clean, y = int_model(x[:3]), int_model(bad)
+    assert torch.isnan(y[1]).all() and torch.equal(y[[0, 2]], clean[[0, 2]])
