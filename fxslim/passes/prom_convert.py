@@ -28,6 +28,7 @@ scalars are op arguments. The prepared model is only read, never modified.
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Literal
@@ -332,7 +333,8 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
         elif node in inside:
             continue
         elif node.op == "placeholder":
-            b.env[node] = (b.graph.placeholder(node.name, node.type), None)
+            default = node.args[0] if node.args else inspect.Signature.empty  # e.g. attn_mask=None
+            b.env[node] = (b.graph.placeholder(node.name, node.type, default_value=default), None)
         elif node.op == "output":
             b.graph.output(fx.node.map_arg(node.args[0], lambda a: _output(b, a)))
         elif codes_layout(b, node):

@@ -460,3 +460,23 @@ def test_part_taking_a_dict_of_tensors_keeps_nan_per_sample():
     with torch.no_grad():
         clean, y = int_model(x[:3]), int_model(bad)
     assert torch.isnan(y[1]).all() and torch.equal(y[[0, 2]], clean[[0, 2]])
+
+
+class _Optional(nn.Module):
+    """An input with a default (timm's ViT blocks take attn_mask=None)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 4, 3), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor, shift: float = 0.5) -> torch.Tensor:
+        return self.fc(F.relu(self.conv(x) + shift).mean((2, 3)))
+
+
+def test_converted_model_keeps_input_defaults():
+    x = torch.randn(4, 3, 6, 6)
+    qat = calibrate(fxslim.prepare(_Optional().eval(), (x,)), [x])
+    int_model = convert(qat)
+    with torch.no_grad():
+        assert int_model(x).shape == (4, 2)
+    assert code_agreement(qat, int_model, x).worst()[1] == 1.0
