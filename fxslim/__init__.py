@@ -5,6 +5,7 @@
     fxslim.estimate(model, example_inputs).total.macs
     qat = fxslim.prepare(model, example_inputs)           # PROM QAT model; train it, then
     int_model = fxslim.convert(qat)                        # integer GraphModule of torch.ops.fxslim ops
+    fxslim.convert_report(int_model).islands               # the ops that run in float, and why
     torch.compile(model, backend="fxslim", options={"passes": ["haste"]})
     fxslim.reestimate_bn_statistics(res.module, unlabelled_batches)   # optional, for HASTE: not data-free
 """
@@ -19,12 +20,12 @@ from fxslim.passes.base import Pass, parse_pass, register_pass, registered_passe
 from fxslim.passes.haste import HASTE
 from fxslim.passes.httm import HTTM
 from fxslim.passes.prom import PROM, calibrate
-from fxslim.passes.prom_convert import convert
+from fxslim.passes.prom_convert import convert, convert_report
 from fxslim.policy import Policy
 
 __all__ = [
     "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy",
     "parse_pass", "register_pass", "registered_passes", "runtime", "estimate", "compare", "Conventions",
-    "PROM", "prepare", "calibrate", "convert", "HASTE", "HTTM", "reestimate_bn_statistics",
+    "PROM", "prepare", "calibrate", "convert", "convert_report", "HASTE", "HTTM", "reestimate_bn_statistics",
 ]
 __version__ = "0.1.0"

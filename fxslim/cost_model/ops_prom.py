@@ -8,6 +8,9 @@
 - Requantization (one multiply per output element, ``Conventions.requant_format``) is charged only
   when ``Conventions.include_requant`` is set; the residual add charges its two input rescales and
   the pool its output rescale under the same option. Bias additions follow ``include_bias``.
+- ``lut`` (a 256-entry table read per element), ``max_pool2d_codes`` (comparisons of codes):
+  int8 elementwise work. Float islands are the float ops themselves, costed by the aten formulas at
+  their dtype (fp32), with ``dequantize``/``quantize_per_tensor`` at their borders.
 - Storage of the conv/linear ops is what they store: weight codes at the format's bits (ternary per
   ``Conventions.ternary_packing``: 2-bit as stored, 1.6-bit base-3 or int8 containers), plus the
   int32 bias, multiplier and rounding offset of every output channel.
@@ -110,6 +113,28 @@ def _boundary(call: OpCall) -> OpCost:
     """float <-> uint8 codes at the model's input and output: one scale per element.
     Ignores: rounding and clamping."""
     return OpCost(elementwise=call.out.numel, format="fp32")
+
+
+@register_cost(ops.lut, kind="elementwise")
+def _lut(call: OpCall) -> OpCost:
+    """uint8 [...] -> uint8 [...] through a 256-entry table: one int8 operation (a table read) per element.
+    Ignores: nothing (the table's 256 bytes are counted as stored parameters)."""
+    return OpCost(elementwise=call.out.numel, format="int8")
+
+
+@register_cost(ops.max_pool2d_codes, kind="pool")
+def _max_pool2d_codes(call: OpCall) -> OpCost:
+    """uint8 [n, c, h, w] -> [n, c, h', w']: kh·kw − 1 int8 comparisons per output element (as aten max pooling).
+    Ignores: padding (windows counted whole)."""
+    kernel = call.arguments["kernel_size"]
+    return OpCost(elementwise=call.out.numel * (kernel[0] * kernel[1] - 1), format="int8")
+
+
+@register_cost(ops.mark_nan_samples, kind="elementwise")
+def _mark_nan_samples(call: OpCall) -> OpCost:
+    """float [n, ...] -> float [n, ...]: a copy with flagged samples set to NaN, no arithmetic.
+    Ignores: the copy (data movement)."""
+    return OpCost(format="fp32")
 
 
 @register_cost(ops.nan_samples, kind="elementwise")

@@ -7,47 +7,58 @@ chain that becomes one integer op writing uint8 codes on that quantizer's grid:
     QConv2d → [BN] → [ReLU | ReLU6]     → quant    fxslim::ternary_conv2d / fxslim::int8_conv2d
     QLinear → [ReLU | ReLU6]            → quant    fxslim::int8_linear
     a + b → [ReLU | ReLU6]              → quant    fxslim::int8_add
+    codes → BN → [ReLU | ReLU6]         → quant    fxslim::int8_conv2d (depthwise 1×1, weight 1, BN folded)
     global average pool                 → quant    fxslim::int8_global_avg_pool2d
+    codes → layout / pointwise / max pool / cat → quant    replayed on codes + fxslim::lut (prom_pointwise)
 
 With ``runtime="onednn"`` convs, linears and adds become ``fxslim::qconv2d`` / ``qlinear`` /
 ``qadd`` (``fxslim.runtime.prom_onednn``) and a conv feeding a residual add fuses with it
 (``prom_fuse``). BN is folded with its running statistics, ReLU/ReLU6 become clamp bounds, value-preserving
-ops (flatten, view, reshape, dropout, identity) are replayed on the codes, and quantized graph
-outputs are dequantized. Codes cannot hold NaN: ``fxslim::nan_samples`` flags the samples
-whose input holds one, and their dequantized outputs are NaN (as the fake-quant model's are when
+ops (flatten, view, reshape, permute, transpose, slicing, dropout, identity) are replayed on the codes, and quantized graph
+outputs are dequantized. Every other op runs as a float island (``prom_islands``): its uint8
+inputs dequantized with their observers' grids, the float op, then quantized to the grid of the
+quantizer that closes its chain; ``int_model.meta[REPORT_META]`` names each island and why. Codes
+cannot hold NaN: ``fxslim::nan_samples`` flags the samples
+whose input holds one, and their outputs are NaN (as the fake-quant model's are when
 every output sees the whole input, e.g. after a global pool). Weights (ternary ones packed, 2 bits
-each), int32 biases, multipliers and rounding offsets become buffers under the layer's own name;
-scalars are op arguments. An op outside these patterns raises ValueError naming the node. The
-prepared model is only read, never modified.
+each), int32 biases, multipliers, rounding offsets and tables become buffers under the layer's own name;
+scalars are op arguments. The prepared model is only read, never modified.
 """
 
 from __future__ import annotations
 
+import copy
+import inspect
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.fx as fx
-from torch import nn
+from torch import Tensor, nn
 
 from fxslim.ir import META_PASS, meta_val
 from fxslim.passes.inplace import remove_dead_code
-from fxslim.propagate import propagate
+from fxslim.passes.prom_agreement import QUANT_META, Agreement, code_agreement
+from fxslim.passes.prom_build import Builder, codes_layout, replay_codes
 from fxslim.passes.prom_fuse import fuse_conv_add
-from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op
+from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op, module_of
+from fxslim.passes.prom_islands import REPORT_META, ConvertReport, group_islands, merge_reports
+from fxslim.passes.prom_pointwise import (
+    NoIntegerForm, PointwiseChain, batch_norm_of, is_codes_source, pointwise_chain, unit_depthwise_conv,
+)
+from fxslim.propagate import propagate
 from fxslim.runtime.quant import (
-    ActFakeQuant, IntegerOp, QConv2d, QLinear, convert_add, convert_conv, convert_global_avg_pool, convert_input,
+    ActFakeQuant, QConv2d, QLinear, convert_add, convert_conv, convert_global_avg_pool, convert_input,
     convert_linear, convert_output,
 )
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 from fxslim.runtime.quant_onednn import convert_add_onednn, convert_conv_onednn, convert_linear_onednn
 
-__all__ = ["convert", "code_agreement", "Agreement", "QUANT_META", "RUNTIMES"]
+__all__ = ["convert", "convert_report", "prepared_parts", "code_agreement", "Agreement", "QUANT_META", "REPORT_META",
+           "RUNTIMES"]
 
 _log = logging.getLogger(__name__)
-QUANT_META = "fxslim_prom_quant"  # node meta on converted ops: the ActFakeQuant whose grid they write
-_PASSTHROUGH = (nn.Dropout, nn.Identity)
 RUNTIMES = ("reference", "onednn")
 
 
@@ -57,15 +68,11 @@ class _Chain:
 
     quant: fx.Node
     core: fx.Node
-    kind: str  # input | conv | linear | add | pool
+    kind: str  # input | conv | linear | add | pool | bn
     bn: nn.BatchNorm2d | None = None
     activation: str = "none"
     tail: list[fx.Node] = field(default_factory=list)  # value-preserving ops, graph order
     members: list[fx.Node] = field(default_factory=list)  # core and everything up to the quant
-
-
-def _error(node: fx.Node, what: str) -> ValueError:
-    return ValueError(f"PROM convert: {what}: {node.format_node()}")
 
 
 def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -82,26 +89,31 @@ def _is_global_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def _chain(gm: fx.GraphModule, quant: fx.Node) -> _Chain:
-    """Walk back from a quant node to the op that computes its tensor."""
+    """Walk back from a quant node to the op that computes its tensor (``NoIntegerForm`` when that
+    op and its tail are not one of the module docstring's patterns)."""
     chain = _Chain(quant, quant.args[0], "")
     cur = quant.args[0]
     while is_shape_op(gm, cur) or is_activation(gm, cur):
         act = is_activation(gm, cur)
         if act and chain.activation != "none":
-            raise _error(cur, "two activations in a row cannot become one clamp")
+            raise NoIntegerForm(cur, "two activations in a row")
         chain.activation = act or chain.activation
         if not act:
             chain.tail.insert(0, cur)
         cur = cur.args[0]
-    module = gm.get_submodule(str(cur.target)) if cur.op == "call_module" else None
-    if isinstance(module, nn.BatchNorm2d):
-        chain.bn = module
-        cur = cur.args[0]
-        module = gm.get_submodule(str(cur.target)) if cur.op == "call_module" else None
-        if not isinstance(module, QConv2d):
-            raise _error(cur, "BatchNorm can only be folded into the conv that feeds it")
+    bn = batch_norm_of(gm, cur)
+    if bn is not None and isinstance(module_of(gm, cur.args[0]), QConv2d):
+        chain.bn, cur = bn, cur.args[0]
+    elif bn is not None:
+        value = meta_val(cur)
+        if not (is_codes_source(gm, cur.args[0]) and isinstance(value, Tensor) and value.dim() == 4):
+            raise NoIntegerForm(cur, "batch norm not after a conv or on a quantized [N, C, H, W] tensor")
+        chain.bn, chain.kind = bn, "bn"
+    module = module_of(gm, cur)
     chain.core = cur
-    if isinstance(module, QConv2d):
+    if chain.kind == "bn":
+        pass  # a unit depthwise 1×1 conv with the batch norm folded into it (_convert_core)
+    elif isinstance(module, QConv2d):
         chain.kind = "conv"
     elif isinstance(module, QLinear):
         chain.kind = "linear"
@@ -112,10 +124,12 @@ def _chain(gm: fx.GraphModule, quant: fx.Node) -> _Chain:
     elif _is_global_pool(gm, cur):
         chain.kind = "pool"
     else:
-        raise _error(cur, f"cannot convert this op (it feeds {quant.name}); expected a conv, linear, residual add, "
-                          "global average pool or the model input")
+        raise NoIntegerForm(cur, "not a conv, linear, residual add, global average pool or model input")
     if chain.kind in ("input", "pool") and chain.activation != "none":
-        raise _error(quant, f"an activation after the {chain.kind} has no integer form here")
+        raise NoIntegerForm(quant, f"activation after the {chain.kind}")
+    inputs = [] if chain.kind == "input" else list(cur.args) if chain.kind == "add" else [cur.args[0]]
+    if not all(is_codes_source(gm, x) for x in inputs):
+        raise NoIntegerForm(cur, "float input (no quantizer at its producer)")
     chain.members = _members(quant, cur)
     return chain
 
@@ -125,76 +139,97 @@ def _members(quant: fx.Node, core: fx.Node) -> list[fx.Node]:
     node, out = quant.args[0], []
     while True:
         if len(node.users) != 1 and not (node is core and node.op == "placeholder"):
-            raise _error(node, f"its float value is used outside the chain ending in {quant.name} (intermediate escapes)")
+            raise NoIntegerForm(node, "intermediate escapes")
         out.append(node)
         if node is core:
             return out
         node = node.args[0]
 
 
-class _Builder:
-    """The new graph, its buffers, and the map from prepared nodes to (new node, grid or None)."""
-
-    def __init__(self, gm: fx.GraphModule, runtime: str) -> None:
-        self.gm = gm
-        self.runtime = runtime
-        self.graph = fx.Graph()
-        self.buffers: dict[str, torch.Tensor] = {}
-        self.env: dict[fx.Node, tuple[fx.Node, ActFakeQuant | None]] = {}
-        self.nan_samples: list[fx.Node] = []  # per quantized model input: which samples hold a NaN
-
-    def quantized(self, node: fx.Node, user: fx.Node) -> tuple[fx.Node, ActFakeQuant]:
-        new, grid = self.env[node]
-        if grid is None:
-            raise _error(user, f"its input {node.name} is a float tensor (no ActFakeQuant at its producer)")
-        return new, grid
-
-    def emit(self, op: IntegerOp, inputs: list[fx.Node], prefix: str, name: str) -> fx.Node:
-        """One integer op call, positional in schema order; its tensors become buffers under prefix."""
-        values = dict(zip(op.inputs, inputs), **op.scalars)
-        for key, tensor in op.tensors.items():
-            path = f"{prefix}.{key}"
-            self.buffers[path] = tensor
-            values[key] = self.graph.get_attr(path)
-        args = []
-        for argument in op.op._schema.arguments:
-            if argument.name not in values:
-                break  # the rest keep their defaults
-            args.append(values[argument.name])
-        return self.graph.create_node("call_function", op.op, tuple(args), name=name)
-
-    def replay(self, node: fx.Node, source: fx.Node) -> fx.Node:
-        """A value-preserving op applied to ``source`` (a new-graph node): dropout and identity
-        vanish, view becomes reshape."""
-        if node.op == "call_module":
-            module = self.gm.get_submodule(str(node.target))
-            if isinstance(module, _PASSTHROUGH):
-                return source
-            return self.graph.call_function(torch.flatten, (source, module.start_dim, module.end_dim))
-        if node.op == "call_function" and node.target is torch.nn.functional.dropout:
-            return source
-        new = self.graph.node_copy(node, lambda a: source if a is node.args[0] else self.env[a][0])
-        if new.op == "call_method" and new.target == "view":
-            new.target = "reshape"  # integer codes are channels_last: view may not apply
-        return new
+def _plan(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain | PointwiseChain], dict[fx.Node, str]]:
+    """Per quantizer, its integer chain (a layer chain, else a pointwise one) or why it has none."""
+    chains: dict[fx.Node, _Chain | PointwiseChain] = {}
+    islands: dict[fx.Node, str] = {}
+    for node in gm.graph.nodes:
+        if not is_quant(gm, node):
+            continue
+        try:
+            chains[node] = _chain(gm, node)
+        except NoIntegerForm as layer:
+            try:
+                chains[node] = pointwise_chain(gm, node)
+            except NoIntegerForm as pointwise:
+                islands[node] = _reason(gm, layer, pointwise)
+                _log.debug("PROM convert: %s runs in float: %s / %s", node.target, layer, pointwise)
+    return chains, islands
 
 
-def _convert_chain(b: _Builder, chain: _Chain) -> fx.Node:
+def _reason(gm: fx.GraphModule, layer: NoIntegerForm, pointwise: NoIntegerForm) -> str:
+    """Why a chain runs in float, naming the op that blocks it: the layer walk's reason when it
+    found a layer, the pointwise walk's when that stopped at an op without an integer form."""
+    if not layer.reason.startswith("not a conv"):
+        return f"{_describe(gm, layer.node)}: {layer.reason}"
+    if isinstance(module_of(gm, pointwise.node), (QConv2d, QLinear)):  # conv → op → quant, no quantizer between
+        return f"{_describe(gm, layer.node)}: after a conv/linear with no quantizer between (only ReLU/ReLU6 fold into it)"
+    return f"{_describe(gm, pointwise.node)}: {pointwise.reason}"
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    """``name (op)`` for a report: the module class or the function/method name."""
+    op = type(gm.get_submodule(str(node.target))).__name__ if node.op == "call_module" else getattr(
+        node.target, "__name__", str(node.target))
+    return f"{node.name} ({op})"
+
+
+def _convert_chain(b: Builder, chain: _Chain | PointwiseChain) -> fx.Node:
     """The chain's integer op, then its value-preserving tail replayed on the codes."""
+    if isinstance(chain, PointwiseChain):
+        return _convert_pointwise(b, chain)
     out = _convert_core(b, chain)
     for node in chain.tail:
         out = b.replay(node, out)
     return out
 
 
-def _convert_core(b: _Builder, chain: _Chain) -> fx.Node:
+def _convert_pointwise(b: Builder, chain: PointwiseChain) -> fx.Node:
+    # a cat: each input through its table to the output grid, cat, then the steps;
+    # a per-channel table: where its ops are, before or after the layout steps (it indexes that layout's channels);
+    # otherwise: the steps (layout, max pool, pad) on the source's codes, then its table
+    prefix = str(chain.quant.target)
+    sources = [b.quantized(s, chain.quant)[0] for s in chain.sources]
+
+    def table(out: fx.Node, i: int) -> fx.Node:
+        if chain.tables[i] is None:
+            return out
+        b.buffers[f"{prefix}.table{i}"] = chain.tables[i]
+        dim = () if chain.channel_dim is None else (chain.channel_dim,)
+        return b.graph.call_function(torch.ops.fxslim.lut.default, (out, b.graph.get_attr(f"{prefix}.table{i}"), *dim))
+
+    if chain.cat is not None:
+        coded = {s: table(new, i) for i, (s, new) in enumerate(zip(chain.sources, sources))}
+        out = b.graph.node_copy(chain.cat, lambda a: coded[a] if a in coded else b.env[a][0])
+    elif chain.channel_dim is not None and not chain.lut_after_steps:
+        out = table(sources[0], 0)
+    else:
+        out = sources[0]
+    for node in chain.steps:
+        out = b.pad(node, out, chain.pad_codes[node]) if node in chain.pad_codes else b.replay(node, out)
+    return out if chain.cat is not None or (chain.channel_dim is not None and not chain.lut_after_steps) else table(out, 0)
+
+
+def _convert_core(b: Builder, chain: _Chain) -> fx.Node:
     quant = b.gm.get_submodule(str(chain.quant.target))
     core, name = chain.core, chain.core.name
     if chain.kind == "input":
-        source = b.env[core][0]
-        b.nan_samples.append(b.graph.call_function(torch.ops.fxslim.nan_samples.default, (source,)))
-        return b.emit(convert_input(quant), [source], "", f"{name}_quantized")
+        return b.emit(convert_input(quant), [b.model_input(core)], "", f"{name}_quantized")
     onednn = b.runtime == "onednn"
+    if chain.kind == "bn":
+        # bn(x) ≡ depthwise 1×1 conv with weight 1 then bn: the conv's folding and requantization
+        x, grid = b.quantized(core.args[0], core)
+        layer = unit_depthwise_conv(meta_val(core).shape[1])
+        op = (convert_conv_onednn if onednn else convert_conv)(layer, quant, bn=chain.bn, activation=chain.activation,
+                                                               x_quant=grid)
+        return b.emit(op, [x], str(core.target) if core.op == "call_module" else core.name, name)
     if chain.kind in ("conv", "linear"):
         layer = b.gm.get_submodule(str(core.target))
         x, grid = b.quantized(core.args[0], core)
@@ -217,7 +252,7 @@ def _convert_core(b: _Builder, chain: _Chain) -> fx.Node:
 
 
 def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "reference", *,
-            fuse_adds: bool = True) -> fx.GraphModule:
+            fuse_adds: bool = True) -> nn.Module:
     """The integer model of a prepared PROM model (``prepare`` output, trained or calibrated).
 
     ``runtime``: ``"reference"`` emits the fixed-point ops of ``fxslim.runtime.prom_ops`` (ternary
@@ -227,12 +262,18 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     products).
 
     Input: the float tensors the model takes; output: float32 logits (dequantized). BN running
-    statistics and the observers' grids are used as they are; dropout is the identity.
+    statistics and the observers' grids are used as they are; dropout is the identity. A model
+    that traces whole gives a GraphModule. A model prepared in parts (``prepare`` returned it with
+    its traced submodules as GraphModules) gives a copy in eval mode whose parts are integer
+    GraphModules with float inputs and outputs: the code between them stays the float model's.
+    ``convert_report`` reads what was converted either way.
     """
     if isinstance(qat_model, nn.parallel.DistributedDataParallel):
         qat_model = qat_model.module
-    if not isinstance(qat_model, fx.GraphModule) or not any(is_quant(qat_model, n) for n in qat_model.graph.nodes):
-        raise TypeError(f"convert: expected the GraphModule returned by fxslim.prepare, got {type(qat_model).__name__}")
+    parts = prepared_parts(qat_model)
+    if not parts:
+        raise TypeError(f"convert: expected the GraphModule returned by fxslim.prepare (or a model whose traced parts "
+                        f"it prepared), got {type(qat_model).__name__} without ActFakeQuant nodes")
     for name, module in qat_model.named_modules():
         if isinstance(module, ActFakeQuant) and not bool(module.initialized):
             raise ValueError(f"convert: observer {name!r} has seen no data; run calibrate() or train the model first")
@@ -241,26 +282,65 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     if runtime == "onednn" and not (onednn_available() and vnni_available()):
         raise ValueError("convert: runtime 'onednn' needs torch's oneDNN quantized ops and a CPU with VNNI or AMX "
                          "int8 dot products (exact u8·s8 sums); use runtime='reference'")
+    if list(parts) == [""]:
+        return _convert_graph(qat_model, runtime, fuse_adds)
+    converted = {path: _convert_graph(part, runtime, fuse_adds) for path, part in parts.items()}
+    out = copy.deepcopy(qat_model).eval()
+    for path, part in converted.items():
+        out.set_submodule(path, part)
+    return out
+
+
+def prepared_parts(model: nn.Module) -> dict[str, fx.GraphModule]:
+    """The outermost GraphModules of ``model`` holding ActFakeQuant nodes, by path ("" for the model itself)."""
+    parts: dict[str, fx.GraphModule] = {}
+    for path, module in model.named_modules():
+        inside = any(path.startswith(f"{p}.") or p == "" for p in parts)
+        if not inside and isinstance(module, fx.GraphModule) and any(is_quant(module, n) for n in module.graph.nodes):
+            parts[path] = module
+    return parts
+
+
+def convert_report(int_model: nn.Module) -> ConvertReport:
+    """What ``convert`` made: the report of a whole-graph model, or its parts' reports merged
+    (names prefixed with each part's path, ``parts`` listing them)."""
+    reports = {path: m.meta[REPORT_META] for path, m in int_model.named_modules()
+               if isinstance(m, fx.GraphModule) and REPORT_META in m.meta}
+    if list(reports) == [""]:
+        return reports[""]
+    if not reports:
+        raise TypeError(f"convert_report: expected a model returned by fxslim.convert, got {type(int_model).__name__}")
+    return merge_reports(reports)
+
+
+def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> fx.GraphModule:
+    """One prepared GraphModule → its integer GraphModule (module docstring)."""
     gm = qat_model
-    b = _Builder(gm, runtime)
-    chains = {n: _chain(gm, n) for n in gm.graph.nodes if is_quant(gm, n)}
+    b = Builder(gm, runtime)
+    chains, island_quants = _plan(gm)
     inside = {m for c in chains.values() for m in c.members if m.op != "placeholder"}
     for node in gm.graph.nodes:
         if node in chains:
-            chain = chains[node]
-            new = _convert_chain(b, chain)
+            new = _convert_chain(b, chains[node])
             new.meta[QUANT_META] = str(node.target)
             b.env[node] = (new, gm.get_submodule(str(node.target)))
+        elif node in island_quants:
+            # float island → quant  ≡  quantize_per_tensor(float value): the fake quantizer's arithmetic
+            grid = gm.get_submodule(str(node.target))
+            new = b.emit(convert_input(grid), [b.float_value(node.args[0], node)], "", f"{node.name}_quantized")
+            new.meta[QUANT_META] = str(node.target)
+            b.env[node] = (new, grid)
         elif node in inside:
             continue
         elif node.op == "placeholder":
-            b.env[node] = (b.graph.placeholder(node.name, node.type), None)
+            default = node.args[0] if node.args else inspect.Signature.empty  # e.g. attn_mask=None
+            b.env[node] = (b.graph.placeholder(node.name, node.type, default_value=default), None)
         elif node.op == "output":
-            b.graph.output(fx.node.map_arg(node.args[0], lambda a: _dequantized(b, a)))
-        elif is_shape_op(gm, node):
-            b.env[node] = (b.replay(node, b.env[node.args[0]][0]), b.env[node.args[0]][1])
+            b.graph.output(fx.node.map_arg(node.args[0], lambda a: _output(b, a)))
+        elif codes_layout(b, node):
+            b.env[node] = (replay_codes(b, node), b.env[node.args[0]][1])
         else:
-            raise _error(node, "cannot convert this op (not part of a conv/linear/add/pool chain ending in an ActFakeQuant)")
+            b.env[node] = (b.copy_float(node), None)
     out = fx.GraphModule(b.buffers, b.graph, f"{type(gm).__name__}PROM")
     if runtime == "onednn" and fuse_adds:
         fuse_conv_add(out)
@@ -268,80 +348,45 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     out.graph.lint()
     out.recompile()
     _propagate_shapes(out, gm)
-    _log.info("PROM convert: %d integer ops, %d buffers", sum(QUANT_META in n.meta for n in out.graph.nodes), len(b.buffers))
+    out.meta[REPORT_META] = _report(b, out, chains, island_quants)
+    _log.info("PROM convert: %d integer ops, %d float islands, %d buffers", out.meta[REPORT_META].integer_ops,
+              len(out.meta[REPORT_META].islands), len(b.buffers))
     return out
 
 
-def _dequantized(b: _Builder, node: fx.Node) -> fx.Node:
+def _output(b: Builder, node: fx.Node) -> fx.Node:
+    """A model output: codes dequantized, float tensors as they are; NaN samples of the inputs marked."""
     new, grid = b.env[node]
-    if grid is None:
+    flags = None
+    for other in b.nan_samples.values():
+        flags = other if flags is None else b.graph.call_function(torch.logical_or, (flags, other))
+    if grid is not None:
+        dequantized = b.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
+        if flags is not None:
+            dequantized.args = (*dequantized.args, flags)
+        return dequantized
+    value = meta_val(node)
+    if flags is None or not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() < 1:
         return new
-    dequantized = b.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
-    if b.nan_samples:
-        flags = b.nan_samples[0]
-        for other in b.nan_samples[1:]:
-            flags = b.graph.call_function(torch.logical_or, (flags, other))
-        dequantized.args = (*dequantized.args, flags)
-    return dequantized
+    return b.graph.call_function(torch.ops.fxslim.mark_nan_samples.default, (new, flags))
+
+
+def _report(b: Builder, out: fx.GraphModule, chains: dict, island_quants: dict[fx.Node, str]) -> ConvertReport:
+    """The convert report, from the nodes that survived dead-code elimination; chains by kind."""
+    alive = set(out.graph.nodes)
+    float_ops = [n for n, new in b.float_ops.items() if new in alive]
+    outputs: list[fx.Node] = []
+    fx.node.map_arg(next(n for n in b.gm.graph.nodes if n.op == "output").args[0], outputs.append)
+    integer = {str(q.target): c.kind for q, c in chains.items()}
+    islands = group_islands(float_ops, island_quants, [n for n in outputs if n in b.float_ops], b.reads)
+    return ConvertReport(integer, islands)
 
 
 def _propagate_shapes(out: fx.GraphModule, source: fx.GraphModule) -> None:
-    """meta['val'] on every new node, from the prepared graph's input shapes; fxslim_pass tags."""
+    """meta['val'] on every new node, from the prepared graph's input shapes (fake tensors, or one
+    run on zeros where an island leaf is data-dependent); fxslim_pass tags."""
     inputs = [meta_val(n) for n in source.graph.nodes if n.op == "placeholder"]
-    propagate(out, [torch.zeros(v.shape, dtype=v.dtype) if isinstance(v, torch.Tensor) else v for v in inputs])
+    propagate(out, [torch.zeros(v.shape, dtype=v.dtype) if isinstance(v, Tensor) else v for v in inputs],
+              real_fallback=True)
     for node in out.graph.nodes:
         node.meta[META_PASS] = "prom"
-
-
-@dataclass(frozen=True)
-class Agreement:
-    """Per quantizer (ActFakeQuant name): (elements, elements within 1 LSB, elements equal)."""
-
-    layers: dict[str, tuple[int, int, int]]
-
-    @property
-    def within_one(self) -> float:
-        return sum(v[1] for v in self.layers.values()) / sum(v[0] for v in self.layers.values())
-
-    @property
-    def exact(self) -> float:
-        return sum(v[2] for v in self.layers.values()) / sum(v[0] for v in self.layers.values())
-
-
-@torch.no_grad()
-def code_agreement(qat_model: fx.GraphModule, int_model: fx.GraphModule, *inputs: Any,
-                   mode: Literal["local", "end_to_end"] = "local") -> Agreement:
-    """Compare the uint8 codes of every converted op with the fake-quant model's codes (eval mode).
-
-    ``local``: each integer op reads the fake-quant model's codes of its inputs, so a difference is
-    that op's own rounding; ``end_to_end``: the integer model runs on its own, so 1-LSB differences
-    propagate and can grow from layer to layer.
-    """
-    fake: dict[str, torch.Tensor] = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, n=n: fake.__setitem__(n, torch.round(o / m.scale) + m.zero_point))
-             for n, m in qat_model.named_modules() if isinstance(m, ActFakeQuant)]
-    was_training = qat_model.training
-    try:
-        qat_model.eval()(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-        qat_model.train(was_training)
-    ours: dict[str, torch.Tensor] = {}
-
-    class _Recorder(fx.Interpreter):
-        def run_node(self, node: fx.Node) -> Any:
-            out = super().run_node(node)
-            name = node.meta.get(QUANT_META)
-            if name is not None:
-                ours[name] = out
-                if mode == "local":
-                    out = torch.empty_like(out).copy_(fake[name].view(out.shape))
-            return out
-
-    _Recorder(int_model).run(*inputs)
-    layers = {}
-    for name, codes in ours.items():
-        diff = (codes.to(torch.float32) - fake[name].view(codes.shape)).abs()
-        layers[name] = (diff.numel(), int((diff <= 1).sum()), int((diff == 0).sum()))
-    return Agreement(layers)

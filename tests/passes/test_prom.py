@@ -381,13 +381,6 @@ def test_prom_needs_module_ir():
         fxslim.optimize(net, torch.randn(1, 3, 4, 4), passes=["prom"], capture="export")
 
 
-def test_prom_convert_unsupported_op_error_names_the_node():
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 1)).eval()
-    qat = calibrate(prepare(net, torch.randn(1, 3, 6, 6)), [torch.randn(4, 3, 6, 6)])
-    with pytest.raises(ValueError, match=r"cannot convert this op.*%_1 : \[num_users=1\] = call_module\[target=1\]"):
-        convert(qat)
-
-
 def test_prom_convert_rejects_unprepared_or_uncalibrated_models():
     net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()).eval()
     with pytest.raises(TypeError, match="expected the GraphModule returned by"):
