@@ -48,8 +48,23 @@ def _subs(value: Any, sizes: Mapping[sympy.Symbol, int]) -> Any:
     return value
 
 
+class _DerivedUnits:
+    """FLOPs and bytes from the MACs and bits a row or a total holds."""
+
+    macs: Any
+    storage_bits: Any
+
+    @property
+    def flops(self) -> Any:
+        return 2 * self.macs
+
+    @property
+    def storage_bytes(self) -> Any:
+        return self.storage_bits / 8
+
+
 @dataclass(frozen=True)
-class CostRow:
+class CostRow(_DerivedUnits):
     """The cost of one graph node (an attention chain is one row, at its softmax/SDPA node)."""
 
     graph: str
@@ -74,13 +89,6 @@ class CostRow:
     unknown: tuple[str, ...] = ()
     info: Mapping[str, Any] = field(default_factory=dict)
 
-    @property
-    def flops(self) -> Any:
-        return 2 * self.macs
-
-    @property
-    def storage_bytes(self) -> Any:
-        return self.storage_bits / 8
 
     def substitute(self, sizes: Mapping[sympy.Symbol, int]) -> CostRow:
         changes = {f.name: _subs(getattr(self, f.name), sizes) for f in dataclasses.fields(self)
@@ -94,7 +102,7 @@ class CostRow:
 
 
 @dataclass(frozen=True)
-class CostTotals:
+class CostTotals(_DerivedUnits):
     """Sums over all rows; ``peak_activation_bytes`` comes from liveness over the execution order."""
 
     macs: Any = 0
@@ -107,13 +115,6 @@ class CostTotals:
     measured_macs: Any = None
     peak_activation_bytes: Any = None
 
-    @property
-    def flops(self) -> Any:
-        return 2 * self.macs
-
-    @property
-    def storage_bytes(self) -> Any:
-        return self.storage_bits / 8
 
     @property
     def energy_uj(self) -> Any:

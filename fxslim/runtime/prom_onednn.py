@@ -31,7 +31,9 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
-from fxslim.runtime.prom_ops import _CACHE, _check_code, _check_pair, _check_uint8, _inverse_scale, conv_output_size
+from fxslim.runtime.prom_ops import (
+    _CACHE, _check_addends, _check_code, _check_pair, _check_uint8, _inverse_scale, conv_output_size,
+)
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "vnni_available", "onednn_available"]
 
@@ -307,10 +309,7 @@ _ADD_SCHEMA = (
 
 
 def _qadd_check(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, out_zero_point, out_min, out_max):
-    _check_uint8("a", a)
-    _check_uint8("b", b)
-    if a.shape != b.shape:
-        raise ValueError(f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+    _check_addends(a, b)
     for name, scale, zp in (("a", a_scale, a_zero_point), ("b", b_scale, b_zero_point)):
         _check_scale(f"{name}_scale", scale)
         _check_code(f"{name}_zero_point", zp)

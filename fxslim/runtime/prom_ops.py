@@ -177,6 +177,14 @@ def _check_uint8(name: str, t: Tensor) -> None:
         raise ValueError(f"{name}: expected uint8 activation codes, got {t.dtype}")
 
 
+def _check_addends(a: Tensor, b: Tensor) -> None:
+    """The two inputs of an integer add: uint8 codes of one shape."""
+    _check_uint8("a", a)
+    _check_uint8("b", b)
+    if a.shape != b.shape:
+        raise ValueError(f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+
+
 def _check_code(name: str, value: int) -> None:
     if not 0 <= value <= 255:
         raise ValueError(f"{name}: expected an integer in [0, 255], got {value}")
@@ -759,10 +767,7 @@ _ADD_SCHEMA = (
 
 
 def _add_check(a, a_zero_point, a_multiplier, b, b_zero_point, b_multiplier, shift, out_zero_point, out_min, out_max):
-    _check_uint8("a", a)
-    _check_uint8("b", b)
-    if a.shape != b.shape:
-        raise ValueError(f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
+    _check_addends(a, b)
     _check_code("a_zero_point", a_zero_point)
     _check_code("b_zero_point", b_zero_point)
     for name, m in (("a_multiplier", a_multiplier), ("b_multiplier", b_multiplier)):
