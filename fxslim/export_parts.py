@@ -17,8 +17,11 @@ shapes, as a whole exported model is; called with other shapes, they raise namin
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import logging
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,13 +50,23 @@ def export_module(module: nn.Module, args: tuple, kwargs: dict | None = None) ->
     """``torch.export.export`` non-strict, then strict; raises the non-strict error if both fail."""
     kwargs = kwargs or {}
     try:
-        return torch.export.export(module, args, kwargs)
+        return _export(module, args, kwargs, strict=False)
     except Exception as non_strict:
         _log.info("non-strict export of %s failed (%s); trying strict", type(module).__name__, short_reason(non_strict))
         try:
-            return torch.export.export(module, args, kwargs, strict=True)
+            return _export(module, args, kwargs, strict=True)
         except Exception:
             raise non_strict from None
+
+
+def _export(module: nn.Module, args: tuple, kwargs: dict, strict: bool) -> torch.export.ExportedProgram:
+    """``torch.export.export``, without the partial graph it prints to stderr when it fails (the
+    error says what stopped it, and a capture in parts may try many modules)."""
+    printed = io.StringIO()
+    with contextlib.redirect_stderr(printed):
+        program = torch.export.export(module, args, kwargs, strict=strict)
+    sys.stderr.write(printed.getvalue())  # a successful export's warnings stay visible
+    return program
 
 
 def export_parts(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[nn.Module, list[ExportedPart], list[tuple[str, str]]]:
