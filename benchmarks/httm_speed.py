@@ -41,7 +41,7 @@ import fxslim
 from benchmarks import httm_stages
 from benchmarks.command import command_line
 from fxslim.app.timing import interleaved_samples, paired_ratio, round_ratios
-from fxslim.cost_model.ops_httm import httm_counts
+from fxslim.cost_model.formulas.httm import httm_counts
 from fxslim.models.multiview import camera_sequence
 from fxslim.models.vggt import vggt_small
 from fxslim.runtime.httm import httm_apply_plan, httm_layout, httm_match, httm_plan

@@ -8,13 +8,13 @@
     sweep(model, lambda s: torch.randn(1, s, 196, 64), "frames", [1, 2, 4, 8])   # numeric, any cost
 
 Importing this package registers every formula (``registry.register_cost``): the aten formulas in
-``ops_aten`` and one ``ops_<name>.py`` module per family of custom fxslim ops.
+``formulas/aten.py`` and one ``formulas/<method>.py`` per method (the fxslim ops its pass emits).
 """
 
-from fxslim.cost_model import ops_aten  # noqa: F401  (registers the aten formulas)
-from fxslim.cost_model import ops_haste  # noqa: F401  (fxslim::haste_conv2d)
-from fxslim.cost_model import ops_httm  # noqa: F401  (registers fxslim::httm_attention)
-from fxslim.cost_model import ops_prom  # noqa: F401  (PROM integer ops)
+from fxslim.cost_model.formulas import aten  # noqa: F401  (registers the aten formulas)
+from fxslim.cost_model.formulas import haste  # noqa: F401  (fxslim::haste_conv2d)
+from fxslim.cost_model.formulas import httm  # noqa: F401  (registers fxslim::httm_attention)
+from fxslim.cost_model.formulas import prom  # noqa: F401  (PROM integer ops)
 from fxslim.cost_model.conventions import FORMATS, KINDS, PACKINGS, Conventions, deploy_preset, parse_deploy
 from fxslim.cost_model.energy import EnergyTable, available_tables, load_table, mac_arithmetic
 from fxslim.cost_model.estimate import estimate, sweep

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch.fx as fx
 
-from fxslim.cost_model.ops_aten import SOFTMAX_OPS
+from fxslim.cost_model.formulas.aten import SOFTMAX_OPS
 from fxslim.cost_model.registry import OpCost
 from fxslim.ir import AttentionView, ConvView, LinearView, View, attribute, shape_of
 

@@ -1,7 +1,7 @@
 """Operation counts of ``fxslim::haste_conv2d``: the op's own arithmetic, no cost conventions.
 
 The HASTE pass reports predicted counts per rewritten conv and the cost formula
-(``fxslim.cost_model.ops_haste``) costs the op with the same counts, so both read them here, below
+(``fxslim.cost_model.formulas.haste``) costs the op with the same counts, so both read them here, below
 passes and cost_model. Terms, the data-free bucket estimate and calibrated vs measured stats: see
 the cost formula's module docstring and docs/methods/HASTE.md.
 
@@ -24,7 +24,7 @@ __all__ = ["HasteCounts", "HasteLayer", "expected_buckets", "bucket_counts", "ac
 
 @dataclass(frozen=True)
 class HasteCounts:
-    """Operation counts of a HASTE conv over some samples and tiles (terms: ``fxslim.cost_model.ops_haste``)."""
+    """Operation counts of a HASTE conv over some samples and tiles (terms: ``fxslim.cost_model.formulas.haste``)."""
 
     centering: float = 0
     hashing: float = 0

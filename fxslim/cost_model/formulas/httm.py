@@ -21,7 +21,7 @@ import sympy
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from fxslim.cost_model.ops_aten import SOFTMAX_OPS
+from fxslim.cost_model.formulas.aten import SOFTMAX_OPS
 from fxslim.cost_model.registry import OpCall, OpCost, register_cost
 
 __all__ = ["httm_attention_cost", "httm_counts"]

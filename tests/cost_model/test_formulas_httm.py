@@ -9,8 +9,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim
 from fxslim.cost_model import Conventions, OpCall, TensorSpec
-from fxslim.cost_model.ops_aten import sdpa_cost
-from fxslim.cost_model.ops_httm import httm_attention_cost, httm_counts
+from fxslim.cost_model.formulas.aten import sdpa_cost
+from fxslim.cost_model.formulas.httm import httm_attention_cost, httm_counts
 from fxslim.models.vggt import vggt_tiny
 from fxslim.runtime.httm import httm_kept_lengths, httm_layout
 
