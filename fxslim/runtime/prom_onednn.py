@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fxslim.runtime.prom_ops import (
-    _CACHE, _check_addends, _check_code, _check_pair, _check_uint8, _inverse_scale, conv_output_size,
+    _CACHE, _check_addends, _check_code, _check_conv_geometry, _check_uint8, _inverse_scale, conv_output_size,
 )
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "vnni_available", "onednn_available"]
@@ -106,17 +106,9 @@ def _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_
     _check_scale("x_scale", x_scale)
     _check_code("x_zero_point", x_zero_point)
     _check_weight(weight, w_scale, bias, 4)
-    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or weight.shape[1] * groups != x.shape[1]:
-        raise ValueError(f"groups: expected weight.shape[1]·groups == C_in={x.shape[1]} dividing C_out, got groups={groups}, "
-                         f"weight {tuple(weight.shape)}")
     _check_out(out_scale, out_zero_point, out_min, out_max)
-    stride = _check_pair("stride", stride, 1)
-    padding = _check_pair("padding", padding, 0)
-    dilation = _check_pair("dilation", dilation, 1)
-    h, w = (conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2))
-    if h < 1 or w < 1:
-        raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])}")
-    return (x.shape[0], weight.shape[0], h, w), list(stride), list(padding), list(dilation)
+    shape, stride, padding, dilation = _check_conv_geometry(x, weight, groups, stride, padding, dilation)
+    return shape, list(stride), list(padding), list(dilation)
 
 
 def prepack(weight: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int, stride: Sequence[int],

@@ -185,6 +185,24 @@ def _check_addends(a: Tensor, b: Tensor) -> None:
         raise ValueError(f"b: expected the shape of a {tuple(a.shape)}, got {tuple(b.shape)}")
 
 
+def _check_conv_geometry(x: Tensor, weight: Tensor, groups: int, stride: Sequence[int], padding: Sequence[int],
+                         dilation: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Groups, stride, padding and dilation of an integer conv of x [N, C_in, H, W] with weight
+    [C_out, C_in/groups, kh, kw]: (output shape, stride, padding, dilation) as pairs."""
+    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(
+            f"groups: expected a divisor of C_in={x.shape[1]} and C_out={weight.shape[0]} with "
+            f"weight.shape[1]·groups == C_in, got groups={groups}, weight.shape[1]={weight.shape[1]}"
+        )
+    stride = _check_pair("stride", stride, 1)
+    padding = _check_pair("padding", padding, 0)
+    dilation = _check_pair("dilation", dilation, 1)
+    h, w = (conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2))
+    if h < 1 or w < 1:
+        raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])}")
+    return (x.shape[0], weight.shape[0], h, w), stride, padding, dilation
+
+
 def _check_code(name: str, value: int) -> None:
     if not 0 <= value <= 255:
         raise ValueError(f"{name}: expected an integer in [0, 255], got {value}")
@@ -568,21 +586,10 @@ def _int8_conv_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_
     _check_code("x_zero_point", x_zero_point)
     if weight.dtype != torch.int8 or weight.dim() != 4:
         raise ValueError(f"weight: expected int8 codes [C_out, C_in/groups, kh, kw], got {weight.dtype} {tuple(weight.shape)}")
-    if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or weight.shape[1] * groups != x.shape[1]:
-        raise ValueError(
-            f"groups: expected a divisor of C_in={x.shape[1]} and C_out={weight.shape[0]} with "
-            f"weight.shape[1]·groups == C_in, got groups={groups}, weight.shape[1]={weight.shape[1]}"
-        )
     c_out = weight.shape[0]
     _check_bias(bias, c_out)
     _check_requant_args(multiplier, offset, shift, out_zero_point, out_min, out_max, c_out)
-    stride = _check_pair("stride", stride, 1)
-    padding = _check_pair("padding", padding, 0)
-    dilation = _check_pair("dilation", dilation, 1)
-    h, w = (conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2))
-    if h < 1 or w < 1:
-        raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])}")
-    return (x.shape[0], c_out, h, w), stride, padding, dilation
+    return _check_conv_geometry(x, weight, groups, stride, padding, dilation)
 
 
 @torch.library.custom_op("fxslim::int8_conv2d", mutates_args=(), schema=_INT8_CONV_SCHEMA)
