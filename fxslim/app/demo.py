@@ -164,7 +164,6 @@ def _cost(report: Any) -> dict[str, float]:
 
 
 def _prom(sizes: DemoSizes, steps: _Steps) -> PartResult:
-
     with steps.step("PROM: loading MNIST-5k"):
         split = _mnist()
     x, y = split.x_test[: sizes.digits], split.y_test[: sizes.digits]
@@ -211,14 +210,12 @@ def _prom(sizes: DemoSizes, steps: _Steps) -> PartResult:
 def _fastest_integer_model(qat: Any, reference: Any) -> tuple[Any, str]:
     """The integer model a user would deploy on this CPU: oneDNN's fused u8 convs where the CPU has
     exact int8 dot products, else the reference integer ops (what the costs and top-1 come from)."""
-
     if onednn_available() and vnni_available():
         return fxslim.convert(qat, runtime="onednn"), "oneDNN integer runtime"
     return reference, "reference integer ops (this CPU has no VNNI/AMX int8)"
 
 
 def _haste(sizes: DemoSizes, steps: _Steps) -> PartResult:
-
     with steps.step("HASTE: loading MNIST-5k"):
         split = _mnist()
     x, y = pad_to_32(split.x_test[: sizes.digits]), split.y_test[: sizes.digits]
@@ -253,7 +250,6 @@ def _haste(sizes: DemoSizes, steps: _Steps) -> PartResult:
 
 
 def _httm(sizes: DemoSizes, steps: _Steps) -> PartResult:
-
     torch.manual_seed(0)
     model = vggt_small(init_values=1.0).eval()  # LayerScale 1: attention changes reach the outputs
     images = camera_sequence("astronaut", frames=sizes.frames, size=sizes.image_size).images[None]
@@ -322,7 +318,6 @@ def _ratio(before: float, after: float) -> str:
 
 
 def _number(value: float, metric: str) -> str:
-
     return f"{value:.1f}" if metric == "latency_ms" else human(value)
 
 

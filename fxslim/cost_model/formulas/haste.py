@@ -91,8 +91,6 @@ def haste_conv2d_cost(call: OpCall) -> OpCost:
     a = call.arguments
     x, w = a["x"], a["weight"]
     n, o, (kh, kw) = _sym(x.shape[0]), w.shape[0], tuple(w.shape[2:])
-    h_out, w_out = output_shape((_sym(x.shape[2]), _sym(x.shape[3])), (kh, kw), tuple(a["stride"]),
-                                tuple(a["padding"]), tuple(a["dilation"]))
     planes = call.value(3)
     layer, tiles, pixels = _layer_and_sizes(
         x.shape, w.shape, a["planes"].shape, a["stride"], a["padding"], a["dilation"], a["tile"], a["center"],
@@ -119,7 +117,7 @@ def haste_conv2d_cost(call: OpCall) -> OpCost:
                          "measured_buckets_per_tile": stats.buckets / stats.tiles})
     ops = {}
     if call.conventions.include_bias and a["bias"] is not None:
-        ops[("add", x.format)] = n * o * h_out * w_out  # the bias, added once per output element
+        ops[("add", x.format)] = o * pixels  # the bias, added once per output element (pixels: N·H_out·W_out)
     params = w.numel + (a["bias"].numel if a["bias"] is not None else 0)  # the planes are metadata, not parameters
     return OpCost(macs=_int(predicted.reduced_conv), elementwise=_int(predicted.overhead), ops=ops, params=params,
                   measured_macs=measured_macs, kind="pointwise_conv" if (kh, kw) == (1, 1) else "conv", info=info)
