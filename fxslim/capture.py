@@ -31,8 +31,8 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
-from fxslim.export_parts import export_parts, run_example, set_submodule, short_reason
-from fxslim.ir import IR, META_PLACEHOLDER_FQNS, META_PREFIX, detect_ir
+from fxslim.export_parts import export_parts, run_example, short_reason
+from fxslim.ir import IR, META_PLACEHOLDER_FQNS, META_PREFIX, detect_ir, set_submodule
 from fxslim.propagate import propagate
 
 __all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of"]

@@ -31,7 +31,9 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
-__all__ = ["ExportedPart", "export_parts", "export_module", "run_example", "set_submodule", "short_reason"]
+from fxslim.ir import set_submodule
+
+__all__ = ["ExportedPart", "export_parts", "export_module", "run_example", "short_reason"]
 
 _log = logging.getLogger(__name__)
 
@@ -181,12 +183,6 @@ def _placeholder_inputs(gm: fx.GraphModule, args: tuple, kwargs: dict) -> dict[s
     leaves = tree_flatten((args, kwargs))[0]
     return dict(zip(names, leaves)) if len(names) == len(leaves) else {}
 
-
-def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
-    """Put ``new`` at ``path`` ("a.b.c") in ``root``, whatever its type (``setattr`` checks it)."""
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    parent._modules[name] = new
 
 
 def short_reason(error: BaseException) -> str:

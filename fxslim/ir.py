@@ -44,6 +44,7 @@ __all__ = [
     "resolve_padding",
     "conv_kind",
     "attribute",
+    "set_submodule",
     "META_PLACEHOLDER_FQNS",
     "META_PREFIX",
     "META_PASS",
@@ -90,6 +91,13 @@ def attribute(root: Any, path: str, default: Any = ...) -> Any:
     for part in str(path).split(".") if path else ():
         obj = getattr(obj, part) if default is ... else getattr(obj, part, default)
     return obj
+
+
+def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
+    """Put ``new`` at ``path`` ("a.b.c") in ``root``, whatever its type (``setattr`` checks it)."""
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    parent._modules[name] = new
 
 
 def _attr_shape(gm: fx.GraphModule, node: Any) -> tuple | None:

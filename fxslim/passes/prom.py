@@ -24,7 +24,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxslim.config import check_choice, check_range
-from fxslim.ir import ConvView, LinearView, META_PASS, meta_val, node_fqn, views
+from fxslim.ir import ConvView, LinearView, META_PASS, meta_val, node_fqn, set_submodule, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
 from fxslim.passes.prom_graph import float_tensor, is_activation, is_quant, is_residual_add, is_shape_op, module_of
 from fxslim.runtime.quant import (
@@ -51,11 +51,6 @@ def _chain_end(gm: fx.GraphModule, node: fx.Node, with_bn: bool) -> fx.Node:
     if len(node.users) == 1 and is_activation(gm, next(iter(node.users))):
         node = next(iter(node.users))
     return node
-
-
-def _set_submodule(gm: fx.GraphModule, path: str, module: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    gm.get_submodule(parent)._modules[name] = module
 
 
 class _PerTensorMixin:
@@ -172,7 +167,7 @@ class PROM(Pass):
             wrapped: nn.Module = cls(module, weights, ternary_method=cfg.ternary)
         else:
             wrapped = (QLinear if cfg.per_channel else PerTensorQLinear)(module)
-        _set_submodule(gm, str(node.target), wrapped)
+        set_submodule(gm, str(node.target), wrapped)
         _redirect_attributes(gm, str(node.target), "conv" if isinstance(module, nn.Conv2d) else "linear")
         node.meta[META_PASS] = self.name
         _maybe_quantize(gm, _producer(gm, cand.view.input), cfg.momentum)
