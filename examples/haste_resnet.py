@@ -14,7 +14,6 @@ import fxslim
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import pad_to_32, pretrained_mnist_resnet18_small
 from fxslim.runtime.haste import record_buckets
-from fxslim.runtime.haste_counts import bucket_counts
 
 
 def main() -> None:
@@ -33,8 +32,8 @@ def main() -> None:
         dense_top1 = (model(x).argmax(1) == y).float().mean().item()
         haste_top1 = (res.module(x).argmax(1) == y).float().mean().item()
     print(f"top-1 on {args.digits} digits: dense {100 * dense_top1:.1f} %, HASTE L={args.L} {100 * haste_top1:.1f} %")
-    with bucket_counts(measured=measured):  # measured bucket counts next to the data-free prediction
-        comp = res.compare()
+    # measured bucket counts next to the data-free prediction
+    comp = res.compare(haste_buckets=fxslim.HasteBuckets(measured=measured))
     rows = [r for r in comp.after.rows if r.measured_macs is not None]  # the HASTE convs
     dense = sum(r.info["dense_macs"] for r in rows)
     predicted, measured = sum(r.macs for r in rows), sum(r.measured_macs for r in rows)

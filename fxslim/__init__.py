@@ -8,6 +8,8 @@
     fxslim.convert_report(int_model).islands               # the ops that run in float, and why
     torch.compile(model, backend="fxslim", options={"passes": ["haste"]})
     fxslim.reestimate_bn_statistics(res.module, unlabelled_batches)   # optional, for HASTE: not data-free
+    with fxslim.record_buckets() as rec: res.module(x)     # HASTE bucket counts on sample inputs, then
+    res.compare(haste_buckets=fxslim.HasteBuckets(measured=rec))   # measured MACs beside predicted
 """
 
 from fxslim import runtime  # registers the torch.ops.fxslim.* custom ops
@@ -22,10 +24,13 @@ from fxslim.passes.httm import HTTM
 from fxslim.passes.prom import PROM, calibrate
 from fxslim.passes.prom_convert import convert, convert_report
 from fxslim.policy import Policy
+from fxslim.runtime.haste import record_buckets
+from fxslim.runtime.haste_counts import HasteBuckets
 
 __all__ = [
     "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy",
     "parse_pass", "register_pass", "registered_passes", "runtime", "estimate", "compare", "Conventions",
     "PROM", "prepare", "calibrate", "convert", "convert_report", "HASTE", "HTTM", "reestimate_bn_statistics",
+    "record_buckets", "HasteBuckets",
 ]
 __version__ = "0.1.0"

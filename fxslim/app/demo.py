@@ -48,7 +48,7 @@ from fxslim.models.resnet_cifar import pad_to_32, pretrained_mnist_resnet18_smal
 from fxslim.models.train import train_step
 from fxslim.models.vggt import vggt_small
 from fxslim.runtime.haste import record_buckets
-from fxslim.runtime.haste_counts import bucket_counts
+from fxslim.runtime.haste_counts import HasteBuckets
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 from fxslim.runtime.quant import freeze_observers
 
@@ -227,8 +227,8 @@ def _haste(sizes: DemoSizes, steps: _Steps) -> PartResult:
     with steps.step("HASTE: HASTE top-1, recording buckets", _batches(len(x))) as advance:
         with record_buckets() as recorded:
             haste_top1 = _top1(res.module, x, y, advance)
-    with steps.step("HASTE: cost model"), bucket_counts(calibration=recorded, measured=recorded):
-        comparison = res.compare()  # HASTE convs costed with the bucket counts measured on the digits
+    with steps.step("HASTE: cost model"):  # HASTE convs costed with the bucket counts measured on the digits
+        comparison = res.compare(haste_buckets=HasteBuckets(calibration=recorded, measured=recorded))
     batch = x[: sizes.latency_batch]
     with steps.step(f"HASTE: latency, batch {len(batch)}", sizes.repeats) as advance:
         dense_ms, haste_ms = _median_latency_ms(lambda: model(batch), lambda: res.module(batch), sizes.repeats,

@@ -39,6 +39,7 @@ from fxslim.cost_model.graph import peak_activation_bytes
 from fxslim.cost_model.report import CostReport, CostTotals, ScalingTable
 from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, record_eager, symbolic_dims, to_expr
 from fxslim.cost_model.walk import RawRowCounter
+from fxslim.runtime.haste_counts import HasteBuckets
 
 __all__ = ["estimate", "sweep"]
 
@@ -52,6 +53,7 @@ def estimate(
     capture: str = "symbolic",
     leaf_modules: Sequence[type] = (),
     symbolic: Mapping[str, int | tuple[int, int]] | None = None,
+    haste_buckets: HasteBuckets | None = None,
     **options: Any,
 ) -> CostReport:
     """Cost of every node of ``model`` at ``example_inputs`` (see the module docstring).
@@ -59,7 +61,11 @@ def estimate(
     ``conventions``: a ``Conventions`` or a dict of its fields; keyword ``options`` (e.g.
     ``deploy="fp16"``, ``accumulator_bits=8``) override single fields. ``table``: an energy table
     name (``available_tables()``), a JSON path or a dict. ``symbolic``: size names -> input dims.
+    ``haste_buckets``: bucket counts recorded on sample inputs, for HASTE convs' calibrated and
+    measured counts (``fxslim.cost_model.formulas.haste``).
     """
+    if haste_buckets is not None and not isinstance(haste_buckets, HasteBuckets):
+        raise TypeError(f"haste_buckets: expected a HasteBuckets (fxslim.HasteBuckets), got {type(haste_buckets).__name__}")
     conv = merge_conventions(conventions, options)
     energy_table = table_for(conv, table)
     if isinstance(example_inputs, torch.Tensor):
@@ -83,7 +89,7 @@ def estimate(
     else:
         source.eager = record_eager(source.captured, example_inputs)
     inputs = [tuple(to_expr(d, rename) for d in x.shape) for x in (example_inputs or ()) if isinstance(x, torch.Tensor)]
-    state = _State(source, mode, rename, symbols, _model_name(model), inputs)
+    state = _State(source, mode, rename, symbols, _model_name(model), inputs, haste_buckets)
     return state.cost(conv, energy_table)
 
 
@@ -101,10 +107,11 @@ class _State:
     symbols: dict[str, Any]
     model: str
     inputs: list[tuple]
+    haste_buckets: HasteBuckets | None = None
 
     def cost(self, conv: Conventions, energy_table: EnergyTable) -> CostReport:
         """The captured model costed under ``conv`` and ``energy_table``."""
-        counter = RawRowCounter(self.source, conv, self.mode)
+        counter = RawRowCounter(self.source, conv, self.mode, self.haste_buckets)
         raws = counter.rows()
         pricer = RowPricer(conv, energy_table, self.rename)
         rows = pricer.rows(raws)

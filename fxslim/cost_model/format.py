@@ -359,7 +359,8 @@ def _cmp_summary(comp: Comparison) -> list[str]:
     if any(c["pass"] == "haste" and c["status"] == "rewritten" for c in comp.candidates):
         lines.append("HASTE's saving depends on the input: the 'after' MACs are a data-free prediction "
                      "(channels hashed as independent random vectors, the worst case for merging); real "
-                     "activations merge more: measure them with fxslim.runtime.haste.record_buckets")
+                     "activations merge more: record them with fxslim.record_buckets and pass "
+                     "haste_buckets=fxslim.HasteBuckets(measured=...) to estimate or compare")
     return lines
 
 

@@ -126,6 +126,7 @@ class OpCall:
     conventions: "Conventions"
     fqn: str = ""
     values: Mapping[int, torch.Tensor] = field(default_factory=dict)
+    haste_buckets: Any = None  # the HasteBuckets given to estimate(), for the HASTE formula
 
     def value(self, index: int) -> torch.Tensor | None:
         """The real tensor passed as argument ``index`` (weights and buffers), or None."""

@@ -28,6 +28,7 @@ from fxslim.cost_model.registry import (
 from fxslim.cost_model.shapes import NodeRunner, Source
 from fxslim.cost_model.views import view_cost
 from fxslim.ir import AttentionView, META_PLACEHOLDER_FQNS, META_PREFIX, View, attribute, meta_val, node_fqn, views
+from fxslim.runtime.haste_counts import HasteBuckets
 
 __all__ = ["RawRow", "RawRowCounter", "is_zero"]
 
@@ -123,9 +124,11 @@ class RawRowCounter:
     """Counts the raw rows (MACs, element-wise ops, tensors touched) of every captured graph and of
     the modules kept eager."""
 
-    def __init__(self, source: Source, conventions: Conventions, mode: FakeTensorMode | None) -> None:
+    def __init__(self, source: Source, conventions: Conventions, mode: FakeTensorMode | None,
+                 haste_buckets: HasteBuckets | None = None) -> None:
         self.source = source
         self.conventions = conventions
+        self.haste_buckets = haste_buckets
         self.runner = NodeRunner(mode)
         self.seen_params: set[str] = set()
         self.unknown: dict[str, list[str]] = {}
@@ -254,7 +257,7 @@ class RawRowCounter:
 
     def _call(self, target: Any, args: Any, kwargs: Any, out: Any, fqn: str, values: dict[int, torch.Tensor]) -> OpCall:
         return OpCall(target, spec_of(tuple(args)), {k: spec_of(v) for k, v in kwargs.items()}, spec_of(out),
-                      self.conventions, fqn, values)
+                      self.conventions, fqn, values, self.haste_buckets)
 
     def _direct(self, raw: RawRow, graph: Graph, node: fx.Node) -> None:
         gm = graph.gm

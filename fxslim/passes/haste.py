@@ -27,7 +27,7 @@ from fxslim.ir import ConvView, META_PLACEHOLDER_FQNS, attribute, meta_val, node
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
 from fxslim.passes.matchers import match_convs
 from fxslim.runtime.haste import MAX_PLANES, make_planes, patch_shape
-from fxslim.runtime.haste_counts import HasteLayer, active_bucket_counts
+from fxslim.runtime.haste_counts import HasteLayer
 
 __all__ = ["HASTE"]
 
@@ -135,7 +135,7 @@ class HASTE(Pass):
         nnz = int((planes != 0).sum())
         info: dict[str, Any] = {"layer": cand.layer, "L": cfg.L, "sparsity": cfg.sparsity, "tile": cfg.tile,
                                 "patch": (th, tw), "d": th * tw, "seed": seed, "nnz": nnz, "center": cfg.center}
-        return info | _predictions(view, cfg, cand.layer, HasteLayer(
+        return info | _predictions(view, cfg, HasteLayer(
             view.in_channels, view.out_channels, view.kernel, cfg.L, th * tw, nnz, cfg.center))
 
 
@@ -250,15 +250,15 @@ def _hint(value: Any) -> int:
     return int(value.node.hint) if isinstance(value, torch.SymInt) else int(value)
 
 
-def _predictions(view: ConvView, cfg: HASTE, layer: str, counts: HasteLayer) -> dict[str, Any]:
-    """Predicted MACs and ops at the example input (B/C calibrated when stats are given, else data-free)."""
+def _predictions(view: ConvView, cfg: HASTE, counts: HasteLayer) -> dict[str, Any]:
+    """Data-free predicted MACs and ops at the example input (calibrated and measured counts come from
+    ``fxslim.estimate(..., haste_buckets=...)``)."""
     if view.output_shape is None:
         return {}
     n, _, h_out, w_out = (_hint(s) for s in view.output_shape)
     tiles = n * -(-h_out // cfg.tile) * -(-w_out // cfg.tile)
-    calibration = active_bucket_counts()[0].get(layer)
-    c = counts.predicted(tiles, n * h_out * w_out, calibration)
-    return {"buckets": "calibrated" if calibration is not None else "independent_codes",
+    c = counts.predicted(tiles, n * h_out * w_out)
+    return {"buckets": "independent_codes",
             "dense_macs": round(c.dense), "predicted_macs": round(c.reduced_conv),
             "predicted_overhead": round(c.overhead), "predicted_ops": round(c.ops),
             "predicted_flops": round(2 * c.reduced_conv + c.overhead), "predicted_ops_ratio": c.ops / c.dense if c.dense else None}

@@ -5,21 +5,19 @@ The HASTE pass reports predicted counts per rewritten conv and the cost formula
 passes and cost_model. Terms, the data-free bucket estimate and calibrated vs measured stats: see
 the cost formula's module docstring and docs/methods/HASTE.md.
 
-``bucket_counts(calibration=..., measured=...)`` gives ``record_buckets`` stats to whoever counts
-while it is active: the pass report's predictions (calibration) and the cost formula (both).
+``HasteBuckets(calibration=..., measured=...)`` carries ``record_buckets`` stats to the cost
+formula, passed explicitly to ``fxslim.estimate``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import math
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, fields
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
 
 from fxslim.runtime.haste import HasteStats
 
-__all__ = ["HasteCounts", "HasteLayer", "expected_buckets", "bucket_counts", "active_bucket_counts"]
+__all__ = ["HasteCounts", "HasteLayer", "HasteBuckets", "expected_buckets"]
 
 
 @dataclass(frozen=True)
@@ -113,36 +111,23 @@ class HasteLayer:
 
 
 # ----------------------------------------------------------------------------------------------
-# Stats given to the formula
+# Stats given to the cost model
 
 
 @dataclass(frozen=True)
-class _Given:
-    calibration: Mapping[str, HasteStats]
-    measured: Mapping[str, HasteStats]
+class HasteBuckets:
+    """Bucket counts recorded on sample inputs (``record_buckets``), given to the cost model as
+    ``fxslim.estimate(..., haste_buckets=HasteBuckets(...))``: ``calibration`` sets B/C of a
+    layer's predicted counts, ``measured`` gives its measured MACs (both: layer key -> ``HasteStats``).
+    An explicit value, not ambient state: the same call always costs the same."""
 
+    calibration: Mapping[str, HasteStats] = field(default_factory=dict)
+    measured: Mapping[str, HasteStats] = field(default_factory=dict)
 
-_GIVEN: contextvars.ContextVar[_Given | None] = contextvars.ContextVar("fxslim_haste_bucket_counts", default=None)
-
-
-@contextlib.contextmanager
-def bucket_counts(calibration: Mapping[str, HasteStats] | None = None,
-                  measured: Mapping[str, HasteStats] | None = None) -> Iterator[None]:
-    """While active, HASTE costs use ``calibration`` stats for predictions and ``measured`` stats for
-    ``measured_macs`` (both: layer key -> ``HasteStats``, e.g. what ``record_buckets`` yields)."""
-    for name, value in (("calibration", calibration), ("measured", measured)):
-        if value is not None and not (isinstance(value, Mapping)
-                                      and all(isinstance(s, HasteStats) for s in value.values())):
-            raise TypeError(f"bucket_counts: {name} must map layer names to HasteStats "
-                            f"(e.g. from record_buckets()), got {type(value).__name__}")
-    token = _GIVEN.set(_Given(dict(calibration or {}), dict(measured or {})))
-    try:
-        yield
-    finally:
-        _GIVEN.reset(token)
-
-
-def active_bucket_counts() -> tuple[Mapping[str, HasteStats], Mapping[str, HasteStats]]:
-    """(calibration, measured) stats of the innermost ``bucket_counts`` (empty mappings outside one)."""
-    given = _GIVEN.get()
-    return ({}, {}) if given is None else (given.calibration, given.measured)
+    def __post_init__(self) -> None:
+        for name in ("calibration", "measured"):
+            value = getattr(self, name)
+            if not (isinstance(value, Mapping) and all(isinstance(s, HasteStats) for s in value.values())):
+                raise TypeError(f"HasteBuckets: {name} must map layer names to HasteStats "
+                                f"(e.g. from record_buckets()), got {type(value).__name__}")
+            object.__setattr__(self, name, dict(value))

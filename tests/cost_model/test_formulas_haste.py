@@ -12,7 +12,7 @@ from torch import nn
 import fxslim
 from fxslim.models.resnet_cifar import resnet18
 from fxslim.runtime.haste import make_planes, patch_shape, record_buckets
-from fxslim.runtime.haste_counts import HasteLayer, bucket_counts, expected_buckets
+from fxslim.runtime.haste_counts import HasteBuckets, HasteLayer, expected_buckets
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -60,8 +60,7 @@ def test_haste_cost_calibrated_prediction_equals_measured_on_the_calibration_run
         model(x)
     stats = rec["one"]
     assert stats.buckets < 8 * stats.tiles  # L=4 on post-ReLU inputs merges channels
-    with bucket_counts(calibration=rec, measured=rec):
-        row = _row(fxslim.estimate(model, x))
+    row = _row(fxslim.estimate(model, x, haste_buckets=HasteBuckets(calibration=rec, measured=rec)))
     assert row.measured_macs == 6 * 9 * stats.bucket_pixels  # O·k²·Σ B_τ·p_τ
     assert row.macs == row.measured_macs and row.info["buckets"] == "calibrated"
     assert row.info["predicted_ops"] == row.info["measured_ops"] == row.macs + row.info["measured_overhead"]
@@ -71,11 +70,12 @@ def test_haste_cost_measured_is_the_mean_per_sample_times_the_batch():
     model = _One(L=4).eval()
     with torch.no_grad(), record_buckets() as rec:
         model(_input(4))
-    with bucket_counts(measured=rec):
-        row = _row(fxslim.estimate(model, _input(1)))
+    given = HasteBuckets(measured=rec)
+    row = _row(fxslim.estimate(model, _input(1), haste_buckets=given))
     assert row.measured_macs == round(6 * 9 * rec["one"].bucket_pixels / 4)
-    with bucket_counts(measured=rec):  # other tiles per sample: the stats do not apply
-        assert _row(fxslim.estimate(model, torch.randn(1, 8, 12, 12))).measured_macs is None
+    # other tiles per sample: the stats do not apply
+    assert _row(fxslim.estimate(model, torch.randn(1, 8, 12, 12), haste_buckets=given)).measured_macs is None
+    assert _row(fxslim.estimate(model, _input(1))).measured_macs is None  # nothing given: nothing measured
 
 
 def test_haste_cost_all_singletons_exceed_dense_by_exactly_the_overhead():
@@ -104,8 +104,7 @@ def test_haste_compare_report_shows_predicted_and_measured_per_module():
         res = fxslim.optimize(model, x, passes=["haste:L=6"])
     with torch.no_grad(), record_buckets() as rec:
         res.module(x)
-    with bucket_counts(measured=rec):
-        comp = res.compare()
+    comp = res.compare(haste_buckets=HasteBuckets(measured=rec))
     rows = {r.fqn: r for r in comp.rows}
     for layer, stats in rec.items():
         row = rows[layer]  # the HASTE row lines up with the conv it replaced
@@ -121,32 +120,35 @@ def test_haste_compare_report_shows_predicted_and_measured_per_module():
     assert data["after"]["total"]["elementwise"] > data["before"]["total"]["elementwise"]  # hashing, merging
 
 
-def test_haste_pass_report_predictions_use_calibration_when_given():
+def test_haste_predictions_are_data_free_unless_stats_are_given_explicitly():
     model, x = resnet18(in_channels=3, width=0.125).eval(), torch.randn(2, 3, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = fxslim.optimize(model, x, passes=["haste:L=6"])
-        with torch.no_grad(), record_buckets() as rec:
-            res.module(x)
-        with bucket_counts(calibration=rec):
-            again = fxslim.optimize(model, x, passes=["haste:L=6"])  # same config: same planes, same buckets
-    for entry in again.report.entries("haste"):
-        if entry.status == "rewritten":
-            stats = rec[entry.info["layer"]]
-            assert entry.info["buckets"] == "calibrated"
-            k2 = stats.kernel_size[0] * stats.kernel_size[1]
-            assert entry.info["predicted_macs"] == stats.out_channels * k2 * stats.bucket_pixels
+    with torch.no_grad(), record_buckets() as rec:
+        res.module(x)
+    rewritten = [e for e in res.report.entries("haste") if e.status == "rewritten"]
+    assert rewritten and all(e.info["buckets"] == "independent_codes" for e in rewritten)  # the pass: data-free
+    calibrated = {r.fqn: r for r in res.compare(haste_buckets=HasteBuckets(calibration=rec)).after.rows}
+    plain = {r.fqn: r for r in res.compare().after.rows}
+    for entry in rewritten:
+        stats = rec[entry.info["layer"]]
+        k2 = stats.kernel_size[0] * stats.kernel_size[1]
+        row = calibrated[entry.info["layer"]]
+        assert row.info["buckets"] == "calibrated" and row.macs == stats.out_channels * k2 * stats.bucket_pixels
+        assert plain[entry.info["layer"]].macs == entry.info["predicted_macs"]  # report and cost model agree
 
 
-def test_bucket_counts_bad_stats_raise():
+def test_haste_buckets_bad_stats_raise():
     with pytest.raises(TypeError, match="measured must map layer names to HasteStats"):
-        with bucket_counts(measured={"one": 3}):
-            pass
+        HasteBuckets(measured={"one": 3})
+    with pytest.raises(TypeError, match="haste_buckets: expected a HasteBuckets"):
+        fxslim.estimate(_One(L=4).eval(), _input(), haste_buckets={"one": 3})
     model, x = _One(L=4).eval(), _input()
     with torch.no_grad(), record_buckets() as rec:
         model(x)
-    with bucket_counts(calibration=rec), pytest.raises(ValueError, match=r"calibration stats: expected \(C, O"):
-        fxslim.estimate(_One(L=5).eval(), x)  # the key "one" now names a conv with other planes
+    with pytest.raises(ValueError, match=r"calibration stats: expected \(C, O"):
+        fxslim.estimate(_One(L=5).eval(), x, haste_buckets=HasteBuckets(calibration=rec))  # "one" now has other planes
 
 
 def test_expected_buckets_limits():

@@ -23,11 +23,11 @@ B is data-dependent, so there are two numbers:
 - measured (``measured_macs``): the reduced-conv MACs a ``record_buckets`` run counted (``measured``
   stats), as the mean per sample times the batch of the costed call.
 
-Stats are given with ``bucket_counts(calibration=..., measured=...)`` (``fxslim.runtime.haste_counts``)
-around ``fxslim.estimate`` or ``OptimizeResult.compare`` (and ``fxslim.optimize``: the HASTE report then shows calibrated
-predictions); both map the op's ``layer`` argument to ``HasteStats``. ``OptimizeResult`` caches its
-reports: the first ``compare()`` (or one with estimate options) must run inside the context.
-Only HASTE rows carry ``measured_macs``, so a report's ``total.measured_macs`` sums the HASTE convs.
+Stats are given explicitly: ``fxslim.estimate(..., haste_buckets=HasteBuckets(calibration=...,
+measured=...))`` or ``OptimizeResult.compare(haste_buckets=...)``; both map the op's ``layer``
+argument to ``HasteStats``. Without them every count is the data-free prediction (also what the
+HASTE pass report and FlopCounterMode give). Only HASTE rows carry ``measured_macs``, so a report's
+``total.measured_macs`` sums the HASTE convs.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from fxslim.cost_model.registry import OpCall, OpCost, register_cost
 from fxslim.runtime.haste import output_shape, patch_shape
-from fxslim.runtime.haste_counts import HasteLayer, active_bucket_counts
+from fxslim.runtime.haste_counts import HasteBuckets, HasteLayer
 
 __all__ = ["haste_conv2d_cost", "DEFAULT_SPARSITY"]
 
@@ -76,12 +76,11 @@ def _layer_and_sizes(x_shape, w_shape, planes_shape, stride, padding, dilation, 
 @register_flop_formula(torch.ops.fxslim.haste_conv2d)
 def _haste_conv2d_flops(x_shape, w_shape, bias_shape, planes_shape, stride, padding, dilation, tile=4, center=True,
                         layer="", *args, out_shape=None, **kwargs) -> int:
-    """FlopCounterMode's count of the op: 2 x the reduced-conv MACs the cost model predicts (the
-    layer's calibration when ``bucket_counts`` gives one, else the data-free expected buckets)."""
+    """FlopCounterMode's count of the op: 2 x the reduced-conv MACs the cost model predicts from the
+    data-free expected buckets (what ``fxslim.estimate`` gives without ``haste_buckets``)."""
     haste_layer, tiles, pixels = _layer_and_sizes(x_shape, w_shape, planes_shape, stride, padding, dilation, tile,
                                                   center)
-    calibration, _ = active_bucket_counts()
-    return int(2 * _int(haste_layer.predicted(tiles, pixels, calibration.get(layer)).reduced_conv))
+    return int(2 * _int(haste_layer.predicted(tiles, pixels).reduced_conv))
 
 
 @register_cost(torch.ops.fxslim.haste_conv2d, kind="conv")
@@ -96,7 +95,8 @@ def haste_conv2d_cost(call: OpCall) -> OpCost:
         x.shape, w.shape, a["planes"].shape, a["stride"], a["padding"], a["dilation"], a["tile"], a["center"],
         int((planes != 0).sum()) if planes is not None else None)
     L, d, tile = layer.planes, layer.d, a["tile"]
-    calibration, measured = active_bucket_counts()
+    given = call.haste_buckets or HasteBuckets()
+    calibration, measured = given.calibration, given.measured
     key = a["layer"]
     predicted = layer.predicted(tiles, pixels, calibration.get(key))
     info: dict[str, Any] = {"L": L, "d": d, "tile": tile, "dense_macs": _int(predicted.dense),
