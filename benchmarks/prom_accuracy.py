@@ -32,7 +32,7 @@ from fxslim.models.mobilenet_mnist import MobileNetMNIST, load_mobilenet_mnist
 from fxslim.models.train import FitConfig, evaluate, fit, predict
 from fxslim.passes.prom import PROM, calibrate
 from fxslim.passes.prom_convert import convert
-from fxslim.runtime import prom_ops
+from fxslim.runtime import prom
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 
 _OUT = Path(__file__).resolve().parent / "results" / "prom_accuracy.md"
@@ -48,7 +48,7 @@ def _ternary_zero_share(int_model: nn.Module) -> float:
     for node in int_model.graph.nodes:
         if node.target is torch.ops.fxslim.ternary_conv2d.default:
             packed = int_model.get_submodule(str(node.args[2].target).rpartition(".")[0]).weight_packed
-            codes = prom_ops.unpack_ternary(packed, node.args[0].meta["val"].shape[1])
+            codes = prom.unpack_ternary(packed, node.args[0].meta["val"].shape[1])
             zeros, total = zeros + int((codes == 0).sum()), total + codes.numel()
     return zeros / total
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import torchvision
 
 from fxslim.app.timing import interleaved_medians
-from fxslim.runtime import prom_ops as P
+from fxslim.runtime import prom as P
 
 _OUT = Path(__file__).resolve().parent / "results" / "prom_op_speed.md"
 

@@ -274,7 +274,7 @@ def _haste_default(run: ModelRun) -> str:
 @step("prom_prepare")
 def _prom_prepare(run: ModelRun) -> str:
     import fxslim
-    from fxslim.runtime.quant import ActFakeQuant
+    from fxslim.runtime.prom_qat import ActFakeQuant
 
     qat = fxslim.prepare(run.model, run.inputs)
     _assert_unchanged(run, "prom prepare")

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import fxslim
 from fxslim.models.data import mnist_5k
 from fxslim.models.mobilenet_mnist import load_mobilenet_mnist
-from fxslim.runtime.quant import freeze_observers
+from fxslim.runtime.prom_qat import freeze_observers
 
 
 def main() -> None:

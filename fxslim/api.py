@@ -29,7 +29,7 @@ from fxslim.ir import META_REPORT
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, registered_passes, run_passes
 from fxslim.passes.prom import PROM
 from fxslim.policy import Policy
-from fxslim.runtime.quant import ActFakeQuant, QConv2d, QLinear
+from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
 
 __all__ = ["OptimizeReport", "OptimizeResult", "optimize", "parse_passes", "prepare"]
 

@@ -20,7 +20,7 @@ from torch import nn
 import fxslim
 from fxslim.capture import CaptureError
 from fxslim.app.cli import main
-from fxslim.runtime.quant import ActFakeQuant
+from fxslim.runtime.prom_qat import ActFakeQuant
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -195,3 +195,22 @@ def test_layers_forbidden_pairs(low, high):
     wrong = [f"{m} -> {t}" for m, ts in import_graph().items() for t in sorted(ts)
              if _part(m) == low and _part(t) == high]
     assert wrong == []
+
+
+METHODS = ("haste", "httm", "prom")
+METHOD_PLACES = ("passes/{m}.py", "runtime/{m}.py", "runtime/{m}_reference.py", "cost_model/formulas/{m}.py")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_lives_in_the_same_four_places(method):
+    """The pass, the ops, the ops' oracles and the cost formulas: one file each, named alike."""
+    missing = [place.format(m=method) for place in METHOD_PLACES if not (PACKAGE / place.format(m=method)).is_file()]
+    assert missing == []
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_oracles_are_for_tests_only(method):
+    """Nothing in the package runs a method's reference module: it is the tests' yardstick."""
+    oracle = f"fxslim.runtime.{method}_reference"
+    users = sorted(m for m, ts in import_graph().items() if oracle in ts)
+    assert users == []

@@ -50,7 +50,7 @@ from fxslim.models.vggt import vggt_small
 from fxslim.runtime.haste import record_buckets
 from fxslim.runtime.haste_counts import HasteBuckets
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
-from fxslim.runtime.quant import freeze_observers
+from fxslim.runtime.prom_qat import freeze_observers
 
 __all__ = ["PARTS", "DemoSizes", "FULL", "QUICK", "PartResult", "run_demo", "summary_table", "write_report",
            "results_markdown", "demo_command"]

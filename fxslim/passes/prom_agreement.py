@@ -10,7 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxslim.runtime.quant import ActFakeQuant
+from fxslim.runtime.prom_qat import ActFakeQuant
 
 __all__ = ["Agreement", "code_agreement", "QUANT_META"]
 

@@ -22,7 +22,8 @@ from fxslim.ir import meta_val
 from fxslim.passes.prom_graph import is_quant
 from fxslim.passes.prom_islands import float_module
 from fxslim.passes.prom_pointwise import NoIntegerForm, is_layout_op, max_pool_args, pad_code
-from fxslim.runtime.quant import ActFakeQuant, IntegerOp, convert_output
+from fxslim.passes.prom_lower import IntegerOp, convert_output
+from fxslim.runtime.prom_qat import ActFakeQuant
 
 __all__ = ["Builder", "codes_layout", "replay_codes"]
 

@@ -48,12 +48,10 @@ from fxslim.passes.prom_pointwise import (
     NoIntegerForm, PointwiseChain, batch_norm_of, is_codes_source, pointwise_chain, unit_depthwise_conv,
 )
 from fxslim.propagate import propagate
-from fxslim.runtime.quant import (
-    ActFakeQuant, QConv2d, QLinear, convert_add, convert_conv, convert_global_avg_pool, convert_input,
-    convert_linear, convert_output,
-)
+from fxslim.passes.prom_lower import convert_add, convert_conv, convert_global_avg_pool, convert_input, convert_linear, convert_output
+from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
-from fxslim.runtime.quant_onednn import convert_add_onednn, convert_conv_onednn, convert_linear_onednn
+from fxslim.passes.prom_lower_onednn import convert_add_onednn, convert_conv_onednn, convert_linear_onednn
 
 __all__ = ["convert", "convert_report", "prepared_parts", "code_agreement", "Agreement", "QUANT_META", "REPORT_META",
            "RUNTIMES"]
@@ -255,7 +253,7 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
             fuse_adds: bool = True) -> nn.Module:
     """The integer model of a prepared PROM model (``prepare`` output, trained or calibrated).
 
-    ``runtime``: ``"reference"`` emits the fixed-point ops of ``fxslim.runtime.prom_ops`` (ternary
+    ``runtime``: ``"reference"`` emits the fixed-point ops of ``fxslim.runtime.prom`` (ternary
     weights packed 2 bits each, the cost model's view); ``"onednn"`` emits the fused u8 oneDNN ops
     of ``fxslim.runtime.prom_onednn`` (weights prepacked, a conv feeding a residual add fused with
     it, unless ``fuse_adds`` is False: see ``prom_fuse``; needs a CPU with VNNI/AMX int8 dot

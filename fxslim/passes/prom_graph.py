@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxslim.ir import meta_val
-from fxslim.runtime.quant import ActFakeQuant
+from fxslim.runtime.prom_qat import ActFakeQuant
 
 __all__ = ["is_quant", "is_shape_op", "is_activation", "is_residual_add", "float_tensor", "module_of"]
 

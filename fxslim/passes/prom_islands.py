@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxslim.runtime.quant import QConv2d, QLinear
+from fxslim.runtime.prom_qat import QConv2d, QLinear
 
 __all__ = ["Island", "ConvertReport", "REPORT_META", "float_module", "group_islands", "merge_reports", "format_report"]
 

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from fxslim.ir import meta_val
 from fxslim.passes.prom_graph import is_quant, is_shape_op, module_of
 from fxslim.runtime.prom_codes import LUT_SIZE, is_monotone, lut_table
-from fxslim.runtime.quant import QConv2d
+from fxslim.runtime.prom_qat import QConv2d
 
 __all__ = ["NoIntegerForm", "PointwiseChain", "pointwise_chain", "is_layout_op", "is_codes_source", "pad_code",
            "max_pool_args", "batch_norm_of", "unit_depthwise_conv", "constant_value"]

@@ -7,7 +7,7 @@ Importing this package registers all of them; ``torch.export.load`` of a rewritt
 
 from fxslim.runtime import haste  # noqa: F401  (fxslim::haste_conv2d)
 from fxslim.runtime import httm  # noqa: F401  (fxslim::httm_attention)
-from fxslim.runtime import prom_ops  # noqa: F401  (fxslim::ternary_conv2d, int8_conv2d, ...)
+from fxslim.runtime import prom  # noqa: F401  (fxslim::ternary_conv2d, int8_conv2d, ...)
 from fxslim.runtime import prom_onednn  # noqa: F401  (fxslim::qconv2d, qconv2d_add, qlinear, qadd)
 from fxslim.runtime import prom_codes  # noqa: F401  (fxslim::lut, max_pool2d_codes, mark_nan_samples)
 from fxslim.runtime.inference_only import register_inference_only

@@ -23,9 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fxslim.runtime.prom_ops import _check_uint8, _memory_order_flat
+from fxslim.runtime.prom import _check_uint8, _memory_order_flat
 
-__all__ = ["lut", "lut_reference", "lut_table", "is_monotone", "max_pool2d_codes", "mark_nan_samples", "LUT_SIZE"]
+__all__ = ["lut", "lut_table", "is_monotone", "max_pool2d_codes", "mark_nan_samples", "LUT_SIZE"]
 
 LUT_SIZE = 256
 _CHUNK = 1 << 18  # indices per index_select call: 1 MB of int32 stays in L2 with its codes
@@ -65,17 +65,6 @@ def lut(x: Tensor, table: Tensor, dim: int = 1) -> Tensor:
 def _lut_fake(x, table, dim=1):
     _lut_check(x, table, dim)
     return torch.empty_like(_dense(x))
-
-
-def lut_reference(x: Tensor, table: Tensor, dim: int = 1) -> Tensor:
-    """Oracle: one Python lookup per element."""
-    if table.dim() == 1:
-        entries = table.tolist()
-        return torch.tensor([entries[v] for v in x.flatten().tolist()], dtype=torch.uint8).view(x.shape)
-    channel = torch.arange(x.shape[dim]).view([-1 if i == dim else 1 for i in range(x.dim())]).expand(x.shape)
-    rows = table.tolist()
-    values = [rows[c][v] for c, v in zip(channel.flatten().tolist(), x.flatten().tolist())]
-    return torch.tensor(values, dtype=torch.uint8).view(x.shape)
 
 
 @torch.no_grad()

@@ -1,12 +1,12 @@
 """Fast integer runtime of PROM: oneDNN's fused u8 quantized convs behind ``torch.ops.fxslim`` ops.
 
-Same numbers as ``prom_ops`` (uint8 activation codes, real value ``s·(q − z)``, per-channel
+Same numbers as ``fxslim.runtime.prom`` (uint8 activation codes, real value ``s·(q − z)``, per-channel
 symmetric int8 weight codes; ternary codes {−1, 0, 1} are exact int8 codes), but the
 requantization is oneDNN's: ``acc_s32 · s_x·w_c + bias_c`` in f32, then the clamp of the activation
 (``out_min``/``out_max`` codes, applied as a ``relu``/``hardtanh`` post-op on the real value) and
-``round_half_even(y / s_y) + z_y`` saturated to u8, all inside the conv kernel. ``prom_ops`` keeps
-the fixed-point integer requantization; the two agree within 1 LSB, and prom_ops' float models
-(``conv2d_float_reference``, ``add_float_reference``, ...) are these ops' oracles
+``round_half_even(y / s_y) + z_y`` saturated to u8, all inside the conv kernel. ``prom`` keeps
+the fixed-point integer requantization; the two agree within 1 LSB, and the float models of
+``prom_reference`` (``conv2d_float_reference``, ``add_float_reference``, ...) are these ops' oracles
 (tests/runtime/test_prom_onednn.py).
 
 - ``qconv2d``: any conv (pointwise ternary, depthwise, the stem), u8 [N, C, H, W] → u8
@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
-from fxslim.runtime.prom_ops import (
+from fxslim.runtime.prom import (
     _CACHE, _check_addends, _check_code, _check_conv_geometry, _check_uint8, _inverse_scale, conv_output_size,
 )
 

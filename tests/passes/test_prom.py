@@ -30,7 +30,7 @@ from fxslim.passes import prom_fuse
 from fxslim.passes.prom_batching import micro_batched
 from fxslim.passes.prom_convert import code_agreement, convert
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
-from fxslim.runtime.quant import ActFakeQuant, QConv2d
+from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d
 
 ops = torch.ops.fxslim
 

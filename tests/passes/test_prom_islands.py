@@ -17,7 +17,7 @@ from fxslim.capture import trace
 from fxslim.passes.prom import calibrate
 from fxslim.passes.prom_convert import REPORT_META, code_agreement, convert, convert_report, prepared_parts
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
-from fxslim.runtime.quant import ActFakeQuant, QConv2d
+from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d
 
 ops = torch.ops.fxslim
 pytestmark = pytest.mark.usefixtures("one_thread_module")

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.library import opcheck
 
-from fxslim.runtime.prom_codes import is_monotone, lut_reference, lut_table
-from fxslim.runtime.quant import ActFakeQuant
+from fxslim.runtime.prom_codes import is_monotone, lut_table
+from fxslim.runtime.prom_reference import lut_reference
+from fxslim.runtime.prom_qat import ActFakeQuant
 
 ops = torch.ops.fxslim
 CODES = torch.arange(256, dtype=torch.uint8)

@@ -9,7 +9,8 @@ import torch
 from torch.library import opcheck
 
 from fxslim.runtime import prom_onednn as O
-from fxslim.runtime import prom_ops as P
+from fxslim.runtime import prom as P
+from fxslim.runtime import prom_reference as R
 
 pytestmark = pytest.mark.skipif(not (O.onednn_available() and O.vnni_available()),
                                 reason="needs oneDNN quantized ops and VNNI/AMX int8 dot products")
@@ -47,7 +48,7 @@ def _fixed_point(x, sx, zx, weight, w_scale, bias, so, zo, lo, hi, stride, paddi
     int_bias = torch.round(steps)
     multiplier = P.requant_multiplier(real, 23)
     offset = ((1 << 22) + torch.round((steps - int_bias) * multiplier.double())).to(torch.int32)
-    return P.int8_conv2d_reference(x, zx, weight, int_bias.to(torch.int32), multiplier, 23, zo, lo, hi,
+    return R.int8_conv2d_reference(x, zx, weight, int_bias.to(torch.int32), multiplier, 23, zo, lo, hi,
                                    [stride] * 2, [padding] * 2, [1, 1], groups, offset)
 
 
@@ -62,7 +63,7 @@ def test_qconv2d_within_one_lsb_of_float_model_and_fixed_point_reference(name, c
     lo, hi = {"none": (0, 255), "relu": (zo, 255), "relu6": (zo, min(255, zo + round(6 / so)))}[activation]
     out = O.qconv2d(x, sx, zx, weight, w_scale, bias, so, zo, lo, hi, [stride] * 2, [padding] * 2, [1, 1], groups)
     real_w = weight.double() * w_scale.double().view(-1, 1, 1, 1)
-    floating = P.conv2d_float_reference(x, sx, zx, real_w, bias, so, zo, lo, hi, [stride] * 2, [padding] * 2, [1, 1], groups)
+    floating = R.conv2d_float_reference(x, sx, zx, real_w, bias, so, zo, lo, hi, [stride] * 2, [padding] * 2, [1, 1], groups)
     fixed = _fixed_point(x, sx, zx, weight, w_scale, bias, so, zo, lo, hi, stride, padding, groups)
     assert out.shape == floating.shape and out.is_contiguous(memory_format=torch.channels_last)
     assert (out.int() - floating.int()).abs().max() <= 1
@@ -84,8 +85,8 @@ def test_qconv2d_add_rounds_once_and_stays_within_one_lsb_of_two_roundings():
     zc = round(-float(real.min()) / sc)
     so, zo = sc * 1.4, 128  # s_c <= 1.5·s_out: the condition prom_fuse checks
     out = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, zo, 0, 255, [1, 1], [0, 0], [1, 1], 1, skip, ss, zs)
-    once = P.quantize_float_reference(real + (skip.double() - zs) * ss, so, zo)
-    twice = P.add_float_reference(P.quantize_float_reference(real, sc, zc), sc, zc, skip, ss, zs, so, zo, 0, 255)
+    once = R.quantize_float_reference(real + (skip.double() - zs) * ss, so, zo)
+    twice = R.add_float_reference(R.quantize_float_reference(real, sc, zc), sc, zc, skip, ss, zs, so, zo, 0, 255)
     assert torch.equal(out, once)
     assert (out.int() - twice.int()).abs().max() <= 1
     assert torch.equal(skip, skip.clone())  # unchanged input (opcheck checks it too)
@@ -98,7 +99,7 @@ def test_qlinear_within_one_lsb_of_float_model():
     w_scale = 0.001 + 0.01 * torch.rand(10, generator=gen)
     bias = torch.randn(10, generator=gen)
     out = O.qlinear(x, 0.03, 7, weight, w_scale, bias, 0.1, 130, 0, 255)
-    ref = P.linear_float_reference(x, 0.03, 7, weight.double() * w_scale.double()[:, None], bias, 0.1, 130, 0, 255)
+    ref = R.linear_float_reference(x, 0.03, 7, weight.double() * w_scale.double()[:, None], bias, 0.1, 130, 0, 255)
     assert out.shape == (5, 10) and (out.int() - ref.int()).abs().max() <= 1
 
 

@@ -1,4 +1,4 @@
-"""Cost formulas for PROM's integer ops (``fxslim.runtime.prom_ops``), as a converted model runs them.
+"""Cost formulas for PROM's integer ops (``fxslim.runtime.prom``), as a converted model runs them.
 
 - ``ternary_conv2d``: MACs in format "ternary", which the cost model expands to one addition per MAC
   at the ternary accumulator width and no multiplication (the op adds and subtracts activation

@@ -10,8 +10,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fxslim.runtime import prom_ops as P
-from fxslim.runtime import quant as Q
+from fxslim.runtime import prom as P
+from fxslim.passes import prom_lower as lower
+from fxslim.runtime import prom_qat as Q
 
 SETTINGS = settings(max_examples=20, deadline=None)
 
@@ -203,12 +204,12 @@ def test_qlinear_forward_matches_fake_quant_linear():
 
 
 def test_requant_shift_prefers_int32_kernel_and_falls_back():
-    assert Q.requant_shift(torch.tensor([0.5, 0.01])) == P.CONV_SHIFT
-    assert Q.requant_shift(torch.tensor([2.0, 0.5])) == P.CONV_SHIFT - 1  # int32 kernel with a final clamp
-    assert Q.requant_shift(torch.tensor([300.0])) == 22  # 300·2^22 < 2^31 <= 300·2^23: int64 kernel
+    assert lower.requant_shift(torch.tensor([0.5, 0.01])) == P.CONV_SHIFT
+    assert lower.requant_shift(torch.tensor([2.0, 0.5])) == P.CONV_SHIFT - 1  # int32 kernel with a final clamp
+    assert lower.requant_shift(torch.tensor([300.0])) == 22  # 300·2^22 < 2^31 <= 300·2^23: int64 kernel
     tiny = torch.tensor([1e-6])
-    assert Q.requant_shift(tiny) > P.CONV_SHIFT
-    assert Q.requant_shift(tiny, acc_bound=torch.tensor([1000])) == P.CONV_SHIFT  # |acc| too small to matter
+    assert lower.requant_shift(tiny) > P.CONV_SHIFT
+    assert lower.requant_shift(tiny, acc_bound=torch.tensor([1000])) == P.CONV_SHIFT  # |acc| too small to matter
 
 
 # ----------------------------------------------------------------------------------------------
@@ -247,18 +248,18 @@ def test_converted_conv_bn_relu6_conv_within_one_lsb(method):
     with torch.no_grad():
         fake_mid = act_mid(F.relu6(bn1(q1(x))))
         fake_out = model(x)
-    first, second = Q.convert_conv(q1, act_mid, bn=bn1, activation="relu6"), Q.convert_conv(q2, act_out)
+    first, second = lower.convert_conv(q1, act_mid, bn=bn1, activation="relu6"), lower.convert_conv(q2, act_out)
     assert first.op is torch.ops.fxslim.int8_conv2d.default and second.op is torch.ops.fxslim.ternary_conv2d.default
-    q_in = Q.convert_input(act_in)(x)
+    q_in = lower.convert_input(act_in)(x)
     q_mid = first(q_in)
     q_out = second(q_mid)
     assert (q_mid.float() - _codes_of(fake_mid, act_mid)).abs().max() <= 1
     assert (q_out.float() - _codes_of(fake_out, act_out)).abs().max() <= 1
     # layer-local: the ternary layer fed the integer codes agrees within 1 LSB as well
     with torch.no_grad():
-        fake_local = act_out(F.conv2d(Q.convert_output(act_mid)(q_mid), q2.quantized_weight(), q2.conv.bias, stride=2))
+        fake_local = act_out(F.conv2d(lower.convert_output(act_mid)(q_mid), q2.quantized_weight(), q2.conv.bias, stride=2))
     assert (q_out.float() - _codes_of(fake_local, act_out)).abs().max() <= 1
-    assert torch.allclose(Q.convert_output(act_out)(q_out), fake_out, atol=act_out.qparams()[0] * 1.001)
+    assert torch.allclose(lower.convert_output(act_out)(q_out), fake_out, atol=act_out.qparams()[0] * 1.001)
 
 
 def _tiny_inverted_residual():
@@ -306,14 +307,14 @@ def test_converted_inverted_residual_with_add_pool_linear_within_one_lsb():
     with torch.no_grad():
         fake_logits = net(x)
     ops = {
-        "x": Q.convert_input(A["x"]),
-        "stem": Q.convert_conv(L["stem"], A["a"], bn=B["stem"], activation="relu6"),
-        "expand": Q.convert_conv(L["expand"], A["e"], bn=B["expand"], activation="relu6", x_quant=A["a"]),
-        "dw": Q.convert_conv(L["dw"], A["d"], bn=B["dw"], activation="relu6", x_quant=A["e"]),
-        "project": Q.convert_conv(L["project"], A["p"], bn=B["project"], x_quant=A["d"]),
-        "add": Q.convert_add(A["a"], A["p"], A["sum"]),
-        "pool": Q.convert_global_avg_pool(A["sum"], A["pool"]),
-        "fc": Q.convert_linear(L["fc"], A["logits"], x_quant=A["pool"]),
+        "x": lower.convert_input(A["x"]),
+        "stem": lower.convert_conv(L["stem"], A["a"], bn=B["stem"], activation="relu6"),
+        "expand": lower.convert_conv(L["expand"], A["e"], bn=B["expand"], activation="relu6", x_quant=A["a"]),
+        "dw": lower.convert_conv(L["dw"], A["d"], bn=B["dw"], activation="relu6", x_quant=A["e"]),
+        "project": lower.convert_conv(L["project"], A["p"], bn=B["project"], x_quant=A["d"]),
+        "add": lower.convert_add(A["a"], A["p"], A["sum"]),
+        "pool": lower.convert_global_avg_pool(A["sum"], A["pool"]),
+        "fc": lower.convert_linear(L["fc"], A["logits"], x_quant=A["pool"]),
     }
     assert ops["expand"].op is torch.ops.fxslim.ternary_conv2d.default
     assert ops["dw"].op is torch.ops.fxslim.int8_conv2d.default and ops["dw"].scalars["groups"] == 16
@@ -322,7 +323,7 @@ def test_converted_inverted_residual_with_add_pool_linear_within_one_lsb():
     qs = ops["add"](qa, qp)
     logits = ops["fc"](ops["pool"](qs).flatten(1))
     # layer-local checks: each integer op against the fake-quant layer fed the same (dequantized) codes
-    deq = {name: Q.convert_output(A[name]) for name in A}
+    deq = {name: lower.convert_output(A[name]) for name in A}
     with torch.no_grad():
         fake_sum = A["sum"](deq["a"](qa) + deq["p"](qp))
         fake_pool = A["pool"](F.adaptive_avg_pool2d(deq["sum"](qs), 1).flatten(1))
@@ -338,11 +339,11 @@ def test_integer_op_wrong_input_count_raises():
     act = Q.ActFakeQuant()
     act(torch.randn(5))
     with pytest.raises(TypeError, match="inputs"):
-        Q.convert_add(act, act, act)(torch.zeros(3, dtype=torch.uint8))
+        lower.convert_add(act, act, act)(torch.zeros(3, dtype=torch.uint8))
 
 
 def test_convert_conv_without_input_grid_raises():
     act = Q.ActFakeQuant()
     act(torch.randn(5))
     with pytest.raises(ValueError, match="x_quant"):
-        Q.convert_conv(Q.QConv2d(nn.Conv2d(2, 2, 1), "ternary"), act)
+        lower.convert_conv(Q.QConv2d(nn.Conv2d(2, 2, 1), "ternary"), act)

@@ -1,6 +1,6 @@
 """Per-layer conversion of PROM's fake-quant layers to the fast ops of ``fxslim.runtime.prom_onednn``.
 
-The counterpart of ``quant.convert_conv``/``convert_linear``/``convert_add`` for the oneDNN
+The counterpart of ``prom_lower.convert_conv``/``convert_linear``/``convert_add`` for the oneDNN
 runtime. The real numbers stay real: BN is folded into a per-channel weight scale
 w_c = |α_c·γ_c/σ_c| (a negative factor flips the channel's codes) and a real bias
 B_c = γ_c(b_c − μ_c)/σ_c + β_c, so the kernel computes y_c = s_x·w_c·Σ t·(q − z_x) + B_c and rounds
@@ -12,10 +12,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from fxslim.passes.prom_lower import IntegerOp, _clamp_bounds, _input_quant, fold_bn
 from fxslim.runtime import prom_onednn
-from fxslim.runtime.quant import (
-    ActFakeQuant, IntegerOp, QConv2d, QLinear, _clamp_bounds, _conv_padding, _input_quant, fold_bn,
-)
+from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear, _conv_padding
 
 __all__ = ["convert_conv_onednn", "convert_linear_onednn", "convert_add_onednn"]
 

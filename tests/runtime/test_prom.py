@@ -12,7 +12,8 @@ from torch.library import opcheck
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
-from fxslim.runtime import prom_ops as P
+from fxslim.runtime import prom as P
+from fxslim.runtime import prom_reference as R
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -144,7 +145,7 @@ def test_ternary_conv2d_equals_add_sub_oracle(n, c_in, c_out, h, w, stride, regi
     zx = int(torch.randint(0, 256, (1,), generator=gen))
     args = (x, zx, packed, bias, mult, shift, *_out_range(gen), list(stride), _offset(mult, shift, gen, with_offset))
     out = P.ternary_conv2d(*args)
-    assert torch.equal(out, P.ternary_conv2d_reference(*args))
+    assert torch.equal(out, R.ternary_conv2d_reference(*args))
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -156,7 +157,7 @@ def test_ternary_conv2d_without_onednn_equals_oracle(monkeypatch):
     bias = torch.randint(-500, 500, (7,), generator=gen, dtype=torch.int32)
     mult, shift = _multipliers(7, gen, "int32")
     args = (x, 17, packed, bias, mult, shift, 90, 0, 255, [2, 1])
-    assert torch.equal(P.ternary_conv2d(*args), P.ternary_conv2d_reference(*args))
+    assert torch.equal(P.ternary_conv2d(*args), R.ternary_conv2d_reference(*args))
 
 
 def test_ternary_conv2d_extreme_inputs_equal_oracle():
@@ -169,7 +170,7 @@ def test_ternary_conv2d_extreme_inputs_equal_oracle():
     mult = P.requant_multiplier(torch.full((4,), 1e-3, dtype=torch.float64))
     for zx in (0, 255):
         args = (x, zx, packed, bias, mult, 23, 128, 0, 255)
-        assert torch.equal(P.ternary_conv2d(*args), P.ternary_conv2d_reference(*args))
+        assert torch.equal(P.ternary_conv2d(*args), R.ternary_conv2d_reference(*args))
 
 
 def test_ternary_accumulate_reference_never_multiplies():
@@ -187,7 +188,7 @@ def test_ternary_accumulate_reference_never_multiplies():
     packed = P.pack_ternary(_ternary((6, 10), gen))
     bias = torch.randint(-50, 50, (6,), generator=gen, dtype=torch.int32)
     with Recorder() as recorder:
-        P.ternary_accumulate_reference(x, 3, packed, bias)
+        R.ternary_accumulate_reference(x, 3, packed, bias)
     forbidden = {"mul", "mm", "bmm", "addmm", "matmul", "convolution", "conv2d", "einsum", "dot", "mv", "addcmul"}
     assert recorder.ops and not forbidden.intersection(recorder.ops)
 
@@ -219,7 +220,7 @@ def test_int8_conv2d_equals_oracle(n, c_in, c_out, h, w, kernel, stride, padding
     args = (x, zx, weight, bias, mult, shift, *_out_range(gen), list(stride), list(padding), list(dilation), groups,
             _offset(mult, shift, gen, with_offset))
     out = P.int8_conv2d(*args)
-    assert torch.equal(out, P.int8_conv2d_reference(*args))
+    assert torch.equal(out, R.int8_conv2d_reference(*args))
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
@@ -233,7 +234,7 @@ def test_int8_conv2d_extreme_inputs_equal_oracle(groups):
     mult = P.requant_multiplier(torch.full((8,), 1e-4, dtype=torch.float64))
     for zx in (0, 128):
         args = (x, zx, weight, bias, mult, 23, 128, 0, 255, [1, 1], [1, 1], [1, 1], groups)
-        assert torch.equal(P.int8_conv2d(*args), P.int8_conv2d_reference(*args))
+        assert torch.equal(P.int8_conv2d(*args), R.int8_conv2d_reference(*args))
 
 
 def test_int8_conv2d_large_bias_uses_exact_f64_kernel():
@@ -243,7 +244,7 @@ def test_int8_conv2d_large_bias_uses_exact_f64_kernel():
     bias = torch.tensor([1 << 25, -(1 << 25), 12345], dtype=torch.int32)  # |acc| >= 2^24: not f32-exact
     mult = P.requant_multiplier(torch.tensor([1e-6, 1e-6, 1e-3], dtype=torch.float64), 40)
     args = (x, 0, weight, bias, mult, 40, 100, 0, 255, [1, 1], [1, 1], [1, 1], 1)
-    assert torch.equal(P.int8_conv2d(*args), P.int8_conv2d_reference(*args))
+    assert torch.equal(P.int8_conv2d(*args), R.int8_conv2d_reference(*args))
 
 
 @SETTINGS
@@ -259,7 +260,7 @@ def test_int8_linear_equals_oracle(rows, k, out, lead, regime, with_offset, seed
             _offset(mult, shift, gen, with_offset))
     result = P.int8_linear(*args)
     assert result.shape == (*x.shape[:-1], out)
-    assert torch.equal(result, P.int8_linear_reference(*args))
+    assert torch.equal(result, R.int8_linear_reference(*args))
 
 
 @SETTINGS
@@ -277,7 +278,7 @@ def test_requantize_equals_oracle(shape, shift, scale, per_channel, with_offset,
         return
     mult = P.requant_multiplier(real, shift)
     args = (acc, mult, shift, *_out_range(gen), _offset(mult, shift, gen, with_offset))
-    assert torch.equal(P.requantize(*args), P.requantize_reference(*args))
+    assert torch.equal(P.requantize(*args), R.requantize_reference(*args))
 
 
 @SETTINGS
@@ -288,7 +289,7 @@ def test_int8_add_equals_oracle(shape, ma, mb, shift, seed):
     a, b = _codes(shape, gen), _codes(shape, gen)
     za, zb = (int(v) for v in torch.randint(0, 256, (2,), generator=gen))
     args = (a, za, ma, b, zb, mb, shift, *_out_range(gen))
-    assert torch.equal(P.int8_add(*args), P.int8_add_reference(*args))
+    assert torch.equal(P.int8_add(*args), R.int8_add_reference(*args))
 
 
 @SETTINGS
@@ -302,7 +303,7 @@ def test_int8_global_avg_pool2d_equals_oracle(n, c, h, w, real, seed):
             *_out_range(gen))
     out = P.int8_global_avg_pool2d(*args)
     assert out.shape == (n, c, 1, 1)
-    assert torch.equal(out, P.int8_global_avg_pool2d_reference(*args))
+    assert torch.equal(out, R.int8_global_avg_pool2d_reference(*args))
 
 
 def test_weight_updated_in_place_is_not_served_from_cache():
@@ -315,7 +316,7 @@ def test_weight_updated_in_place_is_not_served_from_cache():
     first = P.int8_conv2d(*args)
     weight.neg_()
     second = P.int8_conv2d(*args)
-    assert torch.equal(second, P.int8_conv2d_reference(*args)) and not torch.equal(first, second)
+    assert torch.equal(second, R.int8_conv2d_reference(*args)) and not torch.equal(first, second)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,7 +374,7 @@ def test_ternary_conv2d_within_one_lsb_of_float_model(n, c_in, c_out, h, stride,
     zx, (zy, lo, hi) = 128, _out_range(gen)
     out = P.ternary_conv2d(x, zx, P.pack_ternary(codes), int_bias, mult, 23, zy, lo, hi, list(stride), offset)
     real_w = (alpha.view(-1, 1) * codes).view(c_out, c_in, 1, 1)
-    ref = P.conv2d_float_reference(x, x_scale, zx, real_w, bias, out_scale, zy, lo, hi, stride)
+    ref = R.conv2d_float_reference(x, x_scale, zx, real_w, bias, out_scale, zy, lo, hi, stride)
     assert (out.int() - ref.int()).abs().max() <= 1
 
 
@@ -389,7 +390,7 @@ def test_int8_conv2d_within_one_lsb_of_float_model(c_in, c_out, depthwise, seed)
     zy, lo, hi = _out_range(gen)
     out = P.int8_conv2d(x, 77, codes, int_bias, mult, 23, zy, lo, hi, [1, 1], [1, 1], [1, 1], groups, offset)
     real_w = w_scale.view(-1, 1, 1, 1) * codes
-    ref = P.conv2d_float_reference(x, x_scale, 77, real_w, bias, out_scale, zy, lo, hi, (1, 1), (1, 1), (1, 1), groups)
+    ref = R.conv2d_float_reference(x, x_scale, 77, real_w, bias, out_scale, zy, lo, hi, (1, 1), (1, 1), (1, 1), groups)
     assert (out.int() - ref.int()).abs().max() <= 1
 
 
@@ -403,7 +404,7 @@ def test_int8_linear_within_one_lsb_of_float_model(k, out, seed):
     int_bias, mult, offset = _int_params(x_scale, w_scale, bias, out_scale)
     zy, lo, hi = _out_range(gen)
     result = P.int8_linear(x, 30, codes, int_bias, mult, 23, zy, lo, hi, offset)
-    ref = P.linear_float_reference(x, x_scale, 30, w_scale.view(-1, 1) * codes, bias, out_scale, zy, lo, hi)
+    ref = R.linear_float_reference(x, x_scale, 30, w_scale.view(-1, 1) * codes, bias, out_scale, zy, lo, hi)
     assert (result.int() - ref.int()).abs().max() <= 1
 
 
@@ -416,7 +417,7 @@ def test_int8_add_within_one_lsb_of_float_model(sa, sb, seed):
     so = (sa + sb) * 255 / 255 * 1.2
     ma, mb = (int(m) for m in P.requant_multiplier(torch.tensor([sa / so, sb / so], dtype=torch.float64), P.ADD_SHIFT))
     out = P.int8_add(a, za, ma, b, zb, mb, P.ADD_SHIFT, zy, 0, 255)
-    ref = P.add_float_reference(a, sa, za, b, sb, zb, so, zy, 0, 255)
+    ref = R.add_float_reference(a, sa, za, b, sb, zb, so, zy, 0, 255)
     assert (out.int() - ref.int()).abs().max() <= 1
 
 
@@ -428,7 +429,7 @@ def test_int8_global_avg_pool2d_within_one_lsb_of_float_model(h, sx, seed):
     so = sx * 0.8
     m = int(P.requant_multiplier(sx / so, 28))
     out = P.int8_global_avg_pool2d(x, 60, m, 28, 40, 0, 255)
-    ref = P.global_avg_pool2d_float_reference(x, sx, 60, so, 40, 0, 255)
+    ref = R.global_avg_pool2d_float_reference(x, sx, 60, so, 40, 0, 255)
     assert (out.int() - ref.int()).abs().max() <= 1
 
 
@@ -454,20 +455,20 @@ def test_integer_ops_rarely_differ_from_float_model():
     x_scale, alpha, bias, out_scale = _real_params(gen, 96, 0.1, 64)
     int_bias, mult, offset = _int_params(x_scale, alpha, bias, out_scale / 6)  # multipliers near 1
     out = P.ternary_conv2d(x, 128, P.pack_ternary(codes), int_bias, mult, 23, 0, 0, 255, [1, 1], offset)
-    ref = P.conv2d_float_reference(x, x_scale, 128, (alpha.view(-1, 1) * codes).view(96, 64, 1, 1), bias, out_scale / 6, 0, 0, 255)
+    ref = R.conv2d_float_reference(x, x_scale, 128, (alpha.view(-1, 1) * codes).view(96, 64, 1, 1), bias, out_scale / 6, 0, 0, 255)
     shares["ternary"] = (out.int() - ref.int())
     w_dw = torch.randint(-127, 128, (64, 1, 3, 3), generator=gen).to(torch.int8)
     x_scale, w_scale, bias, out_scale = _real_params(gen, 64, 0.01, 9)
     int_bias, mult, offset = _int_params(x_scale, w_scale, bias, out_scale)
     out = P.int8_conv2d(x, 128, w_dw, int_bias, mult, 23, 0, 0, 255, [1, 1], [1, 1], [1, 1], 64, offset)
-    ref = P.conv2d_float_reference(x, x_scale, 128, w_scale.view(-1, 1, 1, 1) * w_dw, bias, out_scale, 0, 0, 255,
+    ref = R.conv2d_float_reference(x, x_scale, 128, w_scale.view(-1, 1, 1, 1) * w_dw, bias, out_scale, 0, 0, 255,
                                    (1, 1), (1, 1), (1, 1), 64)
     shares["depthwise"] = (out.int() - ref.int())
     b = _codes(x.shape, gen)
     sa, sb, so = 0.0613, 0.0447, 0.1054  # not round numbers: exact ties (half up vs half even) stay rare
     ma, mb = (int(m) for m in P.requant_multiplier(torch.tensor([sa / so, sb / so], dtype=torch.float64), P.ADD_SHIFT))
     out = P.int8_add(x, 100, ma, b, 20, mb, P.ADD_SHIFT, 60, 0, 255)
-    shares["add"] = out.int() - P.add_float_reference(x, sa, 100, b, sb, 20, so, 60, 0, 255).int()
+    shares["add"] = out.int() - R.add_float_reference(x, sa, 100, b, sb, 20, so, 60, 0, 255).int()
     for name, diff in shares.items():
         assert diff.abs().max() <= 1, name
         assert (diff != 0).float().mean() < 2e-3, name
@@ -588,7 +589,7 @@ def test_float_reference_agrees_with_torch_conv_when_unquantized():
     """Sanity of the float model itself: identity grids reproduce F.conv2d rounded."""
     x = torch.randint(0, 10, (1, 2, 4, 4), dtype=torch.uint8)
     w = torch.ones(1, 2, 1, 1, dtype=torch.float64)
-    out = P.conv2d_float_reference(x, 1.0, 0, w, None, 1.0, 0, 0, 255)
+    out = R.conv2d_float_reference(x, 1.0, 0, w, None, 1.0, 0, 0, 255)
     assert torch.equal(out, F.conv2d(x.double(), w).clamp(0, 255).to(torch.uint8))
 
 
@@ -603,7 +604,7 @@ def test_int8_linear_reduced_fp32_matmul_precision_still_exact():
     previous = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("medium")
     try:
-        assert torch.equal(P.int8_linear(*args), P.int8_linear_reference(*args))
+        assert torch.equal(P.int8_linear(*args), R.int8_linear_reference(*args))
     finally:
         torch.set_float32_matmul_precision(previous)
 

@@ -1,6 +1,6 @@
 """Property tests of the PROM integer ops over memory layouts, batch sizes and input dtypes.
 
-tests/runtime/test_prom_ops.py checks every op bit-exact against its int64 oracle on contiguous
+tests/runtime/test_prom.py checks every op bit-exact against its int64 oracle on contiguous
 inputs of batch >= 1 (groups, dilation, strides, padding, multiplier regimes included); here random
 inputs also vary the layout (contiguous or channels_last codes) and the batch size (0, 1,
 several): outputs are identical in every layout, equal the oracle, and a sample alone gives its
@@ -16,7 +16,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxslim.runtime import prom_ops as P
+from fxslim.runtime import prom as P
+from fxslim.runtime import prom_reference as R
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -49,7 +50,7 @@ def _conv_args(kind, n, c_in, c_out, h, w, groups, fmt, seed):
     return (x, 7, weight, bias, mult, shift, 128, 0, 255, [1, 2], [1, 1], [2, 1], groups)
 
 
-_OPS = {"ternary": (P.ternary_conv2d, P.ternary_conv2d_reference), "int8": (P.int8_conv2d, P.int8_conv2d_reference)}
+_OPS = {"ternary": (P.ternary_conv2d, R.ternary_conv2d_reference), "int8": (P.int8_conv2d, R.int8_conv2d_reference)}
 
 
 @SETTINGS
@@ -84,8 +85,8 @@ def test_add_and_pool_same_codes_in_every_layout_and_batch_size(n, c, h, w, fmt,
     assert added.shape == a.shape and pooled.shape == (n, c, 1, 1)
     if n == 0:
         return
-    assert torch.equal(added, P.int8_add_reference(a.contiguous(), 3, 500_000, b.contiguous(), *add_args[4:]))
-    assert torch.equal(pooled, P.int8_global_avg_pool2d_reference(a.contiguous(), *pool_args[1:]))
+    assert torch.equal(added, R.int8_add_reference(a.contiguous(), 3, 500_000, b.contiguous(), *add_args[4:]))
+    assert torch.equal(pooled, R.int8_global_avg_pool2d_reference(a.contiguous(), *pool_args[1:]))
     for i in range(n):
         assert torch.equal(P.int8_add(a[i:i + 1], 3, 500_000, b[i:i + 1], *add_args[4:]), added[i:i + 1])
 
@@ -101,7 +102,7 @@ def test_int8_linear_any_batch_size_equals_oracle(rows, k, out, seed):
     args = (x, 9, weight, bias, mult, shift, 100, 0, 255)
     result = P.int8_linear(*args)
     assert result.shape == (rows, out) and result.dtype == torch.uint8
-    assert torch.equal(result, P.int8_linear_reference(*args))
+    assert torch.equal(result, R.int8_linear_reference(*args))
 
 
 @SETTINGS

@@ -17,9 +17,8 @@ Numbers and layouts (TFLite uint8 convention):
 - Conv outputs are channels_last uint8 tensors [N, C, H, W] (the layout every kernel here reads
   fastest); the other ops keep the layout of their input.
 
-Every op has a loop/int64 oracle (``*_reference``, exact integer semantics, the test oracle; the
-ternary one only adds and subtracts activation codes) and a float model (``*_float_reference``:
-dequantize, float op, quantize) that the integer result must match within 1 LSB.
+Every op has a loop/int64 oracle and a float model it must match within 1 LSB, both in
+``fxslim.runtime.prom_reference``.
 
 Fast kernels compute bit-identical integers with float arithmetic where that is provably exact:
 an f32 sum of integers is exact while every partial sum stays below 2^24, and all partial sums of
@@ -64,18 +63,6 @@ __all__ = [
     "quantize_per_tensor",
     "dequantize",
     "nan_samples",
-    "ternary_accumulate_reference",
-    "ternary_conv2d_reference",
-    "int8_conv2d_reference",
-    "int8_linear_reference",
-    "requantize_reference",
-    "int8_add_reference",
-    "int8_global_avg_pool2d_reference",
-    "quantize_float_reference",
-    "conv2d_float_reference",
-    "linear_float_reference",
-    "add_float_reference",
-    "global_avg_pool2d_float_reference",
 ]
 
 _log = logging.getLogger(__name__)
@@ -538,36 +525,6 @@ def _ternary_conv2d_flops(x_shape, x_zero_point, w_shape, *args, out_shape, **kw
     return 2 * n * out_shape[1] * c_in * out_shape[2] * out_shape[3]
 
 
-def ternary_accumulate_reference(
-    x: Tensor, x_zero_point: int, weight_packed: Tensor, bias: Tensor, stride: Sequence[int] = (1, 1)
-) -> Tensor:
-    """Oracle accumulator (int64 [N, C_out, H', W']): per output channel, the sum of the codes where
-    t = +1 minus the sum where t = −1, plus the channel constant bias_c − z_x·Σ_i t_ci.
-
-    No weight is multiplied: it reads the two bit masks of the packed weights and only gathers,
-    adds and subtracts int64 activation codes.
-    """
-    c_in = x.shape[1]
-    fields = ((weight_packed[..., None] >> torch.tensor([0, 2, 4, 6], dtype=torch.uint8)) & 3).flatten(1)[:, :c_in]
-    xs = x[:, :, :: stride[0], :: stride[1]].to(torch.int64)
-    acc = torch.empty((xs.shape[0], weight_packed.shape[0], *xs.shape[2:]), dtype=torch.int64)
-    for c in range(weight_packed.shape[0]):
-        plus = (fields[c] == _PLUS).nonzero().flatten()
-        minus = (fields[c] == _MINUS).nonzero().flatten()
-        constant = int(bias[c]) - x_zero_point * (len(plus) - len(minus))
-        acc[:, c] = xs[:, plus].sum(1) - xs[:, minus].sum(1) + constant
-    return acc
-
-
-def ternary_conv2d_reference(
-    x: Tensor, x_zero_point: int, weight_packed: Tensor, bias: Tensor, multiplier: Tensor, shift: int,
-    out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int] = (1, 1), offset: Tensor | None = None,
-) -> Tensor:
-    """Oracle of ``ternary_conv2d``: the add/sub-only accumulator, then the requantization oracle."""
-    acc = ternary_accumulate_reference(x, x_zero_point, weight_packed, bias, stride)
-    return requantize_reference(acc, multiplier, shift, out_zero_point, out_min, out_max, offset)
-
-
 # ----------------------------------------------------------------------------------------------
 # int8_conv2d
 
@@ -630,29 +587,6 @@ def _int8_conv2d_flops(x_shape, x_zero_point, w_shape, *args, out_shape, **kwarg
     return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
 
 
-def int8_conv2d_reference(
-    x: Tensor, x_zero_point: int, weight: Tensor, bias: Tensor, multiplier: Tensor, shift: int,
-    out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int] = (1, 1),
-    padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1, offset: Tensor | None = None,
-) -> Tensor:
-    """Oracle: int64 direct convolution, one kernel tap and one group at a time, padded with z_x."""
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    xp = F.pad(x.to(torch.int64), (pw, pw, ph, ph), value=x_zero_point) - x_zero_point
-    c_out, c_in_g, kh, kw = weight.shape
-    h = conv_output_size(x.shape[2], kh, sh, ph, dh)
-    w = conv_output_size(x.shape[3], kw, sw, pw, dw)
-    acc = bias.to(torch.int64).view(1, -1, 1, 1).repeat(x.shape[0], 1, h, w)
-    o_g = c_out // groups
-    w64 = weight.to(torch.int64)
-    for g in range(groups):
-        xg = xp[:, g * c_in_g : (g + 1) * c_in_g]
-        for i in range(kh):
-            for j in range(kw):
-                tap = xg[:, :, i * dh : i * dh + (h - 1) * sh + 1 : sh, j * dw : j * dw + (w - 1) * sw + 1 : sw]
-                acc[:, g * o_g : (g + 1) * o_g] += torch.einsum("nchw,oc->nohw", tap, w64[g * o_g : (g + 1) * o_g, :, i, j])
-    return requantize_reference(acc, multiplier, shift, out_zero_point, out_min, out_max, offset)
-
-
 # ----------------------------------------------------------------------------------------------
 # int8_linear
 
@@ -703,17 +637,6 @@ def _int8_linear_flops(x_shape, x_zero_point, w_shape, *args, out_shape, **kwarg
     return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
-def int8_linear_reference(
-    x: Tensor, x_zero_point: int, weight: Tensor, bias: Tensor, multiplier: Tensor, shift: int,
-    out_zero_point: int, out_min: int, out_max: int, offset: Tensor | None = None,
-) -> Tensor:
-    """Oracle: int64 matrix product of the centred codes plus bias, then requantization."""
-    x2 = x.reshape(-1, weight.shape[1]).to(torch.int64) - x_zero_point
-    acc = x2 @ weight.to(torch.int64).t() + bias.to(torch.int64)
-    out = requantize_reference(acc, multiplier, shift, out_zero_point, out_min, out_max, offset)
-    return out.view(*x.shape[:-1], weight.shape[0])
-
-
 # ----------------------------------------------------------------------------------------------
 # requantize
 
@@ -745,23 +668,6 @@ def requantize(
 def _requantize_fake(acc, multiplier, shift, out_zero_point, out_min, out_max, offset=None):
     _requantize_check(acc, multiplier, shift, out_zero_point, out_min, out_max, offset)
     return torch.empty_like(acc, dtype=torch.uint8)
-
-
-def requantize_reference(
-    acc: Tensor, multiplier: Tensor, shift: int, out_zero_point: int, out_min: int, out_max: int, offset: Tensor | None = None,
-) -> Tensor:
-    """Oracle of the requantization, one channel at a time in int64 (channel dim 1, or per tensor)."""
-    acc = acc.to(torch.int64)
-    out = torch.empty(acc.shape, dtype=torch.uint8)
-    rounding = [(1 << (shift - 1)) if shift else 0] * multiplier.shape[0] if offset is None else offset.tolist()
-    if multiplier.shape[0] == 1:
-        pieces = [(slice(None), int(multiplier[0]), rounding[0])]
-    else:
-        pieces = [((slice(None), c), int(multiplier[c]), rounding[c]) for c in range(acc.shape[1])]
-    for index, m, rnd in pieces:
-        value = ((acc[index] * m + rnd) >> shift) + out_zero_point
-        out[index] = value.clamp(out_min, out_max).to(torch.uint8)
-    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -811,16 +717,6 @@ def _int8_add_fake(a, a_zero_point, a_multiplier, b, b_zero_point, b_multiplier,
     return torch.empty_like(a, dtype=torch.uint8)
 
 
-def int8_add_reference(
-    a: Tensor, a_zero_point: int, a_multiplier: int, b: Tensor, b_zero_point: int, b_multiplier: int, shift: int,
-    out_zero_point: int, out_min: int, out_max: int,
-) -> Tensor:
-    """Oracle: the defining int64 formula."""
-    rnd = (1 << (shift - 1)) if shift else 0
-    t = (a.to(torch.int64) - a_zero_point) * a_multiplier + (b.to(torch.int64) - b_zero_point) * b_multiplier + rnd
-    return ((t >> shift) + out_zero_point).clamp(out_min, out_max).to(torch.uint8)
-
-
 # ----------------------------------------------------------------------------------------------
 # int8_global_avg_pool2d
 
@@ -866,17 +762,6 @@ def int8_global_avg_pool2d(
 def _int8_global_avg_pool2d_fake(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max):
     shape = _pool_check(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
     return torch.empty(shape, dtype=torch.uint8, device=x.device)
-
-
-def int8_global_avg_pool2d_reference(
-    x: Tensor, x_zero_point: int, multiplier: int, shift: int, out_zero_point: int, out_min: int, out_max: int,
-) -> Tensor:
-    """Oracle: per element, Python integers: round half up of Σ(q − z_x)·M / (H·W·2^shift)."""
-    denominator = (x.shape[2] * x.shape[3]) << shift
-    sums = (x.to(torch.int64) - x_zero_point).sum((2, 3), keepdim=True)
-    values = [min(out_max, max(out_min, (int(a) * multiplier + denominator // 2) // denominator + out_zero_point))
-              for a in sums.flatten().tolist()]
-    return torch.tensor(values, dtype=torch.uint8).view(sums.shape)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -992,54 +877,3 @@ def _nan_samples_fake(x):
     if not x.is_floating_point() or x.dim() < 1:
         raise ValueError(f"x: expected a floating-point tensor with a batch dimension, got {x.dtype} {tuple(x.shape)}")
     return x.new_empty((x.shape[0],), dtype=torch.bool)
-
-
-# ----------------------------------------------------------------------------------------------
-# Float models (dequantize → float op → quantize), the 1-LSB yardstick
-
-
-def quantize_float_reference(y: Tensor, scale: float, zero_point: int, out_min: int = 0, out_max: int = 255) -> Tensor:
-    """Real values → uint8 codes, rounding half to even in float64."""
-    return (torch.round(y.to(torch.float64) / scale) + zero_point).clamp(out_min, out_max).to(torch.uint8)
-
-
-def _real(q: Tensor, scale: float, zero_point: int) -> Tensor:
-    return (q.to(torch.float64) - zero_point) * scale
-
-
-def conv2d_float_reference(
-    x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, bias: Tensor | None, out_scale: float,
-    out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int] = (1, 1),
-    padding: Sequence[int] = (0, 0), dilation: Sequence[int] = (1, 1), groups: int = 1,
-) -> Tensor:
-    """conv2d of the dequantized input with real weights (α·t or scale·codes) and real bias."""
-    bias = None if bias is None else bias.to(torch.float64)
-    y = F.conv2d(_real(x, x_scale, x_zero_point), weight.to(torch.float64), bias, stride, padding, dilation, groups)
-    return quantize_float_reference(y, out_scale, out_zero_point, out_min, out_max)
-
-
-def linear_float_reference(
-    x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, bias: Tensor | None, out_scale: float,
-    out_zero_point: int, out_min: int, out_max: int,
-) -> Tensor:
-    """linear of the dequantized input with real weights and bias."""
-    bias = None if bias is None else bias.to(torch.float64)
-    y = F.linear(_real(x, x_scale, x_zero_point), weight.to(torch.float64), bias)
-    return quantize_float_reference(y, out_scale, out_zero_point, out_min, out_max)
-
-
-def add_float_reference(
-    a: Tensor, a_scale: float, a_zero_point: int, b: Tensor, b_scale: float, b_zero_point: int, out_scale: float,
-    out_zero_point: int, out_min: int, out_max: int,
-) -> Tensor:
-    """Sum of the two dequantized inputs, quantized to the output grid."""
-    y = _real(a, a_scale, a_zero_point) + _real(b, b_scale, b_zero_point)
-    return quantize_float_reference(y, out_scale, out_zero_point, out_min, out_max)
-
-
-def global_avg_pool2d_float_reference(
-    x: Tensor, x_scale: float, x_zero_point: int, out_scale: float, out_zero_point: int, out_min: int, out_max: int,
-) -> Tensor:
-    """Mean over H, W of the dequantized input, quantized to the output grid ([N, C, 1, 1])."""
-    y = _real(x, x_scale, x_zero_point).mean((2, 3), keepdim=True)
-    return quantize_float_reference(y, out_scale, out_zero_point, out_min, out_max)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from fxslim.runtime import quant as Q
+from fxslim.runtime import prom_qat as Q
 
 
 def _ddp_worker(rank: int, world_size: int, init_file: str, results: dict) -> None:
