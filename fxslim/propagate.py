@@ -11,8 +11,8 @@ Every part of fxslim that needs shapes calls ``propagate``:
   fake), or on meta tensors (``mode=None`` with ``fake=False``), recording each node's aten ops
   through ``around_node``.
 
-Plain Python results (``x.device``, ``x.dtype``) are kept in ``meta['val']`` too, so a later
-single-node replay can rebuild every argument.
+Plain Python results (``x.device``, ``x.dtype``) are kept in ``meta['val']`` too, so that
+``propagate_node``, the single-node replay after a rewrite inserts a node, can rebuild every argument.
 """
 
 from __future__ import annotations
@@ -24,12 +24,14 @@ from typing import Any, ContextManager
 
 import torch
 import torch.fx as fx
+from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.export_parts import short_reason
+from fxslim.ir import attribute, meta_val
 
-__all__ = ["propagate"]
+__all__ = ["propagate", "propagate_node"]
 
 _log = logging.getLogger(__name__)
 _PLAIN = (torch.device, torch.dtype, str, type(None))
@@ -124,3 +126,55 @@ class _PlainProp(fx.Interpreter):
         n.meta["val"] = result
         return result
 
+
+# ----------------------------------------------------------------------------------------------
+# One node, after a rewrite
+
+
+def _fake_of(value: Any, mode: FakeTensorMode) -> Any:
+    if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
+        return mode.from_tensor(value)
+    return value
+
+
+def propagate_node(gm: fx.GraphModule, node: fx.Node) -> None:
+    """``node.meta['val']`` of one node a rewrite inserted, from the values already on its inputs:
+    its target runs on their fake values (the rest of the graph is not run again)."""
+    def value(arg: Any) -> Any:
+        if isinstance(arg, fx.Node):
+            return attribute(gm, arg.target) if arg.op == "get_attr" else meta_val(arg)
+        return arg
+
+    args = fx.node.map_aggregate(node.args, value)
+    kwargs = fx.node.map_aggregate(node.kwargs, value)
+    vals = [v for v in _flatten((args, kwargs)) if isinstance(v, torch.Tensor)]
+    mode = detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)
+    args = fx.node.map_aggregate(args, lambda a: _fake_of(a, mode))
+    kwargs = fx.node.map_aggregate(kwargs, lambda a: _fake_of(a, mode))
+    allow = mode.allow_non_fake_inputs
+    mode.allow_non_fake_inputs = True  # modules called by call_module nodes hold real parameters
+    try:
+        out = _run_fake(gm, node, args, kwargs, mode)
+    finally:
+        mode.allow_non_fake_inputs = allow
+    if out is not None:
+        node.meta["val"] = out
+
+
+def _run_fake(gm: fx.GraphModule, node: fx.Node, args: Any, kwargs: Any, mode: FakeTensorMode) -> Any:
+    with mode, torch.no_grad():
+        if node.op == "call_function":
+            return node.target(*args, **kwargs)
+        if node.op == "call_module":
+            return gm.get_submodule(str(node.target))(*args, **kwargs)
+        if node.op == "call_method":
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
+    return None
+
+
+def _flatten(obj: Any) -> list[Any]:
+    if isinstance(obj, (list, tuple)):
+        return [x for item in obj for x in _flatten(item)]
+    if isinstance(obj, dict):
+        return [x for item in obj.values() for x in _flatten(item)]
+    return [obj]

@@ -13,8 +13,9 @@ import torch
 import torch.fx as fx
 
 from fxslim.config import check_range
-from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
+from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass
 from fxslim.passes.matchers import match_pointwise_convs
+from fxslim.propagate import propagate_node
 
 
 @register_pass("toy")
@@ -47,9 +48,9 @@ class ToyScalePointwise(Pass):
             b = v.bias.as_node(gm) if v.bias is not None else None
             conv = gm.graph.call_function(torch.conv2d, (v.input, w, b, v.stride, v.padding, v.dilation, 1))
             conv.meta["fxslim_pass"] = self.name
-            set_fake_val(gm, conv)
+            propagate_node(gm, conv)
             scaled = gm.graph.call_function(torch.mul, (conv, cand.config.scale))
-            set_fake_val(gm, scaled)
+            propagate_node(gm, scaled)
         cand.anchor.replace_all_uses_with(scaled)
         gm.graph.erase_node(cand.anchor)
         return {"scale": cand.config.scale}

@@ -18,17 +18,15 @@ from typing import Any, ClassVar, Literal
 
 import torch
 import torch.fx as fx
-from torch._guards import detect_fake_mode
-from torch._subclasses.fake_tensor import FakeTensorMode
 
 from fxslim.config import Config
-from fxslim.ir import IR, META_PASS, ParamRef, attribute, meta_val
+from fxslim.ir import IR, META_PASS, ParamRef, meta_val
 from fxslim.passes.inplace import make_inplace_explicit, remove_dead_code
 from fxslim.policy import Policy
 
 __all__ = [
     "Candidate", "Entry", "PassReport", "PassResult", "PassContext", "Pass", "PassError",
-    "register_pass", "registered_passes", "parse_pass", "run_passes", "set_fake_val",
+    "register_pass", "registered_passes", "parse_pass", "run_passes",
 ]
 
 _log = logging.getLogger(__name__)
@@ -220,54 +218,6 @@ def run_passes(gm: fx.GraphModule, passes: Iterable[Pass], ctx: PassContext) -> 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers for rewrites
-
-
-def _fake_of(value: Any, mode: FakeTensorMode) -> Any:
-    if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
-        return mode.from_tensor(value)
-    return value
-
-
-def set_fake_val(gm: fx.GraphModule, node: fx.Node) -> None:
-    """Compute ``node.meta['val']`` by running its target on the fake values of its inputs."""
-    def value(arg: Any) -> Any:
-        if isinstance(arg, fx.Node):
-            return attribute(gm, arg.target) if arg.op == "get_attr" else meta_val(arg)
-        return arg
-
-    args = fx.node.map_aggregate(node.args, value)
-    kwargs = fx.node.map_aggregate(node.kwargs, value)
-    vals = [v for v in _flatten((args, kwargs)) if isinstance(v, torch.Tensor)]
-    mode = detect_fake_mode(vals) or FakeTensorMode(allow_non_fake_inputs=True)
-    args = fx.node.map_aggregate(args, lambda a: _fake_of(a, mode))
-    kwargs = fx.node.map_aggregate(kwargs, lambda a: _fake_of(a, mode))
-    allow = mode.allow_non_fake_inputs
-    mode.allow_non_fake_inputs = True  # modules called by call_module nodes hold real parameters
-    try:
-        out = _run_fake(gm, node, args, kwargs, mode)
-    finally:
-        mode.allow_non_fake_inputs = allow
-    if out is not None:
-        node.meta["val"] = out
-
-
-def _run_fake(gm: fx.GraphModule, node: fx.Node, args: Any, kwargs: Any, mode: FakeTensorMode) -> Any:
-    with mode, torch.no_grad():
-        if node.op == "call_function":
-            return node.target(*args, **kwargs)
-        if node.op == "call_module":
-            return gm.get_submodule(str(node.target))(*args, **kwargs)
-        if node.op == "call_method":
-            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
-    return None
-
-
-def _flatten(obj: Any) -> list[Any]:
-    if isinstance(obj, (list, tuple)):
-        return [x for item in obj for x in _flatten(item)]
-    if isinstance(obj, dict):
-        return [x for item in obj.values() for x in _flatten(item)]
-    return [obj]
 
 
 def replace_fields(cfg: Pass, **changes: Any) -> Pass:

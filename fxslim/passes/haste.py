@@ -24,8 +24,9 @@ from torch import nn
 
 from fxslim.config import check_choice, check_int, check_range
 from fxslim.ir import ConvView, META_PLACEHOLDER_FQNS, attribute, meta_val, node_fqn, view_of, views
-from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
+from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass
 from fxslim.passes.matchers import match_convs
+from fxslim.propagate import propagate_node
 from fxslim.runtime.haste import MAX_PLANES, make_planes, patch_shape
 from fxslim.runtime.haste_counts import HasteLayer
 
@@ -129,7 +130,7 @@ class HASTE(Pass):
                     cfg.tile, cfg.center, cand.layer)
             new = graph.call_function(_OP, args)
             _copy_module_meta(gm, cand.anchor, new)
-            set_fake_val(gm, new)
+            propagate_node(gm, new)
         cand.anchor.replace_all_uses_with(new)
         graph.erase_node(cand.anchor)
         nnz = int((planes != 0).sum())

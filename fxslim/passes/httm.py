@@ -23,8 +23,9 @@ import torch.nn.functional as F
 
 from fxslim.config import check_choice, check_int, check_range
 from fxslim.ir import AttentionView, META_PLACEHOLDER_FQNS, META_PREFIX, meta_val, node_fqn
-from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, set_fake_val
+from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass
 from fxslim.passes.matchers import match_attention
+from fxslim.propagate import propagate_node
 from fxslim.runtime.frame_layout import FrameLayout, frame_layout_from_positions, read_frame_layout
 from fxslim.runtime.httm import DST_RULES, MODES, httm_kept_lengths
 
@@ -192,7 +193,7 @@ class HTTM(Pass):
             )
             new = graph.call_function(_OP, (view.q, view.k, view.v), kwargs)
             new.meta["nn_module_stack"] = dict(cand.anchor.meta.get("nn_module_stack", {}))
-            set_fake_val(gm, new)
+            propagate_node(gm, new)
         cand.anchor.replace_all_uses_with(new)
         graph.erase_node(cand.anchor)
         kept_q, kept_kv = httm_kept_lengths(
@@ -282,13 +283,13 @@ def _size(gm: fx.GraphModule, ctx: PassContext, node: fx.Node, dim: int) -> fx.N
         new = gm.graph.call_function(torch.ops.aten.sym_size.int, (node, dim))
     else:
         new = gm.graph.call_method("size", (node, dim))
-    set_fake_val(gm, new)
+    propagate_node(gm, new)
     return new
 
 
 def _floordiv(gm: fx.GraphModule, a: Any, b: Any) -> fx.Node:
     new = gm.graph.call_function(operator.floordiv, (a, b))
-    set_fake_val(gm, new)
+    propagate_node(gm, new)
     return new
 
 
