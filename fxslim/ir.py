@@ -232,12 +232,38 @@ def conv_kind(kernel: tuple, groups: int, in_channels: Any, transposed: bool) ->
 
 
 @dataclass(frozen=True)
-class ConvView:
-    """A 2-D convolution: ``[n, c_in, h, w] * [c_out, c_in/groups, kh, kw] -> [n, c_out, h', w']``."""
+class _LayerView:
+    """What every view of a layer with weights holds: its node, where it is, its input, its
+    parameters and the shapes around it."""
 
     node: fx.Node
     ir: IR
     fqn: str
+    input: fx.Node
+    weight: ParamRef
+    bias: ParamRef | None
+    input_shape: tuple | None
+    output_shape: tuple | None
+    dtype: torch.dtype | None
+
+
+def _layer_fields(node: fx.Node, gm: fx.GraphModule, ir: IR, x: Any, weight: ParamRef | None,
+                  bias: ParamRef | None) -> dict[str, Any]:
+    """The ``_LayerView`` fields of ``node`` reading input ``x`` with these parameters."""
+    return {"node": node, "ir": ir, "fqn": node_fqn(node, gm), "input": x, "weight": weight, "bias": bias,
+            "input_shape": shape_of(x), "output_shape": shape_of(node), "dtype": _dtype_of(node)}
+
+
+def _module_params(node: fx.Node, mod: nn.Module) -> tuple[ParamRef, ParamRef | None]:
+    """(weight, bias) of the module a ``call_module`` node calls."""
+    bias = ParamRef(path=f"{node.target}.bias") if getattr(mod, "bias", None) is not None else None
+    return ParamRef(path=f"{node.target}.weight"), bias
+
+
+@dataclass(frozen=True)
+class ConvView(_LayerView):
+    """A 2-D convolution: ``[n, c_in, h, w] * [c_out, c_in/groups, kh, kw] -> [n, c_out, h', w']``."""
+
     in_channels: int
     out_channels: int
     kernel: tuple[int, int]
@@ -246,12 +272,6 @@ class ConvView:
     dilation: tuple[int, int]
     groups: int
     transposed: bool
-    input: fx.Node
-    weight: ParamRef
-    bias: ParamRef | None
-    input_shape: tuple | None
-    output_shape: tuple | None
-    dtype: torch.dtype | None
     padding_spec: str | None = None  # 'same' / 'valid' when given as a string
 
     kind = "conv"
@@ -286,20 +306,11 @@ class ConvView:
 
 
 @dataclass(frozen=True)
-class LinearView:
+class LinearView(_LayerView):
     """A linear layer: ``[..., in] @ [out, in]^T -> [..., out]`` (rows = product of leading dims)."""
 
-    node: fx.Node
-    ir: IR
-    fqn: str
     in_features: int
     out_features: int
-    input: fx.Node
-    weight: ParamRef
-    bias: ParamRef | None
-    input_shape: tuple | None
-    output_shape: tuple | None
-    dtype: torch.dtype | None
 
     kind = "linear"
 
@@ -390,14 +401,10 @@ def _conv_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> ConvView | None:
         transposed = isinstance(mod, nn.ConvTranspose2d)
         padding, spec = resolve_padding(mod.padding, mod.kernel_size, mod.dilation)
         return ConvView(
-            node=node, ir=ir, fqn=node_fqn(node, gm),
+            **_layer_fields(node, gm, ir, node.args[0], *_module_params(node, mod)),
             in_channels=mod.in_channels, out_channels=mod.out_channels,
             kernel=tuple(mod.kernel_size), stride=tuple(mod.stride), padding=padding,
-            dilation=tuple(mod.dilation), groups=mod.groups, transposed=transposed,
-            input=node.args[0], weight=ParamRef(path=f"{node.target}.weight"),
-            bias=ParamRef(path=f"{node.target}.bias") if mod.bias is not None else None,
-            input_shape=shape_of(node.args[0]), output_shape=shape_of(node), dtype=_dtype_of(node),
-            padding_spec=spec,
+            dilation=tuple(mod.dilation), groups=mod.groups, transposed=transposed, padding_spec=spec,
         )
     if node.op != "call_function":
         return None
@@ -429,12 +436,10 @@ def _conv_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> ConvView | None:
     else:
         out_channels, in_channels = int(wshape[0]), int(wshape[1]) * groups
     return ConvView(
-        node=node, ir=ir, fqn=node_fqn(node, gm),
+        **_layer_fields(node, gm, ir, args["input"], _param_ref(gm, args["weight"]), _param_ref(gm, args["bias"])),
         in_channels=in_channels, out_channels=out_channels, kernel=kernel,
         stride=_pair(args["stride"]), padding=padding, dilation=dilation, groups=groups,
-        transposed=transposed, input=args["input"], weight=_param_ref(gm, args["weight"]),
-        bias=_param_ref(gm, args["bias"]), input_shape=shape_of(args["input"]),
-        output_shape=shape_of(node), dtype=_dtype_of(node), padding_spec=spec,
+        transposed=transposed, padding_spec=spec,
     )
 
 
@@ -465,13 +470,8 @@ def _linear_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> LinearView | None
         mod = gm.get_submodule(str(node.target))
         if not isinstance(mod, nn.Linear):
             return None
-        return LinearView(
-            node=node, ir=ir, fqn=node_fqn(node, gm), in_features=mod.in_features,
-            out_features=mod.out_features, input=node.args[0],
-            weight=ParamRef(path=f"{node.target}.weight"),
-            bias=ParamRef(path=f"{node.target}.bias") if mod.bias is not None else None,
-            input_shape=shape_of(node.args[0]), output_shape=shape_of(node), dtype=_dtype_of(node),
-        )
+        return LinearView(**_layer_fields(node, gm, ir, node.args[0], *_module_params(node, mod)),
+                          in_features=mod.in_features, out_features=mod.out_features)
     if node.op != "call_function":
         return None
     if node.target in _TORCH_LINEAR:
@@ -491,11 +491,8 @@ def _linear_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> LinearView | None
             return None
     else:
         return None
-    return LinearView(
-        node=node, ir=ir, fqn=node_fqn(node, gm), in_features=int(wshape[1]), out_features=int(wshape[0]),
-        input=x, weight=_param_ref(gm, weight), bias=_param_ref(gm, bias),
-        input_shape=shape_of(x), output_shape=shape_of(node), dtype=_dtype_of(node),
-    )
+    return LinearView(**_layer_fields(node, gm, ir, x, _param_ref(gm, weight), _param_ref(gm, bias)),
+                      in_features=int(wshape[1]), out_features=int(wshape[0]))
 
 
 def _transposed_param(node: Any) -> fx.Node | None:

@@ -169,6 +169,23 @@ def convert_output(act: ActFakeQuant) -> IntegerOp:
     return IntegerOp(torch.ops.fxslim.dequantize.default, ("q",), scalars={"scale": scale, "zero_point": zero_point})
 
 
+def _requantized_layer(
+    layer: QConv2d | QLinear, bias: Tensor | None, bn: nn.BatchNorm2d | None, out_quant: ActFakeQuant,
+    activation: str, x_quant: ActFakeQuant | None, shift: int | None,
+) -> tuple[Tensor, dict[str, Tensor], dict[str, Any]]:
+    """(weight codes, tensor args, scalar args) of a conv or linear requantized to ``out_quant``'s
+    grid: BN folded, multipliers at ``shift`` (default ``requant_shift``), the activation as clamp bounds."""
+    s_x, z_x = _input_quant(layer, x_quant).qparams()
+    s_y, z_y = out_quant.qparams()
+    codes, w_scale = layer.weight_codes()
+    codes, int_bias, fraction, real = _fold(codes, w_scale, bias, bn, s_x, s_y)
+    shift = requant_shift(real, _acc_bound(codes, int_bias)) if shift is None else shift
+    multiplier = prom.requant_multiplier(real, shift)
+    lo, hi = _clamp_bounds(activation, s_y, z_y)
+    tensors = {"bias": int_bias, "multiplier": multiplier, "offset": _rounding_offset(fraction, multiplier, shift)}
+    return codes, tensors, {"x_zero_point": z_x, "shift": shift, "out_zero_point": z_y, "out_min": lo, "out_max": hi}
+
+
 def convert_conv(
     qconv: QConv2d, out_quant: ActFakeQuant, *, bn: nn.BatchNorm2d | None = None, activation: str = "none",
     x_quant: ActFakeQuant | None = None, shift: int | None = None,
@@ -178,16 +195,8 @@ def convert_conv(
     ``x_quant`` is the grid of the input (default: ``qconv.input_quant``); BN uses its running
     statistics; ``shift`` defaults to ``requant_shift`` of the multipliers.
     """
-    s_x, z_x = _input_quant(qconv, x_quant).qparams()
-    s_y, z_y = out_quant.qparams()
-    codes, w_scale = qconv.weight_codes()
-    codes, bias, fraction, real = _fold(codes, w_scale, qconv.conv.bias, bn, s_x, s_y)
-    shift = requant_shift(real, _acc_bound(codes, bias)) if shift is None else shift
-    multiplier = prom.requant_multiplier(real, shift)
-    lo, hi = _clamp_bounds(activation, s_y, z_y)
-    scalars = {"x_zero_point": z_x, "shift": shift, "out_zero_point": z_y, "out_min": lo, "out_max": hi,
-               "stride": list(qconv.conv.stride)}
-    tensors = {"bias": bias, "multiplier": multiplier, "offset": _rounding_offset(fraction, multiplier, shift)}
+    codes, tensors, scalars = _requantized_layer(qconv, qconv.conv.bias, bn, out_quant, activation, x_quant, shift)
+    scalars["stride"] = list(qconv.conv.stride)
     if qconv.weight_quant == "ternary":
         tensors["weight_packed"] = prom.pack_ternary(codes)
         return IntegerOp(torch.ops.fxslim.ternary_conv2d.default, ("x",), tensors, scalars)
@@ -201,16 +210,9 @@ def convert_linear(
     shift: int | None = None,
 ) -> IntegerOp:
     """``out_quant(activation(qlinear(x)))`` as ``fxslim::int8_linear``."""
-    s_x, z_x = _input_quant(qlinear, x_quant).qparams()
-    s_y, z_y = out_quant.qparams()
-    codes, w_scale = qlinear.weight_codes()
-    codes, bias, fraction, real = _fold(codes, w_scale, qlinear.linear.bias, None, s_x, s_y)
-    shift = requant_shift(real, _acc_bound(codes, bias)) if shift is None else shift
-    multiplier = prom.requant_multiplier(real, shift)
-    lo, hi = _clamp_bounds(activation, s_y, z_y)
-    tensors = {"weight": codes.contiguous(), "bias": bias, "multiplier": multiplier,
-               "offset": _rounding_offset(fraction, multiplier, shift)}
-    scalars = {"x_zero_point": z_x, "shift": shift, "out_zero_point": z_y, "out_min": lo, "out_max": hi}
+    codes, tensors, scalars = _requantized_layer(qlinear, qlinear.linear.bias, None, out_quant, activation, x_quant,
+                                                 shift)
+    tensors["weight"] = codes.contiguous()
     return IntegerOp(torch.ops.fxslim.int8_linear.default, ("x",), tensors, scalars)
 
 

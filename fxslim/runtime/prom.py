@@ -214,6 +214,11 @@ def _check_out_args(shift: int, out_zero_point: int, out_min: int, out_max: int)
     if not 0 <= shift <= _MAX_SHIFT:
         raise ValueError(f"shift: expected an integer in [0, {_MAX_SHIFT}], got {shift}")
     _check_code("out_zero_point", out_zero_point)
+    _check_code_range(out_min, out_max)
+
+
+def _check_code_range(out_min: int, out_max: int) -> None:
+    """``out_min``/``out_max``: the clamp bounds of an output, two codes in order."""
     _check_code("out_min", out_min)
     _check_code("out_max", out_max)
     if out_min > out_max:
@@ -779,10 +784,7 @@ def _quantize_check(x, scale, zero_point, out_min, out_max):
     if not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale: expected a finite float > 0, got {scale}")
     _check_code("zero_point", zero_point)
-    _check_code("out_min", out_min)
-    _check_code("out_max", out_max)
-    if out_min > out_max:
-        raise ValueError(f"out_min/out_max: expected out_min <= out_max, got {out_min} > {out_max}")
+    _check_code_range(out_min, out_max)
 
 
 @torch.library.custom_op(
