@@ -49,6 +49,8 @@ __all__ = [
     "META_PREFIX",
     "META_PASS",
     "META_REPORT",
+    "META_PROM_QUANT",
+    "META_PROM_CONVERT",
 ]
 
 IR = Literal["module", "torch", "aten"]
@@ -63,6 +65,8 @@ META_PLACEHOLDER_FQNS = "fxslim_placeholder_fqns"  # gm.meta of a dynamo graph: 
 META_PREFIX = "fxslim_prefix"  # gm.meta of a submodule's graph: where it sits in the model ("a.b")
 META_PASS = "fxslim_pass"  # node.meta: the pass that emitted the node
 META_REPORT = "fxslim_report"  # gm.meta of a prepared model: the OptimizeReport of its rewrite
+META_PROM_QUANT = "fxslim_prom_quant"  # node.meta of a PROM integer op: the ActFakeQuant whose grid it writes
+META_PROM_CONVERT = "fxslim_prom_convert"  # gm.meta of a PROM integer model: its ConvertReport
 
 
 def meta_val(node: Any) -> Any:

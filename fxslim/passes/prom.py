@@ -27,7 +27,10 @@ from fxslim.config import check_choice, check_range
 from fxslim.ir import ConvView, LinearView, META_PASS, meta_val, node_fqn, set_submodule, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
 from fxslim.passes.prom_graph import float_tensor, is_activation, is_quant, is_residual_add, is_shape_op, module_of
-from fxslim.runtime.prom_qat import TERNARY_METHODS, WEIGHT_QUANTS, ActFakeQuant, QConv2d, QLinear, int8_weight_codes, int8_weight_fake_quant, ternary_codes, ternary_fake_quant
+from fxslim.runtime.prom_qat import (
+    TERNARY_METHODS, WEIGHT_QUANTS, ActFakeQuant, QConv2d, QLinear, int8_weight_codes, int8_weight_fake_quant,
+    ternary_codes, ternary_fake_quant,
+)
 
 __all__ = ["PROM", "PerTensorQConv2d", "PerTensorQLinear", "calibrate"]
 

@@ -10,11 +10,11 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxslim.ir import META_PROM_QUANT
 from fxslim.runtime.prom_qat import ActFakeQuant
 
-__all__ = ["Agreement", "code_agreement", "QUANT_META"]
+__all__ = ["Agreement", "code_agreement"]
 
-QUANT_META = "fxslim_prom_quant"  # node meta on converted ops: the ActFakeQuant whose grid they write
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,7 @@ def code_agreement(qat_model: nn.Module, int_model: nn.Module, *inputs: Any,
 
         def run_node(self, node: fx.Node) -> Any:
             out = super().run_node(node)
-            name = node.meta.get(QUANT_META)
+            name = node.meta.get(META_PROM_QUANT)
             if name is not None:
                 name = self.prefix + name
                 ours[name] = out
@@ -76,7 +76,7 @@ def code_agreement(qat_model: nn.Module, int_model: nn.Module, *inputs: Any,
             return out
 
     parts = {path: m for path, m in int_model.named_modules()
-             if isinstance(m, fx.GraphModule) and any(QUANT_META in n.meta for n in m.graph.nodes)}
+             if isinstance(m, fx.GraphModule) and any(META_PROM_QUANT in n.meta for n in m.graph.nodes)}
     if list(parts) == [""]:
         _Recorder(int_model, "").run(*inputs)
     else:  # a model converted in parts: each part records while the model runs

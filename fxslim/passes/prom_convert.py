@@ -17,7 +17,7 @@ With ``runtime="onednn"`` convs, linears and adds become ``fxslim::qconv2d`` / `
 ops (flatten, view, reshape, permute, transpose, slicing, dropout, identity) are replayed on the codes, and quantized graph
 outputs are dequantized. Every other op runs as a float island (``prom_islands``): its uint8
 inputs dequantized with their observers' grids, the float op, then quantized to the grid of the
-quantizer that closes its chain; ``int_model.meta[REPORT_META]`` names each island and why. Codes
+quantizer that closes its chain; ``int_model.meta[META_PROM_CONVERT]`` names each island and why. Codes
 cannot hold NaN: ``fxslim::nan_samples`` flags the samples
 whose input holds one, and their outputs are NaN (as the fake-quant model's are when
 every output sees the whole input, e.g. after a global pool). Weights (ternary ones packed, 2 bits
@@ -37,24 +37,25 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
-from fxslim.ir import META_PASS, meta_val
+from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, meta_val
 from fxslim.passes.inplace import remove_dead_code
-from fxslim.passes.prom_agreement import QUANT_META, Agreement, code_agreement
+from fxslim.passes.prom_agreement import Agreement, code_agreement
 from fxslim.passes.prom_build import Builder, codes_layout, replay_codes
 from fxslim.passes.prom_fuse import fuse_conv_add
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op, module_of
-from fxslim.passes.prom_islands import REPORT_META, ConvertReport, group_islands, merge_reports
+from fxslim.passes.prom_islands import ConvertReport, group_islands, merge_reports
+from fxslim.passes.prom_lower import (
+    convert_add, convert_conv, convert_global_avg_pool, convert_input, convert_linear, convert_output,
+)
+from fxslim.passes.prom_lower_onednn import convert_add_onednn, convert_conv_onednn, convert_linear_onednn
 from fxslim.passes.prom_pointwise import (
     NoIntegerForm, PointwiseChain, batch_norm_of, is_codes_source, pointwise_chain, unit_depthwise_conv,
 )
 from fxslim.propagate import propagate
-from fxslim.passes.prom_lower import convert_add, convert_conv, convert_global_avg_pool, convert_input, convert_linear, convert_output
-from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
-from fxslim.passes.prom_lower_onednn import convert_add_onednn, convert_conv_onednn, convert_linear_onednn
+from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
 
-__all__ = ["convert", "convert_report", "prepared_parts", "code_agreement", "Agreement", "QUANT_META", "REPORT_META",
-           "RUNTIMES"]
+__all__ = ["convert", "convert_report", "prepared_parts", "code_agreement", "Agreement", "RUNTIMES"]
 
 _log = logging.getLogger(__name__)
 RUNTIMES = ("reference", "onednn")
@@ -302,8 +303,8 @@ def prepared_parts(model: nn.Module) -> dict[str, fx.GraphModule]:
 def convert_report(int_model: nn.Module) -> ConvertReport:
     """What ``convert`` made: the report of a whole-graph model, or its parts' reports merged
     (names prefixed with each part's path, ``parts`` listing them)."""
-    reports = {path: m.meta[REPORT_META] for path, m in int_model.named_modules()
-               if isinstance(m, fx.GraphModule) and REPORT_META in m.meta}
+    reports = {path: m.meta[META_PROM_CONVERT] for path, m in int_model.named_modules()
+               if isinstance(m, fx.GraphModule) and META_PROM_CONVERT in m.meta}
     if list(reports) == [""]:
         return reports[""]
     if not reports:
@@ -320,13 +321,13 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
     for node in gm.graph.nodes:
         if node in chains:
             new = _convert_chain(b, chains[node])
-            new.meta[QUANT_META] = str(node.target)
+            new.meta[META_PROM_QUANT] = str(node.target)
             b.env[node] = (new, gm.get_submodule(str(node.target)))
         elif node in island_quants:
             # float island → quant  ≡  quantize_per_tensor(float value): the fake quantizer's arithmetic
             grid = gm.get_submodule(str(node.target))
             new = b.emit(convert_input(grid), [b.float_value(node.args[0], node)], "", f"{node.name}_quantized")
-            new.meta[QUANT_META] = str(node.target)
+            new.meta[META_PROM_QUANT] = str(node.target)
             b.env[node] = (new, grid)
         elif node in inside:
             continue
@@ -346,9 +347,9 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
     out.graph.lint()
     out.recompile()
     _propagate_shapes(out, gm)
-    out.meta[REPORT_META] = _report(b, out, chains, island_quants)
-    _log.info("PROM convert: %d integer ops, %d float islands, %d buffers", out.meta[REPORT_META].integer_ops,
-              len(out.meta[REPORT_META].islands), len(b.buffers))
+    out.meta[META_PROM_CONVERT] = _report(b, out, chains, island_quants)
+    _log.info("PROM convert: %d integer ops, %d float islands, %d buffers", out.meta[META_PROM_CONVERT].integer_ops,
+              len(out.meta[META_PROM_CONVERT].islands), len(b.buffers))
     return out
 
 

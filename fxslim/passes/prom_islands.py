@@ -5,7 +5,7 @@ An op of a prepared PROM graph with no integer form runs in float in the convert
 fake-quant model runs; a QConv2d/QLinear as a float conv/linear with its fake-quantized weights
 frozen) → ``fxslim::quantize_per_tensor`` to the grid of the quantizer that closes the chain. The
 island computes what the fake-quant model computes, so its output codes equal the fake-quant
-codes up to float reordering. ``ConvertReport`` (``int_model.meta[REPORT_META]``) names every
+codes up to float reordering. ``ConvertReport`` (``int_model.meta[META_PROM_CONVERT]``) names every
 island: its float ops, the quantizers it reads and writes, and why it had no integer form.
 """
 
@@ -20,9 +20,8 @@ from torch import nn
 
 from fxslim.runtime.prom_qat import QConv2d, QLinear
 
-__all__ = ["Island", "ConvertReport", "REPORT_META", "float_module", "group_islands", "merge_reports", "format_report"]
+__all__ = ["Island", "ConvertReport", "float_module", "group_islands", "merge_reports", "format_report"]
 
-REPORT_META = "fxslim_prom_convert"  # int_model.meta key of the ConvertReport
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ from torch import nn
 
 import fxslim
 from fxslim.capture import trace
+from fxslim.ir import META_PROM_CONVERT
 from fxslim.passes.prom import calibrate
-from fxslim.passes.prom_convert import REPORT_META, code_agreement, convert, convert_report, prepared_parts
+from fxslim.passes.prom_convert import code_agreement, convert, convert_report, prepared_parts
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d
 
@@ -68,7 +69,7 @@ def island():
 def test_island_model_converts_with_islands_named_in_the_report(island, runtime):
     qat, x = island
     int_model = convert(qat, runtime=runtime)
-    report = int_model.meta[REPORT_META]
+    report = int_model.meta[META_PROM_CONVERT]
     kinds = sorted(report.integer.values())
     assert kinds.count("conv") == 4 and {"input", "max_pool", "cat", "add", "linear"} <= set(kinds)
     # the LayerNorm (its input permute runs on codes) and what follows it up to the next quantizer
@@ -102,7 +103,7 @@ def test_island_outputs_equal_fake_quant_codes_exactly(island):
     """An island computes what the fake-quant model computes: its quantizer's codes are equal."""
     qat, x = island
     int_model = convert(qat)
-    (only,) = int_model.meta[REPORT_META].islands
+    (only,) = int_model.meta[META_PROM_CONVERT].islands
     local = code_agreement(qat, int_model, x, mode="local")
     for name in only.outputs:
         elements, _, equal = local.layers[name]
@@ -138,7 +139,7 @@ def test_conv_then_silu_is_an_integer_conv_and_a_table():
     x = torch.randn(4, 3, 6, 6)
     qat = calibrate(fxslim.prepare(net.eval(), x), [x])
     int_model = convert(qat)
-    report = int_model.meta[REPORT_META]
+    report = int_model.meta[META_PROM_CONVERT]
     assert report.islands == () and report.integer["prom_quant._1"] == "lut"
     assert code_agreement(qat, int_model, torch.randn(3, 3, 9, 9)).exact == 1.0
 
@@ -159,7 +160,7 @@ def test_conv_inside_an_island_runs_in_float_with_frozen_fake_quant_weights():
     qat = calibrate(trace(_HandQAT(), leaf_modules=(QConv2d, ActFakeQuant)), [x])
     next(iter(qat.graph.nodes)).meta["val"] = x  # the input shape convert propagates from (prepare sets it)
     int_model = convert(qat)
-    (only,) = int_model.meta[REPORT_META].islands
+    (only,) = int_model.meta[META_PROM_CONVERT].islands
     assert only.ops == ("conv", "tanh") and only.inputs == ("q_in",) and only.outputs == ("q_out",)
     assert only.reasons == ("tanh (tanh): after a conv/linear with no quantizer between (only ReLU/ReLU6 fold into it)",)
     conv = int_model.get_submodule("conv")
@@ -186,7 +187,7 @@ def test_layout_ops_run_on_the_integer_tensor(runtime):
     x = torch.randn(4, 3, 7, 7)
     qat = calibrate(fxslim.prepare(_Layout().eval(), x), [x])
     int_model = convert(qat, runtime=runtime)
-    assert int_model.meta[REPORT_META].islands == ()
+    assert int_model.meta[META_PROM_CONVERT].islands == ()
     assert not any(n.target is ops.dequantize.default for n in int_model.graph.nodes if n.op == "call_function"
                    and n.users and all(u.op != "output" for u in n.users))
     for batch, size in ((4, 7), (2, 9)):
@@ -213,7 +214,7 @@ def test_max_pool_runs_on_codes_only_after_non_decreasing_ops(decreasing, kind, 
     x = torch.randn(4, 3, 8, 8)
     qat = calibrate(fxslim.prepare(_PointwiseAfterCodes(decreasing).eval(), x), [x])
     int_model = convert(qat)
-    report = int_model.meta[REPORT_META]
+    report = int_model.meta[META_PROM_CONVERT]
     assert len(report.islands) == islands
     if kind:
         assert kind in report.integer.values()
@@ -245,7 +246,7 @@ def test_functional_batch_norm_and_per_channel_scale_become_one_table_per_channe
     model.bn.running_var.uniform_(0.5, 2.0)
     qat = calibrate(fxslim.prepare(model, x), [x])
     int_model = convert(qat, runtime=runtime)
-    report = int_model.meta[REPORT_META]
+    report = int_model.meta[META_PROM_CONVERT]
     assert report.islands == () and "channel_lut" in report.integer.values()
     (table,) = [t for name, t in int_model.named_buffers() if "table" in name]
     assert table.shape == (6, 256)
@@ -278,7 +279,7 @@ def test_batch_norm_with_clamp_on_codes_is_a_unit_depthwise_conv(runtime):
         model.bn.weight.copy_(torch.tensor([1.0, -0.5, 2.0, 0.3, -1.5, 0.8]))  # negative gains flip codes
     qat = calibrate(fxslim.prepare(model, x), [x])
     int_model = convert(qat, runtime=runtime)
-    report = int_model.meta[REPORT_META]
+    report = int_model.meta[META_PROM_CONVERT]
     assert report.islands == () and report.integer["prom_quant.relu6"] == "bn"
     depthwise = [n for n in int_model.graph.nodes if n.op == "call_function" and n.args
                  and n.target in (ops.int8_conv2d.default, ops.qconv2d.default) and 6 in n.args]
@@ -302,7 +303,7 @@ def test_cat_then_max_pool_runs_on_codes():
     x = torch.randn(4, 3, 9, 9)
     qat = calibrate(fxslim.prepare(_CatPool().eval(), x), [x])
     int_model = convert(qat)
-    report = int_model.meta[REPORT_META]
+    report = int_model.meta[META_PROM_CONVERT]
     assert report.islands == () and "cat" in report.integer.values()
     targets = [n.target for n in int_model.graph.nodes if n.op == "call_function"]
     assert ops.max_pool2d_codes.default in targets and torch.cat in targets
@@ -327,7 +328,7 @@ def test_batch_norm_after_cat_of_pooled_codes_is_per_channel_tables():
     x = torch.randn(6, 3, 8, 8)
     qat = _prepared(_Dense(), x)
     int_model = convert(qat)
-    report = int_model.meta[REPORT_META]
+    report = int_model.meta[META_PROM_CONVERT]
     assert report.islands == () and report.integer["prom_quant.relu"] == "cat"
     tables = sorted(tuple(t.shape) for name, t in int_model.named_buffers() if "table" in name)
     assert tables == [(3, 256), (4, 256)]  # the BN's 7 channels split between the two cat inputs
@@ -353,7 +354,7 @@ def test_per_channel_scale_after_layout_ops_is_tables_on_the_permuted_codes():
     x = torch.randn(4, 4, 6, 6)
     qat = calibrate(fxslim.prepare(_LayerScale().eval(), x), [x])
     int_model = convert(qat)
-    report = int_model.meta[REPORT_META]
+    report = int_model.meta[META_PROM_CONVERT]
     assert report.islands == () and "channel_lut" in report.integer.values()
     for batch, size in ((4, 6), (2, 9)):
         assert code_agreement(qat, int_model, torch.randn(batch, 4, size, size)).worst()[1] == 1.0
