@@ -13,7 +13,6 @@ import torch
 import fxslim
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import pad_to_32, pretrained_mnist_resnet18_small
-from fxslim.runtime.haste import record_buckets
 
 
 def main() -> None:
@@ -28,7 +27,7 @@ def main() -> None:
         warnings.simplefilter("ignore")
         res = fxslim.optimize(model, x[:1], passes=[fxslim.HASTE(L=args.L)])
     print(f"rewritten {res.report.rewritten('haste')} convs, skipped {dict(res.report.skipped('haste'))}")
-    with torch.no_grad(), record_buckets() as measured:
+    with torch.no_grad(), fxslim.record_buckets() as measured:
         dense_top1 = (model(x).argmax(1) == y).float().mean().item()
         haste_top1 = (res.module(x).argmax(1) == y).float().mean().item()
     print(f"top-1 on {args.digits} digits: dense {100 * dense_top1:.1f} %, HASTE L={args.L} {100 * haste_top1:.1f} %")
