@@ -9,7 +9,6 @@ FLOPs only) and one eager forward pass on the CPU. Records the medians over the 
 
 from __future__ import annotations
 
-import argparse
 import copy
 
 import torch
@@ -17,8 +16,8 @@ import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim
-from benchmarks.command import command_line
-from benchmarks.records import Results, Section, Table, write
+from benchmarks import records
+from benchmarks.records import Results, Section, Table
 from fxslim.app.timing import interleaved_medians
 
 __all__ = ["run", "main"]
@@ -63,12 +62,10 @@ def run(repeats: int = 7, command: str = "python -m benchmarks.estimate_speed") 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = records.parser(__doc__)
     parser.add_argument("--repeats", type=int, default=7)
-    args = parser.parse_args(argv)
-    page = write(run(args.repeats, command_line("benchmarks.estimate_speed", argv)))
-    print(page.read_text(encoding="utf-8"))
-    return 0
+    return records.run_and_write("benchmarks.estimate_speed", parser, lambda args, command: run(args.repeats, command),
+                                 argv)
 
 
 if __name__ == "__main__":

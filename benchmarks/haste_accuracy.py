@@ -15,8 +15,10 @@ seed=seed)])`` (every conv but the stem, sparsity 2/3, 4×4 tiles, centring on; 
   model timed on every ``--time-every``-th batch right next to the HASTE one).
 
 Checkpoints come from ``python -m benchmarks.train_resnet_mnist`` (``benchmarks/.cache``); width 0.25
-ResNet18 falls back to the committed checkpoint. Writes ``benchmarks/results/haste_accuracy.{md,png,json}``
-(the JSON keeps every run; ``--resume`` skips the runs it already has, ``--render`` only redraws).
+ResNet18 falls back to the committed checkpoint. Every run is kept in
+``benchmarks/results/haste_accuracy_runs.json`` (``--resume`` skips the runs it already has,
+``--render`` only summarises them again); their summary per L is recorded in ``haste_accuracy.json``,
+rendered to .md, with the plot as .png.
 
     python -m benchmarks.haste_accuracy                                # the full experiment
     python -m benchmarks.haste_accuracy --models resnet18 --width 0.25 --L 10 14 --seeds 0 --limit 200
@@ -30,23 +32,31 @@ import itertools
 import json
 import platform
 import statistics
-import time
 import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
 import fxslim
-from benchmarks.command import command_line
+from benchmarks import records
+from benchmarks.records import Results, Section, Table
 from benchmarks.resnet_checkpoints import DEFAULT_WEIGHT_DECAY, checkpoint_name, weight_decay_flag
+from fxslim.app.timing import interleaved_samples
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import SMALL_MNIST_CHECKPOINT, pad_to_32, resnet18, resnet34
 from fxslim.runtime.haste import record_buckets
 from fxslim.runtime.haste_counts import HasteCounts, HasteLayer
 
+__all__ = ["setting", "setting_label", "settings", "model_key", "load_model", "run_one", "summarize",
+           "best_within_budget", "landing_line", "to_results", "plot", "run", "main"]
+
 _HERE = Path(__file__).resolve().parent
+_RUNS = "haste_accuracy_runs.json"  # every run, in the results directory
 _BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
 _PAPER = {"reduction": 46.72, "drop": 1.25, "target": 40.0}  # ResNet34 / CIFAR-10 (docs/methods/HASTE.md)
 _DEFAULT = {"pointwise": True, "sparsity": 2 / 3, "tile": 4}  # the pass's defaults
@@ -106,12 +116,6 @@ def load_model(name: str, width: float, cache: Path,
     )
 
 
-def _ms(fn: Any) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, 1e3 * (time.perf_counter() - start)
-
-
 def run_one(dense: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, dense_pred: torch.Tensor,
             dense_macs: int, L: int, seed: int, config: tuple[bool, float, int], batch: int,
             time_every: int, calibration: list[torch.Tensor] | None = None) -> dict[str, Any]:
@@ -131,16 +135,15 @@ def run_one(dense: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, 
     with torch.no_grad(), record_buckets() as rec:
         for i, start in enumerate(range(0, len(images), batch)):
             x = images[start : start + batch]
-            timed = i % time_every == 0
-            dense_first = timed and i // time_every % 2 == 0  # alternate the order on timed batches
-            if dense_first:
-                _, d_ms = _ms(lambda: dense(x))
-            logits, h_ms = _ms(lambda: haste(x))
-            if timed and not dense_first:
-                _, d_ms = _ms(lambda: dense(x))
-            if timed:
-                ratios.append(h_ms / d_ms)
-            preds.append(logits.argmax(1))
+            outputs = []
+            if i % time_every == 0:  # time both on this batch, in alternating order
+                fns = {"dense": lambda: dense(x), "haste": lambda: outputs.append(haste(x))}
+                order = ("dense", "haste") if i // time_every % 2 == 0 else ("haste", "dense")
+                times = interleaved_samples({name: fns[name] for name in order}, 1, warm_up=False)
+                ratios.append(times["haste"][0] / times["dense"][0])
+            else:
+                outputs.append(haste(x))
+            preds.append(outputs[0].argmax(1))
     pred = torch.cat(preds)
     n = len(images)
     total, per_image = HasteCounts(), torch.zeros(n, dtype=torch.float64)
@@ -204,44 +207,34 @@ def landing_line(name: str, rows: list[dict[str, Any]], dense_top1: float) -> st
             f"({paper}); target ≥ {_PAPER['target']:.0f} %: {met}.")
 
 
-def to_markdown(data: dict[str, Any]) -> str:
+_COLUMNS = ["L", "top-1 %", "±", "Δ top-1 pp", "agreement %", "±", "FLOPs reduction % (with overhead)",
+            "±", "[± images]", "without overhead %", "overhead % of dense", "B/C", "HASTE / dense time"]
+_FORMATS = ["d", ".2f", ".2f", "+.2f", ".2f", ".2f", ".2f", ".2f", ".2f", ".2f", ".2f", ".3f", ".2f}×"]
+
+
+def to_results(data: dict[str, Any], command: str) -> Results:
+    """The summary per model, setting and L of the recorded runs (``data``, as in the runs file)."""
     commands = " and ".join(f"`{c}`" for c in data["commands"])
-    lines = ["# HASTE accuracy vs FLOPs on MNIST-5k (CIFAR-style ResNets)", "", f"Generated by {commands}.", "",
-             f"{data['setup']}", ""]
+    sections = [Section(text=[f"Runs recorded by {commands}.", "", data["setup"]])]
     for name, model in sorted(data["models"].items()):  # each model beside its other recipe
         dense = model["dense_top1"]
-        lines += [
-            f"## {name} (width {model['width']}, checkpoint `{model['checkpoint']}`)", "",
+        sections.append(Section(f"{name} (width {model['width']}, checkpoint `{model['checkpoint']}`)", [
             f"Dense: top-1 {dense:.2f} %, {model['dense_macs']:,} MACs per image (convs and classifier). "
-            "± is the std over seeds, [·] the std over images.", "",
-        ]
+            "± is the std over seeds, [± images] the std over images."]))
         for key in settings(model["runs"]):
             rows = summarize(model["runs"], key)
             scope = setting_label(key)
-            lines += [
-                f"### {scope} ({rows[0]['seeds']} seeds per L)", "",
-                "| L | top-1 % | Δ top-1 pp | agreement % | FLOPs reduction % (with overhead) | without overhead % "
-                "| overhead % of dense | B/C | HASTE / dense time |",
-                "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-            ]
-            for r in rows:
-                lines.append(
-                    f"| {r['L']} | {r['top1']:.2f} ± {r['top1_std']:.2f} | {r['top1'] - dense:+.2f} "
-                    f"| {r['agreement']:.2f} ± {r['agreement_std']:.2f} "
-                    f"| {r['reduction']:.2f} ± {r['reduction_std']:.2f} [{r['reduction_image_std']:.2f}] "
-                    f"| {r['reduction_no_overhead']:.2f} | {r['overhead_share']:.2f} | {r['buckets_ratio']:.3f} "
-                    f"| {r['time_ratio']:.2f}× |"
-                )
-            lines += ["", landing_line(f"{name}, {scope}", rows, dense), ""]
-    lines += ["![top-1 change vs FLOPs reduction](haste_accuracy.png)", ""]
-    return "\n".join(lines)
+            table = [[r["L"], r["top1"], r["top1_std"], r["top1"] - dense, r["agreement"], r["agreement_std"],
+                      r["reduction"], r["reduction_std"], r["reduction_image_std"], r["reduction_no_overhead"],
+                      r["overhead_share"], r["buckets_ratio"], r["time_ratio"]] for r in rows]
+            sections.append(Section(f"{name}: {scope} ({rows[0]['seeds']} seeds per L)",
+                                    table=Table(_COLUMNS, table, _FORMATS),
+                                    after=[landing_line(f"{name}, {scope}", rows, dense)]))
+    sections.append(Section(text=["![top-1 change vs FLOPs reduction](haste_accuracy.png)"]))
+    return Results("haste_accuracy", "HASTE accuracy vs FLOPs on MNIST-5k (CIFAR-style ResNets)", command, sections)
 
 
-def plot(data: dict[str, Any], path: Path) -> None:
-    import matplotlib
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+def plot(data: dict[str, Any]) -> Figure:
     fig = Figure(figsize=(10, 5), dpi=120)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
@@ -268,34 +261,16 @@ def plot(data: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(_BUILDERS), default=["resnet18", "resnet34"])
-    parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--L", type=int, nargs="+", default=[8, 10, 12, 14, 16, 18, 20])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--pointwise", choices=("include", "exclude", "both"), default="include",
-                        help="replace the 1×1 convs too (default), keep them dense, or run both")
-    parser.add_argument("--sparsity", type=float, default=2 / 3, help="share of zero plane entries (default 2/3)")
-    parser.add_argument("--tile", type=int, default=4, help="output tile side (default 4)")
-    parser.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
-                        help="use the checkpoint trained with this SGD weight decay (train_resnet_mnist's flag)")
-    parser.add_argument("--limit", type=int, default=1000, help="test digits used (all 1,000 by default)")
-    parser.add_argument("--batch", type=int, default=50)
-    parser.add_argument("--time-every", type=int, default=4, help="time the dense model on every n-th batch")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--cache", type=Path, default=_HERE / ".cache")
-    parser.add_argument("--out", type=Path, default=_HERE / "results" / "haste_accuracy.md")
-    parser.add_argument("--resume", action="store_true", help="keep the runs already in the JSON, add the rest")
-    parser.add_argument("--render", action="store_true", help="only redraw the Markdown and PNG from the JSON")
-    args = parser.parse_args(argv)
-    command = command_line("benchmarks.haste_accuracy", argv)
-    json_path, png_path = args.out.with_suffix(".json"), args.out.with_suffix(".png")
-    if args.render or (args.resume and json_path.exists()):
-        data = json.loads(json_path.read_text())
+def run(args: argparse.Namespace,
+        command: str = "python -m benchmarks.haste_accuracy") -> tuple[Results, dict[str, Any]]:
+    """The runs not yet recorded (all of them without ``--resume``, none with ``--render``), then the summary
+    of every recorded run."""
+    runs_path = args.out / _RUNS
+    if args.render or (args.resume and runs_path.exists()):
+        data = json.loads(runs_path.read_text())
     else:
         data = {"models": {}}
     if not args.render:
@@ -328,18 +303,41 @@ def main(argv: list[str] | None = None) -> None:
                 key = setting(dict(zip(_DEFAULT, config)))
                 if (L, seed, key) in done:
                     continue
-                run = run_one(dense, images, labels, dense_pred, model["dense_macs"], L, seed, config,
+                one = run_one(dense, images, labels, dense_pred, model["dense_macs"], L, seed, config,
                               args.batch, args.time_every)
-                model["runs"].append(run)
-                json_path.parent.mkdir(parents=True, exist_ok=True)
-                json_path.write_text(json.dumps(data, indent=1))
-                print(f"{label} L={L} seed={seed} ({setting_label(key)}): top-1 {run['top1']:.2f} %, "
-                      f"reduction {run['reduction']:.2f} %, time ×{run['time_ratio']:.2f}", flush=True)
-    text = to_markdown(data)
-    args.out.write_text(text)
-    plot(data, png_path)
-    print(text)
+                model["runs"].append(one)
+                runs_path.parent.mkdir(parents=True, exist_ok=True)
+                runs_path.write_text(json.dumps(data, indent=1))
+                print(f"{label} L={L} seed={seed} ({setting_label(key)}): top-1 {one['top1']:.2f} %, "
+                      f"reduction {one['reduction']:.2f} %, time ×{one['time_ratio']:.2f}", flush=True)
+    return to_results(data, command), {"": plot(data)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = records.parser(__doc__)
+    parser.add_argument("--models", nargs="+", choices=sorted(_BUILDERS), default=["resnet18", "resnet34"])
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--L", type=int, nargs="+", default=[8, 10, 12, 14, 16, 18, 20])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--pointwise", choices=("include", "exclude", "both"), default="include",
+                        help="replace the 1×1 convs too (default), keep them dense, or run both")
+    parser.add_argument("--sparsity", type=float, default=2 / 3, help="share of zero plane entries (default 2/3)")
+    parser.add_argument("--tile", type=int, default=4, help="output tile side (default 4)")
+    parser.add_argument("--weight-decay", type=float, default=DEFAULT_WEIGHT_DECAY,
+                        help="use the checkpoint trained with this SGD weight decay (train_resnet_mnist's flag)")
+    parser.add_argument("--limit", type=int, default=1000, help="test digits used (all 1,000 by default)")
+    parser.add_argument("--batch", type=int, default=50)
+    parser.add_argument("--time-every", type=int, default=4, help="time the dense model on every n-th batch")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--cache", type=Path, default=_HERE / ".cache")
+    parser.add_argument("--resume", action="store_true", help="keep the runs already recorded, add the rest")
+    parser.add_argument("--render", action="store_true", help="only summarise the recorded runs again")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return records.run_and_write("benchmarks.haste_accuracy", _parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -9,7 +9,7 @@ alternately in one run and the table shows medians over repeats and their ratio.
     python -m benchmarks.haste_op_speed [--batches 1 32] [--L 14] [--tile 4] [--repeats 7]
     python -m benchmarks.haste_op_speed --threads 1 --clock cpu   # on a busy machine
 
-Writes the table to ``benchmarks/results/haste_op_speed.md``. ``B/C`` is the mean bucket count per
+Records in ``benchmarks/results/haste_op_speed.json``, rendered to .md. ``B/C`` is the mean bucket count per
 tile over the channel count; ``conv MACs`` the reduced conv's multiply-accumulates over the dense
 conv's (no hashing or merging overhead included).
 """
@@ -18,16 +18,20 @@ from __future__ import annotations
 
 import argparse
 import platform
-import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from benchmarks import records
+from benchmarks.records import Results, Section, Table
+from fxslim.app.timing import interleaved_medians
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import pad_to_32, resnet18
 from fxslim.runtime.haste import haste_conv2d, make_planes, patch_shape, record_buckets
+
+__all__ = ["run", "main"]
 
 _HERE = Path(__file__).resolve().parent
 _LAYERS = (  # one conv per distinct shape; stage maps 32/16/8/4
@@ -68,41 +72,14 @@ def _conv_inputs(model: torch.nn.Module, images: torch.Tensor) -> dict[str, torc
 _CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
-def _time_ms(fn, clock) -> float:
-    start = clock()
-    fn()
-    return 1e3 * (clock() - start)
-
-
-def _side_by_side(dense, haste, repeats: int, clock) -> tuple[float, float]:
-    """Median ms of both, measured alternately so that machine load hits both alike."""
-    dense(), haste()  # warm-up
-    times = [(_time_ms(dense, clock), _time_ms(haste, clock)) for _ in range(repeats)]
-    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--L", type=int, default=14)
-    parser.add_argument("--sparsity", type=float, default=2 / 3)
-    parser.add_argument("--tile", type=int, default=4)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument(
-        "--clock", choices=sorted(_CLOCKS), default="wall",
-        help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, robust to other load)",
-    )
-    parser.add_argument("--checkpoint", type=Path, default=_HERE / ".cache" / "resnet18_w100_mnist.pt")
-    parser.add_argument("--out", type=Path, default=_HERE / "results" / "haste_op_speed.md")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace, command: str = "python -m benchmarks.haste_op_speed") -> Results:
+    """Dense and HASTE side by side on each conv shape, per batch size."""
     if args.threads:
         torch.set_num_threads(args.threads)
     model, weights = _model(args.checkpoint)
     modules = dict(model.named_modules())
     images = pad_to_32(mnist_5k().x_test[: max(args.batches)])
     inputs = _conv_inputs(model, images)
-
     rows = []
     for batch in args.batches:
         for index, name in enumerate(_LAYERS):
@@ -115,33 +92,40 @@ def main(argv: list[str] | None = None) -> None:
             with record_buckets() as record:
                 call(name)
             stats = record[name]
-            dense = lambda: F.conv2d(x, w, None, stride, padding)
-            dense_ms, haste_ms = _side_by_side(dense, call, args.repeats, _CLOCKS[args.clock])
-            rows.append(
-                f"| {batch} | {name} | {conv.in_channels}→{conv.out_channels} "
-                f"| {conv.kernel_size[0]}×{conv.kernel_size[1]} "
-                f"| {conv.stride[0]} | {x.shape[2]}×{x.shape[3]} | {stats.buckets / stats.tiles / stats.channels:.2f} "
-                f"| {stats.bucket_pixels / (stats.channels * stats.pixels):.2f} "
-                f"| {dense_ms:.2f} | {haste_ms:.2f} | {haste_ms / dense_ms:.1f}× |"
-            )
-    text = "\n".join(
-        [
-            "# HASTE op time vs dense conv2d (CPU)",
-            "",
-            f"Inputs: the real inputs of each conv of a ResNet18 ({weights}) on MNIST-5k test digits padded to 32×32.",
-            f"HASTE: L={args.L}, sparsity={args.sparsity:.3f}, tile={args.tile}, centering on; "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}; "
-            f"{args.clock} clock, median of {args.repeats} alternating repeats (compare within a row).",
-            "",
-            "| batch | layer | C→O | k | stride | input | B/C | conv MACs | dense ms | HASTE ms | HASTE/dense |",
-            "| ---: | --- | --- | --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
-            *rows,
-        ]
+            ms = interleaved_medians({"dense": lambda: F.conv2d(x, w, None, stride, padding), "haste": call},
+                                     args.repeats, clock=_CLOCKS[args.clock])
+            rows.append([batch, name, f"{conv.in_channels}→{conv.out_channels}",
+                         f"{conv.kernel_size[0]}×{conv.kernel_size[1]}", conv.stride[0], f"{x.shape[2]}×{x.shape[3]}",
+                         stats.buckets / stats.tiles / stats.channels,
+                         stats.bucket_pixels / (stats.channels * stats.pixels),
+                         1e3 * ms["dense"], 1e3 * ms["haste"], ms["haste"] / ms["dense"]])
+    text = [f"Inputs: the real inputs of each conv of a ResNet18 ({weights}) on MNIST-5k test digits padded to 32×32.",
+            f"HASTE: L={args.L}, sparsity={args.sparsity:.3f}, tile={args.tile}, centering on; {platform.machine()}; "
+            f"{args.clock} clock, median of {args.repeats} interleaved repeats (compare within a row)."]
+    table = Table(["batch", "layer", "C→O", "k", "stride", "input", "B/C", "conv MACs", "dense ms", "HASTE ms",
+                   "HASTE/dense"], rows, ["d", "", "", "", "d", "", ".2f", ".2f", ".2f", ".2f", ".1f}×"])
+    return Results("haste_op_speed", "HASTE op time vs dense conv2d (CPU)", command, [Section(text=text, table=table)])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = records.parser(__doc__)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--L", type=int, default=14)
+    parser.add_argument("--sparsity", type=float, default=2 / 3)
+    parser.add_argument("--tile", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--clock", choices=sorted(_CLOCKS), default="wall",
+        help="wall: elapsed time; cpu: this process's CPU time (with --threads 1, robust to other load)",
     )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text + "\n")
-    print(text)
+    parser.add_argument("--checkpoint", type=Path, default=_HERE / ".cache" / "resnet18_w100_mnist.pt")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return records.run_and_write("benchmarks.haste_op_speed", _parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -16,7 +16,7 @@ output map.
     python -m benchmarks.haste_speed                       # resnet18, L=12, batches 1 and 32
     python -m benchmarks.haste_speed --models resnet18 resnet34 --threads 1
 
-Writes ``benchmarks/results/haste_speed.md``.
+Records in ``benchmarks/results/haste_speed.json``, rendered to .md.
 """
 
 from __future__ import annotations
@@ -37,11 +37,15 @@ import torch
 import fxslim
 import fxslim.runtime.haste as haste_runtime
 import fxslim.runtime.haste_kernel as haste_kernel
-from benchmarks.command import command_line
+from benchmarks import records
+from benchmarks.records import Results, Section, Table
 from benchmarks.resnet_checkpoints import ZOO_WEIGHT_DECAY, checkpoint_name
+from fxslim.app.timing import interleaved_samples, paired_ratio
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import pad_to_32, resnet18, resnet34
 from fxslim.runtime.haste import record_buckets
+
+__all__ = ["load_model", "haste_model", "side_by_side", "stage_timers", "profile", "merge_floor", "run", "main"]
 
 _HERE = Path(__file__).resolve().parent
 _BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
@@ -71,26 +75,13 @@ def haste_model(model: torch.nn.Module, example: torch.Tensor, L: int, seed: int
         return fxslim.optimize(model, example[:1], passes=[fxslim.HASTE(L=L, seed=seed)]).module
 
 
-def _ms(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return 1e3 * (time.perf_counter() - start)
-
-
 def side_by_side(dense: Callable, haste: Callable, rounds: int,
                  clock: Callable[[], float] = time.perf_counter) -> tuple[float, float, float]:
-    """Median ms of dense and HASTE over alternating rounds, and the median per-round ratio, on ``clock``."""
-    dense(), haste()  # warm-up
-    times = []
-    for i in range(rounds):
-        pair = {}
-        for name, fn in (("dense", dense), ("haste", haste)) if i % 2 == 0 else (("haste", haste), ("dense", dense)):
-            start = clock()
-            fn()
-            pair[name] = 1e3 * (clock() - start)
-        times.append((pair["dense"], pair["haste"]))
-    ratio = statistics.median(h / d for d, h in times)
-    return statistics.median(t[0] for t in times), statistics.median(t[1] for t in times), ratio
+    """Median ms of dense and HASTE over interleaved rounds, and the median per-round HASTE / dense ratio,
+    on ``clock``."""
+    times = interleaved_samples({"dense": dense, "haste": haste}, rounds, clock=clock)
+    return (1e3 * statistics.median(times["dense"]), 1e3 * statistics.median(times["haste"]),
+            paired_ratio(times["haste"], times["dense"]))
 
 
 @contextlib.contextmanager
@@ -141,10 +132,10 @@ def stage_timers() -> Iterator[dict[str, float]]:
 def profile(model: torch.nn.Module, x: torch.Tensor, rounds: int) -> tuple[dict[str, float], float]:
     """Mean ms per forward for each stage, and the mean ms of the whole forward."""
     with torch.no_grad():
-        model(x)
+        model(x)  # warm-up, outside the timers
         with stage_timers() as totals:
-            whole = sum(_ms(lambda: model(x)) for _ in range(rounds))
-    return {k: 1e3 * v / rounds for k, v in totals.items()}, whole / rounds
+            whole = sum(interleaved_samples({"forward": lambda: model(x)}, rounds, warm_up=False)["forward"])
+    return {k: 1e3 * v / rounds for k, v in totals.items()}, 1e3 * whole / rounds
 
 
 def merge_floor(dense: torch.nn.Module, haste: torch.nn.Module, x: torch.Tensor,
@@ -170,19 +161,8 @@ def merge_floor(dense: torch.nn.Module, haste: torch.nn.Module, x: torch.Tensor,
     return values, floor_ms, ratio
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=sorted(_BUILDERS), default=["resnet18"])
-    parser.add_argument("--width", type=float, default=1.0)
-    parser.add_argument("--weight-decay", type=float, default=ZOO_WEIGHT_DECAY,
-                        help="the checkpoint trained with this weight decay (train_resnet_mnist's flag)")
-    parser.add_argument("--L", type=int, default=12)
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
-    parser.add_argument("--cache", type=Path, default=_HERE / ".cache")
-    parser.add_argument("--out", type=Path, default=_HERE / "results" / "haste_speed.md")
-    args = parser.parse_args(argv)
+def run(args: argparse.Namespace, command: str = "python -m benchmarks.haste_speed") -> Results:
+    """Dense and HASTE side by side, the kernel's stage profile and the merge floor, per model and batch."""
     if args.threads:
         torch.set_num_threads(args.threads)
     images = pad_to_32(mnist_5k().x_test[: max(args.batches)])
@@ -197,56 +177,55 @@ def main(argv: list[str] | None = None) -> None:
                 x = images[:batch]
                 d_ms, h_ms, ratio = side_by_side(lambda: dense(x), lambda: haste(x), args.rounds)
                 _, _, cpu_ratio = side_by_side(lambda: dense(x), lambda: haste(x), args.rounds, time.process_time)
-                speed_rows.append(f"| {name} | {batch} | {d_ms:.1f} | {h_ms:.1f} | {ratio:.2f}× | {cpu_ratio:.2f}× |")
+                speed_rows.append([name, batch, d_ms, h_ms, ratio, cpu_ratio])
         for batch in args.batches:
             stages, whole = profile(haste, images[:batch], max(1, args.rounds // 2))
             kernel = stages["kernel"]
             cells = [f"{stages.get(s, 0.0):.1f} ({100 * stages.get(s, 0.0) / kernel:.0f} %)" for s in _ORDER]
-            profile_rows.append(f"| {name} | {batch} | {whole:.1f} | {kernel:.1f} | " + " | ".join(cells) + " |")
+            profile_rows.append([name, batch, whole, kernel, *cells])
             values, floor_ms, share = merge_floor(dense, haste, images[:batch], args.rounds)
-            floor_rows.append(f"| {name} | {batch} | {values / 1e6:.1f} M | {floor_ms:.1f} | {100 * share:.0f} % |")
-    text = "\n".join([
-        "# HASTE ResNet wall-clock vs dense (CPU)",
-        "",
-        f"Generated by `{command_line('benchmarks.haste_speed', argv)}`.",
-        "",
+            floor_rows.append([name, batch, values / 1e6, floor_ms, 100 * share])
+    intro = Section(text=[
         f"HASTE: L={args.L}, sparsity 2/3, tile 4, centring on, every conv but the stem. "
         f"Models at width {args.width}: {'; '.join(sources)}. Inputs: MNIST-5k test digits padded to 32×32. "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__}, {platform.machine()}; wall clock "
-        f"(time.perf_counter), {args.rounds} alternating rounds, medians; the machine is shared, so compare "
-        f"within a row (1-minute load average {load_before:.1f} before, {os.getloadavg()[0]:.1f} after). The "
-        "last column repeats the rounds on this process's CPU time (time.process_time): on a loaded machine a "
-        "longer call is more often descheduled, which inflates wall-clock ratios and not this one.",
-        "",
-        "| model | batch | dense ms | HASTE ms | HASTE / dense | HASTE / dense, CPU time |",
-        "| --- | ---: | ---: | ---: | ---: | ---: |",
-        *speed_rows,
-        "",
-        "## Where the HASTE time goes",
-        "",
+        f"{platform.machine()}; wall clock (time.perf_counter), {args.rounds} interleaved rounds, medians; the "
+        f"machine is shared, so compare within a row (1-minute load average {load_before:.1f} before). The last "
+        "column repeats the rounds on this process's CPU time (time.process_time): on a loaded machine a longer "
+        "call is more often descheduled, which inflates wall-clock ratios and not this one."],
+        table=Table(["model", "batch", "dense ms", "HASTE ms", "HASTE / dense", "HASTE / dense, CPU time"], speed_rows,
+                    ["", "d", ".1f", ".1f", ".2f}×", ".2f}×"]))
+    stages = Section("Where the HASTE time goes", [
         "Mean ms per forward of each stage of the op's CPU kernel, summed over all HASTE layers (share of "
         "the kernel time). `forward` is the whole HASTE model (kernels, custom-op dispatch, the dense stem, "
-        "batch norms, ReLUs, pooling, classifier); timers add a little to each call.",
-        "",
-        "| model | batch | forward ms | HASTE kernels ms | " + " | ".join(_ORDER) + " |",
-        "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in _ORDER) + " |",
-        *profile_rows,
-        "",
-        "## The floor: writing the merged filters",
-        "",
+        "batch norms, ReLUs, pooling, classifier); timers add a little to each call."],
+        Table(["model", "batch", "forward ms", "HASTE kernels ms", *_ORDER], profile_rows,
+              ["", "d", ".1f", ".1f", *("" for _ in _ORDER)], [False, True, True, True, *(True for _ in _ORDER)]))
+    floor = Section("The floor: writing the merged filters", [
         "Whatever the kernel, HASTE writes B·k²·O merged filter values per tile (Σ over the tiles and HASTE "
         "convs of this input, bucket counts as measured). Time to only write that many floats (cache-sized "
-        "chunks, as the kernel does), and its share of the dense model's forward time:",
-        "",
-        "| model | batch | merged filter values | write ms | share of dense time |",
-        "| --- | ---: | ---: | ---: | ---: |",
-        *floor_rows,
-        "",
-    ])
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
-    print(text)
+        "chunks, as the kernel does), and its share of the dense model's forward time:"],
+        Table(["model", "batch", "merged filter values", "write ms", "share of dense time"], floor_rows,
+              ["", "d", ".1f} M", ".1f", ".0f} %"]))
+    return Results("haste_speed", "HASTE ResNet wall-clock vs dense (CPU)", command, [intro, stages, floor])
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = records.parser(__doc__)
+    parser.add_argument("--models", nargs="+", choices=sorted(_BUILDERS), default=["resnet18"])
+    parser.add_argument("--width", type=float, default=1.0)
+    parser.add_argument("--weight-decay", type=float, default=ZOO_WEIGHT_DECAY,
+                        help="the checkpoint trained with this weight decay (train_resnet_mnist's flag)")
+    parser.add_argument("--L", type=int, default=12)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--cache", type=Path, default=_HERE / ".cache")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return records.run_and_write("benchmarks.haste_speed", _parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

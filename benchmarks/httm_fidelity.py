@@ -31,8 +31,8 @@ from rich.progress import track
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import fxslim
-from benchmarks.command import command_line
-from benchmarks.records import Results, Section, Table, write
+from benchmarks import records
+from benchmarks.records import Results, Section, Table
 from fxslim.models.multiview import camera_sequence
 from fxslim.models.vggt import CONFIGS, VGGT
 
@@ -120,7 +120,8 @@ def _plot(per_layer: dict[tuple[str, int], dict[str, list[float]]]) -> Figure:
     return fig
 
 
-def run(args: argparse.Namespace, command: str = "python -m benchmarks.httm_fidelity") -> tuple[Results, Figure]:
+def run(args: argparse.Namespace,
+        command: str = "python -m benchmarks.httm_fidelity") -> tuple[Results, dict[str, Figure]]:
     """Every variant against the dense model on every sequence: records and the per-layer plot."""
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
@@ -164,11 +165,12 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.httm_fide
         sections.append(Section(f"{photo}, {frames} frames (N = {frames * (p * p + 5)})",
                                 table=Table(columns, table, formats)))
     sections.append(Section(text=[f"Run time {time.perf_counter() - start:.0f} s, {args.threads} threads."]))
-    return Results("httm_fidelity", "HTTM fidelity on real photos, random weights", command, sections), _plot(per_layer)
+    results = Results("httm_fidelity", "HTTM fidelity on real photos, random weights", command, sections)
+    return results, {"": _plot(per_layer)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = records.parser(__doc__)
     parser.add_argument("--frames", type=int, nargs="+", default=[8, 32])
     parser.add_argument("--photos", nargs="+", default=["astronaut"])
     parser.add_argument("--size", type=int, default=224)
@@ -183,10 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sample", type=int, default=2048, help="query rows compared per layer")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    results, figure = run(args, command_line("benchmarks.httm_fidelity", argv))
-    print(write(results, {"": figure}).read_text(encoding="utf-8"))
-    return 0
+    return records.run_and_write("benchmarks.httm_fidelity", parser, run, argv)
 
 
 if __name__ == "__main__":

@@ -17,19 +17,18 @@ medians of per-round ratios), so ratios stay meaningful on a shared machine.
 6. Each stage's share of the op at 8-64 frames (``benchmarks.httm_stages``), beside the run
    recorded before issue 22's kernel work (``results/httm_stages_before.json``).
 
-Writes benchmarks/results/httm_speed.md and .png, with the CPU's dispatch level. Run:
+Records in benchmarks/results/httm_speed.json, rendered to .md, and the plots as .png. Run:
 ``python -m benchmarks.httm_speed [--frames 32] [--repeats 5] [--model-frames 32] [--threads 1]``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
 import time
-from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,15 +37,16 @@ from matplotlib.figure import Figure
 from torch.utils.flop_counter import FlopCounterMode
 
 import fxslim
-from benchmarks import httm_stages
-from benchmarks.command import command_line
+from benchmarks import httm_stages, records
+from benchmarks.records import Results, Section, Table
 from fxslim.app.timing import interleaved_samples, paired_ratio, round_ratios
 from fxslim.cost_model.formulas.httm import httm_counts
 from fxslim.models.multiview import camera_sequence
 from fxslim.models.vggt import vggt_small
 from fxslim.runtime.httm import httm_apply_plan, httm_layout, httm_match, httm_plan
 
-RESULTS = Path(__file__).resolve().parent / "results"
+__all__ = ["run", "main"]
+
 P, HEADS, DIM = 261, 16, 64
 _OP = torch.ops.fxslim.httm_attention
 
@@ -73,7 +73,7 @@ def _counted_flops(fn, frames: int) -> int:
     return counter.get_total_flops()
 
 
-def _layer(frames: int, repeats: int) -> tuple[list[str], dict[str, list[float]]]:
+def _layer(frames: int, repeats: int) -> tuple[Section, dict[str, list[float]]]:
     q, k, v = _qkv(frames)
     plan = httm_plan(q, k, frames, P)
     short = tuple(t[:, :, :m].contiguous() for t, m in ((q, plan.q_length_max), (k, plan.kv_length),
@@ -96,44 +96,26 @@ def _layer(frames: int, repeats: int) -> tuple[list[str], dict[str, list[float]]
     n = frames * P
     dense_flops, httm_flops = (_counted_flops(fn, frames) for fn in (F.scaled_dot_product_attention,
                                                                        lambda *qkv: _OP(*qkv, frames, P)))
-    lines = [
-        f"### 1. One global attention layer: {frames} frames x {P} tokens = N {n}, {HEADS} heads x {DIM}, fp32",
-        "",
-        f"Measured merged lengths (head-wise): queries {plan.q_lengths.min().item()}-{plan.q_length_max} per head "
-        f"({plan.q_length_max / n:.3f} N, the kernel runs at the longest head), keys/values {plan.kv_length} "
-        f"({plan.kv_length / n:.3f} N); outliers {int(plan.outliers.sum())} (= round(0.1 * H * N) = "
-        f"{round(0.1 * HEADS * n)}). Rows starting with - time one stage of the head-wise op on its own.",
-        "",
-        "| variant | median ms | speed-up vs dense | min-max over rounds | cost-model FLOP ratio |",
-        "| --- | ---: | ---: | ---: | ---: |",
-    ]
+    rows = []
     for name, t in samples.items():
         ratios = round_ratios(dense, t)
         mode = variants[name][0]
-        flop_ratio = "1.0x" if name == "dense SDPA" else f"{_flop_ratio(frames, mode):.1f}x" if mode else "-"
-        lines.append(f"| {name} | {statistics.median(t) * 1e3:.0f} | {statistics.median(ratios):.2f}x | "
-                     f"{min(ratios):.2f}-{max(ratios):.2f}x | {flop_ratio} |")
-    lines += [
-        "",
-        f"FlopCounterMode (the op's registered formula): dense {dense_flops / 1e9:.1f} GFLOP, HTTM head-wise "
-        f"{httm_flops / 1e9:.1f} GFLOP ({dense_flops / httm_flops:.1f}x fewer).",
-        "",
-    ]
-    return lines, samples
+        flop_ratio = 1.0 if name == "dense SDPA" else _flop_ratio(frames, mode) if mode else None
+        rows.append([name, statistics.median(t) * 1e3, statistics.median(ratios), min(ratios), max(ratios), flop_ratio])
+    return Section(
+        f"1. One global attention layer: {frames} frames x {P} tokens = N {n}, {HEADS} heads x {DIM}, fp32",
+        [f"Measured merged lengths (head-wise): queries {plan.q_lengths.min().item()}-{plan.q_length_max} per head "
+         f"({plan.q_length_max / n:.3f} N, the kernel runs at the longest head), keys/values {plan.kv_length} "
+         f"({plan.kv_length / n:.3f} N); outliers {int(plan.outliers.sum())} (= round(0.1 * H * N) = "
+         f"{round(0.1 * HEADS * n)}). Rows starting with - time one stage of the head-wise op on its own."],
+        Table(["variant", "median ms", "speed-up vs dense", "min over rounds", "max over rounds",
+               "cost-model FLOP ratio"], rows, ["", ".0f", ".2f}x", ".2f}x", ".2f}x", ".1f}x"]),
+        [f"FlopCounterMode (the op's registered formula): dense {dense_flops / 1e9:.1f} GFLOP, HTTM head-wise "
+         f"{httm_flops / 1e9:.1f} GFLOP ({dense_flops / httm_flops:.1f}x fewer)."]), samples
 
 
-def _matching(frame_counts: list[int], repeats: int) -> tuple[list[str], dict[int, float]]:
-    lines = [
-        "### 2. Matching cost: head-wise blocks vs global mode at the same ratios (Q 0.9, K/V 0.7 removed)",
-        "",
-        "matching = cosine similarity + best destination for Q and K (``httm_match``); merge cost = matching + "
-        "outlier filtering (``httm_plan``), the part the paper compares with FastVGGT's global matching.",
-        "",
-        "| frames | N | matching ms (blocks) | matching ms (global) | global / blocks, time | global / blocks, "
-        "MACs | merge cost global / blocks, time |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    ratios = {}
+def _matching(frame_counts: list[int], repeats: int) -> tuple[Section, dict[int, float]]:
+    rows, ratios = [], {}
     for frames in frame_counts:
         q, k, _ = _qkv(frames, seed=frames)
         layouts = {whole: (httm_layout(frames, P, 5, 0.9, 128, 30, whole_sequence=whole),
@@ -146,10 +128,16 @@ def _matching(frame_counts: list[int], repeats: int) -> tuple[list[str], dict[in
         blocked, whole = httm_counts(frames, P), httm_counts(frames, P, mode="global")
         macs = (whole["pairs_q"] + whole["pairs_kv"]) / (blocked["pairs_q"] + blocked["pairs_kv"])
         ratios[frames] = paired_ratio(s[("match", True)], s[("match", False)])
-        lines.append(f"| {frames} | {frames * P} | {statistics.median(s[('match', False)]) * 1e3:.0f} | "
-                     f"{statistics.median(s[('match', True)]) * 1e3:.0f} | {ratios[frames]:.2f}x | {macs:.2f}x | "
-                     f"{paired_ratio(s[('plan', True)], s[('plan', False)]):.2f}x |")
-    return lines + [""], ratios
+        rows.append([frames, frames * P, statistics.median(s[("match", False)]) * 1e3,
+                     statistics.median(s[("match", True)]) * 1e3, ratios[frames], macs,
+                     paired_ratio(s[("plan", True)], s[("plan", False)])])
+    return Section(
+        "2. Matching cost: head-wise blocks vs global mode at the same ratios (Q 0.9, K/V 0.7 removed)",
+        ["matching = cosine similarity + best destination for Q and K (``httm_match``); merge cost = matching + "
+         "outlier filtering (``httm_plan``), the part the paper compares with FastVGGT's global matching."],
+        Table(["frames", "N", "matching ms (blocks)", "matching ms (global)", "global / blocks, time",
+               "global / blocks, MACs", "merge cost global / blocks, time"], rows,
+              ["d", "d", ".0f", ".0f", ".2f}x", ".2f}x", ".2f}x"])), ratios
 
 
 def _dense_and_httm(frames: int, repeats: int) -> dict[str, list[float]]:
@@ -159,14 +147,8 @@ def _dense_and_httm(frames: int, repeats: int) -> dict[str, list[float]]:
                                 "httm": lambda: _OP(q, k, v, frames, P)}, repeats)
 
 
-def _sweep(frame_counts: list[int], repeats: int, known: dict[int, dict[str, list[float]]]) -> tuple[list[str], dict]:
-    lines = [
-        "### 3. Layer speed-up against the number of frames (head-wise, paper defaults)",
-        "",
-        "| frames | N | dense ms | HTTM ms | measured speed-up | cost-model FLOP ratio |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    curve = {}
+def _sweep(frame_counts: list[int], repeats: int, known: dict[int, dict[str, list[float]]]) -> tuple[Section, dict]:
+    rows, curve = [], {}
     for frames in frame_counts:
         if frames in known:
             dense, httm = known[frames]["dense SDPA"], known[frames]["HTTM head-wise (paper defaults)"]
@@ -174,12 +156,13 @@ def _sweep(frame_counts: list[int], repeats: int, known: dict[int, dict[str, lis
             s = _dense_and_httm(frames, repeats)
             dense, httm = s["dense"], s["httm"]
         curve[frames] = (paired_ratio(dense, httm), _flop_ratio(frames))
-        lines.append(f"| {frames} | {frames * P} | {statistics.median(dense) * 1e3:.0f} | "
-                     f"{statistics.median(httm) * 1e3:.0f} | {curve[frames][0]:.2f}x | {curve[frames][1]:.1f}x |")
-    return lines + [""], curve
+        rows.append([frames, frames * P, statistics.median(dense) * 1e3, statistics.median(httm) * 1e3, *curve[frames]])
+    return Section("3. Layer speed-up against the number of frames (head-wise, paper defaults)", table=Table(
+        ["frames", "N", "dense ms", "HTTM ms", "measured speed-up", "cost-model FLOP ratio"], rows,
+        ["d", "d", ".0f", ".0f", ".2f}x", ".1f}x"])), curve
 
 
-def _model(frames: int, repeats: int) -> list[str]:
+def _model(frames: int, repeats: int) -> Section:
     torch.manual_seed(0)
     model = vggt_small().eval()
     images = camera_sequence("astronaut", frames, 224).images[None]
@@ -201,71 +184,68 @@ def _model(frames: int, repeats: int) -> list[str]:
     # difference, so the least noisy one): what no attention kernel can speed up
     rest = [m - layers * a for m, a in zip(samples["httm"], samples["httm attention"], strict=True)]
     ceiling = statistics.median(d / r for d, r in zip(samples["dense"], rest, strict=True))
-    return [
-        f"### 4. Whole model: vggt_small ({model.config.embed_dim} wide, {layers} deep, {heads} heads x {DIM}), "
+    return Section(
+        f"4. Whole model: vggt_small ({model.config.embed_dim} wide, {layers} deep, {heads} heads x {DIM}), "
         f"{frames} frames of 224x224 (N {frames * P} in each global layer), eager",
-        "",
-        f"{res.report.rewritten('httm')} global attentions rewritten; skipped {dict(res.report.skipped('httm'))}.",
-        "",
-        "| model | median s | speed-up |",
-        "| --- | ---: | ---: |",
-        f"| dense | {statistics.median(samples['dense']):.2f} | 1.00x |",
-        f"| HTTM (fxslim.optimize, passes=['httm']) | {statistics.median(samples['httm']):.2f} | "
-        f"{paired_ratio(samples['dense'], samples['httm']):.2f}x |",
-        "",
-        f"One global attention call alone ({heads} heads): dense SDPA {attention * 1e3:.0f} ms, HTTM "
-        f"{statistics.median(samples['httm attention']) * 1e3:.0f} ms "
-        f"({paired_ratio(samples['dense attention'], samples['httm attention']):.2f}x). "
-        f"The model outside its {layers} global attention calls takes about {statistics.median(rest):.2f} s (HTTM "
-        f"model minus {layers} x the HTTM call, per round), so even free global attention would make it at most "
-        f"{ceiling:.2f}x faster (median over rounds of dense model / that rest).",
-        "",
-        f"Depth output relative error (random weights, LayerScale 0.01): {error:.2e}.",
-        "",
-    ]
+        [f"{res.report.rewritten('httm')} global attentions rewritten; skipped {dict(res.report.skipped('httm'))}."],
+        Table(["model", "median s", "speed-up"],
+              [["dense", statistics.median(samples["dense"]), 1.0],
+               ["HTTM (fxslim.optimize, passes=['httm'])", statistics.median(samples["httm"]),
+                paired_ratio(samples["dense"], samples["httm"])]], ["", ".2f", ".2f}x"]),
+        [f"One global attention call alone ({heads} heads): dense SDPA {attention * 1e3:.0f} ms, HTTM "
+         f"{statistics.median(samples['httm attention']) * 1e3:.0f} ms "
+         f"({paired_ratio(samples['dense attention'], samples['httm attention']):.2f}x). "
+         f"The model outside its {layers} global attention calls takes about {statistics.median(rest):.2f} s (HTTM "
+         f"model minus {layers} x the HTTM call, per round), so even free global attention would make it at most "
+         f"{ceiling:.2f}x faster (median over rounds of dense model / that rest).",
+         "",
+         f"Depth output relative error (random weights, LayerScale 0.01): {error:.2e}."])
 
 
-def _threads(frames: int, counts: list[int], repeats: int) -> list[str]:
-    lines = [
-        f"### 5. Thread count ({frames} frames): dense SDPA vs HTTM head-wise, each pair timed side by side",
-        "",
-        "| threads | dense ms | HTTM ms | speed-up |",
-        "| ---: | ---: | ---: | ---: |",
-    ]
+def _threads(frames: int, counts: list[int], repeats: int) -> Section:
+    rows = []
     previous = torch.get_num_threads()
     for count in counts:
         torch.set_num_threads(count)
         s = _dense_and_httm(frames, repeats)
-        lines.append(f"| {count} | {statistics.median(s['dense']) * 1e3:.0f} | "
-                     f"{statistics.median(s['httm']) * 1e3:.0f} | {paired_ratio(s['dense'], s['httm']):.2f}x |")
+        rows.append([count, statistics.median(s["dense"]) * 1e3, statistics.median(s["httm"]) * 1e3,
+                     paired_ratio(s["dense"], s["httm"])])
     torch.set_num_threads(previous)
-    return lines + [""]
+    return Section(f"5. Thread count ({frames} frames): dense SDPA vs HTTM head-wise, each pair timed side by side",
+                   table=Table(["threads", "dense ms", "HTTM ms", "speed-up"], rows, ["d", ".0f", ".0f", ".2f}x"]))
 
 
-def _stages(frame_counts: list[int], repeats: int, repeats_64: int) -> list[str]:
-    records = httm_stages.run(frame_counts, repeats, {64: repeats_64})
-    lines = ["### 6. Where the op's time goes: each stage's share, per frame count (head-wise, paper defaults)", "",
-             "Outlier filtering = plan - matching and merge + unmerge = apply - merged SDPA (differences of "
-             "medians); shares are of the op's median. The earlier run was not interleaved with this one: "
-             "compare shares and speed-ups, not absolute times.", ""]
-    if httm_stages.BEFORE.exists():
-        before = json.loads(httm_stages.BEFORE.read_text())
-        lines += [f"Before issue 22's kernel work: commit {before['commit']}, CPU dispatch {before['cpu_capability']}, "
-                  f"load average {before['load'][0]:.1f}-{before['load'][1]:.1f} "
-                  f"(``python -m benchmarks.httm_stages --label before``).", ""]
-        lines += httm_stages.table(before["records"], "before")
-    return lines + httm_stages.table(records, "this run")
+def _before() -> Results | None:
+    """The stage records of the run before issue 22's kernel work, if they are in the results."""
+    return records.load(httm_stages.BEFORE) if (records.RESULTS / f"{httm_stages.BEFORE}.json").is_file() else None
+
+
+def _stages(frame_counts: list[int], repeats: int, repeats_64: int) -> list[Section]:
+    measured = httm_stages.measure(frame_counts, repeats, {64: repeats_64})
+    text = ["Outlier filtering = plan - matching and merge + unmerge = apply - merged SDPA (differences of "
+            "medians); shares are of the op's median. The earlier run was not interleaved with this one: "
+            "compare shares and speed-ups, not absolute times."]
+    before = _before()
+    if before is not None:
+        env = before.environment
+        text += ["", f"Before issue 22's kernel work: commit {env['commit']}, CPU dispatch {env['cpu_capability']}, "
+                     f"load average {env['load_at_start']:.1f}-{env['load_average']:.1f} "
+                     f"(``python -m benchmarks.httm_stages --label before``)."]
+    shown = [Section("before", table=httm_stages.shares_table(httm_stages.stages_of(before)))] if before else []
+    return [Section("6. Where the op's time goes: each stage's share, per frame count (head-wise, paper defaults)",
+                    text), *shown, Section("this run", table=httm_stages.shares_table(measured))]
 
 
 def _before_speedup(frames: int) -> str:
-    """', before issue 22's kernel work: Nx' from the recorded before run, if it has these frames."""
-    if not httm_stages.BEFORE.exists():
+    """'; before issue 22's kernel work: Nx' from the recorded before run, if it has these frames."""
+    before = _before()
+    speedups = {r["frames"]: r["speedup"] for r in httm_stages.stages_of(before)} if before else {}
+    if frames not in speedups:
         return ""
-    before = {r["frames"]: r["speedup"] for r in json.loads(httm_stages.BEFORE.read_text())["records"]}
-    return f"; before issue 22's kernel work, same CPU: {before[frames]:.2f}x, section 6" if frames in before else ""
+    return f"; before issue 22's kernel work, same CPU: {speedups[frames]:.2f}x, section 6"
 
 
-def _plot(curve: dict[int, tuple[float, float]], matching: dict[int, float], path: Path) -> None:
+def _plot(curve: dict[int, tuple[float, float]], matching: dict[int, float]) -> Figure:
     fig = Figure(figsize=(11, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 2, 1)
@@ -288,11 +268,37 @@ def _plot(curve: dict[int, tuple[float, float]], matching: dict[int, float], pat
     ax.legend(fontsize=8)
     ax.grid(True, alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    return fig
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def run(args: argparse.Namespace, command: str = "python -m benchmarks.httm_speed") -> tuple[Results, dict[str, Any]]:
+    """Every section, and the plots of sections 2 and 3."""
+    torch.set_num_threads(args.threads)
+    start, load = time.perf_counter(), os.getloadavg()[0]
+    layer, layer_samples = _layer(args.frames, args.repeats)
+    matching_section, matching = _matching(args.matching_frames, args.repeats)
+    sweep, curve = _sweep(args.sweep_frames, args.repeats, {args.frames: layer_samples})
+    model = [_model(args.model_frames, args.model_repeats)] if args.model_frames else []
+    threads = [_threads(args.frames, [args.threads, *args.also_threads], args.repeats)] if args.also_threads else []
+    stages = _stages(args.stage_frames, args.repeats, args.stage_repeats_64) if args.stage_frames else []
+    speedup = paired_ratio(layer_samples["dense SDPA"], layer_samples["HTTM head-wise (paper defaults)"])
+    intro = Section(text=[
+        f"{platform.machine()}, CPU dispatch level {torch.backends.cpu.get_cpu_capability()} "
+        f"(torch.backends.cpu.get_cpu_capability()), {args.threads} thread(s), {args.repeats} interleaved "
+        f"repeats{f' ({args.model_repeats} for the whole model)' if args.model_frames else ''}, medians; "
+        f"load average {load:.1f} at start (shared machine: compare ratios, not absolute times).",
+        "",
+        f"**One global layer at {args.frames} frames: HTTM {speedup:.2f}x faster than dense SDPA** (target >= 7x"
+        f"{_before_speedup(args.frames)}). Matching, global mode / blocks: "
+        + ", ".join(f"{matching[f]:.2f}x at {f} frames" for f in sorted(matching)) + " (target >= 4x)."])
+    end = Section(text=[f"Run time {time.perf_counter() - start:.0f} s."])
+    results = Results("httm_speed", "HTTM speed on CPU", command,
+                      [intro, layer, matching_section, sweep, *model, *threads, *stages, end])
+    return results, {"": _plot(curve, matching)}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = records.parser(__doc__)
     parser.add_argument("--frames", type=int, default=32, help="frames of the single-layer comparison")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--matching-frames", type=int, nargs="+", default=[8, 16, 32, 64])
@@ -306,43 +312,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stage-frames", type=int, nargs="*", default=[8, 16, 32, 64],
                         help="frame counts of the stage-share table (section 6; none skips it)")
     parser.add_argument("--stage-repeats-64", type=int, default=2, help="rounds of the stage table at 64 frames")
-    parser.add_argument("--output", type=Path, default=RESULTS / "httm_speed.md")
-    args = parser.parse_args(argv)
-    command = command_line("benchmarks.httm_speed", argv)
-    torch.set_num_threads(args.threads)
-    start, load = time.perf_counter(), os.getloadavg()[0]
-    layer_lines, layer_samples = _layer(args.frames, args.repeats)
-    matching_lines, matching = _matching(args.matching_frames, args.repeats)
-    sweep_lines, curve = _sweep(args.sweep_frames, args.repeats, {args.frames: layer_samples})
-    model_lines = _model(args.model_frames, args.model_repeats) if args.model_frames else []
-    thread_lines = _threads(args.frames, [args.threads, *args.also_threads], args.repeats) if args.also_threads else []
-    stage_lines = _stages(args.stage_frames, args.repeats, args.stage_repeats_64) if args.stage_frames else []
-    speedup = paired_ratio(layer_samples["dense SDPA"], layer_samples["HTTM head-wise (paper defaults)"])
-    header = [
-        "# HTTM speed on CPU",
-        "",
-        f"Generated by `{command}`.",
-        "",
-        f"torch {torch.__version__}, {platform.machine()}, CPU dispatch level "
-        f"{torch.backends.cpu.get_cpu_capability()} (torch.backends.cpu.get_cpu_capability()), "
-        f"{args.threads} thread(s), {args.repeats} interleaved "
-        f"repeats{f' ({args.model_repeats} for the whole model)' if args.model_frames else ''}, medians; "
-        f"load average {load:.1f} at start, "
-        f"{os.getloadavg()[0]:.1f} at the end (shared machine: compare ratios, not absolute times).",
-        "",
-        f"**One global layer at {args.frames} frames: HTTM {speedup:.2f}x faster than dense SDPA** (target >= 7x"
-        f"{_before_speedup(args.frames)}). "
-        f"Matching, global mode / blocks: "
-        + ", ".join(f"{matching[f]:.2f}x at {f} frames" for f in sorted(matching)) + " (target >= 4x).",
-        "",
-    ]
-    text = "\n".join(header + layer_lines + matching_lines + sweep_lines + model_lines + thread_lines + stage_lines
-                     + [f"Run time {time.perf_counter() - start:.0f} s.", ""])
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(text)
-    _plot(curve, matching, args.output.with_suffix(".png"))
-    print(text)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    return records.run_and_write("benchmarks.httm_speed", _parser(), run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

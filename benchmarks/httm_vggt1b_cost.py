@@ -18,7 +18,6 @@ Run: ``python -m benchmarks.httm_vggt1b_cost [--frames 100 300 500 1000]``.
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import sympy
@@ -27,8 +26,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 import fxslim
-from benchmarks.command import command_line
-from benchmarks.records import Results, Section, Table, write
+from benchmarks import records
+from benchmarks.records import Results, Section, Table
 from fxslim.models.vggt import vggt_1b
 
 __all__ = ["run", "main"]
@@ -82,7 +81,7 @@ def _fmt(expr: sympy.Expr) -> str:
 
 
 def run(frame_counts: list[int], height: int = 392, width: int = 518, config: str = "httm:q=0.2,kv=0.3",
-        command: str = "python -m benchmarks.httm_vggt1b_cost") -> tuple[Results, Figure]:
+        command: str = "python -m benchmarks.httm_vggt1b_cost") -> tuple[Results, dict[str, Figure]]:
     """The aggregator's MACs as formulas in frames, dense and with HTTM, the heads fitted, and the
     FLOP ratios at ``frame_counts`` beside the paper's measured speed-ups; and their plot."""
     start = time.perf_counter()
@@ -149,20 +148,18 @@ def run(frame_counts: list[int], height: int = 392, width: int = 518, config: st
     ]
     results = Results("httm_vggt1b_cost", "VGGT-1B cost with and without HTTM", command,
                       [Section(text=text, table=table, after=after)])
-    return results, _plot(grid, curves)
+    return results, {"": _plot(grid, curves)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = records.parser(__doc__)
     parser.add_argument("--frames", type=int, nargs="+", default=[100, 300, 500, 1000])
     parser.add_argument("--height", type=int, default=392)
     parser.add_argument("--width", type=int, default=518)
     parser.add_argument("--config", default="httm:q=0.2,kv=0.3", help="pass spec (kept fractions)")
-    args = parser.parse_args(argv)
-    results, figure = run(args.frames, args.height, args.width, args.config,
-                          command_line("benchmarks.httm_vggt1b_cost", argv))
-    print(write(results, {"": figure}).read_text(encoding="utf-8"))
-    return 0
+    return records.run_and_write(
+        "benchmarks.httm_vggt1b_cost", parser,
+        lambda args, command: run(args.frames, args.height, args.width, args.config, command), argv)
 
 
 def _plot(grid: list[int], curves: dict[str, list[float]]) -> Figure:

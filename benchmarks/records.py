@@ -17,13 +17,17 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-__all__ = ["Table", "Section", "Results", "environment", "write", "render", "load", "main", "RESULTS"]
+from benchmarks.command import command_line
+
+__all__ = ["Table", "Section", "Results", "environment", "write", "render", "load", "parser", "run_and_write", "main",
+           "RESULTS"]
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -133,6 +137,28 @@ def load(name: str, directory: Path = RESULTS) -> Results:
 def render(name: str, directory: Path = RESULTS) -> str:
     """The Markdown page of the records in ``<name>.json``."""
     return load(name, directory).markdown()
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """A benchmark's argument parser: the first line of its docstring as description, and ``--out``,
+    the directory its records, page and figures go to (``benchmarks/results`` by default)."""
+    made = argparse.ArgumentParser(description=doc.splitlines()[0])
+    made.add_argument("--out", type=Path, default=RESULTS, help="directory for <name>.json, .md and .png")
+    return made
+
+
+Produced = Results | tuple[Results, dict[str, Any]]
+
+
+def run_and_write(module: str, arguments: argparse.ArgumentParser, run: Callable[[argparse.Namespace, str], Produced],
+                  argv: list[str] | None = None) -> int:
+    """A benchmark's ``main``: parse ``argv``, ``run(args, command)`` (``command`` the line that runs it again),
+    write what it returns (the records, or the records and their figures) under ``--out`` and print the page."""
+    args = arguments.parse_args(argv)
+    produced = run(args, command_line(module, argv))
+    results, figures = produced if isinstance(produced, tuple) else (produced, {})
+    print(write(results, figures, args.out).read_text(encoding="utf-8"))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

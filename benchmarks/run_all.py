@@ -10,18 +10,23 @@ Order: the trainings whose checkpoints are missing (MobileNetMNIST, shipped in
 benchmarks read, once with the default weight decay and once with the paper's model zoo's 0.01),
 the cost model's own speed, then the PROM, HASTE and HTTM benchmarks, any other benchmark script
 found in benchmarks/ (one with a ``__main__`` block), the zoo sweep, and last
-``update_readme``. Every step runs as ``python -m benchmarks.<name>`` with its own defaults, in a
-subprocess of this interpreter; ``haste_accuracy`` runs a second time on the weight-decay-0.01
-checkpoints, adding their sections to its results. The first step that fails stops the run with a
-message naming it.
+``update_readme``. Every step imports ``benchmarks.<name>`` and calls its ``main`` with the step's
+arguments (none: the benchmark's defaults), in this process; the thread count a benchmark sets is
+undone after it. ``haste_accuracy`` runs a second time on the weight-decay-0.01 checkpoints, adding
+their sections to its results. The first step that fails (a non-zero exit code or an exception)
+stops the run with a message naming it.
 """
 
 from __future__ import annotations
 
 import argparse
-import subprocess
+import contextlib
+import importlib
+import inspect
 import sys
 import time
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,15 +56,46 @@ _NOT_BENCHMARKS = {"run_all", "update_readme"}
 
 @dataclass(frozen=True)
 class Step:
-    """One ``python -m benchmarks.<name> <args>``; ``skip_reason`` set when it has nothing to do."""
+    """One ``benchmarks.<name>`` run with ``args``; ``skip_reason`` set when it has nothing to do."""
 
     name: str
     args: tuple[str, ...] = ()
     skip_reason: str = ""
 
     @property
-    def command(self) -> list[str]:
-        return [sys.executable, "-m", f"benchmarks.{self.name}", *self.args]
+    def module(self) -> str:
+        return f"benchmarks.{self.name}"
+
+    @property
+    def command(self) -> str:
+        """The command line that runs the step on its own."""
+        return " ".join(["python -m", self.module, *self.args])
+
+    def run(self) -> int:
+        """Import the benchmark and call its ``main`` with the step's arguments; its exit code."""
+        main = importlib.import_module(self.module).main
+        takes_argv = bool(inspect.signature(main).parameters)  # prom_vs_peers' main() still reads sys.argv
+        with _as_command_line(self.module, self.args):
+            try:
+                code = main(list(self.args)) if takes_argv else main()
+            except SystemExit as exit_:
+                code = exit_.code if isinstance(exit_.code, int) or exit_.code is None else 1
+        return code or 0
+
+
+@contextlib.contextmanager
+def _as_command_line(module: str, args: tuple[str, ...]) -> Iterator[None]:
+    """While a step runs: ``sys.argv`` as ``python -m <module> <args>`` would set it, and the torch
+    thread count it may change restored afterwards (so the next step starts from the default)."""
+    import torch
+
+    saved_argv, threads = sys.argv, torch.get_num_threads()
+    sys.argv = [module, *args]
+    try:
+        yield
+    finally:
+        sys.argv = saved_argv
+        torch.set_num_threads(threads)
 
 
 def _benchmark_scripts() -> list[str]:
@@ -147,13 +183,18 @@ def main(argv: list[str] | None = None) -> int:
         if step.skip_reason:
             print(f"skipping {step.name}: {step.skip_reason}", flush=True)
             continue
-        print("$ " + " ".join(["python", *step.command[1:]]), flush=True)
+        print(f"$ {step.command}", flush=True)
         step_start = time.perf_counter()
-        rc = subprocess.run(step.command, cwd=ROOT).returncode
+        try:
+            rc = step.run()
+            why = f"exit code {rc}"
+        except Exception:  # a benchmark's error stops the run, with its traceback and the step's name
+            traceback.print_exc()
+            rc, why = 1, "an exception"
         if rc != 0:
-            print(f"\nbenchmarks.run_all: {step.name} failed (exit code {rc}) after "
+            print(f"\nbenchmarks.run_all: {step.name} failed ({why}) after "
                   f"{_duration(time.perf_counter() - step_start)}; stopped there. Rerun it alone with "
-                  f"`python -m benchmarks.{step.name}`, or go on without it with `--skip {step.name}`.",
+                  f"`{step.command}`, or go on without it with `--skip {step.name}`.",
                   file=sys.stderr)
             return 1
         print(f"{step.name} done in {_duration(time.perf_counter() - step_start)}", flush=True)

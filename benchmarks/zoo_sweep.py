@@ -1,7 +1,7 @@
 """Robustness sweep: every zoo model through every capture IR, every matcher, the cost model and
 each applicable pass, at its exact limit (outputs equal to the original) and at its default
-(finite outputs, same shapes). Writes a model × step table (ok / skipped: reason / failed: reason)
-to benchmarks/results/zoo_sweep.md.
+(finite outputs, same shapes). Records a model × step table (ok / skipped: reason / failed: reason)
+in benchmarks/results/zoo_sweep.json, rendered to .md (both written again after every model).
 
 Models have random weights (seed 0) with BN statistics estimated on their input. Steps:
 symbolic/export/dynamo capture; matchers (same counts in every IR); estimate (= FlopCounterMode);
@@ -39,12 +39,13 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from benchmarks import records
+from benchmarks.command import command_line
+from benchmarks.records import Results, Section, Table
 from benchmarks.zoo import SUBSET, ZOO, ZooModel, by_name
 from tests.differential import outputs
 
-__all__ = ["Outcome", "ModelRun", "STEPS", "sweep_model", "to_markdown", "main"]
-
-RESULTS = Path(__file__).resolve().parent / "results"
+__all__ = ["Outcome", "ModelRun", "STEPS", "sweep_model", "to_results", "run", "main"]
 
 
 @dataclass(frozen=True)
@@ -496,40 +497,42 @@ def _run_step(run: ModelRun, name: str, seconds: int) -> Outcome:
             signal.alarm(0)
 
 
-def to_markdown(runs: list[ModelRun], steps: list[str]) -> str:
-    lines = ["| model | " + " | ".join(steps) + " | s |", "|---" * (len(steps) + 2) + "|"]
-    for run in runs:
-        cells = [run.outcomes[s].cell().replace("|", "/") for s in steps]
-        lines.append(f"| {run.zoo.name} | " + " | ".join(cells) + f" | {run.seconds:.0f} |")
+def to_results(runs: list[ModelRun], steps: list[str], command: str) -> Results:
+    """The model × step table of ``runs``, and the count of each outcome."""
+    rows = [[run.zoo.name, *(run.outcomes[s].cell().replace("|", "/") for s in steps), run.seconds] for run in runs]
     totals = Counter(o.status for r in runs for o in r.outcomes.values())
-    lines.append("")
-    lines.append(f"{len(runs)} models × {len(steps)} steps: {totals['ok']} ok, {totals['skipped']} skipped, {totals['failed']} failed.")
-    return "\n".join(lines) + "\n"
+    return Results("zoo_sweep", "Zoo sweep", command, [Section(
+        text=[__doc__.split("\n\n")[1]], table=Table(["model", *steps, "s"], rows, ["", *("" for _ in steps), ".0f"]),
+        after=[f"{len(runs)} models × {len(steps)} steps: {totals['ok']} ok, {totals['skipped']} skipped, "
+               f"{totals['failed']} failed."])])
 
 
-def main(argv: list[str] | None = None) -> int:
+def run(args: argparse.Namespace, command: str = "python -m benchmarks.zoo_sweep") -> Results:
+    """Every step on every chosen model; the records are written after each model, so a partial table survives."""
     from rich.progress import Progress
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--subset", action="store_true", help="only the models make test sweeps")
-    parser.add_argument("--models", nargs="*", help="zoo names to sweep")
-    parser.add_argument("--out", type=Path, default=RESULTS / "zoo_sweep.md")
-    args = parser.parse_args(argv)
     models = [by_name(n) for n in args.models] if args.models else [m for m in ZOO if not args.subset or m.name in SUBSET]
     steps = list(STEPS)
-    legend = __doc__.split("\n\n")[1]
-    header = f"# Zoo sweep\n\nRegenerate with `python -m benchmarks.zoo_sweep` (`make bench`).\n\n{legend}\n\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
     runs = []
     with Progress() as bar:
         task = bar.add_task("zoo sweep", total=len(models))
         for zoo in models:
             bar.update(task, description=f"zoo sweep: {zoo.name}")
             runs.append(sweep_model(zoo, steps))
-            args.out.write_text(header + to_markdown(runs, steps))  # after every model: a partial table survives
+            records.write(to_results(runs, steps, command), directory=args.out)
             bar.advance(task)
-    print(to_markdown(runs, steps))
-    return 0 if all(o.status != "failed" for r in runs for o in r.outcomes.values()) else 1
+    return to_results(runs, steps, command)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = records.parser(__doc__)
+    parser.add_argument("--subset", action="store_true", help="only the models make test sweeps")
+    parser.add_argument("--models", nargs="*", help="zoo names to sweep")
+    args = parser.parse_args(argv)
+    results = run(args, command_line("benchmarks.zoo_sweep", argv))
+    print(records.write(results, directory=args.out).read_text(encoding="utf-8"))
+    failed = any(cell.startswith("failed") for row in results.sections[0].table.rows for cell in row[1:-1])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

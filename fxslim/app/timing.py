@@ -11,20 +11,22 @@ __all__ = ["interleaved_medians", "interleaved_samples", "paired_ratio", "round_
 
 
 def interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int, warm_up: bool = True,
-                        after_round: Callable[[], None] | None = None) -> dict[str, list[float]]:
+                        after_round: Callable[[], None] | None = None,
+                        clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
     """Wall time (seconds) of each function in each round, after one warm-up call each (compilation,
     weight caches) unless ``warm_up`` is False; every round runs each function once, in turn, so load
     changes hit all of them alike and round i of two functions can be paired. ``after_round``: called
-    after each round (a progress bar)."""
+    after each round (a progress bar). ``clock``: ``time.process_time`` measures this process's CPU
+    time instead (with one thread, robust to other load)."""
     if warm_up:
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(rounds):
         for name, fn in fns.items():
-            start = time.perf_counter()
+            start = clock()
             fn()
-            times[name].append(time.perf_counter() - start)
+            times[name].append(clock() - start)
         if after_round is not None:
             after_round()
     return times

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from benchmarks import haste_accuracy
+from benchmarks import haste_accuracy, records
 from benchmarks.resnet_checkpoints import DEFAULT_WEIGHT_DECAY, checkpoint_name
 
 
@@ -36,22 +36,23 @@ def test_settings_default_first_and_old_runs_count_as_default():
     assert "1×1 convs kept dense, 2×2 tiles" in labels
 
 
-def test_tiny_ablation_run_writes_markdown_json_and_plot(tmp_path, one_thread):
-    out = tmp_path / "haste_accuracy.md"
+def test_tiny_ablation_run_writes_runs_records_page_and_plot(tmp_path, one_thread):
     common = ["--models", "resnet18", "--width", "0.25", "--L", "12", "--seeds", "0", "--limit", "10",
-              "--batch", "5", "--cache", str(tmp_path), "--out", str(out)]
+              "--batch", "5", "--cache", str(tmp_path), "--out", str(tmp_path)]
     haste_accuracy.main(common)
     haste_accuracy.main([*common, "--sparsity", "0", "--resume"])
-    data = json.loads(out.with_suffix(".json").read_text())
-    runs = data["models"]["resnet18"]["runs"]
+    runs_file = tmp_path / "haste_accuracy_runs.json"
+    runs = json.loads(runs_file.read_text())["models"]["resnet18"]["runs"]
     assert sorted(round(r["sparsity"], 4) for r in runs) == [0.0, 0.6667]
     assert all(0 <= r["top1"] <= 100 and r["buckets_ratio"] <= 1 for r in runs)
-    text = out.read_text()
-    assert "### every conv but the stem (1 seeds per L)" in text
-    assert "### every conv but the stem, plane sparsity 0 (1 seeds per L)" in text
-    assert out.with_suffix(".png").stat().st_size > 0
+    results = records.load("haste_accuracy", tmp_path)
+    assert (tmp_path / "haste_accuracy.md").read_text() == results.markdown()
+    headings = [s.heading for s in results.sections]
+    assert "resnet18: every conv but the stem (1 seeds per L)" in headings
+    assert "resnet18: every conv but the stem, plane sparsity 0 (1 seeds per L)" in headings
+    assert (tmp_path / "haste_accuracy.png").stat().st_size > 0
     haste_accuracy.main([*common, "--sparsity", "0", "--resume"])  # nothing left to run: same runs
-    assert len(json.loads(out.with_suffix(".json").read_text())["models"]["resnet18"]["runs"]) == 2
+    assert len(json.loads(runs_file.read_text())["models"]["resnet18"]["runs"]) == 2
 
 
 def test_weight_decay_names_the_checkpoint_and_the_results_section(tmp_path):

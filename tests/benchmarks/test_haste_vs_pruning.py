@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import haste_vs_pruning
+from benchmarks import haste_vs_pruning, records
 from fxslim.models.resnet_cifar import pretrained_mnist_resnet18_small
 
 pytest.importorskip("torch_pruning")  # the bench extra
@@ -29,11 +29,10 @@ def test_prune_to_macs_lands_within_tolerance_and_keeps_the_model():
 
 
 def test_tiny_run_writes_every_variant_and_says_which_stay_within_budget(tmp_path, one_thread):
-    out = tmp_path / "haste_vs_pruning.md"
     haste_vs_pruning.main(["--models", "resnet18", "resnet34", "--width", "0.25", "--weight-decay", "5e-4",
                            "--L", "10", "--seeds", "0", "1", "--limit", "10", "--calibration", "10", "--batch", "5",
-                           "--tolerance", "0.15", "--cache", str(tmp_path), "--out", str(out)])
-    data = json.loads(out.with_suffix(".json").read_text())
+                           "--tolerance", "0.15", "--cache", str(tmp_path), "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "haste_vs_pruning_runs.json").read_text())
     row = data["models"]["resnet18"]["rows"][0]
     assert set(row["runs"]) == set(haste_vs_pruning.VARIANTS)
     assert [len(row["runs"][v]) for v in haste_vs_pruning.VARIANTS] == [2, 2, 1, 2]  # L1 pruning has no seed
@@ -41,7 +40,8 @@ def test_tiny_run_writes_every_variant_and_says_which_stay_within_budget(tmp_pat
     cut = row["runs"]["pruning"][0]["cut"]
     haste_cut = sum(r["cut"] for r in row["runs"]["HASTE"]) / 2
     assert abs((100 - cut) - (100 - haste_cut)) <= 0.15 * (100 - haste_cut)  # matched MACs
-    text = out.read_text()
-    assert "| L | MACs cut % (HASTE / pruning) |" in text
+    text = (tmp_path / "haste_vs_pruning.md").read_text()
+    assert text == records.load("haste_vs_pruning", tmp_path).markdown()
+    assert "| L | MACs cut % HASTE | ± | MACs cut % pruning |" in text
     assert "**resnet18**: L = 10" in text and "within 1.25 pp of dense" in text
     assert "Not run: no checkpoint resnet34_w025_mnist.pt" in text

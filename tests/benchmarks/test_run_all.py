@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from benchmarks import run_all
 
@@ -68,25 +71,48 @@ def test_run_all_bad_arguments_exit_2_with_message(argv, message, capsys):
     assert re.search(message, capsys.readouterr().err)
 
 
-def test_run_all_step_command_uses_this_interpreter_and_module():
-    step = run_all.Step("prom_speed")
-    assert step.command[1:] == ["-m", "benchmarks.prom_speed"]
+def test_run_all_step_names_its_module_and_command():
+    step = run_all.Step("haste_accuracy", ("--weight-decay", "0.01"))
+    assert step.module == "benchmarks.haste_accuracy"
+    assert step.command == "python -m benchmarks.haste_accuracy --weight-decay 0.01"
 
 
-def test_run_all_failing_step_stops_and_names_it(capsys, monkeypatch):
-    ran = []
+def _benchmarks(monkeypatch, mains: dict) -> list:
+    """Steps a, b, c whose modules are ``mains`` (no benchmark runs); returns the calls made."""
+    calls = []
 
-    class _Done:
-        def __init__(self, rc: int) -> None:
-            self.returncode = rc
+    def module(name: str) -> SimpleNamespace:
+        def main(argv):
+            calls.append((name, argv, list(sys.argv)))
+            return mains[name](argv)
+        return SimpleNamespace(main=main)
 
-    def fake_run(cmd, cwd):  # no benchmark runs: record the command, fail the second step
-        ran.append(cmd[2])
-        return _Done(1 if len(ran) == 2 else 0)
+    steps = [run_all.Step("a", ("--x", "1")), run_all.Step("b"), run_all.Step("c")]
+    monkeypatch.setattr(run_all, "steps", lambda: steps)
+    monkeypatch.setattr(run_all.importlib, "import_module", module)
+    return calls
 
-    monkeypatch.setattr(run_all, "steps", lambda: [run_all.Step("a"), run_all.Step("b"), run_all.Step("c")])
-    monkeypatch.setattr(run_all.subprocess, "run", fake_run)
+
+def test_run_all_imports_each_benchmark_and_calls_its_main(capsys, monkeypatch):
+    def sets_threads(argv):
+        torch.set_num_threads(1 if torch.get_num_threads() > 1 else 2)
+        return 0
+
+    threads = torch.get_num_threads()
+    calls = _benchmarks(monkeypatch, {"benchmarks.a": sets_threads, "benchmarks.b": lambda argv: None,
+                                      "benchmarks.c": lambda argv: 0})
+    assert run_all.main([]) == 0
+    assert calls == [("benchmarks.a", ["--x", "1"], ["benchmarks.a", "--x", "1"]),
+                     ("benchmarks.b", [], ["benchmarks.b"]), ("benchmarks.c", [], ["benchmarks.c"])]
+    assert torch.get_num_threads() == threads  # what a benchmark set is undone after it
+    assert "all 3 steps done" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("failing, why", [(lambda argv: 1, "exit code 1"), (lambda argv: 1 / 0, "an exception")])
+def test_run_all_failing_step_stops_and_names_it(capsys, monkeypatch, failing, why):
+    calls = _benchmarks(monkeypatch, {"benchmarks.a": lambda argv: 0, "benchmarks.b": failing,
+                                      "benchmarks.c": lambda argv: 0})
     assert run_all.main([]) == 1
-    assert ran == ["benchmarks.a", "benchmarks.b"]
+    assert [c[0] for c in calls] == ["benchmarks.a", "benchmarks.b"]
     err = capsys.readouterr().err
-    assert "b failed (exit code 1)" in err and "--skip b" in err
+    assert f"b failed ({why})" in err and "--skip b" in err and "`python -m benchmarks.b`" in err
