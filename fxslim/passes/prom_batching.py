@@ -18,6 +18,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxslim.ir import meta_val
+from fxslim.runtime.prom_lowered import has_onednn_ops, lower
 
 __all__ = ["MicroBatched", "micro_batched", "DEFAULT_MAX_ACTIVATION_BYTES"]
 
@@ -32,7 +33,7 @@ class MicroBatched(nn.Module):
     """
 
     def __init__(self, module: nn.Module, sample_bytes: int, sample_pixels: int,
-                 max_activation_bytes: int = DEFAULT_MAX_ACTIVATION_BYTES) -> None:
+                 max_activation_bytes: int = DEFAULT_MAX_ACTIVATION_BYTES, lowered: bool = True) -> None:
         super().__init__()
         if max_activation_bytes <= 0:
             raise ValueError(f"max_activation_bytes: expected a positive integer, got {max_activation_bytes}")
@@ -40,6 +41,23 @@ class MicroBatched(nn.Module):
         self.sample_bytes = int(sample_bytes)
         self.sample_pixels = int(sample_pixels)
         self.max_activation_bytes = int(max_activation_bytes)
+        self.lowered = bool(lowered)
+        self.__dict__["_runner"] = None  # built on the first eager call; kept out of submodules and state
+
+    @property
+    def runner(self) -> nn.Module:
+        """What eager calls run: ``module`` lowered (``prom_lowered.lower``) when ``lowered`` and it
+        is a ``runtime="onednn"`` graph, else ``module`` itself. Same values either way."""
+        runner = self.__dict__["_runner"]
+        if runner is None:
+            graph = isinstance(self.module, fx.GraphModule) and has_onednn_ops(self.module)
+            runner = lower(self.module) if self.lowered and graph else self.module
+            self.__dict__["_runner"] = runner
+        return runner
+
+    def __getstate__(self) -> dict:
+        # oneDNN's packed weights cannot be copied or pickled: a copy lowers its module again
+        return {**self.__dict__, "_runner": None}
 
     def rows_per_slice(self, x: Tensor) -> int:
         pixels = math.prod(x.shape[2:]) if x.dim() > 2 else self.sample_pixels
@@ -47,16 +65,21 @@ class MicroBatched(nn.Module):
         return max(1, int(self.max_activation_bytes // max(1.0, per_sample)))
 
     def forward(self, x: Tensor) -> Tensor:
+        # torch.compile traces module, whose ops have fake kernels; the fxslim backend lowers them itself
+        module = self.module if torch.compiler.is_compiling() else self.runner
         rows = self.rows_per_slice(x)
         if x.shape[0] <= rows:
-            return self.module(x)
-        return torch.cat([self.module(part) for part in x.split(rows)])
+            return module(x)
+        return torch.cat([module(part) for part in x.split(rows)])
 
 
-def micro_batched(int_model: fx.GraphModule, max_activation_bytes: int = DEFAULT_MAX_ACTIVATION_BYTES) -> MicroBatched:
+def micro_batched(int_model: fx.GraphModule, max_activation_bytes: int = DEFAULT_MAX_ACTIVATION_BYTES, *,
+                  lowered: bool = True) -> MicroBatched:
     """Wrap a converted PROM model (one tensor input, one tensor output with the batch first).
 
-    The per-sample activation size comes from the graph's shape metadata (``meta['val']``).
+    The per-sample activation size comes from the graph's shape metadata (``meta['val']``). With
+    ``lowered`` (default) eager calls of a ``runtime="onednn"`` model run its lowered copy
+    (``fxslim.runtime.prom_lowered.lower``: the same values without the ops' per-call checks).
     """
     placeholders = [n for n in int_model.graph.nodes if n.op == "placeholder"]
     outputs = next(n for n in int_model.graph.nodes if n.op == "output").args[0]
@@ -69,4 +92,6 @@ def micro_batched(int_model: fx.GraphModule, max_activation_bytes: int = DEFAULT
     largest = max(v.numel() * v.element_size() for n in int_model.graph.nodes
                   if isinstance(v := meta_val(n), Tensor))
     pixels = math.prod(example.shape[2:]) if example.dim() > 2 else 1
-    return MicroBatched(int_model, largest // example.shape[0], pixels, max_activation_bytes)
+    wrapper = MicroBatched(int_model, largest // example.shape[0], pixels, max_activation_bytes, lowered)
+    wrapper.runner  # noqa: B018  (lowered and packed now, not on the first call)
+    return wrapper
