@@ -83,13 +83,27 @@ def test_lower_micro_batched_runs_lowered_copy_and_equals_whole_batch(mobilenet)
         assert torch.equal(copy.deepcopy(sliced)(x), fast(x))
 
 
-def test_lower_under_fxslim_backend_equals_eager_without_recompiling(mobilenet):
+def test_lower_fxslim_backend_lowers_a_converted_graph_and_equals_eager(mobilenet, caplog):
+    x, fast, _ = mobilenet
+    compiled = torch.compile(fast, backend="fxslim")
+    with caplog.at_level("INFO", logger="fxslim.backend"), torch.no_grad():
+        assert torch.equal(compiled(x), fast(x))
+    assert "PROM oneDNN graph lowered" in caplog.text
+
+
+def test_lower_micro_batched_under_compile_runs_its_runner_outside_the_graph(mobilenet):
     x, fast, _ = mobilenet
     sliced = micro_batched(fast)
-    compiled = torch.compile(sliced, backend="fxslim")
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(sliced, backend=backend)
     with torch.no_grad():
         assert torch.equal(compiled(x), fast(x))
-        assert torch.equal(compiled(x), sliced(x))
+    assert not any(n.op == "call_function" for gm in graphs for n in gm.graph.nodes)
 
 
 def test_lower_conv_with_weight_from_input_keeps_checking_op():
