@@ -65,9 +65,11 @@ class MicroBatched(nn.Module):
         return max(1, int(self.max_activation_bytes // max(1.0, per_sample)))
 
     def forward(self, x: Tensor) -> Tensor:
+        if torch.compiler.is_exporting():
+            return self._run(self.module, x)  # an exported program holds the fxslim ops themselves
         if self.lowered and torch.compiler.is_compiling():
             return self._run_lowered(x)
-        return self._run(self.runner if self.lowered else self.module, x)
+        return self._run(self.runner, x)
 
     def _run(self, module: nn.Module, x: Tensor) -> Tensor:
         rows = self.rows_per_slice(x)

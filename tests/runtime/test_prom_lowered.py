@@ -106,6 +106,15 @@ def test_lower_micro_batched_under_compile_runs_its_runner_outside_the_graph(mob
     assert not any(n.op == "call_function" for gm in graphs for n in gm.graph.nodes)
 
 
+def test_lower_micro_batched_exports_the_fxslim_ops(mobilenet):
+    x, fast, _ = mobilenet
+    exported = torch.export.export(micro_batched(fast), (x[:2],))
+    targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
+    assert ops.qconv2d.default in targets and onednn.qconv_pointwise.default not in targets
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x[:2]), fast(x[:2]))
+
+
 def test_lower_conv_with_weight_from_input_keeps_checking_op():
     """A weight the graph gets at run time cannot be packed ahead: the op stays."""
     gen = torch.Generator().manual_seed(0)
