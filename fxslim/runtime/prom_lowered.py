@@ -80,8 +80,8 @@ _QUANT_CHUNK = 1 << 18  # floats per slice: 1 MB, its codes reordered while in L
 
 
 def quantize(x: Tensor, scale: float, zero_point: int) -> Tensor:
-    """``fxslim::quantize_per_tensor(x, scale, zero_point)`` for float32 ``x`` (same layout as x)."""
-    q = torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
+    """``fxslim::quantize_per_tensor(x, scale, zero_point)`` of a float ``x`` (same layout as x)."""
+    q = torch.quantize_per_tensor(x.to(torch.float32), scale, zero_point, torch.quint8)  # float32 as the op does
     # its uint8 codes without int_repr's copy (3 ms at batch 32, 224 px): a view of the same storage
     return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
 
@@ -94,11 +94,14 @@ def nan_samples(x: Tensor) -> Tensor:
 
 
 def dequantize(q: Tensor, scale: float, zero_point: int, flags: Tensor | None = None) -> Tensor:
-    """``fxslim::dequantize`` where dim 0 of ``q`` is the batch of ``flags``: (q − z)·scale, NaN rows flagged."""
+    """``fxslim::dequantize``: (q − z)·scale; the samples ``flags`` marks NaN (all of it when dim 0 of
+    ``q`` is not their batch)."""
     out = q.to(torch.float32).sub_(zero_point).mul_(scale)
-    if flags is not None:
-        out.masked_fill_(flags.view(-1, *([1] * (q.dim() - 1))), float("nan"))
-    return out
+    if flags is None:
+        return out
+    if q.dim() >= 1 and q.shape[0] == flags.shape[0]:
+        return out.masked_fill_(flags.view(-1, *([1] * (q.dim() - 1))), float("nan"))
+    return out.fill_(float("nan")) if bool(flags.any()) else out
 
 
 def global_avg_pool(x: Tensor, x_zero_point: int, multiplier: int, shift: int, out_zero_point: int, out_min: int,
@@ -131,7 +134,6 @@ def _named(node: fx.Node) -> dict[str, object]:
 
 class _Lowering:
     def __init__(self, gm: fx.GraphModule, constants: dict[str, Tensor]) -> None:
-        self.source = gm
         self.gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__ + "Lowered")
         self.graph = self.gm.graph
         self.constants = constants
@@ -186,14 +188,16 @@ class _Lowering:
         weight, w_scale, bias = (self.constant(a[k]) for k in ("weight", "w_scale", "bias"))
         x = meta_val(a["x"])
         if weight is None or w_scale is None or bias is None or not isinstance(x, Tensor):
-            return  # a weight only known at run time: the op packs it per call
+            self.count("kept:weight_at_run_time")  # the op packs it per call
+            return
         args = [a[k] for k in ("x", "x_scale", "x_zero_point", "weight", "w_scale", "bias", "out_scale", "out_zero_point",
                                "out_min", "out_max", "stride", "padding", "dilation", "groups")]
         args[3:6] = weight, w_scale, bias
         args[0] = x
         packed, zeros, attr, scalars, stride, padding, dilation, any_size = prom_onednn._conv_plan(*args, full=True)
         if not any_size:
-            return  # a small enough input gives no output pixel: the op's per-call check stays
+            self.count("kept:input_size_checked")  # a small enough input gives no output pixel: the op checks
+            return
         common = (self.channels_last_input(node, a["x"]), a["x_scale"], a["x_zero_point"], self.attr(node, packed, "packed"),
                   self.attr(node, w_scale, "w_scale"), self.attr(node, zeros, "zeros"))
         bias_node = self.attr(node, bias, "bias")
@@ -222,6 +226,7 @@ class _Lowering:
         weight, w_scale, bias = (self.constant(a[k]) for k in ("weight", "w_scale", "bias"))
         x = meta_val(a["x"])
         if weight is None or w_scale is None or bias is None or not isinstance(x, Tensor) or x.dim() != 2:
+            self.count("kept:weight_at_run_time" if weight is None else "kept:not_2d")
             return
         prom_onednn._linear_check(x, a["x_scale"], a["x_zero_point"], weight, w_scale, bias, a["out_scale"],
                                   a["out_zero_point"], a["out_min"], a["out_max"])
@@ -237,7 +242,8 @@ class _Lowering:
     def quantize(self, node: fx.Node) -> None:
         a = _named(node)
         x = meta_val(a["x"])
-        if not isinstance(x, Tensor) or x.dtype != torch.float32 or (a["out_min"], a["out_max"]) != (0, 255):
+        if not isinstance(x, Tensor) or (a["out_min"], a["out_max"]) != (0, 255):
+            self.count("kept:not_full_range")  # ATen's quantizer saturates to the whole u8 range
             return
         convs = all(u.op == "call_function" and u.target in (_CONV, _CONV_ADD) and u.args[0] is node for u in node.users)
         if convs and x.dim() == 4:
@@ -249,19 +255,15 @@ class _Lowering:
     def cheap(self, node: fx.Node) -> None:
         a = _named(node)
         if node.target is _NAN:
-            x = meta_val(a["x"])
-            if isinstance(x, Tensor) and x.is_floating_point() and x.dim() >= 1:
-                self.replace(node, nan_samples, (a["x"],), "nan_samples")
+            self.replace(node, nan_samples, (a["x"],), "nan_samples")  # the op's checks held at conversion
         elif node.target is _POOL:
             if isinstance(meta_val(a["x"]), Tensor) and meta_val(a["x"]).dim() == 4:
                 self.replace(node, global_avg_pool, tuple(a[k] for k in ("x", "x_zero_point", "multiplier", "shift",
                                                                        "out_zero_point", "out_min", "out_max")), "pool")
+            else:
+                self.count("kept:not_4d")
         else:
-            q, flags = meta_val(a["q"]), meta_val(a["nan_samples"])
-            batch_first = flags is None or (isinstance(q, Tensor) and q.dim() >= 1 and isinstance(flags, Tensor)
-                                            and q.shape[0] == flags.shape[0])
-            if isinstance(q, Tensor) and batch_first:
-                self.replace(node, dequantize, (a["q"], a["scale"], a["zero_point"], a["nan_samples"]), "dequantize")
+            self.replace(node, dequantize, (a["q"], a["scale"], a["zero_point"], a["nan_samples"]), "dequantize")
 
     def run(self) -> fx.GraphModule:
         for node in list(self.graph.nodes):
@@ -288,7 +290,7 @@ def lower(gm: fx.GraphModule, constants: dict[str, Tensor] | None = None) -> fx.
     ``gm`` is only read; the copy shares its weights and holds oneDNN's packed forms of them as
     plain attributes (not buffers: they cannot be copied, saved or moved to another device). ``constants``: values of placeholders that
     hold weights (a graph dynamo captured, whose parameters arrive as inputs), by node name.
-    ``gm.meta["prom_lowered"]`` counts what was lowered.
+    ``gm.meta["prom_lowered"]`` counts what was lowered, and as ``kept:<reason>`` what was not.
     """
     with warnings.catch_warnings():  # ATen's quantizer warns once that quantized dtypes are deprecated
         warnings.simplefilter("ignore", UserWarning)

@@ -127,7 +127,7 @@ def test_lower_conv_with_weight_from_input_keeps_checking_op():
 
     gm = fx.symbolic_trace(Conv())
     low = L.lower(gm)
-    assert low.meta["prom_lowered"] == {} and any(n.target is ops.qconv2d.default for n in low.graph.nodes)
+    assert low.meta["prom_lowered"] == {"kept:weight_at_run_time": 1} and any(n.target is ops.qconv2d.default for n in low.graph.nodes)
     x = torch.randint(0, 256, (1, 4, 5, 5), generator=gen).to(torch.uint8)
     assert torch.equal(low(x, w), gm(x, w))
 
@@ -179,6 +179,7 @@ def test_lower_quantize_channels_last_equals_op_on_ties_saturation_and_slices():
     out = L.quantize_channels_last(x, scale, zero_point)
     assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, ref)
     assert torch.equal(L.quantize(x, scale, zero_point), ref)
+    assert torch.equal(L.quantize(x.double(), scale, zero_point), ops.quantize_per_tensor.default(x.double(), scale, zero_point))
 
 
 def test_lower_cheap_ops_equal_fxslim_ops():
@@ -194,3 +195,6 @@ def test_lower_cheap_ops_equal_fxslim_ops():
     out, ref = L.dequantize(logits, 0.037, 120, flags), ops.dequantize.default(logits, 0.037, 120, flags)
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out[~flags], ref[~flags])
     assert torch.equal(L.dequantize(logits, 0.037, 120), ops.dequantize.default(logits, 0.037, 120))
+    other = logits[:3]  # dim 0 is not the flags' batch: any NaN sample makes it all NaN, as the op does
+    assert L.dequantize(other, 0.037, 120, flags).isnan().all() and ops.dequantize.default(other, 0.037, 120, flags).isnan().all()
+    assert torch.equal(L.dequantize(other, 0.037, 120, flags & False), ops.dequantize.default(other, 0.037, 120, flags & False))
