@@ -5,8 +5,7 @@ page it comes from.
 
     python -m benchmarks.headlines        # writes benchmarks/results/headlines.md
 
-prom_vs_peers does not write records yet: its row still reads the table of prom_vs_peers.md. A
-test renders the headlines again from the results and fails when the committed file differs.
+A test renders the headlines again from the results and fails when the committed file differs.
 """
 
 from __future__ import annotations
@@ -54,32 +53,16 @@ def _rows(table: Table) -> list[dict]:
     return [dict(zip(keys, row, strict=True)) for row in table.rows]
 
 
-def _markdown_table(text: str) -> list[dict[str, str]]:
-    """The first Markdown table of ``text`` as rows of {header: cell} (for prom_vs_peers.md, not yet records)."""
-    lines = text.splitlines()
-    start = next(i for i in range(len(lines) - 1) if lines[i].startswith("|") and re.match(r"^\|\s*:?-", lines[i + 1]))
-    header = [c.strip() for c in lines[start].strip("|").split("|")]
-    rows = []
-    for line in lines[start + 2:]:
-        if not line.startswith("|"):
-            break
-        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
-    return rows
-
-
 def _prom() -> list[str]:
     energy = _section(_load("prom_energy_storage"), "Energy").table
     deployed = [row[len(row) - 1 - energy.columns[::-1].index("ratio")] for row in energy.rows]  # the last ratio column
     low, high = min(deployed), max(deployed)
-    peers = RESULTS / "prom_vs_peers.md"
-    if not peers.is_file():
-        raise FileNotFoundError(f"headlines: {peers} does not exist: run its benchmark first")
-    speed = _markdown_table(peers.read_text(encoding="utf-8"))
-    ms = {r["variant"]: r for r in speed}
+    speed = _load("prom_vs_peers").sections[0].table  # median ms: variant, then one column per (batch, threads)
+    ms = {r["variant"]: r for r in _rows(speed)}
     cells = []
-    for column, label in ((c, c.split(",")[0]) for c in list(speed[0])[1:]):
-        best = min(INT8_PEERS, key=lambda p: float(ms[p][column]))
-        cells.append(f"{label}: PROM {ms['PROM integer compiled'][column]} ms, {best} {ms[best][column]} ms")
+    for column, label in ((c, c.split(",")[0]) for c in speed.columns[1:]):
+        best = min(INT8_PEERS, key=lambda p: ms[p][column])
+        cells.append(f"{label}: PROM {ms['PROM integer compiled'][column]:.1f} ms, {best} {ms[best][column]:.1f} ms")
     return [
         f"| PROM | energy vs float16 | {PAPER['prom_energy']} | {low:.2f}×–{high:.2f}× over the accounting "
         "conventions (MobileNetV2, converted integer model) | — (the int8 peers do not report it) "

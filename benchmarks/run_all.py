@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
-import inspect
 import sys
 import time
 import traceback
@@ -74,10 +73,9 @@ class Step:
     def run(self) -> int:
         """Import the benchmark and call its ``main`` with the step's arguments; its exit code."""
         main = importlib.import_module(self.module).main
-        takes_argv = bool(inspect.signature(main).parameters)  # prom_vs_peers' main() still reads sys.argv
         with _as_command_line(self.module, self.args):
             try:
-                code = main(list(self.args)) if takes_argv else main()
+                code = main(list(self.args))
             except SystemExit as exit_:
                 code = exit_.code if isinstance(exit_.code, int) or exit_.code is None else 1
         return code or 0

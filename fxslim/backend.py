@@ -27,6 +27,7 @@ from fxslim.capture import batch_of, placeholder_fqns
 from fxslim.ir import META_PLACEHOLDER_FQNS, detect_ir, meta_val
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, run_passes
 from fxslim.policy import Policy
+from fxslim.runtime.prom_lowered import has_onednn_ops, lower
 
 __all__ = ["BackendOptions", "compile_fn"]
 
@@ -121,4 +122,17 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
     modified = any(r.modified for r in results)
     _log.info("fxslim backend: %d graph nodes, passes %s, modified=%s, inner=%s",
               len(gm.graph.nodes), [p.name for p in opts.passes], modified, opts.inner)
+    if has_onednn_ops(gm):
+        return _prom_onednn(gm, list(example_inputs), params)
     return _inner_compile(gm, list(example_inputs), opts.inner, modified)
+
+
+def _prom_onednn(gm: fx.GraphModule, example_inputs: list[Any], params: dict[str, str]) -> Callable:
+    """A converted PROM model on the oneDNN runtime: its ops lowered to direct oneDNN calls with
+    weights packed now (``prom_lowered.lower``; parameters and buffers are taken as constants, as
+    inductor's freezing does). No inner compiler: the graph is those calls plus a few cheap ones,
+    which inductor would only wrap in another layer of calls."""
+    values = {n.name: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
+    lowered = lower(gm, {name: values[name] for name in params if isinstance(values.get(name), torch.Tensor)})
+    _log.info("fxslim backend: PROM oneDNN graph lowered: %s", lowered.meta["prom_lowered"])
+    return lowered.forward

@@ -35,7 +35,7 @@ from fxslim.runtime.prom import (
     _CACHE, _check_addends, _check_code, _check_conv_geometry, _check_uint8, _inverse_scale, conv_output_size,
 )
 
-__all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "vnni_available", "onednn_available"]
+__all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available"]
 
 def onednn_available() -> bool:
     """Whether this torch build has the oneDNN quantized conv/linear ops."""
@@ -123,9 +123,10 @@ def prepack(weight: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int, 
 
 
 def _conv_plan(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
-               stride, padding, dilation, groups) -> tuple:
+               stride, padding, dilation, groups, full: bool = False) -> tuple:
     """Everything about a conv call but ``x``, checked and prepared once per weight and arguments:
-    (packed weight, zero points, post-op name, post-op scalars, stride, padding, dilation)."""
+    (packed weight, zero points, post-op name, post-op scalars, stride, padding, dilation), and with
+    ``full`` whether every input size gives an output (then a caller that knows x need not check it)."""
     key = ("plan", x_scale, x_zero_point, out_scale, out_zero_point, out_min, out_max, tuple(stride), tuple(padding),
            tuple(dilation), groups)
 
@@ -143,7 +144,7 @@ def _conv_plan(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_z
     if x.dtype != torch.uint8 or x.dim() != 4 or x.shape[1] != weight.shape[1] * groups or not plan[7]:
         _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
                     stride, padding, dilation, groups)
-    return plan[:7]
+    return plan if full else plan[:7]
 
 
 # Registered with torch.library.define/impl rather than custom_op: the per-call overhead of a
@@ -267,13 +268,18 @@ def _qlinear_cpu(
 ) -> Tensor:
     """Linear with int8 weight codes [out, in], requantized to u8 in the kernel: u8 [..., in] → u8 [..., out]."""
     shape = _linear_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max)
-    packed, zeros = _CACHE.get(weight, "qlinear", lambda: (torch.ops.onednn.qlinear_prepack(weight, None),
-                                                           torch.zeros(weight.shape[0], dtype=torch.int64)))
+    packed, zeros = prepack_linear(weight)
     attr, scalars = _post_op(out_scale, out_zero_point, out_min, out_max)
     x2 = x.reshape(-1, weight.shape[1]).contiguous()
     out = torch.ops.onednn.qlinear_pointwise(x2, x_scale, x_zero_point, packed, w_scale, zeros, bias, out_scale,
                                              out_zero_point, None, attr, scalars, "")
     return out.view(shape)
+
+
+def prepack_linear(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """oneDNN's packed form of a linear's int8 ``weight`` [out, in] (cached on the tensor) and its int64 zero points."""
+    return _CACHE.get(weight, "qlinear", lambda: (torch.ops.onednn.qlinear_prepack(weight, None),
+                                                  torch.zeros(weight.shape[0], dtype=torch.int64)))
 
 
 @torch.library.register_fake("fxslim::qlinear")

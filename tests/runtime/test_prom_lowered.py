@@ -1,0 +1,200 @@
+"""The lowered oneDNN runtime of PROM (``prom_lowered.lower``): bit-identical to the converted
+``torch.ops.fxslim`` graph it comes from (at the calibration size, another resolution, with NaN
+samples, sliced into micro-batches and under ``torch.compile(backend="fxslim")``), its direct forms
+of the cheap ops equal to the ops, and the residual accumulated in place only where no later op
+reads the skip tensor."""
+
+from __future__ import annotations
+
+import copy
+from collections import Counter
+
+import pytest
+import torch
+import torch.fx as fx
+from torch import nn
+
+from benchmarks.prom_common import photo_batch, random_mobilenet_v2
+from fxslim.api import prepare
+from fxslim.passes.prom import calibrate
+from fxslim.passes.prom_batching import micro_batched
+from fxslim.passes.prom_convert import convert
+from fxslim.propagate import propagate
+from fxslim.runtime import prom_lowered as L
+from fxslim.runtime.prom import _inverse_scale
+from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+
+pytestmark = [pytest.mark.skipif(not (onednn_available() and vnni_available()),
+                                 reason="needs oneDNN quantized ops and VNNI/AMX int8 dot products"),
+              pytest.mark.usefixtures("one_thread_module")]
+
+ops = torch.ops.fxslim
+onednn = torch.ops.onednn
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    """(photos at 224 px, converted oneDNN integer MobileNetV2, its lowered copy)."""
+    x = photo_batch()
+    model = random_mobilenet_v2(x)
+    fast = convert(calibrate(prepare(model, (x,)), [x]), runtime="onednn")
+    return x, fast, L.lower(fast)
+
+
+def test_lower_mobilenet_v2_every_op_lowered_and_every_skip_accumulated_in_place(mobilenet):
+    _, fast, low = mobilenet
+    assert low.meta["prom_lowered"] == {"nan_samples": 1, "quantize": 1, "qconv2d": 42, "qconv2d_add": 10,
+                                        "in_place_skip": 10, "pool": 1, "qlinear": 1, "dequantize": 1}
+    targets = Counter(n.target for n in low.graph.nodes if n.op == "call_function")
+    assert targets[onednn.qconv_pointwise.default] == 42 and targets[onednn.qconv2d_pointwise.binary] == 10
+    assert not any(str(t).startswith("fxslim.") for t in targets)
+    assert not [n for n in low.graph.nodes if n.op == "call_method" and n.target == "clone"]
+    # the converted graph is left as it was
+    assert Counter(n.target for n in fast.graph.nodes)[ops.qconv2d.default] == 42
+
+
+def test_lower_mobilenet_v2_bit_identical_to_fxslim_ops(mobilenet):
+    x, fast, low = mobilenet
+    smaller = x[:2, :, :97, :131].contiguous()  # another resolution, odd sizes
+    with torch.no_grad():
+        assert torch.equal(low(x), fast(x))
+        assert torch.equal(low(x[:1]), fast(x[:1]))
+        assert torch.equal(low(smaller), fast(smaller))
+
+
+def test_lower_nan_sample_stays_nan_and_alone(mobilenet):
+    x, fast, low = mobilenet
+    x = x[:3].clone()
+    x[1, 2, 7, 9] = float("nan")
+    with torch.no_grad():
+        out, ref = low(x), fast(x)
+    assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
+    assert torch.equal(out[[0, 2]], ref[[0, 2]])
+
+
+def test_lower_micro_batched_runs_lowered_copy_and_equals_whole_batch(mobilenet):
+    x, fast, _ = mobilenet
+    sliced = micro_batched(fast, max_activation_bytes=3 << 20)
+    assert sliced.runner is not fast and L.has_onednn_ops(fast) and not L.has_onednn_ops(sliced.runner)
+    assert micro_batched(fast, lowered=False).runner is fast
+    assert set(sliced.state_dict()) == {f"module.{k}" for k in fast.state_dict()}
+    with torch.no_grad():
+        assert torch.equal(sliced(x), fast(x))
+        assert torch.equal(copy.deepcopy(sliced)(x), fast(x))
+
+
+def test_lower_fxslim_backend_lowers_a_converted_graph_and_equals_eager(mobilenet, caplog):
+    x, fast, _ = mobilenet
+    compiled = torch.compile(fast, backend="fxslim")
+    with caplog.at_level("INFO", logger="fxslim.backend"), torch.no_grad():
+        assert torch.equal(compiled(x), fast(x))
+    assert "PROM oneDNN graph lowered" in caplog.text
+
+
+def test_lower_micro_batched_under_compile_runs_its_runner_outside_the_graph(mobilenet):
+    x, fast, _ = mobilenet
+    sliced = micro_batched(fast)
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    compiled = torch.compile(sliced, backend=backend)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), fast(x))
+    assert not any(n.op == "call_function" for gm in graphs for n in gm.graph.nodes)
+
+
+def test_lower_micro_batched_exports_the_fxslim_ops(mobilenet):
+    x, fast, _ = mobilenet
+    exported = torch.export.export(micro_batched(fast), (x[:2],))
+    targets = {n.target for n in exported.graph.nodes if n.op == "call_function"}
+    assert ops.qconv2d.default in targets and onednn.qconv_pointwise.default not in targets
+    with torch.no_grad():
+        assert torch.equal(exported.module()(x[:2]), fast(x[:2]))
+
+
+def test_lower_conv_with_weight_from_input_keeps_checking_op():
+    """A weight the graph gets at run time cannot be packed ahead: the op stays."""
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randint(-127, 128, (8, 4, 1, 1), generator=gen).to(torch.int8)
+
+    class Conv(nn.Module):
+        def forward(self, x, weight):
+            return ops.qconv2d.default(x, 0.1, 3, weight, torch.ones(8), torch.zeros(8), 0.2, 0, 0, 255, [1, 1], [0, 0],
+                                       [1, 1], 1)
+
+    gm = fx.symbolic_trace(Conv())
+    low = L.lower(gm)
+    assert low.meta["prom_lowered"] == {"kept:weight_at_run_time": 1} and any(n.target is ops.qconv2d.default for n in low.graph.nodes)
+    x = torch.randint(0, 256, (1, 4, 5, 5), generator=gen).to(torch.uint8)
+    assert torch.equal(low(x, w), gm(x, w))
+
+
+def _residual_graph(read_skip_after: bool) -> tuple[fx.GraphModule, torch.Tensor]:
+    """x → conv a → conv b → qconv2d_add(conv c(b), skip=a) [→ qadd(sum, a)]: a's storage may take
+    the sum only when nothing reads a after the fused conv."""
+    gen = torch.Generator().manual_seed(1)
+    graph = fx.Graph()
+    root = nn.Module()
+    x = graph.placeholder("x")
+
+    def conv(src, name, c_in, c_out):
+        root.register_buffer(f"{name}_w", torch.randint(-127, 128, (c_out, c_in, 1, 1), generator=gen).to(torch.int8))
+        root.register_buffer(f"{name}_s", 0.002 + 0.002 * torch.rand(c_out, generator=gen))
+        root.register_buffer(f"{name}_b", torch.randn(c_out, generator=gen))
+        return [src, 0.05, 100, graph.get_attr(f"{name}_w"), graph.get_attr(f"{name}_s"), graph.get_attr(f"{name}_b"),
+                0.08, 120, 0, 255, [1, 1], [0, 0], [1, 1], 1]
+
+    a = graph.call_function(ops.qconv2d.default, tuple(conv(x, "a", 6, 8)))
+    b = graph.call_function(ops.qconv2d.default, tuple(conv(a, "b", 8, 8)))
+    out = graph.call_function(ops.qconv2d_add.default, (*conv(b, "c", 8, 8), a, 0.08, 120))
+    if read_skip_after:
+        out = graph.call_function(ops.qadd.default, (out, 0.08, 120, a, 0.08, 120, 0.1, 128, 0, 255))
+    graph.output(out)
+    gm = fx.GraphModule(root, graph)
+    x_val = torch.randint(0, 256, (2, 6, 5, 5), generator=gen).to(torch.uint8)
+    propagate(gm, [x_val])
+    return gm, x_val
+
+
+@pytest.mark.parametrize("read_skip_after", [False, True])
+def test_lower_skip_accumulated_in_place_only_when_no_later_reader(read_skip_after):
+    gm, x = _residual_graph(read_skip_after)
+    low = L.lower(gm)
+    clones = [n for n in low.graph.nodes if n.op == "call_method" and n.target == "clone"]
+    assert low.meta["prom_lowered"].get("in_place_skip", 0) == (0 if read_skip_after else 1)
+    assert len(clones) == (1 if read_skip_after else 0)
+    assert torch.equal(low(x), gm(x))
+
+
+def test_lower_quantize_channels_last_equals_op_on_ties_saturation_and_slices():
+    scale, zero_point = 0.0187, 114
+    inverse = _inverse_scale(scale)
+    x = torch.randn(5, 3, 61, 67) * 3  # beyond the grid at both ends
+    ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) / inverse  # x·(1/s) exactly k + ½
+    x.view(-1)[: ties.numel()] = ties
+    ref = ops.quantize_per_tensor.default(x, scale, zero_point)
+    out = L.quantize_channels_last(x, scale, zero_point)
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, ref)
+    assert torch.equal(L.quantize(x, scale, zero_point), ref)
+    assert torch.equal(L.quantize(x.double(), scale, zero_point), ops.quantize_per_tensor.default(x.double(), scale, zero_point))
+
+
+def test_lower_cheap_ops_equal_fxslim_ops():
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randint(0, 256, (4, 16, 7, 9), generator=gen).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    args = (113, 1_234_567_890, 24, 7, 0, 255)
+    assert torch.equal(L.global_avg_pool(q, *args), ops.int8_global_avg_pool2d.default(q, *args))
+    x = torch.randn(4, 3, 5, 5)
+    x[2, 1, 1, 1] = float("nan")
+    flags = L.nan_samples(x)
+    assert torch.equal(flags, ops.nan_samples.default(x)) and flags.tolist() == [False, False, True, False]
+    logits = torch.randint(0, 256, (4, 10), generator=gen).to(torch.uint8)
+    out, ref = L.dequantize(logits, 0.037, 120, flags), ops.dequantize.default(logits, 0.037, 120, flags)
+    assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out[~flags], ref[~flags])
+    assert torch.equal(L.dequantize(logits, 0.037, 120), ops.dequantize.default(logits, 0.037, 120))
+    other = logits[:3]  # dim 0 is not the flags' batch: any NaN sample makes it all NaN, as the op does
+    assert L.dequantize(other, 0.037, 120, flags).isnan().all() and ops.dequantize.default(other, 0.037, 120, flags).isnan().all()
+    assert torch.equal(L.dequantize(other, 0.037, 120, flags & False), ops.dequantize.default(other, 0.037, 120, flags & False))
