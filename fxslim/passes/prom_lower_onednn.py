@@ -9,6 +9,8 @@ once to the output grid. Weights are prepacked here, at conversion.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor, nn
 
@@ -30,35 +32,41 @@ def _fold_real(codes: Tensor, w_scale: Tensor, bias: Tensor | None, bn: nn.Batch
     return codes.contiguous(), scale.to(torch.float32), real_bias.to(torch.float32)
 
 
+def _real_layer(
+    layer: QConv2d | QLinear, bias: Tensor | None, bn: nn.BatchNorm2d | None, out_quant: ActFakeQuant,
+    activation: str, x_quant: ActFakeQuant | None,
+) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """(tensor args, scalar args) of a conv or linear on the oneDNN ops: weight codes, their real
+    scales and bias with BN folded, the input and output grids, the activation as clamp bounds."""
+    s_x, z_x = _input_quant(layer, x_quant).qparams()
+    s_y, z_y = out_quant.qparams()
+    codes, w_scale = layer.weight_codes()
+    codes, w_scale, real_bias = _fold_real(codes, w_scale, bias, bn)
+    lo, hi = _clamp_bounds(activation, s_y, z_y)
+    return ({"weight": codes, "w_scale": w_scale, "bias": real_bias},
+            {"x_scale": s_x, "x_zero_point": z_x, "out_scale": s_y, "out_zero_point": z_y, "out_min": lo, "out_max": hi})
+
+
 def convert_conv_onednn(
     qconv: QConv2d, out_quant: ActFakeQuant, *, bn: nn.BatchNorm2d | None = None, activation: str = "none",
     x_quant: ActFakeQuant | None = None,
 ) -> IntegerOp:
     """``out_quant(activation(bn(qconv(x))))`` as ``fxslim::qconv2d`` (ternary and int8 weights alike)."""
-    s_x, z_x = _input_quant(qconv, x_quant).qparams()
-    s_y, z_y = out_quant.qparams()
-    codes, w_scale = qconv.weight_codes()
-    codes, w_scale, bias = _fold_real(codes, w_scale, qconv.conv.bias, bn)
-    lo, hi = _clamp_bounds(activation, s_y, z_y)
     conv = qconv.conv
-    scalars = {"x_scale": s_x, "x_zero_point": z_x, "out_scale": s_y, "out_zero_point": z_y, "out_min": lo, "out_max": hi,
-               "stride": list(conv.stride), "padding": list(_conv_padding(conv)), "dilation": list(conv.dilation),
-               "groups": conv.groups}
-    prom_onednn.prepack(codes, w_scale, s_x, z_x, scalars["stride"], scalars["padding"], scalars["dilation"], conv.groups)
-    return IntegerOp(torch.ops.fxslim.qconv2d.default, ("x",), {"weight": codes, "w_scale": w_scale, "bias": bias}, scalars)
+    tensors, scalars = _real_layer(qconv, conv.bias, bn, out_quant, activation, x_quant)
+    scalars.update(stride=list(conv.stride), padding=list(_conv_padding(conv)), dilation=list(conv.dilation),
+                   groups=conv.groups)
+    prom_onednn.prepack(tensors["weight"], tensors["w_scale"], scalars["x_scale"], scalars["x_zero_point"],
+                        scalars["stride"], scalars["padding"], scalars["dilation"], conv.groups)
+    return IntegerOp(torch.ops.fxslim.qconv2d.default, ("x",), tensors, scalars)
 
 
 def convert_linear_onednn(
     qlinear: QLinear, out_quant: ActFakeQuant, *, activation: str = "none", x_quant: ActFakeQuant | None = None,
 ) -> IntegerOp:
     """``out_quant(activation(qlinear(x)))`` as ``fxslim::qlinear``."""
-    s_x, z_x = _input_quant(qlinear, x_quant).qparams()
-    s_y, z_y = out_quant.qparams()
-    codes, w_scale = qlinear.weight_codes()
-    codes, w_scale, bias = _fold_real(codes, w_scale, qlinear.linear.bias, None)
-    lo, hi = _clamp_bounds(activation, s_y, z_y)
-    scalars = {"x_scale": s_x, "x_zero_point": z_x, "out_scale": s_y, "out_zero_point": z_y, "out_min": lo, "out_max": hi}
-    return IntegerOp(torch.ops.fxslim.qlinear.default, ("x",), {"weight": codes, "w_scale": w_scale, "bias": bias}, scalars)
+    tensors, scalars = _real_layer(qlinear, qlinear.linear.bias, None, out_quant, activation, x_quant)
+    return IntegerOp(torch.ops.fxslim.qlinear.default, ("x",), tensors, scalars)
 
 
 def convert_add_onednn(

@@ -1,8 +1,9 @@
 """Custom ops in the ``fxslim`` namespace (``torch.ops.fxslim.*``).
 
-Each op module defines the op with ``torch.library.custom_op``, a fake kernel (shapes, dtypes and
-strides only), a pure-PyTorch reference used as the test oracle, and a FlopCounterMode formula.
-Importing this package registers all of them; ``torch.export.load`` of a rewritten model needs it.
+Each op module defines the op with ``torch.library.custom_op`` and a fake kernel (shapes, dtypes
+and strides only); its test oracle is in ``<method>_reference``, and its FlopCounterMode formula is
+the cost model's count (``fxslim.cost_model.formulas.<method>``: 2·MACs, one formula per op).
+Importing this package registers the ops; ``torch.export.load`` of a rewritten model needs it.
 """
 
 from fxslim.runtime import haste  # noqa: F401  (fxslim::haste_conv2d)

@@ -45,7 +45,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 __all__ = [
     "CONV_SHIFT",
@@ -523,13 +522,6 @@ def _ternary_conv2d_fake(x, x_zero_point, weight_packed, bias, multiplier, shift
     return torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
 
 
-@register_flop_formula(torch.ops.fxslim.ternary_conv2d)
-def _ternary_conv2d_flops(x_shape, x_zero_point, w_shape, *args, out_shape, **kwargs) -> int:
-    """2·MACs of the 1×1 conv: [N, C_in, H, W] → [N, C_out, H', W'] (no multiplication is executed)."""
-    n, c_in = x_shape[:2]
-    return 2 * n * out_shape[1] * c_in * out_shape[2] * out_shape[3]
-
-
 # ----------------------------------------------------------------------------------------------
 # int8_conv2d
 
@@ -586,12 +578,6 @@ def _int8_conv2d_fake(x, x_zero_point, weight, bias, multiplier, shift, out_zero
     return torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
 
 
-@register_flop_formula(torch.ops.fxslim.int8_conv2d)
-def _int8_conv2d_flops(x_shape, x_zero_point, w_shape, *args, out_shape, **kwargs) -> int:
-    """2·MACs: N·C_out·(C_in/groups)·kh·kw·H'·W' (bias and requantization ignored)."""
-    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
-
-
 # ----------------------------------------------------------------------------------------------
 # int8_linear
 
@@ -634,12 +620,6 @@ def int8_linear(
 def _int8_linear_fake(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, offset=None):
     shape = _int8_linear_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, offset)
     return torch.empty(shape, dtype=torch.uint8, device=x.device)
-
-
-@register_flop_formula(torch.ops.fxslim.int8_linear)
-def _int8_linear_flops(x_shape, x_zero_point, w_shape, *args, out_shape, **kwargs) -> int:
-    """2·MACs: rows·in·out for [..., in] @ [in, out] (bias and requantization ignored)."""
-    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -29,10 +29,10 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
-from torch.utils.flop_counter import conv_flop_count, register_flop_formula
 
 from fxslim.runtime.prom import (
-    _CACHE, _check_addends, _check_code, _check_conv_geometry, _check_uint8, _inverse_scale, conv_output_size,
+    _CACHE, _check_addends, _check_code, _check_code_range, _check_conv_geometry, _check_uint8, _inverse_scale,
+    conv_output_size,
 )
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available"]
@@ -64,10 +64,7 @@ def _check_scale(name: str, value: float) -> None:
 def _check_out(out_scale: float, out_zero_point: int, out_min: int, out_max: int) -> None:
     _check_scale("out_scale", out_scale)
     _check_code("out_zero_point", out_zero_point)
-    _check_code("out_min", out_min)
-    _check_code("out_max", out_max)
-    if out_min > out_max:
-        raise ValueError(f"out_min/out_max: expected out_min <= out_max, got {out_min} > {out_max}")
+    _check_code_range(out_min, out_max)
 
 
 def _check_weight(weight: Tensor, w_scale: Tensor, bias: Tensor, dim: int) -> None:
@@ -232,12 +229,6 @@ qconv2d = torch.ops.fxslim.qconv2d.default
 qconv2d_add = torch.ops.fxslim.qconv2d_add.default
 
 
-@register_flop_formula([torch.ops.fxslim.qconv2d, torch.ops.fxslim.qconv2d_add])
-def _qconv2d_flops(x_shape, x_scale, x_zero_point, w_shape, *args, out_shape, **kwargs) -> int:
-    """2·MACs: N·C_out·(C_in/groups)·kh·kw·H'·W' (bias, requantization and the residual ignored)."""
-    return conv_flop_count(list(x_shape), list(w_shape), list(out_shape), transposed=False)
-
-
 # ----------------------------------------------------------------------------------------------
 # qlinear
 
@@ -289,12 +280,6 @@ def _qlinear_fake(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, ou
 
 
 qlinear = torch.ops.fxslim.qlinear.default
-
-
-@register_flop_formula(torch.ops.fxslim.qlinear)
-def _qlinear_flops(x_shape, x_scale, x_zero_point, w_shape, *args, out_shape, **kwargs) -> int:
-    """2·MACs: rows·in·out for [..., in] @ [in, out] (bias and requantization ignored)."""
-    return 2 * math.prod(x_shape[:-1]) * w_shape[0] * w_shape[1]
 
 
 # ----------------------------------------------------------------------------------------------
