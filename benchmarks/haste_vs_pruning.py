@@ -168,11 +168,12 @@ _FORMATS = ["d", ".1f", ".1f", ".1f", *(".2f" for _ in range(8)), *(".2f}×" for
 
 def to_results(data: dict[str, Any], command: str) -> Results:
     """The summary per model and L of the recorded runs (``data``, as in the runs file): means ± std over seeds."""
-    sections = [Section(text=[f"Runs recorded by `{data['command']}`.", "", data["setup"]])]
+    sections = []
     for name, model in data["models"].items():
         if "missing" in model:
             sections.append(Section(name, [model["missing"]]))
             continue
+        recorded = [f"Runs recorded by `{model['command']}`.", "", model["setup"], ""]
         rows = []
         for row in model["rows"]:
             runs = row["runs"]
@@ -182,7 +183,7 @@ def to_results(data: dict[str, Any], command: str) -> Results:
                            for x in _mean_std([r["time"] for r in runs[v]]))])
         sections.append(Section(
             f"{name} (checkpoint `{model['checkpoint']}`)",
-            [f"Dense: top-1 {model['dense_top1']:.2f} %, {model['dense_macs']:,} MACs per image. Top-1 and time are "
+            [*recorded, f"Dense: top-1 {model['dense_top1']:.2f} %, {model['dense_macs']:,} MACs per image. Top-1 and time are "
              "mean ± std over seeds (the calibration digits and, for HASTE, the planes); time is the variant's over "
              "the dense model's."],
             Table(COLUMNS, rows, _FORMATS), [landing(name, model)]))
@@ -190,24 +191,36 @@ def to_results(data: dict[str, Any], command: str) -> Results:
                    "ResNets)", command, sections)
 
 
+def _recorded_models(runs_path: Path) -> dict[str, Any]:
+    """The models of the runs file, each with the command and set-up of its run (a file written
+    before runs were kept per model has one of each for all)."""
+    if not runs_path.is_file():
+        return {}
+    data = json.loads(runs_path.read_text())
+    return {name: model if "missing" in model else {"command": data.get("command"), "setup": data.get("setup")} | model
+            for name, model in data["models"].items()}
+
+
 def run(args: argparse.Namespace, command: str = "python -m benchmarks.haste_vs_pruning") -> Results:
     """Every variant at every L and seed on each model (all recorded in the runs file), then their summary."""
     runs_path = args.out / "haste_vs_pruning_runs.json"
     if args.render:
-        return to_results(json.loads(runs_path.read_text()), command)
+        return to_results({"models": _recorded_models(runs_path)}, command)
     if args.threads:
         torch.set_num_threads(args.threads)
     import torch_pruning
 
     split = mnist_5k()
     load = os.getloadavg()[0]
-    data: dict[str, Any] = {"command": command, "models": {}}
+    # the models this run leaves out keep their recorded runs
+    data: dict[str, Any] = {"models": _recorded_models(runs_path)}
+    fresh = {}
     for name in args.models:
         try:
-            data["models"][name] = run_model(name, args, split)
+            fresh[name] = run_model(name, args, split)
         except FileNotFoundError as missing:  # e.g. ResNet34, slow to train on 2 cores
-            data["models"][name] = {"missing": f"Not run: {missing}."}
-    data["setup"] = (
+            fresh[name] = {"missing": f"Not run: {missing}."}
+    setup = (
         f"HASTE: sparsity 2/3, 4×4 tiles, centring on, stem kept dense. Pruning: Torch-Pruning "
         f"{torch_pruning.__version__} MagnitudePruner, L1 importance, local ratio, stem and classifier kept. "
         f"BN statistics: re-estimated on {args.calibration} unlabelled MNIST-5k training digits drawn per seed. "
@@ -215,6 +228,9 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.haste_vs_
         f"{platform.machine()}, {torch.get_num_threads()} threads; 1-minute load average {load:.1f} at the "
         f"start, {os.getloadavg()[0]:.1f} at the end (a shared machine: compare times within a row)."
     )
+    for name, model in fresh.items():
+        data["models"][name] = model | ({} if "missing" in model else {"command": command, "setup": setup})
+    data["models"] = {name: data["models"][name] for name in ("resnet18", "resnet34") if name in data["models"]}
     runs_path.parent.mkdir(parents=True, exist_ok=True)
     runs_path.write_text(json.dumps(data, indent=1))
     return to_results(data, command)
