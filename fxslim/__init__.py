@@ -6,6 +6,7 @@
     qat = fxslim.prepare(model, example_inputs)           # PROM QAT model; train it, then
     int_model = fxslim.convert(qat)                        # integer GraphModule of torch.ops.fxslim ops
     fxslim.convert_report(int_model).islands               # the ops that run in float, and why
+    fast = fxslim.micro_batched(fxslim.convert(qat, runtime="onednn"))   # oneDNN u8 kernels (VNNI/AMX CPUs)
     torch.compile(model, backend="fxslim", options={"passes": ["haste"]})
     fxslim.reestimate_bn_statistics(res.module, unlabelled_batches)   # optional, for HASTE: not data-free
     with fxslim.record_buckets() as rec: res.module(x)     # HASTE bucket counts on sample inputs, then
@@ -22,6 +23,7 @@ from fxslim.passes.base import Pass, parse_pass, register_pass, registered_passe
 from fxslim.passes.haste import HASTE
 from fxslim.passes.httm import HTTM
 from fxslim.passes.prom import PROM, calibrate
+from fxslim.passes.prom_batching import micro_batched
 from fxslim.passes.prom_convert import convert, convert_report
 from fxslim.policy import Policy
 from fxslim.runtime.haste import record_buckets
@@ -31,6 +33,6 @@ __all__ = [
     "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy",
     "parse_pass", "register_pass", "registered_passes", "runtime", "estimate", "compare", "Conventions",
     "PROM", "prepare", "calibrate", "convert", "convert_report", "HASTE", "HTTM", "reestimate_bn_statistics",
-    "record_buckets", "HasteBuckets",
+    "record_buckets", "HasteBuckets", "micro_batched",
 ]
 __version__ = "0.1.0"
