@@ -82,7 +82,8 @@ class HASTE(Pass):
         for node in done:
             report.skip(node, node_fqn(node, gm), _rewritten_kind(gm, node), "already_rewritten")
         # 2. layers in graph order, rewritten ones included: the seed offset of each conv
-        matches = match_convs(gm)
+        found = list(views(gm))
+        matches = match_convs(gm, found)
         params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
         convs = {m.view.node: m.view for m in matches}
         layers: dict[str, int] = {}
@@ -90,7 +91,7 @@ class HASTE(Pass):
             if node in convs or _is_haste(node):
                 key = _weight_key(node.args[1], node, params) if _is_haste(node) else _view_key(convs[node], params)
                 layers.setdefault(key, len(layers))
-        weighted = {v.node for v in views(gm)} | set(done)
+        weighted = {v.node for v in found} | set(done)
         out: list[Candidate] = []
         for m in matches:
             view = m.view

@@ -12,7 +12,7 @@ has no softmax over a token-by-token score matrix and is not attention to these 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -69,14 +69,15 @@ def attention_scope(view: AttentionView, batch_size: Any) -> Literal["global", "
     return "global" if same else "local"
 
 
-def _convs(gm: fx.GraphModule) -> Iterator[ConvView]:
-    return (v for v in views(gm) if isinstance(v, ConvView))
+def _convs(gm: fx.GraphModule, found: Sequence[View] | None = None) -> Iterator[ConvView]:
+    return (v for v in (views(gm) if found is None else found) if isinstance(v, ConvView))
 
 
-def match_convs(gm: fx.GraphModule) -> list[Match]:
-    """Every 2-D conv; qualifies when groups == 1 and not transposed (pointwise included)."""
+def match_convs(gm: fx.GraphModule, found: Sequence[View] | None = None) -> list[Match]:
+    """Every 2-D conv; qualifies when groups == 1 and not transposed (pointwise included).
+    ``found``: the graph's views when the caller already has them (one scan of the graph)."""
     out = []
-    for view in _convs(gm):
+    for view in _convs(gm, found):
         kind = view.conv_kind
         reason = {"transposed_conv": "transposed", "depthwise_conv": "grouped", "grouped_conv": "grouped"}.get(kind, "")
         out.append(Match(view, kind, reason))
