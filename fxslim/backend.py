@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 
 from fxslim.capture import batch_of, placeholder_fqns
-from fxslim.ir import META_PLACEHOLDER_FQNS, detect_ir, meta_val
+from fxslim.ir import META_PLACEHOLDER_FQNS, META_PROM_LOWERED, detect_ir, meta_val
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, run_passes
 from fxslim.policy import Policy
 from fxslim.runtime.prom_lowered import has_onednn_ops, lower
@@ -134,5 +134,5 @@ def _prom_onednn(gm: fx.GraphModule, example_inputs: list[Any], params: dict[str
     which inductor would only wrap in another layer of calls."""
     values = {n.name: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
     lowered = lower(gm, {name: values[name] for name in params if isinstance(values.get(name), torch.Tensor)})
-    _log.info("fxslim backend: PROM oneDNN graph lowered: %s", lowered.meta["prom_lowered"])
+    _log.info("fxslim backend: PROM oneDNN graph lowered: %s", lowered.meta[META_PROM_LOWERED])
     return lowered.forward

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import operator
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -51,6 +51,8 @@ __all__ = [
     "META_REPORT",
     "META_PROM_QUANT",
     "META_PROM_CONVERT",
+    "META_PROM_LOWERED",
+    "schema_arguments",
 ]
 
 IR = Literal["module", "torch", "aten"]
@@ -67,6 +69,7 @@ META_PASS = "fxslim_pass"  # node.meta: the pass that emitted the node
 META_REPORT = "fxslim_report"  # gm.meta of a prepared model: the OptimizeReport of its rewrite
 META_PROM_QUANT = "fxslim_prom_quant"  # node.meta of a PROM integer op: the ActFakeQuant whose grid it writes
 META_PROM_CONVERT = "fxslim_prom_convert"  # gm.meta of a PROM integer model: its ConvertReport
+META_PROM_LOWERED = "fxslim_prom_lowered"  # gm.meta of a lowered PROM graph: what was lowered, what kept and why
 
 
 def meta_val(node: Any) -> Any:
@@ -95,6 +98,21 @@ def attribute(root: Any, path: str, default: Any = ...) -> Any:
     for part in str(path).split(".") if path else ():
         obj = getattr(obj, part) if default is ... else getattr(obj, part, default)
     return obj
+
+
+def schema_arguments(target: Any, args: Sequence[Any], kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of a call of op ``target`` (an overload, or a packet: its default overload) by
+    schema name: positional, then keyword, then the schema's default (None where it has none)."""
+    schema = (target if hasattr(target, "_schema") else target.default)._schema
+    out = {}
+    for i, arg in enumerate(schema.arguments):
+        if i < len(args):
+            out[arg.name] = args[i]
+        elif arg.name in kwargs:
+            out[arg.name] = kwargs[arg.name]
+        else:
+            out[arg.name] = arg.default_value
+    return out
 
 
 def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:

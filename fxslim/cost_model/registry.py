@@ -62,6 +62,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch._ops import OpOverload, OpOverloadPacket
 
+from fxslim.ir import schema_arguments
+
 if TYPE_CHECKING:
     from fxslim.cost_model.conventions import Conventions
 
@@ -140,16 +142,7 @@ class OpCall:
     def arguments(self) -> dict[str, Any]:
         """The arguments by schema name (positional or keyword, schema defaults filled in); for ops
         with a schema (``torch.ops.*``), which is what custom-op formulas receive."""
-        target = self.target if hasattr(self.target, "_schema") else self.target.default
-        out = {}
-        for i, arg in enumerate(target._schema.arguments):
-            if i < len(self.args):
-                out[arg.name] = self.args[i]
-            elif arg.name in self.kwargs:
-                out[arg.name] = self.kwargs[arg.name]
-            else:
-                out[arg.name] = arg.default_value
-        return out
+        return schema_arguments(self.target, self.args, self.kwargs)
 
 
 @dataclass(frozen=True)

@@ -733,14 +733,21 @@ def int8_global_avg_pool2d(
     input it gets, so one converted model serves every resolution. With acc = Σ_{H,W} (q − z_x) in
     int64 and D = H·W·2^shift: out = clamp(floor((acc·M + D/2) / D) + z_out, out_min, out_max).
     """
-    shape = _pool_check(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
+    _pool_check(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
+    return global_avg_pool_codes(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
+
+
+def global_avg_pool_codes(x: Tensor, x_zero_point: int, multiplier: int, shift: int, out_zero_point: int,
+                          out_min: int, out_max: int) -> Tensor:
+    """The arithmetic of ``int8_global_avg_pool2d`` on checked arguments (the lowered runtime calls it
+    directly): contiguous uint8 [N, C, 1, 1]."""
     hw = x.shape[2] * x.shape[3]
     # int32 sums (exact: 255·H·W fits, checked) are twice as fast as int64 ones; the few sums widen after
     acc = x.sum((2, 3), keepdim=True, dtype=torch.int32).to(torch.int64)
     denominator = hw << shift
     acc.sub_(hw * x_zero_point).mul_(multiplier).add_(denominator >> 1)
     acc = torch.div(acc, denominator, rounding_mode="floor").add_(out_zero_point).clamp_(out_min, out_max)
-    return torch.empty(shape, dtype=torch.uint8, device=x.device).copy_(acc)
+    return acc.to(torch.uint8)
 
 
 @int8_global_avg_pool2d.register_fake
@@ -822,10 +829,15 @@ def dequantize(q: Tensor, scale: float, zero_point: int, nan_samples: Tensor | N
     makes the whole output NaN.
     """
     _dequantize_check(q, zero_point, nan_samples)
-    out = q.to(torch.float32).sub_(zero_point).mul_(torch.tensor(scale, dtype=torch.float32))
-    if nan_samples is not None and bool(nan_samples.any()):
-        if q.dim() >= 1 and q.shape[0] == nan_samples.shape[0]:
-            out[nan_samples] = float("nan")
+    return dequantized(q, scale, zero_point, nan_samples)
+
+
+def dequantized(q: Tensor, scale: float, zero_point: int, flags: Tensor | None = None) -> Tensor:
+    """The arithmetic of ``dequantize`` on checked arguments (the lowered runtime calls it directly)."""
+    out = q.to(torch.float32).sub_(zero_point).mul_(scale)  # the scale is applied as float32, as a 0-d tensor would be
+    if flags is not None and bool(flags.any()):
+        if q.dim() >= 1 and q.shape[0] == flags.shape[0]:
+            out.masked_fill_(flags.view(-1, *([1] * (q.dim() - 1))), float("nan"))
         else:
             out.fill_(float("nan"))
     return out
@@ -849,6 +861,11 @@ def nan_samples(x: Tensor) -> Tensor:
     """Which samples (dim 0) of a float tensor hold a NaN: bool [N] (one reduction; max propagates NaN)."""
     if not x.is_floating_point() or x.dim() < 1:
         raise ValueError(f"x: expected a floating-point tensor with a batch dimension, got {x.dtype} {tuple(x.shape)}")
+    return nan_flags(x)
+
+
+def nan_flags(x: Tensor) -> Tensor:
+    """The arithmetic of ``nan_samples`` on a checked ``x`` (the lowered runtime calls it directly)."""
     if x.numel() == 0:
         return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
     return x.reshape(x.shape[0], -1).amax(1).isnan()

@@ -12,7 +12,7 @@ lookups once, on a copy of the converted graph, and leaves calls that compute no
     fxslim::qlinear(x [N, in], ...)                → onednn::qlinear_pointwise(x, ..., packed, ...)
     fxslim::quantize_per_tensor(x f32, 0..255)     → ATen's vectorised quantizer, written channels_last
                                                      when only convs read it
-    fxslim::int8_global_avg_pool2d / dequantize / nan_samples → the same ATen arithmetic, called directly
+    fxslim::int8_global_avg_pool2d / dequantize / nan_samples → the ops' own arithmetic, called without their checks
 
 Every replacement computes the same values as the op it replaces (tests/runtime/test_prom_lowered.py
 compares them bit for bit), so the ``torch.ops.fxslim`` graph stays the model's definition and the
@@ -33,9 +33,9 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from fxslim.ir import meta_val
+from fxslim.ir import META_PROM_LOWERED, attribute, meta_val, schema_arguments
 from fxslim.runtime import prom_onednn
-from fxslim.runtime.prom import _INT32_MAX
+from fxslim.runtime.prom import _INT32_MAX, dequantized, global_avg_pool_codes, nan_flags
 
 __all__ = ["lower", "has_onednn_ops"]
 
@@ -86,50 +86,16 @@ def quantize(x: Tensor, scale: float, zero_point: int) -> Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
 
 
-def nan_samples(x: Tensor) -> Tensor:
-    """``fxslim::nan_samples``: bool [N], which samples of ``x`` hold a NaN."""
-    if x.numel() == 0:
-        return torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    return x.reshape(x.shape[0], -1).amax(1).isnan()
-
-
-def dequantize(q: Tensor, scale: float, zero_point: int, flags: Tensor | None = None) -> Tensor:
-    """``fxslim::dequantize``: (q − z)·scale; the samples ``flags`` marks NaN (all of it when dim 0 of
-    ``q`` is not their batch)."""
-    out = q.to(torch.float32).sub_(zero_point).mul_(scale)
-    if flags is None:
-        return out
-    if q.dim() >= 1 and q.shape[0] == flags.shape[0]:
-        return out.masked_fill_(flags.view(-1, *([1] * (q.dim() - 1))), float("nan"))
-    return out.fill_(float("nan")) if bool(flags.any()) else out
-
-
 def global_avg_pool(x: Tensor, x_zero_point: int, multiplier: int, shift: int, out_zero_point: int, out_min: int,
                     out_max: int) -> Tensor:
-    """``fxslim::int8_global_avg_pool2d``: clamp(floor((Σ(q − z_x)·M + D/2) / D) + z_out), D = H·W·2^shift."""
-    hw = x.shape[2] * x.shape[3]
-    if hw * 255 > _INT32_MAX:
-        raise ValueError(f"x: H·W = {hw} is too large for an int32 sum")
-    acc = x.sum((2, 3), keepdim=True, dtype=torch.int32).to(torch.int64)
-    denominator = hw << shift
-    acc.sub_(hw * x_zero_point).mul_(multiplier).add_(denominator >> 1)
-    acc = torch.div(acc, denominator, rounding_mode="floor").add_(out_zero_point).clamp_(out_min, out_max)
-    return acc.to(torch.uint8)
+    """``fxslim::int8_global_avg_pool2d`` with only the check the graph cannot guarantee: H·W of this input."""
+    if x.shape[2] * x.shape[3] * 255 > _INT32_MAX:
+        raise ValueError(f"x: H·W = {x.shape[2] * x.shape[3]} is too large for an int32 sum")
+    return global_avg_pool_codes(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
 
 
 # ----------------------------------------------------------------------------------------------
 # lower
-
-
-def _named(node: fx.Node) -> dict[str, object]:
-    """The node's arguments by schema name (defaults filled in)."""
-    schema = node.target._schema
-    values = dict(zip((a.name for a in schema.arguments), node.args))
-    values.update(node.kwargs)
-    for a in schema.arguments:
-        if a.name not in values and a.has_default_value():
-            values[a.name] = a.default_value
-    return values
 
 
 class _Lowering:
@@ -147,9 +113,7 @@ class _Lowering:
         if not isinstance(node, fx.Node):
             return None
         if node.op == "get_attr":
-            value = self.gm
-            for part in str(node.target).split("."):
-                value = getattr(value, part)
+            value = attribute(self.gm, node.target)
             return value if isinstance(value, Tensor) else None
         if node.op == "placeholder":
             return self.constants.get(node.name)
@@ -184,7 +148,7 @@ class _Lowering:
             return self.graph.call_function(prom_onednn._channels_last, (x,))
 
     def conv(self, node: fx.Node) -> None:
-        a = _named(node)
+        a = schema_arguments(node.target, node.args, node.kwargs)
         weight, w_scale, bias = (self.constant(a[k]) for k in ("weight", "w_scale", "bias"))
         x = meta_val(a["x"])
         if weight is None or w_scale is None or bias is None or not isinstance(x, Tensor):
@@ -222,7 +186,7 @@ class _Lowering:
             return self.graph.call_method("clone", (skip,), {"memory_format": torch.channels_last})
 
     def linear(self, node: fx.Node) -> None:
-        a = _named(node)
+        a = schema_arguments(node.target, node.args, node.kwargs)
         weight, w_scale, bias = (self.constant(a[k]) for k in ("weight", "w_scale", "bias"))
         x = meta_val(a["x"])
         if weight is None or w_scale is None or bias is None or not isinstance(x, Tensor) or x.dim() != 2:
@@ -240,7 +204,7 @@ class _Lowering:
                                             a["out_zero_point"], None, attr, scalars, ""), "qlinear")
 
     def quantize(self, node: fx.Node) -> None:
-        a = _named(node)
+        a = schema_arguments(node.target, node.args, node.kwargs)
         x = meta_val(a["x"])
         if not isinstance(x, Tensor) or (a["out_min"], a["out_max"]) != (0, 255):
             self.count("kept:not_full_range")  # ATen's quantizer saturates to the whole u8 range
@@ -253,9 +217,9 @@ class _Lowering:
             self.replace(node, quantize, (a["x"], a["scale"], a["zero_point"]), "quantize")
 
     def cheap(self, node: fx.Node) -> None:
-        a = _named(node)
+        a = schema_arguments(node.target, node.args, node.kwargs)
         if node.target is _NAN:
-            self.replace(node, nan_samples, (a["x"],), "nan_samples")  # the op's checks held at conversion
+            self.replace(node, nan_flags, (a["x"],), "nan_samples")  # the op's checks held at conversion
         elif node.target is _POOL:
             if isinstance(meta_val(a["x"]), Tensor) and meta_val(a["x"]).dim() == 4:
                 self.replace(node, global_avg_pool, tuple(a[k] for k in ("x", "x_zero_point", "multiplier", "shift",
@@ -263,7 +227,7 @@ class _Lowering:
             else:
                 self.count("kept:not_4d")
         else:
-            self.replace(node, dequantize, (a["q"], a["scale"], a["zero_point"], a["nan_samples"]), "dequantize")
+            self.replace(node, dequantized, (a["q"], a["scale"], a["zero_point"], a["nan_samples"]), "dequantize")
 
     def run(self) -> fx.GraphModule:
         for node in list(self.graph.nodes):
@@ -290,12 +254,12 @@ def lower(gm: fx.GraphModule, constants: dict[str, Tensor] | None = None) -> fx.
     ``gm`` is only read; the copy shares its weights and holds oneDNN's packed forms of them as
     plain attributes (not buffers: they cannot be copied, saved or moved to another device). ``constants``: values of placeholders that
     hold weights (a graph dynamo captured, whose parameters arrive as inputs), by node name.
-    ``gm.meta["prom_lowered"]`` counts what was lowered, and as ``kept:<reason>`` what was not.
+    ``gm.meta[META_PROM_LOWERED]`` counts what was lowered, and as ``kept:<reason>`` what was not.
     """
     with warnings.catch_warnings():  # ATen's quantizer warns once that quantized dtypes are deprecated
         warnings.simplefilter("ignore", UserWarning)
         torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
     lowering = _Lowering(gm, dict(constants or {}))
     out = lowering.run()
-    out.meta["prom_lowered"] = dict(lowering.lowered)
+    out.meta[META_PROM_LOWERED] = dict(lowering.lowered)
     return out

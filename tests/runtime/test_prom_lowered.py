@@ -16,12 +16,13 @@ from torch import nn
 
 from benchmarks.prom_common import photo_batch, random_mobilenet_v2
 from fxslim.api import prepare
+from fxslim.ir import META_PROM_LOWERED
 from fxslim.passes.prom import calibrate
 from fxslim.passes.prom_batching import micro_batched
 from fxslim.passes.prom_convert import convert
 from fxslim.propagate import propagate
 from fxslim.runtime import prom_lowered as L
-from fxslim.runtime.prom import _inverse_scale
+from fxslim.runtime.prom import _inverse_scale, dequantized, nan_flags
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 
 pytestmark = [pytest.mark.skipif(not (onednn_available() and vnni_available()),
@@ -43,7 +44,7 @@ def mobilenet():
 
 def test_lower_mobilenet_v2_every_op_lowered_and_every_skip_accumulated_in_place(mobilenet):
     _, fast, low = mobilenet
-    assert low.meta["prom_lowered"] == {"nan_samples": 1, "quantize": 1, "qconv2d": 42, "qconv2d_add": 10,
+    assert low.meta[META_PROM_LOWERED] == {"nan_samples": 1, "quantize": 1, "qconv2d": 42, "qconv2d_add": 10,
                                         "in_place_skip": 10, "pool": 1, "qlinear": 1, "dequantize": 1}
     targets = Counter(n.target for n in low.graph.nodes if n.op == "call_function")
     assert targets[onednn.qconv_pointwise.default] == 42 and targets[onednn.qconv2d_pointwise.binary] == 10
@@ -127,7 +128,7 @@ def test_lower_conv_with_weight_from_input_keeps_checking_op():
 
     gm = fx.symbolic_trace(Conv())
     low = L.lower(gm)
-    assert low.meta["prom_lowered"] == {"kept:weight_at_run_time": 1} and any(n.target is ops.qconv2d.default for n in low.graph.nodes)
+    assert low.meta[META_PROM_LOWERED] == {"kept:weight_at_run_time": 1} and any(n.target is ops.qconv2d.default for n in low.graph.nodes)
     x = torch.randint(0, 256, (1, 4, 5, 5), generator=gen).to(torch.uint8)
     assert torch.equal(low(x, w), gm(x, w))
 
@@ -164,7 +165,7 @@ def test_lower_skip_accumulated_in_place_only_when_no_later_reader(read_skip_aft
     gm, x = _residual_graph(read_skip_after)
     low = L.lower(gm)
     clones = [n for n in low.graph.nodes if n.op == "call_method" and n.target == "clone"]
-    assert low.meta["prom_lowered"].get("in_place_skip", 0) == (0 if read_skip_after else 1)
+    assert low.meta[META_PROM_LOWERED].get("in_place_skip", 0) == (0 if read_skip_after else 1)
     assert len(clones) == (1 if read_skip_after else 0)
     assert torch.equal(low(x), gm(x))
 
@@ -189,12 +190,12 @@ def test_lower_cheap_ops_equal_fxslim_ops():
     assert torch.equal(L.global_avg_pool(q, *args), ops.int8_global_avg_pool2d.default(q, *args))
     x = torch.randn(4, 3, 5, 5)
     x[2, 1, 1, 1] = float("nan")
-    flags = L.nan_samples(x)
+    flags = nan_flags(x)
     assert torch.equal(flags, ops.nan_samples.default(x)) and flags.tolist() == [False, False, True, False]
     logits = torch.randint(0, 256, (4, 10), generator=gen).to(torch.uint8)
-    out, ref = L.dequantize(logits, 0.037, 120, flags), ops.dequantize.default(logits, 0.037, 120, flags)
+    out, ref = dequantized(logits, 0.037, 120, flags), ops.dequantize.default(logits, 0.037, 120, flags)
     assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out[~flags], ref[~flags])
-    assert torch.equal(L.dequantize(logits, 0.037, 120), ops.dequantize.default(logits, 0.037, 120))
+    assert torch.equal(dequantized(logits, 0.037, 120), ops.dequantize.default(logits, 0.037, 120))
     other = logits[:3]  # dim 0 is not the flags' batch: any NaN sample makes it all NaN, as the op does
-    assert L.dequantize(other, 0.037, 120, flags).isnan().all() and ops.dequantize.default(other, 0.037, 120, flags).isnan().all()
-    assert torch.equal(L.dequantize(other, 0.037, 120, flags & False), ops.dequantize.default(other, 0.037, 120, flags & False))
+    assert dequantized(other, 0.037, 120, flags).isnan().all() and ops.dequantize.default(other, 0.037, 120, flags).isnan().all()
+    assert torch.equal(dequantized(other, 0.037, 120, flags & False), ops.dequantize.default(other, 0.037, 120, flags & False))
