@@ -17,7 +17,6 @@ are 32/16/8/4 as on CIFAR, the geometry HASTE was evaluated on.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 from benchmarks import records
 from benchmarks.command import command_line
 from benchmarks.records import Results, Section, Table
-from benchmarks.resnet_checkpoints import DEFAULT_WEIGHT_DECAY, ZOO_WEIGHT_DECAY, checkpoint_name, weight_decay_flag
+from benchmarks.resnet_checkpoints import DEFAULT_WEIGHT_DECAY, ZOO_WEIGHT_DECAY, checkpoint_name
 from fxslim.models.data import Split, mnist_5k
 from fxslim.models.resnet_cifar import pad_to_32, resnet18, resnet34
 from fxslim.models.train import FitConfig, evaluate, fit

@@ -97,13 +97,19 @@ def test_haste_cost_bias_additions_follow_the_conventions():
     assert with_bias.ops[("add", "fp32")] - without.ops[("add", "fp32")] == 2 * 6 * 8 * 8  # one per output
 
 
-def test_haste_compare_report_shows_predicted_and_measured_per_module():
+def _hashed_resnet_and_its_buckets():
+    """A small ResNet18 rewritten with HASTE L=6, and the bucket counts of one run on its example."""
     model, x = resnet18(in_channels=3, width=0.125).eval(), torch.randn(2, 3, 16, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         res = fxslim.optimize(model, x, passes=["haste:L=6"])
     with torch.no_grad(), record_buckets() as rec:
         res.module(x)
+    return res, rec
+
+
+def test_haste_compare_report_shows_predicted_and_measured_per_module():
+    res, rec = _hashed_resnet_and_its_buckets()
     comp = res.compare(haste_buckets=HasteBuckets(measured=rec))
     rows = {r.fqn: r for r in comp.rows}
     for layer, stats in rec.items():
@@ -121,12 +127,7 @@ def test_haste_compare_report_shows_predicted_and_measured_per_module():
 
 
 def test_haste_predictions_are_data_free_unless_stats_are_given_explicitly():
-    model, x = resnet18(in_channels=3, width=0.125).eval(), torch.randn(2, 3, 16, 16)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        res = fxslim.optimize(model, x, passes=["haste:L=6"])
-    with torch.no_grad(), record_buckets() as rec:
-        res.module(x)
+    res, rec = _hashed_resnet_and_its_buckets()
     rewritten = [e for e in res.report.entries("haste") if e.status == "rewritten"]
     assert rewritten and all(e.info["buckets"] == "independent_codes" for e in rewritten)  # the pass: data-free
     calibrated = {r.fqn: r for r in res.compare(haste_buckets=HasteBuckets(calibration=rec)).after.rows}
