@@ -172,6 +172,9 @@ class _Lowering:
         if not any_size:
             self.count("kept:input_size_checked")  # a small enough input gives no output pixel: the op checks
             return
+        if node.target is _CONV_ADD and attr not in ("none", "relu"):
+            self.count("kept:clamped_residual")  # oneDNN has no sum with a clamp short of 255: the op clamps after
+            return
         if attr in _QCONV:
             pack = functools.partial(prom_onednn.pack_quantized, weight, w_scale, bias, stride, padding, dilation, a["groups"])
             self.quantized_conv(node, a, packed, pack, attr)
@@ -259,11 +262,12 @@ class _Lowering:
 
     def read_codes(self) -> None:
         """Every reader of a QTensor but ATen's quantized convs reads its uint8 codes, through one view."""
+        position = {n: i for i, n in enumerate(self.graph.nodes)}
         for q in list(self.qparams):
             readers = [u for u in q.users if not ((u.target in _QUANTIZED and q in u.args[:2]) or u in self.qparams)]
             if not readers:
                 continue
-            with self.graph.inserting_after(q):
+            with self.graph.inserting_before(min(readers, key=position.__getitem__)):  # not between two convs
                 view = self.graph.call_function(prom_onednn.codes, (q,))
             for user in readers:
                 user.replace_input_with(q, view)

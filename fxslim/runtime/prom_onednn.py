@@ -267,6 +267,11 @@ def _qconv2d_add_cpu(
     packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
         x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
         dilation, groups)
+    if attr not in ("none", "relu"):
+        # oneDNN has no sum with a clamp short of 255: add over the whole u8 range, then clamp the
+        # codes (the same codes: rounding is monotone and both bounds are codes)
+        return qconv2d_add(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, 0, 255, stride,
+                           padding, dilation, groups, skip, skip_scale, skip_zero_point).clamp_(out_min, out_max)
     shape = (x.shape[0], weight.shape[0],
              *(conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)))
     if skip.dtype != torch.uint8 or tuple(skip.shape) != shape:

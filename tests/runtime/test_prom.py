@@ -224,6 +224,19 @@ def test_int8_conv2d_equals_oracle(n, c_in, c_out, h, w, kernel, stride, padding
     assert out.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_int8_conv2d_dilated_one_by_one_kernel_equals_oracle():
+    """A 1×1 kernel with stride 2, padding 1 and dilation 2 on an 8×1 input crashed the process inside
+    oneDNN (found by a sweep of the property above): a dilation along a kernel side of 1 is now 1."""
+    gen = _gen(5)
+    x = _codes((1, 1, 8, 1), gen)
+    weight = torch.randint(-127, 128, (1, 1, 1, 1), generator=gen).to(torch.int8)
+    bias = torch.randint(-20_000, 20_000, (1,), generator=gen, dtype=torch.int32)
+    mult, shift = _multipliers(1, gen, "tiny")
+    args = (x, 3, weight, bias, mult, shift, *_out_range(gen), [2, 2], [1, 1], [2, 2], 1, None)
+    out = P.int8_conv2d(*args)
+    assert out.shape == (1, 1, 5, 2) and torch.equal(out, R.int8_conv2d_reference(*args))
+
+
 @pytest.mark.parametrize("groups", [1, 8])
 def test_int8_conv2d_extreme_inputs_equal_oracle(groups):
     """Codes 255 against weights ±127 everywhere (the int16 saturation case of non-VNNI kernels)."""

@@ -233,7 +233,8 @@ def test_lower_quantize_qtensor_equals_op_on_ties_saturation_and_slices():
 
 def test_lower_clamped_conv_between_quantized_convs_keeps_qconv_pointwise_and_equals_graph():
     """A conv whose clamp stops short of the u8 range has no ATen quantized form: it runs on oneDNN's
-    op, reading the codes of the QTensor before it and handing codes to the QTensor conv after it."""
+    op, reading the codes of the QTensor before it and handing codes to the QTensor conv after it;
+    a residual add under such a clamp keeps its fxslim op."""
     gen = torch.Generator().manual_seed(3)
     graph, root = fx.Graph(), nn.Module()
     x = graph.placeholder("x")
@@ -248,14 +249,19 @@ def test_lower_clamped_conv_between_quantized_convs_keeps_qconv_pointwise_and_eq
     a = conv(x, "a", 0, 255)
     b = conv(a, "b", 100, 200)  # a clamp short of 255: hardtanh
     c = conv(b, "c", 100, 255)  # a relu at the zero point: quantized::conv2d_relu
-    graph.output(conv(c, "d", 0, 255))
+    d = conv(c, "d", 0, 255)
+    # a residual add under a clamp short of 255: no oneDNN form, the checking op stays (it clamps after the sum)
+    e = graph.call_function(ops.qconv2d_add.default, (*conv(d, "e", 100, 200).args, c, 0.05, 100))
+    graph.erase_node(next(n for n in graph.nodes if n.name == "qconv2d_default_4"))
+    graph.output(e)
     gm = fx.GraphModule(root, graph)
     x_val = torch.randint(0, 256, (2, 8, 9, 11), generator=gen).to(torch.uint8)
     propagate(gm, [x_val])
     low = L.lower(gm)
+    assert low.meta[META_PROM_LOWERED]["kept:clamped_residual"] == 1
     targets = Counter(n.target for n in _all_nodes(low) if n.op == "call_function")
     assert targets[onednn.qconv_pointwise.default] == 1 and targets[torch.ops.quantized.conv2d_relu] == 1
-    assert targets[torch.ops.quantized.conv2d] == 2 and len(_segments(low)) == 2
+    assert targets[torch.ops.quantized.conv2d] == 2 and len(_segments(low)) == 2 and targets[ops.qconv2d_add.default] == 1
     assert torch.equal(low(x_val), gm(x_val)) and torch.equal(low(x_val[:1]), gm(x_val[:1]))
 
 
