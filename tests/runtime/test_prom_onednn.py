@@ -13,6 +13,7 @@ from torch.library import opcheck
 from fxslim.runtime import prom_onednn as O
 from fxslim.runtime import prom as P
 from fxslim.runtime import prom_reference as R
+from tests.runtime.conv_geometry import conv_geometries
 
 pytestmark = pytest.mark.skipif(not (O.onednn_available() and O.vnni_available()),
                                 reason="needs oneDNN quantized ops and VNNI/AMX int8 dot products")
@@ -75,33 +76,19 @@ def test_qconv2d_within_one_lsb_of_float_model_and_fixed_point_reference(name, c
 
 
 @settings(max_examples=40, deadline=None)
-@given(
-    n=st.integers(1, 2), c_in=st.integers(1, 8), c_out=st.integers(1, 8), h=st.integers(1, 9), w=st.integers(1, 9),
-    kernel=st.sampled_from([(1, 1), (3, 3), (2, 3)]), stride=st.sampled_from([(1, 1), (2, 2), (2, 1)]),
-    padding=st.sampled_from([(0, 0), (1, 1), (0, 2)]), dilation=st.sampled_from([(1, 1), (2, 2)]),
-    groups=st.sampled_from(["one", "depthwise", "two"]), clamp=st.sampled_from(["none", "relu", "hardtanh"]),
-    seed=st.integers(0, 10_000),
-)
-def test_qconv2d_any_geometry_within_one_lsb_of_float_model(n, c_in, c_out, h, w, kernel, stride, padding, dilation,
-                                                             groups, clamp, seed):
+@given(geometry=conv_geometries(max_side=9), clamp=st.sampled_from(["none", "relu", "hardtanh"]), seed=st.integers(0, 10_000))
+def test_qconv2d_any_geometry_within_one_lsb_of_float_model(geometry, clamp, seed):
     """Every geometry the converter can emit, alone and fused with a residual add, through whichever
     kernel the clamp selects (ATen's quantized convs for none/relu, qconv_pointwise for a clamp short
     of 255; a residual add under such a clamp is clamped after the sum: oneDNN has no sum + hardtanh)."""
-    if groups == "depthwise":
-        groups, c_out = c_in, c_in
-    elif groups == "two":
-        groups, c_in, c_out = 2, 2 * c_in, 2 * c_out
-    else:
-        groups = 1
-    if min(P.conv_output_size((h, w)[i], kernel[i], stride[i], padding[i], dilation[i]) for i in range(2)) < 1:
-        return
+    n, c_in, c_out, h, w, kernel, stride, padding, dilation, groups = geometry
     gen = _gen(seed)
     x = _codes((n, c_in, h, w), gen)
     weight = torch.randint(-127, 128, (c_out, c_in // groups, *kernel), generator=gen).to(torch.int8)
     w_scale, bias = 0.001 + 0.004 * torch.rand(c_out, generator=gen), torch.randn(c_out, generator=gen)
     sx, zx, so, zo = 0.05, int(torch.randint(0, 256, (1,), generator=gen)), 0.04, 90
     lo, hi = {"none": (0, 255), "relu": (zo, 255), "hardtanh": (zo, 200)}[clamp]
-    geometry = (list(stride), list(padding), list(dilation), groups)
+    geometry = (stride, padding, dilation, groups)
     out = O.qconv2d(x, sx, zx, weight, w_scale, bias, so, zo, lo, hi, *geometry)
     real_w = weight.double() * w_scale.double().view(-1, 1, 1, 1)
     floating = R.conv2d_float_reference(x, sx, zx, real_w, bias, so, zo, lo, hi, *geometry)
