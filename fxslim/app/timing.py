@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -12,21 +13,38 @@ __all__ = ["interleaved_medians", "interleaved_samples", "paired_ratio", "round_
 
 def interleaved_samples(fns: dict[str, Callable[[], object]], rounds: int, warm_up: bool = True,
                         after_round: Callable[[], None] | None = None,
-                        clock: Callable[[], float] = time.perf_counter) -> dict[str, list[float]]:
+                        clock: Callable[[], float] = time.perf_counter, *, shuffle: bool = False,
+                        calls: int = 1) -> dict[str, list[float]]:
     """Wall time (seconds) of each function in each round, after one warm-up call each (compilation,
     weight caches) unless ``warm_up`` is False; every round runs each function once, in turn, so load
     changes hit all of them alike and round i of two functions can be paired. ``after_round``: called
     after each round (a progress bar). ``clock``: ``time.process_time`` measures this process's CPU
-    time instead (with one thread, robust to other load)."""
+    time instead (with one thread, robust to other load).
+
+    ``shuffle``: each round in its own random order (seeded), so that no function always runs right
+    after the same other one: a function that follows one sharing its weights finds them in cache.
+    ``calls`` > 1: in its turn a function is called once untimed (its data back in cache after the
+    others ran) and then ``calls`` times back to back, and the sample is their mean: the steady-state
+    time of one call, as in a loop serving requests, rather than the first call after other work.
+    """
+    if calls < 1:
+        raise ValueError(f"calls: expected an integer >= 1, got {calls}")
     if warm_up:
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {name: [] for name in fns}
+    names, order = list(fns), random.Random(0)
     for _ in range(rounds):
-        for name, fn in fns.items():
+        if shuffle:
+            order.shuffle(names)
+        for name in names:
+            fn = fns[name]
+            if calls > 1:
+                fn()
             start = clock()
-            fn()
-            times[name].append(clock() - start)
+            for _ in range(calls):
+                fn()
+            times[name].append((clock() - start) / calls)
         if after_round is not None:
             after_round()
     return times

@@ -56,8 +56,9 @@ def convert_conv_onednn(
     tensors, scalars = _real_layer(qconv, conv.bias, bn, out_quant, activation, x_quant)
     scalars.update(stride=list(conv.stride), padding=list(_conv_padding(conv)), dilation=list(conv.dilation),
                    groups=conv.groups)
-    prom_onednn.prepack(tensors["weight"], tensors["w_scale"], scalars["x_scale"], scalars["x_zero_point"],
-                        scalars["stride"], scalars["padding"], scalars["dilation"], conv.groups)
+    post_op, _ = prom_onednn._post_op(scalars["out_scale"], scalars["out_zero_point"], scalars["out_min"], scalars["out_max"])
+    prom_onednn.prepack(tensors["weight"], tensors["w_scale"], tensors["bias"], scalars["x_scale"], scalars["x_zero_point"],
+                        post_op, scalars["stride"], scalars["padding"], scalars["dilation"], conv.groups)
     return IntegerOp(torch.ops.fxslim.qconv2d.default, ("x",), tensors, scalars)
 
 

@@ -174,7 +174,10 @@ def _check_addends(a: Tensor, b: Tensor) -> None:
 def _check_conv_geometry(x: Tensor, weight: Tensor, groups: int, stride: Sequence[int], padding: Sequence[int],
                          dilation: Sequence[int]) -> tuple[tuple[int, ...], tuple[int, int], tuple[int, int], tuple[int, int]]:
     """Groups, stride, padding and dilation of an integer conv of x [N, C_in, H, W] with weight
-    [C_out, C_in/groups, kh, kw]: (output shape, stride, padding, dilation) as pairs."""
+    [C_out, C_in/groups, kh, kw]: (output shape, stride, padding, dilation) as pairs.
+
+    The dilation along a kernel side of 1 is returned as 1 (it changes nothing): oneDNN crashed the
+    process on a 1×1 kernel with stride 2, padding 1 and dilation 2 (an 8×1 input)."""
     if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or weight.shape[1] * groups != x.shape[1]:
         raise ValueError(
             f"groups: expected a divisor of C_in={x.shape[1]} and C_out={weight.shape[0]} with "
@@ -186,6 +189,7 @@ def _check_conv_geometry(x: Tensor, weight: Tensor, groups: int, stride: Sequenc
     h, w = (conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2))
     if h < 1 or w < 1:
         raise ValueError(f"x: spatial size {tuple(x.shape[2:])} is too small for kernel {tuple(weight.shape[2:])}")
+    dilation = tuple(1 if weight.shape[2 + i] == 1 else dilation[i] for i in range(2))
     return (x.shape[0], weight.shape[0], h, w), stride, padding, dilation
 
 

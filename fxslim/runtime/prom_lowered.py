@@ -1,37 +1,45 @@
-"""PROM's oneDNN runtime without its per-call layer: a converted graph lowered to direct oneDNN calls.
+"""PROM's oneDNN runtime without its per-call layer: a converted graph lowered to direct calls.
 
 ``fxslim::qconv2d`` / ``qconv2d_add`` / ``qlinear`` check their arguments, look up their packed
 weights and reorder their input on every call: about 20 µs of Python and dispatch per op, which
 at batch 1 is as long as MobileNetV2's kernels take together. ``lower`` does those checks and
 lookups once, on a copy of the converted graph, and leaves calls that compute nothing twice:
 
-    fxslim::qconv2d(x, ..., weight, ...)           → onednn::qconv_pointwise(x, ..., packed, ...)
-    fxslim::qconv2d_add(x, ..., skip, ...)         → onednn::qconv2d_pointwise.binary(x, ..., skip, ...)
+    fxslim::qconv2d(x, ..., weight, ...)           → quantized::conv2d(qx, packed, ...) (relu: conv2d_relu)
+    fxslim::qconv2d_add(x, ..., skip, ...)         → quantized::conv2d_add(qx, qskip, packed, ...)
                                                      (accumulating into skip itself when no later op reads it,
                                                      else into a copy)
+      with a clamp short of the u8 range          → onednn::qconv_pointwise / qconv2d_pointwise.binary
     fxslim::qlinear(x [N, in], ...)                → onednn::qlinear_pointwise(x, ..., packed, ...)
-    fxslim::quantize_per_tensor(x f32, 0..255)     → ATen's vectorised quantizer, written channels_last
-                                                     when only convs read it
+    fxslim::quantize_per_tensor(x f32, 0..255)     → ATen's vectorised quantizer (a QTensor), written
+                                                     channels_last when only convs read it
     fxslim::int8_global_avg_pool2d / dequantize / nan_samples → the ops' own arithmetic, called without their checks
 
-Every replacement computes the same values as the op it replaces (tests/runtime/test_prom_lowered.py
-compares them bit for bit), so the ``torch.ops.fxslim`` graph stays the model's definition and the
-reference the lowered one is tested against. What the ops checked per call and the graph
-guarantees is not checked again: the dtype and channel count of each conv input (another lowered
-op's output), the weights (constants). A conv that some input size would leave without output
-pixels keeps its checking op. Weights are read at lowering: like inductor's freezing, a lowered
-graph does not see later in-place changes to them.
+ATen's quantized convs take and give QTensors; every other reader of one reads its uint8 codes
+through a view (``prom_onednn.codes``). Each run of consecutive quantized convs is one
+TorchScript function (``QuantizedSegment``): called from Python each op pays about 11 µs more.
+
+Every replacement computes the same values as the op it replaces (the ops run the same ATen
+kernels; tests/runtime/test_prom_lowered.py compares them bit for bit), so the ``torch.ops.fxslim``
+graph stays the model's definition and the reference the lowered one is tested against. What the
+ops checked per call and the graph guarantees is not checked again: the dtype and channel count
+of each conv input (another lowered op's output), the weights (constants). A conv that some input
+size would leave without output pixels keeps its checking op. Weights are read at lowering: like
+inductor's freezing, a lowered graph does not see later in-place changes to them.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+import operator
 import warnings
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
-from torch import Tensor
+from torch import Tensor, nn
 
 from fxslim.ir import META_PROM_LOWERED, attribute, meta_val, schema_arguments
 from fxslim.runtime import prom_onednn
@@ -48,7 +56,10 @@ _QUANT, _DEQUANT, _POOL, _NAN = (_OPS.quantize_per_tensor.default, _OPS.dequanti
 _ONEDNN_CONV = torch.ops.onednn.qconv_pointwise.default
 _ONEDNN_CONV_ADD = torch.ops.onednn.qconv2d_pointwise.binary
 _ONEDNN_LINEAR = torch.ops.onednn.qlinear_pointwise.default
-_NON_ALIASING = (_CONV, _CONV_ADD, _LINEAR, _POOL, _DEQUANT)  # ops whose output never shares their input's memory
+_QCONV, _QCONV_ADD = prom_onednn.QUANTIZED_CONV, prom_onednn.QUANTIZED_CONV_ADD
+_QUANTIZED = (*_QCONV.values(), *_QCONV_ADD.values())
+# ops whose output never shares their input's memory
+_NON_ALIASING = (_CONV, _CONV_ADD, _LINEAR, _POOL, _DEQUANT, prom_onednn.as_qtensor)
 
 
 def has_onednn_ops(gm: fx.GraphModule) -> bool:
@@ -60,30 +71,27 @@ def has_onednn_ops(gm: fx.GraphModule) -> bool:
 # The direct forms of the cheap ops: each the exact arithmetic of its fxslim op, minus the checks
 
 
-def quantize_channels_last(x: Tensor, scale: float, zero_point: int) -> Tensor:
-    """``fxslim::quantize_per_tensor(x, scale, zero_point)`` for float32 [N, C, H, W], written channels_last.
+def quantize_qtensor(x: Tensor, scale: float, zero_point: int, channels_last: bool) -> Tensor:
+    """``fxslim::quantize_per_tensor(x, scale, zero_point)`` as a quint8 QTensor: its codes are the op's output.
 
     ATen's quantizer computes round_half_even(x · fl32(1/scale)) + z saturated to 0..255 in
-    float32, as the fxslim op does. A few samples at a time, so that the codes are still in cache
-    when they are reordered to channels_last.
+    float32, as the fxslim op does. ``channels_last`` (a 4-d ``x``): written channels_last, a few
+    samples at a time, so that the codes are still in cache when they are reordered.
     """
+    x = x.to(torch.float32)  # float32 as the op does
+    if not channels_last or x.dim() != 4:
+        return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
     rows = max(1, _QUANT_CHUNK // max(1, x[0].numel()))
     if x.shape[0] <= rows:
-        return quantize(x, scale, zero_point).contiguous(memory_format=torch.channels_last)
-    out = torch.empty(x.shape, dtype=torch.uint8, memory_format=torch.channels_last)
+        return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).contiguous(memory_format=torch.channels_last)
+    out = torch._empty_affine_quantized(x.shape, scale=scale, zero_point=zero_point, dtype=torch.quint8,
+                                        memory_format=torch.channels_last)
     for start in range(0, x.shape[0], rows):
-        out[start : start + rows].copy_(quantize(x[start : start + rows], scale, zero_point))
+        out[start : start + rows].copy_(torch.quantize_per_tensor(x[start : start + rows], scale, zero_point, torch.quint8))
     return out
 
 
 _QUANT_CHUNK = 1 << 18  # floats per slice: 1 MB, its codes reordered while in L2
-
-
-def quantize(x: Tensor, scale: float, zero_point: int) -> Tensor:
-    """``fxslim::quantize_per_tensor(x, scale, zero_point)`` of a float ``x`` (same layout as x)."""
-    q = torch.quantize_per_tensor(x.to(torch.float32), scale, zero_point, torch.quint8)  # float32 as the op does
-    # its uint8 codes without int_repr's copy (3 ms at batch 32, 224 px): a view of the same storage
-    return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
 
 
 def global_avg_pool(x: Tensor, x_zero_point: int, multiplier: int, shift: int, out_zero_point: int, out_min: int,
@@ -106,6 +114,8 @@ class _Lowering:
         self.order = {n: i for i, n in enumerate(self.graph.nodes)}
         self.lowered: dict[str, int] = {}
         self.channels_last: set[fx.Node] = set()  # nodes whose output is a fresh channels_last tensor
+        self.qparams: dict[fx.Node, tuple[float, int]] = {}
+        self.packers: dict[str, Callable[[], object]] = {}  # packed weights' attributes: how to pack them anew  # nodes whose output is a quint8 QTensor: its (scale, zero point)
         self.attrs = 0
 
     def constant(self, node: object) -> Tensor | None:
@@ -162,6 +172,13 @@ class _Lowering:
         if not any_size:
             self.count("kept:input_size_checked")  # a small enough input gives no output pixel: the op checks
             return
+        if node.target is _CONV_ADD and attr not in ("none", "relu"):
+            self.count("kept:clamped_residual")  # oneDNN has no sum with a clamp short of 255: the op clamps after
+            return
+        if attr in _QCONV:
+            pack = functools.partial(prom_onednn.pack_quantized, weight, w_scale, bias, stride, padding, dilation, a["groups"])
+            self.quantized_conv(node, a, packed, pack, attr)
+            return
         common = (self.channels_last_input(node, a["x"]), a["x_scale"], a["x_zero_point"], self.attr(node, packed, "packed"),
                   self.attr(node, w_scale, "w_scale"), self.attr(node, zeros, "zeros"))
         bias_node = self.attr(node, bias, "bias")
@@ -173,6 +190,33 @@ class _Lowering:
             new = self.replace(node, _ONEDNN_CONV_ADD, (*common, accum, bias_node, *tail, a["skip_scale"],
                                                         a["skip_zero_point"], "sum", 1.0, attr, scalars, ""), "qconv2d_add")
         self.channels_last.add(new)
+
+    def quantized_conv(self, node: fx.Node, a: dict, packed: torch.ScriptObject, pack: Callable[[], object],
+                       attr: str) -> None:
+        """``node`` as ATen's quantized conv on oneDNN: QTensors in and out, the skip accumulated in
+        place; ``pack`` packs its weight anew (``QuantizedSegment``)."""
+        x = self.qtensor_input(node, a["x"], a["x_scale"], a["x_zero_point"])
+        packed_node = self.attr(node, packed, "packed")
+        self.packers[packed_node.target] = pack
+        tail = (packed_node, a["out_scale"], a["out_zero_point"])
+        if node.target is _CONV:
+            new = self.replace(node, _QCONV[attr], (x, *tail), "qconv2d")
+        else:
+            skip = self.qtensor_input(node, a["skip"], a["skip_scale"], a["skip_zero_point"])
+            accum = self.accumulator(node, skip) if skip is a["skip"] else skip  # a fresh QTensor only it reads
+            self.qparams.setdefault(accum, self.qparams[skip])  # a clone of the QTensor is one too
+            new = self.replace(node, _QCONV_ADD[attr], (x, accum, *tail), "qconv2d_add")
+        self.channels_last.add(new)
+        self.qparams[new] = (a["out_scale"], a["out_zero_point"])
+
+    def qtensor_input(self, node: fx.Node, x: fx.Node, scale: float, zero_point: int) -> fx.Node:
+        """``x`` as a QTensor with these parameters: itself if it is one, else a QTensor copy of its codes."""
+        if self.qparams.get(x) == (scale, zero_point):
+            return x
+        with self.graph.inserting_before(node):
+            copied = self.graph.call_function(prom_onednn.as_qtensor, (x, scale, zero_point))
+        self.order[copied] = self.order[node]
+        return copied
 
     def accumulator(self, node: fx.Node, skip: fx.Node) -> fx.Node:
         """``skip`` itself when the sum post-op may overwrite it (a fresh tensor that no op after this
@@ -210,11 +254,23 @@ class _Lowering:
             self.count("kept:not_full_range")  # ATen's quantizer saturates to the whole u8 range
             return
         convs = all(u.op == "call_function" and u.target in (_CONV, _CONV_ADD) and u.args[0] is node for u in node.users)
-        if convs and x.dim() == 4:
-            new = self.replace(node, quantize_channels_last, (a["x"], a["scale"], a["zero_point"]), "quantize")
+        layout = convs and x.dim() == 4
+        new = self.replace(node, quantize_qtensor, (a["x"], a["scale"], a["zero_point"], layout), "quantize")
+        self.qparams[new] = (a["scale"], a["zero_point"])
+        if layout:
             self.channels_last.add(new)
-        else:
-            self.replace(node, quantize, (a["x"], a["scale"], a["zero_point"]), "quantize")
+
+    def read_codes(self) -> None:
+        """Every reader of a QTensor but ATen's quantized convs reads its uint8 codes, through one view."""
+        position = {n: i for i, n in enumerate(self.graph.nodes)}
+        for q in list(self.qparams):
+            readers = [u for u in q.users if not ((u.target in _QUANTIZED and q in u.args[:2]) or u in self.qparams)]
+            if not readers:
+                continue
+            with self.graph.inserting_before(min(readers, key=position.__getitem__)):  # not between two convs
+                view = self.graph.call_function(prom_onednn.codes, (q,))
+            for user in readers:
+                user.replace_input_with(q, view)
 
     def cheap(self, node: fx.Node) -> None:
         a = schema_arguments(node.target, node.args, node.kwargs)
@@ -241,11 +297,12 @@ class _Lowering:
                 self.quantize(node)
             elif node.target in (_NAN, _POOL, _DEQUANT):
                 self.cheap(node)
+        self.read_codes()
         self.graph.eliminate_dead_code()
         self.graph.lint()
         self.gm.recompile()
         _log.info("PROM lowering: %s", self.lowered)
-        return self.gm
+        return _scripted(self.gm, self.packers)
 
 
 def lower(gm: fx.GraphModule, constants: dict[str, Tensor] | None = None) -> fx.GraphModule:
@@ -263,3 +320,130 @@ def lower(gm: fx.GraphModule, constants: dict[str, Tensor] | None = None) -> fx.
     out = lowering.run()
     out.meta[META_PROM_LOWERED] = dict(lowering.lowered)
     return out
+
+
+# ----------------------------------------------------------------------------------------------
+# TorchScript segments: the quantized convs called from C++
+#
+# Called from Python, each ATen op pays about 11 µs for the call itself (argument parsing, the
+# packed weights' ScriptObject, dispatch), more than a 7×7 conv of MobileNetV2 computes; called from
+# TorchScript the whole call costs 7.5 µs. So every run of consecutive quantized convs becomes one
+# scripted function: only ops with a fixed schema, no Python control flow, nothing that the
+# example input's sizes could freeze.
+
+
+def _in_script(node: fx.Node) -> bool:
+    return (node.op == "call_function" and node.target in _QUANTIZED) or (node.op == "call_method" and node.target == "clone")
+
+
+def _segments(graph: fx.Graph) -> list[list[fx.Node]]:
+    """Runs of consecutive scriptable nodes; get_attr nodes between them do not break a run."""
+    runs, current = [], []
+    for node in graph.nodes:
+        if _in_script(node):
+            current.append(node)
+        elif node.op != "get_attr":
+            if current:
+                runs.append(current)
+            current = []
+    return [run for run in runs if any(n.target in _QUANTIZED for n in run)]
+
+
+SHAPES = 4  # input shapes a segment keeps its own packed weights for
+
+
+class QuantizedSegment(nn.Module):
+    """A run of ATen quantized convs as TorchScript, under the oneDNN engine, one copy per input shape.
+
+    A packed conv weight keeps the oneDNN primitive of the first input shape it runs at and builds
+    a new one on every call at any other shape. So each input shape (up to ``SHAPES``) gets its own
+    copy of the run, with weights packed afresh on its first call; further shapes share the first
+    copy (the same values, at the uncached speed). The engine is process-wide state
+    (``quantized::conv2d_add`` runs under no other): it is set for the call and restored after.
+    """
+
+    def __init__(self, graph: fx.Graph, constants: dict[str, object], packers: dict[str, Callable[[], object]]) -> None:
+        super().__init__()
+        self.__dict__.update(_graph=graph, _constants=constants, _packers=packers, _copies={})
+        self.__dict__["_first"] = self._build()
+
+    @property
+    def graph(self) -> fx.Graph:
+        """The run's ops (each copy runs them as TorchScript)."""
+        return self._graph
+
+    @property
+    def copies(self) -> dict[tuple, nn.Module]:
+        """The copy each input shape seen so far runs (by the shapes of the run's inputs)."""
+        return dict(self._copies)
+
+    def _build(self) -> nn.Module:
+        root = nn.Module()
+        for name, value in self._constants.items():
+            root.__dict__[name] = self._packers[name]() if name in self._packers else value
+        module = fx.GraphModule(root, copy.deepcopy(self._graph), "PromQuantizedSegment")
+        try:
+            with warnings.catch_warnings():  # TorchScript is deprecated (see prom_onednn.QUANTIZED_CONV)
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", UserWarning)
+                return torch.jit.script(module)
+        except Exception as error:  # noqa: BLE001 - any refusal leaves the run in Python: slower, the same values
+            warnings.warn(f"PROM lowering: a run of quantized convs stays in Python ({error})", stacklevel=2)
+            return module
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        key = tuple(tuple(a.shape) for a in args)
+        module = self._copies.get(key)
+        if module is None:
+            module = self._build() if self._copies else self._first
+            if len(self._copies) < SHAPES:
+                self._copies[key] = module
+            else:
+                module = self._first
+        with prom_onednn.onednn_engine():
+            return module(*args)
+
+
+def _segment(gm: fx.GraphModule, run: list[fx.Node], packers: dict[str, Callable[[], object]]
+             ) -> tuple[QuantizedSegment, list[fx.Node], list[fx.Node]]:
+    """``run`` as a segment of its own: (segment, outer nodes it reads, its nodes read outside)."""
+    members = set(run)
+    inputs = list(dict.fromkeys(a for n in run for a in n.all_input_nodes if a not in members and a.op != "get_attr"))
+    outputs = [n for n in run if any(u not in members for u in n.users)]
+    graph, env, constants, segment_packers = fx.Graph(), {}, {}, {}
+    for i, node in enumerate(inputs):
+        env[node] = graph.placeholder(f"x{i}")
+    for node in run:
+        for attr in node.all_input_nodes:
+            if attr.op == "get_attr" and attr not in env:
+                name = f"c{len(constants)}"
+                constants[name] = attribute(gm, attr.target)  # a packed weight or a tensor constant
+                if attr.target in packers:
+                    segment_packers[name] = packers[attr.target]
+                env[attr] = graph.get_attr(name)
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(tuple(env[n] for n in outputs))
+    return QuantizedSegment(graph, constants, segment_packers), inputs, outputs
+
+
+def _scripted(gm: fx.GraphModule, packers: dict[str, Callable[[], object]]) -> fx.GraphModule:
+    """``gm`` with every run of quantized convs replaced by a call of its ``QuantizedSegment``.
+    ``packers``: for the packed weights' attribute names, how to pack them anew."""
+    for index, run in enumerate(_segments(gm.graph)):
+        segment, inputs, outputs = _segment(gm, run, packers)
+        members = set(run)
+        name = f"_quantized_segment{index}"
+        gm.add_submodule(name, segment)
+        with gm.graph.inserting_after(run[-1]):
+            call = gm.graph.call_module(name, tuple(inputs))
+        with gm.graph.inserting_after(call):
+            for i, node in enumerate(outputs):
+                item = gm.graph.call_function(operator.getitem, (call, i))
+                item.meta.update(node.meta)
+                node.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
+        for node in reversed(run):
+            gm.graph.erase_node(node)
+    gm.graph.eliminate_dead_code()
+    gm.graph.lint()
+    gm.recompile()
+    return gm

@@ -10,8 +10,11 @@ the fixed-point integer requantization; the two agree within 1 LSB, and the floa
 (tests/runtime/test_prom_onednn.py).
 
 - ``qconv2d``: any conv (pointwise ternary, depthwise, the stem), u8 [N, C, H, W] → u8
-  channels_last. Weights are prepacked once per (weight tensor, input grid, geometry) and cached
+  channels_last. Weights are prepacked once per (weight tensor, geometry, post-op) and cached
   (``prepack``; the converter calls it so a converted model is packed before its first call).
+  The oneDNN kernel is reached through ATen's quantized convs (``QUANTIZED_CONV``, QTensors in and
+  out) when the clamp is none or a relu, which the lowered runtime calls from TorchScript, else
+  through ``onednn::qconv_pointwise``; the op and its lowered form run the same kernel, so they agree bit for bit.
 - ``qconv2d_add``: ``qconv2d`` whose real output is added to a u8 ``skip`` tensor on its own grid
   before the one rounding (oneDNN sum post-op): a conv feeding a residual add in one kernel.
 - ``qlinear``: linear layer, u8 [..., in] → u8 [..., out].
@@ -24,8 +27,10 @@ plain AVX2 path sums u8·s8 pairs in saturating int16, which 8-bit weights can o
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -35,7 +40,8 @@ from fxslim.runtime.prom import (
     conv_output_size,
 )
 
-__all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available"]
+__all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available",
+           "QUANTIZED_CONV", "QUANTIZED_CONV_ADD", "onednn_engine", "codes", "as_qtensor", "pack_quantized"]
 
 def onednn_available() -> bool:
     """Whether this torch build has the oneDNN quantized conv/linear ops."""
@@ -108,10 +114,71 @@ def _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_
     return shape, list(stride), list(padding), list(dilation)
 
 
-def prepack(weight: Tensor, w_scale: Tensor, x_scale: float, x_zero_point: int, stride: Sequence[int],
-            padding: Sequence[int], dilation: Sequence[int], groups: int) -> tuple[Tensor, Tensor]:
-    """oneDNN's packed form of ``weight`` (cached on the tensor) and its int64 zero points."""
-    key = ("qconv", float(x_scale), int(x_zero_point), tuple(stride), tuple(padding), tuple(dilation), int(groups))
+# ATen's quantized convs on oneDNN, by post-op. Their packed weights keep the oneDNN primitive of
+# their first call and reuse it while input shape and quantization stay the same, where
+# ``onednn::qconv_pointwise`` builds its primitive descriptor on every call (7.5 against 21 µs a
+# call at batch 1, called from TorchScript). They take QTensors, read the input's quantization from
+# it, and ``conv2d_add`` accumulates into its QTensor ``qaccum``. ``qconv_pointwise`` stays for the
+# post-op they lack (hardtanh: a clamp short of the u8 range).
+# Both are deprecated in torch (QTensors, and TorchScript that ``prom_lowered`` calls them from):
+# on a torch without them every conv takes ``qconv_pointwise``, with the same values within 1 LSB.
+def _quantized_convs_available() -> bool:
+    return "onednn" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "conv2d_add_relu")
+
+
+if _quantized_convs_available():
+    QUANTIZED_CONV = {"none": torch.ops.quantized.conv2d, "relu": torch.ops.quantized.conv2d_relu}
+    QUANTIZED_CONV_ADD = {"none": torch.ops.quantized.conv2d_add, "relu": torch.ops.quantized.conv2d_add_relu}
+else:
+    QUANTIZED_CONV, QUANTIZED_CONV_ADD = {}, {}
+
+
+@contextlib.contextmanager
+def onednn_engine() -> Iterator[None]:
+    """ATen's quantized engine set to oneDNN inside, the caller's restored after: ``quantized::conv2d_add``
+    runs under no other, and the prepacked weights are oneDNN's only if packed under it."""
+    previous = torch.backends.quantized.engine
+    torch.backends.quantized.engine = "onednn"
+    try:
+        yield
+    finally:
+        torch.backends.quantized.engine = previous
+
+
+def codes(q: Tensor) -> Tensor:
+    """The uint8 codes of a quint8 QTensor, as a view of its storage (``int_repr`` copies them)."""
+    return torch.empty(0, dtype=torch.uint8).set_(q.untyped_storage(), q.storage_offset(), q.size(), q.stride())
+
+
+def as_qtensor(x: Tensor, scale: float, zero_point: int) -> Tensor:
+    """uint8 codes ``x`` as a quint8 QTensor with these parameters (a copy), channels_last when 4-d."""
+    if x.dim() == 4:
+        x = _channels_last(x)
+    return torch._make_per_tensor_quantized_tensor(x, scale, zero_point)
+
+
+def pack_quantized(weight: Tensor, w_scale: Tensor, bias: Tensor, stride: Sequence[int], padding: Sequence[int],
+                   dilation: Sequence[int], groups: int) -> torch.ScriptObject:
+    """A new packed form of the int8 ``weight`` (per-channel ``w_scale``, real ``bias``) for ATen's
+    quantized convs on oneDNN. Each holds the primitive of the first input shape it runs at."""
+    zeros = torch.zeros(weight.shape[0], dtype=torch.int64)
+    with warnings.catch_warnings():  # QTensors are deprecated (see QUANTIZED_CONV)
+        warnings.simplefilter("ignore", UserWarning)
+        qweight = torch._make_per_channel_quantized_tensor(weight, w_scale.double(), zeros, 0)
+    with onednn_engine():
+        return torch.ops.quantized.conv2d_prepack(qweight, bias, list(stride), list(padding), list(dilation), groups)
+
+
+def prepack(weight: Tensor, w_scale: Tensor, bias: Tensor, x_scale: float, x_zero_point: int, post_op: str,
+            stride: Sequence[int], padding: Sequence[int], dilation: Sequence[int], groups: int) -> tuple[object, Tensor | None]:
+    """The packed form of ``weight`` the conv ops run with a ``post_op`` (``_post_op``), cached on the
+    tensor: ATen's quantized conv's packed params (a ScriptObject; zero points None) when it has that
+    post-op, else oneDNN's packed weight and its int64 zero points."""
+    geometry = (tuple(stride), tuple(padding), tuple(dilation), int(groups))
+    if post_op in QUANTIZED_CONV:
+        return _CACHE.get(weight, ("quantized", *geometry), lambda: (
+            pack_quantized(weight, w_scale, bias, stride, padding, dilation, groups), None), also=(w_scale, bias))
+    key = ("qconv", float(x_scale), int(x_zero_point), *geometry)
     return _CACHE.get(weight, key, lambda: (
         torch.ops.onednn.qconv_prepack(weight, w_scale, x_scale, x_zero_point, list(stride), list(padding),
                                        list(dilation), groups, None),
@@ -130,11 +197,12 @@ def _conv_plan(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_z
     def build() -> tuple:
         _, stride_, padding_, dilation_ = _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale,
                                                       out_zero_point, out_min, out_max, stride, padding, dilation, groups)
-        packed, zeros = prepack(weight, w_scale, x_scale, x_zero_point, stride_, padding_, dilation_, groups)
+        post_op = _post_op(out_scale, out_zero_point, out_min, out_max)
+        packed, zeros = prepack(weight, w_scale, bias, x_scale, x_zero_point, post_op[0], stride_, padding_, dilation_,
+                                groups)
         # whether a 1-pixel input still gives an output (then no input size can be too small)
         any_size = all(conv_output_size(1, weight.shape[2 + i], stride_[i], padding_[i], dilation_[i]) >= 1 for i in range(2))
-        return (packed, zeros, *_post_op(out_scale, out_zero_point, out_min, out_max), stride_, padding_, dilation_,
-                any_size)
+        return (packed, zeros, *post_op, stride_, padding_, dilation_, any_size)
 
     plan = _CACHE.get(weight, key, build, also=(w_scale, bias))
     # per call, only what x can change (the plan's checks covered the rest)
@@ -163,6 +231,9 @@ def _qconv2d_cpu(
     packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
         x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
         dilation, groups)
+    if attr in QUANTIZED_CONV:
+        with onednn_engine():
+            return codes(QUANTIZED_CONV[attr](as_qtensor(x, x_scale, x_zero_point), packed, out_scale, out_zero_point))
     return torch.ops.onednn.qconv_pointwise.default(
         _channels_last(x), x_scale, x_zero_point, packed, w_scale, zeros, bias, stride, padding, dilation, groups,
         out_scale, out_zero_point, None, attr, scalars, "",
@@ -196,11 +267,21 @@ def _qconv2d_add_cpu(
     packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
         x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
         dilation, groups)
+    if attr not in ("none", "relu"):
+        # oneDNN has no sum with a clamp short of 255: add over the whole u8 range, then clamp the
+        # codes (the same codes: rounding is monotone and both bounds are codes)
+        return qconv2d_add(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, 0, 255, stride,
+                           padding, dilation, groups, skip, skip_scale, skip_zero_point).clamp_(out_min, out_max)
     shape = (x.shape[0], weight.shape[0],
              *(conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)))
     if skip.dtype != torch.uint8 or tuple(skip.shape) != shape:
         _add_skip_check(skip, shape, skip_scale, skip_zero_point)
     # oneDNN's sum post-op accumulates into its dst tensor: give it a channels_last copy of skip
+    if attr in QUANTIZED_CONV_ADD:
+        accum = as_qtensor(skip, skip_scale, skip_zero_point)
+        with onednn_engine():
+            return codes(QUANTIZED_CONV_ADD[attr](as_qtensor(x, x_scale, x_zero_point), accum, packed, out_scale,
+                                                  out_zero_point))
     accum = skip.clone(memory_format=torch.channels_last)
     return torch.ops.onednn.qconv2d_pointwise.binary(
         _channels_last(x), x_scale, x_zero_point, packed, w_scale, zeros, accum, bias, stride, padding, dilation, groups,

@@ -1,8 +1,9 @@
 """The lowered oneDNN runtime of PROM (``prom_lowered.lower``): bit-identical to the converted
 ``torch.ops.fxslim`` graph it comes from (at the calibration size, another resolution, with NaN
-samples, sliced into micro-batches and under ``torch.compile(backend="fxslim")``), its direct forms
-of the cheap ops equal to the ops, and the residual accumulated in place only where no later op
-reads the skip tensor."""
+samples, sliced into micro-batches, under ``torch.compile(backend="fxslim")``, at more input
+shapes than it keeps packed weights for, with a clamped conv between quantized ones), its direct
+forms of the cheap ops equal to the ops, the residual accumulated in place only where no later op
+reads the skip tensor, and the caller's quantized engine left as it was."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from fxslim.passes.prom_convert import convert
 from fxslim.propagate import propagate
 from fxslim.runtime import prom_lowered as L
 from fxslim.runtime.prom import _inverse_scale, dequantized, nan_flags
-from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+from fxslim.runtime.prom_onednn import codes, onednn_available, vnni_available
 
 pytestmark = [pytest.mark.skipif(not (onednn_available() and vnni_available()),
                                  reason="needs oneDNN quantized ops and VNNI/AMX int8 dot products"),
@@ -42,15 +43,27 @@ def mobilenet():
     return x, fast, L.lower(fast)
 
 
+def _segments(low: fx.GraphModule) -> list[L.QuantizedSegment]:
+    return [m for m in low.modules() if isinstance(m, L.QuantizedSegment)]
+
+
+def _all_nodes(low: fx.GraphModule) -> list[fx.Node]:
+    """The lowered graph's nodes and those of its TorchScript segments."""
+    return [*low.graph.nodes, *(n for segment in _segments(low) for n in segment.graph.nodes)]
+
+
 def test_lower_mobilenet_v2_every_op_lowered_and_every_skip_accumulated_in_place(mobilenet):
     _, fast, low = mobilenet
     assert low.meta[META_PROM_LOWERED] == {"nan_samples": 1, "quantize": 1, "qconv2d": 42, "qconv2d_add": 10,
                                         "in_place_skip": 10, "pool": 1, "qlinear": 1, "dequantize": 1}
-    targets = Counter(n.target for n in low.graph.nodes if n.op == "call_function")
-    assert targets[onednn.qconv_pointwise.default] == 42 and targets[onednn.qconv2d_pointwise.binary] == 10
+    targets = Counter(n.target for n in _all_nodes(low) if n.op == "call_function")
+    assert targets[torch.ops.quantized.conv2d] == 42 and targets[torch.ops.quantized.conv2d_add] == 10
+    assert targets[onednn.qlinear_pointwise.default] == 1 and targets[onednn.qconv_pointwise.default] == 0
     assert not any(str(t).startswith("fxslim.") for t in targets)
-    assert not [n for n in low.graph.nodes if n.op == "call_method" and n.target == "clone"]
-    # the converted graph is left as it was
+    assert not [n for n in _all_nodes(low) if n.op == "call_method" and n.target == "clone"]
+    # all 52 convs in one TorchScript function; the converted graph is left as it was
+    (segment,) = _segments(low)
+    assert isinstance(segment._first, torch.jit.ScriptModule)
     assert Counter(n.target for n in fast.graph.nodes)[ops.qconv2d.default] == 42
 
 
@@ -61,6 +74,37 @@ def test_lower_mobilenet_v2_bit_identical_to_fxslim_ops(mobilenet):
         assert torch.equal(low(x), fast(x))
         assert torch.equal(low(x[:1]), fast(x[:1]))
         assert torch.equal(low(smaller), fast(smaller))
+
+
+def test_lower_one_copy_per_input_shape_up_to_the_limit_all_equal(mobilenet, monkeypatch):
+    """Each input shape gets its own packed weights (their oneDNN primitive is built for the first
+    shape they see); past ``SHAPES`` shapes the first copy serves, with the same values."""
+    x, fast, _ = mobilenet
+    monkeypatch.setattr(L, "SHAPES", 2)
+    low = L.lower(fast)
+    (segment,) = _segments(low)
+    sizes = [x[:1], x[:2], x[:3], x[:1, :, :64, :80].contiguous(), x[:1]]
+    with torch.no_grad():
+        for xi in sizes:
+            assert torch.equal(low(xi), fast(xi))
+    copies = segment.copies
+    assert len(copies) == 2 and copies[(tuple(x[:1].shape),)] is segment._first
+    assert len({id(m) for m in copies.values()}) == 2
+
+
+def test_lower_restores_the_callers_quantized_engine(mobilenet):
+    x, _, low = mobilenet
+    engine = torch.backends.quantized.engine
+    other = next(e for e in torch.backends.quantized.supported_engines if e not in (engine, "onednn", "none"))
+    torch.backends.quantized.engine = other
+    try:
+        with torch.no_grad():
+            low(x[:1])
+            with pytest.raises(RuntimeError):
+                low(x[:1, :2].contiguous())  # two channels: the stem fails inside the segment; the engine is restored
+        assert torch.backends.quantized.engine == other
+    finally:
+        torch.backends.quantized.engine = engine
 
 
 def test_lower_nan_sample_stays_nan_and_alone(mobilenet):
@@ -164,23 +208,61 @@ def _residual_graph(read_skip_after: bool) -> tuple[fx.GraphModule, torch.Tensor
 def test_lower_skip_accumulated_in_place_only_when_no_later_reader(read_skip_after):
     gm, x = _residual_graph(read_skip_after)
     low = L.lower(gm)
-    clones = [n for n in low.graph.nodes if n.op == "call_method" and n.target == "clone"]
+    clones = [n for n in _all_nodes(low) if n.op == "call_method" and n.target == "clone"]
     assert low.meta[META_PROM_LOWERED].get("in_place_skip", 0) == (0 if read_skip_after else 1)
     assert len(clones) == (1 if read_skip_after else 0)
     assert torch.equal(low(x), gm(x))
 
 
-def test_lower_quantize_channels_last_equals_op_on_ties_saturation_and_slices():
+def test_lower_quantize_qtensor_equals_op_on_ties_saturation_and_slices():
     scale, zero_point = 0.0187, 114
     inverse = _inverse_scale(scale)
     x = torch.randn(5, 3, 61, 67) * 3  # beyond the grid at both ends
     ties = (torch.arange(-300, 300, dtype=torch.float32) + 0.5) / inverse  # x·(1/s) exactly k + ½
     x.view(-1)[: ties.numel()] = ties
     ref = ops.quantize_per_tensor.default(x, scale, zero_point)
-    out = L.quantize_channels_last(x, scale, zero_point)
-    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(out, ref)
-    assert torch.equal(L.quantize(x, scale, zero_point), ref)
-    assert torch.equal(L.quantize(x.double(), scale, zero_point), ops.quantize_per_tensor.default(x.double(), scale, zero_point))
+    out = L.quantize_qtensor(x, scale, zero_point, True)  # 5 samples of 12k floats: 1 slice
+    assert out.is_contiguous(memory_format=torch.channels_last) and torch.equal(codes(out), ref)
+    assert (out.q_scale(), out.q_zero_point()) == (scale, zero_point)
+    big = torch.randn(40, 3, 61, 67)  # 490k floats: two slices written into one tensor
+    assert torch.equal(codes(L.quantize_qtensor(big, scale, zero_point, True)), ops.quantize_per_tensor.default(big, scale, zero_point))
+    assert torch.equal(codes(L.quantize_qtensor(x, scale, zero_point, False)), ref)
+    assert torch.equal(codes(L.quantize_qtensor(x.double(), scale, zero_point, False)),
+                       ops.quantize_per_tensor.default(x.double(), scale, zero_point))
+
+
+def test_lower_clamped_conv_between_quantized_convs_keeps_qconv_pointwise_and_equals_graph():
+    """A conv whose clamp stops short of the u8 range has no ATen quantized form: it runs on oneDNN's
+    op, reading the codes of the QTensor before it and handing codes to the QTensor conv after it;
+    a residual add under such a clamp keeps its fxslim op."""
+    gen = torch.Generator().manual_seed(3)
+    graph, root = fx.Graph(), nn.Module()
+    x = graph.placeholder("x")
+
+    def conv(src, name, lo, hi):
+        root.register_buffer(f"{name}_w", torch.randint(-127, 128, (8, 8, 3, 3), generator=gen).to(torch.int8))
+        root.register_buffer(f"{name}_s", 0.0005 + 0.0005 * torch.rand(8, generator=gen))
+        root.register_buffer(f"{name}_b", torch.randn(8, generator=gen))
+        return graph.call_function(ops.qconv2d.default, (src, 0.05, 100, graph.get_attr(f"{name}_w"), graph.get_attr(f"{name}_s"),
+                                                         graph.get_attr(f"{name}_b"), 0.05, 100, lo, hi, [1, 1], [1, 1], [1, 1], 1))
+
+    a = conv(x, "a", 0, 255)
+    b = conv(a, "b", 100, 200)  # a clamp short of 255: hardtanh
+    c = conv(b, "c", 100, 255)  # a relu at the zero point: quantized::conv2d_relu
+    d = conv(c, "d", 0, 255)
+    # a residual add under a clamp short of 255: no oneDNN form, the checking op stays (it clamps after the sum)
+    e = graph.call_function(ops.qconv2d_add.default, (*conv(d, "e", 100, 200).args, c, 0.05, 100))
+    graph.erase_node(next(n for n in graph.nodes if n.name == "qconv2d_default_4"))
+    graph.output(e)
+    gm = fx.GraphModule(root, graph)
+    x_val = torch.randint(0, 256, (2, 8, 9, 11), generator=gen).to(torch.uint8)
+    propagate(gm, [x_val])
+    low = L.lower(gm)
+    assert low.meta[META_PROM_LOWERED]["kept:clamped_residual"] == 1
+    targets = Counter(n.target for n in _all_nodes(low) if n.op == "call_function")
+    assert targets[onednn.qconv_pointwise.default] == 1 and targets[torch.ops.quantized.conv2d_relu] == 1
+    assert targets[torch.ops.quantized.conv2d] == 2 and len(_segments(low)) == 2 and targets[ops.qconv2d_add.default] == 1
+    assert torch.equal(low(x_val), gm(x_val)) and torch.equal(low(x_val[:1]), gm(x_val[:1]))
 
 
 def test_lower_cheap_ops_equal_fxslim_ops():

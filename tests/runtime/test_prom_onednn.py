@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch.library import opcheck
 
 from fxslim.runtime import prom_onednn as O
 from fxslim.runtime import prom as P
 from fxslim.runtime import prom_reference as R
+from tests.runtime.conv_geometry import conv_geometries
 
 pytestmark = pytest.mark.skipif(not (O.onednn_available() and O.vnni_available()),
                                 reason="needs oneDNN quantized ops and VNNI/AMX int8 dot products")
@@ -70,6 +73,43 @@ def test_qconv2d_within_one_lsb_of_float_model_and_fixed_point_reference(name, c
     assert (out.int() - fixed.int()).abs().max() <= 1
     assert (out == fixed).float().mean() >= 0.99  # 1-LSB differences only at near-ties
     assert int(out.min()) >= lo and int(out.max()) <= hi
+
+
+@settings(max_examples=40, deadline=None)
+@given(geometry=conv_geometries(max_side=9), clamp=st.sampled_from(["none", "relu", "hardtanh"]), seed=st.integers(0, 10_000))
+def test_qconv2d_any_geometry_within_one_lsb_of_float_model(geometry, clamp, seed):
+    """Every geometry the converter can emit, alone and fused with a residual add, through whichever
+    kernel the clamp selects (ATen's quantized convs for none/relu, qconv_pointwise for a clamp short
+    of 255; a residual add under such a clamp is clamped after the sum: oneDNN has no sum + hardtanh)."""
+    n, c_in, c_out, h, w, kernel, stride, padding, dilation, groups = geometry
+    gen = _gen(seed)
+    x = _codes((n, c_in, h, w), gen)
+    weight = torch.randint(-127, 128, (c_out, c_in // groups, *kernel), generator=gen).to(torch.int8)
+    w_scale, bias = 0.001 + 0.004 * torch.rand(c_out, generator=gen), torch.randn(c_out, generator=gen)
+    sx, zx, so, zo = 0.05, int(torch.randint(0, 256, (1,), generator=gen)), 0.04, 90
+    lo, hi = {"none": (0, 255), "relu": (zo, 255), "hardtanh": (zo, 200)}[clamp]
+    geometry = (stride, padding, dilation, groups)
+    out = O.qconv2d(x, sx, zx, weight, w_scale, bias, so, zo, lo, hi, *geometry)
+    real_w = weight.double() * w_scale.double().view(-1, 1, 1, 1)
+    floating = R.conv2d_float_reference(x, sx, zx, real_w, bias, so, zo, lo, hi, *geometry)
+    assert out.shape == floating.shape and (out.int() - floating.int()).abs().max() <= 1
+    # the same conv feeding a residual add (one rounding of conv + skip, then the clamp)
+    skip, ss, zs = _codes(tuple(out.shape), gen), 0.03, 100
+    added = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, zo, lo, hi, *geometry, skip, ss, zs)
+    real = torch.nn.functional.conv2d((x.double() - zx) * sx, real_w, bias.double(), *geometry) + (skip.double() - zs) * ss
+    assert (added.int() - R.quantize_float_reference(real, so, zo).clamp(lo, hi).int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize(("out_min", "out_max"), [(0, 255), (3, 255), (3, 200)])
+def test_qconv2d_dilated_one_by_one_kernel_runs_and_equals_undilated(out_min, out_max):
+    """oneDNN crashes the process on a 1×1 kernel with stride 2, padding 1 and dilation 2 (an 8×1
+    input); the dilation of a kernel side of 1 changes nothing, so the op drops it."""
+    gen = _gen(6)
+    x = _codes((1, 1, 8, 1), gen)
+    weight, w_scale, bias = _layer(1, 1, 1, gen, ternary=False)
+    args = (x, 0.1, 3, weight, w_scale, bias, 0.1, 3, out_min, out_max, [2, 2], [1, 1])
+    out = O.qconv2d(*args, [2, 2], 1)
+    assert out.shape == (1, 1, 5, 2) and torch.equal(out, O.qconv2d(*args, [1, 1], 1))
 
 
 def test_qconv2d_add_rounds_once_and_stays_within_one_lsb_of_two_roundings():
