@@ -300,6 +300,22 @@ def test_haste_conv2d_weight_changed_in_place_uses_the_new_values():
     _close(_run(x, weight.clone(), None, planes, (1, 1), (1, 1)), 2.0 * before)
 
 
+def test_haste_conv2d_weight_data_rebound_uses_the_new_values():
+    # ``p.data = t`` (and ``module.double()``, which does that) keeps the Parameter and its version
+    # counter: the kernel's transposed copy must not be reused for the new tensor.
+    g = _gen(13)
+    x, weight = torch.randn(2, 6, 9, 9, generator=g), torch.nn.Parameter(torch.randn(4, 6, 3, 3, generator=g))
+    planes = _planes((3, 3), (1, 1), (1, 1), 4, L=6)
+    with torch.no_grad():
+        before = _run(x, weight, None, planes, (1, 1), (1, 1))
+        weight.data = 2.0 * weight.data
+        _close(_run(x, weight, None, planes, (1, 1), (1, 1)), 2.0 * before)
+        weight.data = weight.data.double()  # was: "expected scalar type Double but found Float"
+        y = _run(x.double(), weight, None, planes, (1, 1), (1, 1))
+    assert y.dtype == torch.float64
+    _close(y, 2.0 * before.double())
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_haste_conv2d_under_inference_mode_matches_grad_mode(dtype):
     g = _gen(14)
