@@ -226,6 +226,10 @@ def _check_args(x, weight, bias, planes, stride, padding, dilation, tile) -> Non
             f"haste_conv2d: weight must be [O, C={x.shape[1]}, kh, kw] (groups=1 only), "
             f"got shape {tuple(weight.shape)}"
         )
+    if weight.shape[0] < 1 or weight.shape[1] < 1:  # nothing to hash or merge (the kernel cannot cut 0 rows)
+        raise ValueError(
+            f"haste_conv2d: weight must have at least one output and one input channel, got shape {tuple(weight.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"haste_conv2d: bias must be [{weight.shape[0]}] or None, got shape {tuple(bias.shape)}")
     for name, value, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):

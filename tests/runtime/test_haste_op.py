@@ -349,6 +349,9 @@ def test_haste_conv2d_flop_count_is_the_cost_models_prediction():
         (dict(tile=0), "tile"),
         (dict(stride=[0, 1]), "stride"),
         (dict(bias=torch.zeros(5)), "bias"),
+        # no output or no input channel: the kernel cut the weight into 0 blocks (ZeroDivisionError)
+        (dict(weight=torch.randn(0, 6, 3, 3)), "weight"),
+        (dict(x=torch.randn(1, 0, 9, 9), weight=torch.randn(4, 0, 3, 3)), "weight"),
     ],
 )
 def test_haste_conv2d_bad_argument_raises_value_error_naming_it(change, argument):
