@@ -158,7 +158,9 @@ def weight_rows(weight: Tensor) -> Tensor:
             and _same_data(cached[2], weight)):
         return cached[3]
     o = weight.shape[0]
-    blocks = math.ceil(weight.numel() / BLOCK_ELEMENTS)
+    # at most one block per output channel: a filter of more than BLOCK_ELEMENTS values (C·k_h·k_w > 2^20)
+    # asked for more blocks than O, and no divisor of O is that large (the search never ended)
+    blocks = min(o, math.ceil(weight.numel() / BLOCK_ELEMENTS))
     while o % blocks:
         blocks += 1
     rows = weight.detach().reshape(blocks, o // blocks, -1).transpose(1, 2).contiguous()
