@@ -283,6 +283,15 @@ def test_haste_conv_feeding_conv_directly_reads_the_rewritten_input(capture_meth
         torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_haste_rewritten_model_runs_under_autocast_like_the_model():
+    model, x = _net_and_input()
+    res = _optimize(model, x, ["haste:L=48,sparsity=0"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = res.module(x), model(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=0.05, atol=0.05)
+
+
 @pytest.mark.slow
 def test_haste_torch_compile_backend_all_singletons_equal_dense_model():
     model, x = _net_and_input()

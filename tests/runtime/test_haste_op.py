@@ -316,6 +316,23 @@ def test_haste_conv2d_weight_data_rebound_uses_the_new_values():
     _close(y, 2.0 * before.double())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, "autocast"])
+def test_haste_conv2d_under_autocast_runs_in_the_autocast_dtype(dtype, x_dtype):
+    # conv2d casts its float32 inputs to the autocast dtype; the op took them as they came, so in a
+    # rewritten model (x already cast by the ops before it, float32 weights) it raised "weight and
+    # bias must have x's dtype"
+    g = _gen(15)
+    x, weight = torch.randn(2, 6, 9, 9, generator=g), torch.randn(4, 6, 3, 3, generator=g)
+    bias = torch.randn(4, generator=g)
+    planes = _planes((3, 3), (1, 1), (1, 1), 4, L=6)
+    expected = _run(x.to(dtype), weight.to(dtype), bias.to(dtype), planes, (1, 1), (1, 1))
+    with torch.autocast("cpu", dtype=dtype):
+        y = _run(x if x_dtype == torch.float32 else x.to(dtype), weight, bias, planes, (1, 1), (1, 1))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_haste_conv2d_under_inference_mode_matches_grad_mode(dtype):
     g = _gen(14)
