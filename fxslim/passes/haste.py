@@ -92,6 +92,7 @@ class HASTE(Pass):
                 key = _weight_key(node.args[1], node, params) if _is_haste(node) else _view_key(convs[node], params)
                 layers.setdefault(key, len(layers))
         weighted = {v.node for v in found} | set(done)
+        geometries: dict[str, list[tuple]] = {}  # record key -> the geometries using it, in graph order
         out: list[Candidate] = []
         for m in matches:
             view = m.view
@@ -107,8 +108,8 @@ class HASTE(Pass):
                     report.skip(view.node, view.fqn, m.kind, "pointwise_excluded")
                 else:
                     key = _view_key(view, params)
-                    out.append(_HasteCandidate(view.node, view, view.fqn, m.kind, cfg, (view.node,),
-                                               _layer_name(key, view, ctx), layers[key]))
+                    layer = _record_key(_layer_name(key, view, ctx), view, cfg, geometries)
+                    out.append(_HasteCandidate(view.node, view, view.fqn, m.kind, cfg, (view.node,), layer, layers[key]))
         return out
 
     def rewrite(self, gm: fx.GraphModule, cand: Candidate, ctx: PassContext) -> dict[str, Any]:
@@ -213,6 +214,18 @@ def _layer_name(key: str, view: ConvView, ctx: PassContext) -> str:
         return f"{view.fqn}/{view.node.name}" if view.fqn else view.node.name
     name = key[: -len(".weight")] if key.endswith(".weight") else key
     return f"{ctx.path}.{name}" if ctx.path else name
+
+
+def _record_key(name: str, view: ConvView, cfg: HASTE, geometries: dict[str, list[tuple]]) -> str:
+    """``name``, or ``name#i`` for the i-th other geometry of a weight several convs share (TridentNet's
+    dilations): a record_buckets entry holds one patch shape, tile and L, and a second one under the
+    same key raised "layer key ... was recorded for another conv" when the model ran."""
+    geometry = (patch_shape(view.kernel, view.stride, view.dilation, cfg.tile), cfg.tile, cfg.L)
+    seen = geometries.setdefault(name, [])
+    if geometry not in seen:
+        seen.append(geometry)
+    i = seen.index(geometry)
+    return name if i == 0 else f"{name}#{i}"
 
 
 def _register_planes(gm: fx.GraphModule, view: ConvView, layer: str, planes: torch.Tensor) -> str:

@@ -226,6 +226,10 @@ def _check_args(x, weight, bias, planes, stride, padding, dilation, tile) -> Non
             f"haste_conv2d: weight must be [O, C={x.shape[1]}, kh, kw] (groups=1 only), "
             f"got shape {tuple(weight.shape)}"
         )
+    if weight.shape[0] < 1 or weight.shape[1] < 1:  # nothing to hash or merge (the kernel cannot cut 0 rows)
+        raise ValueError(
+            f"haste_conv2d: weight must have at least one output and one input channel, got shape {tuple(weight.shape)}"
+        )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"haste_conv2d: bias must be [{weight.shape[0]}] or None, got shape {tuple(bias.shape)}")
     for name, value, low in (("stride", stride, 1), ("padding", padding, 0), ("dilation", dilation, 1)):
@@ -292,6 +296,25 @@ def _haste_conv2d_fake(x, weight, bias, planes, stride, padding, dilation, tile=
     return x.new_empty((x.shape[0], weight.shape[0], h_out, w_out)).contiguous(
         memory_format=_output_memory_format(x)
     )
+
+
+_LIB = torch.library.Library("fxslim", "FRAGMENT")  # the autocast rule below
+
+
+def _haste_conv2d_autocast_cpu(_keyset, x, weight, bias, *rest):
+    """Under ``torch.autocast("cpu")`` the op casts x, weight and bias like ``conv2d`` (float32 to the
+    autocast dtype). Taken as they came, a rewritten model raised "weight and bias must have x's dtype"
+    (x already cast by the ops before it, the weights float32) where the model ran."""
+    dtype = torch.get_autocast_dtype("cpu")
+
+    def cast(t: Tensor | None) -> Tensor | None:
+        return t.to(dtype) if t is not None and t.dtype == torch.float32 else t
+
+    with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
+        return torch.ops.fxslim.haste_conv2d.default(cast(x), cast(weight), cast(bias), *rest)
+
+
+_LIB.impl("haste_conv2d", _haste_conv2d_autocast_cpu, "AutocastCPU", with_keyset=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -127,7 +127,13 @@ def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
     return buffer[:numel].view(shape)
 
 
-_ROWS: dict[int, tuple[weakref.ref, int, Tensor]] = {}
+_ROWS: dict[int, tuple[weakref.ref, int, Tensor, Tensor]] = {}
+
+
+def _same_data(alias: Tensor, weight: Tensor) -> bool:
+    """``weight`` still holds the tensor ``alias`` was taken from (same storage, dtype and layout)."""
+    return (alias.data_ptr() == weight.data_ptr() and alias.dtype == weight.dtype
+            and alias.shape == weight.shape and alias.stride() == weight.stride())
 
 
 def weight_rows(weight: Tensor) -> Tensor:
@@ -138,18 +144,29 @@ def weight_rows(weight: Tensor) -> Tensor:
     weight runs at a few GB/s and costs more than a dense conv at batch 1, so the copy is kept while
     ``weight`` lives and is not modified in place (same version counter); a new or changed weight gets
     a new copy (inference tensors, which cannot tell, get a new copy every call).
+
+    The version counter alone misses ``p.data = t`` (also what ``module.double()`` or ``.to()`` do to a
+    Parameter): the Parameter and its counter stay, its data is another tensor, and the stale copy gave
+    wrong outputs or a dtype error. So the entry also keeps an alias of the data it was made from (which
+    keeps that storage alive, so its address cannot be reused) and is used only while ``weight`` still
+    holds that storage, dtype and layout. Writes through ``p.data`` in place (``p.data.copy_(t)``) bump
+    no counter and cannot be seen without reading the weight: change weights under ``torch.no_grad()``.
     """
     key, versioned = id(weight), not weight.is_inference()  # inference tensors have no version counter
     cached = _ROWS.get(key)
-    if versioned and cached is not None and cached[0]() is weight and cached[1] == weight._version:
-        return cached[2]
+    if (versioned and cached is not None and cached[0]() is weight and cached[1] == weight._version
+            and _same_data(cached[2], weight)):
+        return cached[3]
     o = weight.shape[0]
-    blocks = math.ceil(weight.numel() / BLOCK_ELEMENTS)
+    # at most one block per output channel: a filter of more than BLOCK_ELEMENTS values (C·k_h·k_w > 2^20)
+    # asked for more blocks than O, and no divisor of O is that large (the search never ended)
+    blocks = min(o, math.ceil(weight.numel() / BLOCK_ELEMENTS))
     while o % blocks:
         blocks += 1
     rows = weight.detach().reshape(blocks, o // blocks, -1).transpose(1, 2).contiguous()
     if versioned:
-        _ROWS[key] = (weakref.ref(weight, lambda _ref, key=key: _ROWS.pop(key, None)), weight._version, rows)
+        _ROWS[key] = (weakref.ref(weight, lambda _ref, key=key: _ROWS.pop(key, None)), weight._version,
+                      weight.detach(), rows)
     return rows
 
 

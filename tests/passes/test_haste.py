@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import fxslim
@@ -113,6 +114,29 @@ def test_haste_conv_module_called_twice_is_one_layer_with_one_planes_buffer():
     with torch.no_grad(), record_buckets() as rec:
         res.module(x)
     assert list(rec) == ["conv"] and rec["conv"].calls == 2
+
+
+def test_haste_weight_shared_at_other_dilations_gets_a_record_key_per_geometry():
+    # One weight at dilations 1, 2, 3 (TridentNet's branches): three patch sizes, three planes. Under one
+    # record_buckets key the second call raised "layer key 'conv' was recorded for another conv".
+    class Trident(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+        def forward(self, x):
+            x = torch.relu(self.stem(x))
+            return sum(F.conv2d(x, self.conv.weight, self.conv.bias, 1, d, d) for d in (1, 2, 3, 1))
+
+    model, x = Trident().eval(), torch.randn(2, 3, 12, 12)
+    res = _optimize(model, x, ["haste:L=48,sparsity=0"])
+    layers = [e.info["layer"] for e in res.report.entries("haste") if e.info]
+    assert layers == ["conv", "conv#1", "conv#2", "conv"]  # the same geometry keeps its key
+    with torch.no_grad(), record_buckets() as rec:
+        y = res.module(x)
+    assert sorted(rec) == ["conv", "conv#1", "conv#2"] and rec["conv"].calls == 2
+    assert [rec[k].patch for k in ("conv", "conv#1", "conv#2")] == [(6, 6), (8, 8), (10, 10)]
+    torch.testing.assert_close(y, model(x).detach(), rtol=1e-5, atol=1e-5)
 
 
 def test_haste_skip_stem_false_and_overrides_per_module():
@@ -257,6 +281,15 @@ def test_haste_conv_feeding_conv_directly_reads_the_rewritten_input(capture_meth
     assert res.report.rewritten("haste") == 2
     with torch.no_grad():
         torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_haste_rewritten_model_runs_under_autocast_like_the_model():
+    model, x = _net_and_input()
+    res = _optimize(model, x, ["haste:L=48,sparsity=0"])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y, expected = res.module(x), model(x)
+    assert y.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expected.float(), rtol=0.05, atol=0.05)
 
 
 @pytest.mark.slow

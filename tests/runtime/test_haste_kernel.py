@@ -55,3 +55,18 @@ def test_kernel_float64_bucket_means_keep_float64_precision():
     y = haste_conv2d(x, weight, None, planes, [1, 1], [1, 1], [1, 1], 4, True, "")
     expected = haste_conv2d_reference(x, weight, None, planes, (1, 1), (1, 1), (1, 1), 4, True)
     torch.testing.assert_close(y, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_kernel_filter_larger_than_a_block_cuts_one_output_channel_per_block(monkeypatch, one_thread):
+    # C·k_h·k_w = 24 values per output channel over a budget of 16: ceil(48 / 16) = 3 blocks for 2
+    # outputs, and the search for a divisor of O >= 3 never ended (with the real budget: any conv with
+    # C·k_h·k_w > 2^20, e.g. O=1, C=1100, a 31×31 kernel, hung).
+    monkeypatch.setattr(haste_kernel, "BLOCK_ELEMENTS", 16)
+    g = torch.Generator().manual_seed(6)
+    weight = torch.randn(2, 8, 3, 1, generator=g)
+    assert haste_kernel.weight_rows(weight.clone()).shape == (2, 24, 1)
+    x = (torch.randint(-3, 4, (2, 8, 7, 6), generator=g) * 8).float()  # exact channel means
+    planes = make_planes(5, 24, 2 / 3, seed=2)  # patch 6×4
+    y = haste_conv2d(x, weight, None, planes, [1, 1], [1, 0], [1, 1], 4, True, "")
+    expected = haste_conv2d_reference(x, weight, None, planes, (1, 1), (1, 0), (1, 1), 4, True)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)

@@ -300,6 +300,39 @@ def test_haste_conv2d_weight_changed_in_place_uses_the_new_values():
     _close(_run(x, weight.clone(), None, planes, (1, 1), (1, 1)), 2.0 * before)
 
 
+def test_haste_conv2d_weight_data_rebound_uses_the_new_values():
+    # ``p.data = t`` (and ``module.double()``, which does that) keeps the Parameter and its version
+    # counter: the kernel's transposed copy must not be reused for the new tensor.
+    g = _gen(13)
+    x, weight = torch.randn(2, 6, 9, 9, generator=g), torch.nn.Parameter(torch.randn(4, 6, 3, 3, generator=g))
+    planes = _planes((3, 3), (1, 1), (1, 1), 4, L=6)
+    with torch.no_grad():
+        before = _run(x, weight, None, planes, (1, 1), (1, 1))
+        weight.data = 2.0 * weight.data
+        _close(_run(x, weight, None, planes, (1, 1), (1, 1)), 2.0 * before)
+        weight.data = weight.data.double()  # was: "expected scalar type Double but found Float"
+        y = _run(x.double(), weight, None, planes, (1, 1), (1, 1))
+    assert y.dtype == torch.float64
+    _close(y, 2.0 * before.double())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("x_dtype", [torch.float32, "autocast"])
+def test_haste_conv2d_under_autocast_runs_in_the_autocast_dtype(dtype, x_dtype):
+    # conv2d casts its float32 inputs to the autocast dtype; the op took them as they came, so in a
+    # rewritten model (x already cast by the ops before it, float32 weights) it raised "weight and
+    # bias must have x's dtype"
+    g = _gen(15)
+    x, weight = torch.randn(2, 6, 9, 9, generator=g), torch.randn(4, 6, 3, 3, generator=g)
+    bias = torch.randn(4, generator=g)
+    planes = _planes((3, 3), (1, 1), (1, 1), 4, L=6)
+    expected = _run(x.to(dtype), weight.to(dtype), bias.to(dtype), planes, (1, 1), (1, 1))
+    with torch.autocast("cpu", dtype=dtype):
+        y = _run(x if x_dtype == torch.float32 else x.to(dtype), weight, bias, planes, (1, 1), (1, 1))
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_haste_conv2d_under_inference_mode_matches_grad_mode(dtype):
     g = _gen(14)
@@ -333,6 +366,9 @@ def test_haste_conv2d_flop_count_is_the_cost_models_prediction():
         (dict(tile=0), "tile"),
         (dict(stride=[0, 1]), "stride"),
         (dict(bias=torch.zeros(5)), "bias"),
+        # no output or no input channel: the kernel cut the weight into 0 blocks (ZeroDivisionError)
+        (dict(weight=torch.randn(0, 6, 3, 3)), "weight"),
+        (dict(x=torch.randn(1, 0, 9, 9), weight=torch.randn(4, 0, 3, 3)), "weight"),
     ],
 )
 def test_haste_conv2d_bad_argument_raises_value_error_naming_it(change, argument):
