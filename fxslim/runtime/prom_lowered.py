@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import operator
 import warnings
 from collections.abc import Callable
@@ -81,7 +82,8 @@ def quantize_qtensor(x: Tensor, scale: float, zero_point: int, channels_last: bo
     x = x.to(torch.float32)  # float32 as the op does
     if not channels_last or x.dim() != 4:
         return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
-    rows = max(1, _QUANT_CHUNK // max(1, x[0].numel()))
+    # the size of one sample from the shape, not x[0]: a batch of 0 samples has no x[0]
+    rows = max(1, _QUANT_CHUNK // max(1, math.prod(x.shape[1:])))
     if x.shape[0] <= rows:
         return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).contiguous(memory_format=torch.channels_last)
     out = torch._empty_affine_quantized(x.shape, scale=scale, zero_point=zero_point, dtype=torch.quint8,

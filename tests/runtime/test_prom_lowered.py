@@ -281,3 +281,15 @@ def test_lower_cheap_ops_equal_fxslim_ops():
     other = logits[:3]  # dim 0 is not the flags' batch: any NaN sample makes it all NaN, as the op does
     assert dequantized(other, 0.037, 120, flags).isnan().all() and ops.dequantize.default(other, 0.037, 120, flags).isnan().all()
     assert torch.equal(dequantized(other, 0.037, 120, flags & False), ops.dequantize.default(other, 0.037, 120, flags & False))
+
+
+def test_lower_empty_batch_gives_empty_output_like_the_graph(mobilenet):
+    """A batch of 0 samples: quantize_qtensor sized its slices from x[0], which a batch of 0 lacks
+    (IndexError); the graph it lowers returns an empty batch."""
+    x, fast, low = mobilenet
+    with torch.no_grad():
+        want = fast(x[:0])
+        assert want.shape == (0, 1000)
+        assert low(x[:0]).shape == want.shape and micro_batched(fast)(x[:0]).shape == want.shape
+    assert L.quantize_qtensor(x[:0], 0.02, 100, True).shape == x[:0].shape
+
