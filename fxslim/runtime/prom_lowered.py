@@ -206,7 +206,9 @@ class _Lowering:
         else:
             skip = self.qtensor_input(node, a["skip"], a["skip_scale"], a["skip_zero_point"])
             accum = self.accumulator(node, skip) if skip is a["skip"] else skip  # a fresh QTensor only it reads
-            self.qparams.setdefault(accum, self.qparams[skip])  # a clone of the QTensor is one too
+            # the accumulator (the skip, its clone or a QTensor copy of codes that were no QTensor, e.g.
+            # a max pool's: ResNet's first block) is a QTensor on the skip's grid
+            self.qparams.setdefault(accum, (a["skip_scale"], a["skip_zero_point"]))
             new = self.replace(node, _QCONV_ADD[attr], (x, accum, *tail), "qconv2d_add")
         self.channels_last.add(new)
         self.qparams[new] = (a["out_scale"], a["out_zero_point"])

@@ -293,3 +293,30 @@ def test_lower_empty_batch_gives_empty_output_like_the_graph(mobilenet):
         assert low(x[:0]).shape == want.shape and micro_batched(fast)(x[:0]).shape == want.shape
     assert L.quantize_qtensor(x[:0], 0.02, 100, True).shape == x[:0].shape
 
+
+class _PoolSkipBlock(nn.Module):
+    """ResNet's stem and first block: conv-ReLU → max pool → conv-ReLU → conv, + the pooled codes → ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = nn.functional.max_pool2d(torch.relu(self.stem(x)), 3, 2, 1)
+        return torch.relu(self.b(torch.relu(self.a(p))) + p).mean((2, 3))
+
+
+def test_lower_residual_add_whose_skip_is_max_pooled_codes_equals_graph():
+    """The skip of a fused conv + add that is no QTensor (a max pool's codes) becomes a QTensor copy;
+    lowering looked up that copy's grid among the QTensors (KeyError) and failed on every ResNet."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    fast = convert(calibrate(prepare(_PoolSkipBlock().eval(), (x,)), [x]), runtime="onednn")
+    skips = [n.args[14] for n in fast.graph.nodes if n.target is ops.qconv2d_add.default]
+    assert [s.target for s in skips] == [ops.max_pool2d_codes.default]
+    low = L.lower(fast)
+    assert low.meta[META_PROM_LOWERED]["qconv2d_add"] == 1
+    other = torch.randn(3, 3, 37, 45)
+    with torch.no_grad():
+        assert torch.equal(low(x), fast(x)) and torch.equal(low(other), fast(other))
+        assert torch.equal(micro_batched(fast)(other), fast(other))
