@@ -76,23 +76,30 @@ def quantize_qtensor(x: Tensor, scale: float, zero_point: int, channels_last: bo
     """``fxslim::quantize_per_tensor(x, scale, zero_point)`` as a quint8 QTensor: its codes are the op's output.
 
     ATen's quantizer computes round_half_even(x · fl32(1/scale)) + z saturated to 0..255 in
-    float32, as the fxslim op does. ``channels_last`` (a 4-d ``x``): written channels_last, a few
-    samples at a time, so that the codes are still in cache when they are reordered.
+    float32, as the fxslim op does, but only while x · (1/scale) fits an int32: beyond (an input
+    of 1e8 at scale 0.03, or ±inf) it wraps and gives code 0 where the op saturates to 255. So x is
+    first clamped to ±512·scale, a bound past either end of the grid (|x·(1/scale)| ≥ 512 − 1 ulp
+    saturates as it did). ``channels_last`` (a 4-d ``x``): written channels_last, a few samples at a
+    time, so that the codes are still in cache when they are reordered.
     """
     x = x.to(torch.float32)  # float32 as the op does
+    bound = _SATURATED * scale
     if not channels_last or x.dim() != 4:
-        return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
+        return torch.quantize_per_tensor(x.clamp(-bound, bound), scale, zero_point, torch.quint8)
     # the size of one sample from the shape, not x[0]: a batch of 0 samples has no x[0]
     rows = max(1, _QUANT_CHUNK // max(1, math.prod(x.shape[1:])))
     if x.shape[0] <= rows:
-        return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).contiguous(memory_format=torch.channels_last)
+        q = torch.quantize_per_tensor(x.clamp(-bound, bound), scale, zero_point, torch.quint8)
+        return q.contiguous(memory_format=torch.channels_last)
     out = torch._empty_affine_quantized(x.shape, scale=scale, zero_point=zero_point, dtype=torch.quint8,
                                         memory_format=torch.channels_last)
     for start in range(0, x.shape[0], rows):
-        out[start : start + rows].copy_(torch.quantize_per_tensor(x[start : start + rows], scale, zero_point, torch.quint8))
+        part = x[start : start + rows].clamp(-bound, bound)
+        out[start : start + rows].copy_(torch.quantize_per_tensor(part, scale, zero_point, torch.quint8))
     return out
 
 
+_SATURATED = 512.0  # steps of the grid from 0 past which every code saturates (the grid spans 255)
 _QUANT_CHUNK = 1 << 18  # floats per slice: 1 MB, its codes reordered while in L2
 
 

@@ -320,3 +320,26 @@ def test_lower_residual_add_whose_skip_is_max_pooled_codes_equals_graph():
     with torch.no_grad():
         assert torch.equal(low(x), fast(x)) and torch.equal(low(other), fast(other))
         assert torch.equal(micro_batched(fast)(other), fast(other))
+
+
+def test_lower_quantize_qtensor_saturates_values_beyond_int32_steps_as_the_op():
+    """ATen's quantizer wraps once x·(1/scale) leaves int32 (1e9 at scale 0.02, ±inf) and gave code 0
+    where the op saturates to 255 (at a zero point of 128 or more): the lowered model's outputs then
+    differed from the graph's."""
+    scale, zero_point = 0.0187, 131
+    x = torch.randn(40, 3, 61, 67)  # 490k floats: two slices
+    x[0, 0, 0, :6] = torch.tensor([1e9, -1e9, 3e38, -3e38, float("inf"), float("-inf")])
+    x[39, 2, 5, 5], x[20, 1, 1, 1] = 5e10, -5e10
+    for channels_last, rows in ((True, x), (True, x[:2]), (False, x[:2])):
+        out = codes(L.quantize_qtensor(rows, scale, zero_point, channels_last))
+        assert torch.equal(out, ops.quantize_per_tensor.default(rows, scale, zero_point))
+    assert codes(L.quantize_qtensor(x, scale, zero_point, True))[0, 0, 0, :6].tolist() == [255, 0, 255, 0, 255, 0]
+    torch.manual_seed(0)
+    dark = torch.randn(2, 3, 32, 32) - 1.5  # mostly negative: the input's zero point is above 128
+    fast = convert(calibrate(prepare(_PoolSkipBlock().eval(), (dark,)), [dark]), runtime="onednn")
+    (quantize,) = [n for n in fast.graph.nodes if n.target is ops.quantize_per_tensor.default]
+    assert quantize.args[2] >= 128
+    bright = dark.clone()
+    bright[0, :, :9] = 1e12  # a band of overexposed pixels: saturated, not wrapped to code 0
+    with torch.no_grad():
+        assert torch.equal(L.lower(fast)(bright), fast(bright))
