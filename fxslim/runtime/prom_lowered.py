@@ -111,6 +111,26 @@ def global_avg_pool(x: Tensor, x_zero_point: int, multiplier: int, shift: int, o
     return global_avg_pool_codes(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
 
 
+def widened_qtensor(x: Tensor, kernel: int, stride: int, padding: int, dilation: int) -> Tensor:
+    """``prom_onednn.one_column_widened`` on a QTensor (TorchScript): ``x`` with ``stride`` columns
+    of its zero point appended when the conv (column stride above 1) gives one output column."""
+    if (x.size(3) + 2 * padding - dilation * (kernel - 1) - 1) // stride != 0:
+        return x
+    pad = torch.quantize_per_tensor(torch.zeros([x.size(0), x.size(1), x.size(2), stride]), x.q_scale(),
+                                    x.q_zero_point(), torch.quint8)
+    return torch.cat([x, pad], 3)
+
+
+def first_column(out: Tensor, x: Tensor, wide: Tensor) -> Tensor:
+    """``out`` itself, or its first column when the conv ran on a ``widened_qtensor`` of ``x``."""
+    if wide.size(3) == x.size(3):
+        return out
+    return out.narrow(3, 0, 1).contiguous(memory_format=torch.channels_last)
+
+
+_COLUMN_GUARDS = (widened_qtensor, first_column)
+
+
 # ----------------------------------------------------------------------------------------------
 # lower
 
@@ -184,9 +204,14 @@ class _Lowering:
         if node.target is _CONV_ADD and attr not in ("none", "relu"):
             self.count("kept:clamped_residual")  # oneDNN has no sum with a clamp short of 255: the op clamps after
             return
+        if stride[1] > 1 and (node.target is _CONV_ADD or attr not in _QCONV):
+            # one output column at a column stride above 1 needs the input widened (prom_onednn.one_column_widened):
+            # the op does it, a QTensor conv gets guards in quantized_conv
+            self.count("kept:column_stride")
+            return
         if attr in _QCONV:
             pack = functools.partial(prom_onednn.pack_quantized, weight, w_scale, bias, stride, padding, dilation, a["groups"])
-            self.quantized_conv(node, a, packed, pack, attr)
+            self.quantized_conv(node, a, packed, pack, attr, (weight.shape[3], stride[1], padding[1], dilation[1]))
             return
         common = (self.channels_last_input(node, a["x"]), a["x_scale"], a["x_zero_point"], self.attr(node, packed, "packed"),
                   self.attr(node, w_scale, "w_scale"), self.attr(node, zeros, "zeros"))
@@ -201,14 +226,28 @@ class _Lowering:
         self.channels_last.add(new)
 
     def quantized_conv(self, node: fx.Node, a: dict, packed: torch.ScriptObject, pack: Callable[[], object],
-                       attr: str) -> None:
+                       attr: str, columns: tuple[int, int, int, int]) -> None:
         """``node`` as ATen's quantized conv on oneDNN: QTensors in and out, the skip accumulated in
-        place; ``pack`` packs its weight anew (``QuantizedSegment``)."""
+        place; ``pack`` packs its weight anew (``QuantizedSegment``). ``columns``: the kernel's
+        width, stride, padding and dilation along W."""
         x = self.qtensor_input(node, a["x"], a["x_scale"], a["x_zero_point"])
         packed_node = self.attr(node, packed, "packed")
         self.packers[packed_node.target] = pack
         tail = (packed_node, a["out_scale"], a["out_zero_point"])
-        if node.target is _CONV:
+        if node.target is _CONV and columns[1] > 1:  # a column stride: guarded against one output column
+            with self.graph.inserting_before(node):
+                wide = self.graph.call_function(widened_qtensor, (x, *columns))
+            self.order[wide] = self.order[node]
+            self.qparams[wide] = (a["x_scale"], a["x_zero_point"])
+            new = self.replace(node, _QCONV[attr], (wide, *tail), "qconv2d")
+            self.qparams[new] = (a["out_scale"], a["out_zero_point"])
+            with self.graph.inserting_after(new):
+                narrowed = self.graph.call_function(first_column, (new, x, wide))
+            narrowed.meta.update(new.meta)
+            new.replace_all_uses_with(narrowed, delete_user_cb=lambda user: user is not narrowed)
+            self.order[narrowed] = self.order[new]
+            new = narrowed
+        elif node.target is _CONV:
             new = self.replace(node, _QCONV[attr], (x, *tail), "qconv2d")
         else:
             skip = self.qtensor_input(node, a["skip"], a["skip_scale"], a["skip_zero_point"])
@@ -344,7 +383,8 @@ def lower(gm: fx.GraphModule, constants: dict[str, Tensor] | None = None) -> fx.
 
 
 def _in_script(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _QUANTIZED) or (node.op == "call_method" and node.target == "clone")
+    return (node.op == "call_function" and (node.target in _QUANTIZED or node.target in _COLUMN_GUARDS)) or (
+        node.op == "call_method" and node.target == "clone")
 
 
 def _segments(graph: fx.Graph) -> list[list[fx.Node]]:
