@@ -300,6 +300,26 @@ def test_prom_micro_batched_needs_one_tensor_input_and_output():
         micro_batched(fx.symbolic_trace(TwoInputs()))
 
 
+def test_prom_micro_batched_refuses_a_model_whose_output_is_not_batch_first():
+    """conv → cat([y, relu(y)], dim=0): 2N rows for N samples; sliced, its rows came back
+    interleaved (slice by slice) and differed from the whole batch's, silently."""
+
+    class TwoViews(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.fc(torch.cat([y, torch.relu(y)], 0).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 12, 12)
+    int_model = convert(calibrate(prepare(TwoViews().eval(), (x,)), [x]))
+    with pytest.raises(ValueError, match=r"micro_batched: expected an output with the input's batch first \(4 rows"):
+        micro_batched(int_model, max_activation_bytes=1024)
+
+
 def test_prom_convert_unknown_runtime_raises(mobilenet):
     with pytest.raises(ValueError, match="runtime must be one of"):
         convert(mobilenet[2], runtime="tflite")
