@@ -201,6 +201,9 @@ class _Lowering:
         if not any_size:
             self.count("kept:input_size_checked")  # a small enough input gives no output pixel: the op checks
             return
+        if prom_onednn.may_pad_explicitly(weight, padding, dilation):
+            self.count("kept:explicit_padding")  # the op pads explicitly, per input size, what oneDNN gets wrong
+            return
         if node.target is _CONV_ADD and attr not in ("none", "relu"):
             self.count("kept:clamped_residual")  # oneDNN has no sum with a clamp short of 255: the op clamps after
             return

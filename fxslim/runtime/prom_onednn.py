@@ -233,6 +233,39 @@ def one_column_widened(x: Tensor, kernel: int, stride: int, padding: int, dilati
     return torch.nn.functional.pad(x, (0, stride), value=zero_point)
 
 
+def may_pad_explicitly(weight: Tensor, padding: Sequence[int], dilation: Sequence[int]) -> bool:
+    """Whether ``_padded_explicitly`` writes padding into the input at some input size: padding past
+    the kernel's extent minus one, or padding with a dilation (a window can straddle a small input)."""
+    pad, dil = _pair(padding), _pair(dilation)
+    return any(pad[i] > 0 and (pad[i] > dil[i] * (weight.shape[2 + i] - 1) or dil[i] > 1) for i in range(2))
+
+
+def _pair(values: Sequence[int]) -> list[int]:
+    return [int(v) for v in values] * (2 // len(values))
+
+
+def _padded_explicitly(x: Tensor, weight: Tensor, padding: Sequence[int], dilation: Sequence[int], zero_point: int
+                       ) -> tuple[Tensor, Sequence[int]]:
+    """``x`` and ``padding``, with the padding of each spatial dim where a window can lie wholly in
+    it written into ``x`` as the zero point (what the conv pads with) instead.
+
+    oneDNN gets the outputs whose window holds only padding wrong (codes off by up to 255) for
+    convs with one input channel per group (a grayscale stem, a depthwise conv with a channel
+    multiplier): a 3×3 kernel with padding 3, a 2×2 one with padding 2, or a 1-row input under a
+    2-row kernel dilated by 2 with padding 1. Such a window exists where the padding passes the
+    kernel's extent minus one, or where the dilation passes the input size. The output is the same.
+    """
+    (ph, pw), (dh, dw) = (padding[0], padding[-1]), (dilation[0], dilation[-1])
+    if (ph == 0 or (ph <= dh * (weight.shape[2] - 1) and dh <= x.shape[2])) and (
+            pw == 0 or (pw <= dw * (weight.shape[3] - 1) and dw <= x.shape[3])):
+        return x, padding  # the common case, checked first: this runs on every conv call
+    pad, dil = _pair(padding), _pair(dilation)
+    explicit = [pad[i] if pad[i] > 0 and (pad[i] > dil[i] * (weight.shape[2 + i] - 1) or dil[i] > x.shape[2 + i])
+                else 0 for i in range(2)]
+    x = torch.nn.functional.pad(x, (explicit[1], explicit[1], explicit[0], explicit[0]), value=zero_point)
+    return x, [pad[i] - explicit[i] for i in range(2)]
+
+
 def _first_column(out: Tensor) -> Tensor:
     """The conv's output column of a ``one_column_widened`` input's two."""
     return out[..., :1].contiguous(memory_format=torch.channels_last)
@@ -248,6 +281,7 @@ def _qconv2d_cpu(
 
     y_c = s_x·w_scale_c·Σ w·(q − z_x) + bias_c (real bias); out = clamp(round(y/s_out) + z_out).
     """
+    x, padding = _padded_explicitly(x, weight, padding, dilation, x_zero_point)
     packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
         x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
         dilation, groups)
@@ -288,6 +322,7 @@ def _qconv2d_add_cpu(
 
     One rounding: the conv's real output is not rounded to a grid of its own first.
     """
+    x, padding = _padded_explicitly(x, weight, padding, dilation, x_zero_point)
     packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
         x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
         dilation, groups)

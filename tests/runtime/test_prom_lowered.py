@@ -361,3 +361,19 @@ def test_lower_strided_conv_to_one_output_column_within_one_lsb_of_fake_quant():
     assert code_agreement(qat, fast, narrow, mode="local").worst()[1] == 1.0
     with torch.no_grad():
         assert torch.equal(low(narrow), fast(narrow)) and torch.equal(low(x), fast(x))
+
+
+def test_lower_conv_with_windows_of_padding_only_keeps_the_op_and_equals_graph():
+    """A grayscale stem with padding past its kernel: the op writes that padding into the input
+    (oneDNN gets windows of padding only wrong there), so lowering keeps the op."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 2, 1, 2), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 1, 12, 12)
+    qat = calibrate(prepare(model, (x,)), [x]).eval()
+    fast = convert(qat, runtime="onednn")
+    low = L.lower(fast)
+    assert low.meta[META_PROM_LOWERED]["kept:explicit_padding"] == 1 and low.meta[META_PROM_LOWERED]["qconv2d"] == 1
+    assert code_agreement(qat, fast, x, mode="local").worst()[1] == 1.0
+    with torch.no_grad():
+        assert torch.equal(low(x), fast(x))
