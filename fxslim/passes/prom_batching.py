@@ -108,6 +108,12 @@ def micro_batched(int_model: fx.GraphModule, max_activation_bytes: int = DEFAULT
     example = meta_val(placeholders[0])
     if not isinstance(example, Tensor) or example.dim() < 1 or example.shape[0] < 1:
         raise ValueError("micro_batched: the input has no shape metadata with a batch dimension (convert sets it)")
+    out = meta_val(outputs)
+    if isinstance(out, Tensor) and (out.dim() < 1 or out.shape[0] != example.shape[0]):
+        # e.g. a torch.cat of two views of the batch on dim 0: slices would come back interleaved
+        raise ValueError(f"micro_batched: expected an output with the input's batch first ({example.shape[0]} rows at "
+                         f"the example), got shape {tuple(out.shape)}: the model mixes or regroups samples, so "
+                         "running it on slices of the batch would change its output; call the model directly")
     largest = max(v.numel() * v.element_size() for n in int_model.graph.nodes
                   if isinstance(v := meta_val(n), Tensor))
     pixels = math.prod(example.shape[2:]) if example.dim() > 2 else 1

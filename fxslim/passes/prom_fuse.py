@@ -31,10 +31,12 @@ def _named_args(node: fx.Node) -> dict[str, object]:
     return {arg.name: value for arg, value in zip(schema.arguments, node.args)}
 
 
-def _fusable(conv: object, out_scale: float) -> str | None:
-    """The reason a qconv2d input of ``add`` cannot fuse, or None when it can."""
+def _fusable(conv: object, skip: object, out_scale: float) -> str | None:
+    """The reason a qconv2d input of ``add`` (other input ``skip``) cannot fuse, or None when it can."""
     if not isinstance(conv, fx.Node) or conv.target is not torch.ops.fxslim.qconv2d.default:
         return "not_a_conv"
+    if skip is conv:  # y + y: the fused op would read the conv it replaces as its skip
+        return "conv_is_its_own_skip"
     if len(conv.users) != 1:
         return "intermediate_escapes"
     args = _named_args(conv)
@@ -53,7 +55,7 @@ def fuse_conv_add(gm: fx.GraphModule) -> int:
             continue  # only adds are candidates
         args = _named_args(add)
         for conv_key, skip_key in (("a", "b"), ("b", "a")):
-            reason = _fusable(args[conv_key], args["out_scale"])
+            reason = _fusable(args[conv_key], args[skip_key], args["out_scale"])
             if reason is None:
                 break
             _log.debug("prom fuse: %s input %s of %s not fused: %s", conv_key, args[conv_key], add.name, reason)

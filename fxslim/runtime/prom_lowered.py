@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import math
 import operator
 import warnings
 from collections.abc import Callable
@@ -75,22 +76,30 @@ def quantize_qtensor(x: Tensor, scale: float, zero_point: int, channels_last: bo
     """``fxslim::quantize_per_tensor(x, scale, zero_point)`` as a quint8 QTensor: its codes are the op's output.
 
     ATen's quantizer computes round_half_even(x · fl32(1/scale)) + z saturated to 0..255 in
-    float32, as the fxslim op does. ``channels_last`` (a 4-d ``x``): written channels_last, a few
-    samples at a time, so that the codes are still in cache when they are reordered.
+    float32, as the fxslim op does, but only while x · (1/scale) fits an int32: beyond (an input
+    of 1e8 at scale 0.03, or ±inf) it wraps and gives code 0 where the op saturates to 255. So x is
+    first clamped to ±512·scale, a bound past either end of the grid (|x·(1/scale)| ≥ 512 − 1 ulp
+    saturates as it did). ``channels_last`` (a 4-d ``x``): written channels_last, a few samples at a
+    time, so that the codes are still in cache when they are reordered.
     """
     x = x.to(torch.float32)  # float32 as the op does
+    bound = _SATURATED * scale
     if not channels_last or x.dim() != 4:
-        return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8)
-    rows = max(1, _QUANT_CHUNK // max(1, x[0].numel()))
+        return torch.quantize_per_tensor(x.clamp(-bound, bound), scale, zero_point, torch.quint8)
+    # the size of one sample from the shape, not x[0]: a batch of 0 samples has no x[0]
+    rows = max(1, _QUANT_CHUNK // max(1, math.prod(x.shape[1:])))
     if x.shape[0] <= rows:
-        return torch.quantize_per_tensor(x, scale, zero_point, torch.quint8).contiguous(memory_format=torch.channels_last)
+        q = torch.quantize_per_tensor(x.clamp(-bound, bound), scale, zero_point, torch.quint8)
+        return q.contiguous(memory_format=torch.channels_last)
     out = torch._empty_affine_quantized(x.shape, scale=scale, zero_point=zero_point, dtype=torch.quint8,
                                         memory_format=torch.channels_last)
     for start in range(0, x.shape[0], rows):
-        out[start : start + rows].copy_(torch.quantize_per_tensor(x[start : start + rows], scale, zero_point, torch.quint8))
+        part = x[start : start + rows].clamp(-bound, bound)
+        out[start : start + rows].copy_(torch.quantize_per_tensor(part, scale, zero_point, torch.quint8))
     return out
 
 
+_SATURATED = 512.0  # steps of the grid from 0 past which every code saturates (the grid spans 255)
 _QUANT_CHUNK = 1 << 18  # floats per slice: 1 MB, its codes reordered while in L2
 
 
@@ -100,6 +109,26 @@ def global_avg_pool(x: Tensor, x_zero_point: int, multiplier: int, shift: int, o
     if x.shape[2] * x.shape[3] * 255 > _INT32_MAX:
         raise ValueError(f"x: H·W = {x.shape[2] * x.shape[3]} is too large for an int32 sum")
     return global_avg_pool_codes(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
+
+
+def widened_qtensor(x: Tensor, kernel: int, stride: int, padding: int, dilation: int) -> Tensor:
+    """``prom_onednn.one_column_widened`` on a QTensor (TorchScript): ``x`` with ``stride`` columns
+    of its zero point appended when the conv (column stride above 1) gives one output column."""
+    if (x.size(3) + 2 * padding - dilation * (kernel - 1) - 1) // stride != 0:
+        return x
+    pad = torch.quantize_per_tensor(torch.zeros([x.size(0), x.size(1), x.size(2), stride]), x.q_scale(),
+                                    x.q_zero_point(), torch.quint8)
+    return torch.cat([x, pad], 3)
+
+
+def first_column(out: Tensor, x: Tensor, wide: Tensor) -> Tensor:
+    """``out`` itself, or its first column when the conv ran on a ``widened_qtensor`` of ``x``."""
+    if wide.size(3) == x.size(3):
+        return out
+    return out.narrow(3, 0, 1).contiguous(memory_format=torch.channels_last)
+
+
+_COLUMN_GUARDS = (widened_qtensor, first_column)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,12 +201,20 @@ class _Lowering:
         if not any_size:
             self.count("kept:input_size_checked")  # a small enough input gives no output pixel: the op checks
             return
+        if prom_onednn.may_pad_explicitly(weight, padding, dilation):
+            self.count("kept:explicit_padding")  # the op pads explicitly, per input size, what oneDNN gets wrong
+            return
         if node.target is _CONV_ADD and attr not in ("none", "relu"):
             self.count("kept:clamped_residual")  # oneDNN has no sum with a clamp short of 255: the op clamps after
             return
+        if stride[1] > 1 and (node.target is _CONV_ADD or attr not in _QCONV):
+            # one output column at a column stride above 1 needs the input widened (prom_onednn.one_column_widened):
+            # the op does it, a QTensor conv gets guards in quantized_conv
+            self.count("kept:column_stride")
+            return
         if attr in _QCONV:
             pack = functools.partial(prom_onednn.pack_quantized, weight, w_scale, bias, stride, padding, dilation, a["groups"])
-            self.quantized_conv(node, a, packed, pack, attr)
+            self.quantized_conv(node, a, packed, pack, attr, (weight.shape[3], stride[1], padding[1], dilation[1]))
             return
         common = (self.channels_last_input(node, a["x"]), a["x_scale"], a["x_zero_point"], self.attr(node, packed, "packed"),
                   self.attr(node, w_scale, "w_scale"), self.attr(node, zeros, "zeros"))
@@ -192,19 +229,35 @@ class _Lowering:
         self.channels_last.add(new)
 
     def quantized_conv(self, node: fx.Node, a: dict, packed: torch.ScriptObject, pack: Callable[[], object],
-                       attr: str) -> None:
+                       attr: str, columns: tuple[int, int, int, int]) -> None:
         """``node`` as ATen's quantized conv on oneDNN: QTensors in and out, the skip accumulated in
-        place; ``pack`` packs its weight anew (``QuantizedSegment``)."""
+        place; ``pack`` packs its weight anew (``QuantizedSegment``). ``columns``: the kernel's
+        width, stride, padding and dilation along W."""
         x = self.qtensor_input(node, a["x"], a["x_scale"], a["x_zero_point"])
         packed_node = self.attr(node, packed, "packed")
         self.packers[packed_node.target] = pack
         tail = (packed_node, a["out_scale"], a["out_zero_point"])
-        if node.target is _CONV:
+        if node.target is _CONV and columns[1] > 1:  # a column stride: guarded against one output column
+            with self.graph.inserting_before(node):
+                wide = self.graph.call_function(widened_qtensor, (x, *columns))
+            self.order[wide] = self.order[node]
+            self.qparams[wide] = (a["x_scale"], a["x_zero_point"])
+            new = self.replace(node, _QCONV[attr], (wide, *tail), "qconv2d")
+            self.qparams[new] = (a["out_scale"], a["out_zero_point"])
+            with self.graph.inserting_after(new):
+                narrowed = self.graph.call_function(first_column, (new, x, wide))
+            narrowed.meta.update(new.meta)
+            new.replace_all_uses_with(narrowed, delete_user_cb=lambda user: user is not narrowed)
+            self.order[narrowed] = self.order[new]
+            new = narrowed
+        elif node.target is _CONV:
             new = self.replace(node, _QCONV[attr], (x, *tail), "qconv2d")
         else:
             skip = self.qtensor_input(node, a["skip"], a["skip_scale"], a["skip_zero_point"])
             accum = self.accumulator(node, skip) if skip is a["skip"] else skip  # a fresh QTensor only it reads
-            self.qparams.setdefault(accum, self.qparams[skip])  # a clone of the QTensor is one too
+            # the accumulator (the skip, its clone or a QTensor copy of codes that were no QTensor, e.g.
+            # a max pool's: ResNet's first block) is a QTensor on the skip's grid
+            self.qparams.setdefault(accum, (a["skip_scale"], a["skip_zero_point"]))
             new = self.replace(node, _QCONV_ADD[attr], (x, accum, *tail), "qconv2d_add")
         self.channels_last.add(new)
         self.qparams[new] = (a["out_scale"], a["out_zero_point"])
@@ -333,7 +386,8 @@ def lower(gm: fx.GraphModule, constants: dict[str, Tensor] | None = None) -> fx.
 
 
 def _in_script(node: fx.Node) -> bool:
-    return (node.op == "call_function" and node.target in _QUANTIZED) or (node.op == "call_method" and node.target == "clone")
+    return (node.op == "call_function" and (node.target in _QUANTIZED or node.target in _COLUMN_GUARDS)) or (
+        node.op == "call_method" and node.target == "clone")
 
 
 def _segments(graph: fx.Graph) -> list[list[fx.Node]]:

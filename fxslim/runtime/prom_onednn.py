@@ -218,6 +218,59 @@ torch.library.define("fxslim::qconv2d", f"({_CONV_ARGS}) -> Tensor")
 torch.library.define("fxslim::qconv2d_add", f"({_CONV_ARGS}, Tensor skip, float skip_scale, int skip_zero_point) -> Tensor")
 
 
+def one_column_widened(x: Tensor, kernel: int, stride: int, padding: int, dilation: int, zero_point: int) -> Tensor:
+    """``x`` (uint8 codes [N, C, H, W]) with ``stride`` columns of ``zero_point`` appended when the
+    conv gives one output column at a stride above 1, else ``x`` itself.
+
+    oneDNN computes a conv with one output column and a column stride of 2 or more wrongly (codes off
+    by up to 255 on every row: a 16×2 input through a 3×3 stride-2 conv with padding 1, or any
+    resolution whose last feature maps are one column wide). With two output columns it is right,
+    and the first one is the conv's: its window sees the appended columns exactly where it saw the
+    right padding (the zero point) before.
+    """
+    if stride == 1 or conv_output_size(x.shape[3], kernel, stride, padding, dilation) != 1:
+        return x
+    return torch.nn.functional.pad(x, (0, stride), value=zero_point)
+
+
+def may_pad_explicitly(weight: Tensor, padding: Sequence[int], dilation: Sequence[int]) -> bool:
+    """Whether ``_padded_explicitly`` writes padding into the input at some input size: padding past
+    the kernel's extent minus one, or padding with a dilation (a window can straddle a small input)."""
+    pad, dil = _pair(padding), _pair(dilation)
+    return any(pad[i] > 0 and (pad[i] > dil[i] * (weight.shape[2 + i] - 1) or dil[i] > 1) for i in range(2))
+
+
+def _pair(values: Sequence[int]) -> list[int]:
+    return [int(v) for v in values] * (2 // len(values))
+
+
+def _padded_explicitly(x: Tensor, weight: Tensor, padding: Sequence[int], dilation: Sequence[int], zero_point: int
+                       ) -> tuple[Tensor, Sequence[int]]:
+    """``x`` and ``padding``, with the padding of each spatial dim where a window can lie wholly in
+    it written into ``x`` as the zero point (what the conv pads with) instead.
+
+    oneDNN gets the outputs whose window holds only padding wrong (codes off by up to 255) for
+    convs with one input channel per group (a grayscale stem, a depthwise conv with a channel
+    multiplier): a 3×3 kernel with padding 3, a 2×2 one with padding 2, or a 1-row input under a
+    2-row kernel dilated by 2 with padding 1. Such a window exists where the padding passes the
+    kernel's extent minus one, or where the dilation passes the input size. The output is the same.
+    """
+    (ph, pw), (dh, dw) = (padding[0], padding[-1]), (dilation[0], dilation[-1])
+    if (ph == 0 or (ph <= dh * (weight.shape[2] - 1) and dh <= x.shape[2])) and (
+            pw == 0 or (pw <= dw * (weight.shape[3] - 1) and dw <= x.shape[3])):
+        return x, padding  # the common case, checked first: this runs on every conv call
+    pad, dil = _pair(padding), _pair(dilation)
+    explicit = [pad[i] if pad[i] > 0 and (pad[i] > dil[i] * (weight.shape[2 + i] - 1) or dil[i] > x.shape[2 + i])
+                else 0 for i in range(2)]
+    x = torch.nn.functional.pad(x, (explicit[1], explicit[1], explicit[0], explicit[0]), value=zero_point)
+    return x, [pad[i] - explicit[i] for i in range(2)]
+
+
+def _first_column(out: Tensor) -> Tensor:
+    """The conv's output column of a ``one_column_widened`` input's two."""
+    return out[..., :1].contiguous(memory_format=torch.channels_last)
+
+
 @torch.library.impl("fxslim::qconv2d", "cpu")
 def _qconv2d_cpu(
     x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor, out_scale: float,
@@ -228,9 +281,14 @@ def _qconv2d_cpu(
 
     y_c = s_x·w_scale_c·Σ w·(q − z_x) + bias_c (real bias); out = clamp(round(y/s_out) + z_out).
     """
+    x, padding = _padded_explicitly(x, weight, padding, dilation, x_zero_point)
     packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
         x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
         dilation, groups)
+    wide = one_column_widened(x, weight.shape[3], stride[1], padding[1], dilation[1], x_zero_point)
+    if wide is not x:
+        return _first_column(qconv2d(wide, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point,
+                                     out_min, out_max, stride, padding, dilation, groups))
     if attr in QUANTIZED_CONV:
         with onednn_engine():
             return codes(QUANTIZED_CONV[attr](as_qtensor(x, x_scale, x_zero_point), packed, out_scale, out_zero_point))
@@ -264,6 +322,7 @@ def _qconv2d_add_cpu(
 
     One rounding: the conv's real output is not rounded to a grid of its own first.
     """
+    x, padding = _padded_explicitly(x, weight, padding, dilation, x_zero_point)
     packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
         x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
         dilation, groups)
@@ -276,6 +335,11 @@ def _qconv2d_add_cpu(
              *(conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)))
     if skip.dtype != torch.uint8 or tuple(skip.shape) != shape:
         _add_skip_check(skip, shape, skip_scale, skip_zero_point)
+    wide = one_column_widened(x, weight.shape[3], stride[1], padding[1], dilation[1], x_zero_point)
+    if wide is not x:  # the skip's one column gets a second one too (which the result drops)
+        return _first_column(qconv2d_add(wide, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point,
+                                         out_min, out_max, stride, padding, dilation, groups, skip.repeat(1, 1, 1, 2),
+                                         skip_scale, skip_zero_point))
     # oneDNN's sum post-op accumulates into its dst tensor: give it a channels_last copy of skip
     if attr in QUANTIZED_CONV_ADD:
         accum = as_qtensor(skip, skip_scale, skip_zero_point)

@@ -255,6 +255,29 @@ def test_prom_onednn_conv_on_a_coarser_grid_than_its_add_is_not_fused(mobilenet,
 
 
 @_ONEDNN
+def test_prom_onednn_conv_added_to_itself_is_not_fused_and_converts():
+    """y = conv(x); y + y: the conv is both inputs of the add (one user), and fusing it made the add
+    read the conv it replaced (convert raised "Tried to erase Node")."""
+
+    class Doubled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.fc(torch.relu(y + y).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 12, 12)
+    qat = calibrate(prepare(Doubled().eval(), (x,)), [x]).eval()
+    fast = convert(qat, runtime="onednn")
+    targets = Counter(n.target for n in fast.graph.nodes if n.op == "call_function")
+    assert targets[ops.qadd.default] == 1 and ops.qconv2d_add.default not in targets
+    assert code_agreement(qat, fast, x, mode="local").within_one == 1.0
+
+
+@_ONEDNN
 def test_prom_onednn_runtime_export_save_load_round_trip_identical(mnist):
     model, split = mnist
     fast = convert(calibrate(prepare(model, (split.x_test[:2],)), [split.x_train[:500]]), runtime="onednn")
@@ -275,6 +298,26 @@ def test_prom_micro_batched_needs_one_tensor_input_and_output():
 
     with pytest.raises(ValueError, match="one tensor input and one tensor output"):
         micro_batched(fx.symbolic_trace(TwoInputs()))
+
+
+def test_prom_micro_batched_refuses_a_model_whose_output_is_not_batch_first():
+    """conv → cat([y, relu(y)], dim=0): 2N rows for N samples; sliced, its rows came back
+    interleaved (slice by slice) and differed from the whole batch's, silently."""
+
+    class TwoViews(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.fc = nn.Conv2d(3, 8, 3), nn.Linear(8, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return self.fc(torch.cat([y, torch.relu(y)], 0).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 12, 12)
+    int_model = convert(calibrate(prepare(TwoViews().eval(), (x,)), [x]))
+    with pytest.raises(ValueError, match=r"micro_batched: expected an output with the input's batch first \(4 rows"):
+        micro_batched(int_model, max_activation_bytes=1024)
 
 
 def test_prom_convert_unknown_runtime_raises(mobilenet):

@@ -20,7 +20,7 @@ from fxslim.api import prepare
 from fxslim.ir import META_PROM_LOWERED
 from fxslim.passes.prom import calibrate
 from fxslim.passes.prom_batching import micro_batched
-from fxslim.passes.prom_convert import convert
+from fxslim.passes.prom_convert import code_agreement, convert
 from fxslim.propagate import propagate
 from fxslim.runtime import prom_lowered as L
 from fxslim.runtime.prom import _inverse_scale, dequantized, nan_flags
@@ -281,3 +281,99 @@ def test_lower_cheap_ops_equal_fxslim_ops():
     other = logits[:3]  # dim 0 is not the flags' batch: any NaN sample makes it all NaN, as the op does
     assert dequantized(other, 0.037, 120, flags).isnan().all() and ops.dequantize.default(other, 0.037, 120, flags).isnan().all()
     assert torch.equal(dequantized(other, 0.037, 120, flags & False), ops.dequantize.default(other, 0.037, 120, flags & False))
+
+
+def test_lower_empty_batch_gives_empty_output_like_the_graph(mobilenet):
+    """A batch of 0 samples: quantize_qtensor sized its slices from x[0], which a batch of 0 lacks
+    (IndexError); the graph it lowers returns an empty batch."""
+    x, fast, low = mobilenet
+    with torch.no_grad():
+        want = fast(x[:0])
+        assert want.shape == (0, 1000)
+        assert low(x[:0]).shape == want.shape and micro_batched(fast)(x[:0]).shape == want.shape
+    assert L.quantize_qtensor(x[:0], 0.02, 100, True).shape == x[:0].shape
+
+
+class _PoolSkipBlock(nn.Module):
+    """ResNet's stem and first block: conv-ReLU → max pool → conv-ReLU → conv, + the pooled codes → ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 8, 3, 2, 1), nn.Conv2d(8, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = nn.functional.max_pool2d(torch.relu(self.stem(x)), 3, 2, 1)
+        return torch.relu(self.b(torch.relu(self.a(p))) + p).mean((2, 3))
+
+
+def test_lower_residual_add_whose_skip_is_max_pooled_codes_equals_graph():
+    """The skip of a fused conv + add that is no QTensor (a max pool's codes) becomes a QTensor copy;
+    lowering looked up that copy's grid among the QTensors (KeyError) and failed on every ResNet."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 32, 32)
+    fast = convert(calibrate(prepare(_PoolSkipBlock().eval(), (x,)), [x]), runtime="onednn")
+    skips = [n.args[14] for n in fast.graph.nodes if n.target is ops.qconv2d_add.default]
+    assert [s.target for s in skips] == [ops.max_pool2d_codes.default]
+    low = L.lower(fast)
+    assert low.meta[META_PROM_LOWERED]["qconv2d_add"] == 1
+    other = torch.randn(3, 3, 37, 45)
+    with torch.no_grad():
+        assert torch.equal(low(x), fast(x)) and torch.equal(low(other), fast(other))
+        assert torch.equal(micro_batched(fast)(other), fast(other))
+
+
+def test_lower_quantize_qtensor_saturates_values_beyond_int32_steps_as_the_op():
+    """ATen's quantizer wraps once x·(1/scale) leaves int32 (1e9 at scale 0.02, ±inf) and gave code 0
+    where the op saturates to 255 (at a zero point of 128 or more): the lowered model's outputs then
+    differed from the graph's."""
+    scale, zero_point = 0.0187, 131
+    x = torch.randn(40, 3, 61, 67)  # 490k floats: two slices
+    x[0, 0, 0, :6] = torch.tensor([1e9, -1e9, 3e38, -3e38, float("inf"), float("-inf")])
+    x[39, 2, 5, 5], x[20, 1, 1, 1] = 5e10, -5e10
+    for channels_last, rows in ((True, x), (True, x[:2]), (False, x[:2])):
+        out = codes(L.quantize_qtensor(rows, scale, zero_point, channels_last))
+        assert torch.equal(out, ops.quantize_per_tensor.default(rows, scale, zero_point))
+    assert codes(L.quantize_qtensor(x, scale, zero_point, True))[0, 0, 0, :6].tolist() == [255, 0, 255, 0, 255, 0]
+    torch.manual_seed(0)
+    dark = torch.randn(2, 3, 32, 32) - 1.5  # mostly negative: the input's zero point is above 128
+    fast = convert(calibrate(prepare(_PoolSkipBlock().eval(), (dark,)), [dark]), runtime="onednn")
+    (quantize,) = [n for n in fast.graph.nodes if n.target is ops.quantize_per_tensor.default]
+    assert quantize.args[2] >= 128
+    bright = dark.clone()
+    bright[0, :, :9] = 1e12  # a band of overexposed pixels: saturated, not wrapped to code 0
+    with torch.no_grad():
+        assert torch.equal(L.lower(fast)(bright), fast(bright))
+
+
+def test_lower_strided_conv_to_one_output_column_within_one_lsb_of_fake_quant():
+    """oneDNN gets a conv with one output column at a column stride above 1 wrong (ResNet18 at 33×17
+    px: 40 % of some layer's codes off by more than 1 LSB). The op widens its input; the lowered
+    QTensor conv does the same inside its TorchScript run, and a strided conv + add keeps the op."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(), nn.Conv2d(8, 8, 3, 2, 1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 3, 2, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    qat = calibrate(prepare(model, (x,)), [x]).eval()
+    fast = convert(qat, runtime="onednn")
+    low = L.lower(fast)
+    assert low.meta[META_PROM_LOWERED]["qconv2d"] == 3 and len(_segments(low)) == 1
+    narrow = torch.randn(3, 3, 32, 2)  # 32×2 → 16×1 → 8×1: both strided convs give one column
+    assert code_agreement(qat, fast, narrow, mode="local").worst()[1] == 1.0
+    with torch.no_grad():
+        assert torch.equal(low(narrow), fast(narrow)) and torch.equal(low(x), fast(x))
+
+
+def test_lower_conv_with_windows_of_padding_only_keeps_the_op_and_equals_graph():
+    """A grayscale stem with padding past its kernel: the op writes that padding into the input
+    (oneDNN gets windows of padding only wrong there), so lowering keeps the op."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 2, 1, 2), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 3)).eval()
+    x = torch.randn(2, 1, 12, 12)
+    qat = calibrate(prepare(model, (x,)), [x]).eval()
+    fast = convert(qat, runtime="onednn")
+    low = L.lower(fast)
+    assert low.meta[META_PROM_LOWERED]["kept:explicit_padding"] == 1 and low.meta[META_PROM_LOWERED]["qconv2d"] == 1
+    assert code_agreement(qat, fast, x, mode="local").worst()[1] == 1.0
+    with torch.no_grad():
+        assert torch.equal(low(x), fast(x))

@@ -112,6 +112,60 @@ def test_qconv2d_dilated_one_by_one_kernel_runs_and_equals_undilated(out_min, ou
     assert out.shape == (1, 1, 5, 2) and torch.equal(out, O.qconv2d(*args, [1, 1], 1))
 
 
+@pytest.mark.parametrize(("out_min", "out_max"), [(0, 255), (90, 255), (90, 200)])
+@pytest.mark.parametrize(("h", "w", "kernel", "stride", "padding"), [
+    (16, 2, (3, 3), (2, 2), (1, 1)),  # a tall, narrow map through a stride-2 3×3 conv
+    (9, 5, (3, 5), (1, 3), (0, 0)),
+    (16, 1, (3, 3), (1, 2), (1, 1)),  # the output column's window reaches into the right padding
+])
+def test_qconv2d_one_output_column_at_a_column_stride_within_one_lsb(h, w, kernel, stride, padding, out_min, out_max):
+    """oneDNN gets a conv with one output column and a column stride above 1 wrong (codes off by up
+    to 255); the op appends stride columns of the zero point and keeps the first output column."""
+    gen = _gen(h * w)
+    x = _codes((2, 4, h, w), gen)
+    weight = torch.randint(-127, 128, (8, 4, *kernel), generator=gen).to(torch.int8)
+    w_scale, bias = 0.001 + 0.004 * torch.rand(8, generator=gen), torch.randn(8, generator=gen)
+    sx, zx, so, zo = 0.05, 100, 0.04, 90
+    geometry = (list(stride), list(padding), [1, 1], 1)
+    out = O.qconv2d(x, sx, zx, weight, w_scale, bias, so, zo, out_min, out_max, *geometry)
+    real_w = weight.double() * w_scale.double().view(-1, 1, 1, 1)
+    floating = R.conv2d_float_reference(x, sx, zx, real_w, bias, so, zo, out_min, out_max, *geometry)
+    assert out.shape[3] == 1 and out.shape == floating.shape and out.is_contiguous(memory_format=torch.channels_last)
+    assert (out.int() - floating.int()).abs().max() <= 1
+    skip, ss, zs = _codes(tuple(out.shape), gen), 0.03, 100
+    added = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, zo, out_min, out_max, *geometry, skip, ss, zs)
+    real = torch.nn.functional.conv2d((x.double() - zx) * sx, real_w, bias.double(), *geometry) + (skip.double() - zs) * ss
+    assert added.shape == out.shape
+    assert (added.int() - R.quantize_float_reference(real, so, zo).clamp(out_min, out_max).int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize(("out_min", "out_max"), [(0, 255), (90, 255), (90, 200)])
+@pytest.mark.parametrize(("c_in", "c_out", "groups", "h", "w", "kernel", "padding", "dilation"), [
+    (1, 8, 1, 12, 12, (2, 2), (2, 2), (1, 1)),  # a grayscale stem whose padding passes the kernel
+    (1, 1, 1, 12, 12, (3, 3), (3, 3), (1, 1)),
+    (4, 8, 4, 12, 12, (2, 2), (2, 2), (1, 1)),  # depthwise with a channel multiplier
+    (2, 4, 2, 1, 19, (2, 5), (1, 0), (2, 2)),  # one row under a dilated 2-row kernel: a window of padding only
+])
+def test_qconv2d_windows_of_padding_only_within_one_lsb(c_in, c_out, groups, h, w, kernel, padding, dilation,
+                                                        out_min, out_max):
+    """oneDNN gets the outputs whose window holds only padding wrong (codes off by up to 255) for
+    convs with one input channel per group; the op writes that padding into the input."""
+    gen = _gen(c_in * h + w)
+    x = _codes((2, c_in, h, w), gen)
+    weight = torch.randint(-127, 128, (c_out, c_in // groups, *kernel), generator=gen).to(torch.int8)
+    w_scale, bias = 0.001 + 0.004 * torch.rand(c_out, generator=gen), torch.randn(c_out, generator=gen)
+    sx, zx, so, zo = 0.05, 100, 0.04, 90
+    geometry = ([1, 1], list(padding), list(dilation), groups)
+    out = O.qconv2d(x, sx, zx, weight, w_scale, bias, so, zo, out_min, out_max, *geometry)
+    real_w = weight.double() * w_scale.double().view(-1, 1, 1, 1)
+    floating = R.conv2d_float_reference(x, sx, zx, real_w, bias, so, zo, out_min, out_max, *geometry)
+    assert out.shape == floating.shape and (out.int() - floating.int()).abs().max() <= 1
+    skip, ss, zs = _codes(tuple(out.shape), gen), 0.03, 100
+    added = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, zo, out_min, out_max, *geometry, skip, ss, zs)
+    real = torch.nn.functional.conv2d((x.double() - zx) * sx, real_w, bias.double(), *geometry) + (skip.double() - zs) * ss
+    assert (added.int() - R.quantize_float_reference(real, so, zo).clamp(out_min, out_max).int()).abs().max() <= 1
+
+
 def test_qconv2d_add_rounds_once_and_stays_within_one_lsb_of_two_roundings():
     gen = _gen(3)
     x = _codes((2, 32, 6, 6), gen).contiguous(memory_format=torch.channels_last)
