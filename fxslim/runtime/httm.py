@@ -21,6 +21,8 @@ Choices this file fixes where the method spec leaves room:
 - ``uniform`` mode matches on head-averaged q (for Q) and k (for K/V) and selects round(f * N)
   outlier tokens by the norm of their deviation over all heads, so every head has the same maps.
 - ``global`` mode is the same algorithm with one block holding every patch token.
+- Precision: float64 inputs are matched, filtered and averaged in float64, every other dtype in
+  float32 (``_work_dtype``).
 """
 
 from __future__ import annotations
@@ -52,6 +54,13 @@ DST_RULES = ("strided", "random")
 # costs a trip to memory), while each chunk still holds enough rows for the GEMM to run at speed.
 _SCORE_FLOATS = 1 << 20
 _MIN_ROWS = 32  # fewer source rows per GEMM than this and its fixed costs dominate
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the planning and of the group sums: float64 stays float64 (float32 sums would put
+    1e-7 errors into float64 outputs, even where nothing merges, and overflow past 3.4e38), the
+    half types are upcast to float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -227,7 +236,7 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     does not depend on the source's norm.
     """
     b, h, n, d = x.shape
-    rows_x = x.float().reshape(b * h, n, d).contiguous()
+    rows_x = x.to(_work_dtype(x.dtype)).reshape(b * h, n, d).contiguous()
     slot = layout.base_slot.to(x.device).expand(b * h, n).clone()
     for cls in layout.classes if b * h else ():
         _match_class(rows_x, cls, slot)
@@ -252,8 +261,8 @@ def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor) -> None:
     dst = F.normalize(flat_x.index_select(0, dst_rows), dim=-1).view(pairs, nd, d).transpose(1, 2)
     rows = min(ns, max(_MIN_ROWS, _SCORE_FLOATS // nd))
     per_chunk = min(pairs, max(1, _SCORE_FLOATS // (rows * nd)))
-    scores = torch.empty(per_chunk * rows * nd, device=x.device)
-    sources = torch.empty(per_chunk * rows * d, device=x.device)
+    scores = torch.empty(per_chunk * rows * nd, device=x.device, dtype=x.dtype)
+    sources = torch.empty(per_chunk * rows * d, device=x.device, dtype=x.dtype)
     best = torch.empty(pairs, ns, dtype=torch.long, device=x.device)
     for p0 in range(0, pairs, per_chunk):
         p1 = min(p0 + per_chunk, pairs)
@@ -276,9 +285,9 @@ def _flat(slot: Tensor, length: int) -> Tensor:
 
 
 def _group_sums(x: Tensor, flat: Tensor, rows: int) -> Tensor:
-    """Float32 sums of the rows of x [.., d] over groups ``flat`` (one index_add) -> [rows, d]."""
-    d = x.shape[-1]
-    return torch.zeros(rows, d, device=x.device).index_add_(0, flat, x.reshape(-1, d).float())
+    """Sums (in ``_work_dtype``) of the rows of x [.., d] over groups ``flat`` (one index_add) -> [rows, d]."""
+    d, dtype = x.shape[-1], _work_dtype(x.dtype)
+    return torch.zeros(rows, d, device=x.device, dtype=dtype).index_add_(0, flat, x.reshape(-1, d).to(dtype))
 
 
 def _means(sums: Tensor, counts: Tensor) -> Tensor:
@@ -287,7 +296,7 @@ def _means(sums: Tensor, counts: Tensor) -> Tensor:
 
 
 def _deviations(x: Tensor, groups: Tensor, num_slots: int) -> Tensor:
-    """Step 5's deviation of every token from the mean of its group, [E, N], for x [E, N, d] float32.
+    """Step 5's deviation of every token from the mean of its group, [E, N], for x [E, N, d] (work dtype).
 
     0 for a token alone in its group. The two members of a pair deviate equally: both get the
     larger of their two rounded values, so the outlier tie rule decides between them.
@@ -299,15 +308,15 @@ def _deviations(x: Tensor, groups: Tensor, num_slots: int) -> Tensor:
     # row chunks through one small buffer: a fresh [E * N, d] tensor costs more in page faults
     # than the subtraction it holds
     rows = x.view(-1, d)
-    dev = torch.empty(e * n, device=x.device)
+    dev = torch.empty(e * n, device=x.device, dtype=x.dtype)
     step = max(1, _SCORE_FLOATS // d)
-    own_mean = torch.empty(min(step, e * n), d, device=x.device)
+    own_mean = torch.empty(min(step, e * n), d, device=x.device, dtype=x.dtype)
     for r0 in range(0, e * n, step):
         r1 = min(r0 + step, e * n)
         chunk = torch.index_select(means, 0, flat[r0:r1], out=own_mean[: r1 - r0])
         torch.linalg.vector_norm(chunk.sub_(rows[r0:r1]), dim=-1, out=dev[r0:r1])
     size = counts.index_select(0, flat)
-    pair = torch.zeros(e * num_slots, device=x.device).scatter_reduce_(0, flat, dev, "amax")
+    pair = torch.zeros(e * num_slots, device=x.device, dtype=x.dtype).scatter_reduce_(0, flat, dev, "amax")
     return torch.where(size == 2, pair.index_select(0, flat), dev).masked_fill_(size == 1, 0.0).view(e, n)
 
 
@@ -367,9 +376,9 @@ def httm_plan(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int, special_
                                    anchor_first_frame, dst_rule, seed, mode)
     b, h, n, d = q.shape
     uniform = mode == "uniform"
-    q_rows = q.float().contiguous()
+    q_rows = q.to(_work_dtype(q.dtype)).contiguous()
     q_metric = q_rows.mean(1, keepdim=True) if uniform else q_rows
-    k_metric = k.float().mean(1, keepdim=True) if uniform else k
+    k_metric = k.to(_work_dtype(k.dtype)).mean(1, keepdim=True) if uniform else k
     q_groups = httm_match(q_metric, q_layout).expand(b, h, n)
     kv_slot = httm_match(k_metric, kv_layout).expand(b, h, n).contiguous()
 

@@ -130,7 +130,9 @@ def httm_plan_reference(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int
     outliers = torch.zeros(batch, heads, n, dtype=torch.bool)
     kv_length = 0
     for b in range(batch):
-        qb, kb = q[b].float(), k[b].float()
+        # planned in float64 for float64 inputs, else in float32 (the kernel's rule)
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qb, kb = q[b].to(work), k[b].to(work)
         q_metric = qb.mean(0, keepdim=True) if mode == "uniform" else qb
         k_metric = kb.mean(0, keepdim=True) if mode == "uniform" else kb
         side = (specials, blocks)

@@ -10,7 +10,6 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-import fxslim  # noqa: F401  (registers the ops)
 import fxslim.runtime.httm as httm_module
 from fxslim.runtime.frame_layout import frame_layout_from_positions
 from fxslim.runtime.httm import (
@@ -374,6 +373,23 @@ def test_httm_attention_mismatched_k_shape_raises_value_error():
     q, k, v = _qkv(1, 2, 26, 8)
     with pytest.raises(ValueError, match="k must have"):
         httm(q, k[:, :, :13], v, 2, 13)
+
+
+def test_httm_attention_float64_inputs_keep_float64_precision():
+    # values float32 cannot hold (randn in float64; and 1e50, past float32's range): nothing merged
+    # is SDPA to float64 rounding, merged equals the loop reference, which averages in float64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 3 * 7, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    exact = httm(q, k, v, 3, 7, special_tokens=2, q_ratio=0.0, kv_ratio=0.0, outlier_fraction=0.0)
+    torch.testing.assert_close(exact, F.scaled_dot_product_attention(q, k, v), atol=1e-12, rtol=1e-12)
+    kw = dict(special_tokens=2, q_ratio=0.5, kv_ratio=0.5, n_s=2, n_t=2, outlier_fraction=0.1)
+    for scale, big in ((None, 1.0), (1e-50, 1e50)):
+        ref, ref_plan = httm_attention_reference(q * big, k, v, 3, 7, scale=scale, **kw)
+        plan = httm_plan(q * big, k, 3, 7, **kw)
+        assert torch.equal(plan.q_slot, ref_plan.q_slot) and torch.equal(plan.kv_slot, ref_plan.kv_slot)
+        out = httm(q * big, k, v, 3, 7, scale=scale, **kw)
+        assert out.dtype == torch.float64 and bool(out.isfinite().all())
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
 
 
 def test_httm_attention_bfloat16_inputs_give_bfloat16_output_close_to_float32():
