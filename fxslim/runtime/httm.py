@@ -16,6 +16,10 @@ Choices this file fixes where the method spec leaves room:
 - Ties: argmax keeps the first destination; the outlier top-k breaks ties by the lower flat index
   ``h * N + n`` (original token order). The two members of a two-token group deviate equally from
   its mean; both get the larger of their two rounded values, so that tie is exact.
+- NaN (and inf, which turns into NaN similarities): a NaN similarity never wins the argmax (all NaN:
+  the first destination), and a NaN deviation ranks above every number in the outlier selection.
+  So no source joins a NaN destination and NaN queries leave their groups first: a NaN stays in the
+  rows where SDPA has it (as far as the outlier budget reaches) and the sample keeps its budget.
 - Merged query rows are ordered: surviving groups by slot (special tokens, then destinations in
   reordered order), then the outliers in token order. Key/value rows: groups by slot.
 - ``uniform`` mode matches on head-averaged q (for Q) and k (for K/V) and selects round(f * N)
@@ -28,6 +32,7 @@ Choices this file fixes where the method spec leaves room:
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -273,6 +278,8 @@ def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor) -> None:
             src = torch.index_select(flat_x, 0, idx, out=sources[: size * d].view(size, d))
             chunk = scores[: size * nd].view(p1 - p0, r1 - r0, nd)
             torch.bmm(src.view(p1 - p0, r1 - r0, d), dst[p0:p1], out=chunk)
+            # max would pick a NaN score (a NaN destination would draw every source of its block)
+            chunk.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
             # torch.max returns the first maximal index (documented), the reference's tie rule
             best[p0:p1, r0:r1] = chunk.max(dim=-1).indices
     chosen = torch.gather(cls.dst_slot.to(x.device).expand(e, nb, nd), 2, best.view(e, nb, ns))
@@ -321,9 +328,14 @@ def _deviations(x: Tensor, groups: Tensor, num_slots: int) -> Tensor:
 
 
 def _top_fraction_mask(values: Tensor, count: int) -> Tensor:
-    """Boolean mask of the ``count`` largest entries per row of ``values`` [B, M]; ties -> lower index."""
+    """Boolean mask of the ``count`` largest entries per row of ``values`` [B, M]; ties -> lower index.
+
+    NaN counts as +inf: topk puts NaN first, but a NaN k-th value would match nothing (no outlier at
+    all in that row), and a NaN deviation is the one that most needs to leave its group.
+    """
     if count == 0:
         return torch.zeros_like(values, dtype=torch.bool)
+    values = values.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
     kth = torch.topk(values, count, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     above = values > kth
     need = count - above.sum(dim=1, keepdim=True)

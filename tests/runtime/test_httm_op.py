@@ -240,6 +240,28 @@ def test_httm_plan_planted_far_token_is_an_outlier():
     assert int((plan.q_slot[0, 1] == plan.q_slot[0, 1, far]).sum()) == 1
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("where", ["token", "frame"])
+def test_httm_attention_nan_queries_stay_where_sdpa_has_them(mode, where):
+    # NaN queries in sample 0 (one patch token, or all of frame 2): no source joins a NaN
+    # destination, NaN deviations rank first, so the NaN queries become their own outliers and the
+    # NaN rows are SDPA's; the sample keeps its whole outlier budget and the reference agrees
+    frames, p, heads = 4, 2 + 6, 2
+    q, k, v = _qkv(2, heads, frames * p, 8, seed=7)
+    q[0, :, 2 * p + 3 if where == "token" else slice(2 * p, 3 * p)] = float("nan")
+    kw = dict(special_tokens=2, q_ratio=0.5, kv_ratio=0.5, n_s=3, n_t=2, outlier_fraction=0.3, mode=mode)
+    ref_out, ref_plan = httm_attention_reference(q, k, v, frames, p, **kw)
+    plan = httm_plan(q, k, frames, p, **kw)
+    for name in ("q_slot", "kv_slot", "q_lengths", "outliers"):
+        assert torch.equal(getattr(plan, name), getattr(ref_plan, name)), name
+    budget = round(0.3 * frames * p) * heads if mode == "uniform" else round(0.3 * heads * frames * p)
+    assert plan.outliers.sum(dim=(1, 2)).tolist() == [budget, budget]
+    out = httm(q, k, v, frames, p, **kw)
+    assert torch.equal(out.isnan(), F.scaled_dot_product_attention(q, k, v).isnan())
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(out[1:], httm(q[1:], k[1:], v[1:], frames, p, **kw), atol=1e-6, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference equivalence
 # ----------------------------------------------------------------------------------------------
