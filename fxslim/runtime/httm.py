@@ -433,6 +433,11 @@ def httm_apply_plan(q: Tensor, k: Tensor, v: Tensor, plan: HttmPlan, proportiona
     merged_out = F.scaled_dot_product_attention(
         q_merged.view(b, h, m_q, d).to(q.dtype), k_merged.view(b, h, m_kv, d).to(q.dtype),
         v_merged.view(b, h, m_kv, dv).to(q.dtype), attn_mask=bias, scale=scale)
+    # torch's CPU SDPA kernel returns 0, not NaN, for a row of all-NaN logits (a NaN query, or only
+    # NaN keys) when there are fewer keys than its vector width; merging makes short key sequences
+    # where the full one was long enough to give NaN, so put the NaN back (the reference's softmax)
+    all_nan = q_merged.isnan().any(-1).view(b, h, m_q) | k_merged.isnan().any(-1).view(b, h, m_kv).all(-1, True)
+    merged_out.masked_fill_(all_nan.unsqueeze(-1), math.nan)
     return merged_out.reshape(-1, dv).index_select(0, q_flat).view(b, h, n, dv)
 
 

@@ -262,6 +262,20 @@ def test_httm_attention_nan_queries_stay_where_sdpa_has_them(mode, where):
     torch.testing.assert_close(out[1:], httm(q[1:], k[1:], v[1:], frames, p, **kw), atol=1e-6, rtol=1e-5)
 
 
+def test_httm_attention_nan_query_stays_nan_when_merged_keys_are_few():
+    # 24 tokens merged to 2 keys: torch's CPU SDPA kernel returns 0, not NaN, for an all-NaN row of
+    # logits when the keys are fewer than its vector width; SDPA on all 24 keys and the reference
+    # give NaN for the NaN query, so the merged attention must too
+    q, k, v = _qkv(1, 2, 4 * 6, 8, seed=3)
+    q[0, 1, 9] = float("nan")
+    kw = dict(special_tokens=0, q_ratio=0.5, kv_ratio=0.9, n_s=6, n_t=4, outlier_fraction=0.1)
+    plan = httm_plan(q, k, 4, 6, **kw)
+    assert plan.kv_length == 2 and bool(plan.outliers[0, 1, 9])
+    out = httm(q, k, v, 4, 6, **kw)
+    assert torch.equal(out.isnan(), F.scaled_dot_product_attention(q, k, v).isnan())
+    torch.testing.assert_close(out, httm_attention_reference(q, k, v, 4, 6, **kw)[0], equal_nan=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference equivalence
 # ----------------------------------------------------------------------------------------------
