@@ -112,6 +112,8 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"httm_attention: {name} must be [B, H, N, d], got shape {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"httm_attention: {name} must be a floating tensor, got {t.dtype}")
+        if t.shape[-1] == 0:  # no features to match on: the kernel's reshapes would fail unnamed
+            raise ValueError(f"httm_attention: {name} must have a head dim >= 1, got shape {tuple(t.shape)}")
     if q.shape != k.shape:
         raise ValueError(
             f"httm_attention: k must have q's shape {tuple(q.shape)} (self-attention), got {tuple(k.shape)}"

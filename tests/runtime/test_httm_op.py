@@ -428,6 +428,15 @@ def test_httm_attention_float64_inputs_keep_float64_precision():
         torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
 
 
+@pytest.mark.parametrize("shapes, name", [(((1, 2, 26, 0), (1, 2, 26, 4)), "q"), (((1, 2, 26, 8), (1, 2, 26, 0)), "v")])
+def test_httm_attention_empty_head_dim_raises_value_error(shapes, name):
+    qk, v = shapes
+    with pytest.raises(ValueError, match=f"{name} must have a head dim"):
+        httm(torch.randn(qk), torch.randn(qk), torch.randn(v), 2, 13)
+    with pytest.raises(ValueError, match=f"{name} must have a head dim"), FakeTensorMode():
+        httm(torch.empty(qk), torch.empty(qk), torch.empty(v), 2, 13)
+
+
 def test_httm_attention_bfloat16_inputs_give_bfloat16_output_close_to_float32():
     # matching runs in float32 on the bf16 values, so the decisions equal those for the upcast inputs
     q, k, v = (t.bfloat16() for t in _qkv(1, 2, 4 * 21, 16))
