@@ -242,7 +242,12 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     full score tensor is ever made. Only destinations are normalised: the argmax over destinations
     does not depend on the source's norm.
     """
+    # named errors: otherwise a 3-D x fails to unpack and a layout for another N fails in expand
+    if x.dim() != 4:
+        raise ValueError(f"httm_match: x must be [B, H, N, d], got shape {tuple(x.shape)}")
     b, h, n, d = x.shape
+    if layout.base_slot.numel() != n:
+        raise ValueError(f"httm_match: layout is for N={layout.base_slot.numel()} tokens, x has N={n}")
     rows_x = x.to(_work_dtype(x.dtype)).reshape(b * h, n, d).contiguous()
     slot = layout.base_slot.to(x.device).expand(b * h, n).clone()
     for cls in layout.classes if b * h else ():
@@ -421,7 +426,13 @@ def httm_apply_plan(q: Tensor, k: Tensor, v: Tensor, plan: HttmPlan, proportiona
     SDPA reads as they are; queries are padded to the longest head (padded rows are zero queries
     whose outputs are never read); the unmerge is one gather.
     """
+    _check_tensors(q, k, v)
     b, h, n, d = q.shape
+    # the maps are flat indices over B * H * N: a plan for another [B, H, N] with as many entries
+    # (B=2, H=2 for B=1, H=4) would run without an error on the wrong samples and heads
+    if tuple(plan.q_slot.shape) != (b, h, n) or tuple(plan.kv_slot.shape) != (b, h, n):
+        raise ValueError(f"httm_apply_plan: plan is for q of [B, H, N] = {list(plan.q_slot.shape)}, "
+                         f"got q of shape {tuple(q.shape)}")
     dv = v.shape[-1]
     m_q, m_kv = plan.q_length_max, plan.kv_length
     if b * h == 0:
@@ -462,8 +473,7 @@ def httm_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, tokens_per_fram
     """
     plan = httm_plan(q, k, frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
                      outlier_fraction, anchor_first_frame, dst_rule, seed, mode)
-    _check_tensors(q, k, v)
-    return httm_apply_plan(q, k, v, plan, proportional_attention, scale)
+    return httm_apply_plan(q, k, v, plan, proportional_attention, scale)  # checks v
 
 
 @httm_attention.register_fake

@@ -14,8 +14,10 @@ import fxslim.runtime.httm as httm_module
 from fxslim.runtime.frame_layout import frame_layout_from_positions
 from fxslim.runtime.httm import (
     MODES,
+    httm_apply_plan,
     httm_kept_lengths,
     httm_layout,
+    httm_match,
     httm_plan,
 )
 from fxslim.runtime.httm_reference import httm_attention_reference, reference_blocks, reference_permutation
@@ -435,6 +437,22 @@ def test_httm_attention_empty_head_dim_raises_value_error(shapes, name):
         httm(torch.randn(qk), torch.randn(qk), torch.randn(v), 2, 13)
     with pytest.raises(ValueError, match=f"{name} must have a head dim"), FakeTensorMode():
         httm(torch.empty(qk), torch.empty(qk), torch.empty(v), 2, 13)
+
+
+def test_httm_apply_plan_and_match_refuse_a_plan_or_layout_of_another_shape():
+    # a plan for B=2, H=2 has as many entries as one for B=1, H=4: it used to run on the wrong heads
+    q, k, v = _qkv(2, 2, 3 * 7, 4)
+    plan = httm_plan(q, k, 3, 7, special_tokens=2, n_s=2, n_t=2)
+    for shape in ((1, 4, 21, 4), (1, 2, 21, 4), (2, 2, 28, 4)):
+        other = torch.randn(shape)
+        with pytest.raises(ValueError, match=r"plan is for q of \[B, H, N\] = \[2, 2, 21\]"):
+            httm_apply_plan(other, other, other, plan)
+    torch.testing.assert_close(httm_apply_plan(q, k, v, plan), httm(q, k, v, 3, 7, special_tokens=2, n_s=2, n_t=2))
+    layout = httm_layout(3, 7, 2, 0.5, 2, 2)
+    with pytest.raises(ValueError, match="layout is for N=21"):
+        httm_match(torch.randn(1, 2, 28, 4), layout)
+    with pytest.raises(ValueError, match=r"x must be \[B, H, N, d\]"):
+        httm_match(torch.randn(2, 21, 4), layout)
 
 
 def test_httm_attention_bfloat16_inputs_give_bfloat16_output_close_to_float32():
