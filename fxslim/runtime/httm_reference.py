@@ -76,8 +76,10 @@ def _destinations(n_b: int, first_frame: int, n_frames: int, ratio: float, ancho
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:
-    """Cosine similarity; -inf for NaN, so a NaN similarity never wins."""
-    score = float(torch.dot(a, b) / (a.norm().clamp(min=_EPS) * b.norm().clamp(min=_EPS)))
+    """Similarity of source a to destination b: a . b / |b|, the cosine up to the factor 1 / |a|,
+    which is the same for all of a's destinations (dividing by it would turn an infinite source's
+    scores into NaN, losing the choice). -inf for NaN, so a NaN similarity never wins."""
+    score = float(torch.dot(a, b / b.norm().clamp(min=_EPS)))
     return -math.inf if math.isnan(score) else score
 
 

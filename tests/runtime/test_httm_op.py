@@ -264,6 +264,19 @@ def test_httm_attention_nan_queries_stay_where_sdpa_has_them(mode, where):
     torch.testing.assert_close(out[1:], httm(q[1:], k[1:], v[1:], frames, p, **kw), atol=1e-6, rtol=1e-5)
 
 
+def test_httm_plan_infinite_query_joins_the_same_destination_as_in_the_reference():
+    # an infinite source scores +-inf against each destination (a . b / |b|); the cosine's extra
+    # 1 / |a| made every score NaN in the reference, so the two chose different destinations
+    q, k, _ = _qkv(2, 3, 3 * 9, 4, seed=27)
+    q[1, :, 13] = float("inf")
+    kw = dict(special_tokens=0, q_ratio=0.3, kv_ratio=0.0, n_s=9, n_t=3, outlier_fraction=0.1,
+              anchor_first_frame=True)
+    plan = httm_plan(q, k, 3, 9, **kw)
+    _, ref_plan = httm_attention_reference(q, k, k, 3, 9, **kw)
+    for name in ("q_slot", "q_lengths", "outliers"):
+        assert torch.equal(getattr(plan, name), getattr(ref_plan, name)), name
+
+
 def test_httm_attention_nan_query_stays_nan_when_merged_keys_are_few():
     # 24 tokens merged to 2 keys: torch's CPU SDPA kernel returns 0, not NaN, for an all-NaN row of
     # logits when the keys are fewer than its vector width; SDPA on all 24 keys and the reference
