@@ -115,6 +115,14 @@ class HTTM(Pass):
         check_range(self, "q", 0.0, 1.0, low_open=True)
         check_range(self, "kv", 0.0, 1.0, low_open=True)
         check_range(self, "outliers", 0.0, self.q, high_open=True)
+        # the removed fractions are rounded to 12 digits (1 - 0.2 + 0.1 is then 0.9): a kept
+        # fraction under 5e-13 rounds to "remove everything", which the op would refuse only
+        # once the pass runs, under its own argument names
+        if self.q_removed >= 1.0:
+            raise ValueError(f"HTTM.q: expected q - outliers >= 1e-12 (queries left to merge into), "
+                             f"got q={self.q!r}, outliers={self.outliers!r}")
+        if self.kv_removed >= 1.0:
+            raise ValueError(f"HTTM.kv: expected kv >= 1e-12, got {self.kv!r}")
         check_int(self, "n_s", 1)
         check_int(self, "n_t", 1)
         check_choice(self, "mode", MODES)

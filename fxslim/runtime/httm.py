@@ -16,16 +16,23 @@ Choices this file fixes where the method spec leaves room:
 - Ties: argmax keeps the first destination; the outlier top-k breaks ties by the lower flat index
   ``h * N + n`` (original token order). The two members of a two-token group deviate equally from
   its mean; both get the larger of their two rounded values, so that tie is exact.
+- NaN (and inf, which turns into NaN similarities): a NaN similarity never wins the argmax (all NaN:
+  the first destination), and a NaN deviation ranks above every number in the outlier selection.
+  So no source joins a NaN destination and NaN queries leave their groups first: a NaN stays in the
+  rows where SDPA has it (as far as the outlier budget reaches) and the sample keeps its budget.
 - Merged query rows are ordered: surviving groups by slot (special tokens, then destinations in
   reordered order), then the outliers in token order. Key/value rows: groups by slot.
 - ``uniform`` mode matches on head-averaged q (for Q) and k (for K/V) and selects round(f * N)
   outlier tokens by the norm of their deviation over all heads, so every head has the same maps.
 - ``global`` mode is the same algorithm with one block holding every patch token.
+- Precision: float64 inputs are matched, filtered and averaged in float64, every other dtype in
+  float32 (``_work_dtype``).
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +59,13 @@ DST_RULES = ("strided", "random")
 # costs a trip to memory), while each chunk still holds enough rows for the GEMM to run at speed.
 _SCORE_FLOATS = 1 << 20
 _MIN_ROWS = 32  # fewer source rows per GEMM than this and its fixed costs dominate
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the planning and of the group sums: float64 stays float64 (float32 sums would put
+    1e-7 errors into float64 outputs, even where nothing merges, and overflow past 3.4e38), the
+    half types are upcast to float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ----------------------------------------------------------------------------------------------
@@ -98,6 +112,8 @@ def _check_tensors(q: Tensor, k: Tensor, v: Tensor) -> None:
             raise ValueError(f"httm_attention: {name} must be [B, H, N, d], got shape {tuple(t.shape)}")
         if not t.dtype.is_floating_point:
             raise TypeError(f"httm_attention: {name} must be a floating tensor, got {t.dtype}")
+        if t.shape[-1] == 0:  # no features to match on: the kernel's reshapes would fail unnamed
+            raise ValueError(f"httm_attention: {name} must have a head dim >= 1, got shape {tuple(t.shape)}")
     if q.shape != k.shape:
         raise ValueError(
             f"httm_attention: k must have q's shape {tuple(q.shape)} (self-attention), got {tuple(k.shape)}"
@@ -226,16 +242,25 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     full score tensor is ever made. Only destinations are normalised: the argmax over destinations
     does not depend on the source's norm.
     """
+    # named errors: otherwise a 3-D x fails to unpack and a layout for another N fails in expand
+    if x.dim() != 4:
+        raise ValueError(f"httm_match: x must be [B, H, N, d], got shape {tuple(x.shape)}")
     b, h, n, d = x.shape
-    rows_x = x.float().reshape(b * h, n, d).contiguous()
+    if layout.base_slot.numel() != n:
+        raise ValueError(f"httm_match: layout is for N={layout.base_slot.numel()} tokens, x has N={n}")
+    rows_x = x.to(_work_dtype(x.dtype)).reshape(b * h, n, d).contiguous()
     slot = layout.base_slot.to(x.device).expand(b * h, n).clone()
+    # a score is NaN only from a non-finite feature or a dot product that overflows: only then are the
+    # scores cleaned (a pass over every chunk of scores costs 10 % of the matching)
+    clean = rows_x.numel() > 0 and not bool(rows_x.abs().amax() < torch.finfo(rows_x.dtype).max / max(d, 1))
     for cls in layout.classes if b * h else ():
-        _match_class(rows_x, cls, slot)
+        _match_class(rows_x, cls, slot, clean)
     return slot.view(b, h, n)
 
 
-def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor) -> None:
-    """Write the best destination slot of every source of the blocks ``cls`` into ``slot`` [E, N].
+def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor, clean: bool) -> None:
+    """Write the best destination slot of every source of the blocks ``cls`` into ``slot`` [E, N];
+    ``clean``: scores may be NaN (see ``httm_match``).
 
     The batch of the GEMMs is (head, block) pairs; a chunk is up to ``_SCORE_FLOATS`` scores: as
     many source rows as fit (tall GEMMs run fastest), then as many pairs as fit.
@@ -252,8 +277,8 @@ def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor) -> None:
     dst = F.normalize(flat_x.index_select(0, dst_rows), dim=-1).view(pairs, nd, d).transpose(1, 2)
     rows = min(ns, max(_MIN_ROWS, _SCORE_FLOATS // nd))
     per_chunk = min(pairs, max(1, _SCORE_FLOATS // (rows * nd)))
-    scores = torch.empty(per_chunk * rows * nd, device=x.device)
-    sources = torch.empty(per_chunk * rows * d, device=x.device)
+    scores = torch.empty(per_chunk * rows * nd, device=x.device, dtype=x.dtype)
+    sources = torch.empty(per_chunk * rows * d, device=x.device, dtype=x.dtype)
     best = torch.empty(pairs, ns, dtype=torch.long, device=x.device)
     for p0 in range(0, pairs, per_chunk):
         p1 = min(p0 + per_chunk, pairs)
@@ -264,6 +289,8 @@ def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor) -> None:
             src = torch.index_select(flat_x, 0, idx, out=sources[: size * d].view(size, d))
             chunk = scores[: size * nd].view(p1 - p0, r1 - r0, nd)
             torch.bmm(src.view(p1 - p0, r1 - r0, d), dst[p0:p1], out=chunk)
+            if clean:  # max would pick a NaN score (a NaN destination would draw every source of its block)
+                chunk.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
             # torch.max returns the first maximal index (documented), the reference's tie rule
             best[p0:p1, r0:r1] = chunk.max(dim=-1).indices
     chosen = torch.gather(cls.dst_slot.to(x.device).expand(e, nb, nd), 2, best.view(e, nb, ns))
@@ -276,9 +303,9 @@ def _flat(slot: Tensor, length: int) -> Tensor:
 
 
 def _group_sums(x: Tensor, flat: Tensor, rows: int) -> Tensor:
-    """Float32 sums of the rows of x [.., d] over groups ``flat`` (one index_add) -> [rows, d]."""
-    d = x.shape[-1]
-    return torch.zeros(rows, d, device=x.device).index_add_(0, flat, x.reshape(-1, d).float())
+    """Sums (in ``_work_dtype``) of the rows of x [.., d] over groups ``flat`` (one index_add) -> [rows, d]."""
+    d, dtype = x.shape[-1], _work_dtype(x.dtype)
+    return torch.zeros(rows, d, device=x.device, dtype=dtype).index_add_(0, flat, x.reshape(-1, d).to(dtype))
 
 
 def _means(sums: Tensor, counts: Tensor) -> Tensor:
@@ -287,7 +314,7 @@ def _means(sums: Tensor, counts: Tensor) -> Tensor:
 
 
 def _deviations(x: Tensor, groups: Tensor, num_slots: int) -> Tensor:
-    """Step 5's deviation of every token from the mean of its group, [E, N], for x [E, N, d] float32.
+    """Step 5's deviation of every token from the mean of its group, [E, N], for x [E, N, d] (work dtype).
 
     0 for a token alone in its group. The two members of a pair deviate equally: both get the
     larger of their two rounded values, so the outlier tie rule decides between them.
@@ -299,22 +326,27 @@ def _deviations(x: Tensor, groups: Tensor, num_slots: int) -> Tensor:
     # row chunks through one small buffer: a fresh [E * N, d] tensor costs more in page faults
     # than the subtraction it holds
     rows = x.view(-1, d)
-    dev = torch.empty(e * n, device=x.device)
+    dev = torch.empty(e * n, device=x.device, dtype=x.dtype)
     step = max(1, _SCORE_FLOATS // d)
-    own_mean = torch.empty(min(step, e * n), d, device=x.device)
+    own_mean = torch.empty(min(step, e * n), d, device=x.device, dtype=x.dtype)
     for r0 in range(0, e * n, step):
         r1 = min(r0 + step, e * n)
         chunk = torch.index_select(means, 0, flat[r0:r1], out=own_mean[: r1 - r0])
         torch.linalg.vector_norm(chunk.sub_(rows[r0:r1]), dim=-1, out=dev[r0:r1])
     size = counts.index_select(0, flat)
-    pair = torch.zeros(e * num_slots, device=x.device).scatter_reduce_(0, flat, dev, "amax")
+    pair = torch.zeros(e * num_slots, device=x.device, dtype=x.dtype).scatter_reduce_(0, flat, dev, "amax")
     return torch.where(size == 2, pair.index_select(0, flat), dev).masked_fill_(size == 1, 0.0).view(e, n)
 
 
 def _top_fraction_mask(values: Tensor, count: int) -> Tensor:
-    """Boolean mask of the ``count`` largest entries per row of ``values`` [B, M]; ties -> lower index."""
+    """Boolean mask of the ``count`` largest entries per row of ``values`` [B, M]; ties -> lower index.
+
+    NaN counts as +inf: topk puts NaN first, but a NaN k-th value would match nothing (no outlier at
+    all in that row), and a NaN deviation is the one that most needs to leave its group.
+    """
     if count == 0:
         return torch.zeros_like(values, dtype=torch.bool)
+    values = values.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
     kth = torch.topk(values, count, dim=1, sorted=False).values.amin(dim=1, keepdim=True)
     above = values > kth
     need = count - above.sum(dim=1, keepdim=True)
@@ -367,9 +399,9 @@ def httm_plan(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int, special_
                                    anchor_first_frame, dst_rule, seed, mode)
     b, h, n, d = q.shape
     uniform = mode == "uniform"
-    q_rows = q.float().contiguous()
+    q_rows = q.to(_work_dtype(q.dtype)).contiguous()
     q_metric = q_rows.mean(1, keepdim=True) if uniform else q_rows
-    k_metric = k.float().mean(1, keepdim=True) if uniform else k
+    k_metric = k.to(_work_dtype(k.dtype)).mean(1, keepdim=True) if uniform else k
     q_groups = httm_match(q_metric, q_layout).expand(b, h, n)
     kv_slot = httm_match(k_metric, kv_layout).expand(b, h, n).contiguous()
 
@@ -398,7 +430,13 @@ def httm_apply_plan(q: Tensor, k: Tensor, v: Tensor, plan: HttmPlan, proportiona
     SDPA reads as they are; queries are padded to the longest head (padded rows are zero queries
     whose outputs are never read); the unmerge is one gather.
     """
+    _check_tensors(q, k, v)
     b, h, n, d = q.shape
+    # the maps are flat indices over B * H * N: a plan for another [B, H, N] with as many entries
+    # (B=2, H=2 for B=1, H=4) would run without an error on the wrong samples and heads
+    if tuple(plan.q_slot.shape) != (b, h, n) or tuple(plan.kv_slot.shape) != (b, h, n):
+        raise ValueError(f"httm_apply_plan: plan is for q of [B, H, N] = {list(plan.q_slot.shape)}, "
+                         f"got q of shape {tuple(q.shape)}")
     dv = v.shape[-1]
     m_q, m_kv = plan.q_length_max, plan.kv_length
     if b * h == 0:
@@ -412,6 +450,11 @@ def httm_apply_plan(q: Tensor, k: Tensor, v: Tensor, plan: HttmPlan, proportiona
     merged_out = F.scaled_dot_product_attention(
         q_merged.view(b, h, m_q, d).to(q.dtype), k_merged.view(b, h, m_kv, d).to(q.dtype),
         v_merged.view(b, h, m_kv, dv).to(q.dtype), attn_mask=bias, scale=scale)
+    # torch's CPU SDPA kernel returns 0, not NaN, for a row of all-NaN logits (a NaN query, or only
+    # NaN keys) when there are fewer keys than its vector width; merging makes short key sequences
+    # where the full one was long enough to give NaN, so put the NaN back (the reference's softmax)
+    all_nan = q_merged.isnan().any(-1).view(b, h, m_q) | k_merged.isnan().any(-1).view(b, h, m_kv).all(-1, True)
+    merged_out.masked_fill_(all_nan.unsqueeze(-1), math.nan)
     return merged_out.reshape(-1, dv).index_select(0, q_flat).view(b, h, n, dv)
 
 
@@ -434,8 +477,7 @@ def httm_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, tokens_per_fram
     """
     plan = httm_plan(q, k, frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
                      outlier_fraction, anchor_first_frame, dst_rule, seed, mode)
-    _check_tensors(q, k, v)
-    return httm_apply_plan(q, k, v, plan, proportional_attention, scale)
+    return httm_apply_plan(q, k, v, plan, proportional_attention, scale)  # checks v
 
 
 @httm_attention.register_fake

@@ -9,6 +9,8 @@ argument checks and the :class:`HttmPlan` container.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -74,7 +76,16 @@ def _destinations(n_b: int, first_frame: int, n_frames: int, ratio: float, ancho
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:
-    return float(torch.dot(a, b) / (a.norm().clamp(min=_EPS) * b.norm().clamp(min=_EPS)))
+    """Similarity of source a to destination b: a . b / |b|, the cosine up to the factor 1 / |a|,
+    which is the same for all of a's destinations (dividing by it would turn an infinite source's
+    scores into NaN, losing the choice). -inf for NaN, so a NaN similarity never wins."""
+    score = float(torch.dot(a, b / b.norm().clamp(min=_EPS)))
+    return -math.inf if math.isnan(score) else score
+
+
+def _rank(deviation: float) -> float:
+    """Outlier rank of a deviation: NaN ranks with +inf, above every number."""
+    return math.inf if math.isnan(deviation) else deviation
 
 
 def _groups_one_side(x: Tensor, specials, blocks, ratio, anchor, dst_rule, seed) -> tuple[list[list[int]], int]:
@@ -130,7 +141,9 @@ def httm_plan_reference(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int
     outliers = torch.zeros(batch, heads, n, dtype=torch.bool)
     kv_length = 0
     for b in range(batch):
-        qb, kb = q[b].float(), k[b].float()
+        # planned in float64 for float64 inputs, else in float32 (the kernel's rule)
+        work = torch.float64 if q.dtype == torch.float64 else torch.float32
+        qb, kb = q[b].to(work), k[b].to(work)
         q_metric = qb.mean(0, keepdim=True) if mode == "uniform" else qb
         k_metric = kb.mean(0, keepdim=True) if mode == "uniform" else kb
         side = (specials, blocks)
@@ -157,13 +170,13 @@ def httm_plan_reference(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int
         flagged = [[False] * n for _ in range(heads)]
         if mode == "uniform":
             pooled = [sum(deviation[h][u] ** 2 for h in range(heads)) ** 0.5 for u in range(n)]
-            order = sorted(range(n), key=lambda u: (-pooled[u], u))
+            order = sorted(range(n), key=lambda u: (-_rank(pooled[u]), u))
             for u in order[: round(outlier_fraction * n)]:
                 for h in range(heads):
                     flagged[h][u] = True
         else:
             order = sorted(((h, u) for h in range(heads) for u in range(n)),
-                           key=lambda hu: (-deviation[hu[0]][hu[1]], hu[0] * n + hu[1]))
+                           key=lambda hu: (-_rank(deviation[hu[0]][hu[1]]), hu[0] * n + hu[1]))
             for h, u in order[: round(outlier_fraction * heads * n)]:
                 flagged[h][u] = True
 

@@ -183,6 +183,17 @@ def test_httm_bad_config_raises_value_error_naming_field(field, value):
         HTTM(**{field: value})
 
 
+@pytest.mark.parametrize("kwargs,field", [
+    ({"q": 1e-13, "outliers": 0.0}, "q"), ({"q": 0.3, "outliers": 0.2999999999999}, "q"), ({"kv": 1e-13}, "kv"),
+])
+def test_httm_kept_fraction_that_rounds_to_zero_raises_value_error_naming_field(kwargs, field):
+    # the removed fractions are rounded to 12 digits: these would become "remove everything" (1.0),
+    # which the op refuses only when the pass runs, naming its own q_ratio / kv_ratio
+    with pytest.raises(ValueError, match=rf"HTTM\.{field}: expected"):
+        HTTM(**kwargs)
+    assert HTTM(q=1e-12, outliers=0.0).q_removed < 1.0 and HTTM(kv=1e-12).kv_removed < 1.0
+
+
 def test_httm_special_tokens_above_tokens_per_frame_raises():
     with pytest.raises(ValueError, match=r"HTTM\.special_tokens: expected <= tokens_per_frame=4, got 5"):
         HTTM(special_tokens=5, tokens_per_frame=4)

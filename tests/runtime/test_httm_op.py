@@ -10,13 +10,14 @@ from hypothesis import strategies as st
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
-import fxslim  # noqa: F401  (registers the ops)
 import fxslim.runtime.httm as httm_module
 from fxslim.runtime.frame_layout import frame_layout_from_positions
 from fxslim.runtime.httm import (
     MODES,
+    httm_apply_plan,
     httm_kept_lengths,
     httm_layout,
+    httm_match,
     httm_plan,
 )
 from fxslim.runtime.httm_reference import httm_attention_reference, reference_blocks, reference_permutation
@@ -241,6 +242,55 @@ def test_httm_plan_planted_far_token_is_an_outlier():
     assert int((plan.q_slot[0, 1] == plan.q_slot[0, 1, far]).sum()) == 1
 
 
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("where", ["token", "frame"])
+def test_httm_attention_nan_queries_stay_where_sdpa_has_them(mode, where):
+    # NaN queries in sample 0 (one patch token, or all of frame 2): no source joins a NaN
+    # destination, NaN deviations rank first, so the NaN queries become their own outliers and the
+    # NaN rows are SDPA's; the sample keeps its whole outlier budget and the reference agrees
+    frames, p, heads = 4, 2 + 6, 2
+    q, k, v = _qkv(2, heads, frames * p, 8, seed=7)
+    q[0, :, 2 * p + 3 if where == "token" else slice(2 * p, 3 * p)] = float("nan")
+    kw = dict(special_tokens=2, q_ratio=0.5, kv_ratio=0.5, n_s=3, n_t=2, outlier_fraction=0.3, mode=mode)
+    ref_out, ref_plan = httm_attention_reference(q, k, v, frames, p, **kw)
+    plan = httm_plan(q, k, frames, p, **kw)
+    for name in ("q_slot", "kv_slot", "q_lengths", "outliers"):
+        assert torch.equal(getattr(plan, name), getattr(ref_plan, name)), name
+    budget = round(0.3 * frames * p) * heads if mode == "uniform" else round(0.3 * heads * frames * p)
+    assert plan.outliers.sum(dim=(1, 2)).tolist() == [budget, budget]
+    out = httm(q, k, v, frames, p, **kw)
+    assert torch.equal(out.isnan(), F.scaled_dot_product_attention(q, k, v).isnan())
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, equal_nan=True)
+    torch.testing.assert_close(out[1:], httm(q[1:], k[1:], v[1:], frames, p, **kw), atol=1e-6, rtol=1e-5)
+
+
+def test_httm_plan_infinite_query_joins_the_same_destination_as_in_the_reference():
+    # an infinite source scores +-inf against each destination (a . b / |b|); the cosine's extra
+    # 1 / |a| made every score NaN in the reference, so the two chose different destinations
+    q, k, _ = _qkv(2, 3, 3 * 9, 4, seed=27)
+    q[1, :, 13] = float("inf")
+    kw = dict(special_tokens=0, q_ratio=0.3, kv_ratio=0.0, n_s=9, n_t=3, outlier_fraction=0.1,
+              anchor_first_frame=True)
+    plan = httm_plan(q, k, 3, 9, **kw)
+    _, ref_plan = httm_attention_reference(q, k, k, 3, 9, **kw)
+    for name in ("q_slot", "q_lengths", "outliers"):
+        assert torch.equal(getattr(plan, name), getattr(ref_plan, name)), name
+
+
+def test_httm_attention_nan_query_stays_nan_when_merged_keys_are_few():
+    # 24 tokens merged to 2 keys: torch's CPU SDPA kernel returns 0, not NaN, for an all-NaN row of
+    # logits when the keys are fewer than its vector width; SDPA on all 24 keys and the reference
+    # give NaN for the NaN query, so the merged attention must too
+    q, k, v = _qkv(1, 2, 4 * 6, 8, seed=3)
+    q[0, 1, 9] = float("nan")
+    kw = dict(special_tokens=0, q_ratio=0.5, kv_ratio=0.9, n_s=6, n_t=4, outlier_fraction=0.1)
+    plan = httm_plan(q, k, 4, 6, **kw)
+    assert plan.kv_length == 2 and bool(plan.outliers[0, 1, 9])
+    out = httm(q, k, v, 4, 6, **kw)
+    assert torch.equal(out.isnan(), F.scaled_dot_product_attention(q, k, v).isnan())
+    torch.testing.assert_close(out, httm_attention_reference(q, k, v, 4, 6, **kw)[0], equal_nan=True)
+
+
 # ----------------------------------------------------------------------------------------------
 # Reference equivalence
 # ----------------------------------------------------------------------------------------------
@@ -374,6 +424,48 @@ def test_httm_attention_mismatched_k_shape_raises_value_error():
     q, k, v = _qkv(1, 2, 26, 8)
     with pytest.raises(ValueError, match="k must have"):
         httm(q, k[:, :, :13], v, 2, 13)
+
+
+def test_httm_attention_float64_inputs_keep_float64_precision():
+    # values float32 cannot hold (randn in float64; and 1e50, past float32's range): nothing merged
+    # is SDPA to float64 rounding, merged equals the loop reference, which averages in float64
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 3 * 7, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    exact = httm(q, k, v, 3, 7, special_tokens=2, q_ratio=0.0, kv_ratio=0.0, outlier_fraction=0.0)
+    torch.testing.assert_close(exact, F.scaled_dot_product_attention(q, k, v), atol=1e-12, rtol=1e-12)
+    kw = dict(special_tokens=2, q_ratio=0.5, kv_ratio=0.5, n_s=2, n_t=2, outlier_fraction=0.1)
+    for scale, big in ((None, 1.0), (1e-50, 1e50)):
+        ref, ref_plan = httm_attention_reference(q * big, k, v, 3, 7, scale=scale, **kw)
+        plan = httm_plan(q * big, k, 3, 7, **kw)
+        assert torch.equal(plan.q_slot, ref_plan.q_slot) and torch.equal(plan.kv_slot, ref_plan.kv_slot)
+        out = httm(q * big, k, v, 3, 7, scale=scale, **kw)
+        assert out.dtype == torch.float64 and bool(out.isfinite().all())
+        torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+
+
+@pytest.mark.parametrize("shapes, name", [(((1, 2, 26, 0), (1, 2, 26, 4)), "q"), (((1, 2, 26, 8), (1, 2, 26, 0)), "v")])
+def test_httm_attention_empty_head_dim_raises_value_error(shapes, name):
+    qk, v = shapes
+    with pytest.raises(ValueError, match=f"{name} must have a head dim"):
+        httm(torch.randn(qk), torch.randn(qk), torch.randn(v), 2, 13)
+    with pytest.raises(ValueError, match=f"{name} must have a head dim"), FakeTensorMode():
+        httm(torch.empty(qk), torch.empty(qk), torch.empty(v), 2, 13)
+
+
+def test_httm_apply_plan_and_match_refuse_a_plan_or_layout_of_another_shape():
+    # a plan for B=2, H=2 has as many entries as one for B=1, H=4: it used to run on the wrong heads
+    q, k, v = _qkv(2, 2, 3 * 7, 4)
+    plan = httm_plan(q, k, 3, 7, special_tokens=2, n_s=2, n_t=2)
+    for shape in ((1, 4, 21, 4), (1, 2, 21, 4), (2, 2, 28, 4)):
+        other = torch.randn(shape)
+        with pytest.raises(ValueError, match=r"plan is for q of \[B, H, N\] = \[2, 2, 21\]"):
+            httm_apply_plan(other, other, other, plan)
+    torch.testing.assert_close(httm_apply_plan(q, k, v, plan), httm(q, k, v, 3, 7, special_tokens=2, n_s=2, n_t=2))
+    layout = httm_layout(3, 7, 2, 0.5, 2, 2)
+    with pytest.raises(ValueError, match="layout is for N=21"):
+        httm_match(torch.randn(1, 2, 28, 4), layout)
+    with pytest.raises(ValueError, match=r"x must be \[B, H, N, d\]"):
+        httm_match(torch.randn(2, 21, 4), layout)
 
 
 def test_httm_attention_bfloat16_inputs_give_bfloat16_output_close_to_float32():
