@@ -205,7 +205,7 @@ def _verdicts(records: list[dict]) -> list[str]:
                     continue
                 best = max(summary["ratio"][p][peer] for p in _PROM)
                 verdict = ("met" if best >= 1.0 else "NOT met") if peer in PEERS else "stretch, not a target"
-                lines.append(f"- batch {r['batch']} vs {peer}, {label}: best PROM variant {best:.2f}× — {verdict}")
+                lines.append(f"- batch {r['batch']} vs {peer}, {label}: best PROM variant {best:.3f}× — {verdict}")
     for r in records:
         lines += [f"- skipped at batch {r['batch']}, {r['threads']} thr: {name}: {why}" for name, why in r["skipped"].items()]
     return lines
