@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from fxslim.ir import META_PROM_LOWERED, attribute, meta_val, schema_arguments
 from fxslim.runtime import prom_onednn
-from fxslim.runtime.prom import _INT32_MAX, dequantized, global_avg_pool_codes, nan_flags
+from fxslim.runtime.prom import _INT32_MAX, conv_output_size, dequantized, global_avg_pool_codes, nan_flags
 
 __all__ = ["lower", "has_onednn_ops"]
 
@@ -82,20 +82,21 @@ def quantize_qtensor(x: Tensor, scale: float, zero_point: int, channels_last: bo
     saturates as it did). ``channels_last`` (a 4-d ``x``): written channels_last, a few samples at a
     time, so that the codes are still in cache when they are reordered.
     """
-    x = x.to(torch.float32)  # float32 as the op does
     bound = _SATURATED * scale
+
+    def quantized(part: Tensor) -> Tensor:
+        return torch.quantize_per_tensor(part.to(torch.float32).clamp(-bound, bound), scale, zero_point, torch.quint8)
+
     if not channels_last or x.dim() != 4:
-        return torch.quantize_per_tensor(x.clamp(-bound, bound), scale, zero_point, torch.quint8)
+        return quantized(x)  # float32 as the op does
     # the size of one sample from the shape, not x[0]: a batch of 0 samples has no x[0]
     rows = max(1, _QUANT_CHUNK // max(1, math.prod(x.shape[1:])))
     if x.shape[0] <= rows:
-        q = torch.quantize_per_tensor(x.clamp(-bound, bound), scale, zero_point, torch.quint8)
-        return q.contiguous(memory_format=torch.channels_last)
+        return quantized(x).contiguous(memory_format=torch.channels_last)
     out = torch._empty_affine_quantized(x.shape, scale=scale, zero_point=zero_point, dtype=torch.quint8,
                                         memory_format=torch.channels_last)
     for start in range(0, x.shape[0], rows):
-        part = x[start : start + rows].clamp(-bound, bound)
-        out[start : start + rows].copy_(torch.quantize_per_tensor(part, scale, zero_point, torch.quint8))
+        out[start : start + rows].copy_(quantized(x[start : start + rows]))
     return out
 
 
@@ -114,7 +115,7 @@ def global_avg_pool(x: Tensor, x_zero_point: int, multiplier: int, shift: int, o
 def widened_qtensor(x: Tensor, kernel: int, stride: int, padding: int, dilation: int) -> Tensor:
     """``prom_onednn.one_column_widened`` on a QTensor (TorchScript): ``x`` with ``stride`` columns
     of its zero point appended when the conv (column stride above 1) gives one output column."""
-    if (x.size(3) + 2 * padding - dilation * (kernel - 1) - 1) // stride != 0:
+    if conv_output_size(x.size(3), kernel, stride, padding, dilation) != 1:
         return x
     pad = torch.quantize_per_tensor(torch.zeros([x.size(0), x.size(1), x.size(2), stride]), x.q_scale(),
                                     x.q_zero_point(), torch.quint8)

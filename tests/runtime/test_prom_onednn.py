@@ -84,20 +84,31 @@ def test_qconv2d_any_geometry_within_one_lsb_of_float_model(geometry, clamp, see
     n, c_in, c_out, h, w, kernel, stride, padding, dilation, groups = geometry
     gen = _gen(seed)
     x = _codes((n, c_in, h, w), gen)
-    weight = torch.randint(-127, 128, (c_out, c_in // groups, *kernel), generator=gen).to(torch.int8)
+    zx = int(torch.randint(0, 256, (1,), generator=gen))
+    lo, hi = {"none": (0, 255), "relu": (_ZO, 255), "hardtanh": (_ZO, 200)}[clamp]
+    _conv_and_add_within_one_lsb(x, c_out, kernel, (stride, padding, dilation, groups), zx, lo, hi, gen)
+
+
+_ZO = 90  # the output zero point of _conv_and_add_within_one_lsb
+
+
+def _conv_and_add_within_one_lsb(x, c_out, kernel, geometry, zx, out_min, out_max, gen):
+    """``qconv2d`` of x (random int8 weight [c_out, C/groups, *kernel]) and the same conv fused with
+    a residual add (one rounding of conv + skip, then the clamp), each within 1 LSB of the float
+    model; returns both outputs."""
+    weight = torch.randint(-127, 128, (c_out, x.shape[1] // geometry[3], *kernel), generator=gen).to(torch.int8)
     w_scale, bias = 0.001 + 0.004 * torch.rand(c_out, generator=gen), torch.randn(c_out, generator=gen)
-    sx, zx, so, zo = 0.05, int(torch.randint(0, 256, (1,), generator=gen)), 0.04, 90
-    lo, hi = {"none": (0, 255), "relu": (zo, 255), "hardtanh": (zo, 200)}[clamp]
-    geometry = (stride, padding, dilation, groups)
-    out = O.qconv2d(x, sx, zx, weight, w_scale, bias, so, zo, lo, hi, *geometry)
+    sx, so = 0.05, 0.04
+    out = O.qconv2d(x, sx, zx, weight, w_scale, bias, so, _ZO, out_min, out_max, *geometry)
     real_w = weight.double() * w_scale.double().view(-1, 1, 1, 1)
-    floating = R.conv2d_float_reference(x, sx, zx, real_w, bias, so, zo, lo, hi, *geometry)
+    floating = R.conv2d_float_reference(x, sx, zx, real_w, bias, so, _ZO, out_min, out_max, *geometry)
     assert out.shape == floating.shape and (out.int() - floating.int()).abs().max() <= 1
-    # the same conv feeding a residual add (one rounding of conv + skip, then the clamp)
     skip, ss, zs = _codes(tuple(out.shape), gen), 0.03, 100
-    added = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, zo, lo, hi, *geometry, skip, ss, zs)
+    added = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, _ZO, out_min, out_max, *geometry, skip, ss, zs)
     real = torch.nn.functional.conv2d((x.double() - zx) * sx, real_w, bias.double(), *geometry) + (skip.double() - zs) * ss
-    assert (added.int() - R.quantize_float_reference(real, so, zo).clamp(lo, hi).int()).abs().max() <= 1
+    assert added.shape == out.shape
+    assert (added.int() - R.quantize_float_reference(real, so, _ZO).clamp(out_min, out_max).int()).abs().max() <= 1
+    return out, added
 
 
 @pytest.mark.parametrize(("out_min", "out_max"), [(0, 255), (3, 255), (3, 200)])
@@ -123,20 +134,8 @@ def test_qconv2d_one_output_column_at_a_column_stride_within_one_lsb(h, w, kerne
     to 255); the op appends stride columns of the zero point and keeps the first output column."""
     gen = _gen(h * w)
     x = _codes((2, 4, h, w), gen)
-    weight = torch.randint(-127, 128, (8, 4, *kernel), generator=gen).to(torch.int8)
-    w_scale, bias = 0.001 + 0.004 * torch.rand(8, generator=gen), torch.randn(8, generator=gen)
-    sx, zx, so, zo = 0.05, 100, 0.04, 90
-    geometry = (list(stride), list(padding), [1, 1], 1)
-    out = O.qconv2d(x, sx, zx, weight, w_scale, bias, so, zo, out_min, out_max, *geometry)
-    real_w = weight.double() * w_scale.double().view(-1, 1, 1, 1)
-    floating = R.conv2d_float_reference(x, sx, zx, real_w, bias, so, zo, out_min, out_max, *geometry)
-    assert out.shape[3] == 1 and out.shape == floating.shape and out.is_contiguous(memory_format=torch.channels_last)
-    assert (out.int() - floating.int()).abs().max() <= 1
-    skip, ss, zs = _codes(tuple(out.shape), gen), 0.03, 100
-    added = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, zo, out_min, out_max, *geometry, skip, ss, zs)
-    real = torch.nn.functional.conv2d((x.double() - zx) * sx, real_w, bias.double(), *geometry) + (skip.double() - zs) * ss
-    assert added.shape == out.shape
-    assert (added.int() - R.quantize_float_reference(real, so, zo).clamp(out_min, out_max).int()).abs().max() <= 1
+    out, _ = _conv_and_add_within_one_lsb(x, 8, kernel, (list(stride), list(padding), [1, 1], 1), 100, out_min, out_max, gen)
+    assert out.shape[3] == 1 and out.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize(("out_min", "out_max"), [(0, 255), (90, 255), (90, 200)])
@@ -152,18 +151,8 @@ def test_qconv2d_windows_of_padding_only_within_one_lsb(c_in, c_out, groups, h, 
     convs with one input channel per group; the op writes that padding into the input."""
     gen = _gen(c_in * h + w)
     x = _codes((2, c_in, h, w), gen)
-    weight = torch.randint(-127, 128, (c_out, c_in // groups, *kernel), generator=gen).to(torch.int8)
-    w_scale, bias = 0.001 + 0.004 * torch.rand(c_out, generator=gen), torch.randn(c_out, generator=gen)
-    sx, zx, so, zo = 0.05, 100, 0.04, 90
-    geometry = ([1, 1], list(padding), list(dilation), groups)
-    out = O.qconv2d(x, sx, zx, weight, w_scale, bias, so, zo, out_min, out_max, *geometry)
-    real_w = weight.double() * w_scale.double().view(-1, 1, 1, 1)
-    floating = R.conv2d_float_reference(x, sx, zx, real_w, bias, so, zo, out_min, out_max, *geometry)
-    assert out.shape == floating.shape and (out.int() - floating.int()).abs().max() <= 1
-    skip, ss, zs = _codes(tuple(out.shape), gen), 0.03, 100
-    added = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, zo, out_min, out_max, *geometry, skip, ss, zs)
-    real = torch.nn.functional.conv2d((x.double() - zx) * sx, real_w, bias.double(), *geometry) + (skip.double() - zs) * ss
-    assert (added.int() - R.quantize_float_reference(real, so, zo).clamp(out_min, out_max).int()).abs().max() <= 1
+    _conv_and_add_within_one_lsb(x, c_out, kernel, ([1, 1], list(padding), list(dilation), groups), 100, out_min, out_max,
+                                 gen)
 
 
 def test_qconv2d_add_rounds_once_and_stays_within_one_lsb_of_two_roundings():
