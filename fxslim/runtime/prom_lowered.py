@@ -31,19 +31,18 @@ inductor's freezing, a lowered graph does not see later in-place changes to them
 from __future__ import annotations
 
 import copy
-import functools
 import logging
 import math
 import operator
 import warnings
-from collections.abc import Callable
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from fxslim.ir import META_PROM_LOWERED, attribute, meta_val, schema_arguments
-from fxslim.runtime import prom_onednn
+from fxslim.runtime import onednn_capi, prom_onednn
+from fxslim.runtime.prom_direct import DirectSegment
 from fxslim.runtime.prom import _INT32_MAX, conv_output_size, dequantized, global_avg_pool_codes, nan_flags
 
 __all__ = ["lower", "has_onednn_ops"]
@@ -137,7 +136,8 @@ _COLUMN_GUARDS = (widened_qtensor, first_column)
 
 
 class _Lowering:
-    def __init__(self, gm: fx.GraphModule, constants: dict[str, Tensor]) -> None:
+    def __init__(self, gm: fx.GraphModule, constants: dict[str, Tensor], direct: bool) -> None:
+        self.direct = direct
         self.gm = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__ + "Lowered")
         self.graph = self.gm.graph
         self.constants = constants
@@ -145,7 +145,7 @@ class _Lowering:
         self.lowered: dict[str, int] = {}
         self.channels_last: set[fx.Node] = set()  # nodes whose output is a fresh channels_last tensor
         self.qparams: dict[fx.Node, tuple[float, int]] = {}
-        self.packers: dict[str, Callable[[], object]] = {}  # packed weights' attributes: how to pack them anew  # nodes whose output is a quint8 QTensor: its (scale, zero point)
+        self.packers: dict[str, prom_onednn.ConvWeights] = {}  # packed weights' attributes: what they pack
         self.attrs = 0
 
     def constant(self, node: object) -> Tensor | None:
@@ -214,7 +214,7 @@ class _Lowering:
             self.count("kept:column_stride")
             return
         if attr in _QCONV:
-            pack = functools.partial(prom_onednn.pack_quantized, weight, w_scale, bias, stride, padding, dilation, a["groups"])
+            pack = prom_onednn.ConvWeights(weight, w_scale, bias, tuple(stride), tuple(padding), tuple(dilation), a["groups"])
             self.quantized_conv(node, a, packed, pack, attr, (weight.shape[3], stride[1], padding[1], dilation[1]))
             return
         common = (self.channels_last_input(node, a["x"]), a["x_scale"], a["x_zero_point"], self.attr(node, packed, "packed"),
@@ -229,10 +229,10 @@ class _Lowering:
                                                         a["skip_zero_point"], "sum", 1.0, attr, scalars, ""), "qconv2d_add")
         self.channels_last.add(new)
 
-    def quantized_conv(self, node: fx.Node, a: dict, packed: torch.ScriptObject, pack: Callable[[], object],
+    def quantized_conv(self, node: fx.Node, a: dict, packed: torch.ScriptObject, pack: prom_onednn.ConvWeights,
                        attr: str, columns: tuple[int, int, int, int]) -> None:
         """``node`` as ATen's quantized conv on oneDNN: QTensors in and out, the skip accumulated in
-        place; ``pack`` packs its weight anew (``QuantizedSegment``). ``columns``: the kernel's
+        place; ``pack``: its constants, packed anew by each segment copy (``QuantizedSegment``). ``columns``: the kernel's
         width, stride, padding and dilation along W."""
         x = self.qtensor_input(node, a["x"], a["x_scale"], a["x_zero_point"])
         packed_node = self.attr(node, packed, "packed")
@@ -356,10 +356,10 @@ class _Lowering:
         self.graph.lint()
         self.gm.recompile()
         _log.info("PROM lowering: %s", self.lowered)
-        return _scripted(self.gm, self.packers)
+        return _scripted(self.gm, self.packers, self.direct)
 
 
-def lower(gm: fx.GraphModule, constants: dict[str, Tensor] | None = None) -> fx.GraphModule:
+def lower(gm: fx.GraphModule, constants: dict[str, Tensor] | None = None, *, direct: bool = True) -> fx.GraphModule:
     """A copy of a converted ``runtime="onednn"`` graph with its ops lowered (module docstring).
 
     ``gm`` is only read; the copy shares its weights and holds oneDNN's packed forms of them as
@@ -370,7 +370,7 @@ def lower(gm: fx.GraphModule, constants: dict[str, Tensor] | None = None) -> fx.
     with warnings.catch_warnings():  # ATen's quantizer warns once that quantized dtypes are deprecated
         warnings.simplefilter("ignore", UserWarning)
         torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
-    lowering = _Lowering(gm, dict(constants or {}))
+    lowering = _Lowering(gm, dict(constants or {}), direct and onednn_capi.available())
     out = lowering.run()
     out.meta[META_PROM_LOWERED] = dict(lowering.lowered)
     return out
@@ -417,7 +417,7 @@ class QuantizedSegment(nn.Module):
     (``quantized::conv2d_add`` runs under no other): it is set for the call and restored after.
     """
 
-    def __init__(self, graph: fx.Graph, constants: dict[str, object], packers: dict[str, Callable[[], object]]) -> None:
+    def __init__(self, graph: fx.Graph, constants: dict[str, object], packers: dict[str, prom_onednn.ConvWeights]) -> None:
         super().__init__()
         self.__dict__.update(_graph=graph, _constants=constants, _packers=packers, _copies={})
         self.__dict__["_first"] = self._build()
@@ -435,7 +435,7 @@ class QuantizedSegment(nn.Module):
     def _build(self) -> nn.Module:
         root = nn.Module()
         for name, value in self._constants.items():
-            root.__dict__[name] = self._packers[name]() if name in self._packers else value
+            root.__dict__[name] = self._packers[name].pack() if name in self._packers else value
         module = fx.GraphModule(root, copy.deepcopy(self._graph), "PromQuantizedSegment")
         try:
             with warnings.catch_warnings():  # TorchScript is deprecated (see prom_onednn.QUANTIZED_CONV)
@@ -459,7 +459,7 @@ class QuantizedSegment(nn.Module):
             return module(*args)
 
 
-def _segment(gm: fx.GraphModule, run: list[fx.Node], packers: dict[str, Callable[[], object]]
+def _segment(gm: fx.GraphModule, run: list[fx.Node], packers: dict[str, prom_onednn.ConvWeights]
              ) -> tuple[QuantizedSegment, list[fx.Node], list[fx.Node]]:
     """``run`` as a segment of its own: (segment, outer nodes it reads, its nodes read outside)."""
     members = set(run)
@@ -481,11 +481,13 @@ def _segment(gm: fx.GraphModule, run: list[fx.Node], packers: dict[str, Callable
     return QuantizedSegment(graph, constants, segment_packers), inputs, outputs
 
 
-def _scripted(gm: fx.GraphModule, packers: dict[str, Callable[[], object]]) -> fx.GraphModule:
-    """``gm`` with every run of quantized convs replaced by a call of its ``QuantizedSegment``.
-    ``packers``: for the packed weights' attribute names, how to pack them anew."""
+def _scripted(gm: fx.GraphModule, packers: dict[str, prom_onednn.ConvWeights], direct: bool) -> fx.GraphModule:
+    """``gm`` with every run of quantized convs replaced by a call of its ``QuantizedSegment``, with
+    ``direct`` wrapped in a ``DirectSegment``. ``packers``: the packed weights' constants, by attribute name."""
     for index, run in enumerate(_segments(gm.graph)):
         segment, inputs, outputs = _segment(gm, run, packers)
+        if direct:
+            segment = DirectSegment(segment)
         members = set(run)
         name = f"_quantized_segment{index}"
         gm.add_submodule(name, segment)

@@ -28,6 +28,7 @@ plain AVX2 path sums u8·s8 pairs in saturating int16, which 8-bit weights can o
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -41,7 +42,7 @@ from fxslim.runtime.prom import (
 )
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available",
-           "QUANTIZED_CONV", "QUANTIZED_CONV_ADD", "onednn_engine", "codes", "as_qtensor", "pack_quantized"]
+           "QUANTIZED_CONV", "QUANTIZED_CONV_ADD", "onednn_engine", "codes", "as_qtensor", "pack_quantized", "ConvWeights"]
 
 def onednn_available() -> bool:
     """Whether this torch build has the oneDNN quantized conv/linear ops."""
@@ -167,6 +168,24 @@ def pack_quantized(weight: Tensor, w_scale: Tensor, bias: Tensor, stride: Sequen
         qweight = torch._make_per_channel_quantized_tensor(weight, w_scale.double(), zeros, 0)
     with onednn_engine():
         return torch.ops.quantized.conv2d_prepack(qweight, bias, list(stride), list(padding), list(dilation), groups)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ConvWeights:
+    """A conv's constants, as the lowered runtimes pack them: int8 ``weight`` codes [O, I/groups, kH, kW],
+    per-channel ``w_scale`` [O], real ``bias`` [O] and its geometry."""
+
+    weight: Tensor
+    w_scale: Tensor
+    bias: Tensor
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    groups: int
+
+    def pack(self) -> torch.ScriptObject:
+        """A new packed form for ATen's quantized convs (``pack_quantized``)."""
+        return pack_quantized(self.weight, self.w_scale, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def prepack(weight: Tensor, w_scale: Tensor, bias: Tensor, x_scale: float, x_zero_point: int, post_op: str,

@@ -332,7 +332,7 @@ def test_prom_onednn_runtime_micro_batched_equals_whole_batch(mobilenet):
     sliced = micro_batched(fast, max_activation_bytes=3 << 20)  # 1.2 MB per sample at 224 px: 2 per slice
     assert sliced.rows_per_slice(x) == 2
     with torch.no_grad():
-        assert torch.equal(sliced(x), fast(x))
+        assert torch.equal(sliced(x), micro_batched(fast)(x))  # the whole batch in one slice
 
 
 @pytest.mark.parametrize("runtime", ["reference", pytest.param("onednn", marks=_ONEDNN)])

@@ -1,9 +1,11 @@
-"""The lowered oneDNN runtime of PROM (``prom_lowered.lower``): bit-identical to the converted
-``torch.ops.fxslim`` graph it comes from (at the calibration size, another resolution, with NaN
+"""The lowered oneDNN runtime of PROM (``prom_lowered.lower``): on ATen's quantized convs
+(``direct=False``) bit-identical to the converted ``torch.ops.fxslim`` graph it comes from (at the calibration size, another resolution, with NaN
 samples, sliced into micro-batches, under ``torch.compile(backend="fxslim")``, at more input
 shapes than it keeps packed weights for, with a clamped conv between quantized ones), its direct
 forms of the cheap ops equal to the ops, the residual accumulated in place only where no later op
-reads the skip tensor, and the caller's quantized engine left as it was."""
+reads the skip tensor, and the caller's quantized engine left as it was. Its direct runtime
+(oneDNN's own library, tests/runtime/test_prom_direct.py) is what ``micro_batched`` and the backend
+run, and they are compared with it."""
 
 from __future__ import annotations
 
@@ -36,11 +38,11 @@ onednn = torch.ops.onednn
 
 @pytest.fixture(scope="module")
 def mobilenet():
-    """(photos at 224 px, converted oneDNN integer MobileNetV2, its lowered copy)."""
+    """(photos at 224 px, converted oneDNN integer MobileNetV2, its lowered copy on ATen's convs)."""
     x = photo_batch()
     model = random_mobilenet_v2(x)
     fast = convert(calibrate(prepare(model, (x,)), [x]), runtime="onednn")
-    return x, fast, L.lower(fast)
+    return x, fast, L.lower(fast, direct=False)
 
 
 def _segments(low: fx.GraphModule) -> list[L.QuantizedSegment]:
@@ -81,7 +83,7 @@ def test_lower_one_copy_per_input_shape_up_to_the_limit_all_equal(mobilenet, mon
     shape they see); past ``SHAPES`` shapes the first copy serves, with the same values."""
     x, fast, _ = mobilenet
     monkeypatch.setattr(L, "SHAPES", 2)
-    low = L.lower(fast)
+    low = L.lower(fast, direct=False)
     (segment,) = _segments(low)
     sizes = [x[:1], x[:2], x[:3], x[:1, :, :64, :80].contiguous(), x[:1]]
     with torch.no_grad():
@@ -124,15 +126,16 @@ def test_lower_micro_batched_runs_lowered_copy_and_equals_whole_batch(mobilenet)
     assert micro_batched(fast, lowered=False).runner is fast
     assert set(sliced.state_dict()) == {f"module.{k}" for k in fast.state_dict()}
     with torch.no_grad():
-        assert torch.equal(sliced(x), fast(x))
-        assert torch.equal(copy.deepcopy(sliced)(x), fast(x))
+        whole = L.lower(fast)(x)
+        assert torch.equal(sliced(x), whole)
+        assert torch.equal(copy.deepcopy(sliced)(x), whole)
 
 
 def test_lower_fxslim_backend_lowers_a_converted_graph_and_equals_eager(mobilenet, caplog):
     x, fast, _ = mobilenet
     compiled = torch.compile(fast, backend="fxslim")
     with caplog.at_level("INFO", logger="fxslim.backend"), torch.no_grad():
-        assert torch.equal(compiled(x), fast(x))
+        assert torch.equal(compiled(x), L.lower(fast)(x))
     assert "PROM oneDNN graph lowered" in caplog.text
 
 
@@ -147,7 +150,7 @@ def test_lower_micro_batched_under_compile_runs_its_runner_outside_the_graph(mob
 
     compiled = torch.compile(sliced, backend=backend)
     with torch.no_grad():
-        assert torch.equal(compiled(x), fast(x))
+        assert torch.equal(compiled(x), L.lower(fast)(x))
     assert not any(n.op == "call_function" for gm in graphs for n in gm.graph.nodes)
 
 

@@ -1,0 +1,315 @@
+"""PROM's runs of quantized convs as oneDNN primitives called through its C API, planned per input shape.
+
+``prom_lowered`` makes each run of consecutive quantized convs a ``QuantizedSegment``: ATen's
+quantized convs called from TorchScript, with 7.5 µs of bookkeeping per conv on top of the kernel
+(MobileNetV2 at batch 1: about 0.4 ms of 2.7). ``DirectSegment`` runs the same run with oneDNN's own
+library (``onednn_capi``), planned once per input shape and thread count:
+
+- one convolution primitive per conv with the attributes ATen gives oneDNN: u8 NHWC src and dst,
+  s8 weights reordered once into the layout the primitive picks, f32 bias, runtime scales and zero
+  points, the sum and ReLU post-ops;
+- every activation in a buffer allocated when planning and reused once the last reader of its
+  value ran; a conv with a sum post-op accumulates in its skip's buffer (a skip from outside the run
+  is copied in first: the run never writes its inputs); one scratchpad for all;
+
+so a call points the memory objects of the inputs and outputs at this call's tensors and makes one
+``dnnl_primitive_execute`` per conv, about 1 µs over the kernel.
+
+Values: the same arithmetic on oneDNN 3.2 instead of torch's oneDNN. The codes equal ATen's except
+rare ties in depthwise convs, 1 LSB apart (tests/runtime/test_prom_direct.py). A shape oneDNN
+miscomputes (a column stride above 1 with one output column, ``prom_onednn.one_column_widened``)
+runs the TorchScript segment. Calls are serialised by a lock: a plan's buffers serve one call at a time.
+"""
+
+from __future__ import annotations
+
+import collections
+import ctypes
+import threading
+
+import torch
+import torch.fx as fx
+from torch import Tensor, nn
+
+from fxslim.runtime import onednn_capi as capi
+from fxslim.runtime import prom_onednn
+from fxslim.runtime.prom import conv_output_size
+
+__all__ = ["DirectSegment", "PLANS"]
+
+PLANS = 4  # input shapes (and thread counts) a segment keeps a plan for; the least recently used goes
+_CONV = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV.items()}
+_CONV_ADD = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV_ADD.items()}
+
+
+class DirectSegment(nn.Module):
+    """``fallback`` (a ``prom_lowered.QuantizedSegment``) run as oneDNN primitives (module docstring)."""
+
+    def __init__(self, fallback: nn.Module) -> None:
+        super().__init__()
+        self.fallback = fallback
+        self.__dict__["_plans"] = collections.OrderedDict()
+        self.__dict__["_lock"] = threading.Lock()
+
+    @property
+    def planned(self) -> dict[tuple, bool]:
+        """For each (input shapes, threads) seen: whether it runs as primitives (False: the fallback)."""
+        return {key: plan is not None for key, plan in self._plans.items()}
+
+    def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
+        key = (tuple(tuple(a.shape) for a in args), torch.get_num_threads())
+        with self._lock:
+            plan = self._plans.get(key, False)
+            if plan is False:
+                plan = _Plan.build(self.fallback.graph, self.fallback._packers, args)
+                self._plans[key] = plan
+                if len(self._plans) > PLANS:
+                    self._plans.popitem(last=False)
+            else:
+                self._plans.move_to_end(key)
+            if plan is not None:
+                return plan.run(args)
+        return self.fallback(*args)
+
+
+
+class _Group:
+    """Values sharing one buffer: a conv's output and the convs accumulating into it in place."""
+
+    def __init__(self, shape: tuple[int, ...], first: int, input_index: int | None = None) -> None:
+        self.shape, self.first, self.last, self.input_index = shape, first, first, input_index
+        self.escaping: tuple[float, int] | None = None  # (scale, zero point) of the value the run returns
+        n, c, h, w = shape
+        self.desc = capi.MemoryDesc(shape, capi.U8, (c * h * w, 1, w * c, c))
+        self.memory: capi.Memory | None = None
+
+
+class _Value:
+    def __init__(self, group: _Group, scale: float, zero_point: int) -> None:
+        self.group, self.scale, self.zero_point = group, scale, zero_point
+
+
+def _scalar_memory(values: Tensor, keep: list) -> capi.Memory:
+    keep.append(values)
+    return capi.Memory(capi.MemoryDesc(values.shape, capi.F32 if values.is_floating_point() else capi.S32, (1,)),
+                       values.data_ptr())
+
+
+class _Plan:
+    """The primitives, buffers and memory objects of one run at one input shape."""
+
+    def __init__(self) -> None:
+        self.inputs: list[tuple[int, capi.Memory]] = []
+        self.fresh: list[tuple[capi.Memory, tuple[int, ...], float, int]] = []
+        self.outputs: list[int] = []  # index into the call's fresh tensors, per output of the run
+        self.steps: list[tuple[int, int, ctypes.Array]] = []  # (primitive handle, number of args, args)
+        self.keep: list[object] = []  # what the steps' raw pointers point into
+
+    @classmethod
+    def build(cls, graph: fx.Graph, convs: dict[str, prom_onednn.ConvWeights], args: tuple[Tensor, ...]) -> _Plan | None:
+        """The plan of ``graph`` (a ``QuantizedSegment``'s) for ``args``, or None where it must run as
+        TorchScript (a shape oneDNN miscomputes, an op the plan does not know)."""
+        if not capi.available() or any(a.dtype != torch.quint8 or a.dim() != 4 for a in args):
+            return None
+        try:
+            return cls()._fill(graph, convs, args)
+        except _Unsupported:
+            return None
+
+    def _fill(self, graph: fx.Graph, convs: dict[str, prom_onednn.ConvWeights], args: tuple[Tensor, ...]) -> _Plan:
+        values: dict[fx.Node, _Value] = {}
+        groups: list[_Group] = []
+        convs_to_build: list[tuple] = []  # (position, x, out value, weights, relu, accumulated value or None)
+        copies: list[tuple[int, _Value, _Value]] = []  # (position, from, to)
+        outputs: list[_Value] = []
+
+        def read(node: object, position: int) -> _Value:
+            if not isinstance(node, fx.Node) or node not in values:
+                raise _Unsupported
+            value = values[node]
+            value.group.last = max(value.group.last, position)
+            return value
+
+        def new_value(shape: tuple[int, ...], position: int, scale: float, zero_point: int) -> _Value:
+            groups.append(_Group(shape, position))
+            return _Value(groups[-1], scale, zero_point)
+
+        placeholders = 0
+        for position, node in enumerate(graph.nodes):
+            if node.op == "placeholder":
+                x = args[placeholders]
+                groups.append(_Group(tuple(x.shape), position, placeholders))
+                values[node] = _Value(groups[-1], x.q_scale(), x.q_zero_point())
+                placeholders += 1
+            elif node.op == "get_attr":
+                continue
+            elif node.op == "output":
+                outputs = [read(n, position) for n in node.args[0]]
+            elif node.target in _CONV or node.target in _CONV_ADD:
+                add = node.target in _CONV_ADD
+                x = read(node.args[0], position)
+                weights = convs.get(node.args[2 if add else 1].target)
+                if weights is None or weights.weight.dtype != torch.int8:
+                    raise _Unsupported
+                out_scale, out_zero_point = node.args[-2], node.args[-1]
+                shape = _conv_shape(x.group.shape, weights)
+                accumulated = read(node.args[1], position) if add else None
+                if accumulated is None:
+                    out = new_value(shape, position, out_scale, out_zero_point)
+                elif accumulated.group.input_index is not None or accumulated.group.last > position:
+                    out = new_value(shape, position, out_scale, out_zero_point)  # the skip copied in first
+                    copies.append((len(convs_to_build), accumulated, out))
+                else:
+                    out = _Value(accumulated.group, out_scale, out_zero_point)  # in place
+                if out.group.shape != shape:
+                    raise _Unsupported
+                values[node] = out
+                relu = (_CONV_ADD if add else _CONV)[node.target] == "relu"
+                convs_to_build.append((x, out, weights, relu, accumulated))
+            elif node.op == "call_method" and node.target == "clone":
+                source = read(node.args[0], position)
+                values[node] = new_value(source.group.shape, position, source.scale, source.zero_point)
+                copies.append((len(convs_to_build), source, values[node]))
+            elif node.op == "call_function" and getattr(node.target, "__name__", "") == "widened_qtensor":
+                x = read(node.args[0], position)
+                kernel, stride, padding, dilation = node.args[1:5]
+                if conv_output_size(x.group.shape[3], kernel, stride, padding, dilation) == 1:
+                    raise _Unsupported  # oneDNN miscomputes this shape
+                values[node] = x
+            elif node.op == "call_function" and getattr(node.target, "__name__", "") == "first_column":
+                values[node] = read(node.args[0], position)
+            else:
+                raise _Unsupported
+        for value in outputs:
+            group = value.group
+            if group.input_index is not None or group.escaping not in (None, (value.scale, value.zero_point)):
+                raise _Unsupported
+            group.escaping = (value.scale, value.zero_point)
+        self._bind(groups, args)
+        self._steps(convs_to_build, copies)
+        fresh = [g for g in groups if g.escaping is not None]
+        self.outputs = [fresh.index(v.group) for v in outputs]
+        return self
+
+    def _bind(self, groups: list[_Group], args: tuple[Tensor, ...]) -> None:
+        """Memory objects for every group: the inputs' and returned values' re-pointed per call, the
+        others over buffers shared by groups whose values are not alive at the same time."""
+        free: list[Tensor] = []
+        alive: list[tuple[int, Tensor]] = []
+        for group in sorted(groups, key=lambda g: g.first):
+            if group.input_index is not None:
+                group.memory = capi.Memory(group.desc, args[group.input_index].data_ptr())
+                self.inputs.append((group.input_index, group.memory))
+                continue
+            if group.escaping is not None:
+                group.memory = capi.Memory(group.desc, 0)
+                self.fresh.append((group.memory, group.shape, *group.escaping))
+                continue
+            free += [buffer for last, buffer in alive if last < group.first]
+            alive = [(last, buffer) for last, buffer in alive if last >= group.first]
+            size = group.desc.size
+            fitting = [i for i, b in enumerate(free) if b.numel() >= size]
+            if fitting:
+                buffer = free.pop(min(fitting, key=lambda i: free[i].numel()))
+            else:
+                buffer = torch.empty(size, dtype=torch.uint8)
+            alive.append((group.last, buffer))
+            self.keep.append(buffer)
+            group.memory = capi.Memory(group.desc, buffer.data_ptr())
+
+    def _steps(self, convs: list[tuple], copies: list[tuple[int, _Value, _Value]]) -> None:
+        built, scratchpad = [], 0
+        for x, out, weights, relu, accumulated in convs:
+            desc = self._convolution(x, out, weights, relu, accumulated)
+            built.append(desc)
+            scratchpad = max(scratchpad, desc[1].size)
+        buffer = torch.empty(max(scratchpad, 1), dtype=torch.uint8)
+        self.keep.append(buffer)
+        pending = collections.deque(sorted(copies, key=lambda c: c[0]))
+        for index, (primitive, scratch_desc, memories) in enumerate(built):
+            while pending and pending[0][0] == index:
+                _, source, target = pending.popleft()
+                self._step(capi.reorder(source.group.desc, target.group.desc),
+                           [(capi.ARG_SRC, source.group.memory), (capi.ARG_DST, target.group.memory)])
+            scratch = capi.Memory(scratch_desc, buffer.data_ptr())
+            self._step(primitive, [*memories, (capi.ARG_SCRATCHPAD, scratch)])
+        for _, source, target in pending:  # copies after the last conv
+            self._step(capi.reorder(source.group.desc, target.group.desc),
+                       [(capi.ARG_SRC, source.group.memory), (capi.ARG_DST, target.group.memory)])
+
+    def _convolution(self, x: _Value, out: _Value, w: prom_onednn.ConvWeights, relu: bool,
+                     accumulated: _Value | None) -> tuple[capi.Primitive, capi.MemoryDesc, list]:
+        weight = w.weight.contiguous()
+        o, i, kh, kw = weight.shape
+        g = w.groups
+        if g == 1:
+            plain = capi.MemoryDesc((o, i, kh, kw), capi.S8, (i * kh * kw, kh * kw, kw, 1))
+            shape, mask = (o, i, kh, kw), 1
+        else:
+            plain = capi.MemoryDesc((g, o // g, i, kh, kw), capi.S8, (o // g * i * kh * kw, i * kh * kw, kh * kw, kw, 1))
+            shape, mask = (g, o // g, i, kh, kw), 3
+        bias = w.bias.to(torch.float32).contiguous()
+        bias_desc = capi.MemoryDesc((o,), capi.F32, (1,))
+        sum_post_op = None if accumulated is None else (accumulated.scale, accumulated.zero_point)
+        attr = capi.conv_attr(mask, sum_post_op, relu)
+        desc = capi.ConvolutionDesc(x.group.desc, capi.MemoryDesc(shape, capi.S8, None), bias_desc, out.group.desc,
+                                    w.stride, w.padding, w.dilation, attr)
+        packed_desc = desc.weights_desc
+        packed = torch.empty(packed_desc.size, dtype=torch.uint8)
+        source, target = capi.Memory(plain, weight.data_ptr()), capi.Memory(packed_desc, packed.data_ptr())
+        self._execute_now(capi.reorder(plain, packed_desc), [(capi.ARG_SRC, source), (capi.ARG_DST, target)])
+        keep = self.keep
+        keep += [packed, bias]
+        memories = [
+            (capi.ARG_SRC, x.group.memory), (capi.ARG_WEIGHTS, target), (capi.ARG_BIAS, capi.Memory(bias_desc, bias.data_ptr())),
+            (capi.ARG_DST, out.group.memory),
+            (capi.ARG_SCALES | capi.ARG_SRC, _scalar_memory(torch.tensor([x.scale], dtype=torch.float32), keep)),
+            (capi.ARG_SCALES | capi.ARG_WEIGHTS, _scalar_memory(w.w_scale.to(torch.float32).contiguous(), keep)),
+            (capi.ARG_SCALES | capi.ARG_DST, _scalar_memory(torch.tensor([out.scale], dtype=torch.float32), keep)),
+            (capi.ARG_ZERO_POINTS | capi.ARG_SRC, _scalar_memory(torch.tensor([x.zero_point], dtype=torch.int32), keep)),
+            (capi.ARG_ZERO_POINTS | capi.ARG_DST, _scalar_memory(torch.tensor([out.zero_point], dtype=torch.int32), keep)),
+        ]
+        return desc.primitive(), desc.scratchpad_desc, memories
+
+    def _step(self, primitive: capi.Primitive, memories: list[tuple[int, capi.Memory]]) -> None:
+        array = (capi.ExecArg * len(memories))(*(capi.ExecArg(arg, memory.handle) for arg, memory in memories))
+        self.keep += [primitive, array, *(m for _, m in memories)]
+        self.steps.append((primitive.handle.value, len(memories), array))
+
+    def _execute_now(self, primitive: capi.Primitive, memories: list[tuple[int, capi.Memory]]) -> None:
+        capi.execute(primitive, (capi.ExecArg * len(memories))(*(capi.ExecArg(a, m.handle) for a, m in memories)))
+
+    def run(self, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+        alive = []
+        for index, memory in self.inputs:
+            x = args[index]
+            if not x.is_contiguous(memory_format=torch.channels_last):
+                x = x.contiguous(memory_format=torch.channels_last)
+            alive.append(x)
+            memory.point_to(x.data_ptr())
+        fresh = []
+        for memory, shape, scale, zero_point in self.fresh:
+            t = torch._empty_affine_quantized(shape, scale=scale, zero_point=zero_point, dtype=torch.quint8,
+                                              memory_format=torch.channels_last)
+            memory.point_to(t.data_ptr())
+            fresh.append(t)
+        execute, stream = capi.library().dnnl_primitive_execute, capi.stream()
+        for primitive, count, array in self.steps:
+            if execute(primitive, stream, count, array):
+                raise RuntimeError("oneDNN primitive execution failed")
+        return tuple(fresh[i] for i in self.outputs)
+
+
+class _Unsupported(Exception):
+    """The run holds something the plan does not run as primitives (it runs as TorchScript instead)."""
+
+
+def _conv_shape(x: tuple[int, ...], w: prom_onednn.ConvWeights) -> tuple[int, ...]:
+    n, _, h, width = x
+    kh, kw = w.weight.shape[2:]
+    out = (conv_output_size(h, kh, w.stride[0], w.padding[0], w.dilation[0]),
+           conv_output_size(width, kw, w.stride[1], w.padding[1], w.dilation[1]))
+    if min(out) < 1:
+        raise _Unsupported
+    return (n, w.weight.shape[0], *out)
+

@@ -1,0 +1,217 @@
+"""PROM's direct oneDNN runtime (``prom_direct.DirectSegment`` over ``onednn_capi``): each conv
+within 1 LSB of the float model and of ATen's quantized conv (and mostly equal to it) on random
+geometries and on MobileNetV2's real layer shapes, with and without the residual sum and ReLU;
+whole MobileNetV2 close to the ATen runtime, equal whole batch and slice by slice; plans per input
+shape and thread count, the least recently used dropped; the shape oneDNN miscomputes left to
+TorchScript; inputs never written; a copy plans again; and without the library, the ATen runtime."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.fx as fx
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from benchmarks.prom_common import photo_batch, random_mobilenet_v2
+from fxslim.api import prepare
+from fxslim.passes.prom import calibrate
+from fxslim.passes.prom_batching import micro_batched
+from fxslim.passes.prom_convert import convert
+from fxslim.runtime import onednn_capi as capi
+from fxslim.runtime import prom_direct as D
+from fxslim.runtime import prom_lowered as L
+from fxslim.runtime import prom_reference as R
+from fxslim.runtime.prom import conv_output_size
+from fxslim.runtime.prom_onednn import (QUANTIZED_CONV, QUANTIZED_CONV_ADD, ConvWeights, as_qtensor, codes,
+                                        onednn_available, vnni_available)
+from tests.runtime.conv_geometry import conv_geometries
+
+pytestmark = [pytest.mark.skipif(not (onednn_available() and vnni_available() and capi.available()),
+                                 reason="needs oneDNN's C library (fxslim[onednn]) and VNNI/AMX int8 dot products"),
+              pytest.mark.usefixtures("one_thread_module")]
+
+_SX, _ZX, _SO, _ZO, _SS, _ZS = 0.05, 100, 0.04, 90, 0.03, 120
+
+
+def _one_conv(weights: ConvWeights, relu: bool, add: bool) -> tuple[L.QuantizedSegment, D.DirectSegment]:
+    """A run of one conv, as the lowering builds it: (its ATen segment, the direct one over it)."""
+    graph = fx.Graph()
+    x = graph.placeholder("x0")
+    skip = graph.placeholder("x1") if add else None
+    packed = graph.get_attr("c0")
+    kind = "relu" if relu else "none"
+    if add:
+        node = graph.call_function(QUANTIZED_CONV_ADD[kind], (x, skip, packed, _SO, _ZO))
+    else:
+        node = graph.call_function(QUANTIZED_CONV[kind], (x, packed, _SO, _ZO))
+    graph.output((node,))
+    aten = L.QuantizedSegment(graph, {"c0": weights.pack()}, {"c0": weights})
+    return aten, D.DirectSegment(aten)
+
+
+def _weights(c_in, c_out, kernel, stride, padding, dilation, groups, gen) -> ConvWeights:
+    weight = torch.randint(-127, 128, (c_out, c_in // groups, *kernel), generator=gen).to(torch.int8)
+    w_scale, bias = 0.001 + 0.004 * torch.rand(c_out, generator=gen), torch.randn(c_out, generator=gen)
+    # a dilation along a kernel side of 1 changes nothing; the converter drops it (as oneDNN may crash on it)
+    dilation = tuple(d if k > 1 else 1 for d, k in zip(dilation, kernel))
+    return ConvWeights(weight, w_scale, bias, tuple(stride), tuple(padding), dilation, groups)
+
+
+def _check_conv(n, c_in, h, w, weights: ConvWeights, gen) -> float:
+    """Each of conv, conv + ReLU, conv + skip, conv + skip + ReLU: the direct codes within 1 LSB of
+    the float model and of ATen's; returns the fraction equal to ATen's."""
+    x = torch.randint(0, 256, (n, c_in, h, w), generator=gen, dtype=torch.int32).to(torch.uint8)
+    qx = as_qtensor(x, _SX, _ZX)
+    real_w = weights.weight.double() * weights.w_scale.double().view(-1, 1, 1, 1)
+    geometry = (list(weights.stride), list(weights.padding), list(weights.dilation), weights.groups)
+    real = torch.nn.functional.conv2d((x.double() - _ZX) * _SX, real_w, weights.bias.double(), *geometry)
+    equal = []
+    for add in (False, True):
+        skip = torch.randint(0, 256, real.shape, generator=gen, dtype=torch.int32).to(torch.uint8)
+        qskip = as_qtensor(skip, _SS, _ZS)
+        total = real + (skip.double() - _ZS) * _SS if add else real
+        for relu in (False, True):
+            aten, direct = _one_conv(weights, relu, add)
+            args = (qx, qskip) if add else (qx,)
+            (out,) = direct(*args)
+            assert all(direct.planned.values())
+            (ref,) = aten(*[a.clone() for a in args])  # ATen accumulates into its skip
+            assert torch.equal(codes(qskip), skip.contiguous(memory_format=torch.channels_last))  # inputs untouched
+            assert out.shape == real.shape and out.is_contiguous(memory_format=torch.channels_last)
+            assert (out.q_scale(), out.q_zero_point()) == (_SO, _ZO)
+            floating = R.quantize_float_reference(total, _SO, _ZO, _ZO if relu else 0, 255)
+            ours = codes(out).int()
+            assert (ours - floating.int()).abs().max() <= 1
+            assert (ours - codes(ref).int()).abs().max() <= 1
+            equal.append(float((ours == codes(ref).int()).float().mean()))
+    return min(equal)
+
+
+@settings(max_examples=60, deadline=None)
+@given(geometry=conv_geometries(), seed=st.integers(0, 2**16))
+def test_direct_conv_within_one_lsb_of_float_model_and_aten_on_random_geometries(geometry, seed):
+    g = geometry
+    gen = torch.Generator().manual_seed(seed)
+    weights = _weights(g.c_in, g.c_out, g.kernel, g.stride, g.padding, g.dilation, g.groups, gen)
+    if weights.stride[1] > 1 and conv_output_size(g.w, g.kernel[1], g.stride[1], g.padding[1], weights.dilation[1]) == 1:
+        return  # the lowering guards this shape (test_direct_one_output_column_at_a_column_stride_runs_torchscript)
+    _check_conv(g.n, g.c_in, g.h, g.w, weights, gen)
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "hw", "kernel", "stride", "groups"), [
+    (3, 32, 224, 3, 2, 1),  # the stem
+    (32, 32, 112, 3, 1, 32),  # depthwise
+    (96, 96, 112, 3, 2, 96),  # strided depthwise
+    (16, 96, 112, 1, 1, 1),  # expansion
+    (96, 24, 56, 1, 1, 1),  # projection
+    (320, 1280, 7, 1, 1, 1),  # the last conv
+])
+def test_direct_conv_on_mobilenet_v2_layer_shapes_within_one_lsb_and_mostly_equal_to_aten(c_in, c_out, hw, kernel,
+                                                                                          stride, groups):
+    """Real channel counts reach the AMX / VNNI kernels that tiny random geometries do not."""
+    gen = torch.Generator().manual_seed(c_in * c_out + hw)
+    weights = _weights(c_in, c_out, (kernel, kernel), (stride, stride), (kernel // 2,) * 2, (1, 1), groups, gen)
+    assert _check_conv(1, c_in, hw, hw, weights, gen) >= 0.999
+
+
+@pytest.fixture(scope="module")
+def mobilenet():
+    """(photos at 224 px, converted oneDNN integer MobileNetV2, lowered direct, lowered on ATen)."""
+    x = photo_batch()
+    fast = convert(calibrate(prepare(random_mobilenet_v2(x), (x,)), [x]), runtime="onednn")
+    return x, fast, L.lower(fast), L.lower(fast, direct=False)
+
+
+def _direct_segments(low: fx.GraphModule) -> list[D.DirectSegment]:
+    return [m for m in low.modules() if isinstance(m, D.DirectSegment)]
+
+
+def test_direct_mobilenet_v2_one_segment_close_to_aten_and_equal_slice_by_slice(mobilenet):
+    x, fast, direct, aten = mobilenet
+    (segment,) = _direct_segments(direct)
+    assert not _direct_segments(aten)
+    scale = fast.graph.find_nodes(op="call_function", target=torch.ops.fxslim.dequantize.default)[0].args[1]
+    with torch.no_grad():
+        out, ref = direct(x), aten(x)
+        # 1-LSB ties of depthwise convs propagate through the network: a few output steps at most
+        assert ((out - ref).abs() / scale).max() <= 4.01
+        assert torch.equal(out.argmax(1), ref.argmax(1))
+        for i in range(len(x)):
+            assert torch.equal(direct(x[i : i + 1]), out[i : i + 1])
+        sliced = micro_batched(fast, max_activation_bytes=3 << 20)
+        assert torch.equal(sliced(x), out)
+    assert segment.planned[(((6, 3, 224, 224),), 1)] and segment.planned[(((1, 3, 224, 224),), 1)]
+
+
+def test_direct_plans_per_shape_and_thread_count_least_recently_used_dropped(mobilenet, monkeypatch):
+    x, fast, _, _ = mobilenet
+    monkeypatch.setattr(D, "PLANS", 2)
+    low = L.lower(fast)
+    (segment,) = _direct_segments(low)
+    with torch.no_grad():
+        first = low(x[:1])
+        low(x[:2])
+        torch.set_num_threads(2)
+        try:
+            assert torch.equal(low(x[:1]), first)  # another thread count: its own plan, the same values
+        finally:
+            torch.set_num_threads(1)
+        assert list(segment.planned) == [(((2, 3, 224, 224),), 1), (((1, 3, 224, 224),), 2)]
+        assert torch.equal(low(x[:1]), first)
+    assert len(segment.planned) == 2 and (((1, 3, 224, 224),), 1) in segment.planned
+
+
+def test_direct_one_output_column_at_a_column_stride_runs_torchscript(mobilenet):
+    """oneDNN miscomputes a conv with one output column at a column stride above 1: at such a width
+    the segment runs its TorchScript copy (ATen, guarded), whose values it then equals."""
+    x, _, direct, aten = mobilenet
+    narrow = x[:1, :, :64, :9].contiguous()  # MobileNetV2's fourth stride-2 conv gets one column
+    (segment,) = _direct_segments(direct)
+    with torch.no_grad():
+        assert torch.equal(direct(narrow), aten(narrow))
+    assert segment.planned[(((1, 3, 64, 9),), 1)] is False
+
+
+def test_direct_input_not_channels_last_gives_the_same_codes():
+    gen = torch.Generator().manual_seed(5)
+    weights = _weights(8, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, gen)
+    _, direct = _one_conv(weights, relu=True, add=False)
+    x = torch.randint(0, 256, (2, 8, 9, 7), generator=gen, dtype=torch.int32).to(torch.uint8)
+    contiguous = torch._make_per_tensor_quantized_tensor(x, _SX, _ZX)  # NCHW
+    assert torch.equal(codes(direct(contiguous)[0]), codes(direct(as_qtensor(x, _SX, _ZX))[0]))
+
+
+def test_direct_copy_of_a_micro_batched_model_plans_again(mobilenet):
+    x, fast, _, _ = mobilenet
+    sliced = micro_batched(fast)
+    with torch.no_grad():
+        ref = sliced(x[:1])
+        twin = copy.deepcopy(sliced)
+        assert torch.equal(twin(x[:1]), ref)
+    (segment,) = _direct_segments(twin.runner)
+    assert list(segment.planned) == [(((1, 3, 224, 224),), 1)]
+    assert _direct_segments(sliced.runner)[0] is not segment
+
+
+def test_direct_without_the_library_lowers_to_aten(mobilenet, monkeypatch):
+    x, fast, _, aten = mobilenet
+    monkeypatch.setenv("FXSLIM_LIBDNNL", "")
+    capi._load.cache_clear()
+    try:
+        assert not capi.available() and "fxslim[onednn]" in capi.unavailable_reason()
+        low = L.lower(fast)
+        assert not _direct_segments(low)
+        with torch.no_grad():
+            assert torch.equal(low(x[:2]), aten(x[:2]))
+    finally:
+        monkeypatch.delenv("FXSLIM_LIBDNNL")
+        capi._load.cache_clear()
+    assert capi.available()
+
+
+def test_capi_reports_a_failing_call_with_its_status():
+    with pytest.raises(RuntimeError, match="oneDNN memory descriptor .* failed with status"):
+        capi.MemoryDesc((2, -3), capi.U8, (3, 1))  # a negative size
