@@ -10,7 +10,8 @@ torchvision mobilenet_v2 (weights=None, BN statistics estimated on the six sciki
 - ONNX Runtime int8: static QDQ, u8 activations, s8 per-channel weights;
 - OpenVINO int8: NNCF post-training quantization, f32 inference precision, latency mode;
 - PROM integer: ``convert(qat, runtime="onednn")`` (fused u8 oneDNN convs), ``micro_batched``
-  (which runs the graph lowered to direct oneDNN calls, ``prom_lowered``), eager and under
+  (which runs the graph lowered to direct calls, ``prom_lowered``, its convs as oneDNN primitives
+  through oneDNN's C library when the ``onednn`` extra is installed, ``prom_direct``), eager and under
   ``torch.compile(backend="fxslim")`` (whose backend lowers it the same way). PROM's model is post-training calibrated
   here, not QAT-trained: speed does not depend on the weights.
 
@@ -52,7 +53,7 @@ PEERS = ("PT2E int8 + compile", "ONNX Runtime int8")  # the target: PROM >= 1.0x
 INT8_PEERS = (*PEERS, "OpenVINO + NNCF int8")  # every int8 stack timed beside PROM
 _PROM = ("PROM integer", "PROM integer compiled")
 STEADY_CALLS = 10  # back-to-back calls per turn in the steady-state rounds (batch 1 only)
-_PACKAGES = ("torch", "torchao", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf")
+_PACKAGES = ("torch", "torchao", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "onednn-cpu-gomp")
 
 
 def _prom_models(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -140,6 +141,14 @@ def _cpu() -> str:
     return f"{name}; flags {', '.join(flags)}"
 
 
+def _prom_runtime() -> str:
+    from fxslim.runtime import onednn_capi
+
+    if onednn_capi.available():
+        return "its convs run as oneDNN primitives through oneDNN's C library (fxslim.runtime.prom_direct)"
+    return f"its convs run as ATen's quantized convs ({onednn_capi.unavailable_reason()})"
+
+
 def _versions() -> str:
     found = []
     for package in _PACKAGES:
@@ -161,8 +170,8 @@ def results(records: list[dict], command: str) -> Results:
     sections = [Section(text=[
         f"{_cpu()}. {_versions()}. One process per (batch, threads); variants interleaved round by round, in an "
         f"order shuffled per round, one call each (caches cold after the other variants); medians in ms per batch ({', '.join(str(r['rounds']) for r in records)} rounds; - : skipped). PROM's "
-        "model is calibrated, not trained (speed does not depend on the weights). The machine is shared: compare "
-        "within a column."], table=times)]
+        f"model is calibrated, not trained (speed does not depend on the weights); {_prom_runtime()}. The machine "
+        "is shared: compare within a column."], table=times)]
     for prom in _PROM:
         rows = [[name, *(r["ratio"][prom].get(name) for r in records)] for name in names if name != prom]
         sections.append(Section(

@@ -3,7 +3,7 @@
 ``prom_lowered`` makes each run of consecutive quantized convs a ``QuantizedSegment``: ATen's
 quantized convs called from TorchScript, with 7.5 µs of bookkeeping per conv on top of the kernel
 (MobileNetV2 at batch 1: about 0.4 ms of 2.7). ``DirectSegment`` runs the same run with oneDNN's own
-library (``onednn_capi``), planned once per input shape and thread count:
+library (``onednn_capi``), planned once per input shape, layout and thread count:
 
 - one convolution primitive per conv with the attributes ATen gives oneDNN: u8 NHWC src and dst,
   s8 weights reordered once into the layout the primitive picks, f32 bias, runtime scales and zero
@@ -37,7 +37,7 @@ from fxslim.runtime.prom import conv_output_size
 
 __all__ = ["DirectSegment", "PLANS"]
 
-PLANS = 4  # input shapes (and thread counts) a segment keeps a plan for; the least recently used goes
+PLANS = 4  # input shapes (and layouts, thread counts) a segment keeps a plan for; the least recently used goes
 _CONV = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV.items()}
 _CONV_ADD = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV_ADD.items()}
 
@@ -53,11 +53,12 @@ class DirectSegment(nn.Module):
 
     @property
     def planned(self) -> dict[tuple, bool]:
-        """For each (input shapes, threads) seen: whether it runs as primitives (False: the fallback)."""
+        """For each (input shapes, whether each is read channels_last, threads) seen: whether it runs as
+        primitives (False: the fallback)."""
         return {key: plan is not None for key, plan in self._plans.items()}
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:
-        key = (tuple(tuple(a.shape) for a in args), torch.get_num_threads())
+        key = (tuple(tuple(a.shape) for a in args), tuple(_channels_last(a) for a in args), torch.get_num_threads())
         with self._lock:
             plan = self._plans.get(key, False)
             if plan is False:
@@ -76,11 +77,13 @@ class DirectSegment(nn.Module):
 class _Group:
     """Values sharing one buffer: a conv's output and the convs accumulating into it in place."""
 
-    def __init__(self, shape: tuple[int, ...], first: int, input_index: int | None = None) -> None:
+    def __init__(self, shape: tuple[int, ...], first: int, input_index: int | None = None,
+                 channels_last: bool = True) -> None:
         self.shape, self.first, self.last, self.input_index = shape, first, first, input_index
         self.escaping: tuple[float, int] | None = None  # (scale, zero point) of the value the run returns
         n, c, h, w = shape
-        self.desc = capi.MemoryDesc(shape, capi.U8, (c * h * w, 1, w * c, c))
+        self.channels_last = channels_last
+        self.desc = capi.MemoryDesc(shape, capi.U8, (c * h * w, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1))
         self.memory: capi.Memory | None = None
 
 
@@ -99,7 +102,7 @@ class _Plan:
     """The primitives, buffers and memory objects of one run at one input shape."""
 
     def __init__(self) -> None:
-        self.inputs: list[tuple[int, capi.Memory]] = []
+        self.inputs: list[tuple[int, capi.Memory, bool]] = []  # (index, memory, channels_last)
         self.fresh: list[tuple[capi.Memory, tuple[int, ...], float, int]] = []
         self.outputs: list[int] = []  # index into the call's fresh tensors, per output of the run
         self.steps: list[tuple[int, int, ctypes.Array]] = []  # (primitive handle, number of args, args)
@@ -138,8 +141,12 @@ class _Plan:
         for position, node in enumerate(graph.nodes):
             if node.op == "placeholder":
                 x = args[placeholders]
-                groups.append(_Group(tuple(x.shape), position, placeholders))
+                layout = _channels_last(x)
+                groups.append(_Group(tuple(x.shape), position, placeholders, layout))
                 values[node] = _Value(groups[-1], x.q_scale(), x.q_zero_point())
+                if not layout:  # reordered to channels_last by oneDNN (a few µs where ATen takes 75 at 224 px)
+                    source, values[node] = values[node], new_value(tuple(x.shape), position, x.q_scale(), x.q_zero_point())
+                    copies.append((len(convs_to_build), source, values[node]))
                 placeholders += 1
             elif node.op == "get_attr":
                 continue
@@ -199,7 +206,7 @@ class _Plan:
         for group in sorted(groups, key=lambda g: g.first):
             if group.input_index is not None:
                 group.memory = capi.Memory(group.desc, args[group.input_index].data_ptr())
-                self.inputs.append((group.input_index, group.memory))
+                self.inputs.append((group.input_index, group.memory, group.channels_last))
                 continue
             if group.escaping is not None:
                 group.memory = capi.Memory(group.desc, 0)
@@ -281,10 +288,10 @@ class _Plan:
 
     def run(self, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         alive = []
-        for index, memory in self.inputs:
+        for index, memory, channels_last in self.inputs:
             x = args[index]
-            if not x.is_contiguous(memory_format=torch.channels_last):
-                x = x.contiguous(memory_format=torch.channels_last)
+            if channels_last != _channels_last(x):
+                x = x.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
             alive.append(x)
             memory.point_to(x.data_ptr())
         fresh = []
@@ -298,6 +305,11 @@ class _Plan:
             if execute(primitive, stream, count, array):
                 raise RuntimeError("oneDNN primitive execution failed")
         return tuple(fresh[i] for i in self.outputs)
+
+
+def _channels_last(x: Tensor) -> bool:
+    """Whether a plan reads ``x`` as NHWC (else as NCHW, reordered inside the plan)."""
+    return x.is_contiguous(memory_format=torch.channels_last) or not x.is_contiguous()
 
 
 class _Unsupported(Exception):

@@ -308,7 +308,8 @@ class _Lowering:
             self.count("kept:not_full_range")  # ATen's quantizer saturates to the whole u8 range
             return
         convs = all(u.op == "call_function" and u.target in (_CONV, _CONV_ADD) and u.args[0] is node for u in node.users)
-        layout = convs and x.dim() == 4
+        # a direct segment reorders it to channels_last itself, faster than ATen's strided copy
+        layout = convs and x.dim() == 4 and not self.direct
         new = self.replace(node, quantize_qtensor, (a["x"], a["scale"], a["zero_point"], layout), "quantize")
         self.qparams[new] = (a["scale"], a["zero_point"])
         if layout:
