@@ -64,7 +64,7 @@ def onnx_export(model: nn.Module, x: torch.Tensor) -> Path:
         import onnxscript  # noqa: F401
     except ImportError as error:
         raise PeerUnavailable(f"onnx/onnxscript are not installed ({error}); pip install -e '.[bench]'") from error
-    path = _TMP / f"mobilenet_v2_b{x.shape[0]}.onnx"
+    path = _TMP / f"{type(model).__name__}_b{x.shape[0]}.onnx"
     if not path.exists():
         torch.onnx.export(model, (x,), str(path), dynamo=True, external_data=False)
     return path
