@@ -25,7 +25,7 @@ from pathlib import Path
 
 __all__ = ["available", "unavailable_reason", "library", "F32", "S32", "S8", "U8", "ARG_SRC", "ARG_WEIGHTS",
            "ARG_BIAS", "ARG_DST", "ARG_SCRATCHPAD", "ARG_SCALES", "ARG_ZERO_POINTS", "MemoryDesc", "Memory",
-           "Primitive", "ConvolutionDesc", "conv_attr", "reorder", "execute"]
+           "Primitive", "ConvolutionDesc", "OneDNNError", "conv_attr", "reorder", "execute", "stream"]
 
 # dnnl_data_type_t, dnnl_prop_kind_t, dnnl_alg_kind_t, dnnl_query_t, DNNL_ARG_* (oneDNN 3.x headers)
 F32, S32, S8, U8 = 3, 4, 5, 6
@@ -128,9 +128,13 @@ def library() -> ctypes.CDLL:
     return lib
 
 
+class OneDNNError(RuntimeError):
+    """A oneDNN call returned a status other than success (its dnnl_status_t in the message)."""
+
+
 def _check(status: int, what: str) -> None:
     if status != 0:
-        raise RuntimeError(f"oneDNN {what} failed with status {status}")
+        raise OneDNNError(f"oneDNN {what} failed with status {status}")
 
 
 @functools.cache
@@ -292,9 +296,8 @@ def reorder(src: MemoryDesc, dst: MemoryDesc) -> Primitive:
 
 def execute(primitive: Primitive, args: ctypes.Array) -> None:
     """Run ``primitive`` on ``args`` (an ``ExecArg`` array); the stream is in order on the calling thread."""
-    status = library().dnnl_primitive_execute(primitive.handle, _engine_and_stream()[1], len(args), args)
-    if status != 0:
-        raise RuntimeError(f"oneDNN primitive execution failed with status {status}")
+    _check(library().dnnl_primitive_execute(primitive.handle, _engine_and_stream()[1], len(args), args),
+           "primitive execution")
 
 
 def stream() -> _p:

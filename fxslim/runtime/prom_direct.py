@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import logging
 import threading
 
 import torch
@@ -36,6 +37,8 @@ from fxslim.runtime import prom_onednn
 from fxslim.runtime.prom import conv_output_size
 
 __all__ = ["DirectSegment", "PLANS"]
+
+_log = logging.getLogger(__name__)
 
 PLANS = 4  # input shapes (and layouts, thread counts) a segment keeps a plan for; the least recently used goes
 _CONV = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV.items()}
@@ -62,7 +65,7 @@ class DirectSegment(nn.Module):
         with self._lock:
             plan = self._plans.get(key, False)
             if plan is False:
-                plan = _Plan.build(self.fallback.graph, self.fallback._packers, args)
+                plan = _Plan.build(self.fallback.graph, self.fallback.weights, args)
                 self._plans[key] = plan
                 if len(self._plans) > PLANS:
                     self._plans.popitem(last=False)
@@ -71,7 +74,6 @@ class DirectSegment(nn.Module):
             if plan is not None:
                 return plan.run(args)
         return self.fallback(*args)
-
 
 
 class _Group:
@@ -118,12 +120,16 @@ class _Plan:
             return cls()._fill(graph, convs, args)
         except _Unsupported:
             return None
+        except capi.OneDNNError as error:  # a geometry this oneDNN cannot run: ATen's can
+            _log.warning("PROM direct runtime: a run of convs stays on ATen's quantized convs at input shapes %s (%s)",
+                         [tuple(a.shape) for a in args], error)
+            return None
 
     def _fill(self, graph: fx.Graph, convs: dict[str, prom_onednn.ConvWeights], args: tuple[Tensor, ...]) -> _Plan:
         values: dict[fx.Node, _Value] = {}
         groups: list[_Group] = []
-        convs_to_build: list[tuple] = []  # (position, x, out value, weights, relu, accumulated value or None)
-        copies: list[tuple[int, _Value, _Value]] = []  # (position, from, to)
+        convs_to_build: list[tuple] = []  # (x, out, weights, relu, the value accumulated into or None)
+        copies: list[tuple[int, _Value, _Value]] = []  # (index of the conv they precede, from, to)
         outputs: list[_Value] = []
 
         def read(node: object, position: int) -> _Value:
@@ -302,8 +308,9 @@ class _Plan:
             fresh.append(t)
         execute, stream = capi.library().dnnl_primitive_execute, capi.stream()
         for primitive, count, array in self.steps:
-            if execute(primitive, stream, count, array):
-                raise RuntimeError("oneDNN primitive execution failed")
+            status = execute(primitive, stream, count, array)
+            if status:
+                raise capi.OneDNNError(f"oneDNN primitive execution failed with status {status}")
         return tuple(fresh[i] for i in self.outputs)
 
 

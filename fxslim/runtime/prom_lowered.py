@@ -429,6 +429,11 @@ class QuantizedSegment(nn.Module):
         return self._graph
 
     @property
+    def weights(self) -> dict[str, prom_onednn.ConvWeights]:
+        """The constants of the run's packed weights, by the name its graph reads them under."""
+        return dict(self._packers)
+
+    @property
     def copies(self) -> dict[tuple, nn.Module]:
         """The copy each input shape seen so far runs (by the shapes of the run's inputs)."""
         return dict(self._copies)

@@ -213,5 +213,22 @@ def test_direct_without_the_library_lowers_to_aten(mobilenet, monkeypatch):
 
 
 def test_capi_reports_a_failing_call_with_its_status():
-    with pytest.raises(RuntimeError, match="oneDNN memory descriptor .* failed with status"):
+    with pytest.raises(capi.OneDNNError, match="oneDNN memory descriptor .* failed with status"):
         capi.MemoryDesc((2, -3), capi.U8, (3, 1))  # a negative size
+
+
+def test_direct_geometry_onednn_refuses_stays_on_aten(monkeypatch, caplog):
+    """A conv this oneDNN cannot create a primitive for leaves the run on ATen's convs, with a warning."""
+    gen = torch.Generator().manual_seed(9)
+    weights = _weights(8, 8, (3, 3), (1, 1), (1, 1), (1, 1), 1, gen)
+    aten, direct = _one_conv(weights, relu=False, add=False)
+
+    def refuse(*args, **kwargs):
+        raise capi.OneDNNError("oneDNN convolution descriptor failed with status 3")
+
+    monkeypatch.setattr(capi.ConvolutionDesc, "__init__", refuse)
+    qx = as_qtensor(torch.randint(0, 256, (1, 8, 6, 6), generator=gen, dtype=torch.int32).to(torch.uint8), _SX, _ZX)
+    with caplog.at_level("WARNING", logger="fxslim.runtime.prom_direct"):
+        (out,) = direct(qx)
+    assert not any(direct.planned.values()) and "stays on ATen" in caplog.text
+    assert torch.equal(codes(out), codes(aten(qx)[0]))
