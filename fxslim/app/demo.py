@@ -209,9 +209,10 @@ def _prom(sizes: DemoSizes, steps: _Steps) -> PartResult:
 
 def _fastest_integer_model(qat: Any, reference: Any) -> tuple[Any, str]:
     """The integer model a user would deploy on this CPU: oneDNN's fused u8 convs where the CPU has
-    exact int8 dot products, else the reference integer ops (what the costs and top-1 come from)."""
+    exact int8 dot products, run as README shows (``micro_batched``: lowered, its convs called as
+    oneDNN primitives), else the reference integer ops (what the costs and top-1 come from)."""
     if onednn_available() and vnni_available():
-        return fxslim.convert(qat, runtime="onednn"), "oneDNN integer runtime"
+        return fxslim.micro_batched(fxslim.convert(qat, runtime="onednn")), "oneDNN integer runtime (micro_batched)"
     return reference, "reference integer ops (this CPU has no VNNI/AMX int8)"
 
 

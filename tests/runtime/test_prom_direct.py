@@ -232,3 +232,17 @@ def test_direct_geometry_onednn_refuses_stays_on_aten(monkeypatch, caplog):
         (out,) = direct(qx)
     assert not any(direct.planned.values()) and "stays on ATen" in caplog.text
     assert torch.equal(codes(out), codes(aten(qx)[0]))
+
+
+def test_direct_model_keeps_nan_per_sample_empty_batches_and_any_input_layout(mobilenet):
+    x, fast, direct, aten = mobilenet
+    y = x[:3].clone()
+    y[1, 0, 5, 5] = float("nan")
+    with torch.no_grad():
+        out = direct(y)
+        assert out[1].isnan().all() and not out[[0, 2]].isnan().any()
+        assert torch.equal(out[[0, 2]], direct(x[[0, 2]]))
+        assert direct(x[:0]).shape == (0, 1000)
+        strided = x[:2, :, ::2, ::3]
+        assert torch.equal(direct(strided), direct(strided.contiguous()))
+        assert torch.equal(direct(x[:2].contiguous(memory_format=torch.channels_last)), direct(x[:2]))
