@@ -202,6 +202,9 @@ class _Lowering:
         if not any_size:
             self.count("kept:input_size_checked")  # a small enough input gives no output pixel: the op checks
             return
+        if prom_onednn.miscomputed_grouping(weight, a["groups"]):
+            self.count("kept:grouped_conv")  # torch's oneDNN gets some of these wrong: the op computes them exactly
+            return
         if prom_onednn.may_pad_explicitly(weight, padding, dilation):
             self.count("kept:explicit_padding")  # the op pads explicitly, per input size, what oneDNN gets wrong
             return

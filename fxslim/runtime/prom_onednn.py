@@ -34,6 +34,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fxslim.runtime.prom import (
@@ -42,7 +43,7 @@ from fxslim.runtime.prom import (
 )
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available",
-           "QUANTIZED_CONV", "QUANTIZED_CONV_ADD", "onednn_engine", "codes", "as_qtensor", "pack_quantized", "ConvWeights"]
+           "QUANTIZED_CONV", "QUANTIZED_CONV_ADD", "onednn_engine", "codes", "as_qtensor", "pack_quantized", "ConvWeights", "miscomputed_grouping"]
 
 def onednn_available() -> bool:
     """Whether this torch build has the oneDNN quantized conv/linear ops."""
@@ -252,6 +253,34 @@ def one_column_widened(x: Tensor, kernel: int, stride: int, padding: int, dilati
     return torch.nn.functional.pad(x, (0, stride), value=zero_point)
 
 
+def miscomputed_grouping(weight: Tensor, groups: int) -> bool:
+    """Whether torch's oneDNN may get this conv's codes wrong: a grouped conv (groups above 1) with a
+    kernel larger than 1×1 that is not plain depthwise (one input and one output channel per group).
+
+    Measured on torch 2.14.1 (AMX/VNNI): codes off by up to 255 for, among others, 2 groups of 2 → 24
+    channels with a 3×3 kernel on a 7×7 input, 2 groups of 1 → 48 on 9×9, 2 groups of 12 → 24 with a
+    7×7 kernel; which groupings fail depends on the channel counts per group and the input size, so
+    every grouped conv of this kind is computed exactly instead (``_float64_conv``). oneDNN 3.2
+    (``prom_direct``) gets them right.
+    """
+    return groups > 1 and weight.shape[2] * weight.shape[3] > 1 and not (weight.shape[1] == 1 and weight.shape[0] == groups)
+
+
+def _float64_conv(x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor,
+                  out_scale: float, out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int],
+                  padding: Sequence[int], dilation: Sequence[int], groups: int,
+                  skip: tuple[Tensor, float, int] | None = None) -> Tensor:
+    """The ops' arithmetic without oneDNN, for ``miscomputed_grouping`` convs: integer sums (exact in
+    float64), scaled and biased, plus the real skip, rounded half to even once and clamped; uint8
+    channels_last like the oneDNN ops. Within 1 LSB of them (they scale in float32)."""
+    acc = F.conv2d(x.double() - x_zero_point, weight.double(), None, list(stride), list(padding), list(dilation), groups)
+    real = acc.mul_((x_scale * w_scale.double()).view(1, -1, 1, 1)).add_(bias.double().view(1, -1, 1, 1))
+    if skip is not None:
+        real.add_((skip[0].double() - skip[2]) * skip[1])
+    out = torch.round(real.div_(out_scale)).add_(out_zero_point).clamp_(out_min, out_max)
+    return out.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+
+
 def may_pad_explicitly(weight: Tensor, padding: Sequence[int], dilation: Sequence[int]) -> bool:
     """Whether ``_padded_explicitly`` writes padding into the input at some input size: padding past
     the kernel's extent minus one, or padding with a dilation (a window can straddle a small input)."""
@@ -300,6 +329,11 @@ def _qconv2d_cpu(
 
     y_c = s_x·w_scale_c·Σ w·(q − z_x) + bias_c (real bias); out = clamp(round(y/s_out) + z_out).
     """
+    if miscomputed_grouping(weight, groups):
+        *_, stride, padding, dilation = _conv_plan(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale,
+                                                   out_zero_point, out_min, out_max, stride, padding, dilation, groups)
+        return _float64_conv(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min,
+                             out_max, stride, padding, dilation, groups)
     x, padding = _padded_explicitly(x, weight, padding, dilation, x_zero_point)
     packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
         x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
@@ -354,6 +388,9 @@ def _qconv2d_add_cpu(
              *(conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)))
     if skip.dtype != torch.uint8 or tuple(skip.shape) != shape:
         _add_skip_check(skip, shape, skip_scale, skip_zero_point)
+    if miscomputed_grouping(weight, groups):
+        return _float64_conv(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min,
+                             out_max, stride, padding, dilation, groups, (skip, skip_scale, skip_zero_point))
     wide = one_column_widened(x, weight.shape[3], stride[1], padding[1], dilation[1], x_zero_point)
     if wide is not x:  # the skip's one column gets a second one too (which the result drops)
         return _first_column(qconv2d_add(wide, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point,

@@ -380,3 +380,20 @@ def test_lower_conv_with_windows_of_padding_only_keeps_the_op_and_equals_graph()
     assert code_agreement(qat, fast, x, mode="local").worst()[1] == 1.0
     with torch.no_grad():
         assert torch.equal(low(x), fast(x))
+
+
+def test_lower_grouped_conv_keeps_the_exact_op_and_stays_within_one_lsb():
+    """torch's oneDNN gets some grouped convs wrong (prom_onednn.miscomputed_grouping): the ops
+    compute them exactly and the lowering keeps them, on both runtimes."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, 1, 1), nn.ReLU(), nn.Conv2d(4, 48, 3, 1, 1, groups=2), nn.ReLU(),
+                          nn.Conv2d(48, 16, 1), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 3)).eval()
+    x = torch.randn(2, 3, 7, 7)
+    qat = calibrate(prepare(model, (x,)), [x]).eval()
+    fast = convert(qat, runtime="onednn")
+    assert code_agreement(qat, fast, x, mode="local").worst()[1] == 1.0
+    for direct in (True, False):
+        low = L.lower(fast, direct=direct)
+        assert low.meta[META_PROM_LOWERED]["kept:grouped_conv"] == 1 and low.meta[META_PROM_LOWERED]["qconv2d"] == 2
+        with torch.no_grad():
+            assert torch.equal(low(x), fast(x))

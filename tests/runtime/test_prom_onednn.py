@@ -155,6 +155,30 @@ def test_qconv2d_windows_of_padding_only_within_one_lsb(c_in, c_out, groups, h, 
                                  gen)
 
 
+@pytest.mark.parametrize(("out_min", "out_max"), [(0, 255), (90, 255), (90, 200)])
+@pytest.mark.parametrize(("c_in", "c_out", "groups", "hw", "kernel", "padding"), [
+    (4, 48, 2, 7, 3, 1),  # 2 groups of 2 → 24 channels: torch's oneDNN gave codes off by 255
+    (2, 96, 2, 9, 3, 1),  # a depthwise conv with a channel multiplier of 48
+    (24, 48, 2, 7, 7, 3),
+    (6, 72, 3, 14, 5, 2),
+])
+def test_qconv2d_grouped_conv_torch_onednn_miscomputes_within_one_lsb(c_in, c_out, groups, hw, kernel, padding,
+                                                                      out_min, out_max):
+    gen = _gen(c_out + hw)
+    weight = torch.zeros(c_out, c_in // groups, kernel, kernel, dtype=torch.int8)
+    assert O.miscomputed_grouping(weight, groups)
+    x = _codes((2, c_in, hw, hw), gen)
+    _conv_and_add_within_one_lsb(x, c_out, (kernel, kernel), ([1, 1], [padding] * 2, [1, 1], groups), 100, out_min,
+                                 out_max, gen)
+
+
+def test_miscomputed_grouping_leaves_plain_convs_depthwise_and_pointwise_to_onednn():
+    assert not O.miscomputed_grouping(torch.zeros(8, 4, 3, 3), 1)  # not grouped
+    assert not O.miscomputed_grouping(torch.zeros(8, 1, 3, 3), 8)  # depthwise
+    assert not O.miscomputed_grouping(torch.zeros(48, 2, 1, 1), 2)  # grouped 1×1
+    assert O.miscomputed_grouping(torch.zeros(16, 1, 3, 3), 8)  # depthwise with a channel multiplier
+
+
 def test_qconv2d_add_rounds_once_and_stays_within_one_lsb_of_two_roundings():
     gen = _gen(3)
     x = _codes((2, 32, 6, 6), gen).contiguous(memory_format=torch.channels_last)
