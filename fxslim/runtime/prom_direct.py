@@ -92,6 +92,7 @@ class _Group:
 class _Value:
     def __init__(self, group: _Group, scale: float, zero_point: int) -> None:
         self.group, self.scale, self.zero_point = group, scale, zero_point
+        self.last_reader = -1  # position of the last node that reads this value (through any node naming it)
 
 
 def _scalar_memory(values: Tensor, keep: list) -> capi.Memory:
@@ -143,16 +144,25 @@ class _Plan:
             groups.append(_Group(shape, position))
             return _Value(groups[-1], scale, zero_point)
 
+        nodes = list(graph.nodes)
+        position_of = {node: i for i, node in enumerate(nodes)}
+        last_reader = {node: max((position_of[u] for u in node.users), default=-1) for node in nodes}
+
+        def name(node: fx.Node, value: _Value) -> None:
+            values[node] = value
+            value.last_reader = max(value.last_reader, last_reader[node])
+
         placeholders = 0
-        for position, node in enumerate(graph.nodes):
+        for position, node in enumerate(nodes):
             if node.op == "placeholder":
                 x = args[placeholders]
                 layout = _channels_last(x)
                 groups.append(_Group(tuple(x.shape), position, placeholders, layout))
-                values[node] = _Value(groups[-1], x.q_scale(), x.q_zero_point())
+                value = _Value(groups[-1], x.q_scale(), x.q_zero_point())
                 if not layout:  # reordered to channels_last by oneDNN (a few µs where ATen takes 75 at 224 px)
-                    source, values[node] = values[node], new_value(tuple(x.shape), position, x.q_scale(), x.q_zero_point())
-                    copies.append((len(convs_to_build), source, values[node]))
+                    source, value = value, new_value(tuple(x.shape), position, x.q_scale(), x.q_zero_point())
+                    copies.append((len(convs_to_build), source, value))
+                name(node, value)
                 placeholders += 1
             elif node.op == "get_attr":
                 continue
@@ -169,28 +179,29 @@ class _Plan:
                 accumulated = read(node.args[1], position) if add else None
                 if accumulated is None:
                     out = new_value(shape, position, out_scale, out_zero_point)
-                elif accumulated.group.input_index is not None or accumulated.group.last > position:
-                    out = new_value(shape, position, out_scale, out_zero_point)  # the skip copied in first
+                elif accumulated.group.input_index is not None or accumulated.last_reader > position:
+                    # an input, or read again later: the skip is copied into the output first
+                    out = new_value(shape, position, out_scale, out_zero_point)
                     copies.append((len(convs_to_build), accumulated, out))
                 else:
                     out = _Value(accumulated.group, out_scale, out_zero_point)  # in place
                 if out.group.shape != shape:
                     raise _Unsupported
-                values[node] = out
+                name(node, out)
                 relu = (_CONV_ADD if add else _CONV)[node.target] == "relu"
                 convs_to_build.append((x, out, weights, relu, accumulated))
             elif node.op == "call_method" and node.target == "clone":
                 source = read(node.args[0], position)
-                values[node] = new_value(source.group.shape, position, source.scale, source.zero_point)
+                name(node, new_value(source.group.shape, position, source.scale, source.zero_point))
                 copies.append((len(convs_to_build), source, values[node]))
             elif node.op == "call_function" and getattr(node.target, "__name__", "") == "widened_qtensor":
                 x = read(node.args[0], position)
                 kernel, stride, padding, dilation = node.args[1:5]
                 if conv_output_size(x.group.shape[3], kernel, stride, padding, dilation) == 1:
                     raise _Unsupported  # oneDNN miscomputes this shape
-                values[node] = x
+                name(node, x)
             elif node.op == "call_function" and getattr(node.target, "__name__", "") == "first_column":
-                values[node] = read(node.args[0], position)
+                name(node, read(node.args[0], position))
             else:
                 raise _Unsupported
         for value in outputs:

@@ -246,3 +246,29 @@ def test_direct_model_keeps_nan_per_sample_empty_batches_and_any_input_layout(mo
         strided = x[:2, :, ::2, ::3]
         assert torch.equal(direct(strided), direct(strided.contiguous()))
         assert torch.equal(direct(x[:2].contiguous(memory_format=torch.channels_last)), direct(x[:2]))
+
+
+def test_direct_skip_read_again_after_the_sum_is_copied_not_overwritten():
+    """A sum post-op accumulates in place only into a skip nothing reads later: here the skip v1 is
+    read again after the residual conv, so the plan copies it first (as a clone would)."""
+    gen = torch.Generator().manual_seed(4)
+    weights = {f"c{i}": _weights(8, 8, (1, 1), (1, 1), (0, 0), (1, 1), 1, gen) for i in range(4)}
+    conv, conv_add = QUANTIZED_CONV["none"], QUANTIZED_CONV_ADD["none"]
+
+    def segment(clone: bool) -> D.DirectSegment:
+        graph = fx.Graph()
+        x = graph.placeholder("x0")
+        c = {name: graph.get_attr(name) for name in weights}
+        v1 = graph.call_function(conv, (x, c["c0"], _SO, _ZO))
+        v2 = graph.call_function(conv, (v1, c["c1"], _SO, _ZO))
+        skip = graph.call_method("clone", (v1,), {"memory_format": torch.channels_last}) if clone else v1
+        v3 = graph.call_function(conv_add, (v2, skip, c["c2"], _SO, _ZO))
+        v4 = graph.call_function(conv, (v1, c["c3"], _SO, _ZO))
+        graph.output((v3, v4))
+        return D.DirectSegment(L.QuantizedSegment(graph, {k: w.pack() for k, w in weights.items()}, weights))
+
+    x = as_qtensor(torch.randint(0, 256, (2, 8, 5, 6), generator=gen, dtype=torch.int32).to(torch.uint8), _SX, _ZX)
+    reused, cloned = segment(clone=False), segment(clone=True)
+    out, ref = reused(x), cloned(x)
+    assert all(reused.planned.values()) and all(cloned.planned.values())
+    assert torch.equal(codes(out[0]), codes(ref[0])) and torch.equal(codes(out[1]), codes(ref[1]))
