@@ -144,6 +144,8 @@ def test_direct_mobilenet_v2_one_segment_close_to_aten_and_equal_slice_by_slice(
         sliced = micro_batched(fast, max_activation_bytes=3 << 20)
         assert torch.equal(sliced(x), out)
     assert segment.planned[(((6, 3, 224, 224),), (False,), 1)] and segment.planned[(((1, 3, 224, 224),), (False,), 1)]
+    # 52 convs and the input's reorder to channels_last: every residual accumulated in place, no copy
+    assert len(segment._plans[(((1, 3, 224, 224),), (False,), 1)].steps) == 53
 
 
 def test_direct_plans_per_shape_and_thread_count_least_recently_used_dropped(mobilenet, monkeypatch):
