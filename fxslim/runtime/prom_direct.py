@@ -16,9 +16,13 @@ so a call points the memory objects of the inputs and outputs at this call's ten
 ``dnnl_primitive_execute`` per conv, about 1 µs over the kernel.
 
 Values: the same arithmetic on oneDNN 3.2 instead of torch's oneDNN. The codes equal ATen's except
-rare ties in depthwise convs, 1 LSB apart (tests/runtime/test_prom_direct.py). A shape oneDNN
-miscomputes (a column stride above 1 with one output column, ``prom_onednn.one_column_widened``)
-runs the TorchScript segment. Calls are serialised by a lock: a plan's buffers serve one call at a time.
+rare ties in depthwise convs, 1 LSB apart (tests/runtime/test_prom_direct.py), and where torch's
+oneDNN is wrong and 3.2 is not: one output column at a column stride above 1 (which the ATen
+segment widens the input for, ``prom_onednn.one_column_widened``) and some grouped convs
+(``prom_onednn.miscomputed_grouping``, which the lowering gives to direct segments only). A run
+the plan cannot take (an unknown op, a geometry this oneDNN refuses) runs the TorchScript segment,
+unless it holds such a grouped conv: then the call raises, naming ``lower(..., direct=False)``,
+which computes those exactly. Calls are serialised by a lock: a plan's buffers serve one call at a time.
 """
 
 from __future__ import annotations
@@ -51,6 +55,8 @@ class DirectSegment(nn.Module):
     def __init__(self, fallback: nn.Module) -> None:
         super().__init__()
         self.fallback = fallback
+        # the fallback's ATen convs would get these wrong
+        self.needs_plan = any(prom_onednn.miscomputed_grouping(w.weight, w.groups) for w in fallback.weights.values())
         self.__dict__["_plans"] = collections.OrderedDict()
         self.__dict__["_lock"] = threading.Lock()
 
@@ -73,6 +79,11 @@ class DirectSegment(nn.Module):
                 self._plans.move_to_end(key)
             if plan is not None:
                 return plan.run(args)
+        if self.needs_plan:
+            raise RuntimeError(
+                f"PROM direct runtime: a run of convs could not be planned at input shapes {[tuple(a.shape) for a in args]}, "
+                "and it holds grouped convs that ATen's quantized convs get wrong; lower the model with "
+                "prom_lowered.lower(model, direct=False), which computes them exactly")
         return self.fallback(*args)
 
 
@@ -114,7 +125,7 @@ class _Plan:
     @classmethod
     def build(cls, graph: fx.Graph, convs: dict[str, prom_onednn.ConvWeights], args: tuple[Tensor, ...]) -> _Plan | None:
         """The plan of ``graph`` (a ``QuantizedSegment``'s) for ``args``, or None where it must run as
-        TorchScript (a shape oneDNN miscomputes, an op the plan does not know)."""
+        TorchScript (an op the plan does not know, a geometry this oneDNN refuses)."""
         if not capi.available() or any(a.dtype != torch.quint8 or a.dim() != 4 for a in args):
             return None
         try:
@@ -195,11 +206,8 @@ class _Plan:
                 name(node, new_value(source.group.shape, position, source.scale, source.zero_point))
                 copies.append((len(convs_to_build), source, values[node]))
             elif node.op == "call_function" and getattr(node.target, "__name__", "") == "widened_qtensor":
-                x = read(node.args[0], position)
-                kernel, stride, padding, dilation = node.args[1:5]
-                if conv_output_size(x.group.shape[3], kernel, stride, padding, dilation) == 1:
-                    raise _Unsupported  # oneDNN miscomputes this shape
-                name(node, x)
+                # torch's oneDNN needs the input widened at one output column; oneDNN 3.2 does not (tests)
+                name(node, read(node.args[0], position))
             elif node.op == "call_function" and getattr(node.target, "__name__", "") == "first_column":
                 name(node, read(node.args[0], position))
             else:

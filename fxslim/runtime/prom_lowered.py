@@ -202,9 +202,6 @@ class _Lowering:
         if not any_size:
             self.count("kept:input_size_checked")  # a small enough input gives no output pixel: the op checks
             return
-        if prom_onednn.miscomputed_grouping(weight, a["groups"]):
-            self.count("kept:grouped_conv")  # torch's oneDNN gets some of these wrong: the op computes them exactly
-            return
         if prom_onednn.may_pad_explicitly(weight, padding, dilation):
             self.count("kept:explicit_padding")  # the op pads explicitly, per input size, what oneDNN gets wrong
             return
@@ -215,6 +212,11 @@ class _Lowering:
             # one output column at a column stride above 1 needs the input widened (prom_onednn.one_column_widened):
             # the op does it, a QTensor conv gets guards in quantized_conv
             self.count("kept:column_stride")
+            return
+        if prom_onednn.miscomputed_grouping(weight, a["groups"]) and not (self.direct and attr in _QCONV):
+            # torch's oneDNN gets some of these wrong: the op computes them exactly; a direct segment runs them on
+            # oneDNN's own library, which gets them right
+            self.count("kept:grouped_conv")
             return
         if attr in _QCONV:
             pack = prom_onednn.ConvWeights(weight, w_scale, bias, tuple(stride), tuple(padding), tuple(dilation), a["groups"])

@@ -60,9 +60,9 @@ def _weights(c_in, c_out, kernel, stride, padding, dilation, groups, gen) -> Con
     return ConvWeights(weight, w_scale, bias, tuple(stride), tuple(padding), dilation, groups)
 
 
-def _check_conv(n, c_in, h, w, weights: ConvWeights, gen) -> float:
+def _check_conv(n, c_in, h, w, weights: ConvWeights, gen, aten_right: bool = True) -> float:
     """Each of conv, conv + ReLU, conv + skip, conv + skip + ReLU: the direct codes within 1 LSB of
-    the float model and of ATen's; returns the fraction equal to ATen's."""
+    the float model and (``aten_right``) of ATen's; returns the fraction equal to ATen's."""
     x = torch.randint(0, 256, (n, c_in, h, w), generator=gen, dtype=torch.int32).to(torch.uint8)
     qx = as_qtensor(x, _SX, _ZX)
     real_w = weights.weight.double() * weights.w_scale.double().view(-1, 1, 1, 1)
@@ -85,7 +85,7 @@ def _check_conv(n, c_in, h, w, weights: ConvWeights, gen) -> float:
             floating = R.quantize_float_reference(total, _SO, _ZO, _ZO if relu else 0, 255)
             ours = codes(out).int()
             assert (ours - floating.int()).abs().max() <= 1
-            assert (ours - codes(ref).int()).abs().max() <= 1
+            assert not aten_right or (ours - codes(ref).int()).abs().max() <= 1
             equal.append(float((ours == codes(ref).int()).float().mean()))
     return min(equal)
 
@@ -96,9 +96,10 @@ def test_direct_conv_within_one_lsb_of_float_model_and_aten_on_random_geometries
     g = geometry
     gen = torch.Generator().manual_seed(seed)
     weights = _weights(g.c_in, g.c_out, g.kernel, g.stride, g.padding, g.dilation, g.groups, gen)
-    if weights.stride[1] > 1 and conv_output_size(g.w, g.kernel[1], g.stride[1], g.padding[1], weights.dilation[1]) == 1:
-        return  # the lowering guards this shape (test_direct_one_output_column_at_a_column_stride_runs_torchscript)
-    _check_conv(g.n, g.c_in, g.h, g.w, weights, gen)
+    # ATen's conv gets one output column at a column stride above 1 wrong (its segment widens the input)
+    one_column = weights.stride[1] > 1 and conv_output_size(g.w, g.kernel[1], g.stride[1], g.padding[1],
+                                                             weights.dilation[1]) == 1
+    _check_conv(g.n, g.c_in, g.h, g.w, weights, gen, aten_right=not one_column)
 
 
 @pytest.mark.parametrize(("c_in", "c_out", "hw", "kernel", "stride", "groups"), [
@@ -115,6 +116,15 @@ def test_direct_conv_on_mobilenet_v2_layer_shapes_within_one_lsb_and_mostly_equa
     gen = torch.Generator().manual_seed(c_in * c_out + hw)
     weights = _weights(c_in, c_out, (kernel, kernel), (stride, stride), (kernel // 2,) * 2, (1, 1), groups, gen)
     assert _check_conv(1, c_in, hw, hw, weights, gen) >= 0.999
+
+
+@pytest.mark.parametrize(("c_in", "c_out", "groups", "hw", "kernel"), [
+    (4, 48, 2, 7, 3), (2, 96, 2, 9, 3), (24, 48, 2, 7, 7), (6, 72, 3, 14, 5),
+])
+def test_direct_grouped_convs_torch_onednn_miscomputes_within_one_lsb(c_in, c_out, groups, hw, kernel):
+    gen = torch.Generator().manual_seed(c_out + hw)
+    weights = _weights(c_in, c_out, (kernel, kernel), (1, 1), (kernel // 2,) * 2, (1, 1), groups, gen)
+    _check_conv(2, c_in, hw, hw, weights, gen, aten_right=False)
 
 
 @pytest.fixture(scope="module")
@@ -166,15 +176,17 @@ def test_direct_plans_per_shape_and_thread_count_least_recently_used_dropped(mob
     assert len(segment.planned) == 2 and (((1, 3, 224, 224),), (False,), 1) in segment.planned
 
 
-def test_direct_one_output_column_at_a_column_stride_runs_torchscript(mobilenet):
-    """oneDNN miscomputes a conv with one output column at a column stride above 1: at such a width
-    the segment runs its TorchScript copy (ATen, guarded), whose values it then equals."""
-    x, _, direct, aten = mobilenet
+def test_direct_one_output_column_at_a_column_stride_runs_as_primitives(mobilenet):
+    """torch's oneDNN miscomputes a conv with one output column at a column stride above 1 (the ATen
+    segment widens its input); oneDNN 3.2 does not, so the plan runs that width as it is."""
+    x, fast, direct, aten = mobilenet
     narrow = x[:1, :, :64, :9].contiguous()  # MobileNetV2's fourth stride-2 conv gets one column
     (segment,) = _direct_segments(direct)
+    scale = fast.graph.find_nodes(op="call_function", target=torch.ops.fxslim.dequantize.default)[0].args[1]
     with torch.no_grad():
-        assert torch.equal(direct(narrow), aten(narrow))
-    assert segment.planned[(((1, 3, 64, 9),), (False,), 1)] is False
+        out, ref = direct(narrow), aten(narrow)
+    assert segment.planned[(((1, 3, 64, 9),), (False,), 1)] is True
+    assert ((out - ref).abs() / scale).max() <= 4.01 and torch.equal(out.argmax(1), ref.argmax(1))
 
 
 def test_direct_input_not_channels_last_gives_the_same_codes():
@@ -274,3 +286,20 @@ def test_direct_skip_read_again_after_the_sum_is_copied_not_overwritten():
     out, ref = reused(x), cloned(x)
     assert all(reused.planned.values()) and all(cloned.planned.values())
     assert torch.equal(codes(out[0]), codes(ref[0])) and torch.equal(codes(out[1]), codes(ref[1]))
+
+
+def test_direct_run_with_a_grouped_conv_refuses_the_aten_fallback(monkeypatch):
+    """ATen's convs get some grouped convs wrong: a run holding one that cannot be planned raises,
+    naming the exact lowering, rather than fall back to them."""
+    gen = torch.Generator().manual_seed(2)
+    weights = _weights(4, 48, (3, 3), (1, 1), (1, 1), (1, 1), 2, gen)
+    _, direct = _one_conv(weights, relu=False, add=False)
+    assert direct.needs_plan
+
+    def refuse(*args, **kwargs):
+        raise capi.OneDNNError("oneDNN convolution descriptor failed with status 3")
+
+    monkeypatch.setattr(capi.ConvolutionDesc, "__init__", refuse)
+    qx = as_qtensor(torch.randint(0, 256, (1, 4, 7, 7), generator=gen, dtype=torch.int32).to(torch.uint8), _SX, _ZX)
+    with pytest.raises(RuntimeError, match=r"direct=False"):
+        direct(qx)
