@@ -303,3 +303,11 @@ def test_direct_run_with_a_grouped_conv_refuses_the_aten_fallback(monkeypatch):
     qx = as_qtensor(torch.randint(0, 256, (1, 4, 7, 7), generator=gen, dtype=torch.int32).to(torch.uint8), _SX, _ZX)
     with pytest.raises(RuntimeError, match=r"direct=False"):
         direct(qx)
+
+
+def test_micro_batched_direct_false_runs_aten_convs(mobilenet):
+    x, fast, _, aten = mobilenet
+    sliced = micro_batched(fast, direct=False)
+    assert not _direct_segments(sliced.runner) and _direct_segments(micro_batched(fast).runner)
+    with torch.no_grad():
+        assert torch.equal(sliced(x[:2]), aten(x[:2]))
