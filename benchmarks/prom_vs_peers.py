@@ -12,8 +12,9 @@ torchvision mobilenet_v2 (weights=None, BN statistics estimated on the six sciki
 - PROM integer: ``convert(qat, runtime="onednn")`` (fused u8 oneDNN convs), ``micro_batched``
   (which runs the graph lowered to direct calls, ``prom_lowered``, its convs as oneDNN primitives
   through oneDNN's C library when the ``onednn`` extra is installed, ``prom_direct``), eager and under
-  ``torch.compile(backend="fxslim")`` (whose backend lowers it the same way). PROM's model is post-training calibrated
-  here, not QAT-trained: speed does not depend on the weights.
+  ``torch.compile(backend="fxslim")`` (whose backend lowers it the same way); and eager with
+  ``micro_batched(..., direct=False)``, its convs as ATen's quantized convs (faster at batch 32).
+  PROM's model is post-training calibrated here, not QAT-trained: speed does not depend on the weights.
 
 Each (batch, threads) runs in its own process (inductor bakes the thread count in; ORT and
 OpenVINO set theirs at session creation); within it every round runs each variant once, in an
@@ -48,16 +49,16 @@ from benchmarks.command import command_line
 from benchmarks.records import RESULTS, Results, Section, Table, write
 from fxslim.app.timing import interleaved_samples, paired_ratio
 
-__all__ = ["PEERS", "INT8_PEERS", "measure", "results", "run", "main"]
+__all__ = ["PEERS", "INT8_PEERS", "PROM_VARIANTS", "measure", "results", "run", "main"]
 PEERS = ("PT2E int8 + compile", "ONNX Runtime int8")  # the target: PROM >= 1.0x these at 1 thread
 INT8_PEERS = (*PEERS, "OpenVINO + NNCF int8")  # every int8 stack timed beside PROM
-_PROM = ("PROM integer", "PROM integer compiled")
+PROM_VARIANTS = ("PROM integer", "PROM integer compiled", "PROM integer, ATen convs")
 STEADY_CALLS = 10  # back-to-back calls per turn in the steady-state rounds (batch 1 only)
 _PACKAGES = ("torch", "torchao", "onnx", "onnxscript", "onnxruntime", "openvino", "nncf", "onednn-cpu-gomp")
 
 
-def _prom_models(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, nn.Module, nn.Module]:
-    """(fake-quant model, integer model eager, integer model compiled)."""
+def _prom_models(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, nn.Module, nn.Module, nn.Module]:
+    """(fake-quant model, integer model eager, integer model compiled, integer model eager on ATen's convs)."""
     from fxslim.api import prepare
     from fxslim.passes.prom import calibrate
     from fxslim.passes.prom_batching import micro_batched
@@ -67,7 +68,7 @@ def _prom_models(model: nn.Module, images: torch.Tensor) -> tuple[nn.Module, nn.
     eager = micro_batched(convert(qat, runtime="onednn"))
     wrapper = type("PromCompiled", (nn.Module,), {"forward": lambda self, x: self.inner(x)})()
     wrapper.inner = eager
-    return qat.eval(), eager, torch.compile(wrapper, backend="fxslim")
+    return qat.eval(), eager, torch.compile(wrapper, backend="fxslim"), micro_batched(eager.module, direct=False)
 
 
 def _variants(batch: int) -> tuple[dict[str, Callable[[], object]], dict[str, str], dict[str, torch.Tensor]]:
@@ -89,10 +90,10 @@ def _variants(batch: int) -> tuple[dict[str, Callable[[], object]], dict[str, st
             fns[name] = build(model, x, calibration)
         except prom_peers.PeerUnavailable as error:
             skipped[name] = str(error)
-    qat, eager, compiled = _prom_models(model, images)
-    fns[_PROM[0]], fns[_PROM[1]] = (lambda: eager(x)), (lambda: compiled(x))
+    qat, eager, compiled, aten = _prom_models(model, images)
+    fns.update(zip(PROM_VARIANTS, (lambda: eager(x), lambda: compiled(x), lambda: aten(x)), strict=True))
     fp32, fake_quant = model(x), qat(x)
-    return fns, skipped, {name: fake_quant if name in _PROM else fp32 for name in fns}
+    return fns, skipped, {name: fake_quant if name in PROM_VARIANTS else fp32 for name in fns}
 
 
 def _logits(out: object) -> torch.Tensor:
@@ -127,7 +128,7 @@ def measure(batch: int, threads: int, rounds: int) -> dict:
 def _summary(samples: dict[str, list[float]]) -> dict:
     """Medians (ms) and PROM's paired speed ratios against every variant."""
     return {"median_ms": {name: 1e3 * statistics.median(t) for name, t in samples.items()},
-            "ratio": {prom: {name: paired_ratio(samples[name], samples[prom]) for name in samples} for prom in _PROM}}
+            "ratio": {prom: {name: paired_ratio(samples[name], samples[prom]) for name in samples} for prom in PROM_VARIANTS}}
 
 
 def _cpu() -> str:
@@ -172,7 +173,7 @@ def results(records: list[dict], command: str) -> Results:
         f"order shuffled per round, one call each (caches cold after the other variants); medians in ms per batch ({', '.join(str(r['rounds']) for r in records)} rounds; - : skipped). PROM's "
         f"model is calibrated, not trained (speed does not depend on the weights); {_prom_runtime()}. The machine "
         "is shared: compare within a column."], table=times)]
-    for prom in _PROM:
+    for prom in PROM_VARIANTS:
         rows = [[name, *(r["ratio"][prom].get(name) for r in records)] for name in names if name != prom]
         sections.append(Section(
             text=[f"{prom}: speed relative to each variant (median of per-round peer time / {prom} time; > 1: PROM "
@@ -181,14 +182,14 @@ def results(records: list[dict], command: str) -> Results:
     if steady:
         columns = [f"batch {r['batch']}, {r['threads']} thr" for r in steady]
         rows = [[name, *(r["steady"]["median_ms"].get(name) for r in steady),
-                 *(r["steady"]["ratio"][prom].get(name) for prom in _PROM for r in steady)] for name in names]
+                 *(r["steady"]["ratio"][prom].get(name) for prom in PROM_VARIANTS for r in steady)] for name in names]
         sections.append(Section(
             text=[f"Steady state: each turn one untimed call, then the mean of {STEADY_CALLS} calls back to back "
                   f"({', '.join(str(r['rounds']) for r in steady)} rounds, order shuffled per round); ms, and each "
                   "PROM variant's speed relative to the row (> 1: PROM faster):"],
             table=Table(["variant", *[f"ms, {c}" for c in columns],
-                         *[f"{prom} vs row, {c}" for prom in _PROM for c in columns]], rows,
-                        ["", *[".2f"] * len(columns), *[".2f}×"] * (len(_PROM) * len(columns))])))
+                         *[f"{prom} vs row, {c}" for prom in PROM_VARIANTS for c in columns]], rows,
+                        ["", *[".2f"] * len(columns), *[".2f}×"] * (len(PROM_VARIANTS) * len(columns))])))
     errors = [[name, *(r["logit_error"].get(name) for r in records)] for name in names]
     sections.append(Section(
         text=["Relative logit error ‖y − y_ref‖/‖y_ref‖ on the timed batch, a sanity check of each model: y_ref is "
@@ -212,7 +213,7 @@ def _verdicts(records: list[dict]) -> list[str]:
             for label, summary in (("single calls", r), ("steady state", r.get("steady"))):
                 if summary is None:
                     continue
-                best = max(summary["ratio"][p][peer] for p in _PROM)
+                best = max(summary["ratio"][p][peer] for p in PROM_VARIANTS)
                 verdict = ("met" if best >= 1.0 else "NOT met") if peer in PEERS else "stretch, not a target"
                 lines.append(f"- batch {r['batch']} vs {peer}, {label}: best PROM variant {best:.3f}× — {verdict}")
     for r in records:
