@@ -150,6 +150,7 @@ class _Handle:
     """A oneDNN handle freed by ``_destroy`` when this object is collected."""
 
     _destroy = ""
+    handle = _p()  # until a constructor's oneDNN call succeeds
 
     def __init__(self, handle: _p) -> None:
         self.handle = handle

@@ -88,8 +88,11 @@ def test_haste_conv2d_each_sample_alone_equals_it_in_the_batch(case):
     case = case | {"n": max(case["n"], 2), "dtype": torch.float32}
     x, weight, bias, planes = _inputs(case)
     batch = _run(case, x, weight, bias, planes)
+    # float32 sums in another order (the GEMMs block the batch differently): a tolerance scaled to the
+    # outputs, as in the reference test above; samples sharing buckets would differ by whole terms
+    tol = 1e-5 * float(batch.abs().max().clamp(min=1.0))
     for i in range(case["n"]):  # batch size 1 gives the same rows: samples never share buckets
-        torch.testing.assert_close(_run(case, x[i:i + 1], weight, bias, planes), batch[i:i + 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(_run(case, x[i:i + 1], weight, bias, planes), batch[i:i + 1], rtol=0, atol=tol)
 
 
 @settings(max_examples=20, deadline=None)
