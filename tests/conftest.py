@@ -1,12 +1,18 @@
-"""Shared test setup: one torch thread per xdist worker (the suite runs on 2 cores)."""
+"""Shared test setup: one torch thread per xdist worker (the suite runs on 2 cores), and the
+hypothesis profile ``HYPOTHESIS_PROFILE`` names: ``ci`` (what .ci/run uses) draws the same examples
+on every run, so CI passes or fails on the code, not on the draw; the default draws new ones."""
 
 import os
 
 import pytest
 import torch
+from hypothesis import settings
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
+
+settings.register_profile("ci", derandomize=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
 
 
 @pytest.fixture(autouse=True)
