@@ -98,7 +98,7 @@ def _declare(lib: ctypes.CDLL) -> None:
                  "dnnl_convolution_forward_primitive_desc_create", "dnnl_reorder_primitive_desc_create",
                  "dnnl_primitive_desc_destroy", "dnnl_primitive_desc_query", "dnnl_primitive_create",
                  "dnnl_primitive_destroy", "dnnl_memory_create", "dnnl_memory_destroy", "dnnl_memory_set_data_handle",
-                 "dnnl_memory_desc_clone", "dnnl_memory_desc_equal"):
+                 "dnnl_memory_desc_clone", "dnnl_memory_desc_equal", "dnnl_primitive_desc_next_impl"):
         getattr(lib, name).restype = ctypes.c_int
     lib.dnnl_primitive_execute.restype = ctypes.c_int
     lib.dnnl_primitive_execute.argtypes = [_p, _p, ctypes.c_int, _p]
@@ -233,6 +233,11 @@ class _PrimitiveDesc(_Handle):
         name = ctypes.c_char_p()
         _check(library().dnnl_primitive_desc_query(self.handle, _QUERY_IMPL_INFO, 0, ctypes.byref(name)), "query")
         return (name.value or b"").decode()
+
+    def skip(self, implementations: tuple[str, ...]) -> None:
+        """Move on to the next implementation oneDNN offers while the current one is in ``implementations``."""
+        while self.implementation in implementations:
+            _check(library().dnnl_primitive_desc_next_impl(self.handle), "next implementation")
 
     def primitive(self) -> Primitive:
         handle = _p()

@@ -40,10 +40,13 @@ from fxslim.runtime import onednn_capi as capi
 from fxslim.runtime import prom_onednn
 from fxslim.runtime.prom import conv_output_size
 
-__all__ = ["DirectSegment", "PLANS"]
+__all__ = ["DirectSegment", "PLANS", "AVOIDED"]
 
 _log = logging.getLogger(__name__)
 
+# Implementations that write past their output: oneDNN 3.2's AMX 1×1 kernel writes whole blocks of 16
+# pixels (96 → 40 channels on a 6×6 input: 480 bytes past the end of dst, corrupting the heap)
+AVOIDED = ("jit_1x1:avx512_core_amx",)
 PLANS = 4  # input shapes (and layouts, thread counts) a segment keeps a plan for; the least recently used goes
 _CONV = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV.items()}
 _CONV_ADD = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV_ADD.items()}
@@ -121,6 +124,7 @@ class _Plan:
         self.outputs: list[int] = []  # index into the call's fresh tensors, per output of the run
         self.steps: list[tuple[int, int, ctypes.Array]] = []  # (primitive handle, number of args, args)
         self.keep: list[object] = []  # what the steps' raw pointers point into
+        self.implementations: list[str] = []  # oneDNN's implementation of each conv
 
     @classmethod
     def build(cls, graph: fx.Graph, convs: dict[str, prom_onednn.ConvWeights], args: tuple[Tensor, ...]) -> _Plan | None:
@@ -286,6 +290,8 @@ class _Plan:
         attr = capi.conv_attr(mask, sum_post_op, relu)
         desc = capi.ConvolutionDesc(x.group.desc, capi.MemoryDesc(shape, capi.S8, None), bias_desc, out.group.desc,
                                     w.stride, w.padding, w.dilation, attr)
+        desc.skip(AVOIDED)
+        self.implementations.append(desc.implementation)
         packed_desc = desc.weights_desc
         packed = torch.empty(packed_desc.size, dtype=torch.uint8)
         source, target = capi.Memory(plain, weight.data_ptr()), capi.Memory(packed_desc, packed.data_ptr())
