@@ -16,13 +16,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-__all__ = ["PeerUnavailable", "fp32_compiled", "pt2e_int8", "onnx_export", "ort_int8", "openvino_int8"]
+__all__ = ["PeerUnavailable", "fp32_compiled", "pt2e_int8", "onnx_export", "ort_int8", "openvino_int8", "logits"]
 
 _TMP = Path(tempfile.mkdtemp(prefix="prom_vs_peers_"))
 
 
 class PeerUnavailable(RuntimeError):
     """A peer cannot run here (its package is not installed, or it has no CPU backend)."""
+
+
+def logits(out: object) -> torch.Tensor:
+    """The logits tensor of any variant's output (ORT: list of arrays, OpenVINO: result dict)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    first = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))
+    return torch.as_tensor(first)
 
 
 def _compiled(model: nn.Module, wrapper_name: str) -> nn.Module:

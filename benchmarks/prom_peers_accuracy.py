@@ -41,14 +41,6 @@ _PEERS: dict[str, Callable] = {"PT2E int8 + compile": prom_peers.pt2e_int8, "ONN
                                "OpenVINO + NNCF int8": prom_peers.openvino_int8}
 
 
-def _logits(out: object) -> torch.Tensor:
-    """The logits of any peer's output (ORT: list of arrays, OpenVINO: result dict)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    first = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))
-    return torch.as_tensor(first)
-
-
 def run(args: argparse.Namespace, command: str = "python -m benchmarks.prom_peers_accuracy") -> Results:
     torch.set_num_threads(args.threads)
     split = mnist_5k()
@@ -76,7 +68,7 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.prom_peer
             except prom_peers.PeerUnavailable as error:
                 row(name, None, f"skipped: {error}")
                 continue
-            row(f"{name} (PTQ)", _logits(infer()))
+            row(f"{name} (PTQ)", prom_peers.logits(infer()))
 
     example = x[:2]
     ptq = calibrate(prepare(model, example), list(calibration.split(250)))

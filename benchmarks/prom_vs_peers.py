@@ -96,14 +96,6 @@ def _variants(batch: int) -> tuple[dict[str, Callable[[], object]], dict[str, st
     return fns, skipped, {name: fake_quant if name in PROM_VARIANTS else fp32 for name in fns}
 
 
-def _logits(out: object) -> torch.Tensor:
-    """The logits tensor of any variant's output (ORT: list of arrays, OpenVINO: result dict)."""
-    if isinstance(out, torch.Tensor):
-        return out
-    first = out[0] if isinstance(out, (list, tuple)) else next(iter(out.values()))
-    return torch.as_tensor(first)
-
-
 def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
     """‖logits − reference‖ / ‖reference‖ over the batch."""
     return float((logits.float() - reference).norm() / reference.norm())
@@ -115,7 +107,7 @@ def measure(batch: int, threads: int, rounds: int) -> dict:
     load_before = os.getloadavg()[0]
     with torch.no_grad():
         fns, skipped, references = _variants(batch)
-        errors = {name: _relative_error(_logits(fn()), references[name]) for name, fn in fns.items()}
+        errors = {name: _relative_error(prom_peers.logits(fn()), references[name]) for name, fn in fns.items()}
         samples = interleaved_samples(fns, rounds, shuffle=True)
         steady = interleaved_samples(fns, rounds, warm_up=False, shuffle=True, calls=STEADY_CALLS) if batch == 1 else None
     record = {"batch": batch, "threads": threads, "rounds": rounds, "skipped": skipped, **_summary(samples),

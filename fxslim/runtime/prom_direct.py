@@ -109,6 +109,11 @@ class _Value:
         self.last_reader = -1  # position of the last node that reads this value (through any node naming it)
 
 
+def _exec_args(memories: list[tuple[int, capi.Memory]]) -> ctypes.Array:
+    """dnnl_exec_arg_t array of (argument index, memory object) pairs."""
+    return (capi.ExecArg * len(memories))(*(capi.ExecArg(arg, memory.handle) for arg, memory in memories))
+
+
 def _scalar_memory(values: Tensor, keep: list) -> capi.Memory:
     keep.append(values)
     return capi.Memory(capi.MemoryDesc(values.shape, capi.F32 if values.is_floating_point() else capi.S32, (1,)),
@@ -124,7 +129,6 @@ class _Plan:
         self.outputs: list[int] = []  # index into the call's fresh tensors, per output of the run
         self.steps: list[tuple[int, int, ctypes.Array]] = []  # (primitive handle, number of args, args)
         self.keep: list[object] = []  # what the steps' raw pointers point into
-        self.implementations: list[str] = []  # oneDNN's implementation of each conv
 
     @classmethod
     def build(cls, graph: fx.Graph, convs: dict[str, prom_onednn.ConvWeights], args: tuple[Tensor, ...]) -> _Plan | None:
@@ -264,14 +268,11 @@ class _Plan:
         pending = collections.deque(sorted(copies, key=lambda c: c[0]))
         for index, (primitive, scratch_desc, memories) in enumerate(built):
             while pending and pending[0][0] == index:
-                _, source, target = pending.popleft()
-                self._step(capi.reorder(source.group.desc, target.group.desc),
-                           [(capi.ARG_SRC, source.group.memory), (capi.ARG_DST, target.group.memory)])
+                self._copy(*pending.popleft()[1:])
             scratch = capi.Memory(scratch_desc, buffer.data_ptr())
             self._step(primitive, [*memories, (capi.ARG_SCRATCHPAD, scratch)])
         for _, source, target in pending:  # copies after the last conv
-            self._step(capi.reorder(source.group.desc, target.group.desc),
-                       [(capi.ARG_SRC, source.group.memory), (capi.ARG_DST, target.group.memory)])
+            self._copy(source, target)
 
     def _convolution(self, x: _Value, out: _Value, w: prom_onednn.ConvWeights, relu: bool,
                      accumulated: _Value | None) -> tuple[capi.Primitive, capi.MemoryDesc, list]:
@@ -291,11 +292,10 @@ class _Plan:
         desc = capi.ConvolutionDesc(x.group.desc, capi.MemoryDesc(shape, capi.S8, None), bias_desc, out.group.desc,
                                     w.stride, w.padding, w.dilation, attr)
         desc.skip(AVOIDED)
-        self.implementations.append(desc.implementation)
         packed_desc = desc.weights_desc
         packed = torch.empty(packed_desc.size, dtype=torch.uint8)
         source, target = capi.Memory(plain, weight.data_ptr()), capi.Memory(packed_desc, packed.data_ptr())
-        self._execute_now(capi.reorder(plain, packed_desc), [(capi.ARG_SRC, source), (capi.ARG_DST, target)])
+        capi.execute(capi.reorder(plain, packed_desc), _exec_args([(capi.ARG_SRC, source), (capi.ARG_DST, target)]))
         keep = self.keep
         keep += [packed, bias]
         memories = [
@@ -310,12 +310,14 @@ class _Plan:
         return desc.primitive(), desc.scratchpad_desc, memories
 
     def _step(self, primitive: capi.Primitive, memories: list[tuple[int, capi.Memory]]) -> None:
-        array = (capi.ExecArg * len(memories))(*(capi.ExecArg(arg, memory.handle) for arg, memory in memories))
+        array = _exec_args(memories)
         self.keep += [primitive, array, *(m for _, m in memories)]
         self.steps.append((primitive.handle.value, len(memories), array))
 
-    def _execute_now(self, primitive: capi.Primitive, memories: list[tuple[int, capi.Memory]]) -> None:
-        capi.execute(primitive, (capi.ExecArg * len(memories))(*(capi.ExecArg(a, m.handle) for a, m in memories)))
+    def _copy(self, source: _Value, target: _Value) -> None:
+        """A step copying ``source``'s codes into ``target``'s buffer (reordered to its layout)."""
+        self._step(capi.reorder(source.group.desc, target.group.desc),
+                   [(capi.ARG_SRC, source.group.memory), (capi.ARG_DST, target.group.memory)])
 
     def run(self, args: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
         alive = []
