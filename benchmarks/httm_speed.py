@@ -43,6 +43,7 @@ from fxslim.app.timing import interleaved_samples, paired_ratio, round_ratios
 from fxslim.cost_model.formulas.httm import httm_counts
 from fxslim.models.multiview import camera_sequence
 from fxslim.models.vggt import vggt_small
+from fxslim.runtime import httm_native
 from fxslim.runtime.httm import httm_apply_plan, httm_layout, httm_match, httm_plan
 
 __all__ = ["run", "main"]
@@ -73,6 +74,13 @@ def _counted_flops(fn, frames: int) -> int:
     return counter.get_total_flops()
 
 
+def _without_kernels(fn):
+    def run():
+        with httm_native.disabled():
+            return fn()
+    return run
+
+
 def _layer(frames: int, repeats: int) -> tuple[Section, dict[str, list[float]]]:
     q, k, v = _qkv(frames)
     plan = httm_plan(q, k, frames, P)
@@ -86,6 +94,7 @@ def _layer(frames: int, repeats: int) -> tuple[Section, dict[str, list[float]]]:
         "HTTM global (matching over the whole sequence)": ("global", lambda: _OP(q, k, v, frames, P, mode="global")),
         "HTTM head-wise + proportional attention": (
             "headwise", lambda: _OP(q, k, v, frames, P, proportional_attention=True)),
+        "HTTM head-wise, ATen only (no native kernels)": ("headwise", _without_kernels(lambda: _OP(q, k, v, frames, P))),
         "- plan: matching + outlier filtering": (None, lambda: httm_plan(q, k, frames, P)),
         "- matching Q and K only": (None, lambda: (httm_match(q, q_layout), httm_match(k, kv_layout))),
         "- apply: merge + attention + unmerge": (None, lambda: httm_apply_plan(q, k, v, plan)),
@@ -284,7 +293,8 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.httm_spee
     speedup = paired_ratio(layer_samples["dense SDPA"], layer_samples["HTTM head-wise (paper defaults)"])
     intro = Section(text=[
         f"{platform.machine()}, CPU dispatch level {torch.backends.cpu.get_cpu_capability()} "
-        f"(torch.backends.cpu.get_cpu_capability()), {args.threads} thread(s), {args.repeats} interleaved "
+        f"(torch.backends.cpu.get_cpu_capability()); HTTM's native kernels: {httm_native.status()}; "
+        f"{args.threads} thread(s), {args.repeats} interleaved "
         f"repeats{f' ({args.model_repeats} for the whole model)' if args.model_frames else ''}, medians; "
         f"load average {load:.1f} at start (shared machine: compare ratios, not absolute times).",
         "",

@@ -39,6 +39,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxslim.runtime import httm_native, memory
+
 __all__ = [
     "MODES",
     "DST_RULES",
@@ -59,6 +61,11 @@ DST_RULES = ("strided", "random")
 # costs a trip to memory), while each chunk still holds enough rows for the GEMM to run at speed.
 _SCORE_FLOATS = 1 << 20
 _MIN_ROWS = 32  # fewer source rows per GEMM than this and its fixed costs dominate
+# bfloat16 scores per chunk when screening (8 MB): ATen's bfloat16 GEMM runs 1.5x faster on a whole
+# block's sources (2,688 x 1,152 scores at 32 frames) than on 1 MB slices of them, and the kernel
+# that reads the scores is as fast either way (measured)
+_SCREEN_SCORES = 1 << 22
+_NORMALIZE_EPS = 1e-12  # F.normalize's default
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -257,8 +264,12 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     if rows_x.numel():
         low, high = torch.aminmax(rows_x)
         clean = not bool(torch.maximum(-low, high) < torch.finfo(rows_x.dtype).max / max(d, 1))
+    screen = httm_native.bf16_screen() if rows_x.dtype == torch.float32 and rows_x.device.type == "cpu" and not clean else None
     for cls in layout.classes if b * h else ():
-        _match_class(rows_x, cls, slot, clean)
+        if screen is None:
+            _match_class(rows_x, cls, slot, clean)
+        else:
+            _match_class_screened(rows_x, cls, slot, screen)
     return slot.view(b, h, n)
 
 
@@ -301,15 +312,66 @@ def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor, clean: bool) -> None
     slot.index_copy_(1, cls.src.to(x.device).reshape(-1), chosen.view(e, nb * ns))
 
 
+def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: httm_native.Screen) -> None:
+    """``_match_class`` for finite float32 features on the CPU, through bfloat16 scores: per chunk,
+    the sources gathered in bfloat16 and one bfloat16 GEMM, then the native kernel picks each
+    source's destination, scoring again in float32 the destinations whose bfloat16 scores come
+    within ``httm_native.bf16_margins`` of the best. The same choices as the float32 GEMM, up to float32
+    rounding."""
+    e, n, d = x.shape
+    nb, ns = cls.src.shape
+    nd = cls.dst.shape[1]
+    pairs = e * nb
+    head_offset = torch.arange(e).view(e, 1, 1) * n
+    src_rows = (cls.src + head_offset).view(pairs, ns)
+    dst_rows = (cls.dst + head_offset).view(-1)
+    dst, dst16 = memory.scratch("httm.dst", (pairs, nd, d)), memory.scratch("httm.dst16", (pairs, nd, d), torch.bfloat16)
+    screen.gather_destinations(x.data_ptr(), dst_rows.data_ptr(), pairs * nd, d, _NORMALIZE_EPS, dst.data_ptr(),
+                               dst16.data_ptr())
+    dst16 = dst16.transpose(1, 2)
+    rel_margin, abs_margin = httm_native.bf16_margins(d)
+    rows = min(ns, max(_MIN_ROWS, _SCREEN_SCORES // nd))
+    per_chunk = min(pairs, max(1, _SCREEN_SCORES // (rows * nd)))
+    scores = memory.scratch("httm.scores", (per_chunk * rows * nd,), torch.bfloat16)
+    sources16 = memory.scratch("httm.sources16", (per_chunk * rows, d), torch.bfloat16)
+    sources32 = memory.scratch("httm.sources32", (per_chunk * rows, d))
+    norms = memory.scratch("httm.norms", (per_chunk * rows,))
+    best = torch.empty(pairs, ns, dtype=torch.long)
+    for p0 in range(0, pairs, per_chunk):
+        p1 = min(p0 + per_chunk, pairs)
+        for r0 in range(0, ns, rows):
+            r1 = min(r0 + rows, ns)
+            size = (p1 - p0) * (r1 - r0)
+            idx = src_rows[p0:p1, r0:r1].contiguous()
+            screen.gather_sources(x.data_ptr(), idx.data_ptr(), size, d, sources16.data_ptr(), sources32.data_ptr(),
+                                  norms.data_ptr())
+            chunk = scores[: size * nd].view(p1 - p0, r1 - r0, nd)
+            torch.bmm(sources16[:size].view(p1 - p0, r1 - r0, d), dst16[p0:p1], out=chunk)
+            if screen.best_destinations(chunk.data_ptr(), p1 - p0, r1 - r0, nd, sources32.data_ptr(), norms.data_ptr(),
+                                        dst[p0].data_ptr(), d, rel_margin, abs_margin, best[p0, r0:].data_ptr(),
+                                        ns) < 0:
+                raise MemoryError("httm_match: out of memory for the candidates of a row")
+    chosen = torch.gather(cls.dst_slot.expand(e, nb, nd), 2, best.view(e, nb, ns))
+    slot.index_copy_(1, cls.src.reshape(-1), chosen.view(e, nb * ns))
+
+
 def _flat(slot: Tensor, length: int) -> Tensor:
     """Slots [h, N] into a table of h groups of ``length`` rows -> row indices into [h * length]."""
     return (slot + torch.arange(slot.shape[0], device=slot.device).unsqueeze(1) * length).reshape(-1)
 
 
-def _group_sums(x: Tensor, flat: Tensor, rows: int) -> Tensor:
-    """Sums (in ``_work_dtype``) of the rows of x [.., d] over groups ``flat`` (one index_add) -> [rows, d]."""
+def _group_sums(x: Tensor, flat: Tensor, rows: int, name: str) -> Tensor:
+    """Sums (in ``_work_dtype``) of the rows of x [.., d] over groups ``flat`` (one index_add) -> [rows, d],
+    in the scratch buffer ``name`` on the CPU (a temporary of the op)."""
     d, dtype = x.shape[-1], _work_dtype(x.dtype)
-    return torch.zeros(rows, d, device=x.device, dtype=dtype).index_add_(0, flat, x.reshape(-1, d).to(dtype))
+    rows_x = x.reshape(-1, d).to(dtype)
+    if x.device.type == "cpu":
+        out = memory.scratch(name, (rows, d), dtype).zero_()
+    else:
+        out = torch.zeros(rows, d, device=x.device, dtype=dtype)
+    if not httm_native.group_sums(rows_x, flat, out):
+        out.index_add_(0, flat, rows_x)
+    return out
 
 
 def _means(sums: Tensor, counts: Tensor) -> Tensor:
@@ -326,7 +388,18 @@ def _deviations(x: Tensor, groups: Tensor, num_slots: int) -> Tensor:
     e, n, d = x.shape
     flat = _flat(groups, num_slots)
     counts = torch.bincount(flat, minlength=e * num_slots)
-    means = _means(_group_sums(x, flat, e * num_slots), counts)
+    means = _means(_group_sums(x, flat, e * num_slots, "httm.means"), counts)
+    dev = httm_native.deviations(x.view(-1, d), flat, means)
+    if dev is None:
+        dev = _deviations_aten(x, flat, means)
+    size = counts.index_select(0, flat)
+    pair = torch.zeros(e * num_slots, device=x.device, dtype=x.dtype).scatter_reduce_(0, flat, dev, "amax")
+    return torch.where(size == 2, pair.index_select(0, flat), dev).masked_fill_(size == 1, 0.0).view(e, n)
+
+
+def _deviations_aten(x: Tensor, flat: Tensor, means: Tensor) -> Tensor:
+    """|x[i] - means[flat[i]]| for the rows of x [E, N, d] -> [E * N] (``_deviations`` without the kernel)."""
+    e, n, d = x.shape
     # row chunks through one small buffer: a fresh [E * N, d] tensor costs more in page faults
     # than the subtraction it holds
     rows = x.view(-1, d)
@@ -337,9 +410,7 @@ def _deviations(x: Tensor, groups: Tensor, num_slots: int) -> Tensor:
         r1 = min(r0 + step, e * n)
         chunk = torch.index_select(means, 0, flat[r0:r1], out=own_mean[: r1 - r0])
         torch.linalg.vector_norm(chunk.sub_(rows[r0:r1]), dim=-1, out=dev[r0:r1])
-    size = counts.index_select(0, flat)
-    pair = torch.zeros(e * num_slots, device=x.device, dtype=x.dtype).scatter_reduce_(0, flat, dev, "amax")
-    return torch.where(size == 2, pair.index_select(0, flat), dev).masked_fill_(size == 1, 0.0).view(e, n)
+    return dev
 
 
 def _top_fraction_mask(values: Tensor, count: int) -> Tensor:
@@ -451,10 +522,10 @@ def httm_apply_plan(q: Tensor, k: Tensor, v: Tensor, plan: HttmPlan, proportiona
     if b * h == 0:
         return q.new_empty(b, h, n, dv)
     q_flat, kv_flat = _flat(plan.q_slot.reshape(b * h, n), m_q), _flat(plan.kv_slot.reshape(b * h, n), m_kv)
-    q_merged = _means(_group_sums(q, q_flat, b * h * m_q), torch.bincount(q_flat, minlength=b * h * m_q))
+    q_merged = _means(_group_sums(q, q_flat, b * h * m_q, "httm.q_merged"), torch.bincount(q_flat, minlength=b * h * m_q))
     sizes = torch.bincount(kv_flat, minlength=b * h * m_kv)
-    k_merged = _means(_group_sums(k, kv_flat, b * h * m_kv), sizes)
-    v_merged = _means(_group_sums(v, kv_flat, b * h * m_kv), sizes)
+    k_merged = _means(_group_sums(k, kv_flat, b * h * m_kv, "httm.k_merged"), sizes)
+    v_merged = _means(_group_sums(v, kv_flat, b * h * m_kv, "httm.v_merged"), sizes)
     bias = sizes.view(b, h, 1, m_kv).to(q.dtype).log() if proportional_attention else None
     merged_out = F.scaled_dot_product_attention(
         q_merged.view(b, h, m_q, d).to(q.dtype), k_merged.view(b, h, m_kv, d).to(q.dtype),
@@ -466,7 +537,13 @@ def httm_apply_plan(q: Tensor, k: Tensor, v: Tensor, plan: HttmPlan, proportiona
     if _any_nan(q_merged) or _any_nan(k_merged):
         all_nan = q_merged.isnan().any(-1).view(b, h, m_q) | k_merged.isnan().any(-1).view(b, h, m_kv).all(-1, True)
         merged_out.masked_fill_(all_nan.unsqueeze(-1), math.nan)
-    return merged_out.reshape(-1, dv).index_select(0, q_flat).view(b, h, n, dv)
+    table = merged_out.reshape(-1, dv)
+    if q.device.type != "cpu":
+        return table.index_select(0, q_flat).view(b, h, n, dv)
+    out = memory.empty_huge((b, h, n, dv), table.dtype)
+    if not httm_native.gather_rows(table, q_flat, out.view(-1, dv)):
+        torch.index_select(table, 0, q_flat, out=out.view(-1, dv))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,244 @@
+/* HTTM matching through bfloat16 scores, with float32 decisions.
+ *
+ * HTTM's matching (fxslim/runtime/httm.py) scores sources against destinations with a bfloat16
+ * GEMM, four times the float32 GEMM's speed where the CPU has bfloat16 dot products, then calls
+ * httm_best_destinations on each chunk of scores. Per row the bfloat16 scores only screen: every
+ * destination whose score is within `margin` of the row's largest (margin = rel_margin * |source|
+ * + abs_margin: wider than twice the worst bfloat16 error, abs_margin covering products flushed to
+ * zero as denormals) is a candidate, and when there is more than one, the candidates are scored
+ * again in float32 and the first highest wins. So the choice is the float32 argmax (up to float32
+ * rounding, as between any two float32 GEMMs), never a bfloat16 near-tie.
+ *
+ * Scores are compared as int16 keys (a bfloat16's bits with the magnitude bits flipped for
+ * negative values): ordered like the values, and integer max/compare vectorise. Inputs are finite
+ * (the caller keeps non-finite features on its float32 path). AVX-512BW code where the compiler
+ * targets it, plain C elsewhere (the same results).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512BW__
+#include <immintrin.h>
+#endif
+
+static inline int16_t key_of_bits(uint16_t bits) {
+    int16_t s = (int16_t)bits;
+    return (int16_t)(s ^ ((s >> 15) & 0x7fff));
+}
+
+static inline float float_of_key(int16_t key) {
+    int16_t s = (int16_t)(key ^ ((key >> 15) & 0x7fff));
+    uint32_t bits = (uint32_t)(uint16_t)s << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+/* Key of the largest bfloat16 value <= t (t finite). */
+static inline int16_t key_at_or_below(float t) {
+    uint32_t bits;
+    memcpy(&bits, &t, sizeof bits);
+    uint16_t high = (uint16_t)(bits >> 16);
+    if ((bits & 0xffffu) && (bits >> 31)) {
+        high += 1; /* negative: dropping the low bits rounds up, so step one further from zero */
+    }
+    return key_of_bits(high);
+}
+
+static inline float dot(const float *a, const float *b, int64_t d) {
+    float s = 0.0f;
+    for (int64_t i = 0; i < d; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* Rows are read in index order, scattered over x: ask for the row AHEAD places on while this one
+ * is processed (the hardware prefetcher does not follow indices). */
+enum { AHEAD = 8 };
+static inline void prefetch_row(const float *base, int64_t row, int64_t d) {
+    const char *p = (const char *)(base + row * d);
+    for (int64_t b = 0; b < d * (int64_t)sizeof(float); b += 64) __builtin_prefetch(p + b);
+}
+
+/* bfloat16 bits of x, rounded to nearest even (x finite). */
+static inline uint16_t bf16_bits(float x) {
+    uint32_t bits;
+    memcpy(&bits, &x, sizeof bits);
+    return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+}
+
+/* For i < count: out32[i, :] = x[index[i], :], out16[i, :] = the same in bfloat16, norms[i] =
+ * its Euclidean norm. One pass over the sources of a chunk, which the GEMM reads in bfloat16 and
+ * httm_best_destinations in float32, in order (not scattered over x). */
+void httm_gather_sources(const float *x, const int64_t *index, int64_t count, int64_t d, uint16_t *out16,
+                         float *out32, float *norms) {
+    for (int64_t i = 0; i < count; i++) {
+        if (i + AHEAD < count) prefetch_row(x, index[i + AHEAD], d);
+        const float *row = x + index[i] * d;
+        memcpy(out32 + i * d, row, (size_t)d * sizeof(float));
+        uint16_t *o = out16 + i * d;
+        for (int64_t c = 0; c < d; c++) o[c] = bf16_bits(row[c]);
+        norms[i] = __builtin_sqrtf(dot(row, row, d));
+    }
+}
+
+/* For i < count: out32[i, :] = x[index[i], :] / max(|x[index[i], :]|, eps) (F.normalize's rule)
+ * and out16[i, :] = the same in bfloat16: the destinations of a block class. */
+void httm_gather_destinations(const float *x, const int64_t *index, int64_t count, int64_t d, float eps,
+                              float *out32, uint16_t *out16) {
+    for (int64_t i = 0; i < count; i++) {
+        if (i + AHEAD < count) prefetch_row(x, index[i + AHEAD], d);
+        const float *row = x + index[i] * d;
+        float norm = __builtin_sqrtf(dot(row, row, d));
+        float scale = norm > eps ? norm : eps;
+        float *o = out32 + i * d;
+        uint16_t *o16 = out16 + i * d;
+        for (int64_t c = 0; c < d; c++) {
+            o[c] = row[c] / scale;
+            o16[c] = bf16_bits(o[c]);
+        }
+    }
+}
+
+#ifdef __AVX512BW__
+/* 32 scores from p (lanes outside `valid` read as +0.0), as raw int16 bits or as keys. */
+static inline __m512i bits32(const uint16_t *p, __mmask32 valid) { return _mm512_maskz_loadu_epi16(valid, p); }
+
+static inline __m512i keys_of(__m512i s) {
+    return _mm512_xor_si512(s, _mm512_and_si512(_mm512_srai_epi16(s, 15), _mm512_set1_epi16(0x7fff)));
+}
+
+static inline __mmask32 tail_mask(int64_t j, int64_t cols) {
+    int64_t left = cols - j;
+    return left >= 32 ? (__mmask32)0xffffffffu : (__mmask32)((1u << left) - 1u);
+}
+
+static inline int16_t hmax(__m512i v) {
+    __m256i t = _mm256_max_epi16(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1));
+    __m128i u = _mm_max_epi16(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+    u = _mm_max_epi16(u, _mm_shuffle_epi32(u, 0x4e));
+    u = _mm_max_epi16(u, _mm_shuffle_epi32(u, 0xb1));
+    u = _mm_max_epi16(u, _mm_shufflelo_epi16(u, 0xb1));
+    return (int16_t)_mm_extract_epi16(u, 0);
+}
+
+/* Largest key of the row. The raw bits of a non-negative bfloat16 are its key and exceed the
+ * raw bits of every negative one (sign bit set: negative as int16), so the raw maximum is the
+ * answer whenever it is non-negative; only a row of negative scores needs the keys. */
+static int16_t row_top(const uint16_t *row, int64_t cols) {
+    __m512i a = _mm512_set1_epi16(INT16_MIN), b = a;
+    int64_t j = 0;
+    for (; j + 64 <= cols; j += 64) {
+        a = _mm512_max_epi16(a, _mm512_loadu_si512(row + j));
+        b = _mm512_max_epi16(b, _mm512_loadu_si512(row + j + 32));
+    }
+    for (; j < cols; j += 32) {
+        __mmask32 m = tail_mask(j, cols);
+        a = _mm512_mask_max_epi16(a, m, a, bits32(row + j, m));
+    }
+    int16_t top = hmax(_mm512_max_epi16(a, b));
+    if (top >= 0) return top;
+    __m512i k = _mm512_set1_epi16(INT16_MIN);
+    for (j = 0; j < cols; j += 32) {
+        __mmask32 m = tail_mask(j, cols);
+        k = _mm512_mask_max_epi16(k, m, k, keys_of(bits32(row + j, m)));
+    }
+    return hmax(k);
+}
+
+static inline int64_t add_hits(uint32_t hits, int64_t j0, int32_t *cand, int64_t n, int64_t cap) {
+    for (; hits; hits &= hits - 1, n++) {
+        if (n < cap) cand[n] = (int32_t)(j0 + __builtin_ctz(hits));
+    }
+    return n;
+}
+
+/* The columns whose key is >= floor_key, in order, into cand (the first cap of them); returns how
+ * many there are. With a positive floor the raw bits compare like the keys (negative scores are
+ * negative int16s, below it). */
+static int64_t candidates(const uint16_t *row, int64_t cols, int16_t floor_key, int32_t *cand, int64_t cap) {
+    __m512i floor_v = _mm512_set1_epi16(floor_key);
+    int64_t n = 0, j = 0;
+    if (floor_key > 0) {
+        for (; j + 32 <= cols; j += 32)
+            n = add_hits(_mm512_cmpge_epi16_mask(_mm512_loadu_si512(row + j), floor_v), j, cand, n, cap);
+    } else {
+        for (; j + 32 <= cols; j += 32)
+            n = add_hits(_mm512_cmpge_epi16_mask(keys_of(_mm512_loadu_si512(row + j)), floor_v), j, cand, n, cap);
+    }
+    if (j < cols) {
+        __mmask32 m = tail_mask(j, cols);
+        n = add_hits(_mm512_mask_cmpge_epi16_mask(m, keys_of(bits32(row + j, m)), floor_v), j, cand, n, cap);
+    }
+    return n;
+}
+#else
+static int16_t row_top(const uint16_t *row, int64_t cols) {
+    int16_t top = INT16_MIN;
+    for (int64_t j = 0; j < cols; j++) {
+        int16_t k = key_of_bits(row[j]);
+        top = k > top ? k : top;
+    }
+    return top;
+}
+
+static int64_t candidates(const uint16_t *row, int64_t cols, int16_t floor_key, int32_t *cand, int64_t cap) {
+    int64_t n = 0;
+    for (int64_t j = 0; j < cols; j++) {
+        if (key_of_bits(row[j]) >= floor_key) {
+            if (n < cap) cand[n] = (int32_t)j;
+            n++;
+        }
+    }
+    return n;
+}
+#endif
+
+/* The candidate (column) whose float32 score src . dst[j] is highest, the first of equals. */
+static int64_t rescore(const float *src, const float *dst, int64_t d, const int32_t *cand, int64_t count) {
+    int64_t choice = cand[0];
+    float best = dot(src, dst + choice * d, d);
+    for (int64_t i = 1; i < count; i++) {
+        float s = dot(src, dst + (int64_t)cand[i] * d, d);
+        if (s > best) {
+            best = s;
+            choice = cand[i];
+        }
+    }
+    return choice;
+}
+
+/* scores: [pairs, rows, cols] bfloat16 bits, row r of pair p scoring source src[p * rows + r]
+ * ([d] float32, Euclidean norm norms[p * rows + r]) against the cols destinations dst[p] ([cols, d]
+ * float32, normalised). Writes the best destination (column) of pair p's row r to
+ * best[p * best_pair_stride + r]. Returns how many rows were scored again in float32, or -1 when
+ * out of memory. */
+int64_t httm_best_destinations(const uint16_t *scores, int64_t pairs, int64_t rows, int64_t cols,
+                               const float *src32, const float *norms, const float *dst, int64_t d,
+                               float rel_margin, float abs_margin, int64_t *best, int64_t best_pair_stride) {
+    enum { CAP = 64 };
+    int32_t cand[CAP];
+    int32_t *all = NULL; /* cols entries, made on first need */
+    int64_t rescored = 0;
+    for (int64_t p = 0; p < pairs; p++) {
+        const float *dst_p = dst + p * cols * d;
+        for (int64_t r = 0; r < rows; r++) {
+            const uint16_t *row = scores + (p * rows + r) * cols;
+            const float *src = src32 + (p * rows + r) * d;
+            float margin = rel_margin * norms[p * rows + r] + abs_margin;
+            int16_t floor_key = key_at_or_below(float_of_key(row_top(row, cols)) - margin);
+            int64_t count = candidates(row, cols, floor_key, cand, CAP);
+            int64_t choice = cand[0];
+            if (count > CAP) { /* more near-ties than the list holds: a list as long as the row */
+                if (all == NULL && (all = malloc((size_t)cols * sizeof *all)) == NULL) return -1;
+                count = candidates(row, cols, floor_key, all, cols);
+                choice = rescore(src, dst_p, d, all, count);
+            } else if (count > 1) {
+                choice = rescore(src, dst_p, d, cand, count);
+            }
+            rescored += count > 1;
+            best[p * best_pair_stride + r] = choice;
+        }
+    }
+    free(all);
+    return rescored;
+}

@@ -1,0 +1,248 @@
+"""HTTM's native kernels: the bfloat16 screening picks float32's choices, merges equal ATen's, and
+every path without the kernels gives the same plans and outputs."""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fxslim.runtime.httm as httm_module
+from fxslim.runtime import httm_native, memory, native_kernels
+from fxslim.runtime.httm import httm_apply_plan, httm_layout, httm_match, httm_plan
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+screen_only = pytest.mark.skipif(httm_native.bf16_screen() is None,
+                                 reason="no bfloat16 screening here (no AVX512-BF16/AMX or no C compiler)")
+merge_only = pytest.mark.skipif(native_kernels.load("httm_merge") is None,
+                                reason=f"no native merge kernels: {native_kernels.unavailable_reason('httm_merge')}")
+
+
+@pytest.fixture
+def without_kernels():
+    """Call it to run the ATen paths (no screening, no merge kernels) for the rest of the test."""
+    stack = contextlib.ExitStack()
+    yield lambda: stack.enter_context(httm_native.disabled())
+    stack.close()
+
+
+def _match_both(x, layout, without_kernels):
+    native = httm_match(x, layout)
+    without_kernels()
+    return native, httm_match(x, layout)
+
+
+def _argmax_float64(x: torch.Tensor, layout, slots: torch.Tensor) -> torch.Tensor:
+    """The exact (float64) similarity of each token to the destination its slot names."""
+    x64 = x.double()
+    dest_token = torch.full((layout.num_slots,), -1, dtype=torch.long)
+    dest_token[layout.base_slot[layout.base_slot >= 0]] = torch.nonzero(layout.base_slot >= 0).flatten()
+    b, h, n, _ = x.shape
+    chosen = x64.gather(2, dest_token[slots].unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
+    return (x64 * torch.nn.functional.normalize(chosen, dim=-1)).sum(-1)
+
+
+@screen_only
+@settings(max_examples=25, deadline=None)
+@given(frames=st.integers(2, 6), patches=st.integers(2, 70), d=st.sampled_from([3, 8, 16, 64, 100]),
+       ratio=st.sampled_from([0.3, 0.5, 0.9]), scale=st.sampled_from([1e-30, 1e-3, 1.0, 1e4]),
+       seed=st.integers(0, 2**16))
+def test_screened_matching_equals_float32_matching(frames, patches, d, ratio, scale, seed):
+    # random features at any scale, destinations counts that leave partial 32-column vectors
+    g = torch.Generator().manual_seed(seed)
+    p = 5 + patches
+    x = torch.randn(1, 2, frames * p, d, generator=g) * scale
+    layout = httm_layout(frames, p, 5, ratio, 64, 4)
+    native = httm_match(x, layout)
+    with httm_native.disabled():
+        reference = httm_match(x, layout)
+    differ = native != reference
+    # a choice may differ only where float32 cannot tell the two destinations apart
+    exact_native, exact_reference = _argmax_float64(x, layout, native), _argmax_float64(x, layout, reference)
+    gap = (exact_native - exact_reference).abs()[differ]
+    norms = x.double().norm(dim=-1)[differ]
+    assert bool((gap <= 1e-5 * norms + 1e-300).all()), (int(differ.sum()), gap.max())
+
+
+@screen_only
+@pytest.mark.parametrize("case", ["duplicates", "bfloat16_ties", "negative", "many_near_ties", "tail"])
+def test_screened_matching_on_near_ties(case, without_kernels):
+    g = torch.Generator().manual_seed(1)
+    frames, p, d = 4, 5 + 96, 16
+    base = torch.randn(1, 1, frames * p, d, generator=g)
+    if case == "duplicates":  # every token one of three vectors: exact ties, the first destination wins
+        x = torch.randn(3, d, generator=g)[torch.randint(0, 3, (frames * p,), generator=g)].view(1, 1, -1, d)
+    elif case == "bfloat16_ties":  # destinations equal in bfloat16, different in float32
+        x = torch.ones(1, 1, frames * p, d) + torch.randint(-3, 4, (1, 1, frames * p, d), generator=g) * 2.0 ** -12
+    elif case == "negative":  # every source opposite to every destination: rows of negative scores only
+        sign = torch.where(httm_layout(frames, p, 5, 0.3, 96, 4).base_slot >= 0, -1.0, 1.0)
+        x = sign.view(1, 1, -1, 1) + base * 1e-3
+    elif case == "many_near_ties":  # more candidates than the kernel's list holds
+        x = torch.ones(1, 1, frames * p, d) + base * 1e-4
+    else:  # 96 patches, ratio 0.3: 70 destinations per block, 2 full vectors and a tail of 6
+        x = base
+    layout = httm_layout(frames, p, 5, 0.3, 96, 4)
+    native, reference = _match_both(x, layout, without_kernels)
+    differ = native != reference
+    gap = (_argmax_float64(x, layout, native) - _argmax_float64(x, layout, reference)).abs()[differ]
+    assert bool((gap <= 1e-5 * x.double().norm(dim=-1)[differ]).all())
+    if case == "duplicates":
+        assert torch.equal(native, reference)
+
+
+def test_screening_margin_covers_bfloat16_error():
+    # the documented bound against the measured worst case on random unit destinations
+    g = torch.Generator().manual_seed(0)
+    for d in (8, 64, 256):
+        src = torch.randn(4096, d, generator=g) * 10
+        dst = torch.nn.functional.normalize(torch.randn(512, d, generator=g), dim=-1)
+        exact = src.double() @ dst.double().T
+        bf16 = (src.bfloat16() @ dst.bfloat16().T).double()
+        err = ((bf16 - exact).abs() / src.double().norm(dim=-1, keepdim=True)).max().item()
+        rel, _ = httm_native.bf16_margins(d)
+        assert err < rel / 2, (d, err, rel)
+
+
+@merge_only
+def test_merge_kernels_equal_aten():
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1000, 24, generator=g)
+    groups = torch.randint(0, 77, (1000,), generator=g)
+    out = torch.zeros(77, 24)
+    assert httm_native.group_sums(x, groups, out)
+    assert torch.equal(out, torch.zeros(77, 24).index_add_(0, groups, x))  # same order, same floats
+    means = out / 3
+    dev = httm_native.deviations(x, groups, means)
+    torch.testing.assert_close(dev, (x - means[groups]).norm(dim=-1), rtol=1e-6, atol=1e-6)
+    gathered = torch.empty(1000, 24)
+    assert httm_native.gather_rows(means, groups, gathered)
+    assert torch.equal(gathered, means[groups])
+
+
+@merge_only
+def test_merge_kernels_refuse_out_of_range_indices():
+    x, out = torch.randn(5, 4), torch.zeros(3, 4)
+    with pytest.raises(IndexError, match="index 3 at position 2"):
+        httm_native.group_sums(x, torch.tensor([0, 1, 3, 0, 0]), out)
+    with pytest.raises(IndexError, match="index -1"):
+        httm_native.gather_rows(out, torch.tensor([0, -1]), torch.empty(2, 4))
+    with pytest.raises(IndexError):
+        httm_native.deviations(x, torch.tensor([0, 0, 0, 0, 9]), out)
+
+
+def test_kernels_refuse_other_dtypes():
+    # float64 stays on ATen (its sums are float64)
+    x, out = torch.randn(5, 4, dtype=torch.float64), torch.zeros(3, 4, dtype=torch.float64)
+    assert not httm_native.group_sums(x, torch.zeros(5, dtype=torch.long), out)
+    assert httm_native.deviations(x, torch.zeros(5, dtype=torch.long), out) is None
+
+
+@pytest.mark.parametrize("mode", ["headwise", "uniform", "global"])
+def test_op_without_kernels_gives_the_same_plan_and_output(mode, without_kernels):
+    g = torch.Generator().manual_seed(3)
+    frames, p = 5, 5 + 60
+    q, k, v = (torch.randn(2, 3, frames * p, 16, generator=g) for _ in range(3))
+    kw = dict(n_s=32, n_t=3, mode=mode)
+    plan = httm_plan(q, k, frames, p, **kw)
+    out = httm_apply_plan(q, k, v, plan)
+    without_kernels()
+    plan_aten = httm_plan(q, k, frames, p, **kw)
+    for name in ("q_slot", "kv_slot", "q_lengths", "outliers"):
+        assert torch.equal(getattr(plan, name), getattr(plan_aten, name)), name
+    torch.testing.assert_close(out, httm_apply_plan(q, k, v, plan_aten), rtol=1e-6, atol=1e-6)
+
+
+def test_screened_chunks_give_the_same_choices(monkeypatch):
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 5 * 69, 16, generator=g)
+    layout = httm_layout(5, 69, 5, 0.7, 16, 4)
+    whole = httm_match(x, layout)
+    monkeypatch.setattr(httm_module, "_SCREEN_SCORES", 64)
+    monkeypatch.setattr(httm_module, "_MIN_ROWS", 3)
+    assert torch.equal(whole, httm_match(x, layout))
+
+
+def test_non_finite_features_take_the_float32_path():
+    # an infinite destination turns scores into NaN: the screening never sees such features
+    x = torch.randn(1, 1, 3 * 20, 8)
+    x[0, 0, 30, 0] = float("inf")
+    layout = httm_layout(3, 20, 5, 0.5, 8, 3)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(httm_native, "bf16_screen", lambda: pytest.fail("screened non-finite features"))
+        httm_match(x, layout)
+
+
+def test_native_kernels_report_why_they_are_missing(tmp_path):
+    code = ("import os; from fxslim.runtime import native_kernels as n; "
+            "print(n.load('httm_merge') is None, '|', n.unavailable_reason('httm_merge'))")
+    for env, reason in (({"FXSLIM_NATIVE": "0"}, "FXSLIM_NATIVE=0"),
+                        ({"CC": str(tmp_path / "no-such-cc")}, "no C compiler")):
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                env={**__import__("os").environ, "FXSLIM_CACHE_DIR": str(tmp_path), **env})
+        assert result.stdout.startswith("True |") and reason in result.stdout, result.stdout
+
+
+def test_native_kernels_unknown_name_is_a_value_error():
+    with pytest.raises(ValueError, match="no source"):
+        native_kernels.load("no_such_kernel")
+
+
+def test_scratch_buffers_are_reused_per_name_and_thread():
+    a = memory.scratch("test.a", (4, 5))
+    assert a.shape == (4, 5) and a.is_contiguous()
+    assert memory.scratch("test.a", (2, 3)).data_ptr() == a.data_ptr()
+    assert memory.scratch("test.b", (2, 3)).data_ptr() != a.data_ptr()
+    assert memory.scratch("test.a", (2, 3), torch.bfloat16).dtype == torch.bfloat16
+    memory.release()
+    assert memory.scratch("test.a", (1,)).numel() == 1
+
+
+def test_empty_huge_is_an_ordinary_tensor():
+    t = memory.empty_huge((3, 1 << 20))
+    t.fill_(2.0)
+    assert t.shape == (3, 1 << 20) and t.dtype == torch.float32 and float(t.sum()) == 6.0 * (1 << 20)
+
+
+@screen_only
+def test_portable_c_path_chooses_like_the_avx512_path(tmp_path):
+    # the plain C loops (compilers not targeting AVX-512BW) against the vector code, on rows with
+    # positive and negative maxima, ties, near-ties beyond the candidate list and a 7-column tail
+    import ctypes
+    import shutil
+
+    source = native_kernels._SOURCES / "httm_best.c"
+    portable = tmp_path / "portable.so"
+    cc = shutil.which("cc")
+    subprocess.run([cc, "-O2", "-march=x86-64", "-fPIC", "-shared", "-std=c11", "-o", str(portable), str(source)],
+                   check=True)
+    lib = ctypes.CDLL(str(portable))
+    i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+    lib.httm_best_destinations.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, f32, f32, ptr, i64]
+    lib.httm_best_destinations.restype = i64
+    g = torch.Generator().manual_seed(5)
+    rows, cols, d = 64, 103, 16
+    src = torch.randn(rows, d, generator=g)
+    src[:16] = -src[:16].abs()
+    dst = torch.nn.functional.normalize(torch.randn(cols, d, generator=g), dim=-1)
+    dst[:8] = dst[:8].abs()
+    dst[8:90] = dst[7]  # 83 equal destinations: more candidates than the list holds
+    src[16:32] = dst[7] * 3 + 1e-6
+    scores = (src.bfloat16() @ dst.bfloat16().T).contiguous()
+    norms = src.norm(dim=-1)
+    rel, absolute = httm_native.bf16_margins(d)
+    results, rescored = [], []
+    for fn in (lib.httm_best_destinations, httm_native.bf16_screen().best_destinations):
+        best = torch.empty(rows, dtype=torch.long)
+        rescored.append(fn(scores.data_ptr(), 1, rows, cols, src.data_ptr(), norms.data_ptr(), dst.data_ptr(), d,
+                  rel, absolute, best.data_ptr(), rows))
+        results.append(best)
+    assert rescored[0] == rescored[1] >= 16 and torch.equal(results[0], results[1])
+    exact = src.double() @ dst.double().T
+    chosen = exact.gather(1, results[0].view(-1, 1)).flatten()
+    assert bool((chosen >= exact.max(dim=1).values - 1e-5 * norms.double()).all())
