@@ -27,6 +27,10 @@ Choices this file fixes where the method spec leaves room:
 - ``global`` mode is the same algorithm with one block holding every patch token.
 - Precision: float64 inputs are matched, filtered and averaged in float64, every other dtype in
   float32 (``_work_dtype``).
+- Speed on the CPU (``httm_native``): where the CPU has bfloat16 dot products, similarities come
+  from a bfloat16 GEMM and only screen (destinations within a proven error bound of the best are
+  scored again in float32), so choices stay float32's; merges, deviations and the unmerge run as
+  C loops. Without a C compiler every step runs on ATen with the same results.
 """
 
 from __future__ import annotations
