@@ -6,12 +6,16 @@ in the cache, random weights otherwise; the output says which) is rewritten by
 32×32, at batch 1 and 32. Rounds alternate dense and HASTE so machine load hits both alike; the
 table gives the medians and the median of the per-round ratios.
 
+The HASTE model runs on the native tile kernel (``native/haste_tiles.c``: bucket means, merged
+filters in registers, reduced convs) where a C compiler is there; the same model on the ATen path
+(``haste_native.disabled()``) is timed in the same rounds.
+
 The profile runs the HASTE model with timers around each stage of the op's CPU kernel
 (``fxslim.runtime.haste_kernel``): gathering the patches, hashing (projection, centring, bit
-packing), bucketing (sorting codes, sorting tiles by bucket count), the sparse segment sums (bucket
-means of the inputs and merged filters), the reduced conv (batched matmuls), the rest of the kernel
-(segment indices, im2col of the means, restoring the tile order) and stitching the tiles into the
-output map.
+packing), bucketing (sorting codes, sorting tiles by bucket count), the native tile kernel, or on
+the ATen path the sparse segment sums (bucket means of the inputs and merged filters), the reduced
+conv (batched matmuls) and the rest of the kernel (segment indices, im2col of the means, restoring
+the tile order), and stitching the tiles into the output map.
 
     python -m benchmarks.haste_speed                       # resnet18, L=12, batches 1 and 32
     python -m benchmarks.haste_speed --models resnet18 resnet34 --threads 1
@@ -37,6 +41,7 @@ import torch
 import fxslim
 import fxslim.runtime.haste as haste_runtime
 import fxslim.runtime.haste_kernel as haste_kernel
+from fxslim.runtime import haste_native
 from benchmarks import records
 from benchmarks.records import Results, Section, Table
 from benchmarks.resnet_checkpoints import ZOO_WEIGHT_DECAY, checkpoint_name
@@ -53,7 +58,8 @@ _BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
 _STAGES = {"patches": "patches", "hash_codes": "hashing", "tile_buckets": "bucketing"}
 _TORCH = {"addmm": "segment sums (means, filter merge)", "bmm": "reduced conv (matmul)",
           "baddbmm": "reduced conv (matmul)"}
-_ORDER = ("patches", "hashing", "bucketing", "segment sums (means, filter merge)", "reduced conv (matmul)",
+_NATIVE = "native tile kernel (means, merge, reduced conv)"
+_ORDER = ("patches", "hashing", "bucketing", _NATIVE, "segment sums (means, filter merge)", "reduced conv (matmul)",
           "indices, im2col, tile order", "stitching")
 
 
@@ -84,6 +90,13 @@ def side_by_side(dense: Callable, haste: Callable, rounds: int,
             paired_ratio(times["haste"], times["dense"]))
 
 
+def _aten_path(fn: Callable) -> Callable:
+    def run():
+        with haste_native.disabled():
+            return fn()
+    return run
+
+
 @contextlib.contextmanager
 def stage_timers() -> Iterator[dict[str, float]]:
     """Seconds per stage of the HASTE kernel while active (wrappers on its module-level helpers)."""
@@ -91,6 +104,7 @@ def stage_timers() -> Iterator[dict[str, float]]:
     inside = {"group": 0}
     kernel_saved = {name: getattr(haste_kernel, name) for name in (*_STAGES, "_group")}
     runtime_saved = {name: getattr(haste_runtime, name) for name in ("_stitch", "_haste_conv2d_cpu")}
+    native_saved = {"tile_convs": haste_native.tile_convs}
     torch_saved = {name: getattr(torch, name) for name in _TORCH}
 
     def timed(fn: Callable, stage: str, always: bool = True) -> Callable:
@@ -115,17 +129,19 @@ def stage_timers() -> Iterator[dict[str, float]]:
         setattr(haste_kernel, name, group if name == "_group" else timed(fn, _STAGES[name]))
     haste_runtime._stitch = timed(runtime_saved["_stitch"], "stitching")
     haste_runtime._haste_conv2d_cpu = timed(runtime_saved["_haste_conv2d_cpu"], "kernel")
+    haste_native.tile_convs = timed(native_saved["tile_convs"], _NATIVE)
     for name, fn in torch_saved.items():
         setattr(torch, name, timed(fn, _TORCH[name], always=False))
     try:
         yield totals
     finally:
-        for module, saved in ((haste_kernel, kernel_saved), (haste_runtime, runtime_saved), (torch, torch_saved)):
+        for module, saved in ((haste_kernel, kernel_saved), (haste_runtime, runtime_saved), (torch, torch_saved),
+                              (haste_native, native_saved)):
             for name, fn in saved.items():
                 setattr(module, name, fn)
         group_total = totals.pop("_group", 0.0)
         # patches, hashing and bucketing run inside _group too
-        named = sum(totals[s] for s in {*_STAGES.values(), *_TORCH.values()})  # bmm and baddbmm share a stage
+        named = sum(totals[s] for s in {*_STAGES.values(), *_TORCH.values(), _NATIVE})  # bmm and baddbmm share a stage
         totals["indices, im2col, tile order"] = group_total - named
 
 
@@ -175,9 +191,12 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.haste_spe
         with torch.no_grad():
             for batch in args.batches:
                 x = images[:batch]
-                d_ms, h_ms, ratio = side_by_side(lambda: dense(x), lambda: haste(x), args.rounds)
+                times = interleaved_samples({"dense": lambda: dense(x), "haste": lambda: haste(x),
+                                             "aten": _aten_path(lambda: haste(x))}, args.rounds)
                 _, _, cpu_ratio = side_by_side(lambda: dense(x), lambda: haste(x), args.rounds, time.process_time)
-                speed_rows.append([name, batch, d_ms, h_ms, ratio, cpu_ratio])
+                speed_rows.append([name, batch, *(1e3 * statistics.median(times[k]) for k in ("dense", "haste")),
+                                   paired_ratio(times["haste"], times["dense"]), cpu_ratio,
+                                   1e3 * statistics.median(times["aten"]), paired_ratio(times["aten"], times["dense"])])
         for batch in args.batches:
             stages, whole = profile(haste, images[:batch], max(1, args.rounds // 2))
             kernel = stages["kernel"]
@@ -191,9 +210,11 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.haste_spe
         f"{platform.machine()}; wall clock (time.perf_counter), {args.rounds} interleaved rounds, medians; the "
         f"machine is shared, so compare within a row (1-minute load average {load_before:.1f} before). The last "
         "column repeats the rounds on this process's CPU time (time.process_time): on a loaded machine a longer "
-        "call is more often descheduled, which inflates wall-clock ratios and not this one."],
-        table=Table(["model", "batch", "dense ms", "HASTE ms", "HASTE / dense", "HASTE / dense, CPU time"], speed_rows,
-                    ["", "d", ".1f", ".1f", ".2f}×", ".2f}×"]))
+        "call is more often descheduled, which inflates wall-clock ratios and not this one. HASTE runs on "
+        f"{haste_native.status()}; the last two columns time the same model on the ATen path, in the same rounds."],
+        table=Table(["model", "batch", "dense ms", "HASTE ms", "HASTE / dense", "HASTE / dense, CPU time",
+                     "HASTE on the ATen path ms", "ATen path / dense"], speed_rows,
+                    ["", "d", ".1f", ".1f", ".2f}×", ".2f}×", ".1f", ".2f}×"]))
     stages = Section("Where the HASTE time goes", [
         "Mean ms per forward of each stage of the op's CPU kernel, summed over all HASTE layers (share of "
         "the kernel time). `forward` is the whole HASTE model (kernels, custom-op dispatch, the dense stem, "
@@ -201,9 +222,10 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.haste_spe
         Table(["model", "batch", "forward ms", "HASTE kernels ms", *_ORDER], profile_rows,
               ["", "d", ".1f", ".1f", *("" for _ in _ORDER)], [False, True, True, True, *(True for _ in _ORDER)]))
     floor = Section("The floor: writing the merged filters", [
-        "Whatever the kernel, HASTE writes B·k²·O merged filter values per tile (Σ over the tiles and HASTE "
-        "convs of this input, bucket counts as measured). Time to only write that many floats (cache-sized "
-        "chunks, as the kernel does), and its share of the dense model's forward time:"],
+        "The ATen path writes B·k²·O merged filter values per tile (Σ over the tiles and HASTE convs of this "
+        "input, bucket counts as measured) and reads them back; the native kernel keeps each in registers. "
+        "Time to only write that many floats (cache-sized chunks, as the ATen path does), and its share of the "
+        "dense model's forward time:"],
         Table(["model", "batch", "merged filter values", "write ms", "share of dense time"], floor_rows,
               ["", "d", ".1f} M", ".1f", ".0f} %"]))
     return Results("haste_speed", "HASTE ResNet wall-clock vs dense (CPU)", command, [intro, stages, floor])

@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fxslim.runtime import haste_native
+
 __all__ = ["TileBuckets", "hash_codes", "patches", "tile_buckets", "weight_rows", "haste_conv2d_tiles"]
 
 # Sizes in elements, from timing full-width ResNet18 on the reference machine (2 shared cores):
@@ -200,6 +202,9 @@ def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Te
     rows = patches(x, kernel, stride, padding, dilation, tile, grid)
     tiles = rows.shape[0] // c
     bk = tile_buckets(hash_codes(rows, planes, c, center))
+    if haste_native.tile_convs(rows, bk.order, bk.channels, bk.starts, bk.count, w_rows, bias, geometry, out):
+        count_out.index_copy_(0, bk.order, bk.count)
+        return
     b_max = bk.starts.shape[1]
     # Sparse indices in int32 when they fit (MKL's own index type: int64 ones are converted every call).
     index = torch.int32 if tiles * k2 * c < 2**31 else torch.int64

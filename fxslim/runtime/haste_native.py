@@ -1,0 +1,81 @@
+"""HASTE's native tile kernel (``native/haste_tiles.c``) behind a tensor-level call.
+
+``tile_convs`` returns False where the kernel cannot run (no C compiler, ``FXSLIM_NATIVE=0``, a
+dtype other than float32, or inside ``disabled()``), and the caller takes its ATen path: the same
+outputs up to float32 rounding (sums in another order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import threading
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from fxslim.runtime import native_kernels
+
+__all__ = ["tile_convs", "disabled", "status"]
+
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_off = threading.local()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """On this thread, ``tile_convs`` answers "cannot run" (for comparisons with the ATen path)."""
+    before = getattr(_off, "value", False)
+    _off.value = True
+    try:
+        yield
+    finally:
+        _off.value = before
+
+
+@functools.cache
+def _kernel():
+    lib = native_kernels.load("haste_tiles")
+    if lib is None:
+        return None
+    fn = lib.haste_tile_convs
+    fn.restype = _I64
+    fn.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR,
+                   _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _I64]
+    return fn
+
+
+def status() -> str:
+    """Whether the kernel runs here, in words (for benchmark records)."""
+    return "native tile kernel on" if _kernel() is not None else (
+        f"native tile kernel off ({native_kernels.unavailable_reason('haste_tiles')})")
+
+
+def tile_convs(patches: Tensor, order: Tensor, channels: Tensor, starts: Tensor, count: Tensor, w_rows: Tensor,
+               bias: Tensor | None, geometry: tuple, out: Tensor) -> bool:
+    """Every tile's reduced conv into ``out`` [blocks, tiles, T·T, O_b] (tile order as in ``patches``).
+
+    ``patches`` [tiles·C, d]; ``order``, ``channels``, ``starts``, ``count`` as in
+    ``haste_kernel.TileBuckets``; ``w_rows`` [blocks, C·k², O_b] (``haste_kernel.weight_rows``);
+    ``geometry`` = (kernel, stride, padding, dilation, tile, grid) as the ATen path takes it.
+    """
+    fn = _kernel() if not getattr(_off, "value", False) else None
+    floats = (patches, w_rows, out) + (() if bias is None else (bias,))
+    if fn is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats):
+        return False
+    if out.stride(-1) != 1 or out.stride(-2) != out.shape[-1] or not w_rows.is_contiguous():
+        return False
+    (kh, kw), (sh, sw), _, (dh, dw), tile, _ = geometry
+    tw = (tile - 1) * sw + (kw - 1) * dw + 1
+    blocks, rows, o_b = w_rows.shape
+    c = rows // (kh * kw)
+    patches, bias = patches.contiguous(), None if bias is None else bias.contiguous()
+    index = [t.to(torch.int64).contiguous() for t in (order, channels, starts, count)]
+    status_code = fn(patches.data_ptr(), order.shape[0], c, patches.shape[1], *(t.data_ptr() for t in index),
+                     starts.shape[1], w_rows.data_ptr(), blocks, o_b, 0 if bias is None else bias.data_ptr(),
+                     tile, kh, kw, sh, sw, dh, dw, tw, out.data_ptr(), out.stride(0), out.stride(1))
+    if status_code < 0:
+        raise MemoryError("haste_conv2d: out of memory in the native tile kernel")
+    return True

@@ -1,0 +1,199 @@
+/* HASTE's reduced convs, tile by tile, without materialising merged filters (fxslim/runtime/haste_kernel.py).
+ *
+ * For a tile with B buckets the method convolves the B bucket means of its input window with the
+ * merged filters W~[ij, b] = sum over the bucket's channels c of W[c, ij]. The ATen path writes
+ * every merged filter (B * k^2 * O floats per tile) and reads it back in a GEMM of only T*T rows.
+ * Here a merged filter exists only as two vectors of 16 output channels in registers: for each
+ * kernel tap ij and bucket b it is summed from the weight rows of the bucket's channels and at once
+ * multiplied into the accumulators of 8 output pixels. Work per tile: C * k^2 * O additions (the
+ * merge, once per 8 pixels) and B * k^2 * T^2 * O multiply-adds (the reduced conv), as the method
+ * counts them.
+ *
+ * Inputs are the tile's patches (each channel's t_h x t_w input window), its buckets (channels
+ * sorted by code, bucket starts, bucket count), the weight as rows [blocks][C * k^2][O_b] (row
+ * c * k^2 + ij holds W[block * O_b : (block + 1) * O_b, c, ij]) and the bias. Float32 only.
+ * AVX-512 code where the compiler targets it, plain C elsewhere (the same sums; fused multiply-adds
+ * there, so the last bits may differ).
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
+enum {
+    VEC = 16,      /* output channels per vector */
+    WIDE = 2 * VEC, /* output channels per pass */
+    PIX = 8,       /* output pixels per pass */
+    GROUP_FLOATS = 1 << 18, /* a group of tiles' tap-major means (1 MB): they share each read of the weight */
+};
+
+/* cols[(ij * buckets + b) * pix_pad + p] = mean over bucket b's channels of the patch value under
+ * output pixel p at kernel tap ij (0 for p >= pixels): per tap and bucket, the pixels' inputs
+ * contiguous. window[p] + shift[ij] is that patch position. */
+static void tap_means(const float *patch, int64_t d, const int64_t *channels, const int64_t *starts, int64_t buckets,
+                      int64_t c, const int64_t *window, int64_t pixels, int64_t pix_pad, const int64_t *shift,
+                      int64_t k2, float *mean, float *cols) {
+    for (int64_t b = 0; b < buckets; b++) {
+        int64_t s0 = starts[b], s1 = b + 1 < buckets ? starts[b + 1] : c;
+        for (int64_t q = 0; q < d; q++) mean[q] = 0.0f;
+        for (int64_t s = s0; s < s1; s++) {
+            const float *row = patch + channels[s] * d;
+            for (int64_t q = 0; q < d; q++) mean[q] += row[q];
+        }
+        float inv = 1.0f / (float)(s1 - s0);
+        for (int64_t ij = 0; ij < k2; ij++) {
+            float *col = cols + (ij * buckets + b) * pix_pad;
+            for (int64_t p = 0; p < pix_pad; p++) col[p] = p < pixels ? mean[window[p] + shift[ij]] * inv : 0.0f;
+        }
+    }
+}
+
+/* rows[b] -> W~[ij, b] (WIDE floats; `width` of them real) = the sum of the weight rows at tap ij
+ * of bucket b's channels, for every bucket of a tile: a singleton's own weight row where all WIDE
+ * floats are real, else a row of `merged` summed in registers. */
+#ifdef __AVX512F__
+static void merge_rows(const float *w_ij, int64_t row_stride, const int64_t *channels, const int64_t *starts,
+                       int64_t c, int64_t buckets, int64_t width, float *merged, const float **rows) {
+    __mmask16 lo = width >= VEC ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1u);
+    __mmask16 hi = width >= WIDE ? (__mmask16)0xffff : width > VEC ? (__mmask16)((1u << (width - VEC)) - 1u) : 0;
+    for (int64_t b = 0; b < buckets; b++) {
+        int64_t s0 = starts[b], s1 = b + 1 < buckets ? starts[b + 1] : c;
+        const float *row = w_ij + channels[s0] * row_stride;
+        if (s1 - s0 == 1 && width == WIDE) {
+            rows[b] = row;
+            continue;
+        }
+        __m512 m0 = _mm512_maskz_loadu_ps(lo, row), m1 = _mm512_maskz_loadu_ps(hi, row + VEC);
+        for (int64_t s = s0 + 1; s < s1; s++) {
+            row = w_ij + channels[s] * row_stride;
+            m0 = _mm512_add_ps(m0, _mm512_maskz_loadu_ps(lo, row));
+            m1 = _mm512_add_ps(m1, _mm512_maskz_loadu_ps(hi, row + VEC));
+        }
+        _mm512_storeu_ps(merged + b * WIDE, m0);
+        _mm512_storeu_ps(merged + b * WIDE + VEC, m1);
+        rows[b] = merged + b * WIDE;
+    }
+}
+#else
+static void merge_rows(const float *w_ij, int64_t row_stride, const int64_t *channels, const int64_t *starts,
+                       int64_t c, int64_t buckets, int64_t width, float *merged, const float **rows) {
+    for (int64_t b = 0; b < buckets; b++) {
+        int64_t s1 = b + 1 < buckets ? starts[b + 1] : c;
+        float *m = merged + b * WIDE;
+        for (int v = 0; v < WIDE; v++) m[v] = 0.0f;
+        for (int64_t s = starts[b]; s < s1; s++) {
+            const float *row = w_ij + channels[s] * row_stride;
+            for (int64_t v = 0; v < width; v++) m[v] += row[v];
+        }
+        rows[b] = m;
+    }
+}
+#endif
+
+/* One tap of one tile for PIX output pixels: acc[p][v] += sum over buckets b of col[b][p] *
+ * rows[b][v]. col: [buckets][pix_pad] at this tap and pixel group. */
+#ifdef __AVX512F__
+static void tile_tap(const float *col, int64_t pix_pad, int64_t buckets, const float *const *rows, float *acc) {
+    __m512 a[PIX][2];
+    for (int p = 0; p < PIX; p++) {
+        a[p][0] = _mm512_loadu_ps(acc + p * WIDE);
+        a[p][1] = _mm512_loadu_ps(acc + p * WIDE + VEC);
+    }
+    for (int64_t b = 0; b < buckets; b++) {
+        __m512 m0 = _mm512_loadu_ps(rows[b]), m1 = _mm512_loadu_ps(rows[b] + VEC);
+        const float *m = col + b * pix_pad;
+#pragma GCC unroll 8
+        for (int p = 0; p < PIX; p++) {
+            __m512 x = _mm512_set1_ps(m[p]);
+            a[p][0] = _mm512_fmadd_ps(x, m0, a[p][0]);
+            a[p][1] = _mm512_fmadd_ps(x, m1, a[p][1]);
+        }
+    }
+    for (int p = 0; p < PIX; p++) {
+        _mm512_storeu_ps(acc + p * WIDE, a[p][0]);
+        _mm512_storeu_ps(acc + p * WIDE + VEC, a[p][1]);
+    }
+}
+#else
+static void tile_tap(const float *col, int64_t pix_pad, int64_t buckets, const float *const *rows, float *acc) {
+    for (int64_t b = 0; b < buckets; b++) {
+        const float *m = col + b * pix_pad;
+        for (int p = 0; p < PIX; p++)
+            for (int v = 0; v < WIDE; v++) acc[p * WIDE + v] += m[p] * rows[b][v];
+    }
+}
+#endif
+
+/* Every tile's outputs. Tile i of the sorted order is tile order[i] of the group: its patches are
+ * rows (order[i] * C .. + C) of `patches` [tiles * C, d]; channels, starts, count are in sorted
+ * order ([tiles, C], [tiles, b_max], [tiles]). Geometry: T x T output tile, k_h x k_w kernel,
+ * strides, dilations, tw = patch width. Writes out[block * out_block_stride + order[i] *
+ * out_tile_stride + p * o_b + o] for p < T*T. Returns 0, or -1 when out of memory.
+ *
+ * Loop order: tiles in groups whose tap-major means fit GROUP_FLOATS; per group, output channels
+ * WIDE at a time and kernel taps outermost, so the weight slice of one (tap, WIDE channels) is
+ * read once per group from memory and then from cache by every tile of the group. */
+int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t d, const int64_t *order,
+                         const int64_t *channels, const int64_t *starts, const int64_t *count, int64_t b_max,
+                         const float *w_rows, int64_t blocks, int64_t o_b, const float *bias, int64_t tile,
+                         int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t tw,
+                         float *out, int64_t out_block_stride, int64_t out_tile_stride) {
+    int64_t k2 = kh * kw, pixels = tile * tile, pix_pad = (pixels + PIX - 1) / PIX * PIX;
+    int64_t tile_floats = k2 * (b_max > 0 ? b_max : 1) * pix_pad;
+    int64_t group = GROUP_FLOATS / tile_floats > 1 ? GROUP_FLOATS / tile_floats : 1;
+    float *cols = malloc((size_t)(group * tile_floats) * sizeof *cols);
+    float *acc = malloc((size_t)(group * pix_pad * WIDE) * sizeof *acc);
+    float *mean = malloc((size_t)d * sizeof *mean);
+    float *merged = malloc((size_t)((b_max > 0 ? b_max : 1) * WIDE) * sizeof *merged);
+    const float **rows = malloc((size_t)(b_max > 0 ? b_max : 1) * sizeof *rows);
+    int64_t *window = malloc((size_t)(pix_pad + k2) * sizeof *window), *shift = window + pix_pad;
+    if (cols == NULL || acc == NULL || mean == NULL || merged == NULL || rows == NULL || window == NULL) {
+        free(cols);
+        free(acc);
+        free(mean);
+        free(merged);
+        free(rows);
+        free(window);
+        return -1;
+    }
+    for (int64_t p = 0; p < pix_pad; p++) window[p] = p < pixels ? (p / tile) * sh * tw + (p % tile) * sw : 0;
+    for (int64_t ij = 0; ij < k2; ij++) shift[ij] = (ij / kw) * dh * tw + (ij % kw) * dw;
+    for (int64_t g0 = 0; g0 < tiles; g0 += group) {
+        int64_t g1 = g0 + group < tiles ? g0 + group : tiles;
+        for (int64_t i = g0; i < g1; i++)
+            tap_means(patches + order[i] * c * d, d, channels + i * c, starts + i * b_max, count[i], c, window, pixels,
+                      pix_pad, shift, k2, mean, cols + (i - g0) * tile_floats);
+        for (int64_t block = 0; block < blocks; block++) {
+            const float *w = w_rows + block * c * k2 * o_b;
+            for (int64_t o0 = 0; o0 < o_b; o0 += WIDE) {
+                int64_t width = o_b - o0 < WIDE ? o_b - o0 : WIDE;
+                for (int64_t i = 0; i < (g1 - g0) * pix_pad; i++)
+                    for (int64_t v = 0; v < WIDE; v++)
+                        acc[i * WIDE + v] = bias != NULL && v < width ? bias[block * o_b + o0 + v] : 0.0f;
+                for (int64_t ij = 0; ij < k2; ij++) {
+                    for (int64_t i = g0; i < g1; i++) {
+                        const float *col = cols + (i - g0) * tile_floats + ij * count[i] * pix_pad;
+                        merge_rows(w + ij * o_b + o0, k2 * o_b, channels + i * c, starts + i * b_max, c, count[i], width,
+                                   merged, rows);
+                        for (int64_t p0 = 0; p0 < pix_pad; p0 += PIX)
+                            tile_tap(col + p0, pix_pad, count[i], rows, acc + ((i - g0) * pix_pad + p0) * WIDE);
+                    }
+                }
+                for (int64_t i = g0; i < g1; i++) {
+                    float *o = out + block * out_block_stride + order[i] * out_tile_stride + o0;
+                    const float *a = acc + (i - g0) * pix_pad * WIDE;
+                    for (int64_t p = 0; p < pixels; p++) memcpy(o + p * o_b, a + p * WIDE, (size_t)width * sizeof *o);
+                }
+            }
+        }
+    }
+    free(cols);
+    free(acc);
+    free(mean);
+    free(merged);
+    free(rows);
+    free(window);
+    return 0;
+}

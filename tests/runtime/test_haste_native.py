@@ -1,0 +1,100 @@
+"""HASTE's native tile kernel (native/haste_tiles.c) against the ATen path and the loop oracle."""
+
+from __future__ import annotations
+
+import ctypes
+import shutil
+import subprocess
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxslim.runtime import haste_kernel, haste_native, native_kernels
+from fxslim.runtime.haste import haste_conv2d, make_planes, patch_shape
+from fxslim.runtime.haste_reference import haste_conv2d_reference
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.skipif(haste_native._kernel() is None, reason=haste_native.status())]
+
+
+def _both(x, weight, bias, planes, stride, padding, dilation, tile):
+    args = (x, weight, bias, planes, list(stride), list(padding), list(dilation), tile, True, "")
+    native = haste_conv2d(*args)
+    with haste_native.disabled():
+        aten = haste_conv2d(*args)
+    return native, aten
+
+
+@settings(max_examples=30, deadline=None)
+@given(c=st.integers(1, 40), o=st.integers(1, 70), k=st.sampled_from([1, 2, 3, 5]), stride=st.integers(1, 2),
+       dilation=st.integers(1, 2), tile=st.integers(1, 5), size=st.integers(3, 13), bias=st.booleans(),
+       L=st.integers(1, 12), seed=st.integers(0, 2**16))
+def test_native_kernel_equals_the_aten_path(c, o, k, stride, dilation, tile, size, bias, L, seed):
+    # output channels past a whole vector of 32, tiles of 1..25 pixels (pixel groups of 8 and their tails)
+    g = torch.Generator().manual_seed(seed)
+    padding = (k - 1) * dilation // 2
+    if size + 2 * padding < (k - 1) * dilation + 1:
+        return
+    x = torch.randn(2, c, size, size + 1, generator=g)
+    weight = torch.randn(o, c, k, k, generator=g)
+    b = torch.randn(o, generator=g) if bias else None
+    th, tw = patch_shape((k, k), (stride, stride), (dilation, dilation), tile)
+    planes = make_planes(L, th * tw, 2 / 3, seed=seed % 5)
+    native, aten = _both(x, weight, b, planes, (stride, stride), (padding, padding), (dilation, dilation), tile)
+    scale = float(aten.abs().max()) if aten.numel() else 1.0
+    torch.testing.assert_close(native, aten, rtol=1e-5, atol=1e-5 * max(scale, 1.0))
+
+
+def test_native_kernel_with_output_channel_blocks_equals_the_reference(monkeypatch):
+    # filters larger than a block: the weight rows come in several blocks of output channels
+    monkeypatch.setattr(haste_kernel, "BLOCK_ELEMENTS", 64)
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randint(-3, 4, (2, 6, 10, 9), generator=g) * 6).float()
+    weight, bias = torch.randn(40, 6, 3, 3, generator=g), torch.randn(40, generator=g)
+    th, tw = patch_shape((3, 3), (1, 1), (1, 1), 4)
+    planes = make_planes(5, th * tw, 2 / 3, seed=4)
+    y = haste_conv2d(x, weight.clone(), bias, planes, [1, 1], [1, 1], [1, 1], 4, True, "")
+    assert haste_kernel.weight_rows(weight).shape[0] > 1
+    expected = haste_conv2d_reference(x, weight, bias, planes, (1, 1), (1, 1), (1, 1), 4, True)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_native_kernel_all_singleton_buckets_is_the_dense_conv():
+    # as many planes as it takes for every channel of every tile to get its own code
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, 5, 8, 8, generator=g)
+    weight, bias = torch.randn(33, 5, 3, 3, generator=g), torch.randn(33, generator=g)
+    planes = make_planes(40, 36, 0.0, seed=2)
+    y = haste_conv2d(x, weight, bias, planes, [1, 1], [1, 1], [1, 1], 4, True, "")
+    torch.testing.assert_close(y, torch.nn.functional.conv2d(x, weight, bias, padding=1), rtol=1e-5, atol=1e-5)
+
+
+def test_native_kernel_is_skipped_for_float64(monkeypatch):
+    # float64 keeps its own precision on the ATen path
+    calls = []
+    real = haste_native.tile_convs
+    monkeypatch.setattr(haste_native, "tile_convs", lambda *a: calls.append(real(*a)) or calls[-1])
+    x, weight = torch.randn(1, 3, 6, 6, dtype=torch.float64), torch.randn(4, 3, 3, 3, dtype=torch.float64)
+    haste_conv2d(x, weight, None, make_planes(4, 36).double(), [1, 1], [1, 1], [1, 1], 4, True, "")
+    haste_conv2d(x.float(), weight.float(), None, make_planes(4, 36), [1, 1], [1, 1], [1, 1], 4, True, "")
+    assert calls == [False, True]
+
+
+def test_portable_c_path_equals_the_avx512_path(tmp_path):
+    # the plain C loops (compilers not targeting AVX-512) against the vector code on one layer
+    source = native_kernels._SOURCES / "haste_tiles.c"
+    portable = tmp_path / "portable.so"
+    subprocess.run([shutil.which("cc") or "cc", "-O2", "-march=x86-64", "-fPIC", "-shared", "-std=c11", "-o",
+                    str(portable), str(source)], check=True)
+    fn = ctypes.CDLL(str(portable)).haste_tile_convs
+    fn.restype, fn.argtypes = haste_native._kernel().restype, haste_native._kernel().argtypes
+    g = torch.Generator().manual_seed(7)
+    x, weight, bias = torch.randn(2, 7, 9, 9, generator=g), torch.randn(37, 7, 3, 3, generator=g), torch.randn(37)
+    planes = make_planes(3, 36, 2 / 3, seed=1)
+    expected = haste_conv2d(x, weight, bias, planes, [1, 1], [1, 1], [1, 1], 4, True, "")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(haste_native, "_kernel", lambda: fn)
+        portable_out = haste_conv2d(x, weight, bias, planes, [1, 1], [1, 1], [1, 1], 4, True, "")
+    torch.testing.assert_close(portable_out, expected, rtol=1e-5, atol=1e-5)
