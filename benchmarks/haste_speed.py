@@ -8,7 +8,7 @@ table gives the medians and the median of the per-round ratios.
 
 The HASTE model runs on the native tile kernel (``native/haste_tiles.c``: bucket means, merged
 filters in registers, reduced convs) where a C compiler is there; the same model on the ATen path
-(``haste_native.disabled()``) is timed in the same rounds.
+(``native_kernels.disabled()``) is timed in the same rounds.
 
 The profile runs the HASTE model with timers around each stage of the op's CPU kernel
 (``fxslim.runtime.haste_kernel``): gathering the patches, hashing (projection, centring, bit
@@ -41,7 +41,7 @@ import torch
 import fxslim
 import fxslim.runtime.haste as haste_runtime
 import fxslim.runtime.haste_kernel as haste_kernel
-from fxslim.runtime import haste_native
+from fxslim.runtime import haste_native, native_kernels
 from benchmarks import records
 from benchmarks.records import Results, Section, Table
 from benchmarks.resnet_checkpoints import ZOO_WEIGHT_DECAY, checkpoint_name
@@ -92,7 +92,7 @@ def side_by_side(dense: Callable, haste: Callable, rounds: int,
 
 def _aten_path(fn: Callable) -> Callable:
     def run():
-        with haste_native.disabled():
+        with native_kernels.disabled():
             return fn()
     return run
 

@@ -43,7 +43,7 @@ from fxslim.app.timing import interleaved_samples, paired_ratio, round_ratios
 from fxslim.cost_model.formulas.httm import httm_counts
 from fxslim.models.multiview import camera_sequence
 from fxslim.models.vggt import vggt_small
-from fxslim.runtime import httm_native
+from fxslim.runtime import httm_native, native_kernels
 from fxslim.runtime.httm import httm_apply_plan, httm_layout, httm_match, httm_plan
 
 __all__ = ["run", "main"]
@@ -76,7 +76,7 @@ def _counted_flops(fn, frames: int) -> int:
 
 def _without_kernels(fn):
     def run():
-        with httm_native.disabled():
+        with native_kernels.disabled():
             return fn()
     return run
 

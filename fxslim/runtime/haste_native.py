@@ -1,40 +1,23 @@
 """HASTE's native tile kernel (``native/haste_tiles.c``) behind a tensor-level call.
 
 ``tile_convs`` returns False where the kernel cannot run (no C compiler, ``FXSLIM_NATIVE=0``, a
-dtype other than float32, or inside ``disabled()``), and the caller takes its ATen path: the same
+dtype other than float32, or inside ``native_kernels.disabled()``), and the caller takes its ATen path: the same
 outputs up to float32 rounding (sums in another order).
 """
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import threading
-from collections.abc import Iterator
 
 import torch
 from torch import Tensor
 
 from fxslim.runtime import native_kernels
 
-__all__ = ["tile_convs", "disabled", "status"]
+__all__ = ["tile_convs", "status"]
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-_off = threading.local()
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """On this thread, ``tile_convs`` answers "cannot run" (for comparisons with the ATen path)."""
-    before = getattr(_off, "value", False)
-    _off.value = True
-    try:
-        yield
-    finally:
-        _off.value = before
-
-
 @functools.cache
 def _kernel():
     lib = native_kernels.load("haste_tiles")
@@ -61,7 +44,7 @@ def tile_convs(patches: Tensor, order: Tensor, channels: Tensor, starts: Tensor,
     ``haste_kernel.TileBuckets``; ``w_rows`` [blocks, C·k², O_b] (``haste_kernel.weight_rows``);
     ``geometry`` = (kernel, stride, padding, dilation, tile, grid) as the ATen path takes it.
     """
-    fn = _kernel() if not getattr(_off, "value", False) else None
+    fn = _kernel() if native_kernels.active() else None
     floats = (patches, w_rows, out) + (() if bias is None else (bias,))
     if fn is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats):
         return False

@@ -1,7 +1,8 @@
 """HTTM's native kernels (``native/httm_best.c``, ``native/httm_merge.c``) behind tensor-level calls.
 
-Each function returns None where its kernel cannot run (no C compiler, ``FXSLIM_NATIVE=0``, a
-tensor that is not float32 on the CPU), and the caller takes its ATen path: the same values (sums
+Each function returns None (or False) where its kernel cannot run (no C compiler,
+``FXSLIM_NATIVE=0``, inside ``native_kernels.disabled()``, a tensor that is not float32 on the CPU),
+and the caller takes its ATen path: the same values (sums
 in the same order; matching choices equal up to float32 rounding, as between two float32 GEMMs).
 Measured at 32 frames x 261 tokens, 16 heads x 64, 1 thread: group sums 2.8 ms where index_add_
 takes 7.4, a row gather 3 ms where index_select takes 14.
@@ -9,11 +10,8 @@ takes 7.4, a row gather 3 ms where index_select takes 14.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
-import threading
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,27 +20,9 @@ from torch import Tensor
 
 from fxslim.runtime import native_kernels
 
-__all__ = ["Screen", "bf16_screen", "bf16_margins", "group_sums", "deviations", "gather_rows", "disabled", "status"]
+__all__ = ["Screen", "bf16_screen", "bf16_margins", "group_sums", "deviations", "gather_rows", "status"]
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-_off = threading.local()  # set by ``disabled``
-
-
-@contextlib.contextmanager
-def disabled() -> Iterator[None]:
-    """On this thread, every function here answers "cannot run" (for comparisons with the ATen paths)."""
-    before = getattr(_off, "value", False)
-    _off.value = True
-    try:
-        yield
-    finally:
-        _off.value = before
-
-
-def _enabled() -> bool:
-    return not getattr(_off, "value", False)
-
-
 def status() -> str:
     """Which kernels run here, in words (for benchmark records)."""
     screen = "bfloat16 screening on" if _screen() is not None else "bfloat16 screening off (float32 matching)"
@@ -64,7 +44,7 @@ class Screen:
 def bf16_screen() -> Screen | None:
     """The screening kernels where this CPU has bfloat16 dot-product instructions (AVX512-BF16 or
     AMX), which make ATen's bfloat16 GEMM about 4x its float32 one; else None."""
-    return _screen() if _enabled() else None
+    return _screen() if native_kernels.active() else None
 
 
 @functools.cache
@@ -111,7 +91,7 @@ def _merge_kernels() -> ctypes.CDLL | None:
 
 
 def _usable(index: Tensor, *tensors: Tensor) -> ctypes.CDLL | None:
-    if _enabled() and index.dtype == torch.int64 and all(t.dtype == torch.float32 and t.device.type == "cpu"
+    if native_kernels.active() and index.dtype == torch.int64 and all(t.dtype == torch.float32 and t.device.type == "cpu"
                                                          for t in tensors):
         return _merge_kernels()
     return None

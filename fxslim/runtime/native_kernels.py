@@ -6,7 +6,12 @@ torch headers, so a build takes well under a second. The cache key is the source
 compiler command and the machine, so an edited source or another CPU builds afresh.
 
 Everything that uses a kernel keeps its ATen path: with no compiler, a failed build, or
-``FXSLIM_NATIVE=0``, ``load`` returns None and ``unavailable_reason`` says why.
+``FXSLIM_NATIVE=0``, ``load`` returns None and ``unavailable_reason`` says why; inside
+``disabled()`` (per thread) callers take their ATen paths too, for side-by-side comparisons.
+
+Kernels parallelise with OpenMP where the compiler has it (``-fopenmp``, else built without). The
+library asks for ``libgomp.so.1``, the soname of the GNU OpenMP runtime torch has already loaded,
+so kernels and torch share one thread pool and ``torch.set_num_threads`` governs both.
 
 The flags allow reassociating float sums (vectorised dot products) but not ``-ffast-math``, which
 would link ``crtfastmath.o`` and switch denormals off for the whole process.
@@ -14,6 +19,7 @@ would link ``crtfastmath.o`` and switch denormals off for the whole process.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -22,15 +28,35 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["load", "unavailable_reason", "cache_dir"]
+__all__ = ["load", "unavailable_reason", "cache_dir", "disabled", "active"]
 
 _SOURCES = Path(__file__).parent / "native"
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fno-math-errno", "-fno-trapping-math",
           "-fno-signed-zeros", "-fassociative-math")
+_OPENMP = ("-fopenmp",)
 _ENABLE_ENV = "FXSLIM_NATIVE"  # "0" disables every kernel
 _CACHE_ENV = "FXSLIM_CACHE_DIR"
+_off = threading.local()
+
+
+@contextlib.contextmanager
+def disabled() -> Iterator[None]:
+    """On this thread, every caller of a kernel takes its ATen path (``active()`` is False)."""
+    before = getattr(_off, "value", False)
+    _off.value = True
+    try:
+        yield
+    finally:
+        _off.value = before
+
+
+def active() -> bool:
+    """False inside ``disabled()`` on this thread."""
+    return not getattr(_off, "value", False)
 
 
 def cache_dir() -> Path:
@@ -55,25 +81,40 @@ def _build(name: str) -> tuple[ctypes.CDLL | None, str]:
     if compiler is None:
         return None, f"no C compiler ({os.environ.get('CC') or 'cc'} not on PATH; set CC)"
     text = source.read_bytes()
-    key = hashlib.sha256(text + " ".join((compiler, *_FLAGS, platform.machine(), platform.node())).encode())
-    target = cache_dir() / "native" / f"{name}-{key.hexdigest()[:16]}.so"
-    if not target.is_file():
-        try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            # built beside the target and renamed: concurrent first uses never load a partial file
-            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-                partial = Path(tmp) / target.name
-                result = subprocess.run([compiler, *_FLAGS, "-o", str(partial), str(source)],
-                                        capture_output=True, text=True, timeout=120)
-                if result.returncode != 0:
-                    return None, f"{compiler} failed on {source.name}: {result.stderr.strip()[:500]}"
-                os.replace(partial, target)
-        except (OSError, subprocess.SubprocessError) as error:
-            return None, f"building {source.name} failed: {error}"
+    errors = []
+    for extra in (_OPENMP, ()):
+        flags = (*_FLAGS, *extra)
+        key = hashlib.sha256(text + " ".join((compiler, *flags, platform.machine(), platform.node())).encode())
+        target = cache_dir() / "native" / f"{name}-{key.hexdigest()[:16]}.so"
+        if target.is_file():
+            break
+        error = _compile(compiler, flags, source, target)
+        if error is None:
+            break
+        errors.append(error)
+    else:
+        return None, "; ".join(errors)
     try:
         return ctypes.CDLL(str(target)), ""
     except OSError as error:
         return None, f"loading {target} failed: {error}"
+
+
+def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) -> str | None:
+    """Build ``source`` into ``target``; None, or what went wrong."""
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # built beside the target and renamed: concurrent first uses never load a partial file
+        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+            partial = Path(tmp) / target.name
+            result = subprocess.run([compiler, *flags, "-o", str(partial), str(source)], capture_output=True,
+                                    text=True, timeout=120)
+            if result.returncode != 0:
+                return f"{compiler} {' '.join(flags[-1:])} failed on {source.name}: {result.stderr.strip()[:300]}"
+            os.replace(partial, target)
+    except (OSError, subprocess.SubprocessError) as error:
+        return f"building {source.name} failed: {error}"
+    return None
 
 
 def load(name: str) -> ctypes.CDLL | None:

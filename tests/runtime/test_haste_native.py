@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.usefixtures("one_thread"),
 def _both(x, weight, bias, planes, stride, padding, dilation, tile):
     args = (x, weight, bias, planes, list(stride), list(padding), list(dilation), tile, True, "")
     native = haste_conv2d(*args)
-    with haste_native.disabled():
+    with native_kernels.disabled():
         aten = haste_conv2d(*args)
     return native, aten
 
@@ -98,3 +98,18 @@ def test_portable_c_path_equals_the_avx512_path(tmp_path):
         m.setattr(haste_native, "_kernel", lambda: fn)
         portable_out = haste_conv2d(x, weight, bias, planes, [1, 1], [1, 1], [1, 1], 4, True, "")
     torch.testing.assert_close(portable_out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_native_kernel_gives_the_same_outputs_on_two_threads():
+    # tiles are independent: OpenMP's split of them changes no value
+    g = torch.Generator().manual_seed(8)
+    x, weight = torch.randn(3, 16, 20, 20, generator=g), torch.randn(40, 16, 3, 3, generator=g)
+    planes = make_planes(6, 36, 2 / 3, seed=2)
+    one = haste_conv2d(x, weight, None, planes, [1, 1], [1, 1], [1, 1], 4, True, "")
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        two = haste_conv2d(x, weight, None, planes, [1, 1], [1, 1], [1, 1], 4, True, "")
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(one, two)

@@ -28,7 +28,7 @@ merge_only = pytest.mark.skipif(native_kernels.load("httm_merge") is None,
 def without_kernels():
     """Call it to run the ATen paths (no screening, no merge kernels) for the rest of the test."""
     stack = contextlib.ExitStack()
-    yield lambda: stack.enter_context(httm_native.disabled())
+    yield lambda: stack.enter_context(native_kernels.disabled())
     stack.close()
 
 
@@ -60,7 +60,7 @@ def test_screened_matching_equals_float32_matching(frames, patches, d, ratio, sc
     x = torch.randn(1, 2, frames * p, d, generator=g) * scale
     layout = httm_layout(frames, p, 5, ratio, 64, 4)
     native = httm_match(x, layout)
-    with httm_native.disabled():
+    with native_kernels.disabled():
         reference = httm_match(x, layout)
     differ = native != reference
     # a choice may differ only where float32 cannot tell the two destinations apart
@@ -246,3 +246,21 @@ def test_portable_c_path_chooses_like_the_avx512_path(tmp_path):
     exact = src.double() @ dst.double().T
     chosen = exact.gather(1, results[0].view(-1, 1)).flatten()
     assert bool((chosen >= exact.max(dim=1).values - 1e-5 * norms.double()).all())
+
+
+def test_kernels_give_the_same_plan_and_output_on_two_threads():
+    g = torch.Generator().manual_seed(9)
+    frames, p = 6, 5 + 200
+    q, k, v = (torch.randn(1, 4, frames * p, 32, generator=g) for _ in range(3))
+    plan = httm_plan(q, k, frames, p, n_s=64, n_t=4)
+    out = httm_apply_plan(q, k, v, plan)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        plan_two = httm_plan(q, k, frames, p, n_s=64, n_t=4)
+        out_two = httm_apply_plan(q, k, v, plan_two)
+    finally:
+        torch.set_num_threads(before)
+    for name in ("q_slot", "kv_slot", "q_lengths", "outliers"):
+        assert torch.equal(getattr(plan, name), getattr(plan_two, name)), name
+    torch.testing.assert_close(out, out_two, rtol=1e-6, atol=1e-6)  # SDPA itself may split sums differently

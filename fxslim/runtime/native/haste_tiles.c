@@ -18,6 +18,9 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #ifdef __AVX512F__
 #include <immintrin.h>
 #endif
@@ -126,74 +129,114 @@ static void tile_tap(const float *col, int64_t pix_pad, int64_t buckets, const f
 }
 #endif
 
+/* One layer's arguments (see haste_tile_convs) and what follows from them. */
+typedef struct {
+    const float *patches, *w_rows, *bias;
+    const int64_t *order, *channels, *starts, *count, *window, *shift;
+    int64_t c, d, b_max, blocks, o_b, k2, pixels, pix_pad, tile_floats, out_block_stride, out_tile_stride;
+    float *out;
+} Layer;
+
+/* One thread's buffers. */
+typedef struct {
+    float *cols, *acc, *mean, *merged;
+    const float **rows;
+} Work;
+
+static void free_work(Work *w) {
+    free(w->cols);
+    free(w->acc);
+    free(w->mean);
+    free(w->merged);
+    free((void *)w->rows);
+}
+
+static int alloc_work(Work *w, const Layer *l, int64_t group) {
+    int64_t buckets = l->b_max > 0 ? l->b_max : 1;
+    w->cols = malloc((size_t)(group * l->tile_floats) * sizeof *w->cols);
+    w->acc = malloc((size_t)(group * l->pix_pad * WIDE) * sizeof *w->acc);
+    w->mean = malloc((size_t)l->d * sizeof *w->mean);
+    w->merged = malloc((size_t)(buckets * WIDE) * sizeof *w->merged);
+    w->rows = malloc((size_t)buckets * sizeof *w->rows);
+    if (w->cols && w->acc && w->mean && w->merged && w->rows) return 0;
+    free_work(w);
+    return -1;
+}
+
+/* Sorted tiles [g0, g1): means, then output channels WIDE at a time with kernel taps outermost, so
+ * the weight slice of one (tap, WIDE channels) is read once per group from memory and then from
+ * cache by every tile of the group. */
+static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
+    int64_t c = l->c, k2 = l->k2, pix_pad = l->pix_pad, o_b = l->o_b;
+    for (int64_t i = g0; i < g1; i++)
+        tap_means(l->patches + l->order[i] * c * l->d, l->d, l->channels + i * c, l->starts + i * l->b_max, l->count[i],
+                  c, l->window, l->pixels, pix_pad, l->shift, k2, w->mean, w->cols + (i - g0) * l->tile_floats);
+    for (int64_t block = 0; block < l->blocks; block++) {
+        const float *weight = l->w_rows + block * c * k2 * o_b;
+        for (int64_t o0 = 0; o0 < o_b; o0 += WIDE) {
+            int64_t width = o_b - o0 < WIDE ? o_b - o0 : WIDE;
+            for (int64_t i = 0; i < (g1 - g0) * pix_pad; i++)
+                for (int64_t v = 0; v < WIDE; v++)
+                    w->acc[i * WIDE + v] = l->bias != NULL && v < width ? l->bias[block * o_b + o0 + v] : 0.0f;
+            for (int64_t ij = 0; ij < k2; ij++) {
+                for (int64_t i = g0; i < g1; i++) {
+                    const float *col = w->cols + (i - g0) * l->tile_floats + ij * l->count[i] * pix_pad;
+                    merge_rows(weight + ij * o_b + o0, k2 * o_b, l->channels + i * c, l->starts + i * l->b_max, c,
+                               l->count[i], width, w->merged, w->rows);
+                    for (int64_t p0 = 0; p0 < pix_pad; p0 += PIX)
+                        tile_tap(col + p0, pix_pad, l->count[i], w->rows, w->acc + ((i - g0) * pix_pad + p0) * WIDE);
+                }
+            }
+            for (int64_t i = g0; i < g1; i++) {
+                float *o = l->out + block * l->out_block_stride + l->order[i] * l->out_tile_stride + o0;
+                const float *a = w->acc + (i - g0) * pix_pad * WIDE;
+                for (int64_t p = 0; p < l->pixels; p++) memcpy(o + p * o_b, a + p * WIDE, (size_t)width * sizeof *o);
+            }
+        }
+    }
+}
+
 /* Every tile's outputs. Tile i of the sorted order is tile order[i] of the group: its patches are
  * rows (order[i] * C .. + C) of `patches` [tiles * C, d]; channels, starts, count are in sorted
  * order ([tiles, C], [tiles, b_max], [tiles]). Geometry: T x T output tile, k_h x k_w kernel,
  * strides, dilations, tw = patch width. Writes out[block * out_block_stride + order[i] *
  * out_tile_stride + p * o_b + o] for p < T*T. Returns 0, or -1 when out of memory.
  *
- * Loop order: tiles in groups whose tap-major means fit GROUP_FLOATS; per group, output channels
- * WIDE at a time and kernel taps outermost, so the weight slice of one (tap, WIDE channels) is
- * read once per group from memory and then from cache by every tile of the group. */
+ * Tiles go in groups whose tap-major means fit GROUP_FLOATS, at least as many groups as threads
+ * where there are tiles enough; threads take groups (OpenMP, torch's pool). */
 int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t d, const int64_t *order,
                          const int64_t *channels, const int64_t *starts, const int64_t *count, int64_t b_max,
                          const float *w_rows, int64_t blocks, int64_t o_b, const float *bias, int64_t tile,
                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t tw,
                          float *out, int64_t out_block_stride, int64_t out_tile_stride) {
     int64_t k2 = kh * kw, pixels = tile * tile, pix_pad = (pixels + PIX - 1) / PIX * PIX;
-    int64_t tile_floats = k2 * (b_max > 0 ? b_max : 1) * pix_pad;
-    int64_t group = GROUP_FLOATS / tile_floats > 1 ? GROUP_FLOATS / tile_floats : 1;
-    float *cols = malloc((size_t)(group * tile_floats) * sizeof *cols);
-    float *acc = malloc((size_t)(group * pix_pad * WIDE) * sizeof *acc);
-    float *mean = malloc((size_t)d * sizeof *mean);
-    float *merged = malloc((size_t)((b_max > 0 ? b_max : 1) * WIDE) * sizeof *merged);
-    const float **rows = malloc((size_t)(b_max > 0 ? b_max : 1) * sizeof *rows);
-    int64_t *window = malloc((size_t)(pix_pad + k2) * sizeof *window), *shift = window + pix_pad;
-    if (cols == NULL || acc == NULL || mean == NULL || merged == NULL || rows == NULL || window == NULL) {
-        free(cols);
-        free(acc);
-        free(mean);
-        free(merged);
-        free(rows);
-        free(window);
-        return -1;
-    }
+    int64_t *window = malloc((size_t)(pix_pad + k2) * sizeof *window);
+    if (window == NULL) return -1;
+    int64_t *shift = window + pix_pad;
     for (int64_t p = 0; p < pix_pad; p++) window[p] = p < pixels ? (p / tile) * sh * tw + (p % tile) * sw : 0;
     for (int64_t ij = 0; ij < k2; ij++) shift[ij] = (ij / kw) * dh * tw + (ij % kw) * dw;
-    for (int64_t g0 = 0; g0 < tiles; g0 += group) {
-        int64_t g1 = g0 + group < tiles ? g0 + group : tiles;
-        for (int64_t i = g0; i < g1; i++)
-            tap_means(patches + order[i] * c * d, d, channels + i * c, starts + i * b_max, count[i], c, window, pixels,
-                      pix_pad, shift, k2, mean, cols + (i - g0) * tile_floats);
-        for (int64_t block = 0; block < blocks; block++) {
-            const float *w = w_rows + block * c * k2 * o_b;
-            for (int64_t o0 = 0; o0 < o_b; o0 += WIDE) {
-                int64_t width = o_b - o0 < WIDE ? o_b - o0 : WIDE;
-                for (int64_t i = 0; i < (g1 - g0) * pix_pad; i++)
-                    for (int64_t v = 0; v < WIDE; v++)
-                        acc[i * WIDE + v] = bias != NULL && v < width ? bias[block * o_b + o0 + v] : 0.0f;
-                for (int64_t ij = 0; ij < k2; ij++) {
-                    for (int64_t i = g0; i < g1; i++) {
-                        const float *col = cols + (i - g0) * tile_floats + ij * count[i] * pix_pad;
-                        merge_rows(w + ij * o_b + o0, k2 * o_b, channels + i * c, starts + i * b_max, c, count[i], width,
-                                   merged, rows);
-                        for (int64_t p0 = 0; p0 < pix_pad; p0 += PIX)
-                            tile_tap(col + p0, pix_pad, count[i], rows, acc + ((i - g0) * pix_pad + p0) * WIDE);
-                    }
-                }
-                for (int64_t i = g0; i < g1; i++) {
-                    float *o = out + block * out_block_stride + order[i] * out_tile_stride + o0;
-                    const float *a = acc + (i - g0) * pix_pad * WIDE;
-                    for (int64_t p = 0; p < pixels; p++) memcpy(o + p * o_b, a + p * WIDE, (size_t)width * sizeof *o);
-                }
-            }
+    Layer l = {patches, w_rows, bias, order, channels, starts, count, window, shift, c, d, b_max, blocks, o_b, k2,
+               pixels, pix_pad, k2 * (b_max > 0 ? b_max : 1) * pix_pad, out_block_stride, out_tile_stride, out};
+    int64_t threads = 1;
+#ifdef _OPENMP
+    threads = omp_get_max_threads();
+#endif
+    int64_t group = GROUP_FLOATS / l.tile_floats > 1 ? GROUP_FLOATS / l.tile_floats : 1;
+    int64_t per_thread = (tiles + threads - 1) / threads;
+    if (per_thread < group) group = per_thread > 1 ? per_thread : 1;
+    int64_t groups = (tiles + group - 1) / group, failed = 0;
+#pragma omp parallel if (groups > 1) reduction(| : failed)
+    {
+        Work w;
+        if (alloc_work(&w, &l, group) < 0) {
+            failed = 1;
+        } else {
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t g = 0; g < groups; g++)
+                run_group(&l, &w, g * group, (g + 1) * group < tiles ? (g + 1) * group : tiles);
+            free_work(&w);
         }
     }
-    free(cols);
-    free(acc);
-    free(mean);
-    free(merged);
-    free(rows);
     free(window);
-    return 0;
+    return failed ? -1 : 0;
 }

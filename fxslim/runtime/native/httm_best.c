@@ -71,6 +71,7 @@ static inline uint16_t bf16_bits(float x) {
  * httm_best_destinations in float32, in order (not scattered over x). */
 void httm_gather_sources(const float *x, const int64_t *index, int64_t count, int64_t d, uint16_t *out16,
                          float *out32, float *norms) {
+#pragma omp parallel for schedule(static) if (count * d > (1 << 16))
     for (int64_t i = 0; i < count; i++) {
         if (i + AHEAD < count) prefetch_row(x, index[i + AHEAD], d);
         const float *row = x + index[i] * d;
@@ -85,6 +86,7 @@ void httm_gather_sources(const float *x, const int64_t *index, int64_t count, in
  * and out16[i, :] = the same in bfloat16: the destinations of a block class. */
 void httm_gather_destinations(const float *x, const int64_t *index, int64_t count, int64_t d, float eps,
                               float *out32, uint16_t *out16) {
+#pragma omp parallel for schedule(static) if (count * d > (1 << 16))
     for (int64_t i = 0; i < count; i++) {
         if (i + AHEAD < count) prefetch_row(x, index[i + AHEAD], d);
         const float *row = x + index[i] * d;
@@ -216,20 +218,26 @@ int64_t httm_best_destinations(const uint16_t *scores, int64_t pairs, int64_t ro
                                const float *src32, const float *norms, const float *dst, int64_t d,
                                float rel_margin, float abs_margin, int64_t *best, int64_t best_pair_stride) {
     enum { CAP = 64 };
-    int32_t cand[CAP];
-    int32_t *all = NULL; /* cols entries, made on first need */
-    int64_t rescored = 0;
-    for (int64_t p = 0; p < pairs; p++) {
-        const float *dst_p = dst + p * cols * d;
-        for (int64_t r = 0; r < rows; r++) {
-            const uint16_t *row = scores + (p * rows + r) * cols;
-            const float *src = src32 + (p * rows + r) * d;
-            float margin = rel_margin * norms[p * rows + r] + abs_margin;
+    int64_t rescored = 0, failed = 0;
+#pragma omp parallel reduction(+ : rescored) reduction(| : failed) if (pairs * rows * cols > (1 << 18))
+    {
+        int32_t cand[CAP];
+        int32_t *all = NULL; /* cols entries, made on first need */
+#pragma omp for schedule(static)
+        for (int64_t i = 0; i < pairs * rows; i++) {
+            int64_t p = i / rows, r = i % rows;
+            const float *dst_p = dst + p * cols * d;
+            const uint16_t *row = scores + i * cols;
+            const float *src = src32 + i * d;
+            float margin = rel_margin * norms[i] + abs_margin;
             int16_t floor_key = key_at_or_below(float_of_key(row_top(row, cols)) - margin);
             int64_t count = candidates(row, cols, floor_key, cand, CAP);
             int64_t choice = cand[0];
             if (count > CAP) { /* more near-ties than the list holds: a list as long as the row */
-                if (all == NULL && (all = malloc((size_t)cols * sizeof *all)) == NULL) return -1;
+                if (all == NULL && (all = malloc((size_t)cols * sizeof *all)) == NULL) {
+                    failed = 1;
+                    continue;
+                }
                 count = candidates(row, cols, floor_key, all, cols);
                 choice = rescore(src, dst_p, d, all, count);
             } else if (count > 1) {
@@ -238,7 +246,7 @@ int64_t httm_best_destinations(const uint16_t *scores, int64_t pairs, int64_t ro
             rescored += count > 1;
             best[p * best_pair_stride + r] = choice;
         }
+        free(all);
     }
-    free(all);
-    return rescored;
+    return failed ? -1 : rescored;
 }
