@@ -46,9 +46,12 @@ static void tap_means(const float *patch, int64_t d, const int64_t *channels, co
             for (int64_t q = 0; q < d; q++) mean[q] += row[q];
         }
         float inv = 1.0f / (float)(s1 - s0);
+        for (int64_t q = 0; q < d; q++) mean[q] *= inv;
         for (int64_t ij = 0; ij < k2; ij++) {
             float *col = cols + (ij * buckets + b) * pix_pad;
-            for (int64_t p = 0; p < pix_pad; p++) col[p] = p < pixels ? mean[window[p] + shift[ij]] * inv : 0.0f;
+            const float *m = mean + shift[ij];
+            for (int64_t p = 0; p < pixels; p++) col[p] = m[window[p]];
+            for (int64_t p = pixels; p < pix_pad; p++) col[p] = 0.0f;
         }
     }
 }
@@ -175,9 +178,9 @@ static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
         const float *weight = l->w_rows + block * c * k2 * o_b;
         for (int64_t o0 = 0; o0 < o_b; o0 += WIDE) {
             int64_t width = o_b - o0 < WIDE ? o_b - o0 : WIDE;
-            for (int64_t i = 0; i < (g1 - g0) * pix_pad; i++)
-                for (int64_t v = 0; v < WIDE; v++)
-                    w->acc[i * WIDE + v] = l->bias != NULL && v < width ? l->bias[block * o_b + o0 + v] : 0.0f;
+            float start[WIDE] = {0};
+            if (l->bias != NULL) memcpy(start, l->bias + block * o_b + o0, (size_t)width * sizeof *start);
+            for (int64_t i = 0; i < (g1 - g0) * pix_pad; i++) memcpy(w->acc + i * WIDE, start, sizeof start);
             for (int64_t ij = 0; ij < k2; ij++) {
                 for (int64_t i = g0; i < g1; i++) {
                     const float *col = w->cols + (i - g0) * l->tile_floats + ij * l->count[i] * pix_pad;
