@@ -210,7 +210,7 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.haste_spe
         f"{platform.machine()}; wall clock (time.perf_counter), {args.rounds} interleaved rounds, medians; the "
         f"machine is shared, so compare within a row (1-minute load average {load_before:.1f} before). The last "
         "column repeats the rounds on this process's CPU time (time.process_time): on a loaded machine a longer "
-        "call is more often descheduled, which inflates wall-clock ratios and not this one. HASTE runs on "
+        f"call is more often descheduled, which inflates wall-clock ratios and not this one. HASTE: "
         f"{haste_native.status()}; the last two columns time the same model on the ATen path, in the same rounds."],
         table=Table(["model", "batch", "dense ms", "HASTE ms", "HASTE / dense", "HASTE / dense, CPU time",
                      "HASTE on the ATen path ms", "ATen path / dense"], speed_rows,

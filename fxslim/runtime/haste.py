@@ -22,8 +22,9 @@ Choices the method leaves open (the loop oracle in ``haste_reference`` implement
 
 The kernel (``fxslim.runtime.haste_kernel``) computes the reduced conv for real, never a dense conv
 on bucket means: codes by one matmul with the planes, buckets by sorting the codes of each tile,
-bucket means and merged filters as sparse segment sums (O·k²·C additions per tile), then batched
-matmuls over chunks of tiles with similar bucket counts. ``record_buckets()`` collects per-layer bucket statistics from the running kernel, for measured
+then bucket means, merged filters (O·k²·C additions per tile) and the reduced convs in the native
+tile kernel (``haste_native``, merged filters only in registers), or without a C compiler and for
+float64 as sparse segment sums and batched matmuls over chunks of tiles with similar bucket counts. ``record_buckets()`` collects per-layer bucket statistics from the running kernel, for measured
 FLOPs. FlopCounterMode counts the dense conv FLOPs (an upper bound of the reduced conv alone; the
 HASTE work depends on the data, see ``record_buckets``).
 """

@@ -13,9 +13,10 @@ Samples go in groups whose patches fit ``GROUP_ELEMENTS``. For a group:
    rows [C·k², O] (a segment sum), then the reduced convs as one batched GEMM,
    y_τ [T·T, O] = im2col(means_τ) [T·T, k²·B] @ W̃_τ [k²·B, O] (+ bias).
 
-Step 5 writes B_τ·k²·O merged filter values per tile (from O·k²·C reads and O·k²·(C − B_τ)
-additions): whatever the kernel, the method has to write them, and ``benchmarks/haste_speed.py``
-times that floor. Intermediates live in per-thread scratch buffers reused across calls; the
+Steps 4-5 run in the native tile kernel instead (``haste_native``, ``native/haste_tiles.c``) where it
+is built and the dtype is float32: it sums each merged filter in registers and never writes one.
+On the ATen path step 5 writes B_τ·k²·O merged filter values per tile (from O·k²·C reads and
+O·k²·(C − B_τ) additions), and ``benchmarks/haste_speed.py`` times writing that many floats. Intermediates live in per-thread scratch buffers reused across calls; the
 weight's rows are kept per weight tensor.
 """
 

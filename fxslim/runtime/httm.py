@@ -268,7 +268,8 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     if rows_x.numel():
         low, high = torch.aminmax(rows_x)
         clean = not bool(torch.maximum(-low, high) < torch.finfo(rows_x.dtype).max / max(d, 1))
-    screen = httm_native.bf16_screen() if rows_x.dtype == torch.float32 and rows_x.device.type == "cpu" and not clean else None
+    cpu_float32 = rows_x.dtype == torch.float32 and rows_x.device.type == "cpu"
+    screen = httm_native.bf16_screen() if cpu_float32 and not clean else None
     for cls in layout.classes if b * h else ():
         if screen is None:
             _match_class(rows_x, cls, slot, clean)
@@ -329,7 +330,8 @@ def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: htt
     head_offset = torch.arange(e).view(e, 1, 1) * n
     src_rows = (cls.src + head_offset).view(pairs, ns)
     dst_rows = (cls.dst + head_offset).view(-1)
-    dst, dst16 = memory.scratch("httm.dst", (pairs, nd, d)), memory.scratch("httm.dst16", (pairs, nd, d), torch.bfloat16)
+    dst = memory.scratch("httm.dst", (pairs, nd, d))
+    dst16 = memory.scratch("httm.dst16", (pairs, nd, d), torch.bfloat16)
     screen.gather_destinations(x.data_ptr(), dst_rows.data_ptr(), pairs * nd, d, _NORMALIZE_EPS, dst.data_ptr(),
                                dst16.data_ptr())
     dst16 = dst16.transpose(1, 2)
@@ -526,7 +528,8 @@ def httm_apply_plan(q: Tensor, k: Tensor, v: Tensor, plan: HttmPlan, proportiona
     if b * h == 0:
         return q.new_empty(b, h, n, dv)
     q_flat, kv_flat = _flat(plan.q_slot.reshape(b * h, n), m_q), _flat(plan.kv_slot.reshape(b * h, n), m_kv)
-    q_merged = _means(_group_sums(q, q_flat, b * h * m_q, "httm.q_merged"), torch.bincount(q_flat, minlength=b * h * m_q))
+    q_counts = torch.bincount(q_flat, minlength=b * h * m_q)
+    q_merged = _means(_group_sums(q, q_flat, b * h * m_q, "httm.q_merged"), q_counts)
     sizes = torch.bincount(kv_flat, minlength=b * h * m_kv)
     k_merged = _means(_group_sums(k, kv_flat, b * h * m_kv, "httm.k_merged"), sizes)
     v_merged = _means(_group_sums(v, kv_flat, b * h * m_kv, "httm.v_merged"), sizes)

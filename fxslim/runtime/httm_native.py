@@ -91,8 +91,8 @@ def _merge_kernels() -> ctypes.CDLL | None:
 
 
 def _usable(index: Tensor, *tensors: Tensor) -> ctypes.CDLL | None:
-    if native_kernels.active() and index.dtype == torch.int64 and all(t.dtype == torch.float32 and t.device.type == "cpu"
-                                                         for t in tensors):
+    floats = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
+    if native_kernels.active() and index.dtype == torch.int64 and floats:
         return _merge_kernels()
     return None
 
