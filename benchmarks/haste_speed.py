@@ -12,7 +12,8 @@ filters in registers, reduced convs) where a C compiler is there; the same model
 
 The profile runs the HASTE model with timers around each stage of the op's CPU kernel
 (``fxslim.runtime.haste_kernel``): gathering the patches, hashing (projection, centring, bit
-packing), bucketing (sorting codes, sorting tiles by bucket count), the native tile kernel, or on
+packing), bucketing (sorting each tile's codes; on the ATen path also sorting tiles by bucket
+count), the native tile kernel, or on
 the ATen path the sparse segment sums (bucket means of the inputs and merged filters), the reduced
 conv (batched matmuls) and the rest of the kernel (segment indices, im2col of the means, restoring
 the tile order), and stitching the tiles into the output map.
@@ -104,7 +105,7 @@ def stage_timers() -> Iterator[dict[str, float]]:
     inside = {"group": 0}
     kernel_saved = {name: getattr(haste_kernel, name) for name in (*_STAGES, "_group")}
     runtime_saved = {name: getattr(haste_runtime, name) for name in ("_stitch", "_haste_conv2d_cpu")}
-    native_saved = {"tile_convs": haste_native.tile_convs}
+    native_saved = {"tile_convs": haste_native.tile_convs, "buckets": haste_native.buckets}
     torch_saved = {name: getattr(torch, name) for name in _TORCH}
 
     def timed(fn: Callable, stage: str, always: bool = True) -> Callable:
@@ -130,6 +131,7 @@ def stage_timers() -> Iterator[dict[str, float]]:
     haste_runtime._stitch = timed(runtime_saved["_stitch"], "stitching")
     haste_runtime._haste_conv2d_cpu = timed(runtime_saved["_haste_conv2d_cpu"], "kernel")
     haste_native.tile_convs = timed(native_saved["tile_convs"], _NATIVE)
+    haste_native.buckets = timed(native_saved["buckets"], "bucketing")
     for name, fn in torch_saved.items():
         setattr(torch, name, timed(fn, _TORCH[name], always=False))
     try:

@@ -202,10 +202,14 @@ def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Te
     d = th * tw
     rows = patches(x, kernel, stride, padding, dilation, tile, grid)
     tiles = rows.shape[0] // c
-    bk = tile_buckets(hash_codes(rows, planes, c, center))
-    if haste_native.tile_convs(rows, bk.order, bk.channels, bk.starts, bk.count, w_rows, bias, geometry, out):
-        count_out.index_copy_(0, bk.order, bk.count)
-        return
+    codes = hash_codes(rows, planes, c, center)
+    native = haste_native.buckets(codes) if rows.dtype == torch.float32 else None
+    if native is not None:
+        channels, starts, count = native
+        if haste_native.tile_convs(rows, torch.arange(tiles), channels, starts, count, w_rows, bias, geometry, out):
+            count_out.copy_(count)
+            return
+    bk = tile_buckets(codes)
     b_max = bk.starts.shape[1]
     # Sparse indices in int32 when they fit (MKL's own index type: int64 ones are converted every call).
     index = torch.int32 if tiles * k2 * c < 2**31 else torch.int64

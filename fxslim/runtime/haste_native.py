@@ -1,8 +1,9 @@
-"""HASTE's native tile kernel (``native/haste_tiles.c``) behind a tensor-level call.
+"""HASTE's native kernels (``native/haste_buckets.c``, ``native/haste_tiles.c``) behind tensor-level calls.
 
-``tile_convs`` returns False where the kernel cannot run (no C compiler, ``FXSLIM_NATIVE=0``, a
-dtype other than float32, or inside ``native_kernels.disabled()``), and the caller takes its ATen path: the same
-outputs up to float32 rounding (sums in another order).
+``buckets`` returns None and ``tile_convs`` False where a kernel cannot run (no C compiler,
+``FXSLIM_NATIVE=0``, a dtype other than float32, or inside ``native_kernels.disabled()``), and the
+caller takes its ATen path: the same buckets, and outputs equal up to float32 rounding (sums in
+another order).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from fxslim.runtime import native_kernels
 
-__all__ = ["tile_convs", "status"]
+__all__ = ["buckets", "tile_convs", "status"]
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 @functools.cache
@@ -28,6 +29,36 @@ def _kernel():
     fn.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR,
                    _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _I64]
     return fn
+
+
+@functools.cache
+def _buckets_kernel():
+    lib = native_kernels.load("haste_buckets")
+    if lib is None:
+        return None
+    fn = lib.haste_buckets
+    fn.restype = _I64
+    fn.argtypes = [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR]
+    return fn
+
+
+def buckets(codes: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(channels [tiles, C] sorted by code then channel, starts [tiles, B_max] (C past a tile's
+    count), count [tiles]) of codes [tiles, C] (exact integers in float32 or float64), tiles in
+    their own order: ``haste_kernel.tile_buckets`` without the sort of tiles by count."""
+    fn = _buckets_kernel() if native_kernels.active() else None
+    if fn is None or codes.dtype not in (torch.float32, torch.float64) or codes.device.type != "cpu":
+        return None
+    codes = codes.contiguous()
+    tiles, c = codes.shape
+    channels, starts = torch.empty(tiles, c, dtype=torch.int64), torch.empty(tiles, c, dtype=torch.int64)
+    count = torch.empty(tiles, dtype=torch.int64)
+    f32 = codes.dtype == torch.float32
+    largest = fn(codes.data_ptr() if f32 else None, None if f32 else codes.data_ptr(), tiles, c, channels.data_ptr(),
+                 starts.data_ptr(), count.data_ptr())
+    if largest < 0:
+        raise MemoryError("haste_conv2d: out of memory in the native bucket kernel")
+    return channels, starts[:, :largest].contiguous(), count
 
 
 def status() -> str:
