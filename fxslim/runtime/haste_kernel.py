@@ -47,7 +47,7 @@ def patches(x: Tensor, kernel_size, stride, padding, dilation, tile: int, grid: 
 
     A zero canvas holds the padded input cropped to the rows/columns the conv reads, extended to whole
     tiles; tile (i, j) reads the t_h×t_w window at (i·T·σ_h, j·T·σ_w), so edge tiles see zeros beyond the
-    receptive field of their valid outputs.
+    receptive field of their valid outputs. (The native kernel reads the windows straight from x.)
     """
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
@@ -56,11 +56,14 @@ def patches(x: Tensor, kernel_size, stride, padding, dilation, tile: int, grid: 
     h_out, w_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     rows = max(0, min(h, (h_out - 1) * sh + (kh - 1) * dh + 1 - ph))  # input rows some output reads
     cols = max(0, min(w, (w_out - 1) * sw + (kw - 1) * dw + 1 - pw))
+    out = _scratch("patches", (n * nth * ntw * c, th * tw), x)
+    if haste_native.patches(x, rows, cols, (ph, pw), grid, tile, (sh, sw), (th, tw), out):
+        return out
     ch, cw = (nth - 1) * tile * sh + th, (ntw - 1) * tile * sw + tw
     canvas = _scratch("canvas", (n, c, ch, cw), x).zero_()
     canvas[:, :, ph : ph + rows, pw : pw + cols] = x[:, :, :rows, :cols]
     windows = canvas.as_strided((n, nth, ntw, c, th, tw), (c * ch * cw, tile * sh * cw, tile * sw, ch * cw, cw, 1))
-    return _scratch("patches", (n * nth * ntw * c, th * tw), x).view(windows.shape).copy_(windows).view(-1, th * tw)
+    return out.view(windows.shape).copy_(windows).view(-1, th * tw)
 
 
 def hash_codes(rows: Tensor, planes: Tensor, channels: int, center: bool) -> Tensor:

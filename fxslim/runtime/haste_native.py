@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fxslim.runtime import native_kernels
 
-__all__ = ["buckets", "tile_convs", "status"]
+__all__ = ["patches", "buckets", "tile_convs", "status"]
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 @functools.cache
@@ -29,6 +29,30 @@ def _kernel():
     fn.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR,
                    _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _I64]
     return fn
+
+
+@functools.cache
+def _patches_kernel():
+    lib = native_kernels.load("haste_tiles")
+    if lib is None:
+        return None
+    fn = lib.haste_patches
+    fn.restype = None
+    fn.argtypes = [_PTR] + [_I64] * 17 + [_PTR]
+    return fn
+
+
+def patches(x: Tensor, rows: int, cols: int, padding: tuple[int, int], grid: tuple[int, int], tile: int,
+            stride: tuple[int, int], window: tuple[int, int], out: Tensor) -> bool:
+    """Every tile's input windows of x [N, C, H, W] (float32, any strides) into ``out``
+    [N·nth·ntw·C, t_h·t_w] (contiguous), as ``haste_kernel.patches`` makes them; False where the
+    kernel cannot run."""
+    fn = _patches_kernel() if native_kernels.active() else None
+    if fn is None or x.dtype != torch.float32 or out.dtype != torch.float32 or not out.is_contiguous():
+        return False
+    n, c = x.shape[:2]
+    fn(x.data_ptr(), n, c, *x.stride(), rows, cols, *padding, *grid, tile, *stride, *window, out.data_ptr())
+    return True
 
 
 @functools.cache

@@ -129,3 +129,23 @@ def test_native_buckets_equal_tile_buckets(dtype, planes):
     assert torch.equal(starts, bk.starts[back][:, : starts.shape[1]])
     assert torch.equal(codes.gather(1, channels), codes.gather(1, bk.channels[back]))
     assert bool((channels.sort(dim=1).values == torch.arange(45)).all())  # a permutation per tile
+
+
+@settings(max_examples=25, deadline=None)
+@given(c=st.integers(1, 5), k=st.sampled_from([1, 2, 3]), stride=st.integers(1, 3), dilation=st.integers(1, 2),
+       padding=st.integers(0, 2), tile=st.integers(1, 5), h=st.integers(1, 12), w=st.integers(1, 12),
+       layout=st.sampled_from(["contiguous", "channels_last", "strided"]))
+def test_native_patches_equal_the_canvas_path(c, k, stride, dilation, padding, tile, h, w, layout):
+    if h + 2 * padding < (k - 1) * dilation + 1 or w + 2 * padding < (k - 1) * dilation + 1:
+        return
+    x = torch.randn(2, c, h, 2 * w)[..., ::2] if layout == "strided" else torch.randn(2, c, h, w)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    geometry = ((k, k), (stride, stride), (padding, padding), (dilation, dilation))
+    h_out = (h + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    w_out = (w + 2 * padding - dilation * (k - 1) - 1) // stride + 1
+    grid = (-(-h_out // tile), -(-w_out // tile))
+    native = haste_kernel.patches(x, *geometry, tile, grid).clone()
+    with native_kernels.disabled():
+        aten = haste_kernel.patches(x, *geometry, tile, grid)
+    assert torch.equal(native, aten)

@@ -243,3 +243,40 @@ int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t
     free(window);
     return failed ? -1 : 0;
 }
+
+/* patches[((s * nth + ti) * ntw + tj) * c + ch][u * tw + v] = the zero-padded input under tile (ti,
+ * tj) of sample s: x[s, ch, y, xx] at y = ti * tile * sh + u - ph, xx = tj * tile * sw + v - pw
+ * when 0 <= y < rows and 0 <= xx < cols, else 0 (rows, cols: the input rows and columns some
+ * output reads). x is read through its strides (any layout). ATen's path builds a zero canvas,
+ * copies x in and copies the windows out: three passes where this is one. */
+void haste_patches(const float *x, int64_t n, int64_t c, int64_t x_sn, int64_t x_sc, int64_t x_sh, int64_t x_sw,
+                   int64_t rows, int64_t cols, int64_t ph, int64_t pw, int64_t nth, int64_t ntw, int64_t tile,
+                   int64_t sh, int64_t sw, int64_t th, int64_t tw, float *out) {
+    int64_t d = th * tw;
+#pragma omp parallel for schedule(static) if (n * nth * ntw * c * d > (1 << 16))
+    for (int64_t st = 0; st < n * nth * ntw; st++) {
+        int64_t s = st / (nth * ntw), ti = st / ntw % nth, tj = st % ntw;
+        int64_t y0 = ti * tile * sh - ph, x0 = tj * tile * sw - pw;
+        int64_t v0 = x0 < 0 ? -x0 : 0, v1 = cols - x0 < tw ? cols - x0 : tw; /* columns inside the input */
+        for (int64_t ch = 0; ch < c; ch++) {
+            float *o = out + (st * c + ch) * d;
+            const float *plane = x + s * x_sn + ch * x_sc;
+            for (int64_t u = 0; u < th; u++) {
+                float *row = o + u * tw;
+                int64_t y = y0 + u;
+                if (y < 0 || y >= rows || v1 <= v0) {
+                    memset(row, 0, (size_t)tw * sizeof *row);
+                    continue;
+                }
+                const float *in = plane + y * x_sh + (x0 + v0) * x_sw;
+                for (int64_t v = 0; v < v0; v++) row[v] = 0.0f;
+                if (x_sw == 1) {
+                    memcpy(row + v0, in, (size_t)(v1 - v0) * sizeof *row);
+                } else {
+                    for (int64_t v = v0; v < v1; v++) row[v] = in[(v - v0) * x_sw];
+                }
+                for (int64_t v = v1; v < tw; v++) row[v] = 0.0f;
+            }
+        }
+    }
+}
