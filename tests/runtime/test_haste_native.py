@@ -149,3 +149,15 @@ def test_native_patches_equal_the_canvas_path(c, k, stride, dilation, padding, t
     with native_kernels.disabled():
         aten = haste_kernel.patches(x, *geometry, tile, grid)
     assert torch.equal(native, aten)
+
+
+def test_native_output_in_the_input_layout_with_cropped_edge_tiles():
+    # 7x9 outputs: edge tiles of 3 rows and 1 column are cropped; channels_last in, channels_last out
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(2, 6, 7, 9, generator=g).contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(5, 6, 3, 3, generator=g), torch.randn(5, generator=g)
+    planes = make_planes(5, 36, 2 / 3, seed=3)
+    y = haste_conv2d(x, weight, bias, planes, [1, 1], [1, 1], [1, 1], 4, True, "")
+    assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == (2, 5, 7, 9)
+    expected = haste_conv2d_reference(x, weight, bias, planes, (1, 1), (1, 1), (1, 1), 4, True)
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
