@@ -16,14 +16,14 @@ Samples go in groups whose patches fit ``GROUP_ELEMENTS``. For a group:
 Steps 4-5 run in the native tile kernel instead (``haste_native``, ``native/haste_tiles.c``) where it
 is built and the dtype is float32: it sums each merged filter in registers and never writes one.
 On the ATen path step 5 writes B_τ·k²·O merged filter values per tile (from O·k²·C reads and
-O·k²·(C − B_τ) additions), and ``benchmarks/haste_speed.py`` times writing that many floats. Intermediates live in per-thread scratch buffers reused across calls; the
-weight's rows are kept per weight tensor.
+O·k²·(C − B_τ) additions), and ``benchmarks/haste_speed.py`` times writing that many floats.
+Intermediates live in per-thread scratch buffers reused across calls (``fxslim.runtime.memory``);
+the weight's rows are kept per weight tensor.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import warnings
 import weakref
 from dataclasses import dataclass
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from fxslim.runtime import haste_native
+from fxslim.runtime import haste_native, memory
 
 __all__ = ["TileBuckets", "hash_codes", "patches", "tile_buckets", "weight_rows", "haste_conv2d_tiles"]
 
@@ -56,11 +56,11 @@ def patches(x: Tensor, kernel_size, stride, padding, dilation, tile: int, grid: 
     h_out, w_out = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
     rows = max(0, min(h, (h_out - 1) * sh + (kh - 1) * dh + 1 - ph))  # input rows some output reads
     cols = max(0, min(w, (w_out - 1) * sw + (kw - 1) * dw + 1 - pw))
-    out = _scratch("patches", (n * nth * ntw * c, th * tw), x)
+    out = memory.scratch("haste.patches", (n * nth * ntw * c, th * tw), x.dtype)
     if haste_native.patches(x, rows, cols, (ph, pw), grid, tile, (sh, sw), (th, tw), out):
         return out
     ch, cw = (nth - 1) * tile * sh + th, (ntw - 1) * tile * sw + tw
-    canvas = _scratch("canvas", (n, c, ch, cw), x).zero_()
+    canvas = memory.scratch("haste.canvas", (n, c, ch, cw), x.dtype).zero_()
     canvas[:, :, ph : ph + rows, pw : pw + cols] = x[:, :, :rows, :cols]
     windows = canvas.as_strided((n, nth, ntw, c, th, tw), (c * ch * cw, tile * sh * cw, tile * sw, ch * cw, cw, 1))
     return out.view(windows.shape).copy_(windows).view(-1, th * tw)
@@ -113,24 +113,6 @@ def tile_buckets(codes: Tensor) -> TileBuckets:
     sizes = sizes.index_select(0, order)
     return TileBuckets(order, count.index_select(0, order), by_code.index_select(0, order), sizes.cumsum(1) - sizes,
                        bucket_size)
-
-
-_SCRATCH = threading.local()
-
-
-def _scratch(name: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
-    """An uninitialised [shape] tensor of ``like``'s dtype, reused by every call on this thread.
-
-    Fresh allocations of a few MB cost page faults each time (the allocator returns them to the
-    system), which made the kernel's intermediates cost more than computing them; nothing returned
-    by the kernel is scratch.
-    """
-    pool = _SCRATCH.__dict__.setdefault("pool", {})
-    numel = math.prod(shape)
-    buffer = pool.get((name, like.dtype))
-    if buffer is None or buffer.numel() < numel:
-        buffer = pool[(name, like.dtype)] = like.new_empty(max(numel, 1))
-    return buffer[:numel].view(shape)
 
 
 _ROWS: dict[int, tuple[weakref.ref, int, Tensor, Tensor]] = {}
@@ -221,11 +203,12 @@ def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Te
     crow = torch.cat([(torch.arange(tiles, dtype=index)[:, None] * c + starts).view(-1),
                       torch.tensor([tiles * c], dtype=index)])
     col = (bk.order.to(index)[:, None] * c + channels).view(-1)
-    means = _scratch("means", (tiles * b_max, d), x)
+    means = memory.scratch("haste.means", (tiles * b_max, d), x.dtype)
     torch.addmm(means, _csr(crow, col, bk.bucket_size.view(-1).to(x.dtype).reciprocal(), (tiles * b_max, tiles * c)), rows,
                 beta=0, out=means)
     # [tiles, th·tw, B_max]: the buckets of a pixel contiguous
-    means = _scratch("means_cl", (tiles, d, b_max), x).copy_(means.view(tiles, b_max, d).transpose(1, 2))
+    means_cl = memory.scratch("haste.means_cl", (tiles, d, b_max), x.dtype)
+    means = means_cl.copy_(means.view(tiles, b_max, d).transpose(1, 2))
     # Merged filters of a chunk: row (τ, ij, b), b below the chunk's B, sums rows (c, ij) of w_rows.
     count = bk.count.tolist()
     offset = torch.arange(k2, dtype=index)[None, :, None]
@@ -233,7 +216,7 @@ def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Te
     col = (channels[:, None, :] * k2 + offset).view(-1)
     chunks = _chunks(count, k2 * o)
     ones = x.new_ones(max(stop - start for start, stop, _ in chunks) * k2 * c)
-    by_count = _scratch("by_count", (blocks, tiles, p, o), x)
+    by_count = memory.scratch("haste.by_count", (blocks, tiles, p, o), x.dtype)
     for start, stop, b in chunks:
         m = stop - start
         crow = torch.cat([first[start:stop, :, :b].reshape(-1) - start * k2 * c, torch.tensor([m * k2 * c], dtype=index)])
@@ -241,8 +224,8 @@ def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Te
         window = means[start:stop].as_strided(  # im2col of the means, columns (ij, b) like the merged rows
             (m, tile, tile, kh, kw, b), (d * b_max, sh * tw * b_max, sw * b_max, dh * tw * b_max, dw * b_max, 1)
         )
-        cols = _scratch("cols", window.shape, x).copy_(window).view(m, p, k2 * b)
-        merged = _scratch("merged", (m * k2 * b, o), x)
+        cols = memory.scratch("haste.cols", window.shape, x.dtype).copy_(window).view(m, p, k2 * b)
+        merged = memory.scratch("haste.merged", (m * k2 * b, o), x.dtype)
         for block in range(blocks):
             torch.addmm(merged, assign, w_rows[block], beta=0, out=merged)
             if bias is None:

@@ -9,7 +9,6 @@ another order).
 from __future__ import annotations
 
 import ctypes
-import functools
 
 import torch
 from torch import Tensor
@@ -19,27 +18,16 @@ from fxslim.runtime import native_kernels
 __all__ = ["patches", "buckets", "tile_convs", "status"]
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
-@functools.cache
+
+
 def _kernel():
-    lib = native_kernels.load("haste_tiles")
-    if lib is None:
-        return None
-    fn = lib.haste_tile_convs
-    fn.restype = _I64
-    fn.argtypes = [_PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _I64, _PTR, _I64, _I64, _PTR,
-                   _I64, _I64, _I64, _I64, _I64, _I64, _I64, _I64, _PTR, _I64, _I64]
-    return fn
+    return native_kernels.function("haste_tiles", "haste_tile_convs", _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
+                                   _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
+                                   _I64, _PTR, _I64, _I64)
 
 
-@functools.cache
 def _patches_kernel():
-    lib = native_kernels.load("haste_tiles")
-    if lib is None:
-        return None
-    fn = lib.haste_patches
-    fn.restype = None
-    fn.argtypes = [_PTR] + [_I64] * 17 + [_PTR]
-    return fn
+    return native_kernels.function("haste_tiles", "haste_patches", None, _PTR, *[_I64] * 17, _PTR)
 
 
 def patches(x: Tensor, rows: int, cols: int, padding: tuple[int, int], grid: tuple[int, int], tile: int,
@@ -55,15 +43,8 @@ def patches(x: Tensor, rows: int, cols: int, padding: tuple[int, int], grid: tup
     return True
 
 
-@functools.cache
 def _buckets_kernel():
-    lib = native_kernels.load("haste_buckets")
-    if lib is None:
-        return None
-    fn = lib.haste_buckets
-    fn.restype = _I64
-    fn.argtypes = [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR]
-    return fn
+    return native_kernels.function("haste_buckets", "haste_buckets", _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR)
 
 
 def buckets(codes: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:

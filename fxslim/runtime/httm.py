@@ -313,8 +313,16 @@ def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor, clean: bool) -> None
                 chunk.nan_to_num_(nan=-math.inf, posinf=math.inf, neginf=-math.inf)
             # torch.max returns the first maximal index (documented), the reference's tie rule
             best[p0:p1, r0:r1] = chunk.max(dim=-1).indices
-    chosen = torch.gather(cls.dst_slot.to(x.device).expand(e, nb, nd), 2, best.view(e, nb, ns))
-    slot.index_copy_(1, cls.src.to(x.device).reshape(-1), chosen.view(e, nb * ns))
+    _assign(cls, slot, best)
+
+
+def _assign(cls: _BlockClass, slot: Tensor, best: Tensor) -> None:
+    """Write into ``slot`` [E, N] the slot of the destination ``best`` [E·blocks, sources] (a column of
+    the block's destinations) that each source of the blocks ``cls`` chose."""
+    e = slot.shape[0]
+    nb, ns = cls.src.shape
+    chosen = torch.gather(cls.dst_slot.to(slot.device).expand(e, nb, -1), 2, best.view(e, nb, ns))
+    slot.index_copy_(1, cls.src.to(slot.device).reshape(-1), chosen.view(e, nb * ns))
 
 
 def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: httm_native.Screen) -> None:
@@ -357,8 +365,7 @@ def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: htt
                                         dst[p0].data_ptr(), d, rel_margin, abs_margin, best[p0, r0:].data_ptr(),
                                         ns) < 0:
                 raise MemoryError("httm_match: out of memory for the candidates of a row")
-    chosen = torch.gather(cls.dst_slot.expand(e, nb, nd), 2, best.view(e, nb, ns))
-    slot.index_copy_(1, cls.src.reshape(-1), chosen.view(e, nb * ns))
+    _assign(cls, slot, best)
 
 
 def _flat(slot: Tensor, length: int) -> Tensor:

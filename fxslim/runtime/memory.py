@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 import sys
 import threading
 
@@ -29,9 +30,7 @@ _local = threading.local()
 def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
     """A contiguous uninitialised ``shape`` tensor of ``dtype`` on the CPU, reused by the next request
     for ``name`` on this thread (whose data it then shares: one name per live temporary)."""
-    numel = 1
-    for size in shape:
-        numel *= size
+    numel = math.prod(shape)
     buffers = getattr(_local, "buffers", None)
     if buffers is None:
         buffers = _local.buffers = {}

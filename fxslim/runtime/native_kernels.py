@@ -32,7 +32,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["load", "unavailable_reason", "cache_dir", "disabled", "active"]
+__all__ = ["load", "function", "unavailable_reason", "cache_dir", "disabled", "active"]
 
 _SOURCES = Path(__file__).parent / "native"
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=c11", "-fno-math-errno", "-fno-trapping-math",
@@ -120,6 +120,18 @@ def _compile(compiler: str, flags: tuple[str, ...], source: Path, target: Path) 
 def load(name: str) -> ctypes.CDLL | None:
     """The kernel library built from ``native/<name>.c`` (built now if not cached), or None."""
     return _build(name)[0]
+
+
+@functools.cache
+def function(name: str, symbol: str, restype: type | None, *argtypes: type):
+    """The C function ``symbol`` of kernel ``name`` with its ctypes signature set, or None where
+    ``load(name)`` is None."""
+    lib = load(name)
+    if lib is None:
+        return None
+    fn = getattr(lib, symbol)
+    fn.restype, fn.argtypes = restype, list(argtypes)
+    return fn
 
 
 def unavailable_reason(name: str) -> str:
