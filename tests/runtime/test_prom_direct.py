@@ -153,9 +153,9 @@ def test_direct_mobilenet_v2_one_segment_close_to_aten_and_equal_slice_by_slice(
             assert torch.equal(direct(x[i : i + 1]), out[i : i + 1])
         sliced = micro_batched(fast, max_activation_bytes=3 << 20)
         assert torch.equal(sliced(x), out)
-    assert segment.planned[(((6, 3, 224, 224),), (False,), 1)] and segment.planned[(((1, 3, 224, 224),), (False,), 1)]
-    # 52 convs and the input's reorder to channels_last: every residual accumulated in place, no copy
-    assert len(segment._plans[(((1, 3, 224, 224),), (False,), 1)].steps) == 53
+    assert segment.planned[(((6, 3, 224, 224),), (True,), 1)] and segment.planned[(((1, 3, 224, 224),), (True,), 1)]
+    # 52 convs and nothing else: the input arrives channels_last, every residual accumulated in place
+    assert len(segment._plans[(((1, 3, 224, 224),), (True,), 1)].steps) == 52
 
 
 def test_direct_plans_per_shape_and_thread_count_least_recently_used_dropped(mobilenet, monkeypatch):
@@ -171,9 +171,9 @@ def test_direct_plans_per_shape_and_thread_count_least_recently_used_dropped(mob
             assert torch.equal(low(x[:1]), first)  # another thread count: its own plan, the same values
         finally:
             torch.set_num_threads(1)
-        assert list(segment.planned) == [(((2, 3, 224, 224),), (False,), 1), (((1, 3, 224, 224),), (False,), 2)]
+        assert list(segment.planned) == [(((2, 3, 224, 224),), (True,), 1), (((1, 3, 224, 224),), (True,), 2)]
         assert torch.equal(low(x[:1]), first)
-    assert len(segment.planned) == 2 and (((1, 3, 224, 224),), (False,), 1) in segment.planned
+    assert len(segment.planned) == 2 and (((1, 3, 224, 224),), (True,), 1) in segment.planned
 
 
 def test_direct_one_output_column_at_a_column_stride_runs_as_primitives(mobilenet):
@@ -185,7 +185,7 @@ def test_direct_one_output_column_at_a_column_stride_runs_as_primitives(mobilene
     scale = fast.graph.find_nodes(op="call_function", target=torch.ops.fxslim.dequantize.default)[0].args[1]
     with torch.no_grad():
         out, ref = direct(narrow), aten(narrow)
-    assert segment.planned[(((1, 3, 64, 9),), (False,), 1)] is True
+    assert segment.planned[(((1, 3, 64, 9),), (True,), 1)] is True
     assert ((out - ref).abs() / scale).max() <= 4.01 and torch.equal(out.argmax(1), ref.argmax(1))
 
 
@@ -206,7 +206,7 @@ def test_direct_copy_of_a_micro_batched_model_plans_again(mobilenet):
         twin = copy.deepcopy(sliced)
         assert torch.equal(twin(x[:1]), ref)
     (segment,) = _direct_segments(twin.runner)
-    assert list(segment.planned) == [(((1, 3, 224, 224),), (False,), 1)]
+    assert list(segment.planned) == [(((1, 3, 224, 224),), (True,), 1)]
     assert _direct_segments(sliced.runner)[0] is not segment
 
 

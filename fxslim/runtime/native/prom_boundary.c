@@ -1,0 +1,132 @@
+/* PROM's model boundaries in one pass each: NaN flags and quantization of the float input, the
+ * integer global average pool, dequantization of the logits.
+ *
+ * At batch 1 these ops are a fifth of a MobileNetV2's time, almost all of it the fixed cost of
+ * 20-odd ATen calls running with cold caches after the convs; here each is one call. Every
+ * function computes exactly what its ATen form computes (fxslim/runtime/prom_native.py says which).
+ */
+#include <math.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+#include <stdint.h>
+
+/* flags[i] = 1 when row i of x [rows, per] (contiguous) holds a NaN, else 0. */
+void prom_nan_flags(const float *x, int64_t rows, int64_t per, uint8_t *flags) {
+    const uint32_t *bits = (const uint32_t *)x; /* NaN: exponent all ones, mantissa not zero */
+    for (int64_t i = 0; i < rows; ++i) {
+        const uint32_t *row = bits + i * per;
+        uint32_t any = 0;
+        for (int64_t j = 0; j < per; ++j)
+            any |= (row[j] & 0x7fffffffu) > 0x7f800000u;
+        flags[i] = (uint8_t)(any != 0);
+    }
+}
+
+/* out = clamp(rint(clamp(x, -bound, bound) * inverse) + zero_point, 0, 255) for x [N, C, H, W],
+ * both with any strides: ATen's quantize_per_tensor to quint8 after the clamp
+ * prom_lowered.quantize_qtensor applies. Codes of NaN inputs are unspecified (their samples are
+ * flagged and come out NaN). */
+static void quantize_row(const float *in, int64_t w, int64_t sw, float bound, float inverse, int32_t z, uint8_t *codes) {
+    int64_t i = 0;
+#ifdef __AVX512F__
+    if (sw == 1) { /* cvtps_epi32 rounds half to even, as rintf does in the default rounding mode */
+        const __m512 lo = _mm512_set1_ps(-bound), hi = _mm512_set1_ps(bound), scale = _mm512_set1_ps(inverse);
+        const __m512i zero = _mm512_setzero_si512(), top = _mm512_set1_epi32(255), shift = _mm512_set1_epi32(z);
+        for (; i + 16 <= w; i += 16) {
+            __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_loadu_ps(in + i), lo), hi);
+            __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, scale)), shift);
+            q = _mm512_min_epi32(_mm512_max_epi32(q, zero), top);
+            _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(q));
+        }
+    }
+#endif
+    for (; i < w; ++i) {
+        float v = in[i * sw];
+        v = v < -bound ? -bound : (v > bound ? bound : v); /* |v·inverse| stays far inside int32 */
+        int32_t q = (int32_t)rintf(v * inverse) + z;
+        codes[i] = (uint8_t)(q < 0 ? 0 : (q > 255 ? 255 : q));
+    }
+}
+
+void prom_quantize(const float *x, int64_t n, int64_t c, int64_t h, int64_t w, int64_t sn, int64_t sc, int64_t sh,
+                   int64_t sw, float bound, float inverse, int64_t zero_point, uint8_t *out, int64_t on, int64_t oc,
+                   int64_t oh, int64_t ow) {
+    enum { ROW = 1024 };
+    uint8_t codes[ROW];
+    const int32_t z = (int32_t)zero_point;
+    for (int64_t b = 0; b < n; ++b)
+        for (int64_t y = 0; y < h; ++y)
+            for (int64_t k = 0; k < c; ++k) {
+                const float *in = x + b * sn + k * sc + y * sh;
+                uint8_t *row = out + b * on + k * oc + y * oh;
+                for (int64_t start = 0; start < w; start += ROW) {
+                    const int64_t len = w - start < ROW ? w - start : ROW;
+                    uint8_t *target = ow == 1 ? row + start : codes; /* unit stride: straight in place */
+                    if (sw == 1)
+                        quantize_row(in + start, len, 1, bound, inverse, z, target);
+                    else
+                        quantize_row(in + start * sw, len, sw, bound, inverse, z, target);
+                    if (ow != 1)
+                        for (int64_t i = 0; i < len; ++i)
+                            row[(start + i) * ow] = codes[i];
+                }
+            }
+}
+
+static int64_t floor_div(int64_t a, int64_t b) { /* b > 0 */
+    int64_t q = a / b;
+    return (a % b != 0 && a < 0) ? q - 1 : q;
+}
+
+/* out [N, C] = clamp(floor(((sum_{H,W} x) - H*W*zx) * multiplier + D/2) / D) + zout, lo, hi) with
+ * D = H*W << shift, for uint8 x [N, C, H, W] with any strides: prom.global_avg_pool_codes. The
+ * caller checks 255*H*W fits an int32, so the int32 sums are exact. Returns -1 when C exceeds the
+ * on-stack accumulator (the caller then takes the ATen path). */
+int64_t prom_global_avg_pool(const uint8_t *x, int64_t n, int64_t c, int64_t h, int64_t w, int64_t sn,
+                             int64_t sc, int64_t sh, int64_t sw, int64_t zx, int64_t multiplier, int64_t shift,
+                             int64_t zout, int64_t lo, int64_t hi, uint8_t *out) {
+    enum { MAX_CHANNELS = 8192 };
+    int32_t acc[MAX_CHANNELS];
+    if (c > MAX_CHANNELS)
+        return -1;
+    const int64_t hw = h * w, denominator = hw << shift;
+    for (int64_t b = 0; b < n; ++b) {
+        for (int64_t k = 0; k < c; ++k)
+            acc[k] = 0;
+        for (int64_t y = 0; y < h; ++y)
+            for (int64_t i = 0; i < w; ++i) {
+                const uint8_t *pixel = x + b * sn + y * sh + i * sw;
+                if (sc == 1)
+                    for (int64_t k = 0; k < c; ++k)
+                        acc[k] += pixel[k];
+                else
+                    for (int64_t k = 0; k < c; ++k)
+                        acc[k] += pixel[k * sc];
+            }
+        for (int64_t k = 0; k < c; ++k) {
+            int64_t v = ((int64_t)acc[k] - hw * zx) * multiplier + (denominator >> 1);
+            v = floor_div(v, denominator) + zout;
+            out[b * c + k] = (uint8_t)(v < lo ? lo : (v > hi ? hi : v));
+        }
+    }
+    return 0;
+}
+
+/* out = (float)(q - zero_point) * scale for uint8 q [rows, per] (contiguous); rows whose flag is
+ * set come out NaN (flags may be NULL): prom.dequantized. */
+void prom_dequantize(const uint8_t *q, int64_t rows, int64_t per, int64_t zero_point, float scale,
+                     const uint8_t *flags, float *out) {
+    const float z = (float)zero_point;
+    for (int64_t i = 0; i < rows; ++i) {
+        const uint8_t *in = q + i * per;
+        float *row = out + i * per;
+        if (flags != 0 && flags[i]) {
+            for (int64_t j = 0; j < per; ++j)
+                row[j] = NAN;
+            continue;
+        }
+        for (int64_t j = 0; j < per; ++j)
+            row[j] = ((float)in[j] - z) * scale;
+    }
+}

@@ -1,0 +1,84 @@
+"""PROM's boundary ops in C (``native/prom_boundary.c``) for the lowered runtime, ATen where they cannot run.
+
+A lowered MobileNetV2 at batch 1 spends about a fifth of its time outside its convs: NaN flags and
+quantization of the input, the global average pool, dequantization of the logits, as 20-odd ATen
+calls that each pay a fixed cost with caches cold after the convs. Each function here is one C
+call computing the same values as the ATen form beside it (tests/runtime/test_prom_native.py
+compares them bit for bit), and takes that form where the kernel cannot run: no C compiler,
+``FXSLIM_NATIVE=0``, inside ``native_kernels.disabled()``, or inputs it does not handle (dtypes
+other than float32 / uint8, empty tensors, dequantization whose flags are not per row).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+from torch import Tensor
+
+from fxslim.runtime import native_kernels, prom
+
+__all__ = ["nan_flags", "quantize_codes", "global_avg_pool_codes", "dequantized", "status"]
+
+_I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
+_LIB = "prom_boundary"
+
+
+def _fn(symbol: str, restype, *argtypes):
+    return native_kernels.function(_LIB, symbol, restype, *argtypes) if native_kernels.active() else None
+
+
+def nan_flags(x: Tensor) -> Tensor:
+    """``prom.nan_flags``: which samples (dim 0) of ``x`` hold a NaN, bool [N]."""
+    fn = _fn("prom_nan_flags", None, _PTR, _I64, _I64, _PTR)
+    if fn is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0 or not x.is_contiguous():
+        return prom.nan_flags(x)
+    flags = torch.empty(x.shape[0], dtype=torch.bool)
+    fn(x.data_ptr(), x.shape[0], x.numel() // x.shape[0], flags.data_ptr())
+    return flags
+
+
+def quantize_codes(x: Tensor, bound: float, inverse: float, out: Tensor) -> bool:
+    """Write ``clamp(round_half_even(clamp(x, ±bound) · inverse) + z, 0, 255)`` of a float32 4-d ``x``
+    into the quint8 ``out`` of its shape (its zero point z; both with any strides): the codes of
+    ``torch.quantize_per_tensor(x.clamp(-bound, bound), scale, z, torch.quint8)`` with ``inverse``
+    = fl32(1/scale), as ATen's quantizer rounds. False where the kernel cannot run."""
+    fn = _fn("prom_quantize", None, _PTR, *[_I64] * 8, _F32, _F32, _I64, _PTR, *[_I64] * 4)
+    if fn is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or x.numel() == 0:
+        return False
+    fn(x.data_ptr(), *x.shape, *x.stride(), bound, inverse, out.q_zero_point(), out.data_ptr(), *out.stride())
+    return True
+
+
+def global_avg_pool_codes(x: Tensor, x_zero_point: int, multiplier: int, shift: int, out_zero_point: int,
+                          out_min: int, out_max: int) -> Tensor:
+    """``prom.global_avg_pool_codes`` (checked arguments, 255·H·W within int32)."""
+    fn = _fn("prom_global_avg_pool", _I64, _PTR, *[_I64] * 14, _PTR)
+    if fn is None or x.dtype != torch.uint8 or x.device.type != "cpu" or x.dim() != 4 or x.numel() == 0:
+        return prom.global_avg_pool_codes(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
+    n, c = x.shape[:2]
+    out = torch.empty(n, c, 1, 1, dtype=torch.uint8)
+    if fn(x.data_ptr(), *x.shape, *x.stride(), x_zero_point, multiplier, shift, out_zero_point, out_min, out_max,
+          out.data_ptr()) < 0:
+        return prom.global_avg_pool_codes(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
+    return out
+
+
+def dequantized(q: Tensor, scale: float, zero_point: int, flags: Tensor | None = None) -> Tensor:
+    """``prom.dequantized``: float32 ``(q − z)·fl32(scale)``, samples flagged in ``flags`` NaN."""
+    fn = _fn("prom_dequantize", None, _PTR, _I64, _I64, _I64, _F32, _PTR, _PTR)
+    per_row = flags is None or (q.dim() >= 1 and q.shape[0] == flags.shape[0] and flags.dtype == torch.bool
+                                and flags.is_contiguous())
+    if (fn is None or q.dtype != torch.uint8 or q.device.type != "cpu" or q.dim() == 0 or q.numel() == 0
+            or not q.is_contiguous() or not per_row):
+        return prom.dequantized(q, scale, zero_point, flags)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    fn(q.data_ptr(), q.shape[0], q.numel() // q.shape[0], zero_point, scale,
+       None if flags is None else flags.data_ptr(), out.data_ptr())
+    return out
+
+
+def status() -> str:
+    """Whether the kernels run here, in words (for benchmark records)."""
+    reason = native_kernels.unavailable_reason(_LIB)
+    return f"native boundary kernels off ({reason})" if reason else "native boundary kernels on"

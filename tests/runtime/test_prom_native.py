@@ -1,0 +1,116 @@
+"""PROM's native boundary kernels (native/prom_boundary.c) bit for bit against their ATen forms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxslim.runtime import native_kernels, prom, prom_native
+from fxslim.runtime import prom_lowered as L
+from fxslim.runtime.prom_onednn import codes
+
+pytestmark = pytest.mark.skipif(native_kernels.load("prom_boundary") is None, reason=prom_native.status())
+
+
+def _layouts(x: torch.Tensor) -> list[torch.Tensor]:
+    """x contiguous, channels_last and as a strided view of a larger tensor."""
+    wide = torch.full((x.shape[0], x.shape[1], x.shape[2], 2 * x.shape[3]), 7.0, dtype=x.dtype)
+    wide[..., ::2] = x
+    return [x.contiguous(), x.contiguous(memory_format=torch.channels_last), wide[..., ::2]]
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 5), h=st.integers(1, 9), w=st.integers(1, 40),
+       scale=st.floats(1e-4, 10.0), zero_point=st.integers(0, 255), magnitude=st.sampled_from([1.0, 100.0, 1e9]),
+       channels_last=st.booleans(), seed=st.integers(0, 2**16))
+def test_quantize_equals_atens_quantizer(n, c, h, w, scale, zero_point, magnitude, channels_last, seed):
+    # rows of 1..40 floats: the 16-wide vector loop, its tail and the scalar path for strided rows
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, c, h, w, generator=g) * magnitude * scale
+    ties = (torch.randint(-300, 300, (x.numel() // 3,), generator=g).float() + 0.5) / prom._inverse_scale(scale)
+    x.view(-1)[: ties.numel()] = ties  # x·(1/s) exactly k + ½: rounding half to even decides
+    x.view(-1)[-1] = float("inf")
+    for layout in _layouts(x):
+        native = L.quantize_qtensor(layout, scale, zero_point, channels_last)
+        with native_kernels.disabled():
+            aten = L.quantize_qtensor(layout, scale, zero_point, channels_last)
+        assert torch.equal(codes(native), codes(aten))
+        for layout_kind in (torch.contiguous_format, torch.channels_last):  # strides of size-1 dims may differ
+            assert native.is_contiguous(memory_format=layout_kind) == aten.is_contiguous(memory_format=layout_kind)
+        assert (native.q_scale(), native.q_zero_point()) == (aten.q_scale(), aten.q_zero_point())
+
+
+def test_quantize_nan_codes_stay_in_their_sample_and_other_dtypes_take_aten():
+    x = torch.randn(3, 3, 8, 8)
+    x[1, 2, 3, 4] = float("nan")
+    native = codes(L.quantize_qtensor(x, 0.02, 128, True))
+    with native_kernels.disabled():
+        aten = codes(L.quantize_qtensor(x, 0.02, 128, True))
+    keep = torch.tensor([True, False, True])
+    assert torch.equal(native[keep], aten[keep])  # a NaN's code is unspecified: its sample comes out NaN
+    half = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert not prom_native.quantize_codes(half, 1.0, 50.0, torch._empty_affine_quantized(
+        half.shape, scale=0.02, zero_point=0, dtype=torch.quint8))
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 3), per=st.integers(1, 300), nan_at=st.lists(st.integers(0, 10**6), max_size=3),
+       special=st.sampled_from([float("inf"), float("-inf"), 3.0e38, 1e-45]))
+def test_nan_flags_equal_the_reduction(n, per, nan_at, special):
+    x = torch.randn(n, per)
+    x.view(-1)[0] = special  # infinities, the largest and the smallest floats are no NaN
+    for i in nan_at:
+        x.view(-1)[i % x.numel()] = float("nan")
+    assert torch.equal(prom_native.nan_flags(x), prom.nan_flags(x))
+    x4 = x.view(n, 1, 1, per)
+    assert torch.equal(prom_native.nan_flags(x4), prom.nan_flags(x4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 70), h=st.integers(1, 9), w=st.integers(1, 9),
+       x_zero_point=st.integers(0, 255), multiplier=st.integers(1, 2**31 - 1), shift=st.integers(0, 31),
+       out_zero_point=st.integers(0, 255), low=st.integers(0, 100), seed=st.integers(0, 2**16))
+def test_global_avg_pool_equals_the_aten_arithmetic(n, c, h, w, x_zero_point, multiplier, shift, out_zero_point, low,
+                                                    seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, c, h, w), generator=g).to(torch.uint8)
+    args = (x_zero_point, multiplier, shift, out_zero_point, low, 255 - low // 2)
+    ref = prom.global_avg_pool_codes(x, *args)
+    for layout in (x, x.contiguous(memory_format=torch.channels_last), x.transpose(2, 3).contiguous().transpose(2, 3)):
+        assert torch.equal(prom_native.global_avg_pool_codes(layout, *args), ref)
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(1, 4), per=st.integers(1, 50), scale=st.floats(1e-6, 1e3), zero_point=st.integers(0, 255),
+       flagged=st.lists(st.booleans(), min_size=4, max_size=4))
+def test_dequantize_equals_aten_with_nan_rows(n, per, scale, zero_point, flagged):
+    q = torch.randint(0, 256, (n, per)).to(torch.uint8)
+    flags = torch.tensor(flagged[:n])
+    for f in (None, flags):
+        out, ref = prom_native.dequantized(q, scale, zero_point, f), prom.dequantized(q, scale, zero_point, f)
+        assert torch.equal(out.isnan(), ref.isnan()) and torch.equal(out.nan_to_num(), ref.nan_to_num())
+    other = torch.randint(0, 256, (n + 1, per)).to(torch.uint8)  # flags not per row: the ATen form's whole-NaN rule
+    assert torch.equal(prom_native.dequantized(other, scale, zero_point, flags).isnan(),
+                       prom.dequantized(other, scale, zero_point, flags).isnan())
+
+
+def test_lowered_mobilenet_equal_with_and_without_native_kernels():
+    from fxslim.api import prepare
+    from fxslim.passes.prom import calibrate
+    from fxslim.passes.prom_batching import micro_batched
+    from fxslim.passes.prom_convert import convert
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(0)
+    model = mobilenet_v2(weights=None).eval()
+    x = torch.randn(3, 3, 96, 80)
+    x[1, 0, 5, 5] = float("nan")
+    int_model = micro_batched(convert(calibrate(prepare(model, (x[:1],)), [x[[0, 2]]]), runtime="onednn"))
+    with torch.no_grad():
+        native = int_model(x)
+        with native_kernels.disabled():
+            aten = int_model(x)
+    assert native[1].isnan().all() and not native[[0, 2]].isnan().any()
+    assert torch.equal(native.nan_to_num(), aten.nan_to_num())
