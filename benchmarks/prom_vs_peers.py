@@ -135,11 +135,13 @@ def _cpu() -> str:
 
 
 def _prom_runtime() -> str:
-    from fxslim.runtime import onednn_capi
+    from fxslim.runtime import onednn_capi, prom_native
 
     if onednn_capi.available():
-        return "its convs run as oneDNN primitives through oneDNN's C library (fxslim.runtime.prom_direct)"
-    return f"its convs run as ATen's quantized convs ({onednn_capi.unavailable_reason()})"
+        convs = "its convs run as oneDNN primitives through oneDNN's C library (fxslim.runtime.prom_direct)"
+    else:
+        convs = f"its convs run as ATen's quantized convs ({onednn_capi.unavailable_reason()})"
+    return f"{convs}; {prom_native.status()} (fxslim.runtime.prom_native)"
 
 
 def _versions() -> str:

@@ -13,7 +13,8 @@ Samples go in groups whose patches fit ``GROUP_ELEMENTS``. For a group:
    rows [C·k², O] (a segment sum), then the reduced convs as one batched GEMM,
    y_τ [T·T, O] = im2col(means_τ) [T·T, k²·B] @ W̃_τ [k²·B, O] (+ bias).
 
-Steps 4-5 run in the native tile kernel instead (``haste_native``, ``native/haste_tiles.c``) where it
+Step 2's centring and packing runs in C where it is built (``native/haste_codes.c``: one pass over
+the projections where ATen makes four); steps 4-5 run in the native tile kernel instead (``haste_native``, ``native/haste_tiles.c``) where it
 is built and the dtype is float32: it sums each merged filter in registers and never writes one.
 On the ATen path step 5 writes B_τ·k²·O merged filter values per tile (from O·k²·C reads and
 O·k²·(C − B_τ) additions), and ``benchmarks/haste_speed.py`` times writing that many floats.
@@ -73,7 +74,12 @@ def hash_codes(rows: Tensor, planes: Tensor, channels: int, center: bool) -> Ten
     instead of d values per channel.
     """
     L = planes.shape[0]
-    proj = torch.matmul(rows, planes.t()).view(-1, channels, L)  # [tiles·C, d] @ [d, L]
+    proj = memory.scratch("haste.proj", (rows.shape[0], L), rows.dtype)
+    torch.matmul(rows, planes.t(), out=proj)  # [tiles·C, d] @ [d, L]
+    native = haste_native.codes(proj, channels, center)
+    if native is not None:
+        return native
+    proj = proj.view(-1, channels, L)
     if center:
         proj -= proj.mean(dim=1, keepdim=True)
     # Pack the bits with a matmul against 2^l: exact in float32 up to 24 bits, float64 up to 53.

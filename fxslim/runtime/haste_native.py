@@ -1,6 +1,7 @@
-"""HASTE's native kernels (``native/haste_buckets.c``, ``native/haste_tiles.c``) behind tensor-level calls.
+"""HASTE's native kernels (``native/haste_codes.c``, ``native/haste_buckets.c``, ``native/haste_tiles.c``)
+behind tensor-level calls.
 
-``buckets`` returns None and ``tile_convs`` False where a kernel cannot run (no C compiler,
+``codes`` and ``buckets`` return None and ``tile_convs`` False where a kernel cannot run (no C compiler,
 ``FXSLIM_NATIVE=0``, a dtype other than float32, or inside ``native_kernels.disabled()``), and the
 caller takes its ATen path: the same buckets, and outputs equal up to float32 rounding (sums in
 another order).
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from fxslim.runtime import native_kernels
 
-__all__ = ["patches", "buckets", "tile_convs", "status"]
+__all__ = ["patches", "codes", "buckets", "tile_convs", "status"]
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -41,6 +42,25 @@ def patches(x: Tensor, rows: int, cols: int, padding: tuple[int, int], grid: tup
     n, c = x.shape[:2]
     fn(x.data_ptr(), n, c, *x.stride(), rows, cols, *padding, *grid, tile, *stride, *window, out.data_ptr())
     return True
+
+
+def _codes_kernel():
+    return native_kernels.function("haste_codes", "haste_codes", _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR)
+
+
+def codes(proj: Tensor, channels: int, center: bool) -> Tensor | None:
+    """Codes [tiles, C] of the projections ``proj`` [tiles·C, L] (float32, contiguous), as
+    ``haste_kernel.hash_codes`` packs them: float32 up to 24 planes, else float64."""
+    fn = _codes_kernel() if native_kernels.active() else None
+    if fn is None or proj.dtype != torch.float32 or proj.device.type != "cpu" or not proj.is_contiguous():
+        return None
+    L = proj.shape[1]
+    out = torch.empty(proj.shape[0] // channels, channels, dtype=torch.float32 if L <= 24 else torch.float64)
+    f32 = out.dtype == torch.float32
+    if fn(proj.data_ptr(), out.shape[0], channels, L, int(center), out.data_ptr() if f32 else None,
+          None if f32 else out.data_ptr()) < 0:
+        return None
+    return out
 
 
 def _buckets_kernel():

@@ -161,3 +161,24 @@ def test_native_output_in_the_input_layout_with_cropped_edge_tiles():
     assert y.is_contiguous(memory_format=torch.channels_last) and y.shape == (2, 5, 7, 9)
     expected = haste_conv2d_reference(x, weight, bias, planes, (1, 1), (1, 1), (1, 1), 4, True)
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(tiles=st.integers(1, 40), c=st.integers(1, 70), d=st.integers(1, 40), L=st.integers(1, 40),
+       center=st.booleans(), integers=st.booleans(), seed=st.integers(0, 2**16))
+def test_native_codes_equal_the_aten_path_away_from_ties(tiles, c, d, L, center, integers, seed):
+    # codes past 24 planes in float64; integer windows make exact zeros after centring (bit 0 on both paths)
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randint(-3, 4, (tiles * c, d), generator=g).float() if integers else torch.randn(tiles * c, d, generator=g)
+    planes = make_planes(L, d, 2 / 3, seed=seed % 7)
+    native = haste_kernel.hash_codes(rows, planes, c, center)
+    with native_kernels.disabled():
+        aten = haste_kernel.hash_codes(rows, planes, c, center)
+    assert native.dtype == aten.dtype == (torch.float32 if L <= 24 else torch.float64) and native.shape == (tiles, c)
+    # float64 truth: a channel whose centred projection lies within float32 rounding of 0 may go either way
+    proj = (rows.double() @ planes.double().t()).view(tiles, c, L)
+    if center:
+        proj = proj - proj.mean(dim=1, keepdim=True)
+    scale = rows.abs().amax().double() * d
+    clear = torch.ones(tiles, c, dtype=torch.bool) if integers else (proj.abs() > 1e-5 * scale).all(dim=2)
+    assert torch.equal(native[clear], aten[clear])
