@@ -7,7 +7,9 @@
  * kernel tap ij and bucket b it is summed from the weight rows of the bucket's channels and at once
  * multiplied into the accumulators of 8 output pixels. Work per tile: C * k^2 * O additions (the
  * merge, once per 8 pixels) and B * k^2 * T^2 * O multiply-adds (the reduced conv), as the method
- * counts them.
+ * counts them. Each pixel's input is a broadcast straight from the tile's bucket means ([B][d], the
+ * patch positions per tap precomputed): an earlier tap-major copy of the means cost a scalar gather
+ * per (tap, bucket, pixel), as much as a third of the multiply-adds on 64-channel layers.
  *
  * Inputs are the tile's patches (each channel's t_h x t_w input window), its buckets (channels
  * sorted by code, bucket starts, bucket count), the weight as rows [blocks][C * k^2][O_b] (row
@@ -29,17 +31,15 @@ enum {
     VEC = 16,      /* output channels per vector */
     WIDE = 2 * VEC, /* output channels per pass */
     PIX = 8,       /* output pixels per pass */
-    GROUP_FLOATS = 1 << 18, /* a group of tiles' tap-major means (1 MB): they share each read of the weight */
+    GROUP_FLOATS = 1 << 17, /* a group of tiles' bucket means (512 KB): they share each read of the weight */
 };
 
-/* cols[(ij * buckets + b) * pix_pad + p] = mean over bucket b's channels of the patch value under
- * output pixel p at kernel tap ij (0 for p >= pixels): per tap and bucket, the pixels' inputs
- * contiguous. window[p] + shift[ij] is that patch position. */
-static void tap_means(const float *patch, int64_t d, const int64_t *channels, const int64_t *starts, int64_t buckets,
-                      int64_t c, const int64_t *window, int64_t pixels, int64_t pix_pad, const int64_t *shift,
-                      int64_t k2, float *mean, float *cols) {
+/* means[b * d + q] = the mean over bucket b's channels of patch value q. */
+static void bucket_means(const float *patch, int64_t d, const int64_t *channels, const int64_t *starts, int64_t buckets,
+                         int64_t c, float *means) {
     for (int64_t b = 0; b < buckets; b++) {
         int64_t s0 = starts[b], s1 = b + 1 < buckets ? starts[b + 1] : c;
+        float *mean = means + b * d;
         for (int64_t q = 0; q < d; q++) mean[q] = 0.0f;
         for (int64_t s = s0; s < s1; s++) {
             const float *row = patch + channels[s] * d;
@@ -47,12 +47,6 @@ static void tap_means(const float *patch, int64_t d, const int64_t *channels, co
         }
         float inv = 1.0f / (float)(s1 - s0);
         for (int64_t q = 0; q < d; q++) mean[q] *= inv;
-        for (int64_t ij = 0; ij < k2; ij++) {
-            float *col = cols + (ij * buckets + b) * pix_pad;
-            const float *m = mean + shift[ij];
-            for (int64_t p = 0; p < pixels; p++) col[p] = m[window[p]];
-            for (int64_t p = pixels; p < pix_pad; p++) col[p] = 0.0f;
-        }
     }
 }
 
@@ -98,23 +92,48 @@ static void merge_rows(const float *w_ij, int64_t row_stride, const int64_t *cha
 }
 #endif
 
-/* One tap of one tile for PIX output pixels: acc[p][v] += sum over buckets b of col[b][p] *
- * rows[b][v]. col: [buckets][pix_pad] at this tap and pixel group. */
 #ifdef __AVX512F__
-static void tile_tap(const float *col, int64_t pix_pad, int64_t buckets, const float *const *rows, float *acc) {
+static int runs_of_four(const int64_t *at) {
+    for (int p = 1; p < PIX; p++)
+        if (at[p] != at[p & 4] + (p & 3)) return 0;
+    return 1;
+}
+#endif
+
+/* One tap of one tile for PIX output pixels: acc[p][v] += sum over buckets b of means[b * d + at[p]]
+ * * rows[b][v], at[p] the patch position under pixel p at this tap. */
+#ifdef __AVX512F__
+static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t buckets, const float *const *rows,
+                     float *acc) {
     __m512 a[PIX][2];
+    int64_t off[PIX];
     for (int p = 0; p < PIX; p++) {
+        off[p] = at[p];
         a[p][0] = _mm512_loadu_ps(acc + p * WIDE);
         a[p][1] = _mm512_loadu_ps(acc + p * WIDE + VEC);
     }
-    for (int64_t b = 0; b < buckets; b++) {
-        __m512 m0 = _mm512_loadu_ps(rows[b]), m1 = _mm512_loadu_ps(rows[b] + VEC);
-        const float *m = col + b * pix_pad;
+    if (runs_of_four(off)) { /* two runs of 4 adjacent positions (4-wide tiles, column stride 1): */
+        const float *m = means + off[0];  /* addresses from two registers, no offsets spilled */
+        const int64_t second = off[4] - off[0];
+        for (int64_t b = 0; b < buckets; b++, m += d) {
+            __m512 m0 = _mm512_loadu_ps(rows[b]), m1 = _mm512_loadu_ps(rows[b] + VEC);
 #pragma GCC unroll 8
-        for (int p = 0; p < PIX; p++) {
-            __m512 x = _mm512_set1_ps(m[p]);
-            a[p][0] = _mm512_fmadd_ps(x, m0, a[p][0]);
-            a[p][1] = _mm512_fmadd_ps(x, m1, a[p][1]);
+            for (int p = 0; p < PIX; p++) {
+                __m512 x = _mm512_set1_ps(m[(p < 4 ? 0 : second) + (p & 3)]);
+                a[p][0] = _mm512_fmadd_ps(x, m0, a[p][0]);
+                a[p][1] = _mm512_fmadd_ps(x, m1, a[p][1]);
+            }
+        }
+    } else {
+        for (int64_t b = 0; b < buckets; b++) {
+            __m512 m0 = _mm512_loadu_ps(rows[b]), m1 = _mm512_loadu_ps(rows[b] + VEC);
+            const float *m = means + b * d;
+#pragma GCC unroll 8
+            for (int p = 0; p < PIX; p++) {
+                __m512 x = _mm512_set1_ps(m[off[p]]);
+                a[p][0] = _mm512_fmadd_ps(x, m0, a[p][0]);
+                a[p][1] = _mm512_fmadd_ps(x, m1, a[p][1]);
+            }
         }
     }
     for (int p = 0; p < PIX; p++) {
@@ -123,11 +142,12 @@ static void tile_tap(const float *col, int64_t pix_pad, int64_t buckets, const f
     }
 }
 #else
-static void tile_tap(const float *col, int64_t pix_pad, int64_t buckets, const float *const *rows, float *acc) {
+static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t buckets, const float *const *rows,
+                     float *acc) {
     for (int64_t b = 0; b < buckets; b++) {
-        const float *m = col + b * pix_pad;
+        const float *m = means + b * d;
         for (int p = 0; p < PIX; p++)
-            for (int v = 0; v < WIDE; v++) acc[p * WIDE + v] += m[p] * rows[b][v];
+            for (int v = 0; v < WIDE; v++) acc[p * WIDE + v] += m[at[p]] * rows[b][v];
     }
 }
 #endif
@@ -135,33 +155,31 @@ static void tile_tap(const float *col, int64_t pix_pad, int64_t buckets, const f
 /* One layer's arguments (see haste_tile_convs) and what follows from them. */
 typedef struct {
     const float *patches, *w_rows, *bias;
-    const int64_t *order, *channels, *starts, *count, *window, *shift;
+    const int64_t *order, *channels, *starts, *count, *at;
     int64_t c, d, b_max, blocks, o_b, k2, pixels, pix_pad, tile_floats, out_block_stride, out_tile_stride;
     float *out;
 } Layer;
 
 /* One thread's buffers. */
 typedef struct {
-    float *cols, *acc, *mean, *merged;
+    float *means, *acc, *merged;
     const float **rows;
 } Work;
 
 static void free_work(Work *w) {
-    free(w->cols);
+    free(w->means);
     free(w->acc);
-    free(w->mean);
     free(w->merged);
     free((void *)w->rows);
 }
 
 static int alloc_work(Work *w, const Layer *l, int64_t group) {
     int64_t buckets = l->b_max > 0 ? l->b_max : 1;
-    w->cols = malloc((size_t)(group * l->tile_floats) * sizeof *w->cols);
+    w->means = malloc((size_t)(group * l->tile_floats) * sizeof *w->means);
     w->acc = malloc((size_t)(group * l->pix_pad * WIDE) * sizeof *w->acc);
-    w->mean = malloc((size_t)l->d * sizeof *w->mean);
     w->merged = malloc((size_t)(buckets * WIDE) * sizeof *w->merged);
     w->rows = malloc((size_t)buckets * sizeof *w->rows);
-    if (w->cols && w->acc && w->mean && w->merged && w->rows) return 0;
+    if (w->means && w->acc && w->merged && w->rows) return 0;
     free_work(w);
     return -1;
 }
@@ -172,8 +190,8 @@ static int alloc_work(Work *w, const Layer *l, int64_t group) {
 static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
     int64_t c = l->c, k2 = l->k2, pix_pad = l->pix_pad, o_b = l->o_b;
     for (int64_t i = g0; i < g1; i++)
-        tap_means(l->patches + l->order[i] * c * l->d, l->d, l->channels + i * c, l->starts + i * l->b_max, l->count[i],
-                  c, l->window, l->pixels, pix_pad, l->shift, k2, w->mean, w->cols + (i - g0) * l->tile_floats);
+        bucket_means(l->patches + l->order[i] * c * l->d, l->d, l->channels + i * c, l->starts + i * l->b_max,
+                     l->count[i], c, w->means + (i - g0) * l->tile_floats);
     for (int64_t block = 0; block < l->blocks; block++) {
         const float *weight = l->w_rows + block * c * k2 * o_b;
         for (int64_t o0 = 0; o0 < o_b; o0 += WIDE) {
@@ -183,11 +201,11 @@ static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
             for (int64_t i = 0; i < (g1 - g0) * pix_pad; i++) memcpy(w->acc + i * WIDE, start, sizeof start);
             for (int64_t ij = 0; ij < k2; ij++) {
                 for (int64_t i = g0; i < g1; i++) {
-                    const float *col = w->cols + (i - g0) * l->tile_floats + ij * l->count[i] * pix_pad;
                     merge_rows(weight + ij * o_b + o0, k2 * o_b, l->channels + i * c, l->starts + i * l->b_max, c,
                                l->count[i], width, w->merged, w->rows);
                     for (int64_t p0 = 0; p0 < pix_pad; p0 += PIX)
-                        tile_tap(col + p0, pix_pad, l->count[i], w->rows, w->acc + ((i - g0) * pix_pad + p0) * WIDE);
+                        tile_tap(w->means + (i - g0) * l->tile_floats, l->d, l->at + ij * pix_pad + p0, l->count[i],
+                                 w->rows, w->acc + ((i - g0) * pix_pad + p0) * WIDE);
                 }
             }
             for (int64_t i = g0; i < g1; i++) {
@@ -205,7 +223,7 @@ static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
  * strides, dilations, tw = patch width. Writes out[block * out_block_stride + order[i] *
  * out_tile_stride + p * o_b + o] for p < T*T. Returns 0, or -1 when out of memory.
  *
- * Tiles go in groups whose tap-major means fit GROUP_FLOATS, at least as many groups as threads
+ * Tiles go in groups whose bucket means fit GROUP_FLOATS, at least as many groups as threads
  * where there are tiles enough; threads take groups (OpenMP, torch's pool). */
 int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t d, const int64_t *order,
                          const int64_t *channels, const int64_t *starts, const int64_t *count, int64_t b_max,
@@ -213,13 +231,13 @@ int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t
                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t tw,
                          float *out, int64_t out_block_stride, int64_t out_tile_stride) {
     int64_t k2 = kh * kw, pixels = tile * tile, pix_pad = (pixels + PIX - 1) / PIX * PIX;
-    int64_t *window = malloc((size_t)(pix_pad + k2) * sizeof *window);
-    if (window == NULL) return -1;
-    int64_t *shift = window + pix_pad;
-    for (int64_t p = 0; p < pix_pad; p++) window[p] = p < pixels ? (p / tile) * sh * tw + (p % tile) * sw : 0;
-    for (int64_t ij = 0; ij < k2; ij++) shift[ij] = (ij / kw) * dh * tw + (ij % kw) * dw;
-    Layer l = {patches, w_rows, bias, order, channels, starts, count, window, shift, c, d, b_max, blocks, o_b, k2,
-               pixels, pix_pad, k2 * (b_max > 0 ? b_max : 1) * pix_pad, out_block_stride, out_tile_stride, out};
+    int64_t *at = malloc((size_t)(k2 * pix_pad) * sizeof *at); /* at[ij * pix_pad + p]: patch position */
+    if (at == NULL) return -1;
+    for (int64_t ij = 0; ij < k2; ij++)
+        for (int64_t p = 0; p < pix_pad; p++) /* padding pixels read position 0 and are never written out */
+            at[ij * pix_pad + p] = p < pixels ? ((p / tile) * sh + (ij / kw) * dh) * tw + (p % tile) * sw + (ij % kw) * dw : 0;
+    Layer l = {patches, w_rows, bias, order, channels, starts, count, at, c, d, b_max, blocks, o_b, k2,
+               pixels, pix_pad, (b_max > 0 ? b_max : 1) * d, out_block_stride, out_tile_stride, out};
     int64_t threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
@@ -240,7 +258,7 @@ int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t
             free_work(&w);
         }
     }
-    free(window);
+    free(at);
     return failed ? -1 : 0;
 }
 
