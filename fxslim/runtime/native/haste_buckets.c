@@ -22,18 +22,30 @@ static int by_code(const void *a, const void *b) {
 
 enum { CHANNEL_BITS = 20 }; /* a key is code << CHANNEL_BITS | channel, for codes below 2^44 */
 
-/* Shell sort of n keys (Ciura's gaps): no calls per comparison, and short runs in cache. */
-static void sort_keys(uint64_t *keys, int64_t n) {
-    static const int64_t gaps[] = {701, 301, 132, 57, 23, 10, 4, 1};
-    for (int g = 0; g < 8; g++) {
-        int64_t gap = gaps[g];
-        for (int64_t i = gap; i < n; i++) {
-            uint64_t k = keys[i];
-            int64_t j = i;
-            for (; j >= gap && keys[j - gap] > k; j -= gap) keys[j] = keys[j - gap];
-            keys[j] = k;
+/* Stable LSD radix sort of n keys by their code (key >> CHANNEL_BITS), `bits` bits of it: keys
+ * given in channel order come out by (code, channel). Passes of at most 8 bits, split evenly (two of
+ * 6 bits for 12-bit codes): branch-free, where a comparison sort mispredicts about every other
+ * comparison on random codes. tmp: n keys of scratch. */
+static void sort_keys(uint64_t *keys, uint64_t *tmp, int64_t n, int bits) {
+    int passes = (bits + 7) / 8;
+    int digit = passes > 0 ? (bits + passes - 1) / passes : 0;
+    for (int pass = 0; pass < passes; pass++) {
+        int shift = CHANNEL_BITS + pass * digit;
+        uint64_t mask = ((uint64_t)1 << digit) - 1;
+        int64_t at[256] = {0};
+        for (int64_t i = 0; i < n; i++) at[(keys[i] >> shift) & mask]++;
+        for (int64_t b = 0, sum = 0; b <= (int64_t)mask; b++) {
+            int64_t k = at[b];
+            at[b] = sum;
+            sum += k;
         }
+        for (int64_t i = 0; i < n; i++) tmp[at[(keys[i] >> shift) & mask]++] = keys[i];
+        uint64_t *swap = keys;
+        keys = tmp;
+        tmp = swap;
     }
+    if (passes % 2 == 1) /* the sorted keys are in the caller's scratch: copy them back */
+        for (int64_t i = 0; i < n; i++) tmp[i] = keys[i];
 }
 
 /* codes: [tiles, c] (float32 when codes32 != NULL, else codes64 float64). Writes channels [tiles,
@@ -47,7 +59,7 @@ int64_t haste_buckets(const float *codes32, const double *codes64, int64_t tiles
 #pragma omp parallel reduction(max : largest) reduction(| : failed) if (tiles * c > (1 << 14))
     {
         Entry *entries = malloc((size_t)(c > 0 ? c : 1) * sizeof *entries);
-        uint64_t *keys = malloc((size_t)(c > 0 ? c : 1) * sizeof *keys);
+        uint64_t *keys = malloc((size_t)(c > 0 ? 2 * c : 1) * sizeof *keys);
         if (entries == NULL || keys == NULL) failed = 1;
 #pragma omp for schedule(static)
         for (int64_t t = 0; t < tiles; t++) {
@@ -60,8 +72,13 @@ int64_t haste_buckets(const float *codes32, const double *codes64, int64_t tiles
                 fits &= code >= 0.0 && code < (double)((uint64_t)1 << (64 - CHANNEL_BITS));
             }
             if (fits) {
-                for (int64_t s = 0; s < c; s++) keys[s] = ((uint64_t)entries[s].code << CHANNEL_BITS) | (uint64_t)s;
-                sort_keys(keys, c);
+                uint64_t any = 0;
+                for (int64_t s = 0; s < c; s++) {
+                    uint64_t code = (uint64_t)entries[s].code;
+                    any |= code;
+                    keys[s] = (code << CHANNEL_BITS) | (uint64_t)s;
+                }
+                sort_keys(keys, keys + c, c, any == 0 ? 0 : 64 - __builtin_clzll(any));
                 for (int64_t s = 0; s < c; s++) {
                     entries[s].channel = (int64_t)(keys[s] & (((uint64_t)1 << CHANNEL_BITS) - 1));
                     entries[s].code = (double)(keys[s] >> CHANNEL_BITS);
