@@ -13,8 +13,9 @@ Samples go in groups whose patches fit ``GROUP_ELEMENTS``. For a group:
    rows [C·k², O] (a segment sum), then the reduced convs as one batched GEMM,
    y_τ [T·T, O] = im2col(means_τ) [T·T, k²·B] @ W̃_τ [k²·B, O] (+ bias).
 
-Step 2's centring and packing runs in C where it is built (``native/haste_codes.c``: one pass over
-the projections where ATen makes four); steps 4-5 run in the native tile kernel instead (``haste_native``, ``native/haste_tiles.c``) where it
+Step 2 runs in C where it is built (``native/haste_codes.c``: each tile projected, centred and
+packed in cache, where ATen's GEMM of L = 12 columns and four passes over the projections took
+longer than the bucket means); steps 4-5 run in the native tile kernel instead (``haste_native``, ``native/haste_tiles.c``) where it
 is built and the dtype is float32: it sums each merged filter in registers and never writes one.
 On the ATen path step 5 writes B_τ·k²·O merged filter values per tile (from O·k²·C reads and
 O·k²·(C − B_τ) additions), and ``benchmarks/haste_speed.py`` times writing that many floats.
@@ -73,12 +74,12 @@ def hash_codes(rows: Tensor, planes: Tensor, channels: int, center: bool) -> Ten
     ``rows`` [tiles·C, d]. Centring after projecting equals centring before (linearity) and touches L
     instead of d values per channel.
     """
+    native = haste_native.codes(rows, planes, channels, center)
+    if native is not None:
+        return native
     L = planes.shape[0]
     proj = memory.scratch("haste.proj", (rows.shape[0], L), rows.dtype)
     torch.matmul(rows, planes.t(), out=proj)  # [tiles·C, d] @ [d, L]
-    native = haste_native.codes(proj, channels, center)
-    if native is not None:
-        return native
     proj = proj.view(-1, channels, L)
     if center:
         proj -= proj.mean(dim=1, keepdim=True)

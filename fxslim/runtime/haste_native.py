@@ -45,20 +45,22 @@ def patches(x: Tensor, rows: int, cols: int, padding: tuple[int, int], grid: tup
 
 
 def _codes_kernel():
-    return native_kernels.function("haste_codes", "haste_codes", _I64, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR)
+    return native_kernels.function("haste_codes", "haste_codes", _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR,
+                                   _PTR)
 
 
-def codes(proj: Tensor, channels: int, center: bool) -> Tensor | None:
-    """Codes [tiles, C] of the projections ``proj`` [tiles·C, L] (float32, contiguous), as
-    ``haste_kernel.hash_codes`` packs them: float32 up to 24 planes, else float64."""
+def codes(rows: Tensor, planes: Tensor, channels: int, center: bool) -> Tensor | None:
+    """Codes [tiles, C] of the windows ``rows`` [tiles·C, d] against ``planes`` [L, d] (float32), as
+    ``haste_kernel.hash_codes`` makes them: float32 up to 24 planes, else float64."""
     fn = _codes_kernel() if native_kernels.active() else None
-    if fn is None or proj.dtype != torch.float32 or proj.device.type != "cpu" or not proj.is_contiguous():
+    if fn is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (rows, planes)):
         return None
-    L = proj.shape[1]
-    out = torch.empty(proj.shape[0] // channels, channels, dtype=torch.float32 if L <= 24 else torch.float64)
+    rows, planes = rows.contiguous(), planes.contiguous()
+    L = planes.shape[0]
+    out = torch.empty(rows.shape[0] // channels, channels, dtype=torch.float32 if L <= 24 else torch.float64)
     f32 = out.dtype == torch.float32
-    if fn(proj.data_ptr(), out.shape[0], channels, L, int(center), out.data_ptr() if f32 else None,
-          None if f32 else out.data_ptr()) < 0:
+    if fn(rows.data_ptr(), planes.data_ptr(), out.shape[0], channels, rows.shape[1], L, int(center),
+          out.data_ptr() if f32 else None, None if f32 else out.data_ptr()) < 0:
         return None
     return out
 
