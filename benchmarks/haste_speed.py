@@ -11,8 +11,8 @@ filters in registers, reduced convs) where a C compiler is there; the same model
 (``native_kernels.disabled()``) is timed in the same rounds.
 
 The profile runs the HASTE model with timers around each stage of the op's CPU kernel
-(``fxslim.runtime.haste_kernel``): gathering the patches, hashing (projection, centring, bit
-packing), bucketing (sorting each tile's codes; on the ATen path also sorting tiles by bucket
+(``fxslim.runtime.haste_kernel``): gathering the patches and hashing them (projection, centring,
+bit packing; one pass per tile in the native front kernel), bucketing (sorting each tile's codes; on the ATen path also sorting tiles by bucket
 count), the native tile kernel, or on
 the ATen path the sparse segment sums (bucket means of the inputs and merged filters), the reduced
 conv (batched matmuls) and the rest of the kernel (segment indices, im2col of the means, restoring
@@ -56,11 +56,11 @@ __all__ = ["load_model", "haste_model", "side_by_side", "stage_timers", "profile
 _HERE = Path(__file__).resolve().parent
 _BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
 # kernel helper -> stage; time inside _group is also split by the torch calls it makes
-_STAGES = {"patches": "patches", "hash_codes": "hashing", "tile_buckets": "bucketing"}
+_STAGES = {"patches_and_codes": "patches and hashing", "tile_buckets": "bucketing"}
 _TORCH = {"addmm": "segment sums (means, filter merge)", "bmm": "reduced conv (matmul)",
           "baddbmm": "reduced conv (matmul)"}
 _NATIVE = "native tile kernel (means, merge, reduced conv)"
-_ORDER = ("patches", "hashing", "bucketing", _NATIVE, "segment sums (means, filter merge)", "reduced conv (matmul)",
+_ORDER = ("patches and hashing", "bucketing", _NATIVE, "segment sums (means, filter merge)", "reduced conv (matmul)",
           "indices, im2col, tile order", "stitching")
 
 
@@ -142,7 +142,7 @@ def stage_timers() -> Iterator[dict[str, float]]:
             for name, fn in saved.items():
                 setattr(module, name, fn)
         group_total = totals.pop("_group", 0.0)
-        # patches, hashing and bucketing run inside _group too
+        # patches and hashing, and bucketing run inside _group too
         named = sum(totals[s] for s in {*_STAGES.values(), *_TORCH.values(), _NATIVE})  # bmm and baddbmm share a stage
         totals["indices, im2col, tile order"] = group_total - named
 

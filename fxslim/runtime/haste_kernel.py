@@ -13,9 +13,9 @@ Samples go in groups whose patches fit ``GROUP_ELEMENTS``. For a group:
    rows [C·k², O] (a segment sum), then the reduced convs as one batched GEMM,
    y_τ [T·T, O] = im2col(means_τ) [T·T, k²·B] @ W̃_τ [k²·B, O] (+ bias).
 
-Step 2 runs in C where it is built (``native/haste_codes.c``: each tile projected, centred and
-packed in cache, where ATen's GEMM of L = 12 columns and four passes over the projections took
-longer than the bucket means); steps 4-5 run in the native tile kernel instead (``haste_native``, ``native/haste_tiles.c``) where it
+Steps 1-2 run in C where it is built (``native/haste_front.c``: a tile's windows gathered from x,
+then projected, centred and packed while in cache, where ATen's GEMM of L = 12 columns and four
+passes over the projections took longer than the bucket means); steps 4-5 run in the native tile kernel instead (``haste_native``, ``native/haste_tiles.c``) where it
 is built and the dtype is float32: it sums each merged filter in registers and never writes one.
 On the ATen path step 5 writes B_τ·k²·O merged filter values per tile (from O·k²·C reads and
 O·k²·(C − B_τ) additions), and ``benchmarks/haste_speed.py`` times writing that many floats.
@@ -35,7 +35,7 @@ from torch import Tensor
 
 from fxslim.runtime import haste_native, memory
 
-__all__ = ["TileBuckets", "hash_codes", "patches", "tile_buckets", "weight_rows", "haste_conv2d_tiles"]
+__all__ = ["TileBuckets", "hash_codes", "patches", "patches_and_codes", "tile_buckets", "weight_rows", "haste_conv2d_tiles"]
 
 # Sizes in elements, from timing full-width ResNet18 on the reference machine (2 shared cores):
 # from 2^19 to 2^23 the model time moved within the noise (±5 %); groups of 2^25 were 50 % slower.
@@ -51,6 +51,17 @@ def patches(x: Tensor, kernel_size, stride, padding, dilation, tile: int, grid: 
     tiles; tile (i, j) reads the t_h×t_w window at (i·T·σ_h, j·T·σ_w), so edge tiles see zeros beyond the
     receptive field of their valid outputs. (The native kernel reads the windows straight from x.)
     """
+    return _windows(x, kernel_size, stride, padding, dilation, tile, grid, None, False)[0]
+
+
+def patches_and_codes(x: Tensor, planes: Tensor, center: bool, kernel_size, stride, padding, dilation, tile: int,
+                      grid: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """(``patches``, ``hash_codes`` of them): in one native pass over the tiles where it runs."""
+    rows, codes = _windows(x, kernel_size, stride, padding, dilation, tile, grid, planes, center)
+    return rows, codes if codes is not None else hash_codes(rows, planes, x.shape[1], center)
+
+
+def _windows(x, kernel_size, stride, padding, dilation, tile, grid, planes, center) -> tuple[Tensor, Tensor | None]:
     n, c, h, w = x.shape
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel_size, stride, padding, dilation
     nth, ntw = grid
@@ -59,24 +70,23 @@ def patches(x: Tensor, kernel_size, stride, padding, dilation, tile: int, grid: 
     rows = max(0, min(h, (h_out - 1) * sh + (kh - 1) * dh + 1 - ph))  # input rows some output reads
     cols = max(0, min(w, (w_out - 1) * sw + (kw - 1) * dw + 1 - pw))
     out = memory.scratch("haste.patches", (n * nth * ntw * c, th * tw), x.dtype)
-    if haste_native.patches(x, rows, cols, (ph, pw), grid, tile, (sh, sw), (th, tw), out):
-        return out
+    ran, codes = haste_native.patches(x, rows, cols, (ph, pw), grid, tile, (sh, sw), (th, tw), out, planes, center)
+    if ran:
+        return out, codes
     ch, cw = (nth - 1) * tile * sh + th, (ntw - 1) * tile * sw + tw
     canvas = memory.scratch("haste.canvas", (n, c, ch, cw), x.dtype).zero_()
     canvas[:, :, ph : ph + rows, pw : pw + cols] = x[:, :, :rows, :cols]
     windows = canvas.as_strided((n, nth, ntw, c, th, tw), (c * ch * cw, tile * sh * cw, tile * sw, ch * cw, cw, 1))
-    return out.view(windows.shape).copy_(windows).view(-1, th * tw)
+    return out.view(windows.shape).copy_(windows).view(-1, th * tw), None
 
 
 def hash_codes(rows: Tensor, planes: Tensor, channels: int, center: bool) -> Tensor:
     """[tiles, C] codes (exact integers held in float): bit l = 1[<z, r_l> > 0], z a channel's (centred) window.
 
     ``rows`` [tiles·C, d]. Centring after projecting equals centring before (linearity) and touches L
-    instead of d values per channel.
+    instead of d values per channel. (The native front kernel makes the same codes while it gathers
+    the windows: ``patches_and_codes``.)
     """
-    native = haste_native.codes(rows, planes, channels, center)
-    if native is not None:
-        return native
     L = planes.shape[0]
     proj = memory.scratch("haste.proj", (rows.shape[0], L), rows.dtype)
     torch.matmul(rows, planes.t(), out=proj)  # [tiles·C, d] @ [d, L]
@@ -192,9 +202,8 @@ def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Te
     c, (blocks, _, o), k2, p = x.shape[1], w_rows.shape, kh * kw, tile * tile
     th, tw = (tile - 1) * sh + (kh - 1) * dh + 1, (tile - 1) * sw + (kw - 1) * dw + 1
     d = th * tw
-    rows = patches(x, kernel, stride, padding, dilation, tile, grid)
+    rows, codes = patches_and_codes(x, planes, center, kernel, stride, padding, dilation, tile, grid)
     tiles = rows.shape[0] // c
-    codes = hash_codes(rows, planes, c, center)
     native = haste_native.buckets(codes) if rows.dtype == torch.float32 else None
     if native is not None:
         channels, starts, count = native

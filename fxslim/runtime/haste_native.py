@@ -1,7 +1,7 @@
-"""HASTE's native kernels (``native/haste_codes.c``, ``native/haste_buckets.c``, ``native/haste_tiles.c``)
+"""HASTE's native kernels (``native/haste_front.c``, ``native/haste_buckets.c``, ``native/haste_tiles.c``)
 behind tensor-level calls.
 
-``codes`` and ``buckets`` return None and ``tile_convs`` False where a kernel cannot run (no C compiler,
+``patches`` returns (False, None), ``buckets`` None and ``tile_convs`` False where a kernel cannot run (no C compiler,
 ``FXSLIM_NATIVE=0``, a dtype other than float32, or inside ``native_kernels.disabled()``), and the
 caller takes its ATen path: the same buckets, and outputs equal up to float32 rounding (sums in
 another order).
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from fxslim.runtime import native_kernels
 
-__all__ = ["patches", "codes", "buckets", "tile_convs", "status"]
+__all__ = ["patches", "buckets", "tile_convs", "status"]
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -27,42 +27,35 @@ def _kernel():
                                    _I64, _PTR, _I64, _I64)
 
 
-def _patches_kernel():
-    return native_kernels.function("haste_tiles", "haste_patches", None, _PTR, *[_I64] * 17, _PTR)
-
-
-def patches(x: Tensor, rows: int, cols: int, padding: tuple[int, int], grid: tuple[int, int], tile: int,
-            stride: tuple[int, int], window: tuple[int, int], out: Tensor) -> bool:
-    """Every tile's input windows of x [N, C, H, W] (float32, any strides) into ``out``
-    [N·nth·ntw·C, t_h·t_w] (contiguous), as ``haste_kernel.patches`` makes them; False where the
-    kernel cannot run."""
-    fn = _patches_kernel() if native_kernels.active() else None
-    if fn is None or x.dtype != torch.float32 or out.dtype != torch.float32 or not out.is_contiguous():
-        return False
-    n, c = x.shape[:2]
-    fn(x.data_ptr(), n, c, *x.stride(), rows, cols, *padding, *grid, tile, *stride, *window, out.data_ptr())
-    return True
-
-
-def _codes_kernel():
-    return native_kernels.function("haste_codes", "haste_codes", _I64, _PTR, _PTR, _I64, _I64, _I64, _I64, _I64, _PTR,
+def _front_kernel():
+    return native_kernels.function("haste_front", "haste_front", _I64, _PTR, *[_I64] * 17, _PTR, _PTR, _I64, _I64, _PTR,
                                    _PTR)
 
 
-def codes(rows: Tensor, planes: Tensor, channels: int, center: bool) -> Tensor | None:
-    """Codes [tiles, C] of the windows ``rows`` [tiles·C, d] against ``planes`` [L, d] (float32), as
-    ``haste_kernel.hash_codes`` makes them: float32 up to 24 planes, else float64."""
-    fn = _codes_kernel() if native_kernels.active() else None
-    if fn is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (rows, planes)):
-        return None
-    rows, planes = rows.contiguous(), planes.contiguous()
-    L = planes.shape[0]
-    out = torch.empty(rows.shape[0] // channels, channels, dtype=torch.float32 if L <= 24 else torch.float64)
-    f32 = out.dtype == torch.float32
-    if fn(rows.data_ptr(), planes.data_ptr(), out.shape[0], channels, rows.shape[1], L, int(center),
-          out.data_ptr() if f32 else None, None if f32 else out.data_ptr()) < 0:
-        return None
-    return out
+def patches(x: Tensor, rows: int, cols: int, padding: tuple[int, int], grid: tuple[int, int], tile: int,
+            stride: tuple[int, int], window: tuple[int, int], out: Tensor, planes: Tensor | None = None,
+            center: bool = False) -> tuple[bool, Tensor | None]:
+    """Every tile's input windows of x [N, C, H, W] (float32, any strides) into ``out``
+    [N·nth·ntw·C, t_h·t_w] (contiguous), as ``haste_kernel.patches`` makes them, and with ``planes``
+    [L, d] each tile's codes [tiles, C] from its windows while they are in cache, as
+    ``haste_kernel.hash_codes`` makes them (float32 up to 24 planes, else float64): (whether the
+    kernel ran, the codes or None)."""
+    fn = _front_kernel() if native_kernels.active() else None
+    floats = (x, out) if planes is None else (x, out, planes)
+    if fn is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats) or not out.is_contiguous():
+        return False, None
+    n, c = x.shape[:2]
+    codes, L = None, 0
+    if planes is not None:
+        planes, L = planes.contiguous(), planes.shape[0]
+        codes = torch.empty(out.shape[0] // max(1, c), c, dtype=torch.float32 if L <= 24 else torch.float64)
+    f32 = codes is not None and codes.dtype == torch.float32
+    status_code = fn(x.data_ptr(), n, c, *x.stride(), rows, cols, *padding, *grid, tile, *stride, *window, out.data_ptr(),
+                     None if planes is None else planes.data_ptr(), L, int(center),
+                     codes.data_ptr() if f32 else None, codes.data_ptr() if codes is not None and not f32 else None)
+    if status_code < 0:
+        return False, None
+    return True, codes
 
 
 def _buckets_kernel():

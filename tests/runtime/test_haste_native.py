@@ -164,21 +164,28 @@ def test_native_output_in_the_input_layout_with_cropped_edge_tiles():
 
 
 @settings(max_examples=30, deadline=None)
-@given(tiles=st.integers(1, 40), c=st.integers(1, 70), d=st.integers(1, 40), L=st.integers(1, 40),
-       center=st.booleans(), integers=st.booleans(), seed=st.integers(0, 2**16))
-def test_native_codes_equal_the_aten_path_away_from_ties(tiles, c, d, L, center, integers, seed):
-    # codes past 24 planes in float64; integer windows make exact zeros after centring (bit 0 on both paths)
+@given(n=st.integers(1, 2), c=st.integers(1, 70), size=st.integers(3, 11), k=st.sampled_from([1, 3]),
+       stride=st.integers(1, 2), tile=st.integers(1, 5), L=st.integers(1, 40), center=st.booleans(),
+       integers=st.booleans(), seed=st.integers(0, 2**16))
+def test_native_codes_equal_the_aten_path_away_from_ties(n, c, size, k, stride, tile, L, center, integers, seed):
+    # 8-window blocks and their tails, codes past 24 planes in float64; integer inputs make exact
+    # zeros after centring (bit 0 on both paths)
     g = torch.Generator().manual_seed(seed)
-    rows = torch.randint(-3, 4, (tiles * c, d), generator=g).float() if integers else torch.randn(tiles * c, d, generator=g)
-    planes = make_planes(L, d, 2 / 3, seed=seed % 7)
-    native = haste_kernel.hash_codes(rows, planes, c, center)
+    x = torch.randint(-3, 4, (n, c, size, size), generator=g).float() if integers else torch.randn(n, c, size, size, generator=g)
+    geometry = ((k, k), (stride, stride), (k // 2, k // 2), (1, 1))
+    out = (size + 2 * (k // 2) - k) // stride + 1
+    grid = (-(-out // tile), -(-out // tile))
+    planes = make_planes(L, patch_shape((k, k), (stride, stride), (1, 1), tile)[0] ** 2, 2 / 3, seed=seed % 7)
+    rows, native = (t.clone() for t in haste_kernel.patches_and_codes(x, planes, center, *geometry, tile, grid))
     with native_kernels.disabled():
-        aten = haste_kernel.hash_codes(rows, planes, c, center)
+        aten_rows, aten = haste_kernel.patches_and_codes(x, planes, center, *geometry, tile, grid)
+    assert torch.equal(rows, aten_rows)
+    tiles = rows.shape[0] // c
     assert native.dtype == aten.dtype == (torch.float32 if L <= 24 else torch.float64) and native.shape == (tiles, c)
     # float64 truth: a channel whose centred projection lies within float32 rounding of 0 may go either way
     proj = (rows.double() @ planes.double().t()).view(tiles, c, L)
     if center:
         proj = proj - proj.mean(dim=1, keepdim=True)
-    scale = rows.abs().amax().double() * d
+    scale = rows.abs().amax().double() * planes.shape[1]
     clear = torch.ones(tiles, c, dtype=torch.bool) if integers else (proj.abs() > 1e-5 * scale).all(dim=2)
     assert torch.equal(native[clear], aten[clear])
