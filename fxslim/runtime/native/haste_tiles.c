@@ -29,8 +29,9 @@
 
 enum {
     VEC = 16,      /* output channels per vector */
-    WIDE = 2 * VEC, /* output channels per pass */
-    PIX = 8,       /* output pixels per pass */
+    NV = 4,        /* vectors per pass */
+    WIDE = NV * VEC, /* output channels per pass */
+    PIX = 6,       /* output pixels per pass: 24 accumulators, 4 weight vectors, 1 broadcast */
     GROUP_FLOATS = 1 << 17, /* a group of tiles' bucket means (512 KB): they share each read of the weight */
 };
 
@@ -56,8 +57,11 @@ static void bucket_means(const float *patch, int64_t d, const int64_t *channels,
 #ifdef __AVX512F__
 static void merge_rows(const float *w_ij, int64_t row_stride, const int64_t *channels, const int64_t *starts,
                        int64_t c, int64_t buckets, int64_t width, float *merged, const float **rows) {
-    __mmask16 lo = width >= VEC ? (__mmask16)0xffff : (__mmask16)((1u << width) - 1u);
-    __mmask16 hi = width >= WIDE ? (__mmask16)0xffff : width > VEC ? (__mmask16)((1u << (width - VEC)) - 1u) : 0;
+    __mmask16 mask[NV];
+    for (int v = 0; v < NV; v++) {
+        int64_t left = width - v * VEC;
+        mask[v] = left >= VEC ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
+    }
     for (int64_t b = 0; b < buckets; b++) {
         int64_t s0 = starts[b], s1 = b + 1 < buckets ? starts[b + 1] : c;
         const float *row = w_ij + channels[s0] * row_stride;
@@ -65,14 +69,13 @@ static void merge_rows(const float *w_ij, int64_t row_stride, const int64_t *cha
             rows[b] = row;
             continue;
         }
-        __m512 m0 = _mm512_maskz_loadu_ps(lo, row), m1 = _mm512_maskz_loadu_ps(hi, row + VEC);
+        __m512 m[NV];
+        for (int v = 0; v < NV; v++) m[v] = _mm512_maskz_loadu_ps(mask[v], row + v * VEC);
         for (int64_t s = s0 + 1; s < s1; s++) {
             row = w_ij + channels[s] * row_stride;
-            m0 = _mm512_add_ps(m0, _mm512_maskz_loadu_ps(lo, row));
-            m1 = _mm512_add_ps(m1, _mm512_maskz_loadu_ps(hi, row + VEC));
+            for (int v = 0; v < NV; v++) m[v] = _mm512_add_ps(m[v], _mm512_maskz_loadu_ps(mask[v], row + v * VEC));
         }
-        _mm512_storeu_ps(merged + b * WIDE, m0);
-        _mm512_storeu_ps(merged + b * WIDE + VEC, m1);
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(merged + b * WIDE + v * VEC, m[v]);
         rows[b] = merged + b * WIDE;
     }
 }
@@ -92,54 +95,29 @@ static void merge_rows(const float *w_ij, int64_t row_stride, const int64_t *cha
 }
 #endif
 
-#ifdef __AVX512F__
-static int runs_of_four(const int64_t *at) {
-    for (int p = 1; p < PIX; p++)
-        if (at[p] != at[p & 4] + (p & 3)) return 0;
-    return 1;
-}
-#endif
-
 /* One tap of one tile for PIX output pixels: acc[p][v] += sum over buckets b of means[b * d + at[p]]
  * * rows[b][v], at[p] the patch position under pixel p at this tap. */
 #ifdef __AVX512F__
 static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t buckets, const float *const *rows,
                      float *acc) {
-    __m512 a[PIX][2];
-    int64_t off[PIX];
-    for (int p = 0; p < PIX; p++) {
-        off[p] = at[p];
-        a[p][0] = _mm512_loadu_ps(acc + p * WIDE);
-        a[p][1] = _mm512_loadu_ps(acc + p * WIDE + VEC);
+    __m512 a[PIX][NV];
+    const int64_t o0 = at[0], o1 = at[1], o2 = at[2], o3 = at[3], o4 = at[4], o5 = at[5];
+    for (int p = 0; p < PIX; p++)
+        for (int v = 0; v < NV; v++) a[p][v] = _mm512_loadu_ps(acc + p * WIDE + v * VEC);
+    const float *m = means;
+    for (int64_t b = 0; b < buckets; b++, m += d) {
+        const float *row = rows[b];
+        __m512 w[NV];
+        for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_ps(row + v * VEC);
+        __m512 x;
+#define PIXEL(p, o) \
+        x = _mm512_set1_ps(m[o]); \
+        for (int v = 0; v < NV; v++) a[p][v] = _mm512_fmadd_ps(x, w[v], a[p][v]);
+        PIXEL(0, o0) PIXEL(1, o1) PIXEL(2, o2) PIXEL(3, o3) PIXEL(4, o4) PIXEL(5, o5)
+#undef PIXEL
     }
-    if (runs_of_four(off)) { /* two runs of 4 adjacent positions (4-wide tiles, column stride 1): */
-        const float *m = means + off[0];  /* addresses from two registers, no offsets spilled */
-        const int64_t second = off[4] - off[0];
-        for (int64_t b = 0; b < buckets; b++, m += d) {
-            __m512 m0 = _mm512_loadu_ps(rows[b]), m1 = _mm512_loadu_ps(rows[b] + VEC);
-#pragma GCC unroll 8
-            for (int p = 0; p < PIX; p++) {
-                __m512 x = _mm512_set1_ps(m[(p < 4 ? 0 : second) + (p & 3)]);
-                a[p][0] = _mm512_fmadd_ps(x, m0, a[p][0]);
-                a[p][1] = _mm512_fmadd_ps(x, m1, a[p][1]);
-            }
-        }
-    } else {
-        for (int64_t b = 0; b < buckets; b++) {
-            __m512 m0 = _mm512_loadu_ps(rows[b]), m1 = _mm512_loadu_ps(rows[b] + VEC);
-            const float *m = means + b * d;
-#pragma GCC unroll 8
-            for (int p = 0; p < PIX; p++) {
-                __m512 x = _mm512_set1_ps(m[off[p]]);
-                a[p][0] = _mm512_fmadd_ps(x, m0, a[p][0]);
-                a[p][1] = _mm512_fmadd_ps(x, m1, a[p][1]);
-            }
-        }
-    }
-    for (int p = 0; p < PIX; p++) {
-        _mm512_storeu_ps(acc + p * WIDE, a[p][0]);
-        _mm512_storeu_ps(acc + p * WIDE + VEC, a[p][1]);
-    }
+    for (int p = 0; p < PIX; p++)
+        for (int v = 0; v < NV; v++) _mm512_storeu_ps(acc + p * WIDE + v * VEC, a[p][v]);
 }
 #else
 static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t buckets, const float *const *rows,
