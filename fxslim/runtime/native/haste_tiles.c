@@ -98,6 +98,7 @@ static void merge_rows(const float *w_ij, int64_t row_stride, const int64_t *cha
 /* One tap of one tile for PIX output pixels: acc[p][v] += sum over buckets b of means[b * d + at[p]]
  * * rows[b][v], at[p] the patch position under pixel p at this tap. */
 #ifdef __AVX512F__
+__attribute__((noinline)) /* its own registers: inlined, the enclosing loops' values pushed offsets to the stack */
 static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t buckets, const float *const *rows,
                      float *acc) {
     __m512 a[PIX][NV];
