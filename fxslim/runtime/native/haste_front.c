@@ -31,6 +31,23 @@ static void gather(const float *x, int64_t c, int64_t x_sn, int64_t x_sc, int64_
                    int64_t sw, int64_t th, int64_t tw, float *out) {
     int64_t d = th * tw, y0 = ti * tile * sh - ph, x0 = tj * tile * sw - pw;
     int64_t v0 = x0 < 0 ? -x0 : 0, v1 = cols - x0 < tw ? cols - x0 : tw; /* columns inside the input */
+#ifdef __AVX512F__
+    if (x_sw == 1 && tw <= 16) { /* a window row is one masked load and store, zeros outside the input */
+        const __mmask16 store = (__mmask16)((1u << tw) - 1u);
+        const __mmask16 load = v1 <= v0 ? 0 : (__mmask16)(((1u << v1) - 1u) & ~((1u << v0) - 1u));
+        for (int64_t ch = 0; ch < c; ch++) {
+            const float *plane = x + s * x_sn + ch * x_sc;
+            for (int64_t u = 0; u < th; u++) {
+                int64_t y = y0 + u;
+                __m512 row = _mm512_setzero_ps();
+                if (y >= 0 && y < rows) /* lanes outside [v0, v1) are masked: never read */
+                    row = _mm512_maskz_loadu_ps(load, (const float *)((uintptr_t)(plane + y * x_sh) + x0 * (intptr_t)sizeof(float)));
+                _mm512_mask_storeu_ps(out + ch * d + u * tw, store, row);
+            }
+        }
+        return;
+    }
+#endif
     for (int64_t ch = 0; ch < c; ch++) {
         float *o = out + ch * d;
         const float *plane = x + s * x_sn + ch * x_sc;
