@@ -196,9 +196,12 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.haste_spe
                 times = interleaved_samples({"dense": lambda: dense(x), "haste": lambda: haste(x),
                                              "aten": _aten_path(lambda: haste(x))}, args.rounds)
                 _, _, cpu_ratio = side_by_side(lambda: dense(x), lambda: haste(x), args.rounds, time.process_time)
+                native, aten = haste(x), _aten_path(lambda: haste(x))()
                 speed_rows.append([name, batch, *(1e3 * statistics.median(times[k]) for k in ("dense", "haste")),
                                    paired_ratio(times["haste"], times["dense"]), cpu_ratio,
-                                   1e3 * statistics.median(times["aten"]), paired_ratio(times["aten"], times["dense"])])
+                                   1e3 * statistics.median(times["aten"]), paired_ratio(times["aten"], times["dense"]),
+                                   float((native - aten).abs().max() / aten.abs().max()),
+                                   float((native.argmax(1) == aten.argmax(1)).float().mean()) * 100])
         for batch in args.batches:
             stages, whole = profile(haste, images[:batch], max(1, args.rounds // 2))
             kernel = stages["kernel"]
@@ -213,10 +216,14 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.haste_spe
         f"machine is shared, so compare within a row (1-minute load average {load_before:.1f} before). The last "
         "column repeats the rounds on this process's CPU time (time.process_time): on a loaded machine a longer "
         f"call is more often descheduled, which inflates wall-clock ratios and not this one. HASTE: "
-        f"{haste_native.status()}; the last two columns time the same model on the ATen path, in the same rounds."],
+        f"{haste_native.status()}; the next two columns time the same model on the ATen path, in the same rounds, "
+        "and the last two compare the two paths' logits on the timed batch (max |difference| over max |logit|, "
+        "and the share of equal top-1 classes): the native kernels sum in other orders; each op against the loop "
+        "reference is in tests/runtime/test_haste_native.py."],
         table=Table(["model", "batch", "dense ms", "HASTE ms", "HASTE / dense", "HASTE / dense, CPU time",
-                     "HASTE on the ATen path ms", "ATen path / dense"], speed_rows,
-                    ["", "d", ".1f", ".1f", ".2f}×", ".2f}×", ".1f", ".2f}×"]))
+                     "HASTE on the ATen path ms", "ATen path / dense", "native vs ATen path, logits",
+                     "same top-1"], speed_rows,
+                    ["", "d", ".1f", ".1f", ".2f}×", ".2f}×", ".1f", ".2f}×", ".1e", ".1f} %"]))
     stages = Section("Where the HASTE time goes", [
         "Mean ms per forward of each stage of the op's CPU kernel, summed over all HASTE layers (share of "
         "the kernel time). `forward` is the whole HASTE model (kernels, custom-op dispatch, the dense stem, "
