@@ -218,8 +218,11 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.haste_spe
         f"call is more often descheduled, which inflates wall-clock ratios and not this one. HASTE: "
         f"{haste_native.status()}; the next two columns time the same model on the ATen path, in the same rounds, "
         "and the last two compare the two paths' logits on the timed batch (max |difference| over max |logit|, "
-        "and the share of equal top-1 classes): the native kernels sum in other orders; each op against the loop "
-        "reference is in tests/runtime/test_haste_native.py."],
+        "and the share of equal top-1 classes). The native kernels sum in other orders: on one input each op "
+        "gives the same buckets as the ATen path and outputs within float32 rounding (tests/runtime/"
+        "test_haste_native.py, also against the loop reference), but through the network a rounding "
+        "difference can tip a later layer's centred projection that lies within rounding of 0 into the other "
+        "bucket, as any change of BLAS or thread count can."],
         table=Table(["model", "batch", "dense ms", "HASTE ms", "HASTE / dense", "HASTE / dense, CPU time",
                      "HASTE on the ATen path ms", "ATen path / dense", "native vs ATen path, logits",
                      "same top-1"], speed_rows,
