@@ -95,37 +95,46 @@ static void merge_rows(const float *w_ij, int64_t row_stride, const int64_t *cha
 }
 #endif
 
-/* One tap of one tile for PIX output pixels: acc[p][v] += sum over buckets b of means[b * d + at[p]]
- * * rows[b][v], at[p] the patch position under pixel p at this tap. */
+/* One tap of one tile for npix <= PIX output pixels: acc[p][v] += sum over buckets b of
+ * means[b * d + at[p]] * rows[b][v], at[p] the patch position under pixel p at this tap. */
 #ifdef __AVX512F__
-__attribute__((noinline)) /* its own registers: inlined, the enclosing loops' values pushed offsets to the stack */
-static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t buckets, const float *const *rows,
-                     float *acc) {
+static inline __attribute__((always_inline)) void tap_pixels(const float *means, int64_t d, const int64_t *at,
+                                                              int64_t buckets, const float *const *rows, float *acc,
+                                                              const int npix) {
     __m512 a[PIX][NV];
-    const int64_t o0 = at[0], o1 = at[1], o2 = at[2], o3 = at[3], o4 = at[4], o5 = at[5];
-    for (int p = 0; p < PIX; p++)
+    int64_t off[PIX];
+    for (int p = 0; p < npix; p++) {
+        off[p] = at[p];
         for (int v = 0; v < NV; v++) a[p][v] = _mm512_loadu_ps(acc + p * WIDE + v * VEC);
+    }
     const float *m = means;
     for (int64_t b = 0; b < buckets; b++, m += d) {
-        const float *row = rows[b];
         __m512 w[NV];
-        for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_ps(row + v * VEC);
-        __m512 x;
-#define PIXEL(p, o) \
-        x = _mm512_set1_ps(m[o]); \
-        for (int v = 0; v < NV; v++) a[p][v] = _mm512_fmadd_ps(x, w[v], a[p][v]);
-        PIXEL(0, o0) PIXEL(1, o1) PIXEL(2, o2) PIXEL(3, o3) PIXEL(4, o4) PIXEL(5, o5)
-#undef PIXEL
+        for (int v = 0; v < NV; v++) w[v] = _mm512_loadu_ps(rows[b] + v * VEC);
+        for (int p = 0; p < npix; p++) {
+            __m512 x = _mm512_set1_ps(m[off[p]]);
+            for (int v = 0; v < NV; v++) a[p][v] = _mm512_fmadd_ps(x, w[v], a[p][v]);
+        }
     }
-    for (int p = 0; p < PIX; p++)
+    for (int p = 0; p < npix; p++)
         for (int v = 0; v < NV; v++) _mm512_storeu_ps(acc + p * WIDE + v * VEC, a[p][v]);
+}
+
+/* Not inlined: in a function of its own the pixel offsets stay in registers (inlined, the enclosing
+ * loops' values pushed them to the stack). A 4x4 tile is 6 + 6 + 4 pixels, without padding. */
+__attribute__((noinline)) static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t buckets,
+                                               const float *const *rows, float *acc, int64_t npix) {
+    if (npix == 4)
+        tap_pixels(means, d, at, buckets, rows, acc, 4);
+    else
+        tap_pixels(means, d, at, buckets, rows, acc, PIX);
 }
 #else
 static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t buckets, const float *const *rows,
-                     float *acc) {
+                     float *acc, int64_t npix) {
     for (int64_t b = 0; b < buckets; b++) {
         const float *m = means + b * d;
-        for (int p = 0; p < PIX; p++)
+        for (int64_t p = 0; p < npix; p++)
             for (int v = 0; v < WIDE; v++) acc[p * WIDE + v] += m[at[p]] * rows[b][v];
     }
 }
@@ -184,7 +193,8 @@ static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
                                l->count[i], width, w->merged, w->rows);
                     for (int64_t p0 = 0; p0 < pix_pad; p0 += PIX)
                         tile_tap(w->means + (i - g0) * l->tile_floats, l->d, l->at + ij * pix_pad + p0, l->count[i],
-                                 w->rows, w->acc + ((i - g0) * pix_pad + p0) * WIDE);
+                                 w->rows, w->acc + ((i - g0) * pix_pad + p0) * WIDE,
+                                 l->pixels - p0 < PIX ? l->pixels - p0 : PIX);
                 }
             }
             for (int64_t i = g0; i < g1; i++) {
