@@ -3,13 +3,18 @@
  * For a tile with B buckets the method convolves the B bucket means of its input window with the
  * merged filters W~[ij, b] = sum over the bucket's channels c of W[c, ij]. The ATen path writes
  * every merged filter (B * k^2 * O floats per tile) and reads it back in a GEMM of only T*T rows.
- * Here a merged filter exists only as two vectors of 16 output channels in registers: for each
+ * Here a merged filter exists only as four vectors of 16 output channels in registers: for each
  * kernel tap ij and bucket b it is summed from the weight rows of the bucket's channels and at once
- * multiplied into the accumulators of 8 output pixels. Work per tile: C * k^2 * O additions (the
- * merge, once per 8 pixels) and B * k^2 * T^2 * O multiply-adds (the reduced conv), as the method
- * counts them. Each pixel's input is a broadcast straight from the tile's bucket means ([B][d], the
- * patch positions per tap precomputed): an earlier tap-major copy of the means cost a scalar gather
- * per (tap, bucket, pixel), as much as a third of the multiply-adds on 64-channel layers.
+ * multiplied into the accumulators of 6 output pixels (24 accumulators; a 4x4 tile is 6 + 6 + 4
+ * pixels). Work per tile: C * k^2 * O additions (the merge) and B * k^2 * T^2 * O multiply-adds
+ * (the reduced conv), as the method counts them. Each pixel's input is a broadcast straight from
+ * the tile's bucket means ([B][d], the patch positions per tap precomputed).
+ *
+ * Measured on full-width ResNet18 (benchmarks/haste_speed.py, 1 thread), each step against the one
+ * before: means read in place of a tap-major copy that cost a scalar gather per (tap, bucket,
+ * pixel); 64 channels by 6 pixels instead of 32 by 8 (per bucket 24 multiply-adds for 4 weight
+ * loads and 6 broadcasts, where it was 16 for 2 and 8); the tap loop not inlined, so that its
+ * offsets stay in registers; no padded pixels. Tile kernel at batch 32: 277 -> 212 ms.
  *
  * Inputs are the tile's patches (each channel's t_h x t_w input window), its buckets (channels
  * sorted by code, bucket starts, bucket count), the weight as rows [blocks][C * k^2][O_b] (row
