@@ -6,15 +6,16 @@ in the cache, random weights otherwise; the output says which) is rewritten by
 32×32, at batch 1 and 32. Rounds alternate dense and HASTE so machine load hits both alike; the
 table gives the medians and the median of the per-round ratios.
 
-The HASTE model runs on the native tile kernel (``native/haste_tiles.c``: bucket means, merged
-filters in registers, reduced convs) where a C compiler is there; the same model on the ATen path
+The HASTE model runs on the native kernels where a C compiler is there (``fxslim/runtime/native/``:
+``haste_front.c`` patches and codes, ``haste_buckets.c`` buckets, ``haste_tiles.c`` bucket means,
+merged filters in registers and reduced convs); the same model on the ATen path
 (``native_kernels.disabled()``) is timed in the same rounds.
 
 The profile runs the HASTE model with timers around each stage of the op's CPU kernel
 (``fxslim.runtime.haste_kernel``): gathering the patches and hashing them (projection, centring,
-bit packing; one pass per tile in the native front kernel), bucketing (sorting each tile's codes; on the ATen path also sorting tiles by bucket
-count), the native tile kernel, or on
-the ATen path the sparse segment sums (bucket means of the inputs and merged filters), the reduced
+bit packing; one pass per tile in the native front kernel), bucketing (sorting each tile's codes;
+on the ATen path also sorting tiles by bucket count), the native tile kernel, or on the ATen path
+the sparse segment sums (bucket means of the inputs and merged filters), the reduced
 conv (batched matmuls) and the rest of the kernel (segment indices, im2col of the means, restoring
 the tile order), and stitching the tiles into the output map.
 

@@ -13,10 +13,12 @@ Samples go in groups whose patches fit ``GROUP_ELEMENTS``. For a group:
    rows [C·k², O] (a segment sum), then the reduced convs as one batched GEMM,
    y_τ [T·T, O] = im2col(means_τ) [T·T, k²·B] @ W̃_τ [k²·B, O] (+ bias).
 
-Steps 1-2 run in C where it is built (``native/haste_front.c``: a tile's windows gathered from x,
-then projected, centred and packed while in cache, where ATen's GEMM of L = 12 columns and four
-passes over the projections took longer than the bucket means); steps 4-5 run in the native tile kernel instead (``haste_native``, ``native/haste_tiles.c``) where it
-is built and the dtype is float32: it sums each merged filter in registers and never writes one.
+Where a C compiler is there and the dtype is float32, the steps run in native kernels instead
+(``haste_native``): steps 1-2 in ``native/haste_front.c`` (a tile's windows gathered from x, then
+projected, centred and packed while in cache, where ATen's GEMM of L = 12 columns and four passes
+over the projections took longer than the bucket means), step 3 in ``native/haste_buckets.c`` (a
+radix sort per tile) and steps 4-5 in ``native/haste_tiles.c``, which sums each merged filter in
+registers and never writes one.
 On the ATen path step 5 writes B_τ·k²·O merged filter values per tile (from O·k²·C reads and
 O·k²·(C − B_τ) additions), and ``benchmarks/haste_speed.py`` times writing that many floats.
 Intermediates live in per-thread scratch buffers reused across calls (``fxslim.runtime.memory``);

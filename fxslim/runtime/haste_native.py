@@ -1,10 +1,11 @@
 """HASTE's native kernels (``native/haste_front.c``, ``native/haste_buckets.c``, ``native/haste_tiles.c``)
 behind tensor-level calls.
 
-``patches`` returns (False, None), ``buckets`` None and ``tile_convs`` False where a kernel cannot run (no C compiler,
-``FXSLIM_NATIVE=0``, a dtype other than float32, or inside ``native_kernels.disabled()``), and the
-caller takes its ATen path: the same buckets, and outputs equal up to float32 rounding (sums in
-another order).
+``patches`` returns (False, None), ``buckets`` None and ``tile_convs`` False where a kernel cannot
+run (no C compiler, ``FXSLIM_NATIVE=0``, a dtype other than float32, or inside
+``native_kernels.disabled()``), and the caller takes its ATen path: on the same input the same
+buckets (up to codes whose centred projection lies within float32 rounding of 0), and outputs equal
+up to float32 rounding (sums in another order).
 """
 
 from __future__ import annotations
