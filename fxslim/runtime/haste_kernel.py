@@ -209,7 +209,7 @@ def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Te
     native = haste_native.buckets(codes) if rows.dtype == torch.float32 else None
     if native is not None:
         channels, starts, count = native
-        if haste_native.tile_convs(rows, torch.arange(tiles), channels, starts, count, w_rows, bias, geometry, out):
+        if haste_native.tile_convs(rows, channels, starts, count, w_rows, bias, geometry, out):
             count_out.copy_(count)
             return
     bk = tile_buckets(codes)

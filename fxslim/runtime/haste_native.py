@@ -24,7 +24,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
 def _kernel():
     return native_kernels.function("haste_tiles", "haste_tile_convs", _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
-                                   _PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
+                                   _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
                                    _I64, _PTR, _I64, _I64)
 
 
@@ -43,7 +43,7 @@ def patches(x: Tensor, rows: int, cols: int, padding: tuple[int, int], grid: tup
     kernel ran, the codes or None)."""
     fn = _front_kernel() if native_kernels.active() else None
     floats = (x, out) if planes is None else (x, out, planes)
-    if fn is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats) or not out.is_contiguous():
+    if fn is None or any(t.dtype != torch.float32 or not t.is_cpu for t in floats) or not out.is_contiguous():
         return False, None
     n, c = x.shape[:2]
     codes, L = None, 0
@@ -68,7 +68,7 @@ def buckets(codes: Tensor) -> tuple[Tensor, Tensor, Tensor] | None:
     count), count [tiles]) of codes [tiles, C] (exact integers in float32 or float64), tiles in
     their own order: ``haste_kernel.tile_buckets`` without the sort of tiles by count."""
     fn = _buckets_kernel() if native_kernels.active() else None
-    if fn is None or codes.dtype not in (torch.float32, torch.float64) or codes.device.type != "cpu":
+    if fn is None or codes.dtype not in (torch.float32, torch.float64) or not codes.is_cpu:
         return None
     codes = codes.contiguous()
     tiles, c = codes.shape
@@ -88,17 +88,17 @@ def status() -> str:
         f"native tile kernel off ({native_kernels.unavailable_reason('haste_tiles')})")
 
 
-def tile_convs(patches: Tensor, order: Tensor, channels: Tensor, starts: Tensor, count: Tensor, w_rows: Tensor,
+def tile_convs(patches: Tensor, channels: Tensor, starts: Tensor, count: Tensor, w_rows: Tensor,
                bias: Tensor | None, geometry: tuple, out: Tensor) -> bool:
-    """Every tile's reduced conv into ``out`` [blocks, tiles, T·T, O_b] (tile order as in ``patches``).
+    """Every tile's reduced conv into ``out`` [blocks, tiles, T·T, O_b] (tiles in ``patches``' order).
 
-    ``patches`` [tiles·C, d]; ``order``, ``channels``, ``starts``, ``count`` as in
-    ``haste_kernel.TileBuckets``; ``w_rows`` [blocks, C·k², O_b] (``haste_kernel.weight_rows``);
-    ``geometry`` = (kernel, stride, padding, dilation, tile, grid) as the ATen path takes it.
+    ``patches`` [tiles·C, d]; ``channels``, ``starts``, ``count`` as ``buckets`` gives them (tiles in
+    their own order); ``w_rows`` [blocks, C·k², O_b] (``haste_kernel.weight_rows``); ``geometry`` =
+    (kernel, stride, padding, dilation, tile, grid) as the ATen path takes it.
     """
     fn = _kernel() if native_kernels.active() else None
     floats = (patches, w_rows, out) + (() if bias is None else (bias,))
-    if fn is None or any(t.dtype != torch.float32 or t.device.type != "cpu" for t in floats):
+    if fn is None or any(t.dtype != torch.float32 or not t.is_cpu for t in floats):
         return False
     if out.stride(-1) != 1 or out.stride(-2) != out.shape[-1] or not w_rows.is_contiguous():
         return False
@@ -107,8 +107,8 @@ def tile_convs(patches: Tensor, order: Tensor, channels: Tensor, starts: Tensor,
     blocks, rows, o_b = w_rows.shape
     c = rows // (kh * kw)
     patches, bias = patches.contiguous(), None if bias is None else bias.contiguous()
-    index = [t.to(torch.int64).contiguous() for t in (order, channels, starts, count)]
-    status_code = fn(patches.data_ptr(), order.shape[0], c, patches.shape[1], *(t.data_ptr() for t in index),
+    index = [t.to(torch.int64).contiguous() for t in (channels, starts, count)]
+    status_code = fn(patches.data_ptr(), count.shape[0], c, patches.shape[1], *(t.data_ptr() for t in index),
                      starts.shape[1], w_rows.data_ptr(), blocks, o_b, 0 if bias is None else bias.data_ptr(),
                      tile, kh, kw, sh, sw, dh, dw, tw, out.data_ptr(), out.stride(0), out.stride(1))
     if status_code < 0:

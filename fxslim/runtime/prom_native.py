@@ -31,7 +31,7 @@ def _fn(symbol: str, restype, *argtypes):
 def nan_flags(x: Tensor) -> Tensor:
     """``prom.nan_flags``: which samples (dim 0) of ``x`` hold a NaN, bool [N]."""
     fn = _fn("prom_nan_flags", None, _PTR, _I64, _I64, _PTR)
-    if fn is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.numel() == 0 or not x.is_contiguous():
+    if fn is None or x.dtype != torch.float32 or not x.is_cpu or x.numel() == 0 or not x.is_contiguous():
         return prom.nan_flags(x)
     flags = torch.empty(x.shape[0], dtype=torch.bool)
     fn(x.data_ptr(), x.shape[0], x.numel() // x.shape[0], flags.data_ptr())
@@ -44,7 +44,7 @@ def quantize_codes(x: Tensor, bound: float, inverse: float, out: Tensor) -> bool
     ``torch.quantize_per_tensor(x.clamp(-bound, bound), scale, z, torch.quint8)`` with ``inverse``
     = fl32(1/scale), as ATen's quantizer rounds. False where the kernel cannot run."""
     fn = _fn("prom_quantize", None, _PTR, *[_I64] * 8, _F32, _F32, _I64, _PTR, *[_I64] * 4)
-    if fn is None or x.dtype != torch.float32 or x.device.type != "cpu" or x.dim() != 4 or x.numel() == 0:
+    if fn is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 4 or x.numel() == 0:
         return False
     fn(x.data_ptr(), *x.shape, *x.stride(), bound, inverse, out.q_zero_point(), out.data_ptr(), *out.stride())
     return True
@@ -54,7 +54,7 @@ def global_avg_pool_codes(x: Tensor, x_zero_point: int, multiplier: int, shift: 
                           out_min: int, out_max: int) -> Tensor:
     """``prom.global_avg_pool_codes`` (checked arguments, 255·H·W within int32)."""
     fn = _fn("prom_global_avg_pool", _I64, _PTR, *[_I64] * 14, _PTR)
-    if fn is None or x.dtype != torch.uint8 or x.device.type != "cpu" or x.dim() != 4 or x.numel() == 0:
+    if fn is None or x.dtype != torch.uint8 or not x.is_cpu or x.dim() != 4 or x.numel() == 0:
         return prom.global_avg_pool_codes(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
     n, c = x.shape[:2]
     out = torch.empty(n, c, 1, 1, dtype=torch.uint8)
@@ -69,7 +69,7 @@ def dequantized(q: Tensor, scale: float, zero_point: int, flags: Tensor | None =
     fn = _fn("prom_dequantize", None, _PTR, _I64, _I64, _I64, _F32, _PTR, _PTR)
     per_row = flags is None or (q.dim() >= 1 and q.shape[0] == flags.shape[0] and flags.dtype == torch.bool
                                 and flags.is_contiguous())
-    if (fn is None or q.dtype != torch.uint8 or q.device.type != "cpu" or q.dim() == 0 or q.numel() == 0
+    if (fn is None or q.dtype != torch.uint8 or not q.is_cpu or q.dim() == 0 or q.numel() == 0
             or not q.is_contiguous() or not per_row):
         return prom.dequantized(q, scale, zero_point, flags)
     out = torch.empty(q.shape, dtype=torch.float32)

@@ -148,7 +148,7 @@ static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t b
 /* One layer's arguments (see haste_tile_convs) and what follows from them. */
 typedef struct {
     const float *patches, *w_rows, *bias;
-    const int64_t *order, *channels, *starts, *count, *at;
+    const int64_t *channels, *starts, *count, *at;
     int64_t c, d, b_max, blocks, o_b, k2, pixels, pix_pad, tile_floats, out_block_stride, out_tile_stride;
     float *out;
 } Layer;
@@ -183,7 +183,7 @@ static int alloc_work(Work *w, const Layer *l, int64_t group) {
 static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
     int64_t c = l->c, k2 = l->k2, pix_pad = l->pix_pad, o_b = l->o_b;
     for (int64_t i = g0; i < g1; i++)
-        bucket_means(l->patches + l->order[i] * c * l->d, l->d, l->channels + i * c, l->starts + i * l->b_max,
+        bucket_means(l->patches + i * c * l->d, l->d, l->channels + i * c, l->starts + i * l->b_max,
                      l->count[i], c, w->means + (i - g0) * l->tile_floats);
     for (int64_t block = 0; block < l->blocks; block++) {
         const float *weight = l->w_rows + block * c * k2 * o_b;
@@ -203,7 +203,7 @@ static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
                 }
             }
             for (int64_t i = g0; i < g1; i++) {
-                float *o = l->out + block * l->out_block_stride + l->order[i] * l->out_tile_stride + o0;
+                float *o = l->out + block * l->out_block_stride + i * l->out_tile_stride + o0;
                 const float *a = w->acc + (i - g0) * pix_pad * WIDE;
                 for (int64_t p = 0; p < l->pixels; p++) memcpy(o + p * o_b, a + p * WIDE, (size_t)width * sizeof *o);
             }
@@ -211,17 +211,16 @@ static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
     }
 }
 
-/* Every tile's outputs. Tile i of the sorted order is tile order[i] of the group: its patches are
- * rows (order[i] * C .. + C) of `patches` [tiles * C, d]; channels, starts, count are in sorted
- * order ([tiles, C], [tiles, b_max], [tiles]). Geometry: T x T output tile, k_h x k_w kernel,
- * strides, dilations, tw = patch width. Writes out[block * out_block_stride + order[i] *
- * out_tile_stride + p * o_b + o] for p < T*T. Returns 0, or -1 when out of memory.
+/* Every tile's outputs. Tile i's patches are rows (i * C .. + C) of `patches` [tiles * C, d], its
+ * buckets row i of channels [tiles, C], starts [tiles, b_max] and count [tiles]. Geometry: T x T
+ * output tile, k_h x k_w kernel, strides, dilations, tw = patch width. Writes out[block *
+ * out_block_stride + i * out_tile_stride + p * o_b + o] for p < T*T. Returns 0, or -1 when out of
+ * memory.
  *
  * Tiles go in groups whose bucket means fit GROUP_FLOATS, at least as many groups as threads
  * where there are tiles enough; threads take groups (OpenMP, torch's pool). */
-int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t d, const int64_t *order,
-                         const int64_t *channels, const int64_t *starts, const int64_t *count, int64_t b_max,
-                         const float *w_rows, int64_t blocks, int64_t o_b, const float *bias, int64_t tile,
+int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t d, const int64_t *channels,
+                         const int64_t *starts, const int64_t *count, int64_t b_max, const float *w_rows, int64_t blocks, int64_t o_b, const float *bias, int64_t tile,
                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t tw,
                          float *out, int64_t out_block_stride, int64_t out_tile_stride) {
     int64_t k2 = kh * kw, pixels = tile * tile, pix_pad = (pixels + PIX - 1) / PIX * PIX;
@@ -230,7 +229,7 @@ int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t
     for (int64_t ij = 0; ij < k2; ij++)
         for (int64_t p = 0; p < pix_pad; p++) /* padding pixels read position 0 and are never written out */
             at[ij * pix_pad + p] = p < pixels ? ((p / tile) * sh + (ij / kw) * dh) * tw + (p % tile) * sw + (ij % kw) * dw : 0;
-    Layer l = {patches, w_rows, bias, order, channels, starts, count, at, c, d, b_max, blocks, o_b, k2,
+    Layer l = {patches, w_rows, bias, channels, starts, count, at, c, d, b_max, blocks, o_b, k2,
                pixels, pix_pad, (b_max > 0 ? b_max : 1) * d, out_block_stride, out_tile_stride, out};
     int64_t threads = 1;
 #ifdef _OPENMP
