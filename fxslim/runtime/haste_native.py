@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fxslim.runtime import native_kernels
 
-__all__ = ["patches", "buckets", "tile_convs", "status"]
+__all__ = ["patches", "buckets", "tile_convs", "stitch", "status"]
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -113,4 +113,21 @@ def tile_convs(patches: Tensor, channels: Tensor, starts: Tensor, count: Tensor,
                      tile, kh, kw, sh, sw, dh, dw, tw, out.data_ptr(), out.stride(0), out.stride(1))
     if status_code < 0:
         raise MemoryError("haste_conv2d: out of memory in the native tile kernel")
+    return True
+
+
+def _stitch_kernel():
+    return native_kernels.function("haste_tiles", "haste_stitch", None, _PTR, *[_I64] * 6, _PTR, _PTR, _I64, _I64, _PTR)
+
+
+def stitch(tiles: Tensor, out: Tensor) -> bool:
+    """``out`` [N, O, H_out, W_out] (any strides) = the tiles [N, nth, ntw, T, T, blocks, O/blocks]
+    cropped, as ``haste._stitch`` does it; False where the kernel cannot run."""
+    fn = _stitch_kernel() if native_kernels.active() else None
+    if fn is None or tiles.dtype != torch.float32 or out.dtype != torch.float32 or not (tiles.is_cpu and out.is_cpu):
+        return False
+    n, nth, ntw, tile, _, blocks, o_b = tiles.shape
+    source, target = torch.tensor(tiles.stride(), dtype=torch.int64), torch.tensor(out.stride(), dtype=torch.int64)
+    fn(tiles.data_ptr(), n, nth, ntw, tile, blocks, o_b, source.data_ptr(), out.data_ptr(), out.shape[2], out.shape[3],
+       target.data_ptr())
     return True

@@ -11,6 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fxslim.runtime import haste as haste_runtime
 from fxslim.runtime import haste_kernel, haste_native, native_kernels
 from fxslim.runtime.haste import haste_conv2d, make_planes, patch_shape
 from fxslim.runtime.haste_reference import haste_conv2d_reference
@@ -189,3 +190,17 @@ def test_native_codes_equal_the_aten_path_away_from_ties(n, c, size, k, stride, 
     scale = rows.abs().amax().double() * planes.shape[1]
     clear = torch.ones(tiles, c, dtype=torch.bool) if integers else (proj.abs() > 1e-5 * scale).all(dim=2)
     assert torch.equal(native[clear], aten[clear])
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("blocks,size", [(1, (8, 8)), (3, (7, 5)), (2, (1, 9))])
+def test_native_stitch_equals_the_aten_copy(layout, blocks, size):
+    # several output-channel blocks, edge tiles cropped in rows and columns, both output layouts
+    tile, o_b = 4, 5
+    grid = (-(-size[0] // tile), -(-size[1] // tile))
+    flat = torch.randn(blocks, 2 * grid[0] * grid[1], tile * tile, o_b)
+    tiles = flat.view(blocks, 2, *grid, tile, tile, o_b).permute(1, 2, 3, 4, 5, 0, 6)  # as haste_conv2d_tiles gives it
+    native = haste_runtime._stitch(tiles, size, layout)
+    with native_kernels.disabled():
+        aten = haste_runtime._stitch(tiles, size, layout)
+    assert torch.equal(native, aten) and native.is_contiguous(memory_format=layout)

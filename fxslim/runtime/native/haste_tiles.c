@@ -254,3 +254,36 @@ int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t
     free(at);
     return failed ? -1 : 0;
 }
+
+/* The tiles' outputs into the output map, cropped: dst[s, blk * o_b + o, ti * T + y, tj * T + x] =
+ * src[s, ti, tj, y, x, blk, o] for the pixels inside h_out x w_out, both through their strides
+ * (src: 7, dst: 4). ATen's copy of the permuted view walked it element by element; here an NCHW
+ * output is written a row of a tile at a time, a channels_last one a pixel's channels at a time. */
+void haste_stitch(const float *src, int64_t n, int64_t nth, int64_t ntw, int64_t tile, int64_t blocks, int64_t o_b,
+                  const int64_t *ss, float *dst, int64_t h_out, int64_t w_out, const int64_t *ds) {
+#pragma omp parallel for schedule(static) if (n * nth * ntw * tile * tile * blocks * o_b > (1 << 16))
+    for (int64_t st = 0; st < n * nth * ntw; st++) {
+        int64_t s = st / (nth * ntw), ti = st / ntw % nth, tj = st % ntw;
+        int64_t rows = h_out - ti * tile < tile ? h_out - ti * tile : tile;
+        int64_t cols = w_out - tj * tile < tile ? w_out - tj * tile : tile;
+        const float *from = src + s * ss[0] + ti * ss[1] + tj * ss[2];
+        float *to = dst + s * ds[0] + ti * tile * ds[2] + tj * tile * ds[3];
+        if (ds[1] == 1 && ss[6] == 1) { /* channels_last: each pixel's channels contiguous on both sides */
+            for (int64_t y = 0; y < rows; y++)
+                for (int64_t x = 0; x < cols; x++)
+                    for (int64_t blk = 0; blk < blocks; blk++) {
+                        const float *a = from + y * ss[3] + x * ss[4] + blk * ss[5];
+                        float *b = to + y * ds[2] + x * ds[3] + blk * o_b;
+                        for (int64_t o = 0; o < o_b; o++) b[o] = a[o];
+                    }
+            continue;
+        }
+        for (int64_t blk = 0; blk < blocks; blk++)
+            for (int64_t o = 0; o < o_b; o++) {
+                const float *a = from + blk * ss[5] + o * ss[6];
+                float *b = to + (blk * o_b + o) * ds[1];
+                for (int64_t y = 0; y < rows; y++)
+                    for (int64_t x = 0; x < cols; x++) b[y * ds[2] + x * ds[3]] = a[y * ss[3] + x * ss[4]];
+            }
+    }
+}
