@@ -21,10 +21,13 @@ Choices the method leaves open (the loop oracle in ``haste_reference`` implement
 - Real kernel for CPU only; fake/meta tensors (tracing, export) work on any device.
 
 The kernel (``fxslim.runtime.haste_kernel``) computes the reduced conv for real, never a dense conv
-on bucket means: codes by one matmul with the planes, buckets by sorting the codes of each tile,
-then bucket means, merged filters (O·k²·C additions per tile) and the reduced convs in the native
-tile kernel (``haste_native``, merged filters only in registers), or without a C compiler and for
-float64 as sparse segment sums and batched matmuls over chunks of tiles with similar bucket counts. ``record_buckets()`` collects per-layer bucket statistics from the running kernel, for measured
+on bucket means: codes by projecting each channel's window on the planes, buckets by sorting the
+codes of each tile, then bucket means, merged filters (O·k²·C additions per tile) and the reduced
+convs. Where a C compiler is there and the dtype is float32 every step runs in the native kernels
+(``haste_native``; merged filters only in registers); otherwise codes come from one matmul with the
+planes and the rest from sparse segment sums and batched matmuls over chunks of tiles with similar
+bucket counts.
+``record_buckets()`` collects per-layer bucket statistics from the running kernel, for measured
 FLOPs. FlopCounterMode counts the dense conv FLOPs (an upper bound of the reduced conv alone; the
 HASTE work depends on the data, see ``record_buckets``).
 """

@@ -127,7 +127,6 @@ def stitch(tiles: Tensor, out: Tensor) -> bool:
     if fn is None or tiles.dtype != torch.float32 or out.dtype != torch.float32 or not (tiles.is_cpu and out.is_cpu):
         return False
     n, nth, ntw, tile, _, blocks, o_b = tiles.shape
-    source, target = torch.tensor(tiles.stride(), dtype=torch.int64), torch.tensor(out.stride(), dtype=torch.int64)
-    fn(tiles.data_ptr(), n, nth, ntw, tile, blocks, o_b, source.data_ptr(), out.data_ptr(), out.shape[2], out.shape[3],
-       target.data_ptr())
+    source, target = (_I64 * 7)(*tiles.stride()), (_I64 * 4)(*out.stride())  # no tensors built per call
+    fn(tiles.data_ptr(), n, nth, ntw, tile, blocks, o_b, source, out.data_ptr(), out.shape[2], out.shape[3], target)
     return True
