@@ -9,8 +9,14 @@ Choices this file fixes where the method spec leaves room:
 - Reordering pi: all special tokens first (frame-major), then the blocks, temporal chunk outer and
   spatial chunk inner; inside a block the n_t frames of one patch position are adjacent
   ("time innermost"), so strided destinations sample every position at regular frame intervals.
-- A block of n_b tokens removes r = round(rho * n_b) tokens (Python ``round``), capped at n_b - 1 so
-  every block keeps a destination. Destinations are the other n_b - r tokens, so every source folds
+- Block grid: frames and patch positions are each cut into the fewest runs of at most n_t (n_s),
+  as equal as possible, longer runs first (``_balanced_runs``): 32 frames at n_t = 30 make two
+  chunks of 16, not 30 + 2. No block is then a sliver whose tokens can only match a frame or two
+  away, and the matching, quadratic in the block size, costs less (benchmarks/results/httm_speed.md).
+- A block of n_b tokens removes r = round(rho * n_b) tokens, capped at n_b - 1 so
+  every block keeps a destination; rho * n_b is exact, rho read as the decimal it is written as, and
+  halves round to even (``_removed_tokens``: float rounding would make 0.7 * 2645 = 1851.4999...).
+  Destinations are the other n_b - r tokens, so every source folds
   into its best destination (the top-r ranking by score selects all sources). With
   ``anchor_first_frame`` frame 0's tokens are destinations as well, which can leave fewer sources.
 - Ties: argmax keeps the first destination; the outlier top-k breaks ties by the lower flat index
@@ -35,6 +41,7 @@ Choices this file fixes where the method spec leaves room:
 
 from __future__ import annotations
 
+import fractions
 import functools
 import math
 from dataclasses import dataclass
@@ -167,19 +174,34 @@ class HttmLayout:
     blocks: tuple[tuple[int, int], ...]
 
 
+def _balanced_runs(length: int, cap: int) -> list[tuple[int, int]]:
+    """[start, end) runs cutting ``length`` into ceil(length / cap) runs as equal as possible, the
+    longer ones first: 32 frames with n_t = 30 are 16 + 16, not 30 + 2."""
+    if length <= 0:
+        return []
+    count = -(-length // cap)
+    size, longer = divmod(length, count)
+    ends = [(i + 1) * size + min(i + 1, longer) for i in range(count)]
+    return list(zip([0, *ends[:-1]], ends))
+
+
 def _block_grid(frames: int, tokens_per_frame: int, special_tokens: int, n_s: int, n_t: int, whole: bool):
     """Yield (f0, f1, p0, p1) per block: frames [f0, f1) x patch positions [p0, p1), in block order."""
     patches = tokens_per_frame - special_tokens
     if whole:
         n_s, n_t = max(patches, 1), frames
-    n_t = min(n_t, frames)
-    for f0 in range(0, frames, n_t):
-        for p0 in range(0, patches, n_s):
-            yield f0, min(f0 + n_t, frames), p0, min(p0 + n_s, patches)
+    for f0, f1 in _balanced_runs(frames, n_t):
+        for p0, p1 in _balanced_runs(patches, n_s):
+            yield f0, f1, p0, p1
+
+
+def _removed_tokens(n_b: int, ratio: float) -> int:
+    """r of a block of n_b tokens: round(ratio * n_b) in exact arithmetic (half to even), at most n_b - 1."""
+    return min(round(fractions.Fraction(repr(float(ratio))) * n_b), n_b - 1)
 
 
 def _num_destinations(n_b: int, n_anchor: int, ratio: float) -> int:
-    removed = min(round(ratio * n_b), n_b - 1)
+    removed = _removed_tokens(n_b, ratio)
     return max(n_b - removed, n_anchor)
 
 
@@ -261,6 +283,14 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
         raise ValueError(f"httm_match: layout is for N={layout.base_slot.numel()} tokens, x has N={n}")
     rows_x = x.to(_work_dtype(x.dtype)).reshape(b * h, n, d).contiguous()
     slot = layout.base_slot.to(x.device).expand(b * h, n).clone()
+    classes = layout.classes if b * h else ()
+    cpu_float32 = rows_x.dtype == torch.float32 and rows_x.device.type == "cpu"
+    screen = httm_native.bf16_screen() if cpu_float32 else None
+    # screening reads every matched row anyway and reports a norm that is not finite; the scores
+    # of such features may be NaN, so then every class is matched (again) on the float32 path, which
+    # writes the slot of every source
+    if screen is not None and all(_match_class_screened(rows_x, cls, slot, screen) for cls in classes):
+        return slot.view(b, h, n)
     # a score is NaN only from a non-finite feature or a dot product that overflows: only then are the
     # scores cleaned (a pass over every chunk of scores costs 10 % of the matching)
     # (aminmax: one pass without a temporary, where abs().amax() took 15 ms at 32 frames; NaN propagates)
@@ -268,13 +298,8 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     if rows_x.numel():
         low, high = torch.aminmax(rows_x)
         clean = not bool(torch.maximum(-low, high) < torch.finfo(rows_x.dtype).max / max(d, 1))
-    cpu_float32 = rows_x.dtype == torch.float32 and rows_x.device.type == "cpu"
-    screen = httm_native.bf16_screen() if cpu_float32 and not clean else None
-    for cls in layout.classes if b * h else ():
-        if screen is None:
-            _match_class(rows_x, cls, slot, clean)
-        else:
-            _match_class_screened(rows_x, cls, slot, screen)
+    for cls in classes:
+        _match_class(rows_x, cls, slot, clean)
     return slot.view(b, h, n)
 
 
@@ -325,12 +350,13 @@ def _assign(cls: _BlockClass, slot: Tensor, best: Tensor) -> None:
     slot.index_copy_(1, cls.src.to(slot.device).reshape(-1), chosen.view(e, nb * ns))
 
 
-def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: httm_native.Screen) -> None:
-    """``_match_class`` for finite float32 features on the CPU, through bfloat16 scores: per chunk,
-    the sources gathered in bfloat16 and one bfloat16 GEMM, then the native kernel picks each
-    source's destination, scoring again in float32 the destinations whose bfloat16 scores come
-    within ``httm_native.bf16_margins`` of the best. The same choices as the float32 GEMM, up to float32
-    rounding."""
+def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: httm_native.Screen) -> bool:
+    """``_match_class`` for float32 features on the CPU, through bfloat16 scores: per chunk, the
+    sources gathered in bfloat16 and one bfloat16 GEMM, then the native kernel picks each source's
+    destination, scoring again in float32 the destinations whose bfloat16 scores come within
+    ``httm_native.bf16_margins`` of the best. The same choices as the float32 GEMM, up to float32
+    rounding. Returns False, with this class's slots unwritten, at the first matched row whose norm
+    is not finite (the screen's choices assume finite scores)."""
     e, n, d = x.shape
     nb, ns = cls.src.shape
     nd = cls.dst.shape[1]
@@ -340,8 +366,9 @@ def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: htt
     dst_rows = (cls.dst + head_offset).view(-1)
     dst = memory.scratch("httm.dst", (pairs, nd, d))
     dst16 = memory.scratch("httm.dst16", (pairs, nd, d), torch.bfloat16)
-    screen.gather_destinations(x.data_ptr(), dst_rows.data_ptr(), pairs * nd, d, _NORMALIZE_EPS, dst.data_ptr(),
-                               dst16.data_ptr())
+    if screen.gather_destinations(x.data_ptr(), dst_rows.data_ptr(), pairs * nd, d, _NORMALIZE_EPS, dst.data_ptr(),
+                                  dst16.data_ptr()):
+        return False
     dst16 = dst16.transpose(1, 2)
     rel_margin, abs_margin = httm_native.bf16_margins(d)
     rows = min(ns, max(_MIN_ROWS, _SCREEN_SCORES // nd))
@@ -357,8 +384,9 @@ def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: htt
             r1 = min(r0 + rows, ns)
             size = (p1 - p0) * (r1 - r0)
             idx = src_rows[p0:p1, r0:r1].contiguous()
-            screen.gather_sources(x.data_ptr(), idx.data_ptr(), size, d, sources16.data_ptr(), sources32.data_ptr(),
-                                  norms.data_ptr())
+            if screen.gather_sources(x.data_ptr(), idx.data_ptr(), size, d, sources16.data_ptr(), sources32.data_ptr(),
+                                     norms.data_ptr()):
+                return False
             chunk = scores[: size * nd].view(p1 - p0, r1 - r0, nd)
             torch.bmm(sources16[:size].view(p1 - p0, r1 - r0, d), dst16[p0:p1], out=chunk)
             if screen.best_destinations(chunk.data_ptr(), p1 - p0, r1 - r0, nd, sources32.data_ptr(), norms.data_ptr(),
@@ -366,6 +394,7 @@ def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: htt
                                         ns) < 0:
                 raise MemoryError("httm_match: out of memory for the candidates of a row")
     _assign(cls, slot, best)
+    return True
 
 
 def _flat(slot: Tensor, length: int) -> Tensor:

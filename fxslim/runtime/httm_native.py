@@ -57,9 +57,9 @@ def _screen() -> Screen | None:
         return None
     if not {"avx512_bf16", "amx_bf16"} & flags:
         return None
-    kernels = (native_kernels.function("httm_best", "httm_gather_destinations", None, _PTR, _PTR, _I64, _I64, _F32,
+    kernels = (native_kernels.function("httm_best", "httm_gather_destinations", _I64, _PTR, _PTR, _I64, _I64, _F32,
                                        _PTR, _PTR),
-               native_kernels.function("httm_best", "httm_gather_sources", None, _PTR, _PTR, _I64, _I64, _PTR, _PTR,
+               native_kernels.function("httm_best", "httm_gather_sources", _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR,
                                        _PTR),
                native_kernels.function("httm_best", "httm_best_destinations", _I64, _PTR, _I64, _I64, _I64, _PTR,
                                        _PTR, _PTR, _I64, _F32, _F32, _PTR, _I64))

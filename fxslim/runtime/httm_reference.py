@@ -10,6 +10,7 @@ argument checks and the :class:`HttmPlan` container.
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import torch
 from torch import Tensor
@@ -30,23 +31,27 @@ def reference_blocks(frames: int, tokens_per_frame: int, special_tokens: int, n_
     patches = tokens_per_frame - special_tokens
     if whole_sequence:
         n_s, n_t = max(patches, 1), frames
-    n_t = min(n_t, frames)
     specials = [s * tokens_per_frame + j for s in range(frames) for j in range(special_tokens)]
     blocks = []
-    f0 = 0
-    while f0 < frames:
-        f1 = min(f0 + n_t, frames)
-        p0 = 0
-        while p0 < patches:
-            p1 = min(p0 + n_s, patches)
+    for f0, f1 in _runs(frames, n_t):
+        for p0, p1 in _runs(patches, n_s):
             tokens = []
             for p in range(p0, p1):
                 for f in range(f0, f1):
                     tokens.append(f * tokens_per_frame + special_tokens + p)
             blocks.append((f0, f1 - f0, tokens))
-            p0 = p1
-        f0 = f1
     return specials, blocks
+
+
+def _runs(length: int, cap: int) -> list[tuple[int, int]]:
+    """The fewest runs of at most ``cap`` covering ``length``, lengths differing by at most one, longer first."""
+    count = math.ceil(length / cap)
+    runs, start = [], 0
+    for i in range(count):
+        size = length // count + (1 if i < length % count else 0)
+        runs.append((start, start + size))
+        start += size
+    return runs
 
 
 def reference_permutation(frames: int, tokens_per_frame: int, special_tokens: int, n_s: int, n_t: int,
@@ -61,7 +66,7 @@ def reference_permutation(frames: int, tokens_per_frame: int, special_tokens: in
 
 def _destinations(n_b: int, first_frame: int, n_frames: int, ratio: float, anchor: bool, generator):
     """Step 2 (+8): local indices of the destinations of one block, and r."""
-    removed = min(round(ratio * n_b), n_b - 1)
+    removed = min(round(Fraction(str(float(ratio))) * n_b), n_b - 1)
     anchored = [i for i in range(n_b) if anchor and first_frame == 0 and i % n_frames == 0]
     n_dst = max(n_b - removed, len(anchored))
     rest = [i for i in range(n_b) if i not in anchored]

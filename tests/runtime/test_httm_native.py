@@ -17,6 +17,7 @@ from fxslim.runtime import httm_native, memory, native_kernels
 from fxslim.runtime.httm import httm_apply_plan, httm_layout, httm_match, httm_plan
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+_MATCH_CLASS = httm_module._match_class
 
 screen_only = pytest.mark.skipif(httm_native.bf16_screen() is None,
                                  reason="no bfloat16 screening here (no AVX512-BF16/AMX or no C compiler)")
@@ -168,13 +169,31 @@ def test_screened_chunks_give_the_same_choices(monkeypatch):
     assert torch.equal(whole, httm_match(x, layout))
 
 
-def test_non_finite_features_take_the_float32_path():
-    # an infinite destination turns scores into NaN: the screening never sees such features
-    x = torch.randn(1, 1, 3 * 20, 8)
-    x[0, 0, 30, 0] = float("inf")
+@screen_only
+@pytest.mark.parametrize("where,value", [(30, float("inf")), (30, float("nan")), (31, 1e30)])
+def test_non_finite_features_are_matched_again_in_float32(where, value):
+    # an infinite or NaN feature (or squares beyond float32) can make scores NaN: the screening's
+    # gathers report the row, and every class is matched on the float32 path, as without the screen
+    x = torch.randn(1, 2, 3 * 20, 8)
+    x[0, 1, where, 0] = value
+    layout = httm_layout(3, 20, 5, 0.5, 8, 3)
+    calls = []
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(httm_module, "_match_class", lambda *a: calls.append(a[1]) or _MATCH_CLASS(*a))
+        screened = httm_match(x, layout)
+        assert calls == list(layout.classes)
+        m.setattr(httm_native, "bf16_screen", lambda: None)
+        assert torch.equal(screened, httm_match(x, layout))
+
+
+@screen_only
+def test_non_finite_special_token_keeps_the_screen():
+    # special tokens are never matched, so a NaN there leaves the bfloat16 screening on
+    x = torch.randn(1, 2, 3 * 20, 8)
+    x[0, 0, 21, :] = float("nan")  # frame 1, special token 1
     layout = httm_layout(3, 20, 5, 0.5, 8, 3)
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(httm_native, "bf16_screen", lambda: pytest.fail("screened non-finite features"))
+        m.setattr(httm_module, "_match_class", lambda *a: pytest.fail("float32 path for a special token"))
         httm_match(x, layout)
 
 

@@ -99,12 +99,20 @@ def test_httm_layout_permutation_round_trips(frames, patches, special, n_s, n_t,
         assert len(tokens) == n_frames * len(positions)
 
 
-def test_httm_layout_remainders_make_smaller_last_blocks():
-    # 32 frames x 256 patches, n_s=128, n_t=30: blocks 30x128 twice, then 2x128 twice
+def test_httm_layout_cuts_frames_and_positions_into_equal_runs():
+    # 32 frames x 256 patches, n_s=128, n_t=30: two runs of 16 frames (not 30 + 2) x two runs of 128
     layout = httm_layout(32, 261, 5, 0.9, 128, 30)
-    sizes = [src + dst for src, dst in layout.blocks]
-    assert sizes == [3840, 3840, 256, 256]
-    assert layout.blocks[0] == (3456, 384)  # r = round(0.9 * 3840) sources, the rest destinations
+    assert [src + dst for src, dst in layout.blocks] == [2048] * 4
+    assert layout.blocks[0] == (1843, 205)  # r = round(0.9 * 2048) sources, the rest destinations
+    # 45 frames x 1036 patches (518x392): 23 + 22 frames x (116 + 8 x 115) positions, longer runs first
+    sizes = [src + dst for src, dst in httm_layout(45, 1041, 5, 0.7, 128, 30).blocks]
+    assert sizes == [23 * 116] + [23 * 115] * 8 + [22 * 116] + [22 * 115] * 8
+
+
+def test_httm_layout_ratio_is_exact_decimal():
+    # 0.7 * 2645 is 1851.4999... in floats; the layout removes round(1851.5) = 1852 (half to even)
+    (src, dst), = httm_layout(1, 2650, 5, 0.7, 2645, 1).blocks
+    assert (src, dst) == (1852, 2645 - 1852)
 
 
 def test_httm_layout_global_mode_is_one_block():

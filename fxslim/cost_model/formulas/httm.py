@@ -7,14 +7,16 @@ similarities of the matching, per block and head (one head-averaged head in ``un
 and for K. Merging and unmerging (normalisation, argmax, group means, outlier deviations and
 selection, the copy back to N rows) and the softmax go to the elementwise column.
 
-The block grid (docs/methods/HTTM.md, step 0) is counted in closed form: full temporal chunks
-floor(S / n_t) and a remainder chunk of S mod n_t frames, times full spatial chunks and a remainder.
+The block grid (docs/methods/HTTM.md, step 0) is counted in closed form: k = ceil(S / n_t) temporal
+runs, S - k·floor(S / k) of them one frame longer than floor(S / k), times the spatial runs cut the
+same way from the P - 5 patch positions with n_s.
 Sizes are ints or SymInts: with ``frames`` a symbol the counts are sympy expressions (floor, Mod,
 Min/Max and Python's round-half-even written out), exact at every frame count.
 """
 
 from __future__ import annotations
 
+import fractions
 from typing import Any
 
 import sympy
@@ -52,12 +54,24 @@ def _max(a: Any, b: Any) -> Any:
     return max(a, b) if _is_int(a, b) else sympy.Max(a, b)
 
 
-def _divmod(a: Any, b: int) -> tuple[Any, Any]:
-    return divmod(a, b) if isinstance(a, int) else (sympy.floor(a / b), sympy.Mod(a, b))
+def _runs(length: Any, cap: int) -> list[tuple[Any, Any]]:
+    """(count, size) of the runs cutting ``length`` into ceil(length / cap) runs as equal as possible
+    (the op's block grid): ``longer`` runs one longer than the rest. Counts may be 0 (or expressions
+    that are 0 at some lengths: a term times 0 adds nothing)."""
+    if isinstance(length, int):
+        if length <= 0:
+            return []
+        count = -(-length // cap)
+        size, longer = divmod(length, count)
+        return [(c, n) for c, n in ((longer, size + 1), (count - longer, size)) if c]
+    count = sympy.ceiling(length / cap)
+    size = sympy.floor(length / count)
+    longer = length - count * size
+    return [(longer, size + 1), (count - longer, size)]
 
 
 def _present(count: Any) -> Any:
-    """1 when a chunk of ``count`` frames exists (count >= 1), else 0."""
+    """1 when ``count`` >= 1, else 0 (count a non-negative integer or expression)."""
     return int(count > 0) if isinstance(count, int) else sympy.Min(count, 1)
 
 
@@ -68,7 +82,8 @@ def _ratio(value: float) -> Any:
 
 def _block(n_b: Any, n_anchor: Any, ratio: float) -> tuple[Any, Any]:
     """(destinations, sources x destinations) of one block of n_b tokens removing ``ratio`` of it."""
-    removed = _min(_round(_ratio(ratio) * n_b) if not isinstance(n_b, int) else round(ratio * n_b), n_b - 1)
+    exact = _ratio(ratio) * n_b
+    removed = _min(round(fractions.Fraction(str(exact))) if isinstance(n_b, int) else _round(exact), n_b - 1)
     dst = _max(n_b - removed, n_anchor)
     return dst, (n_b - dst) * dst
 
@@ -79,21 +94,18 @@ def _side(frames: Any, patches: int, ratio: float, n_s: int, n_t: int, anchor: b
         return 0, 0
     if whole:  # global mode: one block of every patch token
         return _block(frames * patches, patches if anchor else 0, ratio)
-    full_t, rest_t = _divmod(frames, n_t)
-    full_s, rest_s = divmod(patches, n_s)
+    temporal, spatial = _runs(frames, n_t), _runs(patches, n_s)
     dst: Any = 0
     pairs: Any = 0
-    for t_count, t_len in ((full_t, n_t), (_present(rest_t), rest_t)):
-        for s_count, s_len in ((full_s, n_s), (int(rest_s > 0), rest_s)):
-            if s_count:
-                d, p = _block(t_len * s_len, 0, ratio)
-                dst, pairs = dst + t_count * s_count * d, pairs + t_count * s_count * p
-    if anchor:  # the first temporal chunk (min(S, n_t) frames) makes frame 0's tokens destinations
-        first = _min(frames, n_t)
-        for s_count, s_len in ((full_s, n_s), (int(rest_s > 0), rest_s)):
-            if s_count:
-                (d1, p1), (d0, p0) = _block(first * s_len, s_len, ratio), _block(first * s_len, 0, ratio)
-                dst, pairs = dst + s_count * (d1 - d0), pairs + s_count * (p1 - p0)
+    for t_count, t_len in temporal:
+        for s_count, s_len in spatial:
+            d, p = _block(t_len * s_len, 0, ratio)
+            dst, pairs = dst + t_count * s_count * d, pairs + t_count * s_count * p
+    if anchor:  # the first temporal run (the longer size where there are longer runs) makes frame 0's tokens destinations
+        first = temporal[0][1] if isinstance(frames, int) else temporal[1][1] + _present(temporal[0][0])
+        for s_count, s_len in spatial:
+            (d1, p1), (d0, p0) = _block(first * s_len, s_len, ratio), _block(first * s_len, 0, ratio)
+            dst, pairs = dst + s_count * (d1 - d0), pairs + s_count * (p1 - p0)
     return dst, pairs
 
 

@@ -10,10 +10,12 @@
  * rounding, as between any two float32 GEMMs), never a bfloat16 near-tie.
  *
  * Scores are compared as int16 keys (a bfloat16's bits with the magnitude bits flipped for
- * negative values): ordered like the values, and integer max/compare vectorise. Inputs are finite
- * (the caller keeps non-finite features on its float32 path). AVX-512BW code where the compiler
+ * negative values): ordered like the values, and integer max/compare vectorise. The choices hold
+ * for finite features: the gathers count the rows whose norm is not finite, and the caller then
+ * matches on its float32 path instead. AVX-512BW code where the compiler
  * targets it, plain C elsewhere (the same results).
  */
+#include <float.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -66,12 +68,18 @@ static inline uint16_t bf16_bits(float x) {
     return (uint16_t)((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
 }
 
+/* Whether a row of Euclidean norm `norm` (computed in float32) screens safely: a finite norm means
+ * finite features whose squares, and so every dot product with a unit vector, stay in range. */
+static inline int unsafe_norm(float norm) { return !(norm <= FLT_MAX); }
+
 /* For i < count: out32[i, :] = x[index[i], :], out16[i, :] = the same in bfloat16, norms[i] =
  * its Euclidean norm. One pass over the sources of a chunk, which the GEMM reads in bfloat16 and
- * httm_best_destinations in float32, in order (not scattered over x). */
-void httm_gather_sources(const float *x, const int64_t *index, int64_t count, int64_t d, uint16_t *out16,
-                         float *out32, float *norms) {
-#pragma omp parallel for schedule(static) if (count * d > (1 << 16))
+ * httm_best_destinations in float32, in order (not scattered over x). Returns how many rows have
+ * a norm that is not finite (NaN, inf, or squares beyond float32): their chunk must not be screened. */
+int64_t httm_gather_sources(const float *x, const int64_t *index, int64_t count, int64_t d, uint16_t *out16,
+                            float *out32, float *norms) {
+    int64_t unsafe = 0;
+#pragma omp parallel for schedule(static) reduction(+ : unsafe) if (count * d > (1 << 16))
     for (int64_t i = 0; i < count; i++) {
         if (i + AHEAD < count) prefetch_row(x, index[i + AHEAD], d);
         const float *row = x + index[i] * d;
@@ -79,18 +87,23 @@ void httm_gather_sources(const float *x, const int64_t *index, int64_t count, in
         uint16_t *o = out16 + i * d;
         for (int64_t c = 0; c < d; c++) o[c] = bf16_bits(row[c]);
         norms[i] = __builtin_sqrtf(dot(row, row, d));
+        unsafe += unsafe_norm(norms[i]);
     }
+    return unsafe;
 }
 
 /* For i < count: out32[i, :] = x[index[i], :] / max(|x[index[i], :]|, eps) (F.normalize's rule)
- * and out16[i, :] = the same in bfloat16: the destinations of a block class. */
-void httm_gather_destinations(const float *x, const int64_t *index, int64_t count, int64_t d, float eps,
-                              float *out32, uint16_t *out16) {
-#pragma omp parallel for schedule(static) if (count * d > (1 << 16))
+ * and out16[i, :] = the same in bfloat16: the destinations of a block class. Returns how many rows
+ * have a norm that is not finite (as httm_gather_sources). */
+int64_t httm_gather_destinations(const float *x, const int64_t *index, int64_t count, int64_t d, float eps,
+                                 float *out32, uint16_t *out16) {
+    int64_t unsafe = 0;
+#pragma omp parallel for schedule(static) reduction(+ : unsafe) if (count * d > (1 << 16))
     for (int64_t i = 0; i < count; i++) {
         if (i + AHEAD < count) prefetch_row(x, index[i + AHEAD], d);
         const float *row = x + index[i] * d;
         float norm = __builtin_sqrtf(dot(row, row, d));
+        unsafe += unsafe_norm(norm);
         float scale = norm > eps ? norm : eps;
         float *o = out32 + i * d;
         uint16_t *o16 = out16 + i * d;
@@ -99,6 +112,7 @@ void httm_gather_destinations(const float *x, const int64_t *index, int64_t coun
             o16[c] = bf16_bits(o[c]);
         }
     }
+    return unsafe;
 }
 
 #ifdef __AVX512BW__
