@@ -82,8 +82,10 @@ def _ratio(value: float) -> Any:
 
 def _block(n_b: Any, n_anchor: Any, ratio: float) -> tuple[Any, Any]:
     """(destinations, sources x destinations) of one block of n_b tokens removing ``ratio`` of it."""
-    exact = _ratio(ratio) * n_b
-    removed = _min(round(fractions.Fraction(str(exact))) if isinstance(n_b, int) else _round(exact), n_b - 1)
+    if isinstance(n_b, int):  # the op's rule: the decimal ratio times n_b, exactly, halves to even
+        removed = min(round(fractions.Fraction(repr(float(ratio))) * n_b), n_b - 1)
+    else:
+        removed = _min(_round(_ratio(ratio) * n_b), n_b - 1)
     dst = _max(n_b - removed, n_anchor)
     return dst, (n_b - dst) * dst
 
