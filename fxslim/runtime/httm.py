@@ -15,7 +15,7 @@ Choices this file fixes where the method spec leaves room:
   away, and the matching, quadratic in the block size, costs less (benchmarks/results/httm_speed.md).
 - A block of n_b tokens removes r = round(rho * n_b) tokens, capped at n_b - 1 so
   every block keeps a destination; rho * n_b is exact, rho read as the decimal it is written as, and
-  halves round to even (``_removed_tokens``: float rounding would make 0.7 * 2645 = 1851.4999...).
+  halves round to even (``removed_tokens``: float rounding would make 0.7 * 2645 = 1851.4999...).
   Destinations are the other n_b - r tokens, so every source folds
   into its best destination (the top-r ranking by score selects all sources). With
   ``anchor_first_frame`` frame 0's tokens are destinations as well, which can leave fewer sources.
@@ -63,6 +63,7 @@ __all__ = [
     "httm_apply_plan",
     "httm_attention",
     "httm_kept_lengths",
+    "removed_tokens",
 ]
 
 MODES = ("headwise", "uniform", "global")
@@ -195,13 +196,13 @@ def _block_grid(frames: int, tokens_per_frame: int, special_tokens: int, n_s: in
             yield f0, f1, p0, p1
 
 
-def _removed_tokens(n_b: int, ratio: float) -> int:
+def removed_tokens(n_b: int, ratio: float) -> int:
     """r of a block of n_b tokens: round(ratio * n_b) in exact arithmetic (half to even), at most n_b - 1."""
     return min(round(fractions.Fraction(repr(float(ratio))) * n_b), n_b - 1)
 
 
 def _num_destinations(n_b: int, n_anchor: int, ratio: float) -> int:
-    removed = _removed_tokens(n_b, ratio)
+    removed = removed_tokens(n_b, ratio)
     return max(n_b - removed, n_anchor)
 
 

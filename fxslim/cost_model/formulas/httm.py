@@ -16,7 +16,6 @@ Min/Max and Python's round-half-even written out), exact at every frame count.
 
 from __future__ import annotations
 
-import fractions
 from typing import Any
 
 import sympy
@@ -25,6 +24,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from fxslim.cost_model.formulas.aten import SOFTMAX_OPS
 from fxslim.cost_model.registry import OpCall, OpCost, register_cost
+from fxslim.runtime.httm import removed_tokens
 
 __all__ = ["httm_attention_cost", "httm_counts"]
 
@@ -82,10 +82,7 @@ def _ratio(value: float) -> Any:
 
 def _block(n_b: Any, n_anchor: Any, ratio: float) -> tuple[Any, Any]:
     """(destinations, sources x destinations) of one block of n_b tokens removing ``ratio`` of it."""
-    if isinstance(n_b, int):  # the op's rule: the decimal ratio times n_b, exactly, halves to even
-        removed = min(round(fractions.Fraction(repr(float(ratio))) * n_b), n_b - 1)
-    else:
-        removed = _min(_round(_ratio(ratio) * n_b), n_b - 1)
+    removed = removed_tokens(n_b, ratio) if isinstance(n_b, int) else _min(_round(_ratio(ratio) * n_b), n_b - 1)
     dst = _max(n_b - removed, n_anchor)
     return dst, (n_b - dst) * dst
 
