@@ -346,10 +346,10 @@ def _haste_conv2d_cpu(x, weight, bias, planes, stride, padding, dilation, tile, 
 
 def _stitch(out_tiles: Tensor, size: tuple[int, int], memory_format) -> Tensor:
     """Tiles [N, nth, ntw, T, T, blocks, O/blocks] -> [N, O, H_out, W_out] in ``memory_format``."""
-    n, nth, ntw, tile, _, blocks, o_block = out_tiles.shape
-    y = torch.empty((n, blocks * o_block, *size), dtype=out_tiles.dtype, memory_format=memory_format)
-    if haste_native.stitch(out_tiles, y):
+    y = haste_native.stitch(out_tiles, size, memory_format)
+    if y is not None:
         return y
+    n, nth, ntw, tile, _, blocks, o_block = out_tiles.shape
     full = out_tiles.new_empty((n, blocks * o_block, nth * tile, ntw * tile)).contiguous(memory_format=memory_format)
     grid = full.unflatten(3, (ntw, tile)).unflatten(2, (nth, tile)).unflatten(1, (blocks, o_block))  # view
     grid.copy_(out_tiles.permute(0, 5, 6, 1, 3, 2, 4))  # [N, blocks, O/blocks, nth, T, ntw, T]

@@ -120,13 +120,14 @@ def _stitch_kernel():
     return native_kernels.function("haste_tiles", "haste_stitch", None, _PTR, *[_I64] * 6, _PTR, _PTR, _I64, _I64, _PTR)
 
 
-def stitch(tiles: Tensor, out: Tensor) -> bool:
-    """``out`` [N, O, H_out, W_out] (any strides) = the tiles [N, nth, ntw, T, T, blocks, O/blocks]
-    cropped, as ``haste._stitch`` does it; False where the kernel cannot run."""
+def stitch(tiles: Tensor, size: tuple[int, int], memory_format: torch.memory_format) -> Tensor | None:
+    """[N, O, H_out, W_out] in ``memory_format`` = the tiles [N, nth, ntw, T, T, blocks, O/blocks]
+    cropped to ``size``, as ``haste._stitch`` does it; None where the kernel cannot run."""
     fn = _stitch_kernel() if native_kernels.active() else None
-    if fn is None or tiles.dtype != torch.float32 or out.dtype != torch.float32 or not (tiles.is_cpu and out.is_cpu):
-        return False
+    if fn is None or tiles.dtype != torch.float32 or not tiles.is_cpu:
+        return None
     n, nth, ntw, tile, _, blocks, o_b = tiles.shape
+    out = torch.empty((n, blocks * o_b, *size), dtype=torch.float32, memory_format=memory_format)
     source, target = (_I64 * 7)(*tiles.stride()), (_I64 * 4)(*out.stride())  # no tensors built per call
     fn(tiles.data_ptr(), n, nth, ntw, tile, blocks, o_b, source, out.data_ptr(), out.shape[2], out.shape[3], target)
-    return True
+    return out

@@ -89,9 +89,8 @@ def quantize_qtensor(x: Tensor, scale: float, zero_point: int, channels_last: bo
     bound = _SATURATED * scale
     if x.dim() == 4 and x.dtype == torch.float32:
         layout = torch.channels_last if channels_last or _channels_last_only(x) else torch.contiguous_format
-        out = torch._empty_affine_quantized(x.shape, scale=scale, zero_point=zero_point, dtype=torch.quint8,
-                                            memory_format=layout)
-        if prom_native.quantize_codes(x, bound, _inverse_scale(scale), out):
+        out = prom_native.quantize_codes(x, bound, scale, _inverse_scale(scale), zero_point, layout)
+        if out is not None:
             return out
 
     def quantized(part: Tensor) -> Tensor:

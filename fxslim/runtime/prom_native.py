@@ -38,16 +38,19 @@ def nan_flags(x: Tensor) -> Tensor:
     return flags
 
 
-def quantize_codes(x: Tensor, bound: float, inverse: float, out: Tensor) -> bool:
-    """Write ``clamp(round_half_even(clamp(x, ±bound) · inverse) + z, 0, 255)`` of a float32 4-d ``x``
-    into the quint8 ``out`` of its shape (its zero point z; both with any strides): the codes of
-    ``torch.quantize_per_tensor(x.clamp(-bound, bound), scale, z, torch.quint8)`` with ``inverse``
-    = fl32(1/scale), as ATen's quantizer rounds. False where the kernel cannot run."""
+def quantize_codes(x: Tensor, bound: float, scale: float, inverse: float, zero_point: int,
+                   memory_format: torch.memory_format) -> Tensor | None:
+    """The quint8 QTensor (scale, zero point z, in ``memory_format``) of codes
+    ``clamp(round_half_even(clamp(x, ±bound) · inverse) + z, 0, 255)`` of a float32 4-d ``x`` (any
+    strides): ``torch.quantize_per_tensor(x.clamp(-bound, bound), scale, z, torch.quint8)`` with
+    ``inverse`` = fl32(1/scale), as ATen's quantizer rounds. None where the kernel cannot run."""
     fn = _fn("prom_quantize", None, _PTR, *[_I64] * 8, _F32, _F32, _I64, _PTR, *[_I64] * 4)
     if fn is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 4 or x.numel() == 0:
-        return False
-    fn(x.data_ptr(), *x.shape, *x.stride(), bound, inverse, out.q_zero_point(), out.data_ptr(), *out.stride())
-    return True
+        return None
+    out = torch._empty_affine_quantized(x.shape, scale=scale, zero_point=zero_point, dtype=torch.quint8,
+                                        memory_format=memory_format)
+    fn(x.data_ptr(), *x.shape, *x.stride(), bound, inverse, zero_point, out.data_ptr(), *out.stride())
+    return out
 
 
 def global_avg_pool_codes(x: Tensor, x_zero_point: int, multiplier: int, shift: int, out_zero_point: int,
