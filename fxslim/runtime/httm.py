@@ -41,6 +41,7 @@ Choices this file fixes where the method spec leaves room:
 
 from __future__ import annotations
 
+import ctypes
 import fractions
 import functools
 import math
@@ -354,9 +355,9 @@ def _assign(cls: _BlockClass, slot: Tensor, best: Tensor) -> None:
 def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: httm_native.Screen) -> bool:
     """``_match_class`` for float32 features on the CPU, through bfloat16 scores: per chunk, the
     sources gathered in bfloat16 and one bfloat16 GEMM, then the native kernel picks each source's
-    destination, scoring again in float32 the destinations whose bfloat16 scores come within
-    ``httm_native.bf16_margins`` of the best. The same choices as the float32 GEMM, up to float32
-    rounding. Returns False, with this class's slots unwritten, at the first matched row whose norm
+    destination, scoring again in float32 (from ``x`` itself) the destinations whose bfloat16 scores
+    come within a margin of the best that it makes per row from the measured bfloat16 rounding errors
+    (``httm_native.bf16_margins``). The same choices as the float32 GEMM, up to float32 rounding. Returns False, with this class's slots unwritten, at the first matched row whose norm
     is not finite (the screen's choices assume finite scores)."""
     e, n, d = x.shape
     nb, ns = cls.src.shape
@@ -365,19 +366,20 @@ def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: htt
     head_offset = torch.arange(e).view(e, 1, 1) * n
     src_rows = (cls.src + head_offset).view(pairs, ns)
     dst_rows = (cls.dst + head_offset).view(-1)
-    dst = memory.scratch("httm.dst", (pairs, nd, d))
     dst16 = memory.scratch("httm.dst16", (pairs, nd, d), torch.bfloat16)
-    if screen.gather_destinations(x.data_ptr(), dst_rows.data_ptr(), pairs * nd, d, _NORMALIZE_EPS, dst.data_ptr(),
-                                  dst16.data_ptr()):
+    dst_scales = memory.scratch("httm.dst_scales", (pairs * nd,))
+    dst_err = ctypes.c_float()
+    if screen.gather_destinations(x.data_ptr(), dst_rows.data_ptr(), pairs * nd, d, _NORMALIZE_EPS, dst16.data_ptr(),
+                                  dst_scales.data_ptr(), ctypes.addressof(dst_err)):
         return False
     dst16 = dst16.transpose(1, 2)
-    rel_margin, abs_margin = httm_native.bf16_margins(d)
+    gamma, out_rel, abs_margin = httm_native.bf16_margins(d)
     rows = min(ns, max(_MIN_ROWS, _SCREEN_SCORES // nd))
     per_chunk = min(pairs, max(1, _SCREEN_SCORES // (rows * nd)))
     scores = memory.scratch("httm.scores", (per_chunk * rows * nd,), torch.bfloat16)
     sources16 = memory.scratch("httm.sources16", (per_chunk * rows, d), torch.bfloat16)
-    sources32 = memory.scratch("httm.sources32", (per_chunk * rows, d))
     norms = memory.scratch("httm.norms", (per_chunk * rows,))
+    errs = memory.scratch("httm.errs", (per_chunk * rows,))
     best = torch.empty(pairs, ns, dtype=torch.long)
     for p0 in range(0, pairs, per_chunk):
         p1 = min(p0 + per_chunk, pairs)
@@ -385,14 +387,15 @@ def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: htt
             r1 = min(r0 + rows, ns)
             size = (p1 - p0) * (r1 - r0)
             idx = src_rows[p0:p1, r0:r1].contiguous()
-            if screen.gather_sources(x.data_ptr(), idx.data_ptr(), size, d, sources16.data_ptr(), sources32.data_ptr(),
-                                     norms.data_ptr()):
+            if screen.gather_sources(x.data_ptr(), idx.data_ptr(), size, d, sources16.data_ptr(), norms.data_ptr(),
+                                     errs.data_ptr()):
                 return False
             chunk = scores[: size * nd].view(p1 - p0, r1 - r0, nd)
             torch.bmm(sources16[:size].view(p1 - p0, r1 - r0, d), dst16[p0:p1], out=chunk)
-            if screen.best_destinations(chunk.data_ptr(), p1 - p0, r1 - r0, nd, sources32.data_ptr(), norms.data_ptr(),
-                                        dst[p0].data_ptr(), d, rel_margin, abs_margin, best[p0, r0:].data_ptr(),
-                                        ns) < 0:
+            if screen.best_destinations(chunk.data_ptr(), p1 - p0, r1 - r0, nd, x.data_ptr(), idx.data_ptr(),
+                                        norms.data_ptr(), errs.data_ptr(), dst_rows[p0 * nd:].data_ptr(),
+                                        dst_scales[p0 * nd:].data_ptr(), dst_err.value, d, gamma, out_rel, abs_margin,
+                                        best[p0, r0:].data_ptr(), ns) < 0:
                 raise MemoryError("httm_match: out of memory for the candidates of a row")
     _assign(cls, slot, best)
     return True

@@ -58,25 +58,26 @@ def _screen() -> Screen | None:
     if not {"avx512_bf16", "amx_bf16"} & flags:
         return None
     kernels = (native_kernels.function("httm_best", "httm_gather_destinations", _I64, _PTR, _PTR, _I64, _I64, _F32,
-                                       _PTR, _PTR),
+                                       _PTR, _PTR, _PTR),
                native_kernels.function("httm_best", "httm_gather_sources", _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR,
                                        _PTR),
                native_kernels.function("httm_best", "httm_best_destinations", _I64, _PTR, _I64, _I64, _I64, _PTR,
-                                       _PTR, _PTR, _I64, _F32, _F32, _PTR, _I64))
+                                       _PTR, _PTR, _PTR, _PTR, _PTR, _F32, _I64, _F32, _F32, _F32, _PTR, _I64))
     return None if None in kernels else Screen(*kernels)
 
 
-def bf16_margins(d: int) -> tuple[float, float]:
-    """(relative, absolute) margin of the screening: the candidates of a source are the
-    destinations scoring within relative * |source| + absolute of its best bfloat16 score.
+def bf16_margins(d: int) -> tuple[float, float, float]:
+    """(gamma, out_rel, abs_margin): the constants of the screening margin that
+    ``httm_best_destinations`` makes per row from the measured bfloat16 rounding errors of the
+    source and of the destinations (its comment in native/httm_best.c derives it).
 
-    A bfloat16 score differs from the exact dot product by at most (3u + 4u^2 + d * 2^-24) |source|
-    (u = 2^-8: both inputs and the output rounded to bfloat16, float32 sums of d products; the
-    destinations have norm 1) plus d * 2^-126 (products flushed to zero as denormals), a float32
-    score by at most d * 2^-24 |source|: two destinations swap places only within twice the sum.
-    1 % slack covers the float32 norm of the source the kernel computes."""
+    gamma = d 2^-24 / (1 - d 2^-24) bounds the relative error of a float32 sum of d products;
+    out_rel = u / (1 - u), u = 2^-8, the relative error of rounding a score to bfloat16; abs_margin
+    covers the products and inputs that bfloat16 dot products flush to zero as denormals: d + √d
+    terms below 2^-126 per score, twice (two scores are compared), with 1 % slack."""
     u = 2.0 ** -8
-    return 1.01 * 2 * (3 * u + 4 * u * u + 2 * d * 2.0 ** -24), 1.01 * 2 * d * 2.0 ** -126
+    gamma = d * 2.0 ** -24 / (1 - d * 2.0 ** -24)
+    return gamma, u / (1 - u), 1.01 * 2 * (d + d ** 0.5) * 2.0 ** -126
 
 
 _MERGE = {"group_sums": (_PTR, _PTR, _I64, _I64, _PTR, _I64), "deviations": (_PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR),

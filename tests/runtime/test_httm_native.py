@@ -97,17 +97,40 @@ def test_screened_matching_on_near_ties(case, without_kernels):
         assert torch.equal(native, reference)
 
 
-def test_screening_margin_covers_bfloat16_error():
-    # the documented bound against the measured worst case on random unit destinations
+def _score_error_bound(src: torch.Tensor, dst: torch.Tensor, screened: torch.Tensor) -> torch.Tensor:
+    """The per-score error bound of httm_best_destinations' margin (before its factor 2 and slack):
+    E + out_rel |score| from the measured rounding errors of float32 sources and unit destinations."""
+    gamma, out_rel, _ = httm_native.bf16_margins(src.shape[-1])
+    norm = src.double().norm(dim=-1, keepdim=True)
+    err = (src.bfloat16().double() - src.double()).norm(dim=-1, keepdim=True)
+    dst_err = (dst.bfloat16().double() - dst.double()).norm(dim=-1).max()
+    unit = 1 + 2.0 ** -10
+    e = err * unit + (norm + err) * dst_err + gamma * (norm + err) * (unit + dst_err) + gamma * norm
+    return e + out_rel * screened.abs()
+
+
+@pytest.mark.parametrize("case", ["random", "largest_rounding", "aligned"])
+def test_screening_margin_covers_bfloat16_error(case):
+    # the documented bound against the measured error of ATen's bfloat16 GEMM (the screen's), on
+    # random features, on features that all round by almost half a bfloat16 step the same way,
+    # and on destinations parallel to the sources (scores near |source|)
     g = torch.Generator().manual_seed(0)
     for d in (8, 64, 256):
         src = torch.randn(4096, d, generator=g) * 10
-        dst = torch.nn.functional.normalize(torch.randn(512, d, generator=g), dim=-1)
+        dst = torch.randn(512, d, generator=g)
+        if case == "largest_rounding":  # 1 + 0.99 * 2^-8 rounds to 1 in bfloat16: relative error ~u
+            src = src.sign() * (1 + 0.99 * 2.0 ** -8) * 2.0 ** torch.randint(-3, 4, src.shape, generator=g)
+            dst = src[:512].clone()
+        elif case == "aligned":
+            dst = src[:512] + 1e-3 * dst
+        dst = torch.nn.functional.normalize(dst, dim=-1)
         exact = src.double() @ dst.double().T
-        bf16 = (src.bfloat16() @ dst.bfloat16().T).double()
-        err = ((bf16 - exact).abs() / src.double().norm(dim=-1, keepdim=True)).max().item()
-        rel, _ = httm_native.bf16_margins(d)
-        assert err < rel / 2, (d, err, rel)
+        screened = src.bfloat16() @ dst.bfloat16().T
+        err = (screened.double() - exact).abs()
+        bound = _score_error_bound(src, dst, screened.double())
+        assert bool((err <= bound).all()), (case, d, float((err / bound).max()))
+        # and it is tighter than the fixed bound it replaced, 3u |source| per score
+        assert float(bound.max() / (3 * 2.0 ** -8 * src.double().norm(dim=-1).max())) < 1, (case, d)
 
 
 @merge_only
@@ -242,7 +265,8 @@ def test_portable_c_path_chooses_like_the_avx512_path(tmp_path):
                    check=True)
     lib = ctypes.CDLL(str(portable))
     i64, ptr, f32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
-    lib.httm_best_destinations.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, i64, f32, f32, ptr, i64]
+    lib.httm_best_destinations.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr, f32, i64, f32, f32, f32,
+                                           ptr, i64]
     lib.httm_best_destinations.restype = i64
     g = torch.Generator().manual_seed(5)
     rows, cols, d = 64, 103, 16
@@ -253,13 +277,18 @@ def test_portable_c_path_chooses_like_the_avx512_path(tmp_path):
     dst[8:90] = dst[7]  # 83 equal destinations: more candidates than the list holds
     src[16:32] = dst[7] * 3 + 1e-6
     scores = (src.bfloat16() @ dst.bfloat16().T).contiguous()
-    norms = src.norm(dim=-1)
-    rel, absolute = httm_native.bf16_margins(d)
+    x = torch.cat([src, dst * 2])  # the kernel reads both from x; destinations rescaled by their norm 2
+    src_index, dst_index = torch.arange(rows), torch.arange(rows, rows + cols)
+    norms, errs = src.norm(dim=-1), (src.bfloat16().float() - src).norm(dim=-1)
+    dst_scales = torch.full((cols,), 2.0)
+    dst_err = float((dst.bfloat16().float() - dst).norm(dim=-1).max())
+    gamma, out_rel, absolute = httm_native.bf16_margins(d)
     results, rescored = [], []
     for fn in (lib.httm_best_destinations, httm_native.bf16_screen().best_destinations):
         best = torch.empty(rows, dtype=torch.long)
-        rescored.append(fn(scores.data_ptr(), 1, rows, cols, src.data_ptr(), norms.data_ptr(), dst.data_ptr(), d,
-                  rel, absolute, best.data_ptr(), rows))
+        rescored.append(fn(scores.data_ptr(), 1, rows, cols, x.data_ptr(), src_index.data_ptr(), norms.data_ptr(),
+                           errs.data_ptr(), dst_index.data_ptr(), dst_scales.data_ptr(), dst_err, d, gamma, out_rel,
+                           absolute, best.data_ptr(), rows))
         results.append(best)
     assert rescored[0] == rescored[1] >= 16 and torch.equal(results[0], results[1])
     exact = src.double() @ dst.double().T

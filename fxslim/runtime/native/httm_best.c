@@ -3,10 +3,10 @@
  * HTTM's matching (fxslim/runtime/httm.py) scores sources against destinations with a bfloat16
  * GEMM, four times the float32 GEMM's speed where the CPU has bfloat16 dot products, then calls
  * httm_best_destinations on each chunk of scores. Per row the bfloat16 scores only screen: every
- * destination whose score is within `margin` of the row's largest (margin = rel_margin * |source|
- * + abs_margin: wider than twice the worst bfloat16 error, abs_margin covering products flushed to
- * zero as denormals) is a candidate, and when there is more than one, the candidates are scored
- * again in float32 and the first highest wins. So the choice is the float32 argmax (up to float32
+ * destination whose score is within `margin` of the row's largest (wider than twice the bfloat16
+ * score's error bound, made per row from the measured rounding errors of the source and the
+ * destinations: see httm_best_destinations) is a candidate, and when there is more than one, the
+ * candidates are scored again in float32 (from the features themselves) and the first highest wins. So the choice is the float32 argmax (up to float32
  * rounding, as between any two float32 GEMMs), never a bfloat16 near-tie.
  *
  * Scores are compared as int16 keys (a bfloat16's bits with the magnitude bits flipped for
@@ -72,46 +72,62 @@ static inline uint16_t bf16_bits(float x) {
  * finite features whose squares, and so every dot product with a unit vector, stay in range. */
 static inline int unsafe_norm(float norm) { return !(norm <= FLT_MAX); }
 
-/* For i < count: out32[i, :] = x[index[i], :], out16[i, :] = the same in bfloat16, norms[i] =
- * its Euclidean norm. One pass over the sources of a chunk, which the GEMM reads in bfloat16 and
- * httm_best_destinations in float32, in order (not scattered over x). Returns how many rows have
- * a norm that is not finite (NaN, inf, or squares beyond float32): their chunk must not be screened. */
+/* o16 = the bfloat16 bits of row / scale (row itself when !divide; F.normalize's division when
+ * divide), returns the Euclidean norm of the rounding error bf16(v) - v, v = the float32 row /
+ * scale (exact in float32: a float and its bfloat16 rounding are within a factor 2). */
+static inline float bf16_row(const float *row, int64_t d, int divide, float scale, uint16_t *o16) {
+    float e = 0.0f;
+    for (int64_t c = 0; c < d; c++) {
+        float v = divide ? row[c] / scale : row[c];
+        uint16_t b = bf16_bits(v);
+        uint32_t bits = (uint32_t)b << 16;
+        float r;
+        memcpy(&r, &bits, sizeof r);
+        o16[c] = b;
+        e += (r - v) * (r - v);
+    }
+    return __builtin_sqrtf(e);
+}
+
+/* For i < count: out16[i, :] = x[index[i], :] in bfloat16, norms[i] = the row's Euclidean norm and
+ * errs[i] = the norm of its bfloat16 rounding error (the screening margin's share of the source).
+ * The GEMM reads the sources of a chunk in order; httm_best_destinations rescores from x itself.
+ * Returns how many rows have a norm that is not finite (NaN, inf, or squares beyond float32):
+ * their chunk must not be screened. */
 int64_t httm_gather_sources(const float *x, const int64_t *index, int64_t count, int64_t d, uint16_t *out16,
-                            float *out32, float *norms) {
+                            float *norms, float *errs) {
     int64_t unsafe = 0;
 #pragma omp parallel for schedule(static) reduction(+ : unsafe) if (count * d > (1 << 16))
     for (int64_t i = 0; i < count; i++) {
         if (i + AHEAD < count) prefetch_row(x, index[i + AHEAD], d);
         const float *row = x + index[i] * d;
-        memcpy(out32 + i * d, row, (size_t)d * sizeof(float));
-        uint16_t *o = out16 + i * d;
-        for (int64_t c = 0; c < d; c++) o[c] = bf16_bits(row[c]);
+        errs[i] = bf16_row(row, d, 0, 1.0f, out16 + i * d);
         norms[i] = __builtin_sqrtf(dot(row, row, d));
         unsafe += unsafe_norm(norms[i]);
     }
     return unsafe;
 }
 
-/* For i < count: out32[i, :] = x[index[i], :] / max(|x[index[i], :]|, eps) (F.normalize's rule)
- * and out16[i, :] = the same in bfloat16: the destinations of a block class. Returns how many rows
- * have a norm that is not finite (as httm_gather_sources). */
+/* For i < count: scales[i] = max(|x[index[i], :]|, eps) (F.normalize's rule) and out16[i, :] =
+ * x[index[i], :] / scales[i] in bfloat16: the destinations of a block class. *err_max = the largest
+ * norm of a row's bfloat16 rounding error. Returns how many rows have a norm that is not finite (as
+ * httm_gather_sources). */
 int64_t httm_gather_destinations(const float *x, const int64_t *index, int64_t count, int64_t d, float eps,
-                                 float *out32, uint16_t *out16) {
+                                 uint16_t *out16, float *scales, float *err_max) {
     int64_t unsafe = 0;
-#pragma omp parallel for schedule(static) reduction(+ : unsafe) if (count * d > (1 << 16))
+    float worst = 0.0f;
+#pragma omp parallel for schedule(static) reduction(+ : unsafe) reduction(max : worst) if (count * d > (1 << 16))
     for (int64_t i = 0; i < count; i++) {
         if (i + AHEAD < count) prefetch_row(x, index[i + AHEAD], d);
         const float *row = x + index[i] * d;
         float norm = __builtin_sqrtf(dot(row, row, d));
         unsafe += unsafe_norm(norm);
         float scale = norm > eps ? norm : eps;
-        float *o = out32 + i * d;
-        uint16_t *o16 = out16 + i * d;
-        for (int64_t c = 0; c < d; c++) {
-            o[c] = row[c] / scale;
-            o16[c] = bf16_bits(o[c]);
-        }
+        scales[i] = scale;
+        float e = bf16_row(row, d, 1, scale, out16 + i * d);
+        worst = e > worst ? e : worst;
     }
+    *err_max = worst;
     return unsafe;
 }
 
@@ -209,29 +225,46 @@ static int64_t candidates(const uint16_t *row, int64_t cols, int16_t floor_key, 
 }
 #endif
 
-/* The candidate (column) whose float32 score src . dst[j] is highest, the first of equals. */
-static int64_t rescore(const float *src, const float *dst, int64_t d, const int32_t *cand, int64_t count) {
+/* The candidate (column) whose float32 score src . x[dst_index[j]] / dst_scales[j] is highest (the
+ * destination normalised as F.normalize does, up to float32 rounding), the first of equals. */
+static int64_t rescore(const float *src, const float *x, const int64_t *dst_index, const float *dst_scales, int64_t d,
+                       const int32_t *cand, int64_t count) {
     int64_t choice = cand[0];
-    float best = dot(src, dst + choice * d, d);
+    float best = dot(src, x + dst_index[choice] * d, d) / dst_scales[choice];
     for (int64_t i = 1; i < count; i++) {
-        float s = dot(src, dst + (int64_t)cand[i] * d, d);
+        int64_t j = cand[i];
+        float s = dot(src, x + dst_index[j] * d, d) / dst_scales[j];
         if (s > best) {
             best = s;
-            choice = cand[i];
+            choice = j;
         }
     }
     return choice;
 }
 
-/* scores: [pairs, rows, cols] bfloat16 bits, row r of pair p scoring source src[p * rows + r]
- * ([d] float32, Euclidean norm norms[p * rows + r]) against the cols destinations dst[p] ([cols, d]
- * float32, normalised). Writes the best destination (column) of pair p's row r to
- * best[p * best_pair_stride + r]. Returns how many rows were scored again in float32, or -1 when
- * out of memory. */
-int64_t httm_best_destinations(const uint16_t *scores, int64_t pairs, int64_t rows, int64_t cols,
-                               const float *src32, const float *norms, const float *dst, int64_t d,
-                               float rel_margin, float abs_margin, int64_t *best, int64_t best_pair_stride) {
+/* scores: [pairs, rows, cols] bfloat16 bits, row r of pair p scoring source x[src_index[p * rows + r]]
+ * (Euclidean norm norms[.], bfloat16 rounding error of norm errs[.]) against the cols destinations
+ * x[dst_index[p * cols + j]] / dst_scales[p * cols + j] (bfloat16 rounding errors of norm <= dst_err).
+ * Writes the best destination (column) of pair p's row r to best[p * best_pair_stride + r].
+ *
+ * A row's candidates are the destinations whose bfloat16 score is within
+ *     margin = 1.01 * (2 E + 2 out_rel |top|) / (1 - out_rel) + abs_margin
+ * of its largest, top, where E = errs (1 + 2^-10) + (norms + errs) dst_err + gamma (norms + errs)
+ * (1 + 2^-10 + dst_err) + gamma norms bounds, for every destination, the distance of its bfloat16
+ * score before the output's rounding from its exact score plus a float32 score's error: the inputs'
+ * rounding errors against unit destinations (whose float32 norm is within 2^-10 of 1, at most 1
+ * when eps applies), then float32 sums of d products (gamma = d 2^-24 / (1 - d 2^-24)) in the GEMM
+ * and in the float32 reference. The output's rounding to bfloat16 moves a score s by at most
+ * out_rel |s| (out_rel = u / (1 - u), u = 2^-8), and abs_margin covers products and inputs
+ * flushed to zero as denormals. A destination left out scores below top by more than both errors:
+ * it cannot be float32's choice. 1 % slack covers the float32 evaluation of the margin.
+ * Returns how many rows were scored again in float32, or -1 when out of memory. */
+int64_t httm_best_destinations(const uint16_t *scores, int64_t pairs, int64_t rows, int64_t cols, const float *x,
+                               const int64_t *src_index, const float *norms, const float *errs,
+                               const int64_t *dst_index, const float *dst_scales, float dst_err, int64_t d,
+                               float gamma, float out_rel, float abs_margin, int64_t *best, int64_t best_pair_stride) {
     enum { CAP = 64 };
+    const float unit = 1.0f + 0x1p-10f;
     int64_t rescored = 0, failed = 0;
 #pragma omp parallel reduction(+ : rescored) reduction(| : failed) if (pairs * rows * cols > (1 << 18))
     {
@@ -240,11 +273,16 @@ int64_t httm_best_destinations(const uint16_t *scores, int64_t pairs, int64_t ro
 #pragma omp for schedule(static)
         for (int64_t i = 0; i < pairs * rows; i++) {
             int64_t p = i / rows, r = i % rows;
-            const float *dst_p = dst + p * cols * d;
+            const int64_t *dst_index_p = dst_index + p * cols;
+            const float *dst_scales_p = dst_scales + p * cols;
             const uint16_t *row = scores + i * cols;
-            const float *src = src32 + i * d;
-            float margin = rel_margin * norms[i] + abs_margin;
-            int16_t floor_key = key_at_or_below(float_of_key(row_top(row, cols)) - margin);
+            if (i + AHEAD < pairs * rows) prefetch_row(x, src_index[i + AHEAD], d);
+            const float *src = x + src_index[i] * d;
+            float norm = norms[i], err = errs[i];
+            float e = err * unit + (norm + err) * dst_err + gamma * (norm + err) * (unit + dst_err) + gamma * norm;
+            float top = float_of_key(row_top(row, cols));
+            float margin = 1.01f * (2.0f * e + 2.0f * out_rel * __builtin_fabsf(top)) / (1.0f - out_rel) + abs_margin;
+            int16_t floor_key = key_at_or_below(top - margin);
             int64_t count = candidates(row, cols, floor_key, cand, CAP);
             int64_t choice = cand[0];
             if (count > CAP) { /* more near-ties than the list holds: a list as long as the row */
@@ -253,9 +291,9 @@ int64_t httm_best_destinations(const uint16_t *scores, int64_t pairs, int64_t ro
                     continue;
                 }
                 count = candidates(row, cols, floor_key, all, cols);
-                choice = rescore(src, dst_p, d, all, count);
+                choice = rescore(src, x, dst_index_p, dst_scales_p, d, all, count);
             } else if (count > 1) {
-                choice = rescore(src, dst_p, d, cand, count);
+                choice = rescore(src, x, dst_index_p, dst_scales_p, d, cand, count);
             }
             rescored += count > 1;
             best[p * best_pair_stride + r] = choice;
