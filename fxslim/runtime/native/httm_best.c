@@ -264,7 +264,7 @@ int64_t httm_best_destinations(const uint16_t *scores, int64_t pairs, int64_t ro
                                const int64_t *dst_index, const float *dst_scales, float dst_err, int64_t d,
                                float gamma, float out_rel, float abs_margin, int64_t *best, int64_t best_pair_stride) {
     enum { CAP = 64 };
-    const float unit = 1.0f + 0x1p-10f;
+    const float unit = 1.0f + 0x1p-10f, widen = 1.01f / (1.0f - out_rel);
     int64_t rescored = 0, failed = 0;
 #pragma omp parallel reduction(+ : rescored) reduction(| : failed) if (pairs * rows * cols > (1 << 18))
     {
@@ -281,7 +281,7 @@ int64_t httm_best_destinations(const uint16_t *scores, int64_t pairs, int64_t ro
             float norm = norms[i], err = errs[i];
             float e = err * unit + (norm + err) * dst_err + gamma * (norm + err) * (unit + dst_err) + gamma * norm;
             float top = float_of_key(row_top(row, cols));
-            float margin = 1.01f * (2.0f * e + 2.0f * out_rel * __builtin_fabsf(top)) / (1.0f - out_rel) + abs_margin;
+            float margin = widen * (2.0f * e + 2.0f * out_rel * __builtin_fabsf(top)) + abs_margin;
             int16_t floor_key = key_at_or_below(top - margin);
             int64_t count = candidates(row, cols, floor_key, cand, CAP);
             int64_t choice = cand[0];
