@@ -587,7 +587,7 @@ def httm_apply_plan(q: Tensor, k: Tensor, v: Tensor, plan: HttmPlan, proportiona
     table = merged_out.reshape(-1, dv)
     if q.device.type != "cpu":
         return table.index_select(0, q_flat).view(b, h, n, dv)
-    out = memory.empty_huge((b, h, n, dv), table.dtype)
+    out = torch.empty((b, h, n, dv), dtype=table.dtype)
     if not httm_native.gather_rows(table, q_flat, out.view(-1, dv)):
         torch.index_select(table, 0, q_flat, out=out.view(-1, dv))
     return out

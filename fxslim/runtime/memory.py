@@ -1,28 +1,29 @@
-"""CPU memory for an op's big temporaries and outputs, without a page fault per 4 KB.
+"""CPU memory for an op's big temporaries, without a page fault per 4 KB on every call.
 
 A tensor of more than a few MB freshly allocated on the CPU is fresh memory from the kernel, and
 the first write to each 4 KB page of it is a page fault: at 32 frames HTTM's temporaries (scores,
 gathered rows, merged tables: about 80 MB per call) cost 15-20 ms in faults, as much as all the
 arithmetic on them.
 
-- ``scratch``: per-thread buffers reused by the next call on the same thread, so their pages are
-  touched once per thread. Only for temporaries that never leave the op.
-- ``empty_huge``: a fresh tensor (an op's output) whose memory is backed by 2 MB pages where Linux
-  allows it (transparent huge pages in ``madvise`` mode): filling 34 MB takes 2.7 ms instead of 8.7.
+``scratch`` gives per-thread buffers reused by the next call on the same thread, so their pages are
+touched once per thread; only for temporaries that never leave the op.
+
+An op's output stays an ordinary ``torch.empty``. Backing it with 2 MB pages (transparent huge
+pages, ``madvise``) made HTTM's op 1.5 % faster at 32 frames on its own, but after a workload that
+allocated and freed a few GB its huge-page faults turned slow: in section 5 of
+benchmarks.httm_speed, after the whole-model section, the op took 264-394 ms per round (slow in 5
+of 7 runs) where it takes 260-265 ms on 4 KB pages, so it is not done.
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import math
-import sys
 import threading
 
 import torch
 from torch import Tensor
 
-__all__ = ["scratch", "release", "empty_huge"]
+__all__ = ["scratch", "release"]
 
 _local = threading.local()
 
@@ -43,39 +44,3 @@ def scratch(name: str, shape: tuple[int, ...], dtype: torch.dtype = torch.float3
 def release() -> None:
     """Free this thread's scratch buffers (they are made again on the next request)."""
     _local.buffers = {}
-
-
-_HUGE = 1 << 21  # x86-64 and arm64 huge page
-_MADV_HUGEPAGE = 14
-
-
-@functools.cache
-def _madvise():
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        fn = ctypes.CDLL(None, use_errno=True).madvise
-    except (OSError, AttributeError):
-        return None
-    fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    fn.restype = ctypes.c_int
-    return fn
-
-
-def empty_huge(shape: tuple[int, ...], dtype: torch.dtype = torch.float32) -> Tensor:
-    """``torch.empty(shape, dtype=dtype)`` on the CPU, its whole 2 MB pages advised as huge pages
-    and faulted in before anything else touches them (advice only: no effect where the kernel
-    declines). Its values are unspecified, like ``torch.empty``'s."""
-    out = torch.empty(shape, dtype=dtype)
-    madvise = _madvise()
-    size = out.numel() * out.element_size()
-    if madvise is not None and size >= 2 * _HUGE:
-        start = (out.data_ptr() + _HUGE - 1) & ~(_HUGE - 1)
-        end = (out.data_ptr() + size) & ~(_HUGE - 1)
-        if end > start and madvise(start, end - start, _MADV_HUGEPAGE) == 0:
-            # fault each huge page in now, from this thread: threads that first touch one 2 MB page
-            # at once wait on each other (a 34 MB gather on 2 threads took 176 ms, 1.5 ms after this)
-            step = _HUGE // out.element_size()
-            first = (start - out.data_ptr()) // out.element_size()
-            out.view(-1)[first : first + (end - start) // out.element_size() : step].zero_()
-    return out

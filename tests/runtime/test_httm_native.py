@@ -245,12 +245,6 @@ def test_scratch_buffers_are_reused_per_name_and_thread():
     assert memory.scratch("test.a", (1,)).numel() == 1
 
 
-def test_empty_huge_is_an_ordinary_tensor():
-    t = memory.empty_huge((3, 1 << 20))
-    t.fill_(2.0)
-    assert t.shape == (3, 1 << 20) and t.dtype == torch.float32 and float(t.sum()) == 6.0 * (1 << 20)
-
-
 @screen_only
 def test_portable_c_path_chooses_like_the_avx512_path(tmp_path):
     # the plain C loops (compilers not targeting AVX-512BW) against the vector code, on rows with
