@@ -79,6 +79,7 @@ _MIN_ROWS = 32  # fewer source rows per GEMM than this and its fixed costs domin
 # that reads the scores is as fast either way (measured)
 _SCREEN_SCORES = 1 << 22
 _NORMALIZE_EPS = 1e-12  # F.normalize's default
+_SCREEN_MAX_DIM = 1 << 20  # the screening's error bound assumes float32 sums of fewer terms (httm_native.bf16_margins)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -287,7 +288,7 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     slot = layout.base_slot.to(x.device).expand(b * h, n).clone()
     classes = layout.classes if b * h else ()
     cpu_float32 = rows_x.dtype == torch.float32 and rows_x.device.type == "cpu"
-    screen = httm_native.bf16_screen() if cpu_float32 else None
+    screen = httm_native.bf16_screen() if cpu_float32 and d < _SCREEN_MAX_DIM else None
     # screening reads every matched row anyway and reports a norm that is not finite; the scores
     # of such features may be NaN, so then every class is matched (again) on the float32 path, which
     # writes the slot of every source

@@ -71,7 +71,8 @@ def bf16_margins(d: int) -> tuple[float, float, float]:
     ``httm_best_destinations`` makes per row from the measured bfloat16 rounding errors of the
     source and of the destinations (its comment in native/httm_best.c derives it).
 
-    gamma = d 2^-24 / (1 - d 2^-24) bounds the relative error of a float32 sum of d products;
+    gamma = d 2^-24 / (1 - d 2^-24) bounds the relative error of a float32 sum of d products (for
+    d < 2^20: ``httm_match`` screens no longer rows);
     out_rel = u / (1 - u), u = 2^-8, the relative error of rounding a score to bfloat16; abs_margin
     covers the products and inputs that bfloat16 dot products flush to zero as denormals: d + √d
     terms below 2^-126 per score, twice (two scores are compared), with 1 % slack."""

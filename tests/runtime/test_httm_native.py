@@ -104,7 +104,7 @@ def _score_error_bound(src: torch.Tensor, dst: torch.Tensor, screened: torch.Ten
     norm = src.double().norm(dim=-1, keepdim=True)
     err = (src.bfloat16().double() - src.double()).norm(dim=-1, keepdim=True)
     dst_err = (dst.bfloat16().double() - dst.double()).norm(dim=-1).max()
-    unit = 1 + 2.0 ** -10
+    unit = 1 + gamma + 2.0 ** -22
     e = err * unit + (norm + err) * dst_err + gamma * (norm + err) * (unit + dst_err) + gamma * norm
     return e + out_rel * screened.abs()
 

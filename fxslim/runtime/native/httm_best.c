@@ -249,12 +249,12 @@ static int64_t rescore(const float *src, const float *x, const int64_t *dst_inde
  *
  * A row's candidates are the destinations whose bfloat16 score is within
  *     margin = 1.01 * (2 E + 2 out_rel |top|) / (1 - out_rel) + abs_margin
- * of its largest, top, where E = errs (1 + 2^-10) + (norms + errs) dst_err + gamma (norms + errs)
- * (1 + 2^-10 + dst_err) + gamma norms bounds, for every destination, the distance of its bfloat16
- * score before the output's rounding from its exact score plus a float32 score's error: the inputs'
- * rounding errors against unit destinations (whose float32 norm is within 2^-10 of 1, at most 1
- * when eps applies), then float32 sums of d products (gamma = d 2^-24 / (1 - d 2^-24)) in the GEMM
- * and in the float32 reference. The output's rounding to bfloat16 moves a score s by at most
+ * of its largest, top, where E = errs k + (norms + errs) dst_err + gamma (norms + errs) (k + dst_err)
+ * + gamma norms bounds, for every destination, the distance of its bfloat16 score before the
+ * output's rounding from its exact score plus a float32 score's error: the inputs' rounding errors
+ * against unit destinations (of float32 norm at most k = 1 + gamma + 2^-22: a float32 sum of
+ * squares, a square root and a division each rounded; below 1 when eps applies), then float32 sums
+ * of d products (gamma = d 2^-24 / (1 - d 2^-24), d < 2^20) in the GEMM and in the float32 reference. The output's rounding to bfloat16 moves a score s by at most
  * out_rel |s| (out_rel = u / (1 - u), u = 2^-8), and abs_margin covers products and inputs
  * flushed to zero as denormals. A destination left out scores below top by more than both errors:
  * it cannot be float32's choice. 1 % slack covers the float32 evaluation of the margin.
@@ -264,7 +264,7 @@ int64_t httm_best_destinations(const uint16_t *scores, int64_t pairs, int64_t ro
                                const int64_t *dst_index, const float *dst_scales, float dst_err, int64_t d,
                                float gamma, float out_rel, float abs_margin, int64_t *best, int64_t best_pair_stride) {
     enum { CAP = 64 };
-    const float unit = 1.0f + 0x1p-10f, widen = 1.01f / (1.0f - out_rel);
+    const float unit = 1.0f + gamma + 0x1p-22f, widen = 1.01f / (1.0f - out_rel);
     int64_t rescored = 0, failed = 0;
 #pragma omp parallel reduction(+ : rescored) reduction(| : failed) if (pairs * rows * cols > (1 << 18))
     {
