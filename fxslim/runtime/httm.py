@@ -79,7 +79,7 @@ _MIN_ROWS = 32  # fewer source rows per GEMM than this and its fixed costs domin
 # that reads the scores is as fast either way (measured)
 _SCREEN_SCORES = 1 << 22
 _NORMALIZE_EPS = 1e-12  # F.normalize's default
-_SCREEN_MAX_DIM = 1 << 20  # the screening's error bound assumes float32 sums of fewer terms (httm_native.bf16_margins)
+_SCREEN_MAX_DIM = 1 << 20  # the screening's error bound needs float32 sums of fewer terms (bf16_margins)
 
 
 def _work_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -358,8 +358,9 @@ def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: htt
     sources gathered in bfloat16 and one bfloat16 GEMM, then the native kernel picks each source's
     destination, scoring again in float32 (from ``x`` itself) the destinations whose bfloat16 scores
     come within a margin of the best that it makes per row from the measured bfloat16 rounding errors
-    (``httm_native.bf16_margins``). The same choices as the float32 GEMM, up to float32 rounding. Returns False, with this class's slots unwritten, at the first matched row whose norm
-    is not finite (the screen's choices assume finite scores)."""
+    (``httm_native.bf16_margins``). The same choices as the float32 GEMM, up to float32 rounding.
+    Returns False, with this class's slots unwritten, at the first matched row whose norm is not
+    finite (the screen's choices assume finite scores)."""
     e, n, d = x.shape
     nb, ns = cls.src.shape
     nd = cls.dst.shape[1]

@@ -6,8 +6,9 @@
  * destination whose score is within `margin` of the row's largest (wider than twice the bfloat16
  * score's error bound, made per row from the measured rounding errors of the source and the
  * destinations: see httm_best_destinations) is a candidate, and when there is more than one, the
- * candidates are scored again in float32 (from the features themselves) and the first highest wins. So the choice is the float32 argmax (up to float32
- * rounding, as between any two float32 GEMMs), never a bfloat16 near-tie.
+ * candidates are scored again in float32 (from the features themselves) and the first highest
+ * wins. So the choice is the float32 argmax (up to float32 rounding, as between any two float32
+ * GEMMs), never a bfloat16 near-tie.
  *
  * Scores are compared as int16 keys (a bfloat16's bits with the magnitude bits flipped for
  * negative values): ordered like the values, and integer max/compare vectorise. The choices hold
@@ -254,10 +255,11 @@ static int64_t rescore(const float *src, const float *x, const int64_t *dst_inde
  * output's rounding from its exact score plus a float32 score's error: the inputs' rounding errors
  * against unit destinations (of float32 norm at most k = 1 + gamma + 2^-22: a float32 sum of
  * squares, a square root and a division each rounded; below 1 when eps applies), then float32 sums
- * of d products (gamma = d 2^-24 / (1 - d 2^-24), d < 2^20) in the GEMM and in the float32 reference. The output's rounding to bfloat16 moves a score s by at most
- * out_rel |s| (out_rel = u / (1 - u), u = 2^-8), and abs_margin covers products and inputs
- * flushed to zero as denormals. A destination left out scores below top by more than both errors:
- * it cannot be float32's choice. 1 % slack covers the float32 evaluation of the margin.
+ * of d products (gamma = d 2^-24 / (1 - d 2^-24), d < 2^20) in the GEMM and in the float32
+ * reference. The output's rounding to bfloat16 moves a score s by at most out_rel |s| (out_rel =
+ * u / (1 - u), u = 2^-8), and abs_margin covers products and inputs flushed to zero as denormals.
+ * A destination left out scores below top by more than both errors: it cannot be float32's choice.
+ * 1 % slack covers the float32 evaluation of the margin.
  * Returns how many rows were scored again in float32, or -1 when out of memory. */
 int64_t httm_best_destinations(const uint16_t *scores, int64_t pairs, int64_t rows, int64_t cols, const float *x,
                                const int64_t *src_index, const float *norms, const float *errs,
