@@ -408,16 +408,17 @@ def _flat(slot: Tensor, length: int) -> Tensor:
     return (slot + torch.arange(slot.shape[0], device=slot.device).unsqueeze(1) * length).reshape(-1)
 
 
-def _group_sums(x: Tensor, flat: Tensor, rows: int, name: str) -> Tensor:
+def _group_sums(x: Tensor, flat: Tensor, rows: int, name: str, segments: int) -> Tensor:
     """Sums (in ``_work_dtype``) of the rows of x [.., d] over groups ``flat`` (one index_add) -> [rows, d],
-    in the scratch buffer ``name`` on the CPU (a temporary of the op)."""
+    in the scratch buffer ``name`` on the CPU (a temporary of the op). ``flat`` comes from ``_flat``:
+    ``segments`` equal runs of rows (samples x heads), each into its own equal run of groups."""
     d, dtype = x.shape[-1], _work_dtype(x.dtype)
     rows_x = x.reshape(-1, d).to(dtype)
     if x.device.type == "cpu":
         out = memory.scratch(name, (rows, d), dtype).zero_()
     else:
         out = torch.zeros(rows, d, device=x.device, dtype=dtype)
-    if not httm_native.group_sums(rows_x, flat, out):
+    if not httm_native.group_sums(rows_x, flat, out, max(segments, 1)):  # no samples or heads: no rows
         out.index_add_(0, flat, rows_x)
     return out
 
@@ -436,7 +437,7 @@ def _deviations(x: Tensor, groups: Tensor, num_slots: int) -> Tensor:
     e, n, d = x.shape
     flat = _flat(groups, num_slots)
     counts = torch.bincount(flat, minlength=e * num_slots)
-    means = _means(_group_sums(x, flat, e * num_slots, "httm.means"), counts)
+    means = _means(_group_sums(x, flat, e * num_slots, "httm.means", e), counts)
     dev = httm_native.deviations(x.view(-1, d), flat, means)
     if dev is None:
         dev = _deviations_aten(x, flat, means)
@@ -571,10 +572,10 @@ def httm_apply_plan(q: Tensor, k: Tensor, v: Tensor, plan: HttmPlan, proportiona
         return q.new_empty(b, h, n, dv)
     q_flat, kv_flat = _flat(plan.q_slot.reshape(b * h, n), m_q), _flat(plan.kv_slot.reshape(b * h, n), m_kv)
     q_counts = torch.bincount(q_flat, minlength=b * h * m_q)
-    q_merged = _means(_group_sums(q, q_flat, b * h * m_q, "httm.q_merged"), q_counts)
+    q_merged = _means(_group_sums(q, q_flat, b * h * m_q, "httm.q_merged", b * h), q_counts)
     sizes = torch.bincount(kv_flat, minlength=b * h * m_kv)
-    k_merged = _means(_group_sums(k, kv_flat, b * h * m_kv, "httm.k_merged"), sizes)
-    v_merged = _means(_group_sums(v, kv_flat, b * h * m_kv, "httm.v_merged"), sizes)
+    k_merged = _means(_group_sums(k, kv_flat, b * h * m_kv, "httm.k_merged", b * h), sizes)
+    v_merged = _means(_group_sums(v, kv_flat, b * h * m_kv, "httm.v_merged", b * h), sizes)
     bias = sizes.view(b, h, 1, m_kv).to(q.dtype).log() if proportional_attention else None
     merged_out = F.scaled_dot_product_attention(
         q_merged.view(b, h, m_q, d).to(q.dtype), k_merged.view(b, h, m_kv, d).to(q.dtype),

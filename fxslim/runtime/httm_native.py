@@ -81,7 +81,8 @@ def bf16_margins(d: int) -> tuple[float, float, float]:
     return gamma, u / (1 - u), 1.01 * 2 * (d + d ** 0.5) * 2.0 ** -126
 
 
-_MERGE = {"group_sums": (_PTR, _PTR, _I64, _I64, _PTR, _I64), "deviations": (_PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR),
+_MERGE = {"group_sums": (_PTR, _PTR, _I64, _I64, _PTR, _I64, _I64),
+          "deviations": (_PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR),
           "gather_rows": (_PTR, _I64, _PTR, _I64, _I64, _PTR)}
 
 
@@ -99,14 +100,19 @@ def _checked(bad: int, index: Tensor, limit: int, what: str) -> None:
         raise IndexError(f"{what}: index {int(index[bad])} at position {bad} is out of range for {limit} rows")
 
 
-def group_sums(x: Tensor, groups: Tensor, out: Tensor) -> bool:
+def group_sums(x: Tensor, groups: Tensor, out: Tensor, segments: int = 1) -> bool:
     """Adds the rows of x [R, d] (float32) into ``out`` [rows, d] (contiguous) at ``groups`` [R];
-    False (and nothing added) where the kernel cannot run."""
+    False (and nothing added) where the kernel cannot run. With ``segments`` > 1 the rows are that
+    many equal runs and run s adds only into the s-th equal run of ``out``'s rows (raises otherwise):
+    the runs are summed on separate threads, to the same floats."""
     fn = _merge_kernel("group_sums", groups, x, out)
     if fn is None or not out.is_contiguous():
         return False
+    if segments < 1 or x.shape[0] % segments or out.shape[0] % segments:
+        raise ValueError(f"httm group sums: segments must divide both {x.shape[0]} rows and {out.shape[0]} groups, "
+                         f"got {segments}")
     x, groups = x.contiguous(), groups.contiguous()
-    _checked(fn(x.data_ptr(), groups.data_ptr(), x.shape[0], x.shape[-1], out.data_ptr(), out.shape[0]),
+    _checked(fn(x.data_ptr(), groups.data_ptr(), x.shape[0], x.shape[-1], out.data_ptr(), out.shape[0], segments),
              groups, out.shape[0], "httm group sums")
     return True
 

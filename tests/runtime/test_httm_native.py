@@ -150,6 +150,25 @@ def test_merge_kernels_equal_aten():
 
 
 @merge_only
+def test_group_sums_by_segment_equal_aten_on_two_threads():
+    # 6 runs of 500 rows (samples x heads), each into its own 40 groups: the runs go to threads,
+    # each group still summed in row order, so the floats equal index_add_'s
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(3000, 24, generator=g)
+    groups = (torch.randint(0, 40, (6, 500), generator=g) + torch.arange(6).view(6, 1) * 40).flatten()
+    torch.set_num_threads(2)
+    out = torch.zeros(240, 24)
+    assert httm_native.group_sums(x, groups, out, segments=6)
+    assert torch.equal(out, torch.zeros(240, 24).index_add_(0, groups, x))
+    crossing = groups.clone()
+    crossing[700] = 0  # run 1 adding into run 0's groups
+    with pytest.raises(IndexError, match="at position 700"):
+        httm_native.group_sums(x, crossing, torch.zeros(240, 24), segments=6)
+    with pytest.raises(ValueError, match="segments must divide"):
+        httm_native.group_sums(x, groups, torch.zeros(240, 24), segments=7)
+
+
+@merge_only
 def test_merge_kernels_refuse_out_of_range_indices():
     x, out = torch.randn(5, 4), torch.zeros(3, 4)
     with pytest.raises(IndexError, match="index 3 at position 2"):

@@ -2,10 +2,10 @@
  *
  * ATen's index_add_ adds one 64-float row in about 55 ns here and index_select copies one in
  * about 100 ns; a row is four AVX-512 loads. Sums keep ATen's order (rows in index order, each
- * group's sum built up row by row, on one thread), so they are the same floats. Every function
+ * group's sum built up row by row on one thread), so they are the same floats. Every function
  * checks its indices and returns the first out-of-range position (the caller raises, nothing
- * past it written by the group sums, nothing at all by the others), or -1. Deviations and the
- * gather run on OpenMP threads (torch's pool).
+ * written), or -1. All run on OpenMP threads (torch's pool); the group sums split by sample and
+ * head, whose groups are disjoint.
  */
 #include <stdint.h>
 #include <string.h>
@@ -18,15 +18,25 @@ static inline void prefetch_row(const float *base, int64_t row, int64_t d) {
     for (int64_t b = 0; b < d * (int64_t)sizeof(float); b += 64) __builtin_prefetch(p + b);
 }
 
-/* out[group[i], :] += x[i, :] for i < rows; out: [groups, d], set by the caller. */
+/* out[group[i], :] += x[i, :] for i < rows; out: [groups, d], set by the caller. The rows are
+ * `segments` equal runs (one per sample and head in HTTM's layout) and run s adds only into groups
+ * [s * per, (s + 1) * per), per = groups / segments, so runs go to OpenMP threads while each group's
+ * sum is still built up row by row in index order. Returns the first position whose group is outside
+ * its run's range (nothing added then), or -1. */
 int64_t httm_group_sums(const float *x, const int64_t *group, int64_t rows, int64_t d, float *out,
-                        int64_t groups) {
-    for (int64_t i = 0; i < rows; i++) {
-        if (i + AHEAD < rows && group[i + AHEAD] >= 0 && group[i + AHEAD] < groups) prefetch_row(out, group[i + AHEAD], d);
-        if (group[i] < 0 || group[i] >= groups) return i;
-        float *o = out + group[i] * d;
-        const float *r = x + i * d;
-        for (int64_t c = 0; c < d; c++) o[c] += r[c];
+                        int64_t groups, int64_t segments) {
+    int64_t run = rows / segments, per = groups / segments;
+    for (int64_t s = 0; s < segments; s++)
+        for (int64_t i = s * run; i < (s + 1) * run; i++)
+            if (group[i] < s * per || group[i] >= (s + 1) * per) return i;
+#pragma omp parallel for schedule(static) if (segments > 1 && rows * d > (1 << 16))
+    for (int64_t s = 0; s < segments; s++) {
+        for (int64_t i = s * run; i < (s + 1) * run; i++) {
+            if (i + AHEAD < (s + 1) * run) prefetch_row(out, group[i + AHEAD], d);
+            float *o = out + group[i] * d;
+            const float *r = x + i * d;
+            for (int64_t c = 0; c < d; c++) o[c] += r[c];
+        }
     }
     return -1;
 }
