@@ -10,7 +10,7 @@ Choices this file fixes where the method spec leaves room:
   spatial chunk inner; inside a block the n_t frames of one patch position are adjacent
   ("time innermost"), so strided destinations sample every position at regular frame intervals.
 - Block grid: frames and patch positions are each cut into the fewest runs of at most n_t (n_s),
-  as equal as possible, longer runs first (``_balanced_runs``): 32 frames at n_t = 30 make two
+  as equal as possible, longer runs first (``run_sizes``): 32 frames at n_t = 30 make two
   chunks of 16, not 30 + 2. No block is then a sliver whose tokens can only match a frame or two
   away, and the matching, quadratic in the block size, costs less (benchmarks/results/httm_speed.md).
 - A block of n_b tokens removes r = round(rho * n_b) tokens, capped at n_b - 1 so
@@ -44,6 +44,7 @@ from __future__ import annotations
 import ctypes
 import fractions
 import functools
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -65,6 +66,7 @@ __all__ = [
     "httm_attention",
     "httm_kept_lengths",
     "removed_tokens",
+    "run_sizes",
 ]
 
 MODES = ("headwise", "uniform", "global")
@@ -177,14 +179,20 @@ class HttmLayout:
     blocks: tuple[tuple[int, int], ...]
 
 
-def _balanced_runs(length: int, cap: int) -> list[tuple[int, int]]:
-    """[start, end) runs cutting ``length`` into ceil(length / cap) runs as equal as possible, the
-    longer ones first: 32 frames with n_t = 30 are 16 + 16, not 30 + 2."""
+def run_sizes(length: int, cap: int) -> list[tuple[int, int]]:
+    """(count, size) of the runs cutting ``length`` into ceil(length / cap) runs as equal as possible,
+    the longer ones first (counts > 0): one axis of the block grid. 32 frames with n_t = 30 are
+    [(2, 16)], not 30 + 2."""
     if length <= 0:
         return []
     count = -(-length // cap)
     size, longer = divmod(length, count)
-    ends = [(i + 1) * size + min(i + 1, longer) for i in range(count)]
+    return [(c, n) for c, n in ((longer, size + 1), (count - longer, size)) if c]
+
+
+def _balanced_runs(length: int, cap: int) -> list[tuple[int, int]]:
+    """The runs of ``run_sizes`` as [start, end) ranges, in order."""
+    ends = list(itertools.accumulate(size for count, size in run_sizes(length, cap) for _ in range(count)))
     return list(zip([0, *ends[:-1]], ends))
 
 

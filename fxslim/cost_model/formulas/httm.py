@@ -24,7 +24,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from fxslim.cost_model.formulas.aten import SOFTMAX_OPS
 from fxslim.cost_model.registry import OpCall, OpCost, register_cost
-from fxslim.runtime.httm import removed_tokens
+from fxslim.runtime.httm import removed_tokens, run_sizes
 
 __all__ = ["httm_attention_cost", "httm_counts"]
 
@@ -56,14 +56,10 @@ def _max(a: Any, b: Any) -> Any:
 
 def _runs(length: Any, cap: int) -> list[tuple[Any, Any]]:
     """(count, size) of the runs cutting ``length`` into ceil(length / cap) runs as equal as possible
-    (the op's block grid): ``longer`` runs one longer than the rest. Counts may be 0 (or expressions
-    that are 0 at some lengths: a term times 0 adds nothing)."""
+    (the op's block grid: ``httm.run_sizes`` for an int): ``longer`` runs one longer than the rest.
+    Symbolic counts may be expressions that are 0 at some lengths (a term times 0 adds nothing)."""
     if isinstance(length, int):
-        if length <= 0:
-            return []
-        count = -(-length // cap)
-        size, longer = divmod(length, count)
-        return [(c, n) for c, n in ((longer, size + 1), (count - longer, size)) if c]
+        return run_sizes(length, cap)
     count = sympy.ceiling(length / cap)
     size = sympy.floor(length / count)
     longer = length - count * size
@@ -100,7 +96,8 @@ def _side(frames: Any, patches: int, ratio: float, n_s: int, n_t: int, anchor: b
         for s_count, s_len in spatial:
             d, p = _block(t_len * s_len, 0, ratio)
             dst, pairs = dst + t_count * s_count * d, pairs + t_count * s_count * p
-    if anchor:  # the first temporal run (the longer size where there are longer runs) makes frame 0's tokens destinations
+    # the first temporal run (the longer size where there are longer runs) makes frame 0's tokens destinations
+    if anchor:
         first = temporal[0][1] if isinstance(frames, int) else temporal[1][1] + _present(temporal[0][0])
         for s_count, s_len in spatial:
             (d1, p1), (d0, p0) = _block(first * s_len, s_len, ratio), _block(first * s_len, 0, ratio)
