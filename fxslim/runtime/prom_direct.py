@@ -8,12 +8,14 @@ library (``onednn_capi``), planned once per input shape, layout and thread count
 - one convolution primitive per conv with the attributes ATen gives oneDNN: u8 NHWC src and dst,
   s8 weights reordered once into the layout the primitive picks, f32 bias, runtime scales and zero
   points, the sum and ReLU post-ops;
+- a 3×3 depthwise conv of at least ``NATIVE_DEPTHWISE_CHANNELS`` channels between two of the plan's
+  buffers as ``prom_depthwise``'s C kernel instead (1.1-1.7× oneDNN 3.2's on MobileNetV2's layers);
 - every activation in a buffer allocated when planning and reused once the last reader of its
   value ran; a conv with a sum post-op accumulates in its skip's buffer (a skip from outside the run
   is copied in first: the run never writes its inputs); one scratchpad for all;
 
 so a call points the memory objects of the inputs and outputs at this call's tensors and makes one
-``dnnl_primitive_execute`` per conv, about 1 µs over the kernel.
+C call per conv (``dnnl_primitive_execute`` or the kernel's), about 1 µs over the kernel.
 
 Values: the same arithmetic on oneDNN 3.2 instead of torch's oneDNN. The codes equal ATen's except
 rare ties in depthwise convs, 1 LSB apart (tests/runtime/test_prom_direct.py), and where torch's
@@ -31,22 +33,27 @@ import collections
 import ctypes
 import logging
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
 from fxslim.runtime import onednn_capi as capi
-from fxslim.runtime import prom_onednn
+from fxslim.runtime import prom_depthwise, prom_onednn
 from fxslim.runtime.prom import conv_output_size
 
-__all__ = ["DirectSegment", "PLANS", "AVOIDED"]
+__all__ = ["DirectSegment", "PLANS", "AVOIDED", "NATIVE_DEPTHWISE_CHANNELS"]
 
 _log = logging.getLogger(__name__)
 
 # Implementations that write past their output: oneDNN 3.2's AMX 1×1 kernel writes whole blocks of 16
 # pixels (96 → 40 channels on a 6×6 input: 480 bytes past the end of dst, corrupting the heap)
 AVOIDED = ("jit_1x1:avx512_core_amx",)
+# The depthwise kernel works on 64 channels at a time: with fewer it leaves lanes idle and oneDNN
+# 3.2 is faster (32 channels at 112×112: 176 µs, oneDNN 152); from 96 channels it is 1.1-1.7× faster
+# (MobileNetV2's layers, batch 1 and 16, AVX-512 with VNNI, side by side).
+NATIVE_DEPTHWISE_CHANNELS = 64
 PLANS = 4  # input shapes (and layouts, thread counts) a segment keeps a plan for; the least recently used goes
 _CONV = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV.items()}
 _CONV_ADD = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV_ADD.items()}
@@ -101,6 +108,7 @@ class _Group:
         self.channels_last = channels_last
         self.desc = capi.MemoryDesc(shape, capi.U8, (c * h * w, 1, w * c, c) if channels_last else (c * h * w, h * w, w, 1))
         self.memory: capi.Memory | None = None
+        self.pointer: int | None = None  # the buffer's address when it is the plan's own (not re-pointed per call)
 
 
 class _Value:
@@ -127,7 +135,8 @@ class _Plan:
         self.inputs: list[tuple[int, capi.Memory, bool]] = []  # (index, memory, channels_last)
         self.fresh: list[tuple[capi.Memory, tuple[int, ...], float, int]] = []
         self.outputs: list[int] = []  # index into the call's fresh tensors, per output of the run
-        self.steps: list[tuple[int, int, ctypes.Array]] = []  # (primitive handle, number of args, args)
+        # (C function, its arguments): a oneDNN primitive's execution or a native depthwise conv
+        self.steps: list[tuple[Callable[..., int], tuple]] = []
         self.keep: list[object] = []  # what the steps' raw pointers point into
 
     @classmethod
@@ -255,20 +264,31 @@ class _Plan:
                 buffer = torch.empty(size, dtype=torch.uint8)
             alive.append((group.last, buffer))
             self.keep.append(buffer)
-            group.memory = capi.Memory(group.desc, buffer.data_ptr())
+            group.pointer = buffer.data_ptr()
+            group.memory = capi.Memory(group.desc, group.pointer)
 
     def _steps(self, convs: list[tuple], copies: list[tuple[int, _Value, _Value]]) -> None:
         built, scratchpad = [], 0
         for x, out, weights, relu, accumulated in convs:
+            if _native_depthwise(x, out, weights, accumulated):
+                built.append(prom_depthwise.DepthwiseStep(
+                    weights, x.group.shape, out.group.shape, x.scale, x.zero_point, out.scale, out.zero_point, relu,
+                    x.group.pointer, out.group.pointer))
+                continue
             desc = self._convolution(x, out, weights, relu, accumulated)
             built.append(desc)
             scratchpad = max(scratchpad, desc[1].size)
         buffer = torch.empty(max(scratchpad, 1), dtype=torch.uint8)
         self.keep.append(buffer)
         pending = collections.deque(sorted(copies, key=lambda c: c[0]))
-        for index, (primitive, scratch_desc, memories) in enumerate(built):
+        for index, step in enumerate(built):
             while pending and pending[0][0] == index:
                 self._copy(*pending.popleft()[1:])
+            if isinstance(step, prom_depthwise.DepthwiseStep):
+                self.keep.append(step)
+                self.steps.append((step.fn, (step.arg,)))
+                continue
+            primitive, scratch_desc, memories = step
             scratch = capi.Memory(scratch_desc, buffer.data_ptr())
             self._step(primitive, [*memories, (capi.ARG_SCRATCHPAD, scratch)])
         for _, source, target in pending:  # copies after the last conv
@@ -312,7 +332,8 @@ class _Plan:
     def _step(self, primitive: capi.Primitive, memories: list[tuple[int, capi.Memory]]) -> None:
         array = _exec_args(memories)
         self.keep += [primitive, array, *(m for _, m in memories)]
-        self.steps.append((primitive.handle.value, len(memories), array))
+        self.steps.append((capi.library().dnnl_primitive_execute, (primitive.handle.value, capi.stream(), len(memories),
+                                                                    array)))
 
     def _copy(self, source: _Value, target: _Value) -> None:
         """A step copying ``source``'s codes into ``target``'s buffer (reordered to its layout)."""
@@ -333,12 +354,20 @@ class _Plan:
                                               memory_format=torch.channels_last)
             memory.point_to(t.data_ptr())
             fresh.append(t)
-        execute, stream = capi.library().dnnl_primitive_execute, capi.stream()
-        for primitive, count, array in self.steps:
-            status = execute(primitive, stream, count, array)
+        for function, arguments in self.steps:
+            status = function(*arguments)
             if status:
                 raise capi.OneDNNError(f"oneDNN primitive execution failed with status {status}")
         return tuple(fresh[i] for i in self.outputs)
+
+
+def _native_depthwise(x: _Value, out: _Value, weights: prom_onednn.ConvWeights, accumulated: _Value | None) -> bool:
+    """Whether a conv runs as ``prom_depthwise``'s kernel rather than a oneDNN primitive: a depthwise
+    conv it computes, of at least ``NATIVE_DEPTHWISE_CHANNELS`` channels, without a sum post-op,
+    between two of the plan's own buffers (the kernel's addresses are fixed when planning)."""
+    return (accumulated is None and x.group.pointer is not None and out.group.pointer is not None
+            and x.group.shape[1] >= NATIVE_DEPTHWISE_CHANNELS and prom_depthwise.supported(weights, x.group.shape[1])
+            and prom_depthwise.available())
 
 
 def _channels_last(x: Tensor) -> bool:
