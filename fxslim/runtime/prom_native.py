@@ -1,10 +1,11 @@
 """PROM's boundary ops in C (``native/prom_boundary.c``) for the lowered runtime, ATen where they cannot run.
 
 A lowered MobileNetV2 at batch 1 spends about a fifth of its time outside its convs: NaN flags and
-quantization of the input, the global average pool, dequantization of the logits, as 20-odd ATen
-calls that each pay a fixed cost with caches cold after the convs. Each function here is one C
-call computing the same values as the ATen form beside it (tests/runtime/test_prom_native.py
-compares them bit for bit), and takes that form where the kernel cannot run: no C compiler,
+quantization of the input, the global average pool, the classifier's linear layer, dequantization of
+the logits, as 20-odd ATen calls that each pay a fixed cost with caches cold after the convs. Each
+function here is one C call computing the same values as the ATen form beside it
+(tests/runtime/test_prom_native.py compares them bit for bit; the linear layer's codes equal
+oneDNN's but for rare 1-LSB rounding ties), and takes that form where the kernel cannot run: no C compiler,
 ``FXSLIM_NATIVE=0``, inside ``native_kernels.disabled()``, or inputs it does not handle (dtypes
 other than float32 / uint8, empty tensors, dequantization whose flags are not per row).
 """
@@ -18,7 +19,8 @@ from torch import Tensor
 
 from fxslim.runtime import native_kernels, prom
 
-__all__ = ["nan_flags", "quantize_codes", "global_avg_pool_codes", "dequantized", "status"]
+__all__ = ["nan_flags", "quantize_codes", "global_avg_pool_codes", "LinearWeights", "linear_codes", "dequantized",
+           "status"]
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _LIB = "prom_boundary"
@@ -64,6 +66,39 @@ def global_avg_pool_codes(x: Tensor, x_zero_point: int, multiplier: int, shift: 
     if fn(x.data_ptr(), *x.shape, *x.stride(), x_zero_point, multiplier, shift, out_zero_point, out_min, out_max,
           out.data_ptr()) < 0:
         return prom.global_avg_pool_codes(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
+    return out
+
+
+class LinearWeights:
+    """A linear layer's constants as ``linear_codes`` reads them: int8 ``weight`` [O, K] packed as
+    [ceil(O / 16), ceil(K / 4), 16, 4] (zeros beyond O and K), its row sums, the float32 scales
+    fl32(x scale) · fl32(w scale) and the bias, and fl32(1 / out scale)."""
+
+    def __init__(self, weight: Tensor, w_scale: Tensor, bias: Tensor, x_scale: float, out_scale: float) -> None:
+        o, k = weight.shape
+        padded = torch.zeros(-(-o // 16) * 16, -(-k // 4) * 4, dtype=torch.int8)
+        padded[:o, :k] = weight
+        self.packed = padded.view(-1, 16, padded.shape[1] // 4, 4).transpose(1, 2).contiguous()
+        self.sums = weight.sum(1, dtype=torch.int32).contiguous()
+        self.scale = (torch.tensor(x_scale, dtype=torch.float32) * w_scale.to(torch.float32)).contiguous()
+        self.bias = bias.to(torch.float32).contiguous()
+        self.inverse = float(1.0 / torch.tensor(out_scale, dtype=torch.float32))
+        self.out_features, self.in_features = o, k
+
+
+def linear_codes(x: Tensor, x_zero_point: int, weights: LinearWeights, out_zero_point: int,
+                 portable: bool = False) -> Tensor | None:
+    """u8 codes [N, O] of ``fxslim::qlinear`` with the full 0..255 output range for u8 codes ``x``
+    [N, K] (contiguous): oneDNN's arithmetic (``native/prom_boundary.c``; ``portable``: its form for
+    machines without AVX-512 VNNI, the same values). None where the kernel cannot run."""
+    fn = _fn("prom_linear", None, _PTR, _I64, _I64, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _F32, _I64, _PTR, _I64)
+    if (fn is None or x.dtype != torch.uint8 or not x.is_cpu or x.dim() != 2 or not x.is_contiguous()
+            or x.shape[1] != weights.in_features):
+        return None
+    out = torch.empty(x.shape[0], weights.out_features, dtype=torch.uint8)
+    fn(x.data_ptr(), x.shape[0], x.shape[1], weights.out_features, x_zero_point, weights.packed.data_ptr(),
+       weights.sums.data_ptr(), weights.scale.data_ptr(), weights.bias.data_ptr(), weights.inverse, out_zero_point,
+       out.data_ptr(), int(portable))
     return out
 
 

@@ -113,3 +113,46 @@ def test_lowered_mobilenet_equal_with_and_without_native_kernels():
             aten = int_model(x)
     assert native[1].isnan().all() and not native[[0, 2]].isnan().any()
     assert torch.equal(native.nan_to_num(), aten.nan_to_num())
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 4), k=st.integers(1, 300), o=st.integers(1, 70), x_zero_point=st.integers(0, 255),
+       out_zero_point=st.integers(0, 255), out_scale=st.floats(0.01, 2.0), seed=st.integers(0, 2**16))
+def test_linear_equals_onednns_codes(n, k, o, x_zero_point, out_zero_point, out_scale, seed):
+    gen = torch.Generator().manual_seed(seed)
+    weight = torch.randint(-128, 128, (o, k), generator=gen).to(torch.int8)
+    w_scale, bias = 0.0005 + 0.01 * torch.rand(o, generator=gen), torch.randn(o, generator=gen)
+    x = torch.randint(0, 256, (n, k), generator=gen).to(torch.uint8)
+    ref = torch.ops.fxslim.qlinear(x, 0.02, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, 0, 255)
+    weights = prom_native.LinearWeights(weight, w_scale, bias, 0.02, out_scale)
+    ours = prom_native.linear_codes(x, x_zero_point, weights, out_zero_point)
+    assert ours.dtype == torch.uint8 and ours.shape == ref.shape
+    assert (ours.int() - ref.int()).abs().max() <= 1 and int((ours != ref).sum()) <= 1 + ref.numel() // 1000
+    assert torch.equal(prom_native.linear_codes(x, x_zero_point, weights, out_zero_point, portable=True), ours)
+
+
+def test_linear_takes_only_what_it_computes():
+    weights = prom_native.LinearWeights(torch.ones(4, 8, dtype=torch.int8), torch.ones(4), torch.zeros(4), 0.1, 0.1)
+    assert prom_native.linear_codes(torch.zeros(2, 7, dtype=torch.uint8), 0, weights, 0) is None  # in features
+    assert prom_native.linear_codes(torch.zeros(2, 8), 0, weights, 0) is None  # float input
+    assert prom_native.linear_codes(torch.zeros(8, 2, dtype=torch.uint8).t(), 0, weights, 0) is None  # strided
+    with native_kernels.disabled():
+        assert prom_native.linear_codes(torch.zeros(2, 8, dtype=torch.uint8), 0, weights, 0) is None
+
+
+def test_direct_lowering_runs_the_classifier_as_the_native_linear():
+    from fxslim.api import prepare
+    from fxslim.ir import META_PROM_LOWERED
+    from fxslim.passes.prom import calibrate
+    from fxslim.passes.prom_convert import convert
+    from torchvision.models import mobilenet_v2
+
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, 64, 64)
+    int_model = convert(calibrate(prepare(mobilenet_v2(weights=None).eval(), (x[:1],)), [x]), runtime="onednn")
+    direct, aten = L.lower(int_model), L.lower(int_model, direct=False)
+    assert direct.meta[META_PROM_LOWERED].get("qlinear_native") == 1
+    assert "qlinear_native" not in aten.meta[META_PROM_LOWERED]
+    scale = int_model.graph.find_nodes(op="call_function", target=torch.ops.fxslim.dequantize.default)[0].args[1]
+    with torch.no_grad():
+        assert ((direct(x) - aten(x)).abs() / scale).max() <= 4.01  # 1-LSB depthwise ties may propagate

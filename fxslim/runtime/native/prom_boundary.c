@@ -1,9 +1,10 @@
 /* PROM's model boundaries in one pass each: NaN flags and quantization of the float input, the
- * integer global average pool, dequantization of the logits.
+ * integer global average pool, the classifier's linear layer, dequantization of the logits.
  *
  * At batch 1 these ops are a fifth of a MobileNetV2's time, almost all of it the fixed cost of
  * 20-odd ATen calls running with cold caches after the convs; here each is one call. Every
- * function computes exactly what its ATen form computes (fxslim/runtime/prom_native.py says which).
+ * function computes exactly what its ATen form computes (fxslim/runtime/prom_native.py says which),
+ * but the linear layer: oneDNN's arithmetic, whose codes it equals but for rare 1-LSB rounding ties.
  */
 #include <math.h>
 #ifdef __AVX512F__
@@ -129,4 +130,81 @@ void prom_dequantize(const uint8_t *q, int64_t rows, int64_t per, int64_t zero_p
         for (int64_t j = 0; j < per; ++j)
             row[j] = ((float)in[j] - z) * scale;
     }
+}
+
+/* The classifier's linear layer on u8 codes: out [N, O] = saturate_u8(round_half_even(
+ *   ((sum_k (x[k] - zx) * w[o][k]) * scale[o] + bias[o]) * inverse + zo)), the arithmetic of oneDNN's
+ * u8 linear that fxslim::qlinear runs (scale = fl32(x scale * w scale), inverse = fl32(1 / out scale)).
+ * packed: the weights as [ceil(O / 16)][ceil(K / 4)][16][4] (zeros beyond O and K), so that one VNNI
+ * dot product adds four inputs to 16 outputs; wsum[o] = sum_k w[o][k]. The integer sums are exact
+ * (255 * 128 * K stays in int32 for K below 65793); both forms convert them to float alike. */
+static inline int32_t four_codes(const uint8_t *x, int64_t k, int64_t j) { /* x[4j .. 4j + 3], zeros past k */
+    uint8_t four[4] = {0, 0, 0, 0};
+    for (int64_t i = 0; i < 4 && 4 * j + i < k; ++i)
+        four[i] = x[4 * j + i];
+    int32_t word;
+    __builtin_memcpy(&word, four, 4);
+    return word;
+}
+
+/* Outputs [o0, o0 + lanes) of one row, one at a time: the portable form. */
+static void linear_lanes(const uint8_t *x, int64_t k, int64_t o0, int64_t lanes, int64_t zx, const int8_t *w,
+                         const int32_t *wsum, const float *scale, const float *bias, float inverse, float zo,
+                         uint8_t *out) {
+    const int64_t k4 = (k + 3) / 4;
+    for (int64_t l = 0; l < lanes; ++l) {
+        int32_t acc = 0;
+        for (int64_t j = 0; j < k4; ++j) {
+            int32_t word = four_codes(x, k, j);
+            const uint8_t *bytes = (const uint8_t *)&word;
+            for (int i = 0; i < 4; ++i)
+                acc += (int32_t)bytes[i] * (int32_t)w[64 * j + 4 * l + i];
+        }
+        float real = fmaf((float)(acc - (int32_t)zx * wsum[o0 + l]), scale[o0 + l], bias[o0 + l]);
+        float q = rintf(fmaf(real, inverse, zo));
+        out[o0 + l] = (uint8_t)(q < 0.0f ? 0.0f : (q > 255.0f ? 255.0f : q));
+    }
+}
+
+static void linear_row(const uint8_t *x, int64_t k, int64_t o, int64_t zx, const int8_t *packed, const int32_t *wsum,
+                       const float *scale, const float *bias, float inverse, float zo, uint8_t *out, int portable) {
+    const int64_t k4 = (k + 3) / 4;
+    (void)portable; /* without AVX-512 VNNI every row takes the portable form */
+    for (int64_t o0 = 0; o0 < o; o0 += 16) {
+        const int8_t *w = packed + (o0 / 16) * k4 * 64;
+        const int64_t lanes = o - o0 < 16 ? o - o0 : 16;
+#if defined(__AVX512F__) && defined(__AVX512VNNI__)
+        if (!portable) {
+            const int64_t whole = k / 4;
+            __m512i acc = _mm512_setzero_si512();
+            for (int64_t j = 0; j < k4; ++j) {
+                int32_t word;
+                if (j < whole)
+                    __builtin_memcpy(&word, x + 4 * j, 4);
+                else
+                    word = four_codes(x, k, j);
+                acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(word), _mm512_loadu_si512(w + 64 * j));
+            }
+            const __mmask16 mask = (__mmask16)((1u << lanes) - 1u);
+            const __m512i correction = _mm512_mullo_epi32(_mm512_set1_epi32((int32_t)zx),
+                                                          _mm512_maskz_loadu_epi32(mask, wsum + o0));
+            __m512 real = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc, correction)),
+                                          _mm512_maskz_loadu_ps(mask, scale + o0),
+                                          _mm512_maskz_loadu_ps(mask, bias + o0));
+            __m512i q = _mm512_cvtps_epi32(_mm512_fmadd_ps(real, _mm512_set1_ps(inverse), _mm512_set1_ps(zo)));
+            q = _mm512_max_epi32(q, _mm512_setzero_si512());
+            _mm_mask_storeu_epi8(out + o0, mask, _mm512_cvtusepi32_epi8(q)); /* saturates at 255 */
+            continue;
+        }
+#endif
+        linear_lanes(x, k, o0, lanes, zx, w, wsum, scale, bias, inverse, zo, out);
+    }
+}
+
+/* portable: 1 for the one-output-at-a-time form (which machines without AVX-512 VNNI always run). */
+void prom_linear(const uint8_t *x, int64_t n, int64_t k, int64_t o, int64_t zx, const int8_t *packed,
+                 const int32_t *wsum, const float *scale, const float *bias, float inverse, int64_t zo, uint8_t *out,
+                 int64_t portable) {
+    for (int64_t b = 0; b < n; ++b)
+        linear_row(x + b * k, k, o, zx, packed, wsum, scale, bias, inverse, (float)zo, out + b * o, (int)portable);
 }
