@@ -15,7 +15,8 @@ library (``onednn_capi``), planned once per input shape, layout and thread count
   is copied in first: the run never writes its inputs); one scratchpad for all;
 
 so a call points the memory objects of the inputs and outputs at this call's tensors and makes one
-C call per conv (``dnnl_primitive_execute`` or the kernel's), about 1 µs over the kernel.
+C call per conv (``dnnl_primitive_execute`` or the kernel's), all from one ctypes call
+(``native/prom_steps.c``; step by step from Python where native kernels are off).
 
 Values: the same arithmetic on oneDNN 3.2 instead of torch's oneDNN. The codes equal ATen's except
 rare ties in depthwise convs, 1 LSB apart (tests/runtime/test_prom_direct.py), and where torch's
@@ -39,6 +40,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from fxslim.runtime import native_kernels
 from fxslim.runtime import onednn_capi as capi
 from fxslim.runtime import prom_depthwise, prom_onednn
 from fxslim.runtime.prom import conv_output_size
@@ -137,6 +139,8 @@ class _Plan:
         self.outputs: list[int] = []  # index into the call's fresh tensors, per output of the run
         # (C function, its arguments): a oneDNN primitive's execution or a native depthwise conv
         self.steps: list[tuple[Callable[..., int], tuple]] = []
+        self.raw: list[_Step] = []  # the same steps for native/prom_steps.c, which runs them in one call
+        self.array: ctypes.Array | None = None
         self.keep: list[object] = []  # what the steps' raw pointers point into
 
     @classmethod
@@ -287,12 +291,14 @@ class _Plan:
             if isinstance(step, prom_depthwise.DepthwiseStep):
                 self.keep.append(step)
                 self.steps.append((step.fn, (step.arg,)))
+                self.raw.append(_Step(_address(step.fn), ctypes.addressof(step.params), None, 0, None, 1))
                 continue
             primitive, scratch_desc, memories = step
             scratch = capi.Memory(scratch_desc, buffer.data_ptr())
             self._step(primitive, [*memories, (capi.ARG_SCRATCHPAD, scratch)])
         for _, source, target in pending:  # copies after the last conv
             self._copy(source, target)
+        self.array = (_Step * len(self.raw))(*self.raw)
 
     def _convolution(self, x: _Value, out: _Value, w: prom_onednn.ConvWeights, relu: bool,
                      accumulated: _Value | None) -> tuple[capi.Primitive, capi.MemoryDesc, list]:
@@ -332,8 +338,10 @@ class _Plan:
     def _step(self, primitive: capi.Primitive, memories: list[tuple[int, capi.Memory]]) -> None:
         array = _exec_args(memories)
         self.keep += [primitive, array, *(m for _, m in memories)]
-        self.steps.append((capi.library().dnnl_primitive_execute, (primitive.handle.value, capi.stream(), len(memories),
-                                                                    array)))
+        execute = capi.library().dnnl_primitive_execute
+        self.steps.append((execute, (primitive.handle.value, capi.stream(), len(memories), array)))
+        self.raw.append(_Step(_address(execute), primitive.handle.value, capi.stream().value, len(memories),
+                              ctypes.addressof(array), 4))
 
     def _copy(self, source: _Value, target: _Value) -> None:
         """A step copying ``source``'s codes into ``target``'s buffer (reordered to its layout)."""
@@ -354,11 +362,38 @@ class _Plan:
                                               memory_format=torch.channels_last)
             memory.point_to(t.data_ptr())
             fresh.append(t)
-        for function, arguments in self.steps:
-            status = function(*arguments)
-            if status:
-                raise capi.OneDNNError(f"oneDNN primitive execution failed with status {status}")
+        run_steps = _run_steps()
+        if run_steps is not None:
+            failed = run_steps(ctypes.addressof(self.array), len(self.raw))
+            if failed:
+                step, status = (failed >> 32) - 1, failed & 0xFFFFFFFF
+                raise capi.OneDNNError(f"step {step} of a PROM plan failed with status {status}")
+        else:
+            for function, arguments in self.steps:
+                status = function(*arguments)
+                if status:
+                    raise capi.OneDNNError(f"oneDNN primitive execution failed with status {status}")
         return tuple(fresh[i] for i in self.outputs)
+
+
+class _Step(ctypes.Structure):
+    """prom_step of native/prom_steps.c: a C function and its one or four arguments."""
+
+    _fields_ = [("fn", ctypes.c_void_p), ("a", ctypes.c_void_p), ("b", ctypes.c_void_p), ("count", ctypes.c_int64),
+                ("args", ctypes.c_void_p), ("arity", ctypes.c_int64)]
+
+
+def _address(function: Callable[..., int]) -> int:
+    """Where a ctypes function's C code starts."""
+    return ctypes.cast(function, ctypes.c_void_p).value
+
+
+def _run_steps() -> Callable[[int, int], int] | None:
+    """native/prom_steps.c's runner (all of a plan's steps in one ctypes call), or None where native
+    kernels are off (the steps are then called one by one: the same values)."""
+    if not native_kernels.active():
+        return None
+    return native_kernels.function("prom_steps", "prom_run_steps", ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64)
 
 
 def _native_depthwise(x: _Value, out: _Value, weights: prom_onednn.ConvWeights, accumulated: _Value | None) -> bool:

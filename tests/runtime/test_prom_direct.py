@@ -8,6 +8,7 @@ TorchScript; inputs never written; a copy plans again; and without the library, 
 from __future__ import annotations
 
 import copy
+import ctypes
 
 import pytest
 import torch
@@ -357,3 +358,25 @@ def test_direct_convs_never_write_past_their_output(shape_in, c_out, kernel, str
     default, default_past = _writes_past_dst(shape_in, c_out, kernel, stride, groups, ())
     if shape_in == (1, 96, 6, 6) and default in D.AVOIDED:
         assert default_past  # the bug the skip is for
+
+
+def test_plan_steps_in_one_call_equal_step_by_step_and_report_the_failing_step(mobilenet, monkeypatch):
+    x, fast, _, _ = mobilenet
+    low = L.lower(fast)
+    with torch.no_grad():
+        one_call = low(x[:2])
+        monkeypatch.setattr(D, "_run_steps", lambda: None)
+        assert torch.equal(low(x[:2]), one_call)
+    monkeypatch.undo()
+    run_steps = D._run_steps()
+    assert run_steps is not None
+    calls = []
+    one = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p)
+    four = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p)
+    fine = one(lambda a: calls.append(("one", a)) or 0)
+    failing = four(lambda a, b, count, args: calls.append(("four", a, b, count)) or 7)
+    steps = (D._Step * 3)(D._Step(D._address(fine), 11, None, 0, None, 1),
+                          D._Step(D._address(failing), 5, 6, 3, None, 4),
+                          D._Step(D._address(fine), 12, None, 0, None, 1))
+    assert run_steps(ctypes.addressof(steps), 3) == (2 << 32) + 7  # the second step, status 7
+    assert calls == [("one", 11), ("four", 5, 6, 3)]  # the third never ran
