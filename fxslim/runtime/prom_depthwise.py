@@ -3,8 +3,8 @@
 oneDNN 3.2's int8 depthwise kernels took a third of MobileNetV2's conv time at batch 1. The C kernel
 interleaves the three rows of an input column per channel so that one VNNI dot product adds three
 taps of 16 channels, and feeds each column it reads to every output of a row tile that needs it:
-1.1-1.7× oneDNN's speed on MobileNetV2's layers of 96 channels or more (64 channels at a time; the
-plan keeps oneDNN below ``prom_direct.NATIVE_DEPTHWISE_CHANNELS``). Its arithmetic is the oneDNN
+1.15-1.7× oneDNN's speed on MobileNetV2's layers (64 channels at a time, 32 or fewer in half vectors;
+the plan keeps oneDNN below ``prom_direct.NATIVE_DEPTHWISE_CHANNELS``). Its arithmetic is the oneDNN
 conv's (the C file says how); its codes equal ATen's but for rare rounding ties, 1 LSB apart
 (tests/runtime/test_prom_depthwise.py).
 

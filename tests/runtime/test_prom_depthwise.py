@@ -148,7 +148,7 @@ def test_direct_plan_runs_the_kernel_between_its_buffers_within_one_lsb_of_primi
 @pytest.mark.skipif(not capi.available(), reason="needs oneDNN's C library (fxslim[onednn])")
 def test_direct_plan_keeps_primitives_for_narrow_depthwise_convs():
     gen = torch.Generator().manual_seed(4)
-    aten, _ = _expand_depthwise_project(D.NATIVE_DEPTHWISE_CHANNELS - 32, gen)
+    aten, _ = _expand_depthwise_project(D.NATIVE_DEPTHWISE_CHANNELS - 8, gen)
     segment = D.DirectSegment(aten)
     segment(as_qtensor(_input(1, 16, 9, 9, gen), 0.04, 100))
     assert _kernel_steps(segment) == 0 and len(segment.planned) == 1
