@@ -237,7 +237,7 @@ def _stages(frame_counts: list[int], repeats: int, repeats_64: int) -> list[Sect
     before = _before()
     if before is not None:
         env = before.environment
-        text += ["", f"Before issue 22's kernel work: commit {env['commit']}, CPU dispatch {env['cpu_capability']}, "
+        text += ["", f"Before issue 22's kernel work: commit {env['commit']}, {records.cpu_of(env)}, "
                      f"load average {env['load_at_start']:.1f}-{env['load_average']:.1f} "
                      f"(``python -m benchmarks.httm_stages --label before``)."]
     shown = [Section("before", table=httm_stages.shares_table(httm_stages.stages_of(before)))] if before else []
@@ -251,7 +251,10 @@ def _before_speedup(frames: int) -> str:
     speedups = {r["frames"]: r["speedup"] for r in httm_stages.stages_of(before)} if before else {}
     if frames not in speedups:
         return ""
-    return f"; before issue 22's kernel work, same CPU: {speedups[frames]:.2f}x, section 6"
+    cpu = before.environment.get("cpu")
+    where = ("same CPU" if cpu == records.cpu_name() else f"on {cpu}") if cpu else "CPU not recorded"
+    return f"; before issue 22's kernel work ({where}, dispatch {before.environment['cpu_capability']}): " \
+           f"{speedups[frames]:.2f}x, section 6"
 
 
 def _plot(curve: dict[int, tuple[float, float]], matching: dict[int, float]) -> Figure:

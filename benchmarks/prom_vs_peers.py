@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -49,7 +48,7 @@ from torch import nn
 
 from benchmarks import prom_peers
 from benchmarks.command import command_line
-from benchmarks.records import RESULTS, Results, Section, Table, write
+from benchmarks.records import RESULTS, Results, Section, Table, cpu_name, write
 from fxslim.app.timing import interleaved_samples, paired_ratio
 
 __all__ = ["PEERS", "INT8_PEERS", "PROM_VARIANTS", "measure", "results", "run", "main"]
@@ -163,11 +162,7 @@ def _cpu() -> str:
     from fxslim.runtime.prom_onednn import _cpu_flags
 
     flags = sorted(_cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8", "amx_bf16"})
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text(errors="replace").splitlines() if cpuinfo.exists() else []
-    name = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")),
-                platform.processor() or platform.machine())
-    return f"{name}; flags {', '.join(flags)}"
+    return f"{cpu_name()}; flags {', '.join(flags)}"
 
 
 def _prom_runtime() -> str:
