@@ -42,6 +42,17 @@ def test_quantize_equals_atens_quantizer(n, c, h, w, scale, zero_point, magnitud
         assert (native.q_scale(), native.q_zero_point()) == (aten.q_scale(), aten.q_zero_point())
 
 
+@pytest.mark.parametrize("w", [64, 130, 224])
+def test_quantize_rgb_rows_into_channels_last_codes_equal_atens(w):
+    """Three channels of whole 64-pixel blocks, then a tail: the interleaving path of RGB inputs."""
+    g = torch.Generator().manual_seed(w)
+    x = torch.randn(2, 3, 5, w, generator=g) * 3.0
+    native = L.quantize_qtensor(x, 0.02, 114, True)
+    with native_kernels.disabled():
+        aten = L.quantize_qtensor(x, 0.02, 114, True)
+    assert native.is_contiguous(memory_format=torch.channels_last) and torch.equal(codes(native), codes(aten))
+
+
 def test_quantize_nan_codes_stay_in_their_sample_and_other_dtypes_take_aten():
     x = torch.randn(3, 3, 8, 8)
     x[1, 2, 3, 4] = float("nan")

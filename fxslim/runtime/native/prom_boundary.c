@@ -50,12 +50,69 @@ static void quantize_row(const float *in, int64_t w, int64_t sw, float bound, fl
     }
 }
 
+enum { ROW = 1024 };
+
+#ifdef __AVX512VBMI__
+/* Where each byte of 64 interleaved pixels (192 bytes, three vectors) comes from: pair[k] indexes
+ * rows 0 and 1 (row 1 from 64), third[k] row 2, for the bytes in from_third[k]. */
+typedef struct {
+    uint8_t pair[3][64], third[3][64];
+    __mmask64 from_third[3];
+} interleave_tables;
+
+static void interleave_init(interleave_tables *t) {
+    for (int k = 0; k < 3; ++k) {
+        t->from_third[k] = 0;
+        for (int l = 0; l < 64; ++l) { /* output byte 64k + l: pixel p, channel ch */
+            int j = 64 * k + l, p = j / 3, ch = j % 3;
+            t->pair[k][l] = (uint8_t)(ch == 1 ? 64 + p : p);
+            t->third[k][l] = (uint8_t)p;
+            if (ch == 2)
+                t->from_third[k] |= (__mmask64)1 << l;
+        }
+    }
+}
+
+/* Three rows of w codes (channels 0, 1, 2 of one image row) written interleaved, pixel after pixel:
+ * each 64 pixels as three pairs of byte permutes over the rows rather than 192 single stores. */
+static void interleave3(const interleave_tables *t, const uint8_t *r0, const uint8_t *r1, const uint8_t *r2,
+                        int64_t w, uint8_t *out) {
+    int64_t i = 0;
+    for (; i + 64 <= w; i += 64) {
+        const __m512i a = _mm512_loadu_si512(r0 + i), b = _mm512_loadu_si512(r1 + i), c = _mm512_loadu_si512(r2 + i);
+        for (int k = 0; k < 3; ++k) {
+            __m512i v = _mm512_permutex2var_epi8(a, _mm512_loadu_si512(t->pair[k]), b);
+            v = _mm512_mask_permutexvar_epi8(v, t->from_third[k], _mm512_loadu_si512(t->third[k]), c);
+            _mm512_storeu_si512(out + 3 * i + 64 * k, v);
+        }
+    }
+    for (; i < w; ++i) {
+        out[3 * i] = r0[i];
+        out[3 * i + 1] = r1[i];
+        out[3 * i + 2] = r2[i];
+    }
+}
+#endif
+
 void prom_quantize(const float *x, int64_t n, int64_t c, int64_t h, int64_t w, int64_t sn, int64_t sc, int64_t sh,
                    int64_t sw, float bound, float inverse, int64_t zero_point, uint8_t *out, int64_t on, int64_t oc,
                    int64_t oh, int64_t ow) {
-    enum { ROW = 1024 };
     uint8_t codes[ROW];
     const int32_t z = (int32_t)zero_point;
+#ifdef __AVX512VBMI__
+    if (c == 3 && sw == 1 && oc == 1 && ow == 3 && w <= ROW) { /* RGB rows into channels_last codes */
+        uint8_t rows[3][ROW];
+        interleave_tables tables;
+        interleave_init(&tables);
+        for (int64_t b = 0; b < n; ++b)
+            for (int64_t y = 0; y < h; ++y) {
+                for (int64_t k = 0; k < 3; ++k)
+                    quantize_row(x + b * sn + k * sc + y * sh, w, 1, bound, inverse, z, rows[k]);
+                interleave3(&tables, rows[0], rows[1], rows[2], w, out + b * on + y * oh);
+            }
+        return;
+    }
+#endif
     for (int64_t b = 0; b < n; ++b)
         for (int64_t y = 0; y < h; ++y)
             for (int64_t k = 0; k < c; ++k) {
