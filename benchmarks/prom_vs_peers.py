@@ -26,8 +26,8 @@ steady state: each variant's turn is one untimed call and the mean of ``STEADY_C
 as in a loop serving one request at a time. A last set of rounds times what ``torch.compile`` costs
 per call by itself (``compile_floor``): an empty module, eager and compiled, each called right after
 a PROM call has filled the caches with the model's data, beside PROM compiled minus PROM eager. A
-peer that cannot be installed is skipped with its reason. Records go to benchmarks/results/prom_vs_peers.json, the page prom_vs_peers.md is rendered
-from them.
+peer that cannot be installed is skipped with its reason. Records go to
+benchmarks/results/prom_vs_peers.json, the page prom_vs_peers.md is rendered from them.
 """
 
 from __future__ import annotations
@@ -235,7 +235,8 @@ def results(records: list[dict], command: str) -> Results:
                         [[label, *(r["compile_floor_us"][key] for r in floors)] for key, label in labels.items()],
                         ["", *[".0f"] * len(floors)])))
     sections.append(Section(text=["Target (issue 16): PROM integer ≥ 1.0× PT2E int8 + compile and ONNX Runtime int8 "
-                                  "at batch 1 and 32, 1 thread; PROM integer compiled at least as fast as PROM integer."], after=_verdicts(records)))
+                                  "at batch 1 and 32, 1 thread; PROM integer compiled at least as fast as PROM "
+                                  "integer."], after=_verdicts(records)))
     return Results("prom_vs_peers", "PROM integer MobileNetV2 vs int8 CPU peers, 224×224", command, sections)
 
 

@@ -19,7 +19,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from fxslim.runtime import native_kernels
+from fxslim.runtime import native_kernels, prom_onednn
 from fxslim.runtime.prom_onednn import ConvWeights
 
 __all__ = ["supported", "DepthwiseStep", "available"]
@@ -93,10 +93,8 @@ class DepthwiseStep:
         n, c, h, w = x_shape
         # taps first, channels innermost: w[kh * 3 + kw][c], the int8 codes as floats (exact)
         self.weight = weights.weight.reshape(c, 9).t().contiguous().to(torch.float32)
-        # the scale oneDNN applies: fl32(src scale) times each fl32 weight scale, in float32
-        self.scale = (torch.tensor(x_scale, dtype=torch.float32) * weights.w_scale.to(torch.float32)).contiguous()
+        self.scale, inverse = prom_onednn.requantization(x_scale, weights.w_scale, out_scale)
         self.bias = weights.bias.to(torch.float32).contiguous()
-        inverse = float(1.0 / torch.tensor(out_scale, dtype=torch.float32))  # fl32(1 / fl32(dst scale))
         taps = weights.weight.reshape(c, 3, 3)  # [c, kh, kw]
         # [kw, 4 bytes (rows 0, 1, 2 and a zero), c] → [blocks, kw, 4 bytes, quarter, 16 lanes]
         quads = torch.cat([taps.permute(2, 1, 0), torch.zeros(3, 1, c, dtype=torch.int8)], 1)

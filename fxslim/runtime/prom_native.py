@@ -5,8 +5,8 @@ quantization of the input, the global average pool, the classifier's linear laye
 the logits, as 20-odd ATen calls that each pay a fixed cost with caches cold after the convs. Each
 function here is one C call computing the same values as the ATen form beside it
 (tests/runtime/test_prom_native.py compares them bit for bit; the linear layer's codes equal
-oneDNN's but for rare 1-LSB rounding ties), and takes that form where the kernel cannot run: no C compiler,
-``FXSLIM_NATIVE=0``, inside ``native_kernels.disabled()``, or inputs it does not handle (dtypes
+oneDNN's but for rare 1-LSB rounding ties), and takes that form where the kernel cannot run: no C
+compiler, ``FXSLIM_NATIVE=0``, inside ``native_kernels.disabled()``, or inputs it does not handle (dtypes
 other than float32 / uint8, empty tensors, dequantization whose flags are not per row).
 """
 
@@ -17,7 +17,7 @@ import ctypes
 import torch
 from torch import Tensor
 
-from fxslim.runtime import native_kernels, prom
+from fxslim.runtime import native_kernels, prom, prom_onednn
 
 __all__ = ["nan_flags", "quantize_codes", "global_avg_pool_codes", "LinearWeights", "linear_codes", "dequantized",
            "status"]
@@ -80,9 +80,8 @@ class LinearWeights:
         padded[:o, :k] = weight
         self.packed = padded.view(-1, 16, padded.shape[1] // 4, 4).transpose(1, 2).contiguous()
         self.sums = weight.sum(1, dtype=torch.int32).contiguous()
-        self.scale = (torch.tensor(x_scale, dtype=torch.float32) * w_scale.to(torch.float32)).contiguous()
+        self.scale, self.inverse = prom_onednn.requantization(x_scale, w_scale, out_scale)
         self.bias = bias.to(torch.float32).contiguous()
-        self.inverse = float(1.0 / torch.tensor(out_scale, dtype=torch.float32))
         self.out_features, self.in_features = o, k
 
 

@@ -43,7 +43,8 @@ from fxslim.runtime.prom import (
 )
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available",
-           "QUANTIZED_CONV", "QUANTIZED_CONV_ADD", "onednn_engine", "codes", "as_qtensor", "pack_quantized", "ConvWeights", "miscomputed_grouping"]
+           "QUANTIZED_CONV", "QUANTIZED_CONV_ADD", "onednn_engine", "codes", "as_qtensor", "pack_quantized",
+           "ConvWeights", "miscomputed_grouping", "requantization"]
 
 def onednn_available() -> bool:
     """Whether this torch build has the oneDNN quantized conv/linear ops."""
@@ -157,6 +158,14 @@ def as_qtensor(x: Tensor, scale: float, zero_point: int) -> Tensor:
     if x.dim() == 4:
         x = _channels_last(x)
     return torch._make_per_tensor_quantized_tensor(x, scale, zero_point)
+
+
+def requantization(x_scale: float, w_scale: Tensor, out_scale: float) -> tuple[Tensor, float]:
+    """The float32 factors oneDNN requantizes a u8 conv's or linear's int32 sums with, for kernels
+    that compute as it does: per output channel fl32(x scale) · fl32(w scale) (a contiguous float32
+    tensor), and fl32(1 / fl32(out scale))."""
+    scale = torch.tensor(x_scale, dtype=torch.float32) * w_scale.to(torch.float32)
+    return scale.contiguous(), _inverse_scale(out_scale)
 
 
 def pack_quantized(weight: Tensor, w_scale: Tensor, bias: Tensor, stride: Sequence[int], padding: Sequence[int],
