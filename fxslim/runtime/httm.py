@@ -302,16 +302,48 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     # writes the slot of every source
     if screen is not None and all(_match_class_screened(rows_x, cls, slot, screen) for cls in classes):
         return slot.view(b, h, n)
-    # a score is NaN only from a non-finite feature or a dot product that overflows: only then are the
-    # scores cleaned (a pass over every chunk of scores costs 10 % of the matching)
-    # (aminmax: one pass without a temporary, where abs().amax() took 15 ms at 32 frames; NaN propagates)
-    clean = False
-    if rows_x.numel():
-        low, high = torch.aminmax(rows_x)
-        clean = not bool(torch.maximum(-low, high) < torch.finfo(rows_x.dtype).max / max(d, 1))
+    clean = None
     for cls in classes:
-        _match_class(rows_x, cls, slot, clean)
+        if not _match_class_native(rows_x, cls, slot):
+            clean = _scores_may_be_nan(rows_x) if clean is None else clean
+            _match_class(rows_x, cls, slot, clean)
     return slot.view(b, h, n)
+
+
+def _scores_may_be_nan(x: Tensor) -> bool:
+    """Whether a score of features ``x`` may be NaN: only from a non-finite feature or a dot product that
+    overflows, and only then are the scores cleaned (a pass over every chunk of scores costs 10 % of the
+    matching). aminmax: one pass without a temporary, where abs().amax() took 15 ms at 32 frames; NaN
+    propagates."""
+    if not x.numel():
+        return False
+    low, high = torch.aminmax(x)
+    return not bool(torch.maximum(-low, high) < torch.finfo(x.dtype).max / max(x.shape[-1], 1))
+
+
+def _pair_rows(x: Tensor, cls: _BlockClass) -> tuple[Tensor, Tensor]:
+    """Row indices into x [E, N, d] viewed [E * N, d] of the sources [E * blocks, sources] and of the
+    destinations [E * blocks * destinations] of the blocks ``cls``, per (head, block) pair."""
+    e, n, _ = x.shape
+    head_offset = torch.arange(e, device=x.device).view(e, 1, 1) * n
+    return ((cls.src.to(x.device) + head_offset).view(-1, cls.src.shape[1]),
+            (cls.dst.to(x.device) + head_offset).view(-1))
+
+
+def _match_class_native(x: Tensor, cls: _BlockClass, slot: Tensor) -> bool:
+    """``_match_class`` in one native kernel (``httm_native.best_destinations``: the GEMM and the argmax
+    in one pass, no score tensor); False, with nothing written, where that kernel does not run."""
+    if not httm_native.matching_kernel_runs(x):
+        return False
+    e, n, d = x.shape
+    src_rows, dst_rows = _pair_rows(x, cls)
+    flat_x = x.view(e * n, d)
+    dst = F.normalize(flat_x.index_select(0, dst_rows), dim=-1).view(src_rows.shape[0], cls.dst.shape[1], d)
+    best = torch.empty(src_rows.shape, dtype=torch.long, device=x.device)
+    if not httm_native.best_destinations(flat_x, src_rows, dst, best):
+        return False
+    _assign(cls, slot, best)
+    return True
 
 
 def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor, clean: bool) -> None:
@@ -325,10 +357,7 @@ def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor, clean: bool) -> None
     nb, ns = cls.src.shape
     nd = cls.dst.shape[1]
     pairs = e * nb
-    # token indices into x viewed [E * N, d], per (head, block) pair
-    head_offset = torch.arange(e, device=x.device).view(e, 1, 1) * n
-    src_rows = (cls.src.to(x.device) + head_offset).view(pairs, ns)
-    dst_rows = (cls.dst.to(x.device) + head_offset).view(-1)
+    src_rows, dst_rows = _pair_rows(x, cls)
     flat_x = x.view(e * n, d)
     dst = F.normalize(flat_x.index_select(0, dst_rows), dim=-1).view(pairs, nd, d).transpose(1, 2)
     rows = min(ns, max(_MIN_ROWS, _SCORE_FLOATS // nd))

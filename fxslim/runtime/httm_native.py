@@ -1,11 +1,13 @@
-"""HTTM's native kernels (``native/httm_best.c``, ``native/httm_merge.c``) behind tensor-level calls.
+"""HTTM's native kernels (``native/httm_best.c``, ``native/httm_argmax.c``, ``native/httm_merge.c``) behind
+tensor-level calls.
 
 Each function returns None (or False) where its kernel cannot run (no C compiler,
 ``FXSLIM_NATIVE=0``, inside ``native_kernels.disabled()``, a tensor that is not float32 on the CPU),
 and the caller takes its ATen path: the same values (sums in the same order; matching choices equal
 up to float32 rounding, as between two float32 GEMMs).
 Measured at 32 frames x 261 tokens, 16 heads x 64, 1 thread: group sums 2.8 ms where index_add_
-takes 7.4, a row gather 3 ms where index_select takes 14.
+takes 7.4, a row gather 3 ms where index_select takes 14; float32 matching of the keys (70 % removed,
+blocks) 56 ms where the chunked GEMM and max take 123.
 """
 
 from __future__ import annotations
@@ -20,14 +22,20 @@ from torch import Tensor
 
 from fxslim.runtime import native_kernels
 
-__all__ = ["Screen", "bf16_screen", "bf16_margins", "group_sums", "deviations", "gather_rows", "status"]
+__all__ = ["Screen", "bf16_screen", "bf16_margins", "matching_kernel_runs", "best_destinations", "group_sums",
+           "deviations", "gather_rows", "status"]
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 
 
 def status() -> str:
     """Which kernels run here, in words (for benchmark records)."""
-    screen = "bfloat16 screening on" if _screen() is not None else "bfloat16 screening off (float32 matching)"
+    if _screen() is not None:
+        screen = "bfloat16 screening on"
+    elif native_kernels.load("httm_argmax") is not None:
+        screen = "bfloat16 screening off (float32 matching, GEMM and argmax in one kernel)"
+    else:
+        screen = "bfloat16 screening off (float32 matching on ATen's GEMM)"
     merge = "merge kernels on" if native_kernels.load("httm_merge") is not None else (
         f"merge kernels off ({native_kernels.unavailable_reason('httm_merge')})")
     return f"{screen}, {merge}"
@@ -81,17 +89,45 @@ def bf16_margins(d: int) -> tuple[float, float, float]:
     return gamma, u / (1 - u), 1.01 * 2 * (d + d ** 0.5) * 2.0 ** -126
 
 
+def matching_kernel_runs(x: Tensor) -> bool:
+    """Whether ``best_destinations`` runs on features ``x`` (float32 on the CPU, kernels on and built)."""
+    return _merge_kernel("best_f32", None, x) is not None
+
+
+def best_destinations(x: Tensor, src_rows: Tensor, dst: Tensor, best: Tensor) -> bool:
+    """best[p, s] = argmax over c of x[src_rows[p, s]] · dst[p, c] for float32 x [R, d] and dst [P, D, d]
+    (both contiguous), int64 ``src_rows`` [P, S] and ``best`` [P, S] (contiguous): the first maximal
+    destination, a NaN score never chosen (as torch.max after nan_to_num(nan=-inf)), each score a float32
+    sum in feature order. False (and nothing written) where the kernel cannot run."""
+    fn = _merge_kernel("best_f32", src_rows, x, dst) if src_rows.dtype == best.dtype == torch.int64 else None
+    if fn is None or not all(t.is_contiguous() for t in (x, src_rows, dst, best)):
+        return False
+    pairs, sources = src_rows.shape
+    if dst.dim() != 3 or dst.shape[0] != pairs or dst.shape[2] != x.shape[-1] or best.shape != src_rows.shape:
+        raise ValueError(f"httm matching: expected dst [{pairs}, D, {x.shape[-1]}] and best {tuple(src_rows.shape)}, "
+                         f"got dst {tuple(dst.shape)} and best {tuple(best.shape)}")
+    result = fn(x.data_ptr(), x.shape[0], src_rows.data_ptr(), pairs, sources, dst.data_ptr(), dst.shape[1],
+                x.shape[-1], best.data_ptr())
+    if result == -2:
+        raise MemoryError("httm matching: out of memory for a tile of sources")
+    _checked(result, src_rows.view(-1), x.shape[0], "httm matching")
+    return True
+
+
 _MERGE = {"group_sums": (_PTR, _PTR, _I64, _I64, _PTR, _I64, _I64),
           "deviations": (_PTR, _PTR, _I64, _I64, _PTR, _I64, _PTR),
-          "gather_rows": (_PTR, _I64, _PTR, _I64, _I64, _PTR)}
+          "gather_rows": (_PTR, _I64, _PTR, _I64, _I64, _PTR),
+          "best_f32": (_PTR, _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _PTR)}
+_LIBRARY = {"best_f32": "httm_argmax"}  # kernels that are not in native/httm_merge.c
 
 
-def _merge_kernel(kernel: str, index: Tensor, *tensors: Tensor):
-    """``httm_<kernel>`` from native/httm_merge.c where it runs on these tensors (int64 indices,
-    float32 CPU tensors, kernels not disabled), else None."""
+def _merge_kernel(kernel: str, index: Tensor | None, *tensors: Tensor):
+    """``httm_<kernel>`` (from native/httm_merge.c, or the file ``_LIBRARY`` names) where it runs on
+    these tensors (int64 indices, float32 CPU tensors, kernels not disabled), else None. ``index`` None:
+    whatever indices the call will be given."""
     floats = all(t.dtype == torch.float32 and t.device.type == "cpu" for t in tensors)
-    if native_kernels.active() and index.dtype == torch.int64 and floats:
-        return native_kernels.function("httm_merge", f"httm_{kernel}", _I64, *_MERGE[kernel])
+    if native_kernels.active() and (index is None or index.dtype == torch.int64) and floats:
+        return native_kernels.function(_LIBRARY.get(kernel, "httm_merge"), f"httm_{kernel}", _I64, *_MERGE[kernel])
     return None
 
 
