@@ -6,10 +6,10 @@
  * not change its argmax). As a float32 GEMM with K = d = 64 followed by a max over each row, the
  * scores go out to memory and back: on a CPU without bfloat16 dot products (where the bfloat16
  * screening of httm_best.c does not run) that took twice the FMA time. Here a tile of 16 * SV
- * sources is transposed once, so that one vector holds one feature of 16 sources; each destination
- * feature is broadcast against it, SV * C scores accumulate in registers over the d features, and
- * each score is compared with its source's best so far straight from the register. Nothing but
- * the chosen index is written.
+ * sources is transposed once (16 x 16 blocks in registers), so that one vector holds one feature of
+ * 16 sources; each destination feature is broadcast against it, SV * C scores accumulate in
+ * registers over the d features, and each score is compared with its source's best so far straight
+ * from the register. Nothing but the chosen index is written.
  *
  * Ties and NaN, as torch.max over the scores after nan_to_num(nan=-inf) (httm.py's float32 path):
  * destinations are visited in order and a score replaces the best only when it is greater, so the
@@ -49,8 +49,9 @@ static void best_plain(const float *x, const int64_t *src, int64_t ns, const flo
 
 #ifdef __AVX512F__
 /* 16 * SV sources against C destinations: SV * C accumulators in registers. Measured at d = 64 (64 pairs of
- * 1434 sources x 614 destinations, 1 thread): SV 3 C 8 and SV 2 C 12 about 60 GMAC/s, 90 % of ATen's float32
- * GEMM on 2048-square matrices; SV 2 C 10, SV 3 C 6, SV 4 C 6 and SV 1 C 24 34 to 49. */
+ * 1434 sources x 614 destinations, 1 thread, tiles transposed one float at a time): SV 3 C 8 and SV 2 C 12
+ * about 60 GMAC/s, 90 % of ATen's float32 GEMM on 2048-square matrices; SV 2 C 10, SV 3 C 6, SV 4 C 6 and
+ * SV 1 C 24 34 to 49 (one noisy run). With the register transpose SV 3 C 8 made 74. */
 enum { SV = 3, C = 8, TILE = 16 * SV };
 
 /* Scores of the tile's sources (xt: [d][TILE]) against destinations c0 .. c0 + count - 1 (count <= C),
@@ -79,13 +80,43 @@ static inline __attribute__((always_inline)) void fold(const float *xt, const fl
     }
 }
 
+/* xt[f * TILE + k] = x[src[k] * d + j0 + f] for the 16 rows k < 16 (0 for k >= rows) and the features
+ * f < min(16, d - j0): a 16 x 16 transpose in registers (unpacks, then 128-bit lane shuffles), where
+ * one load and store per float took a quarter of the FMA time at 205 destinations. */
+static inline void transpose16(const float *x, const int64_t *src, int64_t rows, int64_t d, int64_t j0, float *xt) {
+    __mmask16 features = d - j0 >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << (d - j0)) - 1);
+    __m512 r[16], t[16];
+    for (int k = 0; k < 16; k++)
+        r[k] = k < rows ? _mm512_maskz_loadu_ps(features, x + src[k] * d + j0) : _mm512_setzero_ps();
+    for (int i = 0; i < 8; i++) { /* per 128-bit lane L: rows 2i, 2i+1 at features 4L, 4L+1 | 4L+2, 4L+3 */
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 4; i++) { /* r[4i + m], lane L: feature 4L + m of rows 4i .. 4i + 3 */
+        __m512d lo0 = _mm512_castps_pd(t[4 * i]), lo1 = _mm512_castps_pd(t[4 * i + 2]);
+        __m512d hi0 = _mm512_castps_pd(t[4 * i + 1]), hi1 = _mm512_castps_pd(t[4 * i + 3]);
+        r[4 * i] = _mm512_castpd_ps(_mm512_unpacklo_pd(lo0, lo1));
+        r[4 * i + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(lo0, lo1));
+        r[4 * i + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(hi0, hi1));
+        r[4 * i + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(hi0, hi1));
+    }
+    for (int m = 0; m < 4; m++) { /* lanes L of the four row groups: feature 4L + m of rows 0 .. 15 */
+        __m512 ab0 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0x88), ab1 = _mm512_shuffle_f32x4(r[m], r[4 + m], 0xdd);
+        __m512 cd0 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0x88);
+        __m512 cd1 = _mm512_shuffle_f32x4(r[8 + m], r[12 + m], 0xdd);
+        __m512 out[4] = {_mm512_shuffle_f32x4(ab0, cd0, 0x88), _mm512_shuffle_f32x4(ab1, cd1, 0x88),
+                         _mm512_shuffle_f32x4(ab0, cd0, 0xdd), _mm512_shuffle_f32x4(ab1, cd1, 0xdd)};
+        for (int l = 0; l < 4; l++)
+            if (4 * l + m < d - j0) _mm512_storeu_ps(xt + (4 * l + m) * TILE, out[l]);
+    }
+}
+
 /* Sources s0 .. s0 + count - 1 (count <= TILE) of one pair: transposed into xt, then every destination. */
 static void best_tile(const float *x, const int64_t *src, int64_t count, const float *dst, int64_t nd, int64_t d,
                       float *xt, int64_t *best) {
-    for (int64_t k = 0; k < TILE; k++) {
-        const float *row = k < count ? x + src[k] * d : NULL;
-        for (int64_t j = 0; j < d; j++) xt[j * TILE + k] = row ? row[j] : 0.0f;
-    }
+    for (int v = 0; v < SV; v++)
+        for (int64_t j0 = 0; j0 < d; j0 += 16)
+            transpose16(x, src + 16 * v, count - 16 * v, d, j0, xt + j0 * TILE + 16 * v);
     __m512 top[SV];
     __m512i choice[SV];
     for (int v = 0; v < SV; v++) {
