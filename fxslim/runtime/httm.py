@@ -284,7 +284,9 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     the first destination on ties). All samples, heads and equal-size blocks share one batched GEMM
     per chunk of source rows, and each chunk of scores is reduced (max) while it is in cache, so no
     full score tensor is ever made. Only destinations are normalised: the argmax over destinations
-    does not depend on the source's norm.
+    does not depend on the source's norm. float32 on the CPU takes, in this order, the bfloat16
+    screening where the CPU has bfloat16 dot products, else the native kernel that keeps each chunk of
+    scores in registers (``_match_class_native``), else ATen's GEMM.
     """
     # named errors: otherwise a 3-D x fails to unpack and a layout for another N fails in expand
     if x.dim() != 4:
@@ -348,7 +350,7 @@ def _match_class_native(x: Tensor, cls: _BlockClass, slot: Tensor) -> bool:
 
 def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor, clean: bool) -> None:
     """Write the best destination slot of every source of the blocks ``cls`` into ``slot`` [E, N];
-    ``clean``: scores may be NaN (see ``httm_match``).
+    ``clean``: scores may be NaN (``_scores_may_be_nan``).
 
     The batch of the GEMMs is (head, block) pairs; a chunk is up to ``_SCORE_FLOATS`` scores: as
     many source rows as fit (tall GEMMs run fastest), then as many pairs as fit.
