@@ -332,15 +332,22 @@ def _pair_rows(x: Tensor, cls: _BlockClass) -> tuple[Tensor, Tensor]:
             (cls.dst.to(x.device) + head_offset).view(-1))
 
 
+def _pair_features(x: Tensor, cls: _BlockClass) -> tuple[Tensor, Tensor, Tensor]:
+    """(x [E, N, d] viewed [E * N, d], source rows [pairs, sources] into it, the normalised destinations
+    [pairs, destinations, d]) of the blocks ``cls``, per (head, block) pair (``_pair_rows``)."""
+    e, n, d = x.shape
+    src_rows, dst_rows = _pair_rows(x, cls)
+    flat_x = x.view(e * n, d)
+    dst = F.normalize(flat_x.index_select(0, dst_rows), dim=-1).view(src_rows.shape[0], cls.dst.shape[1], d)
+    return flat_x, src_rows, dst
+
+
 def _match_class_native(x: Tensor, cls: _BlockClass, slot: Tensor) -> bool:
     """``_match_class`` in one native kernel (``httm_native.best_destinations``: the GEMM and the argmax
     in one pass, no score tensor); False, with nothing written, where that kernel does not run."""
     if not httm_native.matching_kernel_runs(x):
         return False
-    e, n, d = x.shape
-    src_rows, dst_rows = _pair_rows(x, cls)
-    flat_x = x.view(e * n, d)
-    dst = F.normalize(flat_x.index_select(0, dst_rows), dim=-1).view(src_rows.shape[0], cls.dst.shape[1], d)
+    flat_x, src_rows, dst = _pair_features(x, cls)
     best = torch.empty(src_rows.shape, dtype=torch.long, device=x.device)
     if not httm_native.best_destinations(flat_x, src_rows, dst, best):
         return False
@@ -359,9 +366,8 @@ def _match_class(x: Tensor, cls: _BlockClass, slot: Tensor, clean: bool) -> None
     nb, ns = cls.src.shape
     nd = cls.dst.shape[1]
     pairs = e * nb
-    src_rows, dst_rows = _pair_rows(x, cls)
-    flat_x = x.view(e * n, d)
-    dst = F.normalize(flat_x.index_select(0, dst_rows), dim=-1).view(pairs, nd, d).transpose(1, 2)
+    flat_x, src_rows, dst = _pair_features(x, cls)
+    dst = dst.transpose(1, 2)
     rows = min(ns, max(_MIN_ROWS, _SCORE_FLOATS // nd))
     per_chunk = min(pairs, max(1, _SCORE_FLOATS // (rows * nd)))
     scores = torch.empty(per_chunk * rows * nd, device=x.device, dtype=x.dtype)
@@ -404,9 +410,7 @@ def _match_class_screened(x: Tensor, cls: _BlockClass, slot: Tensor, screen: htt
     nb, ns = cls.src.shape
     nd = cls.dst.shape[1]
     pairs = e * nb
-    head_offset = torch.arange(e).view(e, 1, 1) * n
-    src_rows = (cls.src + head_offset).view(pairs, ns)
-    dst_rows = (cls.dst + head_offset).view(-1)
+    src_rows, dst_rows = _pair_rows(x, cls)
     dst16 = memory.scratch("httm.dst16", (pairs, nd, d), torch.bfloat16)
     dst_scales = memory.scratch("httm.dst_scales", (pairs * nd,))
     dst_err = ctypes.c_float()
