@@ -105,8 +105,8 @@ def micro_batched(int_model: fx.GraphModule, max_activation_bytes: int = DEFAULT
     (``fxslim.runtime.prom_lowered.lower``: the same values without the ops' per-call checks).
     ``direct`` (default): its convs as oneDNN primitives through oneDNN's own library where that is
     installed (``prom_direct``); ``direct=False`` keeps ATen's quantized convs. Measured side by side
-    on MobileNetV2, 224 px, 1 thread: batch 1 direct 2.46 ms, ATen 2.71; batch 32 direct 67.4 ms,
-    ATen 60.3 (oneDNN 3.2's kernels for 16-sample slices are slower than torch's). The direct
+    on MobileNetV2, 224 px, 1 thread (benchmarks/results/prom_vs_peers.md, Intel Xeon): direct is
+    1.28× ATen's speed at batch 1 and even with it at batch 32 (1.01×; 0.99× in another run). The direct
     runtime's outputs do not depend on the batch; switching between the two may move a depthwise
     code by 1 LSB (about one in a million).
     """
