@@ -17,6 +17,7 @@ lookups once, on a copy of the converted graph, and leaves calls that compute no
                                                      ATen's vectorised quantizer)
     fxslim::int8_global_avg_pool2d / dequantize / nan_samples → the ops' own arithmetic without their
                                                      checks, in C where ``prom_native`` can run it
+      nan_samples and a quantizer of the same input → one ``quantize_flagged``: the input read once
 
 ATen's quantized convs take and give QTensors; every other reader of one reads its uint8 codes
 through a view (``prom_onednn.codes``). Each run of consecutive quantized convs is one
@@ -89,8 +90,7 @@ def quantize_qtensor(x: Tensor, scale: float, zero_point: int, channels_last: bo
     """
     bound = _SATURATED * scale
     if x.dim() == 4 and x.dtype == torch.float32:
-        layout = torch.channels_last if channels_last or _channels_last_only(x) else torch.contiguous_format
-        out = prom_native.quantize_codes(x, bound, scale, _inverse_scale(scale), zero_point, layout)
+        out = prom_native.quantize_codes(x, bound, scale, _inverse_scale(scale), zero_point, _layout(x, channels_last))
         if out is not None:
             return out
 
@@ -108,6 +108,23 @@ def quantize_qtensor(x: Tensor, scale: float, zero_point: int, channels_last: bo
     for start in range(0, x.shape[0], rows):
         out[start : start + rows].copy_(quantized(x[start : start + rows]))
     return out
+
+
+def quantize_flagged(x: Tensor, scale: float, zero_point: int, channels_last: bool) -> tuple[Tensor, Tensor]:
+    """(``quantize_qtensor(x, ...)``, ``nan_flags(x)``), where the native quantizer runs from one pass
+    over ``x``: a model's float input is read once rather than twice."""
+    if x.dim() == 4 and x.dtype == torch.float32 and x.shape[0] > 0:
+        flags = torch.empty(x.shape[0], dtype=torch.bool)
+        out = prom_native.quantize_codes(x, _SATURATED * scale, scale, _inverse_scale(scale), zero_point,
+                                         _layout(x, channels_last), flags)
+        if out is not None:
+            return out, flags
+    return quantize_qtensor(x, scale, zero_point, channels_last), nan_flags(x)
+
+
+def _layout(x: Tensor, channels_last: bool) -> torch.memory_format:
+    """The layout ``quantize_qtensor`` writes the codes of a 4-d ``x`` in."""
+    return torch.channels_last if channels_last or _channels_last_only(x) else torch.contiguous_format
 
 
 def _channels_last_only(x: Tensor) -> bool:
@@ -349,10 +366,31 @@ class _Lowering:
         # channels_last for convs, direct segments too: the native quantizer writes either layout in one
         # pass and a segment then skips its reorder (batch 1, MobileNetV2: 1.6 % faster than NCHW codes)
         layout = convs and x.dim() == 4
-        new = self.replace(node, quantize_qtensor, (a["x"], a["scale"], a["zero_point"], layout), "quantize")
+        args = (a["x"], a["scale"], a["zero_point"], layout)
+        flags = next((u for u in a["x"].users if u.target is nan_flags), None)
+        if flags is None or x.dim() != 4 or x.dtype != torch.float32:
+            new = self.replace(node, quantize_qtensor, args, "quantize")
+        else:
+            new = self.quantize_flagged(node, flags, args)
         self.qparams[new] = (a["scale"], a["zero_point"])
         if layout:
             self.channels_last.add(new)
+
+    def quantize_flagged(self, node: fx.Node, flags: fx.Node, args: tuple) -> fx.Node:
+        """The quantizer ``node`` and the NaN flags ``flags`` of the same float input as one
+        ``quantize_flagged`` call, placed where the flags were (before the quantizer); its codes."""
+        with self.graph.inserting_before(flags):
+            both = self.graph.call_function(quantize_flagged, args)
+            codes, nan = (self.graph.call_function(operator.getitem, (both, i)) for i in (0, 1))
+        codes.meta.update(node.meta)
+        nan.meta.update(flags.meta)
+        node.replace_all_uses_with(codes)
+        flags.replace_all_uses_with(nan)
+        for old in (node, flags):
+            self.graph.erase_node(old)
+        self.order.update(dict.fromkeys((both, codes, nan), self.order[flags]))
+        self.count("quantize_flagged")
+        return codes
 
     def read_codes(self) -> None:
         """Every reader of a QTensor but ATen's quantized convs reads its uint8 codes, through one view."""

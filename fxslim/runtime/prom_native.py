@@ -41,17 +41,23 @@ def nan_flags(x: Tensor) -> Tensor:
 
 
 def quantize_codes(x: Tensor, bound: float, scale: float, inverse: float, zero_point: int,
-                   memory_format: torch.memory_format) -> Tensor | None:
+                   memory_format: torch.memory_format, flags: Tensor | None = None) -> Tensor | None:
     """The quint8 QTensor (scale, zero point z, in ``memory_format``) of codes
     ``clamp(round_half_even(clamp(x, ±bound) · inverse) + z, 0, 255)`` of a float32 4-d ``x`` (any
     strides): ``torch.quantize_per_tensor(x.clamp(-bound, bound), scale, z, torch.quint8)`` with
-    ``inverse`` = fl32(1/scale), as ATen's quantizer rounds. None where the kernel cannot run."""
-    fn = _fn("prom_quantize", None, _PTR, *[_I64] * 8, _F32, _F32, _I64, _PTR, *[_I64] * 4)
+    ``inverse`` = fl32(1/scale), as ATen's quantizer rounds. With ``flags`` (bool [N], contiguous),
+    also ``nan_flags(x)`` written there, from the same pass over ``x``. None where the kernel cannot
+    run (``flags`` then untouched)."""
+    fn = _fn("prom_quantize", None, _PTR, *[_I64] * 8, _F32, _F32, _I64, _PTR, *[_I64] * 4, _PTR)
     if fn is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 4 or x.numel() == 0:
         return None
+    if flags is not None and (flags.dtype != torch.bool or flags.shape != x.shape[:1] or not flags.is_contiguous()):
+        raise ValueError(f"quantize_codes: flags must be a contiguous bool tensor of shape ({x.shape[0]},), got "
+                         f"{flags.dtype} {tuple(flags.shape)}")
     out = torch._empty_affine_quantized(x.shape, scale=scale, zero_point=zero_point, dtype=torch.quint8,
                                         memory_format=memory_format)
-    fn(x.data_ptr(), *x.shape, *x.stride(), bound, inverse, zero_point, out.data_ptr(), *out.stride())
+    fn(x.data_ptr(), *x.shape, *x.stride(), bound, inverse, zero_point, out.data_ptr(), *out.stride(),
+       None if flags is None else flags.data_ptr())
     return out
 
 

@@ -56,9 +56,11 @@ def _all_nodes(low: fx.GraphModule) -> list[fx.Node]:
 
 def test_lower_mobilenet_v2_every_op_lowered_and_every_skip_accumulated_in_place(mobilenet):
     _, fast, low = mobilenet
-    assert low.meta[META_PROM_LOWERED] == {"nan_samples": 1, "quantize": 1, "qconv2d": 42, "qconv2d_add": 10,
+    # the NaN flags and the quantizer of the input fused into one call that reads it once
+    assert low.meta[META_PROM_LOWERED] == {"nan_samples": 1, "quantize_flagged": 1, "qconv2d": 42, "qconv2d_add": 10,
                                         "in_place_skip": 10, "pool": 1, "qlinear": 1, "dequantize": 1}
     targets = Counter(n.target for n in _all_nodes(low) if n.op == "call_function")
+    assert targets[L.quantize_flagged] == 1 and targets[L.nan_flags] == targets[L.quantize_qtensor] == 0
     assert targets[torch.ops.quantized.conv2d] == 42 and targets[torch.ops.quantized.conv2d_add] == 10
     assert targets[onednn.qlinear_pointwise.default] == 1 and targets[onednn.qconv_pointwise.default] == 0
     assert not any(str(t).startswith("fxslim.") for t in targets)

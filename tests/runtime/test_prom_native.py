@@ -65,6 +65,36 @@ def test_quantize_nan_codes_stay_in_their_sample_and_other_dtypes_take_aten():
     assert prom_native.quantize_codes(half, 1.0, 0.02, 50.0, 0, torch.contiguous_format) is None
 
 
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 4), c=st.sampled_from([1, 3, 5]), h=st.integers(1, 6), w=st.integers(1, 70),
+       nan_at=st.lists(st.integers(0, 10**6), max_size=3), channels_last=st.booleans(),
+       special=st.sampled_from([float("inf"), float("-inf"), 3.0e38, 1e-45]))
+def test_quantize_flagged_reads_codes_and_nan_flags_in_one_pass(n, c, h, w, nan_at, channels_last, special):
+    """Every layout and path (16-wide loop and tail, strided rows, RGB interleaving): the codes of
+    quantize_qtensor and the flags of nan_flags, with a NaN anywhere and no-NaN specials beside it."""
+    x = torch.randn(n, c, h, w)
+    x.view(-1)[-1] = special
+    for i in nan_at:
+        x.view(-1)[i % x.numel()] = float("nan")
+    clean = ~prom.nan_flags(x)
+    for layout in _layouts(x):
+        q, flags = L.quantize_flagged(layout, 0.02, 114, channels_last)
+        assert torch.equal(flags, prom.nan_flags(x))
+        reference = L.quantize_qtensor(layout, 0.02, 114, channels_last)
+        assert torch.equal(codes(q)[clean], codes(reference)[clean])  # a NaN's code is unspecified
+        assert q.stride() == reference.stride()
+    with native_kernels.disabled():
+        q, flags = L.quantize_flagged(x, 0.02, 114, channels_last)
+    assert torch.equal(flags, prom.nan_flags(x)) and torch.equal(codes(q)[clean], codes(reference)[clean])
+
+
+def test_quantize_codes_rejects_flags_of_another_shape_or_dtype():
+    x = torch.randn(2, 3, 4, 4)
+    for bad in (torch.empty(3, dtype=torch.bool), torch.empty(2, dtype=torch.uint8)):
+        with pytest.raises(ValueError, match="flags"):
+            prom_native.quantize_codes(x, 10.0, 0.02, 50.0, 0, torch.contiguous_format, bad)
+
+
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 3), per=st.integers(1, 300), nan_at=st.lists(st.integers(0, 10**6), max_size=3),
        special=st.sampled_from([float("inf"), float("-inf"), 3.0e38, 1e-45]))

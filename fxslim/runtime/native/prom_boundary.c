@@ -12,14 +12,19 @@
 #endif
 #include <stdint.h>
 
+/* Whether the float32 bits b are a NaN's: exponent all ones, mantissa not zero. */
+static inline int nan_bits(uint32_t b) {
+    return (b & 0x7fffffffu) > 0x7f800000u;
+}
+
 /* flags[i] = 1 when row i of x [rows, per] (contiguous) holds a NaN, else 0. */
 void prom_nan_flags(const float *x, int64_t rows, int64_t per, uint8_t *flags) {
-    const uint32_t *bits = (const uint32_t *)x; /* NaN: exponent all ones, mantissa not zero */
+    const uint32_t *bits = (const uint32_t *)x;
     for (int64_t i = 0; i < rows; ++i) {
         const uint32_t *row = bits + i * per;
         uint32_t any = 0;
         for (int64_t j = 0; j < per; ++j)
-            any |= (row[j] & 0x7fffffffu) > 0x7f800000u;
+            any |= nan_bits(row[j]);
         flags[i] = (uint8_t)(any != 0);
     }
 }
@@ -27,27 +32,36 @@ void prom_nan_flags(const float *x, int64_t rows, int64_t per, uint8_t *flags) {
 /* out = clamp(rint(clamp(x, -bound, bound) * inverse) + zero_point, 0, 255) for x [N, C, H, W],
  * both with any strides: ATen's quantize_per_tensor to quint8 after the clamp
  * prom_lowered.quantize_qtensor applies. Codes of NaN inputs are unspecified (their samples are
- * flagged and come out NaN). */
-static void quantize_row(const float *in, int64_t w, int64_t sw, float bound, float inverse, int32_t z, uint8_t *codes) {
+ * flagged and come out NaN). Returns whether the row holds a NaN (read in the same pass). */
+static int quantize_row(const float *in, int64_t w, int64_t sw, float bound, float inverse, int32_t z, uint8_t *codes) {
     int64_t i = 0;
+    int nan = 0;
 #ifdef __AVX512F__
     if (sw == 1) { /* cvtps_epi32 rounds half to even, as rintf does in the default rounding mode */
         const __m512 lo = _mm512_set1_ps(-bound), hi = _mm512_set1_ps(bound), scale = _mm512_set1_ps(inverse);
         const __m512i zero = _mm512_setzero_si512(), top = _mm512_set1_epi32(255), shift = _mm512_set1_epi32(z);
+        __mmask16 unordered = 0;
         for (; i + 16 <= w; i += 16) {
-            __m512 v = _mm512_min_ps(_mm512_max_ps(_mm512_loadu_ps(in + i), lo), hi);
+            const __m512 raw = _mm512_loadu_ps(in + i);
+            unordered |= _mm512_cmp_ps_mask(raw, raw, _CMP_UNORD_Q);
+            __m512 v = _mm512_min_ps(_mm512_max_ps(raw, lo), hi);
             __m512i q = _mm512_add_epi32(_mm512_cvtps_epi32(_mm512_mul_ps(v, scale)), shift);
             q = _mm512_min_epi32(_mm512_max_epi32(q, zero), top);
             _mm_storeu_si128((__m128i *)(codes + i), _mm512_cvtepi32_epi8(q));
         }
+        nan = unordered != 0;
     }
 #endif
     for (; i < w; ++i) {
         float v = in[i * sw];
+        uint32_t bits;
+        __builtin_memcpy(&bits, &v, sizeof bits);
+        nan |= nan_bits(bits);
         v = v < -bound ? -bound : (v > bound ? bound : v); /* |v·inverse| stays far inside int32 */
         int32_t q = (int32_t)rintf(v * inverse) + z;
         codes[i] = (uint8_t)(q < 0 ? 0 : (q > 255 ? 255 : q));
     }
+    return nan;
 }
 
 enum { ROW = 1024 };
@@ -94,9 +108,11 @@ static void interleave3(const interleave_tables *t, const uint8_t *r0, const uin
 }
 #endif
 
+/* The codes of x (quantize_row) into out, both [N, C, H, W] with any strides; with flags (else NULL),
+ * flags[b] = 1 when sample b of x holds a NaN, else 0: prom_nan_flags in the same pass over x. */
 void prom_quantize(const float *x, int64_t n, int64_t c, int64_t h, int64_t w, int64_t sn, int64_t sc, int64_t sh,
                    int64_t sw, float bound, float inverse, int64_t zero_point, uint8_t *out, int64_t on, int64_t oc,
-                   int64_t oh, int64_t ow) {
+                   int64_t oh, int64_t ow, uint8_t *flags) {
     uint8_t codes[ROW];
     const int32_t z = (int32_t)zero_point;
 #ifdef __AVX512VBMI__
@@ -104,16 +120,21 @@ void prom_quantize(const float *x, int64_t n, int64_t c, int64_t h, int64_t w, i
         uint8_t rows[3][ROW];
         interleave_tables tables;
         interleave_init(&tables);
-        for (int64_t b = 0; b < n; ++b)
+        for (int64_t b = 0; b < n; ++b) {
+            int nan = 0;
             for (int64_t y = 0; y < h; ++y) {
                 for (int64_t k = 0; k < 3; ++k)
-                    quantize_row(x + b * sn + k * sc + y * sh, w, 1, bound, inverse, z, rows[k]);
+                    nan |= quantize_row(x + b * sn + k * sc + y * sh, w, 1, bound, inverse, z, rows[k]);
                 interleave3(&tables, rows[0], rows[1], rows[2], w, out + b * on + y * oh);
             }
+            if (flags)
+                flags[b] = (uint8_t)nan;
+        }
         return;
     }
 #endif
-    for (int64_t b = 0; b < n; ++b)
+    for (int64_t b = 0; b < n; ++b) {
+        int nan = 0;
         for (int64_t y = 0; y < h; ++y)
             for (int64_t k = 0; k < c; ++k) {
                 const float *in = x + b * sn + k * sc + y * sh;
@@ -122,14 +143,17 @@ void prom_quantize(const float *x, int64_t n, int64_t c, int64_t h, int64_t w, i
                     const int64_t len = w - start < ROW ? w - start : ROW;
                     uint8_t *target = ow == 1 ? row + start : codes; /* unit stride: straight in place */
                     if (sw == 1)
-                        quantize_row(in + start, len, 1, bound, inverse, z, target);
+                        nan |= quantize_row(in + start, len, 1, bound, inverse, z, target);
                     else
-                        quantize_row(in + start * sw, len, sw, bound, inverse, z, target);
+                        nan |= quantize_row(in + start * sw, len, sw, bound, inverse, z, target);
                     if (ow != 1)
                         for (int64_t i = 0; i < len; ++i)
                             row[(start + i) * ow] = codes[i];
                 }
             }
+        if (flags)
+            flags[b] = (uint8_t)nan;
+    }
 }
 
 static int64_t floor_div(int64_t a, int64_t b) { /* b > 0 */
