@@ -60,7 +60,8 @@ def _prom() -> list[str]:
     speed = _load("prom_vs_peers").sections[0].table  # median ms: variant, then one column per (batch, threads)
     ms = {r["variant"]: r for r in _rows(speed)}
     cells = []
-    for column, label in ((c, c.split(",")[0]) for c in speed.columns[1:]):
+    one_thread = [c for c in speed.columns[1:] if c.endswith(", 1 thr")]  # the row's claim; 2 threads in the file
+    for column, label in ((c, c.split(",")[0]) for c in one_thread):
         best = min(INT8_PEERS, key=lambda p: ms[p][column])
         ours = min((p for p in PROM_VARIANTS if p in ms), key=lambda p: ms[p][column])
         cells.append(f"{label}: {ours} {ms[ours][column]:.1f} ms, {best} {ms[best][column]:.1f} ms")

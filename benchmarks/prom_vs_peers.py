@@ -1,6 +1,6 @@
 """PROM's integer MobileNetV2 against the int8 CPU stacks a user would pick instead, timed side by side.
 
-    python -m benchmarks.prom_vs_peers [--batches 1 32] [--threads 1] [--rounds 30 8]
+    python -m benchmarks.prom_vs_peers [--batches 1 32] [--threads 1 2] [--rounds 30 8]
 
 torchvision mobilenet_v2 (weights=None, BN statistics estimated on the six scikit-image photos,
 ``prom_common``), 224×224, under ``torch.no_grad``. Variants, all calibrated on the same photos:
@@ -283,7 +283,7 @@ def run(args: argparse.Namespace, command: str) -> Results:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 32])
-    parser.add_argument("--threads", type=int, nargs="+", default=[1])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--rounds", type=int, nargs="+", default=[30, 8], help="per batch size, in order (last repeats)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory of prom_vs_peers.json / .md")
     parser.add_argument("--one", type=int, nargs=3, metavar=("BATCH", "THREADS", "ROUNDS"), help=argparse.SUPPRESS)
