@@ -1,9 +1,9 @@
 /* PROM's 3×3 depthwise convs on u8 NHWC codes, for the direct runtime's plans (prom_direct.py).
  *
- * oneDNN 3.2's int8 depthwise kernel was a third of MobileNetV2's conv time at batch 1. Here a block
- * of 64 channels (of 32 or fewer: two outputs' in one vector) of one input column is loaded once, its
- * three rows' bytes interleaved per channel, and one vpdpbusd then adds three taps of 16 channels to an
- * output; each column feeds every output of a row tile whose window holds it. Without AVX-512 VNNI the portable
+ * oneDNN 3.2's int8 depthwise kernel was a third of MobileNetV2's conv time at batch 1. Here a block of
+ * 64 channels (of 32 or fewer: two outputs' in one vector) of one input column is loaded once, its three
+ * rows' bytes interleaved per channel, and one vpdpbusd then adds three taps of 16 channels to an output;
+ * each column feeds every output of a row tile whose window holds it. Without AVX-512 VNNI the portable
  * form runs (slower than oneDNN: prom_depthwise_vectorized() says which form this build has).
  *
  * Arithmetic, the same as the oneDNN conv the plan would run (u8 src with zero point zx, s8 weights,
