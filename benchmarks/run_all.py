@@ -44,7 +44,8 @@ _EXTRA_RUNS = {"haste_accuracy": [(*weight_decay_flag(ZOO_WEIGHT_DECAY).split(),
 # The known benchmarks in the order they run; scripts not listed run after them, before the sweep.
 _ORDER = (
     "estimate_speed",
-    "prom_op_speed", "prom_speed", "prom_vs_peers", "prom_energy_storage", "prom_accuracy", "prom_peers_accuracy",
+    "prom_op_speed", "prom_depthwise_speed", "prom_speed", "prom_vs_peers", "prom_energy_storage", "prom_accuracy",
+    "prom_peers_accuracy",
     "haste_op_speed", "haste_speed", "haste_accuracy", "haste_vs_pruning",
     "httm_speed", "httm_fidelity", "httm_vggt1b_cost",
     "demo_results",

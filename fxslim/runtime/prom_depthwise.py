@@ -4,11 +4,11 @@ oneDNN 3.2's int8 depthwise kernels took a third of MobileNetV2's conv time at b
 interleaves the three rows of an input column per channel so that one VNNI dot product adds three
 taps of 16 channels, and feeds each column it reads to every output of a row tile that needs it. It
 works on 64 channels at a time; a block of 32 or fewer holds two outputs per vector. On MobileNetV2's
-layers (Intel Xeon, AVX-512 VNNI, batch 1 and 16, side by side): the same speed as oneDNN's at 32
-channels, 1.1-1.2× at 96 and 144, 1.4-2.1× from 192 on; at 24 channels or fewer oneDNN is faster
-(16: 2×), so the plan keeps it below ``prom_direct.NATIVE_DEPTHWISE_CHANNELS``. Its arithmetic is the oneDNN
-conv's (the C file says how); its codes equal ATen's but for rare rounding ties, 1 LSB apart
-(tests/runtime/test_prom_depthwise.py).
+layers it is 1.1-2.3× the speed of oneDNN 3.2's primitive (benchmarks/results/prom_depthwise_speed.md:
+Intel Xeon, AVX-512 VNNI, batch 1 and 16); at 16 channels oneDNN is faster (0.6×) and at 24 the two
+trade places from run to run, so the plan keeps oneDNN below ``prom_direct.NATIVE_DEPTHWISE_CHANNELS``.
+Its arithmetic is the oneDNN conv's (the C file says how); its codes equal ATen's but for rare rounding
+ties, 1 LSB apart (tests/runtime/test_prom_depthwise.py).
 
 A step is built once per plan over the plan's own buffers (fixed addresses) and called through a
 pointer to its parameters: about 1 µs of ctypes per call, as a oneDNN primitive costs.

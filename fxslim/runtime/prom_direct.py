@@ -9,7 +9,8 @@ library (``onednn_capi``), planned once per input shape, layout and thread count
   s8 weights reordered once into the layout the primitive picks, f32 bias, runtime scales and zero
   points, the sum and ReLU post-ops;
 - a 3×3 depthwise conv of at least ``NATIVE_DEPTHWISE_CHANNELS`` channels between two of the plan's
-  buffers as ``prom_depthwise``'s C kernel instead (1-2.1× oneDNN 3.2's speed on MobileNetV2's layers);
+  buffers as ``prom_depthwise``'s C kernel instead (1.1-2.3× oneDNN 3.2's speed on MobileNetV2's layers,
+  benchmarks/results/prom_depthwise_speed.md);
 - every activation in a buffer allocated when planning and reused once the last reader of its
   value ran; a conv with a sum post-op accumulates in its skip's buffer (a skip from outside the run
   is copied in first: the run never writes its inputs); one scratchpad for all;
@@ -53,9 +54,9 @@ _log = logging.getLogger(__name__)
 # pixels (96 → 40 channels on a 6×6 input: 480 bytes past the end of dst, corrupting the heap)
 AVOIDED = ("jit_1x1:avx512_core_amx",)
 # The depthwise kernel works on 64 channels at a time, or two outputs' 32 in one vector: with fewer than
-# 32 its lanes are partly idle and oneDNN 3.2 is faster (16 channels at 112×112: 2×, 24 at 56×56: 1.05×);
-# at 32 they are even, from 96 channels it is 1.1-2.1× faster (MobileNetV2's layers at batch 1 and 16,
-# Intel Xeon with AVX-512 VNNI, side by side).
+# 32 its lanes are partly idle; oneDNN 3.2 is faster at 16 channels (0.6× at 112×112) and the two trade
+# places at 24 from run to run; from 32 channels on (all of MobileNetV2's) the kernel is 1.1-2.3× faster
+# (benchmarks/results/prom_depthwise_speed.md: Intel Xeon with AVX-512 VNNI, batch 1 and 16).
 NATIVE_DEPTHWISE_CHANNELS = 32
 PLANS = 4  # input shapes (and layouts, thread counts) a segment keeps a plan for; the least recently used goes
 _CONV = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV.items()}
