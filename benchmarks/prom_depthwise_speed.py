@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -68,8 +69,10 @@ def _variants(batch: int, channels: int, size: int, stride: int, gen: torch.Gene
     weights = {"expand": _weights(16, channels, 1, 1, 1, gen), "depthwise": _weights(channels, channels, 3, stride,
                                                                                     channels, gen),
                "project": _weights(channels, 16, 1, 1, 1, gen)}
-    x = as_qtensor(torch.randint(0, 256, (batch, 16, size, size), generator=gen, dtype=torch.int32).to(torch.uint8)
-                   .contiguous(memory_format=torch.channels_last), 0.05, 3)
+    codes = torch.randint(0, 256, (batch, 16, size, size), generator=gen, dtype=torch.int32).to(torch.uint8)
+    with warnings.catch_warnings():  # ATen warns once that quantized dtypes are deprecated
+        warnings.simplefilter("ignore", UserWarning)
+        x = as_qtensor(codes.contiguous(memory_format=torch.channels_last), 0.05, 3)
     native, native_name = _depthwise_step(_segment(weights), x)
     with native_kernels.disabled():
         onednn, onednn_name = _depthwise_step(_segment(weights), x)
