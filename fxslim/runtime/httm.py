@@ -338,8 +338,12 @@ def _pair_features(x: Tensor, cls: _BlockClass) -> tuple[Tensor, Tensor, Tensor]
     e, n, d = x.shape
     src_rows, dst_rows = _pair_rows(x, cls)
     flat_x = x.view(e * n, d)
-    dst = F.normalize(flat_x.index_select(0, dst_rows), dim=-1).view(src_rows.shape[0], cls.dst.shape[1], d)
-    return flat_x, src_rows, dst
+    if x.device.type != "cpu":
+        dst = F.normalize(flat_x.index_select(0, dst_rows), dim=-1)
+    else:  # F.normalize's arithmetic in a scratch buffer: fresh, its 10 MB (keys, 32 frames) fault 7 ms a call
+        dst = torch.index_select(flat_x, 0, dst_rows, out=memory.scratch("httm.dst", (dst_rows.numel(), d), x.dtype))
+        dst.div_(dst.norm(2, -1, keepdim=True).clamp_min(_NORMALIZE_EPS))
+    return flat_x, src_rows, dst.view(src_rows.shape[0], cls.dst.shape[1], d)
 
 
 def _match_class_native(x: Tensor, cls: _BlockClass, slot: Tensor) -> bool:

@@ -359,6 +359,25 @@ def test_httm_match_chunked_scores_equal_one_chunk(monkeypatch):
     assert torch.equal(whole.q_slot, chunked.q_slot) and torch.equal(whole.kv_slot, chunked.kv_slot)
 
 
+@settings(max_examples=25, deadline=None)
+@given(heads=st.integers(1, 3), d=st.integers(1, 40), scale_exp=st.integers(-30, 30), seed=st.integers(0, 2**16))
+def test_httm_pair_features_normalise_destinations_as_f_normalize(heads, d, scale_exp, seed):
+    """The destinations are normalised in a reused scratch buffer, in place: bit for bit F.normalize of
+    the gathered rows, zero rows, tiny and huge scales and a NaN included, on every call."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(heads, 4 * 60, d, generator=g) * 10.0 ** scale_exp
+    x[0, :: 7] = 0.0
+    x[-1, 5, 0] = float("nan")
+    layout = httm_layout(4, 60, 2, 0.7, 16, 2)
+    for _ in range(2):  # the second call finds the buffer the first one left
+        for cls in layout.classes:
+            flat, src_rows, dst = httm_module._pair_features(x, cls)
+            _, dst_rows = httm_module._pair_rows(x, cls)
+            want = F.normalize(flat.index_select(0, dst_rows), dim=-1).view(dst.shape)
+            assert torch.equal(dst.nan_to_num(nan=7.0), want.nan_to_num(nan=7.0))
+            assert torch.equal(src_rows, httm_module._pair_rows(x, cls)[0])
+
+
 # ----------------------------------------------------------------------------------------------
 # Op contract: opcheck, fake kernel, FLOP formula, errors
 # ----------------------------------------------------------------------------------------------
