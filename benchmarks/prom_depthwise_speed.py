@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import warnings
 from collections.abc import Callable
 
 import torch
@@ -33,7 +32,7 @@ from fxslim.runtime import native_kernels, onednn_capi, prom_depthwise
 from fxslim.runtime import prom_direct as D
 from fxslim.runtime import prom_lowered as L
 from fxslim.runtime.prom import conv_output_size
-from fxslim.runtime.prom_onednn import QUANTIZED_CONV, ConvWeights, as_qtensor
+from fxslim.runtime.prom_onednn import QUANTIZED_CONV, ConvWeights, as_qtensor, quiet_qtensor_warning
 
 __all__ = ["run", "main"]
 
@@ -66,13 +65,11 @@ def _depthwise_step(segment: D.DirectSegment, x: torch.Tensor) -> tuple[Callable
 
 
 def _variants(batch: int, channels: int, size: int, stride: int, gen: torch.Generator) -> dict[str, Callable]:
-    weights = {"expand": _weights(16, channels, 1, 1, 1, gen), "depthwise": _weights(channels, channels, 3, stride,
-                                                                                    channels, gen),
+    weights = {"expand": _weights(16, channels, 1, 1, 1, gen),
+               "depthwise": _weights(channels, channels, 3, stride, channels, gen),
                "project": _weights(channels, 16, 1, 1, 1, gen)}
     codes = torch.randint(0, 256, (batch, 16, size, size), generator=gen, dtype=torch.int32).to(torch.uint8)
-    with warnings.catch_warnings():  # ATen warns once that quantized dtypes are deprecated
-        warnings.simplefilter("ignore", UserWarning)
-        x = as_qtensor(codes.contiguous(memory_format=torch.channels_last), 0.05, 3)
+    x = as_qtensor(codes.contiguous(memory_format=torch.channels_last), 0.05, 3)
     native, native_name = _depthwise_step(_segment(weights), x)
     with native_kernels.disabled():
         onednn, onednn_name = _depthwise_step(_segment(weights), x)
@@ -103,6 +100,7 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.prom_dept
         raise SystemExit("prom_depthwise_speed needs the kernel's vector form (AVX-512 VNNI) and oneDNN's C library "
                          "(the onednn extra)")
     torch.set_num_threads(args.threads)
+    quiet_qtensor_warning()
     gen = torch.Generator().manual_seed(0)
     shapes = sorted({(c_in, size, stride) for c_in, _, size, stride in _layer_shapes()[1]} | set(_EXTRA),
                     key=lambda s: (-s[1], s[0]))

@@ -445,9 +445,7 @@ def lower(gm: fx.GraphModule, constants: dict[str, Tensor] | None = None, *, dir
     hold weights (a graph dynamo captured, whose parameters arrive as inputs), by node name.
     ``gm.meta[META_PROM_LOWERED]`` counts what was lowered, and as ``kept:<reason>`` what was not.
     """
-    with warnings.catch_warnings():  # ATen's quantizer warns once that quantized dtypes are deprecated
-        warnings.simplefilter("ignore", UserWarning)
-        torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
+    prom_onednn.quiet_qtensor_warning()
     lowering = _Lowering(gm, dict(constants or {}), direct and onednn_capi.available())
     out = lowering.run()
     out.meta[META_PROM_LOWERED] = dict(lowering.lowered)

@@ -44,7 +44,7 @@ from fxslim.runtime.prom import (
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available",
            "QUANTIZED_CONV", "QUANTIZED_CONV_ADD", "onednn_engine", "codes", "as_qtensor", "pack_quantized",
-           "ConvWeights", "miscomputed_grouping", "requantization"]
+           "ConvWeights", "miscomputed_grouping", "requantization", "quiet_qtensor_warning"]
 
 def onednn_available() -> bool:
     """Whether this torch build has the oneDNN quantized conv/linear ops."""
@@ -158,6 +158,14 @@ def as_qtensor(x: Tensor, scale: float, zero_point: int) -> Tensor:
     if x.dim() == 4:
         x = _channels_last(x)
     return torch._make_per_tensor_quantized_tensor(x, scale, zero_point)
+
+
+def quiet_qtensor_warning() -> None:
+    """Make the process's first QTensor now, with warnings off: ATen warns once per process, at the first
+    one, that quantized dtypes are deprecated, and a runtime built on QTensors would pass that on."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
 
 
 def requantization(x_scale: float, w_scale: Tensor, out_scale: float) -> tuple[Tensor, float]:
