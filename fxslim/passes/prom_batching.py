@@ -34,12 +34,14 @@ class MicroBatched(nn.Module):
     """``module`` applied to slices of dim 0 of its single tensor input, outputs concatenated on dim 0.
 
     ``sample_bytes``: the largest activation of one sample at ``sample_pixels`` input pixels
-    (H·W); at another resolution it scales with H·W.
+    (H·W); at another resolution it scales with H·W. ``example_shape``: the shape of the input the
+    model was converted at; an input of another rank or channel count is refused with a ValueError
+    (the runtime's own errors would name its internals), any batch and resolution are taken.
     """
 
     def __init__(self, module: nn.Module, sample_bytes: int, sample_pixels: int,
                  max_activation_bytes: int = DEFAULT_MAX_ACTIVATION_BYTES, lowered: bool = True,
-                 direct: bool = True) -> None:
+                 direct: bool = True, example_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
         if max_activation_bytes <= 0:
             raise ValueError(f"max_activation_bytes: expected a positive integer, got {max_activation_bytes}")
@@ -49,6 +51,7 @@ class MicroBatched(nn.Module):
         self.max_activation_bytes = int(max_activation_bytes)
         self.lowered = bool(lowered)
         self.direct = bool(direct)
+        self.example_shape = None if example_shape is None else tuple(int(n) for n in example_shape)
         self.__dict__["_runner"] = None  # built on the first eager call; kept out of submodules and state
 
     @property
@@ -78,7 +81,19 @@ class MicroBatched(nn.Module):
             return self._run_lowered(x)
         return self._run(self.runner, x)
 
+    def _check_input(self, x: Tensor) -> None:
+        shape = self.example_shape
+        if shape is None or (isinstance(x, Tensor) and x.dim() == len(shape)
+                             and (x.dim() < 2 or x.shape[1] == shape[1])):
+            return
+        spatial = ("H", "W") if len(shape) == 4 else tuple(f"d{i}" for i in range(2, len(shape)))
+        dims = ", ".join(("N", *(str(n) for n in shape[1:2]), *spatial))
+        got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+        raise ValueError(f"x: expected a tensor of shape [{dims}] (any batch and size, as the example "
+                         f"{list(shape)} the model was converted at), got {got}")
+
     def _run(self, module: nn.Module, x: Tensor) -> Tensor:
+        self._check_input(x)
         rows = self.rows_per_slice(x)
         if x.shape[0] <= rows:
             return module(x)
@@ -128,6 +143,7 @@ def micro_batched(int_model: fx.GraphModule, max_activation_bytes: int = DEFAULT
     largest = max(v.numel() * v.element_size() for n in int_model.graph.nodes
                   if isinstance(v := meta_val(n), Tensor))
     pixels = math.prod(example.shape[2:]) if example.dim() > 2 else 1
-    wrapper = MicroBatched(int_model, largest // example.shape[0], pixels, max_activation_bytes, lowered, direct)
+    wrapper = MicroBatched(int_model, largest // example.shape[0], pixels, max_activation_bytes, lowered, direct,
+                           tuple(example.shape))
     wrapper.runner  # noqa: B018  (lowered and packed now, not on the first call)
     return wrapper

@@ -104,11 +104,15 @@ _CONV_ARGS = (
 )
 
 
-def _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
-                stride, padding, dilation, groups):
+def _check_image(x: Tensor) -> None:
     _check_uint8("x", x)
     if x.dim() != 4:
         raise ValueError(f"x: expected a 4-d tensor [N, C_in, H, W], got shape {tuple(x.shape)}")
+
+
+def _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
+                stride, padding, dilation, groups):
+    _check_image(x)
     _check_scale("x_scale", x_scale)
     _check_code("x_zero_point", x_zero_point)
     _check_weight(weight, w_scale, bias, 4)
@@ -351,6 +355,7 @@ def _qconv2d_cpu(
                                                    out_zero_point, out_min, out_max, stride, padding, dilation, groups)
         return _float64_conv(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min,
                              out_max, stride, padding, dilation, groups)
+    _check_image(x)  # before the padding below reads its spatial dims
     x, padding = _padded_explicitly(x, weight, padding, dilation, x_zero_point)
     packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
         x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
@@ -392,6 +397,7 @@ def _qconv2d_add_cpu(
 
     One rounding: the conv's real output is not rounded to a grid of its own first.
     """
+    _check_image(x)  # before the padding below reads its spatial dims
     x, padding = _padded_explicitly(x, weight, padding, dilation, x_zero_point)
     packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
         x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,

@@ -320,6 +320,28 @@ def test_prom_micro_batched_refuses_a_model_whose_output_is_not_batch_first():
         micro_batched(int_model, max_activation_bytes=1024)
 
 
+@pytest.mark.parametrize("runtime", ["reference", pytest.param("onednn", marks=_ONEDNN)])
+def test_prom_micro_batched_refuses_another_rank_or_channel_count(runtime):
+    """An unbatched image or a 4-channel one got TorchScript's or an IndexError's traceback from
+    the runtime's internals; the wrapper names the shape it takes. Batch and size stay free."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    x = torch.randn(2, 3, 16, 16)
+    int_model = convert(calibrate(prepare(model.eval(), (x,)), [x]), runtime=runtime)
+    wrapped = micro_batched(int_model)
+    for bad in (x[0], torch.randn(2, 4, 16, 16), torch.randn(1, 2, 3, 16, 16)):
+        with pytest.raises(ValueError, match=r"x: expected a tensor of shape \[N, 3, H, W\] .* got \(" +
+                           ", ".join(map(str, bad.shape))):
+            wrapped(bad)
+    with pytest.raises(ValueError, match=r"got list"):
+        wrapped([x])
+    with pytest.raises(ValueError, match=r"x: expected a 4-d tensor \[N, C_in, H, W\], got shape \(3, 16, 16\)"):
+        int_model(x[0])  # the ops themselves, unwrapped
+    with torch.no_grad():
+        assert wrapped(torch.randn(5, 3, 9, 13)).shape == (5, 4)
+
+
 def test_prom_convert_unknown_runtime_raises(mobilenet):
     with pytest.raises(ValueError, match="runtime must be one of"):
         convert(mobilenet[2], runtime="tflite")
