@@ -245,9 +245,11 @@ class _PrimitiveDesc(_Handle):
         return Primitive(handle)
 
 
-def conv_attr(weight_scale_mask: int, sum_post_op: tuple[float, int] | None, relu: bool) -> _Attr:
+def conv_attr(weight_scale_mask: int, sum_post_op: tuple[float, int] | None, relu: bool,
+              zero_points: tuple[bool, bool] = (True, True)) -> _Attr:
     """Attributes of a u8 conv: runtime scales of src, weights (``weight_scale_mask``: the dims they
-    vary along) and dst, runtime zero points of src and dst, a user scratchpad, and as post-ops
+    vary along) and dst, runtime zero points of src and of dst where ``zero_points`` says so (the
+    primitive then takes them as arguments; without one it is 0), a user scratchpad, and as post-ops
     ``sum_post_op`` = (scale, zero point) of what dst held, then ReLU."""
     lib = library()
     attr, ops = _p(), _p()
@@ -256,8 +258,9 @@ def conv_attr(weight_scale_mask: int, sum_post_op: tuple[float, int] | None, rel
     _check(lib.dnnl_primitive_attr_set_scratchpad_mode(attr, _SCRATCHPAD_USER), "scratchpad mode")
     for arg, mask in ((ARG_SRC, 0), (ARG_WEIGHTS, weight_scale_mask), (ARG_DST, 0)):
         _check(lib.dnnl_primitive_attr_set_scales_mask(attr, arg, mask), "scales mask")
-    for arg in (ARG_SRC, ARG_DST):
-        _check(lib.dnnl_primitive_attr_set_zero_points_mask(attr, arg, 0), "zero points mask")
+    for arg, present in zip((ARG_SRC, ARG_DST), zero_points, strict=True):
+        if present:
+            _check(lib.dnnl_primitive_attr_set_zero_points_mask(attr, arg, 0), "zero points mask")
     _check(lib.dnnl_post_ops_create(ctypes.byref(ops)), "post-ops creation")
     post_ops = _PostOps(ops)
     if sum_post_op is not None:

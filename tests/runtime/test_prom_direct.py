@@ -37,7 +37,7 @@ pytestmark = [pytest.mark.skipif(not (onednn_available() and vnni_available() an
 _SX, _ZX, _SO, _ZO, _SS, _ZS = 0.05, 100, 0.04, 90, 0.03, 120
 
 
-def _one_conv(weights: ConvWeights, relu: bool, add: bool) -> tuple[L.QuantizedSegment, D.DirectSegment]:
+def _one_conv(weights: ConvWeights, relu: bool, add: bool, zo: int = _ZO) -> tuple[L.QuantizedSegment, D.DirectSegment]:
     """A run of one conv, as the lowering builds it: (its ATen segment, the direct one over it)."""
     graph = fx.Graph()
     x = graph.placeholder("x0")
@@ -45,9 +45,9 @@ def _one_conv(weights: ConvWeights, relu: bool, add: bool) -> tuple[L.QuantizedS
     packed = graph.get_attr("c0")
     kind = "relu" if relu else "none"
     if add:
-        node = graph.call_function(QUANTIZED_CONV_ADD[kind], (x, skip, packed, _SO, _ZO))
+        node = graph.call_function(QUANTIZED_CONV_ADD[kind], (x, skip, packed, _SO, zo))
     else:
-        node = graph.call_function(QUANTIZED_CONV[kind], (x, packed, _SO, _ZO))
+        node = graph.call_function(QUANTIZED_CONV[kind], (x, packed, _SO, zo))
     graph.output((node,))
     aten = L.QuantizedSegment(graph, {"c0": weights.pack()}, {"c0": weights})
     return aten, D.DirectSegment(aten)
@@ -61,29 +61,31 @@ def _weights(c_in, c_out, kernel, stride, padding, dilation, groups, gen) -> Con
     return ConvWeights(weight, w_scale, bias, tuple(stride), tuple(padding), dilation, groups)
 
 
-def _check_conv(n, c_in, h, w, weights: ConvWeights, gen, aten_right: bool = True) -> float:
+def _check_conv(n, c_in, h, w, weights: ConvWeights, gen, aten_right: bool = True, zx: int = _ZX, zo: int = _ZO
+                ) -> float:
     """Each of conv, conv + ReLU, conv + skip, conv + skip + ReLU: the direct codes within 1 LSB of
-    the float model and (``aten_right``) of ATen's; returns the fraction equal to ATen's."""
+    the float model and (``aten_right``) of ATen's; returns the fraction equal to ATen's. ``zx``,
+    ``zo``: the input's and output's zero points (a zero point of 0 leaves oneDNN's attribute out)."""
     x = torch.randint(0, 256, (n, c_in, h, w), generator=gen, dtype=torch.int32).to(torch.uint8)
-    qx = as_qtensor(x, _SX, _ZX)
+    qx = as_qtensor(x, _SX, zx)
     real_w = weights.weight.double() * weights.w_scale.double().view(-1, 1, 1, 1)
     geometry = (list(weights.stride), list(weights.padding), list(weights.dilation), weights.groups)
-    real = torch.nn.functional.conv2d((x.double() - _ZX) * _SX, real_w, weights.bias.double(), *geometry)
+    real = torch.nn.functional.conv2d((x.double() - zx) * _SX, real_w, weights.bias.double(), *geometry)
     equal = []
     for add in (False, True):
         skip = torch.randint(0, 256, real.shape, generator=gen, dtype=torch.int32).to(torch.uint8)
         qskip = as_qtensor(skip, _SS, _ZS)
         total = real + (skip.double() - _ZS) * _SS if add else real
         for relu in (False, True):
-            aten, direct = _one_conv(weights, relu, add)
+            aten, direct = _one_conv(weights, relu, add, zo)
             args = (qx, qskip) if add else (qx,)
             (out,) = direct(*args)
             assert all(direct.planned.values())
             (ref,) = aten(*[a.clone() for a in args])  # ATen accumulates into its skip
             assert torch.equal(codes(qskip), skip.contiguous(memory_format=torch.channels_last))  # inputs untouched
             assert out.shape == real.shape and out.is_contiguous(memory_format=torch.channels_last)
-            assert (out.q_scale(), out.q_zero_point()) == (_SO, _ZO)
-            floating = R.quantize_float_reference(total, _SO, _ZO, _ZO if relu else 0, 255)
+            assert (out.q_scale(), out.q_zero_point()) == (_SO, zo)
+            floating = R.quantize_float_reference(total, _SO, zo, zo if relu else 0, 255)
             ours = codes(out).int()
             assert (ours - floating.int()).abs().max() <= 1
             assert not aten_right or (ours - codes(ref).int()).abs().max() <= 1
@@ -92,15 +94,16 @@ def _check_conv(n, c_in, h, w, weights: ConvWeights, gen, aten_right: bool = Tru
 
 
 @settings(max_examples=60, deadline=None)
-@given(geometry=conv_geometries(), seed=st.integers(0, 2**16))
-def test_direct_conv_within_one_lsb_of_float_model_and_aten_on_random_geometries(geometry, seed):
+@given(geometry=conv_geometries(), seed=st.integers(0, 2**16),
+       zero_points=st.sampled_from([(_ZX, _ZO), (0, _ZO), (_ZX, 0), (0, 0)]))
+def test_direct_conv_within_one_lsb_of_float_model_and_aten_on_random_geometries(geometry, seed, zero_points):
     g = geometry
     gen = torch.Generator().manual_seed(seed)
     weights = _weights(g.c_in, g.c_out, g.kernel, g.stride, g.padding, g.dilation, g.groups, gen)
     # ATen's conv gets one output column at a column stride above 1 wrong (its segment widens the input)
     one_column = weights.stride[1] > 1 and conv_output_size(g.w, g.kernel[1], g.stride[1], g.padding[1],
                                                              weights.dilation[1]) == 1
-    _check_conv(g.n, g.c_in, g.h, g.w, weights, gen, aten_right=not one_column)
+    _check_conv(g.n, g.c_in, g.h, g.w, weights, gen, aten_right=not one_column, zx=zero_points[0], zo=zero_points[1])
 
 
 @pytest.mark.parametrize(("c_in", "c_out", "hw", "kernel", "stride", "groups"), [
