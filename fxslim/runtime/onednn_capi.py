@@ -247,8 +247,9 @@ class _PrimitiveDesc(_Handle):
 
 def conv_attr(weight_scale_mask: int, sum_post_op: tuple[float, int] | None, relu: bool,
               zero_points: tuple[bool, bool] = (True, True)) -> _Attr:
-    """Attributes of a u8 conv: runtime scales of src, weights (``weight_scale_mask``: the dims they
-    vary along) and dst, runtime zero points of src and of dst where ``zero_points`` says so (the
+    """Attributes of a u8 conv: runtime scales of the weights only (``weight_scale_mask``: the dims
+    they vary along; src and dst then have scale 1, so the caller folds theirs into these, the bias
+    and the sum's scale), runtime zero points of src and of dst where ``zero_points`` says so (the
     primitive then takes them as arguments; without one it is 0), a user scratchpad, and as post-ops
     ``sum_post_op`` = (scale, zero point) of what dst held, then ReLU."""
     lib = library()
@@ -256,8 +257,7 @@ def conv_attr(weight_scale_mask: int, sum_post_op: tuple[float, int] | None, rel
     _check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)), "attribute creation")
     owner = _Attr(attr)
     _check(lib.dnnl_primitive_attr_set_scratchpad_mode(attr, _SCRATCHPAD_USER), "scratchpad mode")
-    for arg, mask in ((ARG_SRC, 0), (ARG_WEIGHTS, weight_scale_mask), (ARG_DST, 0)):
-        _check(lib.dnnl_primitive_attr_set_scales_mask(attr, arg, mask), "scales mask")
+    _check(lib.dnnl_primitive_attr_set_scales_mask(attr, ARG_WEIGHTS, weight_scale_mask), "scales mask")
     for arg, present in zip((ARG_SRC, ARG_DST), zero_points, strict=True):
         if present:
             _check(lib.dnnl_primitive_attr_set_zero_points_mask(attr, arg, 0), "zero points mask")

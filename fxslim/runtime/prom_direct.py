@@ -5,14 +5,17 @@ quantized convs called from TorchScript, with 7.5 µs of bookkeeping per conv on
 (MobileNetV2 at batch 1: about 0.4 ms of 2.7). ``DirectSegment`` runs the same run with oneDNN's own
 library (``onednn_capi``), planned once per input shape, layout and thread count:
 
-- one convolution primitive per conv with the attributes ATen gives oneDNN: u8 NHWC src and dst,
+- one convolution primitive per conv with the attributes ATen gives oneDNN (u8 NHWC src and dst,
   s8 weights reordered once into the layout the primitive picks, f32 bias, runtime scales and zero
-  points, the sum and ReLU post-ops; except that a zero point of 0 (a ReLU's output, written or
-  read) is left out of the attributes rather than passed as 0, which oneDNN 3.2's kernels pay for
-  (MobileNetV2, 224 px, 1 thread, measured side by side: 2-4 % faster at batch 1, 1.7 % at 32), and
-  the input zero point z of a conv without padding (MobileNetV2's 1×1 expansions) is folded into
-  its bias, as every tap reads the input: Σ w·(q − z) = Σ w·q − z·Σ w (a further 3.4 % at batch 1,
-  2 % at 32);
+  points, the sum and ReLU post-ops), less what oneDNN 3.2's kernels pay for at every call though
+  it changes nothing but rounding (MobileNetV2, 224 px, 1 thread, each step measured side by side
+  against the one before):
+  - a zero point of 0 (a ReLU's output, written or read) is left out rather than passed as 0:
+    2-4 % faster at batch 1, 1.7 % at batch 32;
+  - the input zero point z of a conv without padding (MobileNetV2's 1×1 expansions) is folded into
+    its bias, as every tap reads the input: Σ w·(q − z) = Σ w·q − z·Σ w; 3.4 % and 2 %;
+  - the src and dst scales are folded into the weights' scales, the bias and the sum's scale, so
+    that the weights' are the only scales the primitive applies: 5.4 % and 2.5 %;
 - a 3×3 depthwise conv of at least ``NATIVE_DEPTHWISE_CHANNELS`` channels between two of the plan's
   buffers as ``prom_depthwise``'s C kernel instead (1.1-2.3× oneDNN 3.2's speed on MobileNetV2's layers,
   benchmarks/results/prom_depthwise_speed.md);
@@ -25,8 +28,8 @@ C call per conv (``dnnl_primitive_execute`` or the kernel's), all from one ctype
 (``native/prom_steps.c``; step by step from Python where native kernels are off).
 
 Values: the same arithmetic on oneDNN 3.2 instead of torch's oneDNN. The codes equal ATen's except
-rare ties in depthwise convs and in convs with a folded zero point (whose float32 bias rounds the
-constant), 1 LSB apart (tests/runtime/test_prom_direct.py), and where torch's
+rare ties (in depthwise convs, and where the folded constants round differently in float32 from
+oneDNN's own products), 1 LSB apart (tests/runtime/test_prom_direct.py), and where torch's
 oneDNN is wrong and 3.2 is not: one output column at a column stride above 1 (which the ATen
 segment widens the input for, ``prom_onednn.one_column_widened``) and some grouped convs
 (``prom_onednn.miscomputed_grouping``, which the lowering gives to direct segments only). A run
@@ -324,9 +327,12 @@ class _Plan:
             # every tap reads the input, none the padding: Σ w·(q − z) = Σ w·q − z·Σ w, a constant per channel
             bias = bias - x.scale * w.w_scale.double() * x_zero_point * weight.sum((1, 2, 3), dtype=torch.float64)
             x_zero_point = 0
-        bias = bias.to(torch.float32).contiguous()
+        # src and dst scales folded into the weights' scales, the bias and the sum's scale: oneDNN computes
+        # round((s_x·s_w·acc + bias + s_skip·(skip − z_skip)) / s_out) + z_out, and ReLU commutes with 1/s_out
+        bias = (bias / out.scale).to(torch.float32).contiguous()
+        w_scale = (w.w_scale.double() * (x.scale / out.scale)).to(torch.float32).contiguous()
         bias_desc = capi.MemoryDesc((o,), capi.F32, (1,))
-        sum_post_op = None if accumulated is None else (accumulated.scale, accumulated.zero_point)
+        sum_post_op = None if accumulated is None else (accumulated.scale / out.scale, accumulated.zero_point)
         # a zero point of 0 is left out: oneDNN's kernels pay for a zero-point argument even when it is 0
         attr = capi.conv_attr(mask, sum_post_op, relu, (x_zero_point != 0, out.zero_point != 0))
         desc = capi.ConvolutionDesc(x.group.desc, capi.MemoryDesc(shape, capi.S8, None), bias_desc, out.group.desc,
@@ -340,10 +346,7 @@ class _Plan:
         keep += [packed, bias]
         memories = [
             (capi.ARG_SRC, x.group.memory), (capi.ARG_WEIGHTS, target), (capi.ARG_BIAS, capi.Memory(bias_desc, bias.data_ptr())),
-            (capi.ARG_DST, out.group.memory),
-            (capi.ARG_SCALES | capi.ARG_SRC, _scalar_memory(torch.tensor([x.scale], dtype=torch.float32), keep)),
-            (capi.ARG_SCALES | capi.ARG_WEIGHTS, _scalar_memory(w.w_scale.to(torch.float32).contiguous(), keep)),
-            (capi.ARG_SCALES | capi.ARG_DST, _scalar_memory(torch.tensor([out.scale], dtype=torch.float32), keep)),
+            (capi.ARG_DST, out.group.memory), (capi.ARG_SCALES | capi.ARG_WEIGHTS, _scalar_memory(w_scale, keep)),
         ]
         for arg, zero_point in ((capi.ARG_SRC, x_zero_point), (capi.ARG_DST, out.zero_point)):
             if zero_point:

@@ -334,12 +334,10 @@ def _writes_past_dst(shape_in, c_out, kernel, stride, groups, avoid) -> tuple[st
                "w": torch.zeros(desc.weights_desc.size, dtype=torch.uint8),
                "s": torch.full((desc.scratchpad_desc.size + guard,), 0xAB, dtype=torch.uint8),
                "b": torch.zeros(c_out), "one": torch.ones(c_out), "zero": torch.zeros(1, dtype=torch.int32)}
-    f1, i1, fc = (capi.MemoryDesc((1,), capi.F32, (1,)), capi.MemoryDesc((1,), capi.S32, (1,)),
-                  capi.MemoryDesc((c_out,), capi.F32, (1,)))
+    i1, fc = capi.MemoryDesc((1,), capi.S32, (1,)), capi.MemoryDesc((c_out,), capi.F32, (1,))
     memories = [(capi.ARG_SRC, src, "x"), (capi.ARG_WEIGHTS, desc.weights_desc, "w"), (capi.ARG_BIAS, bias, "b"),
                 (capi.ARG_DST, dst, "y"), (capi.ARG_SCRATCHPAD, desc.scratchpad_desc, "s"),
-                (capi.ARG_SCALES | capi.ARG_SRC, f1, "one"), (capi.ARG_SCALES | capi.ARG_WEIGHTS, fc, "one"),
-                (capi.ARG_SCALES | capi.ARG_DST, f1, "one"), (capi.ARG_ZERO_POINTS | capi.ARG_SRC, i1, "zero"),
+                (capi.ARG_SCALES | capi.ARG_WEIGHTS, fc, "one"), (capi.ARG_ZERO_POINTS | capi.ARG_SRC, i1, "zero"),
                 (capi.ARG_ZERO_POINTS | capi.ARG_DST, i1, "zero")]
     objects = [capi.Memory(d, buffers[k].data_ptr()) for _, d, k in memories]
     capi.execute(desc.primitive(), (capi.ExecArg * len(objects))(
