@@ -8,14 +8,13 @@ library (``onednn_capi``), planned once per input shape, layout and thread count
 - one convolution primitive per conv with the attributes ATen gives oneDNN (u8 NHWC src and dst,
   s8 weights reordered once into the layout the primitive picks, f32 bias, runtime scales and zero
   points, the sum and ReLU post-ops), less what oneDNN 3.2's kernels pay for at every call though
-  it changes nothing but rounding (MobileNetV2, 224 px, 1 thread, each step measured side by side
-  against the one before):
-  - a zero point of 0 (a ReLU's output, written or read) is left out rather than passed as 0:
-    2-4 % faster at batch 1, 1.7 % at batch 32;
+  it changes nothing but rounding (each made MobileNetV2 faster at batch 1 and 32, measured side by
+  side when it was made; benchmarks/results/prom_vs_peers.md has the model's speed now):
+  - a zero point of 0 (a ReLU's output, written or read) is left out rather than passed as 0;
   - the input zero point z of a conv without padding (MobileNetV2's 1×1 expansions) is folded into
-    its bias, as every tap reads the input: Σ w·(q − z) = Σ w·q − z·Σ w; 3.4 % and 2 %;
+    its bias, as every tap reads the input: Σ w·(q − z) = Σ w·q − z·Σ w;
   - the src and dst scales are folded into the weights' scales, the bias and the sum's scale, so
-    that the weights' are the only scales the primitive applies: 5.4 % and 2.5 %;
+    that the weights' are the only scales the primitive applies;
 - a 3×3 depthwise conv of at least ``NATIVE_DEPTHWISE_CHANNELS`` channels between two of the plan's
   buffers as ``prom_depthwise``'s C kernel instead (1.1-2.3× oneDNN 3.2's speed on MobileNetV2's layers,
   benchmarks/results/prom_depthwise_speed.md);
