@@ -26,11 +26,13 @@ so a call points the memory objects of the inputs and outputs at this call's ten
 C call per conv (``dnnl_primitive_execute`` or the kernel's), all from one ctypes call
 (``native/prom_steps.c``; step by step from Python where native kernels are off).
 
-Values: the same arithmetic on oneDNN 3.2 instead of torch's oneDNN. The codes equal ATen's except
-rare ties (in depthwise convs, and where the folded constants round differently in float32 from
-oneDNN's own products), 1 LSB apart (tests/runtime/test_prom_direct.py), and where torch's
-oneDNN is wrong and 3.2 is not: one output column at a column stride above 1 (which the ATen
-segment widens the input for, ``prom_onednn.one_column_widened``) and some grouped convs
+Values: the same integer sums on oneDNN 3.2 instead of torch's oneDNN, requantized with the folded
+constants above. The codes equal ATen's except at rare ties, 1 LSB apart (in depthwise convs, and
+where the folded constants round differently in float32 from oneDNN's own products: about 1 code
+in 100,000 per layer on MobileNetV2's shapes, tests/runtime/test_prom_direct.py; through a deep
+model such ties add up to 1-LSB moves of some logits),
+and where torch's oneDNN is wrong and 3.2 is not: one output column at a column stride above 1
+(which the ATen segment widens the input for, ``prom_onednn.one_column_widened``) and some grouped convs
 (``prom_onednn.miscomputed_grouping``, which the lowering gives to direct segments only). A run
 the plan cannot take (an unknown op, a geometry this oneDNN refuses) runs the TorchScript segment,
 unless it holds such a grouped conv: then the call raises, naming ``lower(..., direct=False)``,
