@@ -18,6 +18,8 @@ lookups once, on a copy of the converted graph, and leaves calls that compute no
     fxslim::int8_global_avg_pool2d / dequantize / nan_samples → the ops' own arithmetic without their
                                                      checks, in C where ``prom_native`` can run it
       nan_samples and a quantizer of the same input → one ``quantize_flagged``: the input read once
+      pool → torch.flatten(·, 1) → qlinear → dequantize → one ``classifier_head`` (direct, native linear):
+                                                     one C call where they made five Python calls
 
 ATen's quantized convs take and give QTensors; every other reader of one reads its uint8 codes
 through a view (``prom_onednn.codes``). Each run of consecutive quantized convs is one
@@ -137,11 +139,15 @@ _SATURATED = 512.0  # steps of the grid from 0 past which every code saturates (
 _QUANT_CHUNK = 1 << 18  # floats per slice: 1 MB, its codes reordered while in L2
 
 
+def _check_pool_size(x: Tensor) -> None:
+    if x.shape[2] * x.shape[3] * 255 > _INT32_MAX:
+        raise ValueError(f"x: H·W = {x.shape[2] * x.shape[3]} is too large for an int32 sum")
+
+
 def global_avg_pool(x: Tensor, x_zero_point: int, multiplier: int, shift: int, out_zero_point: int, out_min: int,
                     out_max: int) -> Tensor:
     """``fxslim::int8_global_avg_pool2d`` with only the check the graph cannot guarantee: H·W of this input."""
-    if x.shape[2] * x.shape[3] * 255 > _INT32_MAX:
-        raise ValueError(f"x: H·W = {x.shape[2] * x.shape[3]} is too large for an int32 sum")
+    _check_pool_size(x)
     return prom_native.global_avg_pool_codes(x, x_zero_point, multiplier, shift, out_zero_point, out_min, out_max)
 
 
@@ -175,6 +181,43 @@ def linear_codes(x: Tensor, x_scale: float, x_zero_point: int, packed: Tensor, w
         return out
     return _ONEDNN_LINEAR(x, x_scale, x_zero_point, packed, w_scale, zeros, bias, out_scale, out_zero_point, None,
                           "none", [], "")
+
+
+def classifier_head(x: Tensor, pool: tuple, linear: tuple, dequantize: tuple) -> Tensor:
+    """``dequantized(linear_codes(global_avg_pool(x, *pool).flatten(1).contiguous(), *linear), *dequantize)``
+    for codes or a QTensor ``x``: one C call (``prom_native.head``) where the three steps took five
+    Python calls, each paying its fixed cost with caches cold after the convs; the same values."""
+    _check_pool_size(x)
+    x_zero_point, out_zero_point, native = linear[1], linear[7], linear[8]  # linear_codes' arguments after x
+    out = prom_native.head(x, *pool, native, x_zero_point, out_zero_point, *dequantize)
+    if out is not None:
+        return out
+    pooled = global_avg_pool(prom_onednn.codes(x) if x.is_quantized else x, *pool)
+    return dequantized(linear_codes(torch.flatten(pooled, 1).contiguous(), *linear), *dequantize)
+
+
+def _head_chain(dequantize: fx.Node) -> tuple[fx.Node, ...] | None:
+    """(pool input, pool, flatten, contiguous, linear) of a lowered ``global_avg_pool`` → ``torch.flatten(·, 1)``
+    → ``contiguous`` → native ``linear_codes`` chain ending in ``dequantize``, each link read only by the
+    next; None for anything else (it stays as it is)."""
+    def only_reader(node: object, test) -> bool:
+        return isinstance(node, fx.Node) and len(node.users) == 1 and test(node)
+
+    linear = dequantize.args[0]
+    if not only_reader(linear, lambda n: n.target is linear_codes and n.args[-1] is not None):
+        return None
+    contiguous = linear.args[0]
+    if not only_reader(contiguous, lambda n: n.op == "call_method" and n.target == "contiguous" and len(n.args) == 1
+                       and not n.kwargs):
+        return None
+    flat = contiguous.args[0]
+    if not only_reader(flat, lambda n: n.target is torch.flatten and len(n.args) == 2 and n.args[1] == 1
+                       and not n.kwargs):
+        return None
+    pool = flat.args[0]
+    if not only_reader(pool, lambda n: n.target is global_avg_pool):
+        return None
+    return pool.args[0], pool, flat, contiguous, linear
 
 
 # ----------------------------------------------------------------------------------------------
@@ -404,6 +447,24 @@ class _Lowering:
             for user in readers:
                 user.replace_input_with(q, view)
 
+    def fuse_heads(self) -> None:
+        """Each classifier head (``_head_chain``) as one ``classifier_head`` call, reading the QTensor
+        itself where its codes view had no other reader."""
+        for node in list(self.graph.nodes):
+            chain = _head_chain(node) if node.target is dequantized else None
+            if chain is None:
+                continue
+            x, pool, flat, contiguous, linear = chain
+            view = x if x.target is prom_onednn.codes and len(x.users) == 1 else None
+            with self.graph.inserting_before(node):
+                head = self.graph.call_function(classifier_head, (
+                    x if view is None else view.args[0], pool.args[1:], linear.args[1:], node.args[1:]))
+            head.meta.update(node.meta)
+            node.replace_all_uses_with(head)
+            for old in (node, linear, contiguous, flat, pool, *([view] if view is not None else [])):
+                self.graph.erase_node(old)
+            self.count("head")
+
     def cheap(self, node: fx.Node) -> None:
         a = schema_arguments(node.target, node.args, node.kwargs)
         if node.target is _NAN:
@@ -430,6 +491,8 @@ class _Lowering:
             elif node.target in (_NAN, _POOL, _DEQUANT):
                 self.cheap(node)
         self.read_codes()
+        if self.direct:
+            self.fuse_heads()
         self.graph.eliminate_dead_code()
         self.graph.lint()
         self.gm.recompile()

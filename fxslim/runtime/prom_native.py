@@ -20,7 +20,7 @@ from torch import Tensor
 from fxslim.runtime import native_kernels, prom, prom_onednn
 
 __all__ = ["nan_flags", "quantize_codes", "global_avg_pool_codes", "LinearWeights", "linear_codes", "dequantized",
-           "status"]
+           "head", "status"]
 
 _I64, _PTR, _F32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float
 _LIB = "prom_boundary"
@@ -119,6 +119,27 @@ def dequantized(q: Tensor, scale: float, zero_point: int, flags: Tensor | None =
     fn(q.data_ptr(), q.shape[0], q.numel() // q.shape[0], zero_point, scale,
        None if flags is None else flags.data_ptr(), out.data_ptr())
     return out
+
+
+def head(x: Tensor, x_zero_point: int, multiplier: int, shift: int, pool_zero_point: int, pool_min: int,
+         pool_max: int, weights: LinearWeights, linear_zero_point: int, linear_out_zero_point: int, scale: float,
+         zero_point: int, flags: Tensor | None) -> Tensor | None:
+    """``dequantized(linear_codes(global_avg_pool_codes(x, ...).flatten(1), ...), ...)``, float32 [N, O],
+    in one C call (the same values; the pool's arguments as in ``global_avg_pool_codes``, the linear
+    layer's as in ``linear_codes``, then ``dequantized``'s). ``x``: uint8 codes or a quint8 QTensor
+    [N, C, H, W], any strides. None where the kernels cannot run these tensors."""
+    fn = _fn("prom_head", _I64, _PTR, *[_I64] * 16, _PTR, _PTR, _PTR, _PTR, _F32, _I64, _I64, _I64, _F32, _PTR, _PTR)
+    per_row = flags is None or (flags.shape == x.shape[:1] and flags.dtype == torch.bool and flags.is_contiguous())
+    if (fn is None or x.dtype not in (torch.uint8, torch.quint8) or not x.is_cpu or x.dim() != 4 or x.numel() == 0
+            or x.shape[1] != weights.in_features or not per_row):
+        return None
+    n = x.shape[0]
+    out = torch.empty(n, weights.out_features, dtype=torch.float32)
+    status = fn(x.data_ptr(), *x.shape, *x.stride(), x_zero_point, multiplier, shift, pool_zero_point, pool_min,
+                pool_max, weights.out_features, linear_zero_point, weights.packed.data_ptr(), weights.sums.data_ptr(),
+                weights.scale.data_ptr(), weights.bias.data_ptr(), weights.inverse, linear_out_zero_point, 0,
+                zero_point, scale, None if flags is None else flags.data_ptr(), out.data_ptr())
+    return None if status < 0 else out
 
 
 def status() -> str:

@@ -181,7 +181,7 @@ def test_linear_takes_only_what_it_computes():
         assert prom_native.linear_codes(torch.zeros(2, 8, dtype=torch.uint8), 0, weights, 0) is None
 
 
-def test_direct_lowering_runs_the_classifier_as_the_native_linear():
+def test_direct_lowering_runs_the_classifier_as_the_native_linear(monkeypatch):
     from fxslim.api import prepare
     from fxslim.ir import META_PROM_LOWERED
     from fxslim.passes.prom import calibrate
@@ -194,6 +194,52 @@ def test_direct_lowering_runs_the_classifier_as_the_native_linear():
     direct, aten = L.lower(int_model), L.lower(int_model, direct=False)
     assert direct.meta[META_PROM_LOWERED].get("qlinear_native") == 1
     assert "qlinear_native" not in aten.meta[META_PROM_LOWERED]
+    # pool, flatten, linear and dequantize: one classifier_head call
+    assert direct.meta[META_PROM_LOWERED].get("head") == 1 and "head" not in aten.meta[META_PROM_LOWERED]
+    assert len(direct.graph.find_nodes(op="call_function", target=L.classifier_head)) == 1
     scale = int_model.graph.find_nodes(op="call_function", target=torch.ops.fxslim.dequantize.default)[0].args[1]
     with torch.no_grad():
         assert ((direct(x) - aten(x)).abs() / scale).max() <= 4.01  # 1-LSB depthwise ties may propagate
+        fused = direct(x)
+        monkeypatch.setattr(prom_native, "head", lambda *args: None)  # the head's five calls in turn
+        assert torch.equal(direct(x), fused)
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 3), c=st.integers(1, 70), hw=st.tuples(st.integers(1, 7), st.integers(1, 7)),
+       o=st.integers(1, 40), zero_points=st.tuples(*[st.integers(0, 255)] * 3), shift=st.integers(0, 31),
+       flagged=st.none() | st.lists(st.booleans(), min_size=3, max_size=3),
+       layout=st.sampled_from(["nchw", "nhwc", "q"]), seed=st.integers(0, 2**16))
+def test_head_equals_pool_linear_and_dequantize_in_turn(n, c, hw, o, zero_points, shift, flagged, layout, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, c, *hw), generator=gen).to(torch.uint8)
+    x_zero_point, pool_zero_point, out_zero_point = zero_points
+    pool = (x_zero_point, int(torch.randint(1, 2**31 - 1, (1,), generator=gen)), shift, pool_zero_point, 0, 255)
+    weight = torch.randint(-128, 128, (o, c), generator=gen).to(torch.int8)
+    w_scale, bias = 0.0005 + 0.01 * torch.rand(o, generator=gen), torch.randn(o, generator=gen)
+    weights = prom_native.LinearWeights(weight, w_scale, bias, 0.02, 0.05)
+    flags = None if flagged is None else torch.tensor(flagged[:n])
+    pooled = prom_native.global_avg_pool_codes(x, *pool).flatten(1)
+    ref = prom_native.dequantized(prom_native.linear_codes(pooled, pool_zero_point, weights, out_zero_point), 0.05,
+                                  out_zero_point, flags)
+    if layout == "q":
+        x = torch._make_per_tensor_quantized_tensor(x.contiguous(memory_format=torch.channels_last), 0.1, 3)
+    elif layout == "nhwc":
+        x = x.contiguous(memory_format=torch.channels_last)
+    out = prom_native.head(x, *pool, weights, pool_zero_point, out_zero_point, 0.05, out_zero_point, flags)
+    assert out.shape == (n, o) and torch.equal(out.isnan(), ref.isnan())
+    assert torch.equal(out.nan_to_num(), ref.nan_to_num())
+
+
+def test_head_takes_only_what_it_computes():
+    weights = prom_native.LinearWeights(torch.ones(4, 8, dtype=torch.int8), torch.ones(4), torch.zeros(4), 0.1, 0.1)
+    x, pool = torch.zeros(2, 8, 3, 3, dtype=torch.uint8), (0, 1, 0, 0, 0, 255)
+    assert prom_native.head(x, *pool, weights, 0, 0, 0.1, 0, None) is not None
+    assert prom_native.head(x[:, :7], *pool, weights, 0, 0, 0.1, 0, None) is None  # in features
+    assert prom_native.head(x.float(), *pool, weights, 0, 0, 0.1, 0, None) is None  # float input
+    assert prom_native.head(x, *pool, weights, 0, 0, 0.1, 0, torch.zeros(3, dtype=torch.bool)) is None  # flags
+    assert prom_native.head(torch.zeros(2, 9000, 1, 1, dtype=torch.uint8), *pool,
+                            prom_native.LinearWeights(torch.ones(4, 9000, dtype=torch.int8), torch.ones(4),
+                                                      torch.zeros(4), 0.1, 0.1), 0, 0, 0.1, 0, None) is None  # C
+    with native_kernels.disabled():
+        assert prom_native.head(x, *pool, weights, 0, 0, 0.1, 0, None) is None

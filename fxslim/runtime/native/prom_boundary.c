@@ -11,6 +11,7 @@
 #include <immintrin.h>
 #endif
 #include <stdint.h>
+#include <stdlib.h>
 
 /* Whether the float32 bits b are a NaN's: exponent all ones, mantissa not zero. */
 static inline int nan_bits(uint32_t b) {
@@ -312,4 +313,27 @@ void prom_linear(const uint8_t *x, int64_t n, int64_t k, int64_t o, int64_t zx, 
                  int64_t portable) {
     for (int64_t b = 0; b < n; ++b)
         linear_row(x + b * k, k, o, zx, packed, wsum, scale, bias, inverse, (float)zo, out + b * o, (int)portable);
+}
+
+/* A classifier head in one call: global average pool, linear layer, dequantization (the three
+ * functions above, in turn, through buffers of its own), so that Python makes one call where it
+ * made five, each paying its fixed cost with caches cold after the convs. The same values as the
+ * three calls. Returns -1 (nothing written) when the pool cannot run here or memory runs out. */
+int64_t prom_head(const uint8_t *x, int64_t n, int64_t c, int64_t h, int64_t w, int64_t sn, int64_t sc, int64_t sh,
+                  int64_t sw, int64_t zx, int64_t multiplier, int64_t shift, int64_t pool_zout, int64_t lo,
+                  int64_t hi, int64_t o, int64_t linear_zx, const int8_t *packed, const int32_t *wsum,
+                  const float *scale, const float *bias, float inverse, int64_t linear_zout, int64_t portable,
+                  int64_t out_zero_point, float out_scale, const uint8_t *flags, float *out) {
+    uint8_t *pooled = malloc((size_t)(n * c + n * o) + 1);
+    if (!pooled)
+        return -1;
+    uint8_t *codes = pooled + n * c;
+    int64_t status = prom_global_avg_pool(x, n, c, h, w, sn, sc, sh, sw, zx, multiplier, shift, pool_zout, lo, hi,
+                                          pooled);
+    if (status >= 0) {
+        prom_linear(pooled, n, c, o, linear_zx, packed, wsum, scale, bias, inverse, linear_zout, codes, portable);
+        prom_dequantize(codes, n, o, out_zero_point, out_scale, flags, out);
+    }
+    free(pooled);
+    return status;
 }
