@@ -119,10 +119,9 @@ def micro_batched(int_model: fx.GraphModule, max_activation_bytes: int = DEFAULT
     ``lowered`` (default) eager calls of a ``runtime="onednn"`` model run its lowered copy
     (``fxslim.runtime.prom_lowered.lower``: the same values without the ops' per-call checks).
     ``direct`` (default): its convs as oneDNN primitives through oneDNN's own library where that is
-    installed (``prom_direct``); ``direct=False`` keeps ATen's quantized convs. Measured side by side
-    on MobileNetV2, 224 px, 1 thread (benchmarks/results/prom_vs_peers.md, Intel Xeon): direct is
-    1.42× ATen's speed at batch 1 and 1.13× at batch 32. The direct runtime's outputs do not depend
-    on the batch; switching between the two may move a code by 1 LSB at a rare tie
+    installed (``prom_direct``); ``direct=False`` keeps ATen's quantized convs, slower on MobileNetV2
+    (benchmarks/results/prom_vs_peers.md times both side by side). The direct runtime's outputs do
+    not depend on the batch; switching between the two may move a code by 1 LSB at a rare tie
     (``prom_direct``'s docstring says where).
     """
     placeholders = [n for n in int_model.graph.nodes if n.op == "placeholder"]
