@@ -196,8 +196,18 @@ def classifier_head(x: Tensor, pool: tuple, linear: tuple, dequantize: tuple) ->
     return dequantized(linear_codes(torch.flatten(pooled, 1).contiguous(), *linear), *dequantize)
 
 
+def _flattens_from_dim_1(node: fx.Node) -> bool:
+    """``torch.flatten(x, 1)`` or ``x.flatten(1)``, start_dim given by position or name."""
+    if not ((node.op == "call_function" and node.target is torch.flatten)
+            or (node.op == "call_method" and node.target == "flatten")):
+        return False
+    named = {**dict(zip(("input", "start_dim", "end_dim"), node.args)), **node.kwargs}
+    return set(named) <= {"input", "start_dim", "end_dim"} and named.get("start_dim", 0) == 1 and named.get(
+        "end_dim", -1) == -1
+
+
 def _head_chain(dequantize: fx.Node) -> tuple[fx.Node, ...] | None:
-    """(pool input, pool, flatten, contiguous, linear) of a lowered ``global_avg_pool`` → ``torch.flatten(·, 1)``
+    """(pool input, pool, flatten, contiguous, linear) of a lowered ``global_avg_pool`` → flatten from dim 1
     → ``contiguous`` → native ``linear_codes`` chain ending in ``dequantize``, each link read only by the
     next; None for anything else (it stays as it is)."""
     def only_reader(node: object, test) -> bool:
@@ -211,8 +221,7 @@ def _head_chain(dequantize: fx.Node) -> tuple[fx.Node, ...] | None:
                        and not n.kwargs):
         return None
     flat = contiguous.args[0]
-    if not only_reader(flat, lambda n: n.target is torch.flatten and len(n.args) == 2 and n.args[1] == 1
-                       and not n.kwargs):
+    if not only_reader(flat, _flattens_from_dim_1):
         return None
     pool = flat.args[0]
     if not only_reader(pool, lambda n: n.target is global_avg_pool):

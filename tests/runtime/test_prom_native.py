@@ -243,3 +243,34 @@ def test_head_takes_only_what_it_computes():
                                                       torch.zeros(4), 0.1, 0.1), 0, 0, 0.1, 0, None) is None  # C
     with native_kernels.disabled():
         assert prom_native.head(x, *pool, weights, 0, 0, 0.1, 0, None) is None
+
+
+@pytest.mark.parametrize(("flatten", "fused"), [
+    (lambda y: torch.flatten(y, 1), True), (lambda y: y.flatten(1), True), (lambda y: y.flatten(start_dim=1), True),
+    (lambda y: y.reshape(y.shape[0], -1), False),
+])
+def test_direct_lowering_fuses_each_spelling_of_the_classifier_flatten(flatten, fused, monkeypatch):
+    from torch import nn
+
+    from fxslim.api import prepare
+    from fxslim.ir import META_PROM_LOWERED
+    from fxslim.passes.prom import calibrate
+    from fxslim.passes.prom_convert import convert
+
+    class Classifier(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.pool, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.AdaptiveAvgPool2d(1), nn.Linear(16, 5)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(flatten(self.pool(torch.relu(self.conv(x)))))
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 12, 12)
+    x[1, 0, 2, 2] = float("nan")
+    low = L.lower(convert(calibrate(prepare(Classifier().eval(), (x[:1],)), [x[[0, 2]]]), runtime="onednn"))
+    assert low.meta[META_PROM_LOWERED].get("head", 0) == int(fused)
+    with torch.no_grad():
+        out = low(x)
+        monkeypatch.setattr(prom_native, "head", lambda *args: None)
+        assert out[1].isnan().all() and torch.equal(low(x).nan_to_num(), out.nan_to_num())
