@@ -192,7 +192,7 @@ def classifier_head(x: Tensor, pool: tuple, linear: tuple, dequantize: tuple) ->
     out = prom_native.head(x, *pool, native, x_zero_point, out_zero_point, *dequantize)
     if out is not None:
         return out
-    pooled = global_avg_pool(prom_onednn.codes(x) if x.is_quantized else x, *pool)
+    pooled = prom_native.global_avg_pool_codes(prom_onednn.codes(x) if x.is_quantized else x, *pool)  # size checked
     return dequantized(linear_codes(torch.flatten(pooled, 1).contiguous(), *linear), *dequantize)
 
 

@@ -30,6 +30,11 @@ def _fn(symbol: str, restype, *argtypes):
     return native_kernels.function(_LIB, symbol, restype, *argtypes) if native_kernels.active() else None
 
 
+def _per_row(flags: Tensor | None, rows: int) -> bool:
+    """Whether the C kernels can read ``flags`` as one NaN flag per row: None, or contiguous bool [rows]."""
+    return flags is None or (flags.dtype == torch.bool and tuple(flags.shape) == (rows,) and flags.is_contiguous())
+
+
 def nan_flags(x: Tensor) -> Tensor:
     """``prom.nan_flags``: which samples (dim 0) of ``x`` hold a NaN, bool [N]."""
     fn = _fn("prom_nan_flags", None, _PTR, _I64, _I64, _PTR)
@@ -51,7 +56,7 @@ def quantize_codes(x: Tensor, bound: float, scale: float, inverse: float, zero_p
     fn = _fn("prom_quantize", None, _PTR, *[_I64] * 8, _F32, _F32, _I64, _PTR, *[_I64] * 4, _PTR)
     if fn is None or x.dtype != torch.float32 or not x.is_cpu or x.dim() != 4 or x.numel() == 0:
         return None
-    if flags is not None and (flags.dtype != torch.bool or flags.shape != x.shape[:1] or not flags.is_contiguous()):
+    if not _per_row(flags, x.shape[0]):
         raise ValueError(f"quantize_codes: flags must be a contiguous bool tensor of shape ({x.shape[0]},), got "
                          f"{flags.dtype} {tuple(flags.shape)}")
     out = torch._empty_affine_quantized(x.shape, scale=scale, zero_point=zero_point, dtype=torch.quint8,
@@ -110,10 +115,8 @@ def linear_codes(x: Tensor, x_zero_point: int, weights: LinearWeights, out_zero_
 def dequantized(q: Tensor, scale: float, zero_point: int, flags: Tensor | None = None) -> Tensor:
     """``prom.dequantized``: float32 ``(q − z)·fl32(scale)``, samples flagged in ``flags`` NaN."""
     fn = _fn("prom_dequantize", None, _PTR, _I64, _I64, _I64, _F32, _PTR, _PTR)
-    per_row = flags is None or (q.dim() >= 1 and q.shape[0] == flags.shape[0] and flags.dtype == torch.bool
-                                and flags.is_contiguous())
     if (fn is None or q.dtype != torch.uint8 or not q.is_cpu or q.dim() == 0 or q.numel() == 0
-            or not q.is_contiguous() or not per_row):
+            or not q.is_contiguous() or not _per_row(flags, q.shape[0])):
         return prom.dequantized(q, scale, zero_point, flags)
     out = torch.empty(q.shape, dtype=torch.float32)
     fn(q.data_ptr(), q.shape[0], q.numel() // q.shape[0], zero_point, scale,
@@ -129,9 +132,8 @@ def head(x: Tensor, x_zero_point: int, multiplier: int, shift: int, pool_zero_po
     layer's as in ``linear_codes``, then ``dequantized``'s). ``x``: uint8 codes or a quint8 QTensor
     [N, C, H, W], any strides. None where the kernels cannot run these tensors."""
     fn = _fn("prom_head", _I64, _PTR, *[_I64] * 16, _PTR, _PTR, _PTR, _PTR, _F32, _I64, _I64, _I64, _F32, _PTR, _PTR)
-    per_row = flags is None or (flags.shape == x.shape[:1] and flags.dtype == torch.bool and flags.is_contiguous())
     if (fn is None or x.dtype not in (torch.uint8, torch.quint8) or not x.is_cpu or x.dim() != 4 or x.numel() == 0
-            or x.shape[1] != weights.in_features or not per_row):
+            or x.shape[1] != weights.in_features or not _per_row(flags, x.shape[0])):
         return None
     n = x.shape[0]
     out = torch.empty(n, weights.out_features, dtype=torch.float32)
