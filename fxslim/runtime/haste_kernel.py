@@ -199,7 +199,7 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
 def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Tensor) -> None:
     """Outputs [blocks, tiles, T·T, O/blocks] and bucket counts [tiles] of every tile of the samples x
     into ``out`` and ``count_out`` (tiles row-major per sample)."""
-    kernel, stride, padding, dilation, tile, grid = geometry
+    kernel, stride, padding, dilation, tile, grid, _ = geometry
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     c, (blocks, _, o), k2, p = x.shape[1], w_rows.shape, kh * kw, tile * tile
     th, tw = (tile - 1) * sh + (kh - 1) * dh + 1, (tile - 1) * sw + (kw - 1) * dw + 1
@@ -259,7 +259,8 @@ def haste_conv2d_tiles(x, weight, bias, planes, stride, padding, dilation, tile,
     """(outputs [N, nth, ntw, T, T, blocks, O/blocks], buckets [N, nth·ntw]) of every output tile of
     x [N, C, H, W] (output channel = block·O/blocks + index in the block).
 
-    Outputs of edge-tile pixels past the conv's output size are computed on zeros; callers crop them.
+    Outputs of edge-tile pixels past the conv's output size are computed on zeros on the ATen path and
+    left unwritten by the native kernel; callers crop them.
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -272,7 +273,7 @@ def haste_conv2d_tiles(x, weight, bias, planes, stride, padding, dilation, tile,
     d = ((tile - 1) * sh + (kh - 1) * dh + 1) * ((tile - 1) * sw + (kw - 1) * dw + 1)
     per_sample = tiles * c * d  # patches
     step = max(1, GROUP_ELEMENTS // per_sample)
-    geometry = ((kh, kw), stride, padding, dilation, tile, grid)
+    geometry = ((kh, kw), stride, padding, dilation, tile, grid, (h_out, w_out))
     out = x.new_empty((blocks, n * tiles, tile * tile, o_block))
     count = torch.empty(n * tiles, dtype=torch.int64)
     for s in range(0, n, step):

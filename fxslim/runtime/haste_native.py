@@ -25,7 +25,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 def _kernel():
     return native_kernels.function("haste_tiles", "haste_tile_convs", _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
                                    _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
-                                   _I64, _PTR, _I64, _I64)
+                                   _I64, _I64, _I64, _PTR, _I64, _I64)
 
 
 def _front_kernel():
@@ -94,7 +94,8 @@ def tile_convs(patches: Tensor, channels: Tensor, starts: Tensor, count: Tensor,
 
     ``patches`` [tiles·C, d]; ``channels``, ``starts``, ``count`` as ``buckets`` gives them (tiles in
     their own order); ``w_rows`` [blocks, C·k², O_b] (``haste_kernel.weight_rows``); ``geometry`` =
-    (kernel, stride, padding, dilation, tile, grid) as the ATen path takes it.
+    (kernel, stride, padding, dilation, tile, grid, output size) as the ATen path takes it. Edge tiles'
+    pixels past the output size are left unwritten (the kernel skips them).
     """
     fn = _kernel() if native_kernels.active() else None
     floats = (patches, w_rows, out) + (() if bias is None else (bias,))
@@ -102,7 +103,7 @@ def tile_convs(patches: Tensor, channels: Tensor, starts: Tensor, count: Tensor,
         return False
     if out.stride(-1) != 1 or out.stride(-2) != out.shape[-1] or not w_rows.is_contiguous():
         return False
-    (kh, kw), (sh, sw), _, (dh, dw), tile, _ = geometry
+    (kh, kw), (sh, sw), _, (dh, dw), tile, _, (h_out, w_out) = geometry
     tw = (tile - 1) * sw + (kw - 1) * dw + 1
     blocks, rows, o_b = w_rows.shape
     c = rows // (kh * kw)
@@ -110,7 +111,7 @@ def tile_convs(patches: Tensor, channels: Tensor, starts: Tensor, count: Tensor,
     index = [t.to(torch.int64).contiguous() for t in (channels, starts, count)]
     status_code = fn(patches.data_ptr(), count.shape[0], c, patches.shape[1], *(t.data_ptr() for t in index),
                      starts.shape[1], w_rows.data_ptr(), blocks, o_b, 0 if bias is None else bias.data_ptr(),
-                     tile, kh, kw, sh, sw, dh, dw, tw, out.data_ptr(), out.stride(0), out.stride(1))
+                     tile, kh, kw, sh, sw, dh, dw, tw, h_out, w_out, out.data_ptr(), out.stride(0), out.stride(1))
     if status_code < 0:
         raise MemoryError("haste_conv2d: out of memory in the native tile kernel")
     return True

@@ -164,6 +164,30 @@ def test_native_output_in_the_input_layout_with_cropped_edge_tiles():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (7, 9), (8, 8)])
+def test_native_kernel_computes_only_edge_pixels_inside_the_output(size):
+    # an edge tile's pixels past the output are skipped (3 x 4 of a 4 x 4 tile on a 1x1 output were
+    # computed on zeros and cropped): left as they were, the others equal to the op's output
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 7, *size, generator=g)
+    weight, bias = torch.randn(70, 7, 3, 3, generator=g), torch.randn(70, generator=g)
+    tile, planes = 4, make_planes(4, 36, 2 / 3, seed=5)
+    grid = (-(-size[0] // tile), -(-size[1] // tile))
+    geometry = ((3, 3), (1, 1), (1, 1), (1, 1), tile, grid, size)
+    rows, codes = haste_kernel.patches_and_codes(x, planes, True, *geometry[:4], tile, grid)
+    channels, starts, count = haste_native.buckets(codes)
+    w_rows = haste_kernel.weight_rows(weight)
+    out = torch.full((w_rows.shape[0], rows.shape[0] // 7, tile * tile, w_rows.shape[2]), float("nan"))
+    assert haste_native.tile_convs(rows, channels, starts, count, w_rows, bias, geometry, out)
+    tiles = out.view(w_rows.shape[0], 2, *grid, tile, tile, -1).permute(1, 2, 3, 4, 5, 0, 6)
+    inside = torch.zeros(2, grid[0] * tile, grid[1] * tile, dtype=torch.bool)
+    inside[:, : size[0], : size[1]] = True
+    inside = inside.view(2, grid[0], tile, grid[1], tile).permute(0, 1, 3, 2, 4)  # [N, nth, ntw, T, T]
+    assert bool(tiles[~inside].isnan().all()) and not bool(tiles[inside].isnan().any())
+    y = haste_conv2d(x, weight, bias, planes, [1, 1], [1, 1], [1, 1], tile, True, "")
+    assert torch.equal(haste_runtime._stitch(tiles, size, torch.contiguous_format), y)
+
+
 @settings(max_examples=30, deadline=None)
 @given(n=st.integers(1, 2), c=st.integers(1, 70), size=st.integers(3, 11), k=st.sampled_from([1, 3]),
        stride=st.integers(1, 2), tile=st.integers(1, 5), L=st.integers(1, 40), center=st.booleans(),

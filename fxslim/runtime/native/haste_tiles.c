@@ -6,8 +6,8 @@
  * Here a merged filter exists only as four vectors of 16 output channels in registers: for each
  * kernel tap ij and bucket b it is summed from the weight rows of the bucket's channels and at once
  * multiplied into the accumulators of 6 output pixels (24 accumulators; a 4x4 tile is 6 + 6 + 4
- * pixels). Work per tile: C * k^2 * O additions (the merge) and B * k^2 * T^2 * O multiply-adds
- * (the reduced conv), as the method counts them. Each pixel's input is a broadcast straight from
+ * pixels). Work per tile: C * k^2 * O additions (the merge) and B * k^2 * P * O multiply-adds
+ * (the reduced conv) for its P <= T^2 pixels inside the output, as the method counts them. Each pixel's input is a broadcast straight from
  * the tile's bucket means ([B][d], the patch positions per tap precomputed).
  *
  * Measured on full-width ResNet18 (benchmarks/haste_speed.py, 1 thread), each step against the one
@@ -126,13 +126,18 @@ static inline __attribute__((always_inline)) void tap_pixels(const float *means,
 }
 
 /* Not inlined: in a function of its own the pixel offsets stay in registers (inlined, the enclosing
- * loops' values pushed them to the stack). A 4x4 tile is 6 + 6 + 4 pixels, without padding. */
+ * loops' values pushed them to the stack). A 4x4 tile is 6 + 6 + 4 pixels, without padding; an edge
+ * tile's pixels inside the output, 1 to 6 at a time. */
 __attribute__((noinline)) static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t buckets,
                                                const float *const *rows, float *acc, int64_t npix) {
-    if (npix == 4)
-        tap_pixels(means, d, at, buckets, rows, acc, 4);
-    else
-        tap_pixels(means, d, at, buckets, rows, acc, PIX);
+    switch (npix) {
+    case 1: tap_pixels(means, d, at, buckets, rows, acc, 1); break;
+    case 2: tap_pixels(means, d, at, buckets, rows, acc, 2); break;
+    case 3: tap_pixels(means, d, at, buckets, rows, acc, 3); break;
+    case 4: tap_pixels(means, d, at, buckets, rows, acc, 4); break;
+    case 5: tap_pixels(means, d, at, buckets, rows, acc, 5); break;
+    default: tap_pixels(means, d, at, buckets, rows, acc, PIX);
+    }
 }
 #else
 static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t buckets, const float *const *rows,
@@ -148,10 +153,22 @@ static void tile_tap(const float *means, int64_t d, const int64_t *at, int64_t b
 /* One layer's arguments (see haste_tile_convs) and what follows from them. */
 typedef struct {
     const float *patches, *w_rows, *bias;
-    const int64_t *channels, *starts, *count, *at;
-    int64_t c, d, b_max, blocks, o_b, k2, pixels, pix_pad, tile_floats, out_block_stride, out_tile_stride;
+    const int64_t *channels, *starts, *count;
+    /* per kind of tile (interior, last column, last row, both; see tile_kind): its pixels inside the
+     * output, at[kind][ij * pix_pad + q] the patch position under the q-th of them at tap ij and
+     * pixel[kind][q] its index in the tile's T x T outputs */
+    const int64_t *at[4], *pixel[4];
+    int64_t npix[4];
+    int64_t c, d, b_max, blocks, o_b, k2, pix_pad, tile_floats, out_block_stride, out_tile_stride, nth, ntw;
     float *out;
 } Layer;
+
+/* Tile i's kind: bit 1 if it is in the last row of tiles, bit 0 in the last column (tiles row-major
+ * per sample); the kinds differ where the output's size is not a multiple of T. */
+static int tile_kind(const Layer *l, int64_t i) {
+    int64_t t = i % (l->nth * l->ntw);
+    return (t / l->ntw == l->nth - 1 ? 2 : 0) | (t % l->ntw == l->ntw - 1 ? 1 : 0);
+}
 
 /* One thread's buffers. */
 typedef struct {
@@ -194,43 +211,61 @@ static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
             for (int64_t i = 0; i < (g1 - g0) * pix_pad; i++) memcpy(w->acc + i * WIDE, start, sizeof start);
             for (int64_t ij = 0; ij < k2; ij++) {
                 for (int64_t i = g0; i < g1; i++) {
+                    int kind = tile_kind(l, i);
+                    int64_t npix = l->npix[kind];
                     merge_rows(weight + ij * o_b + o0, k2 * o_b, l->channels + i * c, l->starts + i * l->b_max, c,
                                l->count[i], width, w->merged, w->rows);
-                    for (int64_t p0 = 0; p0 < pix_pad; p0 += PIX)
-                        tile_tap(w->means + (i - g0) * l->tile_floats, l->d, l->at + ij * pix_pad + p0, l->count[i],
-                                 w->rows, w->acc + ((i - g0) * pix_pad + p0) * WIDE,
-                                 l->pixels - p0 < PIX ? l->pixels - p0 : PIX);
+                    for (int64_t p0 = 0; p0 < npix; p0 += PIX)
+                        tile_tap(w->means + (i - g0) * l->tile_floats, l->d, l->at[kind] + ij * pix_pad + p0,
+                                 l->count[i], w->rows, w->acc + ((i - g0) * pix_pad + p0) * WIDE,
+                                 npix - p0 < PIX ? npix - p0 : PIX);
                 }
             }
             for (int64_t i = g0; i < g1; i++) {
+                int kind = tile_kind(l, i);
                 float *o = l->out + block * l->out_block_stride + i * l->out_tile_stride + o0;
                 const float *a = w->acc + (i - g0) * pix_pad * WIDE;
-                for (int64_t p = 0; p < l->pixels; p++) memcpy(o + p * o_b, a + p * WIDE, (size_t)width * sizeof *o);
+                for (int64_t q = 0; q < l->npix[kind]; q++)
+                    memcpy(o + l->pixel[kind][q] * o_b, a + q * WIDE, (size_t)width * sizeof *o);
             }
         }
     }
 }
 
 /* Every tile's outputs. Tile i's patches are rows (i * C .. + C) of `patches` [tiles * C, d], its
- * buckets row i of channels [tiles, C], starts [tiles, b_max] and count [tiles]. Geometry: T x T
- * output tile, k_h x k_w kernel, strides, dilations, tw = patch width. Writes out[block *
- * out_block_stride + i * out_tile_stride + p * o_b + o] for p < T*T. Returns 0, or -1 when out of
- * memory.
+ * buckets row i of channels [tiles, C], starts [tiles, b_max] and count [tiles]; tiles row-major in
+ * an nth x ntw grid per sample. Geometry: T x T output tile, k_h x k_w kernel, strides, dilations,
+ * tw = patch width, h_out x w_out the conv's output. Writes out[block * out_block_stride + i *
+ * out_tile_stride + p * o_b + o] for the pixels p = y * T + x of the T x T tile inside the output;
+ * an edge tile's pixels past it (all of a 4x4 tile's but one on a 1x1 output) are neither computed
+ * nor written. Returns 0, or -1 when out of memory.
  *
  * Tiles go in groups whose bucket means fit GROUP_FLOATS, at least as many groups as threads
  * where there are tiles enough; threads take groups (OpenMP, torch's pool). */
 int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t d, const int64_t *channels,
                          const int64_t *starts, const int64_t *count, int64_t b_max, const float *w_rows, int64_t blocks, int64_t o_b, const float *bias, int64_t tile,
                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t tw,
-                         float *out, int64_t out_block_stride, int64_t out_tile_stride) {
+                         int64_t h_out, int64_t w_out, float *out, int64_t out_block_stride, int64_t out_tile_stride) {
     int64_t k2 = kh * kw, pixels = tile * tile, pix_pad = (pixels + PIX - 1) / PIX * PIX;
-    int64_t *at = malloc((size_t)(k2 * pix_pad) * sizeof *at); /* at[ij * pix_pad + p]: patch position */
+    int64_t nth = (h_out + tile - 1) / tile, ntw = (w_out + tile - 1) / tile;
+    int64_t *at = malloc((size_t)(4 * (k2 * pix_pad + pixels)) * sizeof *at);
     if (at == NULL) return -1;
-    for (int64_t ij = 0; ij < k2; ij++)
-        for (int64_t p = 0; p < pix_pad; p++) /* padding pixels read position 0 and are never written out */
-            at[ij * pix_pad + p] = p < pixels ? ((p / tile) * sh + (ij / kw) * dh) * tw + (p % tile) * sw + (ij % kw) * dw : 0;
-    Layer l = {patches, w_rows, bias, channels, starts, count, at, c, d, b_max, blocks, o_b, k2,
-               pixels, pix_pad, (b_max > 0 ? b_max : 1) * d, out_block_stride, out_tile_stride, out};
+    Layer l = {patches, w_rows, bias, channels, starts, count, {0}, {0}, {0}, c, d, b_max, blocks, o_b, k2, pix_pad,
+               (b_max > 0 ? b_max : 1) * d, out_block_stride, out_tile_stride, nth, ntw, out};
+    for (int kind = 0; kind < 4; kind++) {
+        int64_t rows = kind & 2 ? h_out - (nth - 1) * tile : tile, cols = kind & 1 ? w_out - (ntw - 1) * tile : tile;
+        int64_t *table = at + kind * (k2 * pix_pad + pixels), *pixel = table + k2 * pix_pad, q = 0;
+        for (int64_t y = 0; y < rows; y++)
+            for (int64_t x = 0; x < cols; x++) pixel[q++] = y * tile + x;
+        for (int64_t ij = 0; ij < k2; ij++)
+            for (int64_t r = 0; r < pix_pad; r++) { /* past the tile's pixels: position 0, never written out */
+                int64_t p = pixel[r < q ? r : 0];
+                table[ij * pix_pad + r] = r < q ? ((p / tile) * sh + (ij / kw) * dh) * tw + (p % tile) * sw + (ij % kw) * dw : 0;
+            }
+        l.at[kind] = table;
+        l.pixel[kind] = pixel;
+        l.npix[kind] = q;
+    }
     int64_t threads = 1;
 #ifdef _OPENMP
     threads = omp_get_max_threads();
