@@ -14,10 +14,10 @@ merged filters in registers and reduced convs); the same model on the ATen path
 The profile runs the HASTE model with timers around each stage of the op's CPU kernel
 (``fxslim.runtime.haste_kernel``): gathering the patches and hashing them (projection, centring,
 bit packing; one pass per tile in the native front kernel), bucketing (sorting each tile's codes;
-on the ATen path also sorting tiles by bucket count), the native tile kernel, or on the ATen path
-the sparse segment sums (bucket means of the inputs and merged filters), the reduced
-conv (batched matmuls) and the rest of the kernel (segment indices, im2col of the means, restoring
-the tile order), and stitching the tiles into the output map.
+on the ATen path also sorting tiles by bucket count), the native tile kernel (which writes the
+output map itself), or on the ATen path the sparse segment sums (bucket means of the inputs and
+merged filters), the reduced conv (batched matmuls), the rest of the kernel (segment indices, im2col
+of the means, restoring the tile order) and stitching the tiles into the output map.
 
     python -m benchmarks.haste_speed                       # resnet18, L=12, batches 1 and 32
     python -m benchmarks.haste_speed --models resnet18 resnet34 --threads 1
@@ -57,10 +57,10 @@ __all__ = ["load_model", "haste_model", "side_by_side", "stage_timers", "profile
 _HERE = Path(__file__).resolve().parent
 _BUILDERS = {"resnet18": resnet18, "resnet34": resnet34}
 # kernel helper -> stage; time inside _group is also split by the torch calls it makes
-_STAGES = {"patches_and_codes": "patches and hashing", "tile_buckets": "bucketing"}
+_STAGES = {"patches_and_codes": "patches and hashing", "tile_buckets": "bucketing", "_stitch": "stitching"}
 _TORCH = {"addmm": "segment sums (means, filter merge)", "bmm": "reduced conv (matmul)",
           "baddbmm": "reduced conv (matmul)"}
-_NATIVE = "native tile kernel (means, merge, reduced conv)"
+_NATIVE = "native tile kernel (means, merge, reduced conv, output)"
 _ORDER = ("patches and hashing", "bucketing", _NATIVE, "segment sums (means, filter merge)", "reduced conv (matmul)",
           "indices, im2col, tile order", "stitching")
 
@@ -105,7 +105,7 @@ def stage_timers() -> Iterator[dict[str, float]]:
     totals: dict[str, float] = defaultdict(float)
     inside = {"group": 0}
     kernel_saved = {name: getattr(haste_kernel, name) for name in (*_STAGES, "_group")}
-    runtime_saved = {name: getattr(haste_runtime, name) for name in ("_stitch", "_haste_conv2d_cpu")}
+    runtime_saved = {"_haste_conv2d_cpu": haste_runtime._haste_conv2d_cpu}
     native_saved = {"tile_convs": haste_native.tile_convs, "buckets": haste_native.buckets}
     torch_saved = {name: getattr(torch, name) for name in _TORCH}
 
@@ -129,7 +129,6 @@ def stage_timers() -> Iterator[dict[str, float]]:
 
     for name, fn in kernel_saved.items():
         setattr(haste_kernel, name, group if name == "_group" else timed(fn, _STAGES[name]))
-    haste_runtime._stitch = timed(runtime_saved["_stitch"], "stitching")
     haste_runtime._haste_conv2d_cpu = timed(runtime_saved["_haste_conv2d_cpu"], "kernel")
     haste_native.tile_convs = timed(native_saved["tile_convs"], _NATIVE)
     haste_native.buckets = timed(native_saved["buckets"], "bucketing")

@@ -42,8 +42,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from fxslim.runtime import haste_native
-from fxslim.runtime.haste_kernel import haste_conv2d_tiles
+from fxslim.runtime.haste_kernel import haste_conv2d_into
 
 __all__ = [
     "haste_conv2d",
@@ -331,28 +330,14 @@ def _haste_conv2d_cpu(x, weight, bias, planes, stride, padding, dilation, tile, 
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
     h_out, w_out = output_shape((h, w), (kh, kw), stride, padding, dilation)
+    y = torch.empty((n, o, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=memory_format)
     if n == 0:
-        return x.new_zeros((0, o, h_out, w_out)).contiguous(memory_format=memory_format)
-    out_tiles, buckets = haste_conv2d_tiles(x, weight, bias, planes, stride, padding, dilation, tile, center)
-    y = _stitch(out_tiles, (h_out, w_out), memory_format)
+        return y.zero_()
+    buckets = haste_conv2d_into(x, weight, bias, planes, stride, padding, dilation, tile, center, y)
     if layer and _ACTIVE_RECORD.get() is not None:
-        nth, ntw = out_tiles.shape[1:3]
+        nth, ntw = -(-h_out // tile), -(-w_out // tile)
         valid_h = (h_out - torch.arange(nth) * tile).clamp(max=tile)
         valid_w = (w_out - torch.arange(ntw) * tile).clamp(max=tile)
         stats = HasteStats(c, o, (kh, kw), patch_shape((kh, kw), stride, dilation, tile), planes.shape[0], tile)
         _record(layer, stats, buckets, (valid_h[:, None] * valid_w).reshape(-1))
     return y
-
-
-def _stitch(out_tiles: Tensor, size: tuple[int, int], memory_format) -> Tensor:
-    """Tiles [N, nth, ntw, T, T, blocks, O/blocks] -> [N, O, H_out, W_out] in ``memory_format``."""
-    y = haste_native.stitch(out_tiles, size, memory_format)
-    if y is not None:
-        return y
-    n, nth, ntw, tile, _, blocks, o_block = out_tiles.shape
-    full = out_tiles.new_empty((n, blocks * o_block, nth * tile, ntw * tile)).contiguous(memory_format=memory_format)
-    grid = full.unflatten(3, (ntw, tile)).unflatten(2, (nth, tile)).unflatten(1, (blocks, o_block))  # view
-    grid.copy_(out_tiles.permute(0, 5, 6, 1, 3, 2, 4))  # [N, blocks, O/blocks, nth, T, ntw, T]
-    if tuple(full.shape[2:]) == tuple(size):
-        return full
-    return full[:, :, : size[0], : size[1]].clone(memory_format=memory_format)

@@ -11,14 +11,15 @@ Samples go in groups whose patches fit ``GROUP_ELEMENTS``. For a group:
    the chunk's largest B with empty buckets) and per block of output channels:
    merged filters W̃[τ, ij, b] = Σ_{c∈b} W[:, c, ij] as one sparse 0/1 matrix times the weight's
    rows [C·k², O] (a segment sum), then the reduced convs as one batched GEMM,
-   y_τ [T·T, O] = im2col(means_τ) [T·T, k²·B] @ W̃_τ [k²·B, O] (+ bias).
+   y_τ [T·T, O] = im2col(means_τ) [T·T, k²·B] @ W̃_τ [k²·B, O] (+ bias);
+6. the tiles cropped into the output map.
 
 Where a C compiler is there and the dtype is float32, the steps run in native kernels instead
 (``haste_native``): steps 1-2 in ``native/haste_front.c`` (a tile's windows gathered from x, then
 projected, centred and packed while in cache, where ATen's GEMM of L = 12 columns and four passes
 over the projections took longer than the bucket means), step 3 in ``native/haste_buckets.c`` (a
-radix sort per tile) and steps 4-5 in ``native/haste_tiles.c``, which sums each merged filter in
-registers and never writes one.
+radix sort per tile) and steps 4-6 in ``native/haste_tiles.c``, which sums each merged filter in
+registers and never writes one, and writes each tile's outputs into the map from its accumulators.
 On the ATen path step 5 writes B_τ·k²·O merged filter values per tile (from O·k²·C reads and
 O·k²·(C − B_τ) additions), and ``benchmarks/haste_speed.py`` times writing that many floats.
 Intermediates live in per-thread scratch buffers reused across calls (``fxslim.runtime.memory``);
@@ -37,7 +38,7 @@ from torch import Tensor
 
 from fxslim.runtime import haste_native, memory
 
-__all__ = ["TileBuckets", "hash_codes", "patches", "patches_and_codes", "tile_buckets", "weight_rows", "haste_conv2d_tiles"]
+__all__ = ["TileBuckets", "hash_codes", "patches", "patches_and_codes", "tile_buckets", "weight_rows", "haste_conv2d_into"]
 
 # Sizes in elements, from timing full-width ResNet18 on the reference machine (2 shared cores):
 # from 2^19 to 2^23 the model time moved within the noise (±5 %); groups of 2^25 were 50 % slower.
@@ -197,8 +198,8 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, shape: tuple[int, int]) -> T
 
 
 def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Tensor) -> None:
-    """Outputs [blocks, tiles, T·T, O/blocks] and bucket counts [tiles] of every tile of the samples x
-    into ``out`` and ``count_out`` (tiles row-major per sample)."""
+    """The output map [n, O, H_out, W_out] of the samples x into ``out``, and the bucket counts
+    [tiles] of their tiles into ``count_out`` (tiles row-major per sample)."""
     kernel, stride, padding, dilation, tile, grid, _ = geometry
     (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
     c, (blocks, _, o), k2, p = x.shape[1], w_rows.shape, kh * kw, tile * tile
@@ -251,16 +252,25 @@ def _group(x, w_rows, bias, planes, geometry, center, out: Tensor, count_out: Te
             else:
                 torch.baddbmm(bias[block * o : (block + 1) * o].view(1, 1, o), cols, merged.view(m, k2 * b, o),
                               out=by_count[block, start:stop])
-    out.index_copy_(1, bk.order, by_count)
+    tiled = memory.scratch("haste.tiled", (blocks, tiles, p, o), x.dtype).index_copy_(1, bk.order, by_count)
+    _stitch(tiled.view(blocks, x.shape[0], *grid, tile, tile, o).permute(1, 2, 3, 4, 5, 0, 6), out)
     count_out.index_copy_(0, bk.order, bk.count)
 
 
-def haste_conv2d_tiles(x, weight, bias, planes, stride, padding, dilation, tile, center) -> tuple[Tensor, Tensor]:
-    """(outputs [N, nth, ntw, T, T, blocks, O/blocks], buckets [N, nth·ntw]) of every output tile of
-    x [N, C, H, W] (output channel = block·O/blocks + index in the block).
+def _stitch(tiles: Tensor, out: Tensor) -> None:
+    """``out`` [N, O, H_out, W_out] = tiles [N, nth, ntw, T, T, blocks, O/blocks] cropped to its size
+    (output channel = block·O/blocks + index in the block)."""
+    n, nth, ntw, tile, _, blocks, o_block = tiles.shape
+    full = tiles.permute(0, 5, 6, 1, 3, 2, 4).reshape(n, blocks * o_block, nth * tile, ntw * tile)
+    out.copy_(full[:, :, : out.shape[2], : out.shape[3]])
 
-    Outputs of edge-tile pixels past the conv's output size are computed on zeros on the ATen path and
-    left unwritten by the native kernel; callers crop them.
+
+def haste_conv2d_into(x, weight, bias, planes, stride, padding, dilation, tile, center, out: Tensor) -> Tensor:
+    """The HASTE conv of x [N, C, H, W] written into ``out`` [N, O, H_out, W_out] (any layout); returns
+    the bucket count of every output tile, [N, nth·ntw].
+
+    The native kernel writes each tile's pixels inside the output straight into ``out``; the ATen path
+    computes whole tiles (edge pixels past the output on zeros) and crops them into it.
     """
     n, c, h, w = x.shape
     o, _, kh, kw = weight.shape
@@ -274,9 +284,8 @@ def haste_conv2d_tiles(x, weight, bias, planes, stride, padding, dilation, tile,
     per_sample = tiles * c * d  # patches
     step = max(1, GROUP_ELEMENTS // per_sample)
     geometry = ((kh, kw), stride, padding, dilation, tile, grid, (h_out, w_out))
-    out = x.new_empty((blocks, n * tiles, tile * tile, o_block))
     count = torch.empty(n * tiles, dtype=torch.int64)
     for s in range(0, n, step):
         rows = slice(s * tiles, min(n, s + step) * tiles)
-        _group(x[s : s + step], w_rows, bias, planes, geometry, center, out[:, rows], count[rows])
-    return out.view(blocks, n, *grid, tile, tile, o_block).permute(1, 2, 3, 4, 5, 0, 6), count.view(n, tiles)
+        _group(x[s : s + step], w_rows, bias, planes, geometry, center, out[s : s + step], count[rows])
+    return count.view(n, tiles)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from fxslim.runtime import native_kernels
 
-__all__ = ["patches", "buckets", "tile_convs", "stitch", "status"]
+__all__ = ["patches", "buckets", "tile_convs", "status"]
 
 _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 
@@ -25,7 +25,7 @@ _I64, _PTR = ctypes.c_int64, ctypes.c_void_p
 def _kernel():
     return native_kernels.function("haste_tiles", "haste_tile_convs", _I64, _PTR, _I64, _I64, _I64, _PTR, _PTR, _PTR,
                                    _I64, _PTR, _I64, _I64, _PTR, _I64, _I64, _I64, _I64, _I64, _I64, _I64,
-                                   _I64, _I64, _I64, _PTR, _I64, _I64)
+                                   _I64, _I64, _I64, _PTR, _PTR)
 
 
 def _front_kernel():
@@ -90,18 +90,16 @@ def status() -> str:
 
 def tile_convs(patches: Tensor, channels: Tensor, starts: Tensor, count: Tensor, w_rows: Tensor,
                bias: Tensor | None, geometry: tuple, out: Tensor) -> bool:
-    """Every tile's reduced conv into ``out`` [blocks, tiles, T·T, O_b] (tiles in ``patches``' order).
+    """Every tile's reduced conv written into ``out`` [N, O, H_out, W_out] (any strides: the output map
+    of the samples whose tiles ``patches`` holds, tiles row-major per sample).
 
     ``patches`` [tiles·C, d]; ``channels``, ``starts``, ``count`` as ``buckets`` gives them (tiles in
     their own order); ``w_rows`` [blocks, C·k², O_b] (``haste_kernel.weight_rows``); ``geometry`` =
-    (kernel, stride, padding, dilation, tile, grid, output size) as the ATen path takes it. Edge tiles'
-    pixels past the output size are left unwritten (the kernel skips them).
+    (kernel, stride, padding, dilation, tile, grid, output size) as the ATen path takes it.
     """
     fn = _kernel() if native_kernels.active() else None
     floats = (patches, w_rows, out) + (() if bias is None else (bias,))
-    if fn is None or any(t.dtype != torch.float32 or not t.is_cpu for t in floats):
-        return False
-    if out.stride(-1) != 1 or out.stride(-2) != out.shape[-1] or not w_rows.is_contiguous():
+    if fn is None or any(t.dtype != torch.float32 or not t.is_cpu for t in floats) or not w_rows.is_contiguous():
         return False
     (kh, kw), (sh, sw), _, (dh, dw), tile, _, (h_out, w_out) = geometry
     tw = (tile - 1) * sw + (kw - 1) * dw + 1
@@ -111,24 +109,7 @@ def tile_convs(patches: Tensor, channels: Tensor, starts: Tensor, count: Tensor,
     index = [t.to(torch.int64).contiguous() for t in (channels, starts, count)]
     status_code = fn(patches.data_ptr(), count.shape[0], c, patches.shape[1], *(t.data_ptr() for t in index),
                      starts.shape[1], w_rows.data_ptr(), blocks, o_b, 0 if bias is None else bias.data_ptr(),
-                     tile, kh, kw, sh, sw, dh, dw, tw, h_out, w_out, out.data_ptr(), out.stride(0), out.stride(1))
+                     tile, kh, kw, sh, sw, dh, dw, tw, h_out, w_out, out.data_ptr(), (_I64 * 4)(*out.stride()))
     if status_code < 0:
         raise MemoryError("haste_conv2d: out of memory in the native tile kernel")
     return True
-
-
-def _stitch_kernel():
-    return native_kernels.function("haste_tiles", "haste_stitch", None, _PTR, *[_I64] * 6, _PTR, _PTR, _I64, _I64, _PTR)
-
-
-def stitch(tiles: Tensor, size: tuple[int, int], memory_format: torch.memory_format) -> Tensor | None:
-    """[N, O, H_out, W_out] in ``memory_format`` = the tiles [N, nth, ntw, T, T, blocks, O/blocks]
-    cropped to ``size``, as ``haste._stitch`` does it; None where the kernel cannot run."""
-    fn = _stitch_kernel() if native_kernels.active() else None
-    if fn is None or tiles.dtype != torch.float32 or not tiles.is_cpu:
-        return None
-    n, nth, ntw, tile, _, blocks, o_b = tiles.shape
-    out = torch.empty((n, blocks * o_b, *size), dtype=torch.float32, memory_format=memory_format)
-    source, target = (_I64 * 7)(*tiles.stride()), (_I64 * 4)(*out.stride())  # no tensors built per call
-    fn(tiles.data_ptr(), n, nth, ntw, tile, blocks, o_b, source, out.data_ptr(), out.shape[2], out.shape[3], target)
-    return out

@@ -11,7 +11,6 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxslim.runtime import haste as haste_runtime
 from fxslim.runtime import haste_kernel, haste_native, native_kernels
 from fxslim.runtime.haste import haste_conv2d, make_planes, patch_shape
 from fxslim.runtime.haste_reference import haste_conv2d_reference
@@ -164,10 +163,14 @@ def test_native_output_in_the_input_layout_with_cropped_edge_tiles():
     torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-4)
 
 
-@pytest.mark.parametrize("size", [(1, 1), (2, 3), (7, 9), (8, 8)])
-def test_native_kernel_computes_only_edge_pixels_inside_the_output(size):
-    # an edge tile's pixels past the output are skipped (3 x 4 of a 4 x 4 tile on a 1x1 output were
-    # computed on zeros and cropped): left as they were, the others equal to the op's output
+@pytest.mark.parametrize("size", [(1, 1), (2, 3), (7, 9), (8, 8), (12, 5)])
+@pytest.mark.parametrize("blocked", [False, True])
+def test_native_kernel_writes_every_output_pixel_into_any_layout(size, blocked, monkeypatch):
+    # the tile kernel writes the output map itself: whole 4x4 tiles transposed into NCHW, an edge tile's
+    # pixels inside the output only (one of 16 on a 1x1 output), channels_last a pixel at a time, a
+    # view's strides as given; 70 channels are a pass of 64 and one of 6, or several weight blocks
+    if blocked:
+        monkeypatch.setattr(haste_kernel, "BLOCK_ELEMENTS", 64)
     g = torch.Generator().manual_seed(12)
     x = torch.randn(2, 7, *size, generator=g)
     weight, bias = torch.randn(70, 7, 3, 3, generator=g), torch.randn(70, generator=g)
@@ -177,15 +180,19 @@ def test_native_kernel_computes_only_edge_pixels_inside_the_output(size):
     rows, codes = haste_kernel.patches_and_codes(x, planes, True, *geometry[:4], tile, grid)
     channels, starts, count = haste_native.buckets(codes)
     w_rows = haste_kernel.weight_rows(weight)
-    out = torch.full((w_rows.shape[0], rows.shape[0] // 7, tile * tile, w_rows.shape[2]), float("nan"))
-    assert haste_native.tile_convs(rows, channels, starts, count, w_rows, bias, geometry, out)
-    tiles = out.view(w_rows.shape[0], 2, *grid, tile, tile, -1).permute(1, 2, 3, 4, 5, 0, 6)
-    inside = torch.zeros(2, grid[0] * tile, grid[1] * tile, dtype=torch.bool)
-    inside[:, : size[0], : size[1]] = True
-    inside = inside.view(2, grid[0], tile, grid[1], tile).permute(0, 1, 3, 2, 4)  # [N, nth, ntw, T, T]
-    assert bool(tiles[~inside].isnan().all()) and not bool(tiles[inside].isnan().any())
-    y = haste_conv2d(x, weight, bias, planes, [1, 1], [1, 1], [1, 1], tile, True, "")
-    assert torch.equal(haste_runtime._stitch(tiles, size, torch.contiguous_format), y)
+    assert (w_rows.shape[0] > 1) == blocked
+    maps = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out = torch.full((2, 70, *size), float("nan")).contiguous(memory_format=layout)
+        assert haste_native.tile_convs(rows, channels, starts, count, w_rows, bias, geometry, out)
+        maps.append(out)
+    wide = torch.full((2, 75, *size), float("nan"))
+    assert haste_native.tile_convs(rows, channels, starts, count, w_rows, bias, geometry, wide[:, 5:])
+    assert not maps[0].isnan().any() and torch.equal(maps[0], maps[1]) and torch.equal(maps[0], wide[:, 5:])
+    assert bool(wide[:, :5].isnan().all())
+    with native_kernels.disabled():
+        aten = haste_conv2d(x, weight, bias, planes, [1, 1], [1, 1], [1, 1], tile, True, "")
+    torch.testing.assert_close(maps[0], aten, rtol=1e-5, atol=1e-4)
 
 
 @settings(max_examples=30, deadline=None)
@@ -214,17 +221,3 @@ def test_native_codes_equal_the_aten_path_away_from_ties(n, c, size, k, stride, 
     scale = rows.abs().amax().double() * planes.shape[1]
     clear = torch.ones(tiles, c, dtype=torch.bool) if integers else (proj.abs() > 1e-5 * scale).all(dim=2)
     assert torch.equal(native[clear], aten[clear])
-
-
-@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
-@pytest.mark.parametrize("blocks,size", [(1, (8, 8)), (3, (7, 5)), (2, (1, 9))])
-def test_native_stitch_equals_the_aten_copy(layout, blocks, size):
-    # several output-channel blocks, edge tiles cropped in rows and columns, both output layouts
-    tile, o_b = 4, 5
-    grid = (-(-size[0] // tile), -(-size[1] // tile))
-    flat = torch.randn(blocks, 2 * grid[0] * grid[1], tile * tile, o_b)
-    tiles = flat.view(blocks, 2, *grid, tile, tile, o_b).permute(1, 2, 3, 4, 5, 0, 6)  # as haste_conv2d_tiles gives it
-    native = haste_runtime._stitch(tiles, size, layout)
-    with native_kernels.disabled():
-        aten = haste_runtime._stitch(tiles, size, layout)
-    assert torch.equal(native, aten) and native.is_contiguous(memory_format=layout)

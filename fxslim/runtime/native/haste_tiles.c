@@ -7,8 +7,11 @@
  * kernel tap ij and bucket b it is summed from the weight rows of the bucket's channels and at once
  * multiplied into the accumulators of 6 output pixels (24 accumulators; a 4x4 tile is 6 + 6 + 4
  * pixels). Work per tile: C * k^2 * O additions (the merge) and B * k^2 * P * O multiply-adds
- * (the reduced conv) for its P <= T^2 pixels inside the output, as the method counts them. Each pixel's input is a broadcast straight from
- * the tile's bucket means ([B][d], the patch positions per tap precomputed).
+ * (the reduced conv) for its P <= T^2 pixels inside the output, as the method counts them. Each
+ * pixel's input is a broadcast straight from the tile's bucket means ([B][d], the patch positions
+ * per tap precomputed). The accumulators go straight into the output map: a tile layout stitched
+ * into it afterwards cost one more pass over the output (6 % of ResNet18's HASTE time at batch 32,
+ * NCHW scattered over a plane per channel).
  *
  * Measured on full-width ResNet18 (benchmarks/haste_speed.py, 1 thread), each step against the one
  * before: means read in place of a tap-major copy that cost a scalar gather per (tap, bucket,
@@ -159,8 +162,9 @@ typedef struct {
      * pixel[kind][q] its index in the tile's T x T outputs */
     const int64_t *at[4], *pixel[4];
     int64_t npix[4];
-    int64_t c, d, b_max, blocks, o_b, k2, pix_pad, tile_floats, out_block_stride, out_tile_stride, nth, ntw;
-    float *out;
+    int64_t c, d, b_max, blocks, o_b, k2, pix_pad, tile_floats, tile, nth, ntw;
+    float *dst;    /* the output map [N, O, H_out, W_out] of this call's samples */
+    int64_t ds[4]; /* its strides */
 } Layer;
 
 /* Tile i's kind: bit 1 if it is in the last row of tiles, bit 0 in the last column (tiles row-major
@@ -194,6 +198,72 @@ static int alloc_work(Work *w, const Layer *l, int64_t group) {
     return -1;
 }
 
+#ifdef __AVX512F__
+/* r[p] = 16 channels of pixel p -> r[c] = channel c's 16 pixels (per 128-bit lane: unpack 32-bit, then
+ * 64-bit, then two rounds of 128-bit shuffles). */
+static inline void transpose16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int g = 0; g < 16; g += 4) { /* u[g + j], lane k: element 4k + j of rows g .. g + 3 */
+        u[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[g]), _mm512_castps_pd(t[g + 2])));
+        u[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[g]), _mm512_castps_pd(t[g + 2])));
+        u[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[g + 1]), _mm512_castps_pd(t[g + 3])));
+        u[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[g + 1]), _mm512_castps_pd(t[g + 3])));
+    }
+    for (int j = 0; j < 4; j++) {
+        __m512 a_lo = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44), a_hi = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xEE);
+        __m512 b_lo = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44);
+        __m512 b_hi = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xEE);
+        r[j] = _mm512_shuffle_f32x4(a_lo, b_lo, 0x88);
+        r[4 + j] = _mm512_shuffle_f32x4(a_lo, b_lo, 0xDD);
+        r[8 + j] = _mm512_shuffle_f32x4(a_hi, b_hi, 0x88);
+        r[12 + j] = _mm512_shuffle_f32x4(a_hi, b_hi, 0xDD);
+    }
+}
+#endif
+
+/* Tile i's accumulators a[q * WIDE + v] (its q-th pixel inside the output, output channel o + v, v <
+ * width) into the output map. Channels_last: a pixel's channels at once. NCHW, a whole 4x4 tile: 16
+ * channels of its 16 pixels transposed in registers, then a row of 4 pixels per store. Else one value
+ * at a time. */
+static void write_tile(const Layer *l, int64_t i, int64_t o, int64_t width, const float *a) {
+    int kind = tile_kind(l, i);
+    int64_t t = i % (l->nth * l->ntw), tile = l->tile, npix = l->npix[kind];
+    const int64_t *ds = l->ds, *pixel = l->pixel[kind];
+    float *corner = l->dst + i / (l->nth * l->ntw) * ds[0] + o * ds[1] + t / l->ntw * tile * ds[2] + t % l->ntw * tile * ds[3];
+    if (ds[1] == 1) {
+        for (int64_t q = 0; q < npix; q++)
+            memcpy(corner + pixel[q] / tile * ds[2] + pixel[q] % tile * ds[3], a + q * WIDE, (size_t)width * sizeof *a);
+        return;
+    }
+#ifdef __AVX512F__
+    if (tile == 4 && npix == 16 && ds[3] == 1) {
+        for (int64_t c0 = 0; c0 < width; c0 += 16) {
+            int64_t n = width - c0 < 16 ? width - c0 : 16;
+            __mmask16 lanes = (__mmask16)(n == 16 ? 0xffffu : (1u << n) - 1u);
+            __m512 r[16];
+            for (int p = 0; p < 16; p++) r[p] = _mm512_maskz_loadu_ps(lanes, a + p * WIDE + c0);
+            transpose16(r);
+            for (int64_t c = 0; c < n; c++) {
+                float *plane = corner + (c0 + c) * ds[1];
+                _mm_storeu_ps(plane, _mm512_castps512_ps128(r[c]));
+                _mm_storeu_ps(plane + ds[2], _mm512_extractf32x4_ps(r[c], 1));
+                _mm_storeu_ps(plane + 2 * ds[2], _mm512_extractf32x4_ps(r[c], 2));
+                _mm_storeu_ps(plane + 3 * ds[2], _mm512_extractf32x4_ps(r[c], 3));
+            }
+        }
+        return;
+    }
+#endif
+    for (int64_t q = 0; q < npix; q++) {
+        float *to = corner + pixel[q] / tile * ds[2] + pixel[q] % tile * ds[3];
+        for (int64_t v = 0; v < width; v++) to[v * ds[1]] = a[q * WIDE + v];
+    }
+}
+
 /* Sorted tiles [g0, g1): means, then output channels WIDE at a time with kernel taps outermost, so
  * the weight slice of one (tap, WIDE channels) is read once per group from memory and then from
  * cache by every tile of the group. */
@@ -221,13 +291,8 @@ static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
                                  npix - p0 < PIX ? npix - p0 : PIX);
                 }
             }
-            for (int64_t i = g0; i < g1; i++) {
-                int kind = tile_kind(l, i);
-                float *o = l->out + block * l->out_block_stride + i * l->out_tile_stride + o0;
-                const float *a = w->acc + (i - g0) * pix_pad * WIDE;
-                for (int64_t q = 0; q < l->npix[kind]; q++)
-                    memcpy(o + l->pixel[kind][q] * o_b, a + q * WIDE, (size_t)width * sizeof *o);
-            }
+            for (int64_t i = g0; i < g1; i++)
+                write_tile(l, i, block * o_b + o0, width, w->acc + (i - g0) * pix_pad * WIDE);
         }
     }
 }
@@ -235,23 +300,23 @@ static void run_group(const Layer *l, Work *w, int64_t g0, int64_t g1) {
 /* Every tile's outputs. Tile i's patches are rows (i * C .. + C) of `patches` [tiles * C, d], its
  * buckets row i of channels [tiles, C], starts [tiles, b_max] and count [tiles]; tiles row-major in
  * an nth x ntw grid per sample. Geometry: T x T output tile, k_h x k_w kernel, strides, dilations,
- * tw = patch width, h_out x w_out the conv's output. Writes out[block * out_block_stride + i *
- * out_tile_stride + p * o_b + o] for the pixels p = y * T + x of the T x T tile inside the output;
- * an edge tile's pixels past it (all of a 4x4 tile's but one on a 1x1 output) are neither computed
- * nor written. Returns 0, or -1 when out of memory.
+ * tw = patch width, h_out x w_out the conv's output. Writes the output map dst [N, O, h_out, w_out]
+ * (strides ds, any layout) straight from the accumulators: an edge tile's pixels past the output (all
+ * of a 4x4 tile's but one on a 1x1 output) are neither computed nor written. Returns 0, or -1 when out
+ * of memory.
  *
  * Tiles go in groups whose bucket means fit GROUP_FLOATS, at least as many groups as threads
  * where there are tiles enough; threads take groups (OpenMP, torch's pool). */
 int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t d, const int64_t *channels,
                          const int64_t *starts, const int64_t *count, int64_t b_max, const float *w_rows, int64_t blocks, int64_t o_b, const float *bias, int64_t tile,
                          int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t dh, int64_t dw, int64_t tw,
-                         int64_t h_out, int64_t w_out, float *out, int64_t out_block_stride, int64_t out_tile_stride) {
+                         int64_t h_out, int64_t w_out, float *dst, const int64_t *ds) {
     int64_t k2 = kh * kw, pixels = tile * tile, pix_pad = (pixels + PIX - 1) / PIX * PIX;
     int64_t nth = (h_out + tile - 1) / tile, ntw = (w_out + tile - 1) / tile;
     int64_t *at = malloc((size_t)(4 * (k2 * pix_pad + pixels)) * sizeof *at);
     if (at == NULL) return -1;
     Layer l = {patches, w_rows, bias, channels, starts, count, {0}, {0}, {0}, c, d, b_max, blocks, o_b, k2, pix_pad,
-               (b_max > 0 ? b_max : 1) * d, out_block_stride, out_tile_stride, nth, ntw, out};
+               (b_max > 0 ? b_max : 1) * d, tile, nth, ntw, dst, {ds[0], ds[1], ds[2], ds[3]}};
     for (int kind = 0; kind < 4; kind++) {
         int64_t rows = kind & 2 ? h_out - (nth - 1) * tile : tile, cols = kind & 1 ? w_out - (ntw - 1) * tile : tile;
         int64_t *table = at + kind * (k2 * pix_pad + pixels), *pixel = table + k2 * pix_pad, q = 0;
@@ -288,37 +353,4 @@ int64_t haste_tile_convs(const float *patches, int64_t tiles, int64_t c, int64_t
     }
     free(at);
     return failed ? -1 : 0;
-}
-
-/* The tiles' outputs into the output map, cropped: dst[s, blk * o_b + o, ti * T + y, tj * T + x] =
- * src[s, ti, tj, y, x, blk, o] for the pixels inside h_out x w_out, both through their strides
- * (src: 7, dst: 4). ATen's copy of the permuted view walked it element by element; here an NCHW
- * output is written a row of a tile at a time, a channels_last one a pixel's channels at a time. */
-void haste_stitch(const float *src, int64_t n, int64_t nth, int64_t ntw, int64_t tile, int64_t blocks, int64_t o_b,
-                  const int64_t *ss, float *dst, int64_t h_out, int64_t w_out, const int64_t *ds) {
-#pragma omp parallel for schedule(static) if (n * nth * ntw * tile * tile * blocks * o_b > (1 << 16))
-    for (int64_t st = 0; st < n * nth * ntw; st++) {
-        int64_t s = st / (nth * ntw), ti = st / ntw % nth, tj = st % ntw;
-        int64_t rows = h_out - ti * tile < tile ? h_out - ti * tile : tile;
-        int64_t cols = w_out - tj * tile < tile ? w_out - tj * tile : tile;
-        const float *from = src + s * ss[0] + ti * ss[1] + tj * ss[2];
-        float *to = dst + s * ds[0] + ti * tile * ds[2] + tj * tile * ds[3];
-        if (ds[1] == 1 && ss[6] == 1) { /* channels_last: each pixel's channels contiguous on both sides */
-            for (int64_t y = 0; y < rows; y++)
-                for (int64_t x = 0; x < cols; x++)
-                    for (int64_t blk = 0; blk < blocks; blk++) {
-                        const float *a = from + y * ss[3] + x * ss[4] + blk * ss[5];
-                        float *b = to + y * ds[2] + x * ds[3] + blk * o_b;
-                        for (int64_t o = 0; o < o_b; o++) b[o] = a[o];
-                    }
-            continue;
-        }
-        for (int64_t blk = 0; blk < blocks; blk++)
-            for (int64_t o = 0; o < o_b; o++) {
-                const float *a = from + blk * ss[5] + o * ss[6];
-                float *b = to + (blk * o_b + o) * ds[1];
-                for (int64_t y = 0; y < rows; y++)
-                    for (int64_t x = 0; x < cols; x++) b[y * ds[2] + x * ds[3]] = a[y * ss[3] + x * ss[4]];
-            }
-    }
 }
