@@ -95,11 +95,33 @@ static void project(const float *windows, int64_t c, int64_t d, const float *pla
 }
 
 /* codes[k] for the c windows of one tile: the sum over l of 2^l for the planes where the (centred
- * over the tile's channels, when center != 0) projection is > 0. */
+ * over the tile's channels, when center != 0) projection is > 0. With AVX-512 16 planes at a time
+ * (the same sums, in the same order: per plane a double sum over the channels in turn). */
 static void tile_codes(const float *windows, int64_t c, int64_t d, const float *planes_t, int64_t L, int64_t lpad,
                        int64_t center, float *proj, float *codes32, double *codes64) {
     project(windows, c, d, planes_t, lpad, proj);
     float mean[MAX_PLANES] = {0};
+#ifdef __AVX512F__
+    if (center)
+        for (int64_t l0 = 0; l0 < lpad; l0 += VEC) {
+            __m512d lo = _mm512_setzero_pd(), hi = _mm512_setzero_pd();
+            for (int64_t k = 0; k < c; ++k) {
+                __m512 p = _mm512_loadu_ps(proj + k * lpad + l0);
+                lo = _mm512_add_pd(lo, _mm512_cvtps_pd(_mm512_castps512_ps256(p)));
+                hi = _mm512_add_pd(hi, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(p), 1))));
+            }
+            __m512 sum = _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(lo)), _mm512_cvtpd_ps(hi), 1);
+            _mm512_storeu_ps(mean + l0, _mm512_div_ps(sum, _mm512_set1_ps((float)c))); /* as ATen divides its float sum */
+        }
+    uint64_t keep = L >= 64 ? ~(uint64_t)0 : ((uint64_t)1 << L) - 1u;
+    for (int64_t k = 0; k < c; ++k) {
+        uint64_t code = 0;
+        for (int64_t l0 = 0; l0 < lpad; l0 += VEC) {
+            __m512 centred = _mm512_sub_ps(_mm512_loadu_ps(proj + k * lpad + l0), _mm512_loadu_ps(mean + l0));
+            code |= (uint64_t)_mm512_cmp_ps_mask(centred, _mm512_setzero_ps(), _CMP_GT_OQ) << l0;
+        }
+        code &= keep;
+#else
     if (center) {
         double sum[MAX_PLANES] = {0};
         for (int64_t k = 0; k < c; ++k)
@@ -109,6 +131,7 @@ static void tile_codes(const float *windows, int64_t c, int64_t d, const float *
     for (int64_t k = 0; k < c; ++k) {
         uint64_t code = 0;
         for (int64_t l = 0; l < L; ++l) code |= (uint64_t)(proj[k * lpad + l] - mean[l] > 0.0f) << l;
+#endif
         if (codes32 != NULL)
             codes32[k] = (float)code;
         else
