@@ -43,7 +43,51 @@ enum {
     GROUP_FLOATS = 1 << 17, /* a group of tiles' bucket means (512 KB): they share each read of the weight */
 };
 
-/* means[b * d + q] = the mean over bucket b's channels of patch value q. */
+/* means[b * d + q] = the mean over bucket b's channels of patch value q: the sum over the channels in
+ * bucket order, from 0, times 1 / size. AVX-512: up to MEAN_VECTORS vectors of patch values summed
+ * in registers at a time (all of a 3x3 conv's 36 or 81, a 1x1 stride-2 conv's 49), where a sum kept
+ * in memory waited on its own store at every channel, a third of the reduced conv's time on
+ * ResNet18's 3x3 layers. */
+#ifdef __AVX512F__
+enum { MEAN_VECTORS = 6 };
+
+static inline __attribute__((always_inline)) void means_of(const float *patch, int64_t d, int64_t q0,
+                                                            const int64_t *channels, const int64_t *starts,
+                                                            int64_t buckets, int64_t c, float *means, const int nv) {
+    __mmask16 mask[MEAN_VECTORS];
+    for (int v = 0; v < nv; v++) {
+        int64_t left = d - q0 - v * VEC;
+        mask[v] = left >= VEC ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
+    }
+    for (int64_t b = 0; b < buckets; b++) {
+        int64_t s0 = starts[b], s1 = b + 1 < buckets ? starts[b + 1] : c;
+        __m512 sum[MEAN_VECTORS];
+        for (int v = 0; v < nv; v++) sum[v] = _mm512_setzero_ps();
+        for (int64_t s = s0; s < s1; s++) {
+            const float *row = patch + channels[s] * d + q0;
+            for (int v = 0; v < nv; v++) sum[v] = _mm512_add_ps(sum[v], _mm512_maskz_loadu_ps(mask[v], row + v * VEC));
+        }
+        __m512 inv = _mm512_set1_ps(1.0f / (float)(s1 - s0));
+        for (int v = 0; v < nv; v++)
+            _mm512_mask_storeu_ps(means + b * d + q0 + v * VEC, mask[v], _mm512_mul_ps(sum[v], inv));
+    }
+}
+
+static void bucket_means(const float *patch, int64_t d, const int64_t *channels, const int64_t *starts, int64_t buckets,
+                         int64_t c, float *means) {
+    for (int64_t q0 = 0; q0 < d; q0 += MEAN_VECTORS * VEC) {
+        int64_t left = (d - q0 + VEC - 1) / VEC;
+        switch (left < MEAN_VECTORS ? left : MEAN_VECTORS) {
+        case 1: means_of(patch, d, q0, channels, starts, buckets, c, means, 1); break;
+        case 2: means_of(patch, d, q0, channels, starts, buckets, c, means, 2); break;
+        case 3: means_of(patch, d, q0, channels, starts, buckets, c, means, 3); break;
+        case 4: means_of(patch, d, q0, channels, starts, buckets, c, means, 4); break;
+        case 5: means_of(patch, d, q0, channels, starts, buckets, c, means, 5); break;
+        default: means_of(patch, d, q0, channels, starts, buckets, c, means, MEAN_VECTORS);
+        }
+    }
+}
+#else
 static void bucket_means(const float *patch, int64_t d, const int64_t *channels, const int64_t *starts, int64_t buckets,
                          int64_t c, float *means) {
     for (int64_t b = 0; b < buckets; b++) {
@@ -58,6 +102,7 @@ static void bucket_means(const float *patch, int64_t d, const int64_t *channels,
         for (int64_t q = 0; q < d; q++) mean[q] *= inv;
     }
 }
+#endif
 
 /* rows[b] -> W~[ij, b] (WIDE floats; `width` of them real) = the sum of the weight rows at tap ij
  * of bucket b's channels, for every bucket of a tile: a singleton's own weight row where all WIDE
