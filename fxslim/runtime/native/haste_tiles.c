@@ -51,14 +51,16 @@ enum {
 #ifdef __AVX512F__
 enum { MEAN_VECTORS = 6 };
 
+/* The first n of a vector's 16 lanes (none for n <= 0, all for n >= 16). */
+static inline __mmask16 first_lanes(int64_t n) {
+    return n >= VEC ? (__mmask16)0xffff : n > 0 ? (__mmask16)((1u << n) - 1u) : 0;
+}
+
 static inline __attribute__((always_inline)) void means_of(const float *patch, int64_t d, int64_t q0,
                                                             const int64_t *channels, const int64_t *starts,
                                                             int64_t buckets, int64_t c, float *means, const int nv) {
     __mmask16 mask[MEAN_VECTORS];
-    for (int v = 0; v < nv; v++) {
-        int64_t left = d - q0 - v * VEC;
-        mask[v] = left >= VEC ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1u);
-    }
+    for (int v = 0; v < nv; v++) mask[v] = first_lanes(d - q0 - v * VEC);
     for (int64_t b = 0; b < buckets; b++) {
         int64_t s0 = starts[b], s1 = b + 1 < buckets ? starts[b + 1] : c;
         __m512 sum[MEAN_VECTORS];
@@ -111,10 +113,7 @@ static void bucket_means(const float *patch, int64_t d, const int64_t *channels,
 static void merge_rows(const float *w_ij, int64_t row_stride, const int64_t *channels, const int64_t *starts,
                        int64_t c, int64_t buckets, int64_t width, float *merged, const float **rows) {
     __mmask16 mask[NV];
-    for (int v = 0; v < NV; v++) {
-        int64_t left = width - v * VEC;
-        mask[v] = left >= VEC ? (__mmask16)0xffff : left > 0 ? (__mmask16)((1u << left) - 1u) : 0;
-    }
+    for (int v = 0; v < NV; v++) mask[v] = first_lanes(width - v * VEC);
     for (int64_t b = 0; b < buckets; b++) {
         int64_t s0 = starts[b], s1 = b + 1 < buckets ? starts[b + 1] : c;
         const float *row = w_ij + channels[s0] * row_stride;
@@ -288,7 +287,7 @@ static void write_tile(const Layer *l, int64_t i, int64_t o, int64_t width, cons
     if (tile == 4 && npix == 16 && ds[3] == 1) {
         for (int64_t c0 = 0; c0 < width; c0 += 16) {
             int64_t n = width - c0 < 16 ? width - c0 : 16;
-            __mmask16 lanes = (__mmask16)(n == 16 ? 0xffffu : (1u << n) - 1u);
+            __mmask16 lanes = first_lanes(n);
             __m512 r[16];
             for (int p = 0; p < 16; p++) r[p] = _mm512_maskz_loadu_ps(lanes, a + p * WIDE + c0);
             transpose16(r);
