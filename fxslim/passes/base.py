@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from fxslim.config import Config
 from fxslim.ir import IR, META_PASS, ParamRef, meta_val
-from fxslim.passes.inplace import make_inplace_explicit, remove_dead_code
+from fxslim.passes.inplace import make_inplace_explicit, remove_dead_code, unused_calls
 from fxslim.policy import Policy
 
 __all__ = [
@@ -153,12 +153,12 @@ class Pass(Config):
             gm.recompile()
         report = PassReport(self.name, ctx.path)
         candidates = self.match(gm, ctx, report)
-        before = set(gm.graph.nodes)
+        before, effects = set(gm.graph.nodes), unused_calls(gm)
         for cand in candidates:
             info = self.rewrite(gm, cand, ctx) or {}
             report.entries.append(Entry(cand.anchor.name, cand.fqn, cand.kind, "rewritten", info=info))
         if candidates:
-            remove_dead_code(gm)
+            remove_dead_code(gm, keep=effects)
             gm.recompile()
         new_nodes = [n for n in gm.graph.nodes if n not in before]
         for node in new_nodes:

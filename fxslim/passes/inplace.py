@@ -18,11 +18,12 @@ from __future__ import annotations
 import functools
 import inspect
 import operator
+from collections.abc import Collection
 from typing import Any
 
 import torch.fx as fx
 
-__all__ = ["mutates_input", "make_inplace_explicit", "remove_dead_code"]
+__all__ = ["mutates_input", "make_inplace_explicit", "remove_dead_code", "unused_calls"]
 
 _INPLACE_OPERATORS = frozenset({
     operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv, operator.imod,
@@ -101,6 +102,16 @@ def make_inplace_explicit(gm: fx.GraphModule) -> bool:
     return changed
 
 
-def remove_dead_code(gm: fx.GraphModule) -> bool:
-    """Erase nodes whose results are unused and that neither mutate nor have other side effects."""
-    return gm.graph.eliminate_dead_code(is_impure_node=lambda n: n.is_impure() or mutates_input(n))
+def unused_calls(gm: fx.GraphModule) -> set[fx.Node]:
+    """The calls whose results nothing reads: what the model ran for its effect alone (a check that
+    raises, a log, ``torch.mul(y, 2, out=buf)``), which a rewrite must keep as the model had it."""
+    return {n for n in gm.graph.nodes if not n.users and n.op.startswith("call_")}
+
+
+def remove_dead_code(gm: fx.GraphModule, keep: Collection[fx.Node] = ()) -> bool:
+    """Erase nodes whose results are unused and that neither mutate nor have other side effects;
+    ``keep``: nodes to keep all the same (``unused_calls`` before a rewrite: only what the rewrite
+    left unused goes). A call with an ``out=`` tensor writes it, so it is never dead."""
+    def impure(n: fx.Node) -> bool:
+        return n.is_impure() or mutates_input(n) or n in keep or n.kwargs.get("out") is not None
+    return gm.graph.eliminate_dead_code(is_impure_node=impure)

@@ -1,0 +1,67 @@
+"""A rewrite keeps what the model ran for its effect alone and the hooks of the modules it would
+replace: an ``out=`` write, a wrapped input check, forward hooks and pre-hooks (spectral norm)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import fxslim
+
+
+@torch.fx.wrap
+def check_width(x):
+    if x.shape[-1] % 8:
+        raise ValueError(f"width must be a multiple of 8, got {x.shape[-1]}")
+
+
+class Effects(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        check_width(x)
+        y = self.conv(torch.relu(self.stem(x)))
+        out = torch.zeros_like(y)
+        torch.mul(y, 2.0, out=out)
+        return out
+
+
+def _haste(model, x):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxslim.optimize(model, x, passes=["haste:L=53"])
+
+
+def test_out_writes_and_wrapped_checks_survive_the_rewrite():
+    torch.manual_seed(0)
+    model = Effects().eval()
+    x = torch.randn(1, 3, 8, 8)
+    result = _haste(model, x)
+    assert result.report.rewritten("haste") == 1
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), atol=1e-4, rtol=1e-4)  # L = 53: singleton buckets
+    with pytest.raises(ValueError, match="multiple of 8"):
+        result.module(torch.randn(1, 3, 8, 9))
+
+
+def test_convs_with_hooks_are_left_to_run_them():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1),
+                          nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    model[2].register_forward_hook(lambda m, i, o: o.clamp(max=0.1))
+    nn.utils.spectral_norm(model[4])
+    x = torch.randn(2, 3, 12, 12)
+    result = _haste(model, x)
+    skipped = dict(result.report.skipped("haste"))
+    assert skipped.get("module_hooks") == 2
+    with torch.no_grad():
+        out = result.module(x)
+        assert type(out) is torch.Tensor
+        torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
