@@ -30,6 +30,8 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -38,7 +40,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, meta_val
-from fxslim.passes.inplace import remove_dead_code
+from fxslim.passes.inplace import remove_dead_code, unused_calls
 from fxslim.passes.prom_agreement import Agreement, code_agreement
 from fxslim.passes.prom_build import Builder, codes_layout, replay_codes
 from fxslim.passes.prom_fuse import fuse_conv_add
@@ -47,6 +49,7 @@ from fxslim.passes.prom_islands import ConvertReport, group_islands, merge_repor
 from fxslim.passes.prom_lower import (
     convert_add, convert_conv, convert_global_avg_pool, convert_input, convert_linear, convert_output,
 )
+from fxslim.passes.prom_nan import ROWS, nan_reach, sample_count
 from fxslim.passes.prom_lower_onednn import convert_add_onednn, convert_conv_onednn, convert_linear_onednn
 from fxslim.passes.prom_pointwise import (
     NoIntegerForm, PointwiseChain, batch_norm_of, is_codes_source, pointwise_chain, unit_depthwise_conv,
@@ -55,7 +58,7 @@ from fxslim.propagate import propagate
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
 
-__all__ = ["convert", "convert_report", "prepared_parts", "code_agreement", "Agreement", "RUNTIMES"]
+__all__ = ["IntegerModel", "convert", "convert_report", "prepared_parts", "code_agreement", "Agreement", "RUNTIMES"]
 
 _log = logging.getLogger(__name__)
 RUNTIMES = ("reference", "onednn")
@@ -250,6 +253,18 @@ def _convert_core(b: Builder, chain: _Chain) -> fx.Node:
     return pooled
 
 
+class IntegerModel(fx.GraphModule):
+    """A converted PROM graph. Inference only: it stays in eval mode, so a float island's BN keeps
+    using (and never updates) its running statistics and dropout stays the identity, also when a
+    model around it is put in train mode."""
+
+    def train(self, mode: bool = True) -> "IntegerModel":
+        if mode:
+            warnings.warn("PROM integer model: train() keeps it in eval mode (integer ops do not train; "
+                          "train the fake-quant model from fxslim.prepare and convert it again)", stacklevel=2)
+        return super().train(False)
+
+
 def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "reference", *,
             fuse_adds: bool = True) -> nn.Module:
     """The integer model of a prepared PROM model (``prepare`` output, trained or calibrated).
@@ -272,7 +287,8 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     parts = prepared_parts(qat_model)
     if not parts:
         raise TypeError(f"convert: expected the GraphModule returned by fxslim.prepare (or a model whose traced parts "
-                        f"it prepared), got {type(qat_model).__name__} without ActFakeQuant nodes")
+                        f"it prepared), got {type(qat_model).__name__} without ActFakeQuant nodes (when prepare rewrote "
+                        "nothing, its warning says why)")
     for name, module in qat_model.named_modules():
         if isinstance(module, ActFakeQuant) and not bool(module.initialized):
             raise ValueError(f"convert: observer {name!r} has seen no data; run calibrate() or train the model first")
@@ -314,9 +330,10 @@ def convert_report(int_model: nn.Module) -> ConvertReport:
 
 def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> fx.GraphModule:
     """One prepared GraphModule → its integer GraphModule (module docstring)."""
-    gm = qat_model
+    gm = _in_eval_mode(qat_model)
     b = Builder(gm, runtime)
     chains, island_quants = _plan(gm)
+    reach = nan_reach(gm)
     inside = {m for c in chains.values() for m in c.members if m.op != "placeholder"}
     for node in gm.graph.nodes:
         if node in chains:
@@ -335,15 +352,15 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
             default = node.args[0] if node.args else inspect.Signature.empty  # e.g. attn_mask=None
             b.env[node] = (b.graph.placeholder(node.name, node.type, default_value=default), None)
         elif node.op == "output":
-            b.graph.output(fx.node.map_arg(node.args[0], lambda a: _output(b, a)))
+            b.graph.output(fx.node.map_arg(node.args[0], lambda a: _output(b, a, reach.get(a.name, {}))))
         elif codes_layout(b, node):
             b.env[node] = (replay_codes(b, node), b.env[node.args[0]][1])
         else:
             b.env[node] = (b.copy_float(node), None)
-    out = fx.GraphModule(b.buffers, b.graph, f"{type(gm).__name__}PROM")
+    out = IntegerModel(b.buffers, b.graph, f"{type(gm).__name__}PROM").eval()
     if runtime == "onednn" and fuse_adds:
         fuse_conv_add(out)
-    remove_dead_code(out)
+    remove_dead_code(out, keep={b.env[n][0] for n in unused_calls(gm) if n in b.env})
     out.graph.lint()
     out.recompile()
     _propagate_shapes(out, gm)
@@ -353,12 +370,29 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
     return out
 
 
-def _output(b: Builder, node: fx.Node) -> fx.Node:
-    """A model output: codes dequantized, float tensors as they are; NaN samples of the inputs marked."""
+def _in_eval_mode(qat_model: fx.GraphModule) -> fx.GraphModule:
+    """``qat_model`` with its reads of its own ``training`` flag (``capture.trace`` makes them for
+    ``F.dropout(x, p, self.training)`` and stochastic depth) replaced by False, as the integer model
+    is inference only: a copy of the graph around the same modules (``qat_model`` is only read)."""
+    if not any(n.op == "get_attr" and n.target == "training" for n in qat_model.graph.nodes):
+        return qat_model
+    gm = fx.GraphModule(qat_model, copy.deepcopy(qat_model.graph), type(qat_model).__name__)
+    gm.meta.update(qat_model.meta)
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "training"]:
+        for user in [u for u in node.users if u.op == "call_function" and u.target is operator.not_]:
+            user.replace_all_uses_with(True)
+            gm.graph.erase_node(user)
+        node.replace_all_uses_with(False)
+        gm.graph.erase_node(node)
+    gm.recompile()
+    return gm
+
+
+def _output(b: Builder, node: fx.Node, reach: dict[str, str]) -> fx.Node:
+    """A model output: codes dequantized, float tensors as they are; marked NaN where the inputs'
+    NaN samples reach it (``prom_nan``): their rows, or all of it."""
     new, grid = b.env[node]
-    flags = None
-    for other in b.nan_samples.values():
-        flags = other if flags is None else b.graph.call_function(torch.logical_or, (flags, other))
+    flags = _output_flags(b, reach)
     if grid is not None:
         dequantized = b.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
         if flags is not None:
@@ -368,6 +402,30 @@ def _output(b: Builder, node: fx.Node) -> fx.Node:
     if flags is None or not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() < 1:
         return new
     return b.graph.call_function(torch.ops.fxslim.mark_nan_samples.default, (new, flags))
+
+
+def _output_flags(b: Builder, reach: dict[str, str]) -> fx.Node | None:
+    """The ``nan_samples`` flags of one output: the OR of the flags of the inputs whose NaN samples
+    reach their own rows (those of the first such input's batch length; any others count as
+    whole-output), each element OR any NaN sample of the inputs that reach the whole output. A flag
+    vector of another length than the output's dim 0 marks the whole output (``mark_nan_samples``)."""
+    rows, whole, length = None, None, None
+    for placeholder, flags in b.nan_samples.items():
+        kind = reach.get(placeholder.name)
+        if kind is None:
+            continue
+        size = sample_count(placeholder)
+        if kind == ROWS and length in (None, size):
+            length = size
+            rows = flags if rows is None else b.graph.call_function(torch.logical_or, (rows, flags))
+            continue
+        anywhere = b.graph.call_method("any", (flags,))
+        whole = anywhere if whole is None else b.graph.call_function(torch.logical_or, (whole, anywhere))
+    if whole is None:
+        return rows
+    if rows is None:
+        return b.graph.call_method("reshape", (whole, (1,)))
+    return b.graph.call_function(torch.logical_or, (rows, whole))
 
 
 def _report(b: Builder, out: fx.GraphModule, chains: dict, island_quants: dict[fx.Node, str]) -> ConvertReport:
