@@ -25,7 +25,7 @@ from torch import nn
 
 from fxslim.capture import Captured, capture as capture_graphs
 from fxslim.cost_model import compare, estimate
-from fxslim.ir import META_REPORT
+from fxslim.ir import META_FROZEN_MODE, META_REPORT
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, registered_passes, run_passes
 from fxslim.passes.prom import PROM
 from fxslim.policy import Policy
@@ -136,6 +136,7 @@ def optimize(
     captured = capture_graphs(model, example_inputs, method=capture, leaf_modules=leaf_modules)
     report = OptimizeReport(untraced=list(captured.untraced), capture=captured.method,
                             graphs=[g.path for g in captured.graphs])
+    _warn_frozen_modes(captured.graphs, trains=any(p.name == "prom" for p in parsed))
     for graph in captured.graphs:
         ctx = PassContext(ir=graph.ir, batch_size=captured.batch_size,
                           placeholder_values=graph.placeholder_values, policy=policy, path=graph.path)
@@ -144,12 +145,40 @@ def optimize(
     for p in parsed:
         if report.rewritten(p.name) == 0:
             reasons = dict(report.skipped(p.name)) or "no candidates"
-            message = f"fxslim.optimize: pass {p.name!r} rewrote nothing in {type(model).__name__} (skipped: {reasons})"
+            message = (f"fxslim.optimize: pass {p.name!r} rewrote nothing in {type(model).__name__} (skipped: {reasons})"
+                       + _untraced_hint(model, report.untraced))
             if strict:
                 raise ValueError(message)
             warnings.warn(message, stacklevel=2)
     return OptimizeResult(captured.module, report, captured, parsed,
                           tuple(example_inputs) if example_inputs is not None else None, source=model)
+
+
+def _warn_frozen_modes(graphs: list, trains: bool) -> None:
+    """Warn for each traced graph whose forward branches on self.training in a way the graph cannot
+    follow (``capture.trace``): it stays in the mode traced. That matters when the model will train
+    (PROM's QAT) or when it was traced in train mode; an inference rewrite of an eval model is fine."""
+    for graph in graphs:
+        mode = graph.gm.meta.get(META_FROZEN_MODE)
+        if mode is not None and (trains or mode == "train"):
+            warnings.warn(
+                f"{type(graph.gm).__name__}: its forward branches on self.training, so the traced graph follows "
+                f"{mode} mode (the mode the model was in) whatever .train()/.eval() is called later. Call "
+                ".train() or .eval() on the model before fxslim.prepare/optimize so that it is traced in the mode "
+                "it will run in.", stacklevel=3)
+
+
+def _untraced_hint(model: nn.Module, untraced: list[tuple[str, str]]) -> str:
+    """Why modules went unrewritten when part of the model could not be traced, and the fix."""
+    if not untraced:
+        return ""
+    path, reason = untraced[0]
+    where = f"{type(model).__name__}.forward" if not path else f"{path} ({type(model.get_submodule(path)).__name__})"
+    more = f" and {len(untraced) - 1} more" if len(untraced) > 1 else ""
+    return (f"; {where}{more} could not be traced ({reason}), so only submodules that traced on their own "
+            "were searched and ops in that forward were not. Fix: make it traceable (e.g. torch._assert "
+            "instead of assert, no Python branch on tensor values), mark the failing module a leaf "
+            "(leaf_modules=...), or use capture='export' or torch.compile(backend='fxslim')")
 
 
 def prepare(

@@ -1,7 +1,8 @@
 """Getting graphs out of models, in every IR fxslim reads, with shapes on every node.
 
-- ``nn.Module`` → symbolic trace of a *copy* (never the user's instance, never the same instance
-  twice: some models cache Proxies on themselves during a trace). Leaves: torch.nn modules,
+- ``nn.Module`` → symbolic trace of a *copy* (never the user's instance; a fresh copy per ``trace``
+  call: some models cache Proxies on themselves during a trace), traced a second time in the other
+  ``.train()``/``.eval()`` mode to find where the graph reads ``self.training``. Leaves: torch.nn modules,
   modules whose class sets ``fxslim_leaf = True``, and the ``leaf_modules`` the caller names;
   timm's no-trace functions stay opaque when timm is loaded. A model that does not trace whole has its largest traceable
   submodules traced instead; ``Captured.untraced`` says which modules stayed eager and why.
@@ -19,6 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+import operator
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -32,7 +34,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
 from fxslim.export_parts import export_parts, run_example, short_reason
-from fxslim.ir import IR, META_PLACEHOLDER_FQNS, META_PREFIX, detect_ir, set_submodule
+from fxslim.ir import IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, detect_ir, set_submodule
 from fxslim.propagate import propagate
 
 __all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of"]
@@ -114,22 +116,147 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     The GraphModule keeps every parameter and buffer of ``module``, used or not, so its
     state_dict has the same keys. ``concrete_args``: forward arguments traced at a fixed value
     (the defaults the example does not give, so ``if mask is not None`` takes the example's branch).
+    Where forward passes ``self.training`` on as an argument (dropout), the GraphModule follows its
+    own ``.train()``/``.eval()``; other branches on it are traced in the current mode, which
+    ``gm.meta[META_FROZEN_MODE]`` then names ("train" or "eval"; ``_follow_training``).
     """
     root = copy.deepcopy(module)
     versions = _tensor_versions(root)
-    tracer = _LeafTracer(leaf_modules)
-    graph = tracer.trace(root, concrete_args=concrete_args or None)
+    graph = _LeafTracer(leaf_modules).trace(root, concrete_args=concrete_args or None)
     written = [name for name, version in _tensor_versions(root).items() if versions.get(name) != version]
     if written:
         raise UnfaithfulTrace(
             f"forward updates {', '.join(repr(w) for w in written)} in place, which a symbolic trace cannot "
             "record (use capture='export' or the torch.compile backend to rewrite this module)"
         )
-    gm = fx.GraphModule(tracer.root, graph, type(module).__name__)
+    frozen = _follow_training(module, root, graph, leaf_modules, concrete_args)
+    gm = fx.GraphModule(root, graph, type(module).__name__)
+    if frozen is not None:
+        gm.meta[META_FROZEN_MODE] = frozen
     _keep_unused_state(root, gm)
     if concrete_args:
         _guard_concrete_args(gm, module, concrete_args)
     return gm
+
+
+def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_modules: Sequence[type],
+                     concrete_args: dict[str, Any] | None) -> str | None:
+    """Make ``graph`` (of ``root``, the copy of ``module``, traced in its current mode) follow
+    ``.train()``/``.eval()`` of the GraphModule built from it; returns the mode it stays frozen in
+    ("train" or "eval") where it cannot, else None.
+
+    Why: Python reads of ``self.training`` run once, while tracing, so a trace is frozen in the mode
+    the model had then (efficientnet prepared for QAT in train mode kept dropping residual branches
+    after ``.eval()``). What: ``root`` is traced again in the other mode. Constants that are True
+    in one graph and False in the other (``F.dropout(x, p, self.training)``, torchvision's
+    ``stochastic_depth``) become a read of the GraphModule's ``training`` flag (``not`` it for
+    ``not self.training``). A graph that differs otherwise (``if self.training: x = self.extra(x)``),
+    or that fails to trace or writes into a parameter or buffer in the other mode, stays in the
+    mode traced. ``root``'s training flags and tensors end as they were.
+    """
+    mode = root.training
+    flags = {m: m.training for m in root.modules()}
+    versions = _tensor_versions(root)
+    root.train(not mode)
+    try:
+        other = _LeafTracer(leaf_modules).trace(root, concrete_args=concrete_args or None)
+    except Exception:  # tracing runs arbitrary user code: the other mode does not trace
+        other = None
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+    written = [name for name, version in _tensor_versions(root).items() if versions.get(name) != version]
+    if written:  # undo them from the untouched original
+        copies, originals = _tensors(root), _tensors(module)
+        with torch.no_grad():
+            for name in written:
+                copies[name].copy_(originals[name])
+    updates = None if other is None or written else _flipped_constants(root, graph, other, mode)
+    if updates is None:
+        return "train" if mode else "eval"
+    if not updates:
+        return None
+    with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
+        flag = {True: graph.get_attr("training")}
+        flag[False] = graph.call_function(operator.not_, (flag[True],))
+    for node, (args, kwargs) in updates.items():
+        node.args, node.kwargs = fx.node.map_aggregate((args, kwargs), lambda v: flag[v.train] if isinstance(v, _Flag) else v)
+    if not flag[False].users:
+        graph.erase_node(flag[False])
+    return None
+
+
+@dataclass(frozen=True)
+class _Flag:
+    """Where a constant stands that is ``train`` in the train-mode graph and ``not train`` in the other."""
+
+    train: bool
+
+
+def _flipped_constants(root: nn.Module, graph: fx.Graph, other: fx.Graph, mode: bool) -> dict[fx.Node, tuple] | None:
+    """``(args, kwargs)`` of the nodes of ``graph`` (traced with ``root.training == mode``) that
+    have bool constants flipped in ``other`` (traced in the other mode), with ``_Flag``s in their
+    place; None when the graphs differ in anything else."""
+    nodes, others = list(graph.nodes), list(other.nodes)
+    if len(nodes) != len(others):
+        return None
+    same: dict[fx.Node, fx.Node] = {}  # node of other -> node of graph
+    flipped: list[bool] = []
+
+    def merge(a: Any, b: Any) -> Any:
+        if isinstance(a, fx.Node) or isinstance(b, fx.Node):
+            if not (isinstance(b, fx.Node) and same.get(b) is a):
+                raise _Differs
+            return a
+        if type(a) is bool and type(b) is bool and a != b:
+            flipped.append(a)
+            return _Flag(train=a if mode else b)
+        if type(a) is not type(b):
+            raise _Differs
+        if isinstance(a, dict):
+            if a.keys() != b.keys():
+                raise _Differs
+            return {k: merge(a[k], b[k]) for k in a}
+        if isinstance(a, (tuple, list)):
+            if len(a) != len(b):
+                raise _Differs
+            items = [merge(x, y) for x, y in zip(a, b)]
+            return type(a)(*items) if hasattr(a, "_fields") else type(a)(items)
+        if isinstance(a, slice):
+            return slice(merge(a.start, b.start), merge(a.stop, b.stop), merge(a.step, b.step))
+        if not _same_constant(a, b):
+            raise _Differs
+        return a
+
+    updates = {}
+    try:
+        for a, b in zip(nodes, others):
+            if a.op != b.op or (a.target != b.target and not (
+                    a.op == "get_attr" and _same_constant(attribute(root, a.target), attribute(root, b.target)))):
+                return None
+            same[b] = a
+            before = len(flipped)
+            merged = merge((a.args, a.kwargs), (b.args, b.kwargs))
+            if len(flipped) > before:
+                updates[a] = merged
+    except _Differs:
+        return None
+    return updates
+
+
+class _Differs(Exception):
+    """The graphs of the two modes differ in more than flipped bool constants."""
+
+
+def _same_constant(a: Any, b: Any) -> bool:
+    """Whether two constants, one from each mode's trace, are the same value (tensors: same contents)."""
+    try:
+        if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+            return a is b or (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.dtype == b.dtype
+                              and a.shape == b.shape and torch.equal(a, b))
+        return a is b or bool(a == b)
+    except Exception:  # a comparison that does not give one bool
+        return False
 
 
 @has_side_effect  # a guard: dead-code elimination must keep it
@@ -164,10 +291,14 @@ class UnfaithfulTrace(RuntimeError):
     """A symbolic trace that would not do what the module's forward does."""
 
 
+def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer by name (shared ones under each of their names)."""
+    return dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
+
+
 def _tensor_versions(module: nn.Module) -> dict[str, int]:
     """In-place write counters of every parameter and buffer (a write bumps ``_version``)."""
-    state = list(module.named_parameters(remove_duplicate=False)) + list(module.named_buffers(remove_duplicate=False))
-    return {name: tensor._version for name, tensor in state}
+    return {name: tensor._version for name, tensor in _tensors(module).items()}
 
 
 def _keep_unused_state(root: nn.Module, gm: fx.GraphModule) -> None:
@@ -309,16 +440,24 @@ def _positional(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
 
 
 def _record_submodule_inputs(root: nn.Module, graphs: list[Graph], example_inputs: Sequence[Any]) -> None:
-    """Run the (partly traced) model once and propagate each subgraph's first call inputs."""
+    """Run the (partly traced) model once and propagate each subgraph's first call inputs; a subgraph
+    called with inputs of several shapes (one block serving frame and global attention) gets their
+    number in ``gm.meta[META_CALL_SHAPES]``: a rewrite decided on one call's shapes serves them all."""
     seen: dict[str, list[Any]] = {}
+    shapes: dict[str, set] = {}
 
     def recorder(graph: Graph) -> Callable:
         def hook(mod: nn.Module, args: tuple, kwargs: dict) -> None:
-            seen.setdefault(graph.path, _positional(graph.gm, args, kwargs))
+            inputs = _positional(graph.gm, args, kwargs)
+            seen.setdefault(graph.path, inputs)
+            shapes.setdefault(graph.path, set()).add(
+                tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in inputs))
         return hook
 
     run_example(root, [(graph.gm, recorder(graph)) for graph in graphs], example_inputs)
     for graph in graphs:
+        if len(shapes.get(graph.path, ())) > 1:
+            graph.gm.meta[META_CALL_SHAPES] = len(shapes[graph.path])
         if graph.path in seen:
             graph.placeholder_values = _placeholder_values(graph.gm, seen[graph.path])
             propagate(graph.gm, seen[graph.path], real_fallback=True)

@@ -47,6 +47,8 @@ __all__ = [
     "set_submodule",
     "META_PLACEHOLDER_FQNS",
     "META_PREFIX",
+    "META_FROZEN_MODE",
+    "META_CALL_SHAPES",
     "META_PASS",
     "META_REPORT",
     "META_PROM_QUANT",
@@ -65,6 +67,8 @@ aten = torch.ops.aten
 # Keys fxslim writes into graph and node meta, named once.
 META_PLACEHOLDER_FQNS = "fxslim_placeholder_fqns"  # gm.meta of a dynamo graph: placeholder -> parameter name
 META_PREFIX = "fxslim_prefix"  # gm.meta of a submodule's graph: where it sits in the model ("a.b")
+META_CALL_SHAPES = "fxslim_call_shapes"  # gm.meta of a submodule's graph called with inputs of several shapes
+META_FROZEN_MODE = "fxslim_frozen_mode"  # gm.meta of a symbolic trace whose forward branches on self.training
 META_PASS = "fxslim_pass"  # node.meta: the pass that emitted the node
 META_REPORT = "fxslim_report"  # gm.meta of a prepared model: the OptimizeReport of its rewrite
 META_PROM_QUANT = "fxslim_prom_quant"  # node.meta of a PROM integer op: the ActFakeQuant whose grid it writes

@@ -202,6 +202,26 @@ def test_prom_on_a_model_without_convs_or_linears_warns_and_convert_refuses():
         fxslim.convert(qat)
 
 
+class _AssertsShape(nn.Module):
+    """An ``assert`` on the input's shape keeps forward from tracing; its convs trace on their own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        assert x.shape[1] == 3
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_a_pass_that_rewrote_nothing_in_a_partly_traced_model_says_what_did_not_trace_and_the_fix():
+    with pytest.warns(UserWarning, match=r"rewrote nothing in _AssertsShape .*_AssertsShape\.forward could not be "
+                                         r"traced \(TraceError.*torch\._assert instead of assert.*capture='export'"):
+        qat = fxslim.prepare(_AssertsShape().eval(), _x())
+    with pytest.raises(TypeError, match="when prepare rewrote nothing, its warning says why"):
+        fxslim.convert(qat)
+
+
 def test_untraceable_model_raises_capture_error_with_fixes_but_compiles_through_backend():
     model = _Branchy().eval()
     state = _state(model)

@@ -1,0 +1,231 @@
+"""``capture.trace`` and ``self.training``: a trace reads the flag once, so where forward only passes
+it on (dropout, stochastic depth) the GraphModule reads its own flag instead and follows
+``.train()``/``.eval()``; where forward branches on it, the trace keeps its mode, and prepare and
+optimize warn where that matters."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import fxslim
+from fxslim.capture import trace
+from fxslim.ir import META_FROZEN_MODE
+from fxslim.passes.prom import calibrate
+
+
+def _double_if(x: torch.Tensor, flags: dict) -> torch.Tensor:
+    """A function that stays a call in the graph, its flag nested in a dict in a list."""
+    return x * 2 if flags["double"][0] else x
+
+
+fx.wrap("_double_if")
+
+
+class _Dropout(nn.Module):
+    """``F.dropout(y, 0.5, self.training)`` in forward (the flag as an argument)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.dropout(torch.relu(self.conv(torch.relu(self.stem(x)))), 0.5, self.training)
+        return self.fc(y.mean((2, 3)))
+
+
+class _NotTraining(nn.Module):
+    """The flag negated (``not self.training``), as a keyword, and nested in a dict in a list."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.dropout(self.conv(x), p=0.5, training=not self.training)
+        return _double_if(y, {"double": [self.training]})
+
+
+class _Branchy(nn.Module):
+    """A structural branch on the flag: a module called in train mode only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.extra = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        if self.training:
+            y = self.extra(y)
+        return y
+
+
+class _CountsInTraining(nn.Module):
+    """Writes into a buffer in train mode only (traced in eval mode, the train-mode trace writes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 1)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.steps.add_(1)
+        return self.conv(x)
+
+
+def _x() -> torch.Tensor:
+    return torch.randn(4, 3, 8, 8)
+
+
+def _traced(model: nn.Module) -> tuple[fx.GraphModule, str | None]:
+    """The trace and the mode it stays frozen in (None: it follows .train()/.eval())."""
+    gm = trace(model)
+    return gm, gm.meta.get(META_FROZEN_MODE)
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["traced_in_train", "traced_in_eval"])
+def test_dropout_follows_train_and_eval_of_the_graph_module(mode):
+    model, x = _Dropout().train(mode), _x()
+    gm, frozen = _traced(model)
+    assert frozen is None
+    assert gm.training is mode
+    assert [n.target for n in gm.graph.nodes if n.op == "get_attr"] == ["training"]
+    gm.eval()
+    model.eval()
+    with torch.no_grad():
+        first, second = gm(x), gm(x)
+        assert torch.equal(first, second)
+        torch.testing.assert_close(first, model(x))
+        gm.train()
+        assert not torch.equal(gm(x), gm(x))  # dropout of half of 4×8×8×8 activations
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["traced_in_train", "traced_in_eval"])
+def test_negated_and_nested_flags_follow_the_mode(mode):
+    model, x = _NotTraining().train(mode), _x()
+    gm, frozen = _traced(model)
+    assert frozen is None
+    with torch.no_grad():
+        gm.train()
+        model.train()
+        doubled = 2 * model.conv(x)
+        assert torch.equal(gm(x), gm(x))  # dropout in eval mode only
+        torch.testing.assert_close(gm(x), doubled)
+        torch.testing.assert_close(model(x), doubled)
+        gm.eval()
+        dropped = gm(x)
+        assert not torch.equal(dropped, gm(x))
+        kept = dropped != 0
+        torch.testing.assert_close(dropped[kept], doubled[kept])  # dropout's 1 / (1 - p), not doubled
+
+
+def test_efficientnet_prepared_in_train_mode_runs_as_the_float_model_after_eval():
+    """torchvision's StochasticDepth passes ``self.training`` to ``stochastic_depth``: the traced
+    graph and the prepared model follow ``.eval()`` (before the fix both kept dropping rows)."""
+    model, x = torchvision.models.efficientnet_b0(weights=None, num_classes=10).train(), torch.randn(4, 3, 64, 64)
+    model.classifier[0].p = 0.0  # only stochastic depth is random
+    gm, frozen = _traced(model)
+    assert frozen is None
+    depths = [n for n in gm.graph.nodes if getattr(n.target, "__name__", "") == "stochastic_depth"]
+    assert depths and all(isinstance(n.args[3], fx.Node) for n in depths)
+    qat = fxslim.prepare(model, x)
+    assert all(isinstance(n.args[3], fx.Node) for n in qat.graph.nodes if getattr(n.target, "__name__", "") == "stochastic_depth")
+    assert model.training and all(m.training for m in model.modules())
+    calibrate(qat, [x])
+    gm.eval()
+    qat.eval()
+    model.eval()
+    with torch.no_grad():
+        expected = model(x)
+        assert torch.equal(gm(x), gm(x))
+        torch.testing.assert_close(gm(x), expected)
+        assert torch.equal(qat(x), qat(x))  # no residual branch dropped (the untrained logits quantize to ~0)
+        gm.train()
+        assert not torch.equal(gm(x), gm(x))  # back to dropping rows (BN in train mode is deterministic)
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["traced_in_train", "traced_in_eval"])
+def test_structural_branch_keeps_the_traced_mode(mode):
+    model, x = _Branchy().train(mode), _x()
+    gm, frozen = _traced(model)
+    assert frozen == ("train" if mode else "eval")
+    assert any(n.target == "extra" for n in gm.graph.nodes) is mode
+    gm.train(not mode)
+    model.train(mode)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))  # the traced mode's graph, whatever gm's flag
+
+
+def _mode_warnings(run) -> list[str]:
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in record if "self.training" in str(w.message)]
+
+
+@pytest.mark.parametrize("mode", [True, False], ids=["traced_in_train", "traced_in_eval"])
+def test_frozen_mode_warns_where_it_matters(mode):
+    """prepare (the model will train) warns in either mode; an inference rewrite only of a graph
+    frozen in train mode, never of an eval model's."""
+    model, x = _Branchy().train(mode), _x()
+    for_training = _mode_warnings(lambda: fxslim.prepare(model, x))
+    assert len(for_training) == 1
+    assert "_Branchy" in for_training[0] and f"follows {'train' if mode else 'eval'} mode" in for_training[0]
+    assert ".train() or .eval()" in for_training[0]
+    assert len(_mode_warnings(lambda: fxslim.optimize(model, x, passes=["haste:L=12"]))) == int(mode)
+
+
+def test_write_in_the_other_mode_keeps_the_mode_and_is_undone():
+    model, x = _CountsInTraining().eval(), _x()
+    gm, frozen = _traced(model)
+    assert frozen == "eval"
+    assert gm.steps.item() == 0 and model.steps.item() == 0  # the train-mode trace's write, undone
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+
+
+def test_users_model_keeps_its_training_flags_and_tensors():
+    model = nn.Sequential(_Dropout(), nn.Sequential(nn.Linear(4, 4), nn.Dropout(0.5)), _Branchy()).train()
+    model[0].eval()
+    model[0].conv.train()
+    model[1][1].eval()
+    model[2].conv.eval()
+    flags = {name: m.training for name, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    inner, frozen = _traced(model[0])  # follows the flag
+    assert frozen is None
+    whole = trace(nn.Sequential(model[0], model[1]))
+    assert {name: m.training for name, m in model.named_modules()} == flags
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not inner.training and inner.get_submodule("conv").training
+    assert not whole.get_submodule("1.1").training and whole.get_submodule("1.0").training
+
+
+def test_optimize_with_haste_and_cost_model_handle_the_flag():
+    model, x = _Dropout().train(), torch.randn(2, 3, 16, 16)
+    res = fxslim.optimize(model, x, passes=["haste:L=12"])
+    assert res.report.rewritten("haste") == 1
+    res.compare()
+    fxslim.estimate(res.module, x)
+    res.module.eval()
+    with torch.no_grad():
+        assert torch.equal(res.module(x), res.module(x))
+        res.module.train()
+        assert not torch.equal(res.module(x), res.module(x))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_convert_of_a_model_with_dropout(mode):
+    """The integer model is inference only: dropout is the identity whatever mode it was traced in."""
+    model, x = _Dropout().train(mode == "train"), _x()
+    qat = calibrate(fxslim.prepare(model, x), [x]).eval()
+    int_model = fxslim.convert(qat)
+    with torch.no_grad():
+        torch.testing.assert_close(int_model(x), qat(x))
