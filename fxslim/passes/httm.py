@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxslim.config import check_choice, check_int, check_range
-from fxslim.ir import AttentionView, META_PLACEHOLDER_FQNS, META_PREFIX, meta_val, node_fqn
+from fxslim.ir import AttentionView, META_CALL_SHAPES, META_PLACEHOLDER_FQNS, META_PREFIX, meta_val, node_fqn
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass
 from fxslim.passes.matchers import match_attention
 from fxslim.propagate import propagate_node
@@ -155,11 +155,22 @@ class HTTM(Pass):
                 report.skip(node, node_fqn(node, gm), "global_attention", "already_rewritten")
         out: list[Candidate] = []
         # 2. global attention from the shared matcher; 3. module metadata may say "frame"
-        for m in match_attention(gm, ctx.batch_size):
+        matches = match_attention(gm, ctx.batch_size)
+        lengths = {_hint(m.view.q_len) for m in matches if m.view.q_len is not None}
+        for m in matches:
             view, metadata = m.view, _module_metadata(gm, m.view.node)
+            if META_CALL_SHAPES in gm.meta:  # one graph for calls of other lengths: global for one, frame for another
+                report.skip(view.node, view.fqn, m.kind, "shared_by_calls",
+                            f"this module runs with inputs of {gm.meta[META_CALL_SHAPES]} shapes; one rewrite "
+                            "would serve them all (trace the whole model, or give each call its own module)")
+                continue
             reason = m.reason or ("local_attention" if metadata.get("scope") == "frame" else "")
-            if reason and not (m.reason and self._spans_frames(gm, view, ctx)):
-                report.skip(view.node, view.fqn, m.kind, reason)
+            if not reason and self._within_frame(view, lengths):
+                reason = "local_attention"
+            spans, why, detail = self._spans_frames(gm, view, ctx, lengths) if m.reason else (False, "", "")
+            if reason and not spans:
+                # a sequence over several frames whose layout cannot follow the run: say so
+                report.skip(view.node, view.fqn, m.kind, *((why, detail) if why == "dynamic_frame_layout" else (reason,)))
                 continue
             kind = "global_attention"  # by batch, or by positions that span several frames
             cfg = self.resolve(ctx, view.node, view.fqn, kind, report)
@@ -176,14 +187,27 @@ class HTTM(Pass):
                 out.append(_HttmCandidate(view.node, view, view.fqn, kind, cfg, (view.node,), layout, scale))
         return out
 
-    def _spans_frames(self, gm: fx.GraphModule, view: AttentionView, ctx: PassContext) -> bool:
-        """Whether RoPE positions show this attention's sequence spanning two frames or more: then it
-        is global whatever its batch says (a model that adds the batch dim to [S, 3, H, W] images
-        has a batch the example's first dim does not give; a graph after a break has no batch)."""
-        if self.frames is not None or self.tokens_per_frame is not None or meta_val(view.q) is None:
-            return False
-        layout, reason, _ = self._layout(gm, view, ctx, {})
-        return layout is not None and layout.example_frames >= 2
+    def _within_frame(self, view: AttentionView, lengths: set[int]) -> bool:
+        """With ``frames`` configured: whether another attention of the graph is ``frames`` times as
+        long, so this one attends within a frame, whatever its batch says (a model fed [S, 3, H, W]
+        runs frame attention at batch S, the example's first dim)."""
+        return self.frames is not None and view.q_len is not None and _hint(view.q_len) * self.frames in lengths
+
+    def _spans_frames(self, gm: fx.GraphModule, view: AttentionView, ctx: PassContext,
+                      lengths: set[int]) -> tuple[bool, str, str]:
+        """Whether this attention's sequence spans two frames or more: then it is global whatever its
+        batch says (a model that adds the batch dim to [S, 3, H, W] images has a batch the example's
+        first dim does not give; a graph after a break has no batch). Told by the configured frames (another attention is
+        1 / frames as long: that one is frame attention), else by RoPE positions (not with
+        tokens_per_frame configured: local attention over a few frames would pass for global), with
+        the reason and detail of a layout that positions give but that cannot be used."""
+        if view.q_len is None or meta_val(view.q) is None or self.tokens_per_frame is not None:
+            return False, "", ""
+        if self.frames is not None:
+            n = _hint(view.q_len)
+            return n % self.frames == 0 and n // self.frames in lengths, "", ""
+        layout, reason, detail = self._layout(gm, view, ctx, {})
+        return layout is not None and layout.example_frames >= 2, reason, detail
 
     def rewrite(self, gm: fx.GraphModule, cand: Candidate, ctx: PassContext) -> dict[str, Any]:
         # sdpa(q, k, v, scale=s) -> [B, H, N, d_v]
@@ -254,6 +278,12 @@ class HTTM(Pass):
         frames_of = None if per_frame is not None else _frames_input(gm, found.frames)
         # an eager graph may read the layout from the positions' values on each call (one small max)
         read = pos_node if per_frame is None and frames_of is None and ctx.ir == "module" else None
+        if (per_frame is None and frames_of is None and read is None and isinstance(view.q_len, torch.SymInt)
+                and any(n.op == "placeholder" for n in _data_ancestors(gm, pos_node))):
+            return None, "dynamic_frame_layout", (
+                f"the positions {pos_node.name} come in as graph input values and N is dynamic, so the example's "
+                f"{found.tokens_per_frame} tokens per frame would be assumed for every N; compile with "
+                "dynamic=False or pass HTTM(tokens_per_frame=..., special_tokens=...)")
         return _Layout(found.tokens_per_frame, found.special_tokens, None, found.frames, grid, "positions",
                        per_frame, frames_of, read), "", ""
 
@@ -308,13 +338,14 @@ def _per_frame_positions(pos: fx.Node, tokens_per_frame: int) -> fx.Node | None:
 
 
 def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int] | None:
-    """The graph input shaped like multi-view images [B, S, C, H, W] with S == frames, if exactly one."""
+    """The graph input shaped like multi-view images [B, S, C, H, W] with S == frames, if exactly one
+    (and C != frames: a channels-first clip [B, C, T, H, W] with T == C would read C as S)."""
     params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
     found = []
     for node in gm.graph.nodes:
         val = meta_val(node)
         if (node.op == "placeholder" and node.name not in params and isinstance(val, torch.Tensor)
-                and val.dim() == 5 and _hint(val.shape[1]) == frames):
+                and val.dim() == 5 and _hint(val.shape[1]) == frames and _hint(val.shape[2]) != frames):
             found.append((node, 1))
     return found[0] if len(found) == 1 else None
 
@@ -390,6 +421,15 @@ def _is_metadata_op(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _METADATA_OPS
 
 
+def _data_ancestors(gm: fx.GraphModule, target: fx.Node) -> set[fx.Node]:
+    """``target`` and the nodes whose values (not only shapes or devices) it is computed from."""
+    data = {target}
+    for node in reversed(gm.graph.nodes):  # consumers before producers
+        if node in data and not _is_metadata_op(node):
+            data.update(node.all_input_nodes)
+    return data
+
+
 def _evaluate(gm: fx.GraphModule, target: fx.Node, ctx: PassContext) -> tuple[torch.Tensor | None, str]:
     """The real value of a node computed from shapes (e.g. RoPE positions built with arange).
 
@@ -402,10 +442,7 @@ def _evaluate(gm: fx.GraphModule, target: fx.Node, ctx: PassContext) -> tuple[to
             if arg not in needed:
                 needed.add(arg)
                 stack.append(arg)
-    data = {target}
-    for node in reversed(gm.graph.nodes):  # consumers before producers
-        if node in data and not _is_metadata_op(node):
-            data.update(node.all_input_nodes)
+    data = _data_ancestors(gm, target)
     if len(data) > _MAX_EVAL_NODES:
         return None, f"they depend on {len(data)} nodes"
     interpreter = fx.Interpreter(gm)

@@ -1,0 +1,178 @@
+"""HTTM finds the frame layout without taking one thing for another: frame attention for global
+attention under a configured frame count, a clip's channels for its frames, or a dynamic graph's
+sequence length for the example's frame layout."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxslim
+import fxslim.runtime.httm as httm_runtime
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int = 32, heads: int = 2, rope: nn.Module | None = None) -> None:
+        super().__init__()
+        self.heads, self.rope = heads, rope
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x, pos=None):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        if self.rope is not None:
+            q, k = self.rope(q, pos), self.rope(k, pos)
+        return self.proj(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, c))
+
+
+class Rope(nn.Module):
+    """2-D rotary embedding from integer positions [.., N, 2]."""
+
+    def forward(self, t, pos):
+        half = t.shape[-1] // 2
+        angle = pos.to(t.dtype).repeat_interleave(half // 2, -1).unsqueeze(1) * 0.1
+        angle = torch.cat([angle, angle], -1)
+        a, b = t[..., :half], t[..., half:]
+        return t * angle.cos() + torch.cat([-b, a], -1) * angle.sin()
+
+
+class FramesAsBatch(nn.Module):
+    """Frames [S, 3, H, W] as the batch: frame attention at batch S, global attention at batch 1."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 7, 7)
+        self.registers = nn.Parameter(torch.randn(1, 4, 32))
+        self.frame, self.glob = Attention(), Attention()
+
+    def forward(self, frames):
+        s = frames.shape[0]
+        t = torch.cat([self.registers.expand(s, -1, -1), self.embed(frames).flatten(2).transpose(1, 2)], 1)
+        p, c = t.shape[1], t.shape[2]
+        t = t + self.frame(t)
+        return t + self.glob(t.reshape(1, s * p, c)).reshape(s, p, c)
+
+
+def test_configured_frames_tell_frame_attention_from_global_attention_by_length():
+    torch.manual_seed(0)
+    model = FramesAsBatch().eval()
+    x = torch.rand(4, 3, 28, 28)
+    result = fxslim.optimize(model, x, passes=[fxslim.HTTM(frames=4, special_tokens=4)])
+    status = {e.fqn: (e.status, e.reason) for e in result.report.entries("httm")}
+    assert status == {"frame": ("skipped", "local_attention"), "glob": ("rewritten", "")}
+
+
+class Clip(nn.Module):
+    """A channels-first clip [B, 3, T, H, W] with RoPE positions built from its shape."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 7, 7)
+        self.attn = Attention(rope=Rope())
+
+    def forward(self, clip):
+        b, c, t, h, w = clip.shape
+        x = self.embed(clip.transpose(1, 2).reshape(b * t, c, h, w)).flatten(2).transpose(1, 2).reshape(b, -1, 32)
+        grid = torch.cartesian_prod(torch.arange(t), torch.arange(h // 7), torch.arange(w // 7))
+        pos = (grid[:, 1:] + 1).unsqueeze(0).expand(b, -1, -1)
+        return x + self.attn(x, pos)
+
+
+def _layouts(module: nn.Module, x: torch.Tensor) -> list[tuple[int, int]]:
+    calls = []
+    original = httm_runtime.httm_plan
+
+    def spy(q, k, frames, tokens_per_frame, *args, **kwargs):
+        calls.append((int(frames), int(tokens_per_frame)))
+        return original(q, k, frames, tokens_per_frame, *args, **kwargs)
+
+    httm_runtime.httm_plan = spy
+    try:
+        with torch.no_grad():
+            module(x)
+    finally:
+        httm_runtime.httm_plan = original
+    return calls
+
+
+def test_channels_first_clip_frames_are_not_read_from_its_channels():
+    torch.manual_seed(0)
+    model = Clip().eval()
+    built_at_three = fxslim.optimize(model, torch.rand(1, 3, 3, 28, 28), passes=["httm:n_s=4,n_t=2"]).module
+    assert built_at_three is not None
+    assert _layouts(built_at_three, torch.rand(1, 3, 6, 28, 28)) == [(6, 16)]
+
+
+def test_dynamic_graph_with_positions_from_input_values_is_left_dense():
+    """After a graph break the positions are a graph input: with a dynamic N, the example's tokens
+    per frame would be assumed for every N, so the attention stays dense (with the reason)."""
+
+    class Broken(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = nn.Conv2d(3, 32, 7, 7)
+            self.attn = Attention(rope=Rope())
+
+        def forward(self, images):  # [B, S, 3, H, W]
+            b, s, _, h, w = images.shape
+            x = self.embed(images.reshape(b * s, 3, h, w)).flatten(2).transpose(1, 2)
+            ys, xs = torch.meshgrid(torch.arange(h // 7), torch.arange(w // 7), indexing="ij")
+            frame = torch.stack([ys.reshape(-1), xs.reshape(-1)], -1) + 1
+            pos = frame.repeat(s, 1).unsqueeze(0).expand(b, -1, -1).contiguous()
+            if torch.isnan(images).any():  # a data-dependent branch: graph break
+                raise ValueError("NaN in images")
+            x = x.reshape(b, -1, 32)
+            return x + self.attn(x, pos)
+
+    torch.manual_seed(0)
+    model = Broken().eval()
+    reports: list = []
+    compiled = torch.compile(model, backend="fxslim", dynamic=True,
+                             options={"passes": ["httm:n_s=4,n_t=2"], "inner": "eager", "on_report": reports.append})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        x = torch.rand(1, 4, 3, 28, 28)
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    reasons = [e.reason for batch in reports for report in batch for e in report.entries]
+    assert "dynamic_frame_layout" in reasons
+
+
+class SharedBlock(nn.Module):
+    """One attention module serves the frame call ([B·S, P]) and the global call ([B, S·P]); the
+    input check keeps forward from tracing, so the module is traced on its own."""
+
+    def __init__(self, global_first: bool) -> None:
+        super().__init__()
+        self.global_first = global_first
+        self.embed = nn.Conv2d(3, 32, 7, 7)
+        self.attn = Attention(rope=Rope())
+
+    def forward(self, images):  # [B, S, 3, H, W]
+        if torch.isnan(images).any():
+            raise ValueError("NaN in images")
+        b, s, _, h, w = images.shape
+        t = self.embed(images.reshape(b * s, 3, h, w)).flatten(2).transpose(1, 2)
+        ys, xs = torch.meshgrid(torch.arange(h // 7), torch.arange(w // 7), indexing="ij")
+        pos = (torch.stack([ys.reshape(-1), xs.reshape(-1)], -1) + 1).expand(b * s, -1, -1)
+        p = t.shape[1]
+        calls = [lambda t: t + self.attn(t.reshape(b, s * p, 32), pos.reshape(b, s * p, 2)).reshape(b * s, p, 32),
+                 lambda t: t + self.attn(t, pos)]
+        for call in calls if self.global_first else calls[::-1]:
+            t = call(t)
+        return t
+
+
+def test_a_module_serving_frame_and_global_calls_is_left_dense():
+    torch.manual_seed(0)
+    x = torch.rand(1, 4, 3, 28, 28)
+    for global_first in (True, False):
+        model = SharedBlock(global_first).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fxslim.optimize(model, x, passes=["httm:n_s=4,n_t=2"])
+        assert [(e.status, e.reason) for e in result.report.entries("httm")] == [("skipped", "shared_by_calls")]
+        with torch.no_grad():
+            torch.testing.assert_close(result.module(x), model(x))
