@@ -146,7 +146,7 @@ def optimize(
         if report.rewritten(p.name) == 0:
             reasons = dict(report.skipped(p.name)) or "no candidates"
             message = (f"fxslim.optimize: pass {p.name!r} rewrote nothing in {type(model).__name__} (skipped: {reasons})"
-                       + _untraced_hint(model, report.untraced))
+                       + _untraced_hint(model, report.untraced, captured.method))
             if strict:
                 raise ValueError(message)
             warnings.warn(message, stacklevel=2)
@@ -168,17 +168,18 @@ def _warn_frozen_modes(graphs: list, trains: bool) -> None:
                 "it will run in.", stacklevel=3)
 
 
-def _untraced_hint(model: nn.Module, untraced: list[tuple[str, str]]) -> str:
+def _untraced_hint(model: nn.Module, untraced: list[tuple[str, str]], method: str) -> str:
     """Why modules went unrewritten when part of the model could not be traced, and the fix."""
     if not untraced:
         return ""
     path, reason = untraced[0]
     where = f"{type(model).__name__}.forward" if not path else f"{path} ({type(model.get_submodule(path)).__name__})"
     more = f" and {len(untraced) - 1} more" if len(untraced) > 1 else ""
+    other = "capture='export' or " if method != "export" else ""
     return (f"; {where}{more} could not be traced ({reason}), so only submodules that traced on their own "
             "were searched and ops in that forward were not. Fix: make it traceable (e.g. torch._assert "
             "instead of assert, no Python branch on tensor values), mark the failing module a leaf "
-            "(leaf_modules=...), or use capture='export' or torch.compile(backend='fxslim')")
+            f"(leaf_modules=...), or use {other}torch.compile(backend='fxslim')")
 
 
 def prepare(

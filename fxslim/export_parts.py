@@ -136,14 +136,16 @@ def _record_calls(root: nn.Module, example_inputs: Sequence[Any]) -> dict[str, _
 
 
 def run_example(root: nn.Module, pre_hooks: list[tuple[nn.Module, Callable]], example_inputs: Sequence[Any]) -> None:
-    """Run ``root`` on the example once, with forward pre-hooks (``hook(module, args, kwargs)``)
-    on the given modules, and undo what the run wrote into buffers (a call counter, BN statistics
-    in train mode)."""
+    """Run ``root`` on a copy of the example once, with forward pre-hooks (``hook(module, args,
+    kwargs)``) on the given modules, and undo what the run wrote into buffers (a call counter, BN
+    statistics in train mode). The copy: a forward that normalises its input in place must not
+    change the caller's example."""
     handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in pre_hooks]
     saved = {name: b.clone() for name, b in root.named_buffers()}
+    inputs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tuple(example_inputs))
     try:
         with torch.no_grad():
-            root(*example_inputs)
+            root(*inputs)
     finally:
         for handle in handles:
             handle.remove()

@@ -33,10 +33,10 @@ class Effects(nn.Module):
         return out
 
 
-def _haste(model, x):
+def _haste(model, x, capture="symbolic"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return fxslim.optimize(model, x, passes=["haste:L=53"])
+        return fxslim.optimize(model, x, passes=["haste:L=53"], capture=capture)
 
 
 def test_out_writes_and_wrapped_checks_survive_the_rewrite():
@@ -65,3 +65,26 @@ def test_convs_with_hooks_are_left_to_run_them():
         out = result.module(x)
         assert type(out) is torch.Tensor
         torch.testing.assert_close(out, model(x), atol=1e-4, rtol=1e-4)
+
+
+class NormalisesInPlace(nn.Module):
+    """Normalises its input in place, then branches on data: forward does not trace whole, so
+    capture runs it on the example to find its parts' shapes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x.sub_(0.5)
+        if x.sum() > 0:
+            x = x * 1.0
+        return self.conv(torch.relu(self.stem(x)))
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_the_callers_example_is_not_written_by_optimize(capture):
+    x = torch.rand(1, 3, 8, 8)
+    before = x.clone()
+    _haste(NormalisesInPlace().eval(), x, capture)
+    assert torch.equal(x, before)
