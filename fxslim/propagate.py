@@ -52,7 +52,7 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(names) and not any(str(t).startswith("*") for t in names):  # else silently dropped
         raise ValueError(f"example_inputs: the model takes {len(names)} input(s) {names}, got {len(args)}")
-    with torch.no_grad():
+    with torch.no_grad(), _module_state_kept(gm):
         if real:
             _RealProp(gm, mode or FakeTensorMode(allow_non_fake_inputs=True), around_node).run(*args)
         elif not fake:
@@ -68,6 +68,25 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
                     _RealProp(gm, FakeTensorMode(allow_non_fake_inputs=True), around_node).run(*args)
                 except Exception:
                     raise fake_error from None
+
+
+@contextlib.contextmanager
+def _module_state_kept(gm: fx.GraphModule):
+    """Put back ``gm``'s buffers and its modules' plain tensor attributes after a run. A train-mode
+    BN counts the run in ``num_batches_tracked`` (a momentum=None BN then averages its statistics
+    over one batch too many), and a leaf's forward pre-hook sets an attribute on each call
+    (spectral_norm's ``weight``): under fake tensors it would be left holding a FakeTensor, which
+    ``torch.save`` of the module fails on."""
+    attributes = [(m, name, v) for m in gm.modules() for name, v in vars(m).items() if isinstance(v, torch.Tensor)]
+    buffers = [(b, b.clone()) for b in gm.buffers() if not b.is_meta]
+    try:
+        yield
+    finally:
+        for module, name, value in attributes:
+            module.__dict__[name] = value
+        for buffer, value in buffers:
+            if not torch.equal(buffer, value):
+                buffer.copy_(value)
 
 
 def _fake_run(gm: fx.GraphModule, args: Sequence[Any], mode: FakeTensorMode | None, around_node: AroundNode | None) -> None:

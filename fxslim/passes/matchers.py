@@ -23,7 +23,7 @@ import torch.fx as fx
 from fxslim.ir import AttentionView, ConvView, LinearView, View, views
 
 __all__ = [
-    "Match", "attention_scope", "match_convs", "match_pointwise_convs",
+    "Match", "attention_scope", "hooked", "match_convs", "match_pointwise_convs",
     "match_linears", "match_attention", "match_all",
 ]
 
@@ -41,7 +41,7 @@ class Match:
         return not self.reason
 
 
-def _hooked(view: View, gm: fx.GraphModule) -> str:
+def hooked(view: View, gm: fx.GraphModule) -> str:
     """'module_hooks' when the node calls a module with forward (pre-)hooks: a rewrite replaces the
     call, so the hooks would stop running (spectral_norm and pruning set the weight in one)."""
     node = view.node
@@ -90,7 +90,7 @@ def match_convs(gm: fx.GraphModule, found: Sequence[View] | None = None) -> list
     for view in _convs(gm, found):
         kind = view.conv_kind
         reason = {"transposed_conv": "transposed", "depthwise_conv": "grouped", "grouped_conv": "grouped"}.get(kind, "")
-        out.append(Match(view, kind, reason or _hooked(view, gm)))
+        out.append(Match(view, kind, reason or hooked(view, gm)))
     return out
 
 
@@ -107,13 +107,13 @@ def match_pointwise_convs(gm: fx.GraphModule) -> list[Match]:
             reason = "transposed"
         else:
             reason = "kernel_not_1x1"
-        out.append(Match(view, kind, reason or _hooked(view, gm)))
+        out.append(Match(view, kind, reason or hooked(view, gm)))
     return out
 
 
 def match_linears(gm: fx.GraphModule) -> list[Match]:
     """Every linear layer (all qualify)."""
-    return [Match(v, "linear", _hooked(v, gm)) for v in views(gm) if isinstance(v, LinearView)]
+    return [Match(v, "linear", hooked(v, gm)) for v in views(gm) if isinstance(v, LinearView)]
 
 
 def match_attention(gm: fx.GraphModule, batch_size: Any, scope: Literal["global", "any"] = "global") -> list[Match]:
@@ -126,7 +126,7 @@ def match_attention(gm: fx.GraphModule, batch_size: Any, scope: Literal["global"
         reason = ""
         if scope == "global" and where != "global":
             reason = "local_attention" if where == "local" else "unknown_batch"
-        out.append(Match(view, f"{where}_attention", reason or _hooked(view, gm)))
+        out.append(Match(view, f"{where}_attention", reason or hooked(view, gm)))
     return out
 
 

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from fxslim.config import check_choice, check_range
 from fxslim.ir import ConvView, LinearView, META_PASS, meta_val, node_fqn, set_submodule, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
+from fxslim.passes.matchers import hooked
 from fxslim.passes.prom_graph import float_tensor, is_activation, is_quant, is_residual_add, is_shape_op, module_of
 from fxslim.runtime.prom_qat import (
     TERNARY_METHODS, WEIGHT_QUANTS, ActFakeQuant, QConv2d, QLinear, int8_weight_codes, int8_weight_fake_quant,
@@ -195,6 +196,8 @@ def _reject(gm: fx.GraphModule, view: ConvView | LinearView, calls: Counter) -> 
         return "not_a_module"
     if calls[str(view.node.target)] > 1:
         return "shared_module"
+    if hooked(view, gm):  # the wrapper reads the weight itself: a pruning or spectral_norm hook would not run
+        return hooked(view, gm)
     if isinstance(view, LinearView):
         return ""
     if view.transposed:
