@@ -74,3 +74,18 @@ def test_backend_bad_options_raise():
     torch._dynamo.reset()
     with pytest.raises(Exception, match=r"unknown \['pases'\]"):
         torch.compile(model, backend="fxslim", options={"pases": ["toy"]})(x)
+
+
+def test_haste_under_dynamic_shapes_still_tells_the_stem_from_the_convs_after_batch_norm():
+    """dynamic=True lifts each BN's momentum and eps to 0-d graph inputs: they are not the image."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 8, 3, padding=1)).eval()
+    torch._dynamo.reset()
+    reports: list = []
+    compiled = torch.compile(model, backend="fxslim", dynamic=True,
+                             options={"passes": ["haste:L=14"], "inner": "eager", "on_report": reports.append})
+    with torch.no_grad():
+        compiled(torch.randn(2, 3, 32, 32))
+    assert [(r.rewritten, dict(r.skipped)) for batch in reports for r in batch] == [(2, {"stem": 1})]

@@ -179,8 +179,9 @@ def _unsupported(gm: fx.GraphModule, view: ConvView) -> str:
 
 
 def _reads_model_input(node: Any, stops: set[fx.Node], params: dict[str, str]) -> bool:
-    """True when ``node`` is computed from a graph input (not a parameter) without passing through a
-    conv, linear, attention or HASTE node: the conv it feeds sees the image."""
+    """True when ``node`` is computed from a tensor graph input (not a parameter, nor a size or a
+    0-d number such as the BN momentum and eps dynamo lifts to inputs with dynamic=True) without
+    passing through a conv, linear, attention or HASTE node: the conv it feeds sees the image."""
     seen: set[fx.Node] = set()
     stack = [node] if isinstance(node, fx.Node) else []
     while stack:
@@ -188,7 +189,9 @@ def _reads_model_input(node: Any, stops: set[fx.Node], params: dict[str, str]) -
         if n in seen or n in stops:
             continue
         seen.add(n)
-        if n.op == "placeholder" and n.name not in params:
+        value = meta_val(n)
+        if n.op == "placeholder" and n.name not in params and (
+                value is None or isinstance(value, torch.Tensor) and value.dim() >= 1):
             return True
         stack.extend(n.all_input_nodes)
     return False
