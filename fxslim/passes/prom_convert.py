@@ -37,6 +37,7 @@ from typing import Literal
 
 import torch
 import torch.fx as fx
+from torch.fx.graph_module import reduce_graph_module
 from torch import Tensor, nn
 
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, meta_val
@@ -61,6 +62,7 @@ from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
 __all__ = ["IntegerModel", "convert", "convert_report", "prepared_parts", "code_agreement", "Agreement", "RUNTIMES"]
 
 _log = logging.getLogger(__name__)
+_INPUT_SHAPES = "fxslim_prom_input_shapes"  # IntegerModel.meta: zeros of the example's input shapes
 RUNTIMES = ("reference", "onednn")
 
 
@@ -264,6 +266,21 @@ class IntegerModel(fx.GraphModule):
                           "train the fake-quant model from fxslim.prepare and convert it again)", stacklevel=2)
         return super().train(False)
 
+    def __reduce__(self) -> tuple:
+        # GraphModule's pickle rebuilds a plain GraphModule without meta or node shapes: rebuild this class
+        _, (body, import_block) = super().__reduce__()
+        return (_unpickled, (body, import_block))
+
+
+def _unpickled(body: dict, import_block: str) -> IntegerModel:
+    """An IntegerModel from its pickled code and attributes, with its meta and node shapes again."""
+    plain = reduce_graph_module(body, import_block)
+    model = IntegerModel(plain, plain.graph, type(plain).__name__)
+    model.meta.update(body.get("meta", {}))
+    if _INPUT_SHAPES in model.meta:
+        _propagate_zeros(model)
+    return model.eval()
+
 
 def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "reference", *,
             fuse_adds: bool = True) -> nn.Module:
@@ -292,6 +309,12 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     for name, module in qat_model.named_modules():
         if isinstance(module, ActFakeQuant) and not bool(module.initialized):
             raise ValueError(f"convert: observer {name!r} has seen no data; run calibrate() or train the model first")
+    for path, part in parts.items():
+        inputs = [n for n in part.graph.nodes if n.op == "placeholder"]
+        if inputs and all(meta_val(n) is None for n in inputs):
+            raise ValueError(f"convert: the prepared model{f' part {path!r}' if path else ''} has no shape metadata "
+                             "(torch.load and pickle drop it from a GraphModule): save qat.state_dict() instead, and "
+                             "load it into fxslim.prepare(model, example) to convert")
     if runtime not in RUNTIMES:
         raise ValueError(f"convert: runtime must be one of {RUNTIMES}, got {runtime!r}")
     if runtime == "onednn" and not (onednn_available() and vnni_available()):
@@ -441,9 +464,26 @@ def _report(b: Builder, out: fx.GraphModule, chains: dict, island_quants: dict[f
 
 def _propagate_shapes(out: fx.GraphModule, source: fx.GraphModule) -> None:
     """meta['val'] on every new node, from the prepared graph's input shapes (fake tensors, or one
-    run on zeros where an island leaf is data-dependent); fxslim_pass tags."""
+    run on zeros where an island leaf is data-dependent), which ``out.meta`` keeps for a copy
+    rebuilt by pickle (``IntegerModel.__reduce__``); fxslim_pass tags."""
     inputs = [meta_val(n) for n in source.graph.nodes if n.op == "placeholder"]
-    propagate(out, [torch.zeros(v.shape, dtype=v.dtype) if isinstance(v, Tensor) else v for v in inputs],
-              real_fallback=True)
+    out.meta[_INPUT_SHAPES] = [_Zeros(tuple(int(d) for d in v.shape), v.dtype) if isinstance(v, Tensor) else v
+                               for v in inputs]
+    _propagate_zeros(out)
+
+
+def _propagate_zeros(out: fx.GraphModule) -> None:
+    propagate(out, [v.tensor() if isinstance(v, _Zeros) else v for v in out.meta[_INPUT_SHAPES]], real_fallback=True)
     for node in out.graph.nodes:
         node.meta[META_PASS] = "prom"
+
+
+@dataclass(frozen=True)
+class _Zeros:
+    """An input's shape and dtype, kept to propagate shapes again: zeros of them."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def tensor(self) -> Tensor:
+        return torch.zeros(self.shape, dtype=self.dtype)
