@@ -22,7 +22,7 @@ import copy
 import io
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +33,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fxslim.ir import set_submodule
 
-__all__ = ["ExportedPart", "export_parts", "export_module", "run_example", "short_reason"]
+__all__ = ["ExportedPart", "buffers_kept", "export_parts", "export_module", "run_example", "short_reason"]
 
 _log = logging.getLogger(__name__)
 
@@ -141,18 +141,27 @@ def run_example(root: nn.Module, pre_hooks: list[tuple[nn.Module, Callable]], ex
     statistics in train mode). The copy: a forward that normalises its input in place must not
     change the caller's example."""
     handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in pre_hooks]
-    saved = {name: b.clone() for name, b in root.named_buffers()}
     inputs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tuple(example_inputs))
     try:
-        with torch.no_grad():
+        with torch.no_grad(), buffers_kept(root):
             root(*inputs)
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextlib.contextmanager
+def buffers_kept(module: nn.Module) -> Iterator[None]:
+    """Put back the values of ``module``'s buffers after a run that may write them (a call
+    counter, BN statistics in train mode); meta buffers hold no values."""
+    saved = [(b, b.clone()) for b in module.buffers() if not b.is_meta]
+    try:
+        yield
+    finally:
         with torch.no_grad():
-            for name, buffer in root.named_buffers():
-                if not buffer.is_meta and not torch.equal(buffer, saved[name]):  # meta buffers hold no values
-                    buffer.copy_(saved[name])
+            for buffer, value in saved:
+                if not torch.equal(buffer, value):
+                    buffer.copy_(value)
 
 
 def _export_children(module: nn.Module, path: str, calls: dict[str, _Calls], parts: list[ExportedPart],

@@ -28,7 +28,7 @@ from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
-from fxslim.export_parts import short_reason
+from fxslim.export_parts import buffers_kept, short_reason
 from fxslim.ir import attribute, meta_val
 
 __all__ = ["propagate", "propagate_node"]
@@ -78,15 +78,12 @@ def _module_state_kept(gm: fx.GraphModule):
     (spectral_norm's ``weight``): under fake tensors it would be left holding a FakeTensor, which
     ``torch.save`` of the module fails on."""
     attributes = [(m, name, v) for m in gm.modules() for name, v in vars(m).items() if isinstance(v, torch.Tensor)]
-    buffers = [(b, b.clone()) for b in gm.buffers() if not b.is_meta]
     try:
-        yield
+        with buffers_kept(gm):
+            yield
     finally:
         for module, name, value in attributes:
             module.__dict__[name] = value
-        for buffer, value in buffers:
-            if not torch.equal(buffer, value):
-                buffer.copy_(value)
 
 
 def _fake_run(gm: fx.GraphModule, args: Sequence[Any], mode: FakeTensorMode | None, around_node: AroundNode | None) -> None:

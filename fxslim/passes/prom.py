@@ -196,8 +196,9 @@ def _reject(gm: fx.GraphModule, view: ConvView | LinearView, calls: Counter) -> 
         return "not_a_module"
     if calls[str(view.node.target)] > 1:
         return "shared_module"
-    if hooked(view, gm):  # the wrapper reads the weight itself: a pruning or spectral_norm hook would not run
-        return hooked(view, gm)
+    hooks = hooked(view, gm)  # the wrapper reads the weight itself: a pruning or spectral_norm hook would not run
+    if hooks:
+        return hooks
     if isinstance(view, LinearView):
         return ""
     if view.transposed:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from fxslim.ir import meta_val
 from fxslim.passes.prom_graph import is_quant
 from fxslim.passes.prom_islands import float_module
+from fxslim.passes.prom_nan import flagged_leaves
 from fxslim.passes.prom_pointwise import NoIntegerForm, is_layout_op, max_pool_args, pad_code
 from fxslim.passes.prom_lower import IntegerOp, convert_output
 from fxslim.runtime.prom_qat import ActFakeQuant
@@ -59,9 +60,7 @@ class Builder:
         if node in self.nan_samples:
             return new
         flags, length = None, None
-        for path, v in pytree.tree_flatten_with_path(meta_val(node))[0]:
-            if not (isinstance(v, Tensor) and v.is_floating_point() and v.dim() >= 1):
-                continue
+        for path, v in flagged_leaves(meta_val(node)):
             tensor = new
             for key in path:  # list/tuple index or dict key
                 tensor = self.graph.call_function(operator.getitem, (tensor, getattr(key, "idx", getattr(key, "key", None))))

@@ -31,22 +31,23 @@ from torch import Tensor
 
 from fxslim.ir import meta_val
 
-__all__ = ["ROWS", "ALL", "nan_reach", "sample_count"]
+__all__ = ["ROWS", "ALL", "flagged_leaves", "nan_reach", "sample_count"]
 
 _log = logging.getLogger(__name__)
 ROWS, ALL = "rows", "all"
 _ROW = 1  # the probe's NaN row: not 0, so a head that moves rows (roll, transpose) shows
 
 
-def _flagged_leaves(value: Any) -> list[tuple[Any, Tensor]]:
-    """(pytree path, tensor) of the leaves ``Builder.model_input`` flags: float tensors with a dim 0."""
+def flagged_leaves(value: Any) -> list[tuple[Any, Tensor]]:
+    """(pytree path, tensor) of the leaves of an input whose NaN samples ``Builder.model_input`` flags:
+    float tensors with a dim 0."""
     return [(path, v) for path, v in pytree.tree_flatten_with_path(value)[0]
             if isinstance(v, Tensor) and v.is_floating_point() and v.dim() >= 1]
 
 
 def sample_count(placeholder: fx.Node) -> int:
     """The example's dim 0 of the input's first flagged leaf: the length of its ``nan_samples`` flags."""
-    return int(_flagged_leaves(meta_val(placeholder))[0][1].shape[0])
+    return int(flagged_leaves(meta_val(placeholder))[0][1].shape[0])
 
 
 def _probe_inputs(gm: fx.GraphModule, copies: int) -> dict[str, Any] | None:
@@ -63,7 +64,7 @@ def _probe_inputs(gm: fx.GraphModule, copies: int) -> dict[str, Any] | None:
         if value is None:  # an argument the example did not give: its default
             values[node.name] = node.args[0]
             continue
-        count = sample_count(node) if _flagged_leaves(value) else None
+        count = sample_count(node) if flagged_leaves(value) else None
 
         def make(v: Any, count: int | None = count) -> Any:
             if not isinstance(v, Tensor):
@@ -129,7 +130,7 @@ def nan_reach(gm: fx.GraphModule) -> dict[str, dict[str, str]]:
     """{output node name: {placeholder name: ROWS | ALL}} for the prepared graph ``gm`` (not modified:
     a copy runs, in eval mode). Inputs without a float tensor are left out; a probe that cannot run
     gives ALL for every output of that input."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and _flagged_leaves(meta_val(n))]
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder" and flagged_leaves(meta_val(n))]
     outputs = [n.name for n in next(n for n in gm.graph.nodes if n.op == "output").all_input_nodes]
     if not placeholders:
         return {name: {} for name in outputs}
