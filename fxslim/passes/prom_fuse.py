@@ -5,12 +5,12 @@ add; emits one ``fxslim::qconv2d_add`` (oneDNN sum post-op) with the other input
 
     c = qconv2d(x) on grid (s_c, z_c);  y = qadd(c, skip)  →  y = qconv2d_add(x, skip)
 
-The conv's output is then rounded once, on the add's grid, instead of twice, and no longer
-saturates at the ends of its own grid. Where the conv's real output lies inside its grid the two
-differ by at most one output step, since the dropped rounding, at most s_c/2, stays below one step
-s_y: the rewrite needs s_c ≤ FUSE_MAX_SCALE_RATIO·s_y and a conv without a clamp of its own. Where
-the fake-quant model saturated the conv output (an input beyond the observed range), the fused op
-keeps the true value, closer to the float model. ``convert(..., fuse_adds=False)`` keeps both ops.
+The fused op keeps the conv's grid (``conv_scale``, ``conv_zero_point``): its real output is clipped
+to that grid's ends, as the fake-quant model saturates it, also for inputs beyond the observed
+range. The direct runtime then rounds once, on the add's grid, instead of twice; the two differ by
+at most one output step, since the dropped rounding, at most s_c/2, stays below one step s_y: the
+rewrite needs s_c ≤ FUSE_MAX_SCALE_RATIO·s_y and a conv without a clamp of its own.
+``convert(..., fuse_adds=False)`` keeps both ops.
 """
 
 from __future__ import annotations
@@ -65,7 +65,8 @@ def fuse_conv_add(gm: fx.GraphModule) -> int:
         conv_args = _named_args(conv)
         conv_args.update(out_scale=args["out_scale"], out_zero_point=args["out_zero_point"], out_min=args["out_min"],
                          out_max=args["out_max"], skip=args[skip_key], skip_scale=args[f"{skip_key}_scale"],
-                         skip_zero_point=args[f"{skip_key}_zero_point"])
+                         skip_zero_point=args[f"{skip_key}_zero_point"], conv_scale=conv_args["out_scale"],
+                         conv_zero_point=conv_args["out_zero_point"])
         op = torch.ops.fxslim.qconv2d_add.default
         with gm.graph.inserting_before(add):
             new = gm.graph.call_function(op, tuple(conv_args[a.name] for a in op._schema.arguments))

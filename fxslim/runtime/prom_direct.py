@@ -7,7 +7,7 @@ library (``onednn_capi``), planned once per input shape, layout and thread count
 
 - one convolution primitive per conv with the attributes ATen gives oneDNN (u8 NHWC src and dst,
   s8 weights reordered once into the layout the primitive picks, f32 bias, runtime scales and zero
-  points, the sum and ReLU post-ops), less what oneDNN 3.2's kernels pay for at every call though
+  points, the clip, sum and ReLU post-ops), less what oneDNN 3.2's kernels pay for at every call though
   it changes nothing but rounding (each made MobileNetV2 faster at batch 1 and 32, measured side by
   side when it was made; benchmarks/results/prom_vs_peers.md has the model's speed now):
   - a zero point of 0 (a ReLU's output, written or read) is left out rather than passed as 0;
@@ -27,7 +27,9 @@ C call per conv (``dnnl_primitive_execute`` or the kernel's), all from one ctype
 (``native/prom_steps.c``; step by step from Python where native kernels are off).
 
 Values: the same integer sums on oneDNN 3.2 instead of torch's oneDNN, requantized with the folded
-constants above. The codes equal ATen's except at rare ties, 1 LSB apart (in depthwise convs, and
+constants above. A conv feeding a residual add (``prom_onednn.quantized_conv_add``) rounds once here:
+its value clipped to its own grid's ends, plus the skip, onto the add's grid, where the segment
+rounds onto the conv's grid first; the two agree within 1 LSB. The codes equal ATen's except at rare ties, 1 LSB apart (in depthwise convs, and
 where the folded constants round differently in float32 from oneDNN's own products: about 1 code
 in 100,000 per layer on MobileNetV2's shapes, tests/runtime/test_prom_direct.py; through a deep
 model such ties add up to 1-LSB moves of some logits),
@@ -70,7 +72,6 @@ AVOIDED = ("jit_1x1:avx512_core_amx",)
 NATIVE_DEPTHWISE_CHANNELS = 32
 PLANS = 4  # input shapes (and layouts, thread counts) a segment keeps a plan for; the least recently used goes
 _CONV = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV.items()}
-_CONV_ADD = {op: attr for attr, op in prom_onednn.QUANTIZED_CONV_ADD.items()}
 
 
 class DirectSegment(nn.Module):
@@ -173,7 +174,8 @@ class _Plan:
     def _fill(self, graph: fx.Graph, convs: dict[str, prom_onednn.ConvWeights], args: tuple[Tensor, ...]) -> _Plan:
         values: dict[fx.Node, _Value] = {}
         groups: list[_Group] = []
-        convs_to_build: list[tuple] = []  # (x, out, weights, relu, the value accumulated into or None)
+        # (x, out, weights, relu, the value accumulated into or None, the conv's own grid before it or None)
+        convs_to_build: list[tuple] = []
         copies: list[tuple[int, _Value, _Value]] = []  # (index of the conv they precede, from, to)
         outputs: list[_Value] = []
 
@@ -212,8 +214,8 @@ class _Plan:
                 continue
             elif node.op == "output":
                 outputs = [read(n, position) for n in node.args[0]]
-            elif node.target in _CONV or node.target in _CONV_ADD:
-                add = node.target in _CONV_ADD
+            elif node.target in _CONV or node.target is prom_onednn.quantized_conv_add:
+                add = node.target is prom_onednn.quantized_conv_add
                 x = read(node.args[0], position)
                 weights = convs.get(node.args[2 if add else 1].target)
                 if weights is None or weights.weight.dtype != torch.int8:
@@ -232,12 +234,8 @@ class _Plan:
                 if out.group.shape != shape:
                     raise _Unsupported
                 name(node, out)
-                relu = (_CONV_ADD if add else _CONV)[node.target] == "relu"
-                convs_to_build.append((x, out, weights, relu, accumulated))
-            elif node.op == "call_method" and node.target == "clone":
-                source = read(node.args[0], position)
-                name(node, new_value(source.group.shape, position, source.scale, source.zero_point))
-                copies.append((len(convs_to_build), source, values[node]))
+                relu = node.args[5] if add else _CONV[node.target] == "relu"
+                convs_to_build.append((x, out, weights, relu, accumulated, node.args[3:5] if add else None))
             elif node.op == "call_function" and getattr(node.target, "__name__", "") == "widened_qtensor":
                 # torch's oneDNN needs the input widened at one output column; oneDNN 3.2 does not (tests)
                 name(node, read(node.args[0], position))
@@ -285,13 +283,13 @@ class _Plan:
 
     def _steps(self, convs: list[tuple], copies: list[tuple[int, _Value, _Value]]) -> None:
         built, scratchpad = [], 0
-        for x, out, weights, relu, accumulated in convs:
+        for x, out, weights, relu, accumulated, grid in convs:
             if _native_depthwise(x, out, weights, accumulated):
                 built.append(prom_depthwise.DepthwiseStep(
                     weights, x.group.shape, out.group.shape, x.scale, x.zero_point, out.scale, out.zero_point, relu,
                     x.group.pointer, out.group.pointer))
                 continue
-            desc = self._convolution(x, out, weights, relu, accumulated)
+            desc = self._convolution(x, out, weights, relu, accumulated, grid)
             built.append(desc)
             scratchpad = max(scratchpad, desc[1].size)
         buffer = torch.empty(max(scratchpad, 1), dtype=torch.uint8)
@@ -312,8 +310,8 @@ class _Plan:
             self._copy(source, target)
         self.array = (_Step * len(self.raw))(*self.raw)
 
-    def _convolution(self, x: _Value, out: _Value, w: prom_onednn.ConvWeights, relu: bool,
-                     accumulated: _Value | None) -> tuple[capi.Primitive, capi.MemoryDesc, list]:
+    def _convolution(self, x: _Value, out: _Value, w: prom_onednn.ConvWeights, relu: bool, accumulated: _Value | None,
+                     grid: tuple[float, int] | None) -> tuple[capi.Primitive, capi.MemoryDesc, list]:
         weight = w.weight.contiguous()
         o, i, kh, kw = weight.shape
         g = w.groups
@@ -329,13 +327,15 @@ class _Plan:
             bias = bias - x.scale * w.w_scale.double() * x_zero_point * weight.sum((1, 2, 3), dtype=torch.float64)
             x_zero_point = 0
         # src and dst scales folded into the weights' scales, the bias and the sum's scale: oneDNN computes
-        # round((s_x·s_w·acc + bias + s_skip·(skip − z_skip)) / s_out) + z_out, and ReLU commutes with 1/s_out
+        # round((clip(s_x·s_w·acc + bias) + s_skip·(skip − z_skip)) / s_out) + z_out, the clip to the ends of
+        # the conv's own grid (s_c, z_c), and ReLU commutes with 1/s_out
         bias = (bias / out.scale).to(torch.float32).contiguous()
         w_scale = (w.w_scale.double() * (x.scale / out.scale)).to(torch.float32).contiguous()
         bias_desc = capi.MemoryDesc((o,), capi.F32, (1,))
         sum_post_op = None if accumulated is None else (accumulated.scale / out.scale, accumulated.zero_point)
+        clip = None if grid is None else (grid[0] * -grid[1] / out.scale, grid[0] * (255 - grid[1]) / out.scale)
         # a zero point of 0 is left out: oneDNN's kernels pay for a zero-point argument even when it is 0
-        attr = capi.conv_attr(mask, sum_post_op, relu, (x_zero_point != 0, out.zero_point != 0))
+        attr = capi.conv_attr(mask, sum_post_op, relu, (x_zero_point != 0, out.zero_point != 0), clip)
         desc = capi.ConvolutionDesc(x.group.desc, capi.MemoryDesc(shape, capi.S8, None), bias_desc, out.group.desc,
                                     w.stride, w.padding, w.dilation, attr)
         desc.skip(AVOIDED)

@@ -6,10 +6,10 @@ at batch 1 is as long as MobileNetV2's kernels take together. ``lower`` does tho
 lookups once, on a copy of the converted graph, and leaves calls that compute nothing twice:
 
     fxslim::qconv2d(x, ..., weight, ...)           → quantized::conv2d(qx, packed, ...) (relu: conv2d_relu)
-    fxslim::qconv2d_add(x, ..., skip, ...)         → quantized::conv2d_add(qx, qskip, packed, ...)
-                                                     (accumulating into skip itself when no later op reads it,
-                                                     else into a copy)
-      with a clamp short of the u8 range          → onednn::qconv_pointwise / qconv2d_pointwise.binary
+      with a clamp short of the u8 range          → onednn::qconv_pointwise
+    fxslim::qconv2d_add(x, ..., skip, ...)         → prom_onednn.quantized_conv_add(qx, qskip, packed, ...):
+                                                     quantized::conv2d onto the conv's grid, then the add
+                                                     (the direct runtime fuses it, ``prom_direct``)
     fxslim::qlinear(x [N, in], ...)                → onednn::qlinear_pointwise(x, ..., packed, ...)
                                                      (direct, full output range: ``prom_native``'s kernel)
     fxslim::quantize_per_tensor(x f32, 0..255)     → the same codes as a QTensor, written channels_last
@@ -62,12 +62,9 @@ _CONV, _CONV_ADD, _LINEAR = _OPS.qconv2d.default, _OPS.qconv2d_add.default, _OPS
 _QUANT, _DEQUANT, _POOL, _NAN = (_OPS.quantize_per_tensor.default, _OPS.dequantize.default,
                                  _OPS.int8_global_avg_pool2d.default, _OPS.nan_samples.default)
 _ONEDNN_CONV = torch.ops.onednn.qconv_pointwise.default
-_ONEDNN_CONV_ADD = torch.ops.onednn.qconv2d_pointwise.binary
 _ONEDNN_LINEAR = torch.ops.onednn.qlinear_pointwise.default
-_QCONV, _QCONV_ADD = prom_onednn.QUANTIZED_CONV, prom_onednn.QUANTIZED_CONV_ADD
-_QUANTIZED = (*_QCONV.values(), *_QCONV_ADD.values())
-# ops whose output never shares their input's memory
-_NON_ALIASING = (_CONV, _CONV_ADD, _LINEAR, _POOL, _DEQUANT, prom_onednn.as_qtensor)
+_QCONV = prom_onednn.QUANTIZED_CONV
+_QUANTIZED = (*_QCONV.values(), prom_onednn.quantized_conv_add)
 
 
 def has_onednn_ops(gm: fx.GraphModule) -> bool:
@@ -303,8 +300,8 @@ class _Lowering:
         if prom_onednn.may_pad_explicitly(weight, padding, dilation):
             self.count("kept:explicit_padding")  # the op pads explicitly, per input size, what oneDNN gets wrong
             return
-        if node.target is _CONV_ADD and attr not in ("none", "relu"):
-            self.count("kept:clamped_residual")  # oneDNN has no sum with a clamp short of 255: the op clamps after
+        if node.target is _CONV_ADD and attr not in _QCONV:
+            self.count("kept:clamped_residual")  # a clamp short of 255 after the sum: the op clamps the codes
             return
         if stride[1] > 1 and (node.target is _CONV_ADD or attr not in _QCONV):
             # one output column at a column stride above 1 needs the input widened (prom_onednn.one_column_widened):
@@ -324,12 +321,7 @@ class _Lowering:
                   self.attr(node, w_scale, "w_scale"), self.attr(node, zeros, "zeros"))
         bias_node = self.attr(node, bias, "bias")
         tail = (stride, padding, dilation, a["groups"], a["out_scale"], a["out_zero_point"], None)
-        if node.target is _CONV:
-            new = self.replace(node, _ONEDNN_CONV, (*common, bias_node, *tail, attr, scalars, ""), "qconv2d")
-        else:
-            accum = self.accumulator(node, a["skip"])
-            new = self.replace(node, _ONEDNN_CONV_ADD, (*common, accum, bias_node, *tail, a["skip_scale"],
-                                                        a["skip_zero_point"], "sum", 1.0, attr, scalars, ""), "qconv2d_add")
+        new = self.replace(node, _ONEDNN_CONV, (*common, bias_node, *tail, attr, scalars, ""), "qconv2d")
         self.channels_last.add(new)
 
     def quantized_conv(self, node: fx.Node, a: dict, packed: torch.ScriptObject, pack: prom_onednn.ConvWeights,
@@ -358,11 +350,8 @@ class _Lowering:
             new = self.replace(node, _QCONV[attr], (x, *tail), "qconv2d")
         else:
             skip = self.qtensor_input(node, a["skip"], a["skip_scale"], a["skip_zero_point"])
-            accum = self.accumulator(node, skip) if skip is a["skip"] else skip  # a fresh QTensor only it reads
-            # the accumulator (the skip, its clone or a QTensor copy of codes that were no QTensor, e.g.
-            # a max pool's: ResNet's first block) is a QTensor on the skip's grid
-            self.qparams.setdefault(accum, (a["skip_scale"], a["skip_zero_point"]))
-            new = self.replace(node, _QCONV_ADD[attr], (x, accum, *tail), "qconv2d_add")
+            new = self.replace(node, prom_onednn.quantized_conv_add, (
+                x, skip, packed_node, a["conv_scale"], a["conv_zero_point"], attr == "relu", *tail[1:]), "qconv2d_add")
         self.channels_last.add(new)
         self.qparams[new] = (a["out_scale"], a["out_zero_point"])
 
@@ -374,17 +363,6 @@ class _Lowering:
             copied = self.graph.call_function(prom_onednn.as_qtensor, (x, scale, zero_point))
         self.order[copied] = self.order[node]
         return copied
-
-    def accumulator(self, node: fx.Node, skip: fx.Node) -> fx.Node:
-        """``skip`` itself when the sum post-op may overwrite it (a fresh tensor that no op after this
-        one reads, nor any view of it), else a channels_last copy."""
-        others = [u for u in skip.users if u is not node]
-        if skip in self.channels_last and all(
-                self.order.get(u, len(self.order)) < self.order[node] and (u.target in _NON_ALIASING or u in self.channels_last) for u in others):
-            self.count("in_place_skip")
-            return skip
-        with self.graph.inserting_before(node):
-            return self.graph.call_method("clone", (skip,), {"memory_format": torch.channels_last})
 
     def linear(self, node: fx.Node) -> None:
         a = schema_arguments(node.target, node.args, node.kwargs)
@@ -535,8 +513,7 @@ def lower(gm: fx.GraphModule, constants: dict[str, Tensor] | None = None, *, dir
 
 
 def _in_script(node: fx.Node) -> bool:
-    return (node.op == "call_function" and (node.target in _QUANTIZED or node.target in _COLUMN_GUARDS)) or (
-        node.op == "call_method" and node.target == "clone")
+    return node.op == "call_function" and (node.target in _QUANTIZED or node.target in _COLUMN_GUARDS)
 
 
 def _segments(graph: fx.Graph) -> list[list[fx.Node]]:

@@ -15,8 +15,10 @@ the fixed-point integer requantization; the two agree within 1 LSB, and the floa
   The oneDNN kernel is reached through ATen's quantized convs (``QUANTIZED_CONV``, QTensors in and
   out) when the clamp is none or a relu, which the lowered runtime calls from TorchScript, else
   through ``onednn::qconv_pointwise``; the op and its lowered form run the same kernel, so they agree bit for bit.
-- ``qconv2d_add``: ``qconv2d`` whose real output is added to a u8 ``skip`` tensor on its own grid
-  before the one rounding (oneDNN sum post-op): a conv feeding a residual add in one kernel.
+- ``qconv2d_add``: ``qconv2d`` whose real output, clipped to the ends of the conv's own grid, is
+  added to a u8 ``skip`` tensor on its own grid: a conv feeding a residual add. The direct runtime
+  runs it as one kernel, rounding once (oneDNN clip and sum post-ops); the op itself, as the
+  unfused pair (ATen's fused ``conv2d_add`` has no clip before its sum).
 - ``qlinear``: linear layer, u8 [..., in] → u8 [..., out].
 - ``qadd``: residual add of two u8 tensors in float32, the same arithmetic as the fake-quant model
   (dequantize, add, quantize), so it is bit-exact against it; used where ``qconv2d_add`` cannot be.
@@ -43,7 +45,7 @@ from fxslim.runtime.prom import (
 )
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available",
-           "QUANTIZED_CONV", "QUANTIZED_CONV_ADD", "onednn_engine", "codes", "as_qtensor", "pack_quantized",
+           "QUANTIZED_CONV", "quantized_conv_add", "onednn_engine", "codes", "as_qtensor", "pack_quantized",
            "ConvWeights", "miscomputed_grouping", "requantization", "quiet_qtensor_warning"]
 
 def onednn_available() -> bool:
@@ -124,26 +126,36 @@ def _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_
 # ATen's quantized convs on oneDNN, by post-op. Their packed weights keep the oneDNN primitive of
 # their first call and reuse it while input shape and quantization stay the same, where
 # ``onednn::qconv_pointwise`` builds its primitive descriptor on every call (7.5 against 21 µs a
-# call at batch 1, called from TorchScript). They take QTensors, read the input's quantization from
-# it, and ``conv2d_add`` accumulates into its QTensor ``qaccum``. ``qconv_pointwise`` stays for the
-# post-op they lack (hardtanh: a clamp short of the u8 range).
+# call at batch 1, called from TorchScript). They take QTensors and read the input's quantization
+# from it. ``qconv_pointwise`` stays for the post-op they lack (hardtanh: a clamp short of the u8 range).
 # Both are deprecated in torch (QTensors, and TorchScript that ``prom_lowered`` calls them from):
 # on a torch without them every conv takes ``qconv_pointwise``, with the same values within 1 LSB.
 def _quantized_convs_available() -> bool:
-    return "onednn" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "conv2d_add_relu")
+    return "onednn" in torch.backends.quantized.supported_engines and hasattr(torch.ops.quantized, "conv2d_relu")
 
 
-if _quantized_convs_available():
-    QUANTIZED_CONV = {"none": torch.ops.quantized.conv2d, "relu": torch.ops.quantized.conv2d_relu}
-    QUANTIZED_CONV_ADD = {"none": torch.ops.quantized.conv2d_add, "relu": torch.ops.quantized.conv2d_add_relu}
-else:
-    QUANTIZED_CONV, QUANTIZED_CONV_ADD = {}, {}
+QUANTIZED_CONV = ({"none": torch.ops.quantized.conv2d, "relu": torch.ops.quantized.conv2d_relu}
+                  if _quantized_convs_available() else {})
+
+
+def quantized_conv_add(x: Tensor, skip: Tensor, packed: torch.classes.quantized.Conv2dPackedParamsBase,
+                       conv_scale: float, conv_zero_point: int, relu: bool, out_scale: float, out_zero_point: int
+                       ) -> Tensor:
+    """``fxslim::qconv2d_add`` on ATen's quantized convs (TorchScript; QTensors ``x``, ``skip`` and the
+    result): the conv onto its own grid, then the add as ``qadd`` computes it, in float32. ATen's
+    ``conv2d_add`` would round once but cannot clip the conv to its grid before the sum."""
+    conv = torch.ops.quantized.conv2d(x, packed, conv_scale, conv_zero_point)
+    total = conv.dequantize() + skip.dequantize()
+    if relu:
+        total = torch.relu(total)
+    bound = 512.0 * out_scale  # past either end of the grid: ATen's quantizer would wrap beyond int32
+    return torch.quantize_per_tensor(total.clamp(-bound, bound), out_scale, out_zero_point, torch.quint8)
 
 
 @contextlib.contextmanager
 def onednn_engine() -> Iterator[None]:
-    """ATen's quantized engine set to oneDNN inside, the caller's restored after: ``quantized::conv2d_add``
-    runs under no other, and the prepacked weights are oneDNN's only if packed under it."""
+    """ATen's quantized engine set to oneDNN inside, the caller's restored after: the prepacked weights
+    are oneDNN's only if packed under it."""
     previous = torch.backends.quantized.engine
     torch.backends.quantized.engine = "onednn"
     try:
@@ -256,7 +268,9 @@ def _conv_plan(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_z
 # Registered with torch.library.define/impl rather than custom_op: the per-call overhead of a
 # custom_op (about 10 µs) is a tenth of a small conv at batch 1.
 torch.library.define("fxslim::qconv2d", f"({_CONV_ARGS}) -> Tensor")
-torch.library.define("fxslim::qconv2d_add", f"({_CONV_ARGS}, Tensor skip, float skip_scale, int skip_zero_point) -> Tensor")
+torch.library.define(
+    "fxslim::qconv2d_add",
+    f"({_CONV_ARGS}, Tensor skip, float skip_scale, int skip_zero_point, float conv_scale, int conv_zero_point) -> Tensor")
 
 
 def one_column_widened(x: Tensor, kernel: int, stride: int, padding: int, dilation: int, zero_point: int) -> Tensor:
@@ -289,15 +303,12 @@ def miscomputed_grouping(weight: Tensor, groups: int) -> bool:
 
 def _float64_conv(x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor,
                   out_scale: float, out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int],
-                  padding: Sequence[int], dilation: Sequence[int], groups: int,
-                  skip: tuple[Tensor, float, int] | None = None) -> Tensor:
-    """The ops' arithmetic without oneDNN, for ``miscomputed_grouping`` convs: integer sums (exact in
-    float64), scaled and biased, plus the real skip, rounded half to even once and clamped; uint8
-    channels_last like the oneDNN ops. Within 1 LSB of them (they scale in float32)."""
+                  padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """``qconv2d``'s arithmetic without oneDNN, for ``miscomputed_grouping`` convs: integer sums (exact
+    in float64), scaled and biased, rounded half to even and clamped; uint8 channels_last like the
+    oneDNN ops. Within 1 LSB of them (they scale in float32)."""
     acc = F.conv2d(x.double() - x_zero_point, weight.double(), None, list(stride), list(padding), list(dilation), groups)
     real = acc.mul_((x_scale * w_scale.double()).view(1, -1, 1, 1)).add_(bias.double().view(1, -1, 1, 1))
-    if skip is not None:
-        real.add_((skip[0].double() - skip[2]) * skip[1])
     out = torch.round(real.div_(out_scale)).add_(out_zero_point).clamp_(out_min, out_max)
     return out.to(torch.uint8).contiguous(memory_format=torch.channels_last)
 
@@ -391,45 +402,23 @@ def _qconv2d_fake(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, ou
 def _qconv2d_add_cpu(
     x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor, out_scale: float,
     out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int], padding: Sequence[int],
-    dilation: Sequence[int], groups: int, skip: Tensor, skip_scale: float, skip_zero_point: int,
+    dilation: Sequence[int], groups: int, skip: Tensor, skip_scale: float, skip_zero_point: int, conv_scale: float,
+    conv_zero_point: int,
 ) -> Tensor:
-    """``qconv2d`` plus a residual: out = clamp(round((y + s_skip·(skip − z_skip))/s_out) + z_out).
+    """``qconv2d`` plus a residual: the conv's real output y, clipped to the ends of its own grid
+    (``conv_scale``, ``conv_zero_point``), plus s_skip·(skip − z_skip), quantized to the output grid.
 
-    One rounding: the conv's real output is not rounded to a grid of its own first.
+    Here, as the unfused pair computes it: ``qconv2d`` onto the conv's grid, then ``qadd``. The
+    direct runtime (``prom_direct``) rounds once instead, with oneDNN's clip and sum post-ops, within
+    1 LSB of this; ATen's fused ``conv2d_add`` cannot clip before its sum, so it is not used.
     """
-    _check_image(x)  # before the padding below reads its spatial dims
-    x, padding = _padded_explicitly(x, weight, padding, dilation, x_zero_point)
-    packed, zeros, attr, scalars, stride, padding, dilation = _conv_plan(
-        x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max, stride, padding,
-        dilation, groups)
-    if attr not in ("none", "relu"):
-        # oneDNN has no sum with a clamp short of 255: add over the whole u8 range, then clamp the
-        # codes (the same codes: rounding is monotone and both bounds are codes)
-        return qconv2d_add(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, 0, 255, stride,
-                           padding, dilation, groups, skip, skip_scale, skip_zero_point).clamp_(out_min, out_max)
-    shape = (x.shape[0], weight.shape[0],
-             *(conv_output_size(x.shape[2 + i], weight.shape[2 + i], stride[i], padding[i], dilation[i]) for i in range(2)))
-    if skip.dtype != torch.uint8 or tuple(skip.shape) != shape:
-        _add_skip_check(skip, shape, skip_scale, skip_zero_point)
-    if miscomputed_grouping(weight, groups):
-        return _float64_conv(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min,
-                             out_max, stride, padding, dilation, groups, (skip, skip_scale, skip_zero_point))
-    wide = one_column_widened(x, weight.shape[3], stride[1], padding[1], dilation[1], x_zero_point)
-    if wide is not x:  # the skip's one column gets a second one too (which the result drops)
-        return _first_column(qconv2d_add(wide, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point,
-                                         out_min, out_max, stride, padding, dilation, groups, skip.repeat(1, 1, 1, 2),
-                                         skip_scale, skip_zero_point))
-    # oneDNN's sum post-op accumulates into its dst tensor: give it a channels_last copy of skip
-    if attr in QUANTIZED_CONV_ADD:
-        accum = as_qtensor(skip, skip_scale, skip_zero_point)
-        with onednn_engine():
-            return codes(QUANTIZED_CONV_ADD[attr](as_qtensor(x, x_scale, x_zero_point), accum, packed, out_scale,
-                                                  out_zero_point))
-    accum = skip.clone(memory_format=torch.channels_last)
-    return torch.ops.onednn.qconv2d_pointwise.binary(
-        _channels_last(x), x_scale, x_zero_point, packed, w_scale, zeros, accum, bias, stride, padding, dilation, groups,
-        out_scale, out_zero_point, None, skip_scale, skip_zero_point, "sum", 1.0, attr, scalars, "",
-    )
+    _check_scale("conv_scale", conv_scale)
+    _check_code("conv_zero_point", conv_zero_point)
+    conv = qconv2d(x, x_scale, x_zero_point, weight, w_scale, bias, conv_scale, conv_zero_point, 0, 255, stride,
+                   padding, dilation, groups)
+    _add_skip_check(skip, tuple(conv.shape), skip_scale, skip_zero_point)
+    return qadd(conv, conv_scale, conv_zero_point, skip, skip_scale, skip_zero_point, out_scale, out_zero_point,
+                out_min, out_max)
 
 
 def _add_skip_check(skip: Tensor, shape: tuple[int, ...], skip_scale: float, skip_zero_point: int) -> None:
@@ -442,10 +431,12 @@ def _add_skip_check(skip: Tensor, shape: tuple[int, ...], skip_scale: float, ski
 
 @torch.library.register_fake("fxslim::qconv2d_add")
 def _qconv2d_add_fake(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
-                      stride, padding, dilation, groups, skip, skip_scale, skip_zero_point):
+                      stride, padding, dilation, groups, skip, skip_scale, skip_zero_point, conv_scale, conv_zero_point):
     shape, *_ = _conv_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max,
                             stride, padding, dilation, groups)
     _add_skip_check(skip, shape, skip_scale, skip_zero_point)
+    _check_scale("conv_scale", conv_scale)
+    _check_code("conv_zero_point", conv_zero_point)
     return torch.empty(shape, dtype=torch.uint8, device=x.device, memory_format=torch.channels_last)
 
 

@@ -26,8 +26,8 @@ from fxslim.runtime import prom_direct as D
 from fxslim.runtime import prom_lowered as L
 from fxslim.runtime import prom_reference as R
 from fxslim.runtime.prom import conv_output_size
-from fxslim.runtime.prom_onednn import (QUANTIZED_CONV, QUANTIZED_CONV_ADD, ConvWeights, as_qtensor, codes,
-                                        onednn_available, vnni_available)
+from fxslim.runtime.prom_onednn import (QUANTIZED_CONV, ConvWeights, as_qtensor, codes, onednn_available,
+                                        quantized_conv_add, vnni_available)
 from tests.runtime.conv_geometry import conv_geometries
 
 pytestmark = [pytest.mark.skipif(not (onednn_available() and vnni_available() and capi.available()),
@@ -35,19 +35,22 @@ pytestmark = [pytest.mark.skipif(not (onednn_available() and vnni_available() an
               pytest.mark.usefixtures("one_thread_module")]
 
 _SX, _ZX, _SO, _ZO, _SS, _ZS = 0.05, 100, 0.04, 90, 0.03, 120
+_SC, _ZC = 0.035, 80  # the grid of a conv feeding an add: [-2.8, 6.125], narrower than the conv's values
 
 
-def _one_conv(weights: ConvWeights, relu: bool, add: bool, zo: int = _ZO) -> tuple[L.QuantizedSegment, D.DirectSegment]:
-    """A run of one conv, as the lowering builds it: (its ATen segment, the direct one over it)."""
+def _one_conv(weights: ConvWeights, relu: bool, add: bool, zo: int = _ZO, grid: tuple[float, int] = (_SC, _ZC),
+              so: float = _SO) -> tuple[L.QuantizedSegment, D.DirectSegment]:
+    """A run of one conv, as the lowering builds it: (its ATen segment, the direct one over it);
+    ``grid``: the conv's own (scale, zero point) when it feeds an add, ``so``, ``zo``: the output's."""
     graph = fx.Graph()
     x = graph.placeholder("x0")
     skip = graph.placeholder("x1") if add else None
     packed = graph.get_attr("c0")
     kind = "relu" if relu else "none"
     if add:
-        node = graph.call_function(QUANTIZED_CONV_ADD[kind], (x, skip, packed, _SO, zo))
+        node = graph.call_function(quantized_conv_add, (x, skip, packed, *grid, relu, so, zo))
     else:
-        node = graph.call_function(QUANTIZED_CONV[kind], (x, packed, _SO, zo))
+        node = graph.call_function(QUANTIZED_CONV[kind], (x, packed, so, zo))
     graph.output((node,))
     aten = L.QuantizedSegment(graph, {"c0": weights.pack()}, {"c0": weights})
     return aten, D.DirectSegment(aten)
@@ -64,8 +67,10 @@ def _weights(c_in, c_out, kernel, stride, padding, dilation, groups, gen) -> Con
 def _check_conv(n, c_in, h, w, weights: ConvWeights, gen, aten_right: bool = True, zx: int = _ZX, zo: int = _ZO
                 ) -> float:
     """Each of conv, conv + ReLU, conv + skip, conv + skip + ReLU: the direct codes within 1 LSB of
-    the float model and (``aten_right``) of ATen's; returns the fraction equal to ATen's. ``zx``,
-    ``zo``: the input's and output's zero points (a zero point of 0 leaves oneDNN's attribute out)."""
+    the float model (with a skip: the conv clipped to its grid ``_SC``, ``_ZC``, plus the skip) and
+    (``aten_right``) of ATen's, which rounds the conv onto that grid first; returns the fraction of
+    codes equal to ATen's without a skip. ``zx``, ``zo``: the input's and output's zero points (a zero point of 0 leaves oneDNN's
+    attribute out)."""
     x = torch.randint(0, 256, (n, c_in, h, w), generator=gen, dtype=torch.int32).to(torch.uint8)
     qx = as_qtensor(x, _SX, zx)
     real_w = weights.weight.double() * weights.w_scale.double().view(-1, 1, 1, 1)
@@ -75,13 +80,14 @@ def _check_conv(n, c_in, h, w, weights: ConvWeights, gen, aten_right: bool = Tru
     for add in (False, True):
         skip = torch.randint(0, 256, real.shape, generator=gen, dtype=torch.int32).to(torch.uint8)
         qskip = as_qtensor(skip, _SS, _ZS)
-        total = real + (skip.double() - _ZS) * _SS if add else real
+        clipped = real.clamp(-_ZC * _SC, (255 - _ZC) * _SC)
+        total = clipped + (skip.double() - _ZS) * _SS if add else real
         for relu in (False, True):
             aten, direct = _one_conv(weights, relu, add, zo)
             args = (qx, qskip) if add else (qx,)
             (out,) = direct(*args)
             assert all(direct.planned.values())
-            (ref,) = aten(*[a.clone() for a in args])  # ATen accumulates into its skip
+            (ref,) = aten(*args)
             assert torch.equal(codes(qskip), skip.contiguous(memory_format=torch.channels_last))  # inputs untouched
             assert out.shape == real.shape and out.is_contiguous(memory_format=torch.channels_last)
             assert (out.q_scale(), out.q_zero_point()) == (_SO, zo)
@@ -89,7 +95,8 @@ def _check_conv(n, c_in, h, w, weights: ConvWeights, gen, aten_right: bool = Tru
             ours = codes(out).int()
             assert (ours - floating.int()).abs().max() <= 1
             assert not aten_right or (ours - codes(ref).int()).abs().max() <= 1
-            equal.append(float((ours == codes(ref).int()).float().mean()))
+            if not add:  # with a skip ATen rounds twice, the primitive once: within 1 LSB, often not equal
+                equal.append(float((ours == codes(ref).int()).float().mean()))
     return min(equal)
 
 
@@ -150,8 +157,9 @@ def test_direct_mobilenet_v2_one_segment_close_to_aten_and_equal_slice_by_slice(
     scale = fast.graph.find_nodes(op="call_function", target=torch.ops.fxslim.dequantize.default)[0].args[1]
     with torch.no_grad():
         out, ref = direct(x), aten(x)
-        # 1-LSB ties of depthwise convs propagate through the network: a few output steps at most
-        assert ((out - ref).abs() / scale).max() <= 4.01
+        # 1-LSB ties of depthwise convs, and the residual convs rounded once here where ATen rounds them onto
+        # their own grid first, propagate through the network: a few output steps at most
+        assert ((out - ref).abs() / scale).max() <= 8.01
         assert torch.equal(out.argmax(1), ref.argmax(1))
         for i in range(len(x)):
             assert torch.equal(direct(x[i : i + 1]), out[i : i + 1])
@@ -266,30 +274,54 @@ def test_direct_model_keeps_nan_per_sample_empty_batches_and_any_input_layout(mo
         assert torch.equal(direct(x[:2].contiguous(memory_format=torch.channels_last)), direct(x[:2]))
 
 
+def test_direct_conv_add_clips_the_conv_to_its_grid_before_the_sum():
+    """Where a conv's values pass the ends of its own grid (an input unlike the calibration's), the
+    fake-quant model saturates them before the add; the primitive's clip post-op does too. Without it
+    the sum took the true value: 10 LSB off on MobileNetV2 fed N(0, 1) images."""
+    gen = torch.Generator().manual_seed(5)
+    weights = _weights(32, 16, (1, 1), (1, 1), (0, 0), (1, 1), 1, gen)
+    x = torch.randint(0, 256, (2, 32, 6, 6), generator=gen, dtype=torch.int32).to(torch.uint8)
+    real_w = weights.weight.double() * weights.w_scale.double().view(-1, 1, 1, 1)
+    real = torch.nn.functional.conv2d((x.double() - _ZX) * _SX, real_w, weights.bias.double())
+    low, high = real.quantile(0.3).item(), real.quantile(0.7).item()  # a grid over the middle 40 % of the values
+    grid = ((high - low) / 255, round(-low * 255 / (high - low)))
+    skip = torch.randint(0, 256, real.shape, generator=gen, dtype=torch.int32).to(torch.uint8)
+    so = grid[0] * 1.2
+    rest = (skip.double() - _ZS) * _SS
+    for relu in (False, True):
+        aten, direct = _one_conv(weights, relu, add=True, grid=grid, so=so)
+        (out,) = direct(as_qtensor(x, _SX, _ZX), as_qtensor(skip, _SS, _ZS))
+        (ref,) = aten(as_qtensor(x, _SX, _ZX), as_qtensor(skip, _SS, _ZS))
+        assert all(direct.planned.values())
+        lo = _ZO if relu else 0
+        clipped = R.quantize_float_reference(real.clamp(-grid[1] * grid[0], (255 - grid[1]) * grid[0]) + rest, so, _ZO, lo, 255)
+        unclipped = R.quantize_float_reference(real + rest, so, _ZO, lo, 255)
+        ours = codes(out).int()
+        assert (ours - clipped.int()).abs().max() <= 1 and (ours - codes(ref).int()).abs().max() <= 1
+        assert (ours - unclipped.int()).abs().max() > 10
+
+
 def test_direct_skip_read_again_after_the_sum_is_copied_not_overwritten():
     """A sum post-op accumulates in place only into a skip nothing reads later: here the skip v1 is
-    read again after the residual conv, so the plan copies it first (as a clone would)."""
+    read again after the residual conv (by v4), so the plan copies it first and v4 reads it intact."""
     gen = torch.Generator().manual_seed(4)
     weights = {f"c{i}": _weights(8, 8, (1, 1), (1, 1), (0, 0), (1, 1), 1, gen) for i in range(4)}
-    conv, conv_add = QUANTIZED_CONV["none"], QUANTIZED_CONV_ADD["none"]
-
-    def segment(clone: bool) -> D.DirectSegment:
-        graph = fx.Graph()
-        x = graph.placeholder("x0")
-        c = {name: graph.get_attr(name) for name in weights}
-        v1 = graph.call_function(conv, (x, c["c0"], _SO, _ZO))
-        v2 = graph.call_function(conv, (v1, c["c1"], _SO, _ZO))
-        skip = graph.call_method("clone", (v1,), {"memory_format": torch.channels_last}) if clone else v1
-        v3 = graph.call_function(conv_add, (v2, skip, c["c2"], _SO, _ZO))
-        v4 = graph.call_function(conv, (v1, c["c3"], _SO, _ZO))
-        graph.output((v3, v4))
-        return D.DirectSegment(L.QuantizedSegment(graph, {k: w.pack() for k, w in weights.items()}, weights))
-
+    conv = QUANTIZED_CONV["none"]
+    graph = fx.Graph()
+    x = graph.placeholder("x0")
+    c = {name: graph.get_attr(name) for name in weights}
+    v1 = graph.call_function(conv, (x, c["c0"], _SO, _ZO))
+    v2 = graph.call_function(conv, (v1, c["c1"], _SO, _ZO))
+    v3 = graph.call_function(quantized_conv_add, (v2, v1, c["c2"], _SC, _ZC, False, _SO, _ZO))
+    v4 = graph.call_function(conv, (v1, c["c3"], _SO, _ZO))
+    graph.output((v3, v4))
+    aten = L.QuantizedSegment(graph, {k: w.pack() for k, w in weights.items()}, weights)
+    direct = D.DirectSegment(aten)
     x = as_qtensor(torch.randint(0, 256, (2, 8, 5, 6), generator=gen, dtype=torch.int32).to(torch.uint8), _SX, _ZX)
-    reused, cloned = segment(clone=False), segment(clone=True)
-    out, ref = reused(x), cloned(x)
-    assert all(reused.planned.values()) and all(cloned.planned.values())
-    assert torch.equal(codes(out[0]), codes(ref[0])) and torch.equal(codes(out[1]), codes(ref[1]))
+    out, ref = direct(x), aten(x)
+    assert all(direct.planned.values())
+    assert (codes(out[0]).int() - codes(ref[0]).int()).abs().max() <= 1
+    assert torch.equal(codes(out[1]), codes(ref[1]))
 
 
 def test_direct_run_with_a_grouped_conv_refuses_the_aten_fallback(monkeypatch):

@@ -94,8 +94,8 @@ _ZO = 90  # the output zero point of _conv_and_add_within_one_lsb
 
 def _conv_and_add_within_one_lsb(x, c_out, kernel, geometry, zx, out_min, out_max, gen):
     """``qconv2d`` of x (random int8 weight [c_out, C/groups, *kernel]) and the same conv fused with
-    a residual add (one rounding of conv + skip, then the clamp), each within 1 LSB of the float
-    model; returns both outputs."""
+    a residual add (the conv clipped to its grid ``sc``, ``zc``, plus the skip, then the clamp), each
+    within 1 LSB of the float model; returns both outputs."""
     weight = torch.randint(-127, 128, (c_out, x.shape[1] // geometry[3], *kernel), generator=gen).to(torch.int8)
     w_scale, bias = 0.001 + 0.004 * torch.rand(c_out, generator=gen), torch.randn(c_out, generator=gen)
     sx, so = 0.05, 0.04
@@ -104,8 +104,10 @@ def _conv_and_add_within_one_lsb(x, c_out, kernel, geometry, zx, out_min, out_ma
     floating = R.conv2d_float_reference(x, sx, zx, real_w, bias, so, _ZO, out_min, out_max, *geometry)
     assert out.shape == floating.shape and (out.int() - floating.int()).abs().max() <= 1
     skip, ss, zs = _codes(tuple(out.shape), gen), 0.03, 100
-    added = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, _ZO, out_min, out_max, *geometry, skip, ss, zs)
-    real = torch.nn.functional.conv2d((x.double() - zx) * sx, real_w, bias.double(), *geometry) + (skip.double() - zs) * ss
+    sc, zc = 0.035, 80  # s_c ≤ s_out: the conv's rounding and the add's stay within 1 LSB together
+    added = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, _ZO, out_min, out_max, *geometry, skip, ss, zs, sc, zc)
+    conv = torch.nn.functional.conv2d((x.double() - zx) * sx, real_w, bias.double(), *geometry)
+    real = conv.clamp(-zc * sc, (255 - zc) * sc) + (skip.double() - zs) * ss
     assert added.shape == out.shape
     assert (added.int() - R.quantize_float_reference(real, so, _ZO).clamp(out_min, out_max).int()).abs().max() <= 1
     return out, added
@@ -179,7 +181,10 @@ def test_miscomputed_grouping_leaves_plain_convs_depthwise_and_pointwise_to_oned
     assert O.miscomputed_grouping(torch.zeros(16, 1, 3, 3), 8)  # depthwise with a channel multiplier
 
 
-def test_qconv2d_add_rounds_once_and_stays_within_one_lsb_of_two_roundings():
+def test_qconv2d_add_is_the_unfused_pair_and_clips_the_conv_to_its_grid():
+    """The op computes what ``qconv2d`` onto the conv's grid then ``qadd`` compute, bit for bit: where the
+    conv's values pass the ends of its grid (an input unlike the calibration's), they saturate there,
+    as in the fake-quant model, rather than reach the sum."""
     gen = _gen(3)
     x = _codes((2, 32, 6, 6), gen).contiguous(memory_format=torch.channels_last)
     skip = _codes((2, 16, 6, 6), gen)
@@ -187,16 +192,21 @@ def test_qconv2d_add_rounds_once_and_stays_within_one_lsb_of_two_roundings():
     sx, zx, ss, zs = 0.02, 100, 0.04, 120
     real = torch.nn.functional.conv2d((x.double() - zx) * sx, weight.double() * w_scale.double().view(-1, 1, 1, 1),
                                       bias.double())
-    # the conv's own grid covers its outputs (no saturation there, which the fused op would skip)
-    sc = float(real.max() - real.min()) / 255
-    zc = round(-float(real.min()) / sc)
+    # the conv's grid covers the middle half of its values only
+    low, high = real.quantile(0.25).item(), real.quantile(0.75).item()
+    sc = (high - low) / 255
+    zc = round(-low / sc)
     so, zo = sc * 1.4, 128  # s_c <= 1.5·s_out: the condition prom_fuse checks
-    out = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, zo, 0, 255, [1, 1], [0, 0], [1, 1], 1, skip, ss, zs)
-    once = R.quantize_float_reference(real + (skip.double() - zs) * ss, so, zo)
-    twice = R.add_float_reference(R.quantize_float_reference(real, sc, zc), sc, zc, skip, ss, zs, so, zo, 0, 255)
-    assert torch.equal(out, once)
-    assert (out.int() - twice.int()).abs().max() <= 1
-    assert torch.equal(skip, skip.clone())  # unchanged input (opcheck checks it too)
+    geometry = ([1, 1], [0, 0], [1, 1], 1)
+    before = skip.clone()
+    out = O.qconv2d_add(x, sx, zx, weight, w_scale, bias, so, zo, 0, 255, *geometry, skip, ss, zs, sc, zc)
+    conv = O.qconv2d(x, sx, zx, weight, w_scale, bias, sc, zc, 0, 255, *geometry)
+    assert torch.equal(out, O.qadd(conv, sc, zc, skip, ss, zs, so, zo, 0, 255))
+    clipped = R.quantize_float_reference(real.clamp(-zc * sc, (255 - zc) * sc) + (skip.double() - zs) * ss, so, zo)
+    unclipped = R.quantize_float_reference(real + (skip.double() - zs) * ss, so, zo)
+    assert (out.int() - clipped.int()).abs().max() <= 1
+    assert (out.int() - unclipped.int()).abs().max() > 10  # the clip matters here
+    assert torch.equal(skip, before)  # unchanged input (opcheck checks it too)
 
 
 def test_qlinear_within_one_lsb_of_float_model():
@@ -232,7 +242,8 @@ def _cases():
         "qconv2d_depthwise": (torch.ops.fxslim.qconv2d.default,
                               (x, 0.05, 3, dw, dw_s, dw_b, 0.1, 100, 100, 160, [2, 2], [1, 1], [1, 1], 6)),
         "qconv2d_add": (torch.ops.fxslim.qconv2d_add.default,
-                        (x, 0.05, 3, pw, pw_s, pw_b, 0.1, 100, 0, 255, [1, 1], [0, 0], [1, 1], 1, skip, 0.07, 50)),
+                        (x, 0.05, 3, pw, pw_s, pw_b, 0.1, 100, 0, 255, [1, 1], [0, 0], [1, 1], 1, skip, 0.07, 50, 0.08,
+                         110)),
         "qlinear": (torch.ops.fxslim.qlinear.default,
                     (x[:, :, 0, 0].contiguous(), 0.05, 3, lin.flatten(1).contiguous(), lin_s, lin_b, 0.1, 5, 0, 255)),
         "qadd": (torch.ops.fxslim.qadd.default, (x, 0.05, 3, x.flip(0), 0.02, 200, 0.06, 7, 0, 255)),
