@@ -54,7 +54,9 @@ class HASTE(Pass):
     of zero plane entries; ``tile``: output tile side T; ``seed``: planes of the i-th conv of a
     graph come from ``seed + i``; ``center``: subtract the channel mean before hashing (without it
     post-ReLU channels collide and accuracy collapses). With large L and ``sparsity=0`` every bucket
-    holds one channel and outputs equal the dense conv's up to float rounding.
+    holds one channel, and outputs equal the dense conv's up to float rounding, while a tile's patch
+    has enough pixels to tell the channels apart: ±1 planes cut a patch of few pixels into few cells
+    whatever L (a 2×2 map: about 100 codes for 512 channels), so there channels still share buckets.
     """
 
     L: int = 14

@@ -258,13 +258,26 @@ def _convert_core(b: Builder, chain: _Chain) -> fx.Node:
 class IntegerModel(fx.GraphModule):
     """A converted PROM graph. Inference only: it stays in eval mode, so a float island's BN keeps
     using (and never updates) its running statistics and dropout stays the identity, also when a
-    model around it is put in train mode."""
+    model around it is put in train mode. Its state dict carries its code, whose literals hold the
+    quantization constants: it loads only into a model converted with the same ones."""
 
     def train(self, mode: bool = True) -> "IntegerModel":
         if mode:
             warnings.warn("PROM integer model: train() keeps it in eval mode (integer ops do not train; "
                           "train the fake-quant model from fxslim.prepare and convert it again)", stacklevel=2)
         return super().train(False)
+
+    def get_extra_state(self) -> dict:
+        # the quantization constants (input scales, zero points) are literals in the graph's code, not buffers
+        return {"code": self.code}
+
+    def set_extra_state(self, state: dict) -> None:
+        if state.get("code") != self.code:
+            raise ValueError(
+                "PROM integer model: load_state_dict got the state of a model converted with other quantization "
+                "constants (scales and zero points are in the graph's code, not in its buffers), and loading its "
+                "buffers alone would mix the two models; load the fake-quant model's state_dict into "
+                "fxslim.prepare(...) and convert that, or torch.save/torch.load the whole integer model")
 
     def __reduce__(self) -> tuple:
         # GraphModule's pickle rebuilds a plain GraphModule without meta or node shapes: rebuild this class

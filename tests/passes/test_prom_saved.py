@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import fxslim
+from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 
 
 class Net(nn.Module):
@@ -59,3 +60,37 @@ def test_a_prepared_model_saved_whole_says_how_to_convert_it(qat):
         loaded = _reloaded(model)
     with pytest.raises(ValueError, match=r"no shape metadata .*save qat\.state_dict\(\)"):
         fxslim.convert(loaded)
+
+
+def _int8_buffer(model: nn.Module) -> str:
+    return next(name for name, b in model.named_buffers() if b.dtype == torch.int8)
+
+
+@pytest.mark.skipif(not (onednn_available() and vnni_available()), reason="needs oneDNN's int8 convs with VNNI")
+def test_micro_batched_follows_weights_loaded_or_changed_after_its_first_call(qat):
+    """Its lowered copy reads the weights once: it gave the old model's outputs after load_state_dict
+    (20 output steps apart on a 4-conv model) until it was built again."""
+    model, x = qat
+    fast = fxslim.micro_batched(fxslim.convert(model, runtime="onednn"))
+    with torch.no_grad():
+        before = fast(x)
+        state = fast.state_dict()
+        name = f"module.{_int8_buffer(fast.module)}"
+        state[name] = -state[name]
+        fast.load_state_dict(state)
+        loaded = fast(x)
+        assert not torch.equal(loaded, before)
+        assert torch.equal(loaded, fxslim.micro_batched(fast.module)(x))
+        fast.module.get_buffer(_int8_buffer(fast.module)).neg_()  # back, in place
+        assert torch.equal(fast(x), before)
+
+
+def test_integer_model_refuses_the_state_of_one_converted_with_other_constants(qat):
+    """Scales and zero points are literals of the graph's code, not buffers: loading the buffers of a
+    model calibrated on other data gave a hybrid 9 output steps from either model, without a word."""
+    model, x = qat
+    integer = fxslim.convert(model)
+    integer.load_state_dict(fxslim.convert(model).state_dict())  # the same constants: loads
+    other = fxslim.calibrate(fxslim.prepare(Net().eval(), x), [3 * x]).eval()  # another model's constants
+    with pytest.raises(ValueError, match="other quantization constants.*prepare"):
+        integer.load_state_dict(fxslim.convert(other).state_dict())
