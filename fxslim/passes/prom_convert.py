@@ -28,6 +28,7 @@ scalars are op arguments. The prepared model is only read, never modified.
 from __future__ import annotations
 
 import copy
+import hashlib
 import inspect
 import logging
 import operator
@@ -258,7 +259,7 @@ def _convert_core(b: Builder, chain: _Chain) -> fx.Node:
 class IntegerModel(fx.GraphModule):
     """A converted PROM graph. Inference only: it stays in eval mode, so a float island's BN keeps
     using (and never updates) its running statistics and dropout stays the identity, also when a
-    model around it is put in train mode. Its state dict carries its code, whose literals hold the
+    model around it is put in train mode. Its state dict carries a digest of its code, whose literals hold the
     quantization constants: it loads only into a model converted with the same ones."""
 
     def train(self, mode: bool = True) -> "IntegerModel":
@@ -267,12 +268,13 @@ class IntegerModel(fx.GraphModule):
                           "train the fake-quant model from fxslim.prepare and convert it again)", stacklevel=2)
         return super().train(False)
 
-    def get_extra_state(self) -> dict:
-        # the quantization constants (input scales, zero points) are literals in the graph's code, not buffers
-        return {"code": self.code}
+    def get_extra_state(self) -> torch.Tensor:
+        # the quantization constants (input scales, zero points) are literals in the graph's code, not
+        # buffers: the state carries the code's digest, as a tensor like every other value of a state dict
+        return torch.frombuffer(bytearray(hashlib.sha256(self.code.encode()).digest()), dtype=torch.uint8)
 
-    def set_extra_state(self, state: dict) -> None:
-        if state.get("code") != self.code:
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        if not (isinstance(state, torch.Tensor) and torch.equal(state, self.get_extra_state())):
             raise ValueError(
                 "PROM integer model: load_state_dict got the state of a model converted with other quantization "
                 "constants (scales and zero points are in the graph's code, not in its buffers), and loading its "
