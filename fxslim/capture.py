@@ -5,7 +5,8 @@
   ``.train()``/``.eval()`` mode to find where the graph reads ``self.training``. Leaves: torch.nn modules,
   modules whose class sets ``fxslim_leaf = True``, and the ``leaf_modules`` the caller names;
   timm's no-trace functions stay opaque when timm is loaded. A model that does not trace whole has its largest traceable
-  submodules traced instead; ``Captured.untraced`` says which modules stayed eager and why.
+  submodules traced instead, each with the arguments the example always leaves at their default
+  (``attn_mask=None``) traced as constants; ``Captured.untraced`` says which modules stayed eager and why.
 - ``nn.Module`` with ``method="export"`` → ``torch.export`` of a copy, else of its largest
   exportable submodules (``fxslim.export_parts``); an ``ExportedProgram`` → ``ep.module()`` (aten
   ops, weights as ``get_attr``), copied so the rewrite never shares tensors with the caller's program.
@@ -18,6 +19,7 @@ Shapes come from node meta (``example_value`` / ``val``) or from propagation und
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import logging
 import operator
@@ -33,7 +35,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
-from fxslim.export_parts import export_parts, run_example, short_reason
+from fxslim.export_parts import Calls, export_parts, record_calls, run_example, short_reason
 from fxslim.ir import IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, detect_ir, set_submodule
 from fxslim.propagate import propagate
 
@@ -115,7 +117,8 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     the graph, so the traced module would silently stop doing it. The module then stays eager.
     The GraphModule keeps every parameter and buffer of ``module``, used or not, so its
     state_dict has the same keys. ``concrete_args``: forward arguments traced at a fixed value
-    (the defaults the example does not give, so ``if mask is not None`` takes the example's branch).
+    (the defaults the example does not give, so ``if mask is not None`` takes the example's branch),
+    each guarded in the graph and keeping its name (``_guard_concrete_args``).
     Where forward passes ``self.training`` on as an argument (dropout), the GraphModule follows its
     own ``.train()``/``.eval()``; other branches on it are traced in the current mode, which
     ``gm.meta[META_FROZEN_MODE]`` then names ("train" or "eval"; ``_follow_training``).
@@ -265,9 +268,9 @@ def check_traced_default(value: Any, name: str, default: Any) -> None:
     tensors = isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor)
     if value is not default and (tensors or value != default):
         raise ValueError(
-            f"{name}: the model was captured with {name}={default!r} (its default; example_inputs did not "
-            f"give it), so the rewritten graph has no code for other values, got {type(value).__name__}. "
-            f"Pass {name} in example_inputs to optimize for it."
+            f"{name}: the model was captured with {name}={default!r} (its default; the example never gave "
+            f"it another value), so the rewritten graph has no code for other values, got {type(value).__name__}. "
+            f"Pass {name} in example_inputs, or an example that makes the model pass it, to optimize for it."
         )
 
 
@@ -275,14 +278,21 @@ torch.fx.wrap("check_traced_default")
 
 
 def _guard_concrete_args(gm: fx.GraphModule, module: nn.Module, concrete_args: dict[str, Any]) -> None:
-    """After the placeholders, a ``check_traced_default`` call per argument traced at its default."""
+    """Right after the placeholder of each argument traced at its default, a
+    ``check_traced_default`` call; and that placeholder named as the argument again.
+
+    Why the name: fx calls it ``attn_mask_1``, so a parent module passing ``attn_mask=None`` by
+    keyword could not call the GraphModule. Why this guard, placed before fx's own: fx's raises a
+    bare AssertionError, and its ``_assert_is_none`` is removed by dead-code elimination.
+    """
     names = list(inspect.signature(module.forward).parameters)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     if len(names) != len(placeholders):
         return
-    with gm.graph.inserting_after(placeholders[-1]):
-        for name, node in zip(names, placeholders):
-            if name in concrete_args and not isinstance(concrete_args[name], torch.Tensor):
+    for name, node in zip(names, placeholders):
+        if name in concrete_args and not isinstance(concrete_args[name], torch.Tensor):
+            node.target = name
+            with gm.graph.inserting_after(node):
                 gm.graph.call_function(check_traced_default, (node, name, concrete_args[name]))
     gm.recompile()
 
@@ -347,22 +357,38 @@ class _Blockers:
     """What one capture learns about tracing, shared by every level of the recursion so no module
     is traced twice to learn it: ``found``, the classes whose own code does not trace even with the
     failing classes below them as leaves (with why); ``traced``, the ids of modules that did trace
-    (more leaves never make a traceable module untraceable)."""
+    (more leaves never make a traceable module untraceable); ``calls``, each submodule's calls on
+    the example by path (the example is only run once a submodule is to be traced apart)."""
 
+    calls: Callable[[], dict[str, Calls]]
     found: dict[type, str] = field(default_factory=dict)
     traced: set[int] = field(default_factory=set)
 
 
-def _find_blockers(module: nn.Module, leaf_modules: tuple[type, ...], state: _Blockers) -> None:
-    """Add to ``state`` what the modules under ``module`` show (bottom up)."""
-    for child in module.children():
+def _traced_constants(state: _Blockers, path: str) -> dict[str, Any]:
+    """The forward arguments of the submodule at ``path`` to trace as constants: those at their
+    (None or scalar) default in every call the example makes to it.
+
+    Why: traced as inputs, the ``attn_mask=None`` and ``is_causal=False`` a timm block passes on to
+    attention reach ``scaled_dot_product_attention`` as graph inputs, and HTTM skips the attention
+    as masked or causal although no mask is ever given. ``trace`` guards them: a later call with
+    a mask raises.
+    """
+    record = state.calls().get(path)
+    return record.default_args if record is not None else {}
+
+
+def _find_blockers(module: nn.Module, path: str, leaf_modules: tuple[type, ...], state: _Blockers) -> None:
+    """Add to ``state`` what the modules under ``module`` (at ``path``) show (bottom up)."""
+    for name, child in module.named_children():
         if type(child) in state.found or id(child) in state.traced or _is_leaf(child, leaf_modules + tuple(state.found)):
             continue
-        _find_blockers(child, leaf_modules, state)
+        child_path = f"{path}.{name}" if path else name
+        _find_blockers(child, child_path, leaf_modules, state)
         if isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
             continue  # containers are never called; their items are
         try:
-            trace(child, leaf_modules + tuple(state.found))
+            trace(child, leaf_modules + tuple(state.found), _traced_constants(state, child_path))
             state.traced.add(id(child))
         except Exception as exc:  # tracing runs arbitrary user code: any failure means "not traceable"
             state.found[type(child)] = short_reason(exc)
@@ -371,19 +397,19 @@ def _find_blockers(module: nn.Module, leaf_modules: tuple[type, ...], state: _Bl
 def _trace_largest(
     module: nn.Module, path: str, leaf_modules: Sequence[type],
     traced: list[tuple[str, fx.GraphModule]], untraced: list[tuple[str, str]],
-    concrete_args: dict[str, Any] | None = None, state: _Blockers | None = None,
+    concrete_args: dict[str, Any], state: _Blockers,
 ) -> None:
-    """Trace ``module`` whole; else whole with the classes that do not trace (a RoPE with a
-    data-dependent table, a patch embedding with an assert) as leaves, whose insides are then
-    traced apart; else recurse into its children (largest traceable parts win)."""
+    """Trace ``module`` (at ``path``, with ``concrete_args``) whole; else whole with the classes
+    that do not trace (a RoPE with a data-dependent table, a patch embedding with an assert) as
+    leaves, whose insides are then traced apart; else recurse into its children (largest traceable
+    parts win). Submodules are traced with their ``_traced_constants`` fixed."""
     leaf_modules = tuple(leaf_modules)
-    state = state if state is not None else _Blockers()
     try:
         traced.append((path, trace(module, leaf_modules, concrete_args)))
         return
     except Exception as exc:  # tracing runs arbitrary user code: any failure means "not whole"
         reason = short_reason(exc)
-    _find_blockers(module, leaf_modules, state)
+    _find_blockers(module, path, leaf_modules, state)
     blockers = state.found
     if blockers and type(module) not in blockers:
         try:
@@ -397,12 +423,15 @@ def _trace_largest(
                     full = f"{path}.{name}" if path else name
                     untraced.append((full, f"traced as a leaf: {blockers[type(leaf)]}"))
                     for child_name, child in leaf.named_children():
-                        _trace_largest(child, f"{full}.{child_name}", leaf_modules, traced, untraced, state=state)
+                        child_path = f"{full}.{child_name}"
+                        _trace_largest(child, child_path, leaf_modules, traced, untraced,
+                                       _traced_constants(state, child_path), state)
             return
     untraced.append((path, reason))
     _log.info("module %r does not trace whole (%s); tracing its children", path or type(module).__name__, reason)
     for name, child in module.named_children():
-        _trace_largest(child, f"{path}.{name}" if path else name, leaf_modules, traced, untraced, state=state)
+        child_path = f"{path}.{name}" if path else name
+        _trace_largest(child, child_path, leaf_modules, traced, untraced, _traced_constants(state, child_path), state)
 
 
 def _called_in(gm: fx.GraphModule, name: str) -> bool:
@@ -581,7 +610,8 @@ def capture(
 
     traced: list[tuple[str, fx.GraphModule]] = []
     untraced: list[tuple[str, str]] = []
-    _trace_largest(model, "", leaf_modules, traced, untraced, _defaults_not_given(model, example_inputs))
+    calls = functools.cache(lambda: record_calls(copy.deepcopy(model), example_inputs))
+    _trace_largest(model, "", leaf_modules, traced, untraced, _defaults_not_given(model, example_inputs), _Blockers(calls))
     if not traced:
         raise CaptureError(_untraceable_message(model, untraced))
     if len(traced) == 1 and traced[0][0] == "":

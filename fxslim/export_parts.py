@@ -4,7 +4,9 @@ Research code often has one construct that no exporter takes: a Python branch on
 (``if x.abs().max().item() > 1e4``) in a head. Exporting the whole model then fails, although the
 backbone around it exports fine. Like symbolic capture does for tracing, this exports the whole
 model if it can, and otherwise each submodule the example calls, top down, keeping the first
-submodule of each branch that exports and leaving the rest eager.
+submodule of each branch that exports and leaving the rest eager. The items of a container the
+example never calls itself (a ModuleList of blocks) are tried in turn; a module with weights never
+called stays eager, named with why like every other.
 
 Each export is tried non-strict first (the default; fast), then strict: dynamo's tracing turns
 ``int(positions.max())`` into an unbacked size where non-strict export needs a concrete integer.
@@ -19,7 +21,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import inspect
 import io
+import itertools
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -33,7 +37,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 
 from fxslim.ir import set_submodule
 
-__all__ = ["ExportedPart", "buffers_kept", "export_parts", "export_module", "run_example", "short_reason"]
+__all__ = ["Calls", "ExportedPart", "buffers_kept", "export_parts", "export_module", "record_calls", "run_example",
+           "short_reason"]
 
 _log = logging.getLogger(__name__)
 
@@ -49,16 +54,32 @@ class ExportedPart:
 
 
 def export_module(module: nn.Module, args: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
-    """``torch.export.export`` non-strict, then strict; raises the non-strict error if both fail."""
+    """``torch.export.export`` non-strict, then strict; raises the non-strict error if both fail.
+
+    Each attempt exports a ``_scratch_copy`` of ``module``, so ``module`` itself is never traced.
+    """
     kwargs = kwargs or {}
     try:
-        return _export(module, args, kwargs, strict=False)
+        return _export(_scratch_copy(module), args, kwargs, strict=False)
     except Exception as non_strict:
         _log.info("non-strict export of %s failed (%s); trying strict", type(module).__name__, short_reason(non_strict))
         try:
-            return _export(module, args, kwargs, strict=True)
+            return _export(_scratch_copy(module), args, kwargs, strict=True)
         except Exception:
             raise non_strict from None
+
+
+def _scratch_copy(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` that shares its parameters and buffers.
+
+    Why: export runs forward on fake tensors and symbolic sizes, and a forward that caches in
+    Python state (VGGT's PositionGetter keeps the position grids it builds in a dict, its RoPE the
+    cos/sin tables keyed by size) keeps them there when the export fails. Run next, the module
+    would compute with them (GuardOnDataDependentSymNode). Shared tensors: the exported program
+    holds the module's own weights, so weights tied with a part that stays eager stay tied.
+    """
+    memo = {id(t): t for t in itertools.chain(module.parameters(), module.buffers())}
+    return copy.deepcopy(module, memo)
 
 
 def _export(module: nn.Module, args: tuple, kwargs: dict, strict: bool) -> torch.export.ExportedProgram:
@@ -82,7 +103,7 @@ def export_parts(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[nn.Mo
         program = export_module(root, tuple(example_inputs))
     except Exception as whole_error:
         whole_reason = short_reason(whole_error)
-        calls = _record_calls(root, example_inputs)
+        calls = record_calls(root, example_inputs)
         parts: list[ExportedPart] = []
         eager: list[tuple[str, str]] = [("", f"not exportable ({whole_reason}); its submodules were exported instead")]
         _export_children(root, "", calls, parts, eager)
@@ -96,12 +117,14 @@ def export_parts(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[nn.Mo
 
 
 @dataclass
-class _Calls:
-    """The first call's inputs of one submodule, and whether every call looked the same."""
+class Calls:
+    """The first call's inputs of one submodule, whether every call looked the same, and the
+    forward arguments that had their default value in every call (``_default_args``)."""
 
     args: tuple
     kwargs: dict
     signature: Any
+    default_args: dict[str, Any]
     consistent: bool = True
 
 
@@ -114,25 +137,56 @@ def _signature(args: tuple, kwargs: dict) -> Any:
     return repr(tree_map(one, (args, kwargs)))
 
 
-def _record_calls(root: nn.Module, example_inputs: Sequence[Any]) -> dict[str, _Calls]:
-    """Run the example once and keep each submodule's call inputs (buffers restored after)."""
-    calls: dict[str, _Calls] = {}
+def record_calls(root: nn.Module, example_inputs: Sequence[Any]) -> dict[str, Calls]:
+    """Run the example once and keep each submodule's calls by path (buffers restored after).
+
+    A module reachable under several paths (a RoPE shared by every block) has all its calls
+    under each of them.
+    """
+    calls: dict[str, Calls] = {}
     hooks = []
-    for path, module in root.named_modules():
+    for path, module in root.named_modules(remove_duplicate=False):
         if not path:
             continue
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, _path: str = path) -> None:
             signature = _signature(args, kwargs)
+            default_args = _default_args(mod, args, kwargs)
             seen = calls.get(_path)
             if seen is None:
-                calls[_path] = _Calls(args, dict(kwargs), signature)
-            elif seen.signature != signature:
+                calls[_path] = Calls(args, dict(kwargs), signature, default_args)
+                return
+            if seen.signature != signature:
                 seen.consistent = False
+            seen.default_args = {name: v for name, v in seen.default_args.items() if name in default_args}
 
         hooks.append((module, hook))
     run_example(root, hooks, example_inputs)
     return calls
+
+
+_SCALARS = (bool, int, float, str)
+
+
+def _default_args(module: nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """Name -> value of the parameters of ``module.forward`` that have their default in this call,
+    where that default is None or a scalar (``attn_mask=None``, ``is_causal=False``): one value a
+    trace can fix as a constant."""
+    try:
+        signature = inspect.signature(module.forward)
+        bound = signature.bind(*args, **kwargs)
+    except (TypeError, ValueError):  # no signature to read, or one the call does not fit
+        return {}
+    bound.apply_defaults()
+    return {name: value for name, value in bound.arguments.items()
+            if _is_default(value, signature.parameters[name].default)}
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    """Whether ``value`` is ``default``, a None or scalar default (``True`` is not ``1``)."""
+    if default is None:
+        return value is None
+    return type(default) in _SCALARS and type(value) is type(default) and value == default
 
 
 def run_example(root: nn.Module, pre_hooks: list[tuple[nn.Module, Callable]], example_inputs: Sequence[Any]) -> None:
@@ -164,13 +218,21 @@ def buffers_kept(module: nn.Module) -> Iterator[None]:
                     buffer.copy_(value)
 
 
-def _export_children(module: nn.Module, path: str, calls: dict[str, _Calls], parts: list[ExportedPart],
+def _export_children(module: nn.Module, path: str, calls: dict[str, Calls], parts: list[ExportedPart],
                      eager: list[tuple[str, str]]) -> None:
+    """Export each child of ``module`` (at ``path``), top down; each child ends exported, eager with
+    a reason in ``eager``, or (a container such as a ModuleList of blocks, never called itself while
+    modules under it are) with its own children visited: nothing that holds weights is dropped
+    silently."""
     for name, child in module.named_children():
         child_path = f"{path}.{name}" if path else name
         record = calls.get(child_path)
         if record is None:
-            continue  # the example never calls it: nothing to export it with
+            if any(p.startswith(f"{child_path}.") for p in calls):
+                _export_children(child, child_path, calls, parts, eager)
+            elif any(True for _ in child.parameters()):  # a dropout or activation never called holds nothing
+                eager.append((child_path, "not called by the example inputs: nothing to export it with"))
+            continue
         if not record.consistent:
             eager.append((child_path, "called with inputs of different shapes; its submodules were exported instead"))
             _export_children(child, child_path, calls, parts, eager)

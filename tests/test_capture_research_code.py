@@ -1,0 +1,196 @@
+"""Capture of research-code patterns that used to hide attention from HTTM or drop modules.
+
+- Symbolic capture of a model that does not trace whole traces its blocks apart; an argument the
+  example always leaves at its default (timm's ``attn_mask=None``, ``is_causal=False``) is then
+  traced as that constant, guarded, instead of reaching attention as a graph input.
+- ``capture="export"``: a failed export leaves nothing (a cached fake tensor) in the module run
+  next, and the items of a ModuleList that is never called itself are exported or named eager.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxslim
+from fxslim.api import OptimizeResult
+from fxslim.capture import capture
+
+EXACT = dict(q=1.0, kv=1.0, outliers=0.0)  # keeps every token: outputs equal SDPA's
+
+
+class _Attention(nn.Module):
+    """timm's Attention signature: the mask and causal flag go straight to SDPA."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))
+
+
+class _Block(nn.Module):
+    """timm's Block signature: passes ``attn_mask`` and ``is_causal`` on to attention."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.attn = _Attention(dim, heads)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        return x + self.attn(self.norm(x), attn_mask=attn_mask, is_causal=is_causal)
+
+
+class _MultiView(nn.Module):
+    """[B, S, 3, 28, 28] -> frame attention over each frame's 1 + 16 tokens, then global attention
+    over all S * 17. The Python loop over frames keeps the model from tracing whole."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 7, 7)
+        self.cam = nn.Parameter(torch.randn(1, 1, 1, dim) * 0.02)
+        self.frame_block = _Block(dim, heads)
+        self.global_block = _Block(dim, heads)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
+        B, S = x.shape[:2]
+        t = torch.stack([self.embed(x[:, s]).flatten(2).transpose(1, 2) for s in range(S)], 1)
+        t = torch.cat([self.cam.expand(B, S, 1, -1), t], 2)
+        _, _, P, C = t.shape
+        t = self.frame_block(t.reshape(B * S, P, C))
+        return self.global_block(t.reshape(B, S * P, C), attn_mask=attn_mask, is_causal=is_causal)
+
+
+def _images(frames: int = 4) -> torch.Tensor:
+    return torch.rand(1, frames, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+
+
+def _httm_exact(model: nn.Module, inputs: tuple) -> OptimizeResult:
+    """HTTM at its exact limit, with _MultiView's layout: 1 camera token + 16 patches a frame."""
+    config = fxslim.HTTM(tokens_per_frame=17, special_tokens=1, **EXACT)
+    return fxslim.optimize(model, inputs, passes=[config])
+
+
+def test_capture_block_argument_at_its_default_in_every_call_is_traced_as_constant():
+    """No call passes a mask or ``is_causal=True``: the global attention is rewritten (not
+    skipped as masked or causal) and, kept exact, equals the model."""
+    torch.manual_seed(0)
+    model, x = _MultiView().eval(), _images()
+    res = _httm_exact(model, (x,))
+    assert [p for p, _ in res.report.untraced] == [""]  # the blocks were traced apart
+    assert {e.fqn: e.status for e in res.report.entries("httm")} == {
+        "frame_block.attn": "skipped", "global_block.attn": "rewritten"}
+    assert res.report.skipped("httm") == {"local_attention": 1}
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("given", [
+    {"attn_mask": torch.ones(68, 68, dtype=torch.bool).tril()},
+    {"is_causal": True},
+], ids=["attn_mask", "is_causal"])
+def test_capture_block_argument_traced_at_its_default_raises_when_given(given):
+    """The rewritten block has no code for a mask: a later call that passes one must raise, not
+    silently compute unmasked attention."""
+    torch.manual_seed(0)
+    model, x = _MultiView().eval(), _images()
+    res = _httm_exact(model, (x,))
+    assert res.report.rewritten("httm") == 1
+    with torch.no_grad():
+        assert not torch.allclose(model(x, **given), model(x))  # the argument matters eagerly
+        name = next(iter(given))
+        with pytest.raises(ValueError, match=rf"{name}: the model was captured with {name}="):
+            res.module(x, **given)
+
+
+def test_capture_block_argument_the_example_gives_stays_an_input():
+    """A mask the example passes stays a graph input: the global attention is skipped as masked
+    and the model's output, mask applied, is unchanged."""
+    torch.manual_seed(0)
+    model, x = _MultiView().eval(), _images()
+    mask = torch.ones(68, 68, dtype=torch.bool).tril()
+    with pytest.warns(UserWarning, match="rewrote nothing"):
+        res = _httm_exact(model, (x, mask))
+    assert res.report.rewritten("httm") == 0
+    assert res.report.skipped("httm") == {"local_attention": 1, "masked": 1}
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x, mask), model(x, mask))
+
+
+class _PositionCache:
+    """A plain-object cache as VGGT's PositionGetter: tensors built once per size, kept in a dict."""
+
+    def __init__(self) -> None:
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, n: int) -> torch.Tensor:
+        if n not in self.cache:
+            self.cache[n] = torch.arange(n)
+        return self.cache[n]
+
+
+class _CachesPositions(nn.Module):
+    """Fills its cache while exported (with a fake tensor), then fails to export on ``.item()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = _PositionCache()
+        self.embed = nn.Embedding(8, 4)
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # [B, N, 4]
+        x = x + self.embed(self.positions(x.shape[1]))
+        if x.abs().max().item() > 1e4:  # a numerical guard: not exportable
+            raise ValueError("input out of range")
+        return self.lin(x)
+
+
+def test_capture_export_failed_whole_export_leaves_nothing_in_the_module_run_next():
+    """The whole-model export fails after caching a fake tensor; the example run that follows (and
+    the captured module) must see a clean cache, not crash on it."""
+    model, x = _CachesPositions().eval(), torch.randn(2, 3, 4)
+    captured = capture(model, (x,), method="export")
+    assert sorted(g.path for g in captured.graphs) == ["embed", "lin"]
+    assert not model.positions.cache  # the caller's model was not run
+    with torch.no_grad():
+        torch.testing.assert_close(captured.module(x), model(x))
+
+
+class _GuardedBlocks(nn.Module):
+    """A stem, then blocks in a ModuleList (called one by one, never as a list), behind a guard
+    that does not export; ``unused`` is never called."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(4, 4)
+        self.blocks = nn.ModuleList(nn.Sequential(nn.Linear(4, 4), nn.ReLU()) for _ in range(2))
+        self.unused = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.abs().max().item() > 1e4:
+            raise ValueError("input out of range")
+        x = self.stem(x)
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_capture_export_exports_the_items_of_a_modulelist_and_drops_nothing():
+    model, x = _GuardedBlocks().eval(), torch.randn(2, 4)
+    captured = capture(model, (x,), method="export")
+    assert [g.path for g in captured.graphs] == ["stem", "blocks.0", "blocks.1"]
+    eager = dict(captured.untraced)
+    assert eager.keys() == {"", "unused"} and "not called" in eager["unused"]
+    accounted = [g.path for g in captured.graphs] + list(eager)
+    for name, _ in model.named_parameters():  # every weight sits in a graph or in an eager module
+        assert any(p and (name == p or name.startswith(f"{p}.")) for p in accounted), name
+    with torch.no_grad():
+        torch.testing.assert_close(captured.module(x), model(x))
