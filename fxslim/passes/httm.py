@@ -1,13 +1,14 @@
 """HTTM pass: global (all-frames) SDPA -> ``fxslim::httm_attention`` (head-wise temporal token merging).
 
-Matches softmax attention whose batch is the model's batch (one sequence spans every frame), in
-SDPA form, in any IR (symbolic trace, dynamo, export); frame attention, other attention forms and
-everything else stay untouched. Emits the op with the frame layout from the pass config, else
-from the RoPE positions feeding q (the integer ``[..., N, 2]`` tensor, evaluated from the graph);
-an owning module's ``fxslim_frame_layout``, when the graph module still holds it, marks frame
-attention and fixes the special tokens. Unless ``frames`` is configured, the graph computes
-frames = N // tokens_per_frame, so the result runs at any frame count. Needs node shapes
-(``fxslim.capture`` provides them). Semantics and defaults: docs/methods/HTTM.md.
+Matches softmax attention whose sequence spans every frame (its batch is the model's batch or 1,
+or RoPE positions show all frames), in SDPA form, in any IR (symbolic trace, dynamo, export);
+frame, window and head attention, other attention forms and everything else stay untouched. Emits
+the op with the frame layout from the pass config, else from the RoPE positions feeding q (the
+integer ``[..., N, 2]`` tensor, evaluated from the graph); an owning module's
+``fxslim_frame_layout``, when the graph module still holds it, marks frame attention and fixes the
+special tokens. Unless ``frames`` is configured, the graph computes frames = N // tokens_per_frame
+(or reads them from a [B, S, C, H, W] input), so the result runs at any frame count. Needs node
+shapes (``fxslim.capture`` provides them). Semantics and defaults: docs/methods/HTTM.md.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 from fxslim.config import check_choice, check_int, check_range
 from fxslim.ir import AttentionView, META_CALL_SHAPES, META_PLACEHOLDER_FQNS, META_PREFIX, meta_val, node_fqn
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass
-from fxslim.passes.matchers import match_attention
+from fxslim.passes.matchers import attention_scope, match_attention
 from fxslim.propagate import propagate_node
 from fxslim.runtime.frame_layout import FrameLayout, frame_layout_from_positions, read_frame_layout
 from fxslim.runtime.httm import DST_RULES, MODES, httm_kept_lengths
@@ -39,8 +40,11 @@ _METADATA_METHODS = ("size", "dim", "numel")
 _METADATA_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default)
 _POSITION_HOPS = 16  # how far above q to look for the RoPE positions
 _MAX_EVAL_NODES = 256  # positions come from a few shape-driven ops; more means they depend on activations
+_COMPILE_AFTER = ("rewrite first and compile the result: "
+                  "torch.compile(fxslim.optimize(model, inputs, passes=[...]).module)")
 _BREAK_HINT = (" in this graph (if a graph break such as int(positions.max()) in a RoPE cuts them off, set "
-               "torch._dynamo.config.capture_scalar_outputs = True; or pass HTTM(tokens_per_frame=..., "
+               "torch._dynamo.config.capture_scalar_outputs = True; if the graph still breaks there (a table "
+               f"cached in a dict keyed by that int), {_COMPILE_AFTER}; or pass HTTM(tokens_per_frame=..., "
                "special_tokens=...))")
 _EVAL_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedError)
 
@@ -164,15 +168,11 @@ class HTTM(Pass):
                             f"this module runs with inputs of {gm.meta[META_CALL_SHAPES]} shapes; one rewrite "
                             "would serve them all (trace the whole model, or give each call its own module)")
                 continue
-            reason = m.reason or ("local_attention" if metadata.get("scope") == "frame" else "")
-            if not reason and self._within_frame(view, lengths):
-                reason = "local_attention"
-            spans, why, detail = self._spans_frames(gm, view, ctx, lengths) if m.reason else (False, "", "")
-            if reason and not spans:
-                # a sequence over several frames whose layout cannot follow the run: say so
-                report.skip(view.node, view.fqn, m.kind, *((why, detail) if why == "dynamic_frame_layout" else (reason,)))
+            reason, detail = self._scope(gm, view, ctx, m.reason, metadata, lengths)
+            if reason:
+                report.skip(view.node, view.fqn, m.kind, reason, detail)
                 continue
-            kind = "global_attention"  # by batch, or by positions that span several frames
+            kind = "global_attention"
             cfg = self.resolve(ctx, view.node, view.fqn, kind, report)
             if cfg is None:
                 continue
@@ -187,27 +187,69 @@ class HTTM(Pass):
                 out.append(_HttmCandidate(view.node, view, view.fqn, kind, cfg, (view.node,), layout, scale))
         return out
 
-    def _within_frame(self, view: AttentionView, lengths: set[int]) -> bool:
-        """With ``frames`` configured: whether another attention of the graph is ``frames`` times as
-        long, so this one attends within a frame, whatever its batch says (a model fed [S, 3, H, W]
-        runs frame attention at batch S, the example's first dim)."""
-        return self.frames is not None and view.q_len is not None and _hint(view.q_len) * self.frames in lengths
+    def _scope(self, gm: fx.GraphModule, view: AttentionView, ctx: PassContext, batch_reason: str,
+               metadata: dict[str, Any], lengths: set[int]) -> tuple[str, str]:
+        """("", "") when this attention's sequence spans every frame (global), else (reason, detail).
 
-    def _spans_frames(self, gm: fx.GraphModule, view: AttentionView, ctx: PassContext,
-                      lengths: set[int]) -> tuple[bool, str, str]:
-        """Whether this attention's sequence spans two frames or more: then it is global whatever its
-        batch says (a model that adds the batch dim to [S, 3, H, W] images has a batch the example's
-        first dim does not give; a graph after a break has no batch). Told by the configured frames (another attention is
-        1 / frames as long: that one is frame attention), else by RoPE positions (not with
-        tokens_per_frame configured: local attention over a few frames would pass for global), with
-        the reason and detail of a layout that positions give but that cannot be used."""
-        if view.q_len is None or meta_val(view.q) is None or self.tokens_per_frame is not None:
-            return False, "", ""
-        if self.frames is not None:
+        1. the owning module's metadata says frame attention: local;
+        2. with ``frames`` configured, another attention of the graph ``frames`` times as long (this
+           one is frame attention) or as short (this one is global) decides, whatever the batches say;
+        3. batch 1: one sequence holds every token of the call, so it spans every frame;
+        4. the model's batch: global, unless (``frames`` configured) that batch may hold the frames;
+        5. otherwise, without a configured layout, the RoPE positions (``_positions_scope``).
+        """
+        if batch_reason not in ("", "local_attention", "unknown_batch"):
+            return batch_reason, ""
+        if metadata.get("scope") == "frame":
+            return "local_attention", "the owning module's fxslim_frame_layout says scope='frame'"
+        if self.frames is not None and view.q_len is not None:
             n = _hint(view.q_len)
-            return n % self.frames == 0 and n // self.frames in lengths, "", ""
-        layout, reason, detail = self._layout(gm, view, ctx, {})
-        return layout is not None and layout.example_frames >= 2, reason, detail
+            if n * self.frames in lengths:
+                return "local_attention", f"another attention in this graph is frames={self.frames} times as long"
+            if n % self.frames == 0 and n // self.frames in lengths:
+                return "", ""
+        if attention_scope(view, 1) == "global":
+            return "", ""
+        if not batch_reason:
+            detail = self._batch_may_hold_frames(gm, ctx)
+            return ("unknown_batch", detail) if detail else ("", "")
+        if self.frames is None and self.tokens_per_frame is None:
+            return self._positions_scope(gm, view, ctx, batch_reason)
+        return batch_reason, _unknown_batch_detail(ctx) if batch_reason == "unknown_batch" else ""
+
+    def _batch_may_hold_frames(self, gm: fx.GraphModule, ctx: PassContext) -> str:
+        """With ``frames`` configured, an attention at the model's batch (> 1): why that batch may be
+        the frames ("" when it cannot). It may when the example's first dim is a multiple of
+        ``frames`` and no [B, S, C, H, W] input of this graph shows a frame dim of its own: a model
+        fed [S, 3, H, W] runs frame attention of P tokens at that batch, which would pass for
+        ``frames`` frames of P / frames tokens (only step 2 of ``_scope`` tells them apart)."""
+        if self.frames is None or _hint(ctx.batch_size) % self.frames or _frames_input(gm, self.frames) is not None:
+            return ""
+        return (f"its batch {ctx.batch_size} is the example's first dim, a multiple of frames={self.frames}: it may "
+                "hold the frames (frame attention, as for [S, 3, H, W] input), and no attention in this graph "
+                f"{self.frames} times as long or as short tells which. Make the model trace as one graph "
+                "(torch._assert instead of assert, see report.untraced) or give it [B, S, 3, H, W] images")
+
+    def _positions_scope(self, gm: fx.GraphModule, view: AttentionView, ctx: PassContext,
+                         batch_reason: str) -> tuple[str, str]:
+        """(reason, detail) of an attention at a batch > 1 that is not (or not known to be) the
+        model's, from the RoPE positions feeding q: global ("", "") only when they show it spanning
+        all S frames of a [B, S, C, H, W] input of this graph; sequences of a few frames at such a
+        batch are windows over some of the frames."""
+        unknown = _unknown_batch_detail(ctx) if batch_reason == "unknown_batch" else ""
+        if view.q_len is None or meta_val(view.q) is None:
+            return batch_reason, unknown
+        layout, why, detail = self._layout(gm, view, ctx, {})
+        if why == "dynamic_frame_layout":  # a sequence over several frames whose layout cannot follow the run
+            return why, detail
+        if layout is None or layout.example_frames < 2:
+            return batch_reason, unknown
+        frames = layout.example_frames
+        if _frames_input(gm, frames) is not None:
+            return "", ""
+        window = (f"sequences of {frames} frames (RoPE positions) at batch {_hint(view.batch)}: a window over some "
+                  "of the frames is not global attention.")
+        return batch_reason, f"{window} {unknown}".strip()
 
     def rewrite(self, gm: fx.GraphModule, cand: Candidate, ctx: PassContext) -> dict[str, Any]:
         # sdpa(q, k, v, scale=s) -> [B, H, N, d_v]
@@ -249,6 +291,10 @@ class HTTM(Pass):
             if self.tokens_per_frame is None and n % self.frames:
                 return None, "frame_layout_mismatch", f"N={n} is not a multiple of frames={self.frames}"
             p = self.tokens_per_frame if self.tokens_per_frame is not None else n // self.frames
+            if p == 1:
+                return None, "one_token_per_frame", (
+                    f"N={n} is one token per frame: attention over per-frame tokens (a head's), not over "
+                    "the frames' patches")
             sp = 5 if specials is None else specials
             if n % p or sp > p or (self.frames is not None and self.frames * p != n):
                 return None, "frame_layout_mismatch", (
@@ -257,7 +303,10 @@ class HTTM(Pass):
             if n == p and self.frames is None:
                 return None, "single_frame", (
                     f"N={n} is one frame of tokens_per_frame={p}: frame attention, not global")
-            return _Layout(p, sp, self.frames, n // p, None, "config"), "", ""
+            # a configured P holds at the example's image size; the frame count of a [B, S, C, H, W]
+            # input, when there is one, gives the P of every other size
+            frames_of = None if self.frames is not None else _frames_input(gm, n // p)
+            return _Layout(p, sp, self.frames, n // p, None, "config", frames_of=frames_of), "", ""
         pos_node = _positions_node(view.q, n)
         if pos_node is None:
             detail = "no integer [.., N, 2] RoPE positions feed q"
@@ -357,6 +406,19 @@ def _hint(value: Any) -> int:
     return int(value)
 
 
+def _unknown_batch_detail(ctx: PassContext) -> str:
+    """Why the model's batch is unknown in this graph (no attention is global by its batch), and the fix."""
+    if ctx.batch_size is not None:
+        return f"its batch cannot be compared with the model's batch {ctx.batch_size}"
+    if ctx.ir == "torch":
+        return ("this graph resumes after a graph break, so the model's batch is unknown here: remove the break "
+                "(torch._dynamo.config.capture_scalar_outputs = True keeps int(positions.max()) in the graph) or "
+                + _COMPILE_AFTER)
+    return ("no input of the model is a tensor (a list of per-view images?), so its batch is unknown: "
+            "wrap the model so that it takes one [B, S, 3, H, W] tensor (forward(images): "
+            "return model(list(images.unbind(1))))")
+
+
 def _module_metadata(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any]:
     """``fxslim_frame_layout`` of the module that owns ``node``, when the graph module still holds it."""
     prefix, fqn = gm.meta.get(META_PREFIX, ""), node_fqn(node, gm)
@@ -371,7 +433,8 @@ def _module_metadata(gm: fx.GraphModule, node: fx.Node) -> dict[str, Any]:
 def _check_sdpa(view: AttentionView) -> tuple[str, str, Any]:
     """(reason, detail, scale): "" when the attention is a plain self-attention SDPA call."""
     if view.form != "sdpa" or view.node.target not in _SDPA:
-        return "not_sdpa", f"{view.form} attention ({view.node.target})", None
+        return "not_sdpa", (f"{view.form} attention ({view.node.target}); HTTM rewrites F.scaled_dot_product_attention "
+                            "calls: make the attention call it (timm and VGGT attention: fused_attn=True)"), None
     node = view.node
     args = dict(zip(_SDPA_ARGS, node.args))
     args.update(node.kwargs)

@@ -1,0 +1,294 @@
+"""HTTM on research-code layouts that fooled the scope and layout inference: a model fed its frames
+as the batch and traced in parts, a pose head over per-frame tokens, a configured tokens_per_frame
+at another image size, a temporal window over some of the frames; and the skip details that say
+what to do (a RoPE table cached in a dict under torch.compile, a list of per-view images, manual
+attention)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxslim
+import fxslim.runtime.httm as httm_runtime
+from tests.passes.test_httm_layout_inference import Attention, FramesAsBatch
+from tests.research_models import Block, RoPE2D, VGGTStyle, grid_positions
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+EXACT = "httm:q=1,kv=1,outliers=0"
+
+
+def _optimize(model: nn.Module, inputs: tuple, spec) -> fxslim.OptimizeResult:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxslim.optimize(model, inputs, passes=[spec])
+
+
+def _status(result) -> dict[str, tuple[str, str]]:
+    return {e.fqn: (e.status, e.reason) for e in result.report.entries("httm")}
+
+
+def _details(result) -> dict[str, str]:
+    return {e.fqn: e.detail for e in result.report.entries("httm")}
+
+
+def _layouts(module: nn.Module, *inputs) -> list[tuple[int, int, int]]:
+    """(N, frames, tokens_per_frame) of every HTTM call while ``module`` runs on ``inputs``."""
+    calls = []
+    original = httm_runtime.httm_plan
+
+    def spy(q, k, frames, tokens_per_frame, *args, **kwargs):
+        calls.append((q.shape[2], int(frames), int(tokens_per_frame)))
+        return original(q, k, frames, tokens_per_frame, *args, **kwargs)
+
+    httm_runtime.httm_plan = spy
+    try:
+        with torch.no_grad():
+            module(*inputs)
+    finally:
+        httm_runtime.httm_plan = original
+    return calls
+
+
+# ----------------------------------------------------------------------------------------------
+# (A) configured frames: frame attention traced apart, a head over per-frame tokens
+
+
+class CheckedFramesAsBatch(FramesAsBatch):
+    """FramesAsBatch ([S, 3, H, W] -> frame attention [S, 20, C], global [1, S·20, C]) with an
+    input assert: forward does not trace, so each attention is traced on its own."""
+
+    def forward(self, frames):
+        assert frames.shape[1] == 3, "expected RGB frames"
+        return super().forward(frames)
+
+
+def test_configured_frames_traced_apart_frame_attention_left_dense_global_rewritten():
+    torch.manual_seed(0)
+    model, x = CheckedFramesAsBatch().eval(), torch.rand(4, 3, 28, 28)
+    result = _optimize(model, (x,), fxslim.HTTM(frames=4, special_tokens=4, n_s=4, n_t=2))
+    assert result.report.untraced  # the assert: traced in parts
+    # the frame attention [4, 20] would pass for 4 frames of 5 tokens at the example's batch 4
+    assert _status(result) == {"frame": ("skipped", "unknown_batch"), "glob": ("rewritten", "")}
+    assert "may hold the frames" in _details(result)["frame"]
+    # only the global attention merges: 80 tokens = 4 frames x 20 (4 registers + 4x4 patches)
+    assert _layouts(result.module, x) == [(80, 4, 20)]
+    exact = _optimize(model, (x,), fxslim.HTTM(frames=4, special_tokens=4, q=1, kv=1, outliers=0)).module
+    other = torch.rand(4, 3, 21, 21)  # 4 registers + 3x3 patches
+    assert _layouts(exact, other) == [(52, 4, 13)]
+    with torch.no_grad():
+        torch.testing.assert_close(exact(other), model(other), atol=1e-5, rtol=1e-5)
+
+
+class PoseHead(nn.Module):
+    """[B, S, 3, H, W] -> frame attention [B·S, 16], global [B, S·16], then a pose head attending
+    over the S per-frame mean tokens [B, S] (one token per frame)."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 7, 7)
+        self.frame_attn, self.global_attn, self.head_attn = Attention(dim), Attention(dim), Attention(dim)
+        self.pose = nn.Linear(dim, 9)
+
+    def forward(self, x):
+        b, s = x.shape[:2]
+        t = self.embed(x.flatten(0, 1)).flatten(2).transpose(1, 2)
+        p, c = t.shape[1:]
+        t = (t + self.frame_attn(t)).reshape(b, s * p, c)
+        t = t + self.global_attn(t)
+        feats = t.reshape(b, s, p, c).mean(2)
+        return self.pose(feats + self.head_attn(feats)), t
+
+
+def test_configured_frames_head_attention_over_one_token_per_frame_left_dense():
+    torch.manual_seed(0)
+    model, x = PoseHead().eval(), torch.rand(1, 3, 3, 28, 28)
+    result = _optimize(model, (x,), fxslim.HTTM(frames=3, special_tokens=0, n_s=4, n_t=2))
+    assert _status(result) == {"frame_attn": ("skipped", "local_attention"), "global_attn": ("rewritten", ""),
+                               "head_attn": ("skipped", "one_token_per_frame")}
+    assert _layouts(result.module, x) == [(48, 3, 16)]  # the global attention only; the head's N = 3 stays dense
+
+
+# ----------------------------------------------------------------------------------------------
+# (B) configured tokens_per_frame at another image size
+
+
+class CameraTokenViT(nn.Module):
+    """[B, S, 3, H, W], one camera token per frame, no RoPE: P = 1 + (H/7)·(W/7)."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 7, 7)
+        self.cam = nn.Parameter(torch.randn(1, 1, dim))
+        self.frame_attn, self.global_attn = Attention(dim), Attention(dim)
+
+    def forward(self, x):
+        b, s = x.shape[:2]
+        t = self.embed(x.flatten(0, 1)).flatten(2).transpose(1, 2)
+        t = torch.cat([self.cam.expand(b * s, 1, -1), t], 1)
+        p, c = t.shape[1:]
+        t = (t + self.frame_attn(t)).reshape(b, s * p, c)
+        return t + self.global_attn(t)
+
+
+def test_configured_tokens_per_frame_follows_the_input_frame_count_at_other_sizes():
+    torch.manual_seed(0)
+    model = CameraTokenViT().eval()
+    result = _optimize(model, (torch.rand(1, 4, 3, 28, 28),),
+                       fxslim.HTTM(tokens_per_frame=17, special_tokens=1, q=1, kv=1, outliers=0))
+    assert _status(result)["global_attn"] == ("rewritten", "")
+    # 42 px: P = 1 + 6x6 = 37; 17 frames x 37 = 629 tokens split into 37 "frames" of 17 before
+    for frames, size, per_frame in ((17, 42, 37), (4, 42, 37), (6, 28, 17)):
+        x = torch.rand(1, frames, 3, size, size)
+        assert _layouts(result.module, x) == [(frames * per_frame, frames, per_frame)]
+        with torch.no_grad():
+            torch.testing.assert_close(result.module(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# (C) a temporal window over some of the frames
+
+
+class TemporalWindow(nn.Module):
+    """VGGT-style positions; frame attention [B·S, P], window attention over pairs of frames
+    [B·S/2, 2P], global attention [B, S·P] (P = 5 special tokens + 3x3 patches)."""
+
+    def __init__(self, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 7, 7)
+        self.special = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+        rope = RoPE2D()
+        self.frame_block, self.window_block, self.global_block = (Block(dim, heads, rope) for _ in range(3))
+
+    def forward(self, images):
+        b, s, _, h, w = images.shape
+        t = self.embed(images.flatten(0, 1)).flatten(2).transpose(1, 2)
+        t = torch.cat([self.special.expand(b * s, -1, -1), t], 1)
+        pos = grid_positions(b * s, h // 7, w // 7, images.device) + 1
+        pos = torch.cat([pos.new_zeros(b * s, 5, 2), pos], 1)
+        p, c = t.shape[1:]
+        t = self.frame_block(t, pos=pos)
+        t = self.window_block(t.reshape(b * s // 2, 2 * p, c), pos=pos.reshape(b * s // 2, 2 * p, 2))
+        return self.global_block(t.reshape(b, s * p, c), pos=pos.reshape(b, s * p, 2))
+
+
+def test_window_over_two_of_four_frames_left_dense():
+    torch.manual_seed(0)
+    model, x = TemporalWindow().eval(), torch.rand(1, 4, 3, 21, 21)
+    result = _optimize(model, (x,), "httm:n_s=4,n_t=2")
+    assert _status(result) == {"frame_block.attn": ("skipped", "local_attention"),
+                               "window_block.attn": ("skipped", "local_attention"),
+                               "global_block.attn": ("rewritten", "")}
+    assert "window over some of the frames" in _details(result)["window_block.attn"]
+    assert _layouts(result.module, x) == [(56, 4, 14)]  # 4 frames of 5 + 3x3
+
+
+# ----------------------------------------------------------------------------------------------
+# (D, E, F) skips that say what to do
+
+
+class CachedRoPE2D(RoPE2D):
+    """VGGT's RoPE keeps its cos/sin tables in a dict keyed by int(positions.max()) + 1: dynamo
+    breaks the graph there even with capture_scalar_outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cache: dict = {}
+
+    def _table(self, dim, length, device, dtype):
+        key = (dim, length, device, dtype)
+        if key not in self.cache:
+            self.cache[key] = super()._table(dim, length, device, dtype)
+        return self.cache[key]
+
+
+def test_compile_with_a_dict_cached_rope_says_to_rewrite_first_and_compile_after():
+    torch.manual_seed(0)
+    model, images = VGGTStyle(depth=1).eval(), torch.rand(1, 3, 3, 14, 14)
+    rope = CachedRoPE2D()
+    for module in model.modules():
+        if getattr(module, "rope", None) is not None:
+            module.rope = rope
+    seen: list = []
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True), torch.no_grad():
+        compiled = torch.compile(model, backend="fxslim", options={"passes": ["httm"], "inner": "eager",
+                                                                   "on_report": seen.append})
+        compiled(images)
+    entries = [e for graph in seen for report in graph for e in report.entries]
+    assert not any(e.status == "rewritten" for e in entries)
+    # the frame attention (batch 3) and the global one (batch 1) sit after the break, with no positions
+    assert {e.reason for e in entries} == {"unknown_batch", "no_frame_layout"}
+    assert all("torch.compile(fxslim.optimize(model, inputs" in e.detail for e in entries), entries
+    # the fix the detail gives: rewrite, then compile the result
+    optimized = _optimize(model, (images,), EXACT).module
+    assert _layouts(optimized, images) == [(3 * 9, 3, 9)]  # 3 frames of 5 special tokens + 2x2 patches
+    torch._dynamo.reset()
+    with torch.no_grad():
+        got, want = torch.compile(optimized, backend="eager")(images), model(images)
+    for key in want:
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+
+
+class ViewList(nn.Module):
+    """DUSt3R-style input: a list of per-view images [B, 3, H, W], concatenated in forward."""
+
+    def __init__(self, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 7, 7)
+        self.frame_block, self.global_block = Block(dim, heads, None), Block(dim, heads, None)
+
+    def forward(self, views):
+        tokens = torch.cat([self.embed(v).flatten(2).transpose(1, 2) for v in views], 0)  # [S·B, P, C]
+        b, s, (p, c) = views[0].shape[0], len(views), tokens.shape[1:]
+        tokens = self.frame_block(tokens)
+        return self.global_block(tokens.view(s, b, p, c).transpose(0, 1).reshape(b, s * p, c))
+
+
+class StackedViews(nn.Module):
+    """The fix the skip detail gives: one [B, S, 3, H, W] tensor in, the list made inside."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, images):
+        return self.model(list(images.unbind(1)))
+
+
+def test_list_of_views_input_says_to_stack_the_views_and_that_works():
+    torch.manual_seed(0)
+    model, views = ViewList().eval(), [torch.rand(2, 3, 21, 21) for _ in range(3)]
+    spec = fxslim.HTTM(tokens_per_frame=9, special_tokens=0, n_s=4, n_t=2)
+    result = _optimize(model, (views,), spec)
+    assert _status(result)["frame_block.attn"] == ("skipped", "unknown_batch")
+    assert "return model(list(images.unbind(1)))" in _details(result)["frame_block.attn"]
+    stacked = _optimize(StackedViews(model), (torch.stack(views, 1),), spec)
+    assert _status(stacked) == {"model.frame_block.attn": ("skipped", "local_attention"),
+                                "model.global_block.attn": ("rewritten", "")}
+
+
+class ManualAttention(nn.Module):
+    """Global attention written out (softmax of q @ k^T), as timm/VGGT do with fused_attn=False."""
+
+    def __init__(self, dim: int = 16, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.qkv = heads, nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        b, n, c = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        attn = (q @ k.transpose(-2, -1) * (c // self.heads) ** -0.5).softmax(dim=-1)
+        return (attn @ v).transpose(1, 2).reshape(b, n, c)
+
+
+def test_manual_attention_skip_says_to_call_sdpa():
+    result = _optimize(ManualAttention().eval(), (torch.randn(1, 21, 16),), "httm")
+    (entry,) = result.report.entries("httm")
+    assert entry.reason == "not_sdpa"
+    assert "F.scaled_dot_product_attention" in entry.detail and "fused_attn=True" in entry.detail
