@@ -259,8 +259,8 @@ def _convert_core(b: Builder, chain: _Chain) -> fx.Node:
 class IntegerModel(fx.GraphModule):
     """A converted PROM graph. Inference only: it stays in eval mode, so a float island's BN keeps
     using (and never updates) its running statistics and dropout stays the identity, also when a
-    model around it is put in train mode. Its state dict carries a digest of its code, whose literals hold the
-    quantization constants: it loads only into a model converted with the same ones."""
+    model around it is put in train mode. Its state dict carries a digest of its code, whose
+    literals hold the quantization constants: it loads only into a model converted with the same ones."""
 
     def train(self, mode: bool = True) -> "IntegerModel":
         if mode:
