@@ -5,11 +5,10 @@ add; emits one ``fxslim::qconv2d_add`` (oneDNN sum post-op) with the other input
 
     c = qconv2d(x) on grid (s_c, z_c);  y = qadd(c, skip)  →  y = qconv2d_add(x, skip)
 
-The fused op keeps the conv's grid (``conv_scale``, ``conv_zero_point``): its real output is clipped
-to that grid's ends, as the fake-quant model saturates it, also for inputs beyond the observed
-range. The direct runtime then rounds once, on the add's grid, instead of twice; the two differ by
-at most one output step, since the dropped rounding, at most s_c/2, stays below one step s_y: the
-rewrite needs s_c ≤ FUSE_MAX_SCALE_RATIO·s_y and a conv without a clamp of its own.
+The fused op keeps the conv's grid (``conv_scale``, ``conv_zero_point``) and computes what the pair
+computes: the conv's value rounded onto that grid (saturating at its ends, also for inputs beyond
+the observed range), then the add. The rewrite changes where that runs (one oneDNN kernel in the
+direct runtime, ``prom_direct``), not the values; it needs a conv without a clamp of its own.
 ``convert(..., fuse_adds=False)`` keeps both ops.
 """
 
@@ -20,10 +19,9 @@ import logging
 import torch
 import torch.fx as fx
 
-__all__ = ["fuse_conv_add", "FUSE_MAX_SCALE_RATIO"]
+__all__ = ["fuse_conv_add"]
 
 _log = logging.getLogger(__name__)
-FUSE_MAX_SCALE_RATIO = 1.5  # s_c/s_y: the dropped rounding moves the sum by at most 0.75 step
 
 
 def _named_args(node: fx.Node) -> dict[str, object]:
@@ -31,7 +29,7 @@ def _named_args(node: fx.Node) -> dict[str, object]:
     return {arg.name: value for arg, value in zip(schema.arguments, node.args)}
 
 
-def _fusable(conv: object, skip: object, out_scale: float) -> str | None:
+def _fusable(conv: object, skip: object) -> str | None:
     """The reason a qconv2d input of ``add`` (other input ``skip``) cannot fuse, or None when it can."""
     if not isinstance(conv, fx.Node) or conv.target is not torch.ops.fxslim.qconv2d.default:
         return "not_a_conv"
@@ -42,8 +40,6 @@ def _fusable(conv: object, skip: object, out_scale: float) -> str | None:
     args = _named_args(conv)
     if (args["out_min"], args["out_max"]) != (0, 255):
         return "conv_has_clamp"
-    if args["out_scale"] > FUSE_MAX_SCALE_RATIO * out_scale:
-        return "conv_grid_too_coarse"
     return None
 
 
@@ -55,7 +51,7 @@ def fuse_conv_add(gm: fx.GraphModule) -> int:
             continue  # only adds are candidates
         args = _named_args(add)
         for conv_key, skip_key in (("a", "b"), ("b", "a")):
-            reason = _fusable(args[conv_key], args[skip_key], args["out_scale"])
+            reason = _fusable(args[conv_key], args[skip_key])
             if reason is None:
                 break
             _log.debug("prom fuse: %s input %s of %s not fused: %s", conv_key, args[conv_key], add.name, reason)

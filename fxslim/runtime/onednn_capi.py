@@ -30,7 +30,8 @@ __all__ = ["available", "unavailable_reason", "library", "F32", "S32", "S8", "U8
 # dnnl_data_type_t, dnnl_prop_kind_t, dnnl_alg_kind_t, dnnl_query_t, DNNL_ARG_* (oneDNN 3.x headers)
 F32, S32, S8, U8 = 3, 4, 5, 6
 _FORMAT_ANY = 1
-_CPU, _IN_ORDER, _FORWARD_INFERENCE, _CONV_DIRECT, _ELTWISE_RELU, _ELTWISE_CLIP = 1, 1, 96, 1, 0x20, 0x2E
+_CPU, _IN_ORDER, _FORWARD_INFERENCE, _CONV_DIRECT = 1, 1, 96, 1
+_ELTWISE_RELU, _ELTWISE_LINEAR, _ELTWISE_CLIP, _ELTWISE_ROUND = 0x20, 0x26, 0x2E, 0x32  # dnnl_alg_kind_t
 _QUERY_IMPL_INFO, _QUERY_WEIGHTS_MD, _QUERY_SCRATCHPAD_MD = 8, 131, 136
 _SCRATCHPAD_USER, _RUNTIME_OMP = 1, 2
 ARG_SRC, ARG_DST, ARG_WEIGHTS, ARG_BIAS, ARG_SCRATCHPAD = 1, 17, 33, 41, 80
@@ -246,13 +247,14 @@ class _PrimitiveDesc(_Handle):
 
 
 def conv_attr(weight_scale_mask: int, sum_post_op: tuple[float, int] | None, relu: bool,
-              zero_points: tuple[bool, bool] = (True, True), clip: tuple[float, float] | None = None) -> _Attr:
+              zero_points: tuple[bool, bool] = (True, True), grid: tuple[float, int] | None = None) -> _Attr:
     """Attributes of a u8 conv: runtime scales of the weights only (``weight_scale_mask``: the dims
     they vary along; src and dst then have scale 1, so the caller folds theirs into these, the bias
     and the sum's scale), runtime zero points of src and of dst where ``zero_points`` says so (the
     primitive then takes them as arguments; without one it is 0), a user scratchpad, and as post-ops
-    ``clip`` = (low, high) of the conv's value, then ``sum_post_op`` = (scale, zero point) of what dst
-    held, then ReLU."""
+    ``grid`` = (scale, zero point) of a grid, relative to dst's, to round the conv's value onto
+    (to its codes, clipped to 0..255, rounded half to even, and back), then ``sum_post_op`` =
+    (scale, zero point) of what dst held, then ReLU."""
     lib = library()
     attr, ops = _p(), _p()
     _check(lib.dnnl_primitive_attr_create(ctypes.byref(attr)), "attribute creation")
@@ -264,8 +266,11 @@ def conv_attr(weight_scale_mask: int, sum_post_op: tuple[float, int] | None, rel
             _check(lib.dnnl_primitive_attr_set_zero_points_mask(attr, arg, 0), "zero points mask")
     _check(lib.dnnl_post_ops_create(ctypes.byref(ops)), "post-ops creation")
     post_ops = _PostOps(ops)
-    if clip is not None:
-        _check(lib.dnnl_post_ops_append_eltwise(ops, _ELTWISE_CLIP, clip[0], clip[1]), "clip post-op")
+    if grid is not None:
+        scale, zero_point = grid
+        for alg, alpha, beta in ((_ELTWISE_LINEAR, 1 / scale, zero_point), (_ELTWISE_CLIP, 0.0, 255.0),
+                                 (_ELTWISE_ROUND, 0.0, 0.0), (_ELTWISE_LINEAR, scale, -zero_point * scale)):
+            _check(lib.dnnl_post_ops_append_eltwise(ops, alg, alpha, beta), "grid post-op")
     if sum_post_op is not None:
         _check(lib.dnnl_post_ops_append_sum(ops, sum_post_op[0], sum_post_op[1], 0), "sum post-op")
     if relu:

@@ -7,7 +7,7 @@ library (``onednn_capi``), planned once per input shape, layout and thread count
 
 - one convolution primitive per conv with the attributes ATen gives oneDNN (u8 NHWC src and dst,
   s8 weights reordered once into the layout the primitive picks, f32 bias, runtime scales and zero
-  points, the clip, sum and ReLU post-ops), less what oneDNN 3.2's kernels pay for at every call though
+  points, the sum and ReLU post-ops), less what oneDNN 3.2's kernels pay for at every call though
   it changes nothing but rounding (each made MobileNetV2 faster at batch 1 and 32, measured side by
   side when it was made; benchmarks/results/prom_vs_peers.md has the model's speed now):
   - a zero point of 0 (a ReLU's output, written or read) is left out rather than passed as 0;
@@ -27,9 +27,9 @@ C call per conv (``dnnl_primitive_execute`` or the kernel's), all from one ctype
 (``native/prom_steps.c``; step by step from Python where native kernels are off).
 
 Values: the same integer sums on oneDNN 3.2 instead of torch's oneDNN, requantized with the folded
-constants above. A conv feeding a residual add (``prom_onednn.quantized_conv_add``) rounds once here:
-its value clipped to its own grid's ends, plus the skip, onto the add's grid, where the segment
-rounds onto the conv's grid first; the two agree within 1 LSB. The codes equal ATen's except at rare ties, 1 LSB apart (in depthwise convs, and
+constants above. A conv feeding a residual add (``prom_onednn.quantized_conv_add``) is rounded onto
+its own grid by post-ops before the sum (to its codes, saturated, rounded half to even, and back:
+about 3 % of MobileNetV2's time at batch 1), as the segment and the fake-quant model do. The codes equal ATen's except at rare ties, 1 LSB apart (in depthwise convs, and
 where the folded constants round differently in float32 from oneDNN's own products: about 1 code
 in 100,000 per layer on MobileNetV2's shapes, tests/runtime/test_prom_direct.py; through a deep
 model such ties add up to 1-LSB moves of some logits),
@@ -327,15 +327,15 @@ class _Plan:
             bias = bias - x.scale * w.w_scale.double() * x_zero_point * weight.sum((1, 2, 3), dtype=torch.float64)
             x_zero_point = 0
         # src and dst scales folded into the weights' scales, the bias and the sum's scale: oneDNN computes
-        # round((clip(s_x·s_w·acc + bias) + s_skip·(skip − z_skip)) / s_out) + z_out, the clip to the ends of
-        # the conv's own grid (s_c, z_c), and ReLU commutes with 1/s_out
+        # round((s_x·s_w·acc + bias + s_skip·(skip − z_skip)) / s_out) + z_out, where a conv feeding an add
+        # has its value rounded onto its own grid (s_c, z_c) first, and ReLU commutes with 1/s_out
         bias = (bias / out.scale).to(torch.float32).contiguous()
         w_scale = (w.w_scale.double() * (x.scale / out.scale)).to(torch.float32).contiguous()
         bias_desc = capi.MemoryDesc((o,), capi.F32, (1,))
         sum_post_op = None if accumulated is None else (accumulated.scale / out.scale, accumulated.zero_point)
-        clip = None if grid is None else (grid[0] * -grid[1] / out.scale, grid[0] * (255 - grid[1]) / out.scale)
+        relative = None if grid is None else (grid[0] / out.scale, grid[1])
         # a zero point of 0 is left out: oneDNN's kernels pay for a zero-point argument even when it is 0
-        attr = capi.conv_attr(mask, sum_post_op, relu, (x_zero_point != 0, out.zero_point != 0), clip)
+        attr = capi.conv_attr(mask, sum_post_op, relu, (x_zero_point != 0, out.zero_point != 0), relative)
         desc = capi.ConvolutionDesc(x.group.desc, capi.MemoryDesc(shape, capi.S8, None), bias_desc, out.group.desc,
                                     w.stride, w.padding, w.dilation, attr)
         desc.skip(AVOIDED)

@@ -15,10 +15,10 @@ the fixed-point integer requantization; the two agree within 1 LSB, and the floa
   The oneDNN kernel is reached through ATen's quantized convs (``QUANTIZED_CONV``, QTensors in and
   out) when the clamp is none or a relu, which the lowered runtime calls from TorchScript, else
   through ``onednn::qconv_pointwise``; the op and its lowered form run the same kernel, so they agree bit for bit.
-- ``qconv2d_add``: ``qconv2d`` whose real output, clipped to the ends of the conv's own grid, is
-  added to a u8 ``skip`` tensor on its own grid: a conv feeding a residual add. The direct runtime
-  runs it as one kernel, rounding once (oneDNN clip and sum post-ops); the op itself, as the
-  unfused pair (ATen's fused ``conv2d_add`` has no clip before its sum).
+- ``qconv2d_add``: ``qconv2d`` onto the conv's own grid, then ``qadd`` of a u8 ``skip`` tensor: a
+  conv feeding a residual add. The direct runtime runs the pair as one kernel (oneDNN post-ops
+  round onto the conv's grid before the sum); the op itself, as the two ops (ATen's fused
+  ``conv2d_add`` rounds once, with no grid of the conv's).
 - ``qlinear``: linear layer, u8 [..., in] → u8 [..., out].
 - ``qadd``: residual add of two u8 tensors in float32, the same arithmetic as the fake-quant model
   (dequantize, add, quantize), so it is bit-exact against it; used where ``qconv2d_add`` cannot be.
@@ -143,7 +143,7 @@ def quantized_conv_add(x: Tensor, skip: Tensor, packed: torch.classes.quantized.
                        ) -> Tensor:
     """``fxslim::qconv2d_add`` on ATen's quantized convs (TorchScript; QTensors ``x``, ``skip`` and the
     result): the conv onto its own grid, then the add as ``qadd`` computes it, in float32. ATen's
-    ``conv2d_add`` would round once but cannot clip the conv to its grid before the sum."""
+    ``conv2d_add`` would round once, with no grid of the conv's."""
     conv = torch.ops.quantized.conv2d(x, packed, conv_scale, conv_zero_point)
     total = conv.dequantize() + skip.dequantize()
     if relu:
@@ -405,12 +405,10 @@ def _qconv2d_add_cpu(
     dilation: Sequence[int], groups: int, skip: Tensor, skip_scale: float, skip_zero_point: int, conv_scale: float,
     conv_zero_point: int,
 ) -> Tensor:
-    """``qconv2d`` plus a residual: the conv's real output y, clipped to the ends of its own grid
-    (``conv_scale``, ``conv_zero_point``), plus s_skip·(skip − z_skip), quantized to the output grid.
-
-    Here, as the unfused pair computes it: ``qconv2d`` onto the conv's grid, then ``qadd``. The
-    direct runtime (``prom_direct``) rounds once instead, with oneDNN's clip and sum post-ops, within
-    1 LSB of this; ATen's fused ``conv2d_add`` cannot clip before its sum, so it is not used.
+    """``qconv2d`` plus a residual, as the fake-quant model computes it: the conv's real output
+    quantized onto its own grid (``conv_scale``, ``conv_zero_point``), saturating at its ends, then
+    ``qadd`` of it and ``skip``. The direct runtime (``prom_direct``) computes the same in one
+    kernel; ATen's fused ``conv2d_add`` rounds once, with no grid of the conv's, so it is not used.
     """
     _check_scale("conv_scale", conv_scale)
     _check_code("conv_zero_point", conv_zero_point)

@@ -247,14 +247,6 @@ def test_prom_onednn_runtime_unfused_adds_are_bit_exact_against_fake_quant(mobil
 
 
 @_ONEDNN
-def test_prom_onednn_conv_on_a_coarser_grid_than_its_add_is_not_fused(mobilenet, monkeypatch):
-    _, _, qat, _ = mobilenet
-    monkeypatch.setattr(prom_fuse, "FUSE_MAX_SCALE_RATIO", 0.0)  # every conv grid now "too coarse"
-    targets = Counter(n.target for n in convert(qat, runtime="onednn").graph.nodes if n.op == "call_function")
-    assert targets[ops.qadd.default] == 10 and ops.qconv2d_add.default not in targets
-
-
-@_ONEDNN
 def test_prom_onednn_conv_added_to_itself_is_not_fused_and_converts():
     """y = conv(x); y + y: the conv is both inputs of the add (one user), and fusing it made the add
     read the conv it replaced (convert raised "Tried to erase Node")."""
