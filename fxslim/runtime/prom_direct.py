@@ -225,8 +225,10 @@ class _Plan:
                 accumulated = read(node.args[1], position) if add else None
                 if accumulated is None:
                     out = new_value(shape, position, out_scale, out_zero_point)
-                elif accumulated.group.input_index is not None or accumulated.last_reader > position:
-                    # an input, or read again later: the skip is copied into the output first
+                elif (accumulated.group.input_index is not None or accumulated.last_reader > position
+                      or accumulated.group is x.group):
+                    # an input, read again later, or the conv's own input (x + conv(x): the sum would
+                    # overwrite pixels the conv has yet to read): the skip is copied into the output first
                     out = new_value(shape, position, out_scale, out_zero_point)
                     copies.append((len(convs_to_build), accumulated, out))
                 else:

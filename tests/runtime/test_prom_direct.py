@@ -301,6 +301,25 @@ def test_direct_conv_add_rounds_the_conv_onto_its_grid_before_the_sum():
         assert (ours - unclipped.int()).abs().max() > 10
 
 
+def test_direct_skip_that_is_the_conv_input_is_copied_not_overwritten():
+    """x + conv3x3(x): accumulating the sum in place into x's buffer overwrote pixels the conv had yet
+    to read (42 output steps off on a 16-channel block)."""
+    gen = torch.Generator().manual_seed(6)
+    weights = {f"c{i}": _weights(16, 16, (3, 3), (1, 1), (1, 1), (1, 1), 1, gen) for i in range(2)}
+    graph = fx.Graph()
+    x = graph.placeholder("x0")
+    c = {name: graph.get_attr(name) for name in weights}
+    v1 = graph.call_function(QUANTIZED_CONV["none"], (x, c["c0"], _SO, _ZO))
+    v2 = graph.call_function(quantized_conv_add, (v1, v1, c["c1"], _SO, _ZO, False, _SO, _ZO))
+    graph.output((v2,))
+    aten = L.QuantizedSegment(graph, {k: w.pack() for k, w in weights.items()}, weights)
+    direct = D.DirectSegment(aten)
+    x = as_qtensor(torch.randint(0, 256, (2, 16, 9, 9), generator=gen, dtype=torch.int32).to(torch.uint8), _SX, _ZX)
+    (out,), (ref,) = direct(x), aten(x)
+    assert all(direct.planned.values())
+    assert (codes(out).int() - codes(ref).int()).abs().max() <= 1
+
+
 def test_direct_skip_read_again_after_the_sum_is_copied_not_overwritten():
     """A sum post-op accumulates in place only into a skip nothing reads later: here the skip v1 is
     read again after the residual conv (by v4), so the plan copies it first and v4 reads it intact."""
