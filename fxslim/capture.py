@@ -35,7 +35,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
-from fxslim.export_parts import Calls, export_parts, record_calls, run_example, short_reason
+from fxslim.export_parts import export_parts, record_calls, run_example, short_reason
 from fxslim.ir import IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, detect_ir, set_submodule
 from fxslim.propagate import propagate
 
@@ -357,10 +357,11 @@ class _Blockers:
     """What one capture learns about tracing, shared by every level of the recursion so no module
     is traced twice to learn it: ``found``, the classes whose own code does not trace even with the
     failing classes below them as leaves (with why); ``traced``, the ids of modules that did trace
-    (more leaves never make a traceable module untraceable); ``calls``, each submodule's calls on
-    the example by path (the example is only run once a submodule is to be traced apart)."""
+    (more leaves never make a traceable module untraceable); ``defaults``, the arguments of each
+    submodule (by path) to trace as constants (``defaults_in_both_modes``; the example is only run
+    once a submodule is to be traced apart)."""
 
-    calls: Callable[[], dict[str, Calls]]
+    defaults: Callable[[], dict[str, dict[str, Any]]]
     found: dict[type, str] = field(default_factory=dict)
     traced: set[int] = field(default_factory=set)
 
@@ -374,8 +375,34 @@ def _traced_constants(state: _Blockers, path: str) -> dict[str, Any]:
     as masked or causal although no mask is ever given. ``trace`` guards them: a later call with
     a mask raises.
     """
-    record = state.calls().get(path)
-    return record.default_args if record is not None else {}
+    return state.defaults().get(path, {})
+
+
+def defaults_in_both_modes(model: nn.Module, example_inputs: Sequence[Any]) -> dict[str, dict[str, Any]]:
+    """For each submodule path, the forward arguments at their default in every call the example
+    makes, run on a copy in train mode and in eval mode: a flag the parent passes on as
+    ``training=self.training`` is at its default in one mode only, and traced as a constant it
+    would make the other mode raise (QAT after an eval-mode prepare). Where the model does not run
+    in the other mode, only None defaults (``attn_mask=None``) count."""
+    runner = copy.deepcopy(model)
+    first = {path: calls.default_args for path, calls in record_calls(runner, example_inputs).items()}
+    try:
+        second = record_calls(runner.train(not model.training), example_inputs)
+    except Exception:  # noqa: BLE001 - the model's own code, in the mode the caller did not pick
+        return {path: {k: v for k, v in args.items() if v is None} for path, args in first.items()}
+    return {path: {k: v for k, v in args.items() if path not in second or k in second[path].default_args}
+            for path, args in first.items()}
+
+
+def _trace_apart(module: nn.Module, leaf_modules: tuple[type, ...], concrete_args: dict[str, Any]) -> fx.GraphModule:
+    """``trace`` with ``concrete_args``, else without them: fx cannot write some signatures with a
+    constant (a keyword-only argument after ``*args`` gets a default before one without)."""
+    try:
+        return trace(module, leaf_modules, concrete_args)
+    except Exception:  # tracing runs arbitrary user code: retry without the constants, else fail as it does
+        if not concrete_args:
+            raise
+        return trace(module, leaf_modules)
 
 
 def _find_blockers(module: nn.Module, path: str, leaf_modules: tuple[type, ...], state: _Blockers) -> None:
@@ -388,7 +415,7 @@ def _find_blockers(module: nn.Module, path: str, leaf_modules: tuple[type, ...],
         if isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
             continue  # containers are never called; their items are
         try:
-            trace(child, leaf_modules + tuple(state.found), _traced_constants(state, child_path))
+            _trace_apart(child, leaf_modules + tuple(state.found), _traced_constants(state, child_path))
             state.traced.add(id(child))
         except Exception as exc:  # tracing runs arbitrary user code: any failure means "not traceable"
             state.found[type(child)] = short_reason(exc)
@@ -405,7 +432,7 @@ def _trace_largest(
     parts win). Submodules are traced with their ``_traced_constants`` fixed."""
     leaf_modules = tuple(leaf_modules)
     try:
-        traced.append((path, trace(module, leaf_modules, concrete_args)))
+        traced.append((path, _trace_apart(module, leaf_modules, concrete_args)))
         return
     except Exception as exc:  # tracing runs arbitrary user code: any failure means "not whole"
         reason = short_reason(exc)
@@ -610,8 +637,8 @@ def capture(
 
     traced: list[tuple[str, fx.GraphModule]] = []
     untraced: list[tuple[str, str]] = []
-    calls = functools.cache(lambda: record_calls(copy.deepcopy(model), example_inputs))
-    _trace_largest(model, "", leaf_modules, traced, untraced, _defaults_not_given(model, example_inputs), _Blockers(calls))
+    defaults = functools.cache(lambda: defaults_in_both_modes(model, example_inputs))
+    _trace_largest(model, "", leaf_modules, traced, untraced, _defaults_not_given(model, example_inputs), _Blockers(defaults))
     if not traced:
         raise CaptureError(_untraceable_message(model, untraced))
     if len(traced) == 1 and traced[0][0] == "":

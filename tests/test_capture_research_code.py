@@ -194,3 +194,102 @@ def test_capture_export_exports_the_items_of_a_modulelist_and_drops_nothing():
         assert any(p and (name == p or name.startswith(f"{p}.")) for p in accounted), name
     with torch.no_grad():
         torch.testing.assert_close(captured.module(x), model(x))
+
+
+class _FlagBlock(nn.Module):
+    """A block told the mode by its parent (``training=self.training``) rather than reading its own."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pw = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor, training: bool = False) -> torch.Tensor:
+        return x + self.pw(F.dropout(torch.relu(self.conv(x)), 0.5, training))
+
+
+class _FlagNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.blocks, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.ModuleList([_FlagBlock()]), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        assert x.shape[1] == 8  # the root does not trace: its blocks are traced apart
+        for block in self.blocks:
+            x = block(x, training=self.training)
+        return self.head(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_capture_flag_the_parent_passes_as_its_mode_stays_an_input(mode):
+    """``training=self.training`` is at its default in one mode only: traced as a constant, QAT
+    after an eval-mode prepare (or convert after a train-mode one) raised ValueError."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    qat = fxslim.prepare(getattr(_FlagNet(), mode)(), x[:2])
+    with torch.no_grad():
+        trained, evaluated = qat.train()(x), qat.eval()(x)
+    assert not torch.equal(trained, evaluated)  # dropout followed the mode
+    assert fxslim.convert(fxslim.calibrate(qat, [x]).eval())(x).shape == (4, 4)
+
+
+class _MaskedConvBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Conv2d(8, 24, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, c, h, w = x.shape
+        q, k, v = self.qkv(x).flatten(2).transpose(1, 2).chunk(3, -1)
+        y = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None], attn_mask=attn_mask)[:, 0]
+        return x + self.proj(y.transpose(1, 2).reshape(b, c, h, w))
+
+
+class _KeywordNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.blocks = nn.Conv2d(3, 8, 3, padding=1), nn.ModuleList([_MaskedConvBlock(), _MaskedConvBlock()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        assert x.shape[1] == 8
+        for block in self.blocks:
+            x = block(x, attn_mask=None)
+        return x.mean((2, 3))
+
+
+def test_prom_integer_model_of_blocks_traced_apart_takes_their_arguments_by_keyword():
+    """The integer parts named their inputs after the graph's placeholders (``attn_mask_1``), so the
+    parent's ``block(x, attn_mask=None)`` raised TypeError."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    qat = fxslim.calibrate(fxslim.prepare(_KeywordNet().eval(), x[:2]), [x]).eval()
+    with torch.no_grad():
+        assert torch.equal(fxslim.convert(qat)(x), qat(x))
+
+
+class _VarargsBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, *extra: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        return self.conv(x) * scale
+
+
+class _VarargsNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 8, 3, padding=1), _VarargsBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stem(x)
+        assert x.shape[1] == 8
+        return self.block(x, scale=1.0)
+
+
+def test_capture_keyword_only_argument_after_varargs_still_traces():
+    """fx cannot write ``forward(x, *extra, scale=1.0)`` with ``scale`` a constant (a default before
+    an argument without one): the block stayed eager; it is traced without the constant instead."""
+    captured = capture(_VarargsNet().eval(), (torch.randn(2, 3, 8, 8),))
+    assert "block" in [graph.path for graph in captured.graphs]

@@ -388,7 +388,7 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
             continue
         elif node.op == "placeholder":
             default = node.args[0] if node.args else inspect.Signature.empty  # e.g. attn_mask=None
-            b.env[node] = (b.graph.placeholder(node.name, node.type, default_value=default), None)
+            b.env[node] = (b.graph.placeholder(node.target, node.type, default_value=default), None)
         elif node.op == "output":
             b.graph.output(fx.node.map_arg(node.args[0], lambda a: _output(b, a, reach.get(a.name, {}))))
         elif codes_layout(b, node):
