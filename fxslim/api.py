@@ -138,7 +138,7 @@ def optimize(
                             graphs=[g.path for g in captured.graphs])
     _warn_frozen_modes(captured.graphs, trains=any(p.name == "prom" for p in parsed))
     for graph in captured.graphs:
-        ctx = PassContext(ir=graph.ir, batch_size=captured.batch_size,
+        ctx = PassContext(ir=graph.ir, batch_size=captured.batch_size, input_shapes=_tensor_shapes(example_inputs),
                           placeholder_values=graph.placeholder_values, policy=policy, path=graph.path)
         for result in run_passes(graph.gm, parsed, ctx):
             report.passes.append(result.report)
@@ -152,6 +152,11 @@ def optimize(
             warnings.warn(message, stacklevel=2)
     return OptimizeResult(captured.module, report, captured, parsed,
                           tuple(example_inputs) if example_inputs is not None else None, source=model)
+
+
+def _tensor_shapes(example_inputs: Sequence[Any] | None) -> tuple[tuple[int, ...], ...]:
+    """The shapes of the example's tensor inputs (what HTTM reads a [B, S, C, H, W] frame dim from)."""
+    return tuple(tuple(x.shape) for x in example_inputs or () if isinstance(x, torch.Tensor))
 
 
 def _warn_frozen_modes(graphs: list, trains: bool) -> None:

@@ -220,10 +220,11 @@ class HTTM(Pass):
     def _batch_may_hold_frames(self, gm: fx.GraphModule, ctx: PassContext) -> str:
         """With ``frames`` configured, an attention at the model's batch (> 1): why that batch may be
         the frames ("" when it cannot). It may when the example's first dim is a multiple of
-        ``frames`` and no [B, S, C, H, W] input of this graph shows a frame dim of its own: a model
+        ``frames`` and no input of this graph or the model is 5-d (frames on a dim of their own): a model
         fed [S, 3, H, W] runs frame attention of P tokens at that batch, which would pass for
         ``frames`` frames of P / frames tokens (only step 2 of ``_scope`` tells them apart)."""
-        if self.frames is None or _hint(ctx.batch_size) % self.frames or _frames_input(gm, self.frames) is not None:
+        if (self.frames is None or _hint(ctx.batch_size) % self.frames or _frames_input(gm, self.frames) is not None
+                or any(len(shape) == 5 for shape in ctx.input_shapes)):  # the frames have a dim of their own
             return ""
         return (f"its batch {ctx.batch_size} is the example's first dim, a multiple of frames={self.frames}: it may "
                 "hold the frames (frame attention, as for [S, 3, H, W] input), and no attention in this graph "

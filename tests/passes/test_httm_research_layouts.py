@@ -292,3 +292,18 @@ def test_manual_attention_skip_says_to_call_sdpa():
     (entry,) = result.report.entries("httm")
     assert entry.reason == "not_sdpa"
     assert "F.scaled_dot_product_attention" in entry.detail and "fused_attn=True" in entry.detail
+
+
+@pytest.mark.parametrize(("batch", "frames"), [(2, 2), (4, 2), (6, 3)])
+def test_configured_frames_with_a_batch_that_is_a_multiple_keeps_rewriting_global_attention(batch, frames):
+    """[B, S, 3, H, W] images with B a multiple of S: the frames have a dim of their own, so the
+    batch cannot be them. Only this graph's inputs were looked at, and VGGTStyle's blocks, traced
+    apart, do not see the images: every global attention was declined as unknown_batch."""
+    torch.manual_seed(0)
+    model, x = VGGTStyle().eval(), torch.rand(batch, frames, 3, 14, 14)
+    result = _optimize(model, (x,), fxslim.HTTM(q=1.0, kv=1.0, outliers=0.0, frames=frames))
+    globals_ = {fqn: status for fqn, status in _status(result).items() if "global_blocks" in fqn}
+    assert globals_ and all(status == ("rewritten", "") for status in globals_.values())
+    with torch.no_grad():
+        got, want = result.module(x), model(x)
+    assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
