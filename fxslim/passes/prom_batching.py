@@ -53,21 +53,26 @@ class MicroBatched(nn.Module):
         self.direct = bool(direct)
         self.example_shape = None if example_shape is None else tuple(int(n) for n in example_shape)
         self.__dict__["_runner"] = None  # built on the first eager call; kept out of submodules and state
-        self.__dict__["_read"] = ()  # (tensor, its version) of each buffer and parameter the runner was built from
+        # (the module's state dicts loaded, (tensor, its version) of each buffer and parameter) the runner was built from
+        self.__dict__["_read"] = (0, ())
 
     @property
     def runner(self) -> nn.Module:
         """What eager calls run: ``module`` lowered (``prom_lowered.lower``) when ``lowered`` and it
         is a ``runtime="onednn"`` graph, else ``module`` itself. Same values either way: the lowered
-        copy reads the weights once, so it is built again once any of them changed in place
-        (``load_state_dict``, an in-place op; 12 µs a call for MobileNetV2's 159 tensors) or was
-        replaced (``.to()``)."""
+        copy reads the weights once, so it is built again once any of them changed in place (an
+        in-place op; 12 µs a call for MobileNetV2's 159 tensors), the module loaded a state dict
+        (``IntegerModel.loads``, also with ``assign=True``) or this wrapper moved (``.to()``). A
+        tensor replaced otherwise (``register_buffer``, ``.data =``) is not seen: wrap the model again."""
         runner = self.__dict__["_runner"]
-        if runner is None or any(t._version != version for t, version in self.__dict__.get("_read", ())):
+        loads, read = self.__dict__.get("_read", (0, ()))
+        if (runner is None or getattr(self.module, "loads", 0) != loads
+                or any(t._version != version for t, version in read)):
             graph = isinstance(self.module, fx.GraphModule) and has_onednn_ops(self.module)
             runner = lower(self.module, direct=self.direct) if self.lowered and graph else self.module
             tensors = [*self.module.buffers(), *self.module.parameters()]
-            self.__dict__.update(_runner=runner, _read=tuple((t, t._version) for t in tensors))
+            self.__dict__.update(_runner=runner, _read=(getattr(self.module, "loads", 0),
+                                                        tuple((t, t._version) for t in tensors)))
         return runner
 
     def _apply(self, fn, recurse: bool = True):
@@ -76,7 +81,7 @@ class MicroBatched(nn.Module):
 
     def __getstate__(self) -> dict:
         # oneDNN's packed weights cannot be copied or pickled: a copy lowers its module again
-        return {**self.__dict__, "_runner": None, "_read": ()}
+        return {**self.__dict__, "_runner": None, "_read": (0, ())}
 
     def rows_per_slice(self, x: Tensor) -> int:
         pixels = math.prod(x.shape[2:]) if x.dim() > 2 else self.sample_pixels

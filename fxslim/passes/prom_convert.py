@@ -268,6 +268,21 @@ class IntegerModel(fx.GraphModule):
                           "train the fake-quant model from fxslim.prepare and convert it again)", stacklevel=2)
         return super().train(False)
 
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_load_state_dict_post_hook(_count_load)
+
+    @property
+    def loads(self) -> int:
+        """How many state dicts it has loaded: what a lowered copy of it (``micro_batched``) checks,
+        as ``load_state_dict(assign=True)`` replaces tensors rather than bumping their versions."""
+        return self.__dict__.get("_loads", 0)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        if prefix + "_extra_state" in state_dict:  # refused before any tensor is copied
+            self.set_extra_state(state_dict[prefix + "_extra_state"])
+        super()._load_from_state_dict(state_dict, prefix, *args)
+
     def get_extra_state(self) -> torch.Tensor:
         # the quantization constants (input scales, zero points) are literals in the graph's code, not
         # buffers: the state carries the code's digest, as a tensor like every other value of a state dict
@@ -285,6 +300,19 @@ class IntegerModel(fx.GraphModule):
         # GraphModule's pickle rebuilds a plain GraphModule without meta or node shapes: rebuild this class
         _, (body, import_block) = super().__reduce__()
         return (_unpickled, (body, import_block))
+
+
+def _parts_accept(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Before a model converted in parts loads anything: each integer part refuses a state of
+    other constants now, rather than after the modules before it were overwritten."""
+    for path, part in module.named_modules(prefix=prefix.rstrip(".")):
+        key = f"{path}._extra_state" if path else "_extra_state"
+        if isinstance(part, IntegerModel) and key in state_dict:
+            part.set_extra_state(state_dict[key])
+
+
+def _count_load(module: IntegerModel, incompatible_keys: object) -> None:
+    module.__dict__["_loads"] = module.loads + 1
 
 
 def _unpickled(body: dict, import_block: str) -> IntegerModel:
@@ -341,6 +369,7 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     out = copy.deepcopy(qat_model).eval()
     for path, part in converted.items():
         out.set_submodule(path, part)
+    out._register_load_state_dict_pre_hook(_parts_accept, with_module=True)
     return out
 
 
