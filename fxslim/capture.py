@@ -263,8 +263,14 @@ def _same_constant(a: Any, b: Any) -> bool:
 
 
 @has_side_effect  # a guard: dead-code elimination must keep it
-def check_traced_default(value: Any, name: str, default: Any) -> None:
-    """Raise when an argument the graph was traced without (at its default) is given another value."""
+def check_traced_default(value: Any, name: str, default: Any) -> Any:
+    """Raise when an argument the graph was traced without (at its default) is given another value.
+
+    Traced again (``torch.load`` rebuilds a GraphModule by tracing its code, where ``torch.fx.wrap``
+    does not reach), it records itself as a call rather than compare a Proxy.
+    """
+    if isinstance(value, fx.Proxy):
+        return value.tracer.create_proxy("call_function", check_traced_default, (value, name, default), {})
     tensors = isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor)
     if value is not default and (tensors or value != default):
         raise ValueError(
@@ -282,8 +288,9 @@ def _guard_concrete_args(gm: fx.GraphModule, module: nn.Module, concrete_args: d
     ``check_traced_default`` call; and that placeholder named as the argument again.
 
     Why the name: fx calls it ``attn_mask_1``, so a parent module passing ``attn_mask=None`` by
-    keyword could not call the GraphModule. Why this guard, placed before fx's own: fx's raises a
-    bare AssertionError, and its ``_assert_is_none`` is removed by dead-code elimination.
+    keyword could not call the GraphModule. Why this guard instead of fx's own ``_assert_is_none``
+    (removed here): fx's raises a bare AssertionError, dead-code elimination may drop it, and a
+    graph that keeps it (PROM's converted parts) could not be loaded by ``torch.load``.
     """
     names = list(inspect.signature(module.forward).parameters)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
@@ -294,6 +301,8 @@ def _guard_concrete_args(gm: fx.GraphModule, module: nn.Module, concrete_args: d
             node.target = name
             with gm.graph.inserting_after(node):
                 gm.graph.call_function(check_traced_default, (node, name, concrete_args[name]))
+    for node in gm.graph.find_nodes(op="call_function", target=torch.fx._symbolic_trace._assert_is_none):
+        gm.graph.erase_node(node)
     gm.recompile()
 
 

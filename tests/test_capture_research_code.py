@@ -9,6 +9,8 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -293,3 +295,36 @@ def test_capture_keyword_only_argument_after_varargs_still_traces():
     an argument without one): the block stayed eager; it is traced without the constant instead."""
     captured = capture(_VarargsNet().eval(), (torch.randn(2, 3, 8, 8),))
     assert "block" in [graph.path for graph in captured.graphs]
+
+
+def _reloaded(module: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_parts_traced_with_a_constant_argument_save_and_load_with_their_guard():
+    """torch.load rebuilds a GraphModule by tracing its code, where the guard compared a Proxy (and
+    fx's own _assert_is_none could not be found): the optimized and the converted models of blocks
+    traced with attn_mask=None failed to load."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    optimized = fxslim.optimize(_KeywordNet().eval(), x, passes=["haste:L=8"]).module
+    qat = fxslim.calibrate(fxslim.prepare(_KeywordNet().eval(), x[:2]), [x]).eval()
+    for model in (optimized, fxslim.convert(qat)):
+        loaded = _reloaded(model)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), model(x))
+        with pytest.raises(ValueError, match="attn_mask"):
+            loaded.blocks[0](torch.randn(4, 8, 8, 8), attn_mask=torch.zeros(64, 64, dtype=torch.bool))
+
+
+def test_capture_in_both_modes_leaves_the_random_generator_as_it_was():
+    """The example's run in train mode drew dropout masks from the global generator: code seeded
+    before optimize drew other numbers after it."""
+    torch.manual_seed(0)
+    model, x = _FlagNet().eval(), torch.randn(4, 3, 8, 8)
+    state = torch.get_rng_state()
+    fxslim.optimize(model, x, passes=["haste:L=8"])
+    assert torch.equal(torch.get_rng_state(), state)
