@@ -104,7 +104,7 @@ class HASTE(Pass):
             if reason:
                 report.skip(view.node, view.fqn, m.kind, reason, _DETAILS.get(reason, ""))
             elif cfg is not None:
-                if cfg.skip_stem and _reads_model_input(view.input, weighted, params):
+                if cfg.skip_stem and _reads_model_input(view.input, weighted, params, _image_shapes(ctx)):
                     report.skip(view.node, view.fqn, m.kind, "stem")
                 elif not cfg.include_pointwise and view.kernel == (1, 1):
                     report.skip(view.node, view.fqn, m.kind, "pointwise_excluded")
@@ -180,10 +180,18 @@ def _unsupported(gm: fx.GraphModule, view: ConvView) -> str:
     return ""
 
 
-def _reads_model_input(node: Any, stops: set[fx.Node], params: dict[str, str]) -> bool:
+def _image_shapes(ctx: PassContext) -> set[tuple[int, ...]] | None:
+    """The shapes a graph input must have to be the image: those of the model's example inputs for
+    a submodule traced apart (its inputs are mostly a block's activations), any shape otherwise."""
+    return {tuple(s) for s in ctx.input_shapes} if ctx.path and ctx.input_shapes else None
+
+
+def _reads_model_input(node: Any, stops: set[fx.Node], params: dict[str, str],
+                       image_shapes: set[tuple[int, ...]] | None = None) -> bool:
     """True when ``node`` is computed from a tensor graph input (not a parameter, nor a size or a
-    0-d number such as the BN momentum and eps dynamo lifts to inputs with dynamic=True) without
-    passing through a conv, linear, attention or HASTE node: the conv it feeds sees the image."""
+    0-d number such as the BN momentum and eps dynamo lifts to inputs with dynamic=True; of one of
+    ``image_shapes`` when given) without passing through a conv, linear, attention or HASTE node:
+    the conv it feeds sees the image."""
     seen: set[fx.Node] = set()
     stack = [node] if isinstance(node, fx.Node) else []
     while stack:
@@ -193,7 +201,8 @@ def _reads_model_input(node: Any, stops: set[fx.Node], params: dict[str, str]) -
         seen.add(n)
         value = meta_val(n)
         if n.op == "placeholder" and n.name not in params and (
-                value is None or isinstance(value, torch.Tensor) and value.dim() >= 1):
+                value is None or isinstance(value, torch.Tensor) and value.dim() >= 1
+                and (image_shapes is None or tuple(value.shape) in image_shapes)):
             return True
         stack.extend(n.all_input_nodes)
     return False

@@ -387,3 +387,46 @@ def test_haste_pass_without_centering_pretrained_resnet_accuracy_collapses():
         uncentred = accuracy(_optimize(model, x[:1], [HASTE(L=10, center=False)]).module)
     assert dense > 0.95 and centred > dense - 0.1
     assert uncentred < 0.5
+
+
+class _PartsBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(16, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.c2(torch.relu(self.c1(x)))
+
+
+class _PartsBackbone(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 16, 3, padding=1), _PartsBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block(torch.relu(self.stem(x)))
+
+
+class _PartsNet(nn.Module):
+    """Traced in parts (an assert in the root): the backbone sees the image, the second block does not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone, self.head_block = _PartsBackbone(), _PartsBlock()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.backbone(x)
+        assert y.shape[1] == 16
+        return self.head_block(y).mean((2, 3))
+
+
+def test_haste_in_parts_skips_only_the_conv_that_sees_the_image():
+    """A part's own input counted as the image: the first conv of every block traced apart was
+    skipped as the stem. Now a part's input is the image only with the example's shape."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxslim.optimize(_PartsNet().eval(), torch.randn(2, 3, 16, 16), passes=["haste:L=8"])
+    status = {e.fqn: (e.status, e.reason) for e in result.report.entries("haste")}
+    assert result.report.graphs == ["backbone", "head_block"]
+    assert status["backbone.stem"] == ("skipped", "stem")
+    assert all(status[f"{p}.{c}"] == ("rewritten", "") for p in ("backbone.block", "head_block") for c in ("c1", "c2"))
