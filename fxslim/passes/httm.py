@@ -215,7 +215,7 @@ class HTTM(Pass):
             return ("unknown_batch", detail) if detail else ("", "")
         if self.frames is None and self.tokens_per_frame is None:
             return self._positions_scope(gm, view, ctx, batch_reason)
-        return batch_reason, _unknown_batch_detail(ctx) if batch_reason == "unknown_batch" else ""
+        return batch_reason, _unknown_batch_detail(ctx, batch_reason)
 
     def _batch_may_hold_frames(self, gm: fx.GraphModule, ctx: PassContext) -> str:
         """With ``frames`` configured, an attention at the model's batch (> 1): why that batch may be
@@ -237,7 +237,7 @@ class HTTM(Pass):
         model's, from the RoPE positions feeding q: global ("", "") only when they show it spanning
         all S frames of a [B, S, C, H, W] input of this graph; sequences of a few frames at such a
         batch are windows over some of the frames."""
-        unknown = _unknown_batch_detail(ctx) if batch_reason == "unknown_batch" else ""
+        unknown = _unknown_batch_detail(ctx, batch_reason)
         if view.q_len is None or meta_val(view.q) is None:
             return batch_reason, unknown
         layout, why, detail = self._layout(gm, view, ctx, {})
@@ -407,8 +407,11 @@ def _hint(value: Any) -> int:
     return int(value)
 
 
-def _unknown_batch_detail(ctx: PassContext) -> str:
-    """Why the model's batch is unknown in this graph (no attention is global by its batch), and the fix."""
+def _unknown_batch_detail(ctx: PassContext, reason: str) -> str:
+    """For ``reason`` "unknown_batch": why the model's batch is unknown in this graph (no attention is
+    global by its batch), and the fix; "" for any other reason."""
+    if reason != "unknown_batch":
+        return ""
     if ctx.batch_size is not None:
         return f"its batch cannot be compared with the model's batch {ctx.batch_size}"
     if ctx.ir == "torch":

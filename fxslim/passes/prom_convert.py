@@ -270,6 +270,7 @@ class IntegerModel(fx.GraphModule):
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)
+        self._register_load_state_dict_pre_hook(_refuse_other_constants, with_module=True)
         self.register_load_state_dict_post_hook(_count_load)
 
     @property
@@ -277,11 +278,6 @@ class IntegerModel(fx.GraphModule):
         """How many state dicts it has loaded: what a lowered copy of it (``micro_batched``) checks,
         as ``load_state_dict(assign=True)`` replaces tensors rather than bumping their versions."""
         return self.__dict__.get("_loads", 0)
-
-    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
-        if prefix + "_extra_state" in state_dict:  # refused before any tensor is copied
-            self.set_extra_state(state_dict[prefix + "_extra_state"])
-        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def get_extra_state(self) -> torch.Tensor:
         # the quantization constants (input scales, zero points) are literals in the graph's code, not
@@ -302,9 +298,10 @@ class IntegerModel(fx.GraphModule):
         return (_unpickled, (body, import_block))
 
 
-def _parts_accept(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
-    """Before a model converted in parts loads anything: each integer part refuses a state of
-    other constants now, rather than after the modules before it were overwritten."""
+def _refuse_other_constants(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
+    """Load pre-hook of an IntegerModel and of a model converted in parts: before ``module`` loads
+    anything, each integer model in it refuses a state of other constants, rather than after its
+    own tensors or the parts before it were overwritten."""
     for path, part in module.named_modules(prefix=prefix.rstrip(".")):
         key = f"{path}._extra_state" if path else "_extra_state"
         if isinstance(part, IntegerModel) and key in state_dict:
@@ -369,7 +366,7 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     out = copy.deepcopy(qat_model).eval()
     for path, part in converted.items():
         out.set_submodule(path, part)
-    out._register_load_state_dict_pre_hook(_parts_accept, with_module=True)
+    out._register_load_state_dict_pre_hook(_refuse_other_constants, with_module=True)
     return out
 
 

@@ -29,7 +29,8 @@ C call per conv (``dnnl_primitive_execute`` or the kernel's), all from one ctype
 Values: the same integer sums on oneDNN 3.2 instead of torch's oneDNN, requantized with the folded
 constants above. A conv feeding a residual add (``prom_onednn.quantized_conv_add``) is rounded onto
 its own grid by post-ops before the sum (to its codes, saturated, rounded half to even, and back:
-about 3 % of MobileNetV2's time at batch 1), as the segment and the fake-quant model do. The codes equal ATen's except at rare ties, 1 LSB apart (in depthwise convs, and
+about 3 % of MobileNetV2's time at batch 1), as the segment and the fake-quant model do. The
+codes equal ATen's except at rare ties, 1 LSB apart (in depthwise convs, and
 where the folded constants round differently in float32 from oneDNN's own products: about 1 code
 in 100,000 per layer on MobileNetV2's shapes, tests/runtime/test_prom_direct.py; through a deep
 model such ties add up to 1-LSB moves of some logits),

@@ -538,8 +538,8 @@ class QuantizedSegment(nn.Module):
     A packed conv weight keeps the oneDNN primitive of the first input shape it runs at and builds
     a new one on every call at any other shape. So each input shape (up to ``SHAPES``) gets its own
     copy of the run, with weights packed afresh on its first call; further shapes share the first
-    copy (the same values, at the uncached speed). The engine is process-wide state
-    (``quantized::conv2d_add`` runs under no other): it is set for the call and restored after.
+    copy (the same values, at the uncached speed). The engine is process-wide state (the packed
+    weights are oneDNN's only under it): it is set for the call and restored after.
     """
 
     def __init__(self, graph: fx.Graph, constants: dict[str, object], packers: dict[str, prom_onednn.ConvWeights]) -> None:

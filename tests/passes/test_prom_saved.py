@@ -92,8 +92,10 @@ def test_integer_model_refuses_the_state_of_one_converted_with_other_constants(q
     integer = fxslim.convert(model)
     integer.load_state_dict(fxslim.convert(model).state_dict())  # the same constants: loads
     other = fxslim.calibrate(fxslim.prepare(Net().eval(), x), [3 * x]).eval()  # another model's constants
+    before = {k: v.clone() for k, v in integer.state_dict().items()}
     with pytest.raises(ValueError, match="other quantization constants.*prepare"):
         integer.load_state_dict(fxslim.convert(other).state_dict())
+    assert all(torch.equal(before[k], v) for k, v in integer.state_dict().items())  # refused before any copy
 
 
 @pytest.mark.skipif(not (onednn_available() and vnni_available()), reason="needs oneDNN's int8 convs with VNNI")

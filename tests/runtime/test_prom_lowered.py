@@ -2,8 +2,8 @@
 (``direct=False``) bit-identical to the converted ``torch.ops.fxslim`` graph it comes from (at the calibration size, another resolution, with NaN
 samples, sliced into micro-batches, under ``torch.compile(backend="fxslim")``, at more input
 shapes than it keeps packed weights for, with a clamped conv between quantized ones), its direct
-forms of the cheap ops equal to the ops, the residual accumulated in place only where no later op
-reads the skip tensor, and the caller's quantized engine left as it was. Its direct runtime
+forms of the cheap ops equal to the ops, a residual conv rounded onto its own grid before the add
+(equal to the graph on ATen, within 1 LSB direct), and the caller's quantized engine left as it was. Its direct runtime
 (oneDNN's own library, tests/runtime/test_prom_direct.py) is what ``micro_batched`` and the backend
 run, and they are compared with it."""
 
