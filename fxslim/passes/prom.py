@@ -242,7 +242,15 @@ def _maybe_quantize(gm: fx.GraphModule, node: fx.Node, momentum: float) -> fx.No
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
     """Observe activation ranges on ``batches`` (tensors or argument tuples) with everything else
-    in eval mode (BN running statistics, no dropout), so the ranges fit the model convert folds."""
+    in eval mode (BN running statistics, no dropout), so the ranges fit the model convert folds.
+    Refuses a model whose observers are frozen (``freeze_observers``): they would not observe."""
+    frozen = [name for name, m in model.named_modules() if isinstance(m, ActFakeQuant) and not bool(m.observer_enabled)]
+    if frozen:
+        count = sum(isinstance(m, ActFakeQuant) for m in model.modules())
+        raise ValueError(f"calibrate: {len(frozen)} of {count} observers are frozen (freeze_observers), e.g. "
+                         f"{frozen[0]!r}, and would not observe these batches; call "
+                         "fxslim.runtime.prom_qat.unfreeze_observers(model) first, or convert without calibrating "
+                         "to keep their ranges")
     was_training = model.training
     model.eval()
     for module in model.modules():

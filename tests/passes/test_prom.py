@@ -446,6 +446,23 @@ def test_prom_convert_rejects_unprepared_or_uncalibrated_models():
         convert(prepare(net, torch.randn(1, 3, 4, 4)))
 
 
+def test_calibrate_refuses_frozen_observers_rather_than_observing_nothing():
+    """After freeze_observers, calibrate ran the batches and kept the old ranges without a word."""
+    from fxslim.runtime.prom_qat import freeze_observers, unfreeze_observers
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 1), nn.ReLU()).eval()
+    x = torch.randn(2, 3, 4, 4)
+    qat = fxslim.calibrate(prepare(net, x), [x])
+    scales = [m.scale.clone() for m in qat.modules() if isinstance(m, ActFakeQuant)]
+    freeze_observers(qat)
+    with pytest.raises(ValueError, match=r"calibrate: 2 of 2 observers are frozen .*unfreeze_observers"):
+        fxslim.calibrate(qat, [10 * x])
+    assert all(torch.equal(m.scale, s) for m, s in zip((m for m in qat.modules() if isinstance(m, ActFakeQuant)), scales))
+    unfreeze_observers(qat)
+    fxslim.calibrate(qat, [10 * x])
+    assert not torch.equal(next(m for m in qat.modules() if isinstance(m, ActFakeQuant)).scale, scales[0])
+
+
 def test_prom_add_relu_and_mean_pool_convert_within_one_lsb():
     class Net(nn.Module):
         def __init__(self):
