@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxslim.ir import meta_val
+from fxslim.passes.prom_versions import watched
 from fxslim.runtime.prom_lowered import has_onednn_ops, lower
 
 __all__ = ["MicroBatched", "micro_batched", "DEFAULT_MAX_ACTIVATION_BYTES"]
@@ -61,7 +62,8 @@ class MicroBatched(nn.Module):
         """What eager calls run: ``module`` lowered (``prom_lowered.lower``) when ``lowered`` and it
         is a ``runtime="onednn"`` graph, else ``module`` itself. Same values either way: the lowered
         copy reads the weights once, so it is built again once any of them changed in place (an
-        in-place op; 12 µs a call for MobileNetV2's 159 tensors), the module loaded a state dict
+        in-place op; a converted model's tensors share one version counter, so that is one read a
+        call, ``prom_versions``), the module loaded a state dict
         (``IntegerModel.loads``, also with ``assign=True``) or this wrapper moved (``.to()``). A
         tensor replaced otherwise (``register_buffer``, ``.data =``) is not seen: wrap the model again."""
         runner = self.__dict__["_runner"]
@@ -70,7 +72,7 @@ class MicroBatched(nn.Module):
                 or any(t._version != version for t, version in read)):
             graph = isinstance(self.module, fx.GraphModule) and has_onednn_ops(self.module)
             runner = lower(self.module, direct=self.direct) if self.lowered and graph else self.module
-            tensors = [*self.module.buffers(), *self.module.parameters()]
+            tensors = watched(self.module)
             self.__dict__.update(_runner=runner, _read=(getattr(self.module, "loads", 0),
                                                         tuple((t, t._version) for t in tensors)))
         return runner

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, meta_val
 from fxslim.passes.inplace import remove_dead_code, unused_calls
 from fxslim.passes.prom_agreement import Agreement, code_agreement
+from fxslim.passes.prom_versions import share_version_counter
 from fxslim.passes.prom_build import Builder, codes_layout, replay_codes
 from fxslim.passes.prom_fuse import fuse_conv_add
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op, module_of
@@ -293,9 +294,19 @@ class IntegerModel(fx.GraphModule):
                 "fxslim.prepare(...) and convert that, or torch.save/torch.load the whole integer model")
 
     def __reduce__(self) -> tuple:
-        # GraphModule's pickle rebuilds a plain GraphModule without meta or node shapes: rebuild this class
+        # GraphModule's pickle rebuilds a plain GraphModule without meta or node shapes: rebuild this class.
+        # Its own load hooks stay out (__init__ registers them again): the pre-hook holds the model, which
+        # the pickle then held twice, and unpickled as a second model sharing this one's submodules.
         _, (body, import_block) = super().__reduce__()
+        for key in ("_load_state_dict_pre_hooks", "_load_state_dict_post_hooks"):
+            body[key] = type(body[key])((k, h) for k, h in body[key].items()
+                                        if getattr(h, "hook", h) not in (_refuse_other_constants, _count_load))
         return (_unpickled, (body, import_block))
+
+    def __deepcopy__(self, memo: dict) -> "IntegerModel":
+        copied = super().__deepcopy__(memo)
+        share_version_counter(copied)  # its tensors are its own copies: a counter of their own (``prom_versions``)
+        return copied
 
 
 def _refuse_other_constants(module: nn.Module, state_dict: dict, prefix: str, *args: object) -> None:
@@ -319,6 +330,7 @@ def _unpickled(body: dict, import_block: str) -> IntegerModel:
     model.meta.update(body.get("meta", {}))
     if _INPUT_SHAPES in model.meta:
         _propagate_zeros(model)
+    share_version_counter(model)
     return model.eval()
 
 
@@ -429,6 +441,7 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
     out.recompile()
     _propagate_shapes(out, gm)
     out.meta[META_PROM_CONVERT] = _report(b, out, chains, island_quants)
+    share_version_counter(out)
     _log.info("PROM convert: %d integer ops, %d float islands, %d buffers", out.meta[META_PROM_CONVERT].integer_ops,
               len(out.meta[META_PROM_CONVERT].islands), len(b.buffers))
     return out
