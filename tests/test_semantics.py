@@ -255,8 +255,14 @@ def test_differential_flags_a_silent_difference():
         def forward(self, x):
             return x * 2.0
 
+    class MovesNaNSample(nn.Module):  # the finite values of a sample holding a NaN move (HASTE's tiles did)
+        def forward(self, x):
+            return x * 2.0 + x.flatten(1).isnan().any(1).view(-1, *[1] * (x.dim() - 1))
+
     verdicts = {v.variant: v.status for v in differential(OffByBatch(), Double(), (_x(),))}
-    assert verdicts["example"] == "same" and verdicts["batch"] == "differs" and verdicts["nan"] == "same"
+    assert verdicts["example"] == "same" and verdicts["batch"] == "differs" and verdicts["nan"] == "differs"
+    verdicts = {v.variant: v.status for v in differential(MovesNaNSample(), Double(), (_x(),))}
+    assert verdicts["batch"] == "same" and verdicts["nan"] == "differs"
 
 
 @pytest.mark.parametrize("style", ("none", "method"))

@@ -55,8 +55,11 @@ class HASTE(Pass):
     graph come from ``seed + i``; ``center``: subtract the channel mean before hashing (without it
     post-ReLU channels collide and accuracy collapses). With large L and ``sparsity=0`` every bucket
     holds one channel, and outputs equal the dense conv's up to float rounding, while a tile's patch
-    has enough pixels to tell the channels apart: ±1 planes cut a patch of few pixels into few cells
-    whatever L (a 2×2 map: about 100 codes for 512 channels), so there channels still share buckets.
+    tells the channels apart: ±1 planes cut a patch of few pixels into few cells whatever L (a 2×2
+    map: about 100 codes for 512 channels), and a sign hash cannot tell channels whose centred
+    patches point the same way, such as channels constant over a flat region (letterbox bars,
+    blank or saturated areas, an all-zero input: two buckets whatever L, 0.065 off the dense conv
+    on a half-flat image where random pixels are 3e-7 off); there channels still share buckets.
     """
 
     L: int = 14

@@ -14,6 +14,10 @@ Choices the method leaves open (the loop oracle in ``haste_reference`` implement
   pixels the smaller patch has, aligned at its top-left corner). Input rows/columns that no output
   reads are never part of a patch.
 - Code bit l is ``1[<z, r_l> > 0]`` (strict), so a zero projection gives bit 0.
+- Codes are computed with NaN and ±inf input values taken as 0: one would make the channel mean,
+  so every channel's code, the same, and the whole tile one bucket (finite outputs beside a NaN
+  pixel 1.3 off at the exact limit). The bucket means keep them, so they reach the outputs the
+  dense conv's reach.
 - Inputs of dtype float16/bfloat16 are computed in float32 (hash, merge, conv) and the result is
   cast back; float32 and float64 compute in their own dtype.
 - The output is channels_last when ``x`` is channels_last (and not also NCHW-contiguous), else

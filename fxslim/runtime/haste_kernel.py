@@ -93,6 +93,8 @@ def hash_codes(rows: Tensor, planes: Tensor, channels: int, center: bool) -> Ten
     L = planes.shape[0]
     proj = memory.scratch("haste.proj", (rows.shape[0], L), rows.dtype)
     torch.matmul(rows, planes.t(), out=proj)  # [tiles·C, d] @ [d, L]
+    if not bool(torch.isfinite(proj).all()):  # hashed with NaN and inf taken as 0 (``haste``'s docstring)
+        torch.matmul(rows.nan_to_num(0.0, 0.0, 0.0), planes.t(), out=proj)
     proj = proj.view(-1, channels, L)
     if center:
         proj -= proj.mean(dim=1, keepdim=True)

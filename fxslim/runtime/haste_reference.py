@@ -41,7 +41,7 @@ def _codes(patch: Tensor, planes: Tensor, full: tuple[int, int], center: bool) -
     """L-bit code of every channel of ``patch`` [C, h, w], hashed on its zero-extended full window."""
     c, h, w = patch.shape
     window = patch.new_zeros((c, *full))
-    window[:, :h, :w] = patch
+    window[:, :h, :w] = patch.nan_to_num(0.0, 0.0, 0.0)  # hashed with NaN and inf taken as 0
     if center:
         window = window - window.mean(dim=0, keepdim=True)
     codes = []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fxslim.models.data import mnist_5k
 from fxslim.models.resnet_cifar import pad_to_32, pretrained_mnist_resnet18_small
+from fxslim.runtime import native_kernels
 from fxslim.runtime.haste import haste_conv2d, make_planes, patch_shape, record_buckets, resolve_padding
 from fxslim.runtime.haste_reference import haste_conv2d_reference, tile_buckets_reference, tile_patch_reference
 from fxslim.runtime.haste_counts import expected_buckets
@@ -111,6 +114,54 @@ def _cases(draw):
         kernel=(kh, kw), stride=(sh, sw), padding=(ph, pw), dilation=(dh, dw), tile=draw(st.integers(1, 5)),
         L=draw(st.integers(1, 10)), center=draw(st.booleans()), bias=draw(st.booleans()), seed=draw(st.integers(0, 99)),
     )
+
+
+def test_haste_conv2d_channels_constant_over_a_patch_share_buckets_whatever_L():
+    """The documented exception to the exact limit: centred, channels constant over a patch all point
+    along ±(1, .., 1), and a sign hash gives them two codes however many planes it has."""
+    x = torch.arange(1.0, 9.0).view(1, 8, 1, 1).expand(1, 8, 12, 12).contiguous()
+    weight = torch.randn(4, 8, 3, 3, generator=_gen(4))
+    with record_buckets() as rec:
+        _run(x, weight, None, _planes((3, 3), (1, 1), (1, 1), 4, L=48, sparsity=0.0), (1, 1), (0, 0), layer="conv")
+    assert rec["conv"].buckets == 2 * rec["conv"].tiles
+
+
+def _with_non_finite(x: torch.Tensor, value: float, all_channels: bool) -> torch.Tensor:
+    """x with ``value`` at one pixel of sample 0: in channel 3 only, or in every channel (as after a conv)."""
+    x = x.clone()
+    x[0, slice(None) if all_channels else 3, 5, 6] = value
+    return x
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("all_channels", [False, True])
+def test_haste_conv2d_all_singleton_buckets_stay_exact_beside_a_non_finite_pixel(native, value, all_channels):
+    """A NaN made the channel mean, so every code of its tile, the same: one bucket, and the finite
+    outputs beside the NaN 1.3 off the dense conv at the exact limit; the dense conv's non-finite
+    outputs stay where they are, and the other sample is untouched."""
+    g = _gen(2)
+    x, weight, bias = torch.randn(2, 16, 16, 16, generator=g), torch.randn(8, 16, 3, 3, generator=g), torch.randn(8)
+    x = _with_non_finite(x, value, all_channels)
+    planes = _planes((3, 3), (1, 1), (1, 1), 4, L=48, sparsity=0.0)
+    with native_kernels.disabled() if not native else contextlib.nullcontext():
+        y = _run(x, weight, bias, planes, (1, 1), (1, 1))
+    expected = F.conv2d(x, weight, bias, 1, 1)
+    finite = torch.isfinite(expected)
+    assert 0 < int((~finite).sum()) and torch.equal(torch.isfinite(y), finite)
+    assert torch.equal(y[~finite].nan_to_num(), expected[~finite].nan_to_num())  # the same NaN and signed inf
+    _close(y[finite], expected[finite])
+
+
+def test_haste_conv2d_hashes_a_non_finite_pixel_as_the_reference_does():
+    g = _gen(3)
+    x = (torch.randint(-3, 4, (2, 6, 9, 10), generator=g) * 6).float()
+    x = _with_non_finite(x, float("nan"), all_channels=True)
+    weight, planes = torch.randn(5, 6, 3, 3, generator=g), _planes((3, 3), (1, 1), (1, 1), 4, seed=3)
+    y = _run(x, weight, None, planes, (1, 1), (1, 1))
+    expected = haste_conv2d_reference(x, weight, None, planes, (1, 1), (1, 1), (1, 1), 4, True)
+    assert torch.equal(torch.isfinite(y), torch.isfinite(expected))
+    _close(y.nan_to_num(), expected.nan_to_num())
 
 
 @settings(max_examples=40, deadline=None)

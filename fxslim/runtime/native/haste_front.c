@@ -94,12 +94,30 @@ static void project(const float *windows, int64_t c, int64_t d, const float *pla
         }
 }
 
+/* Whether any of the n floats is NaN or infinite (x - x is 0 only for a finite x). */
+static int any_nonfinite(const float *v, int64_t n) {
+    int bad = 0;
+    for (int64_t i = 0; i < n; i++) bad |= !(v[i] - v[i] == 0.0f);
+    return bad;
+}
+
 /* codes[k] for the c windows of one tile: the sum over l of 2^l for the planes where the (centred
  * over the tile's channels, when center != 0) projection is > 0. With AVX-512 16 planes at a time
- * (the same sums, in the same order: per plane a double sum over the channels in turn). */
-static void tile_codes(const float *windows, int64_t c, int64_t d, const float *planes_t, int64_t L, int64_t lpad,
-                       int64_t center, float *proj, float *codes32, double *codes64) {
+ * (the same sums, in the same order: per plane a double sum over the channels in turn). A tile whose
+ * projections are not all finite is projected again with the NaN and inf of its windows taken as 0:
+ * one such value would make the channel mean, so every code, the same (the whole tile one bucket).
+ * Returns 0, or -1 when out of memory. */
+static int tile_codes(const float *windows, int64_t c, int64_t d, const float *planes_t, int64_t L, int64_t lpad,
+                      int64_t center, float *proj, float *codes32, double *codes64) {
     project(windows, c, d, planes_t, lpad, proj);
+    if (any_nonfinite(proj, c * lpad)) { /* hashed on the windows with NaN and inf taken as 0 */
+        float *finite = malloc((size_t)(c * d) * sizeof *finite);
+        if (finite == NULL)
+            return -1;
+        for (int64_t i = 0; i < c * d; i++) finite[i] = windows[i] - windows[i] == 0.0f ? windows[i] : 0.0f;
+        project(finite, c, d, planes_t, lpad, proj);
+        free(finite);
+    }
     float mean[MAX_PLANES] = {0};
 #ifdef __AVX512F__
     if (center)
@@ -137,6 +155,7 @@ static void tile_codes(const float *windows, int64_t c, int64_t d, const float *
         else
             codes64[k] = (double)code;
     }
+    return 0;
 }
 
 /* patches[((s * nth + ti) * ntw + tj) * c + ch][u * tw + v]: every tile's windows (see gather) of x
@@ -168,9 +187,9 @@ int64_t haste_front(const float *x, int64_t n, int64_t c, int64_t x_sn, int64_t 
             float *windows = patches + st * c * d;
             gather(x, c, x_sn, x_sc, x_sh, x_sw, rows, cols, ph, pw, st / (nth * ntw), st / ntw % nth, st % ntw, tile,
                    sh, sw, th, tw, windows);
-            if (proj != NULL)
-                tile_codes(windows, c, d, planes_t, L, lpad, center, proj, codes32 ? codes32 + st * c : NULL,
-                           codes64 ? codes64 + st * c : NULL);
+            if (proj != NULL && tile_codes(windows, c, d, planes_t, L, lpad, center, proj,
+                                           codes32 ? codes32 + st * c : NULL, codes64 ? codes64 + st * c : NULL))
+                failed = 1;
         }
         free(proj);
     }
