@@ -323,11 +323,12 @@ class ConvView(_LayerView):
 
     @property
     def macs(self) -> Any:
-        """N·C_out·(C_in/groups)·k_h·k_w·H_out·W_out (transposed: over the input positions)."""
+        """N·C_out·(C_in/groups)·k_h·k_w·H_out·W_out (transposed: over the input positions; an
+        unbatched [C, H, W] input is one sample)."""
         if self.output_shape is None or self.input_shape is None:
             return None
         spatial = self.input_shape if self.transposed else self.output_shape
-        n, hw = spatial[0], _prod(spatial[2:])
+        n, hw = (spatial[0], _prod(spatial[2:])) if len(spatial) == 4 else (1, _prod(spatial[1:]))
         return n * self.out_channels * (self.in_channels // self.groups) * self.kernel[0] * self.kernel[1] * hw
 
 
@@ -714,7 +715,8 @@ def _manual_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> AttentionView | N
     qs, kts, vs, scores = shape_of(q), shape_of(kt), shape_of(v), shape_of(qk)
     if qs is None or kts is None or vs is None or scores is None or len(qs) < 3:
         return None
-    batch, heads = _heads_and_batch(qs, q)
+    # from the scores, which hold the broadcast of q's and k's batch and head dims (a query shared by heads)
+    batch, heads = _heads_and_batch(scores, qk) if len(scores) >= 4 else _heads_and_batch(qs, q)
     has_mask = any(_is_call(n, {aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill}, {"masked_fill"}) for n in pre)
     return AttentionView(
         node=node, ir=ir, fqn=node_fqn(node, gm), form="manual", batch=batch, heads=heads,

@@ -120,6 +120,14 @@ def _flat_nodes(args: Any) -> list[fx.Node]:
     return out
 
 
+def _first_names(module: nn.Module) -> dict[str, str]:
+    """Every parameter and buffer name of ``module`` → the first name of the same tensor: tied weights
+    (an embedding shared with the output layer) are one tensor, stored and counted once."""
+    first: dict[int, str] = {}
+    names = [*module.named_parameters(remove_duplicate=False), *module.named_buffers(remove_duplicate=False)]
+    return {name: first.setdefault(id(t), name) for name, t in names}
+
+
 class RawRowCounter:
     """Counts the raw rows (MACs, element-wise ops, tensors touched) of every captured graph and of
     the modules kept eager."""
@@ -131,6 +139,7 @@ class RawRowCounter:
         self.haste_buckets = haste_buckets
         self.runner = NodeRunner(mode)
         self.seen_params: set[str] = set()
+        self.tied = _first_names(source.captured.module)
         self.unknown: dict[str, list[str]] = {}
 
     def rows(self) -> list[RawRow]:
@@ -149,8 +158,8 @@ class RawRowCounter:
             mod = captured.module.get_submodule(path) if path else captured.module
             raw = RawRow("", name, type(mod).__name__, path)
             own = [(f"{path}.{n}" if path else n, p) for n, p in mod.named_parameters(recurse=False)]
-            raw.params = [(n, p, self._real(n, p)) for n, p in own if n not in self.seen_params]
-            self.seen_params.update(n for n, _ in own)
+            raw.params = [(n, p, self._real(n, p)) for n, p in own if self.tied.get(n, n) not in self.seen_params]
+            self.seen_params.update(self.tied.get(n, n) for n, _ in own)
             if self.source.eager is None:
                 raw.unknown.append(f"{raw.op} (eager code not runnable on meta or real tensors)")
             else:
@@ -247,9 +256,9 @@ class RawRowCounter:
         out = []
         for name, tensor in found:
             full = prefix + name
-            if full in self.seen_params or not isinstance(tensor, torch.Tensor):
+            if self.tied.get(full, full) in self.seen_params or not isinstance(tensor, torch.Tensor):
                 continue
-            self.seen_params.add(full)
+            self.seen_params.add(self.tied.get(full, full))
             out.append((full, tensor, self._real(full, tensor)))
         return out
 

@@ -84,3 +84,20 @@ def test_conv_and_linear_macs_equal_fvcore(name):
     convs = sum(r.macs for r in report.rows if r.kind.endswith("conv"))
     linears = sum(r.macs for r in report.rows if r.kind == "linear")
     assert (convs, linears) == (ops["conv"], ops["linear"])
+
+
+class _BroadcastQueryAttention(nn.Module):
+    def forward(self, q, k, v):
+        return (q @ k.transpose(-1, -2)).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("model, inputs", [
+    (nn.Conv2d(3, 8, 3), (torch.randn(3, 20, 11),)),  # unbatched: the batch was read from C_out
+    (nn.Conv2d(4, 6, 3, stride=2, groups=2), (torch.randn(4, 9, 12),)),
+    # one query shared by 4 heads: the heads were read from q alone
+    (_BroadcastQueryAttention(), (torch.randn(2, 1, 10, 8), torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 6))),
+], ids=["unbatched_conv", "unbatched_grouped_conv", "broadcast_query_attention"])
+def test_flops_equal_flop_counter_mode_on_unbatched_and_broadcast_inputs(model, inputs):
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*inputs)
+    assert fxslim.estimate(model.eval(), inputs).total.flops == counter.get_total_flops()

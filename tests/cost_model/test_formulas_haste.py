@@ -74,8 +74,54 @@ def test_haste_cost_measured_is_the_mean_per_sample_times_the_batch():
     row = _row(fxslim.estimate(model, _input(1), haste_buckets=given))
     assert row.measured_macs == round(6 * 9 * rec["one"].bucket_pixels / 4)
     # other tiles per sample: the stats do not apply
-    assert _row(fxslim.estimate(model, torch.randn(1, 8, 12, 12), haste_buckets=given)).measured_macs is None
+    with pytest.warns(UserWarning, match="'one': measured stats recorded at 4 tiles"):
+        assert _row(fxslim.estimate(model, torch.randn(1, 8, 12, 12), haste_buckets=given)).measured_macs is None
     assert _row(fxslim.estimate(model, _input(1))).measured_macs is None  # nothing given: nothing measured
+
+
+def test_haste_cost_stats_of_another_size_are_not_used_even_with_as_many_tiles():
+    """ResNet18's last stage has one tile per sample at 64 px and at 80x72 px, of 4 and 9 output
+    pixels: the other size's stats were applied, and its measured MACs exceeded the dense ones."""
+    model = _One(L=4).eval()
+    with torch.no_grad(), record_buckets() as rec:
+        model(torch.randn(2, 8, 3, 3).relu())  # one tile of 3x3 outputs per sample
+    with pytest.warns(UserWarning, match="recorded at 1 tiles and 9 output pixels per sample, the call has 1 and 4"):
+        row = _row(fxslim.estimate(model, torch.randn(2, 8, 2, 2), haste_buckets=HasteBuckets(measured=rec)))
+    assert row.measured_macs is None and row.info["measured"].startswith("not used")
+
+
+class _Keyed(_One):
+    """``_One`` 8 -> 8 with the layer key ``key``."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(L=4)
+        self.conv, self.key = nn.Conv2d(8, 8, 3, padding=1, bias=False), key
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.fxslim.haste_conv2d(x, self.conv.weight, None, self.planes, [1, 1], [1, 1], [1, 1], 4, True,
+                                             self.key)
+
+
+class _Two(nn.Module):
+    """Two HASTE convs 8 -> 8, layer keys "a" and "b"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = _Keyed("a"), _Keyed("b")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x).relu())
+
+
+def test_haste_cost_total_measured_is_none_unless_every_haste_conv_was_measured():
+    model, x = _Two().eval(), _input(2)
+    with torch.no_grad(), record_buckets() as rec:
+        model(x)
+    both = fxslim.estimate(model, x, haste_buckets=HasteBuckets(measured=rec))
+    rows = [r for r in both.rows if r.op.startswith("fxslim.haste_conv2d")]
+    assert len(rows) == 2 and both.total.measured_macs == sum(r.measured_macs for r in rows)
+    one = {"a": rec["a"]}  # a sum over conv a alone would pass for both convs
+    assert fxslim.estimate(model, x, haste_buckets=HasteBuckets(measured=one)).total.measured_macs is None
 
 
 def test_haste_cost_all_singletons_exceed_dense_by_exactly_the_overhead():

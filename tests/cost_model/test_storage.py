@@ -41,3 +41,21 @@ def test_storage_per_layer_deployed_int8_with_scales():
     # weights at 8 bit + one 16-bit scale per output channel; biases at the preset's fp16
     assert conv.storage_bits == 8 * 27 * 8 + 8 * 16 + 8 * 16
     assert linear.storage_bits == 4 * 288 * 8 + 4 * 16 + 4 * 16
+
+
+def test_tied_weights_are_one_tensor_in_params_and_storage():
+    """An embedding shared with the output layer was counted twice (2x params and storage)."""
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb, self.head = nn.Embedding(100, 16), nn.Linear(16, 100, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, tokens):
+            return self.head(self.emb(tokens))
+
+    model = Tied().eval()
+    report = fxslim.estimate(model, (torch.randint(0, 100, (2, 5)),))
+    assert report.total.params == 1600 == sum(p.numel() for p in model.parameters())
+    assert report.total.storage_bytes == 4 * 1600

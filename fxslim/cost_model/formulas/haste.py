@@ -26,15 +26,18 @@ B is data-dependent, so there are two numbers:
 Stats are given explicitly: ``fxslim.estimate(..., haste_buckets=HasteBuckets(calibration=...,
 measured=...))`` or ``OptimizeResult.compare(haste_buckets=...)``; both map the op's ``layer``
 argument to ``HasteStats``. Without them every count is the data-free prediction (also what the
-HASTE pass report and FlopCounterMode give). Only HASTE rows carry ``measured_macs``, so a report's
-``total.measured_macs`` sums the HASTE convs.
+HASTE pass report and FlopCounterMode give). Measured stats apply only to a call with their tiles and
+valid output pixels per sample (when stats are given, ``info["measured"]`` says "used", "no
+stats", or why not, with a warning). Only HASTE rows carry ``measured_macs``; a report's ``total.measured_macs`` sums the HASTE
+convs, and is None unless every one of them was measured.
 """
 
 from __future__ import annotations
 
-import logging
+import warnings
 from typing import Any
 
+import sympy
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
@@ -44,7 +47,6 @@ from fxslim.runtime.haste_counts import HasteBuckets, HasteLayer
 
 __all__ = ["haste_conv2d_cost", "DEFAULT_SPARSITY"]
 
-_log = logging.getLogger(__name__)
 DEFAULT_SPARSITY = 2 / 3  # assumed for the hashing count when the planes' values are not available
 
 
@@ -83,6 +85,21 @@ def _haste_conv2d_flops(x_shape, w_shape, bias_shape, planes_shape, stride, padd
     return int(2 * _int(haste_layer.predicted(tiles, pixels).reduced_conv))
 
 
+def _measured_use(stats: Any, tiles: Any, pixels: Any, n: Any) -> str:
+    """"used", "no stats", or "not used: <why>": stats apply only to calls with their tiles and valid
+    output pixels per sample (another resolution hashes other patches: its buckets say nothing here)."""
+    if stats is None:
+        return "no stats"
+    per_sample = [sympy.simplify(sympy.sympify(count) / sympy.sympify(n)) for count in (tiles, pixels)]
+    recorded = (sympy.Rational(stats.tiles, stats.samples), sympy.Rational(stats.pixels, stats.samples))
+    if any(not value.is_number for value in per_sample):
+        return "not used: recorded at one size, the call is costed for any spatial size"
+    if tuple(per_sample) != recorded:
+        return (f"not used: recorded at {recorded[0]} tiles and {recorded[1]} output pixels per sample, the call "
+                f"has {per_sample[0]} and {per_sample[1]}")
+    return "used"
+
+
 @register_cost(torch.ops.fxslim.haste_conv2d, kind="conv")
 def haste_conv2d_cost(call: OpCall) -> OpCost:
     """[n, C, h, w] * [O, C, kh, kw] -> [n, O, h', w']: O·B·kh·kw·p MACs per tile, hashing and merging elementwise.
@@ -106,15 +123,17 @@ def haste_conv2d_cost(call: OpCall) -> OpCost:
                  if k not in ("dense", "ops", "reduced_conv")})
     measured_macs = None
     stats = measured.get(key)
-    if stats is not None:
-        if isinstance(tiles, int) and stats.tiles * n != tiles * stats.samples:
-            _log.info("HASTE layer %r: measured stats are for %s tiles per sample, the costed call has %s; not used",
-                      key, stats.tiles / stats.samples, tiles / n)
-        else:
-            got = layer.measured(stats, n)
-            measured_macs = _int(got.reduced_conv)
-            info.update({"measured_overhead": _int(got.overhead), "measured_ops": _int(got.ops),
-                         "measured_buckets_per_tile": stats.buckets / stats.tiles})
+    measured_use = _measured_use(stats, tiles, pixels, n) if measured else "no stats"
+    if measured:  # stats were given: whether this layer's apply shows in the report
+        info["measured"] = measured_use
+    if measured_use.startswith("not used"):
+        warnings.warn(f"HASTE layer {key!r}: measured stats {measured_use.removeprefix('not used: ')}; record them "
+                      "at the size you cost", stacklevel=2)
+    elif stats is not None:
+        got = layer.measured(stats, n)
+        measured_macs = _int(got.reduced_conv)
+        info.update({"measured_overhead": _int(got.overhead), "measured_ops": _int(got.ops),
+                     "measured_buckets_per_tile": stats.buckets / stats.tiles})
     ops = {}
     if call.conventions.include_bias and a["bias"] is not None:
         ops[("add", x.format)] = o * pixels  # the bias, added once per output element (pixels: N·H_out·W_out)
