@@ -113,6 +113,16 @@ def pad_code(node: fx.Node, scale: float, zero_point: int) -> int | None:
     return int(code[0]) if float(torch.ops.fxslim.dequantize(code, scale, zero_point)[0]) == value else None
 
 
+def _no_pad_code_reason(node: fx.Node, fns: list) -> str:
+    """Why ``pad_code`` gave no code for ``node`` in a chain (after pointwise ops ``fns``)."""
+    if node.op != "call_function" or node.target is not F.pad:
+        return f"{node.target if node.op != 'call_module' else 'module'} on codes (not a constant pad)"
+    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    if mode != "constant":
+        return f"padding mode {mode!r} (only constant padding is replayed on codes)"
+    return "padding after a pointwise op" if fns else "padding with a value that has no code"
+
+
 def constant_value(gm: fx.GraphModule, node: Any) -> Any:
     """The value of ``node`` when it depends on no input (get_attr tensors and ops of them, e.g.
     ``gamma.reshape(1, -1, 1, 1)``), else ``_VARIABLE``; non-Node arguments are their own value."""
@@ -400,7 +410,7 @@ def pointwise_chain(gm: fx.GraphModule, quant: fx.Node) -> PointwiseChain:
         if not is_layout_op(gm, node) and not _max_pool(gm, node):
             code = pad_code(node, *grid.qparams()) if not fns else None
             if code is None:
-                raise NoIntegerForm(node, "padding with a value that has no code")
+                raise NoIntegerForm(node, _no_pad_code_reason(node, fns))
             chain.pad_codes[node] = code
         chain.steps.append(node)
     if chain.channel_dim is not None and any(_max_pool(gm, n) for n in chain.steps):

@@ -481,3 +481,21 @@ def test_converted_model_keeps_input_defaults():
     with torch.no_grad():
         assert int_model(x).shape == (4, 2)
     assert code_agreement(qat, int_model, x).worst()[1] == 1.0
+
+
+@pytest.mark.parametrize("mode, reason", [("reflect", "padding mode 'reflect'"), ("constant", None)])
+def test_a_pad_island_names_its_padding_mode(mode, reason):
+    """A reflect pad was reported as 'padding with a value that has no code'."""
+
+    class Padded(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3), nn.Conv2d(4, 4, 3)
+
+        def forward(self, x):
+            return self.b(F.pad(torch.relu(self.a(x)), (1, 1, 1, 1), mode=mode))
+
+    x = torch.randn(2, 3, 8, 8)
+    report = convert_report(convert(calibrate(fxslim.prepare(Padded().eval(), x), [x])))
+    reasons = [r for island in report.islands for r in island.reasons]
+    assert (reason is None and reasons == []) or any(reason in r for r in reasons), reasons
