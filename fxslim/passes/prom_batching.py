@@ -63,9 +63,9 @@ class MicroBatched(nn.Module):
         is a ``runtime="onednn"`` graph, else ``module`` itself. Same values either way: the lowered
         copy reads the weights once, so it is built again once any of them changed in place (an
         in-place op; a converted model's tensors share one version counter, so that is one read a
-        call, ``prom_versions``), the module loaded a state dict
-        (``IntegerModel.loads``, also with ``assign=True``) or this wrapper moved (``.to()``). A
-        tensor replaced otherwise (``register_buffer``, ``.data =``) is not seen: wrap the model again."""
+        call, ``prom_versions``), the module loaded a state dict (``IntegerModel.loads``, also
+        with ``assign=True``) or this wrapper moved (``.to()``). A tensor replaced otherwise
+        (``register_buffer``, ``.data =``) is not seen: wrap the model again."""
         runner = self.__dict__["_runner"]
         loads, read = self.__dict__.get("_read", (0, ()))
         if (runner is None or getattr(self.module, "loads", 0) != loads

@@ -44,7 +44,6 @@ from torch import Tensor, nn
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, meta_val
 from fxslim.passes.inplace import remove_dead_code, unused_calls
 from fxslim.passes.prom_agreement import Agreement, code_agreement
-from fxslim.passes.prom_versions import share_version_counter
 from fxslim.passes.prom_build import Builder, codes_layout, replay_codes
 from fxslim.passes.prom_fuse import fuse_conv_add
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op, module_of
@@ -57,6 +56,7 @@ from fxslim.passes.prom_lower_onednn import convert_add_onednn, convert_conv_one
 from fxslim.passes.prom_pointwise import (
     NoIntegerForm, PointwiseChain, batch_norm_of, is_codes_source, pointwise_chain, unit_depthwise_conv,
 )
+from fxslim.passes.prom_versions import share_version_counter
 from fxslim.propagate import propagate
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear

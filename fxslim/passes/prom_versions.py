@@ -34,6 +34,10 @@ __all__ = ["share_version_counter", "watched"]
 _ANCHOR: dict[int, tuple[weakref.ref, Tensor]] = {}
 
 
+def _shareable(t: object) -> bool:
+    return isinstance(t, Tensor) and t.layout == torch.strided and t.device.type == "cpu" and not t.is_quantized
+
+
 def share_version_counter(model: nn.Module) -> None:
     """Replace every CPU tensor of ``model`` (parameters and buffers, in all its submodules) by a copy
     on one version counter (module docstring); a tensor held under two names stays one tensor.
@@ -42,7 +46,7 @@ def share_version_counter(model: nn.Module) -> None:
     for module in model.modules():
         for table in (module._parameters, module._buffers):
             for name, t in table.items():
-                if isinstance(t, Tensor) and t.layout == torch.strided and t.device.type == "cpu" and not t.is_quantized:
+                if _shareable(t):
                     places.setdefault(id(t), (t, []))[1].append((table, name))
     anchor = torch.empty(0, dtype=torch.uint8)
     with torch.no_grad():

@@ -26,10 +26,10 @@ B is data-dependent, so there are two numbers:
 Stats are given explicitly: ``fxslim.estimate(..., haste_buckets=HasteBuckets(calibration=...,
 measured=...))`` or ``OptimizeResult.compare(haste_buckets=...)``; both map the op's ``layer``
 argument to ``HasteStats``. Without them every count is the data-free prediction (also what the
-HASTE pass report and FlopCounterMode give). Measured stats apply only to a call with their tiles and
-valid output pixels per sample (when stats are given, ``info["measured"]`` says "used", "no
-stats", or why not, with a warning). Only HASTE rows carry ``measured_macs``; a report's ``total.measured_macs`` sums the HASTE
-convs, and is None unless every one of them was measured.
+HASTE pass report and FlopCounterMode give). Measured stats apply only to a call with their tiles
+and valid output pixels per sample (when stats are given, ``info["measured"]`` says "used", "no
+stats", or why not, with a warning). Only HASTE rows carry ``measured_macs``; a report's
+``total.measured_macs`` sums the HASTE convs, and is None unless every one of them was measured.
 """
 
 from __future__ import annotations
