@@ -23,10 +23,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxslim.capture import Captured, capture as capture_graphs
+from fxslim.capture import Captured, as_example, capture as capture_graphs, leaf_module_types
 from fxslim.cost_model import compare, estimate
 from fxslim.ir import META_FROZEN_MODE, META_REPORT
-from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, registered_passes, run_passes
+from fxslim.passes.base import (
+    Pass, PassContext, PassReport, parse_overrides, parse_pass, pass_list, registered_passes, run_passes,
+)
 from fxslim.passes.prom import PROM
 from fxslim.policy import Policy
 from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
@@ -104,9 +106,7 @@ class OptimizeResult:
 
 def parse_passes(passes: Sequence[Pass | str] | Pass | str) -> tuple[Pass, ...]:
     """Pass objects from objects or strings ("haste:L=14"); raises ValueError for unknown names."""
-    if isinstance(passes, (str, Pass)):
-        passes = [passes]
-    parsed = tuple(parse_pass(p) for p in passes)
+    parsed = tuple(parse_pass(p) for p in pass_list(passes))
     if not parsed:
         raise ValueError(f"passes: expected at least one pass, e.g. one of {sorted(registered_passes())}")
     return parsed
@@ -130,9 +130,11 @@ def optimize(
     nothing warns (``strict=True``: raises ValueError) with the skip reasons it recorded.
     """
     parsed = parse_passes(passes)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    policy = Policy(filter_fn=filter_fn, overrides=dict(overrides or {}))
+    example_inputs = as_example(example_inputs, model)
+    leaf_modules = leaf_module_types(leaf_modules)
+    if not isinstance(strict, bool):
+        raise ValueError(f"strict: expected True or False, got {strict!r}")
+    policy = Policy(filter_fn=filter_fn, overrides=parse_overrides(overrides or {}))
     captured = capture_graphs(model, example_inputs, method=capture, leaf_modules=leaf_modules)
     report = OptimizeReport(untraced=list(captured.untraced), capture=captured.method,
                             graphs=[g.path for g in captured.graphs])
@@ -142,6 +144,10 @@ def optimize(
                           placeholder_values=graph.placeholder_values, policy=policy, path=graph.path)
         for result in run_passes(graph.gm, parsed, ctx):
             report.passes.append(result.report)
+    if policy.unmatched():
+        warnings.warn(f"fxslim.optimize: overrides {policy.unmatched()} named no module or kind a pass considered "
+                      f"(module names as in model.named_modules(), globs like 'layer4.*', or 'kind:<kind>')",
+                      stacklevel=2)
     for p in parsed:
         if report.rewritten(p.name) == 0:
             reasons = dict(report.skipped(p.name)) or "no candidates"

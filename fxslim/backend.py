@@ -25,7 +25,7 @@ import torch.fx as fx
 
 from fxslim.capture import batch_of, placeholder_fqns
 from fxslim.ir import META_PLACEHOLDER_FQNS, META_PROM_LOWERED, detect_ir, meta_val
-from fxslim.passes.base import Pass, PassContext, PassReport, parse_pass, run_passes
+from fxslim.passes.base import Pass, PassContext, PassReport, parse_overrides, parse_pass, pass_list, run_passes
 from fxslim.policy import Policy
 from fxslim.runtime.prom_lowered import has_onednn_ops, lower
 
@@ -55,15 +55,18 @@ class BackendOptions:
         inner = options.get("inner", "inductor")
         if inner not in _INNER:
             raise ValueError(f"torch.compile(backend='fxslim') options['inner']: expected one of {_INNER}, got {inner!r}")
-        passes = options.get("passes", ())
-        if isinstance(passes, (str, Pass)):
-            passes = [passes]
-        policy = Policy(filter_fn=options.get("filter_fn"), overrides=dict(options.get("overrides") or {}))
+        passes = pass_list(options.get("passes", ()))
+        overrides = parse_overrides(options.get("overrides") or {})
+        policy = Policy(filter_fn=options.get("filter_fn"), overrides=overrides)
         on_report = options.get("on_report")
         if on_report is not None and not callable(on_report):
             raise ValueError(f"torch.compile(backend='fxslim') options['on_report']: expected a callable taking "
                              f"a list of PassReport (e.g. reports.append), got {on_report!r}")
-        return cls(tuple(parse_pass(p) for p in passes), inner, policy, bool(options.get("strict", False)), on_report)
+        strict = options.get("strict", False)
+        if not isinstance(strict, bool):
+            raise ValueError(f"torch.compile(backend='fxslim') options['strict']: expected True or False, "
+                             f"got {strict!r}")
+        return cls(tuple(parse_pass(p) for p in passes), inner, policy, strict, on_report)
 
 
 _RESUME_PREFIX = "torch_dynamo_resume_in_"  # dynamo's name for the code after a graph break

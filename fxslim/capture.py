@@ -596,6 +596,46 @@ def _dynamo_graph(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> Graph:
 # Entry point
 
 
+def as_example(example_inputs: Any, model: Any = None) -> tuple[Any, ...] | None:
+    """``example_inputs`` as a tuple (a lone tensor is one input), or None; a ValueError naming the
+    argument for anything else, and for fewer inputs than ``model.forward`` requires."""
+    if example_inputs is None:
+        return None
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if not isinstance(example_inputs, (tuple, list)):
+        hint = " (torch.from_numpy(a) makes it a tensor)" if type(example_inputs).__module__ == "numpy" else ""
+        raise ValueError(f"example_inputs: expected a tensor or a tuple/list of the forward's inputs, got "
+                         f"{type(example_inputs).__name__}{hint}")
+    example = tuple(example_inputs)
+    forward = getattr(model, "forward", None) if isinstance(model, nn.Module) else None
+    if forward is not None:
+        try:
+            params = list(inspect.signature(forward).parameters.values())
+        except (TypeError, ValueError):  # a builtin or C forward: nothing to compare with
+            params = []
+        required = [p.name for p in params if p.default is inspect.Parameter.empty
+                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(example) < len(required):
+            raise ValueError(f"example_inputs: {type(model).__name__}.forward takes {required}, got {len(example)} "
+                             f"input(s); pass one value for each, e.g. ({', '.join(required)},)")
+    return example
+
+
+def leaf_module_types(leaf_modules: Any) -> tuple[type, ...]:
+    """``leaf_modules`` as a tuple of nn.Module subclasses (a lone class is one); ValueError otherwise."""
+    if isinstance(leaf_modules, type):
+        leaf_modules = (leaf_modules,)
+    if isinstance(leaf_modules, (str, bytes)) or not isinstance(leaf_modules, (tuple, list, set, frozenset)):
+        raise ValueError(f"leaf_modules: expected module classes, e.g. (nn.MultiheadAttention,), got "
+                         f"{type(leaf_modules).__name__}")
+    wrong = [m for m in leaf_modules if not (isinstance(m, type) and issubclass(m, nn.Module))]
+    if wrong:
+        raise ValueError(f"leaf_modules: expected nn.Module subclasses (the classes, not names or instances), got "
+                         f"{wrong[0]!r}")
+    return tuple(leaf_modules)
+
+
 def capture(
     model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
     example_inputs: Sequence[Any] | None = None,
@@ -610,7 +650,8 @@ def capture(
     """
     if method not in ("symbolic", "export"):
         raise ValueError(f"capture: method must be 'symbolic' or 'export', got {method!r}")
-    example_inputs = tuple(example_inputs) if example_inputs is not None else None
+    example_inputs = as_example(example_inputs, model)
+    leaf_modules = leaf_module_types(leaf_modules)
     batch = batch_of(example_inputs)
 
     if isinstance(model, torch.export.ExportedProgram):

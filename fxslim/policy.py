@@ -15,6 +15,8 @@ from typing import Any
 
 import torch.fx as fx
 
+from fxslim.config import Config
+
 __all__ = ["Policy"]
 
 
@@ -24,12 +26,22 @@ class Policy:
 
     filter_fn: Callable[[fx.Node, str], bool] | None = None
     overrides: Mapping[str, Any] = field(default_factory=dict)
+    matched: set[str] = field(default_factory=set, compare=False, repr=False)  # override keys that applied
 
     def __post_init__(self) -> None:
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"filter_fn: expected a callable (node, fqn) -> bool, got {type(self.filter_fn).__name__}")
         if not isinstance(self.overrides, Mapping):
             raise TypeError(f"overrides: expected a mapping of module name -> config or None, got {type(self.overrides).__name__}")
+        for key, value in self.overrides.items():  # strings are parsed before (``passes.base.parse_overrides``)
+            if value is not None and not isinstance(value, Config):
+                raise ValueError(f"overrides[{key!r}]: expected a pass config (e.g. fxslim.HASTE(L=4) or 'haste:L=4') "
+                                 f"or None to skip the module, got {type(value).__name__}")
+        object.__setattr__(self, "overrides", dict(self.overrides))
+
+    def unmatched(self) -> list[str]:
+        """Override keys that named no module or kind any pass considered (a typo, most likely)."""
+        return [key for key in self.overrides if key not in self.matched]
 
     def resolve(self, cfg: Any, node: fx.Node, fqn: str, kind: str) -> tuple[Any, str]:
         """(config to use, "") or (None, reason) for one node."""
@@ -55,6 +67,7 @@ class Policy:
         if key not in self.overrides:
             return False, None
         value = self.overrides[key]
+        self.matched.add(key)
         if value is None or type(value) is type(cfg):
             return True, value
         return False, None

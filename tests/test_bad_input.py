@@ -347,3 +347,81 @@ def test_graph_module_and_exported_program_inputs_are_never_modified():
     _quiet(fxslim.optimize, gm, _x(), passes=["haste:L=4"])
     _quiet(fxslim.optimize, ep, _x(), passes=["haste:L=4"])
     assert gm.code == code and ep.graph_module.code == ep_code
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments of the wrong kind (each used to give a bare Python error, or to be ignored)
+
+
+@pytest.mark.parametrize("passes, message", [
+    (None, "passes: expected a pass, a string like 'haste:L=14', or a list of them; got NoneType"),
+    (5, "passes: expected a pass, .* got int"),
+    ({"haste": 1}, "passes: expected a pass, .* got dict"),
+    (fxslim.HASTE, r"passes: got the class HASTE; pass an instance, e.g. HASTE\(\), or a string like 'haste'"),
+    ([fxslim.HASTE], "passes: got the class HASTE"),
+])
+def test_passes_of_the_wrong_kind_raise_value_error_naming_passes(passes, message):
+    with pytest.raises(ValueError, match=message):
+        fxslim.optimize(_net(), _x(), passes=passes)
+    compiled = torch.compile(_net(), backend="fxslim", options={"passes": passes, "inner": "eager"})
+    with pytest.raises(Exception, match=message):
+        compiled(_x())
+
+
+def test_example_inputs_of_the_wrong_kind_raise_value_error_naming_them():
+    numpy = pytest.importorskip("numpy")
+    with pytest.raises(ValueError, match=r"example_inputs: expected a tensor .* got ndarray \(torch.from_numpy"):
+        fxslim.optimize(_net(), numpy.zeros((2, 3, 8, 8), dtype="float32"), passes=["haste"])
+    with pytest.raises(ValueError, match=r"example_inputs: expected a tensor .* got int"):
+        fxslim.estimate(_net(), 3)
+    with pytest.raises(ValueError, match=r"example_inputs: _Net.forward takes \['x'\], got 0 input\(s\)"):
+        fxslim.optimize(_net(), (), passes=["haste"])
+
+
+def test_leaf_modules_take_a_class_or_classes_and_refuse_anything_else():
+    one = fxslim.optimize(_net(), _x(), passes=["haste"], leaf_modules=nn.Conv2d)
+    assert one.report.rewritten("haste") == fxslim.optimize(_net(), _x(), passes=["haste"],
+                                                            leaf_modules=(nn.Conv2d,)).report.rewritten("haste") == 1
+    with pytest.raises(ValueError, match="leaf_modules: expected nn.Module subclasses .* got 'Conv2d'"):
+        fxslim.optimize(_net(), _x(), passes=["haste"], leaf_modules=["Conv2d"])
+
+
+def test_flags_that_are_not_booleans_raise_value_error():
+    with pytest.raises(ValueError, match="strict: expected True or False, got 'no'"):
+        fxslim.optimize(_net(), _x(), passes=["haste"], strict="no")
+    qat = fxslim.calibrate(fxslim.prepare(_net(), _x()), [_x()])
+    with pytest.raises(ValueError, match="fuse_adds must be True or False, got 'no'"):
+        fxslim.convert(qat, fuse_adds="no")
+
+
+def test_overrides_as_strings_apply_and_unmatched_keys_warn():
+    """A string override was silently ignored: conv kept the pass's L=12."""
+    result = fxslim.optimize(_net(), _x(), passes=["haste:L=12"], overrides={"conv": "haste:L=4"})
+    (entry,) = [e for e in result.report.entries("haste") if e.status == "rewritten"]
+    assert entry.fqn == "conv" and entry.info["L"] == 4
+    with pytest.warns(UserWarning, match=r"overrides \['cnv'\] named no module or kind a pass considered"):
+        fxslim.optimize(_net(), _x(), passes=["haste"], overrides={"cnv": None})
+
+
+def test_calibrate_restores_every_modules_mode_and_refuses_what_it_cannot_observe():
+    """It left the model in eval mode when a batch failed, and set every module to the root's mode."""
+    qat = fxslim.prepare(_net().train(), _x())
+    qat.get_submodule("fc").eval()  # a module the user froze
+    modes = {name: m.training for name, m in qat.named_modules()}
+    with pytest.raises(RuntimeError):
+        fxslim.calibrate(qat, [torch.zeros(2, 5, 8, 8)])  # wrong channel count: fails in the first conv
+    assert {name: m.training for name, m in qat.named_modules()} == modes
+    fxslim.calibrate(qat, [_x()])
+    assert {name: m.training for name, m in qat.named_modules()} == modes
+    with pytest.raises(ValueError, match="batches: expected an iterable of batches, .* got a tensor"):
+        fxslim.calibrate(qat, _x())
+    with pytest.raises(ValueError, match="calibrate: _Net has no ActFakeQuant observers"):
+        fxslim.calibrate(_net(), [_x()])
+
+
+def test_micro_batched_refuses_what_it_cannot_wrap():
+    with pytest.raises(ValueError, match="int_model: expected the GraphModule fxslim.convert returned, got _Net"):
+        fxslim.micro_batched(_net())
+    integer = fxslim.convert(fxslim.calibrate(fxslim.prepare(_net(), _x()), [_x()]))
+    with pytest.raises(ValueError, match="max_activation_bytes: expected a positive integer .* got '1MB'"):
+        fxslim.micro_batched(integer, "1MB")

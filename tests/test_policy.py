@@ -7,6 +7,8 @@ import torch.fx as fx
 
 from tests.toy_pass import ToyScalePointwise
 
+from fxslim.passes.base import parse_overrides
+from fxslim.passes.haste import HASTE
 from fxslim.policy import Policy
 
 NODE = fx.Graph().placeholder("x")
@@ -34,11 +36,19 @@ def test_policy_none_override_and_filter_fn_skip_with_reason():
 
 
 def test_policy_overrides_for_other_passes_do_not_apply():
-    class Other:
-        pass
-
-    policy = Policy(overrides={"head": Other()})
+    policy = Policy(overrides={"head": HASTE(L=4)})
     assert policy.resolve(BASE, NODE, "head", "conv") == (BASE, "")
+
+
+def test_policy_override_strings_parse_and_other_values_raise():
+    """A string override ("haste:L=4", as passes= takes) was silently ignored."""
+    assert Policy(overrides=parse_overrides({"head": "haste:L=4"})).overrides["head"] == HASTE(L=4)
+    with pytest.raises(ValueError, match=r"overrides\['head'\]: expected a pass config .* got int"):
+        Policy(overrides={"head": 4})
+    with pytest.raises(ValueError, match=r"overrides\['head'\]: expected a pass config .* got str"):
+        Policy(overrides={"head": "haste:L=4"})  # unparsed: optimize and the backend parse first
+    with pytest.raises(ValueError, match="unknown pass 'hast'"):
+        parse_overrides({"head": "hast:L=4"})
 
 
 def test_policy_bad_arguments_raise_type_error():

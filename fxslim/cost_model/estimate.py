@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxslim.capture import Captured
+from fxslim.capture import Captured, as_example
 from fxslim.cost_model.apply import RowPricer
 from fxslim.cost_model.conventions import Conventions, merge_conventions
 from fxslim.cost_model.energy import EnergyTable, table_for
@@ -68,9 +68,7 @@ def estimate(
         raise TypeError(f"haste_buckets: expected a HasteBuckets (fxslim.HasteBuckets), got {type(haste_buckets).__name__}")
     conv = merge_conventions(conventions, options)
     energy_table = table_for(conv, table)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
-    example_inputs = tuple(example_inputs) if example_inputs is not None else None
+    example_inputs = as_example(example_inputs, model)
     if capture not in ("symbolic", "export"):
         raise ValueError(f"capture: expected 'symbolic' or 'export', got {capture!r}")
     if symbolic:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -189,10 +189,34 @@ def registered_passes() -> dict[str, type[Pass]]:
     return dict(_PASSES)
 
 
+def pass_list(passes: Any) -> list:
+    """``passes`` as a list: one pass (object or string) or an iterable of them; ValueError otherwise."""
+    if isinstance(passes, (str, Pass)):
+        return [passes]
+    if isinstance(passes, type) and issubclass(passes, Pass):
+        raise ValueError(f"passes: got the class {passes.__name__}; pass an instance, e.g. {passes.__name__}(), "
+                         f"or a string like {passes.name!r}")
+    if isinstance(passes, (dict, Mapping)) or not isinstance(passes, Iterable):
+        raise ValueError(f"passes: expected a pass, a string like 'haste:L=14', or a list of them; got "
+                         f"{type(passes).__name__}")
+    return list(passes)
+
+
+def parse_overrides(overrides: Any) -> Any:
+    """``overrides`` with its string values parsed as ``passes=`` strings are ("haste:L=4"); anything
+    but a mapping is returned as it is, for ``Policy`` to refuse."""
+    if not isinstance(overrides, Mapping):
+        return overrides
+    return {key: parse_pass(value) if isinstance(value, str) else value for key, value in overrides.items()}
+
+
 def parse_pass(spec: "str | Pass") -> Pass:
     """A Pass from an instance (returned as is) or a string such as ``"haste:L=14"``."""
     if isinstance(spec, Pass):
         return spec
+    if isinstance(spec, type) and issubclass(spec, Pass):
+        raise ValueError(f"passes: got the class {spec.__name__}; pass an instance, e.g. {spec.__name__}(), "
+                         f"or a string like {spec.name!r}")
     if not isinstance(spec, str):
         raise TypeError(f"passes: expected Pass objects or strings like 'haste:L=14', got {type(spec).__name__}")
     name = spec.partition(":")[0].strip().lower()

@@ -243,20 +243,30 @@ def _maybe_quantize(gm: fx.GraphModule, node: fx.Node, momentum: float) -> fx.No
 def calibrate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
     """Observe activation ranges on ``batches`` (tensors or argument tuples) with everything else
     in eval mode (BN running statistics, no dropout), so the ranges fit the model convert folds.
-    Refuses a model whose observers are frozen (``freeze_observers``): they would not observe."""
-    frozen = [name for name, m in model.named_modules() if isinstance(m, ActFakeQuant) and not bool(m.observer_enabled)]
+    Every module's train/eval flag is put back afterwards, also when a batch fails. Refuses a model
+    without observers (not from ``fxslim.prepare``) and one whose observers are frozen
+    (``freeze_observers``): they would not observe."""
+    if isinstance(batches, Tensor):
+        raise ValueError("batches: expected an iterable of batches, e.g. [x] or a DataLoader, got a tensor (iterating "
+                         "it would feed one sample at a time); pass [x] for one batch")
+    observers = {name: m for name, m in model.named_modules() if isinstance(m, ActFakeQuant)}
+    if not observers:
+        raise ValueError(f"calibrate: {type(model).__name__} has no ActFakeQuant observers; calibrate the model "
+                         "fxslim.prepare(model, example) returned")
+    frozen = [name for name, m in observers.items() if not bool(m.observer_enabled)]
     if frozen:
-        count = sum(isinstance(m, ActFakeQuant) for m in model.modules())
-        raise ValueError(f"calibrate: {len(frozen)} of {count} observers are frozen (freeze_observers), e.g. "
+        raise ValueError(f"calibrate: {len(frozen)} of {len(observers)} observers are frozen (freeze_observers), e.g. "
                          f"{frozen[0]!r}, and would not observe these batches; call "
                          "fxslim.runtime.prom_qat.unfreeze_observers(model) first, or convert without calibrating "
                          "to keep their ranges")
-    was_training = model.training
-    model.eval()
-    for module in model.modules():
-        if isinstance(module, ActFakeQuant):
-            module.train()
-    for batch in batches:
-        model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
-    model.train(was_training)
+    modes = [(m, m.training) for m in model.modules()]
+    try:
+        model.eval()
+        for m in observers.values():
+            m.train()
+        for batch in batches:
+            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+    finally:
+        for m, training in modes:
+            m.training = training
     return model

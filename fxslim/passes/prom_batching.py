@@ -44,8 +44,9 @@ class MicroBatched(nn.Module):
                  max_activation_bytes: int = DEFAULT_MAX_ACTIVATION_BYTES, lowered: bool = True,
                  direct: bool = True, example_shape: tuple[int, ...] | None = None) -> None:
         super().__init__()
-        if max_activation_bytes <= 0:
-            raise ValueError(f"max_activation_bytes: expected a positive integer, got {max_activation_bytes}")
+        if not isinstance(max_activation_bytes, int) or isinstance(max_activation_bytes, bool) or (
+                max_activation_bytes <= 0):
+            raise ValueError(f"max_activation_bytes: expected a positive integer (bytes), got {max_activation_bytes!r}")
         self.module = module
         self.sample_bytes = int(sample_bytes)
         self.sample_pixels = int(sample_pixels)
@@ -140,6 +141,9 @@ def micro_batched(int_model: fx.GraphModule, max_activation_bytes: int = DEFAULT
     not depend on the batch; switching between the two may move a code by 1 LSB at a rare tie
     (``prom_direct``'s docstring says where).
     """
+    if not isinstance(int_model, fx.GraphModule):
+        raise ValueError(f"int_model: expected the GraphModule fxslim.convert returned, got {type(int_model).__name__} "
+                         "(a model converted in parts, or not converted: call it directly)")
     placeholders = [n for n in int_model.graph.nodes if n.op == "placeholder"]
     outputs = next(n for n in int_model.graph.nodes if n.op == "output").args[0]
     if len(placeholders) != 1 or not isinstance(outputs, fx.Node):

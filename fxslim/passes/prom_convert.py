@@ -369,6 +369,8 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
                              "load it into fxslim.prepare(model, example) to convert")
     if runtime not in RUNTIMES:
         raise ValueError(f"convert: runtime must be one of {RUNTIMES}, got {runtime!r}")
+    if not isinstance(fuse_adds, bool):
+        raise ValueError(f"convert: fuse_adds must be True or False, got {fuse_adds!r}")
     if runtime == "onednn" and not (onednn_available() and vnni_available()):
         raise ValueError("convert: runtime 'onednn' needs torch's oneDNN quantized ops and a CPU with VNNI or AMX "
                          "int8 dot products (exact u8·s8 sums); use runtime='reference'")
