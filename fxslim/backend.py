@@ -26,6 +26,7 @@ import torch.fx as fx
 from fxslim.capture import batch_of, placeholder_fqns
 from fxslim.ir import META_PLACEHOLDER_FQNS, META_PROM_LOWERED, detect_ir, meta_val
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_overrides, parse_pass, pass_list, run_passes
+from fxslim.passes.prom_versions import covering
 from fxslim.policy import Policy
 from fxslim.runtime.prom_lowered import has_onednn_ops, lower
 
@@ -132,10 +133,28 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
 
 def _prom_onednn(gm: fx.GraphModule, example_inputs: list[Any], params: dict[str, str]) -> Callable:
     """A converted PROM model on the oneDNN runtime: its ops lowered to direct oneDNN calls with
-    weights packed now (``prom_lowered.lower``; parameters and buffers are taken as constants, as
-    inductor's freezing does). No inner compiler: the graph is those calls plus a few cheap ones,
-    which inductor would only wrap in another layer of calls."""
-    values = {n.name: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), example_inputs)}
-    lowered = lower(gm, {name: values[name] for name in params if isinstance(values.get(name), torch.Tensor)})
-    _log.info("fxslim backend: PROM oneDNN graph lowered: %s", lowered.meta[META_PROM_LOWERED])
-    return lowered.forward
+    weights packed from the parameters and buffers dynamo passes in (``prom_lowered.lower``), and
+    packed again when one of them was written in place or replaced (as eager ``micro_batched``
+    does: one version read per call for a converted model, ``prom_versions``). No inner compiler:
+    the graph is those calls plus a few cheap ones, which inductor would only wrap in another layer."""
+    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    names = [name for name in params if name in placeholders
+             and isinstance(example_inputs[placeholders.index(name)], torch.Tensor)]
+    slots = [placeholders.index(name) for name in names]
+    state: dict[str, Any] = {}
+
+    def pack(args: Sequence[Any]) -> None:
+        weights = [args[i] for i in slots]
+        anchors = covering(weights)
+        state.update(lowered=lower(gm, dict(zip(names, weights))), weights=weights, anchors=anchors,
+                     versions=[t._version for t in anchors])
+        _log.info("fxslim backend: PROM oneDNN graph lowered: %s", state["lowered"].meta[META_PROM_LOWERED])
+
+    def run(*args: Any) -> Any:
+        if (any(args[i] is not w for i, w in zip(slots, state["weights"]))
+                or any(t._version != v for t, v in zip(state["anchors"], state["versions"]))):
+            pack(args)
+        return state["lowered"].forward(*args)
+
+    pack(example_inputs)
+    return run

@@ -550,11 +550,34 @@ _DYNAMO_PARAM = re.compile(r"^[lL]_(?:self|fn|mod|model|m)_")
 _DYNAMO_SPLIT = re.compile(r"(?:^|_)(?:modules|parameters|buffers)_")
 
 
+_SOURCE_STEP = re.compile(r"\._(modules|parameters|buffers)\['([^']*)'\]")
+
+
+def _source_fqn(node: fx.Node) -> str | None:
+    """The parameter/buffer name of a placeholder from the source dynamo recorded for it
+    (``G['net']._modules['0']._parameters['weight']`` -> ``0.weight``), whatever the model was
+    reached as (``self``, a global, a closure); None for anything else."""
+    source = getattr(node.meta.get("grapharg"), "source", None)
+    name = getattr(source, "name", None)
+    name = name() if callable(name) else name
+    steps = _SOURCE_STEP.findall(name) if isinstance(name, str) else []
+    if not steps or steps[-1][0] == "modules" or not name.endswith(f"._{steps[-1][0]}['{steps[-1][1]}']"):
+        return None
+    return ".".join(step for _, step in steps)
+
+
 def placeholder_fqns(gm: fx.GraphModule) -> dict[str, str]:
-    """Placeholder name -> original parameter/buffer name, for the parameters dynamo lifted to inputs."""
+    """Placeholder name -> original parameter/buffer name, for the parameters dynamo lifted to inputs:
+    from dynamo's source of each placeholder, else (a graph without it) from the name dynamo gives it."""
     out = {}
     for node in gm.graph.nodes:
-        if node.op != "placeholder" or not _DYNAMO_PARAM.match(node.name):
+        if node.op != "placeholder":
+            continue
+        fqn = _source_fqn(node)
+        if fqn is not None:
+            out[node.name] = fqn
+            continue
+        if not _DYNAMO_PARAM.match(node.name):
             continue
         rest = _DYNAMO_PARAM.sub("", node.name)
         if not re.search(r"(?:^|_)(?:parameters|buffers)_", rest):

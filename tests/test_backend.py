@@ -89,3 +89,33 @@ def test_haste_under_dynamic_shapes_still_tells_the_stem_from_the_convs_after_ba
     with torch.no_grad():
         compiled(torch.randn(2, 3, 32, 32))
     assert [(r.rewritten, dict(r.skipped)) for batch in reports for r in batch] == [(2, {"stem": 1})]
+
+
+class _SelfNamedS(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.bn, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(s, x):  # noqa: N805  (research code names self otherwise)
+        return s.conv(torch.relu(s.bn(s.stem(x))))
+
+
+def test_backend_finds_the_weights_of_a_model_reached_as_a_global_or_under_another_name():
+    """Weights were recognised by dynamo's placeholder names for ``self``/``fn``/``mod``/``model``/``m``
+    only: a function calling a global model, or ``forward(s, x)``, had every conv skipped as 'stem'."""
+    torch.manual_seed(0)
+    net, x = _SelfNamedS().eval(), torch.randn(2, 3, 16, 16)
+
+    def call_global(inputs):
+        return net(inputs)
+
+    expected = fxslim.optimize(net, x, passes=["haste:L=14"]).module(x)
+    for fn in (net, call_global):
+        reports = []
+        torch._dynamo.reset()
+        compiled = torch.compile(fn, backend="fxslim",
+                                 options={"passes": ["haste:L=14"], "inner": "eager", "on_report": reports.extend})
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), expected, rtol=0, atol=1e-6)
+        (report,) = reports
+        assert report.rewritten == 1 and dict(report.skipped) == {"stem": 1}

@@ -27,7 +27,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-__all__ = ["share_version_counter", "watched"]
+__all__ = ["share_version_counter", "watched", "covering"]
 
 # id(alias) -> (a weak reference to the alias, its anchor); an entry leaves with its alias. Keyed by
 # id: tensors compare elementwise, so they cannot be the keys of a WeakKeyDictionary.
@@ -65,9 +65,15 @@ def share_version_counter(model: nn.Module) -> None:
 def watched(module: nn.Module) -> list[Tensor]:
     """Tensors whose versions move whenever a parameter or buffer of ``module`` is written in place:
     the anchor of each alias it holds (once), every other tensor itself."""
-    covering: dict[int, Tensor] = {}
-    for t in (*module.buffers(), *module.parameters()):
+    return covering([*module.buffers(), *module.parameters()])
+
+
+def covering(tensors: list[Tensor]) -> list[Tensor]:
+    """Tensors whose versions move whenever one of ``tensors`` is written in place: each alias's
+    anchor (once), every other tensor itself."""
+    found: dict[int, Tensor] = {}
+    for t in tensors:
         ref, anchor = _ANCHOR.get(id(t), (None, t))
         anchor = anchor if ref is not None and ref() is t else t
-        covering.setdefault(id(anchor), anchor)
-    return list(covering.values())
+        found.setdefault(id(anchor), anchor)
+    return list(found.values())

@@ -141,6 +141,24 @@ def test_lower_fxslim_backend_lowers_a_converted_graph_and_equals_eager(mobilene
     assert "PROM oneDNN graph lowered" in caplog.text
 
 
+def test_lower_fxslim_backend_follows_weights_written_or_replaced_after_compiling(mobilenet):
+    """It packed the weights once: after an in-place write the compiled model kept the old outputs
+    (0.30 off the eager converted model)."""
+    x, fast, _ = mobilenet
+    model = copy.deepcopy(fast)
+    compiled = torch.compile(model, backend="fxslim")
+    name = next(n for n, t in model.named_buffers() if t.dtype == torch.int8 and t.dim() == 4)
+    with torch.no_grad():
+        before = compiled(x[:2])
+        model.get_buffer(name).neg_()
+        assert not torch.equal(compiled(x[:2]), before)
+        assert torch.equal(compiled(x[:2]), L.lower(model)(x[:2]))
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        state[name] = -state[name]  # back to the converted weights, as new tensors
+        model.load_state_dict(state, assign=True)
+        assert torch.equal(compiled(x[:2]), before)
+
+
 def test_lower_micro_batched_under_compile_runs_its_runner_outside_the_graph(mobilenet):
     x, fast, _ = mobilenet
     sliced = micro_batched(fast)
