@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxslim.capture import Captured, as_example, capture as capture_graphs, leaf_module_types
+from fxslim.capture import Captured, as_example, capture as capture_graphs
 from fxslim.cost_model import compare, estimate
 from fxslim.ir import META_FROZEN_MODE, META_REPORT
 from fxslim.passes.base import (
@@ -131,7 +131,6 @@ def optimize(
     """
     parsed = parse_passes(passes)
     example_inputs = as_example(example_inputs, model)
-    leaf_modules = leaf_module_types(leaf_modules)
     if not isinstance(strict, bool):
         raise ValueError(f"strict: expected True or False, got {strict!r}")
     policy = Policy(filter_fn=filter_fn, overrides=parse_overrides(overrides or {}))

@@ -26,7 +26,7 @@ import torch.fx as fx
 from fxslim.capture import batch_of, placeholder_fqns
 from fxslim.ir import META_PLACEHOLDER_FQNS, META_PROM_LOWERED, detect_ir, meta_val
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_overrides, parse_pass, pass_list, run_passes
-from fxslim.passes.prom_versions import covering
+from fxslim.passes.prom_versions import covering, stamp, written
 from fxslim.policy import Policy
 from fxslim.runtime.prom_lowered import has_onednn_ops, lower
 
@@ -137,22 +137,18 @@ def _prom_onednn(gm: fx.GraphModule, example_inputs: list[Any], params: dict[str
     packed again when one of them was written in place or replaced (as eager ``micro_batched``
     does: one version read per call for a converted model, ``prom_versions``). No inner compiler:
     the graph is those calls plus a few cheap ones, which inductor would only wrap in another layer."""
-    placeholders = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
-    names = [name for name in params if name in placeholders
-             and isinstance(example_inputs[placeholders.index(name)], torch.Tensor)]
-    slots = [placeholders.index(name) for name in names]
+    slot = {n.name: i for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder")}
+    names = [name for name in params if name in slot and isinstance(example_inputs[slot[name]], torch.Tensor)]
+    slots = [slot[name] for name in names]
     state: dict[str, Any] = {}
 
     def pack(args: Sequence[Any]) -> None:
         weights = [args[i] for i in slots]
-        anchors = covering(weights)
-        state.update(lowered=lower(gm, dict(zip(names, weights))), weights=weights, anchors=anchors,
-                     versions=[t._version for t in anchors])
+        state.update(lowered=lower(gm, dict(zip(names, weights))), weights=weights, read=stamp(covering(weights)))
         _log.info("fxslim backend: PROM oneDNN graph lowered: %s", state["lowered"].meta[META_PROM_LOWERED])
 
     def run(*args: Any) -> Any:
-        if (any(args[i] is not w for i, w in zip(slots, state["weights"]))
-                or any(t._version != v for t, v in zip(state["anchors"], state["versions"]))):
+        if any(args[i] is not w for i, w in zip(slots, state["weights"])) or written(state["read"]):
             pack(args)
         return state["lowered"].forward(*args)
 

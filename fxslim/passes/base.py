@@ -191,11 +191,8 @@ def registered_passes() -> dict[str, type[Pass]]:
 
 def pass_list(passes: Any) -> list:
     """``passes`` as a list: one pass (object or string) or an iterable of them; ValueError otherwise."""
-    if isinstance(passes, (str, Pass)):
-        return [passes]
-    if isinstance(passes, type) and issubclass(passes, Pass):
-        raise ValueError(f"passes: got the class {passes.__name__}; pass an instance, e.g. {passes.__name__}(), "
-                         f"or a string like {passes.name!r}")
+    if isinstance(passes, (str, Pass)) or (isinstance(passes, type) and issubclass(passes, Pass)):
+        return [passes]  # a class: ``parse_pass`` says to pass an instance
     if isinstance(passes, (dict, Mapping)) or not isinstance(passes, Iterable):
         raise ValueError(f"passes: expected a pass, a string like 'haste:L=14', or a list of them; got "
                          f"{type(passes).__name__}")

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxslim.ir import meta_val
-from fxslim.passes.prom_versions import watched
+from fxslim.passes.prom_versions import stamp, watched, written
 from fxslim.runtime.prom_lowered import has_onednn_ops, lower
 
 __all__ = ["MicroBatched", "micro_batched", "DEFAULT_MAX_ACTIVATION_BYTES"]
@@ -69,13 +69,11 @@ class MicroBatched(nn.Module):
         (``register_buffer``, ``.data =``) is not seen: wrap the model again."""
         runner = self.__dict__["_runner"]
         loads, read = self.__dict__.get("_read", (0, ()))
-        if (runner is None or getattr(self.module, "loads", 0) != loads
-                or any(t._version != version for t, version in read)):
+        if runner is None or getattr(self.module, "loads", 0) != loads or written(read):
             graph = isinstance(self.module, fx.GraphModule) and has_onednn_ops(self.module)
             runner = lower(self.module, direct=self.direct) if self.lowered and graph else self.module
-            tensors = watched(self.module)
-            self.__dict__.update(_runner=runner, _read=(getattr(self.module, "loads", 0),
-                                                        tuple((t, t._version) for t in tensors)))
+            self.__dict__.update(_runner=runner,
+                                 _read=(getattr(self.module, "loads", 0), stamp(watched(self.module))))
         return runner
 
     def _apply(self, fn, recurse: bool = True):

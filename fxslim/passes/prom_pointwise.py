@@ -104,7 +104,7 @@ def pad_code(node: fx.Node, scale: float, zero_point: int) -> int | None:
     ``value`` (the zero point for 0), or None when that value has no code (or it is not such a pad)."""
     if node.op != "call_function" or node.target is not F.pad or not _no_nodes(node.args[1:]) or not _no_nodes(node.kwargs):
         return None
-    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    mode = _pad_mode(node)
     value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
     value = 0.0 if value is None else float(value)
     if mode != "constant":
@@ -113,11 +113,16 @@ def pad_code(node: fx.Node, scale: float, zero_point: int) -> int | None:
     return int(code[0]) if float(torch.ops.fxslim.dequantize(code, scale, zero_point)[0]) == value else None
 
 
+def _pad_mode(node: fx.Node) -> Any:
+    """The ``mode`` of an ``F.pad`` call, given by position or name ("constant" by default)."""
+    return node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+
+
 def _no_pad_code_reason(node: fx.Node, fns: list) -> str:
     """Why ``pad_code`` gave no code for ``node`` in a chain (after pointwise ops ``fns``)."""
     if node.op != "call_function" or node.target is not F.pad:
         return f"{node.target if node.op != 'call_module' else 'module'} on codes (not a constant pad)"
-    mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+    mode = _pad_mode(node)
     if mode != "constant":
         return f"padding mode {mode!r} (only constant padding is replayed on codes)"
     return "padding after a pointwise op" if fns else "padding with a value that has no code"

@@ -15,9 +15,11 @@ and warned about by ``torch.export.save``).
 
 ``watched`` gives the tensors whose versions cover a module's tensors: the anchor of each alias it
 holds, every other tensor by itself (one assigned since, a model moved with ``.to()``, a module never
-converted). Which anchor an alias shares is recorded outside the tensors (weakly, per tensor), so a
-copy or a pickle never carries a claim about a counter it does not share: a copy of an integer model
-shares a counter of its own again (``IntegerModel.__deepcopy__``, ``_unpickled``).
+converted); ``stamp`` records their versions and ``written`` says whether one has moved since: what
+``micro_batched`` and the ``torch.compile`` backend read before every call. Which anchor an alias
+shares is recorded outside the tensors (weakly, per tensor), so a copy or a pickle never carries a
+claim about a counter it does not share: a copy of an integer model shares a counter of its own
+again (``IntegerModel.__deepcopy__``, ``_unpickled``).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import weakref
 import torch
 from torch import Tensor, nn
 
-__all__ = ["share_version_counter", "watched", "covering"]
+__all__ = ["share_version_counter", "watched", "covering", "stamp", "written"]
 
 # id(alias) -> (a weak reference to the alias, its anchor); an entry leaves with its alias. Keyed by
 # id: tensors compare elementwise, so they cannot be the keys of a WeakKeyDictionary.
@@ -77,3 +79,13 @@ def covering(tensors: list[Tensor]) -> list[Tensor]:
         anchor = anchor if ref is not None and ref() is t else t
         found.setdefault(id(anchor), anchor)
     return list(found.values())
+
+
+def stamp(tensors: list[Tensor]) -> tuple[tuple[Tensor, int], ...]:
+    """(tensor, its version) of each of ``tensors`` (``watched`` or ``covering`` ones), for ``written``."""
+    return tuple((t, t._version) for t in tensors)
+
+
+def written(recorded: tuple[tuple[Tensor, int], ...]) -> bool:
+    """Whether a tensor of a ``stamp`` was written in place since it was taken."""
+    return any(t._version != version for t, version in recorded)
