@@ -36,7 +36,12 @@ _OP = torch.ops.fxslim.haste_conv2d.default
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 MAX_TILE = 64  # output tiles beyond 64x64 only cost memory: the planes have one entry per patch pixel
 MAX_SEED = 2**32 - 1  # plane seeds are seed + layer index, drawn by torch.Generator
-_DETAILS = {"not_reached": "not reached by the example inputs (no shapes): call the model with inputs that reach it"}
+_DETAILS = {
+    "not_reached": "not reached by the example inputs (no shapes): call the model with inputs that reach it",
+    "one_pixel_output": ("a 1x1 output map (a conv after global pooling): merging the filters costs what "
+                         "merging the channels saves, so it never saves, and a 1x1 conv's 1-pixel patch hashes "
+                         "every channel into one of two buckets (above or below the channel mean) whatever L"),
+}
 
 
 @dataclass(frozen=True)
@@ -109,6 +114,8 @@ class HASTE(Pass):
             elif cfg is not None:
                 if cfg.skip_stem and _reads_model_input(view.input, weighted, params, _image_shapes(ctx)):
                     report.skip(view.node, view.fqn, m.kind, "stem")
+                elif _one_pixel_output(view):
+                    report.skip(view.node, view.fqn, m.kind, "one_pixel_output", _DETAILS["one_pixel_output"])
                 elif not cfg.include_pointwise and view.kernel == (1, 1):
                     report.skip(view.node, view.fqn, m.kind, "pointwise_excluded")
                 else:
@@ -181,6 +188,12 @@ def _unsupported(gm: fx.GraphModule, view: ConvView) -> str:
     if isinstance(x, torch.Tensor) and x.device.type not in ("cpu", "meta"):
         return "unsupported_device"  # the op has a CPU kernel only
     return ""
+
+
+def _one_pixel_output(view: ConvView) -> bool:
+    """True when the example gives this conv a 1×1 output map (symbolic sizes: never)."""
+    shape = view.output_shape
+    return shape is not None and len(shape) == 4 and all(isinstance(s, int) and s == 1 for s in shape[2:])
 
 
 def _image_shapes(ctx: PassContext) -> set[tuple[int, ...]] | None:

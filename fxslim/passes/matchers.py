@@ -42,13 +42,31 @@ class Match:
 
 
 def hooked(view: View, gm: fx.GraphModule) -> str:
-    """'module_hooks' when the node calls a module with forward (pre-)hooks: a rewrite replaces the
-    call, so the hooks would stop running (spectral_norm and pruning set the weight in one)."""
+    """Why a rewrite may not replace the module this node calls ("" when it may):
+
+    - 'module_hooks': forward (pre-)hooks would stop running (spectral_norm and pruning set the
+      weight in one);
+    - 'custom_forward': the module's class overrides the forward of the torch.nn layer it derives
+      from (timm's Conv2dSame pads by the input size, StdConv2d standardises its weight), so its
+      attributes do not say what it computes. Such a module is a node only when it is a leaf (it
+      did not trace, or the caller named it); traced through, its own ops are matched instead.
+    """
     node = view.node
     if node is None or node.op != "call_module":
         return ""
     module = gm.get_submodule(str(node.target))
-    return "module_hooks" if module._forward_hooks or module._forward_pre_hooks else ""
+    if module._forward_hooks or module._forward_pre_hooks:
+        return "module_hooks"
+    return "custom_forward" if _overrides_forward(type(module)) else ""
+
+
+def _overrides_forward(cls: type) -> bool:
+    """True when ``cls`` replaces ``forward`` (or a conv's ``_conv_forward``) of its nearest
+    torch.nn base class."""
+    base = next((c for c in cls.__mro__ if c.__module__.startswith("torch.nn.")), None)
+    if base is None or base is cls:
+        return False
+    return any(getattr(cls, name, None) is not getattr(base, name, None) for name in ("forward", "_conv_forward"))
 
 
 def _expr(value: Any) -> Any:
