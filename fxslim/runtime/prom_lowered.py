@@ -52,6 +52,7 @@ from fxslim.runtime import onednn_capi, prom, prom_native, prom_onednn
 from fxslim.runtime.prom import _INT32_MAX, conv_output_size
 from fxslim.runtime.prom_direct import DirectSegment
 from fxslim.runtime.prom_native import dequantized, nan_flags
+from fxslim.warn import warn_user
 
 __all__ = ["lower", "has_onednn_ops"]
 
@@ -573,7 +574,7 @@ class QuantizedSegment(nn.Module):
                 warnings.simplefilter("ignore", UserWarning)
                 return torch.jit.script(module)
         except Exception as error:  # noqa: BLE001 - any refusal leaves the run in Python: slower, the same values
-            warnings.warn(f"PROM lowering: a run of quantized convs stays in Python ({error})", stacklevel=2)
+            warn_user(f"PROM lowering: a run of quantized convs stays in Python ({error})")
             return module
 
     def forward(self, *args: Tensor) -> tuple[Tensor, ...]:

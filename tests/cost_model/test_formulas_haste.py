@@ -74,8 +74,9 @@ def test_haste_cost_measured_is_the_mean_per_sample_times_the_batch():
     row = _row(fxslim.estimate(model, _input(1), haste_buckets=given))
     assert row.measured_macs == round(6 * 9 * rec["one"].bucket_pixels / 4)
     # other tiles per sample: the stats do not apply
-    with pytest.warns(UserWarning, match="'one': measured stats recorded at 4 tiles"):
+    with pytest.warns(UserWarning, match="'one': measured stats recorded at 4 tiles") as caught:
         assert _row(fxslim.estimate(model, torch.randn(1, 8, 12, 12), haste_buckets=given)).measured_macs is None
+    assert [w.filename for w in caught] == [__file__]  # the user's call, not the cost model's walker
     assert _row(fxslim.estimate(model, _input(1))).measured_macs is None  # nothing given: nothing measured
 
 

@@ -34,7 +34,6 @@ stats", or why not, with a warning). Only HASTE rows carry ``measured_macs``; a 
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import sympy
@@ -44,6 +43,7 @@ from torch.utils.flop_counter import register_flop_formula
 from fxslim.cost_model.registry import OpCall, OpCost, register_cost
 from fxslim.runtime.haste import output_shape, patch_shape
 from fxslim.runtime.haste_counts import HasteBuckets, HasteLayer
+from fxslim.warn import warn_user
 
 __all__ = ["haste_conv2d_cost", "DEFAULT_SPARSITY"]
 
@@ -127,8 +127,8 @@ def haste_conv2d_cost(call: OpCall) -> OpCost:
     if measured:  # stats were given: whether this layer's apply shows in the report
         info["measured"] = measured_use
     if measured_use.startswith("not used"):
-        warnings.warn(f"HASTE layer {key!r}: measured stats {measured_use.removeprefix('not used: ')}; record them "
-                      "at the size you cost", stacklevel=2)
+        warn_user(f"HASTE layer {key!r}: measured stats {measured_use.removeprefix('not used: ')}; record them "
+                  "at the size you cost")
     elif stats is not None:
         got = layer.measured(stats, n)
         measured_macs = _int(got.reduced_conv)
