@@ -37,6 +37,7 @@ from torch.fx.node import has_side_effect
 
 from fxslim.export_parts import export_parts, record_calls, run_example, short_reason
 from fxslim.ir import IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, detect_ir, set_submodule
+from fxslim.hooks import copy_hooks, has_hooks, hooks_silenced
 from fxslim.propagate import propagate
 
 __all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of"]
@@ -90,9 +91,11 @@ class _LeafTracer(fx.Tracer):
         super().__init__(autowrap_functions=_timm_notrace_functions(), param_shapes_constant=True)
         self._leaf_types = tuple(leaf_modules)
 
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str, hooks: bool = True) -> bool:
         if getattr(type(m), "fxslim_leaf", False) or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
+        if hooks and m is not getattr(self, "root", None) and has_hooks(m):
+            return True  # traced through, its hooks would never run again (``_trace_inside_hooked``)
         return super().is_leaf_module(m, module_qualified_name)
 
 
@@ -134,6 +137,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
         )
     frozen = _follow_training(module, root, graph, leaf_modules, concrete_args)
     gm = fx.GraphModule(root, graph, type(module).__name__)
+    copy_hooks(root, gm)  # fx.GraphModule copies no hooks
     if frozen is not None:
         gm.meta[META_FROZEN_MODE] = frozen
     _keep_unused_state(root, gm)
@@ -394,11 +398,12 @@ def defaults_in_both_modes(model: nn.Module, example_inputs: Sequence[Any]) -> d
     would make the other mode raise (QAT after an eval-mode prepare). Where the model does not run
     in the other mode, only None defaults (``attn_mask=None``) count."""
     runner = copy.deepcopy(model)
-    first = {path: calls.default_args for path, calls in record_calls(runner, example_inputs).items()}
-    try:
-        second = record_calls(runner.train(not model.training), example_inputs)
-    except Exception:  # noqa: BLE001 - the model's own code, in the mode the caller did not pick
-        return {path: {k: v for k, v in args.items() if v is None} for path, args in first.items()}
+    with hooks_silenced(runner):
+        first = {path: calls.default_args for path, calls in record_calls(runner, example_inputs).items()}
+        try:
+            second = record_calls(runner.train(not model.training), example_inputs)
+        except Exception:  # noqa: BLE001 - the model's own code, in the mode the caller did not pick
+            return {path: {k: v for k, v in args.items() if v is None} for path, args in first.items()}
     return {path: {k: v for k, v in args.items() if path not in second or k in second[path].default_args}
             for path, args in first.items()}
 
@@ -441,7 +446,9 @@ def _trace_largest(
     parts win). Submodules are traced with their ``_traced_constants`` fixed."""
     leaf_modules = tuple(leaf_modules)
     try:
-        traced.append((path, _trace_apart(module, leaf_modules, concrete_args)))
+        gm = _trace_apart(module, leaf_modules, concrete_args)
+        traced.append((path, gm))
+        _trace_inside_hooked(module, gm, path, leaf_modules, traced, untraced, state)
         return
     except Exception as exc:  # tracing runs arbitrary user code: any failure means "not whole"
         reason = short_reason(exc)
@@ -454,6 +461,7 @@ def _trace_largest(
             gm = None
         if gm is not None:
             traced.append((path, gm))
+            _trace_inside_hooked(module, gm, path, leaf_modules, traced, untraced, state)
             for name, leaf in module.named_modules():
                 if name and type(leaf) in blockers and _called_in(gm, name):
                     full = f"{path}.{name}" if path else name
@@ -468,6 +476,25 @@ def _trace_largest(
     for name, child in module.named_children():
         child_path = f"{path}.{name}" if path else name
         _trace_largest(child, child_path, leaf_modules, traced, untraced, _traced_constants(state, child_path), state)
+
+
+def _trace_inside_hooked(
+    module: nn.Module, gm: fx.GraphModule, path: str, leaf_modules: tuple[type, ...],
+    traced: list[tuple[str, fx.GraphModule]], untraced: list[tuple[str, str]], state: _Blockers,
+) -> None:
+    """A module with hooks that ``gm`` (traced from ``module``) calls as a leaf is traced apart:
+    its GraphModule takes over its hooks (``trace``), so they keep running, with the
+    GraphModule as their ``module`` argument. torch.nn layers with hooks stay as they are (passes
+    skip them as ``module_hooks``)."""
+    done = {p for p, _ in traced}
+    for node in gm.graph.nodes:
+        full = f"{path}.{node.target}" if path else str(node.target)
+        if node.op != "call_module" or full in done:
+            continue
+        leaf = module.get_submodule(str(node.target))
+        if has_hooks(leaf) and not _LeafTracer(leaf_modules).is_leaf_module(leaf, "", hooks=False):
+            done.add(full)
+            _trace_largest(leaf, full, leaf_modules, traced, untraced, _traced_constants(state, full), state)
 
 
 def _called_in(gm: fx.GraphModule, name: str) -> bool:
@@ -519,7 +546,8 @@ def _record_submodule_inputs(root: nn.Module, graphs: list[Graph], example_input
                 tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in inputs))
         return hook
 
-    run_example(root, [(graph.gm, recorder(graph)) for graph in graphs], example_inputs)
+    with hooks_silenced(root):
+        run_example(root, [(graph.gm, recorder(graph)) for graph in graphs], example_inputs)
     for graph in graphs:
         if len(shapes.get(graph.path, ())) > 1:
             graph.gm.meta[META_CALL_SHAPES] = len(shapes[graph.path])

@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from fxslim.export_parts import buffers_kept, short_reason
+from fxslim.hooks import hooks_silenced
 from fxslim.ir import attribute, meta_val
 
 __all__ = ["propagate", "propagate_node"]
@@ -52,7 +53,7 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(names) and not any(str(t).startswith("*") for t in names):  # else silently dropped
         raise ValueError(f"example_inputs: the model takes {len(names)} input(s) {names}, got {len(args)}")
-    with torch.no_grad(), _module_state_kept(gm):
+    with torch.no_grad(), _module_state_kept(gm), hooks_silenced(gm):
         if real:
             _RealProp(gm, mode or FakeTensorMode(allow_non_fake_inputs=True), around_node).run(*args)
         elif not fake:

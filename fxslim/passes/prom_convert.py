@@ -41,6 +41,7 @@ import torch.fx as fx
 from torch.fx.graph_module import reduce_graph_module
 from torch import Tensor, nn
 
+from fxslim.hooks import has_hooks
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, meta_val
 from fxslim.passes.inplace import remove_dead_code, unused_calls
 from fxslim.passes.prom_agreement import Agreement, code_agreement
@@ -60,6 +61,7 @@ from fxslim.passes.prom_versions import share_version_counter
 from fxslim.propagate import propagate
 from fxslim.runtime.prom_onednn import onednn_available, vnni_available
 from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
+from fxslim.warn import warn_user
 
 __all__ = ["IntegerModel", "convert", "convert_report", "prepared_parts", "code_agreement", "Agreement", "RUNTIMES"]
 
@@ -374,6 +376,10 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     if runtime == "onednn" and not (onednn_available() and vnni_available()):
         raise ValueError("convert: runtime 'onednn' needs torch's oneDNN quantized ops and a CPU with VNNI or AMX "
                          "int8 dot products (exact u8·s8 sums); use runtime='reference'")
+    hooked = [path or type(qat_model).__name__ for path, m in qat_model.named_modules() if has_hooks(m)]
+    if hooked:
+        warn_user(f"convert: the hooks of {', '.join(map(repr, hooked))} do not run in the integer model: its layers "
+                  "are integer ops (they run in the prepared model); remove them before convert to silence this")
     if list(parts) == [""]:
         return _convert_graph(qat_model, runtime, fuse_adds)
     converted = {path: _convert_graph(part, runtime, fuse_adds) for path, part in parts.items()}

@@ -33,6 +33,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fxslim.hooks import has_hooks
 from fxslim.ir import meta_val
 from fxslim.passes.prom_graph import is_quant, is_shape_op, module_of
 from fxslim.runtime.prom_codes import LUT_SIZE, is_monotone, lut_table
@@ -375,7 +376,8 @@ def pointwise_chain(gm: fx.GraphModule, quant: fx.Node) -> PointwiseChain:
         elementwise = _elementwise(gm, cur)
         known = is_layout_op(gm, cur) or elementwise is not None or _max_pool(gm, cur)
         if not known and not (cur.op == "call_function" and cur.target is F.pad):
-            raise NoIntegerForm(cur, "no integer form")
+            hooked = cur.op == "call_module" and has_hooks(gm.get_submodule(str(cur.target)))
+            raise NoIntegerForm(cur, "kept as a module for its hooks" if hooked else "no integer form")
         cur = elementwise[0] if elementwise is not None else cur.args[0]
     cat = members.pop(0) if members and members[0].op == "call_function" and members[0].target in _CAT_FUNCTIONS else None
     if cat is not None:

@@ -1,0 +1,48 @@
+"""Module hooks across a capture: which modules have them, moving them, and not firing them.
+
+A symbolic trace inlines a module's forward, so hooks on a module traced through would never run
+again (feature extraction, Grad-CAM, pruning); capture keeps such modules as graph nodes and
+gives a GraphModule traced from one the hooks of its source. fxslim's own runs of a copy (shape
+propagation, recording calls) run with the copy's hooks silenced: they would see Proxies, fake
+tensors or an extra call of the example.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+
+from torch import nn
+
+__all__ = ["copy_hooks", "has_hooks", "hooks_silenced"]
+
+_HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """Whether ``module`` has forward, forward-pre or backward hooks of its own."""
+    return any(getattr(module, name, None) for name in _HOOKS)
+
+
+def copy_hooks(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target`` the hooks of ``source`` (the same hook functions, in the same order)."""
+    for name in _HOOKS + _HOOK_FLAGS:
+        value = getattr(source, name, None)
+        if value:
+            setattr(target, name, copy.copy(value))
+
+
+@contextlib.contextmanager
+def hooks_silenced(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` (one fxslim owns: a copy) without the hooks of it and its submodules."""
+    saved = [(m, name, getattr(m, name)) for m in module.modules() if has_hooks(m)
+             for name in _HOOKS + _HOOK_FLAGS if hasattr(m, name)]
+    try:
+        for m, name, value in saved:
+            setattr(m, name, type(value)())
+        yield
+    finally:
+        for m, name, value in saved:
+            setattr(m, name, value)

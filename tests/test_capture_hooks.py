@@ -1,0 +1,92 @@
+"""Module hooks survive a rewrite: a symbolic trace inlines a module's forward, so hooks on a module
+traced through (feature extraction, Grad-CAM) silently stopped running after ``optimize`` and fired
+with Proxies while it traced. Such modules are now traced apart and their GraphModules keep the
+hooks; fxslim's own runs of its copies do not fire them."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import fxslim
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+def _resnet():
+    torch.manual_seed(0)
+    return torchvision.models.resnet18(num_classes=10).eval()
+
+
+def _optimize(model, x, spec="haste:L=53"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return fxslim.optimize(model, x, passes=[spec])
+
+
+def test_hooks_on_traced_through_modules_keep_running_after_optimize():
+    model = _resnet()
+    seen: list[tuple[str, tuple[int, ...]]] = []
+    model.layer3.register_forward_hook(lambda m, i, o: seen.append(("layer3", tuple(o.shape))))
+    model.layer1[0].register_forward_pre_hook(lambda m, i: seen.append(("pre", tuple(i[0].shape))))
+    model.register_forward_hook(lambda m, i, o: seen.append(("root", tuple(o.shape))))
+    x = torch.randn(2, 3, 64, 64)
+    result = _optimize(model, x)
+    assert seen == []  # not fired by tracing, shape propagation or the example runs
+    assert result.report.rewritten() == 19  # every conv but the stem, those inside layer3 too
+    with torch.no_grad():
+        result.module(torch.randn(1, 3, 96, 96))
+    assert seen == [("pre", (1, 64, 24, 24)), ("layer3", (1, 256, 6, 6)), ("root", (1, 10))]
+
+
+def test_a_hook_that_changes_the_output_still_changes_it():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(), Block()).eval()
+    model[1].register_forward_hook(lambda m, i, o: o * 0.5)
+    x = torch.randn(1, 3, 32, 32)
+    result = _optimize(model, x, "haste:L=53,sparsity=0")
+    assert result.report.rewritten() == 2
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), atol=1e-4, rtol=1e-4)
+
+
+def test_prom_keeps_hooks_in_the_qat_model_and_convert_says_the_integer_model_does_not():
+    model = _resnet()
+    seen: list[str] = []
+    model.layer3.register_forward_hook(lambda m, i, o: seen.append("layer3"))
+    x = torch.randn(2, 3, 64, 64)
+    qat = fxslim.prepare(model, x)
+    assert seen == []
+    qat(x)
+    assert seen == ["layer3"]  # QAT feature distillation still reads layer3
+    with pytest.warns(UserWarning, match="hooks of 'layer3' do not run in the integer model") as caught:
+        int_model = fxslim.convert(qat.eval())
+    assert caught[0].filename == __file__
+    reasons = [r for island in fxslim.convert_report(int_model).islands for r in island.reasons]
+    assert reasons == ["layer3 (Sequential): kept as a module for its hooks"]
+
+
+def test_a_hooked_module_called_twice_is_traced_apart_once():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(), nn.Identity()).eval()
+    shared = model[1]
+    model.append(shared)  # the same block at two places
+    calls: list[int] = []
+    shared.register_forward_hook(lambda m, i, o: calls.append(1))
+    x = torch.randn(1, 3, 16, 16)
+    result = _optimize(model, x, "haste:L=53,sparsity=0")
+    assert result.report.rewritten() == 1  # the block's conv, one layer
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), atol=1e-4, rtol=1e-4)
+    assert len(calls) == 2 * 1 + 2  # the reference call's two, and the rewritten model's two
