@@ -26,6 +26,7 @@ from torch import nn
 from fxslim.capture import Captured, as_example, capture as capture_graphs
 from fxslim.cost_model import compare, estimate
 from fxslim.ir import META_FROZEN_MODE, META_REPORT
+from fxslim.modes import outside_inference_mode
 from fxslim.passes.base import (
     Pass, PassContext, PassReport, parse_overrides, parse_pass, pass_list, registered_passes, run_passes,
 )
@@ -112,6 +113,7 @@ def parse_passes(passes: Sequence[Pass | str] | Pass | str) -> tuple[Pass, ...]:
     return parsed
 
 
+@outside_inference_mode
 def optimize(
     model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
     example_inputs: Sequence[Any] | torch.Tensor | None = None,
@@ -192,6 +194,7 @@ def _untraced_hint(model: nn.Module, untraced: list[tuple[str, str]], method: st
             f"(leaf_modules=...), or use {other}torch.compile(backend='fxslim')")
 
 
+@outside_inference_mode
 def prepare(
     model: nn.Module, example_inputs: Any, config: PROM | None = None, *,
     filter_fn: Callable[[fx.Node, str], bool] | None = None, overrides: Mapping[str, Any] | None = None,

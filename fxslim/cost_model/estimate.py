@@ -39,11 +39,13 @@ from fxslim.cost_model.graph import peak_activation_bytes
 from fxslim.cost_model.report import CostReport, CostTotals, ScalingTable
 from fxslim.cost_model.shapes import Source, capture_for_cost, propagate_symbolic, record_eager, symbolic_dims, to_expr
 from fxslim.cost_model.walk import RawRowCounter
+from fxslim.modes import outside_inference_mode
 from fxslim.runtime.haste_counts import HasteBuckets
 
 __all__ = ["estimate", "sweep"]
 
 
+@outside_inference_mode
 def estimate(
     model: nn.Module | fx.GraphModule | torch.export.ExportedProgram | Captured,
     example_inputs: Sequence[Any] | torch.Tensor | None = None,

@@ -23,6 +23,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxslim.ir import meta_val
+from fxslim.modes import outside_inference_mode
 from fxslim.passes.prom_versions import stamp, watched, written
 from fxslim.runtime.prom_lowered import has_onednn_ops, lower
 
@@ -126,6 +127,7 @@ class MicroBatched(nn.Module):
         return self._run(self.runner, x)
 
 
+@outside_inference_mode
 def micro_batched(int_model: fx.GraphModule, max_activation_bytes: int = DEFAULT_MAX_ACTIVATION_BYTES, *,
                   lowered: bool = True, direct: bool = True) -> MicroBatched:
     """Wrap a converted PROM model (one tensor input, one tensor output with the batch first).

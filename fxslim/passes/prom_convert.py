@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from fxslim.hooks import has_hooks
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, meta_val
+from fxslim.modes import outside_inference_mode
 from fxslim.passes.inplace import remove_dead_code, unused_calls
 from fxslim.passes.prom_agreement import Agreement, code_agreement
 from fxslim.passes.prom_build import Builder, codes_layout, replay_codes
@@ -336,6 +337,7 @@ def _unpickled(body: dict, import_block: str) -> IntegerModel:
     return model.eval()
 
 
+@outside_inference_mode
 def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "reference", *,
             fuse_adds: bool = True) -> nn.Module:
     """The integer model of a prepared PROM model (``prepare`` output, trained or calibrated).

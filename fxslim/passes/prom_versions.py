@@ -81,11 +81,13 @@ def covering(tensors: list[Tensor]) -> list[Tensor]:
     return list(found.values())
 
 
-def stamp(tensors: list[Tensor]) -> tuple[tuple[Tensor, int], ...]:
-    """(tensor, its version) of each of ``tensors`` (``watched`` or ``covering`` ones), for ``written``."""
-    return tuple((t, t._version) for t in tensors)
+def stamp(tensors: list[Tensor]) -> tuple[tuple[Tensor, int | None], ...]:
+    """(tensor, its version) of each of ``tensors`` (``watched`` or ``covering`` ones), for ``written``;
+    None for an inference tensor, which has no version counter (loaded or made in inference mode)."""
+    return tuple((t, None if t.is_inference() else t._version) for t in tensors)
 
 
-def written(recorded: tuple[tuple[Tensor, int], ...]) -> bool:
-    """Whether a tensor of a ``stamp`` was written in place since it was taken."""
-    return any(t._version != version for t, version in recorded)
+def written(recorded: tuple[tuple[Tensor, int | None], ...]) -> bool:
+    """Whether a tensor of a ``stamp`` was written in place since it was taken (always, for an
+    inference tensor: nothing tells)."""
+    return any(version is None or t._version != version for t, version in recorded)
