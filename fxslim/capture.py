@@ -40,7 +40,8 @@ from fxslim.ir import IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_F
 from fxslim.hooks import copy_hooks, has_hooks, hooks_silenced
 from fxslim.propagate import propagate
 
-__all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of"]
+__all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of",
+           "is_input_guard"]
 
 _log = logging.getLogger(__name__)
 
@@ -285,6 +286,45 @@ def check_traced_default(value: Any, name: str, default: Any) -> Any:
 
 
 torch.fx.wrap("check_traced_default")
+
+
+@has_side_effect  # a guard: dead-code elimination must keep it
+def check_given(value: Any, name: str) -> Any:
+    """Raise when an argument the example gave (traced with a value) is left at its None default."""
+    if isinstance(value, fx.Proxy):
+        return value.tracer.create_proxy("call_function", check_given, (value, name), {})
+    if value is None:
+        raise ValueError(
+            f"{name}: the model was captured with {name} given, so the rewritten graph has no code for "
+            f"{name}=None (the branch its forward takes without it). Pass {name}, or optimize with an example "
+            f"that leaves it out to get a graph for that call."
+        )
+
+
+torch.fx.wrap("check_given")
+
+
+def is_input_guard(node: fx.Node) -> bool:
+    """Whether ``node`` checks a forward argument (``check_given``, ``check_traced_default``)."""
+    return node.op == "call_function" and node.target in (check_given, check_traced_default)
+
+
+def _guard_given_optionals(gm: fx.GraphModule, module: nn.Module, example_inputs: Sequence[Any]) -> None:
+    """After the placeholder of each forward argument with a None default that the example gave
+    (``forward(x, mask=None)`` called with a mask), a ``check_given`` call: the graph holds only the
+    branch for a given value, and a later call without it passed None into that branch."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    if len(params) != len(placeholders) or any(p.kind is p.VAR_POSITIONAL for p in params):
+        return
+    for param, node, value in zip(params, placeholders, example_inputs):
+        if param.default is None and value is not None:
+            with gm.graph.inserting_after(node):
+                gm.graph.call_function(check_given, (node, param.name))
+    gm.recompile()
 
 
 def _guard_concrete_args(gm: fx.GraphModule, module: nn.Module, concrete_args: dict[str, Any]) -> None:
@@ -742,6 +782,8 @@ def capture(
     _trace_largest(model, "", leaf_modules, traced, untraced, _defaults_not_given(model, example_inputs), _Blockers(defaults))
     if not traced:
         raise CaptureError(_untraceable_message(model, untraced))
+    if traced[0][0] == "":
+        _guard_given_optionals(traced[0][1], model, example_inputs)
     if len(traced) == 1 and traced[0][0] == "":
         gm = traced[0][1]
         graph = Graph("", gm, "module", _placeholder_values(gm, example_inputs))

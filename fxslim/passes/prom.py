@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from fxslim.capture import is_input_guard
 from fxslim.config import check_choice, check_range
 from fxslim.ir import ConvView, LinearView, META_PASS, meta_val, node_fqn, set_submodule, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
@@ -232,9 +233,10 @@ def _maybe_quantize(gm: fx.GraphModule, node: fx.Node, momentum: float) -> fx.No
         i += 1
         name = f"{base}_{i}"
     gm.add_submodule(name, ActFakeQuant(momentum))
-    with gm.graph.inserting_after(node):
+    guards = [user for user in node.users if is_input_guard(user)]  # they check the input itself, first
+    with gm.graph.inserting_after(guards[-1] if guards else node):
         quant = gm.graph.call_module(name, (node,))
-    node.replace_all_uses_with(quant, delete_user_cb=lambda user: user is not quant)
+    node.replace_all_uses_with(quant, delete_user_cb=lambda user: user is not quant and user not in guards)
     quant.meta["val"] = meta_val(node)
     return quant
 

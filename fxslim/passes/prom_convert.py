@@ -41,6 +41,7 @@ import torch.fx as fx
 from torch.fx.graph_module import reduce_graph_module
 from torch import Tensor, nn
 
+from fxslim.capture import is_input_guard
 from fxslim.hooks import has_hooks
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, meta_val
 from fxslim.modes import outside_inference_mode
@@ -437,6 +438,8 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
         elif node.op == "placeholder":
             default = node.args[0] if node.args else inspect.Signature.empty  # e.g. attn_mask=None
             b.env[node] = (b.graph.placeholder(node.target, node.type, default_value=default), None)
+        elif is_input_guard(node):  # on the argument as given, before anything reads it
+            b.env[node] = (b.graph.node_copy(node, lambda a: b.env[a][0]), None)
         elif node.op == "output":
             b.graph.output(fx.node.map_arg(node.args[0], lambda a: _output(b, a, reach.get(a.name, {}))))
         elif codes_layout(b, node):
