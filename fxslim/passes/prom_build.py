@@ -84,8 +84,18 @@ class Builder:
             return self.model_input(node) if node.op == "placeholder" else new
         self.reads.setdefault(user, []).append(_quantizer(self.gm, node))
         if node not in self.dequantized:
-            self.dequantized[node] = self.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
+            dequantized = self.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
+            self.dequantized[node] = self.in_dtype_of(node, dequantized)
         return self.dequantized[node]
+
+    def in_dtype_of(self, node: fx.Node, new: fx.Node) -> fx.Node:
+        """``new`` (float32: what dequantization gives) cast to the dtype of the prepared ``node``'s
+        values where the model computes in another (a float64 or bfloat16 model): its float islands
+        and outputs keep the model's dtype."""
+        value = meta_val(node)
+        if isinstance(value, torch.Tensor) and value.is_floating_point() and value.dtype != torch.float32:
+            return self.graph.call_method("to", (new, value.dtype))
+        return new
 
     def copy_float(self, node: fx.Node) -> fx.Node:
         """``node`` run in float in the new graph (a float island op)."""

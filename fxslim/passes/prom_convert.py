@@ -487,7 +487,7 @@ def _output(b: Builder, node: fx.Node, reach: dict[str, str]) -> fx.Node:
         dequantized = b.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
         if flags is not None:
             dequantized.args = (*dequantized.args, flags)
-        return dequantized
+        return b.in_dtype_of(node, dequantized)
     value = meta_val(node)
     if flags is None or not isinstance(value, Tensor) or not value.is_floating_point() or value.dim() < 1:
         return new

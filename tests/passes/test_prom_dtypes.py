@@ -1,0 +1,50 @@
+"""A PROM model prepared in float64, float16 or bfloat16 converts to an integer model that runs and
+answers in the model's dtype: dequantization gives float32, so a float island (GroupNorm) met
+float32 inputs with its own float64 weights and failed ("mixed dtype"), and outputs came back float32."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxslim
+from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+
+RUNTIMES = ["reference"] + (["onednn"] if onednn_available() and vnni_available() else [])
+
+
+def _integer(model, x, runtime):
+    qat = fxslim.prepare(model, x[:2])
+    fxslim.calibrate(qat, [x])
+    qat.eval()
+    return qat, fxslim.convert(qat, runtime=runtime)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_a_float_island_runs_in_the_models_dtype(dtype, runtime):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 8, 1))
+    model = model.eval().to(dtype)
+    x = torch.randn(4, 3, 16, 16, dtype=dtype)
+    qat, int_model = _integer(model, x, runtime)
+    assert len(fxslim.convert_report(int_model).islands) == 1  # the GroupNorm
+    with torch.no_grad():
+        out, expected = int_model(x), qat(x)
+    assert out.dtype == expected.dtype == dtype
+    assert (out.float() - expected.float()).abs().max() <= 0.02 * expected.float().abs().max()
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_an_all_integer_float64_model_answers_in_float64(runtime):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 8, 1)).eval().double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    qat, int_model = _integer(model, x, runtime)
+    assert not fxslim.convert_report(int_model).islands
+    with torch.no_grad():
+        out, expected = int_model(x), qat(x)
+    assert out.dtype == torch.float64
+    grid = expected.unique().diff().min()  # the output quantizer's step
+    assert (out - expected).abs().max() <= grid * 1.001  # within 1 LSB, as every layer
