@@ -23,7 +23,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxslim.config import check_choice, check_int, check_range
-from fxslim.ir import AttentionView, META_CALL_SHAPES, META_PLACEHOLDER_FQNS, META_PREFIX, meta_val, node_fqn
+from fxslim.ir import (
+    AttentionView, LinearView, META_CALL_SHAPES, META_PLACEHOLDER_FQNS, META_PREFIX, meta_val, node_fqn, views,
+)
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass
 from fxslim.passes.matchers import attention_scope, match_attention
 from fxslim.propagate import propagate_node
@@ -161,6 +163,7 @@ class HTTM(Pass):
         # 2. global attention from the shared matcher; 3. module metadata may say "frame"
         matches = match_attention(gm, ctx.batch_size)
         lengths = {_hint(m.view.q_len) for m in matches if m.view.q_len is not None}
+        projections = {v.node: v.input for v in views(gm) if isinstance(v, LinearView)}
         for m in matches:
             view, metadata = m.view, _module_metadata(gm, m.view.node)
             if META_CALL_SHAPES in gm.meta:  # one graph for calls of other lengths: global for one, frame for another
@@ -178,9 +181,13 @@ class HTTM(Pass):
                 continue
             # 4. SDPA without mask/causal/dropout on q, k of one shape; 5. the frame layout
             reason, detail, scale = _check_sdpa(view)
+            if not reason:
+                reason, detail = _cross_tokens(view, projections)
             layout = None
             if not reason:
                 layout, reason, detail = cfg._layout(gm, view, ctx, metadata)
+            if not reason:
+                reason, detail = _window_of_frames(gm, ctx, layout)
             if reason:
                 report.skip(view.node, view.fqn, kind, reason, detail)
             else:
@@ -452,6 +459,53 @@ def _check_sdpa(view: AttentionView) -> tuple[str, str, Any]:
     if tuple(qs) != tuple(ks):
         return "cross_attention", f"q {tuple(qs)}, k {tuple(ks)}", None
     return "", "", args.get("scale")
+
+
+def _cross_tokens(view: AttentionView, projections: dict[fx.Node, Any]) -> tuple[str, str]:
+    """("cross_attention", detail) when q is projected from other tokens than k or v (queries of one
+    clip attending to another's keys: same shapes, but not one sequence attending to itself),
+    ("", "") otherwise or when it cannot tell (no projection on a path)."""
+    q = _projected_from(view.q, projections)
+    for name, other in (("k", view.k), ("v", view.v)):
+        theirs = _projected_from(other, projections)
+        if q and theirs and not q & theirs:
+            return "cross_attention", (f"q is projected from {', '.join(sorted(n.name for n in q))}, {name} from "
+                                       f"{', '.join(sorted(n.name for n in theirs))}: other tokens")
+    return "", ""
+
+
+def _projected_from(start: Any, projections: dict[fx.Node, Any]) -> set[fx.Node]:
+    """The inputs of the linear layers nearest above ``start`` (what its tokens were projected from)."""
+    found: set[fx.Node] = set()
+    stack, seen = ([start] if isinstance(start, fx.Node) else []), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node in projections:
+            if isinstance(projections[node], fx.Node):
+                found.add(projections[node])
+            continue
+        stack.extend(node.all_input_nodes)
+    return found
+
+
+def _window_of_frames(gm: fx.GraphModule, ctx: PassContext, layout: FrameLayout | None) -> tuple[str, str]:
+    """("local_attention", detail) when the sequence holds fewer frames than a [B, S, C, H, W] input
+    (of this graph, or the model's example) has: a window over some of the frames at the model's
+    batch (``for i in range(0, S, 2)``), not global attention."""
+    if layout is None:
+        return "", ""
+    shapes = [tuple(meta_val(n).shape) for n in gm.graph.nodes if n.op == "placeholder"
+              and n.name not in gm.meta.get(META_PLACEHOLDER_FQNS, {}) and isinstance(meta_val(n), torch.Tensor)]
+    clips = {_hint(shape[1]) for shape in [*shapes, *ctx.input_shapes]
+             if len(shape) == 5 and _hint(shape[1]) != _hint(shape[2])}
+    frames = layout.example_frames
+    if clips and frames not in clips and max(clips) > frames:
+        return "local_attention", (f"sequences of {frames} frames where the input has {max(clips)}: a window over some "
+                                   "of the frames is not global attention")
+    return "", ""
 
 
 def _positions_node(q: Any, n: int) -> fx.Node | None:

@@ -188,6 +188,77 @@ def test_window_over_two_of_four_frames_left_dense():
     assert _layouts(result.module, x) == [(56, 4, 14)]  # 4 frames of 5 + 3x3
 
 
+class LoopedWindow(TemporalWindow):
+    """The window written as a loop over pairs of frames at the model's batch [B, 2P] (no reshape
+    of frames into the batch), beside global attention over all S frames: the batch alone said
+    global, so the window was rewritten."""
+
+    def forward(self, images):
+        b, s, _, h, w = images.shape
+        t = self.embed(images.flatten(0, 1)).flatten(2).transpose(1, 2)
+        t = torch.cat([self.special.expand(b * s, -1, -1), t], 1)
+        pos = grid_positions(b * s, h // 7, w // 7, images.device) + 1
+        pos = torch.cat([pos.new_zeros(b * s, 5, 2), pos], 1).reshape(b, s, -1, 2)
+        p, c = t.shape[1:]
+        t = t.reshape(b, s, p, c)
+        windows = [self.window_block(t[:, i:i + 2].reshape(b, -1, c), pos=pos[:, i:i + 2].reshape(b, -1, 2))
+                   for i in range(0, s, 2)]
+        return self.global_block(torch.cat(windows, 1), pos=pos.reshape(b, s * p, 2))
+
+
+@pytest.mark.parametrize("batch", [1, 2])
+def test_window_looped_at_the_models_batch_left_dense(batch):
+    torch.manual_seed(0)
+    model, x = LoopedWindow().eval(), torch.rand(batch, 4, 3, 21, 21)
+    result = _optimize(model, (x,), EXACT)
+    assert _status(result) == {"window_block.attn": ("skipped", "local_attention"),
+                               "global_block.attn": ("rewritten", "")}
+    assert "sequences of 2 frames where the input has 4" in _details(result)["window_block.attn"]
+    other = torch.rand(batch, 6, 3, 28, 21)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(other), model(other), atol=1e-5, rtol=1e-5)
+
+
+class ClipCrossAttention(nn.Module):
+    """Queries from one clip's tokens, keys and values from another's ([B, S·P, C] each, VGGT-style
+    positions): one SDPA call on q, k of one shape, so it passed for self-attention over all frames."""
+
+    def __init__(self, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.rope = heads, RoPE2D()
+        self.embed = nn.Conv2d(3, dim, 7, 7)
+        self.special = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+        self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
+
+    def tokens(self, clip):
+        b, s, _, h, w = clip.shape
+        t = self.embed(clip.flatten(0, 1)).flatten(2).transpose(1, 2)
+        t = torch.cat([self.special.expand(b * s, -1, -1), t], 1)
+        pos = grid_positions(b * s, h // 7, w // 7, clip.device) + 1
+        pos = torch.cat([pos.new_zeros(b * s, 5, 2), pos], 1)
+        return t.reshape(b, -1, t.shape[-1]), pos.reshape(b, -1, 2)
+
+    def forward(self, left, right):
+        (a, pos_a), (b, pos_b) = self.tokens(left), self.tokens(right)
+        n, c = a.shape[1:]
+        q = self.q(a).reshape(a.shape[0], n, self.heads, -1).transpose(1, 2)
+        k, v = self.kv(b).reshape(b.shape[0], b.shape[1], 2, self.heads, -1).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(self.rope(q, pos_a), self.rope(k, pos_b), v)
+        return self.proj(out.transpose(1, 2).reshape(a.shape[0], n, c))
+
+
+def test_cross_attention_between_two_clips_of_one_shape_is_left_dense():
+    torch.manual_seed(0)
+    model = ClipCrossAttention().eval()
+    clips = (torch.rand(1, 3, 3, 21, 21), torch.rand(1, 3, 3, 21, 21))
+    result = _optimize(model, clips, EXACT)
+    assert _status(result) == {"": ("skipped", "cross_attention")}
+    assert "q is projected from" in _details(result)[""]
+    longer = (torch.rand(1, 2, 3, 21, 21), torch.rand(1, 4, 3, 21, 21))  # the rewrite refused this
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(*longer), model(*longer))
+
+
 # ----------------------------------------------------------------------------------------------
 # (D, E, F) skips that say what to do
 
