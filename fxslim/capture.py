@@ -31,14 +31,16 @@ from typing import Any
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 from torch import nn
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
-from fxslim.export_parts import export_parts, record_calls, run_example, short_reason
+from fxslim.export_parts import buffers_kept, export_parts, record_calls, run_example, short_reason
 from fxslim.ir import IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, detect_ir, set_submodule
-from fxslim.hooks import copy_hooks, has_hooks, hooks_silenced
+from fxslim.hooks import HookedGraphModule, copy_hooks, has_hooks, hooks_silenced
 from fxslim.propagate import propagate
+from fxslim.warn import warn_user
 
 __all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of",
            "is_input_guard"]
@@ -137,7 +139,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
             "record (use capture='export' or the torch.compile backend to rewrite this module)"
         )
     frozen = _follow_training(module, root, graph, leaf_modules, concrete_args)
-    gm = fx.GraphModule(root, graph, type(module).__name__)
+    gm = (HookedGraphModule if has_hooks(root) else fx.GraphModule)(root, graph, type(module).__name__)
     copy_hooks(root, gm)  # fx.GraphModule copies no hooks
     if frozen is not None:
         gm.meta[META_FROZEN_MODE] = frozen
@@ -309,22 +311,44 @@ def is_input_guard(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in (check_given, check_traced_default)
 
 
-def _guard_given_optionals(gm: fx.GraphModule, module: nn.Module, example_inputs: Sequence[Any]) -> None:
-    """After the placeholder of each forward argument with a None default that the example gave
-    (``forward(x, mask=None)`` called with a mask), a ``check_given`` call: the graph holds only the
-    branch for a given value, and a later call without it passed None into that branch."""
-    try:
-        params = list(inspect.signature(module.forward).parameters.values())
-    except (TypeError, ValueError):
-        return
+def _guard_given_optionals(gm: fx.GraphModule, module: nn.Module, values: Sequence[Any]) -> None:
+    """After the placeholder of each forward argument with a None default that the call recorded in
+    ``values`` gave (``forward(x, mask=None)`` called with a mask), a ``check_given`` call, unless the
+    graph called with None for it gives what ``module`` gives (the argument goes straight into an op
+    that takes None, such as an attention mask): the graph holds only the branch for a given value,
+    and a later call without it passed None into that branch."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    if len(params) != len(placeholders) or any(p.kind is p.VAR_POSITIONAL for p in params):
-        return
-    for param, node, value in zip(params, placeholders, example_inputs):
-        if param.default is None and value is not None:
+    guarded = False
+    for index, (node, value) in enumerate(zip(placeholders, values)):
+        if str(node.target).startswith("*"):
+            break  # *args: positions no longer name parameters
+        if node.args and node.args[0] is None and value is not None and _none_differs(gm, module, values, index):
             with gm.graph.inserting_after(node):
-                gm.graph.call_function(check_given, (node, param.name))
-    gm.recompile()
+                gm.graph.call_function(check_given, (node, str(node.target)))
+            guarded = True
+    if guarded:
+        gm.recompile()
+
+
+def _none_differs(gm: fx.GraphModule, module: nn.Module, values: Sequence[Any], index: int) -> bool:
+    """Whether ``gm`` with None at input ``index`` fails or differs from ``module`` (a copy of it,
+    its hooks silent, its buffers and the RNG left as they were) with None there."""
+    inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
+    inputs[index] = None
+    try:
+        runner = copy.deepcopy(module)
+        with torch.no_grad(), hooks_silenced(runner), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            expected = runner(*inputs)
+        with torch.no_grad(), hooks_silenced(gm), buffers_kept(gm), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            got = gm(*inputs)
+    except Exception:  # noqa: BLE001 - either one failing: the graph has no code for None
+        return True
+    flat_expected, flat_got = pytree.tree_leaves(expected), pytree.tree_leaves(got)
+    return len(flat_expected) != len(flat_got) or not all(
+        a.shape == b.shape and torch.equal(a, b) if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        else type(a) is type(b) and a == b for a, b in zip(flat_expected, flat_got))
 
 
 def _guard_concrete_args(gm: fx.GraphModule, module: nn.Module, concrete_args: dict[str, Any]) -> None:
@@ -571,7 +595,7 @@ def _positional(gm: fx.GraphModule, args: tuple, kwargs: dict) -> list[Any]:
     return list(bound.arguments.values())
 
 
-def _record_submodule_inputs(root: nn.Module, graphs: list[Graph], example_inputs: Sequence[Any]) -> None:
+def _record_submodule_inputs(model: nn.Module, root: nn.Module, graphs: list[Graph], example_inputs: Sequence[Any]) -> None:
     """Run the (partly traced) model once and propagate each subgraph's first call inputs; a subgraph
     called with inputs of several shapes (one block serving frame and global attention) gets their
     number in ``gm.meta[META_CALL_SHAPES]``: a rewrite decided on one call's shapes serves them all."""
@@ -594,6 +618,7 @@ def _record_submodule_inputs(root: nn.Module, graphs: list[Graph], example_input
         if graph.path in seen:
             graph.placeholder_values = _placeholder_values(graph.gm, seen[graph.path])
             propagate(graph.gm, seen[graph.path], real_fallback=True)
+            _guard_given_optionals(graph.gm, model.get_submodule(graph.path), seen[graph.path])
         else:
             _log.info("submodule %r was not called by the example inputs; it has no shapes", graph.path)
 
@@ -768,6 +793,11 @@ def capture(
         raise ValueError("capture: example_inputs are required for an nn.Module (shapes come from them)")
 
     if method == "export":
+        hooked = [path or type(model).__name__ for path, m in model.named_modules() if has_hooks(m)]
+        if hooked:
+            warn_user(f"capture='export': torch.export inlines the hooks of {', '.join(map(repr, hooked))}: what they "
+                      "return is in the graph, but they do not run when it runs (a hook that records outputs sees "
+                      "nothing); the default capture='symbolic' keeps them running")
         root, parts, eager = export_parts(model, example_inputs)
         graphs = []
         for part in parts:
@@ -782,10 +812,9 @@ def capture(
     _trace_largest(model, "", leaf_modules, traced, untraced, _defaults_not_given(model, example_inputs), _Blockers(defaults))
     if not traced:
         raise CaptureError(_untraceable_message(model, untraced))
-    if traced[0][0] == "":
-        _guard_given_optionals(traced[0][1], model, example_inputs)
     if len(traced) == 1 and traced[0][0] == "":
         gm = traced[0][1]
+        _guard_given_optionals(gm, model, example_inputs)
         graph = Graph("", gm, "module", _placeholder_values(gm, example_inputs))
         propagate(gm, example_inputs, real_fallback=True)
         return Captured(gm, [graph], untraced, "symbolic", batch)
@@ -798,7 +827,7 @@ def capture(
         if path:
             set_submodule(root, path, gm)
         graphs.append(Graph(path, gm, "module"))
-    _record_submodule_inputs(root, graphs, example_inputs)
+    _record_submodule_inputs(model, root, graphs, example_inputs)
     return Captured(root, graphs, untraced, "symbolic", batch)
 
 

@@ -13,12 +13,14 @@ import contextlib
 import copy
 from collections.abc import Iterator
 
+import torch.fx as fx
 from torch import nn
 
-__all__ = ["copy_hooks", "has_hooks", "hooks_silenced"]
+__all__ = ["HookedGraphModule", "copy_hooks", "has_hooks", "hooks_silenced"]
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
+_KEPT = (*_HOOKS, *_HOOK_FLAGS, "_is_full_backward_hook")
 
 
 def has_hooks(module: nn.Module) -> bool:
@@ -27,11 +29,14 @@ def has_hooks(module: nn.Module) -> bool:
 
 
 def copy_hooks(source: nn.Module, target: nn.Module) -> None:
-    """Give ``target`` the hooks of ``source`` (the same hook functions, in the same order)."""
+    """Give ``target`` the hooks of ``source`` (the same hook functions, in the same order), and
+    whether its backward hooks are full ones (torch runs none while that flag is unset)."""
     for name in _HOOKS + _HOOK_FLAGS:
         value = getattr(source, name, None)
         if value:
             setattr(target, name, copy.copy(value))
+    if source._backward_hooks:
+        target._is_full_backward_hook = source._is_full_backward_hook
 
 
 @contextlib.contextmanager
@@ -46,3 +51,31 @@ def hooks_silenced(module: nn.Module) -> Iterator[None]:
     finally:
         for m, name, value in saved:
             setattr(m, name, value)
+
+
+class HookedGraphModule(fx.GraphModule):
+    """A GraphModule traced from a module with hooks, which it runs (``copy_hooks``) and keeps through
+    ``copy.deepcopy`` and ``torch.save``/pickle: fx rebuilds a GraphModule and drops forward hooks."""
+
+    def __reduce__(self) -> tuple:
+        rebuild, args = super().__reduce__()
+        return _with_hooks, (rebuild, args)
+
+    def __deepcopy__(self, memo: dict) -> fx.GraphModule:
+        copied = super().__deepcopy__(memo)
+        for name in _KEPT:
+            if name in self.__dict__:
+                setattr(copied, name, copy.deepcopy(self.__dict__[name], memo))
+        return copied
+
+
+def _with_hooks(rebuild: object, args: tuple) -> fx.GraphModule:
+    """Unpickle: fx's rebuilt GraphModule made a ``HookedGraphModule`` again, with the pickled hooks."""
+    gm = rebuild(*args)  # type: ignore[operator]
+    gm.__class__ = type(type(gm).__name__, (HookedGraphModule,), {})  # one class per instance, as fx makes
+    gm.recompile()  # the generated forward lives on the class
+    body = args[0]
+    for name in _KEPT:
+        if name in body:
+            setattr(gm, name, body[name])
+    return gm

@@ -90,3 +90,56 @@ def test_a_hooked_module_called_twice_is_traced_apart_once():
     with torch.no_grad():
         torch.testing.assert_close(result.module(x), model(x), atol=1e-4, rtol=1e-4)
     assert len(calls) == 2 * 1 + 2  # the reference call's two, and the rewritten model's two
+
+
+def halve(module, inputs, output):  # module level: picklable
+    return output * 0.5
+
+
+def _hooked_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(), Block()).eval()
+    model[1].register_forward_hook(halve)
+    return model
+
+
+def test_hooks_survive_deepcopy_and_save_load_of_the_result():
+    import copy
+    import io
+
+    model, x = _hooked_model(), torch.randn(2, 3, 16, 16)
+    result = _optimize(model, x, "haste:L=53,sparsity=0")
+    buffer = io.BytesIO()
+    torch.save(result.module, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    buffer = io.BytesIO()
+    torch.save(loaded, buffer)  # and again: the loaded module keeps them for the next save
+    buffer.seek(0)
+    reloaded = torch.load(buffer, weights_only=False)
+    with torch.no_grad():
+        expected = model(x)
+        for copied in (copy.deepcopy(result.module), loaded, reloaded):
+            torch.testing.assert_close(copied(x), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_full_backward_hooks_keep_firing_in_the_qat_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Block(), Block(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(8, 4))
+    seen: list[str] = []
+    model[1].register_full_backward_hook(lambda m, grad_in, grad_out: seen.append("backward"))
+    model[2].register_full_backward_pre_hook(lambda m, grad_out: seen.append("backward_pre"))
+    x = torch.randn(2, 3, 16, 16)
+    model(x).sum().backward()
+    expected, seen[:] = list(seen), []
+    qat = fxslim.prepare(model, x).train()
+    qat(x).sum().backward()
+    assert seen == expected == ["backward_pre", "backward"]
+
+
+def test_export_capture_says_it_inlines_hooks():
+    model, x = _hooked_model(), torch.randn(1, 3, 16, 16)
+    with pytest.warns(UserWarning, match=r"capture='export': torch.export inlines the hooks of '1'") as caught:
+        fxslim.optimize(model, x, passes=["haste"], capture="export")
+    assert any(w.filename == __file__ for w in caught)

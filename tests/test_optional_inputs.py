@@ -63,3 +63,69 @@ def test_the_guard_survives_a_save_and_load():
     loaded = torch.load(buffer, weights_only=False)
     with torch.no_grad(), pytest.raises(ValueError, match="bias"):
         loaded(x)
+
+
+class MaskedAttention(nn.Module):
+    """The optional argument goes straight into an op that takes None (an attention mask)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv = nn.Linear(16, 48)
+
+    def forward(self, x, attn_mask=None):
+        q, k, v = self.qkv(x).unsqueeze(1).chunk(3, dim=-1)
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+
+
+def test_an_argument_the_graph_takes_as_none_too_is_not_guarded():
+    torch.manual_seed(0)
+    model = MaskedAttention().eval()
+    x, mask = torch.randn(2, 5, 16), torch.zeros(2, 1, 5, 5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gm = fxslim.optimize(model, (x, mask), passes=["haste"]).module  # nothing to rewrite: the captured graph
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), model(x))
+        torch.testing.assert_close(gm(x, mask), model(x, mask))
+
+
+class Child(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, y, mask=None):
+        y = self.conv(y)
+        if mask is not None:
+            y = y * mask
+        return y
+
+
+class UntraceableParent(nn.Module):
+    """The root does not trace (it branches on a value), so its child is traced apart, with the
+    mask the example's branch gives it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.child = nn.Conv2d(3, 8, 3, padding=1), Child()
+
+    def forward(self, x, flag):
+        y = self.stem(x)
+        if flag.item():
+            return self.child(y)
+        return self.child(y, torch.sigmoid(y))
+
+
+def test_a_submodule_traced_apart_refuses_a_call_without_the_argument_its_example_gave():
+    torch.manual_seed(0)
+    model = UntraceableParent().eval()
+    x = torch.randn(1, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxslim.optimize(model, (x, torch.tensor(False)), passes=["haste:L=53,sparsity=0"])
+    assert result.report.rewritten() == 1
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x, torch.tensor(False)), model(x, torch.tensor(False)),
+                                   atol=1e-4, rtol=1e-4)
+        with pytest.raises(ValueError, match="mask: the model was captured with mask given"):
+            result.module(x, torch.tensor(True))

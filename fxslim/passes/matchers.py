@@ -50,6 +50,7 @@ def hooked(view: View, gm: fx.GraphModule) -> str:
       from (timm's Conv2dSame pads by the input size, StdConv2d standardises its weight), so its
       attributes do not say what it computes. Such a module is a node only when it is a leaf (it
       did not trace, or the caller named it); traced through, its own ops are matched instead.
+      A forward set on the instance (``conv.forward = wrapped``) counts as well.
     """
     node = view.node
     if node is None or node.op != "call_module":
@@ -57,7 +58,7 @@ def hooked(view: View, gm: fx.GraphModule) -> str:
     module = gm.get_submodule(str(node.target))
     if module._forward_hooks or module._forward_pre_hooks:
         return "module_hooks"
-    return "custom_forward" if _overrides_forward(type(module)) else ""
+    return "custom_forward" if "forward" in vars(module) or _overrides_forward(type(module)) else ""
 
 
 def _overrides_forward(cls: type) -> bool:

@@ -44,6 +44,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from fxslim.runtime.haste_kernel import haste_conv2d_into
@@ -286,7 +287,8 @@ def haste_conv2d(
 
     planes [L, d]: ternary hyperplanes, d = t_h·t_w of ``patch_shape``; padding is numeric (see
     ``resolve_padding``); ``center`` subtracts the per-pixel channel mean before hashing; ``layer``
-    is the key for ``record_buckets`` ("" = never recorded).
+    is the key for ``record_buckets`` ("" = never recorded). A call with a 1×1 output map runs the
+    dense conv: one pixel per sample has nothing to save (HASTE.md) and little to hash.
     """
     _check_args(x, weight, bias, planes, stride, padding, dilation, tile)
     compute = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
@@ -337,7 +339,13 @@ def _haste_conv2d_cpu(x, weight, bias, planes, stride, padding, dilation, tile, 
     y = torch.empty((n, o, h_out, w_out), dtype=x.dtype, device=x.device, memory_format=memory_format)
     if n == 0:
         return y.zero_()
-    buckets = haste_conv2d_into(x, weight, bias, planes, stride, padding, dilation, tile, center, y)
+    if h_out * w_out == 1:
+        # one output pixel: merging the filters costs what merging the channels saves, and a 1x1 conv's
+        # one-pixel patch hashes the channels into two buckets whatever L; the dense conv is exact and no dearer
+        y.copy_(F.conv2d(x, weight, bias, stride, padding, dilation))
+        buckets = torch.full((n, 1), c, dtype=torch.int64)
+    else:
+        buckets = haste_conv2d_into(x, weight, bias, planes, stride, padding, dilation, tile, center, y)
     if layer and _ACTIVE_RECORD.get() is not None:
         nth, ntw = -(-h_out // tile), -(-w_out // tile)
         valid_h = (h_out - torch.arange(nth) * tile).clamp(max=tile)

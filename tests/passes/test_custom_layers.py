@@ -88,3 +88,33 @@ def test_haste_skips_a_conv_with_a_one_pixel_output():
         torch.testing.assert_close(result.module(x), model(x), atol=1e-4, rtol=1e-4)
     before, after = ([r.macs for r in c.rows if r.fqn == "head"] for c in (result.cost_before, result.cost_after))
     assert after == before == [2 * 32 * 64]  # counted as the dense conv it still is
+
+
+def test_a_forward_set_on_the_instance_is_skipped():
+    torch.manual_seed(0)
+    model = Net(nn.Conv2d).eval()
+    plain = model.conv.forward
+    model.conv.forward = lambda x: plain(x) * 2.0  # a wrapper set on the instance, not the class
+    x = torch.randn(1, 3, 32, 32)
+    for spec in ("haste:L=53,sparsity=0", "prom"):
+        result = _optimize(model, x, spec)
+        entry = next(e for e in result.report.entries() if e.fqn == "conv")
+        assert (entry.status, entry.reason) == ("skipped", "custom_forward"), spec
+    with torch.no_grad():
+        torch.testing.assert_close(_optimize(model, x, "haste:L=53,sparsity=0").module(x), model(x),
+                                   atol=1e-4, rtol=1e-4)
+
+
+def test_haste_runs_the_dense_conv_where_a_call_has_a_one_pixel_output():
+    """Rewritten at 16 px, called at 1 px: one output pixel per sample (0.49 off before)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)).eval()
+    result = _optimize(model, torch.randn(2, 3, 16, 16), "haste:L=53,sparsity=0")
+    assert result.report.rewritten() == 1
+    tiny = torch.randn(2, 3, 1, 1)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(tiny), model(tiny), atol=1e-6, rtol=1e-6)
+    dense = fxslim.estimate(model, tiny).rows[1]
+    rewritten = fxslim.estimate(result.module, tiny).rows[1]
+    assert (rewritten.macs, rewritten.elementwise) == (dense.macs, 0)  # counted as what runs
+    assert rewritten.info["one_pixel_output"] == "runs the dense conv"

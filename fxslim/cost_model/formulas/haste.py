@@ -75,6 +75,11 @@ def _layer_and_sizes(x_shape, w_shape, planes_shape, stride, padding, dilation, 
     return layer, n * -(-h_out // tile) * -(-w_out // tile), n * h_out * w_out
 
 
+def _one_pixel(pixels: Any, n: Any) -> bool:
+    """Whether each sample has one output pixel: the op then runs the dense conv (``runtime.haste``)."""
+    return sympy.simplify(sympy.sympify(pixels) - sympy.sympify(n)) == 0
+
+
 @register_flop_formula(torch.ops.fxslim.haste_conv2d)
 def _haste_conv2d_flops(x_shape, w_shape, bias_shape, planes_shape, stride, padding, dilation, tile=4, center=True,
                         layer="", *args, out_shape=None, **kwargs) -> int:
@@ -82,7 +87,8 @@ def _haste_conv2d_flops(x_shape, w_shape, bias_shape, planes_shape, stride, padd
     data-free expected buckets (what ``fxslim.estimate`` gives without ``haste_buckets``)."""
     haste_layer, tiles, pixels = _layer_and_sizes(x_shape, w_shape, planes_shape, stride, padding, dilation, tile,
                                                   center)
-    return int(2 * _int(haste_layer.predicted(tiles, pixels).reduced_conv))
+    predicted = haste_layer.predicted(tiles, pixels)
+    return int(2 * _int(predicted.dense if _one_pixel(pixels, x_shape[0]) else predicted.reduced_conv))
 
 
 def _measured_use(stats: Any, tiles: Any, pixels: Any, n: Any) -> str:
@@ -138,5 +144,9 @@ def haste_conv2d_cost(call: OpCall) -> OpCost:
     if call.conventions.include_bias and a["bias"] is not None:
         ops[("add", x.format)] = o * pixels  # the bias, added once per output element (pixels: N·H_out·W_out)
     params = w.numel + (a["bias"].numel if a["bias"] is not None else 0)  # the planes are metadata, not parameters
-    return OpCost(macs=_int(predicted.reduced_conv), elementwise=_int(predicted.overhead), ops=ops, params=params,
+    macs, overhead = predicted.reduced_conv, predicted.overhead
+    if _one_pixel(pixels, n):  # the op runs the dense conv: nothing hashed, nothing merged
+        macs, overhead, info["one_pixel_output"] = predicted.dense, 0, "runs the dense conv"
+        measured_macs = None if measured_macs is None else _int(predicted.dense)
+    return OpCost(macs=_int(macs), elementwise=_int(overhead), ops=ops, params=params,
                   measured_macs=measured_macs, kind="pointwise_conv" if (kh, kw) == (1, 1) else "conv", info=info)
