@@ -342,7 +342,7 @@ def _none_differs(gm: fx.GraphModule, module: nn.Module, values: Sequence[Any], 
             expected = runner(*inputs)
         with torch.no_grad(), hooks_silenced(gm), buffers_kept(gm), torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            got = gm(*inputs)
+            got = gm.forward(*inputs)  # not gm(): fx prints the failing line of a GraphModule call
     except Exception:  # noqa: BLE001 - either one failing: the graph has no code for None
         return True
     flat_expected, flat_got = pytree.tree_leaves(expected), pytree.tree_leaves(got)

@@ -129,3 +129,8 @@ def test_a_submodule_traced_apart_refuses_a_call_without_the_argument_its_exampl
                                    atol=1e-4, rtol=1e-4)
         with pytest.raises(ValueError, match="mask: the model was captured with mask given"):
             result.module(x, torch.tensor(True))
+
+
+def test_checking_the_none_branch_prints_nothing(capfd):
+    _models()
+    assert capfd.readouterr().err == ""  # fx prints the failing line when a GraphModule call raises
