@@ -125,7 +125,9 @@ def _check_config(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n
     if num_tokens is not None and num_tokens != frames * tokens_per_frame:
         raise ValueError(
             f"httm_attention: N must equal frames * tokens_per_frame = {frames} * {tokens_per_frame} = "
-            f"{frames * tokens_per_frame} (check frames and tokens_per_frame), got N={num_tokens}"
+            f"{frames * tokens_per_frame} (check frames and tokens_per_frame), got N={num_tokens}: a fixed "
+            "tokens_per_frame holds at the image size it was set for; for other sizes the layout must follow the "
+            "run (RoPE positions feeding q, or a [B, S, C, H, W] input in the attention's graph)"
         )
 
 
