@@ -37,7 +37,9 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
 from fxslim.export_parts import buffers_kept, export_parts, record_calls, run_example, short_reason
-from fxslim.ir import IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, detect_ir, set_submodule
+from fxslim.ir import (
+    IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, detect_ir, meta_val, set_submodule,
+)
 from fxslim.hooks import HookedGraphModule, copy_hooks, has_hooks, hooks_silenced
 from fxslim.propagate import propagate
 from fxslim.warn import warn_user
@@ -623,6 +625,19 @@ def _record_submodule_inputs(model: nn.Module, root: nn.Module, graphs: list[Gra
             _log.info("submodule %r was not called by the example inputs; it has no shapes", graph.path)
 
 
+def _inputs_as_recorded(gm: fx.GraphModule, example_inputs: Sequence[Any]) -> bool:
+    """Whether the shapes and dtypes in ``gm``'s placeholder meta are those of ``example_inputs``."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    for node, value in zip(placeholders, example_inputs):
+        recorded = meta_val(node)
+        if isinstance(value, torch.Tensor) != isinstance(recorded, torch.Tensor):
+            return False
+        if isinstance(value, torch.Tensor) and (tuple(recorded.shape) != tuple(value.shape)
+                                                or recorded.dtype != value.dtype):
+            return False
+    return len(placeholders) >= len(example_inputs)
+
+
 def _needs_shapes(gm: fx.GraphModule) -> bool:
     return any(n.op not in ("output",) and "val" not in n.meta and "example_value" not in n.meta for n in gm.graph.nodes)
 
@@ -781,10 +796,10 @@ def capture(
             graph = _dynamo_graph(gm, example_inputs or ())
         else:
             graph = Graph("", gm, ir)
-            if _needs_shapes(gm):
+            if _needs_shapes(gm) or (example_inputs is not None and not _inputs_as_recorded(gm, example_inputs)):
                 if example_inputs is None:
                     raise ValueError("capture: example_inputs are needed to infer shapes of a GraphModule without node meta")
-                propagate(gm, example_inputs, real_fallback=True)
+                propagate(gm, example_inputs, real_fallback=True)  # the shapes of these inputs, not earlier ones
         return Captured(gm, [graph], [], "graph", batch)
 
     if not isinstance(model, nn.Module):

@@ -143,3 +143,12 @@ def test_export_capture_says_it_inlines_hooks():
     with pytest.warns(UserWarning, match=r"capture='export': torch.export inlines the hooks of '1'") as caught:
         fxslim.optimize(model, x, passes=["haste"], capture="export")
     assert any(w.filename == __file__ for w in caught)
+
+
+def test_the_cost_after_counts_a_hooked_module_once():
+    x = torch.randn(1, 3, 64, 64)
+    plain = _optimize(_resnet(), x, "haste:L=14")
+    model = _resnet()
+    model.layer1[0].register_forward_hook(lambda m, i, o: None)
+    hooked = _optimize(model, x, "haste:L=14")
+    assert hooked.cost_after.total.macs == plain.cost_after.total.macs == fxslim.estimate(hooked.module, x).total.macs

@@ -181,12 +181,15 @@ class RawRowCounter:
                 consumed.update(n for n in view.nodes if n is not view.node)
         rows = []
         eager = {path for path, _ in self.source.captured.untraced}
+        apart = {g.path for g in self.source.captured.graphs}
         prefix = f"{graph.path}." if graph.path else ""
         for node in gm.graph.nodes:
             if node.op not in ("call_function", "call_method", "call_module") or node in consumed:
                 continue
             if node.op == "call_module" and prefix + str(node.target) in eager:
                 continue  # a leaf left eager: its own code has an eager row, its insides their graphs
+            if node.op == "call_module" and prefix + str(node.target) in apart:
+                continue  # a module traced apart (one with hooks): its own graph has its rows
             raw = RawRow(graph.path, node.name, _op_name(node, gm), _fqn(node, gm))
             self._shapes(raw, node)
             raw.params = self._params(graph, node)
