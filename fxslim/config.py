@@ -154,11 +154,16 @@ class Config:
             raise ValueError(f"{cls.__name__}.from_string: expected a spec starting with {cls.name!r}, got {spec!r}")
         hints = cls._hints()
         raw: dict[str, str] = {}
-        for item in filter(None, (p.strip() for p in body.split(","))):
+        items = [p.strip() for p in body.split(",")] if body.strip() else []
+        for item in items:
             key, eq, value = item.partition("=")
             if not eq:
                 raise ValueError(f"{cls.__name__}.from_string: expected key=value, got {item!r} in {spec!r}")
-            raw[key.strip()] = value.strip()
+            key = key.strip()
+            name = cls.aliases.get(key, key)
+            if any(cls.aliases.get(k, k) == name for k in raw):  # "L=14,L=3" or "L=14,l=3": which one was meant?
+                raise ValueError(f"{cls.__name__}.from_string: option {name!r} given twice in {spec!r}")
+            raw[key] = value.strip()
         raw = cls._check_keys(raw)
         values = {k: _parse_value(v, hints[k], f"{cls.__name__}.{k}") for k, v in raw.items()}
         return cls(**values)

@@ -81,6 +81,15 @@ def test_cli_out_and_plot_into_missing_folder_fail_before_work(tmp_path, capsys)
                        f"{option}: folder", tmp_path)
 
 
+def test_cli_out_and_plot_given_a_folder_fail_before_work(tmp_path, capsys):
+    # --plot DIR/ wrote DIR.png beside the folder and exited 0
+    for option in ("--out", "--plot"):
+        for path in (str(tmp_path), f"{tmp_path}/"):
+            _fails_cleanly(capsys, ["report", "torchvision:resnet18", "--input", "1x3x32x32", option, path],
+                           f"{option}: '{path}' is a folder", tmp_path)
+    assert not list(tmp_path.parent.glob(f"{tmp_path.name}.*"))
+
+
 def test_cli_passes_before_model(capsys):
     assert main(["report", "--passes", "haste:L=14", "torchvision:resnet18", "--input", "1x3x32x32",
                  "--format", "json"]) == 0

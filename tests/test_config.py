@@ -51,6 +51,9 @@ def test_config_round_trips_through_dict_and_string():
         ("demo:flag=maybe", r"_Cfg.flag: expected true/false"),
         ("demo:speed=3", r"unknown option 'speed'; allowed: count, flag, limit, mode, r, ratio, sizes"),
         ("demo:ratio", r"expected key=value"),
+        ("demo:ratio=0.1,ratio=0.2", r"option 'ratio' given twice"),  # was: the last one, silently
+        ("demo:ratio=0.1,r=0.2", r"option 'ratio' given twice"),  # an alias of it
+        ("demo:ratio=0.1,,count=2", r"expected key=value, got ''"),
         ("other:ratio=0.1", r"expected a spec starting with 'demo'"),
     ],
 )

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import threading
 import warnings
@@ -235,6 +236,8 @@ def _check(args: argparse.Namespace) -> None:
         parse_input(text)
     for option in ("out", "plot"):
         path = getattr(args, option, None)
+        if path and (Path(path).is_dir() or path.endswith(("/", os.sep))):
+            raise ValueError(f"--{option}: {path!r} is a folder; give a file name in it")
         if path and not Path(path).resolve().parent.is_dir():
             raise ValueError(f"--{option}: folder {str(Path(path).parent)!r} does not exist")
 

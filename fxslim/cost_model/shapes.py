@@ -160,6 +160,11 @@ def _symbolic_inputs(example_inputs: tuple, dims: Mapping[str, Any], mode: FakeT
         named = wanted.get(i, {})
         dynamic = [DimDynamic.DYNAMIC if d in named else DimDynamic.STATIC for d in range(x.dim())]
         base = x if device is None else to_meta(x)
+        if any(base.shape[d] < 2 for d in named):
+            # a named size of 1 in the example (batch 1) is a hint ops specialise on (a linear guards on
+            # it): propagate from 2, which gives the same formulas, as the sizes stay symbolic
+            shape = [max(size, 2) if d in named else size for d, size in enumerate(base.shape)]
+            base = torch.empty(shape, dtype=base.dtype, device=base.device)
         fake = mode.from_tensor(base, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dynamic))
         for d, name in named.items():
             expr = fake.shape[d].node.expr

@@ -175,3 +175,18 @@ def test_symbolic_partly_traced_model_eager_code_as_expressions():
     (eager,) = [r for r in report.rows if r.node == "(eager) <root>"]
     assert sympy.expand(eager.elementwise - b * 3 * 64) == 0
     assert sympy.expand(report.total.macs - b * 8 * 27 * 64) == 0
+
+
+def test_a_symbolic_batch_from_an_example_of_batch_1():
+    """A linear guards on a size of 1, which was taken for the model fixing the batch: every README
+    example uses batch 1, and symbolic={'batch': 0} failed on any model with a classifier."""
+    import torchvision
+
+    import fxslim
+
+    model = torchvision.models.resnet18(num_classes=10).eval()
+    one, two = torch.rand(1, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    formula = fxslim.estimate(model, one, symbolic={"batch": 0}).total.macs
+    assert formula == fxslim.estimate(model, two, symbolic={"batch": 0}).total.macs
+    (batch,) = formula.free_symbols
+    assert formula.subs(batch, 3) == fxslim.estimate(model, torch.rand(3, 3, 32, 32)).total.macs
