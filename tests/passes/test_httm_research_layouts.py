@@ -154,6 +154,15 @@ def test_configured_tokens_per_frame_follows_the_input_frame_count_at_other_size
 # (C) a temporal window over some of the frames
 
 
+def _frame_tokens(model: nn.Module, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[B·S, P, C] tokens (5 special + the 7 px patches of each frame) and their VGGT-style positions."""
+    b, s, _, h, w = images.shape
+    t = model.embed(images.flatten(0, 1)).flatten(2).transpose(1, 2)
+    t = torch.cat([model.special.expand(b * s, -1, -1), t], 1)
+    pos = grid_positions(b * s, h // 7, w // 7, images.device) + 1
+    return t, torch.cat([pos.new_zeros(b * s, 5, 2), pos], 1)
+
+
 class TemporalWindow(nn.Module):
     """VGGT-style positions; frame attention [B·S, P], window attention over pairs of frames
     [B·S/2, 2P], global attention [B, S·P] (P = 5 special tokens + 3x3 patches)."""
@@ -166,11 +175,8 @@ class TemporalWindow(nn.Module):
         self.frame_block, self.window_block, self.global_block = (Block(dim, heads, rope) for _ in range(3))
 
     def forward(self, images):
-        b, s, _, h, w = images.shape
-        t = self.embed(images.flatten(0, 1)).flatten(2).transpose(1, 2)
-        t = torch.cat([self.special.expand(b * s, -1, -1), t], 1)
-        pos = grid_positions(b * s, h // 7, w // 7, images.device) + 1
-        pos = torch.cat([pos.new_zeros(b * s, 5, 2), pos], 1)
+        b, s = images.shape[:2]
+        t, pos = _frame_tokens(self, images)
         p, c = t.shape[1:]
         t = self.frame_block(t, pos=pos)
         t = self.window_block(t.reshape(b * s // 2, 2 * p, c), pos=pos.reshape(b * s // 2, 2 * p, 2))
@@ -194,13 +200,10 @@ class LoopedWindow(TemporalWindow):
     global, so the window was rewritten."""
 
     def forward(self, images):
-        b, s, _, h, w = images.shape
-        t = self.embed(images.flatten(0, 1)).flatten(2).transpose(1, 2)
-        t = torch.cat([self.special.expand(b * s, -1, -1), t], 1)
-        pos = grid_positions(b * s, h // 7, w // 7, images.device) + 1
-        pos = torch.cat([pos.new_zeros(b * s, 5, 2), pos], 1).reshape(b, s, -1, 2)
+        b, s = images.shape[:2]
+        t, pos = _frame_tokens(self, images)
         p, c = t.shape[1:]
-        t = t.reshape(b, s, p, c)
+        t, pos = t.reshape(b, s, p, c), pos.reshape(b, s, p, 2)
         windows = [self.window_block(t[:, i:i + 2].reshape(b, -1, c), pos=pos[:, i:i + 2].reshape(b, -1, 2))
                    for i in range(0, s, 2)]
         return self.global_block(torch.cat(windows, 1), pos=pos.reshape(b, s * p, 2))
@@ -231,12 +234,8 @@ class ClipCrossAttention(nn.Module):
         self.q, self.kv, self.proj = nn.Linear(dim, dim), nn.Linear(dim, 2 * dim), nn.Linear(dim, dim)
 
     def tokens(self, clip):
-        b, s, _, h, w = clip.shape
-        t = self.embed(clip.flatten(0, 1)).flatten(2).transpose(1, 2)
-        t = torch.cat([self.special.expand(b * s, -1, -1), t], 1)
-        pos = grid_positions(b * s, h // 7, w // 7, clip.device) + 1
-        pos = torch.cat([pos.new_zeros(b * s, 5, 2), pos], 1)
-        return t.reshape(b, -1, t.shape[-1]), pos.reshape(b, -1, 2)
+        t, pos = _frame_tokens(self, clip)
+        return t.reshape(clip.shape[0], -1, t.shape[-1]), pos.reshape(clip.shape[0], -1, 2)
 
     def forward(self, left, right):
         (a, pos_a), (b, pos_b) = self.tokens(left), self.tokens(right)
