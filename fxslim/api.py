@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import warnings
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -33,6 +32,7 @@ from fxslim.passes.base import (
 from fxslim.passes.prom import PROM
 from fxslim.policy import Policy
 from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
+from fxslim.warn import warn_user
 
 __all__ = ["OptimizeReport", "OptimizeResult", "optimize", "parse_passes", "prepare"]
 
@@ -146,9 +146,8 @@ def optimize(
         for result in run_passes(graph.gm, parsed, ctx):
             report.passes.append(result.report)
     if policy.unmatched():
-        warnings.warn(f"fxslim.optimize: overrides {policy.unmatched()} named no module or kind a pass considered "
-                      f"(module names as in model.named_modules(), globs like 'layer4.*', or 'kind:<kind>')",
-                      stacklevel=2)
+        warn_user(f"fxslim.optimize: overrides {policy.unmatched()} named no module or kind a pass considered "
+                  f"(module names as in model.named_modules(), globs like 'layer4.*', or 'kind:<kind>')")
     for p in parsed:
         if report.rewritten(p.name) == 0:
             reasons = dict(report.skipped(p.name)) or "no candidates"
@@ -156,7 +155,7 @@ def optimize(
                        + _untraced_hint(model, report.untraced, captured.method))
             if strict:
                 raise ValueError(message)
-            warnings.warn(message, stacklevel=2)
+            warn_user(message)
     return OptimizeResult(captured.module, report, captured, parsed,
                           tuple(example_inputs) if example_inputs is not None else None, source=model)
 
@@ -173,11 +172,11 @@ def _warn_frozen_modes(graphs: list, trains: bool) -> None:
     for graph in graphs:
         mode = graph.gm.meta.get(META_FROZEN_MODE)
         if mode is not None and (trains or mode == "train"):
-            warnings.warn(
+            warn_user(
                 f"{type(graph.gm).__name__}: its forward branches on self.training, so the traced graph follows "
                 f"{mode} mode (the mode the model was in) whatever .train()/.eval() is called later. Call "
                 ".train() or .eval() on the model before fxslim.prepare/optimize so that it is traced in the mode "
-                "it will run in.", stacklevel=3)
+                "it will run in.")
 
 
 def _untraced_hint(model: nn.Module, untraced: list[tuple[str, str]], method: str) -> str:

@@ -72,10 +72,12 @@ class HookedGraphModule(fx.GraphModule):
 def _with_hooks(rebuild: object, args: tuple) -> fx.GraphModule:
     """Unpickle: fx's rebuilt GraphModule made a ``HookedGraphModule`` again, with the pickled hooks."""
     gm = rebuild(*args)  # type: ignore[operator]
-    gm.__class__ = type(type(gm).__name__, (HookedGraphModule,), {})  # one class per instance, as fx makes
-    gm.recompile()  # the generated forward lives on the class
+    hooked = HookedGraphModule.__new__(HookedGraphModule)  # fx's own per-instance class, as deepcopy expects
+    type(hooked).__name__ = type(gm).__name__
+    hooked.__dict__ = gm.__dict__
+    hooked.recompile()  # the generated forward lives on the class
     body = args[0]
     for name in _KEPT:
         if name in body:
-            setattr(gm, name, body[name])
-    return gm
+            setattr(hooked, name, body[name])
+    return hooked

@@ -70,3 +70,11 @@ def test_optimize_filter_fn_and_overrides():
     assert res.report.skipped("toy")["filtered_out"] == 1
     res = fxslim.optimize(model, x, passes=["toy"], overrides={"2": ToyScalePointwise(scale=3.0)})
     torch.testing.assert_close(res.module(x), 3 * model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_optimize_warnings_point_at_the_callers_line():
+    # entry points run through a decorator (outside inference mode): a fixed stacklevel pointed into it
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4)).eval()
+    with pytest.warns(UserWarning, match="rewrote nothing") as caught:
+        fxslim.optimize(model, torch.randn(1, 4), passes=["haste"])
+    assert {w.filename for w in caught} == {__file__}

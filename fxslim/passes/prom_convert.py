@@ -32,7 +32,6 @@ import hashlib
 import inspect
 import logging
 import operator
-import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -42,7 +41,7 @@ from torch.fx.graph_module import reduce_graph_module
 from torch import Tensor, nn
 
 from fxslim.capture import is_input_guard
-from fxslim.hooks import has_hooks
+from fxslim.hooks import copy_hooks, has_hooks
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, meta_val
 from fxslim.modes import outside_inference_mode
 from fxslim.passes.inplace import remove_dead_code, unused_calls
@@ -269,8 +268,8 @@ class IntegerModel(fx.GraphModule):
 
     def train(self, mode: bool = True) -> "IntegerModel":
         if mode:
-            warnings.warn("PROM integer model: train() keeps it in eval mode (integer ops do not train; "
-                          "train the fake-quant model from fxslim.prepare and convert it again)", stacklevel=2)
+            warn_user("PROM integer model: train() keeps it in eval mode (integer ops do not train; "
+                      "train the fake-quant model from fxslim.prepare and convert it again)")
         return super().train(False)
 
     def __init__(self, *args: object, **kwargs: object) -> None:
@@ -379,18 +378,28 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     if runtime == "onednn" and not (onednn_available() and vnni_available()):
         raise ValueError("convert: runtime 'onednn' needs torch's oneDNN quantized ops and a CPU with VNNI or AMX "
                          "int8 dot products (exact u8·s8 sums); use runtime='reference'")
-    hooked = [path or type(qat_model).__name__ for path, m in qat_model.named_modules() if has_hooks(m)]
-    if hooked:
-        warn_user(f"convert: the hooks of {', '.join(map(repr, hooked))} do not run in the integer model: its layers "
-                  "are integer ops (they run in the prepared model); remove them before convert to silence this")
-    if list(parts) == [""]:
-        return _convert_graph(qat_model, runtime, fuse_adds)
     converted = {path: _convert_graph(part, runtime, fuse_adds) for path, part in parts.items()}
-    out = copy.deepcopy(qat_model).eval()
     for path, part in converted.items():
-        out.set_submodule(path, part)
-    out._register_load_state_dict_pre_hook(_refuse_other_constants, with_module=True)
+        copy_hooks(parts[path], part)  # float in, float out: the hooks of what became integer ops still apply
+    if list(parts) == [""]:
+        out = converted[""]
+    else:
+        out = copy.deepcopy(qat_model).eval()
+        for path, part in converted.items():
+            out.set_submodule(path, part)
+        out._register_load_state_dict_pre_hook(_refuse_other_constants, with_module=True)
+    _warn_dropped_hooks(qat_model, out)
     return out
+
+
+def _warn_dropped_hooks(qat_model: nn.Module, out: nn.Module) -> None:
+    """Warn, naming them, about hooked modules of ``qat_model`` whose hooks ``out`` does not run: the
+    parts and float islands keep theirs; a module that became integer ops inside a part has none."""
+    kept = {path for path, m in out.named_modules() if has_hooks(m)}
+    dropped = [path for path, m in qat_model.named_modules() if has_hooks(m) and path not in kept]
+    if dropped:
+        warn_user(f"convert: the hooks of {', '.join(repr(p or type(qat_model).__name__) for p in dropped)} do not "
+                  "run in the integer model: their layers are integer ops (they run in the prepared model)")
 
 
 def prepared_parts(model: nn.Module) -> dict[str, fx.GraphModule]:
