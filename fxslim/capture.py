@@ -142,6 +142,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
             f"forward updates {', '.join(repr(w) for w in written)} in place, which a symbolic trace cannot "
             "record (use capture='export' or the torch.compile backend to rewrite this module)"
         )
+    _check_output_computed(graph, type(module).__name__)
     frozen = _follow_training(module, root, graph, leaf_modules, concrete_args)
     gm = (HookedGraphModule if has_hooks(root) else fx.GraphModule)(root, graph, type(module).__name__)
     copy_hooks(root, gm)  # fx.GraphModule copies no hooks
@@ -384,6 +385,17 @@ class UnfaithfulTrace(RuntimeError):
     """A symbolic trace that would not do what the module's forward does."""
 
 
+def _check_output_computed(graph: fx.Graph, name: str) -> None:
+    """Raise ``UnfaithfulTrace`` when the graph computes something but returns none of it: forward
+    returned what it found elsewhere at trace time, such as outputs its modules' hooks collect
+    (timm's FeatureHookNet), so the graph would return that trace-time value (an empty list) forever."""
+    output = next(n for n in reversed(graph.nodes) if n.op == "output")
+    computes = any(n.op in ("call_module", "call_function", "call_method") for n in graph.nodes)
+    if computes and not any(isinstance(v, fx.Node) for v in pytree.tree_leaves(output.args[0])):
+        raise UnfaithfulTrace(f"{name}.forward returns values its graph does not compute (e.g. collected by hooks); "
+                              "it stays eager, its submodules are rewritten")
+
+
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter and buffer by name (shared ones under each of their names)."""
     return dict(module.named_parameters(remove_duplicate=False)) | dict(module.named_buffers(remove_duplicate=False))
@@ -565,6 +577,20 @@ def _trace_inside_hooked(
         if has_hooks(leaf) and not _LeafTracer(leaf_modules).is_leaf_module(leaf, "", hooks=False):
             done.add(full)
             _trace_largest(leaf, full, leaf_modules, traced, untraced, _traced_constants(state, full), state)
+
+
+def _hooks_from(hooked: dict[str, nn.Module], root: nn.Module) -> None:
+    """Give each module of ``root`` at a path of ``hooked`` the hooks of the module that was there
+    before graphs replaced it. Each graph was traced from a copy of its own, with copies of whatever
+    its hooks are bound to; a hook bound to an object the model holds (timm's FeatureHooks, which
+    forward reads back) must reach the root's copy of it, or forward reads nothing."""
+    for path, before in hooked.items():
+        try:
+            now = root.get_submodule(path)
+        except AttributeError:  # inside a graph's code, not a module any more
+            continue
+        if now is not before:
+            copy_hooks(before, now)
 
 
 def _called_in(gm: fx.GraphModule, name: str) -> bool:
@@ -840,12 +866,14 @@ def capture(
 
     traced.sort(key=lambda item: item[0].count(".") + bool(item[0]))  # parents before what nests in them
     root = traced[0][1] if traced[0][0] == "" else copy.deepcopy(model)
+    hooked = {path: m for path, m in root.named_modules() if has_hooks(m)}
     graphs = []
     for path, gm in traced:
         gm.meta[META_PREFIX] = path
         if path:
             set_submodule(root, path, gm)
         graphs.append(Graph(path, gm, "module"))
+    _hooks_from(hooked, root)
     _record_submodule_inputs(model, root, graphs, example_inputs)
     return Captured(root, graphs, untraced, "symbolic", batch)
 

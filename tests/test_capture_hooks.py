@@ -188,3 +188,22 @@ def test_a_hooked_module_with_an_optional_argument_is_captured_quietly(capfd):
     assert capfd.readouterr().err == ""  # a failing GraphModule call inside the None check printed its line
     with torch.no_grad(), pytest.raises(ValueError, match="mask"):
         result.module(x)
+
+
+def test_timm_feature_hook_net_returns_its_features_after_optimize():
+    """timm's FeatureHookNet returns what hooks on its stages collect: traced, forward's read of them
+    became a constant empty list (no error, no features); it stays eager now, its stages rewritten,
+    and the hooks reach the FeatureHooks object it reads."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("resnet18", pretrained=False, features_only=True, feature_cls="hook").eval()
+    x = torch.randn(1, 3, 64, 64)
+    result = _optimize(model, x, "haste:L=53,sparsity=0")
+    assert result.report.rewritten() == 19
+    other = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        got, expected = result.module(other), model(other)
+    assert [t.shape for t in got] == [t.shape for t in expected] and len(got) == 5
+    for a, b in zip(got[:3], expected[:3]):  # maps of 16 px and more: exact at L = 53 (few-pixel patches are not)
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
