@@ -207,3 +207,21 @@ def test_timm_feature_hook_net_returns_its_features_after_optimize():
     assert [t.shape for t in got] == [t.shape for t in expected] and len(got) == 5
     for a, b in zip(got[:3], expected[:3]):  # maps of 16 px and more: exact at L = 53 (few-pixel patches are not)
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+def test_micro_batched_runs_the_integer_models_root_hooks_once_per_call():
+    from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+
+    if not (onednn_available() and vnni_available()):
+        pytest.skip("micro_batched needs the oneDNN runtime")
+    model = _resnet()
+    seen: list[tuple[int, ...]] = []
+    model.register_forward_hook(lambda m, i, o: seen.append(tuple(o.shape)))
+    x = torch.randn(2, 3, 64, 64)
+    qat = fxslim.prepare(model, x)
+    fxslim.calibrate(qat, [x])
+    wrapped = fxslim.micro_batched(fxslim.convert(qat.eval(), runtime="onednn"), max_activation_bytes=1)
+    seen.clear()
+    with torch.no_grad():
+        wrapped(torch.randn(4, 3, 64, 64))  # sliced into micro-batches: the hook still sees the whole call
+    assert seen == [(4, 10)]
