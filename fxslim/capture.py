@@ -38,11 +38,11 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
-from fxslim.export_parts import buffers_kept, export_parts, record_calls, run_example, short_reason
+from fxslim.export_parts import export_parts, record_calls, run_example, short_reason
 from fxslim.ir import (
     IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, detect_ir, meta_val, set_submodule,
 )
-from fxslim.hooks import HookedGraphModule, copy_hooks, has_hooks, hooks_silenced
+from fxslim.hooks import HookedGraphModule, copy_hooks, has_hooks, hooked_modules, hooks_silenced
 from fxslim.propagate import propagate
 from fxslim.warn import warn_user
 
@@ -336,20 +336,19 @@ def _guard_given_optionals(gm: fx.GraphModule, module: nn.Module, values: Sequen
 
 
 def _none_differs(gm: fx.GraphModule, module: nn.Module, values: Sequence[Any], index: int) -> bool:
-    """Whether ``gm`` with None at input ``index`` fails or differs from ``module`` (a copy of it,
-    its hooks silent, its buffers and the RNG left as they were) with None there."""
-    inputs = [v.clone() if isinstance(v, torch.Tensor) else v for v in values]
+    """Whether ``gm`` with None at input ``index`` fails or differs from ``module`` (a copy of it)
+    with None there; both run as the example does (``run_example``: the same RNG state, buffers put
+    back), with their hooks silent."""
+    inputs = list(values)
     inputs[index] = None
     try:
         runner = copy.deepcopy(module)
         # quiet: a GraphModule call that raises prints its failing line (fx), here an expected failure
-        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
-            with hooks_silenced(runner), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                expected = runner(*inputs)
-            with hooks_silenced(gm), buffers_kept(gm), torch.random.fork_rng(devices=[]):
-                torch.manual_seed(0)
-                got = gm(*inputs)
+        with contextlib.redirect_stderr(io.StringIO()):
+            with hooks_silenced(runner):
+                expected = run_example(runner, [], inputs)
+            with hooks_silenced(gm):
+                got = run_example(gm, [], inputs)
     except Exception:  # noqa: BLE001 - either one failing: the graph has no code for None
         return True
     flat_expected, flat_got = pytree.tree_leaves(expected), pytree.tree_leaves(got)
@@ -838,7 +837,7 @@ def capture(
         raise ValueError("capture: example_inputs are required for an nn.Module (shapes come from them)")
 
     if method == "export":
-        hooked = [path or type(model).__name__ for path, m in model.named_modules() if has_hooks(m)]
+        hooked = [path or type(model).__name__ for path in hooked_modules(model)]
         if hooked:
             warn_user(f"capture='export': torch.export inlines the hooks of {', '.join(map(repr, hooked))}: what they "
                       "return is in the graph, but they do not run when it runs (a hook that records outputs sees "
@@ -866,7 +865,7 @@ def capture(
 
     traced.sort(key=lambda item: item[0].count(".") + bool(item[0]))  # parents before what nests in them
     root = traced[0][1] if traced[0][0] == "" else copy.deepcopy(model)
-    hooked = {path: m for path, m in root.named_modules() if has_hooks(m)}
+    hooked = hooked_modules(root)
     graphs = []
     for path, gm in traced:
         gm.meta[META_PREFIX] = path

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import torch.fx as fx
 from torch import nn
 
-__all__ = ["HookedGraphModule", "copy_hooks", "has_hooks", "hooks_silenced"]
+__all__ = ["HookedGraphModule", "copy_hooks", "has_hooks", "hooked_modules", "hooks_silenced"]
 
 _HOOKS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks")
 _HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")
@@ -26,6 +26,11 @@ _KEPT = (*_HOOKS, *_HOOK_FLAGS, "_is_full_backward_hook")
 def has_hooks(module: nn.Module) -> bool:
     """Whether ``module`` has forward, forward-pre or backward hooks of its own."""
     return any(getattr(module, name, None) for name in _HOOKS)
+
+
+def hooked_modules(module: nn.Module) -> dict[str, nn.Module]:
+    """The modules of ``module`` (itself at "") that have hooks, by path."""
+    return {path: m for path, m in module.named_modules() if has_hooks(m)}
 
 
 def copy_hooks(source: nn.Module, target: nn.Module) -> None:

@@ -13,6 +13,7 @@ import torchvision
 from torch import nn
 
 import fxslim
+from tests.test_optional_inputs import Child
 
 
 class Block(nn.Module):
@@ -160,20 +161,10 @@ def test_the_cost_after_counts_a_hooked_module_once():
     assert hooked.cost_after.total.macs == plain.cost_after.total.macs == fxslim.estimate(hooked.module, x).total.macs
 
 
-class MaskedBlock(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
-
-    def forward(self, x, mask=None):
-        y = self.conv(x)
-        return y if mask is None else y * mask
-
-
 class MaskedNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
-        self.stem, self.block = nn.Conv2d(3, 8, 3, padding=1), MaskedBlock()
+        self.stem, self.block = nn.Conv2d(3, 8, 3, padding=1), Child()  # forward(y, mask=None)
 
     def forward(self, x, mask=None):
         return self.block(torch.relu(self.stem(x)), mask)

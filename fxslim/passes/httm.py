@@ -394,16 +394,23 @@ def _per_frame_positions(pos: fx.Node, tokens_per_frame: int) -> fx.Node | None:
     return _nearest_positions(pos, tokens_per_frame, include_start=True)
 
 
-def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int] | None:
-    """The graph input shaped like multi-view images [B, S, C, H, W] with S == frames, if exactly one
-    (and C != frames: a channels-first clip [B, C, T, H, W] with T == C would read C as S)."""
+def _clip_inputs(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
+    """(input, S) of each graph input shaped like multi-view images [B, S, C, H, W] (C != S: a
+    channels-first clip [B, C, T, H, W] with T == C would read C as S)."""
     params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
     found = []
     for node in gm.graph.nodes:
         val = meta_val(node)
         if (node.op == "placeholder" and node.name not in params and isinstance(val, torch.Tensor)
-                and val.dim() == 5 and _hint(val.shape[1]) == frames and _hint(val.shape[2]) != frames):
-            found.append((node, 1))
+                and val.dim() == 5 and _hint(val.shape[1]) != _hint(val.shape[2])):
+            found.append((node, _hint(val.shape[1])))
+    return found
+
+
+def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int] | None:
+    """The graph input shaped like multi-view images [B, S, C, H, W] with S == frames, if exactly one,
+    with the dim its frames are on."""
+    found = [(node, 1) for node, s in _clip_inputs(gm) if s == frames]
     return found[0] if len(found) == 1 else None
 
 
@@ -497,10 +504,8 @@ def _window_of_frames(gm: fx.GraphModule, ctx: PassContext, layout: FrameLayout 
     batch (``for i in range(0, S, 2)``), not global attention."""
     if layout is None:
         return "", ""
-    shapes = [tuple(meta_val(n).shape) for n in gm.graph.nodes if n.op == "placeholder"
-              and n.name not in gm.meta.get(META_PLACEHOLDER_FQNS, {}) and isinstance(meta_val(n), torch.Tensor)]
-    clips = {_hint(shape[1]) for shape in [*shapes, *ctx.input_shapes]
-             if len(shape) == 5 and _hint(shape[1]) != _hint(shape[2])}
+    clips = {s for _, s in _clip_inputs(gm)} | {
+        shape[1] for shape in ctx.input_shapes if len(shape) == 5 and shape[1] != shape[2]}
     frames = layout.example_frames
     if clips and frames not in clips and max(clips) > frames:
         return "local_attention", (f"sequences of {frames} frames where the input has {max(clips)}: a window over some "

@@ -41,7 +41,7 @@ from torch.fx.graph_module import reduce_graph_module
 from torch import Tensor, nn
 
 from fxslim.capture import is_input_guard
-from fxslim.hooks import copy_hooks, has_hooks
+from fxslim.hooks import copy_hooks, hooked_modules
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, meta_val
 from fxslim.modes import outside_inference_mode
 from fxslim.passes.inplace import remove_dead_code, unused_calls
@@ -395,8 +395,8 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
 def _warn_dropped_hooks(qat_model: nn.Module, out: nn.Module) -> None:
     """Warn, naming them, about hooked modules of ``qat_model`` whose hooks ``out`` does not run: the
     parts and float islands keep theirs; a module that became integer ops inside a part has none."""
-    kept = {path for path, m in out.named_modules() if has_hooks(m)}
-    dropped = [path for path, m in qat_model.named_modules() if has_hooks(m) and path not in kept]
+    kept = hooked_modules(out)
+    dropped = [path for path in hooked_modules(qat_model) if path not in kept]
     if dropped:
         warn_user(f"convert: the hooks of {', '.join(repr(p or type(qat_model).__name__) for p in dropped)} do not "
                   "run in the integer model: their layers are integer ops (they run in the prepared model)")
