@@ -38,6 +38,7 @@ from torch import nn
 from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
+from fxslim import generators
 from fxslim.export_parts import export_parts, record_calls, run_example, short_reason
 from fxslim.ir import (
     IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, detect_ir, meta_val, set_submodule,
@@ -135,7 +136,14 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     """
     root = copy.deepcopy(module)
     versions = _tensor_versions(root)
-    graph = _LeafTracer(leaf_modules).trace(root, concrete_args=concrete_args or None)
+    # a draw no Proxy reaches (torch.rand(()), random.random()) runs once, now: a branch on it would
+    # take the same way forever (stochastic depth written ``if self.training and torch.rand(()) < p``)
+    with generators.kept() as moved:
+        graph = _LeafTracer(leaf_modules).trace(root, concrete_args=concrete_args or None)
+        drew = moved()
+    if drew:
+        raise UnfaithfulTrace(f"{type(module).__name__}.forward draws random numbers a trace cannot record "
+                              "(torch.rand(()), random.random(): no tensor argument), it would keep one draw; it stays eager")
     written = [name for name, version in _tensor_versions(root).items() if versions.get(name) != version]
     if written:
         raise UnfaithfulTrace(

@@ -35,6 +35,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 
+from fxslim import generators
 from fxslim.ir import set_submodule
 
 __all__ = ["Calls", "ExportedPart", "buffers_kept", "export_parts", "export_module", "record_calls", "run_example",
@@ -192,13 +193,13 @@ def _is_default(value: Any, default: Any) -> bool:
 def run_example(root: nn.Module, pre_hooks: list[tuple[nn.Module, Callable]], example_inputs: Sequence[Any]) -> Any:
     """Run ``root`` on a copy of the example once, with forward pre-hooks (``hook(module, args,
     kwargs)``) on the given modules, and undo what the run wrote into buffers (a call counter, BN
-    statistics in train mode), and to the random number generator (dropout in train mode: code
-    seeded before ``optimize`` draws the same numbers after it). The copy: a forward that
-    normalises its input in place must not change the caller's example. Returns the output."""
+    statistics in train mode), and to the global random generators (dropout in train mode:
+    ``generators.kept``). The copy: a forward that normalises its input in place must not change
+    the caller's example. Returns the output."""
     handles = [module.register_forward_pre_hook(hook, with_kwargs=True) for module, hook in pre_hooks]
     inputs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tuple(example_inputs))
     try:
-        with torch.no_grad(), buffers_kept(root), torch.random.fork_rng(devices=[]):
+        with torch.no_grad(), buffers_kept(root), generators.kept():
             return root(*inputs)
     finally:
         for handle in handles:

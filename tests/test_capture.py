@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import random
+
+import numpy as np
 import pytest
 import torch
 import torch.fx as fx
 from torch import nn
 
-from fxslim.capture import CaptureError, capture, capture_dynamo, placeholder_fqns, trace
+from fxslim.capture import CaptureError, UnfaithfulTrace, capture, capture_dynamo, placeholder_fqns, trace
 from fxslim.ir import meta_val
 
 
@@ -253,3 +256,45 @@ def test_capture_in_parts_on_the_meta_device():
     captured = capture(model, (x,))
     assert [g.path for g in captured.graphs] == ["stem", "head"]
     assert meta_val(next(n for n in captured.graphs[0].gm.graph.nodes if n.op == "output").args[0]).shape == (2, 4, 8, 8)
+
+
+class _LayerDrop(nn.Module):
+    """Stochastic depth written with a draw no Proxy reaches: a trace would decide the branch once."""
+
+    def __init__(self, draw) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
+        self.draw = draw
+
+    def forward(self, x):
+        h = self.a(x)
+        if self.training and self.draw() < 0.5:
+            return self.b(h) * 0
+        return self.b(h)
+
+
+def _draws_after_seeding(work) -> tuple[float, float, float]:
+    torch.manual_seed(0), random.seed(0), np.random.seed(0)
+    work()
+    return float(torch.rand(())), random.random(), float(np.random.rand())
+
+
+@pytest.mark.parametrize("draw", [lambda: torch.rand(()), lambda: random.random(), lambda: np.random.rand()], ids=["torch", "python", "numpy"])
+def test_trace_refuses_a_forward_that_draws_random_numbers_outside_the_graph(draw):
+    import fxslim
+
+    model, x = _LayerDrop(draw).train(), torch.randn(2, 3, 16, 16)
+    with pytest.raises(UnfaithfulTrace, match="draws random numbers"):
+        trace(model)
+    expected = _draws_after_seeding(lambda: None)
+    result = None
+
+    def optimize():
+        nonlocal result
+        result = fxslim.optimize(model, x, passes=["haste:L=53"])
+
+    assert _draws_after_seeding(optimize) == expected  # the caller's random streams did not move
+    assert [reason for fqn, reason in result.report.untraced if fqn == ""] and "draws random numbers" in result.report.untraced[0][1]
+    with torch.no_grad():
+        dropped = [bool((result.module(x) == 0).all()) for _ in range(40)]
+    assert any(dropped) and not all(dropped)  # both branches, as the model takes them

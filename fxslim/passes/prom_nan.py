@@ -29,6 +29,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import Tensor
 
+from fxslim import generators
 from fxslim.hooks import hooks_silenced
 from fxslim.ir import meta_val
 
@@ -83,7 +84,8 @@ def _probe_inputs(gm: fx.GraphModule, copies: int) -> dict[str, Any] | None:
 
 def _run(gm: fx.GraphModule, inputs: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
     interpreter = fx.Interpreter(gm, garbage_collect_values=False)
-    with torch.no_grad(), hooks_silenced(gm):  # a probe of a copy: the user's hooks would see it
+    # a probe of a copy: the user's hooks would see it, and it must not move the user's random streams
+    with torch.no_grad(), hooks_silenced(gm), generators.kept():
         interpreter.run(*inputs.values())
     by_name = {n.name: v for n, v in interpreter.env.items()}
     return {name: by_name[name] for name in outputs}
