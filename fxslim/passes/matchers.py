@@ -58,7 +58,14 @@ def hooked(view: View, gm: fx.GraphModule) -> str:
     module = gm.get_submodule(str(node.target))
     if module._forward_hooks or module._forward_pre_hooks:
         return "module_hooks"
-    return "custom_forward" if "forward" in vars(module) or _overrides_forward(type(module)) else ""
+    return "custom_forward" if custom_forward(module) else ""
+
+
+def custom_forward(module: nn.Module) -> bool:
+    """Whether ``module`` may compute something else than the torch.nn layer it derives from: its
+    class replaces that layer's forward (or a conv's ``_conv_forward``), or the instance has its own
+    ``forward``. timm's BatchNormAct2d is a BatchNorm2d that applies its activation too."""
+    return "forward" in vars(module) or _overrides_forward(type(module))
 
 
 def _overrides_forward(cls: type) -> bool:

@@ -28,7 +28,7 @@ from fxslim.config import check_choice, check_range
 from fxslim.ir import ConvView, LinearView, META_PASS, meta_val, node_fqn, set_submodule, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
 from fxslim.passes.matchers import hooked
-from fxslim.passes.prom_graph import float_tensor, is_activation, is_quant, is_residual_add, is_shape_op, module_of
+from fxslim.passes.prom_graph import float_tensor, is_activation, is_quant, is_residual_add, is_shape_op, layer_of, module_of
 from fxslim.runtime.prom_qat import (
     TERNARY_METHODS, WEIGHT_QUANTS, ActFakeQuant, QConv2d, QLinear, int8_weight_codes, int8_weight_fake_quant,
     ternary_codes, ternary_fake_quant,
@@ -48,7 +48,7 @@ def _producer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
 
 def _chain_end(gm: fx.GraphModule, node: fx.Node, with_bn: bool) -> fx.Node:
     """The last node of ``node → [BN] → [ReLU|ReLU6]`` when each step is the only user."""
-    if with_bn and len(node.users) == 1 and isinstance(module_of(gm, next(iter(node.users))), nn.BatchNorm2d):
+    if with_bn and len(node.users) == 1 and isinstance(layer_of(gm, next(iter(node.users))), nn.BatchNorm2d):
         node = next(iter(node.users))
     if len(node.users) == 1 and is_activation(gm, next(iter(node.users))):
         node = next(iter(node.users))

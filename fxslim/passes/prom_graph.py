@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fxslim.ir import meta_val
+from fxslim.passes.matchers import custom_forward
 from fxslim.runtime.prom_qat import ActFakeQuant
 
 __all__ = ["is_quant", "is_shape_op", "is_activation", "is_residual_add", "float_tensor", "module_of"]
@@ -31,6 +32,14 @@ def module_of(gm: fx.GraphModule, node: Any) -> nn.Module | None:
     return None
 
 
+def layer_of(gm: fx.GraphModule, node: Any) -> nn.Module | None:
+    """The module a node calls when its torch.nn class says what it computes: None for a subclass
+    with its own forward (``matchers.custom_forward``: timm's BatchNormAct2d, a leaf where it does
+    not trace, is a BatchNorm2d followed by its activation), which PROM must not fold as its base."""
+    module = module_of(gm, node)
+    return None if module is None or custom_forward(module) else module
+
+
 def is_quant(gm: fx.GraphModule, node: Any) -> bool:
     return isinstance(module_of(gm, node), ActFakeQuant)
 
@@ -43,7 +52,7 @@ def is_shape_op(gm: fx.GraphModule, node: Any) -> bool:
         return node.target in _SHAPE_FUNCTIONS
     if node.op == "call_method":
         return node.target in _SHAPE_METHODS
-    return isinstance(module_of(gm, node), _SHAPE_MODULES)
+    return isinstance(layer_of(gm, node), _SHAPE_MODULES)
 
 
 def is_activation(gm: fx.GraphModule, node: Any) -> str | None:
@@ -54,7 +63,7 @@ def is_activation(gm: fx.GraphModule, node: Any) -> str | None:
         return _ACT_FUNCTIONS[node.target]
     if node.op == "call_method" and node.target in ("relu", "relu_"):
         return "relu"
-    module = module_of(gm, node)
+    module = layer_of(gm, node)
     return next((name for cls, name in _ACT_MODULES if isinstance(module, cls)), None)
 
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from fxslim.hooks import has_hooks
 from fxslim.ir import meta_val
-from fxslim.passes.prom_graph import is_quant, is_shape_op, module_of
+from fxslim.passes.prom_graph import is_quant, is_shape_op, layer_of, module_of
 from fxslim.runtime.prom_codes import LUT_SIZE, is_monotone, lut_table
 from fxslim.runtime.prom_qat import QConv2d
 
@@ -191,7 +191,7 @@ def batch_norm_of(gm: fx.GraphModule, node: fx.Node) -> nn.BatchNorm2d | None:
     """The inference batch norm a node computes: its BatchNorm2d module, or one built from an
     ``F.batch_norm(x, mean, var, weight, bias, training=False, momentum, eps)`` call on constants
     (timm's BatchNormAct2d); None otherwise."""
-    module = module_of(gm, node)
+    module = layer_of(gm, node)
     if isinstance(module, nn.BatchNorm2d):
         return module if module.running_mean is not None and module.running_var is not None else None
     if node.op != "call_function" or node.target is not F.batch_norm or _elementwise(gm, node) is None:
@@ -230,8 +230,8 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int | None
     if len(variable) != 1:
         return None
     data = variable[0]
-    module = module_of(gm, node)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+    module, layer = module_of(gm, node), layer_of(gm, node)
+    if isinstance(layer, nn.modules.batchnorm._BatchNorm):
         return (data, 1) if module.track_running_stats and node.args[0] is data else None
     if node.op == "call_function" and node.target is F.batch_norm:
         training = node.args[5] if len(node.args) > 5 else node.kwargs.get("training", False)
@@ -247,14 +247,14 @@ def _elementwise(gm: fx.GraphModule, node: fx.Node) -> tuple[fx.Node, int | None
     if module is not None:
         timm_act = type(module).__module__.startswith("timm.layers.activations")
         stateless = not any(True for _ in module.parameters()) and not any(True for _ in module.buffers())
-        return (data, None) if isinstance(module, _UNARY_MODULES) or (timm_act and stateless) else None
+        return (data, None) if isinstance(layer, _UNARY_MODULES) or (timm_act and stateless) else None
     if node.op == "call_method":
         return (data, None) if node.target in _UNARY_METHODS else None
     return (data, None) if node.target in _UNARY_FUNCTIONS else None
 
 
 def _max_pool(gm: fx.GraphModule, node: fx.Node) -> bool:
-    module = module_of(gm, node)
+    module = layer_of(gm, node)
     if isinstance(module, nn.MaxPool2d):
         return not module.return_indices
     return (node.op == "call_function" and node.target is F.max_pool2d and _no_nodes(node.args[1:])

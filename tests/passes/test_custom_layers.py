@@ -118,3 +118,27 @@ def test_haste_runs_the_dense_conv_where_a_call_has_a_one_pixel_output():
     rewritten = fxslim.estimate(result.module, tiny).rows[1]
     assert (rewritten.macs, rewritten.elementwise) == (dense.macs, 0)  # counted as what runs
     assert rewritten.info["one_pixel_output"] == "runs the dense conv"
+
+
+def test_prom_does_not_fold_a_batch_norm_subclass_with_its_own_forward():
+    """timm's BatchNormAct2d in train mode: its forward counts batches, so it is a leaf, and it is a
+    BatchNorm2d that applies its activation too. PROM folded it as a plain BN and dropped the SiLU:
+    the integer model was 1.5 off the fake-quant model on timm's mobilevit_xxs."""
+    from timm.layers import BatchNormAct2d
+
+    from fxslim.passes.prom import calibrate
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, act_layer=nn.SiLU),
+                          nn.Conv2d(8, 16, 1), BatchNormAct2d(16, act_layer=nn.SiLU), nn.Conv2d(16, 4, 3))
+    with torch.no_grad():
+        for bn in (model[1], model[3]):
+            bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.bias.uniform_(-1, 1)
+    x = torch.randn(4, 3, 16, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = calibrate(fxslim.prepare(model.train(), x[:2]), [x]).eval()
+        integer = fxslim.convert(qat)
+    with torch.no_grad():
+        out, ref = integer(x), qat(x)
+    assert (out - ref).norm() / ref.norm() < 0.05
