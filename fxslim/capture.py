@@ -41,7 +41,7 @@ from torch.fx.node import has_side_effect
 from fxslim import generators
 from fxslim.export_parts import export_parts, record_calls, run_example, short_reason
 from fxslim.ir import (
-    IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, detect_ir, meta_val, set_submodule,
+    IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, copy_attributes, detect_ir, meta_val, set_submodule,
 )
 from fxslim.hooks import HookedGraphModule, copy_hooks, has_hooks, hooked_modules, hooks_silenced
 from fxslim.propagate import propagate
@@ -154,6 +154,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     frozen = _follow_training(module, root, graph, leaf_modules, concrete_args)
     gm = (HookedGraphModule if has_hooks(root) else fx.GraphModule)(root, graph, type(module).__name__)
     copy_hooks(root, gm)  # fx.GraphModule copies no hooks
+    copy_attributes(root, gm)  # nor attributes its graph does not read
     if frozen is not None:
         gm.meta[META_FROZEN_MODE] = frozen
     _keep_unused_state(root, gm)

@@ -16,6 +16,7 @@ shifted-window attention) are described by a small adapter table.
 
 from __future__ import annotations
 
+import copy
 import math
 import operator
 import re
@@ -45,6 +46,7 @@ __all__ = [
     "conv_kind",
     "attribute",
     "set_submodule",
+    "copy_attributes",
     "META_PLACEHOLDER_FQNS",
     "META_PREFIX",
     "META_FROZEN_MODE",
@@ -124,6 +126,21 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     parent._modules[name] = new
+
+
+def copy_attributes(source: nn.Module, target: nn.Module) -> None:
+    """Give ``target``, a GraphModule made from ``source``, the plain attributes of ``source`` it
+    lacks: fx copies only the submodules, parameters and buffers the graph uses, while code around
+    the module reads others (timm's ``feature_info`` and ``pretrained_cfg``, a window size a parent
+    that stays eager branches on). Copies, where a value can be copied: never shared with ``source``."""
+    for name, value in vars(source).items():
+        if name.startswith("_") or name == "training" or hasattr(target, name):
+            continue
+        try:
+            value = copy.deepcopy(value)
+        except Exception:  # a lock, a handle: the object itself, as a shallow copy of the module would
+            pass
+        target.__dict__[name] = value
 
 
 def _attr_shape(gm: fx.GraphModule, node: Any) -> tuple | None:

@@ -298,3 +298,49 @@ def test_trace_refuses_a_forward_that_draws_random_numbers_outside_the_graph(dra
     with torch.no_grad():
         dropped = [bool((result.module(x) == 0).all()) for _ in range(40)]
     assert any(dropped) and not all(dropped)  # both branches, as the model takes them
+
+
+class _Window(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.resolution = nn.Conv2d(8, 8, 3, padding=1), 4
+
+    def forward(self, x):
+        return torch.relu(self.conv(x))
+
+
+class _WindowParent(nn.Module):
+    """Branches on a shape and on its child's plain attribute, as timm's LocalWindowAttention: it
+    stays eager, the child is traced apart and must keep ``resolution``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.attn, self.head = nn.Conv2d(3, 8, 3, padding=1), _Window(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.shape[2] == self.attn.resolution:
+            return self.head(self.attn(x))
+        return self.head(x + self.attn(x))
+
+
+def test_modules_traced_apart_keep_their_plain_attributes():
+    """prepare crashed with "'_Window' object has no attribute 'resolution'" (timm's efficientvit_m0),
+    and timm's features_only models lost ``feature_info``."""
+    import timm
+
+    import fxslim
+
+    torch.manual_seed(0)
+    model, x = _WindowParent().eval(), torch.randn(2, 3, 16, 16)
+    qat = fxslim.calibrate(fxslim.prepare(model, x), [x]).eval()
+    integer = fxslim.convert(qat)
+    assert isinstance(qat.attn, fx.GraphModule) and qat.attn.resolution == 4 and integer.attn.resolution == 4
+    with torch.no_grad():
+        assert integer(x).shape == model(x).shape
+        result = fxslim.optimize(model, x, passes=["haste:L=53"])
+        torch.testing.assert_close(result.module(x), model(x), atol=1e-4, rtol=1e-4)
+    features = timm.create_model("resnet18", pretrained=False, features_only=True).eval()
+    traced = fxslim.optimize(features, torch.randn(1, 3, 64, 64), passes=["haste:L=53"]).module
+    assert traced.feature_info.channels() == features.feature_info.channels()
+    assert traced.feature_info is not features.feature_info  # a copy: the rewrite shares nothing with the model

@@ -42,7 +42,7 @@ from torch import Tensor, nn
 
 from fxslim.capture import is_input_guard
 from fxslim.hooks import copy_hooks, hooked_modules
-from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, meta_val
+from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, copy_attributes, meta_val
 from fxslim.modes import outside_inference_mode
 from fxslim.passes.inplace import remove_dead_code, unused_calls
 from fxslim.passes.prom_agreement import Agreement, code_agreement
@@ -381,6 +381,7 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     converted = {path: _convert_graph(part, runtime, fuse_adds) for path, part in parts.items()}
     for path, part in converted.items():
         copy_hooks(parts[path], part)  # float in, float out: the hooks of what became integer ops still apply
+        copy_attributes(parts[path], part)
     if list(parts) == [""]:
         out = converted[""]
     else:
