@@ -317,8 +317,23 @@ def _refuse_other_constants(module: nn.Module, state_dict: dict, prefix: str, *a
     anything, each integer model in it refuses a state of other constants, rather than after its
     own tensors or the parts before it were overwritten."""
     for path, part in module.named_modules(prefix=prefix.rstrip(".")):
-        key = f"{path}._extra_state" if path else "_extra_state"
-        if isinstance(part, IntegerModel) and key in state_dict:
+        if not isinstance(part, IntegerModel):
+            continue
+        start = f"{path}." if path else ""
+        key = f"{start}_extra_state"
+        own = {start + name for name in part.state_dict()} - {key}
+        given = {k for k in state_dict if k.startswith(start) and k != key}
+        if key not in state_dict and own & given:
+            # a state of weights alone (a checkpoint filtered to tensors) cannot say which constants it needs
+            raise ValueError(f"PROM integer model: load_state_dict got {len(own & given)} of its tensors without "
+                             f"{key!r}, the digest of the quantization constants they were converted with, so it "
+                             "cannot tell that they fit this model's; pass the integer model's whole state_dict")
+        if key in state_dict and own != given and not torch.equal(state_dict[key], part.get_extra_state()):
+            missing, unexpected = sorted(own - given), sorted(given - own)
+            raise ValueError("PROM integer model: load_state_dict got the state of another converted model (another "
+                             f"runtime, or another model: keys missing {missing[:3]}, unexpected {unexpected[:3]}); "
+                             "convert the fake-quant model again with this model's runtime")
+        if key in state_dict:
             part.set_extra_state(state_dict[key])
 
 

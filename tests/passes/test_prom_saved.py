@@ -98,6 +98,29 @@ def test_integer_model_refuses_the_state_of_one_converted_with_other_constants(q
     assert all(torch.equal(before[k], v) for k, v in integer.state_dict().items())  # refused before any copy
 
 
+@pytest.mark.parametrize("strict", [True, False])
+def test_integer_model_refuses_its_tensors_without_the_constants_digest(qat, strict):
+    """A checkpoint filtered to tensors skipped the digest check: strict=True overwrote the weights and
+    then raised, strict=False loaded another model's weights under this model's constants (1.0 off both)."""
+    model, x = qat
+    integer = fxslim.convert(model)
+    other = fxslim.calibrate(fxslim.prepare(Net().eval(), x), [3 * x]).eval()
+    tensors = {k: v for k, v in fxslim.convert(other).state_dict().items() if k != "_extra_state"}
+    before = {k: v.clone() for k, v in integer.state_dict().items()}
+    with pytest.raises(ValueError, match="without '_extra_state'"):
+        integer.load_state_dict(tensors, strict=strict)
+    assert all(torch.equal(before[k], v) for k, v in integer.state_dict().items())
+    unrelated = {"some.other.weight": torch.zeros(1)}  # nothing of this model: strict=False loads nothing
+    assert integer.load_state_dict(unrelated, strict=False).unexpected_keys == ["some.other.weight"]
+
+
+@pytest.mark.skipif(not onednn_available(), reason="needs oneDNN's int8 convs")
+def test_integer_model_names_another_runtime_when_refusing_its_state(qat):
+    model, _ = qat
+    with pytest.raises(ValueError, match="another runtime"):
+        fxslim.convert(model, runtime="onednn").load_state_dict(fxslim.convert(model).state_dict())
+
+
 @pytest.mark.skipif(not (onednn_available() and vnni_available()), reason="needs oneDNN's int8 convs with VNNI")
 def test_micro_batched_follows_a_state_dict_assigned_to_its_module(qat):
     """``load_state_dict(assign=True)`` replaces the tensors, which their versions do not show."""
