@@ -64,7 +64,10 @@ class HASTE(Pass):
     map: about 100 codes for 512 channels), and a sign hash cannot tell channels whose centred
     patches point the same way, such as channels constant over a flat region (letterbox bars,
     blank or saturated areas, an all-zero input: two buckets whatever L, 0.065 off the dense conv
-    on a half-flat image where random pixels are 3e-7 off); there channels still share buckets.
+    on a half-flat image where random pixels are 3e-7 off), or channels dominated by their own
+    offset (a bias or BN shift well above the channel's variation over the patch leaves it near
+    ±(1, .., 1) once centred: common after a BN, so whole models with random weights are not exact
+    at L = 48 even on random images); there channels still share buckets.
     """
 
     L: int = 14

@@ -126,6 +126,24 @@ def test_haste_conv2d_channels_constant_over_a_patch_share_buckets_whatever_L():
     assert rec["conv"].buckets == 2 * rec["conv"].tiles
 
 
+@pytest.mark.parametrize("offset", [0.0, 10.0])
+def test_haste_conv2d_channels_dominated_by_their_own_offset_share_buckets_at_large_L(offset):
+    """The same exception, not only on flat regions: a constant per channel (a bias, a BN shift) much
+    larger than the channel's variation over the patch leaves centred patches near ±(1, .., 1), so
+    random inputs collide at L = 48 too (whole random-init models drift 0.02 to 0.6 at L = 53)."""
+    x = torch.randn(1, 16, 32, 32, generator=_gen(5)) + offset * torch.randn(1, 16, 1, 1, generator=_gen(6))
+    weight = torch.randn(16, 16, 3, 3, generator=_gen(7))
+    planes = _planes((3, 3), (1, 1), (1, 1), 4, L=48, sparsity=0.0)
+    with record_buckets() as rec:
+        out = _run(x, weight, None, planes, (1, 1), (1, 1), layer="conv")
+    dense = F.conv2d(x, weight, None, 1, 1)
+    error = ((out - dense).abs().max() / dense.abs().max()).item()
+    if offset == 0:
+        assert rec["conv"].buckets == 16 * rec["conv"].tiles and error < 1e-5
+    else:
+        assert rec["conv"].buckets < 16 * rec["conv"].tiles and error > 1e-2
+
+
 def _with_non_finite(x: torch.Tensor, value: float, all_channels: bool) -> torch.Tensor:
     """x with ``value`` at one pixel of sample 0: in channel 3 only, or in every channel (as after a conv)."""
     x = x.clone()
