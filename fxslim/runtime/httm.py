@@ -303,9 +303,12 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     screen = httm_native.bf16_screen() if cpu_float32 and d < _SCREEN_MAX_DIM else None
     # screening reads every matched row anyway and reports a norm that is not finite; the scores
     # of such features may be NaN, so then every class is matched (again) on the float32 path, which
-    # writes the slot of every source
+    # writes the slot of every source. Only that sample's: the two paths round near-ties apart, so a
+    # sample's choices must not depend on whether another sample of the batch is finite
     if screen is not None and all(_match_class_screened(rows_x, cls, slot, screen) for cls in classes):
         return slot.view(b, h, n)
+    if screen is not None and b > 1:
+        return torch.cat([httm_match(x[i:i + 1], layout) for i in range(b)])
     clean = None
     for cls in classes:
         if not _match_class_native(rows_x, cls, slot):

@@ -18,6 +18,7 @@ from fxslim.runtime.httm import httm_apply_plan, httm_layout, httm_match, httm_p
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 _MATCH_CLASS = httm_module._match_class
+_MATCH_CLASS_NATIVE = httm_module._match_class_native
 
 screen_only = pytest.mark.skipif(httm_native.bf16_screen() is None,
                                  reason="no bfloat16 screening here (no AVX512-BF16/AMX or no C compiler)")
@@ -220,8 +221,16 @@ def test_non_finite_features_are_matched_again_in_float32(where, value):
     x[0, 1, where, 0] = value
     layout = httm_layout(3, 20, 5, 0.5, 8, 3)
     calls = []
+
+    def native(*args):  # the float32 path's kernel, where it runs (else _match_class)
+        done = _MATCH_CLASS_NATIVE(*args)
+        if done:
+            calls.append(args[1])
+        return done
+
     with pytest.MonkeyPatch.context() as m:
         m.setattr(httm_module, "_match_class", lambda *a: calls.append(a[1]) or _MATCH_CLASS(*a))
+        m.setattr(httm_module, "_match_class_native", native)
         screened = httm_match(x, layout)
         assert calls == list(layout.classes)
         m.setattr(httm_native, "bf16_screen", lambda: None)
