@@ -135,7 +135,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     ``gm.meta[META_FROZEN_MODE]`` then names ("train" or "eval"; ``_follow_training``).
     """
     root = copy.deepcopy(module)
-    versions = _tensor_versions(root)
+    versions, attributes = _tensor_versions(root), _attribute_ids(root)
     # a draw no Proxy reaches (torch.rand(()), random.random()) runs once, now: a branch on it would
     # take the same way forever (stochastic depth written ``if self.training and torch.rand(()) < p``)
     with generators.kept() as moved:
@@ -151,10 +151,16 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
             "record (use capture='export' or the torch.compile backend to rewrite this module)"
         )
     _check_output_computed(graph, type(module).__name__)
+    stored = _stored_attributes(root, attributes, graph)
+    if stored:
+        warn_user(f"{type(module).__name__}.forward stores {', '.join(map(repr, stored[:3]))}"
+                  f"{' and more' if len(stored) > 3 else ''} on the module, which its traced graph does not do: "
+                  "after the rewrite they keep the value they had before (return them from forward, or read them "
+                  "from the original model)")
     frozen = _follow_training(module, root, graph, leaf_modules, concrete_args)
     gm = (HookedGraphModule if has_hooks(root) else fx.GraphModule)(root, graph, type(module).__name__)
     copy_hooks(root, gm)  # fx.GraphModule copies no hooks
-    copy_attributes(root, gm)  # nor attributes its graph does not read
+    copy_attributes(module, gm)  # nor attributes its graph does not read (the module's: root's may hold Proxies now)
     if frozen is not None:
         gm.meta[META_FROZEN_MODE] = frozen
     _keep_unused_state(root, gm)
@@ -402,6 +408,23 @@ def _check_output_computed(graph: fx.Graph, name: str) -> None:
     if computes and not any(isinstance(v, fx.Node) for v in pytree.tree_leaves(output.args[0])):
         raise UnfaithfulTrace(f"{name}.forward returns values its graph does not compute (e.g. collected by hooks); "
                               "it stays eager, its submodules are rewritten")
+
+
+_MODULE_INTERNALS = frozenset(vars(nn.Module()))
+
+
+def _attribute_ids(root: nn.Module) -> dict[str, int]:
+    """Identity of every plain attribute of ``root`` and its submodules, by qualified name."""
+    return {f"{path}.{name}" if path else name: id(value) for path, module in root.named_modules()
+            for name, value in vars(module).items() if name not in _MODULE_INTERNALS}
+
+
+def _stored_attributes(root: nn.Module, before: dict[str, int], graph: fx.Graph) -> list[str]:
+    """The plain attributes forward assigned while it was traced (``self.attn_map = attn``, a cache):
+    the graph does not record an assignment, so after the rewrite they stop changing. Not the
+    constants the tracer itself stores for the graph to read (``_tensor_constant0``)."""
+    read = {str(n.target) for n in graph.nodes if n.op == "get_attr"}
+    return [name for name, ident in _attribute_ids(root).items() if before.get(name) != ident and name not in read]
 
 
 def _tensors(module: nn.Module) -> dict[str, torch.Tensor]:

@@ -134,7 +134,7 @@ def copy_attributes(source: nn.Module, target: nn.Module) -> None:
     the module reads others (timm's ``feature_info`` and ``pretrained_cfg``, a window size a parent
     that stays eager branches on). Copies, where a value can be copied: never shared with ``source``."""
     for name, value in vars(source).items():
-        if name.startswith("_") or name == "training" or hasattr(target, name):
+        if name.startswith("_") or name == "training" or hasattr(target, name) or isinstance(value, fx.Proxy):
             continue
         try:
             value = copy.deepcopy(value)

@@ -344,3 +344,33 @@ def test_modules_traced_apart_keep_their_plain_attributes():
     traced = fxslim.optimize(features, torch.randn(1, 3, 64, 64), passes=["haste:L=53"]).module
     assert traced.feature_info.channels() == features.feature_info.channels()
     assert traced.feature_info is not features.feature_info  # a copy: the rewrite shares nothing with the model
+
+
+class _StoresAttention(nn.Module):
+    """Research code that keeps its last attention map for plotting."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.attn_map, self.size = nn.Conv2d(3, 8, 3, padding=1), None, 7
+
+    def forward(self, x):
+        y = self.conv(x)
+        self.attn_map = y.detach().mean(1)
+        return y
+
+
+def test_trace_warns_about_attributes_forward_stores_and_copies_none_of_its_proxies():
+    """A trace records no assignment: ``attn_map`` stops changing, which was silent, and the Proxy
+    the trace stored there was copied onto the GraphModule as an attribute."""
+    with pytest.warns(UserWarning, match="forward stores 'attn_map' on the module"):
+        gm = trace(_StoresAttention())
+    assert gm.attn_map is None and gm.size == 7
+
+
+def test_trace_stores_its_own_tensor_constants_without_a_warning(recwarn):
+    class Constant(nn.Module):
+        def forward(self, x):
+            return x + torch.tensor([1.0, 2.0])
+
+    trace(Constant())  # the tracer keeps the tensor as _tensor_constant0 on the root
+    assert not [w for w in recwarn if "stores" in str(w.message)]
