@@ -28,6 +28,7 @@ scalars are op arguments. The prepared model is only read, never modified.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import inspect
 import logging
@@ -42,14 +43,14 @@ from torch import Tensor, nn
 
 from fxslim.capture import is_input_guard
 from fxslim.hooks import copy_hooks, hooked_modules
-from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, copy_attributes, meta_val
+from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, META_REPORT, copy_attributes, meta_val
 from fxslim.modes import outside_inference_mode
 from fxslim.passes.inplace import remove_dead_code, unused_calls
 from fxslim.passes.prom_agreement import Agreement, code_agreement
 from fxslim.passes.prom_build import Builder, codes_layout, replay_codes
 from fxslim.passes.prom_fuse import fuse_conv_add
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op, module_of
-from fxslim.passes.prom_islands import ConvertReport, group_islands, merge_reports
+from fxslim.passes.prom_islands import ConvertReport, Island, group_islands, merge_reports
 from fxslim.passes.prom_lower import (
     convert_add, convert_conv, convert_global_avg_pool, convert_input, convert_linear, convert_output,
 )
@@ -551,7 +552,20 @@ def _report(b: Builder, out: fx.GraphModule, chains: dict, island_quants: dict[f
     fx.node.map_arg(next(n for n in b.gm.graph.nodes if n.op == "output").args[0], outputs.append)
     integer = {str(q.target): c.kind for q, c in chains.items()}
     islands = group_islands(float_ops, island_quants, [n for n in outputs if n in b.float_ops], b.reads)
-    return ConvertReport(integer, islands)
+    return ConvertReport(integer, tuple(_with_prepare_skips(b.gm, island) for island in islands))
+
+
+def _with_prepare_skips(gm: fx.GraphModule, island: Island) -> Island:
+    """The island with, first among its reasons, each of its modules that prepare skipped and why (a
+    conv called twice stays float as ``shared_module``): the chains' own reasons name only a symptom
+    downstream ("float input")."""
+    report = gm.meta.get(META_REPORT)
+    skipped = {e.fqn: e.reason for e in report.entries() if e.status == "skipped"} if report is not None else {}
+    nodes = {n.name: n for n in gm.graph.nodes}
+    first = tuple(f"{_describe(gm, node)}: left float by prepare ({skipped[str(node.target)]})"
+                  for name in island.ops if (node := nodes.get(name)) is not None and node.op == "call_module"
+                  and str(node.target) in skipped)
+    return dataclasses.replace(island, reasons=tuple(dict.fromkeys(first + island.reasons))) if first else island
 
 
 def _propagate_shapes(out: fx.GraphModule, source: fx.GraphModule) -> None:

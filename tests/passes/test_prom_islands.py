@@ -499,3 +499,24 @@ def test_a_pad_island_names_its_padding_mode(mode, reason):
     report = convert_report(convert(calibrate(fxslim.prepare(Padded().eval(), x), [x])))
     reasons = [r for island in report.islands for r in island.reasons]
     assert (reason is None and reasons == []) or any(reason in r for r in reasons), reasons
+
+
+class _SharedConv(nn.Module):
+    """One conv called on two inputs: prepare leaves it float (``shared_module``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.s, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.a(x).relu()
+        return self.fc(self.s(h).mean((2, 3)) + self.s(F.max_pool2d(h, 2)).mean((2, 3)))
+
+
+def test_convert_report_names_the_module_prepare_left_float():
+    """The island's only reason was a symptom downstream: "mean: float input (no quantizer at its producer)"."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 16, 16)
+    qat = fxslim.calibrate(fxslim.prepare(_SharedConv().eval(), x), [x]).eval()
+    islands = fxslim.convert_report(fxslim.convert(qat)).islands
+    assert islands and all(i.reasons[0].endswith("(Conv2d): left float by prepare (shared_module)") for i in islands)
