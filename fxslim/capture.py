@@ -18,6 +18,7 @@ Shapes come from node meta (``example_value`` / ``val``) or from propagation und
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import functools
@@ -41,7 +42,7 @@ from torch.fx.node import has_side_effect
 from fxslim import generators
 from fxslim.export_parts import export_parts, record_calls, run_example, short_reason
 from fxslim.ir import (
-    IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, attribute, copy_attributes, detect_ir, meta_val, set_submodule,
+    IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, OrderedDictOutput, attribute, copy_attributes, detect_ir, meta_val, set_submodule,
 )
 from fxslim.hooks import HookedGraphModule, copy_hooks, has_hooks, hooked_modules, hooks_silenced
 from fxslim.propagate import propagate
@@ -98,6 +99,16 @@ class _LeafTracer(fx.Tracer):
     def __init__(self, leaf_modules: Sequence[type] = ()) -> None:
         super().__init__(autowrap_functions=_timm_notrace_functions(), param_shapes_constant=True)
         self._leaf_types = tuple(leaf_modules)
+        self._depth, self.last_type = 0, None  # last_type: of the last whole argument, the output once traced
+
+    def create_arg(self, a: Any) -> Any:
+        self._depth += 1
+        try:
+            return super().create_arg(a)
+        finally:
+            self._depth -= 1
+            if not self._depth:
+                self.last_type = type(a)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str, hooks: bool = True) -> bool:
         if getattr(type(m), "fxslim_leaf", False) or (self._leaf_types and isinstance(m, self._leaf_types)):
@@ -138,9 +149,12 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     versions, attributes = _tensor_versions(root), _attribute_ids(root)
     # a draw no Proxy reaches (torch.rand(()), random.random()) runs once, now: a branch on it would
     # take the same way forever (stochastic depth written ``if self.training and torch.rand(()) < p``)
+    tracer = _LeafTracer(leaf_modules)
     with generators.kept() as moved:
-        graph = _LeafTracer(leaf_modules).trace(root, concrete_args=concrete_args or None)
+        graph = tracer.trace(root, concrete_args=concrete_args or None)
         drew = moved()
+    if tracer.last_type is collections.OrderedDict:
+        graph.set_codegen(OrderedDictOutput())  # fx returns a plain dict
     if drew:
         raise UnfaithfulTrace(f"{type(module).__name__}.forward draws random numbers a trace cannot record "
                               "(torch.rand(()), random.random(): no tensor argument), it would keep one draw; it stays eager")

@@ -16,6 +16,7 @@ shifted-window attention) are described by a small adapter table.
 
 from __future__ import annotations
 
+import collections
 import copy
 import math
 import operator
@@ -46,6 +47,8 @@ __all__ = [
     "conv_kind",
     "attribute",
     "set_submodule",
+    "OrderedDictOutput",
+    "keep_output_type",
     "copy_attributes",
     "META_PLACEHOLDER_FQNS",
     "META_PREFIX",
@@ -126,6 +129,27 @@ def set_submodule(root: nn.Module, path: str, new: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     parent = root.get_submodule(parent_path) if parent_path else root
     parent._modules[name] = new
+
+
+class OrderedDictOutput(fx.graph.CodeGen):
+    """Code generation whose forward returns its output dict as an ``OrderedDict``, as the traced
+    forward did (torchvision's segmentation models): fx writes a dict literal. A pass that builds a
+    new graph from one with this codegen gives it the same (``keep_output_type``)."""
+
+    def generate_output(self, output_args: Any, *args: Any, **kwargs: Any) -> str:
+        plain = super().generate_output(output_args, *args, **kwargs)
+        if not isinstance(output_args, dict) or not plain.startswith("return "):
+            return plain
+        return f"return OrderedDict({plain[len('return '):]})"
+
+    def additional_globals(self) -> list[tuple[str, Any]]:
+        return [("OrderedDict", collections.OrderedDict)]
+
+
+def keep_output_type(source: fx.Graph, target: fx.Graph) -> None:
+    """Give ``target``, a graph built from ``source``, the code generation that makes its output type."""
+    if isinstance(source._codegen, OrderedDictOutput):
+        target.set_codegen(OrderedDictOutput())
 
 
 def copy_attributes(source: nn.Module, target: nn.Module) -> None:

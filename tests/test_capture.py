@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import numpy as np
@@ -374,3 +375,34 @@ def test_trace_stores_its_own_tensor_constants_without_a_warning(recwarn):
 
     trace(Constant())  # the tracer keeps the tensor as _tensor_constant0 on the root
     assert not [w for w in recwarn if "stores" in str(w.message)]
+
+
+class _Segmenter(nn.Module):
+    """Returns an OrderedDict, as torchvision's segmentation models do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        from collections import OrderedDict
+
+        return OrderedDict(out=self.head(torch.relu(self.conv(x))), aux=x.mean((2, 3)))
+
+
+def test_rewrites_return_an_ordered_dict_where_the_model_does():
+    """fx writes a dict literal: after optimize, prepare and convert the output was a plain dict. (A
+    GraphModule unpickled is traced again from its code, which makes a plain dict once more.)"""
+    from collections import OrderedDict
+
+    import fxslim
+
+    torch.manual_seed(0)
+    model, x = _Segmenter().eval(), torch.randn(2, 3, 16, 16)
+    optimized = fxslim.optimize(model, x, passes=["haste:L=53"]).module
+    qat = fxslim.calibrate(fxslim.prepare(model, x), [x]).eval()
+    with torch.no_grad():
+        for module in (optimized, qat, fxslim.convert(qat), copy.deepcopy(optimized)):
+            out = module(x)
+            assert type(out) is OrderedDict and list(out) == ["out", "aux"]
+    assert type(trace(nn.Conv2d(3, 3, 1))(x)) is torch.Tensor

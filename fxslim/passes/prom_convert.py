@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from fxslim.capture import is_input_guard
 from fxslim.hooks import copy_hooks, hooked_modules
-from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, META_REPORT, copy_attributes, meta_val
+from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, META_REPORT, copy_attributes, keep_output_type, meta_val
 from fxslim.modes import outside_inference_mode
 from fxslim.passes.inplace import remove_dead_code, unused_calls
 from fxslim.passes.prom_agreement import Agreement, code_agreement
@@ -472,6 +472,7 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
             b.env[node] = (replay_codes(b, node), b.env[node.args[0]][1])
         else:
             b.env[node] = (b.copy_float(node), None)
+    keep_output_type(gm.graph, b.graph)
     out = IntegerModel(b.buffers, b.graph, f"{type(gm).__name__}PROM").eval()
     if runtime == "onednn" and fuse_adds:
         fuse_conv_add(out)
