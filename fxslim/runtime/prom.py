@@ -178,6 +178,10 @@ def _check_conv_geometry(x: Tensor, weight: Tensor, groups: int, stride: Sequenc
 
     The dilation along a kernel side of 1 is returned as 1 (it changes nothing): oneDNN crashed the
     process on a 1×1 kernel with stride 2, padding 1 and dilation 2 (an 8×1 input)."""
+    if groups >= 1 and weight.shape[0] % groups == 0 and weight.shape[1] * groups != x.shape[1]:
+        # the conv is right, its input is not: a model called on an image of another channel count
+        raise ValueError(f"x: expected {weight.shape[1] * groups} channels (weight.shape[1]={weight.shape[1]} · "
+                         f"groups={groups}), got shape {tuple(x.shape)}")
     if groups < 1 or x.shape[1] % groups or weight.shape[0] % groups or weight.shape[1] * groups != x.shape[1]:
         raise ValueError(
             f"groups: expected a divisor of C_in={x.shape[1]} and C_out={weight.shape[0]} with "

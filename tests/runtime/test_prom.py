@@ -580,6 +580,14 @@ def test_bad_argument_raises_value_error_naming_it(name, index, value, match):
         op(*_with(args, index, value))
 
 
+def test_conv_on_another_channel_count_names_x():
+    """A converted model called on an image of another channel count said "groups: expected a divisor
+    of C_in=4 and C_out=16 ...", about a conv that was right."""
+    op, args = _op_cases()["int8_conv2d"]
+    with pytest.raises(ValueError, match=r"x: expected 6 channels .*got shape \(2, 5, 5, 5\)"):
+        op(*_with(args, 0, torch.zeros(2, 5, 5, 5, dtype=torch.uint8)))
+
+
 def test_spatial_size_too_small_raises():
     op, args = _op_cases()["int8_conv2d"]
     with pytest.raises(ValueError, match="x:"):
