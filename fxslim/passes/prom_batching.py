@@ -99,6 +99,8 @@ class MicroBatched(nn.Module):
         return self._run(self.runner, x)
 
     def _check_input(self, x: Tensor) -> None:
+        if isinstance(x, Tensor) and not x.is_floating_point():  # as the converted model's first op refuses it
+            raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
         shape = self.example_shape
         if shape is None or (isinstance(x, Tensor) and x.dim() == len(shape)
                              and (x.dim() < 2 or x.shape[1] == shape[1])):

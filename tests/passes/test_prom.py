@@ -328,6 +328,8 @@ def test_prom_micro_batched_refuses_another_rank_or_channel_count(runtime):
             wrapped(bad)
     with pytest.raises(ValueError, match=r"got list"):
         wrapped([x])
+    with pytest.raises(ValueError, match=r"x: expected a floating-point tensor, got torch.int64"):
+        wrapped(x.long())  # the converted model refuses it too; the lowered runner quantized it silently
     with pytest.raises(ValueError, match=r"x: expected a 4-d tensor \[N, C_in, H, W\], got shape \(3, 16, 16\)"):
         int_model(x[0])  # the ops themselves, unwrapped
     with torch.no_grad():
