@@ -150,7 +150,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     # a draw no Proxy reaches (torch.rand(()), random.random()) runs once, now: a branch on it would
     # take the same way forever (stochastic depth written ``if self.training and torch.rand(()) < p``)
     tracer = _LeafTracer(leaf_modules)
-    with generators.kept() as moved:
+    with generators.kept(root) as moved:
         graph = tracer.trace(root, concrete_args=concrete_args or None)
         drew = moved()
     if tracer.last_type is collections.OrderedDict:
@@ -195,15 +195,18 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
     in one graph and False in the other (``F.dropout(x, p, self.training)``, torchvision's
     ``stochastic_depth``) become a read of the GraphModule's ``training`` flag (``not`` it for
     ``not self.training``). A graph that differs otherwise (``if self.training: x = self.extra(x)``),
-    or that fails to trace or writes into a parameter or buffer in the other mode, stays in the
-    mode traced. ``root``'s training flags and tensors end as they were.
+    or that fails to trace, draws random numbers or writes into a parameter or buffer in the other
+    mode, stays in the mode traced. ``root``'s training flags and tensors end as they were.
     """
     mode = root.training
     flags = {m: m.training for m in root.modules()}
     versions = _tensor_versions(root)
     root.train(not mode)
     try:
-        other = _LeafTracer(leaf_modules).trace(root, concrete_args=concrete_args or None)
+        with generators.kept(root) as moved:
+            other = _LeafTracer(leaf_modules).trace(root, concrete_args=concrete_args or None)
+            if moved():  # a draw decided while tracing (stochastic depth in train mode): one way forever
+                other = None
     except Exception:  # tracing runs arbitrary user code: the other mode does not trace
         other = None
     finally:
@@ -427,13 +430,19 @@ def _check_output_computed(graph: fx.Graph, name: str) -> None:
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))
 
 
-def _attribute_ids(root: nn.Module) -> dict[str, int]:
-    """Identity of every plain attribute of ``root`` and its submodules, by qualified name."""
-    return {f"{path}.{name}" if path else name: id(value) for path, module in root.named_modules()
+def _attribute_ids(root: nn.Module) -> dict[str, tuple]:
+    """Identity of every plain attribute of ``root`` and its submodules, by qualified name, with the
+    identities of a list's, tuple's or dict's items (``self.history.append(y)`` keeps the list)."""
+    def state(value: Any) -> tuple:
+        if isinstance(value, dict):
+            return id(value), tuple((k, id(v)) for k, v in value.items())
+        return (id(value), tuple(map(id, value))) if isinstance(value, (list, tuple)) else (id(value),)
+
+    return {f"{path}.{name}" if path else name: state(value) for path, module in root.named_modules()
             for name, value in vars(module).items() if name not in _MODULE_INTERNALS}
 
 
-def _stored_attributes(root: nn.Module, before: dict[str, int], graph: fx.Graph) -> list[str]:
+def _stored_attributes(root: nn.Module, before: dict[str, tuple], graph: fx.Graph) -> list[str]:
     """The plain attributes forward assigned while it was traced (``self.attn_map = attn``, a cache):
     the graph does not record an assignment, so after the rewrite they stop changing. Not the
     constants the tracer itself stores for the graph to read (``_tensor_constant0``)."""

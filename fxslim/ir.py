@@ -152,19 +152,32 @@ def keep_output_type(source: fx.Graph, target: fx.Graph) -> None:
         target.set_codegen(OrderedDictOutput())
 
 
-def copy_attributes(source: nn.Module, target: nn.Module) -> None:
+def copy_attributes(source: nn.Module, target: fx.GraphModule) -> None:
     """Give ``target``, a GraphModule made from ``source``, the plain attributes of ``source`` it
     lacks: fx copies only the submodules, parameters and buffers the graph uses, while code around
     the module reads others (timm's ``feature_info`` and ``pretrained_cfg``, a window size a parent
-    that stays eager branches on). Copies, where a value can be copied: never shared with ``source``."""
+    that stays eager branches on). Copies, where a value can be copied: never shared with ``source``.
+    Not a module kept outside the module tree (a back-reference to a parent or to ``source`` itself:
+    a copy of a whole model, or a cycle ``torch.save`` cannot pickle). Kept where fx's deepcopy keeps
+    them (``meta["_user_preserved_attributes"]``), as convert deep-copies the prepared model."""
+    preserved = target.meta.setdefault("_user_preserved_attributes", {})
     for name, value in vars(source).items():
-        if name.startswith("_") or name == "training" or hasattr(target, name) or isinstance(value, fx.Proxy):
+        if (name.startswith("_") or name == "training" or hasattr(target, name) or isinstance(value, fx.Proxy)
+                or _holds_module(value)):
             continue
         try:
             value = copy.deepcopy(value)
         except Exception:  # a lock, a handle: the object itself, as a shallow copy of the module would
             pass
-        target.__dict__[name] = value
+        target.__dict__[name] = preserved[name] = value
+
+
+def _holds_module(value: Any) -> bool:
+    """Whether ``value`` is a module, or a list, tuple, set or dict with one among its items."""
+    if isinstance(value, nn.Module):
+        return True
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, (list, tuple, set)) else ()
+    return any(_holds_module(v) for v in items)
 
 
 def _attr_shape(gm: fx.GraphModule, node: Any) -> tuple | None:

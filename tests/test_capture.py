@@ -12,7 +12,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxslim.capture import CaptureError, UnfaithfulTrace, capture, capture_dynamo, placeholder_fqns, trace
-from fxslim.ir import meta_val
+from fxslim.ir import META_FROZEN_MODE, meta_val
 
 
 class _DataDependent(nn.Module):
@@ -266,10 +266,11 @@ class _LayerDrop(nn.Module):
         super().__init__()
         self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, padding=1)
         self.draw = draw
+        self.generator, self.rng = torch.Generator().manual_seed(1), np.random.default_rng(1)  # private ones
 
     def forward(self, x):
         h = self.a(x)
-        if self.training and self.draw() < 0.5:
+        if self.training and self.draw(self) < 0.5:
             return self.b(h) * 0
         return self.b(h)
 
@@ -280,7 +281,9 @@ def _draws_after_seeding(work) -> tuple[float, float, float]:
     return float(torch.rand(())), random.random(), float(np.random.rand())
 
 
-@pytest.mark.parametrize("draw", [lambda: torch.rand(()), lambda: random.random(), lambda: np.random.rand()], ids=["torch", "python", "numpy"])
+@pytest.mark.parametrize("draw", [lambda m: torch.rand(()), lambda m: random.random(), lambda m: np.random.rand(),
+                                  lambda m: torch.rand((), generator=m.generator), lambda m: m.rng.random()],
+                         ids=["torch", "python", "numpy", "torch_generator", "numpy_generator"])
 def test_trace_refuses_a_forward_that_draws_random_numbers_outside_the_graph(draw):
     import fxslim
 
@@ -337,6 +340,7 @@ def test_modules_traced_apart_keep_their_plain_attributes():
     qat = fxslim.calibrate(fxslim.prepare(model, x), [x]).eval()
     integer = fxslim.convert(qat)
     assert isinstance(qat.attn, fx.GraphModule) and qat.attn.resolution == 4 and integer.attn.resolution == 4
+    assert copy.deepcopy(qat).attn.resolution == 4  # fx's deepcopy keeps only what it is told to (convert copies)
     with torch.no_grad():
         assert integer(x).shape == model(x).shape
         result = fxslim.optimize(model, x, passes=["haste:L=53"])
@@ -406,3 +410,34 @@ def test_rewrites_return_an_ordered_dict_where_the_model_does():
             out = module(x)
             assert type(out) is OrderedDict and list(out) == ["out", "aux"]
     assert type(trace(nn.Conv2d(3, 3, 1))(x)) is torch.Tensor
+
+
+def test_the_trace_in_the_other_mode_watches_random_draws_too():
+    """An eval-mode model whose train-mode forward draws: the second trace (for .train()) baked one
+    draw into the train-mode graph and moved the caller's stream; it now stays frozen in eval mode."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _LayerDrop(lambda m: torch.rand(()))).eval()
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    gm = trace(model)
+    assert torch.equal(torch.rand(3), expected)
+    assert gm.meta[META_FROZEN_MODE] == "eval"
+
+
+def test_trace_warns_about_in_place_changes_of_list_and_dict_attributes():
+    class Keeps(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.history, self.stats, self.owner = nn.Conv2d(3, 3, 1), [], {}, None
+
+        def forward(self, x):
+            y = self.conv(x)
+            self.history.append(y)
+            self.stats["last"] = y
+            return y
+
+    model = Keeps()
+    model.__dict__["owner"] = model  # a back-reference: not copied (a cycle torch.save cannot pickle)
+    with pytest.warns(UserWarning, match="forward stores 'history', 'stats'"):
+        gm = trace(model)
+    assert "owner" not in vars(gm)
