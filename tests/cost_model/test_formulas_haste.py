@@ -203,3 +203,23 @@ def test_expected_buckets_limits():
     assert expected_buckets(1, 7) == pytest.approx(1.0)
     assert expected_buckets(64, 53) == pytest.approx(64.0)  # more codes than channels: all apart
     assert expected_buckets(1000, 3) == pytest.approx(8.0)  # more channels than codes: every code used
+
+
+def test_haste_symbolic_cost_is_whole_and_dense_where_a_size_gives_one_output_pixel():
+    """The formula froze the example's choice (reduced conv at 32 px) for every size, so at 8 px, where
+    the last conv's output is 1×1 and the op runs the dense conv, it was 1.25 % off on resnet18; and its
+    expected-bucket coefficients made it a non-integer everywhere."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 16, 3, stride=2), nn.Conv2d(16, 16, 3, stride=2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxslim.optimize(model.eval(), torch.randn(1, 3, 32, 32), passes=["haste:L=12"])
+        formula = fxslim.estimate(result.module, torch.randn(1, 3, 32, 32), symbolic={"batch": 0, "height": 2, "width": 3})
+    for shape in [(1, 3, 32, 32), (2, 3, 8, 8), (3, 3, 40, 24)]:  # 8 px: the last conv gives 1×1
+        x = torch.randn(shape)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            result.module(x)
+        macs = formula.evaluate(batch=shape[0], height=shape[2], width=shape[3]).total.macs
+        assert macs == int(macs) == fxslim.estimate(result.module, x).total.macs == counter.get_total_flops() // 2

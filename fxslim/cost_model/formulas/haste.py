@@ -60,8 +60,13 @@ def _sym(value: Any) -> Any:
 
 
 def _int(value: Any) -> Any:
-    """Counts are whole operations: round floats, keep ints and sympy expressions."""
-    return round(value) if isinstance(value, float) else value
+    """Counts are whole operations: round floats, and a formula with a real coefficient (the expected
+    buckets) to the nearest integer at any size, as the numeric count rounds each call."""
+    if isinstance(value, float):
+        return round(value)
+    if isinstance(value, sympy.Expr) and value.has(sympy.Float):
+        return round(float(value)) if value.is_number else sympy.floor(value + sympy.Rational(1, 2))
+    return value
 
 
 def _layer_and_sizes(x_shape, w_shape, planes_shape, stride, padding, dilation, tile, center, nnz=None):
@@ -75,9 +80,18 @@ def _layer_and_sizes(x_shape, w_shape, planes_shape, stride, padding, dilation, 
     return layer, n * -(-h_out // tile) * -(-w_out // tile), n * h_out * w_out
 
 
-def _one_pixel(pixels: Any, n: Any) -> bool:
-    """Whether each sample has one output pixel: the op then runs the dense conv (``runtime.haste``)."""
-    return sympy.simplify(sympy.sympify(pixels) - sympy.sympify(n)) == 0
+def _one_pixel(pixels: Any, n: Any) -> Any:
+    """Whether each sample has one output pixel: the op then runs the dense conv (``runtime.haste``).
+    A bool at numeric sizes, else the sympy condition (at some sizes of a formula it is one pixel)."""
+    per_sample = sympy.simplify(sympy.sympify(pixels) / sympy.sympify(n)) if n != 0 else sympy.sympify(pixels)
+    return bool(per_sample == 1) if per_sample.is_number else sympy.Eq(per_sample, 1)
+
+
+def _where_one_pixel(one_pixel: Any, dense: Any, otherwise: Any) -> Any:
+    """``dense`` where each sample has one output pixel, else ``otherwise`` (a Piecewise in a formula)."""
+    if isinstance(one_pixel, bool):
+        return dense if one_pixel else otherwise
+    return sympy.Piecewise((dense, one_pixel), (otherwise, True))
 
 
 @register_flop_formula(torch.ops.fxslim.haste_conv2d)
@@ -88,7 +102,8 @@ def _haste_conv2d_flops(x_shape, w_shape, bias_shape, planes_shape, stride, padd
     haste_layer, tiles, pixels = _layer_and_sizes(x_shape, w_shape, planes_shape, stride, padding, dilation, tile,
                                                   center)
     predicted = haste_layer.predicted(tiles, pixels)
-    return int(2 * _int(predicted.dense if _one_pixel(pixels, x_shape[0]) else predicted.reduced_conv))
+    one_pixel = _one_pixel(pixels, x_shape[0])
+    return int(2 * _int(predicted.dense if one_pixel is True else predicted.reduced_conv))
 
 
 def _measured_use(stats: Any, tiles: Any, pixels: Any, n: Any) -> str:
@@ -144,9 +159,11 @@ def haste_conv2d_cost(call: OpCall) -> OpCost:
     if call.conventions.include_bias and a["bias"] is not None:
         ops[("add", x.format)] = o * pixels  # the bias, added once per output element (pixels: N·H_out·W_out)
     params = w.numel + (a["bias"].numel if a["bias"] is not None else 0)  # the planes are metadata, not parameters
-    macs, overhead = predicted.reduced_conv, predicted.overhead
-    if _one_pixel(pixels, n):  # the op runs the dense conv: nothing hashed, nothing merged
-        macs, overhead, info["one_pixel_output"] = predicted.dense, 0, "runs the dense conv"
+    one_pixel = _one_pixel(pixels, n)  # there the op runs the dense conv: nothing hashed, nothing merged
+    macs = _where_one_pixel(one_pixel, predicted.dense, predicted.reduced_conv)
+    overhead = _where_one_pixel(one_pixel, 0, predicted.overhead)
+    if one_pixel is True:
+        info["one_pixel_output"] = "runs the dense conv"
         measured_macs = None if measured_macs is None else _int(predicted.dense)
     return OpCost(macs=_int(macs), elementwise=_int(overhead), ops=ops, params=params,
                   measured_macs=measured_macs, kind="pointwise_conv" if (kh, kw) == (1, 1) else "conv", info=info)
