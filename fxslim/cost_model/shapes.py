@@ -188,7 +188,13 @@ def propagate_symbolic(
     captured = source.captured
     source.recorded.clear()
     if captured.whole:
-        propagate(captured.graphs[0].gm, fakes, mode=mode, around_node=recording(source.recorded))
+        try:
+            propagate(captured.graphs[0].gm, fakes, mode=mode, around_node=recording(source.recorded))
+        except Exception as exc:  # an op that takes no symbolic size (torchvision's shifted window attention)
+            raise ValueError(
+                f"symbolic: an op of {type(captured.module).__name__} cannot run with symbolic sizes "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); cost the sizes you need "
+                "one by one (fxslim.cost_model.sweep)") from exc
         _check_not_specialised(env, rename)
         return mode, rename, symbols
     seen: dict[str, tuple] = {}
@@ -225,9 +231,11 @@ def _check_not_specialised(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]
         fixed = env.replacements.get(symbol)
         if fixed is not None and fixed.is_number:
             raise ValueError(
-                f"symbolic: the model fixes {str(name)!r} to {fixed} (e.g. a flatten feeding a Linear needs that "
-                "size, or an exported graph checks its input sizes unless exported with dynamic shapes); name only "
-                "sizes the model works with at any value"
+                f"symbolic: the model fixes {str(name)!r} to {fixed}, the size it was propagated at: an op needs "
+                "that size (a flatten feeding a Linear; an exported graph checks its input sizes unless exported "
+                "with dynamic shapes), or PyTorch fixes it under symbolic shapes where the model runs at any size "
+                "(bilinear interpolation, window attention); name only sizes that stay free, or cost the sizes you "
+                "need one by one (fxslim.cost_model.sweep)"
             )
 
 

@@ -190,3 +190,16 @@ def test_a_symbolic_batch_from_an_example_of_batch_1():
     assert formula == fxslim.estimate(model, two, symbolic={"batch": 0}).total.macs
     (batch,) = formula.free_symbols
     assert formula.subs(batch, 3) == fxslim.estimate(model, torch.rand(3, 3, 32, 32)).total.macs
+
+
+def test_symbolic_names_an_op_that_takes_no_symbolic_size(monkeypatch):
+    """torchvision's swin_t with symbolic height: the raw RuntimeError of a fake kernel came out."""
+    from fxslim.cost_model import shapes
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("SymIntArrayRef expected to contain only concrete integers")
+
+    monkeypatch.setattr(shapes, "propagate", fails)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
+    with pytest.raises(ValueError, match=r"symbolic: an op of Sequential cannot run with symbolic sizes .*sweep"):
+        fxslim.estimate(model, torch.randn(2, 3, 8, 8), symbolic={"height": 2})
