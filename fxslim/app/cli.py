@@ -120,8 +120,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
         table = result.table(nonzero=not args.all_rows) if is_report else result.table()
         with _output(args.out) as stream:
-            width = args.width or (None if stream is sys.stdout else _FILE_WIDTH)  # a file has no terminal
+            terminal = stream is sys.stdout and sys.stdout.isatty()
+            width = args.width or (None if terminal else _FILE_WIDTH)  # a file or a pipe has no terminal
             console = Console(file=stream, width=width)
+            # narrower than the table's columns need: wider lines (a terminal wraps them) rather than
+            # numbers cut short or columns cropped away
+            console.width = max(console.width, Console(width=1 << 14).measure(table).minimum)
             if not is_report and result.candidates:  # what the passes did, then what it costs
                 console.print(fmt.candidates_rich_table(result))
             console.print(table)

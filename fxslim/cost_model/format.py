@@ -194,14 +194,19 @@ def rich_table(report: CostReport, nonzero: bool = True) -> Any:
     from rich.table import Table
 
     table = Table(title=f"{report.model} cost", caption="\n".join(_summary_lines(report)), caption_justify="left")
-    for i, col in enumerate(_COLUMNS):
-        numeric = i >= _FIRST_NUMERIC
-        table.add_column(col, justify="right" if numeric else "left", no_wrap=i >= 1, overflow="fold")
-    for r in _shown(report, nonzero):
-        table.add_row(*_cells(r))
     t = report.total
-    table.add_row("total", "", "", "", _int(t.macs), _int(t.flops), _int(t.elementwise), _float(t.energy_pj),
-                  _int(t.params), _float(t.storage_bytes), style="bold")
+    rows = [_cells(r) for r in _shown(report, nonzero)]
+    total = ["total", "", "", "", _int(t.macs), _int(t.flops), _int(t.elementwise), _float(t.energy_pj),
+             _int(t.params), _float(t.storage_bytes)]
+    for i, col in enumerate(_COLUMNS):
+        # every column but the module's as wide as its longest cell: a narrow terminal folds the names
+        # and never cuts a number short (10,838 for 10,838,016)
+        widest = max((len(str(row[i])) for row in [*rows, total]), default=0)
+        table.add_column(col, justify="right" if i >= _FIRST_NUMERIC else "left", no_wrap=i >= 1,
+                         overflow="fold", min_width=min(widest, 24) if i == 0 else max(widest, len(col)))
+    for row in rows:
+        table.add_row(*row)
+    table.add_row(*total, style="bold")
     return table
 
 
