@@ -19,6 +19,7 @@ is out of date (a test runs it).
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 _BLOCK = re.compile(r"(<!-- results: (?P<name>[\w./-]+) -->\n)(?P<body>.*?)(<!-- /results -->)", re.S)
 _HEADING = re.compile(r"^(#{1,6}) ", re.M)
 _SHIFT = 2  # README quotes results under a ### subsection
+_LINK = re.compile(r"(!?\[[^\]]*\]\()([^)\s]+)(\))")  # a markdown link or image: [text](target)
 
 __all__ = ["pages", "render", "quoted", "missing", "not_produced_note", "main"]
 
@@ -42,7 +44,7 @@ def not_produced_note(name: str) -> str:
     return f"*Not produced yet: `benchmarks/results/{name}` does not exist.*\n"
 
 
-def _body(name: str) -> str:
+def _body(name: str, page: Path) -> str:
     path = RESULTS / name
     if not path.is_file():
         return not_produced_note(name)
@@ -50,7 +52,16 @@ def _body(name: str) -> str:
     if lines and lines[0].startswith("# "):
         lines = lines[1:]
     text = "\n".join(lines).strip() + "\n"
+    text = _LINK.sub(lambda m: m.group(1) + _from_page(m.group(2), path.parent, page) + m.group(3), text)
     return _HEADING.sub(lambda m: "#" * min(6, len(m.group(1)) + _SHIFT) + " ", text)
+
+
+def _from_page(target: str, source_dir: Path, page: Path) -> str:
+    """A relative link of a results file, as the page that quotes it must write it (a plot beside the
+    results file was a broken image in docs/results/)."""
+    if re.match(r"^([a-z]+:|#|/)", target):
+        return target
+    return os.path.relpath(source_dir / target, page.parent).replace(os.sep, "/")
 
 
 def quoted(readme: str) -> list[str]:
@@ -63,9 +74,10 @@ def missing(readme: str) -> list[str]:
     return [name for name in quoted(readme) if not (RESULTS / name).is_file()]
 
 
-def render(readme: str) -> str:
-    """README text with every marked block replaced by its results file (or the not-produced note)."""
-    return _BLOCK.sub(lambda m: m.group(1) + _body(m.group("name")) + m.group(4), readme)
+def render(readme: str, page: Path = ROOT / "README.md") -> str:
+    """The text of ``page`` with every marked block replaced by its results file (or the
+    not-produced note), relative links made relative to ``page``."""
+    return _BLOCK.sub(lambda m: m.group(1) + _body(m.group("name"), page) + m.group(4), readme)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     for path in pages():
         current = path.read_text(encoding="utf-8")
-        updated = render(current)
+        updated = render(current, path)
         absent = missing(current)
         name = path.relative_to(ROOT)
         if absent:
