@@ -316,8 +316,14 @@ class HTTM(Pass):
             frames_of = None if self.frames is not None else _frames_input(gm, n // p)
             return _Layout(p, sp, self.frames, n // p, None, "config", frames_of=frames_of), "", ""
         pos_node = _positions_node(view.q, n)
+        if pos_node is None and _frames_input(gm, n) is not None:
+            return None, "one_token_per_frame", (
+                f"N={n} is the frame count of the model's [B, S, C, H, W] input: attention over one token per "
+                "frame (a camera head's), not over the frames' patches")
         if pos_node is None:
-            detail = "no integer [.., N, 2] RoPE positions feed q"
+            detail = ("no integer [.., N, 2] RoPE positions feed q (a global attention over the frames' patches "
+                      "needs them, or HTTM(tokens_per_frame=..., special_tokens=...); one over a token per frame, "
+                      "such as a camera head's, is rightly left alone)")
             if ctx.ir == "torch":  # a dynamo graph: positions may sit before a graph break
                 detail += _BREAK_HINT
             return None, "no_frame_layout", detail
