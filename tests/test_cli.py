@@ -135,3 +135,11 @@ def test_report_table_never_cuts_numbers_or_hides_the_module_column(capsys, widt
     assert main(["report", "torchvision:mobilenet_v2", "--input", "1x3x224x224", *width]) == 0
     out = capsys.readouterr().out
     assert "module (node)" in out and "features.0.0" in out and "10,838,016" in out and "300,774,272" in out
+
+
+def test_a_usage_mistake_is_one_line_and_exit_code_2():
+    """argparse printed its whole usage block before the error; README promises one line."""
+    for args in (["report", "torchvision:mobilenet_v2"], ["report", "torchvision:resnet18", "--input", "1x3x8x8",
+                                                         "--format", "pdf"]):
+        done = subprocess.run([sys.executable, "-m", "fxslim.app.cli", *args], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and "error:" in done.stderr, done.stderr

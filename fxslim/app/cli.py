@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 from fxslim.capture import Captured, capture, capture_dynamo
 from fxslim.app.inspection import inspect_graphs, summarize
-from fxslim.app.modelspec import load_model, make_inputs, parse_input
+from fxslim.app.modelspec import FXSLIM_MODELS, load_model, make_inputs, parse_input
 
 __all__ = ["main", "build_parser"]
 
@@ -180,6 +180,10 @@ _COMMANDS["demo"] = _cmd_demo
 
 _FILE_WIDTH = 160  # table width in characters when written to --out
 _MODEL_HELP = "torchvision:NAME, timm:NAME, fxslim:NAME or path/to/file.py:factory"
+_MODEL_ARG_HELP = (f"required: {_MODEL_HELP} (fxslim: {', '.join(sorted(FXSLIM_MODELS))}), before or after the "
+                   "options")
+_PASSES_HELP = ("passes to run first, as NAME[:key=value,...] with NAME haste, httm or prom (e.g. haste:L=14 "
+                "httm:q=0.2,kv=0.3); the report then shows before and after")
 _MODEL_SOURCES = ("torchvision:", "timm:", "fxslim:")
 
 
@@ -187,32 +191,45 @@ def _is_model_spec(text: str) -> bool:
     return text.startswith(_MODEL_SOURCES) or ".py:" in text
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes in one line and exit code 2, as every other mistake (argparse printed its usage
+    block first)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from fxslim import __version__
 
-    parser = argparse.ArgumentParser(prog="fxslim", description="Graph passes that make vision models cheaper, and their cost.")
+    parser = _Parser(prog="fxslim", description="Graph passes that make vision models cheaper, and their cost.",
+                     epilog="e.g. fxslim report torchvision:mobilenet_v2 --input 1x3x224x224 --passes haste:L=14")
     parser.add_argument("--version", action="version", version=f"fxslim {__version__}")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("inspect", help="what each matcher finds in a model")
-    p.add_argument("model", nargs="?", help=_MODEL_HELP)
+    p.add_argument("model", nargs="?", help=_MODEL_ARG_HELP)
     p.add_argument("--input", action="append", required=True, help="input shape such as 1x3x224x224 (repeat for more inputs)")
-    p.add_argument("--ir", choices=("symbolic", "export", "dynamo"), default="symbolic")
-    p.add_argument("--format", choices=("table", "json"), default="table")
+    p.add_argument("--ir", choices=("symbolic", "export", "dynamo"), default="symbolic",
+                   help="graph to read: symbolic trace, torch.export or dynamo (default: symbolic)")
+    p.add_argument("--format", choices=("table", "json"), default="table", help="output format (default: table)")
     p.add_argument("--width", type=int, help="table width in characters (default: the terminal's)")
 
     r = sub.add_parser("report", help="cost of a model (MACs, energy, storage), or before/after passes")
-    r.add_argument("model", nargs="?", help=_MODEL_HELP)
+    r.add_argument("model", nargs="?", help=_MODEL_ARG_HELP)
     r.add_argument("--input", action="append", required=True, help="input shape such as 1x3x224x224 (repeat for more inputs)")
-    r.add_argument("--passes", nargs="+", action="extend", help="passes to run first, e.g. haste:L=14 (report before/after)")
-    r.add_argument("--format", choices=("table", "json", "md", "csv", "html"), default="table")
+    r.add_argument("--passes", nargs="+", action="extend", help=_PASSES_HELP)
+    r.add_argument("--format", choices=("table", "json", "md", "csv", "html"), default="table",
+                   help="output format (default: table)")
     r.add_argument("--out", help="write the report to this file instead of stdout")
     r.add_argument("--plot", help="also write a plot (PNG): breakdown by kind, or per-layer before/after energy")
     r.add_argument("--deploy", help="count the float model as deployed: fp16, int8, "
                                     "prom[:last_pointwise=int8,...] or kind=format,...")
     r.add_argument("--conventions", help="other conventions as key=value,... e.g. accumulator_bits=8,include_requant=true")
-    r.add_argument("--table", default="horowitz45nm", help="energy table: a bundled name or a JSON file")
-    r.add_argument("--ir", choices=("symbolic", "export"), default="symbolic")
+    r.add_argument("--table", default="horowitz45nm", help="energy table: horowitz45nm (bundled, the default) or a "
+                                                            "JSON file")
+    r.add_argument("--ir", choices=("symbolic", "export"), default="symbolic",
+                   help="graph to cost: symbolic trace or torch.export (default: symbolic)")
     r.add_argument("--all-rows", action="store_true", help="list zero-cost nodes too")
     r.add_argument("--width", type=int, help="table width in characters (default: the terminal's)")
 
