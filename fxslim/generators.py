@@ -1,11 +1,20 @@
-"""The random generators, put back after fxslim's own traces and runs of a model's copy.
+"""The random generators, put back after fxslim's own traces and runs of a model's copy, and the
+draws that code makes.
 
 Torch's default (CPU) generator, Python's ``random``, NumPy's legacy ``np.random`` (when NumPy is
 loaded), and the ``torch.Generator`` and ``numpy.random.Generator`` objects a module keeps as
 attributes: a trace or an example run of code that draws from them (dropout or stochastic depth in
 train mode, ``random.random()`` in forward) must not move the caller's streams, so that code seeded
-before ``fxslim.optimize`` draws the same numbers after it. ``kept`` also tells whether anything
-drew: a symbolic trace uses that to find draws it could not record.
+before ``fxslim.optimize`` draws the same numbers after it.
+
+The global generators are shared by every thread of the process (a loader drawing augmentations,
+tqdm's monitor): their state cannot tell whose draws moved it, and putting it back replays the
+other threads' numbers. So the draws of this thread are watched where they happen, and a global
+generator is put back only when this thread drew from it: torch ops tagged
+``nondeterministic_seeded`` below the dispatcher (a mode is per thread), and calls of Python's
+generator methods through a profile function (per thread too). NumPy's are Cython methods that a
+profile function does not see: its legacy generator's state is compared, so another thread drawing
+from it at the same moment counts as a draw (and is put back).
 """
 
 from __future__ import annotations
@@ -18,29 +27,68 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 __all__ = ["kept"]
 
 
 @contextlib.contextmanager
 def kept(module: nn.Module | None = None) -> Iterator[Callable[[], bool]]:
-    """Put every global generator, and each generator object an attribute of ``module`` or of its
-    submodules holds, back on exit; yields a function that tells whether any has moved since entry."""
+    """Watch this thread's draws inside; on exit put back each global generator it drew from and
+    each generator object an attribute of ``module`` or of its submodules holds. Yields a function
+    that tells whether the code inside drew so far."""
     numpy = sys.modules.get("numpy")
-    saved = [_Saved(torch.random.get_rng_state, torch.random.set_rng_state, torch.equal),
-             _Saved(random.getstate, random.setstate, _equal)]
-    if numpy is not None:
-        saved.append(_Saved(numpy.random.get_state, numpy.random.set_state, _equal))
-    saved += [_of(g) for g in _attribute_generators(module, numpy)]
+    own = [_of(g) for g in _attribute_generators(module, numpy)]
+    torch_state, python_state = torch.random.get_rng_state(), random.getstate()
+    numpy_state = numpy.random.get_state() if numpy is not None else None
+    ops, calls = _SeededOps(), _GeneratorCalls()
+
+    def numpy_moved() -> bool:
+        return numpy_state is not None and not _equal(numpy.random.get_state(), numpy_state)
 
     def moved() -> bool:
-        return any(s.moved() for s in saved)
+        return ops.seen or bool(calls.seen) or numpy_moved() or any(s.moved() for s in own)
 
+    previous = sys.getprofile()
+    sys.setprofile(calls)
     try:
-        yield moved
+        with ops:
+            yield moved
     finally:
-        for s in saved:
+        sys.setprofile(previous)
+        for s in own:
             s.restore()
+        if ops.seen:
+            torch.random.set_rng_state(torch_state)
+        if "python" in calls.seen:
+            random.setstate(python_state)
+        if numpy_moved():
+            numpy.random.set_state(numpy_state)
+
+
+class _GeneratorCalls:
+    """A profile function noting calls of Python's generator methods (C methods of a
+    ``random.Random``) on this thread: "python" in ``seen``."""
+
+    def __init__(self) -> None:
+        self.seen: set[str] = set()
+
+    def __call__(self, frame: Any, event: str, arg: Any) -> None:
+        if event == "c_call" and isinstance(getattr(arg, "__self__", None), random.Random):
+            self.seen.add("python")
+
+
+class _SeededOps(TorchDispatchMode):
+    """Notes whether a torch op that draws from a generator ran (on this thread: modes are per thread)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen = False
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
 
 
 class _Saved:

@@ -441,3 +441,31 @@ def test_trace_warns_about_in_place_changes_of_list_and_dict_attributes():
     with pytest.warns(UserWarning, match="forward stores 'history', 'stats'"):
         gm = trace(model)
     assert "owner" not in vars(gm)
+
+
+def test_another_thread_drawing_random_numbers_neither_fails_the_trace_nor_repeats_its_draws():
+    """The global generators' state is shared: another thread's draws (a loader's augmentations, here
+    constant) looked like the trace's own, so resnet18 came back in 16 eager pieces, and putting the
+    state back replayed half of that thread's numbers."""
+    import threading
+
+    import torchvision
+
+    import fxslim
+
+    model, x = torchvision.models.resnet18(weights=None, num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+    stop, draws = threading.Event(), []
+
+    def drawer():
+        while not stop.is_set():
+            draws.append(torch.rand(()).item())
+
+    thread = threading.Thread(target=drawer, daemon=True)
+    thread.start()
+    try:
+        result = fxslim.optimize(model, x, passes=["haste:L=14"])
+    finally:
+        stop.set()
+        thread.join()
+    assert isinstance(result.module, fx.GraphModule) and not result.report.untraced
+    assert len(set(draws)) > 0.99 * len(draws)  # none replayed (float32 collisions aside)
