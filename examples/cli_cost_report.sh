@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The `fxslim` command on torchvision's MobileNetV2 (random weights, nothing downloaded):
-#   1. `fxslim inspect`: what each pass's matcher finds in the model (summary lines only here);
+#   1. `fxslim inspect`: what each pass's matcher finds in the model (its summary line only here);
 #   2. `fxslim report --passes`: the cost (MACs, energy, storage) before/after a pass, per module;
 #   3. `fxslim report`: the cost per layer and by kind as an HTML page, plus a plot.
 # Other formats: --format json|md|csv; `--deploy prom` counts the model as deployed with PROM.
@@ -14,8 +14,8 @@ mkdir -p "$out"
 model=torchvision:mobilenet_v2
 shape=1x3x224x224
 
-echo "== fxslim inspect $model (last lines)"
-fxslim inspect "$model" --input "$shape" | tail -n 2
+echo "== fxslim inspect $model (summary line)"
+fxslim inspect "$model" --input "$shape" | tail -n 1
 
 echo "== fxslim report $model --passes haste:L=14: cost before/after per module, as a table (last lines)"
 fxslim report "$model" --input "$shape" --passes haste:L=14 --format table --width 140 | tail -n 12

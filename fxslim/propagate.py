@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ContextManager
 
 import torch
@@ -53,7 +53,7 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(names) and not any(str(t).startswith("*") for t in names):  # else silently dropped
         raise ValueError(f"example_inputs: the model takes {len(names)} input(s) {names}, got {len(args)}")
-    with torch.no_grad(), _module_state_kept(gm), hooks_silenced(gm):
+    with torch.no_grad(), _module_state_kept(gm), hooks_silenced(gm), _fake_tensor_log_quiet():
         if real:
             _RealProp(gm, mode or FakeTensorMode(allow_non_fake_inputs=True), around_node).run(*args)
         elif not fake:
@@ -69,6 +69,19 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
                     _RealProp(gm, FakeTensorMode(allow_non_fake_inputs=True), around_node).run(*args)
                 except Exception:
                     raise fake_error from None
+
+
+@contextlib.contextmanager
+def _fake_tensor_log_quiet() -> Iterator[None]:
+    """FakeTensorMode logs the traceback of every op that fails (an example of the wrong shape: 18
+    lines on stderr) before raising it; the error reaches the caller anyway, named by its node."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager

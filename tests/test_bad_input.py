@@ -425,3 +425,10 @@ def test_micro_batched_refuses_what_it_cannot_wrap():
     integer = fxslim.convert(fxslim.calibrate(fxslim.prepare(_net(), _x()), [_x()]))
     with pytest.raises(ValueError, match="max_activation_bytes: expected a positive integer .* got '1MB'"):
         fxslim.micro_batched(integer, "1MB")
+
+
+def test_an_example_of_the_wrong_shape_raises_without_a_logged_traceback(capfd):
+    """FakeTensorMode logged an 18-line traceback on stderr before the error was raised."""
+    with pytest.raises(RuntimeError, match="same reduction dim"):
+        fxslim.optimize(nn.Sequential(nn.Linear(8, 4)), torch.randn(2, 9), passes=["haste"])
+    assert "fake_tensor.py" not in capfd.readouterr().err
