@@ -101,6 +101,7 @@ class _LeafTracer(fx.Tracer):
         self._leaf_types = tuple(leaf_modules)
         self._depth, self.last_type = 0, None  # last_type: of the last whole argument, the output once traced
         self._norm_of: nn.Module | None = None  # a norm-act module whose norm is being called as a leaf
+        self.split_norms: set[str] = set()  # the paths of the norm-act modules called so
 
     def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
         """timm's BatchNormAct2d as three calls, its batch norm (a leaf: ``plain_norms`` makes that
@@ -110,6 +111,7 @@ class _LeafTracer(fx.Tracer):
         if not _is_norm_act(m) or self.is_leaf_module(m, self.path_of_module(m)):
             return super().call_module(m, forward, args, kwargs)
         self._norm_of = m
+        self.split_norms.add(self.path_of_module(m))
         try:
             normed = super().call_module(m, forward, args, kwargs)
         finally:
@@ -143,10 +145,11 @@ def _is_norm_act(module: nn.Module) -> bool:
             and isinstance(getattr(module, "drop", None), nn.Module))
 
 
-def _plain_norms(gm: fx.GraphModule) -> None:
-    """Each norm-act module the graph calls (for its batch norm, ``_LeafTracer.call_module``) becomes a
-    BatchNorm2d holding the same tensors, ``drop`` and ``act``: the same state dict keys and values."""
-    for target in dict.fromkeys(str(n.target) for n in gm.graph.nodes if n.op == "call_module"):
+def _plain_norms(gm: fx.GraphModule, split: set[str]) -> None:
+    """Each norm-act module the graph calls for its batch norm (``split`` by ``_LeafTracer.call_module``;
+    not one called whole as a leaf, for its hooks or named by the caller) becomes a BatchNorm2d
+    holding the same tensors, ``drop`` and ``act``: the same state dict keys and values."""
+    for target in sorted(split):
         module = gm.get_submodule(target)
         if not _is_norm_act(module):
             continue
@@ -218,7 +221,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     copy_attributes(module, gm)  # nor attributes its graph does not read (the module's: root's may hold Proxies now)
     if frozen is not None:
         gm.meta[META_FROZEN_MODE] = frozen
-    _plain_norms(gm)
+    _plain_norms(gm, tracer.split_norms)
     _keep_unused_state(root, gm)
     if concrete_args:
         _guard_concrete_args(gm, module, concrete_args)

@@ -7,14 +7,13 @@ attributes: a trace or an example run of code that draws from them (dropout or s
 train mode, ``random.random()`` in forward) must not move the caller's streams, so that code seeded
 before ``fxslim.optimize`` draws the same numbers after it.
 
-The global generators are shared by every thread of the process (a loader drawing augmentations,
-tqdm's monitor): their state cannot tell whose draws moved it, and putting it back replays the
-other threads' numbers. So the draws of this thread are watched where they happen, and a global
-generator is put back only when this thread drew from it: torch ops tagged
-``nondeterministic_seeded`` below the dispatcher (a mode is per thread), and calls of Python's
-generator methods through a profile function (per thread too). NumPy's are Cython methods that a
-profile function does not see: its legacy generator's state is compared, so another thread drawing
-from it at the same moment counts as a draw (and is put back).
+The global generators are shared by every thread of the process: their state cannot tell whose
+draws moved it, and putting it back replays another thread's numbers. Torch's, the one drawn from
+most (a loader's augmentations), is watched on this thread only: ops tagged
+``nondeterministic_seeded`` seen below the dispatcher (a mode is per thread), and put back only when
+one ran, or when its seed changed (``torch.manual_seed`` in forward draws nothing). Python's
+and NumPy's are compared by state: another thread drawing from them at the same moment counts as a
+draw (the module then stays eager) and is put back.
 """
 
 from __future__ import annotations
@@ -34,48 +33,31 @@ __all__ = ["kept"]
 
 @contextlib.contextmanager
 def kept(module: nn.Module | None = None) -> Iterator[Callable[[], bool]]:
-    """Watch this thread's draws inside; on exit put back each global generator it drew from and
-    each generator object an attribute of ``module`` or of its submodules holds. Yields a function
-    that tells whether the code inside drew so far."""
+    """Watch the draws inside; on exit put back each global generator drawn from and each generator
+    object an attribute of ``module`` or of its submodules holds. Yields a function that tells
+    whether the code inside drew so far."""
     numpy = sys.modules.get("numpy")
-    own = [_of(g) for g in _attribute_generators(module, numpy)]
-    torch_state, python_state = torch.random.get_rng_state(), random.getstate()
-    numpy_state = numpy.random.get_state() if numpy is not None else None
-    ops, calls = _SeededOps(), _GeneratorCalls()
+    compared = [_of(g) for g in _attribute_generators(module, numpy)]
+    compared.append(_Saved(random.getstate, random.setstate, _equal))
+    if numpy is not None:
+        compared.append(_Saved(numpy.random.get_state, numpy.random.set_state, _equal))
+    torch_state, seed, ops = torch.random.get_rng_state(), torch.initial_seed(), _SeededOps()
 
-    def numpy_moved() -> bool:
-        return numpy_state is not None and not _equal(numpy.random.get_state(), numpy_state)
+    def reseeded() -> bool:  # torch.manual_seed in forward: no draw, but the caller's stream starts over
+        return torch.initial_seed() != seed
 
     def moved() -> bool:
-        return ops.seen or bool(calls.seen) or numpy_moved() or any(s.moved() for s in own)
+        return ops.seen or reseeded() or any(s.moved() for s in compared)
 
-    previous = sys.getprofile()
-    sys.setprofile(calls)
     try:
         with ops:
             yield moved
     finally:
-        sys.setprofile(previous)
-        for s in own:
-            s.restore()
-        if ops.seen:
+        for s in compared:
+            if s.moved():
+                s.restore()
+        if ops.seen or reseeded():
             torch.random.set_rng_state(torch_state)
-        if "python" in calls.seen:
-            random.setstate(python_state)
-        if numpy_moved():
-            numpy.random.set_state(numpy_state)
-
-
-class _GeneratorCalls:
-    """A profile function noting calls of Python's generator methods (C methods of a
-    ``random.Random``) on this thread: "python" in ``seen``."""
-
-    def __init__(self) -> None:
-        self.seen: set[str] = set()
-
-    def __call__(self, frame: Any, event: str, arg: Any) -> None:
-        if event == "c_call" and isinstance(getattr(arg, "__self__", None), random.Random):
-            self.seen.add("python")
 
 
 class _SeededOps(TorchDispatchMode):

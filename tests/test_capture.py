@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import random
+import sys
 
 import numpy as np
 import pytest
@@ -469,3 +470,53 @@ def test_another_thread_drawing_random_numbers_neither_fails_the_trace_nor_repea
         thread.join()
     assert isinstance(result.module, fx.GraphModule) and not result.report.untraced
     assert len(set(draws)) > 0.99 * len(draws)  # none replayed (float32 collisions aside)
+
+
+def test_draws_seen_also_from_c_callers_and_reseeding_and_a_profiler_survives():
+    """Review of the thread-aware watch: a Python draw made by C code (iter(random.random, ..)) was
+    missed, torch.manual_seed in forward reseeded the caller's stream unseen, and the profile
+    function that watched Python's draws switched the caller's cProfile off."""
+    import cProfile
+
+    class CDraw(nn.Module):
+        def forward(self, x):
+            return x + next(iter(random.random, -1.0))
+
+    class Reseeds(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 3, 1)
+
+        def forward(self, x):
+            torch.manual_seed(123)
+            return self.conv(x)
+
+    for model in (CDraw(), Reseeds()):
+        torch.manual_seed(7), random.seed(7)
+        expected = (torch.rand(3), random.random())
+        torch.manual_seed(7), random.seed(7)
+        with pytest.raises(UnfaithfulTrace):
+            trace(model)
+        assert torch.equal(torch.rand(3), expected[0]) and random.random() == expected[1]
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        trace(nn.Sequential(nn.Conv2d(3, 3, 1)))
+        assert sys.getprofile() is profiler
+    finally:
+        profiler.disable()
+
+
+def test_a_batch_norm_act_called_whole_keeps_its_activation():
+    """Called as a leaf (for its hooks, or named in leaf_modules), it was swapped for a plain BatchNorm2d
+    all the same: no activation (2.58 off) and no hook."""
+    from timm.layers import BatchNormAct2d
+
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3), BatchNormAct2d(8, act_layer=nn.ReLU)).eval(), torch.randn(2, 3, 8, 8)
+    calls = []
+    model[1].register_forward_hook(lambda *args: calls.append(1))
+    for gm in (trace(model), trace(model, leaf_modules=[BatchNormAct2d])):
+        with torch.no_grad():
+            assert torch.equal(gm(x), model(x))
+    assert len(calls) >= 4  # each traced model's call, and the model's own
