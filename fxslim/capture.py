@@ -100,23 +100,6 @@ class _LeafTracer(fx.Tracer):
         super().__init__(autowrap_functions=_timm_notrace_functions(), param_shapes_constant=True)
         self._leaf_types = tuple(leaf_modules)
         self._depth, self.last_type = 0, None  # last_type: of the last whole argument, the output once traced
-        self._norm_of: nn.Module | None = None  # a norm-act module whose norm is being called as a leaf
-        self.split_norms: set[str] = set()  # the paths of the norm-act modules called so
-
-    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple, kwargs: dict) -> Any:
-        """timm's BatchNormAct2d as three calls, its batch norm (a leaf: ``plain_norms`` makes that
-        module a BatchNorm2d in the GraphModule), its ``drop`` and its ``act``: traced through, its
-        forward counts batches in train mode (a buffer write the trace cannot record) and hides its
-        batch norm from the passes as a function call."""
-        if not _is_norm_act(m) or self.is_leaf_module(m, self.path_of_module(m)):
-            return super().call_module(m, forward, args, kwargs)
-        self._norm_of = m
-        self.split_norms.add(self.path_of_module(m))
-        try:
-            normed = super().call_module(m, forward, args, kwargs)
-        finally:
-            self._norm_of = None
-        return m.act(m.drop(normed))
 
     def create_arg(self, a: Any) -> Any:
         self._depth += 1
@@ -128,38 +111,11 @@ class _LeafTracer(fx.Tracer):
                 self.last_type = type(a)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str, hooks: bool = True) -> bool:
-        if m is self._norm_of:
-            return True
         if getattr(type(m), "fxslim_leaf", False) or (self._leaf_types and isinstance(m, self._leaf_types)):
             return True
         if hooks and m is not getattr(self, "root", None) and has_hooks(m):
             return True  # traced through, its hooks would never run again (``_trace_inside_hooked``)
         return super().is_leaf_module(m, module_qualified_name)
-
-
-def _is_norm_act(module: nn.Module) -> bool:
-    """timm's BatchNormAct2d, as timm writes it: BatchNorm2d's forward, then ``drop``, then ``act``."""
-    cls = type(module)
-    return (cls.__name__ == "BatchNormAct2d" and cls.__module__ == "timm.layers.norm_act"
-            and "forward" not in vars(module) and isinstance(getattr(module, "act", None), nn.Module)
-            and isinstance(getattr(module, "drop", None), nn.Module))
-
-
-def _plain_norms(gm: fx.GraphModule, split: set[str]) -> None:
-    """Each norm-act module the graph calls for its batch norm (``split`` by ``_LeafTracer.call_module``;
-    not one called whole as a leaf, for its hooks or named by the caller) becomes a BatchNorm2d
-    holding the same tensors, ``drop`` and ``act``: the same state dict keys and values."""
-    for target in sorted(split):
-        module = gm.get_submodule(target)
-        if not _is_norm_act(module):
-            continue
-        plain = nn.BatchNorm2d(module.num_features, module.eps, module.momentum, module.affine,
-                               module.track_running_stats)
-        plain._parameters, plain._buffers = dict(module._parameters), dict(module._buffers)
-        plain._non_persistent_buffers_set = set(module._non_persistent_buffers_set)
-        plain._modules = dict(module._modules)
-        plain.train(module.training)
-        set_submodule(gm, target, plain)
 
 
 def _timm_notrace_functions() -> tuple[Any, ...]:
@@ -221,7 +177,6 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     copy_attributes(module, gm)  # nor attributes its graph does not read (the module's: root's may hold Proxies now)
     if frozen is not None:
         gm.meta[META_FROZEN_MODE] = frozen
-    _plain_norms(gm, tracer.split_norms)
     _keep_unused_state(root, gm)
     if concrete_args:
         _guard_concrete_args(gm, module, concrete_args)

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import copy
 import warnings
 
 import pytest
@@ -19,7 +18,6 @@ from timm.layers import Conv2dSame, StdConv2d
 from torch import nn
 
 import fxslim
-from fxslim.capture import trace
 
 
 class Net(nn.Module):
@@ -144,42 +142,3 @@ def test_prom_does_not_fold_a_batch_norm_subclass_with_its_own_forward():
     with torch.no_grad():
         out, ref = integer(x), qat(x)
     assert (out - ref).norm() / ref.norm() < 0.05
-
-
-@pytest.mark.parametrize("mode", ["train", "eval"])
-def test_timm_batch_norm_act_is_traced_as_its_batch_norm_then_its_activation(mode):
-    """Traced through, its forward counts batches (a buffer write): in train mode it stayed a leaf, a
-    float island since it applies its activation too; in eval mode the QAT model stayed frozen there
-    (no BN statistics updated in training). Now a BatchNorm2d call, then ``drop`` and ``act``."""
-    from timm.layers import BatchNormAct2d
-
-    from fxslim.passes.prom import calibrate
-
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), BatchNormAct2d(8, act_layer=nn.ReLU),
-                          nn.Conv2d(8, 16, 1), BatchNormAct2d(16, act_layer=nn.SiLU), nn.Conv2d(16, 4, 3))
-    model.train(mode == "train")
-    x = torch.randn(4, 3, 16, 16)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        qat = fxslim.prepare(model, x[:2])
-    assert not [w for w in caught if "self.training" in str(w.message)]
-    norms = {k for k in model.state_dict() if k.startswith(("1.", "3."))}  # the same keys, BN's and none more
-    assert type(qat.get_submodule("1")) is nn.BatchNorm2d and norms <= set(qat.state_dict())
-    before = qat.get_buffer("1.running_mean").clone()
-    with torch.no_grad():
-        qat.train()(x)  # QAT updates the statistics
-    assert not torch.equal(qat.get_buffer("1.running_mean"), before)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        qat = calibrate(qat.eval(), [x])
-        report = fxslim.convert_report(fxslim.convert(qat))
-    assert list(report.integer.values()).count("conv") == 3
-    assert model.training == (mode == "train")  # the caller's model: its own class and mode
-    assert type(model[1]) is BatchNormAct2d
-    traced, reference = trace(model), copy.deepcopy(model)
-    for train in (True, False):  # the same values and statistics updates as the module, in both modes
-        traced.train(train), reference.train(train)
-        with torch.no_grad():
-            torch.testing.assert_close(traced(x), reference(x), rtol=0, atol=0)
-        torch.testing.assert_close(traced.state_dict(), reference.state_dict(), rtol=0, atol=0)
