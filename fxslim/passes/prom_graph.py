@@ -15,7 +15,7 @@ from fxslim.ir import meta_val
 from fxslim.passes.matchers import custom_forward
 from fxslim.runtime.prom_qat import ActFakeQuant
 
-__all__ = ["is_quant", "is_shape_op", "is_activation", "is_residual_add", "float_tensor", "module_of"]
+__all__ = ["is_quant", "is_shape_op", "is_activation", "is_residual_add", "float_tensor", "module_of", "layer_of"]
 
 # Value-preserving ops (dropout counts: it is the identity in eval mode, the mode convert assumes).
 _SHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, F.dropout}
