@@ -114,7 +114,7 @@ def test_integer_model_refuses_its_tensors_without_the_constants_digest(qat, str
     assert integer.load_state_dict(unrelated, strict=False).unexpected_keys == ["some.other.weight"]
 
 
-@pytest.mark.skipif(not onednn_available(), reason="needs oneDNN's int8 convs")
+@pytest.mark.skipif(not (onednn_available() and vnni_available()), reason="needs oneDNN's int8 convs with VNNI")
 def test_integer_model_names_another_runtime_when_refusing_its_state(qat):
     model, _ = qat
     with pytest.raises(ValueError, match="another runtime"):
