@@ -35,11 +35,11 @@ from fxslim.models.train import FitConfig, evaluate, fit, predict
 from fxslim.passes.prom import PROM, calibrate
 from fxslim.passes.prom_convert import convert
 from fxslim.runtime import prom
-from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+from fxslim.runtime.prom_onednn import onednn_available
 
 __all__ = ["run", "main"]
 
-_ONEDNN = onednn_available() and vnni_available()  # the fast runtime's columns, where it can run
+_ONEDNN = onednn_available()  # the fast runtime's columns, where it can run
 
 
 def _top1(logits: torch.Tensor, labels: torch.Tensor) -> float:

@@ -33,7 +33,7 @@ from fxslim.models.train import FitConfig, fit, predict
 from fxslim.passes.prom import PROM, calibrate
 from fxslim.passes.prom_batching import micro_batched
 from fxslim.passes.prom_convert import convert
-from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+from fxslim.runtime.prom_onednn import onednn_available
 
 __all__ = ["run", "main"]
 
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace, command: str = "python -m benchmarks.prom_peer
         with torch.no_grad():
             row(f"{label}: fake-quant", predict(prepared, x))
             row(f"{label}: integer, reference runtime", predict(convert(prepared), x))
-            if onednn_available() and vnni_available():
+            if onednn_available():
                 row(f"{label}: integer, oneDNN runtime (micro_batched)",
                     predict(micro_batched(convert(prepared, runtime="onednn")), x))
     text = [

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import fxslim
-from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+from fxslim.runtime.prom_onednn import onednn_available
 
 
 class Net(nn.Module):
@@ -41,7 +41,7 @@ def _models():
     fxslim.calibrate(qat, [(x, bias)])
     qat.eval()
     models = {"haste": haste, "prom_qat": qat, "prom_reference": fxslim.convert(qat)}
-    if onednn_available() and vnni_available():
+    if onednn_available():
         models["prom_onednn"] = fxslim.convert(qat, runtime="onednn")
     return models, x, bias
 

@@ -49,7 +49,7 @@ from fxslim.models.train import train_step
 from fxslim.models.vggt import vggt_small
 from fxslim.runtime.haste import record_buckets
 from fxslim.runtime.haste_counts import HasteBuckets
-from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+from fxslim.runtime.prom_onednn import onednn_available
 from fxslim.runtime.prom_qat import freeze_observers
 
 __all__ = ["PARTS", "DemoSizes", "FULL", "QUICK", "PartResult", "run_demo", "SUMMARY_HEADER", "summary_rows",
@@ -208,12 +208,12 @@ def _prom(sizes: DemoSizes, steps: _Steps) -> PartResult:
 
 
 def _fastest_integer_model(qat: Any, reference: Any) -> tuple[Any, str]:
-    """The integer model a user would deploy on this CPU: oneDNN's fused u8 convs where the CPU has
-    exact int8 dot products, run as README shows (``micro_batched``: lowered, its convs called as
-    oneDNN primitives), else the reference integer ops (what the costs and top-1 come from)."""
-    if onednn_available() and vnni_available():
+    """The integer model a user would deploy on this CPU: oneDNN's fused u8 convs, run as README shows
+    (``micro_batched``: lowered, its convs called as oneDNN primitives), else (a torch without oneDNN)
+    the reference integer ops (what the costs and top-1 come from)."""
+    if onednn_available():
         return fxslim.micro_batched(fxslim.convert(qat, runtime="onednn")), "oneDNN integer runtime (micro_batched)"
-    return reference, "reference integer ops (this CPU has no VNNI/AMX int8)"
+    return reference, "reference integer ops (this torch has no oneDNN quantized ops)"
 
 
 def _haste(sizes: DemoSizes, steps: _Steps) -> PartResult:

@@ -61,7 +61,7 @@ from fxslim.passes.prom_pointwise import (
 )
 from fxslim.passes.prom_versions import share_version_counter
 from fxslim.propagate import propagate
-from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+from fxslim.runtime.prom_onednn import onednn_available
 from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
 from fxslim.warn import warn_user
 
@@ -361,8 +361,9 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     ``runtime``: ``"reference"`` emits the fixed-point ops of ``fxslim.runtime.prom`` (ternary
     weights packed 2 bits each, the cost model's view); ``"onednn"`` emits the fused u8 oneDNN ops
     of ``fxslim.runtime.prom_onednn`` (weights prepacked, a conv feeding a residual add fused with
-    it, unless ``fuse_adds`` is False: see ``prom_fuse``; needs a CPU with VNNI/AMX int8 dot
-    products).
+    it, unless ``fuse_adds`` is False: see ``prom_fuse``). On a CPU without VNNI/AMX int8 dot products
+    (AVX2) oneDNN runs the ternary and depthwise convs, whose sums it gets exactly there, and the ops
+    sum 8-bit dense layers in float (``prom_onednn.exact_sums``).
 
     Input: the float tensors the model takes; output: float32 logits (dequantized). BN running
     statistics and the observers' grids are used as they are; dropout is the identity. A model
@@ -391,9 +392,9 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
         raise ValueError(f"convert: runtime must be one of {RUNTIMES}, got {runtime!r}")
     if not isinstance(fuse_adds, bool):
         raise ValueError(f"convert: fuse_adds must be True or False, got {fuse_adds!r}")
-    if runtime == "onednn" and not (onednn_available() and vnni_available()):
-        raise ValueError("convert: runtime 'onednn' needs torch's oneDNN quantized ops and a CPU with VNNI or AMX "
-                         "int8 dot products (exact u8·s8 sums); use runtime='reference'")
+    if runtime == "onednn" and not onednn_available():
+        raise ValueError("convert: runtime 'onednn' needs torch's oneDNN quantized ops (torch.backends.mkldnn), "
+                         "which this torch build lacks; use runtime='reference'")
     converted = {path: _convert_graph(part, runtime, fuse_adds) for path, part in parts.items()}
     for path, part in converted.items():
         copy_hooks(parts[path], part)  # float in, float out: the hooks of what became integer ops still apply

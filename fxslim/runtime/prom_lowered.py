@@ -30,7 +30,9 @@ kernels; tests/runtime/test_prom_lowered.py compares them bit for bit), so the `
 graph stays the model's definition and the reference the lowered one is tested against. What the
 ops checked per call and the graph guarantees is not checked again: the dtype and channel count
 of each conv input (another lowered op's output), the weights (constants). A conv that some input
-size would leave without output pixels keeps its checking op. Weights are read at lowering: like
+size would leave without output pixels keeps its checking op, and so does a conv or linear whose
+weights oneDNN would not sum exactly on this CPU (``prom_onednn.exact_sums``: 8-bit dense weights
+without VNNI). Weights are read at lowering: like
 inductor's freezing, a lowered graph does not see later in-place changes to them.
 """
 
@@ -294,6 +296,9 @@ class _Lowering:
                                "out_min", "out_max", "stride", "padding", "dilation", "groups")]
         args[3:6] = weight, w_scale, bias
         args[0] = x
+        if not prom_onednn.exact_sums(weight, a["groups"]):
+            self.count("kept:inexact_sums")  # oneDNN's kernels on this CPU would saturate: the op sums exactly
+            return
         packed, zeros, attr, scalars, stride, padding, dilation, any_size = prom_onednn._conv_plan(*args, full=True)
         if not any_size:
             self.count("kept:input_size_checked")  # a small enough input gives no output pixel: the op checks
@@ -371,6 +376,9 @@ class _Lowering:
         x = meta_val(a["x"])
         if weight is None or w_scale is None or bias is None or not isinstance(x, Tensor) or x.dim() != 2:
             self.count("kept:weight_at_run_time" if weight is None else "kept:not_2d")
+            return
+        if not prom_onednn.exact_sums(weight, 1):
+            self.count("kept:inexact_sums")  # as for convs
             return
         prom_onednn._linear_check(x, a["x_scale"], a["x_zero_point"], weight, w_scale, bias, a["out_scale"],
                                   a["out_zero_point"], a["out_min"], a["out_max"])

@@ -23,14 +23,19 @@ the fixed-point integer requantization; the two agree within 1 LSB, and the floa
 - ``qadd``: residual add of two u8 tensors in float32, the same arithmetic as the fake-quant model
   (dequantize, add, quantize), so it is bit-exact against it; used where ``qconv2d_add`` cannot be.
 
-Exactness of the oneDNN kernels needs VNNI/AMX-class int8 instructions (``vnni_available``): the
-plain AVX2 path sums u8·s8 pairs in saturating int16, which 8-bit weights can overflow.
+Exactness: oneDNN's int8 kernels sum u8·s8 products exactly with VNNI/AMX dot products
+(``vnni_available``). Without them (AVX2) they add pairs of products in saturating int16 first,
+which 8-bit weights overflow (codes off by up to 99 on a dense 3×3 conv with weights ±127):
+``exact_sums`` says which weights oneDNN sums exactly on this CPU, and the ops compute the others
+with their integer sums in float (``_exact_conv``, ``_exact_linear``: the same requantization,
+within 1 LSB of oneDNN's), so a converted model gives its values on every CPU.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import math
 import warnings
 from collections.abc import Iterator, Sequence
@@ -45,6 +50,7 @@ from fxslim.runtime.prom import (
 )
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available",
+           "exact_sums",
            "QUANTIZED_CONV", "quantized_conv_add", "onednn_engine", "codes", "as_qtensor", "pack_quantized",
            "ConvWeights", "miscomputed_grouping", "requantization", "quiet_qtensor_warning"]
 
@@ -59,6 +65,28 @@ def vnni_available() -> bool:
     return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
 
 
+def exact_sums(weight: Tensor, groups: int) -> bool:
+    """Whether oneDNN's u8·s8 kernels sum the products of these int8 weight codes (a conv's
+    [C_out, C_in/groups, kH, kW] or a linear's [out, in]) exactly on this CPU: always with VNNI/AMX;
+    on AVX2 when no pair of products can leave int16 (every |code| ≤ 64, as ternary codes: 2·255·64
+    < 2^15), and for depthwise convs (one input and one output channel per group), whose kernel
+    adds no pairs (measured on AVX2 with codes 255 against weights ±127)."""
+    if vnni_available():
+        return True
+    if weight.dim() == 4 and weight.shape[1] == 1 and weight.shape[0] == groups:
+        return True
+    return weight.numel() == 0 or int(weight.abs().max()) <= _PAIR_SAFE
+
+
+_PAIR_SAFE = 64  # the largest |weight code| whose pairs of u8 products stay below 2^15 (2·255·64 = 32640)
+
+
+def _exact_sums(weight: Tensor, groups: int) -> bool:
+    """``exact_sums``, cached on the weight tensor (the ops ask on every call)."""
+    return _CACHE.get(weight, ("exact_sums", int(groups)), lambda: exact_sums(weight, groups))
+
+
+@functools.cache
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
@@ -295,22 +323,50 @@ def miscomputed_grouping(weight: Tensor, groups: int) -> bool:
     Measured on torch 2.14.1 (AMX/VNNI): codes off by up to 255 for, among others, 2 groups of 2 → 24
     channels with a 3×3 kernel on a 7×7 input, 2 groups of 1 → 48 on 9×9, 2 groups of 12 → 24 with a
     7×7 kernel; which groupings fail depends on the channel counts per group and the input size, so
-    every grouped conv of this kind is computed exactly instead (``_float64_conv``). oneDNN 3.2
+    every grouped conv of this kind is computed exactly instead (``_exact_conv``). oneDNN 3.2
     (``prom_direct``) gets them right.
     """
     return groups > 1 and weight.shape[2] * weight.shape[3] > 1 and not (weight.shape[1] == 1 and weight.shape[0] == groups)
 
 
-def _float64_conv(x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor,
-                  out_scale: float, out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int],
-                  padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
-    """``qconv2d``'s arithmetic without oneDNN, for ``miscomputed_grouping`` convs: integer sums (exact
-    in float64), scaled and biased, rounded half to even and clamped; uint8 channels_last like the
-    oneDNN ops. Within 1 LSB of them (they scale in float32)."""
-    acc = F.conv2d(x.double() - x_zero_point, weight.double(), None, list(stride), list(padding), list(dilation), groups)
-    real = acc.mul_((x_scale * w_scale.double()).view(1, -1, 1, 1)).add_(bias.double().view(1, -1, 1, 1))
-    out = torch.round(real.div_(out_scale)).add_(out_zero_point).clamp_(out_min, out_max)
-    return out.to(torch.uint8).contiguous(memory_format=torch.channels_last)
+def _exact_conv(x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor,
+                out_scale: float, out_zero_point: int, out_min: int, out_max: int, stride: Sequence[int],
+                padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
+    """``qconv2d``'s arithmetic without oneDNN's kernels, for convs they would get wrong
+    (``miscomputed_grouping``, or sums not ``exact_sums`` on this CPU): the integer sums Σ w·(q − z)
+    in float (exact: float32 while they stay below 2^24, else float64), then oneDNN's requantization
+    in float32 (``_requantized``); uint8 channels_last like the oneDNN ops, within 1 LSB of them (they
+    fuse the scaling into one rounding)."""
+    dtype = _exact_float(weight)
+    weights = _CACHE.get(weight, ("exact", dtype), lambda: weight.to(dtype))
+    centred = x.to(dtype).sub_(x_zero_point)
+    acc = F.conv2d(centred, weights, None, list(stride), list(padding), list(dilation), groups)
+    return _requantized(acc, x_scale, w_scale, bias, out_scale, out_zero_point, out_min, out_max, 1)
+
+
+def _exact_float(weight: Tensor) -> torch.dtype:
+    """float32 where every partial sum of Σ w·(q − z) over a code row stays below 2^24 (|q − z| ≤ 255), else float64."""
+    rows = weight.reshape(weight.shape[0], -1).abs().sum(1, dtype=torch.int64)
+    return torch.float32 if weight.numel() == 0 or 255 * int(rows.max()) < 2**24 else torch.float64
+
+
+def _requantized(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor, out_scale: float, out_zero_point: int,
+                 out_min: int, out_max: int, channel_dim: int) -> Tensor:
+    """u8 codes of the exact integer sums ``acc`` as oneDNN requantizes them: real = fl32(acc)·(fl32(s_x)·w_c)
+    + bias_c, then round_half_even(real · fl32(1/s_out)) + z_out clamped to [out_min, out_max]
+    (ATen's quantizer, after a clamp that keeps real · (1/s_out) inside int32); channels_last when 4-d."""
+    scale, _ = requantization(x_scale, w_scale, out_scale)
+    shape = [-1 if d == channel_dim else 1 for d in range(acc.dim())]
+    real = torch.addcmul(bias.view(shape), acc.to(torch.float32), scale.view(shape))
+    bound = _SATURATED * out_scale
+    q = torch.quantize_per_tensor(real.clamp_(-bound, bound), out_scale, out_zero_point, torch.quint8)
+    out = codes(q)
+    if (out_min, out_max) != (0, 255):
+        out = out.clamp_(out_min, out_max)
+    return _channels_last(out) if out.dim() == 4 else out.contiguous()
+
+
+_SATURATED = 512.0  # steps of the grid from 0 past which every code saturates (the grid spans 255)
 
 
 def may_pad_explicitly(weight: Tensor, padding: Sequence[int], dilation: Sequence[int]) -> bool:
@@ -361,10 +417,10 @@ def _qconv2d_cpu(
 
     y_c = s_x·w_scale_c·Σ w·(q − z_x) + bias_c (real bias); out = clamp(round(y/s_out) + z_out).
     """
-    if miscomputed_grouping(weight, groups):
+    if miscomputed_grouping(weight, groups) or not _exact_sums(weight, groups):
         *_, stride, padding, dilation = _conv_plan(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale,
                                                    out_zero_point, out_min, out_max, stride, padding, dilation, groups)
-        return _float64_conv(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min,
+        return _exact_conv(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min,
                              out_max, stride, padding, dilation, groups)
     _check_image(x)  # before the padding below reads its spatial dims
     x, padding = _padded_explicitly(x, weight, padding, dilation, x_zero_point)
@@ -472,12 +528,25 @@ def _qlinear_cpu(
 ) -> Tensor:
     """Linear with int8 weight codes [out, in], requantized to u8 in the kernel: u8 [..., in] → u8 [..., out]."""
     shape = _linear_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max)
+    if not _exact_sums(weight, 1):
+        return _exact_linear(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min,
+                             out_max).view(shape)
     packed, zeros = prepack_linear(weight)
     attr, scalars = _post_op(out_scale, out_zero_point, out_min, out_max)
     x2 = x.reshape(-1, weight.shape[1]).contiguous()
     out = torch.ops.onednn.qlinear_pointwise(x2, x_scale, x_zero_point, packed, w_scale, zeros, bias, out_scale,
                                              out_zero_point, None, attr, scalars, "")
     return out.view(shape)
+
+
+def _exact_linear(x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_scale: Tensor, bias: Tensor,
+                  out_scale: float, out_zero_point: int, out_min: int, out_max: int) -> Tensor:
+    """``qlinear``'s arithmetic without oneDNN's kernel, for weights not ``exact_sums`` on this CPU
+    (as ``_exact_conv``): u8 codes [rows, out]."""
+    dtype = _exact_float(weight)
+    weights = _CACHE.get(weight, ("exact", dtype), lambda: weight.to(dtype))
+    acc = F.linear(x.reshape(-1, weight.shape[1]).to(dtype).sub_(x_zero_point), weights)
+    return _requantized(acc, x_scale, w_scale, bias, out_scale, out_zero_point, out_min, out_max, 1)
 
 
 def prepack_linear(weight: Tensor) -> tuple[Tensor, Tensor]:

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import fxslim
-from fxslim.runtime.prom_onednn import onednn_available, vnni_available
+from fxslim.runtime.prom_onednn import onednn_available
 
-RUNTIMES = ["reference"] + (["onednn"] if onednn_available() and vnni_available() else [])
+RUNTIMES = ["reference"] + (["onednn"] if onednn_available() else [])
 
 
 def _integer(model, x, runtime):

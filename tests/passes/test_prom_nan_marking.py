@@ -11,7 +11,7 @@ from torch import nn
 import fxslim
 from fxslim.passes.prom_nan import ALL, ROWS, nan_reach
 
-RUNTIMES = ["reference"] + (["onednn"] if fxslim.passes.prom_convert.vnni_available() else [])
+RUNTIMES = ["reference"] + (["onednn"] if fxslim.passes.prom_convert.onednn_available() else [])
 
 
 def _integer(model: nn.Module, *inputs: torch.Tensor, runtime: str = "reference"):
