@@ -330,3 +330,19 @@ def test_qlinear_int8_weights_within_one_lsb_with_and_without_vnni(monkeypatch, 
     real = sx * (x.double() - zx) @ (weight.double() * w_scale.double().view(-1, 1)).T + bias.double()
     expected = torch.round(real / so + zo).clamp(0, 255)
     assert out.shape == (3, 13) and (out.double() - expected).abs().max() <= 1
+
+
+def test_exact_conv_in_slices_of_the_batch_equals_it_whole_and_any_batch(monkeypatch):
+    """The float sums are computed a few samples at a time (``_EXACT_CHUNK``): the codes are those of
+    the whole batch at once, and of each sample alone; an empty batch gives an empty output."""
+    monkeypatch.setattr(O, "vnni_available", lambda: False)
+    gen = _gen(11)
+    weight, w_scale, bias = _layer(8, 3, 3, gen, ternary=False)
+    x = _codes((5, 3, 10, 10), gen)
+    args = (0.05, 3, weight, w_scale, bias, 0.7, 120, 0, 255, [2, 2], [1, 1], [1, 1], 1)
+    whole = O.qconv2d(x, *args)
+    monkeypatch.setattr(O, "_EXACT_CHUNK", 2 * 8 * 5 * 5)  # two samples per slice: slices of 1 (first), 2, 2
+    sliced = O.qconv2d(x, *args)
+    assert torch.equal(sliced, whole) and sliced.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(O.qconv2d(x[i : i + 1], *args), whole[i : i + 1]) for i in range(5))
+    assert O.qconv2d(x[:0], *args).shape == (0, 8, 5, 5)
