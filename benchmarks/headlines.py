@@ -57,7 +57,20 @@ def _prom() -> list[str]:
     energy = _section(_load("prom_energy_storage"), "Energy").table
     deployed = [row[len(row) - 1 - energy.columns[::-1].index("ratio")] for row in energy.rows]  # the last ratio column
     low, high = min(deployed), max(deployed)
-    speed = _load("prom_vs_peers").sections[0].table  # median ms: variant, then one column per (batch, threads)
+    latency = [_latency("prom_vs_peers", ", VNNI CPU", f"fastest of {', '.join(INT8_PEERS)} (beside ours)")]
+    if (RESULTS / "prom_vs_peers_avx2.json").is_file():  # a CPU without VNNI, where PROM sums 8-bit layers in float
+        latency.append(_latency("prom_vs_peers_avx2", ", AVX2 CPU (no VNNI)", "the same"))
+    return [
+        f"| PROM | energy vs float16 | {PAPER['prom_energy']} | {low:.2f}×–{high:.2f}× over the accounting "
+        "conventions (MobileNetV2, converted integer model) | — (the int8 peers do not report it) "
+        "| prom_energy_storage.md |",
+        *latency,
+    ]
+
+
+def _latency(name: str, cpu: str, peers: str) -> str:
+    """The CPU latency row of one prom_vs_peers page: PROM's fastest variant and the fastest int8 peer, 1 thread."""
+    speed = _load(name).sections[0].table  # median ms: variant, then one column per (batch, threads)
     ms = {r["variant"]: r for r in _rows(speed)}
     cells = []
     one_thread = [c for c in speed.columns[1:] if c.endswith(", 1 thr")]  # the row's claim; 2 threads in the file
@@ -65,13 +78,7 @@ def _prom() -> list[str]:
         best = min(INT8_PEERS, key=lambda p: ms[p][column])
         ours = min((p for p in PROM_VARIANTS if p in ms), key=lambda p: ms[p][column])
         cells.append(f"{label}: {ours} {ms[ours][column]:.1f} ms, {best} {ms[best][column]:.1f} ms")
-    return [
-        f"| PROM | energy vs float16 | {PAPER['prom_energy']} | {low:.2f}×–{high:.2f}× over the accounting "
-        "conventions (MobileNetV2, converted integer model) | — (the int8 peers do not report it) "
-        "| prom_energy_storage.md |",
-        f"| PROM | CPU latency, MobileNetV2 224 px, 1 thread | — | {'; '.join(cells)} | fastest of "
-        f"{', '.join(INT8_PEERS)} (beside ours) | prom_vs_peers.md |",
-    ]
+    return f"| PROM | CPU latency, MobileNetV2 224 px, 1 thread{cpu} | — | {'; '.join(cells)} | {peers} | {name}.md |"
 
 
 def _haste_speed() -> str:

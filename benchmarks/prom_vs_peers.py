@@ -27,7 +27,8 @@ as in a loop serving one request at a time. A last set of rounds times what ``to
 per call by itself (``compile_floor``): an empty module, eager and compiled, each called right after
 a PROM call has filled the caches with the model's data, beside PROM compiled minus PROM eager. A
 peer that cannot be installed is skipped with its reason. Records go to
-benchmarks/results/prom_vs_peers.json, the page prom_vs_peers.md is rendered from them.
+benchmarks/results/prom_vs_peers.json, the page prom_vs_peers.md is rendered from them; on a CPU
+without VNNI/AMX int8 dot products (AVX2) to prom_vs_peers_avx2.json and .md.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ from benchmarks.command import command_line
 from benchmarks.records import RESULTS, Results, Section, Table, cpu_name, write
 from fxslim.app.timing import interleaved_samples, paired_ratio
 
-__all__ = ["PEERS", "INT8_PEERS", "PROM_VARIANTS", "measure", "results", "run", "main"]
+__all__ = ["PEERS", "INT8_PEERS", "PROM_VARIANTS", "measure", "results", "results_name", "run", "main"]
 PEERS = ("PT2E int8 + compile", "ONNX Runtime int8")  # the target: PROM >= 1.0x these at 1 thread
 INT8_PEERS = (*PEERS, "OpenVINO + NNCF int8")  # every int8 stack timed beside PROM
 PROM_VARIANTS = ("PROM integer", "PROM integer compiled", "PROM integer, ATen convs")
@@ -237,7 +238,18 @@ def results(records: list[dict], command: str) -> Results:
     sections.append(Section(text=["Target (issue 16): PROM integer ≥ 1.0× PT2E int8 + compile and ONNX Runtime int8 "
                                   "at batch 1 and 32, 1 thread; PROM integer compiled at least as fast as PROM "
                                   "integer."], after=_verdicts(records)))
-    return Results("prom_vs_peers", "PROM integer MobileNetV2 vs int8 CPU peers, 224×224", command, sections)
+    name, title = results_name()
+    return Results(name, title, command, sections)
+
+
+def results_name() -> tuple[str, str]:
+    """(file stem, title) of this CPU's results: a CPU without VNNI/AMX int8 dot products (AVX2, where
+    PROM sums its 8-bit dense layers in float) keeps a page of its own beside the VNNI one."""
+    from fxslim.runtime.prom_onednn import vnni_available
+
+    if vnni_available():
+        return "prom_vs_peers", "PROM integer MobileNetV2 vs int8 CPU peers, 224×224"
+    return "prom_vs_peers_avx2", "PROM integer MobileNetV2 vs int8 CPU peers, 224×224, on a CPU without VNNI (AVX2)"
 
 
 def _verdicts(records: list[dict]) -> list[str]:
