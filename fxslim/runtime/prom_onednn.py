@@ -75,7 +75,8 @@ def exact_sums(weight: Tensor, groups: int) -> bool:
         return True
     if weight.dim() == 4 and weight.shape[1] == 1 and weight.shape[0] == groups:
         return True
-    return weight.numel() == 0 or int(weight.abs().max()) <= _PAIR_SAFE
+    # the bounds rather than int8 abs(), which leaves −128 at −128
+    return weight.numel() == 0 or max(-int(weight.min()), int(weight.max())) <= _PAIR_SAFE
 
 
 _PAIR_SAFE = 64  # the largest |weight code| whose pairs of u8 products stay below 2^15 (2·255·64 = 32640)
@@ -365,13 +366,17 @@ _EXACT_CHUNK = 1 << 19  # output values per slice of ``_exact_conv``: 2 MB of fl
 
 def _exact_weights(weight: Tensor) -> Tensor:
     """``weight``'s codes as floats that sum Σ w·(q − z) exactly (cached on it): float32 where every
-    partial sum of a row stays below 2^24 (|q − z| ≤ 255), else float64."""
-    def build() -> Tensor:
-        rows = weight.reshape(weight.shape[0], -1).abs().sum(1, dtype=torch.int64)
-        exact32 = weight.numel() == 0 or 255 * int(rows.max()) < 2**24
-        return weight.to(torch.float32 if exact32 else torch.float64)
+    partial sum of a row stays below 2^24 (|q − z| ≤ 255) and the sums are direct ones, else float64.
+    With oneDNN's float convs switched off (``torch.backends.mkldnn.flags(enabled=False)``) ATen
+    takes NNPACK's Winograd convs for float32 batches of 16 and more, whose sums are not exact."""
+    direct = bool(torch.backends.mkldnn.enabled)
 
-    return _CACHE.get(weight, "exact", build)
+    def build() -> Tensor:
+        rows = weight.reshape(weight.shape[0], -1).to(torch.int64).abs().sum(1)
+        exact32 = weight.numel() == 0 or 255 * int(rows.max()) < 2**24
+        return weight.to(torch.float32 if exact32 and direct else torch.float64)
+
+    return _CACHE.get(weight, ("exact", direct), build)
 
 
 def _requantized(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor, out_scale: float, out_zero_point: int,
@@ -383,7 +388,7 @@ def _requantized(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor, out
     scale, _ = requantization(x_scale, w_scale, out_scale)
     shape = [-1 if d == channel_dim else 1 for d in range(acc.dim())]
     real = acc.to(torch.float32).mul_(scale.view(shape)).add_(bias.view(shape))  # in place: acc is the caller's own
-    bound = _SATURATED * out_scale
+    bound = min(_SATURATED * out_scale, _FLOAT32_MAX)  # a float32 clamp bound (out_scale may pass 6.6e35)
     _quiet_once()
     out = codes(torch.quantize_per_tensor(real.clamp_(-bound, bound), out_scale, out_zero_point, torch.quint8))
     if (out_min, out_max) != (0, 255):
@@ -392,6 +397,7 @@ def _requantized(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor, out
 
 
 _SATURATED = 512.0  # steps of the grid from 0 past which every code saturates (the grid spans 255)
+_FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def may_pad_explicitly(weight: Tensor, padding: Sequence[int], dilation: Sequence[int]) -> bool:

@@ -346,3 +346,31 @@ def test_exact_conv_in_slices_of_the_batch_equals_it_whole_and_any_batch(monkeyp
     assert torch.equal(sliced, whole) and sliced.is_contiguous(memory_format=torch.channels_last)
     assert all(torch.equal(O.qconv2d(x[i : i + 1], *args), whole[i : i + 1]) for i in range(5))
     assert O.qconv2d(x[:0], *args).shape == (0, 8, 5, 5)
+
+
+def test_exact_path_takes_code_minus_128_the_winograd_convs_and_a_huge_out_scale(monkeypatch):
+    """Three edges of the float sums: int8 abs() leaves −128 at −128 (it passed for pair-safe, and oneDNN
+    saturated: 150 for 100); ATen runs float32 convs of 16+ samples as NNPACK's inexact Winograd convs
+    when oneDNN's are switched off; a clamp bound of 512·out_scale overflows float32 past 6.6e35."""
+    monkeypatch.setattr(O, "vnni_available", lambda: False)
+    weight = torch.full((4, 8, 3, 3), -128, dtype=torch.int8)
+    assert not O.exact_sums(weight, 1)
+    x = torch.full((1, 8, 5, 5), 255, dtype=torch.uint8)
+    ones, zeros = torch.ones(4), torch.zeros(4)
+    args = ([1, 1], [1, 1], [1, 1], 1)
+    out = O.qconv2d(x, 1.0, 0, weight, ones, zeros, 2 * 255 * 128 * 72 / 200, 0, 0, 255, *args)
+    real_w = weight.double()
+    assert torch.equal(out, R.conv2d_float_reference(x, 1.0, 0, real_w, zeros, 2 * 255 * 128 * 72 / 200, 0, 0, 255,
+                                                     *args))
+    gen = _gen(3)
+    weight = torch.where(torch.rand(8, 32, 3, 3, generator=gen) < 0.5, 127, -127).to(torch.int8)
+    w_scale, bias = torch.full((8,), 0.01), torch.zeros(8)
+    x = _codes((17, 32, 12, 12), gen)
+    with torch.backends.mkldnn.flags(enabled=False):
+        out = O.qconv2d(x, 0.05, 128, weight, w_scale, bias, 0.5, 128, 0, 255, *args)
+    floating = R.conv2d_float_reference(x, 0.05, 128, weight.double() * 0.01, bias, 0.5, 128, 0, 255, *args)
+    assert (out.int() - floating.int()).abs().max() <= 1
+    for huge in (1e36, 3e38):
+        assert int(O.qconv2d(x[:1], 0.05, 128, weight, w_scale, bias, huge, 7, 0, 255, *args).max()) == 7
+        assert O.qlinear(torch.ones(1, 2, dtype=torch.uint8), 1.0, 0, torch.full((2, 2), 127, dtype=torch.int8),
+                         torch.ones(2), torch.zeros(2), huge, 7, 0, 255).tolist() == [[7, 7]]
