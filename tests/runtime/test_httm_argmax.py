@@ -115,7 +115,9 @@ def test_portable_form_chooses_like_the_vector_form(tmp_path):
     assert torch.equal(best, _kernel(x, src_rows, dst))
 
 
-def test_matching_through_the_kernel_equals_the_aten_path():
+def test_matching_through_the_kernel_equals_the_aten_path(monkeypatch):
+    # also the kernel's plain C form, which httm.py leaves for ATen's GEMM on CPUs without AVX-512 (it is slower)
+    monkeypatch.setattr(httm_native, "_argmax_vectorized", lambda: True)
     g = torch.Generator().manual_seed(2)
     frames, p = 6, 5 + 150
     x = torch.randn(1, 3, frames * p, 64, generator=g)
@@ -131,3 +133,11 @@ def test_matching_through_the_kernel_equals_the_aten_path():
         assert torch.equal(native, reference)
         if httm_native.bf16_screen() is None:  # then httm_match itself runs the kernel
             assert torch.equal(httm_match(x, layout).view(3, -1), native)
+
+
+def test_matching_takes_the_kernel_only_in_its_vector_form(monkeypatch):
+    x = torch.randn(10, 64)
+    monkeypatch.setattr(httm_native, "_argmax_vectorized", lambda: False)
+    assert not httm_native.matching_kernel_runs(x)
+    monkeypatch.setattr(httm_native, "_argmax_vectorized", lambda: True)
+    assert httm_native.matching_kernel_runs(x)
