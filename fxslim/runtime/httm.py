@@ -288,7 +288,7 @@ def httm_match(x: Tensor, layout: HttmLayout) -> Tensor:
     full score tensor is ever made. Only destinations are normalised: the argmax over destinations
     does not depend on the source's norm. float32 on the CPU takes, in this order, the bfloat16
     screening where the CPU has bfloat16 dot products, else the native kernel that keeps each chunk of
-    scores in registers (``_match_class_native``), else ATen's GEMM.
+    scores in registers (``_match_class_native``) where it is built with AVX-512, else ATen's GEMM.
     """
     # named errors: otherwise a 3-D x fails to unpack and a layout for another N fails in expand
     if x.dim() != 4:
