@@ -6,7 +6,7 @@
     qat = fxslim.prepare(model, example_inputs)           # PROM QAT model; train it, then
     int_model = fxslim.convert(qat)                        # integer GraphModule of torch.ops.fxslim ops
     fxslim.convert_report(int_model).islands               # the ops that run in float, and why
-    fast = fxslim.micro_batched(fxslim.convert(qat, runtime="onednn"))   # oneDNN u8 kernels (VNNI/AMX CPUs)
+    fast = fxslim.micro_batched(fxslim.convert(qat, runtime="onednn"))   # oneDNN u8 kernels
     torch.compile(model, backend="fxslim", options={"passes": ["haste"]})
     fxslim.reestimate_bn_statistics(res.module, unlabelled_batches)   # optional, for HASTE: not data-free
     with fxslim.record_buckets() as rec: res.module(x)     # HASTE bucket counts on sample inputs, then
