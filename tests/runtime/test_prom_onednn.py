@@ -348,6 +348,7 @@ def test_exact_conv_in_slices_of_the_batch_equals_it_whole_and_any_batch(monkeyp
     assert O.qconv2d(x[:0], *args).shape == (0, 8, 5, 5)
 
 
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch's own, from mkldnn.flags
 def test_exact_path_takes_code_minus_128_the_winograd_convs_and_a_huge_out_scale(monkeypatch):
     """Three edges of the float sums: int8 abs() leaves −128 at −128 (it passed for pair-safe, and oneDNN
     saturated: 150 for 100); ATen runs float32 convs of 16+ samples as NNPACK's inexact Winograd convs
