@@ -319,8 +319,9 @@ def _int8_weight(weight: Tensor) -> Tensor:
 
 def _acc_bound(weight: Tensor, codes: Tensor, bias: Tensor) -> int:
     """An upper bound of every |partial sum| of Σ w·(q − z) + bias: 255·max_c Σ|w_c| + max|bias|."""
+    # widened before abs(): int8 abs() leaves −128 at −128 (the oneDNN ops take that code)
     abs_sum = _CACHE.get(weight, ("abs_sum", codes.shape),
-                         lambda: int(codes.flatten(1).abs().sum(1, dtype=torch.int64).max()) if codes.numel() else 0)
+                         lambda: int(codes.flatten(1).to(torch.int64).abs().sum(1).max()) if codes.numel() else 0)
     bias_max = _CACHE.get(bias, "abs_max", lambda: int(bias.to(torch.int64).abs().max()) if bias.numel() else 0)
     return 255 * abs_sum + bias_max
 
@@ -350,9 +351,14 @@ def _conv_acc(
     x: Tensor, x_zero_point: int, weight: Tensor, codes: Tensor, bias: Tensor,
     stride: tuple[int, int], padding: tuple[int, int], dilation: tuple[int, int], groups: int, onednn: bool,
 ) -> Tensor:
-    """acc = conv(q − z_x, codes) + bias, exact; f32 [N, C_out, H', W'] when f32 is exact, else f64."""
-    if not _f32_exact(x, _acc_bound(weight, codes, bias)):
-        _log.debug("an f32 conv would not be exact here (|acc| bound, device or fp32 mode): using f64")
+    """acc = conv(q − z_x, codes) + bias, exact; f32 [N, C_out, H', W'] when f32 is exact, else f64.
+
+    An f32 conv is exact only as direct sums: with oneDNN's float convs switched off
+    (``torch.backends.mkldnn.flags(enabled=False)``) ATen runs batches of 16 and more through NNPACK's
+    Winograd convs (sums off by up to 8 at ±127 weights), so those take f64."""
+    exact32 = _f32_exact(x, _acc_bound(weight, codes, bias))
+    if not (exact32 and (torch.backends.mkldnn.enabled or onednn and _onednn_available(x))):
+        _log.debug("an f32 conv would not be exact here (|acc| bound, device, fp32 mode or NNPACK): using f64")
         xc = x.to(torch.float64).sub_(x_zero_point)
         return F.conv2d(xc, _as_float(weight, codes, torch.float64), bias.to(torch.float64), stride, padding, dilation, groups)
     bias_f = _CACHE.get(bias, "f32", lambda: bias.to(torch.float32))
@@ -371,6 +377,12 @@ def _conv_acc(
         )
     xc = x.to(torch.float32).sub_(x_zero_point)
     return F.conv2d(xc, _as_float(weight, codes, torch.float32), bias_f, stride, padding, dilation, groups)
+
+
+def _linear_acc(x: Tensor, x_zero_point: int, weight: Tensor, codes: Tensor, bias: Tensor) -> Tensor:
+    """acc = (q − z_x) · codesᵀ + bias for codes x [rows, in], exact; f32 [rows, out] when f32 is exact, else f64."""
+    dtype = torch.float32 if _f32_exact(x, _acc_bound(weight, codes, bias)) else torch.float64
+    return torch.addmm(bias.to(dtype), x.to(dtype).sub_(x_zero_point), _as_float(weight, codes, dtype).t())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,10 +627,7 @@ def int8_linear(
     """Linear with int8 weight codes: uint8 [..., in] → uint8 [..., out] (contiguous)."""
     shape = _int8_linear_check(x, x_zero_point, weight, bias, multiplier, shift, out_zero_point, out_min, out_max, offset)
     _check_multiplier_values(multiplier)
-    codes = _int8_weight(weight)
-    x2 = x.reshape(-1, weight.shape[1])
-    dtype = torch.float32 if _f32_exact(x, _acc_bound(weight, codes, bias)) else torch.float64
-    acc = torch.addmm(bias.to(dtype), x2.to(dtype).sub_(x_zero_point), _as_float(weight, codes, dtype).t())
+    acc = _linear_acc(x.reshape(-1, weight.shape[1]), x_zero_point, weight, _int8_weight(weight), bias)
     out = torch.empty(shape, dtype=torch.uint8, device=x.device)
     _requantize_into(out.view(-1, weight.shape[0]), acc, multiplier, offset, shift, out_zero_point, out_min, out_max, owned=True)
     return out

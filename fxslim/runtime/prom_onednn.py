@@ -41,12 +41,11 @@ import warnings
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from fxslim.runtime.prom import (
-    _CACHE, _check_addends, _check_code, _check_code_range, _check_conv_geometry, _check_uint8, _inverse_scale,
-    conv_output_size,
+    _CACHE, _check_addends, _check_code, _check_code_range, _check_conv_geometry, _check_uint8, _conv_acc, _inverse_scale,
+    _linear_acc, conv_output_size,
 )
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available",
@@ -338,14 +337,14 @@ def _exact_conv(x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_
                 padding: Sequence[int], dilation: Sequence[int], groups: int) -> Tensor:
     """``qconv2d``'s arithmetic without oneDNN's kernels, for convs they would get wrong
     (``miscomputed_grouping``, or sums not ``exact_sums`` on this CPU): the integer sums Σ w·(q − z)
-    in float (exact: float32 while they stay below 2^24, else float64), then oneDNN's requantization
-    in float32 (``_requantized``); uint8 channels_last like the oneDNN ops, within 1 LSB of them (they
-    fuse the scaling into one rounding)."""
-    weights = _exact_weights(weight)
+    in float as the reference runtime makes them (``prom._conv_acc``: float32 where that is exact,
+    else float64), then oneDNN's requantization in float32 (``_requantized``); uint8 channels_last
+    like the oneDNN ops, within 1 LSB of them (they fuse the scaling into one rounding)."""
+    zero = _no_integer_bias(weight)
 
     def part(rows: Tensor) -> Tensor:
-        acc = F.conv2d(rows.to(weights.dtype).sub_(x_zero_point), weights, None, list(stride), list(padding),
-                       list(dilation), groups)
+        acc = _conv_acc(rows, x_zero_point, weight, weight, zero, tuple(stride), tuple(padding), tuple(dilation),
+                        groups, onednn=False)
         return _requantized(acc, x_scale, w_scale, bias, out_scale, out_zero_point, out_min, out_max, 1)
 
     # a few samples at a time: the float sums are 4-8× the size of the codes, and a fresh buffer of
@@ -364,19 +363,10 @@ def _exact_conv(x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, w_
 _EXACT_CHUNK = 1 << 19  # output values per slice of ``_exact_conv``: 2 MB of float32 sums, about L2's size
 
 
-def _exact_weights(weight: Tensor) -> Tensor:
-    """``weight``'s codes as floats that sum Σ w·(q − z) exactly (cached on it): float32 where every
-    partial sum of a row stays below 2^24 (|q − z| ≤ 255) and the sums are direct ones, else float64.
-    With oneDNN's float convs switched off (``torch.backends.mkldnn.flags(enabled=False)``) ATen
-    takes NNPACK's Winograd convs for float32 batches of 16 and more, whose sums are not exact."""
-    direct = bool(torch.backends.mkldnn.enabled)
-
-    def build() -> Tensor:
-        rows = weight.reshape(weight.shape[0], -1).to(torch.int64).abs().sum(1)
-        exact32 = weight.numel() == 0 or 255 * int(rows.max()) < 2**24
-        return weight.to(torch.float32 if exact32 and direct else torch.float64)
-
-    return _CACHE.get(weight, ("exact", direct), build)
+def _no_integer_bias(weight: Tensor) -> Tensor:
+    """A zero int32 bias per output channel (cached on ``weight``): the reference runtime's exact
+    sums add an integer bias, these ops a real one after scaling."""
+    return _CACHE.get(weight, "no_integer_bias", lambda: torch.zeros(weight.shape[0], dtype=torch.int32))
 
 
 def _requantized(acc: Tensor, x_scale: float, w_scale: Tensor, bias: Tensor, out_scale: float, out_zero_point: int,
@@ -574,8 +564,7 @@ def _exact_linear(x: Tensor, x_scale: float, x_zero_point: int, weight: Tensor, 
                   out_scale: float, out_zero_point: int, out_min: int, out_max: int) -> Tensor:
     """``qlinear``'s arithmetic without oneDNN's kernel, for weights not ``exact_sums`` on this CPU
     (as ``_exact_conv``): u8 codes [rows, out]."""
-    weights = _exact_weights(weight)
-    acc = F.linear(x.reshape(-1, weight.shape[1]).to(weights.dtype).sub_(x_zero_point), weights)
+    acc = _linear_acc(x.reshape(-1, weight.shape[1]), x_zero_point, weight, weight, _no_integer_bias(weight))
     return _requantized(acc, x_scale, w_scale, bias, out_scale, out_zero_point, out_min, out_max, 1)
 
 

@@ -640,3 +640,17 @@ def test_ops_survive_torch_export_with_dynamic_batch():
     targets = {node.target for node in exported.graph.nodes if node.op == "call_function"}
     assert torch.ops.fxslim.ternary_conv2d.default in targets
     assert torch.equal(exported.module()(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration")  # torch's own, from mkldnn.flags
+def test_conv_sums_stay_exact_with_onednns_float_convs_switched_off():
+    """Without oneDNN's float convs ATen takes NNPACK's Winograd convs for 16+ samples, whose float32
+    sums of ±127 weights were off by 3.5: the reference runtime's sums then take float64."""
+    g = torch.Generator().manual_seed(3)
+    weight = torch.where(torch.rand(8, 32, 3, 3, generator=g) < 0.5, 127, -127).to(torch.int8)
+    x = torch.randint(0, 256, (17, 32, 12, 12), generator=g).to(torch.uint8)
+    bias = torch.zeros(8, dtype=torch.int32)
+    exact = F.conv2d(x.double() - 128, weight.double(), None, 1, 1)
+    with torch.backends.mkldnn.flags(enabled=False):
+        acc = P._conv_acc(x, 128, weight, weight, bias, (1, 1), (1, 1), (1, 1), 1, onednn=False)
+    assert torch.equal(acc.double(), exact)
