@@ -27,15 +27,13 @@ from fxslim.runtime import prom_lowered as L
 from fxslim.runtime import prom_reference as R
 from fxslim.runtime.prom import conv_output_size
 from fxslim.runtime.prom_onednn import (QUANTIZED_CONV, ConvWeights, as_qtensor, codes, onednn_available,
-                                        quantized_conv_add, vnni_available)
+                                        quantized_conv_add)
 from tests.runtime.conv_geometry import conv_geometries
+from tests.runtime.cpu_isa import vnni_only
 
 pytestmark = [pytest.mark.skipif(not (onednn_available() and capi.available()),
                                  reason="needs oneDNN's C library (fxslim[onednn])"),
               pytest.mark.usefixtures("one_thread_module")]
-# runs 8-bit dense convs of random weights on oneDNN, which sums them exactly only with VNNI/AMX dot products
-# (on AVX2 the lowering keeps such convs as the ops, which sum them in float: test_prom_onednn.py)
-_VNNI = pytest.mark.skipif(not vnni_available(), reason="8-bit dense convs on oneDNN: exact only with VNNI/AMX")
 
 _SX, _ZX, _SO, _ZO, _SS, _ZS = 0.05, 100, 0.04, 90, 0.03, 120
 _SC, _ZC = 0.0351234, 80  # the grid of a conv feeding an add: [-2.8, 6.1], narrower than the conv's values;
@@ -102,7 +100,7 @@ def _check_conv(n, c_in, h, w, weights: ConvWeights, gen, aten_right: bool = Tru
     return min(equal)
 
 
-@_VNNI
+@vnni_only
 @settings(max_examples=60, deadline=None)
 @given(geometry=conv_geometries(), seed=st.integers(0, 2**16),
        zero_points=st.sampled_from([(_ZX, _ZO), (0, _ZO), (_ZX, 0), (0, 0)]))
@@ -124,7 +122,7 @@ def test_direct_conv_within_one_lsb_of_float_model_and_aten_on_random_geometries
     (96, 24, 56, 1, 1, 1),  # projection
     (320, 1280, 7, 1, 1, 1),  # the last conv
 ])
-@_VNNI
+@vnni_only
 def test_direct_conv_on_mobilenet_v2_layer_shapes_within_one_lsb_and_mostly_equal_to_aten(c_in, c_out, hw, kernel,
                                                                                           stride, groups):
     """Real channel counts reach the AMX / VNNI kernels that tiny random geometries do not."""
@@ -136,7 +134,7 @@ def test_direct_conv_on_mobilenet_v2_layer_shapes_within_one_lsb_and_mostly_equa
 @pytest.mark.parametrize(("c_in", "c_out", "groups", "hw", "kernel"), [
     (4, 48, 2, 7, 3), (2, 96, 2, 9, 3), (24, 48, 2, 7, 7), (6, 72, 3, 14, 5),
 ])
-@_VNNI
+@vnni_only
 def test_direct_grouped_convs_torch_onednn_miscomputes_within_one_lsb(c_in, c_out, groups, hw, kernel):
     gen = torch.Generator().manual_seed(c_out + hw)
     weights = _weights(c_in, c_out, (kernel, kernel), (1, 1), (kernel // 2,) * 2, (1, 1), groups, gen)
@@ -155,7 +153,7 @@ def _direct_segments(low: fx.GraphModule) -> list[D.DirectSegment]:
     return [m for m in low.modules() if isinstance(m, D.DirectSegment)]
 
 
-@_VNNI
+@vnni_only
 def test_direct_mobilenet_v2_one_segment_close_to_aten_and_equal_slice_by_slice(mobilenet):
     x, fast, direct, aten = mobilenet
     (segment,) = _direct_segments(direct)
@@ -175,7 +173,7 @@ def test_direct_mobilenet_v2_one_segment_close_to_aten_and_equal_slice_by_slice(
     assert len(segment._plans[(((1, 3, 224, 224),), (True,), 1)].steps) == 52
 
 
-@_VNNI
+@vnni_only
 def test_direct_plans_per_shape_and_thread_count_least_recently_used_dropped(mobilenet, monkeypatch):
     x, fast, _, _ = mobilenet
     monkeypatch.setattr(D, "PLANS", 2)
@@ -194,7 +192,7 @@ def test_direct_plans_per_shape_and_thread_count_least_recently_used_dropped(mob
     assert len(segment.planned) == 2 and (((1, 3, 224, 224),), (True,), 1) in segment.planned
 
 
-@_VNNI
+@vnni_only
 def test_direct_one_output_column_at_a_column_stride_runs_as_primitives(mobilenet):
     """torch's oneDNN miscomputes a conv with one output column at a column stride above 1 (the ATen
     segment widens its input); oneDNN 3.2 does not, so the plan runs that width as it is."""
@@ -217,7 +215,7 @@ def test_direct_input_not_channels_last_gives_the_same_codes():
     assert torch.equal(codes(direct(contiguous)[0]), codes(direct(as_qtensor(x, _SX, _ZX))[0]))
 
 
-@_VNNI
+@vnni_only
 def test_direct_copy_of_a_micro_batched_model_plans_again(mobilenet):
     x, fast, _, _ = mobilenet
     sliced = micro_batched(fast)
@@ -282,7 +280,7 @@ def test_direct_model_keeps_nan_per_sample_empty_batches_and_any_input_layout(mo
         assert torch.equal(direct(x[:2].contiguous(memory_format=torch.channels_last)), direct(x[:2]))
 
 
-@_VNNI
+@vnni_only
 def test_direct_conv_add_rounds_the_conv_onto_its_grid_before_the_sum():
     """Where a conv's values pass the ends of its own grid (an input unlike the calibration's), the
     fake-quant model saturates them before the add; the primitive's post-ops do too. Without them

@@ -27,14 +27,12 @@ from fxslim.propagate import propagate
 from fxslim.runtime import prom_lowered as L
 from fxslim.runtime import prom_onednn as O
 from fxslim.runtime.prom import _inverse_scale, dequantized, nan_flags
-from fxslim.runtime.prom_onednn import codes, onednn_available, quantized_conv_add, vnni_available
+from fxslim.runtime.prom_onednn import codes, onednn_available, quantized_conv_add
+from tests.runtime.cpu_isa import pretend_no_vnni, vnni_only
 
 pytestmark = [pytest.mark.skipif(not onednn_available(),
                                  reason="needs oneDNN quantized ops"),
               pytest.mark.usefixtures("one_thread_module")]
-# expects 8-bit dense convs of random weights lowered, which happens only where oneDNN sums them exactly (VNNI/AMX);
-# on AVX2 the lowering keeps them as the ops (test_lower_keeps_convs_onednn_would_not_sum_exactly_as_ops)
-_VNNI = pytest.mark.skipif(not vnni_available(), reason="8-bit dense convs lowered only with VNNI/AMX")
 
 ops = torch.ops.fxslim
 onednn = torch.ops.onednn
@@ -58,7 +56,7 @@ def _all_nodes(low: fx.GraphModule) -> list[fx.Node]:
     return [*low.graph.nodes, *(n for segment in _segments(low) for n in segment.graph.nodes)]
 
 
-@_VNNI
+@vnni_only
 def test_lower_mobilenet_v2_every_op_lowered(mobilenet):
     _, fast, low = mobilenet
     # the NaN flags and the quantizer of the input fused into one call that reads it once
@@ -82,7 +80,7 @@ def test_lower_keeps_convs_onednn_would_not_sum_exactly_as_ops(mobilenet, monkey
     dense weights: the stem and the classifier stay ops (which sum them in float), the ternary 1×1
     and depthwise convs are lowered, and the values are the graph's."""
     x, fast, _ = mobilenet
-    monkeypatch.setattr(O, "vnni_available", lambda: False)
+    pretend_no_vnni(monkeypatch)
     low = L.lower(fast, direct=direct)
     counts = low.meta[META_PROM_LOWERED]
     assert counts["kept:inexact_sums"] == 2 and counts["qconv2d"] + counts["qconv2d_add"] == 51
@@ -106,7 +104,7 @@ def test_lower_mobilenet_v2_bit_identical_to_fxslim_ops(mobilenet):
         assert torch.equal(low(smaller), fast(smaller))
 
 
-@_VNNI
+@vnni_only
 def test_lower_one_copy_per_input_shape_up_to_the_limit_all_equal(mobilenet, monkeypatch):
     """Each input shape gets its own packed weights (their oneDNN primitive is built for the first
     shape they see); past ``SHAPES`` shapes the first copy serves, with the same values."""
@@ -123,7 +121,7 @@ def test_lower_one_copy_per_input_shape_up_to_the_limit_all_equal(mobilenet, mon
     assert len({id(m) for m in copies.values()}) == 2
 
 
-@_VNNI
+@vnni_only
 def test_lower_restores_the_callers_quantized_engine(mobilenet):
     x, _, low = mobilenet
     engine = torch.backends.quantized.engine
@@ -149,7 +147,7 @@ def test_lower_nan_sample_stays_nan_and_alone(mobilenet):
     assert torch.equal(out[[0, 2]], ref[[0, 2]])
 
 
-@_VNNI
+@vnni_only
 def test_lower_micro_batched_runs_lowered_copy_and_equals_whole_batch(mobilenet):
     x, fast, _ = mobilenet
     sliced = micro_batched(fast, max_activation_bytes=3 << 20)
@@ -256,7 +254,7 @@ def _residual_graph(read_skip_after: bool) -> tuple[fx.GraphModule, torch.Tensor
     return gm, x_val
 
 
-@_VNNI
+@vnni_only
 @pytest.mark.parametrize("read_skip_after", [False, True])
 def test_lower_residual_equals_graph_on_aten_and_within_one_lsb_direct(read_skip_after):
     """On ATen's convs the residual conv rounds onto its own grid before the add, as the op does: the
@@ -286,7 +284,7 @@ def test_lower_quantize_qtensor_equals_op_on_ties_saturation_and_slices():
                        ops.quantize_per_tensor.default(x.double(), scale, zero_point))
 
 
-@_VNNI
+@vnni_only
 def test_lower_clamped_conv_between_quantized_convs_keeps_qconv_pointwise_and_equals_graph():
     """A conv whose clamp stops short of the u8 range has no ATen quantized form: it runs on oneDNN's
     op, reading the codes of the QTensor before it and handing codes to the QTensor conv after it;
@@ -362,7 +360,7 @@ class _PoolSkipBlock(nn.Module):
         return torch.relu(self.b(torch.relu(self.a(p))) + p).mean((2, 3))
 
 
-@_VNNI
+@vnni_only
 def test_lower_residual_add_whose_skip_is_max_pooled_codes_equals_graph():
     """The skip of a fused conv + add that is no QTensor (a max pool's codes) becomes a QTensor copy;
     lowering looked up that copy's grid among the QTensors (KeyError) and failed on every ResNet."""
@@ -405,7 +403,7 @@ def test_lower_quantize_qtensor_saturates_values_beyond_int32_steps_as_the_op():
         assert torch.equal(L.lower(fast, direct=False)(bright), fast(bright))
 
 
-@_VNNI
+@vnni_only
 def test_lower_strided_conv_to_one_output_column_within_one_lsb_of_fake_quant():
     """oneDNN gets a conv with one output column at a column stride above 1 wrong (ResNet18 at 33×17
     px: 40 % of some layer's codes off by more than 1 LSB). The op widens its input; the lowered
@@ -424,7 +422,7 @@ def test_lower_strided_conv_to_one_output_column_within_one_lsb_of_fake_quant():
         assert torch.equal(low(narrow), fast(narrow)) and torch.equal(low(x), fast(x))
 
 
-@_VNNI
+@vnni_only
 def test_lower_conv_with_windows_of_padding_only_keeps_the_op_and_equals_graph():
     """A grayscale stem with padding past its kernel: the op writes that padding into the input
     (oneDNN gets windows of padding only wrong there), so lowering keeps the op."""
@@ -441,7 +439,7 @@ def test_lower_conv_with_windows_of_padding_only_keeps_the_op_and_equals_graph()
         assert torch.equal(low(x), fast(x))
 
 
-@_VNNI
+@vnni_only
 def test_lower_grouped_conv_exact_op_on_aten_direct_segment_on_onednn_library():
     """torch's oneDNN gets some grouped convs wrong (prom_onednn.miscomputed_grouping): the ops
     compute them exactly and the ATen lowering keeps them; a direct segment runs them on oneDNN's own

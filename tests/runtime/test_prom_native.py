@@ -9,13 +9,11 @@ from hypothesis import strategies as st
 
 from fxslim.runtime import native_kernels, prom, prom_native
 from fxslim.runtime import prom_lowered as L
-from fxslim.runtime.prom_onednn import codes, onednn_available, vnni_available
+from fxslim.runtime.prom_onednn import codes, onednn_available
+from tests.runtime.cpu_isa import vnni_only
 
 pytestmark = pytest.mark.skipif(native_kernels.load("prom_boundary") is None, reason=prom_native.status())
 _ONEDNN = pytest.mark.skipif(not onednn_available(), reason="needs oneDNN quantized ops")
-# expects 8-bit dense convs of random weights lowered, which happens only where oneDNN sums them exactly (VNNI/AMX);
-# on AVX2 the lowering keeps them as the ops (test_lower_keeps_convs_onednn_would_not_sum_exactly_as_ops)
-_VNNI = pytest.mark.skipif(not vnni_available(), reason="8-bit dense convs lowered only with VNNI/AMX")
 
 
 def _layouts(x: torch.Tensor) -> list[torch.Tensor]:
@@ -187,7 +185,7 @@ def test_linear_takes_only_what_it_computes():
         assert prom_native.linear_codes(torch.zeros(2, 8, dtype=torch.uint8), 0, weights, 0) is None
 
 
-@_VNNI
+@vnni_only
 @_ONEDNN
 def test_direct_lowering_runs_the_classifier_as_the_native_linear(monkeypatch):
     from fxslim.api import prepare
@@ -258,7 +256,7 @@ def test_head_takes_only_what_it_computes():
     (lambda y: torch.flatten(y, 1), True), (lambda y: y.flatten(1), True), (lambda y: y.flatten(start_dim=1), True),
     (lambda y: y.reshape(y.shape[0], -1), False),
 ])
-@_VNNI
+@vnni_only
 def test_direct_lowering_fuses_each_spelling_of_the_classifier_flatten(flatten, fused, monkeypatch):
     from torch import nn
 

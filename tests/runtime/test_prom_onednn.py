@@ -14,6 +14,7 @@ from fxslim.runtime import prom_onednn as O
 from fxslim.runtime import prom as P
 from fxslim.runtime import prom_reference as R
 from tests.runtime.conv_geometry import conv_geometries
+from tests.runtime.cpu_isa import pretend_no_vnni
 
 pytestmark = pytest.mark.skipif(not (O.onednn_available()),
                                 reason="needs oneDNN quantized ops")
@@ -282,7 +283,7 @@ def test_bad_argument_raises_value_error_naming_it(name, index, value, match):
 def test_exact_sums_without_vnni_only_for_weights_whose_u8_pairs_fit_int16(monkeypatch):
     monkeypatch.setattr(O, "vnni_available", lambda: True)
     assert O.exact_sums(torch.full((8, 4, 3, 3), 127, dtype=torch.int8), 1)
-    monkeypatch.setattr(O, "vnni_available", lambda: False)
+    pretend_no_vnni(monkeypatch)
     assert O.exact_sums(torch.randint(-1, 2, (8, 4, 1, 1)).to(torch.int8), 1)  # ternary
     assert O.exact_sums(torch.full((8, 4, 3, 3), -64, dtype=torch.int8), 1)  # 2·255·64 < 2^15
     assert not O.exact_sums(torch.full((8, 4, 3, 3), 65, dtype=torch.int8), 1)
@@ -335,7 +336,7 @@ def test_qlinear_int8_weights_within_one_lsb_with_and_without_vnni(monkeypatch, 
 def test_exact_conv_in_slices_of_the_batch_equals_it_whole_and_any_batch(monkeypatch):
     """The float sums are computed a few samples at a time (``_EXACT_CHUNK``): the codes are those of
     the whole batch at once, and of each sample alone; an empty batch gives an empty output."""
-    monkeypatch.setattr(O, "vnni_available", lambda: False)
+    pretend_no_vnni(monkeypatch)
     gen = _gen(11)
     weight, w_scale, bias = _layer(8, 3, 3, gen, ternary=False)
     x = _codes((5, 3, 10, 10), gen)
@@ -353,7 +354,7 @@ def test_exact_path_takes_code_minus_128_the_winograd_convs_and_a_huge_out_scale
     """Three edges of the float sums: int8 abs() leaves −128 at −128 (it passed for pair-safe, and oneDNN
     saturated: 150 for 100); ATen runs float32 convs of 16+ samples as NNPACK's inexact Winograd convs
     when oneDNN's are switched off; a clamp bound of 512·out_scale overflows float32 past 6.6e35."""
-    monkeypatch.setattr(O, "vnni_available", lambda: False)
+    pretend_no_vnni(monkeypatch)
     weight = torch.full((4, 8, 3, 3), -128, dtype=torch.int8)
     assert not O.exact_sums(weight, 1)
     x = torch.full((1, 8, 5, 5), 255, dtype=torch.uint8)
