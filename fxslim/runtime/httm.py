@@ -664,7 +664,16 @@ def httm_attention(q: Tensor, k: Tensor, v: Tensor, frames: int, tokens_per_fram
     frames * tokens_per_frame must equal N (frame-major tokens, ``special_tokens`` first in each
     frame). q_ratio / kv_ratio are the fractions REMOVED by merging; outlier_fraction of the H*N
     queries come back unmerged. All arguments are explicit so they show up in graphs.
+
+    One frame (``frames == 1``) is SDPA itself: a global attention over one frame is that frame's
+    attention, which HTTM leaves alone (docs/methods/HTTM.md), as the pass does when the example
+    has one frame; a graph rewritten at more frames then computes what it would have left dense.
     """
+    if frames == 1:
+        _check_tensors(q, k, v)
+        _check_config(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, outlier_fraction,
+                      dst_rule, mode, num_tokens=q.shape[2])
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
     plan = httm_plan(q, k, frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
                      outlier_fraction, anchor_first_frame, dst_rule, seed, mode)
     return httm_apply_plan(q, k, v, plan, proportional_attention, scale)  # checks v
@@ -693,11 +702,13 @@ def httm_kept_lengths(frames: int, tokens_per_frame: int, special_tokens: int = 
 
     kept_kv is exact. kept_q = special tokens + destinations + round(f * N), the per-head average when
     every outlier comes out of a group that keeps another member (usual case; the op pads each
-    sample to its longest head, which this ignores).
+    sample to its longest head, which this ignores). One frame keeps every token (the op is SDPA).
     """
     _check_config(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, outlier_fraction,
                   "strided", mode)
     n = frames * tokens_per_frame
+    if frames == 1:  # the op is SDPA
+        return n, n
     side = functools.partial(httm_layout, frames, tokens_per_frame, special_tokens, n_s=n_s, n_t=n_t,
                              anchor_first_frame=anchor_first_frame, whole_sequence=mode == "global")
     return min(n, side(q_ratio).num_slots + round(outlier_fraction * n)), side(kv_ratio).num_slots

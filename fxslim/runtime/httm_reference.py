@@ -209,11 +209,19 @@ def httm_attention_reference(q: Tensor, k: Tensor, v: Tensor, frames: int, token
                              n_t: int = 30, outlier_fraction: float = 0.1, proportional_attention: bool = False,
                              anchor_first_frame: bool = False, dst_rule: str = "strided", seed: int = 0,
                              mode: str = "headwise", scale: float | None = None) -> tuple[Tensor, HttmPlan]:
-    """Steps 0-7 with explicit loops and an explicit softmax; returns (output, plan)."""
+    """Steps 0-7 with explicit loops and an explicit softmax; returns (output, plan). One frame is
+    dense attention (as the op: a one-frame global attention is frame attention): a plan of singletons."""
     _check_tensors(q, k, v)
-    plan = httm_plan_reference(q, k, frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
-                               outlier_fraction, anchor_first_frame, dst_rule, seed, mode)
     batch, heads, n, d = q.shape
+    if frames == 1:
+        _check_config(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, outlier_fraction,
+                      dst_rule, mode, num_tokens=n)
+        every = torch.arange(n).expand(batch, heads, n)
+        plan = HttmPlan(every.clone(), torch.full((batch, heads), n), every.clone(), n,
+                        torch.zeros(batch, heads, n, dtype=torch.bool))
+    else:
+        plan = httm_plan_reference(q, k, frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t,
+                                   outlier_fraction, anchor_first_frame, dst_rule, seed, mode)
     scale = d**-0.5 if scale is None else scale
     out = torch.zeros(batch, heads, n, v.shape[-1], dtype=q.dtype)
     for b in range(batch):

@@ -73,7 +73,8 @@ def test_httm_cost_uniform_matches_once_proportional_adds_bias():
     assert proportional.elementwise - headwise.elementwise == 4 * m_q * m_kv  # log(size) added to every score
 
 
-_FRAMES = (1, 2, 5, 15, 29, 30, 31, 45, 59, 61, 100, 300, 1000)
+# a symbol stands for 2 frames or more: torch specialises a size of 1 (one frame is SDPA, test_httm_op)
+_FRAMES = (2, 5, 15, 29, 30, 31, 45, 59, 61, 100, 300, 1000)
 
 
 @pytest.mark.parametrize("tokens_per_frame", [261, 1041])

@@ -119,6 +119,16 @@ def test_httm_ratio_zero_rewritten_model_runs_at_other_frame_counts(tiny):
         _assert_outputs_close(tiny(images), res.module(images))
 
 
+def test_httm_rewritten_model_run_on_one_frame_is_the_original(tiny):
+    """One frame at run time is what the pass leaves dense at a one-frame example (``single_frame``):
+    the graph rewritten at 3 frames gives the original model's outputs there, not a spatial merge."""
+    res = fxslim.optimize(tiny, _images(frames=3), passes=["httm:n_s=8,n_t=2"], strict=True)
+    one = _images(frames=1, seed=3)
+    with torch.no_grad():
+        dense, rewritten = tiny(one), res.module(one)
+    assert all(torch.equal(rewritten[key], dense[key]) for key in dense)
+
+
 @pytest.mark.parametrize("dynamic", [False, True])
 def test_httm_ratio_zero_through_torch_compile_equals_original(tiny, dynamic):
     seen: list = []

@@ -321,14 +321,32 @@ def test_httm_attention_matches_loop_reference(batch, heads, frames, patches, sp
     kw = dict(special_tokens=special, q_ratio=q_ratio, kv_ratio=kv_ratio, n_s=n_s, n_t=n_t,
               outlier_fraction=fraction, anchor_first_frame=anchor, dst_rule=rule, seed=seed % 7, mode=mode)
     ref_out, ref_plan = httm_attention_reference(q, k, v, frames, p, proportional_attention=proportional, **kw)
-    plan = httm_plan(q, k, frames, p, **kw)
-    assert torch.equal(plan.q_slot, ref_plan.q_slot)
-    assert torch.equal(plan.kv_slot, ref_plan.kv_slot)
-    assert torch.equal(plan.q_lengths, ref_plan.q_lengths)
-    assert torch.equal(plan.outliers, ref_plan.outliers)
-    assert plan.kv_length == ref_plan.kv_length
+    if frames > 1:  # one frame is dense attention in both (test_httm_attention_of_one_frame_is_sdpa)
+        plan = httm_plan(q, k, frames, p, **kw)
+        assert torch.equal(plan.q_slot, ref_plan.q_slot)
+        assert torch.equal(plan.kv_slot, ref_plan.kv_slot)
+        assert torch.equal(plan.q_lengths, ref_plan.q_lengths)
+        assert torch.equal(plan.outliers, ref_plan.outliers)
+        assert plan.kv_length == ref_plan.kv_length
     out = httm(q, k, v, frames, p, proportional_attention=proportional, **kw)
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_httm_attention_of_one_frame_is_sdpa(mode):
+    """A global attention over one frame is that frame's attention, which HTTM leaves alone: the op
+    (and the loop reference, and the cost model) give SDPA, whatever the ratios; bad arguments still raise."""
+    q, k, v = _qkv(2, 3, 40, 8, dv=6, seed=4)
+    kw = dict(special_tokens=2, q_ratio=0.9, kv_ratio=0.7, n_s=4, n_t=2, mode=mode, scale=0.3)
+    dense = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert torch.equal(httm(q, k, v, 1, 40, **kw), dense)
+    torch.testing.assert_close(httm_attention_reference(q, k, v, 1, 40, **kw)[0], dense, atol=1e-6, rtol=1e-6)
+    assert httm_kept_lengths(1, 40, 2, 0.9, 0.7, 4, 2, mode=mode) == (40, 40)
+    with FlopCounterMode(display=False) as counter:
+        httm(q, k, v, 1, 40, **kw)
+    assert counter.get_total_flops() == 2 * 2 * 3 * 40 * 40 * (8 + 6)
+    with pytest.raises(ValueError, match="N must equal"):
+        httm(q, k, v, 1, 39, **kw)
 
 
 @pytest.mark.parametrize("mode", MODES)

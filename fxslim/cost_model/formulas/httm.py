@@ -22,7 +22,7 @@ import sympy
 import torch
 from torch.utils.flop_counter import register_flop_formula
 
-from fxslim.cost_model.formulas.aten import SOFTMAX_OPS
+from fxslim.cost_model.formulas.aten import SOFTMAX_OPS, sdpa_cost
 from fxslim.cost_model.registry import OpCall, OpCost, register_cost
 from fxslim.runtime.httm import removed_tokens, run_sizes
 
@@ -111,11 +111,14 @@ def httm_counts(frames: Any, tokens_per_frame: Any, special_tokens: int = 5, q_r
     """Per head: kept queries, kept keys/values, destinations and matching pairs of each side.
 
     Equal to ``httm_kept_lengths`` and to the blocks of ``httm_layout`` for ints; sympy expressions when
-    ``frames`` is symbolic.
+    ``frames`` is symbolic (torch specialises a size of 1, so a symbol stands for 2 frames or more).
+    One frame keeps every token and matches none: the op is SDPA there.
     """
     frames, p = _sym(frames), _sym(tokens_per_frame)
     if not isinstance(p, int):
         raise ValueError(f"httm cost: tokens_per_frame must be a fixed int (symbolic frames only), got {p}")
+    if isinstance(frames, int) and frames == 1:
+        return {"kept_q": p, "kept_kv": p, "dst_q": 0, "dst_kv": 0, "pairs_q": 0, "pairs_kv": 0, "groups_q": p}
     n, whole = frames * p, mode == "global"
     patches = p - special_tokens
     dst_q, pairs_q = _side(frames, patches, q_ratio, n_s, n_t, anchor_first_frame, whole)
@@ -151,6 +154,8 @@ def httm_attention_cost(call: OpCall) -> OpCost:
     """[b, h, M_q, d] @ [b, h, d, M_kv] -> @ [b, h, M_kv, d_v], plus [n_src, d] @ [d, n_dst] per block, head, side.
     Ignores: query padding to the longest head, and outliers whose group is left empty (counts are predicted)."""
     a = call.arguments
+    if isinstance(a["frames"], int) and a["frames"] == 1:  # one frame: the op is SDPA
+        return sdpa_cost(call)
     b, h, n, d = (_sym(s) for s in a["q"].shape)
     dv = _sym(a["v"].shape[-1])
     c = httm_counts(a["frames"], a["tokens_per_frame"], a["special_tokens"], a["q_ratio"], a["kv_ratio"],
