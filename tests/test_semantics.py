@@ -199,6 +199,75 @@ def test_httm_report_says_how_the_layout_is_found_at_run_time(tiny):
     assert len(runtime) == 1 and "size(-2)" in next(iter(runtime))
 
 
+class _Views(nn.Module):
+    """Multi-view images to per-token outputs through global attention, with no RoPE positions (the
+    layout comes from ``HTTM(tokens_per_frame=...)`` and the 5-d input): [B, S, 3, H, W] images, or a
+    channels-first clip [B, 3, T, H, W]; optional masks [B, S, 1, H, W] scale the images."""
+
+    def __init__(self, channels_first: bool = False, dim: int = 16, patch: int = 7) -> None:
+        super().__init__()
+        self.channels_first = channels_first
+        self.embed = nn.Conv2d(3, dim, patch, patch)
+        self.special = nn.Parameter(torch.randn(1, 2, dim))
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, images: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+        if self.channels_first:
+            images = images.transpose(1, 2)
+        if masks is not None:
+            images = images * masks
+        b, s, c, h, w = images.shape
+        t = self.embed(images.reshape(b * s, c, h, w)).flatten(2).transpose(1, 2)
+        t = torch.cat([self.special.expand(b * s, -1, -1), t], 1).reshape(b, -1, t.shape[-1])
+        q, k, v = self.qkv(t).reshape(b, t.shape[1], 3, 2, -1).permute(2, 0, 3, 1, 4)
+        return F.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+
+
+_VIEWS_HTTM = "httm:tokens_per_frame=18,special_tokens=2,n_s=4,n_t=2"  # 2 + 4·4 tokens at 28 px
+
+
+@pytest.mark.parametrize("channels_first", [False, True])
+def test_httm_reads_the_frames_of_an_input_with_as_many_frames_as_channels(channels_first):
+    """An example of 3 RGB views ([B, 3, 3, H, W], or a channels-first clip of 3 frames) cannot say
+    which dim holds the frames: the rewritten graph reads it at run time (it kept the example's tokens
+    per frame at every size, and merged across frames there), and computes what a frames-first
+    model rewritten at a 4-frame example computes."""
+    torch.manual_seed(0)
+    reference = _Views().eval()
+    model = _Views(channels_first).eval()
+    model.load_state_dict(reference.state_dict())
+
+    def views(frames: int, size: int, seed: int) -> torch.Tensor:
+        return torch.rand(1, frames, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+    def laid_out(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).contiguous() if channels_first else x
+
+    at_3 = _optimize(model, laid_out(views(3, 28, 0)), [_VIEWS_HTTM], strict=True)
+    at_4 = _optimize(reference, views(4, 28, 0), [_VIEWS_HTTM], strict=True)
+    (layout,) = {e.info["runtime_layout"] for e in at_3.report.entries("httm") if e.status == "rewritten"}
+    assert "clip_frames" in layout
+    for frames, size in ((3, 14), (2, 35), (5, 21)):
+        x = views(frames, size, frames)
+        with torch.no_grad():
+            assert torch.equal(at_3.module(laid_out(x)), at_4.module(x))
+
+
+def test_httm_reads_the_frames_of_images_given_with_masks():
+    """Two [B, S, C, H, W] inputs (images and their masks) hold the same frames: the layout follows
+    them, as with the images alone (it stayed at the example's tokens per frame)."""
+    torch.manual_seed(0)
+    model = _Views().eval()
+    images = torch.rand(1, 4, 3, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with_masks = fxslim.optimize(model, (images, torch.ones(1, 4, 1, 28, 28)), passes=[_VIEWS_HTTM], strict=True)
+    alone = _optimize(model, images, [_VIEWS_HTTM], strict=True)
+    x = torch.rand(1, 3, 3, 21, 35)
+    with torch.no_grad():
+        assert torch.equal(with_masks.module(x, torch.ones(1, 3, 1, 21, 35)), alone.module(x))
+
+
 class _FrameThenGlobal(nn.Module):
     """Frame attention over [B*S, P, C] then, after a graph break, the same attention module over
     [B*S, P, C] again: both are frame attention, whatever the first input of the second graph is."""

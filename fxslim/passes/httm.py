@@ -29,7 +29,7 @@ from fxslim.ir import (
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass
 from fxslim.passes.matchers import attention_scope, match_attention
 from fxslim.propagate import propagate_node
-from fxslim.runtime.frame_layout import FrameLayout, frame_layout_from_positions, read_frame_layout
+from fxslim.runtime.frame_layout import FrameLayout, clip_frames, frame_layout_from_positions, read_frame_layout
 from fxslim.runtime.httm import DST_RULES, MODES, httm_kept_lengths
 
 __all__ = ["HTTM"]
@@ -55,8 +55,9 @@ _EVAL_ERRORS = (RuntimeError, TypeError, ValueError, IndexError, NotImplementedE
 class _Layout:
     """Frame layout of one global attention at the example; ``frames``: configured frame count
     (None = read at run time). ``per_frame``: a node whose ``size(-2)`` is tokens_per_frame at run
-    time (the per-frame positions the global ones are built from); ``frames_of``: (node, dim)
-    whose size is the frame count at run time (the model's [B, S, C, H, W] input); ``positions``:
+    time (the per-frame positions the global ones are built from); ``frames_of``: (the model's
+    [B, S, C, H, W] input, None) whose size(1) is the frame count at run time, or (input, C) when
+    its example had S == C (``clip_frames`` tells the dims apart on every call); ``positions``:
     positions that arrive as a graph input of an eager graph, read on every call. With none of
     them, tokens_per_frame stays the example's (configured, or nothing in the graph tracks it)."""
 
@@ -67,7 +68,7 @@ class _Layout:
     grid: tuple[int, int] | None
     source: str
     per_frame: fx.Node | None = None
-    frames_of: tuple[fx.Node, int] | None = None
+    frames_of: tuple[fx.Node, int | None] | None = None
     positions: fx.Node | None = None
 
     @property
@@ -78,7 +79,9 @@ class _Layout:
         if self.per_frame is not None:
             return f"tokens_per_frame = {self.per_frame.name}.size(-2), frames = N // tokens_per_frame"
         if self.frames_of is not None:
-            return f"frames = {self.frames_of[0].name}.size({self.frames_of[1]}), tokens_per_frame = N // frames"
+            node, channels = self.frames_of
+            frames = f"{node.name}.size(1)" if channels is None else f"clip_frames({node.name}, {channels})"
+            return f"frames = {frames}, tokens_per_frame = N // frames"
         if self.positions is not None:
             return f"frames, tokens_per_frame = frame_layout_from_positions({self.positions.name}) on every call"
         return f"tokens_per_frame = {self.tokens_per_frame} (fixed), frames = N // {self.tokens_per_frame}"
@@ -371,7 +374,12 @@ def _runtime_layout(gm: fx.GraphModule, ctx: PassContext, view: AttentionView, l
     if lay.frames is not None:
         return lay.frames, _floordiv(gm, length, lay.frames)
     if lay.frames_of is not None:
-        frames = _size(gm, ctx, *lay.frames_of)
+        node, channels = lay.frames_of
+        if channels is None:
+            frames = _size(gm, ctx, node, 1)
+        else:
+            frames = gm.graph.call_function(clip_frames, (node, channels))
+            propagate_node(gm, frames)
         return frames, _floordiv(gm, length, frames)
     per_frame = lay.tokens_per_frame if lay.per_frame is None else _size(gm, ctx, lay.per_frame, -2)
     return _floordiv(gm, length, per_frame), per_frame
@@ -401,23 +409,23 @@ def _per_frame_positions(pos: fx.Node, tokens_per_frame: int) -> fx.Node | None:
 
 
 def _clip_inputs(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
-    """(input, S) of each graph input shaped like multi-view images [B, S, C, H, W] (C != S: a
-    channels-first clip [B, C, T, H, W] with T == C would read C as S)."""
+    """(input, S) of each graph input shaped like multi-view images [B, S, C, H, W]."""
     params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
-    found = []
-    for node in gm.graph.nodes:
-        val = meta_val(node)
-        if (node.op == "placeholder" and node.name not in params and isinstance(val, torch.Tensor)
-                and val.dim() == 5 and _hint(val.shape[1]) != _hint(val.shape[2])):
-            found.append((node, _hint(val.shape[1])))
-    return found
+    return [(node, _hint(val.shape[1])) for node in gm.graph.nodes
+            if node.op == "placeholder" and node.name not in params
+            and isinstance(val := meta_val(node), torch.Tensor) and val.dim() == 5]
 
 
-def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int] | None:
-    """The graph input shaped like multi-view images [B, S, C, H, W] with S == frames, if exactly one,
-    with the dim its frames are on."""
-    found = [(node, 1) for node, s in _clip_inputs(gm) if s == frames]
-    return found[0] if len(found) == 1 else None
+def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int | None] | None:
+    """(the first graph input shaped like multi-view images [B, S, C, H, W] with S == frames, None),
+    or (that input, C) when its example had S == C: a channels-first clip [B, C, T, H, W] with T == C
+    looks the same, so the run-time sizes tell which dim holds the frames (``clip_frames``). Several
+    such inputs (images and their masks) hold the same frames."""
+    for node, s in _clip_inputs(gm):
+        if s == frames:
+            channels = _hint(meta_val(node).shape[2])
+            return node, (channels if channels == s else None)
+    return None
 
 
 def _hint(value: Any) -> int:
@@ -510,8 +518,7 @@ def _window_of_frames(gm: fx.GraphModule, ctx: PassContext, layout: FrameLayout 
     batch (``for i in range(0, S, 2)``), not global attention."""
     if layout is None:
         return "", ""
-    clips = {s for _, s in _clip_inputs(gm)} | {
-        shape[1] for shape in ctx.input_shapes if len(shape) == 5 and shape[1] != shape[2]}
+    clips = {s for _, s in _clip_inputs(gm)} | {shape[1] for shape in ctx.input_shapes if len(shape) == 5}
     frames = layout.example_frames
     if clips and frames not in clips and max(clips) > frames:
         return "local_attention", (f"sequences of {frames} frames where the input has {max(clips)}: a window over some "

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["FrameLayout", "read_frame_layout", "frame_layout_from_positions"]
+__all__ = ["FrameLayout", "read_frame_layout", "frame_layout_from_positions", "clip_frames"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +68,11 @@ def frame_layout_from_positions(pos: Tensor, special_tokens: int | None = None) 
         raise ValueError(f"frame_layout_from_positions: the graph was rewritten for {special_tokens} special tokens "
                          f"per frame, these positions have {layout.special_tokens}")
     return layout
+
+
+def clip_frames(images: Tensor, channels: int) -> int:
+    """The frame count of a 5-d multi-view input whose example had as many frames as ``channels``
+    (``[B, S, C, H, W]`` with S == C, as 3 RGB views, or a channels-first clip ``[B, C, T, H, W]``
+    with T == C, which the example cannot tell apart): the channels stay at every call, so the frames
+    are on dim 1 while dim 2 still holds ``channels``, else on dim 2."""
+    return images.size(1) if images.size(2) == channels else images.size(2)
