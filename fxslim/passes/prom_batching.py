@@ -93,7 +93,10 @@ class MicroBatched(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if torch.compiler.is_exporting():
-            return self._run(self.module, x)  # an exported program holds the fxslim ops themselves
+            # an exported program holds the fxslim ops themselves, on the whole batch: slices sized
+            # from symbolic sizes would pin the export's resolution and batch in guards
+            self._check_input(x)
+            return self.module.forward(x)
         if self.lowered and torch.compiler.is_compiling():
             return self._run_lowered(x)
         return self._run(self.runner, x)

@@ -210,6 +210,19 @@ def test_lower_micro_batched_exports_the_fxslim_ops(mobilenet):
         assert torch.equal(exported.module()(x[:2]), fast(x[:2]))
 
 
+def test_lower_micro_batched_exports_with_dynamic_batch_and_resolution(mobilenet):
+    """Exported with symbolic sizes, the program runs at any of them: the slice size (from the
+    resolution) stayed in it as a guard that refused every other resolution."""
+    x, fast, _ = mobilenet
+    dims = {0: torch.export.Dim("batch", min=1, max=64), 2: torch.export.Dim("h", min=33, max=512),
+            3: torch.export.Dim("w", min=33, max=512)}
+    program = torch.export.export(micro_batched(fast), (x[:2],), dynamic_shapes={"x": dims}).module()
+    for shape in ((3, 97, 131), (1, 224, 224), (40, 64, 48)):
+        sample = x.repeat(shape[0], 1, 1, 1)[: shape[0], :, : shape[1], : shape[2]].contiguous()
+        with torch.no_grad():
+            assert torch.equal(program(sample), fast(sample))
+
+
 def test_lower_conv_with_weight_from_input_keeps_checking_op():
     """A weight the graph gets at run time cannot be packed ahead: the op stays."""
     gen = torch.Generator().manual_seed(0)
