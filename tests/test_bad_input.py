@@ -315,6 +315,27 @@ def test_prom_empty_batch_is_not_observed_and_converts_after_calibration():
     assert int_model(torch.randn(0, 3, 8, 8)).shape == (0, 4)
 
 
+@pytest.mark.parametrize("runtime", ["reference", "onednn"])
+def test_prom_integer_model_refuses_a_dtype_change_and_still_moves(runtime):
+    """.double() failed deep in the oneDNN ops ("w_scale: expected a float32 tensor") and passed on the
+    reference runtime: the scales are the model's arithmetic, so a dtype change is refused, naming it."""
+    if runtime == "onednn" and not fxslim.runtime.prom_onednn.onednn_available():
+        pytest.skip("needs oneDNN quantized ops")
+    qat = fxslim.calibrate(_quiet(fxslim.prepare, _net(), _x()), [_x()])
+    int_model = fxslim.convert(qat, runtime=runtime)
+    x = _x()
+    with torch.no_grad():
+        before = int_model(x)
+    for change in (lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.float64)):
+        with pytest.raises(ValueError, match="leave its dtype"):
+            change(int_model)
+    wrapped = fxslim.micro_batched(int_model) if runtime == "onednn" else int_model
+    with pytest.raises(ValueError, match="leave its dtype"):
+        wrapped.double()
+    with torch.no_grad():
+        assert torch.equal(wrapped.to("cpu")(x.double()), before)
+
+
 # ----------------------------------------------------------------------------------------------
 # Unknown names on the command line
 

@@ -278,6 +278,17 @@ class IntegerModel(fx.GraphModule):
         self._register_load_state_dict_pre_hook(_refuse_other_constants, with_module=True)
         self.register_load_state_dict_post_hook(_count_load)
 
+    def _apply(self, fn, recurse: bool = True):
+        # .to(device) and the like move it; a dtype change (.double(), .half(), .to(torch.float64))
+        # would change the scales and biases its ops take in float32 (or its float islands' dtype)
+        for dtype in (torch.float32, torch.float64):
+            if fn(torch.zeros((), dtype=dtype)).dtype != dtype:
+                raise ValueError("PROM integer model: .double(), .half(), .float() or .to(dtype) would change the "
+                                 f"{dtype} scales and biases its integer ops compute with, fixed at convert; it "
+                                 "takes inputs of any float dtype as they are: leave its dtype, or convert a "
+                                 "fake-quant model of that dtype")
+        return super()._apply(fn, recurse)
+
     @property
     def loads(self) -> int:
         """How many state dicts it has loaded: what a lowered copy of it (``micro_batched``) checks,
