@@ -27,7 +27,9 @@ import torch.fx as fx
 from torch._guards import detect_fake_mode
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+from torch.utils._pytree import tree_map_only
 
+from fxslim import generators
 from fxslim.export_parts import buffers_kept, short_reason
 from fxslim.hooks import hooks_silenced
 from fxslim.ir import attribute, meta_val
@@ -55,7 +57,7 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
         raise ValueError(f"example_inputs: the model takes {len(names)} input(s) {names}, got {len(args)}")
     with torch.no_grad(), _module_state_kept(gm), hooks_silenced(gm), _fake_tensor_log_quiet():
         if real:
-            _RealProp(gm, mode or FakeTensorMode(allow_non_fake_inputs=True), around_node).run(*args)
+            _real_run(gm, args, mode or FakeTensorMode(allow_non_fake_inputs=True), around_node)
         elif not fake:
             _PlainProp(gm, around_node).run(*args)
         elif not real_fallback:
@@ -66,9 +68,17 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
             except Exception as fake_error:  # e.g. DataDependentOutputException inside a leaf
                 _log.info("fake shape propagation failed (%s); propagating real values", short_reason(fake_error))
                 try:
-                    _RealProp(gm, FakeTensorMode(allow_non_fake_inputs=True), around_node).run(*args)
+                    _real_run(gm, args, FakeTensorMode(allow_non_fake_inputs=True), around_node)
                 except Exception:
                     raise fake_error from None
+
+
+def _real_run(gm: fx.GraphModule, args: Sequence[Any], mode: FakeTensorMode, around_node: AroundNode | None) -> None:
+    """``_RealProp`` on copies of the caller's tensors (an in-place op of the model, ``x.mul_(2)``,
+    would write into the example), its draws put back (dropout in the graph moved the caller's stream)."""
+    copies = tree_map_only(torch.Tensor, torch.Tensor.clone, tuple(args))
+    with generators.kept(gm):
+        _RealProp(gm, mode, around_node).run(*copies)
 
 
 @contextlib.contextmanager

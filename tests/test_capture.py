@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 import torch.fx as fx
 from torch import nn
 
@@ -303,6 +304,30 @@ def test_trace_refuses_a_forward_that_draws_random_numbers_outside_the_graph(dra
     with torch.no_grad():
         dropped = [bool((result.module(x) == 0).all()) for _ in range(40)]
     assert any(dropped) and not all(dropped)  # both branches, as the model takes them
+
+
+class _ScalesItsInput(nn.Module):
+    """Scales its input in place, keeps a data-dependent number of values (fake shapes cannot follow:
+    capture runs the real example) and drops out of them, drawing from torch's stream."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x.mul_(2)
+        y = self.conv(self.stem(x))
+        return y + F.dropout(y[y > 0], 0.5, True).sum()
+
+
+def test_capture_on_real_values_leaves_the_example_and_random_streams_alone():
+    import fxslim
+
+    model, x = _ScalesItsInput().eval(), torch.randn(2, 3, 16, 16)
+    example = x.clone()
+    expected = _draws_after_seeding(lambda: None)
+    assert _draws_after_seeding(lambda: fxslim.optimize(model, x, passes=["haste:L=53"])) == expected
+    assert torch.equal(x, example)
 
 
 class _Window(nn.Module):
