@@ -40,7 +40,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
 from fxslim import generators
-from fxslim.export_parts import export_parts, record_calls, run_example, short_reason
+from fxslim.export_parts import export_parts, record_calls, run_example, scratch_copy, short_reason
 from fxslim.ir import (
     IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, OrderedDictOutput, attribute, copy_attributes, detect_ir, meta_val, set_submodule,
 )
@@ -696,8 +696,11 @@ def _record_submodule_inputs(model: nn.Module, root: nn.Module, graphs: list[Gra
                 tuple(tuple(v.shape) if isinstance(v, torch.Tensor) else None for v in inputs))
         return hook
 
-    with hooks_silenced(root):
-        run_example(root, [(graph.gm, recorder(graph)) for graph in graphs], example_inputs)
+    # on a copy sharing the weights: what forward writes into plain attributes (a call counter, a list
+    # of means, a buffer assigned anew) stays in the copy, not in the model returned
+    runner = scratch_copy(root)
+    with hooks_silenced(runner):
+        run_example(runner, [(runner.get_submodule(graph.path), recorder(graph)) for graph in graphs], example_inputs)
     for graph in graphs:
         if len(shapes.get(graph.path, ())) > 1:
             graph.gm.meta[META_CALL_SHAPES] = len(shapes[graph.path])

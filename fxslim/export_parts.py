@@ -39,7 +39,7 @@ from fxslim import generators
 from fxslim.ir import set_submodule
 
 __all__ = ["Calls", "ExportedPart", "buffers_kept", "export_parts", "export_module", "record_calls", "run_example",
-           "short_reason"]
+           "scratch_copy", "short_reason"]
 
 _log = logging.getLogger(__name__)
 
@@ -57,20 +57,20 @@ class ExportedPart:
 def export_module(module: nn.Module, args: tuple, kwargs: dict | None = None) -> torch.export.ExportedProgram:
     """``torch.export.export`` non-strict, then strict; raises the non-strict error if both fail.
 
-    Each attempt exports a ``_scratch_copy`` of ``module``, so ``module`` itself is never traced.
+    Each attempt exports a ``scratch_copy`` of ``module``, so ``module`` itself is never traced.
     """
     kwargs = kwargs or {}
     try:
-        return _export(_scratch_copy(module), args, kwargs, strict=False)
+        return _export(scratch_copy(module), args, kwargs, strict=False)
     except Exception as non_strict:
         _log.info("non-strict export of %s failed (%s); trying strict", type(module).__name__, short_reason(non_strict))
         try:
-            return _export(_scratch_copy(module), args, kwargs, strict=True)
+            return _export(scratch_copy(module), args, kwargs, strict=True)
         except Exception:
             raise non_strict from None
 
 
-def _scratch_copy(module: nn.Module) -> nn.Module:
+def scratch_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` that shares its parameters and buffers.
 
     Why: export runs forward on fake tensors and symbolic sizes, and a forward that caches in

@@ -330,6 +330,40 @@ def test_capture_on_real_values_leaves_the_example_and_random_streams_alone():
     assert torch.equal(x, example)
 
 
+class _KeepsTrack(nn.Module):
+    """Stays eager (a branch on a value) around convs that are rewritten, and keeps state in plain
+    attributes: a call counter, a list, a buffer assigned anew on every call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.calls, self.means = 0, []
+        self.register_buffer("ema", torch.zeros(8))
+
+    def forward(self, x):
+        self.calls += 1
+        y = self.conv(self.stem(x))
+        self.means.append(float(y.mean()))
+        self.ema = 0.5 * self.ema + 0.5 * y.mean((0, 2, 3))
+        if y.sum() > 0:
+            y = y * 1.0
+        return y + self.ema[None, :, None, None]
+
+
+def test_capture_example_run_leaves_no_state_in_the_returned_model():
+    import fxslim
+
+    model, x = _KeepsTrack().eval(), torch.randn(2, 3, 16, 16)
+    result = fxslim.optimize(model, x, passes=["haste:L=53"])
+    assert result.report.rewritten("haste") == 1 and [fqn for fqn, _ in result.report.untraced] == [""]
+    rewritten = result.module
+    assert (rewritten.calls, rewritten.means) == (0, []) and not rewritten.ema.any()
+    with torch.no_grad():
+        first = rewritten(x)
+    assert rewritten.calls == 1 and len(rewritten.means) == 1
+    torch.testing.assert_close(first, model(x))
+
+
 class _Window(nn.Module):
     def __init__(self) -> None:
         super().__init__()
