@@ -223,13 +223,23 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
         return "train" if mode else "eval"
     if not updates:
         return None
-    with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
-        flag = {True: graph.get_attr("training")}
-        flag[False] = graph.call_function(operator.not_, (flag[True],))
+    flags: dict[tuple[str, bool], fx.Node] = {}
+
+    def flag(path: str, train: bool) -> fx.Node:
+        """The node reading the training flag of the module at ``path`` (``not`` it unless ``train``)."""
+        if (path, train) not in flags:
+            with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
+                flags[path, train] = (graph.get_attr(f"{path}.training" if path else "training") if train else
+                                      graph.call_function(operator.not_, (flag(path, True),)))
+        return flags[path, train]
+
     for node, (args, kwargs) in updates.items():
-        node.args, node.kwargs = fx.node.map_aggregate((args, kwargs), lambda v: flag[v.train] if isinstance(v, _Flag) else v)
-    if not flag[False].users:
-        graph.erase_node(flag[False])
+        # the flag of the module whose forward made the call (``F.dropout(x, p, self.training)`` in a
+        # block): a block put in eval mode inside a model in train mode (or the other way round) follows it
+        stack = node.meta.get("nn_module_stack") or {}
+        path = next(reversed(stack.values()))[0] if stack else ""
+        node.args, node.kwargs = fx.node.map_aggregate(
+            (args, kwargs), lambda v, path=path: flag(path, v.train) if isinstance(v, _Flag) else v)
     return None
 
 

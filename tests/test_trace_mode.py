@@ -126,6 +126,42 @@ def test_negated_and_nested_flags_follow_the_mode(mode):
         torch.testing.assert_close(dropped[kept], doubled[kept])  # dropout's 1 / (1 - p), not doubled
 
 
+class _DropBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.dropout(self.conv(x), 0.5, self.training)
+
+
+class _BlockInside(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.head = nn.Conv2d(3, 8, 3, padding=1), _DropBlock(), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block(self.stem(x)))
+
+
+@pytest.mark.parametrize("root_training", [True, False], ids=["frozen_block", "mc_dropout"])
+def test_dropout_follows_the_flag_of_the_module_that_reads_it(root_training):
+    """``F.dropout(x, p, self.training)`` in a block reads the block's flag: a block frozen in eval
+    mode inside a model in train mode, or Monte Carlo dropout in a model in eval mode, drops out as
+    the original does (the trace read the root's flag)."""
+    model, x = _BlockInside().eval(), _x()
+    gm, frozen = _traced(model)
+    assert frozen is None
+    for m in (model, gm):
+        m.train(root_training)
+        m.block.train(not root_training)
+    torch.manual_seed(0)
+    want = model(x)
+    torch.manual_seed(0)
+    torch.testing.assert_close(gm(x), want)
+    assert torch.equal(gm(x), gm(x)) is root_training  # dropout only where the block is in train mode
+
+
 def test_efficientnet_prepared_in_train_mode_runs_as_the_float_model_after_eval():
     """torchvision's StochasticDepth passes ``self.training`` to ``stochastic_depth``: the traced
     graph and the prepared model follow ``.eval()`` (before the fix both kept dropping rows)."""
