@@ -30,7 +30,7 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx as fx
@@ -534,7 +534,7 @@ def _traced_constants(state: _Blockers, path: str) -> dict[str, Any]:
     as masked or causal although no mask is ever given. ``trace`` guards them: a later call with
     a mask raises.
     """
-    return state.defaults().get(path, {})
+    return state.defaults().constants.get(path, {})
 
 
 def defaults_in_both_modes(model: nn.Module, example_inputs: Sequence[Any]) -> dict[str, dict[str, Any]]:
@@ -545,18 +545,36 @@ def defaults_in_both_modes(model: nn.Module, example_inputs: Sequence[Any]) -> d
     in the other mode, only None defaults (``attn_mask=None``) count."""
     runner = copy.deepcopy(model)
     with hooks_silenced(runner):
-        first = {path: calls.default_args for path, calls in record_calls(runner, example_inputs).items()}
+        calls = record_calls(runner, example_inputs)
+        first = {path: c.default_args for path, c in calls.items()}
+        both_ways = {path: tuple(sorted(c.both_ways)) for path, c in calls.items() if c.both_ways}
         try:
             second = record_calls(runner.train(not model.training), example_inputs)
         except Exception:  # noqa: BLE001 - the model's own code, in the mode the caller did not pick
-            return {path: {k: v for k, v in args.items() if v is None} for path, args in first.items()}
-    return {path: {k: v for k, v in args.items() if path not in second or k in second[path].default_args}
-            for path, args in first.items()}
+            return SubmoduleCalls({path: {k: v for k, v in args.items() if v is None} for path, args in first.items()},
+                                  both_ways)
+    return SubmoduleCalls({path: {k: v for k, v in args.items() if path not in second or k in second[path].default_args}
+                           for path, args in first.items()}, both_ways)
 
 
-def _trace_apart(module: nn.Module, leaf_modules: tuple[type, ...], concrete_args: dict[str, Any]) -> fx.GraphModule:
+class SubmoduleCalls(NamedTuple):
+    """What the example's calls of each submodule (by path) say about tracing it: ``constants``, the
+    arguments at their default in every call (``defaults_in_both_modes``); ``both_ways``, the
+    arguments with a None default that are None in one call and given in another (``block(x)`` and
+    ``block(x, skip=y)``): a trace takes ``if skip is not None`` one way, so such a module stays eager."""
+
+    constants: dict[str, dict[str, Any]]
+    both_ways: dict[str, tuple[str, ...]]
+
+
+def _trace_apart(module: nn.Module, leaf_modules: tuple[type, ...], concrete_args: dict[str, Any],
+                 both_ways: tuple[str, ...] = ()) -> fx.GraphModule:
     """``trace`` with ``concrete_args``, else without them: fx cannot write some signatures with a
-    constant (a keyword-only argument after ``*args`` gets a default before one without)."""
+    constant (a keyword-only argument after ``*args`` gets a default before one without). A module
+    the example calls with and without an optional argument (``both_ways``) is refused."""
+    if both_ways:
+        raise UnfaithfulTrace(f"called with and without {', '.join(map(repr, both_ways))}: a trace would take "
+                              "'is None' one way for every call")
     try:
         return trace(module, leaf_modules, concrete_args)
     except Exception:  # tracing runs arbitrary user code: retry without the constants, else fail as it does
@@ -575,7 +593,8 @@ def _find_blockers(module: nn.Module, path: str, leaf_modules: tuple[type, ...],
         if isinstance(child, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
             continue  # containers are never called; their items are
         try:
-            _trace_apart(child, leaf_modules + tuple(state.found), _traced_constants(state, child_path))
+            _trace_apart(child, leaf_modules + tuple(state.found), _traced_constants(state, child_path),
+                         state.defaults().both_ways.get(child_path, ()))
             state.traced.add(id(child))
         except Exception as exc:  # tracing runs arbitrary user code: any failure means "not traceable"
             state.found[type(child)] = short_reason(exc)
@@ -592,7 +611,8 @@ def _trace_largest(
     parts win). Submodules are traced with their ``_traced_constants`` fixed."""
     leaf_modules = tuple(leaf_modules)
     try:
-        gm = _trace_apart(module, leaf_modules, concrete_args)
+        # the root is called once, by the caller (and a submodule's calls are only run for once it is traced apart)
+        gm = _trace_apart(module, leaf_modules, concrete_args, state.defaults().both_ways.get(path, ()) if path else ())
         traced.append((path, gm))
         _trace_inside_hooked(module, gm, path, leaf_modules, traced, untraced, state)
         return

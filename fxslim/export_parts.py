@@ -27,7 +27,7 @@ import itertools
 import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -127,6 +127,7 @@ class Calls:
     signature: Any
     default_args: dict[str, Any]
     consistent: bool = True
+    both_ways: set[str] = field(default_factory=set)  # None-default arguments None in one call, given in another
 
 
 def _signature(args: tuple, kwargs: dict) -> Any:
@@ -159,6 +160,8 @@ def record_calls(root: nn.Module, example_inputs: Sequence[Any]) -> dict[str, Ca
                 return
             if seen.signature != signature:
                 seen.consistent = False
+            nones = {name for name, v in default_args.items() if v is None}
+            seen.both_ways |= {name for name, v in seen.default_args.items() if v is None} ^ nones
             seen.default_args = {name: v for name, v in seen.default_args.items() if name in default_args}
 
         hooks.append((module, hook))

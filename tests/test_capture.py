@@ -364,6 +364,48 @@ def test_capture_example_run_leaves_no_state_in_the_returned_model():
     torch.testing.assert_close(first, model(x))
 
 
+class _MaybeSkip(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x, skip=None):
+        y = self.conv(x)
+        if skip is not None:
+            y = y + skip
+        return y
+
+
+class _CallsBothWays(nn.Module):
+    """Stays eager (a branch on a value) and calls its block without the optional argument, then with it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 8, 3, padding=1), _MaybeSkip()
+
+    def forward(self, x):
+        y = self.stem(x)
+        if y.sum() > 0:
+            y = -y
+        return self.block(self.block(y), skip=y)
+
+
+@pytest.mark.parametrize("passes", [["haste:L=53"], ["prom"]])
+def test_capture_keeps_a_module_called_with_and_without_an_optional_argument_eager(passes):
+    """One trace takes ``if skip is not None`` one way for every call: capture crashed on its own
+    example run (Tensor + None); the block stays eager, naming the argument, and its conv is traced."""
+    import fxslim
+
+    model, x = _CallsBothWays().eval(), torch.randn(2, 3, 16, 16)
+    result = fxslim.optimize(model, x, passes=passes)
+    untraced = dict(result.report.untraced)
+    assert "called with and without 'skip'" in untraced["block"]
+    assert "block.conv" in {g.path for g in capture(model, (x,)).graphs}
+    if passes == ["haste:L=53"]:
+        with torch.no_grad():
+            torch.testing.assert_close(result.module(x), model(x))
+
+
 class _Window(nn.Module):
     def __init__(self) -> None:
         super().__init__()
