@@ -63,13 +63,15 @@ class Graph:
     """One graph inside a captured model.
 
     ``path`` is where the GraphModule sits in ``Captured.module`` ("" = it is the whole model);
-    ``placeholder_values`` maps placeholder names to real tensors (dynamo graphs: the parameters).
+    ``placeholder_values`` maps placeholder names to real tensors (dynamo graphs: the parameters);
+    ``called``: False for a submodule traced apart that the example never calls (no shapes).
     """
 
     path: str
     gm: fx.GraphModule
     ir: IR
     placeholder_values: dict[str, Any] = field(default_factory=dict)
+    called: bool = True
 
 
 @dataclass
@@ -739,6 +741,7 @@ def _record_submodule_inputs(model: nn.Module, root: nn.Module, graphs: list[Gra
             propagate(graph.gm, seen[graph.path], real_fallback=True)
             _guard_given_optionals(graph.gm, model.get_submodule(graph.path), seen[graph.path])
         else:
+            graph.called = False
             _log.info("submodule %r was not called by the example inputs; it has no shapes", graph.path)
 
 

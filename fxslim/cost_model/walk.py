@@ -145,9 +145,24 @@ class RawRowCounter:
     def rows(self) -> list[RawRow]:
         out = []
         for graph in self.source.captured.graphs:
-            out.extend(self._graph_rows(graph))
+            out.extend(self._graph_rows(graph) if graph.called else [self._uncalled_row(graph)])
         out.extend(self._eager_rows())
         return out
+
+    def _uncalled_row(self, graph: Graph) -> RawRow:
+        """A module traced apart that the example never calls (a head for another task, the
+        projection ``nn.MultiheadAttention`` computes with its functional form): no compute for this
+        input and no shapes to count any with; its weights are still stored."""
+        raw = RawRow(graph.path, "(not called)", type(graph.gm).__name__, graph.path)
+        raw.params = self._own_params(graph.path, graph.gm.named_parameters())
+        return raw
+
+    def _own_params(self, path: str, named: Any) -> list[tuple[str, Any, torch.Tensor | None]]:
+        """(name, tensor, real tensor) of the ``named`` parameters of the module at ``path`` not counted yet."""
+        own = [(f"{path}.{n}" if path else n, p) for n, p in named]
+        found = [(n, p, self._real(n, p)) for n, p in own if self.tied.get(n, n) not in self.seen_params]
+        self.seen_params.update(self.tied.get(n, n) for n, _ in own)
+        return found
 
     def _eager_rows(self) -> list[RawRow]:
         """One row per untraced module: the aten ops its own eager code ran (outside any graph)."""
@@ -157,9 +172,7 @@ class RawRowCounter:
             name = f"(eager) {path or '<root>'}"
             mod = captured.module.get_submodule(path) if path else captured.module
             raw = RawRow("", name, type(mod).__name__, path)
-            own = [(f"{path}.{n}" if path else n, p) for n, p in mod.named_parameters(recurse=False)]
-            raw.params = [(n, p, self._real(n, p)) for n, p in own if self.tied.get(n, n) not in self.seen_params]
-            self.seen_params.update(self.tied.get(n, n) for n, _ in own)
+            raw.params = self._own_params(path, mod.named_parameters(recurse=False))
             if self.source.eager is None:
                 raw.unknown.append(f"{raw.op} (eager code not runnable on meta or real tensors)")
             else:

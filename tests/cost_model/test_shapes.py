@@ -103,6 +103,35 @@ def test_meta_capture_allocates_no_weights_and_keeps_values_for_formulas():
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+class _SpareHead(nn.Module):
+    """Does not trace whole, and keeps a head its forward never calls (one for another task)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.used, self.spare = nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = x * 2
+        return self.used(x)
+
+
+@pytest.mark.parametrize("model", [_SpareHead(), nn.MultiheadAttention(32, 4, batch_first=True)],
+                         ids=["spare_head", "multihead_attention"])
+def test_a_module_traced_apart_but_never_called_costs_nothing_and_keeps_its_weights(model):
+    """The estimate crashed (int + None) on the MACs of a graph without shapes: ``spare``, and the
+    ``out_proj`` that nn.MultiheadAttention computes with through its functional form."""
+    model = model.eval()
+    x = torch.randn(2, 9, 8 if isinstance(model, _SpareHead) else 32)
+    inputs = (x,) if isinstance(model, _SpareHead) else (x, x, x)
+    report = fxslim.estimate(model, inputs)
+    (uncalled,) = [r for r in report.rows if r.node == "(not called)"]
+    assert uncalled.macs == 0 and uncalled.params == sum(p.numel() for p in model.get_submodule(uncalled.fqn).parameters())
+    assert report.total.params == sum(p.numel() for p in model.parameters())
+    if isinstance(model, _SpareHead):
+        assert report.total.macs == 2 * 9 * 8 * 8
+
+
 class _ValueDependent(nn.Module):
     """Does not trace whole: its glue branches on tensor values, so only its children are graphs."""
 
