@@ -55,6 +55,28 @@ def test_httm_cost_equals_flop_counter_mode(mode, anchor):
     assert 2 * cost.macs == counter.get_total_flops()
 
 
+@pytest.mark.parametrize("mode", ["headwise", "uniform"])
+def test_httm_cost_of_one_frame_is_sdpa_also_as_a_formula_in_frames(mode):
+    """The op is SDPA on one frame: its cost there, given as an int or read off the formula in the
+    frames, is SDPA's (the formula counted merging below the dense cost at 1)."""
+    s, p = sympy.Symbol("frames", integer=True, positive=True), 37
+    spec = TensorSpec((1, 4, s * p, 16), torch.float32)
+    call = OpCall(_OP, (spec, spec, spec), dict(frames=s, tokens_per_frame=p, special_tokens=5, q_ratio=0.9,
+                                                 kv_ratio=0.7, n_s=8, n_t=2, outlier_fraction=0.1,
+                                                 proportional_attention=False, anchor_first_frame=False, mode=mode),
+                  spec, Conventions())
+    symbolic = httm_attention_cost(call)
+    dense_spec = TensorSpec((1, 4, p, 16), torch.float32)
+    dense = sdpa_cost(OpCall(torch.ops.aten.scaled_dot_product_attention.default, (dense_spec,) * 3, {}, dense_spec,
+                             Conventions()))
+    at_one = _cost(1, 4, p, 16, frames=1, tokens_per_frame=p, n_s=8, n_t=2, mode=mode)
+    assert (at_one.macs, at_one.elementwise) == (dense.macs, dense.elementwise)
+    assert (sympy.sympify(symbolic.macs).subs(s, 1), sympy.sympify(symbolic.elementwise).subs(s, 1)) == (
+        dense.macs, dense.elementwise)
+    at_two = _cost(1, 4, 2 * p, 16, frames=2, tokens_per_frame=p, n_s=8, n_t=2, mode=mode)
+    assert sympy.sympify(symbolic.macs).subs(s, 2) == at_two.macs
+
+
 def test_httm_cost_ratio_zero_equals_dense_attention():
     cost = _cost(1, 4, 3 * 21, 16, frames=3, tokens_per_frame=21, q_ratio=0.0, kv_ratio=0.0, outlier_fraction=0.0)
     spec = TensorSpec((1, 4, 63, 16), torch.float32)
@@ -73,8 +95,7 @@ def test_httm_cost_uniform_matches_once_proportional_adds_bias():
     assert proportional.elementwise - headwise.elementwise == 4 * m_q * m_kv  # log(size) added to every score
 
 
-# a symbol stands for 2 frames or more: torch specialises a size of 1 (one frame is SDPA, test_httm_op)
-_FRAMES = (2, 5, 15, 29, 30, 31, 45, 59, 61, 100, 300, 1000)
+_FRAMES = (1, 2, 5, 15, 29, 30, 31, 45, 59, 61, 100, 300, 1000)  # one frame: SDPA (a Piecewise case)
 
 
 @pytest.mark.parametrize("tokens_per_frame", [261, 1041])
@@ -90,8 +111,9 @@ def test_httm_counts_symbolic_frames_equal_integer_counts(tokens_per_frame, mode
 
 
 def _layout_pairs(frames, tokens_per_frame, anchor, mode, q_ratio=0.9, kv_ratio=0.7):
-    """Sources x destinations summed over the blocks of the layouts the op runs (both sides)."""
-    return sum(src * dst for ratio in (q_ratio, kv_ratio)
+    """Sources x destinations summed over the blocks of the layouts the op runs (both sides; none
+    for one frame, where the op is SDPA)."""
+    return 0 if frames == 1 else sum(src * dst for ratio in (q_ratio, kv_ratio)
                for src, dst in httm_layout(frames, tokens_per_frame, 5, ratio, 128, 30, anchor,
                                            whole_sequence=mode == "global").blocks)
 

@@ -111,14 +111,23 @@ def httm_counts(frames: Any, tokens_per_frame: Any, special_tokens: int = 5, q_r
     """Per head: kept queries, kept keys/values, destinations and matching pairs of each side.
 
     Equal to ``httm_kept_lengths`` and to the blocks of ``httm_layout`` for ints; sympy expressions when
-    ``frames`` is symbolic (torch specialises a size of 1, so a symbol stands for 2 frames or more).
-    One frame keeps every token and matches none: the op is SDPA there.
+    ``frames`` is symbolic. One frame keeps every token and matches none: the op is SDPA there (each
+    expression a Piecewise with that case first).
     """
     frames, p = _sym(frames), _sym(tokens_per_frame)
     if not isinstance(p, int):
         raise ValueError(f"httm cost: tokens_per_frame must be a fixed int (symbolic frames only), got {p}")
-    if isinstance(frames, int) and frames == 1:
-        return {"kept_q": p, "kept_kv": p, "dst_q": 0, "dst_kv": 0, "pairs_q": 0, "pairs_kv": 0, "groups_q": p}
+    one_frame = {"kept_q": p, "kept_kv": p, "dst_q": 0, "dst_kv": 0, "pairs_q": 0, "pairs_kv": 0, "groups_q": p}
+    if isinstance(frames, int):
+        return one_frame if frames == 1 else _counts(frames, p, special_tokens, q_ratio, kv_ratio, n_s, n_t,
+                                                     outlier_fraction, anchor_first_frame, mode)
+    counts = _counts(frames, p, special_tokens, q_ratio, kv_ratio, n_s, n_t, outlier_fraction, anchor_first_frame, mode)
+    return {k: sympy.Piecewise((one_frame[k], sympy.Eq(frames, 1)), (v, True)) for k, v in counts.items()}
+
+
+def _counts(frames: Any, p: int, special_tokens: int, q_ratio: float, kv_ratio: float, n_s: int, n_t: int,
+            outlier_fraction: float, anchor_first_frame: bool, mode: str) -> dict[str, Any]:
+    """``httm_counts`` of 2 frames or more."""
     n, whole = frames * p, mode == "global"
     patches = p - special_tokens
     dst_q, pairs_q = _side(frames, patches, q_ratio, n_s, n_t, anchor_first_frame, whole)
@@ -174,5 +183,7 @@ def httm_attention_cost(call: OpCall) -> OpCost:
     # merge q, k, v (adds + one divide per merged row) and copy each output row back to its N tokens
     merge_work = h * ((n + m_q) * d + (n + m_kv) * (d + dv) + n * dv)
     elementwise = b * (scores + match_work + outlier_work + merge_work)
+    if not isinstance(a["frames"], int):  # a formula in the frames: SDPA's at one frame
+        elementwise = sympy.Piecewise((sdpa_cost(call).elementwise, sympy.Eq(_sym(a["frames"]), 1)), (elementwise, True))
     info = {"kept_q": m_q, "kept_kv": m_kv, "matching_macs": matching, "attention_macs": attention}
     return OpCost(macs=attention + matching, elementwise=elementwise, info=info)
