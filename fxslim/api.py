@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from fxslim.capture import Captured, as_example, capture as capture_graphs
 from fxslim.cost_model import compare, estimate
@@ -161,8 +162,9 @@ def optimize(
 
 
 def _tensor_shapes(example_inputs: Sequence[Any] | None) -> tuple[tuple[int, ...], ...]:
-    """The shapes of the example's tensor inputs (what HTTM reads a [B, S, C, H, W] frame dim from)."""
-    return tuple(tuple(x.shape) for x in example_inputs or () if isinstance(x, torch.Tensor))
+    """The shapes of the example's tensor inputs, also those in a dict, list or tuple (what HTTM reads
+    a [B, S, C, H, W] frame dim from, what HASTE tells the image by)."""
+    return tuple(tuple(x.shape) for x in tree_leaves(tuple(example_inputs or ())) if isinstance(x, torch.Tensor))
 
 
 def _warn_frozen_modes(graphs: list, trains: bool) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from fxslim.config import check_choice, check_int, check_range
 from fxslim.ir import ConvView, META_PLACEHOLDER_FQNS, attribute, meta_val, node_fqn, view_of, views
@@ -219,9 +220,10 @@ def _reads_model_input(node: Any, stops: set[fx.Node], params: dict[str, str],
             continue
         seen.add(n)
         value = meta_val(n)
-        if n.op == "placeholder" and n.name not in params and (
-                value is None or isinstance(value, torch.Tensor) and value.dim() >= 1
-                and (image_shapes is None or tuple(value.shape) in image_shapes)):
+        # the image may come in a dict, list or tuple ({"image": x}): any tensor in the input counts
+        if n.op == "placeholder" and n.name not in params and (value is None or any(
+                isinstance(v, torch.Tensor) and v.dim() >= 1 and (image_shapes is None or tuple(v.shape) in image_shapes)
+                for v in tree_leaves(value))):
             return True
         stack.extend(n.all_input_nodes)
     return False
