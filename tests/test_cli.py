@@ -92,6 +92,29 @@ def test_cli_out_and_plot_given_a_folder_fail_before_work(tmp_path, capsys):
     assert not list(tmp_path.parent.glob(f"{tmp_path.name}.*"))
 
 
+@pytest.mark.parametrize(("option", "message"), [
+    (["--width", "0"], "--width: expected a table width of at least 20"),
+    (["--plot", "{tmp}/noext"], "--plot: expected a file name ending in one of .png, .svg, .pdf"),
+    (["--plot", "{tmp}/p.xyz"], "--plot: expected a file name ending in one of"),
+])
+def test_cli_width_and_plot_name_checked_before_work(tmp_path, capsys, option, message):
+    # --width 0 was taken; --plot DIR/noext wrote noext.png, and p.xyz failed after the whole estimate
+    option = [o.format(tmp=tmp_path) for o in option]
+    _fails_cleanly(capsys, ["report", "torchvision:resnet18", "--input", "1x3x32x32", *option], message, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("content", "message"), [
+    ("{not json", "is not JSON"),
+    ("[1, 2]", "expected a JSON object with an 'arithmetic' mapping, got list"),
+    ('{"arithmetic": {"add": {"int8": 0.03}}, "memory_pj_per_64bit": {"dram": "x"}}', "memory_pj_per_64bit must map"),
+])
+def test_cli_energy_table_file_mistakes_name_the_table(tmp_path, capsys, content, message):
+    table = tmp_path / "table.json"
+    table.write_text(content)
+    _fails_cleanly(capsys, ["report", "torchvision:resnet18", "--input", "1x3x32x32", "--table", str(table)], message)
+
+
 def test_cli_passes_before_model(capsys):
     assert main(["report", "--passes", "haste:L=14", "torchvision:resnet18", "--input", "1x3x32x32",
                  "--format", "json"]) == 0

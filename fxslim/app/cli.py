@@ -242,6 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_PLOT_SUFFIXES = (".png", ".svg", ".pdf")  # what the figure is written as, from the name's suffix
+
+
 def _check(args: argparse.Namespace) -> None:
     """Mistakes found before any work: the model argument (before or after options), input
     shapes, output folders."""
@@ -255,12 +258,17 @@ def _check(args: argparse.Namespace) -> None:
         args.model = spec
     for text in args.input:
         parse_input(text)
+    if args.width is not None and args.width < 20:
+        raise ValueError(f"--width: expected a table width of at least 20 characters, got {args.width}")
     for option in ("out", "plot"):
         path = getattr(args, option, None)
         if path and (Path(path).is_dir() or path.endswith(("/", os.sep))):
             raise ValueError(f"--{option}: {path!r} is a folder; give a file name in it")
         if path and not Path(path).resolve().parent.is_dir():
             raise ValueError(f"--{option}: folder {str(Path(path).parent)!r} does not exist")
+    plot = getattr(args, "plot", None)
+    if plot and Path(plot).suffix.lower() not in _PLOT_SUFFIXES:
+        raise ValueError(f"--plot: expected a file name ending in one of {', '.join(_PLOT_SUFFIXES)}, got {plot!r}")
 
 
 def _one_line(exc: BaseException) -> str:

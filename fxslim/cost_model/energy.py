@@ -62,7 +62,11 @@ def load_table(table: str | Path | Mapping[str, Any] | EnergyTable) -> EnergyTab
         if path.suffix == ".json":
             if not path.is_file():
                 raise ValueError(f"table: file {str(path)!r} does not exist")
-            return _from_dict(json.loads(path.read_text()), str(path))
+            try:
+                data = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as error:
+                raise ValueError(f"table: file {str(path)!r} is not JSON ({error})") from None
+            return _from_dict(data, str(path))
         if str(table) in available_tables():
             return _from_dict(json.loads((TABLE_DIR / f"{table}.json").read_text()), str(table))
         raise ValueError(f"table: expected one of {available_tables()}, a .json path or a dict, got {str(table)!r}")
@@ -77,7 +81,9 @@ def table_for(conventions: Conventions, table: str | Path | Mapping[str, Any] | 
     return energy_table
 
 
-def _from_dict(data: Mapping[str, Any], where: str) -> EnergyTable:
+def _from_dict(data: Any, where: str) -> EnergyTable:
+    if not isinstance(data, Mapping):
+        raise ValueError(f"table {where}: expected a JSON object with an 'arithmetic' mapping, got {type(data).__name__}")
     arithmetic = data.get("arithmetic")
     if not isinstance(arithmetic, Mapping) or not arithmetic:
         raise ValueError(f"table {where}: expected an 'arithmetic' mapping such as "
@@ -90,7 +96,11 @@ def _from_dict(data: Mapping[str, Any], where: str) -> EnergyTable:
             if not isinstance(pj, (int, float)) or pj < 0:
                 raise ValueError(f"table {where}: arithmetic[{op!r}][{fmt!r}] must be a number >= 0, got {pj!r}")
             flat[(str(op), str(fmt))] = float(pj)
-    memory = {str(k): float(v) / 8.0 for k, v in dict(data.get("memory_pj_per_64bit", {})).items()}
+    memory_table = data.get("memory_pj_per_64bit", {})
+    if not isinstance(memory_table, Mapping) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in memory_table.values()):
+        raise ValueError(f"table {where}: memory_pj_per_64bit must map memory levels to pJ >= 0, got {memory_table!r}")
+    memory = {str(k): float(v) / 8.0 for k, v in memory_table.items()}
     return EnergyTable(
         name=str(data.get("name", where)), citation=str(data.get("citation", "")), arithmetic=flat,
         memory_pj_per_byte=memory, notes=tuple(data.get("notes", ())),
