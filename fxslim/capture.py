@@ -924,6 +924,9 @@ def capture(
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"capture: model must be an nn.Module, GraphModule or ExportedProgram, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise CaptureError(f"capture: {type(model).__name__} is TorchScript, whose code fx cannot trace; pass the "
+                           "nn.Module it was scripted from (torch.jit.script(model): pass model)")
     if example_inputs is None:
         raise ValueError("capture: example_inputs are required for an nn.Module (shapes come from them)")
 

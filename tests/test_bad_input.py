@@ -149,6 +149,16 @@ def test_optimize_example_inputs_of_wrong_shape_raise_pytorchs_error_naming_the_
     _assert_unchanged(model, state)
 
 
+def test_optimize_and_estimate_of_a_scripted_model_say_to_pass_the_module():
+    # register_forward_pre_hook is not supported on ScriptModules, from deep inside capture
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation
+        scripted = torch.jit.script(_net())
+    for run in (lambda: fxslim.optimize(scripted, _x(), passes=["haste"]), lambda: fxslim.estimate(scripted, _x())):
+        with pytest.raises(CaptureError, match=r"TorchScript.*pass the nn.Module it was scripted from"):
+            run()
+
+
 def test_optimize_too_many_example_inputs_raise_value_error():
     with pytest.raises(ValueError, match=r"example_inputs: the model takes 1 input\(s\) \['x'\], got 2"):
         fxslim.optimize(_net(), (_x(), _x()), passes=["haste"])
