@@ -611,6 +611,7 @@ _PRE_SOFTMAX = {
     aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill, aten._to_copy.default,
     aten.view.default, aten.reshape.default, aten._unsafe_view.default,
 }
+_SCORE_ADDS = {operator.add, operator.iadd, operator.sub, torch.add, aten.add.Tensor}
 _PRE_SOFTMAX_METHODS = {"mul", "div", "add", "masked_fill", "float", "to", "type_as", "view", "reshape", "mul_", "add_", "div_"}
 _POST_SOFTMAX = {
     F.dropout, aten.dropout.default, aten.native_dropout.default, aten._to_copy.default, torch.nn.functional.dropout,
@@ -771,7 +772,10 @@ def _manual_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> AttentionView | N
         return None
     # from the scores, which hold the broadcast of q's and k's batch and head dims (a query shared by heads)
     batch, heads = _heads_and_batch(scores, qk) if len(scores) >= 4 else _heads_and_batch(qs, q)
-    has_mask = any(_is_call(n, {aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill}, {"masked_fill"}) for n in pre)
+    # a mask filled in, or added to the scores (an additive mask, a relative-position bias): one op per score
+    has_mask = any(_is_call(n, {aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill}, {"masked_fill"})
+                   or (_is_call(n, _SCORE_ADDS, {"add", "add_", "sub"})
+                       and sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2) for n in pre)
     return AttentionView(
         node=node, ir=ir, fqn=node_fqn(node, gm), form="manual", batch=batch, heads=heads,
         q_len=scores[-2], kv_len=scores[-1], head_dim=int(qs[-1]), v_head_dim=int(vs[-1]),

@@ -60,8 +60,9 @@ def _attr_shape(gm: fx.GraphModule, node: fx.Node) -> tuple | None:
 
 def _attention_cost(view: AttentionView, gm: fx.GraphModule) -> OpCost:
     """[b, h, s_q, d] @ [b, h, d, s_k] -> [b, h, s_q, s_k] @ [b, h, s_k, d_v]: b·h·s_q·s_k·(d + d_v) MACs
-    (+ projections for MHA and wrapped forms); softmax, scale and mask per score are elementwise.
-    Ignores: causal masking (not discounted), relative-position bias additions, MHA's bias_k/add_zero_attn."""
+    (+ projections for MHA and wrapped forms); softmax, scale and mask (filled in, or added as a tensor:
+    an additive mask, a relative-position bias) per score are elementwise.
+    Ignores: causal masking (not discounted), MHA's bias_k/add_zero_attn."""
     scores = view.batch * view.heads * view.q_len * view.kv_len
     elementwise = scores * (SOFTMAX_OPS + 1 + (1 if view.has_mask else 0))
     return OpCost(macs=view.macs + _projection_macs(view, gm), elementwise=elementwise, kind="attention",

@@ -108,3 +108,20 @@ def test_mha_includes_in_and_out_projections():
             (row,) = [r for r in report.rows if r.macs]
             assert (row.kind, row.info["form"]) == ("attention", "mha"), ir
     assert expected == _flop_counter_macs(_MHA().eval(), x, memory)
+
+
+class _ScoresPlusMask(nn.Module):
+    def forward(self, q, k, v, mask):
+        return ((q @ k.transpose(-2, -1)) * 0.25 + mask).softmax(-1) @ v
+
+
+class _SdpaMask(nn.Module):
+    def forward(self, q, k, v, mask):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.25)
+
+
+def test_hand_written_attention_counts_an_added_mask_as_sdpa_does():
+    """The mask added to the scores is one op per score, as SDPA's attn_mask (it went uncounted)."""
+    q, k, v, mask = torch.randn(2, 4, 10, 16), torch.randn(2, 4, 7, 16), torch.randn(2, 4, 7, 16), torch.randn(10, 7)
+    manual, sdpa = (fxslim.estimate(m().eval(), (q, k, v, mask)).total for m in (_ScoresPlusMask, _SdpaMask))
+    assert (manual.macs, manual.elementwise) == (sdpa.macs, sdpa.elementwise) == (2 * 4 * 10 * 7 * 32, 2 * 4 * 10 * 7 * 7)
