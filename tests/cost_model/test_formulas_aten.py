@@ -97,6 +97,37 @@ def test_data_movement_zero_cost_and_not_unknown(capture):
     assert {r.kind for r in report.rows} == {"data"}
 
 
+class _Accumulates(nn.Module):
+    """Writes at indices, once combining with what is there and once not."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, x):  # x [2, 2, 6, 6]: 72 values per sample
+        flat, index = x.flatten(1), torch.zeros(2, 72, dtype=torch.long)
+        if self.kind == "scatter_add":
+            return torch.zeros(2, 10).scatter_add(1, index, flat)
+        if self.kind == "scatter_reduce":
+            return torch.zeros(2, 10).scatter(1, index, flat, reduce="add")
+        if self.kind == "scatter":
+            return torch.zeros(2, 10).scatter(1, index[:, :10], flat[:, :10])
+        if self.kind == "index_add":
+            return torch.zeros(4, 72).index_add(0, torch.zeros(2, dtype=torch.long), flat)
+        if self.kind == "index_put":
+            return torch.zeros(10).index_put((index.flatten(),), flat.flatten(), accumulate=True)
+        return F.fold(F.unfold(x, 3), (6, 6), 3)
+
+
+@pytest.mark.parametrize(("kind", "ops"), [("scatter_add", 2 * 72), ("scatter_reduce", 2 * 72), ("scatter", 0),
+                                           ("index_add", 2 * 72), ("index_put", 2 * 72), ("fold", 2 * 18 * 16)])
+def test_writes_that_accumulate_count_one_op_per_value(kind, ops):
+    """scatter with reduce, index_put with accumulate and F.fold's overlapping patches add: they were
+    counted as data movement, and scatter_add / index_add were unknown."""
+    report = fxslim.estimate(_Accumulates(kind).eval(), (torch.randn(2, 2, 6, 6),))
+    assert report.total.elementwise == ops and not report.unknown_ops and report.total.macs == 0
+
+
 class _Sorts(nn.Module):
     def __init__(self) -> None:
         super().__init__()

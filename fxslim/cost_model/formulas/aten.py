@@ -310,10 +310,10 @@ DATA_MOVEMENT = (
     # splitting, joining, slicing, indexing
     "cat", "concat", "stack", "hstack", "vstack", "split", "split_with_sizes", "chunk", "unbind", "tensor_split",
     "split_copy", "split_with_sizes_copy", "unbind_copy", "select", "slice", "narrow", "select_copy",
-    "slice_copy", "index", "index_select", "gather", "take", "index_put", "index_put_", "scatter", "scatter_",
+    "slice_copy", "index", "index_select", "gather", "take",
     "slice_scatter", "select_scatter", "masked_select", "embedding", "repeat", "tile", "repeat_interleave",
     "roll", "flip", "tril", "triu", "pixel_shuffle", "pixel_unshuffle", "channel_shuffle",
-    "native_channel_shuffle", "im2col", "col2im",
+    "native_channel_shuffle", "im2col",
     # padding and resampling without arithmetic
     "constant_pad_nd", "pad", "reflection_pad1d", "reflection_pad2d", "reflection_pad3d", "replication_pad1d",
     "replication_pad2d", "replication_pad3d", "upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d",
@@ -328,6 +328,33 @@ DATA_MOVEMENT = (
     "sym_size", "sym_stride", "sym_numel", "sym_storage_offset", "_assert_tensor_metadata", "_assert_scalar",
     "sym_constrain_range", "sym_constrain_range_for_size", "_assert_async", "resize_", "set_",
 )
+
+
+def _numel(value: Any) -> Any:
+    return value.numel if isinstance(value, TensorSpec) else 1
+
+
+@register_cost(*_ops(("index_put", "index_put_", "scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce",
+                      "scatter_reduce_", "index_add", "index_add_", "col2im")), kind="elementwise")
+def accumulate_cost(call: OpCall) -> OpCost:
+    """Values written into a tensor at indices: data movement (zero operations), unless they are
+    combined with what is there, one operation per value: ``index_put(..., accumulate=True)``,
+    ``scatter(..., reduce=...)``, ``scatter_add``, ``scatter_reduce``, ``index_add``, and ``col2im``
+    (``F.fold``), whose overlapping patches add up.
+    Ignores: index_add's ``alpha`` multiplication; that a value landing alone adds nothing."""
+    name = call.target.name().split("::")[-1].split(".")[0] if hasattr(call.target, "name") else str(call.target)
+    a = call.arguments
+    if name.startswith("index_put"):
+        combined = _numel(a.get("values")) if a.get("accumulate") else 0
+    elif name.startswith(("scatter_add", "scatter_reduce")):
+        combined = _numel(a.get("index"))
+    elif name.startswith("scatter"):
+        combined = _numel(a.get("index")) if a.get("reduce") is not None else 0
+    elif name.startswith("index_add"):
+        combined = _numel(a.get("source"))
+    else:  # col2im: every patch value is added
+        combined = _numel(a.get("self", call.args[0]))
+    return OpCost(elementwise=combined) if combined else OpCost(kind="data")
 
 
 @register_cost(*_ops(DATA_MOVEMENT), kind="data")
