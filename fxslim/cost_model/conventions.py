@@ -12,7 +12,8 @@ instead asks "what would this float model cost as deployed": a format per MAC-be
 4. ``"default"``.
 
 ``"params"`` gives the format of the other parameters (biases, norm affines, embeddings). Presets:
-``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"`` and ``"prom"`` (1×1 convs ternary, the rest int8),
+``"fp32"``, ``"fp16"``, ``"bf16"``, ``"int8"`` and ``"prom"`` (1×1 convs ternary, attention fp32 as
+convert keeps it, the rest int8),
 each with options ``last_pointwise=``, ``classifier=``, ``params=``, e.g.
 ``"prom:last_pointwise=int8,classifier=fp16"``; or a plain ``"pointwise_conv=ternary,default=int8"``.
 
@@ -43,7 +44,8 @@ _PRESETS: dict[str, dict[str, str]] = {
     "fp16": {"default": "fp16", "params": "fp16"},
     "bf16": {"default": "bf16", "params": "bf16"},
     "int8": {"default": "int8", "params": "fp16"},
-    "prom": {"kind:pointwise_conv": "ternary", "default": "int8", "params": "fp16"},
+    # attention multiplies two activations: PROM's convert keeps it a float island (fp32)
+    "prom": {"kind:pointwise_conv": "ternary", "kind:attention": "fp32", "default": "int8", "params": "fp16"},
 }
 _PRESET_OPTIONS = {"last_pointwise": "last:pointwise_conv", "classifier": "last:linear", "params": "params"}
 

@@ -134,7 +134,8 @@ def test_missing_table_entries_are_listed_not_priced():
 
 def test_deploy_presets_and_strings_parse_to_mappings():
     assert deploy_preset("prom", classifier="fp16") == {
-        "kind:pointwise_conv": "ternary", "default": "int8", "params": "fp16", "last:linear": "fp16"}
+        "kind:pointwise_conv": "ternary", "kind:attention": "fp32", "default": "int8", "params": "fp16",
+        "last:linear": "fp16"}
     assert parse_deploy("prom:last_pointwise=int8")["last:pointwise_conv"] == "int8"
     assert parse_deploy("pointwise_conv=ternary,default=int8") == {"kind:pointwise_conv": "ternary", "default": "int8"}
     assert parse_deploy("fp16") == {"default": "fp16", "params": "fp16"}
@@ -164,3 +165,12 @@ def test_conventions_round_trip_and_describe():
         accumulator_bits=8, include_requant=True)
     text = conv.describe()
     assert "deploy=prom" in text and "int accumulator 8 bit" in text and "requant int32 mul" in text
+
+
+def test_deploy_prom_prices_attention_as_the_converted_model_runs_it():
+    """PROM's convert keeps attention (two activations multiplied) a float island: the preset priced it
+    int8, 15 % under the converted ViT's energy."""
+    model, x = torchvision.models.VisionTransformer(32, 8, 2, 2, 32, 64, num_classes=10).eval(), torch.randn(1, 3, 32, 32)
+    predicted = fxslim.estimate(model, x).with_conventions(deploy="prom")
+    attention = [r for r in predicted.rows if r.kind == "attention"]
+    assert attention and all(r.format == "fp32" for r in attention)
