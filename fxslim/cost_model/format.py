@@ -351,8 +351,9 @@ def _cmp_rows(comp: Comparison) -> list[list[str]]:
 
 def _cmp_summary(comp: Comparison) -> list[str]:
     lines = []
-    for name, label in (("macs", "MACs"), ("energy_pj", "energy (pJ)"), ("storage_bytes", "storage (bytes)"),
-                        ("params", "parameters")):
+    # elementwise work beside the MACs: what a rewrite adds there (HASTE's hashing and merging) shows
+    for name, label in (("macs", "MACs"), ("elementwise", "elementwise ops"), ("energy_pj", "energy (pJ)"),
+                        ("storage_bytes", "storage (bytes)"), ("params", "parameters")):
         ratio = comp.ratio(name)
         b, a = getattr(comp.before.total, name), getattr(comp.after.total, name)
         lines.append(f"{label}: {_float(b)} -> {_float(a)}" + (f" (before/after {ratio:.2f}×)" if ratio else ""))

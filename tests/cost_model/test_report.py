@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import html
+
 import pytest
 import torch
 from torch import nn
@@ -37,3 +39,6 @@ def test_compare_rows_per_module_and_ratios():
     assert comp.ratio("energy_pj") == pytest.approx(before.total.energy_pj / after.total.energy_pj)
     with pytest.raises(TypeError, match="compare: expected two CostReports"):
         fxslim.compare(before, after.total)
+    # elementwise work beside the MACs in every format's summary (HASTE's overhead was in the JSON only)
+    line = f"elementwise ops: {before.total.elementwise:,} -> {after.total.elementwise:,}"
+    assert line in comp.to_markdown() and html.escape(line) in comp.to_html()
