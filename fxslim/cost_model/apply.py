@@ -98,7 +98,8 @@ class RowPricer:
         _merge(ops, {k: self.expr(v) for k, v in raw.ops.items()})
         integer = fmt.startswith("int") or fmt == "ternary"
         if rules.include_bias and raw.has_bias:
-            _merge(ops, {("add", f"int{rules.accumulator(fmt)}" if integer else fmt): out_numel})
+            adds = out_numel if raw.bias_adds is None else self.expr(raw.bias_adds)
+            _merge(ops, {("add", f"int{rules.accumulator(fmt)}" if integer else fmt): adds})
         if rules.include_requant and fmt in _QUANTIZED and raw.declared is None and mac_row:
             _merge(ops, {("mul", rules.requant_format): out_numel})  # one rescale per output element
         elementwise = self.expr(raw.elementwise)

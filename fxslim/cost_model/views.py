@@ -16,7 +16,7 @@ from fxslim.cost_model.formulas.aten import SOFTMAX_OPS
 from fxslim.cost_model.registry import OpCost
 from fxslim.ir import AttentionView, ConvView, LinearView, View, attribute, shape_of
 
-__all__ = ["view_cost"]
+__all__ = ["view_cost", "attention_bias_adds"]
 
 
 def _conv_cost(view: ConvView) -> OpCost:
@@ -51,6 +51,28 @@ def _projection_macs(view: AttentionView, gm: fx.GraphModule) -> Any:
                     total = total + rows * math.prod(shape)
         return total
     return 0
+
+
+def attention_bias_adds(view: AttentionView, gm: fx.GraphModule) -> Any:
+    """Bias additions of the projections an MHA performs itself (``Conventions.include_bias``): one
+    per output element of its q, k and v in-projections and of its out-projection, where it has
+    those biases; 0 for other forms (their projections are linear nodes of their own)."""
+    if view.form != "mha":
+        return 0
+    node = view.node
+    if node.op == "call_module":
+        mod = gm.get_submodule(str(node.target))
+        in_bias, out_bias = mod.in_proj_bias is not None, mod.out_proj.bias is not None
+    else:  # F.multi_head_attention_forward(query, key, value, embed_dim, num_heads, in_proj_weight, in_proj_bias,
+        #    bias_k, bias_v, add_zero_attn, dropout_p, out_proj_weight, out_proj_bias, ...)
+        def given(index: int, name: str) -> bool:
+            value = node.args[index] if len(node.args) > index else node.kwargs.get(name)
+            return value is not None
+
+        in_bias, out_bias = given(6, "in_proj_bias"), given(12, "out_proj_bias")
+    embed = view.heads * view.head_dim
+    q_rows, kv_rows = view.batch * view.q_len, view.batch * view.kv_len
+    return (q_rows + 2 * kv_rows) * embed * in_bias + q_rows * embed * out_bias
 
 
 def _attr_shape(gm: fx.GraphModule, node: fx.Node) -> tuple | None:

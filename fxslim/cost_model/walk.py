@@ -26,7 +26,7 @@ from fxslim.cost_model.registry import (
     OpCall, OpCost, TensorSpec, format_of_dtype, lookup, op_namespace, registered_kind, spec_of,
 )
 from fxslim.cost_model.shapes import NodeRunner, Source
-from fxslim.cost_model.views import view_cost
+from fxslim.cost_model.views import attention_bias_adds, view_cost
 from fxslim.ir import AttentionView, META_PLACEHOLDER_FQNS, META_PREFIX, View, attribute, meta_val, node_fqn, views
 from fxslim.runtime.haste_counts import HasteBuckets
 
@@ -53,6 +53,7 @@ class RawRow:
     out: TensorSpec | None = None
     params: list[tuple[str, Any, torch.Tensor | None]] = field(default_factory=list)  # (name, tensor, real values)
     has_bias: bool = False
+    bias_adds: Any = None  # the bias additions where they are not one per output element (an MHA's projections)
     bytes_read: Any = None
     bytes_written: Any = None
     cost_params: Any = None
@@ -211,6 +212,9 @@ class RawRowCounter:
                 cost = view_cost(view, gm)
                 raw.add(cost, cost.kind or "other")
                 raw.has_bias = getattr(view, "bias", None) is not None
+                if isinstance(view, AttentionView):  # an MHA's own projections' biases
+                    raw.bias_adds = attention_bias_adds(view, gm)
+                    raw.has_bias = not is_zero(raw.bias_adds)
                 raw.dtype = format_of_dtype(view.dtype) or raw.dtype
             elif lookup(node.target) is not None:
                 self._direct(raw, graph, node)
