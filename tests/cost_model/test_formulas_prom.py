@@ -14,6 +14,7 @@ import fxslim
 from fxslim.api import prepare
 from fxslim.passes.prom import PROM, calibrate
 from fxslim.passes.prom_convert import convert
+from fxslim.runtime.prom import unpack_ternary
 from fxslim.runtime.prom_onednn import onednn_available
 
 PW, OTHER, LAST_PW = 267_939_840, 32_834_432, 20_070_400  # MobileNetV2 MACs at 224×224 (prom.md §3.2)
@@ -150,3 +151,20 @@ def test_onednn_runtime_costs_the_same_macs_and_formats_with_int8_container_stor
     assert fast_rows["project"].ops[("add", "int32")] == ref_rows["project"].ops[("add", "int32")] + 16 * 64
     # expand 16→32 ternary in int8 containers: 8 bits a weight + float32 scale and bias per channel
     assert fast_rows["expand"].storage_bits == 32 * 16 * 8 + 32 * 64
+
+
+@pytest.mark.parametrize("runtime", ["reference", "onednn"])
+def test_skip_zero_weights_reads_the_ternary_codes_of_a_converted_model(runtime):
+    """The zero fraction came from the TWN rule on the packed uint8 bytes (0.484 where the codes hold
+    0.430 zeros): it is the share of zero codes, in both runtimes' containers."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 8, 8)
+    int_model = convert(calibrate(prepare(_Block().eval(), x[:1]), [x]), runtime=runtime)
+    rows = {r.fqn: r for r in fxslim.estimate(int_model, x[:1], skip_zero_weights=True).rows}
+    if runtime == "reference":
+        codes = unpack_ternary(int_model.get_buffer("expand.weight_packed"), 16)
+    else:
+        codes = next(t for name, t in int_model.state_dict().items() if name.startswith("expand") and t.dtype == torch.int8)
+    zeros = float((codes == 0).float().mean())
+    assert 0 < zeros < 1
+    assert rows["expand"].ops[("add", "int32")] == pytest.approx(32 * 16 * 64 * (1 - zeros))

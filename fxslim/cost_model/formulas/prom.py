@@ -26,6 +26,7 @@ import torch
 from fxslim.cost_model.conventions import format_bits
 from fxslim.cost_model.registry import OpCall, OpCost, register_cost
 from fxslim.ir import conv_kind
+from fxslim.runtime.prom import unpack_ternary
 
 __all__: list[str] = []
 
@@ -57,7 +58,14 @@ def _ternary_conv2d(call: OpCall) -> OpCost:
     Ignores: the zero-point correction (a per-channel constant in the bias)."""
     x, out = call.args[0], call.out
     c_in, c_out = x.shape[1], out.shape[1]
-    return _layer(call, out.numel * c_in, "ternary", c_out * c_in, c_out, "pointwise_conv")
+    cost = _layer(call, out.numel * c_in, "ternary", c_out * c_in, c_out, "pointwise_conv")
+    packed = call.value(2)  # the codes themselves, for skip_zero_weights (not the bytes they are packed in)
+    return cost if packed is None else replace(cost, zero_fraction=_zeros(unpack_ternary(packed, int(c_in))))
+
+
+def _zeros(codes: torch.Tensor) -> float:
+    """The fraction of zero weight codes (the additions ``skip_zero_weights`` leaves out)."""
+    return float((codes == 0).float().mean()) if codes.numel() else 0.0
 
 
 def _conv_kind(call: OpCall, w: Any) -> str:
@@ -159,7 +167,8 @@ def _onednn_conv(call: OpCall) -> OpCost:
     ternary = kind == "pointwise_conv" and codes is not None and bool(((codes >= -1) & (codes <= 1)).all())
     weights = c_out * per_out
     return OpCost(macs=out.numel * per_out, format="ternary" if ternary else "int8", ops=_extras(call, out.numel, False),
-                  params=weights + 2 * c_out, storage_bits=weights * 8 + c_out * _ONEDNN_PER_CHANNEL_BITS, kind=kind)
+                  params=weights + 2 * c_out, storage_bits=weights * 8 + c_out * _ONEDNN_PER_CHANNEL_BITS, kind=kind,
+                  zero_fraction=_zeros(codes) if ternary else None)
 
 
 @register_cost(ops.qconv2d, kind="conv")
