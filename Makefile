@@ -15,8 +15,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[dev,onednn]'
 	touch $(STAMP)
 
+# worksteal: an idle worker takes queued tests from the busy one, so a minute-long compile test
+# at the end of one worker's queue does not leave the other idle
 test: $(STAMP)
-	$(PY) -m pytest -q -n 2 --dist load
+	$(PY) -m pytest -q -n 2 --dist worksteal
 
 demo: $(STAMP)
 	$(VENV)/bin/fxslim demo
