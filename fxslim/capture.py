@@ -381,18 +381,31 @@ def _guard_given_optionals(gm: fx.GraphModule, module: nn.Module, values: Sequen
 
 def _none_differs(gm: fx.GraphModule, module: nn.Module, values: Sequence[Any], index: int) -> bool:
     """Whether ``gm`` with None at input ``index`` fails or differs from ``module`` (a copy of it)
-    with None there; both run as the example does (``run_example``: the same RNG state, buffers put
-    back), with their hooks silent."""
+    with None there, with their weights and with random ones: a weight that makes the two agree by
+    chance (``shift = self.shift if shift is None``, zero at init) must not decide it. Both run as the
+    example does (``run_example``: the same RNG state, buffers put back), with their hooks silent."""
     inputs = list(values)
     inputs[index] = None
+    generator = torch.Generator().manual_seed(0)
+    random = {name: torch.rand(t.shape, generator=generator, dtype=t.dtype) for name, t in module.state_dict().items()
+              if t.is_floating_point() and not t.is_meta}
+    return any(_outputs_differ(gm, module, inputs, state) for state in (None, random))
+
+
+def _outputs_differ(gm: fx.GraphModule, module: nn.Module, inputs: list[Any], state: dict[str, Any] | None) -> bool:
+    """``_none_differs`` with the weights in ``state`` loaded into copies of both (None: as they are)."""
     try:
-        runner = copy.deepcopy(module)
+        runner, graph = copy.deepcopy(module), gm
+        if state is not None:
+            graph = copy.deepcopy(gm)
+            for copied in (runner, graph):
+                copied.load_state_dict(state, strict=False)
         # quiet: a GraphModule call that raises prints its failing line (fx), here an expected failure
         with contextlib.redirect_stderr(io.StringIO()):
             with hooks_silenced(runner):
                 expected = run_example(runner, [], inputs)
-            with hooks_silenced(gm):
-                got = run_example(gm, [], inputs)
+            with hooks_silenced(graph):
+                got = run_example(graph, [], inputs)
     except Exception:  # noqa: BLE001 - either one failing: the graph has no code for None
         return True
     flat_expected, flat_got = pytree.tree_leaves(expected), pytree.tree_leaves(got)

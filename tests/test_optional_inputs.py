@@ -55,6 +55,31 @@ def test_leaving_out_an_argument_the_example_gave_is_refused_by_name():
                 model(x)
 
 
+class _LearnedShift(nn.Module):
+    """``shift=None`` falls back to a learned shift that starts at zero: with the weights of the
+    capture, the graph called with None (which adds None as the bias) agrees with the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.shift = nn.Parameter(torch.zeros(8))
+
+    def forward(self, x, shift=None):
+        if shift is None:
+            shift = self.shift
+        return nn.functional.conv2d(self.conv(x), torch.eye(8)[:, :, None, None], shift)
+
+
+def test_an_argument_whose_none_matches_only_by_a_zero_weight_is_still_guarded():
+    """The guard was left out, and after a checkpoint set the shift to 5 a call without it was 5.0 off."""
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxslim.optimize(_LearnedShift().eval(), (x, torch.randn(8)), passes=["haste:L=53"])
+    with torch.no_grad(), pytest.raises(ValueError, match="shift: the model was captured with shift given"):
+        result.module(x)
+
+
 def test_the_guard_survives_a_save_and_load():
     models, x, _ = _models()
     buffer = io.BytesIO()
