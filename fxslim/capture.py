@@ -883,6 +883,11 @@ def as_example(example_inputs: Any, model: Any = None) -> tuple[Any, ...] | None
         if len(example) < len(required):
             raise ValueError(f"example_inputs: {type(model).__name__}.forward takes {required}, got {len(example)} "
                              f"input(s); pass one value for each, e.g. ({', '.join(required)},)")
+        keyword = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind is p.KEYWORD_ONLY]
+        if keyword and len(example) < len(required) + len(keyword):
+            raise ValueError(f"example_inputs: {type(model).__name__}.forward requires the keyword-only "
+                             f"argument(s) {keyword}, which positional example inputs do not give; pass them "
+                             f"after the others, in order: ({', '.join(required + keyword)},)")
     return example
 
 

@@ -159,6 +159,24 @@ def test_optimize_and_estimate_of_a_scripted_model_say_to_pass_the_module():
             run()
 
 
+def test_optimize_without_a_required_keyword_only_argument_names_it():
+    # RuntimeError: Expected positional argument for parameter gain, from deep inside the trace
+    class Gained(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x, *, gain):
+            return self.conv(x) * gain
+
+    model, x = Gained().eval(), _x()
+    with pytest.raises(ValueError, match=r"requires the keyword-only argument\(s\) \['gain'\].*\(x, gain,\)"):
+        fxslim.optimize(model, x, passes=["haste"])
+    result = _quiet(fxslim.optimize, model, (x, 2.0), passes=["haste:L=53"])
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x, gain=2.0), model(x, gain=2.0))
+
+
 def test_optimize_too_many_example_inputs_raise_value_error():
     with pytest.raises(ValueError, match=r"example_inputs: the model takes 1 input\(s\) \['x'\], got 2"):
         fxslim.optimize(_net(), (_x(), _x()), passes=["haste"])
