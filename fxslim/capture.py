@@ -203,7 +203,8 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
     mode = root.training
     flags = {m: m.training for m in root.modules()}
     versions = _tensor_versions(root)
-    root.train(not mode)
+    for m in flags:  # each module in its other mode: a block in eval inside a model in train flips too
+        m.training = not flags[m]
     try:
         with generators.kept(root) as moved:
             other = _LeafTracer(leaf_modules).trace(root, concrete_args=concrete_args or None)
@@ -220,39 +221,43 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
         with torch.no_grad():
             for name in written:
                 copies[name].copy_(originals[name])
-    updates = None if other is None or written else _flipped_constants(root, graph, other, mode)
+    updates = None if other is None or written else _flipped_constants(root, graph, other)
     if updates is None:
         return "train" if mode else "eval"
     if not updates:
         return None
-    flags: dict[tuple[str, bool], fx.Node] = {}
+    reads: dict[tuple[str, bool], fx.Node] = {}
 
     def flag(path: str, train: bool) -> fx.Node:
         """The node reading the training flag of the module at ``path`` (``not`` it unless ``train``)."""
-        if (path, train) not in flags:
+        if (path, train) not in reads:
             with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
-                flags[path, train] = (graph.get_attr(f"{path}.training" if path else "training") if train else
+                reads[path, train] = (graph.get_attr(f"{path}.training" if path else "training") if train else
                                       graph.call_function(operator.not_, (flag(path, True),)))
-        return flags[path, train]
+        return reads[path, train]
 
     for node, (args, kwargs) in updates.items():
         # the flag of the module whose forward made the call (``F.dropout(x, p, self.training)`` in a
-        # block): a block put in eval mode inside a model in train mode (or the other way round) follows it
+        # block): a block put in eval mode inside a model in train mode (or the other way round) follows
+        # it; the constant is that flag where it equals the module's flag at capture, else ``not`` it
         stack = node.meta.get("nn_module_stack") or {}
         path = next(reversed(stack.values()))[0] if stack else ""
+        captured = flags.get(root.get_submodule(path), mode) if path else mode
         node.args, node.kwargs = fx.node.map_aggregate(
-            (args, kwargs), lambda v, path=path: flag(path, v.train) if isinstance(v, _Flag) else v)
+            (args, kwargs), lambda v, path=path, captured=captured: flag(path, v.captured == captured)
+            if isinstance(v, _Flag) else v)
     return None
 
 
 @dataclass(frozen=True)
 class _Flag:
-    """Where a constant stands that is ``train`` in the train-mode graph and ``not train`` in the other."""
+    """Where a bool constant stands that is ``captured`` in the graph traced and the other in the graph
+    traced with every module's mode flipped."""
 
-    train: bool
+    captured: bool
 
 
-def _flipped_constants(root: nn.Module, graph: fx.Graph, other: fx.Graph, mode: bool) -> dict[fx.Node, tuple] | None:
+def _flipped_constants(root: nn.Module, graph: fx.Graph, other: fx.Graph) -> dict[fx.Node, tuple] | None:
     """``(args, kwargs)`` of the nodes of ``graph`` (traced with ``root.training == mode``) that
     have bool constants flipped in ``other`` (traced in the other mode), with ``_Flag``s in their
     place; None when the graphs differ in anything else."""
@@ -269,7 +274,7 @@ def _flipped_constants(root: nn.Module, graph: fx.Graph, other: fx.Graph, mode: 
             return a
         if type(a) is bool and type(b) is bool and a != b:
             flipped.append(a)
-            return _Flag(train=a if mode else b)
+            return _Flag(captured=a)
         if type(a) is not type(b):
             raise _Differs
         if isinstance(a, dict):

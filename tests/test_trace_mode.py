@@ -144,12 +144,17 @@ class _BlockInside(nn.Module):
         return self.head(self.block(self.stem(x)))
 
 
+@pytest.mark.parametrize("captured", ["eval", "mixed"])
 @pytest.mark.parametrize("root_training", [True, False], ids=["frozen_block", "mc_dropout"])
-def test_dropout_follows_the_flag_of_the_module_that_reads_it(root_training):
+def test_dropout_follows_the_flag_of_the_module_that_reads_it(root_training, captured):
     """``F.dropout(x, p, self.training)`` in a block reads the block's flag: a block frozen in eval
     mode inside a model in train mode, or Monte Carlo dropout in a model in eval mode, drops out as
-    the original does (the trace read the root's flag)."""
+    the original does (the trace read the root's flag), also when captured in such a mixed mode
+    (the other-mode trace flipped every module to the root's other mode, and the block kept a constant)."""
     model, x = _BlockInside().eval(), _x()
+    if captured == "mixed":
+        model.train(not root_training)
+        model.block.train(root_training)
     gm, frozen = _traced(model)
     assert frozen is None
     for m in (model, gm):
