@@ -344,9 +344,10 @@ def test_prom_empty_batch_is_not_observed_and_converts_after_calibration():
 
 
 @pytest.mark.parametrize("runtime", ["reference", "onednn"])
-def test_prom_integer_model_refuses_a_dtype_change_and_still_moves(runtime):
-    """.double() failed deep in the oneDNN ops ("w_scale: expected a float32 tensor") and passed on the
-    reference runtime: the scales are the model's arithmetic, so a dtype change is refused, naming it."""
+def test_prom_integer_model_refuses_a_dtype_change_of_its_float_tensors_and_still_moves(runtime):
+    """.double() failed deep in the oneDNN ops ("w_scale: expected a float32 tensor"): its float32 scales
+    and biases are the model's arithmetic, so a dtype change is refused, naming it. The reference
+    runtime's model holds integer tensors only: a cast changes nothing there, and is taken."""
     if runtime == "onednn" and not fxslim.runtime.prom_onednn.onednn_available():
         pytest.skip("needs oneDNN quantized ops")
     qat = fxslim.calibrate(_quiet(fxslim.prepare, _net(), _x()), [_x()])
@@ -354,14 +355,21 @@ def test_prom_integer_model_refuses_a_dtype_change_and_still_moves(runtime):
     x = _x()
     with torch.no_grad():
         before = int_model(x)
-    for change in (lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.float64)):
+    casts = (lambda m: m.double(), lambda m: m.half(), lambda m: m.to(torch.float64))
+    if runtime == "onednn":
+        for cast in casts:
+            with pytest.raises(ValueError, match="leave its dtype"):
+                cast(int_model)
         with pytest.raises(ValueError, match="leave its dtype"):
-            change(int_model)
-    wrapped = fxslim.micro_batched(int_model) if runtime == "onednn" else int_model
-    with pytest.raises(ValueError, match="leave its dtype"):
-        wrapped.double()
+            fxslim.micro_batched(int_model).double()
+    else:
+        assert not [t for t in int_model.state_dict().values() if t.is_floating_point()]
+        for cast in casts:
+            cast(int_model)
+    for same in (lambda m: m.float(), lambda m: m.to("cpu", torch.float32), lambda m: m.to("cpu")):
+        same(int_model)  # float32 stays float32
     with torch.no_grad():
-        assert torch.equal(wrapped.to("cpu")(x.double()), before)
+        assert torch.equal(int_model(x.double()), before)
 
 
 # ----------------------------------------------------------------------------------------------

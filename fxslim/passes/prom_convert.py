@@ -31,6 +31,7 @@ import copy
 import dataclasses
 import hashlib
 import inspect
+import itertools
 import logging
 import operator
 from dataclasses import dataclass, field
@@ -279,10 +280,11 @@ class IntegerModel(fx.GraphModule):
         self.register_load_state_dict_post_hook(_count_load)
 
     def _apply(self, fn, recurse: bool = True):
-        # .to(device) and the like move it; a dtype change (.double(), .half(), .to(torch.float64))
-        # would change the scales and biases its ops take in float32 (or its float islands' dtype)
-        for dtype in (torch.float32, torch.float64):
-            if fn(torch.zeros((), dtype=dtype)).dtype != dtype:
+        # .to(device) and the like move it; a dtype change (.double(), .half(), .to(torch.float64)) of
+        # its float tensors would change the scales and biases its ops take (or its float islands')
+        floats = {t.dtype for t in itertools.chain(self.parameters(), self.buffers()) if t.is_floating_point()}
+        for dtype in sorted(floats, key=str):
+            if fn(torch.empty(0, dtype=dtype)).dtype != dtype:
                 raise ValueError("PROM integer model: .double(), .half(), .float() or .to(dtype) would change the "
                                  f"{dtype} scales and biases its integer ops compute with, fixed at convert; it "
                                  "takes inputs of any float dtype as they are: leave its dtype, or convert a "
