@@ -177,10 +177,9 @@ def _symbolic_inputs(example_inputs: tuple, dims: Mapping[str, Any], mode: FakeT
 
 def propagate_symbolic(
     source: Source, example_inputs: tuple, dims: Mapping[str, Any],
-) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol], tuple[Any, ...]]:
+) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol]]:
     """Re-run shape propagation with symbolic sizes: ``meta['val']`` then holds SymInt shapes and
-    ``source.recorded`` the aten ops of every node on those shapes. Also returns the conditions on
-    the named sizes under which the model took the path it was propagated on (``conditions``)."""
+    ``source.recorded`` the aten ops of every node on those shapes."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     env = ShapeEnv(specialize_zero_one=False, duck_shape=False, assume_static_by_default=True)
@@ -197,7 +196,7 @@ def propagate_symbolic(
                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); cost the sizes you need "
                 "one by one (fxslim.cost_model.sweep)") from exc
         _check_not_specialised(env, rename)
-        return mode, rename, symbols, conditions(env, rename)
+        return mode, rename, symbols
     seen: dict[str, tuple] = {}
     recorder = _EagerRecorder()  # the eager code's own ops, on symbolic sizes too
     handles = recorder.hooks(captured.module, captured)
@@ -223,30 +222,7 @@ def propagate_symbolic(
         if graph.path in seen:
             propagate(graph.gm, seen[graph.path], mode=mode, around_node=recording(source.recorded))
     _check_not_specialised(env, rename)
-    return mode, rename, symbols, conditions(env, rename)
-
-
-def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[Any, ...]:
-    """The guards the propagation recorded on the named sizes: where the formulas hold (a pool with
-    ``ceil_mode`` counts one more output row at odd sizes; ``if x.shape[-1] > 40`` in eager code takes
-    one branch). Left out: a size (or product of sizes) other than 0 or 1, which layout and broadcast
-    checks record without changing any count (``batch != 1``, also as ``batch > 1``)."""
-    named = set(rename)
-    out = []
-    for guard in env.guards:
-        expr = guard.expr
-        if not expr.free_symbols or not expr.free_symbols <= named:
-            continue
-        if isinstance(expr, sympy.Ne) and any(side in (sympy.Integer(0), sympy.Integer(1)) for side in expr.args):
-            continue
-        if len(expr.free_symbols) == 1:
-            (size,) = expr.free_symbols
-            if all(expr.xreplace({size: value}) is sympy.true for value in range(2, 257)):
-                continue  # only 0 or 1 break it
-        renamed = expr.xreplace(dict(rename))
-        if renamed not in out:
-            out.append(renamed)
-    return tuple(out)
+    return mode, rename, symbols
 
 
 def _check_not_specialised(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> None:
