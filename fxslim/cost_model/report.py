@@ -201,7 +201,10 @@ class CostReport:
         return {self.symbols[k]: int(v) for k, v in sizes.items()}
 
     def evaluate(self, **sizes: int) -> CostReport:
-        """A numeric report with the named sizes substituted (e.g. ``evaluate(frames=8)``)."""
+        """A numeric report with the named sizes substituted (e.g. ``evaluate(frames=8)``). The
+        formulas count the path the model took at the example's sizes: where a size changes that
+        path (a ``ceil_mode`` pool at odd sizes, a branch on a size in eager code), estimate that size
+        on its own."""
         subs = self._sizes(sizes)
         rows = [r.substitute(subs) for r in self.rows]
         left = {k: v for k, v in self.symbols.items() if k not in sizes}
