@@ -128,6 +128,28 @@ def test_writes_that_accumulate_count_one_op_per_value(kind, ops):
     assert report.total.elementwise == ops and not report.unknown_ops and report.total.macs == 0
 
 
+class _AttendsEagerly(nn.Module):
+    """Stays eager (a value branch), so its nn.MultiheadAttention runs the fused inference op."""
+
+    def __init__(self, eager: bool) -> None:
+        super().__init__()
+        self.eager = eager
+        self.attn = nn.MultiheadAttention(32, 4, batch_first=True)
+
+    def forward(self, x):
+        if self.eager and x.sum() > 1e30:
+            x = x * 0
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def test_fused_multihead_attention_counts_as_the_traced_one():
+    """aten._native_multi_head_attention (eval, no grad) was an unknown op: 0 MACs for the layer."""
+    x = torch.randn(2, 9, 32)
+    eager, traced = (fxslim.estimate(_AttendsEagerly(e).eval(), (x,)) for e in (True, False))
+    assert not eager.unknown_ops and eager.untraced
+    assert eager.total.macs == traced.total.macs == 4 * 2 * 9 * 32 * 32 + 2 * 9 * 9 * 2 * 32
+
+
 class _Sorts(nn.Module):
     def __init__(self) -> None:
         super().__init__()

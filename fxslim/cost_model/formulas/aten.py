@@ -165,6 +165,24 @@ def sdpa_cost(call: OpCall) -> OpCost:
     return OpCost(macs=scores * (q.shape[-1] + v.shape[-1]), elementwise=scores * (SOFTMAX_OPS + 1))
 
 
+@register_cost(*_ops(("_native_multi_head_attention",)), kind="attention")
+def native_mha_cost(call: OpCall) -> OpCost:
+    """nn.MultiheadAttention's fused inference path (eval, no grad, ``need_weights=False``): the q, k, v
+    in-projections and the out-projection ([rows, E] @ [E, E] each), and attention over all heads,
+    b·L·S·2E MACs; softmax and scale per score are elementwise. (FlopCounterMode sees the
+    projections of this op but not its attention.)
+    Ignores: the biases (see Conventions.include_bias), the mask."""
+    a = call.arguments
+    q, k = a["query"], a["key"]
+    embed, heads = int(a["embed_dim"]), int(a["num_head"])
+    batch = math.prod(q.shape[:-2])
+    q_rows, kv_rows = batch * q.shape[-2], batch * k.shape[-2]
+    projections = 2 * q_rows * embed * embed + 2 * kv_rows * embed * embed
+    attention = q_rows * k.shape[-2] * 2 * embed
+    scores = q_rows * heads * k.shape[-2]
+    return OpCost(macs=projections + attention, elementwise=scores * (SOFTMAX_OPS + 1))
+
+
 # ----------------------------------------------------------------------------------------------
 # Elementwise, norms, softmax, reductions, pooling
 
