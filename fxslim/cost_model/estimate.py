@@ -78,18 +78,18 @@ def estimate(
             raise ValueError("symbolic: example_inputs are needed to name input sizes")
         symbolic_dims(symbolic, example_inputs)
     source = capture_for_cost(model, example_inputs, capture, leaf_modules, symbolic)
-    mode, rename, symbols = None, {}, {}
+    mode, rename, symbols, valid_where = None, {}, {}, ()
     if symbolic:
         if any(g.ir == "torch" for g in source.captured.graphs):
             raise ValueError("symbolic: not available for dynamo graphs; pass the nn.Module, a symbolic-traced "
                              "GraphModule or an ExportedProgram")
         if isinstance(model, Captured):  # never change the caller's graphs' shapes
             source = Source(copy.deepcopy(model))
-        mode, rename, symbols = propagate_symbolic(source, example_inputs, symbolic)
+        mode, rename, symbols, valid_where = propagate_symbolic(source, example_inputs, symbolic)
     else:
         source.eager = record_eager(source.captured, example_inputs)
     inputs = [tuple(to_expr(d, rename) for d in x.shape) for x in (example_inputs or ()) if isinstance(x, torch.Tensor)]
-    state = _State(source, mode, rename, symbols, _model_name(model), inputs, haste_buckets)
+    state = _State(source, mode, rename, symbols, _model_name(model), inputs, haste_buckets, valid_where)
     return state.cost(conv, energy_table)
 
 
@@ -108,6 +108,7 @@ class _State:
     model: str
     inputs: list[tuple]
     haste_buckets: HasteBuckets | None = None
+    valid_where: tuple[Any, ...] = ()
 
     def cost(self, conv: Conventions, energy_table: EnergyTable) -> CostReport:
         """The captured model costed under ``conv`` and ``energy_table``."""
@@ -120,7 +121,7 @@ class _State:
             rows=rows, total=CostTotals.of(rows, peak), conventions=conv, energy_table=energy_table,
             unknown_ops=counter.unknown, energy_missing=pricer.missing, untraced=list(self.source.captured.untraced),
             symbols=dict(self.symbols), model=self.model, inputs=list(self.inputs), captured=self.source.captured,
-            state=self,
+            state=self, valid_where=self.valid_where,
         )
 
 

@@ -144,7 +144,9 @@ class CostReport:
     ``unknown_ops`` maps each op without a formula to the nodes where it occurred (never a silent 0);
     ``energy_missing`` lists (operation, format) pairs the table has no energy for, with counts;
     ``untraced`` lists modules that did not trace whole; their own eager code is one
-    "(eager) <module>" row each.
+    "(eager) <module>" row each. ``valid_where``: of a symbolic report, the conditions on the named
+    sizes under which the model takes the path its formulas count (``evaluate`` and ``scaling``
+    refuse sizes outside them).
     """
 
     rows: list[CostRow]
@@ -159,6 +161,7 @@ class CostReport:
     inputs: list[tuple] = field(default_factory=list)
     captured: Any = field(default=None, repr=False, compare=False)
     state: Any = field(default=None, repr=False, compare=False)
+    valid_where: tuple[Any, ...] = ()
 
     def with_conventions(self, conventions: Conventions | Mapping[str, Any] | None = None, *,
                          table: Any = None, **options: Any) -> CostReport:
@@ -198,13 +201,24 @@ class CostReport:
         unknown = set(sizes) - set(self.symbols)
         if unknown:
             raise ValueError(f"evaluate: unknown size names {sorted(unknown)}; this report has {sorted(self.symbols)}")
-        return {self.symbols[k]: int(v) for k, v in sizes.items()}
+        subs = {self.symbols[k]: int(v) for k, v in sizes.items()}
+        self._check_valid(subs)
+        return subs
+
+    def _check_valid(self, subs: Mapping[sympy.Symbol, int]) -> None:
+        """Raise when the sizes break a condition the formulas hold under (``valid_where``)."""
+        for condition in self.valid_where:
+            if condition.xreplace(dict(subs)) is sympy.false:
+                given = ", ".join(f"{symbol}={value}" for symbol, value in subs.items())
+                raise ValueError(f"symbolic: the formulas of this report hold where {condition}, and {given} "
+                                 "breaks it (the model takes another path there, e.g. a ceil_mode pool's extra "
+                                 "row or a branch on a size): estimate that size on its own")
 
     def evaluate(self, **sizes: int) -> CostReport:
         """A numeric report with the named sizes substituted (e.g. ``evaluate(frames=8)``). The
-        formulas count the path the model took at the example's sizes: where a size changes that
-        path (a ``ceil_mode`` pool at odd sizes, a branch on a size in eager code), estimate that size
-        on its own."""
+        formulas count the path the model took at the example's sizes: sizes that change that path
+        (a ``ceil_mode`` pool at odd sizes, a branch on a size in eager code: ``valid_where``) are
+        refused with a ValueError; estimate such a size on its own."""
         subs = self._sizes(sizes)
         rows = [r.substitute(subs) for r in self.rows]
         left = {k: v for k, v in self.symbols.items() if k not in sizes}
@@ -224,6 +238,7 @@ class CostReport:
         totals = []
         for value in values:
             subs = {self.symbols[name]: int(value)}
+            self._check_valid(subs)
             totals.append({"macs": _subs(self.total.macs, subs), "flops": _subs(self.total.flops, subs),
                            "elementwise": _subs(self.total.elementwise, subs),
                            "energy_pj": _subs(self.total.energy_pj, subs),

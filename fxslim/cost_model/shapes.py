@@ -18,6 +18,7 @@ import copy
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import sympy
@@ -177,9 +178,10 @@ def _symbolic_inputs(example_inputs: tuple, dims: Mapping[str, Any], mode: FakeT
 
 def propagate_symbolic(
     source: Source, example_inputs: tuple, dims: Mapping[str, Any],
-) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol]]:
+) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol], tuple[Any, ...]]:
     """Re-run shape propagation with symbolic sizes: ``meta['val']`` then holds SymInt shapes and
-    ``source.recorded`` the aten ops of every node on those shapes."""
+    ``source.recorded`` the aten ops of every node on those shapes. Also returns the conditions on
+    the named sizes under which the model took the path it was propagated on (``conditions``)."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     env = ShapeEnv(specialize_zero_one=False, duck_shape=False, assume_static_by_default=True)
@@ -196,7 +198,7 @@ def propagate_symbolic(
                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); cost the sizes you need "
                 "one by one (fxslim.cost_model.sweep)") from exc
         _check_not_specialised(env, rename)
-        return mode, rename, symbols
+        return mode, rename, symbols, conditions(env, rename)
     seen: dict[str, tuple] = {}
     recorder = _EagerRecorder()  # the eager code's own ops, on symbolic sizes too
     handles = recorder.hooks(captured.module, captured)
@@ -222,7 +224,42 @@ def propagate_symbolic(
         if graph.path in seen:
             propagate(graph.gm, seen[graph.path], mode=mode, around_node=recording(source.recorded))
     _check_not_specialised(env, rename)
-    return mode, rename, symbols
+    return mode, rename, symbols, conditions(env, rename)
+
+
+_TORCH_DIR = str(Path(torch.__file__).parent)
+_SHAPE_FUNCTIONS = str(Path(torch.__file__).parent / "_meta_registrations.py")  # output sizes (pooling, ...)
+_SAMPLE_SIZES = (*range(2, 130), 255, 256, 300, 512, 1000, 1024, 2048, 4096, 10_000, 65_536, 10**6, 10**9)
+
+
+def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[Any, ...]:
+    """The guards on the named sizes that choose what the model computes: where its formulas hold.
+
+    Kept: guards raised by the model's own code (``if x.shape[-1] > 300`` in eager code) and by
+    torch's output-size functions (a ``ceil_mode`` pool has one more output row at odd sizes).
+    Left out: torch's other guards, which choose a layout or a kernel and change no count (strides
+    like channels-last, ``3*h*w <= 20480`` for an eager conv's backend), and a size other than 0 or 1
+    (``batch != 1``, also as ``batch > 1``) from broadcast checks."""
+    named = set(rename)
+    out = []
+    for guard in env.guards:
+        expr = guard.expr
+        if not expr.free_symbols or not expr.free_symbols <= named:
+            continue
+        where = getattr(getattr(guard, "sloc", None), "framework_loc", None)
+        filename = str(getattr(where, "filename", "") or "")
+        if filename.startswith(_TORCH_DIR) and filename != _SHAPE_FUNCTIONS:
+            continue
+        if isinstance(expr, sympy.Ne) and any(side in (sympy.Integer(0), sympy.Integer(1)) for side in expr.args):
+            continue
+        if len(expr.free_symbols) == 1:
+            (size,) = expr.free_symbols
+            if all(expr.xreplace({size: value}) is sympy.true for value in _SAMPLE_SIZES):
+                continue  # only 0 or 1 break it (``batch > 1``), not a limit (``w <= 300``)
+        renamed = expr.xreplace(dict(rename))
+        if renamed not in out:
+            out.append(renamed)
+    return tuple(out)
 
 
 def _check_not_specialised(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> None:

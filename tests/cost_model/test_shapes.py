@@ -103,6 +103,54 @@ def test_meta_capture_allocates_no_weights_and_keeps_values_for_formulas():
     assert all(p.device.type == "cpu" for p in model.parameters())
 
 
+class _CeilPool(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool, self.conv = nn.MaxPool2d(2, 2, padding=1, ceil_mode=True), nn.Conv2d(3, 8, 1)
+
+    def forward(self, x):
+        return self.conv(self.pool(x))
+
+
+class _WideExtra(nn.Module):
+    """Adds a conv only above 300 px wide, in eager code (a branch on a size)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.extra = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if x.shape[-1] > 300:  # no trace takes this branch: the root stays eager
+            y = self.extra(y)
+        return y
+
+
+def test_symbolic_formulas_refuse_a_size_past_a_limit_but_not_past_a_kernel_choice():
+    """``w <= 300`` held for every size up to 256 and was dropped as a check that only excludes 0 or
+    1 (the formula built at 64 px counted 320 px without the extra conv: 1.2 M MACs for 16.0 M); the
+    eager conv's backend choice ``3*h*w <= 20480`` changes no count and refused 200 x 300."""
+    report = fxslim.estimate(_WideExtra().eval(), torch.randn(1, 3, 64, 64), symbolic={"h": 2, "w": 3})
+    assert [str(c) for c in report.valid_where] == ["w <= 300"]
+    assert report.evaluate(h=200, w=300).total.macs == 3 * 8 * 200 * 300
+    with pytest.raises(ValueError, match="w <= 300"):
+        report.evaluate(h=320, w=320)
+
+
+def test_symbolic_formulas_refuse_sizes_where_the_model_takes_another_path():
+    """A ceil_mode pool counts one more output row at odd sizes: the formula built at 6 px gave 384
+    MACs at 5 px where the model runs 216. Sizes that keep the path (even ones) are evaluated; others raise."""
+    model = _CeilPool().eval()
+    report = fxslim.estimate(model, torch.randn(1, 3, 6, 6), symbolic={"h": 2, "w": 3})
+    assert report.valid_where
+    for size in (4, 8, 10):
+        assert report.evaluate(h=size, w=size).total.macs == fxslim.estimate(model, torch.randn(1, 3, size, size)).total.macs
+    with pytest.raises(ValueError, match=r"hold where .*h.*breaks it"):
+        report.evaluate(h=5, w=6)
+    with pytest.raises(ValueError, match="breaks it"):
+        report.scaling(w=[6, 7])
+
+
 class _SpareHead(nn.Module):
     """Does not trace whole, and keeps a head its forward never calls (one for another task)."""
 
