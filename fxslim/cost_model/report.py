@@ -224,6 +224,7 @@ class CostReport:
         left = {k: v for k, v in self.symbols.items() if k not in sizes}
         return dataclasses.replace(
             self, rows=rows, total=CostTotals.of(rows), symbols=left, state=None,
+            valid_where=tuple(c for c in (condition.xreplace(subs) for condition in self.valid_where) if c is not sympy.true),
             energy_missing={k: _subs(v, subs) for k, v in self.energy_missing.items()},
             inputs=[tuple(_subs(s, subs) for s in shape) for shape in self.inputs],
         )

@@ -137,6 +137,27 @@ def test_symbolic_formulas_refuse_a_size_past_a_limit_but_not_past_a_kernel_choi
         report.evaluate(h=320, w=320)
 
 
+class _LargeExtra(nn.Module):
+    """Adds a conv only above 90,000 pixels, in eager code (a branch on two sizes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.extra = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        if x.shape[-1] * x.shape[-2] > 90_000:
+            y = self.extra(y)
+        return y
+
+
+def test_symbolic_condition_on_two_sizes_is_checked_when_they_are_given_one_at_a_time():
+    report = fxslim.estimate(_LargeExtra().eval(), torch.randn(1, 3, 64, 64), symbolic={"h": 2, "w": 3})
+    assert report.evaluate(w=200).evaluate(h=400).total.macs == 3 * 8 * 200 * 400
+    with pytest.raises(ValueError, match="breaks it"):
+        report.evaluate(w=400).evaluate(h=400)
+
+
 def test_symbolic_formulas_refuse_sizes_where_the_model_takes_another_path():
     """A ceil_mode pool counts one more output row at odd sizes: the formula built at 6 px gave 384
     MACs at 5 px where the model runs 216. Sizes that keep the path (even ones) are evaluated; others raise."""
@@ -147,6 +168,7 @@ def test_symbolic_formulas_refuse_sizes_where_the_model_takes_another_path():
         assert report.evaluate(h=size, w=size).total.macs == fxslim.estimate(model, torch.randn(1, 3, size, size)).total.macs
     with pytest.raises(ValueError, match=r"hold where .*h.*breaks it"):
         report.evaluate(h=5, w=6)
+
     with pytest.raises(ValueError, match="breaks it"):
         report.scaling(w=[6, 7])
 
