@@ -242,7 +242,7 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
         # it; the constant is that flag where it equals the module's flag at capture, else ``not`` it
         stack = node.meta.get("nn_module_stack") or {}
         path = next(reversed(stack.values()))[0] if stack else ""
-        captured = flags.get(root.get_submodule(path), mode) if path else mode
+        captured = flags[root.get_submodule(path)]  # "" is the root itself
         node.args, node.kwargs = fx.node.map_aggregate(
             (args, kwargs), lambda v, path=path, captured=captured: flag(path, v.captured == captured)
             if isinstance(v, _Flag) else v)
@@ -391,10 +391,12 @@ def _none_differs(gm: fx.GraphModule, module: nn.Module, values: Sequence[Any], 
     example does (``run_example``: the same RNG state, buffers put back), with their hooks silent."""
     inputs = list(values)
     inputs[index] = None
-    generator = torch.Generator().manual_seed(0)
+    if _outputs_differ(gm, module, inputs, None):
+        return True
+    generator = torch.Generator().manual_seed(0)  # random weights only where the real ones agree
     random = {name: torch.rand(t.shape, generator=generator, dtype=t.dtype) for name, t in module.state_dict().items()
               if t.is_floating_point() and not t.is_meta}
-    return any(_outputs_differ(gm, module, inputs, state) for state in (None, random))
+    return _outputs_differ(gm, module, inputs, random)
 
 
 def _outputs_differ(gm: fx.GraphModule, module: nn.Module, inputs: list[Any], state: dict[str, Any] | None) -> bool:
