@@ -348,31 +348,48 @@ DATA_MOVEMENT = (
 )
 
 
+# Writes at indices: data movement (zero operations), unless the values are combined with what is
+# there, one operation per value. Ignores: index_add's ``alpha`` multiplication; that a value
+# landing alone adds nothing.
+
 def _numel(value: Any) -> Any:
     return value.numel if isinstance(value, TensorSpec) else 1
 
 
-@register_cost(*_ops(("index_put", "index_put_", "scatter", "scatter_", "scatter_add", "scatter_add_", "scatter_reduce",
-                      "scatter_reduce_", "index_add", "index_add_", "col2im")), kind="elementwise")
-def accumulate_cost(call: OpCall) -> OpCost:
-    """Values written into a tensor at indices: data movement (zero operations), unless they are
-    combined with what is there, one operation per value: ``index_put(..., accumulate=True)``,
-    ``scatter(..., reduce=...)``, ``scatter_add``, ``scatter_reduce``, ``index_add``, and ``col2im``
-    (``F.fold``), whose overlapping patches add up.
-    Ignores: index_add's ``alpha`` multiplication; that a value landing alone adds nothing."""
-    name = call.target.name().split("::")[-1].split(".")[0] if hasattr(call.target, "name") else str(call.target)
+def _combined(values: Any) -> OpCost:
+    return OpCost(elementwise=values) if values else OpCost(kind="data")
+
+
+@register_cost(*_ops(("index_put", "index_put_")), kind="elementwise")
+def index_put_cost(call: OpCall) -> OpCost:
+    """One add per value with ``accumulate=True``, else data movement."""
     a = call.arguments
-    if name.startswith("index_put"):
-        combined = _numel(a.get("values")) if a.get("accumulate") else 0
-    elif name.startswith(("scatter_add", "scatter_reduce")):
-        combined = _numel(a.get("index"))
-    elif name.startswith("scatter"):
-        combined = _numel(a.get("index")) if a.get("reduce") is not None else 0
-    elif name.startswith("index_add"):
-        combined = _numel(a.get("source"))
-    else:  # col2im: every patch value is added
-        combined = _numel(a.get("self", call.args[0]))
-    return OpCost(elementwise=combined) if combined else OpCost(kind="data")
+    return _combined(_numel(a.get("values")) if a.get("accumulate") else 0)
+
+
+@register_cost(*_ops(("scatter", "scatter_")), kind="elementwise")
+def scatter_cost(call: OpCall) -> OpCost:
+    """One op per index with ``reduce=...``, else data movement."""
+    a = call.arguments
+    return _combined(_numel(a.get("index")) if a.get("reduce") is not None else 0)
+
+
+@register_cost(*_ops(("scatter_add", "scatter_add_", "scatter_reduce", "scatter_reduce_")), kind="elementwise")
+def scatter_reduce_cost(call: OpCall) -> OpCost:
+    """One op per index."""
+    return _combined(_numel(call.arguments.get("index")))
+
+
+@register_cost(*_ops(("index_add", "index_add_")), kind="elementwise")
+def index_add_cost(call: OpCall) -> OpCost:
+    """One add per source value."""
+    return _combined(_numel(call.arguments.get("source")))
+
+
+@register_cost(*_ops(("col2im",)), kind="elementwise")
+def col2im_cost(call: OpCall) -> OpCost:
+    """``F.fold``: every patch value is added into its (overlapping) place."""
+    return _combined(_numel(call.args[0]))
 
 
 @register_cost(*_ops(DATA_MOVEMENT), kind="data")
