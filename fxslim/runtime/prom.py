@@ -893,3 +893,24 @@ def _nan_samples_fake(x):
     if not x.is_floating_point() or x.dim() < 1:
         raise ValueError(f"x: expected a floating-point tensor with a batch dimension, got {x.dtype} {tuple(x.shape)}")
     return x.new_empty((x.shape[0],), dtype=torch.bool)
+
+
+# ----------------------------------------------------------------------------------------------
+# Autocast: the ops compute as if it were off
+
+_LIB = torch.library.Library("fxslim", "FRAGMENT")  # the AutocastCPU kernels below
+
+
+def _without_autocast(op: torch._ops.OpOverload) -> Callable[..., object]:
+    """An AutocastCPU kernel running ``op`` as if autocast were off. The float convs and matmuls the
+    kernels sum codes with are exact only in float32 (``_f32_exact``); under ``torch.autocast("cpu")``
+    they ran in float16/bfloat16: an int8 linear was up to 255 LSB off."""
+    def kernel(_keyset, *args, **kwargs):
+        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
+            return op(*args, **kwargs)
+    return kernel
+
+
+for _name in ("ternary_conv2d", "int8_conv2d", "int8_linear", "requantize", "int8_add", "int8_global_avg_pool2d",
+              "quantize_per_tensor", "dequantize", "nan_samples"):
+    _LIB.impl(_name, _without_autocast(getattr(torch.ops.fxslim, _name).default), "AutocastCPU", with_keyset=True)

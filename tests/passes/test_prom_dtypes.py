@@ -48,3 +48,27 @@ def test_an_all_integer_float64_model_answers_in_float64(runtime):
     assert out.dtype == torch.float64
     grid = expected.unique().diff().min()  # the output quantizer's step
     assert (out - expected).abs().max() <= grid * 1.001  # within 1 LSB, as every layer
+
+
+class _ConvLinear(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pointwise, self.fc = nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 1), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.pointwise(torch.relu(self.conv(x)))).mean((2, 3)))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_does_not_change_the_integer_codes(dtype, runtime):
+    """The ops sum integer codes in float32 where that is exact; under ``torch.autocast("cpu")`` the
+    reference runtime's convs and matmuls ran in float16/bfloat16: 255 LSB off in float16."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 16, 16) * 3
+    _, int_model = _integer(_ConvLinear().eval(), x, runtime)
+    with torch.no_grad():
+        expected = int_model(x)
+        with torch.autocast("cpu", dtype=dtype):
+            out = int_model(x)
+    assert torch.equal(out, expected)
