@@ -51,13 +51,14 @@ def code_agreement(qat_model: nn.Module, int_model: nn.Module, *inputs: Any,
     fake: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: fake.__setitem__(n, torch.round(o / m.scale) + m.zero_point))
              for n, m in qat_model.named_modules() if isinstance(m, ActFakeQuant)]
-    was_training = qat_model.training
+    modes = [(m, m.training) for m in qat_model.modules()]  # each module's own: a frozen BN stays in eval mode
     try:
         qat_model.eval()(*inputs)
     finally:
         for h in hooks:
             h.remove()
-        qat_model.train(was_training)
+        for m, training in modes:
+            m.training = training
     ours: dict[str, torch.Tensor] = {}
 
     class _Recorder(fx.Interpreter):

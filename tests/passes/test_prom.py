@@ -529,3 +529,22 @@ def test_prom_layer_whose_weight_is_also_read_directly_is_wrapped_and_the_read_r
     assert reads == ["proj.conv.weight"] and isinstance(qat.get_submodule("proj"), QConv2d)
     with torch.no_grad():
         assert qat.eval()(x).shape == (2, 4, 5, 5)
+
+
+def test_code_agreement_keeps_each_modules_own_mode():
+    """A QAT loop that froze its batch norms (``bn.eval()`` in a training model) keeps them frozen
+    after ``code_agreement``: it put every module back in the root's mode, and the BN statistics
+    started updating again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1))
+    x = torch.randn(4, 3, 8, 8)
+    qat = fxslim.prepare(model.eval(), x)
+    fxslim.calibrate(qat, [x])
+    int_model = fxslim.convert(qat)
+    qat.train()
+    frozen = [m for m in qat.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert frozen
+    for bn in frozen:
+        bn.eval()
+    code_agreement(qat, int_model, x)
+    assert qat.training and not any(bn.training for bn in frozen)
