@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
-from fxslim.capture import Captured, as_example, capture as capture_graphs
+from fxslim.capture import Captured, as_example, capture as capture_graphs, compiled_original
 from fxslim.cost_model import compare, estimate
 from fxslim.ir import META_FROZEN_MODE, META_REPORT
 from fxslim.modes import outside_inference_mode
@@ -133,6 +133,7 @@ def optimize(
     nothing warns (``strict=True``: raises ValueError) with the skip reasons it recorded.
     """
     parsed = parse_passes(passes)
+    model = compiled_original(model, returns="fxslim.optimize")
     example_inputs = as_example(example_inputs, model)
     if not isinstance(strict, bool):
         raise ValueError(f"strict: expected True or False, got {strict!r}")
@@ -209,6 +210,7 @@ def prepare(
     it for post-training quantization; then ``fxslim.convert`` it.
     """
     config = PROM() if config is None else config
+    model = compiled_original(model, returns="fxslim.prepare")
     if not isinstance(config, PROM):
         raise TypeError(f"prepare: config must be a PROM config, got {type(config).__name__}")
     result = optimize(model, example_inputs, [config], filter_fn=filter_fn, overrides=overrides,

@@ -912,6 +912,19 @@ def leaf_module_types(leaf_modules: Any) -> tuple[type, ...]:
     return tuple(leaf_modules)
 
 
+def compiled_original(model: Any, returns: str | None = None) -> Any:
+    """The module ``torch.compile`` wrapped, for a model it returned (an ``OptimizedModule``: its
+    attributes read through to that module, but a copy of it still runs the original's forward, so
+    what fxslim rewrote in the copy would never run); any other model as it is. ``returns``: the
+    function that returns a model made from it, which warns that this model is not compiled."""
+    if not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        return model
+    if returns:
+        warn_user(f"{returns}: took the module torch.compile wrapped ({type(model._orig_mod).__name__}); the model "
+                  "it returns is not compiled: torch.compile(it, backend='fxslim') compiles it")
+    return model._orig_mod
+
+
 def capture(
     model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
     example_inputs: Sequence[Any] | None = None,

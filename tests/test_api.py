@@ -78,3 +78,25 @@ def test_optimize_warnings_point_at_the_callers_line():
     with pytest.warns(UserWarning, match="rewrote nothing") as caught:
         fxslim.optimize(model, torch.randn(1, 4), passes=["haste"])
     assert {w.filename for w in caught} == {__file__}
+
+
+def test_a_model_torch_compile_returned_is_taken_as_the_module_it_wraps():
+    """``torch.compile`` returns an OptimizedModule: optimize, prepare and estimate failed on its copy
+    (AttributeError ``_orig_mod``), and convert returned a copy whose forward still ran the fake-quant
+    module (it reported integer ops that never ran)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    x = torch.randn(4, 3, 8, 8)
+    assert fxslim.estimate(torch.compile(model), x).total.macs == fxslim.estimate(model, x).total.macs > 0
+    with pytest.warns(UserWarning, match="not compiled"):
+        result = fxslim.optimize(torch.compile(model), x, passes=["haste"])
+    assert result.report.rewritten("haste") == fxslim.optimize(model, x, passes=["haste"]).report.rewritten("haste") >= 1
+    with pytest.warns(UserWarning, match="not compiled"):
+        qat = fxslim.prepare(torch.compile(model), x)
+    fxslim.calibrate(qat, [x])
+    qat.eval()
+    with pytest.warns(UserWarning, match="fxslim.convert: took the module torch.compile wrapped"):
+        from_compiled = fxslim.convert(torch.compile(qat))
+    assert not any(type(m).__name__ == "ActFakeQuant" for m in from_compiled.modules())
+    with torch.no_grad():
+        assert torch.equal(from_compiled(x), fxslim.convert(qat)(x))

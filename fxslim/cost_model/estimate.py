@@ -31,7 +31,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from fxslim.capture import Captured, as_example
+from fxslim.capture import Captured, as_example, compiled_original
 from fxslim.cost_model.apply import RowPricer
 from fxslim.cost_model.conventions import Conventions, merge_conventions
 from fxslim.cost_model.energy import EnergyTable, table_for
@@ -70,6 +70,7 @@ def estimate(
         raise TypeError(f"haste_buckets: expected a HasteBuckets (fxslim.HasteBuckets), got {type(haste_buckets).__name__}")
     conv = merge_conventions(conventions, options)
     energy_table = table_for(conv, table)
+    model = compiled_original(model)
     example_inputs = as_example(example_inputs, model)
     if capture not in ("symbolic", "export"):
         raise ValueError(f"capture: expected 'symbolic' or 'export', got {capture!r}")

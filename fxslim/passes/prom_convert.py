@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch.fx.graph_module import reduce_graph_module
 from torch import Tensor, nn
 
-from fxslim.capture import is_input_guard
+from fxslim.capture import compiled_original, is_input_guard
 from fxslim.hooks import copy_hooks, hooked_modules
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, META_REPORT, copy_attributes, keep_output_type, meta_val
 from fxslim.modes import outside_inference_mode
@@ -385,6 +385,7 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     GraphModules with float inputs and outputs: the code between them stays the float model's.
     ``convert_report`` reads what was converted either way.
     """
+    qat_model = compiled_original(qat_model, returns="fxslim.convert")
     if isinstance(qat_model, nn.parallel.DistributedDataParallel):
         qat_model = qat_model.module
     parts = prepared_parts(qat_model)
