@@ -150,6 +150,10 @@ def optimize(
     if policy.unmatched():
         warn_user(f"fxslim.optimize: overrides {policy.unmatched()} named no module or kind a pass considered "
                   f"(module names as in model.named_modules(), globs like 'layer4.*', or 'kind:<kind>')")
+    alone = sorted({e.fqn for r in report.passes for e in r.entries if e.reason == "traced_alone"})
+    if alone:
+        warn_user(f"fxslim.optimize: {', '.join(map(repr, alone))} stay float: each was traced alone, as a layer "
+                  "PROM cannot wrap" + _untraced_hint(model, report.untraced, captured.method))
     for p in parsed:
         if report.rewritten(p.name) == 0:
             reasons = dict(report.skipped(p.name)) or "no candidates"

@@ -128,6 +128,8 @@ class PROM(Pass):
         for view in weighted:
             kind = view.conv_kind if isinstance(view, ConvView) else "linear"
             reason = _reject(gm, view, calls)
+            if reason == "not_a_module" and ctx.path and view.fqn == ctx.path:
+                reason = "traced_alone"  # a layer whose caller's forward did not trace: the part is the layer
             if reason:
                 report.skip(view.node, view.fqn, kind, reason)
                 continue

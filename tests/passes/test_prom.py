@@ -548,3 +548,27 @@ def test_code_agreement_keeps_each_modules_own_mode():
         bn.eval()
     code_agreement(qat, int_model, x)
     assert qat.training and not any(bn.training for bn in frozen)
+
+
+class _UntracedRoot(nn.Module):
+    """A root whose forward branches on a value: its own conv, 1×1 conv and linear are traced one by one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.proj, self.fc = (nn.Conv2d(3, 8, 3, padding=1), nn.Sequential(nn.Conv2d(8, 8, 1),
+                                                     nn.ReLU()), nn.Conv2d(8, 16, 1), nn.Linear(16, 3))
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        if x.mean() > 0:
+            x = self.block(x)
+        return self.fc(self.proj(x).mean((2, 3)))
+
+
+def test_layers_traced_alone_are_reported_and_warned_about():
+    """A layer whose caller did not trace is a graph of its own that PROM cannot wrap: it was skipped
+    as ``not_a_module`` (a 1×1 conv among them) without a word, as the block beside it was rewritten."""
+    with pytest.warns(UserWarning, match=r"'fc', 'proj', 'stem' stay float: each was traced alone.*_UntracedRoot"):
+        result = fxslim.optimize(_UntracedRoot().eval(), torch.randn(2, 3, 8, 8), passes=["prom"])
+    assert result.report.skipped("prom") == Counter({"traced_alone": 3})
+    assert result.report.rewritten("prom") == 1
