@@ -28,6 +28,7 @@ import logging
 import operator
 import re
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -570,8 +571,11 @@ def defaults_in_both_modes(model: nn.Module, example_inputs: Sequence[Any]) -> d
         calls = record_calls(runner, example_inputs)
         first = {path: c.default_args for path, c in calls.items()}
         both_ways = {path: tuple(sorted(c.both_ways)) for path, c in calls.items() if c.both_ways}
+        with warnings.catch_warnings():  # a module's own train() may warn: this flip is fxslim's, on a copy
+            warnings.simplefilter("ignore")
+            runner.train(not model.training)
         try:
-            second = record_calls(runner.train(not model.training), example_inputs)
+            second = record_calls(runner, example_inputs)
         except Exception:  # noqa: BLE001 - the model's own code, in the mode the caller did not pick
             return SubmoduleCalls({path: {k: v for k, v in args.items() if v is None} for path, args in first.items()},
                                   both_ways)

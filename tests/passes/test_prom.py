@@ -7,6 +7,7 @@ import copy
 import io
 import subprocess
 import sys
+import warnings
 from collections import Counter
 from pathlib import Path
 
@@ -572,3 +573,17 @@ def test_layers_traced_alone_are_reported_and_warned_about():
         result = fxslim.optimize(_UntracedRoot().eval(), torch.randn(2, 3, 8, 8), passes=["prom"])
     assert result.report.skipped("prom") == Counter({"traced_alone": 3})
     assert result.report.rewritten("prom") == 1
+
+
+def test_estimating_a_model_converted_in_parts_does_not_warn_about_train():
+    """Capture runs a copy in the other train/eval mode; the integer parts' train() warned the user that
+    it "keeps it in eval mode" as if they had called it."""
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.warns(UserWarning, match="traced alone"):
+        qat = fxslim.prepare(_UntracedRoot().eval(), x)
+    fxslim.calibrate(qat, [x])
+    int_model = fxslim.convert(qat)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert fxslim.estimate(int_model, x).total.macs > 0
+    assert not [w for w in caught if "eval mode" in str(w.message)]
