@@ -8,7 +8,9 @@ placeholders backed by ``example_inputs``, then hands the graph to an inner comp
 
 Options: ``passes`` (list of pass objects or strings like ``"haste:L=14"``), ``inner``
 (``"inductor"`` default, ``"aot_eager"`` or ``"eager"``), ``filter_fn`` and ``overrides`` (as in
-``fxslim.optimize``), ``strict`` (raise when a pass rewrites nothing; default False),
+``fxslim.optimize``; an override naming no module is not reported here, as the module may be in
+another graph), ``strict`` (raise when a pass rewrites nothing in a graph where it considered
+layers; a graph break can leave graphs without any, which do not count; default False),
 ``on_report`` (called with the list of ``PassReport``s of each graph this compile rewrites, e.g.
 ``reports.append``: what the passes did, tied to this compiled model and nothing else).
 """
@@ -121,8 +123,9 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
         opts.on_report([r.report for r in results])
     if opts.strict:
         for p, r in zip(opts.passes, results):
-            if r.report.rewritten == 0:
-                raise ValueError(f"fxslim backend: pass {p.name!r} rewrote nothing (skipped: {dict(r.report.skipped)})")
+            if r.report.entries and r.report.rewritten == 0:
+                raise ValueError(f"fxslim backend: pass {p.name!r} rewrote nothing in a graph of "
+                                 f"{r.report.entries[0].fqn!r} and the layers next to it (skipped: {dict(r.report.skipped)})")
     modified = any(r.modified for r in results)
     _log.info("fxslim backend: %d graph nodes, passes %s, modified=%s, inner=%s",
               len(gm.graph.nodes), [p.name for p in opts.passes], modified, opts.inner)

@@ -119,3 +119,36 @@ def test_backend_finds_the_weights_of_a_model_reached_as_a_global_or_under_anoth
             torch.testing.assert_close(compiled(x), expected, rtol=0, atol=1e-6)
         (report,) = reports
         assert report.rewritten == 1 and dict(report.skipped) == {"stem": 1}
+
+
+class _BreakBetweenConvs(nn.Module):
+    """conv, a graph break, an elementwise op alone in its graph, a graph break, conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        y = y * 2
+        torch._dynamo.graph_break()
+        return self.b(y)
+
+
+def test_strict_ignores_a_graph_without_layers_and_names_where_a_pass_rewrote_nothing():
+    """A graph break left a graph with no conv in it, and ``strict`` failed the whole compile there,
+    though the pass rewrote every conv of the model."""
+    torch._dynamo.reset()
+    model, x = _BreakBetweenConvs().eval(), torch.randn(2, 3, 16, 16)
+    seen = []
+    compiled = torch.compile(model, backend="fxslim", options={
+        "passes": ["haste:L=48,sparsity=0,skip_stem=False"], "inner": "eager", "strict": True, "on_report": seen.append})
+    with torch.no_grad():
+        compiled(x)
+    assert [sum(r.rewritten for r in graph) for graph in seen] == [1, 0, 1]
+    torch._dynamo.reset()
+    refused = torch.compile(model, backend="fxslim", options={"passes": ["haste"], "inner": "eager", "strict": True})
+    with pytest.raises(Exception, match=r"rewrote nothing in a graph of 'a' and the layers next to it \(skipped: {'stem': 1}"):
+        refused(x)
+    torch._dynamo.reset()
