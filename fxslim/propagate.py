@@ -18,7 +18,9 @@ Plain Python results (``x.device``, ``x.dtype``) are kept in ``meta['val']`` too
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ContextManager
 
@@ -64,7 +66,8 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
             _fake_run(gm, args, mode, around_node)
         else:
             try:
-                _fake_run(gm, args, mode, around_node)
+                with _module_state_kept(gm):  # what the failed run left in the modules, the real one must not read
+                    _fake_run(gm, args, mode, around_node)
             except Exception as fake_error:  # e.g. DataDependentOutputException inside a leaf
                 _log.info("fake shape propagation failed (%s); propagating real values", short_reason(fake_error))
                 try:
@@ -94,20 +97,62 @@ def _fake_tensor_log_quiet() -> Iterator[None]:
         logger.setLevel(level)
 
 
+_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))  # _parameters, _buffers, _modules, hook dicts, training
+_NOT_STATE = (torch.nn.Module, torch.Tensor, type, types.ModuleType, types.FunctionType, types.MethodType,
+              types.BuiltinFunctionType, functools.partial)
+
+
+def _mutable_state(gm: fx.GraphModule) -> list[tuple[Any, Any]]:
+    """(object, snapshot) for what a run may change in place: each module's own attributes, the dicts,
+    lists and sets among them, and plain Python objects they hold (VGGT's ``PositionGetter`` keeps its
+    cache in a dict), two levels deep."""
+    found: list[tuple[Any, Any]] = []
+    seen: set[int] = set()
+
+    def visit(value: Any, depth: int) -> None:
+        if id(value) in seen or depth < 0:
+            return
+        seen.add(id(value))
+        if type(value) in (dict, list, set):
+            found.append((value, value.copy()))
+            for item in value.values() if isinstance(value, dict) else value:
+                visit(item, depth - 1)
+        elif not isinstance(value, _NOT_STATE) and isinstance(getattr(value, "__dict__", None), dict):
+            found.append((value, dict(vars(value))))
+            for item in vars(value).values():
+                visit(item, depth - 1)
+
+    for m in gm.modules():
+        found.append((m, {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}))
+        for value in found[-1][1].values():
+            visit(value, 2)
+    return found
+
+
 @contextlib.contextmanager
 def _module_state_kept(gm: fx.GraphModule):
-    """Put back ``gm``'s buffers and its modules' plain tensor attributes after a run. A train-mode
-    BN counts the run in ``num_batches_tracked`` (a momentum=None BN then averages its statistics
-    over one batch too many), and a leaf's forward pre-hook sets an attribute on each call
-    (spectral_norm's ``weight``): under fake tensors it would be left holding a FakeTensor, which
-    ``torch.save`` of the module fails on."""
-    attributes = [(m, name, v) for m in gm.modules() for name, v in vars(m).items() if isinstance(v, torch.Tensor)]
+    """Put back ``gm``'s buffers and what a run changed in its modules (``_mutable_state``): attribute
+    values, container contents, attributes added. A train-mode BN counts the run in
+    ``num_batches_tracked`` (a momentum=None BN then averages its statistics over one batch too
+    many); a leaf's forward pre-hook sets an attribute on each call (spectral_norm's ``weight``); a
+    cache is filled on the first call. Under fake tensors each would be left holding a FakeTensor,
+    which the model reads on its next call (a data-dependent op on it fails) or ``torch.save`` fails on."""
+    state = _mutable_state(gm)
     try:
         with buffers_kept(gm):
             yield
     finally:
-        for module, name, value in attributes:
-            module.__dict__[name] = value
+        for target, snapshot in state:
+            if isinstance(target, (dict, set)):
+                target.clear()
+                target.update(snapshot)
+            elif isinstance(target, list):
+                target[:] = snapshot
+            else:
+                internal = _MODULE_INTERNALS if isinstance(target, torch.nn.Module) else ()
+                for name in [k for k in vars(target) if k not in internal and k not in snapshot]:
+                    del target.__dict__[name]
+                target.__dict__.update(snapshot)
 
 
 def _fake_run(gm: fx.GraphModule, args: Sequence[Any], mode: FakeTensorMode | None, around_node: AroundNode | None) -> None:

@@ -328,3 +328,52 @@ def test_capture_in_both_modes_leaves_the_random_generator_as_it_was():
     state = torch.get_rng_state()
     fxslim.optimize(model, x, passes=["haste:L=8"])
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class _PositionGetter:
+    """VGGT's PositionGetter: a plain object (not a module) caching each size's positions in a dict."""
+
+    def __init__(self) -> None:
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, n: int, device: torch.device) -> torch.Tensor:
+        if n not in self.cache:
+            self.cache[n] = torch.arange(n, device=device)
+        return self.cache[n]
+
+
+class _CachedRope(nn.Module):
+    """Reads its cached positions' maximum as a Python int (VGGT's RoPE): no trace, and no fake run."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.positions = _PositionGetter()
+
+    def forward(self, x):
+        pos = self.positions(x.shape[-1], x.device)
+        table = torch.linspace(0, 1, int(pos.max()) + 1, device=x.device)
+        return x * table[pos]
+
+
+class _WithCachedRope(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.rope = nn.Conv2d(3, 8, 3, padding=1), _CachedRope()
+
+    def forward(self, x):
+        return self.rope(self.conv(x))
+
+
+def test_a_cache_in_a_plain_object_keeps_no_fake_tensor_from_shape_propagation():
+    """Shape propagation ran the module on fake tensors first, which cached a FakeTensor in the
+    object's dict; the real-value run it falls back to then read it and failed (and where no run read
+    it, the model returned kept it, failing on its first call)."""
+    torch.manual_seed(0)
+    model, x = _WithCachedRope().eval(), torch.randn(2, 3, 16, 16)
+    result = fxslim.optimize(model, x, passes=["haste:L=48,sparsity=0,skip_stem=False"])
+    assert result.report.rewritten("haste") == 1
+    assert not model.rope.positions.cache  # the user's model was not run
+    cached = [v for v in result.module.rope.positions.cache.values()]
+    assert all(type(v) is torch.Tensor for v in cached)
+    with torch.no_grad():
+        assert (result.module(x) - model(x)).abs().max() < 1e-5
