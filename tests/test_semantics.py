@@ -436,3 +436,38 @@ def test_compile_reports_go_to_the_callback_of_that_compile_only():
     assert len(first) == len(second) == 1 and first[0][0].rewritten == 2
     with pytest.raises(Exception, match=r"on_report'\]: expected a callable"):
         torch.compile(model, backend="fxslim", options={"on_report": 3})(x)
+
+
+def _reloaded(module: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+def test_httm_layouts_read_at_run_time_survive_save_and_load():
+    """``torch.load`` rebuilds a GraphModule by tracing its code again: the layout functions a rewritten
+    graph calls (``frame_layout_from_positions`` from RoPE positions, ``clip_frames`` for S == C) ran
+    on the tracer's proxies and failed ("symbolically traced variables cannot be used as inputs to
+    control flow"). They record themselves, and the reloaded model computes the same."""
+    from tests.research_models import VGGTStyle
+
+    torch.manual_seed(0)
+    views = torch.rand(1, 3, 3, 28, 28)
+    cases = [(VGGTStyle().eval(), torch.rand(1, 4, 3, 28, 28), "httm:n_s=4,n_t=2", "frame_layout_from_positions"),
+             (_Views().eval(), views, _VIEWS_HTTM, "clip_frames")]
+    for model, x, spec, layout in cases:
+        result = _optimize(model, x, [spec], strict=True)
+        assert any(layout in e.info["runtime_layout"] for e in result.report.entries("httm") if e.status == "rewritten")
+        loaded = _reloaded(result.module)
+        again = _optimize(loaded, x, [spec])  # captured again: the rewritten attentions are seen and kept
+        assert again.report.skipped("httm")["already_rewritten"] == result.report.rewritten("httm")
+        for other in (x, torch.rand(1, 2, 3, 21, 35)):
+            with torch.no_grad():
+                want = result.module(other)
+                for got in (loaded(other), again.module(other)):
+                    assert all(map(torch.equal, _leaves(got), _leaves(want))) and _leaves(got)
+
+
+def _leaves(out) -> list[torch.Tensor]:
+    return torch.utils._pytree.tree_leaves(out)

@@ -5,15 +5,23 @@ tokens out frame-major: each frame is ``special_tokens`` tokens at position (0, 
 registers) followed by its patches at (y + 1, x + 1). The HTTM pass reads this layout once at
 rewrite time to find which attentions span frames; a rewritten eager graph reads it again on every
 call, from the positions that call gets, so other image sizes and frame counts stay exact. Both
-go through ``read_frame_layout``; data-dependent, so it runs outside traced code.
+go through ``read_frame_layout``; data-dependent, so it runs outside traced code: traced (a
+rewritten GraphModule is traced again when ``torch.load`` or ``pickle`` rebuilds it, or when
+fxslim captures it again), the functions a graph calls record the call instead of running.
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
+import torch.fx as fx
 from torch import Tensor
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 __all__ = ["FrameLayout", "read_frame_layout", "frame_layout_from_positions", "clip_frames"]
 
@@ -57,6 +65,20 @@ def read_frame_layout(pos: Tensor, n: int | None = None) -> tuple[FrameLayout | 
     return FrameLayout(frames, p, specials, grid_h, grid_w), ""
 
 
+def _recorded_when_traced(fn: F) -> F:
+    """``fn``, which called on an fx Proxy adds a call of itself to the graph being traced."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        proxy = next((a for a in args if isinstance(a, fx.Proxy)), None)
+        if proxy is not None:
+            return proxy.tracer.create_proxy("call_function", wrapper, args, {})
+        return fn(*args)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@_recorded_when_traced
 def frame_layout_from_positions(pos: Tensor, special_tokens: int | None = None) -> FrameLayout:
     """``read_frame_layout`` that raises ValueError when the positions are not a frame layout, or
     (``special_tokens`` given: what the graph was rewritten for) when a frame now holds another
@@ -70,6 +92,7 @@ def frame_layout_from_positions(pos: Tensor, special_tokens: int | None = None) 
     return layout
 
 
+@_recorded_when_traced
 def clip_frames(images: Tensor, channels: int) -> int:
     """The frame count of a 5-d multi-view input whose example had as many frames as ``channels``
     (``[B, S, C, H, W]`` with S == C, as 3 RGB views, or a channels-first clip ``[B, C, T, H, W]``
