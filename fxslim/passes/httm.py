@@ -101,7 +101,9 @@ class HTTM(Pass):
     ``q``/``kv``: fraction of queries / keys and values KEPT (paper: Q 0.2, KV 0.3); ``outliers``:
     fraction of the H*N queries returned unmerged, included in ``q`` (so merging removes
     1 - q + outliers of the queries). ``q=1, kv=1, outliers=0`` keeps everything: outputs equal
-    SDPA's. ``special_tokens``, ``frames``, ``tokens_per_frame``: layout overrides (None = inferred).
+    SDPA's. ``special_tokens``, ``frames``, ``tokens_per_frame``: layout overrides (None = inferred;
+    with ``frames`` or ``tokens_per_frame`` given and ``special_tokens`` not, the RoPE positions'
+    count where they give one, else VGGT's 5).
     """
 
     q: float = 0.2
@@ -306,6 +308,8 @@ class HTTM(Pass):
                 return None, "one_token_per_frame", (
                     f"N={n} is one token per frame: attention over per-frame tokens (a head's), not over "
                     "the frames' patches")
+            if specials is None:  # the RoPE positions' count, where they give one; else VGGT's 1 camera + 4 registers
+                specials = _positions_specials(gm, view, ctx, n, p)
             sp = 5 if specials is None else specials
             if n % p or sp > p or (self.frames is not None and self.frames * p != n):
                 return None, "frame_layout_mismatch", (
@@ -356,6 +360,15 @@ class HTTM(Pass):
 
 # ----------------------------------------------------------------------------------------------
 # Helpers
+
+
+def _positions_specials(gm: fx.GraphModule, view: AttentionView, ctx: PassContext, n: int, per_frame: int) -> int | None:
+    """The special tokens per frame that RoPE positions feeding q give, when they lay out frames of
+    ``per_frame`` tokens; None without such positions."""
+    pos_node = _positions_node(view.q, n)
+    pos = _evaluate(gm, pos_node, ctx)[0] if pos_node is not None else None
+    found = read_frame_layout(pos, n)[0] if pos is not None else None
+    return found.special_tokens if found is not None and found.tokens_per_frame == per_frame else None
 
 
 def _runtime_layout(gm: fx.GraphModule, ctx: PassContext, view: AttentionView, lay: _Layout) -> tuple[Any, Any]:

@@ -355,3 +355,15 @@ def test_httm_inline_ratio_zero_rewrite_equals_eager(frames, grid_h, grid_w, spe
     res, entries = _run_pass(module, x, HTTM(q=1.0, kv=1.0, outliers=0.0, n_s=2, n_t=2))
     assert [e.status for e in entries] == ["rewritten"]
     torch.testing.assert_close(res.module(x), module(x), atol=1e-5, rtol=1e-4)
+
+
+def test_httm_tokens_per_frame_given_takes_the_special_tokens_from_the_positions():
+    """``HTTM(tokens_per_frame=P)`` without ``special_tokens`` assumed VGGT's 5 on a model with 1 camera
+    + 8 register tokens per frame, whose RoPE positions say 9: registers 5-8 merged across frames."""
+    from tests.research_models import VGGTStyle
+
+    torch.manual_seed(0)
+    model, x = VGGTStyle(registers=8).eval(), torch.rand(1, 4, 3, 28, 28)  # 1 + 8 + 4·4 tokens per frame
+    result = fxslim.optimize(model, x, passes=[HTTM(tokens_per_frame=25, n_s=4, n_t=2)], strict=True)
+    rewritten = [e for e in result.report.entries("httm") if e.status == "rewritten"]
+    assert rewritten and {e.info["special_tokens"] for e in rewritten} == {9}
