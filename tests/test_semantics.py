@@ -471,3 +471,16 @@ def test_httm_layouts_read_at_run_time_survive_save_and_load():
 
 def _leaves(out) -> list[torch.Tensor]:
     return torch.utils._pytree.tree_leaves(out)
+
+
+def test_httm_layout_from_positions_takes_an_empty_batch():
+    """A layout read from RoPE positions failed on an empty batch (IndexError on ``pos[0]``), where a
+    model whose positions come from a cache returns empty outputs: it is one frame, whose attention
+    is SDPA's, empty."""
+    from fxslim.runtime.frame_layout import frame_layout_from_positions
+
+    layout = frame_layout_from_positions(torch.zeros(0, 4 * 21, 2, dtype=torch.long), 5)
+    assert (layout.frames, layout.tokens_per_frame) == (1, 4 * 21)
+    q = torch.rand(0, 2, 4 * 21, 8)
+    out = torch.ops.fxslim.httm_attention(q, q, q, layout.frames, layout.tokens_per_frame, layout.special_tokens)
+    assert out.shape == q.shape

@@ -44,6 +44,8 @@ def read_frame_layout(pos: Tensor, n: int | None = None) -> tuple[FrameLayout | 
         return None, f"positions must be [..., N, 2], got shape {tuple(pos.shape)}"
     n = pos.shape[-2] if n is None else n
     pos = pos.reshape(-1, pos.shape[-2], 2)
+    if pos.shape[0] == 0:
+        return None, "an empty batch has no positions to read"
     if pos.shape[1] != n or not torch.equal(pos, pos[:1].expand_as(pos)):
         return None, "positions differ across the batch"
     first = pos[0]
@@ -82,7 +84,10 @@ def _recorded_when_traced(fn: F) -> F:
 def frame_layout_from_positions(pos: Tensor, special_tokens: int | None = None) -> FrameLayout:
     """``read_frame_layout`` that raises ValueError when the positions are not a frame layout, or
     (``special_tokens`` given: what the graph was rewritten for) when a frame now holds another
-    number of special tokens."""
+    number of special tokens. An empty batch is one frame (attention over nothing merges nothing)."""
+    if pos.dim() >= 2 and pos.numel() == 0 and pos.shape[-2] > 0:
+        n = pos.shape[-2]
+        return FrameLayout(1, n, min(special_tokens or 0, n), 0, 0)
     layout, why = read_frame_layout(pos)
     if layout is None:
         raise ValueError(f"frame_layout_from_positions: {why}")
