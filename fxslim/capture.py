@@ -29,7 +29,7 @@ import operator
 import re
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -153,9 +153,12 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     # a draw no Proxy reaches (torch.rand(()), random.random()) runs once, now: a branch on it would
     # take the same way forever (stochastic depth written ``if self.training and torch.rand(()) < p``)
     tracer = _LeafTracer(leaf_modules)
-    with generators.kept(root) as moved:
+    with generators.kept(root) as moved, _autocast_entries() as autocasts:
         graph = tracer.trace(root, concrete_args=concrete_args or None)
         drew = moved()
+    if autocasts:
+        raise UnfaithfulTrace(f"{type(module).__name__}.forward enters torch.autocast, which a symbolic trace does "
+                              "not record (the graph would run in the caller's precision); it stays eager")
     if tracer.last_type is collections.OrderedDict:
         graph.set_codegen(OrderedDictOutput())  # fx returns a plain dict
     if drew:
@@ -184,6 +187,23 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     if concrete_args:
         _guard_concrete_args(gm, module, concrete_args)
     return gm
+
+
+@contextlib.contextmanager
+def _autocast_entries() -> Iterator[list[Any]]:
+    """The ``torch.autocast`` contexts (also as decorators, ``torch.cpu.amp.autocast``) entered inside."""
+    entered: list[Any] = []
+    enter = torch.amp.autocast_mode.autocast.__enter__
+
+    def counted(self: Any) -> Any:
+        entered.append(self)
+        return enter(self)
+
+    torch.amp.autocast_mode.autocast.__enter__ = counted
+    try:
+        yield entered
+    finally:
+        torch.amp.autocast_mode.autocast.__enter__ = enter
 
 
 def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_modules: Sequence[type],

@@ -377,3 +377,30 @@ def test_a_cache_in_a_plain_object_keeps_no_fake_tensor_from_shape_propagation()
     assert all(type(v) is torch.Tensor for v in cached)
     with torch.no_grad():
         assert (result.module(x) - model(x)).abs().max() < 1e-5
+
+
+class _HeadInFloat32(nn.Module):
+    """VGGT's heads: run in float32 under ``torch.autocast(enabled=False)`` whatever the caller's autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body, self.head = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.body(x))
+        with torch.autocast("cpu", enabled=False):
+            return self.head(y.float())
+
+
+def test_a_forward_entering_autocast_stays_eager():
+    """A symbolic trace drops ``with torch.autocast(...)``: under the caller's bfloat16 autocast the
+    rewritten model's head ran in bfloat16 and returned bfloat16 where the model returns float32."""
+    torch.manual_seed(0)
+    model, x = _HeadInFloat32().eval(), torch.randn(2, 3, 16, 16)
+    result = fxslim.optimize(model, x, passes=["haste:L=48,sparsity=0,skip_stem=False"])
+    assert any("autocast" in reason for path, reason in result.report.untraced if path == "")
+    assert result.report.rewritten("haste") == 2  # its children, traced apart
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = result.module(x), model(x)
+    assert got.dtype == want.dtype == torch.float32
+    assert (got - want).abs().max() < 1e-5
