@@ -82,6 +82,35 @@ def test_elementwise_norm_softmax_pool_counts_follow_documented_constants():
     assert {rows["bn"].kind, rows["ln"].kind, rows["softmax"].kind, rows["max_pool2d"].kind} == {"norm", "softmax", "pool"}
 
 
+class _LoneKernelSizes(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gn = nn.GroupNorm(2, 4)
+
+    def forward(self, x):  # x [2, 4, 6, 6]
+        pooled = F.avg_pool2d(x, [3]) + F.max_pool2d(x, [3])
+        return self.gn(x), pooled, F.max_pool1d(x.flatten(2), 3), F.avg_pool3d(x.unsqueeze(1), 2)
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_pool_window_of_a_lone_size_and_group_norm_affine_in_every_ir(capture):
+    """``[3]`` is a 3×3 window (counted as 3 taps), an int kernel of a 1-d or 3-d pool is k or k³ taps
+    (it was k²), and export's ``aten.group_norm`` has its weight third (its affine went uncounted)."""
+    x = torch.randn(2, 4, 6, 6)
+    report = fxslim.estimate(_LoneKernelSizes().eval(), (x,), capture=capture)
+    pools = ("avg_pool2d", "max_pool2d", "max_pool1d", "avg_pool3d")
+    counts: dict[str, int] = {}
+    for row in report.rows:
+        key = "norm" if row.kind == "norm" else next((p for p in pools if p in str(row.op) + row.node), None)
+        if key:
+            counts[key] = counts.get(key, 0) + row.elementwise
+    pool2d = 2 * 4 * 2 * 2
+    assert counts == {"avg_pool2d": pool2d * 9, "max_pool2d": pool2d * 8,
+                      "max_pool1d": 2 * 4 * 12 * 2,  # 36 → 12 per row, 2 comparisons each
+                      "avg_pool3d": 2 * 2 * 3 * 3 * 8,  # [2, 1, 4, 6, 6] → [2, 1, 2, 3, 3], 8 taps
+                      "norm": 5 * x.numel()}
+
+
 class _Moves(nn.Module):
     def forward(self, x):
         y = x.permute(0, 2, 1).reshape(2, -1)

@@ -234,7 +234,7 @@ def layer_norm_cost(call: OpCall) -> OpCost:
     """Layer/group norm: mean, variance, normalise (+ affine): 5 per element with a weight, else 4.
     Ignores: the rsqrt per group."""
     name = call.target.__name__.split(".")[0]
-    weight_index = 2 if "layer_norm" in name else 1
+    weight_index = 1 if name == "native_group_norm" else 2  # group_norm(input, num_groups, weight, ...)
     has_affine = isinstance(_arg(call, weight_index, "weight"), TensorSpec)
     return OpCost(elementwise=(5 if has_affine else 4) * call.args[0].numel)
 
@@ -279,8 +279,12 @@ def vector_norm_cost(call: OpCall) -> OpCost:
 
 
 def _kernel_size(call: OpCall) -> int:
+    """Taps per window: a lone size (``3`` or ``[3]``) holds for each of the op's 1, 2 or 3 dims."""
     kernel = _arg(call, 1, "kernel_size")
-    return math.prod(kernel) if isinstance(kernel, (list, tuple)) else kernel ** 2
+    dims = next(d for d in (1, 2, 3) if f"{d}d" in call.target.__name__)
+    if isinstance(kernel, (list, tuple)) and len(kernel) == 1:
+        kernel = kernel[0]
+    return math.prod(kernel) if isinstance(kernel, (list, tuple)) else kernel ** dims
 
 
 @register_cost(*_ops(("max_pool1d", "max_pool2d", "max_pool3d", "max_pool2d_with_indices",
