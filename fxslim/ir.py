@@ -424,8 +424,8 @@ class AttentionView:
     heads: int
     q_len: Any
     kv_len: Any
-    head_dim: int
-    v_head_dim: int
+    head_dim: Any  # a SymInt where it follows an input size (cross-covariance attention: the tokens)
+    v_head_dim: Any
     q: fx.Node | None
     k: fx.Node | None
     v: fx.Node | None
@@ -669,7 +669,7 @@ def _sdpa_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> AttentionView | Non
     batch, heads = _heads_and_batch(qs, args["query"])
     return AttentionView(
         node=node, ir=ir, fqn=node_fqn(node, gm), form="sdpa", batch=batch, heads=heads,
-        q_len=qs[-2], kv_len=ks[-2], head_dim=int(qs[-1]), v_head_dim=int(vs[-1]),
+        q_len=qs[-2], kv_len=ks[-2], head_dim=qs[-1], v_head_dim=vs[-1],
         q=args["query"], k=args["key"], v=args["value"], nodes=(node,), dtype=_dtype_of(args["query"]),
         is_causal=bool(args["is_causal"]), has_mask=args["attn_mask"] is not None,
     )
@@ -778,7 +778,7 @@ def _manual_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> AttentionView | N
                        and sum(isinstance(a, fx.Node) for a in n.args[:2]) == 2) for n in pre)
     return AttentionView(
         node=node, ir=ir, fqn=node_fqn(node, gm), form="manual", batch=batch, heads=heads,
-        q_len=scores[-2], kv_len=scores[-1], head_dim=int(qs[-1]), v_head_dim=int(vs[-1]),
+        q_len=scores[-2], kv_len=scores[-1], head_dim=qs[-1], v_head_dim=vs[-1],
         q=q, k=kt, v=v, nodes=(qk, *pre, node, *post, av), dtype=_dtype_of(q), has_mask=has_mask,
     )
 

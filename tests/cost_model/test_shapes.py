@@ -302,3 +302,29 @@ def test_symbolic_names_an_op_that_takes_no_symbolic_size(monkeypatch):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1)).eval()
     with pytest.raises(ValueError, match=r"symbolic: an op of Sequential cannot run with symbolic sizes .*sweep"):
         fxslim.estimate(model, torch.randn(2, 3, 8, 8), symbolic={"height": 2})
+
+
+class _CrossCovariance(nn.Module):
+    """XCiT/EdgeNeXt attention: channels attend to channels, so the head dim is the token count."""
+
+    def forward(self, x):  # [B, N, C]
+        b, n, c = x.shape
+        q = x.transpose(1, 2).reshape(b, 4, c // 4, n)
+        return F.scaled_dot_product_attention(q, q, q).reshape(b, c, n).transpose(1, 2)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "manual"])
+def test_symbolic_attention_head_dim_follows_the_input_size(attention):
+    """The head dim was frozen at the example's (an int of the symbolic size): the formula of a
+    cross-covariance attention gave the example's count at every token count."""
+
+    class Manual(_CrossCovariance):
+        def forward(self, x):
+            b, n, c = x.shape
+            q = x.transpose(1, 2).reshape(b, 4, c // 4, n)
+            return ((q @ q.transpose(-2, -1)).softmax(-1) @ q).reshape(b, c, n).transpose(1, 2)
+
+    model = (_CrossCovariance() if attention == "sdpa" else Manual()).eval()
+    report = fxslim.estimate(model, torch.randn(1, 64, 32), symbolic={"n": (0, 1)})
+    for n in (64, 100):
+        assert report.evaluate(n=n).total.macs == fxslim.estimate(model, torch.randn(1, n, 32)).total.macs
