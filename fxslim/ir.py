@@ -681,7 +681,6 @@ def _mha_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> AttentionView | None
         if not isinstance(mod, nn.MultiheadAttention):
             return None
         heads, embed, batch_first = mod.num_heads, mod.embed_dim, mod.batch_first
-        vdim = mod.vdim
         q = node.args[0] if node.args else node.kwargs.get("query")
         k = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
         v = node.args[2] if len(node.args) > 2 else node.kwargs.get("value")
@@ -692,7 +691,6 @@ def _mha_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> AttentionView | None
         args = _bind(node, names, (None,) * 5)
         q, k, v = args["query"], args["key"], args["value"]
         heads, embed, batch_first = int(args["num_heads"]), int(args["embed_dim_to_check"]), False
-        vdim = embed
         has_mask = node.kwargs.get("attn_mask") is not None
         is_causal = bool(node.kwargs.get("is_causal", False))
     else:
@@ -711,7 +709,7 @@ def _mha_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> AttentionView | None
         node=node, ir=ir, fqn=node_fqn(node, gm), form="mha", batch=batch, heads=heads,
         q_len=q_len, kv_len=kv_len, head_dim=embed // heads, v_head_dim=embed // heads,
         q=q, k=k, v=v, nodes=(node,), dtype=_dtype_of(q), is_causal=is_causal, has_mask=has_mask,
-    ) if vdim == embed else None
+    )  # kdim/vdim other than embed_dim: the in-projections map k and v to embed_dim all the same
 
 
 def _walk_back(node: Any, allowed: set, methods: set, limit: int = 8) -> tuple[fx.Node | None, list[fx.Node]]:

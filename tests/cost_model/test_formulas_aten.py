@@ -194,3 +194,24 @@ def test_op_without_formula_reported_in_unknown_ops():
     assert rows["sort"].unknown == ("aten.sort.default",)
     assert report.total.macs == 3 * 5 * 5  # what is known is still counted
     assert "aten.sort.default" in report.to_markdown()
+
+
+class _CrossAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 2, kdim=8, vdim=8, batch_first=True)
+
+    def forward(self, q, kv):
+        return self.mha(q, kv, kv, need_weights=False)[0]
+
+
+def test_multihead_attention_with_other_key_and_value_sizes_is_attention():
+    """``kdim``/``vdim`` other than ``embed_dim`` made the module an unknown matmul row: the ``prom``
+    deploy preset priced its scores in int8, where convert keeps attention in float32."""
+    q, kv = torch.randn(2, 56, 16), torch.randn(2, 64, 8)
+    report = fxslim.estimate(_CrossAttention().eval(), (q, kv), deploy="prom")
+    (row,) = [r for r in report.rows if r.macs]
+    assert row.kind == "attention"
+    projections = 2 * (2 * 56 * 16 * 16) + 2 * (2 * 64 * 8 * 16)  # q and out; k and v from 8 to 16 channels
+    assert row.macs == 2 * 2 * 56 * 64 * (8 + 8) + projections
+    assert set(report.total.ops) == {("mul", "fp32"), ("add", "fp32")}
