@@ -235,8 +235,9 @@ _SAMPLE_SIZES = (*range(2, 130), 255, 256, 300, 512, 1000, 1024, 2048, 4096, 10_
 def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[Any, ...]:
     """The guards on the named sizes that choose what the model computes: where its formulas hold.
 
-    Kept: guards raised by the model's own code (``if x.shape[-1] > 300`` in eager code) and by
-    torch's output-size functions (a ``ceil_mode`` pool has one more output row at odd sizes).
+    Kept: guards raised by the model's own code (``if x.shape[-1] > 300`` in eager code), by
+    torch's output-size functions (a ``ceil_mode`` pool has one more output row at odd sizes), and
+    equalities from anywhere (a broadcast against a fixed-size bias: ``h*w/4 == 16``, or the model fails).
     Left out: torch's other guards, which choose a layout or a kernel and change no count (strides
     like channels-last, ``3*h*w <= 20480`` for an eager conv's backend), and a size other than 0 or 1
     (``batch != 1``, also as ``batch > 1``) from broadcast checks."""
@@ -248,7 +249,8 @@ def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[A
             continue
         where = getattr(getattr(guard, "sloc", None), "framework_loc", None)
         filename = str(getattr(where, "filename", "") or "")
-        if filename.startswith(_TORCH_DIR) and filename != _SHAPE_FUNCTIONS:
+        pinned = isinstance(expr, sympy.Eq) and not any(side in (sympy.Integer(0), sympy.Integer(1)) for side in expr.args)
+        if filename.startswith(_TORCH_DIR) and filename != _SHAPE_FUNCTIONS and not pinned:
             continue
         if isinstance(expr, sympy.Ne) and any(side in (sympy.Integer(0), sympy.Integer(1)) for side in expr.args):
             continue

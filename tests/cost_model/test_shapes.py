@@ -328,3 +328,25 @@ def test_symbolic_attention_head_dim_follows_the_input_size(attention):
     report = fxslim.estimate(model, torch.randn(1, 64, 32), symbolic={"n": (0, 1)})
     for n in (64, 100):
         assert report.evaluate(n=n).total.macs == fxslim.estimate(model, torch.randn(1, n, 32)).total.macs
+
+
+class _FixedTokens(nn.Module):
+    """A learned bias of 16 tokens added to the conv's tokens (a fixed position embedding, EfficientFormer's
+    attention bias): the model runs only where (h/2)·(w/2) = 16."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.pos, self.fc = nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.Parameter(torch.zeros(1, 8, 16)), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.fc((self.conv(x).flatten(2) + self.pos).transpose(1, 2))
+
+
+def test_symbolic_formulas_refuse_sizes_a_broadcast_against_a_fixed_size_forbids():
+    """torch's broadcast check pins the tokens to 16; left out as one of torch's own guards, the
+    formula gave counts at 16 and 32 px, where the model raises."""
+    model = _FixedTokens().eval()
+    report = fxslim.estimate(model, torch.randn(1, 3, 8, 8), symbolic={"h": 2, "w": 3})
+    assert report.evaluate(h=7, w=8).total.macs == fxslim.estimate(model, torch.randn(1, 3, 7, 8)).total.macs
+    with pytest.raises(ValueError, match="breaks it"):
+        report.evaluate(h=16, w=16)
