@@ -17,6 +17,7 @@ Plain Python results (``x.device``, ``x.dtype``) are kept in ``meta['val']`` too
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import logging
@@ -98,6 +99,7 @@ def _fake_tensor_log_quiet() -> Iterator[None]:
 
 
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))  # _parameters, _buffers, _modules, hook dicts, training
+_CONTAINERS = (dict, collections.OrderedDict, collections.defaultdict, list, set)  # not fx's immutable ones
 _NOT_STATE = (torch.nn.Module, torch.Tensor, type, types.ModuleType, types.FunctionType, types.MethodType,
               types.BuiltinFunctionType, functools.partial)
 
@@ -113,11 +115,11 @@ def _mutable_state(gm: fx.GraphModule) -> list[tuple[Any, Any]]:
         if id(value) in seen or depth < 0:
             return
         seen.add(id(value))
-        if type(value) in (dict, list, set):
+        if type(value) in _CONTAINERS:
             found.append((value, value.copy()))
             for item in value.values() if isinstance(value, dict) else value:
                 visit(item, depth - 1)
-        elif not isinstance(value, _NOT_STATE) and isinstance(getattr(value, "__dict__", None), dict):
+        elif not isinstance(value, (*_NOT_STATE, dict, list, set, tuple)) and isinstance(getattr(value, "__dict__", None), dict):
             found.append((value, dict(vars(value))))
             for item in vars(value).values():
                 visit(item, depth - 1)
@@ -143,10 +145,10 @@ def _module_state_kept(gm: fx.GraphModule):
             yield
     finally:
         for target, snapshot in state:
-            if isinstance(target, (dict, set)):
+            if type(target) in _CONTAINERS and type(target) is not list:
                 target.clear()
                 target.update(snapshot)
-            elif isinstance(target, list):
+            elif type(target) is list:
                 target[:] = snapshot
             else:
                 internal = _MODULE_INTERNALS if isinstance(target, torch.nn.Module) else ()
