@@ -71,11 +71,11 @@ def _recorded_when_traced(fn: F) -> F:
     """``fn``, which called on an fx Proxy adds a call of itself to the graph being traced."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any) -> Any:
-        proxy = next((a for a in args if isinstance(a, fx.Proxy)), None)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        proxy = next((a for a in (*args, *kwargs.values()) if isinstance(a, fx.Proxy)), None)
         if proxy is not None:
-            return proxy.tracer.create_proxy("call_function", wrapper, args, {})
-        return fn(*args)
+            return proxy.tracer.create_proxy("call_function", wrapper, args, kwargs)
+        return fn(*args, **kwargs)
 
     return wrapper  # type: ignore[return-value]
 
