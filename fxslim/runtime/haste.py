@@ -312,13 +312,14 @@ _LIB = torch.library.Library("fxslim", "FRAGMENT")  # the autocast rule below
 
 
 def _haste_conv2d_autocast_cpu(_keyset, x, weight, bias, *rest):
-    """Under ``torch.autocast("cpu")`` the op casts x, weight and bias like ``conv2d`` (float32 to the
-    autocast dtype). Taken as they came, a rewritten model raised "weight and bias must have x's dtype"
-    (x already cast by the ops before it, the weights float32) where the model ran."""
+    """Under ``torch.autocast("cpu")`` the op casts x, weight and bias like ``conv2d`` (every floating
+    dtype but float64 to the autocast dtype). Taken as they came, a rewritten model raised "weight and
+    bias must have x's dtype" (x already cast by the ops before it, the weights float32 or float16)
+    where the model ran."""
     dtype = torch.get_autocast_dtype("cpu")
 
     def cast(t: Tensor | None) -> Tensor | None:
-        return t.to(dtype) if t is not None and t.dtype == torch.float32 else t
+        return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
 
     with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
         return torch.ops.fxslim.haste_conv2d.default(cast(x), cast(weight), cast(bias), *rest)

@@ -389,13 +389,14 @@ def test_haste_conv2d_weight_data_rebound_uses_the_new_values():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("x_dtype", [torch.float32, "autocast"])
-def test_haste_conv2d_under_autocast_runs_in_the_autocast_dtype(dtype, x_dtype):
-    # conv2d casts its float32 inputs to the autocast dtype; the op took them as they came, so in a
-    # rewritten model (x already cast by the ops before it, float32 weights) it raised "weight and
-    # bias must have x's dtype"
+@pytest.mark.parametrize("weight_dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_haste_conv2d_under_autocast_runs_in_the_autocast_dtype(dtype, x_dtype, weight_dtype):
+    # conv2d casts its floating inputs but float64 to the autocast dtype; the op took them as they came
+    # (then only float32 ones), so in a rewritten model (x already cast by the ops before it, float32
+    # or float16 weights) it raised "weight and bias must have x's dtype"
     g = _gen(15)
-    x, weight = torch.randn(2, 6, 9, 9, generator=g), torch.randn(4, 6, 3, 3, generator=g)
-    bias = torch.randn(4, generator=g)
+    x, weight = torch.randn(2, 6, 9, 9, generator=g), torch.randn(4, 6, 3, 3, generator=g).to(weight_dtype)
+    bias = torch.randn(4, generator=g).to(weight_dtype)
     planes = _planes((3, 3), (1, 1), (1, 1), 4, L=6)
     expected = _run(x.to(dtype), weight.to(dtype), bias.to(dtype), planes, (1, 1), (1, 1))
     with torch.autocast("cpu", dtype=dtype):
