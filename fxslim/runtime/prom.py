@@ -911,6 +911,11 @@ def _without_autocast(op: torch._ops.OpOverload) -> Callable[..., object]:
     return kernel
 
 
-for _name in ("ternary_conv2d", "int8_conv2d", "int8_linear", "requantize", "int8_add", "int8_global_avg_pool2d",
-              "quantize_per_tensor", "dequantize", "nan_samples"):
-    _LIB.impl(_name, _without_autocast(getattr(torch.ops.fxslim, _name).default), "AutocastCPU", with_keyset=True)
+def exclude_autocast(*names: str) -> None:
+    """Give each op ``fxslim::<name>`` an AutocastCPU kernel running it as if autocast were off."""
+    for name in names:
+        _LIB.impl(name, _without_autocast(getattr(torch.ops.fxslim, name).default), "AutocastCPU", with_keyset=True)
+
+
+exclude_autocast("ternary_conv2d", "int8_conv2d", "int8_linear", "requantize", "int8_add", "int8_global_avg_pool2d",
+                 "quantize_per_tensor", "dequantize", "nan_samples")

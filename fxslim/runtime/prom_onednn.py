@@ -45,7 +45,7 @@ from torch import Tensor
 
 from fxslim.runtime.prom import (
     _CACHE, _check_addends, _check_code, _check_code_range, _check_conv_geometry, _check_uint8, _conv_acc, _inverse_scale,
-    _linear_acc, conv_output_size,
+    _linear_acc, conv_output_size, exclude_autocast,
 )
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available",
@@ -625,3 +625,5 @@ def _qadd_fake(a, a_scale, a_zero_point, b, b_scale, b_zero_point, out_scale, ou
 
 
 qadd = torch.ops.fxslim.qadd.default
+# their exact paths sum codes with float32 convs and matmuls, which autocast would run in 16 bits
+exclude_autocast("qconv2d", "qconv2d_add", "qlinear", "qadd")

@@ -54,16 +54,19 @@ class _ConvLinear(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.conv, self.pointwise, self.fc = nn.Conv2d(3, 64, 3, padding=1), nn.Conv2d(64, 64, 1), nn.Linear(64, 64)
+        self.grouped = nn.Conv2d(64, 64, 3, padding=1, groups=2)  # the oneDNN ops' exact path on every CPU
 
     def forward(self, x):
-        return self.fc(torch.relu(self.pointwise(torch.relu(self.conv(x)))).mean((2, 3)))
+        y = torch.relu(self.grouped(torch.relu(self.pointwise(torch.relu(self.conv(x))))))
+        return self.fc(y.mean((2, 3)))
 
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_autocast_does_not_change_the_integer_codes(dtype, runtime):
     """The ops sum integer codes in float32 where that is exact; under ``torch.autocast("cpu")`` the
-    reference runtime's convs and matmuls ran in float16/bfloat16: 255 LSB off in float16."""
+    reference runtime's convs and matmuls ran in float16/bfloat16 (255 LSB off in float16), and so did
+    the oneDNN runtime's exact path (a grouped conv's, on every CPU)."""
     torch.manual_seed(0)
     x = torch.randn(8, 3, 16, 16) * 3
     _, int_model = _integer(_ConvLinear().eval(), x, runtime)
