@@ -28,6 +28,7 @@ import logging
 import operator
 import re
 import sys
+import threading
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -189,21 +190,38 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     return gm
 
 
+_AUTOCAST_WATCH = threading.Lock()
+_AUTOCAST_WATCHERS: dict[int, list[list[Any]]] = {}  # thread id -> the lists of its traces, innermost last
+_AUTOCAST_ENTER: list[Callable[[Any], Any]] = []  # autocast's own __enter__ while patched
+
+
+def _counted_autocast_enter(self: Any) -> Any:
+    for entered in _AUTOCAST_WATCHERS.get(threading.get_ident(), ()):
+        entered.append(self)
+    return _AUTOCAST_ENTER[0](self)
+
+
 @contextlib.contextmanager
 def _autocast_entries() -> Iterator[list[Any]]:
-    """The ``torch.autocast`` contexts (also as decorators, ``torch.cpu.amp.autocast``) entered inside."""
+    """The ``torch.autocast`` contexts (also as decorators, ``torch.cpu.amp.autocast``) this thread
+    enters inside; another thread's are not counted. ``autocast.__enter__`` is patched while any
+    thread watches, and put back when the last one stops."""
     entered: list[Any] = []
-    enter = torch.amp.autocast_mode.autocast.__enter__
-
-    def counted(self: Any) -> Any:
-        entered.append(self)
-        return enter(self)
-
-    torch.amp.autocast_mode.autocast.__enter__ = counted
+    me = threading.get_ident()
+    with _AUTOCAST_WATCH:
+        if not _AUTOCAST_WATCHERS:
+            _AUTOCAST_ENTER[:] = [torch.amp.autocast_mode.autocast.__enter__]
+            torch.amp.autocast_mode.autocast.__enter__ = _counted_autocast_enter
+        _AUTOCAST_WATCHERS.setdefault(me, []).append(entered)
     try:
         yield entered
     finally:
-        torch.amp.autocast_mode.autocast.__enter__ = enter
+        with _AUTOCAST_WATCH:
+            _AUTOCAST_WATCHERS[me].remove(entered)
+            if not _AUTOCAST_WATCHERS[me]:
+                del _AUTOCAST_WATCHERS[me]
+            if not _AUTOCAST_WATCHERS:
+                torch.amp.autocast_mode.autocast.__enter__ = _AUTOCAST_ENTER.pop()
 
 
 def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_modules: Sequence[type],
@@ -227,10 +245,10 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
     for m in flags:  # each module in its other mode: a block in eval inside a model in train flips too
         m.training = not flags[m]
     try:
-        with generators.kept(root) as moved:
+        with generators.kept(root) as moved, _autocast_entries() as autocasts:
             other = _LeafTracer(leaf_modules).trace(root, concrete_args=concrete_args or None)
-            if moved():  # a draw decided while tracing (stochastic depth in train mode): one way forever
-                other = None
+            if moved() or autocasts:  # a draw decided while tracing (stochastic depth in train mode): one way
+                other = None  # forever; an autocast context, which the graph would not enter
     except Exception:  # tracing runs arbitrary user code: the other mode does not trace
         other = None
     finally:
@@ -591,10 +609,10 @@ def defaults_in_both_modes(model: nn.Module, example_inputs: Sequence[Any]) -> d
         calls = record_calls(runner, example_inputs)
         first = {path: c.default_args for path, c in calls.items()}
         both_ways = {path: tuple(sorted(c.both_ways)) for path, c in calls.items() if c.both_ways}
-        with warnings.catch_warnings():  # a module's own train() may warn: this flip is fxslim's, on a copy
-            warnings.simplefilter("ignore")
-            runner.train(not model.training)
         try:
+            with warnings.catch_warnings():  # a module's own train() may warn: this flip is fxslim's, on a copy
+                warnings.simplefilter("ignore")
+                runner.train(not model.training)
             second = record_calls(runner, example_inputs)
         except Exception:  # noqa: BLE001 - the model's own code, in the mode the caller did not pick
             return SubmoduleCalls({path: {k: v for k, v in args.items() if v is None} for path, args in first.items()},
@@ -963,6 +981,7 @@ def capture(
     """
     if method not in ("symbolic", "export"):
         raise ValueError(f"capture: method must be 'symbolic' or 'export', got {method!r}")
+    model = compiled_original(model)
     example_inputs = as_example(example_inputs, model)
     leaf_modules = leaf_module_types(leaf_modules)
     batch = batch_of(example_inputs)

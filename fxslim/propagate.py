@@ -17,7 +17,6 @@ Plain Python results (``x.device``, ``x.dtype``) are kept in ``meta['val']`` too
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import functools
 import logging
@@ -99,34 +98,80 @@ def _fake_tensor_log_quiet() -> Iterator[None]:
 
 
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))  # _parameters, _buffers, _modules, hook dicts, training
-_CONTAINERS = (dict, collections.OrderedDict, collections.defaultdict, list, set)  # not fx's immutable ones
+_FROZEN = (torch.fx.immutable_collections.immutable_dict, torch.fx.immutable_collections.immutable_list)
 _NOT_STATE = (torch.nn.Module, torch.Tensor, type, types.ModuleType, types.FunctionType, types.MethodType,
-              types.BuiltinFunctionType, functools.partial)
+              types.BuiltinFunctionType, functools.partial, str, bytes, int, float, complex, bool, *_FROZEN)
+_MISSING = object()
 
 
-def _mutable_state(gm: fx.GraphModule) -> list[tuple[Any, Any]]:
-    """(object, snapshot) for what a run may change in place: each module's own attributes, the dicts,
-    lists and sets among them, and plain Python objects they hold (VGGT's ``PositionGetter`` keeps its
-    cache in a dict), two levels deep."""
-    found: list[tuple[Any, Any]] = []
+class _Saved:
+    """What one object held before a run, and how to put it back: a dict's, list's or set's items
+    (also a subclass's, through the base type's own methods), or an object's attributes (its
+    ``__dict__`` and ``__slots__``; for a module, not nn.Module's own bookkeeping)."""
+
+    def __init__(self, target: Any) -> None:
+        self.target = target
+        self.base = next((t for t in (dict, list, set) if isinstance(target, t)), None)
+        if self.base is not None:
+            self.items = self.base(target)
+            return
+        internal = _MODULE_INTERNALS if isinstance(target, torch.nn.Module) else ()
+        self.attrs = {k: v for k, v in vars(target).items() if k not in internal} if hasattr(target, "__dict__") else None
+        self.slots = {name: getattr(target, name, _MISSING) for name in _slot_names(type(target))}
+
+    def values(self) -> list[Any]:
+        if self.base is dict:
+            return list(self.items.values())
+        if self.base is not None:
+            return list(self.items)
+        return [*(self.attrs or {}).values(), *(v for v in self.slots.values() if v is not _MISSING)]
+
+    def restore(self) -> None:
+        target = self.target
+        if self.base is not None:
+            self.base.clear(target)
+            (list.extend if self.base is list else self.base.update)(target, self.items)
+            return
+        if self.attrs is not None:
+            internal = _MODULE_INTERNALS if isinstance(target, torch.nn.Module) else ()
+            for name in [k for k in vars(target) if k not in internal and k not in self.attrs]:
+                del target.__dict__[name]
+            target.__dict__.update(self.attrs)
+        for name, value in self.slots.items():
+            if value is _MISSING:
+                if hasattr(target, name):
+                    delattr(target, name)
+            else:
+                object.__setattr__(target, name, value)
+
+
+def _slot_names(cls: type) -> list[str]:
+    return [name for c in cls.__mro__ for name in getattr(c, "__slots__", ()) if name not in ("__dict__", "__weakref__")]
+
+
+def _mutable_state(gm: fx.GraphModule) -> list[_Saved]:
+    """What a run may change in place: each module's own attributes, the dicts, lists and sets among
+    them, and the Python objects they hold (VGGT's ``PositionGetter`` keeps its cache in a dict), also
+    inside tuples, two levels deep."""
+    found: list[_Saved] = []
     seen: set[int] = set()
 
     def visit(value: Any, depth: int) -> None:
-        if id(value) in seen or depth < 0:
+        if id(value) in seen or depth < 0 or isinstance(value, _NOT_STATE):
             return
         seen.add(id(value))
-        if type(value) in _CONTAINERS:
-            found.append((value, value.copy()))
-            for item in value.values() if isinstance(value, dict) else value:
-                visit(item, depth - 1)
-        elif not isinstance(value, (*_NOT_STATE, dict, list, set, tuple)) and isinstance(getattr(value, "__dict__", None), dict):
-            found.append((value, dict(vars(value))))
-            for item in vars(value).values():
+        if isinstance(value, tuple):
+            for item in value:
+                visit(item, depth)
+            return
+        if isinstance(value, (dict, list, set)) or hasattr(value, "__dict__") or _slot_names(type(value)):
+            found.append(_Saved(value))
+            for item in found[-1].values():
                 visit(item, depth - 1)
 
     for m in gm.modules():
-        found.append((m, {k: v for k, v in vars(m).items() if k not in _MODULE_INTERNALS}))
-        for value in found[-1][1].values():
+        found.append(_Saved(m))
+        for value in found[-1].values():
             visit(value, 2)
     return found
 
@@ -144,17 +189,8 @@ def _module_state_kept(gm: fx.GraphModule):
         with buffers_kept(gm):
             yield
     finally:
-        for target, snapshot in state:
-            if type(target) in _CONTAINERS and type(target) is not list:
-                target.clear()
-                target.update(snapshot)
-            elif type(target) is list:
-                target[:] = snapshot
-            else:
-                internal = _MODULE_INTERNALS if isinstance(target, torch.nn.Module) else ()
-                for name in [k for k in vars(target) if k not in internal and k not in snapshot]:
-                    del target.__dict__[name]
-                target.__dict__.update(snapshot)
+        for saved in state:
+            saved.restore()
 
 
 def _fake_run(gm: fx.GraphModule, args: Sequence[Any], mode: FakeTensorMode | None, around_node: AroundNode | None) -> None:

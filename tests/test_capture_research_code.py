@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 
 import pytest
@@ -330,11 +331,15 @@ def test_capture_in_both_modes_leaves_the_random_generator_as_it_was():
     assert torch.equal(torch.get_rng_state(), state)
 
 
+class _SizeCache(dict):
+    """An LRU-style cache: a dict subclass."""
+
+
 class _PositionGetter:
     """VGGT's PositionGetter: a plain object (not a module) caching each size's positions in a dict."""
 
-    def __init__(self) -> None:
-        self.cache: dict[int, torch.Tensor] = {}
+    def __init__(self, cache: dict) -> None:
+        self.cache = cache
 
     def __call__(self, n: int, device: torch.device) -> torch.Tensor:
         if n not in self.cache:
@@ -342,38 +347,56 @@ class _PositionGetter:
         return self.cache[n]
 
 
-class _CachedRope(nn.Module):
-    """Reads its cached positions' maximum as a Python int (VGGT's RoPE): no trace, and no fake run."""
+class _SlottedPositions:
+    __slots__ = ("cache",)
 
     def __init__(self) -> None:
+        self.cache = {}
+
+    __call__ = _PositionGetter.__call__
+
+
+class _CachedRope(nn.Module):
+    """Reads its cached positions' maximum as a Python int (VGGT's RoPE): no trace, and no fake run.
+    ``holder``: where the cache lives."""
+
+    def __init__(self, holder: str) -> None:
         super().__init__()
-        self.positions = _PositionGetter()
+        getter = _SlottedPositions() if holder == "slots" else _PositionGetter(
+            _SizeCache() if holder == "dict_subclass" else {})
+        self.positions = (getter,) if holder == "tuple" else getter
+
+    @property
+    def getter(self):
+        return self.positions[0] if isinstance(self.positions, tuple) else self.positions
 
     def forward(self, x):
-        pos = self.positions(x.shape[-1], x.device)
+        pos = self.getter(x.shape[-1], x.device)
         table = torch.linspace(0, 1, int(pos.max()) + 1, device=x.device)
         return x * table[pos]
 
 
 class _WithCachedRope(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, holder: str) -> None:
         super().__init__()
-        self.conv, self.rope = nn.Conv2d(3, 8, 3, padding=1), _CachedRope()
+        self.conv, self.rope = nn.Conv2d(3, 8, 3, padding=1), _CachedRope(holder)
 
     def forward(self, x):
         return self.rope(self.conv(x))
 
 
-def test_a_cache_in_a_plain_object_keeps_no_fake_tensor_from_shape_propagation():
+@pytest.mark.parametrize("holder", ["object", "dict_subclass", "tuple", "slots"])
+def test_a_cache_in_a_plain_object_keeps_no_fake_tensor_from_shape_propagation(holder):
     """Shape propagation ran the module on fake tensors first, which cached a FakeTensor in the
     object's dict; the real-value run it falls back to then read it and failed (and where no run read
-    it, the model returned kept it, failing on its first call)."""
+    it, the model returned kept it, failing on its first call). Also a dict subclass, an object in a
+    tuple, and one with ``__slots__``."""
     torch.manual_seed(0)
-    model, x = _WithCachedRope().eval(), torch.randn(2, 3, 16, 16)
+    model, x = _WithCachedRope(holder).eval(), torch.randn(2, 3, 16, 16)
     result = fxslim.optimize(model, x, passes=["haste:L=48,sparsity=0,skip_stem=False"])
     assert result.report.rewritten("haste") == 1
-    assert not model.rope.positions.cache  # the user's model was not run
-    cached = [v for v in result.module.rope.positions.cache.values()]
+    assert not model.rope.getter.cache  # the user's model was not run
+    cached = [v for v in result.module.rope.getter.cache.values()]
     assert all(type(v) is torch.Tensor for v in cached)
     with torch.no_grad():
         assert (result.module(x) - model(x)).abs().max() < 1e-5
@@ -404,3 +427,60 @@ def test_a_forward_entering_autocast_stays_eager():
         got, want = result.module(x), model(x)
     assert got.dtype == want.dtype == torch.float32
     assert (got - want).abs().max() < 1e-5
+
+
+class _InferenceOnly(nn.Module):
+    """Refuses train mode in its own ``train()``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def train(self, mode: bool = True):
+        if mode:
+            raise RuntimeError("inference only")
+        return super().train(False)
+
+    def forward(self, x):
+        return self.conv(x).relu()
+
+
+class _BranchesOnData(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.block, self.conv = _InferenceOnly(), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.block(x)
+        if y.sum() > 0:
+            y = y * 2
+        return self.conv(y)
+
+
+def test_a_module_refusing_the_other_mode_is_still_captured():
+    """Capture runs a copy in the other mode to find constant arguments; a ``train()`` that raises
+    means the model does not run there, as a forward that raises does (not a failed optimize)."""
+    result = fxslim.optimize(_BranchesOnData().eval(), torch.randn(1, 3, 16, 16),
+                             passes=["haste:L=16,sparsity=0,skip_stem=False"])
+    assert result.report.rewritten("haste") == 2
+
+
+class _Float32InEval(nn.Module):
+    """Enters ``torch.autocast(enabled=False)`` in eval mode only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        with contextlib.nullcontext() if self.training else torch.autocast("cpu", enabled=False):
+            return self.conv(x)
+
+
+def test_autocast_entered_in_the_other_mode_keeps_the_graph_in_the_mode_traced():
+    """Traced in train mode, the graph followed ``.eval()`` (the two modes' graphs are the same) and ran
+    without the autocast context the model enters there."""
+    from fxslim.capture import trace
+    from fxslim.ir import META_FROZEN_MODE
+
+    assert trace(_Float32InEval().train()).meta.get(META_FROZEN_MODE) == "train"

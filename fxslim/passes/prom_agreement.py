@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from fxslim.capture import compiled_original
 from fxslim.ir import META_PROM_QUANT
 from fxslim.runtime.prom_qat import ActFakeQuant
 
@@ -48,6 +49,7 @@ def code_agreement(qat_model: nn.Module, int_model: nn.Module, *inputs: Any,
     propagate and can grow from layer to layer. Models converted in parts are compared part by
     part (quantizer names include the part's path).
     """
+    qat_model = compiled_original(qat_model)  # its quantizers' names, not ``_orig_mod.``'s
     fake: dict[str, torch.Tensor] = {}
     hooks = [m.register_forward_hook(lambda m, i, o, n=n: fake.__setitem__(n, torch.round(o / m.scale) + m.zero_point))
              for n, m in qat_model.named_modules() if isinstance(m, ActFakeQuant)]
