@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import math
+import threading
 import warnings
 from collections.abc import Iterator, Sequence
 
@@ -183,13 +184,25 @@ def quantized_conv_add(x: Tensor, skip: Tensor, packed: torch.classes.quantized.
 @contextlib.contextmanager
 def onednn_engine() -> Iterator[None]:
     """ATen's quantized engine set to oneDNN inside, the caller's restored after: the prepacked weights
-    are oneDNN's only if packed under it."""
-    previous = torch.backends.quantized.engine
-    torch.backends.quantized.engine = "onednn"
+    are oneDNN's only if packed under it. The engine is one setting for the process: the first of
+    the threads inside sets it and the last one out restores it (each restoring what it saw on the
+    way in left another thread's oneDNN as the user's engine)."""
+    with _ENGINE_LOCK:
+        if not _ENGINE_USERS:
+            _ENGINE_USERS.append(torch.backends.quantized.engine)
+            torch.backends.quantized.engine = "onednn"
+        _ENGINE_USERS.append(None)
     try:
         yield
     finally:
-        torch.backends.quantized.engine = previous
+        with _ENGINE_LOCK:
+            _ENGINE_USERS.pop()
+            if len(_ENGINE_USERS) == 1:
+                torch.backends.quantized.engine = _ENGINE_USERS.pop()
+
+
+_ENGINE_LOCK = threading.Lock()
+_ENGINE_USERS: list[str | None] = []  # the caller's engine, then one entry per call inside
 
 
 def codes(q: Tensor) -> Tensor:

@@ -376,3 +376,39 @@ def test_exact_path_takes_code_minus_128_the_winograd_convs_and_a_huge_out_scale
         assert int(O.qconv2d(x[:1], 0.05, 128, weight, w_scale, bias, huge, 7, 0, 255, *args).max()) == 7
         assert O.qlinear(torch.ones(1, 2, dtype=torch.uint8), 1.0, 0, torch.full((2, 2), 127, dtype=torch.int8),
                          torch.ones(2), torch.zeros(2), huge, 7, 0, 255).tolist() == [[7, 7]]
+
+
+def test_onednn_engine_from_overlapping_threads_gives_back_the_callers_engine():
+    """Each thread restored the engine it saw on the way in: the second saw the first's oneDNN, and
+    left it as the process's engine after both were done."""
+    import threading
+
+    engine = torch.backends.quantized.engine
+    other = next((e for e in torch.backends.quantized.supported_engines if e not in ("onednn", "none")), None)
+    if other is None:
+        pytest.skip("no quantized engine other than oneDNN to tell apart")
+    torch.backends.quantized.engine = other
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first():
+        with O.onednn_engine():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second():
+        first_in.wait(5)
+        with O.onednn_engine():
+            second_in.set()
+            first_out.wait(5)
+            assert torch.backends.quantized.engine == "onednn"  # still inside
+
+    try:
+        threads = [threading.Thread(target=first), threading.Thread(target=second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert torch.backends.quantized.engine == other
+    finally:
+        torch.backends.quantized.engine = engine
