@@ -18,8 +18,10 @@ Plain Python results (``x.device``, ``x.dtype``) are kept in ``meta['val']`` too
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import logging
+import numbers
 import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ContextManager
@@ -98,9 +100,17 @@ def _fake_tensor_log_quiet() -> Iterator[None]:
 
 
 _MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))  # _parameters, _buffers, _modules, hook dicts, training
+_GRAPH_MODULE_INTERNALS = _MODULE_INTERNALS | frozenset(vars(fx.GraphModule(torch.nn.Module(), fx.Graph())))  # meta
+
+
+def _internals(target: Any) -> frozenset[str]:
+    """The attributes torch keeps on a module for itself (a GraphModule's graph, code and ``meta``)."""
+    if isinstance(target, fx.GraphModule):
+        return _GRAPH_MODULE_INTERNALS
+    return _MODULE_INTERNALS if isinstance(target, torch.nn.Module) else frozenset()
 _FROZEN = (torch.fx.immutable_collections.immutable_dict, torch.fx.immutable_collections.immutable_list)
 _NOT_STATE = (torch.nn.Module, torch.Tensor, type, types.ModuleType, types.FunctionType, types.MethodType,
-              types.BuiltinFunctionType, functools.partial, str, bytes, int, float, complex, bool, *_FROZEN)
+              types.BuiltinFunctionType, functools.partial, str, bytes, numbers.Number, enum.Enum, *_FROZEN)
 _MISSING = object()
 
 
@@ -115,7 +125,7 @@ class _Saved:
         if self.base is not None:
             self.items = self.base(target)
             return
-        internal = _MODULE_INTERNALS if isinstance(target, torch.nn.Module) else ()
+        internal = _internals(target)
         self.attrs = {k: v for k, v in vars(target).items() if k not in internal} if hasattr(target, "__dict__") else None
         self.slots = {name: getattr(target, name, _MISSING) for name in _slot_names(type(target))}
 
@@ -132,15 +142,18 @@ class _Saved:
             self.base.clear(target)
             (list.extend if self.base is list else self.base.update)(target, self.items)
             return
-        if self.attrs is not None:
-            internal = _MODULE_INTERNALS if isinstance(target, torch.nn.Module) else ()
+        if self.attrs is not None:  # only what changed: a read-only object is left as it is
+            internal = _internals(target)
             for name in [k for k in vars(target) if k not in internal and k not in self.attrs]:
                 del target.__dict__[name]
-            target.__dict__.update(self.attrs)
+            for name, value in self.attrs.items():
+                if target.__dict__.get(name, _MISSING) is not value:
+                    target.__dict__[name] = value
         for name, value in self.slots.items():
+            if getattr(target, name, _MISSING) is value:
+                continue
             if value is _MISSING:
-                if hasattr(target, name):
-                    delattr(target, name)
+                delattr(target, name)
             else:
                 object.__setattr__(target, name, value)
 
