@@ -19,6 +19,7 @@ from torch import nn
 import fxslim
 from fxslim.models.vggt import vggt_tiny
 from tests.differential import differential, input_variants, summary
+from tests.test_capture_research_code import _reloaded
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -436,13 +437,6 @@ def test_compile_reports_go_to_the_callback_of_that_compile_only():
     assert len(first) == len(second) == 1 and first[0][0].rewritten == 2
     with pytest.raises(Exception, match=r"on_report'\]: expected a callable"):
         torch.compile(model, backend="fxslim", options={"on_report": 3})(x)
-
-
-def _reloaded(module: nn.Module) -> nn.Module:
-    buffer = io.BytesIO()
-    torch.save(module, buffer)
-    buffer.seek(0)
-    return torch.load(buffer, weights_only=False)
 
 
 def test_httm_layouts_read_at_run_time_survive_save_and_load():
