@@ -191,14 +191,14 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
 
 
 _AUTOCAST_WATCH = threading.Lock()
-_AUTOCAST_WATCHERS: dict[int, list[list[Any]]] = {}  # thread id -> the lists of its traces, innermost last
-_AUTOCAST_ENTER: list[Callable[[Any], Any]] = []  # autocast's own __enter__ while patched
+_AUTOCAST_WATCHERS: dict[int, list[list[Any]]] = {}  # thread id -> the lists of its watches, innermost last
+_AUTOCAST_ENTER = torch.amp.autocast_mode.autocast.__enter__  # autocast's own; what the patch calls
 
 
 def _counted_autocast_enter(self: Any) -> Any:
     for entered in _AUTOCAST_WATCHERS.get(threading.get_ident(), ()):
         entered.append(self)
-    return _AUTOCAST_ENTER[0](self)
+    return _AUTOCAST_ENTER(self)
 
 
 @contextlib.contextmanager
@@ -210,18 +210,18 @@ def _autocast_entries() -> Iterator[list[Any]]:
     me = threading.get_ident()
     with _AUTOCAST_WATCH:
         if not _AUTOCAST_WATCHERS:
-            _AUTOCAST_ENTER[:] = [torch.amp.autocast_mode.autocast.__enter__]
             torch.amp.autocast_mode.autocast.__enter__ = _counted_autocast_enter
         _AUTOCAST_WATCHERS.setdefault(me, []).append(entered)
     try:
         yield entered
     finally:
         with _AUTOCAST_WATCH:
-            _AUTOCAST_WATCHERS[me].remove(entered)
-            if not _AUTOCAST_WATCHERS[me]:
+            mine = _AUTOCAST_WATCHERS[me]
+            del mine[next(i for i, watch in enumerate(mine) if watch is entered)]  # by identity: [] == []
+            if not mine:
                 del _AUTOCAST_WATCHERS[me]
             if not _AUTOCAST_WATCHERS:
-                torch.amp.autocast_mode.autocast.__enter__ = _AUTOCAST_ENTER.pop()
+                torch.amp.autocast_mode.autocast.__enter__ = _AUTOCAST_ENTER
 
 
 def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_modules: Sequence[type],

@@ -18,11 +18,7 @@ Plain Python results (``x.device``, ``x.dtype``) are kept in ``meta['val']`` too
 from __future__ import annotations
 
 import contextlib
-import enum
-import functools
 import logging
-import numbers
-import types
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, ContextManager
 
@@ -34,9 +30,10 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 from torch.utils._pytree import tree_map_only
 
 from fxslim import generators
-from fxslim.export_parts import buffers_kept, short_reason
+from fxslim.export_parts import short_reason
 from fxslim.hooks import hooks_silenced
 from fxslim.ir import attribute, meta_val
+from fxslim.run_state import state_kept
 
 __all__ = ["propagate", "propagate_node"]
 
@@ -59,7 +56,7 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(names) and not any(str(t).startswith("*") for t in names):  # else silently dropped
         raise ValueError(f"example_inputs: the model takes {len(names)} input(s) {names}, got {len(args)}")
-    with torch.no_grad(), _module_state_kept(gm), hooks_silenced(gm), _fake_tensor_log_quiet():
+    with torch.no_grad(), state_kept(gm), hooks_silenced(gm), _fake_tensor_log_quiet():
         if real:
             _real_run(gm, args, mode or FakeTensorMode(allow_non_fake_inputs=True), around_node)
         elif not fake:
@@ -68,7 +65,7 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
             _fake_run(gm, args, mode, around_node)
         else:
             try:
-                with _module_state_kept(gm):  # what the failed run left in the modules, the real one must not read
+                with state_kept(gm):  # what the failed run left in the modules, the real one must not read
                     _fake_run(gm, args, mode, around_node)
             except Exception as fake_error:  # e.g. DataDependentOutputException inside a leaf
                 _log.info("fake shape propagation failed (%s); propagating real values", short_reason(fake_error))
@@ -97,113 +94,6 @@ def _fake_tensor_log_quiet() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-_MODULE_INTERNALS = frozenset(vars(torch.nn.Module()))  # _parameters, _buffers, _modules, hook dicts, training
-_GRAPH_MODULE_INTERNALS = _MODULE_INTERNALS | frozenset(vars(fx.GraphModule(torch.nn.Module(), fx.Graph())))  # meta
-
-
-def _internals(target: Any) -> frozenset[str]:
-    """The attributes torch keeps on a module for itself (a GraphModule's graph, code and ``meta``)."""
-    if isinstance(target, fx.GraphModule):
-        return _GRAPH_MODULE_INTERNALS
-    return _MODULE_INTERNALS if isinstance(target, torch.nn.Module) else frozenset()
-_FROZEN = (torch.fx.immutable_collections.immutable_dict, torch.fx.immutable_collections.immutable_list)
-_NOT_STATE = (torch.nn.Module, torch.Tensor, type, types.ModuleType, types.FunctionType, types.MethodType,
-              types.BuiltinFunctionType, functools.partial, str, bytes, numbers.Number, enum.Enum, *_FROZEN)
-_MISSING = object()
-
-
-class _Saved:
-    """What one object held before a run, and how to put it back: a dict's, list's or set's items
-    (also a subclass's, through the base type's own methods), or an object's attributes (its
-    ``__dict__`` and ``__slots__``; for a module, not nn.Module's own bookkeeping)."""
-
-    def __init__(self, target: Any) -> None:
-        self.target = target
-        self.base = next((t for t in (dict, list, set) if isinstance(target, t)), None)
-        if self.base is not None:
-            self.items = self.base(target)
-            return
-        internal = _internals(target)
-        self.attrs = {k: v for k, v in vars(target).items() if k not in internal} if hasattr(target, "__dict__") else None
-        self.slots = {name: getattr(target, name, _MISSING) for name in _slot_names(type(target))}
-
-    def values(self) -> list[Any]:
-        if self.base is dict:
-            return list(self.items.values())
-        if self.base is not None:
-            return list(self.items)
-        return [*(self.attrs or {}).values(), *(v for v in self.slots.values() if v is not _MISSING)]
-
-    def restore(self) -> None:
-        target = self.target
-        if self.base is not None:
-            self.base.clear(target)
-            (list.extend if self.base is list else self.base.update)(target, self.items)
-            return
-        if self.attrs is not None:  # only what changed: a read-only object is left as it is
-            internal = _internals(target)
-            for name in [k for k in vars(target) if k not in internal and k not in self.attrs]:
-                del target.__dict__[name]
-            for name, value in self.attrs.items():
-                if target.__dict__.get(name, _MISSING) is not value:
-                    target.__dict__[name] = value
-        for name, value in self.slots.items():
-            if getattr(target, name, _MISSING) is value:
-                continue
-            if value is _MISSING:
-                delattr(target, name)
-            else:
-                object.__setattr__(target, name, value)
-
-
-def _slot_names(cls: type) -> list[str]:
-    return [name for c in cls.__mro__ for name in getattr(c, "__slots__", ()) if name not in ("__dict__", "__weakref__")]
-
-
-def _mutable_state(gm: fx.GraphModule) -> list[_Saved]:
-    """What a run may change in place: each module's own attributes, the dicts, lists and sets among
-    them, and the Python objects they hold (VGGT's ``PositionGetter`` keeps its cache in a dict), also
-    inside tuples, two levels deep."""
-    found: list[_Saved] = []
-    seen: set[int] = set()
-
-    def visit(value: Any, depth: int) -> None:
-        if id(value) in seen or depth < 0 or isinstance(value, _NOT_STATE):
-            return
-        seen.add(id(value))
-        if isinstance(value, tuple):
-            for item in value:
-                visit(item, depth)
-            return
-        if isinstance(value, (dict, list, set)) or hasattr(value, "__dict__") or _slot_names(type(value)):
-            found.append(_Saved(value))
-            for item in found[-1].values():
-                visit(item, depth - 1)
-
-    for m in gm.modules():
-        found.append(_Saved(m))
-        for value in found[-1].values():
-            visit(value, 2)
-    return found
-
-
-@contextlib.contextmanager
-def _module_state_kept(gm: fx.GraphModule):
-    """Put back ``gm``'s buffers and what a run changed in its modules (``_mutable_state``): attribute
-    values, container contents, attributes added. A train-mode BN counts the run in
-    ``num_batches_tracked`` (a momentum=None BN then averages its statistics over one batch too
-    many); a leaf's forward pre-hook sets an attribute on each call (spectral_norm's ``weight``); a
-    cache is filled on the first call. Under fake tensors each would be left holding a FakeTensor,
-    which the model reads on its next call (a data-dependent op on it fails) or ``torch.save`` fails on."""
-    state = _mutable_state(gm)
-    try:
-        with buffers_kept(gm):
-            yield
-    finally:
-        for saved in state:
-            saved.restore()
 
 
 def _fake_run(gm: fx.GraphModule, args: Sequence[Any], mode: FakeTensorMode | None, around_node: AroundNode | None) -> None:

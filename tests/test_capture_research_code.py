@@ -484,3 +484,18 @@ def test_autocast_entered_in_the_other_mode_keeps_the_graph_in_the_mode_traced()
     from fxslim.ir import META_FROZEN_MODE
 
     assert trace(_Float32InEval().train()).meta.get(META_FROZEN_MODE) == "train"
+
+
+def test_autocast_watches_nest_and_put_autocast_back():
+    """An inner watch's exit removed the outer's list (``[] == []``): the outer counted nothing and
+    autocast stayed patched for good."""
+    from fxslim.capture import _autocast_entries
+
+    enter = torch.amp.autocast_mode.autocast.__enter__
+    with _autocast_entries() as outer:
+        with _autocast_entries() as inner:
+            pass
+        with torch.autocast("cpu", enabled=False):
+            pass
+    assert (len(outer), len(inner)) == (1, 0)
+    assert torch.amp.autocast_mode.autocast.__enter__ is enter

@@ -188,8 +188,12 @@ def onednn_engine() -> Iterator[None]:
     the threads inside sets it and the last one out restores it (each restoring what it saw on the
     way in left another thread's oneDNN as the user's engine)."""
     with _ENGINE_LOCK:
+        engine = torch.backends.quantized.engine
         if not _ENGINE_USERS:
-            _ENGINE_USERS.append(torch.backends.quantized.engine)
+            _ENGINE_USERS.append(engine)
+        elif engine != "onednn":  # the user chose another engine while a call was inside: theirs now
+            _ENGINE_USERS[0] = engine
+        if engine != "onednn":
             torch.backends.quantized.engine = "onednn"
         _ENGINE_USERS.append(None)
     try:

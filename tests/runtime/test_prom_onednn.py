@@ -412,3 +412,20 @@ def test_onednn_engine_from_overlapping_threads_gives_back_the_callers_engine():
         assert torch.backends.quantized.engine == other
     finally:
         torch.backends.quantized.engine = engine
+
+
+def test_onednn_engine_takes_the_engine_the_user_chose_while_a_call_was_inside():
+    """A call entering while another was inside kept the engine the user had just set (its weights
+    were packed under it, 1 LSB off), and the last one out restored the engine from before."""
+    engine = torch.backends.quantized.engine
+    other = next((e for e in torch.backends.quantized.supported_engines if e not in ("onednn", "none")), None)
+    if other is None:
+        pytest.skip("no quantized engine other than oneDNN to tell apart")
+    try:
+        with O.onednn_engine():
+            torch.backends.quantized.engine = other  # the user, meanwhile
+            with O.onednn_engine():
+                assert torch.backends.quantized.engine == "onednn"
+        assert torch.backends.quantized.engine == other
+    finally:
+        torch.backends.quantized.engine = engine
