@@ -21,7 +21,7 @@ import torch.fx as fx
 
 from fxslim.config import Config
 from fxslim.ir import IR, META_PASS, ParamRef, meta_val
-from fxslim.passes.inplace import make_inplace_explicit, remove_dead_code, unused_calls
+from fxslim.inplace import make_inplace_explicit, remove_dead_code, unused_calls
 from fxslim.policy import Policy
 
 __all__ = [

@@ -46,7 +46,7 @@ from fxslim.capture import compiled_original, is_input_guard
 from fxslim.hooks import copy_hooks, hooked_modules
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, META_REPORT, copy_attributes, keep_output_type, meta_val
 from fxslim.modes import outside_inference_mode
-from fxslim.passes.inplace import remove_dead_code, unused_calls
+from fxslim.inplace import mutates_input, remove_dead_code, unused_calls
 from fxslim.passes.prom_agreement import Agreement, code_agreement
 from fxslim.passes.prom_build import Builder, codes_layout, replay_codes
 from fxslim.passes.prom_fuse import fuse_conv_add
@@ -173,6 +173,31 @@ def _plan(gm: fx.GraphModule) -> tuple[dict[fx.Node, _Chain | PointwiseChain], d
                 islands[node] = _reason(gm, layer, pointwise)
                 _log.debug("PROM convert: %s runs in float: %s / %s", node.target, layer, pointwise)
     return chains, islands
+
+
+_VIEWS = frozenset({"narrow", "view", "view_as", "reshape", "transpose", "permute", "select", "expand", "expand_as",
+                    "unsqueeze", "squeeze", "t", "flatten", "unflatten", "getitem", "__getitem__", "unfold", "diagonal",
+                    "as_strided", "split", "chunk", "unbind", "movedim", "swapaxes", "detach"})
+
+
+def _refuse_writes_into_codes(gm: fx.GraphModule, integer_ops: set[fx.Node]) -> None:
+    """ValueError where an in-place op writes into (a view of) a quantizer's value that an integer
+    op reads after it (``y.narrow(1, 0, 3).add_(1)`` before a conv reading ``y``): the fake-quant
+    model's conv sees the write, the integer conv reads the codes from before it. A float island
+    or a model output reading that value sees the write (they share one dequantized tensor)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    for node in gm.graph.nodes:
+        if not mutates_input(node) or not node.args or not isinstance(node.args[0], fx.Node):
+            continue
+        base = node.args[0]
+        while not is_quant(gm, base) and base.op in ("call_method", "call_function") and base.args and isinstance(
+                base.args[0], fx.Node) and getattr(base.target, "__name__", str(base.target)) in _VIEWS:
+            base = base.args[0]
+        late = [u for u in base.users if u in integer_ops and order[u] > order[node]] if is_quant(gm, base) else []
+        if late:
+            raise ValueError(f"convert: {node.name} writes in place into {base.name}'s value, which "
+                             f"{late[0].name} then reads as integer codes from before the write; write it out of "
+                             "place (y = torch.cat([y[:, :3] + 1, y[:, 3:]], 1)) and prepare again")
 
 
 def _reason(gm: fx.GraphModule, layer: NoIntegerForm, pointwise: NoIntegerForm) -> str:
@@ -463,6 +488,7 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
     chains, island_quants = _plan(gm)
     reach = nan_reach(gm)
     inside = {m for c in chains.values() for m in c.members if m.op != "placeholder"}
+    _refuse_writes_into_codes(gm, inside)
     for node in gm.graph.nodes:
         if node in chains:
             new = _convert_chain(b, chains[node])
@@ -525,6 +551,8 @@ def _output(b: Builder, node: fx.Node, reach: dict[str, str]) -> fx.Node:
     NaN samples reach it (``prom_nan``): their rows, or all of it."""
     new, grid = b.env[node]
     flags = _output_flags(b, reach)
+    if grid is not None and node in b.dequantized:  # the float tensor an island read: it may have written into it
+        new, grid = b.dequantized[node], None
     if grid is not None:
         dequantized = b.emit(convert_output(grid), [new], "", f"{node.name}_dequantized")
         if flags is not None:

@@ -49,6 +49,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor, nn
 
+from fxslim.inplace import remove_dead_code
 from fxslim.ir import META_PROM_LOWERED, attribute, meta_val, schema_arguments
 from fxslim.runtime import onednn_capi, prom, prom_native, prom_onednn
 from fxslim.runtime.prom import _INT32_MAX, conv_output_size
@@ -489,7 +490,7 @@ class _Lowering:
         self.read_codes()
         if self.direct:
             self.fuse_heads()
-        self.graph.eliminate_dead_code()
+        remove_dead_code(self.gm)  # not an in-place write into a float island's input (fx's keeps no call_method)
         self.graph.lint()
         self.gm.recompile()
         _log.info("PROM lowering: %s", self.lowered)
@@ -639,7 +640,7 @@ def _scripted(gm: fx.GraphModule, packers: dict[str, prom_onednn.ConvWeights], d
                 node.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
         for node in reversed(run):
             gm.graph.erase_node(node)
-    gm.graph.eliminate_dead_code()
+    remove_dead_code(gm)
     gm.graph.lint()
     gm.recompile()
     return gm

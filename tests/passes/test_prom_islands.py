@@ -520,3 +520,45 @@ def test_convert_report_names_the_module_prepare_left_float():
     qat = fxslim.calibrate(fxslim.prepare(_SharedConv().eval(), x), [x]).eval()
     islands = fxslim.convert_report(fxslim.convert(qat)).islands
     assert islands and all(i.reasons[0].endswith("(Conv2d): left float by prepare (shared_module)") for i in islands)
+
+
+class _WritesIntoAView(nn.Module):
+    """Adds 1 to three channels of a conv's output through a view, then returns it (``then_conv``:
+    a conv reads it after the write)."""
+
+    def __init__(self, then_conv: bool = False) -> None:
+        super().__init__()
+        self.stem, self.out = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1)
+        self.then = nn.Conv2d(8, 4, 1) if then_conv else None
+
+    def forward(self, x):
+        y = self.out(F.relu(self.stem(x)))
+        y.narrow(1, 0, 3).add_(1)
+        return y if self.then is None else self.then(y)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_an_in_place_write_into_a_view_of_a_quantized_output_reaches_the_output(runtime):
+    """The write ran on a dequantized copy of its own and the output dequantized the codes again (the
+    lowering then dropped the write as dead code): channels 0-2 were 1.0 off the fake-quant model."""
+    from fxslim.passes.prom_batching import micro_batched
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    qat = calibrate(fxslim.prepare(_WritesIntoAView().eval(), x), [torch.randn(16, 3, 16, 16)]).eval()
+    int_model = convert(copy.deepcopy(qat), runtime=runtime)
+    models = [int_model] + ([micro_batched(int_model, direct=d) for d in (True, False)] if runtime == "onednn" else [])
+    with torch.no_grad():
+        expected = qat(x)
+        lsb = float(qat.prom_quant.out.scale)
+        for model in models:
+            assert (model(x) - expected).abs().max() <= lsb * 1.001
+
+
+def test_an_in_place_write_an_integer_op_reads_past_is_refused():
+    """A conv reading the value after the write reads codes from before it: refused, not computed."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 16, 16)
+    qat = calibrate(fxslim.prepare(_WritesIntoAView(then_conv=True).eval(), x), [x]).eval()
+    with pytest.raises(ValueError, match="writes in place into prom_quant_out's value.*write it out of place"):
+        convert(qat)
