@@ -26,7 +26,7 @@ import torch
 import torch.fx as fx
 
 from fxslim.capture import batch_of, placeholder_fqns
-from fxslim.ir import META_PLACEHOLDER_FQNS, META_PROM_LOWERED, detect_ir, meta_val
+from fxslim.ir import META_PLACEHOLDER_FQNS, META_PROM_LOWERED, ConvView, View, detect_ir, meta_val, views
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_overrides, parse_pass, pass_list, run_passes
 from fxslim.passes.prom_versions import covering, stamp, written
 from fxslim.policy import Policy
@@ -119,6 +119,8 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
         placeholder_values={n.name: v for n, v in zip(placeholders, example_inputs)}, policy=opts.policy,
     )
     results = run_passes(gm, opts.passes, ctx)
+    for p, r in zip(opts.passes, results):
+        _report_inside_subgraphs(gm, p, r.report)
     if opts.on_report is not None:
         opts.on_report([r.report for r in results])
     if opts.strict:
@@ -132,6 +134,28 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
     if has_onednn_ops(gm):
         return _prom_onednn(gm, list(example_inputs), params)
     return _inner_compile(gm, list(example_inputs), opts.inner, modified)
+
+
+def _subgraph_views(gm: fx.GraphModule) -> list[View]:
+    """Views of the graphs higher-order ops run (``torch.utils.checkpoint``'s, ``torch.cond``'s branches)."""
+    found: list[View] = []
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.HigherOrderOperator):
+            for arg in node.args:
+                sub = getattr(gm, str(arg.target), None) if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
+                if isinstance(sub, fx.GraphModule):
+                    found += [*views(sub), *_subgraph_views(sub)]
+    return found
+
+
+def _report_inside_subgraphs(gm: fx.GraphModule, p: Pass, report: PassReport) -> None:
+    """Layers of ``p``'s kinds inside a higher-order op's graph, which the passes do not rewrite, go into
+    its report as skipped (``inside_subgraph``): they ran dense with no word, and ``strict`` did not see them."""
+    for view in _subgraph_views(gm):
+        kind = view.conv_kind if isinstance(view, ConvView) else view.kind
+        family = kind.rpartition("_")[2]  # conv, linear, attention
+        if kind in p.kinds or any(k.rpartition("_")[2] == family for k in p.kinds):
+            report.skip(view.node, view.fqn, kind, "inside_subgraph")
 
 
 def _prom_onednn(gm: fx.GraphModule, example_inputs: list[Any], params: dict[str, str]) -> Callable:

@@ -152,3 +152,27 @@ def test_strict_ignores_a_graph_without_layers_and_names_where_a_pass_rewrote_no
     with pytest.raises(Exception, match=r"rewrote nothing in a graph of 'a' and the layers next to it \(skipped: {'stem': 1}"):
         refused(x)
     torch._dynamo.reset()
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, self.stem(x), use_reentrant=False)
+
+
+def test_layers_inside_a_checkpoint_are_reported_as_skipped():
+    """Dynamo puts a checkpointed block into a higher-order op's own graph, which the passes do not
+    rewrite: its conv ran dense with no report entry, and ``strict`` passed with nothing rewritten."""
+    torch._dynamo.reset()
+    seen = []
+    model, x = _Checkpointed().eval(), torch.randn(2, 3, 16, 16)
+    compiled = torch.compile(model, backend="fxslim", options={
+        "passes": ["haste:L=48,sparsity=0,skip_stem=False"], "inner": "eager", "on_report": seen.append})
+    with torch.no_grad():
+        compiled(x)
+    entries = {(e.fqn, e.status, e.reason) for graph in seen for r in graph for e in r.entries}
+    assert entries == {("stem", "rewritten", ""), ("block", "skipped", "inside_subgraph")}
+    torch._dynamo.reset()
