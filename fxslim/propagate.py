@@ -158,8 +158,11 @@ class _PlainProp(fx.Interpreter):
 
 
 def _fake_of(value: Any, mode: FakeTensorMode) -> Any:
+    """A real tensor (a constant a rewrite added: HASTE's planes) as a fake one of its own sizes: under
+    an exported graph's mode, whose shape env makes new sizes symbolic, the planes' size gave the
+    conv's output a free symbol, and the cost model could not order the sizes."""
     if isinstance(value, torch.Tensor) and not isinstance(value, torch._subclasses.FakeTensor):
-        return mode.from_tensor(value)
+        return mode.from_tensor(value, static_shapes=True)
     return value
 
 
