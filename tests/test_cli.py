@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from fxslim.app.cli import main
 
@@ -166,3 +167,21 @@ def test_a_usage_mistake_is_one_line_and_exit_code_2():
                                                          "--format", "pdf"]):
         done = subprocess.run([sys.executable, "-m", "fxslim.app.cli", *args], capture_output=True, text=True)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and "error:" in done.stderr, done.stderr
+
+
+def test_cli_model_file_imports_its_neighbours_and_builds_the_same_weights_every_time(tmp_path):
+    """A model file importing a module next to it failed (ModuleNotFoundError); random weights were
+    drawn from torch's global generator, so a model branching on a value gave other MACs from run to run."""
+    from fxslim.app.modelspec import load_model
+
+    (tmp_path / "blocks.py").write_text(
+        "import torch\nfrom torch import nn\n"
+        "class Branchy(nn.Module):\n"
+        "    def __init__(self):\n        super().__init__(); self.c = nn.Conv2d(3, 3, 1)\n"
+        "    def forward(self, x):\n        return self.c(x) if self.c.weight.sum() > 0 else x\n")
+    (tmp_path / "net.py").write_text("from blocks import Branchy\ndef build():\n    return Branchy()\ninstance = Branchy()\n")
+    before = torch.random.get_rng_state()
+    first, second = load_model(f"{tmp_path / 'net.py'}:build"), load_model(f"{tmp_path / 'net.py'}:build")
+    assert torch.equal(first.c.weight, second.c.weight)
+    assert torch.equal(torch.random.get_rng_state(), before)
+    assert isinstance(load_model(f"{tmp_path / 'net.py'}:instance"), torch.nn.Module)

@@ -288,7 +288,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a command-line tool answers every mistake with one line
         if args.debug:
             raise
-        print(f"fxslim {args.command}: error: {_one_line(exc)} (--debug shows the traceback)", file=sys.stderr)
+        print(f"fxslim {args.command}: error: {_one_line(exc)} (fxslim --debug {args.command} ... shows the "
+              "traceback)", file=sys.stderr)
         return 2
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,15 @@ FXSLIM_MODELS: dict[str, str] = {
 
 
 def load_model(spec: str) -> nn.Module:
-    """An ``nn.Module`` in eval mode from a spec (see the module docstring)."""
+    """An ``nn.Module`` in eval mode from a spec (see the module docstring). Random weights are drawn
+    from a fixed seed (torch's global generator is left as it was), so a command gives the same
+    numbers every time, also for a model whose path depends on its values."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return _built(spec)
+
+
+def _built(spec: str) -> nn.Module:
     source, sep, name = spec.partition(":")
     if not sep or not name:
         raise ValueError(
@@ -77,15 +86,23 @@ def _optional(package: str, spec: str) -> Any:
 
 
 def _from_file(path: Path, factory: str) -> nn.Module:
+    """``factory()`` (or the module instance of that name) from the file, which imports the modules
+    next to it as when run as a script."""
     if not path.is_file():
         raise ValueError(f"MODEL: file {str(path)!r} does not exist")
     spec = importlib.util.spec_from_file_location(path.stem, path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    folder = str(path.resolve().parent)
+    sys.path.insert(0, folder)
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(folder)
     if not hasattr(module, factory):
         raise ValueError(f"MODEL: {str(path)!r} has no attribute {factory!r}")
-    return getattr(module, factory)()
+    built = getattr(module, factory)
+    return built if isinstance(built, nn.Module) else built()
 
 
 def parse_input(text: str) -> tuple[int, ...]:
