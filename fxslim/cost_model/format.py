@@ -393,17 +393,25 @@ def comparison_markdown(comp: Comparison) -> str:
 
 
 def comparison_csv(comp: Comparison) -> str:
+    """One table: a row per module, what the passes did to it (``passes``: "haste: rewritten", "prom:
+    skipped (reason)"; candidates without a costed row of their own get one), and a ``total`` row."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     fields = ("macs", "elementwise", "energy_pj", "params", "storage_bits")
-    writer.writerow(["module", "kind_before", "kind_after"] + [f"{f}_{w}" for f in fields for w in ("before", "after")])
+    writer.writerow(["module", "kind_before", "kind_after"] + [f"{f}_{w}" for f in fields for w in ("before", "after")]
+                    + ["passes"])
+    done: dict[str, list[str]] = {}
+    for c in comp.candidates:
+        reason = c["reason"] + (f" ({c['detail']})" if c.get("detail") else "")
+        done.setdefault(c["module"], []).append(f"{c['pass']}: {c['status']}" + (f" ({reason})" if reason else ""))
     for r in comp.rows:
         writer.writerow([r.fqn, r.kind_before, r.kind_after]
-                        + [_plain(getattr(x, f)) for f in fields for x in (r.before, r.after)])
-    if comp.candidates:  # a second table after a blank line: what the passes did
-        writer.writerow([])
-        writer.writerow(_CANDIDATE_COLUMNS)
-        writer.writerows(_candidate_rows(comp))
+                        + [_plain(getattr(x, f)) for f in fields for x in (r.before, r.after)]
+                        + ["; ".join(done.pop(r.fqn, []))])
+    for module, what in done.items():
+        writer.writerow([module, "", ""] + [""] * 2 * len(fields) + ["; ".join(what)])
+    writer.writerow(["total", "", ""] + [_plain(getattr(x, f)) for f in fields for x in (comp.before.total, comp.after.total)]
+                    + [""])
     return buf.getvalue()
 
 

@@ -92,7 +92,7 @@ def test_comparison_formats():
     data = json.loads(comp.to_json())
     assert data["ratios"]["energy_pj"] == pytest.approx(before.total.energy_pj / after.total.energy_pj)
     assert "| module | kind before | kind after |" in comp.to_markdown()
-    assert len(list(csv.reader(io.StringIO(comp.to_csv())))) == len(comp.rows) + 1
+    assert len(list(csv.reader(io.StringIO(comp.to_csv())))) == len(comp.rows) + 2  # header, rows, total
     assert _check_self_contained(comp.to_html()).tags.count("img") == 2
     console = Console(record=True, width=200, file=io.StringIO())
     console.print(comp.table())
