@@ -307,6 +307,11 @@ class Comparison:
     candidates: list[dict[str, str]] = field(default_factory=list)
 
     def ratio(self, field_name: str) -> float | None:
+        """before / after of one total (None where after is 0)."""
+        measures = [f.name for f in dataclasses.fields(self.before.total) if f.name not in ("ops", "measured_macs")]
+        measures.append("storage_bytes")
+        if field_name not in measures:
+            raise ValueError(f"ratio: field_name must be one of {measures}, got {field_name!r}")
         b, a = getattr(self.before.total, field_name), getattr(self.after.total, field_name)
         return float(b / a) if a else None
 

@@ -97,3 +97,12 @@ def test_comparison_formats():
     console = Console(record=True, width=200, file=io.StringIO())
     console.print(comp.table())
     assert "before / after" in console.export_text()
+
+
+def test_comparison_ratio_names_the_measures_it_takes():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Conv2d(8, 8, 1)).eval()
+    x = torch.randn(1, 3, 16, 16)
+    comp = fxslim.compare(fxslim.estimate(model, x), fxslim.estimate(model, x))
+    assert comp.ratio("macs") == comp.ratio("storage_bytes") == 1.0
+    with pytest.raises(ValueError, match=r"field_name must be one of \['macs', .*'storage_bytes'\], got 'foo'"):
+        comp.ratio("foo")
