@@ -14,6 +14,7 @@ the accumulator width, a ternary MAC one add at the (ternary) accumulator width.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,18 +94,23 @@ def _from_dict(data: Any, where: str) -> EnergyTable:
         if not isinstance(by_format, Mapping):
             raise ValueError(f"table {where}: arithmetic[{op!r}] must map formats to pJ, got {by_format!r}")
         for fmt, pj in by_format.items():
-            if not isinstance(pj, (int, float)) or pj < 0:
-                raise ValueError(f"table {where}: arithmetic[{op!r}][{fmt!r}] must be a number >= 0, got {pj!r}")
+            if not _energy(pj):
+                raise ValueError(f"table {where}: arithmetic[{op!r}][{fmt!r}] must be a finite number >= 0, got {pj!r}")
             flat[(str(op), str(fmt))] = float(pj)
     memory_table = data.get("memory_pj_per_64bit", {})
-    if not isinstance(memory_table, Mapping) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in memory_table.values()):
-        raise ValueError(f"table {where}: memory_pj_per_64bit must map memory levels to pJ >= 0, got {memory_table!r}")
+    if not isinstance(memory_table, Mapping) or not all(map(_energy, memory_table.values())):
+        raise ValueError(f"table {where}: memory_pj_per_64bit must map memory levels to finite pJ >= 0, "
+                         f"got {memory_table!r}")
     memory = {str(k): float(v) / 8.0 for k, v in memory_table.items()}
     return EnergyTable(
         name=str(data.get("name", where)), citation=str(data.get("citation", "")), arithmetic=flat,
         memory_pj_per_byte=memory, notes=tuple(data.get("notes", ())),
     )
+
+
+def _energy(value: Any) -> bool:
+    """A pJ figure: a finite number >= 0 (not NaN, not true/false, which JSON would give as 1 and 0)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
 
 
 def mac_arithmetic(macs: Any, fmt: str, conventions: Conventions, zero_fraction: float = 0.0) -> dict[tuple[str, str], Any]:

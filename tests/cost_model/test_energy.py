@@ -44,8 +44,11 @@ def test_load_table_bad_inputs_raise():
         load_table("/no/such.json")
     with pytest.raises(ValueError, match="expected an 'arithmetic' mapping"):
         load_table({"name": "x"})
-    with pytest.raises(ValueError, match=r"arithmetic\['add'\]\['fp32'\] must be a number >= 0, got -1"):
-        load_table({"arithmetic": {"add": {"fp32": -1}}})
+    for bad in (-1, float("nan"), float("inf"), True):  # NaN passed and failed later; true was 1 pJ
+        with pytest.raises(ValueError, match=rf"arithmetic\['add'\]\['fp32'\] must be a finite number >= 0, got {bad}"):
+            load_table({"arithmetic": {"add": {"fp32": bad}}})
+    with pytest.raises(ValueError, match="memory_pj_per_64bit must map memory levels to finite pJ"):
+        load_table({"arithmetic": {"add": {"fp32": 1}}, "memory_pj_per_64bit": {"dram": float("nan")}})
     with pytest.raises(TypeError, match="table: expected a name, a path or a dict"):
         load_table(3)
 
