@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
-from matplotlib.ticker import EngFormatter
+from matplotlib.ticker import EngFormatter, FuncFormatter
 
 if TYPE_CHECKING:  # format (imported by the report module) imports this one: types only
     from fxslim.cost_model.report import Comparison, CostReport, ScalingTable
@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # format (imported by the report module) imports this one: ty
 __all__ = ["plot_breakdown", "plot_layers", "plot_comparison", "plot_scaling", "png_bytes", "save_figure"]
 
 _TICK_PT = 9  # tick labels: 9 pt at 100 dpi is 12.5 px, readable when the page shows the PNG at full width
-_UNITS = {"macs": "MAC", "flops": "FLOP", "energy_pj": "pJ", "elementwise": "op", "storage_bits": "bit",
+_UNITS = {"macs": "MAC", "flops": "FLOP", "elementwise": "op", "storage_bits": "bit",
           "params": "", "activation_bytes": "B"}
 _LABELS = {"macs": "MACs", "flops": "FLOPs", "energy_pj": "energy (pJ)", "elementwise": "elementwise ops",
            "storage_bits": "storage (bits)", "params": "parameters", "activation_bytes": "activation bytes"}
@@ -58,8 +58,13 @@ def plot_breakdown(report: CostReport, metric: str = "macs") -> Figure:
 
 
 def _value_axis(axis: Any, metric: str) -> None:
-    """Engineering prefixes with the unit on the tick labels (10 M, 1.5 G), never a bare "1e7"."""
-    axis.set_major_formatter(EngFormatter(unit=_UNITS.get(metric, "")))
+    """Engineering prefixes with the unit on the tick labels (10 M, 1.5 G), never a bare "1e7"; energy
+    in joules (5 µJ, not "5 MpJ")."""
+    if metric == "energy_pj":
+        joules = EngFormatter(unit="J")
+        axis.set_major_formatter(FuncFormatter(lambda value, pos: joules(value * 1e-12, pos)))
+    else:
+        axis.set_major_formatter(EngFormatter(unit=_UNITS.get(metric, "")))
 
 
 def _layer_figure(names: list[str], per_row: float) -> tuple[Figure, Any]:

@@ -33,3 +33,13 @@ def test_scaling_plot_overlays_tables_and_rejects_expressions():
     assert list(fig.axes[0].get_lines()[0].get_xdata()) == [1, 2, 4]
     with pytest.raises(ValueError, match="evaluate\\(\\) the report first"):
         plot_breakdown(report)
+
+
+def test_energy_axis_is_in_joules():
+    """Engineering prefixes on picojoules read "5 MpJ"; the axis gives joules (5 µJ)."""
+    report = fxslim.estimate(_model(), torch.randn(1, 3, 8, 8))
+    fig = plot_layers(report, "energy_pj")
+    fig.canvas.draw()
+    labels = [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()]
+    assert labels and not any(label.endswith(("kpJ", "MpJ", "GpJ")) for label in labels)
+    assert labels[-1].endswith(("nJ", "µJ", "mJ"))
