@@ -39,7 +39,7 @@ from fxslim import generators
 from fxslim.ir import set_submodule
 
 __all__ = ["Calls", "ExportedPart", "buffers_kept", "export_parts", "export_module", "record_calls", "run_example",
-           "scratch_copy", "short_reason"]
+           "saved_buffers", "scratch_copy", "short_reason"]
 
 _log = logging.getLogger(__name__)
 
@@ -213,14 +213,24 @@ def run_example(root: nn.Module, pre_hooks: list[tuple[nn.Module, Callable]], ex
 def buffers_kept(module: nn.Module) -> Iterator[None]:
     """Put back the values of ``module``'s buffers after a run that may write them (a call
     counter, BN statistics in train mode); meta buffers hold no values."""
-    saved = [(b, b.clone()) for b in module.buffers() if not b.is_meta]
+    put_back = saved_buffers(module)
     try:
         yield
     finally:
+        put_back()
+
+
+def saved_buffers(module: nn.Module) -> Callable[[], None]:
+    """A function putting back the values ``module``'s buffers have now (``buffers_kept``)."""
+    saved = [(b, b.clone()) for b in module.buffers() if not b.is_meta]
+
+    def put_back() -> None:
         with torch.no_grad():
             for buffer, value in saved:
                 if not torch.equal(buffer, value):
                     buffer.copy_(value)
+
+    return put_back
 
 
 def _export_children(module: nn.Module, path: str, calls: dict[str, Calls], parts: list[ExportedPart],

@@ -56,7 +56,7 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(names) and not any(str(t).startswith("*") for t in names):  # else silently dropped
         raise ValueError(f"example_inputs: the model takes {len(names)} input(s) {names}, got {len(args)}")
-    with torch.no_grad(), state_kept(gm), hooks_silenced(gm), _fake_tensor_log_quiet():
+    with torch.no_grad(), state_kept(gm) as put_back, hooks_silenced(gm), _fake_tensor_log_quiet():
         if real:
             _real_run(gm, args, mode or FakeTensorMode(allow_non_fake_inputs=True), around_node)
         elif not fake:
@@ -65,10 +65,10 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
             _fake_run(gm, args, mode, around_node)
         else:
             try:
-                with state_kept(gm):  # what the failed run left in the modules, the real one must not read
-                    _fake_run(gm, args, mode, around_node)
+                _fake_run(gm, args, mode, around_node)
             except Exception as fake_error:  # e.g. DataDependentOutputException inside a leaf
                 _log.info("fake shape propagation failed (%s); propagating real values", short_reason(fake_error))
+                put_back()  # what the failed run left in the modules, the real one must not read
                 try:
                     _real_run(gm, args, FakeTensorMode(allow_non_fake_inputs=True), around_node)
                 except Exception:

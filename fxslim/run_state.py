@@ -21,13 +21,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
-from fxslim.export_parts import buffers_kept
+from fxslim.export_parts import saved_buffers
 
 __all__ = ["state_kept"]
 
@@ -144,29 +144,35 @@ def _mutable_state(gm: fx.GraphModule) -> list[_Saved]:
             return
         if not _walked(value):
             return
-        depths[id(value)] = depth  # reached again from nearer a module: walked deeper
-        saved = found.setdefault(id(value), _Saved(value))
-        for item in saved.values():
+        depths[id(value)] = depth  # reached again from nearer a module: walked deeper, saved once
+        if id(value) not in found:
+            found[id(value)] = _Saved(value)
+        for item in found[id(value)].values():
             visit(item, depth - 1)
 
     for m in gm.modules():
-        saved = found.setdefault(id(m), _Saved(m))
-        for value in saved.values():
+        found[id(m)] = _Saved(m)
+        for value in found[id(m)].values():
             visit(value, 2)
     return list(found.values())
 
 
 @contextlib.contextmanager
-def state_kept(gm: fx.GraphModule) -> Iterator[None]:
-    """Put back ``gm``'s buffers and what a run changed in its modules (module docstring). A value
+def state_kept(gm: fx.GraphModule) -> Iterator[Callable[[], None]]:
+    """Put back ``gm``'s buffers and what a run changed in its modules (module docstring), on leaving
+    and whenever the ``put_back`` it gives is called (between a failed run and the next). A value
     that cannot be put back is logged and left: the run's own error, if any, is the one raised."""
-    state = _mutable_state(gm)
-    try:
-        with buffers_kept(gm):
-            yield
-    finally:
+    state, buffers = _mutable_state(gm), saved_buffers(gm)
+
+    def put_back() -> None:
+        buffers()
         for saved in state:
             try:
                 saved.restore()
             except Exception as error:  # noqa: BLE001 - user objects: one that refuses must not hide the rest
                 _log.info("could not put back %s after a shape run: %s", type(saved.target).__name__, error)
+
+    try:
+        yield put_back
+    finally:
+        put_back()
