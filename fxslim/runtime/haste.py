@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxslim.runtime.autocast_kernels import autocast_off, register_autocast
 from fxslim.runtime.haste_kernel import haste_conv2d_into
 
 __all__ = [
@@ -308,9 +309,6 @@ def _haste_conv2d_fake(x, weight, bias, planes, stride, padding, dilation, tile=
     )
 
 
-_LIB = torch.library.Library("fxslim", "FRAGMENT")  # the autocast rule below
-
-
 def _haste_conv2d_autocast_cpu(_keyset, x, weight, bias, *rest):
     """Under ``torch.autocast("cpu")`` the op casts x, weight and bias like ``conv2d`` (every floating
     dtype but float64 to the autocast dtype). Taken as they came, a rewritten model raised "weight and
@@ -321,11 +319,11 @@ def _haste_conv2d_autocast_cpu(_keyset, x, weight, bias, *rest):
     def cast(t: Tensor | None) -> Tensor | None:
         return t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
 
-    with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
+    with autocast_off():
         return torch.ops.fxslim.haste_conv2d.default(cast(x), cast(weight), cast(bias), *rest)
 
 
-_LIB.impl("haste_conv2d", _haste_conv2d_autocast_cpu, "AutocastCPU", with_keyset=True)
+register_autocast("haste_conv2d", _haste_conv2d_autocast_cpu)
 
 
 # ----------------------------------------------------------------------------------------------

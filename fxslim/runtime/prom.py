@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fxslim.runtime.autocast_kernels import exclude_autocast
+
 __all__ = [
     "CONV_SHIFT",
     "ADD_SHIFT",
@@ -896,26 +898,9 @@ def _nan_samples_fake(x):
 
 
 # ----------------------------------------------------------------------------------------------
-# Autocast: the ops compute as if it were off
-
-_LIB = torch.library.Library("fxslim", "FRAGMENT")  # the AutocastCPU kernels below
-
-
-def _without_autocast(op: torch._ops.OpOverload) -> Callable[..., object]:
-    """An AutocastCPU kernel running ``op`` as if autocast were off. The float convs and matmuls the
-    kernels sum codes with are exact only in float32 (``_f32_exact``); under ``torch.autocast("cpu")``
-    they ran in float16/bfloat16: an int8 linear was up to 255 LSB off."""
-    def kernel(_keyset, *args, **kwargs):
-        with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)):
-            return op(*args, **kwargs)
-    return kernel
-
-
-def exclude_autocast(*names: str) -> None:
-    """Give each op ``fxslim::<name>`` an AutocastCPU kernel running it as if autocast were off."""
-    for name in names:
-        _LIB.impl(name, _without_autocast(getattr(torch.ops.fxslim, name).default), "AutocastCPU", with_keyset=True)
-
+# Autocast: the ops compute as if it were off. The float convs and matmuls the kernels sum codes
+# with are exact only in float32 (``_f32_exact``); under ``torch.autocast("cpu")`` they ran in
+# float16/bfloat16: an int8 linear was up to 255 LSB off.
 
 exclude_autocast("ternary_conv2d", "int8_conv2d", "int8_linear", "requantize", "int8_add", "int8_global_avg_pool2d",
                  "quantize_per_tensor", "dequantize", "nan_samples")

@@ -44,9 +44,10 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch import Tensor
 
+from fxslim.runtime.autocast_kernels import exclude_autocast
 from fxslim.runtime.prom import (
     _CACHE, _check_addends, _check_code, _check_code_range, _check_conv_geometry, _check_uint8, _conv_acc, _inverse_scale,
-    _linear_acc, conv_output_size, exclude_autocast,
+    _linear_acc, conv_output_size,
 )
 
 __all__ = ["qconv2d", "qconv2d_add", "qlinear", "qadd", "prepack", "prepack_linear", "vnni_available", "onednn_available",
