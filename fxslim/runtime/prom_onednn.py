@@ -188,26 +188,32 @@ def onednn_engine() -> Iterator[None]:
     are oneDNN's only if packed under it. The engine is one setting for the process: the first of
     the threads inside sets it and the last one out restores it (each restoring what it saw on the
     way in left another thread's oneDNN as the user's engine)."""
-    with _ENGINE_LOCK:
+    with _ENGINE.lock:
         engine = torch.backends.quantized.engine
-        if not _ENGINE_USERS:
-            _ENGINE_USERS.append(engine)
-        elif engine != "onednn":  # the user chose another engine while a call was inside: theirs now
-            _ENGINE_USERS[0] = engine
+        if not _ENGINE.calls or engine != "onednn":  # also one the user chose while a call was inside
+            _ENGINE.callers = engine
         if engine != "onednn":
             torch.backends.quantized.engine = "onednn"
-        _ENGINE_USERS.append(None)
+        _ENGINE.calls += 1
     try:
         yield
     finally:
-        with _ENGINE_LOCK:
-            _ENGINE_USERS.pop()
-            if len(_ENGINE_USERS) == 1:
-                torch.backends.quantized.engine = _ENGINE_USERS.pop()
+        with _ENGINE.lock:
+            _ENGINE.calls -= 1
+            if not _ENGINE.calls:
+                torch.backends.quantized.engine = _ENGINE.callers
 
 
-_ENGINE_LOCK = threading.Lock()
-_ENGINE_USERS: list[str | None] = []  # the caller's engine, then one entry per call inside
+@dataclasses.dataclass
+class _EngineUse:
+    """The calls inside ``onednn_engine`` now, and the engine to give back when the last one leaves."""
+
+    lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    calls: int = 0
+    callers: str = ""
+
+
+_ENGINE = _EngineUse()
 
 
 def codes(q: Tensor) -> Tensor:
