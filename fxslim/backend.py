@@ -119,8 +119,9 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
         placeholder_values={n.name: v for n, v in zip(placeholders, example_inputs)}, policy=opts.policy,
     )
     results = run_passes(gm, opts.passes, ctx)
+    inside = _subgraph_views(gm)
     for p, r in zip(opts.passes, results):
-        _report_inside_subgraphs(gm, p, r.report)
+        _report_inside_subgraphs(inside, p, r.report)
     if opts.on_report is not None:
         opts.on_report([r.report for r in results])
     if opts.strict:
@@ -148,10 +149,11 @@ def _subgraph_views(gm: fx.GraphModule) -> list[View]:
     return found
 
 
-def _report_inside_subgraphs(gm: fx.GraphModule, p: Pass, report: PassReport) -> None:
-    """Layers of ``p``'s kinds inside a higher-order op's graph, which the passes do not rewrite, go into
-    its report as skipped (``inside_subgraph``): they ran dense with no word, and ``strict`` did not see them."""
-    for view in _subgraph_views(gm):
+def _report_inside_subgraphs(inside: list[View], p: Pass, report: PassReport) -> None:
+    """Layers of ``p``'s kinds among ``inside`` (``_subgraph_views``: in a higher-order op's graph, which
+    the passes do not rewrite) go into its report as skipped (``inside_subgraph``): they ran dense with
+    no word, and ``strict`` did not see them."""
+    for view in inside:
         kind = view.conv_kind if isinstance(view, ConvView) else view.kind
         family = kind.rpartition("_")[2]  # conv, linear, attention
         if kind in p.kinds or any(k.rpartition("_")[2] == family for k in p.kinds):

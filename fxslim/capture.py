@@ -297,9 +297,9 @@ class _Flag:
 
 
 def _flipped_constants(root: nn.Module, graph: fx.Graph, other: fx.Graph) -> dict[fx.Node, tuple] | None:
-    """``(args, kwargs)`` of the nodes of ``graph`` (traced with ``root.training == mode``) that
-    have bool constants flipped in ``other`` (traced in the other mode), with ``_Flag``s in their
-    place; None when the graphs differ in anything else."""
+    """``(args, kwargs)`` of the nodes of ``graph`` (traced with each module in its own mode) that
+    have bool constants flipped in ``other`` (traced with every module's mode flipped), with
+    ``_Flag``s in their place; None when the graphs differ in anything else."""
     nodes, others = list(graph.nodes), list(other.nodes)
     if len(nodes) != len(others):
         return None
@@ -598,12 +598,14 @@ def _traced_constants(state: _Blockers, path: str) -> dict[str, Any]:
     return state.defaults().constants.get(path, {})
 
 
-def defaults_in_both_modes(model: nn.Module, example_inputs: Sequence[Any]) -> dict[str, dict[str, Any]]:
-    """For each submodule path, the forward arguments at their default in every call the example
-    makes, run on a copy in train mode and in eval mode: a flag the parent passes on as
-    ``training=self.training`` is at its default in one mode only, and traced as a constant it
-    would make the other mode raise (QAT after an eval-mode prepare). Where the model does not run
-    in the other mode, only None defaults (``attn_mask=None``) count."""
+def defaults_in_both_modes(model: nn.Module, example_inputs: Sequence[Any]) -> SubmoduleCalls:
+    """``SubmoduleCalls`` of the example's calls: for each submodule path, the forward arguments at
+    their default in every call the example makes, run on a copy in train mode and in eval mode
+    (``constants``), and those given in one call and None in another (``both_ways``). Why the
+    constants: a flag the parent passes on as ``training=self.training`` is at its default in one
+    mode only, and traced as a constant it would make the other mode raise (QAT after an eval-mode
+    prepare). Where the model does not run in the other mode, only None defaults
+    (``attn_mask=None``) count."""
     runner = copy.deepcopy(model)
     with hooks_silenced(runner):
         calls = record_calls(runner, example_inputs)

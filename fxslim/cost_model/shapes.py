@@ -249,10 +249,11 @@ def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[A
             continue
         where = getattr(getattr(guard, "sloc", None), "framework_loc", None)
         filename = str(getattr(where, "filename", "") or "")
-        pinned = isinstance(expr, sympy.Eq) and not any(side in (sympy.Integer(0), sympy.Integer(1)) for side in expr.args)
+        against_0_or_1 = any(side in (sympy.Integer(0), sympy.Integer(1)) for side in expr.args)
+        pinned = isinstance(expr, sympy.Eq) and not against_0_or_1
         if filename.startswith(_TORCH_DIR) and filename != _SHAPE_FUNCTIONS and not pinned:
             continue
-        if isinstance(expr, sympy.Ne) and any(side in (sympy.Integer(0), sympy.Integer(1)) for side in expr.args):
+        if isinstance(expr, sympy.Ne) and against_0_or_1:
             continue
         if len(expr.free_symbols) == 1:
             (size,) = expr.free_symbols
