@@ -23,9 +23,11 @@ Choices this file fixes where the method spec leaves room:
   ``h * N + n`` (original token order). The two members of a two-token group deviate equally from
   its mean; both get the larger of their two rounded values, so that tie is exact.
 - NaN (and inf, which turns into NaN similarities): a NaN similarity never wins the argmax (all NaN:
-  the first destination), and a NaN deviation ranks above every number in the outlier selection.
-  So no source joins a NaN destination and NaN queries leave their groups first: a NaN stays in the
-  rows where SDPA has it (as far as the outlier budget reaches) and the sample keeps its budget.
+  the first destination), and a NaN deviation ranks above every number in the outlier selection,
+  that of a query whose own features are not finite above those of the finite members of its group
+  (which deviate NaN from the group's NaN mean). So no source joins a NaN destination and NaN queries
+  leave their groups first: a NaN stays in the rows where SDPA has it (as far as the outlier budget
+  reaches) and the sample keeps its budget.
 - Merged query rows are ordered: surviving groups by slot (special tokens, then destinations in
   reordered order), then the outliers in token order. Key/value rows: groups by slot.
 - ``uniform`` mode matches on head-averaged q (for Q) and k (for K/V) and selects round(f * N)
@@ -586,8 +588,12 @@ def httm_plan(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int, special_
     deviation = _deviations(q_rows.view(b * h, n, d), q_groups.reshape(b * h, n), g).view(b, h, n)
     if uniform:
         pooled = deviation.square().sum(1).sqrt()  # [B, N]
+        if _any_nan(pooled):
+            pooled = _non_finite_first(pooled, q_rows.isfinite().all(dim=-1).all(dim=1))
         outliers = _top_fraction_mask(pooled, round(outlier_fraction * n)).unsqueeze(1).expand(b, h, n)
     else:
+        if _any_nan(deviation):
+            deviation = _non_finite_first(deviation, q_rows.isfinite().all(dim=-1))
         outliers = _top_fraction_mask(deviation.view(b, h * n), round(outlier_fraction * h * n)).view(b, h, n)
 
     # outliers leave their group and become their own queries; empty groups disappear
@@ -596,6 +602,18 @@ def httm_plan(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int, special_
     used = torch.zeros(b, h, g + n, dtype=torch.bool, device=q.device).scatter_(2, key, True)
     q_slot = torch.gather(used.cumsum(dim=-1).sub_(1), 2, key)
     return HttmPlan(q_slot, used.sum(dim=-1), kv_slot, kv_layout.num_slots, outliers.contiguous())
+
+
+def _non_finite_first(deviation: Tensor, finite: Tensor) -> Tensor:
+    """``deviation`` ranked for the outlier selection when some of it is NaN: the NaN deviation of a
+    query whose own features are not finite (``finite`` False, same shape) above every other, any
+    other NaN or infinite deviation (a finite query sharing a group with such a query) at the
+    largest finite value. Every member of a group holding a NaN query deviates NaN from its NaN
+    mean; ranked alike, the tie rule sent the finite members of lower index out of the group first
+    and the budget could run out before the NaN query itself left."""
+    top = torch.finfo(deviation.dtype).max
+    own = deviation.isnan() & ~finite
+    return deviation.nan_to_num(nan=top, posinf=top).masked_fill_(own, math.inf)
 
 
 def _any_nan(t: Tensor) -> bool:

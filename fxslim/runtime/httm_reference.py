@@ -88,9 +88,12 @@ def _cosine(a: Tensor, b: Tensor) -> float:
     return -math.inf if math.isnan(score) else score
 
 
-def _rank(deviation: float) -> float:
-    """Outlier rank of a deviation: NaN ranks with +inf, above every number."""
-    return math.inf if math.isnan(deviation) else deviation
+def _rank(deviation: float, finite: bool) -> tuple[bool, float]:
+    """Outlier rank of a deviation (larger leaves first): the NaN deviation of a query whose own
+    features are not finite above all, any other NaN with +inf, above every number."""
+    if math.isnan(deviation):
+        return not finite, math.inf
+    return False, deviation
 
 
 def _groups_one_side(x: Tensor, specials, blocks, ratio, anchor, dst_rule, seed) -> tuple[list[list[int]], int]:
@@ -172,16 +175,19 @@ def httm_plan_reference(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int
                     shared = max(deviation[h][u] for u in group)
                     for u in group:
                         deviation[h][u] = shared
+        finite = qb.isfinite().all(dim=-1).tolist()  # [heads][n]
         flagged = [[False] * n for _ in range(heads)]
         if mode == "uniform":
             pooled = [sum(deviation[h][u] ** 2 for h in range(heads)) ** 0.5 for u in range(n)]
-            order = sorted(range(n), key=lambda u: (-_rank(pooled[u]), u))
+            token_finite = [all(finite[h][u] for h in range(heads)) for u in range(n)]
+            order = sorted(range(n), key=lambda u: (_rank(pooled[u], token_finite[u]), -u), reverse=True)
             for u in order[: round(outlier_fraction * n)]:
                 for h in range(heads):
                     flagged[h][u] = True
         else:
             order = sorted(((h, u) for h in range(heads) for u in range(n)),
-                           key=lambda hu: (-_rank(deviation[hu[0]][hu[1]]), hu[0] * n + hu[1]))
+                           key=lambda hu: (_rank(deviation[hu[0]][hu[1]], finite[hu[0]][hu[1]]), -(hu[0] * n + hu[1])),
+                           reverse=True)
             for h, u in order[: round(outlier_fraction * heads * n)]:
                 flagged[h][u] = True
 

@@ -272,6 +272,25 @@ def test_httm_attention_nan_queries_stay_where_sdpa_has_them(mode, where):
     torch.testing.assert_close(out[1:], httm(q[1:], k[1:], v[1:], frames, p, **kw), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("mode,fraction", [("headwise", 0.01), ("uniform", 0.1), ("global", 0.01)])
+def test_httm_nan_query_leaves_its_group_before_its_finite_members(mode, fraction):
+    # one NaN feature in one head of one token, a small outlier budget: every member of its group
+    # deviates NaN from the NaN mean, and the tie rule used to send the finite members of lower
+    # index out first (uniform: 8 of them, the budget, and 9 NaN rows where SDPA has 1)
+    frames, p, heads = 4, 21, 4
+    q, k, v = _qkv(1, heads, frames * p, 16, seed=0)
+    q[0, 1, 50, 3] = float("nan")
+    kw = dict(special_tokens=5, q_ratio=0.8 + fraction, kv_ratio=0.7, outlier_fraction=fraction, mode=mode)
+    plan = httm_plan(q, k, frames, p, **kw)
+    assert bool(plan.outliers[0, 1, 50])
+    ref_out, ref_plan = httm_attention_reference(q, k, v, frames, p, **kw)
+    for name in ("q_slot", "kv_slot", "q_lengths", "outliers"):
+        assert torch.equal(getattr(plan, name), getattr(ref_plan, name)), name
+    out = httm(q, k, v, frames, p, **kw)
+    assert torch.equal(out.isnan(), F.scaled_dot_product_attention(q, k, v).isnan())
+    torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
 def test_httm_plan_infinite_query_joins_the_same_destination_as_in_the_reference():
     # an infinite source scores +-inf against each destination (a . b / |b|); the cosine's extra
     # 1 / |a| made every score NaN in the reference, so the two chose different destinations
