@@ -14,6 +14,8 @@ shapes (``fxslim.capture`` provides them). Semantics and defaults: docs/methods/
 from __future__ import annotations
 
 import builtins
+import collections
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -40,6 +42,9 @@ _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
 _METADATA_ATTRS = ("shape", "device", "dtype", "ndim")
 _METADATA_METHODS = ("size", "dim", "numel")
 _METADATA_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default)
+_SHIFTS = (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, torch.ops.aten.add.Tensor,
+           torch.ops.aten.sub.Tensor, torch.ops.aten.mul.Tensor)
+_SHIFT_METHODS = ("add", "sub", "mul")
 _POSITION_HOPS = 16  # how far above q to look for the RoPE positions
 _MAX_EVAL_NODES = 256  # positions come from a few shape-driven ops; more means they depend on activations
 _COMPILE_AFTER = ("rewrite first and compile the result: "
@@ -187,7 +192,7 @@ class HTTM(Pass):
             # 4. SDPA without mask/causal/dropout on q, k of one shape; 5. the frame layout
             reason, detail, scale = _check_sdpa(view)
             if not reason:
-                reason, detail = _cross_tokens(view, projections)
+                reason, detail = _cross_tokens(gm, view, projections)
             layout = None
             if not reason:
                 layout, reason, detail = cfg._layout(gm, view, ctx, metadata)
@@ -495,26 +500,77 @@ def _check_sdpa(view: AttentionView) -> tuple[str, str, Any]:
     return "", "", args.get("scale")
 
 
-def _cross_tokens(view: AttentionView, projections: dict[fx.Node, Any]) -> tuple[str, str]:
+def _cross_tokens(gm: fx.GraphModule, view: AttentionView, projections: dict[fx.Node, Any]) -> tuple[str, str]:
     """("cross_attention", detail) when q is projected from other tokens than k or v (queries of one
     clip attending to another's keys: same shapes, but not one sequence attending to itself),
-    ("", "") otherwise or when it cannot tell (no projection on a path)."""
-    q = _projected_from(view.q, projections)
-    for name, other in (("k", view.k), ("v", view.v)):
-        theirs = _projected_from(other, projections)
-        if q and theirs and not q & theirs:
-            return "cross_attention", (f"q is projected from {', '.join(sorted(n.name for n in q))}, {name} from "
-                                       f"{', '.join(sorted(n.name for n in theirs))}: other tokens")
+    ("", "") otherwise or when it cannot tell (no projection on a path).
+
+    Other tokens: a projection of q, k or v saw more or fewer tokens than q holds (one linear over
+    two clips, each side then cut out of its output), or q's projections and k's (v's) read inputs
+    that are not the same tokens, also after adding a term computed from no input (``x + pos_emb``
+    for q and k, ``x`` for v, as DETR writes it, is one sequence)."""
+    q_shape = meta_val(view.q).shape
+    tokens = _hint(q_shape[0]) * _hint(q_shape[2])
+    sources = {name: _projected_from(node, projections) for name, node in (("q", view.q), ("k", view.k), ("v", view.v))}
+    for name, found in sources.items():
+        for source in sorted(found, key=lambda n: n.name):
+            seen = _token_count(source)
+            if seen is not None and seen != tokens:
+                return "cross_attention", (f"{name} is projected from {source.name}, {seen} tokens, where q holds "
+                                           f"{tokens} (batch x sequence): each side is cut out of a projection of "
+                                           "other tokens as well")
+    q = _same_tokens(gm, sources["q"])
+    for name in ("k", "v"):
+        if q and sources[name] and not q & _same_tokens(gm, sources[name]):
+            return "cross_attention", (f"q is projected from {', '.join(sorted(n.name for n in sources['q']))}, "
+                                       f"{name} from {', '.join(sorted(n.name for n in sources[name]))}: other tokens")
     return "", ""
 
 
+def _token_count(node: fx.Node) -> int | None:
+    """Rows of features [..., C] a linear layer reads from ``node`` (None when its value is unknown)."""
+    val = meta_val(node)
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    return math.prod(_hint(n) for n in val.shape[:-1])
+
+
+def _same_tokens(gm: fx.GraphModule, nodes: set[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and what each adds (subtracts, multiplies) a term computed from no model input to:
+    the same tokens, shifted by a position or frame embedding."""
+    found = set(nodes)
+    for node in nodes:
+        while (term := _shift(gm, node)) is not None:
+            node = term
+            found.add(node)
+    return found
+
+
+def _shift(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The operand x of ``node`` = x + e (x - e, x * e) of x's shape, where e's value comes from no
+    input of the model (parameters, buffers and shapes only); None when ``node`` is no such op."""
+    is_op = (node.op == "call_function" and node.target in _SHIFTS) or (
+        node.op == "call_method" and node.target in _SHIFT_METHODS)
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)] if is_op else []
+    if len(operands) != 2:
+        return None
+    params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
+    shape = getattr(meta_val(node), "shape", None)
+    for x, term in (operands, operands[::-1]):
+        inputs = [n for n in _data_ancestors(gm, term) if n.op == "placeholder" and n.name not in params]
+        if getattr(meta_val(x), "shape", None) == shape and not inputs:
+            return x
+    return None
+
+
 def _projected_from(start: Any, projections: dict[fx.Node, Any]) -> set[fx.Node]:
-    """The inputs of the linear layers nearest above ``start`` (what its tokens were projected from)."""
+    """The inputs of the linear layers nearest above ``start`` (what its tokens were projected from),
+    on the paths of its values (not through reads of a shape)."""
     found: set[fx.Node] = set()
     stack, seen = ([start] if isinstance(start, fx.Node) else []), set()
     while stack:
         node = stack.pop()
-        if node in seen:
+        if node in seen or _is_metadata_op(node):
             continue
         seen.add(node)
         if node in projections:
@@ -536,7 +592,23 @@ def _window_of_frames(gm: fx.GraphModule, ctx: PassContext, layout: FrameLayout 
     if clips and frames not in clips and max(clips) > frames:
         return "local_attention", (f"sequences of {frames} frames where the input has {max(clips)}: a window over some "
                                    "of the frames is not global attention")
+    views = _view_inputs(gm, ctx)
+    if views > frames:
+        return "local_attention", (f"sequences of {frames} frames where the input holds {views} views (images of "
+                                   "one shape): a window over some of the views is not global attention")
     return "", ""
+
+
+def _view_inputs(gm: fx.GraphModule, ctx: PassContext) -> int:
+    """How many 4-d inputs of one shape the model's example (or else this graph) has: the views of a
+    model fed a list of images ([{"img": [B, 3, H, W]}, ...] as DUSt3R and Fast3R take them)."""
+    shapes = [s for s in ctx.input_shapes if len(s) == 4]
+    if not shapes:
+        params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
+        shapes = [tuple(_hint(n) for n in val.shape) for node in gm.graph.nodes
+                  if node.op == "placeholder" and node.name not in params
+                  and isinstance(val := meta_val(node), torch.Tensor) and val.dim() == 4]
+    return max(collections.Counter(shapes).values(), default=0)
 
 
 def _positions_node(q: Any, n: int) -> fx.Node | None:

@@ -258,6 +258,112 @@ def test_cross_attention_between_two_clips_of_one_shape_is_left_dense():
         torch.testing.assert_close(result.module(*longer), model(*longer))
 
 
+class SharedProjectionCross(nn.Module):
+    """Clip A's queries attend to clip B's keys and values, all from one qkv linear over both clips,
+    concatenated on the sequence (``stack="sequence"``) or on the batch dim: the projections of q and
+    k read one node, so that check passed, and the rewrite refused clips of other lengths."""
+
+    def __init__(self, stack: str, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.stack, self.heads, self.rope = stack, heads, RoPE2D()
+        self.embed = nn.Conv2d(3, dim, 7, 7)
+        self.special = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+        self.qkv, self.proj = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def tokens(self, clip):
+        t, pos = _frame_tokens(self, clip)
+        return t.reshape(clip.shape[0], -1, t.shape[-1]), pos.reshape(clip.shape[0], -1, 2)
+
+    def forward(self, left, right):
+        (a, pos_a), (b, pos_b) = self.tokens(left), self.tokens(right)
+        batch, n, c = a.shape
+        if self.stack == "sequence":
+            q, k, v = self.qkv(torch.cat([a, b], 1)).view(batch, -1, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+            q, k, v = q[:, :, :n], k[:, :, n:], v[:, :, n:]
+        else:
+            q, k, v = self.qkv(torch.cat([a, b], 0)).view(2 * batch, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+            q, k, v = q[:batch], k[batch:], v[batch:]
+        out = F.scaled_dot_product_attention(self.rope(q, pos_a), self.rope(k, pos_b), v)
+        return self.proj(out.transpose(1, 2).reshape(batch, n, c))
+
+
+@pytest.mark.parametrize("stack", ["sequence", "batch"])
+def test_cross_attention_through_one_shared_projection_is_left_dense(stack):
+    torch.manual_seed(0)
+    model = SharedProjectionCross(stack).eval()
+    clips = (torch.rand(1, 3, 3, 21, 21), torch.rand(1, 3, 3, 21, 21))
+    result = _optimize(model, clips, "httm")
+    assert _status(result) == {"": ("skipped", "cross_attention")}
+    assert "where q holds 42" in _details(result)[""]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(*clips), model(*clips))
+        if stack == "sequence":  # the rewrite refused this
+            longer = (torch.rand(1, 2, 3, 21, 21), torch.rand(1, 4, 3, 21, 21))
+            torch.testing.assert_close(result.module(*longer), model(*longer))
+
+
+class PositionAddedToQK(nn.Module):
+    """DETR's self-attention: q and k projected from x + a frame embedding, v from x. One sequence
+    attending to itself, which was skipped as cross-attention (q and v read other nodes)."""
+
+    def __init__(self, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.heads, self.rope = heads, RoPE2D()
+        self.embed, self.frame_embed = nn.Conv2d(3, dim, 7, 7), nn.Embedding(8, dim)
+        self.special = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+        self.q, self.k, self.v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
+
+    def forward(self, images):
+        b, s = images.shape[:2]
+        t, pos = _frame_tokens(self, images)
+        t, pos = t.reshape(b, -1, t.shape[-1]), pos.reshape(b, -1, 2)
+        n = t.shape[1]
+        qk_in = t + self.frame_embed(torch.arange(s)).repeat_interleave(n // s, 0)
+        q, k, v = (lin(x).view(b, n, self.heads, -1).transpose(1, 2)
+                   for lin, x in ((self.q, qk_in), (self.k, qk_in), (self.v, t)))
+        return F.scaled_dot_product_attention(self.rope(q, pos), self.rope(k, pos), v)
+
+
+def test_position_embedding_added_to_q_and_k_only_is_self_attention():
+    torch.manual_seed(0)
+    model = PositionAddedToQK().eval()
+    result = _optimize(model, (torch.rand(1, 3, 3, 21, 21),), EXACT)
+    assert _status(result) == {"": ("rewritten", "")}
+    other = torch.rand(2, 5, 3, 28, 21)
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(other), model(other), atol=1e-5, rtol=1e-5)
+
+
+class ViewPairs(nn.Module):
+    """A list of per-view images at batch 1: attention over pairs of views, then over all of them.
+    At batch 1 every attention was taken for global, so the window over two views was rewritten."""
+
+    def __init__(self, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, dim, 7, 7)
+        self.special = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+        self.rope = RoPE2D()
+        self.window_block, self.global_block = Block(dim, heads, self.rope), Block(dim, heads, self.rope)
+
+    def forward(self, views):
+        pairs = [_frame_tokens(self, torch.stack(views[i:i + 2], 1)) for i in range(0, len(views), 2)]
+        tokens = [self.window_block(t.reshape(1, -1, t.shape[-1]), pos=pos.reshape(1, -1, 2)) for t, pos in pairs]
+        pos = torch.cat([pos.reshape(1, -1, 2) for _, pos in pairs], 1)
+        return self.global_block(torch.cat(tokens, 1), pos=pos)
+
+
+def test_window_over_some_views_of_a_list_input_left_dense():
+    torch.manual_seed(0)
+    model = ViewPairs().eval()
+    views = [torch.rand(1, 3, 21, 21) for _ in range(4)]
+    result = _optimize(model, (views,), EXACT)
+    assert _status(result) == {"window_block.attn": ("skipped", "local_attention"),
+                               "global_block.attn": ("rewritten", "")}
+    assert "the input holds 4 views" in _details(result)["window_block.attn"]
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(views), model(views), atol=1e-5, rtol=1e-5)
+
+
 # ----------------------------------------------------------------------------------------------
 # (D, E, F) skips that say what to do
 
