@@ -374,8 +374,8 @@ def check_traced_default(value: Any, name: str, default: Any) -> Any:
     tensors = isinstance(value, torch.Tensor) or isinstance(default, torch.Tensor)
     if value is not default and (tensors or value != default):
         raise ValueError(
-            f"{name}: the model was captured with {name}={default!r} (its default; the example never gave "
-            f"it another value), so the rewritten graph has no code for other values, got {type(value).__name__}. "
+            f"{name}: the model was captured with {name}={default!r} (its default, or the example's value), so "
+            f"the rewritten graph has no code for other values, got {type(value).__name__}. "
             f"Pass {name} in example_inputs, or an example that makes the model pass it, to optimize for it."
         )
 
@@ -556,16 +556,23 @@ def _ensure_path(root: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def _defaults_not_given(module: nn.Module, example_inputs: Sequence[Any]) -> dict[str, Any]:
-    """Forward parameters after the example's positional inputs that have a default value."""
+def _constant_arguments(module: nn.Module, example_inputs: Sequence[Any]) -> dict[str, Any]:
+    """Forward parameters to trace at a fixed value: those after the example's positional inputs
+    that have a default value, and those the example gives as None.
+
+    Why the Nones: traced as an input, ``forward(x, prev=None)`` given ``(x, None)`` took the
+    ``if prev is not None`` branch, so the graph always ran the code for a given ``prev``; traced at
+    None, a later call with a tensor for it raises (``check_traced_default``)."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):
         return {}
     if any(p.kind is p.VAR_POSITIONAL for p in params[: len(example_inputs)]):
         return {}
-    return {p.name: p.default for p in params[len(example_inputs):]
-            if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    given = {p.name: None for p, value in zip(params, example_inputs)
+             if value is None and p.kind is p.POSITIONAL_OR_KEYWORD}
+    return given | {p.name: p.default for p in params[len(example_inputs):]
+                    if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
 
 def _is_leaf(module: nn.Module, leaf_modules: Sequence[type]) -> bool:
@@ -1030,7 +1037,7 @@ def capture(
     traced: list[tuple[str, fx.GraphModule]] = []
     untraced: list[tuple[str, str]] = []
     defaults = functools.cache(lambda: defaults_in_both_modes(model, example_inputs))
-    _trace_largest(model, "", leaf_modules, traced, untraced, _defaults_not_given(model, example_inputs), _Blockers(defaults))
+    _trace_largest(model, "", leaf_modules, traced, untraced, _constant_arguments(model, example_inputs), _Blockers(defaults))
     if not traced:
         raise CaptureError(_untraceable_message(model, untraced))
     if len(traced) == 1 and traced[0][0] == "":
