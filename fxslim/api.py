@@ -147,6 +147,7 @@ def optimize(
                           placeholder_values=graph.placeholder_values, policy=policy, path=graph.path)
         for result in run_passes(graph.gm, parsed, ctx):
             report.passes.append(result.report)
+    _containers_follow_parents(captured.module)
     if policy.unmatched():
         warn_user(f"fxslim.optimize: overrides {policy.unmatched()} named no module or kind a pass considered "
                   f"(module names as in model.named_modules(), globs like 'layer4.*', or 'kind:<kind>')")
@@ -170,6 +171,17 @@ def _tensor_shapes(example_inputs: Sequence[Any] | None) -> tuple[tuple[int, ...
     """The shapes of the example's tensor inputs, also those in a dict, list or tuple (what HTTM reads
     a [B, S, C, H, W] frame dim from, what HASTE tells the image by)."""
     return tuple(tuple(x.shape) for x in tree_leaves(tuple(example_inputs or ())) if isinstance(x, torch.Tensor))
+
+
+def _containers_follow_parents(root: nn.Module) -> None:
+    """Give the empty containers fx and the passes make for dotted paths (``layer1`` holding
+    ``layer1.0.conv1``, ``prom_quant``) their parent's train/eval flag: made in train mode, they
+    left a model optimized in eval mode with modules in train mode, which ``model.training`` checks
+    and ``.modules()`` walks see."""
+    for parent in root.modules():
+        for child in parent.children():
+            if type(child) is nn.Module:
+                child.training = parent.training
 
 
 def _warn_frozen_modes(graphs: list, trains: bool) -> None:

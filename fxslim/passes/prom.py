@@ -171,7 +171,7 @@ class PROM(Pass):
             wrapped: nn.Module = cls(module, weights, ternary_method=cfg.ternary)
         else:
             wrapped = (QLinear if cfg.per_channel else PerTensorQLinear)(module)
-        set_submodule(gm, str(node.target), wrapped)
+        set_submodule(gm, str(node.target), wrapped.train(module.training))  # as the layer was, not train
         _redirect_attributes(gm, str(node.target), "conv" if isinstance(module, nn.Conv2d) else "linear")
         node.meta[META_PASS] = self.name
         _maybe_quantize(gm, _producer(gm, cand.view.input), cfg.momentum)
@@ -234,7 +234,9 @@ def _maybe_quantize(gm: fx.GraphModule, node: fx.Node, momentum: float) -> fx.No
     while _has_submodule(gm, name) or hasattr(nn.Module, name.rpartition(".")[2]):  # e.g. a node named "to"
         i += 1
         name = f"{base}_{i}"
-    gm.add_submodule(name, ActFakeQuant(momentum))
+    # in the graph's mode: a new module is in train mode, where an observer of an eval model would
+    # move its range at every inference call
+    gm.add_submodule(name, ActFakeQuant(momentum).train(gm.training))
     guards = [user for user in node.users if is_input_guard(user)]  # they check the input itself, first
     with gm.graph.inserting_after(guards[-1] if guards else node):
         quant = gm.graph.call_module(name, (node,))
