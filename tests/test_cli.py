@@ -59,6 +59,21 @@ def test_cli_fxslim_models_load_by_name(capsys):
     assert "known: mobilenet_mnist, resnet18_cifar" in capsys.readouterr().err
 
 
+def test_cli_torchvision_segmentation_and_detection_models_download_nothing(monkeypatch):
+    # their builders load an ImageNet backbone unless given weights_backbone=None: offline the
+    # report ended in a URLError, online it costed a model with pretrained weights
+    import torchvision.models._api as torchvision_api
+
+    from fxslim.app.modelspec import _built
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args[:1]}")
+
+    monkeypatch.setattr(torchvision_api, "load_state_dict_from_url", refuse)
+    for name in ("lraspp_mobilenet_v3_large", "fcn_resnet50", "retinanet_resnet50_fpn", "resnet18"):
+        assert not _built(f"torchvision:{name}").training
+
+
 # Mistakes: one line on stderr, exit code 2, nothing written; found before the expensive work.
 
 def _fails_cleanly(capsys, argv, match, tmp_path=None):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import importlib.util
+import inspect
 import sys
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,9 @@ def _built(spec: str) -> nn.Module:
         known = torchvision.models.list_models()
         if name not in known:
             raise ValueError(f"MODEL: unknown torchvision model {name!r}{_did_you_mean(name, known)}")
-        model = torchvision.models.get_model(name, weights=None)
+        # segmentation and detection builders load an ImageNet backbone unless told not to
+        backbone = "weights_backbone" in inspect.signature(torchvision.models.get_model_builder(name)).parameters
+        model = torchvision.models.get_model(name, weights=None, **({"weights_backbone": None} if backbone else {}))
     elif source == "timm":
         timm = _optional("timm", spec)
         if not timm.is_model(name):
