@@ -88,7 +88,7 @@ def estimate(
             source = Source(copy.deepcopy(model))
         mode, rename, symbols, valid_where = propagate_symbolic(source, example_inputs, symbolic)
     else:
-        source.eager = record_eager(source.captured, example_inputs)
+        record_eager(source, example_inputs)
     inputs = [tuple(to_expr(d, rename) for d in x.shape) for x in (example_inputs or ()) if isinstance(x, torch.Tensor)]
     state = _State(source, mode, rename, symbols, _model_name(model), inputs, haste_buckets, valid_where)
     return state.cost(conv, energy_table)

@@ -148,7 +148,22 @@ class RawRowCounter:
         for graph in self.source.captured.graphs:
             out.extend(self._graph_rows(graph) if graph.called else [self._uncalled_row(graph)])
         out.extend(self._eager_rows())
+        out.extend(self._repeat_rows())
         return out
+
+    def _repeat_rows(self) -> list[RawRow]:
+        """One row per further call of a graph traced apart (``Source.repeats``): the aten ops that
+        call ran, at its own shapes; the graph's rows are its first call."""
+        rows = []
+        for path, calls in self.source.repeats.items():
+            kind = type(self.source.captured.module.get_submodule(path)).__name__
+            for n, ops in enumerate(calls, start=2):
+                raw = RawRow("", f"(call {n}) {path}", kind, path)
+                self._add_calls(raw, ops)
+                for op in raw.unknown:
+                    self.unknown.setdefault(op, []).append(raw.node)
+                rows.append(raw)
+        return rows
 
     def _uncalled_row(self, graph: Graph) -> RawRow:
         """A module traced apart that the example never calls (a head for another task, the

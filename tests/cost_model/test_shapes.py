@@ -237,6 +237,37 @@ def test_partly_traced_model_counts_its_graphs_and_its_eager_code():
         fxslim.estimate(_ValueDependent().eval(), torch.randn(2, 3, 8, 8), symbolic={"batch": 0})
 
 
+class _PyramidHead(nn.Module):
+    """A head its untraced parent runs on each level of a pyramid (as torchvision's detection heads
+    run on each FPN level): one graph, called four times at four sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        outs = []
+        while x.shape[-1] >= 4:  # a loop on a size: the root does not trace
+            outs.append(self.conv(x))
+            x = F.max_pool2d(x, 2)
+        return outs
+
+
+@pytest.mark.parametrize("size,calls", [(32, 4), (8, 2)])
+def test_a_graph_called_several_times_is_costed_at_every_call(size, calls):
+    # its rows came from one propagation, at the first call's shapes: 1.18 of 1.57 MFLOP here,
+    # retinanet 15 % short, without a word
+    model, x = _PyramidHead().eval(), torch.rand(2, 8, size, size)
+    report = fxslim.estimate(model, x)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert report.total.flops == counter.get_total_flops()
+    assert [r.node for r in report.rows if r.node.startswith("(call")] == [f"(call {n}) conv" for n in range(2, calls + 1)]
+    assert report.total.params == sum(p.numel() for p in model.parameters()) and not report.unknown_ops
+    formula = fxslim.estimate(model, x, symbolic={"batch": 0})
+    assert formula.evaluate(batch=3).total.flops == fxslim.estimate(model, torch.rand(3, 8, size, size)).total.flops
+
+
 def test_symbolic_through_export_keeps_named_dims_dynamic():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
     report = fxslim.estimate(model, torch.randn(2, 3, 8, 8), capture="export", symbolic={"batch": 0})
