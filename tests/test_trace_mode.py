@@ -18,6 +18,7 @@ import fxslim
 from fxslim.capture import trace
 from fxslim.ir import META_FROZEN_MODE
 from fxslim.passes.prom import calibrate
+from fxslim.runtime.prom_onednn import onednn_available
 
 
 def _double_if(x: torch.Tensor, flags: dict) -> torch.Tensor:
@@ -190,6 +191,32 @@ def test_efficientnet_prepared_in_train_mode_runs_as_the_float_model_after_eval(
         assert torch.equal(qat(x), qat(x))  # no residual branch dropped (the untrained logits quantize to ~0)
         gm.train()
         assert not torch.equal(gm(x), gm(x))  # back to dropping rows (BN in train mode is deterministic)
+        # convert: each block's flag read (features.1.0.stochastic_depth.training) is False there; it
+        # stayed in the graph and convert failed ('bool' object has no attribute 'eval')
+        integer = fxslim.convert(qat)
+        assert not any(str(n.target).endswith("training") for n in integer.graph.nodes if n.op == "get_attr")
+        assert torch.equal(integer(x), integer(x)) and integer(x).shape == (4, 10)
+
+
+class _DropoutHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(F.dropout(x, 0.5, self.training))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_converting_a_model_whose_submodule_passes_its_flag_on(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), _DropoutHead()).train(mode == "train")
+    x = torch.randn(4, 3, 16, 16)
+    qat = calibrate(fxslim.prepare(model, x), [x]).eval()
+    for runtime in ("reference", "onednn") if onednn_available() else ("reference",):
+        with torch.no_grad():
+            torch.testing.assert_close(fxslim.convert(qat, runtime=runtime)(x), qat(x), atol=0.05, rtol=0)
 
 
 @pytest.mark.parametrize("mode", [True, False], ids=["traced_in_train", "traced_in_eval"])

@@ -528,15 +528,22 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
     return out
 
 
+def _is_training_flag(node: fx.Node) -> bool:
+    """A read of the graph's or a submodule's ``training`` flag (``training``, ``head.training``)."""
+    return node.op == "get_attr" and str(node.target).rpartition(".")[2] == "training"
+
+
 def _in_eval_mode(qat_model: fx.GraphModule) -> fx.GraphModule:
-    """``qat_model`` with its reads of its own ``training`` flag (``capture.trace`` makes them for
-    ``F.dropout(x, p, self.training)`` and stochastic depth) replaced by False, as the integer model
-    is inference only: a copy of the graph around the same modules (``qat_model`` is only read)."""
-    if not any(n.op == "get_attr" and n.target == "training" for n in qat_model.graph.nodes):
+    """``qat_model`` with its reads of its own and its submodules' ``training`` flags (``capture.trace``
+    makes them for ``F.dropout(x, p, self.training)`` and stochastic depth, in the module that makes
+    the call: torchvision's EfficientNet and ConvNeXt read ``features.1.0.stochastic_depth.training``)
+    replaced by False, as the integer model is inference only: a copy of the graph around the same
+    modules (``qat_model`` is only read)."""
+    if not any(_is_training_flag(n) for n in qat_model.graph.nodes):
         return qat_model
     gm = fx.GraphModule(qat_model, copy.deepcopy(qat_model.graph), type(qat_model).__name__)
     gm.meta.update(qat_model.meta)
-    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == "training"]:
+    for node in [n for n in gm.graph.nodes if _is_training_flag(n)]:
         for user in [u for u in node.users if u.op == "call_function" and u.target is operator.not_]:
             user.replace_all_uses_with(True)
             gm.graph.erase_node(user)
