@@ -407,8 +407,9 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     statistics and the observers' grids are used as they are; dropout is the identity. A model
     that traces whole gives a GraphModule. A model prepared in parts (``prepare`` returned it with
     its traced submodules as GraphModules) gives a copy in eval mode whose parts are integer
-    GraphModules with float inputs and outputs: the code between them stays the float model's.
-    ``convert_report`` reads what was converted either way.
+    GraphModules with float inputs and outputs: the code between them stays the float model's. So
+    do the parts traced apart inside a module a traced part calls as a leaf (a block whose own
+    forward does not trace). ``convert_report`` reads what was converted either way.
     """
     qat_model = compiled_original(qat_model, returns="fxslim.convert")
     if isinstance(qat_model, nn.parallel.DistributedDataParallel):
@@ -434,10 +435,7 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
     if runtime == "onednn" and not onednn_available():
         raise ValueError("convert: runtime 'onednn' needs torch's oneDNN quantized ops (torch.backends.mkldnn), "
                          "which this torch build lacks; use runtime='reference'")
-    converted = {path: _convert_graph(part, runtime, fuse_adds) for path, part in parts.items()}
-    for path, part in converted.items():
-        copy_hooks(parts[path], part)  # float in, float out: the hooks of what became integer ops still apply
-        copy_attributes(parts[path], part)
+    converted = {path: _converted(part, runtime, fuse_adds) for path, part in parts.items()}
     if list(parts) == [""]:
         out = converted[""]
     else:
@@ -445,8 +443,30 @@ def convert(qat_model: nn.Module, runtime: Literal["reference", "onednn"] = "ref
         for path, part in converted.items():
             out.set_submodule(path, part)
         out._register_load_state_dict_pre_hook(_refuse_other_constants, with_module=True)
+    # inside a leaf an outer part calls, which the outer integer graph holds a float copy of at its path
+    for path in _nested_parts(qat_model, parts):
+        out.set_submodule(path, _converted(qat_model.get_submodule(path), runtime, fuse_adds))
     _warn_dropped_hooks(qat_model, out)
     return out
+
+
+def _converted(part: fx.GraphModule, runtime: str, fuse_adds: bool) -> fx.GraphModule:
+    """``_convert_graph`` of one part, with the part's hooks (float in, float out: the hooks of what
+    became integer ops still apply) and plain attributes."""
+    integer = _convert_graph(part, runtime, fuse_adds)
+    copy_hooks(part, integer)
+    copy_attributes(part, integer)
+    return integer
+
+
+def _nested_parts(model: nn.Module, outer: dict[str, fx.GraphModule]) -> list[str]:
+    """Paths of the prepared GraphModules inside an outer part (``prepared_parts``), outer first:
+    parts traced apart inside a module the outer graph calls as a leaf (a block whose own forward
+    does not trace, a hooked module). Converting only the outer part left them fake-quant float
+    layers in the integer model (timm's mobilevit_xxs: 9 convs and 36 linears), unreported."""
+    found = [path for path, module in model.named_modules()
+             if path not in outer and isinstance(module, fx.GraphModule) and any(is_quant(module, n) for n in module.graph.nodes)]
+    return sorted(found, key=lambda path: path.count("."))  # outer first: an inner one replaces part of it
 
 
 def _warn_dropped_hooks(qat_model: nn.Module, out: nn.Module) -> None:

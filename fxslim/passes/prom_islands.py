@@ -58,9 +58,9 @@ class ConvertReport:
 def merge_reports(reports: dict[str, ConvertReport]) -> ConvertReport:
     """The reports of a model's converted parts as one, every name prefixed with its part's path."""
     def named(path: str, names: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(n if n == "output" else f"{path}.{n}" for n in names)
+        return tuple(n if n == "output" or not path else f"{path}.{n}" for n in names)
 
-    integer = {f"{path}.{q}": kind for path, r in reports.items() for q, kind in r.integer.items()}
+    integer = {f"{path}.{q}" if path else q: kind for path, r in reports.items() for q, kind in r.integer.items()}
     islands = tuple(Island(named(path, i.ops), named(path, i.inputs), named(path, i.outputs), i.reasons)
                     for path, r in reports.items() for i in r.islands)
     return ConvertReport(integer, islands, tuple(reports))

@@ -562,3 +562,45 @@ def test_an_in_place_write_an_integer_op_reads_past_is_refused():
     qat = calibrate(fxslim.prepare(_WritesIntoAView(then_conv=True).eval(), x), [x]).eval()
     with pytest.raises(ValueError, match="writes in place into prom_quant_out's value.*write it out of place"):
         convert(qat)
+
+
+class _BranchingBlock(nn.Module):
+    """A block whose forward does not trace (a Python branch on a shape, as timm's MobileVitBlock):
+    the model traces with it as a leaf, and its children are traced and prepared apart."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.kxk = nn.Sequential(nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.pw = nn.Sequential(nn.Conv2d(c, 2 * c, 1), nn.BatchNorm2d(2 * c), nn.ReLU())
+
+    def forward(self, x):
+        if x.shape[-1] > 1:
+            x = self.kxk(x)
+        return self.pw(x)
+
+
+class _WithBranchingBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = _BranchingBlock(8)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.fc(F.adaptive_avg_pool2d(self.block(self.stem(x)), 1).flatten(1))
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_parts_inside_a_leaf_of_a_traced_model_become_integer(runtime):
+    # only the outermost part was converted: the block's prepared children ran as fake-quant float
+    # layers inside the "integer" model, and the report named neither
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    qat = calibrate(fxslim.prepare(_WithBranchingBlock().eval(), x), [x]).eval()
+    integer = convert(qat, runtime=runtime)
+    report = convert_report(integer)
+    assert report.parts == ("", "block.kxk", "block.pw")
+    assert not any(isinstance(m, (QConv2d, ActFakeQuant)) for m in integer.modules())
+    assert any(isinstance(m, QConv2d) for m in qat.block.modules())  # the prepared model is only read
+    with torch.no_grad():
+        torch.testing.assert_close(integer(x), qat(x), atol=0.05, rtol=0)
