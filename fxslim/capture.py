@@ -42,7 +42,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
 from fxslim import generators
-from fxslim.export_parts import export_parts, record_calls, run_example, scratch_copy, short_reason
+from fxslim.export_parts import call_with, export_parts, record_calls, run_example, scratch_copy, short_reason
 from fxslim.ir import (
     IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, OrderedDictOutput, attribute, copy_attributes, detect_ir, meta_val, set_submodule,
 )
@@ -903,7 +903,7 @@ def capture_dynamo(model: nn.Module, example_inputs: Sequence[Any], *, dynamic: 
     try:
         compiled = torch.compile(copy.deepcopy(model), backend=record, dynamic=dynamic)
         with torch.no_grad():
-            compiled(*example_inputs)
+            call_with(compiled, example_inputs)
     finally:
         torch._dynamo.reset()
     return graphs

@@ -193,6 +193,24 @@ def _is_default(value: Any, default: Any) -> bool:
     return type(default) in _SCALARS and type(value) is type(default) and value == default
 
 
+def call_with(module: nn.Module, inputs: Sequence[Any]) -> Any:
+    """``module`` called on example ``inputs``: one value per forward parameter in order, keyword-only
+    ones included (the form ``as_example`` asks for), those passed by keyword.
+
+    Why: the example of ``forward(self, x, *, flip)`` is ``(x, True)``, and ``module(x, True)`` is a
+    TypeError; a root that does not trace whole is run on its example, and failed there."""
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):  # a builtin or C forward: positional, as given
+        return module(*inputs)
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return module(*inputs)
+    positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
+    keyword = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
+    args, rest = tuple(inputs[:positional]), tuple(inputs[positional:])
+    return module(*args, **dict(zip(keyword, rest)))
+
+
 def run_example(root: nn.Module, pre_hooks: list[tuple[nn.Module, Callable]], example_inputs: Sequence[Any]) -> Any:
     """Run ``root`` on a copy of the example once, with forward pre-hooks (``hook(module, args,
     kwargs)``) on the given modules, and undo what the run wrote into buffers (a call counter, BN
@@ -203,7 +221,7 @@ def run_example(root: nn.Module, pre_hooks: list[tuple[nn.Module, Callable]], ex
     inputs = tree_map(lambda v: v.clone() if isinstance(v, torch.Tensor) else v, tuple(example_inputs))
     try:
         with torch.no_grad(), buffers_kept(root), generators.kept():
-            return root(*inputs)
+            return call_with(root, inputs)
     finally:
         for handle in handles:
             handle.remove()

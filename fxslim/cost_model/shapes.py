@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxslim.capture import Captured, Graph, batch_of, capture as capture_graphs, trace
+from fxslim.export_parts import call_with
 from fxslim.ir import attribute, meta_val
 from fxslim.propagate import propagate
 
@@ -210,7 +211,7 @@ def propagate_symbolic(
         handles.append(graph.gm.register_forward_pre_hook(hook))
     try:
         with mode, torch.no_grad(), recorder:
-            captured.module(*fakes)
+            call_with(captured.module, fakes)
     except Exception as exc:  # the eager glue is user code: say why symbolic sizes are impossible
         untraced = ", ".join(p or "<root>" for p, _ in captured.untraced)
         raise ValueError(
@@ -389,7 +390,7 @@ def record_eager(source: Source, example_inputs: tuple | None) -> None:
         handles = recorder.hooks(root, captured)
         try:
             with torch.no_grad(), recorder:
-                root(*inputs)
+                call_with(root, inputs)
             source.eager, source.repeats = recorder.calls, recorder.repeats
             return
         except Exception as exc:  # eager user code: try the next way, else report it as unknown

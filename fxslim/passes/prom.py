@@ -24,6 +24,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxslim.capture import is_input_guard
+from fxslim.export_parts import call_with
 from fxslim.config import check_choice, check_range
 from fxslim.ir import ConvView, LinearView, META_PASS, meta_val, node_fqn, set_submodule, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
@@ -271,7 +272,7 @@ def calibrate(model: nn.Module, batches: Iterable[Any]) -> nn.Module:
         for m in observers.values():
             m.train()
         for batch in batches:
-            model(*batch) if isinstance(batch, (tuple, list)) else model(batch)
+            call_with(model, batch) if isinstance(batch, (tuple, list)) else model(batch)
     finally:
         for m, training in modes:
             m.training = training

@@ -11,6 +11,7 @@ import torch.fx as fx
 from torch import nn
 
 from fxslim.capture import compiled_original
+from fxslim.export_parts import call_with
 from fxslim.ir import META_PROM_QUANT
 from fxslim.runtime.prom_qat import ActFakeQuant
 
@@ -55,7 +56,7 @@ def code_agreement(qat_model: nn.Module, int_model: nn.Module, *inputs: Any,
              for n, m in qat_model.named_modules() if isinstance(m, ActFakeQuant)]
     modes = [(m, m.training) for m in qat_model.modules()]  # each module's own: a frozen BN stays in eval mode
     try:
-        qat_model.eval()(*inputs)
+        call_with(qat_model.eval(), inputs)
     finally:
         for h in hooks:
             h.remove()
@@ -86,7 +87,7 @@ def code_agreement(qat_model: nn.Module, int_model: nn.Module, *inputs: Any,
         for path, part in parts.items():
             part.forward = lambda *args, part=part, prefix=f"{path}.": _Recorder(part, prefix).run(*args)
         try:
-            int_model(*inputs)
+            call_with(int_model, inputs)
         finally:
             for part in parts.values():
                 del part.forward  # the instance attribute: the class's forward again
