@@ -153,6 +153,11 @@ class ActFakeQuant(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == 0:  # an empty batch has no range to observe
             return x.clone()
+        if x.is_meta or self.initialized.is_meta:
+            # shapes only (the cost model's meta twin): no range to observe, and fake_quantize has no
+            # meta kernel; the same arithmetic in ops that have one
+            codes = torch.clamp(torch.round(x / self.scale) + self.zero_point, _QMIN, _QMAX)
+            return torch.where(torch.isnan(x), x, (codes - self.zero_point) * self.scale)
         initialized = bool(self.initialized)
         if bool(self.observer_enabled) and (self.training or not initialized):
             self._observe(x)

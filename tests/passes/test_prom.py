@@ -148,6 +148,16 @@ def test_prom_prepared_modules_take_the_models_mode(mode):
             assert torch.equal(qat(x), before)
 
 
+def test_prom_prepared_model_is_costed_without_unknown_ops():
+    # the cost model runs it on a meta twin, where the observers' bool(initialized) and
+    # fake_quantize have no kernel: 65 "ActFakeQuant (not runnable on meta tensors)" on mobilenet_v2
+    torch.manual_seed(0)
+    model, x = torchvision.models.mobilenet_v2(num_classes=10).eval(), torch.rand(1, 3, 64, 64)
+    result = fxslim.optimize(model, x, passes=["prom"])
+    assert result.cost_after.unknown_ops == {}
+    assert result.cost_after.total.macs == result.cost_before.total.macs
+
+
 def test_prom_second_run_is_not_modified(mobilenet):
     _, x, qat, _ = mobilenet
     gm = copy.deepcopy(qat)
