@@ -109,6 +109,37 @@ def test_haste_skips_the_stem_when_the_image_comes_in_a_container(container):
     assert [e.fqn for e in res.report.entries("haste") if e.status == "rewritten"] == ["conv"]
 
 
+class _Preprocessing(nn.Module):
+    """A deployment wrapper: a data-dependent check (the root stays eager), then [N, H, W, 3] uint8
+    to [N, 3, 24, 24] floats, or a flip test-time augmentation; the backbone is traced apart."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.backbone = _ImageIn("tuple")
+
+    def forward(self, image):
+        if image.float().mean() > 254:
+            raise ValueError("blank image")
+        if self.how == "resize":
+            x = F.interpolate(image.permute(0, 3, 1, 2).float() / 255, size=(24, 24), mode="bilinear")
+        else:
+            x = torch.cat([image, image.flip(-1)])
+        return self.backbone((x,))
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+@pytest.mark.parametrize("how", ["resize", "flip"])
+def test_haste_skips_the_stem_of_a_backbone_the_eager_root_feeds_another_shape(how, capture):
+    # the image of a part traced apart was known only by the example's full shape: after a resize,
+    # a transpose or a doubled batch the stem was rewritten
+    torch.manual_seed(0)
+    image = torch.randint(0, 256, (1, 20, 30, 3), dtype=torch.uint8) if how == "resize" else torch.rand(1, 3, 16, 16)
+    res = _optimize(_Preprocessing(how).eval(), image, ["haste:L=12"], capture=capture)
+    assert res.report.untraced
+    assert {e.fqn: e.reason for e in res.report.entries("haste")}["backbone.stem"] == "stem"
+
+
 def test_haste_planes_come_from_seed_plus_layer_index_in_every_ir():
     model, x = _net_and_input()
     symbolic = _optimize(model, x, ["haste:L=9,seed=5"]).module
