@@ -32,7 +32,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from fxslim.capture import Captured, Graph, batch_of, capture as capture_graphs, trace
 from fxslim.export_parts import call_with
-from fxslim.ir import attribute, meta_val
+from fxslim.ir import ConvView, attribute, meta_val, views
 from fxslim.propagate import propagate
 
 __all__ = ["Source", "capture_for_cost", "propagate_symbolic", "symbolic_dims", "record_eager", "to_expr", "NodeRunner",
@@ -201,7 +201,7 @@ def propagate_symbolic(
                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); cost the sizes you need "
                 "one by one (fxslim.cost_model.sweep)") from exc
         _check_not_specialised(env, rename)
-        return mode, rename, symbols, conditions(env, rename)
+        return mode, rename, symbols, conditions(env, rename) + kernel_fits(captured, rename)
     seen: dict[str, tuple] = {}
     recorder = _EagerRecorder()  # the eager code's own ops, on symbolic sizes too
     handles = recorder.hooks(captured.module, captured)
@@ -227,7 +227,7 @@ def propagate_symbolic(
         if graph.path in seen:
             propagate(graph.gm, seen[graph.path], mode=mode, around_node=recording(source.recorded))
     _check_not_specialised(env, rename)
-    return mode, rename, symbols, conditions(env, rename)
+    return mode, rename, symbols, conditions(env, rename) + kernel_fits(captured, rename)
 
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
@@ -265,6 +265,32 @@ def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[A
         renamed = expr.xreplace(dict(rename))
         if renamed not in out:
             out.append(renamed)
+    return tuple(out)
+
+
+def kernel_fits(captured: Captured, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[Any, ...]:
+    """For each conv whose input height or width is a formula in the named sizes, that the kernel fits
+    the padded input (``h + 2·pad >= dilation·(k − 1) + 1``), where it is not so for every size.
+
+    Why: the conv that raises "Kernel size can't be greater than actual input" checks this in
+    ATen's kernel, not in the shape function a fake run goes through, so no guard records it, and
+    a formula gave numbers (not even increasing) at sizes where the model fails."""
+    named, out = set(rename), []
+    for graph in captured.graphs:
+        for view in views(graph.gm):
+            x = meta_val(view.input) if isinstance(view, ConvView) else None
+            if not isinstance(x, torch.Tensor) or x.dim() != 4 or view.transposed or view.padding_spec == "same":
+                continue
+            for size, k, pad, dilation in zip(x.shape[2:], view.kernel, view.padding, view.dilation):
+                expr = size.node.expr if isinstance(size, torch.SymInt) else None
+                if expr is None or not expr.free_symbols or not expr.free_symbols <= named:
+                    continue
+                fits = sympy.Ge(expr + 2 * pad, dilation * (k - 1) + 1)
+                if fits.xreplace({s: 1 for s in expr.free_symbols}) is sympy.true:
+                    continue  # holds at size 1, so at every size: the input grows with the named sizes
+                renamed = fits.xreplace(dict(rename))
+                if renamed not in out:
+                    out.append(renamed)
     return tuple(out)
 
 

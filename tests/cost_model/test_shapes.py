@@ -151,6 +151,20 @@ class _LargeExtra(nn.Module):
         return y
 
 
+def test_symbolic_formulas_refuse_sizes_a_kernel_does_not_fit():
+    # ATen's conv checks the kernel against the padded input, the fake run's shape function does
+    # not: no guard, and the formula gave 864, 792, 2304 and 5400 MACs at 4, 3, 2 and 1 px
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 3), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    report = fxslim.estimate(model, torch.randn(1, 3, 16, 16), symbolic={"h": 2, "w": 3})
+    for size in (5, 16):
+        assert report.evaluate(h=size, w=size).total.macs == fxslim.estimate(model, torch.randn(1, 3, size, size)).total.macs
+    for size in (1, 2, 3, 4):
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+            model(torch.randn(1, 3, size, size))
+        with pytest.raises(ValueError):
+            report.evaluate(h=size, w=size)
+
+
 def test_symbolic_condition_on_two_sizes_is_checked_when_they_are_given_one_at_a_time():
     report = fxslim.estimate(_LargeExtra().eval(), torch.randn(1, 3, 64, 64), symbolic={"h": 2, "w": 3})
     assert report.evaluate(w=200).evaluate(h=400).total.macs == 3 * 8 * 200 * 400
