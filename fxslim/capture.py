@@ -1026,7 +1026,14 @@ def capture(
             warn_user(f"capture='export': torch.export inlines the hooks of {', '.join(map(repr, hooked))}: what they "
                       "return is in the graph, but they do not run when it runs (a hook that records outputs sees "
                       "nothing); the default capture='symbolic' keeps them running")
-        root, parts, eager = export_parts(model, example_inputs)
+        try:
+            root, parts, eager = export_parts(model, example_inputs)
+        except Exception as exc:  # torch.export's own error: nothing of the model exported
+            raise CaptureError(
+                f"capture='export': {type(model).__name__} does not export, nor any of its submodules "
+                f"({short_reason(exc)}). Fix: capture='symbolic' (the default), which keeps code that does not "
+                "trace eager and rewrites the parts that do, or torch.compile(model, backend='fxslim'), or make "
+                "forward exportable (torch.cond instead of a Python branch on a tensor value)") from exc
         graphs = []
         for part in parts:
             part.gm.meta[META_PREFIX] = part.path

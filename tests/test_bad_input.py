@@ -15,6 +15,7 @@ import warnings
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 from torch import nn
 
 import fxslim
@@ -202,6 +203,21 @@ def test_keyword_only_arguments_of_a_root_that_runs_on_its_example(capture):
         with torch.no_grad():
             torch.testing.assert_close(result.module(x, **kwargs), model(x, **kwargs))
         assert fxslim.estimate(model, example, capture=capture).total.macs > 0
+
+
+def test_export_capture_of_a_model_nothing_of_which_exports_raises_capture_error():
+    # torch's GuardOnDataDependentSymNode came out bare, where capture='symbolic' names the fixes
+    class Branching(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 3, 3, 3))
+
+        def forward(self, x):
+            h = F.conv2d(x, self.w, padding=1)
+            return h * 2 if h.mean() > 0 else h
+
+    with pytest.raises(CaptureError, match=r"capture='export': Branching does not export.*Fix: capture='symbolic'"):
+        fxslim.optimize(Branching().eval(), _x(), passes=["haste"], capture="export")
 
 
 def test_optimize_too_many_example_inputs_raise_value_error():
