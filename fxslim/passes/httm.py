@@ -79,7 +79,7 @@ class _Layout:
     @property
     def runtime(self) -> str:
         """How the rewritten graph finds the layout at run time (for the report)."""
-        if self.frames is not None:
+        if self.frames is not None and self.frames_of is None:
             return f"frames={self.frames}, tokens_per_frame = N // {self.frames}"
         if self.per_frame is not None:
             return f"tokens_per_frame = {self.per_frame.name}.size(-2), frames = N // tokens_per_frame"
@@ -323,9 +323,10 @@ class HTTM(Pass):
             if n == p and self.frames is None:
                 return None, "single_frame", (
                     f"N={n} is one frame of tokens_per_frame={p}: frame attention, not global")
-            # a configured P holds at the example's image size; the frame count of a [B, S, C, H, W]
-            # input, when there is one, gives the P of every other size
-            frames_of = None if self.frames is not None else _frames_input(gm, n // p)
+            # a configured P holds at the example's image size, a configured frame count at the
+            # example's; the frame count of a [B, S, C, H, W] input, when there is one, gives both at
+            # every other size (HTTM(frames=4) called with 8 frames took 8 frames of 2P tokens)
+            frames_of = _frames_input(gm, n // p)
             return _Layout(p, sp, self.frames, n // p, None, "config", frames_of=frames_of), "", ""
         pos_node = _positions_node(view.q, n)
         if pos_node is None and _frames_input(gm, n) is not None:
@@ -389,7 +390,7 @@ def _runtime_layout(gm: fx.GraphModule, ctx: PassContext, view: AttentionView, l
             fields.append(field_node)
         return fields[0], fields[1]
     length = _size(gm, ctx, view.q, 2)
-    if lay.frames is not None:
+    if lay.frames is not None and lay.frames_of is None:
         return lay.frames, _floordiv(gm, length, lay.frames)
     if lay.frames_of is not None:
         node, channels = lay.frames_of

@@ -85,6 +85,29 @@ def test_configured_frames_traced_apart_frame_attention_left_dense_global_rewrit
         torch.testing.assert_close(exact(other), model(other), atol=1e-5, rtol=1e-5)
 
 
+class ClipGlobal(nn.Module):
+    """[B, S, 3, H, W] images, 5 special tokens per frame, one global attention without positions."""
+
+    def __init__(self, dim: int = 32) -> None:
+        super().__init__()
+        self.embed, self.attn = nn.Conv2d(3, dim, 7, 7), Attention(dim)
+        self.special = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+
+    def forward(self, images):
+        t, _ = _frame_tokens(self, images)
+        return self.attn(t.reshape(images.shape[0], -1, t.shape[-1]))
+
+
+def test_configured_frames_follow_the_frames_of_a_clip_input():
+    # HTTM(frames=3) called with 5 frames told the op 3 frames of 5/3 of a frame's tokens: the
+    # special tokens of the frames in between were merged as patches, without a word
+    torch.manual_seed(0)
+    model = ClipGlobal().eval()
+    result = _optimize(model, (torch.rand(1, 3, 3, 21, 21),), fxslim.HTTM(frames=3, special_tokens=5))
+    assert _status(result) == {"attn": ("rewritten", "")}
+    assert _layouts(result.module, torch.rand(1, 5, 3, 21, 21)) == [(5 * 14, 5, 14)]  # 5 special + 3x3 patches
+
+
 class PoseHead(nn.Module):
     """[B, S, 3, H, W] -> frame attention [B·S, 16], global [B, S·16], then a pose head attending
     over the S per-frame mean tokens [B, S] (one token per frame)."""
