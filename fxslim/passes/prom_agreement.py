@@ -85,7 +85,8 @@ def code_agreement(qat_model: nn.Module, int_model: nn.Module, *inputs: Any,
         _Recorder(int_model, "").run(*inputs)
     else:  # a model converted in parts: each part records while the model runs
         for path, part in parts.items():
-            part.forward = lambda *args, part=part, prefix=f"{path}.": _Recorder(part, prefix).run(*args)
+            prefix = f"{path}." if path else ""  # the root is a part too when parts sit inside its leaves
+            part.forward = lambda *args, part=part, prefix=prefix: _Recorder(part, prefix).run(*args)
         try:
             call_with(int_model, inputs)
         finally:

@@ -604,3 +604,13 @@ def test_parts_inside_a_leaf_of_a_traced_model_become_integer(runtime):
     assert any(isinstance(m, QConv2d) for m in qat.block.modules())  # the prepared model is only read
     with torch.no_grad():
         torch.testing.assert_close(integer(x), qat(x), atol=0.05, rtol=0)
+
+
+def test_code_agreement_of_parts_inside_a_leaf_of_a_traced_model():
+    # the root is a part too: its quantizers were looked up as ".prom_quant.x" (KeyError)
+    torch.manual_seed(0)
+    x = torch.randn(4, 3, 32, 32)
+    qat = calibrate(fxslim.prepare(_WithBranchingBlock().eval(), x), [x]).eval()
+    agreement = code_agreement(qat, convert(qat), x)
+    assert {name.rpartition("prom_quant")[0] for name in agreement.layers} == {"", "block.kxk.", "block.pw."}
+    assert agreement.within_one == 1.0
