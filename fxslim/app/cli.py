@@ -272,8 +272,12 @@ def _check(args: argparse.Namespace) -> None:
 
 
 def _one_line(exc: BaseException) -> str:
+    """The error's first line, and the graph node it names (fx's "While executing %conv1 : ...")."""
     lines = str(exc).strip().splitlines()
     text = lines[0] if lines else ""
+    node = next((line.split(":")[0].strip() for line in lines[1:] if line.startswith("While executing %")), None)
+    if node is not None:
+        text = f"{text} ({node.lower()})"
     return text if isinstance(exc, (ValueError, TypeError)) else f"{type(exc).__name__}: {text}"
 
 
