@@ -299,12 +299,13 @@ def _check_not_specialised(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]
     for symbol, name in rename.items():
         fixed = env.replacements.get(symbol)
         if fixed is not None and fixed.is_number:
+            at = " (an example size of 1 is propagated at 2)" if fixed == 2 else ""
             raise ValueError(
-                f"symbolic: the model fixes {str(name)!r} to {fixed}, the size it was propagated at: an op needs "
+                f"symbolic: the model fixes {str(name)!r} to {fixed}, the size it was propagated at{at}: an op needs "
                 "that size (a flatten feeding a Linear; an exported graph checks its input sizes unless exported "
                 "with dynamic shapes), or PyTorch fixes it under symbolic shapes where the model runs at any size "
-                "(bilinear interpolation, window attention); name only sizes that stay free, or cost the sizes you "
-                "need one by one (fxslim.cost_model.sweep)"
+                "(interpolation such as nn.Upsample, window attention); name only sizes that stay free, or cost the "
+                "sizes you need one by one (fxslim.cost_model.sweep)"
             )
 
 

@@ -165,6 +165,14 @@ def test_symbolic_formulas_refuse_sizes_a_kernel_does_not_fit():
             report.evaluate(h=size, w=size)
 
 
+def test_symbolic_size_pinned_by_an_upsample_says_where_its_value_comes_from():
+    # "fixes 'batch' to 2" for an example of batch 1 named a size the user never gave
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(scale_factor=2)).eval()
+    with pytest.raises(ValueError, match=r"fixes 'batch' to 2, the size it was propagated at \(an example size of 1 "
+                                         r"is propagated at 2\).*nn.Upsample"):
+        fxslim.estimate(model, torch.randn(1, 3, 8, 8), symbolic={"batch": 0})
+
+
 def test_symbolic_condition_on_two_sizes_is_checked_when_they_are_given_one_at_a_time():
     report = fxslim.estimate(_LargeExtra().eval(), torch.randn(1, 3, 64, 64), symbolic={"h": 2, "w": 3})
     assert report.evaluate(w=200).evaluate(h=400).total.macs == 3 * 8 * 200 * 400
