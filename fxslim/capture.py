@@ -976,6 +976,18 @@ def compiled_original(model: Any, returns: str | None = None) -> Any:
     return model._orig_mod
 
 
+def _copyable(model: Any) -> Any:
+    """``model``, or a copy of it when it holds a tensor autograd made as a plain attribute, which
+    ``copy.deepcopy`` refuses ("Only Tensors created explicitly by the user (graph leaves) support the
+    deepcopy protocol"): the ``weight`` of ``torch.nn.utils.weight_norm`` (the old function) before any
+    forward under no_grad. In the copy that tensor is detached; its forward hook computes it anew."""
+    if not isinstance(model, nn.Module):
+        return model
+    made = {id(value): value.detach().clone() for m in model.modules() for value in vars(m).values()
+            if isinstance(value, torch.Tensor) and not value.is_leaf}
+    return copy.deepcopy(model, made) if made else model
+
+
 def capture(
     model: nn.Module | fx.GraphModule | torch.export.ExportedProgram,
     example_inputs: Sequence[Any] | None = None,
@@ -990,7 +1002,7 @@ def capture(
     """
     if method not in ("symbolic", "export"):
         raise ValueError(f"capture: method must be 'symbolic' or 'export', got {method!r}")
-    model = compiled_original(model)
+    model = _copyable(compiled_original(model))
     example_inputs = as_example(example_inputs, model)
     leaf_modules = leaf_module_types(leaf_modules)
     batch = batch_of(example_inputs)

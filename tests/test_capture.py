@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import random
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ import torch.nn.functional as F
 import torch.fx as fx
 from torch import nn
 
+import fxslim
 from fxslim.capture import CaptureError, UnfaithfulTrace, capture, capture_dynamo, placeholder_fqns, trace
 from fxslim.ir import META_FROZEN_MODE, meta_val
 
@@ -621,3 +623,19 @@ def test_a_batch_norm_act_called_whole_keeps_its_activation():
         with torch.no_grad():
             assert torch.equal(gm(x), model(x))
     assert len(calls) >= 4  # each traced model's call, and the model's own
+
+
+def test_a_model_with_the_old_weight_norm_is_captured_before_any_forward():
+    # torch.nn.utils.weight_norm leaves a non-leaf `weight` attribute until a no_grad forward, and
+    # copy.deepcopy refuses it: optimize, estimate and prepare failed with torch's RuntimeError
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # weight_norm's deprecation
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                              nn.utils.weight_norm(nn.Conv2d(8, 8, 3, padding=1))).eval()
+        x = torch.randn(1, 3, 16, 16)
+        result = fxslim.optimize(model, x, passes=["haste:L=48,sparsity=0"])
+    assert not model[2].weight.is_leaf  # the caller's model is as it was
+    assert fxslim.estimate(model, x).total.macs == result.cost_before.total.macs > 0
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), atol=1e-5, rtol=1e-5)
