@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_flatten, tree_leaves
 
 from fxslim.capture import Captured, as_example, capture as capture_graphs, compiled_original
 from fxslim.cost_model import compare, estimate
@@ -144,6 +144,7 @@ def optimize(
     _warn_frozen_modes(captured.graphs, trains=any(p.name == "prom" for p in parsed))
     for graph in captured.graphs:
         ctx = PassContext(ir=graph.ir, batch_size=captured.batch_size, input_shapes=_tensor_shapes(example_inputs),
+                          input_views=_list_views(example_inputs),
                           placeholder_values=graph.placeholder_values, policy=policy, path=graph.path)
         for result in run_passes(graph.gm, parsed, ctx):
             report.passes.append(result.report)
@@ -171,6 +172,22 @@ def _tensor_shapes(example_inputs: Sequence[Any] | None) -> tuple[tuple[int, ...
     """The shapes of the example's tensor inputs, also those in a dict, list or tuple (what HTTM reads
     a [B, S, C, H, W] frame dim from, what HASTE tells the image by)."""
     return tuple(tuple(x.shape) for x in tree_leaves(tuple(example_inputs or ())) if isinstance(x, torch.Tensor))
+
+
+def _list_views(example_inputs: Sequence[Any] | None) -> int:
+    """The length of the longest list or tuple input whose items are alike (tensors of one shape, or
+    containers of the same structure and shapes): the views of a model fed per-view images as
+    DUSt3R and Fast3R take them, e.g. ``[{"img": [B, 3, H, W]}, ...]``; 0 without one."""
+    def signature(item: Any) -> Any:
+        leaves, spec = tree_flatten(item)
+        return spec, tuple(tuple(x.shape) if isinstance(x, torch.Tensor) else type(x) for x in leaves)
+
+    views = 0
+    for value in example_inputs or ():
+        if isinstance(value, (list, tuple)) and len(value) > 1 and len({signature(v) for v in value}) == 1:
+            if any(isinstance(x, torch.Tensor) for x in tree_leaves(value[0])):
+                views = max(views, len(value))
+    return views
 
 
 def _containers_follow_parents(root: nn.Module) -> None:

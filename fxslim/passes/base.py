@@ -93,12 +93,14 @@ class PassResult:
 @dataclass
 class PassContext:
     """What a pass knows besides the graph: the model's batch size and the shapes of its tensor
-    inputs (``optimize``'s example; a graph traced apart does not see them), real values of
-    placeholder weights (dynamo graphs), the user's policy, and where the graph sits in the model."""
+    inputs (``optimize``'s example; a graph traced apart does not see them), how many views a list
+    input holds (``[{"img": ...}, ...]``: 0 without one), real values of placeholder weights (dynamo
+    graphs), the user's policy, and where the graph sits in the model."""
 
     ir: IR
     batch_size: Any = None
     input_shapes: tuple[tuple[int, ...], ...] = ()
+    input_views: int = 0
     placeholder_values: dict[str, Any] = field(default_factory=dict)
     policy: Policy = field(default_factory=Policy)
     path: str = ""

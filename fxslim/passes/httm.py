@@ -14,7 +14,6 @@ shapes (``fxslim.capture`` provides them). Semantics and defaults: docs/methods/
 from __future__ import annotations
 
 import builtins
-import collections
 import math
 import operator
 from dataclasses import dataclass
@@ -506,8 +505,9 @@ def _cross_tokens(gm: fx.GraphModule, view: AttentionView, projections: dict[fx.
     clip attending to another's keys: same shapes, but not one sequence attending to itself),
     ("", "") otherwise or when it cannot tell (no projection on a path).
 
-    Other tokens: a projection of q, k or v saw more or fewer tokens than q holds (one linear over
-    two clips, each side then cut out of its output), or q's projections and k's (v's) read inputs
+    Other tokens: a projection of q, k or v saw more tokens than q holds (one linear over two clips,
+    each side then cut out of its output; fewer is fine: special tokens concatenated after the
+    projection, a position table projected once for the batch), or q's projections and k's (v's) read inputs
     that are not the same tokens, also after adding a term computed from no input (``x + pos_emb``
     for q and k, ``x`` for v, as DETR writes it, is one sequence)."""
     q_shape = meta_val(view.q).shape
@@ -516,7 +516,7 @@ def _cross_tokens(gm: fx.GraphModule, view: AttentionView, projections: dict[fx.
     for name, found in sources.items():
         for source in sorted(found, key=lambda n: n.name):
             seen = _token_count(source)
-            if seen is not None and seen != tokens:
+            if seen is not None and seen > tokens:
                 return "cross_attention", (f"{name} is projected from {source.name}, {seen} tokens, where q holds "
                                            f"{tokens} (batch x sequence): each side is cut out of a projection of "
                                            "other tokens as well")
@@ -558,7 +558,10 @@ def _shift(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
     params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
     shape = getattr(meta_val(node), "shape", None)
     for x, term in (operands, operands[::-1]):
-        inputs = [n for n in _data_ancestors(gm, term) if n.op == "placeholder" and n.name not in params]
+        # sizes and 0-d numbers (Embedding.norm_type) are no input's values: dynamo passes them as
+        # placeholders under dynamic=True
+        inputs = [n for n in _data_ancestors(gm, term) if n.op == "placeholder" and n.name not in params
+                  and isinstance(val := meta_val(n), torch.Tensor) and val.dim() > 0]
         if getattr(meta_val(x), "shape", None) == shape and not inputs:
             return x
     return None
@@ -593,23 +596,10 @@ def _window_of_frames(gm: fx.GraphModule, ctx: PassContext, layout: FrameLayout 
     if clips and frames not in clips and max(clips) > frames:
         return "local_attention", (f"sequences of {frames} frames where the input has {max(clips)}: a window over some "
                                    "of the frames is not global attention")
-    views = _view_inputs(gm, ctx)
-    if views > frames:
-        return "local_attention", (f"sequences of {frames} frames where the input holds {views} views (images of "
-                                   "one shape): a window over some of the views is not global attention")
+    if ctx.input_views > frames:
+        return "local_attention", (f"sequences of {frames} frames where the input is a list of {ctx.input_views} "
+                                   "views: a window over some of the views is not global attention")
     return "", ""
-
-
-def _view_inputs(gm: fx.GraphModule, ctx: PassContext) -> int:
-    """How many 4-d inputs of one shape the model's example (or else this graph) has: the views of a
-    model fed a list of images ([{"img": [B, 3, H, W]}, ...] as DUSt3R and Fast3R take them)."""
-    shapes = [s for s in ctx.input_shapes if len(s) == 4]
-    if not shapes:
-        params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
-        shapes = [tuple(_hint(n) for n in val.shape) for node in gm.graph.nodes
-                  if node.op == "placeholder" and node.name not in params
-                  and isinstance(val := meta_val(node), torch.Tensor) and val.dim() == 4]
-    return max(collections.Counter(shapes).values(), default=0)
 
 
 def _positions_node(q: Any, n: int) -> fx.Node | None:

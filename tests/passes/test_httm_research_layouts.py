@@ -325,6 +325,46 @@ def test_cross_attention_through_one_shared_projection_is_left_dense(stack):
             torch.testing.assert_close(result.module(*longer), model(*longer))
 
 
+class SpecialsAfterProjection(nn.Module):
+    """Global attention whose special tokens' q, k, v are learned and concatenated after the patch
+    projection, or whose q and k get a position table projected once for the batch: the projections
+    saw fewer rows than q holds, and both were taken for cross-attention."""
+
+    def __init__(self, variant: str, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.variant, self.heads, self.rope = variant, heads, RoPE2D()
+        self.embed, self.qkv, self.pos_proj = nn.Conv2d(3, dim, 7, 7), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        self.special = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+        self.special_qkv = nn.Parameter(torch.randn(1, 1, 5, 3 * dim) * 0.02)
+        self.pos_table = nn.Parameter(torch.randn(1, 256, dim) * 0.02)
+
+    def forward(self, images):
+        b, s = images.shape[:2]
+        t, pos = _frame_tokens(self, images)
+        pos, c = pos.reshape(b, -1, 2), t.shape[-1]
+        if self.variant == "specials_after":
+            patches = self.qkv(t[:, 5:].reshape(b, s, -1, c))
+            qkv = torch.cat([self.special_qkv.expand(b, s, -1, -1), patches], 2)
+        else:
+            qkv = self.qkv(t.reshape(b, -1, c))
+        n = pos.shape[1]
+        q, k, v = qkv.reshape(b, n, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        if self.variant == "position_table":
+            table = self.pos_proj(self.pos_table[:, :n]).view(1, n, self.heads, -1).transpose(1, 2)
+            q, k = q + table, k + table
+        return F.scaled_dot_product_attention(self.rope(q, pos), self.rope(k, pos), v)
+
+
+@pytest.mark.parametrize("variant", ["specials_after", "position_table"])
+def test_projections_of_fewer_rows_than_q_are_still_self_attention(variant):
+    torch.manual_seed(0)
+    model, x = SpecialsAfterProjection(variant).eval(), torch.rand(2, 3, 3, 21, 21)
+    result = _optimize(model, (x,), EXACT)
+    assert _status(result) == {"": ("rewritten", "")}
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x), model(x), atol=1e-5, rtol=1e-5)
+
+
 class PositionAddedToQK(nn.Module):
     """DETR's self-attention: q and k projected from x + a frame embedding, v from x. One sequence
     attending to itself, which was skipped as cross-attention (q and v read other nodes)."""
@@ -357,6 +397,19 @@ def test_position_embedding_added_to_q_and_k_only_is_self_attention():
         torch.testing.assert_close(result.module(other), model(other), atol=1e-5, rtol=1e-5)
 
 
+def test_position_embedding_added_to_q_and_k_is_self_attention_under_dynamic_shapes():
+    # dynamo passes sizes and Embedding.norm_type as placeholders: the embedding counted as an input
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model, x, reports = PositionAddedToQK().eval(), torch.rand(1, 3, 3, 21, 21), []
+    compiled = torch.compile(model, backend="fxslim", dynamic=True,
+                             options={"passes": [EXACT], "inner": "eager", "on_report": reports.extend})
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):  # the RoPE's int(max)
+        torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    assert [(e.status, e.reason) for r in reports for e in r.entries] == [("rewritten", "")]
+
+
 class ViewPairs(nn.Module):
     """A list of per-view images at batch 1: attention over pairs of views, then over all of them.
     At batch 1 every attention was taken for global, so the window over two views was rewritten."""
@@ -382,9 +435,35 @@ def test_window_over_some_views_of_a_list_input_left_dense():
     result = _optimize(model, (views,), EXACT)
     assert _status(result) == {"window_block.attn": ("skipped", "local_attention"),
                                "global_block.attn": ("rewritten", "")}
-    assert "the input holds 4 views" in _details(result)["window_block.attn"]
+    assert "the input is a list of 4 views" in _details(result)["window_block.attn"]
     with torch.no_grad():
         torch.testing.assert_close(result.module(views), model(views), atol=1e-5, rtol=1e-5)
+
+
+class ViewsWithMaps(nn.Module):
+    """A list of views, each an image and a same-shaped map: two 4-d tensors of one shape per view."""
+
+    def __init__(self, dim: int = 32, heads: int = 2) -> None:
+        super().__init__()
+        self.embed, self.embed_map = nn.Conv2d(3, dim, 7, 7), nn.Conv2d(3, dim, 7, 7)
+        self.special = nn.Parameter(torch.randn(1, 5, dim) * 0.02)
+        self.global_block = Block(dim, heads, RoPE2D())
+
+    def forward(self, views):
+        images = torch.stack([v["img"] for v in views], 1)
+        t, pos = _frame_tokens(self, images)
+        maps = self.embed_map(torch.cat([v["normal"] for v in views])).flatten(2).transpose(1, 2)
+        t = t + F.pad(maps, (0, 0, 5, 0))
+        return self.global_block(t.reshape(1, -1, t.shape[-1]), pos=pos.reshape(1, -1, 2))
+
+
+def test_attention_over_every_view_of_a_list_with_two_maps_per_view_is_global():
+    # counting 4-d tensors of one shape made these 4 views 8, and the attention a window
+    torch.manual_seed(0)
+    model = ViewsWithMaps().eval()
+    views = [{"img": torch.rand(1, 3, 21, 21), "normal": torch.rand(1, 3, 21, 21)} for _ in range(4)]
+    result = _optimize(model, (views,), EXACT)
+    assert _status(result) == {"global_block.attn": ("rewritten", "")}
 
 
 # ----------------------------------------------------------------------------------------------
