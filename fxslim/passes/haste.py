@@ -203,15 +203,19 @@ def _one_pixel_output(view: ConvView) -> bool:
 def _image_shapes(ctx: PassContext) -> set[tuple[int, ...]] | None:
     """The shapes a graph input must have to be the image: those of the model's example inputs for
     a submodule traced apart (its inputs are mostly a block's activations), any shape otherwise.
-    A 4-d input of at most 4 channels is an image in either case (``_image_like``)."""
+    A 4-d input with an example image's channel count is one too (``_image_like``)."""
     return {tuple(s) for s in ctx.input_shapes} if ctx.path and ctx.input_shapes else None
 
 
-def _image_like(value: torch.Tensor) -> bool:
-    """[N, C, H, W] with C <= 4 (grey, RGB, RGBA, RGB-D): what a backbone traced apart gets when the
+def _image_like(value: torch.Tensor, image_shapes: set[tuple[int, ...]]) -> bool:
+    """[N, C, H, W] with the C of an image among ``image_shapes`` (the example's: dim 1 of a 4-d
+    input, or its last dim, at most 4, for [N, H, W, C]): what a backbone traced apart gets when the
     eager code around it resized, cropped, stacked or transposed the model's input, so that the
-    shape no longer matches the example's; a block's activations have more channels."""
-    return value.dim() == 4 and isinstance(value.shape[1], int) and value.shape[1] <= 4
+    shape no longer matches the example's. Not any few-channel input: RAFT's update block reads a
+    2-channel flow."""
+    channels = {s[1] for s in image_shapes if len(s) == 4 and s[1] <= 4} | {
+        s[-1] for s in image_shapes if len(s) == 4 and s[-1] <= 4}
+    return value.dim() == 4 and isinstance(value.shape[1], int) and value.shape[1] in channels
 
 
 def _reads_model_input(node: Any, stops: set[fx.Node], params: dict[str, str],
@@ -231,7 +235,7 @@ def _reads_model_input(node: Any, stops: set[fx.Node], params: dict[str, str],
         # the image may come in a dict, list or tuple ({"image": x}): any tensor in the input counts
         if n.op == "placeholder" and n.name not in params and (value is None or any(
                 isinstance(v, torch.Tensor) and v.dim() >= 1
-                and (image_shapes is None or tuple(v.shape) in image_shapes or _image_like(v))
+                and (image_shapes is None or tuple(v.shape) in image_shapes or _image_like(v, image_shapes))
                 for v in tree_leaves(value))):
             return True
         stack.extend(n.all_input_nodes)

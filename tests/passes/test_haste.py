@@ -140,6 +140,31 @@ def test_haste_skips_the_stem_of_a_backbone_the_eager_root_feeds_another_shape(h
     assert {e.fqn: e.reason for e in res.report.entries("haste")}["backbone.stem"] == "stem"
 
 
+class _FlowUpdate(nn.Module):
+    """RAFT-like: an eager loop feeds a 2-channel flow to an update block traced apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = _ImageIn("tuple")
+        self.update = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 2, 3, padding=1))
+
+    def forward(self, image):
+        features = self.encoder((image,))
+        flow = torch.zeros(image.shape[0], 2, *image.shape[2:])
+        for _ in range(2):
+            flow = flow + self.update(flow + features[:, :2])
+            if flow.abs().max() > 1e6:  # a data-dependent stop: the root stays eager
+                break
+        return flow
+
+
+def test_haste_rewrites_a_few_channel_input_that_is_no_image():
+    res = _optimize(_FlowUpdate().eval(), torch.rand(1, 3, 16, 16), ["haste:L=12"])
+    assert res.report.untraced
+    reasons = {e.fqn: e.reason for e in res.report.entries("haste")}
+    assert reasons == {"encoder.stem": "stem", "encoder.conv": "", "update.0": "", "update.2": ""}
+
+
 def test_haste_planes_come_from_seed_plus_layer_index_in_every_ir():
     model, x = _net_and_input()
     symbolic = _optimize(model, x, ["haste:L=9,seed=5"]).module
