@@ -201,7 +201,7 @@ def propagate_symbolic(
                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); cost the sizes you need "
                 "one by one (fxslim.cost_model.sweep)") from exc
         _check_not_specialised(env, rename)
-        return mode, rename, symbols, conditions(env, rename) + kernel_fits(captured, rename)
+        return mode, rename, symbols, conditions(env, rename) + kernel_fits(source, rename)
     seen: dict[str, tuple] = {}
     recorder = _EagerRecorder()  # the eager code's own ops, on symbolic sizes too
     handles = recorder.hooks(captured.module, captured)
@@ -227,7 +227,7 @@ def propagate_symbolic(
         if graph.path in seen:
             propagate(graph.gm, seen[graph.path], mode=mode, around_node=recording(source.recorded))
     _check_not_specialised(env, rename)
-    return mode, rename, symbols, conditions(env, rename) + kernel_fits(captured, rename)
+    return mode, rename, symbols, conditions(env, rename) + kernel_fits(source, rename)
 
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
@@ -268,29 +268,38 @@ def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[A
     return tuple(out)
 
 
-def kernel_fits(captured: Captured, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[Any, ...]:
+def kernel_fits(source: Source, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[Any, ...]:
     """For each conv whose input height or width is a formula in the named sizes, that the kernel fits
-    the padded input (``h + 2·pad >= dilation·(k − 1) + 1``), where it is not so for every size.
+    the padded input (``h + 2·pad >= dilation·(k − 1) + 1``), where it is not so for every size: the
+    convs of the graphs and those the eager code and further graph calls ran (``source.eager``,
+    ``source.repeats``).
 
     Why: the conv that raises "Kernel size can't be greater than actual input" checks this in
     ATen's kernel, not in the shape function a fake run goes through, so no guard records it, and
     a formula gave numbers (not even increasing) at sizes where the model fails."""
-    named, out = set(rename), []
-    for graph in captured.graphs:
+    convs = []  # (input sizes, kernel, padding, dilation)
+    for graph in source.captured.graphs:
         for view in views(graph.gm):
             x = meta_val(view.input) if isinstance(view, ConvView) else None
-            if not isinstance(x, torch.Tensor) or x.dim() != 4 or view.transposed or view.padding_spec == "same":
+            if isinstance(x, torch.Tensor) and x.dim() == 4 and not view.transposed and view.padding_spec != "same":
+                convs.append((x.shape[2:], view.kernel, view.padding, view.dilation))
+    recorded = [op for ops in (source.eager or {}).values() for op in ops]
+    recorded += [op for calls in source.repeats.values() for ops in calls for op in ops]
+    for func, args, _, _ in recorded:
+        if func is torch.ops.aten.convolution.default and args[0].dim() == 4 and not args[6]:
+            convs.append((args[0].shape[2:], tuple(args[1].shape[2:]), tuple(args[4]), tuple(args[5])))
+    named, out = set(rename), []
+    for sizes, kernel, padding, dilation in convs:
+        for size, k, pad, d in zip(sizes, kernel, padding, dilation):
+            expr = size.node.expr if isinstance(size, torch.SymInt) else None
+            if expr is None or not expr.free_symbols or not expr.free_symbols <= named:
                 continue
-            for size, k, pad, dilation in zip(x.shape[2:], view.kernel, view.padding, view.dilation):
-                expr = size.node.expr if isinstance(size, torch.SymInt) else None
-                if expr is None or not expr.free_symbols or not expr.free_symbols <= named:
-                    continue
-                fits = sympy.Ge(expr + 2 * pad, dilation * (k - 1) + 1)
-                if fits.xreplace({s: 1 for s in expr.free_symbols}) is sympy.true:
-                    continue  # holds at size 1, so at every size: the input grows with the named sizes
-                renamed = fits.xreplace(dict(rename))
-                if renamed not in out:
-                    out.append(renamed)
+            fits = sympy.Ge(expr + 2 * pad, d * (k - 1) + 1)
+            if fits.xreplace({s: 1 for s in expr.free_symbols}) is sympy.true:
+                continue  # holds at size 1, so at every size: the input grows with the named sizes
+            renamed = fits.xreplace(dict(rename))
+            if renamed not in out:
+                out.append(renamed)
     return tuple(out)
 
 
@@ -355,15 +364,17 @@ class _EagerRecorder(TorchDispatchMode):
         self.modules: list[tuple[str, int]] = []  # (path, graph depth outside it): a leaf inside a graph
         self.in_graph = 0
         self.graph_calls: dict[str, int] = {}
-        self.repeat: list[str] = []  # the graph a further call of which is running (outermost first)
+        # per graph call running: the graph whose further call records its ops, or None (a first
+        # call, whose ops the graph's own rows count, also inside another graph's further call)
+        self.recording: list[str | None] = []
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         if func in _SKIP_RECORD:
             return out
-        if self.repeat:
-            self.repeats[self.repeat[0]][-1].append((func, args, kwargs, out))
+        if self.recording and self.recording[-1] is not None:
+            self.repeats[self.recording[-1]][-1].append((func, args, kwargs, out))
         elif not self.in_graph and self.modules:
             self.calls.setdefault(self.modules[-1][0], []).append((func, args, kwargs, out))
         return out
@@ -373,15 +384,18 @@ class _EagerRecorder(TorchDispatchMode):
         def enter_graph(mod: nn.Module, *_: Any, _path: str = "") -> None:
             self.in_graph += 1
             self.graph_calls[_path] = calls = self.graph_calls.get(_path, 0) + 1
-            if self.repeat or calls > 1:  # inside a further call everything is that call's
-                if not self.repeat:
-                    self.repeats.setdefault(_path, []).append([])
-                self.repeat.append(_path)
+            outer = self.recording[-1] if self.recording else None
+            if calls == 1:
+                self.recording.append(None)
+            elif outer is not None:  # inside another graph's further call: that call's ops
+                self.recording.append(outer)
+            else:
+                self.repeats.setdefault(_path, []).append([])
+                self.recording.append(_path)
 
         def leave_graph(*_: Any) -> None:
             self.in_graph -= 1
-            if self.repeat:
-                self.repeat.pop()
+            self.recording.pop()
 
         def leave_module(*_: Any) -> None:
             self.in_graph = self.modules.pop()[1]

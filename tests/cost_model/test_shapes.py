@@ -290,6 +290,58 @@ def test_a_graph_called_several_times_is_costed_at_every_call(size, calls):
     assert formula.evaluate(batch=3).total.flops == fxslim.estimate(model, torch.rand(3, 8, size, size)).total.flops
 
 
+class _SmallOnly(nn.Module):
+    """Does not trace (a branch on a size): runs its traced child on small inputs only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        return self.a(x) if x.shape[-1] < 16 else x
+
+
+class _CalledTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.b = nn.Sequential(nn.Conv2d(8, 8, 1), _SmallOnly())
+
+    def forward(self, x):
+        if x.shape[-1] > 2:
+            return self.b(x).mean() + self.b(x[..., ::2, ::2]).mean()
+        return x.mean()
+
+
+def test_a_graph_first_called_inside_another_graphs_further_call_is_counted_once():
+    # its own rows count that call, and the further call's recording counted it again
+    model, x = _CalledTwice().eval(), torch.rand(1, 8, 16, 16)
+    with FlopCounterMode(display=False) as counter:
+        model(x)
+    assert fxslim.estimate(model, x).total.flops == counter.get_total_flops()
+
+
+class _HeadTwice(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Sequential(nn.Conv2d(8, 8, 3), nn.ReLU())
+
+    def forward(self, x):
+        if x.shape[1] != 8:  # the root stays eager
+            raise ValueError("channels")
+        return self.head(x).mean() + self.head(F.max_pool2d(x, 2)).mean()
+
+
+def test_symbolic_formulas_check_the_kernel_of_every_call_of_a_graph():
+    model = _HeadTwice().eval()
+    report = fxslim.estimate(model, torch.rand(1, 8, 32, 32), symbolic={"h": 2, "w": 3})
+    assert report.evaluate(h=8, w=8).total.flops == fxslim.estimate(model, torch.rand(1, 8, 8, 8)).total.flops
+    for size in (4, 5):  # the second call's 3x3 kernel does not fit h // 2
+        with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+            model(torch.rand(1, 8, size, size))
+        with pytest.raises(ValueError):
+            report.evaluate(h=size, w=size)
+
+
 def test_symbolic_through_export_keeps_named_dims_dynamic():
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 64, 4)).eval()
     report = fxslim.estimate(model, torch.randn(2, 3, 8, 8), capture="export", symbolic={"batch": 0})
