@@ -42,7 +42,7 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
 from fxslim import generators
-from fxslim.export_parts import call_with, export_parts, record_calls, run_example, scratch_copy, short_reason
+from fxslim.export_parts import call_with, example_call, export_parts, record_calls, run_example, scratch_copy, short_reason
 from fxslim.ir import (
     IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, OrderedDictOutput, attribute, copy_attributes, detect_ir, meta_val, set_submodule,
 )
@@ -569,8 +569,8 @@ def _constant_arguments(module: nn.Module, example_inputs: Sequence[Any]) -> dic
         return {}
     if any(p.kind is p.VAR_POSITIONAL for p in params[: len(example_inputs)]):
         return {}
-    given = {p.name: None for p, value in zip(params, example_inputs)
-             if value is None and p.kind is p.POSITIONAL_OR_KEYWORD}
+    given = {p.name: None for p, value in zip(params, example_inputs)  # keyword-only ones last (``example_call``)
+             if value is None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
     return given | {p.name: p.default for p in params[len(example_inputs):]
                     if p.default is not p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
 
@@ -903,7 +903,8 @@ def capture_dynamo(model: nn.Module, example_inputs: Sequence[Any], *, dynamic: 
     try:
         compiled = torch.compile(copy.deepcopy(model), backend=record, dynamic=dynamic)
         with torch.no_grad():
-            call_with(compiled, example_inputs)
+            args, kwargs = example_call(model, example_inputs)  # the compiled wrapper takes (*args, **kwargs)
+            compiled(*args, **kwargs)
     finally:
         torch._dynamo.reset()
     return graphs
@@ -941,11 +942,15 @@ def as_example(example_inputs: Any, model: Any = None) -> tuple[Any, ...] | None
         if len(example) < len(required):
             raise ValueError(f"example_inputs: {type(model).__name__}.forward takes {required}, got {len(example)} "
                              f"input(s); pass one value for each, e.g. ({', '.join(required)},)")
-        keyword = [p.name for p in params if p.default is inspect.Parameter.empty and p.kind is p.KEYWORD_ONLY]
-        if keyword and len(example) < len(required) + len(keyword):
+        keywords = [p for p in params if p.kind is p.KEYWORD_ONLY]
+        keyword = [p.name for p in keywords if p.default is inspect.Parameter.empty]
+        positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        # values past the positional parameters go to the keyword-only ones in order (``example_call``)
+        through = [p.name for p in keywords[: max((i + 1 for i, p in enumerate(keywords) if p.name in keyword), default=0)]]
+        if keyword and len(example) < len(positional) + len(through):
             raise ValueError(f"example_inputs: {type(model).__name__}.forward requires the keyword-only "
                              f"argument(s) {keyword}, which positional example inputs do not give; pass them "
-                             f"after the others, in order: ({', '.join(required + keyword)},)")
+                             f"after the others, in order: ({', '.join(positional + through)},)")
     return example
 
 

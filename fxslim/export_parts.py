@@ -193,22 +193,28 @@ def _is_default(value: Any, default: Any) -> bool:
     return type(default) in _SCALARS and type(value) is type(default) and value == default
 
 
-def call_with(module: nn.Module, inputs: Sequence[Any]) -> Any:
-    """``module`` called on example ``inputs``: one value per forward parameter in order, keyword-only
-    ones included (the form ``as_example`` asks for), those passed by keyword.
+def example_call(module: nn.Module, inputs: Sequence[Any]) -> tuple[tuple, dict[str, Any]]:
+    """(args, kwargs) that call ``module`` on example ``inputs``: one value per forward parameter in
+    order, keyword-only ones included (the form ``as_example`` asks for), those passed by keyword.
+    More values than parameters stay positional, for the call to refuse them.
 
     Why: the example of ``forward(self, x, *, flip)`` is ``(x, True)``, and ``module(x, True)`` is a
     TypeError; a root that does not trace whole is run on its example, and failed there."""
     try:
         params = list(inspect.signature(module.forward).parameters.values())
     except (TypeError, ValueError):  # a builtin or C forward: positional, as given
-        return module(*inputs)
-    if any(p.kind is p.VAR_POSITIONAL for p in params):
-        return module(*inputs)
+        return tuple(inputs), {}
     positional = sum(p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) for p in params)
     keyword = [p.name for p in params if p.kind is p.KEYWORD_ONLY]
-    args, rest = tuple(inputs[:positional]), tuple(inputs[positional:])
-    return module(*args, **dict(zip(keyword, rest)))
+    if any(p.kind is p.VAR_POSITIONAL for p in params) or len(inputs) > positional + len(keyword):
+        return tuple(inputs), {}
+    return tuple(inputs[:positional]), dict(zip(keyword, inputs[positional:]))
+
+
+def call_with(module: nn.Module, inputs: Sequence[Any]) -> Any:
+    """``module`` called on example ``inputs`` (``example_call``)."""
+    args, kwargs = example_call(module, inputs)
+    return module(*args, **kwargs)
 
 
 def run_example(root: nn.Module, pre_hooks: list[tuple[nn.Module, Callable]], example_inputs: Sequence[Any]) -> Any:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxslim
-from fxslim.capture import CaptureError
+from fxslim.capture import CaptureError, capture_dynamo
 from fxslim.app.cli import main
 from fxslim.runtime.prom_qat import ActFakeQuant
 
@@ -203,6 +203,27 @@ def test_keyword_only_arguments_of_a_root_that_runs_on_its_example(capture):
         with torch.no_grad():
             torch.testing.assert_close(result.module(x, **kwargs), model(x, **kwargs))
         assert fxslim.estimate(model, example, capture=capture).total.macs > 0
+
+
+def test_keyword_only_arguments_after_optional_positional_ones():
+    # the message asked for (x, flip) and the value went to scale; the dynamo capture of a compiled
+    # wrapper, whose signature is (*args, **kwargs), passed the flag positionally
+    class Scaled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+        def forward(self, x, scale=1.0, *, flip):
+            h = self.conv(x) * scale
+            return h.flip(-1) if flip else h
+
+    model, x = Scaled().eval(), _x()
+    with pytest.raises(ValueError, match=r"keyword-only argument\(s\) \['flip'\].*\(x, scale, flip,\)"):
+        fxslim.optimize(model, (x, True), passes=["haste"])
+    result = _quiet(fxslim.optimize, model, (x, 2.0, True), passes=["haste:L=53"])
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x, 2.0, flip=True), model(x, 2.0, flip=True))
+    assert len(capture_dynamo(model, (x, 2.0, True))) == 1
 
 
 def test_export_capture_of_a_model_nothing_of_which_exports_raises_capture_error():

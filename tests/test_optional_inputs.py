@@ -193,3 +193,25 @@ def test_an_argument_the_example_gives_as_none_is_traced_as_none(passes, after):
         torch.testing.assert_close(result.module(*inputs), model(*inputs), atol=tolerance, rtol=0)
         with pytest.raises(ValueError, match="prev: the model was captured with prev=None"):
             result.module(x, torch.zeros(2, 8, 16, 16))
+
+
+class _KeywordMask(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x, *, mask):
+        out = self.conv(x)
+        return out if mask is None else out * mask
+
+
+def test_a_keyword_only_argument_the_example_gives_as_none_is_traced_as_none():
+    # traced as an input, `out * mask` failed on None: 'FakeTensor' and 'NoneType'
+    model, x = _KeywordMask().eval(), torch.rand(1, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxslim.optimize(model, (x, None), passes=["haste:L=48,sparsity=0"])
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x, mask=None), model(x, mask=None), atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="mask: the model was captured with mask=None"):
+            result.module(x, mask=torch.zeros(1, 8, 8, 8))
