@@ -172,7 +172,8 @@ def httm_plan_reference(q: Tensor, k: Tensor, frames: int, tokens_per_frame: int
                     for u in group:
                         deviation[h][u] = float((qb[h, u] - mean).norm())
                 if len(group) == 2:  # a pair deviates equally: one shared value, the tie rule decides
-                    shared = max(deviation[h][u] for u in group)
+                    values = [deviation[h][u] for u in group]
+                    shared = math.nan if any(math.isnan(d) for d in values) else max(values)  # NaN wins, as amax
                     for u in group:
                         deviation[h][u] = shared
         finite = qb.isfinite().all(dim=-1).tolist()  # [heads][n]

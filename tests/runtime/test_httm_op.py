@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -289,6 +291,21 @@ def test_httm_nan_query_leaves_its_group_before_its_finite_members(mode, fractio
     out = httm(q, k, v, frames, p, **kw)
     assert torch.equal(out.isnan(), F.scaled_dot_product_attention(q, k, v).isnan())
     torch.testing.assert_close(out, ref_out, atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
+@pytest.mark.parametrize("seed", range(16, 40))
+def test_httm_plan_non_finite_queries_match_the_reference(seed):
+    # a pair holding an infinite query deviates NaN in the op (amax propagates NaN) and NaN or inf
+    # in the reference, by the order of Python's max: the outlier ranks then differed
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(2, 2, 27, 8, generator=g), torch.randn(2, 2, 27, 8, generator=g)
+    for _ in range(int(torch.randint(1, 4, (1,), generator=g))):
+        b, h, n, f = (int(torch.randint(0, s, (1,), generator=g)) for s in (2, 2, 27, 8))
+        q[b, h, n, f] = [math.nan, math.inf, -math.inf][seed % 3]
+    kw = dict(special_tokens=2, q_ratio=0.55, kv_ratio=0.6, outlier_fraction=0.05, mode="headwise", n_s=4, n_t=2)
+    plan, (_, ref) = httm_plan(q, k, 3, 9, **kw), httm_attention_reference(q, k, k, 3, 9, **kw)
+    for name in ("q_slot", "q_lengths", "outliers"):
+        assert torch.equal(getattr(plan, name), getattr(ref, name)), name
 
 
 def test_httm_plan_infinite_query_joins_the_same_destination_as_in_the_reference():
