@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 
 
 __all__ = [
@@ -153,9 +154,10 @@ class ActFakeQuant(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         if x.numel() == 0:  # an empty batch has no range to observe
             return x.clone()
-        if x.is_meta or self.initialized.is_meta:
-            # shapes only (the cost model's meta twin): no range to observe, and fake_quantize has no
-            # meta kernel; the same arithmetic in ops that have one
+        if x.is_meta or self.initialized.is_meta or (is_fake(x) and not torch.compiler.is_compiling()):
+            # shapes only (the cost model's meta twin, or its fake tensors with symbolic sizes; not a
+            # trace by torch.compile or export, whose graph must observe): no range to observe, and
+            # fake_quantize has no meta kernel; the same arithmetic in ops that have one
             codes = torch.clamp(torch.round(x / self.scale) + self.zero_point, _QMIN, _QMAX)
             return torch.where(torch.isnan(x), x, (codes - self.zero_point) * self.scale)
         initialized = bool(self.initialized)

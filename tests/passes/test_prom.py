@@ -156,6 +156,22 @@ def test_prom_prepared_model_is_costed_without_unknown_ops():
     result = fxslim.optimize(model, x, passes=["prom"])
     assert result.cost_after.unknown_ops == {}
     assert result.cost_after.total.macs == result.cost_before.total.macs
+    # with symbolic sizes (fake tensors), bool(initialized) raised GuardOnDataDependentSymNode
+    formula = fxslim.estimate(result.module, x, symbolic={"batch": 0})
+    assert formula.evaluate(batch=1).total.macs == result.cost_after.total.macs and not formula.unknown_ops
+
+
+def test_prom_qat_model_under_torch_compile_still_observes():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 1)).train()
+    x = torch.rand(2, 3, 16, 16)
+    qat = calibrate(prepare(model, x), [x]).train()
+    observer = [m for m in qat.modules() if isinstance(m, ActFakeQuant)][-1]
+    before = observer.max_val.clone()
+    torch._dynamo.reset()
+    torch.compile(qat, backend="eager")(x * 5).sum().backward()
+    torch._dynamo.reset()
+    assert not torch.equal(before, observer.max_val)
 
 
 def test_prom_second_run_is_not_modified(mobilenet):
