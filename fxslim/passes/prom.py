@@ -24,8 +24,8 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 from fxslim.capture import is_input_guard
-from fxslim.export_parts import call_with
 from fxslim.config import check_choice, check_range
+from fxslim.export_parts import call_with
 from fxslim.ir import ConvView, LinearView, META_PASS, meta_val, node_fqn, set_submodule, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass, replace_fields
 from fxslim.passes.matchers import hooked
