@@ -215,3 +215,25 @@ def test_a_keyword_only_argument_the_example_gives_as_none_is_traced_as_none():
         torch.testing.assert_close(result.module(x, mask=None), model(x, mask=None), atol=1e-5, rtol=0)
         with pytest.raises(ValueError, match="mask: the model was captured with mask=None"):
             result.module(x, mask=torch.zeros(1, 8, 8, 8))
+
+
+class _MaskInTheMiddle(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+
+    def forward(self, x, mask, y):
+        out = self.conv(x)
+        return out + y if mask is None else out * mask + y
+
+
+def test_capture_export_refuses_a_tensor_for_an_argument_exported_at_none():
+    # torch's exported module takes the tensor and leaves it unused: 1.97 where the model gives 1.00
+    model, x, y = _MaskInTheMiddle().eval(), torch.rand(1, 3, 8, 8), torch.rand(1, 8, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxslim.optimize(model, (x, None, y), passes=["haste:L=48,sparsity=0"], capture="export")
+    with torch.no_grad():
+        torch.testing.assert_close(result.module(x, None, y), model(x, None, y), atol=1e-5, rtol=0)
+        with pytest.raises(ValueError, match="mask: the model was captured with mask=None"):
+            result.module(x, torch.zeros(1, 8, 8, 8), y)
