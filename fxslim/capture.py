@@ -1057,7 +1057,8 @@ def capture(
             _concretise_data_dependent(part.gm, part.inputs)
             if not part.path:  # torch's exported module runs a later tensor for an input exported at None, unused
                 nones = {k: v for k, v in _constant_arguments(model, example_inputs).items() if v is None}
-                _guard_concrete_args(part.gm, model, nones)
+                if nones:
+                    _guard_concrete_args(part.gm, model, nones)
             graphs.append(Graph(part.path, part.gm, "aten", part.inputs))
         return Captured(root, graphs, eager, "export", batch)
 
