@@ -6,15 +6,15 @@ frame, window and head attention, other attention forms and everything else stay
 the op with the frame layout from the pass config, else from the RoPE positions feeding q (the
 integer ``[..., N, 2]`` tensor, evaluated from the graph); an owning module's
 ``fxslim_frame_layout``, when the graph module still holds it, marks frame attention and fixes the
-special tokens. Unless ``frames`` is configured, the graph computes frames = N // tokens_per_frame
-(or reads them from a [B, S, C, H, W] input), so the result runs at any frame count. Needs node
+special tokens. The graph reads the frames from a [B, S, C, H, W] input where it has one, else
+computes frames = N // tokens_per_frame unless ``frames`` is configured, so the result runs at any
+frame count. Whether q, k and v are one sequence: ``httm_sources``. Needs node
 shapes (``fxslim.capture`` provides them). Semantics and defaults: docs/methods/HTTM.md.
 """
 
 from __future__ import annotations
 
 import builtins
-import math
 import operator
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,6 +28,7 @@ from fxslim.ir import (
     AttentionView, LinearView, META_CALL_SHAPES, META_PLACEHOLDER_FQNS, META_PREFIX, meta_val, node_fqn, views,
 )
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass
+from fxslim.passes.httm_sources import cross_tokens, data_ancestors, hint
 from fxslim.passes.matchers import attention_scope, match_attention
 from fxslim.propagate import propagate_node
 from fxslim.runtime.frame_layout import FrameLayout, clip_frames, frame_layout_from_positions, read_frame_layout
@@ -38,12 +39,6 @@ __all__ = ["HTTM"]
 _OP = torch.ops.fxslim.httm_attention.default
 _SDPA = (F.scaled_dot_product_attention, torch.ops.aten.scaled_dot_product_attention.default)
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal")
-_METADATA_ATTRS = ("shape", "device", "dtype", "ndim")
-_METADATA_METHODS = ("size", "dim", "numel")
-_METADATA_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default)
-_SHIFTS = (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, torch.ops.aten.add.Tensor,
-           torch.ops.aten.sub.Tensor, torch.ops.aten.mul.Tensor)
-_SHIFT_METHODS = ("add", "sub", "mul")
 _POSITION_HOPS = 16  # how far above q to look for the RoPE positions
 _MAX_EVAL_NODES = 256  # positions come from a few shape-driven ops; more means they depend on activations
 _COMPILE_AFTER = ("rewrite first and compile the result: "
@@ -171,7 +166,7 @@ class HTTM(Pass):
         out: list[Candidate] = []
         # 2. global attention from the shared matcher; 3. module metadata may say "frame"
         matches = match_attention(gm, ctx.batch_size)
-        lengths = {_hint(m.view.q_len) for m in matches if m.view.q_len is not None}
+        lengths = {hint(m.view.q_len) for m in matches if m.view.q_len is not None}
         projections = {v.node: v.input for v in views(gm) if isinstance(v, LinearView)}
         for m in matches:
             view, metadata = m.view, _module_metadata(gm, m.view.node)
@@ -191,7 +186,7 @@ class HTTM(Pass):
             # 4. SDPA without mask/causal/dropout on q, k of one shape; 5. the frame layout
             reason, detail, scale = _check_sdpa(view)
             if not reason:
-                reason, detail = _cross_tokens(gm, view, projections)
+                reason, detail = cross_tokens(gm, view, projections)
             layout = None
             if not reason:
                 layout, reason, detail = cfg._layout(gm, view, ctx, metadata)
@@ -219,7 +214,7 @@ class HTTM(Pass):
         if metadata.get("scope") == "frame":
             return "local_attention", "the owning module's fxslim_frame_layout says scope='frame'"
         if self.frames is not None and view.q_len is not None:
-            n = _hint(view.q_len)
+            n = hint(view.q_len)
             if n * self.frames in lengths:
                 return "local_attention", f"another attention in this graph is frames={self.frames} times as long"
             if n % self.frames == 0 and n // self.frames in lengths:
@@ -239,7 +234,7 @@ class HTTM(Pass):
         ``frames`` and no input of this graph or the model is 5-d (frames on a dim of their own): a model
         fed [S, 3, H, W] runs frame attention of P tokens at that batch, which would pass for
         ``frames`` frames of P / frames tokens (only step 2 of ``_scope`` tells them apart)."""
-        if (self.frames is None or _hint(ctx.batch_size) % self.frames or _frames_input(gm, self.frames) is not None
+        if (self.frames is None or hint(ctx.batch_size) % self.frames or _frames_input(gm, self.frames) is not None
                 or any(len(shape) == 5 for shape in ctx.input_shapes)):  # the frames have a dim of their own
             return ""
         return (f"its batch {ctx.batch_size} is the example's first dim, a multiple of frames={self.frames}: it may "
@@ -264,7 +259,7 @@ class HTTM(Pass):
         frames = layout.example_frames
         if _frames_input(gm, frames) is not None:
             return "", ""
-        window = (f"sequences of {frames} frames (RoPE positions) at batch {_hint(view.batch)}: a window over some "
+        window = (f"sequences of {frames} frames (RoPE positions) at batch {hint(view.batch)}: a window over some "
                   "of the frames is not global attention.")
         return batch_reason, f"{window} {unknown}".strip()
 
@@ -302,7 +297,7 @@ class HTTM(Pass):
                 metadata: dict[str, Any]) -> tuple[_Layout | None, str, str]:
         """(layout, "", "") or (None, reason, detail): config, else RoPE positions (checked against
         the special tokens of the config or the module metadata)."""
-        n = _hint(view.q_len)
+        n = hint(view.q_len)
         specials = self.special_tokens if self.special_tokens is not None else metadata.get("special_tokens")
         if self.frames is not None or self.tokens_per_frame is not None:
             if self.tokens_per_frame is None and n % self.frames:
@@ -354,7 +349,7 @@ class HTTM(Pass):
         # an eager graph may read the layout from the positions' values on each call (one small max)
         read = pos_node if per_frame is None and frames_of is None and ctx.ir == "module" else None
         if (per_frame is None and frames_of is None and read is None and isinstance(view.q_len, torch.SymInt)
-                and any(n.op == "placeholder" for n in _data_ancestors(gm, pos_node))):
+                and any(n.op == "placeholder" for n in data_ancestors(gm, pos_node))):
             return None, "dynamic_frame_layout", (
                 f"the positions {pos_node.name} come in as graph input values and N is dynamic, so the example's "
                 f"{found.tokens_per_frame} tokens per frame would be assumed for every N; compile with "
@@ -429,7 +424,7 @@ def _per_frame_positions(pos: fx.Node, tokens_per_frame: int) -> fx.Node | None:
 def _clip_inputs(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
     """(input, S) of each graph input shaped like multi-view images [B, S, C, H, W]."""
     params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
-    return [(node, _hint(val.shape[1])) for node in gm.graph.nodes
+    return [(node, hint(val.shape[1])) for node in gm.graph.nodes
             if node.op == "placeholder" and node.name not in params
             and isinstance(val := meta_val(node), torch.Tensor) and val.dim() == 5]
 
@@ -441,16 +436,9 @@ def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int | None]
     such inputs (images and their masks) hold the same frames."""
     for node, s in _clip_inputs(gm):
         if s == frames:
-            channels = _hint(meta_val(node).shape[2])
+            channels = hint(meta_val(node).shape[2])
             return node, (channels if channels == s else None)
     return None
-
-
-def _hint(value: Any) -> int:
-    """A concrete int for a size that may be a SymInt (its example value)."""
-    if isinstance(value, torch.SymInt):
-        return int(value.node.hint)
-    return int(value)
 
 
 def _unknown_batch_detail(ctx: PassContext, reason: str) -> str:
@@ -500,91 +488,6 @@ def _check_sdpa(view: AttentionView) -> tuple[str, str, Any]:
     return "", "", args.get("scale")
 
 
-def _cross_tokens(gm: fx.GraphModule, view: AttentionView, projections: dict[fx.Node, Any]) -> tuple[str, str]:
-    """("cross_attention", detail) when q is projected from other tokens than k or v (queries of one
-    clip attending to another's keys: same shapes, but not one sequence attending to itself),
-    ("", "") otherwise or when it cannot tell (no projection on a path).
-
-    Other tokens: a projection of q, k or v saw more tokens than q holds (one linear over two clips,
-    each side then cut out of its output; fewer is fine: special tokens concatenated after the
-    projection, a position table projected once for the batch), or q's projections and k's (v's) read inputs
-    that are not the same tokens, also after adding a term computed from no input (``x + pos_emb``
-    for q and k, ``x`` for v, as DETR writes it, is one sequence)."""
-    q_shape = meta_val(view.q).shape
-    tokens = _hint(q_shape[0]) * _hint(q_shape[2])
-    sources = {name: _projected_from(node, projections) for name, node in (("q", view.q), ("k", view.k), ("v", view.v))}
-    for name, found in sources.items():
-        for source in sorted(found, key=lambda n: n.name):
-            seen = _token_count(source)
-            if seen is not None and seen > tokens:
-                return "cross_attention", (f"{name} is projected from {source.name}, {seen} tokens, where q holds "
-                                           f"{tokens} (batch x sequence): each side is cut out of a projection of "
-                                           "other tokens as well")
-    q = _same_tokens(gm, sources["q"])
-    for name in ("k", "v"):
-        if q and sources[name] and not q & _same_tokens(gm, sources[name]):
-            return "cross_attention", (f"q is projected from {', '.join(sorted(n.name for n in sources['q']))}, "
-                                       f"{name} from {', '.join(sorted(n.name for n in sources[name]))}: other tokens")
-    return "", ""
-
-
-def _token_count(node: fx.Node) -> int | None:
-    """Rows of features [..., C] a linear layer reads from ``node`` (None when its value is unknown)."""
-    val = meta_val(node)
-    if not isinstance(val, torch.Tensor) or val.dim() < 2:
-        return None
-    return math.prod(_hint(n) for n in val.shape[:-1])
-
-
-def _same_tokens(gm: fx.GraphModule, nodes: set[fx.Node]) -> set[fx.Node]:
-    """``nodes`` and what each adds (subtracts, multiplies) a term computed from no model input to:
-    the same tokens, shifted by a position or frame embedding."""
-    found = set(nodes)
-    for node in nodes:
-        while (term := _shift(gm, node)) is not None:
-            node = term
-            found.add(node)
-    return found
-
-
-def _shift(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
-    """The operand x of ``node`` = x + e (x - e, x * e) of x's shape, where e's value comes from no
-    input of the model (parameters, buffers and shapes only); None when ``node`` is no such op."""
-    is_op = (node.op == "call_function" and node.target in _SHIFTS) or (
-        node.op == "call_method" and node.target in _SHIFT_METHODS)
-    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)] if is_op else []
-    if len(operands) != 2:
-        return None
-    params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
-    shape = getattr(meta_val(node), "shape", None)
-    for x, term in (operands, operands[::-1]):
-        # sizes and 0-d numbers (Embedding.norm_type) are no input's values: dynamo passes them as
-        # placeholders under dynamic=True
-        inputs = [n for n in _data_ancestors(gm, term) if n.op == "placeholder" and n.name not in params
-                  and isinstance(val := meta_val(n), torch.Tensor) and val.dim() > 0]
-        if getattr(meta_val(x), "shape", None) == shape and not inputs:
-            return x
-    return None
-
-
-def _projected_from(start: Any, projections: dict[fx.Node, Any]) -> set[fx.Node]:
-    """The inputs of the linear layers nearest above ``start`` (what its tokens were projected from),
-    on the paths of its values (not through reads of a shape)."""
-    found: set[fx.Node] = set()
-    stack, seen = ([start] if isinstance(start, fx.Node) else []), set()
-    while stack:
-        node = stack.pop()
-        if node in seen or _is_metadata_op(node):
-            continue
-        seen.add(node)
-        if node in projections:
-            if isinstance(projections[node], fx.Node):
-                found.add(projections[node])
-            continue
-        stack.extend(node.all_input_nodes)
-    return found
-
-
 def _window_of_frames(gm: fx.GraphModule, ctx: PassContext, layout: FrameLayout | None) -> tuple[str, str]:
     """("local_attention", detail) when the sequence holds fewer frames than a [B, S, C, H, W] input
     (of this graph, or the model's example) has: a window over some of the frames at the model's
@@ -617,7 +520,7 @@ def _nearest_positions(start: fx.Node, length: int, include_start: bool) -> fx.N
             val = meta_val(node)
             if ((include_start or node is not start) and isinstance(val, torch.Tensor)
                     and not val.dtype.is_floating_point and val.dim() >= 2 and val.shape[-1] == 2
-                    and _hint(val.shape[-2]) == length):
+                    and hint(val.shape[-2]) == length):
                 return node
             for arg in node.all_input_nodes:
                 if arg not in seen:
@@ -625,24 +528,6 @@ def _nearest_positions(start: fx.Node, length: int, include_start: bool) -> fx.N
                     nxt.append(arg)
         frontier = nxt
     return None
-
-
-def _is_metadata_op(node: fx.Node) -> bool:
-    """Ops that read only an input's metadata (shape, device, dtype), never its values."""
-    if node.op == "call_function" and node.target is builtins.getattr:
-        return node.args[1] in _METADATA_ATTRS
-    if node.op == "call_method":
-        return node.target in _METADATA_METHODS
-    return node.op == "call_function" and node.target in _METADATA_OPS
-
-
-def _data_ancestors(gm: fx.GraphModule, target: fx.Node) -> set[fx.Node]:
-    """``target`` and the nodes whose values (not only shapes or devices) it is computed from."""
-    data = {target}
-    for node in reversed(gm.graph.nodes):  # consumers before producers
-        if node in data and not _is_metadata_op(node):
-            data.update(node.all_input_nodes)
-    return data
 
 
 def _evaluate(gm: fx.GraphModule, target: fx.Node, ctx: PassContext) -> tuple[torch.Tensor | None, str]:
@@ -657,7 +542,7 @@ def _evaluate(gm: fx.GraphModule, target: fx.Node, ctx: PassContext) -> tuple[to
             if arg not in needed:
                 needed.add(arg)
                 stack.append(arg)
-    data = _data_ancestors(gm, target)
+    data = data_ancestors(gm, target)
     if len(data) > _MAX_EVAL_NODES:
         return None, f"they depend on {len(data)} nodes"
     interpreter = fx.Interpreter(gm)
@@ -665,12 +550,12 @@ def _evaluate(gm: fx.GraphModule, target: fx.Node, ctx: PassContext) -> tuple[to
     for node in (n for n in gm.graph.nodes if n in needed):
         val = meta_val(node)
         if node not in data and isinstance(val, torch.Tensor):
-            env[node] = torch.empty_strided([_hint(s) for s in val.shape], [0] * val.dim(), dtype=val.dtype)
+            env[node] = torch.empty_strided([hint(s) for s in val.shape], [0] * val.dim(), dtype=val.dtype)
         elif node.op == "placeholder":
             if node.name not in ctx.placeholder_values:
                 return None, f"input {node.name!r} has no real value"
             value = ctx.placeholder_values[node.name]
-            env[node] = _hint(value) if isinstance(value, torch.SymInt) else value
+            env[node] = hint(value) if isinstance(value, torch.SymInt) else value
         else:
             try:
                 with torch.no_grad():

@@ -1,0 +1,134 @@
+"""What the tokens of an attention's q, k and v are computed from, for HTTM's matcher: whether they
+are one sequence attending to itself (``cross_tokens``), and which graph nodes feed a value rather
+than only its shape (``data_ancestors``), on graphs of every IR."""
+
+from __future__ import annotations
+
+import builtins
+import math
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fxslim.ir import META_PLACEHOLDER_FQNS, AttentionView, meta_val
+
+__all__ = ["cross_tokens", "data_ancestors", "hint", "is_metadata_op"]
+
+_METADATA_ATTRS = ("shape", "device", "dtype", "ndim")
+_METADATA_METHODS = ("size", "dim", "numel")
+_METADATA_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, torch.ops.aten.dim.default)
+_SHIFTS = (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, torch.ops.aten.add.Tensor,
+           torch.ops.aten.sub.Tensor, torch.ops.aten.mul.Tensor)
+_SHIFT_METHODS = ("add", "sub", "mul")
+
+
+def cross_tokens(gm: fx.GraphModule, view: AttentionView, projections: dict[fx.Node, Any]) -> tuple[str, str]:
+    """("cross_attention", detail) when q is projected from other tokens than k or v (queries of one
+    clip attending to another's keys: same shapes, but not one sequence attending to itself),
+    ("", "") otherwise or when it cannot tell (no projection on a path).
+
+    Other tokens: a projection of q, k or v saw more tokens than q holds (one linear over two clips,
+    each side then cut out of its output; fewer is fine: special tokens concatenated after the
+    projection, a position table projected once for the batch), or q's projections and k's (v's) read inputs
+    that are not the same tokens, also after adding a term computed from no input (``x + pos_emb``
+    for q and k, ``x`` for v, as DETR writes it, is one sequence)."""
+    q_shape = meta_val(view.q).shape
+    tokens = hint(q_shape[0]) * hint(q_shape[2])
+    sources = {name: _projected_from(node, projections) for name, node in (("q", view.q), ("k", view.k), ("v", view.v))}
+    for name, found in sources.items():
+        for source in sorted(found, key=lambda n: n.name):
+            seen = _token_count(source)
+            if seen is not None and seen > tokens:
+                return "cross_attention", (f"{name} is projected from {source.name}, {seen} tokens, where q holds "
+                                           f"{tokens} (batch x sequence): each side is cut out of a projection of "
+                                           "other tokens as well")
+    q = _same_tokens(gm, sources["q"])
+    for name in ("k", "v"):
+        if q and sources[name] and not q & _same_tokens(gm, sources[name]):
+            return "cross_attention", (f"q is projected from {', '.join(sorted(n.name for n in sources['q']))}, "
+                                       f"{name} from {', '.join(sorted(n.name for n in sources[name]))}: other tokens")
+    return "", ""
+
+
+def _token_count(node: fx.Node) -> int | None:
+    """Rows of features [..., C] a linear layer reads from ``node`` (None when its value is unknown)."""
+    val = meta_val(node)
+    if not isinstance(val, torch.Tensor) or val.dim() < 2:
+        return None
+    return math.prod(hint(n) for n in val.shape[:-1])
+
+
+def _same_tokens(gm: fx.GraphModule, nodes: set[fx.Node]) -> set[fx.Node]:
+    """``nodes`` and what each adds (subtracts, multiplies) a term computed from no model input to:
+    the same tokens, shifted by a position or frame embedding."""
+    found = set(nodes)
+    for node in nodes:
+        while (term := _shift(gm, node)) is not None:
+            node = term
+            found.add(node)
+    return found
+
+
+def _shift(gm: fx.GraphModule, node: fx.Node) -> fx.Node | None:
+    """The operand x of ``node`` = x + e (x - e, x * e) of x's shape, where e's value comes from no
+    input of the model (parameters, buffers and shapes only); None when ``node`` is no such op."""
+    is_op = (node.op == "call_function" and node.target in _SHIFTS) or (
+        node.op == "call_method" and node.target in _SHIFT_METHODS)
+    operands = [a for a in node.args[:2] if isinstance(a, fx.Node)] if is_op else []
+    if len(operands) != 2:
+        return None
+    params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
+    shape = getattr(meta_val(node), "shape", None)
+    for x, term in (operands, operands[::-1]):
+        # sizes and 0-d numbers (Embedding.norm_type) are no input's values: dynamo passes them as
+        # placeholders under dynamic=True
+        inputs = [n for n in data_ancestors(gm, term) if n.op == "placeholder" and n.name not in params
+                  and isinstance(val := meta_val(n), torch.Tensor) and val.dim() > 0]
+        if getattr(meta_val(x), "shape", None) == shape and not inputs:
+            return x
+    return None
+
+
+def _projected_from(start: Any, projections: dict[fx.Node, Any]) -> set[fx.Node]:
+    """The inputs of the linear layers nearest above ``start`` (what its tokens were projected from),
+    on the paths of its values (not through reads of a shape)."""
+    found: set[fx.Node] = set()
+    stack, seen = ([start] if isinstance(start, fx.Node) else []), set()
+    while stack:
+        node = stack.pop()
+        if node in seen or is_metadata_op(node):
+            continue
+        seen.add(node)
+        if node in projections:
+            if isinstance(projections[node], fx.Node):
+                found.add(projections[node])
+            continue
+        stack.extend(node.all_input_nodes)
+    return found
+
+
+def is_metadata_op(node: fx.Node) -> bool:
+    """Ops that read only an input's metadata (shape, device, dtype), never its values."""
+    if node.op == "call_function" and node.target is builtins.getattr:
+        return node.args[1] in _METADATA_ATTRS
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return node.op == "call_function" and node.target in _METADATA_OPS
+
+
+def data_ancestors(gm: fx.GraphModule, target: fx.Node) -> set[fx.Node]:
+    """``target`` and the nodes whose values (not only shapes or devices) it is computed from."""
+    data = {target}
+    for node in reversed(gm.graph.nodes):  # consumers before producers
+        if node in data and not is_metadata_op(node):
+            data.update(node.all_input_nodes)
+    return data
+
+
+def hint(value: Any) -> int:
+    """A concrete int for a size that may be a SymInt (its example value)."""
+    if isinstance(value, torch.SymInt):
+        return int(value.node.hint)
+    return int(value)
