@@ -1085,8 +1085,31 @@ def capture(
             set_submodule(root, path, gm)
         graphs.append(Graph(path, gm, "module"))
     _hooks_from(hooked, root)
+    _tied_as_in(model, root)
     _record_submodule_inputs(model, root, graphs, example_inputs)
     return Captured(root, graphs, untraced, "symbolic", batch)
+
+
+def _tied_as_in(model: nn.Module, root: nn.Module) -> None:
+    """Make the parameters ``model`` holds at several names one parameter again in ``root``, its
+    copy assembled from parts traced apart: a module used at two places (``other.c = shared``) was
+    traced apart at each, and each part held its own copy, so QAT trained them apart."""
+    names: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    for group in (g for g in names.values() if len(g) > 1):
+        try:
+            first = root.get_parameter(group[0])
+        except AttributeError:
+            continue
+        for name in group[1:]:
+            path, _, leaf = name.rpartition(".")
+            try:
+                owner = root.get_submodule(path)
+            except AttributeError:
+                continue
+            if isinstance(getattr(owner, leaf, None), nn.Parameter):
+                owner.register_parameter(leaf, first)
 
 
 def _is_dynamo_graph(gm: fx.GraphModule) -> bool:

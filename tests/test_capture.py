@@ -639,3 +639,33 @@ def test_a_model_with_the_old_weight_norm_is_captured_before_any_forward():
     assert fxslim.estimate(model, x).total.macs == result.cost_before.total.macs > 0
     with torch.no_grad():
         torch.testing.assert_close(result.module(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+class _UsesShared(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pre, self.c = nn.Conv2d(8, 8, 1), nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU())
+
+    def forward(self, x):
+        return self.c(self.pre(x)) if x.shape[-1] > 2 else x  # a branch on a size: traced in parts
+
+
+class _SharedAtTwoPlaces(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.other = _UsesShared()
+        self.shared = self.other.c
+
+    def forward(self, x):
+        return self.shared(x) + self.other(x) if x.shape[-1] > 2 else x
+
+
+def test_a_module_used_at_two_places_keeps_one_weight_in_parts_traced_apart():
+    # each place was traced apart with its own copy of the weights: QAT trained the copies apart
+    torch.manual_seed(0)
+    model, x = _SharedAtTwoPlaces().eval(), torch.rand(1, 8, 8, 8)
+    for rewritten in (fxslim.optimize(model, x, passes=["haste:L=48,sparsity=0"]).module, fxslim.prepare(model, x)):
+        weights = dict(rewritten.named_parameters(remove_duplicate=False))
+        shared = [w for name, w in weights.items() if name.startswith(("shared.0.", "other.c.0.")) and name.endswith("weight")]
+        assert len(shared) == 2 and shared[0] is shared[1]
+    assert model.shared is model.other.c  # the caller's model is as it was
