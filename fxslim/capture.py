@@ -945,8 +945,10 @@ def as_example(example_inputs: Any, model: Any = None) -> tuple[Any, ...] | None
         keywords = [p for p in params if p.kind is p.KEYWORD_ONLY]
         keyword = [p.name for p in keywords if p.default is inspect.Parameter.empty]
         positional = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
-        # values past the positional parameters go to the keyword-only ones in order (``example_call``)
-        through = [p.name for p in keywords[: max((i + 1 for i, p in enumerate(keywords) if p.name in keyword), default=0)]]
+        # values past the positional parameters go to the keyword-only ones in order (``example_call``),
+        # so the example fills them up to the last required one
+        last = max((i for i, p in enumerate(keywords) if p.name in keyword), default=-1)
+        through = [p.name for p in keywords[: last + 1]]
         if keyword and len(example) < len(positional) + len(through):
             raise ValueError(f"example_inputs: {type(model).__name__}.forward requires the keyword-only "
                              f"argument(s) {keyword}, which positional example inputs do not give; pass them "

@@ -464,8 +464,7 @@ def _nested_parts(model: nn.Module, outer: dict[str, fx.GraphModule]) -> list[st
     parts traced apart inside a module the outer graph calls as a leaf (a block whose own forward
     does not trace, a hooked module). Converting only the outer part left them fake-quant float
     layers in the integer model (timm's mobilevit_xxs: 9 convs and 36 linears), unreported."""
-    found = [path for path, module in model.named_modules()
-             if path not in outer and isinstance(module, fx.GraphModule) and any(is_quant(module, n) for n in module.graph.nodes)]
+    found = [path for path, module in model.named_modules() if path not in outer and _holds_quantizers(module)]
     return sorted(found, key=lambda path: path.count("."))  # outer first: an inner one replaces part of it
 
 
@@ -484,9 +483,14 @@ def prepared_parts(model: nn.Module) -> dict[str, fx.GraphModule]:
     parts: dict[str, fx.GraphModule] = {}
     for path, module in model.named_modules():
         inside = any(path.startswith(f"{p}.") or p == "" for p in parts)
-        if not inside and isinstance(module, fx.GraphModule) and any(is_quant(module, n) for n in module.graph.nodes):
+        if not inside and _holds_quantizers(module):
             parts[path] = module
     return parts
+
+
+def _holds_quantizers(module: nn.Module) -> bool:
+    """A GraphModule with ActFakeQuant nodes: a part ``prepare`` made."""
+    return isinstance(module, fx.GraphModule) and any(is_quant(module, n) for n in module.graph.nodes)
 
 
 def convert_report(int_model: nn.Module) -> ConvertReport:

@@ -159,13 +159,15 @@ class ActFakeQuant(nn.Module):
             # trace by torch.compile or export, whose graph must observe): no range to observe, and
             # fake_quantize has no meta kernel; the same arithmetic in ops that have one
             codes = torch.clamp(torch.round(x / self.scale) + self.zero_point, _QMIN, _QMAX)
-            return torch.where(torch.isnan(x), x, (codes - self.zero_point) * self.scale)
-        initialized = bool(self.initialized)
-        if bool(self.observer_enabled) and (self.training or not initialized):
-            self._observe(x)
-        elif not initialized:
-            raise RuntimeError("ActFakeQuant: the observer is frozen before it saw any batch; unfreeze it and run data through")
-        out = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, _QMIN, _QMAX)
+            out = (codes - self.zero_point) * self.scale
+        else:
+            initialized = bool(self.initialized)
+            if bool(self.observer_enabled) and (self.training or not initialized):
+                self._observe(x)
+            elif not initialized:
+                raise RuntimeError("ActFakeQuant: the observer is frozen before it saw any batch; unfreeze it and run "
+                                   "data through")
+            out = torch.fake_quantize_per_tensor_affine(x, self.scale, self.zero_point, _QMIN, _QMAX)
         return torch.where(torch.isnan(x), x, out)  # NaN stays NaN (the grid has no code for it)
 
     @torch.no_grad()
