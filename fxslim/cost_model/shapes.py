@@ -33,6 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from fxslim.capture import Captured, Graph, batch_of, capture as capture_graphs, trace
 from fxslim.export_parts import call_with
 from fxslim.ir import ConvView, attribute, meta_val, views
+from fxslim.progress import DelayedProgress
 from fxslim.propagate import propagate
 
 __all__ = ["Source", "capture_for_cost", "propagate_symbolic", "symbolic_dims", "record_eager", "to_expr", "NodeRunner",
@@ -83,6 +84,19 @@ def recording(recorded: dict[fx.Node, list]) -> Callable[[fx.Node], contextlib.A
             recorded[node] = recorder.calls
 
     return around
+
+
+def counted(around: Callable[[fx.Node], contextlib.AbstractContextManager], bar: DelayedProgress
+            ) -> Callable[[fx.Node], contextlib.AbstractContextManager]:
+    """``around``, advancing ``bar`` once each node has run."""
+
+    @contextlib.contextmanager
+    def around_counted(node: fx.Node) -> Iterator[None]:
+        with around(node):
+            yield
+        bar.advance()
+
+    return around_counted
 
 
 @dataclass
@@ -192,9 +206,19 @@ def propagate_symbolic(
     fakes, rename, symbols = _symbolic_inputs(example_inputs, dims, mode, "meta" if source.meta else None)
     captured = source.captured
     source.recorded.clear()
+    total = sum(len(graph.gm.graph.nodes) for graph in captured.graphs)
+    with DelayedProgress(total, f"symbolic sizes, {type(captured.module).__name__}: nodes") as bar:
+        return _propagate_symbolic(source, fakes, mode, env, rename, symbols, counted(recording(source.recorded), bar))
+
+
+def _propagate_symbolic(source: Source, fakes: list[Any], mode: FakeTensorMode, env: Any,
+                        rename: dict[sympy.Symbol, sympy.Symbol], symbols: dict[str, sympy.Symbol],
+                        around: Callable[[fx.Node], contextlib.AbstractContextManager],
+                        ) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol], tuple[Any, ...]]:
+    captured = source.captured
     if captured.whole:
         try:
-            propagate(captured.graphs[0].gm, fakes, mode=mode, around_node=recording(source.recorded))
+            propagate(captured.graphs[0].gm, fakes, mode=mode, around_node=around)
         except Exception as exc:  # an op that takes no symbolic size (torchvision's shifted window attention)
             raise ValueError(
                 f"symbolic: an op of {type(captured.module).__name__} cannot run with symbolic sizes "
@@ -225,7 +249,7 @@ def propagate_symbolic(
     source.eager, source.repeats = recorder.calls, recorder.repeats
     for graph in captured.graphs:
         if graph.path in seen:
-            propagate(graph.gm, seen[graph.path], mode=mode, around_node=recording(source.recorded))
+            propagate(graph.gm, seen[graph.path], mode=mode, around_node=around)
     _check_not_specialised(env, rename)
     return mode, rename, symbols, conditions(env, rename) + kernel_fits(source, rename)
 
