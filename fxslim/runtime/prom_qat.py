@@ -58,11 +58,21 @@ _SCALE_EPS = torch.finfo(torch.float32).eps
 
 
 class _StraightThrough(torch.autograd.Function):
-    """Forward the quantized weight, send the gradient unchanged to the latent weight."""
+    """Forward the quantized weight, send the gradient unchanged to the latent weight.
+
+    Written with ``setup_context`` and a generated vmap rule, so that torch.func's transforms
+    (``grad``, ``vmap``, per-sample gradients through ``functional_call``) take a QAT model as they
+    take the float one: the older ``forward(ctx, ...)`` form refused them all, even under no_grad."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx: Any, latent: Tensor, quantized: Tensor) -> Tensor:
+    def forward(latent: Tensor, quantized: Tensor) -> Tensor:
         return quantized.clone()
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: Tensor) -> None:
+        pass  # the gradient passes straight through: nothing to keep
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:

@@ -347,3 +347,30 @@ def test_convert_conv_without_input_grid_raises():
     act(torch.randn(5))
     with pytest.raises(ValueError, match="x_quant"):
         lower.convert_conv(Q.QConv2d(nn.Conv2d(2, 2, 1), "ternary"), act)
+
+
+def test_a_qat_model_takes_torch_func_transforms_as_the_float_model_does():
+    # the straight-through estimator was an old-style autograd.Function: grad, vmap and per-sample
+    # gradients refused the QAT model, even vmap under no_grad
+    import fxslim
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(8, 4))
+    x = torch.randn(4, 3, 8, 8)
+    qat = fxslim.prepare(model, x[:2])
+    qat(x)
+    qat.eval()  # observers hold still: each sample sees the same ranges
+    params = {k: v.detach() for k, v in qat.named_parameters()}
+
+    def loss(p, sample):
+        return torch.func.functional_call(qat, p, (sample[None],)).sum()
+
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+    for i in range(len(x)):
+        qat.zero_grad()
+        qat(x[i:i + 1]).sum().backward()
+        for name, p in qat.named_parameters():
+            torch.testing.assert_close(per_sample[name][i], p.grad, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.func.vmap(qat)(x[:, None]).squeeze(1), qat(x), atol=1e-6, rtol=1e-5)
