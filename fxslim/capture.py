@@ -51,7 +51,7 @@ from fxslim.propagate import propagate
 from fxslim.warn import warn_user
 
 __all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of",
-           "is_input_guard"]
+           "is_input_guard", "is_mode_check"]
 
 _log = logging.getLogger(__name__)
 
@@ -179,6 +179,8 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
                   "after the rewrite they keep the value they had before (return them from forward, or read them "
                   "from the original model)")
     frozen = _follow_training(module, root, graph, leaf_modules, concrete_args)
+    if frozen is not None:
+        _check_mode_at_run_time(graph, frozen, type(module).__name__)
     gm = (HookedGraphModule if has_hooks(root) else fx.GraphModule)(root, graph, type(module).__name__)
     copy_hooks(root, gm)  # fx.GraphModule copies no hooks
     copy_attributes(module, gm)  # nor attributes its graph does not read (the module's: root's may hold Proxies now)
@@ -397,6 +399,40 @@ def check_given(value: Any, name: str) -> Any:
 
 
 torch.fx.wrap("check_given")
+
+
+@has_side_effect  # a check: dead-code elimination must keep it
+def warn_frozen_mode(training: Any, frozen: str, name: str) -> None:
+    """Warn when a graph frozen in ``frozen`` mode runs with its flag in the other mode.
+
+    An inference rewrite of an eval model warns about nothing when it is made, but a later
+    ``.train()`` (fine-tuning, BN re-estimation, a training loop around it) would otherwise get
+    eval behaviour where the model's own code branches on ``self.training``. Traced again (as
+    ``torch.load`` does), it records itself as a call.
+    """
+    if isinstance(training, fx.Proxy):
+        return training.tracer.create_proxy("call_function", warn_frozen_mode, (training, frozen, name), {})
+    if bool(training) != (frozen == "train"):
+        warn_user(f"{name}: its forward branches on self.training in a way its traced graph cannot follow, and it "
+                  f"was traced in {frozen} mode, so it computes {frozen}-mode code now that it runs in "
+                  f"{'train' if training else 'eval'} mode; modules it calls (BatchNorm, Dropout) do follow the "
+                  f"mode. Call .train() or .eval() on the model before fxslim.prepare/optimize so that it is "
+                  f"traced in the mode it will run in.")
+    return None
+
+
+torch.fx.wrap("warn_frozen_mode")
+
+
+def _check_mode_at_run_time(graph: fx.Graph, frozen: str, name: str) -> None:
+    """A ``warn_frozen_mode`` call on the GraphModule's own training flag at the start of ``graph``."""
+    with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
+        graph.call_function(warn_frozen_mode, (graph.get_attr("training"), frozen, name))
+
+
+def is_mode_check(node: fx.Node) -> bool:
+    """Whether ``node`` is a ``warn_frozen_mode`` call."""
+    return node.op == "call_function" and node.target is warn_frozen_mode
 
 
 def is_input_guard(node: fx.Node) -> bool:

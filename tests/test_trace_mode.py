@@ -5,6 +5,7 @@ optimize warn where that matters."""
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -297,3 +298,45 @@ def test_convert_of_a_model_with_dropout(mode):
     int_model = fxslim.convert(qat)
     with torch.no_grad():
         torch.testing.assert_close(int_model(x), qat(x))
+
+
+class _DropoutRate(nn.Module):
+    """timm's idiom: the rate chosen by the flag (``p if self.training else 0.``), not passed as a flag."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.conv(torch.relu(self.stem(x)))).mean((2, 3))
+        return self.fc(F.dropout(y, 0.5 if self.training else 0.0))
+
+
+@pytest.mark.parametrize("model_class", [_Branchy, _DropoutRate])
+def test_a_graph_frozen_in_eval_warns_when_it_runs_in_train_mode(model_class, tmp_path):
+    # an inference rewrite of an eval model warned about nothing, and a later .train() silently kept
+    # eval-mode code (no dropout, no train-only branch)
+    model, x = model_class().eval(), _x()
+    rewritten = fxslim.optimize(model, x, passes=["haste:L=12"]).module
+    assert _mode_warnings(lambda: rewritten(x)) == []
+    rewritten.train()
+    for copy_of in (lambda m: m, copy.deepcopy, lambda m: _saved_and_loaded(m, tmp_path)):
+        said = _mode_warnings(lambda: copy_of(rewritten)(x))
+        assert len(said) == 1 and "traced in eval mode" in said[0] and "runs in train mode" in said[0]
+        assert model_class.__name__ in said[0]
+
+
+def _saved_and_loaded(model: nn.Module, tmp_path) -> nn.Module:
+    torch.save(model, tmp_path / "model.pt")
+    return torch.load(tmp_path / "model.pt", weights_only=False)
+
+
+def test_an_integer_model_from_a_graph_frozen_in_train_says_nothing_at_each_call():
+    # prepare warned once; the integer model runs in eval mode only, by design
+    model, x = _Branchy().train(), _x()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        qat = fxslim.prepare(model, x)
+        qat(x)
+        integer = fxslim.convert(calibrate(qat, [x]).eval())
+    assert _mode_warnings(lambda: integer(x)) == []

@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch.fx.graph_module import reduce_graph_module
 from torch import Tensor, nn
 
-from fxslim.capture import compiled_original, is_input_guard
+from fxslim.capture import compiled_original, is_input_guard, is_mode_check
 from fxslim.hooks import copy_hooks, hooked_modules
 from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, META_REPORT, copy_attributes, keep_output_type, meta_val
 from fxslim.modes import outside_inference_mode
@@ -529,6 +529,8 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
         elif node.op == "placeholder":
             default = node.args[0] if node.args else inspect.Signature.empty  # e.g. attn_mask=None
             b.env[node] = (b.graph.placeholder(node.target, node.type, default_value=default), None)
+        elif is_mode_check(node):
+            continue  # an integer model runs in eval mode only; prepare warned where the trace is frozen in train
         elif is_input_guard(node):  # on the argument as given, before anything reads it
             b.env[node] = (b.graph.node_copy(node, lambda a: b.env[a][0]), None)
         elif node.op == "output":
