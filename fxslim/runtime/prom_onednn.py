@@ -247,10 +247,18 @@ def requantization(x_scale: float, w_scale: Tensor, out_scale: float) -> tuple[T
     return scale.contiguous(), _inverse_scale(out_scale)
 
 
+def _dense(t: Tensor) -> Tensor:
+    """``t`` if contiguous, else a contiguous copy cached on it. oneDNN's ops read weights, scales and
+    biases as dense arrays whatever their strides: a converted model given a transposed or strided
+    tensor (``load_state_dict(..., assign=True)`` from such a source) got other codes, silently."""
+    return t if t.is_contiguous() else _CACHE.get(t, "contiguous", t.contiguous)
+
+
 def pack_quantized(weight: Tensor, w_scale: Tensor, bias: Tensor, stride: Sequence[int], padding: Sequence[int],
                    dilation: Sequence[int], groups: int) -> torch.ScriptObject:
     """A new packed form of the int8 ``weight`` (per-channel ``w_scale``, real ``bias``) for ATen's
     quantized convs on oneDNN. Each holds the primitive of the first input shape it runs at."""
+    weight, w_scale, bias = _dense(weight), _dense(w_scale), _dense(bias)
     zeros = torch.zeros(weight.shape[0], dtype=torch.int64)
     with warnings.catch_warnings():  # QTensors are deprecated (see QUANTIZED_CONV)
         warnings.simplefilter("ignore", UserWarning)
@@ -462,6 +470,7 @@ def _qconv2d_cpu(
 
     y_c = s_x·w_scale_c·Σ w·(q − z_x) + bias_c (real bias); out = clamp(round(y/s_out) + z_out).
     """
+    weight, w_scale, bias = _dense(weight), _dense(w_scale), _dense(bias)
     if miscomputed_grouping(weight, groups) or not _exact_sums(weight, groups):
         *_, stride, padding, dilation = _conv_plan(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale,
                                                    out_zero_point, out_min, out_max, stride, padding, dilation, groups)
@@ -572,6 +581,7 @@ def _qlinear_cpu(
     out_zero_point: int, out_min: int, out_max: int,
 ) -> Tensor:
     """Linear with int8 weight codes [out, in], requantized to u8 in the kernel: u8 [..., in] → u8 [..., out]."""
+    weight, w_scale, bias = _dense(weight), _dense(w_scale), _dense(bias)
     shape = _linear_check(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min, out_max)
     if not _exact_sums(weight, 1):
         return _exact_linear(x, x_scale, x_zero_point, weight, w_scale, bias, out_scale, out_zero_point, out_min,

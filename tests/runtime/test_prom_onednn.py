@@ -429,3 +429,31 @@ def test_onednn_engine_takes_the_engine_the_user_chose_while_a_call_was_inside()
         assert torch.backends.quantized.engine == other
     finally:
         torch.backends.quantized.engine = engine
+
+
+def _strided(t: torch.Tensor) -> torch.Tensor:
+    """The same values as ``t`` (1-d), at stride 2."""
+    big = torch.zeros(t.numel() * 2, dtype=t.dtype)
+    big[::2] = t
+    return big[::2]
+
+
+@pytest.mark.parametrize("layout", ["weight", "w_scale", "bias"])
+def test_constants_in_any_layout_give_the_codes_of_contiguous_ones(layout):
+    # oneDNN read them as dense arrays: a converted model given a transposed or strided tensor by
+    # load_state_dict(assign=True) got other codes (255 apart), silently
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 8, 9, 9), dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    w, s, b = torch.randint(-127, 128, (6, 8, 3, 3), dtype=torch.int8), torch.rand(6) * 0.01 + 0.001, torch.randn(6)
+    args = {"weight": w, "w_scale": s, "bias": b}
+    other = dict(args, **{layout: w.contiguous(memory_format=torch.channels_last) if layout == "weight"
+                          else _strided(args[layout])})
+    conv = lambda a: O.qconv2d(x, 0.02, 3, a["weight"], a["w_scale"], a["bias"], 0.05, 128, 0, 255, [1, 1], [1, 1],
+                               [1, 1], 1)
+    assert torch.equal(conv(other), conv(args))
+    x2 = torch.randint(0, 256, (4, 32), dtype=torch.uint8)
+    lw = torch.randint(-127, 128, (10, 32), dtype=torch.int8)
+    args = {"weight": lw, "w_scale": torch.rand(10) * 0.01 + 0.001, "bias": torch.randn(10)}
+    other = dict(args, **{layout: lw.t().contiguous().t() if layout == "weight" else _strided(args[layout])})
+    linear = lambda a: O.qlinear(x2, 0.02, 3, a["weight"], a["w_scale"], a["bias"], 0.05, 128, 0, 255)
+    assert torch.equal(linear(other), linear(args))
