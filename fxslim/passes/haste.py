@@ -212,7 +212,13 @@ def _image_like(value: torch.Tensor, image_shapes: set[tuple[int, ...]]) -> bool
     input, or its last dim, at most 4, for [N, H, W, C]): what a backbone traced apart gets when the
     eager code around it resized, cropped, stacked or transposed the model's input, so that the
     shape no longer matches the example's. Not any few-channel input: RAFT's update block reads a
-    2-channel flow."""
+    2-channel flow. A multi-view clip [B, S, C, H, W] folded into the batch is one view's [C, H, W]
+    exactly (its 4-d tokens [B, S, P, C] have S where an image has channels)."""
+    views = {s[2:] for s in image_shapes if len(s) == 5}
+    shape = tuple(value.shape)
+    if views and value.dim() == 4 and all(isinstance(n, int) for n in shape) and (
+            shape[1:] in views or (shape[3], *shape[1:3]) in views):
+        return True
     channels = {s[1] for s in image_shapes if len(s) == 4 and s[1] <= 4} | {
         s[-1] for s in image_shapes if len(s) == 4 and s[-1] <= 4}
     return value.dim() == 4 and isinstance(value.shape[1], int) and value.shape[1] in channels

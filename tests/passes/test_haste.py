@@ -510,3 +510,31 @@ def test_haste_in_parts_skips_only_the_conv_that_sees_the_image():
     assert result.report.graphs == ["backbone", "head_block"]
     assert status["backbone.stem"] == ("skipped", "stem")
     assert all(status[f"{p}.{c}"] == ("rewritten", "") for p in ("backbone.block", "head_block") for c in ("c1", "c2"))
+
+
+class _MultiView(nn.Module):
+    """A multi-view model: [B, S, 3, H, W] folded into the batch before an embedding traced apart (a
+    data-dependent check keeps the root eager), and a head traced apart on [B, S, P, C] tokens, whose
+    dim 1 (S = 3 views) is not an image's channel count."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Sequential(nn.Conv2d(3, 8, 4, stride=4), nn.ReLU(), nn.Conv2d(8, 8, 1))
+        self.head = nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.Conv2d(8, 3, 1))
+
+    def forward(self, clip):
+        if clip.mean() > 1e6:
+            raise ValueError("overexposed")
+        b, s = clip.shape[:2]
+        tokens = self.embed(clip.flatten(0, 1)).flatten(2).transpose(1, 2).reshape(b, s, -1, 8)
+        return self.head(tokens)
+
+
+def test_haste_skips_the_stem_of_a_multi_view_model_that_folds_the_views_into_the_batch():
+    # the image was known only as a 4-d example: the patch embedding of a [B, S, 3, H, W] clip was rewritten
+    torch.manual_seed(0)
+    res = _optimize(_MultiView().eval(), torch.rand(1, 3, 3, 16, 16), ["haste:L=12"])
+    assert res.report.untraced
+    reasons = {e.fqn: (e.status, e.reason) for e in res.report.entries("haste")}
+    assert reasons["embed.0"] == ("skipped", "stem")
+    assert reasons["head.0"][0] == "rewritten"  # tokens [B, S=3, P, C]: not an image
