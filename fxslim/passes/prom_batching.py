@@ -16,7 +16,9 @@ the ops), else as ATen's quantized convs (bit-identical to the ops).
 
 from __future__ import annotations
 
+import logging
 import math
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -29,6 +31,8 @@ from fxslim.passes.prom_versions import stamp, watched, written
 from fxslim.runtime.prom_lowered import has_onednn_ops, lower
 
 __all__ = ["MicroBatched", "micro_batched", "DEFAULT_MAX_ACTIVATION_BYTES"]
+
+_log = logging.getLogger(__name__)
 
 DEFAULT_MAX_ACTIVATION_BYTES = 30 << 20
 
@@ -165,6 +169,11 @@ def micro_batched(int_model: fx.GraphModule, max_activation_bytes: int = DEFAULT
         raise ValueError(f"micro_batched: expected an output with the input's batch first ({example.shape[0]} rows at "
                          f"the example), got shape {tuple(out.shape)}: the model mixes or regroups samples, so "
                          "running it on slices of the batch would change its output; call the model directly")
+    mixing = _mixes_samples(int_model, example)
+    if mixing is not None:
+        raise ValueError(f"micro_batched: {mixing} mixes or regroups the samples of the batch (its output's first dim "
+                         "does not grow with the batch as the input's does), so running the model on slices of the "
+                         "batch would change its output; call the model directly")
     largest = max(v.numel() * v.element_size() for n in int_model.graph.nodes
                   if isinstance(v := meta_val(n), Tensor))
     pixels = math.prod(example.shape[2:]) if example.dim() > 2 else 1
@@ -173,3 +182,54 @@ def micro_batched(int_model: fx.GraphModule, max_activation_bytes: int = DEFAULT
     copy_hooks(int_model, wrapper)  # float in, float out, once per call (the slices run the model's forward)
     wrapper.runner  # noqa: B018  (lowered and packed now, not on the first call)
     return wrapper
+
+
+def _mixes_samples(int_model: fx.GraphModule, example: Tensor) -> str | None:
+    """The first node computed from the input whose first dim does not scale with the batch (a mean
+    over it, a transpose that moves it, a sum to a scalar), named with its op; None when every one
+    does. Found by running the graph at two batch sizes on fake tensors: an output of k·B rows (the
+    views of a sample folded into the batch) keeps the samples apart, as slices of the batch do."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    rows: list[dict[fx.Node, int | None]] = []
+    for batch in _PROBE_BATCHES:
+        try:
+            with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+                x = mode.from_tensor(torch.empty((batch, *example.shape[1:]), dtype=example.dtype))
+                rows.append(_first_dims(int_model, x))
+        except Exception as error:  # noqa: BLE001 - an op with no fake kernel: the check cannot run, the model can
+            _log.info("micro_batched: could not check that the model keeps samples apart (%s)", error)
+            return None
+    (small, large), (b1, b2) = rows, _PROBE_BATCHES
+    for node, n1 in small.items():
+        n2 = large.get(node)
+        if n1 is None or n2 is None or n1 % b1 or n2 * b1 != n1 * b2:
+            return f"{node.name} ({node.target if node.op != 'call_module' else type(int_model.get_submodule(str(node.target))).__name__})"
+    return None
+
+
+_PROBE_BATCHES = (7, 11)  # primes: a first dim that is a multiple of both by chance is unlikely
+
+
+class _FirstDims(fx.Interpreter):
+    """Runs the graph, keeping the first dim of each tensor computed from the input (None: 0-d)."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        super().__init__(gm)
+        self.dims: dict[fx.Node, int | None] = {}
+        self.from_input: set[fx.Node] = set()
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        if n.op == "placeholder" or any(a in self.from_input for a in n.all_input_nodes):
+            self.from_input.add(n)
+            if isinstance(out, Tensor) and n.op not in ("placeholder", "output"):
+                self.dims[n] = int(out.shape[0]) if out.dim() else None
+        return out
+
+
+def _first_dims(gm: fx.GraphModule, x: Tensor) -> dict[fx.Node, int | None]:
+    runner = _FirstDims(gm)
+    with torch.no_grad():
+        runner.run(x)
+    return runner.dims

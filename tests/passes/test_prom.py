@@ -357,6 +357,48 @@ def test_prom_micro_batched_refuses_a_model_whose_output_is_not_batch_first():
         micro_batched(int_model, max_activation_bytes=1024)
 
 
+class _BatchCentred(nn.Module):
+    """Subtracts the batch mean (a float island): each output row depends on every sample."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1, self.c2, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 8, 1), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.c1(x))
+        y = torch.relu(self.c2(y - y.mean(0, keepdim=True)))
+        return self.fc(y.mean((2, 3)))
+
+
+class _FoldedViews(nn.Module):
+    """Two views of each sample folded into the batch (2N rows) and back: samples stay apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        views = torch.stack([x, x.flip(-1)], 1).flatten(0, 1)
+        y = torch.relu(self.conv(views)).mean((2, 3))
+        return self.fc(y.reshape(x.shape[0], 16))
+
+
+@pytest.mark.parametrize("runtime", ["reference", pytest.param("onednn", marks=_ONEDNN)])
+def test_prom_micro_batched_refuses_a_model_that_mixes_samples_and_takes_folded_views(runtime):
+    # its output was batch first, so slicing the batch passed the checks and changed the output (0.027
+    # on a scale of 0.34 with small slices), silently
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 12, 12)
+    mixing = convert(calibrate(prepare(_BatchCentred().eval(), (x[:2],)), [x]).eval(), runtime=runtime)
+    with pytest.raises(ValueError, match=r"micro_batched: mean .* mixes or regroups the samples"):
+        micro_batched(mixing, max_activation_bytes=4096)
+    folded = convert(calibrate(prepare(_FoldedViews().eval(), (x[:2],)), [x]).eval(), runtime=runtime)
+    sliced = micro_batched(folded, max_activation_bytes=4096)
+    assert sliced.rows_per_slice(x) < len(x)
+    with torch.no_grad():
+        torch.testing.assert_close(sliced(x), folded(x), atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("runtime", ["reference", pytest.param("onednn", marks=_ONEDNN)])
 def test_prom_micro_batched_refuses_another_rank_or_channel_count(runtime):
     """An unbatched image or a 4-channel one got TorchScript's or an IndexError's traceback from
