@@ -507,7 +507,7 @@ def convert_report(int_model: nn.Module) -> ConvertReport:
 
 def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> fx.GraphModule:
     """One prepared GraphModule → its integer GraphModule (module docstring)."""
-    gm = _in_eval_mode(qat_model)
+    gm = _in_current_dtype(_in_eval_mode(qat_model))
     b = Builder(gm, runtime)
     chains, island_quants = _plan(gm)
     reach = nan_reach(gm)
@@ -577,6 +577,25 @@ def _in_eval_mode(qat_model: fx.GraphModule) -> fx.GraphModule:
         gm.graph.erase_node(node)
     gm.recompile()
     return gm
+
+
+def _in_current_dtype(gm: fx.GraphModule) -> fx.GraphModule:
+    """``gm``, or a copy of its graph whose shapes were propagated again in its modules' float dtype
+    now, where that is not the one it was prepared in (``qat.double()`` after ``prepare``): the
+    integer model gives its float islands and outputs the dtype the graph's metadata names, so it
+    answered in float32 for a float64 QAT model, or failed in a float island with mixed dtypes."""
+    now = {p.dtype for p in gm.parameters() if p.is_floating_point()}
+    then = {v.dtype for n in gm.graph.nodes if n.op == "call_module" and isinstance(v := meta_val(n), torch.Tensor)
+            and v.is_floating_point() and any(True for _ in gm.get_submodule(str(n.target)).parameters())}
+    if len(now) != 1 or len(then) != 1 or now == then:
+        return gm
+    (old,), (new,) = then, now
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+    copied.meta.update(gm.meta)
+    inputs = [meta_val(n) for n in copied.graph.nodes if n.op == "placeholder"]
+    inputs = [torch.empty(v.shape, dtype=new) if isinstance(v, torch.Tensor) and v.dtype == old else v for v in inputs]
+    propagate(copied, inputs)
+    return copied
 
 
 def _output(b: Builder, node: fx.Node, reach: dict[str, str]) -> fx.Node:

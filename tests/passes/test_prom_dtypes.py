@@ -75,3 +75,21 @@ def test_autocast_does_not_change_the_integer_codes(dtype, runtime):
         with torch.autocast("cpu", dtype=dtype):
             out = int_model(x)
     assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+@pytest.mark.parametrize("prepared, cast", [(torch.float32, torch.float64), (torch.float64, torch.float32)])
+def test_a_qat_model_cast_after_prepare_converts_in_its_dtype_now(prepared, cast, runtime):
+    # the integer model followed the dtype the graph was prepared in: float32 outputs for a float64
+    # QAT model, and a float island failed with mixed dtypes
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.GroupNorm(4, 16), nn.ReLU(), nn.Conv2d(16, 8, 1))
+    x = torch.randn(4, 3, 16, 16, dtype=prepared)
+    qat = fxslim.prepare(model.eval().to(prepared), x[:2]).to(cast)
+    fxslim.calibrate(qat, [x.to(cast)])
+    qat.eval()
+    int_model = fxslim.convert(qat, runtime=runtime)
+    with torch.no_grad():
+        out, expected = int_model(x.to(cast)), qat(x.to(cast))
+    assert out.dtype == expected.dtype == cast
+    assert (out - expected).abs().max() <= 0.02 * expected.abs().max()
