@@ -97,6 +97,24 @@ def _input_batch(gm: fx.GraphModule, params: dict[str, str]) -> Any:
     return batch_of([meta_val(n) for n in gm.graph.nodes if n.op == "placeholder" and n.name not in params])
 
 
+def _list_views(placeholders: list[fx.Node], params: dict[str, str]) -> int:
+    """The number of items of the longest list input whose items this graph reads as tensors of one
+    shape (dynamo's ``L['views'][i]`` placeholders): the views of a model fed per-view images, as
+    ``fxslim.optimize`` counts them, so that HTTM tells a window over some of the views from global
+    attention; 0 without one."""
+    from torch._dynamo.source import GetItemSource
+
+    lists: dict[str, dict[int, tuple]] = {}
+    for node in placeholders:
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        value = meta_val(node)
+        if (node.name not in params and isinstance(source, GetItemSource) and type(source.index) is int
+                and isinstance(value, torch.Tensor)):
+            base = source.base.name() if callable(source.base.name) else source.base.name
+            lists.setdefault(str(base), {})[source.index] = tuple(str(d) for d in value.shape)  # SymInts by name
+    return max((len(items) for items in lists.values() if len(items) > 1 and len(set(items.values())) == 1), default=0)
+
+
 def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], inner: str, modified: bool) -> Callable:
     if inner == "eager":
         return gm.forward
@@ -115,7 +133,7 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
     gm.meta[META_PLACEHOLDER_FQNS] = params
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ctx = PassContext(
-        ir=detect_ir(gm), batch_size=_input_batch(gm, params),
+        ir=detect_ir(gm), batch_size=_input_batch(gm, params), input_views=_list_views(placeholders, params),
         placeholder_values={n.name: v for n, v in zip(placeholders, example_inputs)}, policy=opts.policy,
     )
     results = run_passes(gm, opts.passes, ctx)

@@ -440,6 +440,22 @@ def test_window_over_some_views_of_a_list_input_left_dense():
         torch.testing.assert_close(result.module(views), model(views), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_window_over_some_views_of_a_list_input_left_dense_under_torch_compile(dynamic):
+    # the backend never counted the views of a list input: the window over two views was rewritten
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model, reports = ViewPairs().eval(), []
+    views = [torch.rand(1, 3, 21, 21) for _ in range(4)]
+    compiled = torch.compile(model, backend="fxslim", dynamic=dynamic,
+                             options={"passes": [EXACT], "inner": "eager", "on_report": reports.extend})
+    with torch.no_grad(), torch._dynamo.config.patch(capture_scalar_outputs=True):  # the RoPE's int(max)
+        torch.testing.assert_close(compiled(views), model(views), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    status = {(e.fqn, e.status, e.reason) for r in reports for e in r.entries}
+    assert status == {("window_block.attn", "skipped", "local_attention"), ("global_block.attn", "rewritten", "")}
+
+
 class ViewsWithMaps(nn.Module):
     """A list of views, each an image and a same-shaped map: two 4-d tensors of one shape per view."""
 
