@@ -115,13 +115,21 @@ def _list_views(placeholders: list[fx.Node], params: dict[str, str]) -> int:
     return max((len(items) for items in lists.values() if len(items) > 1 and len(set(items.values())) == 1), default=0)
 
 
-def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], inner: str, modified: bool) -> Callable:
+def _inner_compile(gm: fx.GraphModule, example_inputs: list[Any], inner: str, modified: bool,
+                   mode: str | None = None) -> Callable:
+    """``gm`` compiled by ``inner``; ``mode`` (torch.compile's, e.g. "max-autotune-no-cudagraphs")
+    reaches inductor as the config it stands for, as it does with ``backend="inductor"``."""
     if inner == "eager":
         return gm.forward
     if modified:
         # New get_attr constants are unknown to dynamo's param_name_to_source bookkeeping, which
         # inductor asserts on; a rebuilt GraphModule (no dynamo meta) compiles cleanly.
         gm = fx.GraphModule(gm, gm.graph)
+    if inner == "inductor" and mode not in (None, "default"):
+        from torch._inductor import list_mode_options
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs, config_patches=list_mode_options(mode))
     return torch._dynamo.lookup_backend(inner)(gm, example_inputs)
 
 
@@ -152,7 +160,7 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
               len(gm.graph.nodes), [p.name for p in opts.passes], modified, opts.inner)
     if has_onednn_ops(gm):
         return _prom_onednn(gm, list(example_inputs), params)
-    return _inner_compile(gm, list(example_inputs), opts.inner, modified)
+    return _inner_compile(gm, list(example_inputs), opts.inner, modified, mode)
 
 
 def _subgraph_views(gm: fx.GraphModule) -> list[View]:

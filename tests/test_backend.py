@@ -176,3 +176,25 @@ def test_layers_inside_a_checkpoint_are_reported_as_skipped():
     entries = {(e.fqn, e.status, e.reason) for graph in seen for r in graph for e in r.entries}
     assert entries == {("stem", "rewritten", ""), ("block", "skipped", "inside_subgraph")}
     torch._dynamo.reset()
+
+
+def test_torch_compile_mode_reaches_inductor(monkeypatch):
+    # mode was taken and dropped: inductor compiled in default mode, with no word
+    import torch._inductor.compile_fx as inductor
+
+    seen = []
+
+    def compile_fx(gm, example_inputs, config_patches=None, **_):
+        seen.append(config_patches)
+        return gm.forward
+
+    monkeypatch.setattr(inductor, "compile_fx", compile_fx)
+    torch._dynamo.reset()
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU()).eval(), torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        out = torch.compile(model, backend="fxslim", mode="max-autotune-no-cudagraphs")(x)
+        torch.testing.assert_close(out, model(x))
+    torch._dynamo.reset()
+    from torch._inductor import list_mode_options
+
+    assert seen == [list_mode_options("max-autotune-no-cudagraphs")] and seen[0]["max_autotune"]
