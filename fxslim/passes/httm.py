@@ -348,12 +348,18 @@ class HTTM(Pass):
         frames_of = None if per_frame is not None else _frames_input(gm, found.frames)
         # an eager graph may read the layout from the positions' values on each call (one small max)
         read = pos_node if per_frame is None and frames_of is None and ctx.ir == "module" else None
-        if (per_frame is None and frames_of is None and read is None and isinstance(view.q_len, torch.SymInt)
+        # a dynamo graph does not recompile for other values of an input: positions of 6 frames of 14
+        # tokens after an example of 4 frames of 21 (N = 84 both) ran as 4 frames of 21
+        if (per_frame is None and frames_of is None and read is None
                 and any(n.op == "placeholder" for n in data_ancestors(gm, pos_node))):
+            dynamic = isinstance(view.q_len, torch.SymInt)
             return None, "dynamic_frame_layout", (
-                f"the positions {pos_node.name} come in as graph input values and N is dynamic, so the example's "
-                f"{found.tokens_per_frame} tokens per frame would be assumed for every N; compile with "
-                "dynamic=False or pass HTTM(tokens_per_frame=..., special_tokens=...)")
+                f"the positions {pos_node.name} come in as graph input values"
+                + (" and N is dynamic" if dynamic else ", whose values a compiled graph does not check")
+                + f", so the example's {found.tokens_per_frame} tokens per frame would be assumed for every "
+                + ("N; compile with dynamic=False or pass" if dynamic else "call of that length; compute them in the "
+                   "compiled code (not before a graph break), or pass")
+                + " HTTM(tokens_per_frame=..., special_tokens=...)")
         return _Layout(found.tokens_per_frame, found.special_tokens, None, found.frames, grid, "positions",
                        per_frame, frames_of, read), "", ""
 

@@ -140,6 +140,43 @@ def test_dynamic_graph_with_positions_from_input_values_is_left_dense():
     assert "dynamic_frame_layout" in reasons
 
 
+class _PositionsAfterBreak(nn.Module):
+    """Tokens and positions made before a graph break, attention after it: in the attention's graph
+    both are inputs, and 4 frames of 5 + 16 tokens and 6 frames of 5 + 9 are both N = 84."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 7, 7)
+        self.special = nn.Parameter(torch.randn(1, 1, 5, 32) * 0.02)
+        self.attn = Attention(rope=Rope())
+
+    def forward(self, images):  # [B, S, 3, H, W]
+        b, s, _, h, w = images.shape
+        x = self.embed(images.reshape(b * s, 3, h, w)).flatten(2).transpose(1, 2).reshape(b, s, -1, 32)
+        x = torch.cat([self.special.expand(b, s, -1, -1), x], 2).reshape(b, -1, 32)
+        ys, xs = torch.meshgrid(torch.arange(h // 7), torch.arange(w // 7), indexing="ij")
+        frame = torch.cat([torch.zeros(5, 2, dtype=torch.long), torch.stack([ys.reshape(-1), xs.reshape(-1)], -1) + 1])
+        pos = frame.repeat(s, 1).unsqueeze(0).expand(b, -1, -1).contiguous()
+        torch._dynamo.graph_break()
+        return x + self.attn(x, pos)
+
+
+def test_static_graph_with_positions_from_input_values_is_left_dense():
+    """With static shapes too: a call of the same N with another layout does not recompile, so the
+    example's layout ran on other frames (0.09 off optimize, which reads the positions each call)."""
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model, reports = _PositionsAfterBreak().eval(), []
+    compiled = torch.compile(model, backend="fxslim", dynamic=False,
+                             options={"passes": ["httm:q=0.5,kv=0.5"], "inner": "eager", "on_report": reports.append})
+    with torch.no_grad():
+        for x in (torch.rand(1, 4, 3, 28, 28), torch.rand(1, 6, 3, 21, 21)):  # N = 4·21 = 6·14
+            torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
+    reasons = [e.reason for batch in reports for report in batch for e in report.entries]
+    assert reasons == ["dynamic_frame_layout"]
+
+
 class SharedBlock(nn.Module):
     """One attention module serves the frame call ([B·S, P]) and the global call ([B, S·P]); the
     input check keeps forward from tracing, so the module is traced on its own."""
