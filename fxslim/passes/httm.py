@@ -303,6 +303,16 @@ class HTTM(Pass):
             if self.tokens_per_frame is None and n % self.frames:
                 return None, "frame_layout_mismatch", f"N={n} is not a multiple of frames={self.frames}"
             p = self.tokens_per_frame if self.tokens_per_frame is not None else n // self.frames
+            clips = [s for _, s in _clip_inputs(gm)]
+            if self.frames is None and clips and n // p > max(clips):
+                # a configured P holds at the example's image size; a dynamo graph recompiled at another
+                # (7 frames of 30 tokens: N = 210 = 10 x 21) has more "frames" than its clip: the clip's
+                # S gives them, as it does for fxslim.optimize's graph at run time
+                if n % max(clips):
+                    return None, "frame_layout_mismatch", (
+                        f"N={n} has more frames of tokens_per_frame={p} than the input's {max(clips)} and does "
+                        "not split into that many")
+                p = n // max(clips)
             if p == 1:
                 return None, "one_token_per_frame", (
                     f"N={n} is one token per frame: attention over per-frame tokens (a head's), not over "

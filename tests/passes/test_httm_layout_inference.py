@@ -213,3 +213,23 @@ def test_a_module_serving_frame_and_global_calls_is_left_dense():
         assert [(e.status, e.reason) for e in result.report.entries("httm")] == [("skipped", "shared_by_calls")]
         with torch.no_grad():
             torch.testing.assert_close(result.module(x), model(x))
+
+
+def test_a_configured_tokens_per_frame_follows_the_clip_when_dynamo_recompiles_at_another_size():
+    # a recompile took its new example for the configured one: 7 frames of 30 tokens (N = 210) ran as
+    # 10 frames of 21, 0.14 off fxslim.optimize, which follows the clip's frames at run time
+    from fxslim.models.vggt import vggt_tiny
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    model = vggt_tiny(depth=2).eval()
+    spec = "httm:q=0.5,kv=0.5,tokens_per_frame=21,special_tokens=5"  # 56 px: 5 + 4·4 tokens per frame
+    optimized = fxslim.optimize(model, torch.rand(1, 4, 3, 56, 56), passes=[spec]).module
+    compiled = torch.compile(model, backend="fxslim", dynamic=False, options={"passes": [spec], "inner": "eager"})
+    with torch.no_grad():
+        for shape in ((1, 4, 3, 56, 56), (1, 7, 3, 70, 70)):
+            x = torch.rand(shape)
+            ours, theirs = compiled(x), optimized(x)
+            for key in theirs:
+                torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-5)
+    torch._dynamo.reset()
