@@ -634,15 +634,38 @@ def _is_call(node: Any, targets: set, methods: set, modules: tuple = (), gm: fx.
     return False
 
 
-def _heads_and_batch(shape: tuple, source: fx.Node | None) -> tuple[Any, int]:
-    """(batch, heads) of a [..., L, d] attention operand; 3-D operands look through views for [B, H, L, d]."""
-    if len(shape) >= 4:
-        return _prod(shape[:-3]), int(shape[-3])
+def _heads_and_batch(shape: tuple, source: fx.Node | None, other: tuple | None = None) -> tuple[Any, Any]:
+    """(batch, heads) of a [..., L, d] attention operand, over the dims it broadcasts to with the
+    ``other`` operand's (a query [1, 1, L, d] shared by k/v [B, H, S, d] runs B·H times); 3-D operands
+    look through views for the [B, H, L, d] they were folded from. Sizes stay as they are (a
+    SymInt heads is a size of the formulas, not its example's value)."""
+    lead = _broadcast(tuple(shape[:-2]), tuple(other[:-2])) if other is not None else tuple(shape[:-2])
+    if len(lead) >= 2:
+        return _prod(lead[:-1]), lead[-1]
     origin = _viewlike_origin(source)
     oshape = shape_of(origin) if origin is not None else None
-    if oshape is not None and len(oshape) == 4 and oshape[-2:] == shape[-2:]:
-        return oshape[0], int(oshape[1])
-    return _prod(shape[:-2]), 1
+    rows = _prod(lead)
+    # the origin's B·H rows are the operand's (not qkv [B, 3, L, C] that q = qkv[:, 0] is a slice of)
+    if (oshape is not None and len(oshape) == 4 and oshape[-2:] == shape[-2:] and len(shape) == 3
+            and _same(oshape[0] * oshape[1], rows)):
+        return oshape[0], oshape[1]
+    return rows, 1
+
+
+def _broadcast(a: tuple, b: tuple) -> tuple:
+    """The broadcast of two shapes' dims (sizes of 1 give way; else the first's)."""
+    width = max(len(a), len(b))
+    a, b = (1,) * (width - len(a)) + a, (1,) * (width - len(b)) + b
+    return tuple(y if isinstance(x, int) and x == 1 else x for x, y in zip(a, b))
+
+
+def _same(x: Any, y: Any) -> bool:
+    """Whether two sizes are equal, without guarding on symbolic ones (their expressions compared)."""
+    if isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt):
+        ex = x.node.expr if isinstance(x, torch.SymInt) else x
+        ey = y.node.expr if isinstance(y, torch.SymInt) else y
+        return bool(ex == ey)
+    return x == y
 
 
 def _viewlike_origin(node: Any) -> fx.Node | None:
@@ -666,7 +689,7 @@ def _sdpa_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> AttentionView | Non
     qs, ks, vs = shape_of(args["query"]), shape_of(args["key"]), shape_of(args["value"])
     if qs is None or ks is None or vs is None:
         return None
-    batch, heads = _heads_and_batch(qs, args["query"])
+    batch, heads = _heads_and_batch(qs, args["query"], ks)
     return AttentionView(
         node=node, ir=ir, fqn=node_fqn(node, gm), form="sdpa", batch=batch, heads=heads,
         q_len=qs[-2], kv_len=ks[-2], head_dim=qs[-1], v_head_dim=vs[-1],
@@ -769,7 +792,7 @@ def _manual_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> AttentionView | N
     if qs is None or kts is None or vs is None or scores is None or len(qs) < 3:
         return None
     # from the scores, which hold the broadcast of q's and k's batch and head dims (a query shared by heads)
-    batch, heads = _heads_and_batch(scores, qk) if len(scores) >= 4 else _heads_and_batch(qs, q)
+    batch, heads = _heads_and_batch(scores, qk) if len(scores) >= 4 else _heads_and_batch(qs, q, scores)
     # a mask filled in, or added to the scores (an additive mask, a relative-position bias): one op per score
     has_mask = any(_is_call(n, {aten.masked_fill.Scalar, aten.masked_fill.Tensor, torch.masked_fill}, {"masked_fill"})
                    or (_is_call(n, _SCORE_ADDS, {"add", "add_", "sub"})

@@ -91,13 +91,61 @@ class _BroadcastQueryAttention(nn.Module):
         return (q @ k.transpose(-1, -2)).softmax(-1) @ v
 
 
+class _Sdpa(nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+class _SlicedQkv(nn.Module):
+    """Single-head attention on q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2] of a [B, 3, L, C] tensor."""
+
+    def __init__(self, manual: bool) -> None:
+        super().__init__()
+        self.manual, self.qkv = manual, nn.Linear(16, 48)
+
+    def forward(self, x):
+        qkv = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 16).transpose(1, 2)
+        q, k, v = qkv[:, 0], qkv[:, 1], qkv[:, 2]
+        if self.manual:
+            return (q @ k.transpose(-1, -2)).softmax(-1) @ v
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
 @pytest.mark.parametrize("model, inputs", [
     (nn.Conv2d(3, 8, 3), (torch.randn(3, 20, 11),)),  # unbatched: the batch was read from C_out
     (nn.Conv2d(4, 6, 3, stride=2, groups=2), (torch.randn(4, 9, 12),)),
     # one query shared by 4 heads: the heads were read from q alone
     (_BroadcastQueryAttention(), (torch.randn(2, 1, 10, 8), torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 6))),
-], ids=["unbatched_conv", "unbatched_grouped_conv", "broadcast_query_attention"])
+    (_BroadcastQueryAttention(), (torch.randn(1, 10, 8), torch.randn(6, 12, 8), torch.randn(6, 12, 8))),
+    (_Sdpa(), (torch.randn(1, 1, 10, 8), torch.randn(2, 4, 12, 8), torch.randn(2, 4, 12, 8))),
+    (_Sdpa(), (torch.randn(1, 10, 8), torch.randn(6, 12, 8), torch.randn(6, 12, 8))),
+    # q = qkv[:, 0] of [B, 3, L, C]: the 3 was taken for heads
+    (_SlicedQkv(manual=False), (torch.randn(2, 10, 16),)),
+    (_SlicedQkv(manual=True), (torch.randn(2, 10, 16),)),
+], ids=["unbatched_conv", "unbatched_grouped_conv", "broadcast_query_attention", "broadcast_3d_query_attention",
+        "broadcast_query_sdpa", "broadcast_3d_query_sdpa", "sliced_qkv_sdpa", "sliced_qkv_attention"])
 def test_flops_equal_flop_counter_mode_on_unbatched_and_broadcast_inputs(model, inputs):
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        model(*inputs)
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+        model(*inputs)  # (the CPU flash kernel counts as 0)
     assert fxslim.estimate(model.eval(), inputs).total.flops == counter.get_total_flops()
+
+
+class _OverFrames(nn.Module):
+    """Attention over the frames of each token: q [B, N, T, d], so the heads dim is a named size."""
+
+    def forward(self, x):
+        return torch.nn.functional.scaled_dot_product_attention(x, x, x)
+
+
+def test_a_heads_dim_that_is_a_named_size_stays_in_the_formula():
+    # heads were read as int(shape[-3]): the formula was the example's constant, with no condition
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    report = fxslim.estimate(_OverFrames(), torch.randn(1, 5, 8, 16), symbolic={"tokens": 1})
+    for tokens in (5, 9, 20):
+        x = torch.randn(1, tokens, 8, 16)
+        with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
+            _OverFrames()(x)
+        assert report.evaluate(tokens=tokens).total.flops == counter.get_total_flops() > 0
