@@ -208,7 +208,10 @@ def propagate_symbolic(
     source.recorded.clear()
     total = sum(len(graph.gm.graph.nodes) for graph in captured.graphs)
     with DelayedProgress(total, f"symbolic sizes, {type(captured.module).__name__}: nodes") as bar:
-        return _propagate_symbolic(source, fakes, mode, env, rename, symbols, counted(recording(source.recorded), bar))
+        checks: set = set()
+        around = checks_kept(counted(recording(source.recorded), bar), env, checks)
+        mode, rename, symbols, valid_where = _propagate_symbolic(source, fakes, mode, env, rename, symbols, around)
+        return mode, rename, symbols, conditions(env, rename, checks) + valid_where
 
 
 def _propagate_symbolic(source: Source, fakes: list[Any], mode: FakeTensorMode, env: Any,
@@ -225,7 +228,7 @@ def _propagate_symbolic(source: Source, fakes: list[Any], mode: FakeTensorMode, 
                 f"({type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}); cost the sizes you need "
                 "one by one (fxslim.cost_model.sweep)") from exc
         _check_not_specialised(env, rename)
-        return mode, rename, symbols, conditions(env, rename) + kernel_fits(source, rename)
+        return mode, rename, symbols, kernel_fits(source, rename)
     seen: dict[str, tuple] = {}
     recorder = _EagerRecorder()  # the eager code's own ops, on symbolic sizes too
     handles = recorder.hooks(captured.module, captured)
@@ -251,7 +254,7 @@ def _propagate_symbolic(source: Source, fakes: list[Any], mode: FakeTensorMode, 
         if graph.path in seen:
             propagate(graph.gm, seen[graph.path], mode=mode, around_node=around)
     _check_not_specialised(env, rename)
-    return mode, rename, symbols, conditions(env, rename) + kernel_fits(source, rename)
+    return mode, rename, symbols, kernel_fits(source, rename)
 
 
 _TORCH_DIR = str(Path(torch.__file__).parent)
@@ -259,7 +262,27 @@ _SHAPE_FUNCTIONS = str(Path(torch.__file__).parent / "_meta_registrations.py")  
 _SAMPLE_SIZES = (*range(2, 130), 255, 256, 300, 512, 1000, 1024, 2048, 4096, 10_000, 65_536, 10**6, 10**9)
 
 
-def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[Any, ...]:
+_CHECKS = {torch._assert, torch._check, torch._check_with}  # the model's own checks, as graph nodes
+
+
+def checks_kept(around: Callable[[fx.Node], contextlib.AbstractContextManager], env: Any, checks: set
+                ) -> Callable[[fx.Node], contextlib.AbstractContextManager]:
+    """``around``, also keeping in ``checks`` the guards of ``env`` that a graph's ``torch._assert``
+    (or ``torch._check``) nodes raise: the model's own limits (timm's PatchEmbed asserts a multiple
+    of the patch), which ``conditions`` keeps though they arise in torch's interpreter."""
+
+    @contextlib.contextmanager
+    def around_checks(node: fx.Node) -> Iterator[None]:
+        before = len(env.guards)
+        with around(node):
+            yield
+        if node.op == "call_function" and node.target in _CHECKS:
+            checks.update(guard.expr for guard in env.guards[before:])
+
+    return around_checks
+
+
+def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol], checks: set = frozenset()) -> tuple[Any, ...]:
     """The guards on the named sizes that choose what the model computes: where its formulas hold.
 
     Kept: guards raised by the model's own code (``if x.shape[-1] > 300`` in eager code), by
@@ -274,6 +297,10 @@ def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[A
         expr = guard.expr
         if not expr.free_symbols or not expr.free_symbols <= named:
             continue
+        if expr in checks:  # the model's own check: a limit whatever its form
+            if expr.xreplace(dict(rename)) not in out:
+                out.append(expr.xreplace(dict(rename)))
+            continue
         where = getattr(getattr(guard, "sloc", None), "framework_loc", None)
         filename = str(getattr(where, "filename", "") or "")
         against_0_or_1 = any(side in (sympy.Integer(0), sympy.Integer(1)) for side in expr.args)
@@ -284,12 +311,21 @@ def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[A
             continue
         if len(expr.free_symbols) == 1:
             (size,) = expr.free_symbols
-            if all(expr.xreplace({size: value}) is sympy.true for value in _SAMPLE_SIZES):
+            if all(_holds(expr, size, value) for value in _SAMPLE_SIZES):
                 continue  # only 0 or 1 break it (``batch > 1``), not a limit (``w <= 300``)
         renamed = expr.xreplace(dict(rename))
         if renamed not in out:
             out.append(renamed)
     return tuple(out)
+
+
+def _holds(expr: Any, size: sympy.Symbol, value: int) -> bool:
+    """Whether a guard holds at ``size = value``; not where it cannot be evaluated there (a size that
+    divides by zero, ``h // (h // 8)`` below 8: the model fails there too)."""
+    try:
+        return expr.xreplace({size: value}) is sympy.true
+    except (ZeroDivisionError, TypeError, ValueError):
+        return False
 
 
 def kernel_fits(source: Source, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> tuple[Any, ...]:
@@ -305,12 +341,13 @@ def kernel_fits(source: Source, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> 
     for graph in source.captured.graphs:
         for view in views(graph.gm):
             x = meta_val(view.input) if isinstance(view, ConvView) else None
-            if isinstance(x, torch.Tensor) and x.dim() == 4 and not view.transposed and view.padding_spec != "same":
+            if isinstance(x, torch.Tensor) and x.dim() >= 3 and not view.transposed and view.padding_spec != "same":
                 convs.append((x.shape[2:], view.kernel, view.padding, view.dilation))
-    recorded = [op for ops in (source.eager or {}).values() for op in ops]
+    recorded = [op for ops in source.recorded.values() for op in ops]  # the graphs' 1-D and 3-D convs too
+    recorded += [op for ops in (source.eager or {}).values() for op in ops]
     recorded += [op for calls in source.repeats.values() for ops in calls for op in ops]
     for func, args, _, _ in recorded:
-        if func is torch.ops.aten.convolution.default and args[0].dim() == 4 and not args[6]:
+        if func is torch.ops.aten.convolution.default and args[0].dim() >= 3 and not args[6]:
             convs.append((args[0].shape[2:], tuple(args[1].shape[2:]), tuple(args[4]), tuple(args[5])))
     named, out = set(rename), []
     for sizes, kernel, padding, dilation in convs:

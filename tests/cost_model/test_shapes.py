@@ -165,6 +165,62 @@ def test_symbolic_formulas_refuse_sizes_a_kernel_does_not_fit():
             report.evaluate(h=size, w=size)
 
 
+@pytest.mark.parametrize("conv, shape", [(nn.Conv1d(3, 5, 3, dilation=2), (2, 3, 8)), (nn.Conv3d(4, 2, 3), (1, 4, 8, 7, 7))],
+                         ids=["conv1d", "conv3d"])
+def test_symbolic_formulas_refuse_sizes_a_1d_or_3d_kernel_does_not_fit(conv, shape):
+    # the kernel condition covered 2-D convs only: a Conv1d's formula gave -180 MACs at h=2
+    model = nn.Sequential(conv).eval()
+    report = fxslim.estimate(model, torch.randn(shape), symbolic={"h": 2})
+    small = (*shape[:2], 2, *shape[3:])
+    with pytest.raises(RuntimeError, match="Kernel size can't be greater"):
+        model(torch.randn(small))
+    with pytest.raises(ValueError, match="h=2 breaks it"):
+        report.evaluate(h=2)
+    big = (*shape[:2], 12, *shape[3:])
+    assert report.evaluate(h=12).total.macs == fxslim.estimate(model, torch.randn(big)).total.macs > 0
+
+
+class _Patchify(nn.Module):
+    """As timm's PatchEmbed: the model asserts a multiple of its patch size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(3, 8, 16, stride=16)
+
+    def forward(self, x):
+        torch._assert(x.shape[2] % 16 == 0, "height must be divisible by 16")
+        return self.proj(x)
+
+
+def test_symbolic_formulas_keep_the_models_own_asserts():
+    # torch._assert's guard arises in torch's interpreter, and was dropped with torch's own guards
+    report = fxslim.estimate(_Patchify().eval(), torch.randn(1, 3, 64, 64), symbolic={"height": 2})
+    assert report.evaluate(height=80).total.flops == fxslim.estimate(_Patchify(), torch.randn(1, 3, 80, 64)).total.flops
+    with pytest.raises(AssertionError):
+        _Patchify()(torch.randn(1, 3, 70, 64))
+    with pytest.raises(ValueError, match="height=70 breaks it"):
+        report.evaluate(height=70)
+
+
+class _Windows(nn.Module):
+    def forward(self, x):
+        n = x.shape[2] // 8
+        return x.view(x.shape[0], x.shape[1], n, x.shape[2] // n, x.shape[3]).sum(3)
+
+
+def test_symbolic_conditions_that_divide_by_zero_at_small_sizes():
+    # the sample sizes that test a condition divided by zero (n = h // 8 is 0 below 8): ZeroDivisionError
+    report = fxslim.estimate(_Windows(), torch.randn(1, 2, 32, 16), symbolic={"height": 2})
+    assert report.evaluate(height=64).total.flops == fxslim.estimate(_Windows(), torch.randn(1, 2, 64, 16)).total.flops
+
+
+def test_recurrent_layers_split_their_gates_at_no_cost():
+    # LSTM and GRU cells split their gates with aten.unsafe_split: listed as an unknown op
+    for model, x in ((nn.LSTM(8, 16), torch.randn(5, 2, 8)), (nn.GRU(8, 16), torch.randn(5, 2, 8)),
+                     (nn.Sequential(nn.LSTMCell(8, 16)), torch.randn(2, 8))):
+        assert not fxslim.estimate(nn.Sequential(model) if isinstance(model, nn.RNNBase) else model, x).unknown_ops
+
+
 def test_symbolic_size_pinned_by_an_upsample_says_where_its_value_comes_from():
     # "fixes 'batch' to 2" for an example of batch 1 named a size the user never gave
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.Upsample(scale_factor=2)).eval()

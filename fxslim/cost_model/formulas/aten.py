@@ -330,7 +330,7 @@ DATA_MOVEMENT = (
     "lift_fresh", "lift_fresh_copy", "view_copy", "permute_copy", "transpose_copy", "t_copy", "expand_copy",
     "unsqueeze_copy", "squeeze_copy", "alias_copy", "_unsafe_view_copy", "detach_copy", "_conj",
     # splitting, joining, slicing, indexing
-    "cat", "concat", "stack", "hstack", "vstack", "split", "split_with_sizes", "chunk", "unbind", "tensor_split",
+    "cat", "concat", "stack", "hstack", "vstack", "split", "split_with_sizes", "unsafe_split", "chunk", "unbind", "tensor_split",
     "split_copy", "split_with_sizes_copy", "unbind_copy", "select", "slice", "narrow", "select_copy",
     "slice_copy", "index", "index_select", "gather", "take",
     "slice_scatter", "select_scatter", "masked_select", "embedding", "repeat", "tile", "repeat_interleave",
