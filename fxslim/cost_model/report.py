@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -35,6 +36,13 @@ def _sum(values: Iterable[Any]) -> Any:
         if v is not None:
             total = total + v
     return total
+
+
+def _size(what: str, value: Any) -> int:
+    """A size a formula is evaluated at: a positive whole number (-3 gave negative MACs; 2.7 was taken as 2)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or value != int(value) or value < 1:
+        raise ValueError(f"{what}: expected a positive whole number, got {value!r}")
+    return int(value)
 
 
 def _subs(value: Any, sizes: Mapping[sympy.Symbol, int]) -> Any:
@@ -201,7 +209,7 @@ class CostReport:
         unknown = set(sizes) - set(self.symbols)
         if unknown:
             raise ValueError(f"evaluate: unknown size names {sorted(unknown)}; this report has {sorted(self.symbols)}")
-        subs = {self.symbols[k]: int(v) for k, v in sizes.items()}
+        subs = {self.symbols[k]: _size(f"evaluate: {k}", v) for k, v in sizes.items()}
         self._check_valid(subs)
         return subs
 
@@ -237,14 +245,15 @@ class CostReport:
         if name not in self.symbols:
             raise ValueError(f"scaling: unknown size name {name!r}; this report has {sorted(self.symbols)}")
         totals = []
+        values = [_size(f"scaling: {name}", value) for value in values]
         for value in values:
-            subs = {self.symbols[name]: int(value)}
+            subs = {self.symbols[name]: value}
             self._check_valid(subs)
             totals.append({"macs": _subs(self.total.macs, subs), "flops": _subs(self.total.flops, subs),
                            "elementwise": _subs(self.total.elementwise, subs),
                            "energy_pj": _subs(self.total.energy_pj, subs),
                            "activation_bytes": _subs(self.total.activation_bytes, subs)})
-        return ScalingTable(name, [int(v) for v in values], totals, self.model)
+        return ScalingTable(name, values, totals, self.model)
 
     # ------------------------------------------------------------------------------------------ output
 

@@ -42,3 +42,16 @@ def test_compare_rows_per_module_and_ratios():
     # elementwise work beside the MACs in every format's summary (HASTE's overhead was in the JSON only)
     line = f"elementwise ops: {before.total.elementwise:,} -> {after.total.elementwise:,}"
     assert line in comp.to_markdown() and html.escape(line) in comp.to_html()
+
+
+def test_formulas_are_evaluated_at_positive_whole_sizes_only():
+    # evaluate(batch=-3) gave negative MACs and 2.7 was taken as 2
+    import numpy as np
+
+    report = fxslim.estimate(nn.Sequential(nn.Conv2d(3, 4, 1)), torch.randn(1, 3, 4, 4), symbolic={"batch": 0})
+    for bad in (-3, 0, 2.7, "2", True):
+        with pytest.raises(ValueError, match=r"batch: expected a positive whole number"):
+            report.evaluate(batch=bad)
+        with pytest.raises(ValueError, match=r"scaling: batch: expected a positive whole number"):
+            report.scaling(batch=[1, bad])
+    assert report.evaluate(batch=np.int64(3)).total.macs == report.evaluate(batch=3.0).total.macs == 3 * 4 * 3 * 16
