@@ -44,8 +44,9 @@ _PRESETS: dict[str, dict[str, str]] = {
     "fp16": {"default": "fp16", "params": "fp16"},
     "bf16": {"default": "bf16", "params": "bf16"},
     "int8": {"default": "int8", "params": "fp16"},
-    # attention multiplies two activations: PROM's convert keeps it a float island (fp32)
-    "prom": {"kind:pointwise_conv": "ternary", "kind:attention": "fp32", "default": "int8", "params": "fp16"},
+    # attention and other products of two activations (einsum, bmm): PROM's convert keeps them float islands (fp32)
+    "prom": {"kind:pointwise_conv": "ternary", "kind:attention": "fp32", "kind:matmul": "fp32", "default": "int8",
+             "params": "fp16"},
 }
 _PRESET_OPTIONS = {"last_pointwise": "last:pointwise_conv", "classifier": "last:linear", "params": "params"}
 

@@ -134,8 +134,8 @@ def test_missing_table_entries_are_listed_not_priced():
 
 def test_deploy_presets_and_strings_parse_to_mappings():
     assert deploy_preset("prom", classifier="fp16") == {
-        "kind:pointwise_conv": "ternary", "kind:attention": "fp32", "default": "int8", "params": "fp16",
-        "last:linear": "fp16"}
+        "kind:pointwise_conv": "ternary", "kind:attention": "fp32", "kind:matmul": "fp32", "default": "int8",
+        "params": "fp16", "last:linear": "fp16"}
     assert parse_deploy("prom:last_pointwise=int8")["last:pointwise_conv"] == "int8"
     assert parse_deploy("pointwise_conv=ternary,default=int8") == {"kind:pointwise_conv": "ternary", "default": "int8"}
     assert parse_deploy("fp16") == {"default": "fp16", "params": "fp16"}
@@ -195,3 +195,24 @@ def test_include_bias_counts_an_mha_projections_biases_in_every_ir(capture, bias
     extra = report.with_conventions(include_bias=True).total.ops.get(("add", "fp32"), 0) - report.total.ops.get(
         ("add", "fp32"), 0)
     assert extra == (4 * 2 * 5 * 16 if bias else 0)  # q, k, v and out: one add per output element
+
+
+class _EinsumAttention(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).chunk(3, -1)
+        return self.proj(torch.einsum("bls,bsd->bld", torch.einsum("bld,bsd->bls", q, k).softmax(-1), v))
+
+
+def test_the_prom_preset_prices_products_of_activations_as_convert_keeps_them():
+    # einsum attention (rows of kind matmul) was priced int8 by deploy="prom"; convert keeps it fp32
+    torch.manual_seed(0)
+    model, x = _EinsumAttention().eval(), torch.randn(2, 10, 16)
+    predicted = fxslim.estimate(model, x, deploy="prom")
+    converted = fxslim.estimate(fxslim.convert(fxslim.calibrate(fxslim.prepare(model, x), [(x,)]).eval()), x)
+    for report in (predicted, converted):
+        assert {row.format for row in report.rows if row.kind == "matmul"} == {"fp32"}
+    assert predicted.total.energy_pj == converted.total.energy_pj
