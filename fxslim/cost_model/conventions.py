@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fxslim.config import Config, check_choice, check_int
@@ -82,6 +82,8 @@ def parse_deploy(spec: str | Mapping[str, str]) -> dict[str, str]:
     """A normalised deploy mapping from a preset string or a mapping (keys: see the module docs)."""
     if isinstance(spec, str):
         head, colon, body = spec.partition(":")
+        if colon and head.strip() not in _PRESETS and "=" in head + body.partition(",")[0]:
+            head, colon, body = "", "", spec  # 'last:linear=fp16,default=int8': keys with a colon, no preset
         pairs = {}
         for item in filter(None, (p.strip() for p in (body if colon else spec).split(","))):
             key, eq, value = item.partition("=")
@@ -146,6 +148,14 @@ class Conventions(Config):
     @property
     def deploy_map(self) -> dict[str, str]:
         return parse_deploy(self.deploy) if self.deploy is not None else {}
+
+    def unmatched_names(self, fqns: Iterable[str]) -> list[str]:
+        """The deploy keys that name modules (not kinds, ``last:``, ``default``, ``params``) and match
+        none of ``fqns``, exactly or as a glob: a misspelt key (``pointwise`` for the kind
+        ``pointwise_conv``) otherwise changes nothing, silently."""
+        fqns = set(fqns)
+        names = [k for k in self.deploy_map if not k.startswith(("kind:", "last:")) and k not in ("default", "params")]
+        return [k for k in names if k not in fqns and not any(fnmatch.fnmatchcase(f, k) for f in fqns)]
 
     def mac_format(self, fqn: str, kind: str, is_last: bool) -> str | None:
         """The deployed operand format of a MAC-bearing node, or None (keep the node's own)."""

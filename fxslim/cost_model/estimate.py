@@ -33,7 +33,7 @@ from torch import nn
 
 from fxslim.capture import Captured, as_example, compiled_original
 from fxslim.cost_model.apply import RowPricer
-from fxslim.cost_model.conventions import Conventions, merge_conventions
+from fxslim.cost_model.conventions import KINDS, Conventions, merge_conventions
 from fxslim.cost_model.energy import EnergyTable, table_for
 from fxslim.cost_model.graph import peak_activation_bytes
 from fxslim.cost_model.report import CostReport, CostTotals, ScalingTable
@@ -117,6 +117,10 @@ class _State:
         raws = counter.rows()
         pricer = RowPricer(conv, energy_table, self.rename)
         rows = pricer.rows(raws)
+        unmatched = conv.unmatched_names(r.fqn for r in rows)
+        if unmatched:
+            raise ValueError(f"deploy: {unmatched} name no module of {self.model} and no kind; keys are module names "
+                             f"(globs such as 'layer4.*'), kinds {KINDS}, 'last:<kind>', 'default' or 'params'")
         peak = None if self.symbols else peak_activation_bytes(self.source.captured, rows)
         return CostReport(
             rows=rows, total=CostTotals.of(rows, peak), conventions=conv, energy_table=energy_table,

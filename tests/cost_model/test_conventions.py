@@ -216,3 +216,17 @@ def test_the_prom_preset_prices_products_of_activations_as_convert_keeps_them():
     for report in (predicted, converted):
         assert {row.format for row in report.rows if row.kind == "matmul"} == {"fp32"}
     assert predicted.total.energy_pj == converted.total.energy_pj
+
+
+def test_deploy_keys_that_name_nothing_are_refused_and_kind_keys_parse_from_strings():
+    # 'pointwise' (not a kind, no module) was ignored: the no-deploy energy, with no word; and the
+    # documented last:/kind: keys raised in the string form --deploy takes
+    model, x = nn.Sequential(nn.Conv2d(3, 8, 1), nn.Flatten(1), nn.Linear(8 * 16, 4)).eval(), torch.randn(1, 3, 4, 4)
+    for spec in ("pointwise=ternary", {"linaer": "int8"}):
+        with pytest.raises(ValueError, match=r"name no module of Sequential and no kind"):
+            fxslim.estimate(model, x, deploy=spec)
+    assert parse_deploy("last:linear=fp16,default=int8") == {"last:linear": "fp16", "default": "int8"}
+    assert parse_deploy("kind:linear=int8") == {"kind:linear": "int8"}
+    report = fxslim.estimate(model, x, deploy="last:linear=fp16,default=int8")
+    assert [row.format for row in report.rows if row.macs] == ["int8", "fp16"]
+    assert fxslim.estimate(model, x, deploy={"0": "ternary", "2*": "fp16"}).total.macs == report.total.macs
