@@ -91,6 +91,7 @@ def report_dict(report: CostReport) -> dict[str, Any]:
         "conventions_text": report.conventions.describe(),
         "energy_table": {"name": report.energy_table.name, "citation": report.energy_table.citation},
         "symbols": sorted(report.symbols),
+        "valid_where": [str(c) for c in report.valid_where],
         "total": _totals_dict(report.total),
         "by_kind": {k: _totals_dict(v) for k, v in report.by_kind().items()},
         "unknown_ops": report.unknown_ops,
@@ -178,6 +179,8 @@ def _summary_lines(report: CostReport) -> list[str]:
         f"peak activations {_int(t.peak_activation_bytes)} bytes" if t.peak_activation_bytes is not None else "",
         f"conventions: {report.conventions.describe()}",
     ]
+    if report.valid_where:
+        lines.append("the formulas hold where " + " and ".join(str(c) for c in report.valid_where))
     if report.unknown_ops:
         lines.append("ops without a cost formula (not counted): " + ", ".join(
             f"{op} ×{len(nodes)}" for op, nodes in report.unknown_ops.items()))

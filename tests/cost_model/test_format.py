@@ -106,3 +106,15 @@ def test_comparison_ratio_names_the_measures_it_takes():
     assert comp.ratio("macs") == comp.ratio("storage_bytes") == 1.0
     with pytest.raises(ValueError, match=r"field_name must be one of \['macs', .*'storage_bytes'\], got 'foo'"):
         comp.ratio("foo")
+
+
+def test_the_conditions_of_symbolic_formulas_appear_in_every_summary():
+    # JSON, Markdown, HTML and the table gave formulas with none of the sizes they hold for
+    model = nn.Sequential(nn.Conv2d(3, 4, 5), nn.Conv2d(4, 4, 3, stride=2)).eval()
+    report = fxslim.estimate(model, torch.randn(1, 3, 16, 16), symbolic={"height": 2})
+    assert report.valid_where
+    condition = str(report.valid_where[0])
+    assert json.loads(report.to_json())["valid_where"] == [str(c) for c in report.valid_where]
+    assert condition in report.to_markdown()
+    assert html.escape(condition) in report.to_html()
+    assert fxslim.estimate(model, torch.randn(1, 3, 16, 16)).to_dict()["valid_where"] == []
