@@ -223,6 +223,8 @@ class RawRowCounter:
             self._shapes(raw, node)
             raw.params = self._params(graph, node)
             view = found.get(node)
+            if isinstance(view, AttentionView):  # weights the chain reads (learned keys, a temperature)
+                raw.params += [p for member in view.nodes if member is not node for p in self._params(graph, member)]
             if view is not None:
                 cost = view_cost(view, gm)
                 raw.add(cost, cost.kind or "other")

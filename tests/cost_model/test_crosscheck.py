@@ -149,3 +149,23 @@ def test_a_heads_dim_that_is_a_named_size_stays_in_the_formula():
         with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
             _OverFrames()(x)
         assert report.evaluate(tokens=tokens).total.flops == counter.get_total_flops() > 0
+
+
+class _MemoryAttention(nn.Module):
+    """Attention over learned memory slots, its scores scaled by a learned temperature."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.keys, self.values = nn.Parameter(torch.randn(16, 32)), nn.Parameter(torch.randn(32, 16))
+        self.temperature = nn.Parameter(torch.ones(1))
+
+    def forward(self, x):
+        return ((x @ self.keys) * self.temperature).softmax(-1) @ self.values
+
+
+@pytest.mark.parametrize("capture", ["symbolic", "export"])
+def test_weights_read_inside_an_attention_chain_are_counted(capture):
+    # only the softmax anchor's weights were attributed: learned keys and values, XCiT's temperature vanished
+    model = _MemoryAttention().eval()
+    report = fxslim.estimate(model, torch.randn(2, 10, 16), capture=capture)
+    assert report.total.params == sum(p.numel() for p in model.parameters()) == 1025
