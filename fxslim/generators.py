@@ -63,11 +63,15 @@ def kept(module: nn.Module | None = None) -> Iterator[Callable[[], bool]]:
 class _SeededOps(TorchDispatchMode):
     """Notes whether a torch op that draws from a generator ran (on this thread: modes are per thread)."""
 
+    supports_higher_order_operators = True  # torch.cond in a model: run it (without this, no rule: an error)
+
     def __init__(self) -> None:
         super().__init__()
         self.seen = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **(kwargs or {}))  # its branches' own draws go unwatched
         if torch.Tag.nondeterministic_seeded in func.tags:
             self.seen = True
         return func(*args, **(kwargs or {}))

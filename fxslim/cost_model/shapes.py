@@ -396,7 +396,10 @@ def to_expr(value: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> Any:
 
 
 class Recorder(TorchDispatchMode):
-    """Records every aten op (with its arguments and outputs) run inside it."""
+    """Records every aten op (with its arguments and outputs) run inside it; a higher-order op
+    (``torch.cond``) as itself, which no formula prices (an unknown op, as under export)."""
+
+    supports_higher_order_operators = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -417,6 +420,8 @@ class _EagerRecorder(TorchDispatchMode):
     Why the repeats: a graph's rows come from one propagation, at its first call's shapes, so a
     module traced apart that eager code calls again (a detection head run on each FPN level) was
     costed once: retinanet's heads at the largest level only, the model 15 % short, silently."""
+
+    supports_higher_order_operators = True  # torch.cond: recorded as itself (see Recorder)
 
     def __init__(self) -> None:
         super().__init__()
