@@ -6,6 +6,7 @@ no display, nothing global changed. ``png_bytes(fig)`` renders one for embedding
 
 from __future__ import annotations
 
+import dataclasses
 import io
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import EngFormatter, FuncFormatter
+
+SCALING_METRICS = ("macs", "flops", "elementwise", "energy_pj", "activation_bytes")  # a ScalingTable's columns
 
 if TYPE_CHECKING:  # format (imported by the report module) imports this one: types only
     from fxslim.cost_model.report import Comparison, CostReport, ScalingTable
@@ -43,6 +46,7 @@ def _figure(width: float = 8.0, height: float = 4.0) -> Figure:
 
 def plot_breakdown(report: CostReport, metric: str = "macs") -> Figure:
     """Bar chart of ``metric`` summed per op kind."""
+    _check_metric(metric)
     kinds = report.by_kind()
     items = sorted(((k, _number(getattr(t, metric))) for k, t in kinds.items()), key=lambda kv: -kv[1])
     items = [(k, v) for k, v in items if v > 0] or items
@@ -55,6 +59,18 @@ def plot_breakdown(report: CostReport, metric: str = "macs") -> Figure:
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     return fig
+
+
+def _check_metric(metric: str, allowed: Sequence[str] | None = None) -> None:
+    """A ValueError naming ``metric`` and the allowed ones (a misspelt name gave an AttributeError)."""
+    if allowed is None:
+        from fxslim.cost_model.report import CostTotals  # at call time: the report module imports this one
+
+        allowed = [f.name for f in dataclasses.fields(CostTotals) if f.name not in ("ops", "peak_activation_bytes")]
+        allowed += sorted(n for n in dir(CostTotals) if isinstance(getattr(CostTotals, n), property))  # flops, ...
+    allowed = tuple(allowed)
+    if metric not in allowed:
+        raise ValueError(f"metric: expected one of {allowed}, got {metric!r}")
 
 
 def _value_axis(axis: Any, metric: str) -> None:
@@ -80,6 +96,7 @@ def _layer_figure(names: list[str], per_row: float) -> tuple[Figure, Any]:
 
 def plot_layers(report: CostReport, metric: str = "macs", top: int = 40) -> Figure:
     """Horizontal bars of ``metric`` per module (the ``top`` largest, in execution order)."""
+    _check_metric(metric)
     mods = [(m, _number(getattr(t, metric))) for m, t in report.by_module().items()]
     keep = {m for m, _ in sorted(mods, key=lambda kv: -kv[1])[:top]}
     mods = [(m or "<root>", v) for m, v in mods if m in keep and v > 0]
@@ -94,6 +111,7 @@ def plot_layers(report: CostReport, metric: str = "macs", top: int = 40) -> Figu
 
 def plot_comparison(comparison: Comparison, metric: str = "energy_pj", top: int = 40) -> Figure:
     """Horizontal bars of ``metric`` per module, before and after side by side."""
+    _check_metric(metric)
     rows = [(r.fqn or "<root>", _number(getattr(r.before, metric)), _number(getattr(r.after, metric)))
             for r in comparison.rows]
     rows = [r for r in rows if r[1] > 0 or r[2] > 0]
@@ -116,6 +134,7 @@ def plot_scaling(tables: ScalingTable | Sequence[ScalingTable], metric: str = "m
                  labels: Sequence[str] | None = None) -> Figure:
     """Cost against one input size (e.g. frames); several tables (with/without a pass) overlay."""
     tables = list(tables) if isinstance(tables, Sequence) else [tables]
+    _check_metric(metric, SCALING_METRICS)
     labels = list(labels) if labels is not None else [t.model for t in tables]
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot()

@@ -142,13 +142,22 @@ def symbolic_dims(dims: Mapping[str, Any], example_inputs: Sequence[Any]) -> dic
     """{input index: {dim: name}} from ``{"frames": (0, 1), "batch": 0}``, checked."""
     wanted: dict[int, dict[int, str]] = {}
     for name, where in dims.items():
-        index, dim = (0, where) if isinstance(where, int) else tuple(where)
+        pair = isinstance(where, (tuple, list)) and len(where) == 2 and all(type(w) is int for w in where)
+        if not (type(where) is int or pair):
+            raise ValueError(f"symbolic[{name!r}]: expected a dim of the first input (an int) or (input index, dim), "
+                             f"got {where!r}")
+        index, dim = (0, where) if type(where) is int else tuple(where)
         if not (0 <= index < len(example_inputs)) or not isinstance(example_inputs[index], torch.Tensor):
             raise ValueError(f"symbolic[{name!r}]: expected a dim of a tensor input "
                              f"(index < {len(example_inputs)}), got {where!r}")
         if not (-example_inputs[index].dim() <= dim < example_inputs[index].dim()):
             raise ValueError(f"symbolic[{name!r}]: input {index} has {example_inputs[index].dim()} dims, got dim {dim}")
-        wanted.setdefault(index, {})[dim % example_inputs[index].dim()] = name
+        named = wanted.setdefault(index, {})
+        dim %= example_inputs[index].dim()
+        if dim in named:
+            raise ValueError(f"symbolic: {named[dim]!r} and {name!r} name the same dim (input {index}, dim {dim}); "
+                             "give each dim one name")
+        named[dim] = name
     return wanted
 
 

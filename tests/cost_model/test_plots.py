@@ -43,3 +43,25 @@ def test_energy_axis_is_in_joules():
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels() if t.get_text()]
     assert labels and not any(label.endswith(("kpJ", "MpJ", "GpJ")) for label in labels)
     assert labels[-1].endswith(("nJ", "µJ", "mJ"))
+
+
+def test_a_metric_name_that_is_no_total_is_a_value_error_naming_the_allowed_ones():
+    # 'flop' and 'energy' gave AttributeError, a scaling table's 'params' a KeyError
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)).eval()
+    report = fxslim.estimate(model, torch.randn(2, 16))
+    table = fxslim.estimate(model, torch.randn(2, 16), symbolic={"batch": 0}).scaling(batch=[1, 2])
+    for draw in (lambda: plot_breakdown(report, "flop"), lambda: plot_layers(report, "energy"),
+                 lambda: plot_comparison(fxslim.compare(report, report), "energy"),
+                 lambda: plot_scaling(table, "params")):
+        with pytest.raises(ValueError, match=r"metric: expected one of \(.*'macs'"):
+            draw()
+    for metric in ("flops", "storage_bytes", "energy_pj"):
+        plot_breakdown(report, metric)
+
+
+def test_symbolic_names_are_checked():
+    model, x = nn.Sequential(nn.Linear(16, 4)).eval(), torch.randn(2, 16)
+    with pytest.raises(ValueError, match=r"symbolic\['batch'\]: expected a dim of the first input"):
+        fxslim.estimate(model, x, symbolic={"batch": "0"})
+    with pytest.raises(ValueError, match=r"'a' and 'b' name the same dim"):
+        fxslim.estimate(model, x, symbolic={"a": 0, "b": (0, 0)})
