@@ -348,6 +348,10 @@ def compare(before: CostReport, after: CostReport, candidates: list[dict[str, st
     ``candidates``: what the passes did (``OptimizeReport.candidates()``), listed by every format."""
     if not isinstance(before, CostReport) or not isinstance(after, CostReport):
         raise TypeError(f"compare: expected two CostReports, got {type(before).__name__} and {type(after).__name__}")
+    if before.is_symbolic != after.is_symbolic:
+        symbolic, numeric = ("before", "after") if before.is_symbolic else ("after", "before")
+        raise ValueError(f"compare: {symbolic} has formulas in {sorted((before if before.is_symbolic else after).symbols)} "
+                         f"and {numeric} numbers; evaluate the formulas at the sizes first ({symbolic}.evaluate(...))")
     kinds_b = _main_kinds(before)
     kinds_a = _main_kinds(after)
     mods_b, mods_a = before.by_module(), after.by_module()

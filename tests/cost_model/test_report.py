@@ -55,3 +55,13 @@ def test_formulas_are_evaluated_at_positive_whole_sizes_only():
         with pytest.raises(ValueError, match=r"scaling: batch: expected a positive whole number"):
             report.scaling(batch=[1, bad])
     assert report.evaluate(batch=np.int64(3)).total.macs == report.evaluate(batch=3.0).total.macs == 3 * 4 * 3 * 16
+
+
+def test_compare_refuses_formulas_beside_numbers():
+    # the comparison was made, and its Markdown raised "Cannot convert expression to float"
+    model, x = nn.Sequential(nn.Linear(16, 4)).eval(), torch.randn(2, 16)
+    numeric, symbolic = fxslim.estimate(model, x), fxslim.estimate(model, x, symbolic={"batch": 0})
+    with pytest.raises(ValueError, match=r"compare: after has formulas in \['batch'\] and before numbers"):
+        fxslim.compare(numeric, symbolic)
+    assert fxslim.compare(numeric, symbolic.evaluate(batch=2)).ratio("macs") == 1
+    assert "batch" in fxslim.compare(symbolic, symbolic).to_markdown()
