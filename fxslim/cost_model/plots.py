@@ -46,7 +46,7 @@ def _figure(width: float = 8.0, height: float = 4.0) -> Figure:
 
 def plot_breakdown(report: CostReport, metric: str = "macs") -> Figure:
     """Bar chart of ``metric`` summed per op kind."""
-    _check_metric(metric)
+    _check_metric(metric, report.total)
     kinds = report.by_kind()
     items = sorted(((k, _number(getattr(t, metric))) for k, t in kinds.items()), key=lambda kv: -kv[1])
     items = [(k, v) for k, v in items if v > 0] or items
@@ -61,13 +61,13 @@ def plot_breakdown(report: CostReport, metric: str = "macs") -> Figure:
     return fig
 
 
-def _check_metric(metric: str, allowed: Sequence[str] | None = None) -> None:
-    """A ValueError naming ``metric`` and the allowed ones (a misspelt name gave an AttributeError)."""
-    if allowed is None:
-        from fxslim.cost_model.report import CostTotals  # at call time: the report module imports this one
-
-        allowed = [f.name for f in dataclasses.fields(CostTotals) if f.name not in ("ops", "peak_activation_bytes")]
-        allowed += sorted(n for n in dir(CostTotals) if isinstance(getattr(CostTotals, n), property))  # flops, ...
+def _check_metric(metric: str, allowed: Sequence[str] | Any) -> None:
+    """A ValueError naming ``metric`` and the allowed ones (a misspelt name gave an AttributeError):
+    ``allowed`` is a list of names or a report's totals, whose fields and properties are the metrics."""
+    if dataclasses.is_dataclass(allowed):
+        kind = type(allowed)
+        allowed = [f.name for f in dataclasses.fields(kind) if f.name not in ("ops", "peak_activation_bytes")]
+        allowed += sorted(n for n in dir(kind) if isinstance(getattr(kind, n), property))  # flops, ...
     allowed = tuple(allowed)
     if metric not in allowed:
         raise ValueError(f"metric: expected one of {allowed}, got {metric!r}")
@@ -96,7 +96,7 @@ def _layer_figure(names: list[str], per_row: float) -> tuple[Figure, Any]:
 
 def plot_layers(report: CostReport, metric: str = "macs", top: int = 40) -> Figure:
     """Horizontal bars of ``metric`` per module (the ``top`` largest, in execution order)."""
-    _check_metric(metric)
+    _check_metric(metric, report.total)
     mods = [(m, _number(getattr(t, metric))) for m, t in report.by_module().items()]
     keep = {m for m, _ in sorted(mods, key=lambda kv: -kv[1])[:top]}
     mods = [(m or "<root>", v) for m, v in mods if m in keep and v > 0]
@@ -111,7 +111,7 @@ def plot_layers(report: CostReport, metric: str = "macs", top: int = 40) -> Figu
 
 def plot_comparison(comparison: Comparison, metric: str = "energy_pj", top: int = 40) -> Figure:
     """Horizontal bars of ``metric`` per module, before and after side by side."""
-    _check_metric(metric)
+    _check_metric(metric, comparison.before.total)
     rows = [(r.fqn or "<root>", _number(getattr(r.before, metric)), _number(getattr(r.after, metric)))
             for r in comparison.rows]
     rows = [r for r in rows if r[1] > 0 or r[2] > 0]
