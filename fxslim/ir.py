@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import sympy
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -43,6 +44,7 @@ __all__ = [
     "node_fqn",
     "meta_val",
     "shape_of",
+    "same_size",
     "resolve_padding",
     "conv_kind",
     "attribute",
@@ -647,7 +649,7 @@ def _heads_and_batch(shape: tuple, source: fx.Node | None, other: tuple | None =
     rows = _prod(lead)
     # the origin's B·H rows are the operand's (not qkv [B, 3, L, C] that q = qkv[:, 0] is a slice of)
     if (oshape is not None and len(oshape) == 4 and oshape[-2:] == shape[-2:] and len(shape) == 3
-            and _same(oshape[0] * oshape[1], rows)):
+            and same_size(oshape[0] * oshape[1], rows)):
         return oshape[0], oshape[1]
     return rows, 1
 
@@ -659,13 +661,23 @@ def _broadcast(a: tuple, b: tuple) -> tuple:
     return tuple(y if isinstance(x, int) and x == 1 else x for x, y in zip(a, b))
 
 
-def _same(x: Any, y: Any) -> bool:
-    """Whether two sizes are equal, without guarding on symbolic ones (their expressions compared)."""
-    if isinstance(x, torch.SymInt) or isinstance(y, torch.SymInt):
-        ex = x.node.expr if isinstance(x, torch.SymInt) else x
-        ey = y.node.expr if isinstance(y, torch.SymInt) else y
-        return bool(ex == ey)
-    return x == y
+def same_size(a: Any, b: Any) -> bool | None:
+    """Whether two (possibly symbolic) sizes are provably equal, without guarding on symbolic ones;
+    None when unknown."""
+    if a is None or b is None:
+        return None
+    if isinstance(a, int) and isinstance(b, int):
+        return a == b
+    diff = sympy.simplify(_size_expr(a) - _size_expr(b))
+    if diff == 0:
+        return True
+    return False if diff.is_number else None
+
+
+def _size_expr(value: Any) -> Any:
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    return sympy.Integer(value) if isinstance(value, int) else value
 
 
 def _viewlike_origin(node: Any) -> fx.Node | None:

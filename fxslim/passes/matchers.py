@@ -16,11 +16,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import sympy
-import torch
 import torch.fx as fx
 
-from fxslim.ir import AttentionView, ConvView, LinearView, View, views
+from fxslim.ir import AttentionView, ConvView, LinearView, View, same_size, views
 
 __all__ = [
     "Match", "attention_scope", "hooked", "match_convs", "match_pointwise_convs",
@@ -77,29 +75,11 @@ def _overrides_forward(cls: type) -> bool:
     return any(getattr(cls, name, None) is not getattr(base, name, None) for name in ("forward", "_conv_forward"))
 
 
-def _expr(value: Any) -> Any:
-    if isinstance(value, torch.SymInt):
-        return value.node.expr
-    return sympy.Integer(value) if isinstance(value, int) else value
-
-
-def _same_size(a: Any, b: Any) -> bool | None:
-    """Whether two (possibly symbolic) sizes are provably equal; None when unknown."""
-    if a is None or b is None:
-        return None
-    if isinstance(a, int) and isinstance(b, int):
-        return a == b
-    diff = sympy.simplify(_expr(a) - _expr(b))
-    if diff == 0:
-        return True
-    return False if diff.is_number else None
-
-
 def attention_scope(view: AttentionView, batch_size: Any) -> Literal["global", "local", "unknown"]:
     """'global' when one attention sequence spans the model's whole input, 'local' otherwise."""
     if view.form == "wrapped" and view.windows not in (None, 1):
         return "local"
-    same = _same_size(view.batch, batch_size)
+    same = same_size(view.batch, batch_size)
     if same is None:
         return "unknown"
     return "global" if same else "local"
