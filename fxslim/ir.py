@@ -45,6 +45,7 @@ __all__ = [
     "meta_val",
     "shape_of",
     "same_size",
+    "size_hint",
     "resolve_padding",
     "conv_kind",
     "attribute",
@@ -672,6 +673,13 @@ def same_size(a: Any, b: Any) -> bool | None:
     if diff == 0:
         return True
     return False if diff.is_number else None
+
+
+def size_hint(value: Any) -> int:
+    """A concrete int for a size that may be a SymInt (its example value)."""
+    if isinstance(value, torch.SymInt):
+        return int(value.node.hint)
+    return int(value)
 
 
 def _size_expr(value: Any) -> Any:

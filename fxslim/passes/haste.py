@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves
 
 from fxslim.config import check_choice, check_int, check_range
-from fxslim.ir import ConvView, META_PLACEHOLDER_FQNS, attribute, meta_val, node_fqn, view_of, views
+from fxslim.ir import ConvView, META_PLACEHOLDER_FQNS, attribute, meta_val, node_fqn, size_hint, view_of, views
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass
 from fxslim.passes.matchers import match_convs
 from fxslim.propagate import propagate_node
@@ -315,16 +315,12 @@ def _copy_module_meta(gm: fx.GraphModule, anchor: fx.Node, new: fx.Node) -> None
         new.meta["stack_trace"] = anchor.meta["stack_trace"]
 
 
-def _hint(value: Any) -> int:
-    return int(value.node.hint) if isinstance(value, torch.SymInt) else int(value)
-
-
 def _predictions(view: ConvView, cfg: HASTE, counts: HasteLayer) -> dict[str, Any]:
     """Data-free predicted MACs and ops at the example input (calibrated and measured counts come from
     ``fxslim.estimate(..., haste_buckets=...)``)."""
     if view.output_shape is None:
         return {}
-    n, _, h_out, w_out = (_hint(s) for s in view.output_shape)
+    n, _, h_out, w_out = (size_hint(s) for s in view.output_shape)
     tiles = n * -(-h_out // cfg.tile) * -(-w_out // cfg.tile)
     c = counts.predicted(tiles, n * h_out * w_out)
     return {"buckets": "independent_codes",

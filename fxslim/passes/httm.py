@@ -25,10 +25,11 @@ import torch.nn.functional as F
 
 from fxslim.config import check_choice, check_int, check_range
 from fxslim.ir import (
-    AttentionView, LinearView, META_CALL_SHAPES, META_PLACEHOLDER_FQNS, META_PREFIX, meta_val, node_fqn, views,
+    AttentionView, LinearView, META_CALL_SHAPES, META_PLACEHOLDER_FQNS, META_PREFIX, meta_val, node_fqn, size_hint,
+    views,
 )
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass
-from fxslim.passes.httm_sources import cross_tokens, data_ancestors, hint
+from fxslim.passes.httm_sources import cross_tokens, data_ancestors
 from fxslim.passes.matchers import attention_scope, match_attention
 from fxslim.propagate import propagate_node
 from fxslim.runtime.frame_layout import FrameLayout, clip_frames, frame_layout_from_positions, read_frame_layout
@@ -166,7 +167,7 @@ class HTTM(Pass):
         out: list[Candidate] = []
         # 2. global attention from the shared matcher; 3. module metadata may say "frame"
         matches = match_attention(gm, ctx.batch_size)
-        lengths = {hint(m.view.q_len) for m in matches if m.view.q_len is not None}
+        lengths = {size_hint(m.view.q_len) for m in matches if m.view.q_len is not None}
         projections = {v.node: v.input for v in views(gm) if isinstance(v, LinearView)}
         for m in matches:
             view, metadata = m.view, _module_metadata(gm, m.view.node)
@@ -214,7 +215,7 @@ class HTTM(Pass):
         if metadata.get("scope") == "frame":
             return "local_attention", "the owning module's fxslim_frame_layout says scope='frame'"
         if self.frames is not None and view.q_len is not None:
-            n = hint(view.q_len)
+            n = size_hint(view.q_len)
             if n * self.frames in lengths:
                 return "local_attention", f"another attention in this graph is frames={self.frames} times as long"
             if n % self.frames == 0 and n // self.frames in lengths:
@@ -234,7 +235,7 @@ class HTTM(Pass):
         ``frames`` and no input of this graph or the model is 5-d (frames on a dim of their own): a model
         fed [S, 3, H, W] runs frame attention of P tokens at that batch, which would pass for
         ``frames`` frames of P / frames tokens (only step 2 of ``_scope`` tells them apart)."""
-        if (self.frames is None or hint(ctx.batch_size) % self.frames or _frames_input(gm, self.frames) is not None
+        if (self.frames is None or size_hint(ctx.batch_size) % self.frames or _frames_input(gm, self.frames) is not None
                 or any(len(shape) == 5 for shape in ctx.input_shapes)):  # the frames have a dim of their own
             return ""
         return (f"its batch {ctx.batch_size} is the example's first dim, a multiple of frames={self.frames}: it may "
@@ -259,7 +260,7 @@ class HTTM(Pass):
         frames = layout.example_frames
         if _frames_input(gm, frames) is not None:
             return "", ""
-        window = (f"sequences of {frames} frames (RoPE positions) at batch {hint(view.batch)}: a window over some "
+        window = (f"sequences of {frames} frames (RoPE positions) at batch {size_hint(view.batch)}: a window over some "
                   "of the frames is not global attention.")
         return batch_reason, f"{window} {unknown}".strip()
 
@@ -297,7 +298,7 @@ class HTTM(Pass):
                 metadata: dict[str, Any]) -> tuple[_Layout | None, str, str]:
         """(layout, "", "") or (None, reason, detail): config, else RoPE positions (checked against
         the special tokens of the config or the module metadata)."""
-        n = hint(view.q_len)
+        n = size_hint(view.q_len)
         specials = self.special_tokens if self.special_tokens is not None else metadata.get("special_tokens")
         if self.frames is not None or self.tokens_per_frame is not None:
             if self.tokens_per_frame is None and n % self.frames:
@@ -440,7 +441,7 @@ def _per_frame_positions(pos: fx.Node, tokens_per_frame: int) -> fx.Node | None:
 def _clip_inputs(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
     """(input, S) of each graph input shaped like multi-view images [B, S, C, H, W]."""
     params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
-    return [(node, hint(val.shape[1])) for node in gm.graph.nodes
+    return [(node, size_hint(val.shape[1])) for node in gm.graph.nodes
             if node.op == "placeholder" and node.name not in params
             and isinstance(val := meta_val(node), torch.Tensor) and val.dim() == 5]
 
@@ -452,7 +453,7 @@ def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int | None]
     such inputs (images and their masks) hold the same frames."""
     for node, s in _clip_inputs(gm):
         if s == frames:
-            channels = hint(meta_val(node).shape[2])
+            channels = size_hint(meta_val(node).shape[2])
             return node, (channels if channels == s else None)
     return None
 
@@ -536,7 +537,7 @@ def _nearest_positions(start: fx.Node, length: int, include_start: bool) -> fx.N
             val = meta_val(node)
             if ((include_start or node is not start) and isinstance(val, torch.Tensor)
                     and not val.dtype.is_floating_point and val.dim() >= 2 and val.shape[-1] == 2
-                    and hint(val.shape[-2]) == length):
+                    and size_hint(val.shape[-2]) == length):
                 return node
             for arg in node.all_input_nodes:
                 if arg not in seen:
@@ -566,12 +567,12 @@ def _evaluate(gm: fx.GraphModule, target: fx.Node, ctx: PassContext) -> tuple[to
     for node in (n for n in gm.graph.nodes if n in needed):
         val = meta_val(node)
         if node not in data and isinstance(val, torch.Tensor):
-            env[node] = torch.empty_strided([hint(s) for s in val.shape], [0] * val.dim(), dtype=val.dtype)
+            env[node] = torch.empty_strided([size_hint(s) for s in val.shape], [0] * val.dim(), dtype=val.dtype)
         elif node.op == "placeholder":
             if node.name not in ctx.placeholder_values:
                 return None, f"input {node.name!r} has no real value"
             value = ctx.placeholder_values[node.name]
-            env[node] = hint(value) if isinstance(value, torch.SymInt) else value
+            env[node] = size_hint(value) if isinstance(value, torch.SymInt) else value
         else:
             try:
                 with torch.no_grad():

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fxslim.ir import META_PLACEHOLDER_FQNS, AttentionView, meta_val
+from fxslim.ir import META_PLACEHOLDER_FQNS, AttentionView, meta_val, size_hint
 
-__all__ = ["cross_tokens", "data_ancestors", "hint", "is_metadata_op"]
+__all__ = ["cross_tokens", "data_ancestors", "is_metadata_op"]
 
 _METADATA_ATTRS = ("shape", "device", "dtype", "ndim")
 _METADATA_METHODS = ("size", "dim", "numel")
@@ -35,7 +35,7 @@ def cross_tokens(gm: fx.GraphModule, view: AttentionView, projections: dict[fx.N
     that are not the same tokens, also after adding a term computed from no input (``x + pos_emb``
     for q and k, ``x`` for v, as DETR writes it, is one sequence)."""
     q_shape = meta_val(view.q).shape
-    tokens = hint(q_shape[0]) * hint(q_shape[2])
+    tokens = size_hint(q_shape[0]) * size_hint(q_shape[2])
     sources = {name: _projected_from(node, projections) for name, node in (("q", view.q), ("k", view.k), ("v", view.v))}
     for name, found in sources.items():
         for source in sorted(found, key=lambda n: n.name):
@@ -57,7 +57,7 @@ def _token_count(node: fx.Node) -> int | None:
     val = meta_val(node)
     if not isinstance(val, torch.Tensor) or val.dim() < 2:
         return None
-    return math.prod(hint(n) for n in val.shape[:-1])
+    return math.prod(size_hint(n) for n in val.shape[:-1])
 
 
 def _same_tokens(gm: fx.GraphModule, nodes: set[fx.Node]) -> set[fx.Node]:
@@ -125,10 +125,3 @@ def data_ancestors(gm: fx.GraphModule, target: fx.Node) -> set[fx.Node]:
         if node in data and not is_metadata_op(node):
             data.update(node.all_input_nodes)
     return data
-
-
-def hint(value: Any) -> int:
-    """A concrete int for a size that may be a SymInt (its example value)."""
-    if isinstance(value, torch.SymInt):
-        return int(value.node.hint)
-    return int(value)
