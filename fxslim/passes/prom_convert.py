@@ -567,8 +567,7 @@ def _in_eval_mode(qat_model: fx.GraphModule) -> fx.GraphModule:
     modules (``qat_model`` is only read)."""
     if not any(_is_training_flag(n) for n in qat_model.graph.nodes):
         return qat_model
-    gm = fx.GraphModule(qat_model, copy.deepcopy(qat_model.graph), type(qat_model).__name__)
-    gm.meta.update(qat_model.meta)
+    gm = _graph_copy(qat_model)
     for node in [n for n in gm.graph.nodes if _is_training_flag(n)]:
         for user in [u for u in node.users if u.op == "call_function" and u.target is operator.not_]:
             user.replace_all_uses_with(True)
@@ -577,6 +576,14 @@ def _in_eval_mode(qat_model: fx.GraphModule) -> fx.GraphModule:
         gm.graph.erase_node(node)
     gm.recompile()
     return gm
+
+
+def _graph_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """A copy of ``gm``'s graph and metadata around the same modules, for convert to edit (the
+    prepared model is only read)."""
+    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
+    copied.meta.update(gm.meta)
+    return copied
 
 
 def _in_current_dtype(gm: fx.GraphModule) -> fx.GraphModule:
@@ -590,8 +597,7 @@ def _in_current_dtype(gm: fx.GraphModule) -> fx.GraphModule:
     if len(now) != 1 or len(then) != 1 or now == then:
         return gm
     (old,), (new,) = then, now
-    copied = fx.GraphModule(gm, copy.deepcopy(gm.graph), type(gm).__name__)
-    copied.meta.update(gm.meta)
+    copied = _graph_copy(gm)
     inputs = [meta_val(n) for n in copied.graph.nodes if n.op == "placeholder"]
     inputs = [torch.empty(v.shape, dtype=new) if isinstance(v, torch.Tensor) and v.dtype == old else v for v in inputs]
     propagate(copied, inputs)
