@@ -1105,7 +1105,7 @@ def capture(
     defaults = functools.cache(lambda: defaults_in_both_modes(model, example_inputs))
     _trace_largest(model, "", leaf_modules, traced, untraced, _constant_arguments(model, example_inputs), _Blockers(defaults))
     if not traced:
-        raise CaptureError(_untraceable_message(model, untraced))
+        raise CaptureError(_untraceable_message(model, untraced, leaf_modules))
     if len(traced) == 1 and traced[0][0] == "":
         gm = traced[0][1]
         _guard_given_optionals(gm, model, example_inputs)
@@ -1156,8 +1156,14 @@ def _is_dynamo_graph(gm: fx.GraphModule) -> bool:
     )
 
 
-def _untraceable_message(model: nn.Module, untraced: list[tuple[str, str]]) -> str:
+def _untraceable_message(model: nn.Module, untraced: list[tuple[str, str]], leaf_modules: tuple[type, ...]) -> str:
     worst = untraced[0][1] if untraced else "unknown"
+    if _is_leaf(model, leaf_modules):  # leaf_modules cannot help: the whole model is the leaf
+        return (
+            f"{type(model).__name__} could not be traced ({worst}). It is kept as one opaque op only inside "
+            f"a model, and here it is the whole model. Fix: capture='export', or wrap it in a module whose "
+            f"forward calls it, or use the torch.compile backend (backend='fxslim')."
+        )
     return (
         f"{type(model).__name__} could not be traced, nor any of its submodules ({worst}). "
         "Fix: pass leaf_modules=(TheFailingModuleClass,) so fxslim treats it as opaque, set "

@@ -329,6 +329,25 @@ def test_untraceable_model_raises_capture_error_with_fixes_but_compiles_through_
         torch.testing.assert_close(compiled(x), model(x))
 
 
+def test_untraceable_torch_module_as_the_whole_model_names_fixes_that_work():
+    # leaf_modules=(nn.LSTM,) cannot help when the LSTM is the model itself; export and a wrapper do
+    lstm, x = nn.LSTM(8, 16, batch_first=True), torch.randn(2, 5, 8)
+    with pytest.raises(CaptureError, match=r"LSTM could not be traced.*the whole model.*capture='export'.*wrap it") as err:
+        fxslim.estimate(lstm, x)
+    assert "leaf_modules" not in str(err.value)
+
+    class Wrapped(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lstm = lstm
+
+        def forward(self, x):
+            return self.lstm(x)
+
+    exported = _quiet(fxslim.estimate, lstm, x, capture="export").total
+    assert exported.macs == fxslim.estimate(Wrapped(), x).total.macs == 2 * 5 * 4 * 16 * (8 + 16)
+
+
 def test_untraceable_submodule_stays_eager_and_is_reported():
     torch.manual_seed(0)
     body = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.LeakyReLU(0.2), nn.Conv2d(3, 3, 3, padding=1))
