@@ -172,6 +172,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
             "record (use capture='export' or the torch.compile backend to rewrite this module)"
         )
     _check_output_computed(graph, type(module).__name__)
+    _assert_messages_without_proxies(graph)
     stored = _stored_attributes(root, attributes, graph)
     if stored:
         warn_user(f"{type(module).__name__}.forward stores {', '.join(map(repr, stored[:3]))}"
@@ -532,6 +533,21 @@ def _check_output_computed(graph: fx.Graph, name: str) -> None:
     if computes and not any(isinstance(v, fx.Node) for v in pytree.tree_leaves(output.args[0])):
         raise UnfaithfulTrace(f"{name}.forward returns values its graph does not compute (e.g. collected by hooks); "
                               "it stays eager, its submodules are rewritten")
+
+
+_PROXY_TEXT = re.compile(r"Proxy\([A-Za-z_][A-Za-z0-9_]*\)")
+
+
+def _assert_messages_without_proxies(graph: fx.Graph) -> None:
+    """Reword the messages of ``torch._assert`` nodes that name a traced value: the f-string ran at
+    trace time, so timm's "Input height ({H}) doesn't match model" reads "Input height
+    (Proxy(getitem_2))" when the check fails. The value is named as unknown instead."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch._assert and len(node.args) == 2:
+            message = node.args[1]
+            if isinstance(message, str) and _PROXY_TEXT.search(message):
+                node.args = (node.args[0], _PROXY_TEXT.sub("?", message)
+                             + " [?: a size or value of this call's inputs, which the traced check does not print]")
 
 
 _MODULE_INTERNALS = frozenset(vars(nn.Module()))

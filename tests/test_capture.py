@@ -108,6 +108,20 @@ def test_capture_untraceable_leaf_model_raises_with_fix():
         capture(Only(), (torch.randn(2),))
 
 
+def test_a_traced_check_that_fails_does_not_print_proxies():
+    # timm's PatchEmbed: _assert(H == self.h, f"Input height ({H}) doesn't match model ({self.h}).")
+    class Checked(nn.Module):
+        def forward(self, x):
+            torch._assert(x.shape[-1] == 8, f"width ({x.shape[-1]}) must be 8")
+            return x + 1
+
+    gm = trace(Checked())
+    assert torch.equal(gm(torch.zeros(2, 8)), torch.ones(2, 8))
+    with pytest.raises(AssertionError, match=r"^width \(\?\) must be 8 \[\?: a size or value") as err:
+        gm(torch.zeros(2, 9))
+    assert "Proxy" not in str(err.value)
+
+
 def test_capture_requires_example_inputs_for_modules():
     with pytest.raises(ValueError, match="example_inputs"):
         capture(nn.Linear(2, 2))
