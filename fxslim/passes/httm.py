@@ -443,7 +443,17 @@ def _clip_inputs(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
     params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
     return [(node, size_hint(val.shape[1])) for node in gm.graph.nodes
             if node.op == "placeholder" and node.name not in params
-            and isinstance(val := meta_val(node), torch.Tensor) and val.dim() == 5]
+            and isinstance(val := meta_val(node), torch.Tensor) and _views_first(val.shape)]
+
+
+def _views_first(shape: Sequence[Any]) -> bool:
+    """Whether a shape reads as multi-view images [B, S, C, H, W] rather than a channels-first video
+    clip [B, C, T, H, W] (VideoMAE, TimeSformer: conv3d takes channels on dim 1), whose dim 1 is
+    3 colours, not frames: RGB or grey channels on dim 1 and not on dim 2 say channels first."""
+    if len(shape) != 5:
+        return False
+    second, third = size_hint(shape[1]), size_hint(shape[2])
+    return not (second in (1, 3) and third not in (1, 3))
 
 
 def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int | None] | None:
@@ -511,7 +521,7 @@ def _window_of_frames(gm: fx.GraphModule, ctx: PassContext, layout: FrameLayout 
     batch (``for i in range(0, S, 2)``), not global attention."""
     if layout is None:
         return "", ""
-    clips = {s for _, s in _clip_inputs(gm)} | {shape[1] for shape in ctx.input_shapes if len(shape) == 5}
+    clips = {s for _, s in _clip_inputs(gm)} | {shape[1] for shape in ctx.input_shapes if _views_first(shape)}
     frames = layout.example_frames
     if clips and frames not in clips and max(clips) > frames:
         return "local_attention", (f"sequences of {frames} frames where the input has {max(clips)}: a window over some "

@@ -106,6 +106,35 @@ def test_channels_first_clip_frames_are_not_read_from_its_channels():
     assert _layouts(built_at_three, torch.rand(1, 3, 6, 28, 28)) == [(6, 16)]
 
 
+class Tubelets(nn.Module):
+    """VideoMAE-style: a channels-first clip [B, 3, T, H, W] cut by a conv3d into tubelets of 2
+    frames, so the sequence holds T / 2 frames of (H / 8) x (W / 8) tokens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv3d(3, 32, (2, 8, 8), (2, 8, 8))
+        self.attn = Attention()
+
+    def forward(self, clip):
+        x = self.embed(clip).flatten(2).transpose(1, 2)
+        return x + self.attn(x)
+
+
+def test_a_channels_first_clip_does_not_give_its_colours_for_frames():
+    torch.manual_seed(0)
+    model = Tubelets().eval()
+    for frames in (8, 2):  # 2: fewer frames than 3 colours was taken for a window over some frames
+        x = torch.rand(1, 3, 2 * frames, 24, 24)
+        got = fxslim.optimize(model, x, passes=["httm:tokens_per_frame=9,special_tokens=0,n_s=3,n_t=2"])
+        (entry,) = got.report.entries("httm")
+        assert entry.status == "rewritten", entry.reason
+        assert (entry.info["tokens_per_frame"], entry.info["example_frames"]) == (9, frames)
+        assert _layouts(got.module, x) == [(frames, 9)]
+        by_frames = fxslim.optimize(model, x, passes=[f"httm:frames={frames},special_tokens=0,n_s=3,n_t=2"]).module
+        with torch.no_grad():
+            torch.testing.assert_close(got.module(x), by_frames(x), rtol=0, atol=0)
+
+
 def test_dynamic_graph_with_positions_from_input_values_is_left_dense():
     """After a graph break the positions are a graph input: with a dynamic N, the example's tokens
     per frame would be assumed for every N, so the attention stays dense (with the reason)."""
