@@ -348,7 +348,8 @@ class HTTM(Pass):
         pos, detail = _evaluate(gm, pos_node, ctx)
         found, detail = read_frame_layout(pos, n) if pos is not None else (None, detail)
         if found is None:
-            return None, "no_frame_layout", f"positions {pos_node.name}: {detail}"
+            return None, "no_frame_layout", (f"positions {pos_node.name}: {detail}; "
+                                             "HTTM(tokens_per_frame=..., special_tokens=...) gives the layout instead")
         if specials is not None and found.special_tokens != specials:
             return None, "frame_layout_mismatch", (
                 f"positions give {found.special_tokens} special tokens per frame, config/metadata {specials}")
@@ -508,8 +509,11 @@ def _check_sdpa(view: AttentionView) -> tuple[str, str, Any]:
         if found:
             return reason, "", None
     qs, ks = meta_val(view.q).shape, meta_val(view.k).shape
-    if len(qs) != 4 or len(ks) != 4 or args.get("enable_gqa"):
+    if len(qs) != 4 or len(ks) != 4:
         return "unsupported_shape", f"q {tuple(qs)}, k {tuple(ks)}: expected [B, H, N, d]", None
+    if args.get("enable_gqa"):
+        return "unsupported_shape", (f"q {tuple(qs)}, k {tuple(ks)}: grouped-query attention (enable_gqa=True), "
+                                     "HTTM merges q and k/v of the same heads"), None
     if tuple(qs) != tuple(ks):
         return "cross_attention", f"q {tuple(qs)}, k {tuple(ks)}", None
     return "", "", args.get("scale")

@@ -239,6 +239,8 @@ class _GlobalAttention(nn.Module):
             out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.1)
         elif self.variant == "cross":
             out = F.scaled_dot_product_attention(q, k[:, :, : n // 2], v[:, :, : n // 2])
+        elif self.variant == "gqa":
+            out = F.scaled_dot_product_attention(q, k[:, :1], v[:, :1], enable_gqa=True)
         elif self.variant == "three_d":
             out = F.scaled_dot_product_attention(q[:, 0], k[:, 0], v[:, 0]).unsqueeze(1)
         elif self.variant == "manual":
@@ -271,6 +273,7 @@ def test_httm_inline_global_attention_rewritten_with_its_scale():
 @pytest.mark.parametrize("variant,reason", [
     ("masked", "masked"), ("causal", "causal"), ("dropout", "dropout"), ("cross", "cross_attention"),
     ("three_d", "unsupported_shape"), ("manual", "not_sdpa"), ("no_rope", "no_frame_layout"),
+    ("gqa", "unsupported_shape"),
 ])
 def test_httm_inline_attention_variant_skipped_with_reason(variant, reason):
     module = _GlobalAttention(variant).eval()
@@ -278,6 +281,13 @@ def test_httm_inline_attention_variant_skipped_with_reason(variant, reason):
         res, entries = _run_pass(module, _tokens(3, module))
     assert [(e.status, e.reason) for e in entries] == [("skipped", reason)]
     assert not _ops(res.module)
+
+
+def test_httm_grouped_query_attention_is_skipped_for_its_heads_not_its_shape():
+    module = _GlobalAttention("gqa").eval()
+    with pytest.warns(UserWarning, match="rewrote nothing"):
+        _, (entry,) = _run_pass(module, _tokens(3, module))
+    assert "grouped-query attention (enable_gqa=True)" in entry.detail and "expected [B, H, N, d]" not in entry.detail
 
 
 @pytest.mark.parametrize("cfg,frames,reason", [

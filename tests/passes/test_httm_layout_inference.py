@@ -135,6 +135,32 @@ def test_a_channels_first_clip_does_not_give_its_colours_for_frames():
             torch.testing.assert_close(got.module(x), by_frames(x), rtol=0, atol=0)
 
 
+class PositionsFromZero(nn.Module):
+    """CroCo/Fast3R-style: every frame's patches at positions from (0, 0), no special tokens, so the
+    positions do not show where a frame starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 7, 7)
+        self.attn = Attention(rope=Rope())
+
+    def forward(self, images):
+        b, f, c, h, w = images.shape
+        x = self.embed(images.flatten(0, 1)).flatten(2).transpose(1, 2).reshape(b, -1, 32)
+        pos = torch.cartesian_prod(torch.arange(h // 7), torch.arange(w // 7)).repeat(f, 1)
+        return x + self.attn(x, pos.unsqueeze(0).expand(b, -1, -1))
+
+
+def test_positions_that_give_no_layout_name_the_configuration_that_does():
+    model, x = PositionsFromZero().eval(), torch.rand(1, 3, 3, 28, 28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (entry,) = fxslim.optimize(model, x, passes=["httm"]).report.entries("httm")
+    assert entry.reason == "no_frame_layout" and "HTTM(tokens_per_frame=..., special_tokens=...)" in entry.detail
+    (entry,) = fxslim.optimize(model, x, passes=["httm:tokens_per_frame=16,special_tokens=0"]).report.entries("httm")
+    assert (entry.status, entry.info["example_frames"]) == ("rewritten", 3)
+
+
 def test_dynamic_graph_with_positions_from_input_values_is_left_dense():
     """After a graph break the positions are a graph input: with a dynamic N, the example's tokens
     per frame would be assumed for every N, so the attention stays dense (with the reason)."""
