@@ -29,7 +29,7 @@ from fxslim.ir import (
     views,
 )
 from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, register_pass
-from fxslim.passes.httm_sources import cross_tokens, data_ancestors
+from fxslim.passes.httm_sources import cross_tokens, data_ancestors, sized_by_values
 from fxslim.passes.matchers import attention_scope, match_attention
 from fxslim.propagate import propagate_node
 from fxslim.runtime.frame_layout import FrameLayout, clip_frames, frame_layout_from_positions, read_frame_layout
@@ -192,7 +192,7 @@ class HTTM(Pass):
             if not reason:
                 layout, reason, detail = cfg._layout(gm, view, ctx, metadata)
             if not reason:
-                reason, detail = _window_of_frames(gm, ctx, layout)
+                reason, detail = _window_of_frames(gm, ctx, layout, view)
             if reason:
                 report.skip(view.node, view.fqn, kind, reason, detail)
             else:
@@ -330,8 +330,9 @@ class HTTM(Pass):
                     f"N={n} is one frame of tokens_per_frame={p}: frame attention, not global")
             # a configured P holds at the example's image size, a configured frame count at the
             # example's; the frame count of a [B, S, C, H, W] input, when there is one, gives both at
-            # every other size (HTTM(frames=4) called with 8 frames took 8 frames of 2P tokens)
-            frames_of = _frames_input(gm, n // p)
+            # every other size (HTTM(frames=4) called with 8 frames took 8 frames of 2P tokens), unless
+            # the sequence is built after a size set by values (padded views dropped by a mask)
+            frames_of = _frames_input(gm, n // p) if sized_by_values(gm, view.q) is None else None
             return _Layout(p, sp, self.frames, n // p, None, "config", frames_of=frames_of), "", ""
         pos_node = _positions_node(view.q, n)
         if pos_node is None and _frames_input(gm, n) is not None:
@@ -357,7 +358,8 @@ class HTTM(Pass):
             return None, "single_frame", "one frame: nothing to merge across, and not told apart from frame attention"
         grid = (found.grid_h, found.grid_w)
         per_frame = _per_frame_positions(pos_node, found.tokens_per_frame)
-        frames_of = None if per_frame is not None else _frames_input(gm, found.frames)
+        frames_of = (None if per_frame is not None or sized_by_values(gm, view.q) is not None
+                     else _frames_input(gm, found.frames))
         # an eager graph may read the layout from the positions' values on each call (one small max)
         read = pos_node if per_frame is None and frames_of is None and ctx.ir == "module" else None
         # a dynamo graph does not recompile for other values of an input: positions of 6 frames of 14
@@ -519,17 +521,22 @@ def _check_sdpa(view: AttentionView) -> tuple[str, str, Any]:
     return "", "", args.get("scale")
 
 
-def _window_of_frames(gm: fx.GraphModule, ctx: PassContext, layout: FrameLayout | None) -> tuple[str, str]:
+def _window_of_frames(gm: fx.GraphModule, ctx: PassContext, layout: FrameLayout | None,
+                      view: AttentionView) -> tuple[str, str]:
     """("local_attention", detail) when the sequence holds fewer frames than a [B, S, C, H, W] input
     (of this graph, or the model's example) has: a window over some of the frames at the model's
-    batch (``for i in range(0, S, 2)``), not global attention."""
+    batch (``for i in range(0, S, 2)``), not global attention. After a size set by values (padded
+    views dropped by a mask) it cannot tell, and stays dense."""
     if layout is None:
         return "", ""
     clips = {s for _, s in _clip_inputs(gm)} | {shape[1] for shape in ctx.input_shapes if _views_first(shape)}
     frames = layout.example_frames
     if clips and frames not in clips and max(clips) > frames:
-        return "local_attention", (f"sequences of {frames} frames where the input has {max(clips)}: a window over some "
-                                   "of the frames is not global attention")
+        masked = sized_by_values(gm, view.q)
+        return "local_attention", (
+            f"sequences of {frames} frames where the input has {max(clips)}: a window over some of the frames is not "
+            "global attention" + ("" if masked is None else f", or views dropped at {masked.name} (optimize with an "
+                                  "example whose views all count to tell)"))
     if ctx.input_views > frames:
         return "local_attention", (f"sequences of {frames} frames where the input is a list of {ctx.input_views} "
                                    "views: a window over some of the views is not global attention")

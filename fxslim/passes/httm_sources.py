@@ -14,7 +14,7 @@ import torch.fx as fx
 
 from fxslim.ir import META_PLACEHOLDER_FQNS, AttentionView, meta_val, size_hint
 
-__all__ = ["cross_tokens", "data_ancestors", "is_metadata_op"]
+__all__ = ["cross_tokens", "data_ancestors", "is_metadata_op", "sized_by_values"]
 
 _METADATA_ATTRS = ("shape", "device", "dtype", "ndim")
 _METADATA_METHODS = ("size", "dim", "numel")
@@ -22,6 +22,10 @@ _METADATA_OPS = (torch.ops.aten.sym_size.int, torch.ops.aten.sym_numel.default, 
 _SHIFTS = (operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, torch.ops.aten.add.Tensor,
            torch.ops.aten.sub.Tensor, torch.ops.aten.mul.Tensor)
 _SHIFT_METHODS = ("add", "sub", "mul")
+# ops whose output size depends on their input's values, by name in every IR (torch.nonzero,
+# "nonzero" methods, aten.nonzero.default)
+_SIZED_BY_VALUES = ("nonzero", "argwhere", "masked_select", "unique", "unique_consecutive", "_unique2",
+                    "unique_dim", "boolean_mask")
 
 
 def cross_tokens(gm: fx.GraphModule, view: AttentionView, projections: dict[fx.Node, Any]) -> tuple[str, str]:
@@ -125,3 +129,25 @@ def data_ancestors(gm: fx.GraphModule, target: fx.Node) -> set[fx.Node]:
         if node in data and not is_metadata_op(node):
             data.update(node.all_input_nodes)
     return data
+
+
+def sized_by_values(gm: fx.GraphModule, target: fx.Node) -> fx.Node | None:
+    """A node ``target`` is computed from whose output size depends on values (``images[valid]``,
+    ``nonzero``, ``unique``): the frames of a sequence built after one need not be those of any
+    input's dim. None when there is none."""
+    for node in data_ancestors(gm, target):
+        if node.op not in ("call_function", "call_method"):
+            continue
+        name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        if name.split(".")[0] in _SIZED_BY_VALUES:
+            return node
+        if node.target in (operator.getitem, torch.ops.aten.index.Tensor) and _indexes_by_mask(node.args[1]):
+            return node
+    return None
+
+
+def _indexes_by_mask(index: Any) -> bool:
+    """Whether an index (or one of a tuple/list of them) is a boolean tensor."""
+    items = index if isinstance(index, (tuple, list)) else (index,)
+    return any(isinstance(i, fx.Node) and isinstance(v := meta_val(i), torch.Tensor) and v.dtype == torch.bool
+               for i in items)

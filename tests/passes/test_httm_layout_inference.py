@@ -161,6 +161,42 @@ def test_positions_that_give_no_layout_name_the_configuration_that_does():
     assert (entry.status, entry.info["example_frames"]) == ("rewritten", 3)
 
 
+class DropsPaddedViews(nn.Module):
+    """Views that are all zeros are padding, dropped before the global attention: the sequence holds
+    the valid views, whatever the input's S."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 32, 8, 8)
+        self.registers = nn.Parameter(torch.randn(1, 2, 32))
+        self.attn = Attention()
+
+    def forward(self, images):
+        valid = images.flatten(2).abs().amax(-1) > 0
+        views = images[valid]
+        t = self.embed(views).flatten(2).transpose(1, 2)
+        t = torch.cat([self.registers.expand(t.shape[0], -1, -1), t], 1).reshape(1, -1, 32)
+        return t + self.attn(t)
+
+
+def test_frames_are_not_read_from_an_input_whose_views_a_mask_drops():
+    torch.manual_seed(0)
+    model, x = DropsPaddedViews().eval(), torch.rand(1, 4, 3, 32, 32)
+    spec = "httm:tokens_per_frame=18,special_tokens=2,n_s=4,n_t=1"
+    got = fxslim.optimize(model, x, passes=[spec])
+    (entry,) = got.report.entries("httm")
+    assert entry.info["runtime_layout"] == "tokens_per_frame = 18 (fixed), frames = N // 18"
+    padded = x.clone()
+    padded[:, 2:] = 0
+    assert _layouts(got.module, padded) == [(2, 18)]  # was 4 frames of 9: the input's S
+    with torch.no_grad():
+        torch.testing.assert_close(got.module(padded), got.module(x[:, :2]), rtol=0, atol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        (entry,) = fxslim.optimize(model, padded, passes=[spec]).report.entries("httm")
+    assert entry.reason == "local_attention" and "views dropped at" in entry.detail
+
+
 def test_dynamic_graph_with_positions_from_input_values_is_left_dense():
     """After a graph break the positions are a graph input: with a dynamic N, the example's tokens
     per frame would be assumed for every N, so the attention stays dense (with the reason)."""
