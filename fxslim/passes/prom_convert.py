@@ -44,7 +44,9 @@ from torch import Tensor, nn
 
 from fxslim.capture import compiled_original, is_input_guard, is_mode_check
 from fxslim.hooks import copy_hooks, hooked_modules
-from fxslim.ir import META_PASS, META_PROM_CONVERT, META_PROM_QUANT, META_REPORT, copy_attributes, keep_output_type, meta_val
+from fxslim.ir import (
+    META_PASS, META_PROM_CONVERT, META_PROM_QUANT, META_REPORT, copy_attributes, keep_output_type, meta_val, node_fqn,
+)
 from fxslim.modes import outside_inference_mode
 from fxslim.inplace import mutates_input, remove_dead_code, unused_calls
 from fxslim.passes.prom_agreement import Agreement, code_agreement
@@ -53,7 +55,7 @@ from fxslim.passes.prom_fuse import fuse_conv_add
 from fxslim.passes.prom_graph import is_activation, is_quant, is_residual_add, is_shape_op, module_of
 from fxslim.passes.prom_islands import ConvertReport, Island, group_islands, merge_reports
 from fxslim.passes.prom_lower import (
-    convert_add, convert_conv, convert_global_avg_pool, convert_input, convert_linear, convert_output,
+    ScaleOutOfRange, convert_add, convert_conv, convert_global_avg_pool, convert_input, convert_linear, convert_output,
 )
 from fxslim.passes.prom_nan import ROWS, nan_reach, sample_count
 from fxslim.passes.prom_lower_onednn import convert_add_onednn, convert_conv_onednn, convert_linear_onednn
@@ -515,7 +517,11 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
     _refuse_writes_into_codes(gm, inside)
     for node in gm.graph.nodes:
         if node in chains:
-            new = _convert_chain(b, chains[node])
+            try:
+                new = _convert_chain(b, chains[node])
+            except ScaleOutOfRange as exc:
+                core = chains[node].core
+                raise ScaleOutOfRange(f"{exc} [at {node_fqn(core, gm) or core.name}]") from None
             new.meta[META_PROM_QUANT] = str(node.target)
             b.env[node] = (new, gm.get_submodule(str(node.target)))
         elif node in island_quants:

@@ -28,6 +28,7 @@ __all__ = [
     "convert_output",
     "convert_conv",
     "convert_linear",
+    "ScaleOutOfRange",
     "convert_add",
     "convert_global_avg_pool",
     "requant_shift",
@@ -81,10 +82,27 @@ def requant_shift(real: Tensor, acc_bound: Tensor | None = None) -> int:
     for shift, max_real in ((prom.CONV_SHIFT, 1.0), (prom.CONV_SHIFT - 1, 200.0)):
         if largest <= max_real and float(reach.max()) * 2.0 ** -(shift + 1) <= 1 / 16:
             return shift
-    shift = min(_MAX_OFFSET_SHIFT, math.floor(math.log2(((1 << 31) - 1) / largest)))
-    while shift > 0 and round(largest * 2.0**shift) > (1 << 31) - 1:
+    return min(_MAX_OFFSET_SHIFT, _int32_shift(largest, "a conv or linear"))
+
+
+class ScaleOutOfRange(ValueError):
+    """A grid ratio the reference runtime's int32 multipliers cannot hold (``convert`` adds where)."""
+
+
+def _int32_shift(real: float, layer: str) -> int:
+    """The largest right shift at which ``round(real · 2^shift)`` fits an int32. A ValueError that
+    names the fix when none does (an input grid 2^31 times coarser than the output's)."""
+    if real <= 0:
+        return _MAX_OFFSET_SHIFT
+    shift = math.floor(math.log2(((1 << 31) - 1) / real))
+    while shift >= 0 and round(real * 2.0**shift) > (1 << 31) - 1:
         shift -= 1
-    return max(0, shift)
+    if shift < 0:
+        raise ScaleOutOfRange(
+            f"convert: {layer} has an input grid {real:.3g} times coarser than its output's, more than the "
+            "reference runtime's int32 multipliers hold (a calibration that saw inputs far larger than the "
+            "outputs); use runtime='onednn', whose scales are floats, or calibrate on representative inputs")
+    return shift
 
 
 def _check_activation(activation: str) -> None:
@@ -218,13 +236,17 @@ def convert_linear(
 
 def convert_add(
     a_quant: ActFakeQuant, b_quant: ActFakeQuant, out_quant: ActFakeQuant, *, activation: str = "none",
-    shift: int = prom.ADD_SHIFT,
 ) -> IntegerOp:
-    """``out_quant(activation(a + b))`` for inputs on the grids of ``a_quant``/``b_quant``."""
+    """``out_quant(activation(a + b))`` for inputs on the grids of ``a_quant``/``b_quant``.
+
+    The shift is ``prom.ADD_SHIFT``, or less where an input's grid is over 2^(31 − ADD_SHIFT) times
+    coarser than the output's (``y + y * -0.9999``): its multiplier would not fit an int32."""
     s_a, z_a = a_quant.qparams()
     s_b, z_b = b_quant.qparams()
     s_y, z_y = out_quant.qparams()
-    multipliers = prom.requant_multiplier(torch.tensor([s_a / s_y, s_b / s_y], dtype=torch.float64), shift)
+    reals = torch.tensor([s_a / s_y, s_b / s_y], dtype=torch.float64)
+    shift = min(prom.ADD_SHIFT, _int32_shift(float(reals.max()), "a residual add"))
+    multipliers = prom.requant_multiplier(reals, shift)
     lo, hi = _clamp_bounds(activation, s_y, z_y)
     scalars = {"a_zero_point": z_a, "a_multiplier": int(multipliers[0]), "b_zero_point": z_b,
                "b_multiplier": int(multipliers[1]), "shift": shift, "out_zero_point": z_y, "out_min": lo, "out_max": hi}
@@ -236,7 +258,7 @@ def convert_global_avg_pool(x_quant: ActFakeQuant, out_quant: ActFakeQuant) -> I
     s_x, z_x = x_quant.qparams()
     s_y, z_y = out_quant.qparams()
     real = s_x / s_y
-    shift = min(_MAX_OFFSET_SHIFT, math.floor(math.log2(((1 << 31) - 1) / real)))  # the most bits an int32 M holds
+    shift = min(_MAX_OFFSET_SHIFT, _int32_shift(real, "a global average pool"))  # the most bits an int32 M holds
     scalars = {"x_zero_point": z_x, "multiplier": int(prom.requant_multiplier(real, shift)), "shift": shift,
                "out_zero_point": z_y, "out_min": _QMIN, "out_max": _QMAX}
     return IntegerOp(torch.ops.fxslim.int8_global_avg_pool2d.default, ("x",), scalars=scalars)

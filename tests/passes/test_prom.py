@@ -573,6 +573,36 @@ def test_prom_add_relu_and_mean_pool_convert_within_one_lsb():
     assert code_agreement(qat, int_model, x).within_one == 1.0
 
 
+def test_prom_add_onto_a_much_finer_grid_converts_with_a_smaller_shift():
+    # y + y * -0.9999: the output grid is ~10^4 times finer than y's, a multiplier over 2^31 at shift 20
+    class Cancels(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem, self.a = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x):
+            y = self.a(torch.relu(self.stem(x)))
+            return y + y * -0.9999
+
+    torch.manual_seed(0)
+    x = torch.randn(8, 3, 8, 8)
+    qat = calibrate(prepare(Cancels().eval(), x[:2]), [x]).eval()
+    int_model = convert(qat)
+    add = next(n for n in int_model.graph.nodes if n.target is ops.int8_add.default)
+    assert add.args[6] < 20  # the shift
+    assert code_agreement(qat, int_model, x).within_one == 1.0
+
+
+def test_prom_reference_convert_names_the_layer_and_the_runtime_for_grids_int32_cannot_hold():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU6(), nn.Conv2d(8, 4, 1)).eval()
+    qat = calibrate(prepare(net, torch.randn(2, 3, 8, 8)), [torch.randn(4, 3, 8, 8) * 1e15]).eval()
+    with pytest.raises(ValueError, match=r"coarser than its output's.*runtime='onednn'.*\[at 0\]"):
+        convert(qat)
+    if onednn_available():
+        assert convert(qat, runtime="onednn") is not None
+
+
 def test_example_prom_qat_own_loop_runs():
     root = Path(__file__).resolve().parents[2]
     out = subprocess.run([sys.executable, str(root / "examples" / "prom_qat_own_loop.py"), "--steps", "10"],
