@@ -109,11 +109,16 @@ class MicroBatched(nn.Module):
         if isinstance(x, Tensor) and not x.is_floating_point():  # as the converted model's first op refuses it
             raise ValueError(f"x: expected a floating-point tensor, got {x.dtype}")
         shape = self.example_shape
+        # the channels: dim 1 of images [N, C, H, W] and [N, F]; of [N, T, F] tokens (a linear's) or
+        # [N, C, L] (a conv1d's) either dim 1 or the last, which the example does not tell apart
+        channel_dims = (1, 2) if shape is not None and len(shape) == 3 else (1,)
         if shape is None or (isinstance(x, Tensor) and x.dim() == len(shape)
-                             and (x.dim() < 2 or x.shape[1] == shape[1])):
+                             and (x.dim() < 2 or any(x.shape[d] == shape[d] for d in channel_dims))):
             return
         spatial = ("H", "W") if len(shape) == 4 else tuple(f"d{i}" for i in range(2, len(shape)))
         dims = ", ".join(("N", *(str(n) for n in shape[1:2]), *spatial))
+        if len(shape) == 3:
+            dims += f"] or [N, d1, {shape[2]}"
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise ValueError(f"x: expected a tensor of shape [{dims}] (any batch and size, as the example "
                          f"{list(shape)} the model was converted at), got {got}")

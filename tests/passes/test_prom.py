@@ -423,6 +423,20 @@ def test_prom_micro_batched_refuses_another_rank_or_channel_count(runtime):
         assert wrapped(torch.randn(5, 3, 9, 13)).shape == (5, 4)
 
 
+@pytest.mark.parametrize("runtime", ["reference", pytest.param("onednn", marks=_ONEDNN)])
+def test_prom_micro_batched_takes_tokens_of_another_count(runtime):
+    # [N, T, F] into a linear: T is free like a batch, F is the channel count
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    x = torch.randn(8, 5, 12)
+    int_model = convert(calibrate(prepare(model, x[:2]), [x]), runtime=runtime)
+    wrapped, longer = micro_batched(int_model), torch.randn(3, 7, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(longer), int_model(longer), rtol=0, atol=0)
+    with pytest.raises(ValueError, match=r"expected a tensor of shape \[N, 5, d2\] or \[N, d1, 12\]"):
+        wrapped(torch.randn(3, 7, 11))
+
+
 def test_prom_convert_unknown_runtime_raises(mobilenet):
     with pytest.raises(ValueError, match="runtime must be one of"):
         convert(mobilenet[2], runtime="tflite")
