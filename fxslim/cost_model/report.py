@@ -220,7 +220,8 @@ class CostReport:
                 given = ", ".join(f"{symbol}={value}" for symbol, value in subs.items())
                 raise ValueError(f"symbolic: the formulas of this report hold where {condition}, and {given} "
                                  "breaks it (the model takes another path there, e.g. a ceil_mode pool's extra "
-                                 "row or a branch on a size): estimate that size on its own")
+                                 "row or a branch on a size, or a size is 1 at the example and fixes the "
+                                 "formulas after it): estimate that size on its own")
 
     def evaluate(self, **sizes: int) -> CostReport:
         """A numeric report with the named sizes substituted (e.g. ``evaluate(frames=8)``). The

@@ -172,8 +172,8 @@ def _dynamic_shapes(example_inputs: Sequence[Any], dynamic: Mapping[str, Any] | 
 # Symbolic sizes
 
 
-def _symbolic_inputs(example_inputs: tuple, dims: Mapping[str, Any], mode: FakeTensorMode,
-                     device: str | None) -> tuple[list[Any], dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol]]:
+def _symbolic_inputs(example_inputs: tuple, dims: Mapping[str, Any], mode: FakeTensorMode, device: str | None,
+                     scale: int = 1) -> tuple[list[Any], dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol]]:
     from torch.fx.experimental.symbolic_shapes import DimDynamic, StatelessSymbolicContext
 
     wanted = symbolic_dims(dims, example_inputs)
@@ -187,10 +187,10 @@ def _symbolic_inputs(example_inputs: tuple, dims: Mapping[str, Any], mode: FakeT
         named = wanted.get(i, {})
         dynamic = [DimDynamic.DYNAMIC if d in named else DimDynamic.STATIC for d in range(x.dim())]
         base = x if device is None else to_meta(x)
-        if any(base.shape[d] < 2 for d in named):
+        if scale > 1 or any(base.shape[d] < 2 for d in named):
             # a named size of 1 in the example (batch 1) is a hint ops specialise on (a linear guards on
             # it): propagate from 2, which gives the same formulas, as the sizes stay symbolic
-            shape = [max(size, 2) if d in named else size for d, size in enumerate(base.shape)]
+            shape = [max(size, 2) * scale if d in named else size for d, size in enumerate(base.shape)]
             base = torch.empty(shape, dtype=base.dtype, device=base.device)
         fake = mode.from_tensor(base, symbolic_context=StatelessSymbolicContext(dynamic_sizes=dynamic))
         for d, name in named.items():
@@ -202,17 +202,57 @@ def _symbolic_inputs(example_inputs: tuple, dims: Mapping[str, Any], mode: FakeT
     return fakes, rename, symbols
 
 
+_HINT_SCALES = (2, 4)  # example sizes times these, where a size derived at the example's is 1
+
+
 def propagate_symbolic(
     source: Source, example_inputs: tuple, dims: Mapping[str, Any],
 ) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol], tuple[Any, ...]]:
     """Re-run shape propagation with symbolic sizes: ``meta['val']`` then holds SymInt shapes and
     ``source.recorded`` the aten ops of every node on those shapes. Also returns the conditions on
-    the named sizes under which the model took the path it was propagated on (``conditions``)."""
+    the named sizes under which the model took the path it was propagated on (``conditions``).
+
+    A size the named ones give that is 1 at the example (resnet18's last stage at 32 px) is pinned
+    by broadcasting against a size-1 operand (a BN's statistics): the guard ``Eq(expr, 1)`` fixes
+    every formula after it. Then it propagates from the named sizes 2 and 4 times as large and
+    keeps the first run with no such pin whose conditions hold at the example; failing that, the
+    pinned formulas, their pin in the conditions."""
+    first = _propagate_at(source, example_inputs, dims, 1)
+    if not any(_pinned_to_one(c) for c in first[3]):
+        return first
+    example = {name: example_inputs[i].shape[d] for i, named in symbolic_dims(dims, example_inputs).items()
+               for d, name in named.items()}
+    for scale in _HINT_SCALES:
+        try:
+            found = _propagate_at(source, example_inputs, dims, scale)
+        except Exception:  # a model that takes no other size: the pinned formulas, honestly bounded
+            break
+        at_example = {found[2][name]: value for name, value in example.items()}
+        if not any(_pinned_to_one(c) for c in found[3]) and all(
+                _holds_at(c, at_example) for c in found[3]):
+            return found
+    return _propagate_at(source, example_inputs, dims, 1)  # node meta and records of the pinned run again
+
+
+def _pinned_to_one(condition: Any) -> bool:
+    return isinstance(condition, sympy.Eq) and sympy.Integer(1) in condition.args
+
+
+def _holds_at(condition: Any, sizes: Mapping[sympy.Symbol, int]) -> bool:
+    try:
+        return condition.xreplace(dict(sizes)) is sympy.true
+    except (ZeroDivisionError, TypeError, ValueError):
+        return False
+
+
+def _propagate_at(
+    source: Source, example_inputs: tuple, dims: Mapping[str, Any], scale: int,
+) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol], tuple[Any, ...]]:
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     env = ShapeEnv(specialize_zero_one=False, duck_shape=False, assume_static_by_default=True)
     mode = FakeTensorMode(shape_env=env, allow_non_fake_inputs=True)
-    fakes, rename, symbols = _symbolic_inputs(example_inputs, dims, mode, "meta" if source.meta else None)
+    fakes, rename, symbols = _symbolic_inputs(example_inputs, dims, mode, "meta" if source.meta else None, scale)
     captured = source.captured
     source.recorded.clear()
     total = sum(len(graph.gm.graph.nodes) for graph in captured.graphs)
@@ -313,7 +353,7 @@ def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol], checks: se
         where = getattr(getattr(guard, "sloc", None), "framework_loc", None)
         filename = str(getattr(where, "filename", "") or "")
         against_0_or_1 = any(side in (sympy.Integer(0), sympy.Integer(1)) for side in expr.args)
-        pinned = isinstance(expr, sympy.Eq) and not against_0_or_1
+        pinned = isinstance(expr, sympy.Eq)  # also to 1: a size broadcast as 1 fixes all after it
         if filename.startswith(_TORCH_DIR) and filename != _SHAPE_FUNCTIONS and not pinned:
             continue
         if isinstance(expr, sympy.Ne) and against_0_or_1:

@@ -511,3 +511,34 @@ def test_symbolic_formulas_refuse_sizes_a_broadcast_against_a_fixed_size_forbids
     assert report.evaluate(h=7, w=8).total.macs == fxslim.estimate(model, torch.randn(1, 3, 7, 8)).total.macs
     with pytest.raises(ValueError, match="breaks it"):
         report.evaluate(h=16, w=16)
+
+
+@pytest.mark.parametrize("example,sizes", [(4, (4, 8, 9, 32)), (2, (2, 5, 17))])
+def test_symbolic_formulas_of_a_size_that_is_1_at_the_example_hold_at_other_sizes(example, sizes):
+    """After a stride-4 conv a 4 px example is 1 x 1, which broadcasting against the BN's statistics
+    pinned (a guard Eq(.., 1) among torch's own): every formula after it was a constant, 0.28 of
+    FlopCounterMode at 32 px, with no condition saying so."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.BatchNorm2d(8), nn.Conv2d(8, 8, 3, padding=1))
+    model.eval()
+    report = fxslim.estimate(model, torch.randn(1, 3, example, example), symbolic={"h": 2, "w": 3})
+    assert report.valid_where == ()
+    for size in sizes:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.randn(1, 3, size, size))
+        assert report.evaluate(h=size, w=size).total.flops == counter.get_total_flops()
+
+
+def test_symbolic_formulas_pinned_at_a_size_of_1_that_no_larger_example_unpins_say_so():
+    class OnlySmall(nn.Module):  # accepts 4 px and less: no larger example propagates
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.bn = nn.Conv2d(3, 8, 3, stride=4, padding=1), nn.BatchNorm2d(8)
+
+        def forward(self, x):
+            torch._assert(x.shape[-1] <= 4, "small images only")
+            return self.bn(self.a(x))
+
+    report = fxslim.estimate(OnlySmall().eval(), torch.randn(1, 3, 4, 4), symbolic={"h": 2, "w": 3})
+    assert any(isinstance(c, sympy.Eq) for c in report.valid_where)
+    with pytest.raises(ValueError, match="a size is 1 at the example and fixes the formulas after it"):
+        report.evaluate(h=8, w=8)
