@@ -109,7 +109,28 @@ def _around(around_node: AroundNode | None, n: fx.Node) -> ContextManager[Any]:
     return around_node(n) if around_node is not None else contextlib.nullcontext()
 
 
-class _FakeProp(FakeTensorProp):
+def _mutable(value: Any) -> Any:
+    """``value`` with fx's immutable lists and dicts as plain ones. An Interpreter passes a node's own
+    (immutable) arguments where the generated code builds fresh ones on each call, which the callee
+    may edit (torchvision's swin3d: ``shift_size[i] = 0``)."""
+    if isinstance(value, fx.immutable_collections.immutable_list):
+        return [_mutable(v) for v in value]
+    if isinstance(value, fx.immutable_collections.immutable_dict):
+        return {k: _mutable(v) for k, v in value.items()}
+    if type(value) is tuple:
+        return tuple(_mutable(v) for v in value)
+    return value
+
+
+class _FreshArguments:
+    """Interpreter mixin: each call gets fresh mutable containers, as in the generated code."""
+
+    def fetch_args_kwargs_from_env(self, n: fx.Node) -> tuple[tuple, dict]:
+        args, kwargs = super().fetch_args_kwargs_from_env(n)  # type: ignore[misc]
+        return _mutable(args), _mutable(kwargs)
+
+
+class _FakeProp(_FreshArguments, FakeTensorProp):
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, around_node: AroundNode | None) -> None:
         super().__init__(gm, mode)
         self.around_node = around_node
@@ -122,7 +143,7 @@ class _FakeProp(FakeTensorProp):
         return result
 
 
-class _RealProp(fx.Interpreter):
+class _RealProp(_FreshArguments, fx.Interpreter):
     """Runs on real values and keeps a fake copy of each result in ``meta['val']``."""
 
     def __init__(self, gm: fx.GraphModule, mode: FakeTensorMode, around_node: AroundNode | None) -> None:
@@ -139,7 +160,7 @@ class _RealProp(fx.Interpreter):
         return result
 
 
-class _PlainProp(fx.Interpreter):
+class _PlainProp(_FreshArguments, fx.Interpreter):
     """Runs on the given values (meta tensors) and stores each result as it is."""
 
     def __init__(self, gm: fx.GraphModule, around_node: AroundNode | None) -> None:

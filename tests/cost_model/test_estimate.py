@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -131,3 +132,30 @@ def test_leaf_kept_eager_inside_a_graph_is_counted_once():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x)
     assert report.total.flops == counter.get_total_flops()
+
+
+@torch.fx.wrap
+def _shrunk_window(x: torch.Tensor, window: list[int]) -> torch.Tensor:
+    """Edits its list argument, as torchvision's swin3d ``_get_window_and_shift_size`` does."""
+    for i, size in enumerate(x.shape[2:]):
+        window[i] = min(window[i], size)
+    return F.avg_pool2d(x, window)
+
+
+class _EditsItsArgument(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return _shrunk_window(self.conv(x), [4, 4])
+
+
+@pytest.mark.parametrize("symbolic", [None, {"h": 2, "w": 3}])
+def test_estimate_a_model_whose_function_edits_a_list_argument(symbolic):
+    # fx's Interpreter passed the node's immutable_list: "does not support mutation" (swin3d_t)
+    model, x = _EditsItsArgument().eval(), torch.randn(1, 3, 8, 8)
+    report = fxslim.estimate(model, x, symbolic=symbolic)
+    macs = report.total.macs if symbolic is None else report.evaluate(h=8, w=8).total.macs
+    assert macs == 4 * 3 * 9 * 8 * 8
+
