@@ -52,22 +52,26 @@ class RowPricer:
         for raw in raws:
             if raw.kind in KINDS and raw.declared is None:
                 last[raw.kind] = raw
+            for kind, declared in raw.mac_parts:
+                if kind in KINDS and declared is None:
+                    last[kind] = raw
         default_act = self.conventions.deploy_map.get("default")
-        return [self._row(raw, last.get(raw.kind) is raw, default_act) for raw in raws]
+        return [self._row(raw, {kind for kind, row in last.items() if row is raw}, default_act) for raw in raws]
 
-    def _row(self, raw: RawRow, is_last: bool, default_act: str | None) -> CostRow:
+    def _row(self, raw: RawRow, last_of: set[str], default_act: str | None) -> CostRow:
         mac_row = raw.kind in KINDS or not is_zero(raw.macs)
         deployed = None
         if raw.declared is not None:
             fmt = raw.declared
         elif mac_row:
-            deployed = self.conventions.mac_format(raw.fqn, raw.kind, is_last)
+            deployed = self.conventions.mac_format(raw.fqn, raw.kind, raw.kind in last_of)
             fmt = deployed or raw.dtype or "fp32"
         else:
             fmt = default_act or raw.dtype or "fp32"
+        parts = self._mac_parts(raw, fmt, last_of)
         out_numel = self.expr(raw.out.numel) if raw.out is not None else 0
-        ops = self._arithmetic(raw, fmt, mac_row, out_numel)
-        params, storage = self._storage(raw, mac_row, deployed)
+        ops = self._arithmetic(raw, fmt, parts, mac_row, out_numel)
+        params, storage = self._storage(raw, mac_row, deployed, last_of if len(parts) > 1 else None)
         act_bytes = self._act_bytes(fmt, raw)
         written = self.expr(raw.bytes_written) if raw.bytes_written is not None else out_numel * act_bytes
         read = (self.expr(raw.bytes_read) if raw.bytes_read is not None
@@ -80,21 +84,32 @@ class RowPricer:
             graph=raw.graph, node=raw.name, op=raw.op, kind=raw.kind, fqn=raw.fqn,
             input_shapes=tuple(tuple(self.expr(d) for d in s.shape) for s in raw.inputs),
             output_shape=tuple(self.expr(d) for d in raw.out.shape) if raw.out is not None else None,
-            dtype=raw.dtype, format=fmt if (mac_row or not is_zero(elementwise)) else None,
+            dtype=raw.dtype,
+            format=("mixed" if len({f for f, _ in parts}) > 1 else fmt) if (mac_row or not is_zero(elementwise)) else None,
             macs=self.expr(raw.macs), elementwise=elementwise, ops=ops, energy_pj=energy, params=params,
             storage_bits=storage, activation_bytes=out_numel * act_bytes, bytes_read=read, bytes_written=written,
             measured_macs=self.expr(raw.measured_macs) if raw.measured_macs is not None else None,
             unknown=tuple(raw.unknown), info={k: self.expr(v) for k, v in raw.info.items()},
         )
 
-    def _arithmetic(self, raw: RawRow, fmt: str, mac_row: bool, out_numel: Any) -> dict[tuple[str, str], Any]:
+    def _mac_parts(self, raw: RawRow, fmt: str, last_of: set[str]) -> list[tuple[str, Any]]:
+        """(format, MACs) of the row: its MACs in ``fmt``, or, where its ops are of several kinds or
+        declared formats (a leaf module's row), each part in its own declared or deployed format."""
+        if len(raw.mac_parts) <= 1:
+            return [(fmt, raw.macs)]
+        return [(declared or self.conventions.mac_format(raw.fqn, kind, kind in last_of) or raw.dtype or "fp32", macs)
+                for (kind, declared), macs in raw.mac_parts.items()]
+
+    def _arithmetic(self, raw: RawRow, fmt: str, parts: list[tuple[str, Any]], mac_row: bool,
+                    out_numel: Any) -> dict[tuple[str, str], Any]:
         """Operations by (operation, format): the MACs, the formula's extras and the optional terms."""
         rules = self.conventions
         ops: dict[tuple[str, str], Any] = {}
-        macs = self.expr(raw.macs)
-        if not is_zero(macs):
-            zero_fraction = self._zero_fraction(raw) if fmt == "ternary" and rules.skip_zero_weights else 0.0
-            _merge(ops, mac_arithmetic(macs, fmt, rules, zero_fraction))
+        for part_fmt, part_macs in parts:
+            macs = self.expr(part_macs)
+            if not is_zero(macs):
+                zero_fraction = self._zero_fraction(raw) if part_fmt == "ternary" and rules.skip_zero_weights else 0.0
+                _merge(ops, mac_arithmetic(macs, part_fmt, rules, zero_fraction))
         _merge(ops, {k: self.expr(v) for k, v in raw.ops.items()})
         integer = fmt.startswith("int") or fmt == "ternary"
         if rules.include_bias and raw.has_bias:
@@ -107,8 +122,10 @@ class RowPricer:
             _merge(ops, {("add", "int8" if fmt == "ternary" else fmt): elementwise})
         return ops
 
-    def _storage(self, raw: RawRow, mac_row: bool, deployed: str | None) -> tuple[Any, Any]:
-        """(parameters, storage bits) of the weights this node reads."""
+    def _storage(self, raw: RawRow, mac_row: bool, deployed: str | None,
+                 last_of: set[str] | None = None) -> tuple[Any, Any]:
+        """(parameters, storage bits) of the weights this node reads. ``last_of``: given for a row of
+        several kinds of MAC ops, whose weights each take the format deployed for their own kind."""
         rules = self.conventions
         params: Any = 0
         storage: Any = 0
@@ -116,6 +133,9 @@ class RowPricer:
             numel = tensor.numel()
             params += numel
             weight = mac_row and tensor.dim() >= 2
+            if weight and deployed is not None and last_of is not None:
+                kind = _weight_kind(tensor)
+                deployed = self.conventions.mac_format(raw.fqn, kind, kind in last_of) or deployed
             if weight and deployed is not None:
                 storage += numel * format_bits(deployed, rules.ternary_packing)
                 if deployed in _QUANTIZED and rules.metadata_bits:
@@ -160,6 +180,15 @@ class RowPricer:
         if not weights:
             return 0.0
         return _twn_zero_fraction(weights[0])
+
+
+def _weight_kind(weight: torch.Tensor) -> str:
+    """The kind of layer a weight's shape says it belongs to (a leaf module's several layers)."""
+    if weight.dim() == 2:
+        return "linear"
+    if all(k == 1 for k in weight.shape[2:]):
+        return "pointwise_conv"
+    return "depthwise_conv" if weight.shape[1] == 1 else "conv"
 
 
 def _merge(into: dict, extra: Mapping) -> None:

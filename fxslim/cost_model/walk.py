@@ -62,10 +62,16 @@ class RawRow:
     zero_fraction: float | None = None
     unknown: list[str] = field(default_factory=list)
     info: dict = field(default_factory=dict)
+    mac_parts: dict = field(default_factory=dict)  # (kind, declared format or None) -> MACs, per op
 
     def add(self, cost: OpCost, kind: str) -> None:
-        """Add one op's cost; the row's kind is that of its first MAC op, else its first costed op."""
+        """Add one op's cost; the row's kind is that of its first MAC op, else its first costed op.
+        Its MACs are also kept by the op's kind and format (``mac_parts``): a leaf module's row may
+        hold a 1x1 and a 3x3 conv, or an int8 conv beside a float matmul, each priced as its own."""
         kind = cost.kind or kind
+        if not is_zero(cost.macs):
+            key = (kind, cost.format)
+            self.mac_parts[key] = self.mac_parts.get(key, 0) + cost.macs
         if not is_zero(cost.macs) and is_zero(self.macs):
             self.kind = kind
         elif is_zero(self.macs) and self.kind == "data" and kind != "data":

@@ -159,3 +159,33 @@ def test_estimate_a_model_whose_function_edits_a_list_argument(symbolic):
     macs = report.total.macs if symbolic is None else report.evaluate(h=8, w=8).total.macs
     assert macs == 4 * 3 * 9 * 8 * 8
 
+
+class _PointwiseThen3x3(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.pw, self.k3 = nn.Conv2d(16, 64, 1), nn.Conv2d(64, 64, 3, padding=1)
+
+    def forward(self, x):
+        return self.k3(torch.relu(self.pw(x)))
+
+
+class _WithBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blk, self.fc = _PointwiseThen3x3(), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.fc(self.blk(x).mean((2, 3)))
+
+
+def test_a_leaf_module_row_prices_each_of_its_layers_in_its_own_format():
+    # the row of a leaf took the format of its first MAC op: under deploy="prom" the 3x3 conv's
+    # 9.4 M MACs were priced ternary with the 1x1 conv's (37x the ternary MACs, 640 int8 multiplies)
+    model, x = _WithBlock().eval(), torch.randn(1, 16, 16, 16)
+    traced = fxslim.estimate(model, x, deploy="prom").total
+    leaf = fxslim.estimate(model, x, deploy="prom", leaf_modules=(_PointwiseThen3x3,))
+    assert leaf.total.ops == traced.ops and leaf.total.energy_pj == pytest.approx(traced.energy_pj)
+    assert leaf.total.storage_bits == traced.storage_bits
+    assert leaf.total.ops[("mul", "int8")] == 64 * 64 * 9 * 256 + 64 * 10
+    (row,) = [r for r in leaf.rows if r.fqn == "blk"]
+    assert row.format == "mixed"
