@@ -834,6 +834,8 @@ def _memory_order_flat(t: Tensor) -> Tensor:
 @quantize_per_tensor.register_fake
 def _quantize_per_tensor_fake(x, scale, zero_point, out_min=0, out_max=255):
     _quantize_check(x, scale, zero_point, out_min, out_max)
+    if not (x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)):
+        x = x.contiguous()  # as the kernel does: a transposed input's codes come out contiguous
     return torch.empty_like(x, dtype=torch.uint8)
 
 

@@ -505,6 +505,8 @@ def _op_cases():
         "int8_add": (torch.ops.fxslim.int8_add.default, (x, 3, 500_000, x.flip(0), 200, 900_000, 20, 7, 0, 255)),
         "int8_global_avg_pool2d": (torch.ops.fxslim.int8_global_avg_pool2d.default, (x, 3, 123456, 23, 7, 0, 255)),
         "quantize_per_tensor": (torch.ops.fxslim.quantize_per_tensor.default, (xf, 0.05, 100)),
+        # dense, neither contiguous nor channels-last: the kernel's codes come out contiguous
+        "quantize_per_tensor_transposed": (torch.ops.fxslim.quantize_per_tensor.default, (xf.transpose(2, 3), 0.05, 100)),
         "dequantize": (torch.ops.fxslim.dequantize.default, (x, 0.05, 100)),
     }
 
