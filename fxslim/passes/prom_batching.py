@@ -96,9 +96,11 @@ class MicroBatched(nn.Module):
         return max(1, int(self.max_activation_bytes // max(1.0, per_sample)))
 
     def forward(self, x: Tensor) -> Tensor:
-        if torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
             # an exported program holds the fxslim ops themselves, on the whole batch: slices sized
-            # from symbolic sizes would pin the export's resolution and batch in guards
+            # from symbolic sizes would pin the export's resolution and batch in guards; a
+            # TorchScript trace records no oneDNN call made through ctypes (it kept only the
+            # output's allocation, uninitialised memory)
             self._check_input(x)
             return self.module.forward(x)
         if self.lowered and torch.compiler.is_compiling():

@@ -437,6 +437,23 @@ def test_prom_micro_batched_takes_tokens_of_another_count(runtime):
         wrapped(torch.randn(3, 7, 11))
 
 
+@pytest.mark.parametrize("runtime", ["reference", pytest.param("onednn", marks=_ONEDNN)])
+def test_prom_micro_batched_traces_into_torchscript_as_its_ops(runtime):
+    # the lowered runner calls oneDNN through ctypes, which a trace does not record: it kept only
+    # the output's allocation, and the traced model returned uninitialised memory
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+    x = torch.randn(4, 3, 16, 16)
+    int_model = convert(calibrate(prepare(model, x[:2]), [x]), runtime=runtime)
+    wrapped = micro_batched(int_model)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the tracer's own warnings
+        traced = torch.jit.trace(wrapped, x[:2])
+        for other in (x[:2], x[2:3], torch.randn(3, 3, 24, 24)):
+            torch.testing.assert_close(traced(other), int_model(other), rtol=0, atol=0)
+
+
 def test_prom_convert_unknown_runtime_raises(mobilenet):
     with pytest.raises(ValueError, match="runtime must be one of"):
         convert(mobilenet[2], runtime="tflite")
