@@ -32,7 +32,9 @@ from fxslim.passes.base import Candidate, Pass, PassContext, PassReport, registe
 from fxslim.passes.httm_sources import cross_tokens, data_ancestors, sized_by_values
 from fxslim.passes.matchers import attention_scope, match_attention
 from fxslim.propagate import propagate_node
-from fxslim.runtime.frame_layout import FrameLayout, clip_frames, frame_layout_from_positions, read_frame_layout
+from fxslim.runtime.frame_layout import (
+    FrameLayout, clip_frames, frame_layout_from_positions, frames_for_trace, read_frame_layout,
+)
 from fxslim.runtime.httm import DST_RULES, MODES, httm_kept_lengths
 
 __all__ = ["HTTM"]
@@ -271,6 +273,9 @@ class HTTM(Pass):
         cfg, lay, view, graph = cand.config, cand.layout, cand.view, gm.graph
         with graph.inserting_before(cand.anchor):
             frames, per_frame = _runtime_layout(gm, ctx, view, lay)
+            if isinstance(frames, fx.Node) or isinstance(per_frame, fx.Node):  # read on each call
+                frames = gm.graph.call_function(frames_for_trace, (frames, per_frame))
+                propagate_node(gm, frames)
             kwargs = dict(
                 frames=frames, tokens_per_frame=per_frame, special_tokens=lay.special_tokens,
                 q_ratio=cfg.q_removed, kv_ratio=cfg.kv_removed, n_s=cfg.n_s, n_t=cfg.n_t,

@@ -21,9 +21,11 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
+from fxslim.warn import warn_user
+
 F = TypeVar("F", bound=Callable[..., Any])
 
-__all__ = ["FrameLayout", "read_frame_layout", "frame_layout_from_positions", "clip_frames"]
+__all__ = ["FrameLayout", "read_frame_layout", "frame_layout_from_positions", "clip_frames", "frames_for_trace"]
 
 
 @dataclass(frozen=True)
@@ -104,3 +106,15 @@ def clip_frames(images: Tensor, channels: int) -> int:
     with T == C, which the example cannot tell apart): the channels stay at every call, so the frames
     are on dim 1 while dim 2 still holds ``channels``, else on dim 2."""
     return images.size(1) if images.size(2) == channels else images.size(2)
+
+
+@_recorded_when_traced
+def frames_for_trace(frames: int, tokens_per_frame: int) -> int:
+    """``frames``, read on this call; under ``torch.jit.trace`` a warning that the trace keeps it and
+    ``tokens_per_frame`` as constants (TorchScript records no Python int arithmetic), so the traced
+    model merges the wrong tokens at another layout of the same length."""
+    if torch.jit.is_tracing():
+        warn_user(f"torch.jit.trace keeps HTTM's frame layout ({frames} frames of {tokens_per_frame} tokens) as "
+                  "constants: the traced model merges the wrong tokens when called with another layout of the "
+                  "same length (1 frame of 3x the pixels); torch.export and torch.compile follow the layout")
+    return frames

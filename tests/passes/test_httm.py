@@ -91,7 +91,8 @@ def test_httm_vggt_report_gives_layout_and_predicted_kept_lengths(optimized):
 def test_httm_vggt_new_nodes_carry_fake_values_and_pass_name(tiny, optimized):
     agg = next(g.gm for g in optimized.captured.graphs if g.path == "aggregator")
     new = [n for n in agg.graph.nodes if n.meta.get("fxslim_pass") == "httm"]
-    assert len(new) == 4 * tiny.config.depth  # N, per-frame tokens, frames = N // P, op per global block
+    # N, per-frame tokens, frames = N // P, frames_for_trace, op per global block
+    assert len(new) == 5 * tiny.config.depth
     assert all(meta_val(n) is not None for n in new)
     assert all(tuple(meta_val(n).shape) == (1, 2, 84, 64) for n in _ops(agg))
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -324,3 +325,17 @@ def test_a_configured_tokens_per_frame_follows_the_clip_when_dynamo_recompiles_a
             for key in theirs:
                 torch.testing.assert_close(ours[key], theirs[key], atol=1e-5, rtol=1e-5)
     torch._dynamo.reset()
+
+
+def test_a_torchscript_trace_warns_that_it_keeps_the_frame_layout():
+    # the trace records frames and tokens_per_frame as constants: at 1 frame of 3x the pixels
+    # (the same N) it merged 3 frames' worth of the wrong tokens, silently
+    torch.manual_seed(0)
+    model, x = Clip().eval(), torch.rand(1, 3, 4, 28, 28)
+    rewritten = fxslim.optimize(model, x, passes=["httm:n_s=4,n_t=2"]).module
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"torch.jit.trace keeps HTTM's frame layout \(4 frames of 16"):
+        torch.jit.trace(rewritten, x, check_trace=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # eager calls do not warn
+        with torch.no_grad():
+            rewritten(torch.rand(1, 3, 6, 28, 28))
