@@ -229,20 +229,13 @@ def propagate_symbolic(
             break
         at_example = {found[2][name]: value for name, value in example.items()}
         if not any(_pinned_to_one(c) for c in found[3]) and all(
-                _holds_at(c, at_example) for c in found[3]):
+                _holds(c, at_example) for c in found[3]):
             return found
     return _propagate_at(source, example_inputs, dims, 1)  # node meta and records of the pinned run again
 
 
 def _pinned_to_one(condition: Any) -> bool:
     return isinstance(condition, sympy.Eq) and sympy.Integer(1) in condition.args
-
-
-def _holds_at(condition: Any, sizes: Mapping[sympy.Symbol, int]) -> bool:
-    try:
-        return condition.xreplace(dict(sizes)) is sympy.true
-    except (ZeroDivisionError, TypeError, ValueError):
-        return False
 
 
 def _propagate_at(
@@ -360,7 +353,7 @@ def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol], checks: se
             continue
         if len(expr.free_symbols) == 1:
             (size,) = expr.free_symbols
-            if all(_holds(expr, size, value) for value in _SAMPLE_SIZES):
+            if all(_holds(expr, {size: value}) for value in _SAMPLE_SIZES):
                 continue  # only 0 or 1 break it (``batch > 1``), not a limit (``w <= 300``)
         renamed = expr.xreplace(dict(rename))
         if renamed not in out:
@@ -368,11 +361,11 @@ def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol], checks: se
     return tuple(out)
 
 
-def _holds(expr: Any, size: sympy.Symbol, value: int) -> bool:
-    """Whether a guard holds at ``size = value``; not where it cannot be evaluated there (a size that
+def _holds(expr: Any, sizes: Mapping[sympy.Symbol, int]) -> bool:
+    """Whether a guard holds at these sizes; not where it cannot be evaluated there (a size that
     divides by zero, ``h // (h // 8)`` below 8: the model fails there too)."""
     try:
-        return expr.xreplace({size: value}) is sympy.true
+        return expr.xreplace(dict(sizes)) is sympy.true
     except (ZeroDivisionError, TypeError, ValueError):
         return False
 
