@@ -71,7 +71,8 @@ class RowPricer:
         parts = self._mac_parts(raw, fmt, last_of)
         out_numel = self.expr(raw.out.numel) if raw.out is not None else 0
         ops = self._arithmetic(raw, fmt, parts, mac_row, out_numel)
-        params, storage = self._storage(raw, mac_row, deployed, last_of if len(parts) > 1 else None)
+        mixed = len(parts) > 1 and raw.declared is None
+        params, storage = self._storage(raw, mac_row, deployed, last_of if mixed else None)
         act_bytes = self._act_bytes(fmt, raw)
         written = self.expr(raw.bytes_written) if raw.bytes_written is not None else out_numel * act_bytes
         read = (self.expr(raw.bytes_read) if raw.bytes_read is not None
@@ -133,12 +134,13 @@ class RowPricer:
             numel = tensor.numel()
             params += numel
             weight = mac_row and tensor.dim() >= 2
-            if weight and deployed is not None and last_of is not None:
+            fmt = deployed
+            if weight and last_of is not None:
                 kind = _weight_kind(tensor)
-                deployed = self.conventions.mac_format(raw.fqn, kind, kind in last_of) or deployed
-            if weight and deployed is not None:
-                storage += numel * format_bits(deployed, rules.ternary_packing)
-                if deployed in _QUANTIZED and rules.metadata_bits:
+                fmt = self.conventions.mac_format(raw.fqn, kind, kind in last_of)
+            if weight and fmt is not None:
+                storage += numel * format_bits(fmt, rules.ternary_packing)
+                if fmt in _QUANTIZED and rules.metadata_bits:
                     storage += tensor.shape[0] * rules.metadata_bits  # one scale per output channel
             elif not weight and rules.params_format is not None:
                 storage += numel * format_bits(rules.params_format)
