@@ -217,30 +217,31 @@ def propagate_symbolic(
     every formula after it. Then it propagates from the named sizes 2 and 4 times as large and
     keeps the first run with no such pin whose conditions hold at the example; failing that, the
     pinned formulas, their pin in the conditions."""
-    first = _propagate_at(source, example_inputs, dims, 1)
-    if not any(_pinned_to_one(c) for c in first[3]):
+    first, pins = _propagate_at(source, example_inputs, dims, 1)
+    if not pins:
         return first
-    example = {name: example_inputs[i].shape[d] for i, named in symbolic_dims(dims, example_inputs).items()
-               for d, name in named.items()}
+    named = [(name, example_inputs[i].shape[d]) for i, names in symbolic_dims(dims, example_inputs).items()
+             for d, name in names.items()]
     for scale in _HINT_SCALES:
         try:
-            found = _propagate_at(source, example_inputs, dims, scale)
+            found, found_pins = _propagate_at(source, example_inputs, dims, scale)
         except Exception:  # a model that takes no other size: the pinned formulas, honestly bounded
             break
-        at_example = {found[2][name]: value for name, value in example.items()}
-        if not any(_pinned_to_one(c) for c in found[3]) and all(
-                _holds(c, at_example) for c in found[3]):
+        at_example = {found[2][name]: size for name, size in named}
+        at_retry = {first[2][name]: max(size, 2) * scale for name, size in named}
+        # the same path as at the example: no pin left, its conditions hold at the example, and the
+        # example's other conditions (a branch on a size of 1 in the model's code) hold where it ran
+        if (not found_pins and all(_holds(c, at_example) for c in found[3])
+                and all(_holds(c, at_retry) for c in first[3] if c not in pins)):
             return found
-    return _propagate_at(source, example_inputs, dims, 1)  # node meta and records of the pinned run again
-
-
-def _pinned_to_one(condition: Any) -> bool:
-    return isinstance(condition, sympy.Eq) and sympy.Integer(1) in condition.args
+    return _propagate_at(source, example_inputs, dims, 1)[0]  # node meta and records of the pinned run again
 
 
 def _propagate_at(
     source: Source, example_inputs: tuple, dims: Mapping[str, Any], scale: int,
-) -> tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol], tuple[Any, ...]]:
+) -> tuple[tuple[FakeTensorMode, dict[sympy.Symbol, sympy.Symbol], dict[str, sympy.Symbol], tuple[Any, ...]], set]:
+    """``propagate_symbolic``'s result from the named sizes ``scale`` times the example's, and the
+    conditions among its own that are broadcast pins (``broadcast_pins``)."""
     from torch.fx.experimental.symbolic_shapes import ShapeEnv
 
     env = ShapeEnv(specialize_zero_one=False, duck_shape=False, assume_static_by_default=True)
@@ -253,7 +254,7 @@ def _propagate_at(
         checks: set = set()
         around = checks_kept(counted(recording(source.recorded), bar), env, checks)
         mode, rename, symbols, valid_where = _propagate_symbolic(source, fakes, mode, env, rename, symbols, around)
-        return mode, rename, symbols, conditions(env, rename, checks) + valid_where
+        return (mode, rename, symbols, conditions(env, rename, checks) + valid_where), broadcast_pins(env, rename, checks)
 
 
 def _propagate_symbolic(source: Source, fakes: list[Any], mode: FakeTensorMode, env: Any,
@@ -343,8 +344,7 @@ def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol], checks: se
             if expr.xreplace(dict(rename)) not in out:
                 out.append(expr.xreplace(dict(rename)))
             continue
-        where = getattr(getattr(guard, "sloc", None), "framework_loc", None)
-        filename = str(getattr(where, "filename", "") or "")
+        filename = _guard_file(guard)
         against_0_or_1 = any(side in (sympy.Integer(0), sympy.Integer(1)) for side in expr.args)
         pinned = isinstance(expr, sympy.Eq)  # also to 1: a size broadcast as 1 fixes all after it
         if filename.startswith(_TORCH_DIR) and filename != _SHAPE_FUNCTIONS and not pinned:
@@ -359,6 +359,23 @@ def conditions(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol], checks: se
         if renamed not in out:
             out.append(renamed)
     return tuple(out)
+
+
+def broadcast_pins(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol], checks: set = frozenset()) -> set:
+    """The conditions (renamed) that torch's own code raised as ``Eq(expr, 1)``: a size the named ones
+    give that is 1 here, broadcast against a size-1 operand, which fixes every formula after it.
+    Not the model's own checks nor its branches (``if y.shape[-1] == 1``), raised from its code."""
+    named = set(rename)
+    return {guard.expr.xreplace(dict(rename)) for guard in env.guards
+            if isinstance(guard.expr, sympy.Eq) and sympy.Integer(1) in guard.expr.args
+            and guard.expr.free_symbols and guard.expr.free_symbols <= named and guard.expr not in checks
+            and _guard_file(guard).startswith(_TORCH_DIR)}
+
+
+def _guard_file(guard: Any) -> str:
+    """The file whose code raised a guard ("" when unknown)."""
+    where = getattr(getattr(guard, "sloc", None), "framework_loc", None)
+    return str(getattr(where, "filename", "") or "")
 
 
 def _holds(expr: Any, sizes: Mapping[sympy.Symbol, int]) -> bool:

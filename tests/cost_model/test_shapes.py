@@ -542,3 +542,27 @@ def test_symbolic_formulas_pinned_at_a_size_of_1_that_no_larger_example_unpins_s
     assert any(isinstance(c, sympy.Eq) for c in report.valid_where)
     with pytest.raises(ValueError, match="a size is 1 at the example and fixes the formulas after it"):
         report.evaluate(h=8, w=8)
+
+
+class _HeadOnOnePixel(nn.Module):
+    """Takes another path on a 1 x 1 input: it does not trace, so the branch runs as eager code."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.big, self.fc = nn.Conv2d(32, 32, 3, padding=1), nn.Linear(32, 10)
+
+    def forward(self, y):
+        if y.shape[-1] == 1:
+            return self.fc(y.flatten(1))
+        return self.fc(self.big(y).mean((2, 3)))
+
+
+def test_symbolic_formulas_keep_a_branch_on_a_size_of_1_when_sizes_are_propagated_again():
+    # the retry from 2x the example took the branch's other way, whose guard Ne(.., 1) is left out:
+    # the formulas of the other path came out with no condition (92,800 FLOPs at 32 px for 166,528)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, stride=4, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 32, 3, stride=4, padding=1), _HeadOnOnePixel()).eval()
+    report = fxslim.estimate(model, torch.randn(1, 3, 16, 16), symbolic={"h": 2, "w": 3})
+    assert report.evaluate(h=13, w=13).total.flops == fxslim.estimate(model, torch.randn(1, 3, 13, 13)).total.flops
+    with pytest.raises(ValueError, match="breaks it"):
+        report.evaluate(h=32, w=32)
