@@ -451,17 +451,43 @@ def _clip_inputs(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
     params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
     return [(node, size_hint(val.shape[1])) for node in gm.graph.nodes
             if node.op == "placeholder" and node.name not in params
-            and isinstance(val := meta_val(node), torch.Tensor) and _views_first(val.shape)]
+            and isinstance(val := meta_val(node), torch.Tensor) and _views_first(val.shape)
+            and not _feeds_conv3d(gm, node)]
 
 
 def _views_first(shape: Sequence[Any]) -> bool:
     """Whether a shape reads as multi-view images [B, S, C, H, W] rather than a channels-first video
-    clip [B, C, T, H, W] (VideoMAE, TimeSformer: conv3d takes channels on dim 1), whose dim 1 is
-    3 colours, not frames: RGB or grey channels on dim 1 and not on dim 2 say channels first."""
+    clip [B, C, T, H, W] (VideoMAE, TimeSformer), whose dim 1 is 3 colours, not frames: RGB or grey
+    channels on dim 1, and on dim 2 more than the 4 channels of a view (RGB-D, RGBA) say channels
+    first. Clips of 2 to 4 frames look like views; ``_feeds_conv3d`` tells them apart in a graph."""
     if len(shape) != 5:
         return False
     second, third = size_hint(shape[1]), size_hint(shape[2])
-    return not (second in (1, 3) and third not in (1, 3))
+    return not (second in (1, 3) and third > 4)
+
+
+_CONV3D = (F.conv3d, torch.conv3d, torch.ops.aten.convolution.default, torch.ops.aten.conv3d.default)
+_CONV3D_HOPS = 4  # ops between the input and its conv (a normalisation, a cast)
+
+
+def _feeds_conv3d(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether a 5-d graph input reaches, still 5-d, a 3-d conv, which takes channels on dim 1: a
+    channels-first clip [B, C, T, H, W] (VideoMAE's tubelet embedding)."""
+    frontier, seen = [node], {node}
+    for _ in range(_CONV3D_HOPS + 1):
+        nxt = []
+        for current in frontier:
+            for user in current.users:
+                if user in seen or not (isinstance(v := meta_val(user), torch.Tensor) and v.dim() == 5):
+                    continue
+                if user.op == "call_module" and isinstance(gm.get_submodule(str(user.target)), torch.nn.Conv3d):
+                    return True
+                if user.op == "call_function" and user.target in _CONV3D and user.args[0] is current:
+                    return True
+                seen.add(user)
+                nxt.append(user)
+        frontier = nxt
+    return False
 
 
 def _frames_input(gm: fx.GraphModule, frames: int) -> tuple[fx.Node, int | None] | None:
@@ -534,7 +560,12 @@ def _window_of_frames(gm: fx.GraphModule, ctx: PassContext, layout: FrameLayout 
     views dropped by a mask) it cannot tell, and stays dense."""
     if layout is None:
         return "", ""
-    clips = {s for _, s in _clip_inputs(gm)} | {shape[1] for shape in ctx.input_shapes if _views_first(shape)}
+    params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
+    clips_first = {tuple(meta_val(n).shape) for n in gm.graph.nodes  # the model's input, when in this graph
+                   if n.op == "placeholder" and n.name not in params and isinstance(meta_val(n), torch.Tensor)
+                   and meta_val(n).dim() == 5 and _feeds_conv3d(gm, n)}
+    clips = {s for _, s in _clip_inputs(gm)} | {shape[1] for shape in ctx.input_shapes
+                                                 if _views_first(shape) and tuple(shape) not in clips_first}
     frames = layout.example_frames
     if clips and frames not in clips and max(clips) > frames:
         masked = sized_by_values(gm, view.q)

@@ -136,6 +136,32 @@ def test_a_channels_first_clip_does_not_give_its_colours_for_frames():
             torch.testing.assert_close(got.module(x), by_frames(x), rtol=0, atol=0)
 
 
+class ViewsOfDepthImages(nn.Module):
+    """Multi-view RGB-D images [B, S, 4, H, W] (or 2 channels): S views, not a clip of 4 frames."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(channels, 32, 7, 7)
+        self.attn = Attention()
+
+    def forward(self, images):
+        b = images.shape[0]
+        x = self.embed(images.flatten(0, 1)).flatten(2).transpose(1, 2).reshape(b, -1, 32)
+        return x + self.attn(x)
+
+
+@pytest.mark.parametrize("channels", [2, 4])
+def test_views_of_few_channels_are_not_taken_for_a_channels_first_clip(channels):
+    torch.manual_seed(0)
+    model = ViewsOfDepthImages(channels).eval()
+    got = fxslim.optimize(model, torch.rand(1, 3, channels, 28, 28),
+                          passes=["httm:tokens_per_frame=16,special_tokens=0,n_s=4,n_t=1"])
+    (entry,) = got.report.entries("httm")
+    assert entry.info["runtime_layout"] == "frames = images.size(1), tokens_per_frame = N // frames"
+    assert _layouts(got.module, torch.rand(1, 3, channels, 56, 56)) == [(3, 64)]
+    assert _layouts(got.module, torch.rand(1, 5, channels, 42, 42)) == [(5, 36)]
+
+
 class PositionsFromZero(nn.Module):
     """CroCo/Fast3R-style: every frame's patches at positions from (0, 0), no special tokens, so the
     positions do not show where a frame starts."""
