@@ -132,22 +132,33 @@ def data_ancestors(gm: fx.GraphModule, target: fx.Node) -> set[fx.Node]:
 
 
 def sized_by_values(gm: fx.GraphModule, target: fx.Node) -> fx.Node | None:
-    """A node ``target`` is computed from whose output size depends on values (``images[valid]``,
-    ``nonzero``, ``unique``): the frames of a sequence built after one need not be those of any
-    input's dim. None when there is none."""
+    """A node ``target`` is computed from whose output size depends on the values of the model's
+    inputs (``images[valid]`` with ``valid`` computed from the images, ``nonzero``, ``unique``): the
+    frames of a sequence built after one need not be those of any input's dim. None when there is
+    none; a mask held by the model (``x[..., self.keep]``) sizes the same on every call."""
     for node in data_ancestors(gm, target):
         if node.op not in ("call_function", "call_method"):
             continue
         name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
         if name.split(".")[0] in _SIZED_BY_VALUES:
-            return node
-        if node.target in (operator.getitem, torch.ops.aten.index.Tensor) and _indexes_by_mask(node.args[1]):
+            values = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
+        elif node.target in (operator.getitem, torch.ops.aten.index.Tensor):
+            values = _mask_of(node.args[1])
+        else:
+            continue
+        if values is not None and _from_inputs(gm, values):
             return node
     return None
 
 
-def _indexes_by_mask(index: Any) -> bool:
-    """Whether an index (or one of a tuple/list of them) is a boolean tensor."""
+def _mask_of(index: Any) -> fx.Node | None:
+    """The boolean tensor an index is (or holds among a tuple/list of them), else None."""
     items = index if isinstance(index, (tuple, list)) else (index,)
-    return any(isinstance(i, fx.Node) and isinstance(v := meta_val(i), torch.Tensor) and v.dtype == torch.bool
-               for i in items)
+    return next((i for i in items if isinstance(i, fx.Node) and isinstance(v := meta_val(i), torch.Tensor)
+                 and v.dtype == torch.bool), None)
+
+
+def _from_inputs(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node``'s values are computed from an input of the graph (not only its weights)."""
+    params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
+    return any(n.op == "placeholder" and n.name not in params for n in data_ancestors(gm, node))

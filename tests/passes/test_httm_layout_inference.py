@@ -224,6 +224,30 @@ def test_frames_are_not_read_from_an_input_whose_views_a_mask_drops():
     assert entry.reason == "local_attention" and "views dropped at" in entry.detail
 
 
+class KeepsSomeFeatures(nn.Module):
+    """A mask the model holds (features it keeps) sizes the same on every call: the frames still
+    come from the input's S."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Conv2d(3, 40, 7, 7)
+        self.register_buffer("keep", torch.arange(40) < 32)
+        self.attn = Attention()
+
+    def forward(self, images):
+        b = images.shape[0]
+        x = self.embed(images.flatten(0, 1)).flatten(2).transpose(1, 2)[..., self.keep]
+        x = x.reshape(b, -1, 32)
+        return x + self.attn(x)
+
+
+def test_a_mask_the_model_holds_does_not_stop_frames_following_the_input():
+    torch.manual_seed(0)
+    got = fxslim.optimize(KeepsSomeFeatures().eval(), torch.rand(1, 3, 3, 28, 28),
+                          passes=["httm:tokens_per_frame=16,special_tokens=0,n_s=4,n_t=1"])
+    assert _layouts(got.module, torch.rand(1, 4, 3, 56, 56)) == [(4, 64)]
+
+
 def test_dynamic_graph_with_positions_from_input_values_is_left_dense():
     """After a graph break the positions are a graph input: with a dynamic N, the example's tokens
     per frame would be assumed for every N, so the attention stays dense (with the reason)."""
