@@ -11,6 +11,7 @@ with its graphs rewritten.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 from collections import Counter
@@ -30,7 +31,8 @@ from fxslim.modes import outside_inference_mode
 from fxslim.passes.base import (
     Pass, PassContext, PassReport, parse_overrides, parse_pass, pass_list, registered_passes, run_passes,
 )
-from fxslim.passes.prom import PROM
+from fxslim.passes.prom import PROM, calibrate
+from fxslim.passes.prom_convert import convert
 from fxslim.policy import Policy
 from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
 from fxslim.warn import warn_user
@@ -72,7 +74,8 @@ class OptimizeReport:
 @dataclass
 class OptimizeResult:
     """``module``: the rewritten copy; ``report``: what each pass did; ``captured``: the graphs;
-    ``cost_before``/``cost_after``: cost reports (computed on first use, default conventions)."""
+    ``cost_before``/``cost_after``: cost reports (computed on first use, default conventions) of the
+    model and of what the passes deliver (``deployed``: PROM's integer model)."""
 
     module: nn.Module
     report: OptimizeReport
@@ -97,9 +100,24 @@ class OptimizeResult:
         return compare(self._estimate("before", **estimate_options), self._estimate("after", **estimate_options),
                        candidates)
 
+    @functools.cached_property
+    def deployed(self) -> Any:
+        """What the passes exist for, as ``cost_after`` costs it: after PROM, the integer model
+        converted from a copy of ``module`` calibrated on the example (counts do not depend on the
+        ranges; the fake-quant graph would be costed as float work plus its fake quantizers);
+        otherwise, or where convert refuses the model (with a warning), the rewritten graphs."""
+        if not any(p.name == "prom" for p in self.passes) or self.report.rewritten("prom") == 0:
+            return self.captured
+        try:
+            return convert(calibrate(copy.deepcopy(self.module), [self.example_inputs]).eval())
+        except (ValueError, TypeError) as exc:
+            warn_user(f"OptimizeResult: costing the fake-quant model; the integer one is not possible: "
+                      f"{str(exc).splitlines()[0]}")
+            return self.captured
+
     def _estimate(self, which: str, **options: Any) -> Any:
-        if which == "after":  # the rewritten graphs, fxslim ops counted through the cost registry
-            return estimate(self.captured, self.example_inputs, **options)
+        if which == "after":  # fxslim ops counted through the cost registry
+            return estimate(self.deployed, self.example_inputs, **options)
         if self.source is None:
             raise ValueError("OptimizeResult: the original model is not available (source=None)")
         method = "export" if self.report.capture == "export" else "symbolic"

@@ -49,3 +49,24 @@ def test_haste_costs_after_an_export_capture_match_the_symbolic_capture():
              for capture in ("symbolic", "export")}
     assert after["export"].macs == after["symbolic"].macs
     assert after["export"].peak_activation_bytes == after["symbolic"].peak_activation_bytes
+
+
+def test_prom_cost_after_is_the_integer_model_the_command_line_costs():
+    # cost_after costed the fake-quant graph: float work plus 360x the element-wise ops of its fake
+    # quantizers, an energy ratio of 1.0 where `fxslim report --passes prom` gave 15x
+    from fxslim.runtime.prom_qat import ActFakeQuant
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 32, 1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    res = fxslim.optimize(model, x, passes=["prom"])
+    scales = [q.scale.clone() for q in res.module.modules() if isinstance(q, ActFakeQuant)]
+    integer = fxslim.convert(fxslim.calibrate(res.module, [(x,)]).eval())
+    assert res.cost_after.total == fxslim.estimate(integer, x).total
+    assert res.cost_before.total.energy_pj > 5 * res.cost_after.total.energy_pj
+    assert res.cost_after.total.elementwise < res.cost_before.total.elementwise
+    res2 = fxslim.optimize(model, x, passes=["prom"])
+    assert res2.cost_after.total == res.cost_after.total
+    assert all(torch.equal(q.scale, s) for q, s in  # costing calibrates a copy, not the result's module
+               zip((q for q in res2.module.modules() if isinstance(q, ActFakeQuant)), scales))

@@ -105,7 +105,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
             res = optimize(model, example, passes=args.passes, capture=args.ir)
         with _status("costing the model before and after"):
             before = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
-            after = estimate(_deployed(res, example), example, table=args.table, conventions=conventions, **options)
+            after = estimate(res.deployed, example, table=args.table, conventions=conventions, **options)
         result: Any = compare(before, after, res.report.candidates())
         figure = plots.plot_comparison(result, "energy_pj") if args.plot else None
     else:
@@ -139,22 +139,6 @@ def _cmd_report(args: argparse.Namespace) -> int:
     with _output(args.out) as stream:
         stream.write(text if text.endswith("\n") else text + "\n")
     return 0
-
-
-def _deployed(res: Any, example: tuple) -> Any:
-    """What the passes exist for: PROM's integer model (observers calibrated on the example: costs
-    do not depend on the ranges), else the rewritten graphs. A PROM model convert refuses is costed
-    as prepared, and stderr says why."""
-    if not any(p.name == "prom" for p in res.passes) or res.report.rewritten("prom") == 0:
-        return res.captured
-    from fxslim import calibrate, convert
-
-    try:
-        return convert(calibrate(res.module, [example]).eval())
-    except (ValueError, TypeError) as exc:
-        print(f"fxslim report: costing the fake-quant model; the integer one is not possible: "
-              f"{str(exc).splitlines()[0]}", file=sys.stderr)
-        return res.captured
 
 
 @contextlib.contextmanager
