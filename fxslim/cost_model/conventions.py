@@ -84,11 +84,14 @@ def parse_deploy(spec: str | Mapping[str, str]) -> dict[str, str]:
         head, colon, body = spec.partition(":")
         if colon and head.strip() not in _PRESETS and "=" in head + body.partition(",")[0]:
             head, colon, body = "", "", spec  # 'last:linear=fp16,default=int8': keys with a colon, no preset
+        if not spec.strip():
+            raise ValueError(f"deploy: expected a preset {tuple(_PRESETS)}, 'preset:key=value,...' or "
+                             "'kind=format,...', got an empty string (None: no deploy)")
         pairs = {}
         for item in filter(None, (p.strip() for p in (body if colon else spec).split(","))):
             key, eq, value = item.partition("=")
-            if not eq:
-                if colon or item not in _PRESETS:
+            if not eq:  # a preset alone: not an item of a list ('int8,', 'fp16,conv=int8' dropped it)
+                if colon or item not in _PRESETS or spec.strip() != item:
                     raise ValueError(f"deploy: expected a preset {tuple(_PRESETS)}, 'preset:key=value,...' or "
                                      f"'kind=format,...', got {spec!r}")
                 continue

@@ -230,3 +230,10 @@ def test_deploy_keys_that_name_nothing_are_refused_and_kind_keys_parse_from_stri
     report = fxslim.estimate(model, x, deploy="last:linear=fp16,default=int8")
     assert [row.format for row in report.rows if row.macs] == ["int8", "fp16"]
     assert fxslim.estimate(model, x, deploy={"0": "ternary", "2*": "fp16"}).total.macs == report.total.macs
+
+
+@pytest.mark.parametrize("spec", ["int8,", "fp16,int8", "fp16,conv=int8", "", "  "])
+def test_a_preset_inside_a_list_or_an_empty_deploy_is_refused(spec):
+    # these were dropped silently: the fp32 costs came out labelled deploy=int8,
+    with pytest.raises(ValueError, match=r"deploy: expected a preset .*'preset:key=value,...'"):
+        parse_deploy(spec)
