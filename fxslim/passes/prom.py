@@ -85,6 +85,9 @@ class PerTensorQLinear(_PerTensorMixin, QLinear):
     """``QLinear`` with one int8 weight step for the whole tensor."""
 
 
+_OTHER_PASS_CONVS = (torch.ops.fxslim.haste_conv2d.default, torch.ops.fxslim.haste_conv2d)
+
+
 @register_pass("prom")
 @dataclass(frozen=True)
 class PROM(Pass):
@@ -123,6 +126,10 @@ class PROM(Pass):
         for node in gm.graph.nodes:
             if isinstance(module_of(gm, node), (QConv2d, QLinear)):
                 report.skip(node, node_fqn(node, gm), "quantized_layer", "already_rewritten")
+            elif node.op == "call_function" and node.target in _OTHER_PASS_CONVS:
+                report.skip(node, node_fqn(node, gm), "conv", "other_pass",
+                            f"{node.target} (another pass's conv) stays in float: PROM quantizes dense convs, "
+                            "so run PROM before it or alone")
         layers: list[Candidate] = []
         weighted = [v for v in views(gm) if isinstance(v, (ConvView, LinearView))]
         last = next((v.node for v in reversed(weighted) if _ternary_shaped(gm, v) and not _reject(gm, v, calls)), None)

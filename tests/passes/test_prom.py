@@ -454,6 +454,20 @@ def test_prom_micro_batched_traces_into_torchscript_as_its_ops(runtime):
             torch.testing.assert_close(traced(other), int_model(other), rtol=0, atol=0)
 
 
+def test_prom_after_haste_lists_the_haste_convs_it_leaves_in_float():
+    # they were in no entry of PROM's report: a matcher never drops a node silently
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.Conv2d(8, 8, 1)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fxslim.optimize(model, torch.randn(1, 3, 16, 16), passes=["haste:L=8", "prom"])
+    hashed = result.report.rewritten("haste")
+    others = [e for e in result.report.entries("prom") if e.reason == "other_pass"]
+    assert hashed > 0 and len(others) == hashed
+    assert all("run PROM before it or alone" in e.detail for e in others)
+
+
 def test_prom_convert_unknown_runtime_raises(mobilenet):
     with pytest.raises(ValueError, match="runtime must be one of"):
         convert(mobilenet[2], runtime="tflite")
