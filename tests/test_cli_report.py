@@ -104,3 +104,21 @@ def test_cli_report_with_passes_csv_is_one_table_with_a_total(tmp_path):
     total = rows[-1]
     assert total["module"] == "total"
     assert int(total["macs_before"]) == sum(int(r["macs_before"]) for r in rows[:-1] if r["macs_before"])
+
+
+def test_cli_report_refuses_an_unwritable_out_before_any_work(tmp_path, capsys, monkeypatch):
+    import fxslim.app.cli as cli
+
+    monkeypatch.setattr(cli, "load_model", lambda *a, **k: pytest.fail("worked before checking --out"))
+    plot = tmp_path / "p.png"
+    for out, why in (("/proc/fxslim-report.txt", "No such file"), (str(tmp_path / "ro" / "r.txt"), "does not exist")):
+        assert main(["report", *MODEL, "--out", out, "--plot", str(plot)]) == 2
+        assert "--out: " in capsys.readouterr().err and not plot.exists()
+    monkeypatch.undo()
+    assert main(["report", *MODEL, "--format", "json", "--out", "/dev/full"]) == 2  # the disk fills while writing
+    assert "--out: cannot write '/dev/full' (No space left on device)" in capsys.readouterr().err
+
+
+def test_cli_report_says_which_pass_rewrote_nothing(capsys):
+    assert main(["report", *MODEL, "--format", "json", "--passes", "httm"]) == 0
+    assert "pass 'httm' rewrote nothing (skipped: no candidates)" in capsys.readouterr().err

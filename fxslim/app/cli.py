@@ -101,8 +101,12 @@ def _cmd_report(args: argparse.Namespace) -> int:
         from fxslim.api import optimize
 
         with _status(f"running {' '.join(args.passes)} on {args.model}"), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "rewrote nothing" is in the report, not a Python warning
+            warnings.simplefilter("ignore")  # "rewrote nothing": one line each below, not a Python warning
             res = optimize(model, example, passes=args.passes, capture=args.ir)
+        for p in res.passes:
+            if res.report.rewritten(p.name) == 0:
+                skipped = dict(res.report.skipped(p.name)) or "no candidates"
+                print(f"fxslim report: pass {p.name!r} rewrote nothing (skipped: {skipped})", file=sys.stderr)
         with _status("costing the model before and after"):
             before = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
             after = estimate(res.deployed, example, table=args.table, conventions=conventions, **options)
@@ -146,8 +150,11 @@ def _output(path: str | None) -> Iterator[TextIO]:
     if path is None:
         yield sys.stdout
         return
-    with open(path, "w", encoding="utf-8") as stream:
-        yield stream
+    try:
+        with open(path, "w", encoding="utf-8") as stream:
+            yield stream
+    except OSError as exc:  # also while writing: a full disk (/dev/full)
+        raise ValueError(f"--out: cannot write {path!r} ({exc.strerror or type(exc).__name__})") from None
 
 
 _COMMANDS["report"] = _cmd_report
@@ -250,9 +257,26 @@ def _check(args: argparse.Namespace) -> None:
             raise ValueError(f"--{option}: {path!r} is a folder; give a file name in it")
         if path and not Path(path).resolve().parent.is_dir():
             raise ValueError(f"--{option}: folder {str(Path(path).parent)!r} does not exist")
+        if path:
+            _check_writable(option, Path(path))
     plot = getattr(args, "plot", None)
     if plot and Path(plot).suffix.lower() not in _PLOT_SUFFIXES:
         raise ValueError(f"--plot: expected a file name ending in one of {', '.join(_PLOT_SUFFIXES)}, got {plot!r}")
+
+
+def _check_writable(option: str, path: Path) -> None:
+    """Raise (naming the option) where ``path`` cannot be written, before any work: a file that
+    exists is opened to append nothing, a new one is created and removed."""
+    try:
+        if path.exists():
+            with open(path, "a", encoding="utf-8"):
+                pass
+        else:
+            with open(path, "x", encoding="utf-8"):
+                pass
+            path.unlink()
+    except OSError as exc:
+        raise ValueError(f"--{option}: cannot write {str(path)!r} ({exc.strerror or type(exc).__name__})") from None
 
 
 def _one_line(exc: BaseException) -> str:
