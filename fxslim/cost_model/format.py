@@ -365,6 +365,9 @@ def _cmp_summary(comp: Comparison) -> list[str]:
     for label, rep in (("before", comp.before), ("after", comp.after)):
         if rep.unknown_ops:
             lines.append(f"ops without a cost formula ({label}): " + ", ".join(rep.unknown_ops))
+        if rep.energy_missing:  # their energy counts as 0: say so, or "0 -> 0" reads as no energy
+            lines.append(f"no energy in the table for ({label}, counted as 0): "
+                         + ", ".join(f"{op}:{fmt}" for op, fmt in rep.energy_missing))
     if any(c["pass"] == "haste" and c["status"] == "rewritten" for c in comp.candidates):
         lines.append("HASTE's saving depends on the input: the 'after' MACs are a data-free prediction "
                      "(channels hashed as independent random vectors, the worst case for merging); real "

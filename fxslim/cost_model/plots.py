@@ -26,7 +26,7 @@ __all__ = ["plot_breakdown", "plot_layers", "plot_comparison", "plot_scaling", "
 _TICK_PT = 9  # tick labels: 9 pt at 100 dpi is 12.5 px, readable when the page shows the PNG at full width
 _UNITS = {"macs": "MAC", "flops": "FLOP", "elementwise": "op", "storage_bits": "bit",
           "params": "", "activation_bytes": "B"}
-_LABELS = {"macs": "MACs", "flops": "FLOPs", "energy_pj": "energy (pJ)", "elementwise": "elementwise ops",
+_LABELS = {"macs": "MACs", "flops": "FLOPs", "energy_pj": "energy",  # its ticks carry the unit (5 µJ) "elementwise": "elementwise ops",
            "storage_bits": "storage (bits)", "params": "parameters", "activation_bytes": "activation bytes"}
 
 
@@ -36,6 +36,18 @@ def _number(value: Any) -> float:
     except TypeError:
         raise ValueError(f"plots: expected numeric counts, got the expression {value}; "
                          "evaluate() the report first") from None
+
+
+def _plain(text: str) -> str:
+    """A module or model name as matplotlib shows it verbatim: '$' would start maths ('a$b$c')."""
+    return str(text).replace("$", r"\$")
+
+
+def _nothing_to_show(ax: Any, label: str) -> None:
+    """Say so on an empty chart (every layer 0: an energy table without the format's entries)."""
+    ax.text(0.5, 0.5, f"every layer's {label} is 0", ha="center", va="center", transform=ax.transAxes)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def _figure(width: float = 8.0, height: float = 4.0) -> Figure:
@@ -55,7 +67,7 @@ def plot_breakdown(report: CostReport, metric: str = "macs") -> Figure:
     ax.bar([k for k, _ in items], [v for _, v in items], color="#4c72b0")
     ax.set_ylabel(_LABELS.get(metric, metric))
     _value_axis(ax.yaxis, metric)
-    ax.set_title(f"{report.model}: {_LABELS.get(metric, metric)} by kind")
+    ax.set_title(f"{_plain(report.model)}: {_LABELS.get(metric, metric)} by kind")
     ax.tick_params(axis="x", rotation=45)
     fig.tight_layout()
     return fig
@@ -87,7 +99,7 @@ def _layer_figure(names: list[str], per_row: float) -> tuple[Figure, Any]:
     """A figure with one horizontal band per layer, names on the y axis at a readable size."""
     fig = _figure(8.0, max(3.0, 1.2 + per_row * len(names)))
     ax = fig.add_subplot()
-    ax.set_yticks(range(len(names)), names, fontsize=_TICK_PT)
+    ax.set_yticks(range(len(names)), [_plain(n) for n in names], fontsize=_TICK_PT)
     ax.invert_yaxis()  # execution order, top to bottom
     ax.tick_params(axis="x", labelsize=_TICK_PT)
     ax.grid(True, axis="x", alpha=0.3)
@@ -104,7 +116,9 @@ def plot_layers(report: CostReport, metric: str = "macs", top: int = 40) -> Figu
     ax.barh(range(len(mods)), [v for _, v in mods], color="#4c72b0")
     ax.set_xlabel(_LABELS.get(metric, metric))
     _value_axis(ax.xaxis, metric)
-    ax.set_title(f"{report.model}: {_LABELS.get(metric, metric)} per layer")
+    ax.set_title(f"{_plain(report.model)}: {_LABELS.get(metric, metric)} per layer")
+    if not mods:
+        _nothing_to_show(ax, _LABELS.get(metric, metric))
     fig.tight_layout()
     return fig
 
@@ -123,8 +137,10 @@ def plot_comparison(comparison: Comparison, metric: str = "energy_pj", top: int 
     ax.barh([y + 0.2 for y in ys], [r[2] for r in rows], height=0.4, label="after", color="#dd8452")
     ax.set_xlabel(_LABELS.get(metric, metric))
     _value_axis(ax.xaxis, metric)
-    ax.set_title(f"{comparison.before.model}: {_LABELS.get(metric, metric)} per layer, before and after",
+    ax.set_title(f"{_plain(comparison.before.model)}: {_LABELS.get(metric, metric)} per layer, before and after",
                  fontsize=_TICK_PT + 1, pad=24)
+    if not rows:
+        _nothing_to_show(ax, _LABELS.get(metric, metric))
     ax.legend(loc="lower left", bbox_to_anchor=(0.0, 1.0), ncol=2, frameon=False, fontsize=_TICK_PT)  # above the bars
     fig.tight_layout()
     return fig
@@ -135,7 +151,7 @@ def plot_scaling(tables: ScalingTable | Sequence[ScalingTable], metric: str = "m
     """Cost against one input size (e.g. frames); several tables (with/without a pass) overlay."""
     tables = list(tables) if isinstance(tables, Sequence) else [tables]
     _check_metric(metric, SCALING_METRICS)
-    labels = list(labels) if labels is not None else [t.model for t in tables]
+    labels = [_plain(label) for label in (labels if labels is not None else [t.model for t in tables])]
     fig = _figure(6.5, 4.0)
     ax = fig.add_subplot()
     for table, label in zip(tables, labels):

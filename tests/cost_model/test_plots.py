@@ -65,3 +65,24 @@ def test_symbolic_names_are_checked():
         fxslim.estimate(model, x, symbolic={"batch": "0"})
     with pytest.raises(ValueError, match=r"'a' and 'b' name the same dim"):
         fxslim.estimate(model, x, symbolic={"a": 0, "b": (0, 0)})
+
+
+def test_names_with_dollars_are_drawn_as_they_are():
+    # matplotlib took 'price_$\frac{a$' for maths and failed to draw ("\frac{a"): --plot and html died
+    model = nn.Sequential()
+    model.add_module("price_$\\frac{a$", nn.Conv2d(3, 8, 3, padding=1))
+    model.add_module("x$^$", nn.Conv2d(8, 8, 3, padding=1))
+    report = fxslim.estimate(model.eval(), torch.randn(1, 3, 8, 8))
+    fig = plot_layers(report, "macs")
+    assert png_bytes(fig).startswith(b"\x89PNG")
+    labels = [t.get_text() for t in fig.axes[0].get_yticklabels()]
+    assert labels == ["price_\\$\\frac{a\\$", "x\\$^\\$"]  # escaped: drawn as the name itself
+
+
+def test_an_all_zero_comparison_says_so_and_its_energy_axis_has_no_unit_in_the_label():
+    report = fxslim.estimate(_model(), torch.randn(1, 3, 8, 8), deploy="bf16")  # the table has no bf16 energy
+    assert report.total.energy_pj == 0
+    fig = plot_comparison(fxslim.compare(report, report), "energy_pj")
+    texts = [t.get_text() for t in fig.axes[0].texts]
+    assert texts == ["every layer's energy is 0"] and fig.axes[0].get_xlabel() == "energy"
+    assert "no energy in the table for (after, counted as 0): mul:bf16" in fxslim.compare(report, report).to_markdown()
