@@ -215,8 +215,14 @@ def rich_table(report: CostReport, nonzero: bool = True) -> Any:
 
 def _md_table(header: tuple[str, ...] | list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+    lines += ["| " + " | ".join(_md_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def _md_cell(text: str) -> str:
+    """A table cell that stays one cell and shows as text: '|' escaped, a line break as a space,
+    '<' and '&' as entities (a module named '<script>' is not HTML in a rendered page)."""
+    return " ".join(text.splitlines()).replace("&", "&amp;").replace("<", "&lt;").replace("|", "\\|")
 
 
 def to_markdown(report: CostReport, nonzero: bool = True) -> str:

@@ -118,3 +118,15 @@ def test_the_conditions_of_symbolic_formulas_appear_in_every_summary():
     assert condition in report.to_markdown()
     assert html.escape(condition) in report.to_html()
     assert fxslim.estimate(model, torch.randn(1, 3, 16, 16)).to_dict()["valid_where"] == []
+
+
+def test_markdown_cells_keep_names_as_text():
+    # a line break split the table; '<script>' went into the page as HTML
+    model = nn.Sequential()
+    model.add_module("a<script>x&y", nn.Conv2d(3, 4, 1))
+    model.add_module("two\nlines|pipe", nn.Conv2d(4, 4, 1))
+    text = fxslim.estimate(model.eval(), torch.randn(1, 3, 4, 4)).to_markdown()
+    rows = [line for line in text.splitlines() if line.startswith("| ") and ("script" in line or "lines" in line)]
+    assert len(rows) == 2
+    assert "a&lt;script>x&amp;y" in rows[0] and "<script>" not in text
+    assert "two lines\\|pipe" in rows[1]
