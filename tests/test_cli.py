@@ -203,3 +203,18 @@ def test_cli_model_file_imports_its_neighbours_and_builds_the_same_weights_every
     assert torch.equal(first.c.weight, second.c.weight)
     assert torch.equal(torch.random.get_rng_state(), before)
     assert isinstance(load_model(f"{tmp_path / 'net.py'}:instance"), torch.nn.Module)
+
+
+def test_cli_file_factories_that_cannot_build_a_model_say_why(tmp_path, capsys):
+    source = tmp_path / "factories.py"
+    source.write_text(
+        "import sys\nfrom torch import nn\n"
+        "def needs_args(width):\n    return nn.Conv2d(3, width, 1)\n"
+        "def exits():\n    sys.exit(3)\n"
+        "layers = [nn.Conv2d(3, 3, 1)]\n"
+    )
+    for factory, match in (("needs_args", "needs_args() in"), ("exits", "exits() in"), ("layers", "'layers' in")):
+        _fails_cleanly(capsys, ["report", f"{source}:{factory}", "--input", "1x3x8x8"], match)
+    _fails_cleanly(capsys, ["report", f"{source}:exits", "--input", "1x3x8x8"], "called sys.exit(3)")
+    (tmp_path / "script.py").write_text("import sys\nsys.exit(4)\n")
+    _fails_cleanly(capsys, ["report", f"{tmp_path / 'script.py'}:m", "--input", "1x3x8x8"], "when imported called sys.exit(4)")

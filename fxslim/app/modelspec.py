@@ -99,13 +99,35 @@ def _from_file(path: Path, factory: str) -> nn.Module:
     folder = str(path.resolve().parent)
     sys.path.insert(0, folder)
     try:
-        spec.loader.exec_module(module)
+        _no_exit(spec.loader.exec_module, module, what=f"{str(path)!r} when imported")
     finally:
         sys.path.remove(folder)
     if not hasattr(module, factory):
         raise ValueError(f"MODEL: {str(path)!r} has no attribute {factory!r}")
     built = getattr(module, factory)
-    return built if isinstance(built, nn.Module) else built()
+    if isinstance(built, nn.Module):
+        return built
+    if not callable(built):
+        raise ValueError(f"MODEL: {factory!r} in {str(path)!r} is a {type(built).__name__}; expected an nn.Module "
+                         "or a function that returns one")
+    try:
+        inspect.signature(built).bind()
+    except TypeError:
+        raise ValueError(f"MODEL: {factory}() in {str(path)!r} needs arguments; name a function that takes none "
+                         f"(def make(): return {factory}(...))") from None
+    except ValueError:  # no signature to read (a builtin): call it and see
+        pass
+    return _no_exit(built, what=f"{factory}() in {str(path)!r}")
+
+
+def _no_exit(fn: Any, *args: Any, what: str) -> Any:
+    """``fn(*args)``; a ``sys.exit()`` in the user's file ends in a ValueError that says so (it
+    ended the command with its own exit code and no message)."""
+    try:
+        return fn(*args)
+    except SystemExit as exc:
+        raise ValueError(f"MODEL: {what} called sys.exit({exc.code!r}); guard script code with "
+                         "`if __name__ == '__main__':`") from None
 
 
 def parse_input(text: str) -> tuple[int, ...]:
