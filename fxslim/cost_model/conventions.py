@@ -95,6 +95,8 @@ def parse_deploy(spec: str | Mapping[str, str]) -> dict[str, str]:
                     raise ValueError(f"deploy: expected a preset {tuple(_PRESETS)}, 'preset:key=value,...' or "
                                      f"'kind=format,...', got {spec!r}")
                 continue
+            if key.strip() in pairs:  # the last one won, silently
+                raise ValueError(f"deploy: {key.strip()!r} is given twice in {spec!r}")
             pairs[key.strip()] = value.strip()
         if colon or head.strip() in _PRESETS:
             return deploy_preset(head.strip(), **pairs)
@@ -108,6 +110,8 @@ def parse_deploy(spec: str | Mapping[str, str]) -> dict[str, str]:
             key = f"kind:{key}"
         elif key.startswith(("kind:", "last:")) and key.split(":", 1)[1] not in KINDS:
             raise ValueError(f"deploy: {key!r} names no kind; kinds are {KINDS}")
+        if key in out:  # 'conv' and 'kind:conv'
+            raise ValueError(f"deploy: {key!r} is given twice")
         out[key] = _check_format(f"deploy[{key!r}]", fmt)
     return out
 

@@ -237,3 +237,9 @@ def test_a_preset_inside_a_list_or_an_empty_deploy_is_refused(spec):
     # these were dropped silently: the fp32 costs came out labelled deploy=int8,
     with pytest.raises(ValueError, match=r"deploy: expected a preset .*'preset:key=value,...'"):
         parse_deploy(spec)
+
+
+@pytest.mark.parametrize("spec", ["conv=int8,conv=fp16", "conv=int8,kind:conv=fp16", "prom:classifier=fp16,classifier=int8"])
+def test_a_deploy_key_given_twice_is_refused(spec):
+    with pytest.raises(ValueError, match="is given twice"):
+        parse_deploy(spec)
