@@ -45,9 +45,34 @@ def _status(message: str, after: float = 5.0) -> Iterator[None]:
         timer.cancel()
 
 
+def _model_and_inputs(model_spec: str, inputs: list[str]) -> tuple[Any, tuple]:
+    """The model and random inputs of the ``--input`` shapes, run once: a model that does not take
+    them gets an error that names ``--input``, not one from deep inside a capture."""
+    import torch
+
+    model, example = load_model(model_spec), make_inputs(inputs)
+    names = {m: name for name, m in model.named_modules()}
+    running: list[str] = []  # the modules entered and not yet left: the last one raised
+    def left(module: Any, args: Any, output: Any) -> None:  # returns None: the output stays the module's
+        running.pop()
+
+    handles = [h for m in names for h in (m.register_forward_pre_hook(lambda m, a: running.append(names[m])),
+                                          m.register_forward_hook(left))]
+    try:
+        with torch.no_grad():
+            model(*example)
+    except Exception as exc:
+        where = f" in {running[-1]}" if running and running[-1] else ""
+        raise ValueError(f"--input {' '.join(inputs)}: {type(model).__name__} does not run on inputs of these "
+                         f"shapes{where} ({_one_line(exc)})") from None
+    finally:
+        for h in handles:
+            h.remove()
+    return model, example
+
+
 def _captured(model_spec: str, inputs: list[str], ir: str) -> Captured:
-    model = load_model(model_spec)
-    example = make_inputs(inputs)
+    model, example = _model_and_inputs(model_spec, inputs)
     if ir == "dynamo":
         graphs = capture_dynamo(model, example)
         batch = example[0].shape[0] if example and example[0].dim() else None
@@ -93,8 +118,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from fxslim.cost_model import format as fmt
     from fxslim.cost_model import plots
 
-    model = load_model(args.model)
-    example = make_inputs(args.input)
+    model, example = _model_and_inputs(args.model, args.input)
     conventions = Conventions.from_string(f"conventions:{args.conventions}") if args.conventions else Conventions()
     options = {"deploy": args.deploy} if args.deploy else {}
     if args.passes:
