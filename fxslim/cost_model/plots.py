@@ -26,7 +26,8 @@ __all__ = ["plot_breakdown", "plot_layers", "plot_comparison", "plot_scaling", "
 _TICK_PT = 9  # tick labels: 9 pt at 100 dpi is 12.5 px, readable when the page shows the PNG at full width
 _UNITS = {"macs": "MAC", "flops": "FLOP", "elementwise": "op", "storage_bits": "bit",
           "params": "", "activation_bytes": "B"}
-_LABELS = {"macs": "MACs", "flops": "FLOPs", "energy_pj": "energy",  # its ticks carry the unit (5 µJ) "elementwise": "elementwise ops",
+# axis labels; energy's ticks carry their unit (5 µJ), so its label has none
+_LABELS = {"macs": "MACs", "flops": "FLOPs", "energy_pj": "energy", "elementwise": "elementwise ops",
            "storage_bits": "storage (bits)", "params": "parameters", "activation_bytes": "activation bytes"}
 
 

@@ -85,4 +85,5 @@ def test_an_all_zero_comparison_says_so_and_its_energy_axis_has_no_unit_in_the_l
     fig = plot_comparison(fxslim.compare(report, report), "energy_pj")
     texts = [t.get_text() for t in fig.axes[0].texts]
     assert texts == ["every layer's energy is 0"] and fig.axes[0].get_xlabel() == "energy"
+    assert plot_layers(report, "elementwise").axes[0].get_xlabel() == "elementwise ops"
     assert "no energy in the table for (after, counted as 0): mul:bf16" in fxslim.compare(report, report).to_markdown()
