@@ -448,11 +448,15 @@ def _per_frame_positions(pos: fx.Node, tokens_per_frame: int) -> fx.Node | None:
 
 def _clip_inputs(gm: fx.GraphModule) -> list[tuple[fx.Node, int]]:
     """(input, S) of each graph input shaped like multi-view images [B, S, C, H, W]."""
+    return [(node, size_hint(meta_val(node).shape[1])) for node in _five_d_inputs(gm)
+            if _views_first(meta_val(node).shape) and not _feeds_conv3d(gm, node)]
+
+
+def _five_d_inputs(gm: fx.GraphModule) -> list[fx.Node]:
+    """The graph's 5-d tensor inputs (not its weights): multi-view images or video clips."""
     params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
-    return [(node, size_hint(val.shape[1])) for node in gm.graph.nodes
-            if node.op == "placeholder" and node.name not in params
-            and isinstance(val := meta_val(node), torch.Tensor) and _views_first(val.shape)
-            and not _feeds_conv3d(gm, node)]
+    return [node for node in gm.graph.nodes if node.op == "placeholder" and node.name not in params
+            and isinstance(val := meta_val(node), torch.Tensor) and val.dim() == 5]
 
 
 def _views_first(shape: Sequence[Any]) -> bool:
@@ -560,10 +564,8 @@ def _window_of_frames(gm: fx.GraphModule, ctx: PassContext, layout: FrameLayout 
     views dropped by a mask) it cannot tell, and stays dense."""
     if layout is None:
         return "", ""
-    params = gm.meta.get(META_PLACEHOLDER_FQNS, {})
-    clips_first = {tuple(meta_val(n).shape) for n in gm.graph.nodes  # the model's input, when in this graph
-                   if n.op == "placeholder" and n.name not in params and isinstance(meta_val(n), torch.Tensor)
-                   and meta_val(n).dim() == 5 and _feeds_conv3d(gm, n)}
+    # the model's input, when it is in this graph
+    clips_first = {tuple(meta_val(n).shape) for n in _five_d_inputs(gm) if _feeds_conv3d(gm, n)}
     clips = {s for _, s in _clip_inputs(gm)} | {shape[1] for shape in ctx.input_shapes
                                                  if _views_first(shape) and tuple(shape) not in clips_first}
     frames = layout.example_frames
