@@ -18,12 +18,15 @@ layers; a graph break can leave graphs without any, which do not count; default 
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
+from torch.utils._pytree import tree_leaves
 
 from fxslim.capture import batch_of, placeholder_fqns
 from fxslim.ir import META_PLACEHOLDER_FQNS, META_PROM_LOWERED, ConvView, View, detect_ir, meta_val, views
@@ -97,6 +100,34 @@ def _input_batch(gm: fx.GraphModule, params: dict[str, str]) -> Any:
     return batch_of([meta_val(n) for n in gm.graph.nodes if n.op == "placeholder" and n.name not in params])
 
 
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_MODULES_DIR = os.path.join(_TORCH_DIR, "nn", "modules") + os.sep
+_MODULE_CALL = os.path.join(_MODULES_DIR, "module.py")  # nn.Module.__call__: glue, not a model's code
+_ENTRY = (os.path.join(_TORCH_DIR, "_dynamo", "eval_frame.py"), "compile_wrapper")
+
+
+def _compile_entry() -> tuple[tuple[tuple[int, ...], ...], bool] | None:
+    """(shapes of the tensors the compiled model was called with, whether the graph dynamo is compiling
+    starts at them), from the Python stack: the innermost ``torch.compile`` entry holds the call's
+    arguments, and the frame being compiled starts at them when nothing but ``nn.Module.__call__``
+    runs between that entry and it. A frame of the model's own code in between (a submodule's
+    forward that dynamo compiles on its own, the code after a graph break) means the graph's inputs
+    are another part's outputs. None where no entry is found (a private layout that moved)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code.co_filename == __file__:
+        frame = frame.f_back
+    inside_model = False
+    while frame is not None:
+        path = frame.f_code.co_filename
+        if (path, frame.f_code.co_name) == _ENTRY:
+            args = (frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {}))
+            return tuple(tuple(t.shape) for t in tree_leaves(args) if isinstance(t, torch.Tensor)), not inside_model
+        if not path.startswith(_TORCH_DIR) or (path.startswith(_MODULES_DIR) and path != _MODULE_CALL):
+            inside_model = True  # user code, or a torch module's forward (Sequential's) calling the frame
+        frame = frame.f_back
+    return None
+
+
 def _list_views(placeholders: list[fx.Node], params: dict[str, str]) -> int:
     """The number of items of the longest list input whose items this graph reads as tensors of one
     shape (dynamo's ``L['views'][i]`` placeholders): the views of a model fed per-view images, as
@@ -140,8 +171,10 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
     params = placeholder_fqns(gm)
     gm.meta[META_PLACEHOLDER_FQNS] = params
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    input_shapes, at_input = _compile_entry() or ((), True)
     ctx = PassContext(
-        ir=detect_ir(gm), batch_size=_input_batch(gm, params), input_views=_list_views(placeholders, params),
+        ir=detect_ir(gm), batch_size=_input_batch(gm, params), input_shapes=input_shapes,
+        input_views=_list_views(placeholders, params), at_input=at_input,
         placeholder_values={n.name: v for n, v in zip(placeholders, example_inputs)}, policy=opts.policy,
     )
     results = run_passes(gm, opts.passes, ctx)

@@ -124,9 +124,9 @@ def test_backend_finds_the_weights_of_a_model_reached_as_a_global_or_under_anoth
 class _BreakBetweenConvs(nn.Module):
     """conv, a graph break, an elementwise op alone in its graph, a graph break, conv."""
 
-    def __init__(self) -> None:
+    def __init__(self, channels: int = 3) -> None:
         super().__init__()
-        self.a, self.b = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(channels, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
 
     def forward(self, x):
         y = torch.relu(self.a(x))
@@ -151,6 +151,41 @@ def test_strict_ignores_a_graph_without_layers_and_names_where_a_pass_rewrote_no
     refused = torch.compile(model, backend="fxslim", options={"passes": ["haste"], "inner": "eager", "strict": True})
     with pytest.raises(Exception, match=r"rewrote nothing in a graph of 'a' and the layers next to it \(skipped: {'stem': 1}"):
         refused(x)
+    torch._dynamo.reset()
+
+
+class _BreakInBlocks(nn.Module):
+    """A stem, then blocks whose forward breaks the graph between their convs; the image is passed
+    on through a graph break before the stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.blocks = nn.Sequential(_BreakBetweenConvs(channels=8), _BreakBetweenConvs(channels=8))
+
+    def forward(self, x):
+        x = x * 2
+        torch._dynamo.graph_break()
+        return self.blocks(torch.relu(self.stem(x)))
+
+
+def test_haste_under_compile_rewrites_the_convs_after_a_graph_break_as_optimize_does():
+    """A graph dynamo compiles after a graph break, or for a block's forward on its own, reads that
+    block's activations as graph inputs: every first conv of such a graph was skipped as 'stem', so a
+    model with breaks inside its blocks kept most of its convs dense under torch.compile."""
+    torch._dynamo.reset()
+    model, x = _BreakInBlocks().eval(), torch.randn(2, 3, 16, 16)
+    seen = []
+    compiled = torch.compile(model, backend="fxslim", options={
+        "passes": ["haste:L=48,sparsity=0"], "inner": "eager", "on_report": seen.extend})
+    with torch.no_grad():
+        out = compiled(x)
+    status = [(e.fqn, e.status, e.reason) for r in seen for e in r.entries]
+    assert ("stem", "skipped", "stem") in status  # the image reaches it through the graph break
+    assert [s for s in status if s[0] != "stem"] == [("a", "rewritten", ""), ("b", "rewritten", "")]
+    expected = fxslim.optimize(model, x, passes=["haste:L=48,sparsity=0"]).report
+    assert expected.rewritten() == 4 and dict(expected.skipped()) == {"stem": 1}
+    torch.testing.assert_close(out, model(x), rtol=0, atol=0.05)  # the exact limit, up to its rounding
     torch._dynamo.reset()
 
 

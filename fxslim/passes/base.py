@@ -95,7 +95,9 @@ class PassContext:
     """What a pass knows besides the graph: the model's batch size and the shapes of its tensor
     inputs (``optimize``'s example; a graph traced apart does not see them), how many views a list
     input holds (``[{"img": ...}, ...]``: 0 without one), real values of placeholder weights (dynamo
-    graphs), the user's policy, and where the graph sits in the model."""
+    graphs), the user's policy, and where the graph sits in the model: ``path``, the module a graph
+    traced apart runs, and ``at_input``, False for a graph whose inputs are another part's outputs
+    (one dynamo compiles after a graph break, or for a submodule's forward it runs on its own)."""
 
     ir: IR
     batch_size: Any = None
@@ -104,6 +106,7 @@ class PassContext:
     placeholder_values: dict[str, Any] = field(default_factory=dict)
     policy: Policy = field(default_factory=Policy)
     path: str = ""
+    at_input: bool = True
 
     def tensor(self, gm: fx.GraphModule, ref: ParamRef | None) -> torch.Tensor | None:
         """The real tensor behind a weight reference (None for a missing optional weight)."""

@@ -202,9 +202,11 @@ def _one_pixel_output(view: ConvView) -> bool:
 
 def _image_shapes(ctx: PassContext) -> set[tuple[int, ...]] | None:
     """The shapes a graph input must have to be the image: those of the model's example inputs for
-    a submodule traced apart (its inputs are mostly a block's activations), any shape otherwise.
-    A 4-d input with an example image's channel count is one too (``_image_like``)."""
-    return {tuple(s) for s in ctx.input_shapes} if ctx.path and ctx.input_shapes else None
+    a submodule traced apart or a graph dynamo resumes after a graph break (their inputs are mostly
+    a block's activations), any shape otherwise. A 4-d input with an example image's channel count
+    is one too (``_image_like``)."""
+    apart = ctx.path or not ctx.at_input
+    return {tuple(s) for s in ctx.input_shapes} if apart and ctx.input_shapes else None
 
 
 def _image_like(value: torch.Tensor, image_shapes: set[tuple[int, ...]]) -> bool:
