@@ -189,6 +189,38 @@ def test_haste_under_compile_rewrites_the_convs_after_a_graph_break_as_optimize_
     torch._dynamo.reset()
 
 
+class _OneBrokenBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.body = nn.Conv2d(3, 8, 3, padding=1), _BreakBetweenConvs(channels=8)
+
+    def forward(self, x):
+        return self.body(self.stem(x))
+
+
+def test_layers_after_a_graph_break_inside_a_block_keep_their_names_and_overrides():
+    """Dynamo compiles a block's forward on its own when it breaks inside it, and its nodes name
+    layers from the block ("b" for "body.b"): an override naming "body.b" was silently ignored.
+    Where the model has several such blocks, one graph serves them all: a warning says so."""
+    x = torch.randn(2, 3, 16, 16)
+    torch._dynamo.reset()
+    seen = []
+    compiled = torch.compile(_OneBrokenBlock().eval(), backend="fxslim", options={
+        "passes": ["haste:L=48,sparsity=0"], "inner": "eager", "on_report": seen.extend,
+        "overrides": {"body.b": None}})
+    with torch.no_grad():
+        compiled(x)
+    assert [(e.fqn, e.status, e.reason) for r in seen for e in r.entries] == [
+        ("stem", "skipped", "stem"), ("body.a", "rewritten", ""), ("body.b", "skipped", "filtered_out")]
+    torch._dynamo.reset()
+    compiled = torch.compile(_BreakInBlocks().eval(), backend="fxslim", options={
+        "passes": ["haste:L=48,sparsity=0"], "inner": "eager", "overrides": {"blocks.1.b": None}})
+    with torch.no_grad(), pytest.warns(UserWarning, match=r"once for the 2 _BreakBetweenConvs modules \(blocks.0, "
+                                                          r"blocks.1\).*overrides or filter_fn naming one block"):
+        compiled(x)
+    torch._dynamo.reset()
+
+
 class _Checkpointed(nn.Module):
     def __init__(self) -> None:
         super().__init__()
