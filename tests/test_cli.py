@@ -20,6 +20,16 @@ def test_cli_inspect_mobilenet_v2_reports_52_convs_34_pointwise():
     assert "52 convs, of which 34 pointwise and 17 depthwise; 1 linear" in out.stdout
 
 
+
+def test_cli_output_piped_into_a_reader_that_stops_ends_quietly():
+    """``fxslim inspect ... | head -n 1`` ended with "error: BrokenPipeError" on stderr."""
+    script = Path(sys.executable).parent / "fxslim"
+    proc = subprocess.Popen([str(script), "inspect", "torchvision:resnet18", "--input", "1x3x32x32", "--format", "json"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()  # the reader leaves before the first line (head's timing varies)
+    stderr = proc.communicate(timeout=300)[1].decode()
+    assert "Error" not in stderr and "error" not in stderr, stderr
+
 def test_cli_inspect_json_and_export_ir(capsys):
     assert main(["inspect", "torchvision:resnet18", "--input", "1x3x64x64", "--ir", "export", "--format", "json"]) == 0
     data = json.loads(capsys.readouterr().out)

@@ -321,6 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         _check(args)
         return _COMMANDS[args.command](args)
+    except BrokenPipeError:  # the reader left (``| head``): stop quietly, as other tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python flushes stdout at exit
+        return 1
     except Exception as exc:  # a command-line tool answers every mistake with one line
         if args.debug:
             raise
