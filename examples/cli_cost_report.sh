@@ -17,7 +17,7 @@ shape=1x3x224x224
 echo "== fxslim inspect $model (summary line)"
 fxslim inspect "$model" --input "$shape" | tail -n 1
 
-echo "== fxslim report $model --passes haste:L=14: cost before/after per module, as a table (last lines)"
+echo "== fxslim report $model --passes haste:L=14: cost before/after, as a table (its totals)"
 fxslim report "$model" --input "$shape" --passes haste:L=14 --format table --width 140 | tail -n 12
 
 echo "== fxslim report $model: the cost per layer and by kind as an HTML page, and a plot of MACs by kind"

@@ -54,9 +54,10 @@ def main() -> None:
     relative = float((out - ref).norm() / ref.norm())
     same = int((out.argmax(1) == ref.argmax(1)).sum())
     print(f"compiled vs eager: relative difference {relative:.3f}, same top-1 class {same}/{len(x)}")
-    print("  (HASTE approximates by design: it merges channels that hash alike, so outputs move; with "
-          "haste:L=48,sparsity=0 every bucket is one channel and the difference is float rounding. "
-          "Random weights make the change look large; on a trained model see examples/haste_resnet.py)")
+    print("  (HASTE approximates by design: it merges channels that hash alike, so outputs move; more "
+          "hyperplanes (haste:L=48,sparsity=0) merge fewer, though channels with the same sign pattern still "
+          "share a bucket (docs/methods/HASTE.md). Random weights make the change look large; on a trained "
+          "model see examples/haste_resnet.py)")
 
 
 if __name__ == "__main__":

@@ -18,8 +18,9 @@ B is data-dependent, so there are two numbers:
 - predicted (``macs``): B_τ from ``calibration`` stats when given (the layer's mean B/C per tile and per
   output pixel, from a ``record_buckets`` run on sample inputs), else the data-free estimate
   E[B] = M·(1 − (1 − 1/M)^C), M = 2^L, the expected number of occupied buckets when the C channel
-  codes are independent and uniform: the most buckets C codes occupy on average, so the least saving
-  (trained channels are correlated and share codes);
+  codes are independent and uniform: the most buckets independently drawn codes occupy on average
+  (trained channels are correlated and share codes, so images save more). It is not a bound: an
+  input built to give its channels distinct codes occupies up to min(C, M);
 - measured (``measured_macs``): the reduced-conv MACs a ``record_buckets`` run counted (``measured``
   stats), as the mean per sample times the batch of the costed call.
 
