@@ -719,8 +719,8 @@ def httm_kept_lengths(frames: int, tokens_per_frame: int, special_tokens: int = 
     merged lengths of the layouts the op uses.
 
     kept_kv is exact. kept_q = special tokens + destinations + round(f * N), the per-head average when
-    every outlier comes out of a group that keeps another member (usual case; the op pads each
-    sample to its longest head, which this ignores). One frame keeps every token (the op is SDPA).
+    every outlier comes out of a group that keeps another member (usual case; the op pads every
+    head of the batch to the longest one, which this ignores). One frame keeps every token (the op is SDPA).
     """
     _check_config(frames, tokens_per_frame, special_tokens, q_ratio, kv_ratio, n_s, n_t, outlier_fraction,
                   "strided", mode)

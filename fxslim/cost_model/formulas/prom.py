@@ -1,4 +1,6 @@
-"""Cost formulas for PROM's integer ops (``fxslim.runtime.prom``), as a converted model runs them.
+"""Cost formulas for PROM's integer ops (``fxslim.runtime.prom``): the arithmetic a converted model
+defines, as hardware built for it runs it (on a CPU, oneDNN multiplies ternary codes and the
+reference runtime emulates int8 exactly in float32; docs/COST_MODEL.md).
 
 - ``ternary_conv2d``: MACs in format "ternary", which the cost model expands to one addition per MAC
   at the ternary accumulator width and no multiplication (the op adds and subtracts activation
