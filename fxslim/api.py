@@ -25,7 +25,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_leaves
 
 from fxslim.capture import Captured, as_example, capture as capture_graphs, compiled_original
-from fxslim.cost_model import compare, estimate
+from fxslim.cost_model import compare, estimate, state_dict_bytes
 from fxslim.ir import META_FROZEN_MODE, META_REPORT
 from fxslim.modes import outside_inference_mode
 from fxslim.passes.base import (
@@ -96,9 +96,17 @@ class OptimizeResult:
         """Before/after ``Comparison`` per module; options go to ``fxslim.estimate`` (e.g. ``deploy="fp16"``)."""
         candidates = self.report.candidates()
         if not estimate_options:
-            return compare(self.cost_before, self.cost_after, candidates)
+            return compare(self.cost_before, self.cost_after, candidates, self.saved_bytes)
         return compare(self._estimate("before", **estimate_options), self._estimate("after", **estimate_options),
-                       candidates)
+                       candidates, self.saved_bytes)
+
+    @functools.cached_property
+    def saved_bytes(self) -> tuple[int, int] | None:
+        """(bytes ``torch.save`` writes for the state dict of the caller's model, of ``deployed``'s):
+        the real size beside the storage the cost model counts; None without the caller's model."""
+        after = self.deployed.module if isinstance(self.deployed, Captured) else self.deployed
+        sizes = [_saved_size(m) for m in (self.source, after)]
+        return None if None in sizes else (sizes[0], sizes[1])
 
     @functools.cached_property
     def deployed(self) -> Any:
@@ -122,6 +130,13 @@ class OptimizeResult:
             raise ValueError("OptimizeResult: the original model is not available (source=None)")
         method = "export" if self.report.capture == "export" else "symbolic"
         return estimate(self.source, self.example_inputs, capture=method, **options)
+
+
+def _saved_size(model: Any) -> int | None:
+    """``state_dict_bytes`` of a module or an exported program (None for anything else)."""
+    if isinstance(model, torch.export.ExportedProgram):
+        return state_dict_bytes(model.state_dict)
+    return state_dict_bytes(model) if isinstance(model, nn.Module) else None
 
 
 def parse_passes(passes: Sequence[Pass | str] | Pass | str) -> tuple[Pass, ...]:

@@ -70,3 +70,35 @@ def test_prom_cost_after_is_the_integer_model_the_command_line_costs():
     assert res2.cost_after.total == res.cost_after.total
     assert all(torch.equal(q.scale, s) for q, s in  # costing calibrates a copy, not the result's module
                zip((q for q in res2.module.modules() if isinstance(q, ActFakeQuant)), scales))
+
+
+def test_comparisons_put_the_saved_state_dict_sizes_beside_the_counted_storage(tmp_path, capsys):
+    """COST_MODEL.md: report the real size of the saved converted state dict beside the counted
+    storage; only ``fxslim.cost_model.state_dict_bytes`` gave it, no report did."""
+    from fxslim.app.cli import main
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10)).eval()
+    x = torch.randn(2, 3, 16, 16)
+    res = fxslim.optimize(model, x, passes=["prom"])
+    files = {}
+    for name, m in (("before", model), ("after", res.deployed)):
+        (tmp_path / name).mkdir()
+        torch.save(m.state_dict(), tmp_path / name / "archive")  # the archive's name is inside the file
+        files[name] = (tmp_path / name / "archive").stat().st_size
+    assert res.saved_bytes == (files["before"], files["after"]) and files["after"] < files["before"]
+    comp = res.compare()
+    assert comp.to_dict()["saved_state_dict_bytes"] == files
+    line = f"saved state dict (torch.save, bytes): {files['before']:,} -> {files['after']:,}"
+    assert line in comp.to_markdown() and __import__("html").escape(line) in comp.to_html()
+    assert res.compare(deploy="fp16").saved_bytes == res.saved_bytes
+    assert fxslim.compare(res.cost_before, res.cost_after).saved_bytes is None  # no models: nothing to say
+    with pytest.raises(ValueError, match=r"saved_bytes must be \(bytes before, bytes after\)"):
+        fxslim.compare(res.cost_before, res.cost_after, saved_bytes=(1,))
+    spec = tmp_path / "net.py"
+    spec.write_text("import torch\nfrom torch import nn\n\ndef net():\n    torch.manual_seed(0)\n"
+                    "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 1))\n")
+    assert main(["report", f"{spec}:net", "--input", "1x3x16x16", "--passes", "haste:L=8", "--format", "json"]) == 0
+    saved = __import__("json").loads(capsys.readouterr().out)["saved_state_dict_bytes"]
+    assert saved["before"] > 0 and saved["after"] > saved["before"]  # the hyperplanes are saved too

@@ -134,7 +134,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
         with _status("costing the model before and after"):
             before = estimate(model, example, capture=args.ir, table=args.table, conventions=conventions, **options)
             after = estimate(res.deployed, example, table=args.table, conventions=conventions, **options)
-        result: Any = compare(before, after, res.report.candidates())
+        result: Any = compare(before, after, res.report.candidates(), res.saved_bytes)
         figure = plots.plot_comparison(result, "energy_pj") if args.plot else None
     else:
         with _status(f"costing {args.model}"):

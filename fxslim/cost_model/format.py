@@ -112,6 +112,7 @@ def comparison_dict(comp: Comparison) -> dict[str, Any]:
                   "before": _totals_dict(r.before), "after": _totals_dict(r.after)} for r in comp.rows],
         "unknown_ops": {"before": comp.before.unknown_ops, "after": comp.after.unknown_ops},
         "candidates": comp.candidates,
+        "saved_state_dict_bytes": None if comp.saved_bytes is None else dict(zip(("before", "after"), comp.saved_bytes)),
     }
 
 
@@ -366,6 +367,9 @@ def _cmp_summary(comp: Comparison) -> list[str]:
         ratio = comp.ratio(name)
         b, a = getattr(comp.before.total, name), getattr(comp.after.total, name)
         lines.append(f"{label}: {_float(b)} -> {_float(a)}" + (f" (before/after {ratio:.2f}×)" if ratio else ""))
+    if comp.saved_bytes is not None:  # what a file holds: containers, names and torch.save's framing included
+        b, a = comp.saved_bytes
+        lines.append(f"saved state dict (torch.save, bytes): {b:,} -> {a:,}" + (f" (before/after {b / a:.2f}×)" if a else ""))
     lines.append(f"conventions before: {comp.before.conventions.describe()}")
     lines.append(f"conventions after: {comp.after.conventions.describe()}")
     for label, rep in (("before", comp.before), ("after", comp.after)):
@@ -376,8 +380,8 @@ def _cmp_summary(comp: Comparison) -> list[str]:
                          + ", ".join(f"{op}:{fmt}" for op, fmt in rep.energy_missing))
     if any(c["pass"] == "haste" and c["status"] == "rewritten" for c in comp.candidates):
         lines.append("HASTE's saving depends on the input: the 'after' MACs are a data-free prediction "
-                     "(channels hashed as independent random vectors, the worst case for merging); real "
-                     "activations merge more: record them with fxslim.record_buckets and pass "
+                     "(channels hashed as independent random vectors); real activations, whose channels "
+                     "are alike, merge more: record them with fxslim.record_buckets and pass "
                      "haste_buckets=fxslim.HasteBuckets(measured=...) to estimate or compare")
     return lines
 

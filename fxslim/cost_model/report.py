@@ -315,6 +315,8 @@ class Comparison:
     after: CostReport
     # what the passes did, one dict per candidate: pass, module, kind, status, reason, detail
     candidates: list[dict[str, str]] = field(default_factory=list)
+    # bytes torch.save writes for the state dicts of the two models (before, after), where they were at hand
+    saved_bytes: tuple[int, int] | None = None
 
     def ratio(self, field_name: str) -> float | None:
         """before / after of one total (None where after is 0)."""
@@ -344,9 +346,12 @@ class Comparison:
         return fmt.comparison_rich_table(self)
 
 
-def compare(before: CostReport, after: CostReport, candidates: list[dict[str, str]] | None = None) -> Comparison:
+def compare(before: CostReport, after: CostReport, candidates: list[dict[str, str]] | None = None,
+            saved_bytes: tuple[int, int] | None = None) -> Comparison:
     """Before/after per module path (in the before report's order, new modules last) and in total;
-    ``candidates``: what the passes did (``OptimizeReport.candidates()``), listed by every format."""
+    ``candidates``: what the passes did (``OptimizeReport.candidates()``), listed by every format;
+    ``saved_bytes``: the real size of the two models' saved state dicts (``state_dict_bytes``), printed
+    beside the counted storage."""
     if not isinstance(before, CostReport) or not isinstance(after, CostReport):
         raise TypeError(f"compare: expected two CostReports, got {type(before).__name__} and {type(after).__name__}")
     if before.is_symbolic != after.is_symbolic:
@@ -359,7 +364,9 @@ def compare(before: CostReport, after: CostReport, candidates: list[dict[str, st
     order = list(mods_b) + [m for m in mods_a if m not in mods_b]
     rows = [ComparisonRow(m, kinds_b.get(m, ""), kinds_a.get(m, ""), mods_b.get(m, CostTotals()),
                           mods_a.get(m, CostTotals())) for m in order]
-    return Comparison(rows, before, after, list(candidates or ()))
+    if saved_bytes is not None and (len(saved_bytes) != 2 or not all(isinstance(n, int) and n >= 0 for n in saved_bytes)):
+        raise ValueError(f"compare: saved_bytes must be (bytes before, bytes after), got {saved_bytes!r}")
+    return Comparison(rows, before, after, list(candidates or ()), None if saved_bytes is None else tuple(saved_bytes))
 
 
 def _main_kinds(report: CostReport) -> dict[str, str]:
