@@ -16,7 +16,7 @@
 from fxslim import runtime  # registers the torch.ops.fxslim.* custom ops
 from fxslim.api import OptimizeReport, OptimizeResult, optimize, prepare
 from fxslim.bn_statistics import reestimate_bn_statistics
-from fxslim.capture import capture
+from fxslim.capture import CaptureError, capture
 from fxslim.config import Config
 from fxslim.cost_model import Conventions, compare, estimate
 from fxslim.passes.base import Pass, parse_pass, register_pass, registered_passes
@@ -25,14 +25,15 @@ from fxslim.passes.httm import HTTM
 from fxslim.passes.prom import PROM, calibrate
 from fxslim.passes.prom_batching import micro_batched
 from fxslim.passes.prom_convert import convert, convert_report
+from fxslim.passes.prom_islands import ConvertReport
 from fxslim.policy import Policy
 from fxslim.runtime.haste import record_buckets
 from fxslim.runtime.haste_counts import HasteBuckets
 
 __all__ = [
-    "optimize", "OptimizeResult", "OptimizeReport", "capture", "Config", "Pass", "Policy",
+    "optimize", "OptimizeResult", "OptimizeReport", "capture", "CaptureError", "Config", "Pass", "Policy",
     "parse_pass", "register_pass", "registered_passes", "runtime", "estimate", "compare", "Conventions",
-    "PROM", "prepare", "calibrate", "convert", "convert_report", "HASTE", "HTTM", "reestimate_bn_statistics",
+    "PROM", "prepare", "calibrate", "convert", "convert_report", "ConvertReport", "HASTE", "HTTM", "reestimate_bn_statistics",
     "record_buckets", "HasteBuckets", "micro_batched",
 ]
 __version__ = "0.1.0"

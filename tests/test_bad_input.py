@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxslim
-from fxslim.capture import CaptureError, capture_dynamo
+from fxslim import CaptureError  # the public name docs/INVARIANTS.md uses
+from fxslim.capture import capture_dynamo
 from fxslim.app.cli import main
 from fxslim.runtime.prom_qat import ActFakeQuant
 
