@@ -18,7 +18,7 @@ echo "== fxslim inspect $model (summary line)"
 fxslim inspect "$model" --input "$shape" | tail -n 1
 
 echo "== fxslim report $model --passes haste:L=14: cost before/after, as a table (its totals)"
-fxslim report "$model" --input "$shape" --passes haste:L=14 --format table --width 140 | tail -n 12
+fxslim report "$model" --input "$shape" --passes haste:L=14 --format table --width 140 | sed -n '/^MACs:/,$p'
 
 echo "== fxslim report $model: the cost per layer and by kind as an HTML page, and a plot of MACs by kind"
 fxslim report "$model" --input "$shape" --format html --out "$out/mobilenet_v2.html" --plot "$out/mobilenet_v2_macs.png"
