@@ -18,16 +18,14 @@ layers; a graph break can leave graphs without any, which do not count; default 
 from __future__ import annotations
 
 import logging
-import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch.utils._pytree import tree_leaves
 
+from fxslim.backend_entry import compile_entry, frame_prefix, reads_image
 from fxslim.capture import batch_of, placeholder_fqns
 from fxslim.ir import META_PLACEHOLDER_FQNS, META_PREFIX, META_PROM_LOWERED, ConvView, View, detect_ir, meta_val, views
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_overrides, parse_pass, pass_list, run_passes
@@ -79,15 +77,24 @@ class BackendOptions:
 _RESUME_PREFIX = "torch_dynamo_resume_in_"  # dynamo's name for the code after a graph break
 
 
-def _compiled_code_name() -> str | None:
-    """Name of the Python function dynamo is compiling the graph of (None when unknown)."""
+def _compiled_frame() -> tuple[Any, Any]:
+    """(the code object dynamo is compiling the graph of, the module whose method it is: its ``self``,
+    or its first module argument), (None, None) when unknown."""
     try:
         from torch._dynamo.symbolic_convert import InstructionTranslator
 
         tx = InstructionTranslator.current_tx()
-    except Exception:  # a private API: without it, the batch is unknown rather than guessed
-        return None
-    return getattr(getattr(tx, "f_code", None), "co_name", None)
+        code = tx.f_code
+        arguments = [tx.f_locals.get(name) for name in ("self", *code.co_varnames[:code.co_argcount])]
+    except Exception:  # a private API: without it, the batch and the frame's module are unknown, not guessed
+        return None, None
+    # a method's self (a resume function after a graph break takes the stack first, then the locals)
+    return code, next((a for a in arguments if isinstance(a, torch.nn.Module)), None)
+
+
+def _compiled_code_name() -> str | None:
+    """Name of the Python function dynamo is compiling the graph of (None when unknown)."""
+    return getattr(_compiled_frame()[0], "co_name", None)
 
 
 def _input_batch(gm: fx.GraphModule, params: dict[str, str]) -> Any:
@@ -99,71 +106,6 @@ def _input_batch(gm: fx.GraphModule, params: dict[str, str]) -> Any:
     if name is None or name.startswith(_RESUME_PREFIX):
         return None
     return batch_of([meta_val(n) for n in gm.graph.nodes if n.op == "placeholder" and n.name not in params])
-
-
-_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_MODULES_DIR = os.path.join(_TORCH_DIR, "nn", "modules") + os.sep
-_MODULE_CALL = os.path.join(_MODULES_DIR, "module.py")  # nn.Module.__call__: glue, not a model's code
-_ENTRY = (os.path.join(_TORCH_DIR, "_dynamo", "eval_frame.py"), "compile_wrapper")
-
-
-@dataclass(frozen=True)
-class _Entry:
-    """The ``torch.compile`` call a graph belongs to: the shapes of the tensors it was called with,
-    whether the graph starts at them, and the module it was called on (None for a function)."""
-
-    input_shapes: tuple[tuple[int, ...], ...]
-    at_input: bool
-    root: torch.nn.Module | None
-
-
-def _compile_entry() -> _Entry | None:
-    """The ``torch.compile`` call being served, from the Python stack: the innermost entry holds the
-    call's arguments, and the frame being compiled starts at them when nothing but ``nn.Module.__call__``
-    runs between that entry and it. A frame of the model's own code in between (a submodule's
-    forward that dynamo compiles on its own, the code after a graph break) means the graph's inputs
-    are another part's outputs. None where no entry is found (a private layout that moved)."""
-    frame = sys._getframe(1)
-    while frame is not None and frame.f_code.co_filename == __file__:
-        frame = frame.f_back
-    inside_model, root = False, None
-    while frame is not None:
-        path = frame.f_code.co_filename
-        if (path, frame.f_code.co_name) == _ENTRY:
-            args = (frame.f_locals.get("args", ()), frame.f_locals.get("kwargs", {}))
-            shapes = tuple(tuple(t.shape) for t in tree_leaves(args) if isinstance(t, torch.Tensor))
-            return _Entry(shapes, not inside_model, root)
-        if path == _MODULE_CALL and frame.f_code.co_name == "_call_impl":
-            root = frame.f_locals.get("self")  # the outermost module call below the entry: the model
-        elif not path.startswith(_TORCH_DIR) or (path.startswith(_MODULES_DIR) and path != _MODULE_CALL):
-            inside_model = True  # user code, or a torch module's forward (Sequential's) calling the frame
-        frame = frame.f_back
-    return None
-
-
-def _frame_prefix(entry: _Entry | None) -> tuple[str, str]:
-    """(where the module whose code dynamo compiles sits in the model, "" at the root or when unknown;
-    a note when its names cannot be placed): a graph of a submodule's forward, compiled on its own
-    after a graph break inside it, names its layers from that submodule ("conv1" for
-    "layer1.0.conv1"). Dynamo runs that graph for every module of the same class, so a prefix is
-    given only when the model holds one."""
-    try:
-        from torch._dynamo.symbolic_convert import InstructionTranslator
-
-        owner = InstructionTranslator.current_tx().f_locals.get("self")
-    except Exception:  # a private API: without it, names stay as dynamo gives them
-        return "", ""
-    root = entry.root if entry is not None else None
-    if not isinstance(owner, torch.nn.Module) or not isinstance(root, torch.nn.Module) or owner is root:
-        return "", ""
-    places = [name for name, m in root.named_modules(remove_duplicate=False) if type(m) is type(owner)]
-    mine = [name for name, m in root.named_modules(remove_duplicate=False) if m is owner]
-    if len(places) == 1 and mine:
-        return mine[0], ""
-    return "", (f"a graph break inside {type(owner).__name__}.forward: dynamo compiles its code once for "
-                f"the {len(places)} {type(owner).__name__} modules ({', '.join(places[:3])}{', ...' if len(places) > 3 else ''}), "
-                "so the layers in that graph are named from the block (e.g. 'conv1'), and overrides or filter_fn "
-                "naming one block's layers do not reach them; remove the graph break or use fxslim.optimize")
 
 
 def _list_views(placeholders: list[fx.Node], params: dict[str, str]) -> int:
@@ -209,15 +151,16 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
     params = placeholder_fqns(gm)
     gm.meta[META_PLACEHOLDER_FQNS] = params
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    entry = _compile_entry()
-    prefix, shared = _frame_prefix(entry)
+    entry, (code, owner) = compile_entry(), _compiled_frame()
+    module_keys = [str(k) for k in opts.policy.overrides if not str(k).startswith("kind:")]
+    prefix, note = frame_prefix(entry, owner, module_keys, opts.policy.filter_fn is not None)
     if prefix:
         gm.meta[META_PREFIX] = prefix
-    elif shared and (opts.policy.filter_fn is not None or any(not k.startswith("kind:") for k in opts.policy.overrides)):
-        warn_user(f"torch.compile(backend='fxslim'): {shared}")
+    if note:
+        warn_user(f"torch.compile(backend='fxslim'): {note}")
     ctx = PassContext(
         ir=detect_ir(gm), batch_size=_input_batch(gm, params), input_shapes=entry.input_shapes if entry else (),
-        input_views=_list_views(placeholders, params), at_input=entry.at_input if entry else True,
+        input_views=_list_views(placeholders, params), at_input=reads_image(entry, code, next(views(gm), None) is not None),
         placeholder_values={n.name: v for n, v in zip(placeholders, example_inputs)}, policy=opts.policy,
     )
     results = run_passes(gm, opts.passes, ctx)

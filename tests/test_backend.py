@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.metadata
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -218,6 +219,65 @@ def test_layers_after_a_graph_break_inside_a_block_keep_their_names_and_override
     with torch.no_grad(), pytest.warns(UserWarning, match=r"once for the 2 _BreakBetweenConvs modules \(blocks.0, "
                                                           r"blocks.1\).*overrides or filter_fn naming one block"):
         compiled(x)
+    torch._dynamo.reset()
+    compiled = torch.compile(_BreakInBlocks().eval(), backend="fxslim", options={  # naming no block's layer
+        "passes": ["haste:L=48,sparsity=0"], "inner": "eager", "overrides": {"stem": None}})
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        compiled(x)
+    torch._dynamo.reset()
+
+
+class _GrayFirst(nn.Module):
+    """Preprocessing that changes the image's channels, a graph break, then the stem."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(1, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        x = x.mean(1, keepdim=True)
+        torch._dynamo.graph_break()
+        return self.conv(torch.relu(self.stem(x)))
+
+
+class _Nested(nn.Module):
+    """The model's own ``blk.a``, and a block deeper down that breaks the graph."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.blk = nn.Conv2d(3, 8, 3, padding=1), nn.Sequential()
+        self.blk.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.body = nn.Sequential(_BreakBetweenConvs(channels=8))
+
+    def forward(self, x):
+        return self.body(self.blk(self.stem(x)))
+
+
+@pytest.mark.parametrize("case", ["dynamic", "preprocessed", "bound_method"])
+def test_graph_breaks_give_the_rewrite_optimize_gives(case):
+    """Review of the change above: dynamic shapes crashed the first recompile (a SymInt shape in a
+    set); a stem after channel-changing preprocessing and a break was rewritten; compiling
+    ``model.forward`` placed a nested block under its parent rather than the model, so an override
+    for the model's own ``blk.a`` also kept ``body.0.a`` dense."""
+    torch._dynamo.reset()
+    spec = "haste:L=48,sparsity=0"
+    model = {"dynamic": _BreakInBlocks, "preprocessed": _GrayFirst, "bound_method": _Nested}[case]().eval()
+    overrides = {"blk.a": None} if case == "bound_method" else {}
+    seen = []
+    compiled = torch.compile(model.forward if case == "bound_method" else model, backend="fxslim", options={
+        "passes": [spec], "inner": "eager", "on_report": seen.append, "overrides": overrides})
+    batches = (1, 3, 5) if case == "dynamic" else (2,)
+    with torch.no_grad():
+        for n in batches:
+            x = torch.randn(n, 3, 16, 16)
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0.05)
+    expected = fxslim.optimize(model, torch.randn(2, 3, 16, 16), passes=[spec], overrides=overrides).report
+    # two blocks share one compiled graph, named from the block (the warning's case): compare by layer
+    name = (lambda fqn: fqn.rpartition(".")[2]) if case == "dynamic" else (lambda fqn: fqn)
+    decisions = {(name(e.fqn), e.status, e.reason) for e in expected.entries()}
+    assert {(name(e.fqn), e.status, e.reason) for graph in seen for r in graph for e in r.entries} == decisions
+    assert len(seen) > (3 if case == "dynamic" else 1)  # graphs compiled again at other batches agree too
     torch._dynamo.reset()
 
 

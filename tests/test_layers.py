@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("runtime",),
     ("passes",),
     ("cost_model",),
-    ("api", "backend", "bn_statistics"),
+    ("api", "backend", "backend_entry", "bn_statistics"),
     ("app", ""),
 ]
 # reference models: for benchmarks, tests and the app layer only; they build on ir and runtime

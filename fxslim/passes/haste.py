@@ -206,7 +206,7 @@ def _image_shapes(ctx: PassContext) -> set[tuple[int, ...]] | None:
     a block's activations), any shape otherwise. A 4-d input with an example image's channel count
     is one too (``_image_like``)."""
     apart = ctx.path or not ctx.at_input
-    return {tuple(s) for s in ctx.input_shapes} if apart and ctx.input_shapes else None
+    return {tuple(int(n) for n in s) for s in ctx.input_shapes} if apart and ctx.input_shapes else None
 
 
 def _image_like(value: torch.Tensor, image_shapes: set[tuple[int, ...]]) -> bool:
@@ -217,13 +217,23 @@ def _image_like(value: torch.Tensor, image_shapes: set[tuple[int, ...]]) -> bool
     2-channel flow. A multi-view clip [B, S, C, H, W] folded into the batch is one view's [C, H, W]
     exactly (its 4-d tokens [B, S, P, C] have S where an image has channels)."""
     views = {s[2:] for s in image_shapes if len(s) == 5}
-    shape = tuple(value.shape)
-    if views and value.dim() == 4 and all(isinstance(n, int) for n in shape) and (
-            shape[1:] in views or (shape[3], *shape[1:3]) in views):
+    shape = _hints(value.shape)
+    if shape is None or len(shape) != 4:
+        return False
+    if views and (shape[1:] in views or (shape[3], *shape[1:3]) in views):
         return True
     channels = {s[1] for s in image_shapes if len(s) == 4 and s[1] <= 4} | {
         s[-1] for s in image_shapes if len(s) == 4 and s[-1] <= 4}
-    return value.dim() == 4 and isinstance(value.shape[1], int) and value.shape[1] in channels
+    return shape[1] in channels
+
+
+def _hints(shape: Any) -> tuple[int, ...] | None:
+    """A shape's sizes at this call (a dynamo graph's SymInts by their hints; they do not hash), None
+    where one has no value yet (unbacked)."""
+    try:
+        return tuple(size_hint(d) for d in shape)
+    except (TypeError, ValueError):
+        return None
 
 
 def _reads_model_input(node: Any, stops: set[fx.Node], params: dict[str, str],
@@ -243,7 +253,7 @@ def _reads_model_input(node: Any, stops: set[fx.Node], params: dict[str, str],
         # the image may come in a dict, list or tuple ({"image": x}): any tensor in the input counts
         if n.op == "placeholder" and n.name not in params and (value is None or any(
                 isinstance(v, torch.Tensor) and v.dim() >= 1
-                and (image_shapes is None or tuple(v.shape) in image_shapes or _image_like(v, image_shapes))
+                and (image_shapes is None or _hints(v.shape) in image_shapes or _image_like(v, image_shapes))
                 for v in tree_leaves(value))):
             return True
         stack.extend(n.all_input_nodes)
