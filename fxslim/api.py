@@ -133,10 +133,13 @@ class OptimizeResult:
 
 
 def _saved_size(model: Any) -> int | None:
-    """``state_dict_bytes`` of a module or an exported program (None for anything else)."""
-    if isinstance(model, torch.export.ExportedProgram):
-        return state_dict_bytes(model.state_dict)
-    return state_dict_bytes(model) if isinstance(model, nn.Module) else None
+    """``state_dict_bytes`` of a module or an exported program; None for anything else, and for a
+    model on the meta device (its file would hold no data)."""
+    state = model.state_dict if isinstance(model, torch.export.ExportedProgram) else (
+        model.state_dict() if isinstance(model, nn.Module) else None)
+    if state is None or any(isinstance(t, torch.Tensor) and t.is_meta for t in state.values()):
+        return None
+    return state_dict_bytes(state)
 
 
 def parse_passes(passes: Sequence[Pass | str] | Pass | str) -> tuple[Pass, ...]:

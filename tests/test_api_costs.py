@@ -94,8 +94,9 @@ def test_comparisons_put_the_saved_state_dict_sizes_beside_the_counted_storage(t
     assert line in comp.to_markdown() and __import__("html").escape(line) in comp.to_html()
     assert res.compare(deploy="fp16").saved_bytes == res.saved_bytes
     assert fxslim.compare(res.cost_before, res.cost_after).saved_bytes is None  # no models: nothing to say
-    with pytest.raises(ValueError, match=r"saved_bytes must be \(bytes before, bytes after\)"):
-        fxslim.compare(res.cost_before, res.cost_after, saved_bytes=(1,))
+    for wrong in ((1,), 5, (1, -2)):
+        with pytest.raises(ValueError, match=r"saved_bytes must be \(bytes before, bytes after\)"):
+            fxslim.compare(res.cost_before, res.cost_after, saved_bytes=wrong)
     spec = tmp_path / "net.py"
     spec.write_text("import torch\nfrom torch import nn\n\ndef net():\n    torch.manual_seed(0)\n"
                     "    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 1))\n")

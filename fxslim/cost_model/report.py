@@ -364,7 +364,8 @@ def compare(before: CostReport, after: CostReport, candidates: list[dict[str, st
     order = list(mods_b) + [m for m in mods_a if m not in mods_b]
     rows = [ComparisonRow(m, kinds_b.get(m, ""), kinds_a.get(m, ""), mods_b.get(m, CostTotals()),
                           mods_a.get(m, CostTotals())) for m in order]
-    if saved_bytes is not None and (len(saved_bytes) != 2 or not all(isinstance(n, int) and n >= 0 for n in saved_bytes)):
+    if saved_bytes is not None and (not isinstance(saved_bytes, (tuple, list)) or len(saved_bytes) != 2
+                                    or not all(isinstance(n, int) and n >= 0 for n in saved_bytes)):
         raise ValueError(f"compare: saved_bytes must be (bytes before, bytes after), got {saved_bytes!r}")
     return Comparison(rows, before, after, list(candidates or ()), None if saved_bytes is None else tuple(saved_bytes))
 

@@ -9,7 +9,6 @@ byte, 1.6 bit), "log2_3" (the entropy bound, 1.585 bit), "nibble" (4 bit) or "in
 
 from __future__ import annotations
 
-import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,11 +21,27 @@ __all__ = ["state_dict_bytes", "format_bits", "PACKINGS"]
 
 
 def state_dict_bytes(obj: nn.Module | Mapping[str, Any]) -> int:
-    """Bytes ``torch.save`` writes for a module's state dict (or a state dict), container overhead included."""
+    """Bytes ``torch.save`` writes for a module's state dict (or a state dict), container overhead
+    included; counted as they are written, not kept (a model of gigabytes needs no copy)."""
     if isinstance(obj, nn.Module):
         obj = obj.state_dict()
     if not isinstance(obj, Mapping):
         raise TypeError(f"state_dict_bytes: expected an nn.Module or a state dict, got {type(obj).__name__}")
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    return buf.getbuffer().nbytes
+    sink = _ByteCount()
+    torch.save(obj, sink)
+    return sink.count
+
+
+class _ByteCount:
+    """A file that keeps only the number of bytes written to it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def write(self, data: Any) -> int:
+        size = memoryview(data).nbytes
+        self.count += size
+        return size
+
+    def flush(self) -> None:
+        pass
