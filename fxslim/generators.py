@@ -10,10 +10,12 @@ before ``fxslim.optimize`` draws the same numbers after it.
 The global generators are shared by every thread of the process: their state cannot tell whose
 draws moved it, and putting it back replays another thread's numbers. Torch's, the one drawn from
 most (a loader's augmentations), is watched on this thread only: ops tagged
-``nondeterministic_seeded`` seen below the dispatcher (a mode is per thread), and put back only when
-one ran, or when its seed changed (``torch.manual_seed`` in forward draws nothing). Python's
-and NumPy's are compared by state: another thread drawing from them at the same moment counts as a
-draw (the module then stays eager) and is put back.
+``nondeterministic_seeded`` seen below the dispatcher (a mode is per thread), each run with the
+generator's state put back right after it, so that only a draw another thread makes while one such
+op runs is replayed, not every draw during the whole trace; the state is also put back when the
+seed changed (``torch.manual_seed`` in forward draws nothing). Python's and NumPy's are compared
+by state: another thread drawing from them at the same moment counts as a draw (the module then
+stays eager) and is put back.
 """
 
 from __future__ import annotations
@@ -56,12 +58,13 @@ def kept(module: nn.Module | None = None) -> Iterator[Callable[[], bool]]:
         for s in compared:
             if s.moved():
                 s.restore()
-        if ops.seen or reseeded():
+        if reseeded():  # each draw was put back as it ran (_SeededOps)
             torch.random.set_rng_state(torch_state)
 
 
 class _SeededOps(TorchDispatchMode):
-    """Notes whether a torch op that draws from a generator ran (on this thread: modes are per thread)."""
+    """Notes whether a torch op that draws from a generator ran (on this thread: modes are per thread),
+    and puts torch's default generator back after each one."""
 
     supports_higher_order_operators = True  # torch.cond in a model: run it (without this, no rule: an error)
 
@@ -72,9 +75,14 @@ class _SeededOps(TorchDispatchMode):
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         if isinstance(func, torch._ops.HigherOrderOperator):
             return func(*args, **(kwargs or {}))  # its branches' own draws go unwatched
-        if torch.Tag.nondeterministic_seeded in func.tags:
-            self.seen = True
-        return func(*args, **(kwargs or {}))
+        if torch.Tag.nondeterministic_seeded not in func.tags:
+            return func(*args, **(kwargs or {}))
+        self.seen = True
+        state = torch.random.get_rng_state()
+        try:
+            return func(*args, **(kwargs or {}))
+        finally:
+            torch.random.set_rng_state(state)
 
 
 class _Saved:

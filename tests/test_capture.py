@@ -589,6 +589,30 @@ def test_another_thread_drawing_random_numbers_neither_fails_the_trace_nor_repea
     assert len(set(draws)) > 0.99 * len(draws)  # none replayed (float32 collisions aside)
 
 
+
+def test_a_model_that_draws_does_not_replay_the_draws_another_thread_made_meanwhile():
+    """A model drawing in forward made the trace put torch's generator back at the end, undoing every
+    draw another thread had made in between: that thread's numbers came again."""
+    import threading
+
+    import fxslim
+
+    other: list[float] = []
+
+    class Noisy(nn.Module):
+        def forward(self, x):
+            y = x + 0.0 * torch.rand(())
+            thread = threading.Thread(target=lambda: other.append(torch.rand(()).item()))
+            thread.start()  # another thread draws between this model's own draws
+            thread.join()
+            return y + 0.0 * torch.rand(())
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), Noisy(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    torch.manual_seed(0)
+    fxslim.optimize(model, torch.randn(1, 3, 8, 8), passes=["haste:L=14"])
+    after = [torch.rand(()).item() for _ in range(4 * len(other))]
+    assert other and not set(after) & set(other)
+
 def test_draws_seen_also_from_c_callers_and_reseeding_and_a_profiler_survives():
     """Review of the thread-aware watch: a Python draw made by C code (iter(random.random, ..)) was
     missed, torch.manual_seed in forward reseeded the caller's stream unseen, and the profile
