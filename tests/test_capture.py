@@ -613,6 +613,27 @@ def test_a_model_that_draws_does_not_replay_the_draws_another_thread_made_meanwh
     after = [torch.rand(()).item() for _ in range(4 * len(other))]
     assert other and not set(after) & set(other)
 
+
+def test_draws_inside_the_watch_differ_and_leave_the_callers_stream_as_it_was():
+    """Review of the change above: putting the generator back after each draw made every draw of a
+    trace the same numbers (a module redrawing until it kept a token never did, and optimize
+    failed), and a draw inside a torch.cond branch moved the caller's stream."""
+    from fxslim import generators
+
+    def branchy(x):
+        y = x + torch.rand(x.shape)
+        return torch.cond(x.sum() > 0, lambda t: t + torch.rand(t.shape), lambda t: t - 1, (y,))
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    with generators.kept() as moved:
+        first, second = torch.rand(4), torch.rand(4)
+        branchy(torch.ones(3))
+        assert moved()
+    assert not torch.equal(first, second) and torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(0)
+    assert torch.equal(torch.rand(4), first)  # the draws inside are the caller's stream, not consumed from it
+
 def test_draws_seen_also_from_c_callers_and_reseeding_and_a_profiler_survives():
     """Review of the thread-aware watch: a Python draw made by C code (iter(random.random, ..)) was
     missed, torch.manual_seed in forward reseeded the caller's stream unseen, and the profile
