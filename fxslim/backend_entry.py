@@ -75,25 +75,27 @@ def compile_entry() -> Entry | None:
     return None
 
 
-# per compiled model or function: the code of the first graph that held a conv, linear or attention
-_FIRST_WEIGHTED: weakref.WeakKeyDictionary[Any, CodeType] = weakref.WeakKeyDictionary()
+# per compiled model or function: where the code of the first graph that held a conv starts
+_FIRST_CONV: weakref.WeakKeyDictionary[Any, tuple[str, int, str]] = weakref.WeakKeyDictionary()
 
 
-def reads_image(entry: Entry | None, code: CodeType | None, weighted: bool) -> bool:
+def reads_image(entry: Entry | None, code: CodeType | None, has_conv: bool) -> bool:
     """Whether any tensor input of the graph being compiled may be the image (as for a graph of the
     whole forward), rather than only inputs shaped like the call's: a graph at the call's inputs,
-    and one that dynamo compiled before any graph with a conv, linear or attention of this model
-    or function (preprocessing that reshapes the image, a graph break, then the stem), or again
-    (a recompile at another batch). ``weighted``: the graph holds such a layer."""
+    and one that dynamo compiles before any graph with a conv of this model or function
+    (preprocessing that reshapes the image, a graph break, then the stem), or again (a recompile at
+    another batch, or after ``torch._dynamo.reset()``, which makes new code objects for the same
+    code: it is known by where it starts). ``has_conv``: the graph holds a conv."""
     if entry is None:
         return True
+    where = None if code is None else (code.co_filename, code.co_firstlineno, code.co_name)
     try:
-        first = _FIRST_WEIGHTED.get(entry.compiled)
-        if first is None and weighted and code is not None:
-            _FIRST_WEIGHTED[entry.compiled] = first = code
+        first = _FIRST_CONV.get(entry.compiled)
+        if first is None and has_conv and where is not None:
+            _FIRST_CONV[entry.compiled] = first = where
     except TypeError:  # not weakly referable: only the shapes tell
         return entry.at_input
-    return entry.at_input or first is None or first is code
+    return entry.at_input or first is None or first == where
 
 
 def frame_prefix(entry: Entry | None, owner: Any, module_keys: list[str], filter_fn: bool) -> tuple[str, str]:
