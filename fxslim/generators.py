@@ -10,14 +10,10 @@ before ``fxslim.optimize`` draws the same numbers after it.
 The global generators are shared by every thread of the process: their state cannot tell whose
 draws moved it, and putting it back replays another thread's numbers. Torch's, the one drawn from
 most (a loader's augmentations), is watched on this thread only: ops tagged
-``nondeterministic_seeded`` seen below the dispatcher (a mode is per thread), each run on a stream
-of the watch's own (the generator's state at entry, continued from draw to draw, swapped in for
-the op and out after it), so that the generator is left where other threads' draws take it: only
-a draw another thread makes while such an op runs comes from the watch's stream (and may repeat
-one of its earlier numbers), not every draw during the whole trace is replayed; the state is
-put back when the seed changed (``torch.manual_seed`` in forward draws nothing). Python's and NumPy's are compared
-by state: another thread drawing from them at the same moment counts as a draw (the module then
-stays eager) and is put back.
+``nondeterministic_seeded`` seen below the dispatcher (a mode is per thread), and put back only when
+one ran, or when its seed changed (``torch.manual_seed`` in forward draws nothing). Python's
+and NumPy's are compared by state: another thread drawing from them at the same moment counts as a
+draw (the module then stays eager) and is put back.
 """
 
 from __future__ import annotations
@@ -45,8 +41,7 @@ def kept(module: nn.Module | None = None) -> Iterator[Callable[[], bool]]:
     compared.append(_Saved(random.getstate, random.setstate, _equal))
     if numpy is not None:
         compared.append(_Saved(numpy.random.get_state, numpy.random.set_state, _equal))
-    torch_state, seed = torch.random.get_rng_state(), torch.initial_seed()
-    ops = _SeededOps(torch_state)
+    torch_state, seed, ops = torch.random.get_rng_state(), torch.initial_seed(), _SeededOps()
 
     def reseeded() -> bool:  # torch.manual_seed in forward: no draw, but the caller's stream starts over
         return torch.initial_seed() != seed
@@ -61,33 +56,25 @@ def kept(module: nn.Module | None = None) -> Iterator[Callable[[], bool]]:
         for s in compared:
             if s.moved():
                 s.restore()
-        if reseeded():  # the draws ran on the watch's own stream (_SeededOps)
+        if ops.seen or reseeded():
             torch.random.set_rng_state(torch_state)
 
 
 class _SeededOps(TorchDispatchMode):
-    """Notes whether a torch op that draws from a generator ran (on this thread: modes are per thread),
-    and runs it, and any higher-order op (``torch.cond``: its branches may draw), on a stream of its
-    own that starts at ``state``: the default generator is left where it was."""
+    """Notes whether a torch op that draws from a generator ran (on this thread: modes are per thread)."""
 
     supports_higher_order_operators = True  # torch.cond in a model: run it (without this, no rule: an error)
 
-    def __init__(self, state: torch.Tensor) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.seen, self.state = False, state
+        self.seen = False
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
-        higher_order = isinstance(func, torch._ops.HigherOrderOperator)
-        if not higher_order and torch.Tag.nondeterministic_seeded not in func.tags:
-            return func(*args, **(kwargs or {}))
-        self.seen = self.seen or not higher_order  # a branch's own draws go unwatched
-        outer = torch.random.get_rng_state()
-        torch.random.set_rng_state(self.state)
-        try:
-            return func(*args, **(kwargs or {}))
-        finally:
-            self.state = torch.random.get_rng_state()
-            torch.random.set_rng_state(outer)
+        if isinstance(func, torch._ops.HigherOrderOperator):
+            return func(*args, **(kwargs or {}))  # its branches' own draws go unwatched
+        if torch.Tag.nondeterministic_seeded in func.tags:
+            self.seen = True
+        return func(*args, **(kwargs or {}))
 
 
 class _Saved:
