@@ -27,7 +27,7 @@ import torch.fx as fx
 
 from fxslim.backend_entry import compile_entry, frame_prefix, reads_image
 from fxslim.capture import batch_of, placeholder_fqns
-from fxslim.ir import META_PLACEHOLDER_FQNS, META_PREFIX, META_PROM_LOWERED, ConvView, View, detect_ir, meta_val, views
+from fxslim.ir import META_PLACEHOLDER_FQNS, META_PREFIX, META_PROM_LOWERED, ConvView, View, detect_ir, meta_val, size_hint, views
 from fxslim.passes.base import Pass, PassContext, PassReport, parse_overrides, parse_pass, pass_list, run_passes
 from fxslim.passes.prom_versions import covering, stamp, written
 from fxslim.policy import Policy
@@ -108,6 +108,12 @@ def _input_batch(gm: fx.GraphModule, params: dict[str, str]) -> Any:
     return batch_of([meta_val(n) for n in gm.graph.nodes if n.op == "placeholder" and n.name not in params])
 
 
+def _input_channels(placeholders: list[fx.Node], params: dict[str, str]) -> tuple[int, ...]:
+    """Dim 1 of each tensor input of a graph that is not a weight (at its hint under dynamic shapes)."""
+    values = [meta_val(n) for n in placeholders if n.name not in params]
+    return tuple(size_hint(v.shape[1]) for v in values if isinstance(v, torch.Tensor) and v.dim() >= 2)
+
+
 def _list_views(placeholders: list[fx.Node], params: dict[str, str]) -> int:
     """The number of items of the longest list input whose items this graph reads as tensors of one
     shape (dynamo's ``L['views'][i]`` placeholders): the views of a model fed per-view images, as
@@ -160,7 +166,8 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
         warn_user(f"torch.compile(backend='fxslim'): {note}")
     ctx = PassContext(
         ir=detect_ir(gm), batch_size=_input_batch(gm, params), input_shapes=entry.input_shapes if entry else (),
-        input_views=_list_views(placeholders, params), at_input=reads_image(entry, code, any(isinstance(v, ConvView) for v in views(gm))),
+        input_views=_list_views(placeholders, params), at_input=reads_image(entry, code, owner, _input_channels(placeholders, params),
+                             any(isinstance(v, ConvView) for v in views(gm))),
         placeholder_values={n.name: v for n, v in zip(placeholders, example_inputs)}, policy=opts.policy,
     )
     results = run_passes(gm, opts.passes, ctx)
