@@ -205,7 +205,9 @@ def _prod(values: Any) -> Any:
     return out
 
 
-_DYNAMO_ROOT = re.compile(r"^L\['(self|fn|mod|model|m)'\]\.?")
+# a module reached from one of the compiled frame's locals (its self, whatever research code names it,
+# or a model argument): paths from there; a global (G['net']) keeps its name
+_DYNAMO_ROOT = re.compile(r"^L\['[^']+'\]\.?")
 _DYNAMO_INDEX = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
 
 

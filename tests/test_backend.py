@@ -121,6 +121,8 @@ def test_backend_finds_the_weights_of_a_model_reached_as_a_global_or_under_anoth
             torch.testing.assert_close(compiled(x), expected, rtol=0, atol=1e-6)
         (report,) = reports
         assert report.rewritten == 1 and dict(report.skipped) == {"stem": 1}
+        # named as optimize names them, not 'L.s.stem' (a global's keep its name: 'G.net.stem')
+        assert {e.fqn.removeprefix("G.net.") for e in report.entries} == {"stem", "conv"}
 
 
 class _BreakBetweenConvs(nn.Module):
