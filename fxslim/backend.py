@@ -166,7 +166,7 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
         warn_user(f"torch.compile(backend='fxslim'): {note}")
     ctx = PassContext(
         ir=detect_ir(gm), batch_size=_input_batch(gm, params), input_shapes=entry.input_shapes if entry else (),
-        input_views=_list_views(placeholders, params), at_input=reads_image(entry, code, owner, _input_channels(placeholders, params),
+        input_views=_list_views(placeholders, params), at_input=reads_image(entry, code, _input_channels(placeholders, params),
                              any(isinstance(v, ConvView) for v in views(gm))),
         placeholder_values={n.name: v for n, v in zip(placeholders, example_inputs)}, policy=opts.policy,
     )

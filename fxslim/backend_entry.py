@@ -80,16 +80,14 @@ def compile_entry() -> Entry | None:
 _FIRST_CONV: weakref.WeakKeyDictionary[Any, tuple] = weakref.WeakKeyDictionary()
 
 
-def reads_image(entry: Entry | None, code: CodeType | None, owner: Any, channels: tuple[int, ...],
-                has_conv: bool) -> bool:
+def reads_image(entry: Entry | None, code: CodeType | None, channels: tuple[int, ...], has_conv: bool) -> bool:
     """Whether any tensor input of the graph being compiled may be the image (as for a graph of the
     whole forward), rather than only inputs shaped like the call's. It may in a graph at the call's
-    inputs; in one of the model's own forward, or of a compiled function (``owner`` is the model or
-    None), where preprocessing may have reshaped the image before a graph break; and in a graph
-    of a submodule compiled before any graph with a conv, or that is that graph again (a recompile
-    at another size, or after ``torch._dynamo.reset()``, which makes new code objects: it is known
-    by where its code starts and by its inputs' ``channels``, so that the same block class further
-    on is not). ``has_conv``: the graph holds a conv."""
+    inputs, and in one compiled before any graph with a conv of this model or function
+    (preprocessing that reshapes the image, a graph break, then the stem), or that is that graph
+    again (a recompile at another size, or after ``torch._dynamo.reset()``, which makes new code
+    objects: it is known by where its code starts and by its inputs' ``channels``, so that the same
+    block class further on is not). ``has_conv``: the graph holds a conv."""
     if entry is None:
         return True
     key = None if code is None else (code.co_filename, code.co_firstlineno, code.co_name, channels)
@@ -99,7 +97,7 @@ def reads_image(entry: Entry | None, code: CodeType | None, owner: Any, channels
             _FIRST_CONV[entry.compiled] = first = key
     except TypeError:  # not weakly referable: the first graph with a conv is not known
         first = key
-    return entry.at_input or owner is None or owner is entry.root or first is None or first == key
+    return entry.at_input or first is None or first == key
 
 
 def frame_prefix(entry: Entry | None, owner: Any, module_keys: list[str], filter_fn: bool) -> tuple[str, str]:

@@ -205,16 +205,35 @@ def _prod(values: Any) -> Any:
     return out
 
 
-# a module reached from one of the compiled frame's locals (its self, whatever research code names it,
-# or a model argument): paths from there; a global (G['net']) keeps its name
-_DYNAMO_ROOT = re.compile(r"^L\['[^']+'\]\.?")
+# a module reached from one of the compiled frame's locals: paths from there when it is the usual name of
+# a method's self or a model argument, or the only local the graph reaches modules from (a self research
+# code names otherwise); two models passed to one function keep their names apart, as a global does
+_DYNAMO_LOCAL = re.compile(r"^L\['([^']+)'\]\.?")
+_OWN_NAMES = ("self", "fn", "mod", "model", "m")
 _DYNAMO_INDEX = re.compile(r"\[['\"]?([^'\"\]]+)['\"]?\]")
+_META_LOCAL_ROOTS = "fxslim_dynamo_local_roots"  # gm.meta: the locals its module paths start from
 
 
-def _clean_path(path: str) -> str:
-    path = _DYNAMO_ROOT.sub("", path)
+def _clean_path(path: str, roots: frozenset[str] = frozenset()) -> str:
+    local = _DYNAMO_LOCAL.match(path)
+    if local is not None and (local.group(1) in _OWN_NAMES or roots == {local.group(1)}):
+        path = path[local.end():]
     path = _DYNAMO_INDEX.sub(r".\1", path)
     return path.strip(".")
+
+
+def _stack_path(entry: Any) -> str:
+    return entry[0] if isinstance(entry, tuple) else str(entry)
+
+
+def _local_roots(gm: fx.GraphModule) -> frozenset[str]:
+    """The locals a dynamo graph's module paths start from (``L['s']``), computed once per graph."""
+    roots = gm.meta.get(_META_LOCAL_ROOTS)
+    if roots is None:
+        found = (_DYNAMO_LOCAL.match(_stack_path(entry)) for n in gm.graph.nodes
+                 for entry in (n.meta.get("nn_module_stack") or {}).values())
+        roots = gm.meta[_META_LOCAL_ROOTS] = frozenset(m.group(1) for m in found if m is not None)
+    return roots
 
 
 def node_fqn(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
@@ -229,8 +248,7 @@ def node_fqn(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
         stack = node.meta.get("nn_module_stack")
         path = ""
         if stack:
-            entry = list(stack.values())[-1]
-            path = _clean_path(entry[0] if isinstance(entry, tuple) else str(entry))
+            path = _clean_path(_stack_path(list(stack.values())[-1]), _local_roots(gm) if gm is not None else frozenset())
     return ".".join(p for p in (prefix, path) if p)
 
 

@@ -125,6 +125,21 @@ def test_backend_finds_the_weights_of_a_model_reached_as_a_global_or_under_anoth
         assert {e.fqn.removeprefix("G.net.") for e in report.entries} == {"stem", "conv"}
 
 
+
+def test_two_models_passed_to_one_compiled_function_keep_their_names_apart():
+    """Module paths from a frame's locals lost the local's name to be readable for ``forward(s, x)``:
+    a function given two models then named both models' layers 'conv'."""
+    torch._dynamo.reset()
+    a, b, x = _SelfNamedS().eval(), _SelfNamedS().eval(), torch.randn(2, 3, 16, 16)
+    reports = []
+    compiled = torch.compile(lambda first, second, images: first(images) + second(images), backend="fxslim",
+                             options={"passes": ["haste:L=14"], "inner": "eager", "on_report": reports.extend})
+    with torch.no_grad():
+        compiled(a, b, x)
+    names = [e.fqn for r in reports for e in r.entries]
+    assert len(names) == 4 and len(set(names)) == 4, names
+    torch._dynamo.reset()
+
 class _BreakBetweenConvs(nn.Module):
     """conv, a graph break, an elementwise op alone in its graph, a graph break, conv."""
 
@@ -259,19 +274,18 @@ class _Nested(nn.Module):
         return self.body(self.blk(self.stem(x)))
 
 
-class _SideConv(nn.Module):
-    """A conv on the RGB image before the break, then gray preprocessing and the stem after it."""
+class _BreakAfterBody(nn.Module):
+    """A print-like break in the model's own forward between its body and its head."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.side, self.stem = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(1, 8, 3, padding=1)
-        self.conv = nn.Conv2d(8, 8, 3, padding=1)
+        self.stem, self.body, self.head = (nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1),
+                                           nn.Conv2d(8, 8, 3, padding=1))
 
     def forward(self, x):
-        aux = self.side(x).mean()
-        x = x.mean(1, keepdim=True)
+        y = self.body(torch.relu(self.stem(x)))
         torch._dynamo.graph_break()
-        return self.conv(torch.relu(self.stem(x))) + aux
+        return self.head(y)
 
 
 class _DoubleConvs(nn.Module):
@@ -286,15 +300,16 @@ class _DoubleConvs(nn.Module):
         return self.down2(F.max_pool2d(self.down1(F.max_pool2d(x, 2)), 2))
 
 
-@pytest.mark.parametrize("case", ["dynamic", "preprocessed", "bound_method", "side_conv", "unet"])
+@pytest.mark.parametrize("case", ["dynamic", "preprocessed", "bound_method", "root_break", "unet"])
 def test_graph_breaks_give_the_rewrite_optimize_gives(case):
-    """Review of the change above: dynamic shapes crashed the first recompile (a SymInt shape in a
+    """Reviews of the change above: dynamic shapes crashed the first recompile (a SymInt shape in a
     set); a stem after channel-changing preprocessing and a break was rewritten; compiling
     ``model.forward`` placed a nested block under its parent rather than the model, so an override
-    for the model's own ``blk.a`` also kept ``body.0.a`` dense."""
+    for the model's own ``blk.a`` also kept ``body.0.a`` dense; a U-Net's later blocks, of the stem
+    block's class, were taken for the stem; so was the head after a print in the model's forward."""
     torch._dynamo.reset()
     spec = "haste:L=48,sparsity=0"
-    model = {"dynamic": _BreakInBlocks, "preprocessed": _GrayFirst, "bound_method": _Nested, "side_conv": _SideConv,
+    model = {"dynamic": _BreakInBlocks, "preprocessed": _GrayFirst, "bound_method": _Nested, "root_break": _BreakAfterBody,
              "unet": _DoubleConvs}[case]().eval()
     overrides = {"blk.a": None} if case == "bound_method" else {}
     seen = []
