@@ -92,18 +92,12 @@ def _compiled_frame() -> tuple[Any, Any]:
     return code, next((a for a in arguments if isinstance(a, torch.nn.Module)), None)
 
 
-def _compiled_code_name() -> str | None:
-    """Name of the Python function dynamo is compiling the graph of (None when unknown)."""
-    return getattr(_compiled_frame()[0], "co_name", None)
-
-
-def _input_batch(gm: fx.GraphModule, params: dict[str, str]) -> Any:
+def _input_batch(gm: fx.GraphModule, params: dict[str, str], code: Any) -> Any:
     """Batch size of the model's input: the first non-parameter tensor input of a graph that starts
     at the model's forward (may be a SymInt). None in a graph that resumes after a graph break,
     whose first input is an intermediate (e.g. frames folded into the batch), and when dynamo does
-    not say which function it compiles."""
-    name = _compiled_code_name()
-    if name is None or name.startswith(_RESUME_PREFIX):
+    not say which function it compiles (``code``, from ``_compiled_frame``)."""
+    if code is None or code.co_name.startswith(_RESUME_PREFIX):
         return None
     return batch_of([meta_val(n) for n in gm.graph.nodes if n.op == "placeholder" and n.name not in params])
 
@@ -164,10 +158,11 @@ def compile_fn(gm: fx.GraphModule, example_inputs: Sequence[Any], *, options: di
         gm.meta[META_PREFIX] = prefix
     if note:
         warn_user(f"torch.compile(backend='fxslim'): {note}")
+    has_conv = any(isinstance(v, ConvView) for v in views(gm))
     ctx = PassContext(
-        ir=detect_ir(gm), batch_size=_input_batch(gm, params), input_shapes=entry.input_shapes if entry else (),
-        input_views=_list_views(placeholders, params), at_input=reads_image(entry, code, _input_channels(placeholders, params),
-                             any(isinstance(v, ConvView) for v in views(gm))),
+        ir=detect_ir(gm), batch_size=_input_batch(gm, params, code), input_shapes=entry.input_shapes if entry else (),
+        input_views=_list_views(placeholders, params),
+        at_input=reads_image(entry, code, _input_channels(placeholders, params), has_conv),
         placeholder_values={n.name: v for n, v in zip(placeholders, example_inputs)}, policy=opts.policy,
     )
     results = run_passes(gm, opts.passes, ctx)

@@ -111,8 +111,9 @@ def frame_prefix(entry: Entry | None, owner: Any, module_keys: list[str], filter
     if not isinstance(owner, torch.nn.Module) or not isinstance(root, torch.nn.Module) or owner is root:
         return "", ""
     cls = type(owner).__name__
-    places = [name for name, m in root.named_modules() if type(m) is type(owner)]
-    mine = next((name for name, m in root.named_modules() if m is owner), None)
+    same_class = [(name, m) for name, m in root.named_modules() if type(m) is type(owner)]
+    places = [name for name, _ in same_class]
+    mine = next((name for name, m in same_class if m is owner), None)
     if mine is not None and len(places) == 1:
         return mine, ""
     patterns = [k for k in module_keys if any(c in k for c in "*?[")]
