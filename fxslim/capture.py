@@ -150,7 +150,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     ``gm.meta[META_FROZEN_MODE]`` then names ("train" or "eval"; ``_follow_training``).
     """
     root = copy.deepcopy(module)
-    versions, attributes = _tensor_versions(root), _attribute_ids(root)
+    versions, attributes, values = _tensor_versions(root), _attribute_ids(root), _attribute_values(root)
     # a draw no Proxy reaches (torch.rand(()), random.random()) runs once, now: a branch on it would
     # take the same way forever (stochastic depth written ``if self.training and torch.rand(()) < p``)
     tracer = _LeafTracer(leaf_modules)
@@ -179,6 +179,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
                   f"{' and more' if len(stored) > 3 else ''} on the module, which its traced graph does not do: "
                   "after the rewrite they keep the value they had before (return them from forward, or read them "
                   "from the original model)")
+        _put_back(root, values, stored)  # they hold this graph's Proxies: a second trace would read them
     frozen = _follow_training(module, root, graph, leaf_modules, concrete_args)
     if frozen is not None:
         _check_mode_at_run_time(graph, frozen, type(module).__name__)
@@ -244,7 +245,7 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
     """
     mode = root.training
     flags = {m: m.training for m in root.modules()}
-    versions = _tensor_versions(root)
+    versions, attributes, values = _tensor_versions(root), _attribute_ids(root), _attribute_values(root)
     for m in flags:  # each module in its other mode: a block in eval inside a model in train flips too
         m.training = not flags[m]
     try:
@@ -257,6 +258,7 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
     finally:
         for m, flag in flags.items():
             m.training = flag
+    _put_back(root, values, _stored_attributes(root, attributes, other or fx.Graph()))
     written = [name for name, version in _tensor_versions(root).items() if versions.get(name) != version]
     if written:  # undo them from the untouched original
         copies, originals = _tensors(root), _tensors(module)
@@ -563,6 +565,30 @@ def _attribute_ids(root: nn.Module) -> dict[str, tuple]:
 
     return {f"{path}.{name}" if path else name: state(value) for path, module in root.named_modules()
             for name, value in vars(module).items() if name not in _MODULE_INTERNALS}
+
+
+def _attribute_values(root: nn.Module) -> dict[str, Any]:
+    """Every plain attribute of ``root`` and its submodules by qualified name, a list or dict as a
+    shallow copy (forward may append to it in place): what ``_put_back`` restores."""
+    def kept(value: Any) -> Any:
+        return type(value)(value) if type(value) in (list, dict) else value
+
+    return {f"{path}.{name}" if path else name: kept(value) for path, module in root.named_modules()
+            for name, value in vars(module).items() if name not in _MODULE_INTERNALS}
+
+
+def _put_back(root: nn.Module, values: dict[str, Any], names: Sequence[str]) -> None:
+    """Give the attributes ``names`` of ``root`` the values ``_attribute_values`` took (deleting
+    those forward created): a trace leaves Proxies of its graph in what forward stored
+    (torchvision's ``MultiScaleRoIAlign`` sets ``self.scales`` on its first call), which a later
+    trace of ``root`` would read as values of a graph not its own."""
+    for name in names:
+        path, _, attr = name.rpartition(".")
+        owner = root.get_submodule(path)
+        if name in values:
+            object.__setattr__(owner, attr, values[name])
+        else:
+            object.__delattr__(owner, attr)
 
 
 def _stored_attributes(root: nn.Module, before: dict[str, tuple], graph: fx.Graph) -> list[str]:

@@ -490,6 +490,45 @@ def test_trace_warns_about_attributes_forward_stores_and_copies_none_of_its_prox
     assert gm.attn_map is None and gm.size == 7
 
 
+class _SetsUpOnFirstCall(nn.Module):
+    """torchvision's ``MultiScaleRoIAlign`` as every R-CNN holds it before its first forward: the
+    call stores ``scales`` (computed from the features by an ``fx.wrap``-ed function) on the module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import torchvision
+
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.pool = torchvision.ops.MultiScaleRoIAlign(["0", "1"], 7, 2)
+
+    def forward(self, x, boxes):
+        from collections import OrderedDict
+
+        f0 = self.conv(self.stem(x))
+        return self.pool(OrderedDict([("0", f0), ("1", F.max_pool2d(f0, 2))]), boxes, [(64, 64)] * x.shape[0])
+
+
+@pytest.mark.parametrize("passes", [["haste"], ["prom"]])
+def test_a_module_that_sets_itself_up_on_its_first_call_is_traced_in_both_modes(passes):
+    """The trace in the other mode (``_follow_training``) read the Proxies the first trace had left
+    in ``pool.scales``: ``optimize`` failed with an fx error blamed on the pass, for any fresh R-CNN."""
+    torch.manual_seed(0)
+    x, boxes = torch.randn(2, 3, 64, 64), [torch.tensor([[1.0, 2.0, 30.0, 40.0]]), torch.tensor([[5.0, 5.0, 60.0, 50.0]])]
+    model = _SetsUpOnFirstCall().eval()
+    with pytest.warns(UserWarning, match="stores 'pool.scales'"):
+        gm = trace(model)
+    gm.graph.lint()
+    assert model.pool.scales is None
+    with torch.no_grad():
+        assert torch.equal(gm(x, boxes), model(x, boxes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = fxslim.optimize(_SetsUpOnFirstCall().eval(), (x, boxes), passes=passes)
+    assert res.report.rewritten(passes[0]) >= 1
+    with torch.no_grad():
+        assert res.module(x[:1], boxes[:1]).shape == (1, 8, 7, 7)
+
+
 def test_trace_stores_its_own_tensor_constants_without_a_warning(recwarn):
     class Constant(nn.Module):
         def forward(self, x):
