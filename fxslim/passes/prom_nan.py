@@ -82,13 +82,49 @@ def _probe_inputs(gm: fx.GraphModule, copies: int) -> dict[str, Any] | None:
     return values
 
 
-def _run(gm: fx.GraphModule, inputs: dict[str, Any], outputs: list[str]) -> dict[str, Any]:
-    interpreter = fx.Interpreter(gm, garbage_collect_values=False)
+def _run(gm: fx.GraphModule, inputs: dict[str, Any], outputs: list[str],
+         clean: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The values of ``outputs`` (node names) after running ``gm`` on ``inputs``; every node's
+    value where ``outputs`` is None. With ``clean`` (a run's every value) the NaN-unsafe calls
+    (``_unsafe``) that NaN reaches are not made: their value is ``clean``'s, all NaN."""
+    interpreter = _Probe(gm, clean)
     # a probe of a copy: the user's hooks would see it, and it must not move the user's random streams
     with torch.no_grad(), hooks_silenced(gm), generators.kept():
         interpreter.run(*inputs.values())
     by_name = {n.name: v for n, v in interpreter.env.items()}
-    return {name: by_name[name] for name in outputs}
+    return by_name if outputs is None else {name: by_name[name] for name in outputs}
+
+
+class _Probe(fx.Interpreter):
+    """An interpreter that keeps every value, and with ``clean`` given does not call native code
+    that reads coordinates from values (torchvision's deform_conv2d, roi_align, ...) on NaN: it
+    turns them into indices unchecked and kills the process (SIGSEGV), which no ``except`` catches,
+    though the model never sees a NaN unless its user passes one."""
+
+    def __init__(self, gm: fx.GraphModule, clean: dict[str, Any] | None) -> None:
+        super().__init__(gm, garbage_collect_values=False)
+        self.clean = clean
+
+    def run_node(self, n: fx.Node) -> Any:
+        if self.clean is not None and n.name in self.clean and _unsafe(self.module, n):
+            args, kwargs = self.fetch_args_kwargs_from_env(n)
+            if any(isinstance(v, Tensor) and v.is_floating_point() and bool(v.isnan().any())
+                   for v in pytree.tree_leaves((args, kwargs))):
+                return pytree.tree_map(lambda v: torch.full_like(v, float("nan"))
+                                       if isinstance(v, Tensor) and v.is_floating_point() else v, self.clean[n.name])
+        return super().run_node(n)
+
+
+def _unsafe(root: torch.nn.Module, n: fx.Node) -> bool:
+    """Whether ``n`` calls torchvision's ops (a module of ``torchvision.ops`` called as a leaf, one
+    of its functions, or a ``torch.ops.torchvision`` op)."""
+    if n.op == "call_module":
+        return type(root.get_submodule(str(n.target))).__module__.startswith("torchvision.ops")
+    if n.op != "call_function":
+        return False
+    if isinstance(n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(n.target).split(".", 1)[0] == "torchvision"  # packets have no .namespace
+    return getattr(n.target, "__module__", "").startswith("torchvision.ops")
 
 
 def _with_nan(value: Any, row: int) -> Any:
@@ -114,15 +150,15 @@ def _kind(clean: Any, poisoned: Any, rows: int, start: int, stop: int) -> str | 
     return ALL
 
 
-def _clean_run(probe: fx.GraphModule, outputs: list[str]) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
-    """(copies, inputs, outputs) of the first probe size that runs: 2 copies of the example's
-    samples, else 1; None when neither does."""
+def _clean_run(probe: fx.GraphModule) -> tuple[int, dict[str, Any], dict[str, Any]] | None:
+    """(copies, inputs, every node's value) of the first probe size that runs: 2 copies of the
+    example's samples, else 1; None when neither does."""
     for copies in (2, 1):
         inputs = _probe_inputs(probe, copies)
         if inputs is None:
             return None
         try:
-            return copies, inputs, _run(probe, inputs, outputs)
+            return copies, inputs, _run(probe, inputs, None)
         except Exception as error:  # noqa: BLE001 - any failure only makes the marking coarser
             _log.info("PROM convert: NaN probe of %s at %dx the example's samples failed (%s)",
                       type(probe).__name__, copies, error)
@@ -138,7 +174,7 @@ def nan_reach(gm: fx.GraphModule) -> dict[str, dict[str, str]]:
     if not placeholders:
         return {name: {} for name in outputs}
     probe = copy.deepcopy(gm).eval()
-    run = _clean_run(probe, outputs)
+    run = _clean_run(probe)
     if run is None:
         return {name: {p.name: ALL for p in placeholders} for name in outputs}
     copies, inputs, clean = run
@@ -148,7 +184,7 @@ def nan_reach(gm: fx.GraphModule) -> dict[str, dict[str, str]]:
         row = min(_ROW, count * copies - 1)
         start, stop = (row // count * count, row // count * count + count) if copies == 2 else (row, row + 1)
         try:
-            poisoned = _run(probe, {**inputs, p.name: _with_nan(inputs[p.name], row)}, outputs)
+            poisoned = _run(probe, {**inputs, p.name: _with_nan(inputs[p.name], row)}, outputs, clean)
         except Exception as error:  # noqa: BLE001
             _log.info("PROM convert: NaN probe of input %s failed (%s); it marks whole outputs", p.name, error)
             poisoned = None

@@ -113,3 +113,34 @@ def test_integer_model_stays_in_eval_mode():
         assert not any(m.training for m in integer.modules())
         assert torch.equal(integer(x), before)
     assert all(torch.equal(state[k], v) for k, v in integer.state_dict().items())
+
+
+class _Deformable(nn.Module):
+    """Offsets predicted from the features, as deformable detectors do: torchvision's CPU
+    deform_conv2d reads memory at NaN offsets and kills the process (SIGSEGV)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torchvision.ops import DeformConv2d
+
+        self.stem, self.offsets = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 18, 3, padding=1)
+        self.deform = DeformConv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = torch.relu(self.stem(x))
+        return self.deform(y, self.offsets(y))
+
+
+def test_the_nan_probe_never_runs_torchvision_ops_on_nan():
+    """convert's NaN probe fed a NaN sample through the model: a model with a DeformConv2d, which
+    runs on every finite input, crashed convert (and ``optimize(...).cost_after``) with a segfault.
+    NaN reaching such an op now reaches the whole output, as no run can say where it would go."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 12, 12)
+    qat, integer = _integer(_Deformable(), x)
+    probe = fxslim.prepare(_Deformable().eval(), (x,))
+    assert nan_reach(probe) == {"deform": {"x": ALL}}
+    with torch.no_grad():
+        clean = torch.randn(3, 3, 12, 12)
+        assert (integer(clean) - qat(clean)).abs().max() < 0.1 * qat(clean).abs().max()
+        assert integer(torch.full((2, 3, 12, 12), float("nan"))).isnan().all()
