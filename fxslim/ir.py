@@ -531,7 +531,9 @@ def _conv_view(node: fx.Node, gm: fx.GraphModule, ir: IR) -> ConvView | None:
     wshape = _attr_shape(gm, args["weight"])
     if wshape is None or len(wshape) != 4:
         return None  # conv1d/conv3d or unknown weight shape: not a 2-D conv view
-    groups = int(args["groups"])
+    if not isinstance(args["groups"], int):
+        return None  # computed in forward (timm's CondConv2d: groups = batch): no fixed layer to view
+    groups = args["groups"]
     kernel = (int(wshape[2]), int(wshape[3]))
     dilation = _pair(args["dilation"])
     padding, spec = resolve_padding(args["padding"], kernel, dilation)

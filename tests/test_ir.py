@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fxslim
 from fxslim.capture import capture, capture_dynamo
 from fxslim.ir import AttentionView, ConvView, LinearView, resolve_padding, views
 
@@ -130,3 +133,39 @@ def test_linear_view_rows_and_features(ir):
     lins = [v for v in views(gm) if isinstance(v, LinearView)]
     assert [(l.in_features, l.out_features, l.rows) for l in lins] == [(16, 32, 35), (32, 4, 35)]
     assert lins[1].bias is None
+
+
+class _PerSampleConv(nn.Module):
+    """timm's CondConv2d: weights mixed per sample, the batch folded into channels, groups = batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.route = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 4)
+        self.experts = nn.Parameter(torch.randn(4, 8 * 8 * 9) * 0.1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        b, c, h, w = y.shape
+        weight = (torch.sigmoid(self.route(y.mean((2, 3)))) @ self.experts).view(b * 8, c, 3, 3)
+        return F.conv2d(y.reshape(1, b * c, h, w), weight, padding=1, groups=b).view(b, 8, h, w)
+
+
+def test_a_conv_whose_groups_forward_computes_is_no_layer_view():
+    """``groups=b`` is a node of the trace: taking it for an int raised a TypeError in optimize,
+    prepare and estimate. It is no fixed layer, so no pass rewrites it, and it is counted by its shapes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = _PerSampleConv().eval()
+    for passes in (["haste"], ["prom"]):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = fxslim.optimize(model, torch.randn(1, 3, 16, 16), passes=passes)
+        assert all(e.fqn != "conv2d" for e in res.report.passes[0].entries)
+        x = torch.randn(2, 3, 16, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(res.module(x), model(x), rtol=0.1, atol=0.1)
+    for batch in (1, 3):
+        x = torch.randn(batch, 3, 16, 16)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            model(x)
+        assert fxslim.estimate(model, x).total.macs == counter.get_total_flops() // 2
