@@ -21,6 +21,7 @@ import copy
 import math
 import operator
 import re
+import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -30,6 +31,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import parametrize
 
 __all__ = [
     "IR",
@@ -298,7 +300,12 @@ class ParamRef:
         if self.node is not None:
             return self.node
         assert self.path is not None, "ParamRef without path or node"
-        return gm.graph.get_attr(self.path)
+        owner, _, name = self.path.rpartition(".")
+        with warnings.catch_warnings():
+            if parametrize.is_parametrized(attribute(gm, owner, None), name):  # recomputed at every read:
+                # a property, which fx warns is no parameter of the graph (yet the get_attr reads it)
+                warnings.filterwarnings("ignore", message="Attempted to insert a get_attr Node")
+            return gm.graph.get_attr(self.path)
 
     @property
     def shape(self) -> tuple | None:

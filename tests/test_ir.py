@@ -169,3 +169,18 @@ def test_a_conv_whose_groups_forward_computes_is_no_layer_view():
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             model(x)
         assert fxslim.estimate(model, x).total.macs == counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("wrap", ["weight_norm", "spectral_norm"])
+def test_a_parametrized_weight_is_read_without_an_fx_warning(wrap, recwarn):
+    """A parametrized conv's weight is a property: the rewrite reads it through a get_attr (so it
+    follows the parametrization), and fx warned the user to register it, which nobody can act on."""
+    from torch.nn.utils import parametrizations
+
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), getattr(parametrizations, wrap)(nn.Conv2d(16, 16, 3, padding=1)))
+    res = fxslim.optimize(model.eval(), torch.randn(2, 3, 16, 16), passes=["haste:L=48,s=0"])
+    assert res.report.rewritten("haste") == 1
+    assert not [w for w in recwarn if "get_attr" in str(w.message)]
+    x = torch.randn(1, 3, 20, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), model(x), rtol=1e-4, atol=1e-5)
