@@ -566,3 +566,31 @@ def test_symbolic_formulas_keep_a_branch_on_a_size_of_1_when_sizes_are_propagate
     assert report.evaluate(h=13, w=13).total.flops == fxslim.estimate(model, torch.randn(1, 3, 13, 13)).total.flops
     with pytest.raises(ValueError, match="breaks it"):
         report.evaluate(h=32, w=32)
+
+
+class _BatchGroups(nn.Module):
+    """timm's CondConv2d folds the batch into channels: groups = batch, a size of the input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 4, 3, 3))
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        out = F.conv2d(x.reshape(1, b * c, h, w), self.weight.repeat(b, 1, 1, 1), padding=1, groups=b)
+        return out.view(b, 8, h, w)
+
+
+def test_symbolic_formulas_of_a_conv_grouped_by_the_batch():
+    """``int(groups)`` pinned the batch after the check for pins: the formula had no b and was wrong
+    at every other batch, silently. The MACs do not need groups; whether the conv is grouped does,
+    and changes at batch 1, so a symbolic batch is refused and symbolic image sizes still work."""
+    with pytest.raises(ValueError, match="groups follow the input sizes.*sweep"):
+        fxslim.estimate(_BatchGroups(), (torch.randn(2, 4, 16, 16),), symbolic={"b": 0})
+    report = fxslim.estimate(_BatchGroups(), (torch.randn(2, 4, 16, 16),), symbolic={"h": 2, "w": 3})
+    for h, w in ((16, 16), (9, 31)):
+        x = torch.randn(2, 4, h, w)
+        with FlopCounterMode(display=False) as counter:
+            _BatchGroups()(x)
+        assert report.evaluate(h=h, w=w).total.macs == counter.get_total_flops() // 2 == fxslim.estimate(
+            _BatchGroups(), (x,)).total.macs

@@ -109,14 +109,19 @@ def matmul_cost(call: OpCall) -> OpCost:
 # Convolutions
 
 
-def conv_kind_of(x: TensorSpec, w: TensorSpec, groups: int, transposed: bool) -> str:
+def conv_kind_of(x: TensorSpec, w: TensorSpec, groups: Any, transposed: bool) -> str:
     """The kind of a conv from its shapes (``fxslim.ir.conv_kind``; a non-2-D conv is 'conv')."""
     if len(w.shape) != 4 and not transposed:
         return "conv"
+    if isinstance(groups, torch.SymInt) and groups.node.expr.free_symbols and not transposed:
+        raise ValueError("symbolic: a conv's groups follow the input sizes (groups = batch, as timm's CondConv2d "
+                         "folds the batch into channels), so whether it is a grouped conv changes with them; "
+                         "cost the sizes you need one by one (fxslim.cost_model.sweep)")
     return conv_kind(tuple(w.shape[2:]), groups, x.shape[1], transposed)
 
 
-def _conv(call: OpCall, transposed: bool, groups: int) -> OpCost:
+def _conv(call: OpCall, transposed: bool, groups: Any) -> OpCost:
+    """``groups`` as the call gives it: never made an int, which would pin a symbolic size."""
     x, w = call.args[0], call.args[1]
     out = _out(call)
     # [n, c_in, *s] * [c_out, c_in/g, *k] -> [n, c_out, *s']; transposed: w is [c_in, c_out/g, *k] over s
@@ -129,21 +134,21 @@ def _conv(call: OpCall, transposed: bool, groups: int) -> OpCost:
 def convolution_cost(call: OpCall) -> OpCost:
     """N·C_out·(C_in/groups)·prod(kernel)·prod(out spatial) MACs (transposed: over the input positions).
     Ignores: the bias addition, padding (padded positions are counted as MACs)."""
-    return _conv(call, bool(_arg(call, 6, "transposed", False)), int(_arg(call, 8, "groups", 1)))
+    return _conv(call, bool(_arg(call, 6, "transposed", False)), _arg(call, 8, "groups", 1))
 
 
 @register_cost(aten.conv1d, aten.conv2d, aten.conv3d, kind="conv")
 def conv_nd_cost(call: OpCall) -> OpCost:
     """aten.conv{1,2,3}d (export IR): as ``convolution``.
     Ignores: the bias addition, padding."""
-    return _conv(call, False, int(_arg(call, 6, "groups", 1)))
+    return _conv(call, False, _arg(call, 6, "groups", 1))
 
 
 @register_cost(*_ops(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d")), kind="transposed_conv")
 def conv_transpose_cost(call: OpCall) -> OpCost:
     """aten.conv_transpose{1,2,3}d (export IR): as a transposed ``convolution``.
     Ignores: the bias addition, output padding."""
-    return _conv(call, True, int(_arg(call, 6, "groups", 1)))
+    return _conv(call, True, _arg(call, 6, "groups", 1))
 
 
 # ----------------------------------------------------------------------------------------------
