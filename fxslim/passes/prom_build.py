@@ -167,10 +167,14 @@ def _quantizer(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
 
 
 def _attribute(gm: fx.GraphModule, path: str) -> Any:
-    """A detached copy of the tensor at ``path``, or the float copy of the module there (``float_module``)."""
+    """A detached copy of the tensor at ``path`` (a parameter stays one, frozen: a float island's
+    weights are the model's weights, which the cost model and ``parameters()`` count), or the float
+    copy of the module there (``float_module``)."""
     value = gm
     for part in path.split("."):
         value = getattr(value, part)
+    if isinstance(value, nn.Parameter):
+        return nn.Parameter(value.detach().clone(), requires_grad=False)
     return value.detach().clone() if isinstance(value, Tensor) else float_module(value)
 
 

@@ -59,3 +59,27 @@ def test_tied_weights_are_one_tensor_in_params_and_storage():
     report = fxslim.estimate(model, (torch.randint(0, 100, (2, 5)),))
     assert report.total.params == 1600 == sum(p.numel() for p in model.parameters())
     assert report.total.storage_bytes == 4 * 1600
+
+
+class _OwnForwardLinear(nn.Linear):
+    """timm's Linear: an nn.Linear subclass with its own forward, which PROM leaves in float."""
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def test_weights_a_prom_integer_model_keeps_in_float_are_counted():
+    """A float island's traced-through weights became buffers in the integer model, and the cost
+    model counts parameters: the classifier kept its MACs but lost its 257,000 weights from params
+    and storage (4.7 kB counted beside a 1 MB file)."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 256, 1),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), _OwnForwardLinear(256, 1000)).eval()
+    res = fxslim.optimize(model, torch.randn(1, 3, 32, 32), passes=["prom"])
+    assert [e.reason for e in res.report.entries() if e.fqn == "5"] == ["not_a_module"]
+    integer = res.deployed
+    weight = dict(integer.named_parameters())["5.weight"]
+    assert not weight.requires_grad
+    row = next(r for r in res.cost_after.rows if r.fqn == "5" and r.macs)
+    assert row.params == 257_000 and row.storage_bits == 257_000 * 32
+    assert res.cost_after.total.storage_bytes > 257_000 * 4
+    assert res.saved_bytes[1] > res.cost_after.total.storage_bytes > 0.9 * res.saved_bytes[1]
