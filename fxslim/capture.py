@@ -48,12 +48,15 @@ from fxslim.ir import (
 )
 from fxslim.hooks import HookedGraphModule, copy_hooks, has_hooks, hooked_modules, hooks_silenced
 from fxslim.propagate import propagate
+from fxslim.tensor_attributes import KnownAttributes, TypedProxy, specs
 from fxslim.warn import warn_user
 
 __all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of",
            "is_input_guard", "is_mode_check"]
 
 _log = logging.getLogger(__name__)
+# a module's first call: (args, kwargs) as ``specs``, and what a submodule gave by its path under the module
+Example = Callable[[], "tuple[tuple, dict, Callable[[str], Any]] | None"]
 
 
 class CaptureError(RuntimeError):
@@ -100,10 +103,14 @@ class _LeafTracer(fx.Tracer):
     """A Tracer whose leaves are torch.nn modules, ``fxslim_leaf`` classes and the caller's
     ``leaf_modules``."""
 
-    def __init__(self, leaf_modules: Sequence[type] = ()) -> None:
+    def __init__(self, leaf_modules: Sequence[type] = (), example: Example | None = None) -> None:
         super().__init__(autowrap_functions=_timm_notrace_functions(), param_shapes_constant=True)
         self._leaf_types = tuple(leaf_modules)
         self._depth, self.last_type = 0, None  # last_type: of the last whole argument, the output once traced
+        self.known = None if example is None else KnownAttributes(self, example)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        return TypedProxy(node, self)  # a tensor's dtype and device, from the example (``tensor_attributes``)
 
     def create_arg(self, a: Any) -> Any:
         self._depth += 1
@@ -135,7 +142,8 @@ def _timm_notrace_functions() -> tuple[Any, ...]:
     return tuple(get_notrace_functions())
 
 
-def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: dict[str, Any] | None = None) -> fx.GraphModule:
+def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: dict[str, Any] | None = None,
+          example: Example | None = None) -> fx.GraphModule:
     """Symbolic trace of a deep copy of ``module`` (the argument is never traced itself).
 
     Raises ``UnfaithfulTrace`` when forward writes into a parameter or buffer outside any leaf
@@ -144,7 +152,9 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     The GraphModule keeps every parameter and buffer of ``module``, used or not, so its
     state_dict has the same keys. ``concrete_args``: forward arguments traced at a fixed value
     (the defaults the example does not give, so ``if mask is not None`` takes the example's branch),
-    each guarded in the graph and keeping its name (``_guard_concrete_args``).
+    each guarded in the graph and keeping its name (``_guard_concrete_args``). ``example``: gives
+    the (args, kwargs) of the module's example call (``specs``), for the dtype and device of
+    traced tensors (``fxslim.tensor_attributes``).
     Where forward passes ``self.training`` on as an argument (dropout), the GraphModule follows its
     own ``.train()``/``.eval()``; other branches on it are traced in the current mode, which
     ``gm.meta[META_FROZEN_MODE]`` then names ("train" or "eval"; ``_follow_training``).
@@ -153,7 +163,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     versions, attributes, values = _tensor_versions(root), _attribute_ids(root), _attribute_values(root)
     # a draw no Proxy reaches (torch.rand(()), random.random()) runs once, now: a branch on it would
     # take the same way forever (stochastic depth written ``if self.training and torch.rand(()) < p``)
-    tracer = _LeafTracer(leaf_modules)
+    tracer = _LeafTracer(leaf_modules, example)
     with generators.kept(root) as moved, _autocast_entries() as autocasts:
         graph = tracer.trace(root, concrete_args=concrete_args or None)
         drew = moved()
@@ -180,7 +190,7 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
                   "after the rewrite they keep the value they had before (return them from forward, or read them "
                   "from the original model)")
         _put_back(root, values, stored)  # they hold this graph's Proxies: a second trace would read them
-    frozen = _follow_training(module, root, graph, leaf_modules, concrete_args)
+    frozen = _follow_training(module, root, graph, leaf_modules, concrete_args, example)
     if frozen is not None:
         _check_mode_at_run_time(graph, frozen, type(module).__name__)
     gm = (HookedGraphModule if has_hooks(root) else fx.GraphModule)(root, graph, type(module).__name__)
@@ -229,7 +239,7 @@ def _autocast_entries() -> Iterator[list[Any]]:
 
 
 def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_modules: Sequence[type],
-                     concrete_args: dict[str, Any] | None) -> str | None:
+                     concrete_args: dict[str, Any] | None, example: Example | None = None) -> str | None:
     """Make ``graph`` (of ``root``, the copy of ``module``, traced in its current mode) follow
     ``.train()``/``.eval()`` of the GraphModule built from it; returns the mode it stays frozen in
     ("train" or "eval") where it cannot, else None.
@@ -250,7 +260,7 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
         m.training = not flags[m]
     try:
         with generators.kept(root) as moved, _autocast_entries() as autocasts:
-            other = _LeafTracer(leaf_modules).trace(root, concrete_args=concrete_args or None)
+            other = _LeafTracer(leaf_modules, example).trace(root, concrete_args=concrete_args or None)
             if moved() or autocasts:  # a draw decided while tracing (stochastic depth in train mode): one way
                 other = None  # forever; an autocast context, which the graph would not enter
     except Exception:  # tracing runs arbitrary user code: the other mode does not trace
@@ -666,9 +676,20 @@ class _Blockers:
     submodule (by path) to trace as constants (``defaults_in_both_modes``; the example is only run
     once a submodule is to be traced apart)."""
 
-    defaults: Callable[[], dict[str, dict[str, Any]]]
+    defaults: Callable[[], SubmoduleCalls]
+    root_example: Example | None = None
     found: dict[type, str] = field(default_factory=dict)
     traced: set[int] = field(default_factory=set)
+
+    def example(self, path: str) -> Example:
+        """The example call of the module at ``path`` (the root's is the caller's example): its
+        (args, kwargs), and what each submodule it calls gave (by path under it)."""
+        def call() -> tuple[tuple, dict, Callable[[str], Any]] | None:
+            found = self.root_example() if not path else self.defaults().inputs.get(path)
+            if found is None:
+                return None
+            return (*found, lambda target: self.defaults().outputs.get(f"{path}.{target}" if path else target))
+        return call
 
 
 def _traced_constants(state: _Blockers, path: str) -> dict[str, Any]:
@@ -696,6 +717,8 @@ def defaults_in_both_modes(model: nn.Module, example_inputs: Sequence[Any]) -> S
         calls = record_calls(runner, example_inputs)
         first = {path: c.default_args for path, c in calls.items()}
         both_ways = {path: tuple(sorted(c.both_ways)) for path, c in calls.items() if c.both_ways}
+        inputs = {path: specs((c.args, c.kwargs)) for path, c in calls.items()}
+        outputs = {path: specs(c.outputs) for path, c in calls.items()}
         try:
             with warnings.catch_warnings():  # a module's own train() may warn: this flip is fxslim's, on a copy
                 warnings.simplefilter("ignore")
@@ -703,9 +726,9 @@ def defaults_in_both_modes(model: nn.Module, example_inputs: Sequence[Any]) -> S
             second = record_calls(runner, example_inputs)
         except Exception:  # noqa: BLE001 - the model's own code, in the mode the caller did not pick
             return SubmoduleCalls({path: {k: v for k, v in args.items() if v is None} for path, args in first.items()},
-                                  both_ways)
+                                  both_ways, inputs, outputs)
     return SubmoduleCalls({path: {k: v for k, v in args.items() if path not in second or k in second[path].default_args}
-                           for path, args in first.items()}, both_ways)
+                           for path, args in first.items()}, both_ways, inputs, outputs)
 
 
 class SubmoduleCalls(NamedTuple):
@@ -716,10 +739,12 @@ class SubmoduleCalls(NamedTuple):
 
     constants: dict[str, dict[str, Any]]
     both_ways: dict[str, tuple[str, ...]]
+    inputs: dict[str, tuple[tuple, dict]]  # the first call's (args, kwargs), as ``specs``
+    outputs: dict[str, dict[str, Any]]  # by ``call_signature``, the first output (``specs``) of such calls
 
 
 def _trace_apart(module: nn.Module, leaf_modules: tuple[type, ...], concrete_args: dict[str, Any],
-                 both_ways: tuple[str, ...] = ()) -> fx.GraphModule:
+                 both_ways: tuple[str, ...] = (), example: Example | None = None) -> fx.GraphModule:
     """``trace`` with ``concrete_args``, else without them: fx cannot write some signatures with a
     constant (a keyword-only argument after ``*args`` gets a default before one without). A module
     the example calls with and without an optional argument (``both_ways``) is refused."""
@@ -727,11 +752,11 @@ def _trace_apart(module: nn.Module, leaf_modules: tuple[type, ...], concrete_arg
         raise UnfaithfulTrace(f"called with and without {', '.join(map(repr, both_ways))}: a trace would take "
                               "'is None' one way for every call")
     try:
-        return trace(module, leaf_modules, concrete_args)
+        return trace(module, leaf_modules, concrete_args, example)
     except Exception:  # tracing runs arbitrary user code: retry without the constants, else fail as it does
         if not concrete_args:
             raise
-        return trace(module, leaf_modules)
+        return trace(module, leaf_modules, example=example)
 
 
 def _find_blockers(module: nn.Module, path: str, leaf_modules: tuple[type, ...], state: _Blockers) -> None:
@@ -745,7 +770,7 @@ def _find_blockers(module: nn.Module, path: str, leaf_modules: tuple[type, ...],
             continue  # containers are never called; their items are
         try:
             _trace_apart(child, leaf_modules + tuple(state.found), _traced_constants(state, child_path),
-                         state.defaults().both_ways.get(child_path, ()))
+                         state.defaults().both_ways.get(child_path, ()), state.example(child_path))
             state.traced.add(id(child))
         except Exception as exc:  # tracing runs arbitrary user code: any failure means "not traceable"
             state.found[type(child)] = short_reason(exc)
@@ -763,7 +788,8 @@ def _trace_largest(
     leaf_modules = tuple(leaf_modules)
     try:
         # the root is called once, by the caller (and a submodule's calls are only run for once it is traced apart)
-        gm = _trace_apart(module, leaf_modules, concrete_args, state.defaults().both_ways.get(path, ()) if path else ())
+        gm = _trace_apart(module, leaf_modules, concrete_args, state.defaults().both_ways.get(path, ()) if path else (),
+                          state.example(path))
         traced.append((path, gm))
         _trace_inside_hooked(module, gm, path, leaf_modules, traced, untraced, state)
         return
@@ -773,7 +799,7 @@ def _trace_largest(
     blockers = state.found
     if blockers and type(module) not in blockers:
         try:
-            gm = trace(module, leaf_modules + tuple(blockers), concrete_args)
+            gm = trace(module, leaf_modules + tuple(blockers), concrete_args, state.example(path))
         except Exception:  # the module's own code does not trace either
             gm = None
         if gm is not None:
@@ -1145,7 +1171,9 @@ def capture(
     traced: list[tuple[str, fx.GraphModule]] = []
     untraced: list[tuple[str, str]] = []
     defaults = functools.cache(lambda: defaults_in_both_modes(model, example_inputs))
-    _trace_largest(model, "", leaf_modules, traced, untraced, _constant_arguments(model, example_inputs), _Blockers(defaults))
+    root_example = functools.cache(lambda: specs(example_call(model, example_inputs)))
+    _trace_largest(model, "", leaf_modules, traced, untraced, _constant_arguments(model, example_inputs),
+                   _Blockers(defaults, root_example))
     if not traced:
         raise CaptureError(_untraceable_message(model, untraced, leaf_modules))
     if len(traced) == 1 and traced[0][0] == "":

@@ -128,9 +128,11 @@ class Calls:
     default_args: dict[str, Any]
     consistent: bool = True
     both_ways: set[str] = field(default_factory=set)  # None-default arguments None in one call, given in another
+    outputs: dict[str, Any] = field(default_factory=dict)  # the first output of each ``signature`` seen
 
 
-def _signature(args: tuple, kwargs: dict) -> Any:
+def call_signature(args: tuple, kwargs: dict) -> str:
+    """The shapes and dtypes of a call's tensors, and its other values: calls alike have equal ones."""
     def one(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             return ("tensor", tuple(value.shape), value.dtype)
@@ -140,19 +142,20 @@ def _signature(args: tuple, kwargs: dict) -> Any:
 
 
 def record_calls(root: nn.Module, example_inputs: Sequence[Any]) -> dict[str, Calls]:
-    """Run the example once and keep each submodule's calls by path (buffers restored after).
+    """Run the example once and keep each submodule's calls by path (buffers restored after), with
+    the first output of each different call.
 
     A module reachable under several paths (a RoPE shared by every block) has all its calls
     under each of them.
     """
     calls: dict[str, Calls] = {}
-    hooks = []
+    hooks, outputs = [], []
     for path, module in root.named_modules(remove_duplicate=False):
         if not path:
             continue
 
         def hook(mod: nn.Module, args: tuple, kwargs: dict, _path: str = path) -> None:
-            signature = _signature(args, kwargs)
+            signature = call_signature(args, kwargs)
             default_args = _default_args(mod, args, kwargs)
             seen = calls.get(_path)
             if seen is None:
@@ -164,8 +167,18 @@ def record_calls(root: nn.Module, example_inputs: Sequence[Any]) -> dict[str, Ca
             seen.both_ways |= {name for name, v in seen.default_args.items() if v is None} ^ nones
             seen.default_args = {name: v for name, v in seen.default_args.items() if name in default_args}
 
+        def output_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any, _path: str = path) -> None:
+            seen = calls.get(_path)
+            if seen is not None:
+                seen.outputs.setdefault(call_signature(args, kwargs), output)
+
         hooks.append((module, hook))
-    run_example(root, hooks, example_inputs)
+        outputs.append(module.register_forward_hook(output_hook, with_kwargs=True))
+    try:
+        run_example(root, hooks, example_inputs)
+    finally:
+        for handle in outputs:
+            handle.remove()
     return calls
 
 

@@ -57,6 +57,8 @@ class RoPE2D(nn.Module):
 
 
 class Attention(nn.Module):
+    kernel_by_dtype = False  # π³ picks the SDPA kernel by the dtype (pi3/models/layers/attention.py)
+
     def __init__(self, dim: int, heads: int, rope: RoPE2D | None) -> None:
         super().__init__()
         self.heads = heads
@@ -74,7 +76,15 @@ class Attention(nn.Module):
         if self.rope is not None:
             q = self.rope(q, pos)
             k = self.rope(k, pos)
-        x = F.scaled_dot_product_attention(q, k, v)
+        if self.kernel_by_dtype and q.dtype == torch.bfloat16:
+            with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.FLASH_ATTENTION):
+                x = F.scaled_dot_product_attention(q, k, v)
+        elif self.kernel_by_dtype:
+            backends = [torch.nn.attention.SDPBackend.MATH, torch.nn.attention.SDPBackend.EFFICIENT_ATTENTION]
+            with torch.nn.attention.sdpa_kernel(backends):
+                x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            x = F.scaled_dot_product_attention(q, k, v)
         return self.proj(x.transpose(1, 2).reshape(B, N, C))
 
 
@@ -229,6 +239,9 @@ class Pi3Style(nn.Module):
         self.aggregator = Aggregator(dim, heads, depth, patch, registers, camera=False, reference_frame=False)
         self.camera_head = CameraHead(dim, heads, 12)
         self.point_head = DenseHead(dim, patch, 3)
+        for module in self.modules():
+            if isinstance(module, Attention):
+                module.kernel_by_dtype = True
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         if len(images.shape) == 4:

@@ -743,3 +743,56 @@ def test_a_module_used_at_two_places_keeps_one_weight_in_parts_traced_apart():
         shared = [w for name, w in weights.items() if name.startswith(("shared.0.", "other.c.0.")) and name.endswith("weight")]
         assert len(shared) == 2 and shared[0] is shared[1]
     assert model.shared is model.other.c  # the caller's model is as it was
+
+
+class _KernelByDtype(nn.Module):
+    """Research code choosing a path by a traced tensor's dtype and device (π³'s attention picks its
+    SDPA kernel with ``if q.dtype == torch.bfloat16``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.conv = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        y = self.stem(x)
+        if y.dtype == torch.bfloat16 or y.is_cuda:
+            y = y.float().relu()
+        elif y.device.type == "cpu":
+            y = torch.tanh(y)
+        return self.conv(y)
+
+
+def test_a_branch_on_a_traced_dtype_or_device_takes_the_examples_way_and_is_guarded(tmp_path):
+    """A dtype or device read made the whole module an opaque leaf (HTTM never saw π³'s global
+    attention). It is read from the example now, and a call of another dtype raises."""
+    model = _KernelByDtype().eval()
+    x = torch.randn(2, 3, 16, 16)
+    res = fxslim.optimize(model, (x,), passes=["haste:L=48,s=0"])
+    assert res.report.untraced == [] and res.report.rewritten("haste") == 1
+    guards = [n for n in res.module.graph.nodes if n.op == "call_function" and "check_traced_attribute" in str(n.target)]
+    assert {n.args[1] for n in guards} == {"dtype", "is_cuda", "device"}
+    other = torch.randn(1, 3, 20, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(other), model(other), rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="dtype torch.float32.*this call gives dtype torch.float64"):
+            copy.deepcopy(res.module).double()(other.double())
+    torch.save(res.module, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=False)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(other), res.module(other))
+        with pytest.raises(ValueError, match="dtype"):
+            loaded.double()(other.double())
+        loaded.float()
+        torch.testing.assert_close(torch.compile(res.module, backend="eager")(other), res.module(other))
+
+
+def test_a_dtype_read_after_a_data_dependent_op_still_keeps_the_module_eager():
+    class Masked(nn.Module):
+        def forward(self, x):
+            kept = x[x > 0]  # its size is the data's: the fake run cannot give it
+            return x * 2 if kept.dtype == torch.float32 else x
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        captured = capture(nn.Sequential(nn.Conv2d(3, 3, 1), Masked()), (torch.randn(1, 3, 8, 8),))
+    assert any(path == "1" for path, _ in captured.untraced)

@@ -20,7 +20,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "fxslim"
 
 # bottom first; names are the part after "fxslim." ("" is the package facade fxslim/__init__.py)
 LAYERS: list[tuple[str, ...]] = [
-    ("ir", "inplace", "export_parts", "run_state", "propagate", "capture", "config", "policy", "warn", "hooks", "modes", "generators",
+    ("ir", "inplace", "export_parts", "run_state", "propagate", "tensor_attributes", "capture", "config", "policy", "warn", "hooks", "modes", "generators",
      "progress"),
     ("runtime",),
     ("passes",),
