@@ -401,7 +401,9 @@ def kernel_fits(source: Source, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> 
         for view in views(graph.gm):
             x = meta_val(view.input) if isinstance(view, ConvView) else None
             if isinstance(x, torch.Tensor) and x.dim() >= 3 and not view.transposed and view.padding_spec != "same":
-                convs.append((x.shape[2:], view.kernel, view.padding, view.dilation))
+                padding, dilation = tuple(map(_number, view.padding)), tuple(map(_number, view.dilation))
+                if None not in padding + dilation:  # a padding forward computes is its formula
+                    convs.append((x.shape[2:], view.kernel, padding, dilation))
     recorded = [op for ops in source.recorded.values() for op in ops]  # the graphs' 1-D and 3-D convs too
     recorded += [op for ops in (source.eager or {}).values() for op in ops]
     recorded += [op for calls in source.repeats.values() for ops in calls for op in ops]
@@ -415,12 +417,22 @@ def kernel_fits(source: Source, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> 
             if expr is None or not expr.free_symbols or not expr.free_symbols <= named:
                 continue
             fits = sympy.Ge(expr + 2 * pad, d * (k - 1) + 1)
+            if not fits.free_symbols <= named:
+                continue
             if fits.xreplace({s: 1 for s in expr.free_symbols}) is sympy.true:
                 continue  # holds at size 1, so at every size: the input grows with the named sizes
             renamed = fits.xreplace(dict(rename))
             if renamed not in out:
                 out.append(renamed)
     return tuple(out)
+
+
+def _number(value: Any) -> Any:
+    """An int, or the formula of a size a graph node computed (its SymInt); None for anything else."""
+    value = meta_val(value) if isinstance(value, fx.Node) else value
+    if isinstance(value, torch.SymInt):
+        return value.node.expr
+    return value if isinstance(value, int) else None
 
 
 def _check_not_specialised(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol]) -> None:

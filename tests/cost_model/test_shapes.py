@@ -594,3 +594,27 @@ def test_symbolic_formulas_of_a_conv_grouped_by_the_batch():
             _BatchGroups()(x)
         assert report.evaluate(h=h, w=w).total.macs == counter.get_total_flops() // 2 == fxslim.estimate(
             _BatchGroups(), (x,)).total.macs
+
+
+class _PadFromSize(nn.Module):
+    """'same'-style padding written by hand: the padding is a size forward computes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(8, 4, 3, 3))
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, padding=x.shape[-1] // 16)
+
+
+def test_symbolic_formulas_of_a_conv_padded_by_a_computed_size():
+    """The kernel-fits condition added the padding node itself to a formula: a TypeError."""
+    report = fxslim.estimate(_PadFromSize(), (torch.randn(2, 4, 32, 32),), symbolic={"w": 3})
+    assert len(report.valid_where) == 1
+    with pytest.raises(ValueError, match="hold where"):
+        report.evaluate(w=2)
+    for w in (3, 17, 47):
+        x = torch.randn(2, 4, 32, w)
+        with FlopCounterMode(display=False) as counter:
+            _PadFromSize()(x)
+        assert report.evaluate(w=w).total.macs == counter.get_total_flops() // 2
