@@ -27,7 +27,7 @@ from fxslim.cost_model.registry import (
 )
 from fxslim.cost_model.shapes import NodeRunner, Source
 from fxslim.cost_model.views import attention_bias_adds, view_cost
-from fxslim.ir import AttentionView, META_PLACEHOLDER_FQNS, META_PREFIX, View, attribute, meta_val, node_fqn, views
+from fxslim.ir import AttentionView, ConvView, LinearView, META_PLACEHOLDER_FQNS, META_PREFIX, View, attribute, meta_val, node_fqn, views
 from fxslim.runtime.haste_counts import HasteBuckets
 
 __all__ = ["RawRow", "RawRowCounter", "is_zero"]
@@ -146,6 +146,7 @@ class RawRowCounter:
         self.haste_buckets = haste_buckets
         self.runner = NodeRunner(mode)
         self.seen_params: set[str] = set()
+        self.homes: dict[fx.Node, fx.Node] = {}  # of the graph being walked (``_weight_homes``)
         self.tied = _first_names(source.captured.module)
         self.unknown: dict[str, list[str]] = {}
 
@@ -214,6 +215,7 @@ class RawRowCounter:
             found[view.node] = view
             if isinstance(view, AttentionView):
                 consumed.update(n for n in view.nodes if n is not view.node)
+        self.homes = _weight_homes(gm, found)
         rows = []
         eager = {path for path, _ in self.source.captured.untraced}
         apart = {g.path for g in self.source.captured.graphs}
@@ -277,7 +279,9 @@ class RawRowCounter:
 
     def _params(self, graph: Graph, node: fx.Node) -> list[tuple[str, Any, torch.Tensor | None]]:
         """(name, tensor, real tensor) of the weights a node reads, each counted once. Parameters
-        only, except for custom ops, whose weights may be buffers (e.g. packed ternary codes)."""
+        only, except for custom ops, whose weights may be buffers (e.g. packed ternary codes). A
+        weight a conv or linear reads through a transform of weights alone is that layer's
+        (``_weight_homes``), not the transform's."""
         gm = graph.gm
         prefix = f"{graph.path}." if graph.path else ""
         found: list[tuple[str, Any]] = []
@@ -286,7 +290,8 @@ class RawRowCounter:
             mod = gm.get_submodule(str(node.target))
             found = [(f"{node.target}.{n}", p) for n, p in mod.named_parameters()]
         else:
-            for arg in _flat_nodes((node.args, node.kwargs)):
+            args = [a for a in _flat_nodes((node.args, node.kwargs)) if self.homes.get(a, node) is node]
+            for arg in args + [a for a, home in self.homes.items() if home is node and a not in args]:
                 if arg.op == "get_attr":
                     value = attribute(gm, str(arg.target))
                     if isinstance(value, nn.Parameter) or (custom and isinstance(value, torch.Tensor)):
@@ -352,4 +357,30 @@ class RawRowCounter:
             cost = formula(self._call(func, args, kwargs, out, raw.fqn, {}))
             raw.add(cost, registered_kind(func))
 
+
+def _weight_homes(gm: fx.GraphModule, found: dict[fx.Node, View]) -> dict[fx.Node, fx.Node]:
+    """{weight node: the conv or linear node it is the weight of} for weights a layer reads through
+    ops on weights alone (timm's StdConv2d standardises its weight in forward: reshape, batch_norm,
+    reshape_as), so their storage takes the layer's format rather than the first reader's."""
+    weights: set[fx.Node] = set()  # nodes computed from weights (get_attr, parameter placeholders) alone
+    for node in gm.graph.nodes:
+        if node.op == "get_attr" or (node.op == "placeholder" and node.name in gm.meta.get(META_PLACEHOLDER_FQNS, {})):
+            weights.add(node)
+        elif node.op.startswith("call_") and node.all_input_nodes and all(a in weights for a in node.all_input_nodes):
+            weights.add(node)
+    homes: dict[fx.Node, fx.Node] = {}
+    for node, view in found.items():
+        ref = getattr(view, "weight", None)
+        start = getattr(ref, "node", None)
+        if not isinstance(view, (ConvView, LinearView)) or start is None or start not in weights or start.op in (
+                "get_attr", "placeholder"):
+            continue
+        stack = [start]
+        while stack:
+            n = stack.pop()
+            if n.op in ("get_attr", "placeholder"):
+                homes.setdefault(n, node)
+            else:
+                stack.extend(a for a in n.all_input_nodes if a in weights)
+    return homes
 

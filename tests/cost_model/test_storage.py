@@ -83,3 +83,20 @@ def test_weights_a_prom_integer_model_keeps_in_float_are_counted():
     assert row.params == 257_000 and row.storage_bits == 257_000 * 32
     assert res.cost_after.total.storage_bytes > 257_000 * 4
     assert res.saved_bytes[1] > res.cost_after.total.storage_bytes > 0.9 * res.saved_bytes[1]
+
+
+def test_a_weight_standardised_in_forward_is_stored_in_its_convs_format():
+    """timm's StdConv2d reads its weight through reshape and batch_norm: the weight was stored on the
+    reshape's row, at the ``params`` format, so ``deploy='prom'`` priced a ternary 1×1 conv's weight
+    as fp16 (2,048 bits where the plain conv's is 512)."""
+    from timm.layers import StdConv2d
+
+    x = torch.randn(1, 8, 20, 20)
+    for k in (1, 3):
+        plain = nn.Sequential(nn.Conv2d(8, 16, k, padding=k // 2, bias=False)).eval()
+        standardised = nn.Sequential(StdConv2d(8, 16, k, padding=k // 2, bias=False)).eval()
+        for deploy in ("int8", "prom"):
+            want = fxslim.estimate(plain, (x,), deploy=deploy)
+            got = fxslim.estimate(standardised, (x,), deploy=deploy)
+            assert got.total.storage_bits == want.total.storage_bits and got.total.params == want.total.params
+            assert [r.kind for r in got.rows if r.params] == [r.kind for r in want.rows if r.params]
