@@ -232,7 +232,7 @@ def propagate_symbolic(
         # the same path as at the example: no pin left, its conditions hold at the example, and the
         # example's other conditions (a branch on a size of 1 in the model's code) hold where it ran
         if (not found_pins and all(_holds(c, at_example) for c in found[3])
-                and all(_holds(c, at_retry) for c in first[3] if c not in pins)):
+                and all(_holds(c, at_retry) for c in first[3] if c not in pins and not _implied(c, pins))):
             return found
     return _propagate_at(source, example_inputs, dims, 1)[0]  # node meta and records of the pinned run again
 
@@ -370,6 +370,19 @@ def broadcast_pins(env: Any, rename: Mapping[sympy.Symbol, sympy.Symbol], checks
             if isinstance(guard.expr, sympy.Eq) and sympy.Integer(1) in guard.expr.args
             and guard.expr.free_symbols and guard.expr.free_symbols <= named and guard.expr not in checks
             and _guard_file(guard).startswith(_TORCH_DIR)}
+
+
+def _implied(condition: Any, pins: set) -> bool:
+    """Whether ``condition`` holds wherever the pins do: with each pinned size 1 it is true (r3d_18's
+    ``Eq(h'·t'·w', h'·w')`` beside the pin ``Eq(t', 1)``, a flatten of the size-1 time axis)."""
+    ones = {}
+    for pin in pins:
+        lhs, rhs = pin.args
+        ones[lhs if rhs == 1 else rhs] = sympy.Integer(1)
+    try:
+        return condition.xreplace(ones) is sympy.true
+    except (TypeError, ValueError):
+        return False
 
 
 def _guard_file(guard: Any) -> str:

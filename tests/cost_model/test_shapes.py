@@ -618,3 +618,16 @@ def test_symbolic_formulas_of_a_conv_padded_by_a_computed_size():
         with FlopCounterMode(display=False) as counter:
             _PadFromSize()(x)
         assert report.evaluate(w=w).total.macs == counter.get_total_flops() // 2
+
+
+def test_a_pinned_size_and_what_follows_from_it_are_freed_by_a_larger_example():
+    """r3d_18 at 8 frames: time is 1 after layer4 (a pin) and a flatten gives a second condition
+    that says the same; the run from twice the sizes was refused for it, so the pinned formulas
+    stayed and ``evaluate(t=16)`` refused a size the model runs."""
+    from torchvision.models import video
+
+    model = video.r3d_18(weights=None).eval()
+    report = fxslim.estimate(model, (torch.randn(1, 3, 8, 64, 64),), symbolic={"t": 2, "h": 3, "w": 4})
+    assert report.valid_where == ()
+    want = fxslim.estimate(model, (torch.randn(1, 3, 16, 64, 64),)).total.macs
+    assert report.evaluate(t=16, h=64, w=64).total.macs == want
