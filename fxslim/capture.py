@@ -167,9 +167,11 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     with generators.kept(root) as moved, _autocast_entries() as autocasts:
         graph = tracer.trace(root, concrete_args=concrete_args or None)
         drew = moved()
-    if autocasts:
+    if autocasts and not (tracer.known and tracer.known.inert(autocasts)):
         raise UnfaithfulTrace(f"{type(module).__name__}.forward enters torch.autocast, which a symbolic trace does "
                               "not record (the graph would run in the caller's precision); it stays eager")
+    if autocasts:  # for another device than the example's: the graph holds for the example's device only
+        tracer.known.guard_devices(graph)
     if tracer.last_type is collections.OrderedDict:
         graph.set_codegen(OrderedDictOutput())  # fx returns a plain dict
     if drew:
@@ -261,8 +263,9 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
     try:
         with generators.kept(root) as moved, _autocast_entries() as autocasts:
             other = _LeafTracer(leaf_modules, example).trace(root, concrete_args=concrete_args or None)
-            if moved() or autocasts:  # a draw decided while tracing (stochastic depth in train mode): one way
-                other = None  # forever; an autocast context, which the graph would not enter
+            if moved() or (autocasts and not (example and KnownAttributes.inert_for(autocasts, example))):
+                other = None  # a draw decided while tracing (stochastic depth in train mode): one way forever;
+                # an autocast context for the example's device, which the graph would not enter
     except Exception:  # tracing runs arbitrary user code: the other mode does not trace
         other = None
     finally:

@@ -85,6 +85,33 @@ class KnownAttributes:
         self.bound: dict[str, Any] | None = None
         self.outputs: Callable[[str], Any] = lambda target: None
 
+    def inert(self, autocasts: list[Any]) -> bool:
+        """Whether the ``torch.autocast`` contexts forward entered change nothing in the example's run:
+        each for a device none of its tensors is on (Fast3R wraps attention in ``autocast("cuda")``;
+        on the CPU it does nothing, where a symbolic trace, which records no autocast, would do the same)."""
+        return self.inert_for(autocasts, self.example)
+
+    @staticmethod
+    def inert_for(autocasts: list[Any], example: Callable[[], Any]) -> bool:
+        found = example()
+        devices = {s.device.type for s in pytree.tree_leaves(found[:2]) if isinstance(s, TensorSpec)} if found else set()
+        return bool(devices) and all(getattr(a, "device", None) not in devices for a in autocasts)
+
+    def guard_devices(self, graph: fx.Graph) -> None:
+        """Check the device of every tensor input against the example's: on another device, the
+        autocast contexts ``inert`` found would change what forward computes."""
+        if self.bound is None:
+            self.bound = self._bound()
+        where = type(self.tracer.root).__name__ + " (its forward enters torch.autocast for another device)"
+        placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+        if not placeholders:
+            return
+        with graph.inserting_after(placeholders[-1]):
+            for node in reversed(placeholders):
+                spec = self.bound.get(str(node.target).lstrip("*"))
+                if isinstance(spec, TensorSpec):
+                    graph.call_function(check_traced_attribute, (node, "device", spec.device, where))
+
     def read(self, proxy: fx.Proxy) -> Any:
         """The example's value of ``proxy`` (a fake tensor), ``_UNKNOWN`` where the fake run cannot say."""
         value = self._value(proxy.node)

@@ -429,6 +429,43 @@ def test_a_forward_entering_autocast_stays_eager():
     assert (got - want).abs().max() < 1e-5
 
 
+class _AttentionUnderCudaAutocast(nn.Module):
+    """Fast3R's attention as it ships: SDPA inside ``torch.autocast("cuda", dtype=torch.bfloat16)``,
+    then a branch on the dtype. On CPU tensors the CUDA autocast changes nothing."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(16, 48), nn.Linear(16, 16)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).reshape(x.shape[0], x.shape[1], 3, 2, 8).permute(2, 0, 3, 1, 4)
+        dtype = k.dtype
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = F.scaled_dot_product_attention(q, k, v)
+            if dtype == torch.float32:
+                y = y.to(torch.float32)
+        return self.proj(y.transpose(1, 2).reshape(x.shape))
+
+
+def test_an_autocast_for_another_device_than_the_examples_is_traced_and_the_device_guarded():
+    """It kept every Fast3R attention eager: HTTM saw none. The graph holds for the example's
+    device: a guard on each input's device (a CUDA call would autocast), and CPU autocast still
+    keeps a module eager (``test_a_forward_entering_autocast_stays_eager``)."""
+    import warnings
+
+    model, x = _AttentionUnderCudaAutocast().eval(), torch.randn(2, 10, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "CUDA is not available ... Disabling autocast"
+        captured = capture(model, (x,))
+        assert captured.untraced == []
+        (graph,) = captured.graphs
+        guards = [n.args[:3] for n in graph.gm.graph.nodes if "check_traced_attribute" in str(n.target)]
+        assert (graph.gm.graph.find_nodes(op="placeholder")[0], "device", torch.device("cpu")) in guards
+        other = torch.randn(3, 7, 16)
+        with torch.no_grad():
+            torch.testing.assert_close(graph.gm(other), model(other))
+
+
 class _InferenceOnly(nn.Module):
     """Refuses train mode in its own ``train()``."""
 
