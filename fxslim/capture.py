@@ -691,7 +691,8 @@ class _Blockers:
             found = self.root_example() if not path else self.defaults().inputs.get(path)
             if found is None:
                 return None
-            return (*found, lambda target: self.defaults().outputs.get(f"{path}.{target}" if path else target))
+            outputs = self.defaults().outputs  # runs the example now, outside any fake mode
+            return (*found, lambda target: outputs.get(f"{path}.{target}" if path else target))
         return call
 
 

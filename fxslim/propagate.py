@@ -56,7 +56,8 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
     names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
     if len(args) > len(names) and not any(str(t).startswith("*") for t in names):  # else silently dropped
         raise ValueError(f"example_inputs: the model takes {len(names)} input(s) {names}, got {len(args)}")
-    with torch.no_grad(), state_kept(gm) as put_back, hooks_silenced(gm), _fake_tensor_log_quiet():
+    with torch.no_grad(), state_kept(gm) as put_back, hooks_silenced(gm), _fake_tensor_log_quiet(), \
+            _autocast_cache_cleared():
         if real:
             _real_run(gm, args, mode or FakeTensorMode(allow_non_fake_inputs=True), around_node)
         elif not fake:
@@ -73,6 +74,17 @@ def propagate(gm: fx.GraphModule, args: Sequence[Any], *, mode: FakeTensorMode |
                     _real_run(gm, args, FakeTensorMode(allow_non_fake_inputs=True), around_node)
                 except Exception:
                     raise fake_error from None
+
+
+@contextlib.contextmanager
+def _autocast_cache_cleared() -> Iterator[None]:
+    """Under the caller's autocast, a fake run casts real weights and autocast caches the fake casts,
+    which the caller's next real op in that region would read: the cache is emptied after it."""
+    try:
+        yield
+    finally:
+        if torch.is_autocast_enabled("cpu") or torch.is_autocast_enabled("cuda"):
+            torch.clear_autocast_cache()
 
 
 def _real_run(gm: fx.GraphModule, args: Sequence[Any], mode: FakeTensorMode, around_node: AroundNode | None) -> None:

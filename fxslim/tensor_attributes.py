@@ -4,13 +4,15 @@ Why: research code branches on them (π³'s attention picks its SDPA kernel with
 torch.bfloat16``, Fast3R's checks ``if dtype == torch.float32``). To a symbolic trace ``q.dtype``
 is a Proxy, the branch raises, and the whole module stays an opaque leaf: HTTM never saw π³'s or
 Fast3R's global attention. What: a traced value whose ``dtype``, ``device`` or ``is_cuda`` is
-read gets it from the example: the graph traced so far runs on fake tensors made from the
-example's shapes, dtypes and devices (lazily, only up to the value read, so graphs that read
-none pay nothing). Passed to an op it stays a node (``device=x.device`` follows the tensor); a
-comparison or a truth test of it takes the example's branch, and ``check_traced_attribute`` in
-the graph then raises a ValueError when a later call's tensor has another dtype or device,
-instead of running the branch traced for the example's. A value the fake run cannot give (data-dependent
-ops, code that does not run on fake tensors) stays a Proxy, and the trace fails as before.
+read and compared (or taken for its truth) gets it from the example: the graph
+traced so far runs on fake tensors made from the example's shapes, dtypes and devices, torch's
+own functions only, a module giving what it gave in the example for such inputs (lazily, up to
+the value compared: graphs that compare none pay nothing). The trace takes the example's branch,
+and ``check_traced_attribute`` in the graph raises a ValueError when a later call's tensor has
+another dtype or device, instead of running the branch traced for the example's. Passed to an
+op the attribute stays a node (``device=x.device`` follows the tensor). A value the example
+cannot give (after a data-dependent op, or the user's own functions) stays a Proxy, and the
+trace fails as before.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import torch.fx._symbolic_trace as fx_trace
 import torch.utils._pytree as pytree
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import _disable_current_modes
 from torch.fx.node import has_side_effect
 
+from fxslim import generators
 from fxslim.export_parts import call_signature
-from fxslim.hooks import hooks_silenced
+from fxslim.hooks import has_hooks
 
 __all__ = ["TensorSpec", "specs", "TypedProxy", "KnownAttribute", "KnownAttributes", "check_traced_attribute"]
 
@@ -113,7 +117,7 @@ class KnownAttributes:
                     graph.call_function(check_traced_attribute, (node, "device", spec.device, where))
 
     def read(self, proxy: fx.Proxy) -> Any:
-        """The example's value of ``proxy`` (a fake tensor), ``_UNKNOWN`` where the fake run cannot say."""
+        """The example's value of ``proxy`` (a fake tensor), ``_UNKNOWN`` where the example cannot say."""
         value = self._value(proxy.node)
         return value if isinstance(value, torch.Tensor) else _UNKNOWN
 
@@ -127,10 +131,13 @@ class KnownAttributes:
 
     def _value(self, node: fx.Node) -> Any:
         if node not in self.values:
+            # the trace's own watch (``generators.kept``: a draw would keep the module eager) does not see
+            # the example's run nor this one: neither is the traced code
             if self.mode is None:
                 self.mode = FakeTensorMode(allow_non_fake_inputs=True)
-                self.bound = self._bound()
-            with self.mode, torch.no_grad(), _unpatched(), hooks_silenced(self.tracer.root):
+                with _disable_current_modes(), _unpatched():  # the example may run now (each module's calls
+                    self.bound = self._bound()  # are recorded once)
+            with _disable_current_modes(), _unpatched(), self.mode, torch.no_grad(), _no_autocast(), generators.kept():
                 for n in self.tracer.graph.nodes:  # in order: the graph so far, up to ``node``
                     if n not in self.values:
                         self.values[n] = self._evaluate(n)
@@ -152,96 +159,128 @@ class KnownAttributes:
         return dict(bound.arguments)
 
     def _evaluate(self, n: fx.Node) -> Any:
-        def fetch(a: fx.Node) -> Any:
-            return self.values.get(a, _UNKNOWN)
-
-        args, kwargs = fx.node.map_arg((n.args, n.kwargs), fetch)
+        """The example's value of ``n`` on fake tensors: torch's own functions and tensor methods run,
+        a module without hooks gives what it gave in the example for inputs of these shapes and
+        dtypes, and other code is not run (a cache it fills would keep fake tensors)."""
+        args, kwargs = fx.node.map_arg((n.args, n.kwargs), lambda a: self.values.get(a, _UNKNOWN))
         if any(v is _UNKNOWN for v in pytree.tree_leaves((args, kwargs))):
             return _UNKNOWN
-        root = self.tracer.root
         try:
             if n.op == "placeholder":  # a constant argument's is ``name_1`` and unknown: only its guard reads it
                 name = str(n.target).lstrip("*")
                 if self.bound is None or name not in self.bound:
                     return _UNKNOWN
-                return pytree.tree_map(lambda s: s.fake() if isinstance(s, TensorSpec) else s, self.bound[name])
+                return _fakes(self.bound[name])
             if n.op == "get_attr":
-                value: Any = root
+                value: Any = self.tracer.root
                 for part in str(n.target).split("."):
                     value = getattr(value, part)
-                return value
-            if n.op == "call_function":
+                return self.mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
+            if n.op == "call_function" and _torchs(n.target):
                 return n.target(*args, **kwargs)
-            if n.op == "call_method":
+            if n.op == "call_method" and isinstance(args[0], torch.Tensor):
                 return getattr(args[0], str(n.target))(*args[1:], **kwargs)
-            if n.op == "call_module":
-                return root.get_submodule(str(n.target))(*args, **kwargs)
-        except Exception:  # noqa: BLE001 - user code on fake tensors: the value is unknown, the trace decides
-            if n.op != "call_module":
-                return _UNKNOWN
-        # a leaf that does not run on fake tensors (a RoPE with a table keyed by values): what a call
-        # of it with tensors of these shapes and dtypes gave in the example
-        recorded = (self.outputs(str(n.target)) or {}).get(call_signature(args, kwargs))
-        if recorded is None:
+            if n.op == "call_module" and not has_hooks(self.tracer.root.get_submodule(str(n.target))):
+                # (the example's calls are recorded with hooks silenced: a hook may change the output)
+                recorded = (self.outputs(str(n.target)) or {}).get(call_signature(args, kwargs))
+                return _UNKNOWN if recorded is None else _fakes(recorded)
+        except Exception:  # noqa: BLE001 - torch's code on fake tensors (data-dependent ops): unknown
             return _UNKNOWN
-        return pytree.tree_map(lambda s: s.fake() if isinstance(s, TensorSpec) else s, recorded)
+        return _UNKNOWN
+
+
+def _fakes(value: Any) -> Any:
+    return pytree.tree_map(lambda s: s.fake() if isinstance(s, TensorSpec) else s, value)
+
+
+def _torchs(target: Any) -> bool:
+    """Whether a graph's function is torch's own (an op, ``torch.*``, ``F.*``) or an operator: code
+    that caches nothing of its arguments."""
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return True
+    module = getattr(target, "__module__", None) or ""
+    return module.split(".")[0] in ("torch", "_operator", "operator", "builtins") or module == "math"
+
+
+@contextlib.contextmanager
+def _no_autocast() -> Iterator[None]:
+    """The caller's autocast off: it would cast (and cache the casts of) real weights into fake ones.
+    Switched, not entered: an autocast context entered during a trace keeps the module eager."""
+    devices = [d for d in ("cpu", "cuda") if torch.is_autocast_enabled(d)]
+    for device in devices:
+        torch.set_autocast_enabled(device, False)
+    try:
+        yield
+    finally:
+        for device in devices:
+            torch.set_autocast_enabled(device, True)
 
 
 class TypedProxy(fx.Proxy):
-    """A Proxy whose ``dtype``, ``device`` and ``is_cuda`` are ``KnownAttribute``s where the example
-    gives them."""
+    """A Proxy whose ``dtype``, ``device`` and ``is_cuda`` are ``KnownAttribute``s."""
 
     def __getattr__(self, name: str) -> Any:
         known = getattr(self.tracer, "known", None)
         if name in ATTRIBUTES and known is not None:
-            value = known.read(self)
-            if value is not _UNKNOWN:
-                return KnownAttribute(self, name, getattr(value, name), functools.partial(known.guard, self, name))
+            return KnownAttribute(self, name, known)
         return super().__getattr__(name)
 
 
 class KnownAttribute(fx.proxy.Attribute):
-    """A traced tensor's ``dtype``, ``device`` or ``is_cuda`` (or a device's ``type`` and ``index``)
-    whose example value is known: passed to an op it stays a node of the graph (``torch.arange(n,
-    device=x.device)`` follows the tensor's device), while comparing it or taking its truth gives the
-    example's answer, and the first time it does, a guard of the tensor's attribute in the graph."""
+    """A traced tensor's ``dtype``, ``device`` or ``is_cuda`` (or a device's ``type`` and ``index``).
+    Passed to an op it is a node of the graph (``torch.arange(n, device=x.device)`` follows the
+    tensor's device); compared or taken for its truth, it gives the example's value, looked up
+    only then, and the first time it does, a guard of the tensor's attribute in the graph. Where
+    the example cannot say, it is a plain Proxy (the trace fails as before). Not for ``str`` or
+    ``hash``: a cache keyed by ``str(x.device)`` (timm's LeViT) would pin the graph to the example's
+    device for nothing."""
 
-    def __init__(self, root: fx.Proxy, attr: str, value: Any, guard: Callable[[], None]) -> None:
+    def __init__(self, root: fx.Proxy, attr: str, known: KnownAttributes) -> None:
         super().__init__(root, attr)
-        self.value, self.guard = value, guard
+        self.known = known
 
-    def _answer(self, answer: Any) -> Any:
-        self.guard()
-        return answer
+    def _example(self) -> Any:
+        """The example's value, guarded; ``_UNKNOWN`` where the example cannot say."""
+        chain: list[str] = []
+        proxy: Any = self
+        while isinstance(proxy, KnownAttribute):
+            chain.append(proxy.attr)
+            proxy = proxy.root
+        value = self.known.read(proxy)
+        if value is _UNKNOWN:
+            return _UNKNOWN
+        self.known.guard(proxy, chain[-1])
+        for name in reversed(chain):
+            value = getattr(value, name)
+        return value
 
     def __eq__(self, other: Any) -> Any:  # type: ignore[override]
-        if isinstance(other, fx.Proxy):
-            return super().__eq__(other)
-        return self._answer(self.value == other)
+        value = _UNKNOWN if isinstance(other, fx.Proxy) else self._example()
+        return super().__eq__(other) if value is _UNKNOWN else value == other
 
     def __ne__(self, other: Any) -> Any:  # type: ignore[override]
-        if isinstance(other, fx.Proxy):
-            return super().__ne__(other)
-        return self._answer(self.value != other)
-
-    __hash__ = fx.proxy.Attribute.__hash__
+        value = _UNKNOWN if isinstance(other, fx.Proxy) else self._example()
+        return super().__ne__(other) if value is _UNKNOWN else value != other
 
     def __bool__(self) -> bool:
-        return self._answer(bool(self.value))
+        value = self._example()
+        return super().__bool__() if value is _UNKNOWN else bool(value)
 
     def __getattr__(self, name: str) -> Any:
-        if isinstance(self.value, torch.device) and name in ("type", "index"):
-            return KnownAttribute(self, name, getattr(self.value, name), self.guard)
+        if self.attr == "device" and name in ("type", "index"):
+            return KnownAttribute(self, name, self.known)
         return super().__getattr__(name)
 
 
 @contextlib.contextmanager
 def _unpatched() -> Iterator[None]:
-    """nn.Module's own ``__call__`` and ``__getattr__`` while the fake run calls modules: the
-    tracer's patched ones would add the run's calls and parameter reads to the graph."""
+    """nn.Module's own ``__call__`` and ``__getattr__`` while the example or the fake run runs in
+    the middle of a trace: the tracer's patched ones would add their calls and parameter reads
+    (as Proxies) to the graph."""
     call, get = nn.Module.__call__, nn.Module.__getattr__
     nn.Module.__call__, nn.Module.__getattr__ = fx_trace._orig_module_call, fx_trace._orig_module_getattr
     try:
         yield
     finally:
         nn.Module.__call__, nn.Module.__getattr__ = call, get
+

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import random
 import sys
 import warnings
@@ -796,3 +797,70 @@ def test_a_dtype_read_after_a_data_dependent_op_still_keeps_the_module_eager():
         warnings.simplefilter("ignore")
         captured = capture(nn.Sequential(nn.Conv2d(3, 3, 1), Masked()), (torch.randn(1, 3, 8, 8),))
     assert any(path == "1" for path, _ in captured.untraced)
+
+
+class _CachedTable(nn.Module):
+    """A RoPE-like leaf whose table comes from a module-level cache."""
+
+    fxslim_leaf = True
+
+    def forward(self, x):
+        return x + _cached_table(x.shape[-1], x.dtype, x.device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cached_table(n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return torch.arange(n, dtype=dtype, device=device) / n
+
+
+class _ReadsAfter(nn.Module):
+    def __init__(self, mid: nn.Module, branch: bool = True) -> None:
+        super().__init__()
+        self.conv, self.mid, self.head, self.branch = nn.Conv2d(3, 4, 3, padding=1), mid, nn.Conv2d(4, 4, 1), branch
+
+    def forward(self, x):
+        y = self.mid(self.conv(x))
+        if self.branch and y.dtype != torch.float32:
+            y = y.float()
+        return self.head(y + torch.arange(y.shape[-1], device=y.device, dtype=y.dtype))
+
+
+def test_reading_a_dtype_runs_no_user_code_and_leaves_no_state():
+    """The first version ran leaf modules on fake tensors to learn a dtype: a cache kept a fake
+    tensor (the user's own model then returned fake tensors), dropout drew and BN counted a batch
+    (the trace was then refused or frozen in one mode), a hook's dtype was missed; a dtype or
+    device only passed to an op started that run too; and under autocast the casts of real weights
+    to fake ones stayed in autocast's cache."""
+    x = torch.randn(2, 3, 8, 8)
+    model = _ReadsAfter(_CachedTable()).eval()
+    res = fxslim.optimize(model, (x,), passes=["haste:L=48,s=0"])
+    assert res.report.untraced == []
+    with torch.no_grad():
+        assert type(model(x)) is torch.Tensor and type(res.module(x)) is torch.Tensor
+    for mid in (nn.Dropout(0.5), nn.BatchNorm2d(4)):
+        for train in (False, True):
+            captured = capture(_ReadsAfter(mid, branch=False).train(train), (x,))
+            assert captured.untraced == [] and captured.graphs[0].gm.meta.get(META_FROZEN_MODE) is None
+    hooked = _ReadsAfter(nn.Identity()).eval()
+    hooked.conv.register_forward_hook(lambda module, args, out: out.double())
+    with torch.no_grad():
+        want = hooked(x)
+    res = fxslim.optimize(hooked, (x,), passes=["haste:L=48,s=0"])  # the branch reads the hook's float64
+    with torch.no_grad():
+        torch.testing.assert_close(res.module(x), want)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        res = fxslim.optimize(_ReadsAfter(nn.Identity()).eval(), (x,), passes=["prom"])
+        with torch.no_grad():
+            assert type(res.module(x)) is torch.Tensor
+
+
+def test_a_prom_integer_model_keeps_no_dtype_guard_on_its_codes():
+    """A guard read an activation's dtype: convert dequantized the codes for it (a float island);
+    the integer model's arithmetic is fixed at convert, whatever dtype the trace saw."""
+    x = torch.randn(2, 3, 8, 8)
+    model = _ReadsAfter(nn.ReLU()).eval()
+    qat = fxslim.calibrate(fxslim.prepare(model, (x,)), [(x,)]).eval()
+    integer = fxslim.convert(qat)
+    assert not [n for n in integer.graph.nodes if "check_traced_attribute" in str(n.target)]
+    with torch.no_grad():
+        torch.testing.assert_close(integer(x), qat(x), atol=0.05, rtol=0)

@@ -66,6 +66,7 @@ from fxslim.passes.prom_versions import share_version_counter
 from fxslim.propagate import propagate
 from fxslim.runtime.prom_onednn import onednn_available
 from fxslim.runtime.prom_qat import ActFakeQuant, QConv2d, QLinear
+from fxslim.tensor_attributes import check_traced_attribute
 from fxslim.warn import warn_user
 
 __all__ = ["IntegerModel", "convert", "convert_report", "prepared_parts", "code_agreement", "Agreement", "RUNTIMES"]
@@ -537,7 +538,9 @@ def _convert_graph(qat_model: fx.GraphModule, runtime: str, fuse_adds: bool) -> 
             b.env[node] = (b.graph.placeholder(node.target, node.type, default_value=default), None)
         elif is_mode_check(node):
             continue  # an integer model runs in eval mode only; prepare warned where the trace is frozen in train
-        elif is_input_guard(node):  # on the argument as given, before anything reads it
+        elif node.op == "call_function" and node.target is check_traced_attribute and node.args[0].op != "placeholder":
+            continue  # the dtype an activation had at trace: here it is codes, in the arithmetic fixed at convert
+        elif is_input_guard(node) or (node.op == "call_function" and node.target is check_traced_attribute):
             b.env[node] = (b.graph.node_copy(node, lambda a: b.env[a][0]), None)
         elif node.op == "output":
             b.graph.output(fx.node.map_arg(node.args[0], lambda a: _output(b, a, reach.get(a.name, {}))))

@@ -97,9 +97,9 @@ def _run(gm: fx.GraphModule, inputs: dict[str, Any], outputs: list[str],
 
 class _Probe(fx.Interpreter):
     """An interpreter that keeps every value, and with ``clean`` given does not call native code
-    that reads coordinates from values (torchvision's deform_conv2d, roi_align, ...) on NaN: it
-    turns them into indices unchecked and kills the process (SIGSEGV), which no ``except`` catches,
-    though the model never sees a NaN unless its user passes one."""
+    that reads coordinates from values (torchvision's deform_conv2d, roi_align, ...: ``_unsafe``)
+    on NaN: it turns them into indices unchecked and kills the process (SIGSEGV), which no
+    ``except`` catches, though the model never sees a NaN unless its user passes one."""
 
     def __init__(self, gm: fx.GraphModule, clean: dict[str, Any] | None) -> None:
         super().__init__(gm, garbage_collect_values=False)
@@ -115,16 +115,27 @@ class _Probe(fx.Interpreter):
         return super().run_node(n)
 
 
+# torchvision's ops whose C kernels read memory at coordinates computed from values (sampling
+# offsets, boxes): NaN there is an unchecked index. Its Python-only ops (stochastic_depth) are safe.
+_COORDINATE_OPS = frozenset({"deform_conv2d", "roi_align", "roi_pool", "ps_roi_align", "ps_roi_pool", "nms",
+                             "batched_nms", "_batched_nms_vanilla", "_batched_nms_coordinate_trick",
+                             "_multiscale_roi_align", "DeformConv2d", "RoIAlign", "RoIPool", "PSRoIAlign",
+                             "PSRoIPool", "MultiScaleRoIAlign"})
+
+
 def _unsafe(root: torch.nn.Module, n: fx.Node) -> bool:
-    """Whether ``n`` calls torchvision's ops (a module of ``torchvision.ops`` called as a leaf, one
-    of its functions, or a ``torch.ops.torchvision`` op)."""
+    """Whether ``n`` calls one of torchvision's coordinate-reading ops (``_COORDINATE_OPS``): as a
+    module called as a leaf, a function, or a ``torch.ops.torchvision`` op."""
     if n.op == "call_module":
-        return type(root.get_submodule(str(n.target))).__module__.startswith("torchvision.ops")
-    if n.op != "call_function":
+        target: Any = type(root.get_submodule(str(n.target)))
+    elif n.op == "call_function":
+        target = n.target
+    else:
         return False
-    if isinstance(n.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return str(n.target).split(".", 1)[0] == "torchvision"  # packets have no .namespace
-    return getattr(n.target, "__module__", "").startswith("torchvision.ops")
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(target).split(".", 1)[0] == "torchvision"  # packets have no .namespace
+    return (getattr(target, "__module__", "") or "").startswith("torchvision.ops") and getattr(
+        target, "__name__", "") in _COORDINATE_OPS
 
 
 def _with_nan(value: Any, row: int) -> Any:

@@ -144,3 +144,18 @@ def test_the_nan_probe_never_runs_torchvision_ops_on_nan():
         clean = torch.randn(3, 3, 12, 12)
         assert (integer(clean) - qat(clean)).abs().max() < 0.1 * qat(clean).abs().max()
         assert integer(torch.full((2, 3, 12, 12), float("nan"))).isnan().all()
+
+
+def test_torchvisions_python_ops_are_probed_on_nan():
+    """Only the coordinate-reading C kernels are skipped: stochastic_depth (an identity in eval, in
+    EfficientNet, ConvNeXt, Swin) made every NaN sample mark the whole batch."""
+    from torchvision.ops import StochasticDepth
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), StochasticDepth(0.2, "row"), nn.AdaptiveAvgPool2d(1),
+                          nn.Flatten(), nn.Linear(8, 4))
+    x = torch.randn(3, 3, 12, 12)
+    qat, integer = _integer(model, x)
+    poisoned = x.clone()
+    poisoned[1, 0, 2, 2] = float("nan")
+    with torch.no_grad():
+        assert integer(poisoned).isnan().any(1).tolist() == qat(poisoned).isnan().any(1).tolist() == [False, True, False]
