@@ -42,13 +42,15 @@ from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 from torch.fx.node import has_side_effect
 
 from fxslim import generators
-from fxslim.export_parts import call_with, example_call, export_parts, record_calls, run_example, scratch_copy, short_reason
+from fxslim.export_parts import (
+    call_with, example_call, export_parts, record_calls, run_example, scratch_copy, short_reason, specs,
+)
 from fxslim.ir import (
     IR, META_CALL_SHAPES, META_FROZEN_MODE, META_PLACEHOLDER_FQNS, META_PREFIX, OrderedDictOutput, attribute, copy_attributes, detect_ir, meta_val, set_submodule,
 )
 from fxslim.hooks import HookedGraphModule, copy_hooks, has_hooks, hooked_modules, hooks_silenced
 from fxslim.propagate import propagate
-from fxslim.tensor_attributes import KnownAttributes, TypedProxy, specs
+from fxslim.tensor_attributes import ExampleNeeded, KnownAttributes, TypedProxy
 from fxslim.warn import warn_user
 
 __all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of",
@@ -154,17 +156,28 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     (the defaults the example does not give, so ``if mask is not None`` takes the example's branch),
     each guarded in the graph and keeping its name (``_guard_concrete_args``). ``example``: gives
     the (args, kwargs) of the module's example call (``specs``), for the dtype and device of
-    traced tensors (``fxslim.tensor_attributes``).
+    traced tensors (``fxslim.tensor_attributes``); where a comparison needs it before it has run, it
+    runs (outside the trace) and the module is traced again.
     Where forward passes ``self.training`` on as an argument (dropout), the GraphModule follows its
     own ``.train()``/``.eval()``; other branches on it are traced in the current mode, which
     ``gm.meta[META_FROZEN_MODE]`` then names ("train" or "eval"; ``_follow_training``).
     """
+    try:
+        return _trace(module, leaf_modules, concrete_args, example)
+    except ExampleNeeded as need:
+        need.prepare()
+        return _trace(module, leaf_modules, concrete_args, example)
+
+
+def _trace(module: nn.Module, leaf_modules: Sequence[type], concrete_args: dict[str, Any] | None,
+           example: Example | None) -> fx.GraphModule:
+    """One trace (``trace``); raises ``ExampleNeeded`` where a comparison needs the example first."""
     root = copy.deepcopy(module)
     versions, attributes, values = _tensor_versions(root), _attribute_ids(root), _attribute_values(root)
     # a draw no Proxy reaches (torch.rand(()), random.random()) runs once, now: a branch on it would
     # take the same way forever (stochastic depth written ``if self.training and torch.rand(()) < p``)
     tracer = _LeafTracer(leaf_modules, example)
-    with generators.kept(root) as moved, _autocast_entries() as autocasts:
+    with _TRACING, generators.kept(root) as moved, _autocast_entries() as autocasts:
         graph = tracer.trace(root, concrete_args=concrete_args or None)
         drew = moved()
     if autocasts and not (tracer.known and tracer.known.inert(autocasts)):
@@ -206,6 +219,9 @@ def trace(module: nn.Module, leaf_modules: Sequence[type] = (), concrete_args: d
     return gm
 
 
+# one symbolic trace at a time: fx patches nn.Module's methods for the whole process while it traces,
+# and two traces at once put back each other's patches (module calls then stayed broken)
+_TRACING = threading.RLock()
 _AUTOCAST_WATCH = threading.Lock()
 _AUTOCAST_WATCHERS: dict[int, list[list[Any]]] = {}  # thread id -> the lists of its watches, innermost last
 _AUTOCAST_ENTER = torch.amp.autocast_mode.autocast.__enter__  # autocast's own; what the patch calls
@@ -261,7 +277,7 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
     for m in flags:  # each module in its other mode: a block in eval inside a model in train flips too
         m.training = not flags[m]
     try:
-        with generators.kept(root) as moved, _autocast_entries() as autocasts:
+        with _TRACING, generators.kept(root) as moved, _autocast_entries() as autocasts:
             other = _LeafTracer(leaf_modules, example).trace(root, concrete_args=concrete_args or None)
             if moved() or (autocasts and not (example and KnownAttributes.inert_for(autocasts, example))):
                 other = None  # a draw decided while tracing (stochastic depth in train mode): one way forever;
@@ -688,10 +704,12 @@ class _Blockers:
         """The example call of the module at ``path`` (the root's is the caller's example): its
         (args, kwargs), and what each submodule it calls gave (by path under it)."""
         def call() -> tuple[tuple, dict, Callable[[str], Any]] | None:
+            if getattr(self.defaults, "cache_info", None) and not self.defaults.cache_info().currsize:
+                raise ExampleNeeded(self.defaults)  # it runs the model: not inside a trace
             found = self.root_example() if not path else self.defaults().inputs.get(path)
             if found is None:
                 return None
-            outputs = self.defaults().outputs  # runs the example now, outside any fake mode
+            outputs = self.defaults().outputs
             return (*found, lambda target: outputs.get(f"{path}.{target}" if path else target))
         return call
 
@@ -722,7 +740,7 @@ def defaults_in_both_modes(model: nn.Module, example_inputs: Sequence[Any]) -> S
         first = {path: c.default_args for path, c in calls.items()}
         both_ways = {path: tuple(sorted(c.both_ways)) for path, c in calls.items() if c.both_ways}
         inputs = {path: specs((c.args, c.kwargs)) for path, c in calls.items()}
-        outputs = {path: specs(c.outputs) for path, c in calls.items()}
+        outputs = {path: c.outputs for path, c in calls.items()}
         try:
             with warnings.catch_warnings():  # a module's own train() may warn: this flip is fxslim's, on a copy
                 warnings.simplefilter("ignore")

@@ -38,8 +38,8 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fxslim import generators
 from fxslim.ir import set_submodule
 
-__all__ = ["Calls", "ExportedPart", "buffers_kept", "export_parts", "export_module", "record_calls", "run_example",
-           "saved_buffers", "scratch_copy", "short_reason"]
+__all__ = ["Calls", "ExportedPart", "TensorSpec", "buffers_kept", "call_signature", "export_parts", "export_module",
+           "record_calls", "run_example", "saved_buffers", "scratch_copy", "short_reason", "specs"]
 
 _log = logging.getLogger(__name__)
 
@@ -117,6 +117,25 @@ def export_parts(model: nn.Module, example_inputs: Sequence[Any]) -> tuple[nn.Mo
     return gm, [ExportedPart("", gm, _placeholder_inputs(gm, tuple(example_inputs), {}))], []
 
 
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a tensor of the example is, without its values."""
+
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def fake(self) -> torch.Tensor:
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+
+
+def specs(value: Any) -> Any:
+    """``value`` with every tensor replaced by its ``TensorSpec`` (kept without holding memory)."""
+    return tree_map(lambda t: TensorSpec(tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+                           if isinstance(t, torch.Tensor) and t.layout == torch.strided else t, value)
+
+
 @dataclass
 class Calls:
     """The first call's inputs of one submodule, whether every call looked the same, and the
@@ -128,7 +147,7 @@ class Calls:
     default_args: dict[str, Any]
     consistent: bool = True
     both_ways: set[str] = field(default_factory=set)  # None-default arguments None in one call, given in another
-    outputs: dict[str, Any] = field(default_factory=dict)  # the first output of each ``signature`` seen
+    outputs: dict[str, Any] = field(default_factory=dict)  # the first output (``specs``) of each ``signature`` seen
 
 
 def call_signature(args: tuple, kwargs: dict) -> str:
@@ -170,7 +189,9 @@ def record_calls(root: nn.Module, example_inputs: Sequence[Any]) -> dict[str, Ca
         def output_hook(mod: nn.Module, args: tuple, kwargs: dict, output: Any, _path: str = path) -> None:
             seen = calls.get(_path)
             if seen is not None:
-                seen.outputs.setdefault(call_signature(args, kwargs), output)
+                signature = call_signature(args, kwargs)
+                if signature not in seen.outputs:
+                    seen.outputs[signature] = specs(output)
 
         hooks.append((module, hook))
         outputs.append(module.register_forward_hook(output_hook, with_kwargs=True))

@@ -34,32 +34,13 @@ from torch.utils._python_dispatch import _disable_current_modes
 from torch.fx.node import has_side_effect
 
 from fxslim import generators
-from fxslim.export_parts import call_signature
+from fxslim.export_parts import TensorSpec, call_signature
 from fxslim.hooks import has_hooks
 
-__all__ = ["TensorSpec", "specs", "TypedProxy", "KnownAttribute", "KnownAttributes", "check_traced_attribute"]
+__all__ = ["ExampleNeeded", "TypedProxy", "KnownAttribute", "KnownAttributes", "check_traced_attribute"]
 
 ATTRIBUTES = ("dtype", "device", "is_cuda")
 _UNKNOWN = object()
-
-
-@dataclass(frozen=True)
-class TensorSpec:
-    """What a tensor of the example is, without its values."""
-
-    shape: tuple[int, ...]
-    stride: tuple[int, ...]
-    dtype: torch.dtype
-    device: torch.device
-
-    def fake(self) -> torch.Tensor:
-        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
-
-
-def specs(value: Any) -> Any:
-    """``value`` with every tensor replaced by its ``TensorSpec`` (kept without holding memory)."""
-    return pytree.tree_map(lambda t: TensorSpec(tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
-                           if isinstance(t, torch.Tensor) and t.layout == torch.strided else t, value)
 
 
 @has_side_effect
@@ -76,6 +57,17 @@ def check_traced_attribute(x: Any, name: str, expected: Any, where: str) -> Any:
         raise ValueError(f"{where}: traced for a tensor with {name} {expected} (its forward branches on it); this "
                          f"call gives {name} {actual}. Fix: optimize with an example of that {name}, or call it "
                          f"with {name} {expected}")
+
+
+class ExampleNeeded(BaseException):
+    """Raised through the traced code when a comparison needs the example and it has not run yet:
+    the caller runs it (``prepare``) outside the trace, which holds ``nn.Module``'s patched methods
+    and watches for draws and autocast entries, and traces again. A BaseException, so that the
+    traced code's own ``except Exception`` lets it through."""
+
+    def __init__(self, prepare: Callable[[], Any]) -> None:
+        super().__init__("the example has not run yet")
+        self.prepare = prepare
 
 
 class KnownAttributes:
@@ -131,13 +123,12 @@ class KnownAttributes:
 
     def _value(self, node: fx.Node) -> Any:
         if node not in self.values:
-            # the trace's own watch (``generators.kept``: a draw would keep the module eager) does not see
-            # the example's run nor this one: neither is the traced code
             if self.mode is None:
+                self.bound = self._bound()  # raises ExampleNeeded where the example has not run yet
                 self.mode = FakeTensorMode(allow_non_fake_inputs=True)
-                with _disable_current_modes(), _unpatched():  # the example may run now (each module's calls
-                    self.bound = self._bound()  # are recorded once)
-            with _disable_current_modes(), _unpatched(), self.mode, torch.no_grad(), _no_autocast(), generators.kept():
+            # the trace's own watch (``generators.kept``: a draw would keep the module eager) does not see
+            # this run, which is not the traced code
+            with _disable_current_modes(), self.mode, torch.no_grad(), _no_autocast(), generators.kept():
                 for n in self.tracer.graph.nodes:  # in order: the graph so far, up to ``node``
                     if n not in self.values:
                         self.values[n] = self._evaluate(n)
@@ -174,7 +165,7 @@ class KnownAttributes:
             if n.op == "get_attr":
                 value: Any = self.tracer.root
                 for part in str(n.target).split("."):
-                    value = getattr(value, part)
+                    value = _attribute(value, part)
                 return self.mode.from_tensor(value) if isinstance(value, torch.Tensor) else value
             if n.op == "call_function" and _torchs(n.target):
                 return n.target(*args, **kwargs)
@@ -272,15 +263,13 @@ class KnownAttribute(fx.proxy.Attribute):
         return super().__getattr__(name)
 
 
-@contextlib.contextmanager
-def _unpatched() -> Iterator[None]:
-    """nn.Module's own ``__call__`` and ``__getattr__`` while the example or the fake run runs in
-    the middle of a trace: the tracer's patched ones would add their calls and parameter reads
-    (as Proxies) to the graph."""
-    call, get = nn.Module.__call__, nn.Module.__getattr__
-    nn.Module.__call__, nn.Module.__getattr__ = fx_trace._orig_module_call, fx_trace._orig_module_getattr
-    try:
-        yield
-    finally:
-        nn.Module.__call__, nn.Module.__getattr__ = call, get
+def _attribute(obj: Any, name: str) -> Any:
+    """``getattr`` past the tracer's patch of ``nn.Module.__getattr__`` (which gives parameters as
+    Proxies while it traces)."""
+    if isinstance(obj, nn.Module):
+        try:
+            return object.__getattribute__(obj, name)
+        except AttributeError:
+            return fx_trace._orig_module_getattr(obj, name)
+    return getattr(obj, name)
 

@@ -559,3 +559,34 @@ def test_a_model_with_torch_cond_is_estimated_and_optimized():
     with torch.no_grad():
         for sample in (x, -x.abs()):
             torch.testing.assert_close(result.module(sample), model(sample))
+
+
+class _LeafInFloat32(nn.Module):
+    fxslim_leaf = True  # never traced: its autocast is its own
+
+    def forward(self, x):
+        with torch.autocast("cpu", enabled=False):
+            return x * 2
+
+
+class _BranchAfterLeaf(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.leaf, self.head = nn.Conv2d(3, 8, 3, padding=1), _LeafInFloat32(), nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        y = self.leaf(self.conv(x))
+        if y.dtype == torch.float32:
+            y = y.relu()
+        return self.head(y)
+
+
+def test_the_example_a_dtype_comparison_needs_runs_outside_the_trace():
+    """It ran inside the trace's watches: the leaf's autocast counted as the root's, which stayed
+    eager ("enters torch.autocast"); its draws would have counted too, and it ran with nn.Module's
+    methods patched by the trace."""
+    model, x = _BranchAfterLeaf().eval(), torch.randn(2, 3, 8, 8)
+    captured = capture(model, (x,))
+    assert captured.untraced == [] and [g.path for g in captured.graphs] == [""]
+    with torch.no_grad():
+        torch.testing.assert_close(captured.graphs[0].gm(x), model(x))
