@@ -359,21 +359,28 @@ class RawRowCounter:
 
 
 def _weight_homes(gm: fx.GraphModule, found: dict[fx.Node, View]) -> dict[fx.Node, fx.Node]:
-    """{weight node: the conv or linear node it is the weight of} for weights a layer reads through
-    ops on weights alone (timm's StdConv2d standardises its weight in forward: reshape, batch_norm,
-    reshape_as), so their storage takes the layer's format rather than the first reader's."""
+    """{weight node: the conv or linear node (or fxslim op) it is the weight of} for weights a layer
+    reads through ops on weights alone (timm's StdConv2d standardises its weight in forward:
+    reshape, batch_norm, reshape_as), so their storage takes the layer's format rather than the
+    first reader's, and an op whose formula counts its weight is not counted a second time."""
     weights: set[fx.Node] = set()  # nodes computed from weights (get_attr, parameter placeholders) alone
     for node in gm.graph.nodes:
         if node.op == "get_attr" or (node.op == "placeholder" and node.name in gm.meta.get(META_PLACEHOLDER_FQNS, {})):
             weights.add(node)
         elif node.op.startswith("call_") and node.all_input_nodes and all(a in weights for a in node.all_input_nodes):
             weights.add(node)
-    homes: dict[fx.Node, fx.Node] = {}
+    starts: list[tuple[fx.Node, fx.Node]] = []  # (layer node, its weight computed from weights)
     for node, view in found.items():
-        ref = getattr(view, "weight", None)
-        start = getattr(ref, "node", None)
-        if not isinstance(view, (ConvView, LinearView)) or start is None or start not in weights or start.op in (
-                "get_attr", "placeholder"):
+        start = getattr(getattr(view, "weight", None), "node", None)
+        if isinstance(view, (ConvView, LinearView)) and start is not None:
+            starts.append((node, start))
+    for node in gm.graph.nodes:  # fxslim's ops (a HASTE conv of a standardised weight) count their weights
+        if node.op == "call_function" and isinstance(node.target, (OpOverload, OpOverloadPacket)) and op_namespace(
+                node.target) == "fxslim":
+            starts += [(node, a) for a in node.all_input_nodes]
+    homes: dict[fx.Node, fx.Node] = {}
+    for node, start in starts:
+        if start not in weights or start.op in ("get_attr", "placeholder"):
             continue
         stack = [start]
         while stack:

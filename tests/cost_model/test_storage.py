@@ -100,3 +100,15 @@ def test_a_weight_standardised_in_forward_is_stored_in_its_convs_format():
             got = fxslim.estimate(standardised, (x,), deploy=deploy)
             assert got.total.storage_bits == want.total.storage_bits and got.total.params == want.total.params
             assert [r.kind for r in got.rows if r.params] == [r.kind for r in want.rows if r.params]
+
+
+def test_a_haste_conv_of_a_standardised_weight_counts_it_once():
+    """The weight was counted on the reshape that standardises it and again by the HASTE op's
+    formula: 21,706 parameters after HASTE for a model of 11,466 (9,216 of them twice)."""
+    from timm.layers import StdConv2d
+
+    model = nn.Sequential(StdConv2d(3, 32, 3, padding=1), nn.ReLU(), StdConv2d(32, 32, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)).eval()
+    res = fxslim.optimize(model, torch.randn(2, 3, 16, 16), passes=["haste:L=48,s=0"])
+    assert res.report.rewritten("haste") == 1
+    assert res.cost_after.total.params == res.cost_before.total.params == sum(p.numel() for p in model.parameters())
