@@ -41,6 +41,7 @@ __all__ = [
     "AttentionView",
     "View",
     "detect_ir",
+    "op_namespace",
     "view_of",
     "views",
     "node_fqn",
@@ -254,13 +255,20 @@ def node_fqn(node: fx.Node, gm: fx.GraphModule | None = None) -> str:
     return ".".join(p for p in (prefix, path) if p)
 
 
+def op_namespace(target: Any) -> str | None:
+    """'aten', 'fxslim', 'torchvision', ... of an op packet or overload (packets have no
+    ``.namespace``); None for anything else."""
+    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+        return str(target).split(".", 1)[0]
+    return None
+
+
 def detect_ir(gm: fx.GraphModule) -> IR:
     """Which IR a graph is in: 'module' (symbolic trace), 'torch' (dynamo) or 'aten' (export/aot)."""
     has_module = False
     for node in gm.graph.nodes:
-        if node.op == "call_function" and isinstance(node.target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-            if str(node.target).split(".", 1)[0] == "aten":  # packets have no .namespace
-                return "aten"
+        if node.op == "call_function" and op_namespace(node.target) == "aten":
+            return "aten"
         if node.op == "call_module":
             has_module = True
     if has_module:

@@ -36,6 +36,7 @@ from torch.fx.node import has_side_effect
 from fxslim import generators
 from fxslim.export_parts import TensorSpec, call_signature
 from fxslim.hooks import has_hooks
+from fxslim.ir import op_namespace
 
 __all__ = ["ExampleNeeded", "TypedProxy", "KnownAttribute", "KnownAttributes", "check_traced_attribute"]
 
@@ -187,7 +188,7 @@ def _fakes(value: Any) -> Any:
 def _torchs(target: Any) -> bool:
     """Whether a graph's function is torch's own (an op, ``torch.*``, ``F.*``) or an operator: code
     that caches nothing of its arguments."""
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
+    if op_namespace(target) is not None:
         return True
     module = getattr(target, "__module__", None) or ""
     return module.split(".")[0] in ("torch", "_operator", "operator", "builtins") or module == "math"

@@ -62,7 +62,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch._ops import OpOverload, OpOverloadPacket
 
-from fxslim.ir import schema_arguments
+from fxslim.ir import op_namespace, schema_arguments
 
 if TYPE_CHECKING:
     from fxslim.cost_model.conventions import Conventions
@@ -198,11 +198,6 @@ def register_cost(*targets: OpOverloadPacket | OpOverload, kind: str = "other",
         return formula
 
     return deco
-
-
-def op_namespace(target: OpOverloadPacket | OpOverload) -> str:
-    """'aten', 'fxslim', ... of an op packet or overload."""
-    return str(target).split(".", 1)[0]
 
 
 def lookup(target: Any) -> Formula | None:

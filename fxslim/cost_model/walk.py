@@ -285,7 +285,7 @@ class RawRowCounter:
         gm = graph.gm
         prefix = f"{graph.path}." if graph.path else ""
         found: list[tuple[str, Any]] = []
-        custom = isinstance(node.target, (OpOverload, OpOverloadPacket)) and op_namespace(node.target) != "aten"
+        custom = op_namespace(node.target) not in (None, "aten")
         if node.op == "call_module":
             mod = gm.get_submodule(str(node.target))
             found = [(f"{node.target}.{n}", p) for n, p in mod.named_parameters()]
@@ -375,8 +375,7 @@ def _weight_homes(gm: fx.GraphModule, found: dict[fx.Node, View]) -> dict[fx.Nod
         if isinstance(view, (ConvView, LinearView)) and start is not None:
             starts.append((node, start))
     for node in gm.graph.nodes:  # fxslim's ops (a HASTE conv of a standardised weight) count their weights
-        if node.op == "call_function" and isinstance(node.target, (OpOverload, OpOverloadPacket)) and op_namespace(
-                node.target) == "fxslim":
+        if node.op == "call_function" and op_namespace(node.target) == "fxslim":
             starts += [(node, a) for a in node.all_input_nodes]
     homes: dict[fx.Node, fx.Node] = {}
     for node, start in starts:

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from fxslim import generators
 from fxslim.hooks import hooks_silenced
-from fxslim.ir import meta_val
+from fxslim.ir import meta_val, op_namespace
 
 __all__ = ["ROWS", "ALL", "flagged_leaves", "nan_reach", "sample_count"]
 
@@ -132,8 +132,8 @@ def _unsafe(root: torch.nn.Module, n: fx.Node) -> bool:
         target = n.target
     else:
         return False
-    if isinstance(target, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)):
-        return str(target).split(".", 1)[0] == "torchvision"  # packets have no .namespace
+    if op_namespace(target) is not None:
+        return op_namespace(target) == "torchvision"
     return (getattr(target, "__module__", "") or "").startswith("torchvision.ops") and getattr(
         target, "__name__", "") in _COORDINATE_OPS
 
