@@ -50,7 +50,7 @@ from fxslim.ir import (
 )
 from fxslim.hooks import HookedGraphModule, copy_hooks, has_hooks, hooked_modules, hooks_silenced
 from fxslim.propagate import propagate
-from fxslim.tensor_attributes import ExampleNeeded, KnownAttributes, TypedProxy
+from fxslim.tensor_attributes import ExampleNeeded, KnownAttributes, TypedProxy, autocasts_inert
 from fxslim.warn import warn_user
 
 __all__ = ["Graph", "Captured", "CaptureError", "UnfaithfulTrace", "capture", "capture_dynamo", "trace", "placeholder_fqns", "batch_of",
@@ -180,7 +180,7 @@ def _trace(module: nn.Module, leaf_modules: Sequence[type], concrete_args: dict[
     with _TRACING, generators.kept(root) as moved, _autocast_entries() as autocasts:
         graph = tracer.trace(root, concrete_args=concrete_args or None)
         drew = moved()
-    if autocasts and not (tracer.known and tracer.known.inert(autocasts)):
+    if autocasts and not (example and autocasts_inert(autocasts, example)):
         raise UnfaithfulTrace(f"{type(module).__name__}.forward enters torch.autocast, which a symbolic trace does "
                               "not record (the graph would run in the caller's precision); it stays eager")
     if autocasts:  # for another device than the example's: the graph holds for the example's device only
@@ -279,7 +279,7 @@ def _follow_training(module: nn.Module, root: nn.Module, graph: fx.Graph, leaf_m
     try:
         with _TRACING, generators.kept(root) as moved, _autocast_entries() as autocasts:
             other = _LeafTracer(leaf_modules, example).trace(root, concrete_args=concrete_args or None)
-            if moved() or (autocasts and not (example and KnownAttributes.inert_for(autocasts, example))):
+            if moved() or (autocasts and not (example and autocasts_inert(autocasts, example))):
                 other = None  # a draw decided while tracing (stochastic depth in train mode): one way forever;
                 # an autocast context for the example's device, which the graph would not enter
     except Exception:  # tracing runs arbitrary user code: the other mode does not trace

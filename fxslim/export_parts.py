@@ -133,7 +133,7 @@ class TensorSpec:
 def specs(value: Any) -> Any:
     """``value`` with every tensor replaced by its ``TensorSpec`` (kept without holding memory)."""
     return tree_map(lambda t: TensorSpec(tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
-                           if isinstance(t, torch.Tensor) and t.layout == torch.strided else t, value)
+                    if isinstance(t, torch.Tensor) and t.layout == torch.strided else t, value)
 
 
 @dataclass

@@ -18,10 +18,8 @@ trace fails as before.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,7 +36,7 @@ from fxslim.export_parts import TensorSpec, call_signature
 from fxslim.hooks import has_hooks
 from fxslim.ir import op_namespace
 
-__all__ = ["ExampleNeeded", "TypedProxy", "KnownAttribute", "KnownAttributes", "check_traced_attribute"]
+__all__ = ["ExampleNeeded", "TypedProxy", "KnownAttribute", "KnownAttributes", "autocasts_inert", "check_traced_attribute"]
 
 ATTRIBUTES = ("dtype", "device", "is_cuda")
 _UNKNOWN = object()
@@ -71,6 +69,15 @@ class ExampleNeeded(BaseException):
         self.prepare = prepare
 
 
+def autocasts_inert(autocasts: list[Any], example: Callable[[], Any]) -> bool:
+    """Whether the ``torch.autocast`` contexts forward entered change nothing in the example's run:
+    each for a device none of its tensors is on (Fast3R wraps attention in ``autocast("cuda")``; on
+    the CPU it does nothing, where a symbolic trace, which records no autocast, would do the same)."""
+    found = example()
+    devices = {s.device.type for s in pytree.tree_leaves(found[:2]) if isinstance(s, TensorSpec)} if found else set()
+    return bool(devices) and all(getattr(a, "device", None) not in devices for a in autocasts)
+
+
 class KnownAttributes:
     """The example's value of each node a tracer has made so far, computed on fake tensors when asked."""
 
@@ -82,21 +89,9 @@ class KnownAttributes:
         self.bound: dict[str, Any] | None = None
         self.outputs: Callable[[str], Any] = lambda target: None
 
-    def inert(self, autocasts: list[Any]) -> bool:
-        """Whether the ``torch.autocast`` contexts forward entered change nothing in the example's run:
-        each for a device none of its tensors is on (Fast3R wraps attention in ``autocast("cuda")``;
-        on the CPU it does nothing, where a symbolic trace, which records no autocast, would do the same)."""
-        return self.inert_for(autocasts, self.example)
-
-    @staticmethod
-    def inert_for(autocasts: list[Any], example: Callable[[], Any]) -> bool:
-        found = example()
-        devices = {s.device.type for s in pytree.tree_leaves(found[:2]) if isinstance(s, TensorSpec)} if found else set()
-        return bool(devices) and all(getattr(a, "device", None) not in devices for a in autocasts)
-
     def guard_devices(self, graph: fx.Graph) -> None:
         """Check the device of every tensor input against the example's: on another device, the
-        autocast contexts ``inert`` found would change what forward computes."""
+        autocast contexts ``autocasts_inert`` found would change what forward computes."""
         if self.bound is None:
             self.bound = self._bound()
         where = type(self.tracer.root).__name__ + " (its forward enters torch.autocast for another device)"
